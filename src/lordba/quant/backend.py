@@ -1,0 +1,78 @@
+"""The :class:`BaseBackend` protocol and its registry."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BaseBackend:
+    """How the adapter talks to one kind of frozen base linear layer."""
+
+    name = "abstract"
+
+    def matches(self, module: nn.Module) -> bool:
+        """True if this backend handles ``module``."""
+        raise NotImplementedError
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        """``(in_features, out_features)`` of the base layer."""
+        return int(module.in_features), int(module.out_features)
+
+    def weight_device(self, module: nn.Module) -> torch.device:
+        """Device of the base layer's weight (the adapter is created there)."""
+        return next(iter(module.parameters()), torch.empty(0)).device
+
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        """The weight as a dense float32 ``out × in`` tensor."""
+        raise NotImplementedError
+
+    def merge(self, module: nn.Module, delta: torch.Tensor) -> None:
+        """Add the dense ``out × in`` ``delta`` into the base weight."""
+        raise NotImplementedError
+
+    def unmerge(self, module: nn.Module, delta: torch.Tensor) -> None:
+        """Undo :meth:`merge` of the same ``delta``."""
+        raise NotImplementedError
+
+
+class PlainLinear(BaseBackend):
+    """An unquantized ``nn.Linear``: merge adds the delta to the weight in place."""
+
+    name = "none"
+
+    def matches(self, module: nn.Module) -> bool:
+        return type(module) is nn.Linear or (isinstance(module, nn.Linear) and _plain_weight(module))
+
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.detach().float()
+
+    def merge(self, module: nn.Module, delta: torch.Tensor) -> None:
+        with torch.no_grad():
+            module.weight.add_(delta.to(module.weight.dtype))
+
+    def unmerge(self, module: nn.Module, delta: torch.Tensor) -> None:
+        with torch.no_grad():
+            module.weight.sub_(delta.to(module.weight.dtype))
+
+
+def _plain_weight(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return type(w) in (torch.Tensor, nn.Parameter) and w.is_floating_point()
+
+
+_BACKENDS: list[BaseBackend] = []
+_PLAIN = PlainLinear()
+
+
+def register_backend(backend: BaseBackend) -> None:
+    """Add a backend; later registrations are tried first (before the plain ``nn.Linear``)."""
+    _BACKENDS.insert(0, backend)
+
+
+def resolve_backend(module: nn.Module) -> BaseBackend | None:
+    """The backend that handles ``module``, or ``None`` if it is no supported linear layer."""
+    for backend in _BACKENDS:
+        if backend.matches(module):
+            return backend
+    return _PLAIN if _PLAIN.matches(module) else None

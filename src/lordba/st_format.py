@@ -1,0 +1,64 @@
+"""Deterministic safetensors writing, and exact file sizes without writing.
+
+``safetensors.torch.save`` keeps ``__metadata__`` in a hash map whose order changes from one
+process to the next, so the same adapter would get different bytes (and checksums). The layout
+itself is simple and documented (8-byte little-endian header length, JSON header, raw data), so it
+is written here in one fixed order: metadata keys sorted, tensors ordered as safetensors orders
+them (larger element size first, then name). ``safetensors`` still does all the reading.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable
+
+import torch
+
+ST_DTYPE_NAMES = {
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+}
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _header(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, int]:
+    ordered = sorted(entries, key=lambda e: (-_itemsize(e[1]), e[0]))
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for name, dtype, shape in ordered:
+        n = math.prod(shape) * _itemsize(dtype)
+        header[name] = {"dtype": ST_DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * ((-len(raw)) % 8)
+    return raw, offset
+
+
+def file_size(
+    entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> int:
+    """Exact size in bytes of a safetensors file holding tensors of these names, dtypes and shapes."""
+    raw, data = _header(entries, metadata or {})
+    return 8 + len(raw) + data
+
+
+def to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialise ``tensors`` (CPU, contiguous) as safetensors bytes, deterministically."""
+    entries = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    raw, _ = _header(entries, metadata or {})
+    order = sorted(tensors, key=lambda n: (-_itemsize(tensors[n].dtype), n))
+    parts = [struct.pack("<Q", len(raw)), raw]
+    for name in order:
+        t = tensors[name].detach().cpu().contiguous()
+        parts.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return b"".join(parts)

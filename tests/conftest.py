@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random Llama models (fast) and helpers to craft adapter files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+TINY = dict(
+    vocab_size=101,
+    hidden_size=40,
+    intermediate_size=52,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """A tiny random Llama (hidden 40, not a multiple of 8, to exercise padding bits)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**TINY))
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, TINY["vocab_size"], (3, 9), generator=g)
+
+
+def rewrite_weights(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Replace an adapter's weights with crafted content and fix the config checksum, so that
+    validation beyond the checksum is exercised."""
+    from lordba.st_format import to_bytes
+
+    data = to_bytes(tensors, metadata)
+    (directory / "lordba_model.safetensors").write_bytes(data)
+    set_config(directory, weights_sha256=hashlib.sha256(data).hexdigest())
+
+
+def set_config(directory: Path, **changes) -> None:
+    path = directory / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+def load_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "lordba_model.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()

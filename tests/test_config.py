@@ -1,0 +1,67 @@
+import pytest
+
+from lordba import AdapterFormatError, ConfigError, LoRDBAConfig
+
+
+def test_defaults_and_round_trip():
+    cfg = LoRDBAConfig()
+    assert cfg.r == 16 and cfg.alpha == 32.0 and cfg.scale_dtype == "float16" and cfg.peft_type == "LORDBA"
+    data = cfg.to_dict()
+    assert data["peft_type"] == "LORDBA" and data["format_version"] == 1 and "lora_alpha" not in data
+    assert LoRDBAConfig.from_dict(data) == cfg
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"r": 0}, "r"),
+        ({"r": 2.0}, "r"),
+        ({"r": True}, "r"),
+        ({"alpha": -1}, "alpha"),
+        ({"alpha": float("inf")}, "alpha"),
+        ({"scale_dtype": "fp8"}, "scale_dtype"),
+        ({"init": "gaussian"}, "init"),
+        ({"mode": "full"}, "mode"),
+        ({"ste": "sigmoid"}, "ste"),
+        ({"target_modules": []}, "target_modules"),
+        ({"target_modules": [1]}, "target_modules"),
+        ({"rank_pattern": {"q_proj": 0}}, "rank_pattern"),
+        ({"rank_pattern": ["q"]}, "rank_pattern"),
+        ({"alpha_pattern": {"q_proj": "x"}}, "alpha_pattern"),
+        ({"latent_dtype": "int8"}, "latent_dtype"),
+    ],
+)
+def test_invalid_fields_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        LoRDBAConfig(**kwargs)
+
+
+def test_from_dict_errors():
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        LoRDBAConfig.from_dict([1])
+    with pytest.raises(ConfigError, match="unknown field"):
+        LoRDBAConfig.from_dict({"r": 4, "lora_alpha": 8})
+    with pytest.raises(AdapterFormatError, match="format_version 9"):
+        LoRDBAConfig.from_dict({"format_version": 9})
+    with pytest.raises(ConfigError, match="format_version must be an integer"):
+        LoRDBAConfig.from_dict({"format_version": "1"})
+
+
+def test_rank_and_alpha_patterns():
+    cfg = LoRDBAConfig(
+        r=8,
+        alpha=16,
+        rank_pattern={"down_proj": 4, r"layers\.0\.self_attn\.q_proj": 32},
+        alpha_pattern={"down_proj": 2.0},
+    )
+    assert cfg.rank_for("model.layers.3.mlp.down_proj") == 4
+    assert cfg.rank_for("model.layers.0.self_attn.q_proj") == 32
+    assert cfg.rank_for("model.layers.1.self_attn.q_proj") == 8
+    assert cfg.scaling_for("model.layers.3.mlp.down_proj") == 0.5
+    assert cfg.scaling_for("model.layers.3.mlp.up_proj") == 2.0
+
+
+def test_save_and_load(tmp_path):
+    cfg = LoRDBAConfig(r=4, target_modules=["q_proj"], scale_dtype="int8")
+    cfg.save_pretrained(tmp_path)
+    assert LoRDBAConfig.from_pretrained(tmp_path) == cfg

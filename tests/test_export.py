@@ -1,0 +1,80 @@
+"""Export to plain PEFT LoRA, checked with the real peft package."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftConfig, PeftModel
+
+from lordba import LoRDBAConfig, LoRDBAError, LoRDBAModel, export_lora, get_lordba_model
+
+from conftest import tiny_llama
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "int8"])
+def test_peft_loads_the_export_and_gives_the_same_outputs(tmp_path, input_ids, scale_dtype):
+    torch.manual_seed(2)
+    cfg = LoRDBAConfig(
+        r=4,
+        alpha=8,
+        init="random",
+        scale_dtype=scale_dtype,
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"k_proj": 3.0},
+    )
+    lm = get_lordba_model(tiny_llama(0), cfg)
+    with torch.no_grad():
+        for ad in lm.adapter_modules("default").values():
+            ad.scale_out.normal_(0, 0.2)
+    lm.save_pretrained(tmp_path / "native")
+    ours = logits(lm, input_ids)
+    base = logits(tiny_llama(0), input_ids)
+    export_lora(tmp_path / "native", tmp_path / "peft32", dtype="float32")
+    export_lora(lm, tmp_path / "peft16")
+    peft32 = logits(PeftModel.from_pretrained(tiny_llama(0), tmp_path / "peft32"), input_ids)
+    peft16 = logits(PeftModel.from_pretrained(tiny_llama(0), tmp_path / "peft16"), input_ids)
+    effect = (ours - base).abs().max()
+    assert effect > 0.05
+    assert (peft32 - ours).abs().max() < 1e-4 * effect.clamp(min=1)
+    assert (peft16 - ours).abs().max() < 0.02 * effect
+    conf = json.loads((tmp_path / "peft16" / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "LORA" and conf["r"] == 4 and conf["lora_alpha"] == 8
+    assert sorted(p.name for p in (tmp_path / "peft16").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+
+
+def test_peft_refuses_the_native_directory(tmp_path):
+    get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2)).save_pretrained(tmp_path)
+    with pytest.raises(KeyError, match="LORDBA"):
+        PeftConfig.from_pretrained(tmp_path)
+    with pytest.raises(KeyError, match="LORDBA"):
+        PeftModel.from_pretrained(tiny_llama(0), tmp_path)
+    assert not (tmp_path / "adapter_model.safetensors").exists()  # vLLM/LoRAX look for this name
+
+
+def test_export_refuses_existing_output_and_bad_input(tmp_path):
+    get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2)).save_pretrained(tmp_path / "a")
+    export_lora(tmp_path / "a", tmp_path / "out")
+    with pytest.raises(LoRDBAError, match="already exists"):
+        export_lora(tmp_path / "a", tmp_path / "out")
+    with pytest.raises(LoRDBAError):
+        export_lora(tmp_path / "missing", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+    with pytest.raises(LoRDBAError):
+        export_lora(object(), tmp_path / "out3")
+
+
+def test_loaded_adapter_exports_identically(tmp_path):
+    torch.manual_seed(1)
+    get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, init="random")).save_pretrained(tmp_path / "a")
+    export_lora(tmp_path / "a", tmp_path / "from_dir")
+    export_lora(LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path / "a"), tmp_path / "from_model")
+    for name in ("adapter_model.safetensors",):
+        assert (tmp_path / "from_dir" / name).read_bytes() == (tmp_path / "from_model" / name).read_bytes()

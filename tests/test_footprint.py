@@ -1,0 +1,51 @@
+"""Sizes are exact: the report predicts the bytes of our file and of PEFT's fp16 LoRA file."""
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from lordba import LoRDBAConfig, get_lordba_model, size_report
+
+from conftest import tiny_llama
+
+
+def test_predicted_sizes_equal_real_files(tmp_path):
+    for scale_dtype in ("float16", "int8"):
+        lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, scale_dtype=scale_dtype))
+        lm.save_pretrained(tmp_path / scale_dtype)
+        rep = lm.size_report()
+        assert rep.file_bytes == (tmp_path / scale_dtype / "lordba_model.safetensors").stat().st_size
+    peft_model = get_peft_model(tiny_llama(0), LoraConfig(r=4, target_modules="all-linear"))
+    peft_model.half()
+    peft_model.save_pretrained(tmp_path / "peft")
+    assert rep.fp16_lora_file_bytes == (tmp_path / "peft" / "adapter_model.safetensors").stat().st_size
+
+
+def test_bits_per_weight_formulas():
+    rep = size_report({"x": (4096, 4096, 16)}, "float16")
+    m = rep.modules[0]
+    assert m.sign_bytes == 16 * 8192 // 8 and m.scale_bytes == 2 * (8192 + 16)
+    assert abs(m.bpw_lora - (1 + 16 / 16 + 16 * 16 / (16 * 8192))) < 1e-9  # ≈ 2.0
+    assert abs(m.bpw_dw - 8 * m.payload_bytes / 4096**2) < 1e-12
+
+
+def test_int8_scales_reach_ten_times_smaller_on_7b_shapes():
+    dims = {}
+    for layer in range(32):
+        for name, (i, o) in {
+            "q_proj": (4096, 4096),
+            "k_proj": (4096, 4096),
+            "v_proj": (4096, 4096),
+            "o_proj": (4096, 4096),
+            "gate_proj": (4096, 11008),
+            "up_proj": (4096, 11008),
+            "down_proj": (11008, 4096),
+        }.items():
+            dims[f"model.layers.{layer}.{name}"] = (i, o, 16)
+    rep = size_report(dims, "int8")
+    assert rep.ratio_file > 10.3 and rep.ratio_payload > 10.5
+    assert 7.9 < size_report(dims, "float16").ratio_file < 8.0
+
+
+def test_r_ref_compares_with_another_lora_rank():
+    rep = size_report({"x": (1024, 1024, 16)}, "int8", r_ref=32)
+    assert rep.modules[0].fp16_lora_bytes == 2 * 32 * 2048 and torch.isfinite(torch.tensor(rep.ratio_file))

@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lordba import AdapterStateError, ShapeMismatchError
+from lordba.layer import ROUTING, DoubleBinaryAdapter, LoRDBALinear, Routing
+from lordba.scales import get_codec
+from lordba.ste import STE
+
+
+def make_layer(in_f=21, out_f=13, names=("a", "b"), r=3, scale_dtype="float32"):
+    torch.manual_seed(0)
+    layer = LoRDBALinear(nn.Linear(in_f, out_f))
+    for i, name in enumerate(names):
+        torch.manual_seed(10 + i)
+        ad = DoubleBinaryAdapter(in_f, out_f, r + i, 2.0, get_codec(scale_dtype), STE(), init="random")
+        with torch.no_grad():
+            ad.scale_in.uniform_(0.5, 1.5)
+            ad.scale_mid.uniform_(0.5, 1.5)
+            ad.scale_out.normal_(0, 0.5)
+        layer.add_adapter(name, ad)
+    layer.set_adapter(names[0])
+    return layer
+
+
+def dense_delta_numpy(ad: DoubleBinaryAdapter) -> np.ndarray:
+    S_A = np.where(ad.latent_A.detach().numpy() >= 0, 1.0, -1.0) if not ad.is_packed else ad.signs()[0].numpy()
+    S_B = np.where(ad.latent_B.detach().numpy() >= 0, 1.0, -1.0) if not ad.is_packed else ad.signs()[1].numpy()
+    b, m, a = (t.detach().double().numpy() for t in ad.scales())
+    return ad.scaling * np.diag(a) @ S_B @ np.diag(m) @ S_A @ np.diag(b)
+
+
+def test_forward_is_base_plus_independent_dense_delta():
+    layer = make_layer()
+    x = torch.randn(4, 21)
+    expected = (
+        layer.base_layer(x).double() + x.double() @ torch.tensor(dense_delta_numpy(layer.lordba_adapters["a"])).t()
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        layer.get_delta_weight("a").numpy(), dense_delta_numpy(layer.lordba_adapters["a"]), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_packed_form_gives_bit_identical_outputs_and_keeps_signs():
+    layer = make_layer()
+    ad = layer.lordba_adapters["a"]
+    x = torch.randn(5, 21)
+    with torch.no_grad():
+        before = layer(x)
+    signs = [s.clone() for s in ad.signs()]
+    ad.pack()
+    assert ad.is_packed and ad.latent_A is None and ad.sign_A.dtype == torch.uint8
+    assert ad.sign_A.numel() == (3 * 21 + 7) // 8
+    with torch.no_grad():
+        assert torch.equal(layer(x), before)
+    ad.unpack_to_latent(0.02)
+    assert not ad.is_packed and all(torch.equal(s, t) for s, t in zip(ad.signs(), signs))
+    assert torch.equal(ad.latent_A.abs(), torch.full_like(ad.latent_A, 0.02))
+
+
+def test_merge_unmerge_round_trip():
+    layer = make_layer()
+    x = torch.randn(6, 21)
+    w0 = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        assert layer.merged_adapters == ["a"]
+        torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.base_layer(x), unmerged, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, w0, rtol=0, atol=1e-6)
+
+
+def test_stacked_adapters_add_their_branches():
+    layer = make_layer()
+    x = torch.randn(3, 21)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        da = layer.lordba_adapters["a"](x)
+        db = layer.lordba_adapters["b"](x)
+        layer.set_adapter(["a", "b"])
+        torch.testing.assert_close(layer(x), base + da + db)
+
+
+def test_mixed_batch_routes_each_row_to_its_adapter():
+    layer = make_layer()
+    x = torch.randn(5, 4, 21)
+    names = ("b", "__base__", "a", "b", "a")
+    token = ROUTING.set(Routing(adapter_names=names))
+    try:
+        with torch.no_grad():
+            mixed = layer(x)
+    finally:
+        ROUTING.reset(token)
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            layer.set_adapter([] if name == "__base__" else [name])
+            torch.testing.assert_close(mixed[i], layer(x[i : i + 1])[0], rtol=1e-6, atol=1e-6)
+
+
+def test_disabled_routing_is_base_only_and_refused_when_merged():
+    layer = make_layer()
+    x = torch.randn(2, 21)
+    token = ROUTING.set(Routing(disabled=True))
+    try:
+        with torch.no_grad():
+            assert torch.equal(layer(x), layer.base_layer(x))
+        layer.merge()
+        with pytest.raises(AdapterStateError, match="merged"):
+            layer(x)
+    finally:
+        ROUTING.reset(token)
+
+
+def test_mixed_batch_size_mismatch_and_shape_errors():
+    layer = make_layer()
+    token = ROUTING.set(Routing(adapter_names=("a",)))
+    try:
+        with pytest.raises(ShapeMismatchError, match="1 entries for a batch of 2"):
+            layer(torch.randn(2, 21))
+    finally:
+        ROUTING.reset(token)
+    with pytest.raises(ShapeMismatchError):
+        layer.add_adapter("c", DoubleBinaryAdapter(20, 13, 2, 1.0, get_codec("float16"), STE()))
+    with pytest.raises(ShapeMismatchError, match="not a supported linear"):
+        LoRDBALinear(nn.Conv1d(2, 3, 1))
+
+
+def test_packed_signs_cannot_train():
+    layer = make_layer()
+    ad = layer.lordba_adapters["a"]
+    ad.pack()
+    with pytest.raises(AdapterStateError, match="unpack_to_latent"):
+        ad.set_trainable(signs=True, scales=True)
+    ad.set_trainable(signs=False, scales=True)
+    x = torch.randn(3, 21)
+    layer(x).sum().backward()
+    assert ad.scale_out.grad is not None and ad.scale_in.grad is not None
