@@ -29,6 +29,7 @@ from .packing import pack_signs, unpack_signs
 
 __all__ = [
     "AdapterFormatError",
+    "AdapterState",
     "AdapterStateError",
     "ConfigError",
     "ConversionError",

@@ -19,7 +19,7 @@ import torch
 from .atomic import atomic_directory
 from .errors import ConfigError
 from .footprint import peft_lora_key
-from .io import AdapterFile, ModuleRecord, read_adapter
+from .io import AdapterState, ModuleRecord, read_adapter
 from .packing import unpack_signs
 from .scales import get_codec
 from .st_format import to_bytes
@@ -45,10 +45,11 @@ def export_lora(
     dtype: str = "float16",
     overwrite: bool = False,
 ) -> Path:
-    """Write a PEFT LoRA directory equivalent to a LoRDBA adapter (a ``LoRDBAModel`` or a saved directory)."""
+    """Write a PEFT LoRA directory equivalent to a LoRDBA adapter (a ``LoRDBAModel``, an
+    ``AdapterState`` or a saved directory)."""
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
-    adapter = _as_adapter_file(model_or_dir, adapter_name)
+    adapter = _as_adapter_state(model_or_dir, adapter_name)
     config = adapter.config
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -85,12 +86,15 @@ def export_lora(
     return Path(out_dir)
 
 
-def _as_adapter_file(model_or_dir: object, adapter_name: str) -> AdapterFile:
+def _as_adapter_state(model_or_dir: object, adapter_name: str) -> AdapterState:
     from .model import LoRDBAModel
 
     if isinstance(model_or_dir, LoRDBAModel):
-        config = model_or_dir._saved_config(adapter_name)
-        return AdapterFile(Path("."), config, model_or_dir._records(adapter_name), "", Path("."), 0)
+        return model_or_dir.adapter_state(adapter_name)
+    if isinstance(model_or_dir, AdapterState):
+        return model_or_dir
     if isinstance(model_or_dir, (str, Path)):
         return read_adapter(model_or_dir)
-    raise ConfigError(f"export_lora takes a LoRDBAModel or an adapter directory, got {type(model_or_dir).__name__}")
+    raise ConfigError(
+        f"export_lora takes a LoRDBAModel, an AdapterState or an adapter directory, got {type(model_or_dir).__name__}"
+    )

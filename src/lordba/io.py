@@ -75,15 +75,31 @@ class ModuleRecord:
 
 
 @dataclass
-class AdapterFile:
-    """A validated adapter directory: config, module records and file facts."""
+class AdapterState:
+    """An adapter in memory, independent of any base model: its config and, per module, the
+    stored tensors. Conversion returns one; it can be saved, exported, or loaded onto a model
+    (``LoRDBAModel.load_adapter_state``)."""
 
-    directory: Path
     config: LoRDBAConfig
     modules: dict[str, ModuleRecord]
-    sha256: str
-    weights_path: Path
-    weights_bytes: int
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the adapter directory (crash-safe, deterministic)."""
+        return write_adapter(directory, self.config, self.modules)
+
+    def dims(self) -> dict[str, tuple[int, int, int]]:
+        """``{module path: (in, out, r)}``."""
+        return {p: (m.in_features, m.out_features, m.r) for p, m in self.modules.items()}
+
+
+@dataclass
+class AdapterFile(AdapterState):
+    """A validated adapter directory: an :class:`AdapterState` plus file facts."""
+
+    directory: Path = Path(".")
+    sha256: str = ""
+    weights_path: Path = Path(".")
+    weights_bytes: int = 0
     recovered: bool = False
 
     def load_tensors(self) -> None:
@@ -155,7 +171,7 @@ def open_adapter(directory: str | Path) -> AdapterFile:
     size = weights_path.stat().st_size
     header, metadata, header_len = _read_header(weights_path, size)
     modules = _check_header(header, metadata, config, weights_path, size - 8 - header_len)
-    return AdapterFile(directory, config, modules, sha, weights_path, size, recovered)
+    return AdapterFile(config, modules, directory, sha, weights_path, size, recovered)
 
 
 def read_adapter(directory: str | Path) -> AdapterFile:

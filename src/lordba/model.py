@@ -312,11 +312,14 @@ class LoRDBAModel(nn.Module):
         return self.base_model
 
     # ------------------------------------------------------------------ files
-    def _records(self, adapter_name: str) -> dict[str, io.ModuleRecord]:
-        return {
+    def adapter_state(self, adapter_name: str = "default") -> io.AdapterState:
+        """The adapter as stored (config + packed tensors), independent of this model."""
+        self._check_known(adapter_name)
+        modules = {
             path: io.ModuleRecord(path, a.in_features, a.out_features, a.r, a.stored_tensors())
             for path, a in self.adapter_modules(adapter_name).items()
         }
+        return io.AdapterState(self._saved_config(adapter_name), modules)
 
     def _saved_config(self, adapter_name: str) -> LoRDBAConfig:
         config = self.peft_config[adapter_name]
@@ -338,22 +341,26 @@ class LoRDBAModel(nn.Module):
         with self._lock.read():
             for name in names:
                 directory = Path(save_directory) if name == "default" else Path(save_directory) / name
-                io.write_adapter(directory, self._saved_config(name), self._records(name))
+                self.adapter_state(name).save_pretrained(directory)
 
-    def _read_for_model(self, model_id: str | Path) -> io.AdapterFile:
-        """Open, check against this model's layers, then load the tensors of an adapter directory."""
-        adapter = io.open_adapter(model_id)
-        for path, rec in adapter.modules.items():
+    def _check_fits(self, state: io.AdapterState, source: object) -> None:
+        """Every module of ``state`` exists in this model with the same in/out features."""
+        for path, rec in state.modules.items():
             try:
                 base, backend = self._target(path)
                 in_f, out_f = backend.features(base)
             except ShapeMismatchError as err:
-                raise AdapterFormatError(f"{adapter.weights_path}: {err}") from None
+                raise AdapterFormatError(f"{source}: {err}") from None
             if (in_f, out_f) != (rec.in_features, rec.out_features):
                 raise AdapterFormatError(
-                    f"{adapter.weights_path}: module {path!r} is {rec.in_features}→{rec.out_features} in the file "
+                    f"{source}: module {path!r} is {rec.in_features}→{rec.out_features} in the file "
                     f"but {in_f}→{out_f} in the base model"
                 )
+
+    def _read_for_model(self, model_id: str | Path) -> io.AdapterFile:
+        """Open, check against this model's layers, then load the tensors of an adapter directory."""
+        adapter = io.open_adapter(model_id)
+        self._check_fits(adapter, adapter.weights_path)
         adapter.load_tensors()
         return adapter
 
@@ -361,11 +368,16 @@ class LoRDBAModel(nn.Module):
         """Load an adapter directory under ``adapter_name`` (packed form; scales train if
         ``is_trainable``). Validation happens before the model is touched."""
         self._check_new_name(adapter_name)
-        adapter_file = self._read_for_model(model_id)
-        config = adapter_file.config
+        self.load_adapter_state(self._read_for_model(model_id), adapter_name, is_trainable)
+
+    def load_adapter_state(self, state: io.AdapterState, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add an in-memory adapter (e.g. from ``convert_lora``) under ``adapter_name``, packed form."""
+        self._check_new_name(adapter_name)
+        self._check_fits(state, "adapter")
+        config = state.config
         codec = get_codec(config.scale_dtype)
         adapters = {}
-        for path, rec in adapter_file.modules.items():
+        for path, rec in state.modules.items():
             base, backend = self._target(path)
             adapter = DoubleBinaryAdapter(
                 rec.in_features,
