@@ -11,10 +11,19 @@ from __future__ import annotations
 
 from .backend import BaseBackend, register_backend, resolve_backend
 from .bnb import BnbNF4Backend
+from .cache import quantize_model_cached
 from .hqq import HQQBackend
 from .quantize import QUANT_BACKENDS, base_bits, quantize_model
 
 register_backend(BnbNF4Backend())
 register_backend(HQQBackend())
 
-__all__ = ["QUANT_BACKENDS", "BaseBackend", "base_bits", "quantize_model", "register_backend", "resolve_backend"]
+__all__ = [
+    "QUANT_BACKENDS",
+    "BaseBackend",
+    "base_bits",
+    "quantize_model",
+    "quantize_model_cached",
+    "register_backend",
+    "resolve_backend",
+]

@@ -37,12 +37,7 @@ def quantize_model(
         p.requires_grad_(False)
     if backend == "none":
         return model
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets = [
-        (name, m)
-        for name, m in model.named_modules()
-        if type(m) is nn.Linear and m is not head and name.rsplit(".", 1)[-1] not in skip
-    ]
+    targets = quantizable(model, skip)
     for name, linear in tqdm(targets, desc=f"quantizing ({backend}, {bits}-bit)", disable=not progress):
         compute_dtype = linear.weight.dtype if linear.weight.is_floating_point() else torch.float32
         if backend == "hqq":
@@ -53,10 +48,24 @@ def quantize_model(
             from .bnb import quantize_linear_bnb
 
             new = quantize_linear_bnb(linear, compute_dtype)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        replace_module(model, name, new)
     model.lordba_quantization = {"backend": backend, "bits": bits, "group_size": group_size}
     return model
+
+
+def quantizable(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Linear]]:
+    """The ``(path, nn.Linear)`` pairs :func:`quantize_model` replaces (all but the output head)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and m is not head and name.rsplit(".", 1)[-1] not in skip
+    ]
+
+
+def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def base_bits(model: nn.Module) -> dict[str, float]:
