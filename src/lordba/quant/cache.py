@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
-from ..assets.fetch import cache_dir
 from .quantize import quantizable, quantize_model, replace_module
 
 
@@ -47,6 +46,8 @@ def quantize_model_cached(
     progress: bool = False,
 ) -> nn.Module:
     """:func:`quantize_model` for a model loaded from the folder ``source``, reusing a cached result."""
+    from ..assets.fetch import cache_dir  # lazily: assets imports the library
+
     source = Path(source)
     if backend != "hqq" or not source.is_dir():
         return quantize_model(model, backend, bits, group_size, progress=progress)
