@@ -165,7 +165,7 @@ def relative_error(t: Target, f: Factors) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ least squares
-def _safe_div(num: torch.Tensor, den: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+def safe_div(num: torch.Tensor, den: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """``num / den`` where ``den`` is meaningfully positive, else the previous value (which then
     does not affect the objective: its row or column of ``D`` is zero)."""
     ok = den > den.amax(-1, keepdim=True).clamp(min=_TINY) * 1e-12
@@ -178,7 +178,7 @@ def ls_scale_out(t: Target, f: Factors) -> torch.Tensor:
     R = f.right()
     num = ((t.P @ (t.Q @ R.mT)) * Lm).sum(-1)
     den = ((Lm @ (R @ R.mT)) * Lm).sum(-1)
-    return _safe_div(num, den, f.a)
+    return safe_div(num, den, f.a)
 
 
 def ls_scale_in(t: Target, f: Factors) -> torch.Tensor:
@@ -186,37 +186,41 @@ def ls_scale_in(t: Target, f: Factors) -> torch.Tensor:
     L = f.left()
     num = (((L.mT @ t.P) @ t.Q) * f.sign_A).sum(-2)
     den = (((L.mT @ L) @ f.sign_A) * f.sign_A).sum(-2)
-    return _safe_div(num, den, f.b)
+    return safe_div(num, den, f.b)
 
 
-def ls_scale_mid(t: Target, f: Factors, ridge: float = 1e-12) -> torch.Tensor:
+def ls_scale_mid(t: Target, f: Factors) -> torch.Tensor:
     """Least-squares ``m`` with the rest fixed: ``(UᵀU ∘ VVᵀ) m = diag(UᵀP · QVᵀ)``, with
-    ``U = diag(a) S_B``, ``V = S_A diag(b)``; a relative ``ridge`` keeps a singular system solvable,
-    and the previous ``m`` is kept where the solution does not lower the objective."""
+    ``U = diag(a) S_B``, ``V = S_A diag(b)`` (see :func:`solve_mid`)."""
     U = f.a[..., :, None] * f.sign_B
     V = f.right()
-    G = (U.mT @ U) * (V @ V.mT)
-    h = ((U.mT @ t.P) * (t.Q @ V.mT).mT).sum(-1)
+    return solve_mid((U.mT @ U) * (V @ V.mT), ((U.mT @ t.P) * (t.Q @ V.mT).mT).sum(-1), f.m)
+
+
+def solve_mid(G: torch.Tensor, h: torch.Tensor, old: torch.Tensor, ridge: float = 1e-12) -> torch.Tensor:
+    """The minimiser of ``mᵀGm − 2hᵀm`` (``G`` PSD); a relative ``ridge`` keeps a singular system
+    solvable, and ``old`` is kept where the solution is not finite or does not lower the value."""
     eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
     scale = G.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=_TINY)[..., None, None]
-    m = torch.linalg.solve_ex(G + ridge * scale * eye, h[..., None])[0][..., 0]  # singular → non-finite, kept out below
+    m = torch.linalg.solve_ex(G + ridge * scale * eye, h[..., None])[0][..., 0]
 
-    def q(x: torch.Tensor) -> torch.Tensor:  # objective up to a constant
+    def q(x: torch.Tensor) -> torch.Tensor:
         return (x[..., None, :] @ G @ x[..., :, None])[..., 0, 0] - 2.0 * (h * x).sum(-1)
 
-    better = torch.isfinite(m).all(-1) & (q(m) <= q(f.m))
-    return torch.where(better[..., None], m, f.m)
+    better = torch.isfinite(m).all(-1) & (q(m) <= q(old))
+    return torch.where(better[..., None], m, old)
 
 
 # ------------------------------------------------------------------------------------------ init
-def svd_init(t: Target, r: int) -> Factors:
+def svd_init(t: Target, r: int, svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Factors:
     """The paper's closed-form initialisation ("Eq. 7"): thin SVD ``PQ = U Σ Vᵀ``; ``S_B = sign(U_r)``,
     ``S_A = sign(V_rᵀ)``, ``m = σ_1..r``; least-squares ``b`` with ``a = 1``, then ``a``.
 
     Exact for a rank-1 target. When ``r`` exceeds the number of components, the rest is filled by
-    :func:`fill_residual` (beyond the paper: Eq. 7 alone leaves them at ``m = 0``).
+    :func:`fill_residual` (beyond the paper: Eq. 7 alone leaves them at ``m = 0``). ``svd``: the
+    result of :func:`factor_svd` if already computed.
     """
-    U, sigma, Vh = factor_svd(t.P, t.Q)
+    U, sigma, Vh = svd if svd is not None else factor_svd(t.P, t.Q)
     n = min(r, sigma.shape[-1])
     out, inn = t.P.shape[-2], t.Q.shape[-1]
     ones = torch.ones((*t.P.shape[:-2], out), dtype=t.P.dtype, device=t.P.device)

@@ -79,7 +79,7 @@ def test_sign_sweeps_reach_a_single_flip_local_minimum_of_the_binary_quadratic()
     def f(S):
         return -2 * (S * C).sum(-1) + W * ((S @ H) * S).sum(-1)
 
-    S = sign_sweeps(S0, C, W, H)
+    S = sign_sweeps(S0.mT, C.mT, W, H).mT  # coordinate-major layout [L, r, n]
     assert (f(S) <= f(S0) + 1e-12).all()
     for k in range(r):
         flipped = S.clone()

@@ -27,7 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=None, help="LoRDBA alpha (s = alpha/r; default: the lora_alpha)")
     p.add_argument("--scale-dtype", choices=SCALE_DTYPES, default="float16", help="storage of the scales")
     p.add_argument("--iters", type=int, default=30, help="solver iterations at most (default 30; 0: closed form)")
-    p.add_argument("--tol", type=float, default=1e-4, help="stop when an iteration improves less than this")
+    p.add_argument(
+        "--tol", type=float, default=1e-3, help="stop when an iteration improves the error by less than this fraction"
+    )
     p.add_argument("--gauge", choices=(*GAUGES, "best"), default="svd", help="start of the solver (default svd)")
     p.add_argument("--method", choices=METHODS, default="bcd", help="sign solver (default bcd)")
     p.add_argument("--adapter-name", default="default", help="adapter to read (PEFT subfolder or key name)")

@@ -103,7 +103,6 @@ def _convert(
                 raise ConversionError(f"calibration statistics for {group[0].path!r} must be finite [in] vectors")
         res = solve_group(B, A, r, factor, codec, opts, moments)
         f = res.factors
-        norms = torch.linalg.matrix_norm(B.double() @ A.double()) * torch.tensor([x.scaling for x in group]).double()
         for i, layer in enumerate(group):
             scale_in, scale_mid, scale_out = codec.encode(f.b[i], f.m[i], f.a[i])
             records[layer.path] = ModuleRecord(
@@ -120,7 +119,7 @@ def _convert(
                 },
             )
             stats[layer.path] = {
-                "delta_norm": float(norms[i]),
+                "delta_norm": float(res.target_norm[i]) * scalings[layer.path],
                 "rel_error": float(res.rel_error[i]),
                 "rel_error_float": float(res.rel_error_float[i]),
                 "rel_error_init": float(res.rel_error_init[i]),
@@ -164,7 +163,7 @@ def convert_lora(
     target_bpw: float | None = None,
     scale_dtype: str | None = None,
     iters: int = 30,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     gauge: str = "svd",
     method: str = "bcd",
     calibration: dict[str, torch.Tensor] | None = None,

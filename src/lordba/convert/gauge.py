@@ -24,9 +24,10 @@ from .solver import refit_scales
 GAUGES = ("svd", "lora", "rotation")
 
 
-def balanced_pair(t: Target, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U_n Σ_n^½, Σ_n^½ V_nᵀ)`` with ``n = min(r, rank)``: the balanced SVD factors."""
-    U, sigma, Vh = factor_svd(t.P, t.Q)
+def balanced_pair(svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U_n Σ_n^½, Σ_n^½ V_nᵀ)`` with ``n = min(r, rank)`` from :func:`factor_svd`'s result: the
+    balanced SVD factors."""
+    U, sigma, Vh = svd
     n = min(r, sigma.shape[-1])
     root = sigma[..., :n].sqrt()
     return U[..., :n] * root[..., None, :], root[..., :, None] * Vh[..., :n, :]
@@ -72,16 +73,18 @@ def initial_factors(
     k = t.P.shape[-1]
     if gauge == "lora" and r < k:
         gauge = "svd"
+    svd = None
     if gauge == "lora":
         Bg, Ag = t.P, t.Q
     else:
-        Bg, Ag = balanced_pair(t, r)
+        svd = factor_svd(t.P, t.Q)
+        Bg, Ag = balanced_pair(svd, r)
         if gauge == "rotation" and Bg.shape[-1] > 1:
             G = rotation_to_lower_rmr(Bg, Ag, rotation_steps).to(Bg.dtype)
             Bg, Ag = Bg @ G, G.mT @ Ag
     rho_A, rho_B = rmr(Ag), rmr(Bg)
     if gauge == "svd":
-        return svd_init(t, r), rho_A, rho_B, gauge
+        return svd_init(t, r, svd), rho_A, rho_B, gauge
     f = factors_from_svid(Bg, Ag)
     refit_scales(t, f, rounds=1)
     if f.r < r:

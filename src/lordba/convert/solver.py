@@ -8,9 +8,13 @@ objective never increases:
    ``c_i = a_i m ⊙ (S_A diag(b) Tᵢᵀ)``). Flipping coordinate ``k`` changes it by
    ``4 (a_i² H_kk − s_k (a_i² (Hs)_k − c_ik))``; cyclic sweeps flip every coordinate whose change is
    negative until none is (exact coordinate descent, vectorised over all rows of all layers; the
-   running ``Hs`` is updated only for the rows that flipped);
+   running ``a_i² Hs − c_i`` is updated only for the rows that flipped, and rows at a local
+   minimum drop out);
 2. ``a`` (per row, closed form), then ``m`` (an r×r system);
 3. the columns of ``S_A`` in the same way, then ``b`` and ``m``.
+
+Every product with the out×k / k×in factors is computed once per iteration and shared (the
+objective comes out of the same Gram matrices).
 
 It stops when the relative improvement of an iteration falls below ``tol`` (per layer: converged
 layers of a batch are frozen, so a layer's result does not depend on when its neighbours stop).
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..factorize import Factors, Target, ls_scale_in, ls_scale_mid, ls_scale_out, objective
+from ..factorize import Factors, Target, ls_scale_in, ls_scale_mid, ls_scale_out, objective, safe_div, solve_mid
 
 EXACT = 1e-24  # relative squared error treated as an exact fit
 
@@ -40,71 +44,83 @@ class SolveStats:
 def sign_sweeps(
     S: torch.Tensor, C: torch.Tensor, W: torch.Tensor, H: torch.Tensor, max_sweeps: int = 16, eps: float = 1e-6
 ) -> torch.Tensor:
-    """Minimise ``Σ_rows (−2 sᵀc + w sᵀHs)`` over rows ``s`` of ``S`` ∈ {±1} by cyclic coordinate flips.
+    """Minimise ``Σ_rows (−2 sᵀc + w sᵀHs)`` over sign vectors ``s`` by cyclic coordinate flips.
 
-    ``S, C``: [L, n, r] (rows, their linear terms), ``W``: [L, n] (row weights ≥ 0), ``H``: [L, r, r]
-    symmetric PSD. A flip is taken only if it lowers the row's objective by more than ``eps`` times
-    the size of its terms (so rounding cannot cause cycles). A row with no flip in a sweep is at a
-    local minimum (no single flip helps) and leaves the active set. Returns the new ``S``.
+    Coordinate-major layout: ``S, C``: [L, r, n] (``n`` rows ``s``, ``c`` per layer, stored by
+    coordinate), ``W``: [L, n] (row weights ≥ 0), ``H``: [L, r, r] symmetric PSD. With the running
+    ``g = w Hs − c``, flipping ``s_k`` lowers the row's value iff ``s_k g_k > w H_kk``; a flip is
+    taken only if it wins by more than ``eps`` times the size of the terms (rounding cannot cause
+    cycles). Each sweep visits only the rows where some single flip helps (a row unchanged since
+    it was found at a local minimum stays one), so late iterations cost little. Returns the new
+    ``S`` (same layout).
     """
-    L, n, r = S.shape
-    # Coordinate-major layout [r, rows]: each coordinate's values are contiguous.
-    S_all = S.reshape(L * n, r).mT.contiguous()
-    rows = torch.arange(L * n, device=S.device)
-    layer = torch.arange(L, device=S.device).repeat_interleave(n)
-    St, Ct, Wt = S_all, C.reshape(L * n, r).mT.contiguous(), W.reshape(L * n)
-    Tt = (S @ H).reshape(L * n, r).mT.contiguous()  # running H s per row
-    Ht = H.mT.contiguous()  # Ht[l, :, k] = H[l, k, :]
-    Dt = H.diagonal(dim1=-2, dim2=-1)[layer].mT.contiguous()
-    for sweep in range(max_sweeps):
-        moved = torch.zeros(St.shape[1], dtype=torch.bool, device=S.device)
+    r = S.shape[1]
+    S = S.clone(memory_format=torch.contiguous_format)
+    G = W[:, None, :] * (H @ S) - C  # running w·Hs − c
+    thr = ((1 + eps) * H.diagonal(dim1=-2, dim2=-1))[:, :, None] * W[:, None, :] + eps * C.abs()
+    lay = col = None  # the candidate rows (layer, row); None: all
+    for _ in range(max_sweeps):
+        # rows where some single flip helps; the others are already at a local minimum
+        if lay is None:
+            lay, col = (S * G > thr).any(1).nonzero(as_tuple=True)
+        else:
+            keep = (S[lay, :, col] * G[lay, :, col] > thr[lay, :, col]).any(1).nonzero()[:, 0]
+            lay, col = lay[keep], col[keep]
+        if lay.numel() == 0:
+            break
+        # one cyclic sweep over the candidates, gathered coordinate-major [r, rows]
+        St, Gt, Tt = (x[lay, :, col].T.contiguous() for x in (S, G, thr))
+        Wt = W[lay, col]
+        moved = torch.zeros(lay.numel(), dtype=torch.bool, device=S.device)
         for k in range(r):
-            s = St[k]
-            wh = Wt * Dt[k]
-            c = Ct[k]
-            delta = wh - s * (Wt * Tt[k] - c)
-            hit = (delta < -eps * (wh + c.abs())).nonzero()[:, 0]
+            hit = (St[k] * Gt[k] > Tt[k]).nonzero()[:, 0]
             if hit.numel() == 0:
                 continue
             moved[hit] = True
-            step = -2.0 * s[hit]
+            step = -2.0 * St[k, hit]
             St[k, hit] += step
-            Tt[:, hit] += step[None, :] * Ht[layer[hit], :, k].mT
-        if sweep:  # sweep 0 worked on S_all itself; later sweeps on gathered copies
-            S_all[:, rows] = St
+            Gt.index_add_(1, hit, H[lay[hit], :, k].T * (Wt[hit] * step))
+        S[lay, :, col] = St.T
+        G[lay, :, col] = Gt.T
         keep = moved.nonzero()[:, 0]
-        if keep.numel() == 0:
+        lay, col = lay[keep], col[keep]
+        if lay.numel() == 0:
             break
-        rows = rows[keep]
-        layer = layer[keep]
-        St, Ct, Wt, Tt, Dt = St[:, keep], Ct[:, keep], Wt[keep], Tt[:, keep], Dt[:, keep]
-    return S_all.mT.reshape(L, n, r)
+    return S
 
 
-def update_sign_B(t: Target, f: Factors, max_sweeps: int) -> None:
-    """Exact coordinate descent on the rows of ``S_B`` (in place)."""
+def iterate(t: Target, f: Factors, max_sweeps: int = 16) -> torch.Tensor:
+    """One alternating-minimisation iteration (in place); returns the new objective. Each product
+    is computed once and shared by the steps that need it (every step stays exact)."""
     R = f.right()
-    H = f.m[:, :, None] * (R @ R.mT) * f.m[:, None, :]
-    C = f.a[:, :, None] * (t.P @ (t.Q @ R.mT)) * f.m[:, None, :]
-    f.sign_B = sign_sweeps(f.sign_B, C, f.a.square(), H, max_sweeps)
-
-
-def update_sign_A(t: Target, f: Factors, max_sweeps: int) -> None:
-    """Exact coordinate descent on the columns of ``S_A`` (in place)."""
+    GR, QR = R @ R.mT, t.Q @ R.mT  # r×r, k×r
+    PQR = t.P @ QR  # out×r: row i is (T R^T)_i
+    # 1. rows of S_B: c_i = a_i m ⊙ (T Rᵀ)_i, weight a_i², H = diag(m) RRᵀ diag(m)
+    m = f.m
+    H = m[:, :, None] * GR * m[:, None, :]
+    C = (f.a[:, :, None] * PQR * m[:, None, :]).mT
+    f.sign_B = sign_sweeps(f.sign_B.mT, C, f.a.square(), H, max_sweeps).mT.contiguous()
+    # 2. a, then m
+    Lm = f.sign_B * m[:, None, :]
+    f.a = safe_div((PQR * Lm).sum(-1), ((Lm @ GR) * Lm).sum(-1), f.a)
     U = f.a[:, :, None] * f.sign_B
-    H = f.m[:, :, None] * (U.mT @ U) * f.m[:, None, :]
-    C = (f.m[:, :, None] * ((U.mT @ t.P) @ t.Q) * f.b[:, None, :]).mT
-    f.sign_A = sign_sweeps(f.sign_A.mT, C, f.b.square(), H, max_sweeps).mT.contiguous()
-
-
-def iterate(t: Target, f: Factors, max_sweeps: int = 16) -> None:
-    """One alternating-minimisation iteration (in place); the objective does not increase."""
-    update_sign_B(t, f, max_sweeps)
-    f.a = ls_scale_out(t, f)
-    f.m = ls_scale_mid(t, f)
-    update_sign_A(t, f, max_sweeps)
-    f.b = ls_scale_in(t, f)
-    f.m = ls_scale_mid(t, f)
+    GU, UP = U.mT @ U, U.mT @ t.P  # r×r, r×k
+    f.m = solve_mid(GU * GR, (UP * QR.mT).sum(-1), f.m)
+    # 3. columns of S_A: c_j = b_j (Lᵀ T)_{:,j}, weight b_j², H = LᵀL = diag(m) UᵀU diag(m)
+    m = f.m
+    H = m[:, :, None] * GU * m[:, None, :]
+    LtT = m[:, :, None] * (UP @ t.Q)  # r×in
+    f.sign_A = sign_sweeps(f.sign_A, LtT * f.b[:, None, :], f.b.square(), H, max_sweeps).contiguous()
+    # 4. b, then m
+    f.b = safe_div((LtT * f.sign_A).sum(-2), ((H @ f.sign_A) * f.sign_A).sum(-2), f.b)
+    R = f.right()
+    GR, QR = R @ R.mT, t.Q @ R.mT
+    f.m = solve_mid(GU * GR, (UP * QR.mT).sum(-1), f.m)
+    # objective ‖T‖² − 2 tr(PᵀL · Q Rᵀ) + tr(LᵀL · RRᵀ), with PᵀL = (UᵀP)ᵀ diag(m)
+    m = f.m
+    cross = (UP.mT * m[:, None, :] * QR).sum((-2, -1))
+    dd = (m[:, :, None] * GU * m[:, None, :] * GR).sum((-2, -1))
+    return (t.norm2 - 2.0 * cross + dd).clamp(min=0.0)
 
 
 def refit_scales(t: Target, f: Factors, rounds: int = 2) -> None:
@@ -115,7 +131,7 @@ def refit_scales(t: Target, f: Factors, rounds: int = 2) -> None:
         f.m = ls_scale_mid(t, f)
 
 
-def solve(t: Target, f: Factors, iters: int = 30, tol: float = 1e-4, max_sweeps: int = 16) -> SolveStats:
+def solve(t: Target, f: Factors, iters: int = 30, tol: float = 1e-3, max_sweeps: int = 16) -> SolveStats:
     """Run :func:`iterate` on a batch [L, ...] until each layer's relative improvement is below
     ``tol`` or ``iters`` iterations; ``f`` is updated in place."""
     value = objective(t, f)
@@ -127,8 +143,7 @@ def solve(t: Target, f: Factors, iters: int = 30, tol: float = 1e-4, max_sweeps:
         if idx.numel() == 0:
             break
         sub_t, sub_f = t.select(idx), f.select(idx)
-        iterate(sub_t, sub_f, max_sweeps)
-        new = objective(sub_t, sub_f)
+        new = iterate(sub_t, sub_f, max_sweeps)
         keep = new <= value[idx]  # guards against rounding; exact arithmetic never increases
         sel = idx[keep]
         f.assign(sel, sub_f.select(keep.nonzero()[:, 0]))
