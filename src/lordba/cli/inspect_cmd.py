@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
         + "…)"
         + (" [recovered from an interrupted save]" if adapter.recovered else "")
     )
+    conversion = _conversion_sidecar(args.directory)
     if args.json:
         print(
             json.dumps(
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
                     "config": adapter.config.to_dict(),
                     "checksum": checksum,
                     "size": report.to_dict(),
+                    **({"conversion": conversion} if conversion is not None else {}),
                 },
                 indent=2,
             )
@@ -62,4 +64,37 @@ def run(args: argparse.Namespace) -> int:
             ("BPW, dW basis (file)", report.bpw_dw, None, None),
         ],
     )
+    if conversion is not None:
+        _print_conversion(conversion)
     return 0
+
+
+def _conversion_sidecar(directory: str) -> dict | None:
+    """The ``conversion_report.json`` written by ``lordba convert``, if present (informational: an
+    unreadable one is reported, never fatal)."""
+    from pathlib import Path
+
+    from ..config import read_json_file
+    from ..errors import LoRDBAError
+
+    path = Path(directory) / "conversion_report.json"
+    if not path.is_file():
+        return None
+    try:
+        return read_json_file(path, max_bytes=16 << 20)
+    except LoRDBAError as err:
+        return {"error": str(err)}
+
+
+def _print_conversion(conv: dict) -> None:
+    if "error" in conv or not isinstance(conv.get("layers"), list):
+        print(f"conversion report: unreadable ({conv.get('error', 'no layers')})")
+        return
+    rows = [
+        (lr.get("path"), lr.get("r_lora"), lr.get("r"), lr.get("rel_error"), lr.get("rmr_A"), lr.get("rmr_B"))
+        for lr in conv["layers"]
+        if isinstance(lr, dict)
+    ]
+    print_table("conversion (stored errors of ΔW)", ["module", "r LoRA", "r", "rel err", "RMR A", "RMR B"], rows)
+    totals = conv.get("totals") or {}
+    print(f"conversion from {conv.get('source')}: relative error of ΔW {totals.get('rel_error')}")

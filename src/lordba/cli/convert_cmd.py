@@ -1,0 +1,77 @@
+"""``lordba convert PEFT_DIR OUT_DIR``: convert a trained PEFT LoRA adapter into a LoRDBA adapter (PTQ)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..scales import SCALE_DTYPES
+
+NAME = "convert"
+HELP = "convert a PEFT LoRA adapter directory into a LoRDBA adapter (post-training, no data needed)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..convert import GAUGES, METHODS
+
+    p.add_argument("peft_dir", help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("out_dir", help="output directory for the LoRDBA adapter (must not exist unless --overwrite)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--r", type=int, default=None, help="rank of every LoRDBA layer (default: the LoRA's ranks)")
+    size.add_argument(
+        "--target-bpw",
+        type=float,
+        default=None,
+        help="file bits per LoRA parameter (LoRA basis); per-layer ranks chosen to minimise the error",
+    )
+    p.add_argument("--alpha", type=float, default=None, help="LoRDBA alpha (s = alpha/r; default: the lora_alpha)")
+    p.add_argument("--scale-dtype", choices=SCALE_DTYPES, default="float16", help="storage of the scales")
+    p.add_argument("--iters", type=int, default=30, help="solver iterations at most (default 30; 0: closed form)")
+    p.add_argument(
+        "--tol", type=float, default=1e-3, help="stop when an iteration improves the error by less than this fraction"
+    )
+    p.add_argument("--gauge", choices=(*GAUGES, "best"), default="svd", help="start of the solver (default svd)")
+    p.add_argument("--method", choices=METHODS, default="bcd", help="sign solver (default bcd)")
+    p.add_argument("--adapter-name", default="default", help="adapter to read (PEFT subfolder or key name)")
+    p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (torch.load weights_only)")
+    p.add_argument("--skip-unsupported", action="store_true", help="leave out non-LoRA tensors instead of failing")
+    p.add_argument("--report", type=Path, default=None, help="also write the report as JSON (and .md beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ..convert import check_output_dir, convert_lora, default_config, read_lora, save_converted
+    from ..errors import ConfigError
+
+    check_output_dir(args.out_dir, args.overwrite)  # fail before the work, not after
+    if args.r is not None and args.r < 1:
+        raise ConfigError(f"--r must be a positive integer, got {args.r}")
+    lora = read_lora(args.peft_dir, args.adapter_name, args.allow_pickle, args.skip_unsupported)
+    config = None if args.alpha is None else dataclasses.replace(default_config(lora), alpha=args.alpha)
+    state, report = convert_lora(
+        lora,
+        config,
+        r=args.r,
+        target_bpw=args.target_bpw,
+        scale_dtype=args.scale_dtype,
+        iters=args.iters,
+        tol=args.tol,
+        gauge=args.gauge,
+        method=args.method,
+        progress=not args.quiet,
+    )
+    out = save_converted(state, report, args.out_dir, args.overwrite)
+    if not args.quiet:
+        report.print()
+    if args.report is not None:
+        report.write_json(args.report)
+        args.report.with_suffix(".md").write_text(report.to_markdown())
+    print(
+        f"wrote LoRDBA adapter to {out}: {len(report.layers)} layers, relative error of ΔW "
+        f"{report.total_rel_error:.4f}, {report.size.file_bytes:,} bytes ({report.bpw_lora:.3f} BPW, LoRA basis; "
+        f"{report.lora_fp16_file_bytes / report.size.file_bytes:.2f}x smaller than the LoRA in fp16)"
+    )
+    return 0

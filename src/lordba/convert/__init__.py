@@ -1,0 +1,39 @@
+"""Post-training conversion (PTQ) of LoRA adapters into LoRDBA adapters.
+
+* :func:`convert_lora`: a PEFT LoRA adapter (directory or ``peft.PeftModel``) → ``(AdapterState,
+  ConversionReport)``; :func:`save_converted` writes both atomically.
+* :func:`convert_factors` / :func:`convert_factors_batched`: one LoRA pair (or a batch of equal
+  shape) → signs and scales, e.g. to initialise ``qat-from-lora`` training.
+* :func:`collect_input_moments`: calibration statistics for the activation-weighted objective.
+
+The math lives in :mod:`lordba.factorize`; the solver in :mod:`lordba.convert.solver`; the
+algorithm and its measurements are in ``docs/conversion.md``.
+"""
+
+from .api import check_output_dir, convert_lora, default_config, read_lora, save_converted
+from .calibrate import collect_input_moments
+from .engine import METHODS, SolverOptions
+from .factors import FactorResult, convert_factors, convert_factors_batched
+from .gauge import GAUGES
+from .peft_reader import LoraAdapter, LoraLayer
+from .report import SIDECAR_NAME, ConversionReport, LayerReport
+
+__all__ = [
+    "GAUGES",
+    "METHODS",
+    "SIDECAR_NAME",
+    "ConversionReport",
+    "FactorResult",
+    "LayerReport",
+    "LoraAdapter",
+    "LoraLayer",
+    "SolverOptions",
+    "check_output_dir",
+    "collect_input_moments",
+    "convert_factors",
+    "convert_factors_batched",
+    "convert_lora",
+    "default_config",
+    "read_lora",
+    "save_converted",
+]

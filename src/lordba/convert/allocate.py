@@ -1,0 +1,101 @@
+"""Conversion at a byte budget: convert every layer at candidate ranks, allocate, keep the chosen.
+
+The uniform rank that fits the same budget is always among the candidates, so the report compares
+the allocation with it on identical conversions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..config import LoRDBAConfig
+from ..errors import ConfigError
+from ..footprint import size_report
+from ..io import ModuleRecord
+from .budget import allocate, layer_bytes, uniform_rank
+from .engine import SolverOptions
+from .peft_reader import LoraAdapter
+
+
+def convert_at_budget(
+    lora: LoraAdapter,
+    base: LoRDBAConfig,
+    target_bpw: float,
+    opts: SolverOptions,
+    calibration: dict[str, torch.Tensor] | None,
+    max_batch: int,
+    progress: bool,
+    candidates: Sequence[int],
+) -> tuple[LoRDBAConfig, dict[str, ModuleRecord], dict[str, dict[str, Any]], dict[str, Any]]:
+    """Per-layer ranks for ``target_bpw`` (LoRA basis, whole file); returns the final config, the
+    stored records, per-layer statistics and the allocation summary."""
+    from .api import _convert, _progress
+
+    dtype = base.scale_dtype
+    dims = {p: (layer.in_features, layer.out_features) for p, layer in lora.layers.items()}
+    lora_params = sum(layer.r * (layer.in_features + layer.out_features) for layer in lora.layers.values())
+    allowed = math.floor(target_bpw * lora_params / 8)
+    top = max(max(candidates), 1)
+    probe = size_report({p: (i, o, top) for p, (i, o) in dims.items()}, dtype)
+    overhead = probe.file_bytes - probe.payload_bytes  # header; an upper bound (rank digits)
+    budget = allowed - overhead
+    r_uniform = uniform_rank(dims, budget, dtype)
+    if r_uniform is None:
+        least = size_report({p: (i, o, 1) for p, (i, o) in dims.items()}, dtype)
+        raise ConfigError(
+            f"target_bpw={target_bpw:g} is below the smallest possible size (rank 1 everywhere: "
+            f"{8 * least.file_bytes / lora_params:.3f} BPW on the LoRA basis with scale_dtype={dtype})"
+        )
+    ranks = sorted({c for c in candidates if 1 <= c <= max(top, r_uniform)} | {r_uniform})
+    results: dict[int, tuple[dict[str, ModuleRecord], dict[str, dict[str, Any]]]] = {}
+    bar = _progress(len(dims) * len(ranks), progress, f"converting at ranks {ranks}")
+    try:
+        for r in ranks:
+            scalings = {p: base.alpha_for(p) / r for p in dims}
+            results[r] = _convert(lora, dict.fromkeys(dims, r), scalings, dtype, opts, calibration, max_batch, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    curves = {
+        p: {r: (layer_bytes(i, o, r, dtype), (results[r][1][p]["rel_error"] * results[r][1][p]["delta_norm"]) ** 2)
+            for r in ranks}
+        for p, (i, o) in dims.items()
+    }  # fmt: skip
+    try:
+        alloc = allocate(curves, budget)
+    except ValueError as err:
+        raise ConfigError(f"target_bpw={target_bpw:g}: {err}") from None
+    common = Counter(alloc.ranks.values()).most_common(1)[0][0]
+    final = dataclasses.replace(
+        base, r=common, rank_pattern={re.escape(p): r for p, r in alloc.ranks.items() if r != common}
+    )
+    records = {p: results[r][0][p] for p, r in alloc.ranks.items()}
+    stats = {p: results[r][1][p] for p, r in alloc.ranks.items()}
+    norm2 = sum(s["delta_norm"] ** 2 for s in stats.values()) or 1.0
+    uniform_err = sum(curves[p][r_uniform][1] for p in dims)
+    file_bytes = size_report({p: (i, o, alloc.ranks[p]) for p, (i, o) in dims.items()}, dtype).file_bytes
+    uniform_file = size_report({p: (i, o, r_uniform) for p, (i, o) in dims.items()}, dtype).file_bytes
+    summary = {
+        "target_bpw": target_bpw,
+        "allowed_file_bytes": allowed,
+        "budget_payload_bytes": budget,
+        "candidates": ranks,
+        "rank_histogram": {str(r): n for r, n in sorted(Counter(alloc.ranks.values()).items())},
+        "payload_bytes": alloc.payload_bytes,
+        "file_bytes": file_bytes,
+        "bpw_lora": 8 * file_bytes / lora_params,
+        "total_rel_error": math.sqrt(alloc.squared_error / norm2),
+        "uniform_rank": r_uniform,
+        "uniform_file_bytes": uniform_file,
+        "uniform_bpw_lora": 8 * uniform_file / lora_params,
+        "uniform_total_rel_error": math.sqrt(uniform_err / norm2),
+        "curves": {p: {str(r): results[r][1][p]["rel_error"] for r in ranks} for p in sorted(dims)},
+    }
+    return final, records, stats, summary

@@ -1,0 +1,293 @@
+"""Read a PEFT LoRA adapter (a saved directory or an in-memory ``peft.PeftModel``) for conversion.
+
+Directory: ``adapter_config.json`` plus ``adapter_model.safetensors``. A pickle
+``adapter_model.bin`` is refused unless ``allow_pickle=True`` (then ``torch.load(weights_only=True)``).
+Keys ``base_model.model.<path>.lora_A.weight`` / ``lora_B.weight``, also with an adapter name
+(``lora_A.<name>.weight``). Per module: the rank from the tensors (checked against ``r`` /
+``rank_pattern``), ``alpha`` from ``lora_alpha`` / ``alpha_pattern`` (PEFT's pattern matching), and
+PEFT's scaling ``alpha / r`` or, with ``use_rslora``, ``alpha / √r``.
+
+Refused, with a :class:`~lordba.errors.ConversionError` or :class:`~lordba.errors.AdapterFormatError`
+naming the file, tensor or field: other PEFT types (LoHa, LoKr, IA³, ...); **DoRA** (not supported:
+its update rescales the columns of ``W + s·BA`` by a trained magnitude, so it depends on the base
+weights and is not a low-rank additive delta); LoRA variants whose forward is not ``s·BA`` (QA-LoRA,
+aLoRA, LoRA bias, ...); embedding / convolution LoRA and extra trained tensors (``modules_to_save``,
+trainable tokens), unless ``skip_unsupported=True`` (then they are left out with a warning);
+NaN/inf factors; rank mismatches; merged adapters of a ``PeftModel``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import read_json_file
+from ..errors import AdapterFormatError, ConversionError
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+CONFIG_NAME = "adapter_config.json"
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+?)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+# Config fields that change LoRA's forward away from ``s · B A`` (name → what it is).
+_VARIANTS = {
+    "use_dora": "DoRA (its update depends on the base weights and is not a low-rank delta)",
+    "use_qalora": "QA-LoRA (pooled inputs)",
+    "lora_bias": "LoRA bias (lora_B has a bias)",
+    "alora_invocation_tokens": "aLoRA (activated by invocation tokens)",
+    "use_bdlora": "BD-LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+}
+
+
+@dataclass
+class LoraLayer:
+    """One LoRA module: ``ΔW = scaling · B A`` (float32 factors)."""
+
+    path: str
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+    r: int
+    alpha: float
+    scaling: float
+
+    @property
+    def in_features(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.B.shape[0]
+
+
+@dataclass
+class LoraAdapter:
+    """A whole LoRA adapter: its layers (sorted by path) and the PEFT config fields that matter."""
+
+    layers: dict[str, LoraLayer]
+    r: int
+    alpha: float
+    use_rslora: bool
+    base_model_name_or_path: str | None
+    source: str
+
+
+def pattern_key(patterns: dict[str, Any], path: str) -> str | None:
+    """PEFT's ``get_pattern_key``: the first pattern matching the end of ``path``, or ``None``."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return None
+
+
+def _check_config(cfg: dict[str, Any], where: str, skip_unsupported: bool) -> tuple[int, float, bool]:
+    peft_type = cfg.get("peft_type")
+    if peft_type == "LORDBA":
+        raise ConversionError(f"{where}: this is already a LoRDBA adapter (peft_type LORDBA), nothing to convert")
+    if peft_type != "LORA":
+        raise ConversionError(
+            f"{where}: peft_type is {peft_type!r}; only LoRA adapters (peft_type 'LORA') can be converted"
+        )
+    for name, what in _VARIANTS.items():
+        if cfg.get(name):
+            raise ConversionError(f"{where}: {name}={cfg[name]!r}: {what} is not supported by the conversion")
+    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    if type(r) is not int or r < 1:
+        raise ConversionError(f"{where}: field r must be a positive integer, got {r!r}")
+    if type(alpha) not in (int, float) or not math.isfinite(alpha) or alpha <= 0:
+        raise ConversionError(f"{where}: field lora_alpha must be a positive number, got {alpha!r}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(cfg.get(name) or {}, dict):
+            raise ConversionError(f"{where}: field {name} must be an object, got {cfg[name]!r}")
+    extra = [n for n in ("modules_to_save", "trainable_token_indices") if cfg.get(n)]
+    if extra and not skip_unsupported:
+        raise ConversionError(
+            f"{where}: {', '.join(f'{n}={cfg[n]!r}' for n in extra)}: fully trained modules/tokens cannot be "
+            "represented by a LoRDBA adapter (pass skip_unsupported=True / --skip-unsupported to leave them out)"
+        )
+    return r, float(alpha), bool(cfg.get("use_rslora", False))
+
+
+def _scaling(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def _layer(
+    path: str, A: torch.Tensor, B: torch.Tensor, names: tuple[str, str], cfg: dict[str, Any], where: str
+) -> LoraLayer:
+    r_cfg, alpha, rslora = cfg["r"], cfg["lora_alpha"], cfg["use_rslora"]
+    for t, name in ((A, names[0]), (B, names[1])):
+        if t.dim() != 2:
+            raise ConversionError(
+                f"{where}: tensor {name} has shape {tuple(t.shape)}: only linear LoRA (2-D factors) can be "
+                "converted (convolution LoRA is not supported)"
+            )
+        if not t.is_floating_point():
+            raise ConversionError(f"{where}: tensor {name} has dtype {t.dtype}, expected a float dtype")
+        if not bool(torch.isfinite(t).all()):
+            raise ConversionError(f"{where}: tensor {name} holds NaN or infinite values")
+    if A.shape[0] != B.shape[1]:
+        raise ConversionError(
+            f"{where}: tensors {names[0]} {tuple(A.shape)} and {names[1]} {tuple(B.shape)} disagree on the rank"
+        )
+    key = pattern_key(cfg["rank_pattern"], path)
+    expected = int(cfg["rank_pattern"][key]) if key is not None else r_cfg
+    if A.shape[0] != expected:
+        source = f"rank_pattern[{key!r}]" if key is not None else "r"
+        raise ConversionError(
+            f"{where}: tensor {names[0]} has rank {A.shape[0]} but adapter_config.json gives module {path!r} "
+            f"rank {expected} ({source})"
+        )
+    key = pattern_key(cfg["alpha_pattern"], path)
+    a = float(cfg["alpha_pattern"][key]) if key is not None else alpha
+    return LoraLayer(path, A.float(), B.float(), expected, a, _scaling(a, expected, rslora))
+
+
+def _resolve_dir(source: Path, adapter_name: str) -> Path:
+    if not source.is_dir():
+        raise AdapterFormatError(f"{source}: not a directory (expected a PEFT adapter directory)")
+    sub = source / adapter_name
+    if not (source / CONFIG_NAME).is_file() and adapter_name != "default" and (sub / CONFIG_NAME).is_file():
+        return sub
+    if not (source / CONFIG_NAME).is_file():
+        raise AdapterFormatError(f"{source / CONFIG_NAME}: missing (not a PEFT adapter directory)")
+    return source
+
+
+def _load_tensors(directory: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], Path]:
+    st_path, bin_path = directory / SAFETENSORS_NAME, directory / PICKLE_NAME
+    if st_path.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st_path)), st_path
+        except Exception as err:  # safetensors' own header/size checks
+            raise AdapterFormatError(f"{st_path}: cannot read safetensors ({err})") from None
+    if bin_path.is_file():
+        if not allow_pickle:
+            raise AdapterFormatError(
+                f"{bin_path}: pickle weights are refused (loading pickle can run code); pass allow_pickle=True "
+                "/ --allow-pickle to load them with torch.load(weights_only=True), or re-save as safetensors"
+            )
+        try:
+            data = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise AdapterFormatError(f"{bin_path}: cannot load with torch.load(weights_only=True) ({err})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise AdapterFormatError(f"{bin_path}: expected a dict of tensors")
+        return data, bin_path
+    raise AdapterFormatError(f"{directory}: no {SAFETENSORS_NAME} (or {PICKLE_NAME}) found")
+
+
+def _unsupported(names: list[str], where: str, skip: bool, why: str) -> None:
+    if not names:
+        return
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    if not skip:
+        raise ConversionError(
+            f"{where}: {why}: {shown} (pass skip_unsupported=True / --skip-unsupported to leave them out)"
+        )
+    warnings.warn(f"{where}: leaving out {why}: {shown}", stacklevel=3)
+
+
+def read_peft_dir(
+    source: str | Path, adapter_name: str = "default", allow_pickle: bool = False, skip_unsupported: bool = False
+) -> LoraAdapter:
+    """Read and validate a PEFT LoRA adapter directory."""
+    directory = _resolve_dir(Path(source), adapter_name)
+    config_path = directory / CONFIG_NAME
+    cfg = read_json_file(config_path)
+    r, alpha, rslora = _check_config(cfg, str(config_path), skip_unsupported)
+    tensors, weights_path = _load_tensors(directory, allow_pickle)
+    where = str(weights_path)
+    dora = sorted(k for k in tensors if "lora_magnitude_vector" in k)
+    if dora:
+        raise ConversionError(
+            f"{where}: tensor {dora[0]}: DoRA magnitude vectors found; DoRA is not supported (its update depends "
+            "on the base weights and is not a low-rank delta)"
+        )
+    factors: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    adapters_seen: set[str] = set()
+    other: list[str] = []
+    for key in sorted(tensors):
+        match = _KEY.match(key)
+        if match is None:
+            other.append(key)
+            continue
+        if match["adapter"] is not None:
+            adapters_seen.add(match["adapter"])
+            if match["adapter"] != adapter_name:
+                continue
+        factors.setdefault(match["path"], {})[match["factor"]] = (key, tensors[key])
+    if adapters_seen and adapter_name not in adapters_seen:
+        raise ConversionError(f"{where}: no tensors for adapter {adapter_name!r}; the file has {sorted(adapters_seen)}")
+    _unsupported(other, where, skip_unsupported, "tensors that are not linear LoRA factors")
+    full = {"r": r, "lora_alpha": alpha, "use_rslora": rslora, **_patterns(cfg)}
+    layers = {}
+    for path in sorted(factors):
+        pair = factors[path]
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise ConversionError(f"{where}: module {path!r} has no {missing} tensor")
+        (name_A, A), (name_B, B) = pair["A"], pair["B"]
+        layers[path] = _layer(path, A, B, (name_A, name_B), full, where)
+    if not layers:
+        raise ConversionError(f"{where}: no LoRA factors (lora_A/lora_B weights) found")
+    base = cfg.get("base_model_name_or_path")
+    return LoraAdapter(layers, r, alpha, rslora, base if isinstance(base, str) else None, str(directory))
+
+
+def _patterns(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {"rank_pattern": dict(cfg.get("rank_pattern") or {}), "alpha_pattern": dict(cfg.get("alpha_pattern") or {})}
+
+
+def read_peft_model(model: Any, adapter_name: str | None = None, skip_unsupported: bool = False) -> LoraAdapter:
+    """Read the LoRA factors of an in-memory ``peft.PeftModel`` (default: its active adapter)."""
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    name = adapter_name or model.active_adapter
+    if name not in model.peft_config:
+        raise ConversionError(f"PeftModel has no adapter {name!r}; it has {sorted(model.peft_config)}")
+    cfg = model.peft_config[name].to_dict()
+    cfg["peft_type"] = str(getattr(cfg["peft_type"], "value", cfg["peft_type"]))
+    where = f"PeftModel adapter {name!r}"
+    r, alpha, rslora = _check_config(cfg, where, skip_unsupported)
+    root = model.base_model.model
+    layers: dict[str, LoraLayer] = {}
+    other: list[str] = []
+    for path, module in root.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and name in getattr(module, "modules_to_save", {}):
+            other.append(path)
+        if not isinstance(module, PeftLoraLayer):
+            continue
+        if name in getattr(module, "lora_embedding_A", {}):
+            other.append(path)
+            continue
+        if name not in module.lora_A:
+            continue
+        if name in getattr(module, "merged_adapters", []):
+            raise ConversionError(f"{where}: module {path!r} has the adapter merged into its base; unmerge it first")
+        A, B = module.lora_A[name].weight.detach(), module.lora_B[name].weight.detach()
+        pair = (f"{path}.lora_A.{name}.weight", f"{path}.lora_B.{name}.weight")
+        layer = _layer(
+            path, A, B, pair, {"r": A.shape[0], "lora_alpha": alpha, "use_rslora": rslora, **_patterns({})}, where
+        )
+        layer.alpha = float(module.lora_alpha[name])
+        layer.scaling = float(module.scaling[name])
+        layers[path] = layer
+    _unsupported(sorted(set(other)), where, skip_unsupported, "modules that are not linear LoRA layers")
+    if not layers:
+        raise ConversionError(f"{where}: no LoRA linear layers found")
+    base = cfg.get("base_model_name_or_path")
+    return LoraAdapter(dict(sorted(layers.items())), r, alpha, rslora, base if isinstance(base, str) else None, where)

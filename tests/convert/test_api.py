@@ -1,0 +1,124 @@
+"""convert_lora end to end on the tiny model: files, model loading, budgets, CLI, inspect."""
+
+import json
+
+import pytest
+
+from lordba import ConfigError, LoRDBAConfig, LoRDBAModel, read_adapter
+from lordba.cli import main
+from lordba.convert import SIDECAR_NAME, collect_input_moments, convert_lora, read_lora, save_converted
+
+from .test_peft_reader import peft_adapter
+
+
+def lora_delta(lora, path):
+    layer = lora.layers[path]
+    return layer.scaling * layer.B.double() @ layer.A.double()
+
+
+def test_loaded_adapter_reproduces_the_reported_errors(tmp_path):
+    model, path = peft_adapter(tmp_path, target_modules="all-linear", use_rslora=True)
+    state, report = convert_lora(path, scale_dtype="int8", progress=False)
+    assert state.config.mode == "ptq" and state.config.scale_dtype == "int8"
+    assert state.config.target_modules == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    lm = LoRDBAModel(model.get_base_model().__class__(model.get_base_model().config))
+    lm.load_adapter_state(state, "default")
+    lora = read_lora(path)
+    for layer_report in report.layers:
+        adapter = lm.adapter_modules("default")[layer_report.path]
+        target = lora_delta(lora, layer_report.path)
+        err = ((adapter.delta_weight().double() - target).norm() / target.norm()).item()
+        assert err == pytest.approx(layer_report.rel_error, abs=1e-5)
+        assert layer_report.delta_norm == pytest.approx(target.norm().item(), rel=1e-5)
+    assert 0 < report.total_rel_error < 0.8
+    totals = report.to_dict()["totals"]
+    assert totals["file_bytes"] == report.size.file_bytes and totals["bpw_lora"] > 0
+    assert "| layers | 14 |" in report.to_markdown()
+
+
+def test_same_input_gives_byte_identical_files(tmp_path):
+    _, path = peft_adapter(tmp_path)
+    for name in ("a", "b"):
+        state, report = convert_lora(path, progress=False)
+        save_converted(state, report, tmp_path / name)
+    for file in ("adapter_config.json", "lordba_model.safetensors", SIDECAR_NAME):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+    adapter = read_adapter(tmp_path / "a")  # full validation of what was written
+    assert adapter.config.mode == "ptq"
+
+
+def test_config_rank_and_alpha_are_honoured(tmp_path):
+    _, path = peft_adapter(tmp_path)
+    config = LoRDBAConfig(r=6, alpha=3.0, rank_pattern={"v_proj": 2}, scale_dtype="bfloat16")
+    state, _ = convert_lora(path, config, progress=False)
+    assert state.config.alpha == 3.0 and state.config.scale_dtype == "bfloat16"
+    assert state.modules["model.layers.0.self_attn.v_proj"].r == 2
+    assert state.modules["model.layers.0.self_attn.q_proj"].r == 6
+    state, _ = convert_lora(path, config, r=3, progress=False)
+    assert {m.r for m in state.modules.values()} == {3}
+    with pytest.raises(ConfigError, match="either r or target_bpw"):
+        convert_lora(path, r=3, target_bpw=2.0)
+
+
+def test_budget_allocation_fits_and_beats_the_uniform_rank(tmp_path):
+    _, path = peft_adapter(tmp_path, target_modules="all-linear", r=8, lora_alpha=16)
+    state, report = convert_lora(path, target_bpw=12.0, rank_candidates=(1, 2, 4, 6, 8, 12), progress=False)
+    alloc = report.allocation
+    assert report.bpw_lora <= 12.0 + 1e-9 and alloc["file_bytes"] == report.size.file_bytes
+    assert alloc["uniform_bpw_lora"] <= 12.0
+    assert alloc["total_rel_error"] <= alloc["uniform_total_rel_error"] + 1e-12
+    assert report.total_rel_error == pytest.approx(alloc["total_rel_error"], rel=1e-6)
+    for path_, rec in state.modules.items():
+        assert state.config.rank_for(path_) == rec.r
+    save_converted(state, report, tmp_path / "out")
+    assert read_adapter(tmp_path / "out").dims() == state.dims()
+    with pytest.raises(ConfigError, match="below the smallest possible size"):
+        convert_lora(path, target_bpw=0.5, progress=False)
+
+
+def test_calibration_moments_and_weighted_conversion(tmp_path, input_ids):
+    model, path = peft_adapter(tmp_path)
+    paths = sorted(read_lora(path).layers)
+    moments = collect_input_moments(model, [input_ids, {"input_ids": input_ids[:1]}], paths)
+    assert sorted(moments) == paths and all(m.shape == (40,) or m.shape == (52,) for m in moments.values())
+    _, report = convert_lora(path, calibration=moments, progress=False)
+    assert all(lr.rel_error_weighted is not None for lr in report.layers)
+    with pytest.raises(Exception, match="calibration has no statistics"):
+        convert_lora(path, calibration={paths[0]: moments[paths[0]]}, progress=False)
+
+
+def test_cli_convert_and_inspect_show_the_sidecar(tmp_path, capsys):
+    _, path = peft_adapter(tmp_path)
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "convert",
+            str(path),
+            str(out),
+            "--r",
+            "3",
+            "--scale-dtype",
+            "int8",
+            "--quiet",
+            "--report",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "wrote LoRDBA adapter" in printed and "relative error of ΔW" in printed
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["totals"]["layers"] == 6 and "seconds" in data
+    assert (tmp_path / "r.md").read_text().startswith("# LoRDBA conversion")
+    sidecar = json.loads((out / SIDECAR_NAME).read_text())
+    assert "seconds" not in sidecar and len(sidecar["layers"]) == 6
+    assert main(["convert", str(path), str(out), "--quiet"]) == 3
+    assert "already exists" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path), str(tmp_path / "x"), "--quiet"]) == 3
+    assert "adapter_config.json: missing" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "conversion (stored errors of ΔW)" in shown and "RMR A" in shown
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["conversion"]["layers"]) == 6

@@ -1,0 +1,186 @@
+"""Reading real PEFT LoRA adapters, and refusing every kind of bad input with a clear error."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from lordba import AdapterFormatError, ConversionError, LoRDBAError
+from lordba.convert import convert_lora, read_lora, save_converted
+
+from conftest import tiny_llama
+
+
+def peft_adapter(tmp_path, name="lora", adapter_name="default", seed=0, **kw):
+    """A real PEFT LoRA on the tiny Llama with non-zero B, saved with save_pretrained."""
+    kw.setdefault("target_modules", ["q_proj", "v_proj", "down_proj"])
+    kw.setdefault("r", 4)
+    kw.setdefault("lora_alpha", 8)
+    torch.manual_seed(seed)
+    model = get_peft_model(tiny_llama(), LoraConfig(init_lora_weights="gaussian", **kw), adapter_name=adapter_name)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    out = tmp_path / name
+    model.save_pretrained(out)
+    return model, out
+
+
+def test_plain_lora_dir_and_peft_model_agree(tmp_path):
+    model, path = peft_adapter(tmp_path)
+    lora = read_lora(path)
+    assert len(lora.layers) == 6 and lora.r == 4 and lora.alpha == 8
+    layer = lora.layers["model.layers.0.self_attn.q_proj"]
+    assert layer.scaling == 2.0 and layer.A.shape == (4, 40) and layer.B.shape == (40, 4)
+    peft_layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert torch.equal(layer.A, peft_layer.lora_A["default"].weight)
+    mem = read_lora(model)
+    assert sorted(mem.layers) == sorted(lora.layers)
+    for p in lora.layers:
+        assert torch.equal(mem.layers[p].B, lora.layers[p].B) and mem.layers[p].scaling == lora.layers[p].scaling
+
+
+def test_rslora_and_rank_alpha_patterns(tmp_path):
+    model, path = peft_adapter(
+        tmp_path, use_rslora=True, rank_pattern={"down_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3}
+    )
+    lora = read_lora(path)
+    down = lora.layers["model.layers.0.mlp.down_proj"]
+    assert down.r == 2 and down.scaling == pytest.approx(8 / math.sqrt(2))
+    q1 = lora.layers["model.layers.1.self_attn.q_proj"]
+    assert q1.alpha == 3 and q1.scaling == pytest.approx(3 / 2)
+    assert lora.layers["model.layers.0.self_attn.q_proj"].scaling == pytest.approx(8 / 2)
+    # PEFT's own modules agree on every scaling
+    for p, layer in read_lora(model).layers.items():
+        assert layer.scaling == pytest.approx(lora.layers[p].scaling)
+    state, _ = convert_lora(path, progress=False)
+    assert state.modules["model.layers.0.mlp.down_proj"].r == 2
+    assert state.config.rank_for("model.layers.1.mlp.down_proj") == 2 and state.config.r == 4
+
+
+def test_non_default_adapter_name_subfolder_and_named_keys(tmp_path):
+    _, path = peft_adapter(tmp_path, adapter_name="sentiment")
+    assert (path / "sentiment" / "adapter_config.json").is_file()
+    lora = read_lora(path, adapter_name="sentiment")
+    assert len(lora.layers) == 6
+    # keys carrying the adapter name (a state dict saved by hand)
+    folder = path / "sentiment"
+    tensors = load_file(folder / "adapter_model.safetensors")
+    named = {
+        k.replace(".lora_A.", ".lora_A.sentiment.").replace(".lora_B.", ".lora_B.sentiment."): v
+        for k, v in tensors.items()
+    }
+    named["base_model.model.model.layers.0.self_attn.q_proj.lora_A.other.weight"] = torch.zeros(4, 40)
+    save_file(named, folder / "adapter_model.safetensors")
+    assert sorted(read_lora(folder, adapter_name="sentiment").layers) == sorted(lora.layers)
+    with pytest.raises(ConversionError, match=r"no tensors for adapter 'default'.*'other', 'sentiment'"):
+        read_lora(folder)
+
+
+def test_missing_config_and_not_a_directory(tmp_path):
+    with pytest.raises(AdapterFormatError, match=r"adapter_config\.json: missing"):
+        read_lora(tmp_path)
+    with pytest.raises(AdapterFormatError, match="not a directory"):
+        read_lora(tmp_path / "nowhere")
+
+
+def edit_config(path, **changes):
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("changes", "pattern"),
+    [
+        ({"peft_type": "LOHA"}, "peft_type is 'LOHA'; only LoRA"),
+        ({"peft_type": "LORDBA"}, "already a LoRDBA adapter"),
+        ({"use_dora": True}, "use_dora=True: DoRA"),
+        ({"r": 8}, r"lora_A.weight has rank 4 but adapter_config.json gives module .* rank 8 \(r\)"),
+        ({"rank_pattern": {"q_proj": 2}}, r"rank 4 .* rank 2 \(rank_pattern\['q_proj'\]\)"),
+        ({"lora_alpha": "big"}, "lora_alpha must be a positive number"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ],
+)
+def test_bad_configs_are_refused_naming_the_field(tmp_path, changes, pattern):
+    _, path = peft_adapter(tmp_path)
+    edit_config(path, **changes)
+    with pytest.raises(ConversionError, match=pattern) as info:
+        read_lora(path)
+    assert "adapter_config.json" in str(info.value) or "adapter_model.safetensors" in str(info.value)
+
+
+def test_nan_factors_and_dora_vectors_name_the_tensor(tmp_path):
+    _, path = peft_adapter(tmp_path)
+    file = path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, file)
+    with pytest.raises(ConversionError, match=f"adapter_model.safetensors: tensor {key} holds NaN or infinite"):
+        read_lora(path)
+    _, dora = peft_adapter(tmp_path, name="dora", use_dora=True)
+    edit_config(dora, use_dora=False)  # the tensors alone still give DoRA away
+    with pytest.raises(ConversionError, match=r"lora_magnitude_vector: DoRA magnitude vectors found; DoRA is not"):
+        read_lora(dora)
+    model, _ = peft_adapter(tmp_path, name="dora2", use_dora=True)
+    with pytest.raises(ConversionError, match="DoRA"):
+        read_lora(model)
+
+
+def test_unsupported_tensors_refused_or_skipped(tmp_path):
+    _, path = peft_adapter(tmp_path, target_modules=["q_proj", "embed_tokens"])
+    with pytest.raises(ConversionError, match=r"not linear LoRA factors: .*embed_tokens"):
+        read_lora(path)
+    with pytest.warns(UserWarning, match="leaving out"):
+        lora = read_lora(path, skip_unsupported=True)
+    assert sorted(lora.layers) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+
+
+def test_pickle_weights_need_an_explicit_opt_in(tmp_path):
+    model, _ = peft_adapter(tmp_path)
+    path = tmp_path / "bin"
+    model.save_pretrained(path, safe_serialization=False)
+    assert (path / "adapter_model.bin").is_file()
+    with pytest.raises(AdapterFormatError, match=r"adapter_model.bin: pickle weights are refused.*allow_pickle"):
+        read_lora(path)
+    lora = read_lora(path, allow_pickle=True)
+    assert torch.equal(
+        lora.layers["model.layers.0.self_attn.q_proj"].A, read_lora(model).layers["model.layers.0.self_attn.q_proj"].A
+    )
+    (path / "adapter_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(AdapterFormatError, match=r"cannot load with torch.load"):
+        read_lora(path, allow_pickle=True)
+
+
+def test_output_directory_rules_and_no_partial_output(tmp_path, monkeypatch):
+    _, path = peft_adapter(tmp_path)
+    state, report = convert_lora(path, progress=False)
+    out = tmp_path / "out"
+    save_converted(state, report, out)
+    with pytest.raises(ConversionError, match="already exists"):
+        save_converted(state, report, out)
+    save_converted(state, report, out, overwrite=True)
+    if os.geteuid() != 0:  # root ignores permissions
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ConversionError, match="not a writable directory"):
+            save_converted(state, report, locked / "out")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConversionError, match=r"not a writable directory|cannot be created"):
+        save_converted(state, report, tmp_path / "file" / "out")
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(report), "write_json", boom)
+    with pytest.raises(LoRDBAError, match="No space left"):
+        save_converted(state, report, tmp_path / "partial")
+    assert not (tmp_path / "partial").exists()
+    assert not [p for p in tmp_path.iterdir() if "lordba-tmp" in p.name]
