@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from ..config import LoRDBAConfig
+from ..convert import LoraAdapter, convert_factors, read_lora
 from ..data.tokenize import Batcher
 from ..errors import ConfigError
 from ..model import LoRDBAModel, get_lordba_model
 from .loop import TrainResult, TrainSettings, train_loop
-from .lora import LoraFactors, add_lora, lora_factors
+from .lora import add_lora
 
 LATENT_MAGNITUDE = 0.01
 
@@ -43,13 +44,11 @@ def train_lora_seed(
     out_dir: Path | None,
     resume: bool,
     progress: bool,
-) -> tuple[dict[str, LoraFactors], TrainResult]:
+) -> tuple[LoraAdapter, TrainResult]:
     """Train a PEFT LoRA of the adapter's rank on ``model`` and return its factors (model restored)."""
     seed_dir = out_dir / "lora_seed" if out_dir is not None else None
     if seed_dir is not None and resume and (seed_dir / "adapter_model.safetensors").is_file():
-        from ..convert import read_peft_lora
-
-        return read_peft_lora(seed_dir), TrainResult()
+        return read_lora(seed_dir), TrainResult()
     peft_model = add_lora(model, config.r, config.alpha, _targets(config), settings.seed)
     result = train_loop(
         peft_model,
@@ -60,31 +59,30 @@ def train_lora_seed(
         progress=progress,
         description="fp16 LoRA seed",
     )
-    factors = lora_factors(peft_model)
+    lora = read_lora(peft_model)
     if seed_dir is not None:
         peft_model.save_pretrained(str(seed_dir))
     peft_model.unload()
-    return factors, result
+    return lora, result
 
 
 def init_from_lora(
-    lm: LoRDBAModel, factors: dict[str, LoraFactors], adapter_name: str = "default", packed: bool = False
+    lm: LoRDBAModel, lora: LoraAdapter, adapter_name: str = "default", packed: bool = False
 ) -> dict[str, float]:
     """Set an adapter's signs and scales from LoRA factors (closed-form init + solver, SPEC §3).
 
     ``packed=False`` keeps latent form (latents = sign × 0.01) for QAT; ``packed=True`` freezes the
     signs. Returns ``{module path: relative reconstruction error}``.
     """
-    from ..convert import convert_factors
-
     errors = {}
     modules = lm.adapter_modules(adapter_name)
-    missing = sorted(set(modules) - set(factors))
+    scale_dtype = lm.peft_config[adapter_name].scale_dtype
+    missing = sorted(set(modules) - set(lora.layers))
     if missing:
         raise ConfigError(f"the LoRA seed has no factors for {missing[:3]} (targets differ)")
     for path, adapter in modules.items():
-        f = factors[path]
-        res = convert_factors(f.A, f.B, adapter.r, scaling=f.scaling / adapter.scaling)
+        f = lora.layers[path]
+        res = convert_factors(f.A, f.B, adapter.r, f.scaling, adapter.scaling, scale_dtype=scale_dtype)
         with torch.no_grad():
             adapter.scale_in.copy_(res.scale_in)
             adapter.scale_mid.copy_(res.scale_mid)
@@ -122,17 +120,15 @@ def build_adapter(
         return lm, train_loop(lm, batcher, settings, out_dir, eval_of(lm), resume, progress, "LoRDBA qat")
 
     if lora_dir is not None:
-        from ..convert import read_peft_lora
-
-        factors, seed_result = read_peft_lora(lora_dir), TrainResult()
+        lora, seed_result = read_lora(lora_dir), TrainResult()
         remaining = settings.steps
     else:
         seed_steps = settings.steps if mode == "ptq" else max(1, math.ceil(lora_warmup * settings.steps))
         seed_settings = dataclasses.replace(settings, steps=seed_steps)
-        factors, seed_result = train_lora_seed(model, config, batcher, seed_settings, out_dir, resume, progress)
+        lora, seed_result = train_lora_seed(model, config, batcher, seed_settings, out_dir, resume, progress)
         remaining = settings.steps - seed_steps
     lm = get_lordba_model(model, config)
-    init_from_lora(lm, factors, packed=mode in ("ptq", "scales-only"))
+    init_from_lora(lm, lora, packed=mode in ("ptq", "scales-only"))
     if mode == "ptq" or remaining <= 0:
         lm.set_trainable("default", signs=False, scales=False)
         result = TrainResult(log=list(seed_result.log), seconds=seed_result.seconds)

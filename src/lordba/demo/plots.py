@@ -1,0 +1,97 @@
+"""The demo's and the reproduction's figures (matplotlib, written as PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+_FAMILY_STYLE = {
+    "LoRDBA": ("tab:red", "o"),
+    "fp16 LoRA": ("tab:blue", "s"),
+    "RTN": ("tab:gray", "v"),
+    "LoRAQuant-style": ("tab:green", "^"),
+    "BitDelta-style": ("tab:purple", "D"),
+    "base": ("black", "x"),
+}
+
+
+def _family(method: str) -> str:
+    return next((f for f in _FAMILY_STYLE if method.startswith(f)), "base")
+
+
+def quality_vs_bytes(rows: list[dict], path: Path, metric_name: str) -> Path:
+    """Task metric against adapter bytes (log scale): the paper's Fig. 1."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, key, label in ((axes[0], "metric", metric_name), (axes[1], "eval_loss", "held-out loss (lower is better)")):
+        for row in rows:
+            if row.get(key) is None or not row.get("bytes"):
+                continue
+            color, marker = _FAMILY_STYLE[_family(row["method"])]
+            ax.scatter(row["bytes"], row[key], color=color, marker=marker, s=55, zorder=3)
+            text = row["method"] + (f" ({row['mode']})" if row.get("mode") else "")
+            ax.annotate(text, (row["bytes"], row[key]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        base = next((r for r in rows if r["method"] == "base"), None)
+        if base is not None and base.get(key) is not None:
+            ax.axhline(base[key], color="black", lw=0.8, ls="--", label="base model")
+            ax.legend(loc="best", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("adapter bytes on disk (log scale)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Quality vs adapter size (same task, same budget, 4-bit base)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def error_vs_rmr(layers: list[dict], path: Path) -> Path:
+    """Per-layer relative reconstruction error of a PTQ conversion against the factors' RMR."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    x = [0.5 * (r["rmr_A"] + r["rmr_B"]) for r in layers]
+    y = [r["rel_error"] for r in layers]
+    kinds = sorted({r["module"].rsplit(".", 1)[-1] for r in layers})
+    cmap = plt.get_cmap("tab10")
+    for i, kind in enumerate(kinds):
+        pts = [(a, b) for a, b, r in zip(x, y, layers) if r["module"].endswith(kind)]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, color=cmap(i % 10), label=kind)
+    ax.set_xlabel("mean residual-to-magnitude ratio of the LoRA factors (A, B)")
+    ax.set_ylabel("relative reconstruction error of ΔW")
+    ax.set_title("PTQ conversion: error is governed by the RMR")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def sweep(points: list[dict], path: Path, metric_name: str) -> Path:
+    """The BPW sweep (the paper's Fig. 3): metric against bits per weight, one line per mode."""
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for mode in sorted({p["mode"] for p in points}):
+        pts = sorted((p for p in points if p["mode"] == mode), key=lambda p: p["bpw"])
+        ax.errorbar(
+            [p["bpw"] for p in pts],
+            [p["metric"] for p in pts],
+            yerr=[p.get("metric_std", 0) for p in pts],
+            marker="o",
+            capsize=3,
+            label=mode,
+        )
+    ref = next((p for p in points if p.get("reference")), None)
+    if ref is not None:
+        ax.axhline(ref["metric"], color="tab:blue", ls="--", lw=1, label="fp16 LoRA r=16")
+    ax.set_xlabel("bits per weight (LoRA basis, file bytes)")
+    ax.set_ylabel(metric_name)
+    ax.set_title("LoRDBA: PTQ vs QAT modes across adapter sizes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

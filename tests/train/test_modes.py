@@ -1,0 +1,107 @@
+"""The four training modes (SPEC §3) on a tiny model, and `lordba train` end to end on the real one."""
+
+import json
+
+import pytest
+import torch
+from test_loop import rows
+
+from lordba import LoRDBAConfig, LoRDBAModel
+from lordba.cli import main
+from lordba.data import Batcher
+from lordba.train import TrainSettings, build_adapter, init_from_lora
+from lordba.train.lora import add_lora
+
+from conftest import tiny_llama
+
+
+def loss_of(model, batcher):
+    with torch.no_grad():
+        return sum(model(**batcher.batch(k)).loss.item() for k in range(4)) / 4
+
+
+@pytest.mark.parametrize("mode", ["ptq", "qat", "qat-from-lora", "scales-only"])
+def test_every_mode_learns_and_trains_only_what_it_should(mode, tmp_path):
+    base = tiny_llama(0)
+    batcher = Batcher(rows(), 4)
+    before = loss_of(base, batcher)
+    cfg = LoRDBAConfig(r=4, mode=mode, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    lm, result = build_adapter(base, cfg, batcher, TrainSettings(steps=24, lr=3e-3), tmp_path, progress=False)
+    assert loss_of(lm, batcher) < before - 0.1
+    trainable = {n.rsplit(".", 1)[-1] for n, p in lm.named_parameters() if p.requires_grad}
+    expected = {
+        "ptq": set(),
+        "qat": {"latent_A", "latent_B", "scale_in", "scale_mid", "scale_out"},
+        "qat-from-lora": {"latent_A", "latent_B", "scale_in", "scale_mid", "scale_out"},
+        "scales-only": {"scale_in", "scale_mid", "scale_out"},
+    }[mode]
+    assert trainable == expected
+    assert result.log[-1]["step"] == 24
+    if mode != "qat":
+        assert (tmp_path / "lora_seed" / "adapter_model.safetensors").is_file()
+    lm.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["mode"] == mode
+
+
+def test_init_from_lora_reproduces_the_lora():
+    base = tiny_llama(0)
+    peft_model = add_lora(base, 4, 8.0, ["q_proj"])
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ids = torch.randint(0, 101, (2, 8))
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+    from lordba.convert import read_lora
+
+    lora = read_lora(peft_model)
+    base = peft_model.unload()
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+    lm = LoRDBAModel(base, LoRDBAConfig(r=8, target_modules=["q_proj"], scale_dtype="float32"))
+    errors = init_from_lora(lm, lora)
+    assert all(e < 0.6 for e in errors.values())
+    with torch.no_grad():
+        got = lm(input_ids=ids).logits
+    # the LoRDBA adapter carries most of the LoRA's effect on the logits
+    assert (got - want).norm() < 0.6 * (want - plain).norm()
+
+
+def test_lordba_train_cli_on_the_real_model(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--data",
+            "arithmetic",
+            "--mode",
+            "qat",
+            "--out",
+            str(out),
+            "--quant",
+            "none",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--r",
+            "4",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--train-size",
+            "12",
+            "--eval-size",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    assert (out / "adapter_config.json").is_file() and (out / "lordba_model.safetensors").is_file()
+    log = json.loads((out / "train_log.json").read_text())
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3]
+    assert "eval_loss" in log[-1] and "metric" in log[-1]
+    assert main(["inspect", str(out)]) == 0
+    assert "held-out" in capsys.readouterr().out
