@@ -35,8 +35,9 @@ SHAPES = {  # module: (in, out)
     "mlp.down_proj": (11008, 4096),
 }
 CONFIGS = {  # name: convert_lora keyword arguments
-    "default (svd gauge, bcd, 30 iters)": {},
-    "closed form only (Eq. 7)": {"iters": 0},
+    "default (svd gauge, 10 ADMM + BCD)": {},
+    "BCD only": {"method": "bcd"},
+    "closed form only (Eq. 7)": {"method": "init"},
 }
 
 

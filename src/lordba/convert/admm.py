@@ -48,7 +48,7 @@ def admm(
         rho = rho_start + (rho_end - rho_start) * ((it + 1) / iters) ** 3
         # R-step against the projected left factor
         G = Z_L.mT @ Z_L
-        c = G.diagonal(dim1=-2, dim2=-1).mean(-1)
+        c = G.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-30)
         rhs = (Z_L.mT @ t.P) @ t.Q
         for _ in range(inner):
             R = _ridge(G, rhs + (rho * c)[..., None, None] * (Z_R - U_R), (reg + rho) * c)
@@ -56,7 +56,7 @@ def admm(
             U_R = U_R + R - Z_R
         # L-step against the projected right factor (solve the transposed system)
         G = Z_R @ Z_R.mT
-        c = G.diagonal(dim1=-2, dim2=-1).mean(-1)
+        c = G.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-30)
         rhs = (t.P @ (t.Q @ Z_R.mT)).mT
         for _ in range(inner):
             L = _ridge(G, rhs + (rho * c)[..., None, None] * (Z_L - U_L).mT, (reg + rho) * c).mT
