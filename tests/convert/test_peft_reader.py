@@ -66,6 +66,8 @@ def test_rslora_and_rank_alpha_patterns(tmp_path):
 def test_non_default_adapter_name_subfolder_and_named_keys(tmp_path):
     _, path = peft_adapter(tmp_path, adapter_name="sentiment")
     assert (path / "sentiment" / "adapter_config.json").is_file()
+    with pytest.raises(AdapterFormatError, match=r"subfolders: \['sentiment'\]"):
+        read_lora(path)
     lora = read_lora(path, adapter_name="sentiment")
     assert len(lora.layers) == 6
     # keys carrying the adapter name (a state dict saved by hand)

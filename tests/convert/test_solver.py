@@ -95,7 +95,7 @@ def test_sign_sweeps_reach_a_single_flip_local_minimum_of_the_binary_quadratic()
 def test_solver_beats_the_closed_form_on_gaussian_lora_and_rank_changes_work():
     g = torch.Generator().manual_seed(3)
     A, B = torch.randn(8, 200, generator=g), torch.randn(150, 8, generator=g)
-    closed = convert_factors(A, B, 8, options=SolverOptions(iters=0))
+    closed = convert_factors(A, B, 8, options=SolverOptions(method="init"))
     solved = convert_factors(A, B, 8)
     assert solved.rel_error < closed.rel_error - 0.01
     assert abs(closed.rel_error - closed.rel_error_init) < 1e-3  # fp16 storage barely changes the error
@@ -108,7 +108,7 @@ def test_solver_beats_the_closed_form_on_gaussian_lora_and_rank_changes_work():
 def test_admm_variants_improve_on_the_closed_form(method):
     g = torch.Generator().manual_seed(4)
     A, B = torch.randn(8, 120, generator=g), torch.randn(100, 8, generator=g)
-    init = convert_factors(A, B, 8, options=SolverOptions(iters=0)).rel_error
+    init = convert_factors(A, B, 8, options=SolverOptions(method="init")).rel_error
     assert convert_factors(A, B, 8, options=SolverOptions(method=method, admm_iters=30)).rel_error < init
 
 
@@ -121,7 +121,7 @@ def test_other_gauges_are_valid_starts(gauge):
     if gauge == "lora":
         assert res.rmr_A_gauge == pytest.approx(res.rmr_A) and res.rmr_B_gauge == pytest.approx(res.rmr_B)
     if gauge == "rotation":  # the rotation never raises the seeding pair's RMR above the SVD pair's
-        svd = convert_factors(A, B, 6, options=SolverOptions(iters=0))
+        svd = convert_factors(A, B, 6, options=SolverOptions(method="init"))
         assert res.rmr_A_gauge**2 + res.rmr_B_gauge**2 <= svd.rmr_A_gauge**2 + svd.rmr_B_gauge**2 + 1e-9
 
 

@@ -31,7 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tol", type=float, default=1e-3, help="stop when an iteration improves the error by less than this fraction"
     )
     p.add_argument("--gauge", choices=(*GAUGES, "best"), default="svd", help="start of the solver (default svd)")
-    p.add_argument("--method", choices=METHODS, default="bcd", help="sign solver (default bcd)")
+    p.add_argument("--method", choices=METHODS, default="admm+bcd", help="sign solver (default admm+bcd)")
+    p.add_argument(
+        "--admm-iters",
+        type=int,
+        default=10,
+        help="ADMM iterations before BCD (default 10; 40 is ~1%% better, 3x slower)",
+    )
     p.add_argument("--adapter-name", default="default", help="adapter to read (PEFT subfolder or key name)")
     p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (torch.load weights_only)")
     p.add_argument("--skip-unsupported", action="store_true", help="leave out non-LoRA tensors instead of failing")
@@ -43,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ..convert import check_output_dir, convert_lora, default_config, read_lora, save_converted
+    from ..convert import SolverOptions, check_output_dir, convert_lora, default_config, read_lora, save_converted
     from ..errors import ConfigError
 
     check_output_dir(args.out_dir, args.overwrite)  # fail before the work, not after
@@ -51,17 +57,17 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--r must be a positive integer, got {args.r}")
     lora = read_lora(args.peft_dir, args.adapter_name, args.allow_pickle, args.skip_unsupported)
     config = None if args.alpha is None else dataclasses.replace(default_config(lora), alpha=args.alpha)
+    options = SolverOptions(
+        gauge=args.gauge, method=args.method, iters=args.iters, tol=args.tol, admm_iters=args.admm_iters
+    )
     state, report = convert_lora(
         lora,
         config,
         r=args.r,
         target_bpw=args.target_bpw,
         scale_dtype=args.scale_dtype,
-        iters=args.iters,
-        tol=args.tol,
-        gauge=args.gauge,
-        method=args.method,
         progress=not args.quiet,
+        options=options,
     )
     out = save_converted(state, report, args.out_dir, args.overwrite)
     if not args.quiet:

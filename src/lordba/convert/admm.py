@@ -10,7 +10,8 @@ projection ``Z = SVID(·)`` (sign × non-negative rank-1 envelope):
 (and the mirror step for ``L``), ``c`` the mean diagonal of the Gram matrix, ``ρ`` ramped cubically
 from ``rho_start`` to ``rho_end`` as in DBF. The result is read off the projections
 ``Z_L = diag(u_L) S_B diag(v_L)``, ``Z_R = diag(u_R) S_A diag(v_R)`` (``m = v_L ⊙ u_R``), and its scales are
-refitted by least squares. Unlike block-coordinate descent it is not monotone.
+refitted by least squares. Unlike block-coordinate descent it is not monotone. DBF takes 3 inner
+steps per factor; one inner step and more outer iterations measured better per second here.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def _ridge(G: torch.Tensor, rhs: torch.Tensor, shift: torch.Tensor) -> torch.Ten
 def admm(
     t: Target,
     start: Factors,
-    iters: int = 60,
-    inner: int = 3,
+    iters: int = 20,
+    inner: int = 1,
     reg: float = 3e-2,
     rho_start: float = 0.03,
     rho_end: float = 1.0,
@@ -48,7 +49,7 @@ def admm(
         rho = rho_start + (rho_end - rho_start) * ((it + 1) / iters) ** 3
         # R-step against the projected left factor
         G = Z_L.mT @ Z_L
-        c = G.diagonal(dim1=-2, dim2=-1).mean(-1)
+        c = G.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-30)
         rhs = (Z_L.mT @ t.P) @ t.Q
         for _ in range(inner):
             R = _ridge(G, rhs + (rho * c)[..., None, None] * (Z_R - U_R), (reg + rho) * c)
@@ -56,7 +57,7 @@ def admm(
             U_R = U_R + R - Z_R
         # L-step against the projected right factor (solve the transposed system)
         G = Z_R @ Z_R.mT
-        c = G.diagonal(dim1=-2, dim2=-1).mean(-1)
+        c = G.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-30)
         rhs = (t.P @ (t.Q @ Z_R.mT)).mT
         for _ in range(inner):
             L = _ridge(G, rhs + (rho * c)[..., None, None] * (Z_L - U_L).mT, (reg + rho) * c).mT

@@ -165,7 +165,7 @@ def convert_lora(
     iters: int = 30,
     tol: float = 1e-3,
     gauge: str = "svd",
-    method: str = "bcd",
+    method: str = "admm+bcd",
     calibration: dict[str, torch.Tensor] | None = None,
     adapter_name: str = "default",
     allow_pickle: bool = False,

@@ -160,7 +160,9 @@ def _resolve_dir(source: Path, adapter_name: str) -> Path:
     if not (source / CONFIG_NAME).is_file() and adapter_name != "default" and (sub / CONFIG_NAME).is_file():
         return sub
     if not (source / CONFIG_NAME).is_file():
-        raise AdapterFormatError(f"{source / CONFIG_NAME}: missing (not a PEFT adapter directory)")
+        named = sorted(p.parent.name for p in source.glob(f"*/{CONFIG_NAME}"))
+        hint = f"; adapters found in subfolders: {named} (pass adapter_name / --adapter-name)" if named else ""
+        raise AdapterFormatError(f"{source / CONFIG_NAME}: missing (not a PEFT adapter directory){hint}")
     return source
 
 
