@@ -12,6 +12,7 @@ and by the kernel mode (:func:`set_mode`, :func:`mode`, or ``$LORDBA_KERNEL``):
   but ``r·(in+out)`` activation-dtype elements per adapter stay in memory: 32× the packed signs in
   float32; :func:`cache.cache_nbytes` reports it).
 * ``torch``: the pure-PyTorch reference (unpack on every call).
+* ``triton``: the Triton kernels on any device (on CPU only under ``TRITON_INTERPRET=1``: tests).
 
 Only packed signs and decoded scales are kept in memory in every mode but ``dense``. If the CPU
 extension cannot be built, a :class:`KernelFallbackWarning` says why (once) and ``torch`` runs.
@@ -35,7 +36,7 @@ from .cpu import BuildResult
 if TYPE_CHECKING:
     from ..layer import DoubleBinaryAdapter
 
-MODES = ("auto", "sign", "unpack", "dense", "torch")
+MODES = ("auto", "sign", "unpack", "dense", "torch", "triton")
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ALL_TOKENS = 1 << 62
 
@@ -47,6 +48,7 @@ class KernelFallbackWarning(UserWarning):
 class _State:
     mode: str = os.environ.get("LORDBA_KERNEL", "auto")
     cpu: BuildResult | None = None  # None: not tried yet
+    isa: str = "portable"  # instruction set the CPU kernels were built for
     triton: bool | None = None
 
 
@@ -83,21 +85,27 @@ def mode(name: str) -> Iterator[None]:
 
 @torch.compiler.disable
 def load_cpu(build: bool = True, warn: bool = True) -> BuildResult:
-    """Load (building first if needed) the CPU extension; the result is remembered for the process."""
+    """Load the CPU extension, compiling it first if needed and ``build``; remembered for the process
+    once it has loaded or a build was attempted. Warns (:class:`KernelFallbackWarning`) on failure."""
     from . import cpu
 
-    if _STATE.cpu is None or (not _STATE.cpu.ok and build and _STATE.cpu.message == "not built yet"):
-        _STATE.cpu = cpu.load(build=build)
-        if _STATE.cpu.ok:
-            from . import _fake  # noqa: F401  (fake implementation for torch.compile)
-        elif warn and build:
-            warnings.warn(
-                f"lordba: compiled CPU kernels unavailable ({_STATE.cpu.message.splitlines()[0]}); using the "
-                "pure-PyTorch branch (slower at decode). `lordba build-kernels` shows the details.",
-                KernelFallbackWarning,
-                stacklevel=3,
-            )
-    return _STATE.cpu
+    if _STATE.cpu is not None:
+        return _STATE.cpu
+    result = cpu.load(build=build)
+    if result.ok or build:
+        _STATE.cpu = result
+    if result.ok:
+        from . import _fake  # noqa: F401  (fake implementation for torch.compile)
+
+        _STATE.isa = torch.ops.lordba.isa()
+    elif build and warn:
+        warnings.warn(
+            f"lordba: compiled CPU kernels unavailable ({result.message.splitlines()[0]}); using the "
+            "pure-PyTorch branch (slower at decode). `lordba build-kernels` shows the details.",
+            KernelFallbackWarning,
+            stacklevel=3,
+        )
+    return result
 
 
 def cpu_available() -> bool:
@@ -121,16 +129,23 @@ def triton_available() -> bool:
     return _STATE.triton if _STATE.triton is not None else _load_triton()
 
 
-def sign_max_tokens(in_features: int, out_features: int, r: int, dtype: torch.dtype) -> int:
+def sign_max_tokens(in_features: int, out_features: int, r: int, dtype: torch.dtype, isa: str | None = None) -> int:
     """``auto`` rule on CPU: the fused sign path for at most this many tokens, unpack + BLAS above.
 
-    Measured on an AVX-512 Xeon (``lordba bench --suite kernels``): the sign path costs about one
-    masked add per 16 signs per token while BLAS needs a fixed ~10 µs plus unpacking, so it wins
-    up to a few tokens, longer for small layers; bfloat16 BLAS (AMX/AVX-512 BF16) is faster still.
+    Crossovers measured on a Xeon (Sapphire Rapids), one thread, float32 and bfloat16, shapes of
+    SmolLM2 and Llama-7B, r ∈ {8, 16, 64} (see docs/kernels.md). With AVX-512 the masked-add sign
+    path wins up to ~16 float32 tokens (~8 for ``in`` > 4096, where its pass over ``b ⊙ x`` per
+    group of rows costs most), and twice that in bfloat16, whose small BLAS calls are slow. The
+    AVX2 build only wins at a single float32 token. ``isa``: ``torch.ops.lordba.isa()``.
     """
-    work = r * (in_features + out_features)
-    limit = 8 if work <= 64 * 1024 else 4 if work <= 512 * 1024 else 2
-    return limit // 2 if dtype != torch.float32 else limit
+    isa = isa or _STATE.isa
+    low = dtype != torch.float32
+    if isa == "avx512":
+        limit = 16 if in_features <= 4096 else 8
+        return 2 * limit if low else limit
+    if low:
+        return 16 if in_features <= 2048 else 4
+    return 1
 
 
 def _limit(name: str, adapter: DoubleBinaryAdapter, dtype: torch.dtype) -> int:
@@ -166,13 +181,13 @@ def packed_branch(
     sign_A, sign_B = cache.signs(adapter)
     if name != "torch" and x.dtype in _NATIVE_DTYPES and (base is None or base.dtype in _NATIVE_DTYPES):
         device = x.device.type
-        if device == "cpu" and (_STATE.cpu.ok if _STATE.cpu is not None else cpu_available()):
-            limit = _limit(name, adapter, x.dtype)
-            return torch.ops.lordba.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, limit, base)
-        if device == "cuda" and triton_available():
+        if name == "triton" or (device == "cuda" and triton_available()):
             from . import triton as tri
 
             return tri.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, name, base)
+        if device == "cpu" and (_STATE.cpu.ok if _STATE.cpu is not None else cpu_available()):
+            limit = _limit(name, adapter, x.dtype)
+            return torch.ops.lordba.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, limit, base)
     return reference.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, base)
 
 
@@ -191,13 +206,13 @@ def _traced(
     native = x.dtype in _NATIVE_DTYPES and (base is None or base.dtype in _NATIVE_DTYPES)
     if adapter.is_packed and name not in ("torch", "dense") and native:
         sign_A, sign_B = adapter.sign_A, adapter.sign_B
-        if x.device.type == "cpu" and cpu_available():
-            limit = _limit(name, adapter, x.dtype)
-            return torch.ops.lordba.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, limit, base)
-        if x.device.type == "cuda" and triton_available():
+        if name == "triton" or (x.device.type == "cuda" and triton_available()):
             from . import triton as tri
 
             return tri.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, name, base)
+        if x.device.type == "cpu" and cpu_available():
+            limit = _limit(name, adapter, x.dtype)
+            return torch.ops.lordba.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, limit, base)
     sign_A, sign_B = adapter.signs(x.dtype)
     from ..branch import reference_delta
 

@@ -9,7 +9,9 @@ instead of loading a stale or illegal binary. Writes are atomic (temporary name,
 concurrent builds are safe.
 
 ``lordba build-kernels`` builds ahead of time; otherwise the first CPU call builds (about 15 s).
-Set ``LORDBA_NO_EXT=1`` to skip the extension (the pure-PyTorch fallback runs instead).
+Set ``LORDBA_NO_EXT=1`` to skip the extension (the pure-PyTorch fallback runs instead), and
+``LORDBA_CPU_ARCH`` to build for another ``-march`` than ``native`` (e.g. ``x86-64-v3``: AVX2 only,
+which compiles the portable kernels).
 """
 
 from __future__ import annotations
@@ -67,12 +69,16 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
+def _arch() -> str:
+    return os.environ.get("LORDBA_CPU_ARCH", "native")
+
+
 def _command(cxx: str, out: Path, native: bool) -> list[str]:
     tdir = Path(torch.__file__).parent
     abi = int(torch.compiled_with_cxx11_abi())
     cmd = [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     if native:
-        cmd.append("-march=native")
+        cmd.append(f"-march={_arch()}")
     cmd += [f"-I{tdir / 'include'}", str(SOURCE), "-o", str(out)]
     cmd += [f"-L{tdir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{tdir / 'lib'}"]
     return cmd
@@ -80,7 +86,13 @@ def _command(cxx: str, out: Path, native: bool) -> list[str]:
 
 def _key(cxx: str) -> str:
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cxx.encode(), " ".join(_FLAGS).encode(), torch.__version__.encode()):
+    for part in (
+        SOURCE.read_bytes(),
+        cxx.encode(),
+        " ".join(_FLAGS).encode(),
+        _arch().encode(),
+        torch.__version__.encode(),
+    ):
         h.update(part)
         h.update(b"\0")
     h.update(f"{platform.machine()} {_cpu_flags()} {torch.compiled_with_cxx11_abi()}".encode())
@@ -97,7 +109,7 @@ def _compile(cxx: str, target: Path) -> str | None:
     """Compile into ``target`` atomically; ``None`` on success, else the compiler's complaint."""
     target.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for native in (True, False):  # -march=native first; some compilers/targets lack it
+    for native in (True, False):  # -march=<arch> first; some compilers/targets lack it
         fd, tmp = tempfile.mkstemp(prefix=".lordba_cpu.", suffix=".so", dir=target.parent)
         os.close(fd)
         proc = subprocess.run(_command(cxx, Path(tmp), native), capture_output=True, text=True)

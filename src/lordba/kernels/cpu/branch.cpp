@@ -34,9 +34,10 @@
 #include <type_traits>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -103,22 +104,45 @@ inline void block_sums(const uint8_t* const* rows, const float* z, int64_t ld, f
 }
 constexpr bool kMasked = true;
 #else
-// out[i*NT + t] = Σ ±z[t] directly, 8 signs at a time through a ±1 table.
+// out[i*NT + t] = Σ ±z[t] directly, 8 signs at a time: a ±1 row of the table times 8 floats of z
+// (an exact add/subtract; AVX2: one table load and one FMA per 8 signs).
 template <int NR, int NT>
 inline void block_sums(const uint8_t* const* rows, const float* z, int64_t ld, float* out) {
   const int64_t nbytes = ld / 8;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[NR][NT];
+  for (int i = 0; i < NR; ++i)
+    for (int t = 0; t < NT; ++t) acc[i][t] = _mm256_setzero_ps();
+  for (int64_t q = 0; q < nbytes; ++q) {
+    __m256 zv[NT];
+    for (int t = 0; t < NT; ++t) zv[t] = _mm256_loadu_ps(z + t * ld + 8 * q);
+    for (int i = 0; i < NR; ++i) {
+      const __m256 s = _mm256_load_ps(kSign.v[rows[i][q]]);
+      for (int t = 0; t < NT; ++t) acc[i][t] = _mm256_fmadd_ps(s, zv[t], acc[i][t]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int t = 0; t < NT; ++t) {
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, acc[i][t]);
+      float sum = 0.f;
+      for (int k = 0; k < 8; ++k) sum += lanes[k];
+      out[i * NT + t] = sum;
+    }
+#else
   for (int i = 0; i < NR; ++i)
     for (int t = 0; t < NT; ++t) {
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       const float* zt = z + t * ld;
       for (int64_t q = 0; q < nbytes; ++q) {
-        const float* s = kSign.v[rows[i][q]];
-        for (int k = 0; k < 8; ++k) acc[k] += s[k] * zt[8 * q + k];
+        const float* sg = kSign.v[rows[i][q]];
+        for (int k = 0; k < 8; ++k) acc[k] += sg[k] * zt[8 * q + k];
       }
       float sum = 0.f;
       for (int k = 0; k < 8; ++k) sum += acc[k];
       out[i * NT + t] = sum;
     }
+#endif
 }
 constexpr bool kMasked = false;
 #endif
@@ -303,19 +327,26 @@ void stage2(const uint8_t* sb, int64_t nbytes, const float* nib, int64_t T, int6
       for (int v = 0; v < 256; ++v) lut[(g * 256 + v) * T + t] = tab[v >> 4] + tab[16 + (v & 15)];
     }
   const float* lp = lut.data();
+  const bool aligned = r % 8 == 0;
   const int64_t grain = std::max<int64_t>(256, 32768 / (groups * T));
   at::parallel_for(0, out, grain, [=](int64_t o0, int64_t o1) {
     std::vector<uint8_t> scratch;
     std::vector<float> acc(static_cast<size_t>(T));
     for (int64_t o = o0; o < o1; ++o) {
-      const uint8_t* row = sign_row(sb, o * r, groups, nbytes, scratch);
+      const uint8_t* row = aligned ? sb + o * groups : sign_row(sb, o * r, groups, nbytes, scratch);
+      const float sa = scaling * a[o];
+      if (T == 1) {
+        float sum = 0.f;
+        for (int64_t g = 0; g < groups; ++g) sum += lp[g * 256 + row[g]];
+        store_output<out_t>(sa * sum, base, y, o);
+        continue;
+      }
       float* ac = acc.data();
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t g = 0; g < groups; ++g) {
         const float* e = lp + (g * 256 + row[g]) * T;
         for (int64_t t = 0; t < T; ++t) ac[t] += e[t];
       }
-      const float sa = scaling * a[o];
       for (int64_t t = 0; t < T; ++t) store_output<out_t>(sa * ac[t], base, y, t * out + o);
     }
   });
@@ -372,6 +403,16 @@ struct Reverse {
 };
 const Reverse kRev;
 
+// kSignMsb[v][k] = +1 if bit 7-k of v is set (MSB first), else -1.
+struct SignTableMsb {
+  alignas(64) float v[256][8];
+  SignTableMsb() {
+    for (int b = 0; b < 256; ++b)
+      for (int k = 0; k < 8; ++k) v[b][k] = ((b >> (7 - k)) & 1) ? 1.f : -1.f;
+  }
+};
+const SignTableMsb kSignMsb;
+
 // dst[i][k] = ±row_scale[i]·col_scale[k] (row_scale null: 1) for `rows` sign rows of `cols` bits;
 // the sign is applied as a multiplication by ±1 (exact).
 template <typename t_t>
@@ -394,6 +435,13 @@ void unpack_rows(const uint8_t* p, int64_t nbytes, int64_t rows, int64_t cols, c
         const __mmask16 mask = static_cast<__mmask16>(kRev.v[row[k >> 3]] | (kRev.v[row[(k >> 3) + 1]] << 8));
         const __m512 v = _mm512_mul_ps(vrs, _mm512_loadu_ps(col_scale + k));
         _mm512_storeu_ps(f + k, _mm512_mask_blend_ps(mask, _mm512_mul_ps(v, minus), v));
+      }
+#endif
+#if defined(__AVX2__)
+      const __m256 vrs8 = _mm256_set1_ps(rs);
+      for (; k + 8 <= cols; k += 8) {
+        const __m256 v = _mm256_mul_ps(vrs8, _mm256_loadu_ps(col_scale + k));
+        _mm256_storeu_ps(f + k, _mm256_mul_ps(_mm256_load_ps(kSignMsb.v[row[k >> 3]]), v));
       }
 #endif
       for (; k < cols; ++k) {
@@ -505,6 +553,16 @@ at::Tensor branch(const at::Tensor& x, const at::Tensor& sign_A, const at::Tenso
   return y.reshape(shape);
 }
 
+std::string isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
 }  // namespace
 }  // namespace lordba
 
@@ -512,6 +570,7 @@ TORCH_LIBRARY(lordba, lib) {
   lib.def(
       "branch(Tensor x, Tensor sign_A, Tensor sign_B, Tensor b, Tensor m, Tensor a, float scaling, "
       "int sign_max_tokens, Tensor? base=None) -> Tensor");
+  lib.def("isa() -> str", &lordba::isa);
 }
 
 TORCH_LIBRARY_IMPL(lordba, CPU, lib) { lib.impl("branch", &lordba::branch); }
