@@ -117,8 +117,8 @@ def _compile(cxx: str, target: Path) -> str | None:
             os.replace(tmp, target)
             return None
         Path(tmp).unlink(missing_ok=True)
-        errors.append(proc.stderr.strip()[-2000:])
-    return errors[-1] if errors[-1] else errors[0]
+        errors.append(proc.stderr.strip()[-2000:] or f"{cxx} exited with status {proc.returncode}")
+    return errors[-1]
 
 
 def load(build: bool = True) -> BuildResult:

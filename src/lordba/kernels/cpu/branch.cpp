@@ -520,6 +520,7 @@ at::Tensor branch(const at::Tensor& x, const at::Tensor& sign_A, const at::Tenso
     check(base->sizes().vec() == shape, "base must have the output's shape");
     base2 = base->reshape({-1, out}).contiguous();
   }
+  if (T == 0) return base2.has_value() ? base2->clone().reshape(shape) : at::empty(shape, x2.options());
   const at::Tensor sa = sign_A.contiguous(), sb = sign_B.contiguous();
   const at::Tensor bc = b.contiguous(), mc = m.contiguous(), ac = a.contiguous();
   const float* bp = bc.data_ptr<float>();
