@@ -197,8 +197,10 @@ class DoubleBinaryAdapter(nn.Module):
 
         Without gradient both forms run :func:`lordba.kernels.packed_branch` (a latent adapter on its
         signs packed on the fly), so packed and latent forms give bit-identical outputs."""
+        if not torch.is_grad_enabled():
+            return kernels.packed_branch(x, self, base=base)
         latent_A = self.latent_A
-        if torch.is_grad_enabled() and (
+        if (
             x.requires_grad
             or self.scale_in.requires_grad
             or self.scale_mid.requires_grad

@@ -49,6 +49,7 @@ class _State:
     mode: str = os.environ.get("LORDBA_KERNEL", "auto")
     cpu: BuildResult | None = None  # None: not tried yet
     isa: str = "portable"  # instruction set the CPU kernels were built for
+    op: object = None  # torch.ops.lordba.branch.default, bound once
     triton: bool | None = None
 
 
@@ -98,6 +99,7 @@ def load_cpu(build: bool = True, warn: bool = True) -> BuildResult:
         from . import _fake  # noqa: F401  (fake implementation for torch.compile)
 
         _STATE.isa = torch.ops.lordba.isa()
+        _STATE.op = torch.ops.lordba.branch.default
     elif build and warn:
         warnings.warn(
             f"lordba: compiled CPU kernels unavailable ({result.message.splitlines()[0]}); using the "
@@ -179,15 +181,15 @@ def packed_branch(
         folded_A, folded_B = cache.dense(adapter, x.dtype)
         return reference.dense_branch(x, folded_A, folded_B, base)
     sign_A, sign_B = cache.signs(adapter)
-    if name != "torch" and x.dtype in _NATIVE_DTYPES and (base is None or base.dtype in _NATIVE_DTYPES):
-        device = x.device.type
-        if name == "triton" or (device == "cuda" and triton_available()):
+    dtype = x.dtype
+    if name != "torch" and dtype in _NATIVE_DTYPES and (base is None or base.dtype in _NATIVE_DTYPES):
+        if name == "triton" or (x.is_cuda and triton_available()):
             from . import triton as tri
 
             return tri.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, name, base)
-        if device == "cpu" and (_STATE.cpu.ok if _STATE.cpu is not None else cpu_available()):
-            limit = _limit(name, adapter, x.dtype)
-            return torch.ops.lordba.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, limit, base)
+        if x.is_cpu and (_STATE.cpu.ok if _STATE.cpu is not None else cpu_available()):
+            limit = cache.limit(adapter, (name, dtype), lambda: _limit(name, adapter, dtype))
+            return _STATE.op(x, sign_A, sign_B, b, m, a, adapter.scaling, limit, base)
     return reference.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, base)
 
 

@@ -17,6 +17,7 @@ The cache is a plain attribute of the adapter module: it is not part of its ``st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,11 +32,12 @@ _ATTR = "_lordba_kernel_cache"
 
 
 class _Cache:
-    __slots__ = ("dense", "dense_key", "scale_key", "scales", "sign_key", "signs")
+    __slots__ = ("dense", "dense_key", "limits", "scale_key", "scales", "sign_key", "signs")
 
     def __init__(self) -> None:
         self.scale_key = self.sign_key = self.dense_key = None
         self.scales = self.signs = self.dense = None
+        self.limits: dict = {}
 
 
 def _entry(adapter: DoubleBinaryAdapter) -> _Cache:
@@ -52,9 +54,18 @@ def _stamp(t: torch.Tensor) -> tuple[int, int]:
 
 def scales(adapter: DoubleBinaryAdapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The decoded ``(b, m, a)`` of ``adapter`` (float32, no gradient), recomputed only after a write."""
-    entry = _entry(adapter)
-    p_in, p_mid, p_out = adapter.scale_in, adapter.scale_mid, adapter.scale_out
-    key = (adapter.codec.name, _stamp(p_in), _stamp(p_mid), _stamp(p_out))
+    entry = adapter.__dict__.get(_ATTR) or _entry(adapter)
+    params = adapter._parameters  # direct dict access: this runs once per layer and token
+    p_in, p_mid, p_out = params["scale_in"], params["scale_mid"], params["scale_out"]
+    key = (
+        p_in._version,
+        p_mid._version,
+        p_out._version,
+        p_in.data_ptr(),
+        p_mid.data_ptr(),
+        p_out.data_ptr(),
+        adapter.codec.name,
+    )
     if entry.scale_key != key:
         with torch.no_grad():
             entry.scales = tuple(v.contiguous() for v in adapter.codec.fake_quant(p_in, p_mid, p_out))
@@ -64,14 +75,26 @@ def scales(adapter: DoubleBinaryAdapter) -> tuple[torch.Tensor, torch.Tensor, to
 
 def signs(adapter: DoubleBinaryAdapter) -> tuple[torch.Tensor, torch.Tensor]:
     """The packed ``(sign_A, sign_B)`` bytes: the buffers of a packed adapter, or the latents packed once."""
-    if adapter.latent_A is None:
-        return adapter.sign_A, adapter.sign_B
+    latent_A = adapter._parameters.get("latent_A")
+    if latent_A is None:
+        buffers = adapter._buffers
+        return buffers["sign_A"], buffers["sign_B"]
     entry = _entry(adapter)
-    key = (_stamp(adapter.latent_A), _stamp(adapter.latent_B))
+    latent_B = adapter._parameters["latent_B"]
+    key = (_stamp(latent_A), _stamp(latent_B))
     if entry.sign_key != key:
-        entry.signs = (pack_signs(adapter.latent_A), pack_signs(adapter.latent_B))
+        entry.signs = (pack_signs(latent_A), pack_signs(latent_B))
         entry.sign_key = key
     return entry.signs
+
+
+def limit(adapter: DoubleBinaryAdapter, key: tuple, compute: Callable[[], int]) -> int:
+    """A per-adapter memo of the dispatch limit for ``key`` (mode, dtype, ISA)."""
+    limits = _entry(adapter).limits
+    found = limits.get(key)
+    if found is None:
+        found = limits[key] = compute()
+    return found
 
 
 def dense(adapter: DoubleBinaryAdapter, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
