@@ -22,7 +22,7 @@ from .errors import (
 )
 from .export import export_lora
 from .footprint import SizeReport, size_report
-from .io import read_adapter
+from .io import AdapterState, read_adapter
 from .layer import DoubleBinaryAdapter, LoRDBALinear
 from .model import LoRDBAModel, get_lordba_model
 from .packing import pack_signs, unpack_signs

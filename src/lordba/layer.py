@@ -244,6 +244,7 @@ class LoRDBALinear(nn.Module):
         self.lordba_adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self._premerge_base: list[nn.Module] = []
         self.disable_adapters = False
 
     def get_base_layer(self) -> nn.Module:
@@ -252,7 +253,7 @@ class LoRDBALinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight (code that reads ``module.weight`` keeps working)."""
-        return self.base_layer.weight
+        return self.base_layer.weight if hasattr(self.base_layer, "weight") else self.base_layer.W_q
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -285,18 +286,30 @@ class LoRDBALinear(nn.Module):
         return self.lordba_adapters[name].delta_weight()
 
     def merge(self, adapter_names: Sequence[str] | None = None) -> None:
-        """Add the named (default: active) adapters' updates into the base weight."""
+        """Add the named (default: active) adapters' updates into the base weight.
+
+        A quantized base is requantized (lossy); its original module is kept, and :meth:`unmerge`
+        restores it exactly.
+        """
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name in self.merged_adapters or name not in self.lordba_adapters:
                 continue
-            self.backend.merge(self.base_layer, self.get_delta_weight(name))
+            if not self.merged_adapters and not self.backend.in_place_merge:
+                self._premerge_base = [self.base_layer]  # a list: not registered as a submodule
+            self.base_layer = self.backend.merge(self.base_layer, self.get_delta_weight(name))
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter's update from the base weight again (last merged first)."""
+        """Take every merged adapter out of the base weight again (last merged first)."""
+        if not self.merged_adapters:
+            return
+        if not self.backend.in_place_merge:
+            self.base_layer = self._premerge_base.pop()
+            self.merged_adapters.clear()
+            return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self.backend.unmerge(self.base_layer, self.get_delta_weight(name))
+            self.base_layer = self.backend.unmerge(self.base_layer, self.get_delta_weight(name))
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

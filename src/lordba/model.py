@@ -434,6 +434,28 @@ class LoRDBAModel(nn.Module):
         wrapper.set_adapter(adapter_name)
         return wrapper
 
+    # ------------------------------------------------------------------ state dict
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The adapters' tensors only (latents, packed signs, scales), like PEFT's adapter state dict.
+
+        The frozen base is not part of the wrapper's state: it comes from the base model's own files.
+        This keeps ``transformers.Trainer`` checkpoints of a LoRDBA model small and resumable (the
+        Trainer saves ``model.state_dict()`` for models that are not ``PreTrainedModel``s)."""
+        full = super().state_dict(*args, **kwargs)
+        return type(full)((k, v) for k, v in full.items() if ".lordba_adapters." in k)
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load adapter tensors saved by :meth:`state_dict` (the base is left as it is)."""
+        own = set(self.state_dict())
+        unexpected = sorted(set(state_dict) - own)
+        missing = sorted(own - set(state_dict))
+        if strict and (unexpected or missing):
+            raise AdapterStateError(
+                f"state dict does not match the adapters: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        result = super().load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False, assign=assign)
+        return type(result)(missing, unexpected)
+
     # ------------------------------------------------------------------ reports
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable parameters, all parameters)``."""

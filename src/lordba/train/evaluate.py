@@ -1,0 +1,85 @@
+"""Held-out evaluation: mean loss on the completions, and exact match by greedy generation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..data.records import Example
+from ..data.tokenize import collate, encode_examples, prompt_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, rows: list[dict], batch_size: int = 16, pad_id: int = 0) -> float:
+    """Token-weighted mean cross-entropy over the completion tokens of ``rows``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = collate(rows[i : i + batch_size], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum", ignore_index=-100
+        )
+        total += losses.item()
+        count += int((labels != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1) if count else math.nan
+
+
+@torch.no_grad()
+def generate_answers(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    max_new_tokens: int,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy completions (left-padded batches, stopping at end of turn)."""
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outputs = []
+    for i in range(0, len(examples), batch_size):
+        prompts = [prompt_ids(tokenizer, ex) for ex in examples[i : i + batch_size]]
+        n = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), n), dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[j, n - len(p) :] = torch.tensor(p)
+            mask[j, n - len(p) :] = 1
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        outputs += tokenizer.batch_decode(gen[:, n:], skip_special_tokens=True)
+    model.train(was_training)
+    return outputs
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    score: Callable[[str, str], bool] | None,
+    max_new_tokens: int,
+    max_length: int = 256,
+) -> dict[str, float]:
+    """``{"eval_loss", "metric"}`` on held-out examples (``metric`` only when a scorer is given)."""
+    pad = tokenizer.pad_token_id or 0
+    result = {"eval_loss": heldout_loss(model, encode_examples(tokenizer, examples, max_length), pad_id=pad)}
+    if score is not None:
+        answers = generate_answers(model, tokenizer, examples, max_new_tokens)
+        result["metric"] = sum(score(a, ex.answer) for a, ex in zip(answers, examples)) / len(examples)
+    return result

@@ -1,0 +1,146 @@
+"""The training loop shared by every method (LoRDBA modes and the LoRA baselines).
+
+AdamW on the trainable parameters only (frozen ones get no optimizer state), linear warm-up and
+decay, gradient clipping, held-out evaluation, crash-safe checkpoints with exact resume (batch k
+depends only on the seed and k), and a stop with a clear message on a non-finite loss that keeps
+the last good checkpoint. A progress bar shows the loss and the ETA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_write_bytes
+from ..data.tokenize import Batcher
+from ..errors import TrainingError
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings of one run."""
+
+    steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: no checkpoints
+    keep_checkpoints: int = 2
+    seed: int = 0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainResult:
+    log: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from: int = 0
+    peak_rss_bytes: int = 0
+
+
+def _schedule(settings: TrainSettings) -> Callable[[int], float]:
+    warm = max(1, int(settings.warmup_ratio * settings.steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (settings.steps - step) / max(1, settings.steps - warm))
+
+    return factor
+
+
+def train_loop(
+    model: torch.nn.Module,
+    batcher: Batcher,
+    settings: TrainSettings,
+    out_dir: Path | None = None,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    description: str = "training",
+) -> TrainResult:
+    """Train ``model``'s trainable parameters; see the module docstring. Writes
+    ``out_dir/train_log.json`` and ``out_dir/checkpoints/step-*`` when ``out_dir`` is given."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters")
+    torch.manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    factor = _schedule(settings)
+    result = TrainResult()
+    start = 0
+    ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
+    if ckpt_dir is not None and resume and (last := latest_checkpoint(ckpt_dir)) is not None:
+        meta = load_checkpoint(last, model, optimizer)
+        start = result.resumed_from = meta["step"]
+        result.log = meta["extra"].get("log", [])
+    if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+    model.train()
+    t0 = time.perf_counter()
+    bar = tqdm(
+        range(start, settings.steps), desc=description, initial=start, total=settings.steps, disable=not progress
+    )
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * factor(step)
+        total = 0.0
+        for micro in range(settings.grad_accum):
+            batch = batcher.batch(step * settings.grad_accum + micro)
+            loss = model(**batch).loss / settings.grad_accum
+            if not torch.isfinite(loss):
+                _stop_non_finite(step, settings, ckpt_dir)
+            loss.backward()
+            total += loss.item()
+        norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        if not torch.isfinite(norm):
+            _stop_non_finite(step, settings, ckpt_dir)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.log.append({"step": step + 1, "loss": total, "lr": settings.lr * factor(step)})
+        bar.set_postfix(loss=f"{total:.4f}")
+        done = step + 1
+        if evaluate is not None and settings.eval_every and done % settings.eval_every == 0 and done < settings.steps:
+            result.log.append({"step": done, **evaluate()})
+            model.train()
+        if ckpt_dir is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0:
+            save_checkpoint(ckpt_dir, done, model, optimizer, {"log": result.log}, settings.keep_checkpoints)
+    bar.close()
+    if evaluate is not None:
+        result.log.append({"step": settings.steps, **evaluate()})
+    result.seconds = time.perf_counter() - t0
+    model.eval()
+    if out_dir is not None:
+        write_log(out_dir, result.log)
+    return result
+
+
+def _stop_non_finite(step: int, settings: TrainSettings, ckpt_dir: Path | None) -> None:
+    last = latest_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    raise TrainingError(
+        f"non-finite loss or gradient at step {step + 1} (learning rate {settings.lr:g} too high?); "
+        f"training stopped without applying that update; {kept}"
+    )
+
+
+def write_log(out_dir: Path, log: list[dict]) -> None:
+    """``out_dir/train_log.json``: ``[{"step", "loss", "lr"}, ..., {"step", "eval_loss", "metric"}]``."""
+    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in e.items()} for e in log]
+    atomic_write_bytes(Path(out_dir) / "train_log.json", (json.dumps(clean, indent=1) + "\n").encode())
+
+
+def settings_dict(settings: TrainSettings) -> dict:
+    return asdict(settings)

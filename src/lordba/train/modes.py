@@ -1,0 +1,147 @@
+"""The four training modes of SPEC §3 behind one function, :func:`build_adapter`.
+
+* ``qat``: LoRDBA from the cold start (latents ~ N(0, 0.01²), b = m = 1, a = 0), all steps QAT.
+* ``ptq``: an fp16 LoRA (given, or trained for all the steps), converted post-training.
+* ``qat-from-lora``: an fp16 LoRA seed (given, or a warm-up LoRA trained for ``lora_warmup`` of
+  the steps, as the author-side port does), converted, then QAT for the remaining steps.
+* ``scales-only``: the same seed, converted, signs frozen (packed), only ``a, m, b`` train — the
+  cheapest on-device update (VeRA/BitDelta-like).
+
+A LoRA warm-up is checkpointed like any run and, once done, saved as ``out/lora_seed`` (PEFT
+format), so an interrupted multi-phase job resumes in the right phase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import LoRDBAConfig
+from ..data.tokenize import Batcher
+from ..errors import ConfigError
+from ..model import LoRDBAModel, get_lordba_model
+from .loop import TrainResult, TrainSettings, train_loop
+from .lora import LoraFactors, add_lora, lora_factors
+
+LATENT_MAGNITUDE = 0.01
+
+
+def _targets(config: LoRDBAConfig) -> list[str] | str | None:
+    return config.target_modules
+
+
+def train_lora_seed(
+    model: nn.Module,
+    config: LoRDBAConfig,
+    batcher: Batcher,
+    settings: TrainSettings,
+    out_dir: Path | None,
+    resume: bool,
+    progress: bool,
+) -> tuple[dict[str, LoraFactors], TrainResult]:
+    """Train a PEFT LoRA of the adapter's rank on ``model`` and return its factors (model restored)."""
+    seed_dir = out_dir / "lora_seed" if out_dir is not None else None
+    if seed_dir is not None and resume and (seed_dir / "adapter_model.safetensors").is_file():
+        from ..convert import read_peft_lora
+
+        return read_peft_lora(seed_dir), TrainResult()
+    peft_model = add_lora(model, config.r, config.alpha, _targets(config), settings.seed)
+    result = train_loop(
+        peft_model,
+        batcher,
+        settings,
+        out_dir / "lora" if out_dir is not None else None,
+        resume=resume,
+        progress=progress,
+        description="fp16 LoRA seed",
+    )
+    factors = lora_factors(peft_model)
+    if seed_dir is not None:
+        peft_model.save_pretrained(str(seed_dir))
+    peft_model.unload()
+    return factors, result
+
+
+def init_from_lora(
+    lm: LoRDBAModel, factors: dict[str, LoraFactors], adapter_name: str = "default", packed: bool = False
+) -> dict[str, float]:
+    """Set an adapter's signs and scales from LoRA factors (closed-form init + solver, SPEC §3).
+
+    ``packed=False`` keeps latent form (latents = sign × 0.01) for QAT; ``packed=True`` freezes the
+    signs. Returns ``{module path: relative reconstruction error}``.
+    """
+    from ..convert import convert_factors
+
+    errors = {}
+    modules = lm.adapter_modules(adapter_name)
+    missing = sorted(set(modules) - set(factors))
+    if missing:
+        raise ConfigError(f"the LoRA seed has no factors for {missing[:3]} (targets differ)")
+    for path, adapter in modules.items():
+        f = factors[path]
+        res = convert_factors(f.A, f.B, adapter.r, scaling=f.scaling / adapter.scaling)
+        with torch.no_grad():
+            adapter.scale_in.copy_(res.scale_in)
+            adapter.scale_mid.copy_(res.scale_mid)
+            adapter.scale_out.copy_(res.scale_out)
+            if adapter.is_packed:
+                adapter.unpack_to_latent(LATENT_MAGNITUDE, adapter.scale_in.dtype)
+            adapter.latent_A.copy_(res.sign_A * LATENT_MAGNITUDE)
+            adapter.latent_B.copy_(res.sign_B * LATENT_MAGNITUDE)
+        if packed:
+            adapter.pack()
+        errors[path] = float(res.rel_error)
+    return errors
+
+
+def build_adapter(
+    model: nn.Module,
+    config: LoRDBAConfig,
+    batcher: Batcher,
+    settings: TrainSettings,
+    out_dir: Path | None = None,
+    lora_dir: str | None = None,
+    lora_warmup: float = 0.1,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> tuple[LoRDBAModel, TrainResult]:
+    """Make a LoRDBA adapter on ``model`` in ``config.mode``; see the module docstring."""
+    mode = config.mode
+
+    def eval_of(m: nn.Module) -> Callable[[], dict[str, float]] | None:
+        return (lambda: evaluate(m)) if evaluate is not None else None
+
+    if mode == "qat":
+        lm = get_lordba_model(model, config)
+        return lm, train_loop(lm, batcher, settings, out_dir, eval_of(lm), resume, progress, "LoRDBA qat")
+
+    if lora_dir is not None:
+        from ..convert import read_peft_lora
+
+        factors, seed_result = read_peft_lora(lora_dir), TrainResult()
+        remaining = settings.steps
+    else:
+        seed_steps = settings.steps if mode == "ptq" else max(1, math.ceil(lora_warmup * settings.steps))
+        seed_settings = dataclasses.replace(settings, steps=seed_steps)
+        factors, seed_result = train_lora_seed(model, config, batcher, seed_settings, out_dir, resume, progress)
+        remaining = settings.steps - seed_steps
+    lm = get_lordba_model(model, config)
+    init_from_lora(lm, factors, packed=mode in ("ptq", "scales-only"))
+    if mode == "ptq" or remaining <= 0:
+        lm.set_trainable("default", signs=False, scales=False)
+        result = TrainResult(log=list(seed_result.log), seconds=seed_result.seconds)
+        if evaluate is not None:
+            result.log.append({"step": settings.steps, **evaluate(lm)})
+        return lm, result
+    lm.set_trainable("default", signs=mode == "qat-from-lora", scales=True)
+    phase = dataclasses.replace(settings, steps=remaining)
+    result = train_loop(lm, batcher, phase, out_dir, eval_of(lm), resume, progress, f"LoRDBA {mode}")
+    result.log = seed_result.log + [{**e, "step": e["step"] + settings.steps - remaining} for e in result.log]
+    result.seconds += seed_result.seconds
+    return lm, result

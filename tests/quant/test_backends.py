@@ -1,0 +1,106 @@
+"""Quantized bases (HQQ, bitsandbytes NF4) and the unquantized one behind one interface."""
+
+import pytest
+import torch
+
+from lordba import ConfigError, LoRDBAConfig, LoRDBAModel, get_lordba_model
+from lordba.layer import LoRDBALinear
+from lordba.quant import base_bits, quantize_model, resolve_backend
+
+from conftest import tiny_llama
+
+BACKENDS = [("hqq", 4), ("hqq", 2), ("bnb", 4), ("none", 32)]
+
+
+def quantized(backend, bits):
+    return quantize_model(tiny_llama(0), backend=backend, bits=min(bits, 8), group_size=8)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("backend,bits", BACKENDS)
+def test_quantize_model_replaces_linears_and_keeps_the_head(backend, bits):
+    model = quantized(backend, bits)
+    names = {resolve_backend(m).name for n, m in model.named_modules() if n.endswith("_proj")}
+    assert names == {backend}
+    assert type(model.lm_head) is torch.nn.Linear
+    assert not any(p.requires_grad for p in model.parameters())
+    if backend != "none":
+        assert abs(base_bits(model)[backend] - bits) < 1e-9
+
+
+@pytest.mark.parametrize("backend,bits", BACKENDS)
+def test_adapter_trains_on_a_frozen_quantized_base_that_stays_unmodified(backend, bits, input_ids):
+    model = quantized(backend, bits)
+    before = logits(model, input_ids)
+    state = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    torch.manual_seed(0)
+    lm = get_lordba_model(model, LoRDBAConfig(r=4, init="random"))
+    assert all(
+        isinstance(lm.base_model.get_submodule(f"model.layers.0.self_attn.{n}"), LoRDBALinear) for n in ("q_proj",)
+    )
+    loss = lm(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    grads = [p.grad for p in lm.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+    assert all(p.grad is None for p in lm.parameters() if not p.requires_grad)
+    with lm.disable_adapter():
+        assert torch.equal(logits(lm, input_ids), before)
+    after = {k: v for k, v in lm.base_model.state_dict().items() if torch.is_tensor(v) and "lordba" not in k}
+    for k, v in state.items():
+        key = next(a for a in after if a.replace(".base_layer", "") == k)
+        assert torch.equal(after[key], v), k
+
+
+@pytest.mark.parametrize("backend,bits", BACKENDS)
+def test_merge_equals_unmerged_within_the_quantizers_tolerance(backend, bits, input_ids):
+    model = quantized(backend, bits)
+    fp = logits(tiny_llama(0), input_ids)
+    base_q = logits(model, input_ids)
+    torch.manual_seed(1)
+    lm = get_lordba_model(model, LoRDBAConfig(r=4, init="random"))
+    with torch.no_grad():  # ‖ΔW‖ ≈ 0.4 ‖W‖: larger than a typical fine-tune, smaller than the base
+        for ad in lm.adapter_modules("default").values():
+            ad.scale_out.normal_(0, 0.0005)
+    unmerged = logits(lm, input_ids)
+    lm.merge_adapter()
+    merged = logits(lm, input_ids)
+    effect = (unmerged - base_q).norm()
+    quant_error = (base_q - fp).norm()
+    assert effect > 1.5 * quant_error if backend != "none" else effect > 0  # measurable vs quantization noise
+    # the merge really applied the adapter (quanto's silent no-op would leave merged == base_q) ...
+    assert (merged - base_q).norm() > 0.5 * effect
+    # ... and differs from the unmerged model by no more than requantization noise
+    tolerance = 1e-4 * unmerged.norm() if backend == "none" else 1.5 * quant_error
+    assert (merged - unmerged).norm() <= tolerance
+    lm.unmerge_adapter()
+    if backend == "none":  # in-place subtraction: exact within float tolerance
+        torch.testing.assert_close(logits(lm, input_ids), unmerged, rtol=1e-5, atol=1e-5)
+    else:  # the original quantized module is restored: exact
+        assert torch.equal(logits(lm, input_ids), unmerged)
+
+
+@pytest.mark.parametrize("backend,bits", [("hqq", 4), ("bnb", 4)])
+def test_save_and_reload_onto_a_quantized_base(backend, bits, input_ids, tmp_path):
+    torch.manual_seed(2)
+    lm = get_lordba_model(quantized(backend, bits), LoRDBAConfig(r=4, init="random"))
+    want = logits(lm, input_ids)
+    lm.save_pretrained(tmp_path)
+    loaded = LoRDBAModel.from_pretrained(quantized(backend, bits), tmp_path)
+    assert torch.equal(logits(loaded, input_ids), want)
+    merged = loaded.merge_and_unload()
+    assert not any(isinstance(m, LoRDBALinear) for m in merged.modules())
+    assert {resolve_backend(m).name for n, m in merged.named_modules() if n.endswith("q_proj")} == {backend}
+
+
+def test_bad_quantization_settings():
+    with pytest.raises(ConfigError, match="NF4"):
+        quantize_model(tiny_llama(0), backend="bnb", bits=2)
+    with pytest.raises(ConfigError, match="backend"):
+        quantize_model(tiny_llama(0), backend="gptq")
+    with pytest.raises(ConfigError, match="bits"):
+        quantize_model(tiny_llama(0), backend="hqq", bits=5)

@@ -1,0 +1,127 @@
+"""The shared training loop: learning, frozen base, checkpoints, exact resume after a kill, NaN stop."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lordba import LoRDBAConfig, TrainingError, get_lordba_model
+from lordba.data import Batcher
+from lordba.train import TrainSettings, train_loop
+from lordba.train.checkpoint import latest_checkpoint
+
+from conftest import tiny_llama
+
+
+def rows(n=32, length=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randint(0, 101, (4, length), generator=g)
+    picks = torch.randint(0, 4, (n,), generator=g)
+    return [{"input_ids": patterns[i].tolist(), "labels": patterns[i].tolist()} for i in picks]
+
+
+def model(seed=0):
+    m = tiny_llama(0)
+    torch.manual_seed(seed)
+    return get_lordba_model(m, LoRDBAConfig(r=4))
+
+
+def test_qat_lowers_the_loss_and_only_the_adapter_has_optimizer_state(tmp_path):
+    lm = model()
+    res = train_loop(lm, Batcher(rows(), 4), TrainSettings(steps=20, lr=3e-3), tmp_path, progress=False)
+    losses = [e["loss"] for e in res.log]
+    assert sum(losses[-4:]) / 4 < losses[0] - 0.15
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert [e["step"] for e in log] == list(range(1, 21)) and all({"step", "loss", "lr"} <= set(e) for e in log)
+    assert all(p.grad is None for p in lm.parameters() if not p.requires_grad)
+
+
+class InterruptAt(Batcher):
+    """Raises KeyboardInterrupt (Ctrl-C) when batch ``stop`` is requested."""
+
+    def __init__(self, *args, stop, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stop = stop
+
+    def batch(self, k):
+        if k == self.stop:
+            raise KeyboardInterrupt
+        return super().batch(k)
+
+
+def test_checkpoint_then_resume_equals_an_uninterrupted_run(tmp_path):
+    settings = TrainSettings(steps=8, lr=3e-3, checkpoint_every=3)
+    full = model()
+    train_loop(full, Batcher(rows(), 4), settings, tmp_path / "full", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(model(), InterruptAt(rows(), 4, stop=7), settings, tmp_path / "p", progress=False)
+    resumed = model(seed=99)  # different initial state: everything must come from the checkpoint
+    res = train_loop(resumed, Batcher(rows(), 4), settings, tmp_path / "p", progress=False)
+    assert res.resumed_from == 6
+    for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+CHILD = """
+import sys, time, torch
+sys.path.insert(0, {tests!r})
+from test_loop_child import run
+run({out!r})
+"""
+
+
+def test_resume_after_sigkill_continues_from_the_last_checkpoint(tmp_path):
+    child = tmp_path / "child.py"
+    child.write_text(CHILD.format(tests=os.path.dirname(__file__), out=str(tmp_path / "run")))
+    proc = subprocess.Popen([sys.executable, str(child)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.time() + 120
+    while latest_checkpoint(tmp_path / "run" / "checkpoints") is None and time.time() < deadline:
+        assert proc.poll() is None, "child ended before writing a checkpoint"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    last = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    done = int(last.name.split("-")[1])
+    assert 0 < done < 40
+    from test_loop_child import SETTINGS, build
+
+    resumed = build()
+    res = train_loop(resumed, Batcher(rows(), 4), SETTINGS, tmp_path / "run", progress=False)
+    assert res.resumed_from >= done
+    full = build()
+    train_loop(full, Batcher(rows(), 4), SETTINGS, tmp_path / "fresh", progress=False)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*"))  # no half-written checkpoint is visible
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
+    lm = model()
+    with pytest.raises(
+        TrainingError, match=r"non-finite loss or gradient at step \d+.*last good checkpoint is .*step-"
+    ):
+        train_loop(
+            lm,
+            Batcher(rows(), 4),
+            TrainSettings(steps=30, lr=1e9, checkpoint_every=1, max_grad_norm=1e12),
+            tmp_path,
+            progress=False,
+        )
+    last = latest_checkpoint(tmp_path / "checkpoints")
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(str(last / "trainable.safetensors")).values())
+
+
+def test_nothing_to_train():
+    frozen = tiny_llama(0)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(TrainingError, match="no trainable parameters"):
+        train_loop(frozen, Batcher(rows(), 4), TrainSettings(steps=1), progress=False)
