@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ._timing import Stats, interleaved
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SCALE_DTYPE = "int8"  # the ≥10×-smaller configuration (SPEC §2); the kernels see decoded float32 scales
 BASES = ("none", "hqq", "bnb")
 
 
@@ -47,7 +48,8 @@ def variants(model: nn.Module, r: int, base: str) -> dict[str, nn.Module]:
     lora_cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False)
     lora = get_peft_model(quantized(copy.deepcopy(model), base), lora_cfg).eval()
     lordba = get_lordba_model(
-        quantized(copy.deepcopy(model), base), LoRDBAConfig(r=r, alpha=2 * r, target_modules=TARGETS, init="random")
+        quantized(copy.deepcopy(model), base),
+        LoRDBAConfig(r=r, alpha=2 * r, target_modules=TARGETS, init="random", scale_dtype=SCALE_DTYPE),
     )
     lordba.pack()
     lordba.eval()

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ..tables import markdown_table, print_table
 from . import hardware
+from ._latency_model import SCALE_DTYPE
 from ._timing import interleaved, load
 
 SUITE = "latency"
@@ -54,7 +55,7 @@ def _branch_case(in_f: int, out_f: int, r: int, tokens: int, budget_s: float) ->
     x = torch.randn(tokens, in_f)
     base = nn.Linear(in_f, out_f, bias=False)
     lora_A, lora_B = nn.Linear(in_f, r, bias=False), nn.Linear(r, out_f, bias=False)
-    adapter = DoubleBinaryAdapter(in_f, out_f, r, s, get_codec("float16"), STE(), init="random")
+    adapter = DoubleBinaryAdapter(in_f, out_f, r, s, get_codec(SCALE_DTYPE), STE(), init="random")
     adapter.pack()
     adapter.requires_grad_(False)
     fns = {"base": lambda: base(x), "lora": lambda: lora_B(lora_A(x)) * s, "lordba": lambda: adapter(x)}
@@ -75,7 +76,7 @@ def _branch_case(in_f: int, out_f: int, r: int, tokens: int, budget_s: float) ->
         "overhead_lora": (st["base"].median + st["lora"].median) / st["base"].median,
         "lordba_mem_bytes": lordba_mem,
         "lora_mem_bytes": 4 * r * (in_f + out_f),
-        "lordba_disk_bytes": lordba_mem - 2 * (in_f + r + out_f),  # float16 scales on disk
+        "lordba_disk_bytes": lordba_mem - 3 * (in_f + out_f),  # int8 b and a, float32 m on disk
         "lora_disk_bytes": 2 * r * (in_f + out_f),
     }
 
@@ -121,11 +122,14 @@ def run(out_dir: Path, quick: bool, base: str | None = None, threads: int | None
     """Measure, print and write the suite's files into ``out_dir`` (see the module docstring).
 
     ``base``: quantization of the demo model's base (``none``, ``hqq``, ``bnb``; default
-    ``$LORDBA_BENCH_BASE`` or ``none``); ``threads``: torch threads (default: torch's).
+    ``$LORDBA_BENCH_BASE`` or ``none``); ``threads``: torch threads (default ``$LORDBA_BENCH_THREADS``,
+    else torch's). On a machine shared with other processes use 1: with 2 threads every parallel
+    region waits for a thread the scheduler has parked, and the times jump by whole time slices.
     """
     from .. import kernels
 
     base = base or os.environ.get("LORDBA_BENCH_BASE", "none")
+    threads = threads or int(os.environ.get("LORDBA_BENCH_THREADS", "0"))
     if threads:
         torch.set_num_threads(threads)
     kernels.cpu_available()  # build (or load) the kernels before anything is timed
@@ -140,7 +144,13 @@ def run(out_dir: Path, quick: bool, base: str | None = None, threads: int | None
     meta = {
         "hardware": hardware(),
         "kernels": {"isa": kernels._STATE.isa, "cpu_ext": kernels.cpu_available(), "mode": kernels.get_mode()},
-        "settings": {"quick": quick, "base": base, "activation_dtype": "float32", "lora_dtype_in_memory": "float32"},
+        "settings": {
+            "quick": quick,
+            "base": base,
+            "activation_dtype": "float32",
+            "lora_dtype_in_memory": "float32",
+            "lordba_scale_dtype": SCALE_DTYPE,
+        },
         "load_avg_before": load_before,
         "load_avg_after": load(),
     }
@@ -189,7 +199,8 @@ def report(rows: list[dict], meta: dict) -> str:
     lines = [
         "# Latency: packed LoRDBA vs fp16 LoRA vs base\n",
         f"CPU: {hw['cpu']} ({hw['cores']} cores, torch threads {hw['torch_threads']}), torch {hw['torch']}, "
-        f"kernels: {meta['kernels']}; base: {meta['settings']['base']}; activations float32. "
+        f"kernels: {meta['kernels']}; base: {meta['settings']['base']}; activations float32; "
+        f"LoRDBA scales {meta['settings']['lordba_scale_dtype']}. "
         f"Load average before/after: {meta['load_avg_before'][0]:.2f} / {meta['load_avg_after'][0]:.2f}.\n",
         "Medians of interleaved runs; `IQR %`: the largest interquartile range of the three, relative to its median; "
         "`ovh`: (base + adapter) / base.\n",
