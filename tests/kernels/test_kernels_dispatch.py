@@ -99,6 +99,19 @@ def test_training_path_is_unchanged_and_close_to_inference():
         torch.testing.assert_close(layer(x), trained.detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_a_trainable_base_still_gets_its_gradient_past_a_frozen_adapter():
+    layer = make_layer(21, 13, 3)
+    layer.lordba_adapters["a"].pack()
+    layer.lordba_adapters["a"].requires_grad_(False)
+    layer.base_layer.weight.requires_grad_(True)
+    x = torch.randn(4, 21)
+    out = layer(x)
+    out.sum().backward()
+    torch.testing.assert_close(layer.base_layer.weight.grad, torch.ones(4, 13).t() @ x)
+    with torch.no_grad():
+        assert torch.equal(out, layer(x))
+
+
 def test_caches_follow_in_place_writes():
     layer = make_layer(30, 20, 4)
     ad = layer.lordba_adapters["a"]

@@ -136,14 +136,14 @@ def sign_max_tokens(in_features: int, out_features: int, r: int, dtype: torch.dt
 
     Crossovers measured on a Xeon (Sapphire Rapids), one thread, float32 and bfloat16, shapes of
     SmolLM2 and Llama-7B, r ∈ {8, 16, 64} (see docs/kernels.md). With AVX-512 the masked-add sign
-    path wins up to ~16 float32 tokens (~8 for ``in`` > 4096, where its pass over ``b ⊙ x`` per
-    group of rows costs most), and twice that in bfloat16, whose small BLAS calls are slow. The
-    AVX2 build only wins at a single float32 token. ``isa``: ``torch.ops.lordba.isa()``.
+    path wins up to ~16-24 float32 tokens (~32 at ``in`` = 4096), and about twice that in
+    bfloat16, whose small BLAS calls are slow. The AVX2 build wins at a single float32 token only.
+    ``isa``: ``torch.ops.lordba.isa()``.
     """
     isa = isa or _STATE.isa
     low = dtype != torch.float32
     if isa == "avx512":
-        limit = 16 if in_features <= 4096 else 8
+        limit = 32 if 2048 < in_features <= 4096 else 16
         return 2 * limit if low else limit
     if low:
         return 16 if in_features <= 2048 else 4
@@ -170,8 +170,11 @@ def packed_branch(
 
     ``b, m, a``: decoded scales (default: the adapter's, cached until its parameters change).
     With ``base`` (the base layer's output for ``x``) returns ``base + branch`` in ``base``'s dtype,
-    fused into the kernel; else the branch alone in ``x``'s dtype. No gradient flows.
+    fused into the kernel; else the branch alone in ``x``'s dtype. No gradient flows to the adapter
+    or ``x`` (the layer takes this path only when none is needed); one still flows to ``base``.
     """
+    if base is not None and base.requires_grad:  # the kernels have no backward: add outside them
+        return base + packed_branch(x, adapter, b, m, a).to(base.dtype)
     if torch.compiler.is_compiling():
         return _traced(x, adapter, b, m, a, base)
     if b is None:

@@ -84,8 +84,7 @@ const SignTable kSign;
 #if defined(__AVX512F__)
 // out[i*NT + t] = Σ_{bit set in rows[i]} z[t]: one masked add per 16 signs; h = 2·out − Σz.
 template <int NR, int NT>
-inline void block_sums(const uint8_t* const* rows, const float* z, int64_t ld, float* out) {
-  const int64_t nchunks = ld / kChunk;
+inline void block_sums(const uint8_t* const* rows, const float* z, int64_t ld, int64_t nchunks, float* out) {
   __m512 acc[NR][NT];
   for (int i = 0; i < NR; ++i)
     for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_setzero_ps();
@@ -107,8 +106,8 @@ constexpr bool kMasked = true;
 // out[i*NT + t] = Σ ±z[t] directly, 8 signs at a time: a ±1 row of the table times 8 floats of z
 // (an exact add/subtract; AVX2: one table load and one FMA per 8 signs).
 template <int NR, int NT>
-inline void block_sums(const uint8_t* const* rows, const float* z, int64_t ld, float* out) {
-  const int64_t nbytes = ld / 8;
+inline void block_sums(const uint8_t* const* rows, const float* z, int64_t ld, int64_t nchunks, float* out) {
+  const int64_t nbytes = 2 * nchunks;
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 acc[NR][NT];
   for (int i = 0; i < NR; ++i)
@@ -147,52 +146,61 @@ inline void block_sums(const uint8_t* const* rows, const float* z, int64_t ld, f
 constexpr bool kMasked = false;
 #endif
 
-// Rows [j0, j1) for tokens [t0, t0+NT): blocks of 8/NT rows.
+// Adds to acc[t*r + j] the sums of chunks [c0, c1) of rows [j0, j1) for tokens [t0, t0+NT), in
+// blocks of 8/NT rows.
 template <int NT>
 void rows_for_tokens(const uint8_t* sa, int64_t nbytes, const float* z, int64_t ld, int64_t in, int64_t r,
-                     int64_t j0, int64_t j1, int64_t t0, const float* totals, float* h1,
+                     int64_t j0, int64_t j1, int64_t t0, int64_t c0, int64_t c1, float* acc,
                      std::vector<uint8_t>* scratch) {
   constexpr int NR = 8 / NT;
   const int64_t len = ld / 8;
-  const float* zt = z + t0 * ld;
+  const float* zt = z + t0 * ld + kChunk * c0;
   for (int64_t j = j0; j < j1;) {
     const int64_t n = std::min<int64_t>(NR, j1 - j);
     const uint8_t* rows[NR];
-    for (int64_t i = 0; i < n; ++i) rows[i] = sign_row(sa, (j + i) * in, len, nbytes, scratch[i]);
+    for (int64_t i = 0; i < n; ++i) rows[i] = sign_row(sa, (j + i) * in, len, nbytes, scratch[i]) + 2 * c0;
     float part[NR * NT];
     if (n == NR) {
-      block_sums<NR, NT>(rows, zt, ld, part);
+      block_sums<NR, NT>(rows, zt, ld, c1 - c0, part);
     } else {
-      for (int64_t i = 0; i < n; ++i) block_sums<1, NT>(rows + i, zt, ld, part + i * NT);
+      for (int64_t i = 0; i < n; ++i) block_sums<1, NT>(rows + i, zt, ld, c1 - c0, part + i * NT);
     }
     for (int64_t i = 0; i < n; ++i)
-      for (int t = 0; t < NT; ++t) {
-        const float p = part[i * NT + t];
-        h1[(t0 + t) * r + j + i] = kMasked ? 2.f * p - totals[t0 + t] : p;
-      }
+      for (int t = 0; t < NT; ++t) acc[(t0 + t) * r + j + i] += part[i * NT + t];
     j += n;
+  }
+}
+
+// Rows [j0, j1) of `rows_bytes` for all tokens, tile by tile over `in` so that the tile of z of a
+// block of tokens stays in L1 while every row block reads it.
+void tiled_sums(const uint8_t* sa, int64_t nbytes, const float* z, int64_t T, int64_t in, int64_t ld, int64_t r,
+                int64_t j0, int64_t j1, float* acc) {
+  constexpr int64_t kTile = 128;  // chunks of 16 floats: 8 KiB of z per token
+  std::vector<uint8_t> scratch[8];
+  const int64_t nchunks = ld / kChunk;
+  for (int64_t c0 = 0; c0 < nchunks; c0 += kTile) {
+    const int64_t c1 = std::min(nchunks, c0 + kTile);
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4) rows_for_tokens<4>(sa, nbytes, z, ld, in, r, j0, j1, t, c0, c1, acc, scratch);
+    for (; t + 2 <= T; t += 2) rows_for_tokens<2>(sa, nbytes, z, ld, in, r, j0, j1, t, c0, c1, acc, scratch);
+    for (; t < T; ++t) rows_for_tokens<1>(sa, nbytes, z, ld, in, r, j0, j1, t, c0, c1, acc, scratch);
   }
 }
 
 // Stage 1 for all r rows and T tokens: h1[t*r + j].
 void stage1(const uint8_t* sa, int64_t nbytes, const float* z, int64_t T, int64_t in, int64_t ld, int64_t r,
             float* h1) {
+  std::fill(h1, h1 + T * r, 0.f);
   std::vector<float> totals(static_cast<size_t>(T), 0.f);
-  if (kMasked) {
+  if (kMasked) {  // Σz per token, summed exactly like a row of all-ones signs
     const std::vector<uint8_t> ones(static_cast<size_t>(ld / 8), 0xFF);
-    const uint8_t* row = ones.data();
-    int64_t t = 0;
-    for (; t + 4 <= T; t += 4) block_sums<1, 4>(&row, z + t * ld, ld, totals.data() + t);
-    for (; t < T; ++t) block_sums<1, 1>(&row, z + t * ld, ld, totals.data() + t);
+    tiled_sums(ones.data(), static_cast<int64_t>(ones.size()), z, T, ld, ld, 1, 0, 1, totals.data());
   }
   const int64_t grain = std::max<int64_t>(8, 262144 / std::max<int64_t>(1, in * T));
-  at::parallel_for(0, r, grain, [&](int64_t j0, int64_t j1) {
-    std::vector<uint8_t> scratch[8];
-    int64_t t = 0;
-    for (; t + 4 <= T; t += 4) rows_for_tokens<4>(sa, nbytes, z, ld, in, r, j0, j1, t, totals.data(), h1, scratch);
-    for (; t + 2 <= T; t += 2) rows_for_tokens<2>(sa, nbytes, z, ld, in, r, j0, j1, t, totals.data(), h1, scratch);
-    for (; t < T; ++t) rows_for_tokens<1>(sa, nbytes, z, ld, in, r, j0, j1, t, totals.data(), h1, scratch);
-  });
+  at::parallel_for(0, r, grain, [&](int64_t j0, int64_t j1) { tiled_sums(sa, nbytes, z, T, in, ld, r, j0, j1, h1); });
+  if (kMasked)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < r; ++j) h1[t * r + j] = 2.f * h1[t * r + j] - totals[t];
 }
 
 // ---------------------------------------------------------------- stage 2: lookup tables
