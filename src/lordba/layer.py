@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .branch import branch, reference_delta
+from .branch import branch
 from .errors import AdapterStateError, ShapeMismatchError
 from .packing import pack_signs, packed_size, unpack_signs
 from .quant import BaseBackend, resolve_backend
@@ -191,19 +191,30 @@ class DoubleBinaryAdapter(nn.Module):
             raise AdapterStateError("packed signs cannot train: call unpack_to_latent() first")
 
     # ----------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The branch output for ``x`` of shape ``[..., in]``, in ``x``'s dtype."""
-        b, m, a = self.scales()
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if self.is_packed:
-            if not needs_grad:
-                return kernels.packed_branch(x, self, b, m, a)
-            sign_A, sign_B = self.signs(x.dtype)
-            return branch(x, sign_A, sign_B, b, m, a, self.scaling)
-        if not needs_grad:
-            sign_A, sign_B = self.signs(x.dtype)
-            return reference_delta(x, sign_A, sign_B, b, m, a, self.scaling)
-        return branch(x, self.latent_A, self.latent_B, b, m, a, self.scaling, self.ste)
+    def forward(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The branch output for ``x`` of shape ``[..., in]``, in ``x``'s dtype; given ``base`` (the base
+        layer's output for ``x``), ``base + branch`` in ``base``'s dtype (the add is fused at inference).
+
+        Without gradient both forms run :func:`lordba.kernels.packed_branch` (a latent adapter on its
+        signs packed on the fly), so packed and latent forms give bit-identical outputs."""
+        if not torch.is_grad_enabled():
+            return kernels.packed_branch(x, self, base=base)
+        latent_A = self.latent_A
+        if (
+            x.requires_grad
+            or self.scale_in.requires_grad
+            or self.scale_mid.requires_grad
+            or self.scale_out.requires_grad
+            or (latent_A is not None and (latent_A.requires_grad or self.latent_B.requires_grad))
+        ):
+            b, m, a = self.scales()
+            if latent_A is None:
+                sign_A, sign_B = self.signs(x.dtype)
+                out = branch(x, sign_A, sign_B, b, m, a, self.scaling)
+            else:
+                out = branch(x, latent_A, self.latent_B, b, m, a, self.scaling, self.ste)
+            return out if base is None else base + out.to(base.dtype)
+        return kernels.packed_branch(x, self, base=base)
 
     def extra_repr(self) -> str:
         form = "packed" if self.is_packed else "latent"
@@ -303,23 +314,23 @@ class LoRDBALinear(nn.Module):
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        routing = ROUTING.get()
-        if routing is None or torch.compiler.is_compiling():
-            routing = Routing(tuple(self.active_adapters), self.disable_adapters, None)
-        if routing.disabled:
+        routing = None if torch.compiler.is_compiling() else ROUTING.get()
+        if routing is None:
+            disabled, names, active = self.disable_adapters, None, self.active_adapters
+        else:
+            disabled, names = routing.disabled, routing.adapter_names
+            active = routing.active if routing.active is not None else self.active_adapters
+        if disabled:
             if self.merged_adapters:
                 raise AdapterStateError("adapters are merged into the base: unmerge before disabling them")
             return result
-        if routing.adapter_names is not None:
-            return self._mixed_batch_forward(x, result, routing.adapter_names)
-        active = routing.active if routing.active is not None else tuple(self.active_adapters)
+        if names is not None:
+            return self._mixed_batch_forward(x, result, names)
+        adapters, merged = self.lordba_adapters, self.merged_adapters
         for name in active:
-            if name in self.merged_adapters:
-                continue
-            adapter = self.lordba_adapters[name] if name in self.lordba_adapters else None
-            if adapter is None:
-                continue  # this layer is not targeted by that adapter
-            result = result + adapter(x).to(result.dtype)
+            if name in merged or name not in adapters:
+                continue  # merged into the base, or this layer is not targeted by that adapter
+            result = adapters[name](x, result)
         return result
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
@@ -327,14 +338,17 @@ class LoRDBALinear(nn.Module):
             raise AdapterStateError("mixed-batch routing needs unmerged adapters: call unmerge first")
         if len(names) != x.shape[0]:
             raise ShapeMismatchError(f"adapter_names has {len(names)} entries for a batch of {x.shape[0]} rows")
+        groups = kernels.route_index(names, x.device)
+        adapters = self.lordba_adapters
+        if len(groups) == 1:
+            name = names[0]
+            return adapters[name](x, result) if name != BASE_ROW and name in adapters else result
         result = result.clone()
-        for name in dict.fromkeys(names):
-            if name == BASE_ROW or name not in self.lordba_adapters:
+        for name, index in groups.items():
+            if name == BASE_ROW or name not in adapters:
                 continue
-            rows = [i for i, n in enumerate(names) if n == name]
-            index = torch.tensor(rows, device=x.device)
-            delta = self.lordba_adapters[name](x.index_select(0, index)).to(result.dtype)
-            result.index_add_(0, index, delta)
+            delta = adapters[name](x.index_select(0, index))
+            result.index_add_(0, index, delta.to(result.dtype))
         return result
 
     def extra_repr(self) -> str:

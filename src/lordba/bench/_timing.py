@@ -1,0 +1,77 @@
+"""Interleaved wall-clock timing for side-by-side comparisons on a shared, noisy machine.
+
+Variants are timed in the same process, one call each per round, with the order rotated every
+round, so that slow periods (another process taking a core) hit every variant alike. Reported:
+the median and the interquartile range (IQR) of the per-call times.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class Stats:
+    """Per-call times of one variant, in seconds."""
+
+    median: float
+    iqr: float
+    n: int
+
+    @property
+    def spread(self) -> float:
+        """IQR relative to the median."""
+        return self.iqr / self.median if self.median > 0 else float("nan")
+
+
+def stats(samples: list[float]) -> Stats:
+    """Median and interquartile range of ``samples``."""
+    if len(samples) < 4:
+        return Stats(statistics.median(samples), max(samples) - min(samples), len(samples))
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return Stats(statistics.median(samples), q3 - q1, len(samples))
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]],
+    budget_s: float,
+    min_reps: int = 5,
+    max_reps: int = 200,
+    after: Callable[[str], object] | None = None,
+) -> dict[str, Stats]:
+    """Time every function in ``fns``, interleaved, for about ``budget_s`` seconds in total.
+
+    One untimed warm-up call each sets the number of rounds. ``after(name)`` runs untimed after
+    each timed call (to reset state, e.g. crop a KV cache).
+    """
+    names = list(fns)
+    first = 0.0
+    for name in names:
+        start = time.perf_counter()
+        fns[name]()
+        first += time.perf_counter() - start
+        if after is not None:
+            after(name)
+    reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-9))))
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            start = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - start)
+            if after is not None:
+                after(name)
+    return {n: stats(s) for n, s in samples.items()}
+
+
+def load() -> tuple[float, float, float]:
+    """The machine's 1/5/15-minute load averages (others' processes share the cores)."""
+    try:
+        return os.getloadavg()
+    except OSError:  # pragma: no cover - not on every platform
+        return (float("nan"),) * 3

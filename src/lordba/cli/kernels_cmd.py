@@ -1,0 +1,42 @@
+"""``lordba build-kernels``: compile the CPU kernels ahead of time (for set-up scripts) and report.
+
+Without a C++ compiler the library still works (pure-PyTorch fallback, with a warning), so by
+default a failed build is reported and the command exits 0; ``--strict`` makes it exit 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..errors import LoRDBAError
+
+NAME = "build-kernels"
+HELP = "compile the CPU kernels once (cached per machine) and report which kernels lordba will use"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="recompile even if a cached build exists")
+    p.add_argument("--strict", action="store_true", help="exit with status 3 if the kernels cannot be built")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..kernels import cpu, load_cpu, triton_available
+
+    path = cpu.library_path()
+    if args.force and path is not None:
+        path.unlink(missing_ok=True)
+    start = time.perf_counter()
+    result = load_cpu(build=True, warn=False)
+    took = time.perf_counter() - start
+    if result.ok:
+        isa = torch.ops.lordba.isa()
+        print(f"CPU kernels: {result.message} in {took:.1f} s ({isa}): {result.path}")
+    else:
+        print(f"CPU kernels: NOT available, the pure-PyTorch fallback will run.\n{result.message}")
+    print(f"Triton (GPU) kernels: {'available' if triton_available() else 'not available (no CUDA or no triton)'}")
+    if not result.ok and args.strict:
+        raise LoRDBAError(f"the CPU kernels could not be built: {result.message.splitlines()[0]}")
+    return 0

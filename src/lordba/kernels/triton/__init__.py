@@ -1,0 +1,192 @@
+"""GPU path of the packed branch: Triton kernels behind the torch op ``lordba::triton_branch``.
+
+Two strategies, as on CPU (chosen per call by the number of tokens T):
+
+* fused (decode, ``T ≤ sign_max_tokens``): :func:`~.kernels.shrink` computes ``S_A (b ⊙ x)`` from the
+  sign bits, split over ``in``; :func:`~.kernels.expand` sums the splits, scales by ``m``, applies
+  ``S_B`` from its bits, scales by ``s·a`` and adds the base output. Two launches, nothing unpacked.
+* unpack (prefill): :func:`~.kernels.unpack` writes the folded dense factors ``A' = S_A diag(b)``
+  and ``B' = s diag(a) S_B diag(m)`` (fresh tensors from the caching allocator, which reuses their
+  memory), then ``addmm(base, x A'ᵀ, B'ᵀ)`` runs on cuBLAS.
+
+The op is registered with a fake implementation, so ``torch.compile`` traces through it. On CPU
+tensors the kernels run in Triton's interpreter (``TRITON_INTERPRET``): that is how the test suite
+checks them without a GPU; it is slow and meant for tests only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+DECODE_MAX_TOKENS = 64  # fused kernels up to this many tokens, unpack + cuBLAS above (untuned: no GPU here)
+
+
+def available() -> bool:
+    """Whether the Triton path can run on a GPU here (``triton`` importable and CUDA present)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pow2(n: int, least: int) -> int:
+    return max(least, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _fused(
+    k: dict,
+    x2: torch.Tensor,
+    sign_A: torch.Tensor,
+    sign_B: torch.Tensor,
+    b: torch.Tensor,
+    m: torch.Tensor,
+    a: torch.Tensor,
+    scaling: float,
+    base2: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    T, in_f = x2.shape
+    r, out_f = m.numel(), a.numel()
+    rp = _pow2(r, 16)
+    bt = 16 if T <= 16 else 32 if T <= 32 else 64
+    bk = 128
+    t_blocks = triton_cdiv(T, bt)
+    chunks = triton_cdiv(in_f, bk)
+    splits = max(1, min(chunks, 128 // t_blocks))
+    k_split = triton_cdiv(chunks, splits) * bk
+    splits = triton_cdiv(in_f, k_split)
+    part = torch.empty((splits, T, rp), dtype=torch.float32, device=x2.device)
+    k["shrink"][(t_blocks, splits)](x2, sign_A, b, part, T, in_f, r, k_split, BT=bt, BK=bk, RP=rp)
+    y = torch.empty((T, out_f), dtype=out_dtype, device=x2.device)
+    bo = 64
+    base_arg = base2 if base2 is not None else y
+    k["expand"][(t_blocks, triton_cdiv(out_f, bo))](
+        part,
+        sign_B,
+        m,
+        a,
+        base_arg,
+        y,
+        T,
+        out_f,
+        r,
+        splits,
+        float(scaling),
+        HAS_BASE=base2 is not None,
+        BT=bt,
+        BO=bo,
+        RP=rp,
+    )
+    return y
+
+
+def _unpacked(
+    k: dict,
+    x2: torch.Tensor,
+    sign_A: torch.Tensor,
+    sign_B: torch.Tensor,
+    b: torch.Tensor,
+    m: torch.Tensor,
+    a: torch.Tensor,
+    scaling: float,
+    base2: torch.Tensor | None,
+) -> torch.Tensor:
+    in_f = x2.shape[1]
+    r, out_f = m.numel(), a.numel()
+    folded_A = torch.empty((r, in_f), dtype=x2.dtype, device=x2.device)
+    folded_B = torch.empty((out_f, r), dtype=x2.dtype, device=x2.device)
+    br, bc = 16, 128
+    k["unpack"][(triton_cdiv(r, br), triton_cdiv(in_f, bc))](
+        sign_A, b, b, folded_A, r, in_f, 1.0, HAS_ROW=False, BR=br, BC=bc
+    )
+    rc = _pow2(r, 16)
+    k["unpack"][(triton_cdiv(out_f, 64), triton_cdiv(r, rc))](
+        sign_B, a, m, folded_B, out_f, r, float(scaling), HAS_ROW=True, BR=64, BC=rc
+    )
+    h = x2 @ folded_A.t()
+    if base2 is None:
+        return h @ folded_B.t()
+    if base2.dtype == x2.dtype:
+        return torch.addmm(base2, h, folded_B.t())
+    return base2 + (h @ folded_B.t()).to(base2.dtype)
+
+
+def _interpreting() -> bool:
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
+
+
+def triton_cdiv(n: int, d: int) -> int:
+    return -(-n // d)
+
+
+@torch.library.custom_op("lordba::triton_branch", mutates_args=())
+def triton_branch(
+    x: torch.Tensor,
+    sign_A: torch.Tensor,
+    sign_B: torch.Tensor,
+    b: torch.Tensor,
+    m: torch.Tensor,
+    a: torch.Tensor,
+    scaling: float,
+    sign_max_tokens: int,
+    base: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[base +] s · a ⊙ (S_B (m ⊙ (S_A (b ⊙ x))))`` with Triton kernels (interpreter on CPU tensors)."""
+    from . import kernels
+
+    if x.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(
+            "lordba::triton_branch runs on CUDA tensors; on CPU only in Triton's interpreter "
+            "(TRITON_INTERPRET=1 set before triton is imported)"
+        )
+    k = {"shrink": kernels.shrink, "expand": kernels.expand, "unpack": kernels.unpack}
+    in_f, out_f = b.numel(), a.numel()
+    shape = (*x.shape[:-1], out_f)
+    x2 = x.reshape(-1, in_f).contiguous()
+    base2 = None if base is None else base.reshape(-1, out_f).contiguous()
+    out_dtype = x.dtype if base is None else base.dtype
+    args = (
+        sign_A.contiguous(),
+        sign_B.contiguous(),
+        b.float().contiguous(),
+        m.float().contiguous(),
+        a.float().contiguous(),
+        scaling,
+    )
+    guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        if x2.shape[0] > sign_max_tokens:
+            y = _unpacked(k, x2, *args, base2)
+        else:
+            y = _fused(k, x2, *args, base2, out_dtype)
+    return y.reshape(shape)
+
+
+@triton_branch.register_fake
+def _(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, base=None):  # noqa: ANN001
+    if base is not None:
+        return torch.empty_like(base, memory_format=torch.contiguous_format)
+    return x.new_empty((*x.shape[:-1], a.shape[0]))
+
+
+def branch(
+    x: torch.Tensor,
+    sign_A: torch.Tensor,
+    sign_B: torch.Tensor,
+    b: torch.Tensor,
+    m: torch.Tensor,
+    a: torch.Tensor,
+    scaling: float,
+    mode: str = "auto",
+    base: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The Triton branch; ``mode`` ``sign``/``unpack`` forces a strategy, else by :data:`DECODE_MAX_TOKENS`."""
+    limit = {"sign": 1 << 62, "unpack": -1}.get(mode, DECODE_MAX_TOKENS)
+    return torch.ops.lordba.triton_branch(x, sign_A, sign_B, b, m, a, float(scaling), limit, base)

@@ -1,0 +1,120 @@
+"""torch.ops.lordba.branch (the compiled CPU kernels) against an independent float64 reference."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lordba import kernels
+from lordba.packing import pack_signs
+
+pytestmark = pytest.mark.skipif(not kernels.cpu_available(), reason="no C++ compiler: the fallback is tested elsewhere")
+
+SIGN, UNPACK = 1 << 62, -1
+
+
+def case(seed, lead, in_f, out_f, r, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, in_f, generator=g).to(dtype)
+    lat_A = torch.randn(r, in_f, generator=g)
+    lat_B = torch.randn(out_f, r, generator=g)
+    b = torch.rand(in_f, generator=g) + 0.5
+    m = torch.randn(r, generator=g)
+    a = torch.randn(out_f, generator=g)
+    return x, lat_A, lat_B, b, m, a
+
+
+def expected(x, lat_A, lat_B, b, m, a, s):
+    S_A = torch.where(lat_A >= 0, 1.0, -1.0).double()
+    S_B = torch.where(lat_B >= 0, 1.0, -1.0).double()
+    return (((x.double() * b.double()) @ S_A.t()) * m.double()) @ S_B.t() * (a.double() * s)
+
+
+def run(x, lat_A, lat_B, b, m, a, s, limit, base=None):
+    return torch.ops.lordba.branch(x, pack_signs(lat_A), pack_signs(lat_B), b, m, a, s, limit, base)
+
+
+def assert_near(got, want, dtype):
+    # sign sums of n terms: error relative to the scale of the terms, looser for 8-bit mantissas
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    scale = want.abs().max().item() + 1e-6
+    assert (got.double() - want).abs().max().item() <= tol * scale
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    lead=st.sampled_from([(1,), (3,), (17,), (2, 5), (1, 1, 4)]),
+    in_f=st.integers(1, 70),
+    out_f=st.integers(1, 50),
+    r=st.integers(1, 20),
+    limit=st.sampled_from([SIGN, UNPACK]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_both_paths_match_the_reference_on_any_shape(seed, lead, in_f, out_f, r, limit, dtype):
+    x, lat_A, lat_B, b, m, a = case(seed, lead, in_f, out_f, r, dtype)
+    got = run(x, lat_A, lat_B, b, m, a, 0.75, limit)
+    assert got.shape == (*lead, out_f) and got.dtype == dtype
+    assert_near(got, expected(x, lat_A, lat_B, b, m, a, 0.75), dtype)
+
+
+@pytest.mark.parametrize("in_f,out_f,r", [(576, 1536, 16), (1536, 576, 64), (576, 192, 8), (96, 130, 32), (40, 52, 24)])
+@pytest.mark.parametrize("limit", [SIGN, UNPACK])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_model_shapes_every_vector_path(in_f, out_f, r, limit, dtype):
+    # ranks 8/16/32/64 take the 1/2/4/8-byte row loads of the AVX-512 stage 2, 24 the scalar one
+    for tokens in (1, 2, 5, 9):
+        x, lat_A, lat_B, b, m, a = case(tokens, (tokens,), in_f, out_f, r, dtype)
+        want = expected(x, lat_A, lat_B, b, m, a, 2.0)
+        assert_near(run(x, lat_A, lat_B, b, m, a, 2.0, limit), want, dtype)
+
+
+@pytest.mark.parametrize("limit", [SIGN, UNPACK])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_fused_base_add(limit, base_dtype):
+    x, lat_A, lat_B, b, m, a = case(3, (2, 3), 45, 23, 5)
+    base = torch.randn(2, 3, 23).to(base_dtype)
+    got = run(x, lat_A, lat_B, b, m, a, 0.5, limit, base)
+    assert got.dtype == base_dtype and got.shape == base.shape
+    want = base.double() + expected(x, lat_A, lat_B, b, m, a, 0.5)
+    tol = 1e-5 if base_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    if base_dtype == torch.float32 and limit == SIGN:  # one rounding: exactly base + delta
+        assert torch.equal(got, base + run(x, lat_A, lat_B, b, m, a, 0.5, limit))
+
+
+def test_non_contiguous_input_zero_tokens_and_determinism():
+    x, lat_A, lat_B, b, m, a = case(1, (6, 40), 33, 21, 7)
+    xs = x.reshape(40, 6, 33)[:, 1]
+    assert not xs.is_contiguous()
+    for limit in (SIGN, UNPACK):
+        got = run(xs, lat_A, lat_B, b, m, a, 1.0, limit)
+        assert torch.equal(got, run(xs.contiguous(), lat_A, lat_B, b, m, a, 1.0, limit))
+        assert torch.equal(got, run(xs, lat_A, lat_B, b, m, a, 1.0, limit))  # deterministic
+        empty = run(x[:0], lat_A, lat_B, b, m, a, 1.0, limit)
+        assert empty.shape == (0, 40, 21)
+
+
+def test_threads_do_not_change_results():
+    x, lat_A, lat_B, b, m, a = case(2, (3,), 2048, 3000, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(x, lat_A, lat_B, b, m, a, 1.0, SIGN)
+        torch.set_num_threads(max(2, threads))
+        assert torch.equal(run(x, lat_A, lat_B, b, m, a, 1.0, SIGN), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bad_arguments_are_refused():
+    x, lat_A, lat_B, b, m, a = case(0, (2,), 16, 8, 4)
+    sa, sb = pack_signs(lat_A), pack_signs(lat_B)
+    with pytest.raises(RuntimeError, match="last dimension"):
+        torch.ops.lordba.branch(x[:, :15], sa, sb, b, m, a, 1.0, SIGN, None)
+    with pytest.raises(RuntimeError, match="packed sign sizes"):
+        torch.ops.lordba.branch(x, sa[:-1], sb, b, m, a, 1.0, SIGN, None)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.lordba.branch(x, sa, sb, b.double(), m, a, 1.0, SIGN, None)
+    with pytest.raises(RuntimeError, match="base must have"):
+        torch.ops.lordba.branch(x, sa, sb, b, m, a, 1.0, SIGN, torch.zeros(2, 9))

@@ -1,0 +1,244 @@
+"""lordba.kernels: every mode against the reference branch, latent/packed equality, dispatch, fallback,
+caches, routing and torch.compile."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lordba import ConfigError, LoRDBAConfig, get_lordba_model, kernels
+from lordba.branch import reference_delta
+from lordba.layer import ROUTING, DoubleBinaryAdapter, LoRDBALinear, Routing
+from lordba.scales import get_codec
+from lordba.ste import STE
+
+from conftest import tiny_llama
+
+CPU_MODES = ["auto", "sign", "unpack", "dense", "torch"]
+
+
+def make_layer(in_f, out_f, r, seed=0, scale_dtype="float32", names=("a",)):
+    torch.manual_seed(seed)
+    layer = LoRDBALinear(nn.Linear(in_f, out_f))
+    for i, name in enumerate(names):
+        ad = DoubleBinaryAdapter(in_f, out_f, r + i, 1.5, get_codec(scale_dtype), STE(), init="random")
+        with torch.no_grad():
+            ad.scale_in.uniform_(0.5, 1.5)
+            ad.scale_mid.uniform_(0.5, 1.5)
+            ad.scale_out.normal_(0, 0.5)
+        layer.add_adapter(name, ad)
+    layer.set_adapter(names[0])
+    return layer
+
+
+def reference(layer, x, name="a"):
+    ad = layer.lordba_adapters[name]
+    sign_A, sign_B = (s.double() for s in ad.signs())
+    b, m, a = (v.detach().double() for v in ad.scales())
+    return layer.base_layer(x).double() + reference_delta(x.double(), sign_A, sign_B, b, m, a, ad.scaling)
+
+
+@pytest.fixture(params=CPU_MODES)
+def each_mode(request):
+    with kernels.mode(request.param):
+        yield request.param
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    lead=st.sampled_from([(1,), (5,), (23,), (2, 3), (3, 1, 2)]),
+    in_f=st.integers(1, 45),
+    out_f=st.integers(1, 40),
+    r=st.integers(1, 12),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 1000),
+)
+def test_every_mode_matches_the_reference_layer(lead, in_f, out_f, r, dtype, seed):
+    layer = make_layer(in_f, out_f, r, seed).to(dtype)
+    layer.lordba_adapters["a"].pack()
+    x = torch.randn(*lead, in_f).to(dtype)
+    want = reference(layer, x)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    outputs = {}
+    with torch.no_grad():
+        for name in CPU_MODES:
+            with kernels.mode(name):
+                got = layer(x)
+            assert got.shape == (*lead, out_f) and got.dtype == dtype
+            scale = want.abs().max().item() + 1e-3
+            assert (got.double() - want).abs().max().item() <= tol * scale, name
+            outputs[name] = got
+    limit = kernels.sign_max_tokens(in_f, out_f, r, dtype)
+    tokens = x.numel() // in_f
+    if kernels.cpu_available():  # auto is exactly one of the two compiled paths
+        assert torch.equal(outputs["auto"], outputs["sign" if tokens <= limit else "unpack"])
+
+
+def test_latent_and_packed_forms_are_bit_identical_in_every_mode(each_mode):
+    layer = make_layer(37, 29, 5, names=("a", "b"))
+    layer.set_adapter(["a", "b"])
+    for x in (torch.randn(1, 37), torch.randn(4, 6, 37)):
+        with torch.no_grad():
+            latent = layer(x)
+            for ad in layer.lordba_adapters.values():
+                ad.pack()
+            packed = layer(x)
+            for ad in layer.lordba_adapters.values():
+                ad.unpack_to_latent(0.3)
+        assert torch.equal(latent, packed), each_mode
+
+
+def test_training_path_is_unchanged_and_close_to_inference():
+    layer = make_layer(21, 13, 3)
+    x = torch.randn(5, 21, requires_grad=True)
+    trained = layer(x)
+    trained.sum().backward()
+    assert x.grad is not None and layer.lordba_adapters["a"].latent_A.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), trained.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_trainable_base_still_gets_its_gradient_past_a_frozen_adapter():
+    layer = make_layer(21, 13, 3)
+    layer.lordba_adapters["a"].pack()
+    layer.lordba_adapters["a"].requires_grad_(False)
+    layer.base_layer.weight.requires_grad_(True)
+    x = torch.randn(4, 21)
+    out = layer(x)
+    out.sum().backward()
+    torch.testing.assert_close(layer.base_layer.weight.grad, torch.ones(4, 13).t() @ x)
+    with torch.no_grad():
+        assert torch.equal(out, layer(x))
+
+
+def test_caches_follow_in_place_writes():
+    layer = make_layer(30, 20, 4)
+    ad = layer.lordba_adapters["a"]
+    ad.pack()
+    x = torch.randn(3, 30)
+    with torch.no_grad():
+        before = layer(x)
+        ad.scale_out.mul_(2.0)  # optimizer-like in-place write bumps the version counter
+        torch.testing.assert_close(layer(x) - layer.base_layer(x), 2 * (before - layer.base_layer(x)))
+        other = make_layer(30, 20, 4, seed=9).lordba_adapters["a"]
+        other.pack()
+        ad.load_stored(other.stored_tensors())  # what hotswap_adapter does
+        torch.testing.assert_close(layer(x), reference(layer, x).float(), rtol=1e-5, atol=1e-5)
+        with kernels.mode("dense"):
+            dense = layer(x)
+            ad.scale_in.add_(0.25)
+            assert not torch.equal(layer(x), dense)
+            torch.testing.assert_close(layer(x), reference(layer, x).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_cache_memory_is_reported():
+    layer = make_layer(64, 48, 8)
+    ad = layer.lordba_adapters["a"]
+    ad.pack()
+    kernels.cache.clear(layer)
+    assert kernels.cache.cache_nbytes(layer)["total"] == 0
+    with torch.no_grad():
+        layer(torch.randn(2, 64))
+        sizes = kernels.cache.cache_nbytes(layer)
+        assert sizes == {"scales": 4 * (64 + 8 + 48), "signs": 0, "dense": 0, "total": 4 * 120}
+        with kernels.mode("dense"):
+            layer(torch.randn(2, 64))
+        assert kernels.cache.cache_nbytes(layer)["dense"] == 4 * 8 * (64 + 48)
+        ad.unpack_to_latent()
+        layer(torch.randn(2, 64))
+        assert kernels.cache.cache_nbytes(layer)["signs"] == (8 * 64 + 48 * 8) // 8
+    kernels.cache.clear(layer)
+    assert kernels.cache.cache_nbytes(layer)["total"] == 0
+
+
+def test_fallback_without_extension(monkeypatch):
+    monkeypatch.setenv("LORDBA_NO_EXT", "1")
+    monkeypatch.setattr(kernels._STATE, "cpu", None)
+    layer = make_layer(26, 11, 3)
+    x = torch.randn(2, 4, 26)
+    with pytest.warns(kernels.KernelFallbackWarning, match="LORDBA_NO_EXT"), torch.no_grad():
+        latent = layer(x)
+    assert not kernels.cpu_available()
+    layer.lordba_adapters["a"].pack()
+    with torch.no_grad():
+        packed = layer(x)
+        with kernels.mode("torch"):
+            assert torch.equal(layer(x), packed)  # auto fell back to the reference path
+    assert torch.equal(latent, packed)
+
+
+def test_mode_switches_and_dispatch_rule():
+    with pytest.raises(ConfigError, match="kernel mode"):
+        kernels.set_mode("fast")
+    before = kernels.get_mode()
+    with kernels.mode("unpack"):
+        assert kernels.get_mode() == "unpack"
+    assert kernels.get_mode() == before
+    for isa in ("avx512", "avx2", "portable"):
+        small = kernels.sign_max_tokens(576, 1536, 16, torch.float32, isa)
+        big = kernels.sign_max_tokens(11008, 4096, 16, torch.float32, isa)
+        assert 1 <= big <= small
+        assert kernels.sign_max_tokens(576, 1536, 16, torch.bfloat16, isa) >= small
+    ad = make_layer(8, 8, 2).lordba_adapters["a"]
+    assert kernels._limit("sign", ad, torch.float32) > 10**9 and kernels._limit("unpack", ad, torch.float32) < 0
+
+
+def test_mixed_batch_routing_uses_shared_indices():
+    layer = make_layer(24, 10, 3, names=("a", "b"))
+    names = ("b", "__base__", "a", "b")
+    assert kernels.route_index(names, torch.device("cpu")) is kernels.route_index(list(names), torch.device("cpu"))
+    x = torch.randn(4, 3, 24)
+    token = ROUTING.set(Routing(adapter_names=names))
+    try:
+        with torch.no_grad():
+            mixed = layer(x)
+    finally:
+        ROUTING.reset(token)
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            layer.set_adapter([] if name == "__base__" else [name])
+            torch.testing.assert_close(mixed[i], layer(x[i : i + 1])[0], rtol=1e-6, atol=1e-6)
+    token = ROUTING.set(Routing(adapter_names=("a",) * 4))  # one adapter for every row: fused path
+    try:
+        with torch.no_grad():
+            layer.set_adapter("a")
+            assert torch.equal(layer(x), layer.base_layer(x) + layer.lordba_adapters["a"](x))
+    finally:
+        ROUTING.reset(token)
+
+
+def test_torch_compile_traces_the_kernels_without_graph_breaks():
+    torch.manual_seed(5)
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random"))
+    lm.pack()
+    ids = torch.randint(0, 101, (2, 9))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for length in (9, 1):  # unpack path, then the sign path (a recompile for the new shape)
+            eager = lm(input_ids=ids[:, :length]).logits
+            compiled = torch.compile(lm.base_model, backend="aot_eager", fullgraph=True)
+            assert torch.equal(compiled(input_ids=ids[:, :length]).logits, eager)
+
+
+def test_inductor_compiles_a_layer():
+    layer = make_layer(40, 52, 5)
+    layer.lordba_adapters["a"].pack()
+    x = torch.randn(3, 40)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer)(x), layer(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_whole_model():
+    torch.manual_seed(5)
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random"))
+    lm.pack()
+    ids = torch.randint(0, 101, (2, 9))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = lm(input_ids=ids).logits
+        compiled = torch.compile(lm.base_model)(input_ids=ids).logits
+    # inductor re-fuses the model's own ops: ~1e-3 relative, as for the original reference branch
+    torch.testing.assert_close(compiled, eager, rtol=5e-3, atol=5e-3)
