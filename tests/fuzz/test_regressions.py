@@ -1,0 +1,92 @@
+"""Regression tests for what fuzzing and probing the loader found (each was an unclean failure:
+an exception other than a LoRDBAError, a hang, or a load that later broke). Config part."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lordba import ConfigError, LoRDBAConfig, LoRDBAError, get_lordba_model
+from lordba.io import read_adapter
+
+from conftest import set_config, tiny_llama
+
+Q = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(4)
+    get_lordba_model(tiny_llama(0), LoRDBAConfig(r=3, init="random")).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def refused(directory, match):
+    with pytest.raises(LoRDBAError, match=match) as info:
+        read_adapter(directory)
+    assert "adapter_config.json" in str(info.value) or "lordba_model.safetensors" in str(info.value)
+
+
+def edit_config_text(directory, old, new):
+    path = directory / "adapter_config.json"
+    path.write_text(path.read_text().replace(old, new, 1))
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern", "target_modules", "exclude_modules"])
+@pytest.mark.parametrize("pattern", ["(", "[a-", "q_proj)", "(?i)q_proj"])
+def test_invalid_regular_expressions_are_config_errors(saved, field, pattern):
+    """Was: re.error while checking ranks, or (alpha_pattern, "(?i)" inside PEFT's suffix
+    pattern) an adapter that loaded and then raised re.error in scaling_for."""
+    value = {pattern: 3} if field.endswith("pattern") else pattern
+    set_config(saved, **{field: value})
+    refused(saved, f"{field}.*not a valid regular expression")
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        LoRDBAConfig(**{field: value})
+
+
+@pytest.mark.parametrize("pattern", ["(a+)+$", "(?:a|aa)*b", r"(\w)\1", ".*.*.*x", r"(\.\w+)*q"])
+def test_catastrophic_backtracking_patterns_are_refused(saved, pattern):
+    """A pattern matched against module names from the same untrusted file could hang the loader."""
+    set_config(saved, rank_pattern={pattern: 3})
+    refused(saved, "exponential or high-polynomial")
+
+
+@pytest.mark.parametrize(
+    "pattern", [r"model\.layers\.\d+\.self_attn\..*", r".*\.(q_proj|v_proj)", "^(?!.*vision).*q_proj$", "q_proj"]
+)
+def test_usual_peft_patterns_are_accepted(pattern):
+    assert LoRDBAConfig(rank_pattern={pattern: 4}).rank_pattern == {pattern: 4}
+
+
+def test_worst_allowed_pattern_on_the_longest_module_names_finishes(tmp_path):
+    """The worst patterns still allowed (two unbounded repetitions) against 256-character module
+    paths that never match: a hang check in a subprocess, not a speed target."""
+    code = textwrap.dedent(
+        """
+        from lordba import LoRDBAConfig
+        cfg = LoRDBAConfig(rank_pattern={r"[a.]*[a.]*z": 2, r".*\\..*\\.z": 2}, target_modules=r".*a.*a")
+        name = ("a." * 128)[:255] + "a"
+        for _ in range(20):
+            assert cfg.rank_for(name) == cfg.r
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "old, new, match",
+    [
+        ('"r": 3', '"r": ' + "9" * 5000, "not valid JSON"),  # ValueError from int()
+        ('"alpha": 32.0', '"alpha": ' + "9" * 400, "alpha must be"),  # OverflowError in isfinite
+        ('"r": 3', '"r": ' + "[" * 900 + "]" * 900, "r must be"),  # RecursionError in repr
+        ('"r": 3', '"r": ' + "[" * 100000 + "]" * 100000, "not valid JSON"),
+        ('"r": 3', '"r": 3, "r": 3', "duplicate key"),
+        ('"r": 3', '"r": 4294967296', "below 2\\*\\*31"),
+    ],
+    ids=["huge-int", "huge-alpha", "nested-900", "nested-100k", "duplicate-key", "rank-2^32"],
+)
+def test_config_numbers_nesting_and_duplicates(saved, old, new, match):
+    edit_config_text(saved, old, new)
+    refused(saved, match)
