@@ -66,7 +66,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def _backup(path: Path) -> Path:
+def backup_path(path: Path) -> Path:
+    """Where :func:`commit_files` keeps the previous version of ``path`` during a save."""
     return path.with_name(f".{path.name}{PREV_SUFFIX}")
 
 
@@ -78,7 +79,7 @@ def consistent_files(
     current = {n: directory / n for n in names}
     if all(p.is_file() for p in current.values()) and is_consistent(current):
         return current
-    backups = {n: _backup(directory / n) for n in names}
+    backups = {n: backup_path(directory / n) for n in names}
     if all(p.is_file() for p in backups.values()) and is_consistent(backups):
         return backups
     return None
@@ -88,10 +89,10 @@ def recover(directory: Path, names: list[str], is_consistent: Callable[[dict[str
     """Finish what an interrupted :func:`commit_files` left: restore a consistent backup set over an
     inconsistent current set, drop backups otherwise, and delete stale temp files."""
     found = consistent_files(directory, names, is_consistent)
-    backups = [_backup(directory / n) for n in names]
+    backups = [backup_path(directory / n) for n in names]
     if found is not None and found[names[0]] != directory / names[0]:
         for name in names:
-            os.replace(_backup(directory / name), directory / name)
+            os.replace(backup_path(directory / name), directory / name)
     for b in backups:
         b.unlink(missing_ok=True)
     for name in names:
@@ -116,13 +117,13 @@ def commit_files(
             temps[name] = _write_temp(directory / name, data)
         for name in names:
             if (directory / name).exists():
-                os.link(directory / name, _backup(directory / name))
+                os.link(directory / name, backup_path(directory / name))
         fsync_dir(directory)
         for name in names:
             os.replace(temps.pop(name), directory / name)
         fsync_dir(directory)
         for name in names:
-            _backup(directory / name).unlink(missing_ok=True)
+            backup_path(directory / name).unlink(missing_ok=True)
         fsync_dir(directory)
     finally:
         for tmp in temps.values():

@@ -1,6 +1,9 @@
 """Regression tests for what fuzzing and probing the loader found (each was an unclean failure:
-an exception other than a LoRDBAError, a hang, or a load that later broke). Config part."""
+an exception other than a LoRDBAError, a hang, or a load that later broke)."""
 
+import hashlib
+import json
+import struct
 import subprocess
 import sys
 import textwrap
@@ -8,10 +11,10 @@ import textwrap
 import pytest
 import torch
 
-from lordba import ConfigError, LoRDBAConfig, LoRDBAError, get_lordba_model
+from lordba import ConfigError, LoRDBAConfig, LoRDBAError, LoRDBAModel, get_lordba_model
 from lordba.io import read_adapter
 
-from conftest import set_config, tiny_llama
+from conftest import load_weights, rewrite_weights, set_config, tiny_llama
 
 Q = "model.layers.0.self_attn.q_proj"
 
@@ -32,6 +35,17 @@ def refused(directory, match):
 def edit_config_text(directory, old, new):
     path = directory / "adapter_config.json"
     path.write_text(path.read_text().replace(old, new, 1))
+
+
+def edit_header(directory, edit):
+    path = directory / "lordba_model.safetensors"
+    data = path.read_bytes()
+    (n,) = struct.unpack_from("<Q", data)
+    raw = edit(data[8 : 8 + n].rstrip(b" "))
+    raw += b" " * ((-len(raw)) % 8)
+    new = struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+    path.write_bytes(new)
+    set_config(directory, weights_sha256=hashlib.sha256(new).hexdigest())
 
 
 @pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern", "target_modules", "exclude_modules"])
@@ -90,3 +104,80 @@ def test_worst_allowed_pattern_on_the_longest_module_names_finishes(tmp_path):
 def test_config_numbers_nesting_and_duplicates(saved, old, new, match):
     edit_config_text(saved, old, new)
     refused(saved, match)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda raw: raw.replace(b'"data_offsets":[0,', b'"data_offsets":[1' + b"0" * 5000 + b",", 1),
+            "not valid JSON",
+        ),
+        (lambda raw: raw.replace(b"[40,40,3]", b"[4" + b"0" * 5000 + b",40,3]", 1), "metadata 'modules'"),
+        (lambda raw: b'{"x":' + b"[" * 100000 + b"]" * 100000 + b"," + raw[1:], "not valid JSON"),
+        (lambda raw: raw.replace(b'"format":"lordba"', b'"format":"lordba\\ud800"'), "metadata format"),
+        (lambda raw: raw.replace(b"[40,40,3]", b"[40,40,3]}\\ud800", 1), "not valid JSON"),
+    ],
+    ids=["huge-offset", "huge-dim", "deep", "surrogate-value", "surrogate-in-modules"],
+)
+def test_header_oddities(saved, edit, match):
+    edit_header(saved, edit)
+    refused(saved, match)
+
+
+def test_duplicate_header_keys_are_refused(saved):
+    """Both Python and the Rust safetensors parser keep the last duplicate, but other readers keep
+    the first: a file that reads differently elsewhere is refused."""
+
+    def dup(raw):
+        header = json.loads(raw)
+        first = next(k for k in header if k != "__metadata__")
+        return b"{" + json.dumps({first: header[first]})[1:-1].encode() + b"," + raw[1:]
+
+    edit_header(saved, dup)
+    refused(saved, "duplicate key")
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        (f"{Q}.base_layer", "inside a LoRDBA layer"),
+        (f"{Q}.lordba_adapters.default", "inside a LoRDBA layer"),
+        ("model\nlayers", "not a module path"),
+        ("model..q_proj", "not a module path"),
+        ("\x1b[31mred", "not a module path"),
+        ("a." * 128 + "q", "not a module path"),
+    ],
+)
+def test_module_names_must_be_module_paths(saved, name, match):
+    """An adapter naming ``q_proj.base_layer`` used to load and wrap the base layer inside the
+    LoRDBA layer a second time; names with control characters reached error messages verbatim."""
+    tensors, meta = load_weights(saved)
+    dims = json.loads(meta["modules"])
+    dims[name] = dims.pop(Q)
+    meta["modules"] = json.dumps(dims, separators=(",", ":"), sort_keys=True)
+    for kind in ("sign_A", "sign_B", "scale_in", "scale_mid", "scale_out"):
+        tensors[f"{name}.{kind}"] = tensors.pop(f"{Q}.{kind}")
+    rewrite_weights(saved, tensors, meta)
+    refused(saved, match)
+
+
+def test_the_refused_base_layer_name_would_have_nested_a_wrapper(saved, tmp_path):
+    """What the module-path check prevents: loading onto a model that already has a LoRDBA layer
+    at q_proj (the name resolves to its inner base layer)."""
+    lm = LoRDBAModel.from_pretrained(tiny_llama(0), saved)
+    tensors, meta = load_weights(saved)
+    dims = json.loads(meta["modules"])
+    for path in list(dims):
+        if path != Q:
+            del dims[path]
+            for kind in ("sign_A", "sign_B", "scale_in", "scale_mid", "scale_out"):
+                del tensors[f"{path}.{kind}"]
+    dims[f"{Q}.base_layer"] = dims.pop(Q)
+    meta["modules"] = json.dumps(dims, separators=(",", ":"), sort_keys=True)
+    for kind in ("sign_A", "sign_B", "scale_in", "scale_mid", "scale_out"):
+        tensors[f"{Q}.base_layer.{kind}"] = tensors.pop(f"{Q}.{kind}")
+    rewrite_weights(saved, tensors, meta)
+    with pytest.raises(LoRDBAError, match="inside a LoRDBA layer"):
+        lm.load_adapter(saved, "other")
+    assert sum(type(m).__name__ == "LoRDBALinear" for m in lm.modules()) == 14
