@@ -82,3 +82,26 @@ def test_reading_while_another_thread_saves_never_mixes_two_adapters(tmp_path):
     run_for(3.0, writer, reader)
     assert not problems, problems[:3]
     assert len(seen) > 20 and set(seen) == allowed
+
+
+def test_two_threads_saving_into_one_directory(tmp_path):
+    """Was: the second save's recovery deleted the first one's temp files and backups
+    (FileNotFoundError, FileExistsError). Saves into one directory are now serialised."""
+    x, y = state(8.0, 1), state(16.0, 2)
+    x.save_pretrained(tmp_path)
+    errors = []
+
+    def saver(s):
+        def run(stop):
+            while not stop.is_set():
+                try:
+                    s.save_pretrained(tmp_path)
+                except Exception as err:
+                    errors.append(repr(err))
+
+        return run
+
+    run_for(2.0, saver(x), saver(y))
+    assert not errors, errors[:3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "lordba_model.safetensors"]
+    assert fingerprint(read_adapter(tmp_path)) in {fingerprint(x), fingerprint(y)}
