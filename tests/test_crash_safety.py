@@ -223,11 +223,11 @@ CHILD_SAVE_LOOP = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from conftest import tiny_llama
     from lordba import LoRDBAConfig, get_lordba_model
-    torch.manual_seed(0)
     models = []
     for seed in (1, 2):
+        base = tiny_llama(0)  # seeds torch itself
         torch.manual_seed(seed)
-        models.append(get_lordba_model(tiny_llama(0), LoRDBAConfig(r=8, init="random")))
+        models.append(get_lordba_model(base, LoRDBAConfig(r=8, init="random")))
     print("ready", flush=True)
     i = 0
     while True:
@@ -252,10 +252,11 @@ def test_real_save_pretrained_killed_at_random_times(tmp_path, iterations):
     target = tmp_path / "adapter"
     refs = {}
     for name, seed in (("first", 1), ("second", 2)):
+        base = tiny_llama(0)  # seeds torch itself
         torch.manual_seed(seed)
-        lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=8, init="random"))
-        lm.save_pretrained(tmp_path / name)
+        get_lordba_model(base, LoRDBAConfig(r=8, init="random")).save_pretrained(tmp_path / name)
         refs[name] = read_adapter(tmp_path / name).sha256
+    assert refs["first"] != refs["second"]
     ids = torch.arange(12).reshape(2, 6)
 
     def classify():
