@@ -29,8 +29,7 @@ CHILD = textwrap.dedent(
     out = Path(sys.argv[1])
     for name, extra in (
         ("fp16", dict(rank_pattern={{"q_proj": 2, "down_proj": 5}}, alpha_pattern={{"v_proj": 3.0, "up_proj": 7.0}})),
-        ("int8", dict(scale_dtype="int8", target_modules=["q_proj", "v_proj", "gate_proj"])),
-        ("bf16", dict(scale_dtype="bfloat16", target_modules=r".*\\.(k_proj|o_proj)")),
+        ("int8", dict(scale_dtype="int8", target_modules=r".*\\.(q_proj|v_proj|gate_proj)")),
     ):
         base = tiny_llama(0)
         torch.manual_seed(3)
@@ -57,11 +56,11 @@ def test_saves_are_byte_identical_across_processes_with_different_hash_seeds(tmp
         seed: {p.relative_to(tmp_path / seed): p.read_bytes() for p in (tmp_path / seed).rglob("*") if p.is_file()}
         for seed in ("1", "987654")
     }
-    assert len(files["1"]) == 18  # 3 adapters with 2 adapters each (2 files) + 3 LoRA exports (2 files)
+    assert len(files["1"]) == 12  # 2 directories × 2 adapters × 2 files + 2 LoRA exports × 2 files
     assert files["1"].keys() == files["987654"].keys()
     for name, data in files["1"].items():
         assert files["987654"][name] == data, f"{name} differs between the two processes"
-    for adapter in ("fp16", "int8", "bf16", "fp16/second"):
+    for adapter in ("fp16", "int8", "fp16/second", "int8/second"):
         config = json.loads(files["1"][Path(adapter) / "adapter_config.json"])
         weights = files["1"][Path(adapter) / "lordba_model.safetensors"]
         assert config["weights_sha256"] == hashlib.sha256(weights).hexdigest()
