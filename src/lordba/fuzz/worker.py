@@ -215,6 +215,9 @@ def run_atheris(rec: Recorder, deadline: float, seed: int, corpus: Path) -> None
             case, _ = mutate(rng, case)
         return encode_case(case)[:max_size]
 
+    # At least a few seconds once started, so that libFuzzer gets through its seeds (and reports
+    # its coverage) even when the worker started late on a busy machine.
+    deadline = max(deadline, time.time() + 3)
     seconds = max(int(deadline - time.time()) + 60, 1)
     args = [sys.argv[0], str(corpus), f"-max_total_time={seconds}", "-rss_limit_mb=0", "-timeout=100000"]
     args += [f"-seed={seed + 1}", f"-max_len={1 << 17}", "-print_final_stats=0", "-reload=0"]
