@@ -281,3 +281,69 @@ def test_real_save_pretrained_killed_at_random_times(tmp_path, iterations):
         env={"PYTHONPATH": ":".join(sys.path)},
     )
     assert len(outcomes) == iterations
+
+
+ATOMIC_WRITE = textwrap.dedent(
+    """
+    import os, sys
+    target = sys.argv[1]
+    with open(target + ".tmp", "w") as f:
+        f.write("new")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(target + ".tmp", target)
+    """
+)
+
+
+def test_command_line_children_are_killed_before_each_step(tmp_path):
+    """The command-line mode (for lordba convert, training scripts): python -m lordba.fuzz.crash
+    runs the command with the step hooks and kills it at the requested step."""
+    target = tmp_path / "file"
+
+    def prepare():
+        for p in tmp_path.iterdir():
+            p.unlink()
+        target.write_text("old")
+
+    outcomes = kill_test(
+        ["-c", ATOMIC_WRITE, str(target)],
+        tmp_path,
+        prepare,
+        classify=lambda: target.read_text(),
+        allowed={"old", "new"},
+        env={"PYTHONPATH": ":".join(sys.path)},
+    )
+    assert [o.where.split(": ")[-1] for o in outcomes[:-1]] == ["open file.tmp", "fsync file.tmp", "replace file"]
+    assert [o.state for o in outcomes] == ["old", "old", "old", "new"]
+
+
+@pytest.mark.slow
+def test_lordba_export_lora_command_killed_before_each_step(tmp_path):
+    """End to end through the CLI: `lordba export-lora --overwrite` killed before each step leaves
+    the previous export or the new one (one process start per step: slow)."""
+    from lordba.export import export_lora
+
+    src = tmp_path / "adapter"
+    torch.manual_seed(0)
+    reset(src, NEW)
+    out = tmp_path / "lora"
+    refs = {}
+    for name, files in (("old", OLD), ("new", NEW)):
+        reset(tmp_path / f"src-{name}", files)
+        export_lora(tmp_path / f"src-{name}", tmp_path / f"ref-{name}")
+        refs[name] = {p.name: p.read_bytes() for p in (tmp_path / f"ref-{name}").iterdir()}
+
+    def prepare():
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(tmp_path / "ref-old", out)
+
+    outcomes = kill_test(
+        ["-m", "lordba", "export-lora", str(src), str(out), "--overwrite"],
+        out.parent,
+        prepare,
+        classify=lambda: export_label(out, refs),
+        allowed={"old", "new"},
+        env={"PYTHONPATH": ":".join(sys.path)},
+    )
+    assert {o.state for o in outcomes} == {"old", "new"}

@@ -1,10 +1,13 @@
 """Crash-safety testing: kill a writer at every file-system step, or at random times, and check
 that what it leaves is the old result or the new one, never anything else.
 
-A *step* is one call of ``os.open`` (creating), ``os.replace``, ``os.rename``, ``os.link``,
-``os.unlink``/``os.remove``, ``os.rmdir``, ``os.mkdir`` or ``os.fsync`` on a path under a watched
-directory. The child is either a callable (run in a forked copy of this process: fast, for code
-that needs no threads) or a Python command line (run through this module:
+A *step* is one call of ``os.open`` (creating) or of the built-in ``open`` in a writing mode,
+``os.replace``, ``os.rename``, ``os.link``, ``os.unlink``/``os.remove``, ``os.rmdir``,
+``os.mkdir`` or ``os.fsync`` on a path under a watched directory (writes within an open file are
+not steps: the random-time kills cover partly written files).
+
+The child is either a callable (run in a forked copy of this process: fast, for code that needs
+no threads) or a Python command line (run through this module:
 ``python -m lordba.fuzz.crash --kill-at N --under DIR -- -m lordba convert ...``), so the same
 test drives ``save_pretrained``, ``export_lora``, ``lordba convert`` or a trainer's checkpoints.
 
@@ -20,6 +23,8 @@ Typical use::
 from __future__ import annotations
 
 import argparse
+import builtins
+import io
 import json
 import os
 import random
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STEP_FUNCTIONS = ("open", "replace", "rename", "link", "unlink", "remove", "rmdir", "mkdir", "fsync")
+# and the built-in open() in a writing mode ("w", "a", "x", "+"), recorded as "open"
 Child = Callable[[], object] | Sequence[str]
 
 
@@ -62,29 +68,38 @@ def _resolve(arg: object, dir_fd: int | None) -> str | None:
 
 
 def install_hooks(under: Path, kill_at: int, trace: list[str]) -> None:
-    """Patch the ``os`` step functions: record each step on a path under ``under`` in ``trace``
-    and SIGKILL this process just before step number ``kill_at`` (1-based; 0: never)."""
+    """Patch the step functions: record each step on a path under ``under`` in ``trace`` and
+    SIGKILL this process just before step number ``kill_at`` (1-based; 0: never)."""
     root = os.path.realpath(under)
+
+    def record(name: str, path_args: Sequence[object], dir_fd: object = None) -> None:
+        paths = [_resolve(a, dir_fd if isinstance(dir_fd, int) else None) for a in path_args]
+        hit = [p for p in paths if p and (p == root or p.startswith(root + os.sep))]
+        if hit:
+            trace.append(f"{name} {os.path.relpath(hit[-1], root)}")
+            if len(trace) == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def hook(name: str, fn: Callable[..., object]) -> Callable[..., object]:
         def step(*args: object, **kwargs: object) -> object:
-            if name == "open":
-                flags = args[1] if len(args) > 1 else kwargs.get("flags", 0)
-                if not (isinstance(flags, int) and flags & os.O_CREAT):
-                    return fn(*args, **kwargs)
-            dir_fd = kwargs.get("dir_fd") if isinstance(kwargs.get("dir_fd"), int) else None
-            paths = [_resolve(a, dir_fd) for a in args[:2]]
-            hit = [p for p in paths if p and (p == root or p.startswith(root + os.sep))]
-            if hit:
-                trace.append(f"{name} {os.path.relpath(hit[-1], root)}")
-                if len(trace) == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
+            if name != "open":
+                record(name, args[:2], kwargs.get("dir_fd"))
+            elif (args[1] if len(args) > 1 else kwargs.get("flags", 0)) & os.O_CREAT:  # type: ignore[operator]
+                record(name, args[:1], kwargs.get("dir_fd"))
             return fn(*args, **kwargs)
 
         return step
 
     for name in STEP_FUNCTIONS:
         setattr(os, name, hook(name, getattr(os, name)))
+    real_open = io.open
+
+    def open_(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        if isinstance(mode, str) and any(c in mode for c in "wax+"):  # creates or changes a file
+            record("open", [file])
+        return real_open(file, mode, *args, **kwargs)
+
+    builtins.open = io.open = open_
 
 
 def _run_forked(child: Callable[[], object], under: Path, kill_at: int, trace_file: Path | None) -> int:
