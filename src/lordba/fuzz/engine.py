@@ -79,6 +79,7 @@ def fuzz(
     if engine == "atheris" and default_engine() != "atheris":
         raise ConfigError("the atheris engine needs atheris (pip install atheris); or use --engine mutate")
     failures = Path(failures_dir)
+    earlier = set(failures.glob("*.case")) if failures.exists() else set()
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     state = Path(tempfile.mkdtemp(prefix="lordba-fuzz-", dir=shm))
     corpus = Path(corpus_dir) if corpus_dir else state / "corpus"
@@ -122,7 +123,8 @@ def fuzz(
         cases, refused, loaded, unclean, _, _ = COUNTERS.unpack(counters[: COUNTERS.size])
         counters.close()
         shutil.rmtree(state, ignore_errors=True)
-    saved += sorted(str(p) for p in failures.glob("*.case") if str(p) not in saved) if failures.exists() else []
+    if failures.exists():  # what this run saved (the workers save unclean cases themselves)
+        saved += sorted(str(p) for p in set(failures.glob("*.case")) - earlier if str(p) not in saved)
     report = {
         "engine": engine,
         "engine_version": engine_version(engine),
