@@ -29,6 +29,7 @@ def test_a_bounded_run_finds_no_unclean_failure(tmp_path, engine):
     assert report["cases"] == report["refused"] + report["loaded"] + report["unclean"]
     assert json.loads((tmp_path / "report.json").read_text())["cases"] == report["cases"]
     assert not (tmp_path / "failures").exists()
+    assert report["mutator_errors"] == 0 and report["worker_errors"] == [], report["mutator_error_samples"]
     if engine == "atheris":
         assert report["libfuzzer_coverage"].get("edges", 0) > 100  # lordba's code is instrumented
 
@@ -57,3 +58,22 @@ def test_replay_of_a_saved_case(tmp_path, capsys):
     case.write_bytes(encode_case(seed_cases()[0]))
     assert main(["fuzz", "--replay", str(case)]) == 0
     assert "loaded" in capsys.readouterr().out
+
+
+def test_chains_of_mutations_never_raise():
+    """The mutators must cope with what other mutators (and they themselves) made: an int where
+    a shape was, a list where a dtype was... An exception there is a fuzzer bug that hides cases
+    (the engines report it as a mutator error)."""
+    import random
+
+    from lordba.fuzz.mutate import MUTATORS
+
+    rng = random.Random(7)
+    seeds = seed_cases()
+    names = sorted(MUTATORS)
+    for first in names:
+        for _ in range(40):
+            case = rng.choice(seeds)
+            for name in [first] * 4 + rng.choices(names, k=2) + [first] * 4:
+                case = MUTATORS[name](rng, case)
+            assert isinstance(case, dict)

@@ -59,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     )
     reasons = sorted(report["refusal_reasons"].items(), key=lambda kv: -kv[1])[:15]
     print_table("most frequent refusal reasons", ["reason", "cases"], reasons)
+    if report["mutator_errors"] or report["worker_errors"]:
+        print(
+            f"fuzzer problems (not loader failures): {report['mutator_errors']} mutator errors, "
+            f"{len(report['worker_errors'])} worker deaths outside a case; see the JSON report"
+        )
     if report["unclean"]:
         print(json.dumps({"unclean_kinds": report["unclean_kinds"], "failures": report["failures"]}, indent=2))
     return 1 if report["unclean"] else 0

@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,8 @@ def fuzz(
     deadline = start + seconds
     totals: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     saved: list[str] = []
+    samples: list[str] = []
+    worker_errors: list[str] = []
     workers = 0
     bar = _progress_bar(seconds) if progress else None
     try:
@@ -101,6 +104,11 @@ def fuzz(
             stats = _read_json(state / "stats.json")
             for key in ("refusal_reasons", "unclean_kinds", "loaded_kinds", "mutators"):
                 totals[key].update(stats.get(key, {}))
+            totals["mutator_errors"]["count"] += stats.get("mutator_errors", 0)
+            samples += stats.get("mutator_error_samples", [])
+            if kind == "worker-error":  # died outside a case: a bug of the fuzzer, reported
+                worker_errors.append((state / "worker.log").read_text(errors="replace")[-2000:])
+                kind = None
             totals["peak_rss_mb"]["max"] = max(totals["peak_rss_mb"]["max"], int(stats.get("peak_rss_mb", 0)))
             (state / "stats.json").unlink(missing_ok=True)
             coverage = _LIBFUZZER_STATUS.findall((state / "worker.log").read_text(errors="replace"))
@@ -143,6 +151,9 @@ def fuzz(
         "distinct_refusal_reasons": len(totals["refusal_reasons"]),
         "mutators": dict(sorted(totals["mutators"].items())),
         "libfuzzer_coverage": dict(totals["coverage"]),
+        "mutator_errors": totals["mutator_errors"]["count"],
+        "mutator_error_samples": samples[:3],
+        "worker_errors": worker_errors,
         "workers_started": workers,
         "memory_cap_mb": mem_mb,
         "peak_rss_mb": totals["peak_rss_mb"]["max"],
@@ -192,16 +203,26 @@ def _watch(
             if rc != 0 and not in_case and not cases:
                 log = Path(proc.args[proc.args.index("--state") + 1]) / "worker.log"
                 raise RuntimeError(f"the fuzzing worker failed to start:\n{log.read_text(errors='replace')[-3000:]}")
-            return "crash" if rc != 0 and in_case else None
+            if rc != 0:
+                return "crash" if in_case else "worker-error"
+            return None
         now = time.time()
         if in_case and now - case_start > case_timeout:
-            proc.kill()
-            proc.wait()
+            _stop_with_stacks(proc)
             return "timeout"
         if now > deadline + case_timeout + 30:  # the worker ignores its deadline: stop it
-            proc.kill()
-            proc.wait()
-            return None
+            _stop_with_stacks(proc)
+            return "worker-error"
+
+
+def _stop_with_stacks(proc: subprocess.Popen) -> None:
+    """Kill a worker after asking it to write its Python stacks to its log (faulthandler)."""
+    proc.send_signal(signal.SIGUSR1)
+    try:
+        proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _progress_bar(seconds: float) -> Any:

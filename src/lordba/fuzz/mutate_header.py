@@ -44,7 +44,8 @@ def tensor_shape(rng: random.Random, case: Case) -> Case:
         if not names:
             return None
         k = rng.choice(names)
-        shape = list(h[k].get("shape") or [0])
+        shape = h[k].get("shape")
+        shape = list(shape) if isinstance(shape, list) and shape else [0]
         choice = rng.randrange(6)
         if choice == 0 and isinstance(shape[0], int):
             shape[0] += rng.choice([-1, 1])
@@ -213,13 +214,13 @@ def huge_declared_sizes(rng: random.Random, case: Case) -> Case:
         sizes = {"sign_A": (r * in_f + 7) // 8, "sign_B": (out_f * r + 7) // 8}
         for kind in ("scale_in", "scale_mid", "scale_out"):
             e = h.get(f"{name}.{kind}")
-            item = ITEMSIZE.get(e.get("dtype"), 2) if isinstance(e, dict) else 2
+            item = ITEMSIZE.get(str(e.get("dtype")), 2) if isinstance(e, dict) else 2
             sizes[kind] = {"scale_in": in_f, "scale_mid": r, "scale_out": out_f}[kind] * item
         offset = max((e["data_offsets"][1] for _, e in _valid_entries(ents)), default=0)
         for kind, n in sizes.items():
             old = h.get(f"{name}.{kind}")
             dtype = old.get("dtype", "U8") if isinstance(old, dict) else "U8"
-            shape = [n] if kind.startswith("sign") else [n // ITEMSIZE.get(dtype, 1)]
+            shape = [n] if kind.startswith("sign") else [n // ITEMSIZE.get(str(dtype), 1)]
             ents[f"{name}.{kind}"] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
             offset += n
         return set_module_dims(ents, {**mods, name: [in_f, out_f, r]}), d

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import faulthandler
 import hashlib
 import importlib
 import json
@@ -18,10 +19,12 @@ import os
 import random
 import re
 import resource
+import signal
 import struct
 import sys
 import tempfile
 import time
+import traceback
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +47,17 @@ class Recorder:
         self.unclean: collections.Counter[str] = collections.Counter()
         self.loaded: collections.Counter[str] = collections.Counter()
         self.mutators: collections.Counter[str] = collections.Counter()
+        self.mutator_errors: list[str] = []
         self.last_dump = 0.0
+
+    def mutate(self, fn: Callable[[], Any], fallback: Any) -> Any:
+        """Run a mutation; an exception in it is a bug of the fuzzer, not of the loader: it is
+        recorded (and reported) and ``fallback`` is used instead."""
+        try:
+            return fn()
+        except Exception:
+            self.mutator_errors.append(traceback.format_exc()[-1500:])
+            return fallback
 
     def run(self, data: bytes, mutators: list[str] | None = None) -> None:
         from .corpus import decode_case
@@ -81,6 +94,8 @@ class Recorder:
             "unclean_kinds": dict(self.unclean),
             "loaded_kinds": dict(self.loaded),
             "mutators": dict(self.mutators),
+            "mutator_errors": len(self.mutator_errors),
+            "mutator_error_samples": self.mutator_errors[:3],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         tmp = self.state / "stats.json.tmp"
@@ -133,7 +148,8 @@ def run_mutate(rec: Recorder, deadline: float, seed: int) -> None:
     for case in seeds:
         rec.run(encode_case(case), ["seed"])
     while time.time() < deadline:
-        case, names = mutate(rng, rng.choice(seeds))
+        seed_case = rng.choice(seeds)
+        case, names = rec.mutate(lambda seed_case=seed_case: mutate(rng, seed_case), (seed_case, ["seed"]))
         rec.run(encode_case(case), names)
 
 
@@ -146,11 +162,8 @@ def run_hypothesis(rec: Recorder, deadline: float, seed: int) -> None:
 
     seeds = seed_cases(seed=seed)
 
-    class _Done(Exception):
-        pass
-
     @settings(
-        max_examples=500,
+        max_examples=50,
         database=None,
         deadline=None,
         phases=[Phase.generate],
@@ -164,18 +177,18 @@ def run_hypothesis(rec: Recorder, deadline: float, seed: int) -> None:
     )
     def one(case: dict[str, bytes], names: list[str], rng: random.Random, fix: bool | None) -> None:
         if time.time() > deadline:
-            raise _Done
-        for name in names:
-            case = MUTATORS[name](rng, case)
-        if fix is not None:
-            case = fix_checksum(case, backups=fix)
-        rec.run(encode_case(case), [*names, *(["fix_checksum"] if fix is not None else [])])
+            return  # no exception: Hypothesis would replay it as a failure
+
+        def mutated() -> dict[str, bytes]:
+            out = case
+            for name in names:
+                out = MUTATORS[name](rng, out)
+            return fix_checksum(out, backups=fix) if fix is not None else out
+
+        rec.run(encode_case(rec.mutate(mutated, case)), [*names, *(["fix_checksum"] if fix is not None else [])])
 
     while time.time() < deadline:
-        try:
-            one()
-        except _Done:
-            break
+        one()
 
 
 def run_atheris(rec: Recorder, deadline: float, seed: int, corpus: Path) -> None:
@@ -204,6 +217,9 @@ def run_atheris(rec: Recorder, deadline: float, seed: int, corpus: Path) -> None
         rec.run(data)
 
     def custom_mutator(data: bytes, max_size: int, mutation_seed: int) -> bytes:
+        return rec.mutate(lambda: structured_mutation(data, max_size, mutation_seed), data)
+
+    def structured_mutation(data: bytes, max_size: int, mutation_seed: int) -> bytes:
         rng = random.Random(mutation_seed)
         case = decode_case(data) or dict(rng.choice(seeds))
         if rng.random() < 0.3:  # libFuzzer's byte-level mutation of one file
@@ -236,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem-mb", type=int, default=1024)
     p.add_argument("--target", default="lordba.fuzz.oracle:run_case")
     args = p.parse_args(argv)
+    # SIGUSR1 (from the supervisor, before it kills a hung worker): Python stacks to the log.
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     import torch
 
     torch.set_num_threads(1)
