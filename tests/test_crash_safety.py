@@ -237,9 +237,7 @@ CHILD_SAVE_LOOP = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(
-    "iterations", [pytest.param(1, id="quick"), pytest.param(40, marks=pytest.mark.slow, id="long")]
-)
+@pytest.mark.parametrize("iterations", [pytest.param(40, marks=pytest.mark.slow, id="long")])
 def test_real_save_pretrained_killed_at_random_times(tmp_path, iterations):
     """End to end: a child process saves two adapters of a model in turn, SIGKILLed at random
     times; what is left always loads onto a fresh model as one of the two, bit for bit."""

@@ -8,7 +8,7 @@ not steps: the random-time kills cover partly written files).
 
 The child is either a callable (run in a forked copy of this process: fast, for code that needs
 no threads) or a Python command line (run through this module:
-``python -m lordba.fuzz.crash --kill-at N --under DIR -- -m lordba convert ...``), so the same
+``python lordba/fuzz/crash.py --kill-at N --under DIR -- -m lordba convert ...``), so the same
 test drives ``save_pretrained``, ``export_lora``, ``lordba convert`` or a trainer's checkpoints.
 
 Typical use::
@@ -120,7 +120,9 @@ def _run_forked(child: Callable[[], object], under: Path, kill_at: int, trace_fi
 
 
 def _run_command(argv: Sequence[str], under: Path, kill_at: int, trace_file: Path | None, env: dict | None) -> int:
-    cmd = [sys.executable, "-m", "lordba.fuzz.crash", "--kill-at", str(kill_at), "--under", str(under)]
+    # Run this file as a script (it imports nothing from lordba, so no torch start-up is added to
+    # a child that does not need it).
+    cmd = [sys.executable, __file__, "--kill-at", str(kill_at), "--under", str(under)]
     if trace_file is not None:
         cmd += ["--trace", str(trace_file)]
     proc = subprocess.run([*cmd, "--", *argv], env=env, capture_output=True, text=True)
@@ -237,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then '-m module args', '-c code' or 'script args'")
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    # Run as a script, this file's directory is sys.path[0]: give the command its own, as python would.
+    if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+        sys.path[0] = os.path.dirname(os.path.abspath(command[0])) if command[0] not in ("-m", "-c") else ""
     trace: list[str] = []
     install_hooks(args.under, args.kill_at, trace)
     code = 0
