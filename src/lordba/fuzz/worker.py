@@ -47,7 +47,8 @@ class Recorder:
         self.unclean: collections.Counter[str] = collections.Counter()
         self.loaded: collections.Counter[str] = collections.Counter()
         self.mutators: collections.Counter[str] = collections.Counter()
-        self.mutator_errors: list[str] = []
+        self.mutator_errors = 0
+        self.mutator_error_samples: list[str] = []
         self.last_dump = 0.0
 
     def mutate(self, fn: Callable[[], Any], fallback: Any) -> Any:
@@ -56,7 +57,9 @@ class Recorder:
         try:
             return fn()
         except Exception:
-            self.mutator_errors.append(traceback.format_exc()[-1500:])
+            self.mutator_errors += 1
+            if len(self.mutator_error_samples) < 3:
+                self.mutator_error_samples.append(traceback.format_exc()[-1500:])
             return fallback
 
     def run(self, data: bytes, mutators: list[str] | None = None) -> None:
@@ -94,8 +97,8 @@ class Recorder:
             "unclean_kinds": dict(self.unclean),
             "loaded_kinds": dict(self.loaded),
             "mutators": dict(self.mutators),
-            "mutator_errors": len(self.mutator_errors),
-            "mutator_error_samples": self.mutator_errors[:3],
+            "mutator_errors": self.mutator_errors,
+            "mutator_error_samples": self.mutator_error_samples,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         tmp = self.state / "stats.json.tmp"
