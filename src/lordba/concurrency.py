@@ -2,7 +2,8 @@
 
 Forward calls hold it shared; operations that change adapters (set, load, hot-swap, delete,
 merge) hold it exclusively, so every forward sees one consistent set of adapters and weights.
-A thread may re-enter a lock it holds (a writer may also read).
+A thread may re-enter a lock it holds (a writer may also read); a reader cannot become a writer
+(changing adapters from inside a forward raises :class:`~lordba.errors.AdapterStateError`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+
+from .errors import AdapterStateError
 
 
 class RWLock:
@@ -62,7 +65,7 @@ class RWLock:
                 self._writer_depth += 1
             else:
                 if getattr(self._local, "depth", 0):
-                    raise RuntimeError("cannot change adapters from inside a forward call of the same model")
+                    raise AdapterStateError("cannot change adapters from inside a forward call of the same model")
                 self._waiting_writers += 1
                 while self._writer is not None or self._readers:
                     self._cond.wait()

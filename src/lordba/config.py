@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import reprlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import AdapterFormatError, ConfigError
+
+try:  # the standard library's regex parser (private modules, stable API since 3.11)
+    from re import _constants as _sre
+    from re import _parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as _sre
+    import sre_parse as _sre_parse
 from .scales import SCALE_DTYPES
 from .ste import STE, STE_KINDS
 
@@ -25,6 +34,9 @@ INITS = ("cold", "random")
 LATENT_DTYPES = ("float32", "bfloat16", "float16")
 # Keys written by the library beside the dataclass fields.
 _FILE_ONLY_KEYS = {"peft_type", "format_version", "weights_sha256", "library_version"}
+MAX_RANK = (1 << 31) - 1
+MAX_PATTERN_CHARS = 1024
+MAX_UNBOUNDED_REPEATS = 2
 
 
 @dataclass
@@ -78,12 +90,12 @@ class LoRDBAConfig:
         if not isinstance(self.rank_pattern, dict):
             raise ConfigError(f"rank_pattern must be a dict, got {type(self.rank_pattern).__name__}")
         for key, value in self.rank_pattern.items():
-            _check_str("rank_pattern key", key)
+            _check_pattern("rank_pattern key", key)
             _check_rank(f"rank_pattern[{key!r}]", value)
         if not isinstance(self.alpha_pattern, dict):
             raise ConfigError(f"alpha_pattern must be a dict, got {type(self.alpha_pattern).__name__}")
         for key, value in self.alpha_pattern.items():
-            _check_str("alpha_pattern key", key)
+            _check_pattern("alpha_pattern key", key)
             _check_positive(f"alpha_pattern[{key!r}]", value)
         _check_choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
         _check_choice("init", self.init, INITS)
@@ -118,10 +130,10 @@ class LoRDBAConfig:
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         peft_type = data.get("peft_type", PEFT_TYPE)
         if peft_type != PEFT_TYPE:
-            raise ConfigError(f"{source}: peft_type is {peft_type!r}, not {PEFT_TYPE!r}")
+            raise ConfigError(f"{source}: peft_type is {safe_repr(peft_type)}, not {PEFT_TYPE!r}")
         version = data.get("format_version", FORMAT_VERSION)
         if type(version) is not int:
-            raise ConfigError(f"{source}: format_version must be an integer, got {version!r}")
+            raise ConfigError(f"{source}: format_version must be an integer, got {safe_repr(version)}")
         if version != FORMAT_VERSION:
             raise AdapterFormatError(
                 f"{source}: format_version {version} is not supported (this lordba reads version "
@@ -130,7 +142,7 @@ class LoRDBAConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names - _FILE_ONLY_KEYS)
         if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {unknown}")
+            raise ConfigError(f"{source}: unknown field(s) {safe_repr(unknown)}")
         kwargs = {k: v for k, v in data.items() if k in names}
         try:
             return cls(**kwargs)
@@ -177,25 +189,43 @@ def read_json_file(path: Path, max_bytes: int = 1 << 20) -> dict[str, Any]:
     """A size-limited JSON object from ``path``; :class:`AdapterFormatError` naming the file otherwise."""
     if not path.is_file():
         raise AdapterFormatError(f"{path}: missing (not an adapter directory)")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise AdapterFormatError(f"{path}: {size} bytes, larger than the {max_bytes}-byte limit for a config")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise AdapterFormatError(f"{path}: not valid JSON ({err})") from None
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)  # bounded even if the file grows after a stat
+    except OSError as err:
+        raise AdapterFormatError(f"{path}: cannot read ({err.strerror})") from None
+    if len(raw) > max_bytes:
+        raise AdapterFormatError(f"{path}: larger than the {max_bytes}-byte limit for a config")
+    data = parse_json(raw, str(path))
     if not isinstance(data, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def parse_json(raw: bytes, what: str) -> Any:
+    """Strict JSON from untrusted bytes: UTF-8, no NaN/Infinity, no duplicate keys (readers that
+    keep the first or the last duplicate would see different files), and every failure, including
+    nesting too deep and integers too long to convert, as :class:`AdapterFormatError` naming ``what``."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        raise AdapterFormatError(f"{what}: not valid JSON ({err})") from None
 
 
 def _reject_constant(name: str) -> None:
     raise json.JSONDecodeError(f"non-standard constant {name}", name, 0)
 
 
-def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
-    import re
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    return data
 
+
+def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
@@ -203,13 +233,88 @@ def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
 
 
 def _check_rank(name: str, value: Any) -> None:
-    if type(value) is not int or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if type(value) is not int or not 1 <= value <= MAX_RANK:
+        raise ConfigError(f"{name} must be a positive integer below 2**31, got {safe_repr(value)}")
 
 
 def _check_positive(name: str, value: Any) -> None:
-    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+    try:
+        ok = type(value) in (int, float) and math.isfinite(value) and value > 0
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok:
+        raise ConfigError(f"{name} must be a positive finite number, got {safe_repr(value)}")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+
+
+def safe_repr(value: Any) -> str:
+    """A short ``repr`` of an untrusted value for an error message: bounded length and depth,
+    and no failure on huge integers (whose ``repr`` raises) or deep nesting."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"<int of {value.bit_length()} bits>"
+    try:
+        return _REPR.repr(value)
+    except (ValueError, RecursionError):
+        return f"<{type(value).__name__}>"
+
+
+def _check_pattern(name: str, pattern: Any) -> None:
+    """A module-name regular expression must compile and must not backtrack exponentially
+    (patterns come from untrusted adapter files and are matched against untrusted module names)."""
+    _check_str(name, pattern)
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ConfigError(f"{name} {safe_repr(pattern)}: longer than {MAX_PATTERN_CHARS} characters")
+    try:
+        re.compile(pattern)
+        re.compile(rf"(.*\.)?({pattern})$")  # as config.rank_for/alpha_for match it
+        parsed = _sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as err:
+        raise ConfigError(f"{name} {pattern!r} is not a valid regular expression ({err})") from None
+    problem = _backtracking_hazard(parsed, inside_repeat=False, unbounded=[0])
+    if problem:
+        raise ConfigError(
+            f"{name} {pattern!r}: {problem}, which can make matching take exponential or high-polynomial time; "
+            "use a plain module name or a simpler pattern"
+        )
+
+
+def _backtracking_hazard(items: Any, inside_repeat: bool, unbounded: list[int]) -> str | None:
+    """The first construct of a parsed pattern that risks catastrophic backtracking, if any."""
+    repeats = {_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", None)}
+    for op, av in items:
+        sub: list[Any] = []
+        nested = inside_repeat
+        if op in repeats:
+            _, high, body = av
+            if high > 1:
+                if inside_repeat:
+                    return "it nests a repetition inside a repetition"
+                if high == _sre.MAXREPEAT:
+                    unbounded[0] += 1
+                    if unbounded[0] > MAX_UNBOUNDED_REPEATS:
+                        return f"it has more than {MAX_UNBOUNDED_REPEATS} unbounded repetitions"
+                nested = True
+            sub = [body]
+        elif op is _sre.BRANCH:
+            if inside_repeat:
+                return "it repeats an alternation"
+            sub = list(av[1])
+        elif op is _sre.SUBPATTERN:
+            sub = [av[-1]]
+        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            sub = [av[1]]
+        elif op is getattr(_sre, "ATOMIC_GROUP", None):
+            sub = [av]
+        elif op in (_sre.GROUPREF, _sre.GROUPREF_EXISTS):
+            return "it uses a backreference"
+        for part in sub:
+            problem = _backtracking_hazard(part, nested, unbounded)
+            if problem:
+                return problem
+    return None
 
 
 def _check_str(name: str, value: Any) -> None:
@@ -219,11 +324,14 @@ def _check_str(name: str, value: Any) -> None:
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices or not isinstance(value, str):
-        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {choices}, got {safe_repr(value)}")
 
 
 def _check_modules(name: str, value: Any) -> list[str] | str | None:
-    if value is None or isinstance(value, str):
+    if value is None or value == "all-linear":
+        return value
+    if isinstance(value, str):
+        _check_pattern(name, value)
         return value
     if isinstance(value, (list, tuple, set)):
         items = sorted(value) if isinstance(value, set) else list(value)

@@ -19,19 +19,27 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
-from safetensors import safe_open
 
 from . import __version__
-from .atomic import commit_files, consistent_files
-from .config import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, LoRDBAConfig, read_json_file
+from .atomic import backup_path, commit_files
+from .config import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    LoRDBAConfig,
+    parse_json,
+    read_json_file,
+    safe_repr,
+)
 from .errors import AdapterFormatError, ConfigError, LoRDBAError
 from .packing import check_padding, packed_size
 from .scales import get_codec
@@ -50,6 +58,11 @@ _ST_DTYPES = {
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
+# A module path: dot-separated names of letters, digits, "_" and "-" (what PyTorch models use).
+_MODULE_PATH_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+MAX_MODULE_PATH = 256
+_INTERNAL = ("base_layer", "lordba_adapters")  # names inside a LoRDBA layer, never a target
+_ATTEMPTS = 3
 
 
 @dataclass
@@ -94,44 +107,69 @@ class AdapterState:
 
 @dataclass
 class AdapterFile(AdapterState):
-    """A validated adapter directory: an :class:`AdapterState` plus file facts."""
+    """A validated adapter directory: an :class:`AdapterState` plus file facts.
+
+    It keeps the weights file open from :func:`open_adapter` until :meth:`load_tensors` (or
+    :meth:`close`), so the checksum, the header and the tensors all come from one file even if a
+    save replaces the directory's files in between."""
 
     directory: Path = Path(".")
     sha256: str = ""
     weights_path: Path = Path(".")
     weights_bytes: int = 0
     recovered: bool = False
+    _file: BinaryIO | None = field(default=None, repr=False, compare=False)
+    _spans: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def load_tensors(self) -> None:
-        """Read every tensor (memory-mapped) and check its values; fills ``ModuleRecord.tensors``."""
+        """Read every tensor (one at a time, from the file whose checksum was verified) and check
+        its values; fills ``ModuleRecord.tensors``."""
+        if all(rec.tensors for rec in self.modules.values()):
+            return
         path = self.weights_path
-        codec_name = self.config.scale_dtype
+        f = self._file
+        if f is None or f.closed:
+            f = _open_verified(path, self.sha256)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for rec in self.modules.values():
-                    rec.tensors = {k: f.get_tensor(f"{rec.path}.{k}") for k in TENSOR_KINDS}
-        except LoRDBAError:
-            raise
-        except Exception as err:  # safetensors' own checks, I/O errors
-            raise AdapterFormatError(f"{path}: cannot read tensors ({err})") from None
+            for rec in self.modules.values():
+                rec.tensors = {k: _read_tensor(f, path, f"{rec.path}.{k}", self._spans) for k in TENSOR_KINDS}
+        except OSError as err:
+            raise AdapterFormatError(f"{path}: cannot read tensors ({err.strerror or err})") from None
+        finally:
+            f.close()
         for rec in self.modules.values():
-            _check_values(rec, codec_name, path)
+            _check_values(rec, self.config.scale_dtype, path)
+
+    def close(self) -> None:
+        """Close the weights file (done by :meth:`load_tensors`; needed only if it is not called)."""
+        if self._file is not None:
+            self._file.close()
 
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file, streamed."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+        return _stream_sha256(f)
+
+
+def _stream_sha256(f: BinaryIO) -> str:
+    h = hashlib.sha256()
+    f.seek(0)
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
     return h.hexdigest()
 
 
 def _config_sha(config_path: Path) -> str:
-    raw = read_json_file(config_path)
+    return _sha_field(read_json_file(config_path), config_path)
+
+
+def _sha_field(raw: dict[str, Any], config_path: Path) -> str:
     sha = raw.get("weights_sha256")
     if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
-        raise ConfigError(f"{config_path}: weights_sha256 must be 64 lowercase hex digits, got {sha!r}")
+        raise ConfigError(f"{config_path}: weights_sha256 must be 64 lowercase hex digits, got {safe_repr(sha)}")
     return sha
 
 
@@ -142,36 +180,107 @@ def _pair_consistent(paths: dict[str, Path]) -> bool:
         return False
 
 
+class _Inconsistent(AdapterFormatError):
+    """The weights file is missing or does not match the config's checksum."""
+
+
+def _open_verified(path: Path, sha: str) -> BinaryIO:
+    """``path`` opened for reading, after checking that its sha256 is ``sha``."""
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise AdapterFormatError(f"{path}: cannot open ({err.strerror or err})") from None
+    try:
+        actual = _stream_sha256(f)
+    except OSError as err:
+        f.close()
+        raise AdapterFormatError(f"{path}: cannot read ({err.strerror or err})") from None
+    if actual != sha:
+        f.close()
+        raise _Inconsistent(
+            f"{path}: checksum mismatch (sha256 {actual}, adapter_config.json says {sha}): the file is "
+            "corrupt, truncated or was modified"
+        )
+    return f
+
+
+@dataclass
+class _Pair:
+    """A config and the open weights file its checksum matches, each read once."""
+
+    config: LoRDBAConfig
+    config_path: Path
+    weights_path: Path
+    sha: str
+    file: BinaryIO
+
+
+def _read_pair(config_path: Path, weights_path: Path) -> _Pair:
+    raw = read_json_file(config_path)
+    config = LoRDBAConfig.from_dict(raw, source=str(config_path))
+    sha = _sha_field(raw, config_path)
+    if not weights_path.is_file():
+        raise _Inconsistent(f"{weights_path}: missing")
+    return _Pair(config, config_path, weights_path, sha, _open_verified(weights_path, sha))
+
+
+def _consistent_pair(directory: Path) -> tuple[_Pair, bool]:
+    """The current pair, or the intact previous pair an interrupted save left (``recovered``)."""
+    try:  # an invalid current config is reported, not papered over by a backup
+        return _read_pair(directory / CONFIG_NAME, directory / WEIGHTS_NAME), False
+    except _Inconsistent as err:
+        failure = err
+    backups = [backup_path(directory / name) for name in (CONFIG_NAME, WEIGHTS_NAME)]
+    if all(p.is_file() for p in backups):
+        try:
+            return _read_pair(*backups), True
+        except (LoRDBAError, OSError):
+            pass
+    raise failure
+
+
 def open_adapter(directory: str | Path) -> AdapterFile:
     """Validate an adapter directory up to the tensor headers (steps 1–3); tensors load lazily."""
     directory = Path(directory)
-    config_path = directory / CONFIG_NAME
-    config = LoRDBAConfig.from_dict(_read_config(directory), source=str(config_path))
-    found = consistent_files(directory, [WEIGHTS_NAME, CONFIG_NAME], _pair_consistent)
-    recovered = False
-    if found is None:
-        weights = directory / WEIGHTS_NAME
-        if not weights.is_file():
-            raise AdapterFormatError(f"{weights}: missing")
-        expected = _config_sha(config_path)
-        raise AdapterFormatError(
-            f"{weights}: checksum mismatch (sha256 {file_sha256(weights)}, adapter_config.json says "
-            f"{expected}): the file is corrupt, truncated or was modified"
-        )
-    if found[CONFIG_NAME] != config_path:
-        recovered = True
+    if not directory.is_dir():
+        raise AdapterFormatError(f"{directory}: not a directory")
+    for attempt in range(_ATTEMPTS):
+        stamp = _stamp(directory / CONFIG_NAME)
+        try:
+            pair, recovered = _consistent_pair(directory)
+            break
+        except _Inconsistent:
+            # A save that finished while we read can leave us with the old config and the new
+            # weights (a mismatch, and the backups gone): read again if the config changed.
+            if attempt + 1 == _ATTEMPTS or _stamp(directory / CONFIG_NAME) == stamp:
+                raise
+    if recovered:
         warnings.warn(
             f"{directory}: an interrupted save left an inconsistent adapter; reading the previous, "
             "intact version (the next save restores it)",
             stacklevel=2,
         )
-        config = LoRDBAConfig.from_dict(read_json_file(found[CONFIG_NAME]), source=str(found[CONFIG_NAME]))
-    weights_path = found[WEIGHTS_NAME]
-    sha = _config_sha(found[CONFIG_NAME])
-    size = weights_path.stat().st_size
-    header, metadata, header_len = _read_header(weights_path, size)
-    modules = _check_header(header, metadata, config, weights_path, size - 8 - header_len)
-    return AdapterFile(config, modules, directory, sha, weights_path, size, recovered)
+    f = pair.file
+    try:
+        size = os.fstat(f.fileno()).st_size
+        header, metadata, header_len = _read_header(f, pair.weights_path, size)
+        modules, spans = _check_header(header, metadata, pair.config, pair.weights_path, size - 8 - header_len)
+    except BaseException:
+        f.close()
+        raise
+    spans = {
+        name: (dtype, shape, 8 + header_len + start, 8 + header_len + stop)
+        for name, (dtype, shape, start, stop) in spans.items()
+    }
+    return AdapterFile(pair.config, modules, directory, pair.sha, pair.weights_path, size, recovered, f, spans)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def read_adapter(directory: str | Path) -> AdapterFile:
@@ -181,26 +290,19 @@ def read_adapter(directory: str | Path) -> AdapterFile:
     return adapter
 
 
-def _read_config(directory: Path) -> dict[str, Any]:
-    if not directory.is_dir():
-        raise AdapterFormatError(f"{directory}: not a directory")
-    return read_json_file(directory / CONFIG_NAME)
-
-
-def _read_header(path: Path, size: int) -> tuple[dict[str, Any], dict[str, str], int]:
+def _read_header(f: BinaryIO, path: Path, size: int) -> tuple[dict[str, Any], dict[str, str], int]:
     if size < 8:
         raise AdapterFormatError(f"{path}: {size} bytes, too short for a safetensors file (truncated)")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > min(MAX_HEADER_BYTES, size - 8):
-            raise AdapterFormatError(
-                f"{path}: header length {n} exceeds the file ({size} bytes) or the {MAX_HEADER_BYTES}-byte limit"
-            )
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"), parse_constant=_reject)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise AdapterFormatError(f"{path}: safetensors header is not valid JSON ({err})") from None
+    f.seek(0)
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > min(MAX_HEADER_BYTES, size - 8):
+        raise AdapterFormatError(
+            f"{path}: header length {n} exceeds the file ({size} bytes) or the {MAX_HEADER_BYTES}-byte limit"
+        )
+    raw = f.read(n)
+    if len(raw) != n:
+        raise AdapterFormatError(f"{path}: the file ended inside its header (truncated)")
+    header = parse_json(raw, f"{path}: safetensors header")
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -209,36 +311,48 @@ def _read_header(path: Path, size: int) -> tuple[dict[str, Any], dict[str, str],
     return header, metadata, n
 
 
+def _read_tensor(
+    f: BinaryIO, path: Path, name: str, spans: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]
+) -> torch.Tensor:
+    dtype, shape, start, stop = spans[name]
+    buf = bytearray(stop - start)
+    f.seek(start)
+    if f.readinto(buf) != len(buf):
+        raise AdapterFormatError(f"{path}: tensor {name}: the file ended inside its data (truncated)")
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
 def _reject(name: str) -> None:
     raise json.JSONDecodeError(f"non-standard constant {name}", name, 0)
 
 
 def _check_header(
     header: dict[str, Any], metadata: dict[str, str], config: LoRDBAConfig, path: Path, data_bytes: int
-) -> dict[str, ModuleRecord]:
+) -> tuple[dict[str, ModuleRecord], dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
+    """Modules and, per tensor name, ``(dtype, shape, start, stop)`` relative to the data section."""
     if metadata.get("format") != FORMAT_NAME:
-        raise AdapterFormatError(f"{path}: metadata format is {metadata.get('format')!r}, not {FORMAT_NAME!r}")
+        raise AdapterFormatError(f"{path}: metadata format is {safe_repr(metadata.get('format'))}, not {FORMAT_NAME!r}")
     if metadata.get("format_version") != str(FORMAT_VERSION):
         raise AdapterFormatError(
-            f"{path}: metadata format_version {metadata.get('format_version')!r} is not supported "
+            f"{path}: metadata format_version {safe_repr(metadata.get('format_version'))} is not supported "
             f"(this lordba reads {FORMAT_VERSION})"
         )
     if metadata.get("scale_dtype") != config.scale_dtype:
         raise AdapterFormatError(
-            f"{path}: metadata scale_dtype {metadata.get('scale_dtype')!r} differs from the config's "
+            f"{path}: metadata scale_dtype {safe_repr(metadata.get('scale_dtype'))} differs from the config's "
             f"{config.scale_dtype!r}"
         )
-    try:
-        dims = json.loads(metadata.get("modules", ""), parse_constant=_reject)
-    except (json.JSONDecodeError, RecursionError):
-        raise AdapterFormatError(f"{path}: metadata 'modules' is not valid JSON") from None
+    dims = parse_json(metadata.get("modules", "").encode("utf-8", "surrogatepass"), f"{path}: metadata 'modules'")
     if not isinstance(dims, dict) or not dims:
         raise AdapterFormatError(f"{path}: metadata 'modules' must be a non-empty object of [in, out, r]")
     modules: dict[str, ModuleRecord] = {}
     for name, value in dims.items():
+        _check_module_path(name, path)
         ok = isinstance(value, list) and len(value) == 3 and all(type(v) is int and 0 < v < 1 << 31 for v in value)
         if not ok:
-            raise AdapterFormatError(f"{path}: module {name!r}: dims must be [in, out, r] positive ints, got {value!r}")
+            raise AdapterFormatError(
+                f"{path}: module {name!r}: dims must be [in, out, r] positive ints, got {safe_repr(value)}"
+            )
         in_f, out_f, r = value
         if r != config.rank_for(name):
             raise AdapterFormatError(
@@ -246,7 +360,7 @@ def _check_header(
             )
         targets = config.target_modules
         if targets not in (None, ALL_LINEAR) and not matches(targets, name):
-            raise AdapterFormatError(f"{path}: module {name!r} is not matched by target_modules={targets!r}")
+            raise AdapterFormatError(f"{path}: module {name!r} is not matched by target_modules={safe_repr(targets)}")
         modules[name] = ModuleRecord(name, in_f, out_f, r)
     expected_names = {f"{n}.{k}" for n in modules for k in TENSOR_KINDS}
     missing = sorted(expected_names - set(header))
@@ -254,8 +368,10 @@ def _check_header(
     if missing:
         raise AdapterFormatError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if extra:
-        raise AdapterFormatError(f"{path}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-    spans = []
+        raise AdapterFormatError(
+            f"{path}: unexpected tensor(s) {safe_repr(extra[:5])}{' ...' if len(extra) > 5 else ''}"
+        )
+    spans: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
     for rec in modules.values():
         for kind, (dtype, shape) in rec.expected(config.scale_dtype).items():
             name = f"{rec.path}.{kind}"
@@ -265,23 +381,23 @@ def _check_header(
             st_dtype = _ST_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
             if st_dtype != dtype:
                 raise AdapterFormatError(
-                    f"{path}: tensor {name}: dtype {entry['dtype']!r}, expected {_ST_NAMES[dtype]}"
+                    f"{path}: tensor {name}: dtype {safe_repr(entry['dtype'])}, expected {_ST_NAMES[dtype]}"
                 )
-            if entry["shape"] != list(shape):
-                raise AdapterFormatError(f"{path}: tensor {name}: shape {entry['shape']!r}, expected {list(shape)}")
+            got = entry["shape"]
+            if not (isinstance(got, list) and all(type(d) is int for d in got) and got == list(shape)):
+                raise AdapterFormatError(f"{path}: tensor {name}: shape {safe_repr(got)}, expected {list(shape)}")
             offsets = entry["data_offsets"]
             if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-                raise AdapterFormatError(f"{path}: tensor {name}: malformed data_offsets {offsets!r}")
+                raise AdapterFormatError(f"{path}: tensor {name}: malformed data_offsets {safe_repr(offsets)}")
             nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
             if offsets[1] - offsets[0] != nbytes or offsets[0] < 0:
                 raise AdapterFormatError(
-                    f"{path}: tensor {name}: byte range {offsets} holds {offsets[1] - offsets[0]} bytes, "
-                    f"expected {nbytes}"
+                    f"{path}: tensor {name}: byte range {safe_repr(offsets)} holds "
+                    f"{safe_repr(offsets[1] - offsets[0])} bytes, expected {nbytes}"
                 )
-            spans.append((offsets[0], offsets[1], name))
-    spans.sort()
+            spans[name] = (dtype, shape, offsets[0], offsets[1])
     end = 0
-    for start, stop, name in spans:
+    for name, (_, _, start, stop) in sorted(spans.items(), key=lambda item: item[1][2:]):
         if start != end:
             raise AdapterFormatError(
                 f"{path}: tensor {name}: data does not follow the previous tensor (gap or overlap)"
@@ -291,7 +407,17 @@ def _check_header(
         raise AdapterFormatError(
             f"{path}: the file holds {data_bytes} data bytes but its header describes {end} (truncated or padded)"
         )
-    return modules
+    return modules, spans
+
+
+def _check_module_path(name: str, path: Path) -> None:
+    if len(name) > MAX_MODULE_PATH or not _MODULE_PATH_RE.fullmatch(name):
+        raise AdapterFormatError(
+            f"{path}: module name {safe_repr(name)} is not a module path (dot-separated names of letters, "
+            f"digits, '_' and '-', at most {MAX_MODULE_PATH} characters)"
+        )
+    if any(part in _INTERNAL for part in name.split(".")):
+        raise AdapterFormatError(f"{path}: module name {name!r} points inside a LoRDBA layer")
 
 
 def _check_values(rec: ModuleRecord, scale_dtype: str, path: Path) -> None:

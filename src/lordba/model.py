@@ -6,8 +6,14 @@ disable, merge and unload, mixed-batch routing and generation. Its ``forward`` e
 model's own signature (plus ``adapter_names``), so ``transformers.Trainer`` keeps the right
 dataset columns.
 
-Thread safety: forward and generate calls hold the model's lock shared; every method that
-changes adapters holds it exclusively. Routing and ``disable_adapter`` are per thread.
+Thread safety (tested in tests/test_concurrency.py; the contract is in docs/security.md):
+forward and generate calls hold the model's lock shared; every method that changes adapters
+(add, load, load_adapter_state, hot-swap, set, delete, merge, unmerge, merge_and_unload, unload,
+pack, unpack_to_latent) holds it exclusively and checks its arguments under it, so it is atomic
+with respect to forwards and to each other. Saving and ``adapter_state`` hold it shared. Routing
+(``adapter_names``) and ``disable_adapter`` are per thread. Not thread-safe: training (backward
+and optimizer steps) concurrently with anything else on the same model, and changing adapter
+tensors directly.
 """
 
 from __future__ import annotations
@@ -106,10 +112,13 @@ class LoRDBAModel(nn.Module):
 
     def adapter_modules(self, adapter_name: str) -> dict[str, DoubleBinaryAdapter]:
         """``{module path: adapter}`` of one adapter."""
-        self._check_known(adapter_name)
-        return {
-            n: m.lordba_adapters[adapter_name] for n, m in self._lordba_layers() if adapter_name in m.lordba_adapters
-        }
+        with self._lock.read():
+            self._check_known(adapter_name)
+            return {
+                n: m.lordba_adapters[adapter_name]
+                for n, m in self._lordba_layers()
+                if adapter_name in m.lordba_adapters
+            }
 
     def _check_known(self, *names: str) -> None:
         for name in names:
@@ -172,6 +181,7 @@ class LoRDBAModel(nn.Module):
                 backend.weight_device(base),
             )
         with self._lock.write():
+            self._check_new_name(adapter_name)  # again: another thread may have taken the name
             self._install(adapter_name, adapters)
             self.peft_config[adapter_name] = config
 
@@ -180,16 +190,16 @@ class LoRDBAModel(nn.Module):
         names = (adapter_names,) if isinstance(adapter_names, str) else tuple(adapter_names)
         if not names:
             raise AdapterStateError("set_adapter needs at least one adapter name")
-        self._check_known(*names)
         with self._lock.write():
+            self._check_known(*names)
             for _, layer in self._lordba_layers():
                 layer.set_adapter(names)
             self._active = names
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter from every layer; layers left without adapters get their base back."""
-        self._check_known(adapter_name)
         with self._lock.write():
+            self._check_known(adapter_name)
             for path, layer in self._lordba_layers():
                 layer.delete_adapter(adapter_name)
                 if not layer.lordba_adapters:
@@ -215,10 +225,12 @@ class LoRDBAModel(nn.Module):
 
     def unpack_to_latent(self, adapter_name: str, magnitude: float = 0.01) -> None:
         """Turn a packed adapter back into latent form (signs ± ``magnitude``) to resume QAT."""
-        dtype = (
-            _LATENT_DTYPES[self.peft_config[adapter_name].latent_dtype] if adapter_name in self.peft_config else None
-        )
         with self._lock.write():
+            dtype = (
+                _LATENT_DTYPES[self.peft_config[adapter_name].latent_dtype]
+                if adapter_name in self.peft_config
+                else None
+            )
             for adapter in self.adapter_modules(adapter_name).values():
                 adapter.unpack_to_latent(magnitude, dtype)
 
@@ -393,6 +405,7 @@ class LoRDBAModel(nn.Module):
             adapter.set_trainable(signs=False, scales=is_trainable)
             adapters[path] = adapter
         with self._lock.write():
+            self._check_new_name(adapter_name)  # again: another thread may have taken the name
             self._install(adapter_name, adapters)
             self.peft_config[adapter_name] = config
 
@@ -402,17 +415,17 @@ class LoRDBAModel(nn.Module):
         become no-ops) with the same ranks."""
         self._check_known(adapter_name)
         adapter_file = self._read_for_model(model_id)
-        current = self.adapter_modules(adapter_name)
-        for path, rec in adapter_file.modules.items():
-            old = current.get(path)
-            if old is None or old.r != rec.r:
-                raise AdapterStateError(
-                    f"hotswap_adapter: module {path!r} (rank {rec.r}) is not in adapter {adapter_name!r} with that "
-                    "rank; hot-swapping needs the same target modules (or a subset) and ranks"
-                )
         config = adapter_file.config
         codec = get_codec(config.scale_dtype)
-        with self._lock.write():
+        with self._lock.write():  # check and swap at once: another thread may delete or swap it
+            current = self.adapter_modules(adapter_name)
+            for path, rec in adapter_file.modules.items():
+                old = current.get(path)
+                if old is None or old.r != rec.r:
+                    raise AdapterStateError(
+                        f"hotswap_adapter: module {path!r} (rank {rec.r}) is not in adapter {adapter_name!r} with "
+                        "that rank; hot-swapping needs the same target modules (or a subset) and ranks"
+                    )
             for path, adapter in current.items():
                 rec = adapter_file.modules.get(path)
                 adapter.codec = codec
