@@ -19,3 +19,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 lordba fetch-assets
+lordba build-kernels
