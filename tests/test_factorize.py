@@ -160,3 +160,23 @@ def test_rank_above_the_target_rank_fills_from_the_residual():
     errors = [relative_error(t, svd_init(t, r)).item() for r in (4, 8, 16)]
     assert errors[0] > errors[1] > errors[2]  # Eq. 7 alone would leave the extra components at m = 0
     assert svd_init(t, 16).r == 16
+
+
+def test_top_eigvec_falls_back_to_a_jittered_problem_when_lapack_fails(monkeypatch):
+    from lordba import factorize
+
+    M = torch.rand(3, 12, 5, generator=torch.Generator().manual_seed(0))
+    G = M.mT @ M
+    want = factorize._top_eigvec(G)
+    real, calls = torch.linalg.eigh, []
+
+    def flaky(x):
+        calls.append(x)
+        if len(calls) == 1:
+            raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
+        return real(x)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    got = factorize._top_eigvec(G)
+    assert len(calls) == 2 and got.dtype == torch.float64
+    assert torch.allclose(got.abs(), want.abs(), atol=1e-9)

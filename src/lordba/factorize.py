@@ -103,8 +103,7 @@ def _top_pair(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     transpose = M.shape[-2] < M.shape[-1]
     if transpose:
         M = M.mT
-    _, vecs = torch.linalg.eigh(M.mT @ M)
-    v = vecs[..., -1]
+    v = _top_eigvec(M.mT @ M).to(M.dtype)
     v = v * torch.where(v.sum(-1, keepdim=True) >= 0, 1.0, -1.0).to(v.dtype)
     v = v.clamp(min=0)
     v = v / v.norm(dim=-1, keepdim=True).clamp(min=_TINY)
@@ -112,6 +111,22 @@ def _top_pair(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     sigma = u.norm(dim=-1)
     u = u / sigma[..., None].clamp(min=_TINY)
     return (sigma, v, u) if transpose else (sigma, u, v)
+
+
+def _top_eigvec(G: torch.Tensor) -> torch.Tensor:
+    """Top eigenvector of the symmetric PSD ``G`` [..., q, q], in float64.
+
+    LAPACK's ``syevd`` can fail to converge on nearly rank-deficient Gram matrices (seen on real
+    LoRA factors); a relative jitter of 1e-12·trace on the diagonal leaves the top eigenvector
+    unchanged to working precision and makes the problem well posed.
+    """
+    G = G.double()
+    try:
+        return torch.linalg.eigh(G)[1][..., -1]
+    except torch.linalg.LinAlgError:
+        eye = torch.eye(G.shape[-1], dtype=G.dtype)
+        trace = G.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+        return torch.linalg.eigh(G + 1e-12 * trace.clamp(min=_TINY) * eye)[1][..., -1]
 
 
 def rmr(F: torch.Tensor) -> torch.Tensor:
