@@ -144,18 +144,19 @@ class DoubleBinaryAdapter(nn.Module):
         self.sign_B = None
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors written to disk (SPEC §6 names without the module prefix)."""
+        """Copies of the tensors written to disk (SPEC §6 names without the module prefix); copies,
+        so that a snapshot stays valid while the adapter is hot-swapped in place afterwards."""
         if self.is_packed:
             sign_A, sign_B = self.sign_A, self.sign_B
         else:
             sign_A, sign_B = pack_signs(self.latent_A), pack_signs(self.latent_B)
         b, m, a = self.codec.encode(self.scale_in, self.scale_mid, self.scale_out)
         return {
-            "sign_A": sign_A.detach().cpu().contiguous(),
-            "sign_B": sign_B.detach().cpu().contiguous(),
-            "scale_in": b.cpu().contiguous(),
-            "scale_mid": m.cpu().contiguous(),
-            "scale_out": a.cpu().contiguous(),
+            "sign_A": sign_A.detach().cpu().clone(memory_format=torch.contiguous_format),
+            "sign_B": sign_B.detach().cpu().clone(memory_format=torch.contiguous_format),
+            "scale_in": b.cpu().clone(memory_format=torch.contiguous_format),
+            "scale_mid": m.cpu().clone(memory_format=torch.contiguous_format),
+            "scale_out": a.cpu().clone(memory_format=torch.contiguous_format),
         }
 
     @torch.no_grad()

@@ -326,12 +326,13 @@ class LoRDBAModel(nn.Module):
     # ------------------------------------------------------------------ files
     def adapter_state(self, adapter_name: str = "default") -> io.AdapterState:
         """The adapter as stored (config + packed tensors), independent of this model."""
-        self._check_known(adapter_name)
-        modules = {
-            path: io.ModuleRecord(path, a.in_features, a.out_features, a.r, a.stored_tensors())
-            for path, a in self.adapter_modules(adapter_name).items()
-        }
-        return io.AdapterState(self._saved_config(adapter_name), modules)
+        with self._lock.read():  # a consistent snapshot while other threads hot-swap or switch
+            self._check_known(adapter_name)
+            modules = {
+                path: io.ModuleRecord(path, a.in_features, a.out_features, a.r, a.stored_tensors())
+                for path, a in self.adapter_modules(adapter_name).items()
+            }
+            return io.AdapterState(self._saved_config(adapter_name), modules)
 
     def _saved_config(self, adapter_name: str) -> LoRDBAConfig:
         config = self.peft_config[adapter_name]

@@ -1,6 +1,6 @@
 import torch
 
-from lordba.baselines import bitdelta, loraquant, rtn
+from lordba.baselines import bitdelta, loraquant, rtn, svd_truncate
 
 
 def factors(r=16, n_in=96, n_out=80, seed=0):
@@ -45,3 +45,14 @@ def test_loraquant_beats_plain_one_bit_and_keeps_the_product():
     assert rel(mixed, A, B) < rel(bitdelta(A, B), A, B)
     assert mixed.A.shape == A.shape and mixed.B.shape == B.shape
     assert loraquant(A, B, high_bits=8, energy=1.0, group_size=32).nbytes > mixed.nbytes
+
+
+def test_svd_truncation_is_the_best_rank_k_and_exact_at_full_rank():
+    A, B = factors(r=8)
+    errs = [rel(svd_truncate(A, B, k), A, B) for k in (1, 2, 4, 8)]
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 1e-3  # fp16 rounding only
+    S = torch.linalg.svdvals(B.double() @ A.double())
+    eckart_young = (S[2:].pow(2).sum() / S.pow(2).sum()).sqrt().item()
+    assert abs(errs[1] - eckart_young) < 1e-3
+    q = svd_truncate(A, B, 2)
+    assert q.nbytes == 2 * 2 * (96 + 80) and q.A.shape == A.shape and q.A[2:].abs().sum() == 0

@@ -8,8 +8,9 @@ its bit counts; we count them so that bytes compare honestly with LoRDBA's files
 * :func:`loraquant`: LoRAQuant-style (arXiv 2510.26690): SVD split into a higher-bit head and a
   1-bit (sign × mean|·| per group) tail.
 * :func:`bitdelta`: BitDelta-style sign × one scale per matrix (L2-optimal mean |·|).
+* :func:`svd_truncate`: the fp16 LoRA cut to a smaller rank by SVD (matched bytes, no training).
 """
 
-from .quantizers import QuantizedLoRA, bitdelta, loraquant, rtn
+from .quantizers import QuantizedLoRA, bitdelta, loraquant, rtn, svd_truncate
 
-__all__ = ["QuantizedLoRA", "bitdelta", "loraquant", "rtn"]
+__all__ = ["QuantizedLoRA", "bitdelta", "loraquant", "rtn", "svd_truncate"]

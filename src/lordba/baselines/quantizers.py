@@ -91,3 +91,23 @@ def loraquant(
         parts_B.append(tail_B.t())
         nbytes += n3 + n4
     return QuantizedLoRA(torch.cat(parts_A, 0), torch.cat(parts_B, 1).contiguous(), nbytes)
+
+
+def svd_truncate(A: torch.Tensor, B: torch.Tensor, k: int) -> QuantizedLoRA:
+    """fp16 LoRA of rank ``k`` closest to ``BA`` (truncated SVD), zero-padded back to rank r.
+
+    The matched-bytes fp16 baseline that needs no training: ``k`` fp16 components cost
+    ``2·k·(in + out)`` bytes, so ``k`` = 1–2 lands at LoRDBA's size for r = 16.
+    """
+    r = A.shape[0]
+    if not 1 <= k <= r:
+        raise ConfigError(f"truncation rank must be in 1..{r}, got {k}")
+    Qb, Rb = torch.linalg.qr(B.double())
+    Qa, Ra = torch.linalg.qr(A.double().t())
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.t())
+    root = S[:k].sqrt()
+    Bk = torch.zeros_like(B, dtype=torch.float32)
+    Ak = torch.zeros_like(A, dtype=torch.float32)
+    Bk[:, :k] = (Qb @ U[:, :k] * root).half().float()
+    Ak[:k] = (root[:, None] * (Vh[:k] @ Qa.t())).half().float()
+    return QuantizedLoRA(Ak, Bk, 2 * k * (A.shape[1] + B.shape[0]))

@@ -70,27 +70,43 @@ def error_vs_rmr(layers: list[dict], path: Path) -> Path:
     return path
 
 
-def sweep(points: list[dict], path: Path, metric_name: str) -> Path:
-    """The BPW sweep (the paper's Fig. 3): metric against bits per weight, one line per mode."""
-    fig, ax = plt.subplots(figsize=(7, 4.6))
-    for mode in sorted({p["mode"] for p in points}):
-        pts = sorted((p for p in points if p["mode"] == mode), key=lambda p: p["bpw"])
-        ax.errorbar(
-            [p["bpw"] for p in pts],
-            [p["metric"] for p in pts],
-            yerr=[p.get("metric_std", 0) for p in pts],
-            marker="o",
-            capsize=3,
-            label=mode,
-        )
-    ref = next((p for p in points if p.get("reference")), None)
-    if ref is not None:
-        ax.axhline(ref["metric"], color="tab:blue", ls="--", lw=1, label="fp16 LoRA r=16")
-    ax.set_xlabel("bits per weight (LoRA basis, file bytes)")
-    ax.set_ylabel(metric_name)
-    ax.set_title("LoRDBA: PTQ vs QAT modes across adapter sizes")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+def sweep(summary: list[dict], path: Path, metric_name: str) -> Path:
+    """The BPW sweep (the paper's Fig. 3): metric and held-out loss against bits per weight, one line
+    per method family, error bars = standard deviation over seeds; the fp16 LoRA r=16 and the base
+    model as horizontal references."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, key, label in ((axes[0], "metric", metric_name), (axes[1], "eval_loss", "held-out loss (lower is better)")):
+        lines = [r for r in summary if r["family"] != "base" and not r.get("reference")]
+        for family in dict.fromkeys(r["family"] for r in lines):
+            pts = sorted(
+                (r for r in lines if r["family"] == family and r[f"{key}_mean"] is not None), key=lambda r: r["bpw"]
+            )
+            if not pts:
+                continue
+            color, marker = _FAMILY_STYLE.get(_family(family), ("tab:orange", "P"))
+            ls = "--" if "qat" in family else "-"
+            ax.errorbar(
+                [r["bpw"] for r in pts],
+                [r[f"{key}_mean"] for r in pts],
+                yerr=[r[f"{key}_std"] for r in pts],
+                marker=marker,
+                ls=ls,
+                capsize=3,
+                label=family,
+                color=None if family.startswith("LoRDBA") and "qat" in family else color,
+            )
+        for ref, style, name in (("reference", ("tab:blue", ":"), "fp16 LoRA r=16"), ("base", ("black", "--"), "base")):
+            row = next(
+                (r for r in summary if (r.get("reference") if ref == "reference" else r["family"] == "base")), None
+            )
+            if row is not None and row[f"{key}_mean"] is not None:
+                ax.axhline(row[f"{key}_mean"], color=style[0], ls=style[1], lw=1, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("bits per weight (LoRA r=16 basis, payload; log scale)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Quality against adapter size (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

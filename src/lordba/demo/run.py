@@ -15,16 +15,19 @@ several LoRDBA adapters are served from one base (hot-swap, mixed batch, memory 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..baselines import QuantizedLoRA, bitdelta, loraquant, rtn
 from ..config import LoRDBAConfig
 from ..convert import read_lora
 from ..data import Batcher, encode_examples, get_task
@@ -202,34 +205,45 @@ def _save_lora_fp16(peft_model: torch.nn.Module, directory: Path) -> int:
     return (directory / "adapter_model.safetensors").stat().st_size
 
 
-def _baselines(demo: Demo, peft_model: torch.nn.Module) -> None:
-    """Post-hoc low-bit quantizations of the trained fp16 LoRA, evaluated through PEFT."""
-    from ..baselines import bitdelta, loraquant, rtn
+BASELINES = {
+    ("RTN 1-bit", "g64"): lambda A, B: rtn(A, B, 1, 64),
+    ("RTN 2-bit", "g64"): lambda A, B: rtn(A, B, 2, 64),
+    ("LoRAQuant-style", "2-bit head + 1-bit tail"): lambda A, B: loraquant(A, B, 2, 0.8, 128),
+    ("BitDelta-style", "sign x 1 scale/matrix"): bitdelta,
+}
 
-    layers = {n: m for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
-    original = {
-        n: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
-        for n, m in layers.items()
-    }
-    variants = {
-        ("RTN 1-bit", "g64"): lambda A, B: rtn(A, B, 1, 64),
-        ("RTN 2-bit", "g64"): lambda A, B: rtn(A, B, 2, 64),
-        ("LoRAQuant-style", "2-bit head + 1-bit tail"): lambda A, B: loraquant(A, B, 2, 0.8, 128),
-        ("BitDelta-style", "sign x 1 scale/matrix"): bitdelta,
-    }
-    for (method, mode), quantize in variants.items():
-        total = 0
+
+@contextlib.contextmanager
+def replaced_factors(
+    peft_model: torch.nn.Module, quantize: Callable[[torch.Tensor, torch.Tensor], QuantizedLoRA]
+) -> Iterator[int]:
+    """Swap every LoRA layer's factors for ``quantize(A, B)``'s (dequantized) ones; yields the total
+    bytes of the quantized factors and restores the originals on exit."""
+    layers = [m for m in peft_model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    original = [
+        (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone()) for m in layers
+    ]
+    total = 0
+    try:
         with torch.no_grad():
-            for n, m in layers.items():
-                q = quantize(*original[n])
+            for m, (A, B) in zip(layers, original):
+                q = quantize(A, B)
                 m.lora_A["default"].weight.copy_(q.A)
                 m.lora_B["default"].weight.copy_(q.B)
                 total += q.nbytes
-        demo.add_row(method, mode, total, peft_model)
-    with torch.no_grad():
-        for n, m in layers.items():
-            m.lora_A["default"].weight.copy_(original[n][0])
-            m.lora_B["default"].weight.copy_(original[n][1])
+        yield total
+    finally:
+        with torch.no_grad():
+            for m, (A, B) in zip(layers, original):
+                m.lora_A["default"].weight.copy_(A)
+                m.lora_B["default"].weight.copy_(B)
+
+
+def _baselines(demo: Demo, peft_model: torch.nn.Module) -> None:
+    """Post-hoc low-bit quantizations of the trained fp16 LoRA, evaluated through PEFT."""
+    for (method, mode), quantize in BASELINES.items():
+        with replaced_factors(peft_model, quantize) as total:
+            demo.add_row(method, mode, total, peft_model)
 
 
 def _lordba_config(demo: Demo, mode: str, scale_dtype: str | None = None) -> LoRDBAConfig:
