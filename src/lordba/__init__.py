@@ -9,6 +9,7 @@ quantized base, and exportable to plain PEFT LoRA.
 __version__ = "0.1.0"
 
 from .config import LoRDBAConfig
+from .convert import ConversionReport, convert_lora
 from .errors import (
     AdapterFormatError,
     AdapterStateError,
@@ -32,6 +33,7 @@ __all__ = [
     "AdapterState",
     "AdapterStateError",
     "ConfigError",
+    "ConversionReport",
     "ConversionError",
     "DataError",
     "DoubleBinaryAdapter",
@@ -44,6 +46,7 @@ __all__ = [
     "TargetModulesError",
     "TrainingError",
     "__version__",
+    "convert_lora",
     "export_lora",
     "get_lordba_model",
     "pack_signs",

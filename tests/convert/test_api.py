@@ -122,3 +122,17 @@ def test_cli_convert_and_inspect_show_the_sidecar(tmp_path, capsys):
     assert "conversion (stored errors of ΔW)" in shown and "RMR A" in shown
     assert main(["inspect", str(out), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["conversion"]["layers"]) == 6
+
+
+def test_cli_solver_defaults_are_the_library_defaults():
+    import argparse
+
+    from lordba.cli import convert_cmd
+    from lordba.convert import SolverOptions
+
+    p = argparse.ArgumentParser()
+    convert_cmd.add_arguments(p)
+    args = p.parse_args(["in", "out"])
+    lib = SolverOptions()
+    assert (args.gauge, args.method, args.iters, args.tol) == (lib.gauge, lib.method, lib.iters, lib.tol)
+    assert args.admm_iters is None  # convert_lora's own default is used

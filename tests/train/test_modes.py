@@ -37,6 +37,13 @@ def test_every_mode_learns_and_trains_only_what_it_should(mode, tmp_path):
     }[mode]
     assert trainable == expected
     assert result.log[-1]["step"] == 24
+    conversions = [e for e in result.log if "conversion_rel_error" in e]
+    if mode == "qat":
+        assert not conversions
+    else:  # the LoRA seed's conversion error, per layer, at the step where it was converted
+        (conv,) = conversions
+        assert len(conv["conversion_rel_error"]) == 2 * 4  # 2 layers x 4 targets
+        assert 0 < conv["conversion_mean_rel_error"] < 1 and conv["step"] == (24 if mode == "ptq" else 3)
     if mode != "qat":
         assert (tmp_path / "lora_seed" / "adapter_model.safetensors").is_file()
     lm.save_pretrained(tmp_path / "adapter")

@@ -229,7 +229,7 @@ def _plot(theory: list[dict[str, float]], path: Path) -> Path:
 
     rho = [max(t["rmr_A"], t["rmr_B"]) for t in theory]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(rho, [t["rel_error"] for t in theory], "o-", label="LoRDBA PTQ (bcd)")
+    ax.plot(rho, [t["rel_error"] for t in theory], "o-", label="LoRDBA PTQ (default solver)")
     ax.plot(rho, [t["rel_error_init"] for t in theory], "s--", label="Eq. 7 init")
     ax.plot(rho, [t["naive_sign_mean_abs"] for t in theory], "^:", label="sign x mean|.| per factor")
     ax.set_xlabel("RMR of the LoRA factors (max of A, B)")

@@ -26,7 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--alpha", type=float, default=None, help="LoRDBA alpha (s = alpha/r; default: the lora_alpha)")
     p.add_argument("--scale-dtype", choices=SCALE_DTYPES, default="float16", help="storage of the scales")
-    p.add_argument("--iters", type=int, default=30, help="solver iterations at most (default 30; 0: closed form)")
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=30,
+        help="BCD iterations at most (default 30; --method init gives the closed form alone)",
+    )
     p.add_argument(
         "--tol", type=float, default=1e-3, help="stop when an iteration improves the error by less than this fraction"
     )
@@ -35,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--admm-iters",
         type=int,
-        default=10,
-        help="ADMM iterations before BCD (default 10; 40 is ~1%% better, 3x slower)",
+        default=None,
+        help="ADMM iterations before BCD (default: convert_lora's, 20)",
     )
     p.add_argument("--adapter-name", default="default", help="adapter to read (PEFT subfolder or key name)")
     p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (torch.load weights_only)")
@@ -57,9 +62,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--r must be a positive integer, got {args.r}")
     lora = read_lora(args.peft_dir, args.adapter_name, args.allow_pickle, args.skip_unsupported)
     config = None if args.alpha is None else dataclasses.replace(default_config(lora), alpha=args.alpha)
-    options = SolverOptions(
-        gauge=args.gauge, method=args.method, iters=args.iters, tol=args.tol, admm_iters=args.admm_iters
-    )
+    admm = {} if args.admm_iters is None else {"admm_iters": args.admm_iters}
+    options = SolverOptions(gauge=args.gauge, method=args.method, iters=args.iters, tol=args.tol, **admm)
     state, report = convert_lora(
         lora,
         config,

@@ -48,8 +48,8 @@ class DemoSettings:
     task: str = "arithmetic"
     r: int = 16
     small_rank: int = 2
-    steps: int = 80
-    scales_steps: int = 40
+    steps: int = 60  # sized so that the full demo takes about 17 minutes on 2 CPU cores
+    scales_steps: int = 30
     batch_size: int = 8
     lr_lora: float = 1e-3
     lr_lordba: float = 1e-3

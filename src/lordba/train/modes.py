@@ -128,7 +128,14 @@ def build_adapter(
         lora, seed_result = train_lora_seed(model, config, batcher, seed_settings, out_dir, resume, progress)
         remaining = settings.steps - seed_steps
     lm = get_lordba_model(model, config)
-    init_from_lora(lm, lora, packed=mode in ("ptq", "scales-only"))
+    errors = init_from_lora(lm, lora, packed=mode in ("ptq", "scales-only"))
+    seed_result.log.append(
+        {
+            "step": settings.steps - remaining,
+            "conversion_mean_rel_error": sum(errors.values()) / max(len(errors), 1),
+            "conversion_rel_error": errors,
+        }
+    )
     if mode == "ptq" or remaining <= 0:
         lm.set_trainable("default", signs=False, scales=False)
         result = TrainResult(log=list(seed_result.log), seconds=seed_result.seconds)
