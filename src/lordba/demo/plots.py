@@ -19,6 +19,12 @@ _FAMILY_STYLE = {
 }
 
 
+_SWEEP_STYLE = {
+    "LoRDBA ptq (float16 scales)": ("tab:orange", "o"),
+    "LoRDBA qat": ("darkred", "*"),
+}
+
+
 def _family(method: str) -> str:
     return next((f for f in _FAMILY_STYLE if method.startswith(f)), "base")
 
@@ -35,8 +41,12 @@ def quality_vs_bytes(rows: list[dict], path: Path, metric_name: str) -> Path:
             text = row["method"] + (f" ({row['mode']})" if row.get("mode") else "")
             ax.annotate(text, (row["bytes"], row[key]), fontsize=7, xytext=(4, 3), textcoords="offset points")
         base = next((r for r in rows if r["method"] == "base"), None)
+        values = [r[key] for r in rows if r.get(key) is not None and r.get("bytes")]
         if base is not None and base.get(key) is not None:
-            ax.axhline(base[key], color="black", lw=0.8, ls="--", label="base model")
+            if key == "eval_loss" and values and base[key] > 1.5 * max(values):  # keep the adapters readable
+                ax.plot([], [], " ", label=f"base model: {base[key]:.3g} (off scale)")
+            else:
+                ax.axhline(base[key], color="black", lw=0.8, ls="--", label="base model")
             ax.legend(loc="best", fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("adapter bytes on disk (log scale)")
@@ -83,7 +93,7 @@ def sweep(summary: list[dict], path: Path, metric_name: str) -> Path:
             )
             if not pts:
                 continue
-            color, marker = _FAMILY_STYLE.get(_family(family), ("tab:orange", "P"))
+            color, marker = _SWEEP_STYLE.get(family, _FAMILY_STYLE[_family(family)])
             ls = "--" if "qat" in family else "-"
             ax.errorbar(
                 [r["bpw"] for r in pts],
@@ -93,7 +103,7 @@ def sweep(summary: list[dict], path: Path, metric_name: str) -> Path:
                 ls=ls,
                 capsize=3,
                 label=family,
-                color=None if family.startswith("LoRDBA") and "qat" in family else color,
+                color=color,
             )
         for ref, style, name in (("reference", ("tab:blue", ":"), "fp16 LoRA r=16"), ("base", ("black", "--"), "base")):
             row = next(

@@ -3,7 +3,7 @@
 For each seed, on the demo's 4-bit base, task and step budget, one fp16 LoRA r=16 is trained and
 then, at a range of sizes (bits per weight on the LoRA r=16 basis):
 
-* LoRDBA ``ptq``: the trained LoRA converted at several output ranks (int8 scales);
+* LoRDBA ``ptq``: the trained LoRA converted at several output ranks (int8 and float16 scales);
 * LoRDBA ``qat``: trained from the cold start at several ranks with the same step budget;
 * fp16 LoRA truncated by SVD to rank 1, 2, 4 (the matched-bytes fp16 adapter, no retraining);
 * RTN of the factors at 1–3 bits, LoRAQuant-style and BitDelta-style (the low-bit baselines).
@@ -33,6 +33,7 @@ from ..train.modes import build_adapter
 from .run import FULL, Demo, DemoSettings, _train_lora, replaced_factors
 
 LORDBA_PTQ, LORDBA_QAT, TRUNCATED = "LoRDBA ptq", "LoRDBA qat", "fp16 LoRA (SVD-truncated)"
+LORDBA_PTQ_FP16 = "LoRDBA ptq (float16 scales)"
 
 
 @dataclass
@@ -41,7 +42,8 @@ class ReproduceSettings:
 
     demo: DemoSettings = field(default_factory=lambda: dataclasses.replace(FULL, measure_memory=False))
     seeds: tuple[int, ...] = (0, 1, 2)
-    ptq_ranks: tuple[int, ...] = (4, 8, 16, 32)
+    ptq_ranks: tuple[int, ...] = (4, 8, 16, 32)  # int8 scales (the demo's scale format)
+    ptq_fp16_ranks: tuple[int, ...] = (8, 16)  # the scale-dtype axis of the sweep
     qat_ranks: tuple[int, ...] = (8, 16)
     truncate_ranks: tuple[int, ...] = (1, 2, 4)
     rtn_bits: tuple[int, ...] = (1, 2, 3)
@@ -60,6 +62,7 @@ QUICK = ReproduceSettings(
     ),
     seeds=(0, 1),
     ptq_ranks=(4, 16),
+    ptq_fp16_ranks=(16,),
     qat_ranks=(16,),
     truncate_ranks=(1,),
     rtn_bits=(1,),
@@ -102,13 +105,16 @@ def _one_seed(demo: Demo, settings: ReproduceSettings, seed: int) -> tuple[list[
     lora = read_lora(peft_model)
     demo.model = peft_model.unload()
     layers: list[dict] = []
-    for r in settings.ptq_ranks:
-        state, report = convert_lora(lora, _config(demo, "ptq", r), progress=False)
+    ptq = [(LORDBA_PTQ, r, s.scale_dtype) for r in settings.ptq_ranks]
+    ptq += [(LORDBA_PTQ_FP16, r, "float16") for r in settings.ptq_fp16_ranks]
+    for family, r, scale_dtype in ptq:
+        config = dataclasses.replace(_config(demo, "ptq", r), scale_dtype=scale_dtype)
+        state, report = convert_lora(lora, config, progress=False)
         lm = LoRDBAModel(demo.model)
         lm.load_adapter_state(state, "default")
         lm.set_adapter("default")
-        point(LORDBA_PTQ, f"r={r}", lm.size_report().payload_bytes, lm, rel_error=report.total_rel_error)
-        if r == s.r:
+        point(family, f"r={r}", lm.size_report().payload_bytes, lm, rel_error=report.total_rel_error)
+        if r == s.r and family == LORDBA_PTQ:
             layers = [
                 {"seed": seed, "module": x.path, "rmr_A": x.rmr_A, "rmr_B": x.rmr_B, "rel_error": x.rel_error}
                 for x in report.layers
