@@ -26,7 +26,8 @@ def test_every_mode_learns_and_trains_only_what_it_should(mode, tmp_path):
     batcher = Batcher(rows(), 4)
     before = loss_of(base, batcher)
     cfg = LoRDBAConfig(r=4, mode=mode, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
-    lm, result = build_adapter(base, cfg, batcher, TrainSettings(steps=24, lr=3e-3), tmp_path, progress=False)
+    settings = TrainSettings(steps=24, lr=3e-3)
+    lm, result = build_adapter(base, cfg, batcher, settings, tmp_path, lora_lr=3e-3, progress=False)
     assert loss_of(lm, batcher) < before - 0.1
     trainable = {n.rsplit(".", 1)[-1] for n, p in lm.named_parameters() if p.requires_grad}
     expected = {
@@ -112,3 +113,14 @@ def test_lordba_train_cli_on_the_real_model(tmp_path, capsys):
     assert "eval_loss" in log[-1] and "metric" in log[-1]
     assert main(["inspect", str(out)]) == 0
     assert "held-out" in capsys.readouterr().out
+
+
+def test_the_lora_seed_trains_at_its_own_learning_rate(tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = LoRDBAConfig(r=4, mode="qat-from-lora", target_modules=["q_proj"])
+    settings = TrainSettings(steps=10, lr=3e-3)
+    build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), settings, tmp_path, lora_lr=0.0, progress=False)
+    factors = load_file(tmp_path / "lora_seed" / "adapter_model.safetensors")
+    b = [t for k, t in factors.items() if "lora_B" in k]
+    assert b and all(t.abs().max() == 0 for t in b)  # lr 0: B stays at its zero init

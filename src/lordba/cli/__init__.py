@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import pkgutil
 import sys
 import traceback
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # bitsandbytes (imported by peft) logs a warning on CPUs with AVX-512 BF16 when the optional
+    # `kernels` hub package is absent; lordba never uses that kernel, so the line is only noise.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return int(args._run(args) or 0)
     except LoRDBAError as err:

@@ -42,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lora-warmup", type=float, default=0.1, help="fraction of steps for the LoRA warm-up seed (default 0.1)"
     )
+    p.add_argument("--lora-lr", type=float, default=1e-3, help="learning rate of the LoRA seed (default 1e-3)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         group_size=args.group_size,
         lora=args.lora,
         lora_warmup=args.lora_warmup,
+        lora_lr=args.lora_lr,
         train_size=args.train_size,
         eval_size=args.eval_size,
         max_length=args.max_length,

@@ -334,6 +334,7 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True) -> lis
             demo.batcher,
             demo.settings(s.steps, s.lr_lordba),
             out_dir=out / "work" / mode,
+            lora_lr=s.lr_lora,
             resume=False,
             progress=progress,
         )

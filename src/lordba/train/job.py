@@ -39,6 +39,7 @@ class TrainJob:
     group_size: int = 64
     lora: str | None = None
     lora_warmup: float = 0.1
+    lora_lr: float = 1e-3
     train_size: int = 2000
     eval_size: int = 100
     max_length: int = 256
@@ -96,6 +97,7 @@ def run_job(job: TrainJob) -> tuple[object, TrainResult]:
         out_dir=out,
         lora_dir=job.lora,
         lora_warmup=job.lora_warmup,
+        lora_lr=job.lora_lr,
         evaluate=run_eval if eval_ex else None,
         resume=job.resume,
         progress=job.progress,

@@ -105,11 +105,14 @@ def build_adapter(
     out_dir: Path | None = None,
     lora_dir: str | None = None,
     lora_warmup: float = 0.1,
+    lora_lr: float = 1e-3,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     resume: bool = True,
     progress: bool = True,
 ) -> tuple[LoRDBAModel, TrainResult]:
-    """Make a LoRDBA adapter on ``model`` in ``config.mode``; see the module docstring."""
+    """Make a LoRDBA adapter on ``model`` in ``config.mode``; see the module docstring. The LoRA seed
+    (all steps in ``ptq``, ``lora_warmup`` of them otherwise) trains at ``lora_lr``, the LoRDBA
+    phase at ``settings.lr``: LoRA wants about 10× the learning rate of LoRDBA (docs/training.md)."""
     mode = config.mode
 
     def eval_of(m: nn.Module) -> Callable[[], dict[str, float]] | None:
@@ -124,7 +127,7 @@ def build_adapter(
         remaining = settings.steps
     else:
         seed_steps = settings.steps if mode == "ptq" else max(1, math.ceil(lora_warmup * settings.steps))
-        seed_settings = dataclasses.replace(settings, steps=seed_steps)
+        seed_settings = dataclasses.replace(settings, steps=seed_steps, lr=lora_lr)  # LoRA's own lr
         lora, seed_result = train_lora_seed(model, config, batcher, seed_settings, out_dir, resume, progress)
         remaining = settings.steps - seed_steps
     lm = get_lordba_model(model, config)
