@@ -16,7 +16,7 @@ def test_quick_reproduce_writes_the_sweep(tmp_path):
     assert seeds == [0, 1]
     families = {(r["family"], r["label"]) for r in res["summary"]}
     assert {("LoRDBA ptq", "r=4"), ("LoRDBA ptq", "r=16"), ("LoRDBA ptq (float16 scales)", "r=16")} <= families
-    assert {("LoRDBA qat", "r=16"), ("fp16 LoRA", "r=16")} <= families
+    assert {("LoRDBA qat", "r=16"), ("LoRDBA scales-only", "r=4"), ("fp16 LoRA", "r=16")} <= families
     assert {"RTN", "LoRAQuant-style", "BitDelta-style", "fp16 LoRA (SVD-truncated)", "base"} <= {f for f, _ in families}
     for row in res["summary"]:
         assert row["n"] == (1 if row["family"] == "base" else len(seeds))

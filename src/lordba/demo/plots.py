@@ -22,6 +22,7 @@ _FAMILY_STYLE = {
 _SWEEP_STYLE = {
     "LoRDBA ptq (float16 scales)": ("tab:orange", "o"),
     "LoRDBA qat": ("darkred", "*"),
+    "LoRDBA scales-only": ("magenta", "P"),
 }
 
 

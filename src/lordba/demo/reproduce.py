@@ -4,7 +4,8 @@ For each seed, on the demo's 4-bit base, task and step budget, one fp16 LoRA r=1
 then, at a range of sizes (bits per weight on the LoRA r=16 basis):
 
 * LoRDBA ``ptq``: the trained LoRA converted at several output ranks (int8 and float16 scales);
-* LoRDBA ``qat``: trained from the cold start at several ranks with the same step budget;
+* LoRDBA ``scales-only``: the converted signs frozen, the scales trained (the demo's scale budget);
+* LoRDBA ``qat``: trained from the cold start with the same step budget as the LoRA;
 * fp16 LoRA truncated by SVD to rank 1, 2, 4 (the matched-bytes fp16 adapter, no retraining);
 * RTN of the factors at 1–3 bits, LoRAQuant-style and BitDelta-style (the low-bit baselines).
 
@@ -29,11 +30,13 @@ from ..config import LoRDBAConfig
 from ..convert import convert_lora, read_lora
 from ..model import LoRDBAModel
 from ..tables import markdown_table, print_table
+from ..train.loop import train_loop
 from ..train.modes import build_adapter
 from .run import FULL, Demo, DemoSettings, _train_lora, replaced_factors
 
 LORDBA_PTQ, LORDBA_QAT, TRUNCATED = "LoRDBA ptq", "LoRDBA qat", "fp16 LoRA (SVD-truncated)"
 LORDBA_PTQ_FP16 = "LoRDBA ptq (float16 scales)"
+LORDBA_SCALES = "LoRDBA scales-only"
 
 
 @dataclass
@@ -44,7 +47,8 @@ class ReproduceSettings:
     seeds: tuple[int, ...] = (0, 1, 2)
     ptq_ranks: tuple[int, ...] = (4, 8, 16, 32)  # int8 scales (the demo's scale format)
     ptq_fp16_ranks: tuple[int, ...] = (8, 16)  # the scale-dtype axis of the sweep
-    qat_ranks: tuple[int, ...] = (8, 16)
+    qat_ranks: tuple[int, ...] = (16,)  # each QAT point costs a full training per seed
+    scales_ranks: tuple[int, ...] = (16,)  # scales-only on the int8 ptq signs, demo.scales_steps steps
     truncate_ranks: tuple[int, ...] = (1, 2, 4)
     rtn_bits: tuple[int, ...] = (1, 2, 3)
 
@@ -64,6 +68,7 @@ QUICK = ReproduceSettings(
     ptq_ranks=(4, 16),
     ptq_fp16_ranks=(16,),
     qat_ranks=(16,),
+    scales_ranks=(4,),
     truncate_ranks=(1,),
     rtn_bits=(1,),
 )
@@ -105,6 +110,7 @@ def _one_seed(demo: Demo, settings: ReproduceSettings, seed: int) -> tuple[list[
     lora = read_lora(peft_model)
     demo.model = peft_model.unload()
     layers: list[dict] = []
+    states = {}
     ptq = [(LORDBA_PTQ, r, s.scale_dtype) for r in settings.ptq_ranks]
     ptq += [(LORDBA_PTQ_FP16, r, "float16") for r in settings.ptq_fp16_ranks]
     for family, r, scale_dtype in ptq:
@@ -114,11 +120,22 @@ def _one_seed(demo: Demo, settings: ReproduceSettings, seed: int) -> tuple[list[
         lm.load_adapter_state(state, "default")
         lm.set_adapter("default")
         point(family, f"r={r}", lm.size_report().payload_bytes, lm, rel_error=report.total_rel_error)
+        if family == LORDBA_PTQ and r in settings.scales_ranks:
+            states[r] = state
         if r == s.r and family == LORDBA_PTQ:
             layers = [
                 {"seed": seed, "module": x.path, "rmr_A": x.rmr_A, "rmr_B": x.rmr_B, "rel_error": x.rel_error}
                 for x in report.layers
             ]
+        demo.model = lm.unload()
+    for r in settings.scales_ranks:
+        lm = LoRDBAModel(demo.model)
+        cfg = _config(demo, "scales-only", r)
+        lm.load_adapter_state(dataclasses.replace(states[r], config=cfg), "default", is_trainable=True)
+        lm.set_adapter("default")
+        train_loop(lm, demo.batcher, demo.settings(s.scales_steps, s.lr_lordba), progress=demo.progress,
+                   description=f"seed {seed}: scales-only r={r}")  # fmt: skip
+        point(LORDBA_SCALES, f"r={r}", lm.size_report().payload_bytes, lm)
         demo.model = lm.unload()
     for r in settings.qat_ranks:
         lm, _ = build_adapter(
