@@ -111,12 +111,17 @@ def sweep(summary: list[dict], path: Path, metric_name: str) -> Path:
                 (r for r in summary if (r.get("reference") if ref == "reference" else r["family"] == "base")), None
             )
             if row is not None and row[f"{key}_mean"] is not None:
+                top = max((r[f"{key}_mean"] for r in lines if r[f"{key}_mean"] is not None), default=0.0)
+                if key == "eval_loss" and row[f"{key}_mean"] > 1.5 * top:  # keep the adapters readable
+                    ax.plot([], [], " ", label=f"{name}: {row[f'{key}_mean']:.3g} (off scale)")
+                    continue
                 ax.axhline(row[f"{key}_mean"], color=style[0], ls=style[1], lw=1, label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("bits per weight (LoRA r=16 basis, payload; log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
     fig.suptitle("Quality against adapter size (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
