@@ -181,3 +181,22 @@ def test_the_refused_base_layer_name_would_have_nested_a_wrapper(saved, tmp_path
     with pytest.raises(LoRDBAError, match="inside a LoRDBA layer"):
         lm.load_adapter(saved, "other")
     assert sum(type(m).__name__ == "LoRDBALinear" for m in lm.modules()) == 14
+
+
+def test_drop_tensor_mutator_handles_a_zero_size_tensor(monkeypatch):
+    """Fuzzer-side bug found by the 10-minute run: dropping an empty tensor (start == stop) together
+    with its bytes shifted the dropped entry itself (KeyError)."""
+    import random
+
+    import lordba.fuzz.mutate  # noqa: F401  (imports the mutator modules in order)
+    from lordba.fuzz import mutate_header
+
+    header = {
+        "a": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]},
+        "b": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+    }
+    results = []
+    monkeypatch.setattr(mutate_header, "with_weights", lambda case, fn: results.append(fn(header, b"xy")))
+    for seed in range(40):
+        mutate_header.drop_tensor(random.Random(seed), None)
+    assert len(results) == 40 and all(r is not None for r in results)

@@ -113,7 +113,7 @@ def drop_tensor(rng: random.Random, case: Case) -> Case:
         if rng.random() < 0.5:  # also remove its bytes and shift the others (a cleanly missing tensor)
             d = d[:start] + d[stop:]
             for k, _, s0, s1 in ents:
-                if s0 >= stop:
+                if k != name and s0 >= stop:  # (a zero-size tensor starts at its own stop)
                     out[k] = {**out[k], "data_offsets": [s0 - (stop - start), s1 - (stop - start)]}
         return out, d
 
