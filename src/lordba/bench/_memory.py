@@ -64,3 +64,25 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
             seen.add(key)
             total += s.nbytes()
     return total
+
+
+def step_memory(model: torch.nn.Module, batch: dict, lr: float = 1e-4) -> dict[str, float]:
+    """Memory of one training step of ``model``'s trainable parameters with a fresh AdamW: resident
+    tensors once the optimizer state exists, plus the live peak of a second step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def step() -> None:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # creates the optimizer state
+    resident = resident_bytes(model, opt)
+    with LiveTensorBytes() as live:
+        step()
+    return {
+        "resident_bytes": resident,
+        "step_peak_live_bytes": live.peak,
+        "peak_bytes": resident + live.peak,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }

@@ -18,7 +18,7 @@ import torch
 
 from ..tables import markdown_table, print_table
 from . import hardware
-from ._memory import LiveTensorBytes, resident_bytes
+from ._memory import resident_bytes, step_memory
 
 SUITE = "train-memory"
 HELP = "peak memory and step time of a training step: fp32 LoRA vs LoRDBA on the same 4-bit base"
@@ -40,21 +40,6 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict) -> No
     model(**batch).loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-
-
-def _measure(model: torch.nn.Module, batch: dict) -> dict[str, float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    _step(model, opt, batch)  # creates the optimizer state
-    resident = resident_bytes(model, opt)
-    with LiveTensorBytes() as live:
-        _step(model, opt, batch)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {
-        "resident_bytes": resident,
-        "step_peak_live_bytes": live.peak,
-        "peak_bytes": resident + live.peak,
-        "trainable_params": trainable,
-    }
 
 
 def run(out_dir: Path, quick: bool) -> list[Path]:
@@ -83,7 +68,7 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     for name, make in methods.items():
         torch.manual_seed(0)
         wrapped = make(model)
-        results[name] = _measure(wrapped, batch)
+        results[name] = step_memory(wrapped, batch)
         model = wrapped.unload()
     # step time: interleaved repeats, each method re-attached (cheap) so rounds alternate
     times: dict[str, list[float]] = {n: [] for n in methods}

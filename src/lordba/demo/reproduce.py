@@ -33,6 +33,7 @@ from ..tables import markdown_table, print_table
 from ..train.loop import train_loop
 from ..train.modes import build_adapter
 from .run import FULL, Demo, DemoSettings, _train_lora, replaced_factors
+from .run import QUICK as DEMO_QUICK
 
 LORDBA_PTQ, LORDBA_QAT, TRUNCATED = "LoRDBA ptq", "LoRDBA qat", "fp16 LoRA (SVD-truncated)"
 LORDBA_PTQ_FP16 = "LoRDBA ptq (float16 scales)"
@@ -54,16 +55,7 @@ class ReproduceSettings:
 
 
 QUICK = ReproduceSettings(
-    demo=DemoSettings(
-        steps=2,
-        batch_size=2,
-        train_size=8,
-        eval_size=4,
-        targets=("q_proj",),
-        max_length=64,
-        max_new_tokens=4,
-        measure_memory=False,
-    ),
+    demo=DEMO_QUICK,
     seeds=(0, 1),
     ptq_ranks=(4, 16),
     ptq_fp16_ranks=(16,),

@@ -94,28 +94,21 @@ def _target_dims(model: torch.nn.Module, targets: list[str]) -> dict[str, tuple[
 
 
 def _peak_step_bytes(model: torch.nn.Module, batch: dict) -> int:
-    """Resident tensors + live peak of one training step (fresh AdamW), as in ``bench --suite train-memory``."""
-    from ..bench._memory import LiveTensorBytes, resident_bytes
+    """Resident tensors + live peak of one training step (fresh AdamW), as in ``bench --suite train-memory``;
+    the parameters are restored afterwards."""
+    from ..bench._memory import step_memory
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return 0
     saved = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=0.0)
     model.train()
-    model(**batch).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    resident = resident_bytes(model, opt)
-    with LiveTensorBytes() as live:
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    peak = int(step_memory(model, batch, lr=0.0)["peak_bytes"])
     with torch.no_grad():
         for p, s in zip(params, saved):
             p.copy_(s)
     model.eval()
-    return resident + live.peak
+    return peak
 
 
 class Demo:
