@@ -2,7 +2,10 @@
 
 Variants are timed in the same process, one call each per round, with the order rotated every
 round, so that slow periods (another process taking a core) hit every variant alike. Reported:
-the median and the interquartile range (IQR) of the per-call times.
+the median and the interquartile range (IQR) of the per-call times, and for a ratio of two
+variants also the *paired* ratio: the median of the per-round ratios, each taken between calls
+made seconds apart, so drift that moves both variants (thermal or frequency changes, a neighbour
+starting) cancels out instead of widening the spread.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -21,6 +24,7 @@ class Stats:
     median: float
     iqr: float
     n: int
+    samples: list[float] = field(default_factory=list, repr=False)
 
     @property
     def spread(self) -> float:
@@ -30,10 +34,18 @@ class Stats:
 
 def stats(samples: list[float]) -> Stats:
     """Median and interquartile range of ``samples``."""
+    samples = list(samples)
     if len(samples) < 4:
-        return Stats(statistics.median(samples), max(samples) - min(samples), len(samples))
+        return Stats(statistics.median(samples), max(samples) - min(samples), len(samples), samples)
     q1, _, q3 = statistics.quantiles(samples, n=4)
-    return Stats(statistics.median(samples), q3 - q1, len(samples))
+    return Stats(statistics.median(samples), q3 - q1, len(samples), samples)
+
+
+def paired_ratio(a: Stats, b: Stats) -> Stats:
+    """Statistics of ``a / b`` round by round, for two variants timed by the same :func:`interleaved`."""
+    if a.n != b.n or not a.samples:
+        raise ValueError("paired_ratio needs the samples of two variants of one interleaved run")
+    return stats([x / y for x, y in zip(a.samples, b.samples)])
 
 
 def interleaved(

@@ -9,13 +9,18 @@ Cases (rows of ``bench.json``):
   ``lora_B(lora_A(x)) · s`` as PEFT computes it; base: the ``nn.Linear`` alone, for the overhead
   ratio ``(base + branch) / base``.
 * ``model-prefill`` (512 tokens, no cache) and ``model-decode`` (one token after a 512-token
-  context, with a KV cache): SmolLM2-135M with the same adapters on q/k/v/o/gate/up/down.
+  context, with a KV cache): SmolLM2-135M with the same adapters on q/k/v/o/gate/up/down, on the
+  4-bit HQQ base the product trains on (the set-up's cached one); the full run adds the
+  unquantized base at r=16.
 
 All variants of a case are timed in one process, interleaved (:mod:`._timing`); reported are
-medians and interquartile ranges. Activations are float32 (the demo model's dtype on CPU), and
-the LoRA factors are held in float32 as PEFT does (fp16 is their *file* format). Writes
-``bench.json`` (a list of rows), ``latency_meta.json`` (hardware, settings, load), ``bench.md``
-and ``latency_overhead.png``.
+medians and interquartile ranges, ``ratio_vs_lora`` (ratio of the medians) and ``ratio_paired``
+(median of the round-by-round ratios, robust to drift). Activations are float32 (the demo
+model's dtype on CPU), and the LoRA factors are held in float32 as PEFT does (fp16 is their
+*file* format). A prefill profile (:func:`._latency_model.prefill_profile`) splits the adapted
+layers' time into base and adapter per target module. Writes ``bench.json`` (a list of rows),
+``prefill_profile.json``, ``latency_meta.json`` (hardware, settings, load), ``bench.md`` and
+``latency_overhead.png``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from tqdm import tqdm
 from ..tables import markdown_table, print_table
 from . import hardware
 from ._latency_model import SCALE_DTYPE
-from ._timing import interleaved, load
+from ._timing import interleaved, load, paired_ratio
 
 SUITE = "latency"
 HELP = "adapter latency: packed LoRDBA vs fp16 LoRA vs base, branch alone and SmolLM2 end to end"
@@ -88,18 +93,25 @@ def _timings(st: dict) -> dict:
         row[f"{k}_iqr_s"] = st[k].iqr
         row[f"{k}_n"] = st[k].n
     row["ratio_vs_lora"] = st["lordba"].median / st["lora"].median
+    paired = paired_ratio(st["lordba"], st["lora"])
+    row["ratio_paired"], row["ratio_paired_iqr"] = paired.median, paired.iqr
     return row
 
 
-def _model_rows(ranks: tuple[int, ...], base: str, quick: bool) -> list[dict]:
+def _model_rows(ranks: tuple[int, ...], base: str, quick: bool, profile: list | None = None) -> list[dict]:
+    """Rows of the whole-model cases; with ``profile`` (a list), the r=16 prefill profile is
+    appended to it."""
     from ..assets import load_model_and_tokenizer
-    from ._latency_model import adapter_bytes, time_model, variants
+    from ..assets.models import resolve_model_path
+    from ._latency_model import adapter_bytes, prefill_profile, time_model, variants
 
     model, _ = load_model_and_tokenizer()
     rows = []
-    for r in tqdm(ranks, desc="demo model", leave=False):
-        models = variants(model, r, base)
-        timed = time_model(models, prompt=512, budget_s=12.0 if quick else 60.0, quick=quick)
+    for r in tqdm(ranks, desc=f"demo model, base {base}", leave=False):
+        models = variants(model, r, base, source=resolve_model_path(None))
+        timed = time_model(models, prompt=512, budget_s=20.0 if quick else 60.0, quick=quick)
+        if profile is not None and r == 16:
+            profile += [{"base": base, "r": r, **x} for x in prefill_profile(models, 512, reps=3 if quick else 8)]
         sizes = adapter_bytes(models)
         for case, st in timed.items():
             rows.append(
@@ -122,13 +134,14 @@ def run(out_dir: Path, quick: bool, base: str | None = None, threads: int | None
     """Measure, print and write the suite's files into ``out_dir`` (see the module docstring).
 
     ``base``: quantization of the demo model's base (``none``, ``hqq``, ``bnb``; default
-    ``$LORDBA_BENCH_BASE`` or ``none``); ``threads``: torch threads (default ``$LORDBA_BENCH_THREADS``,
-    else torch's). On a machine shared with other processes use 1: with 2 threads every parallel
-    region waits for a thread the scheduler has parked, and the times jump by whole time slices.
+    ``$LORDBA_BENCH_BASE`` or ``hqq``; the full run adds ``none`` at r=16); ``threads``: torch
+    threads (default ``$LORDBA_BENCH_THREADS``, else torch's). On a machine shared with other
+    processes use 1: with 2 threads every parallel region waits for a thread the scheduler has
+    parked, and the times jump by whole time slices.
     """
     from .. import kernels
 
-    base = base or os.environ.get("LORDBA_BENCH_BASE", "none")
+    base = base or os.environ.get("LORDBA_BENCH_BASE", "hqq")
     threads = threads or int(os.environ.get("LORDBA_BENCH_THREADS", "0"))
     if threads:
         torch.set_num_threads(threads)
@@ -140,7 +153,10 @@ def run(out_dir: Path, quick: bool, base: str | None = None, threads: int | None
     load_before = load()
     cells = [(i, o, r, t) for (i, o) in shapes for r in ranks for t in tokens]
     rows = [_branch_case(i, o, r, t, 0.3 if quick else 1.5) for i, o, r, t in tqdm(cells, desc="branch")]
-    rows += _model_rows((16,) if quick else RANKS, base, quick)
+    profile: list[dict] = []
+    rows += _model_rows((16,) if quick else RANKS, base, quick, profile)
+    if not quick and base != "none":
+        rows += _model_rows((16,), "none", quick, profile)
     meta = {
         "hardware": hardware(),
         "kernels": {"isa": kernels._STATE.isa, "cpu_ext": kernels.cpu_available(), "mode": kernels.get_mode()},
@@ -154,10 +170,16 @@ def run(out_dir: Path, quick: bool, base: str | None = None, threads: int | None
         "load_avg_before": load_before,
         "load_avg_after": load(),
     }
-    files = [out_dir / "bench.json", out_dir / "latency_meta.json", out_dir / "bench.md"]
+    files = [
+        out_dir / "bench.json",
+        out_dir / "prefill_profile.json",
+        out_dir / "latency_meta.json",
+        out_dir / "bench.md",
+    ]
     files[0].write_text(json.dumps(rows, indent=1) + "\n")
-    files[1].write_text(json.dumps(meta, indent=1) + "\n")
-    files[2].write_text(report(rows, meta))
+    files[1].write_text(json.dumps(profile, indent=1) + "\n")
+    files[2].write_text(json.dumps(meta, indent=1) + "\n")
+    files[3].write_text(report(rows, meta, profile))
     png = _plot(rows, out_dir / "latency_overhead.png")
     return [*files, *([png] if png else [])]
 
@@ -172,6 +194,7 @@ COLUMNS = [
     "LoRA ms",
     "base ms",
     "LoRDBA/LoRA",
+    "paired",
     "IQR %",
     "ovh LoRDBA",
     "ovh LoRA",
@@ -184,13 +207,25 @@ def _table_rows(rows: list[dict]) -> list[list]:
         spread = 100 * max(x[f"{k}_iqr_s"] / x[f"{k}_s"] for k in ("lordba", "lora", "base"))
         out.append(
             [x["case"], x["shape"], x["r"], x["tokens"], x.get("path", ""), 1e3 * x["lordba_s"], 1e3 * x["lora_s"],
-             1e3 * x["base_s"], x["ratio_vs_lora"], spread, x["overhead_lordba"], x["overhead_lora"]]
+             1e3 * x["base_s"], x["ratio_vs_lora"], f"{x['ratio_paired']:.3f} ± {x['ratio_paired_iqr'] / 2:.3f}",
+             spread, x["overhead_lordba"], x["overhead_lora"]]
         )  # fmt: skip
     return out
 
 
-def report(rows: list[dict], meta: dict) -> str:
-    """``bench.md``: the tables, the adapter bytes and the conditions of the run."""
+PROFILE_COLUMNS = ["base", "target", "base ms", "LoRA adds ms", "LoRDBA adds ms", "LoRDBA/LoRA adds", "% of LoRA model"]
+
+
+def _profile_rows(profile: list[dict]) -> list[list]:
+    return [
+        [x["base"], x["target"], 1e3 * x["lora_base_s"], 1e3 * x["lora_adapter_s"], 1e3 * x["lordba_adapter_s"],
+         x["adapter_ratio"], 100 * (x["lordba_adapter_s"] - x["lora_adapter_s"]) / x["lora_model_s"]]
+        for x in profile
+    ]  # fmt: skip
+
+
+def report(rows: list[dict], meta: dict, profile: list[dict] | None = None) -> str:
+    """``bench.md``: the tables, the prefill profile, the adapter bytes and the conditions of the run."""
     models = [x for x in rows if x["case"].startswith("model")]
     branch16 = [x for x in rows if x["case"].startswith("branch") and x["r"] == 16]
     print_table("latency: whole model", COLUMNS, _table_rows(models))
@@ -202,18 +237,28 @@ def report(rows: list[dict], meta: dict) -> str:
         f"kernels: {meta['kernels']}; base: {meta['settings']['base']}; activations float32; "
         f"LoRDBA scales {meta['settings']['lordba_scale_dtype']}. "
         f"Load average before/after: {meta['load_avg_before'][0]:.2f} / {meta['load_avg_after'][0]:.2f}.\n",
-        "Medians of interleaved runs; `IQR %`: the largest interquartile range of the three, relative to its median; "
+        "Medians of interleaved runs; `LoRDBA/LoRA`: ratio of the medians; `paired`: median of the round-by-round "
+        "ratios ± half their IQR; `IQR %`: the largest interquartile range of the three, relative to its median; "
         "`ovh`: (base + adapter) / base.\n",
         "## Whole model (SmolLM2-135M)\n",
         markdown_table(COLUMNS, _table_rows(models)),
         "\nAdapter bytes (r, LoRDBA memory / LoRA memory, LoRDBA file / fp16 LoRA file):\n",
     ]
-    for x in models[::2]:
+    for x in {x["r"]: x for x in models}.values():
         lines.append(
             f"- r={x['r']}: memory {x['lordba_mem_bytes']:,} / {x['lora_mem_bytes']:,} B, "
             f"disk {x['lordba_disk_bytes']:,} / {x['lora_disk_bytes']:,} B "
             f"({x['lora_disk_bytes'] / x['lordba_disk_bytes']:.1f}× smaller)\n"
         )
+    if profile:
+        print_table("prefill profile, r=16", PROFILE_COLUMNS, _profile_rows(profile))
+        lines += [
+            "\n## Prefill profile, r=16 (512 tokens)\n\n",
+            "Wall time of the adapted layers split by forward hooks into their base layer and what the adapter adds "
+            "(layer − base), summed over the 30 blocks, medians of interleaved prefills; the last column is the "
+            "difference LoRDBA − LoRA as a share of the LoRA model's prefill time.\n\n",
+            markdown_table(PROFILE_COLUMNS, _profile_rows(profile)),
+        ]
     lines += [
         "\n## Branch alone, all cases\n",
         markdown_table(COLUMNS, _table_rows([x for x in rows if x not in models])),
