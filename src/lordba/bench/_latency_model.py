@@ -59,6 +59,9 @@ def variants(model: nn.Module, r: int, base: str, source: str | Path | None = No
         LoRDBAConfig(r=r, alpha=2 * r, target_modules=TARGETS, init="random", scale_dtype=SCALE_DTYPE),
     )
     lordba.pack()
+    with tempfile.TemporaryDirectory() as tmp:  # served as from its file: scales hold decoded values
+        lordba.save_pretrained(tmp)
+        lordba.hotswap_adapter(tmp, "default")
     lordba.eval()
     return {"base": plain, "lora": lora, "lordba": lordba}
 

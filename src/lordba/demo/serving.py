@@ -3,8 +3,9 @@
 Measures, on a model that already carries the adapters to compare (saved LoRDBA directories):
 
 * load time per adapter and hot-swap time (``hotswap_adapter``: weights replaced in place);
-* bytes each loaded adapter adds to the model's memory (packed signs + scales) next to the fp16
-  LoRA of the same rank, and how many adapters of each kind fit in 1 GiB;
+* bytes each loaded adapter adds to the model's memory (packed signs + scales + the inference
+  caches, counted after the adapters have run) next to the fp16 LoRA of the same rank, and how
+  many adapters of each kind fit in 1 GiB;
 * one mixed batch whose rows are routed to all the adapters, checked row by row against running
   each adapter alone (no cross-talk).
 """
@@ -23,10 +24,14 @@ GIB = 2**30
 
 
 def _adapter_bytes(lm: LoRDBAModel, name: str) -> int:
+    """Parameters, buffers and inference caches of adapter ``name``."""
+    from ..kernels.cache import cache_nbytes
+
     total = 0
     for adapter in lm.adapter_modules(name).values():
         for t in (*adapter.parameters(), *adapter.buffers()):
             total += t.numel() * t.element_size()
+        total += cache_nbytes(adapter)["total"]
     return total
 
 
@@ -40,7 +45,6 @@ def measure_serving(base_model: torch.nn.Module, tokenizer, adapters: dict[str, 
         load_s[name] = time.perf_counter() - t0
     names = list(adapters)
     lm.set_adapter(names[0])
-    memory = {name: _adapter_bytes(lm, name) for name in names}
     fp16_lora = {
         name: sum(2 * a.r * (a.in_features + a.out_features) for a in lm.adapter_modules(name).values())
         for name in names
@@ -67,6 +71,7 @@ def measure_serving(base_model: torch.nn.Module, tokenizer, adapters: dict[str, 
                 input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["attention_mask"][i : i + 1]
             ).logits
             worst = max(worst, float((mixed[i : i + 1] - alone).abs().max()))
+    memory = {name: _adapter_bytes(lm, name) for name in names}  # after use: caches included
     lm.unload()
     mean_mem = statistics.mean(memory.values())
     mean_lora = statistics.mean(fp16_lora.values())

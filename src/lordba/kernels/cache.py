@@ -5,7 +5,10 @@ written to (an optimizer step, ``load_stored``, ``hotswap_adapter``, ``.to()``),
 once and kept until then:
 
 * the decoded scales ``(b, m, a)`` (float32), keyed by each scale parameter's ``_version``,
-  ``data_ptr()`` and the adapter's codec: a few hundred bytes, always on;
+  ``data_ptr()`` and the adapter's codec. An adapter loaded from a file (or hot-swapped) holds
+  parameters that already are decoded values (``fake_quant`` leaves them unchanged), and so does
+  any float32 adapter: then the cache holds views of the parameters and costs no memory. Otherwise
+  (a trained int8/float16 adapter's latent scales) it is a float32 copy, ``in + r + out`` values;
 * for an adapter in latent form, its signs packed on the fly (``r·(in+out)/8`` bytes), so that a
   latent adapter runs the very kernel its packed form runs and both give bit-identical outputs;
 * in the ``dense`` kernel mode only, the folded dense factors ``A' = S_A diag(b)`` (r×in) and
@@ -68,9 +71,17 @@ def scales(adapter: DoubleBinaryAdapter) -> tuple[torch.Tensor, torch.Tensor, to
     )
     if entry.scale_key != key:
         with torch.no_grad():
-            entry.scales = tuple(v.contiguous() for v in adapter.codec.fake_quant(p_in, p_mid, p_out))
+            decoded = adapter.codec.fake_quant(p_in, p_mid, p_out)
+            entry.scales = tuple(_view_if_equal(p, v) for p, v in zip((p_in, p_mid, p_out), decoded))
         entry.scale_key = key
     return entry.scales
+
+
+def _view_if_equal(param: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+    """``param`` itself (detached, sharing its storage) when it already holds ``decoded``, else ``decoded``."""
+    if param.dtype == decoded.dtype and param.is_contiguous() and torch.equal(param, decoded):
+        return param.detach()
+    return decoded.contiguous()
 
 
 def signs(adapter: DoubleBinaryAdapter) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,14 +134,18 @@ def clear(module: nn.Module) -> None:
 
 
 def cache_nbytes(module: nn.Module) -> dict[str, int]:
-    """Bytes held by the caches under ``module``: ``{"scales", "signs", "dense", "total"}``."""
+    """Bytes held by the caches under ``module`` beyond the adapters' own parameters and buffers
+    (views of those count nothing): ``{"scales", "signs", "dense", "total"}``."""
     sizes = {"scales": 0, "signs": 0, "dense": 0}
     for sub in module.modules():
         entry = sub.__dict__.get(_ATTR)
         if entry is None:
             continue
+        own = {t.untyped_storage().data_ptr() for t in (*sub.parameters(), *sub.buffers())}
         for field in sizes:
             tensors = getattr(entry, field) or ()
-            sizes[field] += sum(t.numel() * t.element_size() for t in tensors)
+            sizes[field] += sum(
+                t.numel() * t.element_size() for t in tensors if t.untyped_storage().data_ptr() not in own
+            )
     sizes["total"] = sum(sizes.values())
     return sizes
