@@ -140,3 +140,73 @@ def test_packed_signs_cannot_train():
     x = torch.randn(3, 21)
     layer(x).sum().backward()
     assert ad.scale_out.grad is not None and ad.scale_in.grad is not None
+
+
+@pytest.mark.parametrize("scale_dtype", ["int8", "float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("kernel", ["auto", "sign", "unpack", "torch", "dense"])
+def test_compact_form_computes_exactly_what_the_packed_form_does(scale_dtype, kernel):
+    from lordba import kernels
+
+    layer = make_layer(in_f=37, out_f=19, names=("a",), r=5, scale_dtype=scale_dtype)
+    ad = layer.lordba_adapters["a"]
+    ad.pack()
+    ad.load_stored(ad.stored_tensors())  # as loaded from a file
+    ad.requires_grad_(False)
+    x = torch.randn(3, 37)
+    with torch.no_grad(), kernels.mode(kernel):
+        packed, stored = layer(x), ad.stored_tensors()
+        ad.compact()
+        assert ad.is_compact and not any(True for _ in ad.parameters())
+        assert ad.scale_in.dtype == get_codec(scale_dtype).stored_dtypes[0]
+        assert torch.equal(layer(x), packed)
+        for name, tensor in ad.stored_tensors().items():
+            assert torch.equal(tensor, stored[name]), name
+        merged = layer.base_layer.weight + ad.delta_weight()
+        layer.merge()
+        torch.testing.assert_close(layer.base_layer.weight, merged)
+        layer.unmerge()
+        torch.testing.assert_close(layer(x), packed, rtol=1e-5, atol=1e-5)
+
+
+def test_compact_int8_adapter_holds_its_file_size_and_expands_back_exactly():
+    layer = make_layer(in_f=64, out_f=48, names=("a",), r=8, scale_dtype="int8")
+    ad = layer.lordba_adapters["a"]
+    ad.pack()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        before = layer(x)
+        ad.compact()
+        held = sum(t.numel() * t.element_size() for t in ad.buffers())
+        assert held == (8 * 64 + 48 * 8) // 8 + 64 + 4 * 8 + 48  # signs, int8 b and a, float32 m
+        assert torch.equal(layer(x), before)
+        ad.expand()
+        assert not ad.is_compact and all(p.dtype == torch.float32 and not p.requires_grad for p in ad.parameters())
+        assert torch.equal(layer(x), before)
+    ad.compact()
+    ad.set_trainable(signs=False, scales=True)  # training the scales brings float32 parameters back
+    assert not ad.is_compact and ad.scale_in.requires_grad
+    ad.compact()
+    with pytest.raises(AdapterStateError, match="packed signs cannot train"):
+        ad.set_trainable(signs=True, scales=False)
+    ad.set_trainable(signs=False, scales=False)
+    assert ad.is_compact
+    ad.unpack_to_latent()
+    assert not ad.is_compact and not ad.is_packed
+
+
+def test_compact_adapter_hot_swaps_across_scale_formats_and_refuses_a_float_state():
+    layer = make_layer(in_f=30, out_f=20, names=("a",), r=4, scale_dtype="int8")
+    ad = layer.lordba_adapters["a"]
+    ad.pack()
+    ad.compact()
+    other = make_layer(in_f=30, out_f=20, names=("a",), r=4, scale_dtype="float16").lordba_adapters["a"]
+    other.pack()
+    ad.codec = other.codec  # what hotswap_adapter does before loading the new tensors
+    ad.load_stored(other.stored_tensors())
+    assert ad.scale_in.dtype == ad.scale_mid.dtype == torch.float16
+    x = torch.randn(3, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(ad(x), other(x), rtol=0, atol=0)
+    state = {k: v.float() for k, v in layer.state_dict().items()}
+    with pytest.raises(AdapterStateError, match="compact adapter"):
+        layer.load_state_dict(state)

@@ -266,3 +266,27 @@ def test_concurrent_forwards_switches_and_hotswaps_never_mix_adapters(tmp_path, 
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_loading_for_inference_is_compact_and_for_training_is_not(tmp_path, tiny_model, input_ids):
+    import copy
+
+    from lordba import LoRDBAConfig, LoRDBAModel, get_lordba_model
+
+    cfg = LoRDBAConfig(r=4, target_modules=["q_proj", "v_proj"], init="random", scale_dtype="int8")
+    lm = get_lordba_model(copy.deepcopy(tiny_model), cfg)
+    lm.pack()
+    lm.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = lm(input_ids=input_ids).logits
+    served = LoRDBAModel.from_pretrained(copy.deepcopy(tiny_model), tmp_path)
+    assert all(a.is_compact for a in served.adapter_modules("default").values())
+    trainable = LoRDBAModel.from_pretrained(copy.deepcopy(tiny_model), tmp_path, is_trainable=True)
+    assert not any(a.is_compact for a in trainable.adapter_modules("default").values())
+    with torch.no_grad():
+        assert torch.equal(served(input_ids=input_ids).logits, expected)
+        assert torch.equal(trainable(input_ids=input_ids).logits, expected)
+    served.save_pretrained(tmp_path / "again")  # a compact adapter saves the same bytes
+    assert (tmp_path / "again" / "lordba_model.safetensors").read_bytes() == (
+        tmp_path / "lordba_model.safetensors"
+    ).read_bytes()

@@ -379,7 +379,8 @@ class LoRDBAModel(nn.Module):
 
     def load_adapter(self, model_id: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
         """Load an adapter directory under ``adapter_name`` (packed form; scales train if
-        ``is_trainable``). Validation happens before the model is touched."""
+        ``is_trainable``, else it is compact: scales held as stored, frozen). Validation happens
+        before the model is touched."""
         self._check_new_name(adapter_name)
         self.load_adapter_state(self._read_for_model(model_id), adapter_name, is_trainable)
 
@@ -403,7 +404,10 @@ class LoRDBAModel(nn.Module):
                 packed=True,
             )
             adapter.load_stored(rec.tensors)
-            adapter.set_trainable(signs=False, scales=is_trainable)
+            if is_trainable:
+                adapter.set_trainable(signs=False, scales=True)
+            else:
+                adapter.compact()  # scales held as stored (int8 codes): the file's size in memory
             adapters[path] = adapter
         with self._lock.write():
             self._check_new_name(adapter_name)  # again: another thread may have taken the name
@@ -412,8 +416,9 @@ class LoRDBAModel(nn.Module):
 
     def hotswap_adapter(self, model_id: str | Path, adapter_name: str = "default") -> None:
         """Replace a loaded adapter's weights in place (no re-injection, same tensors, so compiled
-        graphs stay valid). The new adapter must target the same modules (or a subset: the others
-        become no-ops) with the same ranks."""
+        graphs stay valid; only a compact adapter given another scale format gets new scale
+        buffers). The new adapter must target the same modules (or a subset: the others become
+        no-ops) with the same ranks."""
         self._check_known(adapter_name)
         adapter_file = self._read_for_model(model_id)
         config = adapter_file.config

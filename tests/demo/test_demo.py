@@ -39,5 +39,5 @@ def test_quick_demo_writes_the_table_json_and_plots(tmp_path):
     serving = json.loads((out / "serving.json").read_text())
     assert len(serving["adapters"]) == 4 and serving["mixed_batch_max_abs_diff"] < 1e-3
     assert serving["adapters_per_gib"] > serving["fp16_lora_adapters_per_gib"]
-    for name in serving["adapters"]:  # r=16: signs 1/16 + float32 scales, caches viewing them (a copy: 0.32)
-        assert serving["memory_bytes"][name] < 0.25 * serving["fp16_lora_memory_bytes"][name]
+    for name in serving["adapters"]:  # r=16, loaded compact: signs + int8 scales ≈ 0.095 (float32 scales: 0.19)
+        assert serving["memory_bytes"][name] < 0.12 * serving["fp16_lora_memory_bytes"][name]

@@ -48,21 +48,19 @@ def variants(model: nn.Module, r: int, base: str, source: str | Path | None = No
     from peft import LoraConfig, get_peft_model
 
     from ..config import LoRDBAConfig
-    from ..model import get_lordba_model
+    from ..model import LoRDBAModel, get_lordba_model
 
     torch.manual_seed(0)
     plain = quantized(copy.deepcopy(model), base, source).eval()
     lora_cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False)
     lora = get_peft_model(quantized(copy.deepcopy(model), base, source), lora_cfg).eval()
-    lordba = get_lordba_model(
-        quantized(copy.deepcopy(model), base, source),
+    trained = get_lordba_model(
+        copy.deepcopy(model),
         LoRDBAConfig(r=r, alpha=2 * r, target_modules=TARGETS, init="random", scale_dtype=SCALE_DTYPE),
     )
-    lordba.pack()
-    with tempfile.TemporaryDirectory() as tmp:  # served as from its file: scales hold decoded values
-        lordba.save_pretrained(tmp)
-        lordba.hotswap_adapter(tmp, "default")
-    lordba.eval()
+    with tempfile.TemporaryDirectory() as tmp:  # served as from its file (compact: scales held as stored)
+        trained.save_pretrained(tmp)
+        lordba = LoRDBAModel.from_pretrained(quantized(copy.deepcopy(model), base, source), tmp).eval()
     return {"base": plain, "lora": lora, "lordba": lordba}
 
 
@@ -73,8 +71,8 @@ def adapter_bytes(models: dict[str, nn.Module]) -> dict[str, int]:
     from ..kernels.cache import cache_nbytes
 
     lordba, lora = models["lordba"], models["lora"]
-    packed = sum(b.numel() * b.element_size() for n, b in lordba.named_buffers() if n.endswith(("sign_A", "sign_B")))
-    scales = sum(p.numel() * p.element_size() for n, p in lordba.named_parameters() if ".scale_" in n)
+    held = [*lordba.named_parameters(), *lordba.named_buffers()]
+    adapter = sum(t.numel() * t.element_size() for n, t in held if ".lordba_adapters." in n)  # signs + scales
     lora_params = {n: p for n, p in lora.named_parameters() if "lora_" in n}
     with tempfile.TemporaryDirectory() as tmp:
         lordba.save_pretrained(tmp)
@@ -83,7 +81,7 @@ def adapter_bytes(models: dict[str, nn.Module]) -> dict[str, int]:
         save_file(fp16, str(Path(tmp) / "adapter_model.safetensors"))
         lora_disk = (Path(tmp) / "adapter_model.safetensors").stat().st_size
     return {
-        "lordba_mem_bytes": packed + scales + cache_nbytes(lordba)["total"],
+        "lordba_mem_bytes": adapter + cache_nbytes(lordba)["total"],
         "lora_mem_bytes": sum(p.numel() * p.element_size() for p in lora_params.values()),
         "lordba_disk_bytes": lordba_disk,
         "lora_disk_bytes": lora_disk,

@@ -14,7 +14,9 @@ and by the kernel mode (:func:`set_mode`, :func:`mode`, or ``$LORDBA_KERNEL``):
 * ``torch``: the pure-PyTorch reference (unpack on every call).
 * ``triton``: the Triton kernels on any device (on CPU only under ``TRITON_INTERPRET=1``: tests).
 
-Only packed signs and decoded scales are kept in memory in every mode but ``dense``. If the CPU
+Only packed signs and decoded scales are kept in memory in every mode but ``dense``; a compact
+adapter (:meth:`~lordba.layer.DoubleBinaryAdapter.compact`, what loading for inference gives) keeps
+its scales as stored (int8 codes), which the CPU kernels read directly and other paths decode per call. If the CPU
 extension cannot be built, a :class:`KernelFallbackWarning` says why (once) and ``torch`` runs.
 A latent adapter without gradient runs the same kernel on its signs packed on the fly, so an
 adapter gives bit-identical outputs in latent and in packed form (save → load is exact).
@@ -177,22 +179,31 @@ def packed_branch(
         return base + packed_branch(x, adapter, b, m, a).to(base.dtype)
     if torch.compiler.is_compiling():
         return _traced(x, adapter, b, m, a, base)
-    if b is None:
-        b, m, a = cache.scales(adapter)
     name = _STATE.mode
     if name == "dense":
         folded_A, folded_B = cache.dense(adapter, x.dtype)
         return reference.dense_branch(x, folded_A, folded_B, base)
+    buffers = adapter._buffers  # direct dict access: this runs once per layer and token
+    stored = b is None and "scale_in" in buffers  # compact: the CPU kernels read its stored scales
+    if stored:
+        b, m, a = buffers["scale_in"], buffers["scale_mid"], buffers["scale_out"]
+    elif b is None:
+        b, m, a = cache.scales(adapter)
     sign_A, sign_B = cache.signs(adapter)
     dtype = x.dtype
     if name != "torch" and dtype in _NATIVE_DTYPES and (base is None or base.dtype in _NATIVE_DTYPES):
+        if x.is_cpu and name != "triton" and (_STATE.cpu.ok if _STATE.cpu is not None else cpu_available()):
+            limit = cache.limit(adapter, (name, dtype), lambda: _limit(name, adapter, dtype))
+            return _STATE.op(x, sign_A, sign_B, b, m, a, adapter.scaling, limit, base)
+        if stored:
+            b, m, a = adapter.codec.decode(b, m, a)
+            stored = False
         if name == "triton" or (x.is_cuda and triton_available()):
             from . import triton as tri
 
             return tri.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, name, base)
-        if x.is_cpu and (_STATE.cpu.ok if _STATE.cpu is not None else cpu_available()):
-            limit = cache.limit(adapter, (name, dtype), lambda: _limit(name, adapter, dtype))
-            return _STATE.op(x, sign_A, sign_B, b, m, a, adapter.scaling, limit, base)
+    if stored:
+        b, m, a = adapter.codec.decode(b, m, a)
     return reference.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, base)
 
 

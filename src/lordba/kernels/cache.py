@@ -8,7 +8,9 @@ once and kept until then:
   ``data_ptr()`` and the adapter's codec. An adapter loaded from a file (or hot-swapped) holds
   parameters that already are decoded values (``fake_quant`` leaves them unchanged), and so does
   any float32 adapter: then the cache holds views of the parameters and costs no memory. Otherwise
-  (a trained int8/float16 adapter's latent scales) it is a float32 copy, ``in + r + out`` values;
+  (a trained int8/float16 adapter's latent scales) it is a float32 copy, ``in + r + out`` values.
+  A compact adapter (:meth:`~lordba.layer.DoubleBinaryAdapter.compact`) keeps nothing: the CPU
+  kernels read its stored scales directly, other paths decode them per call;
 * for an adapter in latent form, its signs packed on the fly (``r·(in+out)/8`` bytes), so that a
   latent adapter runs the very kernel its packed form runs and both give bit-identical outputs;
 * in the ``dense`` kernel mode only, the folded dense factors ``A' = S_A diag(b)`` (r×in) and
@@ -57,8 +59,11 @@ def _stamp(t: torch.Tensor) -> tuple[int, int]:
 
 def scales(adapter: DoubleBinaryAdapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The decoded ``(b, m, a)`` of ``adapter`` (float32, no gradient), recomputed only after a write."""
-    entry = adapter.__dict__.get(_ATTR) or _entry(adapter)
     params = adapter._parameters  # direct dict access: this runs once per layer and token
+    if "scale_in" not in params:  # compact: decoded on each call (not kept: that is its point)
+        buffers = adapter._buffers
+        return adapter.codec.decode(buffers["scale_in"], buffers["scale_mid"], buffers["scale_out"])
+    entry = adapter.__dict__.get(_ATTR) or _entry(adapter)
     p_in, p_mid, p_out = params["scale_in"], params["scale_mid"], params["scale_out"]
     key = (
         p_in._version,

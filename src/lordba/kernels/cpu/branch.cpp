@@ -507,6 +507,39 @@ void dispatch_out(const at::Tensor& x2, const at::Tensor& sa, const at::Tensor& 
   }
 }
 
+// A scale vector as float32: the tensor itself, or its values converted into `buf`. int8 holds codes
+// meaning code / 127 (the int8 scale format of docs/format.md); the division is the one torch does,
+// so a compact adapter computes exactly what its decoded float32 form computes.
+const float* as_float(const at::Tensor& t, std::vector<float>& buf) {
+  const int64_t n = t.numel();
+  switch (t.scalar_type()) {
+    case at::kFloat: return t.data_ptr<float>();
+    case at::kChar: {
+      const int8_t* c = t.data_ptr<int8_t>();
+      buf.resize(n);
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(c[i]) / 127.f;
+      return buf.data();
+    }
+    case at::kHalf: {
+      const c10::Half* h = t.data_ptr<c10::Half>();
+      buf.resize(n);
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(h[i]);
+      return buf.data();
+    }
+    default: {
+      const c10::BFloat16* h = t.data_ptr<c10::BFloat16>();
+      buf.resize(n);
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(h[i]);
+      return buf.data();
+    }
+  }
+}
+
+bool scale_dtype_ok(const at::Tensor& t, bool codes) {
+  const auto d = t.scalar_type();
+  return d == at::kFloat || d == at::kHalf || d == at::kBFloat16 || (codes && d == at::kChar);
+}
+
 at::Tensor branch(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
                   const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens,
                   const c10::optional<at::Tensor>& base) {
@@ -515,8 +548,8 @@ at::Tensor branch(const at::Tensor& x, const at::Tensor& sign_A, const at::Tenso
   check(sign_A.scalar_type() == at::kByte && sign_B.scalar_type() == at::kByte, "signs must be uint8");
   check(sign_A.numel() == (r * in + 7) / 8 && sign_B.numel() == (out * r + 7) / 8,
         "packed sign sizes do not match the scale vectors");
-  check(b.scalar_type() == at::kFloat && m.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat,
-        "scales must be float32");
+  check(scale_dtype_ok(b, true) && scale_dtype_ok(m, false) && scale_dtype_ok(a, true),
+        "scales must be float32, float16 or bfloat16 (b and a also int8 codes)");
   const auto st = x.scalar_type();
   check(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "x must be float32, bfloat16 or float16");
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -531,9 +564,10 @@ at::Tensor branch(const at::Tensor& x, const at::Tensor& sign_A, const at::Tenso
   if (T == 0) return base2.has_value() ? base2->clone().reshape(shape) : at::empty(shape, x2.options());
   const at::Tensor sa = sign_A.contiguous(), sb = sign_B.contiguous();
   const at::Tensor bc = b.contiguous(), mc = m.contiguous(), ac = a.contiguous();
-  const float* bp = bc.data_ptr<float>();
-  const float* mp = mc.data_ptr<float>();
-  const float* ap = ac.data_ptr<float>();
+  thread_local std::vector<float> bbuf, mbuf, abuf;  // conversions of stored scales, reused between calls
+  const float* bp = as_float(bc, bbuf);
+  const float* mp = as_float(mc, mbuf);
+  const float* ap = as_float(ac, abuf);
   const float s = static_cast<float>(scaling);
   if (T > sign_max_tokens) {
     at::Tensor y;
