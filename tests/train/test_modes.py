@@ -76,6 +76,29 @@ def test_init_from_lora_reproduces_the_lora():
     assert (got - want).norm() < 0.6 * (want - plain).norm()
 
 
+def test_init_from_lora_accepts_a_compact_adapter():
+    base = tiny_llama(0)
+    peft_model = add_lora(base, 4, 8.0, ["q_proj"])
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    from lordba.convert import read_lora
+
+    lora = read_lora(peft_model)
+    lm = LoRDBAModel(peft_model.unload(), LoRDBAConfig(r=4, target_modules=["q_proj"], scale_dtype="int8"))
+    first = init_from_lora(lm, lora)
+    want = {p: a.stored_tensors() for p, a in lm.adapter_modules("default").items()}
+    for adapter in lm.adapter_modules("default").values():
+        adapter.pack()
+        adapter.compact()  # int8 code buffers: the float results must not be cast into them
+    assert init_from_lora(lm, lora) == first
+    for path, adapter in lm.adapter_modules("default").items():
+        assert not adapter.is_compact and not adapter.is_packed
+        for name, tensor in adapter.stored_tensors().items():
+            assert torch.equal(tensor, want[path][name]), name
+
+
 def test_lordba_train_cli_on_the_real_model(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(

@@ -83,6 +83,7 @@ def init_from_lora(
     for path, adapter in modules.items():
         f = lora.layers[path]
         res = convert_factors(f.A, f.B, adapter.r, f.scaling, adapter.scaling, scale_dtype=scale_dtype)
+        adapter.expand()  # float32 scale parameters, whatever form the adapter was loaded in
         with torch.no_grad():
             adapter.scale_in.copy_(res.scale_in)
             adapter.scale_mid.copy_(res.scale_mid)
