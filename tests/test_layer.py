@@ -169,6 +169,8 @@ def test_compact_form_computes_exactly_what_the_packed_form_does(scale_dtype, ke
 
 
 def test_compact_int8_adapter_holds_its_file_size_and_expands_back_exactly():
+    from lordba import kernels
+
     layer = make_layer(in_f=64, out_f=48, names=("a",), r=8, scale_dtype="int8")
     ad = layer.lordba_adapters["a"]
     ad.pack()
@@ -176,6 +178,7 @@ def test_compact_int8_adapter_holds_its_file_size_and_expands_back_exactly():
     with torch.no_grad():
         before = layer(x)
         ad.compact()
+        assert kernels.cache.cache_nbytes(layer)["total"] == 0  # the old cache is dropped with the parameters
         held = sum(t.numel() * t.element_size() for t in ad.buffers())
         assert held == (8 * 64 + 48 * 8) // 8 + 64 + 4 * 8 + 48  # signs, int8 b and a, float32 m
         assert torch.equal(layer(x), before)

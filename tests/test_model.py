@@ -290,3 +290,55 @@ def test_loading_for_inference_is_compact_and_for_training_is_not(tmp_path, tiny
     assert (tmp_path / "again" / "lordba_model.safetensors").read_bytes() == (
         tmp_path / "lordba_model.safetensors"
     ).read_bytes()
+
+
+def _saved_adapter(tmp_path, tiny_model, name, targets, scale_dtype, seed):
+    import copy
+
+    from lordba import LoRDBAConfig, get_lordba_model
+
+    torch.manual_seed(seed)
+    cfg = LoRDBAConfig(r=4, target_modules=targets, init="random", scale_dtype=scale_dtype)
+    lm = get_lordba_model(copy.deepcopy(tiny_model), cfg)
+    lm.pack()
+    lm.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("kernel", ["auto", "dense"])
+def test_compact_hotswap_to_a_subset_in_another_format_equals_loading_it(tmp_path, tiny_model, input_ids, kernel):
+    import copy
+
+    from lordba import LoRDBAModel, kernels
+
+    first = _saved_adapter(tmp_path, tiny_model, "a", ["q_proj", "v_proj"], "int8", 1)
+    subset = _saved_adapter(tmp_path, tiny_model, "b", ["q_proj"], "float16", 2)
+    served = LoRDBAModel.from_pretrained(copy.deepcopy(tiny_model), first)
+    fresh = LoRDBAModel.from_pretrained(copy.deepcopy(tiny_model), subset)
+    with torch.no_grad(), kernels.mode(kernel):
+        served(input_ids=input_ids)  # caches built for the first adapter
+        served.hotswap_adapter(subset)
+        assert torch.equal(served(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)
+    for adapter in served.adapter_modules("default").values():  # v_proj silenced in the new format
+        assert adapter.scale_in.dtype == torch.float16
+    served.save_pretrained(tmp_path / "again")  # the swapped-in adapter, as its own file
+    name = "lordba_model.safetensors"
+    assert (tmp_path / "again" / name).read_bytes() == (subset / name).read_bytes()
+
+
+def test_compact_scales_keep_their_dtypes_through_half_and_refuse_a_foreign_state(tmp_path, tiny_model):
+    import copy
+
+    from lordba import LoRDBAModel
+
+    saved = _saved_adapter(tmp_path, tiny_model, "a", ["q_proj"], "int8", 3)
+    served = LoRDBAModel.from_pretrained(copy.deepcopy(tiny_model), saved)
+    served.half()
+    adapter = next(iter(served.adapter_modules("default").values()))
+    assert (adapter.scale_in.dtype, adapter.scale_mid.dtype) == (torch.int8, torch.float32)
+    served.save_pretrained(tmp_path / "again")
+    names = ("lordba_model.safetensors",)
+    assert all((tmp_path / "again" / n).read_bytes() == (saved / n).read_bytes() for n in names)
+    trainable = LoRDBAModel.from_pretrained(copy.deepcopy(tiny_model), saved, is_trainable=True)
+    with pytest.raises(AdapterStateError, match="form it was saved from"):
+        trainable.load_state_dict(served.state_dict())

@@ -122,6 +122,7 @@ class DoubleBinaryAdapter(nn.Module):
         if not self.is_packed:
             raise AdapterStateError("compact() needs the packed form: call pack() first")
         stored = self.codec.encode(self.scale_in, self.scale_mid, self.scale_out)
+        kernels.cache.clear(self)  # its entries view the float32 parameters dropped here
         for name, value in zip(_SCALES, stored):
             delattr(self, name)
             self.register_buffer(name, value.contiguous())
@@ -132,9 +133,38 @@ class DoubleBinaryAdapter(nn.Module):
         if not self.is_compact:
             return
         decoded = self.codec.decode(self.scale_in, self.scale_mid, self.scale_out)
+        kernels.cache.clear(self)
         for name, value in zip(_SCALES, decoded):
             delattr(self, name)
             setattr(self, name, nn.Parameter(value.contiguous(), requires_grad=False))
+
+    @torch.no_grad()
+    def silence(self) -> None:
+        """Make the branch a no-op (``a = 0``), in the adapter's current scale format (what a
+        hot-swap does to modules the new file leaves out)."""
+        if not self.is_compact:
+            self.scale_out.zero_()
+            return
+        ones = torch.ones(self.in_features + self.r, device=self.scale_in.device)
+        zeros = torch.zeros(self.out_features, device=self.scale_in.device)
+        stored = self.codec.encode(ones[: self.in_features], ones[self.in_features :], zeros)
+        for name, value in zip(_SCALES, stored):
+            held = getattr(self, name)
+            if held.dtype == value.dtype:
+                held.copy_(value)
+            else:  # the codec changed with the hot-swap
+                self.register_buffer(name, value.contiguous())
+
+    def _apply(self, fn, recurse: bool = True) -> DoubleBinaryAdapter:  # noqa: ANN001
+        """``.to()``, ``.half()``, …: a compact adapter's scales follow the device but keep their
+        stored dtypes (they are the file's tensors; casting them would change what is saved)."""
+        if not self.is_compact:
+            return super()._apply(fn, recurse)
+        held = {name: self._buffers[name] for name in _SCALES}
+        result = super()._apply(fn, recurse)
+        for name, tensor in held.items():
+            self._buffers[name] = tensor.to(self._buffers[name].device)
+        return result
 
     def signs(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """The hard sign matrices ``(S_A, S_B)`` as ±1 tensors (no gradient)."""
@@ -269,16 +299,20 @@ class DoubleBinaryAdapter(nn.Module):
         return kernels.packed_branch(x, self, base=base)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
-        """Refuse scale tensors of another dtype than a compact adapter holds (a float32 state
-        would otherwise be cast silently into int8 codes)."""
-        if self.is_compact:
-            for name in _SCALES:
-                given = state_dict.get(prefix + name)
-                if given is not None and given.dtype != getattr(self, name).dtype:
-                    raise AdapterStateError(
-                        f"{prefix}{name}: {given.dtype} for a compact adapter holding {getattr(self, name).dtype} "
-                        "(load it into the same form it was saved from, or call expand() first)"
-                    )
+        """Refuse scale tensors of another form than this adapter's: into a compact adapter any
+        other dtype (float32 would be cast into int8 codes), into float parameters int8 codes
+        (read as values they would be 127× too large)."""
+        compact = self.is_compact
+        for name in _SCALES:
+            given, held = state_dict.get(prefix + name), getattr(self, name)
+            if given is None or given.dtype == held.dtype:
+                continue
+            if compact or not given.is_floating_point():
+                form = "compact adapter" if compact else "adapter with float scale parameters"
+                raise AdapterStateError(
+                    f"{prefix}{name}: {given.dtype} for a {form} holding {held.dtype} (load a state dict "
+                    "into the form it was saved from: compact() / expand())"
+                )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -36,7 +36,7 @@ from .footprint import SizeReport, size_report
 from .layer import BASE_ROW, ROUTING, DoubleBinaryAdapter, LoRDBALinear, Routing
 from .quant import BaseBackend, resolve_backend
 from .scales import get_codec
-from .targets import find_targets
+from .targets import ALL_LINEAR, find_targets, matches
 
 _LATENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -213,8 +213,9 @@ class LoRDBAModel(nn.Module):
 
     def set_trainable(self, adapter_name: str, signs: bool = True, scales: bool = True) -> None:
         """Choose what of an adapter trains: latent signs and/or scales (everything else stays frozen)."""
-        for adapter in self.adapter_modules(adapter_name).values():
-            adapter.set_trainable(signs, scales)
+        with self._lock.write():  # a compact adapter's scales change from buffers to parameters
+            for adapter in self.adapter_modules(adapter_name).values():
+                adapter.set_trainable(signs, scales)
 
     def pack(self, adapter_name: str | None = None) -> None:
         """Turn adapters (default: all) into the packed inference form; latents are dropped."""
@@ -328,11 +329,13 @@ class LoRDBAModel(nn.Module):
         """The adapter as stored (config + packed tensors), independent of this model."""
         with self._lock.read():  # a consistent snapshot while other threads hot-swap or switch
             self._check_known(adapter_name)
+            config = self._saved_config(adapter_name)
             modules = {
                 path: io.ModuleRecord(path, a.in_features, a.out_features, a.r, a.stored_tensors())
                 for path, a in self.adapter_modules(adapter_name).items()
+                if not _left_out(config, path, a)
             }
-            return io.AdapterState(self._saved_config(adapter_name), modules)
+            return io.AdapterState(config, modules)
 
     def _saved_config(self, adapter_name: str) -> LoRDBAConfig:
         config = self.peft_config[adapter_name]
@@ -437,8 +440,7 @@ class LoRDBAModel(nn.Module):
                 adapter.codec = codec
                 adapter.scaling = config.scaling_for(path)
                 if rec is None:
-                    with torch.no_grad():
-                        adapter.scale_out.zero_()
+                    adapter.silence()
                 else:
                     adapter.load_stored(rec.tensors)
             self.peft_config[adapter_name] = config
@@ -493,6 +495,15 @@ class LoRDBAModel(nn.Module):
         (default: the same rank), per module and for the file ``save_pretrained`` writes."""
         dims = {p: (a.in_features, a.out_features, a.r) for p, a in self.adapter_modules(adapter_name).items()}
         return size_report(dims, self.peft_config[adapter_name].scale_dtype, r_ref=r_ref)
+
+
+def _left_out(config: LoRDBAConfig, path: str, adapter: DoubleBinaryAdapter) -> bool:
+    """A module silenced by a hot-swap from a file that did not have it, and that the swapped-in
+    config does not describe: it is not part of that adapter and is not saved with it."""
+    described = (config.target_modules in (None, ALL_LINEAR) or matches(config.target_modules, path)) and (
+        config.rank_for(path) == adapter.r
+    )
+    return not described and not bool(adapter.scale_out.any())
 
 
 def get_lordba_model(model: nn.Module, config: LoRDBAConfig, adapter_name: str = "default") -> LoRDBAModel:

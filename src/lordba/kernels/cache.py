@@ -116,12 +116,13 @@ def limit(adapter: DoubleBinaryAdapter, key: tuple, compute: Callable[[], int]) 
 def dense(adapter: DoubleBinaryAdapter, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Folded dense factors ``(A', B')`` in ``dtype`` (the ``dense`` mode), built once per write."""
     entry = _entry(adapter)
-    b, m, a = scales(adapter)
     sign_A, sign_B = signs(adapter)
-    key = (entry.scale_key, _stamp(sign_A), _stamp(sign_B), adapter.scaling, dtype)
+    held = (adapter.scale_in, adapter.scale_mid, adapter.scale_out)  # parameters, or a compact adapter's buffers
+    key = (*map(_stamp, held), adapter.codec.name, _stamp(sign_A), _stamp(sign_B), adapter.scaling, dtype)
     if entry.dense_key != key:
         from ..packing import unpack_signs
 
+        b, m, a = scales(adapter)
         with torch.no_grad():
             s_a = unpack_signs(sign_A, (adapter.r, adapter.in_features))
             s_b = unpack_signs(sign_B, (adapter.out_features, adapter.r))
