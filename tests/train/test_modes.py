@@ -51,13 +51,18 @@ def test_every_mode_learns_and_trains_only_what_it_should(mode, tmp_path):
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["mode"] == mode
 
 
-def test_init_from_lora_reproduces_the_lora():
-    base = tiny_llama(0)
-    peft_model = add_lora(base, 4, 8.0, ["q_proj"])
+def trained_lora_on_q_proj():
+    """A tiny Llama with a rank-4 PEFT LoRA on q_proj whose B factor is not zero (as if trained)."""
+    peft_model = add_lora(tiny_llama(0), 4, 8.0, ["q_proj"])
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
+    return peft_model
+
+
+def test_init_from_lora_reproduces_the_lora():
+    peft_model = trained_lora_on_q_proj()
     ids = torch.randint(0, 101, (2, 8))
     with torch.no_grad():
         want = peft_model(input_ids=ids).logits
@@ -77,12 +82,7 @@ def test_init_from_lora_reproduces_the_lora():
 
 
 def test_init_from_lora_accepts_a_compact_adapter():
-    base = tiny_llama(0)
-    peft_model = add_lora(base, 4, 8.0, ["q_proj"])
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
+    peft_model = trained_lora_on_q_proj()
     from lordba.convert import read_lora
 
     lora = read_lora(peft_model)
