@@ -168,6 +168,12 @@ class LoRDBAConfig:
         key = _pattern_key(self.rank_pattern, module_name)
         return int(self.rank_pattern[key]) if key is not None else self.r
 
+    def targets_module(self, module_name: str) -> bool:
+        """Whether ``target_modules`` covers ``module_name`` (``None`` and ``all-linear`` cover every module)."""
+        from .targets import ALL_LINEAR, matches  # lazily: targets imports the layer
+
+        return self.target_modules in (None, ALL_LINEAR) or matches(self.target_modules, module_name)
+
     def alpha_for(self, module_name: str) -> float:
         """The ``alpha`` of ``module_name`` (``alpha_pattern`` first, else ``alpha``)."""
         key = _pattern_key(self.alpha_pattern, module_name)

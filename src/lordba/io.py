@@ -44,7 +44,6 @@ from .errors import AdapterFormatError, ConfigError, LoRDBAError
 from .packing import check_padding, packed_size
 from .scales import get_codec
 from .st_format import to_bytes
-from .targets import ALL_LINEAR, matches
 
 FORMAT_NAME = "lordba"
 MAX_HEADER_BYTES = 64 << 20
@@ -358,9 +357,10 @@ def _check_header(
             raise AdapterFormatError(
                 f"{path}: module {name!r} has rank {r} but the config gives it rank {config.rank_for(name)}"
             )
-        targets = config.target_modules
-        if targets not in (None, ALL_LINEAR) and not matches(targets, name):
-            raise AdapterFormatError(f"{path}: module {name!r} is not matched by target_modules={safe_repr(targets)}")
+        if not config.targets_module(name):
+            raise AdapterFormatError(
+                f"{path}: module {name!r} is not matched by target_modules={safe_repr(config.target_modules)}"
+            )
         modules[name] = ModuleRecord(name, in_f, out_f, r)
     expected_names = {f"{n}.{k}" for n in modules for k in TENSOR_KINDS}
     missing = sorted(expected_names - set(header))

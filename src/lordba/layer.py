@@ -149,11 +149,16 @@ class DoubleBinaryAdapter(nn.Module):
         zeros = torch.zeros(self.out_features, device=self.scale_in.device)
         stored = self.codec.encode(ones[: self.in_features], ones[self.in_features :], zeros)
         for name, value in zip(_SCALES, stored):
-            held = getattr(self, name)
-            if held.dtype == value.dtype:
-                held.copy_(value)
-            else:  # the codec changed with the hot-swap
-                self.register_buffer(name, value.contiguous())
+            self._hold_stored(name, value)
+
+    def _hold_stored(self, name: str, value: torch.Tensor) -> None:
+        """Write a stored scale tensor into a compact adapter's buffer, in place, or as a new buffer
+        when its dtype differs (the scale format changed with a hot-swap)."""
+        held = self._buffers[name]
+        if held.dtype == value.dtype:
+            held.copy_(value)
+        else:
+            self.register_buffer(name, value.to(held.device).clone(memory_format=torch.contiguous_format))
 
     def _apply(self, fn, recurse: bool = True) -> DoubleBinaryAdapter:  # noqa: ANN001
         """``.to()``, ``.half()``, …: a compact adapter's scales follow the device but keep their
@@ -244,11 +249,10 @@ class DoubleBinaryAdapter(nn.Module):
                 )
         device = self.scale_in.device
         for name, value in zip(_SCALES, values):
-            held = getattr(self, name)
-            if compact and held.dtype != value.dtype:  # another scale format (hot-swap): new buffer
-                self.register_buffer(name, value.to(device).clone())
+            if compact:
+                self._hold_stored(name, value)
             else:
-                held.copy_(value)
+                getattr(self, name).copy_(value)
         if self.is_packed:
             self.sign_A.copy_(tensors["sign_A"])
             self.sign_B.copy_(tensors["sign_B"])

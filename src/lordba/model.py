@@ -36,7 +36,7 @@ from .footprint import SizeReport, size_report
 from .layer import BASE_ROW, ROUTING, DoubleBinaryAdapter, LoRDBALinear, Routing
 from .quant import BaseBackend, resolve_backend
 from .scales import get_codec
-from .targets import ALL_LINEAR, find_targets, matches
+from .targets import find_targets
 
 _LATENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -500,9 +500,7 @@ class LoRDBAModel(nn.Module):
 def _left_out(config: LoRDBAConfig, path: str, adapter: DoubleBinaryAdapter) -> bool:
     """A module silenced by a hot-swap from a file that did not have it, and that the swapped-in
     config does not describe: it is not part of that adapter and is not saved with it."""
-    described = (config.target_modules in (None, ALL_LINEAR) or matches(config.target_modules, path)) and (
-        config.rank_for(path) == adapter.r
-    )
+    described = config.targets_module(path) and config.rank_for(path) == adapter.r
     return not described and not bool(adapter.scale_out.any())
 
 

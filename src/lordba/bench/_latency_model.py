@@ -68,11 +68,9 @@ def adapter_bytes(models: dict[str, nn.Module]) -> dict[str, int]:
     """Adapter bytes in memory (as held at inference, caches included) and in the files."""
     from safetensors.torch import save_file
 
-    from ..kernels.cache import cache_nbytes
+    from ..kernels.cache import held_nbytes
 
     lordba, lora = models["lordba"], models["lora"]
-    held = [*lordba.named_parameters(), *lordba.named_buffers()]
-    adapter = sum(t.numel() * t.element_size() for n, t in held if ".lordba_adapters." in n)  # signs + scales
     lora_params = {n: p for n, p in lora.named_parameters() if "lora_" in n}
     with tempfile.TemporaryDirectory() as tmp:
         lordba.save_pretrained(tmp)
@@ -81,7 +79,7 @@ def adapter_bytes(models: dict[str, nn.Module]) -> dict[str, int]:
         save_file(fp16, str(Path(tmp) / "adapter_model.safetensors"))
         lora_disk = (Path(tmp) / "adapter_model.safetensors").stat().st_size
     return {
-        "lordba_mem_bytes": adapter + cache_nbytes(lordba)["total"],
+        "lordba_mem_bytes": held_nbytes(list(lordba.adapter_modules("default").values())),
         "lora_mem_bytes": sum(p.numel() * p.element_size() for p in lora_params.values()),
         "lordba_disk_bytes": lordba_disk,
         "lora_disk_bytes": lora_disk,
@@ -123,48 +121,48 @@ def prefill_profile(models: dict[str, nn.Module], prompt: int, reps: int) -> lis
     torch.manual_seed(1)
     ids = torch.randint(0, _vocab(models["base"]), (1, prompt))
     names = ("lora", "lordba")
-    totals: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    layers: dict[str, list[dict[tuple[str, str], float]]] = {n: [] for n in names}  # per prefill
+    model_s: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode():
         for n in names:  # warm-up
             models[n](input_ids=ids, use_cache=False)
         for rep in range(reps):
             for n in names if rep % 2 == 0 else names[::-1]:
-                acc: dict[str, float] = {}
+                acc: dict[tuple[str, str], float] = {}
                 with _layer_timers(models[n], acc):
                     start = time.perf_counter()
                     models[n](input_ids=ids, use_cache=False)
-                    acc["model"] = time.perf_counter() - start
-                totals[n].append(acc)
-    keys = [k for k in totals["lora"][0] if k != "model"]
-    targets = dict.fromkeys(k.rsplit(":", 1)[0] for k in keys)
+                    model_s[n].append(time.perf_counter() - start)
+                layers[n].append(acc)
     rows = []
-    for target in [*targets, "all"]:
+    for target in [*dict.fromkeys(t for t, _ in layers["lora"][0]), "all"]:
         row = {"target": target}
         for n in names:
-            layer = [
-                sum(v for k, v in t.items() if k.endswith(":layer") and target in (k[:-6], "all")) for t in totals[n]
-            ]
-            base = [
-                sum(v for k, v in t.items() if k.endswith(":base") and target in (k[:-5], "all")) for t in totals[n]
-            ]
+            layer = [_summed(acc, "layer", target) for acc in layers[n]]
+            base = [_summed(acc, "base", target) for acc in layers[n]]
             row[f"{n}_layer_s"] = statistics.median(layer)
             row[f"{n}_base_s"] = statistics.median(base)
             row[f"{n}_adapter_s"] = statistics.median(a - b for a, b in zip(layer, base))
-            row[f"{n}_model_s"] = statistics.median(t["model"] for t in totals[n])
+            row[f"{n}_model_s"] = statistics.median(model_s[n])
         row["adapter_ratio"] = row["lordba_adapter_s"] / row["lora_adapter_s"]
         rows.append(row)
     return rows
 
 
+def _summed(acc: dict[tuple[str, str], float], kind: str, target: str) -> float:
+    """Time of one ``kind`` ("layer" or "base") over the modules of ``target`` (or of all targets)."""
+    return sum(v for (t, k), v in acc.items() if k == kind and target in (t, "all"))
+
+
 class _layer_timers:
     """Context manager: forward hooks that add each adapted layer's and its base layer's wall time
-    into ``acc[f"{target}:layer"]`` / ``acc[f"{target}:base"]`` (adapted layer = one with a
+    into ``acc[(target, "layer")]`` / ``acc[(target, "base")]`` (adapted layer = one with a
     ``base_layer``, as in PEFT and lordba; target = the last part of its name)."""
 
-    def __init__(self, model: nn.Module, acc: dict[str, float]) -> None:
+    def __init__(self, model: nn.Module, acc: dict[tuple[str, str], float]) -> None:
         self.model, self.acc, self.handles = model, acc, []
 
-    def _hook(self, module: nn.Module, key: str) -> None:
+    def _hook(self, module: nn.Module, key: tuple[str, str]) -> None:
         started: list[float] = []
 
         def pre(*_: object) -> None:
@@ -180,8 +178,8 @@ class _layer_timers:
             base = getattr(module, "base_layer", None)
             if isinstance(base, nn.Module) and not hasattr(base, "base_layer"):
                 target = name.rsplit(".", 1)[-1]
-                self._hook(module, f"{target}:layer")
-                self._hook(base, f"{target}:base")
+                self._hook(module, (target, "layer"))
+                self._hook(base, (target, "base"))
         return self
 
     def __exit__(self, *_: object) -> None:

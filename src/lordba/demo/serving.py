@@ -18,21 +18,10 @@ from pathlib import Path
 
 import torch
 
+from ..kernels.cache import held_nbytes
 from ..model import LoRDBAModel
 
 GIB = 2**30
-
-
-def _adapter_bytes(lm: LoRDBAModel, name: str) -> int:
-    """Parameters, buffers and inference caches of adapter ``name``."""
-    from ..kernels.cache import cache_nbytes
-
-    total = 0
-    for adapter in lm.adapter_modules(name).values():
-        for t in (*adapter.parameters(), *adapter.buffers()):
-            total += t.numel() * t.element_size()
-        total += cache_nbytes(adapter)["total"]
-    return total
 
 
 def measure_serving(base_model: torch.nn.Module, tokenizer, adapters: dict[str, Path], prompts: list[str]) -> dict:  # noqa: ANN001
@@ -71,7 +60,7 @@ def measure_serving(base_model: torch.nn.Module, tokenizer, adapters: dict[str, 
                 input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["attention_mask"][i : i + 1]
             ).logits
             worst = max(worst, float((mixed[i : i + 1] - alone).abs().max()))
-    memory = {name: _adapter_bytes(lm, name) for name in names}  # after use: caches included
+    memory = {name: held_nbytes(list(lm.adapter_modules(name).values())) for name in names}  # after use: caches too
     lm.unload()
     mean_mem = statistics.mean(memory.values())
     mean_lora = statistics.mean(fp16_lora.values())

@@ -191,19 +191,16 @@ def packed_branch(
         b, m, a = cache.scales(adapter)
     sign_A, sign_B = cache.signs(adapter)
     dtype = x.dtype
-    if name != "torch" and dtype in _NATIVE_DTYPES and (base is None or base.dtype in _NATIVE_DTYPES):
-        if x.is_cpu and name != "triton" and (_STATE.cpu.ok if _STATE.cpu is not None else cpu_available()):
-            limit = cache.limit(adapter, (name, dtype), lambda: _limit(name, adapter, dtype))
-            return _STATE.op(x, sign_A, sign_B, b, m, a, adapter.scaling, limit, base)
-        if stored:
-            b, m, a = adapter.codec.decode(b, m, a)
-            stored = False
-        if name == "triton" or (x.is_cuda and triton_available()):
-            from . import triton as tri
-
-            return tri.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, name, base)
-    if stored:
+    native = name != "torch" and dtype in _NATIVE_DTYPES and (base is None or base.dtype in _NATIVE_DTYPES)
+    if native and x.is_cpu and name != "triton" and (_STATE.cpu.ok if _STATE.cpu is not None else cpu_available()):
+        limit = cache.limit(adapter, (name, dtype), lambda: _limit(name, adapter, dtype))
+        return _STATE.op(x, sign_A, sign_B, b, m, a, adapter.scaling, limit, base)
+    if stored:  # the other paths take float32 scales
         b, m, a = adapter.codec.decode(b, m, a)
+    if native and (name == "triton" or (x.is_cuda and triton_available())):
+        from . import triton as tri
+
+        return tri.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, name, base)
     return reference.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, base)
 
 

@@ -22,7 +22,7 @@ The cache is a plain attribute of the adapter module: it is not part of its ``st
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -155,3 +155,9 @@ def cache_nbytes(module: nn.Module) -> dict[str, int]:
             )
     sizes["total"] = sum(sizes.values())
     return sizes
+
+
+def held_nbytes(adapters: Sequence[nn.Module]) -> int:
+    """Bytes ``adapters`` hold in memory at inference: parameters, buffers and what their caches add."""
+    own = sum(t.numel() * t.element_size() for ad in adapters for t in (*ad.parameters(), *ad.buffers()))
+    return own + sum(cache_nbytes(ad)["total"] for ad in adapters)

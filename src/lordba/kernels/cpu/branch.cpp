@@ -507,31 +507,23 @@ void dispatch_out(const at::Tensor& x2, const at::Tensor& sa, const at::Tensor& 
   }
 }
 
+template <typename T>
+const float* converted(const at::Tensor& t, std::vector<float>& buf, float divisor) {
+  const T* v = t.data_ptr<T>();
+  buf.resize(t.numel());
+  for (int64_t i = 0; i < t.numel(); ++i) buf[i] = static_cast<float>(v[i]) / divisor;
+  return buf.data();
+}
+
 // A scale vector as float32: the tensor itself, or its values converted into `buf`. int8 holds codes
 // meaning code / 127 (the int8 scale format of docs/format.md); the division is the one torch does,
-// so a compact adapter computes exactly what its decoded float32 form computes.
+// so a compact adapter computes exactly what its decoded float32 form computes (x / 1 is exact).
 const float* as_float(const at::Tensor& t, std::vector<float>& buf) {
-  const int64_t n = t.numel();
   switch (t.scalar_type()) {
     case at::kFloat: return t.data_ptr<float>();
-    case at::kChar: {
-      const int8_t* c = t.data_ptr<int8_t>();
-      buf.resize(n);
-      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(c[i]) / 127.f;
-      return buf.data();
-    }
-    case at::kHalf: {
-      const c10::Half* h = t.data_ptr<c10::Half>();
-      buf.resize(n);
-      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(h[i]);
-      return buf.data();
-    }
-    default: {
-      const c10::BFloat16* h = t.data_ptr<c10::BFloat16>();
-      buf.resize(n);
-      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(h[i]);
-      return buf.data();
-    }
+    case at::kChar: return converted<int8_t>(t, buf, 127.f);
+    case at::kHalf: return converted<c10::Half>(t, buf, 1.f);
+    default: return converted<c10::BFloat16>(t, buf, 1.f);
   }
 }
 
