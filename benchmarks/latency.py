@@ -4,7 +4,7 @@ threads). Usage: ``python benchmarks/latency.py [--quick] [--out DIR] [--base no
 import argparse
 from pathlib import Path
 
-from lordba.bench import latency
+from lordba_lab.bench import latency
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 
 from lordba import LoRDBAConfig, LoRDBAModel, export_lora, get_lordba_model
-from lordba.assets import load_model_and_tokenizer
+from lordba_lab.assets import load_model_and_tokenizer
 
 model, tok = load_model_and_tokenizer()  # the embedded default; or a path to your own HF model
 texts = [

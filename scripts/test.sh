@@ -5,5 +5,6 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-ruff check src tests benchmarks
+ruff check src lab tests benchmarks
+lint-imports
 python -m pytest -q "$@"

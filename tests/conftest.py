@@ -42,7 +42,7 @@ def input_ids() -> torch.Tensor:
 def rewrite_weights(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Replace an adapter's weights with crafted content and fix the config checksum, so that
     validation beyond the checksum is exercised."""
-    from lordba.st_format import to_bytes
+    from lordba.format.tensorfile import to_bytes
 
     data = to_bytes(tensors, metadata)
     (directory / "lordba_model.safetensors").write_bytes(data)

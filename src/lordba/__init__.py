@@ -6,11 +6,12 @@ to over 10× (8-bit scales) smaller than fp16 LoRA at the same rank, trainable o
 quantized base, and exportable to plain PEFT LoRA.
 """
 
-__version__ = "0.1.0"
-
-from .config import LoRDBAConfig
-from .convert import ConversionReport, convert_lora
-from .errors import (
+from lordba._version import __version__
+from lordba.config import LoRDBAConfig
+from lordba.convert import ConversionReport, convert_lora
+from lordba.convert.export import export_lora
+from lordba.core.packing import pack_signs, unpack_signs
+from lordba.errors import (
     AdapterFormatError,
     AdapterStateError,
     ConfigError,
@@ -21,12 +22,10 @@ from .errors import (
     TargetModulesError,
     TrainingError,
 )
-from .export import export_lora
-from .footprint import SizeReport, size_report
-from .io import AdapterState, read_adapter
-from .layer import DoubleBinaryAdapter, LoRDBALinear
-from .model import LoRDBAModel, get_lordba_model
-from .packing import pack_signs, unpack_signs
+from lordba.format.adapter import AdapterState, read_adapter
+from lordba.format.sizes import SizeReport, size_report
+from lordba.nn.layer import DoubleBinaryAdapter, LoRDBALinear
+from lordba.nn.model import LoRDBAModel, get_lordba_model
 
 __all__ = [
     "AdapterFormatError",

@@ -1,5 +1,5 @@
 """``python -m lordba`` runs the command line."""
 
-from .cli import entry_point
+from lordba.cli import entry_point
 
 entry_point()

@@ -8,8 +8,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from lordba import LoRDBAModel, export_lora
-from lordba.assets import load_model_and_tokenizer
 from lordba.convert import convert_lora
+from lordba_lab.assets import load_model_and_tokenizer
 
 pytestmark = pytest.mark.real_model
 

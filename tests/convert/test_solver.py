@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lordba.convert import SolverOptions, convert_factors, convert_factors_batched
-from lordba.convert.engine import solve_group
+from lordba.convert.factorize import Target, objective, relative_error, rmr, svd_init
+from lordba.convert.groups import solve_group
 from lordba.convert.solver import iterate, sign_sweeps
-from lordba.factorize import Target, objective, relative_error, rmr, svd_init
-from lordba.scales import get_codec
+from lordba.core.scales import get_codec
 
 D64 = torch.float64
 
@@ -185,7 +185,7 @@ def test_relative_error_reported_is_on_stored_values():
     res = solve_group(B, A, 4, torch.ones(1, dtype=D64), get_codec("int8"), SolverOptions())
     t = Target.of(B.double(), A.double())
     f = res.factors
-    from lordba.factorize import Factors
+    from lordba.convert.factorize import Factors
 
     stored = Factors(*(x.double() for x in (f.sign_A, f.sign_B, f.b, f.m, f.a)))
     assert relative_error(t, stored).item() == pytest.approx(res.rel_error.item(), abs=1e-6)

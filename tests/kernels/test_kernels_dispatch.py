@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lordba import ConfigError, LoRDBAConfig, get_lordba_model, kernels
-from lordba.branch import reference_delta
-from lordba.layer import ROUTING, DoubleBinaryAdapter, LoRDBALinear, Routing
-from lordba.scales import get_codec
-from lordba.ste import STE
+from lordba.core.autograd import reference_delta
+from lordba.core.scales import get_codec
+from lordba.core.ste import STE
+from lordba.nn.layer import ROUTING, DoubleBinaryAdapter, LoRDBALinear, Routing
 
 from conftest import tiny_llama
 

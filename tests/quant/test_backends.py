@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lordba import ConfigError, LoRDBAConfig, LoRDBAModel, get_lordba_model
-from lordba.layer import LoRDBALinear
+from lordba.nn.layer import LoRDBALinear
 from lordba.quant import base_bits, quantize_model, resolve_backend
 
 from conftest import tiny_llama

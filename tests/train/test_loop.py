@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from lordba import LoRDBAConfig, TrainingError, get_lordba_model
-from lordba.data import Batcher
 from lordba.train import TrainSettings, train_loop
 from lordba.train.checkpoint import latest_checkpoint
+from lordba.train.tokenize import Batcher
 
 from conftest import tiny_llama
 

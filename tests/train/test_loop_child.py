@@ -4,8 +4,8 @@ import time
 
 from test_loop import model, rows
 
-from lordba.data import Batcher
 from lordba.train import TrainSettings, train_loop
+from lordba.train.tokenize import Batcher
 
 SETTINGS = TrainSettings(steps=40, lr=3e-3, checkpoint_every=4)
 

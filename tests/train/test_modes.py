@@ -8,9 +8,9 @@ from test_loop import rows
 
 from lordba import LoRDBAConfig, LoRDBAModel
 from lordba.cli import main
-from lordba.data import Batcher
 from lordba.train import TrainSettings, build_adapter, init_from_lora
 from lordba.train.lora import add_lora
+from lordba.train.tokenize import Batcher
 
 from conftest import tiny_llama
 

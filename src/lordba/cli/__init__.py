@@ -1,8 +1,10 @@
 """The ``lordba`` command line: one small module per subcommand.
 
-Each subcommand is a module ``lordba/cli/<something>_cmd.py`` that defines ``NAME``, ``HELP``,
-``add_arguments(parser)`` and ``run(args) -> int``; modules are discovered, so adding a command
-touches no shared file. Exit codes scripts can rely on:
+Each subcommand is a module that defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
+``run(args) -> int``: the library's own are ``lordba/cli/<something>_cmd.py`` (discovered, so adding
+one touches no shared file); others join through the ``lordba.commands`` entry-point group (the lab's
+``demo``, ``bench``, ``fuzz``, ... from ``lab/``), so the library never imports them. Exit codes
+scripts can rely on:
 
 * 0: success
 * 1: unexpected internal error (a bug: please report it)
@@ -15,17 +17,39 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import pkgutil
 import sys
 import traceback
 from collections.abc import Sequence
+from types import ModuleType
 
-from .. import __version__
-from ..errors import LoRDBAError
+from lordba._version import __version__
+from lordba.errors import LoRDBAError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 COMMANDS = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name.endswith("_cmd")))
+ENTRY_POINT_GROUP = "lordba.commands"
+# Commands of the lab (lab/ in the repository), named here only to say how to get them.
+LAB_COMMANDS = ("bench", "demo", "fetch-assets", "fuzz", "reproduce", "train")
+
+
+def _command_modules() -> list[ModuleType]:
+    """The library's subcommand modules, then those registered by installed distributions."""
+    modules = [importlib.import_module(f"{__name__}.{name}") for name in COMMANDS]
+    own = {m.NAME for m in modules}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in own:
+            modules.append(ep.load())
+    return modules
+
+
+def _missing_lab_command(argv: Sequence[str]) -> str | None:
+    """The lab command ``argv`` asks for when the lab is not installed, else None."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    names = {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    return first if first in LAB_COMMANDS and first not in names else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lordba {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    modules = [importlib.import_module(f"{__name__}.{name}") for name in COMMANDS]
-    for module in sorted(modules, key=lambda m: m.NAME):
+    for module in sorted(_command_modules(), key=lambda m: m.NAME):
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
@@ -46,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    lab = _missing_lab_command(argv)
+    if lab is not None:
+        print(
+            f"lordba {lab}: this command is part of the lordba lab, which is not installed; from a clone of the "
+            "repository: pip install -e lab (scripts/setup.sh does it)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     # bitsandbytes (imported by peft) logs a warning on CPUs with AVX-512 BF16 when the optional

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..scales import SCALE_DTYPES
+from lordba.core.scales import SCALE_DTYPES
 
 NAME = "convert"
 HELP = "convert a PEFT LoRA adapter directory into a LoRDBA adapter (post-training, no data needed)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..convert import GAUGES, METHODS
+    from lordba.convert import GAUGES, METHODS
 
     p.add_argument("peft_dir", help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("out_dir", help="output directory for the LoRDBA adapter (must not exist unless --overwrite)")
@@ -54,8 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ..convert import SolverOptions, check_output_dir, convert_lora, default_config, read_lora, save_converted
-    from ..errors import ConfigError
+    from lordba.convert import SolverOptions, check_output_dir, convert_lora, default_config, read_lora, save_converted
+    from lordba.errors import ConfigError
 
     check_output_dir(args.out_dir, args.overwrite)  # fail before the work, not after
     if args.r is not None and args.r < 1:

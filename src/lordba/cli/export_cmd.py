@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..export import EXPORT_DTYPES, export_lora
+from lordba.convert.export import EXPORT_DTYPES, export_lora
 
 NAME = "export-lora"
 HELP = "export a LoRDBA adapter directory as a standard PEFT LoRA adapter (dense factors)"

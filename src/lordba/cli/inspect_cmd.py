@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..footprint import size_report
-from ..io import read_adapter
-from ..tables import print_table
+from lordba._util.tables import print_table
+from lordba.format.adapter import read_adapter
+from lordba.format.sizes import size_report
 
 NAME = "inspect"
 HELP = "validate a LoRDBA adapter directory and report layers, ranks, bytes, BPW and ratio vs fp16 LoRA"
@@ -74,8 +74,8 @@ def _conversion_sidecar(directory: str) -> dict | None:
     unreadable one is reported, never fatal)."""
     from pathlib import Path
 
-    from ..config import read_json_file
-    from ..errors import LoRDBAError
+    from lordba._util.jsonio import read_json_file
+    from lordba.errors import LoRDBAError
 
     path = Path(directory) / "conversion_report.json"
     if not path.is_file():

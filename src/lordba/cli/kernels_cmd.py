@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..errors import LoRDBAError
+from lordba.errors import LoRDBAError
 
 NAME = "build-kernels"
 HELP = "compile the CPU kernels once (cached per machine) and report which kernels lordba will use"
@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..kernels import cpu, load_cpu, triton_available
+    from lordba.kernels import cpu, load_cpu, triton_available
 
     path = cpu.library_path()
     if args.force and path is not None:

@@ -6,17 +6,17 @@
   shape) → signs and scales, e.g. to initialise ``qat-from-lora`` training.
 * :func:`collect_input_moments`: calibration statistics for the activation-weighted objective.
 
-The math lives in :mod:`lordba.factorize`; the solver in :mod:`lordba.convert.solver`; the
+The math lives in :mod:`lordba.convert.factorize`; the solver in :mod:`lordba.convert.solver`; the
 algorithm and its measurements are in ``docs/conversion.md``.
 """
 
-from .api import check_output_dir, convert_lora, default_config, read_lora, save_converted
-from .calibrate import collect_input_moments
-from .engine import METHODS, SolverOptions
-from .factors import FactorResult, convert_factors, convert_factors_batched
-from .gauge import GAUGES
-from .peft_reader import LoraAdapter, LoraLayer
-from .report import SIDECAR_NAME, ConversionReport, LayerReport
+from lordba.convert.calibrate import collect_input_moments
+from lordba.convert.factors import FactorResult, convert_factors, convert_factors_batched
+from lordba.convert.gauge import GAUGES
+from lordba.convert.groups import METHODS, SolverOptions
+from lordba.convert.peft_reader import LoraAdapter, LoraLayer
+from lordba.convert.pipeline import check_output_dir, convert_lora, default_config, read_lora, save_converted
+from lordba.convert.report import SIDECAR_NAME, ConversionReport, LayerReport
 
 __all__ = [
     "GAUGES",

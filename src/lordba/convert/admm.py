@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ..factorize import Factors, Target, svid
-from .solver import refit_scales
+from lordba.convert.factorize import Factors, Target, svid
+from lordba.convert.solver import refit_scales
 
 
 def _project(M: torch.Tensor) -> torch.Tensor:

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from ..config import LoRDBAConfig
-from ..errors import ConfigError
-from ..footprint import size_report
-from ..io import ModuleRecord
-from .budget import allocate, layer_bytes, uniform_rank
-from .engine import SolverOptions
-from .peft_reader import LoraAdapter
+from lordba.config import LoRDBAConfig
+from lordba.convert.budget import allocate, layer_bytes, uniform_rank
+from lordba.convert.groups import SolverOptions
+from lordba.convert.peft_reader import LoraAdapter
+from lordba.errors import ConfigError
+from lordba.format.adapter import ModuleRecord
+from lordba.format.sizes import size_report
 
 
 def convert_at_budget(
@@ -36,7 +36,7 @@ def convert_at_budget(
 ) -> tuple[LoRDBAConfig, dict[str, ModuleRecord], dict[str, dict[str, Any]], dict[str, Any]]:
     """Per-layer ranks for ``target_bpw`` (LoRA basis, whole file); returns the final config, the
     stored records, per-layer statistics and the allocation summary."""
-    from .api import _convert, _progress
+    from lordba.convert.pipeline import _convert, _progress
 
     dtype = base.scale_dtype
     dims = {p: (layer.in_features, layer.out_features) for p, layer in lora.layers.items()}

@@ -16,8 +16,8 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from ..packing import packed_size
-from ..scales import get_codec
+from lordba.core.packing import packed_size
+from lordba.core.scales import get_codec
 
 DEFAULT_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32)
 

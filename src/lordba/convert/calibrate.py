@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConversionError
+from lordba.errors import ConversionError
 
 
 def _root(model: nn.Module) -> nn.Module:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConversionError, ShapeMismatchError
-from ..scales import get_codec
-from .engine import SolverOptions, solve_group
+from lordba.convert.groups import SolverOptions, solve_group
+from lordba.core.scales import get_codec
+from lordba.errors import ConversionError, ShapeMismatchError
 
 
 @dataclass

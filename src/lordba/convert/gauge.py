@@ -10,16 +10,16 @@ depends on ``G``. Choices, all measured in ``docs/conversion.md``:
   parametrisation, ``G = exp(X − Xᵀ)``) to lower ``ρ(BG)² + ρ(GᵀA)²``.
 
 For ``r`` above the pair's rank the extra components come from the residual
-(:func:`lordba.factorize.fill_residual`).
+(:func:`lordba.convert.factorize.fill_residual`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
-from ..factorize import Factors, Target, factor_svd, factors_from_svid, fill_residual, rmr, svd_init
-from .solver import refit_scales
+from lordba.convert.factorize import Factors, Target, factor_svd, factors_from_svid, fill_residual, rmr, svd_init
+from lordba.convert.solver import refit_scales
+from lordba.errors import ConfigError
 
 GAUGES = ("svd", "lora", "rotation")
 

@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
-from ..config import read_json_file
-from ..errors import AdapterFormatError, ConversionError
+from lordba._util.jsonio import read_json_file
+from lordba._util.patterns import pattern_key
+from lordba.errors import AdapterFormatError, ConversionError
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -80,14 +81,6 @@ class LoraAdapter:
     use_rslora: bool
     base_model_name_or_path: str | None
     source: str
-
-
-def pattern_key(patterns: dict[str, Any], path: str) -> str | None:
-    """PEFT's ``get_pattern_key``: the first pattern matching the end of ``path``, or ``None``."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", path):
-            return key
-    return None
 
 
 def _check_config(cfg: dict[str, Any], where: str, skip_unsupported: bool) -> tuple[int, float, bool]:

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..footprint import SizeReport
-from ..tables import markdown_table, print_table
+from lordba._util.tables import markdown_table, print_table
+from lordba.format.sizes import SizeReport
 
 SIDECAR_NAME = "conversion_report.json"
 _LAYER_COLUMNS = ["module", "in", "out", "r LoRA", "r", "rel err", "init err", "RMR A", "RMR B", "RMR A*", "RMR B*",

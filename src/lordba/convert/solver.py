@@ -27,7 +27,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..factorize import Factors, Target, ls_scale_in, ls_scale_mid, ls_scale_out, objective, safe_div, solve_mid
+from lordba.convert.factorize import (
+    Factors,
+    Target,
+    ls_scale_in,
+    ls_scale_mid,
+    ls_scale_out,
+    objective,
+    safe_div,
+    solve_mid,
+)
 
 EXACT = 1e-24  # relative squared error treated as an exact fit
 

@@ -15,7 +15,7 @@ and by the kernel mode (:func:`set_mode`, :func:`mode`, or ``$LORDBA_KERNEL``):
 * ``triton``: the Triton kernels on any device (on CPU only under ``TRITON_INTERPRET=1``: tests).
 
 Only packed signs and decoded scales are kept in memory in every mode but ``dense``; a compact
-adapter (:meth:`~lordba.layer.DoubleBinaryAdapter.compact`, what loading for inference gives) keeps
+adapter (:meth:`~lordba.nn.layer.DoubleBinaryAdapter.compact`, what loading for inference gives) keeps
 its scales as stored (int8 codes), which the CPU kernels read directly and other paths decode per call. If the CPU
 extension cannot be built, a :class:`KernelFallbackWarning` says why (once) and ``torch`` runs.
 A latent adapter without gradient runs the same kernel on its signs packed on the fly, so an
@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import cache, reference
-from .cpu import BuildResult
+from lordba.kernels import cache, reference
+from lordba.kernels.cpu import BuildResult
 
 if TYPE_CHECKING:
-    from ..layer import DoubleBinaryAdapter
+    from lordba.nn.layer import DoubleBinaryAdapter
 
 MODES = ("auto", "sign", "unpack", "dense", "torch", "triton")
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -68,7 +68,7 @@ def get_mode() -> str:
 
 def set_mode(name: str) -> None:
     """Set the kernel mode for every adapter (see the module docstring)."""
-    from ..errors import ConfigError
+    from lordba.errors import ConfigError
 
     if name not in MODES:
         raise ConfigError(f"kernel mode must be one of {MODES}, got {name!r}")
@@ -90,7 +90,7 @@ def mode(name: str) -> Iterator[None]:
 def load_cpu(build: bool = True, warn: bool = True) -> BuildResult:
     """Load the CPU extension, compiling it first if needed and ``build``; remembered for the process
     once it has loaded or a build was attempted. Warns (:class:`KernelFallbackWarning`) on failure."""
-    from . import cpu
+    from lordba.kernels import cpu
 
     if _STATE.cpu is not None:
         return _STATE.cpu
@@ -98,7 +98,7 @@ def load_cpu(build: bool = True, warn: bool = True) -> BuildResult:
     if result.ok or build:
         _STATE.cpu = result
     if result.ok:
-        from . import _fake  # noqa: F401  (fake implementation for torch.compile)
+        from lordba.kernels import _fake  # noqa: F401  (fake implementation for torch.compile)
 
         _STATE.isa = torch.ops.lordba.isa()
         _STATE.op = torch.ops.lordba.branch.default
@@ -122,7 +122,7 @@ def cpu_available() -> bool:
 
 @torch.compiler.disable
 def _load_triton() -> bool:
-    from . import triton as tri
+    from lordba.kernels import triton as tri
 
     _STATE.triton = tri.available()
     return _STATE.triton
@@ -198,7 +198,7 @@ def packed_branch(
     if stored:  # the other paths take float32 scales
         b, m, a = adapter.codec.decode(b, m, a)
     if native and (name == "triton" or (x.is_cuda and triton_available())):
-        from . import triton as tri
+        from lordba.kernels import triton as tri
 
         return tri.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, name, base)
     return reference.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, base)
@@ -220,14 +220,14 @@ def _traced(
     if adapter.is_packed and name not in ("torch", "dense") and native:
         sign_A, sign_B = adapter.sign_A, adapter.sign_B
         if name == "triton" or (x.device.type == "cuda" and triton_available()):
-            from . import triton as tri
+            from lordba.kernels import triton as tri
 
             return tri.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, name, base)
         if x.device.type == "cpu" and cpu_available():
             limit = _limit(name, adapter, x.dtype)
             return torch.ops.lordba.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, limit, base)
     sign_A, sign_B = adapter.signs(x.dtype)
-    from ..branch import reference_delta
+    from lordba.core.autograd import reference_delta
 
     delta = reference_delta(x, sign_A, sign_B, b, m, a, adapter.scaling)
     return delta if base is None else base + delta.to(base.dtype)

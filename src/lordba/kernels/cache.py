@@ -9,7 +9,7 @@ once and kept until then:
   parameters that already are decoded values (``fake_quant`` leaves them unchanged), and so does
   any float32 adapter: then the cache holds views of the parameters and costs no memory. Otherwise
   (a trained int8/float16 adapter's latent scales) it is a float32 copy, ``in + r + out`` values.
-  A compact adapter (:meth:`~lordba.layer.DoubleBinaryAdapter.compact`) keeps nothing: the CPU
+  A compact adapter (:meth:`~lordba.nn.layer.DoubleBinaryAdapter.compact`) keeps nothing: the CPU
   kernels read its stored scales directly, other paths decode them per call;
 * for an adapter in latent form, its signs packed on the fly (``r·(in+out)/8`` bytes), so that a
   latent adapter runs the very kernel its packed form runs and both give bit-identical outputs;
@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..packing import pack_signs
+from lordba.core.packing import pack_signs
 
 if TYPE_CHECKING:
-    from ..layer import DoubleBinaryAdapter
+    from lordba.nn.layer import DoubleBinaryAdapter
 
 _ATTR = "_lordba_kernel_cache"
 
@@ -120,7 +120,7 @@ def dense(adapter: DoubleBinaryAdapter, dtype: torch.dtype) -> tuple[torch.Tenso
     held = (adapter.scale_in, adapter.scale_mid, adapter.scale_out)  # parameters, or a compact adapter's buffers
     key = (*map(_stamp, held), adapter.codec.name, _stamp(sign_A), _stamp(sign_B), adapter.scaling, dtype)
     if entry.dense_key != key:
-        from ..packing import unpack_signs
+        from lordba.core.packing import unpack_signs
 
         b, m, a = scales(adapter)
         with torch.no_grad():

@@ -1,7 +1,7 @@
 """Pure-PyTorch branch: the fallback where no compiled kernel applies, and the oracle of the tests.
 
 It unpacks the signs on every call and runs the five stages in the order of
-:func:`lordba.branch.reference_delta`. It needs nothing but torch, runs on every device and dtype,
+:func:`lordba.core.autograd.reference_delta`. It needs nothing but torch, runs on every device and dtype,
 and traces under ``torch.compile``; it is slow at decode (a dozen small ops per call).
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..branch import reference_delta
-from ..packing import unpack_signs
+from lordba.core.autograd import reference_delta
+from lordba.core.packing import unpack_signs
 
 
 def branch(

@@ -9,11 +9,10 @@ layers low-bit in place.
 
 from __future__ import annotations
 
-from .backend import BaseBackend, register_backend, resolve_backend
-from .bnb import BnbNF4Backend
-from .cache import quantize_model_cached
-from .hqq import HQQBackend
-from .quantize import QUANT_BACKENDS, base_bits, quantize_model
+from lordba.quant.backend import BaseBackend, register_backend, resolve_backend
+from lordba.quant.bnb import BnbNF4Backend
+from lordba.quant.hqq import HQQBackend
+from lordba.quant.quantize import QUANT_BACKENDS, base_bits, quantize_model
 
 register_backend(BnbNF4Backend())
 register_backend(HQQBackend())
@@ -23,7 +22,6 @@ __all__ = [
     "BaseBackend",
     "base_bits",
     "quantize_model",
-    "quantize_model_cached",
     "register_backend",
     "resolve_backend",
 ]

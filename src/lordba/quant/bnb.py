@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backend import BaseBackend
+from lordba.quant.backend import BaseBackend
 
 
 def _bnb():

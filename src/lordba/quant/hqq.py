@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from .backend import BaseBackend
+from lordba.quant.backend import BaseBackend
 
 
 def _hqq_linear_cls() -> type | None:

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
-from .backend import resolve_backend
+from lordba.errors import ConfigError
+from lordba.quant.backend import resolve_backend
 
 QUANT_BACKENDS = ("hqq", "bnb", "none")
 
@@ -41,11 +41,11 @@ def quantize_model(
     for name, linear in tqdm(targets, desc=f"quantizing ({backend}, {bits}-bit)", disable=not progress):
         compute_dtype = linear.weight.dtype if linear.weight.is_floating_point() else torch.float32
         if backend == "hqq":
-            from .hqq import quantize_linear_hqq
+            from lordba.quant.hqq import quantize_linear_hqq
 
             new = quantize_linear_hqq(linear, bits, group_size, compute_dtype)
         else:
-            from .bnb import quantize_linear_bnb
+            from lordba.quant.bnb import quantize_linear_bnb
 
             new = quantize_linear_bnb(linear, compute_dtype)
         replace_module(model, name, new)

@@ -4,13 +4,12 @@
 * :mod:`.modes`: the four modes of SPEC §3 (``ptq``, ``qat``, ``qat-from-lora``, ``scales-only``).
 * :mod:`.lora`: the fp16 LoRA side (seeds and baselines, through PEFT).
 * :mod:`.evaluate`: held-out loss and exact match.
-* :mod:`.job`: one end-to-end run, as ``lordba train`` does it.
+* :mod:`.records` / :mod:`.tokenize`: training records (JSONL) and chat-template tokenisation.
 
 ``transformers.Trainer`` also works unchanged on a :class:`~lordba.LoRDBAModel`.
 """
 
-from .job import TrainJob, run_job
-from .loop import TrainResult, TrainSettings, train_loop
-from .modes import build_adapter, init_from_lora
+from lordba.train.loop import TrainResult, TrainSettings, train_loop
+from lordba.train.modes import build_adapter, init_from_lora
 
-__all__ = ["TrainJob", "TrainResult", "TrainSettings", "build_adapter", "init_from_lora", "run_job", "train_loop"]
+__all__ = ["TrainResult", "TrainSettings", "build_adapter", "init_from_lora", "train_loop"]

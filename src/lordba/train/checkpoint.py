@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ..atomic import atomic_directory
-from ..errors import TrainingError
-from ..st_format import to_bytes
+from lordba.errors import TrainingError
+from lordba.format.atomic import atomic_directory
+from lordba.format.tensorfile import to_bytes
 
 PREFIX = "step-"
 

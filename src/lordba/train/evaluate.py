@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..data.records import Example
-from ..data.tokenize import collate, encode_examples, prompt_ids
+from lordba.train.records import Example
+from lordba.train.tokenize import collate, encode_examples, prompt_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write_bytes
-from ..data.tokenize import Batcher
-from ..errors import TrainingError
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lordba.errors import TrainingError
+from lordba.format.atomic import atomic_write_bytes
+from lordba.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lordba.train.tokenize import Batcher
 
 
 @dataclass

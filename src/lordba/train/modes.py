@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import LoRDBAConfig
-from ..convert import LoraAdapter, convert_factors, read_lora
-from ..data.tokenize import Batcher
-from ..errors import ConfigError
-from ..model import LoRDBAModel, get_lordba_model
-from .loop import TrainResult, TrainSettings, train_loop
-from .lora import add_lora
+from lordba.config import LoRDBAConfig
+from lordba.convert import LoraAdapter, convert_factors, read_lora
+from lordba.errors import ConfigError
+from lordba.nn.model import LoRDBAModel, get_lordba_model
+from lordba.train.loop import TrainResult, TrainSettings, train_loop
+from lordba.train.lora import add_lora
+from lordba.train.tokenize import Batcher
 
 LATENT_MAGNITUDE = 0.01
 

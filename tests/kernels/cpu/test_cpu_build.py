@@ -76,7 +76,7 @@ PORTABLE = textwrap.dedent(
     """
     import torch
     from lordba import kernels
-    from lordba.packing import pack_signs
+    from lordba.core.packing import pack_signs
     assert kernels.cpu_available()
     isa = torch.ops.lordba.isa()
     for lead, in_f, out_f, r in [((1,), 576, 192, 16), ((3,), 21, 13, 3), ((2, 5), 40, 52, 9), ((4,), 64, 70, 64)]:

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lordba import kernels
-from lordba.packing import pack_signs
+from lordba.core.packing import pack_signs
 
 pytestmark = pytest.mark.skipif(not kernels.cpu_available(), reason="no C++ compiler: the fallback is tested elsewhere")
 

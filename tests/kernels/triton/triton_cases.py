@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lordba import LoRDBAConfig, get_lordba_model, kernels
+from lordba.core.packing import pack_signs
 from lordba.kernels import triton as tri
-from lordba.packing import pack_signs
 
 from conftest import tiny_llama
 

@@ -45,7 +45,7 @@ def cache_root() -> Path:
     """Where compiled libraries are kept: ``$LORDBA_KERNEL_CACHE`` or ``<lordba cache>/kernels``."""
     if os.environ.get("LORDBA_KERNEL_CACHE"):
         return Path(os.environ["LORDBA_KERNEL_CACHE"])
-    from ...assets.fetch import cache_dir
+    from lordba._util.cachedir import cache_dir
 
     return cache_dir() / "kernels"
 

@@ -139,7 +139,7 @@ def triton_branch(
     base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[base +] s · a ⊙ (S_B (m ⊙ (S_A (b ⊙ x))))`` with Triton kernels (interpreter on CPU tensors)."""
-    from . import kernels
+    from lordba.kernels.triton import kernels
 
     if x.device.type != "cuda" and not _interpreting():
         raise RuntimeError(

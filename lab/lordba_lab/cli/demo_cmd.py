@@ -1,0 +1,22 @@
+"""``lordba demo``: the main job: LoRDBA vs fp16 LoRA and low-bit LoRA baselines on a real model."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "demo"
+HELP = "train and compare LoRDBA (4 modes), fp16 LoRA and low-bit LoRA baselines on SmolLM2 + real data"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="results/demo", help="output directory (default results/demo)")
+    p.add_argument("--quick", action="store_true", help="a tiny structural run (about two minutes)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lordba_lab.demo import run_demo
+
+    rows = run_demo(args.out, quick=args.quick, progress=not args.quiet)
+    print(f"wrote {len(rows)} rows to {args.out}/results.json, results.md and the plots")
+    return 0

@@ -1,0 +1,132 @@
+"""Built-in tasks from packages that install offline, each with a held-out split and a metric.
+
+* ``sentiment``: Rotten-Tomatoes snippets rated by humans (vadersentiment sdist), label by the sign
+  of the mean rating, |rating| < 0.5 dropped; answer "positive"/"negative"; accuracy.
+* ``arithmetic``, ``chain_sum``, ``gsm``: reasoning-gym generators (``basic_arithmetic`` and
+  ``chain_sum`` at a small-model difficulty: 2–3 terms of at most two digits; ``gsm_symbolic``)
+  generated from seeds; numeric exact match.
+
+Splits are disjoint by construction: different generator seeds, or a fixed hash split of the
+sentence list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lordba.errors import DataError
+from lordba.train.records import Example
+
+_NUM = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def number_match(prediction: str, answer: str) -> bool:
+    """True if the first number in ``prediction`` equals the numeric ``answer``."""
+    found = _NUM.search(prediction.replace(",", ""))
+    try:
+        return found is not None and abs(float(found.group()) - float(answer)) < 1e-6
+    except ValueError:
+        return False
+
+
+def word_match(prediction: str, answer: str) -> bool:
+    """True if the first word of ``prediction`` (lower-cased, letters only) is ``answer``."""
+    words = re.findall(r"[a-z]+", prediction.lower())
+    return bool(words) and words[0] == answer.lower()
+
+
+@dataclass(frozen=True)
+class Task:
+    """A built-in task: ``examples(split, n, seed)``, a ``score`` and a generation budget."""
+
+    name: str
+    description: str
+    make: Callable[[str, int, int], list[Example]]
+    score: Callable[[str, str], bool]
+    max_new_tokens: int
+
+    def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
+        if split not in ("train", "eval"):
+            raise DataError(f"split must be 'train' or 'eval', got {split!r}")
+        return self.make(split, n, seed)
+
+
+def _sentiment(split: str, n: int, seed: int) -> list[Example]:
+    from lordba_lab.assets import ensure_vader_movies
+
+    rows = [json.loads(line) for line in ensure_vader_movies().read_text().splitlines()]
+    rows = [r for r in rows if abs(r["rating"]) >= 0.5]
+
+    def in_eval(text: str) -> bool:  # fixed 20% held out, independent of the seed
+        return hashlib.sha256(text.encode()).digest()[0] < 52
+
+    rows = [r for r in rows if in_eval(r["text"]) == (split == "eval")]
+    order = sorted(rows, key=lambda r: hashlib.sha256(f"{seed}:{r['text']}".encode()).hexdigest())
+    pos = [r for r in order if r["rating"] > 0]
+    neg = [r for r in order if r["rating"] < 0]
+    picked = [x for pair in zip(pos, neg) for x in pair][:n]
+    out = []
+    for r in picked:
+        label = "positive" if r["rating"] > 0 else "negative"
+        prompt = f"Is the sentiment of this movie review positive or negative?\n\nReview: {r['text']}"
+        out.append(Example((("user", prompt),), label, label))
+    return out
+
+
+def _reasoning_gym(dataset: str, cot: bool = False, **config: object) -> Callable[[str, int, int], list[Example]]:
+    def make(split: str, n: int, seed: int) -> list[Example]:
+        import reasoning_gym
+
+        # train and eval draw from disjoint seed ranges
+        base = 1_000_003 if split == "eval" else 17
+        data = reasoning_gym.create_dataset(dataset, size=n, seed=base + 7919 * seed, **config)
+        out = []
+        for item in data:
+            answer = str(item["answer"]).strip()
+            completion = answer
+            if cot:
+                completion = str(item["metadata"].get("answer_cot", answer)).strip()
+            out.append(Example((("user", item["question"]),), completion, answer))
+        return out
+
+    return make
+
+
+_SMALL = {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("sentiment", "movie-review sentiment (positive/negative), accuracy", _sentiment, word_match, 3),
+        Task(
+            "arithmetic",
+            "reasoning-gym basic_arithmetic (+, -, 2-3 terms, <= 2 digits), exact numeric answer",
+            _reasoning_gym("basic_arithmetic", operators=("+", "-"), allow_parentheses=False, **_SMALL),
+            number_match,
+            8,
+        ),
+        Task(
+            "chain_sum",
+            "reasoning-gym chain_sum (2-3 terms, <= 2 digits), exact numeric answer",
+            _reasoning_gym("chain_sum", **_SMALL),
+            number_match,
+            8,
+        ),
+        Task(
+            "gsm",
+            "reasoning-gym gsm_symbolic (GSM8K templates), chain of thought ending '#### n'",
+            _reasoning_gym("gsm_symbolic", cot=True),
+            number_match,
+            160,
+        ),
+    )
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise DataError(f"unknown built-in dataset {name!r}; available: {sorted(TASKS)} or a .jsonl file")
+    return TASKS[name]

@@ -1,0 +1,100 @@
+"""Export a LoRDBA adapter as a plain PEFT LoRA adapter (SPEC §1: every LoRDBA adapter is one).
+
+    lora_B = diag(a) S_B diag(√|m|·sign m),   lora_A = diag(√|m|) S_A diag(b),   lora_alpha = alpha
+
+so PEFT's ``lora_alpha / r`` equals LoRDBA's ``s`` and ``lora_B @ lora_A * s`` is exactly ΔW up to
+the export dtype. Splitting ``m`` evenly keeps both factors in range for fp16. The output is a
+standard directory (``adapter_config.json`` with ``peft_type: "LORA"``, ``adapter_model.safetensors``)
+that PEFT, vLLM, LoRAX and lm-eval's ``peft=`` load. It needs no base model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from lordba.core.packing import unpack_signs
+from lordba.core.scales import get_codec
+from lordba.errors import ConfigError
+from lordba.format.adapter import AdapterState, ModuleRecord, read_adapter
+from lordba.format.atomic import atomic_directory
+from lordba.format.sizes import peft_lora_key
+from lordba.format.tensorfile import to_bytes
+
+EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def lora_factors(rec: ModuleRecord, scale_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lora_A, lora_B)`` in float32 for one stored module: ``lora_B @ lora_A == ΔW / s``."""
+    b, m, a = get_codec(scale_dtype).decode(rec.tensors["scale_in"], rec.tensors["scale_mid"], rec.tensors["scale_out"])
+    sign_A = unpack_signs(rec.tensors["sign_A"], (rec.r, rec.in_features))
+    sign_B = unpack_signs(rec.tensors["sign_B"], (rec.out_features, rec.r))
+    root = m.abs().sqrt()
+    lora_A = root[:, None] * sign_A * b[None, :]
+    lora_B = a[:, None] * sign_B * (root * torch.where(m < 0, -1.0, 1.0))[None, :]
+    return lora_A, lora_B
+
+
+def export_lora(
+    model_or_dir: object,
+    out_dir: str | Path,
+    adapter_name: str = "default",
+    dtype: str = "float16",
+    overwrite: bool = False,
+) -> Path:
+    """Write a PEFT LoRA directory equivalent to a LoRDBA adapter (a ``LoRDBAModel``, an
+    ``AdapterState`` or a saved directory)."""
+    if dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
+    adapter = _as_adapter_state(model_or_dir, adapter_name)
+    config = adapter.config
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for path, rec in adapter.modules.items():
+        lora_A, lora_B = lora_factors(rec, config.scale_dtype)
+        tensors[peft_lora_key(path, "A")] = lora_A.to(EXPORT_DTYPES[dtype]).contiguous()
+        tensors[peft_lora_key(path, "B")] = lora_B.to(EXPORT_DTYPES[dtype]).contiguous()
+        if rec.r != config.r:
+            ranks[path] = rec.r
+        if config.alpha_for(path) != config.alpha:
+            alphas[path] = config.alpha_for(path)
+    targets = sorted({p.rsplit(".", 1)[-1] for p in adapter.modules})
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+        "rank_pattern": {re.escape(p): r for p, r in ranks.items()},
+        "alpha_pattern": {re.escape(p): a for p, a in alphas.items()},
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        (tmp / "adapter_model.safetensors").write_bytes(to_bytes(tensors, {"format": "pt"}))
+        (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def _as_adapter_state(model_or_dir: object, adapter_name: str) -> AdapterState:
+    from lordba.nn.model import LoRDBAModel
+
+    if isinstance(model_or_dir, LoRDBAModel):
+        return model_or_dir.adapter_state(adapter_name)
+    if isinstance(model_or_dir, AdapterState):
+        return model_or_dir
+    if isinstance(model_or_dir, (str, Path)):
+        return read_adapter(model_or_dir)
+    raise ConfigError(
+        f"export_lora takes a LoRDBAModel, an AdapterState or an adapter directory, got {type(model_or_dir).__name__}"
+    )

@@ -1,0 +1,292 @@
+"""``convert_lora``: a trained PEFT LoRA adapter → a LoRDBA adapter (``mode="ptq"``) and a report.
+
+Layers of equal shape and rank are converted together in batches (``max_batch`` layers bound the
+working memory). With ``target_bpw`` each layer is converted at several candidate ranks and
+:mod:`lordba.convert.budget` picks the ranks; the uniform rank at the same bytes is reported beside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lordba.config import LoRDBAConfig
+from lordba.convert.budget import DEFAULT_CANDIDATES, layer_bytes
+from lordba.convert.groups import SolverOptions, solve_group
+from lordba.convert.peft_reader import LoraAdapter, LoraLayer, read_peft_dir, read_peft_model
+from lordba.convert.report import SIDECAR_NAME, ConversionReport, LayerReport
+from lordba.core.packing import pack_signs
+from lordba.core.scales import get_codec
+from lordba.errors import ConfigError, ConversionError, LoRDBAError
+from lordba.format.adapter import AdapterState, ModuleRecord
+from lordba.format.atomic import atomic_directory
+from lordba.format.sizes import size_report
+
+
+def read_lora(
+    source: Any, adapter_name: str = "default", allow_pickle: bool = False, skip_unsupported: bool = False
+) -> LoraAdapter:
+    """A PEFT LoRA adapter from a directory or an in-memory ``peft.PeftModel``."""
+    if isinstance(source, LoraAdapter):
+        return source
+    if isinstance(source, (str, Path)):
+        return read_peft_dir(source, adapter_name, allow_pickle, skip_unsupported)
+    if hasattr(source, "peft_config") and hasattr(source, "base_model"):
+        return read_peft_model(source, None if adapter_name == "default" else adapter_name, skip_unsupported)
+    raise ConversionError(
+        f"convert_lora takes a PEFT adapter directory or a peft.PeftModel, got {type(source).__name__}"
+    )
+
+
+def default_config(lora: LoraAdapter) -> LoRDBAConfig:
+    """The LoRDBA config a conversion uses by default: the LoRA's ranks (per module) and ``alpha = lora_alpha``."""
+    differing = {re.escape(p): layer.r for p, layer in lora.layers.items() if layer.r != lora.r}
+    return LoRDBAConfig(r=lora.r, alpha=float(lora.alpha), rank_pattern=differing)
+
+
+def _base_config(
+    lora: LoraAdapter, config: LoRDBAConfig | None, r: int | None, scale_dtype: str | None
+) -> LoRDBAConfig:
+    targets = sorted({p.rsplit(".", 1)[-1] for p in lora.layers})
+    if config is None:
+        config = default_config(lora)
+    changes: dict[str, Any] = {"mode": "ptq", "target_modules": targets, "exclude_modules": None}
+    if r is not None:
+        changes.update(r=r, rank_pattern={})
+    if scale_dtype is not None:
+        changes["scale_dtype"] = scale_dtype
+    if config.base_model_name_or_path is None and lora.base_model_name_or_path:
+        changes["base_model_name_or_path"] = lora.base_model_name_or_path
+    return dataclasses.replace(config, **changes)
+
+
+def _groups(layers: Sequence[LoraLayer], ranks: dict[str, int], max_batch: int) -> list[list[LoraLayer]]:
+    by_shape: dict[tuple[int, int, int, int], list[LoraLayer]] = {}
+    for layer in layers:
+        key = (layer.out_features, layer.in_features, layer.r, ranks[layer.path])
+        by_shape.setdefault(key, []).append(layer)
+    return [group[i : i + max_batch] for key in sorted(by_shape) for group in [by_shape[key]]
+            for i in range(0, len(group), max_batch)]  # fmt: skip
+
+
+def _convert(
+    lora: LoraAdapter,
+    ranks: dict[str, int],
+    scalings: dict[str, float],
+    scale_dtype: str,
+    opts: SolverOptions,
+    calibration: dict[str, torch.Tensor] | None,
+    max_batch: int,
+    progress: Any,
+) -> tuple[dict[str, ModuleRecord], dict[str, dict[str, Any]]]:
+    """Convert every layer at ``ranks``; returns stored records and per-layer statistics."""
+    codec = get_codec(scale_dtype)
+    records, stats = {}, {}
+    for group in _groups(list(lora.layers.values()), ranks, max_batch):
+        r = ranks[group[0].path]
+        A = torch.stack([layer.A for layer in group])
+        B = torch.stack([layer.B for layer in group])
+        factor = torch.tensor([layer.scaling / scalings[layer.path] for layer in group], dtype=torch.float64)
+        moments = None
+        if calibration is not None:
+            missing = [layer.path for layer in group if layer.path not in calibration]
+            if missing:
+                raise ConversionError(f"calibration has no statistics for module(s) {missing[:4]}")
+            moments = torch.stack([calibration[layer.path].float() for layer in group])
+            if moments.shape[-1] != A.shape[-1] or not bool(torch.isfinite(moments).all()):
+                raise ConversionError(f"calibration statistics for {group[0].path!r} must be finite [in] vectors")
+        res = solve_group(B, A, r, factor, codec, opts, moments)
+        f = res.factors
+        for i, layer in enumerate(group):
+            scale_in, scale_mid, scale_out = codec.encode(f.b[i], f.m[i], f.a[i])
+            records[layer.path] = ModuleRecord(
+                layer.path,
+                layer.in_features,
+                layer.out_features,
+                r,
+                {
+                    "sign_A": pack_signs(f.sign_A[i]),
+                    "sign_B": pack_signs(f.sign_B[i]),
+                    "scale_in": scale_in.contiguous(),
+                    "scale_mid": scale_mid.contiguous(),
+                    "scale_out": scale_out.contiguous(),
+                },
+            )
+            stats[layer.path] = {
+                "delta_norm": float(res.target_norm[i]) * scalings[layer.path],
+                "rel_error": float(res.rel_error[i]),
+                "rel_error_float": float(res.rel_error_float[i]),
+                "rel_error_init": float(res.rel_error_init[i]),
+                "rel_error_weighted": None if res.rel_error_weighted is None else float(res.rel_error_weighted[i]),
+                "rmr_A": float(res.rmr_A[i]),
+                "rmr_B": float(res.rmr_B[i]),
+                "rmr_A_gauge": float(res.rmr_A_gauge[i]),
+                "rmr_B_gauge": float(res.rmr_B_gauge[i]),
+                "gauge": res.gauges[i],
+                "iterations": int(res.iterations[i]),
+            }
+        if progress is not None:
+            progress.update(len(group))
+    return records, stats
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer")
+
+
+def _lora_file_bytes(lora: LoraAdapter) -> int:
+    from lordba.format.sizes import peft_lora_key
+    from lordba.format.tensorfile import file_size
+
+    entries = []
+    for p, layer in lora.layers.items():
+        entries.append((peft_lora_key(p, "A"), torch.float16, (layer.r, layer.in_features)))
+        entries.append((peft_lora_key(p, "B"), torch.float16, (layer.out_features, layer.r)))
+    return file_size(entries, {"format": "pt"})
+
+
+def convert_lora(
+    source: Any,
+    config: LoRDBAConfig | None = None,
+    *,
+    r: int | None = None,
+    target_bpw: float | None = None,
+    scale_dtype: str | None = None,
+    iters: int = 30,
+    tol: float = 1e-3,
+    gauge: str = "svd",
+    method: str = "admm+bcd",
+    calibration: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    allow_pickle: bool = False,
+    skip_unsupported: bool = False,
+    rank_candidates: Sequence[int] | None = None,
+    max_batch: int = 32,
+    progress: bool = True,
+    options: SolverOptions | None = None,
+) -> tuple[AdapterState, ConversionReport]:
+    """Convert a PEFT LoRA adapter (directory or ``peft.PeftModel``) into a LoRDBA adapter.
+
+    Ranks: ``r`` (uniform) or ``target_bpw`` (per-layer ranks at that many file bits per LoRA
+    parameter, LoRA basis) or, by default, the config's ranks (without ``config``: the LoRA's own
+    ranks, ``alpha = lora_alpha``). ``config`` supplies ``r``, ``alpha``, ``rank_pattern``,
+    ``alpha_pattern``, ``scale_dtype`` and the training fields; ``mode`` becomes ``"ptq"`` and
+    ``target_modules`` the LoRA's modules. ``calibration``: ``{path: mean x² per input channel}``
+    (see :func:`~lordba.convert.collect_input_moments`) for the activation-weighted objective.
+    Returns the in-memory adapter (``save_pretrained``, ``export_lora``, ``load_adapter_state``)
+    and a :class:`~lordba.convert.ConversionReport`.
+    """
+    start = time.perf_counter()
+    if r is not None and target_bpw is not None:
+        raise ConfigError("give either r or target_bpw, not both")
+    if target_bpw is not None and not (isinstance(target_bpw, (int, float)) and target_bpw > 0):
+        raise ConfigError(f"target_bpw must be a positive number, got {target_bpw!r}")
+    opts = options or SolverOptions(gauge=gauge, method=method, iters=iters, tol=tol)
+    lora = read_lora(source, adapter_name, allow_pickle, skip_unsupported)
+    base = _base_config(lora, config, r, scale_dtype)
+    allocation = None
+    if target_bpw is None:
+        ranks = {p: base.rank_for(p) for p in lora.layers}
+        scalings = {p: base.scaling_for(p) for p in lora.layers}
+        bar = _progress(len(lora.layers), progress, "converting")
+        try:
+            records, stats = _convert(lora, ranks, scalings, base.scale_dtype, opts, calibration, max_batch, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        final = base
+    else:
+        from lordba.convert.allocate import convert_at_budget
+
+        final, records, stats, allocation = convert_at_budget(
+            lora, base, float(target_bpw), opts, calibration, max_batch, progress, rank_candidates or DEFAULT_CANDIDATES
+        )
+    state = AdapterState(final, dict(sorted(records.items())))
+    report = _report(lora, state, stats, opts, allocation)
+    report.seconds = time.perf_counter() - start
+    return state, report
+
+
+def _report(
+    lora: LoraAdapter, state: AdapterState, stats: dict[str, dict[str, Any]], opts: SolverOptions, allocation: Any
+) -> ConversionReport:
+    dtype = state.config.scale_dtype
+    uniform_lora_rank = len({layer.r for layer in lora.layers.values()}) == 1
+    size = size_report(state.dims(), dtype, r_ref=lora.r if uniform_lora_rank else None)
+    lora_params = sum(layer.r * (layer.in_features + layer.out_features) for layer in lora.layers.values())
+    layers = []
+    for path, rec in state.modules.items():
+        src = lora.layers[path]
+        payload = layer_bytes(rec.in_features, rec.out_features, rec.r, dtype)
+        layers.append(
+            LayerReport(
+                path=path,
+                in_features=rec.in_features,
+                out_features=rec.out_features,
+                r_lora=src.r,
+                r=rec.r,
+                lora_scaling=src.scaling,
+                payload_bytes=payload,
+                bpw_lora=8 * payload / (src.r * (rec.in_features + rec.out_features)),
+                bpw_dw=8 * payload / (rec.in_features * rec.out_features),
+                **stats[path],
+            )
+        )
+    return ConversionReport(
+        source=lora.source,
+        scale_dtype=dtype,
+        solver=dataclasses.asdict(opts),
+        layers=layers,
+        size=size,
+        bpw_lora=8 * size.file_bytes / lora_params,
+        lora_fp16_file_bytes=_lora_file_bytes(lora),
+        allocation=allocation,
+    )
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Refuse (before any work) an output directory that exists (unless ``overwrite``) or whose
+    parent cannot be written."""
+    import os
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{out}: exists and is not a directory")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"{out}: cannot be created ({parent} is not a writable directory)")
+    return out
+
+
+def save_converted(
+    state: AdapterState, report: ConversionReport | None, out_dir: str | Path, overwrite: bool = False
+) -> Path:
+    """Write the converted adapter (and the ``conversion_report.json`` sidecar) to ``out_dir``
+    atomically: on any error no partial directory is left behind."""
+    out = check_output_dir(out_dir, overwrite)
+    try:
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            state.save_pretrained(tmp)
+            if report is not None:
+                report.write_json(tmp / SIDECAR_NAME, timing=False)
+    except LoRDBAError as err:
+        if isinstance(err, ConversionError) or type(err) is not LoRDBAError:
+            raise
+        raise ConversionError(str(err)) from None
+    except OSError as err:
+        raise ConversionError(f"{out}: cannot write the converted adapter ({err.strerror or err})") from None
+    return out

@@ -1,0 +1,117 @@
+"""The double-binary adapter branch as one autograd function (SPEC §1, five stages).
+
+    h0 = x ⊙ b;  h1 = h0 S_Aᵀ;  h2 = h1 ⊙ m;  h3 = h2 S_Bᵀ;  δ = s · (h3 ⊙ a)
+
+Written as a single :class:`torch.autograd.Function` so that training saves only ``x`` (which the
+base layer's caller keeps anyway) and ``h1`` (tokens × r), like a LoRA branch, instead of every
+stage's activation. The backward needs no tokens × in or tokens × out temporary besides the input
+gradient itself:
+
+    P = g1ᵀ x (r×in):   ∂S_A = P ⊙ b,   ∂b = Σ_k S_A ⊙ P,   ∂x = g1 (S_A ⊙ b)
+    Q = gᵀ h2 (out×r):  ∂S_B = (s a) ⊙ Q, ∂a = s Σ_k S_B ⊙ Q, g2 = g (S_B ⊙ s a)
+
+Sign sources are either latent float factors (trained through a straight-through estimator,
+signs recomputed in the backward instead of being saved) or fixed ±1 tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lordba.core.ste import STE, hard_sign
+
+
+def reference_delta(
+    x: torch.Tensor,
+    sign_A: torch.Tensor,
+    sign_B: torch.Tensor,
+    b: torch.Tensor,
+    m: torch.Tensor,
+    a: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """The branch output in ``x``'s dtype from ±1 tensors ``sign_A`` (r×in), ``sign_B`` (out×r)."""
+    dt = x.dtype
+    h = (x * b.to(dt)) @ sign_A.to(dt).t()
+    h = (h * m.to(dt)) @ sign_B.to(dt).t()
+    return h * (a.to(dt) * scaling)
+
+
+class DoubleBinaryBranch(torch.autograd.Function):
+    """Fused forward/backward of the branch; see the module docstring."""
+
+    @staticmethod
+    def forward(x, src_A, src_B, b, m, a, scaling: float, ste: STE | None):  # noqa: ANN001
+        dt = x.dtype
+        sign_A = hard_sign(src_A).to(dt)
+        sign_B = hard_sign(src_B).to(dt)
+        h1 = (x * b.to(dt)) @ sign_A.t()
+        out = ((h1 * m.to(dt)) @ sign_B.t()) * (a.to(dt) * scaling)
+        return out, h1
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        x, src_A, src_B, b, m, a, scaling, ste = inputs
+        ctx.save_for_backward(x, output[1], src_A, src_B, b, m, a)
+        ctx.scaling = scaling
+        ctx.ste = ste
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor, _grad_h1: torch.Tensor | None):  # noqa: ANN001
+        x, h1, src_A, src_B, b, m, a = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dt = x.dtype
+        s = ctx.scaling
+        sign_A = hard_sign(src_A).to(dt)
+        sign_B = hard_sign(src_B).to(dt)
+        bd, md, sa = b.to(dt), m.to(dt), a.to(dt) * s
+
+        in_f, out_f, r = x.shape[-1], grad_out.shape[-1], h1.shape[-1]
+        g = grad_out.reshape(-1, out_f)
+        x2 = x.reshape(-1, in_f)
+        h1_2 = h1.reshape(-1, r)
+        h2 = h1_2 * md
+
+        q = g.t() @ h2  # out × r
+        g2 = g @ (sign_B * sa[:, None])  # tokens × r
+        g1 = g2 * md
+        grad_x = grad_A = grad_B = grad_b = grad_m = grad_a = None
+        if need[0]:
+            grad_x = (g1 @ (sign_A * bd[None, :])).reshape(x.shape)
+        if need[1] or need[3]:
+            p = g1.t() @ x2  # r × in
+            if need[1]:
+                grad_A = _latent_grad(ctx.ste, src_A, p * bd)
+            if need[3]:
+                grad_b = (sign_A * p).sum(0).to(b.dtype)
+        if need[2]:
+            grad_B = _latent_grad(ctx.ste, src_B, q * sa[:, None])
+        if need[4]:
+            grad_m = (g2 * h1_2).sum(0).to(m.dtype)
+        if need[5]:
+            grad_a = ((sign_B * q).sum(1) * s).to(a.dtype)
+        return grad_x, grad_A, grad_B, grad_b, grad_m, grad_a, None, None
+
+
+def _latent_grad(ste: STE | None, latent: torch.Tensor, grad_sign: torch.Tensor) -> torch.Tensor:
+    if ste is None:
+        raise RuntimeError("a gradient w.r.t. a sign source needs a straight-through estimator")
+    return ste.grad(latent, grad_sign.to(latent.dtype))
+
+
+def branch(
+    x: torch.Tensor,
+    src_A: torch.Tensor,
+    src_B: torch.Tensor,
+    b: torch.Tensor,
+    m: torch.Tensor,
+    a: torch.Tensor,
+    scaling: float,
+    ste: STE | None = None,
+) -> torch.Tensor:
+    """The branch output ``s · a ⊙ (S_B (m ⊙ (S_A (b ⊙ x))))`` with signs taken from ``src_A``/``src_B``.
+
+    ``src_*`` are latent float factors (then their gradient goes through ``ste``) or ±1 tensors.
+    """
+    return DoubleBinaryBranch.apply(x, src_A, src_B, b, m, a, float(scaling), ste)[0]

@@ -1,0 +1,137 @@
+"""Adapter size accounting (SPEC §2): bytes, bits per weight on two bases, ratio to fp16 LoRA.
+
+* payload: packed signs ``r·(in+out)/8`` plus the stored scale vectors, per module;
+* file: the exact ``lordba_model.safetensors`` size, headers included;
+* the fp16 LoRA of reference rank ``r_ref`` (default: the same rank): ``2·r_ref·(in+out)`` bytes
+  per module, and the exact size of the ``adapter_model.safetensors`` PEFT would write for it.
+
+BPW on the **LoRA basis** is ``bits / (r_ref·(in+out))`` (fp16 LoRA = 16; comparable with
+LoRAQuant), on the **ΔW basis** ``bits / (in·out)`` (DBF's convention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lordba.core.packing import packed_size
+from lordba.core.scales import get_codec
+from lordba.format.tensorfile import file_size
+
+
+def peft_lora_key(module_path: str, factor: str) -> str:
+    """The tensor name PEFT writes for a LoRA factor (``"A"`` or ``"B"``) of a module."""
+    return f"base_model.model.{module_path}.lora_{factor}.weight"
+
+
+@dataclass
+class ModuleSize:
+    """Footprint of one adapted module."""
+
+    path: str
+    in_features: int
+    out_features: int
+    r: int
+    r_ref: int
+    sign_bytes: int
+    scale_bytes: int
+    payload_bytes: int
+    fp16_lora_bytes: int
+    bpw_lora: float
+    bpw_dw: float
+    ratio: float
+
+
+@dataclass
+class SizeReport:
+    """Footprint of a whole adapter, per module and in total."""
+
+    scale_dtype: str
+    modules: list[ModuleSize]
+    payload_bytes: int
+    file_bytes: int
+    fp16_lora_payload_bytes: int
+    fp16_lora_file_bytes: int
+    bpw_lora: float
+    bpw_dw: float
+    ratio_payload: float
+    ratio_file: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """A one-paragraph human summary of the totals."""
+        return (
+            f"{len(self.modules)} modules, scale_dtype={self.scale_dtype}: file {self.file_bytes:,} bytes "
+            f"(payload {self.payload_bytes:,}) vs fp16 LoRA {self.fp16_lora_file_bytes:,} bytes -> "
+            f"{self.ratio_file:.2f}x smaller on files, {self.ratio_payload:.2f}x on payload; "
+            f"BPW {self.bpw_lora:.3f} (LoRA basis), {self.bpw_dw:.4f} (dW basis)"
+        )
+
+
+def size_report(
+    dims: dict[str, tuple[int, int, int]],
+    scale_dtype: str,
+    file_bytes: int | None = None,
+    r_ref: int | None = None,
+) -> SizeReport:
+    """Footprint of an adapter with ``dims`` = ``{module path: (in, out, r)}``.
+
+    ``file_bytes`` is the real weights-file size if known (else computed exactly for the format);
+    ``r_ref`` is the rank of the fp16 LoRA to compare with (default: each module's own rank).
+    """
+    codec = get_codec(scale_dtype)
+    rows: list[ModuleSize] = []
+    lora_entries = []
+    for path in sorted(dims):
+        in_f, out_f, r = dims[path]
+        ref = r_ref or r
+        signs = packed_size(r * in_f) + packed_size(out_f * r)
+        scales = codec.nbytes(in_f, r, out_f)
+        payload = signs + scales
+        lora = 2 * ref * (in_f + out_f)
+        rows.append(
+            ModuleSize(
+                path,
+                in_f,
+                out_f,
+                r,
+                ref,
+                signs,
+                scales,
+                payload,
+                lora,
+                bpw_lora=8 * payload / (ref * (in_f + out_f)),
+                bpw_dw=8 * payload / (in_f * out_f),
+                ratio=lora / payload,
+            )
+        )
+        lora_entries.append((peft_lora_key(path, "A"), torch.float16, (ref, in_f)))
+        lora_entries.append((peft_lora_key(path, "B"), torch.float16, (out_f, ref)))
+    if file_bytes is None:
+        from lordba.format.adapter import ModuleRecord, lordba_metadata
+
+        records = {p: ModuleRecord(p, *dims[p]) for p in dims}
+        entries = [
+            (f"{p}.{kind}", dtype, shape)
+            for p, rec in records.items()
+            for kind, (dtype, shape) in rec.expected(scale_dtype).items()
+        ]
+        file_bytes = file_size(entries, lordba_metadata(scale_dtype, records))
+    payload = sum(m.payload_bytes for m in rows)
+    lora_payload = sum(m.fp16_lora_bytes for m in rows)
+    lora_file = file_size(lora_entries, {"format": "pt"})
+    return SizeReport(
+        scale_dtype=scale_dtype,
+        modules=rows,
+        payload_bytes=payload,
+        file_bytes=file_bytes,
+        fp16_lora_payload_bytes=lora_payload,
+        fp16_lora_file_bytes=lora_file,
+        bpw_lora=8 * file_bytes / sum(m.r_ref * (m.in_features + m.out_features) for m in rows),
+        bpw_dw=8 * file_bytes / sum(m.in_features * m.out_features for m in rows),
+        ratio_payload=lora_payload / payload,
+        ratio_file=lora_file / file_bytes,
+    )

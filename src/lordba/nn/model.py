@@ -1,0 +1,509 @@
+"""``LoRDBAModel`` and ``get_lordba_model``: adapters on a whole model, with PEFT's method names.
+
+The wrapper injects :class:`~lordba.nn.layer.LoRDBALinear` layers into a (transformers) model,
+freezes the base, and manages named adapters: add, load, save, set, stack, delete, hot-swap,
+disable, merge and unload, mixed-batch routing and generation. Its ``forward`` exposes the wrapped
+model's own signature (plus ``adapter_names``), so ``transformers.Trainer`` keeps the right
+dataset columns.
+
+Thread safety (tested in tests/test_concurrency.py; the contract is in docs/security.md):
+forward and generate calls hold the model's lock shared; every method that changes adapters
+(add, load, load_adapter_state, hot-swap, set, delete, merge, unmerge, merge_and_unload, unload,
+pack, unpack_to_latent) holds it exclusively and checks its arguments under it, so it is atomic
+with respect to forwards and to each other. Saving and ``adapter_state`` hold it shared. Routing
+(``adapter_names``) and ``disable_adapter`` are per thread. Not thread-safe: training (backward
+and optimizer steps) concurrently with anything else on the same model, and changing adapter
+tensors directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lordba.config import LoRDBAConfig
+from lordba.core.scales import get_codec
+from lordba.errors import AdapterFormatError, AdapterStateError, ConfigError, ShapeMismatchError, TargetModulesError
+from lordba.format import adapter as io
+from lordba.format.sizes import SizeReport, size_report
+from lordba.nn.layer import BASE_ROW, ROUTING, DoubleBinaryAdapter, LoRDBALinear, Routing
+from lordba.nn.lock import RWLock
+from lordba.nn.targets import find_targets
+from lordba.quant import BaseBackend, resolve_backend
+
+_LATENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Forward:
+    """``LoRDBAModel.forward`` with the wrapped model's signature, so tools that inspect it (the
+    HF ``Trainer`` keeps only dataset columns named in it) see the real argument names."""
+
+    def __init__(self, owner: LoRDBAModel, signature: inspect.Signature) -> None:
+        self._owner = owner
+        self.__signature__ = signature
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._owner._forward(*args, **kwargs)
+
+
+def _with_adapter_names(signature: inspect.Signature) -> inspect.Signature:
+    params = [p for p in signature.parameters.values() if p.name != "adapter_names"]
+    extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+    var_kw = [p for p in params if p.kind == inspect.Parameter.VAR_KEYWORD]
+    rest = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD]
+    return signature.replace(parameters=[*rest, extra, *var_kw])
+
+
+class LoRDBAModel(nn.Module):
+    """A model with LoRDBA adapters. Build it with :func:`get_lordba_model` or :meth:`from_pretrained`."""
+
+    def __init__(self, model: nn.Module, config: LoRDBAConfig | None = None, adapter_name: str = "default") -> None:
+        super().__init__()
+        if any(isinstance(m, LoRDBALinear) for m in model.modules()):
+            raise TargetModulesError(
+                "this model already has LoRDBA layers: add adapters through its LoRDBAModel (add_adapter)"
+            )
+        self.base_model = model
+        self.peft_config: dict[str, LoRDBAConfig] = {}
+        self._active: tuple[str, ...] = ()
+        self._lock = RWLock()
+        try:
+            signature = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            signature = inspect.signature(lambda *args, **kwargs: None)
+        self.forward = _Forward(self, _with_adapter_names(signature))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
+
+    # ------------------------------------------------------------------ delegation
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (with its LoRDBA layers in place)."""
+        return self.base_model
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    # ------------------------------------------------------------------ layers
+    def _lordba_layers(self) -> list[tuple[str, LoRDBALinear]]:
+        return [(n, m) for n, m in self.base_model.named_modules() if isinstance(m, LoRDBALinear)]
+
+    def adapter_modules(self, adapter_name: str) -> dict[str, DoubleBinaryAdapter]:
+        """``{module path: adapter}`` of one adapter."""
+        with self._lock.read():
+            self._check_known(adapter_name)
+            return {
+                n: m.lordba_adapters[adapter_name]
+                for n, m in self._lordba_layers()
+                if adapter_name in m.lordba_adapters
+            }
+
+    def _check_known(self, *names: str) -> None:
+        for name in names:
+            if name not in self.peft_config:
+                raise AdapterStateError(f"unknown adapter {name!r}; loaded adapters: {sorted(self.peft_config)}")
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name or name == BASE_ROW or any(c in name for c in "./\\"):
+            raise ConfigError(f"adapter name must be a non-empty string without '.', '/' or '\\', got {name!r}")
+        if name in self.peft_config:
+            raise AdapterStateError(f"adapter {name!r} already exists: delete_adapter() it or use hotswap_adapter()")
+
+    def _target(self, path: str) -> tuple[nn.Module, BaseBackend]:
+        """The base layer at ``path`` (inside its LoRDBA wrapper, if any) and its backend."""
+        try:
+            module = self.base_model.get_submodule(path)
+        except AttributeError:
+            raise ShapeMismatchError(f"the base model has no module {path!r}") from None
+        if isinstance(module, LoRDBALinear):
+            return module.base_layer, module.backend
+        backend = resolve_backend(module)
+        if backend is None:
+            raise ShapeMismatchError(f"module {path!r} is a {type(module).__name__}, not a supported linear layer")
+        return module, backend
+
+    def _install(self, adapter_name: str, adapters: dict[str, DoubleBinaryAdapter]) -> None:
+        """Put ``adapters`` into their layers, wrapping plain layers first (cannot fail half-way)."""
+        for path, adapter in adapters.items():
+            module = self.base_model.get_submodule(path)
+            if not isinstance(module, LoRDBALinear):
+                wrapper = LoRDBALinear(module)
+                wrapper.train(module.training)
+                parent_name, _, child = path.rpartition(".")
+                setattr(self.base_model.get_submodule(parent_name) if parent_name else self.base_model, child, wrapper)
+                module = wrapper
+                module.set_adapter(self._active)
+            module.add_adapter(adapter_name, adapter)
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, adapter_name: str, config: LoRDBAConfig) -> None:
+        """Inject a new (trainable, latent-form) adapter per ``config``; it is not activated."""
+        if not isinstance(config, LoRDBAConfig):
+            raise ConfigError(f"config must be a LoRDBAConfig, got {type(config).__name__}")
+        self._check_new_name(adapter_name)
+        targets = find_targets(self.base_model, config.target_modules, config.exclude_modules)
+        codec = get_codec(config.scale_dtype)
+        adapters = {}
+        for path in targets:
+            base, backend = self._target(path)
+            in_f, out_f = backend.features(base)
+            adapters[path] = DoubleBinaryAdapter(
+                in_f,
+                out_f,
+                config.rank_for(path),
+                config.scaling_for(path),
+                codec,
+                config.ste_spec,
+                config.init,
+                _LATENT_DTYPES[config.latent_dtype],
+                backend.weight_device(base),
+            )
+        with self._lock.write():
+            self._check_new_name(adapter_name)  # again: another thread may have taken the name
+            self._install(adapter_name, adapters)
+            self.peft_config[adapter_name] = config
+
+    def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
+        """Activate one adapter, or several (stacked: their branches add up)."""
+        names = (adapter_names,) if isinstance(adapter_names, str) else tuple(adapter_names)
+        if not names:
+            raise AdapterStateError("set_adapter needs at least one adapter name")
+        with self._lock.write():
+            self._check_known(*names)
+            for _, layer in self._lordba_layers():
+                layer.set_adapter(names)
+            self._active = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter from every layer; layers left without adapters get their base back."""
+        with self._lock.write():
+            self._check_known(adapter_name)
+            for path, layer in self._lordba_layers():
+                layer.delete_adapter(adapter_name)
+                if not layer.lordba_adapters:
+                    self._replace(path, layer.base_layer)
+            del self.peft_config[adapter_name]
+            self._active = tuple(n for n in self._active if n != adapter_name)
+
+    def _replace(self, path: str, module: nn.Module) -> None:
+        parent_name, _, child = path.rpartition(".")
+        setattr(self.base_model.get_submodule(parent_name) if parent_name else self.base_model, child, module)
+
+    def set_trainable(self, adapter_name: str, signs: bool = True, scales: bool = True) -> None:
+        """Choose what of an adapter trains: latent signs and/or scales (everything else stays frozen)."""
+        with self._lock.write():  # a compact adapter's scales change from buffers to parameters
+            for adapter in self.adapter_modules(adapter_name).values():
+                adapter.set_trainable(signs, scales)
+
+    def pack(self, adapter_name: str | None = None) -> None:
+        """Turn adapters (default: all) into the packed inference form; latents are dropped."""
+        with self._lock.write():
+            for name in [adapter_name] if adapter_name else list(self.peft_config):
+                for adapter in self.adapter_modules(name).values():
+                    adapter.pack()
+
+    def unpack_to_latent(self, adapter_name: str, magnitude: float = 0.01) -> None:
+        """Turn a packed adapter back into latent form (signs ± ``magnitude``) to resume QAT."""
+        with self._lock.write():
+            dtype = (
+                _LATENT_DTYPES[self.peft_config[adapter_name].latent_dtype]
+                if adapter_name in self.peft_config
+                else None
+            )
+            for adapter in self.adapter_modules(adapter_name).values():
+                adapter.unpack_to_latent(magnitude, dtype)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block (in this thread), the model runs as its base alone."""
+        if any(layer.merged for _, layer in self._lordba_layers()):
+            raise AdapterStateError("adapters are merged into the base: unmerge_adapter() before disabling them")
+        token = ROUTING.set(Routing(disabled=True))
+        try:
+            yield
+        finally:
+            ROUTING.reset(token)
+
+    # ------------------------------------------------------------------ forward
+    @contextlib.contextmanager
+    def _routing(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
+        outer = ROUTING.get()
+        names = None
+        if adapter_names is not None:
+            if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+                raise ConfigError("adapter_names must be a list with one adapter name per batch row")
+            names = tuple(adapter_names)
+            unknown = sorted({n for n in names if n != BASE_ROW and n not in self.peft_config}, key=str)
+            if unknown:
+                raise AdapterStateError(
+                    f"adapter_names: unknown adapter(s) {unknown}; loaded: {sorted(self.peft_config)}"
+                )
+        token = ROUTING.set(Routing(self._active, bool(outer and outer.disabled), names))
+        try:
+            yield
+        finally:
+            ROUTING.reset(token)
+
+    def _forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return self.base_model(*args, **kwargs)
+        with self._lock.read(), self._routing(adapter_names):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """``generate`` of the wrapped model, optionally with one adapter per batch row."""
+        if adapter_names is not None:
+            gen = kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
+            beams = kwargs.get("num_beams", getattr(gen, "num_beams", 1) or 1)
+            returns = kwargs.get("num_return_sequences", getattr(gen, "num_return_sequences", 1) or 1)
+            expand = beams if beams > 1 else returns
+            adapter_names = [n for n in adapter_names for _ in range(expand)]
+        with self._lock.read(), self._routing(adapter_names):
+            return self.base_model.generate(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Enable the wrapped model's gradient checkpointing; with re-entrant checkpointing the
+        inputs are made to require grad so that gradients reach the adapters of a frozen base."""
+        kwargs = gradient_checkpointing_kwargs or {}
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if kwargs.get("use_reentrant", True) and hasattr(self.base_model, "enable_input_require_grads"):
+            self.base_model.enable_input_require_grads()
+
+    # ------------------------------------------------------------------ merge
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Add the (default: active) adapters into the base weights; forwards then skip them."""
+        with self._lock.write():
+            for _, layer in self._lordba_layers():
+                layer.merge(adapter_names or self._active)
+
+    def unmerge_adapter(self) -> None:
+        """Take merged adapters out of the base weights again."""
+        with self._lock.write():
+            for _, layer in self._lordba_layers():
+                layer.unmerge()
+
+    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Merge the (default: active) adapters into the base and return the plain base model."""
+        with self._lock.write():
+            for path, layer in self._lordba_layers():
+                layer.merge(adapter_names or self._active)
+                self._replace(path, layer.base_layer)
+            self.peft_config.clear()
+            self._active = ()
+        return self.base_model
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging (merged ones are taken out) and return the base."""
+        with self._lock.write():
+            for path, layer in self._lordba_layers():
+                layer.unmerge()
+                self._replace(path, layer.base_layer)
+            self.peft_config.clear()
+            self._active = ()
+        return self.base_model
+
+    # ------------------------------------------------------------------ files
+    def adapter_state(self, adapter_name: str = "default") -> io.AdapterState:
+        """The adapter as stored (config + packed tensors), independent of this model."""
+        with self._lock.read():  # a consistent snapshot while other threads hot-swap or switch
+            self._check_known(adapter_name)
+            config = self._saved_config(adapter_name)
+            modules = {
+                path: io.ModuleRecord(path, a.in_features, a.out_features, a.r, a.stored_tensors())
+                for path, a in self.adapter_modules(adapter_name).items()
+                if not _left_out(config, path, a)
+            }
+            return io.AdapterState(config, modules)
+
+    def _saved_config(self, adapter_name: str) -> LoRDBAConfig:
+        config = self.peft_config[adapter_name]
+        if config.base_model_name_or_path is None:
+            name = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
+            if isinstance(name, str) and name:
+                config = dataclasses.replace(config, base_model_name_or_path=name)
+        return config
+
+    def save_pretrained(
+        self, save_directory: str | Path, selected_adapters: Sequence[str] | None = None, is_main_process: bool = True
+    ) -> None:
+        """Write adapters in the packed format of SPEC §6: ``default`` in ``save_directory``, any
+        other adapter in ``save_directory/<name>``. Saves are crash-safe and deterministic."""
+        if not is_main_process:
+            return
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        self._check_known(*names)
+        with self._lock.read():
+            for name in names:
+                directory = Path(save_directory) if name == "default" else Path(save_directory) / name
+                self.adapter_state(name).save_pretrained(directory)
+
+    def _check_fits(self, state: io.AdapterState, source: object) -> None:
+        """Every module of ``state`` exists in this model with the same in/out features."""
+        for path, rec in state.modules.items():
+            try:
+                base, backend = self._target(path)
+                in_f, out_f = backend.features(base)
+            except ShapeMismatchError as err:
+                raise AdapterFormatError(f"{source}: {err}") from None
+            if (in_f, out_f) != (rec.in_features, rec.out_features):
+                raise AdapterFormatError(
+                    f"{source}: module {path!r} is {rec.in_features}→{rec.out_features} in the file "
+                    f"but {in_f}→{out_f} in the base model"
+                )
+
+    def _read_for_model(self, model_id: str | Path) -> io.AdapterFile:
+        """Open, check against this model's layers, then load the tensors of an adapter directory."""
+        adapter = io.open_adapter(model_id)
+        self._check_fits(adapter, adapter.weights_path)
+        adapter.load_tensors()
+        return adapter
+
+    def load_adapter(self, model_id: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+        """Load an adapter directory under ``adapter_name`` (packed form; scales train if
+        ``is_trainable``, else it is compact: scales held as stored, frozen). Validation happens
+        before the model is touched."""
+        self._check_new_name(adapter_name)
+        self.load_adapter_state(self._read_for_model(model_id), adapter_name, is_trainable)
+
+    def load_adapter_state(self, state: io.AdapterState, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add an in-memory adapter (e.g. from ``convert_lora``) under ``adapter_name``, packed form."""
+        self._check_new_name(adapter_name)
+        self._check_fits(state, "adapter")
+        config = state.config
+        codec = get_codec(config.scale_dtype)
+        adapters = {}
+        for path, rec in state.modules.items():
+            base, backend = self._target(path)
+            adapter = DoubleBinaryAdapter(
+                rec.in_features,
+                rec.out_features,
+                rec.r,
+                config.scaling_for(path),
+                codec,
+                config.ste_spec,
+                device=backend.weight_device(base),
+                packed=True,
+            )
+            adapter.load_stored(rec.tensors)
+            if is_trainable:
+                adapter.set_trainable(signs=False, scales=True)
+            else:
+                adapter.compact()  # scales held as stored (int8 codes): the file's size in memory
+            adapters[path] = adapter
+        with self._lock.write():
+            self._check_new_name(adapter_name)  # again: another thread may have taken the name
+            self._install(adapter_name, adapters)
+            self.peft_config[adapter_name] = config
+
+    def hotswap_adapter(self, model_id: str | Path, adapter_name: str = "default") -> None:
+        """Replace a loaded adapter's weights in place (no re-injection, same tensors, so compiled
+        graphs stay valid; only a compact adapter given another scale format gets new scale
+        buffers). The new adapter must target the same modules (or a subset: the others become
+        no-ops) with the same ranks."""
+        self._check_known(adapter_name)
+        adapter_file = self._read_for_model(model_id)
+        config = adapter_file.config
+        codec = get_codec(config.scale_dtype)
+        with self._lock.write():  # check and swap at once: another thread may delete or swap it
+            current = self.adapter_modules(adapter_name)
+            for path, rec in adapter_file.modules.items():
+                old = current.get(path)
+                if old is None or old.r != rec.r:
+                    raise AdapterStateError(
+                        f"hotswap_adapter: module {path!r} (rank {rec.r}) is not in adapter {adapter_name!r} with "
+                        "that rank; hot-swapping needs the same target modules (or a subset) and ranks"
+                    )
+            for path, adapter in current.items():
+                rec = adapter_file.modules.get(path)
+                adapter.codec = codec
+                adapter.scaling = config.scaling_for(path)
+                if rec is None:
+                    adapter.silence()
+                else:
+                    adapter.load_stored(rec.tensors)
+            self.peft_config[adapter_name] = config
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default", is_trainable: bool = False
+    ) -> LoRDBAModel:
+        """Load a saved adapter onto ``model`` and activate it."""
+        wrapper = cls(model)
+        wrapper.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
+        wrapper.set_adapter(adapter_name)
+        return wrapper
+
+    # ------------------------------------------------------------------ state dict
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The adapters' tensors only (latents, packed signs, scales), like PEFT's adapter state dict.
+
+        The frozen base is not part of the wrapper's state: it comes from the base model's own files.
+        This keeps ``transformers.Trainer`` checkpoints of a LoRDBA model small and resumable (the
+        Trainer saves ``model.state_dict()`` for models that are not ``PreTrainedModel``s)."""
+        full = super().state_dict(*args, **kwargs)
+        return type(full)((k, v) for k, v in full.items() if ".lordba_adapters." in k)
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load adapter tensors saved by :meth:`state_dict` (the base is left as it is)."""
+        own = set(self.state_dict())
+        unexpected = sorted(set(state_dict) - own)
+        missing = sorted(own - set(state_dict))
+        if strict and (unexpected or missing):
+            raise AdapterStateError(
+                f"state dict does not match the adapters: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        result = super().load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False, assign=assign)
+        return type(result)(missing, unexpected)
+
+    # ------------------------------------------------------------------ reports
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable parameters, all parameters)``."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
+
+    def size_report(self, adapter_name: str = "default", r_ref: int | None = None) -> SizeReport:
+        """Bytes, bits per weight (both bases) and ratio to the fp16 LoRA of rank ``r_ref``
+        (default: the same rank), per module and for the file ``save_pretrained`` writes."""
+        dims = {p: (a.in_features, a.out_features, a.r) for p, a in self.adapter_modules(adapter_name).items()}
+        return size_report(dims, self.peft_config[adapter_name].scale_dtype, r_ref=r_ref)
+
+
+def _left_out(config: LoRDBAConfig, path: str, adapter: DoubleBinaryAdapter) -> bool:
+    """A module silenced by a hot-swap from a file that did not have it, and that the swapped-in
+    config does not describe: it is not part of that adapter and is not saved with it."""
+    described = config.targets_module(path) and config.rank_for(path) == adapter.r
+    return not described and not bool(adapter.scale_out.any())
+
+
+def get_lordba_model(model: nn.Module, config: LoRDBAConfig, adapter_name: str = "default") -> LoRDBAModel:
+    """Inject a new LoRDBA adapter into ``model`` (frozen) and return the wrapper, like PEFT's ``get_peft_model``."""
+    return LoRDBAModel(model, config, adapter_name)

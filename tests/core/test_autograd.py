@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+import torch
+
+from lordba.core.autograd import branch, reference_delta
+from lordba.core.ste import STE, SignSTE
+
+
+def _dense_numpy(x, S_A, S_B, b, m, a, s):
+    """Independent reference: y = x ΔWᵀ with ΔW = s·diag(a) S_B diag(m) S_A diag(b), in float64 numpy."""
+    dw = s * np.diag(a) @ S_B @ np.diag(m) @ S_A @ np.diag(b)
+    return x @ dw.T
+
+
+def _rand(seed, tokens=(2, 5), in_f=19, out_f=11, r=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*tokens, in_f, generator=g, dtype=torch.float64)
+    lat_A = torch.randn(r, in_f, generator=g, dtype=torch.float64) * 0.01
+    lat_B = torch.randn(out_f, r, generator=g, dtype=torch.float64) * 0.01
+    b = torch.rand(in_f, generator=g, dtype=torch.float64) + 0.5
+    m = torch.randn(r, generator=g, dtype=torch.float64)
+    a = torch.randn(out_f, generator=g, dtype=torch.float64)
+    return x, lat_A, lat_B, b, m, a
+
+
+def test_forward_matches_independent_dense_computation():
+    x, lat_A, lat_B, b, m, a = _rand(0)
+    S_A, S_B = np.where(lat_A.numpy() >= 0, 1.0, -1.0), np.where(lat_B.numpy() >= 0, 1.0, -1.0)
+    expected = _dense_numpy(x.numpy(), S_A, S_B, b.numpy(), m.numpy(), a.numpy(), 2.5)
+    got = branch(x, lat_A, lat_B, b, m, a, 2.5, STE())
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
+    ref = reference_delta(x, torch.tensor(S_A), torch.tensor(S_B), b, m, a, 2.5)
+    assert torch.equal(ref, got.detach())
+
+
+@pytest.mark.parametrize("ste", [STE("smoothsign", 100.0), STE("smoothsign", 3.0), STE("identity", clip=0.005)])
+def test_fused_backward_equals_autograd_of_the_unfused_chain(ste):
+    x, lat_A, lat_B, b, m, a = _rand(1)
+    s = 0.75
+    leaves = [t.clone().requires_grad_(True) for t in (x, lat_A, lat_B, b, m, a)]
+    g_out = torch.randn(2, 5, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    branch(*leaves[:3], *leaves[3:], s, ste).backward(g_out)
+    fused = [t.grad for t in leaves]
+
+    leaves2 = [t.clone().requires_grad_(True) for t in (x, lat_A, lat_B, b, m, a)]
+    xx, la, lb, bb, mm, aa = leaves2
+    h = ((xx * bb) @ SignSTE.apply(la, ste).t() * mm) @ SignSTE.apply(lb, ste).t()
+    (s * h * aa).backward(g_out)
+    for got, want in zip(fused, (t.grad for t in leaves2)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_fixed_signs_get_no_gradient_and_bf16_inputs_work():
+    x, lat_A, lat_B, b, m, a = _rand(2)
+    S_A, S_B = torch.sign(lat_A).float(), torch.sign(lat_B).float()
+    xb = x.bfloat16().requires_grad_(True)
+    scales = [t.float().requires_grad_(True) for t in (b, m, a)]
+    out = branch(xb, S_A, S_B, *scales, 1.0)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert xb.grad is not None and xb.grad.dtype == torch.bfloat16
+    assert all(s.grad is not None and s.grad.dtype == torch.float32 for s in scales)
+
+
+def test_training_saves_only_input_and_rank_sized_activation():
+    """The fused function keeps x (shared with the caller) and h1 (tokens × r), not every stage."""
+    x, lat_A, lat_B, b, m, a = _rand(3, tokens=(4, 64), in_f=96, out_f=80, r=4)
+    params = [t.float().requires_grad_(True) for t in (lat_A, lat_B, b, m, a)]
+    xf = x.float()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        branch(xf, params[0], params[1], *params[2:], 1.0, STE())
+    own = {xf.data_ptr()} | {p.data_ptr() for p in params}
+    activation = [t for t in saved if t.data_ptr() not in own]
+    assert sum(t.numel() for t in activation) == 4 * 64 * 4  # h1 only: tokens × r

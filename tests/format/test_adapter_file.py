@@ -1,0 +1,184 @@
+"""Loading refuses every malformed adapter with an error naming the file and tensor, and leaves
+the model untouched."""
+
+import json
+
+import pytest
+import torch
+
+from lordba import AdapterFormatError, ConfigError, LoRDBAConfig, LoRDBAError, LoRDBAModel, get_lordba_model
+from lordba.format.adapter import read_adapter
+
+from conftest import load_weights, rewrite_weights, set_config, tiny_llama
+
+Q = "model.layers.0.self_attn.q_proj"
+K = "model.layers.0.self_attn.k_proj"  # out = 20, r = 3: sign_B has 4 padding bits
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(4)
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=3, init="random"))
+    lm.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def refuse(directory, match):
+    """The adapter is refused both on its own and when loaded onto a model, which stays unchanged."""
+    with pytest.raises(LoRDBAError, match=match):
+        read_adapter(directory)
+    model = tiny_llama(0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LoRDBAError, match=match):
+        LoRDBAModel.from_pretrained(model, directory)
+    assert set(model.state_dict()) == set(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_valid_adapter_reads(saved):
+    adapter = read_adapter(saved)
+    assert len(adapter.modules) == 14 and not adapter.recovered
+
+
+def test_missing_files(saved):
+    (saved / "lordba_model.safetensors").unlink()
+    refuse(saved, "lordba_model.safetensors: missing")
+    (saved / "adapter_config.json").unlink()
+    refuse(saved, "adapter_config.json: missing")
+
+
+def test_checksum_mismatch_from_a_flipped_byte(saved):
+    path = saved / "lordba_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10
+    path.write_bytes(bytes(data))
+    refuse(saved, "checksum mismatch")
+
+
+def test_truncated_file(saved):
+    path = saved / "lordba_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    refuse(saved, "checksum mismatch")
+
+
+def test_truncated_file_with_matching_checksum(saved):
+    import hashlib
+
+    path = saved / "lordba_model.safetensors"
+    data = path.read_bytes()[:-10]
+    path.write_bytes(data)
+    set_config(saved, weights_sha256=hashlib.sha256(data).hexdigest())
+    refuse(saved, "truncated")
+
+
+def test_huge_declared_header(saved):
+    import hashlib
+    import struct
+
+    path = saved / "lordba_model.safetensors"
+    data = struct.pack("<Q", 1 << 62) + path.read_bytes()[8:]
+    path.write_bytes(data)
+    set_config(saved, weights_sha256=hashlib.sha256(data).hexdigest())
+    refuse(saved, "header length")
+
+
+def test_newer_format_version(saved):
+    set_config(saved, format_version=2)
+    refuse(saved, "format_version 2 is not supported")
+
+
+def test_wrong_config_types(saved):
+    for change, match in (
+        ({"r": "3"}, "r must be a positive integer"),
+        ({"alpha": None}, "alpha must be a positive finite number"),
+        ({"scale_dtype": "int4"}, "scale_dtype"),
+        ({"target_modules": 5}, "target_modules"),
+        ({"peft_type": "LORA"}, "peft_type"),
+        ({"surprise": 1}, "unknown field"),
+        ({"weights_sha256": 12}, "weights_sha256"),
+    ):
+        original = (saved / "adapter_config.json").read_text()
+        set_config(saved, **change)
+        with pytest.raises((ConfigError, AdapterFormatError), match=match):
+            read_adapter(saved)
+        (saved / "adapter_config.json").write_text(original)
+    (saved / "adapter_config.json").write_text("[1, 2]")
+    refuse(saved, "expected a JSON object")
+    (saved / "adapter_config.json").write_text('{"r": NaN}')
+    refuse(saved, "not valid JSON")
+
+
+def test_rank_mismatch_between_config_and_file(saved):
+    set_config(saved, r=4)
+    refuse(saved, r"module 'model\.layers\.\d\.\w+\.\w+' has rank 3 but the config gives it rank 4")
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda t, m: t.__setitem__(f"{Q}.scale_in", t[f"{Q}.scale_in"].float()), f"{Q}.scale_in: dtype 'F32'"),
+        (lambda t, m: t.__setitem__(f"{Q}.scale_out", t[f"{Q}.scale_out"][:-1]), f"{Q}.scale_out: shape"),
+        (
+            lambda t, m: t.__setitem__(f"{Q}.sign_A", torch.cat([t[f"{Q}.sign_A"], torch.zeros(1, dtype=torch.uint8)])),
+            "sign_A: shape",
+        ),
+        (lambda t, m: t.pop(f"{Q}.sign_B"), "missing tensor"),
+        (lambda t, m: t.__setitem__("model.extra.sign_A", torch.zeros(1, dtype=torch.uint8)), "unexpected tensor"),
+        (lambda t, m: t[f"{Q}.scale_mid"].__setitem__(0, float("nan")), f"{Q}.scale_mid: holds NaN"),
+        (lambda t, m: t[f"{Q}.scale_in"].__setitem__(0, float("inf")), "holds NaN or infinite"),
+        (lambda t, m: t[f"{K}.sign_B"].__setitem__(-1, 255), f"{K}.sign_B: non-zero padding bits"),
+        (lambda t, m: m.__setitem__("format_version", "7"), "format_version '7'"),
+        (lambda t, m: m.__setitem__("scale_dtype", "bfloat16"), "scale_dtype 'bfloat16' differs"),
+        (lambda t, m: m.__setitem__("modules", "[]"), "non-empty object"),
+        (
+            lambda t, m: m.__setitem__("modules", json.dumps({**json.loads(m["modules"]), Q: [40, 40, -1]})),
+            "dims must be",
+        ),
+        (lambda t, m: m.pop("format"), "metadata format"),
+    ],
+)
+def test_structurally_bad_files_are_refused(saved, mutate, match):
+    tensors, meta = load_weights(saved)
+    mutate(tensors, meta)
+    rewrite_weights(saved, tensors, meta)
+    refuse(saved, match)
+
+
+def test_int8_codes_must_be_in_range(tmp_path):
+    torch.manual_seed(4)
+    get_lordba_model(tiny_llama(0), LoRDBAConfig(r=3, init="random", scale_dtype="int8")).save_pretrained(tmp_path)
+    tensors, meta = load_weights(tmp_path)
+    tensors[f"{Q}.scale_in"][0] = -128
+    rewrite_weights(tmp_path, tensors, meta)
+    refuse(tmp_path, "-128")
+    tensors[f"{Q}.scale_in"] = tensors[f"{Q}.scale_in"].clamp(-100, 100)
+    rewrite_weights(tmp_path, tensors, meta)
+    refuse(tmp_path, "must reach code")
+
+
+def test_mismatched_base_model(saved):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import TINY
+
+    other = LlamaForCausalLM(LlamaConfig(**{**TINY, "hidden_size": 48}))
+    with pytest.raises(AdapterFormatError, match=r"module '[\w.]+' is \d+→40 in the file but \d+→48 in the base model"):
+        LoRDBAModel.from_pretrained(other, saved)
+    shallow = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": 1}))
+    with pytest.raises(AdapterFormatError, match=r"has no module 'model\.layers\.1"):
+        LoRDBAModel.from_pretrained(shallow, saved)
+
+
+def test_save_refuses_non_finite_scales(tmp_path):
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, scale_dtype="float16"))
+    with torch.no_grad():
+        lm.adapter_modules("default")[Q].scale_out[0] = 1e6  # overflows float16
+    with pytest.raises(AdapterFormatError, match="NaN or infinite"):
+        lm.save_pretrained(tmp_path)
+    assert not (tmp_path / "lordba_model.safetensors").exists()
+
+
+def test_no_pickle_is_ever_read(saved):
+    """A .bin beside the adapter is ignored; only safetensors and JSON are opened."""
+    (saved / "adapter_model.bin").write_bytes(b"\x80\x04not a pickle we would ever load")
+    assert len(read_adapter(saved).modules) == 14

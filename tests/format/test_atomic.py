@@ -1,0 +1,79 @@
+import os
+
+import pytest
+import torch
+
+from lordba import LoRDBAConfig, LoRDBAError, LoRDBAModel, get_lordba_model
+from lordba.format.adapter import read_adapter
+from lordba.format.atomic import atomic_directory, atomic_write_bytes
+
+from conftest import tiny_llama
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    atomic_write_bytes(tmp_path / "x.json", b"1")
+    atomic_write_bytes(tmp_path / "x.json", b"2")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"] and (tmp_path / "x.json").read_bytes() == b"2"
+
+
+def test_save_leaves_only_the_two_files(tmp_path):
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, init="random"))
+    for _ in range(2):
+        lm.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "lordba_model.safetensors"]
+
+
+def test_interrupted_save_between_renames_keeps_the_old_adapter(tmp_path, input_ids):
+    """Simulate a save killed after the weights were replaced but before the config was: the
+    loader reads the intact previous pair from the backups, and the next save cleans up."""
+    base = tiny_llama(0)
+    torch.manual_seed(1)
+    old = get_lordba_model(base, LoRDBAConfig(r=2, init="random"))
+    old.save_pretrained(tmp_path)
+    with torch.no_grad():
+        want = old(input_ids=input_ids).logits
+    base = tiny_llama(0)
+    torch.manual_seed(2)
+    new = get_lordba_model(base, LoRDBAConfig(r=2, init="random"))
+    new.save_pretrained(tmp_path / "n")
+    os.link(tmp_path / "lordba_model.safetensors", tmp_path / ".lordba_model.safetensors.lordba-prev")
+    os.link(tmp_path / "adapter_config.json", tmp_path / ".adapter_config.json.lordba-prev")
+    os.replace(tmp_path / "n" / "lordba_model.safetensors", tmp_path / "lordba_model.safetensors")
+    with pytest.warns(UserWarning, match="interrupted save"):
+        adapter = read_adapter(tmp_path)
+    assert adapter.recovered
+    with pytest.warns(UserWarning):
+        loaded = LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=input_ids).logits, want)
+    new.save_pretrained(tmp_path)  # recovers, then commits the new adapter
+    assert not list(tmp_path.glob(".*lordba-prev"))
+    assert not read_adapter(tmp_path).recovered
+
+
+def test_atomic_directory_cleans_up_on_error_and_refuses_existing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(out) as tmp:
+            (tmp / "a").write_text("x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_directory(out) as tmp:
+        (tmp / "a").write_text("x")
+    with pytest.raises(LoRDBAError, match="already exists"):
+        with atomic_directory(out):
+            pass
+    with atomic_directory(out, overwrite=True) as tmp:
+        (tmp / "b").write_text("y")
+    assert [p.name for p in out.iterdir()] == ["b"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_output_path_that_is_a_file_gives_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2))
+    with pytest.raises(LoRDBAError, match="file"):
+        lm.save_pretrained(tmp_path / "file")
+    with pytest.raises(LoRDBAError, match="not a directory"):
+        with atomic_directory(tmp_path / "file", overwrite=True):
+            pass
+    assert (tmp_path / "file").read_text() == "x"

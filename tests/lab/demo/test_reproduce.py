@@ -1,0 +1,55 @@
+"""`lordba reproduce --quick` on the real model: the output contract, and the statistics helpers."""
+
+import json
+
+import pytest
+
+from lordba.cli import main
+from lordba_lab.demo.reproduce import spearman, summarize
+
+
+def test_quick_reproduce_writes_the_sweep(tmp_path):
+    out = tmp_path / "rep"
+    assert main(["reproduce", "--quick", "--quiet", "--out", str(out)]) == 0
+    res = json.loads((out / "reproduce.json").read_text())
+    seeds = res["settings"]["seeds"]
+    assert seeds == [0, 1]
+    families = {(r["family"], r["label"]) for r in res["summary"]}
+    assert {("LoRDBA ptq", "r=4"), ("LoRDBA ptq", "r=16"), ("LoRDBA ptq (float16 scales)", "r=16")} <= families
+    assert {("LoRDBA qat", "r=16"), ("LoRDBA scales-only", "r=4"), ("fp16 LoRA", "r=16")} <= families
+    assert {"RTN", "LoRAQuant-style", "BitDelta-style", "fp16 LoRA (SVD-truncated)", "base"} <= {f for f, _ in families}
+    for row in res["summary"]:
+        assert row["n"] == (1 if row["family"] == "base" else len(seeds))
+    ptq = {r["label"]: r for r in res["summary"] if r["family"] == "LoRDBA ptq"}
+    assert ptq["r=4"]["bytes"] < ptq["r=16"]["bytes"] and ptq["r=16"]["bpw"] < 2.0
+    assert len(res["conversion_layers"]) == 30 * len(seeds)  # q_proj of 30 layers, r=16, each seed
+    assert -1.0 <= res["rmr_error_spearman"] <= 1.0
+    assert "Spearman" in (out / "reproduce.md").read_text()
+    for png in ("sweep.png", "error_vs_rmr.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seeds_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "--seeds", "0"])
+    assert exc.value.code == 2 and "at least 1" in capsys.readouterr().err
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    pts = [
+        {"family": "X", "label": "a", "bytes": 10, "bpw": 1.0, "metric": m, "eval_loss": 2.0 * m, "seed": i}
+        for i, m in enumerate((0.1, 0.3))
+    ]
+    (row,) = summarize(pts)
+    assert (
+        row["n"] == 2
+        and row["metric_mean"] == pytest.approx(0.2)
+        and row["metric_std"] == pytest.approx(0.1414, abs=1e-4)
+    )
+    assert row["eval_loss_mean"] == pytest.approx(0.4)
+
+
+def test_spearman_ranks_with_ties():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2, 3], [5, 5, 6, 7]) == pytest.approx(1.0)

@@ -1,0 +1,219 @@
+"""Thread safety of LoRDBAModel (the contract is in docs/security.md and model.py's docstring).
+
+Forward calls run concurrently; every operation that changes adapters is atomic with respect to
+them (a forward sees the adapters before or after it, never a mix) and to each other. Outputs are
+compared exactly with the same calls made single-threaded beforehand."""
+
+import threading
+
+import pytest
+import torch
+
+from lordba import AdapterStateError, LoRDBAConfig, get_lordba_model
+
+from conftest import tiny_llama
+
+ROUTES = {
+    "mixed": ["a", "b", "__base__"],
+    "a": ["a", "a", "a"],
+    "b": ["b", "b", "b"],
+}
+
+
+def model_with_adapters(tmp_path):
+    base = tiny_llama(0)  # seeds torch itself
+    torch.manual_seed(1)
+    lm = get_lordba_model(base, LoRDBAConfig(r=4, init="random"), adapter_name="a")
+    torch.manual_seed(2)
+    lm.add_adapter("b", LoRDBAConfig(r=4, init="random", target_modules=["q_proj", "down_proj"]))
+    for i, seed in enumerate((3, 4)):
+        other = tiny_llama(0)
+        torch.manual_seed(seed)
+        get_lordba_model(other, LoRDBAConfig(r=2, init="random")).save_pretrained(tmp_path / f"extra{i}")
+    lm.pack()
+    lm.set_adapter("a")
+    return lm
+
+
+def logits(lm, ids, **kw):
+    with torch.no_grad():
+        return lm(input_ids=ids, **kw).logits
+
+
+def run_threads(*targets):
+    errors = []
+
+    def guard(fn):
+        def run():
+            try:
+                fn()
+            except Exception as err:
+                errors.append(repr(err))
+
+        return run
+
+    threads = [threading.Thread(target=guard(t)) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+
+
+def test_forwards_see_no_cross_talk_while_adapters_are_loaded_deleted_swapped_and_switched(tmp_path, input_ids):
+    lm = model_with_adapters(tmp_path)
+    ref = {name: logits(lm, input_ids, adapter_names=route) for name, route in ROUTES.items()}
+    with lm.disable_adapter():
+        ref["base"] = logits(lm, input_ids)
+    active_refs = [logits(lm, input_ids)]
+    lm.set_adapter("b")
+    active_refs.append(logits(lm, input_ids))
+    lm.set_adapter("a")
+    stop = threading.Event()
+
+    def reader(route):
+        def run():
+            while not stop.is_set():
+                assert torch.equal(logits(lm, input_ids, adapter_names=ROUTES[route]), ref[route]), route
+
+        return run
+
+    def active_reader():
+        while not stop.is_set():
+            got = logits(lm, input_ids)
+            assert any(torch.equal(got, want) for want in active_refs), "active adapter output"
+
+    def disabled_reader():
+        while not stop.is_set():
+            with lm.disable_adapter():
+                assert torch.equal(logits(lm, input_ids), ref["base"]), "disabled"
+
+    def writer():
+        try:
+            for i in range(12):
+                lm.load_adapter(tmp_path / f"extra{i % 2}", "c")  # never routed by the readers
+                lm.hotswap_adapter(tmp_path / f"extra{(i + 1) % 2}", "c")
+                lm.set_adapter("b" if i % 2 == 0 else "a")
+                lm.delete_adapter("c")
+                lm.add_adapter("d", LoRDBAConfig(r=2, target_modules=["v_proj"]))
+                lm.delete_adapter("d")
+        finally:
+            stop.set()
+
+    run_threads(reader("mixed"), reader("a"), reader("b"), active_reader, disabled_reader, writer)
+    assert sorted(lm.peft_config) == ["a", "b"]
+
+
+def test_merge_and_unmerge_while_other_threads_run_the_active_adapter(tmp_path, input_ids):
+    """Merged or not, the active adapter gives the same outputs (up to float rounding of the
+    merge); a thread in a mixed batch or in disable_adapter() during a merge gets a clean
+    AdapterStateError, never a wrong result."""
+    lm = model_with_adapters(tmp_path)
+    want = logits(lm, input_ids)
+    ref_mixed = logits(lm, input_ids, adapter_names=ROUTES["mixed"])
+    stop = threading.Event()
+    refused = []
+
+    def active_reader():
+        while not stop.is_set():
+            torch.testing.assert_close(logits(lm, input_ids), want, atol=1e-4, rtol=1e-4)
+
+    def mixed_reader():
+        while not stop.is_set():
+            try:
+                got = logits(lm, input_ids, adapter_names=ROUTES["mixed"])
+            except AdapterStateError as err:
+                assert "unmerged" in str(err)
+                refused.append(1)
+                continue
+            torch.testing.assert_close(got, ref_mixed, atol=1e-4, rtol=1e-4)
+
+    def merger():
+        try:
+            for _ in range(15):
+                lm.merge_adapter()
+                lm.unmerge_adapter()
+        finally:
+            stop.set()
+
+    run_threads(active_reader, mixed_reader, merger)
+    assert not any(layer.merged for _, layer in lm._lordba_layers())
+
+
+def test_concurrent_changes_of_the_same_adapter_are_serialised(tmp_path):
+    """Two threads deleting (or loading) the same adapter at once: one succeeds, the other gets an
+    AdapterStateError, and the model stays consistent (was: KeyError, or both loads 'succeeding')."""
+    lm = model_with_adapters(tmp_path)
+    for _ in range(15):
+        outcomes = []
+        barrier = threading.Barrier(2)
+
+        def attempt(op, barrier=barrier, outcomes=outcomes):
+            def run():
+                barrier.wait()
+                try:
+                    op()
+                    outcomes.append("ok")
+                except AdapterStateError:
+                    outcomes.append("refused")
+
+            return run
+
+        run_threads(*(attempt(lambda: lm.load_adapter(tmp_path / "extra0", "c")) for _ in range(2)))
+        assert sorted(outcomes) == ["ok", "refused"]
+        outcomes.clear()
+        run_threads(
+            attempt(lambda: lm.delete_adapter("c")),
+            attempt(lambda: lm.hotswap_adapter(tmp_path / "extra1", "c")),
+        )
+        assert "ok" in outcomes and "c" not in lm.peft_config
+        assert not any("c" in layer.lordba_adapters for _, layer in lm._lordba_layers())
+        outcomes.clear()
+        lm.load_adapter(tmp_path / "extra0", "c")
+        run_threads(*(attempt(lambda: lm.delete_adapter("c")) for _ in range(2)))
+        assert sorted(outcomes) == ["ok", "refused"]
+
+
+def test_changing_adapters_from_inside_a_forward_is_refused(tmp_path, input_ids):
+    lm = model_with_adapters(tmp_path)
+    seen = []
+
+    def hook(module, args, output):
+        try:
+            lm.set_adapter("b")
+        except AdapterStateError as err:
+            seen.append(str(err))
+
+    handle = lm.base_model.model.layers[0].register_forward_hook(hook)
+    logits(lm, input_ids)
+    handle.remove()
+    assert seen and "inside a forward" in seen[0]
+
+
+@pytest.mark.parametrize("op", ["save", "state"])
+def test_saving_while_another_thread_switches_and_swaps(tmp_path, op):
+    """save_pretrained / adapter_state see one consistent adapter."""
+    from lordba.format.adapter import read_adapter
+
+    lm = model_with_adapters(tmp_path)
+    lm.load_adapter(tmp_path / "extra0", "c")
+    allowed = {read_adapter(tmp_path / "extra0").sha256, read_adapter(tmp_path / "extra1").sha256}
+    stop = threading.Event()
+
+    def swapper():
+        try:
+            for i in range(20):
+                lm.hotswap_adapter(tmp_path / f"extra{(i + 1) % 2}", "c")
+        finally:
+            stop.set()
+
+    def saver():
+        while not stop.is_set():
+            out = tmp_path / "saved"
+            if op == "save":
+                lm.save_pretrained(out, selected_adapters=["c"])
+            else:
+                lm.adapter_state("c").save_pretrained(out / "c")
+            assert read_adapter(out / "c").sha256 in allowed
+
+    run_threads(swapper, saver)

@@ -1,0 +1,337 @@
+import inspect
+import threading
+
+import pytest
+import torch
+
+from lordba import AdapterStateError, ConfigError, LoRDBAConfig, LoRDBAModel, TargetModulesError, get_lordba_model
+from lordba.nn.layer import LoRDBALinear
+
+from conftest import tiny_llama
+
+
+def logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits
+
+
+def randomized(config_kwargs=None, seed=0, adapter_seed=5):
+    model = tiny_llama(seed)
+    torch.manual_seed(adapter_seed)
+    return get_lordba_model(model, LoRDBAConfig(r=4, init="random", **(config_kwargs or {})))
+
+
+def test_cold_adapter_is_a_no_op_and_only_it_trains(tiny_model, input_ids):
+    ref = logits(tiny_model, input_ids)
+    lm = get_lordba_model(tiny_model, LoRDBAConfig(r=4))
+    assert torch.equal(logits(lm, input_ids), ref)
+    trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
+    assert trainable and all("lordba_adapters.default." in n for n in trainable)
+    assert len(trainable) == 5 * 14  # 2 layers × 7 targets × (2 latents + 3 scales)
+    out = lm(input_ids=input_ids, labels=input_ids)
+    out.loss.backward()
+    assert all(p.grad is None for n, p in lm.named_parameters() if not p.requires_grad)
+    # cold start: a = 0, so only a receives gradient in the first step
+    ad = lm.adapter_modules("default")["model.layers.0.self_attn.q_proj"]
+    assert ad.scale_out.grad.abs().sum() > 0
+    assert ad.latent_A.grad.abs().sum() == 0
+
+
+def test_forward_signature_is_the_base_models(tiny_model):
+    lm = get_lordba_model(tiny_model, LoRDBAConfig(r=2))
+    params = inspect.signature(lm.forward).parameters
+    assert {"input_ids", "attention_mask", "labels", "adapter_names"} <= set(params)
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16", "bfloat16", "int8"])
+def test_save_load_round_trip_is_bit_exact(tmp_path, input_ids, scale_dtype):
+    lm = randomized({"scale_dtype": scale_dtype})
+    before = logits(lm, input_ids)
+    lm.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "lordba_model.safetensors"]
+    loaded = LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path)
+    assert torch.equal(logits(loaded, input_ids), before)
+    for path, ad in lm.adapter_modules("default").items():
+        other = loaded.adapter_modules("default")[path]
+        for k, v in ad.stored_tensors().items():
+            assert torch.equal(v, other.stored_tensors()[k]), (path, k)
+    # saving again gives byte-identical files (deterministic)
+    loaded.save_pretrained(tmp_path / "again")
+    for name in ("lordba_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+
+
+def test_packing_in_memory_keeps_logits(input_ids):
+    lm = randomized()
+    before = logits(lm, input_ids)
+    lm.pack()
+    assert all(ad.is_packed for ad in lm.adapter_modules("default").values())
+    assert torch.equal(logits(lm, input_ids), before)
+
+
+def test_named_adapters_go_to_subfolders_and_stack(tmp_path, input_ids):
+    lm = randomized()
+    torch.manual_seed(7)
+    lm.add_adapter("second", LoRDBAConfig(r=2, init="random", target_modules=["q_proj", "v_proj"]))
+    lm.save_pretrained(tmp_path)
+    assert (tmp_path / "lordba_model.safetensors").is_file()
+    assert (tmp_path / "second" / "lordba_model.safetensors").is_file()
+    base = tiny_llama(0)
+    ref_base = logits(base, input_ids)
+    one = logits(lm, input_ids)
+    lm.set_adapter("second")
+    two = logits(lm, input_ids)
+    lm.set_adapter(["default", "second"])
+    both = logits(lm, input_ids)
+    assert not torch.allclose(one, two)
+    # stacked: different from either alone; deleting one returns the other's outputs
+    assert not torch.allclose(both, one) and not torch.allclose(both, two)
+    lm.delete_adapter("second")
+    assert lm.active_adapters == ["default"]
+    assert torch.equal(logits(lm, input_ids), one)
+    lm.delete_adapter("default")
+    assert not any(isinstance(m, LoRDBALinear) for m in lm.base_model.modules())
+    assert torch.equal(logits(lm, input_ids), ref_base)
+
+
+def test_mixed_batch_matches_per_adapter_runs(tmp_path, input_ids):
+    lm = randomized()
+    lm.save_pretrained(tmp_path / "a")
+    other = randomized(adapter_seed=9)
+    other.save_pretrained(tmp_path / "b")
+    lm.load_adapter(tmp_path / "b", "b")
+    names = ["b", "__base__", "default"]
+    mixed = logits(lm, input_ids, adapter_names=names)
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with lm.disable_adapter():
+                want = logits(lm, input_ids[i : i + 1])
+        else:
+            lm.set_adapter(name)
+            want = logits(lm, input_ids[i : i + 1])
+        torch.testing.assert_close(mixed[i : i + 1], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(AdapterStateError, match="unknown adapter"):
+        logits(lm, input_ids, adapter_names=["default", "nope", "b"])
+
+
+def test_generate_through_the_wrapper_with_mixed_adapters(tmp_path, input_ids):
+    lm = randomized()
+    other = randomized(adapter_seed=9)
+    other.save_pretrained(tmp_path)
+    lm.load_adapter(tmp_path, "b")
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    mixed = lm.generate(input_ids[:2], adapter_names=["default", "b"], **kw)
+    lm.set_adapter("default")
+    first = lm.generate(input_ids[:1], **kw)
+    lm.set_adapter("b")
+    second = lm.generate(input_ids[1:2], **kw)
+    assert torch.equal(mixed[0], first[0]) and torch.equal(mixed[1], second[0])
+    beams = lm.generate(input_ids[:2], adapter_names=["default", "b"], num_beams=2, **kw)
+    assert beams.shape == mixed.shape
+
+
+def test_disable_adapter_context(input_ids):
+    lm = randomized()
+    base = logits(tiny_llama(0), input_ids)
+    with lm.disable_adapter():
+        assert torch.equal(logits(lm, input_ids), base)
+    assert not torch.equal(logits(lm, input_ids), base)
+
+
+def test_merge_and_unload_and_unload(input_ids):
+    lm = randomized()
+    unmerged = logits(lm, input_ids)
+    lm.merge_adapter()
+    torch.testing.assert_close(logits(lm, input_ids), unmerged, rtol=1e-4, atol=1e-4)
+    lm.unmerge_adapter()
+    torch.testing.assert_close(logits(lm, input_ids), unmerged, rtol=1e-5, atol=1e-5)
+    merged = randomized().merge_and_unload()
+    assert not any(isinstance(m, LoRDBALinear) for m in merged.modules())
+    torch.testing.assert_close(logits(merged, input_ids), unmerged, rtol=1e-4, atol=1e-4)
+    plain = randomized().unload()
+    torch.testing.assert_close(logits(plain, input_ids), logits(tiny_llama(0), input_ids), rtol=0, atol=1e-6)
+
+
+def test_hotswap_replaces_weights_in_place(tmp_path, input_ids):
+    randomized(adapter_seed=11).save_pretrained(tmp_path / "new")
+    lm = randomized()
+    lm.pack()
+    ptrs = {p: (a.sign_A.data_ptr(), a.scale_out.data_ptr()) for p, a in lm.adapter_modules("default").items()}
+    lm.hotswap_adapter(tmp_path / "new", "default")
+    assert ptrs == {p: (a.sign_A.data_ptr(), a.scale_out.data_ptr()) for p, a in lm.adapter_modules("default").items()}
+    fresh = LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path / "new")
+    assert torch.equal(logits(lm, input_ids), logits(fresh, input_ids))
+
+
+def test_hotswap_subset_zeroes_the_rest_and_rank_mismatch_is_refused(tmp_path, input_ids):
+    torch.manual_seed(3)
+    sub = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random", target_modules=["q_proj"]))
+    sub.save_pretrained(tmp_path / "sub")
+    lm = randomized()
+    lm.hotswap_adapter(tmp_path / "sub", "default")
+    assert torch.equal(
+        logits(lm, input_ids), logits(LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path / "sub"), input_ids)
+    )
+    get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, init="random")).save_pretrained(tmp_path / "r2")
+    before = logits(lm, input_ids)
+    with pytest.raises(AdapterStateError, match="rank"):
+        lm.hotswap_adapter(tmp_path / "r2", "default")
+    assert torch.equal(logits(lm, input_ids), before)
+
+
+def test_from_pretrained_trainable_scales(tmp_path, input_ids):
+    randomized().save_pretrained(tmp_path)
+    lm = LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path, is_trainable=True)
+    names = {n.rsplit(".", 1)[-1] for n, p in lm.named_parameters() if p.requires_grad}
+    assert names == {"scale_in", "scale_mid", "scale_out"}
+    frozen = LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    lm.unpack_to_latent("default")
+    lm.set_trainable("default", signs=True, scales=True)
+    assert any(n.endswith("latent_A") for n, p in lm.named_parameters() if p.requires_grad)
+
+
+def test_print_trainable_parameters_and_size_report(capsys, tiny_model):
+    lm = get_lordba_model(tiny_model, LoRDBAConfig(r=4, scale_dtype="int8"))
+    lm.print_trainable_parameters()
+    assert "trainable params:" in capsys.readouterr().out
+    rep = lm.size_report()
+    assert len(rep.modules) == 14 and rep.scale_dtype == "int8"
+    assert rep.fp16_lora_payload_bytes == sum(2 * 4 * (m.in_features + m.out_features) for m in rep.modules)
+
+
+def test_bad_targets_and_names(tiny_model):
+    with pytest.raises(TargetModulesError, match="matched no module"):
+        get_lordba_model(tiny_llama(0), LoRDBAConfig(target_modules=["nope_proj"]))
+    with pytest.raises(TargetModulesError, match="not a supported linear"):
+        get_lordba_model(tiny_llama(0), LoRDBAConfig(target_modules=["mlp"]))
+    lm = get_lordba_model(tiny_model, LoRDBAConfig(r=2))
+    with pytest.raises(TargetModulesError, match="already has LoRDBA layers"):
+        get_lordba_model(tiny_model, LoRDBAConfig(r=2))
+    for bad in ("", "a.b", "__base__", "default"):
+        with pytest.raises((ConfigError, AdapterStateError)):
+            lm.add_adapter(bad, LoRDBAConfig(r=2))
+    with pytest.raises(AdapterStateError, match="unknown adapter"):
+        lm.set_adapter("missing")
+    with pytest.raises(ConfigError):
+        lm.add_adapter("x", {"r": 2})
+
+
+def test_foreign_lora_wrapper_is_refused():
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(TargetModulesError, match="already wrapped"):
+        get_lordba_model(peft_model.base_model.model, LoRDBAConfig(r=2, target_modules=["q_proj"]))
+
+
+def test_concurrent_forwards_switches_and_hotswaps_never_mix_adapters(tmp_path, input_ids):
+    """Readers run mixed batches while another thread switches adapters and hot-swaps 'default'
+    between two different files: every output must be exactly one of the known results."""
+    lm = randomized()
+    lm.save_pretrained(tmp_path / "a")
+    randomized(adapter_seed=9).save_pretrained(tmp_path / "b")
+    randomized(adapter_seed=13).save_pretrained(tmp_path / "c")
+    lm.load_adapter(tmp_path / "b", "b")
+    lm.pack()
+    allowed = {"b": [logits(lm, input_ids, adapter_names=["b"] * 3)]}
+    allowed["default"] = [logits(lm, input_ids, adapter_names=["default"] * 3)]
+    lm.hotswap_adapter(tmp_path / "c", "default")
+    allowed["default"].append(logits(lm, input_ids, adapter_names=["default"] * 3))
+    assert not torch.equal(*allowed["default"])
+    errors = []
+
+    def reader(name):
+        for _ in range(20):
+            got = logits(lm, input_ids, adapter_names=[name] * 3)
+            if not any(torch.equal(got, want) for want in allowed[name]):
+                errors.append(name)
+
+    def switcher():
+        for i in range(20):
+            lm.set_adapter("b" if i % 2 else "default")
+            lm.hotswap_adapter(tmp_path / ("a" if i % 2 else "c"), "default")
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in ("default", "b", "default")]
+    threads.append(threading.Thread(target=switcher))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_loading_for_inference_is_compact_and_for_training_is_not(tmp_path, tiny_model, input_ids):
+    import copy
+
+    from lordba import LoRDBAConfig, LoRDBAModel, get_lordba_model
+
+    cfg = LoRDBAConfig(r=4, target_modules=["q_proj", "v_proj"], init="random", scale_dtype="int8")
+    lm = get_lordba_model(copy.deepcopy(tiny_model), cfg)
+    lm.pack()
+    lm.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = lm(input_ids=input_ids).logits
+    served = LoRDBAModel.from_pretrained(copy.deepcopy(tiny_model), tmp_path)
+    assert all(a.is_compact for a in served.adapter_modules("default").values())
+    trainable = LoRDBAModel.from_pretrained(copy.deepcopy(tiny_model), tmp_path, is_trainable=True)
+    assert not any(a.is_compact for a in trainable.adapter_modules("default").values())
+    with torch.no_grad():
+        assert torch.equal(served(input_ids=input_ids).logits, expected)
+        assert torch.equal(trainable(input_ids=input_ids).logits, expected)
+    served.save_pretrained(tmp_path / "again")  # a compact adapter saves the same bytes
+    assert (tmp_path / "again" / "lordba_model.safetensors").read_bytes() == (
+        tmp_path / "lordba_model.safetensors"
+    ).read_bytes()
+
+
+def _saved_adapter(tmp_path, tiny_model, name, targets, scale_dtype, seed):
+    import copy
+
+    from lordba import LoRDBAConfig, get_lordba_model
+
+    torch.manual_seed(seed)
+    cfg = LoRDBAConfig(r=4, target_modules=targets, init="random", scale_dtype=scale_dtype)
+    lm = get_lordba_model(copy.deepcopy(tiny_model), cfg)
+    lm.pack()
+    lm.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("kernel", ["auto", "dense"])
+def test_compact_hotswap_to_a_subset_in_another_format_equals_loading_it(tmp_path, tiny_model, input_ids, kernel):
+    import copy
+
+    from lordba import LoRDBAModel, kernels
+
+    first = _saved_adapter(tmp_path, tiny_model, "a", ["q_proj", "v_proj"], "int8", 1)
+    subset = _saved_adapter(tmp_path, tiny_model, "b", ["q_proj"], "float16", 2)
+    served = LoRDBAModel.from_pretrained(copy.deepcopy(tiny_model), first)
+    fresh = LoRDBAModel.from_pretrained(copy.deepcopy(tiny_model), subset)
+    with torch.no_grad(), kernels.mode(kernel):
+        served(input_ids=input_ids)  # caches built for the first adapter
+        served.hotswap_adapter(subset)
+        assert torch.equal(served(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)
+    for adapter in served.adapter_modules("default").values():  # v_proj silenced in the new format
+        assert adapter.scale_in.dtype == torch.float16
+    served.save_pretrained(tmp_path / "again")  # the swapped-in adapter, as its own file
+    name = "lordba_model.safetensors"
+    assert (tmp_path / "again" / name).read_bytes() == (subset / name).read_bytes()
+
+
+def test_compact_scales_keep_their_dtypes_through_half_and_refuse_a_foreign_state(tmp_path, tiny_model):
+    import copy
+
+    from lordba import LoRDBAModel
+
+    saved = _saved_adapter(tmp_path, tiny_model, "a", ["q_proj"], "int8", 3)
+    served = LoRDBAModel.from_pretrained(copy.deepcopy(tiny_model), saved)
+    served.half()
+    adapter = next(iter(served.adapter_modules("default").values()))
+    assert (adapter.scale_in.dtype, adapter.scale_mid.dtype) == (torch.int8, torch.float32)
+    served.save_pretrained(tmp_path / "again")
+    names = ("lordba_model.safetensors",)
+    assert all((tmp_path / "again" / n).read_bytes() == (saved / n).read_bytes() for n in names)
+    trainable = LoRDBAModel.from_pretrained(copy.deepcopy(tiny_model), saved, is_trainable=True)
+    with pytest.raises(AdapterStateError, match="form it was saved from"):
+        trainable.load_state_dict(served.state_dict())

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from lordba import DataError
+from lordba.train.records import Example, read_jsonl
+
+
+def write(tmp_path, lines):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def test_every_record_kind(tmp_path):
+    p = write(
+        tmp_path,
+        [
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "system", "content": "S"},
+                        {"role": "user", "content": "Q"},
+                        {"role": "assistant", "content": "A"},
+                    ]
+                }
+            ),
+            json.dumps({"prompt": "P", "completion": "C"}),
+            json.dumps({"instruction": "I", "input": "X", "output": "O"}),
+            "",
+            json.dumps({"text": "plain text"}),
+        ],
+    )
+    rows = read_jsonl(p)
+    assert rows == [
+        Example((("system", "S"), ("user", "Q")), "A", "A"),
+        Example((("user", "P"),), "C", "C"),
+        Example((("user", "I\n\nX"),), "O", "O"),
+        Example((), "plain text"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ("{not json", "d.jsonl:2: not valid JSON"),
+        ("[1, 2]", "d.jsonl:2: expected a JSON object"),
+        ('{"foo": 1}', "d.jsonl:2: unknown record"),
+        ('{"prompt": "P", "completion": ""}', "d.jsonl:2:"),
+        (
+            '{"messages": [{"role": "user", "content": "Q"}, {"role": "bot", "content": "A"}]}',
+            "d.jsonl:2: messages\\[1\\]",
+        ),
+        ('{"messages": [{"role": "assistant", "content": "A"}, {"role": "user", "content": "Q"}]}', "last message"),
+        ('{"text": 3}', "d.jsonl:2:"),
+    ],
+)
+def test_malformed_lines_report_their_number(tmp_path, line, match):
+    p = write(tmp_path, [json.dumps({"prompt": "P", "completion": "C"}), line])
+    with pytest.raises(DataError, match=match):
+        read_jsonl(p)
+
+
+def test_missing_empty_and_non_utf8(tmp_path):
+    with pytest.raises(DataError, match="no such data file"):
+        read_jsonl(tmp_path / "missing.jsonl")
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="no records"):
+        read_jsonl(tmp_path / "e.jsonl")
+    (tmp_path / "b.jsonl").write_bytes(b'{"text": "\xff"}\n')
+    with pytest.raises(DataError, match="UTF-8"):
+        read_jsonl(tmp_path / "b.jsonl")
