@@ -25,9 +25,8 @@ def run(args: argparse.Namespace) -> int:
 
     from lordba.kernels import cpu, load_cpu, triton_available
 
-    path = cpu.library_path()
-    if args.force and path is not None:
-        path.unlink(missing_ok=True)
+    if args.force:
+        cpu.clean()
     start = time.perf_counter()
     result = load_cpu(build=True, warn=False)
     took = time.perf_counter() - start

@@ -1,6 +1,8 @@
 """Building and loading the CPU extension, and the pure-PyTorch fallback when it cannot be built."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,28 +16,128 @@ SRC = str(Path(__file__).resolve().parents[3] / "src")
 TESTS = str(Path(__file__).resolve().parents[2])
 
 
-def test_cache_key_tracks_arch_and_location(monkeypatch, tmp_path):
-    if cpu.compiler() is None:
-        pytest.skip("no C++ compiler")
+def run_python(code, timeout=600, **env):
+    """Run ``code`` in a fresh interpreter (the op library can be loaded once per process)."""
+    env = {**os.environ, "PYTHONPATH": SRC, **env}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+LOAD = textwrap.dedent(
+    """
+    import json, torch
+    from lordba.kernels import cpu
+    r = cpu.load()
+    print(json.dumps({"ok": r.ok, "built": r.built, "path": str(r.path), "message": r.message,
+                      "isa": torch.ops.lordba.isa() if r.ok else None}))
+    """
+)
+
+
+def load_in_fresh_process(**env):
+    return json.loads(run_python(LOAD, **env).strip().splitlines()[-1])
+
+
+def test_build_directory_tracks_arch_cpu_and_location(monkeypatch, tmp_path):
     monkeypatch.setenv("LORDBA_KERNEL_CACHE", str(tmp_path))
-    native = cpu.library_path()
-    assert native.parent == tmp_path and native.name.startswith("lordba_cpu_")
-    monkeypatch.setenv("LORDBA_CPU_ARCH", "x86-64-v3")
-    assert cpu.library_path() != native
+    monkeypatch.delenv("LORDBA_CPU_ARCH", raising=False)
+    native = cpu.extension_name()
+    assert native.startswith("lordba_cpu_") and native.isidentifier()
+    assert cpu.build_directory() == tmp_path / native
+    if cpu.compiler() is not None:
+        assert cpu.library_path("native") == tmp_path / native / f"{native}.so"
+    assert cpu.extension_name("native") == native and cpu.extension_name("") != native
+    monkeypatch.setenv("LORDBA_CPU_ARCH", "x86-64-v3")  # another -march: another build
+    assert cpu.extension_name() not in (native, cpu.extension_name(""))
+    monkeypatch.delenv("LORDBA_CPU_ARCH")
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: "flags : fpu sse2")  # another CPU sharing the cache
+    assert cpu.extension_name() != native
 
 
-def test_compiler_lookup_and_a_failing_compiler_are_reported(monkeypatch, tmp_path):
+def test_compiler_lookup(monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     assert cpu.compiler() is None
-    target = tmp_path / "lib.so"
-    error = cpu._compile("/bin/false", target)
-    assert error and "status 1" in error and not target.exists() and not list(tmp_path.iterdir())
+    monkeypatch.setenv("CXX", sys.executable)
+    assert cpu.compiler() == shutil.which(sys.executable)
+
+
+FAILING_CXX = """#!/bin/sh
+for a in "$@"; do
+  if [ "$a" = "-c" ]; then echo "branch.cpp:1:1: error: lordba-test-failure" >&2; exit 1; fi
+done
+exec c++ "$@"
+"""
+
+FAILURES = textwrap.dedent(
+    """
+    import os
+    from lordba.kernels import cpu
+    r = cpu.load(build=False)
+    assert not r.ok and r.message == "not built yet" and not r.path.exists(), r
+    r = cpu.load()
+    assert not r.ok and not r.built and not r.path.exists(), r
+    first, *rest = r.message.splitlines()
+    assert first == f"compiling branch.cpp with {os.environ['CXX']} failed:", first
+    assert "lordba-test-failure" in r.message, r.message
+    os.environ["CXX"] = "/nonexistent/c++"
+    r = cpu.load()
+    assert not r.ok and r.message.startswith("no C++ compiler found"), r
+    print("failures ok")
+    """
+)
+
+
+def test_a_failing_build_is_reported_not_raised(tmp_path):
+    if shutil.which("c++") is None or os.name != "posix":
+        pytest.skip("needs c++ and sh")
+    fake = tmp_path / "failing-c++"
+    fake.write_text(FAILING_CXX)
+    fake.chmod(0o755)
+    out = run_python(FAILURES, CXX=str(fake), LORDBA_KERNEL_CACHE=str(tmp_path / "cache"), LORDBA_CPU_ARCH="native")
+    assert "failures ok" in out
 
 
 def test_no_ext_switch(monkeypatch):
     monkeypatch.setenv("LORDBA_NO_EXT", "1")
     result = cpu.load()
     assert not result.ok and "LORDBA_NO_EXT" in result.message
+
+
+def test_a_second_process_loads_the_cached_build():
+    """With the default cache (normally built already by setup or an earlier test: then fast)."""
+    if cpu.compiler() is None or os.environ.get("LORDBA_NO_EXT"):
+        pytest.skip("no C++ compiler, or the extension is disabled")
+    first = load_in_fresh_process()
+    assert first["ok"], first["message"]
+    second = load_in_fresh_process()
+    assert second["ok"] and not second["built"] and second["message"] == "loaded from cache"
+    assert second["path"] == first["path"] and second["isa"] == first["isa"]
+
+
+@pytest.mark.slow
+def test_concurrent_builds_a_stale_lock_and_another_arch_in_one_cache(tmp_path):
+    if cpu.compiler() is None or os.uname().machine != "x86_64":
+        pytest.skip("needs an x86-64 C++ compiler")
+    env = {**os.environ, "PYTHONPATH": SRC, "LORDBA_KERNEL_CACHE": str(tmp_path), "LORDBA_CPU_ARCH": "native"}
+    pipe = subprocess.PIPE
+    procs = [subprocess.Popen([sys.executable, "-c", LOAD], env=env, stdout=pipe, stderr=pipe, text=True) for _ in "ab"]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert all(r["ok"] for r in results), results
+    assert sorted(r["built"] for r in results) == [False, True]  # one built, the other waited and loaded it
+    native = Path(results[0]["path"])
+    assert native == Path(results[1]["path"]) and native.parent.parent == tmp_path
+    (native.parent / "lock").touch()  # cpp_extension's baton, as left by a build that was killed
+    again = load_in_fresh_process(timeout=120, LORDBA_KERNEL_CACHE=str(tmp_path), LORDBA_CPU_ARCH="native")
+    assert again["ok"] and not again["built"] and Path(again["path"]) == native
+    v3 = load_in_fresh_process(LORDBA_KERNEL_CACHE=str(tmp_path), LORDBA_CPU_ARCH="x86-64-v3")
+    assert v3["ok"] and v3["built"] and v3["isa"] == "avx2" and Path(v3["path"]).parent != native.parent
+    again = load_in_fresh_process(LORDBA_KERNEL_CACHE=str(tmp_path), LORDBA_CPU_ARCH="native")
+    assert not again["built"] and Path(again["path"]) == native  # each arch keeps its own build
 
 
 FALLBACK = textwrap.dedent(

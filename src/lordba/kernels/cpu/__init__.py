@@ -1,14 +1,17 @@
-"""Build and load the compiled CPU kernels (``branch.cpp``) as the torch op ``torch.ops.lordba.branch``.
+"""Build and load the compiled CPU kernels (``branch.cpp``) as the torch ops ``torch.ops.lordba.branch``
+and ``torch.ops.lordba.isa``.
 
-The source is compiled once per machine with the system C++ compiler (``$CXX``, else ``c++``/``g++``)
-straight against the installed torch: no ninja, no pybind11, no Python headers. The shared library
-is cached under ``$LORDBA_KERNEL_CACHE`` (default ``<lordba cache>/kernels``) under a key that covers
-the source, the compiler, the flags, the torch version and the CPU's instruction-set flags (the code
-is built with ``-march=native``), so an upgrade or another machine sharing the directory rebuilds
-instead of loading a stale or illegal binary. Writes are atomic (temporary name, then rename), so
-concurrent builds are safe.
+The source is compiled once per machine by :func:`torch.utils.cpp_extension.load` (ninja, the system
+C++ compiler: ``$CXX``, else ``c++``/``g++``/``clang++``) into its own build directory under
+``$LORDBA_KERNEL_CACHE`` (default ``<lordba cache>/kernels``), and loaded as a plain op library (it
+registers its ops with ``TORCH_LIBRARY``; there is no Python module). ninja rebuilds when the source,
+a header, the flags, the compiler or the torch installation change. What it cannot see, the
+``-march`` value and the CPU's instruction-set flags (the code is built with ``-march=native``), is in
+the extension's name (:func:`extension_name`), so another machine sharing the directory builds its own
+library instead of loading an illegal one. Concurrent builds are serialized by a lock file per build
+directory (``flock``: released even if a build is killed), around cpp_extension's own baton.
 
-``lordba build-kernels`` builds ahead of time; otherwise the first CPU call builds (about 15 s).
+``lordba build-kernels`` builds ahead of time; otherwise the first CPU call builds (about 10-20 s).
 Set ``LORDBA_NO_EXT=1`` to skip the extension (the pure-PyTorch fallback runs instead), and
 ``LORDBA_CPU_ARCH`` to build for another ``-march`` than ``native`` (e.g. ``x86-64-v3``: AVX2 only,
 which compiles the portable kernels).
@@ -16,19 +19,27 @@ which compiles the portable kernels).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("branch.cpp")
-_FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w")
+_CFLAGS = ("-O3", "-std=c++20", "-fopenmp", "-w")
+_LDFLAGS = ("-fopenmp",)
+# the compiler's complaint about the -march value itself (gcc, clang); the ninja log always has "-march"
+_BAD_MARCH = re.compile(r"-march=.{0,3} switch|(unrecognized|unsupported)[^\n]{0,30}-march|unknown target CPU")
+_LOCK = "lordba.lock"  # ours (flock); cpp_extension's baton is "lock" in the same directory
+_loaded: Path | None = None  # the library this process loaded
 
 
 @dataclass
@@ -42,7 +53,7 @@ class BuildResult:
 
 
 def cache_root() -> Path:
-    """Where compiled libraries are kept: ``$LORDBA_KERNEL_CACHE`` or ``<lordba cache>/kernels``."""
+    """Where builds are kept: ``$LORDBA_KERNEL_CACHE`` or ``<lordba cache>/kernels``."""
     if os.environ.get("LORDBA_KERNEL_CACHE"):
         return Path(os.environ["LORDBA_KERNEL_CACHE"])
     from lordba._util.cachedir import cache_dir
@@ -51,7 +62,8 @@ def cache_root() -> Path:
 
 
 def compiler() -> str | None:
-    """The C++ compiler to use: ``$CXX``, else the first of ``c++``, ``g++``, ``clang++`` on ``PATH``."""
+    """The C++ compiler to use: ``$CXX``, else the first of ``c++``, ``g++``, ``clang++`` on ``PATH``;
+    ``None`` if there is none (or ``$CXX`` names no executable)."""
     if os.environ.get("CXX"):
         return shutil.which(os.environ["CXX"]) or None
     for name in ("c++", "g++", "clang++"):
@@ -73,56 +85,161 @@ def _arch() -> str:
     return os.environ.get("LORDBA_CPU_ARCH", "native")
 
 
-def _command(cxx: str, out: Path, native: bool) -> list[str]:
-    tdir = Path(torch.__file__).parent
-    abi = int(torch.compiled_with_cxx11_abi())
-    cmd = [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-    if native:
-        cmd.append(f"-march={_arch()}")
-    cmd += [f"-I{tdir / 'include'}", str(SOURCE), "-o", str(out)]
-    cmd += [f"-L{tdir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{tdir / 'lib'}"]
-    return cmd
+def extension_name(arch: str | None = None) -> str:
+    """Name of the extension (and of its build directory) for ``-march=arch`` on this CPU.
+
+    ``arch``: the ``-march`` value (default ``$LORDBA_CPU_ARCH`` or ``native``); ``""`` for a build
+    without ``-march``. The name carries a short key of the arch, the machine type and the CPU's
+    instruction-set flags, and the torch version (so that environments with different torch versions
+    sharing one cache keep one build each instead of rebuilding over each other).
+    """
+    arch = _arch() if arch is None else arch
+    parts = (arch, platform.machine(), _cpu_flags(), torch.__version__)
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+    return f"lordba_cpu_{key}"
 
 
-def _key(cxx: str) -> str:
-    h = hashlib.sha256()
-    for part in (
-        SOURCE.read_bytes(),
-        cxx.encode(),
-        " ".join(_FLAGS).encode(),
-        _arch().encode(),
-        torch.__version__.encode(),
-    ):
-        h.update(part)
-        h.update(b"\0")
-    h.update(f"{platform.machine()} {_cpu_flags()} {torch.compiled_with_cxx11_abi()}".encode())
-    return h.hexdigest()[:20]
+def build_directory(arch: str | None = None) -> Path:
+    """The build directory of :func:`extension_name` ``(arch)`` under :func:`cache_root`."""
+    return cache_root() / extension_name(arch)
 
 
-def library_path() -> Path | None:
-    """Path the compiled library has (or would have) on this machine; ``None`` without a compiler."""
-    cxx = compiler()
-    return None if cxx is None else cache_root() / f"lordba_cpu_{_key(cxx)}.so"
+def library_path(arch: str | None = None) -> Path | None:
+    """Path the compiled library has (or would have) on this machine; ``None`` without a compiler.
+
+    Once a library is loaded in this process, that one (whatever the environment says now)."""
+    if _loaded is not None and arch is None:
+        return _loaded
+    if compiler() is None:
+        return None
+    name = extension_name(arch)
+    return cache_root() / name / f"{name}.so"
 
 
-def _compile(cxx: str, target: Path) -> str | None:
-    """Compile into ``target`` atomically; ``None`` on success, else the compiler's complaint."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for native in (True, False):  # -march=<arch> first; some compilers/targets lack it
-        fd, tmp = tempfile.mkstemp(prefix=".lordba_cpu.", suffix=".so", dir=target.parent)
-        os.close(fd)
-        proc = subprocess.run(_command(cxx, Path(tmp), native), capture_output=True, text=True)
-        if proc.returncode == 0:
-            os.replace(tmp, target)
-            return None
-        Path(tmp).unlink(missing_ok=True)
-        errors.append(proc.stderr.strip()[-2000:] or f"{cxx} exited with status {proc.returncode}")
-    return errors[-1]
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory`` (created if needed) for the block.
+
+    Under it no other process builds there, so a cpp_extension baton found now was left by a build
+    that was killed: it is removed (else cpp_extension would wait for it forever)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: cpp_extension's baton alone serializes builds
+        yield
+        return
+    with open(directory / _LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (directory / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _build_env(cxx: str) -> Iterator[None]:
+    """For the block: ``$CXX`` = ``cxx``, the ``ninja`` of the ``ninja`` package on ``PATH`` if none is
+    (an environment that is not activated), and cpp_extension's compiler-ABI log warnings muted."""
+    saved = {k: os.environ.get(k) for k in ("CXX", "PATH")}
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    os.environ["CXX"] = cxx
+    if shutil.which("ninja") is None:
+        with contextlib.suppress(ImportError, AttributeError):
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join(filter(None, (str(ninja.BIN_DIR), saved["PATH"])))
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _failed(err: BaseException, cxx: str, path: Path) -> BuildResult:
+    """The failed :class:`BuildResult` for what cpp_extension raised: the compiler's output (its end)."""
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and path.is_file():
+        return BuildResult(False, path, f"loading {path} failed: {err}")  # built, but dlopen refused it
+    text = str(err)
+    output = getattr(err, "output", None)
+    if isinstance(output, bytes):
+        output = output.decode(errors="replace")
+    if output:
+        text += "\n" + output
+    text = text.strip()[-3000:] or type(err).__name__
+    return BuildResult(False, path, f"compiling {SOURCE.name} with {cxx} failed:\n{text}")
+
+
+def _build_and_load(cxx: str, arch: str) -> tuple[Path, bool]:
+    """Build (if needed) and load the library for ``-march=arch`` (``""``: no ``-march``).
+
+    Returns its path and whether it was compiled now. Raises what cpp_extension raises
+    (``RuntimeError`` with the compiler's output, ``subprocess.CalledProcessError``, ``OSError``)."""
+    from torch.utils import cpp_extension
+
+    name = extension_name(arch)
+    directory = cache_root() / name
+    library = directory / f"{name}.so"
+    cflags = [*_CFLAGS, f"-march={arch}"] if arch else list(_CFLAGS)
+    with _locked(directory), _build_env(cxx):
+        before = _stamp(library)
+        # ninja is the cache; cpp_extension's in-process versioner would skip a build that failed
+        # before in this process, or rename the library (name_v1) when the cache directory changed
+        with contextlib.suppress(AttributeError):
+            cpp_extension.JIT_EXTENSION_VERSIONER.entries.pop(name, None)
+        loaded = cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=cflags,
+            extra_ldflags=list(_LDFLAGS),
+            build_directory=str(directory),
+            verbose=False,
+            with_cuda=False,
+            is_python_module=False,
+        )
+        library = Path(loaded) if isinstance(loaded, str) else library
+        after = _stamp(library)
+    return library, before is None or after != before
+
+
+def clean() -> Path | None:
+    """Remove the build outputs for the current arch on this machine, so that the next :func:`load`
+    compiles again (``lordba build-kernels --force``); returns the build directory (``None`` if
+    there was none). A library already loaded by a process stays valid there. Raises ``OSError``
+    if the directory cannot be written."""
+    directory = build_directory()
+    if not directory.is_dir():
+        return None
+    with _locked(directory):
+        for path in directory.iterdir():
+            if path.suffix in (".so", ".o", ".d") or path.name in (".ninja_log", ".ninja_deps"):
+                path.unlink(missing_ok=True)
+    return directory
 
 
 def load(build: bool = True) -> BuildResult:
-    """Load the compiled kernels into torch, compiling them first if needed (and ``build``)."""
+    """Load the compiled kernels into torch, compiling them first if needed (and ``build``).
+
+    ``build``: compile if there is no library yet (else report ``"not built yet"``; an existing
+    library is then loaded as it is, without checking it against the source). Returns a
+    :class:`BuildResult`; never raises for a missing compiler, a failing build or load (``ok`` is
+    ``False`` and ``message`` has the compiler's output).
+    """
+    global _loaded
     if os.environ.get("LORDBA_NO_EXT"):
         return BuildResult(False, None, "disabled by LORDBA_NO_EXT")
     if hasattr(torch.ops.lordba, "branch"):
@@ -130,17 +247,26 @@ def load(build: bool = True) -> BuildResult:
     cxx = compiler()
     if cxx is None:
         return BuildResult(False, None, "no C++ compiler found (set $CXX, or install g++)")
-    path = library_path()
-    built = False
-    if not path.is_file():
-        if not build:
+    arch = _arch()
+    path = library_path(arch)
+    if not build:
+        if not path.is_file():
             return BuildResult(False, path, "not built yet")
-        error = _compile(cxx, path)
-        if error is not None:
-            return BuildResult(False, path, f"compiling {SOURCE.name} with {cxx} failed:\n{error}")
-        built = True
+        try:
+            torch.ops.load_library(str(path))
+        except OSError as err:
+            return BuildResult(False, path, f"loading {path} failed: {err}")
+        _loaded = path
+        return BuildResult(True, path, "loaded from cache")
     try:
-        torch.ops.load_library(str(path))
-    except OSError as err:
-        return BuildResult(False, path, f"loading {path} failed: {err}")
+        path, built = _build_and_load(cxx, arch)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+        failed = _failed(err, cxx, path)
+        if not (arch and _BAD_MARCH.search(failed.message)):
+            return failed
+        try:  # the compiler does not take this -march: build without it
+            path, built = _build_and_load(cxx, "")
+        except (RuntimeError, OSError, subprocess.SubprocessError) as again:
+            return _failed(again, cxx, library_path(""))
+    _loaded = path
     return BuildResult(True, path, "built" if built else "loaded from cache", built)
