@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--mem-mb", type=int, default=1024, help="address-space cap per worker above its start (MiB)")
     p.add_argument("--case-timeout", type=float, default=20.0, help="seconds after which a case counts as a hang")
+    p.add_argument("--workers", type=int, default=1, help="atheris: libFuzzer jobs run at once (default 1)")
     p.add_argument("--replay", nargs="+", metavar="CASE", help="run saved failing inputs again and print outcomes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         mem_mb=args.mem_mb,
         case_timeout=args.case_timeout,
         progress=not args.no_progress,
+        workers=args.workers,
     )
     print_table(
         f"lordba fuzz: {report['engine_version']}, {report['elapsed_s']} s",

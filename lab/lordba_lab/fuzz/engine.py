@@ -1,45 +1,84 @@
 """Run a fuzzing engine against the adapter loader for a time budget and report the outcome.
 
-:func:`fuzz` supervises worker processes (:mod:`lordba_lab.fuzz.worker`): it gives each the time
-left, watches the case in progress, kills a worker whose case runs past ``case_timeout`` (a hang)
-and notices one that dies (a crash), saves that input, and starts a new worker until the time is
-up. Each worker caps its own address space (``mem_mb`` above what it maps at start), so a loader
-that allocates for an unchecked size fails visibly. Engines:
+Engines: ``atheris``, coverage-guided (libFuzzer) over lordba's code, with the structure-aware
+mutators as its custom mutator and libFuzzer's byte mutations on one file at a time;
+``hypothesis``, random structure-aware cases drawn by Hypothesis; ``mutate``, the same mutators
+driven by a seeded ``random.Random`` (no extra dependency). Each case runs in a worker process
+(:mod:`.worker`) and is judged by the oracle (:mod:`.oracle`).
 
-* ``atheris``: coverage-guided (libFuzzer) over lordba's code, with the structure-aware mutators
-  as its custom mutator and libFuzzer's byte mutations on one file at a time;
-* ``hypothesis``: random structure-aware cases drawn by Hypothesis;
-* ``mutate``: the same mutators driven by a seeded ``random.Random`` (no extra dependency).
+**atheris: libFuzzer supervises.** :func:`fuzz` starts one libFuzzer process in ``-jobs`` mode
+(``-jobs=K -workers=W``): each job is a worker process, which libFuzzer starts through a small
+script in the state directory (it runs its ``argv[0]`` with ``sh``). libFuzzer enforces the
+per-input ``-timeout`` (atheris prints the Python stacks first) and ``-rss_limit_mb``, bounds each
+job with ``-max_total_time``, and saves the input of a crash, timeout or OOM under
+``-artifact_prefix``; a finding ends its job, and the next job goes on with the corpus directory,
+where libFuzzer keeps what earlier jobs found, so one finding does not stop the run. Why ``-jobs``
+and not ``-fork=N`` with ``-ignore_crashes/-ignore_timeouts/-ignore_ooms``: fork mode restarts
+every job after 1, 2, 3... (up to 300) seconds and runs a merge process after each, and a worker
+takes seconds to start (torch, instrumenting lordba: about 5 s here): with a target that slept
+5 s at start, ``-fork=1 -max_total_time=60`` fuzzed for 21 s of its 62 s over 6 jobs. ``-jobs``
+restarts a worker only after a finding.
 
-The report counts cases tried, refused cleanly, loaded validly and failed uncleanly (see
-:mod:`lordba_lab.fuzz.oracle`), with the refusal reasons, and lists the saved failing inputs (replay
-them with :func:`replay` or ``lordba fuzz --replay``).
+**hypothesis, mutate: a small supervisor** (:func:`_run_workers`), since without libFuzzer nothing
+else notices a hung or dead process: one worker at a time, killed when a case runs past
+``case_timeout`` (after SIGUSR1: its Python stacks to its log), the next started until time is up.
+
+**Ours for every engine, because libFuzzer's flags cannot give it:**
+
+* The address-space cap (:func:`.worker.cap_memory`, ``mem_mb`` above what a worker maps at
+  start). ``-rss_limit_mb`` polls the resident set once a second, and ``-malloc_limit_mb`` needs a
+  sanitizer's malloc hooks, which CPython with atheris lacks: an allocation for an unchecked size
+  that is never touched (``torch.empty(n)``) is not resident and passes both, and a touched one
+  runs a second ahead (a 6 GiB ``bytes(n)`` passed ``-malloc_limit_mb=512``; 1.1 GiB was resident
+  when ``-rss_limit_mb=1024`` stopped it). Under the cap the allocation itself fails, visibly:
+  the oracle reports that case with the allocation's traceback. ``-rss_limit_mb`` is still set
+  (``mem_mb`` above the job's resident set at start): a backstop, and the limit where the cap
+  cannot be set (no ``/proc``).
+* The report's counts and histograms: libFuzzer only knows whether an input crashed. Each worker
+  counts the oracle's verdicts (refused / loaded / unclean, per reason and kind) in its slot of
+  the state directory; the engine adds one unclean case for each worker that died in a case.
+* Unclean oracle verdicts are saved by the worker, with the oracle's kind and detail, and it
+  goes on: as crashes, each would end a job, and a job costs a worker start.
+* The run's deadline: ``-max_total_time`` is per job and jobs restart, so a worker ends itself at
+  the deadline and the job script starts nothing after it (the ``K`` jobs allow a finding every
+  2 s, more than worker starts allow).
+* The failures directory: libFuzzer's artifacts are saved as ``<kind>-<sha>.case`` with the
+  job's log as detail, like the rest, for ``lordba fuzz --replay``.
+
+The report counts cases tried, refused cleanly, loaded validly and failed uncleanly, with the
+refusal reasons, and lists the saved failing inputs (replay them with :func:`replay`).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import json
-import mmap
+import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from lordba.errors import ConfigError
-from lordba_lab.fuzz.worker import COUNTERS, save_failure
+from lordba_lab.fuzz.worker import STARTED, load_target, read_counters, save_failure
 
 ENGINES = ("atheris", "hypothesis", "mutate")
 _POLL_S = 0.2
 _LIBFUZZER_STATUS = re.compile(r"cov: (\d+) ft: (\d+) corp: (\d+)")
+_ARTIFACT = re.compile(r"Test unit written to (\S*/(crash|timeout|oom|leak)-\w+)")
+_LIBFUZZER_PARENT = "import sys, atheris; atheris.Setup(sys.argv[1:], lambda data: None); atheris.Fuzz()"
+Watch = Callable[[subprocess.Popen, bool], "str | None"]
 
 
 def default_engine() -> str:
@@ -52,6 +91,7 @@ def default_engine() -> str:
 
 
 def engine_version(engine: str) -> str:
+    """The engine and its version, for the report."""
     if engine == "mutate":
         from lordba._version import __version__
 
@@ -73,90 +113,54 @@ def fuzz(
     case_timeout: float = 20.0,
     target: str = "lordba_lab.fuzz.oracle:run_case",
     progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Fuzz the loader for ``seconds`` with ``engine``; returns (and writes to ``out``) the report."""
+    """Fuzz the loader for ``seconds`` with ``engine``; returns (and writes to ``out``) the report.
+    ``workers`` > 1 (atheris only) runs that many libFuzzer jobs at once."""
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "atheris" and default_engine() != "atheris":
         raise ConfigError("the atheris engine needs atheris (pip install atheris); or use --engine mutate")
+    if workers != 1 and (engine != "atheris" or workers < 1):
+        raise ConfigError(f"workers must be 1, or (atheris only: libFuzzer runs them) more; got {workers}")
     failures = Path(failures_dir)
     earlier = set(failures.glob("*.case")) if failures.exists() else set()
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     state = Path(tempfile.mkdtemp(prefix="lordba-fuzz-", dir=shm))
-    corpus = Path(corpus_dir) if corpus_dir else state / "corpus"
-    (state / "counters").write_bytes(bytes(COUNTERS.size))
-    fd = os.open(state / "counters", os.O_RDWR)
-    counters = mmap.mmap(fd, COUNTERS.size)
-    os.close(fd)
     start = time.time()
     deadline = start + seconds
-    totals: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    saved: list[str] = []
-    samples: list[str] = []
-    worker_errors: list[str] = []
-    workers = 0
+    cmd = [sys.executable, "-m", "lordba_lab.fuzz.worker", "--engine", engine, "--deadline", repr(deadline)]
+    cmd += ["--state", str(state), "--failures", str(failures.resolve()), "--seed", str(seed)]
+    cmd += ["--mem-mb", str(mem_mb), "--target", target]
     bar = _progress_bar(seconds) if progress else None
+    watch = functools.partial(_watch, state=state, deadline=deadline, case_timeout=case_timeout, bar=bar, start=start)
     try:
-        while time.time() < deadline - 1.0:
-            workers += 1
-            proc = _start_worker(engine, deadline, state, failures, corpus, seed + workers - 1, mem_mb, target)
-            kind = _watch(proc, counters, deadline, case_timeout, bar, start)
-            stats = _read_json(state / "stats.json")
-            for key in ("refusal_reasons", "unclean_kinds", "loaded_kinds", "mutators"):
-                totals[key].update(stats.get(key, {}))
-            totals["mutator_errors"]["count"] += stats.get("mutator_errors", 0)
-            samples += stats.get("mutator_error_samples", [])
-            if kind == "worker-error":  # died outside a case: a bug of the fuzzer, reported
-                worker_errors.append((state / "worker.log").read_text(errors="replace")[-2000:])
-                kind = None
-            totals["peak_rss_mb"]["max"] = max(totals["peak_rss_mb"]["max"], int(stats.get("peak_rss_mb", 0)))
-            (state / "stats.json").unlink(missing_ok=True)
-            coverage = _LIBFUZZER_STATUS.findall((state / "worker.log").read_text(errors="replace"))
-            if coverage:
-                totals["coverage"].update(dict(zip(("edges", "features", "corpus"), map(int, coverage[-1]))))
-            if kind:  # a hang or a crash: count it against the case in progress and save it
-                values = list(COUNTERS.unpack(counters[: COUNTERS.size]))
-                values[0] += 1
-                values[3] += 1
-                values[4] = 0
-                counters[: COUNTERS.size] = COUNTERS.pack(*values)
-                totals["unclean_kinds"][kind] += 1
-                log = (state / "worker.log").read_text(errors="replace")[-4000:]
-                current = state / "current.case"
-                data = current.read_bytes() if current.exists() else b""
-                saved.append(str(save_failure(failures, data, kind, f"{kind} of the worker process\n{log}")))
+        if engine == "atheris":
+            logs, verdicts = _run_libfuzzer(cmd, state, corpus_dir, deadline, case_timeout, seed, workers, watch)
+        else:
+            logs, verdicts = _run_workers(cmd, state, deadline, watch)
+        totals = _collect(state, logs, verdicts, failures)
     finally:
         if bar is not None:
             bar.close()
-        cases, refused, loaded, unclean, _, _ = COUNTERS.unpack(counters[: COUNTERS.size])
-        counters.close()
         shutil.rmtree(state, ignore_errors=True)
-    if failures.exists():  # what this run saved (the workers save unclean cases themselves)
+    saved = list(dict.fromkeys(totals.pop("saved")))  # (the same input may end several workers)
+    if failures.exists():  # what this run saved (the workers save unclean verdicts themselves)
         saved += sorted(str(p) for p in set(failures.glob("*.case")) - earlier if str(p) not in saved)
+    elapsed = time.time() - start
+    counts = {key: totals.pop(key) for key in ("cases", "refused", "loaded", "unclean")}
     report = {
         "engine": engine,
         "engine_version": engine_version(engine),
         "python": platform.python_version(),
         "seconds": seconds,
-        "elapsed_s": round(time.time() - start, 1),
+        "elapsed_s": round(elapsed, 1),
         "seed": seed,
-        "cases": cases,
-        "refused": refused,
-        "loaded": loaded,
-        "unclean": unclean,
-        "cases_per_s": round(cases / max(time.time() - start, 1e-9), 1),
-        "loaded_kinds": dict(totals["loaded_kinds"]),
-        "unclean_kinds": dict(totals["unclean_kinds"]),
-        "refusal_reasons": dict(totals["refusal_reasons"].most_common(40)),
-        "distinct_refusal_reasons": len(totals["refusal_reasons"]),
-        "mutators": dict(sorted(totals["mutators"].items())),
-        "libfuzzer_coverage": dict(totals["coverage"]),
-        "mutator_errors": totals["mutator_errors"]["count"],
-        "mutator_error_samples": samples[:3],
-        "worker_errors": worker_errors,
-        "workers_started": workers,
+        **counts,
+        "cases_per_s": round(counts["cases"] / max(elapsed, 1e-9), 1),
+        **totals,
+        "workers": workers,
         "memory_cap_mb": mem_mb,
-        "peak_rss_mb": totals["peak_rss_mb"]["max"],
         "case_timeout_s": case_timeout,
         "failures_dir": str(failures),
         "failures": saved,
@@ -167,62 +171,181 @@ def fuzz(
     return report
 
 
-def _start_worker(
-    engine: str, deadline: float, state: Path, failures: Path, corpus: Path, seed: int, mem_mb: int, target: str
-) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "lordba_lab.fuzz.worker", "--engine", engine, "--deadline", repr(deadline)]
-    cmd += ["--state", str(state), "--failures", str(failures), "--corpus", str(corpus), "--seed", str(seed)]
-    cmd += ["--mem-mb", str(mem_mb), "--target", target]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
-    }
-    log = open(state / "worker.log", "wb")
-    try:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    finally:
-        log.close()
+def _run_libfuzzer(
+    cmd: list[str],
+    state: Path,
+    corpus_dir: str | Path | None,
+    deadline: float,
+    case_timeout: float,
+    seed: int,
+    workers: int,
+    watch: Watch,
+) -> tuple[dict[int, Path], dict[int, str]]:
+    """libFuzzer (``-jobs`` mode) runs the workers; ``({worker pid: its job's log}, verdicts)``: see
+    :func:`_run_workers`."""
+    from lordba_lab.fuzz.corpus import encode_case, seed_cases
+
+    corpus = state / "corpus"  # libFuzzer joins its arguments into a shell command: no spaces in these paths
+    if corpus_dir is not None:
+        Path(corpus_dir).mkdir(parents=True, exist_ok=True)
+        corpus.symlink_to(Path(corpus_dir).resolve(), target_is_directory=True)
+    corpus.mkdir(exist_ok=True)
+    for i, case in enumerate(seed_cases(seed=seed)):
+        (corpus / f"seed-{i:03d}").write_bytes(encode_case(case))
+    job = state / "job"
+    job.write_text(
+        "#!/bin/sh\n# A libFuzzer job: a fuzzing worker, unless the run's deadline has passed.\n"
+        f'[ "$(date +%s)" -lt {int(deadline - 1)} ] || exit 0\nexec {shlex.join(cmd)} -- "$0" "$@"\n'
+    )
+    job.chmod(0o755)
+    seconds = deadline - time.time()
+    args = [str(job), str(corpus), f"-jobs={int(seconds // 2) + 2}", f"-workers={workers}"]
+    args += [f"-timeout={math.ceil(case_timeout)}", f"-max_total_time={math.ceil(seconds)}"]
+    args += [f"-artifact_prefix={state / 'artifacts'}/", "-create_missing_dirs=1", f"-max_len={1 << 17}"]
+    stopped = watch(_start([sys.executable, "-c", _LIBFUZZER_PARENT, *args], state / "libfuzzer.log", cwd=state), False)
+    logs = {}
+    for path in sorted(state.glob("fuzz-*.log"), key=lambda p: int(p.stem[5:])):
+        text = path.read_text(errors="replace")
+        started = re.search(re.escape(STARTED) + r" (\d+)", text)
+        if started:
+            logs[int(started.group(1))] = path
+        elif text and not read_counters(state):
+            raise RuntimeError(f"the fuzzing worker failed to start:\n{text[-3000:]}")
+    return logs, dict.fromkeys(logs, stopped) if stopped else {}
+
+
+def _run_workers(cmd: list[str], state: Path, deadline: float, watch: Watch) -> tuple[dict[int, Path], dict[int, str]]:
+    """One worker at a time until the deadline; ``({pid: log}, {pid: "timeout"})`` for the workers
+    we stopped (a worker that dies in a case without a verdict or a libFuzzer artifact crashed)."""
+    logs: dict[int, Path] = {}
+    verdicts: dict[int, str] = {}
+    while time.time() < deadline - 1.0:
+        log = state / f"worker-{len(logs)}.log"
+        proc = _start(cmd, log)
+        logs[proc.pid] = log
+        verdict = watch(proc, True)
+        if verdict:
+            verdicts[proc.pid] = verdict
+        mine = [c for c in read_counters(state).values() if c.pid == proc.pid]
+        if proc.returncode and not (mine and (mine[0].cases or mine[0].in_case)):
+            raise RuntimeError(f"the fuzzing worker failed to start:\n{log.read_text(errors='replace')[-3000:]}")
+    return logs, verdicts
+
+
+def _start(cmd: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group, output to ``log``, with the lab importable."""
+    paths = [str(Path(__file__).parents[2]), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in paths if p)}
+    with open(log, "wb") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
 
 
 def _watch(
-    proc: subprocess.Popen, counters: mmap.mmap, deadline: float, case_timeout: float, bar: Any, start: float
+    proc: subprocess.Popen,
+    hangs: bool,
+    state: Path,
+    deadline: float,
+    case_timeout: float,
+    bar: Any,
+    start: float,
 ) -> str | None:
-    """Wait for the worker; ``"timeout"`` if we killed it over a hung case, ``"crash"`` if it died
-    abnormally in a case, else ``None``."""
-    while True:
-        try:
-            rc = proc.wait(timeout=_POLL_S)
-        except subprocess.TimeoutExpired:
-            rc = None
-        cases, refused, loaded, unclean, in_case, case_start = COUNTERS.unpack(counters[: COUNTERS.size])
-        if bar is not None:
-            bar.n = min(round(time.time() - start, 1), bar.total)
-            bar.set_postfix(cases=cases, refused=refused, loaded=loaded, unclean=unclean, refresh=False)
-            bar.refresh()
-        if rc is not None:
-            if rc != 0 and not in_case and not cases:
-                log = Path(proc.args[proc.args.index("--state") + 1]) / "worker.log"
-                raise RuntimeError(f"the fuzzing worker failed to start:\n{log.read_text(errors='replace')[-3000:]}")
-            if rc != 0:
-                return "crash" if in_case else "worker-error"
-            return None
-        now = time.time()
-        if in_case and now - case_start > case_timeout:
-            _stop_with_stacks(proc)
-            return "timeout"
-        if now > deadline + case_timeout + 30:  # the worker ignores its deadline: stop it
-            _stop_with_stacks(proc)
-            return "worker-error"
-
-
-def _stop_with_stacks(proc: subprocess.Popen) -> None:
-    """Kill a worker after asking it to write its Python stacks to its log (faulthandler)."""
-    proc.send_signal(signal.SIGUSR1)
+    """Show progress until ``proc`` ends; ``"timeout"`` if we stopped it: over a case running past
+    ``case_timeout`` (with ``hangs``), or past the deadline (with its process group)."""
     try:
-        proc.wait(timeout=2)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        while True:
+            try:
+                proc.wait(timeout=_POLL_S)
+            except subprocess.TimeoutExpired:
+                pass
+            counts = read_counters(state)
+            if bar is not None:
+                bar.n = min(round(time.time() - start, 1), bar.total)
+                sums = {
+                    k: sum(getattr(c, k) for c in counts.values()) for k in ("cases", "refused", "loaded", "unclean")
+                }
+                bar.set_postfix(**sums, refresh=False)
+                bar.refresh()
+            if proc.returncode is not None:
+                return None
+            now = time.time()
+            hung = hangs and any(
+                c.pid == proc.pid and c.in_case and now - c.case_start > case_timeout for c in counts.values()
+            )
+            if hung or now > deadline + case_timeout + 30:  # (past that, it ignores its deadline)
+                _stop(proc, stacks=hangs)
+                return "timeout"
+    except BaseException:
+        _stop(proc)
+        raise
+
+
+def _stop(proc: subprocess.Popen, stacks: bool = False) -> None:
+    """Kill ``proc``'s process group; with ``stacks``, first ask it for its Python stacks (SIGUSR1)."""
+    if stacks and proc.poll() is None:
+        proc.send_signal(signal.SIGUSR1)
+        try:
+            proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _collect(state: Path, logs: dict[int, Path], verdicts: dict[int, str], failures: Path) -> dict[str, Any]:
+    """Sum the workers' counters and stats; count each death in a case as an unclean case and
+    save its input (libFuzzer's artifact, else the case in progress)."""
+    hist: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    totals: dict[str, Any] = {"cases": 0, "refused": 0, "loaded": 0, "unclean": 0, "saved": []}
+    samples: list[str] = []
+    errors: list[str] = []
+    mutator_errors = peak = 0
+    counts = read_counters(state)
+    for slot, c in sorted(counts.items()):
+        stats = _read_json(state / f"{slot}.stats.json")
+        for key in ("refusal_reasons", "unclean_kinds", "loaded_kinds", "mutators"):
+            hist[key].update(stats.get(key, {}))
+        for key in ("cases", "refused", "loaded", "unclean"):
+            totals[key] += getattr(c, key)
+        mutator_errors += stats.get("mutator_errors", 0)
+        samples += stats.get("mutator_error_samples", [])
+        peak = max(peak, int(stats.get("peak_rss_mb", 0)))
+        log = logs[c.pid].read_text(errors="replace") if c.pid in logs else ""
+        if c.in_case:  # it died in a case: a crash, a hang or out of memory
+            artifacts = _ARTIFACT.findall(log)
+            if artifacts:
+                path, kind = artifacts[-1]
+                data = Path(path).read_bytes()
+            else:
+                kind, case = verdicts.get(c.pid, "crash"), state / f"{slot}.case"
+                data = case.read_bytes() if case.exists() else b""
+            totals["cases"] += 1
+            totals["unclean"] += 1
+            hist["unclean_kinds"][kind] += 1
+            totals["saved"].append(
+                str(save_failure(failures, data, kind, f"{kind} of the worker process\n{log[-4000:]}"))
+            )
+        elif not stats.get("finished"):  # died outside a case: a bug of the fuzzer, reported
+            errors.append(log[-2000:])
+    coverage = [
+        tuple(map(int, m)) for p in logs.values() for m in _LIBFUZZER_STATUS.findall(p.read_text(errors="replace"))
+    ]
+    return {
+        **totals,
+        "loaded_kinds": dict(hist["loaded_kinds"]),
+        "unclean_kinds": dict(hist["unclean_kinds"]),
+        "refusal_reasons": dict(hist["refusal_reasons"].most_common(40)),
+        "distinct_refusal_reasons": len(hist["refusal_reasons"]),
+        "mutators": dict(sorted(hist["mutators"].items())),
+        "libfuzzer_coverage": dict(zip(("edges", "features", "corpus"), max(coverage))) if coverage else {},
+        "mutator_errors": mutator_errors,
+        "mutator_error_samples": samples[:3],
+        "worker_errors": errors,
+        "workers_started": len(counts),
+        "peak_rss_mb": peak,
+    }
 
 
 def _progress_bar(seconds: float) -> Any:
@@ -243,9 +366,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 def replay(paths: list[str | Path], target: str = "lordba_lab.fuzz.oracle:run_case") -> list[tuple[str, Any]]:
     """Run saved cases again (in this process): ``[(path, Result)]``."""
     from lordba_lab.fuzz.corpus import decode_case
-    from lordba_lab.fuzz.worker import _load_target
 
-    run = _load_target(target)
+    run = load_target(target)
     results = []
     with tempfile.TemporaryDirectory(prefix="lordba-replay-") as tmp:
         for path in paths:

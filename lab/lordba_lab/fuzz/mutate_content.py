@@ -11,17 +11,21 @@ from typing import Any
 
 from lordba.config import CONFIG_NAME, WEIGHTS_NAME
 from lordba_lab.fuzz.corpus import PREV_CONFIG, PREV_WEIGHTS, Case, as_backups
-from lordba_lab.fuzz.mutate import (
+from lordba_lab.fuzz.mutate_base import (
     FLOAT_BITS,
     ITEMSIZE,
     ODD_VALUES,
     RAW_NUMBERS,
-    mutator,
+    Mutator,
+    raw_json_edit,
+    registry,
     tensor_entries,
     with_config,
     with_weights,
 )
-from lordba_lab.fuzz.mutate_header import raw_json_edit
+
+MUTATORS: dict[str, Mutator] = {}
+mutator = registry(MUTATORS)
 
 
 # ----------------------------------------------------------------------------- tensor data

@@ -3,89 +3,102 @@ extra or renamed, metadata and module dims, declared sizes, and raw edits of the
 
 from __future__ import annotations
 
-import json
 import random
-import struct
+from collections.abc import Callable
 from typing import Any
 
 from lordba.config import WEIGHTS_NAME
 from lordba_lab.fuzz.corpus import Case
-from lordba_lab.fuzz.mutate import (
+from lordba_lab.fuzz.mutate_base import (
     DTYPES,
     INTS,
     ITEMSIZE,
     ODD_VALUES,
-    RAW_NUMBERS,
+    Entry,
+    Mutator,
+    data_offsets,
+    declared_header_length,
     join_weights,
     module_dims_of,
-    mutator,
+    raw_json_edit,
+    registry,
     set_module_dims,
     tensor_entries,
     with_weights,
 )
 
+MUTATORS: dict[str, Mutator] = {}
+mutator = registry(MUTATORS)
+
+
+def _set_entry_field(
+    rng: random.Random,
+    case: Case,
+    field: str,
+    value: Callable[[dict[str, Any], list[Entry]], Any],
+    in_data: bool = False,
+) -> Case:
+    """Set ``field`` of a random header entry (one whose byte range lies in the data if
+    ``in_data``) to ``value(entry, entries whose byte range lies in the data)``."""
+
+    def fn(h: dict[str, Any], d: bytes) -> tuple[dict[str, Any], bytes] | None:
+        ranged = tensor_entries(h, d)
+        names = (
+            [e[0] for e in ranged]
+            if in_data
+            else [k for k, v in h.items() if k != "__metadata__" and isinstance(v, dict)]
+        )
+        if not names:
+            return None
+        name = rng.choice(names)
+        return {**h, name: {**h[name], field: value(h[name], ranged)}}, d
+
+    return with_weights(case, fn)
+
 
 @mutator
 def tensor_dtype(rng: random.Random, case: Case) -> Case:
-    def fn(h: dict[str, Any], d: bytes) -> tuple[dict[str, Any], bytes] | None:
-        names = [k for k, v in h.items() if k != "__metadata__" and isinstance(v, dict)]
-        if not names:
-            return None
-        k = rng.choice(names)
-        return {**h, k: {**h[k], "dtype": rng.choice(DTYPES)}}, d
-
-    return with_weights(case, fn)
+    return _set_entry_field(rng, case, "dtype", lambda entry, ents: rng.choice(DTYPES))
 
 
 @mutator
 def tensor_shape(rng: random.Random, case: Case) -> Case:
-    def fn(h: dict[str, Any], d: bytes) -> tuple[dict[str, Any], bytes] | None:
-        names = [k for k, v in h.items() if k != "__metadata__" and isinstance(v, dict)]
-        if not names:
-            return None
-        k = rng.choice(names)
-        shape = h[k].get("shape")
+    def odd_shape(entry: dict[str, Any], ents: list[Entry]) -> Any:
+        shape = entry.get("shape")
         shape = list(shape) if isinstance(shape, list) and shape else [0]
-        choice = rng.randrange(6)
-        if choice == 0 and isinstance(shape[0], int):
-            shape[0] += rng.choice([-1, 1])
-        elif choice == 1:
-            shape = [*shape, 1]
-        elif choice == 2:
-            shape = []
-        elif choice == 3:
-            shape = [float(s) if isinstance(s, int) else s for s in shape]
-        elif choice == 4:
-            shape = [rng.choice(INTS)]
-        else:
-            shape = rng.choice(ODD_VALUES)
-        return {**h, k: {**h[k], "shape": shape}}, d
+        return rng.choice(
+            (
+                lambda: (
+                    [shape[0] + rng.choice([-1, 1]), *shape[1:]]
+                    if isinstance(shape[0], int)
+                    else rng.choice(ODD_VALUES)
+                ),
+                lambda: [*shape, 1],
+                lambda: [],
+                lambda: [float(s) if isinstance(s, int) else s for s in shape],
+                lambda: [rng.choice(INTS)],
+                lambda: rng.choice(ODD_VALUES),
+            )
+        )()
 
-    return with_weights(case, fn)
+    return _set_entry_field(rng, case, "shape", odd_shape)
 
 
 @mutator
 def tensor_offsets(rng: random.Random, case: Case) -> Case:
-    def fn(h: dict[str, Any], d: bytes) -> tuple[dict[str, Any], bytes] | None:
-        ents = tensor_entries(h, d)
-        if not ents:
-            return None
-        name, _, start, stop = rng.choice(ents)
-        choice = rng.randrange(5)
-        if choice == 0:
-            off: Any = [start + rng.choice([-1, 1]), stop + rng.choice([-1, 0, 1])]
-        elif choice == 1:
-            other = rng.choice(ents)
-            off = [other[2], other[3]]  # alias another tensor's bytes
-        elif choice == 2:
-            off = [stop, start]
-        elif choice == 3:
-            off = [rng.choice(INTS), rng.choice(INTS)]
-        else:
-            off = rng.choice(ODD_VALUES)
-        return {**h, name: {**h[name], "data_offsets": off}}, d
+    def odd_offsets(entry: dict[str, Any], ents: list[Entry]) -> Any:
+        start, stop = entry["data_offsets"]
+        return rng.choice(
+            (
+                lambda: [start + rng.choice([-1, 1]), stop + rng.choice([-1, 0, 1])],
+                lambda: list(rng.choice(ents)[2:]),  # alias another tensor's bytes
+                lambda: [stop, start],
+                lambda: [rng.choice(INTS), rng.choice(INTS)],
+                lambda: rng.choice(ODD_VALUES),
+            )
+        )()
 
-    return with_weights(case, fn)
+    return _set_entry_field(rng, case, "data_offsets", odd_offsets, in_data=True)
 
 
 @mutator
@@ -166,13 +179,24 @@ def metadata_field(rng: random.Random, case: Case) -> Case:
     return with_weights(case, fn)
 
 
+def _with_module(
+    rng: random.Random,
+    case: Case,
+    fn: Callable[[dict[str, Any], bytes, dict[str, Any], str], tuple[dict[str, Any], bytes] | None],
+) -> Case:
+    """Apply ``fn(header, data, the metadata's modules map, a random module's path)`` to the
+    weights (unchanged if the metadata lists no modules, or ``fn`` returns ``None``)."""
+
+    def edit(h: dict[str, Any], d: bytes) -> tuple[dict[str, Any], bytes] | None:
+        mods = module_dims_of(h)
+        return fn(h, d, mods, rng.choice(list(mods))) if mods else None
+
+    return with_weights(case, edit)
+
+
 @mutator
 def module_dims(rng: random.Random, case: Case) -> Case:
-    def fn(h: dict[str, Any], d: bytes) -> tuple[dict[str, Any], bytes] | None:
-        mods = module_dims_of(h)
-        if not mods:
-            return None
-        name = rng.choice(list(mods))
+    def fn(h: dict[str, Any], d: bytes, mods: dict[str, Any], name: str) -> tuple[dict[str, Any], bytes] | None:
         dims = mods[name]
         choice = rng.randrange(5)
         if choice == 0 and isinstance(dims, list) and len(dims) == 3:
@@ -193,7 +217,7 @@ def module_dims(rng: random.Random, case: Case) -> Case:
             dims = [rng.choice(INTS), rng.choice(INTS), rng.choice([1, 2, 3, 2**31 - 1])]
         return set_module_dims(h, {**mods, name: dims}), d
 
-    return with_weights(case, fn)
+    return _with_module(rng, case, fn)
 
 
 @mutator
@@ -201,11 +225,7 @@ def huge_declared_sizes(rng: random.Random, case: Case) -> Case:
     """A module declaring huge dims, with shapes and byte ranges consistent with them: only the
     file length (and the config's rank) can tell; nothing may be allocated for the claim."""
 
-    def fn(h: dict[str, Any], d: bytes) -> tuple[dict[str, Any], bytes] | None:
-        mods = module_dims_of(h)
-        if not mods:
-            return None
-        name = rng.choice(list(mods))
+    def fn(h: dict[str, Any], d: bytes, mods: dict[str, Any], name: str) -> tuple[dict[str, Any], bytes] | None:
         dims = mods[name]
         if not (isinstance(dims, list) and len(dims) == 3 and all(type(v) is int and v > 0 for v in dims)):
             return None
@@ -216,7 +236,7 @@ def huge_declared_sizes(rng: random.Random, case: Case) -> Case:
             e = h.get(f"{name}.{kind}")
             item = ITEMSIZE.get(str(e.get("dtype")), 2) if isinstance(e, dict) else 2
             sizes[kind] = {"scale_in": in_f, "scale_mid": r, "scale_out": out_f}[kind] * item
-        offset = max((e["data_offsets"][1] for _, e in _valid_entries(ents)), default=0)
+        offset = max((off[1] for k, e in ents.items() if k != "__metadata__" and (off := data_offsets(e))), default=0)
         for kind, n in sizes.items():
             old = h.get(f"{name}.{kind}")
             dtype = old.get("dtype", "U8") if isinstance(old, dict) else "U8"
@@ -225,76 +245,15 @@ def huge_declared_sizes(rng: random.Random, case: Case) -> Case:
             offset += n
         return set_module_dims(ents, {**mods, name: [in_f, out_f, r]}), d
 
-    return with_weights(case, fn)
-
-
-def _valid_entries(h: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    return [
-        (k, v)
-        for k, v in h.items()
-        if k != "__metadata__"
-        and isinstance(v, dict)
-        and isinstance(v.get("data_offsets"), list)
-        and len(v["data_offsets"]) == 2
-        and all(type(o) is int for o in v["data_offsets"])
-    ]
+    return _with_module(rng, case, fn)
 
 
 @mutator
 def header_text(rng: random.Random, case: Case) -> Case:
     """Raw edits of the header JSON: duplicate keys, deep nesting, odd numbers, bad UTF-8, escapes."""
     data = case.get(WEIGHTS_NAME, b"")
-    if len(data) < 8:
-        return case
-    (n,) = struct.unpack_from("<Q", data)
-    if n > len(data) - 8:
+    n = declared_header_length(data)
+    if n is None or n > len(data) - 8:
         return case
     raw, rest = data[8 : 8 + n].rstrip(b" "), data[8 + n :]
-    raw = raw_json_edit(rng, raw)
-    return {**case, WEIGHTS_NAME: join_weights(raw, rest)}
-
-
-def raw_json_edit(rng: random.Random, raw: bytes) -> bytes:
-    choice = rng.randrange(9)
-    if choice == 0 and raw.startswith(b"{") and len(raw) > 2:  # duplicate the first member at the end
-        try:
-            first_key = next(iter(json.loads(raw)))
-        except (ValueError, RecursionError, StopIteration, TypeError):
-            return raw
-        value = json.dumps(json.loads(raw)[first_key], separators=(",", ":")).encode()
-        return raw[:-1] + b"," + json.dumps(first_key).encode() + b":" + value + b"}"
-    if choice == 1:  # deep nesting
-        depth = rng.choice([50, 900, 5000, 200000])
-        return b'{"__deep__":' + b"[" * depth + b"]" * depth + b"," + raw[1:]
-    if choice == 2:  # replace a number with an odd one
-        digits = [i for i, c in enumerate(raw) if 48 <= c <= 57]
-        if not digits:
-            return raw
-        i = rng.choice(digits)
-        j = i
-        while j < len(raw) and 48 <= raw[j] <= 57:
-            j += 1
-        return raw[:i] + rng.choice(RAW_NUMBERS) + raw[j:]
-    if choice == 3:  # invalid UTF-8
-        i = rng.randrange(len(raw) + 1)
-        return raw[:i] + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x00"]) + raw[i:]
-    if choice == 4:  # string escapes: lone surrogates, control characters, NUL
-        i = raw.find(b'"', rng.randrange(len(raw) + 1))
-        if i < 0:
-            return raw
-        return raw[: i + 1] + rng.choice([b"\\ud800", b"\\u0000", b"\\n", b"\\u001b[31m", b"\\uffff"]) + raw[i + 1 :]
-    if choice == 5:  # whitespace and a BOM
-        return rng.choice([b"\xef\xbb\xbf", b" ", b"\n\t "]) + raw
-    if choice == 6:  # not an object
-        return rng.choice([b"[]", b"null", b"1", b'"x"', b"", b"{", raw[: len(raw) // 2]])
-    if choice == 7:  # reorder members (a different but valid layout of the same header)
-        try:
-            obj = json.loads(raw)
-        except (ValueError, RecursionError):
-            return raw
-        if not isinstance(obj, dict):
-            return raw
-        items = list(obj.items())
-        rng.shuffle(items)
-        return json.dumps(dict(items), indent=rng.choice([None, 1])).encode()
-    return raw + rng.choice([b"x", b"}", b",", b"\x00"])
+    return {**case, WEIGHTS_NAME: join_weights(raw_json_edit(rng, raw), rest)}

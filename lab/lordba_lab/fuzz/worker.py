@@ -1,9 +1,24 @@
 """The fuzzing worker process: runs one engine until a deadline, under a memory cap.
 
-Started by :func:`lordba_lab.fuzz.engine.fuzz` (``python -m lordba_lab.fuzz.worker ...``), never by hand.
-Before each case it writes the case to ``current.case`` and marks it in progress in the shared
-``counters`` file, so the supervisor can tell a hang (it kills the worker) or a crash (the worker
-dies) and save the input. Unclean outcomes it saves itself; details go to ``stats.json``.
+Started by :func:`lordba_lab.fuzz.engine.fuzz`, never by hand:
+``python -m lordba_lab.fuzz.worker --engine E --state DIR ... [-- LIBFUZZER_ARGS]``; for atheris
+each worker is a libFuzzer job (libFuzzer's ``-jobs`` mode starts it through the script the
+engine writes, see :mod:`.engine`). A worker takes the first free slot ``N`` in the state
+directory and keeps there what the engine reports:
+
+* ``N.counters``: cases, refused, loaded, unclean, whether a case is in progress and since when,
+  and the worker's pid (:data:`COUNTERS`, memory-mapped and updated around every case, so it is
+  exact even when the process is killed in a case: the engine then counts that case, and the
+  input libFuzzer saved, or ``N.case``, as a finding);
+* ``N.stats.json``: refusal reasons, outcome kinds, mutators, mutator errors, peak RSS, and
+  ``finished`` once the worker reached its deadline (rewritten every second, after an unclean
+  verdict and at the end: a process that dies loses at most a second of the refusal and
+  mutator histograms, never a finding);
+* ``N.case`` (mutate and hypothesis only): the case in progress (libFuzzer saves its own).
+
+Unclean verdicts of the oracle are saved here with the oracle's kind and detail, and the worker
+goes on: they are not crashes of the process (a libFuzzer crash would end the job, and starting
+a worker costs seconds: torch, instrumenting lordba).
 """
 
 from __future__ import annotations
@@ -13,6 +28,7 @@ import collections
 import faulthandler
 import hashlib
 import importlib
+import itertools
 import json
 import mmap
 import os
@@ -28,21 +44,52 @@ import traceback
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-COUNTERS = struct.Struct("<qqqqqd")  # cases, refused, loaded, unclean, in_case, case start (epoch s)
+COUNTERS = struct.Struct("<qqqqqdq")
 _WS = re.compile(r"/\S*?/(adapter_config\.json|lordba_model\.safetensors|\.\S+-prev)")
+STARTED = "lordba fuzz worker: pid"  # the first line a worker prints (the engine maps logs to workers by it)
+
+
+class Counts(NamedTuple):
+    """One worker's :data:`COUNTERS`."""
+
+    cases: int
+    refused: int
+    loaded: int
+    unclean: int
+    in_case: int
+    case_start: float
+    pid: int
+
+
+def read_counters(state: Path) -> dict[int, Counts]:
+    """``{slot: Counts}`` of the workers that have started in ``state``."""
+    out = {}
+    for path in state.glob("*.counters"):
+        raw = path.read_bytes()
+        if len(raw) == COUNTERS.size:
+            out[int(path.stem)] = Counts(*COUNTERS.unpack(raw))
+    return out
 
 
 class Recorder:
-    """Counts outcomes, saves unclean inputs, and publishes progress for the supervisor."""
+    """Counts outcomes, saves unclean inputs, and publishes progress in its slot of ``state``."""
 
-    def __init__(self, state: Path, failures: Path, target: Callable[..., Any], workdir: Path) -> None:
-        self.state, self.failures, self.target, self.workdir = state, failures, target, workdir
-        fd = os.open(state / "counters", os.O_RDWR)
+    def __init__(self, state: Path, failures: Path, target: Callable[..., Any], save_current: bool) -> None:
+        self.state, self.failures, self.target, self.save_current = state, failures, target, save_current
+        for slot in itertools.count():  # the first free slot (O_EXCL: concurrent workers get distinct ones)
+            try:
+                fd = os.open(state / f"{slot}.counters", os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                continue
+            break
+        self.slot = slot
+        self.values: list[Any] = [0, 0, 0, 0, 0, 0.0, os.getpid()]
+        os.write(fd, COUNTERS.pack(*self.values))
         self.counters = mmap.mmap(fd, COUNTERS.size)
         os.close(fd)
-        self.values = list(COUNTERS.unpack(self.counters[: COUNTERS.size]))
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"work-{slot}-", dir=state))  # the engine removes state
         self.reasons: collections.Counter[str] = collections.Counter()
         self.unclean: collections.Counter[str] = collections.Counter()
         self.loaded: collections.Counter[str] = collections.Counter()
@@ -63,10 +110,12 @@ class Recorder:
             return fallback
 
     def run(self, data: bytes, mutators: list[str] | None = None) -> None:
+        """Judge one case (encoded) with the target and record the outcome."""
         from lordba_lab.fuzz.corpus import decode_case
         from lordba_lab.fuzz.oracle import LOADED, REFUSED
 
-        (self.state / "current.case").write_bytes(data)
+        if self.save_current:
+            (self.state / f"{self.slot}.case").write_bytes(data)
         self.values[4], self.values[5] = 1, time.time()
         self._publish()
         result = self.target(decode_case(data), self.workdir)
@@ -84,13 +133,14 @@ class Recorder:
             save_failure(self.failures, data, result.kind, result.detail)
         self.mutators.update(mutators or ())
         self._publish()
-        if time.time() - self.last_dump > 1.0:
-            self.dump()
+        if result.outcome not in (REFUSED, LOADED) or time.time() - self.last_dump > 1.0:
+            self.dump()  # at once for a finding: the process may die within the second
 
     def _publish(self) -> None:
         self.counters[: COUNTERS.size] = COUNTERS.pack(*self.values)
 
-    def dump(self) -> None:
+    def dump(self, finished: bool = False) -> None:
+        """Write ``N.stats.json`` (atomically)."""
         self.last_dump = time.time()
         stats = {
             "refusal_reasons": dict(self.reasons),
@@ -99,11 +149,19 @@ class Recorder:
             "mutators": dict(self.mutators),
             "mutator_errors": self.mutator_errors,
             "mutator_error_samples": self.mutator_error_samples,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
+            "finished": finished,
         }
-        tmp = self.state / "stats.json.tmp"
+        tmp = self.state / f"{self.slot}.stats.json.tmp"
         tmp.write_text(json.dumps(stats))
-        os.replace(tmp, self.state / "stats.json")
+        os.replace(tmp, self.state / f"{self.slot}.stats.json")
+
+    def finish(self) -> None:
+        """The deadline is reached: write the final stats and end the process (libFuzzer's own
+        exit would skip Python's clean-up anyway)."""
+        self.dump(finished=True)
+        sys.stdout.flush()
+        os._exit(0)
 
 
 def reason(message: str) -> str:
@@ -124,6 +182,11 @@ def save_failure(directory: Path, data: bytes, kind: str, detail: str) -> Path:
     return directory / f"{stem}.case"
 
 
+def peak_rss_mb() -> int:
+    """This process's peak resident memory (MiB), as libFuzzer's ``-rss_limit_mb`` measures it."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
 def cap_memory(mem_mb: int) -> None:
     """Limit the address space to what is mapped now plus ``mem_mb``: a loader that allocates for
     a size it has not checked fails here instead of taking the machine down."""
@@ -137,12 +200,14 @@ def cap_memory(mem_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
 
 
-def _load_target(spec: str) -> Callable[..., Any]:
+def load_target(spec: str) -> Callable[..., Any]:
+    """The callable ``module:name`` (a fuzz target: ``(case, workdir) -> oracle.Result``)."""
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
 def run_mutate(rec: Recorder, deadline: float, seed: int) -> None:
+    """The seeds, then random structure-aware mutations of them, until ``deadline``."""
     from lordba_lab.fuzz.corpus import encode_case, seed_cases
     from lordba_lab.fuzz.mutate import mutate
 
@@ -157,6 +222,7 @@ def run_mutate(rec: Recorder, deadline: float, seed: int) -> None:
 
 
 def run_hypothesis(rec: Recorder, deadline: float, seed: int) -> None:
+    """Chains of mutators drawn by Hypothesis, in batches of 50, until ``deadline``."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
 
@@ -193,7 +259,10 @@ def run_hypothesis(rec: Recorder, deadline: float, seed: int) -> None:
         one()
 
 
-def run_atheris(rec: Recorder, deadline: float, seed: int, corpus: Path) -> None:
+def run_atheris(rec: Recorder, deadline: float, seed: int, mem_mb: int, libfuzzer_args: list[str]) -> None:
+    """One libFuzzer job over lordba's instrumented code, with the structure-aware mutators as its
+    custom mutator; libFuzzer enforces ``-timeout`` and ``-rss_limit_mb`` and saves the input of
+    a crash, timeout or OOM (ending this process); this process ends itself at ``deadline``."""
     import gc
 
     import atheris
@@ -208,14 +277,10 @@ def run_atheris(rec: Recorder, deadline: float, seed: int, corpus: Path) -> None
             if module.startswith("lordba.") and not module.startswith("lordba_lab.fuzz"):
                 atheris.instrument_func(obj)
     seeds = seed_cases(seed=seed)
-    corpus.mkdir(parents=True, exist_ok=True)
-    for i, case in enumerate(seeds):
-        (corpus / f"seed-{i:03d}").write_bytes(encode_case(case))
 
     def test_one(data: bytes) -> None:
         if time.time() > deadline:
-            rec.dump()
-            os._exit(0)  # libFuzzer's own exit skips Python's clean-up anyway
+            rec.finish()
         rec.run(data)
 
     def custom_mutator(data: bytes, max_size: int, mutation_seed: int) -> bytes:
@@ -233,45 +298,45 @@ def run_atheris(rec: Recorder, deadline: float, seed: int, corpus: Path) -> None
             case, _ = mutate(rng, case)
         return encode_case(case)[:max_size]
 
-    # At least a few seconds once started, so that libFuzzer gets through its seeds (and reports
-    # its coverage) even when the worker started late on a busy machine.
-    deadline = max(deadline, time.time() + 3)
-    seconds = max(int(deadline - time.time()) + 60, 1)
-    args = [sys.argv[0], str(corpus), f"-max_total_time={seconds}", "-rss_limit_mb=0", "-timeout=100000"]
-    args += [f"-seed={seed + 1}", f"-max_len={1 << 17}", "-print_final_stats=0", "-reload=0"]
+    # Per job: its own seed (jobs restart after a finding: the same seed would find it again),
+    # and the RSS limit over what this process holds now (libFuzzer's limit is absolute).
+    args = [*libfuzzer_args, f"-seed={seed + 1}", f"-rss_limit_mb={peak_rss_mb() + mem_mb}"]
     atheris.Setup(args, test_one, custom_mutator=custom_mutator)
     atheris.Fuzz()
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The worker's command line (see the module doc)."""
     p = argparse.ArgumentParser(prog="python -m lordba_lab.fuzz.worker")
     p.add_argument("--engine", required=True, choices=("atheris", "hypothesis", "mutate"))
     p.add_argument("--deadline", type=float, required=True)
     p.add_argument("--state", type=Path, required=True)
     p.add_argument("--failures", type=Path, required=True)
-    p.add_argument("--corpus", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mem-mb", type=int, default=1024)
     p.add_argument("--target", default="lordba_lab.fuzz.oracle:run_case")
+    p.add_argument("libfuzzer", nargs=argparse.REMAINDER, help="atheris: -- then libFuzzer's argv (program first)")
     args = p.parse_args(argv)
-    # SIGUSR1 (from the supervisor, before it kills a hung worker): Python stacks to the log.
-    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    print(f"{STARTED} {os.getpid()}", flush=True)
+    if args.engine != "atheris":  # SIGUSR1 (from the engine, before it kills a hung worker): stacks to the log
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     import torch
 
     torch.set_num_threads(1)
-    target = _load_target(args.target)
-    workdir = Path(tempfile.mkdtemp(prefix="work-", dir=args.state))  # the supervisor removes the state dir
-    rec = Recorder(args.state, args.failures, target, workdir)
+    rec = Recorder(args.state, args.failures, load_target(args.target), save_current=args.engine != "atheris")
+    seed = args.seed + rec.slot
     cap_memory(args.mem_mb)
     try:
         if args.engine == "mutate":
-            run_mutate(rec, args.deadline, args.seed)
+            run_mutate(rec, args.deadline, seed)
         elif args.engine == "hypothesis":
-            run_hypothesis(rec, args.deadline, args.seed)
+            run_hypothesis(rec, args.deadline, seed)
         else:
-            run_atheris(rec, args.deadline, args.seed, args.corpus)
-    finally:
+            run_atheris(rec, args.deadline, seed, args.mem_mb, args.libfuzzer[args.libfuzzer[:1] == ["--"] :])
+    except BaseException:
         rec.dump()
+        raise
+    rec.finish()
     return 0
 
 

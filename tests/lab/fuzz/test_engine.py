@@ -1,5 +1,5 @@
-"""Bounded runs of the fuzzing engines (the long runs are ``lordba fuzz --seconds N``), and the
-supervisor's handling of crashes and hangs."""
+"""Bounded runs of the fuzzing engines (the long runs are ``lordba fuzz --seconds N``), and their
+handling of crashes, hangs and allocations past the memory cap."""
 
 import importlib.util
 import json
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from lordba.cli import main
-from lordba_lab.fuzz.corpus import encode_case, seed_cases
+from lordba.errors import ConfigError
+from lordba_lab.fuzz.corpus import decode_case, encode_case, seed_cases
 from lordba_lab.fuzz.engine import fuzz
 
 HAVE_ATHERIS = importlib.util.find_spec("atheris") is not None
@@ -34,23 +35,56 @@ def test_a_bounded_run_finds_no_unclean_failure(tmp_path, engine):
         assert report["libfuzzer_coverage"].get("edges", 0) > 100  # lordba's code is instrumented
 
 
-def test_crashes_and_hangs_are_counted_saved_and_survived(tmp_path, monkeypatch):
+MISBEHAVING = [
+    pytest.param("mutate", 10, id="mutate"),
+    pytest.param(
+        "atheris", 20, id="atheris", marks=pytest.mark.skipif(not HAVE_ATHERIS, reason="atheris is not installed")
+    ),
+    pytest.param("hypothesis", 10, marks=pytest.mark.slow, id="hypothesis"),
+]
+
+
+@pytest.mark.parametrize("engine, seconds", MISBEHAVING)
+def test_crashes_hangs_and_allocations_are_counted_saved_and_survived(tmp_path, monkeypatch, engine, seconds):
+    """A target that allocates past the memory cap (in the first worker), crashes (ending it) and
+    hangs (in the second): each is one unclean case with its input saved, and the run goes on
+    (libFuzzer's -timeout, crash handling and -jobs for atheris; our supervisor for the others)."""
     here = Path(__file__).parent
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("LORDBA_TEST_MARKERS", str(tmp_path))
     report = fuzz(
-        10,
-        "mutate",
+        seconds,
+        engine,
         failures_dir=tmp_path / "failures",
         case_timeout=2,
+        mem_mb=256,
         target="misbehaving_target:run_case",
         progress=False,
     )
-    assert report["unclean_kinds"] == {"crash": 1, "timeout": 1}
-    assert report["unclean"] == 2 and report["workers_started"] >= 2  # a third one if time is left
-    assert report["refused"] == report["cases"] - 2
-    saved = sorted(p.name.split("-")[0] for p in (tmp_path / "failures").glob("*.case"))
-    assert saved == ["crash", "timeout"]
+    assert report["unclean_kinds"] == {"MemoryError": 1, "crash": 1, "timeout": 1}, report["worker_errors"]
+    assert report["unclean"] == 3 and report["workers_started"] >= 2  # a third one if time is left
+    assert report["refused"] == report["cases"] - 3 and report["worker_errors"] == []
+    saved = sorted((tmp_path / "failures").glob("*.case"))
+    assert sorted(p.name.split("-")[0] for p in saved) == ["MemoryError", "crash", "timeout"]
+    assert all(decode_case(p.read_bytes()) for p in saved)  # the inputs in progress, not empty
+    assert all("of the worker process" in p.with_suffix(".txt").read_text() for p in saved if "Memory" not in p.name)
+
+
+def test_workers_need_atheris():
+    with pytest.raises(ConfigError, match="workers"):
+        fuzz(1, "mutate", workers=2, progress=False)
+
+
+def test_no_import_cycle_in_the_fuzz_package():
+    """The mutator modules import mutate_base; mutate imports them (no module imports back)."""
+    import grimp
+
+    graph = grimp.build_graph("lordba_lab", include_external_packages=False)
+    modules = sorted(m for m in graph.modules if m.startswith("lordba_lab.fuzz."))
+    cycles = [
+        (a, b) for a in modules for b in modules if a < b and graph.chain_exists(a, b) and graph.chain_exists(b, a)
+    ]
+    assert cycles == []
 
 
 def test_replay_of_a_saved_case(tmp_path, capsys):

@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 from lordba_lab.fuzz.corpus import encode_case, fix_checksum, seed_cases
-from lordba_lab.fuzz.mutate import join_weights, split_weights
+from lordba_lab.fuzz.mutate_base import join_weights, split_weights
 
 ITEM = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4}
 

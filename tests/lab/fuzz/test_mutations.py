@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from lordba.config import CONFIG_NAME, WEIGHTS_NAME
 from lordba_lab.fuzz.corpus import PREV_CONFIG, PREV_WEIGHTS, as_backups, fix_checksum, seed_cases
-from lordba_lab.fuzz.mutate import join_weights, split_weights
+from lordba_lab.fuzz.mutate_base import join_weights, split_weights
 from lordba_lab.fuzz.oracle import LOADED, REFUSED, reference_parse, run_case, value_problem
 
 SEEDS = seed_cases()

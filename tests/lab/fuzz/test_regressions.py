@@ -188,7 +188,6 @@ def test_drop_tensor_mutator_handles_a_zero_size_tensor(monkeypatch):
     with its bytes shifted the dropped entry itself (KeyError)."""
     import random
 
-    import lordba_lab.fuzz.mutate  # noqa: F401  (imports the mutator modules in order)
     from lordba_lab.fuzz import mutate_header
 
     header = {
