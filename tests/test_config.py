@@ -67,3 +67,10 @@ def test_save_and_load(tmp_path):
     cfg = LoRDBAConfig(r=4, target_modules=["q_proj"], scale_dtype="int8")
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg.to_dict()))
     assert LoRDBAConfig.from_pretrained(tmp_path) == cfg
+
+
+def test_every_field_has_help():
+    import dataclasses
+
+    for f in dataclasses.fields(LoRDBAConfig):
+        assert isinstance(f.metadata.get("help"), str) and f.metadata["help"], f.name

@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lordba._util.modules import replace_submodule
 from lordba._version import __version__
-from lordba.quant.quantize import quantizable, quantize_model, replace_module
+from lordba.quant.quantize import quantizable, quantize_model
 
 
 def _key(source: Path, backend: str, bits: int, group_size: int) -> str:
@@ -82,6 +83,6 @@ def _load(model: nn.Module, path: Path, bits: int, group_size: int) -> None:
             None, config, compute_dtype=linear.weight.dtype, device=str(linear.weight.device), initialize=False
         )
         q.load_state_dict(sd)
-        replace_module(model, name, q)
+        replace_submodule(model, name, q)
     model.lordba_quantization = {"backend": "hqq", "bits": bits, "group_size": group_size}
     torch.nn.Module.train(model, model.training)

@@ -31,46 +31,70 @@ MAX_RANK = (1 << 31) - 1
 
 @dataclass
 class LoRDBAConfig:
-    """Configuration of a LoRDBA adapter.
+    """Configuration of a LoRDBA adapter (PEFT-style: each field's help is in its ``metadata["help"]``).
 
-    Args:
-        r: rank (inner dimension) of the adapter.
-        alpha: scaling numerator; the branch is multiplied by ``s = alpha / r`` (deliberately not
-            called ``lora_alpha``, so LoRA loaders refuse LoRDBA directories).
-        target_modules: module names to adapt: a list of names or name suffixes, a regular
-            expression matched against the full module path, ``"all-linear"`` (every supported
-            linear layer but the output head), or ``None`` for ``"all-linear"``.
-        exclude_modules: names, suffixes or a regular expression of modules to leave alone.
-        rank_pattern: per-module rank overrides, ``{pattern: r}``, patterns as in PEFT
-            (a regular expression matched against the end of the module path).
-        alpha_pattern: per-module ``alpha`` overrides, same patterns.
-        scale_dtype: storage of the scale vectors: ``float32``, ``float16``, ``bfloat16`` or
-            ``int8`` (see :mod:`lordba.core.scales`).
-        init: ``"cold"`` (latents ~ N(0, 0.01²), ``b = m = 1``, ``a = 0``: a no-op at step 0) or
-            ``"random"`` (the same but ``a`` ~ N(0, 0.01²): a non-trivial adapter, for tests).
-        ste: straight-through estimator for the signs: ``"smoothsign"`` or ``"identity"``.
-        ste_k: smoothsign sharpness (backward of ``tanh(k x)``).
-        ste_clip: clipped-identity range.
-        mode: how the adapter was (or will be) trained: ``ptq``, ``qat``, ``qat-from-lora``,
-            ``scales-only``.
-        latent_dtype: dtype of the latent sign factors while training.
-        base_model_name_or_path: the base model this adapter was made for (informational).
+    Every field is validated on construction; a wrong value or type raises :class:`ConfigError`.
     """
 
-    r: int = 16
-    alpha: float = 32.0
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    scale_dtype: str = "float16"
-    init: str = "cold"
-    ste: str = "smoothsign"
-    ste_k: float = 100.0
-    ste_clip: float = 1.0
-    mode: str = "qat"
-    latent_dtype: str = "float32"
-    base_model_name_or_path: str | None = None
+    r: int = field(default=16, metadata={"help": "Rank (inner dimension) of the adapter."})
+    alpha: float = field(
+        default=32.0,
+        metadata={
+            "help": "Scaling numerator; the branch is multiplied by ``s = alpha / r`` (deliberately not called "
+            "``lora_alpha``, so LoRA loaders refuse LoRDBA directories)."
+        },
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Module names to adapt: a list of names or name suffixes, a regular expression matched "
+            "against the full module path, ``'all-linear'`` (every supported linear layer but the output "
+            "head), or ``None`` for ``'all-linear'``."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Names, suffixes or a regular expression of modules to leave alone."}
+    )
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-module rank overrides, ``{pattern: r}``, patterns as in PEFT (a regular expression "
+            "matched against the end of the module path)."
+        },
+    )
+    alpha_pattern: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Per-module ``alpha`` overrides, same patterns as ``rank_pattern``."}
+    )
+    scale_dtype: str = field(
+        default="float16",
+        metadata={
+            "help": "Storage of the scale vectors: ``float32``, ``float16``, ``bfloat16`` or ``int8`` "
+            "(see :mod:`lordba.core.scales`)."
+        },
+    )
+    init: str = field(
+        default="cold",
+        metadata={
+            "help": "``'cold'`` (latents ~ N(0, 0.01²), ``b = m = 1``, ``a = 0``: a no-op at step 0) or "
+            "``'random'`` (the same but ``a`` ~ N(0, 0.01²): a non-trivial adapter, for tests)."
+        },
+    )
+    ste: str = field(
+        default="smoothsign",
+        metadata={"help": "Straight-through estimator for the signs: ``'smoothsign'`` or ``'identity'``."},
+    )
+    ste_k: float = field(default=100.0, metadata={"help": "Smoothsign sharpness (backward of ``tanh(k x)``)."})
+    ste_clip: float = field(default=1.0, metadata={"help": "Clipped-identity range."})
+    mode: str = field(
+        default="qat",
+        metadata={
+            "help": "How the adapter was (or will be) trained: ``ptq``, ``qat``, ``qat-from-lora``, ``scales-only``."
+        },
+    )
+    latent_dtype: str = field(default="float32", metadata={"help": "Dtype of the latent sign factors while training."})
+    base_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The base model this adapter was made for (informational)."}
+    )
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -102,6 +126,7 @@ class LoRDBAConfig:
 
     @property
     def peft_type(self) -> str:
+        """``"LORDBA"``, as written to ``adapter_config.json``."""
         return PEFT_TYPE
 
     @property

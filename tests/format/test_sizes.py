@@ -49,3 +49,25 @@ def test_int8_scales_reach_ten_times_smaller_on_7b_shapes():
 def test_r_ref_compares_with_another_lora_rank():
     rep = size_report({"x": (1024, 1024, 16)}, "int8", r_ref=32)
     assert rep.modules[0].fp16_lora_bytes == 2 * 32 * 2048 and torch.isfinite(torch.tensor(rep.ratio_file))
+
+
+def test_stored_shapes_and_byte_counts_of_odd_dims():
+    from lordba.format.adapter import stored_shapes
+    from lordba.format.sizes import payload_bytes, stored_bytes
+
+    shapes = stored_shapes(10, 7, 3, "int8")
+    assert list(shapes) == ["sign_A", "sign_B", "scale_in", "scale_mid", "scale_out"]
+    assert shapes == {
+        "sign_A": (torch.uint8, (4,)),  # 30 signs -> 4 bytes
+        "sign_B": (torch.uint8, (3,)),  # 21 signs -> 3 bytes
+        "scale_in": (torch.int8, (10,)),
+        "scale_mid": (torch.float32, (3,)),
+        "scale_out": (torch.int8, (7,)),
+    }
+    assert stored_bytes(10, 7, 3, "int8") == {"sign_A": 4, "sign_B": 3, "scale_in": 10, "scale_mid": 12, "scale_out": 7}
+    assert payload_bytes(10, 7, 3, "bfloat16") == 4 + 3 + 2 * (10 + 3 + 7)
+    scales = ("scale_in", "scale_mid", "scale_out")
+    assert sum(stored_bytes(10, 7, 2, "float16")[k] for k in scales) == 38
+    assert sum(stored_bytes(10, 7, 2, "int8")[k] for k in scales) == 10 + 8 + 7
+    rep = size_report({"x": (10, 7, 3)}, "int8")
+    assert (rep.modules[0].sign_bytes, rep.modules[0].scale_bytes) == (7, 29)

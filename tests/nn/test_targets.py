@@ -18,3 +18,32 @@ def test_list_regex_and_all_linear():
 def test_suffix_matching_is_on_whole_names():
     assert matches(["q_proj"], "a.q_proj") and not matches(["proj"], "a.q_proj") and matches(["a.q_proj"], "a.q_proj")
     assert not matches(None, "x")
+
+
+def test_output_head_rule_and_submodule_replacement():
+    from torch import nn
+
+    from lordba._util.modules import is_output_head, replace_submodule
+
+    assert is_output_head("lm_head") and is_output_head("model.score") and is_output_head("classifier")
+    assert not is_output_head("model.layers.0.mlp.up_proj") and not is_output_head("lm_head.scale")
+    model = tiny_llama()
+    new = nn.Linear(1, 1)
+    replace_submodule(model, "model.layers.1.mlp.up_proj", new)
+    assert model.model.layers[1].mlp.up_proj is new
+    head = nn.Linear(1, 1)
+    replace_submodule(model, "lm_head", head)
+    assert model.lm_head is head
+
+
+def test_all_linear_and_quantization_skip_the_same_heads():
+    from torch import nn
+
+    from lordba.quant.quantize import quantizable
+
+    model = tiny_llama()
+    model.score = nn.Linear(8, 2)
+    model.model.classifier = nn.Linear(8, 2)
+    adapted = find_targets(model, None)
+    quantized = [name for name, _ in quantizable(model)]
+    assert adapted == quantized and len(adapted) == 14

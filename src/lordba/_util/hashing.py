@@ -14,6 +14,8 @@ def file_sha256(path: Path) -> str:
 
 
 def stream_sha256(f: BinaryIO) -> str:
+    """sha256 (hex) of the whole open binary file ``f``, read from its start in 1 MiB chunks;
+    ``OSError`` if it cannot be read."""
     h = hashlib.sha256()
     f.seek(0)
     for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -16,12 +16,13 @@ from typing import Any
 import torch
 
 from lordba.config import LoRDBAConfig
-from lordba.convert.budget import allocate, layer_bytes, uniform_rank
+from lordba.convert.budget import allocate, uniform_rank
 from lordba.convert.groups import SolverOptions
+from lordba.convert.layers import convert_layers, progress_bar
 from lordba.convert.peft_reader import LoraAdapter
 from lordba.errors import ConfigError
-from lordba.format.adapter import ModuleRecord
-from lordba.format.sizes import size_report
+from lordba.format.header import ModuleRecord
+from lordba.format.sizes import payload_bytes, size_report
 
 
 def convert_at_budget(
@@ -36,8 +37,6 @@ def convert_at_budget(
 ) -> tuple[LoRDBAConfig, dict[str, ModuleRecord], dict[str, dict[str, Any]], dict[str, Any]]:
     """Per-layer ranks for ``target_bpw`` (LoRA basis, whole file); returns the final config, the
     stored records, per-layer statistics and the allocation summary."""
-    from lordba.convert.pipeline import _convert, _progress
-
     dtype = base.scale_dtype
     dims = {p: (layer.in_features, layer.out_features) for p, layer in lora.layers.items()}
     lora_params = sum(layer.r * (layer.in_features + layer.out_features) for layer in lora.layers.values())
@@ -55,16 +54,18 @@ def convert_at_budget(
         )
     ranks = sorted({c for c in candidates if 1 <= c <= max(top, r_uniform)} | {r_uniform})
     results: dict[int, tuple[dict[str, ModuleRecord], dict[str, dict[str, Any]]]] = {}
-    bar = _progress(len(dims) * len(ranks), progress, f"converting at ranks {ranks}")
+    bar = progress_bar(len(dims) * len(ranks), progress, f"converting at ranks {ranks}")
     try:
         for r in ranks:
             scalings = {p: base.alpha_for(p) / r for p in dims}
-            results[r] = _convert(lora, dict.fromkeys(dims, r), scalings, dtype, opts, calibration, max_batch, bar)
+            results[r] = convert_layers(
+                lora, dict.fromkeys(dims, r), scalings, dtype, opts, calibration, max_batch, bar
+            )
     finally:
         if bar is not None:
             bar.close()
     curves = {
-        p: {r: (layer_bytes(i, o, r, dtype), (results[r][1][p]["rel_error"] * results[r][1][p]["delta_norm"]) ** 2)
+        p: {r: (payload_bytes(i, o, r, dtype), (results[r][1][p]["rel_error"] * results[r][1][p]["delta_norm"]) ** 2)
             for r in ranks}
         for p, (i, o) in dims.items()
     }  # fmt: skip

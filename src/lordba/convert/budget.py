@@ -16,22 +16,15 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from lordba.core.packing import packed_size
-from lordba.core.scales import get_codec
+from lordba.format.sizes import payload_bytes
 
 DEFAULT_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32)
-
-
-def layer_bytes(in_features: int, out_features: int, r: int, scale_dtype: str) -> int:
-    """Payload bytes of one layer at rank ``r``: packed signs plus the stored scales."""
-    signs = packed_size(r * in_features) + packed_size(out_features * r)
-    return signs + get_codec(scale_dtype).nbytes(in_features, r, out_features)
 
 
 def uniform_rank(dims: dict[str, tuple[int, int]], budget: int, scale_dtype: str) -> int | None:
     """The largest rank ``r`` that fits every layer (``dims``: path → (in, out)) in ``budget`` bytes."""
     best, r = None, 1
-    while sum(layer_bytes(i, o, r, scale_dtype) for i, o in dims.values()) <= budget:
+    while sum(payload_bytes(i, o, r, scale_dtype) for i, o in dims.values()) <= budget:
         best, r = r, r + 1
     return best
 

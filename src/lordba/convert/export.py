@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lordba._util.dtypes import DTYPES
 from lordba.core.packing import unpack_signs
 from lordba.core.scales import get_codec
 from lordba.errors import ConfigError
@@ -24,7 +25,7 @@ from lordba.format.atomic import atomic_directory
 from lordba.format.sizes import peft_lora_key
 from lordba.format.tensorfile import to_bytes
 
-EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+EXPORT_DTYPES = ("float16", "bfloat16", "float32")  # names in lordba._util.dtypes.DTYPES
 
 
 def lora_factors(rec: ModuleRecord, scale_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,8 +57,8 @@ def export_lora(
     alphas: dict[str, float] = {}
     for path, rec in adapter.modules.items():
         lora_A, lora_B = lora_factors(rec, config.scale_dtype)
-        tensors[peft_lora_key(path, "A")] = lora_A.to(EXPORT_DTYPES[dtype]).contiguous()
-        tensors[peft_lora_key(path, "B")] = lora_B.to(EXPORT_DTYPES[dtype]).contiguous()
+        tensors[peft_lora_key(path, "A")] = lora_A.to(DTYPES[dtype]).contiguous()
+        tensors[peft_lora_key(path, "B")] = lora_B.to(DTYPES[dtype]).contiguous()
         if rec.r != config.r:
             ranks[path] = rec.r
         if config.alpha_for(path) != config.alpha:

@@ -65,6 +65,7 @@ class Factors:
 
     @property
     def r(self) -> int:
+        """The rank (rows of ``sign_A``)."""
         return self.sign_A.shape[-2]
 
     def left(self) -> torch.Tensor:

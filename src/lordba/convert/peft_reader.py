@@ -64,10 +64,12 @@ class LoraLayer:
 
     @property
     def in_features(self) -> int:
+        """Input features (columns of ``A``)."""
         return self.A.shape[1]
 
     @property
     def out_features(self) -> int:
+        """Output features (rows of ``B``)."""
         return self.B.shape[0]
 
 

@@ -17,16 +17,16 @@ from typing import Any
 import torch
 
 from lordba.config import LoRDBAConfig
-from lordba.convert.budget import DEFAULT_CANDIDATES, layer_bytes
-from lordba.convert.groups import SolverOptions, solve_group
-from lordba.convert.peft_reader import LoraAdapter, LoraLayer, read_peft_dir, read_peft_model
+from lordba.convert.allocate import convert_at_budget
+from lordba.convert.budget import DEFAULT_CANDIDATES
+from lordba.convert.groups import SolverOptions
+from lordba.convert.layers import convert_layers, progress_bar
+from lordba.convert.peft_reader import LoraAdapter, read_peft_dir, read_peft_model
 from lordba.convert.report import SIDECAR_NAME, ConversionReport, LayerReport
-from lordba.core.packing import pack_signs
-from lordba.core.scales import get_codec
 from lordba.errors import ConfigError, ConversionError, LoRDBAError
-from lordba.format.adapter import AdapterState, ModuleRecord
+from lordba.format.adapter import AdapterState
 from lordba.format.atomic import atomic_directory
-from lordba.format.sizes import size_report
+from lordba.format.sizes import lora_file_bytes, payload_bytes, size_report
 
 
 def read_lora(
@@ -64,95 +64,6 @@ def _base_config(
     if config.base_model_name_or_path is None and lora.base_model_name_or_path:
         changes["base_model_name_or_path"] = lora.base_model_name_or_path
     return dataclasses.replace(config, **changes)
-
-
-def _groups(layers: Sequence[LoraLayer], ranks: dict[str, int], max_batch: int) -> list[list[LoraLayer]]:
-    by_shape: dict[tuple[int, int, int, int], list[LoraLayer]] = {}
-    for layer in layers:
-        key = (layer.out_features, layer.in_features, layer.r, ranks[layer.path])
-        by_shape.setdefault(key, []).append(layer)
-    return [group[i : i + max_batch] for key in sorted(by_shape) for group in [by_shape[key]]
-            for i in range(0, len(group), max_batch)]  # fmt: skip
-
-
-def _convert(
-    lora: LoraAdapter,
-    ranks: dict[str, int],
-    scalings: dict[str, float],
-    scale_dtype: str,
-    opts: SolverOptions,
-    calibration: dict[str, torch.Tensor] | None,
-    max_batch: int,
-    progress: Any,
-) -> tuple[dict[str, ModuleRecord], dict[str, dict[str, Any]]]:
-    """Convert every layer at ``ranks``; returns stored records and per-layer statistics."""
-    codec = get_codec(scale_dtype)
-    records, stats = {}, {}
-    for group in _groups(list(lora.layers.values()), ranks, max_batch):
-        r = ranks[group[0].path]
-        A = torch.stack([layer.A for layer in group])
-        B = torch.stack([layer.B for layer in group])
-        factor = torch.tensor([layer.scaling / scalings[layer.path] for layer in group], dtype=torch.float64)
-        moments = None
-        if calibration is not None:
-            missing = [layer.path for layer in group if layer.path not in calibration]
-            if missing:
-                raise ConversionError(f"calibration has no statistics for module(s) {missing[:4]}")
-            moments = torch.stack([calibration[layer.path].float() for layer in group])
-            if moments.shape[-1] != A.shape[-1] or not bool(torch.isfinite(moments).all()):
-                raise ConversionError(f"calibration statistics for {group[0].path!r} must be finite [in] vectors")
-        res = solve_group(B, A, r, factor, codec, opts, moments)
-        f = res.factors
-        for i, layer in enumerate(group):
-            scale_in, scale_mid, scale_out = codec.encode(f.b[i], f.m[i], f.a[i])
-            records[layer.path] = ModuleRecord(
-                layer.path,
-                layer.in_features,
-                layer.out_features,
-                r,
-                {
-                    "sign_A": pack_signs(f.sign_A[i]),
-                    "sign_B": pack_signs(f.sign_B[i]),
-                    "scale_in": scale_in.contiguous(),
-                    "scale_mid": scale_mid.contiguous(),
-                    "scale_out": scale_out.contiguous(),
-                },
-            )
-            stats[layer.path] = {
-                "delta_norm": float(res.target_norm[i]) * scalings[layer.path],
-                "rel_error": float(res.rel_error[i]),
-                "rel_error_float": float(res.rel_error_float[i]),
-                "rel_error_init": float(res.rel_error_init[i]),
-                "rel_error_weighted": None if res.rel_error_weighted is None else float(res.rel_error_weighted[i]),
-                "rmr_A": float(res.rmr_A[i]),
-                "rmr_B": float(res.rmr_B[i]),
-                "rmr_A_gauge": float(res.rmr_A_gauge[i]),
-                "rmr_B_gauge": float(res.rmr_B_gauge[i]),
-                "gauge": res.gauges[i],
-                "iterations": int(res.iterations[i]),
-            }
-        if progress is not None:
-            progress.update(len(group))
-    return records, stats
-
-
-def _progress(total: int, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="layer")
-
-
-def _lora_file_bytes(lora: LoraAdapter) -> int:
-    from lordba.format.sizes import peft_lora_key
-    from lordba.format.tensorfile import file_size
-
-    entries = []
-    for p, layer in lora.layers.items():
-        entries.append((peft_lora_key(p, "A"), torch.float16, (layer.r, layer.in_features)))
-        entries.append((peft_lora_key(p, "B"), torch.float16, (layer.out_features, layer.r)))
-    return file_size(entries, {"format": "pt"})
 
 
 def convert_lora(
@@ -198,16 +109,14 @@ def convert_lora(
     if target_bpw is None:
         ranks = {p: base.rank_for(p) for p in lora.layers}
         scalings = {p: base.scaling_for(p) for p in lora.layers}
-        bar = _progress(len(lora.layers), progress, "converting")
+        bar = progress_bar(len(lora.layers), progress, "converting")
         try:
-            records, stats = _convert(lora, ranks, scalings, base.scale_dtype, opts, calibration, max_batch, bar)
+            records, stats = convert_layers(lora, ranks, scalings, base.scale_dtype, opts, calibration, max_batch, bar)
         finally:
             if bar is not None:
                 bar.close()
         final = base
     else:
-        from lordba.convert.allocate import convert_at_budget
-
         final, records, stats, allocation = convert_at_budget(
             lora, base, float(target_bpw), opts, calibration, max_batch, progress, rank_candidates or DEFAULT_CANDIDATES
         )
@@ -227,7 +136,7 @@ def _report(
     layers = []
     for path, rec in state.modules.items():
         src = lora.layers[path]
-        payload = layer_bytes(rec.in_features, rec.out_features, rec.r, dtype)
+        payload = payload_bytes(rec.in_features, rec.out_features, rec.r, dtype)
         layers.append(
             LayerReport(
                 path=path,
@@ -249,7 +158,7 @@ def _report(
         layers=layers,
         size=size,
         bpw_lora=8 * size.file_bytes / lora_params,
-        lora_fp16_file_bytes=_lora_file_bytes(lora),
+        lora_fp16_file_bytes=lora_file_bytes({p: (x.in_features, x.out_features, x.r) for p, x in lora.layers.items()}),
         allocation=allocation,
     )
 

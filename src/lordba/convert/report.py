@@ -47,6 +47,7 @@ class LayerReport:
     bpw_dw: float
 
     def row(self) -> list[Any]:
+        """This layer's values in the order of the report table's columns."""
         return [self.path, self.in_features, self.out_features, self.r_lora, self.r, self.rel_error,
                 self.rel_error_init, self.rmr_A, self.rmr_B, self.rmr_A_gauge, self.rmr_B_gauge, self.iterations,
                 self.payload_bytes, self.bpw_lora]  # fmt: skip
@@ -76,9 +77,11 @@ class ConversionReport:
 
     @property
     def mean_rel_error(self) -> float:
+        """Unweighted mean of the layers' relative errors (0 without layers)."""
         return sum(lr.rel_error for lr in self.layers) / max(len(self.layers), 1)
 
     def totals(self) -> dict[str, Any]:
+        """Whole-adapter figures: errors, bytes, size ratio and BPW, as a dict."""
         return {
             "layers": len(self.layers),
             "rel_error": self.total_rel_error,
@@ -109,6 +112,7 @@ class ConversionReport:
         return out
 
     def write_json(self, path: str | Path, timing: bool = True) -> Path:
+        """Write :meth:`to_dict` as JSON to ``path`` and return it; ``OSError`` if it cannot be written."""
         path = Path(path)
         path.write_text(json.dumps(self.to_dict(timing), indent=2) + "\n")
         return path
@@ -137,6 +141,7 @@ class ConversionReport:
         return rows
 
     def to_markdown(self) -> str:
+        """The report as Markdown: a totals table and a per-layer table."""
         return (
             f"# LoRDBA conversion of {self.source}\n\n## Total\n\n"
             + markdown_table(["", "value"], self._total_rows())

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lordba._util.dtypes import DTYPES
 from lordba.errors import ConfigError
 
 SCALE_DTYPES = ("float32", "float16", "bfloat16", "int8")
-_FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _INT8_MAX = 127.0
 
 
@@ -55,13 +55,8 @@ class ScaleCodec:
         """Dtypes of the stored ``(scale_in, scale_mid, scale_out)`` tensors."""
         if self.name == "int8":
             return (torch.int8, torch.float32, torch.int8)
-        dt = _FLOAT_DTYPES[self.name]
+        dt = DTYPES[self.name]
         return (dt, dt, dt)
-
-    def nbytes(self, in_features: int, r: int, out_features: int) -> int:
-        """Bytes of the three stored vectors."""
-        sizes = (in_features, r, out_features)
-        return sum(n * torch.empty(0, dtype=dt).element_size() for n, dt in zip(sizes, self.stored_dtypes))
 
     def _int8_parts(
         self, b: torch.Tensor, m: torch.Tensor, a: torch.Tensor, rounding: Callable[[torch.Tensor], torch.Tensor]
@@ -84,7 +79,7 @@ class ScaleCodec:
         if self.name == "int8":
             code_b, mid, code_a = self._int8_parts(b.float(), m.float(), a.float(), _RoundSTE.apply)
             return code_b / _INT8_MAX, mid, code_a / _INT8_MAX
-        dt = _FLOAT_DTYPES[self.name]
+        dt = DTYPES[self.name]
         return tuple(v.to(dt).float() for v in (b, m, a))  # type: ignore[return-value]
 
     @torch.no_grad()
@@ -95,7 +90,7 @@ class ScaleCodec:
         if self.name == "int8":
             code_b, mid, code_a = self._int8_parts(b.float(), m.float(), a.float(), torch.round)
             return code_b.to(torch.int8), mid.float(), code_a.to(torch.int8)
-        dt = _FLOAT_DTYPES[self.name]
+        dt = DTYPES[self.name]
         return b.detach().to(dt), m.detach().to(dt), a.detach().to(dt)
 
     def decode(

@@ -1,6 +1,7 @@
 """Adapter size accounting (SPEC §2): bytes, bits per weight on two bases, ratio to fp16 LoRA.
 
-* payload: packed signs ``r·(in+out)/8`` plus the stored scale vectors, per module;
+* payload: packed signs ``r·(in+out)/8`` plus the stored scale vectors, per module (the bytes of
+  the tensors :func:`lordba.format.header.stored_shapes` describes);
 * file: the exact ``lordba_model.safetensors`` size, headers included;
 * the fp16 LoRA of reference rank ``r_ref`` (default: the same rank): ``2·r_ref·(in+out)`` bytes
   per module, and the exact size of the ``adapter_model.safetensors`` PEFT would write for it.
@@ -15,14 +16,52 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lordba.core.packing import packed_size
-from lordba.core.scales import get_codec
-from lordba.format.tensorfile import file_size
+from lordba.format.header import ModuleRecord, lordba_metadata, stored_shapes
+from lordba.format.tensorfile import file_size, nbytes
+
+_SIGNS = ("sign_A", "sign_B")
 
 
 def peft_lora_key(module_path: str, factor: str) -> str:
     """The tensor name PEFT writes for a LoRA factor (``"A"`` or ``"B"``) of a module."""
     return f"base_model.model.{module_path}.lora_{factor}.weight"
+
+
+def stored_bytes(in_features: int, out_features: int, r: int, scale_dtype: str) -> dict[str, int]:
+    """Bytes of each of the five tensors stored for a module of these dims and rank, ``{kind: bytes}``
+    (:func:`~lordba.format.header.stored_shapes`); :class:`ConfigError` for an unknown ``scale_dtype``."""
+    return {
+        kind: nbytes(dtype, shape)
+        for kind, (dtype, shape) in stored_shapes(in_features, out_features, r, scale_dtype).items()
+    }
+
+
+def payload_bytes(in_features: int, out_features: int, r: int, scale_dtype: str) -> int:
+    """Payload bytes of one module (packed signs plus stored scales, no file header); raises as
+    :func:`stored_bytes`."""
+    return sum(stored_bytes(in_features, out_features, r, scale_dtype).values())
+
+
+def lora_file_bytes(dims: dict[str, tuple[int, int, int]]) -> int:
+    """Exact size of the ``adapter_model.safetensors`` PEFT writes for an fp16 LoRA with
+    ``dims`` = ``{module path: (in, out, r)}``."""
+    entries = []
+    for path, (in_f, out_f, r) in dims.items():
+        entries.append((peft_lora_key(path, "A"), torch.float16, (r, in_f)))
+        entries.append((peft_lora_key(path, "B"), torch.float16, (out_f, r)))
+    return file_size(entries, {"format": "pt"})
+
+
+def adapter_file_bytes(dims: dict[str, tuple[int, int, int]], scale_dtype: str) -> int:
+    """Exact size of the ``lordba_model.safetensors`` of an adapter with ``dims`` = ``{module path:
+    (in, out, r)}``, headers included; raises as :func:`stored_bytes`."""
+    records = {p: ModuleRecord(p, *dims[p]) for p in dims}
+    entries = [
+        (f"{p}.{kind}", dtype, shape)
+        for p, rec in records.items()
+        for kind, (dtype, shape) in rec.expected(scale_dtype).items()
+    ]
+    return file_size(entries, lordba_metadata(scale_dtype, records))
 
 
 @dataclass
@@ -59,6 +98,7 @@ class SizeReport:
     ratio_file: float
 
     def to_dict(self) -> dict:
+        """The report as a JSON-ready dict (modules as a list of dicts)."""
         return asdict(self)
 
     def summary(self) -> str:
@@ -82,15 +122,14 @@ def size_report(
     ``file_bytes`` is the real weights-file size if known (else computed exactly for the format);
     ``r_ref`` is the rank of the fp16 LoRA to compare with (default: each module's own rank).
     """
-    codec = get_codec(scale_dtype)
     rows: list[ModuleSize] = []
-    lora_entries = []
     for path in sorted(dims):
         in_f, out_f, r = dims[path]
         ref = r_ref or r
-        signs = packed_size(r * in_f) + packed_size(out_f * r)
-        scales = codec.nbytes(in_f, r, out_f)
-        payload = signs + scales
+        stored = stored_bytes(in_f, out_f, r, scale_dtype)
+        signs = sum(stored[kind] for kind in _SIGNS)
+        payload = sum(stored.values())
+        scales = payload - signs
         lora = 2 * ref * (in_f + out_f)
         rows.append(
             ModuleSize(
@@ -108,21 +147,11 @@ def size_report(
                 ratio=lora / payload,
             )
         )
-        lora_entries.append((peft_lora_key(path, "A"), torch.float16, (ref, in_f)))
-        lora_entries.append((peft_lora_key(path, "B"), torch.float16, (out_f, ref)))
     if file_bytes is None:
-        from lordba.format.adapter import ModuleRecord, lordba_metadata
-
-        records = {p: ModuleRecord(p, *dims[p]) for p in dims}
-        entries = [
-            (f"{p}.{kind}", dtype, shape)
-            for p, rec in records.items()
-            for kind, (dtype, shape) in rec.expected(scale_dtype).items()
-        ]
-        file_bytes = file_size(entries, lordba_metadata(scale_dtype, records))
+        file_bytes = adapter_file_bytes(dims, scale_dtype)
     payload = sum(m.payload_bytes for m in rows)
     lora_payload = sum(m.fp16_lora_bytes for m in rows)
-    lora_file = file_size(lora_entries, {"format": "pt"})
+    lora_file = lora_file_bytes({m.path: (m.in_features, m.out_features, m.r_ref) for m in rows})
     return SizeReport(
         scale_dtype=scale_dtype,
         modules=rows,

@@ -16,17 +16,24 @@ from collections.abc import Iterable
 
 import torch
 
-ST_DTYPE_NAMES = {
-    torch.uint8: "U8",
-    torch.int8: "I8",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float32: "F32",
+# The safetensors dtype names of the dtypes lordba stores, both ways.
+ST_DTYPES: dict[str, torch.dtype] = {
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
 }
+ST_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
 
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
+
+
+def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    """Bytes of the raw data of a tensor of ``dtype`` and ``shape`` (as stored in a safetensors file)."""
+    return math.prod(shape) * _itemsize(dtype)
 
 
 def _header(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, int]:
@@ -36,7 +43,7 @@ def _header(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadat
         header["__metadata__"] = dict(sorted(metadata.items()))
     offset = 0
     for name, dtype, shape in ordered:
-        n = math.prod(shape) * _itemsize(dtype)
+        n = nbytes(dtype, shape)
         header[name] = {"dtype": ST_DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from lordba._util.modules import is_output_head
 from lordba._util.patterns import ALL_LINEAR, matches
 from lordba.errors import TargetModulesError
 from lordba.nn.layer import LoRDBALinear
@@ -47,7 +48,7 @@ def find_targets(
         if supported:
             linear_names.append(name)
         if all_linear:
-            hit = supported and module is not head and not _is_output_head(name)
+            hit = supported and module is not head and not is_output_head(name)
         else:
             hit = matches(target_modules, name)
         if not hit or matches(exclude_modules, name):
@@ -70,7 +71,3 @@ def find_targets(
             f"(its linear layers are named: {sample})"
         )
     return found
-
-
-def _is_output_head(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in ("lm_head", "score", "classifier")

@@ -21,6 +21,8 @@ def _bnb():
 
 
 class BnbNF4Backend(BaseBackend):
+    """bitsandbytes ``Linear4bit`` (NF4) layers; merging requantizes into a new layer."""
+
     name = "bnb"
     in_place_merge = False
     bits = 4.0

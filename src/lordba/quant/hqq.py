@@ -24,6 +24,8 @@ def _hqq_linear_cls() -> type | None:
 
 
 class HQQBackend(BaseBackend):
+    """HQQ ``HQQLinear`` layers; merging requantizes into a new layer with the same settings."""
+
     name = "hqq"
     in_place_merge = False
 

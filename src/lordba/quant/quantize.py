@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lordba._util.modules import is_output_head, replace_submodule
 from lordba.errors import ConfigError
 from lordba.quant.backend import resolve_backend
 
@@ -17,15 +18,17 @@ def quantize_model(
     backend: str = "hqq",
     bits: int = 4,
     group_size: int = 64,
-    skip: tuple[str, ...] = ("lm_head",),
+    skip: tuple[str, ...] = (),
     progress: bool = False,
 ) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` (but the output head and ``skip``) with a frozen
-    weight-only quantized layer and return the model.
+    """Replace every ``nn.Linear`` of ``model`` (but the output head and modules whose last name is
+    in ``skip``) with a frozen weight-only quantized layer and return the model.
 
     ``backend="hqq"`` (default): HQQ, ``bits`` ∈ {1, 2, 3, 4, 8}, groups of ``group_size``.
     ``backend="bnb"``: bitsandbytes NF4 (``bits`` must be 4; block size 64).
     ``backend="none"``: leave the base unquantized.
+    Every parameter of ``model`` is frozen. Raises :class:`ConfigError` for an unknown backend or
+    unsupported ``bits``.
     """
     if backend not in QUANT_BACKENDS:
         raise ConfigError(f"quantization backend must be one of {QUANT_BACKENDS}, got {backend!r}")
@@ -48,24 +51,22 @@ def quantize_model(
             from lordba.quant.bnb import quantize_linear_bnb
 
             new = quantize_linear_bnb(linear, compute_dtype)
-        replace_module(model, name, new)
+        replace_submodule(model, name, new)
     model.lordba_quantization = {"backend": backend, "bits": bits, "group_size": group_size}
     return model
 
 
-def quantizable(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[tuple[str, nn.Linear]]:
-    """The ``(path, nn.Linear)`` pairs :func:`quantize_model` replaces (all but the output head)."""
+def quantizable(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[str, nn.Linear]]:
+    """The ``(path, nn.Linear)`` pairs :func:`quantize_model` replaces: every plain ``nn.Linear`` but
+    the output head (the model's output embeddings, or a name :func:`is_output_head` accepts) and
+    those whose last name is in ``skip``."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [
         (name, m)
         for name, m in model.named_modules()
-        if type(m) is nn.Linear and m is not head and name.rsplit(".", 1)[-1] not in skip
+        if type(m) is nn.Linear and m is not head and not is_output_head(name) and name.rsplit(".", 1)[-1] not in skip
     ]
 
-
-def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_name, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def base_bits(model: nn.Module) -> dict[str, float]:

@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +44,10 @@ class TrainSettings:
 
 @dataclass
 class TrainResult:
+    """What a run of :func:`train_loop` returns: its log (``{"step", "loss", "lr"}`` entries and eval
+    entries), wall seconds, the step it resumed from, and a peak resident memory in bytes for callers
+    that measure it."""
+
     log: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: int = 0
@@ -141,6 +145,3 @@ def write_log(out_dir: Path, log: list[dict]) -> None:
     clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in e.items()} for e in log]
     atomic_write_bytes(Path(out_dir) / "train_log.json", (json.dumps(clean, indent=1) + "\n").encode())
 
-
-def settings_dict(settings: TrainSettings) -> dict:
-    return asdict(settings)

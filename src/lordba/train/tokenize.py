@@ -75,6 +75,7 @@ class Batcher:
         return torch.randperm(len(self.rows), generator=g).tolist()
 
     def batch(self, k: int) -> dict[str, torch.Tensor]:
+        """Batch number ``k`` (any ``k >= 0``; epochs reshuffle), collated by :func:`collate`."""
         per_epoch = len(self.rows) // self.batch_size
         epoch, pos = divmod(k, per_epoch)
         idx = self._order(epoch)[pos * self.batch_size : (pos + 1) * self.batch_size]
