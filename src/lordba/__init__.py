@@ -24,7 +24,8 @@ from lordba.errors import (
 )
 from lordba.format.adapter import AdapterState, read_adapter
 from lordba.format.sizes import SizeReport, size_report
-from lordba.nn.layer import DoubleBinaryAdapter, LoRDBALinear
+from lordba.nn.adapter import PackedAdapter, TrainableAdapter
+from lordba.nn.layer import LoRDBALinear
 from lordba.nn.model import LoRDBAModel, get_lordba_model
 
 __all__ = [
@@ -35,14 +36,15 @@ __all__ = [
     "ConversionError",
     "ConversionReport",
     "DataError",
-    "DoubleBinaryAdapter",
     "LoRDBAConfig",
     "LoRDBAError",
     "LoRDBALinear",
     "LoRDBAModel",
+    "PackedAdapter",
     "ShapeMismatchError",
     "SizeReport",
     "TargetModulesError",
+    "TrainableAdapter",
     "TrainingError",
     "__version__",
     "convert_lora",

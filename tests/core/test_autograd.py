@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lordba.core.autograd import branch, reference_delta
+from lordba.core.autograd import reference_delta, sign_branch
 from lordba.core.ste import STE, SignSTE
 
 
@@ -27,7 +27,7 @@ def test_forward_matches_independent_dense_computation():
     x, lat_A, lat_B, b, m, a = _rand(0)
     S_A, S_B = np.where(lat_A.numpy() >= 0, 1.0, -1.0), np.where(lat_B.numpy() >= 0, 1.0, -1.0)
     expected = _dense_numpy(x.numpy(), S_A, S_B, b.numpy(), m.numpy(), a.numpy(), 2.5)
-    got = branch(x, lat_A, lat_B, b, m, a, 2.5, STE())
+    got = sign_branch(x, lat_A, lat_B, b, m, a, 2.5, STE())
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
     ref = reference_delta(x, torch.tensor(S_A), torch.tensor(S_B), b, m, a, 2.5)
     assert torch.equal(ref, got.detach())
@@ -39,7 +39,7 @@ def test_fused_backward_equals_autograd_of_the_unfused_chain(ste):
     s = 0.75
     leaves = [t.clone().requires_grad_(True) for t in (x, lat_A, lat_B, b, m, a)]
     g_out = torch.randn(2, 5, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
-    branch(*leaves[:3], *leaves[3:], s, ste).backward(g_out)
+    sign_branch(*leaves[:3], *leaves[3:], s, ste).backward(g_out)
     fused = [t.grad for t in leaves]
 
     leaves2 = [t.clone().requires_grad_(True) for t in (x, lat_A, lat_B, b, m, a)]
@@ -55,7 +55,7 @@ def test_fixed_signs_get_no_gradient_and_bf16_inputs_work():
     S_A, S_B = torch.sign(lat_A).float(), torch.sign(lat_B).float()
     xb = x.bfloat16().requires_grad_(True)
     scales = [t.float().requires_grad_(True) for t in (b, m, a)]
-    out = branch(xb, S_A, S_B, *scales, 1.0)
+    out = sign_branch(xb, S_A, S_B, *scales, 1.0)
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert xb.grad is not None and xb.grad.dtype == torch.bfloat16
@@ -74,7 +74,7 @@ def test_training_saves_only_input_and_rank_sized_activation():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        branch(xf, params[0], params[1], *params[2:], 1.0, STE())
+        sign_branch(xf, params[0], params[1], *params[2:], 1.0, STE())
     own = {xf.data_ptr()} | {p.data_ptr() for p in params}
     activation = [t for t in saved if t.data_ptr() not in own]
     assert sum(t.numel() for t in activation) == 4 * 64 * 4  # h1 only: tokens × r

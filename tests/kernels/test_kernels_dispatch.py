@@ -11,7 +11,8 @@ from lordba import ConfigError, LoRDBAConfig, get_lordba_model, kernels
 from lordba.core.autograd import reference_delta
 from lordba.core.scales import get_codec
 from lordba.core.ste import STE
-from lordba.nn.layer import ROUTING, DoubleBinaryAdapter, LoRDBALinear, Routing
+from lordba.nn.adapter import TrainableAdapter
+from lordba.nn.layer import ROUTING, LoRDBALinear, Routing, route_index
 
 from conftest import tiny_llama
 
@@ -22,7 +23,7 @@ def make_layer(in_f, out_f, r, seed=0, scale_dtype="float32", names=("a",)):
     torch.manual_seed(seed)
     layer = LoRDBALinear(nn.Linear(in_f, out_f))
     for i, name in enumerate(names):
-        ad = DoubleBinaryAdapter(in_f, out_f, r + i, 1.5, get_codec(scale_dtype), STE(), init="random")
+        ad = TrainableAdapter(in_f, out_f, r + i, 1.5, get_codec(scale_dtype), STE(), init="random")
         with torch.no_grad():
             ad.scale_in.uniform_(0.5, 1.5)
             ad.scale_mid.uniform_(0.5, 1.5)
@@ -30,6 +31,18 @@ def make_layer(in_f, out_f, r, seed=0, scale_dtype="float32", names=("a",)):
         layer.add_adapter(name, ad)
     layer.set_adapter(names[0])
     return layer
+
+
+def pack(layer, name="a"):
+    """Put adapter ``name`` of ``layer`` into its inference form; returns it."""
+    layer.add_adapter(name, layer.lordba_adapters[name].pack())
+    return layer.lordba_adapters[name]
+
+
+def freeze(layer, name="a"):
+    """Adapter ``name`` with frozen packed signs and float32 scale parameters; returns it."""
+    layer.add_adapter(name, layer.lordba_adapters[name].freeze_signs())
+    return layer.lordba_adapters[name]
 
 
 def reference(layer, x, name="a"):
@@ -56,7 +69,7 @@ def each_mode(request):
 )
 def test_every_mode_matches_the_reference_layer(lead, in_f, out_f, r, dtype, seed):
     layer = make_layer(in_f, out_f, r, seed).to(dtype)
-    layer.lordba_adapters["a"].pack()
+    pack(layer)
     x = torch.randn(*lead, in_f).to(dtype)
     want = reference(layer, x)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
@@ -81,11 +94,12 @@ def test_latent_and_packed_forms_are_bit_identical_in_every_mode(each_mode):
     for x in (torch.randn(1, 37), torch.randn(4, 6, 37)):
         with torch.no_grad():
             latent = layer(x)
-            for ad in layer.lordba_adapters.values():
-                ad.pack()
+            trained = dict(layer.lordba_adapters.items())
+            for name in trained:
+                pack(layer, name)
             packed = layer(x)
-            for ad in layer.lordba_adapters.values():
-                ad.unpack_to_latent(0.3)
+            for name, ad in trained.items():
+                layer.add_adapter(name, ad)
         assert torch.equal(latent, packed), each_mode
 
 
@@ -101,8 +115,7 @@ def test_training_path_is_unchanged_and_close_to_inference():
 
 def test_a_trainable_base_still_gets_its_gradient_past_a_frozen_adapter():
     layer = make_layer(21, 13, 3)
-    layer.lordba_adapters["a"].pack()
-    layer.lordba_adapters["a"].requires_grad_(False)
+    pack(layer)
     layer.base_layer.weight.requires_grad_(True)
     x = torch.randn(4, 21)
     out = layer(x)
@@ -114,15 +127,13 @@ def test_a_trainable_base_still_gets_its_gradient_past_a_frozen_adapter():
 
 def test_caches_follow_in_place_writes():
     layer = make_layer(30, 20, 4)
-    ad = layer.lordba_adapters["a"]
-    ad.pack()
+    ad = pack(layer)
     x = torch.randn(3, 30)
     with torch.no_grad():
         before = layer(x)
         ad.scale_out.mul_(2.0)  # optimizer-like in-place write bumps the version counter
         torch.testing.assert_close(layer(x) - layer.base_layer(x), 2 * (before - layer.base_layer(x)))
-        other = make_layer(30, 20, 4, seed=9).lordba_adapters["a"]
-        other.pack()
+        other = make_layer(30, 20, 4, seed=9).lordba_adapters["a"].pack()
         ad.load_stored(other.stored_tensors())  # what hotswap_adapter does
         torch.testing.assert_close(layer(x), reference(layer, x).float(), rtol=1e-5, atol=1e-5)
         with kernels.mode("dense"):
@@ -134,36 +145,33 @@ def test_caches_follow_in_place_writes():
 
 def test_cache_memory_is_reported():
     layer = make_layer(64, 48, 8)
-    ad = layer.lordba_adapters["a"]
-    ad.pack()
-    kernels.cache.clear(layer)
-    assert kernels.cache.cache_nbytes(layer)["total"] == 0
+    ad = freeze(layer)
+    assert ad.cache_nbytes()["total"] == 0
     with torch.no_grad():
         layer(torch.randn(2, 64))
-        sizes = kernels.cache.cache_nbytes(layer)  # float32 scales: the cache views the parameters
+        sizes = ad.cache_nbytes()  # float32 scales: the cache views the parameters
         assert sizes == {"scales": 0, "signs": 0, "dense": 0, "total": 0}
         with kernels.mode("dense"):
             layer(torch.randn(2, 64))
-        assert kernels.cache.cache_nbytes(layer)["dense"] == 4 * 8 * (64 + 48)
-        ad.unpack_to_latent()
+        assert ad.cache_nbytes()["dense"] == 4 * 8 * (64 + 48)
+        ad.clear_cache()
+        assert ad.cache_nbytes()["total"] == 0
+        layer.add_adapter("a", ad.unfreeze_signs())
         layer(torch.randn(2, 64))
-        assert kernels.cache.cache_nbytes(layer)["signs"] == (8 * 64 + 48 * 8) // 8
-    kernels.cache.clear(layer)
-    assert kernels.cache.cache_nbytes(layer)["total"] == 0
+        assert layer.lordba_adapters["a"].cache_nbytes()["signs"] == (8 * 64 + 48 * 8) // 8
 
 
 def test_decoded_scales_are_copied_only_when_they_differ_from_the_parameters():
     layer = make_layer(64, 48, 8, scale_dtype="int8")  # latent int8 scales: decoding rounds them
-    ad = layer.lordba_adapters["a"]
-    ad.pack()
+    ad = freeze(layer)
     x = torch.randn(2, 64)
     with torch.no_grad():
         trained = layer(x)
-        assert kernels.cache.cache_nbytes(layer)["scales"] == 4 * (64 + 8 + 48)
+        assert ad.cache_nbytes()["scales"] == 4 * (64 + 8 + 48)
         ad.load_stored(ad.stored_tensors())  # as loaded from its file: parameters hold decoded values
-        assert kernels.cache.cache_nbytes(layer)["scales"] == 4 * (64 + 8 + 48)  # not rebuilt before a call
+        assert ad.cache_nbytes()["scales"] == 4 * (64 + 8 + 48)  # not rebuilt before a call
         loaded = layer(x)
-        assert kernels.cache.cache_nbytes(layer)["total"] == 0
+        assert ad.cache_nbytes()["total"] == 0
         assert torch.equal(loaded, trained)  # the file's adapter computes exactly what the trained one did
         ad.scale_in.mul_(0.5)  # a write to the viewed parameter is seen through the version counter
         torch.testing.assert_close(layer(x), reference(layer, x).float(), rtol=1e-5, atol=1e-5)
@@ -177,7 +185,7 @@ def test_fallback_without_extension(monkeypatch):
     with pytest.warns(kernels.KernelFallbackWarning, match="LORDBA_NO_EXT"), torch.no_grad():
         latent = layer(x)
     assert not kernels.cpu_available()
-    layer.lordba_adapters["a"].pack()
+    pack(layer)
     with torch.no_grad():
         packed = layer(x)
         with kernels.mode("torch"):
@@ -197,14 +205,14 @@ def test_mode_switches_and_dispatch_rule():
         big = kernels.sign_max_tokens(11008, 4096, 16, torch.float32, isa)
         assert 1 <= big <= small
         assert kernels.sign_max_tokens(576, 1536, 16, torch.bfloat16, isa) >= small
-    ad = make_layer(8, 8, 2).lordba_adapters["a"]
-    assert kernels._limit("sign", ad, torch.float32) > 10**9 and kernels._limit("unpack", ad, torch.float32) < 0
+    assert kernels.dispatch_limit(8, 8, 2, torch.float32, "sign") > 10**9
+    assert kernels.dispatch_limit(8, 8, 2, torch.float32, "unpack") < 0
 
 
 def test_mixed_batch_routing_uses_shared_indices():
     layer = make_layer(24, 10, 3, names=("a", "b"))
     names = ("b", "__base__", "a", "b")
-    assert kernels.route_index(names, torch.device("cpu")) is kernels.route_index(list(names), torch.device("cpu"))
+    assert route_index(names, torch.device("cpu")) is route_index(list(names), torch.device("cpu"))
     x = torch.randn(4, 3, 24)
     token = ROUTING.set(Routing(adapter_names=names))
     try:
@@ -229,10 +237,11 @@ def test_mixed_batch_routing_uses_shared_indices():
 def test_torch_compile_traces_the_kernels_without_graph_breaks(compact):
     torch.manual_seed(5)
     lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random", scale_dtype="int8"))
-    lm.pack()
-    if compact:  # int8 codes: eager passes them to the kernel, the traced graph decodes them first
-        for adapter in lm.adapter_modules("default").values():
-            adapter.compact()
+    if compact:  # inference form: int8 codes, read by the kernel in eager and traced graphs alike
+        lm.pack()
+    else:  # training form, frozen: float32 scale parameters decoded on the way
+        lm.freeze_signs("default")
+        lm.set_trainable("default", signs=False, scales=False)
     ids = torch.randint(0, 101, (2, 9))
     torch._dynamo.reset()
     with torch.no_grad():
@@ -244,7 +253,7 @@ def test_torch_compile_traces_the_kernels_without_graph_breaks(compact):
 
 def test_inductor_compiles_a_layer():
     layer = make_layer(40, 52, 5)
-    layer.lordba_adapters["a"].pack()
+    pack(layer)
     x = torch.randn(3, 40)
     torch._dynamo.reset()
     with torch.no_grad():

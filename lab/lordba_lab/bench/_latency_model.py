@@ -69,7 +69,7 @@ def adapter_bytes(models: dict[str, nn.Module]) -> dict[str, int]:
     """Adapter bytes in memory (as held at inference, caches included) and in the files."""
     from safetensors.torch import save_file
 
-    from lordba.kernels.cache import held_nbytes
+    from lordba.nn.adapter import held_nbytes
 
     lordba, lora = models["lordba"], models["lora"]
     lora_params = {n: p for n, p in lora.named_parameters() if "lora_" in n}

@@ -53,15 +53,15 @@ def _branch_case(in_f: int, out_f: int, r: int, tokens: int, budget_s: float) ->
     from lordba import kernels
     from lordba.core.scales import get_codec
     from lordba.core.ste import STE
-    from lordba.nn.layer import DoubleBinaryAdapter
+    from lordba.nn.adapter import TrainableAdapter
 
     torch.manual_seed(r + tokens)
     s = 2.0
     x = torch.randn(tokens, in_f)
     base = nn.Linear(in_f, out_f, bias=False)
     lora_A, lora_B = nn.Linear(in_f, r, bias=False), nn.Linear(r, out_f, bias=False)
-    adapter = DoubleBinaryAdapter(in_f, out_f, r, s, get_codec(SCALE_DTYPE), STE(), init="random")
-    adapter.pack()
+    # packed signs, float32 scales decoded once (the branch alone; served adapters hold int8 codes)
+    adapter = TrainableAdapter(in_f, out_f, r, s, get_codec(SCALE_DTYPE), STE(), init="random").freeze_signs()
     adapter.requires_grad_(False)
     fns = {"base": lambda: base(x), "lora": lambda: lora_B(lora_A(x)) * s, "lordba": lambda: adapter(x)}
     with torch.inference_mode():
@@ -159,7 +159,7 @@ def run(out_dir: Path, quick: bool, base: str | None = None, threads: int | None
         rows += _model_rows((16,), "none", quick, profile)
     meta = {
         "hardware": hardware(),
-        "kernels": {"isa": kernels._STATE.isa, "cpu_ext": kernels.cpu_available(), "mode": kernels.get_mode()},
+        "kernels": {"isa": kernels.cpu_isa(), "cpu_ext": kernels.cpu_available(), "mode": kernels.get_mode()},
         "settings": {
             "quick": quick,
             "base": base,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lordba.kernels.cache import held_nbytes
+from lordba.nn.adapter import held_nbytes
 from lordba.nn.model import LoRDBAModel
 
 GIB = 2**30

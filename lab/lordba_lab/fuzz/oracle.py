@@ -34,10 +34,9 @@ import torch
 from lordba.config import CONFIG_NAME, WEIGHTS_NAME, LoRDBAConfig
 from lordba.convert.export import lora_factors
 from lordba.core.scales import get_codec
-from lordba.core.ste import STE
 from lordba.errors import LoRDBAError
 from lordba.format.adapter import AdapterFile, read_adapter, serialize
-from lordba.nn.layer import DoubleBinaryAdapter
+from lordba.nn.adapter import PackedAdapter
 from lordba_lab.fuzz.corpus import PREV_CONFIG, PREV_WEIGHTS, Case
 
 REFUSED, LOADED, UNCLEAN = "refused", "loaded", "unclean"
@@ -237,10 +236,16 @@ def _usable(adapter: AdapterFile) -> str | None:
     """Every module can be put into a layer and run, and exports to LoRA factors."""
     codec = get_codec(adapter.config.scale_dtype)
     for path, rec in adapter.modules.items():
-        layer = DoubleBinaryAdapter(
-            rec.in_features, rec.out_features, rec.r, adapter.config.scaling_for(path), codec, STE(), packed=True
+        tensors = rec.tensors
+        layer = PackedAdapter.from_stored(
+            (tensors["sign_A"], tensors["sign_B"]),
+            (tensors["scale_in"], tensors["scale_mid"], tensors["scale_out"]),
+            rec.in_features,
+            rec.out_features,
+            rec.r,
+            adapter.config.scaling_for(path),
+            codec,
         )
-        layer.load_stored(rec.tensors)
         with torch.no_grad():
             y = layer(torch.ones(2, rec.in_features))
         lora_A, lora_B = lora_factors(rec, adapter.config.scale_dtype)

@@ -100,7 +100,7 @@ def _latent_grad(ste: STE | None, latent: torch.Tensor, grad_sign: torch.Tensor)
     return ste.grad(latent, grad_sign.to(latent.dtype))
 
 
-def branch(
+def sign_branch(
     x: torch.Tensor,
     src_A: torch.Tensor,
     src_B: torch.Tensor,
@@ -115,3 +115,21 @@ def branch(
     ``src_*`` are latent float factors (then their gradient goes through ``ste``) or ±1 tensors.
     """
     return DoubleBinaryBranch.apply(x, src_A, src_B, b, m, a, float(scaling), ste)[0]
+
+
+def fold_factors(
+    sign_A: torch.Tensor,
+    sign_B: torch.Tensor,
+    b: torch.Tensor,
+    m: torch.Tensor,
+    a: torch.Tensor,
+    scaling: float,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter as two dense factors: ``A' = S_A diag(b)`` (r×in) and ``B' = s·diag(a) S_B diag(m)``
+    (out×r) in ``dtype``, from ±1 tensors ``sign_A`` (r×in), ``sign_B`` (out×r) and float scales;
+    ``ΔW = B' A'``. The one place where scales are folded into factors (merge, the ``dense``
+    kernel mode)."""
+    folded_A = (sign_A * b[None, :]).to(dtype)
+    folded_B = (sign_B * (scaling * a)[:, None] * m[None, :]).to(dtype)
+    return folded_A.contiguous(), folded_B.contiguous()

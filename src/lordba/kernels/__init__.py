@@ -1,42 +1,39 @@
 """Inference kernels of the adapter branch (no gradient needed); see ``docs/kernels.md``.
 
-:func:`packed_branch` is the one entry point the layer calls. It picks an implementation by device
-and by the kernel mode (:func:`set_mode`, :func:`mode`, or ``$LORDBA_KERNEL``):
+Pure tensor ops: :func:`packed_branch` takes ``(x, packed signs, scales, scaling, base)`` and
+returns the output; it knows nothing of modules, and the adapter modules (:mod:`lordba.nn.adapter`)
+keep whatever they cache (signs packed from latents, decoded scales, folded dense factors, the
+dispatch limit). The implementation follows the device and the kernel mode (:func:`set_mode`,
+:func:`mode`, or ``$LORDBA_KERNEL``):
 
 * ``auto`` (default): on CPU the compiled kernels (:mod:`.cpu`), which choose per call between the
   fused sign-accumulation path (few tokens) and unpack + BLAS (many tokens), see
   :func:`sign_max_tokens`; on CUDA the Triton kernels (:mod:`.triton`) with the same split;
   elsewhere, or where neither is available, the pure-PyTorch fallback (:mod:`.reference`).
 * ``sign`` / ``unpack``: force one of the two compiled paths (benchmarks, tests).
-* ``dense``: fold the scales into dense factors once per adapter and keep them (fastest prefill,
-  but ``r·(in+out)`` activation-dtype elements per adapter stay in memory: 32× the packed signs in
-  float32; :func:`cache.cache_nbytes` reports it).
+* ``dense``: the modules fold the scales into dense factors once and call :func:`dense_branch`
+  (fastest prefill, but ``r·(in+out)`` activation-dtype elements per adapter stay in memory: 32×
+  the packed signs in float32; the modules' ``cache_nbytes`` reports it).
 * ``torch``: the pure-PyTorch reference (unpack on every call).
 * ``triton``: the Triton kernels on any device (on CPU only under ``TRITON_INTERPRET=1``: tests).
 
-Only packed signs and decoded scales are kept in memory in every mode but ``dense``; a compact
-adapter (:meth:`~lordba.nn.layer.DoubleBinaryAdapter.compact`, what loading for inference gives) keeps
-its scales as stored (int8 codes), which the CPU kernels read directly and other paths decode per call. If the CPU
-extension cannot be built, a :class:`KernelFallbackWarning` says why (once) and ``torch`` runs.
-A latent adapter without gradient runs the same kernel on its signs packed on the fly, so an
-adapter gives bit-identical outputs in latent and in packed form (save → load is exact).
+Scales come as float tensors or as the int8 format's stored tensors (int8 codes), which the CPU
+kernels read directly and the other paths decode per call. If the CPU extension cannot be built, a
+:class:`KernelFallbackWarning` says why (once) and ``torch`` runs. Under ``torch.compile`` the
+CPU op is opaque to dynamo (registered with a fake implementation, :mod:`._fake`).
 """
-
 from __future__ import annotations
 
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 import torch
 
-from lordba.kernels import cache, reference
+from lordba.core.scales import get_codec
+from lordba.kernels import reference
 from lordba.kernels.cpu import BuildResult
-
-if TYPE_CHECKING:
-    from lordba.nn.layer import DoubleBinaryAdapter
 
 MODES = ("auto", "sign", "unpack", "dense", "torch", "triton")
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -98,7 +95,9 @@ def load_cpu(build: bool = True, warn: bool = True) -> BuildResult:
     if result.ok or build:
         _STATE.cpu = result
     if result.ok:
-        from lordba.kernels import _fake  # noqa: F401  (fake implementation for torch.compile)
+        from lordba.kernels import _fake
+
+        _fake.register_cpu()  # shapes for torch.compile
 
         _STATE.isa = torch.ops.lordba.isa()
         _STATE.op = torch.ops.lordba.branch.default
@@ -118,6 +117,13 @@ def cpu_available() -> bool:
     if result is None:
         result = load_cpu()
     return result.ok
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels were built for (``avx512``, ``avx2`` or ``portable``), after
+    loading them if needed; ``portable`` when they are unavailable."""
+    cpu_available()
+    return _STATE.isa
 
 
 @torch.compiler.disable
@@ -152,116 +158,99 @@ def sign_max_tokens(in_features: int, out_features: int, r: int, dtype: torch.dt
     return 1
 
 
-def _limit(name: str, adapter: DoubleBinaryAdapter, dtype: torch.dtype) -> int:
+def dispatch_limit(in_features: int, out_features: int, r: int, dtype: torch.dtype, name: str | None = None) -> int:
+    """The ``sign_max_tokens`` argument of the CPU op for kernel mode ``name`` (default: the current
+    mode): everything on the sign path in ``sign``, nothing in ``unpack``, else :func:`sign_max_tokens`.
+    Callers that run often (the adapter modules) keep the result per ``(mode, dtype)``."""
+    name = name or _STATE.mode
     if name == "sign":
         return _ALL_TOKENS
     if name == "unpack":
         return -1
-    return sign_max_tokens(adapter.in_features, adapter.out_features, adapter.r, dtype)
+    if _STATE.cpu is None:
+        cpu_available()  # the rule depends on the instruction set the kernels were built for
+    return sign_max_tokens(in_features, out_features, r, dtype)
+
+
+def float_scales(
+    scale_in: torch.Tensor, scale_mid: torch.Tensor, scale_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 ``(b, m, a)`` from scales as the kernels take them: float tensors, or the int8 scale
+    format's stored tensors (int8 codes of ``b`` and ``a`` meaning ``code / 127``, ``m`` in float32)."""
+    if scale_in.dtype == torch.int8:
+        return get_codec("int8").decode(scale_in, scale_mid, scale_out)
+    return scale_in.float(), scale_mid.float(), scale_out.float()
 
 
 def packed_branch(
     x: torch.Tensor,
-    adapter: DoubleBinaryAdapter,
-    b: torch.Tensor | None = None,
-    m: torch.Tensor | None = None,
-    a: torch.Tensor | None = None,
+    sign_A: torch.Tensor,
+    sign_B: torch.Tensor,
+    scale_in: torch.Tensor,
+    scale_mid: torch.Tensor,
+    scale_out: torch.Tensor,
+    scaling: float,
     base: torch.Tensor | None = None,
+    sign_max_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Branch output of ``adapter`` (packed, or latent: packed on the fly) for ``x`` ``[..., in]``.
+    """``[base +] s · a ⊙ (S_B (m ⊙ (S_A (b ⊙ x))))`` for ``x`` of shape ``[..., in]``: a pure tensor op.
 
-    ``b, m, a``: decoded scales (default: the adapter's, cached until its parameters change).
-    With ``base`` (the base layer's output for ``x``) returns ``base + branch`` in ``base``'s dtype,
-    fused into the kernel; else the branch alone in ``x``'s dtype. No gradient flows to the adapter
-    or ``x`` (the layer takes this path only when none is needed); one still flows to ``base``.
+    Args:
+        x: the input activations.
+        sign_A, sign_B: packed signs (uint8, SPEC §6 order) of the ``r × in`` and ``out × r`` sign matrices.
+        scale_in, scale_mid, scale_out: ``b`` (in), ``m`` (r), ``a`` (out): float tensors, or the
+            int8 format's stored tensors (see :func:`float_scales`), which the CPU kernels read as they are.
+        scaling: ``s``.
+        base: the base layer's output for ``x``; then ``base + branch`` in ``base``'s dtype is
+            returned (the add is fused into the kernel), else the branch alone in ``x``'s dtype.
+        sign_max_tokens: the CPU dispatch limit (:func:`dispatch_limit`), computed when ``None``.
+
+    Returns the output tensor. No gradient flows to ``x`` or the adapter tensors (the kernels have
+    no backward; the adapter modules use :mod:`lordba.core.autograd` when one is needed); one still
+    flows to ``base``. The implementation follows the kernel mode (module docstring); ``dense`` is
+    the modules' business (they keep the folded factors) and runs the reference here.
     """
     if base is not None and base.requires_grad:  # the kernels have no backward: add outside them
-        return base + packed_branch(x, adapter, b, m, a).to(base.dtype)
-    if torch.compiler.is_compiling():
-        return _traced(x, adapter, b, m, a, base)
+        branch = packed_branch(x, sign_A, sign_B, scale_in, scale_mid, scale_out, scaling, None, sign_max_tokens)
+        return base + branch.to(base.dtype)
     name = _STATE.mode
-    if name == "dense":
-        folded_A, folded_B = cache.dense(adapter, x.dtype)
-        return reference.dense_branch(x, folded_A, folded_B, base)
-    buffers = adapter._buffers  # direct dict access: this runs once per layer and token
-    stored = b is None and "scale_in" in buffers  # compact: the CPU kernels read its stored scales
-    if stored:
-        b, m, a = buffers["scale_in"], buffers["scale_mid"], buffers["scale_out"]
-    elif b is None:
-        b, m, a = cache.scales(adapter)
-    sign_A, sign_B = cache.signs(adapter)
     dtype = x.dtype
-    native = name != "torch" and dtype in _NATIVE_DTYPES and (base is None or base.dtype in _NATIVE_DTYPES)
+    native = name not in ("torch", "dense") and dtype in _NATIVE_DTYPES
+    native = native and (base is None or base.dtype in _NATIVE_DTYPES)
     if native and x.is_cpu and name != "triton" and (_STATE.cpu.ok if _STATE.cpu is not None else cpu_available()):
-        limit = cache.limit(adapter, (name, dtype), lambda: _limit(name, adapter, dtype))
-        return _STATE.op(x, sign_A, sign_B, b, m, a, adapter.scaling, limit, base)
-    if stored:  # the other paths take float32 scales
-        b, m, a = adapter.codec.decode(b, m, a)
+        if sign_max_tokens is None:
+            sign_max_tokens = dispatch_limit(scale_in.numel(), scale_out.numel(), scale_mid.numel(), dtype, name)
+        return _STATE.op(x, sign_A, sign_B, scale_in, scale_mid, scale_out, scaling, sign_max_tokens, base)
+    b, m, a = float_scales(scale_in, scale_mid, scale_out)
     if native and (name == "triton" or (x.is_cuda and triton_available())):
         from lordba.kernels import triton as tri
 
-        return tri.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, name, base)
-    return reference.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, base)
+        return tri.branch(x, sign_A, sign_B, b, m, a, scaling, name, base)
+    return reference.branch(x, sign_A, sign_B, b, m, a, scaling, base)
 
 
-def _traced(
-    x: torch.Tensor,
-    adapter: DoubleBinaryAdapter,
-    b: torch.Tensor | None,
-    m: torch.Tensor | None,
-    a: torch.Tensor | None,
-    base: torch.Tensor | None,
+def dense_branch(
+    x: torch.Tensor, folded_A: torch.Tensor, folded_B: torch.Tensor, base: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Under ``torch.compile``: no caches (version counters do not trace); the op is opaque to dynamo."""
-    if b is None:
-        b, m, a = adapter.scales()
-    name = _STATE.mode
-    native = x.dtype in _NATIVE_DTYPES and (base is None or base.dtype in _NATIVE_DTYPES)
-    if adapter.is_packed and name not in ("torch", "dense") and native:
-        sign_A, sign_B = adapter.sign_A, adapter.sign_B
-        if name == "triton" or (x.device.type == "cuda" and triton_available()):
-            from lordba.kernels import triton as tri
-
-            return tri.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, name, base)
-        if x.device.type == "cpu" and cpu_available():
-            limit = _limit(name, adapter, x.dtype)
-            return torch.ops.lordba.branch(x, sign_A, sign_B, b, m, a, adapter.scaling, limit, base)
-    sign_A, sign_B = adapter.signs(x.dtype)
-    from lordba.core.autograd import reference_delta
-
-    delta = reference_delta(x, sign_A, sign_B, b, m, a, adapter.scaling)
-    return delta if base is None else base + delta.to(base.dtype)
-
-
-_ROUTES: dict[tuple, dict[str, torch.Tensor]] = {}
-
-
-def route_index(names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-    """``{adapter name: row indices}`` for a mixed batch, built once per distinct ``names`` and
-    shared by every layer of a forward (a small bounded cache)."""
-    key = (tuple(names), device)
-    found = _ROUTES.get(key)
-    if found is None:
-        rows: dict[str, list[int]] = {}
-        for i, name in enumerate(names):
-            rows.setdefault(name, []).append(i)
-        found = {n: torch.tensor(r, dtype=torch.long, device=device) for n, r in rows.items()}
-        if len(_ROUTES) >= 64:
-            _ROUTES.pop(next(iter(_ROUTES)))
-        _ROUTES[key] = found
-    return found
+    """The branch from folded dense factors ``A' = S_A diag(b)`` (r×in), ``B' = s diag(a) S_B diag(m)``
+    (out×r), as :func:`lordba.core.autograd.fold_factors` makes them (the ``dense`` kernel mode)."""
+    if base is not None and base.requires_grad:
+        return base + reference.dense_branch(x, folded_A, folded_B).to(base.dtype)
+    return reference.dense_branch(x, folded_A, folded_B, base)
 
 
 __all__ = [
     "MODES",
     "KernelFallbackWarning",
-    "cache",
     "cpu_available",
+    "cpu_isa",
+    "dense_branch",
+    "dispatch_limit",
+    "float_scales",
     "get_mode",
     "load_cpu",
     "mode",
     "packed_branch",
-    "route_index",
     "set_mode",
     "sign_max_tokens",
     "triton_available",

@@ -1,6 +1,8 @@
-"""Shape-only ("fake") implementation of ``lordba::branch`` so that ``torch.compile`` traces through it.
+"""Shape-only ("fake") implementation of the branch ops, so that ``torch.compile`` traces through them.
 
-Imported once the compiled library that defines the op is loaded (:func:`lordba.kernels.load_cpu`).
+:func:`branch_fake` serves both ``lordba::branch`` (the CPU op, registered by :func:`register_cpu`
+once the compiled library that defines it is loaded: :func:`lordba.kernels.load_cpu`) and
+``lordba::triton_branch``.
 """
 
 from __future__ import annotations
@@ -8,8 +10,7 @@ from __future__ import annotations
 import torch
 
 
-@torch.library.register_fake("lordba::branch")
-def _branch_fake(
+def branch_fake(
     x: torch.Tensor,
     sign_A: torch.Tensor,
     sign_B: torch.Tensor,
@@ -20,7 +21,18 @@ def _branch_fake(
     sign_max_tokens: int,
     base: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """An empty tensor of the op's output shape and dtype: ``base``'s, else ``[..., out]`` in ``x``'s."""
     torch._check(x.shape[-1] == b.shape[0], lambda: "lordba::branch: x's last dimension must equal len(b)")
     if base is not None:
         return torch.empty_like(base, memory_format=torch.contiguous_format)
     return x.new_empty((*x.shape[:-1], a.shape[0]))
+
+
+_REGISTERED: list[bool] = []
+
+
+def register_cpu() -> None:
+    """Register :func:`branch_fake` for ``lordba::branch`` (once per process)."""
+    if not _REGISTERED:
+        torch.library.register_fake("lordba::branch")(branch_fake)
+        _REGISTERED.append(True)

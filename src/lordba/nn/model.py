@@ -19,26 +19,25 @@ tensors directly.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lordba._util.dtypes import DTYPES
+from lordba._util.modules import replace_submodule
 from lordba.config import LoRDBAConfig
 from lordba.core.scales import get_codec
-from lordba.errors import AdapterFormatError, AdapterStateError, ConfigError, ShapeMismatchError, TargetModulesError
-from lordba.format import adapter as io
+from lordba.errors import AdapterStateError, ConfigError, ShapeMismatchError, TargetModulesError
 from lordba.format.sizes import SizeReport, size_report
-from lordba.nn.layer import BASE_ROW, ROUTING, DoubleBinaryAdapter, LoRDBALinear, Routing
+from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter
+from lordba.nn.layer import BASE_ROW, ROUTING, LoRDBALinear, Routing
 from lordba.nn.lock import RWLock
+from lordba.nn.model_files import AdapterFilesMixin
 from lordba.nn.targets import find_targets
 from lordba.quant import BaseBackend, resolve_backend
-
-_LATENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _Forward:
@@ -61,7 +60,7 @@ def _with_adapter_names(signature: inspect.Signature) -> inspect.Signature:
     return signature.replace(parameters=[*rest, extra, *var_kw])
 
 
-class LoRDBAModel(nn.Module):
+class LoRDBAModel(AdapterFilesMixin, nn.Module):
     """A model with LoRDBA adapters. Build it with :func:`get_lordba_model` or :meth:`from_pretrained`."""
 
     def __init__(self, model: nn.Module, config: LoRDBAConfig | None = None, adapter_name: str = "default") -> None:
@@ -110,7 +109,7 @@ class LoRDBAModel(nn.Module):
     def _lordba_layers(self) -> list[tuple[str, LoRDBALinear]]:
         return [(n, m) for n, m in self.base_model.named_modules() if isinstance(m, LoRDBALinear)]
 
-    def adapter_modules(self, adapter_name: str) -> dict[str, DoubleBinaryAdapter]:
+    def adapter_modules(self, adapter_name: str) -> dict[str, LoRDBAAdapter]:
         """``{module path: adapter}`` of one adapter."""
         with self._lock.read():
             self._check_known(adapter_name)
@@ -144,15 +143,14 @@ class LoRDBAModel(nn.Module):
             raise ShapeMismatchError(f"module {path!r} is a {type(module).__name__}, not a supported linear layer")
         return module, backend
 
-    def _install(self, adapter_name: str, adapters: dict[str, DoubleBinaryAdapter]) -> None:
+    def _install(self, adapter_name: str, adapters: dict[str, LoRDBAAdapter]) -> None:
         """Put ``adapters`` into their layers, wrapping plain layers first (cannot fail half-way)."""
         for path, adapter in adapters.items():
             module = self.base_model.get_submodule(path)
             if not isinstance(module, LoRDBALinear):
                 wrapper = LoRDBALinear(module)
                 wrapper.train(module.training)
-                parent_name, _, child = path.rpartition(".")
-                setattr(self.base_model.get_submodule(parent_name) if parent_name else self.base_model, child, wrapper)
+                replace_submodule(self.base_model, path, wrapper)
                 module = wrapper
                 module.set_adapter(self._active)
             module.add_adapter(adapter_name, adapter)
@@ -169,7 +167,7 @@ class LoRDBAModel(nn.Module):
         for path in targets:
             base, backend = self._target(path)
             in_f, out_f = backend.features(base)
-            adapters[path] = DoubleBinaryAdapter(
+            adapters[path] = TrainableAdapter(
                 in_f,
                 out_f,
                 config.rank_for(path),
@@ -177,7 +175,7 @@ class LoRDBAModel(nn.Module):
                 codec,
                 config.ste_spec,
                 config.init,
-                _LATENT_DTYPES[config.latent_dtype],
+                DTYPES[config.latent_dtype],
                 backend.weight_device(base),
             )
         with self._lock.write():
@@ -203,37 +201,61 @@ class LoRDBAModel(nn.Module):
             for path, layer in self._lordba_layers():
                 layer.delete_adapter(adapter_name)
                 if not layer.lordba_adapters:
-                    self._replace(path, layer.base_layer)
+                    replace_submodule(self.base_model, path, layer.base_layer)
             del self.peft_config[adapter_name]
             self._active = tuple(n for n in self._active if n != adapter_name)
 
-    def _replace(self, path: str, module: nn.Module) -> None:
-        parent_name, _, child = path.rpartition(".")
-        setattr(self.base_model.get_submodule(parent_name) if parent_name else self.base_model, child, module)
-
     def set_trainable(self, adapter_name: str, signs: bool = True, scales: bool = True) -> None:
-        """Choose what of an adapter trains: latent signs and/or scales (everything else stays frozen)."""
-        with self._lock.write():  # a compact adapter's scales change from buffers to parameters
-            for adapter in self.adapter_modules(adapter_name).values():
+        """Choose what of an adapter trains: latent signs and/or scales (everything else stays frozen).
+        An adapter in inference form whose scales are to train is turned into the training form
+        (float32 scale parameters holding its decoded scales, signs frozen)."""
+        with self._lock.write():
+            config = self.peft_config.get(adapter_name)
+            for path, adapter in self.adapter_modules(adapter_name).items():
+                if isinstance(adapter, PackedAdapter):
+                    if signs:
+                        raise AdapterStateError("packed signs cannot train: call unpack_to_latent() first")
+                    if not scales:
+                        continue
+                    adapter = self._swap(adapter_name, path, adapter.trainable(config.ste_spec))
                 adapter.set_trainable(signs, scales)
 
     def pack(self, adapter_name: str | None = None) -> None:
-        """Turn adapters (default: all) into the packed inference form; latents are dropped."""
+        """Turn adapters (default: all) into the inference form (:class:`~lordba.nn.adapter.PackedAdapter`:
+        packed signs and stored scales, frozen); latents are dropped."""
         with self._lock.write():
             for name in [adapter_name] if adapter_name else list(self.peft_config):
-                for adapter in self.adapter_modules(name).values():
-                    adapter.pack()
+                for path, adapter in self.adapter_modules(name).items():
+                    if isinstance(adapter, TrainableAdapter):
+                        self._swap(name, path, adapter.pack())
+
+    def _swap(self, adapter_name: str, path: str, adapter: LoRDBAAdapter) -> LoRDBAAdapter:
+        """Put ``adapter`` (another form of the one held) at ``path`` under ``adapter_name``; returns it."""
+        self.base_model.get_submodule(path).add_adapter(adapter_name, adapter)
+        return adapter
 
     def unpack_to_latent(self, adapter_name: str, magnitude: float = 0.01) -> None:
         """Turn a packed adapter back into latent form (signs ± ``magnitude``) to resume QAT."""
         with self._lock.write():
             dtype = (
-                _LATENT_DTYPES[self.peft_config[adapter_name].latent_dtype]
+                DTYPES[self.peft_config[adapter_name].latent_dtype]
                 if adapter_name in self.peft_config
                 else None
             )
-            for adapter in self.adapter_modules(adapter_name).values():
-                adapter.unpack_to_latent(magnitude, dtype)
+            config = self.peft_config.get(adapter_name)
+            for path, adapter in self.adapter_modules(adapter_name).items():
+                if isinstance(adapter, PackedAdapter):
+                    self._swap(adapter_name, path, adapter.trainable(config.ste_spec, True, magnitude, dtype))
+                elif not adapter.has_latent_signs:
+                    self._swap(adapter_name, path, adapter.unfreeze_signs(magnitude, dtype))
+
+    def freeze_signs(self, adapter_name: str) -> None:
+        """Freeze an adapter's signs as packed bits (1 each) and keep its float32 scale parameters:
+        the training form of ``scales-only`` (an adapter in inference form is left as it is)."""
+        with self._lock.write():
+            for path, adapter in self.adapter_modules(adapter_name).items():
+                if isinstance(adapter, TrainableAdapter) and adapter.has_latent_signs:
+                    self._swap(adapter_name, path, adapter.freeze_signs())
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -309,7 +331,7 @@ class LoRDBAModel(nn.Module):
         with self._lock.write():
             for path, layer in self._lordba_layers():
                 layer.merge(adapter_names or self._active)
-                self._replace(path, layer.base_layer)
+                replace_submodule(self.base_model, path, layer.base_layer)
             self.peft_config.clear()
             self._active = ()
         return self.base_model
@@ -319,141 +341,10 @@ class LoRDBAModel(nn.Module):
         with self._lock.write():
             for path, layer in self._lordba_layers():
                 layer.unmerge()
-                self._replace(path, layer.base_layer)
+                replace_submodule(self.base_model, path, layer.base_layer)
             self.peft_config.clear()
             self._active = ()
         return self.base_model
-
-    # ------------------------------------------------------------------ files
-    def adapter_state(self, adapter_name: str = "default") -> io.AdapterState:
-        """The adapter as stored (config + packed tensors), independent of this model."""
-        with self._lock.read():  # a consistent snapshot while other threads hot-swap or switch
-            self._check_known(adapter_name)
-            config = self._saved_config(adapter_name)
-            modules = {
-                path: io.ModuleRecord(path, a.in_features, a.out_features, a.r, a.stored_tensors())
-                for path, a in self.adapter_modules(adapter_name).items()
-                if not _left_out(config, path, a)
-            }
-            return io.AdapterState(config, modules)
-
-    def _saved_config(self, adapter_name: str) -> LoRDBAConfig:
-        config = self.peft_config[adapter_name]
-        if config.base_model_name_or_path is None:
-            name = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
-            if isinstance(name, str) and name:
-                config = dataclasses.replace(config, base_model_name_or_path=name)
-        return config
-
-    def save_pretrained(
-        self, save_directory: str | Path, selected_adapters: Sequence[str] | None = None, is_main_process: bool = True
-    ) -> None:
-        """Write adapters in the packed format of SPEC §6: ``default`` in ``save_directory``, any
-        other adapter in ``save_directory/<name>``. Saves are crash-safe and deterministic."""
-        if not is_main_process:
-            return
-        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
-        self._check_known(*names)
-        with self._lock.read():
-            for name in names:
-                directory = Path(save_directory) if name == "default" else Path(save_directory) / name
-                self.adapter_state(name).save_pretrained(directory)
-
-    def _check_fits(self, state: io.AdapterState, source: object) -> None:
-        """Every module of ``state`` exists in this model with the same in/out features."""
-        for path, rec in state.modules.items():
-            try:
-                base, backend = self._target(path)
-                in_f, out_f = backend.features(base)
-            except ShapeMismatchError as err:
-                raise AdapterFormatError(f"{source}: {err}") from None
-            if (in_f, out_f) != (rec.in_features, rec.out_features):
-                raise AdapterFormatError(
-                    f"{source}: module {path!r} is {rec.in_features}→{rec.out_features} in the file "
-                    f"but {in_f}→{out_f} in the base model"
-                )
-
-    def _read_for_model(self, model_id: str | Path) -> io.AdapterFile:
-        """Open, check against this model's layers, then load the tensors of an adapter directory."""
-        adapter = io.open_adapter(model_id)
-        self._check_fits(adapter, adapter.weights_path)
-        adapter.load_tensors()
-        return adapter
-
-    def load_adapter(self, model_id: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
-        """Load an adapter directory under ``adapter_name`` (packed form; scales train if
-        ``is_trainable``, else it is compact: scales held as stored, frozen). Validation happens
-        before the model is touched."""
-        self._check_new_name(adapter_name)
-        self.load_adapter_state(self._read_for_model(model_id), adapter_name, is_trainable)
-
-    def load_adapter_state(self, state: io.AdapterState, adapter_name: str, is_trainable: bool = False) -> None:
-        """Add an in-memory adapter (e.g. from ``convert_lora``) under ``adapter_name``, packed form."""
-        self._check_new_name(adapter_name)
-        self._check_fits(state, "adapter")
-        config = state.config
-        codec = get_codec(config.scale_dtype)
-        adapters = {}
-        for path, rec in state.modules.items():
-            base, backend = self._target(path)
-            adapter = DoubleBinaryAdapter(
-                rec.in_features,
-                rec.out_features,
-                rec.r,
-                config.scaling_for(path),
-                codec,
-                config.ste_spec,
-                device=backend.weight_device(base),
-                packed=True,
-            )
-            adapter.load_stored(rec.tensors)
-            if is_trainable:
-                adapter.set_trainable(signs=False, scales=True)
-            else:
-                adapter.compact()  # scales held as stored (int8 codes): the file's size in memory
-            adapters[path] = adapter
-        with self._lock.write():
-            self._check_new_name(adapter_name)  # again: another thread may have taken the name
-            self._install(adapter_name, adapters)
-            self.peft_config[adapter_name] = config
-
-    def hotswap_adapter(self, model_id: str | Path, adapter_name: str = "default") -> None:
-        """Replace a loaded adapter's weights in place (no re-injection, same tensors, so compiled
-        graphs stay valid; only a compact adapter given another scale format gets new scale
-        buffers). The new adapter must target the same modules (or a subset: the others become
-        no-ops) with the same ranks."""
-        self._check_known(adapter_name)
-        adapter_file = self._read_for_model(model_id)
-        config = adapter_file.config
-        codec = get_codec(config.scale_dtype)
-        with self._lock.write():  # check and swap at once: another thread may delete or swap it
-            current = self.adapter_modules(adapter_name)
-            for path, rec in adapter_file.modules.items():
-                old = current.get(path)
-                if old is None or old.r != rec.r:
-                    raise AdapterStateError(
-                        f"hotswap_adapter: module {path!r} (rank {rec.r}) is not in adapter {adapter_name!r} with "
-                        "that rank; hot-swapping needs the same target modules (or a subset) and ranks"
-                    )
-            for path, adapter in current.items():
-                rec = adapter_file.modules.get(path)
-                adapter.codec = codec
-                adapter.scaling = config.scaling_for(path)
-                if rec is None:
-                    adapter.silence()
-                else:
-                    adapter.load_stored(rec.tensors)
-            self.peft_config[adapter_name] = config
-
-    @classmethod
-    def from_pretrained(
-        cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default", is_trainable: bool = False
-    ) -> LoRDBAModel:
-        """Load a saved adapter onto ``model`` and activate it."""
-        wrapper = cls(model)
-        wrapper.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
-        wrapper.set_adapter(adapter_name)
-        return wrapper
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -495,13 +386,6 @@ class LoRDBAModel(nn.Module):
         (default: the same rank), per module and for the file ``save_pretrained`` writes."""
         dims = {p: (a.in_features, a.out_features, a.r) for p, a in self.adapter_modules(adapter_name).items()}
         return size_report(dims, self.peft_config[adapter_name].scale_dtype, r_ref=r_ref)
-
-
-def _left_out(config: LoRDBAConfig, path: str, adapter: DoubleBinaryAdapter) -> bool:
-    """A module silenced by a hot-swap from a file that did not have it, and that the swapped-in
-    config does not describe: it is not part of that adapter and is not saved with it."""
-    described = config.targets_module(path) and config.rank_for(path) == adapter.r
-    return not described and not bool(adapter.scale_out.any())
 
 
 def get_lordba_model(model: nn.Module, config: LoRDBAConfig, adapter_name: str = "default") -> LoRDBAModel:

@@ -32,10 +32,6 @@ from lordba.train.tokenize import Batcher
 LATENT_MAGNITUDE = 0.01
 
 
-def _targets(config: LoRDBAConfig) -> list[str] | str | None:
-    return config.target_modules
-
-
 def train_lora_seed(
     model: nn.Module,
     config: LoRDBAConfig,
@@ -49,7 +45,7 @@ def train_lora_seed(
     seed_dir = out_dir / "lora_seed" if out_dir is not None else None
     if seed_dir is not None and resume and (seed_dir / "adapter_model.safetensors").is_file():
         return read_lora(seed_dir), TrainResult()
-    peft_model = add_lora(model, config.r, config.alpha, _targets(config), settings.seed)
+    peft_model = add_lora(model, config.r, config.alpha, config.target_modules, settings.seed)
     result = train_loop(
         peft_model,
         batcher,
@@ -75,6 +71,7 @@ def init_from_lora(
     signs. Returns ``{module path: relative reconstruction error}``.
     """
     errors = {}
+    lm.unpack_to_latent(adapter_name, LATENT_MAGNITUDE)  # the training form, latent signs, whatever it was
     modules = lm.adapter_modules(adapter_name)
     scale_dtype = lm.peft_config[adapter_name].scale_dtype
     missing = sorted(set(modules) - set(lora.layers))
@@ -83,18 +80,15 @@ def init_from_lora(
     for path, adapter in modules.items():
         f = lora.layers[path]
         res = convert_factors(f.A, f.B, adapter.r, f.scaling, adapter.scaling, scale_dtype=scale_dtype)
-        adapter.expand()  # float32 scale parameters, whatever form the adapter was loaded in
         with torch.no_grad():
             adapter.scale_in.copy_(res.scale_in)
             adapter.scale_mid.copy_(res.scale_mid)
             adapter.scale_out.copy_(res.scale_out)
-            if adapter.is_packed:
-                adapter.unpack_to_latent(LATENT_MAGNITUDE, adapter.scale_in.dtype)
             adapter.latent_A.copy_(res.sign_A * LATENT_MAGNITUDE)
             adapter.latent_B.copy_(res.sign_B * LATENT_MAGNITUDE)
-        if packed:
-            adapter.pack()
         errors[path] = float(res.rel_error)
+    if packed:
+        lm.freeze_signs(adapter_name)
     return errors
 
 

@@ -36,7 +36,9 @@ def run(x, lat_A, lat_B, b, m, a, s, limit, base=None):
 
 def assert_near(got, want, dtype):
     # sign sums of n terms: error relative to the scale of the terms, looser for 8-bit mantissas
-    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    # (bfloat16: worst 2.08e-2 over 3,000 random cases of the hypothesis test's space, the same with
+    # the kernels of 0e086ec, so 2e-2 failed about once in 3,000 draws)
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
     scale = want.abs().max().item() + 1e-6
     assert (got.double() - want).abs().max().item() <= tol * scale
 

@@ -20,6 +20,9 @@ import contextlib
 
 import torch
 
+from lordba.kernels._fake import branch_fake
+from lordba.kernels.reference import dense_branch
+
 DECODE_MAX_TOKENS = 64  # fused kernels up to this many tokens, unpack + cuBLAS above (untuned: no GPU here)
 
 
@@ -108,12 +111,7 @@ def _unpacked(
     k["unpack"][(triton_cdiv(out_f, 64), triton_cdiv(r, rc))](
         sign_B, a, m, folded_B, out_f, r, float(scaling), HAS_ROW=True, BR=64, BC=rc
     )
-    h = x2 @ folded_A.t()
-    if base2 is None:
-        return h @ folded_B.t()
-    if base2.dtype == x2.dtype:
-        return torch.addmm(base2, h, folded_B.t())
-    return base2 + (h @ folded_B.t()).to(base2.dtype)
+    return dense_branch(x2, folded_A, folded_B, base2)
 
 
 def _interpreting() -> bool:
@@ -169,11 +167,7 @@ def triton_branch(
     return y.reshape(shape)
 
 
-@triton_branch.register_fake
-def _(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, base=None):  # noqa: ANN001
-    if base is not None:
-        return torch.empty_like(base, memory_format=torch.contiguous_format)
-    return x.new_empty((*x.shape[:-1], a.shape[0]))
+triton_branch.register_fake(branch_fake)
 
 
 def branch(

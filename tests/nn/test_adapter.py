@@ -1,0 +1,123 @@
+"""The adapter's two forms (training and inference) and the conversions between them."""
+
+import pytest
+import torch
+
+from lordba import AdapterStateError, ShapeMismatchError, kernels
+from lordba.core.scales import get_codec
+from lordba.core.ste import STE
+from lordba.nn.adapter import PackedAdapter, held_nbytes
+from nn.test_layer import make_layer
+
+
+def test_pack_gives_bit_identical_outputs_and_keeps_signs():
+    layer = make_layer()
+    ad = layer.lordba_adapters["a"]
+    x = torch.randn(5, 21)
+    with torch.no_grad():
+        before = layer(x)
+    signs = [s.clone() for s in ad.signs()]
+    packed = ad.pack()
+    assert isinstance(packed, PackedAdapter) and not any(True for _ in packed.parameters())
+    assert packed.sign_A.dtype == torch.uint8 and packed.sign_A.numel() == (3 * 21 + 7) // 8
+    layer.add_adapter("a", packed)
+    with torch.no_grad():
+        assert torch.equal(layer(x), before)
+    back = packed.trainable(STE(), latent_signs=True, magnitude=0.02)
+    assert back.has_latent_signs and all(torch.equal(s, t) for s, t in zip(back.signs(), signs))
+    assert torch.equal(back.latent_A.abs(), torch.full_like(back.latent_A, 0.02))
+    assert back.latent_A.requires_grad and not back.scale_in.requires_grad
+
+
+def test_frozen_signs_train_the_scales_only():
+    ad = make_layer().lordba_adapters["a"].freeze_signs()
+    assert not ad.has_latent_signs and ad.sign_A.dtype == torch.uint8
+    with pytest.raises(AdapterStateError, match="unpack_to_latent"):
+        ad.set_trainable(signs=True, scales=True)
+    ad.set_trainable(signs=False, scales=True)
+    ad(torch.randn(3, 21)).sum().backward()
+    assert ad.scale_out.grad is not None and ad.scale_in.grad is not None
+    unfrozen = ad.unfreeze_signs(0.5)
+    assert unfrozen.has_latent_signs and all(torch.equal(s, t) for s, t in zip(unfrozen.signs(), ad.signs()))
+    assert torch.equal(unfrozen.scale_in, ad.scale_in)
+
+
+@pytest.mark.parametrize("scale_dtype", ["int8", "float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("kernel", ["auto", "sign", "unpack", "torch", "dense"])
+def test_inference_form_computes_exactly_what_the_training_form_does(scale_dtype, kernel):
+    layer = make_layer(in_f=37, out_f=19, names=("a",), r=5, scale_dtype=scale_dtype)
+    trainable = layer.lordba_adapters["a"].freeze_signs()
+    trainable.load_stored(trainable.stored_tensors())  # as loaded from a file for training
+    trainable.requires_grad_(False)
+    layer.add_adapter("a", trainable)
+    x = torch.randn(3, 37)
+    with torch.no_grad(), kernels.mode(kernel):
+        expected, stored = layer(x), trainable.stored_tensors()
+        packed = trainable.pack()
+        layer.add_adapter("a", packed)
+        assert packed.scale_in.dtype == get_codec(scale_dtype).stored_dtypes[0]
+        assert torch.equal(layer(x), expected)
+        for name, tensor in packed.stored_tensors().items():
+            assert torch.equal(tensor, stored[name]), name
+        merged = layer.base_layer.weight + packed.delta_weight()
+        layer.merge()
+        torch.testing.assert_close(layer.base_layer.weight, merged)
+        layer.unmerge()
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_inference_adapter_holds_its_file_size_and_trains_back_exactly():
+    layer = make_layer(in_f=64, out_f=48, names=("a",), r=8, scale_dtype="int8")
+    trainable = layer.lordba_adapters["a"]
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        before = layer(x)
+        packed = trainable.pack()
+        layer.add_adapter("a", packed)
+        assert packed.cache_nbytes()["total"] == 0
+        assert held_nbytes([packed]) == (8 * 64 + 48 * 8) // 8 + 64 + 4 * 8 + 48  # signs, int8 b and a, float32 m
+        assert torch.equal(layer(x), before)
+        back = packed.trainable(STE())
+        assert all(p.dtype == torch.float32 and not p.requires_grad for p in back.parameters())
+        layer.add_adapter("a", back)
+        assert torch.equal(layer(x), before)
+        assert back.cache_nbytes()["scales"] == 0  # the decoded scales view the parameters
+    for name, tensor in back.pack().stored_tensors().items():
+        assert torch.equal(tensor, packed.stored_tensors()[name]), name
+
+
+def test_inference_form_hot_swaps_across_scale_formats_and_refuses_a_float_state():
+    layer = make_layer(in_f=30, out_f=20, names=("a",), r=4, scale_dtype="int8")
+    layer.add_adapter("a", layer.lordba_adapters["a"].pack())
+    ad = layer.lordba_adapters["a"]
+    other = make_layer(in_f=30, out_f=20, names=("a",), r=4, scale_dtype="float16").lordba_adapters["a"].pack()
+    sign_buffer = ad.sign_A
+    ad.codec = other.codec  # what hotswap_adapter does before loading the new tensors
+    ad.load_stored(other.stored_tensors())
+    assert ad.sign_A is sign_buffer  # in place: compiled graphs stay valid
+    assert ad.scale_in.dtype == ad.scale_mid.dtype == torch.float16
+    x = torch.randn(3, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(ad(x), other(x), rtol=0, atol=0)
+    state = {k: v.float() for k, v in layer.state_dict().items()}
+    with pytest.raises(AdapterStateError, match="packed adapter"):
+        layer.load_state_dict(state)
+
+
+def test_from_stored_checks_shapes_and_dtypes_and_copies():
+    packed = make_layer(in_f=30, out_f=20, names=("a",), r=4, scale_dtype="int8").lordba_adapters["a"].pack()
+    t = packed.stored_tensors()
+    signs, scales = (t["sign_A"], t["sign_B"]), (t["scale_in"], t["scale_mid"], t["scale_out"])
+    again = PackedAdapter.from_stored(signs, scales, 30, 20, 4, packed.scaling, packed.codec)
+    assert again.sign_A.data_ptr() != t["sign_A"].data_ptr()
+    with pytest.raises(ShapeMismatchError, match="scale_in"):
+        PackedAdapter.from_stored(signs, (scales[0].float(), *scales[1:]), 30, 20, 4, 1.0, packed.codec)
+    with pytest.raises(ShapeMismatchError, match="sign_A"):
+        PackedAdapter.from_stored((t["sign_A"][:-1], t["sign_B"]), scales, 30, 20, 4, 1.0, packed.codec)
+
+
+def test_half_keeps_the_stored_dtypes_of_an_inference_adapter():
+    packed = make_layer(in_f=30, out_f=20, names=("a",), r=4, scale_dtype="int8").lordba_adapters["a"].pack()
+    before = {k: v.dtype for k, v in packed.state_dict().items()}
+    packed.half()
+    assert {k: v.dtype for k, v in packed.state_dict().items()} == before
