@@ -121,3 +121,42 @@ def test_half_keeps_the_stored_dtypes_of_an_inference_adapter():
     before = {k: v.dtype for k, v in packed.state_dict().items()}
     packed.half()
     assert {k: v.dtype for k, v in packed.state_dict().items()} == before
+
+
+def test_gradient_to_the_input_includes_an_inference_adapter_in_every_mode():
+    """An adapter trained beside (or below) a loaded one needs the loaded branch's share of the input
+    gradient: the inference form takes the autograd path when its input needs a gradient."""
+    layer = make_layer(in_f=40, out_f=24, names=("a",), r=4, scale_dtype="int8")
+    trainable = layer.lordba_adapters["a"].freeze_signs()
+    trainable.requires_grad_(False)
+    packed = trainable.pack()
+    grads = {}
+    for name, ad in (("trainable", trainable), ("packed", packed)):
+        for mode in ("auto", "torch", "dense"):
+            x = torch.randn(3, 40, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            with kernels.mode(mode):
+                ad(x).sum().backward()
+            grads[name, mode] = x.grad
+    for key, grad in grads.items():
+        assert grad is not None, key
+        torch.testing.assert_close(grad, grads["trainable", "torch"], rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_latent_adapter_without_gradient_traces_in_one_graph():
+    layer = make_layer(in_f=40, out_f=24, names=("a",), r=4, scale_dtype="int8")
+    layer.requires_grad_(False)
+    x = torch.randn(5, 40)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    # traced: the latents' signs through the autograd function's math; eager: the CPU kernel (other sum order)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_the_torch_mode_does_not_build_the_cpu_kernels(monkeypatch):
+    monkeypatch.setattr(kernels._STATE, "cpu", None)  # as in a fresh process
+    packed = make_layer(in_f=40, out_f=24, names=("a",), r=4).lordba_adapters["a"].pack()
+    with torch.no_grad(), kernels.mode("torch"):
+        packed(torch.randn(2, 40))
+    assert kernels._STATE.cpu is None

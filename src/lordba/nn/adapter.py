@@ -119,19 +119,15 @@ class TrainableAdapter(AdapterBase):
         """The branch output for ``x`` ``[..., in]`` in ``x``'s dtype; given ``base`` (the base layer's
         output for ``x``), ``base + branch`` in ``base``'s dtype. With a gradient to compute, the fused
         autograd function (:func:`lordba.core.autograd.sign_branch`); else the inference kernels."""
-        if not (torch.is_grad_enabled() and self._needs_grad(x)):
-            if self._parameters.get("latent_A") is not None and torch.compiler.is_compiling():
-                latents = self.latent_A.detach(), self.latent_B.detach()
-                out = sign_branch(x, *latents, *self._traced_tensors()[2:], self.scaling)
-                return out if base is None else base + out.to(base.dtype)
-            return self._inference(x, base)
-        b, m, a = self.scales()
-        if self.latent_A is None:
-            sign_A, sign_B = self.signs(x.dtype)
-            out = sign_branch(x, sign_A, sign_B, b, m, a, self.scaling)
-        else:
-            out = sign_branch(x, self.latent_A, self.latent_B, b, m, a, self.scaling, self.ste)
-        return out if base is None else base + out.to(base.dtype)
+        if torch.is_grad_enabled() and self._needs_grad(x):
+            latent = self._parameters.get("latent_A") is not None
+            return self._autograd(x, base, (self.latent_A, self.latent_B) if latent else self.signs(x.dtype))
+        if self._parameters.get("latent_A") is not None and torch.compiler.is_compiling():
+            # no caches under tracing (version counters): the latents' signs through the same function
+            scales = (v.detach() for v in self.scales())
+            out = sign_branch(x, self.latent_A.detach(), self.latent_B.detach(), *scales, self.scaling)
+            return out if base is None else base + out.to(base.dtype)
+        return self._inference(x, base)
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
         """Whether a gradient reaches ``x`` or a parameter of this adapter (grad mode being on)."""
@@ -267,7 +263,11 @@ class PackedAdapter(AdapterBase):
 
     def forward(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         """The branch output for ``x`` ``[..., in]`` (``base + branch`` given ``base``), through the
-        inference kernels; no gradient reaches the adapter (a gradient still flows to ``base``)."""
+        inference kernels; when ``x`` needs a gradient (an adapter trained below or beside this one),
+        through the autograd function, so that the gradient to ``x`` includes this branch. The adapter
+        itself (buffers) gets none."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return self._autograd(x, base, self.signs(x.dtype))
         return self._inference(x, base)
 
     @torch.no_grad()

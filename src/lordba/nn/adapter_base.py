@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lordba import kernels
-from lordba.core.autograd import fold_factors
+from lordba.core.autograd import fold_factors, sign_branch
 from lordba.core.packing import unpack_signs
 from lordba.core.scales import ScaleCodec
 from lordba.errors import AdapterStateError, ShapeMismatchError
@@ -90,8 +90,7 @@ class AdapterBase(nn.Module):
         """The dense ``out × in`` update ``s · diag(a) S_B diag(m) S_A diag(b)`` in float32."""
         sign_A, sign_B = self.signs()
         b, m, a = (v.detach() for v in self.scales())
-        folded_A, folded_B = fold_factors(sign_A, sign_B, b, m, a, self.scaling)
-        return folded_B @ folded_A
+        return self.scaling * (a[:, None] * sign_B * m[None, :]) @ (sign_A * b[None, :])
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         """Copies of the five tensors written to disk (SPEC §6 names without the module prefix);
@@ -111,12 +110,21 @@ class AdapterBase(nn.Module):
         mode = kernels.get_mode()
         if mode == "dense":
             return kernels.dense_branch(x, *self._folded(x.dtype), base)
-        limits = self._caches.limits  # this runs once per layer and token: no closure, no string key
-        limit = limits.get((mode, x.dtype))
-        if limit is None:
-            dims = self.in_features, self.out_features, self.r
-            limit = limits[(mode, x.dtype)] = kernels.dispatch_limit(*dims, x.dtype, mode)
+        limit = None  # the CPU kernels' dispatch limit, kept per (mode, dtype); other paths need none
+        if x.is_cpu and mode in ("auto", "sign", "unpack"):
+            limits = self._caches.limits  # this runs once per layer and token: no closure, no string key
+            limit = limits.get((mode, x.dtype))
+            if limit is None:
+                dims = self.in_features, self.out_features, self.r
+                limit = limits[(mode, x.dtype)] = kernels.dispatch_limit(*dims, x.dtype, mode)
         return kernels.packed_branch(x, *self._kernel_tensors(), self.scaling, base, limit)
+
+    def _autograd(self, x: torch.Tensor, base: torch.Tensor | None, signs: tuple) -> torch.Tensor:
+        """The branch through the fused autograd function (a gradient to compute), signs given as
+        latents (straight-through) or ±1 tensors; ``base + branch`` given ``base``."""
+        b, m, a = self.scales()
+        out = sign_branch(x, *signs, b, m, a, self.scaling, getattr(self, "ste", None))
+        return out if base is None else base + out.to(base.dtype)
 
     def _traced_tensors(self) -> tuple[torch.Tensor, ...]:
         """:meth:`_kernel_tensors` without caches (under ``torch.compile``)."""

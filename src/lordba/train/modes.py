@@ -71,12 +71,12 @@ def init_from_lora(
     signs. Returns ``{module path: relative reconstruction error}``.
     """
     errors = {}
+    missing = sorted(set(lm.adapter_modules(adapter_name)) - set(lora.layers))
+    if missing:
+        raise ConfigError(f"the LoRA seed has no factors for {missing[:3]} (targets differ)")
     lm.unpack_to_latent(adapter_name, LATENT_MAGNITUDE)  # the training form, latent signs, whatever it was
     modules = lm.adapter_modules(adapter_name)
     scale_dtype = lm.peft_config[adapter_name].scale_dtype
-    missing = sorted(set(modules) - set(lora.layers))
-    if missing:
-        raise ConfigError(f"the LoRA seed has no factors for {missing[:3]} (targets differ)")
     for path, adapter in modules.items():
         f = lora.layers[path]
         res = convert_factors(f.A, f.B, adapter.r, f.scaling, adapter.scaling, scale_dtype=scale_dtype)

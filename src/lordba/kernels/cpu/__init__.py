@@ -90,11 +90,14 @@ def extension_name(arch: str | None = None) -> str:
 
     ``arch``: the ``-march`` value (default ``$LORDBA_CPU_ARCH`` or ``native``); ``""`` for a build
     without ``-march``. The name carries a short key of the arch, the machine type and the CPU's
-    instruction-set flags, and the torch version (so that environments with different torch versions
-    sharing one cache keep one build each instead of rebuilding over each other).
+    instruction-set flags, the torch version, the source's sha256 and path, and the compiler (so that
+    environments or installs sharing one cache keep one build each instead of rebuilding over each
+    other: ninja's own records name absolute paths).
     """
     arch = _arch() if arch is None else arch
-    parts = (arch, platform.machine(), _cpu_flags(), torch.__version__)
+    source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+    where = str(SOURCE.resolve())  # ninja's records name absolute paths: one build per install
+    parts = (arch, platform.machine(), _cpu_flags(), torch.__version__, source, where, compiler() or "")
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
     return f"lordba_cpu_{key}"
 
