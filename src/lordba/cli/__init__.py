@@ -53,6 +53,7 @@ def _missing_lab_command(argv: Sequence[str]) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``lordba`` argument parser with every subcommand (the library's and those of installed entry points)."""
     parser = argparse.ArgumentParser(
         prog="lordba",
         description="LoRDBA: 1-bit double-binary LoRA adapters (train, convert, inspect, export, benchmark).",
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit code (module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     lab = _missing_lab_command(argv)
     if lab is not None:
@@ -98,4 +100,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry_point() -> None:
+    """The console script: :func:`main`, then exit with its code."""
     sys.exit(main())

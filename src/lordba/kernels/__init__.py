@@ -225,8 +225,8 @@ def packed_branch(
     if native and (name == "triton" or (x.is_cuda and triton_available())):
         from lordba.kernels import triton as tri
 
-        return tri.branch(x, sign_A, sign_B, b, m, a, scaling, name, base)
-    return reference.branch(x, sign_A, sign_B, b, m, a, scaling, base)
+        return tri.packed_branch(x, sign_A, sign_B, b, m, a, scaling, name, base)
+    return reference.packed_branch(x, sign_A, sign_B, b, m, a, scaling, base)
 
 
 def dense_branch(

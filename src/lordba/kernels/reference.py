@@ -13,7 +13,7 @@ from lordba.core.autograd import reference_delta
 from lordba.core.packing import unpack_signs
 
 
-def branch(
+def packed_branch(
     x: torch.Tensor,
     sign_A: torch.Tensor,
     sign_B: torch.Tensor,

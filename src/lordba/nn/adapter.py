@@ -248,6 +248,7 @@ class PackedAdapter(AdapterBase):
         return cls(copies["sign_A"], copies["sign_B"], scale_copies, in_features, out_features, r, scaling, codec)
 
     def packed_signs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed sign buffers."""
         return self.sign_A, self.sign_B
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

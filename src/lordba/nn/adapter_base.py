@@ -22,6 +22,7 @@ SCALES = ("scale_in", "scale_mid", "scale_out")
 
 
 def stamp(*tensors: torch.Tensor) -> tuple:
+    """What identifies the contents of ``tensors`` for a cache key: version counter and storage."""
     return tuple((t._version, t.data_ptr()) for t in tensors)
 
 

@@ -55,6 +55,7 @@ class LoRDBALinear(nn.Module):
         self.disable_adapters = False
 
     def get_base_layer(self) -> nn.Module:
+        """The wrapped base layer (PEFT's contract)."""
         return self.base_layer
 
     @property
@@ -64,10 +65,12 @@ class LoRDBALinear(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
+        """The base layer's bias, if any."""
         return getattr(self.base_layer, "bias", None)
 
     @property
     def merged(self) -> bool:
+        """Whether an adapter is merged into the base weight."""
         return bool(self.merged_adapters)
 
     def add_adapter(self, name: str, adapter: LoRDBAAdapter) -> None:
@@ -80,6 +83,7 @@ class LoRDBALinear(nn.Module):
         self.lordba_adapters[name] = adapter
 
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` from this layer (refused while it is merged)."""
         if name in self.merged_adapters:
             raise AdapterStateError(f"adapter {name!r} is merged: unmerge it before deleting it")
         if name in self.lordba_adapters:
@@ -87,10 +91,12 @@ class LoRDBALinear(nn.Module):
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Make ``names`` (one name or several, stacked) this layer's active adapters."""
         self.active_adapters = [names] if isinstance(names, str) else list(names)
 
     # ----------------------------------------------------------------------------- merge
     def get_delta_weight(self, name: str) -> torch.Tensor:
+        """The dense float32 ``out × in`` update of adapter ``name``."""
         return self.lordba_adapters[name].delta_weight()
 
     def merge(self, adapter_names: Sequence[str] | None = None) -> None:
@@ -121,6 +127,7 @@ class LoRDBALinear(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer's output plus the active (or routed) adapters' branches, per the call's :class:`Routing`."""
         result = self.base_layer(x, *args, **kwargs)
         routing = None if torch.compiler.is_compiling() else ROUTING.get()
         if routing is None:

@@ -34,6 +34,7 @@ class RWLock:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[None]:
+        """Hold the lock shared for the block (re-entrant; a writer may also read)."""
         me = threading.get_ident()
         depth = getattr(self._local, "depth", 0)
         if depth or self._writer == me:
@@ -59,6 +60,7 @@ class RWLock:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
+        """Hold the lock exclusively for the block (re-entrant for the writing thread)."""
         me = threading.get_ident()
         with self._cond:
             if self._writer == me:

@@ -99,10 +99,12 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
+        """The active adapters' names (several when stacked)."""
         return list(self._active)
 
     @property
     def active_adapter(self) -> str | list[str]:
+        """The active adapter's name, or the list of names when several are stacked (PEFT's property)."""
         return self._active[0] if len(self._active) == 1 else list(self._active)
 
     # ------------------------------------------------------------------ layers
@@ -375,6 +377,7 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
         return trainable, sum(p.numel() for p in self.parameters())
 
     def print_trainable_parameters(self) -> None:
+        """Print trainable, total and the trainable share of the parameters (PEFT's format)."""
         trainable, total = self.get_nb_trainable_parameters()
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || "

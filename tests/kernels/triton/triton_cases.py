@@ -36,12 +36,12 @@ SHAPES = [((1,), 300, 130, 20), ((3,), 21, 13, 3), ((2, 5), 40, 52, 9), ((17,), 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_match_the_reference(lead, in_f, out_f, r, strategy, dtype):
     args, want = case(in_f + r, lead, in_f, out_f, r, dtype)
-    got = tri.branch(*args, 0.5, strategy)
+    got = tri.packed_branch(*args, 0.5, strategy)
     assert got.shape == (*lead, out_f) and got.dtype == dtype and got.device.type == DEVICE
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got.cpu().double() - want).abs().max().item() <= tol * want.abs().max().item()
     base = torch.randn(*lead, out_f).to(dtype).to(DEVICE)
-    fused = tri.branch(*args, 0.5, strategy, base)
+    fused = tri.packed_branch(*args, 0.5, strategy, base)
     scale = (base.cpu().double().abs() + want.abs()).max().item()
     assert (fused.cpu().double() - base.cpu().double() - want).abs().max().item() <= tol * scale
 

@@ -121,6 +121,7 @@ def _interpreting() -> bool:
 
 
 def triton_cdiv(n: int, d: int) -> int:
+    """``ceil(n / d)`` for positive integers."""
     return -(-n // d)
 
 
@@ -170,7 +171,7 @@ def triton_branch(
 triton_branch.register_fake(branch_fake)
 
 
-def branch(
+def packed_branch(
     x: torch.Tensor,
     sign_A: torch.Tensor,
     sign_B: torch.Tensor,
