@@ -107,13 +107,12 @@ def test_inference_form_hot_swaps_across_scale_formats_and_refuses_a_float_state
 def test_from_stored_checks_shapes_and_dtypes_and_copies():
     packed = make_layer(in_f=30, out_f=20, names=("a",), r=4, scale_dtype="int8").lordba_adapters["a"].pack()
     t = packed.stored_tensors()
-    signs, scales = (t["sign_A"], t["sign_B"]), (t["scale_in"], t["scale_mid"], t["scale_out"])
-    again = PackedAdapter.from_stored(signs, scales, 30, 20, 4, packed.scaling, packed.codec)
+    again = PackedAdapter.from_stored(t, 30, 20, 4, packed.scaling, packed.codec)
     assert again.sign_A.data_ptr() != t["sign_A"].data_ptr()
     with pytest.raises(ShapeMismatchError, match="scale_in"):
-        PackedAdapter.from_stored(signs, (scales[0].float(), *scales[1:]), 30, 20, 4, 1.0, packed.codec)
+        PackedAdapter.from_stored({**t, "scale_in": t["scale_in"].float()}, 30, 20, 4, 1.0, packed.codec)
     with pytest.raises(ShapeMismatchError, match="sign_A"):
-        PackedAdapter.from_stored((t["sign_A"][:-1], t["sign_B"]), scales, 30, 20, 4, 1.0, packed.codec)
+        PackedAdapter.from_stored({**t, "sign_A": t["sign_A"][:-1]}, 30, 20, 4, 1.0, packed.codec)
 
 
 def test_half_keeps_the_stored_dtypes_of_an_inference_adapter():

@@ -236,10 +236,8 @@ def _usable(adapter: AdapterFile) -> str | None:
     """Every module can be put into a layer and run, and exports to LoRA factors."""
     codec = get_codec(adapter.config.scale_dtype)
     for path, rec in adapter.modules.items():
-        tensors = rec.tensors
         layer = PackedAdapter.from_stored(
-            (tensors["sign_A"], tensors["sign_B"]),
-            (tensors["scale_in"], tensors["scale_mid"], tensors["scale_out"]),
+            rec.tensors,
             rec.in_features,
             rec.out_features,
             rec.r,

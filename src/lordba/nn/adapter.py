@@ -20,6 +20,8 @@ gradient (the same kernel on the same signs and decoded scales).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -106,7 +108,7 @@ class TrainableAdapter(AdapterBase):
             with torch.no_grad():
                 decoded = self.codec.fake_quant(p_in, p_mid, p_out)
                 scales = tuple(_view_if_equal(p, v) for p, v in zip((p_in, p_mid, p_out), decoded))
-            self._caches.entries["scales"] = ((key, self.codec.name), scales)
+            self._caches.store("scales", (key, self.codec.name), scales)
         if params.get("latent_A") is None:
             buffers = self._buffers
             return buffers["sign_A"], buffers["sign_B"], *scales
@@ -191,9 +193,9 @@ class TrainableAdapter(AdapterBase):
     @torch.no_grad()
     def pack(self) -> PackedAdapter:
         """The inference form of this adapter: packed signs and the stored scales (frozen buffers)."""
+        stored = dict(zip(("sign_A", "sign_B", *SCALES), (*self.packed_signs(), *self._stored_scales())))
         packed = PackedAdapter.from_stored(
-            self.packed_signs(), self._stored_scales(), self.in_features, self.out_features, self.r,
-            self.scaling, self.codec,
+            stored, self.in_features, self.out_features, self.r, self.scaling, self.codec
         )
         packed.train(self.training)
         return packed
@@ -223,8 +225,7 @@ class PackedAdapter(AdapterBase):
     @classmethod
     def from_stored(
         cls,
-        signs: tuple[torch.Tensor, torch.Tensor],
-        scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor],
         in_features: int,
         out_features: int,
         r: int,
@@ -232,9 +233,9 @@ class PackedAdapter(AdapterBase):
         codec: ScaleCodec,
         device: torch.device | str | None = None,
     ) -> PackedAdapter:
-        """An inference adapter holding contiguous copies of stored tensors: packed ``signs`` and
-        ``scales`` in ``codec``'s stored dtypes (checked: :class:`ShapeMismatchError` otherwise)."""
-        tensors = dict(zip(("sign_A", "sign_B", *SCALES), (*signs, *scales)))
+        """An inference adapter holding contiguous copies of the five stored ``tensors`` (SPEC §6 names:
+        packed ``sign_A``/``sign_B``, scales in ``codec``'s stored dtypes; checked,
+        :class:`ShapeMismatchError` otherwise)."""
         expected = stored_shapes(in_features, out_features, r, codec.name)
         for name, (dtype, shape) in expected.items():
             t = tensors[name]
@@ -317,10 +318,7 @@ class PackedAdapter(AdapterBase):
         )
         out.load_stored({"sign_A": self.sign_A, "sign_B": self.sign_B, **dict(zip(SCALES, self._stored_scales()))})
         if latent_signs:
-            sign_A, sign_B = self.signs(latent_dtype)
-            out.latent_A = nn.Parameter(sign_A * magnitude)
-            out.latent_B = nn.Parameter(sign_B * magnitude)
-            out.sign_A = out.sign_B = None
+            out = out.unfreeze_signs(magnitude, latent_dtype)
         for p in (out.scale_in, out.scale_mid, out.scale_out):
             p.requires_grad_(False)
         out.train(self.training)

@@ -40,13 +40,18 @@ class _Caches:
         found = self.entries.get(name)
         return found[1] if found is not None and found[0] == key else None
 
+    def store(self, name: str, key: object, value: object) -> object:
+        """Keep ``value`` as entry ``name``, made for ``key``; returns it."""
+        self.entries[name] = (key, value)
+        return value
+
     def get(self, name: str, key: object, build) -> object:  # noqa: ANN001
-        found = self.entries.get(name)
-        if found is None or found[0] != key:
+        """The entry ``name`` for ``key``, built (without gradient) and kept when missing or stale."""
+        found = self.lookup(name, key)
+        if found is None:
             with torch.no_grad():
-                found = (key, build())
-            self.entries[name] = found
-        return found[1]
+                found = self.store(name, key, build())
+        return found
 
     def clear(self) -> None:
         self.entries.clear()

@@ -6,21 +6,21 @@ disable, merge and unload, mixed-batch routing and generation. Its ``forward`` e
 model's own signature (plus ``adapter_names``), so ``transformers.Trainer`` keeps the right
 dataset columns.
 
-Thread safety (tested in tests/test_concurrency.py; the contract is in docs/security.md):
+Thread safety (tested in tests/nn/test_concurrency.py; the contract is in docs/security.md):
 forward and generate calls hold the model's lock shared; every method that changes adapters
 (add, load, load_adapter_state, hot-swap, set, delete, merge, unmerge, merge_and_unload, unload,
-pack, unpack_to_latent) holds it exclusively and checks its arguments under it, so it is atomic
-with respect to forwards and to each other. Saving and ``adapter_state`` hold it shared. Routing
-(``adapter_names``) and ``disable_adapter`` are per thread. Not thread-safe: training (backward
-and optimizer steps) concurrently with anything else on the same model, and changing adapter
-tensors directly.
+pack, set_trainable, freeze_signs, unpack_to_latent) holds it exclusively and checks its arguments
+under it, so it is atomic with respect to forwards and to each other. Saving and ``adapter_state``
+hold it shared. Routing (``adapter_names``) and ``disable_adapter`` are per thread. Not
+thread-safe: training (backward and optimizer steps) concurrently with anything else on the same
+model, and changing adapter tensors directly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -212,52 +212,55 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
         An adapter in inference form whose scales are to train is turned into the training form
         (float32 scale parameters holding its decoded scales, signs frozen)."""
         with self._lock.write():
-            config = self.peft_config.get(adapter_name)
-            for path, adapter in self.adapter_modules(adapter_name).items():
-                if isinstance(adapter, PackedAdapter):
-                    if signs:
-                        raise AdapterStateError("packed signs cannot train: call unpack_to_latent() first")
-                    if not scales:
-                        continue
-                    adapter = self._swap(adapter_name, path, adapter.trainable(config.ste_spec))
-                adapter.set_trainable(signs, scales)
+            modules = self.adapter_modules(adapter_name)
+            if signs and any(isinstance(a, PackedAdapter) for a in modules.values()):
+                raise AdapterStateError("packed signs cannot train: call unpack_to_latent() first")
+            if scales:
+                ste = self.peft_config[adapter_name].ste_spec
+                self._convert_forms(adapter_name, lambda a: a.trainable(ste) if isinstance(a, PackedAdapter) else a)
+            for adapter in self.adapter_modules(adapter_name).values():
+                if isinstance(adapter, TrainableAdapter):
+                    adapter.set_trainable(signs, scales)
 
     def pack(self, adapter_name: str | None = None) -> None:
         """Turn adapters (default: all) into the inference form (:class:`~lordba.nn.adapter.PackedAdapter`:
         packed signs and stored scales, frozen); latents are dropped."""
         with self._lock.write():
             for name in [adapter_name] if adapter_name else list(self.peft_config):
-                for path, adapter in self.adapter_modules(name).items():
-                    if isinstance(adapter, TrainableAdapter):
-                        self._swap(name, path, adapter.pack())
+                self._convert_forms(name, lambda a: a.pack() if isinstance(a, TrainableAdapter) else a)
 
     def _swap(self, adapter_name: str, path: str, adapter: LoRDBAAdapter) -> LoRDBAAdapter:
         """Put ``adapter`` (another form of the one held) at ``path`` under ``adapter_name``; returns it."""
         self.base_model.get_submodule(path).add_adapter(adapter_name, adapter)
         return adapter
 
+    def _convert_forms(self, adapter_name: str, convert: Callable[[LoRDBAAdapter], LoRDBAAdapter]) -> None:
+        """Replace each module of ``adapter_name`` by ``convert(module)`` where that is another module
+        (the caller holds the write lock)."""
+        for path, adapter in self.adapter_modules(adapter_name).items():
+            converted = convert(adapter)
+            if converted is not adapter:
+                self._swap(adapter_name, path, converted)
+
     def unpack_to_latent(self, adapter_name: str, magnitude: float = 0.01) -> None:
         """Turn a packed adapter back into latent form (signs ± ``magnitude``) to resume QAT."""
         with self._lock.write():
-            dtype = (
-                DTYPES[self.peft_config[adapter_name].latent_dtype]
-                if adapter_name in self.peft_config
-                else None
-            )
-            config = self.peft_config.get(adapter_name)
-            for path, adapter in self.adapter_modules(adapter_name).items():
-                if isinstance(adapter, PackedAdapter):
-                    self._swap(adapter_name, path, adapter.trainable(config.ste_spec, True, magnitude, dtype))
-                elif not adapter.has_latent_signs:
-                    self._swap(adapter_name, path, adapter.unfreeze_signs(magnitude, dtype))
+            self._check_known(adapter_name)
+            config = self.peft_config[adapter_name]
+            dtype = DTYPES[config.latent_dtype]
+
+            def latent(a: LoRDBAAdapter) -> LoRDBAAdapter:
+                if isinstance(a, PackedAdapter):
+                    return a.trainable(config.ste_spec, True, magnitude, dtype)
+                return a.unfreeze_signs(magnitude, dtype)  # the adapter itself when its signs are latent
+
+            self._convert_forms(adapter_name, latent)
 
     def freeze_signs(self, adapter_name: str) -> None:
         """Freeze an adapter's signs as packed bits (1 each) and keep its float32 scale parameters:
         the training form of ``scales-only`` (an adapter in inference form is left as it is)."""
         with self._lock.write():
-            for path, adapter in self.adapter_modules(adapter_name).items():
-                if isinstance(adapter, TrainableAdapter) and adapter.has_latent_signs:
-                    self._swap(adapter_name, path, adapter.freeze_signs())
+            self._convert_forms(adapter_name, _frozen_signs)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -389,6 +392,13 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
         (default: the same rank), per module and for the file ``save_pretrained`` writes."""
         dims = {p: (a.in_features, a.out_features, a.r) for p, a in self.adapter_modules(adapter_name).items()}
         return size_report(dims, self.peft_config[adapter_name].scale_dtype, r_ref=r_ref)
+
+
+def _frozen_signs(adapter: LoRDBAAdapter) -> LoRDBAAdapter:
+    """``adapter`` with its signs frozen (packed), if they are latent; else itself."""
+    if isinstance(adapter, TrainableAdapter) and adapter.has_latent_signs:
+        return adapter.freeze_signs()
+    return adapter
 
 
 def get_lordba_model(model: nn.Module, config: LoRDBAConfig, adapter_name: str = "default") -> LoRDBAModel:

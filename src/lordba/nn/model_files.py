@@ -98,10 +98,8 @@ class AdapterFilesMixin:
         adapters = {}
         for path, rec in state.modules.items():
             base, backend = self._target(path)
-            tensors = rec.tensors
             adapter = PackedAdapter.from_stored(  # scales held as stored (int8 codes): the file's size in memory
-                (tensors["sign_A"], tensors["sign_B"]),
-                (tensors["scale_in"], tensors["scale_mid"], tensors["scale_out"]),
+                rec.tensors,
                 rec.in_features,
                 rec.out_features,
                 rec.r,

@@ -115,8 +115,8 @@ def library_path(arch: str | None = None) -> Path | None:
         return _loaded
     if compiler() is None:
         return None
-    name = extension_name(arch)
-    return cache_root() / name / f"{name}.so"
+    directory = build_directory(arch)
+    return directory / f"{directory.name}.so"
 
 
 @contextlib.contextmanager
@@ -194,8 +194,8 @@ def _build_and_load(cxx: str, arch: str) -> tuple[Path, bool]:
     (``RuntimeError`` with the compiler's output, ``subprocess.CalledProcessError``, ``OSError``)."""
     from torch.utils import cpp_extension
 
-    name = extension_name(arch)
-    directory = cache_root() / name
+    directory = build_directory(arch)
+    name = directory.name
     library = directory / f"{name}.so"
     cflags = [*_CFLAGS, f"-march={arch}"] if arch else list(_CFLAGS)
     with _locked(directory), _build_env(cxx):
