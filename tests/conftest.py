@@ -49,10 +49,24 @@ def rewrite_weights(directory: Path, tensors: dict[str, torch.Tensor], metadata:
     set_config(directory, weights_sha256=hashlib.sha256(data).hexdigest())
 
 
-def set_config(directory: Path, **changes) -> None:
+def set_config(directory: Path, reseal: bool = True, **changes) -> None:
+    """Change fields of an adapter's config. With ``reseal`` (the default), also store the new
+    config's digest in the weights file (``config_sha256``, if it has one) and fix the checksum, as an
+    attacker who controls every byte would, so that validation beyond the digest is exercised."""
     path = directory / "adapter_config.json"
     cfg = json.loads(path.read_text())
     cfg.update(changes)
+    weights = directory / "lordba_model.safetensors"
+    if reseal and weights.is_file() and set(changes) - {"weights_sha256", "library_version"}:
+        from lordba.format.integrity import CONFIG_DIGEST_KEY, config_digest
+        from lordba.format.tensorfile import to_bytes
+
+        tensors, metadata = load_weights(directory)
+        if CONFIG_DIGEST_KEY in (metadata or {}):
+            metadata[CONFIG_DIGEST_KEY] = config_digest(cfg)
+            data = to_bytes(tensors, metadata)
+            weights.write_bytes(data)
+            cfg["weights_sha256"] = hashlib.sha256(data).hexdigest()
     path.write_text(json.dumps(cfg))
 
 

@@ -74,3 +74,40 @@ def test_every_field_has_help():
 
     for f in dataclasses.fields(LoRDBAConfig):
         assert isinstance(f.metadata.get("help"), str) and f.metadata["help"], f.name
+
+
+def test_peft_fields_are_validated_and_omitted_at_their_defaults():
+    """Issue 14: PEFT-named fields, validated; an adapter that uses none of them writes today's keys."""
+    cfg = LoRDBAConfig(
+        modules_to_save=["score"],
+        task_type="SEQ_CLS",
+        bias="lora_only",
+        dropout=0.1,
+        layers_to_transform=[0, 2],
+        layers_pattern="layers",
+        base_quantization={"backend": "hqq", "bits": 4, "group_size": 64},
+    )
+    assert LoRDBAConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.saved_modules == ["score", "classifier"]
+    assert cfg.targets_module("model.layers.2.mlp.up_proj") and not cfg.targets_module("model.layers.1.mlp.up_proj")
+    assert "bias" not in LoRDBAConfig().to_dict() and "base_quantization" not in LoRDBAConfig().to_dict()
+    assert LoRDBAConfig.from_dict({**LoRDBAConfig().to_dict(), "format_version": 2}) == LoRDBAConfig()
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"modules_to_save": "score"}, "modules_to_save"),
+        ({"task_type": "CLS"}, "task_type"),
+        ({"bias": "some"}, "bias"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": True}, "dropout"),
+        ({"layers_to_transform": [-1]}, "layers_to_transform"),
+        ({"layers_pattern": "a.*"}, "layers_pattern"),
+        ({"base_quantization": {"backend": "hqq", "bits": 0, "group_size": 64}}, "base_quantization.bits"),
+        ({"base_quantization": {"backend": "hqq"}}, "base_quantization"),
+    ],
+)
+def test_invalid_peft_fields_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        LoRDBAConfig(**kwargs)

@@ -1,8 +1,10 @@
 """One training job, end to end: what ``lordba train`` runs and the demo reuses.
 
-Loads the base model (a local transformers folder or the embedded default), quantizes it, builds
-the data, trains in one of the four modes (SPEC §3), evaluates on a held-out split and saves the
-packed adapter (SPEC §6) plus ``train_log.json``.
+Loads the base model (a local transformers folder or the embedded default), moves it to the
+device, quantizes it, builds the data, trains in one of the four modes (SPEC §3), evaluates on a
+held-out set (``eval_data``, or a split of the data) and saves the packed adapter (SPEC §6) plus
+``train_log.json``. Everything random is seeded from ``settings.seed`` before it is drawn, so the
+same job gives the same adapter file, byte for byte, on the same machine.
 """
 
 from __future__ import annotations
@@ -12,21 +14,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lordba.config import MODES, LoRDBAConfig
-from lordba.errors import ConfigError
+from lordba.errors import ConfigError, LoRDBAError
+from lordba.quant.cache import quantize_model_cached
+from lordba.quant.quantize import DEFAULT_BACKEND
 from lordba.train.evaluate import evaluate
-from lordba.train.loop import TrainResult, TrainSettings, write_log
+from lordba.train.loop import TrainResult, TrainSettings, resolve_device, seed_everything, write_log
 from lordba.train.modes import build_adapter
 from lordba.train.records import Example, read_jsonl
-from lordba.train.tokenize import Batcher, encode_examples
+from lordba.train.tokenize import TRAIN_ON, Batcher, encode_examples
 from lordba_lab.assets import load_model_and_tokenizer
-from lordba_lab.assets.models import resolve_model_path
-from lordba_lab.quant_cache import quantize_model_cached
+from lordba_lab.assets.models import DEFAULT_MODEL, resolve_model_path
 from lordba_lab.tasks import get_task
+
+# Files that make a folder a tokenizer (one of them is enough for AutoTokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass
 class TrainJob:
-    """Everything one run needs; the CLI's options map onto these fields."""
+    """Everything one run needs; the CLI's options map onto these fields. ``device`` None: the best
+    available (cuda, then mps, then cpu). ``eval_data``: a held-out JSONL file instead of a split of
+    ``data``. ``train_on``: one of :data:`~lordba.train.tokenize.TRAIN_ON`. Invalid values raise
+    :class:`~lordba.errors.ConfigError` at construction."""
 
     out: str
     model: str | None = None
@@ -36,7 +45,7 @@ class TrainJob:
     alpha: float = 32.0
     scale_dtype: str = "float16"
     target_modules: list[str] | str | None = None
-    quant: str = "hqq"
+    quant: str = DEFAULT_BACKEND
     bits: int = 4
     group_size: int = 64
     lora: str | None = None
@@ -45,6 +54,9 @@ class TrainJob:
     train_size: int = 2000
     eval_size: int = 100
     max_length: int = 256
+    eval_data: str | None = None
+    train_on: str = "last-assistant-turn"
+    device: str | None = None
     settings: TrainSettings = field(default_factory=TrainSettings)
     resume: bool = True
     progress: bool = True
@@ -54,28 +66,71 @@ class TrainJob:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not 0.0 < self.lora_warmup < 1.0:
             raise ConfigError(f"lora_warmup must be in (0, 1), got {self.lora_warmup}")
+        if self.train_on not in TRAIN_ON:
+            raise ConfigError(f"train_on must be one of {TRAIN_ON}, got {self.train_on!r}")
+        if self.settings.bf16 and self.quant == "hqq":
+            raise ConfigError(
+                "bf16 (--bf16) is not supported on an HQQ base (--quant hqq): HQQ's backward pass fails "
+                "under bfloat16 autocast; use --quant bnb or --quant none, or train in float32"
+            )
         LoRDBAConfig(r=self.r, alpha=self.alpha, scale_dtype=self.scale_dtype, target_modules=self.target_modules)
+        check_model_source(self.model)
 
 
-def load_data(spec: str, tokenizer, train_size: int, eval_size: int, seed: int):  # noqa: ANN001, ANN201
-    """``(train examples, eval examples, task or None)`` for a built-in task name or a JSONL file
-    (the file's last ``eval_size`` records, at most 10%, are held out)."""
+def check_model_source(model: str | None) -> None:
+    """Refuse a ``--model`` that is not a loadable local transformers folder, naming the path.
+
+    ``None`` and the default model's name are fine (fetched on demand); a name like ``user/repo``
+    that is no local path is left to transformers (the hub).
+
+    Raises:
+        ConfigError: the path does not exist, is not a folder, or lacks a config or a tokenizer.
+    """
+    if model is None or model == DEFAULT_MODEL:
+        return
+    path = Path(model).expanduser()
+    looks_local = path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1
+    if not path.exists():
+        if looks_local:
+            raise ConfigError(f"--model {model}: no such folder (a local transformers model folder is expected)")
+        return
+    if not path.is_dir():
+        raise ConfigError(f"--model {model}: not a folder (a local transformers model folder is expected)")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"--model {model}: no config.json in this folder (not a transformers model)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"--model {model}: no tokenizer in this folder (expected one of {list(TOKENIZER_FILES)})")
+
+
+def load_data(spec: str, tokenizer, train_size: int, eval_size: int, seed: int, eval_data: str | None = None):  # noqa: ANN001, ANN201
+    """``(train examples, eval examples, task or None)`` for a built-in task name or a JSONL file.
+
+    With ``eval_data`` (a JSONL file) all of a file's records train and ``eval_data``'s are held
+    out; otherwise the file's last ``eval_size`` records, at most 10%, are held out.
+    """
+    held = read_jsonl(eval_data) if eval_data is not None else None
     if spec.endswith(".jsonl") or Path(spec).is_file():
         rows: list[Example] = read_jsonl(spec)
+        if held is not None:
+            return rows, held, None
         n_eval = min(eval_size, max(1, len(rows) // 10)) if len(rows) > 1 else 0
         return rows[: len(rows) - n_eval], rows[len(rows) - n_eval :], None
     task = get_task(spec)
-    return task.examples("train", train_size, seed), task.examples("eval", eval_size, seed), task
+    return task.examples("train", train_size, seed), held or task.examples("eval", eval_size, seed), task
 
 
 def run_job(job: TrainJob) -> tuple[object, TrainResult]:
-    """Run ``job``; returns the trained LoRDBA model and the training result."""
+    """Run ``job``; returns the trained LoRDBA model and the training result.
+
+    Raises:
+        LoRDBAError: bad data, model folder, device or options (each naming what is wrong).
+    """
     out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model_and_tokenizer(job.model)
-    quantize_model_cached(model, resolve_model_path(job.model), job.quant, job.bits, job.group_size, job.progress)
-    train_ex, eval_ex, task = load_data(job.data, tok, job.train_size, job.eval_size, job.settings.seed)
-    rows = encode_examples(tok, train_ex, job.max_length)
+    device = resolve_device(job.device)
+    seed_everything(job.settings.seed)
+    model, tok = _load_model(job, device)
+    train_ex, eval_ex, task = load_data(job.data, tok, job.train_size, job.eval_size, job.settings.seed, job.eval_data)
+    rows = encode_examples(tok, train_ex, job.max_length, job.train_on)
     batcher = Batcher(rows, job.settings.batch_size, seed=job.settings.seed, pad_id=tok.pad_token_id or 0)
     config = LoRDBAConfig(
         r=job.r,
@@ -91,6 +146,7 @@ def run_job(job: TrainJob) -> tuple[object, TrainResult]:
             m, tok, eval_ex, task.score if task else None, task.max_new_tokens if task else 0, job.max_length
         )
 
+    out.mkdir(parents=True, exist_ok=True)
     lm, result = build_adapter(
         model,
         config,
@@ -108,3 +164,17 @@ def run_job(job: TrainJob) -> tuple[object, TrainResult]:
     write_log(out, result.log)
     (out / "train_job.json").write_text(json.dumps({**asdict(job), "settings": asdict(job.settings)}, indent=1) + "\n")
     return lm, result
+
+
+def _load_model(job: TrainJob, device: str):
+    """The base model on ``device``, quantized, and its tokenizer; a folder transformers cannot read
+    is a :class:`ConfigError` naming it."""
+    try:
+        model, tok = load_model_and_tokenizer(job.model)
+    except LoRDBAError:
+        raise
+    except (OSError, ValueError) as err:  # transformers' "not a model folder / unknown model type"
+        raise ConfigError(f"--model {job.model}: cannot be loaded by transformers ({err})") from None
+    model.to(device)
+    quantize_model_cached(model, resolve_model_path(job.model), job.quant, job.bits, job.group_size, job.progress)
+    return model, tok

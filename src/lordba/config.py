@@ -7,6 +7,7 @@ or type raises :class:`~lordba.errors.ConfigError` naming the field.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from lordba.core.ste import STE, STE_KINDS
 from lordba.errors import AdapterFormatError, ConfigError
 
 PEFT_TYPE = "LORDBA"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # files without extra tensors (what every older lordba reads)
+EXTRAS_FORMAT_VERSION = 2  # files that also hold extra tensors (modules_to_save weights, trained biases)
+READABLE_VERSIONS = (FORMAT_VERSION, EXTRAS_FORMAT_VERSION)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "lordba_model.safetensors"
 MODES = ("ptq", "qat", "qat-from-lora", "scales-only")
@@ -27,6 +30,28 @@ LATENT_DTYPES = ("float32", "bfloat16", "float16")
 # Keys written by the library beside the dataclass fields.
 _FILE_ONLY_KEYS = {"peft_type", "format_version", "weights_sha256", "library_version"}
 MAX_RANK = (1 << 31) - 1
+BIAS_MODES = ("none", "lora_only", "all")
+# PEFT's task types and the head modules each trains in full (PEFT's classifier_module_names etc.).
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+    "CAUSAL_LM": (),
+    "SEQ_2_SEQ_LM": (),
+    "FEATURE_EXTRACTION": (),
+}
+# Fields added after format version 1: written only when they differ from their defaults, so that an
+# adapter that uses none of them keeps the bytes it had before they existed.
+_OPTIONAL_FIELDS = {
+    "modules_to_save": None,
+    "task_type": None,
+    "bias": "none",
+    "dropout": 0.0,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "base_quantization": None,
+}
+_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
 
 
 @dataclass
@@ -95,6 +120,51 @@ class LoRDBAConfig:
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "The base model this adapter was made for (informational)."}
     )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules (names or name suffixes, as ``target_modules``) trained in full and saved with "
+            "the adapter (PEFT's ``modules_to_save``); disabling the adapter runs the original ones."
+        },
+    )
+    task_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "PEFT's task type (``CAUSAL_LM``, ``SEQ_CLS``, ``TOKEN_CLS``, ``QUESTION_ANS``, "
+            "``SEQ_2_SEQ_LM``, ``FEATURE_EXTRACTION``); ``SEQ_CLS``/``TOKEN_CLS`` also train and save the "
+            "``classifier``/``score`` head, ``QUESTION_ANS`` the ``qa_outputs`` head."
+        },
+    )
+    bias: str = field(
+        default="none",
+        metadata={
+            "help": "Which base biases train and are saved with the adapter, as PEFT: ``'none'``, "
+            "``'lora_only'`` (those of the adapted layers) or ``'all'`` (every bias of the model)."
+        },
+    )
+    dropout: float = field(
+        default=0.0,
+        metadata={"help": "Dropout probability on the branch input while training (PEFT's ``lora_dropout``)."},
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None,
+        metadata={
+            "help": "Only adapt modules of these layer indices (PEFT's rule: the number after "
+            "``layers_pattern`` in the module path, e.g. ``model.layers.3.mlp``)."
+        },
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Name(s) of the module list of the layers (``layers``, ``h``), for ``layers_to_transform``."},
+    )
+    base_quantization: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "The base quantization the adapter was trained on, as its backend describes it "
+            "(``{'backend': 'hqq', 'bits': 4, 'group_size': 64}``), or null for an unquantized base; a load "
+            "onto a base quantized otherwise warns."
+        },
+    )
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -120,9 +190,51 @@ class LoRDBAConfig:
         _check_choice("latent_dtype", self.latent_dtype, LATENT_DTYPES)
         if self.base_model_name_or_path is not None:
             _check_str("base_model_name_or_path", self.base_model_name_or_path)
+        self._check_peft_fields()
         self.alpha = float(self.alpha)
         self.ste_k = float(self.ste_k)
         self.ste_clip = float(self.ste_clip)
+
+    def _check_peft_fields(self) -> None:
+        """Validate the PEFT-named fields (``modules_to_save`` ... ``base_quantization``)."""
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str):
+                raise ConfigError("modules_to_save must be a list of module names, got a string")
+            self.modules_to_save = _check_modules("modules_to_save", self.modules_to_save)
+        if self.task_type is not None:
+            _check_choice("task_type", self.task_type, tuple(TASK_HEADS))
+        _check_choice("bias", self.bias, BIAS_MODES)
+        try:
+            ok = type(self.dropout) in (int, float) and 0.0 <= self.dropout < 1.0
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"dropout must be a number in [0, 1), got {safe_repr(self.dropout)}")
+        self.dropout = float(self.dropout)
+        self.layers_to_transform = _check_layers(self.layers_to_transform)
+        self.layers_pattern = _check_layers_pattern(self.layers_pattern)
+        self.base_quantization = check_base_quantization(self.base_quantization)
+
+    @property
+    def saved_modules(self) -> list[str]:
+        """Module names trained in full and saved with the adapter: ``modules_to_save`` and the task's heads."""
+        return list(dict.fromkeys([*(self.modules_to_save or []), *TASK_HEADS.get(self.task_type or "", ())]))
+
+    def in_layers(self, module_name: str) -> bool:
+        """Whether ``module_name`` is in ``layers_to_transform`` (PEFT's rule; True when it is unset)."""
+        if self.layers_to_transform is None:
+            return True
+        patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+        found = None
+        for pattern in patterns or [r"[^.]*"]:
+            name = pattern if pattern == r"[^.]*" else re.escape(pattern)
+            found = re.match(rf".*\.{name}\.(\d+)\.", module_name)
+            if found is not None:
+                break
+        if found is None:
+            return False
+        wanted = self.layers_to_transform
+        return int(found.group(1)) in ([wanted] if isinstance(wanted, int) else wanted)
 
     @property
     def peft_type(self) -> str:
@@ -134,9 +246,11 @@ class LoRDBAConfig:
         """The straight-through estimator this config asks for."""
         return STE(self.ste, self.ste_k, self.ste_clip)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict, with ``peft_type`` and ``format_version`` first."""
-        return {"peft_type": PEFT_TYPE, "format_version": FORMAT_VERSION, **asdict(self)}
+    def to_dict(self, format_version: int = FORMAT_VERSION) -> dict[str, Any]:
+        """JSON-ready dict, with ``peft_type`` and ``format_version`` first; the fields added after
+        version 1 (``modules_to_save`` ... ``base_quantization``) only where they are not their defaults."""
+        data = {k: v for k, v in asdict(self).items() if k not in _OPTIONAL_FIELDS or v != _OPTIONAL_FIELDS[k]}
+        return {"peft_type": PEFT_TYPE, "format_version": format_version, **data}
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "config") -> LoRDBAConfig:
@@ -149,10 +263,10 @@ class LoRDBAConfig:
         version = data.get("format_version", FORMAT_VERSION)
         if type(version) is not int:
             raise ConfigError(f"{source}: format_version must be an integer, got {safe_repr(version)}")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise AdapterFormatError(
-                f"{source}: format_version {version} is not supported (this lordba reads version "
-                f"{FORMAT_VERSION}); upgrade lordba to read it"
+                f"{source}: format_version {version} is not supported (this lordba reads versions "
+                f"{list(READABLE_VERSIONS)}); upgrade lordba to read it"
             )
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names - _FILE_ONLY_KEYS)
@@ -160,9 +274,11 @@ class LoRDBAConfig:
             raise ConfigError(f"{source}: unknown field(s) {safe_repr(unknown)}")
         kwargs = {k: v for k, v in data.items() if k in names}
         try:
-            return cls(**kwargs)
+            config = cls(**kwargs)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
+        config.file_version = version  # not a field: the weights file must say the same version
+        return config
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> LoRDBAConfig:
@@ -177,6 +293,8 @@ class LoRDBAConfig:
 
     def targets_module(self, module_name: str) -> bool:
         """Whether ``target_modules`` covers ``module_name`` (``None`` and ``all-linear`` cover every module)."""
+        if not self.in_layers(module_name):
+            return False
         return self.target_modules in (None, ALL_LINEAR) or matches(self.target_modules, module_name)
 
     def alpha_for(self, module_name: str) -> float:
@@ -234,3 +352,47 @@ def _check_modules(name: str, value: Any) -> list[str] | str | None:
             raise ConfigError(f"{name} must not be empty")
         return items
     raise ConfigError(f"{name} must be a list of strings, a string or null, got {type(value).__name__}")
+
+
+def _check_layers(value: Any) -> list[int] | int | None:
+    if value is None:
+        return None
+    items = [value] if type(value) is int else value
+    if not isinstance(items, (list, tuple)) or not items or any(type(i) is not int or i < 0 for i in items):
+        raise ConfigError(
+            f"layers_to_transform must be a non-negative int or a non-empty list of them, got {safe_repr(value)}"
+        )
+    return value if type(value) is int else list(items)
+
+
+def _check_layers_pattern(value: Any) -> list[str] | str | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if (
+        not isinstance(items, (list, tuple))
+        or not items
+        or not all(isinstance(i, str) and _NAME_RE.fullmatch(i) for i in items)
+    ):
+        raise ConfigError(
+            f"layers_pattern must be a name (letters, digits, '_') or a list of names, got {safe_repr(value)}"
+        )
+    return value if isinstance(value, str) else list(items)
+
+
+def check_base_quantization(value: Any) -> dict[str, Any] | None:
+    """Validate a ``base_quantization`` record: null, or ``{"backend": str, "bits": number > 0,
+    "group_size": int > 0 or null}``; returns it (a fresh dict). Raises :class:`ConfigError`."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"backend", "bits", "group_size"}:
+        raise ConfigError(
+            f"base_quantization must be null or an object with keys backend, bits, group_size, got {safe_repr(value)}"
+        )
+    backend, bits, group = value["backend"], value["bits"], value["group_size"]
+    if not isinstance(backend, str) or not _NAME_RE.fullmatch(backend.replace("-", "_")):
+        raise ConfigError(f"base_quantization.backend must be a backend name, got {safe_repr(backend)}")
+    _check_positive("base_quantization.bits", bits)
+    if group is not None and (type(group) is not int or group < 1):
+        raise ConfigError(f"base_quantization.group_size must be a positive int or null, got {safe_repr(group)}")
+    return {"backend": backend, "bits": bits, "group_size": group}

@@ -10,7 +10,7 @@ from lordba.cli import LAB_COMMANDS, build_parser, main
 
 from conftest import tiny_llama
 
-LIBRARY_COMMANDS = ("build-kernels", "convert", "export-lora", "inspect")
+LIBRARY_COMMANDS = ("build-kernels", "chat", "convert", "export-lora", "generate", "inspect", "serve")
 
 
 @pytest.fixture
@@ -70,3 +70,89 @@ def test_lab_commands_without_the_lab_say_how_to_install_it(monkeypatch, capsys)
 def test_console_script_runs():
     proc = subprocess.run([sys.executable, "-m", "lordba", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and "lordba" in proc.stdout
+
+
+def run_python(code, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+HELP_WITHOUT_TORCH = """
+import sys
+from lordba.cli import build_parser, main
+build_parser()
+try:
+    main(["--help"])
+except SystemExit as e:
+    assert e.code == 0, e.code
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "numpy", "safetensors"))
+assert not heavy, heavy
+print("ok")
+"""
+
+
+def test_the_top_level_parser_and_help_import_no_torch(tmp_path):
+    code, out, err = run_python(HELP_WITHOUT_TORCH, tmp_path)
+    assert code == 0 and out.strip().endswith("ok"), err
+
+
+def test_a_command_is_loaded_only_when_chosen():
+    parser = build_parser("inspect")
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {a.dest for a in sub.choices["inspect"]._actions} >= {"directory", "json"}
+    assert {a.dest for a in sub.choices["train"]._actions} == {"help"}  # not loaded
+    assert sub.choices["train"].description.startswith("train a LoRDBA adapter")
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--steps", "0"),
+        ("--r", "0"),
+        ("--batch-size", "-1"),
+        ("--lr", "0"),
+        ("--lr", "nan"),
+        ("--alpha", "inf"),
+        ("--lora-warmup", "1.5"),
+        ("--seed", "-3"),
+        ("--max-length", "x"),
+        ("--device", "tpu"),
+        ("--train-on", "everything"),
+    ],
+)
+def test_bad_train_numbers_are_usage_errors_naming_the_option(option, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", str(tmp_path / "o"), option, value])
+    assert info.value.code == 2
+    assert option in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_every_train_option_has_help_text():
+    parser = build_parser("train")
+    train = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    options = [a for a in train._actions if a.dest != "help"]
+    assert {"device", "bf16", "eval_data", "train_on"} <= {a.dest for a in options}
+    missing = [a.option_strings for a in options if not a.help or a.help == "==SUPPRESS=="]
+    assert not missing
+
+
+MISSING_MATPLOTLIB = """
+import sys
+sys.modules["matplotlib"] = None  # as if it were not installed
+from lordba.cli import main
+sys.exit(main(["demo", "--quick", "--quiet", "--out", "demo-out"]))
+"""
+
+
+def test_a_missing_optional_dependency_says_what_to_install(tmp_path):
+    code, _, err = run_python(MISSING_MATPLOTLIB, tmp_path)
+    assert code == 2, err
+    assert "'matplotlib'" in err and "pip install -e lab" in err and "internal error" not in err
+    assert not (tmp_path / "demo-out" / "results.json").exists()  # refused before any training
+
+
+def test_optional_modules_map_to_their_extras():
+    assert cli.missing_dependency_hint(ModuleNotFoundError(name="peft.tuners")) == "pip install 'lordba[peft]'"
+    assert "lordba[quant]" in cli.missing_dependency_hint(ModuleNotFoundError(name="hqq"))
+    assert cli.missing_dependency_hint(ModuleNotFoundError(name="no_such_module")) is None

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftConfig, PeftModel
 
-from lordba import LoRDBAConfig, LoRDBAError, LoRDBAModel, export_lora, get_lordba_model
+from lordba import ConversionError, LoRDBAConfig, LoRDBAError, LoRDBAModel, export_lora, get_lordba_model
 
 from conftest import tiny_llama
 
@@ -78,3 +78,42 @@ def test_loaded_adapter_exports_identically(tmp_path):
     export_lora(LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path / "a"), tmp_path / "from_model")
     for name in ("adapter_model.safetensors",):
         assert (tmp_path / "from_dir" / name).read_bytes() == (tmp_path / "from_model" / name).read_bytes()
+
+
+def _saved_adapter(directory, scale=1.0):
+    torch.manual_seed(0)
+    lm = get_lordba_model(
+        tiny_llama(0), LoRDBAConfig(r=2, init="random", target_modules=["q_proj"], scale_dtype="float32")
+    )
+    state = lm.adapter_state("default")
+    for rec in state.modules.values():
+        rec.tensors["scale_out"] = torch.full_like(rec.tensors["scale_out"], scale)
+    state.save_pretrained(directory)
+    return directory
+
+
+def test_float16_export_refuses_factors_beyond_its_range(tmp_path):
+    source = _saved_adapter(tmp_path / "adapter", scale=1e6)
+    with pytest.raises(ConversionError, match=r"exceeds float16's range.*bfloat16"):
+        export_lora(source, tmp_path / "out16")
+    assert not (tmp_path / "out16").exists()
+    export_lora(source, tmp_path / "out32", dtype="float32")  # the same adapter fits float32
+
+
+def test_overwrite_refuses_the_input_directory_and_its_parents(tmp_path):
+    source = _saved_adapter(tmp_path / "in" / "adapter")
+    for out in (source, source.parent):
+        with pytest.raises(LoRDBAError, match="would delete"):
+            export_lora(source, out, overwrite=True)
+    assert (source / "lordba_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_export_to_dot_or_dotdot_is_a_lordba_error(tmp_path, monkeypatch, name):
+    source = _saved_adapter(tmp_path / "adapter")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(LoRDBAError):
+        export_lora(source, name)
+    with pytest.raises(LoRDBAError, match="would delete"):
+        export_lora(source, name, overwrite=True)

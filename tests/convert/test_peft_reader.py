@@ -106,7 +106,7 @@ def edit_config(path, **changes):
         ({"r": 8}, r"lora_A.weight has rank 4 but adapter_config.json gives module .* rank 8 \(r\)"),
         ({"rank_pattern": {"q_proj": 2}}, r"rank 4 .* rank 2 \(rank_pattern\['q_proj'\]\)"),
         ({"lora_alpha": "big"}, "lora_alpha must be a positive number"),
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"modules_to_save": "lm_head"}, "modules_to_save must be a list"),  # carried over since issue 14
     ],
 )
 def test_bad_configs_are_refused_naming_the_field(tmp_path, changes, pattern):

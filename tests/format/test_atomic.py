@@ -20,7 +20,11 @@ def test_save_leaves_only_the_two_files(tmp_path):
     lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, init="random"))
     for _ in range(2):
         lm.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "lordba_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "lordba_model.safetensors",
+    ]
 
 
 def test_interrupted_save_between_renames_keeps_the_old_adapter(tmp_path, input_ids):
@@ -77,3 +81,72 @@ def test_output_path_that_is_a_file_gives_a_clear_error(tmp_path):
         with atomic_directory(tmp_path / "file", overwrite=True):
             pass
     assert (tmp_path / "file").read_text() == "x"
+
+
+def _state(seed):
+    torch.manual_seed(seed)
+    return get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, init="random", target_modules=["q_proj"])).adapter_state(
+        "default"
+    )
+
+
+def test_a_full_disk_is_a_lordba_error_and_the_old_adapter_stays(tmp_path, monkeypatch):
+    import errno
+
+    from lordba.format import atomic
+
+    _state(1).save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "_write_temp", full)
+    with pytest.raises(LoRDBAError, match="No space left on device"):
+        _state(2).save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    read_adapter(tmp_path)
+
+
+def test_a_nul_character_in_the_directory_is_a_lordba_error(tmp_path):
+    with pytest.raises(LoRDBAError, match="not a usable path"):
+        _state(1).save_pretrained(tmp_path / "a\x00b")
+    with pytest.raises(LoRDBAError, match="not a usable path"):
+        with atomic_directory(tmp_path / "a\x00b"):
+            pass
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_dot_and_dotdot_outputs_are_refused_cleanly(tmp_path, monkeypatch, name):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(LoRDBAError, match="already exists"):
+        with atomic_directory(name):
+            pass
+    with pytest.raises(LoRDBAError, match="would delete the current directory"):
+        with atomic_directory(name, overwrite=True):
+            pass
+    assert (tmp_path / "work").is_dir()
+
+
+def test_overwrite_refuses_an_output_that_is_an_input_or_its_parent(tmp_path):
+    source = tmp_path / "in" / "adapter"
+    source.mkdir(parents=True)
+    for out in (source, source.parent, tmp_path):
+        with pytest.raises(LoRDBAError, match="would delete"):
+            with atomic_directory(out, overwrite=True, keep=(source,)):
+                pass
+    assert source.is_dir()
+
+
+def test_a_symlinked_output_is_replaced_without_leaving_temporary_names(tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "old").write_text("kept")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with atomic_directory(link, overwrite=True) as tmp:
+        (tmp / "new").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
+    assert not link.is_symlink() and [p.name for p in link.iterdir()] == ["new"]
+    assert (target / "old").read_text() == "kept"  # the link was replaced, not what it pointed to

@@ -1,14 +1,21 @@
 """Adapters written before the restructure of issue 13 (tests/fixtures/reference, made by
 tests/fixtures/make_reference_adapters.py with the code of commit 0e086ec) still load and give the
-same logits, and the same recipe today writes byte-identical files: the format did not change."""
+same logits, and the same recipe today writes the same files but for one addition: the config's
+digest (``config_sha256``) in the weights' metadata, and hence the config's ``weights_sha256``.
+Without that key the weights are byte-identical, and the key is the digest of the committed config:
+the tensors, their layout and every other metadata and config byte did not change."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lordba import LoRDBAModel
+from lordba.format.integrity import CONFIG_DIGEST_KEY, config_digest
+from lordba.format.tensorfile import to_bytes
 
 from conftest import tiny_llama
 
@@ -19,7 +26,15 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_the_same_recipe_writes_byte_identical_files(tmp_path):
+def _without_digest(path: Path) -> tuple[bytes, str | None]:
+    """The weights file re-serialised without ``config_sha256``, and that key's value."""
+    with safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    digest = metadata.pop(CONFIG_DIGEST_KEY, None)
+    return to_bytes(tensors, metadata), digest
+
+
+def test_the_same_recipe_writes_the_same_files_plus_the_config_digest(tmp_path):
     from fixtures.make_reference_adapters import main
 
     main(tmp_path)
@@ -27,7 +42,19 @@ def test_the_same_recipe_writes_byte_identical_files(tmp_path):
     adapters = {k for k in committed if not k.endswith("logits.safetensors")}
     assert adapters and adapters <= written.keys()
     for name in sorted(adapters):
-        assert written[name] == committed[name], name
+        if name.endswith("lordba_model.safetensors"):
+            weights, digest = _without_digest(tmp_path / name)
+            assert weights == committed[name], name
+            config = json.loads(committed[name.replace("lordba_model.safetensors", "adapter_config.json")])
+            assert digest == config_digest(config), name
+        elif name.endswith("adapter_config.json") and "-lora" not in name:
+            new, old = json.loads(written[name]), json.loads(committed[name])
+            assert new.pop("weights_sha256") != old.pop("weights_sha256")
+            assert written[name].decode().replace(json.loads(written[name])["weights_sha256"], "") == committed[
+                name
+            ].decode().replace(json.loads(committed[name])["weights_sha256"], ""), name
+        else:  # the PEFT LoRA exports
+            assert written[name] == committed[name], name
 
 
 @pytest.mark.parametrize("name", ["fp16", "int8", "trained"])

@@ -12,7 +12,7 @@ from lordba.core.autograd import reference_delta
 from lordba.core.scales import get_codec
 from lordba.core.ste import STE
 from lordba.nn.adapter import TrainableAdapter
-from lordba.nn.layer import ROUTING, LoRDBALinear, Routing, route_index
+from lordba.nn.layer import LoRDBALinear, Routing, route_index
 
 from conftest import tiny_llama
 
@@ -214,23 +214,17 @@ def test_mixed_batch_routing_uses_shared_indices():
     names = ("b", "__base__", "a", "b")
     assert route_index(names, torch.device("cpu")) is route_index(list(names), torch.device("cpu"))
     x = torch.randn(4, 3, 24)
-    token = ROUTING.set(Routing(adapter_names=names))
-    try:
+    with layer.gate.enter(Routing(adapter_names=names)):
         with torch.no_grad():
             mixed = layer(x)
-    finally:
-        ROUTING.reset(token)
     with torch.no_grad():
         for i, name in enumerate(names):
             layer.set_adapter([] if name == "__base__" else [name])
             torch.testing.assert_close(mixed[i], layer(x[i : i + 1])[0], rtol=1e-6, atol=1e-6)
-    token = ROUTING.set(Routing(adapter_names=("a",) * 4))  # one adapter for every row: fused path
-    try:
+    with layer.gate.enter(Routing(adapter_names=("a",) * 4)):  # one adapter for every row: fused path
         with torch.no_grad():
             layer.set_adapter("a")
             assert torch.equal(layer(x), layer.base_layer(x) + layer.lordba_adapters["a"](x))
-    finally:
-        ROUTING.reset(token)
 
 
 @pytest.mark.parametrize("compact", [False, True])

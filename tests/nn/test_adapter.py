@@ -159,3 +159,30 @@ def test_the_torch_mode_does_not_build_the_cpu_kernels(monkeypatch):
     with torch.no_grad(), kernels.mode("torch"):
         packed(torch.randn(2, 40))
     assert kernels._STATE.cpu is None
+
+
+def test_caches_follow_a_fused_optimizer_step(input_ids):
+    """Fused AdamW (the HF Trainer's default) does not bump version counters: the packed-sign and
+    scale caches must still be rebuilt after each optimizer step."""
+    from lordba import LoRDBAConfig, get_lordba_model
+    from lordba.core.packing import pack_signs
+
+    from conftest import tiny_llama
+
+    torch.manual_seed(0)
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random"))
+    with torch.no_grad():
+        lm(input_ids=input_ids)  # fills the caches
+    opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=0.5, fused=True)
+    for _ in range(3):
+        lm(input_ids=input_ids, labels=input_ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        got = lm(input_ids=input_ids).logits
+        for adapter in lm.adapter_modules("default").values():
+            adapter.clear_cache()
+        want = lm(input_ids=input_ids).logits
+    assert torch.equal(got, want)
+    adapter = lm.adapter_modules("default")["model.layers.0.self_attn.q_proj"]
+    assert torch.equal(adapter.stored_tensors()["sign_A"], pack_signs(adapter.latent_A.detach()))

@@ -7,7 +7,7 @@ from lordba import AdapterStateError, ShapeMismatchError
 from lordba.core.scales import get_codec
 from lordba.core.ste import STE
 from lordba.nn.adapter import TrainableAdapter
-from lordba.nn.layer import ROUTING, LoRDBALinear, Routing
+from lordba.nn.layer import LoRDBALinear, Routing
 
 
 def make_layer(in_f=21, out_f=13, names=("a", "b"), r=3, scale_dtype="float32"):
@@ -79,12 +79,9 @@ def test_mixed_batch_routes_each_row_to_its_adapter():
     layer = make_layer()
     x = torch.randn(5, 4, 21)
     names = ("b", "__base__", "a", "b", "a")
-    token = ROUTING.set(Routing(adapter_names=names))
-    try:
+    with layer.gate.enter(Routing(adapter_names=names)):
         with torch.no_grad():
             mixed = layer(x)
-    finally:
-        ROUTING.reset(token)
     with torch.no_grad():
         for i, name in enumerate(names):
             layer.set_adapter([] if name == "__base__" else [name])
@@ -94,31 +91,23 @@ def test_mixed_batch_routes_each_row_to_its_adapter():
 def test_disabled_routing_is_base_only_and_refused_when_merged():
     layer = make_layer()
     x = torch.randn(2, 21)
-    token = ROUTING.set(Routing(disabled=True))
-    try:
+    with layer.gate.enter(Routing(disabled=True)):
         with torch.no_grad():
             assert torch.equal(layer(x), layer.base_layer(x))
         layer.merge()
         with pytest.raises(AdapterStateError, match="merged"):
             layer(x)
-    finally:
-        ROUTING.reset(token)
 
 
 def test_mixed_batch_size_mismatch_and_shape_errors():
     layer = make_layer()
-    token = ROUTING.set(Routing(adapter_names=("a",)))
-    try:
+    with layer.gate.enter(Routing(adapter_names=("a",))):
         with pytest.raises(ShapeMismatchError, match="1 entries for a batch of 2"):
             layer(torch.randn(2, 21))
-    finally:
-        ROUTING.reset(token)
     with pytest.raises(ShapeMismatchError):
         layer.add_adapter("c", TrainableAdapter(20, 13, 2, 1.0, get_codec("float16"), STE()))
     with pytest.raises(ShapeMismatchError, match="not a supported linear"):
         LoRDBALinear(nn.Conv1d(2, 3, 1))
-
-
 
 
 def test_packed_adapter_in_a_layer_matches_the_dense_delta_and_merges():

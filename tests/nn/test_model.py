@@ -49,7 +49,11 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, input_ids, scale_dtype):
     lm = randomized({"scale_dtype": scale_dtype})
     before = logits(lm, input_ids)
     lm.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "lordba_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "lordba_model.safetensors",
+    ]
     loaded = LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path)
     assert torch.equal(logits(loaded, input_ids), before)
     for path, ad in lm.adapter_modules("default").items():

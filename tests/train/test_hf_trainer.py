@@ -1,11 +1,12 @@
 """transformers.Trainer works unchanged on a LoRDBA model: training, checkpoints, resume,
-gradient checkpointing."""
+gradient checkpointing; with LoRDBACallback, checkpoints and output_dir hold the packed adapter."""
 
 import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from lordba import LoRDBAConfig, get_lordba_model
+from lordba import LoRDBAConfig, LoRDBAModel, get_lordba_model
+from lordba.train.hf_trainer import LoRDBACallback
 
 from conftest import tiny_llama
 
@@ -23,7 +24,7 @@ class Rows(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
 
 
-def make(tmp_path, **kw):
+def make(tmp_path, callbacks=None, **kw):
     torch.manual_seed(0)
     lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4))
     args = TrainingArguments(
@@ -39,7 +40,7 @@ def make(tmp_path, **kw):
         data_seed=0,
         **kw,
     )
-    return lm, Trainer(model=lm, args=args, train_dataset=Rows())
+    return lm, Trainer(model=lm, args=args, train_dataset=Rows(), callbacks=callbacks)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -80,3 +81,70 @@ def test_state_dict_is_the_adapters_only_and_load_is_strict(tmp_path):
 
     with pytest.raises(AdapterStateError, match="missing"):
         lm.load_state_dict({})
+
+
+PACKED = ("adapter_config.json", "lordba_model.safetensors")
+IDS = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(5))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def test_checkpoints_hold_the_packed_adapter_of_their_training_state(tmp_path):
+    lm, trainer = make(tmp_path, callbacks=[LoRDBACallback()])
+    trainer.train()
+    for step in (6, 12):
+        ckpt = tmp_path / "out" / f"checkpoint-{step}"
+        assert all((ckpt / name).is_file() for name in PACKED), sorted(p.name for p in ckpt.iterdir())
+        assert (ckpt / "model.safetensors").is_file()  # the training state resume reads (latent signs)
+        # the packed file is exactly the pack of that checkpoint's training state
+        again = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4))
+        from safetensors.torch import load_file
+
+        again.load_state_dict(load_file(ckpt / "model.safetensors"))
+        again.save_pretrained(tmp_path / f"repack-{step}")
+        for name in PACKED:
+            assert (ckpt / name).read_bytes() == (tmp_path / f"repack-{step}" / name).read_bytes(), (step, name)
+    loaded = LoRDBAModel.from_pretrained(tiny_llama(0), str(tmp_path / "out" / "checkpoint-12"))
+    lm.eval()
+    torch.testing.assert_close(logits(loaded), logits(lm), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits(loaded), logits(tiny_llama(0)), atol=1e-3)  # the adapter is really there
+
+
+def test_save_model_dir_holds_the_final_packed_adapter(tmp_path):
+    lm, trainer = make(tmp_path, callbacks=[LoRDBACallback()])
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "out"
+    assert all((out / name).is_file() for name in PACKED)
+    lm.save_pretrained(tmp_path / "direct")
+    for name in PACKED:
+        assert (out / name).read_bytes() == (tmp_path / "direct" / name).read_bytes(), name
+    loaded = LoRDBAModel.from_pretrained(tiny_llama(0), out)
+    torch.testing.assert_close(logits(loaded), logits(lm.eval()), rtol=1e-5, atol=1e-5)
+
+
+def test_resume_from_a_packed_checkpoint_is_exact(tmp_path):
+    lm, trainer = make(tmp_path, callbacks=[LoRDBACallback()])
+    trainer.train()
+    lm2, trainer2 = make(tmp_path / "again", callbacks=[LoRDBACallback()])
+    trainer2.args.output_dir = str(tmp_path / "resumed")
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-6"))
+    want, got = lm.state_dict(), lm2.state_dict()
+    assert set(got) == set(want)
+    for k in want:  # latent signs and float32 scales: the whole trainable state
+        assert torch.equal(got[k], want[k]), k
+    for name in PACKED:
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
+
+
+def test_callback_refuses_a_model_that_is_not_lordba(tmp_path):
+    from lordba import ConfigError
+
+    model = tiny_llama(0)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=Rows(n=4), callbacks=[LoRDBACallback()])
+    with pytest.raises(ConfigError, match="LlamaForCausalLM, not a LoRDBAModel"):
+        trainer.train()

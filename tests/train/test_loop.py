@@ -1,6 +1,7 @@
 """The shared training loop: learning, frozen base, checkpoints, exact resume after a kill, NaN stop."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -10,9 +11,10 @@ import time
 import pytest
 import torch
 
-from lordba import LoRDBAConfig, TrainingError, get_lordba_model
+from lordba import ConfigError, LoRDBAConfig, TrainingError, get_lordba_model
 from lordba.train import TrainSettings, train_loop
 from lordba.train.checkpoint import latest_checkpoint
+from lordba.train.loop import resolve_device
 from lordba.train.tokenize import Batcher
 
 from conftest import tiny_llama
@@ -125,3 +127,25 @@ def test_nothing_to_train():
         p.requires_grad_(False)
     with pytest.raises(TrainingError, match="no trainable parameters"):
         train_loop(frozen, Batcher(rows(), 4), TrainSettings(steps=1), progress=False)
+
+
+def test_bf16_autocast_trains_on_cpu_with_float32_weights(tmp_path):
+    lm = model()
+    before = {n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad}
+    res = train_loop(lm, Batcher(rows(), 4), TrainSettings(steps=4, lr=3e-3, bf16=True), progress=False)
+    assert all(math.isfinite(e["loss"]) for e in res.log)
+    for n, p in lm.named_parameters():
+        if p.requires_grad:
+            assert p.dtype == torch.float32 and not torch.equal(p, before[n]), n
+
+
+def test_resolve_device():
+    best = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    assert resolve_device() == best and resolve_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match="one of"):
+        resolve_device("tpu")
+    if torch.cuda.is_available():
+        assert resolve_device("cuda") == "cuda"
+    else:
+        with pytest.raises(ConfigError, match="'cuda' is not available"):
+            resolve_device("cuda")

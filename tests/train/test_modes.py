@@ -145,3 +145,19 @@ def test_the_lora_seed_trains_at_its_own_learning_rate(tmp_path):
     factors = load_file(tmp_path / "lora_seed" / "adapter_model.safetensors")
     b = [t for k, t in factors.items() if "lora_B" in k]
     assert b and all(t.abs().max() == 0 for t in b)  # lr 0: B stays at its zero init
+
+
+@pytest.mark.parametrize("mode", ["qat", "qat-from-lora"])
+def test_build_adapter_is_reproducible_whatever_ran_before(mode, tmp_path):
+    cfg = LoRDBAConfig(r=4, mode=mode, target_modules=["q_proj", "v_proj"])
+    stored = []
+    for run in ("a", "b"):
+        base = tiny_llama(0)
+        torch.rand(int(run == "b") + 3)  # a different global RNG state before each run
+        lm, _ = build_adapter(
+            base, cfg, Batcher(rows(), 4), TrainSettings(steps=3, lr=3e-3), tmp_path / run, progress=False
+        )
+        stored.append({p: a.stored_tensors() for p, a in lm.adapter_modules("default").items()})
+    for path, tensors in stored[0].items():
+        for name, t in tensors.items():
+            assert torch.equal(t, stored[1][path][name]), (path, name)

@@ -70,3 +70,47 @@ def test_missing_empty_and_non_utf8(tmp_path):
     (tmp_path / "b.jsonl").write_bytes(b'{"text": "\xff"}\n')
     with pytest.raises(DataError, match="UTF-8"):
         read_jsonl(tmp_path / "b.jsonl")
+
+
+def test_trl_conversational_records_and_the_tool_role(tmp_path):
+    user, tool = {"role": "user", "content": "weather?"}, {"role": "tool", "content": "sunny"}
+    call = {"role": "assistant", "content": "get_weather()"}
+    final = {"role": "assistant", "content": "It is sunny."}
+    p = write(
+        tmp_path,
+        [
+            json.dumps({"messages": [user, call, tool, final]}),
+            json.dumps({"prompt": [user], "completion": [final]}),
+            json.dumps({"prompt": [user, call, tool], "completion": [final]}),
+        ],
+    )
+    turns = (("user", "weather?"), ("assistant", "get_weather()"), ("tool", "sunny"))
+    assert read_jsonl(p) == [
+        Example(turns, "It is sunny.", "It is sunny."),
+        Example((("user", "weather?"),), "It is sunny.", "It is sunny."),
+        Example(turns, "It is sunny.", "It is sunny."),
+    ]
+
+
+@pytest.mark.parametrize(
+    "record, match",
+    [
+        ({"prompt": [{"role": "user", "content": "Q"}], "completion": "A"}, "must both be strings .* or both lists"),
+        ({"prompt": [{"role": "user", "content": "Q"}], "completion": []}, "'completion' must be a non-empty list"),
+        ({"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "user", "content": "A"}]}, "last"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "Q"},
+                    {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]},
+                    {"role": "assistant", "content": "A"},
+                ]
+            },
+            "messages\\[1\\] has 'tool_calls'",
+        ),
+        ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": " "}]}, "empty"),
+    ],
+)
+def test_malformed_conversational_records(tmp_path, record, match):
+    with pytest.raises(DataError, match=f"d.jsonl:1: .*{match}"):
+        read_jsonl(write(tmp_path, [json.dumps(record)]))

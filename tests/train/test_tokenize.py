@@ -1,7 +1,9 @@
+import copy
+
 import pytest
 import torch
 
-from lordba import DataError
+from lordba import ConfigError, DataError
 from lordba.train.records import Example
 from lordba.train.tokenize import Batcher, collate, encode_examples
 from lordba_lab.assets import load_model_and_tokenizer
@@ -36,3 +38,37 @@ def test_batches_depend_only_on_seed_and_index():
     assert not torch.equal(a.batch(0)["input_ids"], Batcher(rows, 4, seed=4).batch(0)["input_ids"])
     batch = collate(rows[:3], pad_id=0)
     assert batch["labels"][0, 1:].eq(-100).all() and batch["attention_mask"].sum() == 1 + 2 + 3
+
+
+MULTI = Example((("user", "1+1?"), ("assistant", "2"), ("tool", "ok"), ("user", "and +1?")), "3", "3")
+
+
+def trained_text(tok, row):
+    return tok.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != -100])
+
+
+def test_all_assistant_turns_trains_on_every_assistant_turn(tok):
+    (last,) = encode_examples(tok, [MULTI])
+    (every,) = encode_examples(tok, [MULTI], train_on="all-assistant-turns")
+    assert every["input_ids"] == last["input_ids"]  # the same conversation, other labels
+    assert trained_text(tok, last) == "3<|im_end|>\n"
+    assert trained_text(tok, every) == "2<|im_end|>\n3<|im_end|>\n"
+    with pytest.raises(ConfigError, match="train_on"):
+        encode_examples(tok, [MULTI], train_on="every-turn")
+
+
+def test_all_assistant_turns_without_a_chat_template(tok):
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    (last,) = encode_examples(plain, [MULTI])
+    (every,) = encode_examples(plain, [MULTI], train_on="all-assistant-turns")
+    assert plain.decode(every["input_ids"]) == plain.decode(last["input_ids"])  # the same text
+    assert trained_text(plain, every) == "2\n\n3" + plain.eos_token
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_example(tok):
+    odd = copy.deepcopy(tok)
+    # renders only the last two turns: earlier ones vanish as the conversation grows
+    odd.chat_template = "{% for m in messages[-2:] %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(DataError, match=r"example 0: .*turn by turn"):
+        encode_examples(odd, [MULTI], train_on="all-assistant-turns")

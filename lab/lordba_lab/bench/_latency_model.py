@@ -37,7 +37,7 @@ def quantized(model: nn.Module, base: str, source: str | Path | None = None) -> 
     if base == "none":
         return model
     from lordba.quant import quantize_model
-    from lordba_lab.quant_cache import quantize_model_cached
+    from lordba.quant.cache import quantize_model_cached
 
     if source is not None:
         return quantize_model_cached(model, source, backend=base, bits=4, group_size=64)
@@ -46,15 +46,14 @@ def quantized(model: nn.Module, base: str, source: str | Path | None = None) -> 
 
 def variants(model: nn.Module, r: int, base: str, source: str | Path | None = None) -> dict[str, nn.Module]:
     """``{"base", "lora", "lordba"}``: three copies of ``model`` on the same base weights."""
-    from peft import LoraConfig, get_peft_model
-
     from lordba.config import LoRDBAConfig
     from lordba.nn.model import LoRDBAModel, get_lordba_model
+    from lordba.train.lora import get_peft_lora_model, peft_lora_config
 
     torch.manual_seed(0)
     plain = quantized(copy.deepcopy(model), base, source).eval()
-    lora_cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False)
-    lora = get_peft_model(quantized(copy.deepcopy(model), base, source), lora_cfg).eval()
+    lora_cfg = peft_lora_config(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False)
+    lora = get_peft_lora_model(quantized(copy.deepcopy(model), base, source), lora_cfg).eval()
     trained = get_lordba_model(
         copy.deepcopy(model),
         LoRDBAConfig(r=r, alpha=2 * r, target_modules=TARGETS, init="random", scale_dtype=SCALE_DTYPE),

@@ -140,8 +140,9 @@ def run(out_dir: Path, quick: bool, base: str | None = None, threads: int | None
     parked, and the times jump by whole time slices.
     """
     from lordba import kernels
+    from lordba.quant.quantize import DEFAULT_BACKEND
 
-    base = base or os.environ.get("LORDBA_BENCH_BASE", "hqq")
+    base = base or os.environ.get("LORDBA_BENCH_BASE", DEFAULT_BACKEND)
     threads = threads or int(os.environ.get("LORDBA_BENCH_THREADS", "0"))
     if threads:
         torch.set_num_threads(threads)

@@ -1,8 +1,10 @@
 """``lordba bench --suite quant``: the quantized-base backends side by side on the demo model's layers.
 
-For each backend (fp32, HQQ 4/3/2-bit, bitsandbytes NF4) on SmolLM2's real weights: relative weight
-error, storage bits per weight, and forward and forward+backward time relative to fp32 at a decode
-(1 token) and a training (batch 8 × 64 tokens) shape, measured interleaved.
+For each backend (fp32, lordba's q4, HQQ 4/3/2-bit, bitsandbytes NF4 and int8) on SmolLM2's real
+weights: relative weight error, storage bits per weight, and forward and forward+backward time
+relative to fp32 at a decode (1 token) and a training (batch 8 × 64 tokens) shape, measured
+interleaved. Then the whole model with each 4-bit base: held-out loss on the arithmetic task's
+evaluation split (the accuracy the default base must keep).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from lordba._util.tables import markdown_table, print_table
 from lordba_lab.bench import hardware
 
 SUITE = "quant"
-HELP = "quantized base backends (HQQ, bitsandbytes NF4): weight error, bits, forward/backward time vs fp32"
+HELP = "quantized base backends (q4, HQQ, bitsandbytes): weight error, bits, time vs fp32, model held-out loss"
 DEFAULT = False
 LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj")
 
@@ -36,19 +38,24 @@ def _time(fn, repeats: int) -> float:  # noqa: ANN001
 
 
 def run(out_dir: Path, quick: bool) -> list[Path]:
+    from lordba import kernels
     from lordba.quant import resolve_backend
     from lordba.quant.bnb import quantize_linear_bnb
     from lordba.quant.hqq import quantize_linear_hqq
+    from lordba.quant.q4 import quantize_linear_q4
     from lordba_lab.assets import load_model_and_tokenizer
 
-    model, _ = load_model_and_tokenizer()
+    kernels.cpu_available()  # build (or load) the kernels before anything is timed
+    model, tokenizer = load_model_and_tokenizer()
     repeats = 3 if quick else 10
     backends = {
         "fp32": lambda lin: lin,
+        "q4-4bit": lambda lin: quantize_linear_q4(lin, 64),
         "hqq-4bit": lambda lin: quantize_linear_hqq(copy.deepcopy(lin), 4, 64, torch.float32),
         "hqq-3bit": lambda lin: quantize_linear_hqq(copy.deepcopy(lin), 3, 64, torch.float32),
         "hqq-2bit": lambda lin: quantize_linear_hqq(copy.deepcopy(lin), 2, 64, torch.float32),
         "bnb-nf4": lambda lin: quantize_linear_bnb(copy.deepcopy(lin), torch.float32),
+        **_bnb_int8(),
     }
     shapes = {"decode": (1, 1), "train": (8, 64)}
     rows, table = [], []
@@ -94,7 +101,53 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
             )
     columns = ["layer", "backend", "bits", "weight error", "decode / fp32", "train fwd / fp32", "fwd+bwd / fp32"]
     print_table("quantized base layers (SmolLM2 weights)", columns, table)
+    losses = _model_losses(model, tokenizer, 40 if quick else 200)
+    loss_columns = ["base", "held-out loss", "vs fp32"]
+    loss_table = [[k, v, v - losses["fp32"]] for k, v in losses.items()]
+    print_table("whole model, arithmetic eval split", loss_columns, loss_table)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "quant.json").write_text(json.dumps({"hardware": hardware(), "rows": rows}, indent=1) + "\n")
-    (out_dir / "quant.md").write_text("# Quantized base backends\n\n" + markdown_table(columns, table))
+    payload = {"hardware": hardware(), "rows": rows, "heldout_loss": losses}
+    (out_dir / "quant.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (out_dir / "quant.md").write_text(
+        "# Quantized base backends\n\n"
+        + markdown_table(columns, table)
+        + "\n\n## Whole model: held-out loss\n\n"
+        + markdown_table(loss_columns, loss_table)
+    )
     return [out_dir / "quant.json", out_dir / "quant.md"]
+
+
+def _bnb_int8() -> dict:
+    """bitsandbytes int8 (``Linear8bitLt``) where bitsandbytes is installed."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return {}
+
+    def make(lin: nn.Linear) -> nn.Module:
+        layer = bnb.nn.Linear8bitLt(
+            lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False
+        )
+        layer.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+        if lin.bias is not None:
+            layer.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        return layer.to("cpu")
+
+    return {"bnb-int8": make}
+
+
+def _model_losses(model: nn.Module, tokenizer, n: int) -> dict[str, float]:  # noqa: ANN001
+    """Held-out loss of the whole model with each 4-bit base (groups of 64) and unquantized."""
+    from lordba.quant import quantize_model
+    from lordba.train.evaluate import heldout_loss
+    from lordba.train.tokenize import encode_examples
+    from lordba_lab.tasks import get_task
+
+    rows = encode_examples(tokenizer, get_task("arithmetic").examples("eval", n, seed=0), max_length=256)
+    pad = tokenizer.pad_token_id or 0
+    out = {}
+    for base in ("none", "q4", "hqq"):
+        quantized = quantize_model(copy.deepcopy(model), backend=base, bits=4, group_size=64)
+        with torch.no_grad():
+            out["fp32" if base == "none" else f"{base}-4bit"] = heldout_loss(quantized, rows, pad_id=pad)
+    return out

@@ -183,10 +183,10 @@ def _plot(report: dict, path: Path) -> Path:
 
 
 def run(out_dir: Path, quick: bool) -> list[Path]:
+    from lordba.quant.cache import quantize_model_cached
     from lordba.train.tokenize import encode_examples
     from lordba_lab.assets import load_model_and_tokenizer
     from lordba_lab.assets.models import resolve_model_path
-    from lordba_lab.quant_cache import quantize_model_cached
     from lordba_lab.tasks import get_task
 
     setup = QUICK if quick else FULL

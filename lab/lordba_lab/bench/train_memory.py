@@ -45,10 +45,10 @@ def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict) -> No
 def run(out_dir: Path, quick: bool) -> list[Path]:
     from lordba.config import LoRDBAConfig
     from lordba.nn.model import get_lordba_model
+    from lordba.quant.cache import quantize_model_cached
     from lordba.train.lora import add_lora
     from lordba_lab.assets import load_model_and_tokenizer
     from lordba_lab.assets.models import resolve_model_path
-    from lordba_lab.quant_cache import quantize_model_cached
 
     batch_size, length, repeats = (4, 64, 2) if quick else (8, 256, 5)
     r = 16

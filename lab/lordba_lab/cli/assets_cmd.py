@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantize-base",
         action="store_true",
-        help="also quantize the model to 4-bit HQQ once and cache it (what demo, train and bench use; minutes, once)",
+        help="also quantize the base to the default 4-bit base (q4) once and cache it (what demo, train and bench use)",
     )
 
 
@@ -26,10 +26,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.model_only:
         print(f"data:  {ensure_vader_movies()}")
     if args.quantize_base:
+        from lordba.quant.cache import quantize_model_cached
+        from lordba.quant.quantize import DEFAULT_BACKEND
         from lordba_lab.assets import load_model_and_tokenizer
-        from lordba_lab.quant_cache import quantize_model_cached
 
         model, _ = load_model_and_tokenizer()
-        quantize_model_cached(model, ensure_smollm2(), "hqq", 4, 64, progress=True)
-        print("base:  4-bit HQQ (group 64) quantized and cached")
+        quantize_model_cached(model, ensure_smollm2(), DEFAULT_BACKEND, 4, 64, progress=True)
+        print(f"base:  4-bit {DEFAULT_BACKEND} (group 64) quantized and cached")
     return 0

@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the demo into ``--out``; returns 0. A missing matplotlib is reported before any training."""
+    import lordba_lab.demo.plots  # noqa: F401  (matplotlib: fail now, not after minutes of training)
     from lordba_lab.demo import run_demo
 
     rows = run_demo(args.out, quick=args.quick, progress=not args.quiet)

@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import argparse
 
+from lordba.cli import positive_int
+
 NAME = "reproduce"
 HELP = "sweep LoRDBA (ptq, qat) against fp16 LoRA and low-bit baselines across sizes and seeds"
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/reproduce", help="output directory (default results/reproduce)")
-    p.add_argument("--seeds", type=_positive, default=None, help="number of seeds (default 3; quick: 2)")
+    p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default 3; quick: 2)")
     p.add_argument("--quick", action="store_true", help="a tiny structural run (under a minute)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the sweep into ``--out``; returns 0. A missing matplotlib is reported before any training."""
+    import lordba_lab.demo.plots  # noqa: F401  (matplotlib: fail now, not after the sweep)
     from lordba_lab.demo.reproduce import run_reproduce
 
     result = run_reproduce(args.out, quick=args.quick, seeds=args.seeds, progress=not args.quiet)

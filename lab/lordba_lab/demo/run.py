@@ -31,6 +31,7 @@ from lordba._util.tables import markdown_table, print_table
 from lordba.config import LoRDBAConfig
 from lordba.convert import read_lora
 from lordba.nn.model import LoRDBAModel
+from lordba.quant.quantize import DEFAULT_BACKEND
 from lordba.train.evaluate import evaluate
 from lordba.train.loop import TrainSettings, train_loop
 from lordba.train.lora import add_lora
@@ -116,13 +117,13 @@ class Demo:
     """State shared by the methods of one demo run."""
 
     def __init__(self, out: Path, settings: DemoSettings, progress: bool = True) -> None:
+        from lordba.quant.cache import quantize_model_cached
         from lordba_lab.assets import load_model_and_tokenizer
         from lordba_lab.assets.models import resolve_model_path
-        from lordba_lab.quant_cache import quantize_model_cached
 
         self.out, self.s, self.progress = out, settings, progress
         self.model, self.tok = load_model_and_tokenizer()
-        quantize_model_cached(self.model, resolve_model_path(None), "hqq", 4, 64, progress=progress)
+        quantize_model_cached(self.model, resolve_model_path(None), DEFAULT_BACKEND, 4, 64, progress=progress)
         self.task = get_task(settings.task)
         train = self.task.examples("train", settings.train_size, settings.seed)
         self.eval_examples = self.task.examples("eval", settings.eval_size, settings.seed)

@@ -20,8 +20,10 @@ import torch
 from lordba.config import CONFIG_NAME, WEIGHTS_NAME, LoRDBAConfig
 from lordba.core.packing import pack_signs
 from lordba.core.scales import SCALE_DTYPES, get_codec
+from lordba.errors import LoRDBAError
 from lordba.format.adapter import AdapterState, ModuleRecord, serialize
 from lordba.format.atomic import backup_path
+from lordba.format.integrity import config_digest
 
 Case = dict[str, bytes]
 PREV_CONFIG = backup_path(Path(CONFIG_NAME)).name
@@ -36,6 +38,7 @@ _PATHS = (
     "encoder.block.2.attn-out",
 )
 _SHA_TEXT = re.compile(rb'"weights_sha256"\s*:\s*"[^"]*"')
+_DIGEST_TEXT = re.compile(rb'"config_sha256"\s*:\s*"([0-9a-f]{64})"')
 
 
 def random_state(rng: random.Random, scale_dtype: str | None = None) -> AdapterState:
@@ -105,14 +108,18 @@ def as_backups(case: Case) -> Case:
     return out
 
 
-def fix_checksum(case: Case, backups: bool = False) -> Case:
+def fix_checksum(case: Case, backups: bool = False, digest: bool = True) -> Case:
     """Set the config's ``weights_sha256`` to the weights' real checksum (so that validation past
-    the checksum is reached). Works on configs that are no longer valid JSON, as text."""
+    the checksum is reached). Works on configs that are no longer valid JSON, as text. With
+    ``digest``, first store the digest of the (JSON object) config in the weights' metadata, where a
+    ``config_sha256`` is, so that a changed config field gets past the config's integrity check."""
     out = dict(case)
     pairs = [(CONFIG_NAME, WEIGHTS_NAME)] + ([(PREV_CONFIG, PREV_WEIGHTS)] if backups else [])
     for config_name, weights_name in pairs:
         if config_name not in out or weights_name not in out:
             continue
+        if digest:
+            out[weights_name] = fix_digest(out[config_name], out[weights_name])
         sha = hashlib.sha256(out[weights_name]).hexdigest()
         try:
             data = json.loads(out[config_name])
@@ -124,6 +131,25 @@ def fix_checksum(case: Case, backups: bool = False) -> Case:
         elif data is None:
             out[config_name] = _SHA_TEXT.sub(f'"weights_sha256": "{sha}"'.encode(), out[config_name], count=1)
     return out
+
+
+def fix_digest(config: bytes, weights: bytes) -> bytes:
+    """``weights`` with the ``config_sha256`` in its header replaced (in place: the same length) by
+    the digest of ``config``, if the config is a JSON object and the header holds one; else unchanged."""
+    try:
+        fields = json.loads(config)
+        new = config_digest(fields).encode() if isinstance(fields, dict) else None
+    except (ValueError, RecursionError, LoRDBAError):
+        new = None
+    found = _DIGEST_TEXT.search(weights[: 8 + (declared_length(weights) or 0)])
+    if new is None or found is None:
+        return weights
+    return weights[: found.start(1)] + new + weights[found.end(1) :]
+
+
+def declared_length(data: bytes) -> int | None:
+    """The header length safetensors bytes declare, or ``None`` if they are shorter than 8 bytes."""
+    return struct.unpack_from("<Q", data)[0] if len(data) >= 8 else None
 
 
 def encode_case(case: Case) -> bytes:

@@ -22,13 +22,15 @@ MUTATORS: dict[str, Mutator] = {**mutate_bytes.MUTATORS, **mutate_header.MUTATOR
 
 
 def mutate(rng: random.Random, case: Case, max_ops: int = 4, fix_probability: float = 0.75) -> tuple[Case, list[str]]:
-    """Apply 1..``max_ops`` random mutators, then (usually) fix the checksum(s) up."""
+    """Apply 1..``max_ops`` random mutators, then (usually) fix the checksum(s) up and (mostly) the
+    config's digest in the weights' metadata."""
     names = []
     for _ in range(rng.randint(1, max_ops)):
         name = rng.choice(list(MUTATORS))
         case = MUTATORS[name](rng, case)
         names.append(name)
     if rng.random() < fix_probability:
-        case = fix_checksum(case, backups=rng.random() < 0.5)
-        names.append("fix_checksum")
+        digest = rng.random() < 0.7  # else a changed config must be refused by its digest
+        case = fix_checksum(case, backups=rng.random() < 0.5, digest=digest)
+        names.append("fix_checksum" if digest else "fix_checksum_only")
     return case, names

@@ -153,6 +153,72 @@ def config_patterns(rng: random.Random, case: Case) -> Case:
     return with_config(case, fn)
 
 
+def _hang_shape(rng: random.Random) -> str:
+    """A pattern Python's backtracking engine takes exponential time on, against any module path of
+    about ``n`` characters (the shapes an earlier guard let through: optional items, bounded repeats,
+    alternations), or against names made of ``a``."""
+    n = rng.randint(8, 40)
+    return rng.choice(
+        [
+            ".?" * n + "." * n,
+            ".{0,1}" * n + "." * n,
+            "(?:.|.)?" * n + "z",
+            "(.|.)*z",
+            "a?" * n + "a" * n,
+            "(a|a)?" * n + "b",
+            f"(?:[a-z_.]{{0,{rng.randint(2, 9)}}}){{0,{rng.randint(2, 9)}}}x",
+        ]
+    )
+
+
+_REGEX_SHAPED = [
+    r".*decoder.*(self_attn|encoder_attn).*(q_proj|v_proj)$",
+    r"model\.layers\.\d+\.self_attn\.(q|k|v)_proj",
+    r"(\w)\1",
+    "^(?!.*vision).*q_proj$",
+    r"(?<=attn\.)q_proj",
+    "(?P<x>q)(?P=x)",
+    "a{1001}",
+    "((((((((((a{0,100}){0,100}){0,100})))))))){0,100}",
+    "(?i)Q_PROJ",
+    "[[:alpha:]]+_proj",
+    "\\p{Greek}",
+    "\ud800",
+    "q_proj\x00",
+    "é.*",
+]
+
+
+@mutator
+def config_regex(rng: random.Random, case: Case) -> Case:
+    """Regex-shaped strings in every pattern field: exponential-backtracking shapes, what RE2 cannot
+    run (backreferences, lookaround), huge repeats, PEFT's documented patterns."""
+
+    def fn(c: dict[str, Any]) -> dict[str, Any]:
+        pat = _hang_shape(rng) if rng.random() < 0.5 else rng.choice(_REGEX_SHAPED)
+        key = rng.choice(["rank_pattern", "alpha_pattern", "target_modules", "exclude_modules"])
+        if key == "rank_pattern":
+            return {**c, key: {**(c.get(key) if isinstance(c.get(key), dict) else {}), pat: rng.randint(1, 5)}}
+        if key == "alpha_pattern":
+            return {**c, key: {pat: rng.choice([1.0, 3.5, 8.0])}}
+        return {**c, key: rng.choice([pat, f"({pat}|.*)", [pat]])}
+
+    return with_config(case, fn)
+
+
+@mutator
+def config_bitflip(rng: random.Random, case: Case) -> Case:
+    """One flipped bit anywhere in the config's bytes (a bit rot the digest must catch, unless the
+    case's digest is fixed up afterwards: then it is a deliberately different config)."""
+    raw = case.get(CONFIG_NAME)
+    if not raw:
+        return case
+    data = bytearray(raw)
+    i = rng.randrange(len(data))
+    data[i] ^= 1 << rng.randrange(8)
+    return {**case, CONFIG_NAME: bytes(data)}
+
+
 @mutator
 def config_numbers(rng: random.Random, case: Case) -> Case:
     """Numbers that JSON allows but Python trips over: huge ints, 1e400, NaN literals."""

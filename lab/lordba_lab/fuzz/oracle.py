@@ -116,7 +116,11 @@ def check_loaded(adapter: AdapterFile, case: Case, workdir: Path) -> str | None:
         current = json.loads(case[CONFIG_NAME]) if _is_json_object(case[CONFIG_NAME]) else {}
         if current.get("weights_sha256") == hashlib.sha256(case[WEIGHTS_NAME]).hexdigest():
             return "read the backups although the current pair is consistent"
-    problem = _config_matches(adapter.config, config_json) or _content_matches(adapter, weights)
+    problem = (
+        _config_matches(adapter.config, config_json)
+        or _digest_matches(config_json, weights)
+        or _content_matches(adapter, weights)
+    )
     return problem or _round_trip(adapter, workdir) or _usable(adapter)
 
 
@@ -125,6 +129,23 @@ def _is_json_object(raw: bytes) -> bool:
         return isinstance(json.loads(raw), dict)
     except (ValueError, RecursionError):
         return False
+
+
+def _digest_matches(config_json: dict[str, Any], weights: bytes) -> str | None:
+    """A file with a config digest loads only with the config it was written with (computed here
+    independently: sorted compact ASCII JSON of every key but the checksum and library version)."""
+    try:
+        _, metadata = reference_parse(weights)
+    except (ValueError, KeyError, TypeError, struct.error, RecursionError) as err:
+        return f"loaded although an independent parser rejects the file ({err})"
+    stored = metadata.get("config_sha256")
+    if stored is None:
+        return None
+    body = {k: v for k, v in config_json.items() if k not in ("weights_sha256", "library_version")}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    if hashlib.sha256(text.encode()).hexdigest() != stored:
+        return "loaded although the config differs from the digest stored in the weights (config_sha256)"
+    return None
 
 
 def _config_matches(config: LoRDBAConfig, raw: dict[str, Any]) -> str | None:

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 import reprlib
 from pathlib import Path
 from typing import Any
 
+from lordba._util.files import open_untrusted
 from lordba.errors import AdapterFormatError
 
 
 def read_json_file(path: Path, max_bytes: int = 1 << 20) -> dict[str, Any]:
-    """A size-limited JSON object from ``path``; :class:`AdapterFormatError` naming the file otherwise."""
-    if not path.is_file():
-        raise AdapterFormatError(f"{path}: missing (not an adapter directory)")
+    """A size-limited JSON object from ``path`` (a regular file of its directory, see
+    :func:`lordba._util.files.open_untrusted`); :class:`AdapterFormatError` naming the file otherwise."""
     try:
-        with open(path, "rb") as f:
+        with open_untrusted(path, "missing (not an adapter directory)") as f:
             raw = f.read(max_bytes + 1)  # bounded even if the file grows after a stat
     except OSError as err:
         raise AdapterFormatError(f"{path}: cannot read ({err.strerror})") from None
@@ -29,12 +30,38 @@ def read_json_file(path: Path, max_bytes: int = 1 << 20) -> dict[str, Any]:
 
 def parse_json(raw: bytes, what: str) -> Any:
     """Strict JSON from untrusted bytes: UTF-8, no NaN/Infinity, no duplicate keys (readers that
-    keep the first or the last duplicate would see different files), and every failure, including
-    nesting too deep and integers too long to convert, as :class:`AdapterFormatError` naming ``what``."""
+    keep the first or the last duplicate would see different files), no string holding a lone UTF-16
+    surrogate escape (``"\\ud800"``: not Unicode text, it cannot even be printed), and every failure,
+    including nesting too deep and integers too long to convert, as :class:`AdapterFormatError`
+    naming ``what``."""
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
         raise AdapterFormatError(f"{what}: not valid JSON ({err})") from None
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(data):
+        raise AdapterFormatError(f"{what}: not valid JSON (a string holds a lone UTF-16 surrogate, not Unicode text)")
+    return data
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(data: Any) -> bool:
+    """Whether a parsed JSON value holds a string (key or value) that is not encodable as UTF-8."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
 
 
 def _reject_constant(name: str) -> None:

@@ -1,106 +1,103 @@
-"""Module-name patterns with PEFT's semantics, checked before use (patterns come from untrusted files).
+"""Module-name patterns with PEFT's semantics, matched in linear time (patterns come from untrusted files).
 
 * ``target_modules`` / ``exclude_modules``: a list of names (a module matches if its path equals an
   entry or ends with ``"." + entry``), or a string: a regular expression that must match the whole path;
 * ``rank_pattern`` / ``alpha_pattern`` keys: a regular expression matched against the end of the
-  path, after a ``.`` (PEFT's ``get_pattern_key``).
+  path, after a ``.`` (PEFT's ``get_pattern_key``: ``re.match(rf"(.*\\.)?({key})$", path)``).
+
+Every regular expression runs in RE2 (``google-re2``), whose matching time is linear in the length
+of the path whatever the pattern: no pattern from a file can make a load hang, so there is no
+backtracking guard to keep in step with Python's engine. RE2 has no backreferences or lookaround;
+such a pattern is refused with a :class:`~lordba.errors.ConfigError` naming the field, as is one
+longer than :data:`MAX_PATTERN_CHARS` characters or whose compiled program needs more than
+:data:`MAX_PROGRAM_BYTES` (large counted repeats such as ``[a-z]{0,1000}`` repeated): compiling
+and matching any accepted pattern takes well under a second.
 """
 
 from __future__ import annotations
 
-import re
+import functools
 from collections.abc import Sequence
 from typing import Any
+
+import re2
 
 from lordba._util.jsonio import safe_repr
 from lordba.errors import ConfigError
 
-try:  # the standard library's regex parser (private modules, stable API since 3.11)
-    from re import _constants as _sre
-    from re import _parser as _sre_parse
-except ImportError:  # pragma: no cover - Python 3.10
-    import sre_constants as _sre
-    import sre_parse as _sre_parse
-
 ALL_LINEAR = "all-linear"
 MAX_PATTERN_CHARS = 1024
-MAX_UNBOUNDED_REPEATS = 2
+MAX_PROGRAM_BYTES = 1 << 18  # RE2's memory for one compiled pattern: bounds its compile and match time
+_OPTIONS = re2.Options()
+_OPTIONS.log_errors = False  # RE2 would print every refused pattern to stderr
+_OPTIONS.max_mem = MAX_PROGRAM_BYTES
 
 
 def matches(spec: Sequence[str] | str | None, name: str) -> bool:
-    """True if module path ``name`` matches a target/exclude ``spec`` (``None`` matches nothing)."""
+    """True if module path ``name`` matches a target/exclude ``spec`` (``None`` matches nothing).
+
+    A string is a regular expression that must match all of ``name``; a list matches an equal entry
+    or a ``"." + entry`` suffix. Raises :class:`ConfigError` for a string that is not a valid RE2
+    pattern (patterns are checked by :func:`check_pattern` when a config is built).
+    """
     if spec is None:
         return False
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return _search(spec, "full", name)
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
 def pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
-    """PEFT's ``get_pattern_key``: the first pattern matching the end of ``module_name``
-    (after a ``.``), or ``None``."""
+    """PEFT's ``get_pattern_key``: the first key of ``patterns`` matching the end of ``module_name``
+    (after a ``.``), or ``None``. Raises :class:`ConfigError` for a key RE2 cannot compile."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if _search(key, "key", module_name):
             return key
     return None
 
 
 def check_pattern(name: str, pattern: Any) -> None:
-    """A module-name regular expression must compile and must not backtrack exponentially
-    (patterns come from untrusted adapter files and are matched against untrusted module names)."""
-    _check_str(name, pattern)
+    """Check a module-name regular expression from field ``name`` (``"target_modules"``,
+    ``"rank_pattern key"``, ...): a string of at most :data:`MAX_PATTERN_CHARS` characters that RE2
+    compiles both as a whole-path pattern and as a ``rank_pattern`` key. Returns nothing; raises
+    :class:`ConfigError` naming the field otherwise (backreferences and lookaround included)."""
+    if not isinstance(pattern, str):
+        raise ConfigError(f"{name} must be a string, got {type(pattern).__name__}")
     if len(pattern) > MAX_PATTERN_CHARS:
         raise ConfigError(f"{name} {safe_repr(pattern)}: longer than {MAX_PATTERN_CHARS} characters")
+    for form in ("full", "key"):
+        _regex(pattern, form, name)
+
+
+def _search(pattern: str, form: str, name: str) -> bool:
+    regex = _regex(pattern, form, "pattern")
     try:
-        re.compile(pattern)
-        re.compile(rf"(.*\.)?({pattern})$")  # as config.rank_for/alpha_for match it
-        parsed = _sre_parse.parse(pattern)
-    except (re.error, RecursionError, OverflowError) as err:
-        raise ConfigError(f"{name} {pattern!r} is not a valid regular expression ({err})") from None
-    problem = _backtracking_hazard(parsed, inside_repeat=False, unbounded=[0])
-    if problem:
-        raise ConfigError(
-            f"{name} {pattern!r}: {problem}, which can make matching take exponential or high-polynomial time; "
-            "use a plain module name or a simpler pattern"
+        found = regex.fullmatch(name) if form == "full" else regex.match(name)
+    except UnicodeEncodeError:  # a lone surrogate: no module path has one
+        return False
+    return found is not None
+
+
+def _regex(pattern: str, form: str, field_name: str) -> Any:
+    """The RE2 program of ``pattern`` as a whole-path pattern (``"full"``) or a pattern key
+    (``"key"``); :class:`ConfigError` naming ``field_name`` if RE2 cannot compile it."""
+    regex = _compile(pattern, form)
+    if isinstance(regex, str):
+        raise ConfigError(f"{field_name} {safe_repr(pattern)} is not a valid regular expression {regex}")
+    return regex
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile(pattern: str, form: str) -> Any:
+    """The compiled program, or the reason RE2 refuses it (a string); cached per pattern and form."""
+    source = pattern if form == "full" else rf"(.*\.)?({pattern})$"
+    try:
+        return re2.compile(source, _OPTIONS)
+    except re2.error as err:
+        reason = err.args[0].decode("utf-8", "replace") if err.args and isinstance(err.args[0], bytes) else err
+        return (
+            f"for RE2, the linear-time engine lordba matches module names with ({reason}; "
+            "backreferences and lookaround are not supported)"
         )
-
-
-def _backtracking_hazard(items: Any, inside_repeat: bool, unbounded: list[int]) -> str | None:
-    """The first construct of a parsed pattern that risks catastrophic backtracking, if any."""
-    repeats = {_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", None)}
-    for op, av in items:
-        sub: list[Any] = []
-        nested = inside_repeat
-        if op in repeats:
-            _, high, body = av
-            if high > 1:
-                if inside_repeat:
-                    return "it nests a repetition inside a repetition"
-                if high == _sre.MAXREPEAT:
-                    unbounded[0] += 1
-                    if unbounded[0] > MAX_UNBOUNDED_REPEATS:
-                        return f"it has more than {MAX_UNBOUNDED_REPEATS} unbounded repetitions"
-                nested = True
-            sub = [body]
-        elif op is _sre.BRANCH:
-            if inside_repeat:
-                return "it repeats an alternation"
-            sub = list(av[1])
-        elif op is _sre.SUBPATTERN:
-            sub = [av[-1]]
-        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
-            sub = [av[1]]
-        elif op is getattr(_sre, "ATOMIC_GROUP", None):
-            sub = [av]
-        elif op in (_sre.GROUPREF, _sre.GROUPREF_EXISTS):
-            return "it uses a backreference"
-        for part in sub:
-            problem = _backtracking_hazard(part, nested, unbounded)
-            if problem:
-                return problem
-    return None
-
-
-def _check_str(name: str, value: Any) -> None:
-    if not isinstance(value, str):
-        raise ConfigError(f"{name} must be a string, got {type(value).__name__}")
+    except (UnicodeEncodeError, TypeError, ValueError) as err:
+        return f"({err})"

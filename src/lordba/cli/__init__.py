@@ -3,12 +3,17 @@
 Each subcommand is a module that defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> int``: the library's own are ``lordba/cli/<something>_cmd.py`` (discovered, so adding
 one touches no shared file); others join through the ``lordba.commands`` entry-point group (the lab's
-``demo``, ``bench``, ``fuzz``, ... from ``lab/``), so the library never imports them. Exit codes
-scripts can rely on:
+``demo``, ``bench``, ``fuzz``, ... from ``lab/``), so the library never imports them.
+
+A command's module is imported only when that command runs (or shows its own ``--help``): the
+top-level parser reads ``NAME`` and ``HELP`` from each module's source as string literals, so
+``lordba --help`` imports neither torch nor any command. Heavy imports belong inside ``run``.
+Exit codes scripts can rely on:
 
 * 0: success
 * 1: unexpected internal error (a bug: please report it)
-* 2: usage error (bad arguments)
+* 2: usage error (bad arguments), or a command whose optional dependency is not installed (the
+  message names what to install)
 * 3: invalid input: a bad, corrupt or mismatched adapter, config or data file (a ``LoRDBAError``)
 * 130: interrupted (Ctrl-C)
 """
@@ -16,13 +21,18 @@ scripts can rely on:
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import importlib.metadata
+import importlib.util
 import logging
+import math
 import pkgutil
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 from lordba._version import __version__
@@ -33,72 +43,187 @@ COMMANDS = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name
 ENTRY_POINT_GROUP = "lordba.commands"
 # Commands of the lab (lab/ in the repository), named here only to say how to get them.
 LAB_COMMANDS = ("bench", "demo", "fetch-assets", "fuzz", "reproduce", "train")
+_LAB_INSTALL = "pip install -e lab (from a clone of the repository; scripts/setup.sh does it)"
+# Optional dependencies (top-level module -> how to install it): a command that needs one that is
+# missing says this instead of reporting an internal error. The library's extras are those of
+# pyproject.toml; the lab's dependencies come with the lab (lab/pyproject.toml).
+OPTIONAL_MODULES = {
+    "peft": "pip install 'lordba[peft]'",
+    "hqq": "pip install 'lordba[quant]'",
+    "bitsandbytes": "pip install 'lordba[quant]'",
+    "triton": "pip install 'lordba[gpu]'",
+    "fastapi": "pip install 'lordba[serve]'",
+    "uvicorn": "pip install 'lordba[serve]'",
+    "prometheus_client": "pip install 'lordba[serve]'",
+    "openai": "pip install 'lordba[serve]'",
+    "matplotlib": _LAB_INSTALL,
+    "reasoning_gym": _LAB_INSTALL,
+    "accelerate": _LAB_INSTALL,
+    "gguf": _LAB_INSTALL,
+}
 
 
-def _command_modules() -> list[ModuleType]:
-    """The library's subcommand modules, then those registered by installed distributions."""
-    modules = [importlib.import_module(f"{__name__}.{name}") for name in COMMANDS]
-    own = {m.NAME for m in modules}
+@dataclass(frozen=True)
+class Command:
+    """A subcommand known by name and help text; ``load()`` imports its module."""
+
+    name: str
+    help: str
+    load: Callable[[], ModuleType]
+
+
+def _literals(origin: str | None) -> dict[str, str]:
+    """The module-level ``NAME = "..."`` / ``HELP = "..."`` string literals of a source file."""
+    if origin is None or not origin.endswith(".py"):
+        return {}
+    try:
+        tree = ast.parse(Path(origin).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return {}
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id in ("NAME", "HELP") and isinstance(node.value, ast.Constant):
+                found[node.targets[0].id] = node.value.value
+    return {k: v for k, v in found.items() if isinstance(v, str)}
+
+
+def _command(module_name: str, load: Callable[[], ModuleType]) -> Command:
+    """The command of ``module_name`` from its source; its module is imported only if the source
+    does not spell ``NAME`` and ``HELP`` as literals."""
+    spec = importlib.util.find_spec(module_name)
+    text = _literals(spec.origin if spec is not None else None)
+    if "NAME" in text and "HELP" in text:
+        return Command(text["NAME"], text["HELP"], load)
+    module = load()
+    return Command(module.NAME, module.HELP, lambda: module)
+
+
+def commands() -> list[Command]:
+    """The library's subcommands, then those registered by installed distributions (none imported)."""
+    found = [_command(f"{__name__}.{n}", lambda n=n: importlib.import_module(f"{__name__}.{n}")) for n in COMMANDS]
+    own = {c.name for c in found}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name not in own:
-            modules.append(ep.load())
-    return modules
+            found.append(_command(ep.module, ep.load))
+    return sorted(found, key=lambda c: c.name)
 
 
 def _missing_lab_command(argv: Sequence[str]) -> str | None:
     """The lab command ``argv`` asks for when the lab is not installed, else None."""
-    first = next((a for a in argv if not a.startswith("-")), None)
+    first = _chosen(argv)
     names = {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
     return first if first in LAB_COMMANDS and first not in names else None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``lordba`` argument parser with every subcommand (the library's and those of installed entry points)."""
+def _chosen(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names (the top-level parser has no option that takes a value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``lordba`` argument parser with every subcommand (the library's and those of installed
+    entry points); only the options of ``command`` are added, so only that command's module is
+    imported. Raises ``ModuleNotFoundError`` if that module needs a missing
+    optional dependency at import."""
     parser = argparse.ArgumentParser(
         prog="lordba",
         description="LoRDBA: 1-bit double-binary LoRA adapters (train, convert, inspect, export, benchmark).",
-        epilog="Exit codes: 0 ok, 1 internal error, 2 usage error, 3 invalid input file/config, 130 interrupted.",
+        epilog="Exit codes: 0 ok, 1 internal error, 2 usage error or missing optional dependency, "
+        "3 invalid input file/config, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"lordba {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in sorted(_command_modules(), key=lambda m: m.NAME):
-        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+    for cmd in commands():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        if cmd.name == command:
+            module = cmd.load()
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
     return parser
+
+
+def missing_dependency_hint(err: ModuleNotFoundError) -> str | None:
+    """How to install the optional module whose absence raised ``err``; None if it is not one."""
+    top = (err.name or "").split(".")[0]
+    return OPTIONAL_MODULES.get(top)
+
+
+def _run(command: str | None, argv: list[str]) -> int:
+    args = build_parser(command).parse_args(argv)
+    # bitsandbytes (imported by peft) logs a warning on CPUs with AVX-512 BF16 when the optional
+    # `kernels` hub package is absent; lordba never uses that kernel, so the line is only noise.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    return int(args._run(args) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit code (module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = _chosen(argv)
     lab = _missing_lab_command(argv)
     if lab is not None:
         print(
-            f"lordba {lab}: this command is part of the lordba lab, which is not installed; from a clone of the "
-            "repository: pip install -e lab (scripts/setup.sh does it)",
+            f"lordba {lab}: this command is part of the lordba lab, which is not installed; {_LAB_INSTALL}",
             file=sys.stderr,
         )
         return EXIT_USAGE
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # bitsandbytes (imported by peft) logs a warning on CPUs with AVX-512 BF16 when the optional
-    # `kernels` hub package is absent; lordba never uses that kernel, so the line is only noise.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
-        return int(args._run(args) or 0)
+        return _run(command, argv)
     except LoRDBAError as err:
-        print(f"lordba {args.command}: error: {err}", file=sys.stderr)
+        print(f"lordba {command}: error: {err}", file=sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt:
-        print(f"lordba {args.command}: interrupted", file=sys.stderr)
+        print(f"lordba {command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as err:
+        hint = missing_dependency_hint(err)
+        if hint is None:
+            return _internal(command)
+        print(f"lordba {command}: needs the optional dependency {err.name!r}, not installed: {hint}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception:
-        traceback.print_exc()
-        print(f"lordba {args.command}: internal error (a bug in lordba; please report it)", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _internal(command)
+
+
+def _internal(command: str | None) -> int:
+    traceback.print_exc()
+    print(f"lordba {command}: internal error (a bug in lordba; please report it)", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 def entry_point() -> None:
     """The console script: :func:`main`, then exit with its code."""
     sys.exit(main())
+
+
+# argparse types for numeric options, so that a bad number is a usage error (exit code 2).
+def positive_int(text: str) -> int:
+    """An integer >= 1; ``argparse.ArgumentTypeError`` otherwise."""
+    return _bounded(text, int, lambda v: v >= 1, "an integer >= 1")
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0; ``argparse.ArgumentTypeError`` otherwise."""
+    return _bounded(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0; ``argparse.ArgumentTypeError`` otherwise."""
+    return _bounded(text, float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+def open_fraction(text: str) -> float:
+    """A number strictly between 0 and 1; ``argparse.ArgumentTypeError`` otherwise."""
+    return _bounded(text, float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
+
+
+def _bounded(text: str, kind: type, ok: Callable[[float], bool], what: str) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value

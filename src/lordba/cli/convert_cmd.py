@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from lordba.convert import SolverOptions, check_output_dir, convert_lora, default_config, read_lora, save_converted
     from lordba.errors import ConfigError
 
-    check_output_dir(args.out_dir, args.overwrite)  # fail before the work, not after
+    check_output_dir(args.out_dir, args.overwrite, source=args.peft_dir)  # fail before the work, not after
     if args.r is not None and args.r < 1:
         raise ConfigError(f"--r must be a positive integer, got {args.r}")
     lora = read_lora(args.peft_dir, args.adapter_name, args.allow_pickle, args.skip_unsupported)

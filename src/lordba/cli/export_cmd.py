@@ -14,7 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", help="LoRDBA adapter directory")
     p.add_argument("out", help="output directory for the PEFT LoRA adapter")
     p.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default="float16", help="factor dtype (default float16)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it exists (never the input or one of its parents)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,9 +1,12 @@
-"""``lordba inspect DIR``: validate an adapter directory and show its size and checksum."""
+"""``lordba inspect DIR``: validate an adapter directory and show its size and checksum, modules in
+natural order (``layers.2`` before ``layers.10``), and how to use it where LoRDBA is not known."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 
 from lordba._util.tables import print_table
 from lordba.format.adapter import read_adapter
@@ -11,6 +14,25 @@ from lordba.format.sizes import size_report
 
 NAME = "inspect"
 HELP = "validate a LoRDBA adapter directory and report layers, ranks, bytes, BPW and ratio vs fp16 LoRA"
+
+COMPAT_HINT = (
+    "this is a LoRDBA adapter, not a PEFT LoRA: transformers' load_adapter, PeftModel.from_pretrained and "
+    "AutoPeftModelForCausalLM cannot read it (KeyError: 'LORDBA'). Load it with lordba "
+    "(LoRDBAModel.from_pretrained(base_model, DIR) or AutoLoRDBAModelForCausalLM.from_pretrained(DIR)), or run "
+    "`lordba export-lora DIR OUT` to get a plain PEFT LoRA for PEFT, vLLM and other LoRA runtimes."
+)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key of a module path with its numbers compared as numbers (``layers.2`` < ``layers.10``).
+
+    Args:
+        name: a dotted module path.
+
+    Returns:
+        A tuple that orders paths naturally (text parts and integers never compared with each other).
+    """
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     adapter = read_adapter(args.directory)  # full validation: checksum, header, every tensor
     dims = {p: (m.in_features, m.out_features, m.r) for p, m in adapter.modules.items()}
     report = size_report(dims, adapter.config.scale_dtype, file_bytes=adapter.weights_bytes, r_ref=args.r_ref)
+    report = dataclasses.replace(report, modules=sorted(report.modules, key=lambda m: natural_key(m.path)))
     checksum = (
         "ok (sha256 "
         + adapter.sha256[:16]
@@ -38,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
                     "config": adapter.config.to_dict(),
                     "checksum": checksum,
                     "size": report.to_dict(),
+                    "hint": COMPAT_HINT,
                     **({"conversion": conversion} if conversion is not None else {}),
                 },
                 indent=2,
@@ -66,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if conversion is not None:
         _print_conversion(conversion)
+    print(f"note: {COMPAT_HINT}")
     return 0
 
 
@@ -92,8 +117,9 @@ def _print_conversion(conv: dict) -> None:
         return
     rows = [
         (lr.get("path"), lr.get("r_lora"), lr.get("r"), lr.get("rel_error"), lr.get("rmr_A"), lr.get("rmr_B"))
-        for lr in conv["layers"]
-        if isinstance(lr, dict)
+        for lr in sorted(
+            (lr for lr in conv["layers"] if isinstance(lr, dict)), key=lambda lr: natural_key(str(lr.get("path")))
+        )
     ]
     print_table("conversion (stored errors of ΔW)", ["module", "r LoRA", "r", "rel err", "RMR A", "RMR B"], rows)
     totals = conv.get("totals") or {}

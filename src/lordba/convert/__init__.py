@@ -10,6 +10,7 @@ The math lives in :mod:`lordba.convert.factorize`; the solver in :mod:`lordba.co
 algorithm and its measurements are in ``docs/conversion.md``.
 """
 
+from lordba.convert import combine as combine  # registers the dense combiner of add_weighted_adapter
 from lordba.convert.calibrate import collect_input_moments
 from lordba.convert.factors import FactorResult, convert_factors, convert_factors_batched
 from lordba.convert.gauge import GAUGES

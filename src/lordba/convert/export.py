@@ -19,7 +19,7 @@ import torch
 from lordba._util.dtypes import DTYPES
 from lordba.core.packing import unpack_signs
 from lordba.core.scales import get_codec
-from lordba.errors import ConfigError
+from lordba.errors import ConfigError, ConversionError
 from lordba.format.adapter import AdapterState, ModuleRecord, read_adapter
 from lordba.format.atomic import atomic_directory
 from lordba.format.sizes import peft_lora_key
@@ -47,7 +47,13 @@ def export_lora(
     overwrite: bool = False,
 ) -> Path:
     """Write a PEFT LoRA directory equivalent to a LoRDBA adapter (a ``LoRDBAModel``, an
-    ``AdapterState`` or a saved directory)."""
+    ``AdapterState`` or a saved directory) to ``out_dir``, with factors in ``dtype``; returns
+    ``out_dir``.
+
+    Raises :class:`ConfigError` for an unknown ``dtype``; :class:`ConversionError` if a factor does
+    not fit ``dtype`` (float16 tops out at 65504: use ``bfloat16`` or ``float32``);
+    :class:`~lordba.errors.LoRDBAError` for an output that exists (without ``overwrite``) or whose
+    replacement would delete the input adapter directory or the current directory."""
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
     adapter = _as_adapter_state(model_or_dir, adapter_name)
@@ -57,8 +63,8 @@ def export_lora(
     alphas: dict[str, float] = {}
     for path, rec in adapter.modules.items():
         lora_A, lora_B = lora_factors(rec, config.scale_dtype)
-        tensors[peft_lora_key(path, "A")] = lora_A.to(DTYPES[dtype]).contiguous()
-        tensors[peft_lora_key(path, "B")] = lora_B.to(DTYPES[dtype]).contiguous()
+        for factor, value in (("A", lora_A), ("B", lora_B)):
+            tensors[peft_lora_key(path, factor)] = _in_range(value, dtype, f"{path}.lora_{factor}")
         if rec.r != config.r:
             ranks[path] = rec.r
         if config.alpha_for(path) != config.alpha:
@@ -81,10 +87,23 @@ def export_lora(
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    keep = (model_or_dir,) if isinstance(model_or_dir, (str, Path)) else ()
+    with atomic_directory(out_dir, overwrite=overwrite, keep=keep) as tmp:
         (tmp / "adapter_model.safetensors").write_bytes(to_bytes(tensors, {"format": "pt"}))
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
     return Path(out_dir)
+
+
+def _in_range(value: torch.Tensor, dtype: str, name: str) -> torch.Tensor:
+    """``value`` (float32) cast to ``dtype``; :class:`ConversionError` if that makes a finite entry infinite."""
+    cast = value.to(DTYPES[dtype]).contiguous()
+    if not bool(torch.isfinite(cast).all()):
+        peak = float(value.abs().max())
+        raise ConversionError(
+            f"cannot export {name} as {dtype}: its largest entry {peak:.4g} exceeds {dtype}'s range "
+            f"({torch.finfo(DTYPES[dtype]).max:.4g}); export with dtype='bfloat16' or 'float32' (--dtype)"
+        )
+    return cast
 
 
 def _as_adapter_state(model_or_dir: object, adapter_name: str) -> AdapterState:

@@ -13,7 +13,10 @@ its update rescales the columns of ``W + s·BA`` by a trained magnitude, so it d
 weights and is not a low-rank additive delta); LoRA variants whose forward is not ``s·BA`` (QA-LoRA,
 aLoRA, LoRA bias, ...); embedding / convolution LoRA and extra trained tensors (``modules_to_save``,
 trainable tokens), unless ``skip_unsupported=True`` (then they are left out with a warning);
-NaN/inf factors; rank mismatches; merged adapters of a ``PeftModel``.
+NaN/inf factors; rank mismatches; merged adapters of a ``PeftModel``. The PEFT side is validated as
+strictly as lordba's own files (:mod:`lordba.convert.peft_checks`): field types and ranges, patterns
+(RE2, linear time), module paths a LoRDBA file can hold, empty or overflowing factors, and
+PiSSA/OLoRA/LoftQ/CorDA/LoRA-GA initialisations (their factors need a residual base).
 """
 
 from __future__ import annotations
@@ -21,15 +24,17 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lordba._util.jsonio import read_json_file
-from lordba._util.patterns import pattern_key
-from lordba.errors import AdapterFormatError, ConversionError
+from lordba._util.patterns import matches, pattern_key
+from lordba.config import TASK_HEADS, LoRDBAConfig
+from lordba.convert.peft_checks import check_factors, check_init, check_numbers, check_path, check_patterns
+from lordba.errors import AdapterFormatError, ConfigError, ConversionError
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -83,6 +88,10 @@ class LoraAdapter:
     use_rslora: bool
     base_model_name_or_path: str | None
     source: str
+    # PEFT fields carried into the LoRDBA config (modules_to_save, task_type, bias, dropout, layers_*)
+    fields: dict[str, Any] = field(default_factory=dict)
+    # tensors trained in full (modules_to_save weights, trained biases), {parameter path: tensor}
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _check_config(cfg: dict[str, Any], where: str, skip_unsupported: bool) -> tuple[int, float, bool]:
@@ -96,21 +105,16 @@ def _check_config(cfg: dict[str, Any], where: str, skip_unsupported: bool) -> tu
     for name, what in _VARIANTS.items():
         if cfg.get(name):
             raise ConversionError(f"{where}: {name}={cfg[name]!r}: {what} is not supported by the conversion")
-    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-    if type(r) is not int or r < 1:
-        raise ConversionError(f"{where}: field r must be a positive integer, got {r!r}")
-    if type(alpha) not in (int, float) or not math.isfinite(alpha) or alpha <= 0:
-        raise ConversionError(f"{where}: field lora_alpha must be a positive number, got {alpha!r}")
-    for name in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(cfg.get(name) or {}, dict):
-            raise ConversionError(f"{where}: field {name} must be an object, got {cfg[name]!r}")
-    extra = [n for n in ("modules_to_save", "trainable_token_indices") if cfg.get(n)]
+    check_init(cfg, where)
+    r, alpha, rslora = check_numbers(cfg, where)
+    check_patterns(cfg, where)
+    extra = [n for n in ("trainable_token_indices",) if cfg.get(n)]
     if extra and not skip_unsupported:
         raise ConversionError(
             f"{where}: {', '.join(f'{n}={cfg[n]!r}' for n in extra)}: fully trained modules/tokens cannot be "
             "represented by a LoRDBA adapter (pass skip_unsupported=True / --skip-unsupported to leave them out)"
         )
-    return r, float(alpha), bool(cfg.get("use_rslora", False))
+    return r, alpha, rslora
 
 
 def _scaling(alpha: float, r: int, rslora: bool) -> float:
@@ -121,6 +125,7 @@ def _layer(
     path: str, A: torch.Tensor, B: torch.Tensor, names: tuple[str, str], cfg: dict[str, Any], where: str
 ) -> LoraLayer:
     r_cfg, alpha, rslora = cfg["r"], cfg["lora_alpha"], cfg["use_rslora"]
+    check_path(path, where)
     for t, name in ((A, names[0]), (B, names[1])):
         if t.dim() != 2:
             raise ConversionError(
@@ -145,7 +150,9 @@ def _layer(
         )
     key = pattern_key(cfg["alpha_pattern"], path)
     a = float(cfg["alpha_pattern"][key]) if key is not None else alpha
-    return LoraLayer(path, A.float(), B.float(), expected, a, _scaling(a, expected, rslora))
+    scaling = _scaling(a, expected, rslora)
+    check_factors(path, A, B, names, scaling, where)
+    return LoraLayer(path, A.float(), B.float(), expected, a, scaling)
 
 
 def _resolve_dir(source: Path, adapter_name: str) -> Path:
@@ -228,6 +235,8 @@ def read_peft_dir(
         factors.setdefault(match["path"], {})[match["factor"]] = (key, tensors[key])
     if adapters_seen and adapter_name not in adapters_seen:
         raise ConversionError(f"{where}: no tensors for adapter {adapter_name!r}; the file has {sorted(adapters_seen)}")
+    fields = peft_fields(cfg, str(config_path))
+    extras, other = _extras(tensors, other, fields, adapter_name)
     _unsupported(other, where, skip_unsupported, "tensors that are not linear LoRA factors")
     full = {"r": r, "lora_alpha": alpha, "use_rslora": rslora, **_patterns(cfg)}
     layers = {}
@@ -241,17 +250,61 @@ def read_peft_dir(
     if not layers:
         raise ConversionError(f"{where}: no LoRA factors (lora_A/lora_B weights) found")
     base = cfg.get("base_model_name_or_path")
-    return LoraAdapter(layers, r, alpha, rslora, base if isinstance(base, str) else None, str(directory))
+    base = base if isinstance(base, str) else None
+    return LoraAdapter(layers, r, alpha, rslora, base, str(directory), fields, extras)
+
+
+_PEFT_FIELDS = {
+    "modules_to_save": "modules_to_save",
+    "task_type": "task_type",
+    "bias": "bias",
+    "lora_dropout": "dropout",
+    "layers_to_transform": "layers_to_transform",
+    "layers_pattern": "layers_pattern",
+}
+
+
+def peft_fields(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """The PEFT config fields a LoRDBA config carries over (``lora_dropout`` as ``dropout``), checked by
+    :class:`~lordba.config.LoRDBAConfig`'s rules; raises :class:`ConversionError` naming the field."""
+    out = {ours: cfg[theirs] for theirs, ours in _PEFT_FIELDS.items() if cfg.get(theirs) not in (None, [], "")}
+    if isinstance(out.get("task_type"), str) and out["task_type"] not in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
+        out.pop("task_type")  # CAUSAL_LM and the like change nothing a LoRDBA adapter stores
+    try:
+        LoRDBAConfig(**out)
+    except ConfigError as err:
+        raise ConversionError(f"{where}: {err}") from None
+    return out
+
+
+def _extras(
+    tensors: dict[str, torch.Tensor], keys: list[str], fields: dict[str, Any], adapter_name: str
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Split the non-LoRA tensor keys into extras (weights of modules trained in full, trained biases)
+    and the rest (``(extras by parameter path, other keys)``)."""
+    saved = [*(fields.get("modules_to_save") or []), *TASK_HEADS.get(fields.get("task_type") or "", ())]
+    extras, rest = {}, []
+    for key in keys:
+        name = key.removeprefix("base_model.model.").replace(f".modules_to_save.{adapter_name}.", ".")
+        name = name.replace(".base_layer.", ".")  # a trained bias of a LoRA layer
+        module, _, param = name.rpartition(".")
+        trained_bias = param == "bias" and fields.get("bias", "none") != "none"
+        if module and (trained_bias or (saved and matches(saved, module))) and tensors[key].is_floating_point():
+            extras[name] = tensors[key].detach().clone()
+        else:
+            rest.append(key)
+    return extras, rest
 
 
 def _patterns(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {"rank_pattern": dict(cfg.get("rank_pattern") or {}), "alpha_pattern": dict(cfg.get("alpha_pattern") or {})}
+    return check_patterns(cfg, "PEFT config")
 
 
 def read_peft_model(model: Any, adapter_name: str | None = None, skip_unsupported: bool = False) -> LoraAdapter:
-    """Read the LoRA factors of an in-memory ``peft.PeftModel`` (default: its active adapter)."""
+    """Read the LoRA factors of an in-memory ``peft.PeftModel`` (default: its active adapter), with the
+    tensors it trains in full (``modules_to_save``, biases) as PEFT would save them."""
+    from peft import get_peft_model_state_dict
     from peft.tuners.lora import LoraLayer as PeftLoraLayer
-    from peft.utils import ModulesToSaveWrapper
 
     name = adapter_name or model.active_adapter
     if name not in model.peft_config:
@@ -263,9 +316,10 @@ def read_peft_model(model: Any, adapter_name: str | None = None, skip_unsupporte
     root = model.base_model.model
     layers: dict[str, LoraLayer] = {}
     other: list[str] = []
+    fields = peft_fields(cfg, where)
+    saved = get_peft_model_state_dict(model, adapter_name=name)
+    extras, _ = _extras(saved, [k for k in saved if _KEY.match(k) is None], fields, name)
     for path, module in root.named_modules():
-        if isinstance(module, ModulesToSaveWrapper) and name in getattr(module, "modules_to_save", {}):
-            other.append(path)
         if not isinstance(module, PeftLoraLayer):
             continue
         if name in getattr(module, "lora_embedding_A", {}):
@@ -287,4 +341,5 @@ def read_peft_model(model: Any, adapter_name: str | None = None, skip_unsupporte
     if not layers:
         raise ConversionError(f"{where}: no LoRA linear layers found")
     base = cfg.get("base_model_name_or_path")
-    return LoraAdapter(dict(sorted(layers.items())), r, alpha, rslora, base if isinstance(base, str) else None, where)
+    base = base if isinstance(base, str) else None
+    return LoraAdapter(dict(sorted(layers.items())), r, alpha, rslora, base, where, fields, extras)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from lordba.convert.layers import convert_layers, progress_bar
 from lordba.convert.peft_reader import LoraAdapter, read_peft_dir, read_peft_model
 from lordba.convert.report import SIDECAR_NAME, ConversionReport, LayerReport
 from lordba.errors import ConfigError, ConversionError, LoRDBAError
-from lordba.format.adapter import AdapterState
-from lordba.format.atomic import atomic_directory
+from lordba.format.adapter import AdapterState, read_adapter
+from lordba.format.atomic import atomic_directory, check_replaceable
 from lordba.format.sizes import lora_file_bytes, payload_bytes, size_report
 
 
@@ -63,6 +64,7 @@ def _base_config(
         changes["scale_dtype"] = scale_dtype
     if config.base_model_name_or_path is None and lora.base_model_name_or_path:
         changes["base_model_name_or_path"] = lora.base_model_name_or_path
+    changes.update(lora.fields)  # the PEFT fields it carries (modules_to_save, task_type, bias, ...)
     return dataclasses.replace(config, **changes)
 
 
@@ -120,7 +122,7 @@ def convert_lora(
         final, records, stats, allocation = convert_at_budget(
             lora, base, float(target_bpw), opts, calibration, max_batch, progress, rank_candidates or DEFAULT_CANDIDATES
         )
-    state = AdapterState(final, dict(sorted(records.items())))
+    state = AdapterState(final, dict(sorted(records.items())), extras=lora.extras)
     report = _report(lora, state, stats, opts, allocation)
     report.seconds = time.perf_counter() - start
     return state, report
@@ -163,17 +165,19 @@ def _report(
     )
 
 
-def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Refuse (before any work) an output directory that exists (unless ``overwrite``) or whose
-    parent cannot be written."""
+def check_output_dir(out_dir: str | Path, overwrite: bool = False, source: str | Path | None = None) -> Path:
+    """Refuse (before any work) an output directory that exists (unless ``overwrite``), whose
+    replacement would delete the ``source`` adapter or the current directory (it is one of them or
+    a parent), or whose parent cannot be written. Returns the output path; raises
+    :class:`ConversionError`."""
     import os
 
+    try:
+        check_replaceable(out_dir, overwrite, _inputs(source))
+    except LoRDBAError as err:
+        raise ConversionError(str(err)) from None
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"{out}: exists and is not a directory")
-    parent = out.parent
+    parent = Path(os.path.abspath(out)).parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
@@ -181,17 +185,30 @@ def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
+def _inputs(source: str | Path | None) -> tuple[str | Path, ...]:
+    return (source,) if isinstance(source, (str, Path)) and Path(source).exists() else ()
+
+
 def save_converted(
-    state: AdapterState, report: ConversionReport | None, out_dir: str | Path, overwrite: bool = False
+    state: AdapterState,
+    report: ConversionReport | None,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    source: str | Path | None = None,
 ) -> Path:
     """Write the converted adapter (and the ``conversion_report.json`` sidecar) to ``out_dir``
-    atomically: on any error no partial directory is left behind."""
-    out = check_output_dir(out_dir, overwrite)
+    atomically: on any error no partial directory is left behind. ``source`` (default: the report's
+    source directory) is never replaced. What is written is read back with the loader's checks
+    before it is moved into place: lordba never writes an adapter it cannot read. Returns the output
+    path; raises :class:`ConversionError`."""
+    source = source if source is not None else (report.source if report is not None else None)
+    out = check_output_dir(out_dir, overwrite, source)
     try:
-        with atomic_directory(out, overwrite=overwrite) as tmp:
+        with atomic_directory(out, overwrite=overwrite, keep=_inputs(source)) as tmp:
             state.save_pretrained(tmp)
             if report is not None:
                 report.write_json(tmp / SIDECAR_NAME, timing=False)
+            _read_back(tmp, out)
     except LoRDBAError as err:
         if isinstance(err, ConversionError) or type(err) is not LoRDBAError:
             raise
@@ -199,3 +216,15 @@ def save_converted(
     except OSError as err:
         raise ConversionError(f"{out}: cannot write the converted adapter ({err.strerror or err})") from None
     return out
+
+
+def _read_back(tmp: Path, out: Path) -> None:
+    """Read a just-written adapter with every check of the loader; :class:`ConversionError` if it fails."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            recovered = read_adapter(tmp).recovered  # reading backups would mean the write went wrong
+    except LoRDBAError as err:
+        raise ConversionError(f"{out}: refusing to write a converted adapter lordba cannot read back ({err})") from None
+    if recovered:
+        raise ConversionError(f"{out}: the converted adapter did not read back as written (an interrupted save?)")

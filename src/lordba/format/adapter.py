@@ -4,11 +4,15 @@ Files are untrusted input. Reading goes in this order, and nothing is allocated 
 before the sizes it implies have been checked against the config and the file length:
 
 1. ``adapter_config.json``: size limit, JSON, every field's type and value, format version.
-2. Checksum: sha256 of ``lordba_model.safetensors`` (streamed) against the config. If the pair is
-   inconsistent but the backups of an interrupted save are consistent, those are read instead.
+2. Weights file: a regular file of the directory (no FIFO, device or link leaving it), whose header
+   describes exactly its length (so a refusal costs a read of the header, not of the file), then its
+   sha256 (streamed) against the config, and the config's digest stored in its metadata against the
+   config's fields (:mod:`lordba.format.integrity`). If the pair is inconsistent but the backups of
+   an interrupted save are consistent, those are read instead.
 3. safetensors header: length bound, JSON, metadata (format, version, scale dtype, module
    dims), then every tensor's name, dtype, shape and byte range against the config and metadata.
-4. Tensor data (memory-mapped, one tensor at a time): padding bits, finite scales, int8 codes.
+4. Tensor data (one read into one buffer; the tensors are views of it): padding bits, finite scales,
+   int8 codes, checked in one vectorised pass per tensor kind.
 
 Steps 3 and 4, and what the header must describe, are in :mod:`lordba.format.header`.
 
@@ -29,22 +33,26 @@ from typing import Any, BinaryIO
 
 import torch
 
-from lordba._util.hashing import file_sha256, stream_sha256
+from lordba._util.files import open_untrusted
+from lordba._util.hashing import stream_sha256
 from lordba._util.jsonio import read_json_file, safe_repr
 from lordba._version import __version__
 from lordba.config import CONFIG_NAME, WEIGHTS_NAME, LoRDBAConfig
 from lordba.errors import AdapterFormatError, ConfigError, LoRDBAError
 from lordba.format.atomic import backup_path, commit_files
+from lordba.format.extras import EXTRA_PREFIX, check_extra_values, extras_to_file, file_version
 from lordba.format.header import (
     TENSOR_KINDS,
     ModuleRecord,
+    check_all_values,
     check_header,
-    check_values,
+    check_module_path,
     lordba_metadata,
     read_header,
-    read_tensor,
+    read_tensors,
     stored_shapes,
 )
+from lordba.format.integrity import check_config_digest, check_length, config_digest
 from lordba.format.tensorfile import to_bytes
 
 __all__ = [  # ModuleRecord, TENSOR_KINDS and stored_shapes are defined in lordba.format.header
@@ -71,10 +79,12 @@ class AdapterState:
 
     config: LoRDBAConfig
     modules: dict[str, ModuleRecord]
+    # Format version 2: tensors trained in full, ``{parameter path: tensor}`` (lordba.format.extras).
+    extras: dict[str, torch.Tensor] = field(default_factory=dict, kw_only=True)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the adapter directory (crash-safe, deterministic)."""
-        return write_adapter(directory, self.config, self.modules)
+        return write_adapter(directory, self.config, self.modules, self.extras)
 
     def dims(self) -> dict[str, tuple[int, int, int]]:
         """``{module path: (in, out, r)}``."""
@@ -100,32 +110,31 @@ class AdapterFile(AdapterState):
     )
 
     def load_tensors(self) -> None:
-        """Read every tensor (one at a time, from the file whose checksum was verified) and check
-        its values; fills ``ModuleRecord.tensors``."""
+        """Read every tensor (one read of the file whose checksum was verified; the tensors are views
+        of one buffer) and check their values; fills ``ModuleRecord.tensors``."""
         if all(rec.tensors for rec in self.modules.values()):
             return
         path = self.weights_path
         f = self._file
         if f is None or f.closed:
-            f = _open_verified(path, self.sha256)
+            f = _open_verified(path, self.sha256)[0]
         try:
-            for rec in self.modules.values():
-                rec.tensors = {k: read_tensor(f, path, f"{rec.path}.{k}", self._spans) for k in TENSOR_KINDS}
+            tensors = read_tensors(f, path, self._spans)  # one read; the tensors are views of one buffer
         except OSError as err:
             raise AdapterFormatError(f"{path}: cannot read tensors ({err.strerror or err})") from None
         finally:
             f.close()
         for rec in self.modules.values():
-            check_values(rec, self.config.scale_dtype, path)
+            rec.tensors = {k: tensors[f"{rec.path}.{k}"] for k in TENSOR_KINDS}
+        names = [k for k in self._spans if k.startswith(EXTRA_PREFIX)]  # format version 2
+        self.extras = {k[len(EXTRA_PREFIX) :]: tensors[k] for k in sorted(names)}
+        check_all_values(list(self.modules.values()), self.config.scale_dtype, path)
+        check_extra_values(self.extras, str(path))
 
     def close(self) -> None:
         """Close the weights file (done by :meth:`load_tensors`; needed only if it is not called)."""
         if self._file is not None:
             self._file.close()
-
-
-def _config_sha(config_path: Path) -> str:
-    return _sha_field(read_json_file(config_path), config_path)
 
 
 def _sha_field(raw: dict[str, Any], config_path: Path) -> str:
@@ -137,33 +146,54 @@ def _sha_field(raw: dict[str, Any], config_path: Path) -> str:
 
 def _pair_consistent(paths: dict[str, Path]) -> bool:
     try:
-        return _config_sha(paths[CONFIG_NAME]) == file_sha256(paths[WEIGHTS_NAME])
+        _read_pair(paths[CONFIG_NAME], paths[WEIGHTS_NAME]).file.close()
     except (LoRDBAError, OSError):
         return False
+    return True
 
 
 class _Inconsistent(AdapterFormatError):
     """The weights file is missing or does not match the config's checksum."""
 
 
-def _open_verified(path: Path, sha: str) -> BinaryIO:
-    """``path`` opened for reading, after checking that its sha256 is ``sha``."""
+def _open_verified(path: Path, sha: str) -> tuple[BinaryIO, _Header]:
+    """``path`` opened for reading and its header, after checking that the header describes the
+    file's length, then that the file's sha256 is ``sha``. A file whose header does not describe it
+    is refused from the header alone (lordba never leaves such a file, so it is not an interrupted
+    save); a checksum mismatch is :class:`_Inconsistent` (an interrupted save's backups may be read
+    instead). No digest of the file is ever shown."""
+    f = open_untrusted(path)
     try:
-        f = open(path, "rb")
-    except OSError as err:
-        raise AdapterFormatError(f"{path}: cannot open ({err.strerror or err})") from None
-    try:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            header, metadata, header_len = read_header(f, path, size)
+            check_length(header, size - 8 - header_len, path)
+        except AdapterFormatError as err:
+            raise AdapterFormatError(f"{err} (refused before hashing: checksum mismatch not computed)") from None
         actual = stream_sha256(f)
     except OSError as err:
         f.close()
         raise AdapterFormatError(f"{path}: cannot read ({err.strerror or err})") from None
+    except BaseException:
+        f.close()
+        raise
     if actual != sha:
         f.close()
         raise _Inconsistent(
-            f"{path}: checksum mismatch (sha256 {actual}, adapter_config.json says {sha}): the file is "
-            "corrupt, truncated or was modified"
+            f"{path}: checksum mismatch (its sha256 differs from weights_sha256 in adapter_config.json): the "
+            "file is corrupt, truncated or was modified"
         )
-    return f
+    return f, _Header(header, metadata, header_len, size)
+
+
+@dataclass
+class _Header:
+    """A weights file's parsed safetensors header, its metadata, its length and the file's size."""
+
+    entries: dict[str, Any]
+    metadata: dict[str, str]
+    length: int
+    size: int
 
 
 @dataclass
@@ -175,15 +205,25 @@ class _Pair:
     weights_path: Path
     sha: str
     file: BinaryIO
+    header: _Header
 
 
 def _read_pair(config_path: Path, weights_path: Path) -> _Pair:
     raw = read_json_file(config_path)
     config = LoRDBAConfig.from_dict(raw, source=str(config_path))
     sha = _sha_field(raw, config_path)
-    if not weights_path.is_file():
+    version = raw.get("library_version")
+    if version is not None and not isinstance(version, str):
+        raise ConfigError(f"{config_path}: library_version must be a string, got {safe_repr(version)}")
+    if not os.path.lexists(weights_path):
         raise _Inconsistent(f"{weights_path}: missing")
-    return _Pair(config, config_path, weights_path, sha, _open_verified(weights_path, sha))
+    f, header = _open_verified(weights_path, sha)
+    try:
+        check_config_digest(header.metadata, raw, config_path, weights_path)
+    except BaseException:
+        f.close()
+        raise
+    return _Pair(config, config_path, weights_path, sha, f, header)
 
 
 def _consistent_pair(directory: Path) -> tuple[_Pair, bool]:
@@ -193,7 +233,7 @@ def _consistent_pair(directory: Path) -> tuple[_Pair, bool]:
     except _Inconsistent as err:
         failure = err
     backups = [backup_path(directory / name) for name in (CONFIG_NAME, WEIGHTS_NAME)]
-    if all(p.is_file() for p in backups):
+    if all(os.path.isfile(p) for p in backups):  # False, not an error, where it cannot look
         try:
             return _read_pair(*backups), True
         except (LoRDBAError, OSError):
@@ -222,11 +262,12 @@ def open_adapter(directory: str | Path) -> AdapterFile:
             "intact version (the next save restores it)",
             stacklevel=2,
         )
-    f = pair.file
+    f, head = pair.file, pair.header
+    size, header_len = head.size, head.length
     try:
-        size = os.fstat(f.fileno()).st_size
-        header, metadata, header_len = read_header(f, pair.weights_path, size)
-        modules, spans = check_header(header, metadata, pair.config, pair.weights_path, size - 8 - header_len)
+        modules, spans = check_header(
+            head.entries, head.metadata, pair.config, pair.weights_path, size - 8 - header_len
+        )
     except BaseException:
         f.close()
         raise
@@ -252,11 +293,15 @@ def read_adapter(directory: str | Path) -> AdapterFile:
     return adapter
 
 
-def serialize(config: LoRDBAConfig, modules: dict[str, ModuleRecord]) -> tuple[bytes, bytes]:
-    """``(weights bytes, config bytes)`` of an adapter; deterministic for the same content."""
+def serialize(
+    config: LoRDBAConfig, modules: dict[str, ModuleRecord], extras: dict[str, torch.Tensor] | None = None
+) -> tuple[bytes, bytes]:
+    """``(weights bytes, config bytes)`` of an adapter; deterministic for the same content. With
+    ``extras`` (format version 2, :mod:`lordba.format.extras`) the file and config say version 2."""
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(modules):
         rec = modules[name]
+        check_module_path(name, "cannot save")  # never write what the loader refuses
         for kind, (dtype, shape) in rec.expected(config.scale_dtype).items():
             t = rec.tensors[kind]
             if t.dtype != dtype or tuple(t.shape) != shape:
@@ -266,16 +311,25 @@ def serialize(config: LoRDBAConfig, modules: dict[str, ModuleRecord]) -> tuple[b
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise AdapterFormatError(f"cannot save {name}.{kind}: it holds NaN or infinite values")
             tensors[f"{name}.{kind}"] = t.contiguous()
-    weights = to_bytes(tensors, lordba_metadata(config.scale_dtype, modules))
+    version = file_version(extras or {})
+    tensors.update(extras_to_file(extras or {}))
+    fields = config.to_dict(version)  # the config's digest, in the weights' metadata, covers exactly these
+    metadata = lordba_metadata(config.scale_dtype, modules, config_digest(fields))
+    weights = to_bytes(tensors, {**metadata, "format_version": str(version)})
     extra = {"weights_sha256": hashlib.sha256(weights).hexdigest(), "library_version": __version__}
-    text = json.dumps({**config.to_dict(), **extra}, indent=2) + "\n"
+    text = json.dumps({**fields, **extra}, indent=2) + "\n"
     return weights, text.encode()
 
 
-def write_adapter(directory: str | Path, config: LoRDBAConfig, modules: dict[str, ModuleRecord]) -> Path:
-    """Write an adapter directory crash-safely; returns the directory."""
+def write_adapter(
+    directory: str | Path,
+    config: LoRDBAConfig,
+    modules: dict[str, ModuleRecord],
+    extras: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write an adapter directory crash-safely (``extras``: format version 2); returns the directory."""
     if not modules:
         raise AdapterFormatError("refusing to save an adapter with no modules")
-    weights, config_bytes = serialize(config, modules)
+    weights, config_bytes = serialize(config, modules, extras)
     commit_files(directory, {WEIGHTS_NAME: weights, CONFIG_NAME: config_bytes}, _pair_consistent)
     return Path(directory)

@@ -123,9 +123,12 @@ def commit_files(
     directory = Path(directory)
     _ensure_writable_dir(directory)
     names = list(files)
-    with _locked(directory):
-        recover(directory, names, is_consistent)
-        _commit(directory, files, names)
+    try:
+        with _locked(directory):
+            recover(directory, names, is_consistent)
+            _commit(directory, files, names)
+    except OSError as err:  # a full disk, a read-only file system: the previous files stay intact
+        raise LoRDBAError(f"{directory}: cannot save ({err.strerror or err}); the previous files are intact") from None
 
 
 @contextlib.contextmanager
@@ -170,24 +173,50 @@ def _ensure_writable_dir(directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise LoRDBAError(f"{directory}: cannot create the directory ({err.strerror})") from None
+    except ValueError:  # a NUL character in the path
+        raise LoRDBAError(f"{str(directory)!r}: not a usable path (it holds a NUL character)") from None
     if not directory.is_dir():
         raise LoRDBAError(f"{directory}: exists and is not a directory")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise LoRDBAError(f"{directory}: not writable")
 
 
+def check_replaceable(out_dir: str | Path, overwrite: bool, keep: tuple[str | Path, ...] = ()) -> Path:
+    """The absolute path of an output directory that :func:`atomic_directory` may create or replace.
+
+    Takes the output, whether an existing one may be replaced, and paths that must survive (the
+    inputs); returns ``out_dir`` made absolute (``.`` and ``..`` resolved by name; a symbolic link
+    is replaced, not its target). Raises :class:`LoRDBAError` for an existing output without
+    ``overwrite``, an output that is not a directory, or one whose replacement would delete an input
+    or the current directory (it is one of them or one of their parents)."""
+    if "\x00" in str(out_dir):
+        raise LoRDBAError(f"{str(out_dir)!r}: not a usable path (it holds a NUL character)")
+    out = Path(os.path.abspath(out_dir))
+    exists = os.path.lexists(out)
+    if exists and not overwrite:
+        raise LoRDBAError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
+    if exists and not out.is_dir():
+        raise LoRDBAError(f"{out}: exists and is not a directory")
+    if out.parent == out:
+        raise LoRDBAError(f"{out}: the root directory cannot be an output")
+    entry = Path(os.path.realpath(out.parent)) / out.name
+    for what, kept in [*((str(k), k) for k in keep), ("the current directory", Path.cwd())]:
+        real = Path(os.path.realpath(kept))
+        if exists and (real == entry or entry in real.parents):
+            raise LoRDBAError(f"{out}: replacing it would delete {what} (it is that directory or one of its parents)")
+    return out
+
+
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(out_dir: str | Path, overwrite: bool = False, keep: tuple[str | Path, ...] = ()) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out_dir`` when the block succeeds.
 
     An existing ``out_dir`` is refused unless ``overwrite``; then it is replaced only after the new
-    content is complete. On error the temporary directory is removed and ``out_dir`` is untouched.
+    content is complete, and never if that would delete one of the ``keep`` paths (the inputs) or
+    the current directory (:func:`check_replaceable`). On error the temporary directory is removed
+    and ``out_dir`` is untouched.
     """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise LoRDBAError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        raise LoRDBAError(f"{out}: exists and is not a directory")
+    out = check_replaceable(out_dir, overwrite, keep)
     _ensure_writable_dir(out.parent)
     _remove_stale(out)
     tmp = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}.{secrets.token_hex(4)}")
@@ -199,15 +228,15 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         fsync_dir(tmp)
-        if out.exists() and _exchange(tmp, out):
+        if os.path.lexists(out) and _exchange(tmp, out):
             fsync_dir(out.parent)
-            shutil.rmtree(tmp, ignore_errors=True)  # now the old content
+            _remove(tmp)  # now the old content (or the symbolic link that was `out`)
             return
-        if out.exists():  # no atomic exchange here: two renames (a crash between leaves no `out`)
+        if os.path.lexists(out):  # no atomic exchange here: two renames (a crash between leaves no `out`)
             old = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}.old.{secrets.token_hex(4)}")
             os.replace(out, old)
             os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, out)
         fsync_dir(out.parent)
@@ -240,7 +269,15 @@ def _remove_stale(out: Path) -> None:
     for stale in out.parent.glob(f".{out.name}{TMP_MARK}*"):
         pid = stale.name[len(f".{out.name}{TMP_MARK}") :].split(".")[0]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove(stale)
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory tree, or a symbolic link itself (never what it points to)."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

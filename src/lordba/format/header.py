@@ -4,14 +4,17 @@ Per module, five tensors of known dtype and shape (:func:`stored_shapes`, the on
 stored sizes) and ``__metadata__`` naming the format, its version, the scale dtype and every module's
 dims (:func:`lordba_metadata`). Reading checks the header against the config and the file length
 before any tensor data is allocated (:func:`read_header`, :func:`check_header`), then each tensor's
-values (:func:`read_tensor`, :func:`check_values`).
+values (:func:`read_tensors`, :func:`check_all_values`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -19,11 +22,13 @@ from typing import Any, BinaryIO
 import torch
 
 from lordba._util.jsonio import parse_json, safe_repr
-from lordba.config import FORMAT_VERSION, LoRDBAConfig
+from lordba._util.patterns import matches
+from lordba.config import FORMAT_VERSION, READABLE_VERSIONS, LoRDBAConfig
 from lordba.core.packing import check_padding, packed_size
 from lordba.core.scales import get_codec
 from lordba.errors import AdapterFormatError
-from lordba.format.tensorfile import ST_DTYPE_NAMES, ST_DTYPES, nbytes
+from lordba.format.extras import extra_entries
+from lordba.format.tensorfile import ST_DTYPE_NAMES
 
 FORMAT_NAME = "lordba"
 MAX_HEADER_BYTES = 64 << 20
@@ -69,17 +74,23 @@ class ModuleRecord:
         return stored_shapes(self.in_features, self.out_features, self.r, scale_dtype)
 
 
-def lordba_metadata(scale_dtype: str, modules: dict[str, ModuleRecord]) -> dict[str, str]:
+def lordba_metadata(
+    scale_dtype: str, modules: dict[str, ModuleRecord], config_sha256: str | None = None
+) -> dict[str, str]:
     """The safetensors ``__metadata__`` of an adapter file with ``modules`` (``{path: record}``)
-    stored in ``scale_dtype``: format name and version, scale dtype and the JSON of every module's
-    ``[in, out, r]``."""
+    stored in ``scale_dtype``: format name and version, scale dtype, the JSON of every module's
+    ``[in, out, r]`` and, if given, the digest of the config (``config_sha256``, see
+    :mod:`lordba.format.integrity`)."""
     dims = {n: [r.in_features, r.out_features, r.r] for n, r in sorted(modules.items())}
-    return {
+    metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "scale_dtype": scale_dtype,
         "modules": json.dumps(dims, separators=(",", ":"), sort_keys=True),
     }
+    if config_sha256 is not None:
+        metadata["config_sha256"] = config_sha256
+    return metadata
 
 
 def read_header(f: BinaryIO, path: Path, size: int) -> tuple[dict[str, Any], dict[str, str], int]:
@@ -111,13 +122,54 @@ def read_tensor(
     f: BinaryIO, path: Path, name: str, spans: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]
 ) -> torch.Tensor:
     """Tensor ``name`` read from ``f`` at its ``spans`` entry ``(dtype, shape, start, stop)`` (absolute
-    file offsets); raises :class:`AdapterFormatError` if the file ends inside it."""
+    file offsets); raises :class:`AdapterFormatError` if the file ends inside it or its bytes cannot
+    be allocated."""
     dtype, shape, start, stop = spans[name]
-    buf = bytearray(stop - start)
+    try:
+        buf = bytearray(stop - start)
+    except MemoryError:
+        raise AdapterFormatError(f"{path}: tensor {name}: cannot allocate its {stop - start} bytes") from None
     f.seek(start)
     if f.readinto(buf) != len(buf):
         raise AdapterFormatError(f"{path}: tensor {name}: the file ended inside its data (truncated)")
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def read_tensors(
+    f: BinaryIO, path: Path, spans: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]
+) -> dict[str, torch.Tensor]:
+    """Every tensor of ``spans`` (``{name: (dtype, shape, start, stop)}``, absolute file offsets) from
+    one read of the bytes they cover: views of one buffer (a copy where a view would be misaligned for
+    its dtype; lordba's writer orders tensors by element size, so none is). Raises
+    :class:`AdapterFormatError` if the file ends early or the bytes cannot be allocated."""
+    if not spans:
+        return {}
+    first, last = min(s[2] for s in spans.values()), max(s[3] for s in spans.values())
+    try:
+        buf = torch.empty(last - first, dtype=torch.uint8)
+    except RuntimeError:
+        raise AdapterFormatError(f"{path}: cannot allocate the {last - first} bytes of its tensors") from None
+    f.seek(first)
+    view, done = memoryview(buf.numpy()), 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise AdapterFormatError(f"{path}: tensor data: the file ended inside it (truncated)")
+        done += got
+    wholes: dict[torch.dtype, torch.Tensor] = {}  # the buffer seen as each dtype (whole elements)
+    out: dict[str, torch.Tensor] = {}
+    for name, (dtype, shape, start, stop) in spans.items():
+        size = _itemsize(dtype)
+        start, stop = start - first, stop - first
+        if start % size:  # misaligned for its dtype: its own copy
+            t = buf[start:stop].clone().view(dtype)
+        else:
+            whole = wholes.get(dtype)
+            if whole is None:
+                whole = wholes[dtype] = buf[: len(buf) - len(buf) % size].view(dtype)
+            t = whole[start // size : stop // size]
+        out[name] = t if len(shape) == 1 else t.view(shape)
+    return out
 
 
 def check_header(
@@ -129,10 +181,15 @@ def check_header(
     dtype, module names, ranks and targets, tensor names, dtypes, shapes and byte ranges)."""
     if metadata.get("format") != FORMAT_NAME:
         raise AdapterFormatError(f"{path}: metadata format is {safe_repr(metadata.get('format'))}, not {FORMAT_NAME!r}")
-    if metadata.get("format_version") != str(FORMAT_VERSION):
+    if metadata.get("format_version") not in [str(v) for v in READABLE_VERSIONS]:
         raise AdapterFormatError(
             f"{path}: metadata format_version {safe_repr(metadata.get('format_version'))} is not supported "
-            f"(this lordba reads {FORMAT_VERSION})"
+            f"(this lordba reads {list(READABLE_VERSIONS)})"
+        )
+    if metadata.get("format_version") != str(getattr(config, "file_version", metadata["format_version"])):
+        raise AdapterFormatError(
+            f"{path}: metadata format_version {safe_repr(metadata.get('format_version'))} differs from the "
+            f"config's format_version {config.file_version}"
         )
     if metadata.get("scale_dtype") != config.scale_dtype:
         raise AdapterFormatError(
@@ -144,9 +201,8 @@ def check_header(
         raise AdapterFormatError(f"{path}: metadata 'modules' must be a non-empty object of [in, out, r]")
     modules: dict[str, ModuleRecord] = {}
     for name, value in dims.items():
-        _check_module_path(name, path)
-        ok = isinstance(value, list) and len(value) == 3 and all(type(v) is int and 0 < v < 1 << 31 for v in value)
-        if not ok:
+        check_module_path(name, path)
+        if not (isinstance(value, list) and len(value) == 3 and _dims_ok(*value)):
             raise AdapterFormatError(
                 f"{path}: module {name!r}: dims must be [in, out, r] positive ints, got {safe_repr(value)}"
             )
@@ -159,43 +215,96 @@ def check_header(
             raise AdapterFormatError(
                 f"{path}: module {name!r} is not matched by target_modules={safe_repr(config.target_modules)}"
             )
+        if matches(config.exclude_modules, name):
+            raise AdapterFormatError(
+                f"{path}: module {name!r} is excluded by exclude_modules={safe_repr(config.exclude_modules)}"
+            )
         modules[name] = ModuleRecord(name, in_f, out_f, r)
-    expected_names = {f"{n}.{k}" for n in modules for k in TENSOR_KINDS}
-    missing = sorted(expected_names - set(header))
-    extra = sorted(set(header) - expected_names)
+    extras = extra_entries(header, metadata, path)  # format version 2: extra tensors, checked there
+    expected = [(f"{rec.path}.{k}", *v) for rec in modules.values() for k, *v in _expected(rec, config.scale_dtype)]
+    expected_names = {e[0] for e in expected} | set(extras)
+    present = set(header)
+    missing = sorted(expected_names - present)
+    extra = sorted(present - expected_names)
     if missing:
         raise AdapterFormatError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if extra:
         raise AdapterFormatError(
             f"{path}: unexpected tensor(s) {safe_repr(extra[:5])}{' ...' if len(extra) > 5 else ''}"
         )
+    extra_specs = [(k, d, shape, math.prod(shape) * _itemsize(d)) for k, (d, shape) in extras.items()]
+    spans = _check_entries(header, expected + extra_specs, path)
+    _check_contiguous(spans, data_bytes, path)
+    return modules, spans
+
+
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+_ITEMSIZE = {torch.uint8: 1, torch.int8: 1, torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return _ITEMSIZE.get(dtype) or torch.empty(0, dtype=dtype).element_size()
+
+
+@functools.lru_cache(maxsize=256)
+def _expected_for(dims: tuple[int, int, int], scale_dtype: str) -> tuple[tuple, ...]:
+    """``(kind, dtype, shape, byte size)`` of the five stored tensors of a module of these dims
+    (kept: an adapter's modules share a few shapes)."""
+    shapes = stored_shapes(*dims, scale_dtype).items()
+    return tuple((k, d, shape, math.prod(shape) * _itemsize(d)) for k, (d, shape) in shapes)
+
+
+def stored_specs(in_features: int, out_features: int, r: int, scale_dtype: str) -> tuple[tuple, ...]:
+    """:func:`stored_shapes` as ``(kind, dtype, shape, byte size)`` tuples in :data:`TENSOR_KINDS`
+    order, kept per dims (immutable: what hot paths such as building hundreds of adapters use)."""
+    return _expected_for((in_features, out_features, r), scale_dtype)
+
+
+def _expected(rec: ModuleRecord, scale_dtype: str) -> tuple[tuple, ...]:
+    return _expected_for((rec.in_features, rec.out_features, rec.r), scale_dtype)
+
+
+def _check_entries(
+    header: dict[str, Any], expected: list[tuple[str, torch.dtype, tuple, int]], path: Path
+) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """Each expected ``(name, dtype, shape, byte size)`` tensor's header entry: exactly its keys,
+    dtype, shape (ints) and a byte range of that size. Returns ``{name: (dtype, shape, start, stop)}``
+    (relative to the data section); raises :class:`AdapterFormatError` naming the tensor."""
     spans: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-    for rec in modules.values():
-        for kind, (dtype, shape) in rec.expected(config.scale_dtype).items():
-            name = f"{rec.path}.{kind}"
-            entry = header[name]
-            if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+    names = {d: ST_DTYPE_NAMES[d] for d in {e[1] for e in expected}}
+    shape_reprs: dict[tuple, str] = {}
+    for name, dtype, shape, size in expected:
+        entry = header[name]
+        if type(entry) is not dict or entry.keys() != _ENTRY_KEYS:
+            if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
                 raise AdapterFormatError(f"{path}: tensor {name}: malformed header entry")
-            st_dtype = ST_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
-            if st_dtype != dtype:
-                raise AdapterFormatError(
-                    f"{path}: tensor {name}: dtype {safe_repr(entry['dtype'])}, expected {ST_DTYPE_NAMES[dtype]}"
-                )
-            got = entry["shape"]
-            if not (isinstance(got, list) and all(type(d) is int for d in got) and got == list(shape)):
-                raise AdapterFormatError(f"{path}: tensor {name}: shape {safe_repr(got)}, expected {list(shape)}")
-            offsets = entry["data_offsets"]
-            if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-                raise AdapterFormatError(f"{path}: tensor {name}: malformed data_offsets {safe_repr(offsets)}")
-            size = nbytes(dtype, shape)
-            if offsets[1] - offsets[0] != size or offsets[0] < 0:
-                raise AdapterFormatError(
-                    f"{path}: tensor {name}: byte range {safe_repr(offsets)} holds "
-                    f"{safe_repr(offsets[1] - offsets[0])} bytes, expected {size}"
-                )
-            spans[name] = (dtype, shape, offsets[0], offsets[1])
+        if entry["dtype"] != names[dtype] or type(entry["dtype"]) is not str:
+            raise AdapterFormatError(
+                f"{path}: tensor {name}: dtype {safe_repr(entry['dtype'])}, expected {ST_DTYPE_NAMES[dtype]}"
+            )
+        got = entry["shape"]
+        want = shape_reprs.get(shape) or shape_reprs.setdefault(shape, repr(list(shape)))
+        if type(got) is not list or repr(got) != want:  # JSON lists: equal reprs = the same ints
+            raise AdapterFormatError(f"{path}: tensor {name}: shape {safe_repr(got)}, expected {list(shape)}")
+        offsets = entry["data_offsets"]
+        if type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int or type(offsets[1]) is not int:
+            raise AdapterFormatError(f"{path}: tensor {name}: malformed data_offsets {safe_repr(offsets)}")
+        start, stop = offsets
+        if stop - start != size or start < 0:
+            raise AdapterFormatError(
+                f"{path}: tensor {name}: byte range {safe_repr(offsets)} holds {safe_repr(stop - start)} bytes, "
+                f"expected {size}"
+            )
+        spans[name] = (dtype, shape, start, stop)
+    return spans
+
+
+def _check_contiguous(
+    spans: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], data_bytes: int, path: Path
+) -> None:
+    """The byte ranges tile the data section exactly: no gap, no overlap, nothing after."""
     end = 0
-    for name, (_, _, start, stop) in sorted(spans.items(), key=lambda item: item[1][2:]):
+    for start, stop, name in sorted([(s[2], s[3], n) for n, s in spans.items()]):
         if start != end:
             raise AdapterFormatError(
                 f"{path}: tensor {name}: data does not follow the previous tensor (gap or overlap)"
@@ -205,11 +314,19 @@ def check_header(
         raise AdapterFormatError(
             f"{path}: the file holds {data_bytes} data bytes but its header describes {end} (truncated or padded)"
         )
-    return modules, spans
 
 
-def _check_module_path(name: str, path: Path) -> None:
-    if len(name) > MAX_MODULE_PATH or not _MODULE_PATH_RE.fullmatch(name):
+def _dims_ok(in_f: object, out_f: object, r: object) -> bool:
+    """Whether ``[in, out, r]`` are ints in ``(0, 2³¹)`` (not bools, not floats)."""
+    return all(type(v) is int and 0 < v < 1 << 31 for v in (in_f, out_f, r))
+
+
+def check_module_path(name: object, path: str | Path) -> None:
+    """Refuse a module path an adapter file cannot hold: not dot-separated names of letters, digits,
+    ``_`` and ``-``, longer than :data:`MAX_MODULE_PATH` characters, or inside a LoRDBA layer.
+    ``path`` names the file (or the operation) in the message. Returns nothing; raises
+    :class:`AdapterFormatError`. Readers, writers and the converter all apply this one rule."""
+    if not isinstance(name, str) or len(name) > MAX_MODULE_PATH or not _MODULE_PATH_RE.fullmatch(name):
         raise AdapterFormatError(
             f"{path}: module name {safe_repr(name)} is not a module path (dot-separated names of letters, "
             f"digits, '_' and '-', at most {MAX_MODULE_PATH} characters)"
@@ -235,3 +352,50 @@ def check_values(rec: ModuleRecord, scale_dtype: str, path: Path) -> None:
             peak = int(t.abs().max()) if t.numel() else 0
             if peak not in (0, 127):
                 raise AdapterFormatError(f"{name}: a non-zero int8 scale vector must reach code ±127 (max is {peak})")
+
+
+def check_all_values(records: Sequence[ModuleRecord], scale_dtype: str, path: Path) -> None:
+    """:func:`check_values` for every record, in one vectorised pass per tensor kind (the loader's
+    path: a few tensor ops for the whole file instead of a dozen per module); when anything is
+    wrong, the per-module check runs to name the first tensor at fault. Raises :class:`AdapterFormatError`."""
+    if records and not _values_ok(records, scale_dtype):
+        for rec in records:
+            check_values(rec, scale_dtype, path)
+        raise AdapterFormatError(f"{path}: invalid tensor values")  # not reached: check_values names the fault
+
+
+def _values_ok(records: Sequence[ModuleRecord], scale_dtype: str) -> bool:
+    """Whether every record passes :func:`check_values` (no message: see :func:`check_all_values`)."""
+    for rec in records:  # padding bits: only where r·in or out·r is not a multiple of 8 (rare)
+        for kind, numel in (("sign_A", rec.r * rec.in_features), ("sign_B", rec.out_features * rec.r)):
+            pad = (-numel) % 8
+            packed = rec.tensors[kind]
+            if pad and packed.numel() and int(packed[-1]) & ((1 << pad) - 1):
+                return False
+    for kind in ("scale_in", "scale_mid", "scale_out"):
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for rec in records:
+            t = rec.tensors[kind]
+            by_dtype.setdefault(t.dtype, []).append(t if len(t.shape) == 1 else t.reshape(-1))
+        for dtype, group in by_dtype.items():
+            if dtype.is_floating_point:
+                if not bool(torch.isfinite(torch.cat(group)).all()):
+                    return False
+            elif scale_dtype == "int8" and not _codes_ok(group):
+                return False
+    return True
+
+
+def _codes_ok(codes: list[torch.Tensor]) -> bool:
+    """int8 codes (1-D) in [-127, 127], each vector reaching ±127 unless all zero."""
+    if bool((torch.cat(codes) == -128).any()):
+        return False
+    by_length: dict[int, list[torch.Tensor]] = {}
+    for t in codes:
+        by_length.setdefault(t.shape[0], []).append(t)
+    for length, group in by_length.items():
+        if length:
+            peaks = torch.stack(group).to(torch.int16).abs().amax(dim=1)
+            if bool(((peaks != 0) & (peaks != 127)).any()):
+                return False
+    return True

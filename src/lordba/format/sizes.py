@@ -61,7 +61,7 @@ def adapter_file_bytes(dims: dict[str, tuple[int, int, int]], scale_dtype: str) 
         for p, rec in records.items()
         for kind, (dtype, shape) in rec.expected(scale_dtype).items()
     ]
-    return file_size(entries, lordba_metadata(scale_dtype, records))
+    return file_size(entries, lordba_metadata(scale_dtype, records, "0" * 64))  # a sha256 digest: 64 hex digits
 
 
 @dataclass

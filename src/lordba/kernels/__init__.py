@@ -22,12 +22,13 @@ kernels read directly and the other paths decode per call. If the CPU extension 
 :class:`KernelFallbackWarning` says why (once) and ``torch`` runs. Under ``torch.compile`` the
 CPU op is opaque to dynamo (registered with a fake implementation, :mod:`._fake`).
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -49,6 +50,7 @@ class _State:
     cpu: BuildResult | None = None  # None: not tried yet
     isa: str = "portable"  # instruction set the CPU kernels were built for
     op: object = None  # torch.ops.lordba.branch.default, bound once
+    rows_op: object = None  # torch.ops.lordba.branch_rows.default (many adapters in one batch)
     triton: bool | None = None
 
 
@@ -95,12 +97,14 @@ def load_cpu(build: bool = True, warn: bool = True) -> BuildResult:
     if result.ok or build:
         _STATE.cpu = result
     if result.ok:
-        from lordba.kernels import _fake
+        from lordba.kernels import _fake, q4
 
         _fake.register_cpu()  # shapes for torch.compile
+        q4.register_fakes()
 
         _STATE.isa = torch.ops.lordba.isa()
         _STATE.op = torch.ops.lordba.branch.default
+        _STATE.rows_op = torch.ops.lordba.branch_rows.default
     elif build and warn:
         warnings.warn(
             f"lordba: compiled CPU kernels unavailable ({result.message.splitlines()[0]}); using the "
@@ -229,6 +233,64 @@ def packed_branch(
     return reference.packed_branch(x, sign_A, sign_B, b, m, a, scaling, base)
 
 
+def packed_branch_rows(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    tensors: Sequence[Sequence[torch.Tensor]],
+    scalings: Sequence[float],
+    base: torch.Tensor,
+    sign_max_tokens: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """``base`` plus, for every batch row ``i`` (dimension 0), the branch of adapter ``index[i]``
+    (``-1``: none): many adapters in one call (S-LoRA/Punica's batched LoRA, on packed signs).
+
+    Args:
+        x: the input activations ``[B, ..., in]``.
+        index: int64 ``[B]``, each row's adapter (a position in ``tensors``) or ``-1``.
+        tensors: per adapter, ``(sign_A, sign_B, scale_in, scale_mid, scale_out)`` as
+            :func:`packed_branch` takes them.
+        scalings: per adapter, ``s``.
+        base: the base layer's output ``[B, ..., out]``.
+        sign_max_tokens: per adapter, the CPU dispatch limit (:func:`dispatch_limit`), computed when ``None``.
+
+    Returns ``base + branch`` per row, in ``base``'s dtype: each adapter's rows equal, bit for bit,
+    :func:`packed_branch` called on those rows alone with their base (the compiled op groups rows by
+    adapter and runs each group as that call does; elsewhere this is those calls). No gradient.
+    Raises :class:`~lordba.errors.ShapeMismatchError` for an index outside ``[-1, len(tensors))``.
+    """
+    from lordba.errors import ShapeMismatchError
+
+    count = len(tensors)
+    if index.shape != (x.shape[0],):
+        raise ShapeMismatchError(f"index must hold one adapter position in [-1, {count}) per batch row of x")
+    if sign_max_tokens is None:
+        sign_max_tokens = [dispatch_limit(t[2].numel(), t[4].numel(), t[3].numel(), x.dtype) for t in tensors]
+    name = _STATE.mode
+    native = name in ("auto", "sign", "unpack") and x.dtype in _NATIVE_DTYPES and base.dtype in _NATIVE_DTYPES
+    if (
+        native
+        and x.is_cpu
+        and not base.requires_grad
+        and (_STATE.cpu.ok if _STATE.cpu is not None else cpu_available())
+    ):
+        parts = zip(*tensors) if tensors else ((),) * 5
+        try:
+            return _STATE.rows_op(x, index, *parts, scalings, sign_max_tokens, base)
+        except RuntimeError as err:  # the op's checks of its arguments (the index range among them)
+            if "lordba::branch" not in str(err):
+                raise
+            raise ShapeMismatchError(str(err).splitlines()[0]) from None
+    if index.numel() and not (-1 <= int(index.min()) and int(index.max()) < count):
+        raise ShapeMismatchError(f"index must hold one adapter position in [-1, {count}) per batch row of x")
+    out = base.clone()
+    for k in range(count):
+        rows = (index == k).nonzero().flatten()
+        if rows.numel():
+            y = packed_branch(x[rows], *tensors[k], scalings[k], base[rows], sign_max_tokens[k])
+            out[rows] = y.to(out.dtype)
+    return out
+
+
 def dense_branch(
     x: torch.Tensor, folded_A: torch.Tensor, folded_B: torch.Tensor, base: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -251,6 +313,7 @@ __all__ = [
     "load_cpu",
     "mode",
     "packed_branch",
+    "packed_branch_rows",
     "set_mode",
     "sign_max_tokens",
     "triton_available",

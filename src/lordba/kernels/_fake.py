@@ -2,7 +2,7 @@
 
 :func:`branch_fake` serves both ``lordba::branch`` (the CPU op, registered by :func:`register_cpu`
 once the compiled library that defines it is loaded: :func:`lordba.kernels.load_cpu`) and
-``lordba::triton_branch``.
+``lordba::triton_branch``; :func:`branch_rows_fake` serves ``lordba::branch_rows``.
 """
 
 from __future__ import annotations
@@ -28,11 +28,29 @@ def branch_fake(
     return x.new_empty((*x.shape[:-1], a.shape[0]))
 
 
+def branch_rows_fake(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    sign_A: list[torch.Tensor],
+    sign_B: list[torch.Tensor],
+    b: list[torch.Tensor],
+    m: list[torch.Tensor],
+    a: list[torch.Tensor],
+    scaling: list[float],
+    sign_max_tokens: list[int],
+    base: torch.Tensor,
+) -> torch.Tensor:
+    """An empty tensor of ``lordba::branch_rows``'s output: ``base``'s shape and dtype."""
+    torch._check(index.shape[0] == x.shape[0], lambda: "lordba::branch_rows: one index per batch row")
+    return torch.empty_like(base, memory_format=torch.contiguous_format)
+
+
 _REGISTERED: list[bool] = []
 
 
 def register_cpu() -> None:
-    """Register :func:`branch_fake` for ``lordba::branch`` (once per process)."""
+    """Register the fakes of ``lordba::branch`` and ``lordba::branch_rows`` (once per process)."""
     if not _REGISTERED:
         torch.library.register_fake("lordba::branch")(branch_fake)
+        torch.library.register_fake("lordba::branch_rows")(branch_rows_fake)
         _REGISTERED.append(True)

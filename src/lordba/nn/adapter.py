@@ -30,7 +30,7 @@ from lordba.core.packing import pack_signs
 from lordba.core.scales import ScaleCodec
 from lordba.core.ste import STE
 from lordba.errors import AdapterStateError, ShapeMismatchError
-from lordba.format.header import stored_shapes
+from lordba.format.header import stored_specs
 from lordba.nn.adapter_base import SCALES, AdapterBase, check_sizes, stamp
 
 LATENT_STD = 0.01
@@ -102,7 +102,7 @@ class TrainableAdapter(AdapterBase):
         adapters, adapters loaded from files): no extra memory then."""
         params = self._parameters  # direct: this runs once per layer and token
         p_in, p_mid, p_out = params["scale_in"], params["scale_mid"], params["scale_out"]
-        key = (p_in._version, p_mid._version, p_out._version, p_in.data_ptr(), p_mid.data_ptr(), p_out.data_ptr())
+        key = stamp(p_in, p_mid, p_out)
         scales = self._caches.lookup("scales", (key, self.codec.name))
         if scales is None:
             with torch.no_grad():
@@ -121,19 +121,21 @@ class TrainableAdapter(AdapterBase):
         """The branch output for ``x`` ``[..., in]`` in ``x``'s dtype; given ``base`` (the base layer's
         output for ``x``), ``base + branch`` in ``base``'s dtype. With a gradient to compute, the fused
         autograd function (:func:`lordba.core.autograd.sign_branch`); else the inference kernels."""
+        x = self._branch_input(x)
         if torch.is_grad_enabled() and self._needs_grad(x):
             latent = self._parameters.get("latent_A") is not None
-            return self._autograd(x, base, (self.latent_A, self.latent_B) if latent else self.signs(x.dtype))
+            signs = (self.latent_A, self.latent_B) if latent else self.signs(x.dtype)
+            return self._add_bias(self._autograd(x, base, signs))
         if self._parameters.get("latent_A") is not None and torch.compiler.is_compiling():
             # no caches under tracing (version counters): the latents' signs through the same function
             scales = (v.detach() for v in self.scales())
             out = sign_branch(x, self.latent_A.detach(), self.latent_B.detach(), *scales, self.scaling)
-            return out if base is None else base + out.to(base.dtype)
-        return self._inference(x, base)
+            return self._add_bias(out if base is None else base + out.to(base.dtype))
+        return self._add_bias(self._inference(x, base))
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
         """Whether a gradient reaches ``x`` or a parameter of this adapter (grad mode being on)."""
-        trained = (self.scale_in, self.scale_mid, self.scale_out, self.latent_A, self.latent_B)
+        trained = (self.scale_in, self.scale_mid, self.scale_out, self.latent_A, self.latent_B, self.bias_delta)
         return x.requires_grad or any(p is not None and p.requires_grad for p in trained)
 
     def set_trainable(self, signs: bool, scales: bool) -> None:
@@ -142,6 +144,8 @@ class TrainableAdapter(AdapterBase):
             raise AdapterStateError("packed signs cannot train: unpack_to_latent() the adapter first")
         for p in (self.scale_in, self.scale_mid, self.scale_out):
             p.requires_grad_(scales)
+        if self.bias_delta is not None:
+            self.bias_delta.requires_grad_(scales)  # a trained bias trains with the scales
         if self.latent_A is not None:
             self.latent_A.requires_grad_(signs)
             self.latent_B.requires_grad_(signs)
@@ -167,13 +171,20 @@ class TrainableAdapter(AdapterBase):
     def freeze_signs(self) -> TrainableAdapter:
         """A training-form copy with these signs frozen as packed buffers and the same scales."""
         frozen = TrainableAdapter(
-            self.in_features, self.out_features, self.r, self.scaling, self.codec, self.ste,
-            device=self.scale_in.device, latent_signs=False,
+            self.in_features,
+            self.out_features,
+            self.r,
+            self.scaling,
+            self.codec,
+            self.ste,
+            device=self.scale_in.device,
+            latent_signs=False,
         )
         frozen.sign_A, frozen.sign_B = (t.clone() for t in self.packed_signs())
         for name in SCALES:
             getattr(frozen, name).copy_(getattr(self, name))
             getattr(frozen, name).requires_grad_(getattr(self, name).requires_grad)
+        self.copy_extras(frozen)
         frozen.train(self.training)
         return frozen
 
@@ -188,7 +199,7 @@ class TrainableAdapter(AdapterBase):
         out.latent_A = nn.Parameter(sign_A * magnitude)
         out.latent_B = nn.Parameter(sign_B * magnitude)
         out.sign_A = out.sign_B = None
-        return out
+        return out  # dropout and bias came with freeze_signs
 
     @torch.no_grad()
     def pack(self) -> PackedAdapter:
@@ -197,6 +208,7 @@ class TrainableAdapter(AdapterBase):
         packed = PackedAdapter.from_stored(
             stored, self.in_features, self.out_features, self.r, self.scaling, self.codec
         )
+        self.copy_extras(packed)
         packed.train(self.training)
         return packed
 
@@ -232,21 +244,27 @@ class PackedAdapter(AdapterBase):
         scaling: float,
         codec: ScaleCodec,
         device: torch.device | str | None = None,
+        copy: bool = True,
     ) -> PackedAdapter:
-        """An inference adapter holding contiguous copies of the five stored ``tensors`` (SPEC §6 names:
-        packed ``sign_A``/``sign_B``, scales in ``codec``'s stored dtypes; checked,
-        :class:`ShapeMismatchError` otherwise)."""
-        expected = stored_shapes(in_features, out_features, r, codec.name)
-        for name, (dtype, shape) in expected.items():
+        """An inference adapter holding the five stored ``tensors`` (SPEC §6 names: packed
+        ``sign_A``/``sign_B``, scales in ``codec``'s stored dtypes; checked, :class:`ShapeMismatchError`
+        otherwise): contiguous copies, or with ``copy=False`` the tensors themselves where they are
+        contiguous and on ``device`` (the loader's own, freshly read tensors: no copy)."""
+        buffers = {}
+        target = None if device is None else torch.device(device)
+        for name, dtype, shape, _ in stored_specs(in_features, out_features, r, codec.name):
             t = tensors[name]
-            if tuple(t.shape) != shape or t.dtype != dtype:
+            if t.shape != shape or t.dtype != dtype:
                 raise ShapeMismatchError(f"{name}: {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
-        copies = {
-            k: v.detach().to(device or v.device).clone(memory_format=torch.contiguous_format)
-            for k, v in tensors.items()
-        }
-        scale_copies = tuple(copies[n] for n in SCALES)
-        return cls(copies["sign_A"], copies["sign_B"], scale_copies, in_features, out_features, r, scaling, codec)
+            moved = target is not None and t.device != target
+            if copy or moved or not t.is_contiguous() or t.requires_grad:
+                t = t.detach().to(target or t.device).clone(memory_format=torch.contiguous_format)
+            buffers[name] = t
+        adapter = cls._assemble(in_features, out_features, r, scaling, codec, buffers)
+        if adapter is None:
+            scales = tuple(buffers[n] for n in SCALES)
+            adapter = cls(buffers["sign_A"], buffers["sign_B"], scales, in_features, out_features, r, scaling, codec)
+        return adapter
 
     def packed_signs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The packed sign buffers."""
@@ -268,9 +286,10 @@ class PackedAdapter(AdapterBase):
         inference kernels; when ``x`` needs a gradient (an adapter trained below or beside this one),
         through the autograd function, so that the gradient to ``x`` includes this branch. The adapter
         itself (buffers) gets none."""
+        x = self._branch_input(x)
         if torch.is_grad_enabled() and x.requires_grad:
-            return self._autograd(x, base, self.signs(x.dtype))
-        return self._inference(x, base)
+            return self._add_bias(self._autograd(x, base, self.signs(x.dtype)))
+        return self._add_bias(self._inference(x, base))
 
     @torch.no_grad()
     def load_stored(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -313,14 +332,22 @@ class PackedAdapter(AdapterBase):
         straight-through estimator the latents will train through."""
         device = self.sign_A.device
         out = TrainableAdapter(
-            self.in_features, self.out_features, self.r, self.scaling, self.codec, ste,
-            device=device, latent_signs=False,
+            self.in_features,
+            self.out_features,
+            self.r,
+            self.scaling,
+            self.codec,
+            ste,
+            device=device,
+            latent_signs=False,
         )
         out.load_stored({"sign_A": self.sign_A, "sign_B": self.sign_B, **dict(zip(SCALES, self._stored_scales()))})
+        self.copy_extras(out)
         if latent_signs:
             out = out.unfreeze_signs(magnitude, latent_dtype)
-        for p in (out.scale_in, out.scale_mid, out.scale_out):
-            p.requires_grad_(False)
+        for p in (out.scale_in, out.scale_mid, out.scale_out, out.bias_delta):
+            if p is not None:
+                p.requires_grad_(False)
         out.train(self.training)
         return out
 

@@ -8,8 +8,13 @@ are rebuilt when the tensors they were made from change (version counter and sto
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_buffer_registration_hooks
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lordba import kernels
 from lordba.core.autograd import fold_factors, sign_branch
@@ -21,9 +26,22 @@ from lordba.format.header import stored_shapes
 SCALES = ("scale_in", "scale_mid", "scale_out")
 
 
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+# Fused and foreach optimizers (AdamW(fused=True), the HF Trainer's default) update parameters without
+# bumping their version counters: every optimizer step therefore invalidates the caches too.
+register_optimizer_step_post_hook(_count_step)
+
+
 def stamp(*tensors: torch.Tensor) -> tuple:
-    """What identifies the contents of ``tensors`` for a cache key: version counter and storage."""
-    return tuple((t._version, t.data_ptr()) for t in tensors)
+    """What identifies the contents of ``tensors`` for a cache key: version counters and storage,
+    and the number of optimizer steps taken in this process."""
+    return (_OPTIMIZER_STEPS[0], *((t._version, t.data_ptr()) for t in tensors))
 
 
 class _Caches:
@@ -58,6 +76,21 @@ class _Caches:
         self.limits.clear()
 
 
+_TEMPLATE: list[tuple[dict, tuple] | None] = []
+
+
+def _module_template() -> tuple[dict, tuple] | None:
+    """What ``nn.Module.__init__`` puts in an instance's ``__dict__`` (taken once from a real one):
+    ``(flags, (name, container type) pairs)``, or ``None`` if it holds anything but flags and empty
+    containers (then adapters are built the regular way)."""
+    if not _TEMPLATE:
+        state = dict(nn.Module().__dict__)
+        flags = {k: v for k, v in state.items() if v is None or isinstance(v, bool)}
+        fresh = tuple((k, type(v)) for k, v in state.items() if type(v) in (dict, set, OrderedDict) and not v)
+        _TEMPLATE.append((flags, fresh) if len(flags) + len(fresh) == len(state) else None)
+    return _TEMPLATE[0]
+
+
 class AdapterBase(nn.Module):
     """What both forms share: dims, ``scaling``, the codec, dense views and the inference path."""
 
@@ -69,6 +102,49 @@ class AdapterBase(nn.Module):
         self.scaling = float(scaling)
         self.codec = codec
         self._caches = _Caches()
+        self.dropout = 0.0  # PEFT's lora_dropout: on the branch input, in training mode
+        self.bias_delta: torch.Tensor | None = None  # a trained bias minus the base's (bias="lora_only"/"all")
+
+    @classmethod
+    def _assemble(
+        cls,
+        in_features: int,
+        out_features: int,
+        r: int,
+        scaling: float,
+        codec: ScaleCodec,
+        buffers: dict[str, torch.Tensor],
+    ) -> AdapterBase | None:
+        """An instance holding ``buffers`` (no parameters), built without running ``__init__``: the
+        state ``nn.Module.__init__`` gives every module (fresh containers copied from a template) plus
+        this class's attributes. What :meth:`__init__` + ``register_buffer`` give, at a tenth of the
+        cost (loading a file builds hundreds of adapters). Returns ``None`` where that is not safe
+        (PyTorch has global buffer-registration hooks, which it would not call; an unknown module
+        state): the caller then constructs the regular way. Raises :class:`ShapeMismatchError` for
+        non-positive dims."""
+        if r < 1 or in_features < 1 or out_features < 1:
+            raise ShapeMismatchError(f"invalid adapter shape in={in_features} out={out_features} r={r}")
+        template = _module_template()
+        if template is None or _global_buffer_registration_hooks:
+            return None
+        flags, fresh = template
+        state = flags.copy()
+        for key, kind in fresh:
+            state[key] = kind()
+        state["_buffers"] = dict(buffers)
+        state.update(
+            in_features=int(in_features),
+            out_features=int(out_features),
+            r=int(r),
+            scaling=float(scaling),
+            codec=codec,
+            _caches=_Caches(),
+            dropout=0.0,
+            bias_delta=None,
+        )
+        adapter = object.__new__(cls)
+        adapter.__dict__.update(state)
+        return adapter
 
     # -- what each form provides
     def packed_signs(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +185,42 @@ class AdapterBase(nn.Module):
     def _stored_scales(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    # -- PEFT's extras: dropout on the branch input, a trained bias
+    def attach_bias(self, delta: torch.Tensor | None) -> None:
+        """Hold ``delta`` (``[out]``: trained bias minus the base layer's) as ``bias_delta``, a float32
+        parameter in the training form, a buffer in the inference form; ``None`` drops it. Raises
+        :class:`ShapeMismatchError` for another shape."""
+        if delta is not None and tuple(delta.shape) != (self.out_features,):
+            raise ShapeMismatchError(
+                f"bias_delta of shape {tuple(delta.shape)} for an adapter with {self.out_features} outputs"
+            )
+        for table in (self._parameters, self._buffers):
+            table.pop("bias_delta", None)
+        self.__dict__.pop("bias_delta", None)
+        value = None if delta is None else delta.detach().float().clone()
+        if value is not None and any(True for _ in self.parameters(recurse=False)):
+            self.bias_delta = nn.Parameter(value, requires_grad=self.scale_out.requires_grad)
+        else:
+            self.register_buffer("bias_delta", value)
+
+    def copy_extras(self, other: AdapterBase) -> AdapterBase:
+        """Give ``other`` (another form of this adapter) this adapter's dropout and bias; returns ``other``."""
+        other.dropout = self.dropout
+        if self.bias_delta is not None:
+            other.attach_bias(self.bias_delta)
+        return other
+
+    def _branch_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with dropout applied in training mode (PEFT's ``lora_dropout``)."""
+        if self.dropout > 0.0 and self.training:
+            return nn.functional.dropout(x, self.dropout, training=True)
+        return x
+
+    def _add_bias(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` plus the trained bias delta, if any."""
+        delta = self.bias_delta
+        return out if delta is None else out + delta.to(out.dtype)
+
     def _inference(self, x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
         """The branch through :mod:`lordba.kernels` (no gradient to the adapter or ``x``)."""
         if torch.compiler.is_compiling():  # caches do not trace (version counters): plain tensors
@@ -118,12 +230,31 @@ class AdapterBase(nn.Module):
             return kernels.dense_branch(x, *self._folded(x.dtype), base)
         limit = None  # the CPU kernels' dispatch limit, kept per (mode, dtype); other paths need none
         if x.is_cpu and mode in ("auto", "sign", "unpack"):
-            limits = self._caches.limits  # this runs once per layer and token: no closure, no string key
-            limit = limits.get((mode, x.dtype))
-            if limit is None:
-                dims = self.in_features, self.out_features, self.r
-                limit = limits[(mode, x.dtype)] = kernels.dispatch_limit(*dims, x.dtype, mode)
+            limit = self._limit(mode, x.dtype)
         return kernels.packed_branch(x, *self._kernel_tensors(), self.scaling, base, limit)
+
+    def _limit(self, mode: str, dtype: torch.dtype) -> int:
+        """The CPU kernels' dispatch limit for ``mode`` and ``dtype``, kept (this runs once per layer
+        and token: no closure, no string key)."""
+        limits = self._caches.limits
+        limit = limits.get((mode, dtype))
+        if limit is None:
+            dims = self.in_features, self.out_features, self.r
+            limit = limits[(mode, dtype)] = kernels.dispatch_limit(*dims, dtype, mode)
+        return limit
+
+    def _routed(self, grad: bool, key: tuple[str, torch.dtype]) -> tuple | None:
+        """``(kernel tensors, scaling, dispatch limit)`` for a many-adapter kernel call
+        (:func:`routed_branches`; ``key``: kernel mode and dtype), or ``None`` if this adapter's own
+        call would do more than run the inference kernel on its rows as they are (a gradient to
+        compute, dropout in training, a trained bias to add). Runs once per adapter, layer and step."""
+        if self.bias_delta is not None or (self.training and self.dropout > 0.0):
+            return None
+        params = self._parameters
+        if grad and params and any(p is not None and p.requires_grad for p in params.values()):
+            return None
+        limit = self._caches.limits.get(key)
+        return self._kernel_tensors(), self.scaling, limit if limit is not None else self._limit(*key)
 
     def _autograd(self, x: torch.Tensor, base: torch.Tensor | None, signs: tuple) -> torch.Tensor:
         """The branch through the fused autograd function (a gradient to compute), signs given as
@@ -194,3 +325,48 @@ def check_sizes(adapter: AdapterBase, tensors: dict[str, torch.Tensor]) -> None:
     for name, (_, shape) in stored_shapes(*dims, adapter.codec.name).items():
         if tuple(tensors[name].shape) != shape:
             raise ShapeMismatchError(f"{name} of shape {tuple(tensors[name].shape)} for an adapter needing {shape}")
+
+
+_POSITIONS: dict[tuple, torch.Tensor] = {}
+
+
+def routed_branches(
+    adapters: Mapping[str, AdapterBase],
+    names: Sequence[str],
+    present: Sequence[str],
+    x: torch.Tensor,
+    base: torch.Tensor,
+) -> torch.Tensor | None:
+    """``base`` plus each batch row's own adapter branch (row ``i``: ``adapters[names[i]]``, none if
+    absent) in one kernel call for all adapters (:func:`lordba.kernels.packed_branch_rows`), each
+    row's output equal to its adapter's own call on its rows. ``present``: the distinct names of
+    ``names``. Returns ``None`` where the adapters' own calls are needed instead (tracing, a device
+    or kernel mode without the batched op, a gradient to compute, dropout, trained biases)."""
+    mode = kernels.get_mode()
+    if torch.compiler.is_compiling() or not x.is_cpu or mode not in ("auto", "sign", "unpack"):
+        return None
+    grad = torch.is_grad_enabled()
+    if grad and (x.requires_grad or base.requires_grad):
+        return None
+    held = adapters._modules if isinstance(adapters, nn.ModuleDict) else adapters  # plain dict lookups
+    names_held, args, key = [], [], (mode, x.dtype)
+    for name in present:
+        adapter = held.get(name)
+        if adapter is not None:
+            found = adapter._routed(grad, key)
+            if found is None:
+                return None
+            names_held.append(name)
+            args.append(found)
+    if not args:
+        return base
+    where = (tuple(names), tuple(names_held), x.device)
+    index = _POSITIONS.get(where)
+    if index is None:
+        position = {n: k for k, n in enumerate(names_held)}
+        index = torch.tensor([position.get(n, -1) for n in names], dtype=torch.long, device=x.device)
+        if len(_POSITIONS) >= 256:
+            _POSITIONS.pop(next(iter(_POSITIONS)))
+        _POSITIONS[where] = index
+    tensors, scalings, limits = zip(*args)
+    return kernels.packed_branch_rows(x, index, tensors, scalings, base, limits)

@@ -2,39 +2,24 @@
 
 The adapters (:mod:`lordba.nn.adapter`) are in training or inference form; the layer adds the
 branches of the active ones (stacked adapters add up), or routes each row of a mixed batch to its own
-adapter (per-call :class:`Routing`, set by the model wrapper for one forward).
+adapter (per-call :class:`~lordba.nn.routing.Routing`, published by the model wrapper for one
+forward through its :class:`~lordba.nn.routing.RoutingGate`).
 """
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lordba.errors import AdapterStateError, ShapeMismatchError
 from lordba.nn.adapter import LoRDBAAdapter
+from lordba.nn.adapter_base import routed_branches
+from lordba.nn.routing import BASE_ROW, ROUTING, Routing, RoutingGate, current_routing, route_index
 from lordba.quant import BaseBackend, resolve_backend
 
-BASE_ROW = "__base__"  # an ``adapter_names`` entry that routes a row to the base model alone
-
-
-@dataclass(frozen=True)
-class Routing:
-    """Per-call adapter selection, set by :class:`~lordba.nn.model.LoRDBAModel` for one forward.
-
-    ``active`` overrides the layers' active adapters, ``disabled`` turns every branch off, and
-    ``adapter_names`` (one entry per batch row) routes rows to adapters.
-    """
-
-    active: tuple[str, ...] | None = None
-    disabled: bool = False
-    adapter_names: tuple[str, ...] | None = None
-
-
-ROUTING: contextvars.ContextVar[Routing | None] = contextvars.ContextVar("lordba_routing", default=None)
+__all__ = ["BASE_ROW", "ROUTING", "LoRDBALinear", "Routing", "route_index"]  # routing names re-exported
 
 
 class LoRDBALinear(nn.Module):
@@ -52,7 +37,9 @@ class LoRDBALinear(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self._premerge_base: list[nn.Module] = []
+        self._premerge_bias: list[torch.Tensor] = []  # the base bias before a trained bias was merged
         self.disable_adapters = False
+        self.gate = RoutingGate()  # its own; the model's shared one once installed in a LoRDBAModel
 
     def get_base_layer(self) -> nn.Module:
         """The wrapped base layer (PEFT's contract)."""
@@ -99,41 +86,91 @@ class LoRDBALinear(nn.Module):
         """The dense float32 ``out × in`` update of adapter ``name``."""
         return self.lordba_adapters[name].delta_weight()
 
-    def merge(self, adapter_names: Sequence[str] | None = None) -> None:
+    def merge(
+        self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False, where: str = "layer"
+    ) -> float | None:
         """Add the named (default: active) adapters' updates into the base weight.
 
         A quantized base is requantized (lossy); its original module is kept, and :meth:`unmerge`
-        restores it exactly.
+        restores it exactly. With ``safe_merge`` (PEFT's name) the merged weight is checked for
+        NaN/Inf before it replaces the base. Returns the largest weight error the requantization
+        added beyond the updates (``None`` for an in-place, unquantized merge).
+
+        Raises:
+            AdapterStateError: ``safe_merge`` and the merged weight of adapter ``name`` at ``where``
+                is not finite (nothing of this layer is changed).
         """
-        for name in adapter_names if adapter_names is not None else self.active_adapters:
-            if name in self.merged_adapters or name not in self.lordba_adapters:
-                continue
-            if not self.merged_adapters and not self.backend.in_place_merge:
-                self._premerge_base = [self.base_layer]  # a list: not registered as a submodule
-            self.base_layer = self.backend.merge(self.base_layer, self.get_delta_weight(name))
+        if safe_merge:
+            self.check_finite_merge(adapter_names, where)
+        error = None
+        for name in self._to_merge(adapter_names):
+            delta = self.get_delta_weight(name)
+            if self.backend.in_place_merge:
+                self.base_layer = self.backend.merge(self.base_layer, delta)
+            else:
+                expected = self.backend.dequantize(self.base_layer) + delta
+                merged = self.backend.merge(self.base_layer, delta)
+                got = self.backend.dequantize(merged)
+                if safe_merge and not torch.isfinite(got).all():
+                    raise AdapterStateError(f"safe_merge: merging adapter {name!r} into {where} gives NaN/Inf weights")
+                error = max(error or 0.0, float((got - expected).abs().max()))
+                if not self.merged_adapters:
+                    self._premerge_base = [self.base_layer]  # a list: not registered as a submodule
+                self.base_layer = merged
+            self._merge_bias(name)
             self.merged_adapters.append(name)
+        return error
+
+    def _merge_bias(self, name: str) -> None:
+        """Add adapter ``name``'s trained bias change (``bias="lora_only"/"all"``) to the base bias:
+        a new bias tensor, the previous one kept for :meth:`unmerge` (exact)."""
+        delta = self.lordba_adapters[name].bias_delta
+        bias = getattr(self.base_layer, "bias", None)
+        if delta is None or bias is None:
+            return
+        if not self._premerge_bias:
+            self._premerge_bias = [bias]
+        merged = (bias.detach().float() + delta.detach().to(bias.device)).to(bias.dtype)
+        self.base_layer.bias = nn.Parameter(merged, requires_grad=False)
+
+    def _to_merge(self, adapter_names: Sequence[str] | None) -> list[str]:
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        return [n for n in names if n not in self.merged_adapters and n in self.lordba_adapters]
+
+    def check_finite_merge(self, adapter_names: Sequence[str] | None = None, where: str = "layer") -> None:
+        """Raise :class:`AdapterStateError` if merging the named (default: active) adapters would
+        give NaN/Inf weights (checked before anything changes)."""
+        weight = None
+        for name in self._to_merge(adapter_names):
+            weight = self.backend.dequantize(self.base_layer) if weight is None else weight
+            weight = weight + self.get_delta_weight(name)
+            if not torch.isfinite(weight).all():
+                raise AdapterStateError(f"safe_merge: merging adapter {name!r} into {where} gives NaN/Inf weights")
 
     def unmerge(self) -> None:
         """Take every merged adapter out of the base weight again (last merged first)."""
         if not self.merged_adapters:
             return
         if not self.backend.in_place_merge:
-            self.base_layer = self._premerge_base.pop()
+            self.base_layer = self._premerge_base.pop()  # with its own, untouched bias
             self.merged_adapters.clear()
+            self._premerge_bias.clear()
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             self.base_layer = self.backend.unmerge(self.base_layer, self.get_delta_weight(name))
+        if self._premerge_bias:
+            self.base_layer.bias = self._premerge_bias.pop()
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer's output plus the active (or routed) adapters' branches, per the call's :class:`Routing`."""
         result = self.base_layer(x, *args, **kwargs)
-        routing = None if torch.compiler.is_compiling() else ROUTING.get()
+        routing = current_routing(self.gate)
         if routing is None:
             disabled, names, active = self.disable_adapters, None, self.active_adapters
         else:
-            disabled, names = routing.disabled, routing.adapter_names
+            disabled, names = routing.disabled or self.disable_adapters, routing.adapter_names
             active = routing.active if routing.active is not None else self.active_adapters
         if disabled:
             if self.merged_adapters:
@@ -158,6 +195,9 @@ class LoRDBALinear(nn.Module):
         if len(groups) == 1:
             name = names[0]
             return adapters[name](x, result) if name != BASE_ROW and name in adapters else result
+        routed = routed_branches(adapters, names, tuple(groups), x, result)  # one kernel call for all adapters
+        if routed is not None:
+            return routed
         result = result.clone()
         for name, index in groups.items():
             if name == BASE_ROW or name not in adapters:
@@ -168,22 +208,3 @@ class LoRDBALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={list(self.lordba_adapters)}"
-
-
-_ROUTES: dict[tuple, dict[str, torch.Tensor]] = {}
-
-
-def route_index(names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-    """``{adapter name: row indices}`` for a mixed batch, built once per distinct ``names`` and
-    shared by every layer of a forward (a small bounded cache)."""
-    key = (tuple(names), device)
-    found = _ROUTES.get(key)
-    if found is None:
-        rows: dict[str, list[int]] = {}
-        for i, name in enumerate(names):
-            rows.setdefault(name, []).append(i)
-        found = {n: torch.tensor(r, dtype=torch.long, device=device) for n, r in rows.items()}
-        if len(_ROUTES) >= 64:
-            _ROUTES.pop(next(iter(_ROUTES)))
-        _ROUTES[key] = found
-    return found

@@ -33,9 +33,14 @@ from lordba.core.scales import get_codec
 from lordba.errors import AdapterStateError, ConfigError, ShapeMismatchError, TargetModulesError
 from lordba.format.sizes import SizeReport, size_report
 from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter
-from lordba.nn.layer import BASE_ROW, ROUTING, LoRDBALinear, Routing
+from lordba.nn.hub import refuse_base_attribute
+from lordba.nn.layer import LoRDBALinear
 from lordba.nn.lock import RWLock
+from lordba.nn.merge import merge_layers
 from lordba.nn.model_files import AdapterFilesMixin
+from lordba.nn.model_peft import PeftFeaturesMixin
+from lordba.nn.routing import BASE_ROW, ROUTING, RoutingGate, routing
+from lordba.nn.structure import resolve
 from lordba.nn.targets import find_targets
 from lordba.quant import BaseBackend, resolve_backend
 
@@ -60,7 +65,7 @@ def _with_adapter_names(signature: inspect.Signature) -> inspect.Signature:
     return signature.replace(parameters=[*rest, extra, *var_kw])
 
 
-class LoRDBAModel(AdapterFilesMixin, nn.Module):
+class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
     """A model with LoRDBA adapters. Build it with :func:`get_lordba_model` or :meth:`from_pretrained`."""
 
     def __init__(self, model: nn.Module, config: LoRDBAConfig | None = None, adapter_name: str = "default") -> None:
@@ -73,6 +78,7 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
         self.peft_config: dict[str, LoRDBAConfig] = {}
         self._active: tuple[str, ...] = ()
         self._lock = RWLock()
+        self._gate = RoutingGate()  # the routing of the call in flight, read by every layer
         try:
             signature = inspect.signature(model.forward)
         except (TypeError, ValueError):
@@ -91,6 +97,7 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
         except AttributeError:
             if name in ("base_model", "_modules", "_parameters", "_buffers"):
                 raise
+            refuse_base_attribute(name)  # never save or upload the base model by mistake
             return getattr(self.base_model, name)
 
     def get_base_model(self) -> nn.Module:
@@ -109,7 +116,7 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
 
     # ------------------------------------------------------------------ layers
     def _lordba_layers(self) -> list[tuple[str, LoRDBALinear]]:
-        return [(n, m) for n, m in self.base_model.named_modules() if isinstance(m, LoRDBALinear)]
+        return self._modules_of(LoRDBALinear)  # one named_modules() walk per structure change
 
     def adapter_modules(self, adapter_name: str) -> dict[str, LoRDBAAdapter]:
         """``{module path: adapter}`` of one adapter."""
@@ -134,10 +141,9 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
 
     def _target(self, path: str) -> tuple[nn.Module, BaseBackend]:
         """The base layer at ``path`` (inside its LoRDBA wrapper, if any) and its backend."""
-        try:
-            module = self.base_model.get_submodule(path)
-        except AttributeError:
-            raise ShapeMismatchError(f"the base model has no module {path!r}") from None
+        module = resolve(self.base_model, path)
+        if module is None:
+            raise ShapeMismatchError(f"the base model has no module {path!r}")
         if isinstance(module, LoRDBALinear):
             return module.base_layer, module.backend
         backend = resolve_backend(module)
@@ -148,9 +154,10 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
     def _install(self, adapter_name: str, adapters: dict[str, LoRDBAAdapter]) -> None:
         """Put ``adapters`` into their layers, wrapping plain layers first (cannot fail half-way)."""
         for path, adapter in adapters.items():
-            module = self.base_model.get_submodule(path)
+            module = resolve(self.base_model, path)
             if not isinstance(module, LoRDBALinear):
                 wrapper = LoRDBALinear(module)
+                wrapper.gate = self._gate
                 wrapper.train(module.training)
                 replace_submodule(self.base_model, path, wrapper)
                 module = wrapper
@@ -163,7 +170,9 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
         if not isinstance(config, LoRDBAConfig):
             raise ConfigError(f"config must be a LoRDBAConfig, got {type(config).__name__}")
         self._check_new_name(adapter_name)
-        targets = find_targets(self.base_model, config.target_modules, config.exclude_modules)
+        targets = find_targets(self.base_model, config.target_modules, config.exclude_modules, config)
+        config = self._prepare_config(config, targets)  # records the base quantization
+        saved = self._saved_paths(config, targets)  # modules trained in full, biases (model_peft)
         codec = get_codec(config.scale_dtype)
         adapters = {}
         for path in targets:
@@ -184,6 +193,7 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
             self._check_new_name(adapter_name)  # again: another thread may have taken the name
             self._install(adapter_name, adapters)
             self.peft_config[adapter_name] = config
+            self._install_extras(adapter_name, config, saved)
 
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
         """Activate one adapter, or several (stacked: their branches add up)."""
@@ -195,6 +205,7 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
             for _, layer in self._lordba_layers():
                 layer.set_adapter(names)
             self._active = names
+            self._sync_saved()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter from every layer; layers left without adapters get their base back."""
@@ -206,6 +217,7 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
                     replace_submodule(self.base_model, path, layer.base_layer)
             del self.peft_config[adapter_name]
             self._active = tuple(n for n in self._active if n != adapter_name)
+            self._sync_saved()
 
     def set_trainable(self, adapter_name: str, signs: bool = True, scales: bool = True) -> None:
         """Choose what of an adapter trains: latent signs and/or scales (everything else stays frozen).
@@ -264,39 +276,48 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Within the block (in this thread), the model runs as its base alone."""
+        """Within the block (in this thread), the model runs as its base alone. Calls of other
+        threads that want adapters wait until the block ends (the layers hold one routing at a time)."""
         if any(layer.merged for _, layer in self._lordba_layers()):
             raise AdapterStateError("adapters are merged into the base: unmerge_adapter() before disabling them")
-        token = ROUTING.set(Routing(disabled=True))
+        disabled = routing(None, True, None)
+        token = ROUTING.set(disabled)
         try:
-            yield
+            with self._gate.enter(disabled):
+                yield
         finally:
             ROUTING.reset(token)
 
     # ------------------------------------------------------------------ forward
     @contextlib.contextmanager
-    def _routing(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
-        outer = ROUTING.get()
+    def _calling(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
+        """Run a call: publish its routing to the layers (through the gate, which torch.compile
+        guards on), then hold the lock shared and check the routed names under it."""
         names = None
         if adapter_names is not None:
             if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
                 raise ConfigError("adapter_names must be a list with one adapter name per batch row")
             names = tuple(adapter_names)
-            unknown = sorted({n for n in names if n != BASE_ROW and n not in self.peft_config}, key=str)
-            if unknown:
-                raise AdapterStateError(
-                    f"adapter_names: unknown adapter(s) {unknown}; loaded: {sorted(self.peft_config)}"
-                )
-        token = ROUTING.set(Routing(self._active, bool(outer and outer.disabled), names))
+        outer = ROUTING.get()
+        call = routing(None, bool(outer and outer.disabled), names)
+        token = ROUTING.set(call)
         try:
-            yield
+            with self._gate.enter(call), self._lock.read():
+                unknown = sorted({n for n in names or () if n != BASE_ROW and n not in self.peft_config}, key=str)
+                if unknown:
+                    raise AdapterStateError(
+                        f"adapter_names: unknown adapter(s) {unknown}; loaded: {sorted(self.peft_config)}"
+                    )
+                yield
         finally:
             ROUTING.reset(token)
 
+    @torch.compiler.disable(recursive=False)
     def _forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():
-            return self.base_model(*args, **kwargs)
-        with self._lock.read(), self._routing(adapter_names):
+        # Under torch.compile this frame runs eagerly (the call's routing, the lock); the wrapped
+        # model's forward below is compiled, and its layers read the routing from the gate, which
+        # dynamo guards on: each routing / enable state gets its own graph, never a stale one.
+        with self._calling(adapter_names):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
@@ -307,7 +328,7 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
             returns = kwargs.get("num_return_sequences", getattr(gen, "num_return_sequences", 1) or 1)
             expand = beams if beams > 1 else returns
             adapter_names = [n for n in adapter_names for _ in range(expand)]
-        with self._lock.read(), self._routing(adapter_names):
+        with self._calling(adapter_names):
             return self.base_model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
@@ -319,11 +340,17 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
             self.base_model.enable_input_require_grads()
 
     # ------------------------------------------------------------------ merge
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
-        """Add the (default: active) adapters into the base weights; forwards then skip them."""
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the (default: active) adapters into the base weights; forwards then skip them.
+
+        Merging into a quantized base requantizes it: a :class:`~lordba.nn.merge.MergeRequantizationWarning`
+        names the error. ``safe_merge`` checks the merged weights for NaN/Inf first (PEFT's option).
+
+        Raises:
+            AdapterStateError: ``safe_merge`` found non-finite merged weights (nothing stays merged).
+        """
         with self._lock.write():
-            for _, layer in self._lordba_layers():
-                layer.merge(adapter_names or self._active)
+            merge_layers(self._lordba_layers(), adapter_names or self._active, safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Take merged adapters out of the base weights again."""
@@ -331,12 +358,21 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
             for _, layer in self._lordba_layers():
                 layer.unmerge()
 
-    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
-        """Merge the (default: active) adapters into the base and return the plain base model."""
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
+        """Merge the (default: active) adapters into the base and return the plain base model
+        (PEFT's signature; ``progressbar`` is accepted and ignored: merging is fast).
+
+        Raises:
+            AdapterStateError: ``safe_merge`` found non-finite merged weights (the model is unchanged).
+        """
         with self._lock.write():
-            for path, layer in self._lordba_layers():
-                layer.merge(adapter_names or self._active)
+            layers = self._lordba_layers()
+            merge_layers(layers, adapter_names or self._active, safe_merge)
+            for path, layer in layers:
                 replace_submodule(self.base_model, path, layer.base_layer)
+            self._unwrap_saved(merge=True)  # modules trained in full: the active adapter's copy
             self.peft_config.clear()
             self._active = ()
         return self.base_model
@@ -347,6 +383,7 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
             for path, layer in self._lordba_layers():
                 layer.unmerge()
                 replace_submodule(self.base_model, path, layer.base_layer)
+            self._unwrap_saved(merge=False)  # modules trained in full: the originals
             self.peft_config.clear()
             self._active = ()
         return self.base_model
@@ -359,7 +396,7 @@ class LoRDBAModel(AdapterFilesMixin, nn.Module):
         This keeps ``transformers.Trainer`` checkpoints of a LoRDBA model small and resumable (the
         Trainer saves ``model.state_dict()`` for models that are not ``PreTrainedModel``s)."""
         full = super().state_dict(*args, **kwargs)
-        return type(full)((k, v) for k, v in full.items() if ".lordba_adapters." in k)
+        return type(full)((k, v) for k, v in full.items() if ".lordba_adapters." in k or ".lordba_saved." in k)
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load adapter tensors saved by :meth:`state_dict` (the base is left as it is)."""

@@ -3,16 +3,20 @@ model, kept apart so that each module stays readable; it uses the model's lock, 
 
 Loading validates the whole directory (:mod:`lordba.format.adapter`) and checks it against the
 model's layers before the model is touched; for inference it builds the adapters' inference form
-straight from the stored tensors (:meth:`~lordba.nn.adapter.PackedAdapter.from_stored`).
+straight from the stored tensors (:meth:`~lordba.nn.adapter.PackedAdapter.from_stored`). An adapter
+given by a Hub id (``"user/repo"``) is fetched first (:func:`lordba.nn.hub.resolve_adapter_dir`).
+Saving writes a model card (``README.md``) beside the adapter; ``push_to_hub`` uploads the directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lordba.config import LoRDBAConfig
@@ -20,6 +24,10 @@ from lordba.core.scales import get_codec
 from lordba.errors import AdapterFormatError, AdapterStateError, ShapeMismatchError
 from lordba.format import adapter as adapter_files
 from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter
+from lordba.nn.hub import resolve_adapter_dir, upload_adapter_folder, write_model_card
+from lordba.quant import BaseBackend
+
+Targets = dict[str, tuple[nn.Module, BaseBackend]]  # module path -> (base layer, its backend)
 
 
 class AdapterFilesMixin:
@@ -46,10 +54,21 @@ class AdapterFilesMixin:
         return config
 
     def save_pretrained(
-        self, save_directory: str | Path, selected_adapters: Sequence[str] | None = None, is_main_process: bool = True
+        self,
+        save_directory: str | Path,
+        selected_adapters: Sequence[str] | None = None,
+        is_main_process: bool = True,
+        model_card: bool = True,
     ) -> None:
         """Write adapters in the packed format of SPEC §6: ``default`` in ``save_directory``, any
-        other adapter in ``save_directory/<name>``. Saves are crash-safe and deterministic."""
+        other adapter in ``save_directory/<name>``, each with a model card (``README.md``, unless
+        ``model_card=False`` or the directory has a card lordba did not write). Saves are
+        crash-safe and deterministic; the card is written after the adapter's files and never
+        changes them.
+
+        Raises:
+            AdapterStateError: an unknown adapter name in ``selected_adapters``.
+        """
         if not is_main_process:
             return
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
@@ -57,10 +76,53 @@ class AdapterFilesMixin:
         with self._lock.read():
             for name in names:
                 directory = Path(save_directory) if name == "default" else Path(save_directory) / name
-                self.adapter_state(name).save_pretrained(directory)
+                state = self.adapter_state(name)
+                state.save_pretrained(directory)
+                if model_card:
+                    write_model_card(directory, state.config)
 
-    def _check_fits(self, state: adapter_files.AdapterState, source: object) -> None:
-        """Every module of ``state`` exists in this model with the same in/out features."""
+    def push_to_hub(
+        self,
+        repo_id: str,
+        selected_adapters: Sequence[str] | None = None,
+        *,
+        commit_message: str = "Upload LoRDBA adapter",
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """Upload the adapters (the directory :meth:`save_pretrained` writes, model card included)
+        to a Hugging Face Hub repo, creating it if needed. Only the adapter is uploaded, never the
+        base model.
+
+        Returns:
+            ``huggingface_hub``'s ``CommitInfo``.
+
+        Raises:
+            AdapterStateError: an unknown adapter name; AdapterFormatError: an invalid ``repo_id``.
+        """
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        self._check_known(*names)
+        with tempfile.TemporaryDirectory(prefix="lordba-push-") as tmp:
+            self.save_pretrained(tmp, names, model_card=False)
+            for name in names:
+                directory = Path(tmp) if name == "default" else Path(tmp) / name
+                write_model_card(directory, self._saved_config(name), repo_id)
+            return upload_adapter_folder(
+                tmp,
+                repo_id,
+                token=token,
+                private=private,
+                revision=revision,
+                commit_message=commit_message,
+                create_pr=create_pr,
+            )
+
+    def _check_fits(self, state: adapter_files.AdapterState, source: object) -> Targets:
+        """Every module of ``state`` exists in this model with the same in/out features; returns
+        ``{path: (base layer, backend)}`` (resolved once, reused to build the adapters)."""
+        targets: Targets = {}
         for path, rec in state.modules.items():
             try:
                 base, backend = self._target(path)
@@ -72,32 +134,73 @@ class AdapterFilesMixin:
                     f"{source}: module {path!r} is {rec.in_features}→{rec.out_features} in the file "
                     f"but {in_f}→{out_f} in the base model"
                 )
+            targets[path] = (base, backend)
+        return targets
 
-    def _read_for_model(self, model_id: str | Path) -> adapter_files.AdapterFile:
-        """Open, check against this model's layers, then load the tensors of an adapter directory."""
-        adapter = adapter_files.open_adapter(model_id)
-        self._check_fits(adapter, adapter.weights_path)
+    def _read_for_model(self, model_id: str | Path, **hub: Any) -> tuple[adapter_files.AdapterFile, Targets]:
+        """Open (a Hub id is fetched first), check against this model's layers, then load the
+        tensors of an adapter directory; returns it and its resolved targets."""
+        adapter = adapter_files.open_adapter(resolve_adapter_dir(model_id, **hub))
+        targets = self._check_fits(adapter, adapter.weights_path)
         adapter.load_tensors()
-        return adapter
+        return adapter, targets
 
-    def load_adapter(self, model_id: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
-        """Load an adapter directory under ``adapter_name`` (packed form; scales train if
-        ``is_trainable``, else it is compact: scales held as stored, frozen). Validation happens
-        before the model is touched."""
+    def load_adapter(
+        self,
+        model_id: str | Path,
+        adapter_name: str,
+        is_trainable: bool = False,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        subfolder: str | None = None,
+        local_files_only: bool = False,
+    ) -> None:
+        """Load an adapter under ``adapter_name`` (packed form; scales train if ``is_trainable``,
+        else it is compact: scales held as stored, frozen). ``model_id`` is a directory or a
+        Hugging Face Hub repo id (``revision``, ``token``, ``cache_dir``, ``subfolder`` and
+        ``local_files_only`` as in PEFT). Validation happens before the model is touched.
+
+        Raises:
+            AdapterFormatError: a missing, invalid or unresolvable adapter (named); AdapterStateError /
+                ConfigError: the name is taken or invalid.
+        """
         self._check_new_name(adapter_name)
-        self.load_adapter_state(self._read_for_model(model_id), adapter_name, is_trainable)
+        hub = dict(
+            revision=revision, token=token, cache_dir=cache_dir, subfolder=subfolder, local_files_only=local_files_only
+        )
+        adapter_file, targets = self._read_for_model(model_id, **hub)
+        self._load_state(adapter_file, adapter_name, is_trainable, targets)
 
     def load_adapter_state(
         self, state: adapter_files.AdapterState, adapter_name: str, is_trainable: bool = False
     ) -> None:
-        """Add an in-memory adapter (e.g. from ``convert_lora``) under ``adapter_name``, packed form."""
+        """Add an in-memory adapter (e.g. from ``convert_lora``) under ``adapter_name``, packed form
+        (its tensors are copied). Raises :class:`AdapterFormatError` if it does not fit the model,
+        :class:`AdapterStateError` / :class:`ConfigError` if the name is taken or invalid."""
+        self._load_state(state, adapter_name, is_trainable)
+
+    def _load_state(
+        self,
+        state: adapter_files.AdapterState,
+        adapter_name: str,
+        is_trainable: bool = False,
+        targets: Targets | None = None,
+    ) -> dict[str, LoRDBAAdapter]:
+        """:meth:`load_adapter_state`; given ``targets`` (what :meth:`_check_fits` returned for a file
+        the loader read itself), the check is not repeated and the adapters hold the file's freshly
+        read tensors without copying them. Returns the installed adapters by module path."""
         self._check_new_name(adapter_name)
-        self._check_fits(state, "adapter")
+        owned = targets is not None
+        if targets is None:
+            targets = self._check_fits(state, "adapter")
         config = state.config
         codec = get_codec(config.scale_dtype)
         adapters = {}
+        devices: dict[int, torch.device] = {}
         for path, rec in state.modules.items():
-            base, backend = self._target(path)
+            base, backend = targets[path]
             adapter = PackedAdapter.from_stored(  # scales held as stored (int8 codes): the file's size in memory
                 rec.tensors,
                 rec.in_features,
@@ -105,7 +208,8 @@ class AdapterFilesMixin:
                 rec.r,
                 config.scaling_for(path),
                 codec,
-                device=backend.weight_device(base),
+                device=_device(base, backend, devices),
+                copy=not owned,
             )
             if is_trainable:
                 adapter = adapter.trainable(config.ste_spec)
@@ -115,6 +219,7 @@ class AdapterFilesMixin:
             self._check_new_name(adapter_name)  # again: another thread may have taken the name
             self._install(adapter_name, adapters)
             self.peft_config[adapter_name] = config
+        return adapters
 
     def hotswap_adapter(self, model_id: str | Path, adapter_name: str = "default") -> None:
         """Replace a loaded adapter's weights in place (no re-injection, same tensors, so compiled
@@ -122,7 +227,7 @@ class AdapterFilesMixin:
         buffers). The new adapter must target the same modules (or a subset: the others become
         no-ops) with the same ranks."""
         self._check_known(adapter_name)
-        adapter_file = self._read_for_model(model_id)
+        adapter_file, _ = self._read_for_model(model_id)
         config = adapter_file.config
         codec = get_codec(config.scale_dtype)
         with self._lock.write():  # check and swap at once: another thread may delete or swap it
@@ -134,6 +239,7 @@ class AdapterFilesMixin:
                         f"hotswap_adapter: module {path!r} (rank {rec.r}) is not in adapter {adapter_name!r} with "
                         "that rank; hot-swapping needs the same target modules (or a subset) and ranks"
                     )
+            self._hotswap_extras(adapter_name, adapter_file, apply=False)  # checked before anything changes
             for path, adapter in current.items():
                 rec = adapter_file.modules.get(path)
                 if rec is not None and isinstance(adapter, TrainableAdapter) and adapter.has_latent_signs:
@@ -144,17 +250,43 @@ class AdapterFilesMixin:
                     adapter.silence()
                 else:
                     adapter.load_stored(rec.tensors)
+            self._hotswap_extras(adapter_name, adapter_file, apply=True)
             self.peft_config[adapter_name] = config
+
+    def _hotswap_extras(self, adapter_name: str, state: adapter_files.AdapterState, apply: bool) -> None:
+        """Check (``apply=False``) or load in place the extra tensors of a hot-swapped adapter; without
+        support for modules trained in full, a file that has extras is refused."""
+        if state.extras:
+            raise AdapterStateError(f"hotswap_adapter: this model cannot hold the extra tensors of {adapter_name!r}")
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, model_id: str | Path, adapter_name: str = "default", is_trainable: bool = False
+        cls,
+        model: nn.Module,
+        model_id: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **hub: Any,
     ) -> Any:
-        """Load a saved adapter onto ``model`` and activate it."""
+        """Load a saved adapter (a directory or a Hub repo id; ``hub``: the keyword arguments of
+        :meth:`load_adapter`, e.g. ``revision``, ``token``, ``cache_dir``, ``subfolder``) onto
+        ``model`` and activate it. Raises as :meth:`load_adapter`."""
         wrapper = cls(model)
-        wrapper.load_adapter(model_id, adapter_name, is_trainable=is_trainable)
+        wrapper.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **hub)
         wrapper.set_adapter(adapter_name)
         return wrapper
+
+
+def _device(base: nn.Module, backend: BaseBackend, seen: dict[int, torch.device]) -> torch.device:
+    """The device of ``base``'s weight (:meth:`BaseBackend.weight_device`; a plain weight read directly)."""
+    if type(backend).weight_device is BaseBackend.weight_device:
+        weight = base._parameters.get("weight")
+        if isinstance(weight, torch.Tensor):
+            return weight.device
+    key = id(base)
+    if key not in seen:
+        seen[key] = backend.weight_device(base)
+    return seen[key]
 
 
 def _left_out(config: LoRDBAConfig, path: str, adapter: LoRDBAAdapter) -> bool:
@@ -162,5 +294,3 @@ def _left_out(config: LoRDBAConfig, path: str, adapter: LoRDBAAdapter) -> bool:
     config does not describe: it is not part of that adapter and is not saved with it."""
     described = config.targets_module(path) and config.rank_for(path) == adapter.r
     return not described and not bool(adapter.scale_out.any())
-
-

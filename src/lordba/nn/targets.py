@@ -2,7 +2,10 @@
 
 * a list of names: a module matches if its path equals an entry or ends with ``"." + entry``;
 * a string: a regular expression that must match the whole module path;
-* ``"all-linear"`` or ``None``: every supported linear layer except the output head.
+* ``"all-linear"`` or ``None``: every supported linear layer except the output head (a GPT-2
+  ``Conv1D`` is one);
+* given the adapter's config: only modules in its ``layers_to_transform``, and never a module it
+  trains in full (``modules_to_save``, the task's head).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from torch import nn
 
 from lordba._util.modules import is_output_head
 from lordba._util.patterns import ALL_LINEAR, matches
+from lordba.config import LoRDBAConfig
 from lordba.errors import TargetModulesError
 from lordba.nn.layer import LoRDBALinear
 from lordba.quant import resolve_backend
@@ -28,15 +32,22 @@ def _foreign_wrapper(module: nn.Module) -> bool:
 
 
 def _is_internal(name: str) -> bool:
-    return ".base_layer" in f".{name}" or "lordba_adapters" in name
+    dotted = f".{name}."
+    return any(f".{part}." in dotted for part in ("base_layer", "lordba_adapters", "lordba_saved", "original_module"))
 
 
 def find_targets(
     model: nn.Module,
     target_modules: Sequence[str] | str | None,
     exclude_modules: Sequence[str] | str | None = None,
+    config: LoRDBAConfig | None = None,
 ) -> list[str]:
-    """Paths of the modules to adapt, in model order; errors if none or an unsupported one matches."""
+    """Paths of the modules to adapt, in model order; errors if none or an unsupported one matches.
+
+    With ``config``, modules outside its ``layers_to_transform`` are left out, and a module it trains
+    in full (``modules_to_save``) is refused if ``target_modules`` names it (left out under all-linear).
+    """
+    saved = config.saved_modules if config is not None else []
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     all_linear = target_modules is None or target_modules == ALL_LINEAR
     found: list[str] = []
@@ -51,8 +62,12 @@ def find_targets(
             hit = supported and module is not head and not is_output_head(name)
         else:
             hit = matches(target_modules, name)
-        if not hit or matches(exclude_modules, name):
+        if not hit or matches(exclude_modules, name) or (config is not None and not config.in_layers(name)):
             continue
+        if saved and matches(saved, name):
+            if all_linear:
+                continue
+            raise TargetModulesError(f"module {name!r} is both a target and in modules_to_save (trained in full)")
         if _foreign_wrapper(module):
             raise TargetModulesError(
                 f"module {name!r} is already wrapped by {type(module).__module__}.{type(module).__name__}: "

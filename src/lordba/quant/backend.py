@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -47,6 +49,11 @@ class BaseBackend:
     def bits_per_weight(self, module: nn.Module) -> float:
         """Storage bits per weight of the base layer (reported in benchmarks)."""
         return self.bits
+
+    def describe(self, module: nn.Module) -> dict[str, Any] | None:
+        """The base quantization of ``module`` as an adapter's config records it
+        (``{"backend", "bits", "group_size"}``), or ``None`` for an unquantized layer."""
+        return None
 
 
 class PlainLinear(BaseBackend):

@@ -1,10 +1,13 @@
-"""bitsandbytes NF4 bases (``bnb.nn.Linear4bit``): the QLoRA format users know; 4 bits only.
+"""bitsandbytes bases: NF4 (``bnb.nn.Linear4bit``), the QLoRA format users know, and LLM.int8()
+(``bnb.nn.Linear8bitLt`` with int8 weights and one absmax scale per output row).
 
 bitsandbytes ships official CPU wheels; on CPU it dequantizes then multiplies (the fast fused
 kernels need a hub download, which this library never does), so HQQ is the faster default here.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,6 +44,52 @@ class BnbNF4Backend(BaseBackend):
     def merge(self, module: nn.Module, delta: torch.Tensor) -> nn.Module:
         weight = self.dequantize(module) + delta.float()
         return _make_linear4bit(weight, module.bias, module.compute_dtype, module.weight.quant_type)
+
+    def describe(self, module: nn.Module) -> dict[str, Any] | None:
+        state = module.weight.quant_state
+        return {"backend": "bnb", "bits": 4, "group_size": int(getattr(state, "blocksize", 64) or 64)}
+
+
+class BnbInt8Backend(BaseBackend):
+    """bitsandbytes ``Linear8bitLt`` layers with frozen int8 weights (``has_fp16_weights=False``):
+    ``W = CB · SCB / 127`` per output row. Merging requantizes into a new layer (lossy)."""
+
+    name = "bnb-int8"
+    in_place_merge = False
+    bits = 8.0
+
+    def matches(self, module: nn.Module) -> bool:
+        bnb = _bnb()
+        return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
+
+    def weight_device(self, module: nn.Module) -> torch.device:
+        return module.weight.device
+
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        w = module.weight
+        scb = getattr(w, "SCB", None)
+        if scb is None:  # after a forward, bitsandbytes keeps the row scales in the layer's state
+            scb = getattr(getattr(module, "state", None), "SCB", None)
+        if w.dtype != torch.int8 or scb is None:
+            return w.detach().float()  # fp16 weights (not yet quantized, or has_fp16_weights=True)
+        return w.data.float() * scb.float()[:, None] / 127.0
+
+    def merge(self, module: nn.Module, delta: torch.Tensor) -> nn.Module:
+        return make_linear8bit(self.dequantize(module) + delta.float(), module.bias, module.state.threshold)
+
+    def describe(self, module: nn.Module) -> dict[str, Any] | None:
+        return {"backend": "bnb-int8", "bits": 8, "group_size": None}
+
+
+def make_linear8bit(weight: torch.Tensor, bias: torch.Tensor | None, threshold: float = 0.0) -> nn.Module:
+    """A frozen ``Linear8bitLt`` (int8 weights, per-row absmax) holding ``weight`` (``out × in``) and ``bias``."""
+    bnb = _bnb()
+    out_f, in_f = weight.shape
+    layer = bnb.nn.Linear8bitLt(in_f, out_f, bias=bias is not None, has_fp16_weights=False, threshold=threshold)
+    layer.weight = bnb.nn.Int8Params(weight.detach().float().cpu(), requires_grad=False, has_fp16_weights=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return layer.to(weight.device)
 
 
 def _make_linear4bit(

@@ -1,13 +1,14 @@
 """HQQ (Half-Quadratic Quantization) bases: ``hqq.core.quantize.HQQLinear``, 1–8 bits.
 
-The default quantized base on CPU: pure-PyTorch backend, real bit packing, gradients to the input,
-and the lowest error and fastest forward of the CPU options we measured (``lordba bench --suite
-quant``; docs/quantization.md).
+Pure-PyTorch backend, real bit packing, gradients to the input, 1–8 bits. Its optimiser is also what
+the default ``q4`` base (:mod:`lordba.quant.q4`) uses to choose its groups; HQQ's own CPU forward
+dequantizes the whole weight on every call (``lordba bench --suite quant``).
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,6 +56,14 @@ class HQQBackend(BaseBackend):
 
     def bits_per_weight(self, module: nn.Module) -> float:
         return float(module.meta["nbits"])
+
+    def describe(self, module: nn.Module) -> dict[str, Any] | None:
+        group = module.meta.get("group_size")
+        return {
+            "backend": "hqq",
+            "bits": int(module.meta["nbits"]),
+            "group_size": None if group is None else int(group),
+        }
 
 
 def quantize_linear_hqq(linear: nn.Linear, bits: int, group_size: int, compute_dtype: torch.dtype) -> nn.Module:

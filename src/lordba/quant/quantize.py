@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -10,21 +12,30 @@ from lordba._util.modules import is_output_head, replace_submodule
 from lordba.errors import ConfigError
 from lordba.quant.backend import resolve_backend
 
-QUANT_BACKENDS = ("hqq", "bnb", "none")
+QUANT_BACKENDS = ("q4", "hqq", "bnb", "none")  # the default first
+DEFAULT_BACKEND = "q4"  # the fastest base on CPU at HQQ 4-bit g64's accuracy (lordba bench --suite quant)
 
 
 def quantize_model(
     model: nn.Module,
-    backend: str = "hqq",
+    backend: str = DEFAULT_BACKEND,
     bits: int = 4,
     group_size: int = 64,
     skip: tuple[str, ...] = (),
     progress: bool = False,
+    head_bits: int | None = None,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (but the output head and modules whose last name is
     in ``skip``) with a frozen weight-only quantized layer and return the model.
 
-    ``backend="hqq"`` (default): HQQ, ``bits`` ∈ {1, 2, 3, 4, 8}, groups of ``group_size``.
+    ``head_bits``: the output head's quantization (``q4`` only: 8 or 4; ``0`` keeps it unquantized;
+    ``None``, the default, is 8 for ``q4`` — at decode, a small model's float32 head is the largest
+    weight read per token — and unquantized for the other backends). A head tied to the input
+    embeddings is untied: the embeddings stay float32 for the lookup.
+
+    ``backend="hqq"``: HQQ, ``bits`` ∈ {1, 2, 3, 4, 8}, groups of ``group_size``.
+    ``backend="q4"`` (default): lordba's own 4-bit layers (HQQ-optimised groups of ``group_size``, a multiple
+    of 32; the fast decode kernels of :mod:`lordba.kernels.q4`).
     ``backend="bnb"``: bitsandbytes NF4 (``bits`` must be 4; block size 64).
     ``backend="none"``: leave the base unquantized.
     Every parameter of ``model`` is frozen. Raises :class:`ConfigError` for an unknown backend or
@@ -36,6 +47,13 @@ def quantize_model(
         raise ConfigError(f"the bnb backend quantizes to NF4 (4 bits) only, got bits={bits}")
     if backend == "hqq" and bits not in (1, 2, 3, 4, 8):
         raise ConfigError(f"HQQ supports bits in (1, 2, 3, 4, 8), got {bits}")
+    if backend == "q4" and (bits != 4 or group_size % 32):
+        raise ConfigError(
+            f"the q4 backend is 4-bit with groups of a multiple of 32, got bits={bits}, group_size={group_size}"
+        )
+    head_bits = (8 if backend == "q4" else 0) if head_bits is None else head_bits
+    if head_bits and (backend != "q4" or head_bits not in (4, 8)):
+        raise ConfigError(f"head_bits={head_bits}: only the q4 backend quantizes the output head, to 4 or 8 bits")
     for p in model.parameters():
         p.requires_grad_(False)
     if backend == "none":
@@ -47,13 +65,32 @@ def quantize_model(
             from lordba.quant.hqq import quantize_linear_hqq
 
             new = quantize_linear_hqq(linear, bits, group_size, compute_dtype)
+        elif backend == "q4":
+            from lordba.quant.q4 import quantize_linear_q4
+
+            new = quantize_linear_q4(linear, group_size)
         else:
             from lordba.quant.bnb import quantize_linear_bnb
 
             new = quantize_linear_bnb(linear, compute_dtype)
         replace_submodule(model, name, new)
-    model.lordba_quantization = {"backend": backend, "bits": bits, "group_size": group_size}
+    if head_bits:
+        _quantize_head(model, group_size, head_bits)
+    model.lordba_quantization = {"backend": backend, "bits": bits, "group_size": group_size, "head_bits": head_bits}
     return model
+
+
+def _quantize_head(model: nn.Module, group_size: int, bits: int) -> None:
+    """Replace the output head (``get_output_embeddings()``, a plain ``nn.Linear``) by a q4 layer."""
+    from lordba.quant.q4 import quantize_linear_q4
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        return
+    name = next(n for n, m in model.named_modules() if m is head)
+    replace_submodule(model, name, quantize_linear_q4(head, group_size, bits))
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # transformers must not re-tie it to the embeddings
 
 
 def quantizable(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[str, nn.Linear]]:
@@ -68,7 +105,6 @@ def quantizable(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[str,
     ]
 
 
-
 def base_bits(model: nn.Module) -> dict[str, float]:
     """``{backend name: mean bits per weight}`` over the model's supported linear layers."""
     totals: dict[str, list[float]] = {}
@@ -80,3 +116,16 @@ def base_bits(model: nn.Module) -> dict[str, float]:
             acc[0] += b.bits_per_weight(m) * n
             acc[1] += n
     return {k: v[0] / v[1] for k, v in totals.items()}
+
+
+def describe_base(modules: list[nn.Module]) -> dict[str, Any] | None:
+    """The base quantization of ``modules`` (base layers) as an adapter records it: the description
+    (:meth:`BaseBackend.describe`) most of the quantized ones share, or ``None`` if none is quantized."""
+    counts: dict[str, tuple[int, dict[str, Any]]] = {}
+    for m in modules:
+        backend = resolve_backend(m)
+        found = backend.describe(m) if backend is not None else None
+        if found is not None:
+            key = repr(sorted(found.items()))
+            counts[key] = (counts.get(key, (0, found))[0] + 1, found)
+    return max(counts.values(), key=lambda c: c[0])[1] if counts else None

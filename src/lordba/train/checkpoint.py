@@ -1,23 +1,48 @@
 """Training checkpoints without pickle: trainable tensors, optimizer state and RNG in safetensors,
-the rest in JSON, written as one directory atomically (a killed write leaves the previous one)."""
+the rest in JSON, written as one directory atomically (a killed write leaves the previous one).
+
+Each checkpoint records the sha256 of its files in ``checksums.json`` (as an adapter's config
+records its weights' digest). Resuming reads and verifies a checkpoint completely before touching
+the model: a truncated, bit-flipped or incomplete checkpoint is skipped with a warning naming it
+and the reason, and the newest intact one is used; if every checkpoint is damaged, resuming
+raises :class:`~lordba.errors.TrainingError` (never a fresh start that would discard them silently).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as load_tensors
 
-from lordba.errors import TrainingError
+from lordba._util.jsonio import parse_json
+from lordba.errors import LoRDBAError, TrainingError
 from lordba.format.atomic import atomic_directory
 from lordba.format.tensorfile import to_bytes
 
 PREFIX = "step-"
+MANIFEST = "checksums.json"
+FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+_MAX_MANIFEST_BYTES = 1 << 16
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read and verified in memory: its tensors and ``state.json``."""
+
+    path: Path
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+    meta: dict[str, Any]
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -61,11 +86,11 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], 
 def save_checkpoint(
     directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict, keep: int = 2
 ) -> Path:
-    """Write ``directory/step-<step>`` atomically and keep only the newest ``keep`` checkpoints."""
+    """Write ``directory/step-<step>`` atomically, with the sha256 of each file in ``checksums.json``,
+    and keep only the newest ``keep`` checkpoints. Returns the checkpoint's path."""
     params = _trainable(model)
     names = {id(p): n for n, p in params.items()}
     opt_tensors, opt_structure = _flatten_optimizer(optimizer, names)
-    rng = {"torch": torch.get_rng_state()}
     np_state = np.random.get_state()
     meta = {
         "step": step,
@@ -74,43 +99,152 @@ def save_checkpoint(
         "python_random": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         "numpy_random": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
     }
+    files = {
+        "trainable.safetensors": to_bytes({n: p.detach().cpu() for n, p in params.items()}),
+        "optimizer.safetensors": to_bytes(opt_tensors),
+        "rng.safetensors": to_bytes({"torch": torch.get_rng_state()}),
+        "state.json": json.dumps(meta).encode(),
+    }
+    manifest = {"sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
     out = directory / f"{PREFIX}{step:08d}"
     with atomic_directory(out, overwrite=True) as tmp:
-        (tmp / "trainable.safetensors").write_bytes(to_bytes({n: p.detach().cpu() for n, p in params.items()}))
-        (tmp / "optimizer.safetensors").write_bytes(to_bytes(opt_tensors))
-        (tmp / "rng.safetensors").write_bytes(to_bytes(rng))
-        (tmp / "state.json").write_text(json.dumps(meta))
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for old in sorted(directory.glob(f"{PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return out
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint in ``directory`` (temporary, half-written ones never qualify)."""
+    """The newest complete checkpoint in ``directory`` (temporary, half-written ones never qualify;
+    its content is not verified: :func:`resume_checkpoint` does that)."""
     found = sorted(p for p in directory.glob(f"{PREFIX}*") if (p / "state.json").is_file())
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore trainable tensors, optimizer state and RNG from ``path``; returns its state.json."""
-    params = _trainable(model)
-    saved = load_file(str(path / "trainable.safetensors"))
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise TrainingError(f"{path}: missing") from None
+    except OSError as err:
+        raise TrainingError(f"{path}: cannot read ({err.strerror})") from None
+
+
+def _json(data: bytes, where: Path) -> dict[str, Any]:
+    try:
+        value = parse_json(data, str(where))
+    except LoRDBAError as err:
+        raise TrainingError(str(err)) from None
+    if not isinstance(value, dict):
+        raise TrainingError(f"{where}: expected a JSON object")
+    return value
+
+
+def _verified_files(path: Path) -> dict[str, bytes]:
+    """The checkpoint's files, each checked against the sha256 recorded in ``checksums.json``."""
+    raw = _read_bytes(path / MANIFEST)
+    if len(raw) > _MAX_MANIFEST_BYTES:
+        raise TrainingError(f"{path / MANIFEST}: larger than {_MAX_MANIFEST_BYTES} bytes")
+    digests = _json(raw, path / MANIFEST).get("sha256")
+    if not isinstance(digests, dict) or set(digests) != set(FILES):
+        raise TrainingError(f"{path / MANIFEST}: expected the sha256 of {list(FILES)}")
+    files = {}
+    for name in FILES:
+        files[name] = _read_bytes(path / name)
+        if hashlib.sha256(files[name]).hexdigest() != digests[name]:
+            raise TrainingError(f"{path / name}: checksum mismatch (truncated or corrupted)")
+    return files
+
+
+def _tensors(data: bytes, where: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_tensors(data)
+    except Exception as err:  # safetensors raises its own SafetensorError, not an OSError
+        raise TrainingError(f"{where}: not a readable safetensors file ({err})") from None
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read and verify the checkpoint at ``path`` without touching any model.
+
+    Raises:
+        TrainingError: naming the file and what is wrong (missing, checksum mismatch, unreadable).
+    """
+    path = Path(path)
+    files = _verified_files(path)
+    meta = _json(files["state.json"], path / "state.json")
+    kinds = {"step": int, "optimizer": dict, "extra": dict, "python_random": list, "numpy_random": list}
+    wrong = [key for key, kind in kinds.items() if not isinstance(meta.get(key), kind)]
+    if wrong or "torch" not in (rng := _tensors(files["rng.safetensors"], path / "rng.safetensors")):
+        raise TrainingError(f"{path}: incomplete training state (missing or malformed {wrong or ['torch RNG']})")
+    return Checkpoint(
+        path,
+        _tensors(files["trainable.safetensors"], path / "trainable.safetensors"),
+        _tensors(files["optimizer.safetensors"], path / "optimizer.safetensors"),
+        rng,
+        meta,
+    )
+
+
+def apply_checkpoint(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore trainable tensors, optimizer state and RNG from a read checkpoint; returns its state.json.
+
+    Raises:
+        TrainingError: the checkpoint holds other tensors or shapes than ``model``'s trainable ones.
+    """
+    params, path, saved = _trainable(model), ckpt.path, ckpt.trainable
     if set(saved) != set(params):
         raise TrainingError(
             f"{path}: checkpoint holds other trainable tensors than this model "
             f"(missing {sorted(set(params) - set(saved))[:3]}, extra {sorted(set(saved) - set(params))[:3]})"
         )
+    for n, p in params.items():
+        if saved[n].shape != p.shape:
+            raise TrainingError(f"{path}: {n} has shape {tuple(saved[n].shape)}, the model {tuple(p.shape)}")
     with torch.no_grad():
         for n, p in params.items():
-            if saved[n].shape != p.shape:
-                raise TrainingError(f"{path}: {n} has shape {tuple(saved[n].shape)}, the model {tuple(p.shape)}")
             p.copy_(saved[n])
-    meta = json.loads((path / "state.json").read_text())
+    meta = ckpt.meta
     names = {id(p): n for n, p in params.items()}
-    _restore_optimizer(optimizer, names, load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    _restore_optimizer(optimizer, names, ckpt.optimizer, meta["optimizer"])
+    torch.set_rng_state(ckpt.rng["torch"])
     py = meta["python_random"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     nps = meta["numpy_random"]
     np.random.set_state((nps[0], np.array(nps[1], dtype=np.uint32), nps[2], nps[3], nps[4]))
     return meta
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Verify the checkpoint at ``path`` and restore it into ``model`` and ``optimizer``; returns its
+    state.json. Raises :class:`TrainingError` if it is damaged or does not fit the model."""
+    return apply_checkpoint(read_checkpoint(path), model, optimizer)
+
+
+def resume_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """Restore the newest intact checkpoint of ``directory``; None if there is none at all.
+
+    Damaged checkpoints are skipped, each with a warning naming it and why.
+
+    Raises:
+        TrainingError: every checkpoint is damaged (listed with the reasons), or the intact one
+            does not fit the model.
+    """
+    skipped = []
+    for path in sorted(Path(directory).glob(f"{PREFIX}*"), reverse=True):
+        try:
+            ckpt = read_checkpoint(path)
+        except TrainingError as err:
+            skipped.append(f"{path.name}: {err}")
+            warnings.warn(f"skipping damaged training checkpoint {path}: {err}", stacklevel=2)
+            continue
+        if skipped:
+            warnings.warn(f"resuming from {path} (skipped {len(skipped)} damaged newer checkpoint(s))", stacklevel=2)
+        return apply_checkpoint(ckpt, model, optimizer)
+    if skipped:
+        raise TrainingError(
+            f"{directory}: every training checkpoint is damaged ({'; '.join(skipped)}); "
+            "delete them or start over without resuming (resume=False, `lordba train --no-resume`)"
+        )
+    return None

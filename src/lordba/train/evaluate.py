@@ -15,14 +15,20 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    """Where the model's first parameter lives (inputs go there)."""
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def heldout_loss(model: torch.nn.Module, rows: list[dict], batch_size: int = 16, pad_id: int = 0) -> float:
     """Token-weighted mean cross-entropy over the completion tokens of ``rows``."""
     was_training = model.training
     model.eval()
+    device = _device(model)
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i : i + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(
@@ -56,14 +62,14 @@ def generate_answers(
             ids[j, n - len(p) :] = torch.tensor(p)
             mask[j, n - len(p) :] = 1
         gen = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(_device(model)),
+            attention_mask=mask.to(_device(model)),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
         )
-        outputs += tokenizer.batch_decode(gen[:, n:], skip_special_tokens=True)
+        outputs += tokenizer.batch_decode(gen[:, n:].cpu(), skip_special_tokens=True)
     model.train(was_training)
     return outputs
 

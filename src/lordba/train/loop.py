@@ -10,28 +10,32 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lordba.errors import TrainingError
+from lordba.errors import ConfigError, TrainingError
 from lordba.format.atomic import atomic_write_bytes
-from lordba.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lordba.train.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from lordba.train.tokenize import Batcher
 
 
 @dataclass
 class TrainSettings:
-    """Optimisation settings of one run."""
+    """Optimisation settings of one run. ``lr`` defaults to LoRDBA's measured best, 1e-4
+    (docs/training.md; a LoRA wants about 10x more). ``bf16`` runs forward passes under
+    ``torch.autocast`` in bfloat16 on the model's device (parameters and optimizer stay float32)."""
 
     steps: int = 200
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 1e-4
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -40,6 +44,40 @@ class TrainSettings:
     keep_checkpoints: int = 2
     seed: int = 0
     gradient_checkpointing: bool = False
+    bf16: bool = False
+
+
+DEVICES = ("cpu", "cuda", "mps")
+
+
+def resolve_device(name: str | None = None) -> str:
+    """``name`` if this machine has it, or the best available device for ``None`` (cuda, then mps, then cpu).
+
+    Raises:
+        ConfigError: an unknown device name, or one this machine does not have.
+    """
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available(),
+    }
+    if name is None:
+        return next(d for d in ("cuda", "mps", "cpu") if available[d])
+    if name not in DEVICES:
+        raise ConfigError(f"device must be one of {DEVICES}, got {name!r}")
+    if not available[name]:
+        raise ConfigError(
+            f"device {name!r} is not available on this machine (available: {[d for d in DEVICES if available[d]]})"
+        )
+    return name
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every random generator a run draws from (Python, NumPy, torch on every device), so that
+    what is built after it (adapter initialisation, a LoRA warm-up, data) is the same run to run."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds CUDA and MPS generators
 
 
 @dataclass
@@ -80,19 +118,19 @@ def train_loop(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters")
-    torch.manual_seed(settings.seed)
+    seed_everything(settings.seed)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     factor = _schedule(settings)
     result = TrainResult()
     start = 0
     ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
-    if ckpt_dir is not None and resume and (last := latest_checkpoint(ckpt_dir)) is not None:
-        meta = load_checkpoint(last, model, optimizer)
+    if ckpt_dir is not None and resume and (meta := resume_checkpoint(ckpt_dir, model, optimizer)) is not None:
         start = result.resumed_from = meta["step"]
         result.log = meta["extra"].get("log", [])
     if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
     model.train()
+    device = params[0].device
     t0 = time.perf_counter()
     bar = tqdm(
         range(start, settings.steps), desc=description, initial=start, total=settings.steps, disable=not progress
@@ -102,8 +140,9 @@ def train_loop(
             group["lr"] = settings.lr * factor(step)
         total = 0.0
         for micro in range(settings.grad_accum):
-            batch = batcher.batch(step * settings.grad_accum + micro)
-            loss = model(**batch).loss / settings.grad_accum
+            batch = {k: v.to(device) for k, v in batcher.batch(step * settings.grad_accum + micro).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+                loss = model(**batch).loss.float() / settings.grad_accum
             if not torch.isfinite(loss):
                 _stop_non_finite(step, settings, ckpt_dir)
             loss.backward()
@@ -144,4 +183,3 @@ def write_log(out_dir: Path, log: list[dict]) -> None:
     """``out_dir/train_log.json``: ``[{"step", "loss", "lr"}, ..., {"step", "eval_loss", "metric"}]``."""
     clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in e.items()} for e in log]
     atomic_write_bytes(Path(out_dir) / "train_log.json", (json.dumps(clean, indent=1) + "\n").encode())
-

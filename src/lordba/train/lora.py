@@ -1,23 +1,52 @@
-"""The fp16 LoRA side of training: a PEFT LoRA on the same (quantized) base, used as the seed of
-the ``ptq``, ``qat-from-lora`` and ``scales-only`` modes and as the baseline LoRDBA is compared with.
-
-LoRA is trained in float32 on CPU (fp16 training is impractical there) and stored in fp16, which is
-what "fp16 LoRA" refers to in size comparisons. Its factors are read back with
-:func:`lordba.convert.read_lora`.
-"""
+"""The fp16 LoRA side: a PEFT LoRA on the same targets as the LoRDBA adapter (seeds and baselines)."""
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import torch
 from torch import nn
+
+from lordba.nn.targets import find_targets
+
+
+def peft_lora_config(**kwargs: Any) -> Any:
+    """PEFT's ``LoraConfig(**kwargs)``, able to wrap lordba's own quantized layers too (the ``q4``
+    base: PEFT's LoRA ``Linear`` computes ``base_layer(x)`` plus its branch, which is all a frozen
+    base needs; merging a PEFT LoRA into a q4 base is not supported)."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear
+
+    from lordba.quant.q4 import Q4Linear
+
+    config = LoraConfig(**kwargs)
+    config._register_custom_module({Q4Linear: Linear})
+    return config
+
+
+def get_peft_lora_model(model: nn.Module, config: Any, **kwargs: Any) -> nn.Module:
+    """``peft.get_peft_model`` without PEFT's warning about the custom q4 layers it was told about."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
+        return get_peft_model(model, config, **kwargs)
 
 
 def add_lora(
     model: nn.Module, r: int, alpha: float, target_modules: list[str] | str | None, seed: int = 0
 ) -> nn.Module:
-    """A PEFT LoRA model (A Kaiming-uniform, B = 0) on ``model``; only the LoRA factors train."""
-    from peft import LoraConfig, get_peft_model
+    """A PEFT LoRA model (A Kaiming-uniform, B = 0) on ``model``; only the LoRA factors train.
 
+    ``target_modules`` as in :class:`~lordba.LoRDBAConfig`; ``None`` and ``"all-linear"`` are resolved
+    by lordba's own rule (:func:`~lordba.nn.targets.find_targets`: every linear layer but the
+    output head, quantized ones included, which PEFT's ``"all-linear"`` would not find on an HQQ base).
+    Raises :class:`~lordba.errors.TargetModulesError` if nothing matches.
+    """
     torch.manual_seed(seed)
-    targets = "all-linear" if target_modules is None else target_modules
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
+    targets = target_modules
+    if target_modules is None or target_modules == "all-linear":
+        targets = find_targets(model, target_modules)
+    config = peft_lora_config(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+    return get_peft_lora_model(model, config)

@@ -25,7 +25,7 @@ from lordba.config import LoRDBAConfig
 from lordba.convert import LoraAdapter, convert_factors, read_lora
 from lordba.errors import ConfigError
 from lordba.nn.model import LoRDBAModel, get_lordba_model
-from lordba.train.loop import TrainResult, TrainSettings, train_loop
+from lordba.train.loop import TrainResult, TrainSettings, seed_everything, train_loop
 from lordba.train.lora import add_lora
 from lordba.train.tokenize import Batcher
 
@@ -107,8 +107,11 @@ def build_adapter(
 ) -> tuple[LoRDBAModel, TrainResult]:
     """Make a LoRDBA adapter on ``model`` in ``config.mode``; see the module docstring. The LoRA seed
     (all steps in ``ptq``, ``lora_warmup`` of them otherwise) trains at ``lora_lr``, the LoRDBA
-    phase at ``settings.lr``: LoRA wants about 10× the learning rate of LoRDBA (docs/training.md)."""
+    phase at ``settings.lr``: LoRA wants about 10× the learning rate of LoRDBA (docs/training.md).
+    Everything random (the adapter's initialisation, the LoRA seed's) is seeded from ``settings.seed``
+    first, so the same inputs give the same adapter, bit for bit."""
     mode = config.mode
+    seed_everything(settings.seed)
 
     def eval_of(m: nn.Module) -> Callable[[], dict[str, float]] | None:
         return (lambda: evaluate(m)) if evaluate is not None else None
@@ -125,6 +128,7 @@ def build_adapter(
         seed_settings = dataclasses.replace(settings, steps=seed_steps, lr=lora_lr)  # LoRA's own lr
         lora, seed_result = train_lora_seed(model, config, batcher, seed_settings, out_dir, resume, progress)
         remaining = settings.steps - seed_steps
+    seed_everything(settings.seed)  # the same state whether the LoRA seed was trained now or read back
     lm = get_lordba_model(model, config)
     errors = init_from_lora(lm, lora, packed=mode in ("ptq", "scales-only"))
     seed_result.log.append(

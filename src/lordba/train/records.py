@@ -9,16 +9,18 @@ from typing import Any
 
 from lordba.errors import DataError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
 class Example:
     """One training/evaluation record.
 
-    ``messages`` is the prompt as chat turns (ending with a user turn) and ``completion`` the
-    assistant answer the loss is taken on; or, for plain language-model data, ``messages`` is empty
-    and ``completion`` is the whole text. ``answer`` is the reference for exact-match metrics.
+    ``messages`` is the conversation before the final answer as ``(role, content)`` turns (earlier
+    assistant and tool turns included) and ``completion`` the final assistant answer; or, for plain
+    language-model data, ``messages`` is empty and ``completion`` is the whole text. The loss is on
+    the final answer, or on every assistant turn (``train_on="all-assistant-turns"`` in
+    :func:`~lordba.train.tokenize.encode_examples`). ``answer`` is the reference for exact-match metrics.
     """
 
     messages: tuple[tuple[str, str], ...]
@@ -27,41 +29,67 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
+def _turns(msgs: Any, where: str, name: str) -> list[tuple[str, str]]:
+    """``(role, content)`` turns of a list of chat messages (OpenAI / TRL conversational form)."""
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: {name!r} must be a non-empty list of messages")
+    turns = []
+    for i, m in enumerate(msgs):
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: {name}[{i}] must be {{'role': one of {ROLES}, 'content': str}}")
+        if m.get("tool_calls"):
+            raise DataError(
+                f"{where}: {name}[{i}] has 'tool_calls', which lordba does not render; "
+                "put the call in the assistant's 'content' as the model should write it"
+            )
+        turns.append((m["role"], m["content"]))
+    return turns
+
+
+def _conversation(turns: list[tuple[str, str]], where: str) -> Example:
+    if len(turns) < 2:
+        raise DataError(f"{where}: a conversation needs at least two turns (a prompt and the answer)")
+    if turns[-1][0] != "assistant":
+        raise DataError(f"{where}: the last message must be the assistant's answer")
+    if not turns[-1][1].strip():
+        raise DataError(f"{where}: the assistant's final answer is empty")
+    return Example(tuple(turns[:-1]), turns[-1][1], turns[-1][1])
+
+
+def _pair(obj: dict[str, Any]) -> tuple[tuple[str, str], Any, Any] | None:
+    """The ``(field names, prompt, completion)`` of a prompt-completion or instruction record."""
+    if "prompt" in obj and "completion" in obj:
+        return ("prompt", "completion"), obj["prompt"], obj["completion"]
+    if "instruction" in obj and "output" in obj:
+        extra = obj.get("input")
+        suffix = f"\n\n{extra}" if isinstance(extra, str) and extra else ""
+        instruction = obj["instruction"]
+        return ("instruction", "output"), instruction + suffix if isinstance(instruction, str) else None, obj["output"]
+    return None
+
+
 def _record_to_example(obj: Any, where: str) -> Example:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or len(msgs) < 2:
-            raise DataError(f"{where}: 'messages' must be a list of at least two turns")
-        turns = []
-        for i, m in enumerate(msgs):
-            ok = isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-            if not ok:
-                raise DataError(f"{where}: messages[{i}] must be {{'role': one of {ROLES}, 'content': str}}")
-            turns.append((m["role"], m["content"]))
-        if turns[-1][0] != "assistant":
-            raise DataError(f"{where}: the last message must be the assistant's answer")
-        return Example(tuple(turns[:-1]), turns[-1][1], turns[-1][1])
-    if "prompt" in obj and "completion" in obj:
-        fields = ("prompt", "completion")
-        prompt, completion = obj["prompt"], obj["completion"]
-    elif "instruction" in obj and "output" in obj:
-        fields = ("instruction", "output")
-        prompt = obj["instruction"] + (
-            f"\n\n{obj['input']}" if isinstance(obj.get("input"), str) and obj["input"] else ""
-        )
-        completion = obj["output"]
-    elif "text" in obj:
+        return _conversation(_turns(obj["messages"], where, "messages"), where)
+    pair = _pair(obj)
+    if pair is None and "text" in obj:
         if not isinstance(obj["text"], str) or not obj["text"].strip():
             raise DataError(f"{where}: 'text' must be a non-empty string")
         return Example((), obj["text"])
-    else:
+    if pair is None:
         raise DataError(
             f"{where}: unknown record; expected 'messages', 'prompt'+'completion', 'instruction'+'output' or 'text'"
         )
+    fields, prompt, completion = pair
+    if isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational prompt-completion
+        return _conversation(_turns(prompt, where, "prompt") + _turns(completion, where, "completion"), where)
     if not (isinstance(prompt, str) and isinstance(completion, str)) or not completion.strip():
-        raise DataError(f"{where}: {fields[0]!r} and {fields[1]!r} must be strings, the answer non-empty")
+        raise DataError(
+            f"{where}: {fields[0]!r} and {fields[1]!r} must both be strings (the answer non-empty) "
+            "or both lists of messages"
+        )
     return Example((("user", prompt),), completion, completion)
 
 

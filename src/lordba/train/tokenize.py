@@ -7,27 +7,69 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lordba.errors import DataError
+from lordba.errors import ConfigError, DataError
 from lordba.train.records import Example
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+TRAIN_ON = ("last-assistant-turn", "all-assistant-turns")
+
+
+def _template(tokenizer: PreTrainedTokenizerBase, msgs: list[tuple[str, str]], generation: bool) -> str:
+    """The chat template applied to ``msgs``; :class:`DataError` if the template refuses them."""
+    try:
+        return tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in msgs], add_generation_prompt=generation, tokenize=False
+        )
+    except Exception as err:  # jinja2's TemplateError and the templates' own raise_exception
+        roles = [r for r, _ in msgs]
+        raise DataError(f"the tokenizer's chat template refuses a conversation with roles {roles}: {err}") from None
+
+
 def _render(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[str, str]:
     """``(prompt text, completion text)`` using the tokenizer's chat template when it has one."""
     if not example.messages:
         return "", example.completion + (tokenizer.eos_token or "")
-    msgs = [{"role": r, "content": c} for r, c in example.messages]
+    msgs = list(example.messages)
     if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(
-            [*msgs, {"role": "assistant", "content": example.completion}], tokenize=False
-        )
+        prompt = _template(tokenizer, msgs, generation=True)
+        full = _template(tokenizer, [*msgs, ("assistant", example.completion)], generation=False)
         if full.startswith(prompt):
             return prompt, full[len(prompt) :]
     prompt = "\n\n".join(c for _, c in example.messages) + "\n"
     return prompt, example.completion + (tokenizer.eos_token or "")
+
+
+def _pieces_all_turns(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[tuple[str, bool]]:
+    """``(text, trained)`` pieces of the whole conversation, trained on every assistant turn: the
+    chat template is applied turn by turn and each assistant turn is what its rendering adds."""
+    turns = [*example.messages, ("assistant", example.completion)]
+    if not getattr(tokenizer, "chat_template", None):
+        texts = [c + "\n\n" for _, c in turns[:-2]] + [turns[-2][1] + "\n", turns[-1][1] + (tokenizer.eos_token or "")]
+        return [(t, role == "assistant") for t, (role, _) in zip(texts, turns)]
+    pieces, covered = [], ""
+    for i, (role, _) in enumerate(turns):
+        if role != "assistant":
+            continue
+        before = _template(tokenizer, turns[:i], generation=True) if i else ""
+        after = _template(tokenizer, turns[: i + 1], generation=False)
+        if not (before.startswith(covered) and after.startswith(before)):
+            raise DataError(
+                "the tokenizer's chat template does not render this conversation turn by turn (it rewrites "
+                "earlier turns); train on the last assistant turn only"
+            )
+        pieces += [(before[len(covered) :], False), (after[len(before) :], True)]
+        covered = after
+    return pieces
+
+
+def _pieces(tokenizer: PreTrainedTokenizerBase, example: Example, train_on: str) -> list[tuple[str, bool]]:
+    if train_on == "all-assistant-turns" and example.messages:
+        return _pieces_all_turns(tokenizer, example)
+    prompt, completion = _render(tokenizer, example)
+    return [(prompt, False), (completion, True)]
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
@@ -36,19 +78,35 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int
 
 
 def encode_examples(
-    tokenizer: PreTrainedTokenizerBase, examples: list[Example], max_length: int = 256
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    max_length: int = 256,
+    train_on: str = "last-assistant-turn",
 ) -> list[dict[str, list[int]]]:
-    """``input_ids`` and ``labels`` (−100 on the prompt) per example, truncated to ``max_length``.
+    """``input_ids`` and ``labels`` (−100 where no loss is taken) per example, truncated to ``max_length``.
 
-    Examples whose completion would be cut away entirely are refused (:class:`DataError`).
+    ``train_on`` (one of :data:`TRAIN_ON`) takes the loss on the final assistant answer only, or on
+    every assistant turn of a multi-turn conversation.
+
+    Raises:
+        DataError: an example whose trained tokens would be cut away entirely, or a conversation the
+            chat template refuses (naming the example's index).
+        ConfigError: an unknown ``train_on``.
     """
+    if train_on not in TRAIN_ON:
+        raise ConfigError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
     out = []
     for i, ex in enumerate(examples):
-        prompt, completion = _render(tokenizer, ex)
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        ids = (p + c)[:max_length]
-        labels = ([-100] * len(p) + c)[:max_length]
+        ids, labels = [], []
+        try:
+            pieces = _pieces(tokenizer, ex, train_on)
+        except DataError as err:
+            raise DataError(f"example {i}: {err}") from None
+        for text, trained in pieces:
+            tokens = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            ids += tokens
+            labels += tokens if trained else [-100] * len(tokens)
+        ids, labels = ids[:max_length], labels[:max_length]
         if all(t == -100 for t in labels):
             raise DataError(f"example {i}: the prompt alone is longer than max_length={max_length}")
         out.append({"input_ids": ids, "labels": labels})

@@ -100,7 +100,7 @@ def test_a_run_writes_json_markdown_and_plot(tmp_path, monkeypatch):
     for row in rows:
         assert {"case", "r", "tokens", "lordba_s", "lora_s", "base_s", "ratio_vs_lora"} <= set(row)
     meta = json.loads((tmp_path / "latency_meta.json").read_text())
-    assert meta["settings"]["base"] == "hqq" and "cpu" in meta["hardware"]
+    assert meta["settings"]["base"] == "q4" and "cpu" in meta["hardware"]
     md = (tmp_path / "bench.md").read_text()
     assert "9.0× smaller" in md and "Prefill profile" in md and "0.980 ± 0.010" in md
     assert json.loads((tmp_path / "prefill_profile.json").read_text())[0]["adapter_ratio"] == 0.8

@@ -32,7 +32,7 @@ def test_quick_reproduce_writes_the_sweep(tmp_path):
 def test_seeds_must_be_positive(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["reproduce", "--seeds", "0"])
-    assert exc.value.code == 2 and "at least 1" in capsys.readouterr().err
+    assert exc.value.code == 2 and "--seeds: must be an integer >= 1" in capsys.readouterr().err
 
 
 def test_summary_is_mean_and_sample_std_over_seeds():

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("branch.cpp")
+SOURCES = (SOURCE, Path(__file__).with_name("q4.cpp"))  # one library: the sign branch and the 4-bit base
 _CFLAGS = ("-O3", "-std=c++20", "-fopenmp", "-w")
 _LDFLAGS = ("-fopenmp",)
 # the compiler's complaint about the -march value itself (gcc, clang); the ninja log always has "-march"
@@ -95,7 +96,7 @@ def extension_name(arch: str | None = None) -> str:
     other: ninja's own records name absolute paths).
     """
     arch = _arch() if arch is None else arch
-    source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+    source = "".join(hashlib.sha256(path.read_bytes()).hexdigest() for path in SOURCES)
     where = str(SOURCE.resolve())  # ninja's records name absolute paths: one build per install
     parts = (arch, platform.machine(), _cpu_flags(), torch.__version__, source, where, compiler() or "")
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
@@ -184,7 +185,8 @@ def _failed(err: BaseException, cxx: str, path: Path) -> BuildResult:
     if output:
         text += "\n" + output
     text = text.strip()[-3000:] or type(err).__name__
-    return BuildResult(False, path, f"compiling {SOURCE.name} with {cxx} failed:\n{text}")
+    names = " and ".join(p.name for p in SOURCES)
+    return BuildResult(False, path, f"compiling {names} with {cxx} failed:\n{text}")
 
 
 def _build_and_load(cxx: str, arch: str) -> tuple[Path, bool]:
@@ -206,7 +208,7 @@ def _build_and_load(cxx: str, arch: str) -> tuple[Path, bool]:
             cpp_extension.JIT_EXTENSION_VERSIONER.entries.pop(name, None)
         loaded = cpp_extension.load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(path) for path in SOURCES],
             extra_cflags=cflags,
             extra_ldflags=list(_LDFLAGS),
             build_directory=str(directory),
@@ -245,7 +247,7 @@ def load(build: bool = True) -> BuildResult:
     global _loaded
     if os.environ.get("LORDBA_NO_EXT"):
         return BuildResult(False, None, "disabled by LORDBA_NO_EXT")
-    if hasattr(torch.ops.lordba, "branch"):
+    if hasattr(torch.ops.lordba, "branch") and hasattr(torch.ops.lordba, "q4_linear"):
         return BuildResult(True, library_path(), "already loaded")
     cxx = compiler()
     if cxx is None:

@@ -25,6 +25,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/tensor.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -515,13 +516,31 @@ const float* converted(const at::Tensor& t, std::vector<float>& buf, float divis
   return buf.data();
 }
 
+// code / 127 for every int8 code, computed once: the same division as `converted`, read from a table.
+struct Int8Codes {
+  float v[256];
+  Int8Codes() {
+    for (int c = -128; c < 128; ++c) v[c + 128] = static_cast<float>(c) / 127.f;
+  }
+};
+const Int8Codes kCodes;
+
+const float* codes_float(const at::Tensor& t, std::vector<float>& buf) {
+  const int8_t* v = t.data_ptr<int8_t>();
+  const int64_t n = t.numel();
+  buf.resize(static_cast<size_t>(n));
+  float* d = buf.data();
+  for (int64_t i = 0; i < n; ++i) d[i] = kCodes.v[v[i] + 128];
+  return d;
+}
+
 // A scale vector as float32: the tensor itself, or its values converted into `buf`. int8 holds codes
 // meaning code / 127 (the int8 scale format of docs/format.md); the division is the one torch does,
 // so a compact adapter computes exactly what its decoded float32 form computes (x / 1 is exact).
 const float* as_float(const at::Tensor& t, std::vector<float>& buf) {
   switch (t.scalar_type()) {
     case at::kFloat: return t.data_ptr<float>();
-    case at::kChar: return converted<int8_t>(t, buf, 127.f);
+    case at::kChar: return codes_float(t, buf);
     case at::kHalf: return converted<c10::Half>(t, buf, 1.f);
     default: return converted<c10::BFloat16>(t, buf, 1.f);
   }
@@ -588,6 +607,118 @@ at::Tensor branch(const at::Tensor& x, const at::Tensor& sign_A, const at::Tenso
   return y.reshape(shape);
 }
 
+// ---------------------------------------------------------------- many adapters in one batch
+// Rows of one batch routed to their own adapters (S-LoRA/Punica's BGMV on packed signs): batch row i
+// uses adapter index[i] (-1: none, the base output as it is). The rows of each adapter run as one
+// group through the same path and the same fused `base +` as a call of `branch` on those rows alone,
+// so each row's output equals its adapter's own, bit for bit. One call per layer instead of one
+// Python-level branch call (and a gather and a scatter) per adapter.
+template <typename x_t, typename out_t>
+void rows_sign_group(const at::Tensor& x2, const at::Tensor& base2, at::Tensor& y, const std::vector<int64_t>& rows,
+                     int64_t L, const at::Tensor& sa, const at::Tensor& sb, const float* b, const float* m,
+                     const float* a, int64_t r, float s) {
+  const int64_t in = x2.size(1), out = y.size(1), T = static_cast<int64_t>(rows.size()) * L;
+  const x_t* xp = x2.data_ptr<x_t>();
+  const out_t* bp = base2.data_ptr<out_t>();
+  out_t* yp = y.data_ptr<out_t>();
+  const uint8_t* pa = sa.data_ptr<uint8_t>();
+  const uint8_t* pb = sb.data_ptr<uint8_t>();
+  if (rows.size() == 1) {  // decode: one sequence per adapter, read and written in place
+    const int64_t t0 = rows[0] * L;
+    sign_path<x_t, out_t>(xp + t0 * in, L, in, pa, sa.numel(), pb, sb.numel(), b, m, a, r, out, s, bp + t0 * out,
+                          yp + t0 * out);
+    return;
+  }
+  thread_local std::vector<x_t> xg;
+  thread_local std::vector<out_t> bg, yg;
+  xg.resize(static_cast<size_t>(T * in));
+  bg.resize(static_cast<size_t>(T * out));
+  yg.resize(static_cast<size_t>(T * out));
+  for (size_t j = 0; j < rows.size(); ++j) {
+    std::memcpy(xg.data() + j * L * in, xp + rows[j] * L * in, sizeof(x_t) * L * in);
+    std::memcpy(bg.data() + j * L * out, bp + rows[j] * L * out, sizeof(out_t) * L * out);
+  }
+  sign_path<x_t, out_t>(xg.data(), T, in, pa, sa.numel(), pb, sb.numel(), b, m, a, r, out, s, bg.data(), yg.data());
+  for (size_t j = 0; j < rows.size(); ++j)
+    std::memcpy(yp + rows[j] * L * out, yg.data() + j * L * out, sizeof(out_t) * L * out);
+}
+
+template <typename x_t>
+void rows_sign_out(const at::Tensor& x2, const at::Tensor& base2, at::Tensor& y, const std::vector<int64_t>& rows,
+                   int64_t L, const at::Tensor& sa, const at::Tensor& sb, const float* b, const float* m,
+                   const float* a, int64_t r, float s) {
+  switch (y.scalar_type()) {
+    case at::kFloat: return rows_sign_group<x_t, float>(x2, base2, y, rows, L, sa, sb, b, m, a, r, s);
+    case at::kBFloat16: return rows_sign_group<x_t, c10::BFloat16>(x2, base2, y, rows, L, sa, sb, b, m, a, r, s);
+    case at::kHalf: return rows_sign_group<x_t, c10::Half>(x2, base2, y, rows, L, sa, sb, b, m, a, r, s);
+    default: check(false, "the output dtype must be float32, bfloat16 or float16");
+  }
+}
+
+at::Tensor branch_rows(const at::Tensor& x, const at::Tensor& index, at::TensorList sign_A, at::TensorList sign_B,
+                       at::TensorList b, at::TensorList m, at::TensorList a, at::ArrayRef<double> scaling,
+                       at::IntArrayRef sign_max_tokens, const at::Tensor& base) {
+  const int64_t K = static_cast<int64_t>(sign_A.size());
+  check(static_cast<int64_t>(sign_B.size()) == K && static_cast<int64_t>(b.size()) == K &&
+            static_cast<int64_t>(m.size()) == K && static_cast<int64_t>(a.size()) == K &&
+            static_cast<int64_t>(scaling.size()) == K && static_cast<int64_t>(sign_max_tokens.size()) == K,
+        "branch_rows: one sign_A, sign_B, b, m, a, scaling and sign_max_tokens per adapter");
+  check(x.dim() >= 1 && base.dim() == x.dim() && base.size(0) == x.size(0), "branch_rows: x and base need the same rows");
+  check(index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) == x.size(0),
+        "branch_rows: index must be int64 with one entry per batch row");
+  const auto st = x.scalar_type();
+  check(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "x must be float32, bfloat16 or float16");
+  const int64_t B = x.size(0), in = x.size(-1), out = base.size(-1);
+  const at::Tensor x2 = x.reshape({-1, in}).contiguous();
+  const at::Tensor base2 = base.reshape({-1, out}).contiguous();
+  check(B > 0 && x2.size(0) % B == 0 && base2.size(0) == x2.size(0), "branch_rows: x and base need the same tokens");
+  const int64_t L = x2.size(0) / B;  // tokens per batch row
+  at::Tensor y = base2.clone();
+  const at::Tensor idx = index.cpu().contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  std::vector<std::vector<int64_t>> rows(static_cast<size_t>(K));
+  for (int64_t i = 0; i < B; ++i) {
+    check(ip[i] >= -1 && ip[i] < K, "branch_rows: an index is outside [-1, number of adapters)");
+    if (ip[i] >= 0) rows[static_cast<size_t>(ip[i])].push_back(i);
+  }
+  thread_local std::vector<float> bbuf, mbuf, abuf;
+  for (int64_t k = 0; k < K; ++k) {
+    const auto& group = rows[static_cast<size_t>(k)];
+    if (group.empty()) continue;
+    const int64_t r = m[k].numel();
+    check(b[k].numel() == in && a[k].numel() == out, "branch_rows: an adapter's scales do not match x and base");
+    check(sign_A[k].scalar_type() == at::kByte && sign_B[k].scalar_type() == at::kByte, "signs must be uint8");
+    check(sign_A[k].numel() == (r * in + 7) / 8 && sign_B[k].numel() == (out * r + 7) / 8,
+          "packed sign sizes do not match the scale vectors");
+    check(scale_dtype_ok(b[k], true) && scale_dtype_ok(m[k], false) && scale_dtype_ok(a[k], true),
+          "scales must be float32, float16 or bfloat16 (b and a also int8 codes)");
+    const int64_t T = static_cast<int64_t>(group.size()) * L;
+    if (T > sign_max_tokens[k]) {  // many tokens (prefill): the unpack path, exactly as `branch` runs it
+      std::vector<int64_t> tokens;
+      tokens.reserve(static_cast<size_t>(T));
+      for (int64_t i : group)
+        for (int64_t t = 0; t < L; ++t) tokens.push_back(i * L + t);
+      const at::Tensor ti = at::tensor(tokens, at::kLong);
+      const at::Tensor yk = branch(x2.index_select(0, ti), sign_A[k], sign_B[k], b[k], m[k], a[k], scaling[k],
+                                   sign_max_tokens[k], base2.index_select(0, ti));
+      y.index_copy_(0, ti, yk);
+      continue;
+    }
+    const at::Tensor sa = sign_A[k].contiguous(), sb = sign_B[k].contiguous();
+    const at::Tensor bc = b[k].contiguous(), mc = m[k].contiguous(), ac = a[k].contiguous();
+    const float* bp = as_float(bc, bbuf);
+    const float* mp = as_float(mc, mbuf);
+    const float* ap = as_float(ac, abuf);
+    const float s = static_cast<float>(scaling[k]);
+    switch (st) {
+      case at::kFloat: rows_sign_out<float>(x2, base2, y, group, L, sa, sb, bp, mp, ap, r, s); break;
+      case at::kBFloat16: rows_sign_out<c10::BFloat16>(x2, base2, y, group, L, sa, sb, bp, mp, ap, r, s); break;
+      default: rows_sign_out<c10::Half>(x2, base2, y, group, L, sa, sb, bp, mp, ap, r, s);
+    }
+  }
+  return y.reshape(base.sizes());
+}
+
 std::string isa() {
 #if defined(__AVX512F__)
   return "avx512";
@@ -605,7 +736,13 @@ TORCH_LIBRARY(lordba, lib) {
   lib.def(
       "branch(Tensor x, Tensor sign_A, Tensor sign_B, Tensor b, Tensor m, Tensor a, float scaling, "
       "int sign_max_tokens, Tensor? base=None) -> Tensor");
+  lib.def(
+      "branch_rows(Tensor x, Tensor index, Tensor[] sign_A, Tensor[] sign_B, Tensor[] b, Tensor[] m, Tensor[] a, "
+      "float[] scaling, int[] sign_max_tokens, Tensor base) -> Tensor");
   lib.def("isa() -> str", &lordba::isa);
 }
 
-TORCH_LIBRARY_IMPL(lordba, CPU, lib) { lib.impl("branch", &lordba::branch); }
+TORCH_LIBRARY_IMPL(lordba, CPU, lib) {
+  lib.impl("branch", &lordba::branch);
+  lib.impl("branch_rows", &lordba::branch_rows);
+}

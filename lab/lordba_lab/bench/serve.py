@@ -1,0 +1,289 @@
+"""``lordba serve`` under load: many adapters on one base, side by side with one adapter and PEFT.
+
+Clients on loopback (the official ``openai`` client, streaming), N concurrent (1, 8, 32), each
+request on an adapter drawn uniformly from 1, 10, 100 or 1,000 distinct adapters (SmolLM2-135M,
+r=16 on every linear layer, int8 scales; :mod:`._serve_fleet`), fixed prompt and generation
+lengths (``ignore_eos``). Measured per configuration: generated tokens/s, time to first token and
+per-token latency (gaps between streamed tokens) p50/p95; per adapter count: resident adapter
+memory after the traffic (tensors and caches). Once: the cold load of an adapter from its file
+(median over loads). In the same run, the same server with one adapter (the ``1`` column: the
+throughput every ratio divides by) and the PEFT baseline (a PeftModel with as many LoRA adapters,
+served by the same engine through PEFT's ``adapter_names`` mixed batch; up to 100 adapters, as
+PEFT holds them in the base's float32, 19.5 MB each). Writes ``serve.json``, ``serve.md`` and
+``serve_throughput.png`` (throughput against the number of adapters).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lordba._util.tables import markdown_table, print_table
+from lordba_lab.bench import hardware
+
+SUITE = "serve"
+HELP = "lordba serve under load: throughput and latency over 1-1000 adapters vs one adapter and PEFT"
+DEFAULT = False
+BASE_NAME = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one run measures."""
+
+    clients: tuple[int, ...]
+    adapter_counts: tuple[int, ...]
+    prompt_tokens: int
+    gen_tokens: int
+    requests_per_client: int
+    peft_max_adapters: int
+    cold_loads: int
+
+
+FULL = Settings((1, 8, 32), (1, 10, 100, 1000), 64, 64, 4, 100, 50)
+QUICK = Settings((1, 4), (1, 10), 16, 8, 2, 10, 5)
+
+
+def run(out_dir: Path, quick: bool) -> list[Path]:
+    """Measure on SmolLM2-135M, print the table and write JSON, Markdown and the plot into ``out_dir``."""
+    from lordba_lab.assets import ensure_smollm2
+
+    return write(out_dir, measure(ensure_smollm2(), QUICK if quick else FULL))
+
+
+def measure(model_dir: Path, settings: Settings) -> dict:
+    """Every configuration of ``settings`` on the model in ``model_dir``: LoRDBA, then PEFT."""
+    with tempfile.TemporaryDirectory(prefix="lordba-serve-bench-") as tmp:
+        rows, cold = _lordba_rows(model_dir, Path(tmp) / "adapters", settings)
+    rows += _peft_rows(model_dir, settings)
+    _add_ratios(rows)
+    return {"settings": asdict(settings), "hardware": hardware(), "cold_load_ms": cold, "rows": rows}
+
+
+# ---------------------------------------------------------------------------- servers
+def _lordba_rows(model_dir: Path, folder: Path, s: Settings) -> tuple[list[dict], dict]:
+    from lordba.serve.registry import adapter_bytes
+    from lordba.serve.server import Server, build_state, load_base
+    from lordba_lab.bench._serve_fleet import make_fleet
+
+    names = make_fleet(model_dir, folder, max(s.adapter_counts))
+    model, tokenizer = load_base(model_dir)
+    state = build_state(model, tokenizer, BASE_NAME, folder, max_batch=max(s.clients))
+    rows = []
+    with Server(state) as server:
+        cold = _cold_loads(state.registry, names[: s.cold_loads])
+        for count in s.adapter_counts:
+            chosen = names[:count]
+            for name in chosen:  # resident before the clients start: cold loads are measured apart
+                state.registry.acquire(name)
+                state.registry.release(name)
+            for clients in s.clients:
+                row = _drive(server.url, chosen, clients, s, tokenizer)
+                resident = sum(adapter_bytes(state.engine.model, n) for n in chosen)
+                rows.append(
+                    {"engine": "lordba", "adapters": count, "clients": clients, **row, "resident_bytes": resident}
+                )
+                print(f"lordba  adapters={count:5d} clients={clients:3d} {row['tokens_per_s']:8.1f} tok/s", flush=True)
+            for name in chosen:
+                state.registry.unload(name)
+    return rows, cold
+
+
+def _peft_rows(model_dir: Path, s: Settings) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from lordba.serve.engine import Engine
+    from lordba.serve.metrics import ServeMetrics
+    from lordba.serve.server import Server, context_length
+    from lordba.serve.state import ServerState
+    from lordba_lab.bench._serve_fleet import PeftRegistry, peft_fleet
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = []
+    for count in [c for c in s.adapter_counts if c <= s.peft_max_adapters]:
+        model, names, per_adapter = peft_fleet(model_dir, count)
+        engine = Engine(model, tokenizer, max_batch=max(s.clients))
+        state = ServerState(
+            engine, PeftRegistry(model, names), ServeMetrics(), tokenizer, BASE_NAME, context_length(model, tokenizer)
+        )
+        with Server(state) as server:
+            for clients in s.clients:
+                row = _drive(server.url, names, clients, s, tokenizer)
+                rows.append(
+                    {
+                        "engine": "peft",
+                        "adapters": count,
+                        "clients": clients,
+                        **row,
+                        "resident_bytes": per_adapter * count,
+                    }
+                )
+                print(f"peft    adapters={count:5d} clients={clients:3d} {row['tokens_per_s']:8.1f} tok/s", flush=True)
+        del model, state, engine
+    return rows
+
+
+def _cold_loads(registry: Any, names: list[str]) -> dict:
+    """Median and p95 milliseconds of loading an adapter from its file onto the model."""
+    times = []
+    for name in names:
+        start = time.perf_counter()
+        registry.acquire(name)
+        times.append(1000 * (time.perf_counter() - start))
+        registry.release(name)
+        registry.unload(name)
+    return {"median": statistics.median(times), "p95": _pct(times, 95), "n": len(times)}
+
+
+# ---------------------------------------------------------------------------- clients
+def _drive(url: str, names: list[str], clients: int, s: Settings, tokenizer: Any) -> dict:
+    """``clients`` threads each sending ``requests_per_client`` streamed completions, adapters
+    drawn uniformly from ``names``; returns throughput and latency percentiles."""
+    import openai
+
+    prompt = (tokenizer("The adapters of a thousand users share one base model. " * 16)["input_ids"])[: s.prompt_tokens]
+    ttft: list[float] = []
+    gaps: list[float] = []
+    tokens = [0]
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        rng = random.Random(k)
+        api = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
+        for _ in range(s.requests_per_client):
+            start = time.perf_counter()
+            stamps = []
+            stream = api.completions.create(
+                model=rng.choice(names),
+                prompt=prompt,
+                max_tokens=s.gen_tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+            used = 0
+            for chunk in stream:
+                if chunk.choices and (chunk.choices[0].text or chunk.choices[0].finish_reason):
+                    stamps.append(time.perf_counter())  # a token's text (or the last token's end)
+                if chunk.usage is not None:
+                    used = chunk.usage.completion_tokens
+            with lock:
+                ttft.append(stamps[0] - start)
+                gaps.extend(b - a for a, b in itertools.pairwise(stamps))
+                tokens[0] += used
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ms = {
+        f"{what}_ms_p{q}": _ms(_pct(values, q)) for what, values in (("ttft", ttft), ("token", gaps)) for q in (50, 95)
+    }
+    return {"tokens_per_s": tokens[0] / wall, **ms, "requests": len(ttft), "wall_s": wall}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000 * seconds
+
+
+def _pct(values: list[float], q: int) -> float | None:
+    """The ``q``-th percentile (nearest rank) of ``values``; None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+# ---------------------------------------------------------------------------- report
+def _add_ratios(rows: list[dict]) -> None:
+    """``vs_single``: throughput over that of the same engine with one adapter, same clients."""
+    single = {(r["engine"], r["clients"]): r["tokens_per_s"] for r in rows if r["adapters"] == 1}
+    for r in rows:
+        ref = single.get((r["engine"], r["clients"]))
+        r["vs_single"] = r["tokens_per_s"] / ref if ref else None
+
+
+def write(out_dir: Path, result: dict) -> list[Path]:
+    """Print the table; write ``serve.json``, ``serve.md`` and ``serve_throughput.png``; returns the files."""
+    columns = [
+        "engine",
+        "adapters",
+        "clients",
+        "tok/s",
+        "vs 1 adapter",
+        "TTFT p50 ms",
+        "TTFT p95 ms",
+        "token p50 ms",
+        "token p95 ms",
+        "resident MB",
+    ]
+    table = [
+        (
+            r["engine"],
+            r["adapters"],
+            r["clients"],
+            r["tokens_per_s"],
+            r["vs_single"],
+            r["ttft_ms_p50"],
+            r["ttft_ms_p95"],
+            r["token_ms_p50"],
+            r["token_ms_p95"],
+            r["resident_bytes"] / 1e6,
+        )
+        for r in result["rows"]
+    ]
+    print_table("lordba serve under load", columns, table)
+    cold = result["cold_load_ms"]
+    print(f"cold load of an adapter: median {cold['median']:.2f} ms, p95 {cold['p95']:.2f} ms ({cold['n']} loads)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [out_dir / "serve.json", out_dir / "serve.md", out_dir / "serve_throughput.png"]
+    files[0].write_text(json.dumps(result, indent=2))
+    files[1].write_text(
+        "# lordba serve under load\n\n"
+        + markdown_table(columns, table)
+        + f"\n\nCold load: median {cold['median']:.2f} ms, p95 {cold['p95']:.2f} ms over {cold['n']} loads.\n"
+        + f"\nHardware: {json.dumps(result['hardware'])}\n"
+    )
+    _plot(result["rows"], files[2])
+    return files
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for engine in sorted({r["engine"] for r in rows}):
+        for clients in sorted({r["clients"] for r in rows}):
+            pts = sorted(
+                (r["adapters"], r["tokens_per_s"]) for r in rows if r["engine"] == engine and r["clients"] == clients
+            )
+            if pts:
+                ax.plot(
+                    *zip(*pts),
+                    marker="o",
+                    linestyle="-" if engine == "lordba" else "--",
+                    label=f"{engine}, {clients} clients",
+                )
+    ax.set_xscale("log")
+    ax.set_xlabel("distinct adapters in the request mix")
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title("Throughput against the number of adapters (one base, one server)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

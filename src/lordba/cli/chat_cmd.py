@@ -1,0 +1,46 @@
+"""``lordba chat``: an interactive chat (the model's chat template) with a LoRDBA adapter."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+NAME = "chat"
+HELP = "chat interactively with a (4-bit) base model and a LoRDBA adapter (the model's chat template)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The model options and ``--system``."""
+    from lordba.cli._generation import add_model_arguments
+
+    add_model_arguments(p)
+    p.add_argument("--system", default=None, help="a system message to start the conversation with")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Read user turns from stdin until EOF (or ``/exit``), answering each; returns 0."""
+    from lordba.cli._generation import load, stream
+
+    loaded = load(args)
+    tok = loaded.tokenizer
+    if not getattr(tok, "chat_template", None):
+        from lordba.errors import ConfigError
+
+        raise ConfigError(f"--model {args.model}: its tokenizer has no chat template (use lordba generate)")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+        if interactive:
+            print("assistant> ", end="", flush=True)
+        answer = stream(loaded, ids, args)
+        messages.append({"role": "assistant", "content": answer})

@@ -1,0 +1,38 @@
+"""``lordba generate``: complete one prompt with a base model and a LoRDBA adapter, streaming tokens."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "generate"
+HELP = "complete a prompt with a (4-bit) base model and a LoRDBA adapter, streaming tokens"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``PROMPT``, the model options and ``--chat-template``."""
+    from lordba.cli._generation import add_model_arguments
+
+    p.add_argument("prompt", help="the text to complete")
+    add_model_arguments(p)
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="wrap the prompt as one user turn in the model's chat template (default: raw completion)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, generate, print; returns 0."""
+    from lordba.cli._generation import load, stream
+
+    loaded = load(args)
+    tok = loaded.tokenizer
+    if args.chat_template:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = args.prompt
+    ids = tok(text, return_tensors="pt", add_special_tokens=not args.chat_template).input_ids
+    stream(loaded, ids, args)
+    return 0

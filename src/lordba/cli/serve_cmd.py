@@ -1,0 +1,84 @@
+"""``lordba serve``: an OpenAI-compatible HTTP server batching many LoRDBA adapters on one base."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import sys
+from pathlib import Path
+
+from lordba.cli import EXIT_USAGE, positive_int
+from lordba.errors import ConfigError
+
+NAME = "serve"
+HELP = "serve a base model and its LoRDBA adapters behind an OpenAI-compatible HTTP API (continuous batching)"
+MODEL_ENTRY_POINTS = "lordba.models"  # name -> callable returning a model folder (the lab registers `default`)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="transformers model folder, or 'default' (the lab's default model, if installed)"
+    )
+    p.add_argument("--adapters", default=None, help="folder of adapter directories, served by folder name")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--max-adapter-memory",
+        type=positive_int,
+        default=None,
+        metavar="BYTES",
+        help="LRU budget of resident adapters (default: no limit)",
+    )
+    p.add_argument(
+        "--max-batch", type=positive_int, default=32, metavar="N", help="most requests in flight (default 32)"
+    )
+    p.add_argument("--served-model-name", default=None, help="name of the base model in the API")
+    p.add_argument("--dtype", default="float32", help="dtype of the base model (default float32)")
+
+
+def resolve_model(name: str) -> tuple[Path, str]:
+    """``(model folder, served name)`` for ``--model``: a folder, or a name registered in the
+    ``lordba.models`` entry-point group (the lab registers ``default``)."""
+    path = Path(name)
+    if path.is_dir():
+        return path, path.resolve().name
+    for ep in importlib.metadata.entry_points(group=MODEL_ENTRY_POINTS):
+        if ep.name == name:
+            folder = Path(ep.load()())
+            return folder, _config_name(folder) or name
+    if name == "default":
+        raise ConfigError(
+            "--model default: no default model is registered (the lordba lab provides one: pip install -e lab); "
+            "give a transformers model folder instead"
+        )
+    raise ConfigError(f"--model {name}: not a folder")
+
+
+def _config_name(folder: Path) -> str | None:
+    """The ``_name_or_path`` a model folder's config.json records, if it is a plain name."""
+    from lordba._util.jsonio import read_json_file
+    from lordba.errors import LoRDBAError
+
+    try:
+        value = read_json_file(folder / "config.json", max_bytes=1 << 20).get("_name_or_path")
+    except (LoRDBAError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value and "/" not in value else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from lordba.serve import missing_extra
+
+    missing = missing_extra()
+    if missing:
+        print(f"lordba serve: needs {', '.join(missing)}, not installed: pip install 'lordba[serve]'", file=sys.stderr)
+        return EXIT_USAGE
+    from lordba.serve.server import build_state, load_base, serve_forever
+
+    folder, name = resolve_model(args.model)
+    model, tokenizer = load_base(folder, args.dtype)
+    state = build_state(
+        model, tokenizer, args.served_model_name or name, args.adapters, args.max_adapter_memory, args.max_batch
+    )
+    serve_forever(state, args.host, args.port)
+    return 0

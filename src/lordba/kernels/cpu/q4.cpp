@@ -1,0 +1,249 @@
+// 4-bit (and 8-bit) weight-only linear layers for CPU: the frozen base of an on-device LoRDBA model.
+//
+// Layout (per output row, input padded to a multiple of the group size G, G a multiple of 32):
+//   4-bit: qweight[o][k/2] uint8: for every chunk of 32 inputs (16 bytes), byte j holds input j in
+//          its low nibble and input j+16 in its high nibble;
+//   8-bit: qweight[o][k] uint8, one code per input (used for the output head);
+//   scale[o][g]      float16 s, minus[o][g] float16 m = -s * zero: w = s * q + m (affine, HQQ-style).
+// y[t][o] = sum_g s_g * (q_g . x_g) + sum_g m_g * sum(x_g) (+ bias): the dot products run on the
+// unpacked nibbles in float32 (no activation quantization), so the result is the dequantized
+// weight's exactly up to float rounding. Decode (a few tokens) reads 4.5 bits per weight, 7x less
+// than float32: that is where the speed comes from. Many tokens (prefill, backward) dequantize
+// blocks of rows to float32 and use the BLAS GEMM.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace lordba_q4 {
+namespace {
+
+constexpr int64_t kChunk = 32;  // inputs per 16-byte chunk
+constexpr int64_t kTokenBlock = 4;
+
+inline float half_to_float(const c10::Half& h) { return static_cast<float>(h); }
+
+// One output row, up to kTokenBlock tokens: acc[t] = sum_g s_g (q_g . x_t,g)
+template <int NT, int BITS>
+void row_dot(const uint8_t* qrow, const c10::Half* srow, int64_t groups, int64_t chunks_per_group,
+             const float* const* xs, int64_t in, float* out) {
+#if defined(__AVX512F__)
+  __m512 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi32(15);
+  int64_t k = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 part[NT];
+    for (int t = 0; t < NT; ++t) part[t] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks_per_group; ++c, k += kChunk) {
+      __m512 lo, hi;
+      if constexpr (BITS == 4) {
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + k / 2)));
+        lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low4));
+        hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+      } else {
+        lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + k))));
+        hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + k + 16))));
+      }
+      const int64_t left = in - k;
+      if (left >= kChunk) {
+        for (int t = 0; t < NT; ++t) {
+          part[t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xs[t] + k), part[t]);
+          part[t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xs[t] + k + 16), part[t]);
+        }
+      } else if (left > 0) {  // the padded tail: inputs past `in` count as zero
+        const __mmask16 m0 = static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1);
+        const __mmask16 m1 = static_cast<__mmask16>(left >= 32 ? 0xFFFF : left > 16 ? (1u << (left - 16)) - 1 : 0);
+        for (int t = 0; t < NT; ++t) {
+          part[t] = _mm512_fmadd_ps(lo, _mm512_maskz_loadu_ps(m0, xs[t] + k), part[t]);
+          part[t] = _mm512_fmadd_ps(hi, _mm512_maskz_loadu_ps(m1, xs[t] + k + 16), part[t]);
+        }
+      }
+    }
+    const __m512 s = _mm512_set1_ps(half_to_float(srow[g]));
+    for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(part[t], s, acc[t]);
+  }
+  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
+#else
+  for (int t = 0; t < NT; ++t) out[t] = 0.f;
+  int64_t k = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    float part[NT] = {};
+    for (int64_t c = 0; c < chunks_per_group; ++c, k += kChunk) {
+      for (int64_t j = 0; j < 16; ++j) {
+        float lo, hi;
+        if constexpr (BITS == 4) {
+          lo = static_cast<float>(qrow[k / 2 + j] & 15);
+          hi = static_cast<float>(qrow[k / 2 + j] >> 4);
+        } else {
+          lo = static_cast<float>(qrow[k + j]);
+          hi = static_cast<float>(qrow[k + j + 16]);
+        }
+        for (int t = 0; t < NT; ++t) {
+          if (k + j < in) part[t] += lo * xs[t][k + j];
+          if (k + j + 16 < in) part[t] += hi * xs[t][k + j + 16];
+        }
+      }
+    }
+    const float s = half_to_float(srow[g]);
+    for (int t = 0; t < NT; ++t) out[t] += s * part[t];
+  }
+#endif
+}
+
+struct Packed {
+  const uint8_t* q;
+  const c10::Half* s;
+  const c10::Half* m;
+  int64_t out, in, groups, group, row_bytes, bits;
+};
+
+Packed unpack_args(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minus, int64_t in,
+                   int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "lordba::q4: bits must be 4 or 8");
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous(),
+              "lordba::q4: qweight must be a contiguous 2-D uint8 tensor");
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && minus.scalar_type() == at::kHalf && scale.is_contiguous() &&
+                  minus.is_contiguous() && scale.sizes() == minus.sizes() && scale.dim() == 2,
+              "lordba::q4: scale and minus must be contiguous float16 tensors of one shape [out, groups]");
+  const int64_t out = qweight.size(0), row_bytes = qweight.size(1), groups = scale.size(1);
+  TORCH_CHECK(scale.size(0) == out && groups > 0, "lordba::q4: scale rows must match qweight rows");
+  const int64_t padded = row_bytes * 8 / bits;
+  TORCH_CHECK(padded % groups == 0 && (padded / groups) % kChunk == 0 && in > 0 && in <= padded &&
+                  padded - in < padded / groups,
+              "lordba::q4: inconsistent sizes (qweight bytes per row, groups, in)");
+  return {qweight.data_ptr<uint8_t>(), scale.data_ptr<c10::Half>(), minus.data_ptr<c10::Half>(),
+          out, in, groups, padded / groups, row_bytes, bits};
+}
+
+// float32 [rows o0..o1, in] of the dequantized weight, into dst (row stride `in`).
+void dequant_rows(const Packed& p, int64_t o0, int64_t o1, float* dst) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* q = p.q + o * p.row_bytes;
+    float* d = dst + (o - o0) * p.in;
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const float s = half_to_float(p.s[o * p.groups + g]), m = half_to_float(p.m[o * p.groups + g]);
+      for (int64_t k = g * p.group; k < (g + 1) * p.group; k += kChunk) {
+        for (int64_t j = 0; j < 16; ++j) {
+          const int lo = p.bits == 4 ? (q[k / 2 + j] & 15) : q[k + j];
+          const int hi = p.bits == 4 ? (q[k / 2 + j] >> 4) : q[k + j + 16];
+          if (k + j < p.in) d[k + j] = s * static_cast<float>(lo) + m;
+          if (k + j + 16 < p.in) d[k + j + 16] = s * static_cast<float>(hi) + m;
+        }
+      }
+    }
+  }
+}
+
+at::Tensor q4_dequant(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minus, int64_t in,
+                      int64_t bits) {
+  const Packed p = unpack_args(qweight, scale, minus, in, bits);
+  at::Tensor w = at::empty({p.out, p.in}, qweight.options().dtype(at::kFloat));
+  float* dst = w.data_ptr<float>();
+  at::parallel_for(0, p.out, 16, [&](int64_t o0, int64_t o1) { dequant_rows(p, o0, o1, dst + o0 * p.in); });
+  return w;
+}
+
+// Few tokens: the packed rows are read once per block of kTokenBlock tokens.
+void gemv(const Packed& p, const float* x, int64_t T, float* y) {
+  std::vector<float> xsum(T * p.groups, 0.f);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t g = 0; g < p.groups; ++g) {
+      float acc = 0.f;
+      for (int64_t k = g * p.group; k < std::min((g + 1) * p.group, p.in); ++k) acc += x[t * p.in + k];
+      xsum[t * p.groups + g] = acc;
+    }
+  at::parallel_for(0, p.out, 8, [&](int64_t o0, int64_t o1) {
+    const int64_t chunks = p.group / kChunk;
+    for (int64_t o = o0; o < o1; ++o) {
+      const uint8_t* q = p.q + o * p.row_bytes;
+      const c10::Half* s = p.s + o * p.groups;
+      const c10::Half* m = p.m + o * p.groups;
+      for (int64_t t0 = 0; t0 < T; t0 += kTokenBlock) {
+        const int64_t nt = std::min(kTokenBlock, T - t0);
+        const float* xs[kTokenBlock];
+        for (int64_t t = 0; t < kTokenBlock; ++t) xs[t] = x + (t0 + std::min(t, nt - 1)) * p.in;
+        float dots[kTokenBlock];
+        if (p.bits == 4) {
+          switch (nt) {
+            case 1: row_dot<1, 4>(q, s, p.groups, chunks, xs, p.in, dots); break;
+            case 2: row_dot<2, 4>(q, s, p.groups, chunks, xs, p.in, dots); break;
+            case 3: row_dot<3, 4>(q, s, p.groups, chunks, xs, p.in, dots); break;
+            default: row_dot<4, 4>(q, s, p.groups, chunks, xs, p.in, dots);
+          }
+        } else {
+          switch (nt) {
+            case 1: row_dot<1, 8>(q, s, p.groups, chunks, xs, p.in, dots); break;
+            case 2: row_dot<2, 8>(q, s, p.groups, chunks, xs, p.in, dots); break;
+            case 3: row_dot<3, 8>(q, s, p.groups, chunks, xs, p.in, dots); break;
+            default: row_dot<4, 8>(q, s, p.groups, chunks, xs, p.in, dots);
+          }
+        }
+        for (int64_t t = 0; t < nt; ++t) {
+          float offset = 0.f;
+          const float* xsum_t = xsum.data() + (t0 + t) * p.groups;
+          for (int64_t g = 0; g < p.groups; ++g) offset += half_to_float(m[g]) * xsum_t[g];
+          y[(t0 + t) * p.out + o] = dots[t] + offset;
+        }
+      }
+    }
+  });
+}
+
+// Many tokens: dequantize blocks of rows and multiply with the BLAS GEMM.
+void gemm(const Packed& p, const at::Tensor& x2, at::Tensor& y) {
+  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(p.out, (1 << 20) / std::max<int64_t>(p.in, 1)));
+  at::Tensor w = at::empty({block, p.in}, x2.options());
+  for (int64_t o0 = 0; o0 < p.out; o0 += block) {
+    const int64_t o1 = std::min(p.out, o0 + block);
+    float* dst = w.data_ptr<float>();
+    at::parallel_for(o0, o1, 16, [&](int64_t a, int64_t b) { dequant_rows(p, a, b, dst + (a - o0) * p.in); });
+    y.narrow(1, o0, o1 - o0).copy_(at::mm(x2, w.narrow(0, 0, o1 - o0).t()));
+  }
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                     const at::Tensor& minus, int64_t in, int64_t gemm_min_tokens, int64_t bits) {
+  const Packed p = unpack_args(qweight, scale, minus, in, bits);
+  TORCH_CHECK(x.size(-1) == in, "lordba::q4_linear: x's last dimension must be ", in);
+  auto shape = x.sizes().vec();
+  shape.back() = p.out;
+  const at::Tensor x2 = x.reshape({-1, in}).to(at::kFloat).contiguous();
+  const int64_t T = x2.size(0);
+  at::Tensor y = at::empty({T, p.out}, x2.options());
+  if (T == 0) return y.reshape(shape).to(x.scalar_type());
+  if (T >= gemm_min_tokens) {
+    gemm(p, x2, y);
+  } else {
+    gemv(p, x2.data_ptr<float>(), T, y.data_ptr<float>());
+  }
+  return y.reshape(shape).to(x.scalar_type());
+}
+
+}  // namespace
+}  // namespace lordba_q4
+
+TORCH_LIBRARY_FRAGMENT(lordba, lib) {
+  lib.def(
+      "q4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor minus, int in_features, int gemm_min_tokens, "
+      "int bits) -> Tensor");
+  lib.def("q4_dequant(Tensor qweight, Tensor scale, Tensor minus, int in_features, int bits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lordba, CPU, lib) {
+  lib.impl("q4_linear", &lordba_q4::q4_linear);
+  lib.impl("q4_dequant", &lordba_q4::q4_dequant);
+}

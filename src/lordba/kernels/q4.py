@@ -1,0 +1,130 @@
+"""4-bit (and 8-bit) weight-only linear ops: the fast frozen base on CPU (``kernels/cpu/q4.cpp``).
+
+A weight ``out × in`` is stored per output row, padded to a multiple of the group size ``G`` (a
+multiple of 32), as codes ``q`` with a float16 scale ``s`` and offset ``m`` per group:
+``w = s · q + m`` (affine, so HQQ's optimised scale/zero carry over exactly). 4-bit codes are two
+per byte (in every 32-input chunk, byte ``j`` holds input ``j`` in its low nibble and input
+``j + 16`` in its high nibble); 8-bit codes (the output head) one per byte.
+
+:func:`q4_linear` is differentiable with respect to its input (QAT on a frozen 4-bit base needs
+``dL/dx = dL/dy · W``), traceable by ``torch.compile`` (fake implementations registered), and has a
+plain PyTorch reference (dequantize, then ``F.linear``) used where the compiled kernels are absent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lordba.kernels import cpu_available
+
+CHUNK = 32
+GEMM_MIN_TOKENS = 16  # from this many tokens on, dequantize blocks of rows and use the GEMM (measured)
+
+
+def pack_codes(codes: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """``uint8 [out, in_padded]`` codes below ``2**bits`` (``in_padded`` a multiple of 32) → the
+    stored ``uint8 [out, in_padded * bits / 8]``."""
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    out, padded = codes.shape
+    chunks = codes.reshape(out, padded // CHUNK, 2, CHUNK // 2).to(torch.uint8)
+    return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(out, padded // 2).contiguous()
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``uint8 [out, in_padded]`` codes."""
+    if bits == 8:
+        return qweight
+    out, half = qweight.shape
+    chunks = qweight.reshape(out, half // (CHUNK // 2), 1, CHUNK // 2)
+    return torch.cat([chunks & 15, chunks >> 4], dim=2).reshape(out, half * 2)
+
+
+def dequantize_reference(
+    qweight: torch.Tensor, scale: torch.Tensor, minus: torch.Tensor, in_features: int, bits: int = 4
+) -> torch.Tensor:
+    """The float32 ``out × in`` weight, in plain PyTorch."""
+    codes = unpack_codes(qweight, bits).float()
+    out, padded = codes.shape
+    groups = scale.shape[1]
+    w = codes.reshape(out, groups, padded // groups) * scale.float().unsqueeze(-1) + minus.float().unsqueeze(-1)
+    return w.reshape(out, padded)[:, :in_features]
+
+
+def _use_cpu_op(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and cpu_available() and hasattr(torch.ops.lordba, "q4_linear")
+
+
+def q4_dequantize(
+    qweight: torch.Tensor, scale: torch.Tensor, minus: torch.Tensor, in_features: int, bits: int = 4
+) -> torch.Tensor:
+    """The float32 ``out × in`` weight (compiled kernel on CPU, else the reference)."""
+    if _use_cpu_op(qweight):
+        return torch.ops.lordba.q4_dequant(qweight, scale, minus, in_features, bits)
+    return dequantize_reference(qweight, scale, minus, in_features, bits)
+
+
+class _Q4Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, qweight, scale, minus, in_features, bits):  # noqa: ANN001
+        ctx.save_for_backward(qweight, scale, minus)
+        ctx.in_features, ctx.bits = in_features, bits
+        if _use_cpu_op(x):
+            return torch.ops.lordba.q4_linear(x, qweight, scale, minus, in_features, GEMM_MIN_TOKENS, bits)
+        weight = dequantize_reference(qweight, scale, minus, in_features, bits)
+        return F.linear(x.float(), weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        qweight, scale, minus = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight = q4_dequantize(qweight, scale, minus, ctx.in_features, ctx.bits)
+            grad_x = (grad.float() @ weight).to(grad.dtype)
+        return grad_x, None, None, None, None, None
+
+
+def q4_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    minus: torch.Tensor,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+    bits: int = 4,
+) -> torch.Tensor:
+    """``x @ Wᵀ (+ bias)`` for a 4-bit (or 8-bit) weight; differentiable with respect to ``x`` (the
+    weight is frozen).
+
+    Args:
+        x: ``[..., in_features]`` float32 / bfloat16 / float16 input.
+        qweight, scale, minus: the packed weight (see the module docstring).
+        in_features: the unpadded input size.
+        bias: optional ``[out]`` bias.
+        bits: 4 or 8 (the codes' width).
+
+    Returns:
+        ``[..., out]`` in ``x``'s dtype.
+    """
+    y = _Q4Linear.apply(x, qweight, scale, minus, in_features, bits)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+_FAKES: list[bool] = []
+
+
+def register_fakes() -> None:
+    """Shape-only implementations of the q4 ops, so ``torch.compile`` traces through them (once)."""
+    if _FAKES or not hasattr(torch.ops.lordba, "q4_linear"):
+        return
+
+    @torch.library.register_fake("lordba::q4_linear")
+    def _linear_fake(x, qweight, scale, minus, in_features, gemm_min_tokens, bits):  # noqa: ANN001
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+    @torch.library.register_fake("lordba::q4_dequant")
+    def _dequant_fake(qweight, scale, minus, in_features, bits):  # noqa: ANN001
+        return qweight.new_empty((qweight.shape[0], in_features), dtype=torch.float32)
+
+    _FAKES.append(True)

@@ -1,0 +1,244 @@
+"""Adapters and the Hugging Face Hub: resolve an adapter id to a local directory, write the model
+card that goes with a saved adapter, and upload an adapter directory.
+
+``huggingface_hub`` (a dependency of transformers) is imported only when a Hub id is used, a card is
+written or an upload happens. Nothing here knows what a ``LoRDBAModel`` is: the model's
+``from_pretrained``/``load_adapter``/``save_pretrained``/``push_to_hub`` call these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lordba._version import __version__
+from lordba.config import CONFIG_NAME, WEIGHTS_NAME, LoRDBAConfig
+from lordba.errors import AdapterFormatError
+from lordba.format.atomic import atomic_write_bytes
+
+CARD_NAME = "README.md"
+CARD_MARK = "<!-- lordba model card: lordba rewrites this card on save while this line is in it -->"
+
+# Methods of a transformers model that would save or upload the *base* model: a LoRDBAModel must
+# never reach them through its attribute fall-through (``lm.push_to_hub`` would upload the base).
+BASE_ONLY_ATTRIBUTES = frozenset(
+    {
+        "save_pretrained",
+        "push_to_hub",
+        "_upload_modified_files",
+        "_create_repo",
+        "_get_files_timestamps",
+        "save_distributed_checkpoint",
+        "gather_sharded_state_dict_for_save",
+        "create_model_card",
+    }
+)
+
+
+def refuse_base_attribute(name: str) -> None:
+    """Raise ``AttributeError`` if ``name`` is a base-model method that saves or uploads the base.
+
+    Args:
+        name: the attribute looked up on a ``LoRDBAModel`` and not found on the wrapper itself.
+
+    Raises:
+        AttributeError: for the names in :data:`BASE_ONLY_ATTRIBUTES` (``hasattr`` stays usable).
+    """
+    if name in BASE_ONLY_ATTRIBUTES:
+        raise AttributeError(
+            f"LoRDBAModel does not forward {name!r} to the base model (it would save or upload the base, "
+            "not the adapter): use LoRDBAModel.save_pretrained / push_to_hub, or get_base_model()."
+        )
+
+
+def _is_repo_id(model_id: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        return False
+    return True
+
+
+def resolve_adapter_dir(
+    model_id: str | Path,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    subfolder: str | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """The local directory of an adapter given as a path or as a Hugging Face Hub repo id.
+
+    An existing local path (or any ``Path`` object) is used as it is. A string that is not a local
+    path but is a valid repo id (``"user/repo"``) is fetched with ``huggingface_hub.snapshot_download``
+    (only the adapter's two files; the HF cache, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` apply as usual).
+
+    Args:
+        model_id: a directory or a Hub repo id.
+        revision: branch, tag or commit of the Hub repo (default: ``main``).
+        token: Hub token (default: the one ``huggingface_hub`` finds).
+        cache_dir: HF cache directory (default: ``HF_HUB_CACHE``).
+        subfolder: the adapter's folder inside the directory or repo.
+        local_files_only: use the HF cache only, never the network.
+
+    Returns:
+        The directory to read (it may not exist: the loader then reports it).
+
+    Raises:
+        AdapterFormatError: a Hub id that cannot be resolved (unknown repo or revision, offline and
+            not cached, no access), with the id named.
+    """
+    sub = Path(subfolder) if subfolder else Path()
+    if isinstance(model_id, Path) or Path(model_id).exists() or not _is_repo_id(model_id):
+        return Path(model_id) / sub
+    prefix = f"{sub.as_posix()}/" if subfolder else ""
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(
+            model_id,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            allow_patterns=[prefix + CONFIG_NAME, prefix + WEIGHTS_NAME],
+            library_name="lordba",
+            library_version=__version__,
+        )
+    except Exception as err:  # huggingface_hub raises many types (HTTP, offline, validation, OS)
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise AdapterFormatError(
+            f"{model_id!r}: no local directory of that name, and the Hugging Face Hub repo could not be read "
+            f"(revision {revision or 'main'}): {type(err).__name__}: {reason}"
+        ) from None
+    directory = Path(snapshot) / sub
+    if not (directory / CONFIG_NAME).is_file():
+        raise AdapterFormatError(
+            f"Hub repo {model_id!r} (revision {revision or 'main'}{', subfolder ' + subfolder if subfolder else ''}) "
+            f"has no {CONFIG_NAME}: it is not a LoRDBA adapter"
+        )
+    return directory
+
+
+def model_card(config: LoRDBAConfig, repo_id: str | None = None) -> str:
+    """The text of the adapter's ``README.md``: Hub card metadata (``library_name: lordba``,
+    ``base_model``, tags) and how to load it. Deterministic for the same config.
+
+    Args:
+        config: the adapter's config (base model, rank, scale format, targets).
+        repo_id: where it is (or will be) on the Hub, used in the example code.
+
+    Returns:
+        The card's text.
+    """
+    base = config.base_model_name_or_path
+    hub_base = base if isinstance(base, str) and base and _is_repo_id(base) and not Path(base).exists() else None
+    tags = ["lordba", "lora", "binary", "low-bit"]
+    meta = ["---", "library_name: lordba"]
+    if hub_base is not None:
+        meta.append(f"base_model: {json.dumps(hub_base)}")
+        tags.append(f"base_model:adapter:{hub_base}")
+    meta += ["tags:", *(f"- {json.dumps(t)}" for t in tags), "---", ""]
+    where = repo_id or "PATH_OR_REPO_ID"
+    targets = config.target_modules
+    if targets is None:
+        targets = "every linear layer but the output head"
+    elif not isinstance(targets, str):
+        targets = ", ".join(targets)
+    body = f"""{CARD_MARK}
+
+# LoRDBA adapter
+
+A [LoRDBA](https://pypi.org/project/lordba/) adapter (LoRA with both factors stored as 1-bit sign
+matrices and the magnitudes in three channel-wise scale vectors) for `{base or "unknown base model"}`.
+
+- rank {config.r}, alpha {config.alpha:g}, scales stored as {config.scale_dtype}, training mode {config.mode}
+- target modules: {targets}
+
+## Use it
+
+```python
+from lordba import AutoLoRDBAModelForCausalLM
+
+model = AutoLoRDBAModelForCausalLM.from_pretrained("{where}")
+```
+
+or onto a base model you already have: `LoRDBAModel.from_pretrained(base_model, "{where}")`.
+
+transformers' `load_adapter`, PEFT's `PeftModel.from_pretrained` and `AutoPeftModelForCausalLM`
+cannot read this format (they fail with `KeyError: 'LORDBA'`). For PEFT, vLLM and other LoRA
+runtimes, export a plain LoRA first: `lordba export-lora {where} OUT`.
+"""
+    return "\n".join(meta) + body
+
+
+def write_model_card(directory: str | Path, config: LoRDBAConfig, repo_id: str | None = None) -> Path | None:
+    """Write the model card beside a saved adapter, crash-safely (temp file + rename), unless the
+    directory holds a ``README.md`` that lordba did not write (a user's card is never replaced).
+    The card is not part of the adapter: failing to write it only warns.
+
+    Args:
+        directory: the adapter directory (already written).
+        config: the adapter's config, as saved.
+        repo_id: the Hub repo the card describes, if known.
+
+    Returns:
+        The card's path, or ``None`` when it was kept or could not be written.
+    """
+    path = Path(directory) / CARD_NAME
+    try:
+        if path.is_file() and CARD_MARK not in path.read_text(encoding="utf-8", errors="replace"):
+            return None
+        atomic_write_bytes(path, model_card(config, repo_id).encode())
+    except (OSError, AdapterFormatError) as err:
+        warnings.warn(f"{path}: model card not written ({err}); the adapter itself is saved", stacklevel=3)
+        return None
+    return path
+
+
+def upload_adapter_folder(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    token: str | bool | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload LoRDBA adapter",
+    create_pr: bool = False,
+) -> Any:
+    """Create the Hub repo if needed and upload an adapter directory (hidden files left out).
+
+    Args:
+        folder: the saved adapter directory.
+        repo_id: ``"user/repo"``.
+        token: Hub token (default: the one ``huggingface_hub`` finds).
+        private: visibility of a newly created repo.
+        revision: branch to commit to.
+        commit_message: the commit's message.
+        create_pr: open a pull request instead of committing.
+
+    Returns:
+        ``huggingface_hub``'s ``CommitInfo``.
+
+    Raises:
+        AdapterFormatError: ``repo_id`` is not a valid Hub repo id.
+    """
+    if not isinstance(repo_id, str) or not _is_repo_id(repo_id):
+        raise AdapterFormatError(f"push_to_hub: {repo_id!r} is not a Hugging Face Hub repo id ('user/repo')")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token, library_name="lordba", library_version=__version__)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        commit_message=commit_message,
+        revision=revision,
+        create_pr=create_pr,
+        ignore_patterns=[".*", "**/.*"],
+    )

@@ -1,0 +1,61 @@
+"""Merging adapters into the base weights, with PEFT's ``safe_merge`` and a word when it is lossy.
+
+Merging into an unquantized base adds the dense update to the weight (exact up to float rounding).
+Merging into a quantized base requantizes the weight: the merged model no longer computes
+``base + adapter`` exactly. :func:`merge_layers` measures that error (the largest weight error the
+requantization added, beyond the update itself) and warns with it, so the loss is never silent;
+``unmerge_adapter()`` restores the original quantized base exactly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+from lordba.errors import AdapterStateError
+from lordba.nn.layer import LoRDBALinear
+
+
+class MergeRequantizationWarning(UserWarning):
+    """Merging into a quantized base requantized its weights (the merged model is not exact)."""
+
+
+def merge_layers(
+    layers: Sequence[tuple[str, LoRDBALinear]], adapter_names: Sequence[str], safe_merge: bool = False
+) -> float:
+    """Merge ``adapter_names`` into every layer; returns the largest requantization error.
+
+    With ``safe_merge``, every layer's merged weight is checked for NaN/Inf before any layer is
+    changed (and a requantized weight again before it replaces the base; on that failure the layers
+    merged by this call are unmerged again): nothing is left half-merged.
+
+    Raises:
+        AdapterStateError: ``safe_merge`` found a non-finite merged weight (naming the layer and adapter).
+    """
+    if safe_merge:  # check every layer before changing any: an in-place merge cannot be undone bit-exactly
+        for path, layer in layers:
+            layer.check_finite_merge(adapter_names, where=path)
+    done: list[LoRDBALinear] = []
+    worst, lossy = 0.0, 0
+    try:
+        for path, layer in layers:
+            before = list(layer.merged_adapters)
+            error = layer.merge(adapter_names, safe_merge=safe_merge, where=path)
+            if layer.merged_adapters != before:
+                done.append(layer)
+            if error is not None:
+                worst, lossy = max(worst, error), lossy + 1
+    except AdapterStateError:
+        for layer in done:
+            layer.unmerge()
+        raise
+    if lossy:
+        warnings.warn(
+            f"merging into a quantized base requantized {lossy} layer(s): the largest weight error beyond the "
+            f"adapter's update is {worst:.4g}, so the merged model's outputs differ from base + adapter; "
+            "unmerge_adapter() restores the base exactly (keep the adapter unmerged, or merge into an "
+            "unquantized base, for exact outputs)",
+            MergeRequantizationWarning,
+            stacklevel=3,
+        )
+    return worst

@@ -1,0 +1,443 @@
+"""What a PEFT user expects of :class:`~lordba.nn.model.LoRDBAModel` beyond adapters on linear layers
+(a mixin of the model): modules trained in full (``modules_to_save``, a task's head) and trained
+biases, saved with the adapter as extra tensors (format version 2); the record of the base
+quantization; ``enable_adapter_layers`` / ``disable_adapter_layers``; ``get_layer_status`` /
+``get_model_status``; ``add_weighted_adapter``.
+
+``add_weighted_adapter`` combines exactly by concatenation where it can (:func:`cat_records`); other
+combinations need the converter's solver, which lives above ``nn``: :mod:`lordba.convert.combine`
+registers it here at import (:func:`register_combiner`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lordba._util.modules import replace_submodule
+from lordba._util.patterns import matches
+from lordba.config import LoRDBAConfig
+from lordba.core.packing import pack_signs
+from lordba.core.scales import get_codec
+from lordba.errors import AdapterFormatError, AdapterStateError, ConfigError, TargetModulesError
+from lordba.format import adapter as adapter_files
+from lordba.nn.layer import LoRDBALinear
+from lordba.nn.model_status import StatusMixin
+from lordba.nn.saved import SavedModule
+from lordba.nn.structure import ModuleIndex, resolve
+from lordba.quant import describe_base
+
+# name -> fn(deltas {path: dense ΔW}, ranks {path: r}, scalings {path: s}, scale_dtype) -> {path: ModuleRecord}
+_COMBINERS: dict[str, Callable[..., dict[str, adapter_files.ModuleRecord]]] = {}
+COMBINATION_TYPES = ("cat", "linear", "svd")
+
+
+def register_combiner(name: str, fn: Callable[..., dict[str, adapter_files.ModuleRecord]]) -> None:
+    """Register the dense-ΔW → LoRDBA solver under ``name`` (``"dense"``: used by every combination that
+    is not an exact concatenation). Called by :mod:`lordba.convert.combine` at import."""
+    _COMBINERS[name] = fn
+
+
+class PeftFeaturesMixin(StatusMixin):
+    """Modules trained in full, trained biases, the base-quantization record and adapter combination."""
+
+    # ------------------------------------------------------------------ add / load hooks
+    def _prepare_config(self, config: LoRDBAConfig, targets: list[str]) -> LoRDBAConfig:
+        """``config`` with the base quantization of its targets recorded (if it has none)."""
+        if config.base_quantization is not None:
+            return config
+        found = describe_base([self._target(p)[0] for p in targets])
+        return config if found is None else dataclasses.replace(config, base_quantization=found)
+
+    def _saved_paths(self, config: LoRDBAConfig, targets: Sequence[str]) -> dict[str, tuple[str, ...] | None]:
+        """``{module path: saved parameter names (None: all)}`` that ``config`` trains beside its targets."""
+        found: dict[str, tuple[str, ...] | None] = {}
+        names = [n for n, _ in self.base_model.named_modules() if n and not _internal(n)]
+        for entry in config.modules_to_save or []:
+            hits = [n for n in names if matches([entry], n)]
+            if not hits:
+                raise TargetModulesError(f"modules_to_save entry {entry!r} matched no module of the model")
+            found.update(dict.fromkeys(hits))
+        heads = [h for h in config.saved_modules if h not in (config.modules_to_save or [])]
+        found.update(dict.fromkeys(n for n in names if heads and matches(heads, n)))
+        if config.bias == "all":
+            for name in names:
+                module = self.base_model.get_submodule(name)
+                if name in found or name in targets or isinstance(module, (SavedModule, LoRDBALinear)):
+                    continue
+                if isinstance(getattr(module, "bias", None), nn.Parameter):
+                    found[name] = ("bias",)
+        return found
+
+    def _install_extras(
+        self, adapter_name: str, config: LoRDBAConfig, saved: dict[str, tuple[str, ...] | None]
+    ) -> None:
+        """Dropout, trained biases and modules trained in full for a new adapter (write lock held)."""
+        for path, adapter in self.adapter_modules(adapter_name).items():
+            adapter.dropout = config.dropout
+            adapter.train(self.base_model.get_submodule(path).training)  # dropout follows the model's mode
+            bias = self._layer_bias(path)
+            if config.bias != "none" and bias is not None:
+                adapter.attach_bias(torch.zeros_like(bias, dtype=torch.float32))
+                adapter.bias_delta.requires_grad_(True)
+        for path, params in saved.items():
+            self._saved_module(path).add_copy(adapter_name, params)
+        self._sync_saved()
+
+    def _layer_bias(self, path: str) -> torch.Tensor | None:
+        layer = self.base_model.get_submodule(path)
+        bias = getattr(layer, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
+
+    def _saved_module(self, path: str) -> SavedModule:
+        module = self.base_model.get_submodule(path)
+        if isinstance(module, LoRDBALinear):
+            raise TargetModulesError(f"module {path!r} carries LoRDBA adapters: it cannot also be trained in full")
+        if not isinstance(module, SavedModule):
+            module = SavedModule(module)
+            module.gate = self._gate
+            module.train(module.original_module.training)
+            replace_submodule(self.base_model, path, module)
+        return module
+
+    def _saved_modules(self) -> list[tuple[str, SavedModule]]:
+        return self._modules_of(SavedModule)
+
+    def _modules_of(self, kind: type[nn.Module]) -> list[tuple[str, Any]]:
+        """``(path, module)`` of the base model's modules of type ``kind``, from an index walked
+        once per change of the model's structure (:mod:`lordba.nn.structure`)."""
+        indexes = self.__dict__.setdefault("_module_indexes", {})  # not an nn.Module attribute
+        index = indexes.get(kind)
+        if index is None:
+            index = indexes[kind] = ModuleIndex(kind)
+        return index.get(self.base_model)
+
+    def _sync_saved(self) -> None:
+        """Saved modules follow the model's active adapters; empty ones give their module back."""
+        for path, module in self._saved_modules():
+            for name in list(module.lordba_saved):
+                if name not in self.peft_config and name not in getattr(self, "_adding", ()):
+                    module.delete_copy(name)
+            if not module.lordba_saved:
+                replace_submodule(self.base_model, path, module.original_module)
+            module.active_adapters = list(self._active)
+
+    def _unwrap_saved(self, merge: bool) -> None:
+        """Give each module trained in full its plain module back (the caller holds the write lock):
+        with ``merge`` the active adapter's trained copy (PEFT's ``merge_and_unload``), else the
+        original (``unload``)."""
+        for path, module in self._saved_modules():
+            names = [n for n in self._active if n in module.lordba_saved] if merge else []
+            chosen = module.lordba_saved[names[0]] if names else module.original_module
+            for p in chosen.parameters():
+                p.requires_grad_(False)
+            replace_submodule(self.base_model, path, chosen)
+
+    def adapter_state(self, adapter_name: str = "default") -> adapter_files.AdapterState:
+        """The adapter as stored (config, packed tensors and its extra tensors), independent of this model."""
+        with self._lock.read():
+            state = super().adapter_state(adapter_name)
+            extras: dict[str, torch.Tensor] = {}
+            for path, module in self._saved_modules():
+                if adapter_name in module.lordba_saved:
+                    extras.update({f"{path}.{k}": v for k, v in module.saved_tensors(adapter_name).items()})
+            for path, adapter in self.adapter_modules(adapter_name).items():
+                bias = self._layer_bias(path)
+                if adapter.bias_delta is not None and bias is not None and path in state.modules:
+                    extras[f"{path}.bias"] = (bias.detach().float() + adapter.bias_delta.detach()).to(bias.dtype).cpu()
+            state.extras = extras
+            return state
+
+    def _load_state(
+        self,
+        state: adapter_files.AdapterState,
+        adapter_name: str,
+        is_trainable: bool = False,
+        targets: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Add an adapter under ``adapter_name`` (packed form), with its extra tensors (checked against
+        the model first: names, shapes; a refused adapter leaves the model as it was). Returns the
+        installed adapters by module path."""
+        plan = self._plan_extras(state)
+        self._warn_base(state.config)
+        self._adding = (adapter_name,)
+        try:
+            adapters = super()._load_state(state, adapter_name, is_trainable, targets)
+        finally:
+            self._adding = ()
+        dropout = state.config.dropout
+        with self._lock.write():
+            for path, adapter in adapters.items():
+                if adapter.dropout != dropout:
+                    adapter.dropout = dropout
+                training = resolve(self.base_model, path).training  # dropout follows the model's mode
+                if adapter.training != training:
+                    adapter.train(training)
+                value = plan["bias"].get(path)
+                if value is not None:
+                    adapter.attach_bias(value.float() - self._layer_bias(path).detach().float().cpu())
+                    adapter.bias_delta.requires_grad_(is_trainable)
+            for path, tensors in plan["saved"].items():
+                module = self._saved_module(path)
+                module.add_copy(adapter_name, tuple(tensors))
+                module.load_saved(adapter_name, tensors)
+                for name in tensors:
+                    module.lordba_saved[adapter_name].get_parameter(name).requires_grad_(is_trainable)
+            self._sync_saved()
+        return adapters
+
+    def _hotswap_extras(self, adapter_name: str, state: adapter_files.AdapterState, apply: bool) -> None:
+        """Hot-swap the extra tensors (trained biases, modules trained in full) in place: the file must
+        hold exactly the extras the adapter has (checked with ``apply=False``, before anything changes)."""
+        held = {
+            f"{p}.{k}"
+            for p, m in self._saved_modules()
+            if adapter_name in m.lordba_saved
+            for k in m.saved_params[adapter_name]
+        }
+        held |= {f"{p}.bias" for p, a in self.adapter_modules(adapter_name).items() if a.bias_delta is not None}
+        if set(state.extras) != held:
+            raise AdapterStateError(
+                f"hotswap_adapter: the file's extra tensors {sorted(state.extras)[:4]} differ from those adapter "
+                f"{adapter_name!r} holds {sorted(held)[:4]}; hot-swapping needs the same ones"
+            )
+        plan = self._plan_extras(state)  # names and shapes against the model
+        if not apply:
+            return
+        adapters = self.adapter_modules(adapter_name)
+        with torch.no_grad():
+            for path, value in plan["bias"].items():
+                delta = value.float() - self._layer_bias(path).detach().float().cpu()
+                adapters[path].bias_delta.copy_(delta.to(adapters[path].bias_delta.device))
+        for path, tensors in plan["saved"].items():
+            self._saved_module(path).load_saved(adapter_name, tensors)
+
+    def _plan_extras(self, state: adapter_files.AdapterState) -> dict[str, dict[str, Any]]:
+        """Where each extra tensor of ``state`` goes: ``{"bias": {layer path: tensor}, "saved": {module
+        path: {param: tensor}}}``; raises :class:`AdapterFormatError` for a name or shape the model lacks."""
+        plan: dict[str, dict[str, Any]] = {"bias": {}, "saved": {}}
+        for name, value in sorted(state.extras.items()):
+            path, _, param = name.rpartition(".")
+            if param == "bias" and path in state.modules:
+                bias = self._base_param(path, "bias", name)
+                _check_shape(name, value, bias)
+                plan["bias"][path] = value
+                continue
+            target = self._base_param(path, param, name)
+            _check_shape(name, value, target)
+            plan["saved"].setdefault(path, {})[param] = value
+        return plan
+
+    def _base_param(self, path: str, param: str, name: str) -> torch.Tensor:
+        try:
+            module = self.base_model.get_submodule(path)
+        except AttributeError:
+            raise AdapterFormatError(f"extra tensor {name}: the base model has no module {path!r}") from None
+        module = module.original_module if isinstance(module, SavedModule) else module
+        module = module.base_layer if isinstance(module, LoRDBALinear) else module
+        value = getattr(module, param, None)
+        if not isinstance(value, torch.Tensor):
+            raise AdapterFormatError(f"extra tensor {name}: module {path!r} has no parameter {param!r}")
+        return value
+
+    def _warn_base(self, config: LoRDBAConfig) -> None:
+        """Warn when the adapter was trained on another base quantization than this model's."""
+        if config.base_quantization is None:
+            return
+        layers = [m.base_layer for _, m in self._lordba_layers()] or [
+            m for m in self.base_model.modules() if not list(m.children())
+        ]
+        here = describe_base(layers)
+        if here != config.base_quantization:
+            warnings.warn(
+                f"this adapter was trained on a base quantized as {config.base_quantization}, but this base is "
+                f"{here or 'unquantized'}: its outputs will differ from the ones it was trained for",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ enable / disable
+    def enable_adapter_layers(self) -> None:
+        """Turn the adapters back on in every layer (undoes :meth:`disable_adapter_layers`)."""
+        self._set_layers_disabled(False)
+
+    def disable_adapter_layers(self) -> None:
+        """Turn the adapters off in every layer until :meth:`enable_adapter_layers` (persistent, unlike
+        the ``disable_adapter()`` block): the model runs as its base, original heads and biases included."""
+        self._set_layers_disabled(True)
+
+    def _set_layers_disabled(self, disabled: bool) -> None:
+        with self._lock.write():
+            if disabled and any(layer.merged for _, layer in self._lordba_layers()):
+                raise AdapterStateError("adapters are merged into the base: unmerge_adapter() before disabling them")
+            for _, module in [*self._lordba_layers(), *self._saved_modules()]:
+                module.disable_adapters = disabled
+
+    # ------------------------------------------------------------------ combination
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "cat",
+        svd_rank: int | None = None,
+    ) -> None:
+        """Add ``adapter_name`` = Σ ``weights[i]`` · ``adapters[i]`` (PEFT's method; not activated).
+
+        ``"cat"`` stacks the signs along the rank (rank Σ r_i) and folds each weight into ``m``: exact
+        when the adapters' outer scales are proportional (``a_i ∝ a_j``, ``b_i ∝ b_j``, e.g. an adapter
+        combined with itself or scales shared); otherwise it is re-factorised at rank Σ r_i by the
+        converter's solver (a warning gives the error). ``"linear"`` (equal ranks) and ``"svd"`` (rank
+        ``svd_rank``, default the largest) solve the dense weighted ΔW at that rank. Extra tensors
+        (modules trained in full, biases) are not combined. Raises :class:`ConfigError` /
+        :class:`AdapterStateError` for bad arguments.
+        """
+        self._check_combination(adapters, weights, combination_type, svd_rank)
+        with self._lock.read():
+            parts = [self.adapter_modules(n) for n in adapters]
+            configs = [self.peft_config[n] for n in adapters]
+        first = configs[0]
+        paths = sorted({p for part in parts for p in part})
+        ranks = {p: sum(part[p].r for part in parts if p in part) for p in paths}
+        if combination_type != "cat":
+            fixed = svd_rank or max(a.r for part in parts for a in part.values())
+            ranks = {p: fixed for p in paths}
+        records = {}
+        if combination_type == "cat":
+            records = cat_records(parts, weights, first.alpha, ranks, first.scale_dtype)
+        rest = [p for p in paths if p not in records]
+        if rest:
+            records.update(self._dense_combine(parts, weights, rest, ranks, first, combination_type))
+        config = _combined_config(first, ranks, combination_type)
+        self.load_adapter_state(adapter_files.AdapterState(config, records), adapter_name)
+
+    def _check_combination(
+        self, adapters: Sequence[str], weights: Sequence[float], combination_type: str, svd_rank: int | None
+    ) -> None:
+        if combination_type not in COMBINATION_TYPES:
+            raise ConfigError(f"combination_type must be one of {COMBINATION_TYPES}, got {combination_type!r}")
+        if isinstance(adapters, str) or not adapters or len(adapters) != len(weights):
+            raise ConfigError("adapters and weights must be lists of the same, non-zero length")
+        if not all(isinstance(w, (int, float)) and torch.isfinite(torch.tensor(float(w))) for w in weights):
+            raise ConfigError(f"weights must be finite numbers, got {list(weights)!r}")
+        if svd_rank is not None and (type(svd_rank) is not int or svd_rank < 1):
+            raise ConfigError(f"svd_rank must be a positive int, got {svd_rank!r}")
+        self._check_known(*adapters)
+        if combination_type == "linear" and len({self.peft_config[n].r for n in adapters}) > 1:
+            raise ConfigError("combination_type='linear' needs adapters of the same rank (use 'cat' or 'svd')")
+
+    def _dense_combine(
+        self,
+        parts: list,
+        weights: Sequence[float],
+        paths: list[str],
+        ranks: dict[str, int],
+        first: LoRDBAConfig,
+        kind: str,
+    ) -> dict[str, adapter_files.ModuleRecord]:
+        combiner = _COMBINERS.get("dense")
+        if combiner is None:
+            raise AdapterStateError(
+                f"combination_type={kind!r} needs the converter's solver: import lordba.convert first"
+            )
+        deltas = {
+            p: sum(float(w) * part[p].delta_weight() for part, w in zip(parts, weights) if p in part) for p in paths
+        }
+        scalings = {p: first.alpha / ranks[p] for p in paths}
+        records, errors = combiner(deltas, ranks, scalings, first.scale_dtype)
+        if kind == "cat":
+            worst = max(errors.values())
+            warnings.warn(
+                f"add_weighted_adapter(cat): the adapters' outer scales are not proportional in {len(paths)} "
+                f"module(s), so the concatenation was re-factorised (largest relative error {worst:.3g})",
+                UserWarning,
+                stacklevel=3,
+            )
+        return records
+
+
+def cat_records(
+    parts: list[dict[str, Any]], weights: Sequence[float], alpha: float, ranks: dict[str, int], scale_dtype: str
+) -> dict[str, adapter_files.ModuleRecord]:
+    """The exact concatenation of weighted double-binary adapters, per module where it exists.
+
+    With ``a_i = α_i a`` and ``b_i = β_i b`` (proportional outer scales) the weighted sum is
+    ``Σ w_i s_i diag(a_i) S_Bi diag(m_i) S_Ai diag(b_i) = s · diag(a) [S_B1 … S_Bk] diag(m) [S_A1; …; S_Ak] diag(b)``
+    with ``m = [w_i s_i α_i β_i m_i / s]``: signs stack, ``m`` takes the weights. Returns the records of
+    the modules where that holds; the others are left to the solver."""
+    codec = get_codec(scale_dtype)
+    records = {}
+    for path, r in ranks.items():
+        held = [(part[path], float(w)) for part, w in zip(parts, weights) if path in part]
+        ref = max(held, key=lambda aw: _outer_norm(aw[0]))[0]
+        b_ref, _, a_ref = (v.detach().float() for v in ref.scales())
+        s = alpha / r
+        mids, signs_A, signs_B = [], [], []
+        for adapter, w in held:
+            b, m, a = (v.detach().float() for v in adapter.scales())
+            alpha_i, beta_i = _ratio(a, a_ref), _ratio(b, b_ref)
+            if alpha_i is None or beta_i is None:
+                break
+            mids.append(w * adapter.scaling * alpha_i * beta_i * m / s)
+            sign_A, sign_B = adapter.signs()
+            signs_A.append(sign_A)
+            signs_B.append(sign_B)
+        else:
+            stored = codec.encode(b_ref, torch.cat(mids), a_ref)
+            tensors = {"sign_A": pack_signs(torch.cat(signs_A)), "sign_B": pack_signs(torch.cat(signs_B, dim=1))}
+            tensors.update(dict(zip(("scale_in", "scale_mid", "scale_out"), (t.contiguous() for t in stored))))
+            rec = adapter_files.ModuleRecord(path, ref.in_features, ref.out_features, r, tensors)
+            records[path] = rec
+    return records
+
+
+def _outer_norm(adapter: Any) -> float:
+    b, _, a = (v.detach() for v in adapter.scales())
+    return float(b.norm() * a.norm())
+
+
+def _ratio(v: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> float | None:
+    """``c`` with ``v = c · ref`` (to ``tol`` relative), or ``None`` if ``v`` is not proportional to ``ref``."""
+    den = float(ref.double().square().sum())
+    if den == 0.0:
+        return 0.0 if float(v.abs().max()) == 0.0 else None
+    c = float((v.double() * ref.double()).sum()) / den
+    ok = float((v.double() - c * ref.double()).norm()) <= tol * max(float(v.double().norm()), 1e-30)
+    return c if ok else None
+
+
+def _combined_config(first: LoRDBAConfig, ranks: dict[str, int], kind: str) -> LoRDBAConfig:
+    common = max(set(ranks.values()), key=list(ranks.values()).count)
+    pattern = {re.escape(p): r for p, r in ranks.items() if r != common}
+    return dataclasses.replace(
+        first,
+        r=common,
+        rank_pattern=pattern,
+        alpha_pattern={},
+        target_modules=sorted(ranks),
+        exclude_modules=None,
+        modules_to_save=None,
+        task_type=None,
+        bias="none",
+        mode="ptq",
+        layers_to_transform=None,
+        layers_pattern=None,
+    )
+
+
+def _internal(name: str) -> bool:
+    dotted = f".{name}."
+    return any(f".{p}." in dotted for p in ("base_layer", "lordba_adapters", "lordba_saved", "original_module"))
+
+
+def _check_shape(name: str, value: torch.Tensor, target: torch.Tensor) -> None:
+    if tuple(value.shape) != tuple(target.shape):
+        raise AdapterFormatError(
+            f"extra tensor {name}: shape {tuple(value.shape)}, the model's parameter has {tuple(target.shape)}"
+        )

@@ -1,0 +1,163 @@
+"""PEFT's status reports (``get_layer_status``, ``get_model_status``) and adapter state-dict functions
+(``get_lordba_model_state_dict`` / ``set_lordba_model_state_dict``, shaped like PEFT's
+``get_peft_model_state_dict`` / ``set_peft_model_state_dict``) for :class:`~lordba.nn.model.LoRDBAModel`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from lordba.errors import AdapterFormatError
+from lordba.format.extras import EXTRA_PREFIX, check_extra_values
+from lordba.format.header import TENSOR_KINDS, ModuleRecord, check_values
+from lordba.nn.adapter import TrainableAdapter
+
+Irregular = Literal["irregular"]
+
+
+@dataclass
+class LayerStatus:
+    """One adapted layer, with PEFT's ``TunerLayerStatus`` fields."""
+
+    name: str
+    module_type: str
+    enabled: bool
+    active_adapters: list[str]
+    merged_adapters: list[str]
+    requires_grad: dict[str, bool | Irregular]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+
+
+@dataclass
+class ModelStatus:
+    """The whole model, with PEFT's ``TunerModelStatus`` fields (``"irregular"`` where layers differ)."""
+
+    base_model_type: str
+    adapter_model_type: str
+    peft_types: dict[str, str]
+    trainable_params: int
+    total_params: int
+    num_adapter_layers: int
+    enabled: bool | Irregular
+    active_adapters: list[str] | Irregular
+    merged_adapters: list[str] | Irregular
+    requires_grad: dict[str, bool | Irregular] = field(default_factory=dict)
+    available_adapters: list[str] = field(default_factory=list)
+    devices: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _grad_state(adapter: torch.nn.Module) -> bool | Irregular:
+    flags = {p.requires_grad for p in adapter.parameters()}
+    return "irregular" if len(flags) > 1 else bool(flags and flags.pop())
+
+
+def _merge(values: list[Any]) -> Any:
+    first = values[0] if values else []
+    return first if all(v == first for v in values) else "irregular"
+
+
+class StatusMixin:
+    """``get_layer_status`` and ``get_model_status`` of the model."""
+
+    def get_layer_status(self) -> list[LayerStatus]:
+        """One :class:`LayerStatus` per LoRDBA layer, in model order (PEFT's ``get_layer_status``)."""
+        out = []
+        with self._lock.read():
+            for name, layer in self._lordba_layers():
+                adapters = layer.lordba_adapters
+                out.append(
+                    LayerStatus(
+                        name=name,
+                        module_type=f"lordba.LoRDBALinear({type(layer.base_layer).__name__})",
+                        enabled=not layer.disable_adapters,
+                        active_adapters=[n for n in layer.active_adapters if n in adapters],
+                        merged_adapters=list(layer.merged_adapters),
+                        requires_grad={n: _grad_state(a) for n, a in adapters.items()},
+                        available_adapters=sorted(adapters),
+                        devices={
+                            n: sorted({str(t.device) for t in (*a.parameters(), *a.buffers())})
+                            for n, a in adapters.items()
+                        },
+                    )
+                )
+        return out
+
+    def get_model_status(self) -> ModelStatus:
+        """The model's :class:`ModelStatus` (PEFT's ``get_model_status``)."""
+        layers = self.get_layer_status()
+        trainable, total = self.get_nb_trainable_parameters()
+        grads: dict[str, bool | Irregular] = {}
+        devices: dict[str, set[str]] = {}
+        for layer in layers:
+            for n, g in layer.requires_grad.items():
+                grads[n] = g if grads.get(n, g) == g else "irregular"
+            for n, d in layer.devices.items():
+                devices.setdefault(n, set()).update(d)
+        return ModelStatus(
+            base_model_type=type(self.base_model).__name__,
+            adapter_model_type=type(self).__name__,
+            peft_types={n: c.peft_type for n, c in self.peft_config.items()},
+            trainable_params=trainable,
+            total_params=total,
+            num_adapter_layers=len(layers),
+            enabled=_merge([layer.enabled for layer in layers]) if layers else True,
+            active_adapters=_merge([layer.active_adapters for layer in layers]),
+            merged_adapters=_merge([layer.merged_adapters for layer in layers]),
+            requires_grad=grads,
+            available_adapters=sorted(self.peft_config),
+            devices={n: sorted(d) for n, d in devices.items()},
+        )
+
+
+def get_lordba_model_state_dict(model: Any, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors ``save_pretrained`` stores for ``adapter_name``, under the file's key names
+    (``<module path>.sign_A`` ... ``.scale_out``, ``extra:<parameter path>``): PEFT's
+    ``get_peft_model_state_dict``. Raises :class:`~lordba.errors.AdapterStateError` for an unknown adapter."""
+    state = model.adapter_state(adapter_name)
+    out = {f"{p}.{k}": rec.tensors[k] for p, rec in state.modules.items() for k in TENSOR_KINDS}
+    out.update({EXTRA_PREFIX + k: v for k, v in state.extras.items()})
+    return out
+
+
+def set_lordba_model_state_dict(model: Any, state_dict: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+    """Load ``state_dict`` (as :func:`get_lordba_model_state_dict` gives it) into the existing adapter
+    ``adapter_name`` (PEFT's ``set_peft_model_state_dict``), in place. Everything is checked first, as
+    a file is (names, dtypes, shapes, padding bits, finite scales; extras against the model), so a
+    refused state dict leaves the model as it was. Raises :class:`AdapterFormatError`."""
+    current = model.adapter_state(adapter_name)
+    config = current.config
+    records = {p: ModuleRecord(p, r.in_features, r.out_features, r.r) for p, r in current.modules.items()}
+    expected = {f"{p}.{k}" for p in records for k in TENSOR_KINDS}
+    given = {k for k in state_dict if not k.startswith(EXTRA_PREFIX)}
+    if given != expected:
+        missing, unexpected = sorted(expected - given), sorted(given - expected)
+        raise AdapterFormatError(f"state dict: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for path, rec in records.items():
+        for kind, (dtype, shape) in rec.expected(config.scale_dtype).items():
+            t = state_dict[f"{path}.{kind}"]
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise AdapterFormatError(f"state dict: {path}.{kind}: {got}, expected {dtype} {shape}")
+            rec.tensors[kind] = t.detach().cpu()
+        check_values(rec, config.scale_dtype, "state dict")
+    extras = {k[len(EXTRA_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(EXTRA_PREFIX)}
+    check_extra_values(extras, "state dict")
+    if set(extras) != set(current.extras):
+        raise AdapterFormatError(
+            f"state dict: extra tensors {sorted(extras)[:5]} differ from the adapter's {sorted(current.extras)[:5]}"
+        )
+    plan = model._plan_extras(type(current)(config, records, extras=extras))
+    with model._lock.write():
+        for path, adapter in model.adapter_modules(adapter_name).items():
+            if isinstance(adapter, TrainableAdapter) and adapter.has_latent_signs:
+                adapter = model._swap(adapter_name, path, adapter.freeze_signs())
+            adapter.load_stored(records[path].tensors)
+            value = plan["bias"].get(path)
+            if value is not None:
+                with torch.no_grad():
+                    adapter.bias_delta.copy_(value.float() - model._layer_bias(path).detach().float().cpu())
+        for path, tensors in plan["saved"].items():
+            model.base_model.get_submodule(path).load_saved(adapter_name, tensors)

@@ -1,0 +1,152 @@
+"""Per-call adapter routing: which adapters the layers of a model apply during one forward.
+
+A call of :class:`~lordba.nn.model.LoRDBAModel` decides its :class:`Routing` (the active adapters,
+whether adapters are disabled, and optionally one adapter per batch row) and publishes it through
+the model's :class:`RoutingGate` for the duration of the call; every
+:class:`~lordba.nn.layer.LoRDBALinear` of the model reads it there. ``torch.compile`` traces that
+read and guards on the routing's value, so a compiled model computes exactly what the eager one
+does for every routing and enable/disable state (one graph per distinct routing), with no graph
+break. (A ``contextvars.ContextVar``, used before, cannot be traced: dynamo breaks the graph there.)
+
+Calls with the same routing run concurrently; a call whose routing differs from the calls in
+flight waits for them to finish (the gate holds one routing at a time; ``disable_adapter`` holds
+it for its block). A layer called outside a model call (its base model called directly) follows its
+own attributes; a standalone layer has a gate of its own. :data:`ROUTING` carries a thread's
+``disable_adapter`` state into the model calls of its block (the model reads it, layers do not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lordba.errors import AdapterStateError
+
+BASE_ROW = "__base__"  # an ``adapter_names`` entry that routes a row to the base model alone
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Per-call adapter selection.
+
+    ``active`` overrides the layers' active adapters, ``disabled`` turns every branch off, and
+    ``adapter_names`` (one entry per batch row) routes rows to adapters.
+    """
+
+    active: tuple[str, ...] | None = None
+    disabled: bool = False
+    adapter_names: tuple[str, ...] | None = None
+
+
+_DISABLED = Routing(None, True, None)
+
+
+def routing(active: tuple[str, ...] | None, disabled: bool, adapter_names: tuple[str, ...] | None) -> Routing:
+    """The :class:`Routing` for these values, interned (equal routings are one object, so compiled
+    graphs guard on it cheaply and stay valid). Disabled routings ignore the rest."""
+    return _DISABLED if disabled else _enabled(active, adapter_names)
+
+
+@functools.lru_cache(maxsize=1024)
+def _enabled(active: tuple[str, ...] | None, adapter_names: tuple[str, ...] | None) -> Routing:
+    return Routing(active, False, adapter_names)
+
+
+ROUTING: contextvars.ContextVar[Routing | None] = contextvars.ContextVar("lordba_routing", default=None)
+
+
+class RoutingGate:
+    """The routing of the model call(s) in flight, shared by the model's layers."""
+
+    def __init__(self) -> None:
+        self.routing: Routing | None = None
+        self._cond = threading.Condition(threading.Lock())
+        self._holders: dict[int, int] = {}  # thread id -> nesting depth
+        self._switches = 0  # nested calls of the only thread inside that changed the routing
+
+    def __deepcopy__(self, memo: dict) -> RoutingGate:
+        return RoutingGate()
+
+    def __reduce__(self) -> tuple:
+        return (RoutingGate, ())
+
+    def held_here(self) -> bool:
+        """Whether the calling thread is inside a model call (eager check; not traced)."""
+        return threading.get_ident() in self._holders
+
+    @contextlib.contextmanager
+    def enter(self, value: Routing) -> Iterator[None]:
+        """Publish ``value`` for the block; wait while other threads run calls with another routing.
+
+        Raises:
+            AdapterStateError: a call nested in a call of the same thread asks for another routing
+                while other threads are inside the model (it cannot wait for them without risking
+                a deadlock).
+        """
+        me = threading.get_ident()
+        with self._cond:
+            while self._holders:
+                if me in self._holders:  # nested in a call of this thread
+                    if self.routing != value and len(self._holders) > 1:
+                        raise AdapterStateError(
+                            "a model call nested in another asks for a different adapter routing while "
+                            "other threads are inside the model"
+                        )
+                    break
+                if self.routing == value and not self._switches:
+                    break  # join the calls in flight
+                self._cond.wait()
+            switched = bool(self._holders) and self.routing != value  # this thread's nested switch
+            previous = self.routing
+            self._switches += switched
+            self.routing = value
+            self._holders[me] = self._holders.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                depth = self._holders.pop(me) - 1
+                if depth:
+                    self._holders[me] = depth
+                if switched:
+                    self._switches -= 1
+                    self.routing = previous
+                if not self._holders:
+                    self.routing = None
+                self._cond.notify_all()
+
+
+def current_routing(gate: RoutingGate) -> Routing | None:
+    """The routing a layer applies now: that of the model call (or ``disable_adapter`` block) in
+    flight in this thread, else ``None`` (the layer's own attributes). Under torch.compile the read
+    is traced and guarded, without the thread check (call a compiled model through its wrapper when
+    threads share it)."""
+    if gate.routing is not None and (torch.compiler.is_compiling() or gate.held_here()):
+        return gate.routing
+    return None
+
+
+_ROUTES: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def route_index(names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """``{adapter name: row indices}`` for a mixed batch, built once per distinct ``names`` and
+    shared by every layer of a forward (a small bounded cache; built fresh while compiling)."""
+    key = (tuple(names), device)
+    found = None if torch.compiler.is_compiling() else _ROUTES.get(key)
+    if found is None:
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            rows.setdefault(name, []).append(i)
+        found = {n: torch.tensor(r, dtype=torch.long, device=device) for n, r in rows.items()}
+        if not torch.compiler.is_compiling():
+            if len(_ROUTES) >= 64:
+                _ROUTES.pop(next(iter(_ROUTES)))
+            _ROUTES[key] = found
+    return found

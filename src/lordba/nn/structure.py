@@ -1,0 +1,73 @@
+"""Where a model's LoRDBA layers and modules trained in full are, found by one ``named_modules()``
+walk and kept until the model's structure changes (what makes loading an adapter cheap: a model
+with a thousand adapters resident has a thousand modules per layer to walk through).
+
+The index is rebuilt when:
+
+* a module was registered anywhere since it was built (a global module-registration hook of
+  PyTorch counts them: ``setattr`` of a module, ``add_module``, ``ModuleList``/``ModuleDict``
+  changes), except adapters put into a layer, which hold no layers; or
+* one of its entries is no longer at its path (a module deleted or replaced without
+  registration, e.g. ``del``): every entry is checked on use, by dictionary lookups along its path.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
+
+from lordba.nn.adapter_base import AdapterBase
+
+_VERSION = [0]  # bumped whenever a (non-adapter) module is registered anywhere in this process
+
+
+def _count_registration(parent: nn.Module, name: str, module: nn.Module | None) -> None:
+    if not isinstance(module, AdapterBase):
+        _VERSION[0] += 1
+
+
+register_module_module_registration_hook(_count_registration)
+
+
+def structure_version() -> int:
+    """A number that changes whenever a module (other than an adapter) is registered in this process."""
+    return _VERSION[0]
+
+
+def resolve(root: nn.Module, path: str) -> nn.Module | None:
+    """The submodule of ``root`` at dotted ``path`` (``""``: root), or ``None`` where there is none:
+    ``get_submodule`` without its per-step checks and exceptions."""
+    module = root
+    if path:
+        for part in path.split("."):
+            module = module._modules.get(part)
+            if module is None:
+                return None
+    return module
+
+
+class ModuleIndex:
+    """``(path, module)`` of the modules of a root that are instances of ``kind``, in
+    ``named_modules()`` order, kept until the structure changes (module docstring). Threads may
+    share it: concurrent rebuilds give the same entries."""
+
+    def __init__(self, kind: type[nn.Module]) -> None:
+        self._kind = kind
+        self._entries: list[tuple[str, nn.Module]] = []
+        self._version = -1
+        self._root: nn.Module | None = None
+
+    def get(self, root: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The ``(path, module)`` pairs, walking ``root`` only if the structure changed; a new list."""
+        version, entries = self._version, self._entries
+        fresh = version == _VERSION[0] and self._root is root
+        if fresh and all(resolve(root, path) is module for path, module in entries):
+            return list(entries)
+        version = _VERSION[0]
+        entries = [(n, m) for n, m in root.named_modules() if isinstance(m, self._kind)]
+        self._entries, self._version, self._root = entries, version, root
+        return list(entries)
+
+    def invalidate(self) -> None:
+        """Walk again on the next :meth:`get`."""
+        self._version = -1

@@ -1,0 +1,120 @@
+"""A disk cache of quantized bases, so that slow quantizers run once per model and setting.
+
+HQQ's half-quadratic optimiser takes minutes for a whole model on 2 CPU cores (about 0.5–1.7 s per
+layer of SmolLM2) and gives ~20% lower weight error than plain rounding. Its quantized state is a
+set of tensors, stored here as safetensors (no pickle) under ``cache_dir()/quantized/``, keyed by the
+model's files and the quantization settings. The ``q4`` base uses the same optimiser and is cached
+the same way. bitsandbytes quantizes in milliseconds: no cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lordba._util.modules import replace_submodule
+from lordba._version import __version__
+from lordba.quant.quantize import DEFAULT_BACKEND, quantizable, quantize_model
+
+
+def _key(source: Path, backend: str, bits: int, group_size: int) -> str:
+    files = sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in source.glob("*")
+        if p.suffix in (".safetensors", ".json")
+    )
+    try:
+        from importlib.metadata import version
+
+        hqq_version = version("hqq")
+    except Exception:
+        hqq_version = "?"
+    blob = json.dumps([str(source.resolve()), files, backend, bits, group_size, hqq_version, __version__, _LAYOUT])
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def quantize_model_cached(
+    model: nn.Module,
+    source: str | Path,
+    backend: str = DEFAULT_BACKEND,
+    bits: int = 4,
+    group_size: int = 64,
+    progress: bool = False,
+) -> nn.Module:
+    """:func:`quantize_model` for a model loaded from the folder ``source``, reusing a cached result."""
+    from lordba._util.cachedir import cache_dir  # lazily: assets imports the library
+
+    source = Path(source)
+    if backend not in _CACHED or not source.is_dir():
+        return quantize_model(model, backend, bits, group_size, progress=progress)
+    path = cache_dir() / "quantized" / f"{_key(source, backend, bits, group_size)}.safetensors"
+    if path.is_file():
+        try:
+            _load(model, path, backend, bits, group_size)
+            return model
+        except Exception as err:  # a damaged cache entry is rebuilt, never fatal
+            warnings.warn(f"quantized-base cache {path} could not be read ({err}); quantizing again", stacklevel=2)
+            path.unlink(missing_ok=True)
+    quantize_model(model, backend, bits, group_size, progress=progress)
+    state = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ == _CACHED[backend]:
+            for k, v in module.state_dict().items():
+                state[f"{name}::{k}"] = v.detach().cpu().contiguous()
+            if hasattr(module, "bits") and backend == "q4":
+                state[f"{name}::bits"] = torch.tensor(module.bits)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+    return model
+
+
+_CACHED = {"hqq": "HQQLinear", "q4": "Q4Linear"}  # backend -> the layer class whose state is cached
+_LAYOUT = 2  # of the cached files (2: the q4 base's output head is cached too)
+
+
+def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int) -> None:
+    state = load_file(str(path))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = sorted({k.split("::", 1)[0] for k in state})
+    if backend == "hqq" and names != sorted(n for n, _ in quantizable(model)):
+        raise ValueError("the cached layers are not the model's quantizable layers")
+    for name in names:
+        linear = model.get_submodule(name)
+        prefix = f"{name}::"
+        sd = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        q = _hqq_layer(linear, sd, bits, group_size) if backend == "hqq" else _q4_layer(linear, sd)
+        replace_submodule(model, name, q)
+    head_bits = 0
+    if backend == "q4":
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head_bits = getattr(head, "bits", 0)
+        if head_bits and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            model.config.tie_word_embeddings = False
+    model.lordba_quantization = {"backend": backend, "bits": bits, "group_size": group_size, "head_bits": head_bits}
+    torch.nn.Module.train(model, model.training)
+
+
+def _hqq_layer(linear: nn.Linear, sd: dict[str, torch.Tensor], bits: int, group_size: int) -> nn.Module:
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    config = {**BaseQuantizeConfig(nbits=bits, group_size=group_size), "offload_meta": False}
+    q = HQQLinear(None, config, compute_dtype=linear.weight.dtype, device=str(linear.weight.device), initialize=False)
+    q.load_state_dict(sd)
+    return q
+
+
+def _q4_layer(linear: nn.Linear, sd: dict[str, torch.Tensor]) -> nn.Module:
+    from lordba.quant.q4 import Q4Linear
+
+    bits = int(sd["bits"]) if "bits" in sd else 4
+    return Q4Linear(sd["qweight"], sd["scale"], sd["minus"], linear.in_features, sd.get("bias"), bits)

@@ -1,0 +1,125 @@
+"""The ``q4`` base: 4-bit weight-only linear layers with lordba's own CPU kernels (the fast base),
+and 8-bit ones for the output head.
+
+HQQ's optimiser chooses each group's scale and zero point (so the weight error is HQQ 4-bit's at
+the same group size); the codes are then repacked for :mod:`lordba.kernels.q4`, whose decode kernel
+reads 4.5 bits per weight (AVX-512, or a portable build) where HQQ's PyTorch path dequantizes the
+whole weight on every call. Gradients flow to the input (QAT on a frozen q4 base); merging
+requantizes (lossy, restored exactly on unmerge).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lordba.errors import ConfigError
+from lordba.kernels.q4 import CHUNK, pack_codes, q4_dequantize, q4_linear
+from lordba.quant.backend import BaseBackend
+
+
+class Q4Linear(nn.Module):
+    """A frozen 4-bit (or 8-bit) linear layer (buffers: ``qweight``, ``scale``, ``minus``; optional ``bias``)."""
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scale: torch.Tensor,
+        minus: torch.Tensor,
+        in_features: int,
+        bias: torch.Tensor | None = None,
+        bits: int = 4,
+    ) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ConfigError(f"Q4Linear stores 4- or 8-bit codes, got bits={bits}")
+        self.bits = bits
+        self.in_features = int(in_features)
+        self.out_features = int(qweight.shape[0])
+        self.group_size = qweight.shape[1] * 8 // bits // scale.shape[1]
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scale", scale.to(torch.float16).contiguous())
+        self.register_buffer("minus", minus.to(torch.float16).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        group_size: int = 64,
+        optimize: bool = True,
+        bits: int = 4,
+    ) -> Q4Linear:
+        """Quantize a dense ``out × in`` weight to ``bits`` (4 or 8) per weight, HQQ's optimised affine
+        quantizer, groups of ``group_size``.
+
+        Raises:
+            ConfigError: ``group_size`` is not a positive multiple of 32, or ``bits`` is not 4 or 8.
+        """
+        if group_size <= 0 or group_size % CHUNK:
+            raise ConfigError(f"the q4 base needs a group size that is a multiple of {CHUNK}, got {group_size}")
+        from hqq.core.quantize import Quantizer
+
+        out, in_features = weight.shape
+        padded = -(-in_features // group_size) * group_size
+        w = torch.zeros(out, padded, dtype=torch.float32)
+        w[:, :in_features] = weight.detach().float().cpu()
+        if padded > in_features:  # pad with the row's last group mean: keeps the padded group's range tight
+            w[:, in_features:] = w[:, padded - group_size : in_features].mean(dim=1, keepdim=True)
+        codes, meta = Quantizer.quantize(
+            w, nbits=bits, group_size=group_size, optimize=optimize, axis=1, bitpack=False, device="cpu"
+        )
+        groups = padded // group_size
+        scale = meta["scale"].float().reshape(out, groups)
+        zero = meta["zero"].float().reshape(out, groups)
+        codes = codes.reshape(out, padded).to(torch.uint8)
+        layer = cls(pack_codes(codes, bits), scale, -scale * zero, in_features, bias, bits)
+        return layer.to(weight.device)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 ``out × in`` weight this layer computes with."""
+        return q4_dequantize(self.qweight, self.scale, self.minus, self.in_features, self.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return q4_linear(x, self.qweight, self.scale, self.minus, self.in_features, self.bias, self.bits)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}"
+        )
+
+
+def quantize_linear_q4(linear: nn.Linear, group_size: int = 64, bits: int = 4) -> Q4Linear:
+    """A :class:`Q4Linear` with ``linear``'s weight (quantized to ``bits``) and bias."""
+    return Q4Linear.from_weight(linear.weight, linear.bias, group_size, bits=bits)
+
+
+class Q4Backend(BaseBackend):
+    """lordba's own 4-bit layers; merging requantizes into a new layer with the same group size."""
+
+    name = "q4"
+    in_place_merge = False
+    bits = 4.0
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, Q4Linear)
+
+    def weight_device(self, module: nn.Module) -> torch.device:
+        return module.qweight.device
+
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        return module.dequantize()
+
+    def merge(self, module: nn.Module, delta: torch.Tensor) -> nn.Module:
+        weight = module.dequantize() + delta.float()
+        return Q4Linear.from_weight(weight, module.bias, module.group_size, bits=module.bits)
+
+    def bits_per_weight(self, module: nn.Module) -> float:
+        return module.bits + 32.0 / module.group_size  # two float16 per group
+
+    def describe(self, module: nn.Module) -> dict[str, Any] | None:
+        return {"backend": "q4", "bits": int(module.bits), "group_size": int(module.group_size)}

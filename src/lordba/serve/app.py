@@ -1,0 +1,185 @@
+"""The HTTP API (FastAPI): OpenAI's completions, chat completions and models, vLLM's adapter
+loading, health and Prometheus metrics. Every error is answered in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lordba.errors import LoRDBAError
+from lordba.serve import protocol as p
+from lordba.serve.errors import ServeError
+from lordba.serve.state import Job, ServerState
+
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+def build_app(state: ServerState) -> FastAPI:
+    """The FastAPI application serving ``state``."""
+    app = FastAPI(title="lordba serve", docs_url=None, redoc_url=None)
+    app.state.serve = state
+    _error_handlers(app)
+
+    app.add_middleware(_CountRequests, state=state)
+
+    @app.get("/health")
+    async def health() -> dict:
+        waiting, running = state.engine.load
+        return {"status": "ok", "waiting": waiting, "running": running}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        waiting, running = state.engine.load
+        state.metrics.queue(waiting, running)
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        names = await run_in_threadpool(state.registry.names)
+        cards = [p.model_card(state.base_name, None)] + [p.model_card(n, state.base_name) for n in names]
+        return {"object": "list", "data": cards}
+
+    @app.post("/v1/completions")
+    async def completions(body: p.CompletionRequest, request: Request) -> Response:
+        body.check_supported()
+        prompt = body.single_prompt()
+        job = await _prepare(state, body, lambda: state.encode(prompt), body.max_tokens)
+        return await _respond(state, job, body, request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: p.ChatRequest, request: Request) -> Response:
+        body.check_supported()
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        job = await _prepare(state, body, lambda: state.chat_prompt(messages), body.limit())
+        return await _respond(state, job, body, request, chat=True)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(body: p.LoadAdapterRequest) -> Response:
+        await run_in_threadpool(state.registry.register, body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(body: p.UnloadAdapterRequest) -> Response:
+        await run_in_threadpool(state.registry.unload, body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    return app
+
+
+async def _prepare(state: ServerState, body: p._Sampling, prompt, max_tokens: int | None) -> Job:  # noqa: ANN001
+    """Resolve, load, tokenize and check in a worker thread (loading reads files and takes the model's lock)."""
+    sampling = {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "seed": body.seed,
+        "stop": body.stops(),
+        "ignore_eos": body.ignore_eos,
+    }
+    return await run_in_threadpool(state.prepare, body.model, prompt, max_tokens, **sampling)
+
+
+async def _respond(state: ServerState, job: Job, body: p._Sampling, request: Request, chat: bool) -> Response:
+    """The whole response, or a server-sent event stream when ``body.stream``."""
+    rid = p.new_id("chatcmpl" if chat else "cmpl")
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(state, job, rid, chat, include_usage), media_type="text/event-stream")
+    events = state.generate(job)
+    try:
+        async for event in events:
+            if event.finish_reason is None and await request.is_disconnected():
+                break  # the client left: closing the generator aborts the job
+            if event.finish_reason is not None:
+                if event.finish_reason == "error":
+                    return _error(500, "generation failed: " + (event.error or "unknown error"), "server_error")
+                if event.finish_reason == "abort":
+                    return _error(503, "the request was aborted: the server is shutting down", "server_error")
+                return JSONResponse(p.completion(rid, job.model, event, chat))
+    finally:
+        await events.aclose()
+    return Response(status_code=499)
+
+
+async def _stream(state: ServerState, job: Job, rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: text deltas, the finish reason, optionally the usage, then ``[DONE]``."""
+    events = state.generate(job)
+    try:
+        if chat:
+            yield _sse(p.chunk(rid, job.model, "", None, chat, first=True))
+        async for event in events:
+            if event.finish_reason == "error":
+                yield _sse(p.error_body("generation failed: " + (event.error or "unknown error"), "server_error"))
+                break
+            if event.delta:
+                yield _sse(p.chunk(rid, job.model, event.delta, None, chat))
+            if event.finish_reason is not None:
+                yield _sse(p.chunk(rid, job.model, None, event.finish_reason, chat))
+                if include_usage:
+                    yield _sse(p.usage_chunk(rid, job.model, event, chat))
+        yield "data: [DONE]\n\n"
+    finally:
+        await events.aclose()  # a client that disconnected lands here: the job is aborted
+
+
+class _CountRequests:
+    """ASGI middleware counting generation requests by path and status (a plain ASGI wrapper: it
+    leaves streaming and disconnect handling untouched)."""
+
+    def __init__(self, app: object, state: ServerState) -> None:
+        self.app, self.metrics = app, state.metrics
+
+    async def __call__(self, scope: dict, receive, send) -> None:  # noqa: ANN001
+        path = scope.get("path")
+        if scope["type"] != "http" or path not in GENERATION_PATHS:
+            await self.app(scope, receive, send)
+            return
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(p.error_body(message, kind, param, code), status_code=status)
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, err: ServeError) -> JSONResponse:
+        return JSONResponse(p.error_for(err), status_code=err.status)
+
+    @app.exception_handler(LoRDBAError)
+    async def library_error(request: Request, err: LoRDBAError) -> JSONResponse:
+        return _error(400, str(err), "invalid_request_error")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            problems.append(f"{where or 'body'}: {e.get('msg')}")
+        first = err.errors()[0] if err.errors() else {}
+        param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+        return _error(400, "invalid request: " + "; ".join(problems), "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if err.status_code < 500 else "server_error"
+        return _error(err.status_code, str(err.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
+        return _error(500, f"internal error: {type(err).__name__}: {err}", "server_error")

@@ -1,0 +1,297 @@
+"""The serving engine: continuous batching of requests across adapters on one LoRDBA model.
+
+One thread runs the loop. Each iteration admits waiting requests (up to ``max_batch`` running):
+their prompts go through one prefill forward together, each row routed to its own adapter
+(``adapter_names``), and the new rows join the running batch (:meth:`KVBatch.merge`); then one
+decode forward advances every running row by one token, again each row on its own adapter.
+Finished and aborted rows leave the batch between steps. Callers never wait on each other: a
+request's events (text deltas, then its end) go to its own ``sink`` from the engine thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from lordba.serve.batch import KVBatch, decode, prefill
+from lordba.serve.errors import UnavailableError
+from lordba.serve.sampling import IncrementalDecoder, SamplingParams, TextAssembler, sample
+
+log = logging.getLogger("lordba.serve")
+_IDS = itertools.count()
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a request's sink receives: a text ``delta``; when ``finish_reason`` is set, the request
+    is over (``stop``, ``length``, ``abort`` or ``error`` with ``error`` set) and ``text`` is all of it."""
+
+    delta: str
+    finish_reason: str | None = None
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class Observer(Protocol):
+    """What the engine reports (:class:`lordba.serve.metrics.ServeMetrics` implements it)."""
+
+    def queue(self, waiting: int, running: int) -> None: ...
+    def first_token(self, seconds: float) -> None: ...
+    def next_token(self, seconds: float) -> None: ...
+    def finished(self, reason: str, prompt_tokens: int, completion_tokens: int, seconds: float) -> None: ...
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: prompt token ids, the adapter its rows route to (``__base__`` for the base),
+    sampling parameters, a ``sink`` for its events and an ``on_done`` called once when it leaves."""
+
+    prompt: list[int]
+    adapter: str
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    on_done: Callable[[], None] | None = None
+    id: str = field(default_factory=lambda: f"req-{next(_IDS)}")
+    generated: list[int] = field(default_factory=list)
+    arrival: float = field(default_factory=time.monotonic)
+    last_token_at: float | None = None
+    aborted: bool = False
+    finished: bool = False
+
+    def __post_init__(self) -> None:
+        self.rng = None if self.params.greedy else self.params.generator()
+        self.text = TextAssembler(self.params.stop)
+        self.decoder: IncrementalDecoder | None = None  # set by the engine (it knows the tokenizer)
+
+
+class Engine:
+    """Continuous batching of :class:`Request` s on a :class:`~lordba.nn.model.LoRDBAModel`.
+
+    Takes the model, its tokenizer, the most rows in flight (``max_batch``), the most padded
+    prompt tokens per prefill forward, and an optional :class:`Observer` for metrics.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        max_batch: int = 32,
+        max_prefill_tokens: int = 8192,
+        observer: Observer | None = None,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_prefill_tokens = max(1, max_batch), max(1, max_prefill_tokens)
+        self.observer = observer
+        self.tokenizer_lock = threading.Lock()  # the tokenizer is shared with the HTTP threads
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = _pad_id(tokenizer, self.eos_ids)
+        self._cond = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._batch: KVBatch | None = None
+        self._admitting = 0  # rows taken from the queue whose prefill has not joined the batch yet
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode forwards run (tests and the benchmark read it)
+        self.max_rows_seen = 0  # the most rows one decode forward carried
+
+    # ------------------------------------------------------------------ public
+    def start(self) -> None:
+        """Start the engine thread (once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="lordba-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop: requests still waiting or running end with ``abort``."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for req in [*self._waiting, *self._running]:
+            self._finish(req, "abort")
+        self._waiting.clear()
+        self._running, self._batch = [], None
+
+    def submit(self, request: Request) -> None:
+        """Queue ``request``; it joins the running batch at the next step."""
+        request.decoder = IncrementalDecoder(self.tokenizer)
+        with self._cond:
+            if self._stop:
+                raise UnavailableError("the server is shutting down")
+            self._waiting.append(request)
+            self._cond.notify_all()
+
+    def abort(self, request: Request) -> None:
+        """Drop ``request`` at the next step boundary (its slot and adapter are freed then)."""
+        with self._cond:
+            request.aborted = True
+            self._cond.notify_all()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """``(waiting, running)`` request counts (running includes rows being prefilled)."""
+        with self._cond:
+            return len(self._waiting), len(self._running) + self._admitting
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                new, aborted = self._take_waiting()
+                self._admitting = len(new)
+            for req in aborted:
+                self._finish(req, "abort")
+            self._drop_aborted()
+            if new:
+                self._guarded(new, self._prefill, new)
+            with self._cond:
+                self._admitting = 0
+            if self._running:
+                self._guarded(list(self._running), self._decode_step)
+            if self.observer is not None:
+                self.observer.queue(*self.load)
+
+    def _take_waiting(self) -> tuple[list[Request], list[Request]]:
+        """``(admitted, aborted)``: pop the waiting requests that fit (slots and prefill tokens), oldest
+        first, and those aborted while waiting (lock held)."""
+        aborted = [r for r in self._waiting if r.aborted]
+        if aborted:
+            self._waiting = deque(r for r in self._waiting if not r.aborted)
+        new: list[Request] = []
+        while self._waiting and len(self._running) + len(new) < self.max_batch:
+            width = max(len(r.prompt) for r in [*new, self._waiting[0]])
+            if new and width * (len(new) + 1) > self.max_prefill_tokens:
+                break
+            new.append(self._waiting.popleft())
+        return new, aborted
+
+    def _guarded(self, rows: list[Request], step: Callable[..., None], *args: Any) -> None:
+        """Run one step; if it fails, its rows end with ``error`` and the engine goes on."""
+        try:
+            step(*args)
+        except Exception as err:  # a bug or a broken adapter: fail these rows, keep serving
+            log.exception("engine step failed")
+            for req in rows:
+                self._finish(req, "error", f"{type(err).__name__}: {err}")
+            ids = {id(r) for r in rows}
+            keep = [i for i, r in enumerate(self._running) if id(r) not in ids]
+            self._keep(keep)
+
+    def _prefill(self, new: list[Request]) -> None:
+        logits, batch = prefill(self.model, [r.prompt for r in new], [r.adapter for r in new], self.pad_id)
+        done = self._advance(new, logits)
+        keep = [i for i, r in enumerate(new) if r not in done]
+        part = batch.select(keep)
+        if part is not None:
+            self._batch = part if self._batch is None else self._batch.merge(part)
+        with self._cond:
+            self._running = self._running + [new[i] for i in keep]
+            self._admitting = 0
+
+    def _decode_step(self) -> None:
+        rows = self._running
+        logits = decode(self.model, self._batch, [r.generated[-1] for r in rows], [r.adapter for r in rows])
+        self.steps += 1
+        self.max_rows_seen = max(self.max_rows_seen, len(rows))
+        done = self._advance(rows, logits)
+        if done:
+            self._keep([i for i, r in enumerate(rows) if r not in done])
+
+    def _drop_aborted(self) -> None:
+        if any(r.aborted for r in self._running):
+            for r in self._running:
+                if r.aborted:
+                    self._finish(r, "abort")
+            self._keep([i for i, r in enumerate(self._running) if not r.aborted])
+
+    def _keep(self, keep: Sequence[int]) -> None:
+        """Keep only the running rows ``keep`` (their KV cache too)."""
+        with self._cond:
+            self._running = [self._running[i] for i in keep]
+        self._batch = self._batch.select(keep) if self._batch is not None else None
+        if not self._running:
+            self._batch = None
+
+    # ------------------------------------------------------------------ tokens
+    def _advance(self, rows: Sequence[Request], logits: torch.Tensor) -> set[Request]:
+        """Sample one token per row, stream its text; returns the rows that finished."""
+        done: set[Request] = set()
+        now = time.monotonic()
+        greedy = logits.argmax(-1).tolist()
+        for i, req in enumerate(rows):
+            token = greedy[i] if req.params.greedy else sample(logits[i], req.params, req.rng)
+            self._observe_token(req, now)
+            req.generated.append(token)
+            reason = self._finish_reason(req, token)
+            if reason is None:
+                delta = req.text.take_delta()
+                if delta:
+                    req.sink(Event(delta))
+            else:
+                done.add(req)
+                self._finish(req, reason)
+        return done
+
+    def _observe_token(self, req: Request, now: float) -> None:
+        if self.observer is not None:
+            if req.last_token_at is None:
+                self.observer.first_token(now - req.arrival)
+            else:
+                self.observer.next_token(now - req.last_token_at)
+        req.last_token_at = now
+
+    def _finish_reason(self, req: Request, token: int) -> str | None:
+        eos = token in self.eos_ids and not req.params.ignore_eos
+        with self.tokenizer_lock:
+            text = req.decoder.update(req.generated[:-1] if eos else req.generated)
+        if req.text.update(text) or eos:
+            return "stop"
+        return "length" if len(req.generated) >= req.params.max_tokens else None
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        """End ``req``: its last event, its ``on_done``, the metrics (each at most once)."""
+        if req.finished:
+            return
+        req.finished = True
+        delta = req.text.take_delta(final=True) if reason in ("stop", "length") else ""
+        event = Event(delta, reason, req.text.text, len(req.prompt), len(req.generated), error)
+        try:
+            if req.on_done is not None:
+                req.on_done()  # first: whoever sees the last event may count on the adapter being released
+        finally:
+            req.sink(event)
+            if self.observer is not None:
+                self.observer.finished(reason, len(req.prompt), len(req.generated), time.monotonic() - req.arrival)
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:
+    """End-of-sequence ids: the generation config's and the tokenizer's."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(int(i) for i in ids)
+
+
+def _pad_id(tokenizer: Any, eos_ids: frozenset[int]) -> int:
+    """The id put in padded positions (masked out, so any valid id does)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else min(eos_ids, default=0)

@@ -1,0 +1,202 @@
+"""The OpenAI-compatible request bodies (pydantic) and response objects of the server.
+
+Fields the server does not implement are refused (``n`` > 1, ``logprobs``, ``echo``, ``best_of``)
+rather than silently ignored; unknown extra fields are ignored, as OpenAI-compatible servers do.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lordba.serve.engine import Event
+from lordba.serve.errors import BadRequestError, ServeError
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    """``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
+
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    logprobs: Any = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever comes (benchmarks)
+
+    def check_supported(self) -> None:
+        """Refuse what the server does not implement (400)."""
+        if self.n != 1:
+            raise BadRequestError("only n=1 is supported", param="n")
+        if self.logprobs not in (None, False, 0):
+            raise BadRequestError("logprobs are not supported", param="logprobs")
+
+    def stops(self) -> tuple[str, ...]:
+        """``stop`` as a tuple of strings."""
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``: ``prompt`` is a string or a list of token ids (one prompt)."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    best_of: int | None = None
+
+    def check_supported(self) -> None:
+        """Refuse what the server does not implement (400)."""
+        super().check_supported()
+        if self.echo:
+            raise BadRequestError("echo is not supported", param="echo")
+        if self.best_of not in (None, 1):
+            raise BadRequestError("best_of is not supported", param="best_of")
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt (a batch of several is refused: send one request each)."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise BadRequestError("send one prompt per request (a list of prompts is not supported)", "prompt")
+            p = p[0]
+        if isinstance(p, list) and not p:
+            raise BadRequestError("prompt is empty", param="prompt")
+        return p
+
+
+class TextPart(_Body):
+    """One part of a message's content (text only)."""
+
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(_Body):
+    """One chat message."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        """The content as one string."""
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def limit(self) -> int | None:
+        """``max_completion_tokens`` (OpenAI's newer name) or ``max_tokens``."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+class LoadAdapterRequest(_Body):
+    """``POST /v1/load_lora_adapter`` (vLLM's body)."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadAdapterRequest(_Body):
+    """``POST /v1/unload_lora_adapter`` (vLLM's body; ``lora_int_id`` is accepted and ignored)."""
+
+    lora_name: str
+    lora_int_id: int | None = None
+
+
+# ---------------------------------------------------------------------- responses
+def error_body(message: str, kind: str, param: str | None = None, code: str | int | None = None) -> dict:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_for(err: ServeError) -> dict:
+    """The error object of a server error."""
+    return error_body(str(err), err.kind, err.param, err.code)
+
+
+def new_id(prefix: str) -> str:
+    """A response id such as ``cmpl-…``."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(event: Event) -> dict:
+    """The ``usage`` object of a finished generation."""
+    return {
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+        "total_tokens": event.prompt_tokens + event.completion_tokens,
+    }
+
+
+def completion(rid: str, model: str, event: Event, chat: bool) -> dict:
+    """The whole (non-streamed) response, from the generation's last event."""
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": event.text}, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": event.text, "logprobs": None}
+    choice["finish_reason"] = event.finish_reason
+    kind = "chat.completion" if chat else "text_completion"
+    return {
+        "id": rid,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage(event),
+    }
+
+
+def chunk(rid: str, model: str, delta: str | None, finish: str | None, chat: bool, first: bool = False) -> dict:
+    """One streamed chunk: a text delta and/or the finish reason."""
+    if chat:
+        d: dict[str, Any] = {}
+        if first:
+            d["role"] = "assistant"
+        if delta is not None:
+            d["content"] = delta
+        choice: dict[str, Any] = {"index": 0, "delta": d, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": delta or "", "logprobs": None}
+    choice["finish_reason"] = finish
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+def usage_chunk(rid: str, model: str, event: Event, chat: bool) -> dict:
+    """The last chunk with ``stream_options.include_usage``: no choices, the token counts."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    return {
+        "id": rid,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage(event),
+    }
+
+
+def model_card(name: str, parent: str | None) -> dict:
+    """One entry of ``GET /v1/models``."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "lordba", "root": name, "parent": parent}

@@ -1,0 +1,301 @@
+"""Which adapters the server knows, which are resident on the model, and the LRU that keeps them
+within a memory budget.
+
+Adapters come from a folder (``--adapters DIR``: the adapter directory ``DIR/<name>`` serves as
+``<name>``, loaded on first use) or from ``POST /v1/load_lora_adapter`` (a ``lora_path`` inside that
+folder, loaded at once). A name is a plain folder name (letters, digits, ``_`` and ``-``): it never
+resolves outside the folder, symbolic links included. Files are untrusted: the library's loader
+validates them fully (:meth:`~lordba.nn.model.LoRDBAModel.load_adapter`), and an adapter that fails
+is refused for the requests that name it only.
+
+Requests hold the adapter they use (:meth:`AdapterRegistry.acquire` / :meth:`release`): a held
+adapter is never evicted; an unload waits for its last request to finish.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from lordba.config import CONFIG_NAME, WEIGHTS_NAME
+from lordba.errors import LoRDBAError
+from lordba.nn.layer import BASE_ROW
+from lordba.serve.errors import (
+    AdapterConflictError,
+    AdapterLoadError,
+    AdapterMemoryError,
+    BadRequestError,
+    UnknownAdapterError,
+)
+
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}")
+
+
+class RegistryObserver(Protocol):
+    """What the registry reports (:class:`lordba.serve.metrics.ServeMetrics` implements it)."""
+
+    def adapter_loaded(self, seconds: float) -> None: ...
+    def adapter_load_failed(self) -> None: ...
+    def adapter_evicted(self) -> None: ...
+    def adapters_resident(self, count: int, nbytes: int) -> None: ...
+
+
+@dataclass
+class _Entry:
+    path: Path
+    from_folder: bool
+    refs: int = 0
+    nbytes: int = 0  # resident bytes; 0 while not resident
+    resident: bool = False
+
+
+class AdapterRegistry:
+    """Adapters of one :class:`~lordba.nn.model.LoRDBAModel` by name, with an LRU within
+    ``max_bytes`` (None: no limit). ``folder`` is the ``--adapters`` directory (None: only the base
+    and nothing to load)."""
+
+    def __init__(
+        self,
+        model: Any,
+        folder: str | Path | None,
+        max_bytes: int | None = None,
+        reserved: tuple[str, ...] = (),
+        observer: RegistryObserver | None = None,
+    ) -> None:
+        self.model = model
+        self.folder = Path(folder).resolve() if folder is not None else None
+        if self.folder is not None and not self.folder.is_dir():
+            raise BadRequestError(f"--adapters {folder}: not a directory", param="adapters")
+        self.max_bytes = max_bytes
+        self.reserved = frozenset((*reserved, BASE_ROW))
+        self.observer = observer
+        self._cond = threading.Condition()
+        self._load_lock = threading.Lock()  # one load / eviction / unload at a time
+        self._entries: dict[str, _Entry] = {}  # known names (registered or seen in the folder)
+        self._draining: dict[str, _Entry] = {}  # unloaded while requests still hold them
+        self._lru: OrderedDict[str, None] = OrderedDict()  # resident names, least recently used first
+        self.loads = self.evictions = 0
+
+    # ------------------------------------------------------------------ names
+    def check_name(self, name: str, param: str = "model") -> str:
+        """``name`` if it is a valid adapter name, else :class:`BadRequestError` (e.g. ``../x``)."""
+        if not isinstance(name, str) or not NAME.fullmatch(name) or name in self.reserved:
+            raise BadRequestError(
+                f"invalid adapter name {name!r}: use letters, digits, '_' and '-' (a folder name inside --adapters)",
+                param=param,
+            )
+        return name
+
+    def inside(self, path: str | Path, param: str = "lora_path") -> Path:
+        """``path`` (absolute, or relative to the folder) resolved, if it lies inside the folder."""
+        if self.folder is None:
+            raise BadRequestError("this server has no --adapters folder: adapters cannot be loaded", param=param)
+        full = (self.folder / path).resolve()
+        if full != self.folder and self.folder not in full.parents:
+            raise BadRequestError(f"{param} {str(path)!r} is outside the --adapters folder", param=param)
+        return full
+
+    def _in_folder(self, path: Path) -> bool:
+        """Whether ``path`` is an adapter directory that really lies in the folder (links resolved)."""
+        return (path / CONFIG_NAME).is_file() and self.folder in path.resolve().parents
+
+    def names(self) -> list[str]:
+        """Every adapter name that can be served: registered ones and those in the folder."""
+        found = set()
+        if self.folder is not None:
+            found = {d.name for d in self.folder.iterdir() if NAME.fullmatch(d.name) and self._in_folder(d)}
+        with self._cond:
+            return sorted(found - self.reserved | set(self._entries))
+
+    def resident(self) -> dict[str, int]:
+        """``{name: bytes}`` of the adapters on the model, least recently used first."""
+        with self._cond:
+            return {n: self._entries[n].nbytes for n in self._lru if n in self._entries} | {
+                n: e.nbytes for n, e in self._draining.items() if e.resident
+            }
+
+    def _lookup(self, name: str) -> _Entry:
+        """The entry of ``name`` (lock held), discovering it in the folder; 404 if unknown."""
+        entry = self._entries.get(name)
+        if entry is not None:
+            return entry
+        self.check_name(name)
+        if self.folder is not None:
+            path = self.folder / name
+            if self._in_folder(path):
+                if name in self._draining:  # unloaded but still held: a new request takes it back
+                    entry = self._entries[name] = self._draining.pop(name)
+                    self._lru[name] = None
+                    return entry
+                entry = self._entries[name] = _Entry(path, from_folder=True)
+                return entry
+        raise UnknownAdapterError(f"The model '{name}' does not exist")
+
+    # ------------------------------------------------------------------ use
+    def acquire(self, name: str) -> None:
+        """Hold adapter ``name`` for a request, loading it first if needed (evicting the least
+        recently used adapters not in use to stay within ``max_bytes``).
+
+        Raises :class:`UnknownAdapterError` (404), :class:`AdapterLoadError` (bad files, 400),
+        :class:`AdapterMemoryError` (no room, 503), :class:`BadRequestError` (invalid name)."""
+        if self._hold_resident(name):
+            return
+        with self._load_lock:
+            if self._hold_resident(name):
+                return
+            with self._cond:
+                entry = self._lookup(name)
+            self._load(name, entry)
+            with self._cond:
+                entry.refs += 1
+
+    def release(self, name: str) -> None:
+        """A request is done with ``name``; an adapter unloaded meanwhile goes when its last request does."""
+        with self._cond:
+            entry = self._entries.get(name) or self._draining.get(name)
+            if entry is None:
+                return
+            entry.refs -= 1
+            drained = name in self._draining and entry.refs <= 0
+            if drained:
+                del self._draining[name]
+        if drained:
+            with self._load_lock:
+                self._delete(name)
+
+    def _hold_resident(self, name: str) -> bool:
+        with self._cond:
+            entry = self._lookup(name)
+            if entry.resident:
+                entry.refs += 1
+                self._lru.move_to_end(name)
+                return True
+        return False
+
+    # ------------------------------------------------------------------ load / unload
+    def register(self, name: str, path: str | Path) -> None:
+        """``POST /v1/load_lora_adapter``: serve the adapter directory ``path`` (inside the folder) as
+        ``name`` and load it now. Raises :class:`AdapterConflictError` if ``name`` is loaded."""
+        self.check_name(name, "lora_name")
+        full = self.inside(path)
+        with self._load_lock:
+            with self._cond:
+                current = self._entries.get(name) or self._draining.get(name)
+                if current is not None and (current.resident or not current.from_folder):
+                    raise AdapterConflictError(f"The lora adapter '{name}' has already been loaded.")
+                entry = self._entries[name] = _Entry(full, from_folder=False)
+            try:
+                self._load(name, entry)
+            except LoRDBAError:
+                with self._cond:
+                    self._entries.pop(name, None)
+                raise
+
+    def unload(self, name: str) -> None:
+        """``POST /v1/unload_lora_adapter``: forget ``name`` (a folder adapter can load again on
+        use); it leaves the model now, or when the last request holding it ends."""
+        with self._load_lock:
+            with self._cond:
+                entry = self._entries.get(name) if isinstance(name, str) else None
+                if entry is None or (entry.from_folder and not entry.resident):
+                    raise UnknownAdapterError(f"The lora adapter '{name}' cannot be found.", param="lora_name")
+                del self._entries[name]
+                self._lru.pop(name, None)
+                if entry.refs > 0:
+                    self._draining[name] = entry
+                    return
+            if entry.resident:
+                self._delete(name, entry)
+
+    def _load(self, name: str, entry: _Entry) -> None:
+        """Make room for ``entry`` then load it onto the model (the load lock is held)."""
+        self._make_room(name, payload_bytes(entry.path / WEIGHTS_NAME))
+        if name in self.model.peft_config:  # left by an unload whose last request just ended
+            self._delete(name)
+        start = time.perf_counter()
+        try:
+            self.model.load_adapter(entry.path, name)
+        except LoRDBAError as err:
+            if self.observer is not None:
+                self.observer.adapter_load_failed()
+            raise AdapterLoadError(f"adapter '{name}' cannot be loaded: {err}") from None
+        seconds = time.perf_counter() - start
+        nbytes = adapter_bytes(self.model, name)
+        with self._cond:
+            entry.resident, entry.nbytes = True, nbytes
+            self._lru[name] = None
+            self.loads += 1
+        if self.observer is not None:
+            self.observer.adapter_loaded(seconds)
+        self._report()
+
+    def _make_room(self, name: str, need: int) -> None:
+        """Evict least recently used adapters not in use until ``need`` more bytes fit."""
+        if self.max_bytes is None:
+            return
+        if need > self.max_bytes:
+            raise AdapterMemoryError(f"adapter '{name}' ({need} bytes) is larger than --max-adapter-memory")
+        with self._cond:
+            used = sum(e.nbytes for e in [*self._entries.values(), *self._draining.values()] if e.resident)
+            victims = []
+            for victim in self._lru:
+                if used + need <= self.max_bytes:
+                    break
+                held = self._entries[victim]
+                if held.refs == 0:
+                    victims.append(victim)
+                    used -= held.nbytes
+            if used + need > self.max_bytes:
+                raise AdapterMemoryError(
+                    f"no room for adapter '{name}' within --max-adapter-memory={self.max_bytes}: every resident "
+                    "adapter is in use; retry later"
+                )
+            entries = {v: self._entries[v] for v in victims}
+            for victim in victims:
+                self._lru.pop(victim)
+                entries[victim].resident = False
+        for victim, entry in entries.items():
+            self._delete(victim, entry)
+            with self._cond:
+                self.evictions += 1
+            if self.observer is not None:
+                self.observer.adapter_evicted()
+
+    def _delete(self, name: str, entry: _Entry | None = None) -> None:
+        """Take ``name`` off the model (the load lock is held)."""
+        if name in self.model.peft_config:
+            self.model.delete_adapter(name)
+        if entry is not None:
+            entry.resident, entry.nbytes = False, 0
+        self._report()
+
+    def _report(self) -> None:
+        if self.observer is not None:
+            sizes = self.resident()
+            self.observer.adapters_resident(len(sizes), sum(sizes.values()))
+
+
+def payload_bytes(weights: Path) -> int:
+    """The tensor bytes of a safetensors file (its size less the header), what the adapter will hold
+    once loaded; the file size if the header length is unreadable (the loader refuses such a file)."""
+    try:
+        size = weights.stat().st_size
+        with open(weights, "rb") as f:
+            header = int.from_bytes(f.read(8), "little")
+    except OSError:
+        return 0
+    return size - 8 - header if 0 <= header <= size - 8 else size
+
+
+def adapter_bytes(model: Any, name: str) -> int:
+    """Bytes adapter ``name`` holds on ``model``: its tensors and its inference caches."""
+    total = 0
+    for adapter in model.adapter_modules(name).values():
+        total += sum(t.numel() * t.element_size() for t in (*adapter.parameters(), *adapter.buffers()))
+        total += adapter.cache_nbytes()["total"]
+    return total

@@ -1,0 +1,138 @@
+"""Choosing the next token (greedy, temperature, top-p, per-request seed) and assembling the text
+(incremental detokenization, stop strings, what a stream may already show).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lordba.errors import ConfigError
+
+MAX_STOPS = 4  # OpenAI's limit on `stop`
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request generates: ``temperature`` 0 is greedy (argmax); ``top_p`` keeps the smallest
+    set of tokens whose probability reaches it; ``seed`` makes sampling reproducible; generation
+    ends after ``max_tokens`` tokens, at an end-of-sequence token, or where a ``stop`` string
+    appears (the text is cut before it); ``ignore_eos`` (vLLM's extension, for benchmarks) goes on
+    past end-of-sequence tokens."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ConfigError(f"temperature must be in [0, 2], got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if len(self.stop) > MAX_STOPS or any(not isinstance(s, str) or not s for s in self.stop):
+            raise ConfigError(f"stop must be up to {MAX_STOPS} non-empty strings, got {list(self.stop)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the next token is the argmax (temperature 0)."""
+        return self.temperature == 0.0
+
+    def generator(self) -> torch.Generator:
+        """A CPU random generator for this request (seeded by ``seed``, else from the OS)."""
+        g = torch.Generator()
+        if self.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(self.seed)
+        return g
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """The next token for one row: takes its float logits ``[vocab]``, the request's parameters and
+    random generator (unused when greedy); returns the token id."""
+    if params.greedy:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each one
+        sorted_probs[before >= params.top_p] = 0.0  # the first token is always kept
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass
+class TextAssembler:
+    """The text of the generated tokens so far, cut at the first stop string.
+
+    ``update`` decodes all generated ids (a tokenizer may merge pieces across tokens) and reports
+    whether a stop string appeared; ``take_delta`` gives the text a stream may show now: it holds
+    back a trailing incomplete character and any tail that could still become a stop string.
+    """
+
+    stops: Sequence[str] = ()
+    text: str = ""
+    shown: int = 0
+    stopped: bool = field(default=False)
+
+    def update(self, text: str) -> bool:
+        """Set the full decoded text; returns True (and cuts the text) when a stop string appears."""
+        self.text = text
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.text = text[: min(found)]
+            self.stopped = True
+        return self.stopped
+
+    def take_delta(self, final: bool = False) -> str:
+        """The text not yet shown that is safe to show (all of it when ``final``)."""
+        end = len(self.text)
+        if not final:
+            if self.text.endswith("\ufffd"):
+                end -= 1
+            hold = max((len(s) - 1 for s in self.stops), default=0)
+            for k in range(min(hold, end), 0, -1):  # a tail that starts a stop string waits
+                tail = self.text[end - k : end]
+                if any(s.startswith(tail) for s in self.stops):
+                    end -= k
+                    break
+        delta = self.text[self.shown : max(end, self.shown)]
+        self.shown = max(end, self.shown)
+        return delta
+
+
+class IncrementalDecoder:
+    """The text of a growing list of token ids, decoding only a short window per new token.
+
+    vLLM's scheme: the text added by the newest tokens is ``decode(ids[prefix:])`` minus
+    ``decode(ids[prefix:read])``, both decoded from the same ``prefix`` so that tokenizers whose
+    pieces depend on their neighbours (SentencePiece's leading spaces) agree with decoding
+    everything; the window moves on once the new text is complete (no trailing incomplete
+    character). Special tokens are skipped.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.prefix = self.read = 0
+        self.text = ""
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def update(self, ids: Sequence[int]) -> str:
+        """The text of ``ids`` (the same list as before, with tokens appended)."""
+        before = self._decode(ids[self.prefix : self.read])
+        now = self._decode(ids[self.prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before) :]
+            self.prefix, self.read = self.read, len(ids)
+            return self.text
+        return self.text + now[len(before) :] if now.startswith(before) else self.text

@@ -1,0 +1,138 @@
+"""Putting a server together (model, tokenizer, registry, engine, metrics, app) and running it with
+uvicorn: in the foreground (``lordba serve``) or on a background thread (:class:`Server`, for tests,
+the benchmark and notebooks)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lordba._util.dtypes import DTYPES
+from lordba.errors import ConfigError
+from lordba.nn.model import LoRDBAModel
+from lordba.serve.engine import Engine
+from lordba.serve.metrics import ServeMetrics
+from lordba.serve.registry import AdapterRegistry
+from lordba.serve.state import ServerState
+
+DEFAULT_CONTEXT = 2048
+
+
+def load_base(model_dir: str | Path, dtype: str = "float32") -> tuple[LoRDBAModel, Any]:
+    """``(LoRDBAModel without adapters, tokenizer)`` from a local transformers folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"--model {model_dir}: not a transformers model folder (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    return LoRDBAModel(model), tokenizer
+
+
+def context_length(model: torch.nn.Module, tokenizer: Any) -> int:
+    """The most tokens a sequence may hold: the model config's positions, else the tokenizer's limit."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else DEFAULT_CONTEXT
+
+
+def build_state(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    base_name: str,
+    adapters: str | Path | None = None,
+    max_adapter_memory: int | None = None,
+    max_batch: int = 32,
+    max_context: int | None = None,
+) -> ServerState:
+    """The server's parts around ``model`` (a :class:`LoRDBAModel`, or a plain model to wrap):
+    the base served as ``base_name``, adapters from the folder ``adapters``, an LRU within
+    ``max_adapter_memory`` bytes, at most ``max_batch`` requests in flight."""
+    if not isinstance(base_name, str) or not base_name:
+        raise ConfigError("the base model needs a non-empty served name")
+    lm = model if isinstance(model, LoRDBAModel) else LoRDBAModel(model)
+    if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    metrics = ServeMetrics()
+    registry = AdapterRegistry(lm, adapters, max_adapter_memory, reserved=(base_name,), observer=metrics)
+    engine = Engine(lm, tokenizer, max_batch=max_batch, observer=metrics)
+    context = max_context or context_length(lm, tokenizer)
+    return ServerState(engine, registry, metrics, tokenizer, base_name, context)
+
+
+class Server:
+    """A server on a background thread: ``with Server(state) as s: ... s.url``. Port 0 takes a free
+    port; :meth:`stop` ends the engine and uvicorn (open streams are cut after ``grace`` seconds)."""
+
+    def __init__(self, state: ServerState, host: str = "127.0.0.1", port: int = 0, grace: float = 2.0) -> None:
+        import uvicorn
+
+        from lordba.serve.app import build_app
+
+        self.state = state
+        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.host, self.port = host, self._sock.getsockname()[1]
+        config = uvicorn.Config(
+            build_app(state), log_level="warning", lifespan="off", timeout_graceful_shutdown=grace, access_log=False
+        )
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` of the server."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> Server:
+        """Start the engine and the HTTP server; returns once it accepts connections."""
+        self.state.engine.start()
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving: uvicorn first (no new requests), then the engine."""
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.state.engine.shutdown()
+        self._sock.close()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_forever(state: ServerState, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve ``state`` on ``host:port`` until interrupted (Ctrl-C, SIGTERM)."""
+    import uvicorn
+
+    from lordba.serve.app import build_app
+
+    state.engine.start()
+    try:
+        uvicorn.run(build_app(state), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        state.engine.shutdown()

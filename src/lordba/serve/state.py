@@ -1,0 +1,125 @@
+"""What the HTTP layer drives: the model's engine, the adapter registry, the tokenizer, the metrics,
+and the steps of one request (resolve the adapter, tokenize, check the context, generate)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lordba.nn.layer import BASE_ROW
+from lordba.serve.engine import Engine, Event, Request
+from lordba.serve.errors import BadRequestError, ContextLengthError
+from lordba.serve.metrics import ServeMetrics
+from lordba.serve.registry import AdapterRegistry
+from lordba.serve.sampling import SamplingParams
+
+
+@dataclass
+class Job:
+    """One request ready for the engine: prompt ids, the served model name, the adapter its rows
+    route to (``__base__`` for the base) and its sampling parameters."""
+
+    prompt: list[int]
+    model: str
+    route: str
+    params: SamplingParams
+
+
+@dataclass
+class ServerState:
+    """The server's parts; ``base_name`` is the name under which the base model is served and
+    ``max_context`` the most tokens (prompt + generated) a request may use."""
+
+    engine: Engine
+    registry: AdapterRegistry
+    metrics: ServeMetrics
+    tokenizer: Any
+    base_name: str
+    max_context: int
+
+    # ------------------------------------------------------------------ preparing
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt string (with the tokenizer's special tokens), or the ids given,
+        each checked to be within the vocabulary."""
+        if isinstance(prompt, str):
+            with self.engine.tokenizer_lock:
+                ids = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            vocab = len(self.tokenizer)
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+                raise BadRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+            ids = list(prompt)
+        if not ids:
+            raise BadRequestError("prompt is empty", param="prompt")
+        return ids
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of the chat ``messages`` through the model's chat template (refused without one)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise BadRequestError(f"model '{self.base_name}' has no chat template: use /v1/completions", "messages")
+        with self.engine.tokenizer_lock:
+            try:
+                text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+            except Exception as err:  # the template refuses these messages (e.g. a role it does not know)
+                raise BadRequestError(f"the chat template refuses these messages: {err}", "messages") from None
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prepare(self, model: str, prompt: Callable[[], list[int]], max_tokens: int | None, **sampling: Any) -> Job:
+        """Resolve ``model`` and hold its adapter (loading it on first use), then tokenize (``prompt``)
+        and check the context; returns the :class:`Job` (its adapter is held: the engine releases it).
+
+        Raises :class:`UnknownAdapterError` (404), :class:`AdapterLoadError` (400),
+        :class:`ContextLengthError` (400), :class:`BadRequestError` (400), :class:`AdapterMemoryError` (503)."""
+        route = BASE_ROW if model == self.base_name else self.registry.check_name(model)
+        if route != BASE_ROW:
+            self.registry.acquire(route)
+        try:
+            ids = prompt()
+            room = self.max_context - len(ids)
+            if room < 1 or (max_tokens is not None and max_tokens > room):
+                raise ContextLengthError(
+                    f"This model's maximum context length is {self.max_context} tokens. However, you requested "
+                    f"{len(ids) + (max_tokens or 1)} tokens ({len(ids)} in the prompt, {max_tokens or 1} for the "
+                    "completion). Please reduce the length of the prompt or of max_tokens."
+                )
+            return Job(ids, model, route, SamplingParams(max_tokens or room, **sampling))
+        except BaseException:
+            if route != BASE_ROW:
+                self.registry.release(route)
+            raise
+
+    def release(self, job: Job) -> None:
+        """Let go of the job's adapter."""
+        if job.route != BASE_ROW:
+            self.registry.release(job.route)
+
+    # ------------------------------------------------------------------ generating
+    async def generate(self, job: Job) -> AsyncIterator[Event]:
+        """Run an acquired job on the engine; yields its events until the last one. Leaving early
+        (a client that disconnected) aborts it, which frees its batch slot and its adapter."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
+
+        request = Request(job.prompt, job.route, job.params, sink, on_done=lambda: self.release(job))
+        try:
+            self.engine.submit(request)
+        except Exception:
+            self.release(job)
+            raise
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            if not request.finished:
+                self.engine.abort(request)

@@ -1,0 +1,116 @@
+"""``transformers.Trainer`` integration: the packed adapter directory in every checkpoint.
+
+The Trainer saves a model that is neither a ``PreTrainedModel`` nor a ``PeftModel`` as
+``model.safetensors`` holding ``model.state_dict()`` (``Trainer._save``); it never calls the
+model's ``save_pretrained``. For a :class:`~lordba.nn.model.LoRDBAModel` that state dict is the
+adapters' *training* state (latent signs in ``qat`` mode, float32 scales): it is what
+``trainer.train(resume_from_checkpoint=...)`` reads back, so resuming is exact. It is not the
+adapter file. :class:`LoRDBACallback`, passed to an unchanged ``Trainer`` (or any subclass, e.g.
+TRL's), adds the packed adapter (``adapter_config.json``, ``lordba_model.safetensors``, model card)
+to each ``checkpoint-N`` when the Trainer has saved it, and to ``output_dir`` when training ends,
+so ``LoRDBAModel.from_pretrained(base, "out/checkpoint-N")`` works.
+
+The adapters' inference caches (packed signs, decoded scales) are keyed by the tensors' version
+counters, which a fused optimizer (``adamw_torch_fused``, the Trainer's default) does not bump: the
+callback clears them after every optimizer step, so evaluation during training and the saved files
+see the current weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from lordba.errors import ConfigError
+from lordba.nn.adapter_base import AdapterBase
+from lordba.nn.model import LoRDBAModel
+
+CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
+
+
+class LoRDBACallback(TrainerCallback):
+    """Writes the packed LoRDBA adapter into each Trainer checkpoint and into ``output_dir`` at the
+    end of training (main process only). ``model.safetensors`` (the training state the Trainer
+    resumes from) is left beside it.
+
+    Args:
+        selected_adapters: the adapters to write (default: all), as ``LoRDBAModel.save_pretrained``.
+        at_train_end: also write the adapter into ``args.output_dir`` when training ends (the
+            directory ``trainer.save_model()`` writes by default).
+    """
+
+    def __init__(self, selected_adapters: Sequence[str] | None = None, at_train_end: bool = True) -> None:
+        self.selected_adapters = list(selected_adapters) if selected_adapters is not None else None
+        self.at_train_end = at_train_end
+
+    def _write(self, model: Any, directory: Path, state: TrainerState) -> None:
+        if not state.is_world_process_zero:
+            return
+        _check_model(model)
+        _clear_caches(model)
+        model.save_pretrained(directory, self.selected_adapters)
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        """Check that the Trainer's model is a ``LoRDBAModel``.
+
+        Raises:
+            ConfigError: it is not.
+        """
+        _check_model(kwargs.get("model"))
+        return control
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        """After an optimizer step: drop the adapters' inference caches (see the module's docstring)."""
+        _clear_caches(kwargs.get("model"))
+        return control
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        """After the Trainer saved ``checkpoint-<global_step>``: add the packed adapter to it.
+
+        Raises:
+            ConfigError: the Trainer's model is not a ``LoRDBAModel``.
+        """
+        directory = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{state.global_step}"
+        if not directory.is_dir():  # hyper-parameter search: checkpoints live in run-<trial>/
+            found = sorted(Path(args.output_dir).glob(f"*/{CHECKPOINT_PREFIX}-{state.global_step}"))
+            if not found:
+                warnings.warn(f"LoRDBACallback: no {directory} to add the adapter to", stacklevel=2)
+                return control
+            directory = max(found, key=lambda p: p.stat().st_mtime_ns)
+        self._write(kwargs.get("model"), directory, state)
+        return control
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        """When training ends: write the packed adapter into ``args.output_dir``.
+
+        Raises:
+            ConfigError: the Trainer's model is not a ``LoRDBAModel``.
+        """
+        if self.at_train_end:
+            self._write(kwargs.get("model"), Path(args.output_dir), state)
+        return control
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, LoRDBAModel):
+        raise ConfigError(f"LoRDBACallback: the Trainer's model is a {type(model).__name__}, not a LoRDBAModel")
+
+
+def _clear_caches(model: Any) -> None:
+    if isinstance(model, nn.Module):
+        for module in model.modules():
+            if isinstance(module, AdapterBase):
+                module.clear_cache()

@@ -1,0 +1,107 @@
+"""Module-name patterns: PEFT's semantics, matched by RE2 in linear time (no backtracking guard)."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from lordba import ConfigError, LoRDBAConfig
+from lordba._util.patterns import check_pattern, matches, pattern_key
+
+PEFT_DOC_PATTERN = r".*decoder.*(self_attn|encoder_attn).*(q_proj|v_proj)$"
+
+# Shapes the former guard let through and Python's backtracking engine takes exponential time on
+# (65-320 characters), with the module names that trigger it.
+HANG_SHAPES = {
+    "optional items": ("a?" * 30 + "a" * 30, "a" * 30),
+    "bounded repeats": ("a{0,1}" * 30 + "a" * 30, "a" * 30),
+    "alternations": ("(a|a)?" * 30 + "b", "a" * 30),
+    "long alternations": ("(?:a|a)?" * 40 + "b", "a" * 40),
+}
+
+
+def test_peft_semantics_of_lists_strings_and_pattern_keys():
+    assert matches(["q_proj"], "model.layers.0.self_attn.q_proj")
+    assert matches(["self_attn.q_proj"], "model.layers.0.self_attn.q_proj")
+    assert not matches(["proj"], "model.layers.0.self_attn.q_proj")  # a suffix after a "." only
+    assert matches(["q_proj"], "q_proj") and not matches(None, "q_proj")
+    assert matches(r".*\.q_proj", "model.layers.0.self_attn.q_proj")
+    assert not matches(r"q_proj", "model.layers.0.self_attn.q_proj")  # a string must match the whole path
+    assert not matches(r".*q_pro", "model.q_proj")
+    keys = {r"layers\.0\.self_attn\.q_proj": 4, "q_proj": 2}
+    assert pattern_key(keys, "model.layers.0.self_attn.q_proj") == r"layers\.0\.self_attn\.q_proj"
+    assert pattern_key(keys, "model.layers.1.self_attn.q_proj") == "q_proj"
+    assert pattern_key(keys, "model.layers.1.self_attn.xq_proj") is None  # after a "." only
+    assert pattern_key({"proj": 1}, "q_proj") is None and pattern_key({"q_proj": 1}, "q_proj") == "q_proj"
+
+
+def test_peft_documented_pattern_is_accepted_and_matches():
+    check_pattern("target_modules", PEFT_DOC_PATTERN)
+    config = LoRDBAConfig(target_modules=PEFT_DOC_PATTERN, rank_pattern={PEFT_DOC_PATTERN: 3})
+    assert config.targets_module("model.decoder.layers.0.encoder_attn.v_proj")
+    assert not config.targets_module("model.encoder.layers.0.self_attn.q_proj")
+    assert config.rank_for("model.decoder.layers.1.self_attn.q_proj") == 3
+
+
+@pytest.mark.parametrize(
+    "pattern", ["(a+)+$", "(?:a|aa)*b", ".*.*.*x", r"(\.\w+)*q", *[p for p, _ in HANG_SHAPES.values()]]
+)
+def test_patterns_the_former_guard_refused_or_missed_are_accepted(pattern):
+    assert LoRDBAConfig(rank_pattern={pattern: 4}).rank_pattern == {pattern: 4}
+
+
+@pytest.mark.parametrize(
+    "field, pattern",
+    [
+        ("rank_pattern key", r"(\w)\1"),
+        ("alpha_pattern key", r"(?P<x>a)(?P=x)"),
+        ("target_modules", "^(?!.*vision).*q_proj$"),
+        ("exclude_modules", r"(?<=self_attn\.)q_proj"),
+        ("target_modules", "(unclosed"),
+        ("rank_pattern key", "\ud800"),
+    ],
+)
+def test_patterns_re2_cannot_run_are_refused_naming_the_field(field, pattern):
+    with pytest.raises(ConfigError, match=field.split()[0]) as err:
+        check_pattern(field, pattern)
+    assert "not a valid regular expression" in str(err.value)
+    kwargs = {
+        "rank_pattern key": {"rank_pattern": {pattern: 2}},
+        "alpha_pattern key": {"alpha_pattern": {pattern: 2.0}},
+        "target_modules": {"target_modules": pattern},
+        "exclude_modules": {"exclude_modules": pattern},
+    }[field]
+    with pytest.raises(ConfigError, match=field.split()[0]):
+        LoRDBAConfig(**kwargs)
+
+
+def test_too_long_and_non_string_patterns_are_refused():
+    with pytest.raises(ConfigError, match="longer than 1024"):
+        check_pattern("target_modules", "a" * 1025)
+    with pytest.raises(ConfigError, match="must be a string"):
+        check_pattern("rank_pattern key", 5)
+
+
+def test_hang_shapes_against_adversarial_names_finish():
+    """Every hang shape, as a whole-path pattern and as a pattern key, against its name and
+    256-character variants: a hang check in a subprocess (30 s), not a speed target."""
+    code = textwrap.dedent(
+        f"""
+        from lordba._util.patterns import matches, pattern_key
+        for pattern, name in {list(HANG_SHAPES.values())!r}:
+            for candidate in (name, (name + ".") * (256 // (len(name) + 1)) + "a", name + "b"):
+                matches(pattern, candidate)
+                pattern_key({{pattern: 1}}, candidate)
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_patterns_whose_program_is_too_large_are_refused_and_long_real_ones_accepted():
+    """Counted repeats make RE2's program (and its compile time) grow: refused past 256 KiB."""
+    with pytest.raises(ConfigError, match="pattern too large"):
+        check_pattern("target_modules", "[a-z]{0,1000}" * 20)
+    layers = "|".join(rf"layers\.{i}\.mlp\.(gate|up|down)_proj" for i in range(20))
+    check_pattern("rank_pattern key", layers)
+    assert pattern_key({layers: 2}, "model.layers.7.mlp.up_proj") == layers

@@ -1,0 +1,70 @@
+"""``lordba generate`` and ``lordba chat``: the streamed text is the model's own greedy output, with
+and without an adapter; timing goes to stderr; bad input exits 3."""
+
+import io
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lordba import LoRDBAConfig, get_lordba_model
+from lordba.cli import main
+from tiny_model import tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("model"))
+
+
+def greedy(model, tok, text, n, special=True):
+    ids = tok(text, return_tensors="pt", add_special_tokens=special).input_ids
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_generate_streams_the_greedy_completion(folder, capsys):
+    tok = AutoTokenizer.from_pretrained(folder)
+    want = greedy(AutoModelForCausalLM.from_pretrained(folder).eval(), tok, "ab", 6)
+    assert main(["generate", "--model", str(folder), "--quant", "none", "--max-new-tokens", "6", "ab"]) == 0
+    out, err = capsys.readouterr()
+    assert out == want + "\n"
+    assert "time to first token" in err and "tokens/s" in err
+
+
+def test_generate_with_an_adapter_on_a_q4_base(folder, tmp_path, capsys, monkeypatch):
+    from lordba.quant import quantize_model
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))  # the quantized base is cached there
+    tok = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(1)
+    base = quantize_model(AutoModelForCausalLM.from_pretrained(folder).eval(), backend="q4", group_size=64)
+    lm = get_lordba_model(base, LoRDBAConfig(r=4, init="random"))
+    for adapter in lm.adapter_modules("default").values():
+        with torch.no_grad():
+            adapter.scale_out.mul_(300)  # an adapter that changes the greedy text
+    lm.save_pretrained(tmp_path / "adapter")
+    want = greedy(lm.eval(), tok, "ab", 6)
+    argv = ["generate", "--model", str(folder), "--adapter", str(tmp_path / "adapter"), "--max-new-tokens", "6", "ab"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == want + "\n"
+
+
+def test_chat_answers_each_turn_with_the_template(folder, monkeypatch, capsys):
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    want = greedy(model, tok, text, 5, special=False)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n/exit\n"))
+    assert main(["chat", "--model", str(folder), "--quant", "none", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+
+
+def test_bad_model_or_adapter_exits_3(folder, tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "missing"), "x"]) == 3
+    assert main(["generate", "--model", str(folder), "--quant", "none", "--adapter", str(tmp_path), "x"]) == 3
+    assert "adapter_config.json" in capsys.readouterr().err

@@ -1,0 +1,66 @@
+"""``lordba inspect``: modules in natural order, and the hint for tools that cannot read LoRDBA."""
+
+import json
+import re
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lordba import LoRDBAConfig, get_lordba_model
+from lordba.cli import main
+from lordba.cli.inspect_cmd import natural_key
+
+from conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def deep_adapter(tmp_path_factory):
+    """An adapter on a 12-layer model: lexicographic order would put layers.10 before layers.2."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": 12}))
+    lm = get_lordba_model(model, LoRDBAConfig(r=2, target_modules=["q_proj"]))
+    out = tmp_path_factory.mktemp("deep")
+    lm.save_pretrained(out)
+    return out
+
+
+def layer_numbers(text):
+    return [int(n) for n in re.findall(r"model\.layers\.(\d+)\.self_attn\.q_proj", text)]
+
+
+def test_natural_key_orders_numbers_as_numbers():
+    names = ["m.layers.10.q", "m.layers.2.q", "m.layers.1.q", "m.layers.2.k", "m.head"]
+    assert sorted(names, key=natural_key) == ["m.head", "m.layers.1.q", "m.layers.2.k", "m.layers.2.q", "m.layers.10.q"]
+
+
+def test_inspect_table_lists_layers_in_numeric_order(deep_adapter, capsys):
+    assert main(["inspect", str(deep_adapter)]) == 0
+    assert layer_numbers(capsys.readouterr().out) == list(range(12))
+
+
+def test_inspect_json_lists_layers_in_numeric_order(deep_adapter, capsys):
+    assert main(["inspect", str(deep_adapter), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert layer_numbers(" ".join(m["path"] for m in report["size"]["modules"])) == list(range(12))
+
+
+def test_inspect_conversion_table_in_numeric_order(deep_adapter, tmp_path, capsys):
+    import shutil
+
+    adapter = tmp_path / "a"
+    shutil.copytree(deep_adapter, adapter)
+    paths = sorted(f"model.layers.{i}.self_attn.q_proj" for i in range(12))  # lexicographic, as a tool might write
+    layers = [{"path": p, "r_lora": 4, "r": 2, "rel_error": 0.1, "rmr_A": 0.0, "rmr_B": 0.0} for p in paths]
+    (adapter / "conversion_report.json").write_text(json.dumps({"layers": layers, "totals": {}}))
+    assert main(["inspect", str(adapter)]) == 0
+    conversion = capsys.readouterr().out.split("conversion (stored errors")[1]
+    assert layer_numbers(conversion) == list(range(12))
+
+
+def test_inspect_says_how_to_use_it_with_peft_and_transformers(deep_adapter, capsys):
+    assert main(["inspect", str(deep_adapter)]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the table printer may wrap lines
+    assert "KeyError: 'LORDBA'" in out and "lordba export-lora" in out and "AutoLoRDBAModelForCausalLM" in out
+    assert main(["inspect", str(deep_adapter), "--json"]) == 0
+    assert "lordba export-lora" in json.loads(capsys.readouterr().out)["hint"]

@@ -1,0 +1,93 @@
+"""The 4-bit base kernels: packing, the compiled kernel against the PyTorch reference (every token
+count, padded inputs), the input gradient, and torch.compile tracing."""
+
+import pytest
+import torch
+
+from lordba.kernels import cpu_available
+from lordba.kernels.q4 import dequantize_reference, pack_codes, q4_dequantize, q4_linear, unpack_codes
+
+needs_cpu_kernels = pytest.mark.skipif(not cpu_available(), reason="compiled CPU kernels unavailable")
+
+
+def packed(out, in_features, group, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    padded = -(-in_features // group) * group
+    codes = torch.randint(0, 16, (out, padded), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(out, padded // group, generator=g) * 0.02 + 0.001).half()
+    minus = (torch.randn(out, padded // group, generator=g) * 0.05).half()
+    return pack_codes(codes), scale, minus, codes
+
+
+def test_pack_and_unpack_are_inverse_and_the_reference_is_affine():
+    qweight, scale, minus, codes = packed(5, 64, 32)
+    assert qweight.shape == (5, 32) and torch.equal(unpack_codes(qweight), codes)
+    w = dequantize_reference(qweight, scale, minus, 64)
+    want = codes.float().reshape(5, 2, 32) * scale.float()[..., None] + minus.float()[..., None]
+    torch.testing.assert_close(w, want.reshape(5, 64))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("shape", [(7, 40, 64), (33, 96, 32), (64, 128, 128)])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 9, 15, 16, 40])
+def test_kernel_equals_the_reference(shape, tokens):
+    out, in_features, group = shape
+    qweight, scale, minus, _ = packed(out, in_features, group, seed=tokens)
+    x = torch.randn(2, tokens, in_features)
+    bias = torch.randn(out)
+    want = x @ dequantize_reference(qweight, scale, minus, in_features).t() + bias
+    got = q4_linear(x, qweight, scale, minus, in_features, bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        q4_dequantize(qweight, scale, minus, in_features), dequantize_reference(qweight, scale, minus, in_features)
+    )
+
+
+@needs_cpu_kernels
+def test_bfloat16_input_keeps_its_dtype():
+    qweight, scale, minus, _ = packed(16, 64, 64)
+    x = torch.randn(3, 64).bfloat16()
+    y = q4_linear(x, qweight, scale, minus, 64)
+    assert y.dtype == torch.bfloat16
+    want = x.float() @ dequantize_reference(qweight, scale, minus, 64).t()
+    torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("tokens", [1, 20])
+def test_input_gradient_is_dy_times_w(tokens):
+    qweight, scale, minus, _ = packed(24, 40, 32)
+    x = torch.randn(tokens, 40, requires_grad=True)
+    dy = torch.randn(tokens, 24)
+    q4_linear(x, qweight, scale, minus, 40).backward(dy)
+    torch.testing.assert_close(x.grad, dy @ dequantize_reference(qweight, scale, minus, 40), rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu_kernels
+def test_compiled_call_equals_eager():
+    qweight, scale, minus, _ = packed(24, 64, 32)
+    x = torch.randn(3, 64)
+
+    def f(x):
+        return torch.relu(q4_linear(x, qweight, scale, minus, 64))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), f(x))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("tokens", [1, 3, 20])
+def test_eight_bit_codes_equal_the_reference(tokens):
+    g = torch.Generator().manual_seed(tokens)
+    out, in_features = 21, 72  # groups of 32: 3 per padded row of 96
+    codes = torch.randint(0, 256, (out, 96), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(out, 3, generator=g) * 0.001 + 0.0001).half()
+    minus = (torch.randn(out, 3, generator=g) * 0.05).half()
+    qweight = pack_codes(codes, 8)
+    w = dequantize_reference(qweight, scale, minus, in_features, 8)
+    torch.testing.assert_close(w[:, :32], codes[:, :32].float() * scale[:, :1].float() + minus[:, :1].float())
+    x = torch.randn(tokens, in_features)
+    torch.testing.assert_close(
+        q4_linear(x, qweight, scale, minus, in_features, bits=8), x @ w.t(), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(q4_dequantize(qweight, scale, minus, in_features, 8), w)

@@ -1,0 +1,53 @@
+"""The ``serve`` suite's machinery on the tiny served model (the real measurement is
+``lordba bench --suite serve``): a distinct adapter fleet, both engines driven by concurrent
+streaming clients, the ratios and the files written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("openai")
+pytest.importorskip("peft")
+
+from lordba import LoRDBAModel
+from lordba_lab.bench import serve, suites
+from lordba_lab.bench._serve_fleet import make_fleet
+from serve.serve_helpers import make_served
+
+
+def test_the_suite_is_discovered_and_not_default():
+    assert suites()["serve"] is serve and not serve.DEFAULT
+
+
+def test_fleet_adapters_differ_from_each_other(tmp_path_factory, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model_dir, _ = make_served(tmp_path_factory)
+    names = make_fleet(model_dir, tmp_path, 2)
+    lm = LoRDBAModel(AutoModelForCausalLM.from_pretrained(model_dir).eval())
+    for name in names:
+        lm.load_adapter(tmp_path / name, name)
+    ids = torch.tensor([[5, 6, 7, 8]] * 2)
+    with torch.no_grad():
+        logits = lm(input_ids=ids, adapter_names=names).logits
+    assert not torch.allclose(logits[0], logits[1])
+
+
+def test_tiny_run_reports_both_engines_and_writes_the_files(tmp_path_factory, tmp_path):
+    model_dir, _ = make_served(tmp_path_factory)
+    settings = serve.Settings((1, 2), (1, 3), 6, 4, 1, 3, 2)
+    result = serve.measure(model_dir, settings)
+    rows = result["rows"]
+    assert {(r["engine"], r["adapters"], r["clients"]) for r in rows} == {
+        (e, a, c) for e in ("lordba", "peft") for a in (1, 3) for c in (1, 2)
+    }
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["requests"] == r["clients"] and r["resident_bytes"] > 0
+        assert r["vs_single"] == pytest.approx(1.0) if r["adapters"] == 1 else r["vs_single"] > 0
+    assert result["cold_load_ms"]["n"] == 2 and result["cold_load_ms"]["median"] > 0
+    files = serve.write(tmp_path, result)
+    assert [f.name for f in files] == ["serve.json", "serve.md", "serve_throughput.png"]
+    assert json.loads(files[0].read_text())["rows"] == rows

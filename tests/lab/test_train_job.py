@@ -1,0 +1,154 @@
+"""`lordba train` / the training job end to end on a tiny model folder: reproducibility, bad
+--model folders, --eval-data, --bf16, --device, --train-on."""
+
+import json
+
+import pytest
+import torch
+
+from lordba import ConfigError
+from lordba._util.cachedir import cache_dir
+from lordba.cli import main
+from lordba.train import TrainSettings
+from lordba_lab.train_job import TrainJob, load_data, run_job
+from tiny_model import chat_jsonl, tiny_model_dir
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    """A tiny model folder and chat data; quantized bases cached under ``tmp_path`` (the CPU kernels'
+    build stays shared, so that no test compiles them again)."""
+    kernels = cache_dir() / "kernels"
+    kernels.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "kernels").symlink_to(kernels, target_is_directory=True)
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    return tiny_model_dir(tmp_path / "model"), chat_jsonl(tmp_path / "data.jsonl")
+
+
+def train_args(model, data, out, *extra):
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--r",
+        "4",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--eval-size",
+        "2",
+        "--group-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--checkpoint-every",
+        "2",
+        "--quiet",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "mode, quant",
+    [
+        ("qat", "q4"),
+        ("ptq", "q4"),
+        ("qat", "hqq"),
+        ("ptq", "hqq"),
+        ("qat-from-lora", "hqq"),
+        ("scales-only", "hqq"),
+        ("qat", "none"),
+    ],
+)
+def test_the_same_command_twice_gives_the_same_adapter_bytes(setup, tmp_path, mode, quant):
+    model, data = setup
+    files = []
+    for run in ("a", "b"):
+        torch.rand(7)  # whatever ran before in the process must not matter
+        out = tmp_path / run
+        group = ("--group-size", "32") if quant == "q4" else ()  # q4 groups are multiples of 32
+        assert main(train_args(model, data, out, "--mode", mode, "--quant", quant, "--steps", "2", *group)) == 0
+        files.append({name: (out / name).read_bytes() for name in ("lordba_model.safetensors", "adapter_config.json")})
+    assert files[0] == files[1]
+
+
+def test_a_model_path_that_is_no_model_folder_is_invalid_input_naming_it(setup, tmp_path, capsys):
+    model, data = setup
+    missing = tmp_path / "nonexistent"
+    assert main(train_args(missing, data, tmp_path / "o1")) == 3
+    err = capsys.readouterr().err
+    assert str(missing) in err and "no such folder" in err and "internal error" not in err
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer_config.json").unlink()
+    assert main(train_args(model, data, tmp_path / "o2")) == 3
+    err = capsys.readouterr().err
+    assert str(model) in err and "no tokenizer" in err
+    (tmp_path / "empty").mkdir()
+    assert main(train_args(tmp_path / "empty", data, tmp_path / "o3")) == 3
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_eval_data_is_held_out_instead_of_a_split(setup, tmp_path):
+    model, data = setup
+    held = chat_jsonl(tmp_path / "held.jsonl", n=3, offset=100)
+    train, evals, _ = load_data(str(data), None, 0, 2, 0, str(held))
+    assert len(train) == 16 and [e.messages for e in evals] == [
+        (("user", f"{i % 7}+{3 * i % 5}?"),) for i in (100, 101, 102)
+    ]
+    train, evals, _ = load_data(str(data), None, 0, 2, 0)
+    assert len(train) == 15 and len(evals) == 1  # without it: the file's last records (at most 10%)
+    out = tmp_path / "run"
+    assert main(train_args(model, data, out, "--quant", "none", "--eval-data", str(held))) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert "eval_loss" in log[-1]
+    assert json.loads((out / "train_job.json").read_text())["eval_data"] == str(held)
+
+
+def test_bf16_trains_on_cpu_and_is_refused_on_an_hqq_base(setup, tmp_path, capsys):
+    model, data = setup
+    out = tmp_path / "bf16"
+    assert main(train_args(model, data, out, "--quant", "none", "--bf16", "--device", "cpu")) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in log if "loss" in e)
+    assert json.loads((out / "train_job.json").read_text())["settings"]["bf16"] is True
+    assert main(train_args(model, data, tmp_path / "hqq", "--quant", "hqq", "--bf16")) == 3
+    assert "--bf16" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="bf16"):
+        TrainJob(out=str(tmp_path), quant="hqq", settings=TrainSettings(bf16=True))
+
+
+def test_training_on_every_assistant_turn(setup, tmp_path):
+    model, _ = setup
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "1+1?"},
+                {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "and +1?"},
+                {"role": "assistant", "content": "3"},
+            ]
+        }
+    ] * 8
+    data = tmp_path / "multi.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = TrainJob(
+        out=str(tmp_path / "run"),
+        model=str(model),
+        data=str(data),
+        quant="none",
+        r=4,
+        eval_size=0,
+        train_on="all-assistant-turns",
+        settings=TrainSettings(steps=2, batch_size=2),
+        progress=False,
+    )
+    run_job(job)
+    assert json.loads((tmp_path / "run" / "train_job.json").read_text())["train_on"] == "all-assistant-turns"
+    with pytest.raises(ConfigError, match="train_on"):
+        TrainJob(out=str(tmp_path), train_on="every-turn")

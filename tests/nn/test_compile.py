@@ -1,0 +1,140 @@
+"""``torch.compile`` gives the eager result for every routing and enable/disable state (or raises),
+and hot-swapping after compiling does not recompile."""
+
+import threading
+
+import pytest
+import torch
+
+from lordba import LoRDBAConfig, LoRDBAModel, get_lordba_model
+
+from conftest import tiny_llama
+
+BACKENDS = ["eager", "aot_eager"]
+
+
+def two_adapters() -> LoRDBAModel:
+    torch.manual_seed(5)
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random"), adapter_name="a")
+    torch.manual_seed(6)
+    lm.add_adapter("b", LoRDBAConfig(r=4, init="random"))
+    lm.set_adapter("a")
+    return lm
+
+
+def run(model, ids, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits
+
+
+def states(lm, compiled_or_eager, ids):
+    """Outputs of ``compiled_or_eager`` in each routing / enable state, in one order."""
+    out = {}
+    lm.set_adapter("a")
+    out["a"] = run(compiled_or_eager, ids)
+    out["rows"] = run(compiled_or_eager, ids, adapter_names=["a", "b", "__base__"])
+    out["rows2"] = run(compiled_or_eager, ids, adapter_names=["b", "b", "a"])
+    with lm.disable_adapter():
+        out["disabled"] = run(compiled_or_eager, ids)
+        out["disabled_rows"] = run(compiled_or_eager, ids, adapter_names=["a", "b", "a"])
+    out["a_again"] = run(compiled_or_eager, ids)
+    lm.set_adapter("b")
+    out["b"] = run(compiled_or_eager, ids)
+    lm.set_adapter(["a", "b"])
+    out["stacked"] = run(compiled_or_eager, ids)
+    lm.set_adapter("a")
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_model_equals_eager_for_every_routing_and_state(input_ids, backend):
+    lm = two_adapters()
+    eager = states(lm, lm, input_ids)
+    # the states differ from each other (so equality below means something)
+    assert not torch.allclose(eager["a"], eager["b"])
+    assert not torch.allclose(eager["a"], eager["disabled"])
+    assert torch.equal(eager["disabled"], eager["disabled_rows"])
+    compiled = states(lm, torch.compile(lm, backend=backend), input_ids)
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_compiled_base_model_follows_the_wrappers_routing(input_ids):
+    """Compiling the wrapped model (not the wrapper) still honours routing and disabling."""
+    lm = two_adapters()
+    eager = states(lm, lm, input_ids)
+    lm.base_model = torch.compile(lm.base_model, backend="eager")  # the wrapper calls the compiled model
+    compiled = states(lm, lm, input_ids)
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_hotswap_after_compile_does_not_recompile(tmp_path, input_ids):
+    lm = two_adapters()
+    torch.manual_seed(9)
+    other = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random"), adapter_name="a")
+    other.save_pretrained(tmp_path)
+    lm.pack()
+    compiled = torch.compile(lm, backend="eager")
+    run(compiled, input_ids)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    lm.hotswap_adapter(tmp_path / "a", "a")
+    got = run(compiled, input_ids)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+    other.pack()
+    torch.testing.assert_close(got, run(other, input_ids), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_training_step_routes_gradients_like_eager(input_ids):
+    """With per-row routing, a compiled backward gives each adapter the eager gradients."""
+
+    def grads(compile_it):
+        lm = two_adapters()
+        model = torch.compile(lm, backend="aot_eager") if compile_it else lm
+        out = model(input_ids=input_ids, labels=input_ids, adapter_names=["a", "b", "__base__"])
+        out.loss.backward()
+        return {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+
+    eager, compiled = grads(False), grads(True)
+    assert eager.keys() == compiled.keys() and any(".b." in n for n in eager) and any(".a." in n for n in eager)
+    for name, value in eager.items():
+        torch.testing.assert_close(compiled[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_threads_with_different_routings_each_get_their_own_result(input_ids):
+    lm = two_adapters()
+    compiled = torch.compile(lm, backend="eager")
+    want = {"a": run(lm, input_ids), "rows": run(lm, input_ids, adapter_names=["b", "a", "__base__"])}
+    run(compiled, input_ids)
+    run(compiled, input_ids, adapter_names=["b", "a", "__base__"])  # both graphs built
+    errors = []
+
+    def worker(key):
+        for _ in range(15):
+            kw = {"adapter_names": ["b", "a", "__base__"]} if key == "rows" else {}
+            if not torch.allclose(run(compiled, input_ids, **kw), want[key], rtol=1e-5, atol=1e-5):
+                errors.append(key)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in ("a", "rows", "a", "rows")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+@pytest.mark.slow
+def test_inductor_equals_eager_for_every_routing_and_state(input_ids):
+    lm = two_adapters()
+    lm.pack()
+    eager = states(lm, lm, input_ids)
+    compiled = states(lm, torch.compile(lm), input_ids)
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -1,0 +1,235 @@
+"""Adapters and the Hugging Face Hub: Hub ids resolved offline from a populated HF cache, push_to_hub
+uploading the adapter (never the base), and the model card written with the adapter."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+import huggingface_hub
+import pytest
+import torch
+
+from lordba import AdapterFormatError, LoRDBAConfig, LoRDBAModel, get_lordba_model
+from lordba.nn.hub import CARD_NAME
+
+from conftest import tiny_llama
+
+REPO = "someone/tiny-lordba"
+FILES = ("adapter_config.json", "lordba_model.safetensors")
+IDS = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def save_adapter(directory, seed=0, base_name=None):
+    base = tiny_llama(0)
+    if base_name is not None:
+        base.config._name_or_path = base_name
+    torch.manual_seed(seed)
+    lm = get_lordba_model(base, LoRDBAConfig(r=2, target_modules=["q_proj", "v_proj"], init="random"))
+    lm.save_pretrained(directory)
+    return lm
+
+
+def add_to_cache(cache, repo_id, source, commit, refs=("main",), subfolder=""):
+    """Lay out ``source``'s adapter files in the HF cache as ``snapshot_download`` leaves them."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit / subfolder
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for name in FILES:
+        data = (Path(source) / name).read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / name)
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty HF cache in tmp, offline (what HF_HUB_CACHE / HF_HUB_OFFLINE=1 set at import)."""
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_from_pretrained_and_load_adapter_resolve_a_hub_id_from_the_cache(tmp_path, offline_cache):
+    lm_main = save_adapter(tmp_path / "v-main", seed=1)
+    lm_v1 = save_adapter(tmp_path / "v-1", seed=2)
+    add_to_cache(offline_cache, REPO, tmp_path / "v-main", "a" * 40)
+    add_to_cache(offline_cache, REPO, tmp_path / "v-1", "b" * 40, refs=("v1",))
+
+    loaded = LoRDBAModel.from_pretrained(tiny_llama(0), REPO)
+    torch.testing.assert_close(logits(loaded), logits(lm_main), rtol=0, atol=1e-5)
+    tagged = LoRDBAModel.from_pretrained(tiny_llama(0), REPO, revision="v1")
+    torch.testing.assert_close(logits(tagged), logits(lm_v1), rtol=0, atol=1e-5)
+    by_commit = LoRDBAModel.from_pretrained(tiny_llama(0), REPO, revision="b" * 40)
+    torch.testing.assert_close(logits(by_commit), logits(lm_v1), rtol=0, atol=1e-5)
+
+    loaded.load_adapter(REPO, "other", revision="v1", token=False)
+    loaded.set_adapter("other")
+    torch.testing.assert_close(logits(loaded), logits(lm_v1), rtol=0, atol=1e-5)
+
+
+def test_cache_dir_and_subfolder_keywords(tmp_path, offline_cache):
+    lm = save_adapter(tmp_path / "src", seed=4)
+    elsewhere = tmp_path / "other-cache"
+    add_to_cache(elsewhere, REPO, tmp_path / "src", "c" * 40, subfolder="adapters/chat")
+    loaded = LoRDBAModel.from_pretrained(tiny_llama(0), REPO, cache_dir=elsewhere, subfolder="adapters/chat")
+    torch.testing.assert_close(logits(loaded), logits(lm), rtol=0, atol=1e-5)
+
+
+def test_a_hub_id_resolves_with_the_real_environment_variables(tmp_path):
+    """No monkeypatching: HF_HUB_CACHE and HF_HUB_OFFLINE=1 as a user sets them, in a fresh process."""
+    save_adapter(tmp_path / "src", seed=5)
+    cache = tmp_path / "cache"
+    add_to_cache(cache, REPO, tmp_path / "src", "d" * 40)
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); from conftest import tiny_llama; from lordba import LoRDBAModel;"
+        f"lm = LoRDBAModel.from_pretrained(tiny_llama(0), {REPO!r});"
+        "print('modules', len(lm.adapter_modules('default')))"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "modules 4" in done.stdout
+
+
+def test_an_unknown_hub_id_is_a_clear_error_naming_it(offline_cache):
+    with pytest.raises(AdapterFormatError, match=r"'someone/missing'.*Hugging Face Hub") as err:
+        LoRDBAModel.from_pretrained(tiny_llama(0), "someone/missing")
+    assert "\n" not in str(err.value)
+
+
+def test_an_unknown_revision_is_a_clear_error(tmp_path, offline_cache):
+    save_adapter(tmp_path / "src")
+    add_to_cache(offline_cache, REPO, tmp_path / "src", "e" * 40)
+    with pytest.raises(AdapterFormatError, match=f"'{REPO}'.*revision nope"):
+        LoRDBAModel.from_pretrained(tiny_llama(0), REPO, revision="nope")
+
+
+def test_a_hub_repo_without_an_adapter_config_is_named(tmp_path, offline_cache):
+    save_adapter(tmp_path / "src")
+    add_to_cache(offline_cache, REPO, tmp_path / "src", "f" * 40, subfolder="elsewhere")
+    with pytest.raises(AdapterFormatError, match=f"Hub repo '{REPO}'.*no adapter_config.json"):
+        LoRDBAModel.from_pretrained(tiny_llama(0), REPO)
+
+
+def test_a_missing_local_path_still_says_not_a_directory(tmp_path):
+    with pytest.raises(AdapterFormatError, match="not a directory"):
+        LoRDBAModel.from_pretrained(tiny_llama(0), str(tmp_path / "nope" / "adapter"))
+
+
+class FakeApi:
+    """Stands in for huggingface_hub.HfApi: records what would be uploaded."""
+
+    calls: ClassVar[list] = []
+
+    def __init__(self, token=None, **kwargs):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+        FakeApi.calls.append(("create_repo", repo_id, private, exist_ok))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+
+        root = Path(folder_path)
+        everything = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        kept = list(filter_repo_objects(everything, ignore_patterns=ignore_patterns))
+        FakeApi.calls.append(("upload_folder", repo_id, {n: (root / n).read_bytes() for n in kept}, kwargs))
+        return "commit-info"
+
+
+def test_push_to_hub_uploads_the_adapter_directory_only(tmp_path, monkeypatch):
+    FakeApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    lm = save_adapter(tmp_path / "saved", base_name="HuggingFaceTB/SmolLM2-135M")
+    assert lm.push_to_hub(REPO, private=True, commit_message="first") == "commit-info"
+    (_, repo, private, exist_ok), (_, repo2, files, kwargs) = FakeApi.calls
+    assert (repo, private, exist_ok, repo2) == (REPO, True, True, REPO)
+    assert sorted(files) == [CARD_NAME, *FILES]  # no base weights, no config.json, no hidden files
+    for name in FILES:
+        assert files[name] == (tmp_path / "saved" / name).read_bytes()
+    card = files[CARD_NAME].decode()
+    assert "library_name: lordba" in card and f'from_pretrained("{REPO}")' in card
+    assert kwargs["commit_message"] == "first"
+
+
+def test_push_to_hub_refuses_a_bad_repo_id(monkeypatch):
+    FakeApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2))
+    with pytest.raises(AdapterFormatError, match="'not a/repo id'"):
+        lm.push_to_hub("not a/repo id")
+    assert FakeApi.calls == []
+
+
+def test_base_model_save_and_upload_methods_are_not_reached_through_the_wrapper():
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2))
+    assert lm.push_to_hub.__func__ is LoRDBAModel.push_to_hub  # the wrapper's own, not the base's
+    assert lm.save_pretrained.__func__ is LoRDBAModel.save_pretrained
+    base = lm.get_base_model()
+    for name in ("_upload_modified_files", "save_distributed_checkpoint"):
+        assert hasattr(base, name)
+        assert not hasattr(lm, name)
+        with pytest.raises(AttributeError, match="would save or upload the base"):
+            getattr(lm, name)
+    assert lm.config is base.config  # other attributes still fall through
+
+
+def test_save_pretrained_writes_a_model_card_and_keeps_the_adapter_bytes(tmp_path):
+    lm = save_adapter(tmp_path / "a", base_name="HuggingFaceTB/SmolLM2-135M")
+    card = huggingface_hub.ModelCard.load(tmp_path / "a" / CARD_NAME)
+    assert card.data.library_name == "lordba"
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M"
+    assert {"lordba", "base_model:adapter:HuggingFaceTB/SmolLM2-135M"} <= set(card.data.tags)
+    lm.adapter_state().save_pretrained(tmp_path / "bare")  # the adapter alone, no card
+    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == sorted(FILES)
+    for name in FILES:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "bare" / name).read_bytes()
+    lm.save_pretrained(tmp_path / "b")
+    assert (tmp_path / "a" / CARD_NAME).read_bytes() == (tmp_path / "b" / CARD_NAME).read_bytes()  # deterministic
+    loaded = LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path / "a")
+    torch.testing.assert_close(logits(loaded), logits(lm), rtol=0, atol=1e-5)
+
+
+def test_a_local_base_path_is_not_written_as_hub_metadata(tmp_path, monkeypatch):
+    save_adapter(tmp_path / "a", base_name=str(tmp_path / "my-base"))
+    card = huggingface_hub.ModelCard.load(tmp_path / "a" / CARD_NAME)
+    assert card.data.base_model is None and card.data.library_name == "lordba"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "base").mkdir(parents=True)  # a relative local path that looks like a repo id
+    save_adapter(tmp_path / "b", base_name="models/base")
+    assert huggingface_hub.ModelCard.load(tmp_path / "b" / CARD_NAME).data.base_model is None
+
+
+def test_a_users_own_card_is_kept(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / CARD_NAME).write_text("# my notes\n")
+    save_adapter(tmp_path / "a")
+    assert (tmp_path / "a" / CARD_NAME).read_text() == "# my notes\n"
+
+
+def test_a_card_that_cannot_be_written_only_warns(tmp_path):
+    (tmp_path / "a" / CARD_NAME).mkdir(parents=True)  # a directory where the card goes
+    with pytest.warns(UserWarning, match="model card not written"):
+        lm = save_adapter(tmp_path / "a")
+    loaded = LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path / "a")
+    torch.testing.assert_close(logits(loaded), logits(lm), rtol=0, atol=1e-5)
+    shutil.rmtree(tmp_path / "a")

@@ -1,0 +1,75 @@
+"""Merging: a quantized base is requantized (a warning names the error), ``safe_merge`` refuses
+non-finite weights and leaves nothing half-merged."""
+
+import warnings
+
+import pytest
+import torch
+
+from lordba import AdapterStateError, LoRDBAConfig, get_lordba_model
+from lordba.nn.merge import MergeRequantizationWarning
+from lordba.quant import quantize_model
+
+from conftest import tiny_llama
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def adapted(model):
+    torch.manual_seed(3)
+    lm = get_lordba_model(model, LoRDBAConfig(r=4, init="random"))
+    for adapter in lm.adapter_modules("default").values():  # a visible update
+        with torch.no_grad():
+            adapter.scale_out.mul_(50)
+    return lm
+
+
+def test_merging_into_a_quantized_base_warns_with_the_error_and_unmerge_is_exact(input_ids):
+    lm = adapted(quantize_model(tiny_llama(0), backend="hqq", bits=4, group_size=8))
+    unmerged = logits(lm, input_ids)
+    with pytest.warns(MergeRequantizationWarning, match=r"requantized 14 layer\(s\).*largest weight error") as seen:
+        lm.merge_adapter()
+    error = float(str(seen[0].message).split("update is ")[1].split(",")[0])
+    assert error > 0
+    merged = logits(lm, input_ids)
+    assert not torch.allclose(merged, unmerged, atol=1e-4)  # the requantization moved the outputs
+    lm.unmerge_adapter()
+    assert torch.equal(logits(lm, input_ids), unmerged)
+
+
+def test_merging_into_an_unquantized_base_is_silent(input_ids):
+    lm = adapted(tiny_llama(0))
+    unmerged = logits(lm, input_ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeRequantizationWarning)
+        lm.merge_adapter()
+    torch.testing.assert_close(logits(lm, input_ids), unmerged, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_safe_merge_refuses_non_finite_weights_and_merges_nothing(input_ids, quantized):
+    base = quantize_model(tiny_llama(0), backend="hqq", bits=4, group_size=8) if quantized else tiny_llama(0)
+    lm = adapted(base)
+    broken = lm.adapter_modules("default")["model.layers.1.mlp.down_proj"]
+    with torch.no_grad():
+        broken.scale_out[0] = float("inf")
+    before = {n: p.clone() for n, p in lm.base_model.named_parameters() if "lordba" not in n}
+    with pytest.raises(AdapterStateError, match=r"safe_merge.*'default'.*model.layers.1.mlp.down_proj.*NaN/Inf"):
+        lm.merge_adapter(safe_merge=True)
+    assert not any(layer.merged for _, layer in lm._lordba_layers())
+    for n, p in lm.base_model.named_parameters():
+        if n in before:
+            assert torch.equal(p, before[n]), n
+    with pytest.raises(AdapterStateError, match="safe_merge"):
+        lm.merge_and_unload(safe_merge=True)
+    assert lm.peft_config  # still wrapped and adapted
+
+
+def test_merge_and_unload_takes_peft_keyword_arguments(input_ids):
+    lm = adapted(tiny_llama(0))
+    want = logits(lm, input_ids)
+    base = lm.merge_and_unload(progressbar=True, safe_merge=True)
+    torch.testing.assert_close(logits(base, input_ids), want, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,304 @@
+"""PEFT features of LoRDBAModel (issue 14): modules trained in full and trained biases saved with the
+adapter (format version 2), dropout, layers_to_transform, the base-quantization record,
+enable/disable_adapter_layers, status reports, state-dict functions, add_weighted_adapter."""
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForSequenceClassification
+
+import lordba.convert  # noqa: F401  (registers the dense combiner)
+from lordba import (
+    AdapterFormatError,
+    AdapterStateError,
+    LoRDBAConfig,
+    LoRDBAModel,
+    TargetModulesError,
+    get_lordba_model,
+    get_lordba_model_state_dict,
+    set_lordba_model_state_dict,
+)
+from lordba.format.adapter import read_adapter
+from lordba.quant import quantize_model
+
+from conftest import TINY, load_weights, rewrite_weights, set_config, tiny_llama
+
+IDS = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+Q = "model.layers.0.self_attn.q_proj"
+
+
+def seq_cls():
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(LlamaConfig(**TINY, num_labels=3, pad_token_id=0)).eval()
+
+
+def gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=101, n_positions=32)).eval()
+
+
+def test_seq_cls_head_trains_is_saved_and_disabling_uses_the_original(tmp_path):
+    base = seq_cls()(input_ids=IDS).logits
+    lm = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", task_type="SEQ_CLS"))
+    head = lm.base_model.score.lordba_saved["default"].weight
+    assert head.requires_grad
+    lm(input_ids=IDS).logits.sum().backward()
+    assert head.grad is not None and head.grad.abs().sum() > 0
+    with torch.no_grad():
+        head.mul_(3)
+    out = lm(input_ids=IDS).logits
+    with lm.disable_adapter():
+        torch.testing.assert_close(lm(input_ids=IDS).logits, base, rtol=0, atol=0)
+    lm.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["format_version"] == 2 and saved["task_type"] == "SEQ_CLS"
+    torch.testing.assert_close(read_adapter(tmp_path).extras["score.weight"], head.detach())
+    lm2 = LoRDBAModel.from_pretrained(seq_cls(), tmp_path)
+    torch.testing.assert_close(lm2(input_ids=IDS).logits, out, rtol=0, atol=1e-5)
+    lm2.disable_adapter_layers()
+    torch.testing.assert_close(lm2(input_ids=IDS).logits, base, rtol=0, atol=0)
+    lm2.enable_adapter_layers()
+    torch.testing.assert_close(lm2(input_ids=IDS).logits, out, rtol=0, atol=1e-5)
+
+
+def test_extra_tensor_of_a_wrong_shape_is_refused_before_the_model_changes(tmp_path):
+    lm = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", modules_to_save=["score"]))
+    lm.save_pretrained(tmp_path)
+    model = LlamaForSequenceClassification(LlamaConfig(**TINY, num_labels=5, pad_token_id=0))
+    wrapper = LoRDBAModel(model)
+    with pytest.raises(AdapterFormatError, match=r"score\.weight"):
+        wrapper.load_adapter(tmp_path, "default")
+    assert not wrapper.peft_config and type(model.score).__name__ == "Linear"
+
+
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        (lambda t, m: t.update({"extra:score.weight": t["extra:score.weight"] * float("nan")}), "NaN"),
+        (lambda t, m: m.update(format_version="1"), "differs from the config's format_version 2"),
+        (lambda t, m: t.update({"extra:score.weight": t["extra:score.weight"].to(torch.int8)}), "expected F32"),
+        (lambda t, m: t.update({"extra:score.lordba_adapters.w": torch.zeros(2)}), "not a parameter path"),
+        (lambda t, m: t.pop("extra:score.weight"), "no extra tensors"),
+    ],
+)
+def test_extra_tensors_are_validated_like_the_rest(tmp_path, change, pattern):
+    lm = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", modules_to_save=["score"]))
+    lm.save_pretrained(tmp_path)
+    tensors, metadata = load_weights(tmp_path)
+    change(tensors, metadata)
+    rewrite_weights(tmp_path, tensors, metadata)
+    with pytest.raises(AdapterFormatError, match=pattern):
+        read_adapter(tmp_path)
+
+
+def test_extras_in_a_version_1_file_are_refused(tmp_path):
+    lm = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", modules_to_save=["score"]))
+    lm.save_pretrained(tmp_path)
+    tensors, metadata = load_weights(tmp_path)
+    rewrite_weights(tmp_path, tensors, {**metadata, "format_version": "1"})
+    set_config(tmp_path, format_version=1)
+    with pytest.raises(AdapterFormatError, match="need version 2"):
+        read_adapter(tmp_path)
+
+
+def test_an_adapter_without_extras_stays_format_version_1(tmp_path):
+    get_lordba_model(tiny_llama(), LoRDBAConfig(r=2)).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["format_version"] == 1
+    assert load_weights(tmp_path)[1]["format_version"] == "1"
+    set_config(tmp_path, format_version=2)  # a config that disagrees with its weights file
+    with pytest.raises(AdapterFormatError, match="differs from the config's format_version 2"):
+        read_adapter(tmp_path)
+
+
+def test_modules_to_save_naming_nothing_is_refused():
+    with pytest.raises(TargetModulesError, match="nonexistent"):
+        get_lordba_model(tiny_llama(), LoRDBAConfig(r=2, modules_to_save=["nonexistent"]))
+
+
+def test_bias_lora_only_trains_saves_and_reverts(tmp_path):
+    base = gpt2()(input_ids=IDS).logits
+    lm = get_lordba_model(gpt2(), LoRDBAConfig(r=2, bias="lora_only"))
+    layer = lm.adapter_modules("default")["transformer.h.0.attn.c_attn"]
+    assert layer.bias_delta.requires_grad
+    with torch.no_grad():
+        layer.bias_delta.normal_()
+    out = lm(input_ids=IDS).logits
+    assert not torch.allclose(out, base)
+    lm.save_pretrained(tmp_path)
+    extras = read_adapter(tmp_path).extras
+    assert "transformer.h.0.attn.c_attn.bias" in extras and "transformer.h.0.ln_1.bias" not in extras
+    lm2 = LoRDBAModel.from_pretrained(gpt2(), tmp_path)
+    torch.testing.assert_close(lm2(input_ids=IDS).logits, out, rtol=0, atol=1e-5)
+    with lm2.disable_adapter():
+        torch.testing.assert_close(lm2(input_ids=IDS).logits, base, rtol=0, atol=0)
+
+
+def test_bias_all_trains_every_bias(tmp_path):
+    lm = get_lordba_model(gpt2(), LoRDBAConfig(r=2, bias="all"))
+    with torch.no_grad():
+        lm.base_model.transformer.h[0].ln_1.lordba_saved["default"].bias.add_(1.0)
+    lm.save_pretrained(tmp_path)
+    extras = read_adapter(tmp_path).extras
+    assert "transformer.h.0.ln_1.bias" in extras and "transformer.h.0.ln_1.weight" not in extras
+    torch.testing.assert_close(extras["transformer.h.0.ln_1.bias"], gpt2().transformer.h[0].ln_1.bias.detach() + 1)
+
+
+def test_dropout_applies_to_the_branch_in_training_only():
+    lm = get_lordba_model(tiny_llama(), LoRDBAConfig(r=4, init="random", dropout=0.5))
+    adapter = lm.adapter_modules("default")[Q]
+    x = torch.randn(4, 40)
+    adapter.eval()
+    torch.testing.assert_close(adapter(x), adapter(x))
+    adapter.train()
+    torch.manual_seed(0)
+    a = adapter(x)
+    assert not torch.allclose(a, adapter(x))
+    assert adapter.dropout == 0.5
+
+
+def test_layers_to_transform_limits_the_targets():
+    lm = get_lordba_model(tiny_llama(), LoRDBAConfig(r=2, layers_to_transform=[1], layers_pattern="layers"))
+    paths = list(lm.adapter_modules("default"))
+    assert paths and all(".layers.1." in p for p in paths)
+
+
+def test_base_quantization_is_recorded_and_a_different_base_warns(tmp_path):
+    lm = get_lordba_model(quantize_model(tiny_llama(), "hqq", bits=4, group_size=8), LoRDBAConfig(r=2))
+    assert lm.peft_config["default"].base_quantization == {"backend": "hqq", "bits": 4, "group_size": 8}
+    lm.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="hqq"):
+        LoRDBAModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_status_reports():
+    lm = get_lordba_model(tiny_llama(), LoRDBAConfig(r=2))
+    layers = lm.get_layer_status()
+    assert layers[0].name == Q and layers[0].enabled and layers[0].active_adapters == ["default"]
+    assert layers[0].requires_grad == {"default": True} and layers[0].devices == {"default": ["cpu"]}
+    lm.disable_adapter_layers()
+    status = lm.get_model_status()
+    assert status.enabled is False and status.num_adapter_layers == len(layers)
+    assert status.peft_types == {"default": "LORDBA"} and status.available_adapters == ["default"]
+
+
+def test_state_dict_functions_round_trip_and_refuse_bad_input():
+    lm = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", task_type="SEQ_CLS"))
+    sd = get_lordba_model_state_dict(lm)
+    assert f"{Q}.sign_A" in sd and "extra:score.weight" in sd
+    other = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", task_type="SEQ_CLS"))
+    set_lordba_model_state_dict(other, sd)
+    torch.testing.assert_close(other(input_ids=IDS).logits, lm(input_ids=IDS).logits, rtol=0, atol=1e-5)
+    bad = dict(sd)
+    bad[f"{Q}.scale_in"] = torch.full_like(sd[f"{Q}.scale_in"], float("nan"))
+    with pytest.raises(AdapterFormatError, match="scale_in"):
+        set_lordba_model_state_dict(other, bad)
+
+
+def _two_adapters(shared_scales: bool):
+    lm = get_lordba_model(tiny_llama(), LoRDBAConfig(r=3, init="random", scale_dtype="float32"), "a")
+    lm.add_adapter("b", LoRDBAConfig(r=2, alpha=8.0, init="random", scale_dtype="float32"))
+    with torch.no_grad():
+        for path, b in lm.adapter_modules("b").items():
+            a = lm.adapter_modules("a")[path]
+            a.scale_out.normal_()
+            a.scale_in.uniform_(0.5, 1.5)
+            if shared_scales:
+                b.scale_in.copy_(a.scale_in * 2)
+                b.scale_out.copy_(a.scale_out * -0.5)
+            else:
+                b.scale_out.normal_()
+    return lm
+
+
+def test_cat_of_adapters_with_proportional_scales_is_exact():
+    lm = _two_adapters(shared_scales=True)
+    lm.add_weighted_adapter(["a", "b"], [0.7, -1.3], "c", combination_type="cat")
+    for path, c in lm.adapter_modules("c").items():
+        expected = (
+            0.7 * lm.adapter_modules("a")[path].delta_weight() - 1.3 * lm.adapter_modules("b")[path].delta_weight()
+        )
+        assert c.r == 5
+        torch.testing.assert_close(c.delta_weight(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["cat", "svd"])
+def test_other_combinations_go_through_the_solver(kind):
+    lm = _two_adapters(shared_scales=False)
+    with pytest.warns(UserWarning, match="re-factorised") if kind == "cat" else _nothing():
+        lm.add_weighted_adapter(["a", "b"], [1.0, 1.0], "c", combination_type=kind, svd_rank=5)
+    c = lm.adapter_modules("c")[Q]
+    target = lm.adapter_modules("a")[Q].delta_weight() + lm.adapter_modules("b")[Q].delta_weight()
+    assert c.r == 5 and float((c.delta_weight() - target).norm() / target.norm()) < 0.5
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_unwrap_saved_gives_the_trained_or_the_original_module_back():
+    """The hook merge_and_unload / unload call: a plain module in place of the SavedModule."""
+    lm = get_lordba_model(seq_cls(), LoRDBAConfig(r=2, task_type="SEQ_CLS"))
+    saved = lm.base_model.score
+    lm._unwrap_saved(merge=True)
+    assert lm.base_model.score is saved.lordba_saved["default"]
+    lm = get_lordba_model(seq_cls(), LoRDBAConfig(r=2, task_type="SEQ_CLS"))
+    saved = lm.base_model.score
+    lm._unwrap_saved(merge=False)
+    assert lm.base_model.score is saved.original_module
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_merging_keeps_a_trained_bias_and_unmerge_restores_it(quantized):
+    base_model = quantize_model(tiny_llama(0), backend="q4", group_size=32) if quantized else gpt2()
+    ids = IDS if not quantized else IDS % TINY["vocab_size"]
+    if quantized:  # give the q4 layers a bias to train
+        for module in base_model.modules():
+            if hasattr(module, "qweight"):
+                module.bias = torch.nn.Parameter(torch.zeros(module.out_features), requires_grad=False)
+    lm = get_lordba_model(base_model, LoRDBAConfig(r=2, bias="lora_only"))
+    for adapter in lm.adapter_modules("default").values():
+        with torch.no_grad():
+            adapter.bias_delta.normal_()
+    with torch.no_grad():
+        want = lm(input_ids=ids).logits
+        biases = {n: p.clone() for n, p in lm.base_model.named_parameters() if n.endswith("bias")}
+        lm.merge_adapter()
+        torch.testing.assert_close(lm(input_ids=ids).logits, want, rtol=0.05, atol=0.05)
+        lm.unmerge_adapter()
+        for n, p in lm.base_model.named_parameters():
+            if n in biases:
+                assert torch.equal(p, biases[n]), n
+        assert torch.equal(lm(input_ids=ids).logits, want)
+
+
+def test_merge_and_unload_returns_plain_modules_with_the_trained_head():
+    lm = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", task_type="SEQ_CLS"))
+    with torch.no_grad():
+        lm.base_model.score.lordba_saved["default"].weight.mul_(3)
+        want = lm(input_ids=IDS).logits
+    plain = lm.merge_and_unload()
+    assert type(plain.score) is torch.nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=IDS).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_hotswap_loads_the_extra_tensors_in_place_and_refuses_other_ones(tmp_path):
+    lm = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", task_type="SEQ_CLS"))
+    other = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", task_type="SEQ_CLS"))
+    with torch.no_grad():
+        other.base_model.score.lordba_saved["default"].weight.mul_(5)
+        want = other(input_ids=IDS).logits
+    other.save_pretrained(tmp_path / "other")
+    head = lm.base_model.score.lordba_saved["default"].weight
+    lm.hotswap_adapter(tmp_path / "other", "default")
+    assert lm.base_model.score.lordba_saved["default"].weight is head  # in place
+    with torch.no_grad():
+        torch.testing.assert_close(lm(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-5)
+    get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random")).save_pretrained(tmp_path / "plain")
+    with pytest.raises(AdapterStateError, match="extra tensors"):
+        lm.hotswap_adapter(tmp_path / "plain", "default")
+    with torch.no_grad():
+        torch.testing.assert_close(lm(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-5)  # unchanged

@@ -1,0 +1,84 @@
+"""The routing gate: calls with one routing share it, other routings wait, nesting switches and restores."""
+
+import threading
+
+import pytest
+
+from lordba import AdapterStateError
+from lordba.nn.routing import RoutingGate, routing
+
+A = routing(None, False, ("a",))
+B = routing(None, False, ("b",))
+
+
+def test_equal_routings_are_one_object_and_disabled_ignores_the_rest():
+    assert routing(None, False, ("a",)) is A
+    assert routing(("x",), True, ("a",)) is routing(None, True, None)
+
+
+def test_the_routing_stays_while_any_caller_with_it_is_inside():
+    gate = RoutingGate()
+    inside, release = threading.Event(), threading.Event()
+
+    def other():
+        with gate.enter(A):
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=other)
+    with gate.enter(A):
+        thread.start()
+        assert inside.wait(10)
+    assert gate.routing is A  # the first caller left; the other is still inside with A
+    release.set()
+    thread.join(10)
+    assert gate.routing is None
+
+
+def test_another_routing_waits_until_the_calls_in_flight_leave():
+    gate = RoutingGate()
+    seen = []
+
+    def other():
+        with gate.enter(B):
+            seen.append(gate.routing)
+
+    with gate.enter(A):
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(0.3)
+        assert thread.is_alive() and not seen  # waiting
+        assert gate.routing is A
+    thread.join(10)
+    assert seen == [B] and gate.routing is None
+
+
+def test_nested_call_of_the_only_thread_switches_and_restores():
+    gate = RoutingGate()
+    with gate.enter(A):
+        with gate.enter(B):
+            assert gate.routing is B
+        assert gate.routing is A
+    assert gate.routing is None
+
+
+def test_nested_switch_while_other_threads_are_inside_is_refused():
+    gate = RoutingGate()
+    inside, release = threading.Event(), threading.Event()
+
+    def other():
+        with gate.enter(A):
+            inside.set()
+            release.wait(10)
+
+    with gate.enter(A):
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert inside.wait(10)
+        with pytest.raises(AdapterStateError, match="different adapter routing"):
+            with gate.enter(B):
+                pass
+        assert gate.routing is A
+        release.set()
+    thread.join(10)
+    assert gate.routing is None

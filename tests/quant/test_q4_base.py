@@ -1,0 +1,92 @@
+"""The q4 base: HQQ's weight error at the same group size, an adapter trains on it, merging
+requantizes with a warning, and a whole model computes what its dequantized weights say."""
+
+import pytest
+import torch
+
+from lordba import ConfigError, LoRDBAConfig, get_lordba_model
+from lordba.nn.merge import MergeRequantizationWarning
+from lordba.quant import Q4Linear, quantize_model, resolve_backend
+from lordba.quant.hqq import quantize_linear_hqq
+
+from conftest import tiny_llama
+
+
+def test_weight_error_equals_hqq_at_the_same_group_size():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 96)
+    weight = linear.weight.detach().clone()
+    q4 = Q4Linear.from_weight(linear.weight, linear.bias, group_size=64)
+    hqq_layer = quantize_linear_hqq(linear, 4, 64, torch.float32)  # releases linear's weight
+    err_q4 = (q4.dequantize() - weight).norm()
+    err_hqq = (hqq_layer.dequantize().float() - weight).norm()
+    assert err_q4 <= err_hqq * 1.02  # the same optimiser; float16 scale storage costs at most a little
+    assert err_q4 < 0.12 * weight.norm()
+
+
+def test_quantize_model_q4_replaces_linears_and_matches_dequantized_weights(input_ids):
+    model = quantize_model(tiny_llama(0), backend="q4", group_size=32)
+    layers = [m for m in model.modules() if isinstance(m, Q4Linear)]
+    assert len(layers) == 15 and resolve_backend(layers[0]).name == "q4"  # 14 projections + the 8-bit head
+    reference = tiny_llama(0)
+    for name, module in model.named_modules():
+        if isinstance(module, Q4Linear):
+            reference.get_submodule(name).weight.data = module.dequantize()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=input_ids).logits, reference(input_ids=input_ids).logits, rtol=1e-4, atol=1e-4
+        )
+    with pytest.raises(ConfigError, match="q4"):
+        quantize_model(tiny_llama(0), backend="q4", group_size=48)
+
+
+def test_adapter_trains_on_a_q4_base_and_merging_warns(input_ids):
+    model = quantize_model(tiny_llama(0), backend="q4", group_size=32)
+    frozen = {n: b.clone() for n, b in model.named_buffers()}
+    lm = get_lordba_model(model, LoRDBAConfig(r=4))
+    assert lm.peft_config["default"].base_quantization == {"backend": "q4", "bits": 4, "group_size": 32}
+    opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = lm(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for n, b in lm.base_model.named_buffers():
+        if n.replace(".base_layer", "") in frozen:
+            assert torch.equal(b, frozen[n.replace(".base_layer", "")]), n
+    with torch.no_grad():
+        before = lm(input_ids=input_ids).logits
+    with pytest.warns(MergeRequantizationWarning):
+        lm.merge_adapter()
+    lm.unmerge_adapter()
+    with torch.no_grad():
+        assert torch.equal(lm(input_ids=input_ids).logits, before)
+
+
+def test_the_output_head_is_quantized_to_8_bits_and_untied(input_ids):
+    from lordba.quant import resolve_backend
+
+    model = tiny_llama(0)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    quantize_model(model, backend="q4", group_size=32)
+    head = model.get_output_embeddings()
+    assert isinstance(head, Q4Linear) and head.bits == 8
+    assert resolve_backend(head).bits_per_weight(head) == 9.0
+    assert model.lordba_quantization["head_bits"] == 8
+    assert not model.config.tie_word_embeddings and type(model.get_input_embeddings()) is torch.nn.Embedding
+    reference = tiny_llama(0)
+    for name, module in model.named_modules():
+        if isinstance(module, Q4Linear):
+            reference.get_submodule(name).weight = torch.nn.Parameter(module.dequantize())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=input_ids).logits, reference(input_ids=input_ids).logits, rtol=1e-4, atol=1e-4
+        )
+    kept = quantize_model(tiny_llama(0), backend="q4", group_size=32, head_bits=0)
+    assert type(kept.get_output_embeddings()) is torch.nn.Linear
+    with pytest.raises(ConfigError, match="head_bits"):
+        quantize_model(tiny_llama(0), backend="hqq", bits=4, group_size=8, head_bits=8)

@@ -1,0 +1,90 @@
+"""A tiny served model: a random Llama whose vocabulary is a character-level tokenizer (printable
+ASCII, with a chat template), saved in a folder, and tiny random adapters made for it.
+
+Not a ``conftest.py``: a second module named ``conftest`` would shadow ``tests/conftest.py`` for the
+test modules collected after this folder (``from conftest import ...``). Test modules import the
+helpers from here (each defines its ``served`` fixture with :func:`make_served`)."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from lordba import LoRDBAConfig, LoRDBAModel, get_lordba_model
+
+SPECIAL = ["<pad>", "<s>", "</s>"]
+CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('tool messages are not supported') }}"
+    "{% endif %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character; ids 0-2 are <pad>, <s>, </s>."""
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_model(seed: int = 0, context: int = 256) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(SPECIAL) + len(CHARS),
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_adapter(directory: Path, seed: int) -> Path:
+    """A random r=4 adapter on every linear layer of the tiny model, saved in ``directory``."""
+    torch.manual_seed(seed)
+    lm = get_lordba_model(tiny_model(), LoRDBAConfig(r=4, alpha=16, init="random"))
+    lm.save_pretrained(directory)
+    return directory
+
+
+def make_served(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``(model folder, adapters folder)``: the tiny model + tokenizer, and adapters a, b, c."""
+    root = tmp_path_factory.mktemp("serve")
+    model_dir = root / "tiny-llama"
+    tiny_model().save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    adapters = root / "adapters"
+    for i, name in enumerate(["a", "b", "c"]):
+        make_adapter(adapters / name, seed=10 + i)
+    return model_dir, adapters
+
+
+def reference(model_dir: Path, adapter_dir: Path | None, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens of ``LoRDBAModel.generate`` for one prompt on one adapter alone (or the base)."""
+    from transformers import AutoModelForCausalLM
+
+    lm = LoRDBAModel(AutoModelForCausalLM.from_pretrained(model_dir).eval())
+    names = None
+    if adapter_dir is not None:
+        lm.load_adapter(adapter_dir, "x")
+        names = ["x"]
+    with torch.no_grad():
+        out = lm.generate(
+            torch.tensor([prompt_ids]), adapter_names=names, max_new_tokens=max_new_tokens, do_sample=False
+        )
+    return out[0, len(prompt_ids) :].tolist()

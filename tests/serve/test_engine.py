@@ -1,0 +1,169 @@
+"""The engine without HTTP: the running batch's KV cache (rows joining and leaving between steps),
+continuous batching across adapters, aborts and failing steps."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lordba import LoRDBAModel
+from lordba.serve.batch import decode, prefill
+from lordba.serve.engine import Engine, Event, Request
+from lordba.serve.errors import UnavailableError
+from lordba.serve.sampling import SamplingParams
+
+from .serve_helpers import char_tokenizer, make_served, reference
+
+BASE = "__base__"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    return make_served(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def lm(served):
+    model_dir, adapters = served
+    model = LoRDBAModel(AutoModelForCausalLM.from_pretrained(model_dir).eval())
+    for name in ("a", "b"):
+        model.load_adapter(adapters / name, name)
+    return model
+
+
+def prompts(*lengths: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 99, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_rows_join_and_leave_between_steps_each_as_generate_alone(lm, served):
+    model_dir, adapters = served
+    ps, names, n = prompts(7, 3, 11), ["a", "b", BASE], 10
+    want = [reference(model_dir, adapters / a if a != BASE else None, p, n) for p, a in zip(ps, names)]
+    logits, batch = prefill(lm, ps[:2], names[:2])
+    got = [[t] for t in logits.argmax(-1).tolist()]
+    rows = [0, 1]
+    for step in range(n - 1):
+        if step == 3:  # a third request joins a running batch of different lengths
+            first, joining = prefill(lm, ps[2:], names[2:])
+            batch = batch.merge(joining)
+            got.append(first.argmax(-1).tolist())
+            rows.append(2)
+        logits = decode(lm, batch, [got[r][-1] for r in rows], [names[r] for r in rows])
+        for j, r in enumerate(rows):
+            got[r].append(int(logits[j].argmax()))
+        if step == 5:  # the longest row leaves: the batch gets narrower
+            width = batch.width
+            keep = [j for j, r in enumerate(rows) if r != 2]
+            batch, rows = batch.select(keep), [rows[j] for j in keep]
+            assert batch.width < width and batch.cache.layers[0].keys.shape[2] == batch.width
+    for r in range(3):
+        assert got[r] == want[r][: len(got[r])], names[r]
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.done = threading.Event()
+        self.released = 0
+
+    def sink(self, event: Event) -> None:
+        self.events.append(event)
+        if event.finish_reason is not None:
+            self.done.set()
+
+    def on_done(self) -> None:
+        self.released += 1
+
+    @property
+    def last(self) -> Event:
+        return self.events[-1]
+
+
+def run_engine(lm, requests: list[tuple[list[int], str, SamplingParams]]) -> list[Collector]:
+    engine = Engine(lm, char_tokenizer(), max_batch=4)
+    engine.start()
+    try:
+        out = []
+        for prompt, adapter, params in requests:
+            c = Collector()
+            engine.submit(Request(prompt, adapter, params, c.sink, c.on_done))
+            out.append(c)
+        for c in out:
+            assert c.done.wait(30)
+        return out
+    finally:
+        engine.shutdown()
+
+
+def test_engine_batches_requests_of_different_adapters_and_lengths(lm, served):
+    model_dir, adapters = served
+    tok = char_tokenizer()
+    ps = prompts(5, 9, 4, 6)
+    plan = [(ps[0], "a", 12), (ps[1], "b", 5), (ps[2], BASE, 9), (ps[3], "a", 3)]
+    results = run_engine(lm, [(p, a, SamplingParams(n, temperature=0.0)) for p, a, n in plan])
+    for (p, a, n), c in zip(plan, results):
+        want = reference(model_dir, adapters / a if a != BASE else None, p, n)
+        assert c.last.text == tok.decode(want, skip_special_tokens=True)
+        assert "".join(e.delta for e in c.events) == c.last.text
+        assert c.last.completion_tokens == len(want) and c.released == 1
+
+
+def test_abort_frees_the_slot_and_the_adapter(lm):
+    engine = Engine(lm, char_tokenizer(), max_batch=2)
+    engine.start()
+    try:
+        long, short = Collector(), Collector()
+        first = Request(prompts(5)[0], "a", SamplingParams(200, temperature=0.0), long.sink, long.on_done)
+        engine.submit(first)
+        engine.submit(Request(prompts(4)[0], "b", SamplingParams(3, temperature=0.0), short.sink, short.on_done))
+        assert short.done.wait(30)
+        engine.abort(first)
+        assert long.done.wait(30)
+        assert long.last.finish_reason == "abort" and long.released == 1 and len(first.generated) < 200
+        assert engine.load == (0, 0)
+    finally:
+        engine.shutdown()
+
+
+def test_a_failing_step_fails_its_rows_and_the_engine_goes_on(lm):
+    engine = Engine(lm, char_tokenizer())
+    engine.start()
+    try:
+        bad, good = Collector(), Collector()
+        engine.submit(Request(prompts(4)[0], "not-loaded", SamplingParams(4, temperature=0.0), bad.sink, bad.on_done))
+        assert bad.done.wait(30)
+        assert bad.last.finish_reason == "error" and "not-loaded" in bad.last.error and bad.released == 1
+        engine.submit(Request(prompts(4)[0], "a", SamplingParams(4, temperature=0.0), good.sink, good.on_done))
+        assert good.done.wait(30)
+        assert good.last.finish_reason in ("length", "stop") and good.last.completion_tokens >= 1
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_aborted_while_waiting_leaves_at_once_and_a_stopped_engine_refuses(lm):
+    engine = Engine(lm, char_tokenizer(), max_batch=1)
+    engine.start()
+    try:
+        running, waiting = Collector(), Collector()
+        first = Request(prompts(5)[0], "a", SamplingParams(250, temperature=0.0, ignore_eos=True), running.sink)
+        second = Request(prompts(4)[0], "b", SamplingParams(4, temperature=0.0), waiting.sink, waiting.on_done)
+        engine.submit(first)
+        engine.submit(second)
+        deadline = time.monotonic() + 30
+        while engine.load != (1, 1) and time.monotonic() < deadline:  # the batch is full: the second waits
+            time.sleep(0.005)
+        assert engine.load == (1, 1)
+        engine.abort(second)
+        assert waiting.done.wait(30) and not running.done.is_set()
+        assert waiting.last.finish_reason == "abort" and waiting.released == 1 and not second.generated
+        engine.abort(first)
+        assert running.done.wait(30)
+    finally:
+        engine.shutdown()
+    with pytest.raises(UnavailableError, match="shutting down"):
+        engine.submit(Request([5], "a", SamplingParams(1), Collector().sink))

@@ -1,0 +1,125 @@
+"""The adapter registry: names that stay inside the folder, loading on first use, the LRU within a
+memory budget that never evicts an adapter in use, and unloads that wait for their last request."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from lordba import LoRDBAModel
+from lordba.serve.errors import (
+    AdapterConflictError,
+    AdapterLoadError,
+    AdapterMemoryError,
+    BadRequestError,
+    UnknownAdapterError,
+)
+from lordba.serve.registry import AdapterRegistry, payload_bytes
+
+from .serve_helpers import make_served
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    return make_served(tmp_path_factory)
+
+
+@pytest.fixture
+def model(served):
+    return LoRDBAModel(AutoModelForCausalLM.from_pretrained(served[0]).eval())
+
+
+@pytest.fixture
+def folder(served, tmp_path):
+    copy = tmp_path / "adapters"
+    shutil.copytree(served[1], copy)
+    return copy
+
+
+@pytest.mark.parametrize("name", ["../a", "a/../b", ".", "..", ".hidden", "a.b", "", "x" * 200, "__base__", "base"])
+def test_names_never_leave_the_folder(model, folder, name):
+    registry = AdapterRegistry(model, folder, reserved=("base",))
+    with pytest.raises(BadRequestError, match="invalid adapter name"):
+        registry.acquire(name)
+    assert not model.peft_config
+
+
+def test_symlink_out_of_the_folder_and_paths_outside_are_refused(model, folder, served, tmp_path):
+    outside = tmp_path / "outside"
+    shutil.copytree(served[1] / "a", outside)
+    os.symlink(outside, folder / "escape")
+    registry = AdapterRegistry(model, folder)
+    with pytest.raises(UnknownAdapterError, match="escape"):
+        registry.acquire("escape")
+    for path in ("../outside", str(outside), "escape"):
+        with pytest.raises(BadRequestError, match="outside the --adapters folder"):
+            registry.register("x", path)
+    assert "escape" not in registry.names() and not model.peft_config
+
+
+def test_first_use_loads_and_names_list_the_folder(model, folder):
+    registry = AdapterRegistry(model, folder)
+    assert registry.names() == ["a", "b", "c"] and not model.peft_config
+    registry.acquire("b")
+    assert list(model.peft_config) == ["b"] and registry.loads == 1
+    registry.acquire("b")  # resident: no second load
+    assert registry.loads == 1
+    with pytest.raises(UnknownAdapterError, match="'zz'"):
+        registry.acquire("zz")
+
+
+def test_lru_never_evicts_an_adapter_in_use(model, folder):
+    size = payload_bytes(folder / "a" / "lordba_model.safetensors")
+    registry = AdapterRegistry(model, folder, max_bytes=int(1.5 * size))
+    registry.acquire("a")  # held by a request
+    with pytest.raises(AdapterMemoryError, match="in use"):
+        registry.acquire("b")
+    assert list(model.peft_config) == ["a"]
+    registry.release("a")
+    registry.acquire("b")
+    assert list(model.peft_config) == ["b"] and registry.evictions == 1
+    registry.release("b")
+    registry.acquire("a")
+    registry.acquire("a")
+    assert list(registry.resident()) == ["a"] and registry.evictions == 2
+
+
+def test_unload_waits_for_the_last_request_and_register_refuses_duplicates(model, folder):
+    registry = AdapterRegistry(model, folder)
+    registry.register("mine", "a")
+    with pytest.raises(AdapterConflictError, match="already been loaded"):
+        registry.register("mine", "b")
+    registry.acquire("mine")
+    registry.unload("mine")
+    assert "mine" in model.peft_config  # still in use
+    with pytest.raises(UnknownAdapterError):
+        registry.acquire("mine")
+    registry.release("mine")
+    assert "mine" not in model.peft_config
+    with pytest.raises(UnknownAdapterError, match="cannot be found"):
+        registry.unload("mine")
+
+
+def test_a_corrupt_file_is_refused_with_its_name_and_nothing_is_installed(model, folder):
+    weights = folder / "c" / "lordba_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    registry = AdapterRegistry(model, folder)
+    with pytest.raises(AdapterLoadError, match="adapter 'c'"):
+        registry.acquire("c")
+    assert not model.peft_config and registry.resident() == {}
+    registry.acquire("a")
+    assert list(model.peft_config) == ["a"]
+
+
+def test_a_folder_adapter_unloaded_while_held_is_taken_back_by_a_new_request(model, folder):
+    registry = AdapterRegistry(model, folder)
+    registry.acquire("a")
+    registry.unload("a")  # still held: it drains
+    registry.acquire("a")  # a new request for the folder's "a" takes it back instead of reloading it
+    registry.release("a")
+    registry.release("a")
+    registry.acquire("a")
+    assert list(registry.resident()) == ["a"] and registry.loads == 1 and "a" in model.peft_config

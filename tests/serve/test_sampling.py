@@ -1,0 +1,92 @@
+"""Next-token choice and text assembly: greedy, temperature with a seed, top-p, stop strings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lordba.errors import ConfigError
+from lordba.serve.sampling import IncrementalDecoder, SamplingParams, TextAssembler, sample
+
+LOGITS = torch.tensor([0.5, 3.0, 2.9, -1.0, 0.0])
+
+
+def test_greedy_is_the_argmax():
+    assert sample(LOGITS, SamplingParams(4, temperature=0.0), None) == 1
+
+
+def test_seeded_sampling_repeats_and_top_p_keeps_the_nucleus():
+    params = SamplingParams(4, temperature=1.0, seed=5)
+    draws = [sample(LOGITS, params, params.generator()) for _ in range(3)]
+    assert len(set(draws)) == 1  # the same seed, the same draw
+    many = SamplingParams(4, temperature=2.0, seed=0)
+    g = many.generator()
+    assert len({sample(LOGITS, many, g) for _ in range(200)}) == 5  # every token can come at T=2
+    nucleus = SamplingParams(4, temperature=2.0, top_p=0.5, seed=0)
+    g = nucleus.generator()
+    # softmax(LOGITS / 2): tokens 1 and 2 hold 0.39 and 0.37; 0.5 is reached with both, never a third
+    assert {sample(LOGITS, nucleus, g) for _ in range(200)} == {1, 2}
+    tiny = SamplingParams(4, temperature=1.0, top_p=1e-6)
+    g = tiny.generator()
+    assert {sample(LOGITS, tiny, g) for _ in range(50)} == {1}
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(max_tokens=0), dict(temperature=-0.1), dict(temperature=3.0), dict(top_p=0.0), dict(stop=("",))]
+)
+def test_invalid_parameters_are_refused(bad):
+    kw = {"max_tokens": 4, **bad}
+    with pytest.raises(ConfigError):
+        SamplingParams(**kw)
+
+
+def test_text_is_cut_at_the_first_stop_and_a_possible_stop_is_held_back():
+    text = TextAssembler(("END", "##"))
+    assert not text.update("hello E")
+    assert text.take_delta() == "hello "  # "E" may start "END": held back
+    assert not text.update("hello EN")
+    assert text.take_delta() == ""
+    assert not text.update("hello ENX #")
+    assert text.take_delta() == "ENX "
+    assert text.update("hello ENX ## and more")
+    assert text.text == "hello ENX " and text.take_delta(final=True) == ""
+
+
+def test_an_incomplete_character_waits_for_the_next_token():
+    text = TextAssembler()
+    text.update("caf\ufffd")
+    assert text.take_delta() == "caf"
+    text.update("café")
+    assert text.take_delta() == "é"
+
+
+def byte_level_tokenizer():
+    """A small byte-level BPE (as GPT-2 / SmolLM2 use), trained here: multi-byte characters span
+    several tokens, so a prefix of the ids can end inside a character."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["héllo wörld, naïve café — ça va? 日本語 テキスト 🙂 emoji", "plain ascii words and more words"] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+
+
+def test_incremental_decoding_equals_decoding_everything():
+    tok = byte_level_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    texts = ["héllo wörld 日本語 🙂 café", "🙂🙂 テキスト naïve"]
+    sequences = [tok(t)["input_ids"] for t in texts]
+    sequences += [torch.randint(0, len(tok), (40,), generator=g).tolist() for _ in range(3)]
+    for ids in sequences:
+        decoder = IncrementalDecoder(tok)
+        for n in range(1, len(ids) + 1):
+            text = decoder.update(ids[:n])
+            full = tok.decode(ids[:n], skip_special_tokens=True)
+            if not full.endswith("\ufffd"):
+                assert text == full, (ids[:n], text, full)

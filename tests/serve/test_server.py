@@ -1,0 +1,334 @@
+"""The real server on loopback, driven with the official ``openai`` client (and raw HTTP where a
+client would not send such a request). Every request has a timeout; the servers are stopped here."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import threading
+import time
+from urllib.parse import urlparse
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lordba import LoRDBAConfig, get_lordba_model
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from lordba.serve.registry import payload_bytes  # noqa: E402
+from lordba.serve.server import Server, build_state, load_base  # noqa: E402
+
+from .serve_helpers import make_served, reference  # noqa: E402
+
+TIMEOUT = 30.0
+
+
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+
+
+def wait_for(predicate, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    return make_served(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    model_dir, adapters = served
+    model, tokenizer = load_base(model_dir)
+    state = build_state(model, tokenizer, "tiny-llama", adapters, max_batch=8)
+    with Server(state) as s:
+        yield s
+
+
+def raw(server: Server, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    url = urlparse(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+        try:
+            return response.status, json.loads(data or b"null")
+        except ValueError:
+            return response.status, {"text": data.decode()}
+    finally:
+        conn.close()
+
+
+def aborts(server: Server) -> float:
+    """Generations ended by an abort so far (the server's own counter)."""
+    return server.state.metrics.finished_requests.labels("abort")._value.get()
+
+
+def assert_openai_error(body: dict, *words: str) -> None:
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"])
+    for word in words:
+        assert word in body["error"]["message"]
+
+
+# ---------------------------------------------------------------------------- generation
+def test_two_adapters_in_flight_each_give_their_own_greedy_output(server, served):
+    model_dir, adapters = served
+    c = client(server)
+    tok = server.state.tokenizer
+    prompts = {"a": "The quick brown fox", "b": "Hello"}
+    for name in prompts:  # load both first: a load takes the model's lock, which the test holds below
+        c.completions.create(model=name, prompt="x", max_tokens=1, temperature=0)
+    results: dict[str, str] = {}
+
+    def ask(name: str) -> None:
+        r = c.completions.create(model=name, prompt=prompts[name], max_tokens=24, temperature=0)
+        results[name] = r.choices[0].text
+
+    engine = server.state.engine
+    engine.max_rows_seen = 0
+    threads = [threading.Thread(target=ask, args=(n,)) for n in prompts]
+    with server.state.engine.model._lock.write():  # hold the engine so that both requests join it
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: sum(engine.load) == 2)
+    for t in threads:
+        t.join(TIMEOUT)
+    assert engine.max_rows_seen >= 2  # one decode forward carried both adapters' rows
+    for name, prompt in prompts.items():
+        want = reference(model_dir, adapters / name, tok(prompt)["input_ids"], 24)
+        assert results[name] == tok.decode(want, skip_special_tokens=True)
+    assert results["a"] != results["b"]
+
+
+def test_base_model_by_its_own_name_and_adapters_differ(server, served):
+    model_dir, _ = served
+    c = client(server)
+    tok = server.state.tokenizer
+    base = c.completions.create(model="tiny-llama", prompt="Hello", max_tokens=12, temperature=0)
+    want = reference(model_dir, None, tok("Hello")["input_ids"], 12)
+    assert base.choices[0].text == tok.decode(want, skip_special_tokens=True)
+    assert base.usage.prompt_tokens == 5 and base.usage.completion_tokens == len(want)
+    assert base.choices[0].finish_reason == ("stop" if want[-1] == tok.eos_token_id else "length")
+    assert base.model == "tiny-llama"
+    adapted = c.completions.create(model="c", prompt="Hello", max_tokens=12, temperature=0)
+    assert adapted.choices[0].text != base.choices[0].text
+
+
+def test_chat_uses_the_chat_template_and_streams_the_same_text(server, served):
+    model_dir, adapters = served
+    c = client(server)
+    tok = server.state.tokenizer
+    messages = [{"role": "user", "content": "hi there"}]
+    r = c.chat.completions.create(model="b", messages=messages, max_tokens=10, temperature=0)
+    ids = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))["input_ids"]
+    assert r.choices[0].message.content == tok.decode(
+        reference(model_dir, adapters / "b", ids, 10), skip_special_tokens=True
+    )
+    assert r.choices[0].message.role == "assistant" and r.object == "chat.completion"
+    chunks = list(
+        c.chat.completions.create(
+            model="b",
+            messages=messages,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == r.choices[0].message.content
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_completion_stream_matches_the_whole_response(server):
+    c = client(server)
+    whole = c.completions.create(model="a", prompt="Streams", max_tokens=16, temperature=0).choices[0].text
+    chunks = list(c.completions.create(model="a", prompt="Streams", max_tokens=16, temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == whole
+    assert len(chunks) > 2 and chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_sampling_seed_top_p_and_stop(server):
+    c = client(server)
+
+    def text(**kw) -> str:
+        r = c.completions.create(model="a", prompt="Sample", max_tokens=20, **kw)
+        return r.choices[0].text
+
+    assert text(temperature=1.0, seed=7) == text(temperature=1.0, seed=7)
+    assert len({text(temperature=1.5, seed=s) for s in range(4)}) > 1
+    assert text(temperature=1.0, top_p=1e-6, seed=3) == text(temperature=0)  # top-p keeps the top token only
+    greedy = text(temperature=0)
+    stop = greedy[5:8]
+    r = c.completions.create(model="a", prompt="Sample", max_tokens=20, temperature=0, stop=[stop])
+    assert r.choices[0].text == greedy[: greedy.index(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = c.completions.create(model="a", prompt="Sample", max_tokens=20, temperature=0, stop=stop, stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed) == r.choices[0].text
+
+
+# ---------------------------------------------------------------------------- adapters
+def test_load_and_unload_lora_adapter(server):
+    c = client(server)
+    status, _ = raw(
+        server, "POST", "/v1/load_lora_adapter", json.dumps({"lora_name": "extra", "lora_path": "a"}).encode()
+    )
+    assert status == 200
+    same = [
+        c.completions.create(model=m, prompt="Hi", max_tokens=8, temperature=0).choices[0].text for m in ("extra", "a")
+    ]
+    assert same[0] == same[1]
+    assert "extra" in {m.id for m in c.models.list().data}
+    status, body = raw(
+        server, "POST", "/v1/load_lora_adapter", json.dumps({"lora_name": "extra", "lora_path": "a"}).encode()
+    )
+    assert status == 400 and body["error"]["code"] == "adapter_already_loaded"
+    status, body = raw(
+        server, "POST", "/v1/load_lora_adapter", json.dumps({"lora_name": "y", "lora_path": "../x"}).encode()
+    )
+    assert status == 400 and "outside" in body["error"]["message"]
+    status, _ = raw(server, "POST", "/v1/unload_lora_adapter", json.dumps({"lora_name": "extra"}).encode())
+    assert status == 200 and "extra" not in server.state.engine.model.peft_config
+    with pytest.raises(openai.NotFoundError, match="extra"):
+        c.completions.create(model="extra", prompt="Hi", max_tokens=2)
+    status, body = raw(server, "POST", "/v1/unload_lora_adapter", json.dumps({"lora_name": "extra"}).encode())
+    assert status == 404 and "extra" in body["error"]["message"]
+
+
+def test_models_health_and_metrics(server):
+    c = client(server)
+    c.completions.create(model="a", prompt="m", max_tokens=3, temperature=0)
+    models = c.models.list().data
+    assert [m.id for m in models][:1] == ["tiny-llama"] and {"a", "b", "c"} <= {m.id for m in models}
+    assert raw(server, "GET", "/health")[0] == 200
+    url = urlparse(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    for name in (
+        'lordba_requests_total{endpoint="/v1/completions",status="200"}',
+        "lordba_generation_tokens_total",
+        "lordba_queue_length",
+        "lordba_resident_adapters",
+        "lordba_adapter_loads_total",
+        "lordba_adapter_evictions_total",
+        "lordba_time_to_first_token_seconds_bucket",
+        "lordba_time_per_output_token_seconds_bucket",
+    ):
+        assert name in text, name
+
+
+# ---------------------------------------------------------------------------- errors
+def test_error_cases_answer_in_openai_shape(server):
+    c = client(server)
+    with pytest.raises(openai.NotFoundError) as err:
+        c.completions.create(model="nope", prompt="x", max_tokens=2)
+    assert "nope" in err.value.message and err.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="invalid adapter name"):
+        c.completions.create(model="../a", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 256"):
+        c.completions.create(model="a", prompt="x" * 300, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        c.completions.create(model="a", prompt="x" * 250, max_tokens=10)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        c.completions.create(model="a", prompt="x", max_tokens=2, temperature=5)
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        c.completions.create(model="a", prompt="x", max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError, match="tool messages are not supported"):
+        c.chat.completions.create(model="a", messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
+    status, body = raw(server, "POST", "/v1/completions", b'{"model": "a", "prompt": ')
+    assert status == 400
+    assert_openai_error(body, "JSON")
+    status, body = raw(server, "POST", "/v1/chat/completions", json.dumps({"model": "a"}).encode())
+    assert status == 400
+    assert_openai_error(body, "messages")
+    status, body = raw(server, "GET", "/v1/nothing")
+    assert status == 404
+    assert_openai_error(body)
+    assert c.completions.create(model="a", prompt="still", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_corrupt_or_mismatched_adapter_is_refused_and_others_keep_serving(server, served):
+    _, adapters = served
+    shutil.copytree(adapters / "a", adapters / "corrupt")
+    weights = adapters / "corrupt" / "lordba_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    torch.manual_seed(0)
+    narrow = LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=40, num_hidden_layers=2))
+    get_lordba_model(narrow, LoRDBAConfig(r=4, init="random")).save_pretrained(adapters / "mismatched")
+    c = client(server)
+    try:
+        for name, why in [("corrupt", "sha256"), ("mismatched", "in the base model")]:
+            with pytest.raises(openai.BadRequestError, match=why) as err:
+                c.completions.create(model=name, prompt="x", max_tokens=2)
+            assert f"adapter '{name}'" in err.value.message and err.value.body["code"] == "adapter_invalid"
+            assert name not in server.state.engine.model.peft_config
+        assert c.completions.create(model="a", prompt="fine", max_tokens=3).usage.completion_tokens == 3
+    finally:
+        shutil.rmtree(adapters / "corrupt")
+        shutil.rmtree(adapters / "mismatched")
+
+
+def test_client_disconnect_mid_stream_frees_its_slot(server):
+    engine, registry = server.state.engine, server.state.registry
+    url = urlparse(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT)
+    body = {"model": "b", "prompt": "long", "max_tokens": 250, "temperature": 0, "stream": True, "ignore_eos": True}
+    before = aborts(server)
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    response.fp.readline()  # the first event arrived: the request is running
+    assert engine.load[1] == 1 and registry._entries["b"].refs == 1
+    conn.sock.shutdown(2)
+    conn.close()
+    assert wait_for(lambda: engine.load == (0, 0) and registry._entries["b"].refs == 0)
+    assert aborts(server) == before + 1  # aborted, not run to its 250 tokens
+    assert client(server).completions.create(model="b", prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+# ---------------------------------------------------------------------------- LRU
+def test_lru_keeps_adapters_within_the_memory_budget(served):
+    model_dir, adapters = served
+    model, tokenizer = load_base(model_dir)
+    size = payload_bytes(adapters / "a" / "lordba_model.safetensors")
+    state = build_state(model, tokenizer, "tiny-llama", adapters, max_adapter_memory=int(2.5 * size))
+    with Server(state) as server:
+        c = client(server)
+        outputs = {}
+        for name in ["a", "b", "c", "a"]:
+            outputs.setdefault(name, []).append(
+                c.completions.create(model=name, prompt="lru", max_tokens=6, temperature=0).choices[0].text
+            )
+        resident = state.registry.resident()
+        assert list(resident) == ["c", "a"]  # b was least recently used when a came back
+        assert sum(resident.values()) <= 2.5 * size
+        assert state.registry.evictions == 2 and state.registry.loads == 4
+        assert outputs["a"][0] == outputs["a"][1]  # reloaded after eviction: the same adapter
+
+
+def test_client_disconnect_while_waiting_for_a_whole_response_frees_its_slot(server):
+    engine = server.state.engine
+    url = urlparse(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT)
+    body = {"model": "c", "prompt": "long", "max_tokens": 250, "temperature": 0, "ignore_eos": True}
+    before = aborts(server)
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    assert wait_for(lambda: engine.load[1] == 1)
+    conn.sock.shutdown(2)
+    conn.close()
+    assert wait_for(lambda: engine.load == (0, 0) and server.state.registry._entries["c"].refs == 0)
+    assert aborts(server) == before + 1  # aborted, not run to its 250 tokens

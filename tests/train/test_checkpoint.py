@@ -1,0 +1,119 @@
+"""Training checkpoints: checksummed files, and resume from the newest intact one."""
+
+import hashlib
+import json
+import warnings
+
+import pytest
+import torch
+from test_loop import model, rows
+
+from lordba import TrainingError
+from lordba.train import TrainSettings, train_loop
+from lordba.train.checkpoint import FILES, MANIFEST, read_checkpoint
+from lordba.train.tokenize import Batcher
+
+SETTINGS = TrainSettings(steps=6, lr=3e-3, checkpoint_every=2, keep_checkpoints=3)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A finished run with checkpoints at steps 2, 4 and 6."""
+    train_loop(model(), Batcher(rows(), 4), SETTINGS, tmp_path, progress=False)
+    return tmp_path
+
+
+def ckpt(run_dir, step):
+    return run_dir / "checkpoints" / f"step-{step:08d}"
+
+
+def flip_bit(path, offset=-20):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def resume(run_dir):
+    """Resume the finished run; returns (step resumed from, warning messages)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = train_loop(model(seed=5), Batcher(rows(), 4), SETTINGS, run_dir, progress=False)
+    return res.resumed_from, [str(w.message) for w in caught]
+
+
+def test_every_file_is_checksummed(run_dir):
+    manifest = json.loads((ckpt(run_dir, 6) / MANIFEST).read_text())
+    assert set(manifest["sha256"]) == set(FILES)
+    assert read_checkpoint(ckpt(run_dir, 6)).meta["step"] == 6
+
+
+@pytest.mark.parametrize(
+    "damage, file, reason",
+    [
+        (flip_bit, "trainable.safetensors", "checksum mismatch"),
+        (flip_bit, "optimizer.safetensors", "checksum mismatch"),
+        (flip_bit, "state.json", "checksum mismatch"),
+        (truncate, "trainable.safetensors", "checksum mismatch"),
+        (truncate, "state.json", "checksum mismatch"),
+        (truncate, MANIFEST, "not valid JSON"),
+        (lambda p: p.unlink(), "rng.safetensors", "missing"),
+        (lambda p: p.unlink(), MANIFEST, "missing"),
+    ],
+)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(run_dir, damage, file, reason):
+    damage(ckpt(run_dir, 6) / file)
+    with pytest.raises(TrainingError, match=reason):
+        read_checkpoint(ckpt(run_dir, 6))
+    step, messages = resume(run_dir)
+    assert step == 4
+    skipped = [m for m in messages if "skipping damaged training checkpoint" in m]
+    assert len(skipped) == 1 and "step-00000006" in skipped[0] and reason in skipped[0] and file in skipped[0]
+    assert any("resuming from" in m and "step-00000004" in m for m in messages)
+
+
+def test_the_fallback_resume_ends_where_an_uninterrupted_run_ends(run_dir, tmp_path):
+    flip_bit(ckpt(run_dir, 6) / "trainable.safetensors")
+    resumed = model(seed=5)
+    with pytest.warns(UserWarning, match="skipping damaged"):
+        train_loop(resumed, Batcher(rows(), 4), SETTINGS, run_dir, progress=False)
+    full = model()
+    train_loop(full, Batcher(rows(), 4), SETTINGS, tmp_path / "full", progress=False)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_when_every_checkpoint_is_damaged_resuming_is_refused_with_the_reasons(run_dir):
+    for step in (2, 4, 6):
+        truncate(ckpt(run_dir, step) / "trainable.safetensors")
+    with pytest.raises(TrainingError, match=r"every training checkpoint is damaged.*step-00000002.*--no-resume"):
+        resume(run_dir)
+    res = train_loop(model(), Batcher(rows(), 4), SETTINGS, run_dir, resume=False, progress=False)
+    assert res.resumed_from == 0  # starting over stays possible
+
+
+def test_a_forged_checksum_still_gives_a_training_error_not_a_raw_one(run_dir):
+    path = ckpt(run_dir, 6)
+    (path / "trainable.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["sha256"]["trainable.safetensors"] = hashlib.sha256(
+        (path / "trainable.safetensors").read_bytes()
+    ).hexdigest()
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(TrainingError, match="not a readable safetensors file"):
+        read_checkpoint(path)
+
+
+def test_a_checksummed_but_incomplete_state_is_a_training_error(run_dir):
+    path = ckpt(run_dir, 6)
+    state = json.loads((path / "state.json").read_text())
+    del state["numpy_random"]
+    (path / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["sha256"]["state.json"] = hashlib.sha256((path / "state.json").read_bytes()).hexdigest()
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(TrainingError, match=r"incomplete training state .*numpy_random"):
+        read_checkpoint(path)
