@@ -136,13 +136,38 @@ void dequant_rows(const Packed& p, int64_t o0, int64_t o1, float* dst) {
     float* d = dst + (o - o0) * p.in;
     for (int64_t g = 0; g < p.groups; ++g) {
       const float s = half_to_float(p.s[o * p.groups + g]), m = half_to_float(p.m[o * p.groups + g]);
-      for (int64_t k = g * p.group; k < (g + 1) * p.group; k += kChunk) {
+      for (int64_t k = g * p.group; k < (g + 1) * p.group && k < p.in; k += kChunk) {
+#if defined(__AVX512F__)
+        __m512i lo_i, hi_i;
+        if (p.bits == 4) {
+          const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2)));
+          lo_i = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
+          hi_i = _mm512_srli_epi32(bytes, 4);
+        } else {
+          lo_i = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)));
+          hi_i = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 16)));
+        }
+        const __m512 vs = _mm512_set1_ps(s), vm = _mm512_set1_ps(m);
+        const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo_i), vs, vm);
+        const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi_i), vs, vm);
+        const int64_t left = p.in - k;
+        if (left >= kChunk) {
+          _mm512_storeu_ps(d + k, lo);
+          _mm512_storeu_ps(d + k + 16, hi);
+        } else {  // the padded tail: only the inputs below `in` are written
+          const __mmask16 m0 = static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1);
+          const __mmask16 m1 = static_cast<__mmask16>(left > 16 ? (1u << (left - 16)) - 1 : 0);
+          _mm512_mask_storeu_ps(d + k, m0, lo);
+          _mm512_mask_storeu_ps(d + k + 16, m1, hi);
+        }
+#else
         for (int64_t j = 0; j < 16; ++j) {
           const int lo = p.bits == 4 ? (q[k / 2 + j] & 15) : q[k + j];
           const int hi = p.bits == 4 ? (q[k / 2 + j] >> 4) : q[k + j + 16];
           if (k + j < p.in) d[k + j] = s * static_cast<float>(lo) + m;
           if (k + j + 16 < p.in) d[k + j + 16] = s * static_cast<float>(hi) + m;
         }
+#endif
       }
     }
   }
