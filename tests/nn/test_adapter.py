@@ -186,3 +186,24 @@ def test_caches_follow_a_fused_optimizer_step(input_ids):
     assert torch.equal(got, want)
     adapter = lm.adapter_modules("default")["model.layers.0.self_attn.q_proj"]
     assert torch.equal(adapter.stored_tensors()["sign_A"], pack_signs(adapter.latent_A.detach()))
+
+
+def test_from_stored_without_copy_holds_the_given_tensors_and_equals_a_constructed_adapter():
+    packed = make_layer(in_f=30, out_f=20, names=("a",), r=4, scale_dtype="int8").lordba_adapters["a"].pack()
+    t = packed.stored_tensors()
+    shared = PackedAdapter.from_stored(t, 30, 20, 4, packed.scaling, packed.codec, copy=False)
+    assert all(getattr(shared, k) is v for k, v in t.items())  # the loader's own tensors: no copy
+    built = PackedAdapter(
+        t["sign_A"], t["sign_B"], (t["scale_in"], t["scale_mid"], t["scale_out"]), 30, 20, 4, 1.0, packed.codec
+    )
+    built.scaling = packed.scaling
+    assert set(vars(shared)) == set(vars(built))  # the same module state as __init__ gives
+    assert {k: type(v) for k, v in vars(shared).items()} == {k: type(v) for k, v in vars(built).items()}
+    assert list(shared.state_dict()) == list(built.state_dict())
+    x = torch.randn(3, 30)
+    assert torch.equal(shared(x), built(x))
+    shared.register_forward_hook(lambda *a: None)
+    assert not built._forward_hooks  # containers are the adapter's own
+    noncontiguous = {**t, "scale_mid": torch.stack([t["scale_mid"], t["scale_mid"]], 1)[:, 0]}
+    copied = PackedAdapter.from_stored(noncontiguous, 30, 20, 4, 1.0, packed.codec, copy=False)
+    assert copied.scale_mid.is_contiguous() and copied.sign_A is t["sign_A"]

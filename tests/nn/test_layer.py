@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from lordba import AdapterStateError, ShapeMismatchError
+from lordba import AdapterStateError, ShapeMismatchError, kernels
 from lordba.core.scales import get_codec
 from lordba.core.ste import STE
 from lordba.nn.adapter import TrainableAdapter
@@ -121,3 +121,41 @@ def test_packed_adapter_in_a_layer_matches_the_dense_delta_and_merges():
         unmerged = layer(x)
         layer.merge()
         torch.testing.assert_close(layer.base_layer(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_many_adapters_in_one_batch_run_in_one_kernel_call_and_equal_their_own_calls(monkeypatch):
+    """32 rows over 12 packed adapters (and base rows): one ``packed_branch_rows`` call, each row
+    bit-identical to its adapter's own call on its rows (decode and prefill lengths)."""
+    names = tuple(f"ad{k}" for k in range(12))
+    layer = make_layer(in_f=40, out_f=24, names=names, r=4, scale_dtype="int8")
+    for name in names:
+        layer.add_adapter(name, layer.lordba_adapters[name].pack())
+    calls = []
+    real = kernels.packed_branch_rows
+    monkeypatch.setattr(kernels, "packed_branch_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rows = tuple(names[(5 * i) % 12] if i % 7 else "__base__" for i in range(32))
+    for tokens in (1, 20):
+        x = torch.randn(32, tokens, 40)
+        with torch.no_grad():
+            base = layer.base_layer(x)
+            with layer.gate.enter(Routing(adapter_names=rows)):
+                mixed = layer(x)
+            for name in set(rows):
+                index = torch.tensor([i for i, n in enumerate(rows) if n == name])
+                want = base[index] if name == "__base__" else layer.lordba_adapters[name](x[index], base[index])
+                assert torch.equal(mixed[index], want)
+    assert len(calls) == 2 if kernels.cpu_available() else True
+
+
+def test_rows_of_adapters_that_need_their_own_call_take_it():
+    """A trained bias (or a gradient) keeps the per-adapter path, with the same outputs."""
+    layer = make_layer(names=("a", "b", "c"))
+    layer.lordba_adapters["b"].attach_bias(torch.randn(13))
+    x = torch.randn(4, 21)
+    rows = ("a", "b", "c", "a")
+    with torch.no_grad(), layer.gate.enter(Routing(adapter_names=rows)):
+        mixed = layer(x)
+    with torch.no_grad():
+        for i, name in enumerate(rows):
+            layer.set_adapter([name])
+            torch.testing.assert_close(mixed[i], layer(x[i : i + 1])[0], rtol=1e-6, atol=1e-6)

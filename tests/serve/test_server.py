@@ -332,3 +332,15 @@ def test_client_disconnect_while_waiting_for_a_whole_response_frees_its_slot(ser
     conn.close()
     assert wait_for(lambda: engine.load == (0, 0) and server.state.registry._entries["c"].refs == 0)
     assert aborts(server) == before + 1  # aborted, not run to its 250 tokens
+
+
+def test_freeze_heap_moves_the_startup_objects_out_of_the_collectors_reach():
+    import gc
+
+    from lordba.serve.server import freeze_heap
+
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -71,15 +71,16 @@ def measure(model_dir: Path, settings: Settings) -> dict:
 # ---------------------------------------------------------------------------- servers
 def _lordba_rows(model_dir: Path, folder: Path, s: Settings) -> tuple[list[dict], dict]:
     from lordba.serve.registry import adapter_bytes
-    from lordba.serve.server import Server, build_state, load_base
+    from lordba.serve.server import Server, build_state, freeze_heap, load_base
     from lordba_lab.bench._serve_fleet import make_fleet
 
     names = make_fleet(model_dir, folder, max(s.adapter_counts))
     model, tokenizer = load_base(model_dir)
     state = build_state(model, tokenizer, BASE_NAME, folder, max_batch=max(s.clients))
+    freeze_heap()  # as `lordba serve` does at startup
     rows = []
     with Server(state) as server:
-        cold = _cold_loads(state.registry, names[: s.cold_loads])
+        cold = _cold_loads(state.registry, names[: s.cold_loads + 1])
         for count in s.adapter_counts:
             chosen = names[:count]
             for name in chosen:  # resident before the clients start: cold loads are measured apart
@@ -132,7 +133,10 @@ def _peft_rows(model_dir: Path, s: Settings) -> list[dict]:
 
 
 def _cold_loads(registry: Any, names: list[str]) -> dict:
-    """Median and p95 milliseconds of loading an adapter from its file onto the model."""
+    """Median and p95 milliseconds of loading an adapter from its file onto the model, with another
+    adapter resident (as in service: the model's layers stay wrapped between loads)."""
+    anchor, names = names[0], names[1:]
+    registry.acquire(anchor)
     times = []
     for name in names:
         start = time.perf_counter()
@@ -140,6 +144,8 @@ def _cold_loads(registry: Any, names: list[str]) -> dict:
         times.append(1000 * (time.perf_counter() - start))
         registry.release(name)
         registry.unload(name)
+    registry.release(anchor)
+    registry.unload(anchor)
     return {"median": statistics.median(times), "p95": _pct(times, 95), "n": len(times)}
 
 

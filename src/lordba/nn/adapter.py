@@ -260,7 +260,9 @@ class PackedAdapter(AdapterBase):
             if copy or moved or not t.is_contiguous() or t.requires_grad:
                 t = t.detach().to(target or t.device).clone(memory_format=torch.contiguous_format)
             buffers[name] = t
-        adapter = cls._assemble(in_features, out_features, r, scaling, codec, buffers)
+        adapter = None
+        if cls.__init__ is PackedAdapter.__init__:  # a subclass's own __init__ is run, not skipped
+            adapter = cls._assemble(in_features, out_features, r, scaling, codec, buffers)
         if adapter is None:
             scales = tuple(buffers[n] for n in SCALES)
             adapter = cls(buffers["sign_A"], buffers["sign_B"], scales, in_features, out_features, r, scaling, codec)
@@ -280,6 +282,16 @@ class PackedAdapter(AdapterBase):
     def _kernel_tensors(self) -> tuple[torch.Tensor, ...]:
         buffers = self._buffers  # direct: this runs once per layer and token; stored scales as they are
         return buffers["sign_A"], buffers["sign_B"], buffers["scale_in"], buffers["scale_mid"], buffers["scale_out"]
+
+    def _routed(self, grad: bool, key: tuple[str, torch.dtype]) -> tuple | None:
+        """:meth:`AdapterBase._routed` for buffers only (no parameter can need a gradient): the stored
+        tensors read directly, once per adapter, layer and step of a mixed batch."""
+        if self.bias_delta is not None or (self.training and self.dropout > 0.0):
+            return None
+        buffers = self._buffers
+        tensors = buffers["sign_A"], buffers["sign_B"], buffers["scale_in"], buffers["scale_mid"], buffers["scale_out"]
+        limit = self._caches.limits.get(key)
+        return tensors, self.scaling, limit if limit is not None else self._limit(*key)
 
     def forward(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         """The branch output for ``x`` ``[..., in]`` (``base + branch`` given ``base``), through the

@@ -4,25 +4,32 @@ with a thousand adapters resident has a thousand modules per layer to walk throu
 
 The index is rebuilt when:
 
-* a module was registered anywhere since it was built (a global module-registration hook of
-  PyTorch counts them: ``setattr`` of a module, ``add_module``, ``ModuleList``/``ModuleDict``
-  changes), except adapters put into a layer, which hold no layers; or
-* one of its entries is no longer at its path (a module deleted or replaced without
-  registration, e.g. ``del``): every entry is checked on use, by dictionary lookups along its path.
+* a module of the kind it indexes was registered anywhere since it was built (a global
+  module-registration hook of PyTorch counts them: ``setattr`` of a module, ``add_module``,
+  ``ModuleList``/``ModuleDict`` changes; registrations of other modules are not counted, since a
+  forward registers some: transformers slices its ``ModuleList`` of layers on every call); or
+* one of its entries is no longer at its path (it, or a module above it, was deleted or replaced):
+  every entry is checked on use, by dictionary lookups along its path.
+
+A module of that kind added inside another module registered in one piece (a deep copy of a
+decoder layer appended to the model) is not seen until the next rebuild; lordba's own methods add
+layers one by one.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
-from lordba.nn.adapter_base import AdapterBase
-
-_VERSION = [0]  # bumped whenever a (non-adapter) module is registered anywhere in this process
+_VERSION = [0]  # bumped whenever a module of an indexed kind is registered anywhere in this process
+_KINDS: list[type[nn.Module]] = []  # the kinds indexes are kept for
 
 
 def _count_registration(parent: nn.Module, name: str, module: nn.Module | None) -> None:
-    if not isinstance(module, AdapterBase):
+    # Not under tracing (a model's forward registers modules: transformers slices its ModuleList of
+    # layers on every call), so that compiled graphs never guard on the counter.
+    if not torch.compiler.is_compiling() and _KINDS and isinstance(module, tuple(_KINDS)):
         _VERSION[0] += 1
 
 
@@ -30,7 +37,8 @@ register_module_module_registration_hook(_count_registration)
 
 
 def structure_version() -> int:
-    """A number that changes whenever a module (other than an adapter) is registered in this process."""
+    """A number that changes whenever a module of a kind some :class:`ModuleIndex` indexes is
+    registered in this process (``setattr``, ``add_module``, containers)."""
     return _VERSION[0]
 
 
@@ -53,6 +61,8 @@ class ModuleIndex:
 
     def __init__(self, kind: type[nn.Module]) -> None:
         self._kind = kind
+        if kind not in _KINDS:
+            _KINDS.append(kind)
         self._entries: list[tuple[str, nn.Module]] = []
         self._version = -1
         self._root: nn.Module | None = None

@@ -4,6 +4,7 @@ the benchmark and notebooks)."""
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 import time
@@ -125,12 +126,23 @@ class Server:
         self.stop()
 
 
+def freeze_heap() -> None:
+    """Collect, then move every object alive now (the base model, torch, transformers: most of the
+    process) out of the cyclic garbage collector's reach (``gc.freeze``): its full collections,
+    which adapter loads trigger by allocating, then walk only what came later (tens of ms saved per
+    full collection on SmolLM2, fewer slow loads). Objects frozen are still freed by reference
+    counting; call it once, after startup."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve_forever(state: ServerState, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve ``state`` on ``host:port`` until interrupted (Ctrl-C, SIGTERM)."""
     import uvicorn
 
     from lordba.serve.app import build_app
 
+    freeze_heap()
     state.engine.start()
     try:
         uvicorn.run(build_app(state), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

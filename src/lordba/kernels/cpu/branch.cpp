@@ -681,7 +681,13 @@ at::Tensor branch_rows(const at::Tensor& x, const at::Tensor& index, at::TensorL
     check(ip[i] >= -1 && ip[i] < K, "branch_rows: an index is outside [-1, number of adapters)");
     if (ip[i] >= 0) rows[static_cast<size_t>(ip[i])].push_back(i);
   }
-  thread_local std::vector<float> bbuf, mbuf, abuf;
+  check(y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kHalf,
+        "the output dtype must be float32, bfloat16 or float16");
+  struct Group {
+    int64_t k;
+    at::Tensor sa, sb, b, m, a;
+  };
+  std::vector<Group> groups;  // adapters on the sign path, run below (in parallel with several threads)
   for (int64_t k = 0; k < K; ++k) {
     const auto& group = rows[static_cast<size_t>(k)];
     if (group.empty()) continue;
@@ -704,17 +710,31 @@ at::Tensor branch_rows(const at::Tensor& x, const at::Tensor& index, at::TensorL
       y.index_copy_(0, ti, yk);
       continue;
     }
-    const at::Tensor sa = sign_A[k].contiguous(), sb = sign_B[k].contiguous();
-    const at::Tensor bc = b[k].contiguous(), mc = m[k].contiguous(), ac = a[k].contiguous();
-    const float* bp = as_float(bc, bbuf);
-    const float* mp = as_float(mc, mbuf);
-    const float* ap = as_float(ac, abuf);
-    const float s = static_cast<float>(scaling[k]);
+    groups.push_back({k, sign_A[k].contiguous(), sign_B[k].contiguous(), b[k].contiguous(), m[k].contiguous(),
+                      a[k].contiguous()});
+  }
+  // Each group writes its own rows of y: groups run independently, each exactly as alone.
+  auto run = [&](const Group& g) {
+    thread_local std::vector<float> bbuf, mbuf, abuf;
+    const float* bp = as_float(g.b, bbuf);
+    const float* mp = as_float(g.m, mbuf);
+    const float* ap = as_float(g.a, abuf);
+    const auto& group = rows[static_cast<size_t>(g.k)];
+    const int64_t r = g.m.numel();
+    const float s = static_cast<float>(scaling[g.k]);
     switch (st) {
-      case at::kFloat: rows_sign_out<float>(x2, base2, y, group, L, sa, sb, bp, mp, ap, r, s); break;
-      case at::kBFloat16: rows_sign_out<c10::BFloat16>(x2, base2, y, group, L, sa, sb, bp, mp, ap, r, s); break;
-      default: rows_sign_out<c10::Half>(x2, base2, y, group, L, sa, sb, bp, mp, ap, r, s);
+      case at::kFloat: rows_sign_out<float>(x2, base2, y, group, L, g.sa, g.sb, bp, mp, ap, r, s); break;
+      case at::kBFloat16: rows_sign_out<c10::BFloat16>(x2, base2, y, group, L, g.sa, g.sb, bp, mp, ap, r, s); break;
+      default: rows_sign_out<c10::Half>(x2, base2, y, group, L, g.sa, g.sb, bp, mp, ap, r, s);
     }
+  };
+  const int64_t n = static_cast<int64_t>(groups.size());
+  if (n > 1 && at::get_num_threads() > 1) {
+    at::parallel_for(0, n, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) run(groups[static_cast<size_t>(g)]);
+    });
+  } else {
+    for (const auto& g : groups) run(g);
   }
   return y.reshape(base.sizes());
 }

@@ -1,0 +1,78 @@
+"""The loader's vectorised value checks and its one-read tensor reader (lordba.format.header)."""
+
+import io
+import struct
+
+import pytest
+import torch
+
+from lordba.core.packing import pack_signs
+from lordba.errors import AdapterFormatError
+from lordba.format.header import ModuleRecord, check_all_values, check_values, read_tensors
+
+
+def record(path, in_f=13, out_f=7, r=3, g=None):
+    """A valid int8-format module (r·in and out·r not multiples of 8: padding bits exist)."""
+    g = g or torch.Generator().manual_seed(0)
+    b = torch.randint(-127, 128, (in_f,), dtype=torch.int8, generator=g)
+    a = torch.randint(-127, 128, (out_f,), dtype=torch.int8, generator=g)
+    b[0], a[0] = 127, -127
+    tensors = {
+        "sign_A": pack_signs(torch.randn(r, in_f, generator=g)),
+        "sign_B": pack_signs(torch.randn(out_f, r, generator=g)),
+        "scale_in": b,
+        "scale_mid": torch.rand(r, generator=g),
+        "scale_out": a,
+    }
+    return ModuleRecord(path, in_f, out_f, r, tensors)
+
+
+def corrupt(kind):
+    def apply(rec):
+        t = rec.tensors
+        if kind == "padding":
+            t["sign_A"][-1] |= 1
+        elif kind == "nan":
+            t["scale_mid"][1] = float("nan")
+        elif kind == "minus128":
+            t["scale_out"][2] = -128
+        elif kind == "peak":
+            t["scale_in"].clamp_(-100, 100)
+
+    return apply
+
+
+@pytest.mark.parametrize("kind", ["padding", "nan", "minus128", "peak"])
+def test_vectorised_checks_refuse_what_the_per_module_check_refuses_with_its_message(kind):
+    records = [record(f"layers.{i}.proj", g=torch.Generator().manual_seed(i)) for i in range(6)]
+    check_all_values(records, "int8", "f")  # all valid
+    corrupt(kind)(records[4])
+    with pytest.raises(AdapterFormatError) as per_module:
+        check_values(records[4], "int8", "f")
+    with pytest.raises(AdapterFormatError) as vectorised:
+        check_all_values(records, "int8", "f")
+    assert str(vectorised.value) == str(per_module.value) and "layers.4.proj" in str(vectorised.value)
+
+
+def test_all_zero_int8_scales_are_valid():
+    rec = record("p")
+    rec.tensors["scale_out"].zero_()
+    check_all_values([rec], "int8", "f")
+
+
+def test_tensors_are_views_of_one_read_and_a_misaligned_one_is_copied():
+    data = struct.pack("<2f", 0.5, 4.0) + bytes(range(1, 12)) + struct.pack("<2f", 1.5, -2.0)
+    spans = {
+        "a": (torch.float32, (2,), 8, 16),  # offset 0 of the read: a view
+        "u": (torch.uint8, (3,), 16, 19),
+        "i": (torch.int8, (2, 4), 19, 27),
+        "f": (torch.float32, (2,), 27, 35),  # offset 19 of the read: misaligned for float32, copied
+    }
+    got = read_tensors(io.BytesIO(b"\0" * 8 + data), "f", spans)
+    assert got["a"].tolist() == [0.5, 4.0] and got["f"].tolist() == [1.5, -2.0]
+    assert got["u"].tolist() == [1, 2, 3] and got["i"].shape == (2, 4) and got["i"][0, 0] == 4
+    one = got["a"].untyped_storage().data_ptr()
+    assert got["u"].untyped_storage().data_ptr() == got["i"].untyped_storage().data_ptr() == one
+    assert got["f"].untyped_storage().data_ptr() != one
+    with pytest.raises(AdapterFormatError, match="truncated"):
+        read_tensors(io.BytesIO(b"\0" * 10), "f", {"u": (torch.uint8, (3,), 8, 11)})

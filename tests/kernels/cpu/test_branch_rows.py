@@ -1,0 +1,88 @@
+"""``lordba::branch_rows``: many adapters in one batch, each row equal to its adapter's own call."""
+
+import pytest
+import torch
+
+from lordba import kernels
+from lordba.core.packing import pack_signs
+from lordba.errors import ShapeMismatchError
+
+pytestmark = pytest.mark.skipif(not kernels.cpu_available(), reason="the CPU extension could not be built")
+
+
+def adapter(in_f, out_f, r, int8, g):
+    """Packed signs and scales (int8 codes for b and a, or float32) of a random adapter."""
+    sign_A = pack_signs(torch.randn(r, in_f, generator=g))
+    sign_B = pack_signs(torch.randn(out_f, r, generator=g))
+    m = torch.rand(r, generator=g) + 0.1
+    if int8:
+        b = torch.randint(-127, 128, (in_f,), dtype=torch.int8, generator=g)
+        a = torch.randint(-127, 128, (out_f,), dtype=torch.int8, generator=g)
+        b[0], a[0] = 127, -127
+    else:
+        b, a = torch.rand(in_f, generator=g) + 0.5, torch.randn(out_f, generator=g)
+    return sign_A, sign_B, b, m, a
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """The op runs its adapters' groups in parallel with several threads: same results."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, 40])  # decode, short and long prefill (the unpack path)
+@pytest.mark.parametrize("dims", [(64, 48, 8), (72, 40, 5)])  # in, out, r; rows not on byte boundaries
+def test_each_row_equals_its_adapters_own_call(dtype, tokens, dims, threads):
+    g = torch.Generator().manual_seed(0)
+    adapters = [adapter(*dims, int8=k % 2 == 0, g=g) for k in range(5)]
+    scalings = [0.5, 1.0, 2.0, 0.25, 1.5]
+    index = torch.tensor([0, 2, -1, 2, 4, 1, 0, 3, -1])
+    x = torch.randn(9, tokens, dims[0], generator=g).to(dtype)
+    base = torch.randn(9, tokens, dims[1], generator=g).to(dtype)
+    y = kernels.packed_branch_rows(x, index, adapters, scalings, base)
+    assert y.shape == base.shape and y.dtype == base.dtype
+    for k, tensors in enumerate(adapters):
+        rows = (index == k).nonzero().flatten()
+        want = kernels.packed_branch(x[rows], *tensors, scalings[k], base[rows])
+        assert torch.equal(y[rows], want)  # bit for bit: same path, same fused add
+    assert torch.equal(y[index == -1], base[index == -1])
+
+
+def test_the_pure_pytorch_fallback_agrees():
+    g = torch.Generator().manual_seed(1)
+    adapters = [adapter(64, 48, 8, int8=k == 1, g=g) for k in range(3)]
+    index = torch.tensor([2, 0, -1, 1, 2])
+    x, base = torch.randn(5, 2, 64, generator=g), torch.randn(5, 2, 48, generator=g)
+    fast = kernels.packed_branch_rows(x, index, adapters, [1.0, 2.0, 0.5], base)
+    with kernels.mode("torch"):
+        slow = kernels.packed_branch_rows(x, index, adapters, [1.0, 2.0, 0.5], base)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["auto", "torch"])
+def test_an_index_outside_the_adapters_is_refused(mode):
+    g = torch.Generator().manual_seed(2)
+    adapters = [adapter(64, 48, 8, int8=True, g=g)]
+    x, base = torch.randn(2, 64), torch.randn(2, 48)
+    with kernels.mode(mode), pytest.raises(ShapeMismatchError, match="index"):
+        kernels.packed_branch_rows(x, torch.tensor([0, 1]), adapters, [1.0], base)
+    with pytest.raises(ShapeMismatchError, match="index"):
+        kernels.packed_branch_rows(x, torch.tensor([0]), adapters, [1.0], base)
+
+
+def test_the_op_has_a_fake_for_torch_compile():
+    g = torch.Generator().manual_seed(3)
+    tensors = adapter(64, 48, 8, int8=True, g=g)
+    args = (
+        torch.randn(3, 64),
+        torch.tensor([0, -1, 0]),
+        *([t] for t in tensors),
+        [1.0],
+        [16],
+        torch.randn(3, 48),
+    )
+    torch.library.opcheck(torch.ops.lordba.branch_rows.default, args, test_utils=("test_faketensor",))
