@@ -1,0 +1,126 @@
+"""The PyTorch variants of the ``e2e`` suite: one model on several bases, each plain, with a packed
+LoRDBA adapter and with the same adapter as a PEFT LoRA; the prompt; the logits checks.
+
+One random LoRDBA adapter (r, all seven projections, int8 scales) is saved once; every LoRDBA
+variant loads it from that file as a server would (packed, compact scales); its ``lordba
+export-lora`` copy (float16 factors) is the PEFT LoRA of every base and, converted by llama.cpp, the
+llama.cpp LoRA, so all adapters compute the same ΔW.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lordba.errors import ConfigError
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BASES = ("none", "q4", "hqq")  # "none": the float32 base
+SCALE_DTYPE = "int8"
+# A random adapter with alpha = 2r changes SmolLM2's logits by ~160% of their norm (a broken model,
+# whose outputs amplify any base difference); alpha = 4 at r = 16 keeps the change of the order a
+# fine-tune makes. Timings do not depend on it.
+ALPHA = 4.0
+TEXT = (
+    "The river ran through the old town, past the mill and the market square, where the bakers opened their "
+    "shops before dawn and the first carts rolled in from the farms. "
+)
+
+
+def base_label(base: str) -> str:
+    """``fp32`` for the unquantized base, else the backend's name."""
+    return "fp32" if base == "none" else base
+
+
+def prompt_ids(tokenizer: object | None, length: int, vocab: int) -> list[int]:
+    """``length`` token ids: :data:`TEXT` tokenized and repeated (or fixed random ids below
+    ``min(vocab, 1000)`` when there is no tokenizer, e.g. a tiny test model)."""
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(1)
+        return torch.randint(0, min(vocab, 1000), (length,), generator=g).tolist()
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    return (ids * (length // len(ids) + 1))[:length]
+
+
+def quantized(model: nn.Module, base: str, source: Path | None) -> nn.Module:
+    """A copy of ``model`` on ``base`` (4-bit, group 64; cached when ``source``, its folder, is known).
+
+    Raises :class:`ConfigError` for a base not in :data:`BASES`."""
+    if base not in BASES:
+        raise ConfigError(f"e2e base must be one of {BASES}, got {base!r}")
+    model = copy.deepcopy(model)
+    if base == "none":
+        return model
+    from lordba.quant import quantize_model
+    from lordba.quant.cache import quantize_model_cached
+
+    if source is not None:
+        return quantize_model_cached(model, source, backend=base, bits=4, group_size=64)
+    return quantize_model(model, backend=base, bits=4, group_size=64)
+
+
+def save_adapters(model: nn.Module, r: int, folder: Path, alpha: float = ALPHA) -> tuple[Path, Path]:
+    """Save a random LoRDBA adapter of rank ``r`` (scaling ``alpha / r``) for ``model`` and its PEFT
+    LoRA export under ``folder``; returns ``(lordba_dir, peft_dir)``."""
+    from lordba.config import LoRDBAConfig
+    from lordba.convert.export import export_lora
+    from lordba.nn.model import get_lordba_model
+
+    torch.manual_seed(0)
+    cfg = LoRDBAConfig(r=r, alpha=alpha, target_modules=TARGETS, init="random", scale_dtype=SCALE_DTYPE)
+    trained = get_lordba_model(copy.deepcopy(model), cfg)
+    lordba_dir, peft_dir = folder / "lordba", folder / "peft"
+    trained.save_pretrained(lordba_dir)
+    export_lora(lordba_dir, peft_dir, dtype="float16")
+    return lordba_dir, peft_dir
+
+
+def _peft(model: nn.Module, peft_dir: Path) -> nn.Module:
+    """``model`` with the PEFT LoRA of ``peft_dir`` (lordba's q4 layers registered as PEFT custom
+    modules: PEFT wraps them with its ordinary LoRA ``Linear``, ``base_layer(x) + B(A(x))·s``)."""
+    from peft import LoraConfig, PeftModel
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from lordba.quant.q4 import Q4Linear
+
+    cfg = LoraConfig.from_pretrained(str(peft_dir))
+    cfg._register_custom_module({Q4Linear: LoraLinear})
+    with warnings.catch_warnings():  # "Unsupported layer type Q4Linear": registered above, on purpose
+        warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
+        return PeftModel.from_pretrained(model, str(peft_dir), config=cfg)
+
+
+def variants(
+    model: nn.Module, bases: tuple[str, ...], lordba_dir: Path, peft_dir: Path, source: Path | None
+) -> dict[str, nn.Module]:
+    """``{"<base>", "<base>+LoRDBA", "<base>+LoRA"}`` for every base, in eval mode."""
+    from lordba.nn.model import LoRDBAModel
+
+    out: dict[str, nn.Module] = {}
+    for base in bases:
+        name = base_label(base)
+        out[name] = quantized(model, base, source).eval()
+        out[f"{name}+LoRDBA"] = LoRDBAModel.from_pretrained(quantized(model, base, source), lordba_dir).eval()
+        out[f"{name}+LoRA"] = _peft(quantized(model, base, source), peft_dir).eval()
+    return out
+
+
+def last_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
+    """Float32 logits of the last position after ``ids`` (no cache)."""
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+    return out.logits[0, -1].float()
+
+
+def closeness(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """How close logits ``a`` are to the reference ``b``: relative L2 error, cosine, top-1 agreement."""
+    a, b = a.double(), b.double()
+    return {
+        "rel_l2": float((a - b).norm() / b.norm()),
+        "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
+        "top1_same": bool(a.argmax() == b.argmax()),
+    }

@@ -1,0 +1,127 @@
+"""The ``e2e`` suite's targets (issue 18), its Markdown report and its bar chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lordba._util.tables import markdown_table, print_table
+
+FOUR_BIT = ("q4", "hqq")
+
+
+def _target(name: str, row: dict, key: str, limit: float, strict: bool = False) -> dict:
+    value = row[key]
+    return {"target": name, "variant": row["variant"], "measured": value, "limit": limit,
+            "met": bool(value < limit if strict else value <= limit)}  # fmt: skip
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Issue 18's targets, each ``{target, variant, measured, limit, met}``, for the rows present:
+    4-bit decode ≤ 0.6× fp32; LoRDBA overhead over its own base ≤ 1.05× (paired, decode and
+    prefill); 4-bit base + LoRDBA decode ≤ llama.cpp + LoRA; the 4-bit base's decode within 1.5× of
+    llama.cpp's base; prefill ahead of llama.cpp (base and with the adapter)."""
+    by = {x["variant"]: x for x in rows}
+    out = []
+    for base in (b for b in ("fp32", *FOUR_BIT) if f"{b}+LoRDBA" in by):
+        plain, ours = by[base], by[f"{base}+LoRDBA"]
+        if base != "fp32" and "decode_vs_fp32" in plain:
+            out.append(_target("4-bit base decode <= 0.6x fp32 base", plain, "decode_vs_fp32", 0.6))
+        for case in ("decode", "prefill"):
+            out.append(
+                _target(f"LoRDBA {case} overhead <= 1.05x its base (paired)", ours, f"{case}_overhead_paired", 1.05)
+            )
+        if base == "fp32" or "decode_vs_llama" not in plain:
+            continue
+        out += [
+            _target("base + LoRDBA decode <= llama.cpp + LoRA", ours, "decode_vs_llama_lora", 1.0),
+            _target("base decode <= 1.5x llama.cpp base", plain, "decode_vs_llama", 1.5),
+            _target("base prefill ahead of llama.cpp base", plain, "prefill_vs_llama", 1.0, strict=True),
+            _target("base + LoRDBA prefill ahead of llama.cpp + LoRA", ours, "prefill_vs_llama_lora", 1.0, strict=True),
+        ]  # fmt: skip
+    return out
+
+
+COLUMNS = ["variant", "prefill ms", "IQR %", "decode ms/token", "IQR %", "decode / fp32", "decode / llama.cpp",
+           "decode / llama.cpp+LoRA", "prefill / llama.cpp", "adapter ovh decode", "adapter ovh prefill"]  # fmt: skip
+
+
+def _fmt(x: dict, key: str) -> str:
+    return f"{x[key]:.3f}" if key in x else "—"
+
+
+def _table(rows: list[dict]) -> list[list]:
+    return [
+        [x["variant"], 1e3 * x["prefill_s"], 100 * x["prefill_iqr_s"] / x["prefill_s"], 1e3 * x["decode_s"],
+         100 * x["decode_iqr_s"] / x["decode_s"], _fmt(x, "decode_vs_fp32"), _fmt(x, "decode_vs_llama"),
+         _fmt(x, "decode_vs_llama_lora"), _fmt(x, "prefill_vs_llama"), _fmt(x, "decode_overhead_paired"),
+         _fmt(x, "prefill_overhead_paired")]
+        for x in rows
+    ]  # fmt: skip
+
+
+def report(result: dict) -> str:
+    """``bench.md`` for the ``bench.json`` content ``result`` (also prints the tables)."""
+    rows, s, hw = result["rows"], result["settings"], result["hardware"]
+    print_table("e2e: prefill and decode", COLUMNS, _table(rows))
+    tgt = [[t["target"], t["variant"], f"{t['measured']:.3f}", t["limit"], "met" if t["met"] else "MISSED"]
+           for t in result["targets"]]  # fmt: skip
+    if tgt:
+        print_table("e2e: issue 18 targets", ["target", "variant", "measured", "limit", "met"], tgt)
+    lines = [
+        "# End to end: lordba on its 4-bit bases beside llama.cpp\n\n",
+        f"CPU: {hw['cpu']} ({hw['cores']} cores), {s['threads']} threads for torch and llama.cpp, torch {hw['torch']}, "
+        f"llama-cpp-python {s['llama_cpp_python']}, kernels {result['kernels']}. Prompt {s['prompt_tokens']} tokens "
+        f"(prefill: from an empty cache, last position's logits only; decode: one token after the prompt); "
+        f"adapters r={s['r']} on the seven projections (LoRDBA int8 scales, packed; LoRA = its `lordba export-lora` "
+        f"copy, f16 GGUF for llama.cpp); quick={s['quick']}. Load average before/after: "
+        f"{result['load_avg_before'][0]:.2f} / {result['load_avg_after'][0]:.2f}.\n\n",
+        f"{result['llama_cpp']}\n\n",
+        "Medians of interleaved rounds; `IQR %`: interquartile range relative to the median; ratios: of the medians; "
+        "`adapter ovh`: median of the round-by-round ratios (base + adapter) / base.\n\n",
+        markdown_table(COLUMNS, _table(rows)),
+    ]
+    if tgt:
+        lines += ["\n## Issue 18 targets\n\n", markdown_table(["target", "variant", "measured", "limit", "met"], tgt)]
+    lines += ["\n## Checks (logits at the prompt's last position)\n\n```json\n", _json(result["checks"]), "\n```\n"]
+    return "".join(lines)
+
+
+def _json(x: object) -> str:
+    import json
+
+    return json.dumps(x, indent=1)
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """Bars of decode ms/token and prefill ms per variant, labelled with the ratios against
+    llama.cpp (where measured) and the fp32 base; returns ``path`` (``None`` without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a lab dependency
+        return None
+    names = [x["variant"] for x in rows]
+    colors = ["tab:orange" if x["engine"] == "llama.cpp" else "tab:blue" for x in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) + 1.8))
+    for ax, case, unit in ((axes[0], "decode", "ms / token"), (axes[1], "prefill", "ms")):
+        values = [1e3 * x[f"{case}_s"] for x in rows]
+        ax.barh(names, values, color=colors)
+        for i, x in enumerate(rows):
+            parts = [f"{values[i]:.1f}"]
+            if f"{case}_vs_llama" in x:
+                parts.append(f"{x[f'{case}_vs_llama']:.2f}× llama")
+            if f"{case}_vs_fp32" in x:
+                parts.append(f"{x[f'{case}_vs_fp32']:.2f}× fp32")
+            ax.text(values[i], i, "  " + ", ".join(parts), va="center", fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(unit)
+        ax.set_xlim(0, max(values) * 1.6)
+        ax.set_title(f"{case} ({'one token after the prompt' if case == 'decode' else 'whole prompt'})")
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle("SmolLM2-135M: lordba (blue) vs llama.cpp (orange); ratios against llama.cpp's base and fp32")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

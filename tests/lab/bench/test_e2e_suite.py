@@ -1,0 +1,118 @@
+"""The ``e2e`` suite's machinery on a tiny random model, llama.cpp skipped (no SmolLM2, no llama.cpp)."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from lordba import ConfigError
+from lordba_lab.bench import _e2e_models, _e2e_report, _llama_cpp, e2e, suites
+
+
+def test_the_suite_is_discovered_and_not_default():
+    assert suites()["e2e"] is e2e and not e2e.DEFAULT
+
+
+def test_missing_llama_cpp_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    note = _llama_cpp.missing()
+    assert note is not None and "skipped" in note and "lordba-lab[llamacpp]" in note
+
+
+def test_unknown_base_is_refused(tiny_model):
+    with pytest.raises(ConfigError, match="e2e base must be one of"):
+        _e2e_models.quantized(tiny_model, "gptq", None)
+
+
+def test_prompt_is_the_text_repeated_to_length():
+    class Tok:
+        def __call__(self, text, add_special_tokens):
+            assert text == _e2e_models.TEXT and not add_special_tokens
+            return {"input_ids": [5, 6, 7]}
+
+    assert _e2e_models.prompt_ids(Tok(), 8, 100) == [5, 6, 7, 5, 6, 7, 5, 6]
+    ids = _e2e_models.prompt_ids(None, 20, 50)
+    assert len(ids) == 20 and max(ids) < 50 and ids == _e2e_models.prompt_ids(None, 20, 50)
+
+
+def test_the_adapters_agree_across_lordba_and_peft(tiny_model, tmp_path):
+    lordba_dir, peft_dir = _e2e_models.save_adapters(tiny_model, 4, tmp_path)
+    models = _e2e_models.variants(tiny_model, ("none", "q4"), lordba_dir, peft_dir, None)
+    assert list(models) == ["fp32", "fp32+LoRDBA", "fp32+LoRA", "q4", "q4+LoRDBA", "q4+LoRA"]
+    ids = list(range(10))
+    logits = {k: _e2e_models.last_logits(m, ids) for k, m in models.items()}
+    # the PEFT LoRA is the LoRDBA adapter's export: the same function up to its float16 factors
+    assert torch.allclose(logits["fp32+LoRA"], logits["fp32+LoRDBA"], atol=1e-2, rtol=1e-2)
+    assert not torch.allclose(logits["fp32+LoRDBA"], logits["fp32"], atol=1e-3)  # the adapter acts
+    from lordba.quant.q4 import Q4Linear
+
+    assert any(isinstance(m, Q4Linear) for m in models["q4+LoRA"].modules())  # PEFT wraps the q4 layers
+    near = _e2e_models.closeness(logits["q4+LoRDBA"], logits["fp32+LoRDBA"])
+    assert 0 < near["rel_l2"] < 0.5 and near["cosine"] > 0.8
+
+
+def test_targets_compare_against_llama_cpp_and_fp32():
+    def row(variant, decode, prefill, **extra):
+        return {"variant": variant, "decode_s": decode, "prefill_s": prefill, **extra}
+
+    rows = [
+        row("fp32", 0.04, 0.5),
+        row("fp32+LoRDBA", 0.042, 0.52, decode_overhead_paired=1.04, prefill_overhead_paired=1.02),
+        row("q4", 0.02, 0.4, decode_vs_fp32=0.5, decode_vs_llama=1.6, prefill_vs_llama=0.8),
+        row("q4+LoRDBA", 0.021, 0.41, decode_overhead_paired=1.06, prefill_overhead_paired=1.01,
+            decode_vs_llama_lora=0.9, prefill_vs_llama_lora=1.0),
+    ]  # fmt: skip
+    got = {(t["target"], t["variant"]): t["met"] for t in _e2e_report.targets(rows)}
+    assert got[("4-bit base decode <= 0.6x fp32 base", "q4")]
+    assert got[("LoRDBA decode overhead <= 1.05x its base (paired)", "fp32+LoRDBA")]
+    assert not got[("LoRDBA decode overhead <= 1.05x its base (paired)", "q4+LoRDBA")]
+    assert got[("base + LoRDBA decode <= llama.cpp + LoRA", "q4+LoRDBA")]
+    assert not got[("base decode <= 1.5x llama.cpp base", "q4")]
+    assert got[("base prefill ahead of llama.cpp base", "q4")]
+    assert not got[("base + LoRDBA prefill ahead of llama.cpp + LoRA", "q4+LoRDBA")]  # a tie is not ahead
+    assert len(got) == 2 + 3 + 4
+
+
+def test_a_quick_run_on_a_tiny_model_writes_json_markdown_and_plot(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(e2e, "load_model", lambda: (tiny_model, None, None))
+    monkeypatch.setattr(e2e, "interleaved", lambda fns, *a, **k: _quick(fns, k.get("after")))
+    files = e2e.run(tmp_path, quick=True, threads=1, bases=("none", "q4"))
+    assert [f.name for f in files] == ["bench.json", "bench.md", "e2e.png"]
+    assert all(f.stat().st_size > 0 for f in files)
+    out = json.loads(files[0].read_text())
+    names = [x["variant"] for x in out["rows"]]
+    assert names == ["fp32", "fp32+LoRDBA", "fp32+LoRA", "q4", "q4+LoRDBA", "q4+LoRA"]  # no llama.cpp rows
+    assert "llama.cpp rows skipped" in out["llama_cpp"] and "llama.cpp rows skipped" in capsys.readouterr().out
+    by = {x["variant"]: x for x in out["rows"]}
+    assert by["fp32"]["decode_vs_fp32"] == 1.0 and "decode_vs_llama" not in by["q4"]
+    assert by["q4+LoRDBA"]["decode_overhead_paired"] > 0 and by["q4+LoRDBA"]["prefill_s"] > 0
+    assert out["settings"]["threads"] == 1 and out["settings"]["prompt_tokens"] == 64
+    assert len(out["load_avg_before"]) == 3 and out["hardware"]["cores"]
+    assert out["checks"]["lordba"]["q4"]["lordba_vs_fp32_lordba"]["cosine"] > 0.8
+    assert out["checks"]["adapter_change_rel_l2"] > 0
+    assert {t["variant"] for t in out["targets"]} == {"fp32+LoRDBA", "q4", "q4+LoRDBA"}
+    assert "| q4+LoRDBA |" in files[1].read_text()
+
+
+def _quick(fns, after):
+    """:func:`._timing.interleaved` with three timed rounds and no budget (the machinery, not timings)."""
+    from lordba_lab.bench import _timing
+
+    return _timing.interleaved(fns, 0.0, min_reps=3, max_reps=3, after=after)
+
+
+def test_rows_take_ratios_against_fp32_and_llama_cpp():
+    from lordba_lab.bench._timing import stats
+
+    medians = {"fp32": 4.0, "fp32+LoRDBA": 4.2, e2e.LLAMA: 2.0, e2e.LLAMA_LORA: 3.0}
+    st = {k: stats([v] * 4) for k, v in medians.items()}
+    rows = {x["variant"]: x for x in e2e._rows({"prefill": st, "decode": st})}
+    assert set(rows) == {"fp32", "fp32+LoRDBA", e2e.LLAMA, e2e.LLAMA_LORA}
+    ours = rows["fp32+LoRDBA"]
+    assert ours["engine"] == "lordba" and ours["base"] == "fp32" and ours["adapter"] == "LoRDBA"
+    assert ours["decode_vs_fp32"] == pytest.approx(1.05) and ours["decode_vs_llama"] == pytest.approx(2.1)
+    assert ours["decode_vs_llama_lora"] == pytest.approx(1.4) and ours["decode_overhead_paired"] == pytest.approx(1.05)
+    theirs = rows[e2e.LLAMA_LORA]
+    assert theirs["engine"] == "llama.cpp" and theirs["base"] == e2e.LLAMA
+    assert theirs["prefill_overhead_paired"] == pytest.approx(1.5) and "prefill_overhead_paired" not in rows["fp32"]
