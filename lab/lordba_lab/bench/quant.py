@@ -120,20 +120,12 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
 def _bnb_int8() -> dict:
     """bitsandbytes int8 (``Linear8bitLt``) where bitsandbytes is installed."""
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes  # noqa: F401
     except ImportError:
         return {}
+    from lordba.quant.bnb import make_linear8bit
 
-    def make(lin: nn.Linear) -> nn.Module:
-        layer = bnb.nn.Linear8bitLt(
-            lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False
-        )
-        layer.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
-        if lin.bias is not None:
-            layer.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-        return layer.to("cpu")
-
-    return {"bnb-int8": make}
+    return {"bnb-int8": lambda lin: make_linear8bit(lin.weight, lin.bias)}
 
 
 def _model_losses(model: nn.Module, tokenizer, n: int) -> dict[str, float]:  # noqa: ANN001

@@ -23,19 +23,27 @@ def _bnb():
     return bitsandbytes
 
 
-class BnbNF4Backend(BaseBackend):
-    """bitsandbytes ``Linear4bit`` (NF4) layers; merging requantizes into a new layer."""
+class _BnbBackend(BaseBackend):
+    """What the bitsandbytes layers share: found by their class name in ``bnb.nn``, merged by
+    requantizing into a new layer."""
 
-    name = "bnb"
+    layer_class = ""  # the name of the layer class in ``bitsandbytes.nn``
     in_place_merge = False
-    bits = 4.0
 
     def matches(self, module: nn.Module) -> bool:
         bnb = _bnb()
-        return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+        return bnb is not None and isinstance(module, getattr(bnb.nn, self.layer_class))
 
     def weight_device(self, module: nn.Module) -> torch.device:
         return module.weight.device
+
+
+class BnbNF4Backend(_BnbBackend):
+    """bitsandbytes ``Linear4bit`` (NF4) layers; merging requantizes into a new layer."""
+
+    name = "bnb"
+    layer_class = "Linear4bit"
+    bits = 4.0
 
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         w = module.weight
@@ -50,20 +58,13 @@ class BnbNF4Backend(BaseBackend):
         return {"backend": "bnb", "bits": 4, "group_size": int(getattr(state, "blocksize", 64) or 64)}
 
 
-class BnbInt8Backend(BaseBackend):
+class BnbInt8Backend(_BnbBackend):
     """bitsandbytes ``Linear8bitLt`` layers with frozen int8 weights (``has_fp16_weights=False``):
     ``W = CB · SCB / 127`` per output row. Merging requantizes into a new layer (lossy)."""
 
     name = "bnb-int8"
-    in_place_merge = False
+    layer_class = "Linear8bitLt"
     bits = 8.0
-
-    def matches(self, module: nn.Module) -> bool:
-        bnb = _bnb()
-        return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
-
-    def weight_device(self, module: nn.Module) -> torch.device:
-        return module.weight.device
 
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         w = module.weight

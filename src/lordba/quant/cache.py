@@ -21,7 +21,7 @@ from torch import nn
 
 from lordba._util.modules import replace_submodule
 from lordba._version import __version__
-from lordba.quant.quantize import DEFAULT_BACKEND, quantizable, quantize_model
+from lordba.quant.quantize import DEFAULT_BACKEND, quantizable, quantize_model, untie_head
 
 
 def _key(source: Path, backend: str, bits: int, group_size: int) -> str:
@@ -98,8 +98,8 @@ def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int
     if backend == "q4":
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         head_bits = getattr(head, "bits", 0)
-        if head_bits and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-            model.config.tie_word_embeddings = False
+        if head_bits:
+            untie_head(model)
     model.lordba_quantization = {"backend": backend, "bits": bits, "group_size": group_size, "head_bits": head_bits}
     torch.nn.Module.train(model, model.training)
 

@@ -89,8 +89,14 @@ def _quantize_head(model: nn.Module, group_size: int, bits: int) -> None:
         return
     name = next(n for n, m in model.named_modules() if m is head)
     replace_submodule(model, name, quantize_linear_q4(head, group_size, bits))
+    untie_head(model)
+
+
+def untie_head(model: nn.Module) -> None:
+    """Mark a model whose (tied) output head was replaced by a quantized layer as untied, so that
+    transformers does not tie it to the input embeddings again."""
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        model.config.tie_word_embeddings = False  # transformers must not re-tie it to the embeddings
+        model.config.tie_word_embeddings = False
 
 
 def quantizable(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[str, nn.Linear]]:
