@@ -159,3 +159,78 @@ def test_rows_of_adapters_that_need_their_own_call_take_it():
         for i, name in enumerate(rows):
             layer.set_adapter([name])
             torch.testing.assert_close(mixed[i], layer(x[i : i + 1])[0], rtol=1e-6, atol=1e-6)
+
+
+def _packed_layer(scale_dtype="int8"):
+    layer = make_layer(names=("a", "b", "c"), scale_dtype=scale_dtype)
+    for name in ("a", "b", "c"):
+        layer.add_adapter(name, layer.lordba_adapters[name].pack())
+    return layer
+
+
+def _rows_alone(layer, x, names):
+    out = []
+    for i, name in enumerate(names):
+        layer.set_adapter([] if name == "__base__" else [name])
+        out.append(layer(x[i : i + 1])[0])
+    return torch.stack(out)
+
+
+def _mixed(layer, x, names):
+    with layer.gate.enter(Routing(adapter_names=names)):
+        return layer(x)
+
+
+@torch.no_grad()
+def test_a_repeated_batch_reuses_its_prepared_call_and_sees_every_change():
+    layer = _packed_layer()
+    x = torch.randn(4, 1, 21)
+    names = ("a", "b", "c", "a")
+    first = _mixed(layer, x, names)
+    assert len(layer._prepared) == 1
+    torch.testing.assert_close(_mixed(layer, x, names), first, rtol=0, atol=0)
+    assert len(layer._prepared) == 1  # the same composition: the same prepared call
+
+    b = layer.lordba_adapters["b"]
+    b.sign_B.bitwise_not_()  # in place (a hot-swap copies into the buffers): seen without a rebuild
+    torch.testing.assert_close(_mixed(layer, x, names), _rows_alone(layer, x, names), rtol=1e-6, atol=1e-6)
+    b.scaling = 5.0  # an attribute: the prepared call is rebuilt
+    torch.testing.assert_close(_mixed(layer, x, names), _rows_alone(layer, x, names), rtol=1e-6, atol=1e-6)
+    b.register_buffer("scale_mid", b.scale_mid.float() * 3)  # a new tensor (another scale dtype)
+    torch.testing.assert_close(_mixed(layer, x, names), _rows_alone(layer, x, names), rtol=1e-6, atol=1e-6)
+
+    replacement = make_layer(names=("z",), r=4).lordba_adapters["z"].pack()
+    layer.add_adapter("c", replacement)  # another adapter under the same name
+    torch.testing.assert_close(_mixed(layer, x, names), _rows_alone(layer, x, names), rtol=1e-6, atol=1e-6)
+    layer.delete_adapter("c")  # rows of a removed adapter get the base alone, its tensors are let go
+    assert not layer._prepared
+    expected = _rows_alone(layer, x, ("a", "b", "__base__", "a"))
+    torch.testing.assert_close(_mixed(layer, x, names), expected, rtol=1e-6, atol=1e-6)
+
+
+@torch.no_grad()
+def test_the_one_active_adapter_runs_by_its_kept_kernel_call_and_sees_every_change():
+    layer = _packed_layer()
+    x = torch.randn(3, 1, 21)
+    b = layer.lordba_adapters["b"]
+    layer.set_adapter("b")
+
+    def expected():
+        return layer.base_layer(x) + b(x)
+
+    torch.testing.assert_close(layer(x), expected(), rtol=1e-6, atol=1e-6)
+    assert layer._direct and layer._direct[0][0] is b  # the call is kept for the next token
+    b.sign_A.bitwise_not_()  # in place: the kept call reads the same tensors
+    torch.testing.assert_close(layer(x), expected(), rtol=1e-6, atol=1e-6)
+    b.scaling = -3.0
+    torch.testing.assert_close(layer(x), expected(), rtol=1e-6, atol=1e-6)
+    with kernels.mode("torch"):  # another kernel mode: the adapter's own path
+        torch.testing.assert_close(layer(x), expected(), rtol=1e-5, atol=1e-5)
+    seen = []
+    handle = b.register_forward_hook(lambda *args: seen.append(1))
+    layer(x)
+    assert seen == [1]  # hooks on the adapter still run
+    handle.remove()
+    layer.delete_adapter("b")
+    assert not layer._direct
+    torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)

@@ -115,6 +115,17 @@ def load_cpu(build: bool = True, warn: bool = True) -> BuildResult:
     return result
 
 
+def cpu_branch_op(x: torch.Tensor, base: torch.Tensor) -> object | None:
+    """The compiled CPU op ``lordba::branch`` if :func:`packed_branch` would run it for ``x`` and
+    ``base`` in the current mode (callers that keep its arguments call it directly: one op call per
+    layer and token, nothing else), else ``None``."""
+    if _STATE.mode not in ("auto", "sign", "unpack") or not x.is_cpu or base.requires_grad:
+        return None
+    if x.dtype not in _NATIVE_DTYPES or base.dtype not in _NATIVE_DTYPES or not cpu_available():
+        return None
+    return _STATE.op
+
+
 def cpu_available() -> bool:
     """Whether the compiled CPU kernels are loaded (building them on first call)."""
     result = _STATE.cpu

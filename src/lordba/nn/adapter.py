@@ -283,6 +283,8 @@ class PackedAdapter(AdapterBase):
         buffers = self._buffers  # direct: this runs once per layer and token; stored scales as they are
         return buffers["sign_A"], buffers["sign_B"], buffers["scale_in"], buffers["scale_mid"], buffers["scale_out"]
 
+    _routed_as_stored = True
+
     def _routed(self, grad: bool, key: tuple[str, torch.dtype]) -> tuple | None:
         """:meth:`AdapterBase._routed` for buffers only (no parameter can need a gradient): the stored
         tensors read directly, once per adapter, layer and step of a mixed batch."""

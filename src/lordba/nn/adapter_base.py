@@ -9,11 +9,12 @@ are rebuilt when the tensors they were made from change (version counter and sto
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.nn.modules.module import _global_buffer_registration_hooks
+from torch.nn.modules.module import (
+    _global_buffer_registration_hooks,
+)
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lordba import kernels
@@ -27,6 +28,12 @@ SCALES = ("scale_in", "scale_mid", "scale_out")
 
 
 _OPTIMIZER_STEPS = [0]
+_EPOCH = [0]  # bumped by any change to what a mixed batch's prepared kernel call holds (see routed_branches)
+
+
+def touch() -> None:
+    """Invalidate every layer's prepared mixed-batch calls (an adapter was added, removed or changed)."""
+    _EPOCH[0] += 1
 
 
 def _count_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
@@ -146,6 +153,19 @@ class AdapterBase(nn.Module):
         adapter.__dict__.update(state)
         return adapter
 
+    def __setattr__(self, name: str, value: object) -> None:
+        touch()  # ``scaling``, ``training``, ``bias_delta``, a tensor replaced: prepared calls are rebuilt
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse: bool = True) -> AdapterBase:  # noqa: ANN001
+        touch()  # ``.to()``, ``.half()``: new tensors
+        return super()._apply(fn, recurse)
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        """:meth:`nn.Module.register_buffer`, dropping prepared calls that held the previous tensor."""
+        touch()
+        super().register_buffer(name, tensor, persistent)
+
     # -- what each form provides
     def packed_signs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The packed ``(sign_A, sign_B)`` bytes (no gradient)."""
@@ -243,6 +263,8 @@ class AdapterBase(nn.Module):
             limit = limits[(mode, dtype)] = kernels.dispatch_limit(*dims, dtype, mode)
         return limit
 
+    _routed_as_stored = False  # whether :meth:`_routed` gives the held tensors themselves (cacheable)
+
     def _routed(self, grad: bool, key: tuple[str, torch.dtype]) -> tuple | None:
         """``(kernel tensors, scaling, dispatch limit)`` for a many-adapter kernel call
         (:func:`routed_branches`; ``key``: kernel mode and dtype), or ``None`` if this adapter's own
@@ -325,48 +347,3 @@ def check_sizes(adapter: AdapterBase, tensors: dict[str, torch.Tensor]) -> None:
     for name, (_, shape) in stored_shapes(*dims, adapter.codec.name).items():
         if tuple(tensors[name].shape) != shape:
             raise ShapeMismatchError(f"{name} of shape {tuple(tensors[name].shape)} for an adapter needing {shape}")
-
-
-_POSITIONS: dict[tuple, torch.Tensor] = {}
-
-
-def routed_branches(
-    adapters: Mapping[str, AdapterBase],
-    names: Sequence[str],
-    present: Sequence[str],
-    x: torch.Tensor,
-    base: torch.Tensor,
-) -> torch.Tensor | None:
-    """``base`` plus each batch row's own adapter branch (row ``i``: ``adapters[names[i]]``, none if
-    absent) in one kernel call for all adapters (:func:`lordba.kernels.packed_branch_rows`), each
-    row's output equal to its adapter's own call on its rows. ``present``: the distinct names of
-    ``names``. Returns ``None`` where the adapters' own calls are needed instead (tracing, a device
-    or kernel mode without the batched op, a gradient to compute, dropout, trained biases)."""
-    mode = kernels.get_mode()
-    if torch.compiler.is_compiling() or not x.is_cpu or mode not in ("auto", "sign", "unpack"):
-        return None
-    grad = torch.is_grad_enabled()
-    if grad and (x.requires_grad or base.requires_grad):
-        return None
-    held = adapters._modules if isinstance(adapters, nn.ModuleDict) else adapters  # plain dict lookups
-    names_held, args, key = [], [], (mode, x.dtype)
-    for name in present:
-        adapter = held.get(name)
-        if adapter is not None:
-            found = adapter._routed(grad, key)
-            if found is None:
-                return None
-            names_held.append(name)
-            args.append(found)
-    if not args:
-        return base
-    where = (tuple(names), tuple(names_held), x.device)
-    index = _POSITIONS.get(where)
-    if index is None:
-        position = {n: k for k, n in enumerate(names_held)}
-        index = torch.tensor([position.get(n, -1) for n in names], dtype=torch.long, device=x.device)
-        if len(_POSITIONS) >= 256:
-            _POSITIONS.pop(next(iter(_POSITIONS)))
-        _POSITIONS[where] = index
-    tensors, scalings, limits = zip(*args)
-    return kernels.packed_branch_rows(x, index, tensors, scalings, base, limits)

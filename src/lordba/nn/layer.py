@@ -15,7 +15,8 @@ from torch import nn
 
 from lordba.errors import AdapterStateError, ShapeMismatchError
 from lordba.nn.adapter import LoRDBAAdapter
-from lordba.nn.adapter_base import routed_branches
+from lordba.nn.adapter_base import touch
+from lordba.nn.fastpath import direct_branch, routed_branches
 from lordba.nn.routing import BASE_ROW, ROUTING, Routing, RoutingGate, current_routing, route_index
 from lordba.quant import BaseBackend, resolve_backend
 
@@ -40,6 +41,8 @@ class LoRDBALinear(nn.Module):
         self._premerge_bias: list[torch.Tensor] = []  # the base bias before a trained bias was merged
         self.disable_adapters = False
         self.gate = RoutingGate()  # its own; the model's shared one once installed in a LoRDBAModel
+        self._prepared: dict = {}  # mixed-batch kernel arguments per batch composition (routed_branches)
+        self._direct: list = []  # the one active adapter's kernel arguments (direct_branch)
 
     def get_base_layer(self) -> nn.Module:
         """The wrapped base layer (PEFT's contract)."""
@@ -68,6 +71,7 @@ class LoRDBALinear(nn.Module):
                 f"the layer is {self.in_features}→{self.out_features}"
             )
         self.lordba_adapters[name] = adapter
+        touch()
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` from this layer (refused while it is merged)."""
@@ -75,6 +79,9 @@ class LoRDBALinear(nn.Module):
             raise AdapterStateError(f"adapter {name!r} is merged: unmerge it before deleting it")
         if name in self.lordba_adapters:
             del self.lordba_adapters[name]
+            self._prepared.clear()  # frees the removed adapter's tensors now
+            self._direct.clear()
+            touch()
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
@@ -179,6 +186,12 @@ class LoRDBALinear(nn.Module):
         if names is not None:
             return self._mixed_batch_forward(x, result, names)
         adapters, merged = self.lordba_adapters, self.merged_adapters
+        if len(active) == 1 and not merged and not torch.compiler.is_compiling():  # decode: one kernel call
+            adapter = adapters._modules.get(active[0])
+            if adapter is None:
+                return result
+            out = direct_branch(adapter, x, result, self._direct)
+            return out if out is not None else adapter(x, result)
         for name in active:
             if name in merged or name not in adapters:
                 continue  # merged into the base, or this layer is not targeted by that adapter
@@ -195,7 +208,7 @@ class LoRDBALinear(nn.Module):
         if len(groups) == 1:
             name = names[0]
             return adapters[name](x, result) if name != BASE_ROW and name in adapters else result
-        routed = routed_branches(adapters, names, tuple(groups), x, result)  # one kernel call for all adapters
+        routed = routed_branches(adapters, tuple(names), tuple(groups), x, result, self._prepared)  # one kernel call
         if routed is not None:
             return routed
         result = result.clone()

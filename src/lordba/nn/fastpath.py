@@ -1,0 +1,118 @@
+"""The inference hot path's kernel calls, with their arguments kept between tokens.
+
+Decode runs every adapted layer once per token, and the Python around a kernel call costs as much
+as the kernel. A layer therefore keeps the arguments of its next call: :func:`direct_branch` for one
+active adapter, :func:`routed_branches` for a mixed batch (one call for all its adapters, S-LoRA's
+adapter table built lazily per batch composition). What is kept is only ever the adapters' own
+tensors (in-place changes are seen), and it is dropped whenever an adapter is added, removed or
+changed (:func:`lordba.nn.adapter_base.touch`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+
+from lordba import kernels
+from lordba.nn.adapter_base import _EPOCH, _OPTIMIZER_STEPS, AdapterBase
+
+
+def direct_branch(adapter: AdapterBase, x: torch.Tensor, base: torch.Tensor, kept: list) -> torch.Tensor | None:
+    """``base`` plus ``adapter``'s branch by one call of the CPU op with the arguments kept in
+    ``kept`` (the calling layer's one-entry cache: decode runs this once per layer and token, and
+    the adapter's Python path costs as much as the kernel). Returns ``None`` where the adapter's own
+    call is needed (not the inference form, hooks on it, a gradient, another device or mode); the
+    entry is rebuilt whenever an adapter changes (:func:`touch`)."""
+    if torch.is_grad_enabled() and (x.requires_grad or base.requires_grad):
+        return None
+    key = (adapter, x.dtype, base.dtype, x.device, kernels.get_mode(), _EPOCH[0], _OPTIMIZER_STEPS[0])
+    if not kept or kept[0] != key:
+        kept[:] = [key, _direct_call(adapter, x, base)]
+    call = kept[1]
+    if call is None:
+        return None
+    op, tensors, scaling, limit = call
+    return op(x, *tensors, scaling, limit, base)
+
+
+def _direct_call(adapter: AdapterBase, x: torch.Tensor, base: torch.Tensor) -> tuple | None:
+    if not adapter._routed_as_stored or adapter._forward_hooks or adapter._forward_pre_hooks:
+        return None
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return None
+    op = kernels.cpu_branch_op(x, base)
+    found = adapter._routed(False, (kernels.get_mode(), x.dtype)) if op is not None else None
+    return None if found is None else (op, *found)
+
+
+def routed_branches(
+    adapters: Mapping[str, AdapterBase],
+    names: Sequence[str],
+    present: Sequence[str],
+    x: torch.Tensor,
+    base: torch.Tensor,
+    prepared: dict | None = None,
+) -> torch.Tensor | None:
+    """``base`` plus each batch row's own adapter branch (row ``i``: ``adapters[names[i]]``, none if
+    absent) in one kernel call for all adapters (:func:`lordba.kernels.packed_branch_rows`), each
+    row's output equal to its adapter's own call on its rows. ``present``: the distinct names of
+    ``names``. Returns ``None`` where the adapters' own calls are needed instead (tracing, a device
+    or kernel mode without the batched op, a gradient to compute, dropout, trained biases).
+
+    ``prepared``: the calling layer's cache of kernel arguments per batch composition. Decode steps
+    of a running batch repeat the same composition, so the per-adapter gathering runs once per layer
+    and composition instead of once per layer and step (S-LoRA's adapter table, built lazily). It is
+    used only for inference-form adapters (their tensors are passed as they are, so in-place changes
+    are seen) and dropped whenever an adapter is added, removed or changed (:func:`touch`)."""
+    mode = kernels.get_mode()
+    if torch.compiler.is_compiling() or not x.is_cpu or mode not in ("auto", "sign", "unpack"):
+        return None
+    grad = torch.is_grad_enabled()
+    if grad and (x.requires_grad or base.requires_grad):
+        return None
+    key = (names, mode, x.dtype, grad, x.device, _EPOCH[0], _OPTIMIZER_STEPS[0])
+    call = prepared.get(key) if prepared is not None else None
+    if call is None:
+        call = _prepare(adapters, names, present, grad, (mode, x.dtype), x.device)
+        if prepared is not None and call[1]:
+            if len(prepared) >= 32 or (prepared and next(iter(prepared))[5:] != key[5:]):
+                prepared.clear()  # bounded, and nothing kept from before a change
+            prepared[key] = call
+    args = call[0]
+    if args is None:
+        return None
+    if not args[1]:
+        return base
+    index, tensors, scalings, limits = args
+    return kernels.packed_branch_rows(x, index, tensors, scalings, base, limits)
+
+
+def _prepare(
+    adapters: Mapping[str, AdapterBase],
+    names: Sequence[str],
+    present: Sequence[str],
+    grad: bool,
+    key: tuple[str, torch.dtype],
+    device: torch.device,
+) -> tuple[tuple | None, bool]:
+    """``((index, tensors, scalings, limits) or None, cacheable)`` for :func:`routed_branches`."""
+    held = adapters._modules if isinstance(adapters, nn.ModuleDict) else adapters  # plain dict lookups
+    names_held, args, cacheable = [], [], True
+    for name in present:
+        adapter = held.get(name)
+        if adapter is not None:
+            found = adapter._routed(grad, key)
+            if found is None:
+                return None, False
+            cacheable = cacheable and adapter._routed_as_stored
+            names_held.append(name)
+            args.append(found)
+    if not args:
+        return (None, (), (), ()), cacheable
+    position = {n: k for k, n in enumerate(names_held)}
+    index = torch.tensor([position.get(n, -1) for n in names], dtype=torch.long, device=device)
+    tensors, scalings, limits = zip(*args)
+    return (index, tensors, scalings, limits), cacheable
