@@ -21,7 +21,9 @@ from lordba.errors import AdapterFormatError, ConfigError
 PEFT_TYPE = "LORDBA"
 FORMAT_VERSION = 1  # files without extra tensors (what every older lordba reads)
 EXTRAS_FORMAT_VERSION = 2  # files that also hold extra tensors (modules_to_save weights, trained biases)
-READABLE_VERSIONS = (FORMAT_VERSION, EXTRAS_FORMAT_VERSION)
+COMPACT_FORMAT_VERSION = 3  # one tensor per kind (all modules' sign_A, ...), extras allowed; int4 scales
+READABLE_VERSIONS = (FORMAT_VERSION, EXTRAS_FORMAT_VERSION, COMPACT_FORMAT_VERSION)
+DEFAULT_FORMAT_VERSION = COMPACT_FORMAT_VERSION  # what saves write unless told otherwise
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "lordba_model.safetensors"
 MODES = ("ptq", "qat", "qat-from-lora", "scales-only")
@@ -93,8 +95,8 @@ class LoRDBAConfig:
     scale_dtype: str = field(
         default="float16",
         metadata={
-            "help": "Storage of the scale vectors: ``float32``, ``float16``, ``bfloat16`` or ``int8`` "
-            "(see :mod:`lordba.core.scales`)."
+            "help": "Storage of the scale vectors: ``float32``, ``float16``, ``bfloat16``, ``int8`` or ``int4`` "
+            "(see :mod:`lordba.core.scales`; ``int4`` needs format version 3)."
         },
     )
     init: str = field(

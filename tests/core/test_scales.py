@@ -62,4 +62,72 @@ def test_int8_zero_vector_and_gradients_pass_straight_through():
 
 def test_unknown_codec():
     with pytest.raises(ConfigError, match="scale_dtype"):
-        get_codec("int4")
+        get_codec("int3")
+
+
+def test_int4_codes_are_the_nearest_grid_codes_and_reach_127():
+    import numpy as np
+
+    from lordba.core.scales import INT4_LEVELS
+
+    codec = get_codec("int4")
+    g = torch.Generator().manual_seed(5)
+    b, m, a = torch.randn(301, generator=g), torch.rand(7, generator=g) + 0.1, torch.randn(33, generator=g)
+    qb, qm, qa = codec.encode(b, m, a)
+    grid = np.array(sorted({s * v for v in INT4_LEVELS for s in (1, -1)}), dtype=np.float64)
+    for v, q in ((b, qb), (a, qa)):
+        x = 127 * v.double().numpy() / np.abs(v.double().numpy()).max()
+        nearest = grid[np.abs(x[:, None] - grid[None]).argmin(1)]
+        assert np.array_equal(q.numpy().astype(np.float64), nearest)
+        assert int(q.abs().max()) == 127
+    assert torch.allclose(qm, m * b.abs().max() * a.abs().max())
+
+
+def test_int4_nibbles_match_an_independent_packer_and_round_trip():
+    import numpy as np
+
+    from lordba.core.scales import INT4_LEVELS, pack_nibbles, unpack_nibbles
+
+    codes = torch.tensor([127, -127, 0, 18, -36, 54, -73, 91, -109], dtype=torch.int8)  # odd: one padding nibble
+    index = {v: k for k, v in enumerate(INT4_LEVELS)}
+    k = np.array([index[abs(int(c))] * (1 if c >= 0 else -1) for c in codes], dtype=np.int64)
+    nibbles = np.append(k & 0xF, 0)
+    expected = ((nibbles[0::2] << 4) | nibbles[1::2]).astype(np.uint8)
+    packed = pack_nibbles(codes)
+    assert packed.numpy().tobytes() == expected.tobytes()
+    assert torch.equal(unpack_nibbles(packed)[: len(codes)], codes)
+    assert int(unpack_nibbles(torch.tensor([0x80], dtype=torch.uint8))[0]) == -128  # index -8: invalid
+    with pytest.raises(ValueError, match="outside the int4"):
+        pack_nibbles(torch.tensor([100], dtype=torch.int8))
+
+
+def test_int4_gradients_pass_straight_through():
+    codec = get_codec("int4")
+    b = torch.tensor([0.3, -1.0, 0.55], requires_grad=True)
+    fb, _, _ = codec.fake_quant(b, torch.ones(2), torch.ones(3))
+    assert set((fb * 127).round().abs().tolist()) <= {36.0, 127.0, 73.0}
+    (fb * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    # rounding passes the gradient straight through: the same gradient as int8's (and as no rounding)
+    plain = b.detach().clone().requires_grad_(True)
+    ((plain / plain.abs().amax()) * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.allclose(b.grad, plain.grad) and b.grad.abs().sum() > 0
+
+
+def test_int4_conversion_returns_exactly_what_the_codec_stores():
+    """PTQ knows the format: the factors it returns are int4 codes (m refitted after rounding), so a
+    layer initialised with them reproduces the reported error."""
+    from lordba.convert import convert_factors
+
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(8, 48, generator=g), torch.randn(40, 8, generator=g)
+    res = convert_factors(A, B, 8, scale_dtype="int4")
+    codec = get_codec("int4")
+    for x, y in zip(
+        codec.decode(*codec.encode(res.scale_in, res.scale_mid, res.scale_out)),
+        (res.scale_in, res.scale_mid, res.scale_out),
+    ):
+        assert torch.equal(x, y.float())
+    dense = (B @ A).double()
+    err = float((res.delta_weight().double() - dense).norm() / dense.norm())
+    assert err == pytest.approx(res.rel_error, rel=1e-4)
+    assert res.rel_error < convert_factors(A, B, 8, scale_dtype="int4").rel_error_init + 0.05

@@ -19,7 +19,7 @@ K = "model.layers.0.self_attn.k_proj"  # out = 20, r = 3: sign_B has 4 padding b
 def saved(tmp_path):
     torch.manual_seed(4)
     lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=3, init="random"))
-    lm.save_pretrained(tmp_path)
+    lm.save_pretrained(tmp_path, format_version=1)  # the per-module layout these cases edit (v3: test_compact.py)
     return tmp_path
 
 
@@ -146,7 +146,8 @@ def test_structurally_bad_files_are_refused(saved, mutate, match):
 
 def test_int8_codes_must_be_in_range(tmp_path):
     torch.manual_seed(4)
-    get_lordba_model(tiny_llama(0), LoRDBAConfig(r=3, init="random", scale_dtype="int8")).save_pretrained(tmp_path)
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=3, init="random", scale_dtype="int8"))
+    lm.save_pretrained(tmp_path, format_version=1)
     tensors, meta = load_weights(tmp_path)
     tensors[f"{Q}.scale_in"][0] = -128
     rewrite_weights(tmp_path, tensors, meta)

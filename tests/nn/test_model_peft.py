@@ -52,7 +52,7 @@ def test_seq_cls_head_trains_is_saved_and_disabling_uses_the_original(tmp_path):
         torch.testing.assert_close(lm(input_ids=IDS).logits, base, rtol=0, atol=0)
     lm.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["format_version"] == 2 and saved["task_type"] == "SEQ_CLS"
+    assert saved["format_version"] == 3 and saved["task_type"] == "SEQ_CLS"  # the compact file carries extras
     torch.testing.assert_close(read_adapter(tmp_path).extras["score.weight"], head.detach())
     lm2 = LoRDBAModel.from_pretrained(seq_cls(), tmp_path)
     torch.testing.assert_close(lm2(input_ids=IDS).logits, out, rtol=0, atol=1e-5)
@@ -84,7 +84,7 @@ def test_extra_tensor_of_a_wrong_shape_is_refused_before_the_model_changes(tmp_p
 )
 def test_extra_tensors_are_validated_like_the_rest(tmp_path, change, pattern):
     lm = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", modules_to_save=["score"]))
-    lm.save_pretrained(tmp_path)
+    lm.save_pretrained(tmp_path, format_version=1)  # the per-module layout: version 2 with extras
     tensors, metadata = load_weights(tmp_path)
     change(tensors, metadata)
     rewrite_weights(tmp_path, tensors, metadata)
@@ -94,7 +94,7 @@ def test_extra_tensors_are_validated_like_the_rest(tmp_path, change, pattern):
 
 def test_extras_in_a_version_1_file_are_refused(tmp_path):
     lm = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", modules_to_save=["score"]))
-    lm.save_pretrained(tmp_path)
+    lm.save_pretrained(tmp_path, format_version=1)
     tensors, metadata = load_weights(tmp_path)
     rewrite_weights(tmp_path, tensors, {**metadata, "format_version": "1"})
     set_config(tmp_path, format_version=1)
@@ -103,7 +103,7 @@ def test_extras_in_a_version_1_file_are_refused(tmp_path):
 
 
 def test_an_adapter_without_extras_stays_format_version_1(tmp_path):
-    get_lordba_model(tiny_llama(), LoRDBAConfig(r=2)).save_pretrained(tmp_path)
+    get_lordba_model(tiny_llama(), LoRDBAConfig(r=2)).save_pretrained(tmp_path, format_version=1)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["format_version"] == 1
     assert load_weights(tmp_path)[1]["format_version"] == "1"
     set_config(tmp_path, format_version=2)  # a config that disagrees with its weights file

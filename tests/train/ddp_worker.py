@@ -75,7 +75,7 @@ def run_ddp(out: Path, rank: int, world: int, steps: int) -> None:
     trainable = {n: p.detach().contiguous() for n, p in lm.named_parameters() if p.requires_grad}
     save_file(trainable, str(out / f"rank{rank}.safetensors"))
     save_file(initial, str(out / f"rank{rank}_initial.safetensors"))
-    lm.save_pretrained(out / f"rank{rank}_adapter")
+    lm.save_pretrained(out / f"rank{rank}_adapter", format_version=1)  # the test reads per-module tensors
     report = {
         "losses": losses,
         "held_out_own": loss_on(lm, mine[-1]),
@@ -114,7 +114,7 @@ def run_fsdp2(out: Path, rank: int, world: int, steps: int) -> None:
         save_file({k: v.contiguous() for k, v in full.items()}, str(out / "fsdp2.safetensors"))
         plain = get_lordba_model(tiny_llama(0), CONFIG)
         plain.load_state_dict(full)  # the adapters' tensors only (LoRDBAModel.state_dict)
-        plain.save_pretrained(out / "fsdp2_adapter")
+        plain.save_pretrained(out / "fsdp2_adapter", format_version=1)
         report["state_dict_keys"] = len(full)
     (out / f"fsdp2_rank{rank}.json").write_text(json.dumps(report))
 

@@ -256,7 +256,7 @@ def _lordba_config(demo: Demo, mode: str, scale_dtype: str | None = None) -> LoR
 
 def _save(demo: Demo, lm: LoRDBAModel, name: str) -> tuple[int, int, Path]:
     directory = demo.out / "adapters" / name
-    lm.save_pretrained(directory)
+    lm.save_pretrained(directory, format_version=1)  # the committed results' file bytes are version 1 files
     rep = lm.size_report()
     return rep.payload_bytes, (directory / "lordba_model.safetensors").stat().st_size, directory
 

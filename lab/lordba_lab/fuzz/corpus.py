@@ -3,7 +3,9 @@
 A *case* is the content of an adapter directory, ``{file name: bytes}``, over the four names the
 loader looks at (the config, the weights, and the two backups an interrupted save leaves). Seeds
 are tiny but cover every scale dtype, per-module ranks (``rank_pattern``), ``alpha_pattern``, the
-three kinds of ``target_modules`` and dims that leave padding bits in the packed signs.
+three kinds of ``target_modules`` and dims that leave padding bits in the packed signs; in format
+version 1 (:func:`seed_cases`) and in the compact version 3 (:func:`compact_seed_cases`: int4
+scales, odd lengths that leave padding nibbles, runs of layers whose module list folds).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from lordba.config import CONFIG_NAME, WEIGHTS_NAME, LoRDBAConfig
 from lordba.core.packing import pack_signs
-from lordba.core.scales import SCALE_DTYPES, get_codec
+from lordba.core.scales import get_codec
 from lordba.errors import LoRDBAError
 from lordba.format.adapter import AdapterState, ModuleRecord, serialize
 from lordba.format.atomic import backup_path
@@ -37,20 +39,24 @@ _PATHS = (
     "model.layers.1.mlp.up_proj",
     "encoder.block.2.attn-out",
 )
+V1_SCALE_DTYPES = ("float32", "float16", "bfloat16", "int8")
+V3_SCALE_DTYPES = ("int4", "int8", "float16", "bfloat16", "float32")
 _SHA_TEXT = re.compile(rb'"weights_sha256"\s*:\s*"[^"]*"')
 _DIGEST_TEXT = re.compile(rb'"config_sha256"\s*:\s*"([0-9a-f]{64})"')
 
 
-def random_state(rng: random.Random, scale_dtype: str | None = None) -> AdapterState:
-    """A small random adapter: 1-3 modules, dims 1-24 (padding bits likely), rank 1-5."""
-    scale_dtype = scale_dtype or rng.choice(SCALE_DTYPES)
+def random_state(rng: random.Random, scale_dtype: str | None = None, layers: int = 0) -> AdapterState:
+    """A small random adapter: 1-3 modules, dims 1-24 (padding bits likely), rank 1-5; with
+    ``layers``, also ``model.layers.{0..layers-1}.mlp.gate_proj`` of equal dims (a run that folds)."""
+    scale_dtype = scale_dtype or rng.choice(V1_SCALE_DTYPES)
     r = rng.randint(1, 5)
     paths = sorted(rng.sample(_PATHS, rng.randint(1, 3)))
+    run = [f"model.layers.{i}.mlp.gate_proj" for i in range(layers)]
     rank_pattern: dict[str, int] = {}
     if len(paths) > 1 and rng.random() < 0.4:
         rank_pattern[re.escape(paths[0].rsplit(".", 1)[-1])] = rng.randint(1, 5)
     alpha_pattern = {"down_proj": 3.5} if rng.random() < 0.3 else {}
-    targets = rng.choice([None, "all-linear", sorted({p.rsplit(".", 1)[-1] for p in paths}), r".*(proj|out)"])
+    targets = rng.choice([None, "all-linear", sorted({p.rsplit(".", 1)[-1] for p in paths + run}), r".*(proj|out)"])
     config = LoRDBAConfig(
         r=r,
         alpha=rng.choice([1.0, 8.0, 16.0, 2.5]),
@@ -64,8 +70,10 @@ def random_state(rng: random.Random, scale_dtype: str | None = None) -> AdapterS
     gen = torch.Generator().manual_seed(rng.getrandbits(32))
     codec = get_codec(scale_dtype)
     modules = {}
-    for path in paths:
-        in_f, out_f, rank = rng.randint(1, 24), rng.randint(1, 24), config.rank_for(path)
+    run_dims = (rng.randint(1, 24), rng.randint(1, 24)) if run else (0, 0)
+    for path in sorted(paths + run):
+        in_f, out_f = run_dims if path in run else (rng.randint(1, 24), rng.randint(1, 24))
+        rank = config.rank_for(path)
         b, m, a = (torch.randn(n, generator=gen) for n in (in_f, rank, out_f))
         if rng.random() < 0.2:
             a = torch.zeros(out_f)  # a cold adapter's scale_out (int8: the all-zero vector rule)
@@ -81,17 +89,35 @@ def random_state(rng: random.Random, scale_dtype: str | None = None) -> AdapterS
     return AdapterState(config, modules)
 
 
-def state_case(state: AdapterState) -> Case:
-    """The directory content ``save_pretrained`` writes for ``state``."""
-    weights, config = serialize(state.config, state.modules)
+def state_case(state: AdapterState, format_version: int = 1) -> Case:
+    """The directory content ``save_pretrained(..., format_version=format_version)`` writes for ``state``."""
+    weights, config = serialize(state.config, state.modules, None, format_version)
     return {CONFIG_NAME: config, WEIGHTS_NAME: weights}
 
 
+def all_seed_cases(seed: int = 0) -> list[Case]:
+    """What the engines start from: :func:`seed_cases` (version 1) and :func:`compact_seed_cases`."""
+    return seed_cases(seed=seed) + compact_seed_cases(seed=seed)
+
+
+def compact_seed_cases(count: int = 10, seed: int = 0) -> list[Case]:
+    """Deterministic valid version 3 seeds: every scale dtype (int4 first), a third with a run of
+    layers that folds in the module list, and a backup pair."""
+    rng = random.Random(seed + 1)
+    cases = [
+        state_case(random_state(rng, V3_SCALE_DTYPES[i % len(V3_SCALE_DTYPES)], layers=(i % 3) * 2), 3)
+        for i in range(count)
+    ]
+    cases.append({CONFIG_NAME: cases[0][CONFIG_NAME], WEIGHTS_NAME: cases[1][WEIGHTS_NAME], **as_backups(cases[0])})
+    return cases
+
+
 def seed_cases(count: int = 24, seed: int = 0) -> list[Case]:
-    """Deterministic valid seeds: every scale dtype, and a few directories holding the backups
-    of an interrupted save (an inconsistent current pair beside an intact previous one)."""
+    """Deterministic valid version 1 seeds: every scale dtype of version 1, and a few directories
+    holding the backups of an interrupted save (an inconsistent current pair beside an intact
+    previous one)."""
     rng = random.Random(seed)
-    cases = [state_case(random_state(rng, SCALE_DTYPES[i % len(SCALE_DTYPES)])) for i in range(count)]
+    cases = [state_case(random_state(rng, V1_SCALE_DTYPES[i % len(V1_SCALE_DTYPES)])) for i in range(count)]
     for i in range(0, count, 6):
         old, new = cases[i], cases[(i + 1) % count]
         cases.append({CONFIG_NAME: old[CONFIG_NAME], WEIGHTS_NAME: new[WEIGHTS_NAME], **as_backups(old)})

@@ -183,14 +183,14 @@ def _run_libfuzzer(
 ) -> tuple[dict[int, Path], dict[int, str]]:
     """libFuzzer (``-jobs`` mode) runs the workers; ``({worker pid: its job's log}, verdicts)``: see
     :func:`_run_workers`."""
-    from lordba_lab.fuzz.corpus import encode_case, seed_cases
+    from lordba_lab.fuzz.corpus import all_seed_cases, encode_case
 
     corpus = state / "corpus"  # libFuzzer joins its arguments into a shell command: no spaces in these paths
     if corpus_dir is not None:
         Path(corpus_dir).mkdir(parents=True, exist_ok=True)
         corpus.symlink_to(Path(corpus_dir).resolve(), target_is_directory=True)
     corpus.mkdir(exist_ok=True)
-    for i, case in enumerate(seed_cases(seed=seed)):
+    for i, case in enumerate(all_seed_cases(seed=seed)):
         (corpus / f"seed-{i:03d}").write_bytes(encode_case(case))
     job = state / "job"
     job.write_text(

@@ -6,7 +6,8 @@ tensors' byte ranges, so that most mutations get past the outer checks and reach
 (the engines fix the checksum up afterwards for most cases, see :func:`mutate`). Byte-level
 mutations (bit flips, truncation, splices) cover what the structured ones do not think of.
 
-The mutators live in :mod:`.mutate_bytes`, :mod:`.mutate_header` and :mod:`.mutate_content`,
+The mutators live in :mod:`.mutate_bytes`, :mod:`.mutate_header`, :mod:`.mutate_content` and
+:mod:`.mutate_compact` (format version 3),
 which share :mod:`.mutate_base`; this module only assembles them (imports go one way).
 """
 
@@ -14,11 +15,16 @@ from __future__ import annotations
 
 import random
 
-from lordba_lab.fuzz import mutate_bytes, mutate_content, mutate_header
+from lordba_lab.fuzz import mutate_bytes, mutate_compact, mutate_content, mutate_header
 from lordba_lab.fuzz.corpus import Case, fix_checksum
 from lordba_lab.fuzz.mutate_base import Mutator
 
-MUTATORS: dict[str, Mutator] = {**mutate_bytes.MUTATORS, **mutate_header.MUTATORS, **mutate_content.MUTATORS}
+MUTATORS: dict[str, Mutator] = {
+    **mutate_bytes.MUTATORS,
+    **mutate_header.MUTATORS,
+    **mutate_content.MUTATORS,
+    **mutate_compact.MUTATORS,
+}
 
 
 def mutate(rng: random.Random, case: Case, max_ops: int = 4, fix_probability: float = 0.75) -> tuple[Case, list[str]]:

@@ -37,6 +37,7 @@ from lordba.core.scales import get_codec
 from lordba.errors import LoRDBAError
 from lordba.format.adapter import AdapterFile, read_adapter, serialize
 from lordba.nn.adapter import PackedAdapter
+from lordba_lab.fuzz import oracle_compact
 from lordba_lab.fuzz.corpus import PREV_CONFIG, PREV_WEIGHTS, Case
 
 REFUSED, LOADED, UNCLEAN = "refused", "loaded", "unclean"
@@ -149,7 +150,7 @@ def _digest_matches(config_json: dict[str, Any], weights: bytes) -> str | None:
 
 
 def _config_matches(config: LoRDBAConfig, raw: dict[str, Any]) -> str | None:
-    loaded = config.to_dict()
+    loaded = config.to_dict(getattr(config, "file_version", 1))
     for key, value in raw.items():
         if key in ("weights_sha256", "library_version"):
             continue
@@ -187,11 +188,16 @@ def _content_matches(adapter: AdapterFile, weights: bytes) -> str | None:
         dims = json.loads(metadata["modules"])
     except (ValueError, KeyError, TypeError, struct.error, RecursionError) as err:
         return f"loaded although an independent parser rejects the file ({err})"
-    if metadata.get("format") != "lordba" or metadata.get("format_version") != "1":
+    version = metadata.get("format_version")
+    if metadata.get("format") != "lordba" or version not in ("1", "3") or version != str(adapter.format_version):
         return "loaded although the metadata's format or version is wrong"
     scale_dtype = adapter.config.scale_dtype
     if metadata.get("scale_dtype") != scale_dtype:
         return "loaded although the metadata's scale dtype differs from the config's"
+    if version == "3":
+        return oracle_compact.content_problem(adapter, tensors, metadata, value_problem)
+    if scale_dtype not in _SCALE_DTYPES:
+        return f"loaded although scale_dtype {scale_dtype!r} is not stored in version 1 files"
     if set(dims) != set(adapter.modules):
         return f"loaded modules {sorted(adapter.modules)} but the file lists {sorted(dims)}"
     names = {f"{p}.{k}" for p in dims for k in ("sign_A", "sign_B", "scale_in", "scale_mid", "scale_out")}
@@ -238,7 +244,8 @@ def value_problem(kind: str, dtype: str, raw: bytes, bits: int, t: torch.Tensor)
 
 def _round_trip(adapter: AdapterFile, workdir: Path) -> str | None:
     """Saving the loaded adapter and reading it back gives the same adapter; saving is idempotent."""
-    weights, config = serialize(adapter.config, adapter.modules)
+    version = adapter.format_version
+    weights, config = serialize(adapter.config, adapter.modules, adapter.extras, version)
     directory = workdir / "round-trip"
     write_case({CONFIG_NAME: config, WEIGHTS_NAME: weights}, directory)
     again = read_adapter(directory)
@@ -248,7 +255,7 @@ def _round_trip(adapter: AdapterFile, workdir: Path) -> str | None:
         for kind, t in rec.tensors.items():
             if not torch.equal(t.view(torch.uint8), again.modules[path].tensors[kind].view(torch.uint8)):
                 return f"saving and reloading changed {path}.{kind}"
-    if serialize(again.config, again.modules) != (weights, config):
+    if serialize(again.config, again.modules, again.extras, version) != (weights, config):
         return "saving the same adapter twice gave different bytes"
     return None
 

@@ -208,10 +208,10 @@ def load_target(spec: str) -> Callable[..., Any]:
 
 def run_mutate(rec: Recorder, deadline: float, seed: int) -> None:
     """The seeds, then random structure-aware mutations of them, until ``deadline``."""
-    from lordba_lab.fuzz.corpus import encode_case, seed_cases
+    from lordba_lab.fuzz.corpus import all_seed_cases, encode_case
     from lordba_lab.fuzz.mutate import mutate
 
-    seeds = seed_cases(seed=seed)
+    seeds = all_seed_cases(seed=seed)
     rng = random.Random(seed)
     for case in seeds:
         rec.run(encode_case(case), ["seed"])
@@ -226,10 +226,10 @@ def run_hypothesis(rec: Recorder, deadline: float, seed: int) -> None:
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
 
-    from lordba_lab.fuzz.corpus import encode_case, fix_checksum, seed_cases
+    from lordba_lab.fuzz.corpus import all_seed_cases, encode_case, fix_checksum
     from lordba_lab.fuzz.mutate import MUTATORS
 
-    seeds = seed_cases(seed=seed)
+    seeds = all_seed_cases(seed=seed)
 
     @settings(
         max_examples=50,
@@ -267,7 +267,7 @@ def run_atheris(rec: Recorder, deadline: float, seed: int, mem_mb: int, libfuzze
 
     import atheris
 
-    from lordba_lab.fuzz.corpus import decode_case, encode_case, fix_checksum, seed_cases
+    from lordba_lab.fuzz.corpus import all_seed_cases, decode_case, encode_case, fix_checksum
     from lordba_lab.fuzz.mutate import mutate
 
     # Coverage of lordba's own code (not torch's): instrument its functions in place.
@@ -276,7 +276,7 @@ def run_atheris(rec: Recorder, deadline: float, seed: int, mem_mb: int, libfuzze
             module = obj.__module__ or ""
             if module.startswith("lordba.") and not module.startswith("lordba_lab.fuzz"):
                 atheris.instrument_func(obj)
-    seeds = seed_cases(seed=seed)
+    seeds = all_seed_cases(seed=seed)
 
     def test_one(data: bytes) -> None:
         if time.time() > deadline:

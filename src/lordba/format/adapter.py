@@ -10,14 +10,15 @@ before the sizes it implies have been checked against the config and the file le
    config's fields (:mod:`lordba.format.integrity`). If the pair is inconsistent but the backups of
    an interrupted save are consistent, those are read instead.
 3. safetensors header: length bound, JSON, metadata (format, version, scale dtype, module
-   dims), then every tensor's name, dtype, shape and byte range against the config and metadata.
+   dims), then every tensor's name, dtype, shape and byte range against the config and metadata
+   (version 3: the five kind tensors, :mod:`lordba.format.compact`).
 4. Tensor data (one read into one buffer; the tensors are views of it): padding bits, finite scales,
    int8 codes, checked in one vectorised pass per tensor kind.
 
 Steps 3 and 4, and what the header must describe, are in :mod:`lordba.format.header`.
 
-Writing serialises deterministically (same adapter, same bytes) and commits weights and config
-crash-safely (:func:`lordba.format.atomic.commit_files`).
+Writing serialises deterministically (same adapter, same bytes), in format version 3 unless told
+otherwise, and commits weights and config crash-safely (:func:`lordba.format.atomic.commit_files`).
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ from lordba._util.files import open_untrusted
 from lordba._util.hashing import stream_sha256
 from lordba._util.jsonio import read_json_file, safe_repr
 from lordba._version import __version__
-from lordba.config import CONFIG_NAME, WEIGHTS_NAME, LoRDBAConfig
+from lordba.config import COMPACT_FORMAT_VERSION, CONFIG_NAME, DEFAULT_FORMAT_VERSION, WEIGHTS_NAME, LoRDBAConfig
+from lordba.core.scales import NIBBLE_DTYPES
 from lordba.errors import AdapterFormatError, ConfigError, LoRDBAError
 from lordba.format.atomic import backup_path, commit_files
+from lordba.format.compact import check_compact_header, compact_metadata, compact_tensors, split_tensors
 from lordba.format.extras import EXTRA_PREFIX, check_extra_values, extras_to_file, file_version
 from lordba.format.header import (
     TENSOR_KINDS,
@@ -47,6 +50,7 @@ from lordba.format.header import (
     check_all_values,
     check_header,
     check_module_path,
+    check_values,
     lordba_metadata,
     read_header,
     read_tensors,
@@ -82,9 +86,10 @@ class AdapterState:
     # Format version 2: tensors trained in full, ``{parameter path: tensor}`` (lordba.format.extras).
     extras: dict[str, torch.Tensor] = field(default_factory=dict, kw_only=True)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the adapter directory (crash-safe, deterministic)."""
-        return write_adapter(directory, self.config, self.modules, self.extras)
+    def save_pretrained(self, directory: str | Path, format_version: int | None = None) -> Path:
+        """Write the adapter directory (crash-safe, deterministic) in ``format_version`` (default
+        :data:`~lordba.config.DEFAULT_FORMAT_VERSION`, see :func:`serialize`); returns it."""
+        return write_adapter(directory, self.config, self.modules, self.extras, format_version)
 
     def dims(self) -> dict[str, tuple[int, int, int]]:
         """``{module path: (in, out, r)}``."""
@@ -108,6 +113,7 @@ class AdapterFile(AdapterState):
     _spans: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = field(
         default_factory=dict, repr=False, compare=False
     )
+    format_version: int = 1
 
     def load_tensors(self) -> None:
         """Read every tensor (one read of the file whose checksum was verified; the tensors are views
@@ -124,9 +130,12 @@ class AdapterFile(AdapterState):
             raise AdapterFormatError(f"{path}: cannot read tensors ({err.strerror or err})") from None
         finally:
             f.close()
-        for rec in self.modules.values():
-            rec.tensors = {k: tensors[f"{rec.path}.{k}"] for k in TENSOR_KINDS}
-        names = [k for k in self._spans if k.startswith(EXTRA_PREFIX)]  # format version 2
+        if self.format_version == COMPACT_FORMAT_VERSION:  # views of the five kind tensors
+            split_tensors(tensors, self.modules, self.config.scale_dtype, path)
+        else:
+            for rec in self.modules.values():
+                rec.tensors = {k: tensors[f"{rec.path}.{k}"] for k in TENSOR_KINDS}
+        names = [k for k in self._spans if k.startswith(EXTRA_PREFIX)]  # format version 2 or 3
         self.extras = {k[len(EXTRA_PREFIX) :]: tensors[k] for k in sorted(names)}
         check_all_values(list(self.modules.values()), self.config.scale_dtype, path)
         check_extra_values(self.extras, str(path))
@@ -264,10 +273,10 @@ def open_adapter(directory: str | Path) -> AdapterFile:
         )
     f, head = pair.file, pair.header
     size, header_len = head.size, head.length
+    version = pair.config.file_version
+    check = check_compact_header if version == COMPACT_FORMAT_VERSION else check_header
     try:
-        modules, spans = check_header(
-            head.entries, head.metadata, pair.config, pair.weights_path, size - 8 - header_len
-        )
+        modules, spans = check(head.entries, head.metadata, pair.config, pair.weights_path, size - 8 - header_len)
     except BaseException:
         f.close()
         raise
@@ -275,7 +284,7 @@ def open_adapter(directory: str | Path) -> AdapterFile:
         name: (dtype, shape, 8 + header_len + start, 8 + header_len + stop)
         for name, (dtype, shape, start, stop) in spans.items()
     }
-    return AdapterFile(pair.config, modules, directory, pair.sha, pair.weights_path, size, recovered, f, spans)
+    return AdapterFile(pair.config, modules, directory, pair.sha, pair.weights_path, size, recovered, f, spans, version)
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
@@ -294,10 +303,40 @@ def read_adapter(directory: str | Path) -> AdapterFile:
 
 
 def serialize(
-    config: LoRDBAConfig, modules: dict[str, ModuleRecord], extras: dict[str, torch.Tensor] | None = None
+    config: LoRDBAConfig,
+    modules: dict[str, ModuleRecord],
+    extras: dict[str, torch.Tensor] | None = None,
+    format_version: int | None = None,
 ) -> tuple[bytes, bytes]:
-    """``(weights bytes, config bytes)`` of an adapter; deterministic for the same content. With
-    ``extras`` (format version 2, :mod:`lordba.format.extras`) the file and config say version 2."""
+    """``(weights bytes, config bytes)`` of an adapter; deterministic for the same content.
+
+    ``format_version``: 3 (the default, :data:`~lordba.config.DEFAULT_FORMAT_VERSION`) writes the
+    compact file (:mod:`lordba.format.compact`, ``extras`` included); 1 writes one tensor per module
+    and kind, as version 2 when there are ``extras`` (:mod:`lordba.format.extras`). Raises
+    :class:`AdapterFormatError` for another version, for ``int4`` scales in version 1, or for
+    tensors a reader would refuse (module path, dtype, shape, NaN or infinite values)."""
+    layout = DEFAULT_FORMAT_VERSION if format_version is None else format_version
+    version = file_version(extras or {}, layout)
+    if version != COMPACT_FORMAT_VERSION and config.scale_dtype in NIBBLE_DTYPES:
+        raise AdapterFormatError(
+            f"cannot save scale_dtype {config.scale_dtype!r} in format version {version}: it needs version "
+            f"{COMPACT_FORMAT_VERSION}"
+        )
+    tensors = _checked_tensors(config, modules)
+    if version == COMPACT_FORMAT_VERSION:
+        tensors = compact_tensors(modules, config.scale_dtype)
+    tensors.update(extras_to_file(extras or {}))
+    fields = config.to_dict(version)  # the config's digest, in the weights' metadata, covers exactly these
+    make_metadata = compact_metadata if version == COMPACT_FORMAT_VERSION else lordba_metadata
+    metadata = make_metadata(config.scale_dtype, modules, config_digest(fields))
+    weights = to_bytes(tensors, {**metadata, "format_version": str(version)})
+    extra = {"weights_sha256": hashlib.sha256(weights).hexdigest(), "library_version": __version__}
+    text = json.dumps({**fields, **extra}, indent=2) + "\n"
+    return weights, text.encode()
+
+
+def _checked_tensors(config: LoRDBAConfig, modules: dict[str, ModuleRecord]) -> dict[str, torch.Tensor]:
+    """``{"P.kind": tensor}`` of every module, after refusing what a reader would refuse."""
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(modules):
         rec = modules[name]
@@ -311,14 +350,9 @@ def serialize(
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise AdapterFormatError(f"cannot save {name}.{kind}: it holds NaN or infinite values")
             tensors[f"{name}.{kind}"] = t.contiguous()
-    version = file_version(extras or {})
-    tensors.update(extras_to_file(extras or {}))
-    fields = config.to_dict(version)  # the config's digest, in the weights' metadata, covers exactly these
-    metadata = lordba_metadata(config.scale_dtype, modules, config_digest(fields))
-    weights = to_bytes(tensors, {**metadata, "format_version": str(version)})
-    extra = {"weights_sha256": hashlib.sha256(weights).hexdigest(), "library_version": __version__}
-    text = json.dumps({**fields, **extra}, indent=2) + "\n"
-    return weights, text.encode()
+        if config.scale_dtype in NIBBLE_DTYPES:  # only the format's codes can be packed
+            check_values(rec, config.scale_dtype, "cannot save")
+    return tensors
 
 
 def write_adapter(
@@ -326,10 +360,12 @@ def write_adapter(
     config: LoRDBAConfig,
     modules: dict[str, ModuleRecord],
     extras: dict[str, torch.Tensor] | None = None,
+    format_version: int | None = None,
 ) -> Path:
-    """Write an adapter directory crash-safely (``extras``: format version 2); returns the directory."""
+    """Write an adapter directory crash-safely (``extras`` and ``format_version`` as in
+    :func:`serialize`); returns the directory. Raises :class:`AdapterFormatError` as it does."""
     if not modules:
         raise AdapterFormatError("refusing to save an adapter with no modules")
-    weights, config_bytes = serialize(config, modules, extras)
+    weights, config_bytes = serialize(config, modules, extras, format_version)
     commit_files(directory, {WEIGHTS_NAME: weights, CONFIG_NAME: config_bytes}, _pair_consistent)
     return Path(directory)

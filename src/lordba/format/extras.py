@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lordba._util.jsonio import safe_repr
-from lordba.config import EXTRAS_FORMAT_VERSION, FORMAT_VERSION
+from lordba.config import COMPACT_FORMAT_VERSION, EXTRAS_FORMAT_VERSION, FORMAT_VERSION
 from lordba.errors import AdapterFormatError
 from lordba.format.tensorfile import ST_DTYPES
 
@@ -41,7 +41,8 @@ def extra_entries(
     header: dict[str, Any], metadata: dict[str, str], path: Path
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """The extra tensors a header describes, ``{file name: (dtype, shape)}``, checked: names, float
-    dtypes, shapes, and the format version (2 exactly when there are extras). Raises
+    dtypes, shapes, and the format version (in a version 1 or 2 file, 2 exactly when there are
+    extras; a version 3 file may hold extras or not). Raises
     :class:`AdapterFormatError` naming the file and tensor."""
     found: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     for key, entry in header.items():
@@ -62,6 +63,8 @@ def extra_entries(
             raise AdapterFormatError(f"{path}: tensor {key}: malformed shape {safe_repr(shape)}")
         found[key] = (dtype, tuple(shape))
     version = metadata.get("format_version")
+    if version == str(COMPACT_FORMAT_VERSION):  # version 3 carries extras or not
+        return found
     if found and version != str(EXTRAS_FORMAT_VERSION):
         raise AdapterFormatError(
             f"{path}: extra tensors in a format_version {safe_repr(version)} file (they need "
@@ -85,8 +88,17 @@ def check_extra_values(extras: dict[str, torch.Tensor], where: str) -> None:
             raise AdapterFormatError(f"{where}: extra tensor {name}: holds NaN or infinite values")
 
 
-def file_version(extras: dict[str, torch.Tensor]) -> int:
-    """The format version of a file holding ``extras``: 2 with extras, else 1."""
+def file_version(extras: dict[str, torch.Tensor], layout: int = FORMAT_VERSION) -> int:
+    """The format version of a file holding ``extras`` in ``layout`` (1: one tensor per module and
+    kind, 2 with extras, else 1; 3: the compact layout, with or without extras). Raises
+    :class:`AdapterFormatError` for another layout, or layout 2 without extras."""
+    if layout == COMPACT_FORMAT_VERSION:
+        return layout
+    if layout not in (FORMAT_VERSION, EXTRAS_FORMAT_VERSION) or (layout == EXTRAS_FORMAT_VERSION and not extras):
+        raise AdapterFormatError(
+            f"cannot save format_version {safe_repr(layout)}: lordba writes 1 (2 with extra tensors) or "
+            f"{COMPACT_FORMAT_VERSION}"
+        )
     return EXTRAS_FORMAT_VERSION if extras else FORMAT_VERSION
 
 

@@ -4,7 +4,10 @@ Per module, five tensors of known dtype and shape (:func:`stored_shapes`, the on
 stored sizes) and ``__metadata__`` naming the format, its version, the scale dtype and every module's
 dims (:func:`lordba_metadata`). Reading checks the header against the config and the file length
 before any tensor data is allocated (:func:`read_header`, :func:`check_header`), then each tensor's
-values (:func:`read_tensors`, :func:`check_all_values`).
+values (:func:`read_tensors`, :func:`lordba.format.values.check_all_values`). This is the layout of
+format versions 1 and 2, one entry per module and kind; version 3 (one entry per kind) shares the
+metadata and module checks (:func:`check_metadata`, :func:`check_modules`) in
+:mod:`lordba.format.compact`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import json
 import math
 import re
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,12 +25,13 @@ import torch
 
 from lordba._util.jsonio import parse_json, safe_repr
 from lordba._util.patterns import matches
-from lordba.config import FORMAT_VERSION, READABLE_VERSIONS, LoRDBAConfig
-from lordba.core.packing import check_padding, packed_size
-from lordba.core.scales import get_codec
+from lordba.config import COMPACT_FORMAT_VERSION, FORMAT_VERSION, READABLE_VERSIONS, LoRDBAConfig
+from lordba.core.packing import packed_size
+from lordba.core.scales import NIBBLE_DTYPES, get_codec
 from lordba.errors import AdapterFormatError
 from lordba.format.extras import extra_entries
 from lordba.format.tensorfile import ST_DTYPE_NAMES
+from lordba.format.values import check_all_values, check_values  # noqa: F401  (re-exported)
 
 FORMAT_NAME = "lordba"
 MAX_HEADER_BYTES = 64 << 20
@@ -172,23 +175,21 @@ def read_tensors(
     return out
 
 
-def check_header(
-    header: dict[str, Any], metadata: dict[str, str], config: LoRDBAConfig, path: Path, data_bytes: int
-) -> tuple[dict[str, ModuleRecord], dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
-    """Check a header (from :func:`read_header`) against ``config`` and the ``data_bytes`` that follow
-    it. Returns the modules and, per tensor name, ``(dtype, shape, start, stop)`` relative to the
-    data section; raises :class:`AdapterFormatError` on any disagreement (format, version, scale
-    dtype, module names, ranks and targets, tensor names, dtypes, shapes and byte ranges)."""
+def check_metadata(metadata: dict[str, str], config: LoRDBAConfig, path: Path) -> str:
+    """Check the metadata's format, version (readable, and the config's) and scale dtype (the
+    config's; ``int4`` only in version 3 files). Returns the version string; raises
+    :class:`AdapterFormatError` naming ``path``."""
     if metadata.get("format") != FORMAT_NAME:
         raise AdapterFormatError(f"{path}: metadata format is {safe_repr(metadata.get('format'))}, not {FORMAT_NAME!r}")
-    if metadata.get("format_version") not in [str(v) for v in READABLE_VERSIONS]:
+    version = metadata.get("format_version")
+    if version not in [str(v) for v in READABLE_VERSIONS]:
         raise AdapterFormatError(
-            f"{path}: metadata format_version {safe_repr(metadata.get('format_version'))} is not supported "
+            f"{path}: metadata format_version {safe_repr(version)} is not supported "
             f"(this lordba reads {list(READABLE_VERSIONS)})"
         )
-    if metadata.get("format_version") != str(getattr(config, "file_version", metadata["format_version"])):
+    if version != str(getattr(config, "file_version", version)):
         raise AdapterFormatError(
-            f"{path}: metadata format_version {safe_repr(metadata.get('format_version'))} differs from the "
+            f"{path}: metadata format_version {safe_repr(version)} differs from the "
             f"config's format_version {config.file_version}"
         )
     if metadata.get("scale_dtype") != config.scale_dtype:
@@ -196,7 +197,17 @@ def check_header(
             f"{path}: metadata scale_dtype {safe_repr(metadata.get('scale_dtype'))} differs from the config's "
             f"{config.scale_dtype!r}"
         )
-    dims = parse_json(metadata.get("modules", "").encode("utf-8", "surrogatepass"), f"{path}: metadata 'modules'")
+    if config.scale_dtype in NIBBLE_DTYPES and version != str(COMPACT_FORMAT_VERSION):
+        raise AdapterFormatError(
+            f"{path}: scale_dtype {config.scale_dtype!r} is stored only in format version "
+            f"{COMPACT_FORMAT_VERSION} files"
+        )
+    return version
+
+
+def check_modules(dims: Any, config: LoRDBAConfig, path: Path) -> dict[str, ModuleRecord]:
+    """Check parsed ``{module path: [in, out, r]}`` against ``config`` (paths, dims, ranks, targets,
+    exclusions). Returns the records; raises :class:`AdapterFormatError` naming ``path``."""
     if not isinstance(dims, dict) or not dims:
         raise AdapterFormatError(f"{path}: metadata 'modules' must be a non-empty object of [in, out, r]")
     modules: dict[str, ModuleRecord] = {}
@@ -220,8 +231,36 @@ def check_header(
                 f"{path}: module {name!r} is excluded by exclude_modules={safe_repr(config.exclude_modules)}"
             )
         modules[name] = ModuleRecord(name, in_f, out_f, r)
+    return modules
+
+
+def check_header(
+    header: dict[str, Any], metadata: dict[str, str], config: LoRDBAConfig, path: Path, data_bytes: int
+) -> tuple[dict[str, ModuleRecord], dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
+    """Check a version 1 or 2 header (from :func:`read_header`) against ``config`` and the
+    ``data_bytes`` that follow it. Returns the modules and, per tensor name, ``(dtype, shape, start,
+    stop)`` relative to the data section; raises :class:`AdapterFormatError` on any disagreement
+    (format, version, scale dtype, module names, ranks and targets, tensor names, dtypes, shapes and
+    byte ranges). Version 3 files: :func:`lordba.format.compact.check_compact_header`."""
+    check_metadata(metadata, config, path)
+    dims = parse_json(metadata.get("modules", "").encode("utf-8", "surrogatepass"), f"{path}: metadata 'modules'")
+    modules = check_modules(dims, config, path)
     extras = extra_entries(header, metadata, path)  # format version 2: extra tensors, checked there
     expected = [(f"{rec.path}.{k}", *v) for rec in modules.values() for k, *v in _expected(rec, config.scale_dtype)]
+    spans = check_tensor_set(header, expected, extras, path)
+    check_contiguous(spans, data_bytes, path)
+    return modules, spans
+
+
+def check_tensor_set(
+    header: dict[str, Any],
+    expected: list[tuple[str, torch.dtype, tuple, int]],
+    extras: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    path: Path,
+) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """The header holds exactly the ``expected`` ``(name, dtype, shape, byte size)`` tensors and the
+    ``extras``, each entry as expected (:func:`_check_entries`). Returns their spans; raises
+    :class:`AdapterFormatError` naming the first missing, unexpected or malformed tensor."""
     expected_names = {e[0] for e in expected} | set(extras)
     present = set(header)
     missing = sorted(expected_names - present)
@@ -233,9 +272,7 @@ def check_header(
             f"{path}: unexpected tensor(s) {safe_repr(extra[:5])}{' ...' if len(extra) > 5 else ''}"
         )
     extra_specs = [(k, d, shape, math.prod(shape) * _itemsize(d)) for k, (d, shape) in extras.items()]
-    spans = _check_entries(header, expected + extra_specs, path)
-    _check_contiguous(spans, data_bytes, path)
-    return modules, spans
+    return _check_entries(header, expected + extra_specs, path)
 
 
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
@@ -299,7 +336,7 @@ def _check_entries(
     return spans
 
 
-def _check_contiguous(
+def check_contiguous(
     spans: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], data_bytes: int, path: Path
 ) -> None:
     """The byte ranges tile the data section exactly: no gap, no overlap, nothing after."""
@@ -333,69 +370,3 @@ def check_module_path(name: object, path: str | Path) -> None:
         )
     if any(part in _INTERNAL for part in name.split(".")):
         raise AdapterFormatError(f"{path}: module name {name!r} points inside a LoRDBA layer")
-
-
-def check_values(rec: ModuleRecord, scale_dtype: str, path: Path) -> None:
-    """Check a loaded module's tensor values: zero padding bits of the signs, finite float scales,
-    int8 codes in [-127, 127] reaching ±127 unless all zero. Raises :class:`AdapterFormatError`."""
-    for kind, numel in (("sign_A", rec.r * rec.in_features), ("sign_B", rec.out_features * rec.r)):
-        check_padding(rec.tensors[kind], numel, f"{path}: tensor {rec.path}.{kind}")
-    for kind in ("scale_in", "scale_mid", "scale_out"):
-        t = rec.tensors[kind]
-        name = f"{path}: tensor {rec.path}.{kind}"
-        if t.is_floating_point():
-            if not bool(torch.isfinite(t).all()):
-                raise AdapterFormatError(f"{name}: holds NaN or infinite values")
-        elif scale_dtype == "int8":
-            if bool((t == -128).any()):
-                raise AdapterFormatError(f"{name}: int8 code -128 is outside the format's range [-127, 127]")
-            peak = int(t.abs().max()) if t.numel() else 0
-            if peak not in (0, 127):
-                raise AdapterFormatError(f"{name}: a non-zero int8 scale vector must reach code ±127 (max is {peak})")
-
-
-def check_all_values(records: Sequence[ModuleRecord], scale_dtype: str, path: Path) -> None:
-    """:func:`check_values` for every record, in one vectorised pass per tensor kind (the loader's
-    path: a few tensor ops for the whole file instead of a dozen per module); when anything is
-    wrong, the per-module check runs to name the first tensor at fault. Raises :class:`AdapterFormatError`."""
-    if records and not _values_ok(records, scale_dtype):
-        for rec in records:
-            check_values(rec, scale_dtype, path)
-        raise AdapterFormatError(f"{path}: invalid tensor values")  # not reached: check_values names the fault
-
-
-def _values_ok(records: Sequence[ModuleRecord], scale_dtype: str) -> bool:
-    """Whether every record passes :func:`check_values` (no message: see :func:`check_all_values`)."""
-    for rec in records:  # padding bits: only where r·in or out·r is not a multiple of 8 (rare)
-        for kind, numel in (("sign_A", rec.r * rec.in_features), ("sign_B", rec.out_features * rec.r)):
-            pad = (-numel) % 8
-            packed = rec.tensors[kind]
-            if pad and packed.numel() and int(packed[-1]) & ((1 << pad) - 1):
-                return False
-    for kind in ("scale_in", "scale_mid", "scale_out"):
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for rec in records:
-            t = rec.tensors[kind]
-            by_dtype.setdefault(t.dtype, []).append(t if len(t.shape) == 1 else t.reshape(-1))
-        for dtype, group in by_dtype.items():
-            if dtype.is_floating_point:
-                if not bool(torch.isfinite(torch.cat(group)).all()):
-                    return False
-            elif scale_dtype == "int8" and not _codes_ok(group):
-                return False
-    return True
-
-
-def _codes_ok(codes: list[torch.Tensor]) -> bool:
-    """int8 codes (1-D) in [-127, 127], each vector reaching ±127 unless all zero."""
-    if bool((torch.cat(codes) == -128).any()):
-        return False
-    by_length: dict[int, list[torch.Tensor]] = {}
-    for t in codes:
-        by_length.setdefault(t.shape[0], []).append(t)
-    for length, group in by_length.items():
-        if length:
-            peaks = torch.stack(group).to(torch.int16).abs().amax(dim=1)
-            if bool(((peaks != 0) & (peaks != 127)).any()):
-                return False
-    return True

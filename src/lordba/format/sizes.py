@@ -1,8 +1,9 @@
 """Adapter size accounting (SPEC §2): bytes, bits per weight on two bases, ratio to fp16 LoRA.
 
 * payload: packed signs ``r·(in+out)/8`` plus the stored scale vectors, per module (the bytes of
-  the tensors :func:`lordba.format.header.stored_shapes` describes);
-* file: the exact ``lordba_model.safetensors`` size, headers included;
+  the tensors :func:`lordba.format.compact.file_shapes` describes: ``int4`` codes take half a byte);
+* file: the exact ``lordba_model.safetensors`` size, headers included, in the format version that
+  saves write (:data:`~lordba.config.DEFAULT_FORMAT_VERSION`, the compact version 3) or another;
 * the fp16 LoRA of reference rank ``r_ref`` (default: the same rank): ``2·r_ref·(in+out)`` bytes
   per module, and the exact size of the ``adapter_model.safetensors`` PEFT would write for it.
 
@@ -16,7 +17,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lordba.format.header import ModuleRecord, lordba_metadata, stored_shapes
+from lordba.config import COMPACT_FORMAT_VERSION, DEFAULT_FORMAT_VERSION
+from lordba.format.compact import compact_metadata, file_shapes, kind_specs
+from lordba.format.header import ModuleRecord, lordba_metadata
 from lordba.format.tensorfile import file_size, nbytes
 
 _SIGNS = ("sign_A", "sign_B")
@@ -28,11 +31,11 @@ def peft_lora_key(module_path: str, factor: str) -> str:
 
 
 def stored_bytes(in_features: int, out_features: int, r: int, scale_dtype: str) -> dict[str, int]:
-    """Bytes of each of the five tensors stored for a module of these dims and rank, ``{kind: bytes}``
-    (:func:`~lordba.format.header.stored_shapes`); :class:`ConfigError` for an unknown ``scale_dtype``."""
+    """Bytes of each of the five tensors a file stores for a module of these dims and rank, ``{kind:
+    bytes}`` (:func:`~lordba.format.compact.file_shapes`); :class:`ConfigError` for an unknown ``scale_dtype``."""
     return {
         kind: nbytes(dtype, shape)
-        for kind, (dtype, shape) in stored_shapes(in_features, out_features, r, scale_dtype).items()
+        for kind, (dtype, shape) in file_shapes(in_features, out_features, r, scale_dtype).items()
     }
 
 
@@ -52,10 +55,16 @@ def lora_file_bytes(dims: dict[str, tuple[int, int, int]]) -> int:
     return file_size(entries, {"format": "pt"})
 
 
-def adapter_file_bytes(dims: dict[str, tuple[int, int, int]], scale_dtype: str) -> int:
+def adapter_file_bytes(
+    dims: dict[str, tuple[int, int, int]], scale_dtype: str, format_version: int = DEFAULT_FORMAT_VERSION
+) -> int:
     """Exact size of the ``lordba_model.safetensors`` of an adapter with ``dims`` = ``{module path:
-    (in, out, r)}``, headers included; raises as :func:`stored_bytes`."""
-    records = {p: ModuleRecord(p, *dims[p]) for p in dims}
+    (in, out, r)}`` in ``format_version`` (1: one entry per module and kind; 3: the compact file),
+    headers included, without extra tensors; raises as :func:`stored_bytes`."""
+    records = {p: ModuleRecord(p, *dims[p]) for p in sorted(dims)}
+    if format_version == COMPACT_FORMAT_VERSION:
+        kinds = [(kind, dtype, shape) for kind, (dtype, shape, _) in kind_specs(records, scale_dtype).items()]
+        return file_size(kinds, compact_metadata(scale_dtype, records, "0" * 64))
     entries = [
         (f"{p}.{kind}", dtype, shape)
         for p, rec in records.items()
@@ -116,10 +125,12 @@ def size_report(
     scale_dtype: str,
     file_bytes: int | None = None,
     r_ref: int | None = None,
+    format_version: int = DEFAULT_FORMAT_VERSION,
 ) -> SizeReport:
     """Footprint of an adapter with ``dims`` = ``{module path: (in, out, r)}``.
 
-    ``file_bytes`` is the real weights-file size if known (else computed exactly for the format);
+    ``file_bytes`` is the real weights-file size if known (else computed exactly for the file
+    ``format_version``, by default the one saves write);
     ``r_ref`` is the rank of the fp16 LoRA to compare with (default: each module's own rank).
     """
     rows: list[ModuleSize] = []
@@ -148,7 +159,7 @@ def size_report(
             )
         )
     if file_bytes is None:
-        file_bytes = adapter_file_bytes(dims, scale_dtype)
+        file_bytes = adapter_file_bytes(dims, scale_dtype, format_version)
     payload = sum(m.payload_bytes for m in rows)
     lora_payload = sum(m.fp16_lora_bytes for m in rows)
     lora_file = lora_file_bytes({m.path: (m.in_features, m.out_features, m.r_ref) for m in rows})

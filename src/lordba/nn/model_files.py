@@ -59,12 +59,15 @@ class AdapterFilesMixin:
         selected_adapters: Sequence[str] | None = None,
         is_main_process: bool = True,
         model_card: bool = True,
+        format_version: int | None = None,
     ) -> None:
         """Write adapters in the packed format of SPEC §6: ``default`` in ``save_directory``, any
         other adapter in ``save_directory/<name>``, each with a model card (``README.md``, unless
         ``model_card=False`` or the directory has a card lordba did not write). Saves are
         crash-safe and deterministic; the card is written after the adapter's files and never
-        changes them.
+        changes them. ``format_version``: the file's layout, by default the compact version 3
+        (:data:`lordba.config.DEFAULT_FORMAT_VERSION`); 1 writes the per-module layout older
+        lordba versions read (version 2 with extra tensors).
 
         Raises:
             AdapterStateError: an unknown adapter name in ``selected_adapters``.
@@ -77,7 +80,7 @@ class AdapterFilesMixin:
             for name in names:
                 directory = Path(save_directory) if name == "default" else Path(save_directory) / name
                 state = self.adapter_state(name)
-                state.save_pretrained(directory)
+                state.save_pretrained(directory, format_version)
                 if model_card:
                     write_model_card(directory, state.config)
 

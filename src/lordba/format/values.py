@@ -1,0 +1,93 @@
+"""The values of a loaded adapter's tensors, checked after the header: zero padding bits of the
+packed signs, finite float scales, and for the code formats (``int8``, ``int4``) codes of the format
+reaching ±127 unless the vector is all zero. One vectorised pass per tensor kind
+(:func:`check_all_values`); where it fails, the per-module check names the tensor at fault."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lordba.core.packing import check_padding
+from lordba.core.scales import CODE_DTYPES, INT4_LEVELS
+from lordba.errors import AdapterFormatError
+
+ModuleRecord = Any  # lordba.format.header.ModuleRecord (which imports this module): path, dims, tensors
+_INT4_OK = torch.zeros(256, dtype=torch.bool)  # int8 code + 128 -> whether it is an int4 code
+for _v in INT4_LEVELS:
+    _INT4_OK[128 + _v] = _INT4_OK[128 - _v] = True
+
+
+def check_values(rec: ModuleRecord, scale_dtype: str, path: Path) -> None:
+    """Check a loaded module's tensor values: zero padding bits of the signs, finite float scales,
+    codes of the format (int8: [-127, 127]; int4: its 15 codes) reaching ±127 unless all zero.
+    Raises :class:`AdapterFormatError`."""
+    for kind, numel in (("sign_A", rec.r * rec.in_features), ("sign_B", rec.out_features * rec.r)):
+        check_padding(rec.tensors[kind], numel, f"{path}: tensor {rec.path}.{kind}")
+    for kind in ("scale_in", "scale_mid", "scale_out"):
+        t = rec.tensors[kind]
+        name = f"{path}: tensor {rec.path}.{kind}"
+        if t.is_floating_point():
+            if not bool(torch.isfinite(t).all()):
+                raise AdapterFormatError(f"{name}: holds NaN or infinite values")
+        elif scale_dtype in CODE_DTYPES:
+            if bool((t == -128).any()):
+                raise AdapterFormatError(f"{name}: int8 code -128 is outside the format's range [-127, 127]")
+            if scale_dtype == "int4" and not bool(_INT4_OK[t.to(torch.int64) + 128].all()):
+                raise AdapterFormatError(f"{name}: a code outside the int4 format's codes ±{INT4_LEVELS}")
+            peak = int(t.abs().max()) if t.numel() else 0
+            if peak not in (0, 127):
+                raise AdapterFormatError(f"{name}: a non-zero int8 scale vector must reach code ±127 (max is {peak})")
+
+
+def check_all_values(records: Sequence[ModuleRecord], scale_dtype: str, path: Path) -> None:
+    """:func:`check_values` for every record, in one vectorised pass per tensor kind (the loader's
+    path: a few tensor ops for the whole file instead of a dozen per module); when anything is
+    wrong, the per-module check runs to name the first tensor at fault. Raises :class:`AdapterFormatError`."""
+    if records and not _values_ok(records, scale_dtype):
+        for rec in records:
+            check_values(rec, scale_dtype, path)
+        raise AdapterFormatError(f"{path}: invalid tensor values")  # not reached: check_values names the fault
+
+
+def _values_ok(records: Sequence[ModuleRecord], scale_dtype: str) -> bool:
+    """Whether every record passes :func:`check_values` (no message: see :func:`check_all_values`)."""
+    for rec in records:  # padding bits: only where r·in or out·r is not a multiple of 8 (rare)
+        for kind, numel in (("sign_A", rec.r * rec.in_features), ("sign_B", rec.out_features * rec.r)):
+            pad = (-numel) % 8
+            packed = rec.tensors[kind]
+            if pad and packed.numel() and int(packed[-1]) & ((1 << pad) - 1):
+                return False
+    for kind in ("scale_in", "scale_mid", "scale_out"):
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for rec in records:
+            t = rec.tensors[kind]
+            by_dtype.setdefault(t.dtype, []).append(t if len(t.shape) == 1 else t.reshape(-1))
+        for dtype, group in by_dtype.items():
+            if dtype.is_floating_point:
+                if not bool(torch.isfinite(torch.cat(group)).all()):
+                    return False
+            elif scale_dtype in CODE_DTYPES and not _codes_ok(group, scale_dtype):
+                return False
+    return True
+
+
+def _codes_ok(codes: list[torch.Tensor], scale_dtype: str) -> bool:
+    """int8 codes (1-D) in [-127, 127] (int4: in its codes), each vector reaching ±127 unless all zero."""
+    whole = torch.cat(codes)
+    if bool((whole == -128).any()):
+        return False
+    if scale_dtype == "int4" and not bool(_INT4_OK[whole.to(torch.int64) + 128].all()):
+        return False
+    by_length: dict[int, list[torch.Tensor]] = {}
+    for t in codes:
+        by_length.setdefault(t.shape[0], []).append(t)
+    for length, group in by_length.items():
+        if length:
+            peaks = torch.stack(group).to(torch.int16).abs().amax(dim=1)
+            if bool(((peaks != 0) & (peaks != 127)).any()):
+                return False
+    return True
