@@ -54,6 +54,43 @@ def test_generate_with_an_adapter_on_a_q4_base(folder, tmp_path, capsys, monkeyp
     assert capsys.readouterr().out == want + "\n"
 
 
+def test_generate_compile_streams_the_eager_text_and_falls_back_when_compiling_fails(
+    folder, tmp_path, capsys, monkeypatch
+):
+    """--compile (static cache + inductor) prints the eager greedy text; with a broken compiler it says
+    so on stderr and still prints the same text, decoded eagerly."""
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    torch._dynamo.reset()
+    argv = ["generate", "--model", str(folder), "--max-new-tokens", "8", "ab"]
+    assert main(argv) == 0
+    want = capsys.readouterr().out
+    assert main([*argv, "--compile"]) == 0
+    out, err = capsys.readouterr()
+    assert out == want and "decode step compiled in" in err
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    torch._dynamo.reset()
+    assert main([*argv, "--compile"]) == 0
+    out, err = capsys.readouterr()
+    assert out == want and "compiling failed, decoding eagerly: RuntimeError: no compiler" in err
+    torch._dynamo.reset()
+
+
+def test_a_compiled_generate_failing_before_any_text_is_rerun_eagerly(folder, capsys, monkeypatch):
+    """If compiled generation fails after a successful warm-up (e.g. a recompile), before any text
+    was written, the answer is generated again eagerly; the thread's error never hangs the stream."""
+    from lordba.nn.decode import FastDecode
+
+    argv = ["generate", "--model", str(folder), "--quant", "none", "--max-new-tokens", "6", "ab"]
+    assert main(argv) == 0
+    want = capsys.readouterr().out
+    monkeypatch.setattr(FastDecode, "prepare", lambda self, tokens: True)  # "compiled" without compiling
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("recompile failed")))
+    torch._dynamo.reset()
+    assert main([*argv, "--compile"]) == 0
+    out, err = capsys.readouterr()
+    assert out == want and "compiled decoding failed, decoding eagerly: RuntimeError: recompile failed" in err
+
+
 def test_chat_answers_each_turn_with_the_template(folder, monkeypatch, capsys):
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()

@@ -76,6 +76,18 @@ def test_compiled_call_equals_eager():
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("shape", [(7, 40, 64), (33, 20, 64), (64, 128, 128), (5, 96, 32), (4, 600, 64)])
+def test_one_token_decode_path_equals_the_reference(shape):
+    """One token runs the decode kernel (rows in blocks of 4 plus the remainder; a partly and a
+    wholly padded chunk of inputs)."""
+    out, in_features, group = shape
+    qweight, scale, minus, _ = packed(out, in_features, group, seed=out)
+    x = torch.randn(1, 1, in_features) * 3
+    want = x @ dequantize_reference(qweight, scale, minus, in_features).t()
+    torch.testing.assert_close(q4_linear(x, qweight, scale, minus, in_features), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu_kernels
 @pytest.mark.parametrize("tokens", [1, 3, 20])
 def test_eight_bit_codes_equal_the_reference(tokens):
     g = torch.Generator().manual_seed(tokens)
@@ -91,3 +103,24 @@ def test_eight_bit_codes_equal_the_reference(tokens):
         q4_linear(x, qweight, scale, minus, in_features, bits=8), x @ w.t(), rtol=1e-5, atol=1e-5
     )
     torch.testing.assert_close(q4_dequantize(qweight, scale, minus, in_features, 8), w)
+
+
+@needs_cpu_kernels
+def test_inference_calls_skip_the_autograd_function(monkeypatch):
+    """Without a gradient to compute the op is called alone (an autograd.Function costs per call);
+    with one, the function (and its backward) is used."""
+    from lordba.kernels import q4 as q4_module
+
+    qweight, scale, minus, _ = packed(9, 40, 32)
+    x = torch.randn(1, 40)
+    want = q4_linear(x, qweight, scale, minus, 40)
+    calls = []
+    original = q4_module._Q4Linear.apply
+    monkeypatch.setattr(q4_module._Q4Linear, "apply", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        torch.testing.assert_close(q4_linear(x.requires_grad_(), qweight, scale, minus, 40), want)
+    with torch.inference_mode():
+        torch.testing.assert_close(q4_linear(x.detach(), qweight, scale, minus, 40), want)
+    assert calls == []
+    y = q4_linear(x, qweight, scale, minus, 40)
+    assert calls == [1] and y.requires_grad

@@ -124,3 +124,50 @@ def closeness(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
         "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
         "top1_same": bool(a.argmax() == b.argmax()),
     }
+
+
+COMPILED = " compiled"  # suffix of the variants whose decode step is compiled (static cache + inductor)
+
+
+def compiled_variants(
+    model: nn.Module, bases: tuple[str, ...], lordba_dir: Path, source: Path | None
+) -> dict[str, nn.Module]:
+    """``{"<base> compiled", "<base>+LoRDBA compiled"}`` for every base: models of their own (as
+    :func:`variants` builds them) whose transformers model's forward is ``torch.compile``'d
+    (inductor, default mode, static shapes), as ``lordba generate --compile`` runs the decode step."""
+    from lordba.nn.model import LoRDBAModel
+
+    out: dict[str, nn.Module] = {}
+    for base in bases:
+        name = base_label(base)
+        plain = quantized(model, base, source).eval()
+        wrapped = LoRDBAModel.from_pretrained(quantized(model, base, source), lordba_dir).eval()
+        for key, m in ((name, plain), (f"{name}+LoRDBA", wrapped)):
+            inner = m.get_base_model() if isinstance(m, LoRDBAModel) else m
+            inner.forward = torch.compile(inner.forward, dynamic=False)
+            out[f"{key}{COMPILED}"] = m
+    return out
+
+
+class StaticDecode:
+    """One decode step of ``model`` on a static KV cache (of ``length`` positions) holding ``prompt``;
+    :meth:`back` undoes a step, so every timed step sees the same context."""
+
+    def __init__(self, model: nn.Module, prompt: torch.Tensor, length: int, prefill: nn.Module | None = None) -> None:
+        """``prefill``: the model that fills the cache with the prompt (default ``model``; the eager
+        model of a compiled one, so that the prompt's shape is never compiled)."""
+        from transformers import StaticCache
+
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.model = model
+        self.cache = StaticCache(config=inner.config, max_cache_len=length)
+        (prefill or model)(input_ids=prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Logits of ``token`` after the cached context (the cache then holds it too)."""
+        return self.model(input_ids=token, past_key_values=self.cache, use_cache=True).logits
+
+    def back(self) -> None:
+        """Forget the last step's position."""
+        for layer in self.cache.layers:
+            layer.cumulative_length.sub_(1)

@@ -9,6 +9,9 @@ from lordba._util.tables import markdown_table, print_table
 FOUR_BIT = ("q4", "hqq")
 
 
+COMPILED = " compiled"  # the suffix of the compiled-decode variants (see _e2e_models.COMPILED)
+
+
 def _target(name: str, row: dict, key: str, limit: float, strict: bool = False) -> dict:
     value = row[key]
     return {"target": name, "variant": row["variant"], "measured": value, "limit": limit,
@@ -19,9 +22,20 @@ def targets(rows: list[dict]) -> list[dict]:
     """Issue 18's targets, each ``{target, variant, measured, limit, met}``, for the rows present:
     4-bit decode ≤ 0.6× fp32; LoRDBA overhead over its own base ≤ 1.05× (paired, decode and
     prefill); 4-bit base + LoRDBA decode ≤ llama.cpp + LoRA; the 4-bit base's decode within 1.5× of
-    llama.cpp's base; prefill ahead of llama.cpp (base and with the adapter)."""
+    llama.cpp's base; prefill ahead of llama.cpp (base and with the adapter). Compiled variants: the
+    decode targets (their prefill is the eager model's)."""
     by = {x["variant"]: x for x in rows}
     out = []
+    for base in (b for b in FOUR_BIT if f"{b}+LoRDBA{COMPILED}" in by and f"{b}{COMPILED}" in by):
+        plain, ours = by[f"{base}{COMPILED}"], by[f"{base}+LoRDBA{COMPILED}"]
+        if "decode_vs_fp32" in plain:
+            out.append(_target("4-bit base decode <= 0.6x fp32 base", plain, "decode_vs_fp32", 0.6))
+        out.append(_target("LoRDBA decode overhead <= 1.05x its base (paired)", ours, "decode_overhead_paired", 1.05))
+        if "decode_vs_llama" in plain:
+            out += [
+                _target("base + LoRDBA decode <= llama.cpp + LoRA", ours, "decode_vs_llama_lora", 1.0),
+                _target("base decode <= 1.5x llama.cpp base", plain, "decode_vs_llama", 1.5),
+            ]
     for base in (b for b in ("fp32", *FOUR_BIT) if f"{b}+LoRDBA" in by):
         plain, ours = by[base], by[f"{base}+LoRDBA"]
         if base != "fp32" and "decode_vs_fp32" in plain:
@@ -42,19 +56,26 @@ def targets(rows: list[dict]) -> list[dict]:
 
 
 COLUMNS = ["variant", "prefill ms", "IQR %", "decode ms/token", "IQR %", "decode / fp32", "decode / llama.cpp",
-           "decode / llama.cpp+LoRA", "prefill / llama.cpp", "adapter ovh decode", "adapter ovh prefill"]  # fmt: skip
+           "decode / llama.cpp+LoRA", "prefill / llama.cpp", "adapter ovh decode", "adapter ovh prefill",
+           "compiled / eager decode"]  # fmt: skip
 
 
 def _fmt(x: dict, key: str) -> str:
     return f"{x[key]:.3f}" if key in x else "—"
 
 
+def _ms(x: dict, case: str) -> list:
+    """``[ms, IQR %]`` of ``case``, or dashes where the variant has no such case (compiled: no prefill)."""
+    if f"{case}_s" not in x:
+        return ["—", "—"]
+    return [1e3 * x[f"{case}_s"], 100 * x[f"{case}_iqr_s"] / x[f"{case}_s"]]
+
+
 def _table(rows: list[dict]) -> list[list]:
     return [
-        [x["variant"], 1e3 * x["prefill_s"], 100 * x["prefill_iqr_s"] / x["prefill_s"], 1e3 * x["decode_s"],
-         100 * x["decode_iqr_s"] / x["decode_s"], _fmt(x, "decode_vs_fp32"), _fmt(x, "decode_vs_llama"),
+        [x["variant"], *_ms(x, "prefill"), *_ms(x, "decode"), _fmt(x, "decode_vs_fp32"), _fmt(x, "decode_vs_llama"),
          _fmt(x, "decode_vs_llama_lora"), _fmt(x, "prefill_vs_llama"), _fmt(x, "decode_overhead_paired"),
-         _fmt(x, "prefill_overhead_paired")]
+         _fmt(x, "prefill_overhead_paired"), _fmt(x, "decode_vs_eager_paired")]
         for x in rows
     ]  # fmt: skip
 
@@ -77,7 +98,10 @@ def report(result: dict) -> str:
         f"{result['load_avg_before'][0]:.2f} / {result['load_avg_after'][0]:.2f}.\n\n",
         f"{result['llama_cpp']}\n\n",
         "Medians of interleaved rounds; `IQR %`: interquartile range relative to the median; ratios: of the medians; "
-        "`adapter ovh`: median of the round-by-round ratios (base + adapter) / base.\n\n",
+        "`adapter ovh`: median of the round-by-round ratios (base + adapter) / base. `... compiled`: the decode step "
+        "`torch.compile`d (inductor, default mode) on a static KV cache of prompt + 8 positions, as `lordba generate "
+        "--compile` runs it (prefill stays eager); `compiled / eager decode`: paired ratio against the same variant "
+        "eager; compile times and compiled-vs-eager logits under `checks.compiled`.\n\n",
         markdown_table(COLUMNS, _table(rows)),
     ]
     if tgt:
@@ -106,7 +130,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     colors = ["tab:orange" if x["engine"] == "llama.cpp" else "tab:blue" for x in rows]
     fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) + 1.8))
     for ax, case, unit in ((axes[0], "decode", "ms / token"), (axes[1], "prefill", "ms")):
-        values = [1e3 * x[f"{case}_s"] for x in rows]
+        values = [1e3 * x.get(f"{case}_s", 0.0) for x in rows]  # compiled variants: no prefill of their own
         ax.barh(names, values, color=colors)
         for i, x in enumerate(rows):
             parts = [f"{values[i]:.1f}"]

@@ -11,6 +11,10 @@ project's machine has 2 cores; ``$LORDBA_BENCH_THREADS`` or ``python -m lordba_l
   requantized to Q4_0, plain and ``+LoRA`` (that PEFT export converted by llama.cpp's own
   ``convert_lora_to_gguf.py``, f16). Without llama-cpp-python these rows are skipped with a message
   naming the extra; the rest runs.
+* ``<base> compiled`` and ``<base>+LoRDBA compiled`` for the bases of ``compiled`` (default q4):
+  the decode step ``torch.compile``'d (inductor) on a static KV cache, as ``lordba generate
+  --compile`` runs it; decode only (their prefill is the eager model's), compiled before the timing
+  (compile time and compiled-vs-eager logits in ``checks.compiled``).
 
 Cases: ``prefill`` (the prompt from an empty cache; only the last position's logits, as generation
 computes them: ``logits_to_keep=1``, llama.cpp likewise) and ``decode`` (one token after the
@@ -27,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,8 +109,31 @@ def _checks(models: dict, runners: dict, ids: list[int]) -> dict:
     return out
 
 
-def _time(models: dict, runners: dict, ids: list[int], quick: bool) -> dict[str, dict[str, Stats]]:
-    """``{"prefill": stats, "decode": stats}`` of every variant, interleaved."""
+def _compile_steps(models: dict, compiled: dict, x: torch.Tensor, tok: torch.Tensor) -> tuple[dict, dict]:
+    """``({name: StaticDecode}, checks)`` for the compiled variants: each step compiled before the
+    timing (its compile time in the checks) and its logits against its eager model's on the same
+    static cache."""
+    steps, checks = {}, {}
+    length = x.shape[1] + 8  # as llama.cpp's context (the CLI rounds up to a power of two)
+    for name, model in compiled.items():
+        eager = models[name.removesuffix(M.COMPILED)]
+        steps[name] = M.StaticDecode(model, x, length, prefill=eager)
+        want = M.StaticDecode(eager, x, length).step(tok)[0, -1].float()
+        graphs, start = torch._dynamo.utils.counters["stats"]["unique_graphs"], time.perf_counter()
+        got = steps[name].step(tok)[0, -1].float()
+        checks[name] = {"compile_s": time.perf_counter() - start, "vs_eager": M.closeness(got, want),
+                        "max_abs_diff": float((got - want).abs().max()),
+                        "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs}  # fmt: skip
+        steps[name].back()
+    return steps, checks
+
+
+def _time(
+    models: dict, runners: dict, ids: list[int], quick: bool, steps: dict | None = None
+) -> dict[str, dict[str, Stats]]:
+    """``{"prefill": stats, "decode": stats}`` of every variant, interleaved; ``steps``: the compiled
+    variants' :class:`._e2e_models.StaticDecode` (decode only: their prefill is the eager model's)."""
+    steps = steps or {}
     prompt, step = ids[:-1], ids[-1]
     x, tok = torch.tensor([prompt]), torch.tensor([[step]])
     fns: dict[str, Callable[[], object]] = {}
@@ -122,12 +150,13 @@ def _time(models: dict, runners: dict, ids: list[int], quick: bool) -> dict[str,
             k: (lambda k=k, m=m: m(input_ids=tok, past_key_values=caches[k], use_cache=True)) for k, m in models.items()
         }
         fns.update({k: (lambda r=r: r.decode(len(prompt), step)) for k, r in runners.items()})
+        fns.update({k: (lambda s=s: s.step(tok)) for k, s in steps.items()})
         decode = interleaved(
             fns,
             8.0 if quick else 90.0,
             min_reps=5 if quick else 30,
             max_reps=150,
-            after=lambda k: caches[k].crop(-1) if k in caches else None,
+            after=lambda k: caches[k].crop(-1) if k in caches else steps[k].back() if k in steps else None,
         )
     return {"prefill": prefill, "decode": decode}
 
@@ -138,23 +167,36 @@ def _rows(timed: dict[str, dict[str, Stats]]) -> list[dict]:
     rows = []
     for name in timed["decode"]:
         engine = "llama.cpp" if name.startswith("llama.cpp") else "lordba"
-        base, _, adapter = name.partition("+")
+        plain = name.removesuffix(M.COMPILED)
+        suffix = name[len(plain) :]
+        base, _, adapter = plain.partition("+")
         row: dict = {"variant": name, "engine": engine, "base": base, "adapter": adapter or "none"}
-        for case, st in timed.items():
+        row["compiled"] = bool(suffix)
+        for case, st in ((c, st) for c, st in timed.items() if name in st):
             row[f"{case}_s"], row[f"{case}_iqr_s"], row[f"{case}_n"] = st[name].median, st[name].iqr, st[name].n
             for ref, key in (("fp32", "fp32"), (LLAMA, "llama"), (LLAMA_LORA, "llama_lora")):
                 if ref in st:
                     row[f"{case}_vs_{key}"] = st[name].median / st[ref].median
             if adapter:
-                row[f"{case}_overhead_paired"] = paired_ratio(st[name], st[base]).median
+                row[f"{case}_overhead_paired"] = paired_ratio(st[name], st[base + suffix]).median
+            if suffix:
+                row[f"{case}_vs_eager_paired"] = paired_ratio(st[name], st[plain]).median
         rows.append(row)
     return rows
 
 
-def run(out_dir: Path, quick: bool, threads: int | None = None, bases: tuple[str, ...] = M.BASES) -> list[Path]:
+def run(
+    out_dir: Path,
+    quick: bool,
+    threads: int | None = None,
+    bases: tuple[str, ...] = M.BASES,
+    compiled: tuple[str, ...] = ("q4",),
+) -> list[Path]:
     """Measure, print and write ``bench.json``, ``bench.md`` and ``e2e.png`` into ``out_dir`` (see
     the module docstring); returns the files written. ``threads``: torch's and llama.cpp's threads
-    (default ``$LORDBA_BENCH_THREADS`` or 2); ``bases``: a subset of :data:`._e2e_models.BASES`.
+    (default ``$LORDBA_BENCH_THREADS`` or 2); ``bases``: a subset of :data:`._e2e_models.BASES`;
+    ``compiled``: the bases (of ``bases``) also timed with a compiled decode step, plain and
+    ``+LoRDBA`` (inductor takes 1-2 min per variant on 2 cores the first time).
 
     Raises :class:`~lordba.errors.ConfigError` for an unknown base."""
     from lordba import kernels
@@ -173,9 +215,14 @@ def run(out_dir: Path, quick: bool, threads: int | None = None, bases: tuple[str
         models = M.variants(model, tuple(bases), lordba_dir, peft_dir, source)
         runners, note = _llama_runners(peft_dir, source, threads, prompt + 8)
         print(note)
+        fast = M.compiled_variants(model, tuple(b for b in bases if b in compiled), lordba_dir, source)
         try:
             checks = _checks(models, runners, ids[:-1])
-            timed = _time(models, runners, ids, quick)
+            with torch.inference_mode():
+                steps, checks["compiled"] = _compile_steps(
+                    models, fast, torch.tensor([ids[:-1]]), torch.tensor([[ids[-1]]])
+                )
+            timed = _time(models, runners, ids, quick, steps)
         finally:
             for r in runners.values():
                 r.close()
@@ -188,6 +235,7 @@ def run(out_dir: Path, quick: bool, threads: int | None = None, bases: tuple[str
         "hardware": hardware(),
         "kernels": {"isa": kernels.cpu_isa(), "cpu_ext": kernels.cpu_available()},
         "settings": {"quick": quick, "threads": threads, "prompt_tokens": prompt, "r": R, "bases": list(bases),
+                     "compiled": [b for b in bases if b in compiled],
                      "lordba_scale_dtype": M.SCALE_DTYPE, "activation_dtype": "float32",
                      "llama_cpp_python": _llama_cpp.VERSION if not _llama_cpp.missing() else None},
         "load_avg_before": load_before,

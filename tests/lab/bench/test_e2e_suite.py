@@ -1,5 +1,6 @@
 """The ``e2e`` suite's machinery on a tiny random model, llama.cpp skipped (no SmolLM2, no llama.cpp)."""
 
+import contextlib
 import json
 import sys
 
@@ -77,12 +78,13 @@ def test_targets_compare_against_llama_cpp_and_fp32():
 def test_a_quick_run_on_a_tiny_model_writes_json_markdown_and_plot(tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(e2e, "load_model", lambda: (tiny_model, None, None))
     monkeypatch.setattr(e2e, "interleaved", lambda fns, *a, **k: _quick(fns, k.get("after")))
-    files = e2e.run(tmp_path, quick=True, threads=1, bases=("none", "q4"))
+    files = e2e.run(tmp_path, quick=True, threads=1, bases=("none", "q4"), compiled=("q4",))
     assert [f.name for f in files] == ["bench.json", "bench.md", "e2e.png"]
     assert all(f.stat().st_size > 0 for f in files)
     out = json.loads(files[0].read_text())
     names = [x["variant"] for x in out["rows"]]
-    assert names == ["fp32", "fp32+LoRDBA", "fp32+LoRA", "q4", "q4+LoRDBA", "q4+LoRA"]  # no llama.cpp rows
+    assert names == ["fp32", "fp32+LoRDBA", "fp32+LoRA", "q4", "q4+LoRDBA", "q4+LoRA", "q4 compiled",
+                     "q4+LoRDBA compiled"]  # no llama.cpp rows  # fmt: skip
     assert "llama.cpp rows skipped" in out["llama_cpp"] and "llama.cpp rows skipped" in capsys.readouterr().out
     by = {x["variant"]: x for x in out["rows"]}
     assert by["fp32"]["decode_vs_fp32"] == 1.0 and "decode_vs_llama" not in by["q4"]
@@ -91,8 +93,18 @@ def test_a_quick_run_on_a_tiny_model_writes_json_markdown_and_plot(tiny_model, t
     assert len(out["load_avg_before"]) == 3 and out["hardware"]["cores"]
     assert out["checks"]["lordba"]["q4"]["lordba_vs_fp32_lordba"]["cosine"] > 0.8
     assert out["checks"]["adapter_change_rel_l2"] > 0
-    assert {t["variant"] for t in out["targets"]} == {"fp32+LoRDBA", "q4", "q4+LoRDBA"}
+    assert {t["variant"] for t in out["targets"]} == {"fp32+LoRDBA", "q4", "q4+LoRDBA", "q4 compiled",
+                                                      "q4+LoRDBA compiled"}  # fmt: skip
     assert "| q4+LoRDBA |" in files[1].read_text()
+    # compiled rows: decode only, against their own compiled base and their eager selves; the same logits
+    fast = by["q4+LoRDBA compiled"]
+    assert fast["compiled"] and "prefill_s" not in fast and fast["decode_s"] > 0
+    assert fast["decode_overhead_paired"] > 0 and fast["decode_vs_eager_paired"] > 0
+    for name in ("q4 compiled", "q4+LoRDBA compiled"):
+        check = out["checks"]["compiled"][name]
+        assert check["compile_s"] > 0 and check["vs_eager"]["top1_same"] and check["max_abs_diff"] < 1e-3
+        assert check["graphs"] >= 1  # it did compile (not the eager model under another name)
+    assert "| q4+LoRDBA compiled | — | — |" in files[1].read_text()
 
 
 def _quick(fns, after):
@@ -116,3 +128,33 @@ def test_rows_take_ratios_against_fp32_and_llama_cpp():
     theirs = rows[e2e.LLAMA_LORA]
     assert theirs["engine"] == "llama.cpp" and theirs["base"] == e2e.LLAMA
     assert theirs["prefill_overhead_paired"] == pytest.approx(1.5) and "prefill_overhead_paired" not in rows["fp32"]
+
+
+@pytest.mark.slow
+def test_smollm2_compiled_decode_equals_eager_on_q4_with_and_without_the_adapter(tmp_path):
+    """The real model (its compile takes 1-2 min on 2 cores): greedy tokens identical, logits
+    allclose, compiled against eager, on the q4 base, with a LoRDBA adapter and with it disabled."""
+    from lordba.nn.decode import FastDecode
+    from lordba.nn.model import LoRDBAModel
+
+    model, tok, source = e2e.load_model()
+    lordba_dir, _ = _e2e_models.save_adapters(model, 16, tmp_path, alpha=32.0)
+    lm = LoRDBAModel.from_pretrained(_e2e_models.quantized(model, "q4", source), lordba_dir).eval()
+    ids = torch.tensor([_e2e_models.prompt_ids(tok, 40, 49152)])
+    kw = dict(do_sample=False, output_logits=True, return_dict_in_generate=True, min_new_tokens=12)
+    kw.update(attention_mask=torch.ones_like(ids), pad_token_id=tok.eos_token_id)
+
+    def greedy(decode=None):
+        with torch.no_grad():
+            out = decode.generate(ids, 12, **kw) if decode else lm.generate(input_ids=ids, max_new_tokens=12, **kw)
+        return out.sequences, torch.stack(out.logits)
+
+    torch._dynamo.reset()
+    decode = FastDecode(lm)
+    for disabled in (False, True):
+        with lm.disable_adapter() if disabled else contextlib.nullcontext():
+            want, got = greedy(), greedy(decode)
+        assert torch.equal(got[0], want[0]), disabled
+        torch.testing.assert_close(got[1], want[1], rtol=1e-3, atol=1e-3)
+    assert decode.compiled and decode.failure is None
+    torch._dynamo.reset()

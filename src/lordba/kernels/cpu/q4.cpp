@@ -24,7 +24,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -34,7 +34,11 @@ namespace {
 constexpr int64_t kChunk = 32;  // inputs per 16-byte chunk
 constexpr int64_t kTokenBlock = 4;
 
+#if defined(__F16C__)
+inline float half_to_float(const c10::Half& h) { return _cvtsh_ss(h.x); }  // one instruction
+#else
 inline float half_to_float(const c10::Half& h) { return static_cast<float>(h); }
+#endif
 
 // One output row, up to kTokenBlock tokens: acc[t] = sum_g s_g (q_g . x_t,g)
 template <int NT, int BITS>
@@ -129,6 +133,67 @@ Packed unpack_args(const at::Tensor& qweight, const at::Tensor& scale, const at:
           out, in, groups, padded / groups, row_bytes, bits};
 }
 
+#if defined(__AVX512F__)
+// One token, R rows at once (decode): each 32-input chunk of x is loaded once for the R rows, and the
+// 2R accumulators (low and high nibbles of each row) are independent FMA chains, so the loop is not
+// bound by the FMA latency. The offset term sum_g m_g * sum(x_g) joins the same final reduction.
+template <int BITS, int R>
+void rows_dot1(const Packed& p, int64_t o, const float* x, const float* xsum, float* y) {
+  const int64_t chunks = p.group / kChunk;
+  const __m512i low4 = _mm512_set1_epi32(15);
+  const uint8_t* q[R];
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) {
+    q[r] = p.q + (o + r) * p.row_bytes;
+    acc[r] = _mm512_setzero_ps();
+  }
+  int64_t k = 0;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    __m512 lo_acc[R], hi_acc[R];
+    for (int r = 0; r < R; ++r) lo_acc[r] = hi_acc[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c, k += kChunk) {
+      const int64_t left = p.in - k;
+      if (left <= 0) continue;  // a whole padded chunk: its inputs count as zero
+      __m512 x0, x1;
+      if (left >= kChunk) {
+        x0 = _mm512_loadu_ps(x + k);
+        x1 = _mm512_loadu_ps(x + k + 16);
+      } else {
+        const __mmask16 m0 = static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1);
+        const __mmask16 m1 = static_cast<__mmask16>(left > 16 ? (1u << (left - 16)) - 1 : 0);
+        x0 = _mm512_maskz_loadu_ps(m0, x + k);
+        x1 = _mm512_maskz_loadu_ps(m1, x + k + 16);
+      }
+      for (int r = 0; r < R; ++r) {
+        __m512 lo, hi;
+        if constexpr (BITS == 4) {
+          const __m512i bytes =
+              _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + k / 2)));
+          lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low4));
+          hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+        } else {
+          lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + k))));
+          hi = _mm512_cvtepi32_ps(
+              _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + k + 16))));
+        }
+        lo_acc[r] = _mm512_fmadd_ps(lo, x0, lo_acc[r]);
+        hi_acc[r] = _mm512_fmadd_ps(hi, x1, hi_acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_set1_ps(half_to_float(p.s[(o + r) * p.groups + g]));
+      acc[r] = _mm512_fmadd_ps(_mm512_add_ps(lo_acc[r], hi_acc[r]), s, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const c10::Half* m = p.m + (o + r) * p.groups;
+    float offset = 0.f;
+    for (int64_t g = 0; g < p.groups; ++g) offset += half_to_float(m[g]) * xsum[g];
+    y[o + r] = _mm512_reduce_add_ps(acc[r]) + offset;
+  }
+}
+#endif
+
 // float32 [rows o0..o1, in] of the dequantized weight, into dst (row stride `in`).
 void dequant_rows(const Packed& p, int64_t o0, int64_t o1, float* dst) {
   for (int64_t o = o0; o < o1; ++o) {
@@ -191,6 +256,18 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y) {
       for (int64_t k = g * p.group; k < std::min((g + 1) * p.group, p.in); ++k) acc += x[t * p.in + k];
       xsum[t * p.groups + g] = acc;
     }
+#if defined(__AVX512F__)
+  // Decode of 4-bit rows: blocks of 4 rows (rows_dot1; 0.5-0.75x the time of row_dot on SmolLM2's
+  // layers). The 8-bit head is memory-bound and reads faster one row at a time (row_dot).
+  if (T == 1 && p.bits == 4) {
+    at::parallel_for(0, p.out, 16, [&](int64_t o0, int64_t o1) {
+      int64_t o = o0;
+      for (; o + 4 <= o1; o += 4) rows_dot1<4, 4>(p, o, x, xsum.data(), y);
+      for (; o < o1; ++o) rows_dot1<4, 1>(p, o, x, xsum.data(), y);
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, p.out, 8, [&](int64_t o0, int64_t o1) {
     const int64_t chunks = p.group / kChunk;
     for (int64_t o = o0; o < o1; ++o) {

@@ -1,0 +1,113 @@
+"""``lordba.nn.decode``: generating with a static cache and an inductor-compiled decode step gives the
+eager greedy tokens and (allclose) logits on a q4 base, with a LoRDBA adapter and with the adapter
+disabled; a failing compiler falls back to eager with a warning; cache lengths are bucketed."""
+
+import logging
+
+import pytest
+import torch
+
+from lordba import LoRDBAConfig, get_lordba_model
+from lordba.errors import ConfigError
+from lordba.nn.decode import MIN_CACHE, FastDecode, cache_length
+from lordba.quant import quantize_model
+
+from conftest import tiny_llama
+
+PROMPT = torch.tensor([[5, 17, 3, 44, 9, 21, 60, 2]])
+NEW = 6
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def q4_model(adapter: bool):
+    base = quantize_model(tiny_llama(0), backend="q4", group_size=64)
+    if not adapter:
+        return base
+    torch.manual_seed(3)
+    lm = get_lordba_model(base, LoRDBAConfig(r=4, init="random"))
+    for a in lm.adapter_modules("default").values():
+        with torch.no_grad():
+            a.scale_out.mul_(30)  # large enough to change the greedy tokens
+    lm.pack()
+    return lm.eval()
+
+
+def greedy(model, decode: FastDecode | None = None):
+    kw = dict(do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    kw.update(attention_mask=torch.ones_like(PROMPT), min_new_tokens=NEW)
+    with torch.no_grad():
+        if decode is None:
+            out = model.generate(input_ids=PROMPT, max_new_tokens=NEW, **kw)
+        else:
+            out = decode.generate(PROMPT, NEW, **kw)
+    return out.sequences, torch.stack(out.logits)
+
+
+def assert_same(got, want):
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_decode_equals_eager_on_the_q4_base_and_a_new_prompt_length_reuses_it():
+    base = q4_model(adapter=False)
+    want = greedy(base)
+    decode = FastDecode(base)
+    assert_same(greedy(base, decode), want)
+    assert decode.compiled and decode.failure is None and decode.compile_seconds > 0
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # the step did compile
+    longer = torch.cat([PROMPT, PROMPT], dim=1)
+    kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(longer))
+    with torch.no_grad():
+        got = decode.generate(longer, NEW, **kw)
+        assert torch.equal(got, base.generate(input_ids=longer, max_new_tokens=NEW, **kw))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # same cache length: no recompile
+
+
+def test_compiled_decode_equals_eager_with_the_adapter_enabled_and_disabled():
+    lm = q4_model(adapter=True)
+    want = greedy(lm)
+    with lm.disable_adapter():
+        want_off = greedy(lm)
+    assert not torch.equal(want[0], want_off[0])  # the adapter changes the tokens: equality means something
+    decode = FastDecode(lm)
+    assert_same(greedy(lm, decode), want)
+    with lm.disable_adapter():
+        assert_same(greedy(lm, decode), want_off)  # its own graph, not the adapter's
+    assert_same(greedy(lm, decode), want)  # and back
+    assert decode.compiled and decode.failure is None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # one graph per routing state
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
+    base = q4_model(adapter=False)
+    want = greedy(base)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    decode = FastDecode(base)
+    with caplog.at_level(logging.WARNING, logger="lordba.decode"):
+        got = greedy(base, decode)
+    assert_same(got, want)
+    assert not decode.compiled and "no C++ compiler here" in decode.failure
+    assert "decoding eagerly" in caplog.text
+    assert decode.generate_kwargs(20) == {}
+
+
+def test_cache_length_buckets_and_bad_input():
+    assert cache_length(1) == MIN_CACHE
+    assert cache_length(257) == 512 and cache_length(512) == 512
+    assert cache_length(300, limit=400) == 400  # the model's limit, when it holds the call
+    assert cache_length(5000, limit=4096) == 8192  # beyond the limit: transformers will refuse, not us
+    with pytest.raises(ConfigError, match="positive"):
+        cache_length(0)
+    with pytest.raises(ConfigError, match="compile mode"):
+        FastDecode(tiny_llama(0), mode="reduce-overhead")
