@@ -123,3 +123,23 @@ def test_a_folder_adapter_unloaded_while_held_is_taken_back_by_a_new_request(mod
     registry.release("a")
     registry.acquire("a")
     assert list(registry.resident()) == ["a"] and registry.loads == 1 and "a" in model.peft_config
+
+
+def test_loads_stay_out_of_the_collector_once_the_server_froze_its_heap(model, folder):
+    """``lordba serve`` freezes its heap at startup (``freeze_heap``); a thousand resident adapters
+    are ~4 million objects, which every full collection would otherwise walk while serving."""
+    import gc
+
+    registry = AdapterRegistry(model, folder)
+    assert gc.get_freeze_count() == 0
+    registry.acquire("a")  # not frozen: loads leave the collector alone
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        registry.acquire("b")
+        assert gc.get_freeze_count() > before
+        adapter = next(iter(model.adapter_modules("b").values()))
+        assert not any(obj is adapter for obj in gc.get_objects())  # in the permanent generation
+    finally:
+        gc.unfreeze()

@@ -15,12 +15,9 @@ PEFT holds them in the base's float32, 19.5 MB each). Writes ``serve.json``, ``s
 
 from __future__ import annotations
 
-import itertools
 import json
-import random
 import statistics
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -152,52 +149,30 @@ def _cold_loads(registry: Any, names: list[str]) -> dict:
 # ---------------------------------------------------------------------------- clients
 def _drive(url: str, names: list[str], clients: int, s: Settings, tokenizer: Any) -> dict:
     """``clients`` threads each sending ``requests_per_client`` streamed completions, adapters
-    drawn uniformly from ``names``; returns throughput and latency percentiles."""
-    import openai
+    drawn uniformly from ``names``; returns throughput and latency percentiles. The clients run in
+    a process of their own (:mod:`._serve_clients`), as they would in service: in the server's
+    process their threads would compete with its engine for the interpreter lock and measure that."""
+    import subprocess
+    import sys
 
     prompt = (tokenizer("The adapters of a thousand users share one base model. " * 16)["input_ids"])[: s.prompt_tokens]
-    ttft: list[float] = []
-    gaps: list[float] = []
-    tokens = [0]
-    lock = threading.Lock()
-
-    def client(k: int) -> None:
-        rng = random.Random(k)
-        api = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
-        for _ in range(s.requests_per_client):
-            start = time.perf_counter()
-            stamps = []
-            stream = api.completions.create(
-                model=rng.choice(names),
-                prompt=prompt,
-                max_tokens=s.gen_tokens,
-                temperature=0,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_body={"ignore_eos": True},
-            )
-            used = 0
-            for chunk in stream:
-                if chunk.choices and (chunk.choices[0].text or chunk.choices[0].finish_reason):
-                    stamps.append(time.perf_counter())  # a token's text (or the last token's end)
-                if chunk.usage is not None:
-                    used = chunk.usage.completion_tokens
-            with lock:
-                ttft.append(stamps[0] - start)
-                gaps.extend(b - a for a, b in itertools.pairwise(stamps))
-                tokens[0] += used
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    job = {"url": url, "names": names, "clients": clients, "prompt": prompt}
+    job.update(requests=s.requests_per_client, max_tokens=s.gen_tokens)
+    done = subprocess.run(
+        [sys.executable, "-m", "lordba_lab.bench._serve_clients"],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the serve bench's client process failed:\n{done.stderr[-2000:]}")
+    times = json.loads(done.stdout.splitlines()[-1])
+    ttft, gaps, wall = times["ttft"], times["gaps"], times["wall"]
     ms = {
         f"{what}_ms_p{q}": _ms(_pct(values, q)) for what, values in (("ttft", ttft), ("token", gaps)) for q in (50, 95)
     }
-    return {"tokens_per_s": tokens[0] / wall, **ms, "requests": len(ttft), "wall_s": wall}
+    return {"tokens_per_s": times["tokens"] / wall, **ms, "requests": len(ttft), "wall_s": wall}
 
 
 def _ms(seconds: float | None) -> float | None:

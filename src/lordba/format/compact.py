@@ -219,6 +219,11 @@ def split_tensors(
         whole, nibbles = tensors[kind], scale_dtype in NIBBLE_DTYPES and kind in ("scale_in", "scale_out")
         if nibbles:
             whole = _decode_nibbles(whole, records, kind, path)
+        lengths = [per_kind[i][2] for per_kind in sizes]
+        if not nibbles and sum(lengths) == whole.numel() and all(p[i][1] == p[i][2] for p in sizes):
+            for rec, view in zip(records, whole.split(lengths)):  # one call: the views of every module
+                rec.tensors[kind] = view
+            continue
         start = 0
         for rec, per_kind in zip(records, sizes):
             _, stored, n = per_kind[i]

@@ -14,6 +14,7 @@ adapter is never evicted; an unload waits for its last request to finish.
 
 from __future__ import annotations
 
+import gc
 import re
 import threading
 import time
@@ -225,6 +226,8 @@ class AdapterRegistry:
                 self.observer.adapter_load_failed()
             raise AdapterLoadError(f"adapter '{name}' cannot be loaded: {err}") from None
         seconds = time.perf_counter() - start
+        if gc.get_freeze_count():  # the server froze its heap at startup: keep the adapters out too
+            gc.freeze()
         nbytes = adapter_bytes(self.model, name)
         with self._cond:
             entry.resident, entry.nbytes = True, nbytes

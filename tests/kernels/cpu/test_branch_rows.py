@@ -52,6 +52,20 @@ def test_each_row_equals_its_adapters_own_call(dtype, tokens, dims, threads):
     assert torch.equal(y[index == -1], base[index == -1])
 
 
+def test_prefill_rows_of_several_adapters_under_inference_mode(threads):
+    """The server runs under ``torch.inference_mode``: the op's worker threads (the unpack path of
+    several adapters in parallel) must run in it too, or writing the output fails."""
+    g = torch.Generator().manual_seed(2)
+    adapters = [adapter(64, 48, 8, int8=k % 2 == 0, g=g) for k in range(4)]
+    index = torch.tensor([0, 1, 2, 3, 1, -1])
+    x, base = torch.randn(6, 40, 64, generator=g), torch.randn(6, 40, 48, generator=g)
+    with torch.inference_mode():
+        y = kernels.packed_branch_rows(x, index, adapters, [1.0, 0.5, 2.0, 1.5], base)
+        for k, tensors in enumerate(adapters):
+            rows = (index == k).nonzero().flatten()
+            assert torch.equal(y[rows], kernels.packed_branch(x[rows], *tensors, [1.0, 0.5, 2.0, 1.5][k], base[rows]))
+
+
 def test_the_pure_pytorch_fallback_agrees():
     g = torch.Generator().manual_seed(1)
     adapters = [adapter(64, 48, 8, int8=k == 1, g=g) for k in range(3)]

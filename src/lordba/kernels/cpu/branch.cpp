@@ -27,6 +27,8 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/mm.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -688,6 +690,7 @@ at::Tensor branch_rows(const at::Tensor& x, const at::Tensor& index, at::TensorL
     at::Tensor sa, sb, b, m, a;
   };
   std::vector<Group> groups;  // adapters on the sign path, run below (in parallel with several threads)
+  std::vector<int64_t> unpacked;  // adapters on the unpack path (many tokens: prefill)
   for (int64_t k = 0; k < K; ++k) {
     const auto& group = rows[static_cast<size_t>(k)];
     if (group.empty()) continue;
@@ -699,19 +702,38 @@ at::Tensor branch_rows(const at::Tensor& x, const at::Tensor& index, at::TensorL
     check(scale_dtype_ok(b[k], true) && scale_dtype_ok(m[k], false) && scale_dtype_ok(a[k], true),
           "scales must be float32, float16 or bfloat16 (b and a also int8 codes)");
     const int64_t T = static_cast<int64_t>(group.size()) * L;
-    if (T > sign_max_tokens[k]) {  // many tokens (prefill): the unpack path, exactly as `branch` runs it
-      std::vector<int64_t> tokens;
-      tokens.reserve(static_cast<size_t>(T));
-      for (int64_t i : group)
-        for (int64_t t = 0; t < L; ++t) tokens.push_back(i * L + t);
-      const at::Tensor ti = at::tensor(tokens, at::kLong);
-      const at::Tensor yk = branch(x2.index_select(0, ti), sign_A[k], sign_B[k], b[k], m[k], a[k], scaling[k],
-                                   sign_max_tokens[k], base2.index_select(0, ti));
-      y.index_copy_(0, ti, yk);
+    if (T > sign_max_tokens[k]) {  // many tokens (prefill): the unpack path, run below
+      unpacked.push_back(k);
       continue;
     }
     groups.push_back({k, sign_A[k].contiguous(), sign_B[k].contiguous(), b[k].contiguous(), m[k].contiguous(),
                       a[k].contiguous()});
+  }
+  // The unpack path, exactly as `branch` runs it on the adapter's rows. With several adapters and
+  // threads, one parallel region over the adapters (each adapter's call then runs on one thread)
+  // instead of a parallel region per adapter and step: small parallel regions one after another
+  // cost more in waiting than they compute when the cores are shared.
+  auto unpack_one = [&](int64_t k) {
+    const auto& group = rows[static_cast<size_t>(k)];
+    std::vector<int64_t> tokens;
+    tokens.reserve(group.size() * static_cast<size_t>(L));
+    for (int64_t i : group)
+      for (int64_t t = 0; t < L; ++t) tokens.push_back(i * L + t);
+    const at::Tensor ti = at::tensor(tokens, at::kLong);
+    const at::Tensor yk = branch(x2.index_select(0, ti), sign_A[k], sign_B[k], b[k], m[k], a[k], scaling[k],
+                                 sign_max_tokens[k], base2.index_select(0, ti));
+    y.index_copy_(0, ti, yk);  // rows of this adapter only
+  };
+  const int64_t nu = static_cast<int64_t>(unpacked.size());
+  if (nu > 1 && at::get_num_threads() > 1) {
+    const bool inference = c10::InferenceMode::is_enabled();  // thread-local: the workers need it too
+    at::parallel_for(0, nu, 1, [&](int64_t u0, int64_t u1) {
+      c10::InferenceMode mode(inference);
+      at::NoGradGuard no_grad;
+      for (int64_t u = u0; u < u1; ++u) unpack_one(unpacked[static_cast<size_t>(u)]);
+    });
+  } else {
+    for (int64_t k : unpacked) unpack_one(k);
   }
   // Each group writes its own rows of y: groups run independently, each exactly as alone.
   auto run = [&](const Group& g) {

@@ -1,0 +1,62 @@
+"""The ``serve`` suite's clients, in a process of their own: ``python -m lordba_lab.bench._serve_clients``
+reads a job (JSON on stdin: url, adapter names, client count, prompt token ids, requests per client,
+max_tokens) and prints one JSON line: the times to first token, the gaps between streamed tokens,
+the tokens generated and the wall time."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import sys
+import threading
+import time
+
+
+def run(job: dict) -> dict:
+    """Drive the server: ``clients`` threads, each sending its requests one after another (official
+    ``openai`` client, streaming, greedy, ``ignore_eos``), adapters drawn uniformly from ``names``."""
+    import openai
+
+    ttft: list[float] = []
+    gaps: list[float] = []
+    tokens = [0]
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        rng = random.Random(k)
+        api = openai.OpenAI(base_url=job["url"] + "/v1", api_key="bench", max_retries=0, timeout=600)
+        for _ in range(job["requests"]):
+            start = time.perf_counter()
+            stamps = []
+            stream = api.completions.create(
+                model=rng.choice(job["names"]),
+                prompt=job["prompt"],
+                max_tokens=job["max_tokens"],
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+            used = 0
+            for chunk in stream:
+                if chunk.choices and (chunk.choices[0].text or chunk.choices[0].finish_reason):
+                    stamps.append(time.perf_counter())  # a token's text (or the last token's end)
+                if chunk.usage is not None:
+                    used = chunk.usage.completion_tokens
+            with lock:
+                ttft.append(stamps[0] - start)
+                gaps.extend(b - a for a, b in itertools.pairwise(stamps))
+                tokens[0] += used
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(job["clients"])]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"ttft": ttft, "gaps": gaps, "tokens": tokens[0], "wall": time.perf_counter() - start}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(json.loads(sys.stdin.read()))))
