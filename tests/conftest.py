@@ -75,3 +75,19 @@ def load_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
     with safe_open(str(directory / "lordba_model.safetensors"), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def refuse(directory: Path, match: str) -> None:
+    """The adapter in ``directory`` is refused both on its own and when loaded onto a model, which
+    stays unchanged."""
+    from lordba import LoRDBAError, LoRDBAModel
+    from lordba.format.adapter import read_adapter
+
+    with pytest.raises(LoRDBAError, match=match):
+        read_adapter(directory)
+    model = tiny_llama(0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LoRDBAError, match=match):
+        LoRDBAModel.from_pretrained(model, directory)
+    assert set(model.state_dict()) == set(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

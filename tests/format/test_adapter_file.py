@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from lordba import AdapterFormatError, ConfigError, LoRDBAConfig, LoRDBAError, LoRDBAModel, get_lordba_model
+from lordba import AdapterFormatError, ConfigError, LoRDBAConfig, LoRDBAModel, get_lordba_model
 from lordba.format.adapter import read_adapter
 
-from conftest import load_weights, rewrite_weights, set_config, tiny_llama
+from conftest import load_weights, refuse, rewrite_weights, set_config, tiny_llama
 
 Q = "model.layers.0.self_attn.q_proj"
 K = "model.layers.0.self_attn.k_proj"  # out = 20, r = 3: sign_B has 4 padding bits
@@ -21,18 +21,6 @@ def saved(tmp_path):
     lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=3, init="random"))
     lm.save_pretrained(tmp_path, format_version=1)  # the per-module layout these cases edit (v3: test_compact.py)
     return tmp_path
-
-
-def refuse(directory, match):
-    """The adapter is refused both on its own and when loaded onto a model, which stays unchanged."""
-    with pytest.raises(LoRDBAError, match=match):
-        read_adapter(directory)
-    model = tiny_llama(0)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(LoRDBAError, match=match):
-        LoRDBAModel.from_pretrained(model, directory)
-    assert set(model.state_dict()) == set(state)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_valid_adapter_reads(saved):

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from lordba import AdapterFormatError, LoRDBAConfig, LoRDBAError, LoRDBAModel, get_lordba_model
+from lordba import AdapterFormatError, LoRDBAConfig, LoRDBAModel, get_lordba_model
 from lordba.format.adapter import AdapterState, read_adapter
 from lordba.format.compact import fold_names, unfold_names
 from lordba.format.sizes import adapter_file_bytes, size_report
 
-from conftest import load_weights, rewrite_weights, set_config, tiny_llama
+from conftest import load_weights, refuse, rewrite_weights, set_config, tiny_llama
 
 Q = "model.layers.0.self_attn.q_proj"
 
@@ -25,17 +25,6 @@ def _model(scale_dtype="int8", r=3, seed=4):
 def saved(request, tmp_path):
     _model(request.param).save_pretrained(tmp_path)
     return tmp_path
-
-
-def refuse(directory, match):
-    """Refused on its own and when loaded onto a model, which stays unchanged."""
-    with pytest.raises(LoRDBAError, match=match):
-        read_adapter(directory)
-    model = tiny_llama(0)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(LoRDBAError, match=match):
-        LoRDBAModel.from_pretrained(model, directory)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("scale_dtype", ["float32", "float16", "bfloat16", "int8", "int4"])
