@@ -82,6 +82,11 @@ def test_int8_inference_adapter_holds_its_file_size_and_trains_back_exactly():
         layer.add_adapter("a", back)
         assert torch.equal(layer(x), before)
         assert back.cache_nbytes()["scales"] == 0  # the decoded scales view the parameters
+        with kernels.mode("dense"):
+            back(x)  # a cache of its own: the folded factors
+        own = sum(t.numel() * t.element_size() for t in (*back.parameters(), *back.buffers()))
+        assert back.cache_nbytes()["dense"] > 0
+        assert held_nbytes([back, packed]) == own + back.cache_nbytes()["total"] + held_nbytes([packed])
     for name, tensor in back.pack().stored_tensors().items():
         assert torch.equal(tensor, packed.stored_tensors()[name]), name
 

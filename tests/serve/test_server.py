@@ -336,11 +336,14 @@ def test_client_disconnect_while_waiting_for_a_whole_response_frees_its_slot(ser
 
 def test_freeze_heap_moves_the_startup_objects_out_of_the_collectors_reach():
     import gc
+    from types import SimpleNamespace
 
     from lordba.serve.server import freeze_heap
 
+    state = SimpleNamespace(registry=SimpleNamespace(freeze_loads=False))
     try:
-        freeze_heap()
+        freeze_heap(state)
         assert gc.get_freeze_count() > 0
+        assert state.registry.freeze_loads  # its later loads are frozen too
     finally:
         gc.unfreeze()

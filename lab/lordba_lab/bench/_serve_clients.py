@@ -1,7 +1,7 @@
 """The ``serve`` suite's clients, in a process of their own: ``python -m lordba_lab.bench._serve_clients``
 reads a job (JSON on stdin: url, adapter names, client count, prompt token ids, requests per client,
-max_tokens) and prints one JSON line: the times to first token, the gaps between streamed tokens,
-the tokens generated and the wall time."""
+max_tokens, optionally the seed of the draws) and prints one JSON line: the times to first token,
+the gaps between streamed tokens, the tokens generated and the wall time."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def run(job: dict) -> dict:
     lock = threading.Lock()
 
     def client(k: int) -> None:
-        rng = random.Random(k)
+        rng = random.Random(1000 * job.get("seed", 0) + k)  # each round its own draws
         api = openai.OpenAI(base_url=job["url"] + "/v1", api_key="bench", max_retries=0, timeout=600)
         for _ in range(job["requests"]):
             start = time.perf_counter()

@@ -7,15 +7,20 @@ lengths (``ignore_eos``). Measured per configuration: generated tokens/s, time t
 per-token latency (gaps between streamed tokens) p50/p95; per adapter count: resident adapter
 memory after the traffic (tensors and caches). Once: the cold load of an adapter from its file
 (median over loads). In the same run, the same server with one adapter (the ``1`` column: the
-throughput every ratio divides by) and the PEFT baseline (a PeftModel with as many LoRA adapters,
-served by the same engine through PEFT's ``adapter_names`` mixed batch; up to 100 adapters, as
-PEFT holds them in the base's float32, 19.5 MB each). Writes ``serve.json``, ``serve.md`` and
-``serve_throughput.png`` (throughput against the number of adapters).
+throughput every ratio divides by). Every adapter stays resident from the start, and each run over
+N adapters is paired with a single-adapter run right before or after it (alternating: A B, B A,
+...), ``rounds`` pairs per configuration, so that each ratio compares runs seconds apart — on a
+shared machine the base's own speed drifts by tens of percent within minutes. A ratio is the median
+of its pairs' ratios (each pair's is kept in the JSON). Then the PEFT baseline (a PeftModel
+with as many LoRA adapters, served by the same engine through PEFT's ``adapter_names`` mixed batch;
+one round; up to 100 adapters, as PEFT holds them in the base's float32, 19.5 MB each). Writes
+``serve.json``, ``serve.md`` and ``serve_throughput.png`` (throughput against the number of adapters).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -43,9 +48,10 @@ class Settings:
     requests_per_client: int
     peft_max_adapters: int
     cold_loads: int
+    rounds: int = 1
 
 
-FULL = Settings((1, 8, 32), (1, 10, 100, 1000), 64, 64, 4, 100, 50)
+FULL = Settings((1, 8, 32), (1, 10, 100, 1000), 64, 64, 1, 100, 50, rounds=4)
 QUICK = Settings((1, 4), (1, 10), 16, 8, 2, 10, 5)
 
 
@@ -72,26 +78,31 @@ def _lordba_rows(model_dir: Path, folder: Path, s: Settings) -> tuple[list[dict]
     from lordba_lab.bench._serve_fleet import make_fleet
 
     names = make_fleet(model_dir, folder, max(s.adapter_counts))
+    os.sync()  # the fleet's new files (1 GB at 1,000 adapters) written back now, not during the cold loads
     model, tokenizer = load_base(model_dir)
     state = build_state(model, tokenizer, BASE_NAME, folder, max_batch=max(s.clients))
-    freeze_heap()  # as `lordba serve` does at startup
-    rows = []
+    freeze_heap(state)  # as `lordba serve` does at startup
+    runs: dict[tuple[int, int], list[dict]] = {}
     with Server(state) as server:
         cold = _cold_loads(state.registry, names[: s.cold_loads + 1])
-        for count in s.adapter_counts:
-            chosen = names[:count]
-            for name in chosen:  # resident before the clients start: cold loads are measured apart
-                state.registry.acquire(name)
-                state.registry.release(name)
-            for clients in s.clients:
-                row = _drive(server.url, chosen, clients, s, tokenizer)
-                resident = sum(adapter_bytes(state.engine.model, n) for n in chosen)
-                rows.append(
-                    {"engine": "lordba", "adapters": count, "clients": clients, **row, "resident_bytes": resident}
-                )
-                print(f"lordba  adapters={count:5d} clients={clients:3d} {row['tokens_per_s']:8.1f} tok/s", flush=True)
-            for name in chosen:
-                state.registry.unload(name)
+        for name in names:  # resident before the clients start: cold loads are measured apart
+            state.registry.acquire(name)
+            state.registry.release(name)
+        for clients in s.clients:
+            for count in [c for c in s.adapter_counts if c != 1]:
+                for k in range(s.rounds):  # a pair per round, in alternating order: A B, B A, ...
+                    pair = {}
+                    for n in (1, count) if k % 2 == 0 else (count, 1):
+                        pair[n] = _drive(server.url, names[:n], clients, s, tokenizer, seed=k)
+                        tps = pair[n]["tokens"] / pair[n]["wall"]
+                        print(f"lordba  adapters={n:5d} clients={clients:3d} {tps:8.1f} tok/s", flush=True)
+                    runs.setdefault((1, clients), []).append({**pair[1], "reference": pair[1]})
+                    runs.setdefault((count, clients), []).append({**pair[count], "reference": pair[1]})
+        rows = []
+        for (count, clients), done in sorted(runs.items(), key=lambda item: (item[0][1], item[0][0])):
+            resident = sum(adapter_bytes(state.engine.model, n) for n in names[:count])
+            row = {"engine": "lordba", "adapters": count, "clients": clients, **_summary(done)}
+            rows.append({**row, "resident_bytes": resident})
     return rows, cold
 
 
@@ -114,7 +125,7 @@ def _peft_rows(model_dir: Path, s: Settings) -> list[dict]:
         )
         with Server(state) as server:
             for clients in s.clients:
-                row = _drive(server.url, names, clients, s, tokenizer)
+                row = _summary([_drive(server.url, names, clients, s, tokenizer, seed=0)])
                 rows.append(
                     {
                         "engine": "peft",
@@ -147,16 +158,17 @@ def _cold_loads(registry: Any, names: list[str]) -> dict:
 
 
 # ---------------------------------------------------------------------------- clients
-def _drive(url: str, names: list[str], clients: int, s: Settings, tokenizer: Any) -> dict:
+def _drive(url: str, names: list[str], clients: int, s: Settings, tokenizer: Any, seed: int) -> dict:
     """``clients`` threads each sending ``requests_per_client`` streamed completions, adapters
-    drawn uniformly from ``names``; returns throughput and latency percentiles. The clients run in
-    a process of their own (:mod:`._serve_clients`), as they would in service: in the server's
-    process their threads would compete with its engine for the interpreter lock and measure that."""
+    drawn uniformly from ``names`` (``seed``: which draws); returns the client process's times
+    (``ttft``, ``gaps`` in seconds, ``tokens``, ``wall``). The clients run in a process of their own
+    (:mod:`._serve_clients`), as they would in service: in the server's process their threads would
+    compete with its engine for the interpreter lock and measure that."""
     import subprocess
     import sys
 
     prompt = (tokenizer("The adapters of a thousand users share one base model. " * 16)["input_ids"])[: s.prompt_tokens]
-    job = {"url": url, "names": names, "clients": clients, "prompt": prompt}
+    job = {"url": url, "names": names, "clients": clients, "prompt": prompt, "seed": seed}
     job.update(requests=s.requests_per_client, max_tokens=s.gen_tokens)
     done = subprocess.run(
         [sys.executable, "-m", "lordba_lab.bench._serve_clients"],
@@ -167,12 +179,23 @@ def _drive(url: str, names: list[str], clients: int, s: Settings, tokenizer: Any
     )
     if done.returncode != 0:
         raise RuntimeError(f"the serve bench's client process failed:\n{done.stderr[-2000:]}")
-    times = json.loads(done.stdout.splitlines()[-1])
-    ttft, gaps, wall = times["ttft"], times["gaps"], times["wall"]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def _summary(runs: list[dict]) -> dict:
+    """One configuration's runs (rounds) pooled: tokens/s over the total wall time, latency
+    percentiles over every request and gap, and each round's own tokens/s."""
+    ttft = [t for r in runs for t in r["ttft"]]
+    gaps = [g for r in runs for g in r["gaps"]]
     ms = {
         f"{what}_ms_p{q}": _ms(_pct(values, q)) for what, values in (("ttft", ttft), ("token", gaps)) for q in (50, 95)
     }
-    return {"tokens_per_s": times["tokens"] / wall, **ms, "requests": len(ttft), "wall_s": wall}
+    tokens, wall = sum(r["tokens"] for r in runs), sum(r["wall"] for r in runs)
+    per_round = [r["tokens"] / r["wall"] for r in runs]
+    out = {"tokens_per_s": tokens / wall, **ms, "requests": len(ttft), "wall_s": wall, "round_tokens_per_s": per_round}
+    if all("reference" in r for r in runs):  # each run's single-adapter run, seconds apart
+        out["round_reference_tokens_per_s"] = [r["reference"]["tokens"] / r["reference"]["wall"] for r in runs]
+    return out
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -189,11 +212,16 @@ def _pct(values: list[float], q: int) -> float | None:
 
 # ---------------------------------------------------------------------------- report
 def _add_ratios(rows: list[dict]) -> None:
-    """``vs_single``: throughput over that of the same engine with one adapter, same clients."""
-    single = {(r["engine"], r["clients"]): r["tokens_per_s"] for r in rows if r["adapters"] == 1}
+    """``vs_single``: throughput over that of the same engine with one adapter and as many clients,
+    the median over rounds of each run's ratio to its own single-adapter run (the run just before or
+    after it; where runs were not paired, PEFT's, the single-adapter row's runs in order);
+    ``round_vs_single``: each round's ratio."""
+    single = {(r["engine"], r["clients"]): r["round_tokens_per_s"] for r in rows if r["adapters"] == 1}
     for r in rows:
-        ref = single.get((r["engine"], r["clients"]))
-        r["vs_single"] = r["tokens_per_s"] / ref if ref else None
+        ref = r.get("round_reference_tokens_per_s") or single.get((r["engine"], r["clients"]))
+        ratios = [t / s for t, s in zip(r["round_tokens_per_s"], ref)] if ref else []
+        r["round_vs_single"] = ratios
+        r["vs_single"] = statistics.median(ratios) if ratios else None
 
 
 def write(out_dir: Path, result: dict) -> list[Path]:
@@ -235,6 +263,14 @@ def write(out_dir: Path, result: dict) -> list[Path]:
         "# lordba serve under load\n\n"
         + markdown_table(columns, table)
         + f"\n\nCold load: median {cold['median']:.2f} ms, p95 {cold['p95']:.2f} ms over {cold['n']} loads.\n"
+        + "\nEach round's ratio to one adapter (same engine and clients, runs seconds apart):\n\n"
+        + "".join(
+            f"- {r['engine']}, {r['adapters']} adapters, {r['clients']} clients: "
+            + ", ".join(f"{v:.3f}" for v in r["round_vs_single"])
+            + "\n"
+            for r in result["rows"]
+            if r["adapters"] != 1
+        )
         + f"\nHardware: {json.dumps(result['hardware'])}\n"
     )
     _plot(result["rows"], files[2])

@@ -385,8 +385,7 @@ def _view_if_equal(param: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
 
 def held_nbytes(adapters: list[nn.Module]) -> int:
     """Bytes ``adapters`` hold in memory at inference: parameters, buffers and what their caches add."""
-    own = sum(t.numel() * t.element_size() for ad in adapters for t in (*ad.parameters(), *ad.buffers()))
-    return own + sum(ad.cache_nbytes()["total"] for ad in adapters)
+    return sum(ad.held_nbytes() for ad in adapters)
 
 
 LoRDBAAdapter = TrainableAdapter | PackedAdapter

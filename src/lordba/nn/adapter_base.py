@@ -300,6 +300,12 @@ class AdapterBase(nn.Module):
 
         return self._caches.get("dense", key, build)
 
+    def held_nbytes(self) -> int:
+        """Bytes this adapter holds: its own parameters and buffers plus :meth:`cache_nbytes`'s
+        total (read directly: a server sizes every load by it)."""
+        own = sum(t.nbytes for t in (*self._parameters.values(), *self._buffers.values()) if t is not None)
+        return own + (self.cache_nbytes()["total"] if self._caches.entries else 0)
+
     def cache_nbytes(self) -> dict[str, int]:
         """Bytes held by this adapter's caches beyond its own parameters and buffers (views of those
         count nothing): ``{"scales", "signs", "dense", "total"}``."""

@@ -122,11 +122,8 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
         """``{module path: adapter}`` of one adapter."""
         with self._lock.read():
             self._check_known(adapter_name)
-            return {
-                n: m.lordba_adapters[adapter_name]
-                for n, m in self._lordba_layers()
-                if adapter_name in m.lordba_adapters
-            }
+            held = ((n, m.lordba_adapters._modules.get(adapter_name)) for n, m in self._lordba_layers())
+            return {n: a for n, a in held if a is not None}
 
     def _check_known(self, *names: str) -> None:
         for name in names:
@@ -139,9 +136,10 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
         if name in self.peft_config:
             raise AdapterStateError(f"adapter {name!r} already exists: delete_adapter() it or use hotswap_adapter()")
 
-    def _target(self, path: str) -> tuple[nn.Module, BaseBackend]:
-        """The base layer at ``path`` (inside its LoRDBA wrapper, if any) and its backend."""
-        module = resolve(self.base_model, path)
+    def _target(self, path: str, root: nn.Module | None = None) -> tuple[nn.Module, BaseBackend]:
+        """The base layer at ``path`` (inside its LoRDBA wrapper, if any) and its backend (``root``:
+        the base model, when the caller already holds it)."""
+        module = resolve(self.base_model if root is None else root, path)
         if module is None:
             raise ShapeMismatchError(f"the base model has no module {path!r}")
         if isinstance(module, LoRDBALinear):
@@ -153,8 +151,9 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
 
     def _install(self, adapter_name: str, adapters: dict[str, LoRDBAAdapter]) -> None:
         """Put ``adapters`` into their layers, wrapping plain layers first (cannot fail half-way)."""
+        root = self.base_model
         for path, adapter in adapters.items():
-            module = resolve(self.base_model, path)
+            module = resolve(root, path)
             if not isinstance(module, LoRDBALinear):
                 wrapper = LoRDBALinear(module)
                 wrapper.gate = self._gate

@@ -126,9 +126,10 @@ class AdapterFilesMixin:
         """Every module of ``state`` exists in this model with the same in/out features; returns
         ``{path: (base layer, backend)}`` (resolved once, reused to build the adapters)."""
         targets: Targets = {}
+        root = self.base_model
         for path, rec in state.modules.items():
             try:
-                base, backend = self._target(path)
+                base, backend = self._target(path, root)
                 in_f, out_f = backend.features(base)
             except ShapeMismatchError as err:
                 raise AdapterFormatError(f"{source}: {err}") from None

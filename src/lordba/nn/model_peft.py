@@ -172,11 +172,12 @@ class PeftFeaturesMixin(StatusMixin):
         finally:
             self._adding = ()
         dropout = state.config.dropout
+        root = self.base_model
         with self._lock.write():
             for path, adapter in adapters.items():
                 if adapter.dropout != dropout:
                     adapter.dropout = dropout
-                training = resolve(self.base_model, path).training  # dropout follows the model's mode
+                training = resolve(root, path).training  # dropout follows the model's mode
                 if adapter.training != training:
                     adapter.train(training)
                 value = plan["bias"].get(path)

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from lordba.config import CONFIG_NAME, WEIGHTS_NAME
 from lordba.errors import LoRDBAError
+from lordba.nn.adapter import held_nbytes
 from lordba.nn.layer import BASE_ROW
 from lordba.serve.errors import (
     AdapterConflictError,
@@ -67,8 +68,13 @@ class AdapterRegistry:
         max_bytes: int | None = None,
         reserved: tuple[str, ...] = (),
         observer: RegistryObserver | None = None,
+        freeze_loads: bool = False,
     ) -> None:
         self.model = model
+        # The server froze its heap (``gc.freeze``): loaded adapters join the frozen objects, out of
+        # every full collection's walk. A flag, not ``gc.get_freeze_count()``, which counts the
+        # permanent generation object by object (tens of ms per load once the heap is frozen).
+        self.freeze_loads = freeze_loads
         self.folder = Path(folder).resolve() if folder is not None else None
         if self.folder is not None and not self.folder.is_dir():
             raise BadRequestError(f"--adapters {folder}: not a directory", param="adapters")
@@ -226,7 +232,7 @@ class AdapterRegistry:
                 self.observer.adapter_load_failed()
             raise AdapterLoadError(f"adapter '{name}' cannot be loaded: {err}") from None
         seconds = time.perf_counter() - start
-        if gc.get_freeze_count():  # the server froze its heap at startup: keep the adapters out too
+        if self.freeze_loads:
             gc.freeze()
         nbytes = adapter_bytes(self.model, name)
         with self._cond:
@@ -297,8 +303,4 @@ def payload_bytes(weights: Path) -> int:
 
 def adapter_bytes(model: Any, name: str) -> int:
     """Bytes adapter ``name`` holds on ``model``: its tensors and its inference caches."""
-    total = 0
-    for adapter in model.adapter_modules(name).values():
-        total += sum(t.numel() * t.element_size() for t in (*adapter.parameters(), *adapter.buffers()))
-        total += adapter.cache_nbytes()["total"]
-    return total
+    return held_nbytes(list(model.adapter_modules(name).values()))

@@ -38,15 +38,26 @@ def test_fleet_adapters_differ_from_each_other(tmp_path_factory, tmp_path):
 
 def test_tiny_run_reports_both_engines_and_writes_the_files(tmp_path_factory, tmp_path):
     model_dir, _ = make_served(tmp_path_factory)
-    settings = serve.Settings((1, 2), (1, 3), 6, 4, 1, 3, 2)
+    settings = serve.Settings((1, 2), (1, 3), 6, 4, 1, 3, 2, rounds=2)
     result = serve.measure(model_dir, settings)
     rows = result["rows"]
     assert {(r["engine"], r["adapters"], r["clients"]) for r in rows} == {
         (e, a, c) for e in ("lordba", "peft") for a in (1, 3) for c in (1, 2)
     }
     for r in rows:
-        assert r["tokens_per_s"] > 0 and r["requests"] == r["clients"] and r["resident_bytes"] > 0
+        rounds = 2 if r["engine"] == "lordba" else 1  # lordba: a pair of runs per round; PEFT: one round
+        assert len(r["round_tokens_per_s"]) == len(r["round_vs_single"]) == rounds
+        assert r["tokens_per_s"] > 0 and r["requests"] == r["clients"] * rounds and r["resident_bytes"] > 0
         assert r["vs_single"] == pytest.approx(1.0) if r["adapters"] == 1 else r["vs_single"] > 0
+        single = next(x for x in rows if (x["engine"], x["clients"], x["adapters"]) == (r["engine"], r["clients"], 1))
+        if r["engine"] == "lordba":  # each run against the single-adapter run paired with it
+            assert set(r["round_reference_tokens_per_s"]) <= set(single["round_tokens_per_s"])
+            ref = r["round_reference_tokens_per_s"]
+        else:
+            ref = single["round_tokens_per_s"]
+        ratios = [a / b for a, b in zip(r["round_tokens_per_s"], ref)]
+        assert r["round_vs_single"] == pytest.approx(ratios)
+        assert r["vs_single"] == pytest.approx(sum(ratios) / len(ratios))  # the median of two
     assert result["cold_load_ms"]["n"] == 2 and result["cold_load_ms"]["median"] > 0
     files = serve.write(tmp_path, result)
     assert [f.name for f in files] == ["serve.json", "serve.md", "serve_throughput.png"]

@@ -657,6 +657,9 @@ void rows_sign_out(const at::Tensor& x2, const at::Tensor& base2, at::Tensor& y,
   }
 }
 
+// branch_rows runs its sign-path groups in parallel from this much work (tokens x r x (in + out)).
+constexpr int64_t kRowsParallelWork = int64_t{1} << 20;
+
 at::Tensor branch_rows(const at::Tensor& x, const at::Tensor& index, at::TensorList sign_A, at::TensorList sign_B,
                        at::TensorList b, at::TensorList m, at::TensorList a, at::ArrayRef<double> scaling,
                        at::IntArrayRef sign_max_tokens, const at::Tensor& base) {
@@ -750,8 +753,15 @@ at::Tensor branch_rows(const at::Tensor& x, const at::Tensor& index, at::TensorL
       default: rows_sign_out<c10::Half>(x2, base2, y, group, L, g.sa, g.sb, bp, mp, ap, r, s);
     }
   };
+  // A parallel region only for work that pays for it: a decode step's rows (one token per adapter)
+  // take a few microseconds each, and a parallel region of that size costs more than it saves
+  // whenever the cores are shared (a server's HTTP threads, its clients): its second thread must be
+  // scheduled, and spins meanwhile. The single-adapter path's grains decide the same (stage1, stage2).
   const int64_t n = static_cast<int64_t>(groups.size());
-  if (n > 1 && at::get_num_threads() > 1) {
+  int64_t work = 0;  // sign operations: tokens x r x (in + out)
+  for (const auto& g : groups)
+    work += static_cast<int64_t>(rows[static_cast<size_t>(g.k)].size()) * L * g.m.numel() * (in + out);
+  if (n > 1 && at::get_num_threads() > 1 && work >= kRowsParallelWork) {
     at::parallel_for(0, n, 1, [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) run(groups[static_cast<size_t>(g)]);
     });
