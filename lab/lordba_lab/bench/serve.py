@@ -90,20 +90,28 @@ def _lordba_rows(model_dir: Path, folder: Path, s: Settings) -> tuple[list[dict]
             state.registry.release(name)
         for clients in s.clients:
             for count in [c for c in s.adapter_counts if c != 1]:
-                for k in range(s.rounds):  # a pair per round, in alternating order: A B, B A, ...
-                    pair = {}
-                    for n in (1, count) if k % 2 == 0 else (count, 1):
-                        pair[n] = _drive(server.url, names[:n], clients, s, tokenizer, seed=k)
-                        tps = pair[n]["tokens"] / pair[n]["wall"]
-                        print(f"lordba  adapters={n:5d} clients={clients:3d} {tps:8.1f} tok/s", flush=True)
-                    runs.setdefault((1, clients), []).append({**pair[1], "reference": pair[1]})
-                    runs.setdefault((count, clients), []).append({**pair[count], "reference": pair[1]})
+                for k in range(s.rounds):
+                    single, many = _pair(server.url, names, count, clients, s, tokenizer, k)
+                    runs.setdefault((1, clients), []).append({**single, "reference": single})
+                    runs.setdefault((count, clients), []).append({**many, "reference": single})
         rows = []
         for (count, clients), done in sorted(runs.items(), key=lambda item: (item[0][1], item[0][0])):
             resident = sum(adapter_bytes(state.engine.model, n) for n in names[:count])
             row = {"engine": "lordba", "adapters": count, "clients": clients, **_summary(done)}
             rows.append({**row, "resident_bytes": resident})
     return rows, cold
+
+
+def _pair(url: str, names: list[str], count: int, clients: int, s: Settings, tokenizer: Any, k: int) -> tuple:
+    """Round ``k``'s two runs, one adapter and ``count`` adapters, one right after the other, in
+    alternating order (A B, B A, ...: a steady drift of the machine's speed cancels); returns them
+    as ``(single, many)``."""
+    done = {}
+    for n in (1, count) if k % 2 == 0 else (count, 1):
+        done[n] = _drive(url, names[:n], clients, s, tokenizer, seed=k)
+        tps = done[n]["tokens"] / done[n]["wall"]
+        print(f"lordba  adapters={n:5d} clients={clients:3d} {tps:8.1f} tok/s", flush=True)
+    return done[1], done[count]
 
 
 def _peft_rows(model_dir: Path, s: Settings) -> list[dict]:

@@ -68,13 +68,13 @@ class AdapterRegistry:
         max_bytes: int | None = None,
         reserved: tuple[str, ...] = (),
         observer: RegistryObserver | None = None,
-        freeze_loads: bool = False,
     ) -> None:
         self.model = model
-        # The server froze its heap (``gc.freeze``): loaded adapters join the frozen objects, out of
-        # every full collection's walk. A flag, not ``gc.get_freeze_count()``, which counts the
-        # permanent generation object by object (tens of ms per load once the heap is frozen).
-        self.freeze_loads = freeze_loads
+        # Set by ``freeze_heap(state)`` once the server froze its heap (``gc.freeze``): loaded adapters
+        # join the frozen objects, out of every full collection's walk. A flag, not
+        # ``gc.get_freeze_count()``, which counts the permanent generation object by object (tens of
+        # ms per load once the heap is frozen).
+        self.freeze_loads = False
         self.folder = Path(folder).resolve() if folder is not None else None
         if self.folder is not None and not self.folder.is_dir():
             raise BadRequestError(f"--adapters {folder}: not a directory", param="adapters")
