@@ -199,3 +199,29 @@ def test_truncated_version_3_file_is_refused(tmp_path):
     path.write_bytes(data)
     set_config(tmp_path, weights_sha256=hashlib.sha256(data).hexdigest())
     refuse(tmp_path, "truncated")
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"exclude_modules": ["q_proj"]}, "excluded by exclude_modules"),
+        ({"target_modules": ["v_proj"]}, "not matched by target_modules"),
+        ({"rank_pattern": {"q_proj": 5}}, "the config gives it rank 5"),
+        ({"r": 4}, "the config gives it rank 4"),
+        ({"layers_to_transform": [1]}, "not matched by target_modules"),
+    ],
+)
+def test_a_layout_checked_once_is_still_checked_against_each_config(tmp_path, change, match):
+    """The checked module layouts are kept (a fleet shares one): the same ``modules`` string under a
+    config that does not describe it is refused, before and after the layout was kept."""
+    _model("int8").save_pretrained(tmp_path / "good")
+    read_adapter(tmp_path / "good")  # the layout is now kept
+    bad = tmp_path / "bad"
+    _model("int8").save_pretrained(bad)
+    set_config(bad, **change)
+    meta = load_weights(bad)[1]
+    assert meta["modules"] == load_weights(tmp_path / "good")[1]["modules"]
+    refuse(bad, match)
+    first, second = read_adapter(tmp_path / "good"), read_adapter(tmp_path / "good")
+    assert first.modules[Q] is not second.modules[Q]  # fresh records per read: their tensors are their own
+    assert torch.equal(first.modules[Q].tensors["sign_A"], second.modules[Q].tensors["sign_A"])

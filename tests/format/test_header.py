@@ -1,4 +1,5 @@
-"""The loader's vectorised value checks and its one-read tensor reader (lordba.format.header)."""
+"""The loader's vectorised value checks, its one read of a file and the tensors as views of it
+(lordba.format.header)."""
 
 import io
 import struct
@@ -8,7 +9,7 @@ import torch
 
 from lordba.core.packing import pack_signs
 from lordba.errors import AdapterFormatError
-from lordba.format.header import ModuleRecord, check_all_values, check_values, read_tensors
+from lordba.format.header import ModuleRecord, check_all_values, check_values, read_file_bytes, tensor_views
 
 
 def record(path, in_f=13, out_f=7, r=3, g=None):
@@ -63,16 +64,23 @@ def test_all_zero_int8_scales_are_valid():
 def test_tensors_are_views_of_one_read_and_a_misaligned_one_is_copied():
     data = struct.pack("<2f", 0.5, 4.0) + bytes(range(1, 12)) + struct.pack("<2f", 1.5, -2.0)
     spans = {
-        "a": (torch.float32, (2,), 8, 16),  # offset 0 of the read: a view
+        "a": (torch.float32, (2,), 8, 16),  # aligned: a view
         "u": (torch.uint8, (3,), 16, 19),
         "i": (torch.int8, (2, 4), 19, 27),
-        "f": (torch.float32, (2,), 27, 35),  # offset 19 of the read: misaligned for float32, copied
+        "f": (torch.float32, (2,), 27, 35),  # offset 27: misaligned for float32, copied
     }
-    got = read_tensors(io.BytesIO(b"\0" * 8 + data), "f", spans)
+    raw = b"\0" * 8 + data
+    whole = read_file_bytes(io.BytesIO(raw), "f", len(raw))
+    assert bytes(whole.numpy()) == raw
+    got = tensor_views(whole, spans)
     assert got["a"].tolist() == [0.5, 4.0] and got["f"].tolist() == [1.5, -2.0]
     assert got["u"].tolist() == [1, 2, 3] and got["i"].shape == (2, 4) and got["i"][0, 0] == 4
-    one = got["a"].untyped_storage().data_ptr()
-    assert got["u"].untyped_storage().data_ptr() == got["i"].untyped_storage().data_ptr() == one
+    one = whole.untyped_storage().data_ptr()
+    assert got["a"].untyped_storage().data_ptr() == got["u"].untyped_storage().data_ptr() == one
+    assert got["i"].untyped_storage().data_ptr() == one
     assert got["f"].untyped_storage().data_ptr() != one
+
+
+def test_a_file_shorter_than_its_size_is_refused_as_truncated():
     with pytest.raises(AdapterFormatError, match="truncated"):
-        read_tensors(io.BytesIO(b"\0" * 10), "f", {"u": (torch.uint8, (3,), 8, 11)})
+        read_file_bytes(io.BytesIO(b"\0" * 10), "f", 11)

@@ -1,18 +1,19 @@
 """Reading, validating and writing the adapter directory of SPEC §6.
 
-Files are untrusted input. Reading goes in this order, and nothing is allocated for tensor data
-before the sizes it implies have been checked against the config and the file length:
+Files are untrusted input. Reading goes in this order, and nothing is allocated for the file's
+bytes before its header has been checked to describe exactly its length:
 
 1. ``adapter_config.json``: size limit, JSON, every field's type and value, format version.
 2. Weights file: a regular file of the directory (no FIFO, device or link leaving it), whose header
-   describes exactly its length (so a refusal costs a read of the header, not of the file), then its
-   sha256 (streamed) against the config, and the config's digest stored in its metadata against the
-   config's fields (:mod:`lordba.format.integrity`). If the pair is inconsistent but the backups of
-   an interrupted save are consistent, those are read instead.
+   describes exactly its length (so a refusal costs a read of the header, not of the file), then
+   the sha256 of its bytes (one read into one buffer, kept) against the config, and the config's
+   digest stored in its metadata against the config's fields (:mod:`lordba.format.integrity`). If
+   the pair is inconsistent but the backups of an interrupted save are consistent, those are read
+   instead.
 3. safetensors header: length bound, JSON, metadata (format, version, scale dtype, module
    dims), then every tensor's name, dtype, shape and byte range against the config and metadata
    (version 3: the five kind tensors, :mod:`lordba.format.compact`).
-4. Tensor data (one read into one buffer; the tensors are views of it): padding bits, finite scales,
+4. Tensor data (views of the buffer read in step 2: no second read): padding bits, finite scales,
    int8 codes, checked in one vectorised pass per tensor kind.
 
 Steps 3 and 4, and what the header must describe, are in :mod:`lordba.format.header`.
@@ -30,12 +31,11 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
 from lordba._util.files import open_untrusted
-from lordba._util.hashing import stream_sha256
 from lordba._util.jsonio import read_json_file, safe_repr
 from lordba._version import __version__
 from lordba.config import COMPACT_FORMAT_VERSION, CONFIG_NAME, DEFAULT_FORMAT_VERSION, WEIGHTS_NAME, LoRDBAConfig
@@ -52,9 +52,10 @@ from lordba.format.header import (
     check_module_path,
     check_values,
     lordba_metadata,
+    read_file_bytes,
     read_header,
-    read_tensors,
     stored_shapes,
+    tensor_views,
 )
 from lordba.format.integrity import check_config_digest, check_length, config_digest
 from lordba.format.tensorfile import to_bytes
@@ -100,50 +101,48 @@ class AdapterState:
 class AdapterFile(AdapterState):
     """A validated adapter directory: an :class:`AdapterState` plus file facts.
 
-    It keeps the weights file open from :func:`open_adapter` until :meth:`load_tensors` (or
-    :meth:`close`), so the checksum, the header and the tensors all come from one file even if a
-    save replaces the directory's files in between."""
+    It holds the weights file's bytes, read once by :func:`open_adapter`, until :meth:`load_tensors`
+    (or :meth:`close`): the checksum, the header and the tensors all come from the same bytes, even
+    if a save replaces the directory's files in between."""
 
     directory: Path = Path(".")
     sha256: str = ""
     weights_path: Path = Path(".")
     weights_bytes: int = 0
     recovered: bool = False
-    _file: BinaryIO | None = field(default=None, repr=False, compare=False)
+    _data: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _spans: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = field(
         default_factory=dict, repr=False, compare=False
     )
     format_version: int = 1
 
     def load_tensors(self) -> None:
-        """Read every tensor (one read of the file whose checksum was verified; the tensors are views
-        of one buffer) and check their values; fills ``ModuleRecord.tensors``."""
+        """Take every tensor from the file's bytes whose checksum was verified (views of that one
+        buffer, no second read) and check their values; fills ``ModuleRecord.tensors``."""
         if all(rec.tensors for rec in self.modules.values()):
             return
         path = self.weights_path
-        f = self._file
-        if f is None or f.closed:
-            f = _open_verified(path, self.sha256)[0]
-        try:
-            tensors = read_tensors(f, path, self._spans)  # one read; the tensors are views of one buffer
-        except OSError as err:
-            raise AdapterFormatError(f"{path}: cannot read tensors ({err.strerror or err})") from None
-        finally:
-            f.close()
+        data = self._data
+        if data is None:  # closed: read (and verify) again
+            data = _open_verified(path, self.sha256)[0]
+        self._data = None
+        tensors = tensor_views(data, self._spans)
+        kinds = {}
         if self.format_version == COMPACT_FORMAT_VERSION:  # views of the five kind tensors
-            split_tensors(tensors, self.modules, self.config.scale_dtype, path)
+            kinds = split_tensors(tensors, self.modules, self.config.scale_dtype, path)
         else:
             for rec in self.modules.values():
                 rec.tensors = {k: tensors[f"{rec.path}.{k}"] for k in TENSOR_KINDS}
         names = [k for k in self._spans if k.startswith(EXTRA_PREFIX)]  # format version 2 or 3
         self.extras = {k[len(EXTRA_PREFIX) :]: tensors[k] for k in sorted(names)}
-        check_all_values(list(self.modules.values()), self.config.scale_dtype, path)
+        records = [self.modules[n] for n in sorted(self.modules)] if kinds else list(self.modules.values())
+        check_all_values(records, self.config.scale_dtype, path, kinds)
         check_extra_values(self.extras, str(path))
 
     def close(self) -> None:
-        """Close the weights file (done by :meth:`load_tensors`; needed only if it is not called)."""
-        if self._file is not None:
-            self._file.close()
+        """Drop the file's bytes held since :func:`open_adapter` (:meth:`load_tensors` does; needed
+        only to free them without loading)."""
+        self._data = None
 
 
 def _sha_field(raw: dict[str, Any], config_path: Path) -> str:
@@ -155,7 +154,7 @@ def _sha_field(raw: dict[str, Any], config_path: Path) -> str:
 
 def _pair_consistent(paths: dict[str, Path]) -> bool:
     try:
-        _read_pair(paths[CONFIG_NAME], paths[WEIGHTS_NAME]).file.close()
+        _read_pair(paths[CONFIG_NAME], paths[WEIGHTS_NAME])
     except (LoRDBAError, OSError):
         return False
     return True
@@ -165,34 +164,29 @@ class _Inconsistent(AdapterFormatError):
     """The weights file is missing or does not match the config's checksum."""
 
 
-def _open_verified(path: Path, sha: str) -> tuple[BinaryIO, _Header]:
-    """``path`` opened for reading and its header, after checking that the header describes the
-    file's length, then that the file's sha256 is ``sha``. A file whose header does not describe it
-    is refused from the header alone (lordba never leaves such a file, so it is not an interrupted
-    save); a checksum mismatch is :class:`_Inconsistent` (an interrupted save's backups may be read
-    instead). No digest of the file is ever shown."""
-    f = open_untrusted(path)
-    try:
-        size = os.fstat(f.fileno()).st_size
+def _open_verified(path: Path, sha: str) -> tuple[torch.Tensor, _Header]:
+    """The bytes of the file at ``path`` (one read) and its header, after checking that the header
+    describes the file's length, then that the bytes' sha256 is ``sha``. A file whose header does not
+    describe it is refused from the header alone (lordba never leaves such a file, so it is not an
+    interrupted save); a checksum mismatch is :class:`_Inconsistent` (an interrupted save's backups
+    may be read instead). No digest of the file is ever shown."""
+    with open_untrusted(path) as f:
         try:
-            header, metadata, header_len = read_header(f, path, size)
-            check_length(header, size - 8 - header_len, path)
-        except AdapterFormatError as err:
-            raise AdapterFormatError(f"{err} (refused before hashing: checksum mismatch not computed)") from None
-        actual = stream_sha256(f)
-    except OSError as err:
-        f.close()
-        raise AdapterFormatError(f"{path}: cannot read ({err.strerror or err})") from None
-    except BaseException:
-        f.close()
-        raise
-    if actual != sha:
-        f.close()
+            size = os.fstat(f.fileno()).st_size
+            try:
+                header, metadata, header_len = read_header(f, path, size)
+                check_length(header, size - 8 - header_len, path)
+            except AdapterFormatError as err:
+                raise AdapterFormatError(f"{err} (refused before hashing: checksum mismatch not computed)") from None
+            data = read_file_bytes(f, path, size)
+        except OSError as err:
+            raise AdapterFormatError(f"{path}: cannot read ({err.strerror or err})") from None
+    if hashlib.sha256(data.numpy()).hexdigest() != sha:
         raise _Inconsistent(
             f"{path}: checksum mismatch (its sha256 differs from weights_sha256 in adapter_config.json): the "
             "file is corrupt, truncated or was modified"
         )
-    return f, _Header(header, metadata, header_len, size)
+    return data, _Header(header, metadata, header_len, size)
 
 
 @dataclass
@@ -207,13 +201,13 @@ class _Header:
 
 @dataclass
 class _Pair:
-    """A config and the open weights file its checksum matches, each read once."""
+    """A config and the bytes of the weights file its checksum matches, each read once."""
 
     config: LoRDBAConfig
     config_path: Path
     weights_path: Path
     sha: str
-    file: BinaryIO
+    data: torch.Tensor
     header: _Header
 
 
@@ -226,13 +220,9 @@ def _read_pair(config_path: Path, weights_path: Path) -> _Pair:
         raise ConfigError(f"{config_path}: library_version must be a string, got {safe_repr(version)}")
     if not os.path.lexists(weights_path):
         raise _Inconsistent(f"{weights_path}: missing")
-    f, header = _open_verified(weights_path, sha)
-    try:
-        check_config_digest(header.metadata, raw, config_path, weights_path)
-    except BaseException:
-        f.close()
-        raise
-    return _Pair(config, config_path, weights_path, sha, f, header)
+    data, header = _open_verified(weights_path, sha)
+    check_config_digest(header.metadata, raw, config_path, weights_path)
+    return _Pair(config, config_path, weights_path, sha, data, header)
 
 
 def _consistent_pair(directory: Path) -> tuple[_Pair, bool]:
@@ -271,20 +261,18 @@ def open_adapter(directory: str | Path) -> AdapterFile:
             "intact version (the next save restores it)",
             stacklevel=2,
         )
-    f, head = pair.file, pair.header
+    head = pair.header
     size, header_len = head.size, head.length
     version = pair.config.file_version
     check = check_compact_header if version == COMPACT_FORMAT_VERSION else check_header
-    try:
-        modules, spans = check(head.entries, head.metadata, pair.config, pair.weights_path, size - 8 - header_len)
-    except BaseException:
-        f.close()
-        raise
+    modules, spans = check(head.entries, head.metadata, pair.config, pair.weights_path, size - 8 - header_len)
     spans = {
         name: (dtype, shape, 8 + header_len + start, 8 + header_len + stop)
         for name, (dtype, shape, start, stop) in spans.items()
     }
-    return AdapterFile(pair.config, modules, directory, pair.sha, pair.weights_path, size, recovered, f, spans, version)
+    return AdapterFile(
+        pair.config, modules, directory, pair.sha, pair.weights_path, size, recovered, pair.data, spans, version
+    )
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

@@ -18,6 +18,7 @@ decoded buffer).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 from pathlib import Path
@@ -174,15 +175,47 @@ def check_compact_header(
     dims, byte ranges) and any extras. Returns the modules (sorted) and the spans of the kind and
     extra tensors; raises :class:`AdapterFormatError` naming ``path`` and the field or tensor."""
     check_metadata(metadata, config, path)
-    folded = parse_json(metadata.get("modules", "").encode("utf-8", "surrogatepass"), f"{path}: metadata 'modules'")
-    dims = unfold_names(folded, max(data_bytes // 2, 1), path)  # a module takes at least 2 sign bytes
-    modules = check_modules(dict(sorted(dims.items())), config, path)
+    modules, expected = _layout(metadata.get("modules", ""), max(data_bytes // 2, 1), config, path)
     extras = extra_entries(header, metadata, path)
-    specs = kind_specs(modules, config.scale_dtype)
-    expected = [(k, d, shape, shape[0] * _itemsize(d)) for k, (d, shape, _) in specs.items()]
     spans = check_tensor_set(header, expected, extras, path)
     check_contiguous(spans, data_bytes, path)
     return modules, spans
+
+
+_LAYOUTS: dict[tuple, tuple[tuple[tuple[str, int, int, int], ...], list]] = {}  # checked layouts, newest last
+_LAYOUTS_KEPT = 64
+
+
+def _layout(
+    text: str, limit: int, config: Any, path: Path
+) -> tuple[dict[str, ModuleRecord], list[tuple[str, torch.dtype, tuple[int, ...], int]]]:
+    """The modules of a version 3 ``modules`` metadata string (``limit``: at most that many) checked
+    against ``config`` (:func:`unfold_names`, :func:`~lordba.format.header.check_modules`), as fresh
+    records in sorted order, and the five kind tensors the file must hold ``(name, dtype, shape,
+    bytes)``. A layout that passed is kept (the last :data:`_LAYOUTS_KEPT`, keyed by the string and
+    every config field those checks read): a fleet of adapters of one model shares a few, and a
+    server loads them by the thousand. A refused one is checked, and refused, every time."""
+    key = (
+        text,
+        limit,
+        config.scale_dtype,
+        config.r,
+        *map(repr, (config.rank_pattern, config.target_modules, config.exclude_modules)),
+        *map(repr, (config.layers_to_transform, config.layers_pattern)),
+    )
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        folded = parse_json(text.encode("utf-8", "surrogatepass"), f"{path}: metadata 'modules'")
+        dims = unfold_names(folded, limit, path)  # a module takes at least 2 sign bytes
+        checked = check_modules(dict(sorted(dims.items())), config, path)
+        specs = kind_specs(checked, config.scale_dtype)
+        expected = [(k, d, shape, shape[0] * _itemsize(d)) for k, (d, shape, _) in specs.items()]
+        layout = (tuple((r.path, r.in_features, r.out_features, r.r) for r in checked.values()), expected)
+        while len(_LAYOUTS) >= _LAYOUTS_KEPT:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)), None)
+        _LAYOUTS[key] = layout
+    names, expected = layout
+    return {name: ModuleRecord(name, i, o, r) for name, i, o, r in names}, list(expected)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -206,29 +239,32 @@ def compact_tensors(modules: dict[str, ModuleRecord], scale_dtype: str) -> dict[
 
 def split_tensors(
     tensors: dict[str, torch.Tensor], modules: dict[str, ModuleRecord], scale_dtype: str, path: Path
-) -> None:
+) -> dict[str, tuple[torch.Tensor, list[int]]]:
     """Fill each module's ``tensors`` with views of the kind tensors read from a version 3 file
-    (``int4``: of the decoded codes, whose padding nibbles must be zero). Raises
+    (``int4``: of the decoded codes, whose padding nibbles must be zero). Returns, per kind, the
+    whole (decoded) tensor and each module's start in it, modules in sorted order (what
+    :func:`~lordba.format.values.check_all_values` checks the values of at once). Raises
     :class:`AdapterFormatError` naming the file and tensor for an invalid nibble or a non-zero
-    padding nibble; the other values are checked by :func:`~lordba.format.values.check_all_values`."""
+    padding nibble."""
     records = [modules[n] for n in sorted(modules)]
     sizes = [_sizes((r.in_features, r.out_features, r.r), scale_dtype) for r in records]
     for rec in records:
         rec.tensors = {}
+    kinds = {}
     for i, kind in enumerate(TENSOR_KINDS):
         whole, nibbles = tensors[kind], scale_dtype in NIBBLE_DTYPES and kind in ("scale_in", "scale_out")
         if nibbles:
             whole = _decode_nibbles(whole, records, kind, path)
         lengths = [per_kind[i][2] for per_kind in sizes]
+        starts = list(itertools.accumulate((2 * p[i][1] if nibbles else p[i][1] for p in sizes[:-1]), initial=0))
+        kinds[kind] = (whole, starts)
         if not nibbles and sum(lengths) == whole.numel() and all(p[i][1] == p[i][2] for p in sizes):
             for rec, view in zip(records, whole.split(lengths)):  # one call: the views of every module
                 rec.tensors[kind] = view
             continue
-        start = 0
-        for rec, per_kind in zip(records, sizes):
-            _, stored, n = per_kind[i]
+        for rec, start, n in zip(records, starts, lengths):
             rec.tensors[kind] = whole[start : start + n]
-            start += 2 * stored if nibbles else stored
+    return kinds
 
 
 def _decode_nibbles(packed: torch.Tensor, records: list[ModuleRecord], kind: str, path: Path) -> torch.Tensor:

@@ -121,55 +121,41 @@ def read_header(f: BinaryIO, path: Path, size: int) -> tuple[dict[str, Any], dic
     return header, metadata, n
 
 
-def read_tensor(
-    f: BinaryIO, path: Path, name: str, spans: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]
-) -> torch.Tensor:
-    """Tensor ``name`` read from ``f`` at its ``spans`` entry ``(dtype, shape, start, stop)`` (absolute
-    file offsets); raises :class:`AdapterFormatError` if the file ends inside it or its bytes cannot
-    be allocated."""
-    dtype, shape, start, stop = spans[name]
+def read_file_bytes(f: BinaryIO, path: Path, size: int) -> torch.Tensor:
+    """The first ``size`` bytes of the open file ``f`` as one ``uint8`` tensor (one read into it, no
+    intermediate copy). Raises :class:`AdapterFormatError` if the bytes cannot be allocated or the file
+    ends early (it shrank since its size was taken)."""
     try:
-        buf = bytearray(stop - start)
-    except MemoryError:
-        raise AdapterFormatError(f"{path}: tensor {name}: cannot allocate its {stop - start} bytes") from None
-    f.seek(start)
-    if f.readinto(buf) != len(buf):
-        raise AdapterFormatError(f"{path}: tensor {name}: the file ended inside its data (truncated)")
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
-
-
-def read_tensors(
-    f: BinaryIO, path: Path, spans: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]
-) -> dict[str, torch.Tensor]:
-    """Every tensor of ``spans`` (``{name: (dtype, shape, start, stop)}``, absolute file offsets) from
-    one read of the bytes they cover: views of one buffer (a copy where a view would be misaligned for
-    its dtype; lordba's writer orders tensors by element size, so none is). Raises
-    :class:`AdapterFormatError` if the file ends early or the bytes cannot be allocated."""
-    if not spans:
-        return {}
-    first, last = min(s[2] for s in spans.values()), max(s[3] for s in spans.values())
-    try:
-        buf = torch.empty(last - first, dtype=torch.uint8)
+        data = torch.empty(size, dtype=torch.uint8)
     except RuntimeError:
-        raise AdapterFormatError(f"{path}: cannot allocate the {last - first} bytes of its tensors") from None
-    f.seek(first)
-    view, done = memoryview(buf.numpy()), 0
-    while done < len(view):
+        raise AdapterFormatError(f"{path}: cannot allocate the {size} bytes of the file") from None
+    f.seek(0)
+    view, done = memoryview(data.numpy()), 0
+    while done < size:
         got = f.readinto(view[done:])
         if not got:
-            raise AdapterFormatError(f"{path}: tensor data: the file ended inside it (truncated)")
+            raise AdapterFormatError(f"{path}: the file ended at byte {done} of {size} (truncated while read)")
         done += got
-    wholes: dict[torch.dtype, torch.Tensor] = {}  # the buffer seen as each dtype (whole elements)
+    return data
+
+
+def tensor_views(
+    data: torch.Tensor, spans: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]
+) -> dict[str, torch.Tensor]:
+    """Every tensor of ``spans`` (``{name: (dtype, shape, start, stop)}``, byte offsets into ``data``
+    that the header checks keep inside it) as a view of the ``uint8`` tensor ``data`` (a copy where a
+    view would be misaligned for its dtype; lordba's writer pads its header to 8 bytes and orders
+    tensors by element size, so none is)."""
+    wholes: dict[torch.dtype, torch.Tensor] = {}  # data seen as each dtype (whole elements)
     out: dict[str, torch.Tensor] = {}
     for name, (dtype, shape, start, stop) in spans.items():
         size = _itemsize(dtype)
-        start, stop = start - first, stop - first
-        if start % size:  # misaligned for its dtype: its own copy
-            t = buf[start:stop].clone().view(dtype)
+        if start % size:
+            t = data[start:stop].clone().view(dtype)
         else:
             whole = wholes.get(dtype)
             if whole is None:
-                whole = wholes[dtype] = buf[: len(buf) - len(buf) % size].view(dtype)
+                whole = wholes[dtype] = data[: len(data) - len(data) % size].view(dtype)
             t = whole[start // size : stop // size]
         out[name] = t if len(shape) == 1 else t.view(shape)
     return out

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lordba.core.packing import check_padding
@@ -43,17 +44,27 @@ def check_values(rec: ModuleRecord, scale_dtype: str, path: Path) -> None:
                 raise AdapterFormatError(f"{name}: a non-zero int8 scale vector must reach code ±127 (max is {peak})")
 
 
-def check_all_values(records: Sequence[ModuleRecord], scale_dtype: str, path: Path) -> None:
+def check_all_values(
+    records: Sequence[ModuleRecord],
+    scale_dtype: str,
+    path: Path,
+    kinds: dict[str, tuple[torch.Tensor, Sequence[int]]] | None = None,
+) -> None:
     """:func:`check_values` for every record, in one vectorised pass per tensor kind (the loader's
     path: a few tensor ops for the whole file instead of a dozen per module); when anything is
-    wrong, the per-module check runs to name the first tensor at fault. Raises :class:`AdapterFormatError`."""
-    if records and not _values_ok(records, scale_dtype):
+    wrong, the per-module check runs to name the first tensor at fault. ``kinds``: scale kinds
+    already held as one tensor (a version 3 file's, decoded) with each record's start in it, in
+    ``records`` order, so they are checked without gathering the records' views again. Raises
+    :class:`AdapterFormatError`."""
+    if records and not _values_ok(records, scale_dtype, kinds or {}):
         for rec in records:
             check_values(rec, scale_dtype, path)
         raise AdapterFormatError(f"{path}: invalid tensor values")  # not reached: check_values names the fault
 
 
-def _values_ok(records: Sequence[ModuleRecord], scale_dtype: str) -> bool:
+def _values_ok(
+    records: Sequence[ModuleRecord], scale_dtype: str, kinds: dict[str, tuple[torch.Tensor, Sequence[int]]]
+) -> bool:
     """Whether every record passes :func:`check_values` (no message: see :func:`check_all_values`)."""
     for rec in records:  # padding bits: only where r·in or out·r is not a multiple of 8 (rare)
         for kind, numel in (("sign_A", rec.r * rec.in_features), ("sign_B", rec.out_features * rec.r)):
@@ -62,32 +73,38 @@ def _values_ok(records: Sequence[ModuleRecord], scale_dtype: str) -> bool:
             if pad and packed.numel() and int(packed[-1]) & ((1 << pad) - 1):
                 return False
     for kind in ("scale_in", "scale_mid", "scale_out"):
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for rec in records:
-            t = rec.tensors[kind]
-            by_dtype.setdefault(t.dtype, []).append(t if len(t.shape) == 1 else t.reshape(-1))
-        for dtype, group in by_dtype.items():
-            if dtype.is_floating_point:
-                if not bool(torch.isfinite(torch.cat(group)).all()):
+        groups = [kinds[kind]] if kind in kinds else _gathered(records, kind)
+        for whole, starts in groups:
+            if whole.is_floating_point():
+                if not bool(torch.isfinite(whole).all()):
                     return False
-            elif scale_dtype in CODE_DTYPES and not _codes_ok(group, scale_dtype):
+            elif scale_dtype in CODE_DTYPES and not _codes_ok(whole, starts, scale_dtype):
                 return False
     return True
 
 
-def _codes_ok(codes: list[torch.Tensor], scale_dtype: str) -> bool:
-    """int8 codes (1-D) in [-127, 127] (int4: in its codes), each vector reaching ±127 unless all zero."""
-    whole = torch.cat(codes)
+def _gathered(records: Sequence[ModuleRecord], kind: str) -> list[tuple[torch.Tensor, list[int]]]:
+    """The records' ``kind`` tensors concatenated (one tensor per dtype) with each one's start."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for rec in records:
+        t = rec.tensors[kind]
+        by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
+    out = []
+    for group in by_dtype.values():
+        starts = np.cumsum([0] + [t.numel() for t in group[:-1]]).tolist()
+        out.append((torch.cat(group), starts))
+    return out
+
+
+def _codes_ok(whole: torch.Tensor, starts: Sequence[int], scale_dtype: str) -> bool:
+    """int8 codes in [-127, 127] (int4: in its codes), each vector (from its start to the next
+    start) reaching ±127 unless all zero (a zero padding code changes no vector's peak)."""
     if bool((whole == -128).any()):
         return False
     if scale_dtype == "int4" and not bool(_INT4_OK[whole.to(torch.int64) + 128].all()):
         return False
-    by_length: dict[int, list[torch.Tensor]] = {}
-    for t in codes:
-        by_length.setdefault(t.shape[0], []).append(t)
-    for length, group in by_length.items():
-        if length:
-            peaks = torch.stack(group).to(torch.int16).abs().amax(dim=1)
-            if bool(((peaks != 0) & (peaks != 127)).any()):
-                return False
-    return True
+    cuts = [s for i, s in enumerate(starts) if s < whole.numel() and (i + 1 == len(starts) or starts[i + 1] > s)]
+    if not cuts:
+        return True
+    peaks = np.maximum.reduceat(np.abs(whole.numpy().astype(np.int16)), cuts)
+    return bool(((peaks == 0) | (peaks == 127)).all())

@@ -245,11 +245,13 @@ class PackedAdapter(AdapterBase):
         codec: ScaleCodec,
         device: torch.device | str | None = None,
         copy: bool = True,
+        training: bool = True,
     ) -> PackedAdapter:
         """An inference adapter holding the five stored ``tensors`` (SPEC §6 names: packed
         ``sign_A``/``sign_B``, scales in ``codec``'s stored dtypes; checked, :class:`ShapeMismatchError`
         otherwise): contiguous copies, or with ``copy=False`` the tensors themselves where they are
-        contiguous and on ``device`` (the loader's own, freshly read tensors: no copy)."""
+        contiguous and on ``device`` (the loader's own, freshly read tensors: no copy). ``training``:
+        the module's mode (that of the layer it is for, so that it need not be set again)."""
         buffers = {}
         target = None if device is None else torch.device(device)
         for name, dtype, shape, _ in stored_specs(in_features, out_features, r, codec.name):
@@ -262,10 +264,11 @@ class PackedAdapter(AdapterBase):
             buffers[name] = t
         adapter = None
         if cls.__init__ is PackedAdapter.__init__:  # a subclass's own __init__ is run, not skipped
-            adapter = cls._assemble(in_features, out_features, r, scaling, codec, buffers)
+            adapter = cls._assemble(in_features, out_features, r, scaling, codec, buffers, training)
         if adapter is None:
             scales = tuple(buffers[n] for n in SCALES)
             adapter = cls(buffers["sign_A"], buffers["sign_B"], scales, in_features, out_features, r, scaling, codec)
+            adapter.train(training)
         return adapter
 
     def packed_signs(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -121,14 +121,15 @@ class AdapterBase(nn.Module):
         scaling: float,
         codec: ScaleCodec,
         buffers: dict[str, torch.Tensor],
+        training: bool = True,
     ) -> AdapterBase | None:
-        """An instance holding ``buffers`` (no parameters), built without running ``__init__``: the
-        state ``nn.Module.__init__`` gives every module (fresh containers copied from a template) plus
-        this class's attributes. What :meth:`__init__` + ``register_buffer`` give, at a tenth of the
-        cost (loading a file builds hundreds of adapters). Returns ``None`` where that is not safe
-        (PyTorch has global buffer-registration hooks, which it would not call; an unknown module
-        state): the caller then constructs the regular way. Raises :class:`ShapeMismatchError` for
-        non-positive dims."""
+        """An instance holding ``buffers`` (no parameters), in mode ``training``, built without
+        running ``__init__``: the state ``nn.Module.__init__`` gives every module (fresh containers
+        copied from a template) plus this class's attributes. What :meth:`__init__` +
+        ``register_buffer`` give, at a tenth of the cost (loading a file builds hundreds of adapters).
+        Returns ``None`` where that is not safe (PyTorch has global buffer-registration hooks, which
+        it would not call; an unknown module state): the caller then constructs the regular way.
+        Raises :class:`ShapeMismatchError` for non-positive dims."""
         if r < 1 or in_features < 1 or out_features < 1:
             raise ShapeMismatchError(f"invalid adapter shape in={in_features} out={out_features} r={r}")
         template = _module_template()
@@ -139,6 +140,7 @@ class AdapterBase(nn.Module):
         for key, kind in fresh:
             state[key] = kind()
         state["_buffers"] = dict(buffers)
+        state["training"] = bool(training)
         state.update(
             in_features=int(in_features),
             out_features=int(out_features),

@@ -150,7 +150,8 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
         return module, backend
 
     def _install(self, adapter_name: str, adapters: dict[str, LoRDBAAdapter]) -> None:
-        """Put ``adapters`` into their layers, wrapping plain layers first (cannot fail half-way)."""
+        """Put ``adapters`` into their layers, wrapping plain layers first, each in its layer's mode
+        (training or eval: dropout follows the model's mode; cannot fail half-way)."""
         root = self.base_model
         for path, adapter in adapters.items():
             module = resolve(root, path)
@@ -161,6 +162,8 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
                 replace_submodule(self.base_model, path, wrapper)
                 module = wrapper
                 module.set_adapter(self._active)
+            if adapter.training != module.training:
+                adapter.train(module.training)
             module.add_adapter(adapter_name, adapter)
 
     # ------------------------------------------------------------------ adapters

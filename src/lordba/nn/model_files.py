@@ -214,7 +214,10 @@ class AdapterFilesMixin:
                 codec,
                 device=_device(base, backend, devices),
                 copy=not owned,
+                training=base.training,  # its layer's mode, as a rule (checked again when installed)
             )
+            if adapter.dropout != config.dropout:
+                adapter.dropout = config.dropout
             if is_trainable:
                 adapter = adapter.trainable(config.ste_spec)
                 adapter.set_trainable(signs=False, scales=True)

@@ -30,7 +30,7 @@ from lordba.format import adapter as adapter_files
 from lordba.nn.layer import LoRDBALinear
 from lordba.nn.model_status import StatusMixin
 from lordba.nn.saved import SavedModule
-from lordba.nn.structure import ModuleIndex, resolve
+from lordba.nn.structure import ModuleIndex
 from lordba.quant import describe_base
 
 # name -> fn(deltas {path: dense ΔW}, ranks {path: r}, scalings {path: s}, scale_dtype) -> {path: ModuleRecord}
@@ -171,19 +171,11 @@ class PeftFeaturesMixin(StatusMixin):
             adapters = super()._load_state(state, adapter_name, is_trainable, targets)
         finally:
             self._adding = ()
-        dropout = state.config.dropout
-        root = self.base_model
         with self._lock.write():
-            for path, adapter in adapters.items():
-                if adapter.dropout != dropout:
-                    adapter.dropout = dropout
-                training = resolve(root, path).training  # dropout follows the model's mode
-                if adapter.training != training:
-                    adapter.train(training)
-                value = plan["bias"].get(path)
-                if value is not None:
-                    adapter.attach_bias(value.float() - self._layer_bias(path).detach().float().cpu())
-                    adapter.bias_delta.requires_grad_(is_trainable)
+            for path, value in plan["bias"].items():
+                adapter = adapters[path]
+                adapter.attach_bias(value.float() - self._layer_bias(path).detach().float().cpu())
+                adapter.bias_delta.requires_grad_(is_trainable)
             for path, tensors in plan["saved"].items():
                 module = self._saved_module(path)
                 module.add_copy(adapter_name, tuple(tensors))
