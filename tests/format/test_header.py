@@ -70,15 +70,31 @@ def test_tensors_are_views_of_one_read_and_a_misaligned_one_is_copied():
         "f": (torch.float32, (2,), 27, 35),  # offset 27: misaligned for float32, copied
     }
     raw = b"\0" * 8 + data
-    whole = read_file_bytes(io.BytesIO(raw), "f", len(raw))
+    whole = read_file_bytes(io.BytesIO(raw), "f", len(raw), aligned_at=8)
     assert bytes(whole.numpy()) == raw
     got = tensor_views(whole, spans)
+    assert got["a"].data_ptr() % 64 == 0  # the first tensor byte lies on a cache line
     assert got["a"].tolist() == [0.5, 4.0] and got["f"].tolist() == [1.5, -2.0]
     assert got["u"].tolist() == [1, 2, 3] and got["i"].shape == (2, 4) and got["i"][0, 0] == 4
     one = whole.untyped_storage().data_ptr()
     assert got["a"].untyped_storage().data_ptr() == got["u"].untyped_storage().data_ptr() == one
     assert got["i"].untyped_storage().data_ptr() == one
     assert got["f"].untyped_storage().data_ptr() != one
+
+
+@pytest.mark.parametrize("shift", [0, 1, 2, 3, 5])
+def test_views_follow_where_the_bytes_lie_in_memory(shift):
+    """Alignment is judged in memory, not in the file: bytes placed at any offset of their storage
+    give the same values, views where the dtype allows, copies elsewhere."""
+    raw = b"\0" * 8 + struct.pack("<2f", 0.5, 4.0) + struct.pack("<h", -3)
+    spans = {"a": (torch.float32, (2,), 8, 16), "h": (torch.int16, (1,), 16, 18)}
+    storage = torch.zeros(len(raw) + shift, dtype=torch.uint8)
+    data = storage[shift:]
+    data.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    got = tensor_views(data, spans)
+    assert got["a"].tolist() == [0.5, 4.0] and got["h"].tolist() == [-3]
+    shared = got["a"].untyped_storage().data_ptr() == storage.untyped_storage().data_ptr()
+    assert shared == ((shift + 8) % 4 == 0)
 
 
 def test_a_file_shorter_than_its_size_is_refused_as_truncated():

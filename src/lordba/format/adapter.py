@@ -178,7 +178,7 @@ def _open_verified(path: Path, sha: str) -> tuple[torch.Tensor, _Header]:
                 check_length(header, size - 8 - header_len, path)
             except AdapterFormatError as err:
                 raise AdapterFormatError(f"{err} (refused before hashing: checksum mismatch not computed)") from None
-            data = read_file_bytes(f, path, size)
+            data = read_file_bytes(f, path, size, aligned_at=8 + header_len)  # tensor data aligned
         except OSError as err:
             raise AdapterFormatError(f"{path}: cannot read ({err.strerror or err})") from None
     if hashlib.sha256(data.numpy()).hexdigest() != sha:

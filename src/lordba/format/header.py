@@ -121,14 +121,21 @@ def read_header(f: BinaryIO, path: Path, size: int) -> tuple[dict[str, Any], dic
     return header, metadata, n
 
 
-def read_file_bytes(f: BinaryIO, path: Path, size: int) -> torch.Tensor:
+ALIGN = 64  # bytes: a cache line, and what the kernels' vector loads want (torch allocates so)
+
+
+def read_file_bytes(f: BinaryIO, path: Path, size: int, aligned_at: int = 0) -> torch.Tensor:
     """The first ``size`` bytes of the open file ``f`` as one ``uint8`` tensor (one read into it, no
-    intermediate copy). Raises :class:`AdapterFormatError` if the bytes cannot be allocated or the file
-    ends early (it shrank since its size was taken)."""
+    intermediate copy), placed so that byte ``aligned_at`` of the file (a safetensors file's first
+    tensor byte) lies on a :data:`ALIGN`-byte boundary in memory, as it would in a tensor of its own.
+    Raises :class:`AdapterFormatError` if the bytes cannot be allocated or the file ends early (it
+    shrank since its size was taken)."""
     try:
-        data = torch.empty(size, dtype=torch.uint8)
+        raw = torch.empty(size + ALIGN, dtype=torch.uint8)
     except RuntimeError:
         raise AdapterFormatError(f"{path}: cannot allocate the {size} bytes of the file") from None
+    start = -(raw.data_ptr() + aligned_at) % ALIGN
+    data = raw[start : start + size]
     f.seek(0)
     view, done = memoryview(data.numpy()), 0
     while done < size:
@@ -144,19 +151,22 @@ def tensor_views(
 ) -> dict[str, torch.Tensor]:
     """Every tensor of ``spans`` (``{name: (dtype, shape, start, stop)}``, byte offsets into ``data``
     that the header checks keep inside it) as a view of the ``uint8`` tensor ``data`` (a copy where a
-    view would be misaligned for its dtype; lordba's writer pads its header to 8 bytes and orders
-    tensors by element size, so none is)."""
-    wholes: dict[torch.dtype, torch.Tensor] = {}  # data seen as each dtype (whole elements)
+    view would be misaligned for its dtype in memory; lordba's writer pads its header to 8 bytes and
+    orders tensors by element size, and :func:`read_file_bytes` aligns the data, so none is)."""
+    offset = data.storage_offset()
+    wholes: dict[torch.dtype, tuple[torch.Tensor, int]] = {}  # data seen as each dtype, from byte `skip`
     out: dict[str, torch.Tensor] = {}
     for name, (dtype, shape, start, stop) in spans.items():
         size = _itemsize(dtype)
-        if start % size:
+        if (offset + start) % size:
             t = data[start:stop].clone().view(dtype)
         else:
-            whole = wholes.get(dtype)
-            if whole is None:
-                whole = wholes[dtype] = data[: len(data) - len(data) % size].view(dtype)
-            t = whole[start // size : stop // size]
+            if dtype not in wholes:
+                skip = -offset % size
+                usable = len(data) - skip
+                wholes[dtype] = (data[skip : skip + usable - usable % size].view(dtype), skip)
+            whole, skip = wholes[dtype]
+            t = whole[(start - skip) // size : (stop - skip) // size]
         out[name] = t if len(shape) == 1 else t.view(shape)
     return out
 
