@@ -157,6 +157,19 @@ def test_dropout_applies_to_the_branch_in_training_only():
     assert adapter.dropout == 0.5
 
 
+@pytest.mark.parametrize("is_trainable", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_a_loaded_adapter_has_the_configs_dropout_and_its_layers_mode(tmp_path, is_trainable, training):
+    get_lordba_model(tiny_llama(), LoRDBAConfig(r=4, init="random", dropout=0.25)).save_pretrained(tmp_path)
+    model = tiny_llama().train(training)
+    model.model.layers[0].self_attn.q_proj.train(not training)  # one layer in the other mode
+    lm = LoRDBAModel.from_pretrained(model, tmp_path, is_trainable=is_trainable)
+    for path, adapter in lm.adapter_modules("default").items():
+        assert adapter.dropout == 0.25, path
+        assert adapter.training == lm.base_model.get_submodule(path).training, path
+    assert lm.adapter_modules("default")[Q].training is not training
+
+
 def test_layers_to_transform_limits_the_targets():
     lm = get_lordba_model(tiny_llama(), LoRDBAConfig(r=2, layers_to_transform=[1], layers_pattern="layers"))
     paths = list(lm.adapter_modules("default"))
