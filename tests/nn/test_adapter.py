@@ -160,8 +160,8 @@ def test_compiled_latent_adapter_without_gradient_traces_in_one_graph():
 
 def test_the_torch_mode_does_not_build_the_cpu_kernels(monkeypatch):
     monkeypatch.setattr(kernels._STATE, "cpu", None)  # as in a fresh process
-    packed = make_layer(in_f=40, out_f=24, names=("a",), r=4).lordba_adapters["a"].pack()
-    with torch.no_grad(), kernels.mode("torch"):
+    with torch.no_grad(), kernels.mode("torch"):  # neither building the layer nor running it
+        packed = make_layer(in_f=40, out_f=24, names=("a",), r=4).lordba_adapters["a"].pack()
         packed(torch.randn(2, 40))
     assert kernels._STATE.cpu is None
 

@@ -134,6 +134,14 @@ def cpu_available() -> bool:
     return result.ok
 
 
+def preload(device: torch.device) -> None:
+    """Load (building if needed) the CPU kernels now if the current mode runs them on ``device``:
+    what builds a layer calls it, since tracing (``torch.export``, ``torch.compile``) cannot load them
+    (the loader is compiler-disabled). Nothing happens in the ``torch`` mode or off the CPU."""
+    if device.type == "cpu" and _STATE.mode in ("auto", "sign", "unpack"):
+        cpu_available()
+
+
 def cpu_isa() -> str:
     """The instruction set the CPU kernels were built for (``avx512``, ``avx2`` or ``portable``), after
     loading them if needed; ``portable`` when they are unavailable."""
@@ -325,6 +333,7 @@ __all__ = [
     "mode",
     "packed_branch",
     "packed_branch_rows",
+    "preload",
     "set_mode",
     "sign_max_tokens",
     "triton_available",

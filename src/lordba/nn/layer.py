@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lordba.errors import AdapterStateError, ShapeMismatchError
+from lordba.kernels import preload
 from lordba.nn.adapter import LoRDBAAdapter
 from lordba.nn.adapter_base import touch
 from lordba.nn.fastpath import direct_branch, routed_branches
@@ -34,6 +35,7 @@ class LoRDBALinear(nn.Module):
         self.base_layer = base_layer
         self.backend = backend
         self.in_features, self.out_features = backend.features(base_layer)
+        preload(backend.weight_device(base_layer))  # the kernels, now: tracing cannot load them
         self.lordba_adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lordba.errors import ConfigError
+from lordba.kernels import cpu_available
 from lordba.kernels.q4 import CHUNK, pack_codes, q4_dequantize, q4_linear
 from lordba.quant.backend import BaseBackend
 
@@ -43,6 +44,8 @@ class Q4Linear(nn.Module):
         self.register_buffer("scale", scale.to(torch.float16).contiguous())
         self.register_buffer("minus", minus.to(torch.float16).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        if self.qweight.is_cpu:
+            cpu_available()  # loaded now: tracing (torch.export, torch.compile) cannot load the kernels
 
     @classmethod
     def from_weight(
