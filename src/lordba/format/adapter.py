@@ -135,8 +135,7 @@ class AdapterFile(AdapterState):
                 rec.tensors = {k: tensors[f"{rec.path}.{k}"] for k in TENSOR_KINDS}
         names = [k for k in self._spans if k.startswith(EXTRA_PREFIX)]  # format version 2 or 3
         self.extras = {k[len(EXTRA_PREFIX) :]: tensors[k] for k in sorted(names)}
-        records = [self.modules[n] for n in sorted(self.modules)] if kinds else list(self.modules.values())
-        check_all_values(records, self.config.scale_dtype, path, kinds)
+        check_all_values(list(self.modules.values()), self.config.scale_dtype, path, kinds)
         check_extra_values(self.extras, str(path))
 
     def close(self) -> None:

@@ -53,8 +53,8 @@ def check_all_values(
     """:func:`check_values` for every record, in one vectorised pass per tensor kind (the loader's
     path: a few tensor ops for the whole file instead of a dozen per module); when anything is
     wrong, the per-module check runs to name the first tensor at fault. ``kinds``: scale kinds
-    already held as one tensor (a version 3 file's, decoded) with each record's start in it, in
-    ``records`` order, so they are checked without gathering the records' views again. Raises
+    already held as one tensor (a version 3 file's, decoded) with the start of each module's vector
+    in it, checked as they are instead of gathering the records' views again. Raises
     :class:`AdapterFormatError`."""
     if records and not _values_ok(records, scale_dtype, kinds or {}):
         for rec in records:

@@ -37,6 +37,7 @@ from lordba.kernels import reference
 from lordba.kernels.cpu import BuildResult
 
 MODES = ("auto", "sign", "unpack", "dense", "torch", "triton")
+CPU_MODES = ("auto", "sign", "unpack")  # the modes that run the compiled CPU kernels on CPU tensors
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ALL_TOKENS = 1 << 62
 
@@ -119,7 +120,7 @@ def cpu_branch_op(x: torch.Tensor, base: torch.Tensor) -> object | None:
     """The compiled CPU op ``lordba::branch`` if :func:`packed_branch` would run it for ``x`` and
     ``base`` in the current mode (callers that keep its arguments call it directly: one op call per
     layer and token, nothing else), else ``None``."""
-    if _STATE.mode not in ("auto", "sign", "unpack") or not x.is_cpu or base.requires_grad:
+    if _STATE.mode not in CPU_MODES or not x.is_cpu or base.requires_grad:
         return None
     if x.dtype not in _NATIVE_DTYPES or base.dtype not in _NATIVE_DTYPES or not cpu_available():
         return None
@@ -138,7 +139,7 @@ def preload(device: torch.device) -> None:
     """Load (building if needed) the CPU kernels now if the current mode runs them on ``device``:
     what builds a layer calls it, since tracing (``torch.export``, ``torch.compile``) cannot load them
     (the loader is compiler-disabled). Nothing happens in the ``torch`` mode or off the CPU."""
-    if device.type == "cpu" and _STATE.mode in ("auto", "sign", "unpack"):
+    if device.type == "cpu" and _STATE.mode in CPU_MODES:
         cpu_available()
 
 
@@ -285,7 +286,7 @@ def packed_branch_rows(
     if sign_max_tokens is None:
         sign_max_tokens = [dispatch_limit(t[2].numel(), t[4].numel(), t[3].numel(), x.dtype) for t in tensors]
     name = _STATE.mode
-    native = name in ("auto", "sign", "unpack") and x.dtype in _NATIVE_DTYPES and base.dtype in _NATIVE_DTYPES
+    native = name in CPU_MODES and x.dtype in _NATIVE_DTYPES and base.dtype in _NATIVE_DTYPES
     if (
         native
         and x.is_cpu
@@ -321,6 +322,7 @@ def dense_branch(
 
 
 __all__ = [
+    "CPU_MODES",
     "MODES",
     "KernelFallbackWarning",
     "cpu_available",

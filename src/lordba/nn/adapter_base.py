@@ -251,7 +251,7 @@ class AdapterBase(nn.Module):
         if mode == "dense":
             return kernels.dense_branch(x, *self._folded(x.dtype), base)
         limit = None  # the CPU kernels' dispatch limit, kept per (mode, dtype); other paths need none
-        if x.is_cpu and mode in ("auto", "sign", "unpack"):
+        if x.is_cpu and mode in kernels.CPU_MODES:
             limit = self._limit(mode, x.dtype)
         return kernels.packed_branch(x, *self._kernel_tensors(), self.scaling, base, limit)
 

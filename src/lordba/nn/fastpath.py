@@ -68,7 +68,7 @@ def routed_branches(
     used only for inference-form adapters (their tensors are passed as they are, so in-place changes
     are seen) and dropped whenever an adapter is added, removed or changed (:func:`touch`)."""
     mode = kernels.get_mode()
-    if torch.compiler.is_compiling() or not x.is_cpu or mode not in ("auto", "sign", "unpack"):
+    if torch.compiler.is_compiling() or not x.is_cpu or mode not in kernels.CPU_MODES:
         return None
     grad = torch.is_grad_enabled()
     if grad and (x.requires_grad or base.requires_grad):

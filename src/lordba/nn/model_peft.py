@@ -80,8 +80,7 @@ class PeftFeaturesMixin(StatusMixin):
     ) -> None:
         """Dropout, trained biases and modules trained in full for a new adapter (write lock held)."""
         for path, adapter in self.adapter_modules(adapter_name).items():
-            adapter.dropout = config.dropout
-            adapter.train(self.base_model.get_submodule(path).training)  # dropout follows the model's mode
+            adapter.dropout = config.dropout  # _install put it in its layer's mode
             bias = self._layer_bias(path)
             if config.bias != "none" and bias is not None:
                 adapter.attach_bias(torch.zeros_like(bias, dtype=torch.float32))

@@ -79,8 +79,9 @@ class Q4Linear(nn.Module):
         scale = meta["scale"].float().reshape(out, groups)
         zero = meta["zero"].float().reshape(out, groups)
         codes = codes.reshape(out, padded).to(torch.uint8)
-        layer = cls(pack_codes(codes, bits), scale, -scale * zero, in_features, bias, bits)
-        return layer.to(weight.device)
+        dev = weight.device  # built there: a layer off the CPU does not load the CPU kernels
+        layer = cls(pack_codes(codes, bits).to(dev), scale.to(dev), (-scale * zero).to(dev), in_features, bias, bits)
+        return layer.to(dev)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 ``out × in`` weight this layer computes with."""
