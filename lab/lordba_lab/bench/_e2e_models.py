@@ -134,7 +134,9 @@ def compiled_variants(
 ) -> dict[str, nn.Module]:
     """``{"<base> compiled", "<base>+LoRDBA compiled"}`` for every base: models of their own (as
     :func:`variants` builds them) whose transformers model's forward is ``torch.compile``'d
-    (inductor, default mode, static shapes), as ``lordba generate --compile`` runs the decode step."""
+    (inductor, default mode, static shapes) on :mod:`lordba.nn.attention`'s attention, as ``lordba
+    generate --compile`` runs the decode step."""
+    from lordba.nn.attention import use_packed_gqa
     from lordba.nn.model import LoRDBAModel
 
     out: dict[str, nn.Module] = {}
@@ -144,6 +146,7 @@ def compiled_variants(
         wrapped = LoRDBAModel.from_pretrained(quantized(model, base, source), lordba_dir).eval()
         for key, m in ((name, plain), (f"{name}+LoRDBA", wrapped)):
             inner = m.get_base_model() if isinstance(m, LoRDBAModel) else m
+            use_packed_gqa(inner)
             inner.forward = torch.compile(inner.forward, dynamic=False)
             out[f"{key}{COMPILED}"] = m
     return out

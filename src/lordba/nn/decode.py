@@ -7,7 +7,9 @@ transformers' ``StaticCache`` (fixed shapes) and its automatic compilation of th
 (``compile_config``; inductor), on a plain transformers model or on a :class:`~lordba.nn.model.LoRDBAModel`
 (whose ``generate`` publishes the routing and calls the wrapped model's, so the *wrapped* model's
 forward is what compiles, through the ``lordba::q4_linear`` and ``lordba::branch`` ops' fake
-implementations). Prefill stays eager (its length changes every call).
+implementations). Prefill stays eager (its length changes every call). A model on ``sdpa`` attention
+is switched to :mod:`lordba.nn.attention`'s (grouped-query attention without copying the static
+cache's key/value heads in the compiled step; same results).
 
 The cache length is rounded up to a power of two (at least :data:`MIN_CACHE`), so a new prompt
 length reuses the compiled step; a longer conversation compiles once per new length.
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from lordba.errors import ConfigError
+from lordba.nn.attention import use_packed_gqa
 
 log = logging.getLogger("lordba.decode")
 
@@ -73,6 +76,8 @@ class FastDecode:
             raise ConfigError(f"compile mode must be one of {MODES}, got {mode!r}")
         self.model = model
         self.compiled = bool(compile)
+        if self.compiled:
+            use_packed_gqa(model)
         self.mode = mode
         self.compile_seconds = 0.0
         self.failure: str | None = None

@@ -1,0 +1,80 @@
+"""``lordba.nn.attention``: the packed grouped-query attention equals transformers' ``sdpa`` (eager,
+and compiled, where transformers copies the key/value heads), delegates every other case, and is
+switched on only for models on ``sdpa``."""
+
+import pytest
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from lordba.nn import attention
+from lordba.nn.attention import NAME, packed_gqa_forward, use_packed_gqa
+
+from conftest import tiny_llama
+
+
+class _Attn(torch.nn.Module):
+    num_key_value_groups = 3
+    is_causal = True
+    training = False
+
+
+class _Repeated(_Attn):
+    num_key_value_groups = 1  # the key/value heads come repeated
+
+
+def _inputs(q_len: int, kv_len: int = 20, heads: int = 6, kv_heads: int = 2, dim: int = 8):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, heads, q_len, dim, generator=g)
+    k, v = torch.randn(2, 2, kv_len, dim, generator=g), torch.randn(2, kv_heads, kv_len, dim, generator=g)
+    mask = torch.ones(2, 1, q_len, kv_len, dtype=torch.bool)
+    mask[0, ..., 13:] = False  # a static cache's empty tail
+    mask[1, ..., :4] = False  # left padding
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_equals_sdpa_with_repeated_heads_eager_and_compiled(q_len):
+    q, k, v, mask = _inputs(q_len)
+    module = _Attn()
+    want, _ = sdpa_attention_forward(
+        _Repeated(), q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), mask, scaling=0.3
+    )
+    got, weights = packed_gqa_forward(module, q, k, v, mask, scaling=0.3)
+    assert weights is None and got.shape == (2, q_len, 6, 8)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+    compiled = torch.compile(packed_gqa_forward, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(module, q, k, v, mask, scaling=0.3)[0], want, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_a_mask_with_a_head_axis_or_dropout_goes_to_sdpa(monkeypatch):
+    calls = []
+    import transformers.integrations.sdpa_attention as sdpa
+
+    real = sdpa.sdpa_attention_forward
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v, mask = _inputs(1)
+    packed_gqa_forward(_Attn(), q, k, v, mask.expand(2, 6, 1, 20))
+    packed_gqa_forward(_Attn(), q, k, v, mask, dropout=0.1)
+    assert calls == [1, 1]
+    packed_gqa_forward(_Attn(), q, k, v, mask)
+    assert calls == [1, 1]
+
+
+def test_use_packed_gqa_switches_sdpa_models_only_and_keeps_greedy_tokens():
+    model = tiny_llama(0)
+    model.set_attn_implementation("sdpa")
+    ids = torch.tensor([[5, 17, 3, 44, 9]])
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, cache_implementation="static", **kw)
+        assert use_packed_gqa(model) and model.config._attn_implementation == NAME
+        assert use_packed_gqa(model)  # idempotent
+        got = model.generate(input_ids=ids, cache_implementation="static", **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=1e-5, atol=1e-5)
+    eager = tiny_llama(0)
+    eager.set_attn_implementation("eager")
+    assert not use_packed_gqa(eager) and eager.config._attn_implementation == "eager"
+    assert attention._REGISTERED
