@@ -52,6 +52,13 @@ def test_generate_with_an_adapter_on_a_q4_base(folder, tmp_path, capsys, monkeyp
     argv = ["generate", "--model", str(folder), "--adapter", str(tmp_path / "adapter"), "--max-new-tokens", "6", "ab"]
     assert main(argv) == 0
     assert capsys.readouterr().out == want + "\n"
+    import lordba.quant
+
+    calls = []
+    real = lordba.quant.set_compute
+    monkeypatch.setattr(lordba.quant, "set_compute", lambda m, c: calls.append(c) or real(m, c))
+    assert main([*argv[:-1], "--q4-compute", "exact", "ab"]) == 0
+    assert calls == ["exact"] and capsys.readouterr().out == want + "\n"
 
 
 def test_generate_compile_streams_the_eager_text_and_falls_back_when_compiling_fails(

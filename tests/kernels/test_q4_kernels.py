@@ -124,3 +124,97 @@ def test_inference_calls_skip_the_autograd_function(monkeypatch):
     assert calls == []
     y = q4_linear(x, qweight, scale, minus, 40)
     assert calls == [1] and y.requires_grad
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("tokens", [1, 15, 16, 40])
+def test_bfloat16_gemm_rounds_the_gemm_operands_only_from_sixteen_tokens(tokens):
+    """``bf16_gemm``: from 16 tokens on the GEMM runs on bfloat16 operands (error of the order of
+    bfloat16's rounding, well above float32's); fewer tokens are the float32 decode path, unchanged;
+    the input gradient stays float32."""
+    qweight, scale, minus, _ = packed(48, 96, 32, seed=tokens)
+    x = torch.randn(tokens, 96, requires_grad=True)
+    w = dequantize_reference(qweight, scale, minus, 96)
+    exact = x.detach().double() @ w.double().t()
+    rounded = (x.detach().bfloat16().double() @ w.bfloat16().double().t()).bfloat16().double()
+    got = q4_linear(x, qweight, scale, minus, 96, bf16_gemm=True)
+    assert got.dtype == torch.float32
+    err = (got.double() - exact).norm() / exact.norm()
+    if tokens < 16:
+        torch.testing.assert_close(got, q4_linear(x.detach(), qweight, scale, minus, 96))
+    else:
+        torch.testing.assert_close(got.double(), rounded, rtol=1e-2, atol=1e-3)
+        assert 1e-5 < err < 1e-2  # rounded (float32 is ~1e-7 here), but only to bfloat16's precision
+    dy = torch.randn(tokens, 48)
+    got.backward(dy)
+    torch.testing.assert_close(x.grad, dy @ w, rtol=1e-5, atol=1e-5)
+
+
+def _int8_reference(x, qweight, scale, minus, in_features, group):
+    """The int8 kernel's arithmetic in float64: x quantized per group (step max|x_g| / 127, rounded to
+    nearest), dotted with the codes, scaled by s_g and the step; the offset term on the exact x."""
+    codes = unpack_codes(qweight).double()
+    out, padded = codes.shape
+    xp = torch.zeros(padded, dtype=torch.float64)
+    xp[:in_features] = x.double()
+    xg = xp.reshape(-1, group)
+    step = xg.abs().amax(dim=1, keepdim=True) / 127
+    xq = torch.where(step > 0, torch.round(xg / torch.where(step > 0, step, 1)), 0)
+    dots = (codes.reshape(out, -1, group) * xq).sum(-1) * step.squeeze(1) * scale.double()
+    return dots.sum(-1) + (minus.double() * xg.sum(-1)).sum(-1)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("shape", [(7, 40, 64), (33, 20, 64), (64, 128, 128), (5, 96, 32), (4, 600, 64)])
+def test_int8_one_token_kernel_equals_its_arithmetic_and_stays_close_to_float32(shape):
+    """``int8_dot`` (AVX512-VNNI builds): one token equals the int8 arithmetic done in float64, and
+    differs from the exact result by the int8 rounding only (a fraction of a percent); other builds
+    and more tokens ignore it."""
+    from lordba.kernels.q4 import int8_dot_available
+
+    out, in_features, group = shape
+    qweight, scale, minus, _ = packed(out, in_features, group, seed=out)
+    x = torch.randn(1, in_features) * 3
+    exact = x.double() @ dequantize_reference(qweight, scale, minus, in_features).double().t()
+    got = q4_linear(x, qweight, scale, minus, in_features, int8_dot=True)
+    if not int8_dot_available():
+        torch.testing.assert_close(got, q4_linear(x, qweight, scale, minus, in_features))
+        return
+    # each input is off by at most half its group's step, so output o by at most sum_k s_g q_ok step_g / 2
+    codes = unpack_codes(qweight).double().reshape(out, -1, group)
+    xg = torch.nn.functional.pad(x[0].double(), (0, codes.shape[1] * group - in_features)).reshape(-1, group)
+    bound = (codes.sum(-1) * scale.double() * xg.abs().amax(-1) / 254).sum(-1)
+    err = (got[0].double() - exact[0]).abs()
+    assert bool((err <= bound + 1e-4).all()) and float(err.max()) > 1e-6
+    x[0, 0] = 40.0  # an outlier: its group's step is coarse, the arithmetic the same
+    for v in (x, torch.zeros_like(x)):  # an all-zero group has no step
+        want = _int8_reference(v[0], qweight, scale, minus, in_features, group)
+        torch.testing.assert_close(q4_linear(v, qweight, scale, minus, in_features, int8_dot=True)[0].double(),
+                                   want, rtol=1e-5, atol=1e-4)  # fmt: skip
+    x3 = x.expand(3, in_features)
+    torch.testing.assert_close(q4_linear(x3, qweight, scale, minus, in_features, int8_dot=True),
+                               q4_linear(x3, qweight, scale, minus, in_features))  # fmt: skip
+
+
+def test_the_layers_compute_follows_the_environment_and_the_argument(monkeypatch):
+    from lordba.errors import ConfigError
+    from lordba.kernels import q4 as q4_module
+    from lordba.quant.q4 import Q4Linear
+
+    qweight, scale, minus, _ = packed(8, 32, 32)
+    monkeypatch.delenv(q4_module.COMPUTE_ENV, raising=False)
+    layer = Q4Linear(qweight, scale, minus, 32)
+    assert layer.compute == "fast" == q4_module.default_compute()
+    assert layer._flags == (q4_module.native_bfloat16(), False)
+    layer.compute = "fast-int8"
+    assert layer._flags == (q4_module.native_bfloat16(), q4_module.int8_dot_available())
+    layer.compute = "exact"
+    assert layer._flags == (False, False)
+    monkeypatch.setenv(q4_module.COMPUTE_ENV, "exact")
+    assert Q4Linear(qweight, scale, minus, 32).compute == "exact"
+    assert Q4Linear(qweight, scale, minus, 32, compute="fast").compute == "fast"
+    monkeypatch.setenv(q4_module.COMPUTE_ENV, "fp8")
+    with pytest.raises(ConfigError, match="LORDBA_Q4_COMPUTE"):
+        Q4Linear(qweight, scale, minus, 32)
+    with pytest.raises(ConfigError, match="compute"):
+        Q4Linear(qweight, scale, minus, 32, compute="half")

@@ -6,7 +6,7 @@ import torch
 
 from lordba import ConfigError, LoRDBAConfig, get_lordba_model
 from lordba.nn.merge import MergeRequantizationWarning
-from lordba.quant import Q4Linear, quantize_model, resolve_backend
+from lordba.quant import Q4Linear, quantize_model, resolve_backend, set_compute
 from lordba.quant.hqq import quantize_linear_hqq
 
 from conftest import tiny_llama
@@ -32,10 +32,16 @@ def test_quantize_model_q4_replaces_linears_and_matches_dequantized_weights(inpu
     for name, module in model.named_modules():
         if isinstance(module, Q4Linear):
             reference.get_submodule(name).weight.data = module.dequantize()
+    assert input_ids.numel() >= 16  # the GEMM path
     with torch.no_grad():
-        torch.testing.assert_close(
-            model(input_ids=input_ids).logits, reference(input_ids=input_ids).logits, rtol=1e-4, atol=1e-4
-        )
+        want = reference(input_ids=input_ids).logits
+        assert set_compute(model, "exact") == 15
+        torch.testing.assert_close(model(input_ids=input_ids).logits, want, rtol=1e-4, atol=1e-4)
+        set_compute(model, "fast")
+        got = model(input_ids=input_ids).logits
+        assert float((got - want).norm() / want.norm()) < 2e-2  # bfloat16 / int8 rounding, and only that
+    with pytest.raises(ConfigError, match="compute"):
+        set_compute(model, "int8")
     with pytest.raises(ConfigError, match="q4"):
         quantize_model(tiny_llama(0), backend="q4", group_size=48)
 
@@ -82,6 +88,7 @@ def test_the_output_head_is_quantized_to_8_bits_and_untied(input_ids):
     for name, module in model.named_modules():
         if isinstance(module, Q4Linear):
             reference.get_submodule(name).weight = torch.nn.Parameter(module.dequantize())
+    set_compute(model, "exact")  # ("fast": test above)
     with torch.no_grad():
         torch.testing.assert_close(
             model(input_ids=input_ids).logits, reference(input_ids=input_ids).logits, rtol=1e-4, atol=1e-4

@@ -25,6 +25,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         choices=("q4", "hqq", "bnb", "none"),
         help="quantization of the base's linear layers (default q4: lordba's fast 4-bit CPU base)",
     )
+    p.add_argument(
+        "--q4-compute",
+        default=None,
+        choices=("exact", "fast", "fast-int8"),
+        help="how the q4 base computes (default: $LORDBA_Q4_COMPUTE, else fast: the prefill GEMM in bfloat16 "
+        "where the CPU has native bfloat16; exact: float32 throughout; fast-int8: also int8 activations "
+        "for single tokens, faster and slightly less accurate; docs/kernels.md)",
+    )
     p.add_argument("--max-new-tokens", type=positive_int, default=128, help="most tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
@@ -67,6 +75,7 @@ def load(args: argparse.Namespace) -> Loaded:
     from lordba.cli.serve_cmd import resolve_model
     from lordba.nn.decode import FastDecode
     from lordba.nn.model import LoRDBAModel
+    from lordba.quant import set_compute
     from lordba.quant.cache import quantize_model_cached
 
     if args.threads:
@@ -75,6 +84,8 @@ def load(args: argparse.Namespace) -> Loaded:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     model = quantize_model_cached(model, folder, backend=args.quant, bits=4, group_size=64)
+    if getattr(args, "q4_compute", None):
+        set_compute(model, args.q4_compute)
     kernels.cpu_available()  # build or load the CPU kernels before the first token
     if args.adapter:
         model = LoRDBAModel.from_pretrained(model, args.adapter).eval()

@@ -14,7 +14,7 @@ from lordba.quant.backend import BaseBackend, register_backend, resolve_backend
 from lordba.quant.bnb import BnbInt8Backend, BnbNF4Backend
 from lordba.quant.conv1d import Conv1DBackend
 from lordba.quant.hqq import HQQBackend
-from lordba.quant.q4 import Q4Backend, Q4Linear
+from lordba.quant.q4 import Q4Backend, Q4Linear, set_compute
 from lordba.quant.quantize import QUANT_BACKENDS, base_bits, describe_base, quantize_model
 
 register_backend(Conv1DBackend())
@@ -32,4 +32,5 @@ __all__ = [
     "quantize_model",
     "register_backend",
     "resolve_backend",
+    "set_compute",
 ]

@@ -17,12 +17,19 @@ from torch import nn
 
 from lordba.errors import ConfigError
 from lordba.kernels import cpu_available
-from lordba.kernels.q4 import CHUNK, pack_codes, q4_dequantize, q4_linear
+from lordba.kernels.q4 import CHUNK, check_compute, compute_flags, default_compute, pack_codes, q4_dequantize, q4_linear
 from lordba.quant.backend import BaseBackend
 
 
 class Q4Linear(nn.Module):
-    """A frozen 4-bit (or 8-bit) linear layer (buffers: ``qweight``, ``scale``, ``minus``; optional ``bias``)."""
+    """A frozen 4-bit (or 8-bit) linear layer (buffers: ``qweight``, ``scale``, ``minus``; optional ``bias``).
+
+    ``compute`` (``"exact"`` / ``"fast"`` / ``"fast-int8"``, default
+    :func:`~lordba.kernels.q4.default_compute`, can be set at any time): how the kernels compute
+    (:mod:`lordba.kernels.q4`): ``exact`` is the dequantized weight's result up to float32 rounding,
+    ``fast`` runs the prefill GEMM in bfloat16 where the CPU has native bfloat16 dot products,
+    ``fast-int8`` also rounds a single token's input to int8 (AVX512-VNNI builds).
+    """
 
     def __init__(
         self,
@@ -32,8 +39,10 @@ class Q4Linear(nn.Module):
         in_features: int,
         bias: torch.Tensor | None = None,
         bits: int = 4,
+        compute: str | None = None,
     ) -> None:
         super().__init__()
+        self.compute = default_compute() if compute is None else compute
         if bits not in (4, 8):
             raise ConfigError(f"Q4Linear stores 4- or 8-bit codes, got bits={bits}")
         self.bits = bits
@@ -83,18 +92,42 @@ class Q4Linear(nn.Module):
         layer = cls(pack_codes(codes, bits).to(dev), scale.to(dev), (-scale * zero).to(dev), in_features, bias, bits)
         return layer.to(dev)
 
+    @property
+    def compute(self) -> str:
+        """``"exact"``, ``"fast"`` or ``"fast-int8"`` (see the class docstring)."""
+        return self._compute
+
+    @compute.setter
+    def compute(self, name: str) -> None:
+        self._flags = compute_flags(check_compute(name))
+        self._compute = name
+
     def dequantize(self) -> torch.Tensor:
         """The float32 ``out × in`` weight this layer computes with."""
         return q4_dequantize(self.qweight, self.scale, self.minus, self.in_features, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return q4_linear(x, self.qweight, self.scale, self.minus, self.in_features, self.bias, self.bits)
+        return q4_linear(x, self.qweight, self.scale, self.minus, self.in_features, self.bias, self.bits, *self._flags)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}"
+            f"group_size={self.group_size}, compute={self.compute}"
         )
+
+
+def set_compute(model: nn.Module, compute: str) -> int:
+    """Set ``compute`` (``"exact"`` / ``"fast"`` / ``"fast-int8"``) on every :class:`Q4Linear` of ``model``; returns how
+    many there are.
+
+    Raises:
+        ConfigError: an unknown name.
+    """
+    check_compute(compute)
+    layers = [m for m in model.modules() if isinstance(m, Q4Linear)]
+    for layer in layers:
+        layer.compute = compute
+    return len(layers)
 
 
 def quantize_linear_q4(linear: nn.Linear, group_size: int = 64, bits: int = 4) -> Q4Linear:
@@ -120,7 +153,9 @@ class Q4Backend(BaseBackend):
 
     def merge(self, module: nn.Module, delta: torch.Tensor) -> nn.Module:
         weight = module.dequantize() + delta.float()
-        return Q4Linear.from_weight(weight, module.bias, module.group_size, bits=module.bits)
+        merged = Q4Linear.from_weight(weight, module.bias, module.group_size, bits=module.bits)
+        merged.compute = module.compute
+        return merged
 
     def bits_per_weight(self, module: nn.Module) -> float:
         return module.bits + 32.0 / module.group_size  # two float16 per group

@@ -51,7 +51,7 @@ def test_build_directory_tracks_arch_cpu_and_location(monkeypatch, tmp_path):
     monkeypatch.setenv("LORDBA_CPU_ARCH", "x86-64-v3")  # another -march: another build
     assert cpu.extension_name() not in (native, cpu.extension_name(""))
     monkeypatch.delenv("LORDBA_CPU_ARCH")
-    monkeypatch.setattr(cpu, "_cpu_flags", lambda: "flags : fpu sse2")  # another CPU sharing the cache
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: "flags : fpu sse2")  # another CPU sharing the cache
     assert cpu.extension_name() != native
 
 

@@ -74,7 +74,8 @@ def compiler() -> str | None:
     return None
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """This CPU's instruction-set flags line (``/proc/cpuinfo``; the processor's name elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((line for line in f if line.startswith(("flags", "Features"))), "")
@@ -98,7 +99,7 @@ def extension_name(arch: str | None = None) -> str:
     arch = _arch() if arch is None else arch
     source = "".join(hashlib.sha256(path.read_bytes()).hexdigest() for path in SOURCES)
     where = str(SOURCE.resolve())  # ninja's records name absolute paths: one build per install
-    parts = (arch, platform.machine(), _cpu_flags(), torch.__version__, source, where, compiler() or "")
+    parts = (arch, platform.machine(), cpu_flags(), torch.__version__, source, where, compiler() or "")
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
     return f"lordba_cpu_{key}"
 
