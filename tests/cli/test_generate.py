@@ -59,6 +59,17 @@ def test_generate_with_an_adapter_on_a_q4_base(folder, tmp_path, capsys, monkeyp
     monkeypatch.setattr(lordba.quant, "set_compute", lambda m, c: calls.append(c) or real(m, c))
     assert main([*argv[:-1], "--q4-compute", "exact", "ab"]) == 0
     assert calls == ["exact"] and capsys.readouterr().out == want + "\n"
+    monkeypatch.undo()
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    assert main([*argv[:-1], "--aot", "ab"]) == 0  # ahead-of-time compiled decode step: the same text
+    captured = capsys.readouterr()
+    assert captured.out == want + "\n" and "compiled in" in captured.err and "exported in" in captured.err
+    assert list((tmp_path / "cache" / "aot").glob("step-*.pt2"))
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda *a, **k: 1 / 0)  # a failing loader
+    assert main([*argv[:-1], "--aot", "ab"]) == 0  # decodes eagerly instead
+    captured = capsys.readouterr()
+    assert captured.out == want + "\n" and "ZeroDivisionError" in captured.err
+    assert main([*argv[:-1], "--aot", "--compile", "ab"]) == 3
 
 
 def test_generate_compile_streams_the_eager_text_and_falls_back_when_compiling_fails(

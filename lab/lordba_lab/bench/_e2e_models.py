@@ -152,6 +152,34 @@ def compiled_variants(
     return out
 
 
+AOT = " aot"  # suffix of the variants whose decode step is compiled ahead of time (AOTInductor)
+
+
+class AotStep:
+    """One decode step of ``model`` compiled ahead of time (:class:`lordba.nn.aot.AotDecode`, cache of
+    ``length`` positions, so as tight as llama.cpp's context), the cache holding ``prompt`` (prefilled
+    eagerly); the same ``step`` / ``back`` as :class:`StaticDecode`. ``model`` itself is not changed
+    beyond its attention implementation (:func:`lordba.nn.attention.use_packed_gqa`: the same results).
+
+    Raises ``RuntimeError`` when exporting or compiling fails."""
+
+    def __init__(self, model: nn.Module, prompt: torch.Tensor, length: int) -> None:
+        from lordba.nn.aot import AotDecode
+
+        self.decode = AotDecode(model, round_to=length)
+        if not self.decode.prepare(length):
+            raise RuntimeError(f"ahead-of-time compiling failed: {self.decode.failure}")
+        self.decode.prefill(prompt)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Logits ``[1, 1, vocab]`` of ``token`` after the cached context (the cache then holds it too)."""
+        return self.decode.step(int(token.reshape(-1)[0])).reshape(1, 1, -1)
+
+    def back(self) -> None:
+        """Forget the last step's position."""
+        self.decode.back()
+
+
 class StaticDecode:
     """One decode step of ``model`` on a static KV cache (of ``length`` positions) holding ``prompt``;
     :meth:`back` undoes a step, so every timed step sees the same context."""

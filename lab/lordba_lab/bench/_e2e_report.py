@@ -10,6 +10,7 @@ FOUR_BIT = ("q4", "hqq")
 
 
 COMPILED = " compiled"  # the suffix of the compiled-decode variants (see _e2e_models.COMPILED)
+AOT = " aot"  # ahead-of-time compiled decode step (see _e2e_models.AOT)
 
 
 def _target(name: str, row: dict, key: str, limit: float, strict: bool = False) -> dict:
@@ -26,8 +27,9 @@ def targets(rows: list[dict]) -> list[dict]:
     decode targets (their prefill is the eager model's)."""
     by = {x["variant"]: x for x in rows}
     out = []
-    for base in (b for b in FOUR_BIT if f"{b}+LoRDBA{COMPILED}" in by and f"{b}{COMPILED}" in by):
-        plain, ours = by[f"{base}{COMPILED}"], by[f"{base}+LoRDBA{COMPILED}"]
+    done = [(b, sfx) for sfx in (AOT, COMPILED) for b in FOUR_BIT if f"{b}+LoRDBA{sfx}" in by and f"{b}{sfx}" in by]
+    for base, sfx in done:
+        plain, ours = by[f"{base}{sfx}"], by[f"{base}+LoRDBA{sfx}"]
         if "decode_vs_fp32" in plain:
             out.append(_target("4-bit base decode <= 0.6x fp32 base", plain, "decode_vs_fp32", 0.6))
         out.append(_target("LoRDBA decode overhead <= 1.05x its base (paired)", ours, "decode_overhead_paired", 1.05))

@@ -11,6 +11,9 @@ project's machine has 2 cores; ``$LORDBA_BENCH_THREADS`` or ``python -m lordba_l
   requantized to Q4_0, plain and ``+LoRA`` (that PEFT export converted by llama.cpp's own
   ``convert_lora_to_gguf.py``, f16). Without llama-cpp-python these rows are skipped with a message
   naming the extra; the rest runs.
+* ``<base> aot`` and ``<base>+LoRDBA aot`` for the bases of ``aot`` (default q4): the eager
+  models' decode step compiled ahead of time (:class:`lordba.nn.aot.AotDecode`, ``lordba generate
+  --aot``), on a static cache of the prompt + 8 positions; decode only;
 * ``<base> compiled`` and ``<base>+LoRDBA compiled`` for the bases of ``compiled`` (default q4):
   the decode step ``torch.compile``'d (inductor) on a static KV cache, as ``lordba generate
   --compile`` runs it; decode only (their prefill is the eager model's), compiled before the timing
@@ -109,10 +112,13 @@ def _checks(models: dict, runners: dict, ids: list[int]) -> dict:
     return out
 
 
-def _compile_steps(models: dict, compiled: dict, x: torch.Tensor, tok: torch.Tensor) -> tuple[dict, dict]:
-    """``({name: StaticDecode}, checks)`` for the compiled variants: each step compiled before the
-    timing (its compile time in the checks) and its logits against its eager model's on the same
-    static cache."""
+def _compile_steps(
+    models: dict, compiled: dict, x: torch.Tensor, tok: torch.Tensor, aot: tuple[str, ...] = ()
+) -> tuple[dict, dict]:
+    """``({name: StaticDecode or AotStep}, checks)`` for the compiled variants (``torch.compile``'d
+    models of ``compiled``; ahead-of-time compiled steps of the eager models named in ``aot``):
+    each step compiled before the timing (its compile time in the checks) and its logits against its
+    eager model's on the same static cache."""
     steps, checks = {}, {}
     length = x.shape[1] + 8  # as llama.cpp's context (the CLI rounds up to a power of two)
     for name, model in compiled.items():
@@ -124,6 +130,17 @@ def _compile_steps(models: dict, compiled: dict, x: torch.Tensor, tok: torch.Ten
         checks[name] = {"compile_s": time.perf_counter() - start, "vs_eager": M.closeness(got, want),
                         "max_abs_diff": float((got - want).abs().max()),
                         "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs}  # fmt: skip
+        steps[name].back()
+    for plain in aot:
+        name = f"{plain}{M.AOT}"
+        want = M.StaticDecode(models[plain], x, length).step(tok)[0, -1].float()
+        start = time.perf_counter()
+        steps[name] = M.AotStep(models[plain], x, length)
+        got = steps[name].step(tok)[0, -1].float()
+        d = steps[name].decode
+        checks[name] = {"compile_s": d.compile_seconds, "export_s": d.export_seconds,
+                        "setup_s": time.perf_counter() - start, "vs_eager": M.closeness(got, want),
+                        "max_abs_diff": float((got - want).abs().max())}  # fmt: skip
         steps[name].back()
     return steps, checks
 
@@ -167,7 +184,7 @@ def _rows(timed: dict[str, dict[str, Stats]]) -> list[dict]:
     rows = []
     for name in timed["decode"]:
         engine = "llama.cpp" if name.startswith("llama.cpp") else "lordba"
-        plain = name.removesuffix(M.COMPILED)
+        plain = name.removesuffix(M.COMPILED).removesuffix(M.AOT)
         suffix = name[len(plain) :]
         base, _, adapter = plain.partition("+")
         row: dict = {"variant": name, "engine": engine, "base": base, "adapter": adapter or "none"}
@@ -191,15 +208,19 @@ def run(
     threads: int | None = None,
     bases: tuple[str, ...] = M.BASES,
     compiled: tuple[str, ...] = ("q4",),
+    aot: tuple[str, ...] = ("q4",),
 ) -> list[Path]:
     """Measure, print and write ``bench.json``, ``bench.md`` and ``e2e.png`` into ``out_dir`` (see
     the module docstring); returns the files written. ``threads``: torch's and llama.cpp's threads
     (default ``$LORDBA_BENCH_THREADS`` or 2); ``bases``: a subset of :data:`._e2e_models.BASES`;
     ``compiled``: the bases (of ``bases``) also timed with a compiled decode step, plain and
-    ``+LoRDBA`` (inductor takes 1-2 min per variant on 2 cores the first time).
+    ``+LoRDBA`` (inductor takes 1-2 min per variant on 2 cores the first time); ``aot``: the bases
+    (of ``bases``) also timed with an ahead-of-time compiled decode step (``lordba generate --aot``;
+    export ~30 s and compile ~50 s per variant, the compile once per machine).
 
     Raises :class:`~lordba.errors.ConfigError` for an unknown base."""
     from lordba import kernels
+    from lordba.kernels.q4 import default_compute, native_bfloat16
 
     threads = threads or int(os.environ.get("LORDBA_BENCH_THREADS", "2"))
     torch.set_num_threads(threads)
@@ -219,8 +240,9 @@ def run(
         try:
             checks = _checks(models, runners, ids[:-1])
             with torch.inference_mode():
+                ahead = tuple(f"{M.base_label(b)}{a}" for b in bases if b in aot for a in ("", "+LoRDBA"))
                 steps, checks["compiled"] = _compile_steps(
-                    models, fast, torch.tensor([ids[:-1]]), torch.tensor([[ids[-1]]])
+                    models, fast, torch.tensor([ids[:-1]]), torch.tensor([[ids[-1]]]), ahead
                 )
             timed = _time(models, runners, ids, quick, steps)
         finally:
@@ -235,8 +257,9 @@ def run(
         "hardware": hardware(),
         "kernels": {"isa": kernels.cpu_isa(), "cpu_ext": kernels.cpu_available()},
         "settings": {"quick": quick, "threads": threads, "prompt_tokens": prompt, "r": R, "bases": list(bases),
-                     "compiled": [b for b in bases if b in compiled],
+                     "compiled": [b for b in bases if b in compiled], "aot": [b for b in bases if b in aot],
                      "lordba_scale_dtype": M.SCALE_DTYPE, "activation_dtype": "float32",
+                     "q4_compute": default_compute(), "native_bfloat16": native_bfloat16(),
                      "llama_cpp_python": _llama_cpp.VERSION if not _llama_cpp.missing() else None},
         "load_avg_before": load_before,
         "load_avg_after": load(),

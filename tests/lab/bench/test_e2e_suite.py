@@ -78,13 +78,14 @@ def test_targets_compare_against_llama_cpp_and_fp32():
 def test_a_quick_run_on_a_tiny_model_writes_json_markdown_and_plot(tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(e2e, "load_model", lambda: (tiny_model, None, None))
     monkeypatch.setattr(e2e, "interleaved", lambda fns, *a, **k: _quick(fns, k.get("after")))
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))  # the ahead-of-time packages
     files = e2e.run(tmp_path, quick=True, threads=1, bases=("none", "q4"), compiled=("q4",))
     assert [f.name for f in files] == ["bench.json", "bench.md", "e2e.png"]
     assert all(f.stat().st_size > 0 for f in files)
     out = json.loads(files[0].read_text())
     names = [x["variant"] for x in out["rows"]]
     assert names == ["fp32", "fp32+LoRDBA", "fp32+LoRA", "q4", "q4+LoRDBA", "q4+LoRA", "q4 compiled",
-                     "q4+LoRDBA compiled"]  # no llama.cpp rows  # fmt: skip
+                     "q4+LoRDBA compiled", "q4 aot", "q4+LoRDBA aot"]  # no llama.cpp rows  # fmt: skip
     assert "llama.cpp rows skipped" in out["llama_cpp"] and "llama.cpp rows skipped" in capsys.readouterr().out
     by = {x["variant"]: x for x in out["rows"]}
     assert by["fp32"]["decode_vs_fp32"] == 1.0 and "decode_vs_llama" not in by["q4"]
@@ -94,7 +95,7 @@ def test_a_quick_run_on_a_tiny_model_writes_json_markdown_and_plot(tiny_model, t
     assert out["checks"]["lordba"]["q4"]["lordba_vs_fp32_lordba"]["cosine"] > 0.8
     assert out["checks"]["adapter_change_rel_l2"] > 0
     assert {t["variant"] for t in out["targets"]} == {"fp32+LoRDBA", "q4", "q4+LoRDBA", "q4 compiled",
-                                                      "q4+LoRDBA compiled"}  # fmt: skip
+                                                      "q4+LoRDBA compiled", "q4 aot", "q4+LoRDBA aot"}  # fmt: skip
     assert "| q4+LoRDBA |" in files[1].read_text()
     # compiled rows: decode only, against their own compiled base and their eager selves; the same logits
     fast = by["q4+LoRDBA compiled"]
@@ -105,6 +106,14 @@ def test_a_quick_run_on_a_tiny_model_writes_json_markdown_and_plot(tiny_model, t
         assert check["compile_s"] > 0 and check["vs_eager"]["top1_same"] and check["max_abs_diff"] < 1e-3
         assert check["graphs"] >= 1  # it did compile (not the eager model under another name)
     assert "| q4+LoRDBA compiled | — | — |" in files[1].read_text()
+    # ahead-of-time rows: decode only, compiled once each, the eager logits
+    ahead = by["q4+LoRDBA aot"]
+    assert "prefill_s" not in ahead and ahead["decode_s"] > 0 and ahead["decode_vs_eager_paired"] > 0
+    for name in ("q4 aot", "q4+LoRDBA aot"):
+        check = out["checks"]["compiled"][name]
+        assert check["compile_s"] > 0 and check["export_s"] > 0 and check["vs_eager"]["top1_same"]
+        assert check["max_abs_diff"] < 1e-3
+    assert len(list((tmp_path / "cache" / "aot").glob("step-*.pt2"))) == 2
 
 
 def _quick(fns, after):

@@ -1,0 +1,310 @@
+"""Decoding ahead-of-time compiled (AOTInductor): one C++ call per token, no Python module tree, no guards.
+
+On a CPU the eager decode step of a small model spends as much time in Python (transformers'
+blocks, every adapted layer's wrapper) as in its kernels, and a ``torch.compile``'d step adds
+dynamo's guard evaluation over every weight and adapter tensor (~2-4 ms per token on SmolLM2).
+:class:`AotDecode` exports the decode step of one model on a static KV cache
+(``torch.export``, strict, through the ``lordba::q4_linear`` and ``lordba::branch`` ops' fake
+implementations and :mod:`lordba.nn.attention`'s attention) and compiles it with AOTInductor into a
+package **without its weights**: the compiled step reads the live model's tensors (``user_managed``
+constants), so no weight is copied and the KV cache is shared with the eager model that fills it
+with the prompt (prefill stays eager: its length changes and PyTorch's GEMM serves it well).
+
+What is compiled is fixed: the model's structure, its active adapter(s) and their settings, the q4
+layers' ``compute`` and the cache length (a power of two, :func:`~lordba.nn.decode.cache_length`).
+The package's name is the sha256 of the exported graph's code and of the names, shapes and dtypes
+of the tensors it reads, so any change that the graph sees compiles a new package and nothing stale
+is reused (the export runs every time: ~10-30 s for SmolLM2; the compile, 40-60 s on 2 cores, only
+for a package not in ``<lordba cache>/aot``). Weight *values* are read live: after replacing a tensor
+object (not its values), call :meth:`AotDecode.refresh`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lordba.errors import ConfigError
+from lordba.nn.attention import use_packed_gqa
+from lordba.nn.decode import _hf_model, cache_length
+
+AOT_DIR = "aot"
+
+
+def _package_dir() -> Path:
+    from lordba._util.cachedir import cache_dir
+
+    return Path(cache_dir()) / AOT_DIR
+
+
+@contextlib.contextmanager
+def _static_generation(model: nn.Module) -> Iterator[None]:
+    """The generation config transformers' exporter asks for, restored afterwards."""
+    config = model.generation_config
+    saved = (config.use_cache, config.cache_implementation)
+    config.use_cache, config.cache_implementation = True, "static"
+    try:
+        yield
+    finally:
+        config.use_cache, config.cache_implementation = saved
+
+
+class _Step:
+    """One cache length: the wrapper holding the static cache, the loaded package and the tensors it reads."""
+
+    def __init__(self, model: nn.Module, length: int, folder: Path, log: Callable[[str], None]) -> None:
+        from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+        with _static_generation(model):
+            wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=length)
+        self.module = wrapper.model
+        self.cache = self.module.static_cache
+        start = time.perf_counter()
+        with torch.no_grad():
+            program = wrapper.export(input_ids=torch.tensor([[1]]), cache_position=torch.tensor([0]))
+        self.export_seconds = time.perf_counter() - start
+        self.path, self.compile_seconds = _compiled(program, self._tensors(), folder, log)
+        self.runner = torch._inductor.aoti_load_package(str(self.path))
+        self.refresh()
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        named = dict(self.module.named_parameters(remove_duplicate=False))
+        named.update(self.module.named_buffers(remove_duplicate=False))
+        return named
+
+    def refresh(self) -> None:
+        named = self._tensors()
+        wanted = self.runner.get_constant_fqns()
+        missing = [n for n in wanted if n not in named]
+        if missing:
+            raise ConfigError(f"the compiled decode step reads tensors the model no longer has: {missing[:3]}")
+        self.constants = {n: named[n] for n in wanted}  # kept alive: the package reads them in place
+        self.runner.load_constants(self.constants, check_full_update=True, user_managed=True)
+
+
+def _key(program: Any, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of what the compiled code depends on: the graph, the tensors' names/shapes/dtypes, versions."""
+    import transformers
+
+    from lordba._version import __version__
+    from lordba.kernels.cpu import extension_name
+
+    h = hashlib.sha256()
+    for part in (torch.__version__, transformers.__version__, __version__, extension_name(), program.graph_module.code):
+        h.update(str(part).encode() + b"\0")
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{tuple(t.stride())}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _compiled(
+    program: Any, tensors: dict[str, torch.Tensor], folder: Path, log: Callable[[str], None]
+) -> tuple[Path, float]:
+    """The package of ``program`` in ``folder`` (compiled now if absent; written whole or not at all)."""
+    path = folder / f"step-{_key(program, tensors)}.pt2"
+    if path.is_file():
+        return path, 0.0
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"compiling the decode step ahead of time (once per model, adapter and cache length): {path.name}")
+    start = time.perf_counter()
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".pt2")  # never a step-*.pt2 name
+    os.close(fd)
+    try:
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=tmp, inductor_configs={"aot_inductor.package_constants_in_so": False}
+        )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path, time.perf_counter() - start
+
+
+class AotDecode:
+    """Greedy or sampled generation of a batch of one with an ahead-of-time compiled decode step.
+
+    Args:
+        model: a transformers causal LM on the CPU, or a LoRDBAModel wrapping one (its active
+            adapters as they are now are compiled in).
+        folder: where packages are kept (default ``<lordba cache>/aot``).
+        log: called with a line before a compile (default: nothing).
+        round_to: cache lengths are the positions needed rounded up to a multiple of this (default:
+            :func:`~lordba.nn.decode.cache_length`'s power of two, so few lengths are compiled;
+            attention reads the whole cache every token, so a tighter length decodes faster).
+
+    Raises:
+        ConfigError: the model is not on the CPU, or ``round_to`` is not positive.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        folder: Path | None = None,
+        log: Callable[[str], None] | None = None,
+        round_to: int | None = None,
+    ) -> None:
+        if round_to is not None and round_to <= 0:
+            raise ConfigError(f"round_to must be positive, got {round_to}")
+        self.round_to = round_to
+        self.model = model
+        self.inner = _hf_model(model)
+        if any(t.device.type != "cpu" for t in self.inner.parameters()):
+            raise ConfigError("AotDecode compiles for the CPU: the model must be on the CPU")
+        use_packed_gqa(self.inner)
+        self.folder = Path(folder) if folder is not None else _package_dir()
+        self.log = log or (lambda line: None)
+        self._steps: dict[int, _Step] = {}
+        self.step_for: _Step | None = None
+        self.position = 0
+        self.compile_seconds = 0.0
+        self.export_seconds = 0.0
+        self.compiled = True  # False after a failure (:meth:`fallback`): callers then decode eagerly
+        self.failure: str | None = None
+
+    aot = True
+
+    def _limit(self) -> int | None:
+        return getattr(getattr(self.inner, "config", None), "max_position_embeddings", None)
+
+    def prepare(self, tokens: int) -> bool:
+        """Get the compiled step for a call holding ``tokens`` positions ready (exported, and compiled
+        unless its package exists; its cache emptied). On failure logs it, records it in
+        :attr:`failure` and stops compiling (:meth:`fallback`). Returns whether the step is ready."""
+        if not self.compiled:
+            return False
+        try:
+            self._prepare_step(tokens)
+        except Exception as err:  # any exporter / compiler failure: the caller decodes eagerly
+            self.fallback(err)
+            return False
+        return True
+
+    def fallback(self, err: BaseException) -> None:
+        """Stop compiling (after ``err``); :meth:`generate` then refuses and callers decode eagerly."""
+        self.compiled = False
+        self.failure = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        self.log(f"ahead-of-time compiled decoding failed ({self.failure}); decoding eagerly instead")
+
+    def generate_kwargs(self, tokens: int) -> dict[str, Any]:
+        """No extra arguments: :meth:`generate` replaces the model's (the interface of FastDecode)."""
+        return {}
+
+    def _prepare_step(self, tokens: int) -> _Step:
+        if self.round_to is None:
+            length = cache_length(tokens, self._limit())
+        else:
+            length = -(-int(tokens) // self.round_to) * self.round_to
+        if length < tokens:
+            raise ConfigError(f"{tokens} positions do not fit the model's {length}")
+        step = self._steps.get(length)
+        if step is None:
+            step = self._steps[length] = _Step(self.inner, length, self.folder, self.log)
+            self.compile_seconds += step.compile_seconds
+            self.export_seconds += step.export_seconds
+        step.cache.reset()
+        self.step_for, self.position = step, 0
+        return step
+
+    def refresh(self) -> None:
+        """Point every compiled step at the model's current tensors (after a tensor was replaced)."""
+        for step in self._steps.values():
+            step.refresh()
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt ``[1, n]`` eagerly into the prepared step's cache; the last position's logits ``[vocab]``."""
+        step = self._ready()
+        n = int(input_ids.shape[-1])
+        positions = torch.arange(self.position, self.position + n)
+        out = self.inner(
+            input_ids=input_ids, past_key_values=step.cache, cache_position=positions, use_cache=True, logits_to_keep=1
+        )
+        self.position += n
+        return out.logits[0, -1]
+
+    @torch.no_grad()
+    def step(self, token: int) -> torch.Tensor:
+        """One token through the compiled step; its logits ``[vocab]``."""
+        step = self._ready()
+        logits = step.runner(input_ids=torch.tensor([[int(token)]]), cache_position=torch.tensor([self.position]))
+        self.position += 1
+        return logits.reshape(-1)
+
+    def back(self) -> None:
+        """Forget the last position (benchmarks time one step again and again)."""
+        step = self._ready()
+        for layer in step.cache.layers:
+            layer.cumulative_length.sub_(1)
+        self.position -= 1
+
+    def _ready(self) -> _Step:
+        if self.step_for is None:
+            raise ConfigError("AotDecode: call prepare(tokens) first (it failed, or was not called)")
+        return self.step_for
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        streamer: Any = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        **_: Any,
+    ) -> torch.Tensor:
+        """``transformers``' ``generate`` for a batch of one (greedy, or temperature / top-p sampling
+        from torch's global generator); returns prompt + new tokens ``[1, n]``. ``streamer`` gets the
+        prompt then each token (``put``/``end``), as transformers' streamers expect.
+
+        Raises:
+            ConfigError: a batch of more than one.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ConfigError(f"AotDecode generates for one sequence, got input_ids of shape {tuple(input_ids.shape)}")
+        eos = _eos_ids(self.inner, eos_token_id)
+        self._prepare_step(int(input_ids.shape[-1]) + int(max_new_tokens))
+        if streamer is not None:
+            streamer.put(input_ids)
+        tokens = []
+        logits = self.prefill(input_ids)
+        for i in range(int(max_new_tokens)):
+            token = _choose(logits, do_sample, temperature, top_p)
+            tokens.append(token)
+            if streamer is not None:
+                streamer.put(torch.tensor([token]))
+            if token in eos or i + 1 == max_new_tokens:
+                break
+            logits = self.step(token)
+        if streamer is not None:
+            streamer.end()
+        return torch.cat([input_ids, torch.tensor([tokens], dtype=input_ids.dtype)], dim=1)
+
+
+def _eos_ids(model: nn.Module, given: int | list[int] | None) -> set[int]:
+    ids = given if given is not None else getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        return set()
+    return {int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])}
+
+
+def _choose(logits: torch.Tensor, sample: bool, temperature: float, top_p: float) -> int:
+    """Greedy, or a sample at ``temperature`` from the smallest set of tokens holding ``top_p`` of the mass."""
+    if not sample or temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1))

@@ -1,0 +1,99 @@
+"""``lordba.nn.aot``: the ahead-of-time compiled decode step on a tiny q4 model with a LoRDBA adapter
+gives the eager greedy tokens and logits, reads the live model's tensors (no copy), is compiled once
+per graph (a second decoder loads the package) and again when the graph changes (the adapter's
+scaling), never reusing a stale package."""
+
+import pytest
+import torch
+
+from lordba import LoRDBAConfig, get_lordba_model
+from lordba.errors import ConfigError
+from lordba.nn import aot as aot_module
+from lordba.nn.aot import AotDecode
+from lordba.quant import quantize_model
+
+from conftest import tiny_llama
+
+PROMPT = torch.tensor([[5, 17, 3, 44, 9, 21, 60, 2]])
+NEW = 6
+
+pytestmark = pytest.mark.skipif(
+    not __import__("lordba.kernels", fromlist=["cpu_available"]).cpu_available(), reason="CPU kernels needed"
+)
+
+
+def lordba_model():
+    base = quantize_model(tiny_llama(0), backend="q4", group_size=64)
+    torch.manual_seed(3)
+    lm = get_lordba_model(base, LoRDBAConfig(r=4, init="random"))
+    for a in lm.adapter_modules("default").values():
+        with torch.no_grad():
+            a.scale_out.mul_(30)  # large enough to change the greedy tokens
+    lm.pack()
+    return lm.eval()
+
+
+def eager(model):
+    kw = dict(do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(input_ids=PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=NEW,
+                             min_new_tokens=NEW, **kw)  # fmt: skip
+    return out.sequences, torch.stack(out.logits)[:, 0]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("aot")
+
+
+def test_compiled_step_gives_the_eager_tokens_and_logits_and_reads_the_live_tensors(folder):
+    lm = lordba_model()
+    want_ids, want_logits = eager(lm)
+    base_ids, _ = eager(quantize_model(tiny_llama(0), backend="q4", group_size=64))
+    assert not torch.equal(want_ids, base_ids)  # the adapter matters
+    lines = []
+    decode = AotDecode(lm, folder=folder, log=lines.append)
+    got = decode.generate(PROMPT, NEW, eos_token_id=[])
+    assert torch.equal(got, want_ids) and len(lines) == 1 and decode.compile_seconds > 0
+    decode.prepare(PROMPT.shape[1] + NEW)
+    logits = [decode.prefill(PROMPT)]
+    for token in want_ids[0, PROMPT.shape[1] : -1].tolist():
+        logits.append(decode.step(token))
+    torch.testing.assert_close(torch.stack(logits), want_logits, rtol=1e-4, atol=1e-4)
+    step = decode.step_for
+    mine = dict(lm.named_parameters(remove_duplicate=False))
+    mine.update(lm.named_buffers(remove_duplicate=False))
+    cache = {t.data_ptr() for layer in step.cache.layers for t in (layer.keys, layer.values, layer.cumulative_length)}
+    ptrs = {t.data_ptr() for t in mine.values()}
+    assert len(step.constants) == len(cache) + len([t for t in step.constants.values() if t.data_ptr() in ptrs])
+    assert all(t.data_ptr() in ptrs | cache for t in step.constants.values())  # the model's own tensors, no copies
+
+
+def test_a_second_decoder_loads_the_package_and_a_changed_graph_compiles_anew(folder, monkeypatch):
+    lm = lordba_model()
+    packages = sorted(folder.glob("step-*.pt2"))
+    assert len(packages) == 1
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: pytest.fail("recompiled"))
+    decode = AotDecode(lm, folder=folder)
+    assert torch.equal(decode.generate(PROMPT, NEW, eos_token_id=[]), eager(lm)[0]) and decode.compile_seconds == 0
+    monkeypatch.undo()
+    for a in lm.adapter_modules("default").values():
+        a.scaling = a.scaling * 2  # a constant of the graph: a new package, never the old one
+    want = eager(lm)[0]
+    decode = AotDecode(lm, folder=folder)
+    assert torch.equal(decode.generate(PROMPT, NEW, eos_token_id=[]), want)
+    assert len(sorted(folder.glob("step-*.pt2"))) == 2 and not list(folder.glob(".partial-*"))
+
+
+def test_bad_calls_are_refused():
+    lm = lordba_model()
+    decode = AotDecode(lm, folder=None)
+    with pytest.raises(ConfigError, match="prepare"):
+        decode.step(3)
+    with pytest.raises(ConfigError, match="one sequence"):
+        decode.generate(PROMPT.expand(2, -1), 3)
+    with pytest.raises(ConfigError, match="round_to"):
+        AotDecode(lm, round_to=0)
+    assert aot_module._choose(torch.tensor([0.0, 5.0, 1.0]), False, 1.0, 1.0) == 1
+    torch.manual_seed(0)
+    assert {aot_module._choose(torch.tensor([0.0, 5.0, 4.9]), True, 1.0, 0.5) for _ in range(20)} == {1}
