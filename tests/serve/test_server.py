@@ -297,7 +297,8 @@ def test_client_disconnect_mid_stream_frees_its_slot(server):
     conn.close()
     assert wait_for(lambda: engine.load == (0, 0) and registry._entries["b"].refs == 0)
     assert aborts(server) == before + 1  # aborted, not run to its 250 tokens
-    assert client(server).completions.create(model="b", prompt="x", max_tokens=2).usage.completion_tokens == 2
+    after = client(server).completions.create(model="b", prompt="x", max_tokens=2, extra_body={"ignore_eos": True})
+    assert after.usage.completion_tokens == 2  # the slot serves the next request (whatever the random adapter says)
 
 
 # ---------------------------------------------------------------------------- LRU
