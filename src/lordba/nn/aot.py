@@ -135,7 +135,8 @@ class AotDecode:
 
     Args:
         model: a transformers causal LM on the CPU, or a LoRDBAModel wrapping one (its active
-            adapters as they are now are compiled in).
+            adapters as they are now are compiled in). A model on ``sdpa`` attention is switched to
+            :mod:`lordba.nn.attention`'s (the same results, eager and compiled).
         folder: where packages are kept (default ``<lordba cache>/aot``).
         log: called with a line before a compile (default: nothing).
         round_to: cache lengths are the positions needed rounded up to a multiple of this (default:
