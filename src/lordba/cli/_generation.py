@@ -62,7 +62,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 @dataclass
 class Loaded:
     """A ready model (the base with its adapter), its tokenizer and how it decodes
-    (:class:`lordba.nn.decode.FastDecode`: compiled or eager)."""
+    (:class:`lordba.nn.decode.FastDecode`: compiled or eager; :class:`lordba.nn.aot.AotDecode` with
+    ``--aot``)."""
 
     model: Any
     tokenizer: Any
