@@ -28,6 +28,24 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return model.eval()
 
 
+def tiny_q4(adapter: bool):
+    """:func:`tiny_llama` on the q4 base (groups of 64), with (``adapter``) a packed random LoRDBA adapter
+    (r=4, output scales ×30: large enough to change the greedy tokens) in eval mode."""
+    from lordba import LoRDBAConfig, get_lordba_model
+    from lordba.quant import quantize_model
+
+    base = quantize_model(tiny_llama(0), backend="q4", group_size=64)
+    if not adapter:
+        return base
+    torch.manual_seed(3)
+    lm = get_lordba_model(base, LoRDBAConfig(r=4, init="random"))
+    for a in lm.adapter_modules("default").values():
+        with torch.no_grad():
+            a.scale_out.mul_(30)
+    lm.pack()
+    return lm.eval()
+
+
 @pytest.fixture
 def tiny_model() -> LlamaForCausalLM:
     return tiny_llama()

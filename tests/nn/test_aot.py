@@ -6,31 +6,17 @@ scaling), never reusing a stale package."""
 import pytest
 import torch
 
-from lordba import LoRDBAConfig, get_lordba_model
 from lordba.errors import ConfigError
+from lordba.kernels import cpu_available
 from lordba.nn import aot as aot_module
 from lordba.nn.aot import AotDecode
-from lordba.quant import quantize_model
 
-from conftest import tiny_llama
+from conftest import tiny_q4
 
 PROMPT = torch.tensor([[5, 17, 3, 44, 9, 21, 60, 2]])
 NEW = 6
 
-pytestmark = pytest.mark.skipif(
-    not __import__("lordba.kernels", fromlist=["cpu_available"]).cpu_available(), reason="CPU kernels needed"
-)
-
-
-def lordba_model():
-    base = quantize_model(tiny_llama(0), backend="q4", group_size=64)
-    torch.manual_seed(3)
-    lm = get_lordba_model(base, LoRDBAConfig(r=4, init="random"))
-    for a in lm.adapter_modules("default").values():
-        with torch.no_grad():
-            a.scale_out.mul_(30)  # large enough to change the greedy tokens
-    lm.pack()
-    return lm.eval()
+pytestmark = pytest.mark.skipif(not cpu_available(), reason="CPU kernels needed")
 
 
 def eager(model):
@@ -47,9 +33,9 @@ def folder(tmp_path_factory):
 
 
 def test_compiled_step_gives_the_eager_tokens_and_logits_and_reads_the_live_tensors(folder):
-    lm = lordba_model()
+    lm = tiny_q4(adapter=True)
     want_ids, want_logits = eager(lm)
-    base_ids, _ = eager(quantize_model(tiny_llama(0), backend="q4", group_size=64))
+    base_ids, _ = eager(tiny_q4(adapter=False))
     assert not torch.equal(want_ids, base_ids)  # the adapter matters
     lines = []
     decode = AotDecode(lm, folder=folder, log=lines.append)
@@ -70,7 +56,7 @@ def test_compiled_step_gives_the_eager_tokens_and_logits_and_reads_the_live_tens
 
 
 def test_a_second_decoder_loads_the_package_and_a_changed_graph_compiles_anew(folder, monkeypatch):
-    lm = lordba_model()
+    lm = tiny_q4(adapter=True)
     packages = sorted(folder.glob("step-*.pt2"))
     assert len(packages) == 1
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: pytest.fail("recompiled"))
@@ -86,7 +72,7 @@ def test_a_second_decoder_loads_the_package_and_a_changed_graph_compiles_anew(fo
 
 
 def test_bad_calls_are_refused():
-    lm = lordba_model()
+    lm = tiny_q4(adapter=True)
     decode = AotDecode(lm, folder=None)
     with pytest.raises(ConfigError, match="prepare"):
         decode.step(3)

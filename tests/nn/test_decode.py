@@ -7,12 +7,10 @@ import logging
 import pytest
 import torch
 
-from lordba import LoRDBAConfig, get_lordba_model
 from lordba.errors import ConfigError
 from lordba.nn.decode import MIN_CACHE, FastDecode, cache_length
-from lordba.quant import quantize_model
 
-from conftest import tiny_llama
+from conftest import tiny_llama, tiny_q4
 
 PROMPT = torch.tensor([[5, 17, 3, 44, 9, 21, 60, 2]])
 NEW = 6
@@ -23,19 +21,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def q4_model(adapter: bool):
-    base = quantize_model(tiny_llama(0), backend="q4", group_size=64)
-    if not adapter:
-        return base
-    torch.manual_seed(3)
-    lm = get_lordba_model(base, LoRDBAConfig(r=4, init="random"))
-    for a in lm.adapter_modules("default").values():
-        with torch.no_grad():
-            a.scale_out.mul_(30)  # large enough to change the greedy tokens
-    lm.pack()
-    return lm.eval()
 
 
 def greedy(model, decode: FastDecode | None = None):
@@ -55,7 +40,7 @@ def assert_same(got, want):
 
 
 def test_compiled_decode_equals_eager_on_the_q4_base_and_a_new_prompt_length_reuses_it():
-    base = q4_model(adapter=False)
+    base = tiny_q4(adapter=False)
     want = greedy(base)
     decode = FastDecode(base)
     assert_same(greedy(base, decode), want)
@@ -71,7 +56,7 @@ def test_compiled_decode_equals_eager_on_the_q4_base_and_a_new_prompt_length_reu
 
 
 def test_compiled_decode_equals_eager_with_the_adapter_enabled_and_disabled():
-    lm = q4_model(adapter=True)
+    lm = tiny_q4(adapter=True)
     want = greedy(lm)
     with lm.disable_adapter():
         want_off = greedy(lm)
@@ -86,7 +71,7 @@ def test_compiled_decode_equals_eager_with_the_adapter_enabled_and_disabled():
 
 
 def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
-    base = q4_model(adapter=False)
+    base = tiny_q4(adapter=False)
     want = greedy(base)
 
     def broken(*args, **kwargs):
