@@ -5,12 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from lordba._util.tables import markdown_table, print_table
+from lordba_lab.bench._e2e_models import AOT, COMPILED
 
 FOUR_BIT = ("q4", "hqq")
-
-
-COMPILED = " compiled"  # the suffix of the compiled-decode variants (see _e2e_models.COMPILED)
-AOT = " aot"  # ahead-of-time compiled decode step (see _e2e_models.AOT)
 
 
 def _target(name: str, row: dict, key: str, limit: float, strict: bool = False) -> dict:

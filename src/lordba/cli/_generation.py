@@ -125,6 +125,12 @@ def _prepare(loaded: Loaded, tokens: int) -> None:
         print(f"[compiling failed, decoding eagerly: {decode.failure}]", file=sys.stderr)
 
 
+def _aot_ready(decode: Any) -> bool:
+    """Whether ``decode`` is an :class:`~lordba.nn.aot.AotDecode` still compiling (its ``generate``
+    replaces the model's)."""
+    return bool(getattr(decode, "aot", False) and decode.compiled)
+
+
 def _generate_streaming(loaded: Loaded, kwargs: dict, out: Any) -> tuple[Any, float | None, list[str], float]:
     """Run ``generate`` in a thread, writing its text to ``out`` as it comes; returns ``(ids,
     seconds to the first piece, pieces, total seconds)``. An error of ``generate`` is raised here
@@ -135,9 +141,7 @@ def _generate_streaming(loaded: Loaded, kwargs: dict, out: Any) -> tuple[Any, fl
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
     result: dict[str, Any] = {}
 
-    decode = loaded.decode
-    aot = getattr(decode, "aot", False) and decode.compiled
-    generate = decode.generate if aot else loaded.model.generate
+    generate = loaded.decode.generate if _aot_ready(loaded.decode) else loaded.model.generate
 
     def work() -> None:
         try:
@@ -184,7 +188,7 @@ def stream(loaded: Loaded, input_ids: Any, args: argparse.Namespace, out: Any = 
     _prepare(loaded, tokens)
     decode = loaded.decode
     extra = decode.generate_kwargs(tokens) if decode is not None else {}
-    compiled = bool(extra) or bool(getattr(decode, "aot", False) and decode.compiled)
+    compiled = bool(extra) or _aot_ready(decode)
     torch.manual_seed(args.seed)
     written: list[str] = []
     sink = _Tee(out, written)

@@ -116,6 +116,14 @@ struct Packed {
   int64_t out, in, groups, group, row_bytes, bits;
 };
 
+// The offset term of row o for one token: sum_g m_g * sum(x_g) (xsum: that token's group sums of x).
+inline float row_offset(const Packed& p, int64_t o, const float* xsum) {
+  const c10::Half* m = p.m + o * p.groups;
+  float offset = 0.f;
+  for (int64_t g = 0; g < p.groups; ++g) offset += half_to_float(m[g]) * xsum[g];
+  return offset;
+}
+
 Packed unpack_args(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minus, int64_t in,
                    int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8, "lordba::q4: bits must be 4 or 8");
@@ -186,12 +194,7 @@ void rows_dot1(const Packed& p, int64_t o, const float* x, const float* xsum, fl
       acc[r] = _mm512_fmadd_ps(_mm512_add_ps(lo_acc[r], hi_acc[r]), s, acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const c10::Half* m = p.m + (o + r) * p.groups;
-    float offset = 0.f;
-    for (int64_t g = 0; g < p.groups; ++g) offset += half_to_float(m[g]) * xsum[g];
-    y[o + r] = _mm512_reduce_add_ps(acc[r]) + offset;
-  }
+  for (int r = 0; r < R; ++r) y[o + r] = _mm512_reduce_add_ps(acc[r]) + row_offset(p, o + r, xsum);
 }
 #endif
 
@@ -232,12 +235,9 @@ void rows_dot1_i8(const Packed& p, int64_t o, const int8_t* xq, const float* dx,
     }
   }
   for (int r = 0; r < R; ++r) {
-    const c10::Half* m = p.m + (o + r) * p.groups;
-    float offset = 0.f;
-    for (int64_t g = 0; g < p.groups; ++g) offset += half_to_float(m[g]) * xsum[g];
     const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
     const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    y[o + r] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1))) + offset;
+    y[o + r] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1))) + row_offset(p, o + r, xsum);
   }
 }
 
@@ -349,7 +349,6 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool int8_dot) {
     for (int64_t o = o0; o < o1; ++o) {
       const uint8_t* q = p.q + o * p.row_bytes;
       const c10::Half* s = p.s + o * p.groups;
-      const c10::Half* m = p.m + o * p.groups;
       for (int64_t t0 = 0; t0 < T; t0 += kTokenBlock) {
         const int64_t nt = std::min(kTokenBlock, T - t0);
         const float* xs[kTokenBlock];
@@ -370,12 +369,8 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool int8_dot) {
             default: row_dot<4, 8>(q, s, p.groups, chunks, xs, p.in, dots);
           }
         }
-        for (int64_t t = 0; t < nt; ++t) {
-          float offset = 0.f;
-          const float* xsum_t = xsum.data() + (t0 + t) * p.groups;
-          for (int64_t g = 0; g < p.groups; ++g) offset += half_to_float(m[g]) * xsum_t[g];
-          y[(t0 + t) * p.out + o] = dots[t] + offset;
-        }
+        for (int64_t t = 0; t < nt; ++t)
+          y[(t0 + t) * p.out + o] = dots[t] + row_offset(p, o, xsum.data() + (t0 + t) * p.groups);
       }
     }
   });
