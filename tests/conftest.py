@@ -28,13 +28,18 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return model.eval()
 
 
-def tiny_q4(adapter: bool):
+def tiny_q4(adapter: bool, compute: str = "exact"):
     """:func:`tiny_llama` on the q4 base (groups of 64), with (``adapter``) a packed random LoRDBA adapter
-    (r=4, output scales ×30: large enough to change the greedy tokens) in eval mode."""
+    (r=4, output scales ×30: large enough to change the greedy tokens) in eval mode.
+
+    ``compute`` defaults to ``exact``: tests that compare two paths (compiled and eager, static and
+    dynamic cache) to 1e-4 need float32 inputs — with ``fast`` a 1-ulp difference upstream can flip an
+    input's bfloat16 rounding (2^-9 of it)."""
     from lordba import LoRDBAConfig, get_lordba_model
-    from lordba.quant import quantize_model
+    from lordba.quant import quantize_model, set_compute
 
     base = quantize_model(tiny_llama(0), backend="q4", group_size=64)
+    set_compute(base, compute)
     if not adapter:
         return base
     torch.manual_seed(3)

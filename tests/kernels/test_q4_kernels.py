@@ -127,17 +127,17 @@ def test_inference_calls_skip_the_autograd_function(monkeypatch):
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("tokens", [1, 15, 16, 40])
+@pytest.mark.parametrize("tokens", [2, 15, 16, 40])
 def test_bfloat16_gemm_rounds_the_gemm_operands_only_from_sixteen_tokens(tokens):
-    """``bf16_gemm``: from 16 tokens on the GEMM runs on bfloat16 operands (error of the order of
-    bfloat16's rounding, well above float32's); fewer tokens are the float32 decode path, unchanged;
+    """``bf16``: from 16 tokens on the GEMM runs on bfloat16 operands (error of the order of
+    bfloat16's rounding, well above float32's); 2-15 tokens are the float32 decode path, unchanged;
     the input gradient stays float32."""
     qweight, scale, minus, _ = packed(48, 96, 32, seed=tokens)
     x = torch.randn(tokens, 96, requires_grad=True)
     w = dequantize_reference(qweight, scale, minus, 96)
     exact = x.detach().double() @ w.double().t()
     rounded = (x.detach().bfloat16().double() @ w.bfloat16().double().t()).bfloat16().double()
-    got = q4_linear(x, qweight, scale, minus, 96, bf16_gemm=True)
+    got = q4_linear(x, qweight, scale, minus, 96, bf16=True)
     assert got.dtype == torch.float32
     err = (got.double() - exact).norm() / exact.norm()
     if tokens < 16:
@@ -148,6 +148,56 @@ def test_bfloat16_gemm_rounds_the_gemm_operands_only_from_sixteen_tokens(tokens)
     dy = torch.randn(tokens, 48)
     got.backward(dy)
     torch.testing.assert_close(x.grad, dy @ w, rtol=1e-5, atol=1e-5)
+
+
+def _codes8(out, in_features, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    padded = -(-in_features // group) * group
+    codes = torch.randint(0, 256, (out, padded), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(out, padded // group, generator=g) * 0.002 + 0.0001).half()
+    minus = (torch.randn(out, padded // group, generator=g) * 0.05).half()
+    return pack_codes(codes, 8), scale, minus
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(7, 40, 64), (33, 20, 64), (64, 128, 128), (5, 96, 32), (4, 600, 64)])
+def test_bfloat16_one_token_kernel_is_the_rounded_inputs_arithmetic(shape, bits):
+    """``bf16`` with one token (AVX512_BF16 builds): the products of the codes with the input rounded
+    to bfloat16, summed in float32, plus the offset term on the exact input — for 4-bit rows and the
+    8-bit head's (two nibbles per code); within bfloat16's rounding of the exact result. Other builds
+    compute in float32."""
+    from lordba.kernels.q4 import bf16_dot_available
+
+    out, in_features, group = shape
+    if bits == 4:
+        qweight, scale, minus, _ = packed(out, in_features, group, seed=out)
+    else:
+        qweight, scale, minus = _codes8(out, in_features, group, seed=out)
+    x = torch.randn(1, in_features) * 3
+    x[0, 0] = 40.0  # an outlier costs nothing here: each input is rounded on its own
+    w = dequantize_reference(qweight, scale, minus, in_features, bits).double()
+    exact = x.double() @ w.t()
+    got = q4_linear(x, qweight, scale, minus, in_features, bits=bits, bf16=True)
+    if not bf16_dot_available():
+        torch.testing.assert_close(got, q4_linear(x, qweight, scale, minus, in_features, bits=bits))
+        return
+    codes = unpack_codes(qweight).double() if bits == 4 else qweight.double()
+    padded = codes.shape[1]
+    xr = torch.nn.functional.pad(x[0].double(), (0, padded - in_features))
+    xe = xr.clone()
+    xr = xr.float().bfloat16().double()
+    dots = (codes.reshape(out, -1, group) * xr.reshape(-1, group)).sum(-1)
+    want = (dots * scale.double()).sum(-1) + (minus.double() * xe.reshape(-1, group).sum(-1)).sum(-1)
+    torch.testing.assert_close(got[0].double(), want, rtol=1e-5, atol=1e-4)
+    # bfloat16 keeps 8 significant bits: each input off by at most 2^-9 of itself, each product s_g q x
+    sq = (codes.reshape(out, -1, group) * scale.double()[..., None]).reshape(out, -1)
+    bound = (sq * xe.abs()).sum(-1) * 2.0**-9
+    err = (got[0].double() - exact[0]).abs()
+    assert bool((err <= bound + 1e-4).all()) and float(err.max()) > 1e-6
+    x3 = x.expand(3, in_features)  # more tokens: float32
+    torch.testing.assert_close(q4_linear(x3, qweight, scale, minus, in_features, bits=bits, bf16=True),
+                               q4_linear(x3, qweight, scale, minus, in_features, bits=bits))  # fmt: skip
 
 
 def _int8_reference(x, qweight, scale, minus, in_features, group):

@@ -29,9 +29,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--q4-compute",
         default=None,
         choices=("exact", "fast", "fast-int8"),
-        help="how the q4 base computes (default: $LORDBA_Q4_COMPUTE, else fast: the prefill GEMM in bfloat16 "
-        "where the CPU has native bfloat16; exact: float32 throughout; fast-int8: also int8 activations "
-        "for single tokens, faster and slightly less accurate; docs/kernels.md)",
+        help="how the q4 base computes (default: $LORDBA_Q4_COMPUTE, else fast: bfloat16 operands where the "
+        "CPU has native bfloat16 (prefill GEMM, decode inputs); exact: float32 throughout; fast-int8: int8 "
+        "decode inputs, faster and less accurate; docs/kernels.md)",
     )
     p.add_argument("--max-new-tokens", type=positive_int, default=128, help="most tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default 0)")

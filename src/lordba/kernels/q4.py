@@ -14,13 +14,16 @@ Three ways to compute (``compute``), chosen per layer by :class:`~lordba.quant.q
 
 * ``exact``: the dequantized weight's result up to float32 rounding (decode: the nibbles widened
   to float32; :data:`GEMM_MIN_TOKENS` tokens or more: float32 blocks of rows and the float32 GEMM);
-* ``fast`` (the default, :func:`default_compute`): as ``exact``, but the GEMM in bfloat16 where the
-  CPU has native bfloat16 dot products (AVX512_BF16 or AMX): 2.5x faster prefill, held-out loss
-  unchanged within 0.002 nats (SmolLM2-135M; docs/kernels.md);
-* ``fast-int8``: ``fast``, and one token on the int8 kernel where the build has AVX512-VNNI (the
-  input quantized to int8 per weight group, as llama.cpp's Q8 blocks, ``vpdpbusd`` with the nibbles):
-  0.75-0.85x the one-token time of a layer, but +0.04 nats of token-by-token loss on SmolLM2-135M
-  (the 4-bit weights cost 0.29), so not the default.
+* ``fast`` (the default, :func:`default_compute`): bfloat16 operands where the CPU has native
+  bfloat16 dot products (AVX512_BF16 or AMX): the GEMM (2.5x faster prefill, held-out loss unchanged
+  within 0.002 nats) and, where the build has AVX512_BF16, one token's input (the 4-bit nibbles and
+  8-bit codes are exact in bfloat16; ``vdpbf16ps``, float32 accumulation): SmolLM2-135M's 211 layers
+  per token in ~0.65x the float32 kernel's time, token-by-token loss +0.004 nats (the 4-bit weights
+  cost 0.29; docs/kernels.md);
+* ``fast-int8``: ``fast``, but one token of a 4-bit layer on the int8 kernel where the build has
+  AVX512-VNNI (the input quantized to int8 per weight group, as llama.cpp's Q8 blocks, ``vpdpbusd``
+  with the nibbles): ~0.9x the bfloat16 kernel's time, but +0.04 nats of token-by-token loss (top-1
+  agreement with ``exact`` 88%, ``fast`` 98%), so not the default.
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ def int8_dot_available() -> bool:
     return cpu_available() and hasattr(torch.ops.lordba, "q4_int8_dot") and bool(torch.ops.lordba.q4_int8_dot())
 
 
+def bf16_dot_available() -> bool:
+    """Whether the compiled kernels have the bfloat16 one-token kernel (built with AVX512_BF16)."""
+    return cpu_available() and hasattr(torch.ops.lordba, "q4_bf16_dot") and bool(torch.ops.lordba.q4_bf16_dot())
+
+
 def check_compute(name: str, what: str = "compute") -> str:
     """``name`` if it is one of :data:`COMPUTE`.
 
@@ -75,7 +83,7 @@ def default_compute() -> str:
 
 
 def compute_flags(compute: str) -> tuple[bool, bool]:
-    """``(bf16_gemm, int8_dot)`` of the op for ``compute`` on this machine."""
+    """``(bf16, int8_dot)`` of the op for ``compute`` on this machine."""
     fast = check_compute(compute) != "exact"
     return fast and native_bfloat16(), compute == "fast-int8" and int8_dot_available()
 
@@ -151,7 +159,7 @@ def q4_linear(
     in_features: int,
     bias: torch.Tensor | None = None,
     bits: int = 4,
-    bf16_gemm: bool = False,
+    bf16: bool = False,
     int8_dot: bool = False,
 ) -> torch.Tensor:
     """``x @ Wᵀ (+ bias)`` for a 4-bit (or 8-bit) weight; differentiable with respect to ``x`` (the
@@ -163,7 +171,8 @@ def q4_linear(
         in_features: the unpadded input size.
         bias: optional ``[out]`` bias.
         bits: 4 or 8 (the codes' width).
-        bf16_gemm: from :data:`GEMM_MIN_TOKENS` tokens on, the GEMM in bfloat16 (CPU kernels).
+        bf16: bfloat16 operands (CPU kernels): from :data:`GEMM_MIN_TOKENS` tokens on the GEMM's; one
+            token's input where the build has the bfloat16 kernel (:func:`bf16_dot_available`).
         int8_dot: one token on the int8 kernel, where built (see the module docstring; the reference
             and other builds compute in float32). :func:`compute_flags` gives both for ``compute``.
 
@@ -171,11 +180,9 @@ def q4_linear(
         ``[..., out]`` in ``x``'s dtype.
     """
     if x.requires_grad and torch.is_grad_enabled():
-        y = _Q4Linear.apply(x, qweight, scale, minus, in_features, bits, bf16_gemm, int8_dot)
+        y = _Q4Linear.apply(x, qweight, scale, minus, in_features, bits, bf16, int8_dot)
     elif _use_cpu_op(x):  # inference: the op alone (an autograd.Function call costs ~5 µs per layer)
-        y = torch.ops.lordba.q4_linear(
-            x, qweight, scale, minus, in_features, GEMM_MIN_TOKENS, bits, bf16_gemm, int8_dot
-        )
+        y = torch.ops.lordba.q4_linear(x, qweight, scale, minus, in_features, GEMM_MIN_TOKENS, bits, bf16, int8_dot)
     else:
         y = F.linear(x.float(), dequantize_reference(qweight, scale, minus, in_features, bits)).to(x.dtype)
     return y if bias is None else y + bias.to(y.dtype)
@@ -190,7 +197,7 @@ def register_fakes() -> None:
         return
 
     @torch.library.register_fake("lordba::q4_linear")
-    def _linear_fake(x, qweight, scale, minus, in_features, gemm_min_tokens, bits, bf16_gemm=False, int8_dot=False):  # noqa: ANN001
+    def _linear_fake(x, qweight, scale, minus, in_features, gemm_min_tokens, bits, bf16=False, int8_dot=False):  # noqa: ANN001
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
     @torch.library.register_fake("lordba::q4_dequant")

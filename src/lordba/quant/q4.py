@@ -27,8 +27,9 @@ class Q4Linear(nn.Module):
     ``compute`` (``"exact"`` / ``"fast"`` / ``"fast-int8"``, default
     :func:`~lordba.kernels.q4.default_compute`, can be set at any time): how the kernels compute
     (:mod:`lordba.kernels.q4`): ``exact`` is the dequantized weight's result up to float32 rounding,
-    ``fast`` runs the prefill GEMM in bfloat16 where the CPU has native bfloat16 dot products,
-    ``fast-int8`` also rounds a single token's input to int8 (AVX512-VNNI builds).
+    ``fast`` computes on bfloat16 operands where the CPU has native bfloat16 dot products (the prefill
+    GEMM; a single token's input rounded to bfloat16), ``fast-int8`` rounds a single token's input to
+    int8 instead (AVX512-VNNI builds).
     """
 
     def __init__(

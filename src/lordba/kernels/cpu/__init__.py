@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("branch.cpp")
-SOURCES = (SOURCE, Path(__file__).with_name("q4.cpp"))  # one library: the sign branch and the 4-bit base
+# one library: the sign branch and the 4-bit base (q4.h: shared by the q4 sources, part of the build key)
+SOURCES = (SOURCE, Path(__file__).with_name("q4.cpp"), Path(__file__).with_name("q4_dot.cpp"))
+HEADERS = (Path(__file__).with_name("q4.h"),)
 _CFLAGS = ("-O3", "-std=c++20", "-fopenmp", "-w")
 _LDFLAGS = ("-fopenmp",)
 # the compiler's complaint about the -march value itself (gcc, clang); the ninja log always has "-march"
@@ -97,7 +99,7 @@ def extension_name(arch: str | None = None) -> str:
     other: ninja's own records name absolute paths).
     """
     arch = _arch() if arch is None else arch
-    source = "".join(hashlib.sha256(path.read_bytes()).hexdigest() for path in SOURCES)
+    source = "".join(hashlib.sha256(path.read_bytes()).hexdigest() for path in (*SOURCES, *HEADERS))
     where = str(SOURCE.resolve())  # ninja's records name absolute paths: one build per install
     parts = (arch, platform.machine(), cpu_flags(), torch.__version__, source, where, compiler() or "")
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
@@ -186,7 +188,8 @@ def _failed(err: BaseException, cxx: str, path: Path) -> BuildResult:
     if output:
         text += "\n" + output
     text = text.strip()[-3000:] or type(err).__name__
-    names = " and ".join(p.name for p in SOURCES)
+    *rest, last = [p.name for p in SOURCES]
+    names = f"{', '.join(rest)} and {last}" if rest else last
     return BuildResult(False, path, f"compiling {names} with {cxx} failed:\n{text}")
 
 

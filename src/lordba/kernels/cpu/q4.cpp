@@ -9,7 +9,9 @@
 // unpacked nibbles in float32 (no activation quantization), so the result is the dequantized
 // weight's exactly up to float rounding. Decode (a few tokens) reads 4.5 bits per weight, 7x less
 // than float32: that is where the speed comes from. Many tokens (prefill, backward) dequantize
-// blocks of rows to float32 and use the BLAS GEMM (in bfloat16 when asked: bf16_gemm).
+// blocks of rows to float32 and use the BLAS GEMM. With `bf16` the operands are rounded to bfloat16
+// (the GEMM's; one token's x, on q4_dot.cpp's bfloat16 kernel); with `int8_dot` one token's x is
+// quantized to int8 (q4_dot.cpp). The offset term always uses the float32 sums of x.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,27 +21,19 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "q4.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
-
 namespace lordba_q4 {
 namespace {
 
-constexpr int64_t kChunk = 32;  // inputs per 16-byte chunk
 constexpr int64_t kTokenBlock = 4;
 
-#if defined(__F16C__)
-inline float half_to_float(const c10::Half& h) { return _cvtsh_ss(h.x); }  // one instruction
-#else
-inline float half_to_float(const c10::Half& h) { return static_cast<float>(h); }
-#endif
 
 // One output row, up to kTokenBlock tokens: acc[t] = sum_g s_g (q_g . x_t,g)
 template <int NT, int BITS>
@@ -109,20 +103,6 @@ void row_dot(const uint8_t* qrow, const c10::Half* srow, int64_t groups, int64_t
 #endif
 }
 
-struct Packed {
-  const uint8_t* q;
-  const c10::Half* s;
-  const c10::Half* m;
-  int64_t out, in, groups, group, row_bytes, bits;
-};
-
-// The offset term of row o for one token: sum_g m_g * sum(x_g) (xsum: that token's group sums of x).
-inline float row_offset(const Packed& p, int64_t o, const float* xsum) {
-  const c10::Half* m = p.m + o * p.groups;
-  float offset = 0.f;
-  for (int64_t g = 0; g < p.groups; ++g) offset += half_to_float(m[g]) * xsum[g];
-  return offset;
-}
 
 Packed unpack_args(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minus, int64_t in,
                    int64_t bits) {
@@ -198,64 +178,7 @@ void rows_dot1(const Packed& p, int64_t o, const float* x, const float* xsum, fl
 }
 #endif
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define LORDBA_Q4_VNNI 1
-// One token, int8 activations (int8_dot): x is quantized per weight group to int8 codes (x ≈ dx_g ·
-// x8, dx_g = max|x_g| / 127, as llama.cpp's Q8 blocks), and each 32-input chunk of a row is one
-// `vpdpbusd` of its 32 unsigned nibbles (one 16-byte load, shifted and masked into a 256-bit vector
-// in input order) with the 32 int8 codes: 32 products per instruction, summed in int32 over the group,
-// scaled once per group by s_g · dx_g. The offset term sum_g m_g · sum(x_g) uses the exact float32 sums.
-// xq: the codes, zero past `in` (so padding needs no mask); dx: one step per group.
-template <int R>
-void rows_dot1_i8(const Packed& p, int64_t o, const int8_t* xq, const float* dx, const float* xsum, float* y) {
-  const int64_t chunks = p.group / kChunk;
-  const __m256i low4 = _mm256_set1_epi8(15);
-  const __m256i shifts = _mm256_setr_epi64x(0, 0, 4, 4);  // low nibbles in the lower half, high in the upper
-  const uint8_t* q[R];
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) {
-    q[r] = p.q + (o + r) * p.row_bytes;
-    acc[r] = _mm256_setzero_ps();
-  }
-  int64_t k = 0;
-  for (int64_t g = 0; g < p.groups; ++g) {
-    __m256i dot[R];
-    for (int r = 0; r < R; ++r) dot[r] = _mm256_setzero_si256();
-    for (int64_t c = 0; c < chunks; ++c, k += kChunk) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
-      for (int r = 0; r < R; ++r) {
-        const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + k / 2)));
-        const __m256i codes = _mm256_and_si256(_mm256_srlv_epi64(both, shifts), low4);
-        dot[r] = _mm256_dpbusd_epi32(dot[r], codes, xv);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m256 f = _mm256_set1_ps(half_to_float(p.s[(o + r) * p.groups + g]) * dx[g]);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), f, acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-    const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    y[o + r] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1))) + row_offset(p, o + r, xsum);
-  }
-}
 
-// x (one token) → int8 codes per group (zero-padded to the padded row) and the group steps.
-void quantize_groups(const Packed& p, const float* x, std::vector<int8_t>& xq, std::vector<float>& dx) {
-  xq.assign(static_cast<size_t>(p.groups * p.group), 0);
-  dx.assign(static_cast<size_t>(p.groups), 0.f);
-  for (int64_t g = 0; g < p.groups; ++g) {
-    const int64_t k0 = g * p.group, k1 = std::min((g + 1) * p.group, p.in);
-    float amax = 0.f;
-    for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
-    if (amax == 0.f) continue;
-    const float step = amax / 127.f, inv = 127.f / amax;
-    dx[g] = step;
-    for (int64_t k = k0; k < k1; ++k) xq[k] = static_cast<int8_t>(std::nearbyint(x[k] * inv));
-  }
-}
-#endif
 
 // float32 [rows o0..o1, in] of the dequantized weight, into dst (row stride `in`).
 void dequant_rows(const Packed& p, int64_t o0, int64_t o1, float* dst) {
@@ -311,7 +234,7 @@ at::Tensor q4_dequant(const at::Tensor& qweight, const at::Tensor& scale, const 
 }
 
 // Few tokens: the packed rows are read once per block of kTokenBlock tokens.
-void gemv(const Packed& p, const float* x, int64_t T, float* y, bool int8_dot) {
+void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool int8_dot) {
   std::vector<float> xsum(T * p.groups, 0.f);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t g = 0; g < p.groups; ++g) {
@@ -319,22 +242,10 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool int8_dot) {
       for (int64_t k = g * p.group; k < std::min((g + 1) * p.group, p.in); ++k) acc += x[t * p.in + k];
       xsum[t * p.groups + g] = acc;
     }
+  if (T == 1 && dot1_reduced(p, x, xsum.data(), y, bf16, int8_dot)) return;
 #if defined(__AVX512F__)
-  // Decode of 4-bit rows: blocks of 4 rows (rows_dot1; 0.5-0.75x the time of row_dot on SmolLM2's
-  // layers). The 8-bit head is memory-bound and reads faster one row at a time (row_dot).
-#if defined(LORDBA_Q4_VNNI)
-  if (T == 1 && p.bits == 4 && int8_dot) {
-    std::vector<int8_t> xq;
-    std::vector<float> dx;
-    quantize_groups(p, x, xq, dx);
-    at::parallel_for(0, p.out, 16, [&](int64_t o0, int64_t o1) {
-      int64_t o = o0;
-      for (; o + 4 <= o1; o += 4) rows_dot1_i8<4>(p, o, xq.data(), dx.data(), xsum.data(), y);
-      for (; o < o1; ++o) rows_dot1_i8<1>(p, o, xq.data(), dx.data(), xsum.data(), y);
-    });
-    return;
-  }
-#endif
+  // Decode of 4-bit rows in float32: blocks of 4 rows (rows_dot1; 0.5-0.75x the time of row_dot on
+  // SmolLM2's layers). The 8-bit head is memory-bound and reads faster one row at a time (row_dot).
   if (T == 1 && p.bits == 4) {
     at::parallel_for(0, p.out, 16, [&](int64_t o0, int64_t o1) {
       int64_t o = o0;
@@ -394,7 +305,7 @@ void gemm(const Packed& p, const at::Tensor& x2, at::Tensor& y, bool bf16) {
 }
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                     const at::Tensor& minus, int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16_gemm,
+                     const at::Tensor& minus, int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16,
                      bool int8_dot) {
   const Packed p = unpack_args(qweight, scale, minus, in, bits);
   TORCH_CHECK(x.size(-1) == in, "lordba::q4_linear: x's last dimension must be ", in);
@@ -405,21 +316,18 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   at::Tensor y = at::empty({T, p.out}, x2.options());
   if (T == 0) return y.reshape(shape).to(x.scalar_type());
   if (T >= gemm_min_tokens) {
-    gemm(p, x2, y, bf16_gemm);
+    gemm(p, x2, y, bf16);
   } else {
-    gemv(p, x2.data_ptr<float>(), T, y.data_ptr<float>(), int8_dot);
+    gemv(p, x2.data_ptr<float>(), T, y.data_ptr<float>(), bf16, int8_dot);
   }
   return y.reshape(shape).to(x.scalar_type());
 }
 
 // Whether this build has the int8 decode kernel (AVX512-VNNI with VL); without it int8_dot is ignored.
-bool q4_int8_dot() {
-#if defined(LORDBA_Q4_VNNI)
-  return true;
-#else
-  return false;
-#endif
-}
+bool q4_int8_dot() { return int8_dot_built(); }
+
+// Whether this build has the bfloat16 decode kernel (AVX512_BF16); without it one token is float32.
+bool q4_bf16_dot() { return bf16_dot_built(); }
 
 }  // namespace
 }  // namespace lordba_q4
@@ -427,8 +335,9 @@ bool q4_int8_dot() {
 TORCH_LIBRARY_FRAGMENT(lordba, lib) {
   lib.def(
       "q4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor minus, int in_features, int gemm_min_tokens, "
-      "int bits, bool bf16_gemm=False, bool int8_dot=False) -> Tensor");
+      "int bits, bool bf16=False, bool int8_dot=False) -> Tensor");
   lib.def("q4_int8_dot() -> bool", &lordba_q4::q4_int8_dot);
+  lib.def("q4_bf16_dot() -> bool", &lordba_q4::q4_bf16_dot);
   lib.def("q4_dequant(Tensor qweight, Tensor scale, Tensor minus, int in_features, int bits) -> Tensor");
 }
 

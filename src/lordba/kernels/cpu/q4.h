@@ -1,0 +1,48 @@
+// Shared by the 4-bit kernels (q4.cpp: layout, dequantization, GEMM, the float32 decode; q4_dot.cpp:
+// the bfloat16 and int8 one-token kernels).
+#pragma once
+
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace lordba_q4 {
+
+constexpr int64_t kChunk = 32;  // inputs per 16-byte chunk of a 4-bit row
+
+#if defined(__F16C__)
+inline float half_to_float(const c10::Half& h) { return _cvtsh_ss(h.x); }  // one instruction
+#else
+inline float half_to_float(const c10::Half& h) { return static_cast<float>(h); }
+#endif
+
+// A packed weight: qweight [out][row_bytes] codes, scale and minus [out][groups] (see q4.cpp).
+struct Packed {
+  const uint8_t* q;
+  const c10::Half* s;
+  const c10::Half* m;
+  int64_t out, in, groups, group, row_bytes, bits;
+};
+
+// The offset term of row o for one token: sum_g m_g * sum(x_g) (xsum: that token's group sums of x).
+inline float row_offset(const Packed& p, int64_t o, const float* xsum) {
+  const c10::Half* m = p.m + o * p.groups;
+  float offset = 0.f;
+  for (int64_t g = 0; g < p.groups; ++g) offset += half_to_float(m[g]) * xsum[g];
+  return offset;
+}
+
+// One token on the bfloat16 (bf16) or int8 (int8_dot, 4-bit rows) kernel, where this build has it:
+// y[o] for every row, xsum the token's group sums of x. Returns false (nothing written) where neither
+// applies, and the float32 kernels run.
+bool dot1_reduced(const Packed& p, const float* x, const float* xsum, float* y, bool bf16, bool int8_dot);
+
+// Whether this build has the int8 one-token kernel (AVX512-VNNI with VL); the bfloat16 one (AVX512_BF16).
+bool int8_dot_built();
+bool bf16_dot_built();
+
+}  // namespace lordba_q4
