@@ -1,5 +1,6 @@
 """A LoRDBA model on a q4 base exports with ``torch.export`` (strict: dynamo) as its first use in a
-process: the CPU kernels are loaded when the layers are built, since tracing cannot load them."""
+process: the CPU kernels are loaded when the layers are built, since tracing cannot load them; the
+adapted q4 layers are captured as the fused ``lordba::q4_branch``."""
 
 import subprocess
 import sys
@@ -26,7 +27,8 @@ CODE = textwrap.dedent(
     with torch.no_grad():
         program = torch.export.export(inner, (ids,), kwargs={"use_cache": False}, strict=True)
         ops = {str(n.target) for n in program.graph.nodes}
-        assert "lordba.q4_linear.default" in ops and "lordba.branch.default" in ops, ops
+        # adapted layers: the q4 layer and its branch in one op; the head: q4_linear
+        assert "lordba.q4_branch.default" in ops and "lordba.q4_linear.default" in ops, ops
         want = inner(ids, use_cache=False).logits
         got = program.module()(ids, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

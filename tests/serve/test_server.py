@@ -256,7 +256,8 @@ def test_error_cases_answer_in_openai_shape(server):
     status, body = raw(server, "GET", "/v1/nothing")
     assert status == 404
     assert_openai_error(body)
-    assert c.completions.create(model="a", prompt="still", max_tokens=2).usage.completion_tokens == 2
+    after = c.completions.create(model="a", prompt="still", max_tokens=2, extra_body={"ignore_eos": True})
+    assert after.usage.completion_tokens == 2  # still serving (a random adapter may emit EOS first: ignored)
 
 
 def test_corrupt_or_mismatched_adapter_is_refused_and_others_keep_serving(server, served):

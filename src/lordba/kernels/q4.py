@@ -118,7 +118,8 @@ def dequantize_reference(
     return w.reshape(out, padded)[:, :in_features]
 
 
-def _use_cpu_op(t: torch.Tensor) -> bool:
+def cpu_op_runs(t: torch.Tensor) -> bool:
+    """Whether the compiled q4 ops run for a tensor on ``t``'s device (CPU, kernels loaded)."""
     return t.device.type == "cpu" and cpu_available() and hasattr(torch.ops.lordba, "q4_linear")
 
 
@@ -126,7 +127,7 @@ def q4_dequantize(
     qweight: torch.Tensor, scale: torch.Tensor, minus: torch.Tensor, in_features: int, bits: int = 4
 ) -> torch.Tensor:
     """The float32 ``out × in`` weight (compiled kernel on CPU, else the reference)."""
-    if _use_cpu_op(qweight):
+    if cpu_op_runs(qweight):
         return torch.ops.lordba.q4_dequant(qweight, scale, minus, in_features, bits)
     return dequantize_reference(qweight, scale, minus, in_features, bits)
 
@@ -136,7 +137,7 @@ class _Q4Linear(torch.autograd.Function):
     def forward(ctx, x, qweight, scale, minus, in_features, bits, bf16, int8):  # noqa: ANN001
         ctx.save_for_backward(qweight, scale, minus)
         ctx.in_features, ctx.bits = in_features, bits
-        if _use_cpu_op(x):
+        if cpu_op_runs(x):
             return torch.ops.lordba.q4_linear(x, qweight, scale, minus, in_features, GEMM_MIN_TOKENS, bits, bf16, int8)
         weight = dequantize_reference(qweight, scale, minus, in_features, bits)
         return F.linear(x.float(), weight).to(x.dtype)
@@ -181,7 +182,7 @@ def q4_linear(
     """
     if x.requires_grad and torch.is_grad_enabled():
         y = _Q4Linear.apply(x, qweight, scale, minus, in_features, bits, bf16, int8_dot)
-    elif _use_cpu_op(x):  # inference: the op alone (an autograd.Function call costs ~5 µs per layer)
+    elif cpu_op_runs(x):  # inference: the op alone (an autograd.Function call costs ~5 µs per layer)
         y = torch.ops.lordba.q4_linear(x, qweight, scale, minus, in_features, GEMM_MIN_TOKENS, bits, bf16, int8_dot)
     else:
         y = F.linear(x.float(), dequantize_reference(qweight, scale, minus, in_features, bits)).to(x.dtype)
@@ -198,6 +199,10 @@ def register_fakes() -> None:
 
     @torch.library.register_fake("lordba::q4_linear")
     def _linear_fake(x, qweight, scale, minus, in_features, gemm_min_tokens, bits, bf16=False, int8_dot=False):  # noqa: ANN001
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+    @torch.library.register_fake("lordba::q4_branch")
+    def _branch_fake(x, qweight, *args):  # noqa: ANN001
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
     @torch.library.register_fake("lordba::q4_dequant")

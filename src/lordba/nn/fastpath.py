@@ -48,6 +48,46 @@ def _direct_call(adapter: AdapterBase, x: torch.Tensor, base: torch.Tensor) -> t
     return None if found is None else (op, *found)
 
 
+def fused_direct(
+    base_layer: nn.Module, backend: object, adapter: AdapterBase, x: torch.Tensor, kept: list
+) -> torch.Tensor | None:
+    """``base_layer(x)`` plus ``adapter``'s branch in one call of the base backend's fused op (q4:
+    ``lordba::q4_branch``), where it has one for ``x`` and the adapter's call is the inference kernel
+    as it is; else ``None`` (the caller runs the base layer and the branch apart). Bit for bit the two
+    calls' result. The arguments are kept in ``kept`` as :func:`direct_branch` keeps its own (under
+    ``torch.compile``: built in the trace, without caches)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    if base_layer._forward_hooks or base_layer._forward_pre_hooks or adapter._forward_hooks:
+        return None
+    if adapter._forward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks:
+        return None
+    if torch.compiler.is_compiling():
+        call = _fused_call(base_layer, backend, adapter, x)
+    else:
+        key = (adapter, base_layer, x.dtype, x.device, kernels.get_mode(), _EPOCH[0], _OPTIMIZER_STEPS[0])
+        if not kept or kept[0] != key:
+            kept[:] = [key, _fused_call(base_layer, backend, adapter, x)]
+        call = kept[1]
+    if call is None:
+        return None
+    fused, tensors, scaling, limit = call
+    return fused(x, tensors, scaling, limit)
+
+
+def _fused_call(base_layer: nn.Module, backend: object, adapter: AdapterBase, x: torch.Tensor) -> tuple | None:
+    fused = backend.fused_branch(base_layer, x)
+    if fused is None or kernels.cpu_branch_op(x, x) is None:
+        return None
+    if torch.compiler.is_compiling():
+        found = adapter._traced_call(x.dtype)
+    elif adapter._routed_as_stored:
+        found = adapter._routed(torch.is_grad_enabled(), (kernels.get_mode(), x.dtype))
+    else:
+        found = None
+    return None if found is None else (fused, *found)
+
+
 def routed_branches(
     adapters: Mapping[str, AdapterBase],
     names: Sequence[str],

@@ -17,7 +17,7 @@ from lordba.errors import AdapterStateError, ShapeMismatchError
 from lordba.kernels import preload
 from lordba.nn.adapter import LoRDBAAdapter
 from lordba.nn.adapter_base import touch
-from lordba.nn.fastpath import direct_branch, routed_branches
+from lordba.nn.fastpath import direct_branch, fused_direct, routed_branches
 from lordba.nn.routing import BASE_ROW, ROUTING, Routing, RoutingGate, current_routing, route_index
 from lordba.quant import BaseBackend, resolve_backend
 
@@ -45,6 +45,7 @@ class LoRDBALinear(nn.Module):
         self.gate = RoutingGate()  # its own; the model's shared one once installed in a LoRDBAModel
         self._prepared: dict = {}  # mixed-batch kernel arguments per batch composition (routed_branches)
         self._direct: list = []  # the one active adapter's kernel arguments (direct_branch)
+        self._fused: list = []  # the same for the base layer's fused call (fused_direct)
 
     def get_base_layer(self) -> nn.Module:
         """The wrapped base layer (PEFT's contract)."""
@@ -174,26 +175,30 @@ class LoRDBALinear(nn.Module):
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer's output plus the active (or routed) adapters' branches, per the call's :class:`Routing`."""
-        result = self.base_layer(x, *args, **kwargs)
         routing = current_routing(self.gate)
         if routing is None:
             disabled, names, active = self.disable_adapters, None, self.active_adapters
         else:
             disabled, names = routing.disabled or self.disable_adapters, routing.adapter_names
             active = routing.active if routing.active is not None else self.active_adapters
+        adapters, merged = self.lordba_adapters, self.merged_adapters
+        one = None if disabled or names is not None or len(active) != 1 or merged else adapters._modules.get(active[0])
+        if one is not None and not args and not kwargs:  # decode: the base and the branch in one kernel call
+            out = fused_direct(self.base_layer, self.backend, one, x, self._fused)
+            if out is not None:
+                return out
+        result = self.base_layer(x, *args, **kwargs)
         if disabled:
-            if self.merged_adapters:
+            if merged:
                 raise AdapterStateError("adapters are merged into the base: unmerge before disabling them")
             return result
         if names is not None:
             return self._mixed_batch_forward(x, result, names)
-        adapters, merged = self.lordba_adapters, self.merged_adapters
         if len(active) == 1 and not merged and not torch.compiler.is_compiling():  # decode: one kernel call
-            adapter = adapters._modules.get(active[0])
-            if adapter is None:
+            if one is None:
                 return result
-            out = direct_branch(adapter, x, result, self._direct)
-            return out if out is not None else adapter(x, result)
+            out = direct_branch(one, x, result, self._direct)
+            return out if out is not None else one(x, result)
         for name in active:
             if name in merged or name not in adapters:
                 continue  # merged into the base, or this layer is not targeted by that adapter

@@ -55,6 +55,13 @@ class BaseBackend:
         (``{"backend", "bits", "group_size"}``), or ``None`` for an unquantized layer."""
         return None
 
+    def fused_branch(self, module: nn.Module, x: torch.Tensor) -> Any | None:
+        """A callable ``f(x, tensors, scaling, sign_max_tokens)`` computing ``module(x)`` plus one
+        packed adapter branch (``tensors``: its ``(sign_A, sign_B, b, m, a)`` as the CPU op takes them)
+        in one kernel call, bit for bit the two calls' result; ``None`` (the default) where this
+        backend has no such op for ``x``."""
+        return None
+
 
 class PlainLinear(BaseBackend):
     """An unquantized ``nn.Linear``: merge adds the delta to the weight in place."""

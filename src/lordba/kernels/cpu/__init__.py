@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("branch.cpp")
-# one library: the sign branch and the 4-bit base (q4.h: shared by the q4 sources, part of the build key)
+# one library: the sign branch and the 4-bit base (the headers: shared between them, part of the build key)
 SOURCES = (SOURCE, Path(__file__).with_name("q4.cpp"), Path(__file__).with_name("q4_dot.cpp"))
-HEADERS = (Path(__file__).with_name("q4.h"),)
+HEADERS = (Path(__file__).with_name("q4.h"), Path(__file__).with_name("branch.h"))
 _CFLAGS = ("-O3", "-std=c++20", "-fopenmp", "-w")
 _LDFLAGS = ("-fopenmp",)
 # the compiler's complaint about the -march value itself (gcc, clang); the ninja log always has "-march"

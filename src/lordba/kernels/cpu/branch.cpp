@@ -796,6 +796,13 @@ std::string isa() {
 }
 
 }  // namespace
+
+at::Tensor branch_add(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
+                      const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens,
+                      const c10::optional<at::Tensor>& base) {
+  return branch(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, base);
+}
+
 }  // namespace lordba
 
 TORCH_LIBRARY(lordba, lib) {

@@ -15,12 +15,14 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "branch.h"
 #include "q4.h"
 
 #include <algorithm>
@@ -323,6 +325,20 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return y.reshape(shape).to(x.scalar_type());
 }
 
+// A q4 layer and its one LoRDBA adapter in one call: the layer's output (plus bias) and then the
+// branch added by the `branch` op's own code — the same arithmetic, in the same order, as the two
+// ops called one after the other (bit for bit), without a second dispatch per layer and token
+// (decode calls ~210 layers per token; a custom op's call costs about what the branch computes).
+at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minus,
+                     int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16, bool int8_dot,
+                     const c10::optional<at::Tensor>& bias, const at::Tensor& sign_A, const at::Tensor& sign_B,
+                     const at::Tensor& b, const at::Tensor& m, const at::Tensor& a, double scaling,
+                     int64_t sign_max_tokens) {
+  at::Tensor y = q4_linear(x, qweight, scale, minus, in, gemm_min_tokens, bits, bf16, int8_dot);
+  if (bias.has_value()) y = at::add(y, bias->to(y.scalar_type()));
+  return lordba::branch_add(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, y);
+}
+
 // Whether this build has the int8 decode kernel (AVX512-VNNI with VL); without it int8_dot is ignored.
 bool q4_int8_dot() { return int8_dot_built(); }
 
@@ -336,6 +352,10 @@ TORCH_LIBRARY_FRAGMENT(lordba, lib) {
   lib.def(
       "q4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor minus, int in_features, int gemm_min_tokens, "
       "int bits, bool bf16=False, bool int8_dot=False) -> Tensor");
+  lib.def(
+      "q4_branch(Tensor x, Tensor qweight, Tensor scale, Tensor minus, int in_features, int gemm_min_tokens, "
+      "int bits, bool bf16, bool int8_dot, Tensor? bias, Tensor sign_A, Tensor sign_B, Tensor b, Tensor m, "
+      "Tensor a, float scaling, int sign_max_tokens) -> Tensor");
   lib.def("q4_int8_dot() -> bool", &lordba_q4::q4_int8_dot);
   lib.def("q4_bf16_dot() -> bool", &lordba_q4::q4_bf16_dot);
   lib.def("q4_dequant(Tensor qweight, Tensor scale, Tensor minus, int in_features, int bits) -> Tensor");
@@ -344,4 +364,5 @@ TORCH_LIBRARY_FRAGMENT(lordba, lib) {
 TORCH_LIBRARY_IMPL(lordba, CPU, lib) {
   lib.impl("q4_linear", &lordba_q4::q4_linear);
   lib.impl("q4_dequant", &lordba_q4::q4_dequant);
+  lib.impl("q4_branch", &lordba_q4::q4_branch);
 }

@@ -1,0 +1,14 @@
+// The sign branch's entry point for the other kernels of the library (q4.cpp's fused q4_branch).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace lordba {
+
+// base + s · a ⊙ (S_B (m ⊙ (S_A (b ⊙ x)))): the `branch` op's implementation (branch.cpp).
+at::Tensor branch_add(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
+                      const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens,
+                      const c10::optional<at::Tensor>& base);
+
+}  // namespace lordba

@@ -1,0 +1,103 @@
+"""``lordba.nn.fastpath.fused_direct``: on a q4 base one active packed adapter runs as one op call per
+layer (``lordba::q4_branch``), bit for bit the base layer's and the branch's two calls — eager, with a
+bias, at every token count, under ``torch.compile``; anything the fused call would skip (hooks, a
+gradient, a second adapter, routing) takes the ordinary path."""
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from lordba import kernels
+from lordba.nn import fastpath, layer
+from lordba.quant.q4 import Q4Linear
+
+from conftest import tiny_q4
+
+pytestmark = pytest.mark.skipif(not kernels.cpu_available(), reason="compiled CPU kernels unavailable")
+IDS = torch.tensor([[5, 17, 3, 44, 9, 21, 60, 2, 11, 30, 7, 19, 40, 8, 1, 33, 12]])
+
+
+@pytest.fixture
+def count(monkeypatch):
+    """Calls of the fused op, and a switch that turns the fused path off (the two-call reference)."""
+    calls = []
+    real = fastpath.fused_direct
+
+    def counted(*args):
+        out = real(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(layer, "fused_direct", counted)
+    return calls
+
+
+def unfused(model, ids, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(layer, "fused_direct", lambda *a: None)
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("compute", ["exact", "fast"])
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+def test_the_fused_call_equals_the_two_calls_bit_for_bit(compute, tokens, count, monkeypatch):
+    lm = tiny_q4(adapter=True, compute=compute)
+    ids = IDS[:, :tokens]
+    with torch.no_grad():
+        got = lm(input_ids=ids).logits
+        assert count and all(count)  # every adapted layer fused
+        want = unfused(lm, ids, monkeypatch)
+    assert torch.equal(got, want)
+    with torch.no_grad(), lm.disable_adapter():  # disabled: no branch, the base alone
+        assert not torch.equal(lm(input_ids=ids).logits, got)
+
+
+def test_a_base_bias_is_added_before_the_branch_as_the_two_calls_do(monkeypatch):
+    from lordba import LoRDBAConfig, get_lordba_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(Q4Linear.from_weight(torch.randn(48, 96), torch.randn(48), group_size=32))
+    lm = get_lordba_model(base, LoRDBAConfig(r=4, init="random", target_modules=["0"])).eval()
+    lm.pack()
+    x = torch.randn(2, 96)
+    with torch.no_grad():
+        got = lm(x)
+        with monkeypatch.context() as m:
+            m.setattr(layer, "fused_direct", lambda *a: None)
+            want = lm(x)
+    assert torch.equal(got, want)
+
+
+def test_hooks_gradients_and_stacked_adapters_take_the_ordinary_path(count):
+    lm = tiny_q4(adapter=True)
+    q = lm.get_base_model().model.layers[0].self_attn.q_proj
+    seen = []
+    handle = q.base_layer.register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        lm(input_ids=IDS[:, :2])
+    handle.remove()
+    assert seen == [1]  # the base layer's hook ran: that layer was not fused
+    x = torch.randn(1, 2, q.in_features, requires_grad=True)
+    q(x).sum().backward()  # a gradient to x: the two calls, differentiable
+    assert x.grad is not None
+    count.clear()
+    with torch.no_grad():
+        q(x.detach())
+    assert count == [True]
+
+
+def test_compiled_decode_graph_calls_the_fused_op():
+    """Under torch.compile the fused call is built in the trace (no caches) and gives the eager logits."""
+    lm = tiny_q4(adapter=True)
+    ids = IDS[:, :1]
+    counter = CompileCounterWithBackend("aot_eager")  # keeps the graphs it was given
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            want = lm(input_ids=ids).logits
+            got = torch.compile(lm, backend=counter)(input_ids=ids).logits
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    ops = {str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert any("q4_branch" in o for o in ops), sorted(ops)[:20]
