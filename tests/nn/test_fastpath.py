@@ -38,17 +38,20 @@ def unfused(model, ids, monkeypatch):
         return model(input_ids=ids).logits
 
 
+@pytest.mark.parametrize("kernel_mode", ["auto", "sign", "unpack"])
 @pytest.mark.parametrize("compute", ["exact", "fast"])
 @pytest.mark.parametrize("tokens", [1, 3, 17])
-def test_the_fused_call_equals_the_two_calls_bit_for_bit(compute, tokens, count, monkeypatch):
+def test_the_fused_call_equals_the_two_calls_bit_for_bit(kernel_mode, compute, tokens, count, monkeypatch):
+    """Both branch paths: the sign path (decode) and the unpack path (many tokens; the fused call adds
+    into the q4 layer's fresh output, the two calls into a new tensor)."""
     lm = tiny_q4(adapter=True, compute=compute)
     ids = IDS[:, :tokens]
-    with torch.no_grad():
+    with torch.no_grad(), kernels.mode(kernel_mode):
         got = lm(input_ids=ids).logits
         assert count and all(count)  # every adapted layer fused
         want = unfused(lm, ids, monkeypatch)
     assert torch.equal(got, want)
-    with torch.no_grad(), lm.disable_adapter():  # disabled: no branch, the base alone
+    with torch.no_grad(), kernels.mode(kernel_mode), lm.disable_adapter():  # disabled: no branch, the base alone
         assert not torch.equal(lm(input_ids=ids).logits, got)
 
 

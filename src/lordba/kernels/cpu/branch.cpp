@@ -468,7 +468,7 @@ void unpack_rows(const uint8_t* p, int64_t nbytes, int64_t rows, int64_t cols, c
 template <typename x_t>
 at::Tensor unpack_path(const at::Tensor& x2, const uint8_t* sa, int64_t nbytes_a, const uint8_t* sb,
                        int64_t nbytes_b, const float* b, const float* m, const float* a, int64_t r, int64_t out,
-                       float scaling, const c10::optional<at::Tensor>& base2) {
+                       float scaling, const c10::optional<at::Tensor>& base2, bool into_base) {
   const int64_t in = x2.size(1);
   thread_local std::vector<x_t> buf;  // reused: A' then B'
   buf.resize(static_cast<size_t>(r * in + out * r));
@@ -484,7 +484,13 @@ at::Tensor unpack_path(const at::Tensor& x2, const uint8_t* sa, int64_t nbytes_a
   const at::Tensor Bt = at::from_blob(B, {out, r}, opts);
   const at::Tensor h = at::mm(x2, At.t());
   if (!base2.has_value()) return at::mm(h, Bt.t());
-  if (base2->scalar_type() == x2.scalar_type()) return at::addmm(*base2, h, Bt.t());
+  if (base2->scalar_type() == x2.scalar_type()) {
+    if (into_base) {  // the same GEMM (beta = 1) on base's own memory: no new output, no copy of base
+      at::Tensor into = *base2;
+      return into.addmm_(h, Bt.t());
+    }
+    return at::addmm(*base2, h, Bt.t());
+  }
   return at::add(*base2, at::mm(h, Bt.t()).to(base2->scalar_type()));
 }
 
@@ -532,7 +538,15 @@ const float* codes_float(const at::Tensor& t, std::vector<float>& buf) {
   const int64_t n = t.numel();
   buf.resize(static_cast<size_t>(n));
   float* d = buf.data();
-  for (int64_t i = 0; i < n; ++i) d[i] = kCodes.v[v[i] + 128];
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 divisor = _mm512_set1_ps(127.f);  // vdivps rounds as the scalar division does: same values
+  for (; i + 16 <= n; i += 16) {
+    const __m512i c = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + i)));
+    _mm512_storeu_ps(d + i, _mm512_div_ps(_mm512_cvtepi32_ps(c), divisor));
+  }
+#endif
+  for (; i < n; ++i) d[i] = kCodes.v[v[i] + 128];
   return d;
 }
 
@@ -553,9 +567,9 @@ bool scale_dtype_ok(const at::Tensor& t, bool codes) {
   return d == at::kFloat || d == at::kHalf || d == at::kBFloat16 || (codes && d == at::kChar);
 }
 
-at::Tensor branch(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
-                  const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens,
-                  const c10::optional<at::Tensor>& base) {
+at::Tensor branch_impl(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
+                       const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens,
+                       const c10::optional<at::Tensor>& base, bool into_base) {
   const int64_t in = b.numel(), r = m.numel(), out = a.numel();
   check(x.dim() >= 1 && x.size(-1) == in, "x's last dimension must equal scale_in's length");
   check(sign_A.scalar_type() == at::kByte && sign_B.scalar_type() == at::kByte, "signs must be uint8");
@@ -587,15 +601,15 @@ at::Tensor branch(const at::Tensor& x, const at::Tensor& sign_A, const at::Tenso
     switch (st) {
       case at::kFloat:
         y = unpack_path<float>(x2, sa.data_ptr<uint8_t>(), sa.numel(), sb.data_ptr<uint8_t>(), sb.numel(), bp, mp,
-                               ap, r, out, s, base2);
+                               ap, r, out, s, base2, into_base);
         break;
       case at::kBFloat16:
         y = unpack_path<c10::BFloat16>(x2, sa.data_ptr<uint8_t>(), sa.numel(), sb.data_ptr<uint8_t>(), sb.numel(),
-                                       bp, mp, ap, r, out, s, base2);
+                                       bp, mp, ap, r, out, s, base2, into_base);
         break;
       default:
         y = unpack_path<c10::Half>(x2, sa.data_ptr<uint8_t>(), sa.numel(), sb.data_ptr<uint8_t>(), sb.numel(), bp,
-                                   mp, ap, r, out, s, base2);
+                                   mp, ap, r, out, s, base2, into_base);
     }
     return y.reshape(shape);
   }
@@ -607,6 +621,13 @@ at::Tensor branch(const at::Tensor& x, const at::Tensor& sign_A, const at::Tenso
     default: dispatch_out<c10::Half>(x2, sa, sb, bp, mp, ap, r, out, s, bptr, y);
   }
   return y.reshape(shape);
+}
+
+// The `branch` op.
+at::Tensor branch(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
+                  const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens,
+                  const c10::optional<at::Tensor>& base) {
+  return branch_impl(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, base, false);
 }
 
 // ---------------------------------------------------------------- many adapters in one batch
@@ -799,8 +820,8 @@ std::string isa() {
 
 at::Tensor branch_add(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
                       const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens,
-                      const c10::optional<at::Tensor>& base) {
-  return branch(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, base);
+                      const c10::optional<at::Tensor>& base, bool into_base) {
+  return branch_impl(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, base, into_base);
 }
 
 }  // namespace lordba

@@ -6,9 +6,11 @@
 
 namespace lordba {
 
-// base + s · a ⊙ (S_B (m ⊙ (S_A (b ⊙ x)))): the `branch` op's implementation (branch.cpp).
+// base + s · a ⊙ (S_B (m ⊙ (S_A (b ⊙ x)))): the `branch` op's implementation (branch.cpp). With
+// into_base, many tokens (the unpack path) add into base's own memory (same arithmetic: the GEMM with
+// beta = 1), for a caller whose base is its own fresh tensor.
 at::Tensor branch_add(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
                       const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens,
-                      const c10::optional<at::Tensor>& base);
+                      const c10::optional<at::Tensor>& base, bool into_base = false);
 
 }  // namespace lordba

@@ -336,7 +336,7 @@ at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::T
                      int64_t sign_max_tokens) {
   at::Tensor y = q4_linear(x, qweight, scale, minus, in, gemm_min_tokens, bits, bf16, int8_dot);
   if (bias.has_value()) y = at::add(y, bias->to(y.scalar_type()));
-  return lordba::branch_add(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, y);
+  return lordba::branch_add(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, y, /*into_base=*/true);
 }
 
 // Whether this build has the int8 decode kernel (AVX512-VNNI with VL); without it int8_dot is ignored.
