@@ -132,6 +132,9 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         values = [1e3 * x.get(f"{case}_s", 0.0) for x in rows]  # compiled variants: no prefill of their own
         ax.barh(names, values, color=colors)
         for i, x in enumerate(rows):
+            if f"{case}_s" not in x:  # a decode-only variant (compiled step): no bar, no "0.0"
+                ax.text(0, i, "  not measured (decode-only variant)", va="center", fontsize=7, color="grey")
+                continue
             parts = [f"{values[i]:.1f}"]
             if f"{case}_vs_llama" in x:
                 parts.append(f"{x[f'{case}_vs_llama']:.2f}× llama")
