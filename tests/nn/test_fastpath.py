@@ -71,7 +71,9 @@ def test_a_base_bias_is_added_before_the_branch_as_the_two_calls_do(monkeypatch)
     assert torch.equal(got, want)
 
 
-def test_hooks_gradients_and_stacked_adapters_take_the_ordinary_path(count):
+def test_hooks_and_gradient_mode_take_the_ordinary_path(count):
+    """A hook on the base layer runs (that layer is not fused); with gradients on nothing is fused (the
+    fused op has no backward: the input and a trainable base bias keep their gradients)."""
     lm = tiny_q4(adapter=True)
     q = lm.get_base_model().model.layers[0].self_attn.q_proj
     seen = []
@@ -81,12 +83,15 @@ def test_hooks_gradients_and_stacked_adapters_take_the_ordinary_path(count):
     handle.remove()
     assert seen == [1]  # the base layer's hook ran: that layer was not fused
     x = torch.randn(1, 2, q.in_features, requires_grad=True)
-    q(x).sum().backward()  # a gradient to x: the two calls, differentiable
-    assert x.grad is not None
     count.clear()
+    q(x).sum().backward()  # a gradient to x: the two calls, differentiable
+    assert x.grad is not None and count == [False]
+    q.base_layer.bias = torch.nn.Parameter(torch.zeros(q.out_features))
+    q(x.detach()).sum().backward()
+    assert q.base_layer.bias.grad is not None and count == [False, False]
     with torch.no_grad():
         q(x.detach())
-    assert count == [True]
+    assert count == [False, False, True]
 
 
 def test_compiled_decode_graph_calls_the_fused_op():

@@ -281,13 +281,11 @@ class AdapterBase(nn.Module):
         return self._kernel_tensors(), self.scaling, limit if limit is not None else self._limit(*key)
 
     def _traced_call(self, dtype: torch.dtype) -> tuple | None:
-        """:meth:`_routed`'s ``(tensors, scaling, limit)`` under ``torch.compile`` (no caches: version
-        counters do not trace), or ``None`` where this adapter's own call does more than the
-        inference kernel (a gradient, dropout, a trained bias, latent signs)."""
+        """:meth:`_routed`'s ``(tensors, scaling, limit)`` under ``torch.compile`` with gradients off (no
+        caches: version counters do not trace), or ``None`` where this adapter's own call does more than
+        the inference kernel (dropout, a trained bias, latent signs)."""
         params = self._parameters
         if self.bias_delta is not None or (self.training and self.dropout > 0.0) or params.get("latent_A") is not None:
-            return None
-        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params.values()):
             return None
         limit = kernels.dispatch_limit(self.in_features, self.out_features, self.r, dtype, kernels.get_mode())
         return self._traced_tensors(), self.scaling, limit

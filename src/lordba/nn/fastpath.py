@@ -54,9 +54,11 @@ def fused_direct(
     """``base_layer(x)`` plus ``adapter``'s branch in one call of the base backend's fused op (q4:
     ``lordba::q4_branch``), where it has one for ``x`` and the adapter's call is the inference kernel
     as it is; else ``None`` (the caller runs the base layer and the branch apart). Bit for bit the two
-    calls' result. The arguments are kept in ``kept`` as :func:`direct_branch` keeps its own (under
-    ``torch.compile``: built in the trace, without caches)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    calls' result. Only with gradients off (``no_grad`` / ``inference_mode``, as generation and serving
+    run): the fused op has no backward, and a trainable base bias must keep its gradient. The arguments
+    are kept in ``kept`` as :func:`direct_branch` keeps its own (under ``torch.compile``: built in the
+    trace, without caches)."""
+    if torch.is_grad_enabled():
         return None
     if base_layer._forward_hooks or base_layer._forward_pre_hooks or adapter._forward_hooks:
         return None
@@ -82,7 +84,7 @@ def _fused_call(base_layer: nn.Module, backend: object, adapter: AdapterBase, x:
     if torch.compiler.is_compiling():
         found = adapter._traced_call(x.dtype)
     elif adapter._routed_as_stored:
-        found = adapter._routed(torch.is_grad_enabled(), (kernels.get_mode(), x.dtype))
+        found = adapter._routed(False, (kernels.get_mode(), x.dtype))
     else:
         found = None
     return None if found is None else (fused, *found)
