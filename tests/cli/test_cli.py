@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -70,6 +71,20 @@ def test_lab_commands_without_the_lab_say_how_to_install_it(monkeypatch, capsys)
 def test_console_script_runs():
     proc = subprocess.run([sys.executable, "-m", "lordba", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and "lordba" in proc.stdout
+
+
+def test_a_closed_output_pipe_exits_141_quietly(adapter_dir):
+    """``lordba inspect ... | head -0``: the reader is gone before the first line; no traceback, no
+    "internal error", exit 141 as a shell reports SIGPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "lordba", "inspect", str(adapter_dir)], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=300)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def run_python(code, tmp_path):

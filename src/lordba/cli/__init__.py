@@ -16,6 +16,8 @@ Exit codes scripts can rely on:
   message names what to install)
 * 3: invalid input: a bad, corrupt or mismatched adapter, config or data file (a ``LoRDBAError``)
 * 130: interrupted (Ctrl-C)
+* 141: the output's reader went away (``lordba ... | head``: a broken pipe, as a shell reports SIGPIPE;
+  quietly)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import math
+import os
 import pkgutil
 import sys
 import traceback
@@ -38,7 +41,7 @@ from types import ModuleType
 from lordba._version import __version__
 from lordba.errors import LoRDBAError
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INVALID, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 3, 130, 141
 COMMANDS = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name.endswith("_cmd")))
 ENTRY_POINT_GROUP = "lordba.commands"
 # Commands of the lab (lab/ in the repository), named here only to say how to get them.
@@ -177,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lordba {command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_PIPE
     except ModuleNotFoundError as err:
         hint = missing_dependency_hint(err)
         if hint is None:
@@ -185,6 +191,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except Exception:
         return _internal(command)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device, so that flushing it at exit does not raise again (Python's
+    documented way to handle a closed pipe)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured output)
+        pass
 
 
 def _internal(command: str | None) -> int:
