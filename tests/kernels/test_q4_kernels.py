@@ -10,13 +10,16 @@ from lordba.kernels.q4 import dequantize_reference, pack_codes, q4_dequantize, q
 needs_cpu_kernels = pytest.mark.skipif(not cpu_available(), reason="compiled CPU kernels unavailable")
 
 
-def packed(out, in_features, group, seed=0):
+def packed(out, in_features, group, seed=0, bits=4):
+    """Random codes of ``bits`` (4 or 8), float16 scales (a tenth as large for 8-bit codes) and offsets,
+    packed; and the codes."""
     g = torch.Generator().manual_seed(seed)
     padded = -(-in_features // group) * group
-    codes = torch.randint(0, 16, (out, padded), generator=g, dtype=torch.uint8)
-    scale = (torch.rand(out, padded // group, generator=g) * 0.02 + 0.001).half()
+    codes = torch.randint(0, 2**bits, (out, padded), generator=g, dtype=torch.uint8)
+    size = 1.0 if bits == 4 else 0.1
+    scale = (torch.rand(out, padded // group, generator=g) * (0.02 * size) + 0.001 * size).half()
     minus = (torch.randn(out, padded // group, generator=g) * 0.05).half()
-    return pack_codes(codes), scale, minus, codes
+    return pack_codes(codes, bits), scale, minus, codes
 
 
 def test_pack_and_unpack_are_inverse_and_the_reference_is_affine():
@@ -150,15 +153,6 @@ def test_bfloat16_gemm_rounds_the_gemm_operands_only_from_sixteen_tokens(tokens)
     torch.testing.assert_close(x.grad, dy @ w, rtol=1e-5, atol=1e-5)
 
 
-def _codes8(out, in_features, group, seed):
-    g = torch.Generator().manual_seed(seed)
-    padded = -(-in_features // group) * group
-    codes = torch.randint(0, 256, (out, padded), generator=g, dtype=torch.uint8)
-    scale = (torch.rand(out, padded // group, generator=g) * 0.002 + 0.0001).half()
-    minus = (torch.randn(out, padded // group, generator=g) * 0.05).half()
-    return pack_codes(codes, 8), scale, minus
-
-
 @needs_cpu_kernels
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("shape", [(7, 40, 64), (33, 20, 64), (64, 128, 128), (5, 96, 32), (4, 600, 64)])
@@ -170,10 +164,7 @@ def test_bfloat16_one_token_kernel_is_the_rounded_inputs_arithmetic(shape, bits)
     from lordba.kernels.q4 import bf16_dot_available
 
     out, in_features, group = shape
-    if bits == 4:
-        qweight, scale, minus, _ = packed(out, in_features, group, seed=out)
-    else:
-        qweight, scale, minus = _codes8(out, in_features, group, seed=out)
+    qweight, scale, minus, codes = packed(out, in_features, group, seed=out, bits=bits)
     x = torch.randn(1, in_features) * 3
     x[0, 0] = 40.0  # an outlier costs nothing here: each input is rounded on its own
     w = dequantize_reference(qweight, scale, minus, in_features, bits).double()
@@ -182,7 +173,7 @@ def test_bfloat16_one_token_kernel_is_the_rounded_inputs_arithmetic(shape, bits)
     if not bf16_dot_available():
         torch.testing.assert_close(got, q4_linear(x, qweight, scale, minus, in_features, bits=bits))
         return
-    codes = unpack_codes(qweight).double() if bits == 4 else qweight.double()
+    codes = codes.double()
     padded = codes.shape[1]
     xr = torch.nn.functional.pad(x[0].double(), (0, padded - in_features))
     xe = xr.clone()

@@ -291,12 +291,10 @@ class PackedAdapter(AdapterBase):
     def _routed(self, grad: bool, key: tuple[str, torch.dtype]) -> tuple | None:
         """:meth:`AdapterBase._routed` for buffers only (no parameter can need a gradient): the stored
         tensors read directly, once per adapter, layer and step of a mixed batch."""
-        if self.bias_delta is not None or (self.training and self.dropout > 0.0):
+        if not self._kernel_only():
             return None
-        buffers = self._buffers
-        tensors = buffers["sign_A"], buffers["sign_B"], buffers["scale_in"], buffers["scale_mid"], buffers["scale_out"]
         limit = self._caches.limits.get(key)
-        return tensors, self.scaling, limit if limit is not None else self._limit(*key)
+        return self._kernel_tensors(), self.scaling, limit if limit is not None else self._limit(*key)
 
     def forward(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         """The branch output for ``x`` ``[..., in]`` (``base + branch`` given ``base``), through the

@@ -265,6 +265,11 @@ class AdapterBase(nn.Module):
             limit = limits[(mode, dtype)] = kernels.dispatch_limit(*dims, dtype, mode)
         return limit
 
+    def _kernel_only(self) -> bool:
+        """Whether this adapter's inference call is the kernel alone (no dropout in training, no trained
+        bias to add)."""
+        return self.bias_delta is None and not (self.training and self.dropout > 0.0)
+
     _routed_as_stored = False  # whether :meth:`_routed` gives the held tensors themselves (cacheable)
 
     def _routed(self, grad: bool, key: tuple[str, torch.dtype]) -> tuple | None:
@@ -272,7 +277,7 @@ class AdapterBase(nn.Module):
         (:func:`routed_branches`; ``key``: kernel mode and dtype), or ``None`` if this adapter's own
         call would do more than run the inference kernel on its rows as they are (a gradient to
         compute, dropout in training, a trained bias to add). Runs once per adapter, layer and step."""
-        if self.bias_delta is not None or (self.training and self.dropout > 0.0):
+        if not self._kernel_only():
             return None
         params = self._parameters
         if grad and params and any(p is not None and p.requires_grad for p in params.values()):
@@ -284,8 +289,7 @@ class AdapterBase(nn.Module):
         """:meth:`_routed`'s ``(tensors, scaling, limit)`` under ``torch.compile`` with gradients off (no
         caches: version counters do not trace), or ``None`` where this adapter's own call does more than
         the inference kernel (dropout, a trained bias, latent signs)."""
-        params = self._parameters
-        if self.bias_delta is not None or (self.training and self.dropout > 0.0) or params.get("latent_A") is not None:
+        if not self._kernel_only() or self._parameters.get("latent_A") is not None:
             return None
         limit = kernels.dispatch_limit(self.in_features, self.out_features, self.r, dtype, kernels.get_mode())
         return self._traced_tensors(), self.scaling, limit

@@ -10,7 +10,7 @@ changed (:func:`lordba.nn.adapter_base.touch`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from lordba import kernels
 from lordba.nn.adapter_base import _EPOCH, _OPTIMIZER_STEPS, AdapterBase
+from lordba.quant import BaseBackend
 
 
 def direct_branch(adapter: AdapterBase, x: torch.Tensor, base: torch.Tensor, kept: list) -> torch.Tensor | None:
@@ -29,19 +30,31 @@ def direct_branch(adapter: AdapterBase, x: torch.Tensor, base: torch.Tensor, kep
     if torch.is_grad_enabled() and (x.requires_grad or base.requires_grad):
         return None
     key = (adapter, x.dtype, base.dtype, x.device, kernels.get_mode(), _EPOCH[0], _OPTIMIZER_STEPS[0])
-    if not kept or kept[0] != key:
-        kept[:] = [key, _direct_call(adapter, x, base)]
-    call = kept[1]
+    call = _kept(kept, key, _direct_call, adapter, x, base)
     if call is None:
         return None
     op, tensors, scaling, limit = call
     return op(x, *tensors, scaling, limit, base)
 
 
-def _direct_call(adapter: AdapterBase, x: torch.Tensor, base: torch.Tensor) -> tuple | None:
-    if not adapter._routed_as_stored or adapter._forward_hooks or adapter._forward_pre_hooks:
-        return None
+def _kept(kept: list, key: tuple, build: Callable[..., tuple | None], *args: object) -> tuple | None:
+    """The call kept in the one-entry cache ``kept`` for ``key``, rebuilt by ``build(*args)`` when the
+    key changed (an adapter, dtype, device, kernel mode, or any adapter's epoch or optimizer step)."""
+    if not kept or kept[0] != key:
+        kept[:] = [key, build(*args)]
+    return kept[1]
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook would run around one of ``modules`` (theirs or a global one): a direct
+    kernel call would skip it."""
     if _global_forward_hooks or _global_forward_pre_hooks:
+        return True
+    return any(module._forward_hooks or module._forward_pre_hooks for module in modules)
+
+
+def _direct_call(adapter: AdapterBase, x: torch.Tensor, base: torch.Tensor) -> tuple | None:
+    if not adapter._routed_as_stored or _hooked(adapter):
         return None
     op = kernels.cpu_branch_op(x, base)
     found = adapter._routed(False, (kernels.get_mode(), x.dtype)) if op is not None else None
@@ -49,7 +62,7 @@ def _direct_call(adapter: AdapterBase, x: torch.Tensor, base: torch.Tensor) -> t
 
 
 def fused_direct(
-    base_layer: nn.Module, backend: object, adapter: AdapterBase, x: torch.Tensor, kept: list
+    base_layer: nn.Module, backend: BaseBackend, adapter: AdapterBase, x: torch.Tensor, kept: list
 ) -> torch.Tensor | None:
     """``base_layer(x)`` plus ``adapter``'s branch in one call of the base backend's fused op (q4:
     ``lordba::q4_branch``), where it has one for ``x`` and the adapter's call is the inference kernel
@@ -58,28 +71,22 @@ def fused_direct(
     run): the fused op has no backward, and a trainable base bias must keep its gradient. The arguments
     are kept in ``kept`` as :func:`direct_branch` keeps its own (under ``torch.compile``: built in the
     trace, without caches)."""
-    if torch.is_grad_enabled():
-        return None
-    if base_layer._forward_hooks or base_layer._forward_pre_hooks or adapter._forward_hooks:
-        return None
-    if adapter._forward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks:
+    if torch.is_grad_enabled() or _hooked(base_layer, adapter):
         return None
     if torch.compiler.is_compiling():
         call = _fused_call(base_layer, backend, adapter, x)
     else:
         key = (adapter, base_layer, x.dtype, x.device, kernels.get_mode(), _EPOCH[0], _OPTIMIZER_STEPS[0])
-        if not kept or kept[0] != key:
-            kept[:] = [key, _fused_call(base_layer, backend, adapter, x)]
-        call = kept[1]
+        call = _kept(kept, key, _fused_call, base_layer, backend, adapter, x)
     if call is None:
         return None
     fused, tensors, scaling, limit = call
     return fused(x, tensors, scaling, limit)
 
 
-def _fused_call(base_layer: nn.Module, backend: object, adapter: AdapterBase, x: torch.Tensor) -> tuple | None:
+def _fused_call(base_layer: nn.Module, backend: BaseBackend, adapter: AdapterBase, x: torch.Tensor) -> tuple | None:
     fused = backend.fused_branch(base_layer, x)
-    if fused is None or kernels.cpu_branch_op(x, x) is None:
+    if fused is None or kernels.cpu_branch_op(x, x) is None:  # the base output has x's dtype
         return None
     if torch.compiler.is_compiling():
         found = adapter._traced_call(x.dtype)

@@ -36,7 +36,6 @@ namespace {
 
 constexpr int64_t kTokenBlock = 4;
 
-
 // One output row, up to kTokenBlock tokens: acc[t] = sum_g s_g (q_g . x_t,g)
 template <int NT, int BITS>
 void row_dot(const uint8_t* qrow, const c10::Half* srow, int64_t groups, int64_t chunks_per_group,
@@ -104,7 +103,6 @@ void row_dot(const uint8_t* qrow, const c10::Half* srow, int64_t groups, int64_t
   }
 #endif
 }
-
 
 Packed unpack_args(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minus, int64_t in,
                    int64_t bits) {
@@ -179,8 +177,6 @@ void rows_dot1(const Packed& p, int64_t o, const float* x, const float* xsum, fl
   for (int r = 0; r < R; ++r) y[o + r] = _mm512_reduce_add_ps(acc[r]) + row_offset(p, o + r, xsum);
 }
 #endif
-
-
 
 // float32 [rows o0..o1, in] of the dequantized weight, into dst (row stride `in`).
 void dequant_rows(const Packed& p, int64_t o0, int64_t o1, float* dst) {
