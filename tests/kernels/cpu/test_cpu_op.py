@@ -90,6 +90,30 @@ def test_fused_base_add(limit, base_dtype):
         assert torch.equal(got, base + run(x, lat_A, lat_B, b, m, a, 0.5, limit))
 
 
+@pytest.mark.parametrize("limit", [SIGN, UNPACK])
+def test_int8_codes_compute_exactly_their_float32_values(limit):
+    """Every int8 code c means c / 127 (docs/format.md): the kernel's decoding of b and a (no
+    division on AVX-512) must give the float32 division's values for all 256 codes, so a compact
+    adapter's output is bit for bit its decoded float32 form's."""
+    codes = torch.arange(-128, 128, dtype=torch.int8)
+    x, lat_A, lat_B, _, m, _ = case(4, (3,), 256, 256, 8)
+    b, a = codes, codes.flip(0)
+    base = torch.randn(3, 256)
+    got = run(x, lat_A, lat_B, b, m, a, 0.5, limit, base)
+    assert torch.equal(got, run(x, lat_A, lat_B, b.float() / 127, m, a.float() / 127, 0.5, limit, base))
+
+
+def test_the_op_leaves_its_base_argument_unchanged():
+    x, lat_A, lat_B, b, m, a = case(6, (1, 1), 64, 48, 8)
+    base = torch.randn(1, 1, 48)
+    kept = base.clone()
+    for limit in (SIGN, UNPACK):
+        got = run(x, lat_A, lat_B, b, m, a, 1.0, limit, base)
+        assert torch.equal(base, kept) and got.data_ptr() != base.data_ptr()
+    zero_in = run(x[..., :0], lat_A[:, :0], lat_B, b[:0], m, a, 1.0, SIGN, base)
+    assert torch.equal(zero_in, base) and zero_in.data_ptr() != base.data_ptr()  # nothing to add
+
+
 def test_non_contiguous_input_zero_tokens_and_determinism():
     x, lat_A, lat_B, b, m, a = case(1, (6, 40), 33, 21, 7)
     xs = x.reshape(40, 6, 33)[:, 1]

@@ -26,6 +26,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/tensor.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/mm.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/InferenceMode.h>
@@ -194,10 +195,12 @@ void tiled_sums(const uint8_t* sa, int64_t nbytes, const float* z, int64_t T, in
 void stage1(const uint8_t* sa, int64_t nbytes, const float* z, int64_t T, int64_t in, int64_t ld, int64_t r,
             float* h1) {
   std::fill(h1, h1 + T * r, 0.f);
-  std::vector<float> totals(static_cast<size_t>(T), 0.f);
+  thread_local std::vector<float> totals;
+  thread_local std::vector<uint8_t> ones;
+  totals.assign(static_cast<size_t>(T), 0.f);
   if (kMasked) {  // Σz per token, summed exactly like a row of all-ones signs
-    const std::vector<uint8_t> ones(static_cast<size_t>(ld / 8), 0xFF);
-    tiled_sums(ones.data(), static_cast<int64_t>(ones.size()), z, T, ld, ld, 1, 0, 1, totals.data());
+    if (ones.size() < static_cast<size_t>(ld / 8)) ones.assign(static_cast<size_t>(ld / 8), 0xFF);
+    tiled_sums(ones.data(), ld / 8, z, T, ld, ld, 1, 0, 1, totals.data());
   }
   const int64_t grain = std::max<int64_t>(8, 262144 / std::max<int64_t>(1, in * T));
   at::parallel_for(0, r, grain, [&](int64_t j0, int64_t j1) { tiled_sums(sa, nbytes, z, T, in, ld, r, j0, j1, h1); });
@@ -213,6 +216,28 @@ void stage1(const uint8_t* sa, int64_t nbytes, const float* z, int64_t T, int64_
 // A sign byte v of an S_B row (MSB = component 8g) then contributes hi[v >> 4] + lo[v & 15].
 void build_nibbles(const float* h2, int64_t T, int64_t rp, float* nib) {
   const int64_t groups = rp / 8;
+#if defined(__AVX512F__)
+  // The same sums in the same order, 16 entries at once: 0 + (±h[0]) + (±h[1]) + ... (±1·h is exact).
+  alignas(64) static const struct Signs {
+    float v[4][16];
+    Signs() {
+      for (int q = 0; q < 4; ++q)
+        for (int n = 0; n < 16; ++n) v[q][n] = ((n >> (3 - q)) & 1) ? 1.f : -1.f;
+    }
+  } kNib;
+  for (int64_t k = 0; k < T * groups; ++k) {
+    const float* h = h2 + (k / groups) * rp + 8 * (k % groups);
+    __m512 sh = _mm512_setzero_ps(), sl = _mm512_setzero_ps();
+    for (int q = 0; q < 4; ++q) {
+      const __m512 sign = _mm512_load_ps(kNib.v[q]);
+      sh = _mm512_add_ps(sh, _mm512_mul_ps(sign, _mm512_set1_ps(h[q])));
+      sl = _mm512_add_ps(sl, _mm512_mul_ps(sign, _mm512_set1_ps(h[4 + q])));
+    }
+    _mm512_storeu_ps(nib + k * 32, sh);
+    _mm512_storeu_ps(nib + k * 32 + 16, sl);
+  }
+  return;
+#endif
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t g = 0; g < groups; ++g) {
       const float* h = h2 + t * rp + 8 * g;
@@ -498,20 +523,22 @@ at::Tensor unpack_path(const at::Tensor& x2, const uint8_t* sa, int64_t nbytes_a
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "lordba::branch: ", what); }
 
 template <typename x_t, typename out_t>
-void run_sign(const at::Tensor& x2, const at::Tensor& sa, const at::Tensor& sb, const float* b, const float* m,
-              const float* a, int64_t r, int64_t out, float scaling, const at::Tensor* base2, at::Tensor& y) {
-  sign_path<x_t, out_t>(x2.data_ptr<x_t>(), x2.size(0), x2.size(1), sa.data_ptr<uint8_t>(), sa.numel(),
+void run_sign(const at::Tensor& x2, int64_t T, const at::Tensor& sa, const at::Tensor& sb, const float* b,
+              const float* m, const float* a, int64_t r, int64_t out, float scaling, const at::Tensor* base2,
+              at::Tensor& y) {
+  sign_path<x_t, out_t>(x2.data_ptr<x_t>(), T, x2.size(-1), sa.data_ptr<uint8_t>(), sa.numel(),
                         sb.data_ptr<uint8_t>(), sb.numel(), b, m, a, r, out, scaling,
                         base2 ? base2->data_ptr<out_t>() : nullptr, y.data_ptr<out_t>());
 }
 
 template <typename x_t>
-void dispatch_out(const at::Tensor& x2, const at::Tensor& sa, const at::Tensor& sb, const float* b, const float* m,
-                  const float* a, int64_t r, int64_t out, float scaling, const at::Tensor* base2, at::Tensor& y) {
+void dispatch_out(const at::Tensor& x2, int64_t T, const at::Tensor& sa, const at::Tensor& sb, const float* b,
+                  const float* m, const float* a, int64_t r, int64_t out, float scaling, const at::Tensor* base2,
+                  at::Tensor& y) {
   switch (y.scalar_type()) {
-    case at::kFloat: return run_sign<x_t, float>(x2, sa, sb, b, m, a, r, out, scaling, base2, y);
-    case at::kBFloat16: return run_sign<x_t, c10::BFloat16>(x2, sa, sb, b, m, a, r, out, scaling, base2, y);
-    case at::kHalf: return run_sign<x_t, c10::Half>(x2, sa, sb, b, m, a, r, out, scaling, base2, y);
+    case at::kFloat: return run_sign<x_t, float>(x2, T, sa, sb, b, m, a, r, out, scaling, base2, y);
+    case at::kBFloat16: return run_sign<x_t, c10::BFloat16>(x2, T, sa, sb, b, m, a, r, out, scaling, base2, y);
+    case at::kHalf: return run_sign<x_t, c10::Half>(x2, T, sa, sb, b, m, a, r, out, scaling, base2, y);
     default: check(false, "the output dtype must be float32, bfloat16 or float16");
   }
 }
@@ -540,10 +567,14 @@ const float* codes_float(const at::Tensor& t, std::vector<float>& buf) {
   float* d = buf.data();
   int64_t i = 0;
 #if defined(__AVX512F__)
-  const __m512 divisor = _mm512_set1_ps(127.f);  // vdivps rounds as the scalar division does: same values
+  // c / 127 correctly rounded without a division: q = c · fl(1/127), then one Newton step on the
+  // exact residual c − 127·q (both FMAs). Checked for all 256 codes against the division (a test).
+  const __m512 recip = _mm512_set1_ps(1.f / 127.f), divisor = _mm512_set1_ps(127.f);
   for (; i + 16 <= n; i += 16) {
-    const __m512i c = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + i)));
-    _mm512_storeu_ps(d + i, _mm512_div_ps(_mm512_cvtepi32_ps(c), divisor));
+    const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + i))));
+    const __m512 q = _mm512_mul_ps(c, recip);
+    const __m512 residual = _mm512_fnmadd_ps(q, divisor, c);
+    _mm512_storeu_ps(d + i, _mm512_fmadd_ps(residual, recip, q));
   }
 #endif
   for (; i < n; ++i) d[i] = kCodes.v[v[i] + 128];
@@ -567,6 +598,14 @@ bool scale_dtype_ok(const at::Tensor& t, bool codes) {
   return d == at::kFloat || d == at::kHalf || d == at::kBFloat16 || (codes && d == at::kChar);
 }
 
+// Whether `base` has x's leading dimensions and `out` as its last.
+bool base_shape_ok(const at::Tensor& x, const at::Tensor& base, int64_t out) {
+  if (base.dim() != x.dim() || base.size(-1) != out) return false;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d)
+    if (base.size(d) != x.size(d)) return false;
+  return true;
+}
+
 at::Tensor branch_impl(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
                        const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens,
                        const c10::optional<at::Tensor>& base, bool into_base) {
@@ -579,16 +618,11 @@ at::Tensor branch_impl(const at::Tensor& x, const at::Tensor& sign_A, const at::
         "scales must be float32, float16 or bfloat16 (b and a also int8 codes)");
   const auto st = x.scalar_type();
   check(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "x must be float32, bfloat16 or float16");
+  check(!base.has_value() || base_shape_ok(x, *base, out), "base must have the output's shape");
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out;
-  const at::Tensor x2 = x.reshape({-1, in}).contiguous();
-  const int64_t T = x2.size(0);
-  c10::optional<at::Tensor> base2;
-  if (base.has_value()) {
-    check(base->sizes().vec() == shape, "base must have the output's shape");
-    base2 = base->reshape({-1, out}).contiguous();
-  }
-  if (T == 0) return base2.has_value() ? base2->clone().reshape(shape) : at::empty(shape, x2.options());
+  if (x.numel() == 0) return base.has_value() ? base->clone() : at::zeros(shape, x.options());  // no tokens, or in = 0
+  const int64_t T = x.numel() / in;
   const at::Tensor sa = sign_A.contiguous(), sb = sign_B.contiguous();
   const at::Tensor bc = b.contiguous(), mc = m.contiguous(), ac = a.contiguous();
   thread_local std::vector<float> bbuf, mbuf, abuf;  // conversions of stored scales, reused between calls
@@ -597,6 +631,9 @@ at::Tensor branch_impl(const at::Tensor& x, const at::Tensor& sign_A, const at::
   const float* ap = as_float(ac, abuf);
   const float s = static_cast<float>(scaling);
   if (T > sign_max_tokens) {
+    const at::Tensor x2 = x.reshape({-1, in}).contiguous();
+    c10::optional<at::Tensor> base2;
+    if (base.has_value()) base2 = base->reshape({-1, out}).contiguous();
     at::Tensor y;
     switch (st) {
       case at::kFloat:
@@ -613,14 +650,20 @@ at::Tensor branch_impl(const at::Tensor& x, const at::Tensor& sign_A, const at::
     }
     return y.reshape(shape);
   }
-  at::Tensor y = at::empty({T, out}, base2.has_value() ? base2->options() : x2.options());
+  // The sign path reads rows through data pointers: no reshaped views. With into_base, the output
+  // is base's own memory (each element read, then written, by the same lane).
+  const at::Tensor x2 = x.contiguous();
+  c10::optional<at::Tensor> base2;
+  if (base.has_value()) base2 = base->contiguous();
+  const bool in_place = into_base && base2.has_value();  // base itself, or a contiguous copy of it
+  at::Tensor y = in_place ? *base2 : at::empty(shape, base2.has_value() ? base2->options() : x2.options());
   const at::Tensor* bptr = base2.has_value() ? &*base2 : nullptr;
   switch (st) {
-    case at::kFloat: dispatch_out<float>(x2, sa, sb, bp, mp, ap, r, out, s, bptr, y); break;
-    case at::kBFloat16: dispatch_out<c10::BFloat16>(x2, sa, sb, bp, mp, ap, r, out, s, bptr, y); break;
-    default: dispatch_out<c10::Half>(x2, sa, sb, bp, mp, ap, r, out, s, bptr, y);
+    case at::kFloat: dispatch_out<float>(x2, T, sa, sb, bp, mp, ap, r, out, s, bptr, y); break;
+    case at::kBFloat16: dispatch_out<c10::BFloat16>(x2, T, sa, sb, bp, mp, ap, r, out, s, bptr, y); break;
+    default: dispatch_out<c10::Half>(x2, T, sa, sb, bp, mp, ap, r, out, s, bptr, y);
   }
-  return y.reshape(shape);
+  return y;
 }
 
 // The `branch` op.
