@@ -38,7 +38,7 @@ def test_compiled_step_gives_the_eager_tokens_and_logits_and_reads_the_live_tens
     base_ids, _ = eager(tiny_q4(adapter=False))
     assert not torch.equal(want_ids, base_ids)  # the adapter matters
     lines = []
-    decode = AotDecode(lm, folder=folder, log=lines.append)
+    decode = AotDecode(lm, folder=folder, log=lines.append, kv_dtype="float32")
     got = decode.generate(PROMPT, NEW, eos_token_id=[])
     assert torch.equal(got, want_ids) and len(lines) == 1 and decode.compile_seconds > 0
     decode.prepare(PROMPT.shape[1] + NEW)
@@ -55,18 +55,35 @@ def test_compiled_step_gives_the_eager_tokens_and_logits_and_reads_the_live_tens
     assert all(t.data_ptr() in ptrs | cache for t in step.constants.values())  # the model's own tensors, no copies
 
 
+def test_the_default_float16_cache_keeps_the_tokens_and_the_logits_close(tmp_path):
+    """The default KV cache is float16 (half the bytes attention reads per token): the greedy tokens
+    are the eager model's and the logits within float16's rounding of the cache."""
+    lm = tiny_q4(adapter=True)
+    want_ids, want_logits = eager(lm)
+    decode = AotDecode(lm, folder=tmp_path)
+    assert torch.equal(decode.generate(PROMPT, NEW, eos_token_id=[]), want_ids)
+    assert {t.dtype for layer in decode.step_for.cache.layers for t in (layer.keys, layer.values)} == {torch.float16}
+    decode.prepare(PROMPT.shape[1] + NEW)
+    logits = [decode.prefill(PROMPT)]
+    for token in want_ids[0, PROMPT.shape[1] : -1].tolist():
+        logits.append(decode.step(token))
+    got = torch.stack(logits)
+    assert not torch.equal(got, want_logits)  # the cache is rounded ...
+    torch.testing.assert_close(got, want_logits, rtol=5e-3, atol=5e-3)  # ... to float16's precision
+
+
 def test_a_second_decoder_loads_the_package_and_a_changed_graph_compiles_anew(folder, monkeypatch):
     lm = tiny_q4(adapter=True)
     packages = sorted(folder.glob("step-*.pt2"))
     assert len(packages) == 1
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: pytest.fail("recompiled"))
-    decode = AotDecode(lm, folder=folder)
+    decode = AotDecode(lm, folder=folder, kv_dtype=torch.float32)
     assert torch.equal(decode.generate(PROMPT, NEW, eos_token_id=[]), eager(lm)[0]) and decode.compile_seconds == 0
     monkeypatch.undo()
     for a in lm.adapter_modules("default").values():
         a.scaling = a.scaling * 2  # a constant of the graph: a new package, never the old one
     want = eager(lm)[0]
-    decode = AotDecode(lm, folder=folder)
+    decode = AotDecode(lm, folder=folder, kv_dtype="float32")
     assert torch.equal(decode.generate(PROMPT, NEW, eos_token_id=[]), want)
     assert len(sorted(folder.glob("step-*.pt2"))) == 2 and not list(folder.glob(".partial-*"))
 
@@ -80,6 +97,8 @@ def test_bad_calls_are_refused():
         decode.generate(PROMPT.expand(2, -1), 3)
     with pytest.raises(ConfigError, match="round_to"):
         AotDecode(lm, round_to=0)
+    with pytest.raises(ConfigError, match="KV cache dtype"):
+        AotDecode(lm, kv_dtype="int8")
     assert aot_module._choose(torch.tensor([0.0, 5.0, 1.0]), False, 1.0, 1.0) == 1
     torch.manual_seed(0)
     assert {aot_module._choose(torch.tensor([0.0, 5.0, 4.9]), True, 1.0, 0.5) for _ in range(20)} == {1}

@@ -78,3 +78,31 @@ def test_use_packed_gqa_switches_sdpa_models_only_and_keeps_greedy_tokens():
     eager.set_attn_implementation("eager")
     assert not use_packed_gqa(eager) and eager.config._attn_implementation == "eager"
     assert attention._REGISTERED
+
+
+def test_a_reduced_cache_keeps_its_dtype_and_decodes_close_to_float32():
+    from transformers import StaticCache
+
+    from lordba.errors import ConfigError
+    from lordba.nn.attention import reduced_cache
+
+    model = tiny_llama(0)
+    model.set_attn_implementation("sdpa")
+    use_packed_gqa(model)
+    ids = torch.tensor([[5, 17, 3, 44, 9, 21, 60, 2, 11]])
+    with pytest.raises(ConfigError, match="not an initialized static layer"):
+        reduced_cache(StaticCache(config=model.config, max_cache_len=16).layers, torch.float16)
+    logits = {}
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            cache = StaticCache(config=model.config, max_cache_len=16)
+            out = [model(input_ids=ids[:, :4], past_key_values=cache, use_cache=True).logits[0, -1]]
+            kept = reduced_cache(cache.layers, dtype)
+            assert all(k.dtype == dtype and v.dtype == dtype for k, v in kept)
+            for i in range(4, ids.shape[1]):  # decode: the op (or SDPA) reads the reduced cache
+                out.append(model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits[0, -1])
+            assert all(layer.keys.dtype == dtype for layer in cache.layers)
+            logits[dtype] = torch.stack(out)
+    torch.testing.assert_close(logits[torch.float16], logits[torch.float32], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(logits[torch.bfloat16], logits[torch.float32], rtol=2e-2, atol=2e-2)
+    assert not torch.equal(logits[torch.float16], logits[torch.float32])

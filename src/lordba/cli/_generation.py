@@ -52,6 +52,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "kept in the lordba cache); each start exports the step (~10-30 s); falls back to eager on failure",
     )
     p.add_argument(
+        "--kv-dtype",
+        default="float16",
+        choices=("float16", "bfloat16", "float32"),
+        help="KV cache dtype with --aot (default float16, as llama.cpp's: half the bytes attention reads per "
+        "token; float32: the model's own results)",
+    )
+    p.add_argument(
         "--compile-mode",
         default="default",
         choices=("default", "max-autotune-no-cudagraphs"),
@@ -105,7 +112,10 @@ def load(args: argparse.Namespace) -> Loaded:
             raise ConfigError("--aot and --compile are two ways to compile the decode step: choose one")
         from lordba.nn.aot import AotDecode
 
-        return Loaded(model, tokenizer, AotDecode(model, log=lambda line: print(f"[{line}]", file=sys.stderr)))
+        kv = getattr(args, "kv_dtype", "float16")
+        return Loaded(
+            model, tokenizer, AotDecode(model, log=lambda line: print(f"[{line}]", file=sys.stderr), kv_dtype=kv)
+        )
     return Loaded(model, tokenizer, FastDecode(model, compile_it, getattr(args, "compile_mode", "default")))
 
 

@@ -127,6 +127,16 @@ def cpu_branch_op(x: torch.Tensor, base: torch.Tensor) -> object | None:
     return _STATE.op
 
 
+def decode_attention_op() -> object | None:
+    """``lordba::decode_attention`` (one query position over a float32 / float16 / bfloat16 KV cache)
+    when the compiled CPU kernels are loaded already (this never builds them: it runs inside
+    traced forwards), else ``None``."""
+    result = _STATE.cpu
+    if result is None or not result.ok or not hasattr(torch.ops.lordba, "decode_attention"):
+        return None
+    return torch.ops.lordba.decode_attention.default
+
+
 def cpu_available() -> bool:
     """Whether the compiled CPU kernels are loaded (building them on first call)."""
     result = _STATE.cpu

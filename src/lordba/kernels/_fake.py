@@ -45,12 +45,22 @@ def branch_rows_fake(
     return torch.empty_like(base, memory_format=torch.contiguous_format)
 
 
+def decode_attention_fake(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """An empty tensor of ``lordba::decode_attention``'s output: ``q``'s shape, float32."""
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 _REGISTERED: list[bool] = []
 
 
 def register_cpu() -> None:
-    """Register the fakes of ``lordba::branch`` and ``lordba::branch_rows`` (once per process)."""
+    """Register the fakes of ``lordba::branch``, ``lordba::branch_rows`` and ``lordba::decode_attention``
+    (once per process)."""
     if not _REGISTERED:
         torch.library.register_fake("lordba::branch")(branch_fake)
         torch.library.register_fake("lordba::branch_rows")(branch_rows_fake)
+        if hasattr(torch.ops.lordba, "decode_attention"):
+            torch.library.register_fake("lordba::decode_attention")(decode_attention_fake)
         _REGISTERED.append(True)

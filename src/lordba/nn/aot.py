@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lordba import kernels
 from lordba.errors import ConfigError
-from lordba.nn.attention import use_packed_gqa
+from lordba.nn.attention import reduced_cache, use_packed_gqa
 from lordba.nn.decode import _hf_model, cache_length
 
 AOT_DIR = "aot"
@@ -58,16 +59,37 @@ def _static_generation(model: nn.Module) -> Iterator[None]:
         config.use_cache, config.cache_implementation = saved
 
 
+KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def kv_cache_dtype(name: torch.dtype | str) -> torch.dtype:
+    """The KV cache dtype for ``name`` (a dtype or one of :data:`KV_DTYPES`' names).
+
+    Raises:
+        ConfigError: anything else.
+    """
+    dtype = KV_DTYPES.get(name) if isinstance(name, str) else name
+    if dtype not in KV_DTYPES.values():
+        raise ConfigError(f"the KV cache dtype must be one of {sorted(KV_DTYPES)}, got {name!r}")
+    return dtype
+
+
 class _Step:
     """One cache length: the wrapper holding the static cache, the loaded package and the tensors it reads."""
 
-    def __init__(self, model: nn.Module, length: int, folder: Path, log: Callable[[str], None]) -> None:
+    def __init__(
+        self, model: nn.Module, length: int, folder: Path, log: Callable[[str], None], kv_dtype: torch.dtype
+    ) -> None:
         from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
         with _static_generation(model):
             wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=length)
         self.module = wrapper.model
         self.cache = self.module.static_cache
+        if self.cache.layers and self.cache.layers[0].keys.dtype != kv_dtype:
+            for i, (keys, values) in enumerate(reduced_cache(self.cache.layers, kv_dtype)):
+                self.module.register_buffer(f"key_cache_{i}", keys, persistent=False)
+                self.module.register_buffer(f"value_cache_{i}", values, persistent=False)
         start = time.perf_counter()
         with torch.no_grad():
             program = wrapper.export(input_ids=torch.tensor([[1]]), cache_position=torch.tensor([0]))
@@ -142,9 +164,12 @@ class AotDecode:
         round_to: cache lengths are the positions needed rounded up to a multiple of this (default:
             :func:`~lordba.nn.decode.cache_length`'s power of two, so few lengths are compiled;
             attention reads the whole cache every token, so a tighter length decodes faster).
+        kv_dtype: the KV cache's dtype, ``float16`` (default, as llama.cpp's: half the bytes attention
+            reads per token), ``bfloat16`` or ``float32`` (the model's own results); a dtype or its name.
 
     Raises:
-        ConfigError: the model is not on the CPU, or ``round_to`` is not positive.
+        ConfigError: the model is not on the CPU, ``round_to`` is not positive, or ``kv_dtype`` is
+            not one of those.
     """
 
     def __init__(
@@ -153,10 +178,13 @@ class AotDecode:
         folder: Path | None = None,
         log: Callable[[str], None] | None = None,
         round_to: int | None = None,
+        kv_dtype: torch.dtype | str = torch.float16,
     ) -> None:
         if round_to is not None and round_to <= 0:
             raise ConfigError(f"round_to must be positive, got {round_to}")
         self.round_to = round_to
+        self.kv_dtype = kv_cache_dtype(kv_dtype)
+        kernels.cpu_available()  # the decode attention op is traced into the step only once loaded
         self.model = model
         self.inner = _hf_model(model)
         if any(t.device.type != "cpu" for t in self.inner.parameters()):
@@ -209,7 +237,7 @@ class AotDecode:
             raise ConfigError(f"{tokens} positions do not fit the model's {length}")
         step = self._steps.get(length)
         if step is None:
-            step = self._steps[length] = _Step(self.inner, length, self.folder, self.log)
+            step = self._steps[length] = _Step(self.inner, length, self.folder, self.log, self.kv_dtype)
             self.compile_seconds += step.compile_seconds
             self.export_seconds += step.export_seconds
         step.cache.reset()

@@ -12,6 +12,11 @@ head packed into the query-length axis for a single-token query, compiled or not
 → ``[b, kv_heads, groups, d]``, one SDPA call over the cache as it is (the mask, shared by the heads
 and the one query position, broadcasts). Everything else (prefill, masks with a head axis, dropout)
 goes to transformers' ``sdpa`` unchanged. :func:`use_packed_gqa` switches a model to it.
+
+On the CPU, with the compiled kernels loaded, the single-token case runs ``lordba::decode_attention``
+(every key and value row read once for the query heads that share it; float32 arithmetic) instead of
+SDPA, over a float32 cache or one kept in float16 / bfloat16 (:func:`reduced_cache`; other paths read
+such a cache converted to the query's dtype).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lordba import kernels
 
 NAME = "lordba_sdpa"
 _REGISTERED: list[bool] = []
@@ -42,13 +49,58 @@ def packed_gqa_forward(
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q_len, dim = query.shape
     mask_ok = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
-    if q_len != 1 or groups <= 1 or dropout != 0.0 or not mask_ok or kwargs.get("softcap") is not None:
+    if q_len != 1 or dropout != 0.0 or not mask_ok or kwargs.get("softcap") is not None:
+        if key.dtype != query.dtype:  # a reduced-precision cache (:func:`reduced_cache`): read as the query's
+            key, value = key.to(query.dtype), value.to(query.dtype)
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     packed = query.reshape(b, heads // groups, groups, dim)
-    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    op = kernels.decode_attention_op() if query.device.type == "cpu" and query.dtype == torch.float32 else None
+    mask_fits = attention_mask is None or (
+        attention_mask.shape[-2] == 1
+        and attention_mask.shape[-1] == key.shape[-2]
+        and attention_mask.shape[0] in (1, b)
+    )
+    if op is not None and mask_fits:
+        scale = scaling if scaling is not None else dim**-0.5
+        out = op(packed, key, value, attention_mask, scale)
+    else:
+        if key.dtype != query.dtype:
+            key, value = key.to(query.dtype), value.to(query.dtype)
+        out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(b, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def reduced_cache(layers: list, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keep the keys and values of initialized static cache ``layers`` (transformers' ``StaticLayer``)
+    in ``dtype`` (float16: llama.cpp's default KV cache; half the bytes that decoding reads every
+    token): each layer's tensors are replaced and its ``update`` rounds new states to ``dtype``.
+    Returns the new ``(keys, values)`` per layer (callers that registered the old tensors as
+    buffers register these instead). Attention reads them through :func:`packed_gqa_forward`.
+
+    Raises:
+        ConfigError: a layer is not initialized or has no ``keys``/``values``.
+    """
+    from lordba.errors import ConfigError
+
+    replaced = []
+    for i, layer in enumerate(layers):
+        if not getattr(layer, "is_initialized", False) or not hasattr(layer, "keys"):
+            raise ConfigError(f"reduced_cache: cache layer {i} is not an initialized static layer")
+        if layer.keys.dtype != dtype:
+            layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
+            layer.update = _rounding_update(layer, type(layer).update)
+        replaced.append((layer.keys, layer.values))
+    return replaced
+
+
+def _rounding_update(layer: object, update: object) -> object:
+    def rounded(key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object) -> object:
+        dtype = layer.keys.dtype
+        return update(layer, key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
+
+    return rounded
 
 
 def register() -> None:

@@ -1,0 +1,308 @@
+// CPU attention of one decoding position over a KV cache kept in float16, bfloat16 or float32
+// (lordba; see docs/kernels.md).
+//
+//   out[b, h, g] = Σ_j softmax_j(scale · q[b, h, g] · k[b, h, j] + mask[j]) · v[b, h, j]
+//
+// q: [B, H, G, D] float32 — the G query heads that share key/value head h (grouped-query attention,
+// packed as lordba.nn.attention packs them); k, v: [B, H, S, D], the whole static cache; mask: none,
+// or [B or 1, 1, 1, S], bool (true: attend) or float (added to the scores). Decoding reads the whole
+// cache every token, so its bytes are the cost: a float16 cache halves them against float32, and each
+// key and value row is read once for the G query heads. Arithmetic is float32. The positions of a
+// head are split into blocks run in parallel, merged by their log-sum-exp (flash-decoding).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace lordba_attn {
+namespace {
+
+constexpr int64_t kBlock = 256;  // positions per work item
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// dst[0, n) = src as float32.
+template <typename kv_t>
+inline void to_float(const kv_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<kv_t, c10::Half>) {
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  } else if constexpr (std::is_same_v<kv_t, c10::BFloat16>) {
+    for (; i + 16 <= n; i += 16) {
+      const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+      _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    }
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// y[0, n) += w · x
+inline void axpy(float w, const float* x, int64_t n, float* y) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 wv = _mm512_set1_ps(w);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += w * x[i];
+}
+
+// s[j] = exp(s[j] − top) for j < n (arguments ≤ 0; −inf gives 0); returns Σ s[j].
+inline float exp_shifted(float* s, int64_t n, float top) {
+  int64_t j = 0;
+  float sum = 0.f;
+#if defined(__AVX512F__)
+  // e^x = 2^k · e^r, k = round(x·log2 e), r = x − k·ln 2 (two-part ln 2), e^r by its degree-6 Taylor
+  // polynomial on |r| ≤ ln2/2 (relative error < 2e-7); 2^k by vscalefps. Below −87 the result is 0.
+  const __m512 shift = _mm512_set1_ps(top), lo = _mm512_set1_ps(-87.f);
+  const __m512 log2e = _mm512_set1_ps(1.44269504f), ln2_hi = _mm512_set1_ps(0.693359375f),
+               ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+  const float c[7] = {1.f, 1.f, 0.5f, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720};
+  __m512 total = _mm512_setzero_ps();
+  for (; j + 16 <= n; j += 16) {
+    const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(s + j), shift);
+    const __mmask16 live = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+    const __m512 xc = _mm512_max_ps(x, lo);
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(xc, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(k, ln2_lo, _mm512_fnmadd_ps(k, ln2_hi, xc));
+    __m512 p = _mm512_set1_ps(c[6]);
+    for (int q = 5; q >= 0; --q) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[q]));
+    const __m512 e = _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, k));
+    _mm512_storeu_ps(s + j, e);
+    total = _mm512_add_ps(total, e);
+  }
+  sum = _mm512_reduce_add_ps(total);
+#endif
+  for (; j < n; ++j) {
+    s[j] = s[j] == kNegInf ? 0.f : std::exp(s[j] - top);
+    sum += s[j];
+  }
+  return sum;
+}
+
+struct Shape {
+  int64_t B, H, G, S, D;
+};
+
+// One block [j0, j1) of head (b, h): for each query g, the block's maximum score, Σ exp and the
+// unnormalized Σ exp · v (D floats) into part.
+template <typename kv_t>
+void block(const Shape& sh, const float* q, const kv_t* k, const kv_t* v, const float* mask, float scale, int64_t j0,
+           int64_t j1, float* top, float* total, float* part) {
+  const int64_t n = j1 - j0, G = sh.G, D = sh.D;
+  thread_local std::vector<float> scores, row;
+  scores.resize(static_cast<size_t>(G * n));
+  row.resize(static_cast<size_t>(D));
+  for (int64_t j = j0; j < j1; ++j) {
+    const float add = mask != nullptr ? mask[j] : 0.f;
+    if (add == kNegInf) {
+      for (int64_t g = 0; g < G; ++g) scores[g * n + j - j0] = kNegInf;
+      continue;
+    }
+    to_float(k + j * D, D, row.data());
+    for (int64_t g = 0; g < G; ++g) scores[g * n + j - j0] = scale * dot(q + g * D, row.data(), D) + add;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = scores.data() + g * n;
+    top[g] = *std::max_element(s, s + n);
+    total[g] = top[g] == kNegInf ? 0.f : exp_shifted(s, n, top[g]);
+  }
+  std::fill(part, part + G * D, 0.f);
+  for (int64_t j = j0; j < j1; ++j) {
+    bool any = false;
+    for (int64_t g = 0; g < G; ++g) any = any || scores[g * n + j - j0] != 0.f;
+    if (!any) continue;
+    to_float(v + j * D, D, row.data());
+    for (int64_t g = 0; g < G; ++g) axpy(scores[g * n + j - j0], row.data(), D, part + g * D);
+  }
+}
+
+#if defined(__AVX512F__)
+// 16 elements of a cache row as float32.
+template <typename kv_t>
+inline __m512 load16(const kv_t* p) {
+  if constexpr (std::is_same_v<kv_t, c10::Half>) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else if constexpr (std::is_same_v<kv_t, c10::BFloat16>) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  } else {
+    return _mm512_loadu_ps(p);
+  }
+}
+
+// `block` for head size 16·NC: each key and value row converted once into registers (no copy),
+// the G queries' dot products and their Σ p·v from those registers.
+template <typename kv_t, int NC>
+void block_vec(const Shape& sh, const float* q, const kv_t* k, const kv_t* v, const float* mask, float scale,
+               int64_t j0, int64_t j1, float* top, float* total, float* part) {
+  constexpr int64_t D = 16 * NC;
+  const int64_t n = j1 - j0, G = sh.G;
+  thread_local std::vector<float> scores;
+  scores.resize(static_cast<size_t>(G * n));
+  for (int64_t j = j0; j < j1; ++j) {
+    const float add = mask != nullptr ? mask[j] : 0.f;
+    if (add == kNegInf) {
+      for (int64_t g = 0; g < G; ++g) scores[g * n + j - j0] = kNegInf;
+      continue;
+    }
+    __m512 row[NC];
+    for (int c = 0; c < NC; ++c) row[c] = load16<kv_t>(k + j * D + 16 * c);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + g * D), row[0]);
+      for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + 16 * c), row[c], acc);
+      scores[g * n + j - j0] = scale * _mm512_reduce_add_ps(acc) + add;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* sc = scores.data() + g * n;
+    top[g] = *std::max_element(sc, sc + n);
+    total[g] = top[g] == kNegInf ? 0.f : exp_shifted(sc, n, top[g]);
+  }
+  std::fill(part, part + G * D, 0.f);
+  for (int64_t j = j0; j < j1; ++j) {
+    if (mask != nullptr && mask[j] == kNegInf) continue;
+    __m512 row[NC];
+    for (int c = 0; c < NC; ++c) row[c] = load16<kv_t>(v + j * D + 16 * c);
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 w = _mm512_set1_ps(scores[g * n + j - j0]);
+      float* o = part + g * D;
+      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(o + 16 * c, _mm512_fmadd_ps(w, row[c], _mm512_loadu_ps(o + 16 * c)));
+    }
+  }
+}
+#endif
+
+// The block function for this head size.
+template <typename kv_t>
+auto block_for(int64_t D) {
+  using Fn = void (*)(const Shape&, const float*, const kv_t*, const kv_t*, const float*, float, int64_t, int64_t,
+                      float*, float*, float*);
+#if defined(__AVX512F__)
+  switch (D) {
+    case 64: return static_cast<Fn>(&block_vec<kv_t, 4>);
+    case 128: return static_cast<Fn>(&block_vec<kv_t, 8>);
+    case 256: return static_cast<Fn>(&block_vec<kv_t, 16>);
+    default: break;
+  }
+#endif
+  (void)D;
+  return static_cast<Fn>(&block<kv_t>);
+}
+
+template <typename kv_t>
+void attend(const Shape& sh, const float* q, const kv_t* k, const kv_t* v, const float* mask, int64_t mask_batch,
+            float scale, float* out) {
+  const int64_t blocks = (sh.S + kBlock - 1) / kBlock, items = sh.B * sh.H * blocks, G = sh.G, D = sh.D;
+  std::vector<float> top(static_cast<size_t>(items * G)), total(top.size()), part(static_cast<size_t>(items * G * D));
+  const auto run = block_for<kv_t>(D);
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t bh = i / blocks, c = i % blocks, b = bh / sh.H;
+      const int64_t j0 = c * kBlock, j1 = std::min(sh.S, j0 + kBlock);
+      const float* mk = mask != nullptr ? mask + (mask_batch == 1 ? 0 : b) * sh.S : nullptr;
+      run(sh, q + bh * G * D, k + bh * sh.S * D, v + bh * sh.S * D, mk, scale, j0, j1, top.data() + i * G,
+                  total.data() + i * G, part.data() + i * G * D);
+    }
+  });
+  for (int64_t bh = 0; bh < sh.B * sh.H; ++bh)
+    for (int64_t g = 0; g < G; ++g) {
+      float best = kNegInf;
+      for (int64_t c = 0; c < blocks; ++c) best = std::max(best, top[(bh * blocks + c) * G + g]);
+      float* o = out + (bh * G + g) * D;
+      std::fill(o, o + D, 0.f);
+      if (best == kNegInf) continue;  // every position masked: zeros
+      float denom = 0.f;
+      for (int64_t c = 0; c < blocks; ++c) {
+        const int64_t it = bh * blocks + c;
+        const float w = top[it * G + g] == kNegInf ? 0.f : std::exp(top[it * G + g] - best);
+        denom += w * total[it * G + g];
+        axpy(w, part.data() + (it * G + g) * D, D, o);
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] /= denom;
+    }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "lordba::decode_attention: q, k, v must be 4-d");
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "lordba::decode_attention: q must be float32");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "lordba::decode_attention: k and v must have one dtype");
+  TORCH_CHECK(k.sizes() == v.sizes(), "lordba::decode_attention: k and v must have one shape");
+  const Shape sh{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
+  TORCH_CHECK(k.size(0) == sh.B && k.size(1) == sh.H && k.size(3) == sh.D,
+              "lordba::decode_attention: k must be [B, H, S, D] for q [B, H, G, D]");
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  std::vector<float> additive;  // the mask as a float added to the scores
+  int64_t mask_batch = 1;
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.dim() == 4 && m.size(1) == 1 && m.size(2) == 1 && m.size(3) == sh.S &&
+                    (m.size(0) == 1 || m.size(0) == sh.B),
+                "lordba::decode_attention: mask must be [B or 1, 1, 1, S]");
+    mask_batch = m.size(0);
+    const at::Tensor mc = m.scalar_type() == at::kBool ? m.contiguous() : m.to(at::kFloat).contiguous();
+    additive.resize(static_cast<size_t>(mask_batch * sh.S));
+    if (m.scalar_type() == at::kBool) {
+      const bool* keep = mc.data_ptr<bool>();
+      for (size_t i = 0; i < additive.size(); ++i) additive[i] = keep[i] ? 0.f : kNegInf;
+    } else {
+      std::copy(mc.data_ptr<float>(), mc.data_ptr<float>() + additive.size(), additive.begin());
+    }
+  }
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* mp = mask.has_value() ? additive.data() : nullptr;
+  const float s = static_cast<float>(scale);
+  switch (k.scalar_type()) {
+    case at::kHalf:
+      attend<c10::Half>(sh, qc.data_ptr<float>(), kc.data_ptr<c10::Half>(), vc.data_ptr<c10::Half>(), mp, mask_batch,
+                        s, out.data_ptr<float>());
+      break;
+    case at::kBFloat16:
+      attend<c10::BFloat16>(sh, qc.data_ptr<float>(), kc.data_ptr<c10::BFloat16>(), vc.data_ptr<c10::BFloat16>(), mp,
+                            mask_batch, s, out.data_ptr<float>());
+      break;
+    case at::kFloat:
+      attend<float>(sh, qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), mp, mask_batch, s,
+                    out.data_ptr<float>());
+      break;
+    default:
+      TORCH_CHECK(false, "lordba::decode_attention: k and v must be float16, bfloat16 or float32");
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace lordba_attn
+
+TORCH_LIBRARY_FRAGMENT(lordba, lib) {
+  lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lordba, CPU, lib) { lib.impl("decode_attention", &lordba_attn::decode_attention); }
