@@ -157,43 +157,88 @@ inline __m512 load16(const kv_t* p) {
   }
 }
 
-// `block` for head size 16·NC: each key and value row converted once into registers (no copy),
-// the G queries' dot products and their Σ p·v from those registers.
+// out[i] = Σ of the 16 lanes of v[i], for i < 16, as one vector: a transposing tree of unpacks and
+// lane shuffles (45 instructions for 16 sums instead of ~8 per sum).
+inline __m512 sum16(const __m512* v) {
+  __m512 s1[8], s2[4];
+  for (int p = 0; p < 8; ++p)
+    s1[p] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]), _mm512_unpackhi_ps(v[2 * p], v[2 * p + 1]));
+  for (int q = 0; q < 4; ++q) {
+    const __m512d c = _mm512_castps_pd(s1[2 * q]), d = _mm512_castps_pd(s1[2 * q + 1]);
+    s2[q] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)), _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
+  }
+  const __m512 a = _mm512_add_ps(_mm512_shuffle_f32x4(s2[0], s2[1], 0x88), _mm512_shuffle_f32x4(s2[0], s2[1], 0xDD));
+  const __m512 b = _mm512_add_ps(_mm512_shuffle_f32x4(s2[2], s2[3], 0x88), _mm512_shuffle_f32x4(s2[2], s2[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+}
+
+// part[gi·D ..] = Σ_j p[gi·n + j − j0] · v_j for GN queries, the sums in registers: each value row
+// converted once for them all. Masked rows are never read.
+template <typename kv_t, int NC, int GN>
+void v_pass(const kv_t* v, const float* p, int64_t n, int64_t j0, int64_t j1, const float* mask, float* part) {
+  constexpr int64_t D = 16 * NC;
+  __m512 o[GN * NC];
+  for (int i = 0; i < GN * NC; ++i) o[i] = _mm512_setzero_ps();
+  for (int64_t j = j0; j < j1; ++j) {
+    if (mask != nullptr && mask[j] == kNegInf) continue;
+    __m512 row[NC];
+    for (int c = 0; c < NC; ++c) row[c] = load16<kv_t>(v + j * D + 16 * c);
+    for (int gi = 0; gi < GN; ++gi) {
+      const __m512 w = _mm512_set1_ps(p[gi * n + j - j0]);
+      for (int c = 0; c < NC; ++c) o[gi * NC + c] = _mm512_fmadd_ps(w, row[c], o[gi * NC + c]);
+    }
+  }
+  for (int gi = 0; gi < GN; ++gi)
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(part + gi * D + 16 * c, o[gi * NC + c]);
+}
+
+// `block` for head size 16·NC: each key and value row converted once into registers (no copy);
+// the G queries' products with 16 key rows summed by one transposing tree per query.
 template <typename kv_t, int NC>
 void block_vec(const Shape& sh, const float* q, const kv_t* k, const kv_t* v, const float* mask, float scale,
                int64_t j0, int64_t j1, float* top, float* total, float* part) {
   constexpr int64_t D = 16 * NC;
   const int64_t n = j1 - j0, G = sh.G;
   thread_local std::vector<float> scores;
+  thread_local std::vector<__m512> acc;  // [g][16]: one row's 16 partial products per query
   scores.resize(static_cast<size_t>(G * n));
-  for (int64_t j = j0; j < j1; ++j) {
-    const float add = mask != nullptr ? mask[j] : 0.f;
-    if (add == kNegInf) {
-      for (int64_t g = 0; g < G; ++g) scores[g * n + j - j0] = kNegInf;
-      continue;
+  acc.resize(static_cast<size_t>(G * 16));
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t t0 = j0; t0 < j1; t0 += 16) {
+    const int64_t rows = std::min<int64_t>(16, j1 - t0);
+    for (int64_t i = 0; i < 16; ++i) {
+      const int64_t j = t0 + i;
+      if (i >= rows || (mask != nullptr && mask[j] == kNegInf)) {  // never read
+        for (int64_t g = 0; g < G; ++g) acc[g * 16 + i] = _mm512_setzero_ps();
+        continue;
+      }
+      __m512 row[NC];
+      for (int c = 0; c < NC; ++c) row[c] = load16<kv_t>(k + j * D + 16 * c);
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q + g * D), row[0]);
+        for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + 16 * c), row[c], a);
+        acc[g * 16 + i] = a;
+      }
     }
-    __m512 row[NC];
-    for (int c = 0; c < NC; ++c) row[c] = load16<kv_t>(k + j * D + 16 * c);
-    for (int64_t g = 0; g < G; ++g) {
-      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + g * D), row[0]);
-      for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + 16 * c), row[c], acc);
-      scores[g * n + j - j0] = scale * _mm512_reduce_add_ps(acc) + add;
-    }
+    const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1u);
+    const __m512 add = mask != nullptr ? _mm512_maskz_loadu_ps(live, mask + t0) : _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g)
+      _mm512_mask_storeu_ps(scores.data() + g * n + (t0 - j0), live,
+                            _mm512_fmadd_ps(vscale, sum16(acc.data() + g * 16), add));
   }
   for (int64_t g = 0; g < G; ++g) {
     float* sc = scores.data() + g * n;
     top[g] = *std::max_element(sc, sc + n);
     total[g] = top[g] == kNegInf ? 0.f : exp_shifted(sc, n, top[g]);
   }
-  std::fill(part, part + G * D, 0.f);
-  for (int64_t j = j0; j < j1; ++j) {
-    if (mask != nullptr && mask[j] == kNegInf) continue;
-    __m512 row[NC];
-    for (int c = 0; c < NC; ++c) row[c] = load16<kv_t>(v + j * D + 16 * c);
-    for (int64_t g = 0; g < G; ++g) {
-      const __m512 w = _mm512_set1_ps(scores[g * n + j - j0]);
-      float* o = part + g * D;
-      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(o + 16 * c, _mm512_fmadd_ps(w, row[c], _mm512_loadu_ps(o + 16 * c)));
+  constexpr int64_t GB = NC <= 4 ? 4 : 16 / NC;  // queries whose sums stay in registers
+  for (int64_t g0 = 0; g0 < G; g0 += GB) {
+    const float* p = scores.data() + g0 * n;
+    switch (std::min(GB, G - g0)) {
+      case 1: v_pass<kv_t, NC, 1>(v, p, n, j0, j1, mask, part + g0 * D); break;
+      case 2: v_pass<kv_t, NC, 2>(v, p, n, j0, j1, mask, part + g0 * D); break;
+      case 3: v_pass<kv_t, NC, 3 <= GB ? 3 : 1>(v, p, n, j0, j1, mask, part + g0 * D); break;
+      default: v_pass<kv_t, NC, 4 <= GB ? 4 : 1>(v, p, n, j0, j1, mask, part + g0 * D); break;
     }
   }
 }
