@@ -42,7 +42,7 @@ def test_equals_sdpa_on_the_same_cache(dtype, B, H, G, S, D):
 def test_masked_positions_are_never_read_and_a_fully_masked_row_gives_zeros():
     q, k, v = case(0, 1, 2, 3, 600, 64, torch.float16)
     keep = torch.zeros(1, 1, 1, 600, dtype=torch.bool)
-    keep[..., 100:420] = True
+    keep[..., 100:420] = True  # blocks of 256: one partly masked at each end, the last one fully
     poisoned_k, poisoned_v = k.clone(), v.clone()
     poisoned_k[..., ~keep[0, 0, 0], :] = float("nan")
     poisoned_v[..., ~keep[0, 0, 0], :] = float("inf")

@@ -78,7 +78,8 @@ FAILURES = textwrap.dedent(
     r = cpu.load()
     assert not r.ok and not r.built and not r.path.exists(), r
     first, *rest = r.message.splitlines()
-    assert first == f"compiling branch.cpp, q4.cpp, q4_dot.cpp and attention.cpp with {os.environ['CXX']} failed:", first
+    sources = "branch.cpp, q4.cpp, q4_dot.cpp and attention.cpp"
+    assert first == f"compiling {sources} with {os.environ['CXX']} failed:", first
     assert "lordba-test-failure" in r.message, r.message
     os.environ["CXX"] = "/nonexistent/c++"
     r = cpu.load()

@@ -131,6 +131,7 @@ void block(const Shape& sh, const float* q, const kv_t* k, const kv_t* v, const 
   for (int64_t g = 0; g < G; ++g) {
     float* s = scores.data() + g * n;
     top[g] = *std::max_element(s, s + n);
+    if (top[g] == kNegInf) std::fill(s, s + n, 0.f);  // every position masked: no weight anywhere
     total[g] = top[g] == kNegInf ? 0.f : exp_shifted(s, n, top[g]);
   }
   std::fill(part, part + G * D, 0.f);
@@ -229,6 +230,7 @@ void block_vec(const Shape& sh, const float* q, const kv_t* k, const kv_t* v, co
   for (int64_t g = 0; g < G; ++g) {
     float* sc = scores.data() + g * n;
     top[g] = *std::max_element(sc, sc + n);
+    if (top[g] == kNegInf) std::fill(sc, sc + n, 0.f);  // every position masked: no weight anywhere
     total[g] = top[g] == kNegInf ? 0.f : exp_shifted(sc, n, top[g]);
   }
   constexpr int64_t GB = NC <= 4 ? 4 : 16 / NC;  // queries whose sums stay in registers
@@ -286,7 +288,8 @@ void attend(const Shape& sh, const float* q, const kv_t* k, const kv_t* v, const
       float denom = 0.f;
       for (int64_t c = 0; c < blocks; ++c) {
         const int64_t it = bh * blocks + c;
-        const float w = top[it * G + g] == kNegInf ? 0.f : std::exp(top[it * G + g] - best);
+        if (top[it * G + g] == kNegInf) continue;  // a fully masked block adds nothing
+        const float w = std::exp(top[it * G + g] - best);
         denom += w * total[it * G + g];
         axpy(w, part.data() + (it * G + g) * D, D, o);
       }
