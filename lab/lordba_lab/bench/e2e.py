@@ -13,7 +13,7 @@ project's machine has 2 cores; ``$LORDBA_BENCH_THREADS`` or ``python -m lordba_l
   naming the extra; the rest runs.
 * ``<base> aot`` and ``<base>+LoRDBA aot`` for the bases of ``aot`` (default q4): the eager
   models' decode step compiled ahead of time (:class:`lordba.nn.aot.AotDecode`, ``lordba generate
-  --aot``), on a static cache of the prompt + 8 positions; decode only;
+  --aot``), on a static cache of the prompt + 8 positions (float16, AotDecode's default); decode only;
 * ``<base> compiled`` and ``<base>+LoRDBA compiled`` for the bases of ``compiled`` (default q4):
   the decode step ``torch.compile``'d (inductor) on a static KV cache, as ``lordba generate
   --compile`` runs it; decode only (their prefill is the eager model's), compiled before the timing
@@ -140,7 +140,8 @@ def _compile_steps(
         d = steps[name].decode
         checks[name] = {"compile_s": d.compile_seconds, "export_s": d.export_seconds,
                         "setup_s": time.perf_counter() - start, "vs_eager": M.closeness(got, want),
-                        "max_abs_diff": float((got - want).abs().max())}  # fmt: skip
+                        "max_abs_diff": float((got - want).abs().max()),
+                        "kv_dtype": str(d.kv_dtype).removeprefix("torch.")}  # fmt: skip
         steps[name].back()
     return steps, checks
 

@@ -205,3 +205,15 @@ def test_portable_builds_are_correct(arch, isa, tmp_path):
     proc = subprocess.run([sys.executable, "-c", PORTABLE], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == isa
+
+
+def test_the_portable_build_passes_the_op_tests():
+    """A build without AVX-512 or AVX2 (``-march=x86-64``) runs the scalar paths the native build never
+    takes: the branch op's and the decode attention's tests must hold on it too (they found a NaN
+    from a fully masked block that only the portable paths produced)."""
+    env = {**os.environ, "LORDBA_CPU_ARCH": "x86-64", "PYTHONPATH": SRC}
+    assert load_in_fresh_process(LORDBA_CPU_ARCH="x86-64")["isa"] == "portable"
+    tests = [str(Path(__file__).with_name(name)) for name in ("test_attention_op.py", "test_cpu_op.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *tests]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=TESTS)
+    assert proc.returncode == 0, proc.stdout[-3000:]
