@@ -52,6 +52,7 @@ class _State:
     isa: str = "portable"  # instruction set the CPU kernels were built for
     op: object = None  # torch.ops.lordba.branch.default, bound once
     rows_op: object = None  # torch.ops.lordba.branch_rows.default (many adapters in one batch)
+    attention_op: object = None  # torch.ops.lordba.decode_attention.default (one-token attention)
     triton: bool | None = None
 
 
@@ -106,6 +107,7 @@ def load_cpu(build: bool = True, warn: bool = True) -> BuildResult:
         _STATE.isa = torch.ops.lordba.isa()
         _STATE.op = torch.ops.lordba.branch.default
         _STATE.rows_op = torch.ops.lordba.branch_rows.default
+        _STATE.attention_op = torch.ops.lordba.decode_attention.default
     elif build and warn:
         warnings.warn(
             f"lordba: compiled CPU kernels unavailable ({result.message.splitlines()[0]}); using the "
@@ -131,10 +133,7 @@ def decode_attention_op() -> object | None:
     """``lordba::decode_attention`` (one query position over a float32 / float16 / bfloat16 KV cache)
     when the compiled CPU kernels are loaded already (this never builds them: it runs inside
     traced forwards), else ``None``."""
-    result = _STATE.cpu
-    if result is None or not result.ok or not hasattr(torch.ops.lordba, "decode_attention"):
-        return None
-    return torch.ops.lordba.decode_attention.default
+    return _STATE.attention_op
 
 
 def cpu_available() -> bool:

@@ -61,6 +61,5 @@ def register_cpu() -> None:
     if not _REGISTERED:
         torch.library.register_fake("lordba::branch")(branch_fake)
         torch.library.register_fake("lordba::branch_rows")(branch_rows_fake)
-        if hasattr(torch.ops.lordba, "decode_attention"):
-            torch.library.register_fake("lordba::decode_attention")(decode_attention_fake)
+        torch.library.register_fake("lordba::decode_attention")(decode_attention_fake)
         _REGISTERED.append(True)

@@ -86,10 +86,9 @@ class _Step:
             wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=length)
         self.module = wrapper.model
         self.cache = self.module.static_cache
-        if self.cache.layers and self.cache.layers[0].keys.dtype != kv_dtype:
-            for i, (keys, values) in enumerate(reduced_cache(self.cache.layers, kv_dtype)):
-                self.module.register_buffer(f"key_cache_{i}", keys, persistent=False)
-                self.module.register_buffer(f"value_cache_{i}", values, persistent=False)
+        for i, (keys, values) in enumerate(reduced_cache(self.cache.layers, kv_dtype)):  # the module's buffers
+            self.module.register_buffer(f"key_cache_{i}", keys, persistent=False)
+            self.module.register_buffer(f"value_cache_{i}", values, persistent=False)
         start = time.perf_counter()
         with torch.no_grad():
             program = wrapper.export(input_ids=torch.tensor([[1]]), cache_position=torch.tensor([0]))

@@ -50,8 +50,7 @@ def packed_gqa_forward(
     b, heads, q_len, dim = query.shape
     mask_ok = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
     if q_len != 1 or dropout != 0.0 or not mask_ok or kwargs.get("softcap") is not None:
-        if key.dtype != query.dtype:  # a reduced-precision cache (:func:`reduced_cache`): read as the query's
-            key, value = key.to(query.dtype), value.to(query.dtype)
+        key, value = _as_query_dtype(query, key, value)
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
@@ -66,10 +65,17 @@ def packed_gqa_forward(
         scale = scaling if scaling is not None else dim**-0.5
         out = op(packed, key, value, attention_mask, scale)
     else:
-        if key.dtype != query.dtype:
-            key, value = key.to(query.dtype), value.to(query.dtype)
+        key, value = _as_query_dtype(query, key, value)
         out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(b, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def _as_query_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``key`` and ``value`` in ``query``'s dtype: a reduced-precision cache (:func:`reduced_cache`)
+    read by SDPA, which wants one dtype."""
+    if key.dtype == query.dtype:
+        return key, value
+    return key.to(query.dtype), value.to(query.dtype)
 
 
 def reduced_cache(layers: list, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:

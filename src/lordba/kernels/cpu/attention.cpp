@@ -33,20 +33,27 @@ namespace {
 constexpr int64_t kBlock = 256;  // positions per work item
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+#if defined(__AVX512F__)
+// 16 elements of a cache row as float32.
+template <typename kv_t>
+inline __m512 load16(const kv_t* p) {
+  if constexpr (std::is_same_v<kv_t, c10::Half>) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else if constexpr (std::is_same_v<kv_t, c10::BFloat16>) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  } else {
+    return _mm512_loadu_ps(p);
+  }
+}
+#endif
+
 // dst[0, n) = src as float32.
 template <typename kv_t>
 inline void to_float(const kv_t* src, int64_t n, float* dst) {
   int64_t i = 0;
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<kv_t, c10::Half>) {
-    for (; i + 16 <= n; i += 16)
-      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
-  } else if constexpr (std::is_same_v<kv_t, c10::BFloat16>) {
-    for (; i + 16 <= n; i += 16) {
-      const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
-      _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
-    }
-  }
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16<kv_t>(src + i));
 #endif
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
@@ -106,6 +113,21 @@ inline float exp_shifted(float* s, int64_t n, float top) {
   return sum;
 }
 
+// For each of G rows of n scores: top[g] = its maximum, the row replaced by exp(score − top) and
+// total[g] = their sum; a row whose every position is masked (−inf) becomes zeros, total 0.
+inline void softmax_parts(float* scores, int64_t G, int64_t n, float* top, float* total) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = scores + g * n;
+    top[g] = *std::max_element(s, s + n);
+    if (top[g] == kNegInf) {
+      std::fill(s, s + n, 0.f);  // no weight anywhere
+      total[g] = 0.f;
+    } else {
+      total[g] = exp_shifted(s, n, top[g]);
+    }
+  }
+}
+
 struct Shape {
   int64_t B, H, G, S, D;
 };
@@ -128,12 +150,7 @@ void block(const Shape& sh, const float* q, const kv_t* k, const kv_t* v, const 
     to_float(k + j * D, D, row.data());
     for (int64_t g = 0; g < G; ++g) scores[g * n + j - j0] = scale * dot(q + g * D, row.data(), D) + add;
   }
-  for (int64_t g = 0; g < G; ++g) {
-    float* s = scores.data() + g * n;
-    top[g] = *std::max_element(s, s + n);
-    if (top[g] == kNegInf) std::fill(s, s + n, 0.f);  // every position masked: no weight anywhere
-    total[g] = top[g] == kNegInf ? 0.f : exp_shifted(s, n, top[g]);
-  }
+  softmax_parts(scores.data(), G, n, top, total);
   std::fill(part, part + G * D, 0.f);
   for (int64_t j = j0; j < j1; ++j) {
     bool any = false;
@@ -145,19 +162,6 @@ void block(const Shape& sh, const float* q, const kv_t* k, const kv_t* v, const 
 }
 
 #if defined(__AVX512F__)
-// 16 elements of a cache row as float32.
-template <typename kv_t>
-inline __m512 load16(const kv_t* p) {
-  if constexpr (std::is_same_v<kv_t, c10::Half>) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  } else if constexpr (std::is_same_v<kv_t, c10::BFloat16>) {
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-  } else {
-    return _mm512_loadu_ps(p);
-  }
-}
-
 // out[i] = Σ of the 16 lanes of v[i], for i < 16, as one vector: a transposing tree of unpacks and
 // lane shuffles (45 instructions for 16 sums instead of ~8 per sum).
 inline __m512 sum16(const __m512* v) {
@@ -227,12 +231,7 @@ void block_vec(const Shape& sh, const float* q, const kv_t* k, const kv_t* v, co
       _mm512_mask_storeu_ps(scores.data() + g * n + (t0 - j0), live,
                             _mm512_fmadd_ps(vscale, sum16(acc.data() + g * 16), add));
   }
-  for (int64_t g = 0; g < G; ++g) {
-    float* sc = scores.data() + g * n;
-    top[g] = *std::max_element(sc, sc + n);
-    if (top[g] == kNegInf) std::fill(sc, sc + n, 0.f);  // every position masked: no weight anywhere
-    total[g] = top[g] == kNegInf ? 0.f : exp_shifted(sc, n, top[g]);
-  }
+  softmax_parts(scores.data(), G, n, top, total);
   constexpr int64_t GB = NC <= 4 ? 4 : 16 / NC;  // queries whose sums stay in registers
   for (int64_t g0 = 0; g0 < G; g0 += GB) {
     const float* p = scores.data() + g0 * n;

@@ -236,8 +236,7 @@ void build_nibbles(const float* h2, int64_t T, int64_t rp, float* nib) {
     _mm512_storeu_ps(nib + k * 32, sh);
     _mm512_storeu_ps(nib + k * 32 + 16, sl);
   }
-  return;
-#endif
+#else
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t g = 0; g < groups; ++g) {
       const float* h = h2 + t * rp + 8 * g;
@@ -254,6 +253,7 @@ void build_nibbles(const float* h2, int64_t T, int64_t rp, float* nib) {
       }
     }
   }
+#endif
 }
 
 template <typename out_t>
