@@ -259,3 +259,45 @@ def test_the_layers_compute_follows_the_environment_and_the_argument(monkeypatch
         Q4Linear(qweight, scale, minus, 32)
     with pytest.raises(ConfigError, match="compute"):
         Q4Linear(qweight, scale, minus, 32, compute="half")
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("tokens", [15, 16, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bfloat16_prefill_joins_the_branch_to_the_gemm(tokens, bias):
+    """``q4_branch`` with ``bf16`` from 16 tokens on the unpack path: one GEMM of ``[x | h]`` and
+    ``[W | B']`` in bfloat16 (``h = x A'ᵀ`` in bfloat16), its output rounded to bfloat16 once, then the
+    bias: that arithmetic to float rounding, and as close to the float64 layer + branch as the two
+    calls are. 15 tokens (the decode kernels): bit for bit the two calls."""
+    from lordba.core.packing import pack_signs
+    from lordba.kernels.q4 import native_bfloat16
+
+    if not native_bfloat16():
+        pytest.skip("the bfloat16 GEMM runs only where the CPU has native bfloat16 dot products")
+    g = torch.Generator().manual_seed(tokens)
+    out, in_f, r = 48, 96, 8
+    qweight, scale, minus, _ = packed(out, in_f, 32, seed=tokens)
+    s_a, s_b = torch.randint(0, 2, (r, in_f), generator=g) * 2 - 1, torch.randint(0, 2, (out, r), generator=g) * 2 - 1
+    b = torch.randint(-127, 128, (in_f,), generator=g, dtype=torch.int8)
+    m, a = torch.rand(r, generator=g) * 0.05, torch.randn(out, generator=g) * 0.5
+    bias_t = torch.randn(out, generator=g) if bias else None
+    x = torch.randn(tokens, in_f, generator=g)
+    tensors = (pack_signs(s_a.float()), pack_signs(s_b.float()), b, m, a)
+    got = torch.ops.lordba.q4_branch(x, qweight, scale, minus, in_f, 16, 4, True, False, bias_t, *tensors, 2.0, 4)
+    two = torch.ops.lordba.branch(x, *tensors, 2.0, 4, q4_linear(x, qweight, scale, minus, in_f, bias_t, bf16=True))
+    w = dequantize_reference(qweight, scale, minus, in_f).double()
+    fa, fb = s_a.double() * (b.double() / 127), 2.0 * a.double()[:, None] * s_b.double() * m.double()
+    bias_d = bias_t.double() if bias else 0.0
+    exact = x.double() @ w.t() + (x.double() @ fa.t()) @ fb.t() + bias_d
+    if tokens < 16:
+        assert torch.equal(got, two)
+        return
+
+    def bf(t):
+        return t.bfloat16().double()
+
+    h = bf(bf(x) @ bf(fa.float()).t())
+    rounded = bf(torch.cat([bf(x), h], 1) @ torch.cat([bf(w.float()), bf(fb.float())], 1).t()) + bias_d
+    torch.testing.assert_close(got.double(), rounded, rtol=1e-2, atol=1e-3)
+    err, err_two = ((t.double() - exact).norm() / exact.norm() for t in (got, two))
+    assert not torch.equal(got, two) and err < 1.5 * err_two + 1e-4, (err, err_two)

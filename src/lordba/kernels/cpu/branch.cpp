@@ -606,16 +606,23 @@ bool base_shape_ok(const at::Tensor& x, const at::Tensor& base, int64_t out) {
   return true;
 }
 
-at::Tensor branch_impl(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
-                       const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens,
-                       const c10::optional<at::Tensor>& base, bool into_base) {
+// The adapter's own tensors: uint8 signs of the scale vectors' sizes, scales of a supported dtype.
+void check_factors(const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b, const at::Tensor& m,
+                   const at::Tensor& a) {
   const int64_t in = b.numel(), r = m.numel(), out = a.numel();
-  check(x.dim() >= 1 && x.size(-1) == in, "x's last dimension must equal scale_in's length");
   check(sign_A.scalar_type() == at::kByte && sign_B.scalar_type() == at::kByte, "signs must be uint8");
   check(sign_A.numel() == (r * in + 7) / 8 && sign_B.numel() == (out * r + 7) / 8,
         "packed sign sizes do not match the scale vectors");
   check(scale_dtype_ok(b, true) && scale_dtype_ok(m, false) && scale_dtype_ok(a, true),
         "scales must be float32, float16 or bfloat16 (b and a also int8 codes)");
+}
+
+at::Tensor branch_impl(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
+                       const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens,
+                       const c10::optional<at::Tensor>& base, bool into_base) {
+  const int64_t in = b.numel(), r = m.numel(), out = a.numel();
+  check(x.dim() >= 1 && x.size(-1) == in, "x's last dimension must equal scale_in's length");
+  check_factors(sign_A, sign_B, b, m, a);
   const auto st = x.scalar_type();
   check(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "x must be float32, bfloat16 or float16");
   check(!base.has_value() || base_shape_ok(x, *base, out), "base must have the output's shape");
@@ -865,6 +872,26 @@ at::Tensor branch_add(const at::Tensor& x, const at::Tensor& sign_A, const at::T
                       const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens,
                       const c10::optional<at::Tensor>& base, bool into_base) {
   return branch_impl(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, base, into_base);
+}
+
+std::pair<at::Tensor, at::Tensor> folded_factors(const at::Tensor& sign_A, const at::Tensor& sign_B,
+                                                 const at::Tensor& b, const at::Tensor& m, const at::Tensor& a,
+                                                 double scaling) {
+  check_factors(sign_A, sign_B, b, m, a);
+  const int64_t in = b.numel(), r = m.numel(), out = a.numel();
+  const at::Tensor sa = sign_A.contiguous(), sb = sign_B.contiguous();
+  const at::Tensor bc = b.contiguous(), mc = m.contiguous(), ac = a.contiguous();
+  std::vector<float> bbuf, mbuf, abuf;
+  const float* bp = as_float(bc, bbuf);
+  const float* mp = as_float(mc, mbuf);
+  const float* ap = as_float(ac, abuf);
+  std::vector<float> sa_row(static_cast<size_t>(out));
+  for (int64_t o = 0; o < out; ++o) sa_row[o] = static_cast<float>(scaling) * ap[o];
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor A = at::empty({r, in}, opts), B = at::empty({out, r}, opts);
+  unpack_rows<float>(sa.data_ptr<uint8_t>(), sa.numel(), r, in, nullptr, bp, A.data_ptr<float>());
+  unpack_rows<float>(sb.data_ptr<uint8_t>(), sb.numel(), out, r, sa_row.data(), mp, B.data_ptr<float>());
+  return {A, B};
 }
 
 }  // namespace lordba

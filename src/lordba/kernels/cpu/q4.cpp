@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -178,11 +179,12 @@ void rows_dot1(const Packed& p, int64_t o, const float* x, const float* xsum, fl
 }
 #endif
 
-// float32 [rows o0..o1, in] of the dequantized weight, into dst (row stride `in`).
-void dequant_rows(const Packed& p, int64_t o0, int64_t o1, float* dst) {
+// float32 [rows o0..o1, in] of the dequantized weight, into dst (row stride `ld`, default `in`).
+void dequant_rows(const Packed& p, int64_t o0, int64_t o1, float* dst, int64_t ld = 0) {
+  if (ld == 0) ld = p.in;
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* q = p.q + o * p.row_bytes;
-    float* d = dst + (o - o0) * p.in;
+    float* d = dst + (o - o0) * ld;
     for (int64_t g = 0; g < p.groups; ++g) {
       const float s = half_to_float(p.s[o * p.groups + g]), m = half_to_float(p.m[o * p.groups + g]);
       for (int64_t k = g * p.group; k < (g + 1) * p.group && k < p.in; k += kChunk) {
@@ -302,6 +304,27 @@ void gemm(const Packed& p, const at::Tensor& x2, at::Tensor& y, bool bf16) {
   }
 }
 
+// Many tokens in bfloat16 with a LoRDBA branch (folded factors A' [r, in], B' [out, r]): the branch
+// joins the base GEMM as r more inputs. h = x A'^T, then y = [x | h] [W | B']^T block by block: the
+// branch's second product costs r / in of the base GEMM instead of a skinny float32 GEMM and a pass
+// over the output of its own (SmolLM2-135M's 512-token prefill: adapter overhead 1.15 -> see
+// docs/kernels.md). Rounded as the base GEMM is: operands to bfloat16, float32 accumulation.
+void gemm_branch(const Packed& p, const at::Tensor& x2, at::Tensor& y, const at::Tensor& A, const at::Tensor& B) {
+  const int64_t r = A.size(0), K = p.in + r;
+  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(p.out, (1 << 20) / K));
+  const at::Tensor xb = x2.to(at::kBFloat16);
+  const at::Tensor xh = at::cat({xb, at::mm(xb, A.to(at::kBFloat16).t())}, 1);
+  at::Tensor w = at::empty({block, K}, x2.options());
+  for (int64_t o0 = 0; o0 < p.out; o0 += block) {
+    const int64_t o1 = std::min(p.out, o0 + block);
+    float* dst = w.data_ptr<float>();
+    at::parallel_for(o0, o1, 16, [&](int64_t a, int64_t b) { dequant_rows(p, a, b, dst + (a - o0) * K, K); });
+    const at::Tensor wb = w.narrow(0, 0, o1 - o0);
+    wb.narrow(1, p.in, r).copy_(B.narrow(0, o0, o1 - o0));
+    y.narrow(1, o0, o1 - o0).copy_(at::mm(xh, wb.to(at::kBFloat16).t()));
+  }
+}
+
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                      const at::Tensor& minus, int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16,
                      bool int8_dot) {
@@ -325,11 +348,26 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
 // branch added by the `branch` op's own code — the same arithmetic, in the same order, as the two
 // ops called one after the other (bit for bit), without a second dispatch per layer and token
 // (decode calls ~210 layers per token; a custom op's call costs about what the branch computes).
+// Except many tokens in bfloat16 (`fast` prefill) on the unpack path: there the branch joins the
+// base's GEMM (gemm_branch), equal to the two calls up to bfloat16 rounding, not bit for bit.
 at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minus,
                      int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16, bool int8_dot,
                      const c10::optional<at::Tensor>& bias, const at::Tensor& sign_A, const at::Tensor& sign_B,
                      const at::Tensor& b, const at::Tensor& m, const at::Tensor& a, double scaling,
                      int64_t sign_max_tokens) {
+  const int64_t T = in > 0 ? x.numel() / in : 0;
+  if (bf16 && T >= gemm_min_tokens && T > sign_max_tokens && b.numel() == in) {
+    const auto [A, B] = lordba::folded_factors(sign_A, sign_B, b, m, a, scaling);
+    const Packed p = unpack_args(qweight, scale, minus, in, bits);
+    TORCH_CHECK(x.size(-1) == in && B.size(0) == p.out, "lordba::q4_branch: the adapter's shape is not the layer's");
+    auto shape = x.sizes().vec();
+    shape.back() = p.out;
+    const at::Tensor x2 = x.reshape({-1, in}).to(at::kFloat).contiguous();
+    at::Tensor y = at::empty({T, p.out}, x2.options());
+    gemm_branch(p, x2, y, A, B);
+    if (bias.has_value()) y.add_(bias->to(at::kFloat));
+    return y.reshape(shape).to(x.scalar_type());
+  }
   at::Tensor y = q4_linear(x, qweight, scale, minus, in, gemm_min_tokens, bits, bf16, int8_dot);
   if (bias.has_value()) y = at::add(y, bias->to(y.scalar_type()));
   return lordba::branch_add(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, y, /*into_base=*/true);
