@@ -76,6 +76,26 @@ def test_budget_allocation_fits_and_beats_the_uniform_rank(tmp_path):
         convert_lora(path, target_bpw=0.5, progress=False)
 
 
+def test_budget_allocation_counts_the_larger_header_of_mixed_ranks(tmp_path):
+    """A target at exactly a uniform rank's file size: mixed ranks store every module's rank in the
+    header, and the payload budget shrinks by that, so the file still fits (else the uniform rank)."""
+    from lordba.format.sizes import size_report
+
+    _, path = peft_adapter(tmp_path, r=8, lora_alpha=16)
+    lora = read_lora(path)
+    params = sum(x.r * (x.in_features + x.out_features) for x in lora.layers.values())
+    for r in (2, 4):
+        uniform = size_report({p: (x.in_features, x.out_features, r) for p, x in lora.layers.items()}, "int8")
+        target = 8 * uniform.file_bytes / params
+        _, report = convert_lora(
+            path, target_bpw=target, scale_dtype="int8", rank_candidates=(1, 2, 4, 8), progress=False
+        )
+        alloc = report.allocation
+        assert alloc["uniform_rank"] == r and alloc["file_bytes"] <= uniform.file_bytes
+        assert report.size.file_bytes == alloc["file_bytes"] and report.bpw_lora <= target + 1e-9
+        assert alloc["total_rel_error"] <= alloc["uniform_total_rel_error"] + 1e-12
+
+
 def test_calibration_moments_and_weighted_conversion(tmp_path, input_ids):
     model, path = peft_adapter(tmp_path)
     paths = sorted(read_lora(path).layers)

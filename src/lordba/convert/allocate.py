@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lordba.config import LoRDBAConfig
-from lordba.convert.budget import allocate, uniform_rank
+from lordba.convert.budget import Allocation, allocate, uniform_rank
 from lordba.convert.groups import SolverOptions
 from lordba.convert.layers import convert_layers, progress_bar
 from lordba.convert.peft_reader import LoraAdapter
@@ -69,10 +69,14 @@ def convert_at_budget(
             for r in ranks}
         for p, (i, o) in dims.items()
     }  # fmt: skip
-    try:
-        alloc = allocate(curves, budget)
-    except ValueError as err:
-        raise ConfigError(f"target_bpw={target_bpw:g}: {err}") from None
+    alloc = _fitting(curves, budget, allowed, dims, dtype, target_bpw)
+    uniform = Allocation(
+        dict.fromkeys(dims, r_uniform),
+        sum(curves[p][r_uniform][0] for p in dims),
+        sum(curves[p][r_uniform][1] for p in dims),
+    )
+    if uniform.squared_error <= alloc.squared_error:  # the mixed ranks' larger header can cost more than they gain
+        alloc = uniform
     common = Counter(alloc.ranks.values()).most_common(1)[0][0]
     final = dataclasses.replace(
         base, r=common, rank_pattern={re.escape(p): r for p, r in alloc.ranks.items() if r != common}
@@ -81,7 +85,7 @@ def convert_at_budget(
     stats = {p: results[r][1][p] for p, r in alloc.ranks.items()}
     norm2 = sum(s["delta_norm"] ** 2 for s in stats.values()) or 1.0
     uniform_err = sum(curves[p][r_uniform][1] for p in dims)
-    file_bytes = size_report({p: (i, o, alloc.ranks[p]) for p, (i, o) in dims.items()}, dtype).file_bytes
+    file_bytes = _file_bytes(dims, alloc.ranks, dtype)
     uniform_file = size_report({p: (i, o, r_uniform) for p, (i, o) in dims.items()}, dtype).file_bytes
     summary = {
         "target_bpw": target_bpw,
@@ -100,3 +104,29 @@ def convert_at_budget(
         "curves": {p: {str(r): results[r][1][p]["rel_error"] for r in ranks} for p in sorted(dims)},
     }
     return final, records, stats, summary
+
+
+def _file_bytes(dims: dict[str, tuple[int, int]], ranks: dict[str, int], dtype: str) -> int:
+    return size_report({p: (i, o, ranks[p]) for p, (i, o) in dims.items()}, dtype).file_bytes
+
+
+def _fitting(
+    curves: dict, budget: int, allowed: int, dims: dict[str, tuple[int, int]], dtype: str, target_bpw: float
+) -> Any:
+    """The allocation of ``budget`` payload bytes whose whole file fits in ``allowed`` bytes: mixed ranks
+    make the header larger than the uniform one ``budget`` was derived from (the compact header then
+    stores every module's rank), so the payload budget shrinks by the excess until the file fits.
+
+    Raises:
+        ConfigError: nothing fits.
+    """
+    for _ in range(8):
+        try:
+            alloc = allocate(curves, budget)
+        except ValueError as err:
+            raise ConfigError(f"target_bpw={target_bpw:g}: {err}") from None
+        excess = _file_bytes(dims, alloc.ranks, dtype) - allowed
+        if excess <= 0:
+            return alloc
+        budget -= excess
+    raise ConfigError(f"target_bpw={target_bpw:g}: no allocation's file fits in {allowed:,} bytes")
