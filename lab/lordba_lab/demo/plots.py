@@ -23,6 +23,8 @@ _SWEEP_STYLE = {
     "LoRDBA ptq (float16 scales)": ("tab:orange", "o"),
     "LoRDBA qat": ("darkred", "*"),
     "LoRDBA scales-only": ("magenta", "P"),
+    "LoRDBA ptq (allocated ranks)": ("saddlebrown", "h"),
+    "fp16 LoRA (trained at matched bytes)": ("navy", "s"),
 }
 
 

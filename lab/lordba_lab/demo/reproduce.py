@@ -4,9 +4,14 @@ For each seed, on the demo's 4-bit base, task and step budget, one fp16 LoRA r=1
 then, at a range of sizes (bits per weight on the LoRA r=16 basis):
 
 * LoRDBA ``ptq``: the trained LoRA converted at several output ranks (int8 and float16 scales);
-* LoRDBA ``scales-only``: the converted signs frozen, the scales trained (the demo's scale budget);
-* LoRDBA ``qat``: trained from the cold start with the same step budget as the LoRA;
-* fp16 LoRA truncated by SVD to rank 1, 2, 4 (the matched-bytes fp16 adapter, no retraining);
+* LoRDBA ``ptq`` allocated: the same LoRA at the file size of a uniform rank, per-layer ranks chosen
+  by ``convert_lora(target_bpw=...)`` (ΔW error), judged here on held-out loss against that uniform
+  rank (:func:`allocation_vs_uniform`: paired per seed);
+* LoRDBA ``scales-only``: the converted signs frozen, the scales trained (the demo's scale budget),
+  at every ``ptq`` rank;
+* LoRDBA ``qat``: trained from the cold start with the same step budget as the LoRA, at every rank;
+* fp16 LoRA truncated by SVD to rank 1, 2, 4 (the matched-bytes fp16 adapter, no retraining), and
+  fp16 LoRA *trained* at rank 1 and 2 (the matched-bytes fp16 adapter, same step budget);
 * RTN of the factors at 1–3 bits, LoRAQuant-style and BitDelta-style (the low-bit baselines).
 
 Every point is evaluated on one fixed held-out set (exact match and completion loss); the summary
@@ -28,16 +33,19 @@ import torch
 from lordba._util.tables import markdown_table, print_table
 from lordba.config import LoRDBAConfig
 from lordba.convert import convert_lora, read_lora
+from lordba.format.sizes import size_report
 from lordba.nn.model import LoRDBAModel
 from lordba.train.loop import train_loop
 from lordba.train.modes import build_adapter
 from lordba_lab.baselines import bitdelta, loraquant, rtn, svd_truncate
-from lordba_lab.demo.run import FULL, Demo, DemoSettings, _train_lora, replaced_factors
+from lordba_lab.demo.run import FULL, Demo, DemoSettings, _payload_lora, _train_lora, replaced_factors
 from lordba_lab.demo.run import QUICK as DEMO_QUICK
 
 LORDBA_PTQ, LORDBA_QAT, TRUNCATED = "LoRDBA ptq", "LoRDBA qat", "fp16 LoRA (SVD-truncated)"
 LORDBA_PTQ_FP16 = "LoRDBA ptq (float16 scales)"
+LORA, LORA_SMALL = "fp16 LoRA", "fp16 LoRA (trained at matched bytes)"
 LORDBA_SCALES = "LoRDBA scales-only"
+LORDBA_ALLOCATED = "LoRDBA ptq (allocated ranks)"
 
 
 @dataclass
@@ -48,8 +56,11 @@ class ReproduceSettings:
     seeds: tuple[int, ...] = (0, 1, 2)
     ptq_ranks: tuple[int, ...] = (4, 8, 16, 32)  # int8 scales (the demo's scale format)
     ptq_fp16_ranks: tuple[int, ...] = (8, 16)  # the scale-dtype axis of the sweep
-    qat_ranks: tuple[int, ...] = (16,)  # each QAT point costs a full training per seed
-    scales_ranks: tuple[int, ...] = (16,)  # scales-only on the int8 ptq signs, demo.scales_steps steps
+    allocated_at: tuple[int, ...] = (8, 16)  # per-layer ranks at the file size of these uniform ptq ranks
+    allocation_candidates: tuple[int, ...] = (4, 8, 16, 32)  # each candidate rank is one full conversion
+    qat_ranks: tuple[int, ...] = (4, 8, 16)  # each QAT point costs a full training per seed
+    scales_ranks: tuple[int, ...] = (4, 8, 16)  # scales-only on the int8 ptq signs, demo.scales_steps steps
+    lora_small_ranks: tuple[int, ...] = (1, 2)  # fp16 LoRA trained at about LoRDBA's bytes
     truncate_ranks: tuple[int, ...] = (1, 2, 4)
     rtn_bits: tuple[int, ...] = (1, 2, 3)
 
@@ -59,8 +70,11 @@ QUICK = ReproduceSettings(
     seeds=(0, 1),
     ptq_ranks=(4, 16),
     ptq_fp16_ranks=(16,),
+    allocated_at=(4,),
+    allocation_candidates=(2, 4, 8),
     qat_ranks=(16,),
     scales_ranks=(4,),
+    lora_small_ranks=(1,),
     truncate_ranks=(1,),
     rtn_bits=(1,),
 )
@@ -88,7 +102,7 @@ def _one_seed(demo: Demo, settings: ReproduceSettings, seed: int) -> tuple[list[
         points.append({"seed": seed, "family": family, "label": label, **row, **extra})
 
     peft_model, _, _ = _train_lora(demo, s.r, f"seed {seed}: fp16 LoRA r={s.r}")
-    point("fp16 LoRA", f"r={s.r}", demo.lora_ref_bytes, peft_model, reference=True)
+    point(LORA, f"r={s.r}", demo.lora_ref_bytes, peft_model, reference=True)
     variants = [(TRUNCATED, f"r={k}", lambda A, B, k=k: svd_truncate(A, B, k)) for k in settings.truncate_ranks]
     variants += [("RTN", f"{b}-bit g64", lambda A, B, b=b: rtn(A, B, b, 64)) for b in settings.rtn_bits]
     variants += [
@@ -101,17 +115,40 @@ def _one_seed(demo: Demo, settings: ReproduceSettings, seed: int) -> tuple[list[
 
     lora = read_lora(peft_model)
     demo.model = peft_model.unload()
+    for k in settings.lora_small_ranks:  # on the bare base again (PEFT injects into demo.model)
+        small, _, _ = _train_lora(demo, k, f"seed {seed}: fp16 LoRA r={k}")
+        point(LORA_SMALL, f"r={k}", _payload_lora(demo.dims, k), small)
+        demo.model = small.unload()
     layers: list[dict] = []
     states = {}
     ptq = [(LORDBA_PTQ, r, s.scale_dtype) for r in settings.ptq_ranks]
     ptq += [(LORDBA_PTQ_FP16, r, "float16") for r in settings.ptq_fp16_ranks]
+    ptq += [(LORDBA_ALLOCATED, r, s.scale_dtype) for r in settings.allocated_at]
+    lora_params = sum(x.r * (x.in_features + x.out_features) for x in lora.layers.values())
     for family, r, scale_dtype in ptq:
         config = dataclasses.replace(_config(demo, "ptq", r), scale_dtype=scale_dtype)
-        state, report = convert_lora(lora, config, progress=False)
+        extra: dict[str, object] = {}
+        if family == LORDBA_ALLOCATED:  # the uniform rank r's file size, in bits per LoRA parameter
+            dims = {p: (x.in_features, x.out_features, r) for p, x in lora.layers.items()}
+            uniform_bytes = size_report(dims, scale_dtype).file_bytes
+            state, report = convert_lora(
+                lora,
+                config,
+                target_bpw=8 * uniform_bytes / lora_params,
+                progress=False,
+                rank_candidates=settings.allocation_candidates,
+            )
+            extra = {"uniform_rank": report.allocation["uniform_rank"], "file_bytes": report.allocation["file_bytes"],
+                     "rank_histogram": report.allocation["rank_histogram"]}  # fmt: skip
+        else:
+            state, report = convert_lora(lora, config, progress=False)
         lm = LoRDBAModel(demo.model)
         lm.load_adapter_state(state, "default")
         lm.set_adapter("default")
-        point(family, f"r={r}", lm.size_report().payload_bytes, lm, rel_error=report.total_rel_error)
+        if family != LORDBA_ALLOCATED:
+            extra = {"file_bytes": lm.size_report().file_bytes}
+        label = f"at r={r}'s size" if family == LORDBA_ALLOCATED else f"r={r}"
+        point(family, label, lm.size_report().payload_bytes, lm, rel_error=report.total_rel_error, **extra)
         if family == LORDBA_PTQ and r in settings.scales_ranks:
             states[r] = state
         if r == s.r and family == LORDBA_PTQ:
@@ -159,6 +196,38 @@ def summarize(points: list[dict]) -> list[dict]:
         row["reference"] = any(p.get("reference") for p in ps)
         out.append(row)
     return sorted(out, key=lambda r: (r["family"], r["bpw"]))
+
+
+def allocation_vs_uniform(points: list[dict]) -> list[dict]:
+    """Per uniform rank ``r`` of the allocated series: the allocated conversion (per-layer ranks at r's
+    file size) against the uniform one, paired by seed — held-out loss and exact match (allocated minus
+    uniform: negative loss is better), file bytes of each, and in how many seeds the allocation won."""
+    by_key = {(p["seed"], p["family"], p["label"]): p for p in points}
+    pairs: dict[int, list[tuple[dict, dict]]] = {}
+    for p in points:
+        if p["family"] == LORDBA_ALLOCATED:
+            r = int(p["label"].split("=")[1].split("'")[0])
+            uniform = by_key.get((p["seed"], LORDBA_PTQ, f"r={r}"))
+            if uniform is not None:
+                pairs.setdefault(r, []).append((p, uniform))
+    rows = []
+    for r, ps in sorted(pairs.items()):
+        d_loss = [a["eval_loss"] - u["eval_loss"] for a, u in ps]
+        d_metric = [a["metric"] - u["metric"] for a, u in ps]
+        rows.append({
+            "uniform_rank": r, "seeds": len(ps),
+            "uniform_file_bytes": ps[0][1].get("file_bytes"), "allocated_file_bytes": ps[0][0].get("file_bytes"),
+            "uniform_loss_mean": statistics.fmean(u["eval_loss"] for _, u in ps),
+            "allocated_loss_mean": statistics.fmean(a["eval_loss"] for a, _ in ps),
+            "loss_diff_mean": statistics.fmean(d_loss),
+            "loss_diff_std": statistics.stdev(d_loss) if len(ps) > 1 else 0.0,
+            "metric_diff_mean": statistics.fmean(d_metric),
+            "allocated_wins": sum(d < 0 for d in d_loss),
+            "uniform_rel_error": statistics.fmean(u["rel_error"] for _, u in ps),
+            "allocated_rel_error": statistics.fmean(a["rel_error"] for a, _ in ps),
+            "rank_histogram": ps[0][0].get("rank_histogram"),
+        })  # fmt: skip
+    return rows
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -214,6 +283,7 @@ def run_reproduce(out: str | Path, quick: bool = False, seeds: int | None = None
         "summary": summary,
         "points": points,
         "rmr_error_spearman": rho,
+        "allocation_vs_uniform": allocation_vs_uniform(points),
         "conversion_layers": layers,
     }
     (out / "reproduce.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -250,6 +320,31 @@ def _write_tables(out: Path, settings: ReproduceSettings, summary: list[dict], r
         markdown_table(columns, table),
         f"\nPer-layer relative reconstruction error of the r=16 PTQ conversion against the mean RMR of the "
         f"LoRA factors: Spearman ρ = {rho:.3f} over {len(result['conversion_layers'])} layers.\n",
+        *_allocation_table(result["allocation_vs_uniform"]),
         "![sweep](sweep.png)\n\n![error vs RMR](error_vs_rmr.png)\n",
     ]
     (out / "reproduce.md").write_text("\n".join(md))
+
+
+def _allocation_table(rows: list[dict]) -> list[str]:
+    """The allocated-vs-uniform comparison as markdown lines (none without allocated points)."""
+    if not rows:
+        return []
+    columns = ["uniform r", "file bytes (uniform / allocated)", "ΔW rel. error (uniform / allocated)",
+               "held-out loss (uniform / allocated)", "loss: allocated − uniform (mean ± std)",
+               "exact match: allocated − uniform", "seeds allocation wins", "allocated ranks"]  # fmt: skip
+    table = [
+        [r["uniform_rank"], f"{r['uniform_file_bytes']:,} / {r['allocated_file_bytes']:,}",
+         f"{r['uniform_rel_error']:.4f} / {r['allocated_rel_error']:.4f}",
+         f"{r['uniform_loss_mean']:.4f} / {r['allocated_loss_mean']:.4f}",
+         f"{r['loss_diff_mean']:+.4f} ± {r['loss_diff_std']:.4f}", f"{r['metric_diff_mean']:+.3f}",
+         f"{r['allocated_wins']} / {r['seeds']}", r["rank_histogram"]]
+        for r in rows
+    ]  # fmt: skip
+    return [
+        "\n## Per-layer ranks (`target_bpw`) against the uniform rank at the same file size\n",
+        "The allocation minimises the summed ΔW error at a byte budget; judged here on held-out loss, paired "
+        "by seed (same trained LoRA, same held-out set).\n",
+        markdown_table(columns, table),
+        "",
+    ]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lordba.cli import main
-from lordba_lab.demo.reproduce import spearman, summarize
+from lordba_lab.demo.reproduce import LORDBA_ALLOCATED, LORDBA_PTQ, allocation_vs_uniform, spearman, summarize
 
 
 def test_quick_reproduce_writes_the_sweep(tmp_path):
@@ -24,7 +24,12 @@ def test_quick_reproduce_writes_the_sweep(tmp_path):
     assert ptq["r=4"]["bytes"] < ptq["r=16"]["bytes"] and ptq["r=16"]["bpw"] < 2.0
     assert len(res["conversion_layers"]) == 30 * len(seeds)  # q_proj of 30 layers, r=16, each seed
     assert -1.0 <= res["rmr_error_spearman"] <= 1.0
-    assert "Spearman" in (out / "reproduce.md").read_text()
+    (alloc,) = res["allocation_vs_uniform"]  # per-layer ranks at uniform r=4's file size, paired per seed
+    assert alloc["uniform_rank"] == 4 and alloc["seeds"] == len(seeds)
+    assert alloc["allocated_file_bytes"] <= alloc["uniform_file_bytes"]
+    assert alloc["allocated_rel_error"] <= alloc["uniform_rel_error"] + 1e-9  # it minimises ΔW error
+    md = (out / "reproduce.md").read_text()
+    assert "Spearman" in md and "against the uniform rank at the same file size" in md
     for png in ("sweep.png", "error_vs_rmr.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -53,3 +58,17 @@ def test_spearman_ranks_with_ties():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 2, 3], [5, 5, 6, 7]) == pytest.approx(1.0)
+
+
+def test_allocation_is_paired_with_the_uniform_rank_of_the_same_seed():
+    def pt(seed, family, label, loss, metric, err):
+        return {"seed": seed, "family": family, "label": label, "eval_loss": loss, "metric": metric,
+                "rel_error": err, "file_bytes": 100}  # fmt: skip
+
+    pts = [pt(0, LORDBA_PTQ, "r=8", 1.0, 0.2, 0.5), pt(0, LORDBA_ALLOCATED, "at r=8's size", 0.9, 0.3, 0.4),
+           pt(1, LORDBA_PTQ, "r=8", 1.2, 0.2, 0.5), pt(1, LORDBA_ALLOCATED, "at r=8's size", 1.3, 0.1, 0.4),
+           pt(0, LORDBA_PTQ, "r=16", 0.5, 0.5, 0.3)]  # fmt: skip
+    (row,) = allocation_vs_uniform(pts)
+    assert row["uniform_rank"] == 8 and row["seeds"] == 2 and row["allocated_wins"] == 1
+    assert row["loss_diff_mean"] == pytest.approx(0.0) and row["loss_diff_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert row["metric_diff_mean"] == pytest.approx(0.0)
