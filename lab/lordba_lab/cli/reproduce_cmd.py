@@ -14,6 +14,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/reproduce", help="output directory (default results/reproduce)")
     p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default 3; quick: 2)")
     p.add_argument("--quick", action="store_true", help="a tiny structural run (under a minute)")
+    p.add_argument(
+        "--all-sizes",
+        action="store_true",
+        help="QAT and scales-only at r=4, 8, 16 and fp16 LoRA trained at r=1, 2 (default: r=16 only; ~3x the time)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -22,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
     import lordba_lab.demo.plots  # noqa: F401  (matplotlib: fail now, not after the sweep)
     from lordba_lab.demo.reproduce import run_reproduce
 
-    result = run_reproduce(args.out, quick=args.quick, seeds=args.seeds, progress=not args.quiet)
+    result = run_reproduce(
+        args.out, quick=args.quick, seeds=args.seeds, progress=not args.quiet, all_sizes=args.all_sizes
+    )
     print(f"wrote {len(result['points'])} points to {args.out}/reproduce.json, reproduce.md and the plots")
     return 0

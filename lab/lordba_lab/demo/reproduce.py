@@ -7,11 +7,11 @@ then, at a range of sizes (bits per weight on the LoRA r=16 basis):
 * LoRDBA ``ptq`` allocated: the same LoRA at the file size of a uniform rank, per-layer ranks chosen
   by ``convert_lora(target_bpw=...)`` (ΔW error), judged here on held-out loss against that uniform
   rank (:func:`allocation_vs_uniform`: paired per seed);
-* LoRDBA ``scales-only``: the converted signs frozen, the scales trained (the demo's scale budget),
-  at every ``ptq`` rank;
-* LoRDBA ``qat``: trained from the cold start with the same step budget as the LoRA, at every rank;
-* fp16 LoRA truncated by SVD to rank 1, 2, 4 (the matched-bytes fp16 adapter, no retraining), and
-  fp16 LoRA *trained* at rank 1 and 2 (the matched-bytes fp16 adapter, same step budget);
+* LoRDBA ``scales-only``: the converted signs frozen, the scales trained (the demo's scale budget);
+* LoRDBA ``qat``: trained from the cold start with the same step budget as the LoRA;
+* fp16 LoRA truncated by SVD to rank 1, 2, 4 (the matched-bytes fp16 adapter, no retraining);
+* with ``--all-sizes``: ``qat`` and ``scales-only`` at r=4, 8, 16 (default r=16 only) and fp16 LoRA
+  *trained* at rank 1 and 2 (the matched-bytes fp16 adapter, same step budget);
 * RTN of the factors at 1–3 bits, LoRAQuant-style and BitDelta-style (the low-bit baselines).
 
 Every point is evaluated on one fixed held-out set (exact match and completion loss); the summary
@@ -58,9 +58,9 @@ class ReproduceSettings:
     ptq_fp16_ranks: tuple[int, ...] = (8, 16)  # the scale-dtype axis of the sweep
     allocated_at: tuple[int, ...] = (8, 16)  # per-layer ranks at the file size of these uniform ptq ranks
     allocation_candidates: tuple[int, ...] = (4, 8, 16, 32)  # each candidate rank is one full conversion
-    qat_ranks: tuple[int, ...] = (4, 8, 16)  # each QAT point costs a full training per seed
-    scales_ranks: tuple[int, ...] = (4, 8, 16)  # scales-only on the int8 ptq signs, demo.scales_steps steps
-    lora_small_ranks: tuple[int, ...] = (1, 2)  # fp16 LoRA trained at about LoRDBA's bytes
+    qat_ranks: tuple[int, ...] = (16,)  # each QAT point costs a full training per seed
+    scales_ranks: tuple[int, ...] = (16,)  # scales-only on the int8 ptq signs, demo.scales_steps steps
+    lora_small_ranks: tuple[int, ...] = ()  # fp16 LoRA trained at about LoRDBA's bytes
     truncate_ranks: tuple[int, ...] = (1, 2, 4)
     rtn_bits: tuple[int, ...] = (1, 2, 3)
 
@@ -78,6 +78,10 @@ QUICK = ReproduceSettings(
     truncate_ranks=(1,),
     rtn_bits=(1,),
 )
+
+
+# ``--all-sizes``: every trained family at every size (about 3x the run time: ~2.5 h on 2 cores)
+ALL_SIZES = {"qat_ranks": (4, 8, 16), "scales_ranks": (4, 8, 16), "lora_small_ranks": (1, 2)}
 
 
 def _config(demo: Demo, mode: str, r: int) -> LoRDBAConfig:
@@ -248,8 +252,11 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float((rx * ry).sum() / (rx.norm() * ry.norm()).clamp(min=1e-300))
 
 
-def run_reproduce(out: str | Path, quick: bool = False, seeds: int | None = None, progress: bool = True) -> dict:
-    """Run the sweep; writes ``reproduce.json``, ``reproduce.md``, ``sweep.png`` and ``error_vs_rmr.png``."""
+def run_reproduce(
+    out: str | Path, quick: bool = False, seeds: int | None = None, progress: bool = True, all_sizes: bool = False
+) -> dict:
+    """Run the sweep; writes ``reproduce.json``, ``reproduce.md``, ``sweep.png`` and ``error_vs_rmr.png``.
+    ``all_sizes``: QAT, scales-only and a trained fp16 LoRA at every size (:data:`ALL_SIZES`)."""
     from lordba_lab.bench import hardware
     from lordba_lab.demo.plots import error_vs_rmr, sweep
 
@@ -258,6 +265,8 @@ def run_reproduce(out: str | Path, quick: bool = False, seeds: int | None = None
     settings = QUICK if quick else ReproduceSettings()
     if seeds is not None:
         settings = dataclasses.replace(settings, seeds=tuple(range(seeds)))
+    if all_sizes:
+        settings = dataclasses.replace(settings, **ALL_SIZES)
     t0 = time.perf_counter()
     points: list[dict] = []
     layers: list[dict] = []

@@ -17,6 +17,7 @@ def test_quick_reproduce_writes_the_sweep(tmp_path):
     families = {(r["family"], r["label"]) for r in res["summary"]}
     assert {("LoRDBA ptq", "r=4"), ("LoRDBA ptq", "r=16"), ("LoRDBA ptq (float16 scales)", "r=16")} <= families
     assert {("LoRDBA qat", "r=16"), ("LoRDBA scales-only", "r=4"), ("fp16 LoRA", "r=16")} <= families
+    assert ("fp16 LoRA (trained at matched bytes)", "r=1") in families
     assert {"RTN", "LoRAQuant-style", "BitDelta-style", "fp16 LoRA (SVD-truncated)", "base"} <= {f for f, _ in families}
     for row in res["summary"]:
         assert row["n"] == (1 if row["family"] == "base" else len(seeds))
@@ -72,3 +73,18 @@ def test_allocation_is_paired_with_the_uniform_rank_of_the_same_seed():
     assert row["uniform_rank"] == 8 and row["seeds"] == 2 and row["allocated_wins"] == 1
     assert row["loss_diff_mean"] == pytest.approx(0.0) and row["loss_diff_std"] == pytest.approx(0.1414, abs=1e-4)
     assert row["metric_diff_mean"] == pytest.approx(0.0)
+
+
+def test_all_sizes_trains_every_family_at_every_size(monkeypatch, tmp_path):
+    import lordba_lab.demo.reproduce as rep
+
+    seen = {}
+
+    def fake(out, quick, seeds, progress, all_sizes):
+        seen.update(quick=quick, all_sizes=all_sizes)
+        return {"points": []}
+
+    monkeypatch.setattr(rep, "run_reproduce", fake)
+    assert main(["reproduce", "--all-sizes", "--quiet", "--out", str(tmp_path)]) == 0
+    assert seen == {"quick": False, "all_sizes": True}
+    assert rep.ALL_SIZES["qat_ranks"] == (4, 8, 16) and rep.ALL_SIZES["lora_small_ranks"] == (1, 2)
