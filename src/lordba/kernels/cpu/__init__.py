@@ -42,7 +42,7 @@ SOURCES = (
     Path(__file__).with_name("attention.cpp"),
 )
 HEADERS = (Path(__file__).with_name("q4.h"), Path(__file__).with_name("branch.h"))
-_CFLAGS = ("-O3", "-std=c++20", "-fopenmp", "-w")
+_CFLAGS = ("-O3", "-std=c++20", "-fopenmp", "-w", "-ffp-contract=off")
 _LDFLAGS = ("-fopenmp",)
 # the compiler's complaint about the -march value itself (gcc, clang); the ninja log always has "-march"
 _BAD_MARCH = re.compile(r"-march=.{0,3} switch|(unrecognized|unsupported)[^\n]{0,30}-march|unknown target CPU")
