@@ -301,3 +301,24 @@ def test_bfloat16_prefill_joins_the_branch_to_the_gemm(tokens, bias):
     torch.testing.assert_close(got.double(), rounded, rtol=1e-2, atol=1e-3)
     err, err_two = ((t.double() - exact).norm() / exact.norm() for t in (got, two))
     assert not torch.equal(got, two) and err < 1.5 * err_two + 1e-4, (err, err_two)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("tokens", [2, 40])  # the decode kernels, the GEMM with the branch in it
+def test_q4_branch_refuses_an_input_or_adapter_of_another_shape(tokens):
+    from lordba.core.packing import pack_signs
+
+    qweight, scale, minus, _ = packed(48, 96, 32)
+
+    def adapter(out, r=4):
+        signs = pack_signs(torch.ones(r, 96)), pack_signs(torch.ones(out, r))
+        return *signs, torch.ones(96), torch.ones(r), torch.ones(out)
+
+    def call(x, tensors):
+        return torch.ops.lordba.q4_branch(x, qweight, scale, minus, 96, 16, 4, True, False, None, *tensors, 1.0, 4)
+
+    assert call(torch.randn(tokens, 96), adapter(48)).shape == (tokens, 48)
+    with pytest.raises(RuntimeError, match="x's last dimension must be 96"):
+        call(torch.randn(tokens, 95), adapter(48))
+    with pytest.raises(RuntimeError, match="lordba::branch"):
+        call(torch.randn(tokens, 96), adapter(40))

@@ -355,11 +355,13 @@ at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::T
                      const c10::optional<at::Tensor>& bias, const at::Tensor& sign_A, const at::Tensor& sign_B,
                      const at::Tensor& b, const at::Tensor& m, const at::Tensor& a, double scaling,
                      int64_t sign_max_tokens) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "lordba::q4_branch: x's last dimension must be ", in);
   const int64_t T = in > 0 ? x.numel() / in : 0;
-  if (bf16 && T >= gemm_min_tokens && T > sign_max_tokens && b.numel() == in) {
-    const auto [A, B] = lordba::folded_factors(sign_A, sign_B, b, m, a, scaling);
+  if (bf16 && T >= gemm_min_tokens && T > sign_max_tokens) {
     const Packed p = unpack_args(qweight, scale, minus, in, bits);
-    TORCH_CHECK(x.size(-1) == in && B.size(0) == p.out, "lordba::q4_branch: the adapter's shape is not the layer's");
+    TORCH_CHECK(b.numel() == in && a.numel() == p.out,
+                "lordba::branch: the adapter's scale vectors do not match the layer's in / out features");
+    const auto [A, B] = lordba::folded_factors(sign_A, sign_B, b, m, a, scaling);
     auto shape = x.sizes().vec();
     shape.back() = p.out;
     const at::Tensor x2 = x.reshape({-1, in}).to(at::kFloat).contiguous();
