@@ -291,37 +291,26 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool 
 // the block and the input rounded to bfloat16 (oneDNN's bf16 GEMM: 4x the float32 GEMM's speed on a
 // CPU with AVX512_BF16; the output is rounded to bfloat16 too). The 4-bit weight is exact in float32;
 // bfloat16 rounds it and the input to 8 significant bits, far below the 4-bit quantization error.
-void gemm(const Packed& p, const at::Tensor& x2, at::Tensor& y, bool bf16) {
-  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(p.out, (1 << 20) / std::max<int64_t>(p.in, 1)));
-  at::Tensor w = at::empty({block, p.in}, x2.options());
-  const at::Tensor xb = bf16 ? x2.to(at::kBFloat16) : x2;
-  for (int64_t o0 = 0; o0 < p.out; o0 += block) {
-    const int64_t o1 = std::min(p.out, o0 + block);
-    float* dst = w.data_ptr<float>();
-    at::parallel_for(o0, o1, 16, [&](int64_t a, int64_t b) { dequant_rows(p, a, b, dst + (a - o0) * p.in); });
-    const at::Tensor wb = w.narrow(0, 0, o1 - o0);
-    y.narrow(1, o0, o1 - o0).copy_(bf16 ? at::mm(xb, wb.to(at::kBFloat16).t()) : at::mm(x2, wb.t()));
-  }
-}
-
-// Many tokens in bfloat16 with a LoRDBA branch (folded factors A' [r, in], B' [out, r]): the branch
-// joins the base GEMM as r more inputs. h = x A'^T, then y = [x | h] [W | B']^T block by block: the
-// branch's second product costs r / in of the base GEMM instead of a skinny float32 GEMM and a pass
-// over the output of its own (SmolLM2-135M's 512-token prefill: adapter overhead 1.15 -> see
-// docs/kernels.md). Rounded as the base GEMM is: operands to bfloat16, float32 accumulation.
-void gemm_branch(const Packed& p, const at::Tensor& x2, at::Tensor& y, const at::Tensor& A, const at::Tensor& B) {
-  const int64_t r = A.size(0), K = p.in + r;
-  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(p.out, (1 << 20) / K));
-  const at::Tensor xb = x2.to(at::kBFloat16);
-  const at::Tensor xh = at::cat({xb, at::mm(xb, A.to(at::kBFloat16).t())}, 1);
+//
+// With a LoRDBA branch (folded factors A' [r, in], B' [out, r]; q4_branch's `fast` prefill) the
+// branch joins the GEMM as r more inputs: h = x A'^T, then y = [x | h] [W | B']^T block by block, so
+// its second product costs r / in of the base GEMM instead of a skinny GEMM and a pass over the
+// output of its own (SmolLM2-135M's 512-token prefill, q4 + LoRDBA r=16 over q4: 1.21x -> 1.10x,
+// docs/kernels.md), rounded as the base is.
+void gemm(const Packed& p, const at::Tensor& x2, at::Tensor& y, bool bf16, const at::Tensor* A = nullptr,
+          const at::Tensor* B = nullptr) {
+  const int64_t r = A != nullptr ? A->size(0) : 0, K = p.in + r;
+  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(p.out, (1 << 20) / std::max<int64_t>(K, 1)));
   at::Tensor w = at::empty({block, K}, x2.options());
+  at::Tensor xin = bf16 ? x2.to(at::kBFloat16) : x2;
+  if (A != nullptr) xin = at::cat({xin, at::mm(xin, A->to(xin.scalar_type()).t())}, 1);
   for (int64_t o0 = 0; o0 < p.out; o0 += block) {
     const int64_t o1 = std::min(p.out, o0 + block);
     float* dst = w.data_ptr<float>();
     at::parallel_for(o0, o1, 16, [&](int64_t a, int64_t b) { dequant_rows(p, a, b, dst + (a - o0) * K, K); });
     const at::Tensor wb = w.narrow(0, 0, o1 - o0);
-    wb.narrow(1, p.in, r).copy_(B.narrow(0, o0, o1 - o0));
-    y.narrow(1, o0, o1 - o0).copy_(at::mm(xh, wb.to(at::kBFloat16).t()));
+    if (B != nullptr) wb.narrow(1, p.in, r).copy_(B->narrow(0, o0, o1 - o0));
+    y.narrow(1, o0, o1 - o0).copy_(bf16 ? at::mm(xin, wb.to(at::kBFloat16).t()) : at::mm(xin, wb.t()));
   }
 }
 
@@ -349,7 +338,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
 // ops called one after the other (bit for bit), without a second dispatch per layer and token
 // (decode calls ~210 layers per token; a custom op's call costs about what the branch computes).
 // Except many tokens in bfloat16 (`fast` prefill) on the unpack path: there the branch joins the
-// base's GEMM (gemm_branch), equal to the two calls up to bfloat16 rounding, not bit for bit.
+// base's GEMM (gemm's branch), equal to the two calls up to bfloat16 rounding, not bit for bit.
 at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minus,
                      int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16, bool int8_dot,
                      const c10::optional<at::Tensor>& bias, const at::Tensor& sign_A, const at::Tensor& sign_B,
@@ -366,7 +355,7 @@ at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::T
     shape.back() = p.out;
     const at::Tensor x2 = x.reshape({-1, in}).to(at::kFloat).contiguous();
     at::Tensor y = at::empty({T, p.out}, x2.options());
-    gemm_branch(p, x2, y, A, B);
+    gemm(p, x2, y, /*bf16=*/true, &A, &B);
     if (bias.has_value()) y.add_(bias->to(at::kFloat));
     return y.reshape(shape).to(x.scalar_type());
   }
