@@ -156,3 +156,31 @@ def test_cli_solver_defaults_are_the_library_defaults():
     lib = SolverOptions()
     assert (args.gauge, args.method, args.iters, args.tol) == (lib.gauge, lib.method, lib.iters, lib.tol)
     assert args.admm_iters is None  # convert_lora's own default is used
+
+
+def test_budget_fitting_bisects_to_a_file_that_fits():
+    """SmolLM2's 210 projections at 4 candidate ranks: the largest payload budget whose file (mixed
+    ranks: a larger header) fits; nothing when even the cheapest ranks' file is too large."""
+    import math
+    import random
+
+    from lordba.convert.allocate import _file_bytes, _fitting
+    from lordba.format.sizes import payload_bytes, size_report
+
+    rng = random.Random(0)
+    shapes = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "o": (576, 576), "gate": (576, 1536),
+              "up": (576, 1536), "down": (1536, 576)}  # fmt: skip
+    dims = {f"model.layers.{i}.{n}_proj": s for i in range(30) for n, s in shapes.items()}
+    curves = {
+        p: {r: (payload_bytes(i, o, r, "int8"), rng.uniform(0.5, 2) * math.exp(-r / rng.uniform(6, 30)))
+            for r in (4, 8, 16, 32)}
+        for p, (i, o) in dims.items()
+    }  # fmt: skip
+    for r in (8, 16):
+        uniform = size_report({p: (i, o, r) for p, (i, o) in dims.items()}, "int8")
+        budget = uniform.payload_bytes
+        alloc = _fitting(curves, budget, uniform.file_bytes, dims, "int8")
+        assert alloc is not None and len(set(alloc.ranks.values())) > 1
+        file_bytes = _file_bytes(dims, alloc.ranks, "int8")
+        assert file_bytes <= uniform.file_bytes < file_bytes + 2048  # fits, and uses nearly all of it
+    assert _fitting(curves, 10**6, 1000, dims, "int8") is None

@@ -69,13 +69,13 @@ def convert_at_budget(
             for r in ranks}
         for p, (i, o) in dims.items()
     }  # fmt: skip
-    alloc = _fitting(curves, budget, allowed, dims, dtype, target_bpw)
     uniform = Allocation(
         dict.fromkeys(dims, r_uniform),
         sum(curves[p][r_uniform][0] for p in dims),
         sum(curves[p][r_uniform][1] for p in dims),
-    )
-    if uniform.squared_error <= alloc.squared_error:  # the mixed ranks' larger header can cost more than they gain
+    )  # fits: r_uniform was chosen with the uniform header
+    alloc = _fitting(curves, budget, allowed, dims, dtype)
+    if alloc is None or uniform.squared_error <= alloc.squared_error:  # mixed ranks' header can cost more
         alloc = uniform
     common = Counter(alloc.ranks.values()).most_common(1)[0][0]
     final = dataclasses.replace(
@@ -111,22 +111,17 @@ def _file_bytes(dims: dict[str, tuple[int, int]], ranks: dict[str, int], dtype: 
 
 
 def _fitting(
-    curves: dict, budget: int, allowed: int, dims: dict[str, tuple[int, int]], dtype: str, target_bpw: float
-) -> Any:
-    """The allocation of ``budget`` payload bytes whose whole file fits in ``allowed`` bytes: mixed ranks
-    make the header larger than the uniform one ``budget`` was derived from (the compact header then
-    stores every module's rank), so the payload budget shrinks by the excess until the file fits.
-
-    Raises:
-        ConfigError: nothing fits.
-    """
-    for _ in range(8):
-        try:
-            alloc = allocate(curves, budget)
-        except ValueError as err:
-            raise ConfigError(f"target_bpw={target_bpw:g}: {err}") from None
-        excess = _file_bytes(dims, alloc.ranks, dtype) - allowed
-        if excess <= 0:
-            return alloc
-        budget -= excess
-    raise ConfigError(f"target_bpw={target_bpw:g}: no allocation's file fits in {allowed:,} bytes")
+    curves: dict, budget: int, allowed: int, dims: dict[str, tuple[int, int]], dtype: str
+) -> Allocation | None:
+    """The allocation of the largest payload budget up to ``budget`` whose whole file fits in ``allowed``
+    bytes (bisection on the budget), or ``None``: mixed ranks make the header larger than the uniform
+    one ``budget`` was derived from (the compact header then stores every module's rank)."""
+    lo, hi, best = sum(min(b for b, _ in c.values()) for c in curves.values()), budget, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        alloc = allocate(curves, mid)
+        if _file_bytes(dims, alloc.ranks, dtype) <= allowed:
+            best, lo = alloc, mid + 1
+        else:
+            hi = mid - 1
+    return best
