@@ -490,6 +490,18 @@ void unpack_rows(const uint8_t* p, int64_t nbytes, int64_t rows, int64_t cols, c
   });
 }
 
+// The folded factors A' = S_A diag(b) into A [r, in] and B' = s diag(a) S_B diag(m) into B [out, r]:
+// the unpack path's, and folded_factors' for q4.cpp's prefill GEMM.
+template <typename t_t>
+void fold_factors(const uint8_t* sa, int64_t nbytes_a, const uint8_t* sb, int64_t nbytes_b, const float* b,
+                  const float* m, const float* a, int64_t r, int64_t in, int64_t out, float scaling, t_t* A, t_t* B) {
+  thread_local std::vector<float> sa_row;
+  sa_row.resize(static_cast<size_t>(out));
+  for (int64_t o = 0; o < out; ++o) sa_row[o] = scaling * a[o];
+  unpack_rows<t_t>(sa, nbytes_a, r, in, nullptr, b, A);
+  unpack_rows<t_t>(sb, nbytes_b, out, r, sa_row.data(), m, B);
+}
+
 template <typename x_t>
 at::Tensor unpack_path(const at::Tensor& x2, const uint8_t* sa, int64_t nbytes_a, const uint8_t* sb,
                        int64_t nbytes_b, const float* b, const float* m, const float* a, int64_t r, int64_t out,
@@ -499,11 +511,7 @@ at::Tensor unpack_path(const at::Tensor& x2, const uint8_t* sa, int64_t nbytes_a
   buf.resize(static_cast<size_t>(r * in + out * r));
   x_t* A = buf.data();
   x_t* B = buf.data() + r * in;
-  thread_local std::vector<float> sa_row;
-  sa_row.resize(static_cast<size_t>(out));
-  for (int64_t o = 0; o < out; ++o) sa_row[o] = scaling * a[o];
-  unpack_rows<x_t>(sa, nbytes_a, r, in, nullptr, b, A);
-  unpack_rows<x_t>(sb, nbytes_b, out, r, sa_row.data(), m, B);
+  fold_factors<x_t>(sa, nbytes_a, sb, nbytes_b, b, m, a, r, in, out, scaling, A, B);
   const auto opts = x2.options();
   const at::Tensor At = at::from_blob(A, {r, in}, opts);
   const at::Tensor Bt = at::from_blob(B, {out, r}, opts);
@@ -885,12 +893,10 @@ std::pair<at::Tensor, at::Tensor> folded_factors(const at::Tensor& sign_A, const
   const float* bp = as_float(bc, bbuf);
   const float* mp = as_float(mc, mbuf);
   const float* ap = as_float(ac, abuf);
-  std::vector<float> sa_row(static_cast<size_t>(out));
-  for (int64_t o = 0; o < out; ++o) sa_row[o] = static_cast<float>(scaling) * ap[o];
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor A = at::empty({r, in}, opts), B = at::empty({out, r}, opts);
-  unpack_rows<float>(sa.data_ptr<uint8_t>(), sa.numel(), r, in, nullptr, bp, A.data_ptr<float>());
-  unpack_rows<float>(sb.data_ptr<uint8_t>(), sb.numel(), out, r, sa_row.data(), mp, B.data_ptr<float>());
+  fold_factors<float>(sa.data_ptr<uint8_t>(), sa.numel(), sb.data_ptr<uint8_t>(), sb.numel(), bp, mp, ap, r, in, out,
+                      static_cast<float>(scaling), A.data_ptr<float>(), B.data_ptr<float>());
   return {A, B};
 }
 

@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace lordba_q4 {
@@ -314,14 +315,19 @@ void gemm(const Packed& p, const at::Tensor& x2, at::Tensor& y, bool bf16, const
   }
 }
 
+// x as float32 rows [T, in], and the shape of the layer's output for x.
+std::pair<at::Tensor, std::vector<int64_t>> input_rows(const at::Tensor& x, int64_t in, int64_t out, const char* op) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "lordba::", op, ": x's last dimension must be ", in);
+  auto shape = x.sizes().vec();
+  shape.back() = out;
+  return {x.reshape({-1, in}).to(at::kFloat).contiguous(), shape};
+}
+
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                      const at::Tensor& minus, int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16,
                      bool int8_dot) {
   const Packed p = unpack_args(qweight, scale, minus, in, bits);
-  TORCH_CHECK(x.size(-1) == in, "lordba::q4_linear: x's last dimension must be ", in);
-  auto shape = x.sizes().vec();
-  shape.back() = p.out;
-  const at::Tensor x2 = x.reshape({-1, in}).to(at::kFloat).contiguous();
+  const auto [x2, shape] = input_rows(x, in, p.out, "q4_linear");
   const int64_t T = x2.size(0);
   at::Tensor y = at::empty({T, p.out}, x2.options());
   if (T == 0) return y.reshape(shape).to(x.scalar_type());
@@ -351,9 +357,7 @@ at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::T
     TORCH_CHECK(b.numel() == in && a.numel() == p.out,
                 "lordba::branch: the adapter's scale vectors do not match the layer's in / out features");
     const auto [A, B] = lordba::folded_factors(sign_A, sign_B, b, m, a, scaling);
-    auto shape = x.sizes().vec();
-    shape.back() = p.out;
-    const at::Tensor x2 = x.reshape({-1, in}).to(at::kFloat).contiguous();
+    const auto [x2, shape] = input_rows(x, in, p.out, "q4_branch");
     at::Tensor y = at::empty({T, p.out}, x2.options());
     gemm(p, x2, y, /*bf16=*/true, &A, &B);
     if (bias.has_value()) y.add_(bias->to(at::kFloat));
