@@ -84,9 +84,8 @@ def convert_at_budget(
     records = {p: results[r][0][p] for p, r in alloc.ranks.items()}
     stats = {p: results[r][1][p] for p, r in alloc.ranks.items()}
     norm2 = sum(s["delta_norm"] ** 2 for s in stats.values()) or 1.0
-    uniform_err = sum(curves[p][r_uniform][1] for p in dims)
     file_bytes = _file_bytes(dims, alloc.ranks, dtype)
-    uniform_file = size_report({p: (i, o, r_uniform) for p, (i, o) in dims.items()}, dtype).file_bytes
+    uniform_file = _file_bytes(dims, uniform.ranks, dtype)
     summary = {
         "target_bpw": target_bpw,
         "allowed_file_bytes": allowed,
@@ -100,7 +99,7 @@ def convert_at_budget(
         "uniform_rank": r_uniform,
         "uniform_file_bytes": uniform_file,
         "uniform_bpw_lora": 8 * uniform_file / lora_params,
-        "uniform_total_rel_error": math.sqrt(uniform_err / norm2),
+        "uniform_total_rel_error": math.sqrt(uniform.squared_error / norm2),
         "curves": {p: {str(r): results[r][1][p]["rel_error"] for r in ranks} for p in sorted(dims)},
     }
     return final, records, stats, summary
