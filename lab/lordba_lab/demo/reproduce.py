@@ -131,8 +131,8 @@ def _one_seed(demo: Demo, settings: ReproduceSettings, seed: int) -> tuple[list[
     lora_params = sum(x.r * (x.in_features + x.out_features) for x in lora.layers.values())
     for family, r, scale_dtype in ptq:
         config = dataclasses.replace(_config(demo, "ptq", r), scale_dtype=scale_dtype)
-        extra: dict[str, object] = {}
-        if family == LORDBA_ALLOCATED:  # the uniform rank r's file size, in bits per LoRA parameter
+        allocated = family == LORDBA_ALLOCATED
+        if allocated:  # the uniform rank r's file size, in bits per LoRA parameter
             dims = {p: (x.in_features, x.out_features, r) for p, x in lora.layers.items()}
             uniform_bytes = size_report(dims, scale_dtype).file_bytes
             state, report = convert_lora(
@@ -142,17 +142,17 @@ def _one_seed(demo: Demo, settings: ReproduceSettings, seed: int) -> tuple[list[
                 progress=False,
                 rank_candidates=settings.allocation_candidates,
             )
-            extra = {"uniform_rank": report.allocation["uniform_rank"], "file_bytes": report.allocation["file_bytes"],
-                     "rank_histogram": report.allocation["rank_histogram"]}  # fmt: skip
         else:
             state, report = convert_lora(lora, config, progress=False)
         lm = LoRDBAModel(demo.model)
         lm.load_adapter_state(state, "default")
         lm.set_adapter("default")
-        if family != LORDBA_ALLOCATED:
-            extra = {"file_bytes": lm.size_report().file_bytes}
-        label = f"at r={r}'s size" if family == LORDBA_ALLOCATED else f"r={r}"
-        point(family, label, lm.size_report().payload_bytes, lm, rel_error=report.total_rel_error, **extra)
+        size = lm.size_report()
+        extra: dict[str, object] = {"file_bytes": size.file_bytes}
+        if allocated:
+            extra.update(at_rank=r, rank_histogram=report.allocation["rank_histogram"])
+        label = f"at r={r}'s size" if allocated else f"r={r}"
+        point(family, label, size.payload_bytes, lm, rel_error=report.total_rel_error, **extra)
         if family == LORDBA_PTQ and r in settings.scales_ranks:
             states[r] = state
         if r == s.r and family == LORDBA_PTQ:
@@ -210,7 +210,7 @@ def allocation_vs_uniform(points: list[dict]) -> list[dict]:
     pairs: dict[int, list[tuple[dict, dict]]] = {}
     for p in points:
         if p["family"] == LORDBA_ALLOCATED:
-            r = int(p["label"].split("=")[1].split("'")[0])
+            r = p["at_rank"]
             uniform = by_key.get((p["seed"], LORDBA_PTQ, f"r={r}"))
             if uniform is not None:
                 pairs.setdefault(r, []).append((p, uniform))

@@ -63,8 +63,9 @@ def test_spearman_ranks_with_ties():
 
 def test_allocation_is_paired_with_the_uniform_rank_of_the_same_seed():
     def pt(seed, family, label, loss, metric, err):
+        at = {"at_rank": 8} if family == LORDBA_ALLOCATED else {}
         return {"seed": seed, "family": family, "label": label, "eval_loss": loss, "metric": metric,
-                "rel_error": err, "file_bytes": 100}  # fmt: skip
+                "rel_error": err, "file_bytes": 100, **at}  # fmt: skip
 
     pts = [pt(0, LORDBA_PTQ, "r=8", 1.0, 0.2, 0.5), pt(0, LORDBA_ALLOCATED, "at r=8's size", 0.9, 0.3, 0.4),
            pt(1, LORDBA_PTQ, "r=8", 1.2, 0.2, 0.5), pt(1, LORDBA_ALLOCATED, "at r=8's size", 1.3, 0.1, 0.4),
