@@ -19,6 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="QAT and scales-only at r=4, 8, 16 and fp16 LoRA trained at r=1, 2 (default: r=16 only; ~3x the time)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the seeds an earlier run with the same settings finished (OUT/seeds/) instead of rerunning them",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -28,7 +33,12 @@ def run(args: argparse.Namespace) -> int:
     from lordba_lab.demo.reproduce import run_reproduce
 
     result = run_reproduce(
-        args.out, quick=args.quick, seeds=args.seeds, progress=not args.quiet, all_sizes=args.all_sizes
+        args.out,
+        quick=args.quick,
+        seeds=args.seeds,
+        progress=not args.quiet,
+        all_sizes=args.all_sizes,
+        resume=args.resume,
     )
     print(f"wrote {len(result['points'])} points to {args.out}/reproduce.json, reproduce.md and the plots")
     return 0

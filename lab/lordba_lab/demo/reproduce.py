@@ -22,6 +22,7 @@ is set against the LoRA factors' RMR (SPEC §3) with its rank correlation.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import statistics
 import time
@@ -33,6 +34,7 @@ import torch
 from lordba._util.tables import markdown_table, print_table
 from lordba.config import LoRDBAConfig
 from lordba.convert import convert_lora, read_lora
+from lordba.format.atomic import atomic_write_bytes
 from lordba.format.sizes import size_report
 from lordba.nn.model import LoRDBAModel
 from lordba.train.loop import train_loop
@@ -252,11 +254,47 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float((rx * ry).sum() / (rx.norm() * ry.norm()).clamp(min=1e-300))
 
 
+def _seed_file(out: Path, seed: int) -> Path:
+    return out / "seeds" / f"seed{seed}.json"
+
+
+def _settings_key(settings: ReproduceSettings) -> str:
+    """What a kept seed's points depend on: every setting but the list of seeds."""
+    described = dataclasses.asdict(dataclasses.replace(settings, seeds=()))
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _keep_seed(out: Path, settings: ReproduceSettings, seed: int, points: list[dict], layers: list[dict]) -> None:
+    """Write one finished seed's points (atomically) so that ``resume`` can skip it."""
+    record = {"settings_key": _settings_key(settings), "seed": seed, "points": points, "layers": layers}
+    _seed_file(out, seed).parent.mkdir(exist_ok=True)
+    atomic_write_bytes(_seed_file(out, seed), (json.dumps(record) + "\n").encode())
+
+
+def _kept_seed(out: Path, settings: ReproduceSettings, seed: int) -> tuple[list[dict], list[dict]] | None:
+    """A finished seed's ``(points, layers)`` from an earlier run with the same settings, else ``None``
+    (absent, unreadable, or written under other settings: that seed runs again)."""
+    try:
+        record = json.loads(_seed_file(out, seed).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("settings_key") != _settings_key(settings):
+        return None
+    return record["points"], record["layers"]
+
+
 def run_reproduce(
-    out: str | Path, quick: bool = False, seeds: int | None = None, progress: bool = True, all_sizes: bool = False
+    out: str | Path,
+    quick: bool = False,
+    seeds: int | None = None,
+    progress: bool = True,
+    all_sizes: bool = False,
+    resume: bool = False,
 ) -> dict:
     """Run the sweep; writes ``reproduce.json``, ``reproduce.md``, ``sweep.png`` and ``error_vs_rmr.png``.
-    ``all_sizes``: QAT, scales-only and a trained fp16 LoRA at every size (:data:`ALL_SIZES`)."""
+    ``all_sizes``: QAT, scales-only and a trained fp16 LoRA at every size (:data:`ALL_SIZES`).
+    Each finished seed is kept in ``out/seeds/``; ``resume``: seeds kept there under the same
+    settings are read back instead of run again (a long sweep survives an interruption)."""
     from lordba_lab.bench import hardware
     from lordba_lab.demo.plots import error_vs_rmr, sweep
 
@@ -272,15 +310,19 @@ def run_reproduce(
     layers: list[dict] = []
     fixed_eval = None
     for i, seed in enumerate(settings.seeds):
-        demo = Demo(out, dataclasses.replace(settings.demo, seed=seed), progress)
+        kept = _kept_seed(out, settings, seed) if resume else None
+        if kept is None or fixed_eval is None:
+            demo = Demo(out, dataclasses.replace(settings.demo, seed=seed), progress)
         if fixed_eval is None:  # one held-out set for every seed: the seeds vary the training only
             fixed_eval = demo.eval_examples
             base = demo.add_row("base", None, 0, None)
             points.append({"seed": seed, "family": "base", "label": "", **base})
-        demo.eval_examples = fixed_eval
-        seed_points, seed_layers = _one_seed(demo, settings, seed)
-        points += seed_points
-        layers += seed_layers
+        if kept is None:
+            demo.eval_examples = fixed_eval
+            kept = _one_seed(demo, settings, seed)
+            _keep_seed(out, settings, seed, *kept)
+        points += kept[0]
+        layers += kept[1]
         if progress:
             print(f"seed {seed} done ({i + 1}/{len(settings.seeds)}, {time.perf_counter() - t0:.0f} s)")
     summary = summarize(points)

@@ -29,6 +29,7 @@ def test_quick_reproduce_writes_the_sweep(tmp_path):
     assert alloc["uniform_rank"] == 4 and alloc["seeds"] == len(seeds)
     assert alloc["allocated_file_bytes"] <= alloc["uniform_file_bytes"]
     assert alloc["allocated_rel_error"] <= alloc["uniform_rel_error"] + 1e-9  # it minimises ΔW error
+    assert sorted(p.name for p in (out / "seeds").iterdir()) == ["seed0.json", "seed1.json"]  # for --resume
     md = (out / "reproduce.md").read_text()
     assert "Spearman" in md and "against the uniform rank at the same file size" in md
     for png in ("sweep.png", "error_vs_rmr.png"):
@@ -81,11 +82,30 @@ def test_all_sizes_trains_every_family_at_every_size(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake(out, quick, seeds, progress, all_sizes):
-        seen.update(quick=quick, all_sizes=all_sizes)
+    def fake(out, quick, seeds, progress, all_sizes, resume):
+        seen.update(quick=quick, all_sizes=all_sizes, resume=resume)
         return {"points": []}
 
     monkeypatch.setattr(rep, "run_reproduce", fake)
-    assert main(["reproduce", "--all-sizes", "--quiet", "--out", str(tmp_path)]) == 0
-    assert seen == {"quick": False, "all_sizes": True}
+    assert main(["reproduce", "--all-sizes", "--resume", "--quiet", "--out", str(tmp_path)]) == 0
+    assert seen == {"quick": False, "all_sizes": True, "resume": True}
     assert rep.ALL_SIZES["qat_ranks"] == (4, 8, 16) and rep.ALL_SIZES["lora_small_ranks"] == (1, 2)
+
+
+def test_a_finished_seed_is_kept_for_resume_under_the_same_settings_only(tmp_path):
+    import dataclasses
+
+    from lordba_lab.demo.reproduce import QUICK, _keep_seed, _kept_seed
+
+    pts, layers = [{"seed": 1, "family": "X", "label": "a", "eval_loss": 0.5}], [{"seed": 1, "module": "m"}]
+    assert _kept_seed(tmp_path, QUICK, 1) is None
+    _keep_seed(tmp_path, QUICK, 1, pts, layers)
+    assert _kept_seed(tmp_path, QUICK, 1) == (pts, layers)
+    assert _kept_seed(tmp_path, dataclasses.replace(QUICK, seeds=(5,)), 1) == (
+        pts,
+        layers,
+    )  # the seed list is not a setting
+    assert _kept_seed(tmp_path, dataclasses.replace(QUICK, rtn_bits=(2,)), 1) is None  # other settings: rerun
+    assert _kept_seed(tmp_path, QUICK, 0) is None
+    (tmp_path / "seeds" / "seed1.json").write_text('{"settings_key": ')  # a torn file is not trusted
+    assert _kept_seed(tmp_path, QUICK, 1) is None
