@@ -1,8 +1,8 @@
-"""``lordba.nn.fastpath.fused_direct``: on a q4 base one active packed adapter runs as one op call per
-layer (``lordba::q4_branch``), bit for bit the base layer's and the branch's two calls — eager, with a
-bias, at every token count, under ``torch.compile`` — except ``fast`` prefill, where the branch joins the
-bfloat16 GEMM (as accurate, not bit for bit); anything the fused call would skip (hooks, a
-gradient, a second adapter, routing) takes the ordinary path."""
+"""``lordba.nn.fastpath.decode_call`` (eager) and ``fused_direct`` (compiled): on a q4 base one active
+packed adapter runs as one op call per layer (``lordba::q4_branch``), bit for bit the base layer's and
+the branch's two calls — eager, with a bias, at every token count, under ``torch.compile`` — except
+``fast`` prefill, where the branch joins the bfloat16 GEMM (as accurate, not bit for bit); anything the
+fused call would skip (hooks, a gradient, a second adapter, routing) takes the ordinary path."""
 
 import pytest
 import torch
@@ -20,24 +20,34 @@ pytestmark = pytest.mark.skipif(not kernels.cpu_available(), reason="compiled CP
 IDS = torch.tensor([[5, 17, 3, 44, 9, 21, 60, 2, 11, 30, 7, 19, 40, 8, 1, 33, 12]])
 
 
+def _fused(call) -> bool:
+    return getattr(call, "__qualname__", "").startswith("Q4Linear.forward_with_branch")
+
+
 @pytest.fixture
 def count(monkeypatch):
-    """Calls of the fused op, and a switch that turns the fused path off (the two-call reference)."""
+    """For every eager layer call: whether it ran as the kept fused op (``decode_call``)."""
     calls = []
-    real = fastpath.fused_direct
+    real = fastpath.decode_call
 
     def counted(*args):
         out = real(*args)
-        calls.append(out is not None)
+        calls.append(_fused(out))
         return out
 
-    monkeypatch.setattr(layer, "fused_direct", counted)
+    monkeypatch.setattr(layer, "decode_call", counted)
     return calls
+
+
+def _two_calls(m):
+    """The ordinary path: the base layer, then the adapter's branch (the reference of the fused op)."""
+    m.setattr(layer, "decode_call", lambda *a: None)
+    m.setattr(layer, "fused_direct", lambda *a: None)
 
 
 def unfused(model, ids, monkeypatch):
     with monkeypatch.context() as m:
-        m.setattr(layer, "fused_direct", lambda *a: None)
+        _two_calls(m)
         return model(input_ids=ids).logits
 
 
@@ -104,7 +114,7 @@ def test_a_base_bias_is_added_before_the_branch_as_the_two_calls_do(monkeypatch)
     with torch.no_grad():
         got = lm(x)
         with monkeypatch.context() as m:
-            m.setattr(layer, "fused_direct", lambda *a: None)
+            _two_calls(m)
             want = lm(x)
     assert torch.equal(got, want)
 

@@ -219,7 +219,7 @@ def test_the_one_active_adapter_runs_by_its_kept_kernel_call_and_sees_every_chan
         return layer.base_layer(x) + b(x)
 
     torch.testing.assert_close(layer(x), expected(), rtol=1e-6, atol=1e-6)
-    assert layer._direct and layer._direct[0][0] is b  # the call is kept for the next token
+    assert layer._decode and layer._decode[1] is not None  # the call is kept for the next token
     b.sign_A.bitwise_not_()  # in place: the kept call reads the same tensors
     torch.testing.assert_close(layer(x), expected(), rtol=1e-6, atol=1e-6)
     b.scaling = -3.0
@@ -232,5 +232,52 @@ def test_the_one_active_adapter_runs_by_its_kept_kernel_call_and_sees_every_chan
     assert seen == [1]  # hooks on the adapter still run
     handle.remove()
     layer.delete_adapter("b")
-    assert not layer._direct
+    assert not layer._decode
     torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_on_a_plain_linear_base_the_kept_call_is_one_fused_op_and_sees_the_layers_changes():
+    """An ``nn.Linear`` base and one active packed adapter: the layer's whole forward is one kept
+    ``lordba::linear_branch`` call, bit for bit the base layer then the branch, and every change to the
+    layer (active adapter, disabling, an in-place merge, the weight changed in place) is followed."""
+    from lordba.nn import fastpath
+
+    layer = _packed_layer()
+    a, b = layer.lordba_adapters["a"], layer.lordba_adapters["b"]
+    for tokens in (1, 5, 70):  # the sign path and the unpack path
+        x = torch.randn(2, tokens, 21)
+        got = layer(x)
+        call = fastpath.decode_call(layer, None, x)
+        assert call.__qualname__.startswith("PlainLinear.fused_branch")  # the one-op call
+        assert torch.equal(got, a(x, layer.base_layer(x)))
+    x = torch.randn(1, 1, 21)
+    layer.set_adapter("b")
+    assert torch.equal(layer(x), b(x, layer.base_layer(x)))
+    layer.disable_adapters = True
+    assert torch.equal(layer(x), layer.base_layer(x))
+    layer.disable_adapters = False
+    want = layer(x)
+    layer.merge()  # in place into the float weight: the branch must not be added again
+    assert layer.merged and torch.allclose(layer(x), want, atol=1e-5)
+    layer.unmerge()
+    layer.base_layer.weight.mul_(2.0)  # in place: the kept call reads the same tensor
+    assert torch.equal(layer(x), b(x, layer.base_layer(x)))
+    layer.set_adapter(["a", "b"])  # stacked: both branches, the ordinary path
+    assert fastpath.decode_call(layer, None, x) is None
+    assert torch.allclose(layer(x), b(x, a(x, layer.base_layer(x))), atol=1e-6)
+
+
+@torch.no_grad()
+def test_a_linear_subclass_with_its_own_forward_is_not_fused():
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    torch.manual_seed(0)
+    layer = LoRDBALinear(Doubled(21, 13))
+    src = _packed_layer().lordba_adapters["a"]
+    layer.add_adapter("a", src)
+    layer.set_adapter("a")
+    x = torch.randn(1, 1, 21)
+    assert torch.equal(layer(x), src(x, 2.0 * nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias)))

@@ -52,14 +52,20 @@ def decode_attention_fake(
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+def linear_branch_fake(x: torch.Tensor, weight: torch.Tensor, *args: object) -> torch.Tensor:
+    """An empty tensor of ``lordba::linear_branch``'s output: ``x``'s leading shape, the weight's out_features."""
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 _REGISTERED: list[bool] = []
 
 
 def register_cpu() -> None:
-    """Register the fakes of ``lordba::branch``, ``lordba::branch_rows`` and ``lordba::decode_attention``
-    (once per process)."""
+    """Register the fakes of ``lordba::branch``, ``lordba::branch_rows``, ``lordba::decode_attention`` and
+    ``lordba::linear_branch`` (once per process)."""
     if not _REGISTERED:
         torch.library.register_fake("lordba::branch")(branch_fake)
         torch.library.register_fake("lordba::branch_rows")(branch_rows_fake)
         torch.library.register_fake("lordba::decode_attention")(decode_attention_fake)
+        torch.library.register_fake("lordba::linear_branch")(linear_branch_fake)
         _REGISTERED.append(True)

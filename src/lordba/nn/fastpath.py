@@ -1,11 +1,13 @@
 """The inference hot path's kernel calls, with their arguments kept between tokens.
 
 Decode runs every adapted layer once per token, and the Python around a kernel call costs as much
-as the kernel. A layer therefore keeps the arguments of its next call: :func:`direct_branch` for one
-active adapter, :func:`routed_branches` for a mixed batch (one call for all its adapters, S-LoRA's
-adapter table built lazily per batch composition). What is kept is only ever the adapters' own
-tensors (in-place changes are seen), and it is dropped whenever an adapter is added, removed or
-changed (:func:`lordba.nn.adapter_base.touch`).
+as the kernel. A layer therefore keeps its next call: :func:`decode_call` for one active adapter
+with gradients off (the layer's whole forward: the base layer and the branch in one op where the
+base has a fused one), :func:`direct_branch` for the branch alone (gradients on, an input that needs
+none), :func:`routed_branches` for a mixed batch (one call for all its adapters, S-LoRA's adapter
+table built lazily per batch composition). What is kept is only ever the modules' own tensors, read
+where they are held (in-place changes are seen), and it is dropped whenever an adapter or the layer
+is changed (:func:`lordba.nn.adapter_base.touch`).
 """
 
 from __future__ import annotations
@@ -61,40 +63,78 @@ def _direct_call(adapter: AdapterBase, x: torch.Tensor, base: torch.Tensor) -> t
     return None if found is None else (op, *found)
 
 
+def decode_call(layer: nn.Module, routing: object, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The whole forward of ``layer`` (a :class:`~lordba.nn.layer.LoRDBALinear`) for ``x`` as one kept
+    callable, where it is its base layer plus one active inference-form adapter's kernel call with
+    gradients off (decode, generation, serving one adapter), else ``None`` (the layer's ordinary path).
+
+    On a base with a fused op (q4: ``lordba::q4_branch``) the call is that op alone, bit for bit the two
+    calls' result (except ``fast`` prefill: :meth:`~lordba.quant.BaseBackend.fused_branch`); else the base
+    layer's ``forward`` and then the branch op adding into its output. It is kept in ``layer._decode``
+    for the call's ``routing`` (the :class:`~lordba.nn.routing.Routing` in force, interned), ``x``'s
+    dtype and whether it is on the CPU, the kernel mode and the adapters' epoch (:func:`touch`: any change to an adapter
+    or to the layer's attributes) and optimizer steps; hooks are checked on every call (a direct call
+    would skip them)."""
+    if _global_forward_hooks or _global_forward_pre_hooks or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    key = (routing, x.dtype, x.is_cpu, kernels.get_mode(), _EPOCH[0], _OPTIMIZER_STEPS[0])  # only CPU has calls
+    kept = layer._decode
+    if not kept or kept[0] != key:
+        kept[:] = [key, _decode_entry(layer, routing, x)]
+    entry = kept[1]
+    if entry is None or layer.merged_adapters:
+        return None
+    call, base_hooks, base_pre, hooks, pre = entry
+    return None if base_hooks or base_pre or hooks or pre else call
+
+
+def _decode_entry(layer: nn.Module, routing: object, x: torch.Tensor) -> tuple | None:
+    """``(call, the base layer's and the adapter's forward hook and pre-hook dicts)`` for
+    :func:`decode_call`, or ``None``."""
+    if routing is None:
+        disabled, names, active = layer.disable_adapters, None, layer.active_adapters
+    else:
+        disabled, names = routing.disabled or layer.disable_adapters, routing.adapter_names
+        active = routing.active if routing.active is not None else layer.active_adapters
+    if disabled or names is not None or len(active) != 1 or layer.merged_adapters:
+        return None
+    adapter = layer.lordba_adapters._modules.get(active[0])
+    op = kernels.cpu_branch_op(x, x)
+    if adapter is None or op is None or not adapter._routed_as_stored:
+        return None
+    found = adapter._routed(False, (kernels.get_mode(), x.dtype))
+    if found is None:
+        return None
+    tensors, scaling, limit = found
+    base = layer.base_layer
+    call = layer.backend.fused_branch(base, x, tensors, scaling, limit)
+    if call is None:
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            out = base.forward(x)
+            if out.dtype in _OP_DTYPES and not out.requires_grad:
+                return op(x, *tensors, scaling, limit, out)
+            return adapter(x, out)
+
+    return call, base._forward_hooks, base._forward_pre_hooks, adapter._forward_hooks, adapter._forward_pre_hooks
+
+
+_OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the branch op's base dtypes (kernels.cpu_branch_op)
+
+
 def fused_direct(
-    base_layer: nn.Module, backend: BaseBackend, adapter: AdapterBase, x: torch.Tensor, kept: list
+    base_layer: nn.Module, backend: BaseBackend, adapter: AdapterBase, x: torch.Tensor
 ) -> torch.Tensor | None:
-    """``base_layer(x)`` plus ``adapter``'s branch in one call of the base backend's fused op (q4:
-    ``lordba::q4_branch``), where it has one for ``x`` and the adapter's call is the inference kernel
-    as it is; else ``None`` (the caller runs the base layer and the branch apart). Bit for bit the two
-    calls' result. Only with gradients off (``no_grad`` / ``inference_mode``, as generation and serving
-    run): the fused op has no backward, and a trainable base bias must keep its gradient. The arguments
-    are kept in ``kept`` as :func:`direct_branch` keeps its own (under ``torch.compile``: built in the
-    trace, without caches)."""
+    """Under ``torch.compile`` (eager runs :func:`decode_call`): ``base_layer(x)`` plus ``adapter``'s
+    branch in one call of the base backend's fused op (q4: ``lordba::q4_branch``), built in the trace,
+    where it has one for ``x`` and the adapter's call is the inference kernel as it is; else ``None``
+    (the caller runs the base layer and the branch apart). Only with gradients off: the fused op has
+    no backward, and a trainable base bias must keep its gradient."""
     if torch.is_grad_enabled() or _hooked(base_layer, adapter):
         return None
-    if torch.compiler.is_compiling():
-        call = _fused_call(base_layer, backend, adapter, x)
-    else:
-        key = (adapter, base_layer, x.dtype, x.device, kernels.get_mode(), _EPOCH[0], _OPTIMIZER_STEPS[0])
-        call = _kept(kept, key, _fused_call, base_layer, backend, adapter, x)
-    if call is None:
-        return None
-    fused, tensors, scaling, limit = call
-    return fused(x, tensors, scaling, limit)
-
-
-def _fused_call(base_layer: nn.Module, backend: BaseBackend, adapter: AdapterBase, x: torch.Tensor) -> tuple | None:
-    fused = backend.fused_branch(base_layer, x)
-    if fused is None or kernels.cpu_branch_op(x, x) is None:  # the base output has x's dtype
-        return None
-    if torch.compiler.is_compiling():
-        found = adapter._traced_call(x.dtype)
-    elif adapter._routed_as_stored:
-        found = adapter._routed(False, (kernels.get_mode(), x.dtype))
-    else:
-        found = None
-    return None if found is None else (fused, *found)
+    found = adapter._traced_call(x.dtype) if kernels.cpu_branch_op(x, x) is not None else None
+    fused = None if found is None else backend.fused_branch(base_layer, x, *found)
+    return None if fused is None else fused(x)
 
 
 def routed_branches(

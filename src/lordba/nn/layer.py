@@ -17,7 +17,7 @@ from lordba.errors import AdapterStateError, ShapeMismatchError
 from lordba.kernels import preload
 from lordba.nn.adapter import LoRDBAAdapter
 from lordba.nn.adapter_base import touch
-from lordba.nn.fastpath import direct_branch, fused_direct, routed_branches
+from lordba.nn.fastpath import decode_call, direct_branch, fused_direct, routed_branches
 from lordba.nn.routing import BASE_ROW, ROUTING, Routing, RoutingGate, current_routing, route_index
 from lordba.quant import BaseBackend, resolve_backend
 
@@ -45,7 +45,11 @@ class LoRDBALinear(nn.Module):
         self.gate = RoutingGate()  # its own; the model's shared one once installed in a LoRDBAModel
         self._prepared: dict = {}  # mixed-batch kernel arguments per batch composition (routed_branches)
         self._direct: list = []  # the one active adapter's kernel arguments (direct_branch)
-        self._fused: list = []  # the same for the base layer's fused call (fused_direct)
+        self._decode: list = []  # the whole forward as one kept call (decode_call)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        touch()  # active or disabled adapters, a base layer replaced (merge): kept calls are rebuilt
+        super().__setattr__(name, value)
 
     def get_base_layer(self) -> nn.Module:
         """The wrapped base layer (PEFT's contract)."""
@@ -84,6 +88,7 @@ class LoRDBALinear(nn.Module):
             del self.lordba_adapters[name]
             self._prepared.clear()  # frees the removed adapter's tensors now
             self._direct.clear()
+            self._decode.clear()
             touch()
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
@@ -176,6 +181,10 @@ class LoRDBALinear(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer's output plus the active (or routed) adapters' branches, per the call's :class:`Routing`."""
         routing = current_routing(self.gate)
+        if not args and not kwargs:  # decode: the kept call (the base and the branch in one op where fused)
+            call = decode_call(self, routing, x)
+            if call is not None:
+                return call(x)
         if routing is None:
             disabled, names, active = self.disable_adapters, None, self.active_adapters
         else:
@@ -183,8 +192,8 @@ class LoRDBALinear(nn.Module):
             active = routing.active if routing.active is not None else self.active_adapters
         adapters, merged = self.lordba_adapters, self.merged_adapters
         one = None if disabled or names is not None or len(active) != 1 or merged else adapters._modules.get(active[0])
-        if one is not None and not args and not kwargs:  # decode: the base and the branch in one kernel call
-            out = fused_direct(self.base_layer, self.backend, one, x, self._fused)
+        if one is not None and not args and not kwargs and torch.compiler.is_compiling():  # one op, traced
+            out = fused_direct(self.base_layer, self.backend, one, x)
             if out is not None:
                 return out
         result = self.base_layer(x, *args, **kwargs)

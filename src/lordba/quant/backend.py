@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+from lordba.kernels import cpu_available
 
 
 class BaseBackend:
@@ -55,11 +58,13 @@ class BaseBackend:
         (``{"backend", "bits", "group_size"}``), or ``None`` for an unquantized layer."""
         return None
 
-    def fused_branch(self, module: nn.Module, x: torch.Tensor) -> Any | None:
-        """A callable ``f(x, tensors, scaling, sign_max_tokens)`` computing ``module(x)`` plus one
-        packed adapter branch (``tensors``: its ``(sign_A, sign_B, b, m, a)`` as the CPU op takes them)
-        in one kernel call, bit for bit the two calls' result; ``None`` (the default) where this
-        backend has no such op for ``x``."""
+    def fused_branch(
+        self, module: nn.Module, x: torch.Tensor, tensors: tuple, scaling: float, limit: int
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A callable ``f(x)`` computing ``module(x)`` plus one packed adapter branch (``tensors``: its
+        ``(sign_A, sign_B, b, m, a)`` as the CPU op takes them; ``scaling``; ``limit``: its dispatch
+        limit, ``sign_max_tokens``) in one kernel call, bit for bit the two calls' result; ``None`` (the
+        default) where this backend has no such op for ``x``. Decode keeps it between tokens."""
         return None
 
 
@@ -86,6 +91,26 @@ class PlainLinear(BaseBackend):
 
     def bits_per_weight(self, module: nn.Module) -> float:
         return 8.0 * module.weight.element_size()
+
+    def fused_branch(
+        self, module: nn.Module, x: torch.Tensor, tensors: tuple, scaling: float, limit: int
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``lordba::linear_branch`` (``at::linear`` and the branch added into its output: one op call per
+        layer and token, bit for bit the two calls) for an ``nn.Linear`` itself (a subclass may compute
+        otherwise) on the CPU, with ``x`` of its weight's dtype; weight and bias read where they are held
+        on every call (in-place merges, ``.to()``)."""
+        params = module._parameters
+        weight = params.get("weight")
+        if type(module) is not nn.Linear or weight is None or not (x.is_cpu and weight.is_cpu):
+            return None
+        if x.dtype != weight.dtype or not cpu_available() or not hasattr(torch.ops.lordba, "linear_branch"):
+            return None
+        op = torch.ops.lordba.linear_branch.default
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            return op(x, params["weight"], params["bias"], *tensors, scaling, limit)
+
+        return call
 
 
 def _plain_weight(module: nn.Module) -> bool:

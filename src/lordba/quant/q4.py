@@ -10,6 +10,7 @@ requantizes (lossy, restored exactly on unmerge).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -120,13 +121,21 @@ class Q4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return q4_linear(x, self.qweight, self.scale, self.minus, self.in_features, self.bias, self.bits, *self._flags)
 
-    def forward_with_branch(self, x: torch.Tensor, tensors: tuple, scaling: float, limit: int) -> torch.Tensor:
-        """``self(x)`` plus a packed LoRDBA branch in one CPU op call (``lordba::q4_branch``; no gradient):
-        see :meth:`Q4Backend.fused_branch`."""
-        return torch.ops.lordba.q4_branch(
-            x, self.qweight, self.scale, self.minus, self.in_features, GEMM_MIN_TOKENS, self.bits, *self._flags,
-            self.bias, *tensors, scaling, limit,
-        )  # fmt: skip
+    def forward_with_branch(self, tensors: tuple, scaling: float, limit: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A callable ``f(x)``: ``self(x)`` plus the packed LoRDBA branch of ``tensors`` (its ``(sign_A, sign_B,
+        b, m, a)``), ``scaling`` and ``limit`` (its dispatch limit) in one CPU op call (``lordba::q4_branch``;
+        no gradient): see :meth:`Q4Backend.fused_branch`. The layer's tensors, ``compute`` and bias are read
+        where they are held on every call (in-place changes, ``.to()``, a new ``compute`` are seen)."""
+        op, buffers, params = torch.ops.lordba.q4_branch.default, self._buffers, self._parameters
+        in_features, bits = self.in_features, self.bits
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            return op(
+                x, buffers["qweight"], buffers["scale"], buffers["minus"], in_features, GEMM_MIN_TOKENS, bits,
+                *self._flags, params.get("bias"), *tensors, scaling, limit,
+            )  # fmt: skip
+
+        return call
 
     def extra_repr(self) -> str:
         return (
@@ -182,10 +191,12 @@ class Q4Backend(BaseBackend):
     def describe(self, module: nn.Module) -> dict[str, Any] | None:
         return {"backend": "q4", "bits": int(module.bits), "group_size": int(module.group_size)}
 
-    def fused_branch(self, module: nn.Module, x: torch.Tensor) -> Any | None:
+    def fused_branch(
+        self, module: nn.Module, x: torch.Tensor, tensors: tuple, scaling: float, limit: int
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """:meth:`Q4Linear.forward_with_branch` where the compiled CPU op runs ``x``: decode calls ~210
         adapted layers per token, and one op call per layer instead of two took SmolLM2-135M + LoRDBA's
         ahead-of-time compiled step from 10.53 to 10.30 ms (1 thread; docs/kernels.md)."""
         if not cpu_op_runs(x) or not hasattr(torch.ops.lordba, "q4_branch"):
             return None
-        return module.forward_with_branch
+        return module.forward_with_branch(tensors, scaling, limit)

@@ -149,3 +149,34 @@ def test_bad_arguments_are_refused():
         torch.ops.lordba.branch(x, sa, sb, b.double(), m, a, 1.0, SIGN, None)
     with pytest.raises(RuntimeError, match="base must have"):
         torch.ops.lordba.branch(x, sa, sb, b, m, a, 1.0, SIGN, torch.zeros(2, 9))
+
+
+@pytest.mark.parametrize("limit", [SIGN, UNPACK])
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_branch_is_the_linear_layer_then_the_branch_bit_for_bit(limit, tokens, bias, dtype):
+    """``lordba::linear_branch`` (a dense layer and its adapter in one call, decode on an unquantized
+    base) adds the branch into ``at::linear``'s fresh output: exactly ``F.linear`` then ``branch`` with it
+    as the base, on both branch paths."""
+    x, lat_A, lat_B, b, m, a = case(7, (2, tokens), 40, 24, 8, dtype)
+    g = torch.Generator().manual_seed(8)
+    weight = torch.randn(24, 40, generator=g).to(dtype)
+    bias_t = torch.randn(24, generator=g).to(dtype) if bias else None
+    sa, sb = pack_signs(lat_A), pack_signs(lat_B)
+    got = torch.ops.lordba.linear_branch(x, weight, bias_t, sa, sb, b, m, a, 0.5, limit)
+    base = torch.nn.functional.linear(x, weight, bias_t)
+    assert got.dtype == dtype and got.shape == base.shape
+    assert torch.equal(got, torch.ops.lordba.branch(x, sa, sb, b, m, a, 0.5, limit, base))
+
+
+def test_linear_branch_refuses_an_input_of_another_width():
+    x, lat_A, lat_B, b, m, a = case(9, (1, 1), 40, 24, 8)
+    with pytest.raises(RuntimeError, match="x's last dimension must be the weight's in_features"):
+        torch.ops.lordba.linear_branch(
+            x, torch.randn(24, 41), None, pack_signs(lat_A), pack_signs(lat_B), b, m, a, 1.0, SIGN
+        )
+    with pytest.raises(RuntimeError, match="scale vectors"):  # the branch's own checks
+        torch.ops.lordba.linear_branch(
+            x, torch.randn(24, 40), None, pack_signs(lat_A), pack_signs(lat_B), b, m, a[:5], 1.0, SIGN
+        )

@@ -28,8 +28,6 @@
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/mm.h>
-#include <ATen/core/grad_mode.h>
-#include <c10/core/InferenceMode.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -800,10 +798,9 @@ at::Tensor branch_rows(const at::Tensor& x, const at::Tensor& index, at::TensorL
     groups.push_back({k, sign_A[k].contiguous(), sign_B[k].contiguous(), b[k].contiguous(), m[k].contiguous(),
                       a[k].contiguous()});
   }
-  // The unpack path, exactly as `branch` runs it on the adapter's rows. With several adapters and
-  // threads, one parallel region over the adapters (each adapter's call then runs on one thread)
-  // instead of a parallel region per adapter and step: small parallel regions one after another
-  // cost more in waiting than they compute when the cores are shared.
+  // The unpack path, exactly as `branch` runs it on the adapter's rows, one adapter after the other
+  // (its GEMMs use every thread, as the adapter's own call does: a GEMM run on one thread inside a
+  // parallel region over the adapters is blocked differently by the BLAS and differs in the last bits).
   auto unpack_one = [&](int64_t k) {
     const auto& group = rows[static_cast<size_t>(k)];
     std::vector<int64_t> tokens;
@@ -815,17 +812,7 @@ at::Tensor branch_rows(const at::Tensor& x, const at::Tensor& index, at::TensorL
                                  sign_max_tokens[k], base2.index_select(0, ti));
     y.index_copy_(0, ti, yk);  // rows of this adapter only
   };
-  const int64_t nu = static_cast<int64_t>(unpacked.size());
-  if (nu > 1 && at::get_num_threads() > 1) {
-    const bool inference = c10::InferenceMode::is_enabled();  // thread-local: the workers need it too
-    at::parallel_for(0, nu, 1, [&](int64_t u0, int64_t u1) {
-      c10::InferenceMode mode(inference);
-      at::NoGradGuard no_grad;
-      for (int64_t u = u0; u < u1; ++u) unpack_one(unpacked[static_cast<size_t>(u)]);
-    });
-  } else {
-    for (int64_t k : unpacked) unpack_one(k);
-  }
+  for (int64_t k : unpacked) unpack_one(k);
   // Each group writes its own rows of y: groups run independently, each exactly as alone.
   auto run = [&](const Group& g) {
     thread_local std::vector<float> bbuf, mbuf, abuf;
