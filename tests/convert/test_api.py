@@ -184,3 +184,40 @@ def test_budget_fitting_bisects_to_a_file_that_fits():
         file_bytes = _file_bytes(dims, alloc.ranks, "int8")
         assert file_bytes <= uniform.file_bytes < file_bytes + 2048  # fits, and uses nearly all of it
     assert _fitting(curves, 10**6, 1000, dims, "int8") is None
+
+
+def test_budget_allocation_with_calibration_minimises_the_output_error(tmp_path):
+    """With calibration the ranks go where the output error is: a layer whose inputs are 100 times
+    larger gets at least the rank the ΔW objective gives it, and the allocation's output error on the
+    calibration moments (recomputed here from the stored adapter) is no larger than the uniform rank's."""
+    torch = pytest.importorskip("torch")
+    model, path = peft_adapter(tmp_path, r=8, lora_alpha=16)
+    lora = read_lora(path)
+    paths = sorted(lora.layers)
+    g = torch.Generator().manual_seed(0)
+    moments = {p: torch.rand(lora.layers[p].in_features, generator=g) + 0.5 for p in paths}
+    loud = paths[0]
+    moments[loud] = moments[loud] * 1e4  # inputs 100x larger
+    kw = {"target_bpw": 12.0, "rank_candidates": (1, 2, 4, 8), "progress": False}
+    plain_state, plain = convert_lora(path, **kw)
+    state, report = convert_lora(path, calibration=moments, **kw)
+    alloc = report.allocation
+    assert alloc["objective"] == "output error on the calibration inputs"
+    assert plain.allocation["objective"] == "ΔW error"
+    assert state.config.rank_for(loud) >= plain_state.config.rank_for(loud)
+    lm = LoRDBAModel(model.get_base_model().__class__(model.get_base_model().config))
+    lm.load_adapter_state(state, "default")
+
+    def output_error2(adapters):
+        return sum(
+            float(
+                ((adapters[p].delta_weight().double() - lora_delta(lora, p)) * moments[p].double().sqrt()).norm() ** 2
+            )
+            for p in paths
+        )
+
+    norm2 = sum(float((lora_delta(lora, p) * moments[p].double().sqrt()).norm() ** 2) for p in paths)
+    assert alloc["total_rel_error"] == pytest.approx(
+        (output_error2(lm.adapter_modules("default")) / norm2) ** 0.5, rel=1e-4
+    )
+    assert alloc["total_rel_error"] <= alloc["uniform_total_rel_error"] + 1e-12

@@ -33,7 +33,7 @@ import torch
 
 from lordba._util.tables import markdown_table, print_table
 from lordba.config import LoRDBAConfig
-from lordba.convert import convert_lora, read_lora
+from lordba.convert import collect_input_moments, convert_lora, read_lora
 from lordba.format.atomic import atomic_write_bytes
 from lordba.format.sizes import size_report
 from lordba.nn.model import LoRDBAModel
@@ -48,6 +48,15 @@ LORDBA_PTQ_FP16 = "LoRDBA ptq (float16 scales)"
 LORA, LORA_SMALL = "fp16 LoRA", "fp16 LoRA (trained at matched bytes)"
 LORDBA_SCALES = "LoRDBA scales-only"
 LORDBA_ALLOCATED = "LoRDBA ptq (allocated ranks)"
+LORDBA_CALIBRATED = "LoRDBA ptq (calibrated)"
+LORDBA_ALLOCATED_CAL = "LoRDBA ptq (allocated ranks, calibrated)"
+# the variants judged against the uniform ptq rank at the same file size (allocation_vs_uniform)
+AGAINST_UNIFORM = {
+    LORDBA_ALLOCATED: "per-layer ranks, ΔW error",
+    LORDBA_CALIBRATED: "uniform rank, activation-weighted",
+    LORDBA_ALLOCATED_CAL: "per-layer ranks, output error (activation-weighted)",
+}
+CALIBRATION_BATCHES = 8  # training batches whose inputs give the calibration moments
 
 
 @dataclass
@@ -59,6 +68,7 @@ class ReproduceSettings:
     ptq_ranks: tuple[int, ...] = (4, 8, 16, 32)  # int8 scales (the demo's scale format)
     ptq_fp16_ranks: tuple[int, ...] = (8, 16)  # the scale-dtype axis of the sweep
     allocated_at: tuple[int, ...] = (8, 16)  # per-layer ranks at the file size of these uniform ptq ranks
+    calibrated_at: tuple[int, ...] = (8, 16)  # activation-weighted: uniform, and allocated at the same size
     allocation_candidates: tuple[int, ...] = (4, 8, 16, 32)  # each candidate rank is one full conversion
     qat_ranks: tuple[int, ...] = (16,)  # each QAT point costs a full training per seed
     scales_ranks: tuple[int, ...] = (16,)  # scales-only on the int8 ptq signs, demo.scales_steps steps
@@ -73,6 +83,7 @@ QUICK = ReproduceSettings(
     ptq_ranks=(4, 16),
     ptq_fp16_ranks=(16,),
     allocated_at=(4,),
+    calibrated_at=(4,),
     allocation_candidates=(2, 4, 8),
     qat_ranks=(16,),
     scales_ranks=(4,),
@@ -120,6 +131,8 @@ def _one_seed(demo: Demo, settings: ReproduceSettings, seed: int) -> tuple[list[
             point(family, label, nbytes, peft_model)
 
     lora = read_lora(peft_model)
+    batches = [demo.batcher.batch(k) for k in range(CALIBRATION_BATCHES)]
+    calibration = collect_input_moments(peft_model, batches, list(lora.layers)) if settings.calibrated_at else None
     demo.model = peft_model.unload()
     for k in settings.lora_small_ranks:  # on the bare base again (PEFT injects into demo.model)
         small, _, _ = _train_lora(demo, k, f"seed {seed}: fp16 LoRA r={k}")
@@ -130,29 +143,28 @@ def _one_seed(demo: Demo, settings: ReproduceSettings, seed: int) -> tuple[list[
     ptq = [(LORDBA_PTQ, r, s.scale_dtype) for r in settings.ptq_ranks]
     ptq += [(LORDBA_PTQ_FP16, r, "float16") for r in settings.ptq_fp16_ranks]
     ptq += [(LORDBA_ALLOCATED, r, s.scale_dtype) for r in settings.allocated_at]
+    ptq += [(f, r, s.scale_dtype) for r in settings.calibrated_at for f in (LORDBA_CALIBRATED, LORDBA_ALLOCATED_CAL)]
     lora_params = sum(x.r * (x.in_features + x.out_features) for x in lora.layers.values())
     for family, r, scale_dtype in ptq:
         config = dataclasses.replace(_config(demo, "ptq", r), scale_dtype=scale_dtype)
-        allocated = family == LORDBA_ALLOCATED
+        allocated = family in (LORDBA_ALLOCATED, LORDBA_ALLOCATED_CAL)
+        kw: dict[str, object] = (
+            {"calibration": calibration} if family in (LORDBA_CALIBRATED, LORDBA_ALLOCATED_CAL) else {}
+        )
         if allocated:  # the uniform rank r's file size, in bits per LoRA parameter
             dims = {p: (x.in_features, x.out_features, r) for p, x in lora.layers.items()}
             uniform_bytes = size_report(dims, scale_dtype).file_bytes
-            state, report = convert_lora(
-                lora,
-                config,
-                target_bpw=8 * uniform_bytes / lora_params,
-                progress=False,
-                rank_candidates=settings.allocation_candidates,
-            )
-        else:
-            state, report = convert_lora(lora, config, progress=False)
+            kw.update(target_bpw=8 * uniform_bytes / lora_params, rank_candidates=settings.allocation_candidates)
+        state, report = convert_lora(lora, config, progress=False, **kw)
         lm = LoRDBAModel(demo.model)
         lm.load_adapter_state(state, "default")
         lm.set_adapter("default")
         size = lm.size_report()
         extra: dict[str, object] = {"file_bytes": size.file_bytes}
+        if family in AGAINST_UNIFORM:
+            extra["at_rank"] = r
         if allocated:
-            extra.update(at_rank=r, rank_histogram=report.allocation["rank_histogram"])
+            extra["rank_histogram"] = report.allocation["rank_histogram"]
         label = f"at r={r}'s size" if allocated else f"r={r}"
         point(family, label, size.payload_bytes, lm, rel_error=report.total_rel_error, **extra)
         if family == LORDBA_PTQ and r in settings.scales_ranks:
@@ -205,23 +217,25 @@ def summarize(points: list[dict]) -> list[dict]:
 
 
 def allocation_vs_uniform(points: list[dict]) -> list[dict]:
-    """Per uniform rank ``r`` of the allocated series: the allocated conversion (per-layer ranks at r's
-    file size) against the uniform one, paired by seed — held-out loss and exact match (allocated minus
-    uniform: negative loss is better), file bytes of each, and in how many seeds the allocation won."""
+    """Per variant of :data:`AGAINST_UNIFORM` and uniform rank ``r``: the variant's conversion at r's file
+    size against the uniform ptq conversion at rank r, paired by seed — held-out loss and exact match
+    (variant minus uniform: negative loss is better), file bytes of each, and in how many seeds the
+    variant won."""
     by_key = {(p["seed"], p["family"], p["label"]): p for p in points}
-    pairs: dict[int, list[tuple[dict, dict]]] = {}
+    pairs: dict[tuple[str, int], list[tuple[dict, dict]]] = {}
     for p in points:
-        if p["family"] == LORDBA_ALLOCATED:
+        if p["family"] in AGAINST_UNIFORM:
             r = p["at_rank"]
             uniform = by_key.get((p["seed"], LORDBA_PTQ, f"r={r}"))
             if uniform is not None:
-                pairs.setdefault(r, []).append((p, uniform))
+                pairs.setdefault((p["family"], r), []).append((p, uniform))
+    order = list(AGAINST_UNIFORM)
     rows = []
-    for r, ps in sorted(pairs.items()):
+    for (family, r), ps in sorted(pairs.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
         d_loss = [a["eval_loss"] - u["eval_loss"] for a, u in ps]
         d_metric = [a["metric"] - u["metric"] for a, u in ps]
         rows.append({
-            "uniform_rank": r, "seeds": len(ps),
+            "family": family, "variant": AGAINST_UNIFORM[family], "uniform_rank": r, "seeds": len(ps),
             "uniform_file_bytes": ps[0][1].get("file_bytes"), "allocated_file_bytes": ps[0][0].get("file_bytes"),
             "uniform_loss_mean": statistics.fmean(u["eval_loss"] for _, u in ps),
             "allocated_loss_mean": statistics.fmean(a["eval_loss"] for a, _ in ps),
@@ -378,24 +392,25 @@ def _write_tables(out: Path, settings: ReproduceSettings, summary: list[dict], r
 
 
 def _allocation_table(rows: list[dict]) -> list[str]:
-    """The allocated-vs-uniform comparison as markdown lines (none without allocated points)."""
+    """The variants-against-uniform comparison as markdown lines (none without such points)."""
     if not rows:
         return []
-    columns = ["uniform r", "file bytes (uniform / allocated)", "ΔW rel. error (uniform / allocated)",
-               "held-out loss (uniform / allocated)", "loss: allocated − uniform (mean ± std)",
-               "exact match: allocated − uniform", "seeds allocation wins", "allocated ranks"]  # fmt: skip
+    columns = ["uniform r", "variant", "file bytes (uniform / variant)", "ΔW rel. error (uniform / variant)",
+               "held-out loss (uniform / variant)", "loss: variant − uniform (mean ± std)",
+               "exact match: variant − uniform", "seeds variant wins", "ranks"]  # fmt: skip
     table = [
-        [r["uniform_rank"], f"{r['uniform_file_bytes']:,} / {r['allocated_file_bytes']:,}",
+        [r["uniform_rank"], r["variant"], f"{r['uniform_file_bytes']:,} / {r['allocated_file_bytes']:,}",
          f"{r['uniform_rel_error']:.4f} / {r['allocated_rel_error']:.4f}",
          f"{r['uniform_loss_mean']:.4f} / {r['allocated_loss_mean']:.4f}",
          f"{r['loss_diff_mean']:+.4f} ± {r['loss_diff_std']:.4f}", f"{r['metric_diff_mean']:+.3f}",
-         f"{r['allocated_wins']} / {r['seeds']}", r["rank_histogram"]]
+         f"{r['allocated_wins']} / {r['seeds']}", r["rank_histogram"] or "uniform"]
         for r in rows
     ]  # fmt: skip
     return [
-        "\n## Per-layer ranks (`target_bpw`) against the uniform rank at the same file size\n",
-        "The allocation minimises the summed ΔW error at a byte budget; judged here on held-out loss, paired "
-        "by seed (same trained LoRA, same held-out set).\n",
+        "\n## Conversion variants against the uniform rank at the same file size\n",
+        "Per-layer ranks (`target_bpw`: ΔW error, or with calibration the output error on the layers' "
+        f"inputs, E[x²] over {CALIBRATION_BATCHES} training batches) and the activation-weighted solver at a uniform "
+        "rank, judged on held-out loss, paired by seed (same trained LoRA, same held-out set).\n",
         markdown_table(columns, table),
         "",
     ]

@@ -64,11 +64,14 @@ def convert_at_budget(
     finally:
         if bar is not None:
             bar.close()
+    norms = _output_norms(lora, calibration)
     curves = {
-        p: {r: (payload_bytes(i, o, r, dtype), (results[r][1][p]["rel_error"] * results[r][1][p]["delta_norm"]) ** 2)
-            for r in ranks}
+        p: {
+            r: (payload_bytes(i, o, r, dtype), _squared_error(results[r][1][p], None if norms is None else norms[p]))
+            for r in ranks
+        }
         for p, (i, o) in dims.items()
-    }  # fmt: skip
+    }
     uniform = Allocation(
         dict.fromkeys(dims, r_uniform),
         sum(curves[p][r_uniform][0] for p in dims),
@@ -83,7 +86,7 @@ def convert_at_budget(
     )
     records = {p: results[r][0][p] for p, r in alloc.ranks.items()}
     stats = {p: results[r][1][p] for p, r in alloc.ranks.items()}
-    norm2 = sum(s["delta_norm"] ** 2 for s in stats.values()) or 1.0
+    norm2 = sum((s["delta_norm"] if norms is None else norms[p]) ** 2 for p, s in stats.items()) or 1.0
     file_bytes = _file_bytes(dims, alloc.ranks, dtype)
     uniform_file = _file_bytes(dims, uniform.ranks, dtype)
     summary = {
@@ -95,6 +98,7 @@ def convert_at_budget(
         "payload_bytes": alloc.payload_bytes,
         "file_bytes": file_bytes,
         "bpw_lora": 8 * file_bytes / lora_params,
+        "objective": "ΔW error" if norms is None else "output error on the calibration inputs",
         "total_rel_error": math.sqrt(alloc.squared_error / norm2),
         "uniform_rank": r_uniform,
         "uniform_file_bytes": uniform_file,
@@ -103,6 +107,28 @@ def convert_at_budget(
         "curves": {p: {str(r): results[r][1][p]["rel_error"] for r in ranks} for p in sorted(dims)},
     }
     return final, records, stats, summary
+
+
+def _output_norms(lora: LoraAdapter, calibration: dict[str, torch.Tensor] | None) -> dict[str, float] | None:
+    """``{path: ‖ΔW diag(√E[x²])‖_F}``: each layer's update in the units of its output on the
+    calibration inputs (``None`` without calibration)."""
+    if calibration is None:
+        return None
+    norms = {}
+    for path, layer in lora.layers.items():
+        delta = layer.scaling * (layer.B.double() @ layer.A.double())
+        norms[path] = float((delta * calibration[path].double().clamp(min=0).sqrt()).norm())
+    return norms
+
+
+def _squared_error(stats: dict[str, Any], output_norm: float | None) -> float:
+    """What the allocation minimises for one layer at one rank: the squared error of its update (ΔW,
+    Frobenius), or with calibration of its output on the calibration inputs (the error the
+    activation-weighted solver minimised, ``‖(ΔW − ΔŴ) diag(√E[x²])‖²``: a layer whose inputs are
+    large counts for more)."""
+    if output_norm is None:
+        return (stats["rel_error"] * stats["delta_norm"]) ** 2
+    return (stats["rel_error_weighted"] * output_norm) ** 2
 
 
 def _file_bytes(dims: dict[str, tuple[int, int]], ranks: dict[str, int], dtype: str) -> int:

@@ -133,8 +133,8 @@ class ConversionReport:
             a = self.allocation
             rows += [
                 ["budget: target BPW (LoRA basis)", a["target_bpw"]],
-                ["budget: allocated ranks, total rel error", a["total_rel_error"]],
-                [f"budget: uniform rank {a['uniform_rank']}, total rel error", a["uniform_total_rel_error"]],
+                [f"budget: allocated ranks, total rel. {a.get('objective', 'ΔW error')}", a["total_rel_error"]],
+                [f"budget: uniform rank {a['uniform_rank']}, same", a["uniform_total_rel_error"]],
             ]
         if self.seconds is not None:
             rows.append(["seconds", self.seconds])

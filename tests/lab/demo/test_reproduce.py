@@ -5,7 +5,15 @@ import json
 import pytest
 
 from lordba.cli import main
-from lordba_lab.demo.reproduce import LORDBA_ALLOCATED, LORDBA_PTQ, allocation_vs_uniform, spearman, summarize
+from lordba_lab.demo.reproduce import (
+    LORDBA_ALLOCATED,
+    LORDBA_ALLOCATED_CAL,
+    LORDBA_CALIBRATED,
+    LORDBA_PTQ,
+    allocation_vs_uniform,
+    spearman,
+    summarize,
+)
 
 
 def test_quick_reproduce_writes_the_sweep(tmp_path):
@@ -25,9 +33,18 @@ def test_quick_reproduce_writes_the_sweep(tmp_path):
     assert ptq["r=4"]["bytes"] < ptq["r=16"]["bytes"] and ptq["r=16"]["bpw"] < 2.0
     assert len(res["conversion_layers"]) == 30 * len(seeds)  # q_proj of 30 layers, r=16, each seed
     assert -1.0 <= res["rmr_error_spearman"] <= 1.0
-    (alloc,) = res["allocation_vs_uniform"]  # per-layer ranks at uniform r=4's file size, paired per seed
-    assert alloc["uniform_rank"] == 4 and alloc["seeds"] == len(seeds)
-    assert alloc["allocated_file_bytes"] <= alloc["uniform_file_bytes"]
+    alloc, calibrated, alloc_cal = res["allocation_vs_uniform"]  # at uniform r=4's file size, paired per seed
+    assert [r["family"] for r in (alloc, calibrated, alloc_cal)] == [
+        LORDBA_ALLOCATED,
+        LORDBA_CALIBRATED,
+        LORDBA_ALLOCATED_CAL,
+    ]
+    for row in (alloc, calibrated, alloc_cal):
+        assert row["uniform_rank"] == 4 and row["seeds"] == len(seeds)
+        assert row["allocated_file_bytes"] <= row["uniform_file_bytes"]
+    assert (
+        calibrated["allocated_file_bytes"] == calibrated["uniform_file_bytes"] and calibrated["rank_histogram"] is None
+    )
     assert alloc["allocated_rel_error"] <= alloc["uniform_rel_error"] + 1e-9  # it minimises ΔW error
     assert sorted(p.name for p in (out / "seeds").iterdir()) == ["seed0.json", "seed1.json"]  # for --resume
     md = (out / "reproduce.md").read_text()
@@ -73,6 +90,7 @@ def test_allocation_is_paired_with_the_uniform_rank_of_the_same_seed():
            pt(0, LORDBA_PTQ, "r=16", 0.5, 0.5, 0.3)]  # fmt: skip
     (row,) = allocation_vs_uniform(pts)
     assert row["uniform_rank"] == 8 and row["seeds"] == 2 and row["allocated_wins"] == 1
+    assert row["family"] == LORDBA_ALLOCATED and row["variant"] == "per-layer ranks, ΔW error"
     assert row["loss_diff_mean"] == pytest.approx(0.0) and row["loss_diff_std"] == pytest.approx(0.1414, abs=1e-4)
     assert row["metric_diff_mean"] == pytest.approx(0.0)
 
