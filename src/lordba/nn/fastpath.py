@@ -40,11 +40,16 @@ def direct_branch(adapter: AdapterBase, x: torch.Tensor, base: torch.Tensor, kep
 
 
 def _kept(kept: list, key: tuple, build: Callable[..., tuple | None], *args: object) -> tuple | None:
-    """The call kept in the one-entry cache ``kept`` for ``key``, rebuilt by ``build(*args)`` when the
-    key changed (an adapter, dtype, device, kernel mode, or any adapter's epoch or optimizer step)."""
-    if not kept or kept[0] != key:
-        kept[:] = [key, build(*args)]
-    return kept[1]
+    """The call kept in the one-entry cache ``kept`` (``[key, call]``) for ``key``, rebuilt by
+    ``build(*args)`` when the key changed (an adapter, dtype, device, kernel mode, or any adapter's epoch
+    or optimizer step). Key and call are read together and replaced together (each one list operation
+    under the GIL), so a thread never pairs one call's key with another's call."""
+    found = kept[:]
+    if found and found[0] == key:
+        return found[1]
+    call = build(*args)
+    kept[:] = [key, call]
+    return call
 
 
 def _hooked(*modules: nn.Module) -> bool:
@@ -78,10 +83,7 @@ def decode_call(layer: nn.Module, routing: object, x: torch.Tensor) -> Callable[
     if _global_forward_hooks or _global_forward_pre_hooks or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
     key = (routing, x.dtype, x.is_cpu, kernels.get_mode(), _EPOCH[0], _OPTIMIZER_STEPS[0])  # only CPU has calls
-    kept = layer._decode
-    if not kept or kept[0] != key:
-        kept[:] = [key, _decode_entry(layer, routing, x)]
-    entry = kept[1]
+    entry = _kept(layer._decode, key, _decode_entry, layer, routing, x)
     if entry is None or layer.merged_adapters:
         return None
     call, base_hooks, base_pre, hooks, pre = entry
