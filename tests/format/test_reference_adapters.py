@@ -34,6 +34,25 @@ def _without_digest(path: Path) -> tuple[bytes, str | None]:
     return to_bytes(tensors, metadata), digest
 
 
+def _assert_equal_but_training_rounding(new: Path, old: Path) -> None:
+    """The trained recipe's file against the committed one where the bytes differ: a few training
+    steps' float arithmetic runs through the CPU's BLAS, whose last bits differ between CPUs (the
+    committed file was written on an AMD EPYC; an Intel Xeon's float32 scales differ by ~1 ulp). Same
+    metadata, tensor names, dtypes and shapes; packed signs and integer codes equal; float tensors
+    within float32 rounding."""
+    with safe_open(str(new), framework="pt") as a, safe_open(str(old), framework="pt") as b:
+        meta_a, meta_b = dict(a.metadata()), dict(b.metadata())
+        meta_a.pop(CONFIG_DIGEST_KEY, None)
+        assert meta_a == meta_b and sorted(a.keys()) == sorted(b.keys()), new
+        for key in a.keys():
+            x, y = a.get_tensor(key), b.get_tensor(key)
+            assert x.dtype == y.dtype and x.shape == y.shape, key
+            if x.is_floating_point():
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7, msg=key)
+            else:
+                assert torch.equal(x, y), key
+
+
 def test_the_same_recipe_writes_the_same_files_plus_the_config_digest(tmp_path, monkeypatch):
     import lordba.format.adapter
     from fixtures.make_reference_adapters import main
@@ -46,7 +65,10 @@ def test_the_same_recipe_writes_the_same_files_plus_the_config_digest(tmp_path, 
     for name in sorted(adapters):
         if name.endswith("lordba_model.safetensors"):
             weights, digest = _without_digest(tmp_path / name)
-            assert weights == committed[name], name
+            if weights != committed[name] and name.startswith("trained/"):
+                _assert_equal_but_training_rounding(tmp_path / name, REFERENCE / name)
+            else:
+                assert weights == committed[name], name
             config = json.loads(committed[name.replace("lordba_model.safetensors", "adapter_config.json")])
             assert digest == config_digest(config), name
         elif name.endswith("adapter_config.json") and "-lora" not in name:

@@ -10,10 +10,11 @@ starting) cancels out instead of widening the spread.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 
@@ -87,3 +88,19 @@ def load() -> tuple[float, float, float]:
         return os.getloadavg()
     except OSError:  # pragma: no cover - not on every platform
         return (float("nan"),) * 3
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the block (unchanged for ``None`` / 0) and restored
+    after it: a suite run in a process that goes on (a test, a notebook) leaves its thread count as it
+    found it (BLAS results can differ in the last bits between thread counts)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -43,7 +43,7 @@ import torch
 from lordba_lab.bench import _e2e_models as M
 from lordba_lab.bench import _llama_cpp, hardware
 from lordba_lab.bench._e2e_report import plot, report, targets
-from lordba_lab.bench._timing import Stats, interleaved, load, paired_ratio
+from lordba_lab.bench._timing import Stats, interleaved, load, paired_ratio, torch_threads
 
 SUITE = "e2e"
 HELP = "SmolLM2 end to end: prefill and decode on fp32 / q4 / hqq bases, LoRDBA vs LoRA, beside llama.cpp"
@@ -220,11 +220,18 @@ def run(
     export ~30 s and compile ~50 s per variant, the compile once per machine).
 
     Raises :class:`~lordba.errors.ConfigError` for an unknown base."""
+    threads = threads or int(os.environ.get("LORDBA_BENCH_THREADS", "2"))
+    with torch_threads(threads):
+        return _run(Path(out_dir), quick, threads, bases, compiled, aot)
+
+
+def _run(
+    out_dir: Path, quick: bool, threads: int, bases: tuple[str, ...], compiled: tuple[str, ...], aot: tuple[str, ...]
+) -> list[Path]:
+    """:func:`run`'s measurement, with torch's threads set."""
     from lordba import kernels
     from lordba.kernels.q4 import default_compute, native_bfloat16
 
-    threads = threads or int(os.environ.get("LORDBA_BENCH_THREADS", "2"))
-    torch.set_num_threads(threads)
     kernels.cpu_available()  # build (or load) the kernels before anything is timed
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from lordba._util.tables import markdown_table, print_table
 from lordba_lab.bench import hardware
 from lordba_lab.bench._latency_model import SCALE_DTYPE
-from lordba_lab.bench._timing import interleaved, load, paired_ratio
+from lordba_lab.bench._timing import interleaved, load, paired_ratio, torch_threads
 
 SUITE = "latency"
 HELP = "adapter latency: packed LoRDBA vs fp16 LoRA vs base, branch alone and SmolLM2 end to end"
@@ -139,13 +139,17 @@ def run(out_dir: Path, quick: bool, base: str | None = None, threads: int | None
     processes use 1: with 2 threads every parallel region waits for a thread the scheduler has
     parked, and the times jump by whole time slices.
     """
-    from lordba import kernels
     from lordba.quant.quantize import DEFAULT_BACKEND
 
     base = base or os.environ.get("LORDBA_BENCH_BASE", DEFAULT_BACKEND)
-    threads = threads or int(os.environ.get("LORDBA_BENCH_THREADS", "0"))
-    if threads:
-        torch.set_num_threads(threads)
+    with torch_threads(threads or int(os.environ.get("LORDBA_BENCH_THREADS", "0"))):
+        return _run(Path(out_dir), quick, base)
+
+
+def _run(out_dir: Path, quick: bool, base: str) -> list[Path]:
+    """:func:`run`'s measurement, with torch's threads set."""
+    from lordba import kernels
+
     kernels.cpu_available()  # build (or load) the kernels before anything is timed
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
