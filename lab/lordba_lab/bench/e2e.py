@@ -233,7 +233,6 @@ def _run(
     from lordba.kernels.q4 import default_compute, native_bfloat16
 
     kernels.cpu_available()  # build (or load) the kernels before anything is timed
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompt = 64 if quick else 512
     model, tok, source = load_model()

@@ -151,7 +151,6 @@ def _run(out_dir: Path, quick: bool, base: str) -> list[Path]:
     from lordba import kernels
 
     kernels.cpu_available()  # build (or load) the kernels before anything is timed
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shapes = DEMO_SHAPES if quick else DEMO_SHAPES + LLAMA_SHAPES
     ranks, tokens = ((16,), (1, 16, 512)) if quick else (RANKS, TOKENS)

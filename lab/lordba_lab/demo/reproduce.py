@@ -281,8 +281,9 @@ def _settings_key(settings: ReproduceSettings) -> str:
 def _keep_seed(out: Path, settings: ReproduceSettings, seed: int, points: list[dict], layers: list[dict]) -> None:
     """Write one finished seed's points (atomically) so that ``resume`` can skip it."""
     record = {"settings_key": _settings_key(settings), "seed": seed, "points": points, "layers": layers}
-    _seed_file(out, seed).parent.mkdir(exist_ok=True)
-    atomic_write_bytes(_seed_file(out, seed), (json.dumps(record) + "\n").encode())
+    path = _seed_file(out, seed)
+    path.parent.mkdir(exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(record) + "\n").encode())
 
 
 def _kept_seed(out: Path, settings: ReproduceSettings, seed: int) -> tuple[list[dict], list[dict]] | None:

@@ -114,14 +114,11 @@ def _decode_entry(layer: nn.Module, routing: object, x: torch.Tensor) -> tuple |
 
         def call(x: torch.Tensor) -> torch.Tensor:
             out = base.forward(x)
-            if out.dtype in _OP_DTYPES and not out.requires_grad:
+            if kernels.cpu_branch_op(x, out) is not None:  # the op takes this base output
                 return op(x, *tensors, scaling, limit, out)
             return adapter(x, out)
 
     return call, base._forward_hooks, base._forward_pre_hooks, adapter._forward_hooks, adapter._forward_pre_hooks
-
-
-_OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the branch op's base dtypes (kernels.cpu_branch_op)
 
 
 def fused_direct(
