@@ -304,7 +304,41 @@ def test_bfloat16_prefill_joins_the_branch_to_the_gemm(tokens, bias):
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("tokens", [2, 40])  # the decode kernels, the GEMM with the branch in it
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("out", "in_f", "r", "bits"), [(48, 96, 8, 4), (200, 96, 16, 4), (37, 40, 5, 4), (40, 64, 8, 8)]
+)
+@pytest.mark.parametrize("flags", [(False, False), (True, False), (True, True)])  # exact, fast, fast-int8
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_token_q4_branch_adds_the_branch_inside_the_gemv_bit_for_bit(threads, out, in_f, r, bits, flags, bias):
+    """One float32 token: each thread adds the bias and the branch to the rows it has just computed
+    (inside the GEMV's parallel loop) — bit for bit the q4 call, the bias and the ``branch`` op, for
+    outputs that are not a multiple of the 16-row block, a rank that is not a multiple of 8, 8-bit
+    codes, every kernel, one and two threads. A bfloat16 input takes the two-call path (same result)."""
+    from lordba.core.packing import pack_signs
+
+    g = torch.Generator().manual_seed(out + r)
+    qweight, scale, minus, _ = packed(out, in_f, 32, seed=r, bits=bits)
+    s_a, s_b = torch.randint(0, 2, (r, in_f), generator=g) * 2 - 1, torch.randint(0, 2, (out, r), generator=g) * 2 - 1
+    b = torch.randint(-127, 128, (in_f,), generator=g, dtype=torch.int8)
+    m, a = torch.rand(r, generator=g) * 0.05, torch.randint(-127, 128, (out,), generator=g, dtype=torch.int8)
+    tensors = (pack_signs(s_a.float()), pack_signs(s_b.float()), b, m, a)
+    bias_t = torch.randn(out, generator=g) if bias else None
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for x in (torch.randn(1, in_f, generator=g), torch.randn(1, 1, in_f, generator=g).bfloat16()):
+            got = torch.ops.lordba.q4_branch(x, qweight, scale, minus, in_f, 16, bits, *flags, bias_t, *tensors, 0.7, 4)
+            base = q4_linear(x, qweight, scale, minus, in_f, bias_t, bits=bits, bf16=flags[0], int8_dot=flags[1])
+            want = torch.ops.lordba.branch(x, *tensors, 0.7, 4, base)
+            assert got.dtype == x.dtype and torch.equal(got, want)
+            assert not torch.equal(got, base)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("tokens", [1, 2, 40])  # the decode kernels (one token: the branch in the GEMV), the GEMM
 def test_q4_branch_refuses_an_input_or_adapter_of_another_shape(tokens):
     from lordba.core.packing import pack_signs
 

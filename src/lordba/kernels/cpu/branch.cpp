@@ -32,6 +32,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "branch.h"
+
 #include <algorithm>
 #include <type_traits>
 #include <cstdint>
@@ -296,54 +298,60 @@ inline int row_words(const uint8_t* sb, int64_t o0, int64_t rb, __m512i* words) 
   return static_cast<int>(rb / 4);
 }
 
+// Outputs 16·k0 .. 16·k1 (the last block may be short) of every token.
 template <typename out_t>
-void stage2(const uint8_t* sb, int64_t nbytes, const float* nib, int64_t T, int64_t r, int64_t rp, int64_t out,
-            const float* a, float scaling, const out_t* base, out_t* y) {
+void stage2_blocks(const uint8_t* sb, int64_t nbytes, const float* nib, int64_t T, int64_t r, int64_t rp, int64_t out,
+                   const float* a, float scaling, const out_t* base, out_t* y, int64_t k0, int64_t k1) {
   const int64_t groups = rp / 8;
   const int64_t rb = groups;
   const bool vec = r % 8 == 0 && (rb == 1 || rb == 2 || rb % 4 == 0) && rb <= 64;
-  const int64_t blocks = (out + 15) / 16;
-  const int64_t grain = std::max<int64_t>(16, 2048 / (groups * T));
-  at::parallel_for(0, blocks, grain, [=](int64_t k0, int64_t k1) {
-    std::vector<uint8_t> scratch;
-    __m512i words[16];
-    alignas(64) float tmp[16];
-    const __m512i low4 = _mm512_set1_epi32(15);
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t o0 = 16 * k;
-      if (!vec || o0 + 16 > out) {
-        for (int64_t o = o0; o < std::min(o0 + 16, out); ++o)
-          output_scalar<out_t>(sign_row(sb, o * r, groups, nbytes, scratch), o, T, groups, nib, scaling * a[o],
-                               out, base, y);
-        continue;
+  std::vector<uint8_t> scratch;
+  __m512i words[16];
+  alignas(64) float tmp[16];
+  const __m512i low4 = _mm512_set1_epi32(15);
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t o0 = 16 * k;
+    if (!vec || o0 + 16 > out) {
+      for (int64_t o = o0; o < std::min(o0 + 16, out); ++o)
+        output_scalar<out_t>(sign_row(sb, o * r, groups, nbytes, scratch), o, T, groups, nib, scaling * a[o],
+                             out, base, y);
+      continue;
+    }
+    const int nw = row_words(sb, o0, rb, words);
+    const __m512 sa = _mm512_mul_ps(_mm512_loadu_ps(a + o0), _mm512_set1_ps(scaling));
+    for (int64_t t = 0; t < T; ++t) {
+      const float* tab = nib + t * groups * 32;
+      __m512 acc = _mm512_setzero_ps();
+      for (int w = 0; w < nw; ++w) {
+        const int per = static_cast<int>(std::min<int64_t>(4, groups - 4 * w));
+        for (int p = 0; p < per; ++p) {
+          const float* gt = tab + (4 * w + p) * 32;
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(words[w], 8 * p + 4), low4);
+          const __m512i lo = _mm512_and_si512(_mm512_srli_epi32(words[w], 8 * p), low4);
+          const __m512 part = _mm512_add_ps(_mm512_permutexvar_ps(hi, _mm512_loadu_ps(gt)),
+                                            _mm512_permutexvar_ps(lo, _mm512_loadu_ps(gt + 16)));
+          acc = _mm512_add_ps(acc, part);
+        }
       }
-      const int nw = row_words(sb, o0, rb, words);
-      const __m512 sa = _mm512_mul_ps(_mm512_loadu_ps(a + o0), _mm512_set1_ps(scaling));
-      for (int64_t t = 0; t < T; ++t) {
-        const float* tab = nib + t * groups * 32;
-        __m512 acc = _mm512_setzero_ps();
-        for (int w = 0; w < nw; ++w) {
-          const int per = static_cast<int>(std::min<int64_t>(4, groups - 4 * w));
-          for (int p = 0; p < per; ++p) {
-            const float* gt = tab + (4 * w + p) * 32;
-            const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(words[w], 8 * p + 4), low4);
-            const __m512i lo = _mm512_and_si512(_mm512_srli_epi32(words[w], 8 * p), low4);
-            const __m512 part = _mm512_add_ps(_mm512_permutexvar_ps(hi, _mm512_loadu_ps(gt)),
-                                              _mm512_permutexvar_ps(lo, _mm512_loadu_ps(gt + 16)));
-            acc = _mm512_add_ps(acc, part);
-          }
-        }
-        acc = _mm512_mul_ps(sa, acc);
-        out_t* yt = y + t * out + o0;
-        if constexpr (std::is_same_v<out_t, float>) {
-          if (base != nullptr) acc = _mm512_add_ps(acc, _mm512_loadu_ps(base + t * out + o0));
-          _mm512_storeu_ps(yt, acc);
-        } else {
-          _mm512_store_ps(tmp, acc);
-          for (int q = 0; q < 16; ++q) store_output<out_t>(tmp[q], base, y, t * out + o0 + q);
-        }
+      acc = _mm512_mul_ps(sa, acc);
+      out_t* yt = y + t * out + o0;
+      if constexpr (std::is_same_v<out_t, float>) {
+        if (base != nullptr) acc = _mm512_add_ps(acc, _mm512_loadu_ps(base + t * out + o0));
+        _mm512_storeu_ps(yt, acc);
+      } else {
+        _mm512_store_ps(tmp, acc);
+        for (int q = 0; q < 16; ++q) store_output<out_t>(tmp[q], base, y, t * out + o0 + q);
       }
     }
+  }
+}
+
+template <typename out_t>
+void stage2(const uint8_t* sb, int64_t nbytes, const float* nib, int64_t T, int64_t r, int64_t rp, int64_t out,
+            const float* a, float scaling, const out_t* base, out_t* y) {
+  const int64_t grain = std::max<int64_t>(16, 2048 / (rp / 8 * T));
+  at::parallel_for(0, (out + 15) / 16, grain, [=](int64_t k0, int64_t k1) {
+    stage2_blocks<out_t>(sb, nbytes, nib, T, r, rp, out, a, scaling, base, y, k0, k1);
   });
 }
 #else
@@ -404,10 +412,11 @@ void scale_reversed(const x_t* __restrict x, const float* __restrict b, int64_t 
   for (; i < in; ++i) z[(i & ~int64_t{7}) + 7 - (i & 7)] = static_cast<float>(x[i]) * b[i];
 }
 
-template <typename x_t, typename out_t>
-void sign_path(const x_t* x, int64_t T, int64_t in, const uint8_t* sa, int64_t nbytes_a, const uint8_t* sb,
-               int64_t nbytes_b, const float* b, const float* m, const float* a, int64_t r, int64_t out,
-               float scaling, const out_t* base, out_t* y) {
+// Stage 1 and the lookup tables of the sign path: the nibble tables (build_nibbles') of T tokens, in
+// this thread's buffer (valid until its next call).
+template <typename x_t>
+const float* sign_tables(const x_t* x, int64_t T, int64_t in, const uint8_t* sa, int64_t nbytes_a, const float* b,
+                         const float* m, int64_t r) {
   const int64_t ld = round_up(in, kChunk);
   const int64_t rp = round_up(r, 8);
   thread_local std::vector<float> z, h1, h2, nib;
@@ -420,7 +429,15 @@ void sign_path(const x_t* x, int64_t T, int64_t in, const uint8_t* sa, int64_t n
     for (int64_t j = 0; j < r; ++j) h2[t * rp + j] = h1[t * r + j] * m[j];
   nib.resize(static_cast<size_t>(T * rp / 8 * 32));
   build_nibbles(h2.data(), T, rp, nib.data());
-  stage2<out_t>(sb, nbytes_b, nib.data(), T, r, rp, out, a, scaling, base, y);
+  return nib.data();
+}
+
+template <typename x_t, typename out_t>
+void sign_path(const x_t* x, int64_t T, int64_t in, const uint8_t* sa, int64_t nbytes_a, const uint8_t* sb,
+               int64_t nbytes_b, const float* b, const float* m, const float* a, int64_t r, int64_t out,
+               float scaling, const out_t* base, out_t* y) {
+  const float* nib = sign_tables<x_t>(x, T, in, sa, nbytes_a, b, m, r);
+  stage2<out_t>(sb, nbytes_b, nib, T, r, round_up(r, 8), out, a, scaling, base, y);
 }
 
 // ---------------------------------------------------------------- the unpack path
@@ -885,6 +902,39 @@ std::pair<at::Tensor, at::Tensor> folded_factors(const at::Tensor& sign_A, const
   fold_factors<float>(sa.data_ptr<uint8_t>(), sa.numel(), sb.data_ptr<uint8_t>(), sb.numel(), bp, mp, ap, r, in, out,
                       static_cast<float>(scaling), A.data_ptr<float>(), B.data_ptr<float>());
   return {A, B};
+}
+
+bool RowBranch::prepare(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
+                        const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens,
+                        int64_t out) {
+#if defined(__AVX512F__)
+  const int64_t in = b.numel(), r = m.numel();
+  if (x.scalar_type() != at::kFloat || !x.is_contiguous() || x.numel() != in || in == 0 || sign_max_tokens < 1)
+    return false;
+  check_factors(sign_A, sign_B, b, m, a);
+  check(a.numel() == out, "base must have the output's shape");
+  sb_ = sign_B.contiguous();
+  const at::Tensor sa = sign_A.contiguous(), bc = b.contiguous(), mc = m.contiguous();
+  a_ = a.contiguous();
+  thread_local std::vector<float> bbuf, mbuf, abuf;  // as branch_impl's: read by add_rows until the next prepare
+  const float* bp = as_float(bc, bbuf);
+  const float* mp = as_float(mc, mbuf);
+  ap_ = as_float(a_, abuf);
+  nib_ = sign_tables<float>(x.data_ptr<float>(), 1, in, sa.data_ptr<uint8_t>(), sa.numel(), bp, mp, r);
+  r_ = r;
+  out_ = out;
+  scaling_ = static_cast<float>(scaling);
+  return true;
+#else
+  return false;
+#endif
+}
+
+void RowBranch::add_rows(int64_t k0, int64_t k1, float* y) const {
+#if defined(__AVX512F__)
+  stage2_blocks<float>(sb_.data_ptr<uint8_t>(), sb_.numel(), nib_, 1, r_, round_up(r_, 8), out_, ap_, scaling_, y, y,
+                       k0, k1);
+#endif
 }
 
 }  // namespace lordba

@@ -235,7 +235,10 @@ at::Tensor q4_dequant(const at::Tensor& qweight, const at::Tensor& scale, const 
 }
 
 // Few tokens: the packed rows are read once per block of kTokenBlock tokens.
-void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool int8_dot) {
+// One token: `done` (if given) gets each block of kRowBlock rows once computed, on the thread that
+// computed it (more tokens: all blocks at the end).
+void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool int8_dot,
+          const RowsDone* done = nullptr) {
   std::vector<float> xsum(T * p.groups, 0.f);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t g = 0; g < p.groups; ++g) {
@@ -243,15 +246,17 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool 
       for (int64_t k = g * p.group; k < std::min((g + 1) * p.group, p.in); ++k) acc += x[t * p.in + k];
       xsum[t * p.groups + g] = acc;
     }
-  if (T == 1 && dot1_reduced(p, x, xsum.data(), y, bf16, int8_dot)) return;
+  if (T == 1 && dot1_reduced(p, x, xsum.data(), y, bf16, int8_dot, done)) return;
 #if defined(__AVX512F__)
   // Decode of 4-bit rows in float32: blocks of 4 rows (rows_dot1; 0.5-0.75x the time of row_dot on
   // SmolLM2's layers). The 8-bit head is memory-bound and reads faster one row at a time (row_dot).
   if (T == 1 && p.bits == 4) {
-    at::parallel_for(0, p.out, 16, [&](int64_t o0, int64_t o1) {
-      int64_t o = o0;
+    at::parallel_for(0, (p.out + kRowBlock - 1) / kRowBlock, 1, [&](int64_t k0, int64_t k1) {
+      int64_t o = k0 * kRowBlock;
+      const int64_t o1 = std::min(p.out, k1 * kRowBlock);
       for (; o + 4 <= o1; o += 4) rows_dot1<4, 4>(p, o, x, xsum.data(), y);
       for (; o < o1; ++o) rows_dot1<4, 1>(p, o, x, xsum.data(), y);
+      if (done != nullptr) (*done)(k0, k1);
     });
     return;
   }
@@ -286,6 +291,7 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool 
       }
     }
   });
+  if (done != nullptr) (*done)(0, (p.out + kRowBlock - 1) / kRowBlock);
 }
 
 // Many tokens: dequantize blocks of rows and multiply with the BLAS GEMM, in float32 or (bf16) with
@@ -339,6 +345,30 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return y.reshape(shape).to(x.scalar_type());
 }
 
+// One float32 token: each thread adds the bias and the branch to the block of rows it has just
+// computed, inside the GEMV's parallel loop (the branch's output stage runs on every thread, its data
+// read while the block is in L1) — the same arithmetic as the q4 call, the bias add and branch_add.
+at::Tensor one_token_branch(const Packed& p, const at::Tensor& x, bool bf16, bool int8_dot,
+                            const c10::optional<at::Tensor>& bias, const lordba::RowBranch& branch) {
+  const auto [x2, shape] = input_rows(x, p.in, p.out, "q4_branch");
+  at::Tensor y = at::empty({1, p.out}, x2.options());
+  float* yp = y.data_ptr<float>();
+  at::Tensor bias_f;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == p.out, "lordba::q4_branch: the bias must have ", p.out, " elements");
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  const float* bp = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
+  auto add = [&](int64_t k0, int64_t k1) {
+    if (bp != nullptr)
+      for (int64_t o = k0 * kRowBlock; o < std::min(p.out, k1 * kRowBlock); ++o) yp[o] += bp[o];
+    branch.add_rows(k0, k1, yp);
+  };
+  const RowsDone done(add);
+  gemv(p, x2.data_ptr<float>(), 1, yp, bf16, int8_dot, &done);
+  return y.reshape(shape);
+}
+
 // A q4 layer and its one LoRDBA adapter in one call: the layer's output (plus bias) and then the
 // branch added by the `branch` op's own code — the same arithmetic, in the same order, as the two
 // ops called one after the other (bit for bit), without a second dispatch per layer and token
@@ -362,6 +392,12 @@ at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::T
     gemm(p, x2, y, /*bf16=*/true, &A, &B);
     if (bias.has_value()) y.add_(bias->to(at::kFloat));
     return y.reshape(shape).to(x.scalar_type());
+  }
+  if (T == 1 && T < gemm_min_tokens) {
+    const Packed p = unpack_args(qweight, scale, minus, in, bits);
+    lordba::RowBranch branch;
+    if (branch.prepare(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, p.out))
+      return one_token_branch(p, x, bf16, int8_dot, bias, branch);
   }
   at::Tensor y = q4_linear(x, qweight, scale, minus, in, gemm_min_tokens, bits, bf16, int8_dot);
   if (bias.has_value()) y = at::add(y, bias->to(y.scalar_type()));

@@ -2,6 +2,7 @@
 // the bfloat16 and int8 one-token kernels).
 #pragma once
 
+#include <c10/util/FunctionRef.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
@@ -13,6 +14,11 @@
 namespace lordba_q4 {
 
 constexpr int64_t kChunk = 32;  // inputs per 16-byte chunk of a 4-bit row
+constexpr int64_t kRowBlock = 16;  // one token's rows are computed (and handed to a RowsDone) in blocks of 16
+
+// Called by a one-token kernel inside its parallel loop with the blocks [k0, k1) of kRowBlock rows it
+// has just computed (q4_branch adds the adapter's branch to them there, on the thread that wrote them).
+using RowsDone = c10::function_ref<void(int64_t, int64_t)>;
 
 #if defined(__F16C__)
 inline float half_to_float(const c10::Half& h) { return _cvtsh_ss(h.x); }  // one instruction
@@ -37,9 +43,10 @@ inline float row_offset(const Packed& p, int64_t o, const float* xsum) {
 }
 
 // One token on the bfloat16 (bf16) or int8 (int8_dot, 4-bit rows) kernel, where this build has it:
-// y[o] for every row, xsum the token's group sums of x. Returns false (nothing written) where neither
-// applies, and the float32 kernels run.
-bool dot1_reduced(const Packed& p, const float* x, const float* xsum, float* y, bool bf16, bool int8_dot);
+// y[o] for every row, xsum the token's group sums of x; `done` (if given) gets each block of rows once
+// computed. Returns false (nothing written) where neither applies, and the float32 kernels run.
+bool dot1_reduced(const Packed& p, const float* x, const float* xsum, float* y, bool bf16, bool int8_dot,
+                  const RowsDone* done);
 
 // Whether this build has the int8 one-token kernel (AVX512-VNNI with VL); the bfloat16 one (AVX512_BF16).
 bool int8_dot_built();
