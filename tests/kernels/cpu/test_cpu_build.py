@@ -149,10 +149,10 @@ FALLBACK = textwrap.dedent(
     from conftest import tiny_llama
     from lordba import LoRDBAConfig, get_lordba_model, kernels
     torch.manual_seed(3)
-    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=3, init="random"))
     ids = torch.randint(0, 101, (2, 7))
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:  # the layers load the kernels when built
         warnings.simplefilter("always")
+        lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=3, init="random"))
         with torch.no_grad():
             latent = lm(input_ids=ids).logits
             lm.pack()
