@@ -306,17 +306,38 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool 
 // docs/kernels.md), rounded as the base is.
 void gemm(const Packed& p, const at::Tensor& x2, at::Tensor& y, bool bf16, const at::Tensor* A = nullptr,
           const at::Tensor* B = nullptr) {
-  const int64_t r = A != nullptr ? A->size(0) : 0, K = p.in + r;
+  const int64_t r = A != nullptr ? A->size(0) : 0;
+  // With a branch, K = in + r padded with zero columns to a multiple of 32 (oneDNN's bfloat16 GEMM
+  // runs SmolLM2's K = 608 faster than 592; zeros add nothing to the sums).
+  const int64_t K = r > 0 ? (p.in + r + 31) / 32 * 32 : p.in;
   const int64_t block = std::max<int64_t>(16, std::min<int64_t>(p.out, (1 << 20) / std::max<int64_t>(K, 1)));
   at::Tensor w = at::empty({block, K}, x2.options());
-  at::Tensor xin = bf16 ? x2.to(at::kBFloat16) : x2;
-  if (A != nullptr) xin = at::cat({xin, at::mm(xin, A->to(xin.scalar_type()).t())}, 1);
+  at::Tensor xin;
+  if (A == nullptr) {
+    xin = bf16 ? x2.to(at::kBFloat16) : x2;
+  } else {  // [x | h | 0], h = x A'^T written in place (no concatenation)
+    const auto dtype = bf16 ? at::kBFloat16 : at::kFloat;
+    xin = at::empty({x2.size(0), K}, x2.options().dtype(dtype));
+    const at::Tensor xs = xin.narrow(1, 0, p.in);
+    xs.copy_(x2);
+    at::Tensor h = xin.narrow(1, p.in, r);
+    at::mm_out(h, xs, A->to(dtype).t());
+    xin.narrow(1, p.in + r, K - p.in - r).zero_();
+  }
+  const float* bp = B != nullptr ? B->data_ptr<float>() : nullptr;  // folded_factors': float32 [out, r]
   for (int64_t o0 = 0; o0 < p.out; o0 += block) {
     const int64_t o1 = std::min(p.out, o0 + block);
     float* dst = w.data_ptr<float>();
-    at::parallel_for(o0, o1, 16, [&](int64_t a, int64_t b) { dequant_rows(p, a, b, dst + (a - o0) * K, K); });
+    at::parallel_for(o0, o1, 16, [&](int64_t a, int64_t b) {
+      dequant_rows(p, a, b, dst + (a - o0) * K, K);
+      if (bp == nullptr) return;
+      for (int64_t o = a; o < b; ++o) {  // then the row's r columns of B' and the zero padding
+        float* row = dst + (o - o0) * K + p.in;
+        std::copy(bp + o * r, bp + (o + 1) * r, row);
+        std::fill(row + r, row + (K - p.in), 0.f);
+      }
+    });
     const at::Tensor wb = w.narrow(0, 0, o1 - o0);
-    if (B != nullptr) wb.narrow(1, p.in, r).copy_(B->narrow(0, o0, o1 - o0));
     y.narrow(1, o0, o1 - o0).copy_(bf16 ? at::mm(xin, wb.to(at::kBFloat16).t()) : at::mm(xin, wb.t()));
   }
 }
