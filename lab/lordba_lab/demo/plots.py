@@ -24,6 +24,11 @@ _SWEEP_STYLE = {
     "LoRDBA qat": ("darkred", "*"),
     "LoRDBA scales-only": ("magenta", "P"),
     "LoRDBA ptq (allocated ranks)": ("saddlebrown", "h"),
+    "LoRDBA ptq (int4 scales)": ("gold", "o"),
+    "LoRDBA qat (int4 scales)": ("chocolate", "*"),
+    "LoRDBA scales-only (int4 scales)": ("orchid", "P"),
+    "LoRDBA ptq (calibrated)": ("olive", "o"),
+    "LoRDBA ptq (allocated ranks, calibrated)": ("darkkhaki", "h"),
     "fp16 LoRA (trained at matched bytes)": ("navy", "s"),
 }
 
@@ -83,10 +88,20 @@ def error_vs_rmr(layers: list[dict], path: Path) -> Path:
     return path
 
 
+def _error_bars(rows: list[dict], key: str) -> list | list[list[float]]:
+    """Asymmetric 95% intervals where every row has one, else the standard deviations."""
+    if all(r.get(f"{key}_ci") for r in rows):
+        return [
+            [r[f"{key}_mean"] - r[f"{key}_ci"][0] for r in rows],
+            [r[f"{key}_ci"][1] - r[f"{key}_mean"] for r in rows],
+        ]
+    return [r[f"{key}_std"] for r in rows]
+
+
 def sweep(summary: list[dict], path: Path, metric_name: str) -> Path:
     """The BPW sweep (the paper's Fig. 3): metric and held-out loss against bits per weight, one line
-    per method family, error bars = standard deviation over seeds; the fp16 LoRA r=16 and the base
-    model as horizontal references."""
+    per method family, error bars = the 95% intervals where the summary has them (else the standard
+    deviation over seeds); the fp16 LoRA r=16 and the base model as horizontal references."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for ax, key, label in ((axes[0], "metric", metric_name), (axes[1], "eval_loss", "held-out loss (lower is better)")):
         lines = [r for r in summary if r["family"] != "base" and not r.get("reference")]
@@ -101,7 +116,7 @@ def sweep(summary: list[dict], path: Path, metric_name: str) -> Path:
             ax.errorbar(
                 [r["bpw"] for r in pts],
                 [r[f"{key}_mean"] for r in pts],
-                yerr=[r[f"{key}_std"] for r in pts],
+                yerr=_error_bars(pts, key),
                 marker=marker,
                 ls=ls,
                 capsize=3,
@@ -122,9 +137,11 @@ def sweep(summary: list[dict], path: Path, metric_name: str) -> Path:
         ax.set_xlabel("bits per weight (LoRA r=16 basis, payload; log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
-    fig.suptitle("Quality against adapter size (mean ± std over seeds)")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    intervals = all(r.get("eval_loss_ci") for r in summary if r["family"] != "base")
+    fig.suptitle(f"Quality against adapter size (mean over seeds, {'95% interval' if intervals else '± std'})")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

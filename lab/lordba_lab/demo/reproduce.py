@@ -1,22 +1,25 @@
 """``lordba reproduce``: the paper's quality comparisons as a sweep over adapter size, over seeds.
 
-For each seed, on the demo's 4-bit base, task and step budget, one fp16 LoRA r=16 is trained and
+For each seed, on the sweep's model, 4-bit base, task and step budget (:data:`SWEEP_DEMO`:
+SmolLM2-135M, the q4 base, ``reverse_words``, held-out n=500), one fp16 LoRA r=16 is trained and
 then, at a range of sizes (bits per weight on the LoRA r=16 basis):
 
-* LoRDBA ``ptq``: the trained LoRA converted at several output ranks (int8 and float16 scales);
+* LoRDBA ``ptq``: the trained LoRA converted at several output ranks (int8, int4 and float16 scales);
 * LoRDBA ``ptq`` allocated: the same LoRA at the file size of a uniform rank, per-layer ranks chosen
-  by ``convert_lora(target_bpw=...)`` (ΔW error), judged here on held-out loss against that uniform
-  rank (:func:`allocation_vs_uniform`: paired per seed);
+  by ``convert_lora(target_bpw=...)`` (ΔW error, or output error with calibration), judged here on
+  held-out loss against that uniform rank (:func:`~lordba_lab.demo.analysis.allocation_vs_uniform`);
 * LoRDBA ``scales-only``: the converted signs frozen, the scales trained (the demo's scale budget);
-* LoRDBA ``qat``: trained from the cold start with the same step budget as the LoRA;
-* fp16 LoRA truncated by SVD to rank 1, 2, 4 (the matched-bytes fp16 adapter, no retraining);
+* LoRDBA ``qat``: trained from the cold start with the same step budget as the LoRA (int8, int4 scales);
+* fp16 LoRA truncated by SVD to rank 1, 2 (the matched-bytes fp16 adapter, no retraining);
 * with ``--all-sizes``: ``qat`` and ``scales-only`` at r=4, 8, 16 (default r=16 only) and fp16 LoRA
   *trained* at rank 1 and 2 (the matched-bytes fp16 adapter, same step budget);
-* RTN of the factors at 1–3 bits, LoRAQuant-style and BitDelta-style (the low-bit baselines).
+* RTN of the factors at 1–2 bits, LoRAQuant-style and BitDelta-style (the low-bit baselines).
 
-Every point is evaluated on one fixed held-out set (exact match and completion loss); the summary
-is mean ± standard deviation over seeds. The per-layer reconstruction error of the r=16 conversion
-is set against the LoRA factors' RMR (SPEC §3) with its rank correlation.
+Every point is evaluated on one fixed held-out set, per example (exact match and completion loss);
+the summary is mean ± standard deviation over seeds with 95% bootstrap intervals, and the issue's
+two targets are checked on paired intervals (:mod:`lordba_lab.demo.analysis`). The per-layer
+reconstruction error of the r=16 conversion is set against the LoRA factors' RMR (SPEC §3) with
+its rank correlation.
 """
 
 from __future__ import annotations
@@ -24,14 +27,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lordba._util.tables import markdown_table, print_table
 from lordba.config import LoRDBAConfig
 from lordba.convert import collect_input_moments, convert_lora, read_lora
 from lordba.format.atomic import atomic_write_bytes
@@ -40,72 +41,96 @@ from lordba.nn.model import LoRDBAModel
 from lordba.train.loop import train_loop
 from lordba.train.modes import build_adapter
 from lordba_lab.baselines import bitdelta, loraquant, rtn, svd_truncate
+from lordba_lab.demo.analysis import (
+    allocation_vs_uniform,
+    spearman,
+    summarize,
+    trained_target,
+    training_free_target,
+)
+from lordba_lab.demo.families import (
+    AGAINST_UNIFORM,
+    LORA,
+    LORA_SMALL,
+    LORDBA_ALLOCATED,
+    LORDBA_ALLOCATED_CAL,
+    LORDBA_CALIBRATED,
+    LORDBA_PTQ,
+    LORDBA_PTQ_FP16,
+    LORDBA_PTQ_INT4,
+    LORDBA_QAT,
+    LORDBA_QAT_INT4,
+    LORDBA_SCALES,
+    LORDBA_SCALES_INT4,
+    TRUNCATED,
+)
 from lordba_lab.demo.run import FULL, Demo, DemoSettings, _payload_lora, _train_lora, replaced_factors
 from lordba_lab.demo.run import QUICK as DEMO_QUICK
-
-LORDBA_PTQ, LORDBA_QAT, TRUNCATED = "LoRDBA ptq", "LoRDBA qat", "fp16 LoRA (SVD-truncated)"
-LORDBA_PTQ_FP16 = "LoRDBA ptq (float16 scales)"
-LORA, LORA_SMALL = "fp16 LoRA", "fp16 LoRA (trained at matched bytes)"
-LORDBA_SCALES = "LoRDBA scales-only"
-LORDBA_ALLOCATED = "LoRDBA ptq (allocated ranks)"
-LORDBA_CALIBRATED = "LoRDBA ptq (calibrated)"
-LORDBA_ALLOCATED_CAL = "LoRDBA ptq (allocated ranks, calibrated)"
-# the variants judged against the uniform ptq rank at the same file size (allocation_vs_uniform)
-AGAINST_UNIFORM = {
-    LORDBA_ALLOCATED: "per-layer ranks, ΔW error",
-    LORDBA_CALIBRATED: "uniform rank, activation-weighted",
-    LORDBA_ALLOCATED_CAL: "per-layer ranks, output error (activation-weighted)",
-}
-CALIBRATION_BATCHES = 8  # training batches whose inputs give the calibration moments
+from lordba_lab.demo.sweep_report import CALIBRATION_BATCHES, write_tables
 
 
 @dataclass
 class ReproduceSettings:
     """The sweep; each LoRA and each QAT point is trained with ``demo.steps`` steps."""
 
-    demo: DemoSettings = field(default_factory=lambda: dataclasses.replace(FULL, measure_memory=False))
+    demo: DemoSettings = field(default_factory=lambda: SWEEP_DEMO)
     seeds: tuple[int, ...] = (0, 1, 2)
     ptq_ranks: tuple[int, ...] = (4, 8, 16, 32)  # int8 scales (the demo's scale format)
-    ptq_fp16_ranks: tuple[int, ...] = (8, 16)  # the scale-dtype axis of the sweep
+    ptq_fp16_ranks: tuple[int, ...] = (16,)  # the scale-dtype axis of the sweep
+    ptq_int4_ranks: tuple[int, ...] = (8, 16, 32)
     allocated_at: tuple[int, ...] = (8, 16)  # per-layer ranks at the file size of these uniform ptq ranks
-    calibrated_at: tuple[int, ...] = (8, 16)  # activation-weighted: uniform, and allocated at the same size
+    calibrated_at: tuple[int, ...] = (16,)  # activation-weighted: uniform, and allocated at the same size
     allocation_candidates: tuple[int, ...] = (4, 8, 16, 32)  # each candidate rank is one full conversion
     qat_ranks: tuple[int, ...] = (16,)  # each QAT point costs a full training per seed
+    qat_int4_ranks: tuple[int, ...] = (16,)
     scales_ranks: tuple[int, ...] = (16,)  # scales-only on the int8 ptq signs, demo.scales_steps steps
+    scales_int4_ranks: tuple[int, ...] = (16,)  # on the int4 ptq signs
     lora_small_ranks: tuple[int, ...] = ()  # fp16 LoRA trained at about LoRDBA's bytes
-    truncate_ranks: tuple[int, ...] = (1, 2, 4)
-    rtn_bits: tuple[int, ...] = (1, 2, 3)
+    truncate_ranks: tuple[int, ...] = (1, 2)
+    rtn_bits: tuple[int, ...] = (1, 2)
 
 
+# The sweep's task: reverse_words (base 0.5% exact match, fp16 LoRA r=16 90%: where fidelity shows),
+# held-out n=500, on the q4 base (the library's default, 1.7x faster to evaluate than HQQ here).
+SWEEP_DEMO = dataclasses.replace(
+    FULL, measure_memory=False, task="reverse_words", eval_size=500, eval_batch=64, base="q4"
+)
 QUICK = ReproduceSettings(
     demo=DEMO_QUICK,
     seeds=(0, 1),
     ptq_ranks=(4, 16),
     ptq_fp16_ranks=(16,),
+    ptq_int4_ranks=(4,),
     allocated_at=(4,),
     calibrated_at=(4,),
     allocation_candidates=(2, 4, 8),
     qat_ranks=(16,),
+    qat_int4_ranks=(),
     scales_ranks=(4,),
+    scales_int4_ranks=(4,),
     lora_small_ranks=(1,),
     truncate_ranks=(1,),
     rtn_bits=(1,),
 )
 
 
+# ``--r16-only``: the points at r=16 (the second model's sweep)
+R16_ONLY = {"ptq_ranks": (16,), "ptq_fp16_ranks": (), "ptq_int4_ranks": (16,), "allocated_at": (), "calibrated_at": (),
+            "qat_ranks": (16,), "qat_int4_ranks": (16,), "scales_ranks": (16,), "scales_int4_ranks": (16,),
+            "lora_small_ranks": ()}  # fmt: skip
 # ``--all-sizes``: every trained family at every size (about 3x the run time: ~2.5 h on 2 cores)
 ALL_SIZES = {"qat_ranks": (4, 8, 16), "scales_ranks": (4, 8, 16), "lora_small_ranks": (1, 2)}
 
 
-def _config(demo: Demo, mode: str, r: int) -> LoRDBAConfig:
+def _config(demo: Demo, mode: str, r: int, scale_dtype: str | None = None) -> LoRDBAConfig:
     s = demo.s
     return LoRDBAConfig(
         r=r,
         alpha=2.0 * r,
         target_modules=list(s.targets),
         mode=mode,
-        scale_dtype=s.scale_dtype,
-        base_model_name_or_path="smollm2-135m-instruct",
+        scale_dtype=scale_dtype or s.scale_dtype,
+        base_model_name_or_path=s.model,
     )
 
 
@@ -140,8 +165,11 @@ def _one_seed(demo: Demo, settings: ReproduceSettings, seed: int) -> tuple[list[
         demo.model = small.unload()
     layers: list[dict] = []
     states = {}
+    scales_from = {(LORDBA_PTQ, r): (LORDBA_SCALES, s.scale_dtype) for r in settings.scales_ranks}
+    scales_from |= {(LORDBA_PTQ_INT4, r): (LORDBA_SCALES_INT4, "int4") for r in settings.scales_int4_ranks}
     ptq = [(LORDBA_PTQ, r, s.scale_dtype) for r in settings.ptq_ranks]
     ptq += [(LORDBA_PTQ_FP16, r, "float16") for r in settings.ptq_fp16_ranks]
+    ptq += [(LORDBA_PTQ_INT4, r, "int4") for r in settings.ptq_int4_ranks]
     ptq += [(LORDBA_ALLOCATED, r, s.scale_dtype) for r in settings.allocated_at]
     ptq += [(f, r, s.scale_dtype) for r in settings.calibrated_at for f in (LORDBA_CALIBRATED, LORDBA_ALLOCATED_CAL)]
     lora_params = sum(x.r * (x.in_features + x.out_features) for x in lora.layers.values())
@@ -167,105 +195,38 @@ def _one_seed(demo: Demo, settings: ReproduceSettings, seed: int) -> tuple[list[
             extra["rank_histogram"] = report.allocation["rank_histogram"]
         label = f"at r={r}'s size" if allocated else f"r={r}"
         point(family, label, size.payload_bytes, lm, rel_error=report.total_rel_error, **extra)
-        if family == LORDBA_PTQ and r in settings.scales_ranks:
-            states[r] = state
+        if (family, r) in scales_from:
+            states[family, r] = state
         if r == s.r and family == LORDBA_PTQ:
             layers = [
                 {"seed": seed, "module": x.path, "rmr_A": x.rmr_A, "rmr_B": x.rmr_B, "rel_error": x.rel_error}
                 for x in report.layers
             ]
         demo.model = lm.unload()
-    for r in settings.scales_ranks:
+    for (ptq_family, r), (family, scale_dtype) in scales_from.items():
         lm = LoRDBAModel(demo.model)
-        cfg = _config(demo, "scales-only", r)
-        lm.load_adapter_state(dataclasses.replace(states[r], config=cfg), "default", is_trainable=True)
+        cfg = _config(demo, "scales-only", r, scale_dtype)
+        lm.load_adapter_state(dataclasses.replace(states[ptq_family, r], config=cfg), "default", is_trainable=True)
         lm.set_adapter("default")
         train_loop(lm, demo.batcher, demo.settings(s.scales_steps, s.lr_lordba), progress=demo.progress,
-                   description=f"seed {seed}: scales-only r={r}")  # fmt: skip
-        point(LORDBA_SCALES, f"r={r}", lm.size_report().payload_bytes, lm)
+                   description=f"seed {seed}: {family} r={r}")  # fmt: skip
+        point(family, f"r={r}", lm.size_report().payload_bytes, lm)
         demo.model = lm.unload()
-    for r in settings.qat_ranks:
+    qat = [(LORDBA_QAT, r, s.scale_dtype) for r in settings.qat_ranks]
+    qat += [(LORDBA_QAT_INT4, r, "int4") for r in settings.qat_int4_ranks]
+    for family, r, scale_dtype in qat:
         lm, _ = build_adapter(
             demo.model,
-            _config(demo, "qat", r),
+            _config(demo, "qat", r, scale_dtype),
             demo.batcher,
             demo.settings(s.steps, s.lr_lordba),
-            out_dir=demo.out / "work" / f"qat_r{r}_seed{seed}",
+            out_dir=demo.out / "work" / f"qat_{scale_dtype}_r{r}_seed{seed}",
             resume=False,
             progress=demo.progress,
         )
-        point(LORDBA_QAT, f"r={r}", lm.size_report().payload_bytes, lm)
+        point(family, f"r={r}", lm.size_report().payload_bytes, lm)
         demo.model = lm.unload()
     return points, layers
-
-
-def summarize(points: list[dict]) -> list[dict]:
-    """Mean ± std over seeds of each (family, label)."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for p in points:
-        groups.setdefault((p["family"], p["label"]), []).append(p)
-    out = []
-    for (family, label), ps in groups.items():
-        row = {"family": family, "label": label, "n": len(ps), "bytes": ps[0]["bytes"], "bpw": ps[0]["bpw"]}
-        for key in ("metric", "eval_loss"):
-            vals = [p[key] for p in ps if p.get(key) is not None]
-            row[f"{key}_mean"] = statistics.fmean(vals) if vals else None
-            row[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        row["reference"] = any(p.get("reference") for p in ps)
-        out.append(row)
-    return sorted(out, key=lambda r: (r["family"], r["bpw"]))
-
-
-def allocation_vs_uniform(points: list[dict]) -> list[dict]:
-    """Per variant of :data:`AGAINST_UNIFORM` and uniform rank ``r``: the variant's conversion at r's file
-    size against the uniform ptq conversion at rank r, paired by seed — held-out loss and exact match
-    (variant minus uniform: negative loss is better), file bytes of each, and in how many seeds the
-    variant won."""
-    by_key = {(p["seed"], p["family"], p["label"]): p for p in points}
-    pairs: dict[tuple[str, int], list[tuple[dict, dict]]] = {}
-    for p in points:
-        if p["family"] in AGAINST_UNIFORM:
-            r = p["at_rank"]
-            uniform = by_key.get((p["seed"], LORDBA_PTQ, f"r={r}"))
-            if uniform is not None:
-                pairs.setdefault((p["family"], r), []).append((p, uniform))
-    order = list(AGAINST_UNIFORM)
-    rows = []
-    for (family, r), ps in sorted(pairs.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
-        d_loss = [a["eval_loss"] - u["eval_loss"] for a, u in ps]
-        d_metric = [a["metric"] - u["metric"] for a, u in ps]
-        rows.append({
-            "family": family, "variant": AGAINST_UNIFORM[family], "uniform_rank": r, "seeds": len(ps),
-            "uniform_file_bytes": ps[0][1].get("file_bytes"), "allocated_file_bytes": ps[0][0].get("file_bytes"),
-            "uniform_loss_mean": statistics.fmean(u["eval_loss"] for _, u in ps),
-            "allocated_loss_mean": statistics.fmean(a["eval_loss"] for a, _ in ps),
-            "loss_diff_mean": statistics.fmean(d_loss),
-            "loss_diff_std": statistics.stdev(d_loss) if len(ps) > 1 else 0.0,
-            "metric_diff_mean": statistics.fmean(d_metric),
-            "allocated_wins": sum(d < 0 for d in d_loss),
-            "uniform_rel_error": statistics.fmean(u["rel_error"] for _, u in ps),
-            "allocated_rel_error": statistics.fmean(a["rel_error"] for a, _ in ps),
-            "rank_histogram": ps[0][0].get("rank_histogram"),
-        })  # fmt: skip
-    return rows
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-
-    def ranks(v: list[float]) -> torch.Tensor:
-        t = torch.tensor(v, dtype=torch.float64)
-        order = t.argsort()
-        r = torch.empty_like(t)
-        r[order] = torch.arange(len(v), dtype=torch.float64)
-        for value in t.unique():  # ties share their mean rank
-            tie = t == value
-            r[tie] = r[tie].mean()
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return float((rx * ry).sum() / (rx.norm() * ry.norm()).clamp(min=1e-300))
 
 
 def _seed_file(out: Path, seed: int) -> Path:
@@ -305,9 +266,14 @@ def run_reproduce(
     progress: bool = True,
     all_sizes: bool = False,
     resume: bool = False,
+    r16_only: bool = False,
+    model: str | None = None,
+    task: str | None = None,
 ) -> dict:
     """Run the sweep; writes ``reproduce.json``, ``reproduce.md``, ``sweep.png`` and ``error_vs_rmr.png``.
-    ``all_sizes``: QAT, scales-only and a trained fp16 LoRA at every size (:data:`ALL_SIZES`).
+    ``all_sizes``: QAT, scales-only and a trained fp16 LoRA at every size (:data:`ALL_SIZES`);
+    ``r16_only``: the points at r=16 only (:data:`R16_ONLY`); ``model``, ``task``: instead of the
+    sweep's (an embedded model's name or a folder; a built-in task).
     Each finished seed is kept in ``out/seeds/``; ``resume``: seeds kept there under the same
     settings are read back instead of run again (a long sweep survives an interruption)."""
     from lordba_lab.bench import hardware
@@ -320,6 +286,11 @@ def run_reproduce(
         settings = dataclasses.replace(settings, seeds=tuple(range(seeds)))
     if all_sizes:
         settings = dataclasses.replace(settings, **ALL_SIZES)
+    if r16_only:
+        settings = dataclasses.replace(settings, **R16_ONLY)
+    if model is not None or task is not None:
+        demo = dataclasses.replace(settings.demo, model=model or settings.demo.model, task=task or settings.demo.task)
+        settings = dataclasses.replace(settings, demo=demo)
     t0 = time.perf_counter()
     points: list[dict] = []
     layers: list[dict] = []
@@ -328,6 +299,7 @@ def run_reproduce(
         kept = _kept_seed(out, settings, seed) if resume else None
         if kept is None or fixed_eval is None:
             demo = Demo(out, dataclasses.replace(settings.demo, seed=seed), progress)
+            demo.keep_details = True
         if fixed_eval is None:  # one held-out set for every seed: the seeds vary the training only
             fixed_eval = demo.eval_examples
             base = demo.add_row("base", None, 0, None)
@@ -347,71 +319,17 @@ def run_reproduce(
         "hardware": hardware(),
         "seconds": time.perf_counter() - t0,
         "summary": summary,
+        "training_free_target": training_free_target(points),
+        "trained_target": trained_target(points, (LORA, f"r={settings.demo.r}")),
         "points": points,
         "rmr_error_spearman": rho,
         "allocation_vs_uniform": allocation_vs_uniform(points),
         "conversion_layers": layers,
     }
     (out / "reproduce.json").write_text(json.dumps(result, indent=1) + "\n")
-    _write_tables(out, settings, summary, rho, result)
-    task = settings.demo.task
-    sweep(summary, out / "sweep.png", f"{task}: exact match (held-out n={settings.demo.eval_size})")
+    write_tables(out, result)
+    d = settings.demo
+    sweep(summary, out / "sweep.png", f"{d.task} on {d.model}: exact match (held-out n={d.eval_size})")
     if layers:
         error_vs_rmr(layers, out / "error_vs_rmr.png")
     return result
-
-
-def _write_tables(out: Path, settings: ReproduceSettings, summary: list[dict], rho: float, result: dict) -> None:
-    def pm(row: dict, key: str) -> str:
-        mean = row[f"{key}_mean"]
-        return "" if mean is None else f"{mean:.4f} ± {row[f'{key}_std']:.4f}"
-
-    columns = ["family", "variant", "bytes", "BPW", "metric (mean ± std)", "eval loss (mean ± std)", "seeds"]
-    table = [
-        [r["family"], r["label"], r["bytes"], r["bpw"], pm(r, "metric"), pm(r, "eval_loss"), r["n"]] for r in summary
-    ]
-    d = settings.demo
-    title = (
-        f"task {d.task}, {d.steps} steps x batch {d.batch_size}, targets {','.join(d.targets)}, 4-bit HQQ base, "
-        f"held-out n={d.eval_size}, seeds {list(settings.seeds)}"
-    )
-    print_table(title, columns, table)
-    hw = result["hardware"]
-    md = [
-        "# lordba reproduce: quality against adapter size\n",
-        f"{title}. Run time {result['seconds']:.0f} s on {hw['cpu']} ({hw['torch_threads']} threads), "
-        f"torch {hw['torch']}.\n",
-        "BPW: payload bits per parameter of the fp16 LoRA r=16 basis (scales and group scales included). "
-        "Metric: exact match of greedy answers; eval loss: completion cross-entropy.\n",
-        markdown_table(columns, table),
-        f"\nPer-layer relative reconstruction error of the r=16 PTQ conversion against the mean RMR of the "
-        f"LoRA factors: Spearman ρ = {rho:.3f} over {len(result['conversion_layers'])} layers.\n",
-        *_allocation_table(result["allocation_vs_uniform"]),
-        "![sweep](sweep.png)\n\n![error vs RMR](error_vs_rmr.png)\n",
-    ]
-    (out / "reproduce.md").write_text("\n".join(md))
-
-
-def _allocation_table(rows: list[dict]) -> list[str]:
-    """The variants-against-uniform comparison as markdown lines (none without such points)."""
-    if not rows:
-        return []
-    columns = ["uniform r", "variant", "file bytes (uniform / variant)", "ΔW rel. error (uniform / variant)",
-               "held-out loss (uniform / variant)", "loss: variant − uniform (mean ± std)",
-               "exact match: variant − uniform", "seeds variant wins", "ranks"]  # fmt: skip
-    table = [
-        [r["uniform_rank"], r["variant"], f"{r['uniform_file_bytes']:,} / {r['allocated_file_bytes']:,}",
-         f"{r['uniform_rel_error']:.4f} / {r['allocated_rel_error']:.4f}",
-         f"{r['uniform_loss_mean']:.4f} / {r['allocated_loss_mean']:.4f}",
-         f"{r['loss_diff_mean']:+.4f} ± {r['loss_diff_std']:.4f}", f"{r['metric_diff_mean']:+.3f}",
-         f"{r['allocated_wins']} / {r['seeds']}", r["rank_histogram"] or "uniform"]
-        for r in rows
-    ]  # fmt: skip
-    return [
-        "\n## Conversion variants against the uniform rank at the same file size\n",
-        "Per-layer ranks (`target_bpw`: ΔW error, or with calibration the output error on the layers' "
-        f"inputs, E[x²] over {CALIBRATION_BATCHES} training batches) and the activation-weighted solver at a uniform "
-        "rank, judged on held-out loss, paired by seed (same trained LoRA, same held-out set).\n",
-        markdown_table(columns, table),
-        "",
-    ]

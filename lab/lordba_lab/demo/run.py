@@ -37,6 +37,7 @@ from lordba.train.lora import add_lora
 from lordba.train.modes import build_adapter
 from lordba.train.tokenize import Batcher, encode_examples
 from lordba_lab.baselines import QuantizedLoRA, bitdelta, loraquant, rtn
+from lordba_lab.demo.stats import compact_details
 from lordba_lab.tasks import get_task
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -47,6 +48,8 @@ class DemoSettings:
     """The demo's budget; ``QUICK`` is a structural smoke run, ``FULL`` the real comparison."""
 
     task: str = "arithmetic"
+    model: str = "smollm2-135m-instruct"  # an embedded model (lordba_lab.assets.models.MODELS) or a folder
+    base: str = "hqq"  # the 4-bit base's backend (g64): the committed demo was measured on HQQ
     r: int = 16
     small_rank: int = 2
     steps: int = 60  # sized so that the full demo takes about 17 minutes on 2 CPU cores
@@ -56,6 +59,7 @@ class DemoSettings:
     lr_lordba: float = 1e-4  # measured: 1e-3 and 3e-4 were worse in every LoRDBA mode (docs/results/demo)
     train_size: int = 2000
     eval_size: int = 100
+    eval_batch: int = 16  # examples per evaluation forward / generation batch
     targets: tuple[str, ...] = tuple(TARGETS)
     scale_dtype: str = "int8"
     max_length: int = 96
@@ -121,10 +125,11 @@ class Demo:
         from lordba_lab.assets.models import resolve_model_path
 
         self.out, self.s, self.progress = out, settings, progress
-        self.model, self.tok = load_model_and_tokenizer()
+        self.model, self.tok = load_model_and_tokenizer(settings.model)
         # The committed results (docs/results/demo) were measured on an HQQ base: the demo keeps it,
         # so that `lordba demo` reproduces them (lordba train and generate default to q4).
-        quantize_model_cached(self.model, resolve_model_path(None), "hqq", 4, 64, progress=progress)
+        quantize_model_cached(self.model, resolve_model_path(settings.model), settings.base, 4, 64, progress=progress)
+        self.keep_details = False  # rows carry per-example results (lordba reproduce's intervals)
         self.task = get_task(settings.task)
         train = self.task.examples("train", settings.train_size, settings.seed)
         self.eval_examples = self.task.examples("eval", settings.eval_size, settings.seed)
@@ -139,9 +144,18 @@ class Demo:
     def settings(self, steps: int, lr: float) -> TrainSettings:
         return TrainSettings(steps=steps, batch_size=self.s.batch_size, lr=lr, seed=self.s.seed)
 
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module) -> dict:
         new_tokens = self.s.max_new_tokens or self.task.max_new_tokens
-        return evaluate(model, self.tok, self.eval_examples, self.task.score, new_tokens, self.s.max_length)
+        return evaluate(
+            model,
+            self.tok,
+            self.eval_examples,
+            self.task.score,
+            new_tokens,
+            self.s.max_length,
+            self.keep_details,
+            self.s.eval_batch,
+        )
 
     def peak(self, model: torch.nn.Module) -> int | None:
         return _peak_step_bytes(model, self.batcher.batch(0)) if self.s.measure_memory else None
@@ -172,6 +186,8 @@ class Demo:
             "peak_bytes": peak,
             "eval_s": time.perf_counter() - t0,
         }
+        if "per_example" in scores:
+            row["per_example"] = compact_details(scores["per_example"])
         self.rows.append(row)
         if self.progress:
             tqdm.write(
@@ -250,7 +266,7 @@ def _lordba_config(demo: Demo, mode: str, scale_dtype: str | None = None) -> LoR
         target_modules=list(s.targets),
         mode=mode,
         scale_dtype=scale_dtype or s.scale_dtype,
-        base_model_name_or_path="smollm2-135m-instruct",
+        base_model_name_or_path=s.model,
     )
 
 

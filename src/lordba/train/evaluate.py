@@ -21,23 +21,33 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def heldout_loss(model: torch.nn.Module, rows: list[dict], batch_size: int = 16, pad_id: int = 0) -> float:
-    """Token-weighted mean cross-entropy over the completion tokens of ``rows``."""
+def heldout_losses(
+    model: torch.nn.Module, rows: list[dict], batch_size: int = 16, pad_id: int = 0
+) -> list[tuple[float, int]]:
+    """Per row of ``rows`` (encoded examples): ``(summed cross-entropy over its completion tokens, number
+    of those tokens)``, in the rows' order."""
     was_training = model.training
     model.eval()
     device = _device(model)
-    total, count = 0.0, 0
+    out: list[tuple[float, int]] = []
     for i in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum", ignore_index=-100
+            logits[:, :-1].float().transpose(1, 2), labels, reduction="none", ignore_index=-100
         )
-        total += losses.item()
-        count += int((labels != -100).sum())
+        for loss_row, label_row in zip(losses.sum(1).tolist(), (labels != -100).sum(1).tolist()):
+            out.append((float(loss_row), int(label_row)))
     model.train(was_training)
-    return total / max(count, 1) if count else math.nan
+    return out
+
+
+def heldout_loss(model: torch.nn.Module, rows: list[dict], batch_size: int = 16, pad_id: int = 0) -> float:
+    """Token-weighted mean cross-entropy over the completion tokens of ``rows`` (NaN if they have none)."""
+    per_row = heldout_losses(model, rows, batch_size, pad_id)
+    count = sum(n for _, n in per_row)
+    return sum(s for s, _ in per_row) / count if count else math.nan
 
 
 @torch.no_grad()
@@ -81,11 +91,25 @@ def evaluate(
     score: Callable[[str, str], bool] | None,
     max_new_tokens: int,
     max_length: int = 256,
-) -> dict[str, float]:
-    """``{"eval_loss", "metric"}`` on held-out examples (``metric`` only when a scorer is given)."""
+    per_example: bool = False,
+    batch_size: int = 16,
+) -> dict:
+    """``{"eval_loss", "metric"}`` on held-out examples (``metric`` only when a scorer is given).
+
+    ``per_example``: also ``"per_example": {"loss_sum", "tokens"[, "correct"]}``, one entry per
+    example in order (completion cross-entropy summed over its tokens, their number, whether the greedy
+    answer scored), for paired comparisons and confidence intervals. ``batch_size``: examples per
+    forward pass (and per generation batch)."""
     pad = tokenizer.pad_token_id or 0
-    result = {"eval_loss": heldout_loss(model, encode_examples(tokenizer, examples, max_length), pad_id=pad)}
+    rows = heldout_losses(model, encode_examples(tokenizer, examples, max_length), batch_size, pad)
+    count = sum(n for _, n in rows)
+    result: dict = {"eval_loss": sum(s for s, _ in rows) / count if count else math.nan}
+    details: dict[str, list] = {"loss_sum": [s for s, _ in rows], "tokens": [n for _, n in rows]}
     if score is not None:
-        answers = generate_answers(model, tokenizer, examples, max_new_tokens)
-        result["metric"] = sum(score(a, ex.answer) for a, ex in zip(answers, examples)) / len(examples)
+        answers = generate_answers(model, tokenizer, examples, max_new_tokens, batch_size)
+        correct = [bool(score(a, ex.answer)) for a, ex in zip(answers, examples)]
+        result["metric"] = sum(correct) / len(examples)
+        details["correct"] = correct
+    if per_example:
+        result["per_example"] = details
     return result

@@ -26,6 +26,19 @@ def test_quick_reproduce_writes_the_sweep(tmp_path):
     assert {("LoRDBA ptq", "r=4"), ("LoRDBA ptq", "r=16"), ("LoRDBA ptq (float16 scales)", "r=16")} <= families
     assert {("LoRDBA qat", "r=16"), ("LoRDBA scales-only", "r=4"), ("fp16 LoRA", "r=16")} <= families
     assert ("fp16 LoRA (trained at matched bytes)", "r=1") in families
+    assert {("LoRDBA ptq (int4 scales)", "r=4"), ("LoRDBA scales-only (int4 scales)", "r=4")} <= families
+    for p in res["points"]:  # per-example results for the intervals: one per held-out example
+        assert len(p["per_example"]["loss_sum"]) == len(p["per_example"]["correct"]) == 4
+    for row in res["summary"]:
+        assert (
+            row["eval_loss_ci"][0] <= row["eval_loss_mean"] + 1e-9
+            and row["eval_loss_ci"][1] >= row["eval_loss_mean"] - 1e-9
+        )
+    judged = {r["baseline"].split(" ")[0] for r in res["training_free_target"]}
+    assert judged <= {"RTN", "LoRAQuant-style", "BitDelta-style", "fp16"} and judged
+    trained = {r["series"]: r for r in res["trained_target"]}
+    assert {"LoRDBA qat r=16", "LoRDBA scales-only r=4", "LoRDBA scales-only (int4 scales) r=4"} <= set(trained)
+    assert all(r["verdict"] in ("matches", "behind") and r["eval_loss_diff_ci"] for r in trained.values())
     assert {"RTN", "LoRAQuant-style", "BitDelta-style", "fp16 LoRA (SVD-truncated)", "base"} <= {f for f, _ in families}
     for row in res["summary"]:
         assert row["n"] == (1 if row["family"] == "base" else len(seeds))
@@ -49,8 +62,22 @@ def test_quick_reproduce_writes_the_sweep(tmp_path):
     assert sorted(p.name for p in (out / "seeds").iterdir()) == ["seed0.json", "seed1.json"]  # for --resume
     md = (out / "reproduce.md").read_text()
     assert "Spearman" in md and "against the uniform rank at the same file size" in md
+    assert "Target 1: training-free LoRDBA" in md and "Target 2: trained LoRDBA" in md and "95% CI" in md
     for png in ("sweep.png", "error_vs_rmr.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_reproduce_on_a_corpus_task_reports_held_out_loss_only(tmp_path):
+    out = tmp_path / "sotu"
+    args = ["reproduce", "--quick", "--quiet", "--seeds", "1", "--r16-only", "--task", "sotu", "--out", str(out)]
+    assert main(args) == 0
+    res = json.loads((out / "reproduce.json").read_text())
+    assert res["settings"]["demo"]["task"] == "sotu" and res["settings"]["ptq_ranks"] == [16]
+    assert all(r["metric_mean"] is None and r["metric_ci"] is None for r in res["summary"])
+    assert all(r["eval_loss_ci"] is not None for r in res["summary"])
+    assert all("correct" not in p["per_example"] for p in res["points"])
+    assert {r["family"] for r in res["summary"]} >= {"LoRDBA ptq (int4 scales)", "LoRDBA qat (int4 scales)"}
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_seeds_must_be_positive(capsys):
@@ -100,13 +127,15 @@ def test_all_sizes_trains_every_family_at_every_size(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake(out, quick, seeds, progress, all_sizes, resume):
-        seen.update(quick=quick, all_sizes=all_sizes, resume=resume)
+    def fake(out, quick, seeds, progress, all_sizes, resume, r16_only, model, task):
+        seen.update(quick=quick, all_sizes=all_sizes, resume=resume, r16_only=r16_only, model=model, task=task)
         return {"points": []}
 
     monkeypatch.setattr(rep, "run_reproduce", fake)
     assert main(["reproduce", "--all-sizes", "--resume", "--quiet", "--out", str(tmp_path)]) == 0
-    assert seen == {"quick": False, "all_sizes": True, "resume": True}
+    assert seen == {"quick": False, "all_sizes": True, "resume": True, "r16_only": False, "model": None, "task": None}
+    args = ["reproduce", "--r16-only", "--model", "gemma-3-270m", "--quiet", "--out", str(tmp_path)]
+    assert main(args) == 0 and seen["r16_only"] and seen["model"] == "gemma-3-270m"
     assert rep.ALL_SIZES["qat_ranks"] == (4, 8, 16) and rep.ALL_SIZES["lora_small_ranks"] == (1, 2)
 
 

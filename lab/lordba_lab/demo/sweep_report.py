@@ -1,0 +1,124 @@
+"""``lordba reproduce``'s tables: the sweep with 95% intervals, the per-layer-rank comparison and the
+issue's two targets, printed and written as ``reproduce.md``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lordba._util.tables import markdown_table, print_table
+
+CALIBRATION_BATCHES = 8  # training batches whose inputs give the calibration moments
+
+
+def _ci(ci: list | tuple | None, digits: int = 4) -> str:
+    return "" if ci is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def _pm(row: dict, key: str) -> str:
+    mean = row[f"{key}_mean"]
+    if mean is None:
+        return ""
+    return f"{mean:.4f} ± {row[f'{key}_std']:.4f} {_ci(row.get(f'{key}_ci'))}".rstrip()
+
+
+def _title(settings: dict) -> str:
+    d = settings["demo"]
+    return (
+        f"task {d['task']}, model {d['model']}, {d['steps']} steps x batch {d['batch_size']}, "
+        f"targets {','.join(d['targets'])}, 4-bit {d['base']} base, held-out n={d['eval_size']}, "
+        f"seeds {list(settings['seeds'])}"
+    )
+
+
+def write_tables(out: Path, result: dict) -> None:
+    """Print the sweep's table and write ``out/reproduce.md`` from ``result`` (reproduce.json's content)."""
+    columns = ["family", "variant", "bytes", "BPW", "metric: mean ± std [95% CI]", "eval loss: mean ± std [95% CI]",
+               "seeds"]  # fmt: skip
+    summary = result["summary"]
+    table = [[r["family"], r["label"], r["bytes"], r["bpw"], _pm(r, "metric"), _pm(r, "eval_loss"), r["n"]]
+             for r in summary]  # fmt: skip
+    title = _title(result["settings"])
+    print_table(title, columns, table)
+    hw = result["hardware"]
+    md = [
+        "# lordba reproduce: quality against adapter size\n",
+        f"{title}. Run time {result['seconds']:.0f} s on {hw['cpu']} ({hw['torch_threads']} threads), "
+        f"torch {hw['torch']}.\n",
+        "BPW: payload bits per parameter of the fp16 LoRA r=16 basis (scales and group scales included). "
+        "Metric: exact match of greedy answers; eval loss: completion cross-entropy. Intervals: 95%, a "
+        "bootstrap over seeds and held-out examples (`lordba_lab.demo.stats`); differences are paired "
+        "(same seeds, same examples).\n",
+        markdown_table(columns, table),
+        *_targets(result),
+        f"\nPer-layer relative reconstruction error of the r=16 PTQ conversion against the mean RMR of the "
+        f"LoRA factors: Spearman ρ = {result['rmr_error_spearman']:.3f} over "
+        f"{len(result['conversion_layers'])} layers.\n",
+        *_allocation_table(result["allocation_vs_uniform"]),
+        "![sweep](sweep.png)\n\n![error vs RMR](error_vs_rmr.png)\n",
+    ]
+    (out / "reproduce.md").write_text("\n".join(md))
+
+
+def _diff(row: dict, key: str) -> str:
+    d = row.get(f"{key}_diff")
+    return "" if d is None else f"{d:+.4f} {_ci(row.get(f'{key}_diff_ci'))}".rstrip()
+
+
+def _targets(result: dict) -> list[str]:
+    """The two targets as markdown sections (none where the run has no such points)."""
+    lines: list[str] = []
+    free = result.get("training_free_target") or []
+    if free:
+        columns = ["baseline", "BPW", "loss", "best LoRDBA at ≤ its bytes", "BPW", "loss",
+                   "loss: LoRDBA − baseline [95% CI]", "exact match: LoRDBA − baseline [95% CI]", "LoRDBA's loss is",
+                   "smallest LoRDBA significantly lower"]  # fmt: skip
+        table = [[r["baseline"], r["baseline_bpw"], r["baseline_loss"], r["lordba"] or "", r.get("lordba_bpw"),
+                  r.get("lordba_loss"), _diff(r, "eval_loss"), _diff(r, "metric"), r["verdict"],
+                  f"{r['smallest_lower'][1]} ({r['smallest_lower'][0]:.3g} BPW)" if r.get("smallest_lower") else ""]
+                 for r in free]  # fmt: skip
+        lines += [
+            "\n## Target 1: training-free LoRDBA against the training-free baselines\n",
+            "For each baseline between 0.75 and 2.5 BPW: the training-free LoRDBA point (any conversion variant) "
+            "with the lowest mean held-out loss among those at equal or fewer bytes. `lower`: the paired 95% "
+            "interval of the loss difference lies below 0.\n",
+            markdown_table(columns, table),
+        ]
+    trained = result.get("trained_target") or []
+    if trained:
+        columns = ["trained LoRDBA", "BPW", "loss", "exact match", "loss − fp16 LoRA r=16 [95% CI]", "seed spread",
+                   "exact match − fp16 LoRA r=16 [95% CI]", "≤ 1.5 BPW", "verdict"]  # fmt: skip
+        table = [[r["series"], r["bpw"], r["loss"], r["metric"], _diff(r, "eval_loss"), r["loss_spread"],
+                  _diff(r, "metric"), "yes" if r["in_target_size"] else "no", r["verdict"]]
+                 for r in trained]  # fmt: skip
+        lines += [
+            "\n## Target 2: trained LoRDBA against the fp16 LoRA r=16\n",
+            "`matches`: the loss difference is within the seed spread (the larger sample std over seeds of the "
+            "two) or negative, and the exact-match interval reaches 0 or above.\n",
+            markdown_table(columns, table),
+        ]
+    return lines
+
+
+def _allocation_table(rows: list[dict]) -> list[str]:
+    """The variants-against-uniform comparison as markdown lines (none without such points)."""
+    if not rows:
+        return []
+    columns = ["uniform r", "variant", "file bytes (uniform / variant)", "ΔW rel. error (uniform / variant)",
+               "held-out loss (uniform / variant)", "loss: variant − uniform (mean ± std)",
+               "exact match: variant − uniform", "seeds variant wins", "ranks"]  # fmt: skip
+    table = [
+        [r["uniform_rank"], r["variant"], f"{r['uniform_file_bytes']:,} / {r['allocated_file_bytes']:,}",
+         f"{r['uniform_rel_error']:.4f} / {r['allocated_rel_error']:.4f}",
+         f"{r['uniform_loss_mean']:.4f} / {r['allocated_loss_mean']:.4f}",
+         f"{r['loss_diff_mean']:+.4f} ± {r['loss_diff_std']:.4f}", f"{r['metric_diff_mean']:+.3f}",
+         f"{r['allocated_wins']} / {r['seeds']}", r["rank_histogram"] or "uniform"]
+        for r in rows
+    ]  # fmt: skip
+    return [
+        "\n## Conversion variants against the uniform rank at the same file size\n",
+        "Per-layer ranks (`target_bpw`: ΔW error, or with calibration the output error on the layers' "
+        f"inputs, E[x²] over {CALIBRATION_BATCHES} training batches) and the activation-weighted solver at a uniform "
+        "rank, judged on held-out loss, paired by seed (same trained LoRA, same held-out set).\n",
+        markdown_table(columns, table),
+        "",
+    ]

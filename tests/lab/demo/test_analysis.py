@@ -1,0 +1,66 @@
+"""The issue's targets checked on synthetic sweeps: which baseline LoRDBA beats, which trained point matches."""
+
+from lordba_lab.demo.analysis import summarize, trained_target, training_free_target
+from lordba_lab.demo.stats import compact_details
+
+N = 200
+
+
+def _series(family, label, nbytes, bpw, loss, rate, seeds=(0, 1, 2)):
+    pts = []
+    for s in seeds:
+        k = int(rate * N)
+        correct = [i < k for i in range(N)]
+        losses = [loss + 0.05 * ((i * 7 + s) % 5 - 2) for i in range(N)]  # per-example noise, mean `loss`
+        details = compact_details({"correct": correct, "loss_sum": losses, "tokens": [1] * N})
+        pts.append({
+            "seed": s, "family": family, "label": label, "bytes": nbytes, "bpw": bpw, "eval_loss": loss + 0.001 * s,
+            "metric": k / N, "per_example": details,
+        })  # fmt: skip
+    return pts
+
+
+def test_training_free_target_picks_the_best_lordba_at_or_below_each_baselines_bytes():
+    pts = (
+        _series("LoRDBA ptq", "r=8", 600, 1.0, 0.80, 0.8)
+        + _series("LoRDBA ptq", "r=16", 900, 1.5, 0.70, 0.85)
+        + _series("LoRAQuant-style", "2-bit head", 800, 1.34, 0.75, 0.8)
+        + _series("BitDelta-style", "sign", 610, 1.0, 0.90, 0.5)
+        + _series("RTN", "3-bit g64", 2100, 3.5, 0.60, 0.9)  # outside 0.75-2.5 BPW: not judged
+    )
+    rows = {r["baseline"]: r for r in training_free_target(pts)}
+    assert set(rows) == {"LoRAQuant-style 2-bit head", "BitDelta-style sign"}
+    lq = rows["LoRAQuant-style 2-bit head"]  # only r=8 fits in 800 bytes, and its loss is higher
+    assert lq["lordba"] == "LoRDBA ptq r=8" and lq["verdict"] == "higher" and lq["eval_loss_diff"] > 0
+    assert lq["smallest_lower"] is None
+    bd = rows["BitDelta-style sign"]  # nothing at <= 610 bytes but r=8 (600)
+    assert bd["lordba"] == "LoRDBA ptq r=8" and bd["verdict"] == "lower"
+    assert bd["eval_loss_diff_ci"][1] < 0 and bd["metric_diff_ci"][0] > 0
+    assert bd["smallest_lower"] == (1.0, "LoRDBA ptq r=8")
+
+
+def test_a_baseline_smaller_than_every_lordba_point_has_no_comparison():
+    pts = _series("LoRDBA ptq", "r=8", 600, 1.0, 0.8, 0.8) + _series(
+        "fp16 LoRA (SVD-truncated)", "r=1", 500, 0.8, 1, 0.5
+    )
+    (row,) = training_free_target(pts)
+    assert row["lordba"] is None and row["verdict"] == "no LoRDBA at <= its bytes"
+
+
+def test_trained_target_matches_within_the_seed_spread_and_the_exact_match_interval():
+    ref = _series("fp16 LoRA", "r=16", 9000, 16, 0.50, 0.90)
+    close = _series("LoRDBA qat (int4 scales)", "r=16", 700, 1.27, 0.5005, 0.90)
+    behind = _series("LoRDBA qat", "r=16", 900, 1.52, 0.60, 0.70)
+    rows = {r["series"]: r for r in trained_target(ref + close + behind, ("fp16 LoRA", "r=16"))}
+    assert rows["LoRDBA qat (int4 scales) r=16"]["verdict"] == "matches"
+    assert rows["LoRDBA qat (int4 scales) r=16"]["in_target_size"]
+    assert rows["LoRDBA qat r=16"]["verdict"] == "behind" and not rows["LoRDBA qat r=16"]["in_target_size"]
+    assert rows["LoRDBA qat r=16"]["metric_diff_ci"][1] < 0
+
+
+def test_summary_carries_intervals_around_the_mean():
+    (row,) = summarize(_series("LoRDBA ptq", "r=8", 600, 1.0, 0.8, 0.8))
+    lo, hi = row["metric_ci"]
+    assert lo <= row["metric_mean"] <= hi and lo < hi
+    lo, hi = row["eval_loss_ci"]
+    assert lo < 0.8 < hi

@@ -1,0 +1,55 @@
+"""Held-out evaluation: per-example losses (padding-independent), their token-weighted mean, and the
+per-example record ``evaluate`` returns for paired intervals."""
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lordba.train.evaluate import evaluate, heldout_loss, heldout_losses
+from lordba.train.records import Example
+from lordba_lab.assets import load_model_and_tokenizer
+
+from conftest import TINY, tiny_llama
+
+
+def _rows():
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n, prompt in ((5, 2), (9, 4), (3, 1), (12, 6), (7, 7)):  # the last: no completion tokens
+        ids = torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def test_per_row_losses_do_not_depend_on_the_batch_they_are_padded_into():
+    model, rows = tiny_llama(0), _rows()
+    alone = [heldout_losses(model, [r], batch_size=1)[0] for r in rows]
+    batched = heldout_losses(model, rows, batch_size=4)
+    assert [n for _, n in batched] == [n - p for n, p in ((5, 2), (9, 4), (3, 1), (12, 6), (7, 7))]
+    assert [s for s, _ in batched] == pytest.approx([s for s, _ in alone], rel=1e-5)
+    assert batched[-1] == (0.0, 0)
+    mean = sum(s for s, _ in batched) / sum(n for _, n in batched)
+    assert heldout_loss(model, rows, batch_size=2) == pytest.approx(mean, rel=1e-5)
+    assert math.isnan(heldout_loss(model, rows[-1:]))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_model_and_tokenizer()[1]
+
+
+def test_evaluate_returns_one_record_per_example_matching_its_aggregates(tokenizer):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": len(tokenizer)})).eval()
+    examples = [Example((("user", f"Say {w}"),), w, w) for w in ("one", "two", "three")]
+    scores = iter([True, False, True])
+    out = evaluate(model, tokenizer, examples, lambda a, b: next(scores), 2, per_example=True, batch_size=2)
+    d = out["per_example"]
+    assert d["correct"] == [True, False, True] and out["metric"] == pytest.approx(2 / 3)
+    assert len(d["loss_sum"]) == len(d["tokens"]) == 3 and all(n > 0 for n in d["tokens"])
+    assert out["eval_loss"] == pytest.approx(sum(d["loss_sum"]) / sum(d["tokens"]))
+    plain = evaluate(model, tokenizer, examples, None, 2)
+    assert "per_example" not in plain and "metric" not in plain
+    assert plain["eval_loss"] == pytest.approx(out["eval_loss"], rel=1e-5)
