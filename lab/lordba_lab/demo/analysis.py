@@ -87,7 +87,7 @@ def _sign(ci: tuple[float, float] | None) -> str:
 
 def training_free_target(points: list[dict]) -> list[dict]:
     """Per training-free baseline point in :data:`BPW_RANGE`: the training-free LoRDBA point of lowest mean
-    held-out loss among those at equal or fewer bytes, its paired loss and exact-match differences
+    held-out loss among those at equal or fewer bytes (in every seed), its paired loss and exact-match differences
     (LoRDBA minus baseline), and the verdict (``lower``: the loss interval is below 0); plus the
     smallest LoRDBA point whose loss is significantly lower."""
     groups, draws = series(points), shared_draws(points)
@@ -100,7 +100,8 @@ def training_free_target(points: list[dict]) -> list[dict]:
         row = {"baseline": f"{family} {label}", "baseline_bpw": bpw, "baseline_loss": _mean(ps, "eval_loss"),
                "baseline_metric": _mean(ps, "metric"), "lordba": None,
                "verdict": "no LoRDBA at <= its bytes"}  # fmt: skip
-        fits = [(k, q) for k, q in ours if q[0]["bytes"] <= ps[0]["bytes"] and len(q) == len(ps)]
+        budget = min(p["bytes"] for p in ps)  # sizes that vary by seed (LoRAQuant's): LoRDBA's largest must fit
+        fits = [(k, q) for k, q in ours if max(p["bytes"] for p in q) <= budget and len(q) == len(ps)]
         if fits:
             (f, lab), best = min(fits, key=lambda kv: _mean(kv[1], "eval_loss"))
             row.update(lordba=f"{f} {lab}", lordba_bpw=best[0]["bpw"], lordba_loss=_mean(best, "eval_loss"),

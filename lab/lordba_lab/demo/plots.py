@@ -98,11 +98,27 @@ def _error_bars(rows: list[dict], key: str) -> list | list[list[float]]:
     return [r[f"{key}_std"] for r in rows]
 
 
-def sweep(summary: list[dict], path: Path, metric_name: str) -> Path:
+def _zoom_loss(ax: plt.Axes, summary: list[dict], lines: list[dict]) -> None:
+    """Keep the adapters near the fp16 LoRA readable: the loss axis stops at 2x the LoRA's loss, and
+    the points above it are named in the legend with their value."""
+    ref = next((r for r in summary if r.get("reference") and r["eval_loss_mean"] is not None), None)
+    if ref is None:
+        return
+    top = 2.0 * ref["eval_loss_mean"]
+    above = [r for r in lines if r["eval_loss_mean"] is not None and r["eval_loss_mean"] > top]
+    if not above:
+        return
+    low = min(r["eval_loss_mean"] for r in lines if r["eval_loss_mean"] is not None)
+    ax.set_ylim(0.8 * min(low, ref["eval_loss_mean"]), top)
+    for r in above:
+        ax.plot([], [], " ", label=f"{r['family']} {r['label']}: {r['eval_loss_mean']:.3g} (off scale)")
+
+
+def sweep(summary: list[dict], path: Path, metric_name: str, setting: str = "") -> Path:
     """The BPW sweep (the paper's Fig. 3): metric and held-out loss against bits per weight, one line
     per method family, error bars = the 95% intervals where the summary has them (else the standard
     deviation over seeds); the fp16 LoRA r=16 and the base model as horizontal references."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6.2))
     for ax, key, label in ((axes[0], "metric", metric_name), (axes[1], "eval_loss", "held-out loss (lower is better)")):
         lines = [r for r in summary if r["family"] != "base" and not r.get("reference")]
         for family in dict.fromkeys(r["family"] for r in lines):
@@ -133,16 +149,25 @@ def sweep(summary: list[dict], path: Path, metric_name: str) -> Path:
                     ax.plot([], [], " ", label=f"{name}: {row[f'{key}_mean']:.3g} (off scale)")
                     continue
                 ax.axhline(row[f"{key}_mean"], color=style[0], ls=style[1], lw=1, label=name)
+        if key == "eval_loss":
+            _zoom_loss(ax, summary, lines)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("bits per weight (LoRA r=16 basis, payload; log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    # the series once, below both panels; each panel keeps its own notes (references, off-scale points)
+    handles, labels = axes[0].get_legend_handles_labels()
+    series = [(h, lab) for h, lab in zip(handles, labels) if lab not in ("base", "fp16 LoRA r=16")]
+    if series:
+        fig.legend(*zip(*series), loc="lower center", ncol=4, fontsize=7, frameon=False)
     for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        notes = [(h, lab) for h, lab in zip(*ax.get_legend_handles_labels()) if lab not in {x for _, x in series}]
+        if notes:
+            ax.legend(*zip(*notes), fontsize=7, loc="upper right")
     intervals = all(r.get("eval_loss_ci") for r in summary if r["family"] != "base")
-    fig.suptitle(f"Quality against adapter size (mean over seeds, {'95% interval' if intervals else '± std'})")
-    fig.tight_layout()
+    what = f"{setting}: quality" if setting else "Quality"
+    fig.suptitle(f"{what} against adapter size (mean over seeds, {'95% interval' if intervals else '± std'})")
+    fig.tight_layout(rect=(0, 0.17 if series else 0, 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path

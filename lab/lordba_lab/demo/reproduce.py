@@ -239,9 +239,12 @@ def _settings_key(settings: ReproduceSettings) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _keep_seed(out: Path, settings: ReproduceSettings, seed: int, points: list[dict], layers: list[dict]) -> None:
-    """Write one finished seed's points (atomically) so that ``resume`` can skip it."""
+def _keep_seed(
+    out: Path, settings: ReproduceSettings, seed: int, points: list[dict], layers: list[dict], seconds: float = 0.0
+) -> None:
+    """Write one finished seed's points (atomically) so that ``resume`` can skip it; ``seconds``: its run time."""
     record = {"settings_key": _settings_key(settings), "seed": seed, "points": points, "layers": layers}
+    record["seconds"] = seconds
     path = _seed_file(out, seed)
     path.parent.mkdir(exist_ok=True)
     atomic_write_bytes(path, (json.dumps(record) + "\n").encode())
@@ -257,6 +260,14 @@ def _kept_seed(out: Path, settings: ReproduceSettings, seed: int) -> tuple[list[
     if not isinstance(record, dict) or record.get("settings_key") != _settings_key(settings):
         return None
     return record["points"], record["layers"]
+
+
+def _kept_seconds(out: Path, seed: int) -> float | None:
+    """The recorded run time of a kept seed (``None`` for records written before it was kept)."""
+    try:
+        return json.loads(_seed_file(out, seed).read_text()).get("seconds")
+    except (OSError, ValueError):
+        return None
 
 
 def run_reproduce(
@@ -295,6 +306,7 @@ def run_reproduce(
     points: list[dict] = []
     layers: list[dict] = []
     fixed_eval = None
+    seed_seconds: dict[int, float | None] = {}
     for i, seed in enumerate(settings.seeds):
         kept = _kept_seed(out, settings, seed) if resume else None
         if kept is None or fixed_eval is None:
@@ -306,8 +318,12 @@ def run_reproduce(
             points.append({"seed": seed, "family": "base", "label": "", **base})
         if kept is None:
             demo.eval_examples = fixed_eval
+            t_seed = time.perf_counter()
             kept = _one_seed(demo, settings, seed)
-            _keep_seed(out, settings, seed, *kept)
+            seed_seconds[seed] = time.perf_counter() - t_seed
+            _keep_seed(out, settings, seed, *kept, seed_seconds[seed])
+        else:
+            seed_seconds[seed] = _kept_seconds(out, seed)
         points += kept[0]
         layers += kept[1]
         if progress:
@@ -318,6 +334,7 @@ def run_reproduce(
         "settings": dataclasses.asdict(settings),
         "hardware": hardware(),
         "seconds": time.perf_counter() - t0,
+        "seed_seconds": seed_seconds,  # None: read back from seeds/ without a recorded time
         "summary": summary,
         "training_free_target": training_free_target(points),
         "trained_target": trained_target(points, (LORA, f"r={settings.demo.r}")),
@@ -329,7 +346,7 @@ def run_reproduce(
     (out / "reproduce.json").write_text(json.dumps(result, indent=1) + "\n")
     write_tables(out, result)
     d = settings.demo
-    sweep(summary, out / "sweep.png", f"{d.task} on {d.model}: exact match (held-out n={d.eval_size})")
+    sweep(summary, out / "sweep.png", f"exact match (held-out n={d.eval_size})", f"{d.task} on {d.model}")
     if layers:
         error_vs_rmr(layers, out / "error_vs_rmr.png")
     return result

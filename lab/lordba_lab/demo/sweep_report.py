@@ -42,8 +42,7 @@ def write_tables(out: Path, result: dict) -> None:
     hw = result["hardware"]
     md = [
         "# lordba reproduce: quality against adapter size\n",
-        f"{title}. Run time {result['seconds']:.0f} s on {hw['cpu']} ({hw['torch_threads']} threads), "
-        f"torch {hw['torch']}.\n",
+        f"{title}. {_run_time(result)} on {hw['cpu']} ({hw['torch_threads']} threads), torch {hw['torch']}.\n",
         "BPW: payload bits per parameter of the fp16 LoRA r=16 basis (scales and group scales included). "
         "Metric: exact match of greedy answers; eval loss: completion cross-entropy. Intervals: 95%, a "
         "bootstrap over seeds and held-out examples (`lordba_lab.demo.stats`); differences are paired "
@@ -57,6 +56,13 @@ def write_tables(out: Path, result: dict) -> None:
         "![sweep](sweep.png)\n\n![error vs RMR](error_vs_rmr.png)\n",
     ]
     (out / "reproduce.md").write_text("\n".join(md))
+
+
+def _run_time(result: dict) -> str:
+    """This invocation's time, and each seed's (kept seeds read back from ``seeds/`` say so)."""
+    per_seed = result.get("seed_seconds") or {}
+    seeds = ", ".join(f"seed {k}: {'not recorded' if v is None else f'{v:.0f} s'}" for k, v in per_seed.items())
+    return f"Run time {result['seconds']:.0f} s for this invocation" + (f" (per seed: {seeds})" if seeds else "")
 
 
 def _diff(row: dict, key: str) -> str:

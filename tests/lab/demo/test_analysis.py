@@ -64,3 +64,11 @@ def test_summary_carries_intervals_around_the_mean():
     assert lo <= row["metric_mean"] <= hi and lo < hi
     lo, hi = row["eval_loss_ci"]
     assert lo < 0.8 < hi
+
+
+def test_a_baseline_whose_size_varies_by_seed_is_judged_at_its_smallest():
+    lq = _series("LoRAQuant-style", "2-bit head", 800, 1.34, 0.9, 0.5)
+    lq[1]["bytes"] = 700  # one seed's adaptive head is smaller: a 750-byte LoRDBA does not fit
+    pts = lq + _series("LoRDBA ptq", "r=8", 750, 1.2, 0.8, 0.8) + _series("LoRDBA ptq", "r=4", 650, 0.9, 0.85, 0.7)
+    (row,) = training_free_target(pts)
+    assert row["lordba"] == "LoRDBA ptq r=4" and row["verdict"] == "lower"
