@@ -35,6 +35,41 @@ def test_per_row_losses_do_not_depend_on_the_batch_they_are_padded_into():
     assert math.isnan(heldout_loss(model, rows[-1:]))
 
 
+def _full_logits_reference(model, rows):
+    out = []
+    for r in rows:
+        ids = torch.tensor([r["input_ids"]])
+        logits = model(input_ids=ids).logits[0, :-1]
+        labels = torch.tensor(r["labels"][1:])
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum", ignore_index=-100)
+        out.append((float(loss), int((labels != -100).sum())))
+    return out
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep`` (the evaluation falls back to all positions)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_only_the_completion_positions_reach_the_head_and_the_losses_are_the_full_ones():
+    model, rows = tiny_llama(0), _rows()
+    reference = _full_logits_reference(model, rows)
+    for m in (model, _NoLogitsToKeep(model)):
+        got = heldout_losses(m, rows, batch_size=3)
+        assert [n for _, n in got] == [n for _, n in reference]
+        assert [s for s, _ in got] == pytest.approx([s for s, _ in reference], rel=1e-5, abs=1e-6)
+    seen = []
+    model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[1]))
+    heldout_losses(model, rows[:2], batch_size=2)  # prompts of 2 and 4 tokens: the head sees from position 1
+    assert seen == [9 - 1]
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_model_and_tokenizer()[1]

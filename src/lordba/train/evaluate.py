@@ -20,6 +20,17 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _completion_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+    """The logits of the last ``keep`` positions: transformers' ``logits_to_keep`` spares the output head
+    the prompt positions (a 262k-token head made them most of the evaluation); models without it are
+    run in full and sliced."""
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    except TypeError:  # a forward without logits_to_keep
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[:, -keep:]
+
+
 @torch.no_grad()
 def heldout_losses(
     model: torch.nn.Module, rows: list[dict], batch_size: int = 16, pad_id: int = 0
@@ -32,13 +43,19 @@ def heldout_losses(
     out: list[tuple[float, int]] = []
     for i in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
+        labels = batch["labels"]
+        length = labels.shape[1]
+        labelled = (labels[:, 1:] != -100).any(0).nonzero()
+        if len(labelled) == 0:  # nothing to score in this batch
+            out += [(0.0, 0)] * labels.shape[0]
+            continue
+        keep = length - int(labelled[0])  # logits from the position before the first scored token on
+        logits = _completion_logits(model, batch, keep)
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), labels, reduction="none", ignore_index=-100
+            logits[:, :-1].float().transpose(1, 2), labels[:, length - keep + 1 :], reduction="none", ignore_index=-100
         )
-        for loss_row, label_row in zip(losses.sum(1).tolist(), (labels != -100).sum(1).tolist()):
-            out.append((float(loss_row), int(label_row)))
+        counts = (labels[:, length - keep + 1 :] != -100).sum(1)
+        out += [(float(x), int(n)) for x, n in zip(losses.sum(1).tolist(), counts.tolist())]
     model.train(was_training)
     return out
 
