@@ -71,16 +71,18 @@ class Task:
         return self.make(split, n, seed)
 
 
+def _held_out(key: str) -> bool:
+    """A fixed 20% of the items, by a hash of ``key``: independent of the seed."""
+    return hashlib.sha256(key.encode()).digest()[0] < 52
+
+
 def _sentiment(split: str, n: int, seed: int) -> list[Example]:
     from lordba_lab.assets import ensure_vader_movies
 
     rows = [json.loads(line) for line in ensure_vader_movies().read_text().splitlines()]
     rows = [r for r in rows if abs(r["rating"]) >= 0.5]
 
-    def in_eval(text: str) -> bool:  # fixed 20% held out, independent of the seed
-        return hashlib.sha256(text.encode()).digest()[0] < 52
-
-    rows = [r for r in rows if in_eval(r["text"]) == (split == "eval")]
+    rows = [r for r in rows if _held_out(r["text"]) == (split == "eval")]
     order = sorted(rows, key=lambda r: hashlib.sha256(f"{seed}:{r['text']}".encode()).hexdigest())
     pos = [r for r in order if r["rating"] > 0]
     neg = [r for r in order if r["rating"] < 0]
@@ -96,14 +98,11 @@ def _sentiment(split: str, n: int, seed: int) -> list[Example]:
 def _sotu(split: str, n: int, seed: int) -> list[Example]:
     from lordba_lab.assets.corpus import ensure_sotu
 
-    def in_eval(address: dict) -> bool:  # fixed 20% of the addresses, independent of the seed
-        return hashlib.sha256(f"{address['year']}:{address['speaker']}".encode()).digest()[0] < 52
-
     passages = []
     for address in map(json.loads, ensure_sotu().read_text().splitlines()):
-        if in_eval(address) == (split == "eval"):
+        key = f"{address['year']}:{address['speaker']}"
+        if _held_out(key) == (split == "eval"):  # whole addresses
             words = address["text"].split()
-            key = f"{address['year']}:{address['speaker']}"
             passages += [(f"{key}:{i}", " ".join(words[i : i + 56])) for i in range(0, len(words) - 55, 56)]
     passages.sort(key=lambda p: hashlib.sha256(f"{seed}:{p[0]}".encode()).hexdigest())
     return [Example((), text) for _, text in passages[:n]]

@@ -1,8 +1,9 @@
-"""Cache location and verified package downloads (pip only talks to the configured registries)."""
+"""Cache location and verified package downloads (pip and npm only talk to the configured registries)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,32 +14,36 @@ from lordba._util.hashing import file_sha256
 from lordba.errors import LoRDBAError
 
 
-def pip_download(requirement: str, sha256: str | None, binary: bool = True) -> Path:
-    """Download one distribution file (no dependencies) and check its sha256; returns its path."""
+def _download(cmd: list[str], spec: str, tool: str, sha256: str | None, pattern: str = "*") -> Path:
+    """Run ``cmd`` (with ``{dest}`` standing for a fresh directory) to download exactly one file, check its
+    sha256 and move it into the cache's downloads; a failed or refused download leaves nothing there."""
     dest = cache_dir() / "downloads"
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        kind = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-q",
-            *kind,
-            requirement,
-            "-d",
-            tmp,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        files = list(Path(tmp).iterdir())
+        proc = subprocess.run([a.replace("{dest}", tmp) for a in cmd], capture_output=True, text=True, cwd=tmp)
+        files = list(Path(tmp).glob(pattern))
         if proc.returncode != 0 or len(files) != 1:
-            raise LoRDBAError(f"could not download {requirement} with pip: {proc.stderr.strip()[-500:]}")
+            raise LoRDBAError(f"could not download {spec} with {tool}: {proc.stderr.strip()[-500:]}")
         got = file_sha256(files[0])
         if sha256 is not None and got != sha256:
-            raise LoRDBAError(f"{requirement}: sha256 {got} differs from the expected {sha256}; refusing it")
+            raise LoRDBAError(f"{spec}: sha256 {got} differs from the expected {sha256}; refusing it")
         final = dest / files[0].name
         os.replace(files[0], final)
     return final
+
+
+def pip_download(requirement: str, sha256: str | None, binary: bool = True) -> Path:
+    """Download one distribution file (no dependencies) and check its sha256; returns its path."""
+    kind = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", *kind,
+           requirement, "-d", "{dest}"]  # fmt: skip
+    return _download(cmd, requirement, "pip", sha256)
+
+
+def npm_pack(spec: str, sha256: str) -> Path:
+    """Download one npm package tarball (``npm pack``, no install, no scripts) into the cache and check
+    its sha256; returns its path. :class:`LoRDBAError` if npm is missing, fails, or the hash differs."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise LoRDBAError(f"fetching {spec} needs npm (Debian package 'npm'), which is not on PATH")
+    return _download([npm, "pack", spec, "--pack-destination", "{dest}", "--silent"], spec, "npm pack", sha256, "*.tgz")

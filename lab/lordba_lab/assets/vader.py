@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
 from lordba._util.cachedir import cache_dir
 from lordba.errors import LoRDBAError
+from lordba.format.atomic import atomic_write_bytes
 from lordba_lab.assets.fetch import pip_download
 
 SDIST = "vadersentiment==3.3.2"
@@ -43,7 +43,5 @@ def ensure_vader_movies() -> Path:
         if len(parts) >= 3:
             rows.append({"text": parts[2].strip(), "rating": float(parts[1])})
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".partial")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, out)
+    atomic_write_bytes(out, "".join(json.dumps(r) + "\n" for r in rows).encode())
     return out

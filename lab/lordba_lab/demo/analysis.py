@@ -59,7 +59,7 @@ def summarize(points: list[dict]) -> list[dict]:
         row = {"family": family, "label": label, "n": len(ps), "bytes": ps[0]["bytes"], "bpw": ps[0]["bpw"]}
         for key, stat in (("metric", "metric"), ("eval_loss", "loss")):
             vals = [p[key] for p in ps if p.get(key) is not None]
-            row[f"{key}_mean"] = statistics.fmean(vals) if vals else None
+            row[f"{key}_mean"] = _mean(ps, key)
             row[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
             d = _draws(ps, stat, draws) if vals else None
             row[f"{key}_ci"] = interval(d) if d is not None else None

@@ -50,8 +50,10 @@ from lordba_lab.demo.analysis import (
 )
 from lordba_lab.demo.families import (
     AGAINST_UNIFORM,
+    BITDELTA,
     LORA,
     LORA_SMALL,
+    LORAQUANT,
     LORDBA_ALLOCATED,
     LORDBA_ALLOCATED_CAL,
     LORDBA_CALIBRATED,
@@ -62,6 +64,7 @@ from lordba_lab.demo.families import (
     LORDBA_QAT_INT4,
     LORDBA_SCALES,
     LORDBA_SCALES_INT4,
+    RTN,
     TRUNCATED,
 )
 from lordba_lab.demo.run import FULL, Demo, DemoSettings, _payload_lora, _train_lora, replaced_factors
@@ -146,10 +149,10 @@ def _one_seed(demo: Demo, settings: ReproduceSettings, seed: int) -> tuple[list[
     peft_model, _, _ = _train_lora(demo, s.r, f"seed {seed}: fp16 LoRA r={s.r}")
     point(LORA, f"r={s.r}", demo.lora_ref_bytes, peft_model, reference=True)
     variants = [(TRUNCATED, f"r={k}", lambda A, B, k=k: svd_truncate(A, B, k)) for k in settings.truncate_ranks]
-    variants += [("RTN", f"{b}-bit g64", lambda A, B, b=b: rtn(A, B, b, 64)) for b in settings.rtn_bits]
+    variants += [(RTN, f"{b}-bit g64", lambda A, B, b=b: rtn(A, B, b, 64)) for b in settings.rtn_bits]
     variants += [
-        ("LoRAQuant-style", "2-bit head + 1-bit tail", lambda A, B: loraquant(A, B, 2, 0.8, 128)),
-        ("BitDelta-style", "sign x 1 scale/matrix", bitdelta),
+        (LORAQUANT, "2-bit head + 1-bit tail", lambda A, B: loraquant(A, B, 2, 0.8, 128)),
+        (BITDELTA, "sign x 1 scale/matrix", bitdelta),
     ]
     for family, label, quantize in variants:
         with replaced_factors(peft_model, quantize) as nbytes:
@@ -250,24 +253,23 @@ def _keep_seed(
     atomic_write_bytes(path, (json.dumps(record) + "\n").encode())
 
 
-def _kept_seed(out: Path, settings: ReproduceSettings, seed: int) -> tuple[list[dict], list[dict]] | None:
-    """A finished seed's ``(points, layers)`` from an earlier run with the same settings, else ``None``
-    (absent, unreadable, or written under other settings: that seed runs again)."""
+def _kept_record(out: Path, settings: ReproduceSettings, seed: int) -> dict | None:
+    """A finished seed's record (``points``, ``layers``, ``seconds`` where recorded) from an earlier run with
+    the same settings, else ``None`` (absent, unreadable, or written under other settings: that seed runs
+    again)."""
     try:
         record = json.loads(_seed_file(out, seed).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("settings_key") != _settings_key(settings):
         return None
-    return record["points"], record["layers"]
+    return record
 
 
-def _kept_seconds(out: Path, seed: int) -> float | None:
-    """The recorded run time of a kept seed (``None`` for records written before it was kept)."""
-    try:
-        return json.loads(_seed_file(out, seed).read_text()).get("seconds")
-    except (OSError, ValueError):
-        return None
+def _kept_seed(out: Path, settings: ReproduceSettings, seed: int) -> tuple[list[dict], list[dict]] | None:
+    """A finished seed's ``(points, layers)`` (:func:`_kept_record`), else ``None``."""
+    record = _kept_record(out, settings, seed)
+    return None if record is None else (record["points"], record["layers"])
 
 
 def run_reproduce(
@@ -308,7 +310,8 @@ def run_reproduce(
     fixed_eval = None
     seed_seconds: dict[int, float | None] = {}
     for i, seed in enumerate(settings.seeds):
-        kept = _kept_seed(out, settings, seed) if resume else None
+        record = _kept_record(out, settings, seed) if resume else None
+        kept = None if record is None else (record["points"], record["layers"])
         if kept is None or fixed_eval is None:
             demo = Demo(out, dataclasses.replace(settings.demo, seed=seed), progress)
             demo.keep_details = True
@@ -323,7 +326,7 @@ def run_reproduce(
             seed_seconds[seed] = time.perf_counter() - t_seed
             _keep_seed(out, settings, seed, *kept, seed_seconds[seed])
         else:
-            seed_seconds[seed] = _kept_seconds(out, seed)
+            seed_seconds[seed] = record.get("seconds")  # None: kept before its time was recorded
         points += kept[0]
         layers += kept[1]
         if progress:

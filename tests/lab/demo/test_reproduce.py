@@ -142,12 +142,12 @@ def test_all_sizes_trains_every_family_at_every_size(monkeypatch, tmp_path):
 def test_a_finished_seed_is_kept_for_resume_under_the_same_settings_only(tmp_path):
     import dataclasses
 
-    from lordba_lab.demo.reproduce import QUICK, _keep_seed, _kept_seconds, _kept_seed
+    from lordba_lab.demo.reproduce import QUICK, _keep_seed, _kept_record, _kept_seed
 
     pts, layers = [{"seed": 1, "family": "X", "label": "a", "eval_loss": 0.5}], [{"seed": 1, "module": "m"}]
     assert _kept_seed(tmp_path, QUICK, 1) is None
     _keep_seed(tmp_path, QUICK, 1, pts, layers, seconds=12.5)
-    assert _kept_seed(tmp_path, QUICK, 1) == (pts, layers) and _kept_seconds(tmp_path, 1) == 12.5
+    assert _kept_seed(tmp_path, QUICK, 1) == (pts, layers) and _kept_record(tmp_path, QUICK, 1)["seconds"] == 12.5
     assert _kept_seed(tmp_path, dataclasses.replace(QUICK, seeds=(5,)), 1) == (
         pts,
         layers,
