@@ -2,10 +2,16 @@
 
 import pytest
 import torch
+from torch import nn
 
 from lordba import ConfigError, LoRDBAConfig, LoRDBAModel, get_lordba_model
+from lordba.core.scales import get_codec
+from lordba.core.ste import STE
+from lordba.nn import fastpath
+from lordba.nn.adapter import TrainableAdapter
 from lordba.nn.layer import LoRDBALinear
 from lordba.quant import base_bits, quantize_model, resolve_backend
+from lordba.quant.hqq import quantize_linear_hqq
 
 from conftest import tiny_llama
 
@@ -104,3 +110,26 @@ def test_bad_quantization_settings():
         quantize_model(tiny_llama(0), backend="gptq")
     with pytest.raises(ConfigError, match="bits"):
         quantize_model(tiny_llama(0), backend="hqq", bits=5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tokens", [1, 5, 70])  # one token (the GEMV), the sign path, the unpack path
+def test_an_hqq_layer_and_its_adapter_run_as_one_op_on_the_weight_hqq_dequantizes(tokens):
+    """On an HQQ base (its PyTorch forward: the dequantized weight's product) the layer's kept call is
+    ``lordba::linear_branch`` on that weight: HQQ's forward plus the branch up to float32 rounding, and a
+    quantized weight changed in place is seen on the next call."""
+    torch.manual_seed(0)
+    layer = LoRDBALinear(quantize_linear_hqq(nn.Linear(64, 40), 4, 32, torch.float32))
+    adapter = TrainableAdapter(64, 40, 8, 2.0, get_codec("int8"), STE(), init="random")
+    adapter.scale_out.normal_(0, 0.5)
+    layer.add_adapter("a", adapter.pack())
+    layer.set_adapter("a")
+    x = torch.randn(1, tokens, 64)
+    got = layer(x)
+    call = fastpath.decode_call(layer, None, x)
+    assert call is not None and call.__qualname__.startswith("HQQBackend.fused_branch")
+    want = layer.lordba_adapters["a"](x, layer.base_layer(x))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (want - layer.base_layer(x)).abs().max() > 0.1  # the branch is there
+    layer.base_layer.W_q.zero_()  # in place: the next call dequantizes the changed weight
+    torch.testing.assert_close(layer(x), layer.lordba_adapters["a"](x, layer.base_layer(x)), rtol=1e-5, atol=1e-5)

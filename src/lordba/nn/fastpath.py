@@ -73,9 +73,10 @@ def decode_call(layer: nn.Module, routing: object, x: torch.Tensor) -> Callable[
     callable, where it is its base layer plus one active inference-form adapter's kernel call with
     gradients off (decode, generation, serving one adapter), else ``None`` (the layer's ordinary path).
 
-    On a base with a fused op (q4: ``lordba::q4_branch``) the call is that op alone, bit for bit the two
-    calls' result (except ``fast`` prefill: :meth:`~lordba.quant.BaseBackend.fused_branch`); else the base
-    layer's ``forward`` and then the branch op adding into its output. It is kept in ``layer._decode``
+    On a base with a fused op (q4: ``lordba::q4_branch``; ``nn.Linear`` and HQQ: ``lordba::linear_branch``)
+    the call is that op alone, the two calls' result up to float rounding
+    (:meth:`~lordba.quant.BaseBackend.fused_branch`); else the base layer's ``forward`` and then the
+    branch op adding into its output. It is kept in ``layer._decode``
     for the call's ``routing`` (the :class:`~lordba.nn.routing.Routing` in force, interned), ``x``'s
     dtype and whether it is on the CPU, the kernel mode and the adapters' epoch (:func:`touch`: any change to an adapter
     or to the layer's attributes) and optimizer steps; hooks are checked on every call (a direct call

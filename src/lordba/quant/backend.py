@@ -63,8 +63,9 @@ class BaseBackend:
     ) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """A callable ``f(x)`` computing ``module(x)`` plus one packed adapter branch (``tensors``: its
         ``(sign_A, sign_B, b, m, a)`` as the CPU op takes them; ``scaling``; ``limit``: its dispatch
-        limit, ``sign_max_tokens``) in one kernel call, bit for bit the two calls' result; ``None`` (the
-        default) where this backend has no such op for ``x``. Decode keeps it between tokens."""
+        limit, ``sign_max_tokens``) in one kernel call, the two calls' result up to float rounding (bit
+        for bit where the op adds the branch after the base's own product); ``None`` (the default)
+        where this backend has no such op for ``x``. Decode keeps it between tokens."""
         return None
 
 
@@ -95,10 +96,13 @@ class PlainLinear(BaseBackend):
     def fused_branch(
         self, module: nn.Module, x: torch.Tensor, tensors: tuple, scaling: float, limit: int
     ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """``lordba::linear_branch`` (``at::linear`` and the branch added into its output: one op call per
-        layer and token, bit for bit the two calls) for an ``nn.Linear`` itself (a subclass may compute
-        otherwise) on the CPU, with ``x`` of its weight's dtype; weight and bias read where they are held
-        on every call (in-place merges, ``.to()``)."""
+        """``lordba::linear_branch`` (the layer's product and the branch in one op call per layer and
+        token: one float32 token in the op's own GEMV with the branch added block by block, many float32
+        tokens with the base GEMM adding into the branch's output — both equal to the two calls up to
+        float32 rounding; otherwise ``at::linear`` and the branch added into its output, bit for bit)
+        for an ``nn.Linear`` itself (a subclass may compute otherwise) on the CPU, with ``x`` of its
+        weight's dtype; weight and bias read where they are held on every call (in-place merges,
+        ``.to()``)."""
         params = module._parameters
         weight = params.get("weight")
         if type(module) is not nn.Linear or weight is None or not (x.is_cpu and weight.is_cpu):

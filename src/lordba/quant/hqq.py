@@ -8,11 +8,13 @@ dequantizes the whole weight on every call (``lordba bench --suite quant``).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from lordba.kernels import cpu_available
 from lordba.quant.backend import BaseBackend
 
 
@@ -56,6 +58,30 @@ class HQQBackend(BaseBackend):
 
     def bits_per_weight(self, module: nn.Module) -> float:
         return float(module.meta["nbits"])
+
+    def fused_branch(
+        self, module: nn.Module, x: torch.Tensor, tensors: tuple, scaling: float, limit: int
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``lordba::linear_branch`` on the weight HQQ dequantizes for every call anyway (its PyTorch
+        forwards, with or without a backward: ``x @ dequantize().T + bias``), so the branch joins the
+        dense product as on an ``nn.Linear`` base (one token: inside the GEMV; many: the GEMM adds into
+        the branch's output): equal to HQQ's forward then the branch up to float rounding. ``None``
+        where HQQ runs another forward (its other backends), under ``torch.compile``, or where ``x``
+        is not of its compute dtype on the CPU."""
+        cls = _hqq_linear_cls()
+        plain = () if cls is None else (cls.forward_pytorch, cls.forward_pytorch_backprop)  # x @ dequantize().T
+        if type(module).forward not in plain or "forward" in vars(module):
+            return None
+        if torch.compiler.is_compiling() or not (x.is_cpu and module.W_q.is_cpu) or x.dtype != module.compute_dtype:
+            return None
+        if not cpu_available() or not hasattr(torch.ops.lordba, "linear_branch"):
+            return None
+        op = torch.ops.lordba.linear_branch.default
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            return op(x, module.dequantize(), module.bias, *tensors, scaling, limit)
+
+        return call
 
     def describe(self, module: nn.Module) -> dict[str, Any] | None:
         group = module.meta.get("group_size")

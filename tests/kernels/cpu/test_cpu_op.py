@@ -155,10 +155,11 @@ def test_bad_arguments_are_refused():
 @pytest.mark.parametrize("tokens", [1, 3, 40])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_branch_is_the_linear_layer_then_the_branch_bit_for_bit(limit, tokens, bias, dtype):
+def test_linear_branch_is_the_linear_layer_then_the_branch(limit, tokens, bias, dtype):
     """``lordba::linear_branch`` (a dense layer and its adapter in one call, decode on an unquantized
     base) adds the branch into ``at::linear``'s fresh output: exactly ``F.linear`` then ``branch`` with it
-    as the base, on both branch paths."""
+    as the base on the sign path and in bfloat16; float32 on the unpack path (prefill) lets the base
+    GEMM add its product into the branch's output (beta = 1): equal up to float32 rounding."""
     x, lat_A, lat_B, b, m, a = case(7, (2, tokens), 40, 24, 8, dtype)
     g = torch.Generator().manual_seed(8)
     weight = torch.randn(24, 40, generator=g).to(dtype)
@@ -167,7 +168,45 @@ def test_linear_branch_is_the_linear_layer_then_the_branch_bit_for_bit(limit, to
     got = torch.ops.lordba.linear_branch(x, weight, bias_t, sa, sb, b, m, a, 0.5, limit)
     base = torch.nn.functional.linear(x, weight, bias_t)
     assert got.dtype == dtype and got.shape == base.shape
-    assert torch.equal(got, torch.ops.lordba.branch(x, sa, sb, b, m, a, 0.5, limit, base))
+    want = torch.ops.lordba.branch(x, sa, sb, b, m, a, 0.5, limit, base)
+    if limit == UNPACK and dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(got, torch.zeros_like(got))
+    else:
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(1, 40, 24), (1, 1, 576, 192), (1, 37, 23), (1, 16, 64), (1, 1536, 13)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_branch_one_float32_token_is_the_layer_then_the_branch_up_to_rounding(shape, bias, threads):
+    """One float32 token (decode on a float32 base): the op computes the layer's GEMV itself and adds the
+    branch block by block (AVX-512 builds), so the sums run in another order than ``F.linear``'s — equal
+    to the layer then the branch up to float32 rounding, on every width (tails of 16 inputs, of 4 and 16
+    rows) and thread count; a weight that is not contiguous takes the two-call path, bit for bit."""
+    *lead, in_f, out_f = shape
+    x, lat_A, lat_B, b, m, a = case(11, tuple(lead), in_f, out_f, 8)
+    g = torch.Generator().manual_seed(12)
+    weight = torch.randn(out_f, in_f, generator=g) / in_f**0.5
+    bias_t = torch.randn(out_f, generator=g) if bias else None
+    sa, sb = pack_signs(lat_A), pack_signs(lat_B)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.ops.lordba.linear_branch(x, weight, bias_t, sa, sb, b, m, a, 0.5, SIGN)
+        want = torch.ops.lordba.branch(x, sa, sb, b, m, a, 0.5, SIGN, torch.nn.functional.linear(x, weight, bias_t))
+        dense = torch.nn.functional.linear(x.double(), weight.double(), None if bias_t is None else bias_t.double())
+        exact = dense + expected(x, lat_A, lat_B, b, m, a, 0.5)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert (got.double() - exact).abs().max() <= 4 * (want.double() - exact).abs().max() + 1e-5
+        strided = weight.t().contiguous().t()  # the same values, not contiguous: the two calls
+        two_calls = torch.ops.lordba.branch(
+            x, sa, sb, b, m, a, 0.5, SIGN, torch.nn.functional.linear(x, strided, bias_t)
+        )
+        assert torch.equal(torch.ops.lordba.linear_branch(x, strided, bias_t, sa, sb, b, m, a, 0.5, SIGN), two_calls)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_linear_branch_refuses_an_input_of_another_width():
