@@ -239,10 +239,9 @@ def test_the_one_active_adapter_runs_by_its_kept_kernel_call_and_sees_every_chan
 @torch.no_grad()
 def test_on_a_plain_linear_base_the_kept_call_is_one_fused_op_and_sees_the_layers_changes():
     """An ``nn.Linear`` base and one active packed adapter: the layer's whole forward is one kept
-    ``lordba::linear_branch`` call, the base layer then the branch (bit for bit on the sign path; up to
-    float32 rounding for one token and at prefill, where the op computes the product itself), and
-    every change to the layer (active adapter, disabling, an in-place merge, the weight changed in
-    place) is followed."""
+    ``lordba::linear_branch`` call, the base layer then the branch (bit for bit for more than one token;
+    up to float32 rounding for one, where the op computes the GEMV itself), and every change to the
+    layer (active adapter, disabling, an in-place merge, the weight changed in place) is followed."""
     from lordba.nn import fastpath
 
     layer = _packed_layer()
@@ -252,9 +251,7 @@ def test_on_a_plain_linear_base_the_kept_call_is_one_fused_op_and_sees_the_layer
         got = layer(x)
         call = fastpath.decode_call(layer, None, x)
         assert call.__qualname__.startswith("PlainLinear.fused_branch")  # the one-op call
-        want = a(x, layer.base_layer(x))  # prefill: the base GEMM adds into the branch's output
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
-        assert torch.equal(got, want) or tokens == 70
+        assert torch.equal(got, a(x, layer.base_layer(x)))
     x = torch.randn(1, 1, 21)  # one float32 token: the op's own GEMV, equal up to float32 rounding
     layer.set_adapter("b")
     torch.testing.assert_close(layer(x), b(x, layer.base_layer(x)), rtol=1e-6, atol=1e-5)

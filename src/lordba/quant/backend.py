@@ -97,9 +97,9 @@ class PlainLinear(BaseBackend):
         self, module: nn.Module, x: torch.Tensor, tensors: tuple, scaling: float, limit: int
     ) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """``lordba::linear_branch`` (the layer's product and the branch in one op call per layer and
-        token: one float32 token in the op's own GEMV with the branch added block by block, many float32
-        tokens with the base GEMM adding into the branch's output — both equal to the two calls up to
-        float32 rounding; otherwise ``at::linear`` and the branch added into its output, bit for bit)
+        token: one float32 token in the op's own GEMV with the branch added block by block, equal to the
+        two calls up to float32 rounding; otherwise ``at::linear`` and the branch added into its output,
+        bit for bit)
         for an ``nn.Linear`` itself (a subclass may compute otherwise) on the CPU, with ``x`` of its
         weight's dtype; weight and bias read where they are held on every call (in-place merges,
         ``.to()``)."""

@@ -64,8 +64,9 @@ class HQQBackend(BaseBackend):
     ) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """``lordba::linear_branch`` on the weight HQQ dequantizes for every call anyway (its PyTorch
         forwards, with or without a backward: ``x @ dequantize().T + bias``), so the branch joins the
-        dense product as on an ``nn.Linear`` base (one token: inside the GEMV; many: the GEMM adds into
-        the branch's output): equal to HQQ's forward then the branch up to float rounding. ``None``
+        dense product as on an ``nn.Linear`` base (one token: inside the op's GEMV; more: ``at::linear`` and
+        the branch added into its output in place): equal to HQQ's forward then the branch up to float
+        rounding. ``None``
         where HQQ runs another forward (its other backends), under ``torch.compile``, or where ``x``
         is not of its compute dtype on the CPU."""
         cls = _hqq_linear_cls()

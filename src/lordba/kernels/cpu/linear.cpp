@@ -8,23 +8,14 @@
 // scales are read while the weight streams, and there is no second pass over the output. The GEMV is
 // memory-bound (4 bytes per weight), so its speed is the weight's bandwidth, as MKL's; its sums run in
 // another order than MKL's, so the result equals at::linear then the branch up to float32 rounding.
-// Many float32 tokens on the branch's unpack path (prefill): h = x A'^T with the folded factors
-// A' = S_A diag(b), B' = s diag(a) S_B diag(m), then y = h B'^T (+ bias) and the layer's product
-// added by the GEMM itself, y += x W^T (beta = 1): the branch's skinny second product writes the
-// output once, and the base GEMM reads it while it is in cache, instead of a second read-modify-write
-// pass over y after it (SmolLM2's seven projections, 512 tokens, 1 thread, paired: 1.09x the plain
-// layers' time, where at::linear then the branch op took 1.17x). Equal to at::linear then the branch
-// up to float32 rounding.
-// Otherwise (a few tokens, other dtypes, other builds) the layer's product is at::linear (what
+// Otherwise (more tokens, other dtypes, other builds) the layer's product is at::linear (what
 // nn.Linear computes) and the branch is added into that fresh output by the `branch` op's own code:
 // bit for bit the layer and the op called one after the other. Either way one dispatch per layer and
 // token instead of a module call and an op call (decode runs ~210 adapted layers per token).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include "branch.h"
@@ -92,26 +83,6 @@ bool one_token(const at::Tensor& x, const at::Tensor& weight, const c10::optiona
 }
 #endif
 
-// Many float32 tokens (see the top): false where the caller's path applies instead.
-bool many_tokens(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                 const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b, const at::Tensor& m,
-                 const at::Tensor& a, double scaling, int64_t sign_max_tokens, at::Tensor& y) {
-  const int64_t out = weight.size(0), in = weight.size(1);
-  if (x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat || in == 0) return false;
-  if (x.numel() / in <= sign_max_tokens || (bias.has_value() && bias->scalar_type() != at::kFloat)) return false;
-  TORCH_CHECK(b.numel() == in && a.numel() == out,
-              "lordba::branch: the adapter's scale vectors do not match the layer's in / out features");
-  const auto [A, B] = lordba::folded_factors(sign_A, sign_B, b, m, a, scaling);
-  const at::Tensor x2 = x.reshape({-1, in});
-  const at::Tensor h = at::mm(x2, A.t());
-  at::Tensor y2 = bias.has_value() ? at::addmm(*bias, h, B.t()) : at::mm(h, B.t());
-  y2.addmm_(x2, weight.t());
-  auto shape = x.sizes().vec();
-  shape.back() = out;
-  y = y2.reshape(shape);
-  return true;
-}
-
 at::Tensor linear_branch(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b, const at::Tensor& m,
                          const at::Tensor& a, double scaling, int64_t sign_max_tokens) {
@@ -121,7 +92,6 @@ at::Tensor linear_branch(const at::Tensor& x, const at::Tensor& weight, const c1
 #if defined(__AVX512F__)
   if (one_token(x, weight, bias, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, fused)) return fused;
 #endif
-  if (many_tokens(x, weight, bias, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, fused)) return fused;
   at::Tensor y = at::linear(x, weight, bias);
   return lordba::branch_add(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, y, /*into_base=*/true);
 }
