@@ -99,22 +99,29 @@ class PlainLinear(BaseBackend):
         """``lordba::linear_branch`` (the layer's product and the branch in one op call per layer and
         token: one float32 token in the op's own GEMV with the branch added block by block, equal to the
         two calls up to float32 rounding; otherwise ``at::linear`` and the branch added into its output,
-        bit for bit)
-        for an ``nn.Linear`` itself (a subclass may compute otherwise) on the CPU, with ``x`` of its
-        weight's dtype; weight and bias read where they are held on every call (in-place merges,
-        ``.to()``)."""
+        bit for bit) for an ``nn.Linear`` itself (a subclass may compute otherwise) on the CPU, with
+        ``x`` of its weight's dtype; weight and bias read where they are held on every call (in-place
+        merges, ``.to()``)."""
         params = module._parameters
         weight = params.get("weight")
         if type(module) is not nn.Linear or weight is None or not (x.is_cpu and weight.is_cpu):
             return None
-        if x.dtype != weight.dtype or not cpu_available() or not hasattr(torch.ops.lordba, "linear_branch"):
+        op = linear_branch_op()
+        if x.dtype != weight.dtype or op is None:
             return None
-        op = torch.ops.lordba.linear_branch.default
 
         def call(x: torch.Tensor) -> torch.Tensor:
             return op(x, params["weight"], params["bias"], *tensors, scaling, limit)
 
         return call
+
+
+def linear_branch_op() -> object | None:
+    """``lordba::linear_branch`` (a dense weight's product and one adapter branch in one call: the
+    fused call of :class:`PlainLinear` and of HQQ layers), or ``None`` where the CPU kernels are absent."""
+    if not cpu_available() or not hasattr(torch.ops.lordba, "linear_branch"):
+        return None
+    return torch.ops.lordba.linear_branch.default
 
 
 def _plain_weight(module: nn.Module) -> bool:

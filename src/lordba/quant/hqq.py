@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lordba.kernels import cpu_available
-from lordba.quant.backend import BaseBackend
+from lordba.quant.backend import BaseBackend, linear_branch_op
 
 
 def _hqq_linear_cls() -> type | None:
@@ -64,20 +63,19 @@ class HQQBackend(BaseBackend):
     ) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """``lordba::linear_branch`` on the weight HQQ dequantizes for every call anyway (its PyTorch
         forwards, with or without a backward: ``x @ dequantize().T + bias``), so the branch joins the
-        dense product as on an ``nn.Linear`` base (one token: inside the op's GEMV; more: ``at::linear`` and
-        the branch added into its output in place): equal to HQQ's forward then the branch up to float
-        rounding. ``None``
-        where HQQ runs another forward (its other backends), under ``torch.compile``, or where ``x``
-        is not of its compute dtype on the CPU."""
+        dense product as on an ``nn.Linear`` base (one token: inside the op's GEMV; more: ``at::linear``
+        and the branch added into its output in place): equal to HQQ's forward then the branch up to
+        float rounding. ``None`` where HQQ runs another forward (its other backends), under
+        ``torch.compile``, or where ``x`` is not of its compute dtype on the CPU."""
         cls = _hqq_linear_cls()
         plain = () if cls is None else (cls.forward_pytorch, cls.forward_pytorch_backprop)  # x @ dequantize().T
         if type(module).forward not in plain or "forward" in vars(module):
             return None
         if torch.compiler.is_compiling() or not (x.is_cpu and module.W_q.is_cpu) or x.dtype != module.compute_dtype:
             return None
-        if not cpu_available() or not hasattr(torch.ops.lordba, "linear_branch"):
+        op = linear_branch_op()
+        if op is None:
             return None
-        op = torch.ops.lordba.linear_branch.default
 
         def call(x: torch.Tensor) -> torch.Tensor:
             return op(x, module.dequantize(), module.bias, *tensors, scaling, limit)

@@ -51,10 +51,11 @@ def heldout_losses(
             continue
         keep = length - int(labelled[0])  # logits from the position before the first scored token on
         logits = _completion_logits(model, batch, keep)
+        scored = labels[:, length - keep + 1 :]
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), labels[:, length - keep + 1 :], reduction="none", ignore_index=-100
+            logits[:, :-1].float().transpose(1, 2), scored, reduction="none", ignore_index=-100
         )
-        counts = (labels[:, length - keep + 1 :] != -100).sum(1)
+        counts = (scored != -100).sum(1)
         out += [(float(x), int(n)) for x, n in zip(losses.sum(1).tolist(), counts.tolist())]
     model.train(was_training)
     return out

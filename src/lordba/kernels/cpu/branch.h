@@ -29,11 +29,12 @@ std::pair<at::Tensor, at::Tensor> folded_factors(const at::Tensor& sign_A, const
 // next prepare. The same arithmetic as branch_add into a float32 base (bit for bit).
 class RowBranch {
  public:
+  static constexpr int64_t kRows = 16;  // add_rows' block of outputs (one AVX-512 vector of them)
   // false (nothing prepared) where branch_add's own path runs instead: not an AVX-512 build, x not
   // one contiguous float32 token, or the unpack path. Raises on bad adapter tensors as branch_add does.
   bool prepare(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
                const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens, int64_t out);
-  // y[o] += the branch's output o for o in [16·k0, min(16·k1, out)); y holds the base output.
+  // y[o] += the branch's output o for o in [kRows·k0, min(kRows·k1, out)); y holds the base output.
   void add_rows(int64_t k0, int64_t k1, float* y) const;
 
  private:

@@ -30,7 +30,7 @@
 namespace lordba_linear {
 namespace {
 
-constexpr int64_t kRowBlock = 16;  // RowBranch::add_rows' block of rows
+constexpr int64_t kRowBlock = lordba::RowBranch::kRows;
 
 #if defined(__AVX512F__)
 // y[o] = w[o] · x (+ bias[o]) for the rows o in [o0, o1): NR rows at a time, each weight row read once.

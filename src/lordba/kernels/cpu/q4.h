@@ -5,6 +5,8 @@
 #include <c10/util/FunctionRef.h>
 #include <c10/util/Half.h>
 
+#include "branch.h"
+
 #include <cstdint>
 
 #if defined(__AVX512F__) || defined(__F16C__)
@@ -14,7 +16,8 @@
 namespace lordba_q4 {
 
 constexpr int64_t kChunk = 32;  // inputs per 16-byte chunk of a 4-bit row
-constexpr int64_t kRowBlock = 16;  // one token's rows are computed (and handed to a RowsDone) in blocks of 16
+// one token's rows are computed (and handed to a RowsDone) in RowBranch::add_rows' blocks
+constexpr int64_t kRowBlock = lordba::RowBranch::kRows;
 
 // Called by a one-token kernel inside its parallel loop with the blocks [k0, k1) of kRowBlock rows it
 // has just computed (q4_branch adds the adapter's branch to them there, on the thread that wrote them).
