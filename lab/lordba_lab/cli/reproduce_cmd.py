@@ -26,6 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the second model's sweep",
     )
     p.add_argument(
+        "--sizes-only",
+        action="store_true",
+        help="only the trained points --all-sizes adds (qat and scales-only at r=4, 8; fp16 LoRA at r=1, 2), with "
+        "the LoRA r=16 they are judged against: read beside the default sweep's run (same seeds, held-out set)",
+    )
+    p.add_argument(
         "--model",
         default=None,
         help="an embedded model (smollm2-135m-instruct, the default; gemma-3-270m) or a transformers folder",
@@ -54,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         r16_only=args.r16_only,
         model=args.model,
         task=args.task,
+        sizes_only=args.sizes_only,
     )
     print(f"wrote {len(result['points'])} points to {args.out}/reproduce.json, reproduce.md and the plots")
     return 0

@@ -11,6 +11,7 @@ import torch
 from lordba_lab.demo.families import (
     AGAINST_UNIFORM,
     BPW_RANGE,
+    LORA_SMALL,
     LORDBA_PTQ,
     TRAINED_LORDBA,
     TRAINED_MAX_BPW,
@@ -135,6 +136,27 @@ def trained_target(points: list[dict], reference: tuple[str, str]) -> list[dict]
         metric_ok = metric_ci is None or metric_ci[1] >= 0
         row["in_target_size"] = ps[0]["bpw"] <= TRAINED_MAX_BPW + 1e-9
         row["verdict"] = "matches" if loss_ok and metric_ok else "behind"
+        rows.append(row)
+    return rows
+
+
+def trained_vs_matched_lora(points: list[dict]) -> list[dict]:
+    """Per trained LoRDBA series: the fp16 LoRA trained at the nearest payload size (:data:`LORA_SMALL`,
+    r=1, 2 with ``--all-sizes``), its bytes against LoRDBA's, and the paired loss and exact-match
+    differences (LoRDBA minus LoRA) with 95% intervals; ``verdict``: :func:`_sign` of the loss interval.
+    Empty without trained small LoRAs."""
+    groups, draws = series(points), shared_draws(points)
+    small = [(k, ps) for k, ps in groups.items() if k[0] == LORA_SMALL]
+    rows = []
+    for (family, label), ps in sorted(groups.items(), key=lambda kv: kv[1][0]["bpw"]):
+        fits = [(k, q) for k, q in small if len(q) == len(ps)]
+        if family not in TRAINED_LORDBA or not fits:
+            continue
+        (lf, ll), lora = min(fits, key=lambda kv: abs(kv[1][0]["bytes"] - ps[0]["bytes"]))
+        row = {"series": f"{family} {label}", "bpw": ps[0]["bpw"], "loss": _mean(ps, "eval_loss"),
+               "lora": f"{lf} {ll}", "lora_bpw": lora[0]["bpw"], "lora_loss": _mean(lora, "eval_loss"),
+               "bytes_ratio": ps[0]["bytes"] / lora[0]["bytes"], **_paired(ps, lora, draws)}  # fmt: skip
+        row["verdict"] = _sign(row["eval_loss_diff_ci"])
         rows.append(row)
     return rows
 

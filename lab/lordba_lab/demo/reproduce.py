@@ -46,6 +46,7 @@ from lordba_lab.demo.analysis import (
     spearman,
     summarize,
     trained_target,
+    trained_vs_matched_lora,
     training_free_target,
 )
 from lordba_lab.demo.families import (
@@ -91,6 +92,7 @@ class ReproduceSettings:
     lora_small_ranks: tuple[int, ...] = ()  # fp16 LoRA trained at about LoRDBA's bytes
     truncate_ranks: tuple[int, ...] = (1, 2)
     rtn_bits: tuple[int, ...] = (1, 2)
+    low_bit_baselines: bool = True  # LoRAQuant-style and BitDelta-style
 
 
 # The sweep's task: reverse_words (base 0.5% exact match, fp16 LoRA r=16 90%: where fidelity shows),
@@ -123,6 +125,12 @@ R16_ONLY = {"ptq_ranks": (16,), "ptq_fp16_ranks": (), "ptq_int4_ranks": (16,), "
             "lora_small_ranks": ()}  # fmt: skip
 # ``--all-sizes``: every trained family at every size (about 3x the run time: ~2.5 h on 2 cores)
 ALL_SIZES = {"qat_ranks": (4, 8, 16), "scales_ranks": (4, 8, 16), "lora_small_ranks": (1, 2)}
+# ``--sizes-only``: only the trained points ``--all-sizes`` adds to the default sweep, with the fp16 LoRA r=16
+# they are judged against and the ptq points scales-only starts from (no training-free baselines: the
+# default sweep's, same seeds and held-out set; its LoRA and ptq points recur here, a check of the pairing)
+SIZES_ONLY = {"ptq_ranks": (4, 8), "ptq_fp16_ranks": (), "ptq_int4_ranks": (), "allocated_at": (), "calibrated_at": (),
+              "qat_ranks": (4, 8), "qat_int4_ranks": (), "scales_ranks": (4, 8), "scales_int4_ranks": (),
+              "lora_small_ranks": (1, 2), "truncate_ranks": (), "rtn_bits": (), "low_bit_baselines": False}  # fmt: skip
 
 
 def _config(demo: Demo, mode: str, r: int, scale_dtype: str | None = None) -> LoRDBAConfig:
@@ -150,10 +158,11 @@ def _one_seed(demo: Demo, settings: ReproduceSettings, seed: int) -> tuple[list[
     point(LORA, f"r={s.r}", demo.lora_ref_bytes, peft_model, reference=True)
     variants = [(TRUNCATED, f"r={k}", lambda A, B, k=k: svd_truncate(A, B, k)) for k in settings.truncate_ranks]
     variants += [(RTN, f"{b}-bit g64", lambda A, B, b=b: rtn(A, B, b, 64)) for b in settings.rtn_bits]
-    variants += [
-        (LORAQUANT, "2-bit head + 1-bit tail", lambda A, B: loraquant(A, B, 2, 0.8, 128)),
-        (BITDELTA, "sign x 1 scale/matrix", bitdelta),
-    ]
+    if settings.low_bit_baselines:
+        variants += [
+            (LORAQUANT, "2-bit head + 1-bit tail", lambda A, B: loraquant(A, B, 2, 0.8, 128)),
+            (BITDELTA, "sign x 1 scale/matrix", bitdelta),
+        ]
     for family, label, quantize in variants:
         with replaced_factors(peft_model, quantize) as nbytes:
             point(family, label, nbytes, peft_model)
@@ -239,6 +248,8 @@ def _seed_file(out: Path, seed: int) -> Path:
 def _settings_key(settings: ReproduceSettings) -> str:
     """What a kept seed's points depend on: every setting but the list of seeds."""
     described = dataclasses.asdict(dataclasses.replace(settings, seeds=()))
+    if described["low_bit_baselines"]:  # added later: at its default it is left out, so kept seeds stay valid
+        del described["low_bit_baselines"]
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -282,10 +293,12 @@ def run_reproduce(
     r16_only: bool = False,
     model: str | None = None,
     task: str | None = None,
+    sizes_only: bool = False,
 ) -> dict:
     """Run the sweep; writes ``reproduce.json``, ``reproduce.md``, ``sweep.png`` and ``error_vs_rmr.png``.
     ``all_sizes``: QAT, scales-only and a trained fp16 LoRA at every size (:data:`ALL_SIZES`);
-    ``r16_only``: the points at r=16 only (:data:`R16_ONLY`); ``model``, ``task``: instead of the
+    ``r16_only``: the points at r=16 only (:data:`R16_ONLY`); ``sizes_only``: only what ``all_sizes`` adds
+    (:data:`SIZES_ONLY`, read beside the default sweep's results); ``model``, ``task``: instead of the
     sweep's (an embedded model's name or a folder; a built-in task).
     Each finished seed is kept in ``out/seeds/``; ``resume``: seeds kept there under the same
     settings are read back instead of run again (a long sweep survives an interruption)."""
@@ -301,6 +314,8 @@ def run_reproduce(
         settings = dataclasses.replace(settings, **ALL_SIZES)
     if r16_only:
         settings = dataclasses.replace(settings, **R16_ONLY)
+    if sizes_only:
+        settings = dataclasses.replace(settings, **SIZES_ONLY)
     if model is not None or task is not None:
         demo = dataclasses.replace(settings.demo, model=model or settings.demo.model, task=task or settings.demo.task)
         settings = dataclasses.replace(settings, demo=demo)
@@ -332,7 +347,8 @@ def run_reproduce(
         if progress:
             print(f"seed {seed} done ({i + 1}/{len(settings.seeds)}, {time.perf_counter() - t0:.0f} s)")
     summary = summarize(points)
-    rho = spearman([0.5 * (x["rmr_A"] + x["rmr_B"]) for x in layers], [x["rel_error"] for x in layers])
+    rmr = [0.5 * (x["rmr_A"] + x["rmr_B"]) for x in layers]
+    rho = spearman(rmr, [x["rel_error"] for x in layers]) if layers else None
     result = {
         "settings": dataclasses.asdict(settings),
         "hardware": hardware(),
@@ -341,6 +357,7 @@ def run_reproduce(
         "summary": summary,
         "training_free_target": training_free_target(points),
         "trained_target": trained_target(points, (LORA, f"r={settings.demo.r}")),
+        "trained_vs_matched_lora": trained_vs_matched_lora(points),
         "points": points,
         "rmr_error_spearman": rho,
         "allocation_vs_uniform": allocation_vs_uniform(points),

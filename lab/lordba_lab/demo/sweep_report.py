@@ -49,13 +49,42 @@ def write_tables(out: Path, result: dict) -> None:
         "(same seeds, same examples).\n",
         markdown_table(columns, table),
         *_targets(result),
+        *_matched_lora_table(result.get("trained_vs_matched_lora") or []),
+        *_rmr_lines(result),
+        *_allocation_table(result["allocation_vs_uniform"]),
+        "![sweep](sweep.png)\n",
+    ]
+    if result["conversion_layers"]:
+        md.append("![error vs RMR](error_vs_rmr.png)\n")
+    (out / "reproduce.md").write_text("\n".join(md))
+
+
+def _rmr_lines(result: dict) -> list[str]:
+    """The RMR-against-error sentence (none where the run has no r=16 conversion)."""
+    if not result["conversion_layers"]:
+        return []
+    return [
         f"\nPer-layer relative reconstruction error of the r=16 PTQ conversion against the mean RMR of the "
         f"LoRA factors: Spearman ρ = {result['rmr_error_spearman']:.3f} over "
-        f"{len(result['conversion_layers'])} layers.\n",
-        *_allocation_table(result["allocation_vs_uniform"]),
-        "![sweep](sweep.png)\n\n![error vs RMR](error_vs_rmr.png)\n",
+        f"{len(result['conversion_layers'])} layers.\n"
     ]
-    (out / "reproduce.md").write_text("\n".join(md))
+
+
+def _matched_lora_table(rows: list[dict]) -> list[str]:
+    """Trained LoRDBA against the fp16 LoRA trained at the nearest size, as markdown lines (none without)."""
+    if not rows:
+        return []
+    columns = ["trained LoRDBA", "BPW", "loss", "fp16 LoRA trained at the nearest size", "BPW", "loss",
+               "bytes: LoRDBA / LoRA", "loss: LoRDBA − LoRA [95% CI]", "exact match: LoRDBA − LoRA [95% CI]",
+               "LoRDBA's loss is"]  # fmt: skip
+    table = [[r["series"], r["bpw"], r["loss"], r["lora"], r["lora_bpw"], r["lora_loss"], f"{r['bytes_ratio']:.3f}",
+              _diff(r, "eval_loss"), _diff(r, "metric"), r["verdict"]] for r in rows]  # fmt: skip
+    return [
+        "\n## Trained LoRDBA against an fp16 LoRA trained at about its size\n",
+        "Each trained LoRDBA series against the fp16 LoRA trained (same steps) at the rank of nearest payload "
+        "size; `lower`: the paired 95% interval of the loss difference lies below 0.\n",
+        markdown_table(columns, table),
+    ]
 
 
 def _run_time(result: dict) -> str:

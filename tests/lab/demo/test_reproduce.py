@@ -80,6 +80,22 @@ def test_quick_reproduce_on_a_corpus_task_reports_held_out_loss_only(tmp_path):
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_quick_sizes_only_reports_trained_lordba_against_the_trained_small_loras(tmp_path):
+    out = tmp_path / "sizes"
+    assert main(["reproduce", "--quick", "--quiet", "--seeds", "1", "--sizes-only", "--out", str(out)]) == 0
+    res = json.loads((out / "reproduce.json").read_text())
+    families = {(r["family"], r["label"]) for r in res["summary"]}
+    assert ("fp16 LoRA", "r=16") in families and ("fp16 LoRA (trained at matched bytes)", "r=1") in families
+    assert not {f for f, _ in families} & {"RTN", "LoRAQuant-style", "BitDelta-style", "fp16 LoRA (SVD-truncated)"}
+    matched = res["trained_vs_matched_lora"]
+    assert {r["series"] for r in matched} == {f"{f} {lab}" for f, lab in families if f.startswith("LoRDBA qat")
+                                              or f.startswith("LoRDBA scales-only")}  # fmt: skip
+    assert all(r["lora"] == "fp16 LoRA (trained at matched bytes) r=1" for r in matched)  # the only one (quick)
+    assert res["conversion_layers"] == [] and res["rmr_error_spearman"] is None
+    md = (out / "reproduce.md").read_text()
+    assert "an fp16 LoRA trained at about its size" in md and "Spearman" not in md and "error_vs_rmr" not in md
+
+
 def test_seeds_must_be_positive(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["reproduce", "--seeds", "0"])
@@ -127,16 +143,60 @@ def test_all_sizes_trains_every_family_at_every_size(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake(out, quick, seeds, progress, all_sizes, resume, r16_only, model, task):
+    def fake(out, quick, seeds, progress, all_sizes, resume, r16_only, model, task, sizes_only):
         seen.update(quick=quick, all_sizes=all_sizes, resume=resume, r16_only=r16_only, model=model, task=task)
+        seen.update(sizes_only=sizes_only)
         return {"points": []}
 
     monkeypatch.setattr(rep, "run_reproduce", fake)
     assert main(["reproduce", "--all-sizes", "--resume", "--quiet", "--out", str(tmp_path)]) == 0
-    assert seen == {"quick": False, "all_sizes": True, "resume": True, "r16_only": False, "model": None, "task": None}
+    assert seen == {"quick": False, "all_sizes": True, "resume": True, "r16_only": False, "model": None, "task": None,
+                    "sizes_only": False}  # fmt: skip
     args = ["reproduce", "--r16-only", "--model", "gemma-3-270m", "--quiet", "--out", str(tmp_path)]
     assert main(args) == 0 and seen["r16_only"] and seen["model"] == "gemma-3-270m"
     assert rep.ALL_SIZES["qat_ranks"] == (4, 8, 16) and rep.ALL_SIZES["lora_small_ranks"] == (1, 2)
+    assert main(["reproduce", "--sizes-only", "--quiet", "--out", str(tmp_path)]) == 0 and seen["sizes_only"]
+
+
+def test_sizes_only_adds_what_all_sizes_adds_and_keeps_the_default_sweeps_kept_seeds(tmp_path):
+    import dataclasses
+
+    import lordba_lab.demo.reproduce as rep
+
+    sizes = dataclasses.replace(rep.ReproduceSettings(), **rep.SIZES_ONLY)
+    default = rep.ReproduceSettings()
+    added = set(rep.ALL_SIZES["qat_ranks"]) - set(default.qat_ranks)
+    assert set(sizes.qat_ranks) == added == set(sizes.scales_ranks) <= set(sizes.ptq_ranks)  # scales start from ptq
+    assert sizes.lora_small_ranks == rep.ALL_SIZES["lora_small_ranks"] and not sizes.low_bit_baselines
+    assert not (sizes.truncate_ranks or sizes.rtn_bits or sizes.qat_int4_ranks or sizes.allocated_at)
+    # the field added with --sizes-only does not change the default sweep's key: its kept seeds still resume
+    rep._keep_seed(tmp_path, default, 0, [], [])
+    record = rep._kept_record(tmp_path, default, 0)
+    assert record is not None and rep._kept_record(tmp_path, sizes, 0) is None
+    assert record["settings_key"] == rep._settings_key(dataclasses.replace(default, low_bit_baselines=True))
+    assert rep._settings_key(dataclasses.replace(default, low_bit_baselines=False)) != record["settings_key"]
+
+
+def test_trained_lordba_is_paired_with_the_trained_lora_of_nearest_size():
+    from lordba_lab.demo.analysis import trained_vs_matched_lora
+    from lordba_lab.demo.families import LORA, LORA_SMALL, LORDBA_QAT
+
+    def pt(seed, family, label, nbytes, losses):
+        per = {"loss_sum": losses, "tokens": [1] * len(losses), "correct": [0] * len(losses)}
+        return {"seed": seed, "family": family, "label": label, "bytes": nbytes, "bpw": nbytes / 100,
+                "eval_loss": sum(losses) / len(losses), "metric": 0.0, "per_example": per}  # fmt: skip
+
+    pts = []
+    for seed in (0, 1):
+        pts += [pt(seed, LORA, "r=16", 1600, [0.1, 0.2, 0.1]), pt(seed, LORA_SMALL, "r=1", 100, [0.9, 0.8, 0.9]),
+                pt(seed, LORA_SMALL, "r=2", 200, [0.5, 0.5, 0.6]), pt(seed, LORDBA_QAT, "r=8", 101, [0.4, 0.5, 0.4]),
+                pt(seed, LORDBA_QAT, "r=16", 190, [0.7, 0.7, 0.8])]  # fmt: skip
+    rows = {r["series"]: r for r in trained_vs_matched_lora(pts)}
+    assert set(rows) == {"LoRDBA qat r=8", "LoRDBA qat r=16"}
+    r8, r16 = rows["LoRDBA qat r=8"], rows["LoRDBA qat r=16"]
+    assert r8["lora"].endswith("r=1") and r8["bytes_ratio"] == pytest.approx(1.01) and r8["verdict"] == "lower"
+    assert r16["lora"].endswith("r=2") and r16["eval_loss_diff"] > 0 and r16["verdict"] == "higher"
+    assert trained_vs_matched_lora([p for p in pts if p["family"] != LORA_SMALL]) == []
 
 
 def test_a_finished_seed_is_kept_for_resume_under_the_same_settings_only(tmp_path):
