@@ -149,8 +149,8 @@ def trained_vs_matched_lora(points: list[dict]) -> list[dict]:
     small = [(k, ps) for k, ps in groups.items() if k[0] == LORA_SMALL]
     rows = []
     for (family, label), ps in sorted(groups.items(), key=lambda kv: kv[1][0]["bpw"]):
-        fits = [(k, q) for k, q in small if len(q) == len(ps)]
-        if family not in TRAINED_LORDBA or not fits:
+        fits = [(k, q) for k, q in small if len(q) == len(ps)] if family in TRAINED_LORDBA else []
+        if not fits:
             continue
         (lf, ll), lora = min(fits, key=lambda kv: abs(kv[1][0]["bytes"] - ps[0]["bytes"]))
         row = {"series": f"{family} {label}", "bpw": ps[0]["bpw"], "loss": _mean(ps, "eval_loss"),

@@ -12,7 +12,8 @@ then, at a range of sizes (bits per weight on the LoRA r=16 basis):
 * LoRDBA ``qat``: trained from the cold start with the same step budget as the LoRA (int8, int4 scales);
 * fp16 LoRA truncated by SVD to rank 1, 2 (the matched-bytes fp16 adapter, no retraining);
 * with ``--all-sizes``: ``qat`` and ``scales-only`` at r=4, 8, 16 (default r=16 only) and fp16 LoRA
-  *trained* at rank 1 and 2 (the matched-bytes fp16 adapter, same step budget);
+  *trained* at rank 1 and 2 (the matched-bytes fp16 adapter, same step budget); ``--sizes-only`` runs just
+  those additions (with the LoRA r=16 and the ptq points they start from), to read beside a default sweep;
 * RTN of the factors at 1–2 bits, LoRAQuant-style and BitDelta-style (the low-bit baselines).
 
 Every point is evaluated on one fixed held-out set, per example (exact match and completion loss);

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from lordba.cli import main
+from lordba_lab.demo.families import TRAINED_LORDBA
 from lordba_lab.demo.reproduce import (
     LORDBA_ALLOCATED,
     LORDBA_ALLOCATED_CAL,
@@ -88,8 +89,7 @@ def test_quick_sizes_only_reports_trained_lordba_against_the_trained_small_loras
     assert ("fp16 LoRA", "r=16") in families and ("fp16 LoRA (trained at matched bytes)", "r=1") in families
     assert not {f for f, _ in families} & {"RTN", "LoRAQuant-style", "BitDelta-style", "fp16 LoRA (SVD-truncated)"}
     matched = res["trained_vs_matched_lora"]
-    assert {r["series"] for r in matched} == {f"{f} {lab}" for f, lab in families if f.startswith("LoRDBA qat")
-                                              or f.startswith("LoRDBA scales-only")}  # fmt: skip
+    assert {r["series"] for r in matched} == {f"{f} {lab}" for f, lab in families if f in TRAINED_LORDBA}
     assert all(r["lora"] == "fp16 LoRA (trained at matched bytes) r=1" for r in matched)  # the only one (quick)
     assert res["conversion_layers"] == [] and res["rmr_error_spearman"] is None
     md = (out / "reproduce.md").read_text()
