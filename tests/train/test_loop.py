@@ -56,6 +56,26 @@ class InterruptAt(Batcher):
         return super().batch(k)
 
 
+class Recording(Batcher):
+    """Records the batch numbers the loop asks for."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.asked = []
+
+    def batch(self, k):
+        self.asked.append(k)
+        return super().batch(k)
+
+
+def test_first_batch_continues_the_data_where_an_earlier_phase_stopped():
+    data = Recording(rows(), 4)
+    train_loop(model(), data, TrainSettings(steps=3, grad_accum=2, first_batch=5), progress=False)
+    assert data.asked == [5, 6, 7, 8, 9, 10]
+    with pytest.raises(TrainingError, match="first_batch"):
+        train_loop(model(), data, TrainSettings(steps=1, first_batch=-1), progress=False)
+
+
 def test_checkpoint_then_resume_equals_an_uninterrupted_run(tmp_path):
     settings = TrainSettings(steps=8, lr=3e-3, checkpoint_every=3)
     full = model()

@@ -38,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--task", default=None, help="a built-in task (default reverse_words; sotu: held-out loss only)")
     p.add_argument(
+        "--scales-fresh-batches",
+        action="store_true",
+        help="scales-only trains on the batches after the fp16 LoRA's instead of re-reading its first ones "
+        "(on a text corpus the re-read batches are memorised)",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="reuse the seeds an earlier run with the same settings finished (OUT/seeds/) instead of rerunning them",
@@ -61,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         task=args.task,
         sizes_only=args.sizes_only,
+        scales_fresh_batches=args.scales_fresh_batches,
     )
     print(f"wrote {len(result['points'])} points to {args.out}/reproduce.json, reproduce.md and the plots")
     return 0

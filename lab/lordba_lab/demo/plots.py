@@ -99,17 +99,22 @@ def _error_bars(rows: list[dict], key: str) -> list | list[list[float]]:
 
 
 def _zoom_loss(ax: plt.Axes, summary: list[dict], lines: list[dict]) -> None:
-    """Keep the adapters near the fp16 LoRA readable: the loss axis stops at 2x the LoRA's loss, and
+    """Keep the adapters near the fp16 LoRA readable: the loss axis stops at 2x the LoRA's loss, or a
+    little above the base model's where that is lower (an adapter worse than none is off the scale), and
     the points above it are named in the legend with their value."""
     ref = next((r for r in summary if r.get("reference") and r["eval_loss_mean"] is not None), None)
     if ref is None:
         return
     top = 2.0 * ref["eval_loss_mean"]
+    base = next((r["eval_loss_mean"] for r in summary if r["family"] == "base"), None)
+    if base is not None and ref["eval_loss_mean"] < base < top:
+        top = base + 0.3 * (base - ref["eval_loss_mean"])
     above = [r for r in lines if r["eval_loss_mean"] is not None and r["eval_loss_mean"] > top]
     if not above:
         return
-    low = min(r["eval_loss_mean"] for r in lines if r["eval_loss_mean"] is not None)
-    ax.set_ylim(0.8 * min(low, ref["eval_loss_mean"]), top)
+    shown = [r for r in lines if r["eval_loss_mean"] is not None and r["eval_loss_mean"] <= top]
+    low = min([(r.get("eval_loss_ci") or [r["eval_loss_mean"]])[0] for r in shown] + [ref["eval_loss_mean"]])
+    ax.set_ylim(max(0.0, low - 0.05 * (top - low)), top)  # down to the lowest interval shown
     for r in above:
         ax.plot([], [], " ", label=f"{r['family']} {r['label']}: {r['eval_loss_mean']:.3g} (off scale)")
 
@@ -117,9 +122,13 @@ def _zoom_loss(ax: plt.Axes, summary: list[dict], lines: list[dict]) -> None:
 def sweep(summary: list[dict], path: Path, metric_name: str, setting: str = "") -> Path:
     """The BPW sweep (the paper's Fig. 3): metric and held-out loss against bits per weight, one line
     per method family, error bars = the 95% intervals where the summary has them (else the standard
-    deviation over seeds); the fp16 LoRA r=16 and the base model as horizontal references."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 6.2))
-    for ax, key, label in ((axes[0], "metric", metric_name), (axes[1], "eval_loss", "held-out loss (lower is better)")):
+    deviation over seeds); the fp16 LoRA r=16 and the base model as horizontal references. A task
+    without a metric (a text corpus) gets the loss panel only."""
+    panels = [("metric", metric_name), ("eval_loss", "held-out loss (lower is better)")]
+    panels = [(k, lab) for k, lab in panels if any(r[f"{k}_mean"] is not None for r in summary)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 3 * (len(panels) == 1), 6.2), squeeze=False)
+    axes = list(axes[0])
+    for ax, (key, label) in zip(axes, panels):
         lines = [r for r in summary if r["family"] != "base" and not r.get("reference")]
         for family in dict.fromkeys(r["family"] for r in lines):
             pts = sorted(
@@ -157,9 +166,10 @@ def sweep(summary: list[dict], path: Path, metric_name: str, setting: str = "") 
         ax.grid(alpha=0.3)
     # the series once, below both panels; each panel keeps its own notes (references, off-scale points)
     handles, labels = axes[0].get_legend_handles_labels()
-    series = [(h, lab) for h, lab in zip(handles, labels) if lab not in ("base", "fp16 LoRA r=16")]
+    notes = ("base", "fp16 LoRA r=16")
+    series = [(h, lab) for h, lab in zip(handles, labels) if lab not in notes and "off scale" not in lab]
     if series:
-        fig.legend(*zip(*series), loc="lower center", ncol=4, fontsize=7, frameon=False)
+        fig.legend(*zip(*series), loc="lower center", ncol=4 if len(axes) > 1 else 3, fontsize=7, frameon=False)
     for ax in axes:
         notes = [(h, lab) for h, lab in zip(*ax.get_legend_handles_labels()) if lab not in {x for _, x in series}]
         if notes:
@@ -167,7 +177,7 @@ def sweep(summary: list[dict], path: Path, metric_name: str, setting: str = "") 
     intervals = all(r.get("eval_loss_ci") for r in summary if r["family"] != "base")
     what = f"{setting}: quality" if setting else "Quality"
     fig.suptitle(f"{what} against adapter size (mean over seeds, {'95% interval' if intervals else '± std'})")
-    fig.tight_layout(rect=(0, 0.17 if series else 0, 1, 1))
+    fig.tight_layout(rect=(0, (0.17 if len(axes) > 1 else 0.14) if series else 0, 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path

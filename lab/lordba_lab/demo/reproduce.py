@@ -94,6 +94,9 @@ class ReproduceSettings:
     truncate_ranks: tuple[int, ...] = (1, 2)
     rtn_bits: tuple[int, ...] = (1, 2)
     low_bit_baselines: bool = True  # LoRAQuant-style and BitDelta-style
+    # scales-only trains on the batches after the fp16 LoRA's (which its signs came from), not on the LoRA's
+    # first ones again: on a corpus, re-reading them memorises (docs/results/reproduce_sotu)
+    scales_fresh_batches: bool = False
 
 
 # The sweep's task: reverse_words (base 0.5% exact match, fp16 LoRA r=16 90%: where fidelity shows),
@@ -221,8 +224,9 @@ def _one_seed(demo: Demo, settings: ReproduceSettings, seed: int) -> tuple[list[
         cfg = _config(demo, "scales-only", r, scale_dtype)
         lm.load_adapter_state(dataclasses.replace(states[ptq_family, r], config=cfg), "default", is_trainable=True)
         lm.set_adapter("default")
-        train_loop(lm, demo.batcher, demo.settings(s.scales_steps, s.lr_lordba), progress=demo.progress,
-                   description=f"seed {seed}: {family} r={r}")  # fmt: skip
+        first = s.steps if settings.scales_fresh_batches else 0  # the LoRA read batches 0 .. s.steps - 1
+        train = dataclasses.replace(demo.settings(s.scales_steps, s.lr_lordba), first_batch=first)
+        train_loop(lm, demo.batcher, train, progress=demo.progress, description=f"seed {seed}: {family} r={r}")
         point(family, f"r={r}", lm.size_report().payload_bytes, lm)
         demo.model = lm.unload()
     qat = [(LORDBA_QAT, r, s.scale_dtype) for r in settings.qat_ranks]
@@ -246,11 +250,15 @@ def _seed_file(out: Path, seed: int) -> Path:
     return out / "seeds" / f"seed{seed}.json"
 
 
+_ADDED_LATER = {"low_bit_baselines": True, "scales_fresh_batches": False}  # settings added after seeds were kept
+
+
 def _settings_key(settings: ReproduceSettings) -> str:
     """What a kept seed's points depend on: every setting but the list of seeds."""
     described = dataclasses.asdict(dataclasses.replace(settings, seeds=()))
-    if described["low_bit_baselines"]:  # added later: at its default it is left out, so kept seeds stay valid
-        del described["low_bit_baselines"]
+    for name, default in _ADDED_LATER.items():  # at their defaults left out, so that kept seeds stay valid
+        if described[name] == default:
+            del described[name]
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -295,12 +303,14 @@ def run_reproduce(
     model: str | None = None,
     task: str | None = None,
     sizes_only: bool = False,
+    scales_fresh_batches: bool = False,
 ) -> dict:
     """Run the sweep; writes ``reproduce.json``, ``reproduce.md``, ``sweep.png`` and ``error_vs_rmr.png``.
     ``all_sizes``: QAT, scales-only and a trained fp16 LoRA at every size (:data:`ALL_SIZES`);
     ``r16_only``: the points at r=16 only (:data:`R16_ONLY`); ``sizes_only``: only what ``all_sizes`` adds
     (:data:`SIZES_ONLY`, read beside the default sweep's results); ``model``, ``task``: instead of the
-    sweep's (an embedded model's name or a folder; a built-in task).
+    sweep's (an embedded model's name or a folder; a built-in task); ``scales_fresh_batches``: scales-only
+    trains on the batches after the fp16 LoRA's (:attr:`ReproduceSettings.scales_fresh_batches`).
     Each finished seed is kept in ``out/seeds/``; ``resume``: seeds kept there under the same
     settings are read back instead of run again (a long sweep survives an interruption)."""
     from lordba_lab.bench import hardware
@@ -317,6 +327,8 @@ def run_reproduce(
         settings = dataclasses.replace(settings, **R16_ONLY)
     if sizes_only:
         settings = dataclasses.replace(settings, **SIZES_ONLY)
+    if scales_fresh_batches:
+        settings = dataclasses.replace(settings, scales_fresh_batches=True)
     if model is not None or task is not None:
         demo = dataclasses.replace(settings.demo, model=model or settings.demo.model, task=task or settings.demo.task)
         settings = dataclasses.replace(settings, demo=demo)

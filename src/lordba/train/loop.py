@@ -45,6 +45,7 @@ class TrainSettings:
     seed: int = 0
     gradient_checkpointing: bool = False
     bf16: bool = False
+    first_batch: int = 0  # the batch step 0 reads: a second phase continues the data after the first's
 
 
 DEVICES = ("cpu", "cuda", "mps")
@@ -118,6 +119,8 @@ def train_loop(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters")
+    if settings.first_batch < 0:
+        raise TrainingError(f"first_batch must be >= 0, got {settings.first_batch}")
     seed_everything(settings.seed)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     factor = _schedule(settings)
@@ -140,7 +143,8 @@ def train_loop(
             group["lr"] = settings.lr * factor(step)
         total = 0.0
         for micro in range(settings.grad_accum):
-            batch = {k: v.to(device) for k, v in batcher.batch(step * settings.grad_accum + micro).items()}
+            k = settings.first_batch + step * settings.grad_accum + micro
+            batch = {name: t.to(device) for name, t in batcher.batch(k).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
                 loss = model(**batch).loss.float() / settings.grad_accum
             if not torch.isfinite(loss):

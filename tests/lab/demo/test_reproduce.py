@@ -5,6 +5,7 @@ import json
 import pytest
 
 from lordba.cli import main
+from lordba.train import train_loop
 from lordba_lab.demo.families import TRAINED_LORDBA
 from lordba_lab.demo.reproduce import (
     LORDBA_ALLOCATED,
@@ -68,12 +69,22 @@ def test_quick_reproduce_writes_the_sweep(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_quick_reproduce_on_a_corpus_task_reports_held_out_loss_only(tmp_path):
+def test_quick_reproduce_on_a_corpus_task_reports_held_out_loss_only(monkeypatch, tmp_path):
+    import lordba_lab.demo.reproduce as rep
+
+    first_batches = []  # scales-only's training: on the batches after the LoRA's with --scales-fresh-batches
+
+    def recording(model, batcher, settings, *args, **kwargs):
+        first_batches.append(settings.first_batch)
+        return train_loop(model, batcher, settings, *args, **kwargs)
+
+    monkeypatch.setattr(rep, "train_loop", recording)
     out = tmp_path / "sotu"
     args = ["reproduce", "--quick", "--quiet", "--seeds", "1", "--r16-only", "--task", "sotu", "--out", str(out)]
-    assert main(args) == 0
+    assert main([*args, "--scales-fresh-batches"]) == 0
     res = json.loads((out / "reproduce.json").read_text())
     assert res["settings"]["demo"]["task"] == "sotu" and res["settings"]["ptq_ranks"] == [16]
+    assert res["settings"]["scales_fresh_batches"] and first_batches == [rep.QUICK.demo.steps] * 2  # int8, int4
     assert all(r["metric_mean"] is None and r["metric_ci"] is None for r in res["summary"])
     assert all(r["eval_loss_ci"] is not None for r in res["summary"])
     assert all("correct" not in p["per_example"] for p in res["points"])
@@ -143,15 +154,15 @@ def test_all_sizes_trains_every_family_at_every_size(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake(out, quick, seeds, progress, all_sizes, resume, r16_only, model, task, sizes_only):
+    def fake(out, quick, seeds, progress, all_sizes, resume, r16_only, model, task, sizes_only, scales_fresh_batches):
         seen.update(quick=quick, all_sizes=all_sizes, resume=resume, r16_only=r16_only, model=model, task=task)
-        seen.update(sizes_only=sizes_only)
+        seen.update(sizes_only=sizes_only, scales_fresh_batches=scales_fresh_batches)
         return {"points": []}
 
     monkeypatch.setattr(rep, "run_reproduce", fake)
     assert main(["reproduce", "--all-sizes", "--resume", "--quiet", "--out", str(tmp_path)]) == 0
     assert seen == {"quick": False, "all_sizes": True, "resume": True, "r16_only": False, "model": None, "task": None,
-                    "sizes_only": False}  # fmt: skip
+                    "sizes_only": False, "scales_fresh_batches": False}  # fmt: skip
     args = ["reproduce", "--r16-only", "--model", "gemma-3-270m", "--quiet", "--out", str(tmp_path)]
     assert main(args) == 0 and seen["r16_only"] and seen["model"] == "gemma-3-270m"
     assert rep.ALL_SIZES["qat_ranks"] == (4, 8, 16) and rep.ALL_SIZES["lora_small_ranks"] == (1, 2)
@@ -175,6 +186,7 @@ def test_sizes_only_adds_what_all_sizes_adds_and_keeps_the_default_sweeps_kept_s
     assert record is not None and rep._kept_record(tmp_path, sizes, 0) is None
     assert record["settings_key"] == rep._settings_key(dataclasses.replace(default, low_bit_baselines=True))
     assert rep._settings_key(dataclasses.replace(default, low_bit_baselines=False)) != record["settings_key"]
+    assert rep._settings_key(dataclasses.replace(default, scales_fresh_batches=True)) != record["settings_key"]
 
 
 def test_trained_lordba_is_paired_with_the_trained_lora_of_nearest_size():
