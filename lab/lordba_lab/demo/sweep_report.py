@@ -23,8 +23,11 @@ def _pm(row: dict, key: str) -> str:
 
 def _title(settings: dict) -> str:
     d = settings["demo"]
+    scales = f"scales-only {d['scales_steps']} step{'s' if d['scales_steps'] != 1 else ''}"
+    if settings.get("scales_fresh_batches"):
+        scales += " on the batches after the fp16 LoRA's"
     return (
-        f"task {d['task']}, model {d['model']}, {d['steps']} steps x batch {d['batch_size']}, "
+        f"task {d['task']}, model {d['model']}, {d['steps']} steps x batch {d['batch_size']} ({scales}), "
         f"targets {','.join(d['targets'])}, 4-bit {d['base']} base, held-out n={d['eval_size']}, "
         f"seeds {list(settings['seeds'])}"
     )

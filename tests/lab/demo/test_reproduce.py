@@ -85,6 +85,7 @@ def test_quick_reproduce_on_a_corpus_task_reports_held_out_loss_only(monkeypatch
     res = json.loads((out / "reproduce.json").read_text())
     assert res["settings"]["demo"]["task"] == "sotu" and res["settings"]["ptq_ranks"] == [16]
     assert res["settings"]["scales_fresh_batches"] and first_batches == [rep.QUICK.demo.steps] * 2  # int8, int4
+    assert "(scales-only 1 step on the batches after the fp16 LoRA's)" in (out / "reproduce.md").read_text()
     assert all(r["metric_mean"] is None and r["metric_ci"] is None for r in res["summary"])
     assert all(r["eval_loss_ci"] is not None for r in res["summary"])
     assert all("correct" not in p["per_example"] for p in res["points"])
