@@ -125,7 +125,7 @@ def sweep(summary: list[dict], path: Path, metric_name: str, setting: str = "") 
     deviation over seeds); the fp16 LoRA r=16 and the base model as horizontal references. A task
     without a metric (a text corpus) gets the loss panel only."""
     panels = [("metric", metric_name), ("eval_loss", "held-out loss (lower is better)")]
-    panels = [(k, lab) for k, lab in panels if any(r[f"{k}_mean"] is not None for r in summary)]
+    panels = [(k, lab) for k, lab in panels if any(r[f"{k}_mean"] is not None for r in summary)] or panels[1:]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 3 * (len(panels) == 1), 6.2), squeeze=False)
     axes = list(axes[0])
     for ax, (key, label) in zip(axes, panels):
@@ -164,10 +164,10 @@ def sweep(summary: list[dict], path: Path, metric_name: str, setting: str = "") 
         ax.set_xlabel("bits per weight (LoRA r=16 basis, payload; log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    # the series once, below both panels; each panel keeps its own notes (references, off-scale points)
+    # the series once, below the panels; each panel keeps its own notes (references, off-scale points)
     handles, labels = axes[0].get_legend_handles_labels()
-    notes = ("base", "fp16 LoRA r=16")
-    series = [(h, lab) for h, lab in zip(handles, labels) if lab not in notes and "off scale" not in lab]
+    refs = ("base", "fp16 LoRA r=16")
+    series = [(h, lab) for h, lab in zip(handles, labels) if lab not in refs and "off scale" not in lab]
     if series:
         fig.legend(*zip(*series), loc="lower center", ncol=4 if len(axes) > 1 else 3, fontsize=7, frameon=False)
     for ax in axes:
