@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,8 +73,30 @@ def test_first_batch_continues_the_data_where_an_earlier_phase_stopped():
     data = Recording(rows(), 4)
     train_loop(model(), data, TrainSettings(steps=3, grad_accum=2, first_batch=5), progress=False)
     assert data.asked == [5, 6, 7, 8, 9, 10]
-    with pytest.raises(TrainingError, match="first_batch"):
-        train_loop(model(), data, TrainSettings(steps=1, first_batch=-1), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("steps", -1), ("steps", 2.0), ("batch_size", 0), ("grad_accum", 0), ("lr", -1e-4), ("lr", float("nan")),
+        ("lr", float("inf")), ("lr", "1e-4"), ("warmup_ratio", 1.5), ("warmup_ratio", -0.1),
+        ("weight_decay", -1e-3), ("max_grad_norm", 0.0), ("max_grad_norm", float("nan")), ("eval_every", -5),
+        ("checkpoint_every", -1), ("keep_checkpoints", 0), ("seed", 1.5), ("seed", None), ("first_batch", -1),
+        ("bf16", 1), ("gradient_checkpointing", "yes"), ("steps", True), ("lr", 10**400),
+    ],
+)  # fmt: skip
+def test_settings_refuse_a_bad_value_naming_the_field(field, value):
+    """A run's settings are checked when they are made (not steps into a run, nor silently: a
+    ``keep_checkpoints`` of 0 would keep every checkpoint, a ``max_grad_norm`` of 0 would zero every
+    gradient), with the library's ConfigError naming the field."""
+    with pytest.raises(ConfigError, match=rf"TrainSettings\.{field} must be"):
+        TrainSettings(**{field: value})
+
+
+def test_settings_accept_the_edges_and_numpy_numbers():
+    TrainSettings(steps=0, warmup_ratio=0, max_grad_norm=float("inf"), weight_decay=0, seed=-3, eval_every=0)
+    s = TrainSettings(steps=np.int64(3), lr=np.float32(1e-3), warmup_ratio=1)
+    assert s.steps == 3 and s.warmup_ratio == 1
 
 
 def test_checkpoint_then_resume_equals_an_uninterrupted_run(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import random
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lordba._util.jsonio import safe_repr
 from lordba.errors import ConfigError, TrainingError
 from lordba.format.atomic import atomic_write_bytes
 from lordba.train.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
@@ -46,6 +48,40 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     bf16: bool = False
     first_batch: int = 0  # the batch step 0 reads: a second phase continues the data after the first's
+
+    def __post_init__(self) -> None:
+        """Check every field.
+
+        Raises:
+            ConfigError: naming the first field out of range or of the wrong type.
+        """
+        for name, low in (("steps", 0), ("batch_size", 1), ("grad_accum", 1), ("eval_every", 0),
+                          ("checkpoint_every", 0), ("keep_checkpoints", 1), ("first_batch", 0)):  # fmt: skip
+            _check_int(name, getattr(self, name), low)
+        _check_int("seed", self.seed, None)
+        _check_number("lr", self.lr, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+        _check_number("warmup_ratio", self.warmup_ratio, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        _check_number("weight_decay", self.weight_decay, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+        _check_number("max_grad_norm", self.max_grad_norm, lambda v: v > 0, "a number > 0 (inf: no clipping)")
+        for name in ("gradient_checkpointing", "bf16"):
+            if type(getattr(self, name)) is not bool:
+                raise ConfigError(f"TrainSettings.{name} must be True or False, got {safe_repr(getattr(self, name))}")
+
+
+def _check_int(name: str, value: object, low: int | None) -> None:
+    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not integral or (low is not None and value < low):
+        what = "an integer" if low is None else f"an integer >= {low}"
+        raise ConfigError(f"TrainSettings.{name} must be {what}, got {safe_repr(value)}")
+
+
+def _check_number(name: str, value: object, ok: Callable[[float], bool], what: str) -> None:
+    try:
+        good = isinstance(value, numbers.Real) and not isinstance(value, bool) and ok(float(value))
+    except OverflowError:  # an int too large for a float
+        good = False
+    if not good:
+        raise ConfigError(f"TrainSettings.{name} must be {what}, got {safe_repr(value)}")
 
 
 DEVICES = ("cpu", "cuda", "mps")
@@ -119,8 +155,6 @@ def train_loop(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters")
-    if settings.first_batch < 0:
-        raise TrainingError(f"first_batch must be >= 0, got {settings.first_batch}")
     seed_everything(settings.seed)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     factor = _schedule(settings)
