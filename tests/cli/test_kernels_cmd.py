@@ -21,6 +21,10 @@ def test_build_kernels_reports_what_runs(capsys):
         found = BUILT.search(out)
         assert found, out
         assert Path(found.group(3)).is_file()
+        from lordba.kernels.q4 import amx_prefill_available
+
+        amx = "adapter prefill on the tile unit (AMX) " + ("yes" if amx_prefill_available() else "no")
+        assert "  4-bit base: bfloat16 prefill GEMM" in out and amx in out, out
 
 
 @pytest.fixture

@@ -103,6 +103,41 @@ def test_fast_prefill_joins_the_gemm_as_accurately(kernel_mode, count, monkeypat
     assert not torch.equal(got, two) and err < 1.5 * err_two + 1e-4, (err, err_two)
 
 
+@pytest.mark.skipif(not native_bfloat16(), reason="the bfloat16 GEMM needs native bfloat16 dot products")
+def test_fast_prefill_keeps_the_folded_factors_until_an_adapter_tensor_changes(monkeypatch):
+    """A prompt on the bfloat16 GEMM folds each layer's factors once (``lordba::q4_prefill_factors``) and
+    keeps them for the next prompts; a tensor of an adapter changed in place refolds that layer's (its
+    version counter), with the result a fresh model computes; decode (one token) never folds."""
+    import copy
+
+    from lordba import LoRDBAConfig, get_lordba_model
+
+    torch.manual_seed(4)
+    lm = get_lordba_model(tiny_q4(adapter=False, compute="fast"), LoRDBAConfig(r=4, init="random"))
+    lm.pack()
+    lm.eval()
+    real, folds = torch.ops.lordba.q4_prefill_factors, []
+
+    def counted(*args):
+        folds.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.lordba, "q4_prefill_factors", counted)
+    adapters = list(lm.adapter_modules("default").values())
+    with torch.no_grad():
+        first = lm(input_ids=IDS).logits
+        assert len(folds) == len(adapters)  # one fold per adapted layer
+        assert torch.equal(lm(input_ids=IDS).logits, first) and len(folds) == len(adapters)  # kept
+        lm(input_ids=IDS[:, :1])
+        assert len(folds) == len(adapters)  # one token: the sign path, nothing folded
+        sign_B = adapters[0]._buffers["sign_B"]
+        sign_B.bitwise_not_()  # in place: the layer's kept call reads the same tensor
+        changed = lm(input_ids=IDS).logits
+        assert len(folds) == len(adapters) + 1 and folds[-1] is adapters[0]._buffers["sign_A"]
+        assert not torch.equal(changed, first)
+        assert torch.equal(copy.deepcopy(lm)(input_ids=IDS).logits, changed)
+
+
 def test_a_base_bias_is_added_before_the_branch_as_the_two_calls_do(monkeypatch):
     from lordba import LoRDBAConfig, get_lordba_model
 

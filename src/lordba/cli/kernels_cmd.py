@@ -20,6 +20,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="exit with status 3 if the kernels cannot be built")
 
 
+def _q4_features() -> str:
+    """Which of the q4 kernels' CPU-specific paths this machine runs."""
+    from lordba.kernels.q4 import amx_prefill_available, bf16_dot_available, int8_dot_available, native_bfloat16
+
+    found = {
+        "bfloat16 prefill GEMM": native_bfloat16(),
+        "adapter prefill on the tile unit (AMX)": amx_prefill_available(),
+        "bfloat16 one-token kernel": bf16_dot_available(),
+        "int8 one-token kernel": int8_dot_available(),
+    }
+    return ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in found.items())
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -33,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if result.ok:
         isa = torch.ops.lordba.isa()
         print(f"CPU kernels: {result.message} in {took:.1f} s ({isa}): {result.path}")
+        print(f"  4-bit base: {_q4_features()}")
     else:
         print(f"CPU kernels: NOT available, the pure-PyTorch fallback will run.\n{result.message}")
     print(f"Triton (GPU) kernels: {'available' if triton_available() else 'not available (no CUDA or no triton)'}")

@@ -62,6 +62,12 @@ def bf16_dot_available() -> bool:
     return cpu_available() and hasattr(torch.ops.lordba, "q4_bf16_dot") and bool(torch.ops.lordba.q4_bf16_dot())
 
 
+def amx_prefill_available() -> bool:
+    """Whether the bfloat16 prefill computes the adapter's ``h = x A'ᵀ`` on the CPU's tile unit (AMX-BF16:
+    built with it, and Linux granted this process the tile state); else by a GEMM call of its own."""
+    return cpu_available() and hasattr(torch.ops.lordba, "q4_amx") and bool(torch.ops.lordba.q4_amx())
+
+
 def check_compute(name: str, what: str = "compute") -> str:
     """``name`` if it is one of :data:`COMPUTE`.
 
@@ -202,8 +208,13 @@ def register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
     @torch.library.register_fake("lordba::q4_branch")
-    def _branch_fake(x, qweight, *args):  # noqa: ANN001
+    def _branch_fake(x, qweight, *args, **kwargs):  # noqa: ANN001
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+    @torch.library.register_fake("lordba::q4_prefill_factors")
+    def _factors_fake(sign_A, sign_B, b, m, a, scaling):  # noqa: ANN001
+        r, out = m.shape[0], a.shape[0]
+        return b.new_empty((r, b.shape[0]), dtype=torch.bfloat16), b.new_empty((out, r), dtype=torch.bfloat16)
 
     @torch.library.register_fake("lordba::q4_dequant")
     def _dequant_fake(qweight, scale, minus, in_features, bits):  # noqa: ANN001

@@ -125,14 +125,35 @@ class Q4Linear(nn.Module):
         """A callable ``f(x)``: ``self(x)`` plus the packed LoRDBA branch of ``tensors`` (its ``(sign_A, sign_B,
         b, m, a)``), ``scaling`` and ``limit`` (its dispatch limit) in one CPU op call (``lordba::q4_branch``;
         no gradient): see :meth:`Q4Backend.fused_branch`. The layer's tensors, ``compute`` and bias are read
-        where they are held on every call (in-place changes, ``.to()``, a new ``compute`` are seen)."""
+        where they are held on every call (in-place changes, ``.to()``, a new ``compute`` are seen).
+
+        A prompt on the bfloat16 GEMM (``fast``, from ``max(GEMM_MIN_TOKENS, limit + 1)`` tokens) gets the
+        branch's folded factors kept here (``lordba::q4_prefill_factors``, refolded when a tensor of
+        ``tensors`` changes: version counters); outside ``torch.compile`` only."""
         op, buffers, params = torch.ops.lordba.q4_branch.default, self._buffers, self._parameters
         in_features, bits = self.in_features, self.bits
+        prefill_from = max(GEMM_MIN_TOKENS, limit + 1) * in_features  # elements of x
+        kept: list = []  # [versions of tensors, folded_A, folded_B]
+
+        def folded() -> tuple[torch.Tensor, torch.Tensor]:
+            key = tuple((t._version, t.data_ptr()) for t in tensors)
+            found = kept[:]
+            if found and found[0] == key:
+                return found[1], found[2]
+            folded_A, folded_B = torch.ops.lordba.q4_prefill_factors(*tensors, scaling)
+            kept[:] = [key, folded_A, folded_B]
+            return folded_A, folded_B
 
         def call(x: torch.Tensor) -> torch.Tensor:
+            flags = self._flags
+            if x.numel() >= prefill_from and flags[0] and not torch.compiler.is_compiling():
+                return op(
+                    x, buffers["qweight"], buffers["scale"], buffers["minus"], in_features, GEMM_MIN_TOKENS, bits,
+                    *flags, params.get("bias"), *tensors, scaling, limit, *folded(),
+                )  # fmt: skip
             return op(
                 x, buffers["qweight"], buffers["scale"], buffers["minus"], in_features, GEMM_MIN_TOKENS, bits,
-                *self._flags, params.get("bias"), *tensors, scaling, limit,
+                *flags, params.get("bias"), *tensors, scaling, limit,
             )  # fmt: skip
 
         return call

@@ -34,13 +34,15 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("branch.cpp")
-# one library: the sign branch, the 4-bit base, decode attention, dense layer + branch (headers: part of the build key)
+# one library: the sign branch, the 4-bit base, decode attention, dense layer + branch, the prefill's tile-unit
+# input pass (headers: part of the build key)
 SOURCES = (
     SOURCE,
     Path(__file__).with_name("q4.cpp"),
     Path(__file__).with_name("q4_dot.cpp"),
     Path(__file__).with_name("attention.cpp"),
     Path(__file__).with_name("linear.cpp"),
+    Path(__file__).with_name("prefill.cpp"),
 )
 HEADERS = (Path(__file__).with_name("q4.h"), Path(__file__).with_name("branch.h"))
 _CFLAGS = ("-O3", "-std=c++20", "-fopenmp", "-w", "-ffp-contract=off")

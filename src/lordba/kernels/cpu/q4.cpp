@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -294,16 +295,26 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool 
   if (done != nullptr) (*done)(0, (p.out + kRowBlock - 1) / kRowBlock);
 }
 
+// [x | h | 0] into xin [T, K] by at::mm (h = x A'^T in xin's dtype), where input_with_h cannot run.
+void input_with_mm(const at::Tensor& x2, const at::Tensor& A, int64_t in, at::Tensor& xin) {
+  const int64_t r = A.size(0), K = xin.size(1);
+  const at::Tensor xs = xin.narrow(1, 0, in);
+  xs.copy_(x2);
+  at::Tensor h = xin.narrow(1, in, r);
+  at::mm_out(h, xs, A.to(xin.scalar_type()).t());
+  xin.narrow(1, in + r, K - in - r).zero_();
+}
+
 // Many tokens: dequantize blocks of rows and multiply with the BLAS GEMM, in float32 or (bf16) with
 // the block and the input rounded to bfloat16 (oneDNN's bf16 GEMM: 4x the float32 GEMM's speed on a
 // CPU with AVX512_BF16; the output is rounded to bfloat16 too). The 4-bit weight is exact in float32;
 // bfloat16 rounds it and the input to 8 significant bits, far below the 4-bit quantization error.
 //
-// With a LoRDBA branch (folded factors A' [r, in], B' [out, r]; q4_branch's `fast` prefill) the
-// branch joins the GEMM as r more inputs: h = x A'^T, then y = [x | h] [W | B']^T block by block, so
-// its second product costs r / in of the base GEMM instead of a skinny GEMM and a pass over the
-// output of its own (SmolLM2-135M's 512-token prefill, q4 + LoRDBA r=16 over q4: 1.21x -> 1.10x,
-// docs/kernels.md), rounded as the base is.
+// With a LoRDBA branch (folded factors A' [r, in], B' [out, r], bfloat16; q4_branch's `fast`
+// prefill) the branch joins the GEMM as r more inputs: h = x A'^T (prefill.cpp's pass on the tile
+// unit, else at::mm), then y = [x | h] [W | B']^T block by block, so its second product costs r / in
+// of the base GEMM instead of a skinny GEMM and a pass over the output of its own (SmolLM2-135M's
+// 512-token prefill, docs/kernels.md), rounded as the base is.
 void gemm(const Packed& p, const at::Tensor& x2, at::Tensor& y, bool bf16, const at::Tensor* A = nullptr,
           const at::Tensor* B = nullptr) {
   const int64_t r = A != nullptr ? A->size(0) : 0;
@@ -315,16 +326,14 @@ void gemm(const Packed& p, const at::Tensor& x2, at::Tensor& y, bool bf16, const
   at::Tensor xin;
   if (A == nullptr) {
     xin = bf16 ? x2.to(at::kBFloat16) : x2;
-  } else {  // [x | h | 0], h = x A'^T written in place (no concatenation)
+  } else {  // [x | h | 0], h = x A'^T written in place (no concatenation): on the tile unit where it runs
     const auto dtype = bf16 ? at::kBFloat16 : at::kFloat;
     xin = at::empty({x2.size(0), K}, x2.options().dtype(dtype));
-    const at::Tensor xs = xin.narrow(1, 0, p.in);
-    xs.copy_(x2);
-    at::Tensor h = xin.narrow(1, p.in, r);
-    at::mm_out(h, xs, A->to(dtype).t());
-    xin.narrow(1, p.in + r, K - p.in - r).zero_();
+    if (!bf16 || !input_with_h(x2.data_ptr<float>(), x2.size(0), p.in, A->data_ptr<at::BFloat16>(), r,
+                               xin.data_ptr<at::BFloat16>(), K))
+      input_with_mm(x2, *A, p.in, xin);
   }
-  const float* bp = B != nullptr ? B->data_ptr<float>() : nullptr;  // folded_factors': float32 [out, r]
+  const at::BFloat16* bp = B != nullptr ? B->data_ptr<at::BFloat16>() : nullptr;  // [out, r]
   for (int64_t o0 = 0; o0 < p.out; o0 += block) {
     const int64_t o1 = std::min(p.out, o0 + block);
     float* dst = w.data_ptr<float>();
@@ -396,18 +405,51 @@ at::Tensor one_token_branch(const Packed& p, const at::Tensor& x, bool bf16, boo
 // (decode calls ~210 layers per token; a custom op's call costs about what the branch computes).
 // Except many tokens in bfloat16 (`fast` prefill) on the unpack path: there the branch joins the
 // base's GEMM (gemm's branch), equal to the two calls up to bfloat16 rounding, not bit for bit.
+// q4_branch's folded factors for the bfloat16 prefill GEMM, A' = S_A diag(b) [r, in] and
+// B' = s diag(a) S_B diag(m) [out, r], in bfloat16 (the GEMM rounds them so). A layer keeps them between
+// prompts (Q4Linear.forward_with_branch): folding them again costs ~15 us a layer and call.
+std::tuple<at::Tensor, at::Tensor> q4_prefill_factors(const at::Tensor& sign_A, const at::Tensor& sign_B,
+                                                      const at::Tensor& b, const at::Tensor& m, const at::Tensor& a,
+                                                      double scaling) {
+  auto [A, B] = lordba::folded_factors(sign_A, sign_B, b, m, a, scaling);
+  return {A.to(at::kBFloat16), B.to(at::kBFloat16)};
+}
+
+// The given folded factors (q4_prefill_factors') where they are the adapter's shapes, else folded here.
+std::tuple<at::Tensor, at::Tensor> prefill_factors(const c10::optional<at::Tensor>& folded_A,
+                                                   const c10::optional<at::Tensor>& folded_B, const at::Tensor& sign_A,
+                                                   const at::Tensor& sign_B, const at::Tensor& b, const at::Tensor& m,
+                                                   const at::Tensor& a, double scaling) {
+  if (!folded_A.has_value() || !folded_B.has_value()) return q4_prefill_factors(sign_A, sign_B, b, m, a, scaling);
+  const int64_t r = m.numel(), in = b.numel(), out = a.numel();
+  const at::Tensor &A = *folded_A, &B = *folded_B;
+  TORCH_CHECK(A.scalar_type() == at::kBFloat16 && A.dim() == 2 && A.size(0) == r && A.size(1) == in,
+              "lordba::q4_branch: folded_A must be bfloat16 [", r, ", ", in, "] (q4_prefill_factors')");
+  TORCH_CHECK(B.scalar_type() == at::kBFloat16 && B.dim() == 2 && B.size(0) == out && B.size(1) == r,
+              "lordba::q4_branch: folded_B must be bfloat16 [", out, ", ", r, "] (q4_prefill_factors')");
+  return {A.contiguous(), B.contiguous()};
+}
+
+// A q4 layer and its one LoRDBA adapter in one call: the layer's output (plus bias) and then the
+// branch added by the `branch` op's own code — the same arithmetic, in the same order, as the two
+// ops called one after the other (bit for bit), without a second dispatch per layer and token
+// (decode calls ~210 layers per token; a custom op's call costs about what the branch computes).
+// Except many tokens in bfloat16 (`fast` prefill) on the unpack path: there the branch joins the
+// base's GEMM (gemm's branch), equal to the two calls up to bfloat16 rounding, not bit for bit; its
+// folded factors are folded_A / folded_B where given (q4_prefill_factors', kept by the layer).
 at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minus,
                      int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16, bool int8_dot,
                      const c10::optional<at::Tensor>& bias, const at::Tensor& sign_A, const at::Tensor& sign_B,
                      const at::Tensor& b, const at::Tensor& m, const at::Tensor& a, double scaling,
-                     int64_t sign_max_tokens) {
+                     int64_t sign_max_tokens, const c10::optional<at::Tensor>& folded_A,
+                     const c10::optional<at::Tensor>& folded_B) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "lordba::q4_branch: x's last dimension must be ", in);
   const int64_t T = in > 0 ? x.numel() / in : 0;
   if (bf16 && T >= gemm_min_tokens && T > sign_max_tokens) {
     const Packed p = unpack_args(qweight, scale, minus, in, bits);
     TORCH_CHECK(b.numel() == in && a.numel() == p.out,
                 "lordba::branch: the adapter's scale vectors do not match the layer's in / out features");
-    const auto [A, B] = lordba::folded_factors(sign_A, sign_B, b, m, a, scaling);
+    const auto [A, B] = prefill_factors(folded_A, folded_B, sign_A, sign_B, b, m, a, scaling);
     const auto [x2, shape] = input_rows(x, in, p.out, "q4_branch");
     at::Tensor y = at::empty({T, p.out}, x2.options());
     gemm(p, x2, y, /*bf16=*/true, &A, &B);
@@ -425,6 +467,9 @@ at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return lordba::branch_add(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, y, /*into_base=*/true);
 }
 
+// Whether the bfloat16 prefill's input pass runs on the tile unit (prefill.cpp) in this process.
+bool q4_amx() { return amx_ready(); }
+
 // Whether this build has the int8 decode kernel (AVX512-VNNI with VL); without it int8_dot is ignored.
 bool q4_int8_dot() { return int8_dot_built(); }
 
@@ -441,9 +486,13 @@ TORCH_LIBRARY_FRAGMENT(lordba, lib) {
   lib.def(
       "q4_branch(Tensor x, Tensor qweight, Tensor scale, Tensor minus, int in_features, int gemm_min_tokens, "
       "int bits, bool bf16, bool int8_dot, Tensor? bias, Tensor sign_A, Tensor sign_B, Tensor b, Tensor m, "
-      "Tensor a, float scaling, int sign_max_tokens) -> Tensor");
+      "Tensor a, float scaling, int sign_max_tokens, Tensor? folded_A=None, Tensor? folded_B=None) -> Tensor");
+  lib.def(
+      "q4_prefill_factors(Tensor sign_A, Tensor sign_B, Tensor b, Tensor m, Tensor a, float scaling) "
+      "-> (Tensor, Tensor)");
   lib.def("q4_int8_dot() -> bool", &lordba_q4::q4_int8_dot);
   lib.def("q4_bf16_dot() -> bool", &lordba_q4::q4_bf16_dot);
+  lib.def("q4_amx() -> bool", &lordba_q4::q4_amx);
   lib.def("q4_dequant(Tensor qweight, Tensor scale, Tensor minus, int in_features, int bits) -> Tensor");
 }
 
@@ -451,4 +500,5 @@ TORCH_LIBRARY_IMPL(lordba, CPU, lib) {
   lib.impl("q4_linear", &lordba_q4::q4_linear);
   lib.impl("q4_dequant", &lordba_q4::q4_dequant);
   lib.impl("q4_branch", &lordba_q4::q4_branch);
+  lib.impl("q4_prefill_factors", &lordba_q4::q4_prefill_factors);
 }

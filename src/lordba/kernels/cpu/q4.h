@@ -3,6 +3,7 @@
 #pragma once
 
 #include <c10/util/FunctionRef.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include "branch.h"
@@ -50,6 +51,13 @@ inline float row_offset(const Packed& p, int64_t o, const float* xsum) {
 // computed. Returns false (nothing written) where neither applies, and the float32 kernels run.
 bool dot1_reduced(const Packed& p, const float* x, const float* xsum, float* y, bool bf16, bool int8_dot,
                   const RowsDone* done);
+
+// prefill.cpp: whether the tile unit (AMX-BF16) is built and granted to this process; and the
+// bfloat16 prefill GEMM's input with a branch, xin [T, K] = [x | x A'^T | 0] (x [T, in] float32, A' [r, in]
+// bfloat16, K >= in + r) in one pass on it. false (nothing written) where it cannot run.
+bool amx_ready();
+bool input_with_h(const float* x, int64_t T, int64_t in, const c10::BFloat16* A, int64_t r, c10::BFloat16* xin,
+                  int64_t K);
 
 // Whether this build has the int8 one-token kernel (AVX512-VNNI with VL); the bfloat16 one (AVX512_BF16).
 bool int8_dot_built();
