@@ -399,12 +399,6 @@ at::Tensor one_token_branch(const Packed& p, const at::Tensor& x, bool bf16, boo
   return y.reshape(shape);
 }
 
-// A q4 layer and its one LoRDBA adapter in one call: the layer's output (plus bias) and then the
-// branch added by the `branch` op's own code — the same arithmetic, in the same order, as the two
-// ops called one after the other (bit for bit), without a second dispatch per layer and token
-// (decode calls ~210 layers per token; a custom op's call costs about what the branch computes).
-// Except many tokens in bfloat16 (`fast` prefill) on the unpack path: there the branch joins the
-// base's GEMM (gemm's branch), equal to the two calls up to bfloat16 rounding, not bit for bit.
 // q4_branch's folded factors for the bfloat16 prefill GEMM, A' = S_A diag(b) [r, in] and
 // B' = s diag(a) S_B diag(m) [out, r], in bfloat16 (the GEMM rounds them so). A layer keeps them between
 // prompts (Q4Linear.forward_with_branch): folding them again costs ~15 us a layer and call.
