@@ -302,7 +302,6 @@ def test_bfloat16_prefill_joins_the_branch_to_the_gemm(tokens, bias, shape):
     if not native_bfloat16():
         pytest.skip("the bfloat16 GEMM runs only where the CPU has native bfloat16 dot products")
     x, layer, tensors, bias_t, w, fa, fb = _prefill_case(*shape, tokens, bias)
-    in_f = layer[3]
     got = torch.ops.lordba.q4_branch(x, *layer, 16, 4, True, False, bias_t, *tensors, 2.0, 4)
     two = torch.ops.lordba.branch(x, *tensors, 2.0, 4, q4_linear(x, *layer, bias_t, bf16=True))
     bias_d = bias_t.double() if bias else 0.0
@@ -323,7 +322,6 @@ def test_bfloat16_prefill_joins_the_branch_to_the_gemm(tokens, bias, shape):
     torch.testing.assert_close(got.double(), rounded, rtol=1e-2, atol=float(rounded.abs().max()) * 2**-8)
     err, err_two = ((t.double() - exact).norm() / exact.norm() for t in (got, two))
     assert not torch.equal(got, two) and err < 2 * err_two + 1e-4, (err, err_two)
-    assert in_f == w.shape[1]
 
 
 @needs_cpu_kernels

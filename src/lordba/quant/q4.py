@@ -146,14 +146,12 @@ class Q4Linear(nn.Module):
 
         def call(x: torch.Tensor) -> torch.Tensor:
             flags = self._flags
-            if x.numel() >= prefill_from and flags[0] and not torch.compiler.is_compiling():
-                return op(
-                    x, buffers["qweight"], buffers["scale"], buffers["minus"], in_features, GEMM_MIN_TOKENS, bits,
-                    *flags, params.get("bias"), *tensors, scaling, limit, *folded(),
-                )  # fmt: skip
+            kept_factors = (
+                folded() if x.numel() >= prefill_from and flags[0] and not torch.compiler.is_compiling() else ()
+            )
             return op(
                 x, buffers["qweight"], buffers["scale"], buffers["minus"], in_features, GEMM_MIN_TOKENS, bits,
-                *flags, params.get("bias"), *tensors, scaling, limit,
+                *flags, params.get("bias"), *tensors, scaling, limit, *kept_factors,
             )  # fmt: skip
 
         return call
