@@ -255,8 +255,14 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool 
     at::parallel_for(0, (p.out + kRowBlock - 1) / kRowBlock, 1, [&](int64_t k0, int64_t k1) {
       int64_t o = k0 * kRowBlock;
       const int64_t o1 = std::min(p.out, k1 * kRowBlock);
-      for (; o + 4 <= o1; o += 4) rows_dot1<4, 4>(p, o, x, xsum.data(), y);
-      for (; o < o1; ++o) rows_dot1<4, 1>(p, o, x, xsum.data(), y);
+      for (; o + 4 <= o1; o += 4) {
+        prefetch_ahead(p, o, 4);
+        rows_dot1<4, 4>(p, o, x, xsum.data(), y);
+      }
+      for (; o < o1; ++o) {
+        prefetch_ahead(p, o, 1);
+        rows_dot1<4, 1>(p, o, x, xsum.data(), y);
+      }
       if (done != nullptr) (*done)(k0, k1);
     });
     return;
@@ -265,6 +271,7 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool 
   at::parallel_for(0, p.out, 8, [&](int64_t o0, int64_t o1) {
     const int64_t chunks = p.group / kChunk;
     for (int64_t o = o0; o < o1; ++o) {
+      prefetch_ahead(p, o, 1);
       const uint8_t* q = p.q + o * p.row_bytes;
       const c10::Half* s = p.s + o * p.groups;
       for (int64_t t0 = 0; t0 < T; t0 += kTokenBlock) {

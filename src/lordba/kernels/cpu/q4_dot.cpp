@@ -143,10 +143,16 @@ void rows_dot1_bf16(const Packed& p, int64_t o, const XBf16& xb, const float* xs
     y[o + r] = _mm512_reduce_add_ps(acc[r]) - 128.f * corr[r] + row_offset(p, o + r, xsum);
 }
 
-// Rows [o, o1) in steps of 4, the rest one by one.
+// Rows [o, o1) in steps of 4, the rest one by one, each step fetching the rows ahead (prefetch_ahead).
 void range_dot1_bf16(const Packed& p, int64_t o, int64_t o1, const XBf16& xb, const float* xsum, float* y) {
-  for (; o + 4 <= o1; o += 4) rows_dot1_bf16<4>(p, o, xb, xsum, y);
-  for (; o < o1; ++o) rows_dot1_bf16<1>(p, o, xb, xsum, y);
+  for (; o + 4 <= o1; o += 4) {
+    prefetch_ahead(p, o, 4);
+    rows_dot1_bf16<4>(p, o, xb, xsum, y);
+  }
+  for (; o < o1; ++o) {
+    prefetch_ahead(p, o, 1);
+    rows_dot1_bf16<1>(p, o, xb, xsum, y);
+  }
 }
 #endif
 
@@ -178,7 +184,10 @@ bool dot1_reduced(const Packed& p, const float* x, const float* xsum, float* y, 
     std::vector<float> dx;
     quantize_groups(p, x, xq, dx);
     blocks(p, done, [&](int64_t o0, int64_t o1) {
-      for (int64_t o = o0; o < o1; ++o) row_dot1_i8(p, o, xq.data(), dx.data(), xsum, y);
+      for (int64_t o = o0; o < o1; ++o) {
+        prefetch_ahead(p, o, 1);
+        row_dot1_i8(p, o, xq.data(), dx.data(), xsum, y);
+      }
     });
     return true;
   }
