@@ -253,16 +253,10 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool 
   // SmolLM2's layers). The 8-bit head is memory-bound and reads faster one row at a time (row_dot).
   if (T == 1 && p.bits == 4) {
     at::parallel_for(0, (p.out + kRowBlock - 1) / kRowBlock, 1, [&](int64_t k0, int64_t k1) {
-      int64_t o = k0 * kRowBlock;
-      const int64_t o1 = std::min(p.out, k1 * kRowBlock);
-      for (; o + 4 <= o1; o += 4) {
-        prefetch_ahead(p, o, 4);
-        rows_dot1<4, 4>(p, o, x, xsum.data(), y);
-      }
-      for (; o < o1; ++o) {
-        prefetch_ahead(p, o, 1);
-        rows_dot1<4, 1>(p, o, x, xsum.data(), y);
-      }
+      rows_by_four(
+          p, k0 * kRowBlock, std::min(p.out, k1 * kRowBlock),
+          [&](int64_t o) { rows_dot1<4, 4>(p, o, x, xsum.data(), y); },
+          [&](int64_t o) { rows_dot1<4, 1>(p, o, x, xsum.data(), y); });
       if (done != nullptr) (*done)(k0, k1);
     });
     return;

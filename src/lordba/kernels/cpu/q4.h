@@ -53,6 +53,20 @@ inline void prefetch_ahead(const Packed& p, int64_t o, int64_t rows) {
   for (int64_t i = from; i < end; i += 64) __builtin_prefetch(p.q + i, 0, 2);
 }
 
+// Rows [o, o1) four at a time (four(o) computes rows o .. o + 3), the rest one by one (one(o)), each
+// step first fetching the rows ahead: the one-token kernels' row loop.
+template <typename Four, typename One>
+inline void rows_by_four(const Packed& p, int64_t o, int64_t o1, const Four& four, const One& one) {
+  for (; o + 4 <= o1; o += 4) {
+    prefetch_ahead(p, o, 4);
+    four(o);
+  }
+  for (; o < o1; ++o) {
+    prefetch_ahead(p, o, 1);
+    one(o);
+  }
+}
+
 // The offset term of row o for one token: sum_g m_g * sum(x_g) (xsum: that token's group sums of x).
 inline float row_offset(const Packed& p, int64_t o, const float* xsum) {
   const c10::Half* m = p.m + o * p.groups;

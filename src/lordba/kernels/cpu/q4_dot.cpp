@@ -143,16 +143,11 @@ void rows_dot1_bf16(const Packed& p, int64_t o, const XBf16& xb, const float* xs
     y[o + r] = _mm512_reduce_add_ps(acc[r]) - 128.f * corr[r] + row_offset(p, o + r, xsum);
 }
 
-// Rows [o, o1) in steps of 4, the rest one by one, each step fetching the rows ahead (prefetch_ahead).
+// Rows [o, o1) in steps of 4, the rest one by one (rows_by_four).
 void range_dot1_bf16(const Packed& p, int64_t o, int64_t o1, const XBf16& xb, const float* xsum, float* y) {
-  for (; o + 4 <= o1; o += 4) {
-    prefetch_ahead(p, o, 4);
-    rows_dot1_bf16<4>(p, o, xb, xsum, y);
-  }
-  for (; o < o1; ++o) {
-    prefetch_ahead(p, o, 1);
-    rows_dot1_bf16<1>(p, o, xb, xsum, y);
-  }
+  rows_by_four(
+      p, o, o1, [&](int64_t r) { rows_dot1_bf16<4>(p, r, xb, xsum, y); },
+      [&](int64_t r) { rows_dot1_bf16<1>(p, r, xb, xsum, y); });
 }
 #endif
 
