@@ -97,7 +97,8 @@ def report(result: dict) -> str:
         f"{result['load_avg_before'][0]:.2f} / {result['load_avg_after'][0]:.2f}.\n\n",
         f"{result['llama_cpp']}\n\n",
         "Medians of interleaved rounds; `IQR %`: interquartile range relative to the median; ratios: of the medians; "
-        "`adapter ovh`: median of the round-by-round ratios (base + adapter) / base. `... compiled`: the decode step "
+        "`adapter ovh`: median of the round-by-round ratios (base + adapter) / base, from a second run of each base "
+        "alternated only with its own adapters. `... compiled`: the decode step "
         "`torch.compile`d (inductor, default mode) on a static KV cache of prompt + 8 positions, as `lordba generate "
         "--compile` runs it (prefill stays eager); `compiled / eager decode`: paired ratio against the same variant "
         "eager; compile times and compiled-vs-eager logits under `checks.compiled`.\n\n",

@@ -22,7 +22,8 @@ project's machine has 2 cores; ``$LORDBA_BENCH_THREADS`` or ``python -m lordba_l
 Cases: ``prefill`` (the prompt from an empty cache; only the last position's logits, as generation
 computes them: ``logits_to_keep=1``, llama.cpp likewise) and ``decode`` (one token after the
 prompt; every step is cropped back, so each sees the same context). Interleaved rounds (the order
-rotated), one untimed warm-up each; medians, interquartile ranges and paired ratios. Checks: the
+rotated), one untimed warm-up each; medians, interquartile ranges and paired ratios; then each base
+timed again alternated only with its own adapters, for the adapters' overheads. Checks: the
 llama.cpp LoRA changes llama.cpp's logits (it was applied) in the direction of lordba's adapter,
 and each 4-bit base with LoRDBA stays close to the float32 base with LoRDBA. ``quick``: a 64-token
 prompt and few rounds (about a minute). Writes ``bench.json`` (rows, checks, targets, hardware,
@@ -148,9 +149,11 @@ def _compile_steps(
 
 def _time(
     models: dict, runners: dict, ids: list[int], quick: bool, steps: dict | None = None
-) -> dict[str, dict[str, Stats]]:
-    """``{"prefill": stats, "decode": stats}`` of every variant, interleaved; ``steps``: the compiled
-    variants' :class:`._e2e_models.StaticDecode` (decode only: their prefill is the eager model's)."""
+) -> tuple[dict[str, dict[str, Stats]], dict[str, dict[str, Stats]]]:
+    """``(timed, pairs)``: ``{"prefill": stats, "decode": stats}`` of every variant, all interleaved,
+    and the same cases timed again per :func:`pair_groups` group (each base alternated with its own
+    adapters only: the adapters' overheads); ``steps``: the compiled variants'
+    :class:`._e2e_models.StaticDecode` (decode only: their prefill is the eager model's)."""
     steps = steps or {}
     prompt, step = ids[:-1], ids[-1]
     x, tok = torch.tensor([prompt]), torch.tensor([[step]])
@@ -161,6 +164,7 @@ def _time(
         for k, r in runners.items():
             fns[k] = lambda r=r: r.prefill(prompt)
         prefill = interleaved(fns, 10.0 if quick else 150.0, min_reps=3 if quick else 10, max_reps=40)
+        pairs = {"prefill": _pairs(fns, 2.0 if quick else 20.0, min_reps=3 if quick else 10, max_reps=40)}
         caches = {k: m(input_ids=x, use_cache=True).past_key_values for k, m in models.items()}
         for r in runners.values():
             r.prefill(prompt)
@@ -169,19 +173,46 @@ def _time(
         }
         fns.update({k: (lambda r=r: r.decode(len(prompt), step)) for k, r in runners.items()})
         fns.update({k: (lambda s=s: s.step(tok)) for k, s in steps.items()})
-        decode = interleaved(
-            fns,
-            8.0 if quick else 90.0,
-            min_reps=5 if quick else 30,
-            max_reps=150,
-            after=lambda k: caches[k].crop(-1) if k in caches else steps[k].back() if k in steps else None,
-        )
-    return {"prefill": prefill, "decode": decode}
+
+        def after(k: str) -> None:  # every step undone: each sees the same context
+            if k in caches:
+                caches[k].crop(-1)
+            elif k in steps:
+                steps[k].back()
+
+        decode = interleaved(fns, 8.0 if quick else 90.0, min_reps=5 if quick else 30, max_reps=150, after=after)
+        pairs["decode"] = _pairs(fns, 2.0 if quick else 15.0, min_reps=5 if quick else 40, max_reps=300, after=after)
+    return {"prefill": prefill, "decode": decode}, pairs
 
 
-def _rows(timed: dict[str, dict[str, Stats]]) -> list[dict]:
+def pair_groups(names: list[str]) -> dict[str, list[str]]:
+    """``{base: [base, base+adapter, ...]}`` for every variant of ``names`` that has an adapter and
+    whose base is timed too (compiled / ahead-of-time variants with their own base: ``q4 aot`` with
+    ``q4+LoRDBA aot``; llama.cpp with its LoRA)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        plain = name.removesuffix(M.COMPILED).removesuffix(M.AOT)
+        base = plain.partition("+")[0] + name[len(plain) :]
+        groups.setdefault(base, []).append(name)
+    return {b: g for b, g in groups.items() if b in g and len(g) > 1}
+
+
+def _pairs(fns: dict[str, Callable[[], object]], budget_s: float, **kw: object) -> dict[str, Stats]:
+    """Every :func:`pair_groups` group of ``fns`` timed again on its own (``budget_s`` each): a base
+    alternated only with its adapters, so each adapter's paired ratio compares calls made right after
+    one another. Interleaved among every variant instead, a call follows whichever variant came before
+    it in the round, and the same code's overhead measured 1.03 in the full suite and 1.08 with the
+    q4 variants alone (stop 37)."""
+    out: dict[str, Stats] = {}
+    for group in pair_groups(list(fns)).values():
+        out.update(interleaved({k: fns[k] for k in group}, budget_s, **kw))
+    return out
+
+
+def _rows(timed: dict[str, dict[str, Stats]], pairs: dict[str, dict[str, Stats]] | None = None) -> list[dict]:
     """One row per variant: medians, IQRs, ratios against fp32 and llama.cpp, and the adapter's
-    overhead over its own base (paired)."""
+    overhead over its own base (paired: from ``pairs``' run of its group where given, else from
+    ``timed``)."""
     rows = []
     for name in timed["decode"]:
         engine = "llama.cpp" if name.startswith("llama.cpp") else "lordba"
@@ -196,7 +227,9 @@ def _rows(timed: dict[str, dict[str, Stats]]) -> list[dict]:
                 if ref in st:
                     row[f"{case}_vs_{key}"] = st[name].median / st[ref].median
             if adapter:
-                row[f"{case}_overhead_paired"] = paired_ratio(st[name], st[base + suffix]).median
+                own = (pairs or {}).get(case, {})
+                src = own if name in own and base + suffix in own else st
+                row[f"{case}_overhead_paired"] = paired_ratio(src[name], src[base + suffix]).median
             if suffix:
                 row[f"{case}_vs_eager_paired"] = paired_ratio(st[name], st[plain]).median
         rows.append(row)
@@ -251,11 +284,11 @@ def _run(
                 steps, checks["compiled"] = _compile_steps(
                     models, fast, torch.tensor([ids[:-1]]), torch.tensor([[ids[-1]]]), ahead
                 )
-            timed = _time(models, runners, ids, quick, steps)
+            timed, pairs = _time(models, runners, ids, quick, steps)
         finally:
             for r in runners.values():
                 r.close()
-    rows = _rows(timed)
+    rows = _rows(timed, pairs)
     result = {
         "rows": rows,
         "checks": checks,

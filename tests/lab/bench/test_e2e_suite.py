@@ -142,6 +142,29 @@ def test_rows_take_ratios_against_fp32_and_llama_cpp():
     assert theirs["prefill_overhead_paired"] == pytest.approx(1.5) and "prefill_overhead_paired" not in rows["fp32"]
 
 
+def test_pair_groups_put_each_base_with_its_own_adapters():
+    names = ["fp32", "fp32+LoRDBA", "fp32+LoRA", "q4", "q4+LoRDBA", e2e.LLAMA, e2e.LLAMA_LORA, "q4 compiled",
+             "q4+LoRDBA compiled", "q4 aot", "q4+LoRDBA aot", "hqq+LoRDBA", "hqq aot"]  # fmt: skip
+    assert e2e.pair_groups(names) == {
+        "fp32": ["fp32", "fp32+LoRDBA", "fp32+LoRA"],
+        "q4": ["q4", "q4+LoRDBA"],
+        e2e.LLAMA: [e2e.LLAMA, e2e.LLAMA_LORA],
+        "q4 compiled": ["q4 compiled", "q4+LoRDBA compiled"],
+        "q4 aot": ["q4 aot", "q4+LoRDBA aot"],
+    }  # an adapter without its base, a base without adapters: no group
+
+
+def test_overheads_come_from_the_pairs_run_where_there_is_one():
+    from lordba_lab.bench._timing import stats
+
+    st = {k: stats([v] * 4) for k, v in {"q4": 2.0, "q4+LoRDBA": 2.4, "fp32": 4.0, "fp32+LoRDBA": 4.4}.items()}
+    pairs = {"decode": {"q4": stats([2.0, 2.0, 2.0, 2.0]), "q4+LoRDBA": stats([2.1, 2.1, 2.1, 2.1])}}
+    rows = {x["variant"]: x for x in e2e._rows({"decode": st}, pairs)}
+    assert rows["q4+LoRDBA"]["decode_overhead_paired"] == pytest.approx(1.05)  # the pairs run's
+    assert rows["q4+LoRDBA"]["decode_s"] == pytest.approx(2.4)  # medians: the run of all variants
+    assert rows["fp32+LoRDBA"]["decode_overhead_paired"] == pytest.approx(1.1)  # no pair: the shared run's
+
+
 @pytest.mark.slow
 def test_smollm2_compiled_decode_equals_eager_on_q4_with_and_without_the_adapter(tmp_path):
     """The real model (its compile takes 1-2 min on 2 cores): greedy tokens identical, logits
