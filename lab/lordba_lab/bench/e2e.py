@@ -185,15 +185,23 @@ def _time(
     return {"prefill": prefill, "decode": decode}, pairs
 
 
+def _parts(name: str) -> tuple[str, str, str, str]:
+    """``(plain, suffix, base, adapter)`` of a variant's name: ``"q4+LoRDBA aot"`` →
+    ``("q4+LoRDBA", " aot", "q4", "LoRDBA")`` (``adapter`` empty for a base); its own base variant
+    is ``base + suffix``."""
+    plain = name.removesuffix(M.COMPILED).removesuffix(M.AOT)
+    base, _, adapter = plain.partition("+")
+    return plain, name[len(plain) :], base, adapter
+
+
 def pair_groups(names: list[str]) -> dict[str, list[str]]:
     """``{base: [base, base+adapter, ...]}`` for every variant of ``names`` that has an adapter and
     whose base is timed too (compiled / ahead-of-time variants with their own base: ``q4 aot`` with
     ``q4+LoRDBA aot``; llama.cpp with its LoRA)."""
     groups: dict[str, list[str]] = {}
     for name in names:
-        plain = name.removesuffix(M.COMPILED).removesuffix(M.AOT)
-        base = plain.partition("+")[0] + name[len(plain) :]
-        groups.setdefault(base, []).append(name)
+        _, suffix, base, _ = _parts(name)
+        groups.setdefault(base + suffix, []).append(name)
     return {b: g for b, g in groups.items() if b in g and len(g) > 1}
 
 
@@ -216,9 +224,7 @@ def _rows(timed: dict[str, dict[str, Stats]], pairs: dict[str, dict[str, Stats]]
     rows = []
     for name in timed["decode"]:
         engine = "llama.cpp" if name.startswith("llama.cpp") else "lordba"
-        plain = name.removesuffix(M.COMPILED).removesuffix(M.AOT)
-        suffix = name[len(plain) :]
-        base, _, adapter = plain.partition("+")
+        plain, suffix, base, adapter = _parts(name)
         row: dict = {"variant": name, "engine": engine, "base": base, "adapter": adapter or "none"}
         row["compiled"] = bool(suffix)
         for case, st in ((c, st) for c, st in timed.items() if name in st):
