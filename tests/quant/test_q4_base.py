@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lordba import ConfigError, LoRDBAConfig, get_lordba_model
+from lordba.kernels.q4 import unpack_codes
 from lordba.nn.merge import MergeRequantizationWarning
 from lordba.quant import Q4Linear, quantize_model, resolve_backend, set_compute
 from lordba.quant.hqq import quantize_linear_hqq
@@ -12,16 +13,31 @@ from lordba.quant.hqq import quantize_linear_hqq
 from conftest import tiny_llama
 
 
-def test_weight_error_equals_hqq_at_the_same_group_size():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_quantization_is_hqqs_own_at_the_same_group_size(bits):
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 96)
     weight = linear.weight.detach().clone()
-    q4 = Q4Linear.from_weight(linear.weight, linear.bias, group_size=64)
-    hqq_layer = quantize_linear_hqq(linear, 4, 64, torch.float32)  # releases linear's weight
-    err_q4 = (q4.dequantize() - weight).norm()
-    err_hqq = (hqq_layer.dequantize().float() - weight).norm()
-    assert err_q4 <= err_hqq * 1.02  # the same optimiser; float16 scale storage costs at most a little
-    assert err_q4 < 0.12 * weight.norm()
+    q4 = Q4Linear.from_weight(linear.weight, linear.bias, group_size=64, bits=bits)
+    hqq_layer = quantize_linear_hqq(linear, bits, 64, torch.float32)  # releases linear's weight
+    codes = unpack_codes(q4.qweight, bits)
+    hqq_codes = hqq_layer.unpack(reshape=True, dtype=torch.float32)
+    # the same codes (HQQ's settings for `bits`: its optimiser's rounded start at 4 bits) and scales; only
+    # the float16 storage of the scales and offsets separates the weights
+    assert torch.equal(codes.float(), hqq_codes)
+    mine, hqqs = q4.dequantize(), hqq_layer.dequantize().float()
+    assert torch.allclose(mine, hqqs, rtol=0, atol=2e-3 * weight.abs().max().item())
+    assert (mine - weight).norm() < (0.12 if bits == 4 else 0.01) * weight.norm()
+
+
+def test_round_zero_chooses_the_optimisers_start():
+    torch.manual_seed(1)
+    weight = torch.randn(64, 128)
+    default = Q4Linear.from_weight(weight, group_size=64).dequantize()
+    rounded = Q4Linear.from_weight(weight, group_size=64, round_zero=True).dequantize()
+    unrounded = Q4Linear.from_weight(weight, group_size=64, round_zero=False).dequantize()
+    assert torch.equal(default, rounded)  # HQQ's 4-bit setting
+    assert (rounded - unrounded).norm() > 0.3 * (rounded - weight).norm()  # another quantization
 
 
 def test_quantize_model_q4_replaces_linears_and_matches_dequantized_weights(input_ids):

@@ -3,8 +3,11 @@
 For each backend (fp32, lordba's q4, HQQ 4/3/2-bit, bitsandbytes NF4 and int8) on SmolLM2's real
 weights: relative weight error, storage bits per weight, and forward and forward+backward time
 relative to fp32 at a decode (1 token) and a training (batch 8 × 64 tokens) shape, measured
-interleaved. Then the whole model with each 4-bit base: held-out loss on the arithmetic task's
-evaluation split (the accuracy the default base must keep).
+interleaved. Then the whole model with each 4-bit base: its loss on held-out text, two corpora that
+install offline (State of the Union addresses, movie-review sentences), 512-token blocks: the
+accuracy the default base must keep. ``q4`` runs with its defaults (HQQ's 4-bit optimiser settings,
+8-bit output head) and once more with the optimiser started from unrounded zero points (the q4
+base before it took HQQ's setting), so the two are compared in one run.
 """
 
 from __future__ import annotations
@@ -101,15 +104,19 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
             )
     columns = ["layer", "backend", "bits", "weight error", "decode / fp32", "train fwd / fp32", "fwd+bwd / fp32"]
     print_table("quantized base layers (SmolLM2 weights)", columns, table)
-    losses = _model_losses(model, tokenizer, 40 if quick else 200)
-    loss_columns = ["base", "held-out loss", "vs fp32"]
-    loss_table = [[k, v, v - losses["fp32"]] for k, v in losses.items()]
-    print_table("whole model, arithmetic eval split", loss_columns, loss_table)
+    losses = _model_losses(model, tokenizer, 4 if quick else 24)
+    corpora = list(next(iter(losses.values())))
+    loss_columns = ["base", *(f"{c} loss" for c in corpora), *(f"{c} vs fp32" for c in corpora)]
+    loss_table = [
+        [base, *(v[c] for c in corpora), *(v[c] - losses["fp32"][c] for c in corpora)] for base, v in losses.items()
+    ]
+    print_table("whole model, held-out text (nats per token)", loss_columns, loss_table)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"hardware": hardware(), "rows": rows, "heldout_loss": losses}
     (out_dir / "quant.json").write_text(json.dumps(payload, indent=1) + "\n")
     (out_dir / "quant.md").write_text(
         "# Quantized base backends\n\n"
+        + f"Hardware: {json.dumps(payload['hardware'])}; times as ratios, the backends interleaved in one run.\n\n"
         + markdown_table(columns, table)
         + "\n\n## Whole model: held-out loss\n\n"
         + markdown_table(loss_columns, loss_table)
@@ -128,18 +135,55 @@ def _bnb_int8() -> dict:
     return {"bnb-int8": lambda lin: make_linear8bit(lin.weight, lin.bias)}
 
 
-def _model_losses(model: nn.Module, tokenizer, n: int) -> dict[str, float]:  # noqa: ANN001
-    """Held-out loss of the whole model with each 4-bit base (groups of 64) and unquantized."""
+def _model_losses(model: nn.Module, tokenizer, blocks: int) -> dict[str, dict[str, float]]:  # noqa: ANN001
+    """``{base: {corpus: mean loss}}`` of the whole model, unquantized and with each 4-bit base (groups of
+    64), over ``blocks`` blocks of 512 tokens from each held-out corpus (:func:`_corpora`)."""
     from lordba.quant import quantize_model
-    from lordba.train.evaluate import heldout_loss
-    from lordba.train.tokenize import encode_examples
-    from lordba_lab.tasks import get_task
 
-    rows = encode_examples(tokenizer, get_task("arithmetic").examples("eval", n, seed=0), max_length=256)
-    pad = tokenizer.pad_token_id or 0
+    corpora = _corpora(tokenizer, blocks)
+    bases = {
+        "fp32": lambda m: m,
+        "q4-4bit": lambda m: quantize_model(m, backend="q4", bits=4, group_size=64),
+        "q4-4bit, zero not rounded": _q4_unrounded,
+        "hqq-4bit": lambda m: quantize_model(m, backend="hqq", bits=4, group_size=64),
+    }
+    if "bnb-int8" in _bnb_int8():  # bitsandbytes installed
+        bases["bnb-nf4"] = lambda m: quantize_model(m, backend="bnb", bits=4)
     out = {}
-    for base in ("none", "q4", "hqq"):
-        quantized = quantize_model(copy.deepcopy(model), backend=base, bits=4, group_size=64)
+    for name, make in bases.items():
+        quantized = make(copy.deepcopy(model)).eval()
         with torch.no_grad():
-            out["fp32" if base == "none" else f"{base}-4bit"] = heldout_loss(quantized, rows, pad_id=pad)
+            out[name] = {
+                c: statistics.fmean(quantized(x, labels=x).loss.item() for x in xs) for c, xs in corpora.items()
+            }
     return out
+
+
+def _q4_unrounded(model: nn.Module) -> nn.Module:
+    """``model`` on the q4 base with HQQ's optimiser started from unrounded zero points (every layer that
+    :func:`~lordba.quant.quantize_model` quantizes to 4 bits; the output head to 8 bits as there)."""
+    from lordba._util.modules import replace_submodule
+    from lordba.quant import Q4Linear, quantize_model
+    from lordba.quant.quantize import quantizable
+
+    for name, linear in quantizable(model):
+        replace_submodule(model, name, Q4Linear.from_weight(linear.weight, linear.bias, 64, round_zero=False))
+    return quantize_model(model, backend="q4", bits=4, group_size=64)  # the head; the rest is q4 already
+
+
+def _corpora(tokenizer, blocks: int) -> dict[str, list[torch.Tensor]]:  # noqa: ANN001
+    """Two held-out texts as ``blocks`` token blocks of 512 each: the last State of the Union addresses
+    (one block each) and the movie-review sentences in order, joined into blocks."""
+    from lordba_lab.assets.corpus import ensure_sotu
+    from lordba_lab.assets.vader import ensure_vader_movies
+
+    def records(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    speeches = [r["text"] for r in records(ensure_sotu())[-blocks:]]
+    reviews = " ".join(r["text"] for r in records(ensure_vader_movies()))
+    ids = tokenizer(reviews)["input_ids"]
+    return {
+        "speeches": [torch.tensor([tokenizer(t)["input_ids"][:512]]) for t in speeches],
+        "reviews": [torch.tensor([ids[k * 512 : (k + 1) * 512]]) for k in range(blocks)],
+    }

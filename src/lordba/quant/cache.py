@@ -78,7 +78,7 @@ def quantize_model_cached(
 
 
 _CACHED = {"hqq": "HQQLinear", "q4": "Q4Linear"}  # backend -> the layer class whose state is cached
-_LAYOUT = 2  # of the cached files (2: the q4 base's output head is cached too)
+_LAYOUT = 3  # of the cached files (2: the q4 base's output head is cached too; 3: q4 zero points rounded at 4 bits)
 
 
 def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int) -> None:

@@ -114,8 +114,9 @@ def test_a_quick_run_on_a_tiny_model_writes_json_markdown_and_plot(tiny_model, t
     for name in ("q4 aot", "q4+LoRDBA aot"):
         check = out["checks"]["compiled"][name]
         assert check["compile_s"] > 0 and check["export_s"] > 0 and check["vs_eager"]["top1_same"]
-        # against the eager step on a float32 cache: the default float16 cache's rounding, no more
-        assert check["kv_dtype"] == "float16" and 0 < check["vs_eager"]["rel_l2"] < 5e-3
+        # against the eager step on a float32 cache: the default float16 cache's rounding, no more (on this
+        # random tiny model ~5e-3; a wrong position or a stale cache moves the logits by O(1))
+        assert check["kv_dtype"] == "float16" and 0 < check["vs_eager"]["rel_l2"] < 1e-2
     assert len(list((tmp_path / "cache" / "aot").glob("step-*.pt2"))) == 2
 
 
