@@ -2,10 +2,10 @@
 and 8-bit ones for the output head.
 
 HQQ's optimiser chooses each group's scale and zero point with HQQ's own settings (so a 4-bit layer
-holds the codes HQQ 4-bit makes at the same group size); the codes are then repacked for :mod:`lordba.kernels.q4`, whose decode kernel
-reads 4.5 bits per weight (AVX-512, or a portable build) where HQQ's PyTorch path dequantizes the
-whole weight on every call. Gradients flow to the input (QAT on a frozen q4 base); merging
-requantizes (lossy, restored exactly on unmerge).
+holds the codes HQQ 4-bit makes at the same group size); the codes are then repacked for
+:mod:`lordba.kernels.q4`, whose decode kernel reads 4.5 bits per weight (AVX-512, or a portable
+build) where HQQ's PyTorch path dequantizes the whole weight on every call. Gradients flow to the
+input (QAT on a frozen q4 base); merging requantizes (lossy, restored exactly on unmerge).
 """
 
 from __future__ import annotations
