@@ -11,9 +11,16 @@ FOUR_BIT = ("q4", "hqq")
 
 
 def _target(name: str, row: dict, key: str, limit: float, strict: bool = False) -> dict:
+    """One target's verdict on the median; an adapter's overhead also carries its 95% interval (``ci``)."""
     value = row[key]
-    return {"target": name, "variant": row["variant"], "measured": value, "limit": limit,
-            "met": bool(value < limit if strict else value <= limit)}  # fmt: skip
+    found = {"target": name, "variant": row["variant"], "measured": value, "limit": limit,
+             "met": bool(value < limit if strict else value <= limit)}  # fmt: skip
+    ci = row.get(key.replace("_overhead_paired", "_overhead_ci")) if key.endswith("_overhead_paired") else None
+    return found if ci is None else {**found, "ci": ci}
+
+
+def _measured(t: dict) -> str:
+    return f"{t['measured']:.3f}" + (f" [{t['ci'][0]:.3f}, {t['ci'][1]:.3f}]" if "ci" in t else "")
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -83,7 +90,7 @@ def report(result: dict) -> str:
     """``bench.md`` for the ``bench.json`` content ``result`` (also prints the tables)."""
     rows, s, hw = result["rows"], result["settings"], result["hardware"]
     print_table("e2e: prefill and decode", COLUMNS, _table(rows))
-    tgt = [[t["target"], t["variant"], f"{t['measured']:.3f}", t["limit"], "met" if t["met"] else "MISSED"]
+    tgt = [[t["target"], t["variant"], _measured(t), t["limit"], "met" if t["met"] else "MISSED"]
            for t in result["targets"]]  # fmt: skip
     if tgt:
         print_table("e2e: issue 18 targets", ["target", "variant", "measured", "limit", "met"], tgt)
@@ -98,7 +105,8 @@ def report(result: dict) -> str:
         f"{result['llama_cpp']}\n\n",
         "Medians of interleaved rounds; `IQR %`: interquartile range relative to the median; ratios: of the medians; "
         "`adapter ovh`: median of the round-by-round ratios (base + adapter) / base, from a second run of each base "
-        "alternated only with its own adapters. `... compiled`: the decode step "
+        "alternated only with its own adapters (in the targets, with its 95% interval: the binomial order-statistic "
+        "interval of that median over the rounds). `... compiled`: the decode step "
         "`torch.compile`d (inductor, default mode) on a static KV cache of prompt + 8 positions, as `lordba generate "
         "--compile` runs it (prefill stays eager); `compiled / eager decode`: paired ratio against the same variant "
         "eager; compile times and compiled-vs-eager logits under `checks.compiled`.\n\n",

@@ -11,6 +11,7 @@ starting) cancels out instead of widening the spread.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 import time
@@ -40,6 +41,20 @@ def stats(samples: list[float]) -> Stats:
         return Stats(statistics.median(samples), max(samples) - min(samples), len(samples), samples)
     q1, _, q3 = statistics.quantiles(samples, n=4)
     return Stats(statistics.median(samples), q3 - q1, len(samples), samples)
+
+
+def median_ci(samples: list[float], z: float = 1.96) -> tuple[float, float]:
+    """A distribution-free ~95% (``z`` = 1.96) confidence interval of the median of ``samples``: the
+    order statistics at ranks ``n/2 ∓ z·√n/2`` (the binomial rule; no assumption on the shape of the
+    distribution, independent rounds assumed). Fewer than 6 samples: their whole range."""
+    ordered = sorted(samples)
+    n = len(ordered)
+    if n < 6:
+        return ordered[0], ordered[-1]
+    half = z * math.sqrt(n) / 2
+    lo = max(0, math.floor(n / 2 - half))
+    hi = min(n - 1, math.ceil(n / 2 + half) - 1)
+    return ordered[lo], ordered[hi]
 
 
 def paired_ratio(a: Stats, b: Stats) -> Stats:

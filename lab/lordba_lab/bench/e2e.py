@@ -44,7 +44,7 @@ import torch
 from lordba_lab.bench import _e2e_models as M
 from lordba_lab.bench import _llama_cpp, hardware
 from lordba_lab.bench._e2e_report import plot, report, targets
-from lordba_lab.bench._timing import Stats, interleaved, load, paired_ratio, torch_threads
+from lordba_lab.bench._timing import Stats, interleaved, load, median_ci, paired_ratio, torch_threads
 
 SUITE = "e2e"
 HELP = "SmolLM2 end to end: prefill and decode on fp32 / q4 / hqq bases, LoRDBA vs LoRA, beside llama.cpp"
@@ -235,7 +235,9 @@ def _rows(timed: dict[str, dict[str, Stats]], pairs: dict[str, dict[str, Stats]]
             if adapter:
                 own = (pairs or {}).get(case, {})
                 src = own if name in own and base + suffix in own else st
-                row[f"{case}_overhead_paired"] = paired_ratio(src[name], src[base + suffix]).median
+                ratios = paired_ratio(src[name], src[base + suffix])
+                row[f"{case}_overhead_paired"] = ratios.median
+                row[f"{case}_overhead_ci"] = list(median_ci(ratios.samples))
             if suffix:
                 row[f"{case}_vs_eager_paired"] = paired_ratio(st[name], st[plain]).median
         rows.append(row)

@@ -164,6 +164,20 @@ def test_overheads_come_from_the_pairs_run_where_there_is_one():
     assert rows["q4+LoRDBA"]["decode_overhead_paired"] == pytest.approx(1.05)  # the pairs run's
     assert rows["q4+LoRDBA"]["decode_s"] == pytest.approx(2.4)  # medians: the run of all variants
     assert rows["fp32+LoRDBA"]["decode_overhead_paired"] == pytest.approx(1.1)  # no pair: the shared run's
+    assert rows["q4+LoRDBA"]["decode_overhead_ci"] == pytest.approx([1.05, 1.05])  # its interval, same run
+    assert "decode_overhead_ci" not in rows["q4"]
+
+
+def test_overhead_targets_carry_their_interval_into_the_report():
+    rows = [
+        {"variant": "q4", "decode_s": 0.02, "prefill_s": 0.4},
+        {"variant": "q4+LoRDBA", "decode_s": 0.021, "prefill_s": 0.41, "decode_overhead_paired": 1.06,
+         "decode_overhead_ci": [1.04, 1.08], "prefill_overhead_paired": 1.01, "prefill_overhead_ci": [1.0, 1.02]},
+    ]  # fmt: skip
+    found = {t["target"]: t for t in _e2e_report.targets(rows)}
+    decode = found["LoRDBA decode overhead <= 1.05x its base (paired)"]
+    assert decode["ci"] == [1.04, 1.08] and not decode["met"]  # the verdict is the median's
+    assert _e2e_report._measured(decode) == "1.060 [1.040, 1.080]"
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 the report and the files of a run with the slow parts replaced."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -26,6 +27,16 @@ def test_interleaving_rotates_the_order_and_runs_after_hooks():
 def test_stats_median_and_iqr():
     s = _timing.stats([1.0, 2.0, 3.0, 4.0, 100.0])
     assert s.median == 3.0 and s.n == 5 and 0 < s.iqr < 100 and s.spread == s.iqr / 3.0
+
+
+def test_median_ci_is_the_binomial_order_statistic_interval():
+    samples = [float(x) for x in range(100)]
+    lo, hi = _timing.median_ci(samples[::-1])  # order does not matter
+    assert (lo, hi) == (40.0, 59.0)  # ranks 50 -/+ 1.96*sqrt(100)/2 = 9.8
+    assert lo <= statistics.median(samples) <= hi
+    assert _timing.median_ci([3.0, 1.0, 2.0]) == (1.0, 3.0)  # too few rounds: the whole range
+    narrow = _timing.median_ci([1.0 + 0.001 * (k % 7) for k in range(400)])
+    assert narrow[1] - narrow[0] <= 0.002  # many tight rounds: a tight interval
 
 
 def test_paired_ratio_is_taken_round_by_round():
