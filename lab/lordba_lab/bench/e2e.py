@@ -164,7 +164,8 @@ def _time(
         for k, r in runners.items():
             fns[k] = lambda r=r: r.prefill(prompt)
         prefill = interleaved(fns, 10.0 if quick else 150.0, min_reps=3 if quick else 10, max_reps=40)
-        pairs = {"prefill": _pairs(fns, 2.0 if quick else 20.0, min_reps=3 if quick else 10, max_reps=40)}
+        # the pairs' prefill: 45 s a group (~30 rounds of fp32's three variants; 20 s gave intervals of ±3-5%)
+        pairs = {"prefill": _pairs(fns, 2.0 if quick else 45.0, min_reps=3 if quick else 10, max_reps=80)}
         caches = {k: m(input_ids=x, use_cache=True).past_key_values for k, m in models.items()}
         for r in runners.values():
             r.prefill(prompt)
