@@ -20,6 +20,7 @@ sentence list.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Callable
@@ -68,9 +69,13 @@ class Task:
     max_new_tokens: int
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
-        if split not in ("train", "eval"):
-            raise DataError(f"split must be 'train' or 'eval', got {split!r}")
+        _check_split(split)
         return self.make(split, n, seed)
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "eval"):
+        raise DataError(f"split must be 'train' or 'eval', got {split!r}")
 
 
 def _held_out(key: str) -> bool:
@@ -78,13 +83,25 @@ def _held_out(key: str) -> bool:
     return hashlib.sha256(key.encode()).digest()[0] < 52
 
 
+def _snippets(split: str) -> list[dict]:
+    """The rated review snippets (``text``, ``rating``) of ``split``, held out by a hash of their text."""
+    from lordba_lab.assets.vader import ensure_vader_movies
+
+    rows = [json.loads(line) for line in ensure_vader_movies().read_text().splitlines() if line.strip()]
+    return [r for r in rows if _held_out(r["text"]) == (split == "eval")]
+
+
+def _addresses(split: str) -> list[tuple[str, str]]:
+    """``(year:speaker, text)`` of the State of the Union addresses of ``split`` (whole addresses held out)."""
+    from lordba_lab.assets.corpus import ensure_sotu
+
+    rows = [json.loads(line) for line in ensure_sotu().read_text().splitlines() if line.strip()]
+    keyed = [(f"{a['year']}:{a['speaker']}", a["text"]) for a in rows]
+    return [(k, t) for k, t in keyed if _held_out(k) == (split == "eval")]
+
+
 def _sentiment(split: str, n: int, seed: int) -> list[Example]:
-    from lordba_lab.assets import ensure_vader_movies
-
-    rows = [json.loads(line) for line in ensure_vader_movies().read_text().splitlines()]
-    rows = [r for r in rows if abs(r["rating"]) >= 0.5]
-
-    rows = [r for r in rows if _held_out(r["text"]) == (split == "eval")]
+    rows = [r for r in _snippets(split) if abs(r["rating"]) >= 0.5]
     order = sorted(rows, key=lambda r: hashlib.sha256(f"{seed}:{r['text']}".encode()).hexdigest())
     pos = [r for r in order if r["rating"] > 0]
     neg = [r for r in order if r["rating"] < 0]
@@ -98,14 +115,10 @@ def _sentiment(split: str, n: int, seed: int) -> list[Example]:
 
 
 def _sotu(split: str, n: int, seed: int) -> list[Example]:
-    from lordba_lab.assets.corpus import ensure_sotu
-
     passages = []
-    for address in map(json.loads, ensure_sotu().read_text().splitlines()):
-        key = f"{address['year']}:{address['speaker']}"
-        if _held_out(key) == (split == "eval"):  # whole addresses
-            words = address["text"].split()
-            passages += [(f"{key}:{i}", " ".join(words[i : i + 56])) for i in range(0, len(words) - 55, 56)]
+    for key, text in _addresses(split):
+        words = text.split()
+        passages += [(f"{key}:{i}", " ".join(words[i : i + 56])) for i in range(0, len(words) - 55, 56)]
     passages.sort(key=lambda p: hashlib.sha256(f"{seed}:{p[0]}".encode()).hexdigest())
     return [Example((), text) for _, text in passages[:n]]
 
@@ -120,22 +133,12 @@ def text_blocks(name: str, split: str, tokenizer, n: int, length: int = 512) -> 
     consecutive blocks. Returns the first ``n``. Raises :class:`DataError` for another task, a bad split,
     or fewer than ``n`` blocks of text.
     """
-    if split not in ("train", "eval"):
-        raise DataError(f"split must be 'train' or 'eval', got {split!r}")
+    _check_split(split)
     if name == "sotu":
-        from lordba_lab.assets.corpus import ensure_sotu
-
-        addresses = [json.loads(line) for line in ensure_sotu().read_text().splitlines() if line.strip()]
-        keyed = [(f"{a['year']}:{a['speaker']}", a["text"]) for a in addresses]
-        keyed = sorted((k, t) for k, t in keyed if _held_out(k) == (split == "eval"))
-        ids = (tokenizer(t)["input_ids"][:length] for _, t in keyed)
-        blocks = [b for b in ids if len(b) == length][:n]
+        ids = (tokenizer(t)["input_ids"][:length] for _, t in sorted(_addresses(split)))
+        blocks = list(itertools.islice((b for b in ids if len(b) == length), n))  # tokenize only what is kept
     elif name == "sentiment":
-        from lordba_lab.assets.vader import ensure_vader_movies
-
-        rows = [json.loads(line) for line in ensure_vader_movies().read_text().splitlines() if line.strip()]
-        texts = [r["text"] for r in rows if _held_out(r["text"]) == (split == "eval")]
-        ids = tokenizer(" ".join(texts))["input_ids"]
+        ids = tokenizer(" ".join(r["text"] for r in _snippets(split)))["input_ids"]
         blocks = [ids[k * length : (k + 1) * length] for k in range(min(n, len(ids) // length))]
     else:
         raise DataError(f"text blocks come from the 'sotu' and 'sentiment' tasks, not {name!r}")
