@@ -216,6 +216,26 @@ def test_mode_switches_and_dispatch_rule():
     assert kernels.dispatch_limit(8, 8, 2, torch.float32, "unpack") < 0
 
 
+def test_branch_compute_switches_and_refuses_other_names(monkeypatch):
+    """``exact`` by default, ``fast`` on request (a block, or the process), nothing else; a bad
+    ``$LORDBA_BRANCH_COMPUTE`` warns and means ``exact`` (read when lordba is imported)."""
+    import subprocess
+    import sys
+
+    assert kernels.branch_compute() == "exact"
+    with pytest.raises(ConfigError, match="branch compute must be one of"):
+        kernels.set_branch_compute("bf16")
+    with kernels.with_branch_compute("fast"):
+        assert kernels.branch_compute() == "fast"
+    assert kernels.branch_compute() == "exact"
+    code = "from lordba import kernels; print(kernels.branch_compute())"
+    for value, want in (("fast", "fast"), ("bogus", "exact")):
+        monkeypatch.setenv("LORDBA_BRANCH_COMPUTE", value)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == want
+        assert ("is not one of" in done.stderr) == (value == "bogus")
+
+
 def test_mixed_batch_routing_uses_shared_indices():
     layer = make_layer(24, 10, 3, names=("a", "b"))
     names = ("b", "__base__", "a", "b")

@@ -270,6 +270,44 @@ def test_on_a_plain_linear_base_the_kept_call_is_one_fused_op_and_sees_the_layer
 
 
 @torch.no_grad()
+def test_a_prompt_on_a_plain_linear_base_runs_the_branch_on_the_tile_unit_with_factors_kept(monkeypatch):
+    """The ``fast`` branch compute on a CPU with the tile unit: a prompt's branch in bfloat16 on it, from
+    the adapter's folded factors packed once (``tile_factors``) and kept for the next prompts, within
+    bfloat16 rounding of the ``exact`` float32 branch (the default: the two calls' bits); one token and
+    the sign path's few tokens never pack; an adapter tensor changed in place repacks, with a fresh
+    layer's result. Where the tile unit is absent, ``fast`` is ``exact``."""
+    import copy
+
+    from lordba.kernels.q4 import amx_prefill_available
+    from lordba.quant import backend
+
+    made = []
+    real = backend.tile_factors
+    monkeypatch.setattr(backend, "tile_factors", lambda *args: made.append(args[0]) or real(*args))
+    layer = _packed_layer()
+    a = layer.lordba_adapters["a"]
+    x = torch.randn(2, 70, 21)
+    exact = layer(x)
+    assert torch.equal(exact, a(x, layer.base_layer(x))) and not made
+    with kernels.with_branch_compute("fast"):
+        fast = layer(x)
+        if not amx_prefill_available():
+            assert torch.equal(fast, exact) and not made
+            return
+        base = layer.base_layer(x)
+        assert not torch.equal(fast, exact)
+        assert (fast - exact).norm() <= 1e-2 * (exact - base).norm()
+        assert len(made) == 1 and torch.equal(layer(x), fast) and len(made) == 1  # kept
+        layer(x[:, :1]), layer(x[:, :3])
+        assert len(made) == 1  # one token, a few (sign path): nothing packed
+        a._buffers["sign_A"].bitwise_not_()  # in place: the kept factors are stale
+        changed = layer(x)
+        assert len(made) == 2 and not torch.equal(changed, fast)
+        assert torch.equal(copy.deepcopy(layer)(x), changed)
+    assert torch.equal(layer(x), a(x, layer.base_layer(x)))  # exact again
+
+
+@torch.no_grad()
 def test_a_linear_subclass_with_its_own_forward_is_not_fused():
     class Doubled(nn.Linear):
         def forward(self, x):

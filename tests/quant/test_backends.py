@@ -133,3 +133,26 @@ def test_an_hqq_layer_and_its_adapter_run_as_one_op_on_the_weight_hqq_dequantize
     assert (want - layer.base_layer(x)).abs().max() > 0.1  # the branch is there
     layer.base_layer.W_q.zero_()  # in place: the next call dequantizes the changed weight
     torch.testing.assert_close(layer(x), layer.lordba_adapters["a"](x, layer.base_layer(x)), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_an_hqq_prompt_with_the_fast_branch_compute_is_within_bfloat16_of_exact():
+    """``fast`` on an HQQ base (float32 compute): a prompt's branch on the tile unit where it runs, within
+    bfloat16 rounding of the float32 branch (not bit for bit); ``exact`` is HQQ's forward then the branch."""
+    from lordba import kernels
+    from lordba.kernels.q4 import amx_prefill_available
+
+    torch.manual_seed(1)
+    layer = LoRDBALinear(quantize_linear_hqq(nn.Linear(64, 40), 4, 32, torch.float32))
+    adapter = TrainableAdapter(64, 40, 8, 2.0, get_codec("int8"), STE(), init="random")
+    adapter.scale_out.normal_(0, 0.5)
+    layer.add_adapter("a", adapter.pack())
+    layer.set_adapter("a")
+    x = torch.randn(1, 70, 64)
+    exact = layer(x)
+    base = layer.base_layer(x)
+    torch.testing.assert_close(exact, layer.lordba_adapters["a"](x, base), rtol=1e-5, atol=1e-5)
+    with kernels.with_branch_compute("fast"):
+        fast = layer(x)
+    assert (fast - exact).norm() <= 1e-2 * (exact - base).norm()
+    assert torch.equal(fast, exact) != amx_prefill_available()

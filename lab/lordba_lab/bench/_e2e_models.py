@@ -94,10 +94,31 @@ def _peft(model: nn.Module, peft_dir: Path) -> nn.Module:
         return PeftModel.from_pretrained(model, str(peft_dir), config=cfg)
 
 
+FAST = " fast"  # suffix of the variants run with the `fast` branch compute (a prompt's branch on the tile unit)
+FAST_BASES = ("none", "hqq")  # the bases whose fused call follows lordba.kernels.branch_compute
+
+
+class FastBranch(nn.Module):
+    """``model`` called with :func:`lordba.kernels.branch_compute` ``fast``: a float32 / HQQ base's prompt
+    branch in bfloat16 on the CPU's tile unit (the same model object as its ``exact`` variant)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        from lordba import kernels
+
+        with kernels.with_branch_compute("fast"):
+            return self.model(*args, **kwargs)
+
+
 def variants(
     model: nn.Module, bases: tuple[str, ...], lordba_dir: Path, peft_dir: Path, source: Path | None
 ) -> dict[str, nn.Module]:
-    """``{"<base>", "<base>+LoRDBA", "<base>+LoRA"}`` for every base, in eval mode."""
+    """``{"<base>", "<base>+LoRDBA", "<base>+LoRA"}`` for every base, in eval mode, and ``"<base>+LoRDBA fast"``
+    (:class:`FastBranch`) for the bases of :data:`FAST_BASES` where the tile unit runs."""
+    from lordba.kernels.q4 import amx_prefill_available
     from lordba.nn.model import LoRDBAModel
 
     out: dict[str, nn.Module] = {}
@@ -106,6 +127,8 @@ def variants(
         out[name] = quantized(model, base, source).eval()
         out[f"{name}+LoRDBA"] = LoRDBAModel.from_pretrained(quantized(model, base, source), lordba_dir).eval()
         out[f"{name}+LoRA"] = _peft(quantized(model, base, source), peft_dir).eval()
+        if base in FAST_BASES and amx_prefill_available():
+            out[f"{name}+LoRDBA{FAST}"] = FastBranch(out[f"{name}+LoRDBA"])
     return out
 
 

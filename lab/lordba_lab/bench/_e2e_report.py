@@ -50,6 +50,11 @@ def targets(rows: list[dict]) -> list[dict]:
             out.append(
                 _target(f"LoRDBA {case} overhead <= 1.05x its base (paired)", ours, f"{case}_overhead_paired", 1.05)
             )
+        if f"{base}+LoRDBA fast" in by:  # the branch compute `fast`: prompts only (one token is float32 either way)
+            fast = by[f"{base}+LoRDBA fast"]
+            out.append(
+                _target("LoRDBA prefill overhead <= 1.05x its base (paired)", fast, "prefill_overhead_paired", 1.05)
+            )
         if base == "fp32" or "decode_vs_llama" not in plain:
             continue
         out += [
@@ -100,7 +105,8 @@ def report(result: dict) -> str:
         f"llama-cpp-python {s['llama_cpp_python']}, kernels {result['kernels']}. Prompt {s['prompt_tokens']} tokens "
         f"(prefill: from an empty cache, last position's logits only; decode: one token after the prompt); "
         f"adapters r={s['r']} on the seven projections (LoRDBA int8 scales, packed; LoRA = its `lordba export-lora` "
-        f"copy, f16 GGUF for llama.cpp); quick={s['quick']}. Load average before/after: "
+        f"copy, f16 GGUF for llama.cpp); q4 compute {s.get('q4_compute')}, branch compute {s.get('branch_compute')} "
+        f"(tile unit: {s.get('tile_unit')}); quick={s['quick']}. Load average before/after: "
         f"{result['load_avg_before'][0]:.2f} / {result['load_avg_after'][0]:.2f}.\n\n",
         f"{result['llama_cpp']}\n\n",
         "Medians of interleaved rounds; `IQR %`: interquartile range relative to the median; ratios: of the medians; "

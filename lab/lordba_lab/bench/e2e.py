@@ -88,13 +88,15 @@ def _checks(models: dict, runners: dict, ids: list[int]) -> dict:
     if "fp32" in logits:
         delta = logits["fp32+LoRDBA"] - logits["fp32"]
         out["adapter_change_rel_l2"] = float(delta.norm() / logits["fp32"].norm())
-    for name in (k for k in models if "+" not in k):
+    for name in (k for k in models if "+" not in k):  # the bases
         row = {"lora_export_vs_lordba": M.closeness(logits[f"{name}+LoRA"], logits[f"{name}+LoRDBA"])}
         if "fp32" in logits and name != "fp32":
             row["base_vs_fp32"] = M.closeness(logits[name], logits["fp32"])
             row["lordba_vs_fp32_lordba"] = M.closeness(logits[f"{name}+LoRDBA"], logits["fp32+LoRDBA"])
             change = logits[f"{name}+LoRDBA"] - logits[name]  # the same adapter on another base
             row["adapter_change_cosine_vs_fp32"] = M.closeness(change, delta)["cosine"]
+        if f"{name}+LoRDBA{M.FAST}" in logits:  # the prompt's branch in bfloat16 against float32
+            row["fast_vs_exact"] = M.closeness(logits[f"{name}+LoRDBA{M.FAST}"], logits[f"{name}+LoRDBA"])
         out["lordba"][name] = row
     if runners:
         got = {}
@@ -272,7 +274,7 @@ def _run(
 ) -> list[Path]:
     """:func:`run`'s measurement, with torch's threads set."""
     from lordba import kernels
-    from lordba.kernels.q4 import default_compute, native_bfloat16
+    from lordba.kernels.q4 import amx_prefill_available, default_compute, native_bfloat16
 
     kernels.cpu_available()  # build (or load) the kernels before anything is timed
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -309,6 +311,7 @@ def _run(
                      "compiled": [b for b in bases if b in compiled], "aot": [b for b in bases if b in aot],
                      "lordba_scale_dtype": M.SCALE_DTYPE, "activation_dtype": "float32",
                      "q4_compute": default_compute(), "native_bfloat16": native_bfloat16(),
+                     "branch_compute": kernels.branch_compute(), "tile_unit": amx_prefill_available(),
                      "llama_cpp_python": _llama_cpp.VERSION if not _llama_cpp.missing() else None},
         "load_avg_before": load_before,
         "load_avg_after": load(),

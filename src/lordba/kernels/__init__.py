@@ -38,6 +38,8 @@ from lordba.kernels.cpu import BuildResult
 
 MODES = ("auto", "sign", "unpack", "dense", "torch", "triton")
 CPU_MODES = ("auto", "sign", "unpack")  # the modes that run the compiled CPU kernels on CPU tensors
+BRANCH_COMPUTE = ("fast", "exact")
+BRANCH_COMPUTE_ENV = "LORDBA_BRANCH_COMPUTE"
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ALL_TOKENS = 1 << 62
 
@@ -54,12 +56,18 @@ class _State:
     rows_op: object = None  # torch.ops.lordba.branch_rows.default (many adapters in one batch)
     attention_op: object = None  # torch.ops.lordba.decode_attention.default (one-token attention)
     triton: bool | None = None
+    branch_compute: str = os.environ.get(BRANCH_COMPUTE_ENV) or "exact"
 
 
 _STATE = _State()
 if _STATE.mode not in MODES:
     warnings.warn(f"LORDBA_KERNEL={_STATE.mode!r} is not one of {MODES}; using 'auto'", stacklevel=1)
     _STATE.mode = "auto"
+if _STATE.branch_compute not in BRANCH_COMPUTE:
+    warnings.warn(
+        f"{BRANCH_COMPUTE_ENV}={_STATE.branch_compute!r} is not one of {BRANCH_COMPUTE}; using 'exact'", stacklevel=1
+    )
+    _STATE.branch_compute = "exact"
 
 
 def get_mode() -> str:
@@ -74,6 +82,50 @@ def set_mode(name: str) -> None:
     if name not in MODES:
         raise ConfigError(f"kernel mode must be one of {MODES}, got {name!r}")
     _STATE.mode = name
+
+
+def branch_compute() -> str:
+    """How an adapter's branch computes a prompt on an unquantized (float32) or HQQ base in the fused
+    layer call of inference, eager (:data:`BRANCH_COMPUTE`; ``$LORDBA_BRANCH_COMPUTE``, default ``exact``):
+
+    * ``exact`` (the default): float32, bit for bit the base layer then the training form's branch (a
+      saved and reloaded adapter gives the trained model's logits exactly).
+    * ``fast``: on the CPU's tile unit (AMX-BF16, where the build has it and Linux grants it) in
+      bfloat16 with float32 sums, as q4's ``fast`` prefill computes its branch: within bfloat16
+      rounding of ``exact`` (~0.3% of the branch's own size; the base's product stays float32), at
+      about half the float32 branch's cost (docs/kernels.md), for ``2·r·(in + out)`` bytes a layer
+      kept while the adapter is active. Elsewhere, and under ``torch.compile``, as ``exact``.
+
+    q4 layers follow their own ``compute``; one token (decode) is float32 either way."""
+    return _STATE.branch_compute
+
+
+def set_branch_compute(name: str) -> None:
+    """Set :func:`branch_compute` for every adapted layer (read on every call).
+
+    Raises:
+        ConfigError: ``name`` is not one of :data:`BRANCH_COMPUTE`.
+    """
+    from lordba.errors import ConfigError
+
+    if name not in BRANCH_COMPUTE:
+        raise ConfigError(f"branch compute must be one of {BRANCH_COMPUTE}, got {name!r}")
+    _STATE.branch_compute = name
+
+
+@contextlib.contextmanager
+def with_branch_compute(name: str) -> Iterator[None]:
+    """Run the block with :func:`branch_compute` ``name``, then restore the previous one.
+
+    Raises:
+        ConfigError: ``name`` is not one of :data:`BRANCH_COMPUTE`.
+    """
+    previous = branch_compute()
+    set_branch_compute(name)
+    try:
+        yield
+    finally:
+        _STATE.branch_compute = previous
 
 
 @contextlib.contextmanager
@@ -331,9 +383,11 @@ def dense_branch(
 
 
 __all__ = [
+    "BRANCH_COMPUTE",
     "CPU_MODES",
     "MODES",
     "KernelFallbackWarning",
+    "branch_compute",
     "cpu_available",
     "cpu_isa",
     "dense_branch",
@@ -345,7 +399,9 @@ __all__ = [
     "packed_branch",
     "packed_branch_rows",
     "preload",
+    "set_branch_compute",
     "set_mode",
     "sign_max_tokens",
     "triton_available",
+    "with_branch_compute",
 ]

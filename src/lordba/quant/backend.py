@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lordba.kernels import cpu_available
+from lordba.kernels import branch_compute, cpu_available
+from lordba.kernels.q4 import amx_prefill_available
 
 
 class BaseBackend:
@@ -99,7 +100,8 @@ class PlainLinear(BaseBackend):
         """``lordba::linear_branch`` (the layer's product and the branch in one op call per layer and
         token: one float32 token in the op's own GEMV with the branch added block by block, equal to the
         two calls up to float32 rounding; otherwise ``at::linear`` and the branch added into its output,
-        bit for bit) for an ``nn.Linear`` itself (a subclass may compute otherwise) on the CPU, with
+        bit for bit, or for a prompt under the ``fast`` branch compute in bfloat16 on the tile unit:
+        :func:`prompt_tiles`) for an ``nn.Linear`` itself (a subclass may compute otherwise) on the CPU, with
         ``x`` of its weight's dtype; weight and bias read where they are held on every call (in-place
         merges, ``.to()``)."""
         params = module._parameters
@@ -109,9 +111,10 @@ class PlainLinear(BaseBackend):
         op = linear_branch_op()
         if x.dtype != weight.dtype or op is None:
             return None
+        tiles = prompt_tiles(tensors, scaling, limit)
 
         def call(x: torch.Tensor) -> torch.Tensor:
-            return op(x, params["weight"], params["bias"], *tensors, scaling, limit)
+            return op(x, params["weight"], params["bias"], *tensors, scaling, limit, *tiles(x))
 
         return call
 
@@ -122,6 +125,44 @@ def linear_branch_op() -> object | None:
     if not cpu_available() or not hasattr(torch.ops.lordba, "linear_branch"):
         return None
     return torch.ops.lordba.linear_branch.default
+
+
+def kept_factors(kept: list, tensors: tuple, make: Callable[[], tuple]) -> tuple:
+    """``make()`` (an adapter's folded factors), kept in ``kept`` (``[key, factors]``) while every tensor of
+    ``tensors`` (the adapter's) is the same storage at the same version (in-place changes refold)."""
+    key = tuple((t._version, t.data_ptr()) for t in tensors)
+    found = kept[:]
+    if found and found[0] == key:
+        return found[1]
+    factors = make()
+    kept[:] = [key, factors]
+    return factors
+
+
+def tile_factors(tensors: tuple, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """An adapter's folded factors ``A' = S_A diag(b)`` and ``B' = scaling · diag(a) S_B diag(m)`` (``tensors``:
+    its ``(sign_A, sign_B, b, m, a)``) in bfloat16, packed for the CPU's tile unit (``lordba::tile_pack``)."""
+    folded_A, folded_B = torch.ops.lordba.q4_prefill_factors(*tensors, scaling)
+    return torch.ops.lordba.tile_pack(folded_A), torch.ops.lordba.tile_pack(folded_B)
+
+
+def prompt_tiles(tensors: tuple, scaling: float, limit: int) -> Callable[[torch.Tensor], tuple]:
+    """For ``lordba::linear_branch``'s fused call: ``f(x)`` giving the adapter's :func:`tile_factors` (made
+    at the first prompt, then kept while its tensors are unchanged: ``2·r·(in + out)`` bytes, padded to
+    whole tiles) for a float32 ``x`` of more than ``limit`` tokens
+    when :func:`lordba.kernels.branch_compute` is ``fast`` and the tile unit runs, else ``()`` (the
+    op's float32 branch). Never under ``torch.compile``."""
+    kept: list = []
+    in_features = int(tensors[2].numel())  # b
+
+    def tiles(x: torch.Tensor) -> tuple:
+        if x.dtype != torch.float32 or x.numel() <= limit * in_features or branch_compute() != "fast":
+            return ()
+        if torch.compiler.is_compiling() or not amx_prefill_available():
+            return ()
+        return kept_factors(kept, tensors, lambda: tile_factors(tensors, scaling))
+
+    return tiles
 
 
 def _plain_weight(module: nn.Module) -> bool:

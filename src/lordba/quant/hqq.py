@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lordba.quant.backend import BaseBackend, linear_branch_op
+from lordba.quant.backend import BaseBackend, linear_branch_op, prompt_tiles
 
 
 def _hqq_linear_cls() -> type | None:
@@ -64,8 +64,9 @@ class HQQBackend(BaseBackend):
         """``lordba::linear_branch`` on the weight HQQ dequantizes for every call anyway (its PyTorch
         forwards, with or without a backward: ``x @ dequantize().T + bias``), so the branch joins the
         dense product as on an ``nn.Linear`` base (one token: inside the op's GEMV; more: ``at::linear``
-        and the branch added into its output in place): equal to HQQ's forward then the branch up to
-        float rounding. ``None`` where HQQ runs another forward (its other backends), under
+        and the branch added into its output in place, on the tile unit for a prompt under the ``fast``
+        branch compute): equal to HQQ's forward then the branch up to float (``fast``: bfloat16) rounding.
+        ``None`` where HQQ runs another forward (its other backends), under
         ``torch.compile``, or where ``x`` is not of its compute dtype on the CPU."""
         cls = _hqq_linear_cls()
         plain = () if cls is None else (cls.forward_pytorch, cls.forward_pytorch_backprop)  # x @ dequantize().T
@@ -76,9 +77,10 @@ class HQQBackend(BaseBackend):
         op = linear_branch_op()
         if op is None:
             return None
+        tiles = prompt_tiles(tensors, scaling, limit)
 
         def call(x: torch.Tensor) -> torch.Tensor:
-            return op(x, module.dequantize(), module.bias, *tensors, scaling, limit)
+            return op(x, module.dequantize(), module.bias, *tensors, scaling, limit, *tiles(x))
 
         return call
 

@@ -21,6 +21,7 @@ from lordba.kernels import cpu_available
 from lordba.kernels.q4 import (
     CHUNK,
     GEMM_MIN_TOKENS,
+    amx_prefill_available,
     check_compute,
     compute_flags,
     cpu_op_runs,
@@ -29,7 +30,7 @@ from lordba.kernels.q4 import (
     q4_dequantize,
     q4_linear,
 )
-from lordba.quant.backend import BaseBackend
+from lordba.quant.backend import BaseBackend, kept_factors
 
 
 class Q4Linear(nn.Module):
@@ -145,30 +146,28 @@ class Q4Linear(nn.Module):
         where they are held on every call (in-place changes, ``.to()``, a new ``compute`` are seen).
 
         A prompt on the bfloat16 GEMM (``fast``, from ``max(GEMM_MIN_TOKENS, limit + 1)`` tokens) gets the
-        branch's folded factors kept here (``lordba::q4_prefill_factors``, refolded when a tensor of
-        ``tensors`` changes: version counters); outside ``torch.compile`` only."""
+        branch's folded factors kept here (``lordba::q4_prefill_factors``, and ``A'`` packed for the tile unit
+        where it runs: ``lordba::tile_pack``; refolded when a tensor of ``tensors`` changes: version
+        counters); outside ``torch.compile`` only."""
         op, buffers, params = torch.ops.lordba.q4_branch.default, self._buffers, self._parameters
         in_features, bits = self.in_features, self.bits
         prefill_from = max(GEMM_MIN_TOKENS, limit + 1) * in_features  # elements of x
-        kept: list = []  # [versions of tensors, folded_A, folded_B]
+        kept: list = []  # [versions of tensors, (folded_A, folded_B[, folded_A packed for the tile unit])]
 
-        def folded() -> tuple[torch.Tensor, torch.Tensor]:
-            key = tuple((t._version, t.data_ptr()) for t in tensors)
-            found = kept[:]
-            if found and found[0] == key:
-                return found[1], found[2]
+        def fold() -> tuple[torch.Tensor, ...]:
             folded_A, folded_B = torch.ops.lordba.q4_prefill_factors(*tensors, scaling)
-            kept[:] = [key, folded_A, folded_B]
-            return folded_A, folded_B
+            packed = (torch.ops.lordba.tile_pack(folded_A),) if amx_prefill_available() else ()
+            return folded_A, folded_B, *packed
+
+        def folded() -> tuple[torch.Tensor, ...]:
+            return kept_factors(kept, tensors, fold)
 
         def call(x: torch.Tensor) -> torch.Tensor:
             flags = self._flags
-            kept_factors = (
-                folded() if x.numel() >= prefill_from and flags[0] and not torch.compiler.is_compiling() else ()
-            )
+            factors = folded() if x.numel() >= prefill_from and flags[0] and not torch.compiler.is_compiling() else ()
             return op(
                 x, buffers["qweight"], buffers["scale"], buffers["minus"], in_features, GEMM_MIN_TOKENS, bits,
-                *flags, params.get("bias"), *tensors, scaling, limit, *kept_factors,
+                *flags, params.get("bias"), *tensors, scaling, limit, *factors,
             )  # fmt: skip
 
         return call

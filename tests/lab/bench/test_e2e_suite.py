@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lordba import ConfigError
+from lordba.kernels.q4 import amx_prefill_available
 from lordba_lab.bench import _e2e_models, _e2e_report, _llama_cpp, e2e, suites
 
 
@@ -40,9 +41,14 @@ def test_prompt_is_the_text_repeated_to_length():
 def test_the_adapters_agree_across_lordba_and_peft(tiny_model, tmp_path):
     lordba_dir, peft_dir = _e2e_models.save_adapters(tiny_model, 4, tmp_path)
     models = _e2e_models.variants(tiny_model, ("none", "q4"), lordba_dir, peft_dir, None)
-    assert list(models) == ["fp32", "fp32+LoRDBA", "fp32+LoRA", "q4", "q4+LoRDBA", "q4+LoRA"]
-    ids = list(range(10))
+    fast = ["fp32+LoRDBA fast"] if amx_prefill_available() else []  # the branch compute `fast`, where it runs
+    assert list(models) == ["fp32", "fp32+LoRDBA", "fp32+LoRA", *fast, "q4", "q4+LoRDBA", "q4+LoRA"]
+    ids = list(range(40))  # a prompt (more tokens than the sign path takes)
     logits = {k: _e2e_models.last_logits(m, ids) for k, m in models.items()}
+    if fast:  # the same model with the prompt's branch in bfloat16: close to, not equal to, float32
+        assert models["fp32+LoRDBA fast"].model is models["fp32+LoRDBA"]
+        change = (logits["fp32+LoRDBA"] - logits["fp32"]).norm()
+        assert 0 < (logits["fp32+LoRDBA fast"] - logits["fp32+LoRDBA"]).norm() < 1e-2 * change
     # the PEFT LoRA is the LoRDBA adapter's export: the same function up to its float16 factors
     assert torch.allclose(logits["fp32+LoRA"], logits["fp32+LoRDBA"], atol=1e-2, rtol=1e-2)
     assert not torch.allclose(logits["fp32+LoRDBA"], logits["fp32"], atol=1e-3)  # the adapter acts
@@ -63,6 +69,7 @@ def test_targets_compare_against_llama_cpp_and_fp32():
         row("q4", 0.02, 0.4, decode_vs_fp32=0.5, decode_vs_llama=1.6, prefill_vs_llama=0.8),
         row("q4+LoRDBA", 0.021, 0.41, decode_overhead_paired=1.06, prefill_overhead_paired=1.01,
             decode_vs_llama_lora=0.9, prefill_vs_llama_lora=1.0),
+        row("fp32+LoRDBA fast", 0.042, 0.51, decode_overhead_paired=1.04, prefill_overhead_paired=1.06),
     ]  # fmt: skip
     got = {(t["target"], t["variant"]): t["met"] for t in _e2e_report.targets(rows)}
     assert got[("4-bit base decode <= 0.6x fp32 base", "q4")]
@@ -72,7 +79,8 @@ def test_targets_compare_against_llama_cpp_and_fp32():
     assert not got[("base decode <= 1.5x llama.cpp base", "q4")]
     assert got[("base prefill ahead of llama.cpp base", "q4")]
     assert not got[("base + LoRDBA prefill ahead of llama.cpp + LoRA", "q4+LoRDBA")]  # a tie is not ahead
-    assert len(got) == 2 + 3 + 4
+    assert not got[("LoRDBA prefill overhead <= 1.05x its base (paired)", "fp32+LoRDBA fast")]  # prompts only
+    assert len(got) == 2 + 1 + 3 + 4
 
 
 def test_a_quick_run_on_a_tiny_model_writes_json_markdown_and_plot(tiny_model, tmp_path, monkeypatch, capsys):
@@ -86,8 +94,10 @@ def test_a_quick_run_on_a_tiny_model_writes_json_markdown_and_plot(tiny_model, t
     assert all(f.stat().st_size > 0 for f in files)
     out = json.loads(files[0].read_text())
     names = [x["variant"] for x in out["rows"]]
-    assert names == ["fp32", "fp32+LoRDBA", "fp32+LoRA", "q4", "q4+LoRDBA", "q4+LoRA", "q4 compiled",
+    fast = ["fp32+LoRDBA fast"] if amx_prefill_available() else []
+    assert names == ["fp32", "fp32+LoRDBA", "fp32+LoRA", *fast, "q4", "q4+LoRDBA", "q4+LoRA", "q4 compiled",
                      "q4+LoRDBA compiled", "q4 aot", "q4+LoRDBA aot"]  # no llama.cpp rows  # fmt: skip
+    assert out["settings"]["branch_compute"] == "exact" and out["settings"]["tile_unit"] == bool(fast)
     assert "llama.cpp rows skipped" in out["llama_cpp"] and "llama.cpp rows skipped" in capsys.readouterr().out
     by = {x["variant"]: x for x in out["rows"]}
     assert by["fp32"]["decode_vs_fp32"] == 1.0 and "decode_vs_llama" not in by["q4"]
@@ -96,8 +106,11 @@ def test_a_quick_run_on_a_tiny_model_writes_json_markdown_and_plot(tiny_model, t
     assert len(out["load_avg_before"]) == 3 and out["hardware"]["cores"]
     assert out["checks"]["lordba"]["q4"]["lordba_vs_fp32_lordba"]["cosine"] > 0.8
     assert out["checks"]["adapter_change_rel_l2"] > 0
-    assert {t["variant"] for t in out["targets"]} == {"fp32+LoRDBA", "q4", "q4+LoRDBA", "q4 compiled",
+    assert {t["variant"] for t in out["targets"]} == {"fp32+LoRDBA", *fast, "q4", "q4+LoRDBA", "q4 compiled",
                                                       "q4+LoRDBA compiled", "q4 aot", "q4+LoRDBA aot"}  # fmt: skip
+    if fast:  # paired with the float32 base (its group), checked against the exact variant's logits
+        assert by["fp32+LoRDBA fast"]["prefill_overhead_paired"] > 0
+        assert 0 < out["checks"]["lordba"]["fp32"]["fast_vs_exact"]["rel_l2"] < 1e-2
     assert "| q4+LoRDBA |" in files[1].read_text()
     # compiled rows: decode only, against their own compiled base and their eager selves; the same logits
     fast = by["q4+LoRDBA compiled"]

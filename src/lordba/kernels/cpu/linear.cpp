@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "branch.h"
+#include "q4.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -83,9 +84,43 @@ bool one_token(const at::Tensor& x, const at::Tensor& weight, const c10::optiona
 }
 #endif
 
+// M (bfloat16 [rows, cols]) packed for the tile unit (prefill.cpp's pack_tiles: int32 [tile_words(rows, cols)]):
+// an adapter's folded factors as linear_branch's tile_A / tile_B and q4_branch's tile_A, made once and kept by
+// the layer.
+at::Tensor tile_pack(const at::Tensor& M) {
+  TORCH_CHECK(M.scalar_type() == at::kBFloat16 && M.dim() == 2, "lordba::tile_pack: M must be a bfloat16 matrix");
+  const at::Tensor Mc = M.contiguous();
+  const int64_t rows = M.size(0), cols = M.size(1);
+  at::Tensor packed = at::empty({lordba_q4::tile_words(rows, cols)}, at::TensorOptions().dtype(at::kInt));
+  lordba_q4::pack_tiles(Mc.data_ptr<at::BFloat16>(), rows, cols, reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>()));
+  return packed;
+}
+
+// More float32 tokens than the sign path takes, with the adapter's folded factors packed for the tile unit
+// (tile_A / tile_B: tile_pack of q4_prefill_factors'): the branch added into the layer's output y on the tile
+// unit in bfloat16 with float32 sums (prefill.cpp's add_branch: q4's `fast` prefill arithmetic) instead of
+// two float32 GEMMs after folding per call. false where it does not run (the caller adds it in float32).
+bool tile_branch(const at::Tensor& x, const at::Tensor& tA, const at::Tensor& tB, const at::Tensor& b,
+                 const at::Tensor& m, const at::Tensor& a, int64_t sign_max_tokens, at::Tensor& y) {
+  const int64_t in = b.numel(), r = m.numel(), out = a.numel();
+  const int64_t T = in > 0 ? x.numel() / in : 0;
+  if (T <= sign_max_tokens || x.scalar_type() != at::kFloat || y.scalar_type() != at::kFloat || !y.is_contiguous())
+    return false;
+  TORCH_CHECK(y.size(-1) == out && x.size(-1) == in,
+              "lordba::linear_branch: the adapter's scale vectors do not match the layer's in / out features");
+  TORCH_CHECK(tA.scalar_type() == at::kInt && tA.dim() == 1 && tA.numel() == lordba_q4::tile_words(r, in) &&
+                  tB.scalar_type() == at::kInt && tB.dim() == 1 && tB.numel() == lordba_q4::tile_words(out, r) &&
+                  tA.is_contiguous() && tB.is_contiguous(),
+              "lordba::linear_branch: tile_A / tile_B must be tile_pack of the adapter's folded factors");
+  const at::Tensor xc = x.contiguous();
+  return lordba_q4::add_branch(xc.data_ptr<float>(), T, in, reinterpret_cast<const uint32_t*>(tA.data_ptr<int32_t>()),
+                               reinterpret_cast<const uint32_t*>(tB.data_ptr<int32_t>()), r, out, y.data_ptr<float>());
+}
+
 at::Tensor linear_branch(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b, const at::Tensor& m,
-                         const at::Tensor& a, double scaling, int64_t sign_max_tokens) {
+                         const at::Tensor& a, double scaling, int64_t sign_max_tokens,
+                         const c10::optional<at::Tensor>& tile_A, const c10::optional<at::Tensor>& tile_B) {
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1),
               "lordba::linear_branch: x's last dimension must be the weight's in_features");
   at::Tensor fused;
@@ -93,6 +128,8 @@ at::Tensor linear_branch(const at::Tensor& x, const at::Tensor& weight, const c1
   if (one_token(x, weight, bias, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, fused)) return fused;
 #endif
   at::Tensor y = at::linear(x, weight, bias);
+  if (tile_A.has_value() && tile_B.has_value() && tile_branch(x, *tile_A, *tile_B, b, m, a, sign_max_tokens, y))
+    return y;
   return lordba::branch_add(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, y, /*into_base=*/true);
 }
 
@@ -102,7 +139,11 @@ at::Tensor linear_branch(const at::Tensor& x, const at::Tensor& weight, const c1
 TORCH_LIBRARY_FRAGMENT(lordba, lib) {
   lib.def(
       "linear_branch(Tensor x, Tensor weight, Tensor? bias, Tensor sign_A, Tensor sign_B, Tensor b, Tensor m, "
-      "Tensor a, float scaling, int sign_max_tokens) -> Tensor");
+      "Tensor a, float scaling, int sign_max_tokens, Tensor? tile_A=None, Tensor? tile_B=None) -> Tensor");
+  lib.def("tile_pack(Tensor M) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lordba, CPU, lib) { lib.impl("linear_branch", &lordba_linear::linear_branch); }
+TORCH_LIBRARY_IMPL(lordba, CPU, lib) {
+  lib.impl("linear_branch", &lordba_linear::linear_branch);
+  lib.impl("tile_pack", &lordba_linear::tile_pack);
+}

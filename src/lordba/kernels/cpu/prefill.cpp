@@ -1,19 +1,24 @@
-// The input of q4.cpp's bfloat16 prefill GEMM with a LoRDBA branch, [x | h | 0] with h = x A'^T, in
-// one pass over x on the CPU's tile unit (AMX-BF16), where the build and the CPU have it.
+// The CPU's tile unit (AMX-BF16) for an adapter's branch over many tokens, where the build and the CPU have it:
 //
-// The GEMM y = [x | h] [W | B']^T needs h first. oneDNN computes h = x A'^T (N = r, 16 or 32) as fast
-// as its arithmetic allows, but every call first packs x for the tile unit: for SmolLM2's 512-token
-// prefill that fixed cost was most of what the adapter added to a layer (~75 us of ~100 at 2 threads,
-// docs/kernels.md). Here each block of 32 tokens is rounded to bfloat16 into the GEMM's input (the
-// conversion the base GEMM needs anyway) and, while those rows are in L1, multiplied on the tile unit
-// by A'^T, which is packed once per call in the tile unit's pair-interleaved layout (a transpose of
-// r x in / 2 words of A' in bfloat16, which q4_prefill_factors makes and the layer keeps).
+// * input_with_h: the input of q4.cpp's bfloat16 prefill GEMM with a LoRDBA branch, [x | h | 0] with
+//   h = x A'^T, in one pass over x. The GEMM y = [x | h] [W | B']^T needs h first. oneDNN computes h as
+//   fast as its arithmetic allows, but every call first packs x for the tile unit: for SmolLM2's 512-token
+//   prefill that fixed cost was most of what the adapter added to a layer (~75 us of ~100 at 2 threads,
+//   docs/kernels.md). Here each block of 32 tokens is rounded to bfloat16 into the GEMM's input (the
+//   conversion the base GEMM needs anyway) and, while those rows are in L1, multiplied on the tile unit by
+//   A'^T in the tile unit's pair-interleaved layout (pack_tiles: a transpose of r x in / 2 words of A' in
+//   bfloat16; kept by the layer, or packed per call).
+// * add_branch: a dense (float32) base's prompt branch, y += h B'^T after the base's own float32 GEMM, block
+//   by block of 32 tokens: x rounded to bfloat16, h on the tile unit and rounded to bfloat16, then y's rows
+//   loaded into the tile unit's accumulators, summed into with h B'^T and stored back (the `fast` branch
+//   compute: about half the cost of folding per call and two float32 GEMMs, docs/kernels.md).
+//
 // The tile unit reads x's rows where they are: nothing is packed per token. The sums are float32 over
 // bfloat16 products, as oneDNN's; h is rounded to bfloat16, as the GEMM's input is.
 //
 // Linux grants a process the tile state on request (arch_prctl ARCH_REQ_XCOMP_PERM); without it the
-// tile instructions fault, so amx_ready() asks once and the caller falls back to at::mm where it is
-// false (another OS, a build without AMX, a kernel that refuses).
+// tile instructions fault, so amx_ready() asks once and the callers fall back (at::mm, the float32
+// branch) where it is false (another OS, a build without AMX, a kernel that refuses).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
@@ -33,6 +38,20 @@
 namespace lordba_q4 {
 namespace {
 
+// M^T [cols, rows] in the tile unit's layout, from M (bfloat16 [rows, cols]), for column blocks of 16: block c,
+// pair p (columns 2p, 2p + 1 of M), column j -> dst[(c * pairs + p) * 16 + j] = M[16 c + j, 2p .. 2p + 1] (two
+// bfloat16 in one 32-bit word, which is how they lie in M's row), zero past rows and cols; pairs >= cols / 2.
+void pack_pairs(const uint16_t* M, int64_t rows, int64_t cols, int64_t pairs, uint32_t* dst) {
+  std::fill(dst, dst + (rows + 15) / 16 * pairs * 16, 0u);
+  for (int64_t j = 0; j < rows; ++j) {
+    const uint16_t* row = M + j * cols;
+    uint32_t* col = dst + (j / 16) * pairs * 16 + j % 16;
+    for (int64_t p = 0; p < cols / 2; ++p) col[p * 16] = row[2 * p] | static_cast<uint32_t>(row[2 * p + 1]) << 16;
+    if (cols % 2 != 0) col[cols / 2 * 16] = row[cols - 1];
+  }
+}
+
+
 #if defined(LORDBA_AMX)
 constexpr int64_t kRows = 32;  // tokens per block: two 16-row tiles share each tile of A'^T
 
@@ -42,19 +61,6 @@ struct TileConfig {  // the tile unit's palette-1 configuration (64 bytes)
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
-
-// A'^T [in, r] in the tile unit's layout, from A' (bfloat16 [r, in]), for column blocks of 16: block c,
-// pair p (inputs 2p, 2p + 1), column j -> packed[(c * pairs + p) * 16 + j] = A'[16 c + j, 2p .. 2p + 1]
-// (two bfloat16 in one 32-bit word, which is how they lie in A''s row), zero past r and in.
-void pack_pairs(const uint16_t* A, int64_t r, int64_t in, int64_t pairs, std::vector<uint32_t>& packed) {
-  packed.assign(static_cast<size_t>((r + 15) / 16 * pairs * 16), 0u);
-  for (int64_t j = 0; j < r; ++j) {
-    const uint16_t* row = A + j * in;
-    uint32_t* dst = packed.data() + (j / 16) * pairs * 16 + j % 16;
-    for (int64_t p = 0; p < in / 2; ++p) dst[p * 16] = row[2 * p] | static_cast<uint32_t>(row[2 * p + 1]) << 16;
-    if (in % 2 != 0) dst[in / 2 * 16] = row[in - 1];
-  }
-}
 
 // Rows [0, n) of x (float32, row stride in) rounded to bfloat16 into dst (row stride K), columns in..K zeroed.
 void round_rows(const float* x, int64_t n, int64_t in, uint16_t* dst, int64_t K) {
@@ -96,6 +102,55 @@ void block_h(const uint16_t* xin, int64_t K, const uint32_t* packed, int64_t pai
   }
 }
 
+// y rows [0, 32) (row stride ldy, the first 16 * cblocks columns) += hb [32][32 * rsteps] (bfloat16, zero past
+// r) times B'^T packed by pack_pairs (rpairs = 16 * rsteps). Tiles: 0-1 the two 16-row halves of y's column
+// block (loaded, summed into, stored back), 2-3 their rows of hb, 4 the step's pairs of B'^T.
+void block_out(const uint16_t* hb, int64_t rsteps, const uint32_t* packedB, int64_t cblocks, float* y, int64_t ldy) {
+  const int64_t hstride = 32 * rsteps * static_cast<int64_t>(sizeof(uint16_t));
+  const int64_t ystride = ldy * static_cast<int64_t>(sizeof(float));
+  for (int64_t c = 0; c < cblocks; ++c) {
+    float* yc = y + 16 * c;
+    _tile_loadd(0, yc, ystride);
+    _tile_loadd(1, yc + 16 * ldy, ystride);
+    const uint32_t* bc = packedB + c * rsteps * 16 * 16;
+    for (int64_t s = 0; s < rsteps; ++s) {
+      _tile_loadd(4, bc + s * 16 * 16, 64);
+      _tile_loadd(2, hb + s * 32, hstride);
+      _tile_loadd(3, hb + 16 * 32 * rsteps + s * 32, hstride);
+      _tile_dpbf16ps(0, 2, 4);
+      _tile_dpbf16ps(1, 3, 4);
+    }
+    _tile_stored(0, yc, ystride);
+    _tile_stored(1, yc + 16 * ldy, ystride);
+  }
+}
+
+// The columns of y past its whole blocks of 16, [16 * cfull, out), for n rows: the same sums as block_out's.
+void tail_out(const uint16_t* hb, int64_t R, int64_t r, const uint32_t* packedB, int64_t cfull, int64_t out,
+              int64_t n, float* y, int64_t ldy) {
+  const int64_t rpairs = R / 2;
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t o = cfull * 16; o < out; ++o) {
+      const uint32_t* col = packedB + (o / 16) * rpairs * 16 + o % 16;
+      float sum = 0.f;
+      for (int64_t j = 0; j < r; ++j) {
+        const auto w = static_cast<uint16_t>(col[(j / 2) * 16] >> (16 * (j % 2)));
+        sum += static_cast<float>(c10::BFloat16(hb[t * R + j], c10::BFloat16::from_bits())) *
+               static_cast<float>(c10::BFloat16(w, c10::BFloat16::from_bits()));
+      }
+      y[t * ldy + o] += sum;
+    }
+}
+
+void config_tiles() {  // five tiles of 16 rows x 64 bytes
+  TileConfig config;
+  for (int i = 0; i < 5; ++i) {
+    config.rows[i] = 16;
+    config.colsb[i] = 64;
+  }
+  _tile_loadconfig(&config);
+}
+
 bool request_tiles() {
   constexpr long kReqPerm = 0x1023, kXtileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
   return syscall(SYS_arch_prctl, kReqPerm, kXtileData) == 0;
@@ -114,21 +169,20 @@ bool amx_ready() {
 }
 
 bool input_with_h(const float* x, int64_t T, int64_t in, const c10::BFloat16* A, int64_t r, c10::BFloat16* xin,
-                  int64_t K) {
+                  int64_t K, const uint32_t* packedA) {
 #if defined(LORDBA_AMX)
   if (!amx_ready() || r < 1 || K < in + r) return false;
   const int64_t steps = (in + 31) / 32, pairs = steps * 16, blocks = (r + 15) / 16;
   if (steps * 32 > K) return false;  // the tiles read 32 columns a step; zeros past in, inside the row
-  std::vector<uint32_t> packed;
-  pack_pairs(reinterpret_cast<const uint16_t*>(A), r, in, pairs, packed);
+  std::vector<uint32_t> own;  // A'^T packed here where the caller has not kept it packed
+  if (packedA == nullptr) {
+    own.resize(static_cast<size_t>(blocks * pairs * 16));
+    pack_pairs(reinterpret_cast<const uint16_t*>(A), r, in, pairs, own.data());
+    packedA = own.data();
+  }
   auto* out = reinterpret_cast<uint16_t*>(xin);
   at::parallel_for(0, (T + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
-    TileConfig config;
-    for (int i = 0; i < 5; ++i) {
-      config.rows[i] = 16;
-      config.colsb[i] = 64;
-    }
-    _tile_loadconfig(&config);
+    config_tiles();
     std::vector<float> hbuf(static_cast<size_t>(kRows * 16 * blocks));
     std::vector<uint16_t> tail;  // the last block's rows padded to 32 with zeros
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -139,7 +193,7 @@ bool input_with_h(const float* x, int64_t T, int64_t in, const c10::BFloat16* A,
         rows = tail.data();
       }
       round_rows(x + t0 * in, n, in, rows, K);
-      block_h(rows, K, packed.data(), pairs, blocks, steps, hbuf.data());
+      block_h(rows, K, packedA, pairs, blocks, steps, hbuf.data());
       for (int64_t t = 0; t < n; ++t) {
         uint16_t* dst = out + (t0 + t) * K;
         if (rows != out + t0 * K) std::memcpy(dst, rows + t * K, static_cast<size_t>(K) * sizeof(uint16_t));
@@ -151,7 +205,49 @@ bool input_with_h(const float* x, int64_t T, int64_t in, const c10::BFloat16* A,
   });
   return true;
 #else
-  (void)x, (void)T, (void)in, (void)A, (void)r, (void)xin, (void)K;
+  (void)x, (void)T, (void)in, (void)A, (void)r, (void)xin, (void)K, (void)packedA;
+  return false;
+#endif
+}
+
+int64_t tile_words(int64_t rows, int64_t cols) { return (rows + 15) / 16 * ((cols + 31) / 32 * 16) * 16; }
+
+void pack_tiles(const c10::BFloat16* M, int64_t rows, int64_t cols, uint32_t* dst) {
+  pack_pairs(reinterpret_cast<const uint16_t*>(M), rows, cols, (cols + 31) / 32 * 16, dst);
+}
+
+bool add_branch(const float* x, int64_t T, int64_t in, const uint32_t* packedA, const uint32_t* packedB, int64_t r,
+                int64_t out, float* y) {
+#if defined(LORDBA_AMX)
+  if (!amx_ready() || r < 1 || in < 1 || out < 1) return false;
+  const int64_t steps = (in + 31) / 32, pairs = steps * 16, blocks = (r + 15) / 16;
+  const int64_t rsteps = (r + 31) / 32, cfull = out / 16, K = steps * 32, R = 32 * rsteps;
+  at::parallel_for(0, (T + kRows - 1) / kRows, 1, [&](int64_t b0, int64_t b1) {
+    config_tiles();
+    std::vector<uint16_t> xs(static_cast<size_t>(kRows * K), 0), hb(static_cast<size_t>(kRows * R), 0);
+    std::vector<float> hbuf(static_cast<size_t>(kRows * 16 * blocks)), tail;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t t0 = blk * kRows, n = std::min(kRows, T - t0);
+      if (n < kRows) std::fill(xs.begin(), xs.end(), uint16_t{0});
+      round_rows(x + t0 * in, n, in, xs.data(), K);
+      block_h(xs.data(), K, packedA, pairs, blocks, steps, hbuf.data());
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t j = 0; j < r; ++j) hb[t * R + j] = c10::BFloat16(hbuf[t * 16 * blocks + j]).x;
+      float* rows = y + t0 * out;
+      if (n < kRows) {  // the last block's rows, padded to 32 with zeros (their sums are dropped)
+        tail.assign(static_cast<size_t>(kRows * out), 0.f);
+        std::memcpy(tail.data(), rows, static_cast<size_t>(n * out) * sizeof(float));
+        rows = tail.data();
+      }
+      block_out(hb.data(), rsteps, packedB, cfull, rows, out);
+      tail_out(hb.data(), R, r, packedB, cfull, out, n, rows, out);
+      if (n < kRows) std::memcpy(y + t0 * out, rows, static_cast<size_t>(n * out) * sizeof(float));
+    }
+    _tile_release();
+  });
+  return true;
+#else
+  (void)x, (void)T, (void)in, (void)packedA, (void)packedB, (void)r, (void)out, (void)y;
   return false;
 #endif
 }

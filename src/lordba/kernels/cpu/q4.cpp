@@ -317,7 +317,7 @@ void input_with_mm(const at::Tensor& x2, const at::Tensor& A, int64_t in, at::Te
 // of the base GEMM instead of a skinny GEMM and a pass over the output of its own (SmolLM2-135M's
 // 512-token prefill, docs/kernels.md), rounded as the base is.
 void gemm(const Packed& p, const at::Tensor& x2, at::Tensor& y, bool bf16, const at::Tensor* A = nullptr,
-          const at::Tensor* B = nullptr) {
+          const at::Tensor* B = nullptr, const uint32_t* packedA = nullptr) {
   const int64_t r = A != nullptr ? A->size(0) : 0;
   // With a branch, K = in + r padded with zero columns to a multiple of 32 (oneDNN's bfloat16 GEMM
   // runs SmolLM2's K = 608 faster than 592; zeros add nothing to the sums).
@@ -331,7 +331,7 @@ void gemm(const Packed& p, const at::Tensor& x2, at::Tensor& y, bool bf16, const
     const auto dtype = bf16 ? at::kBFloat16 : at::kFloat;
     xin = at::empty({x2.size(0), K}, x2.options().dtype(dtype));
     if (!bf16 || !input_with_h(x2.data_ptr<float>(), x2.size(0), p.in, A->data_ptr<at::BFloat16>(), r,
-                               xin.data_ptr<at::BFloat16>(), K))
+                               xin.data_ptr<at::BFloat16>(), K, packedA))
       input_with_mm(x2, *A, p.in, xin);
   }
   const at::BFloat16* bp = B != nullptr ? B->data_ptr<at::BFloat16>() : nullptr;  // [out, r]
@@ -425,6 +425,15 @@ std::tuple<at::Tensor, at::Tensor> prefill_factors(const c10::optional<at::Tenso
   return {A.contiguous(), B.contiguous()};
 }
 
+// folded_A' packed for the tile unit where the layer kept it (tile_A: tile_pack(folded_A)), else nullptr.
+const uint32_t* kept_tiles(const c10::optional<at::Tensor>& tile_A, const at::Tensor& A) {
+  if (!tile_A.has_value()) return nullptr;
+  TORCH_CHECK(tile_A->scalar_type() == at::kInt && tile_A->dim() == 1 && tile_A->is_contiguous() &&
+                  tile_A->numel() == tile_words(A.size(0), A.size(1)),
+              "lordba::q4_branch: tile_A must be tile_pack(folded_A)");
+  return reinterpret_cast<const uint32_t*>(tile_A->data_ptr<int32_t>());
+}
+
 // A q4 layer and its one LoRDBA adapter in one call: the layer's output (plus bias) and then the
 // branch added by the `branch` op's own code — the same arithmetic, in the same order, as the two
 // ops called one after the other (bit for bit), without a second dispatch per layer and token
@@ -437,7 +446,7 @@ at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::T
                      const c10::optional<at::Tensor>& bias, const at::Tensor& sign_A, const at::Tensor& sign_B,
                      const at::Tensor& b, const at::Tensor& m, const at::Tensor& a, double scaling,
                      int64_t sign_max_tokens, const c10::optional<at::Tensor>& folded_A,
-                     const c10::optional<at::Tensor>& folded_B) {
+                     const c10::optional<at::Tensor>& folded_B, const c10::optional<at::Tensor>& tile_A) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "lordba::q4_branch: x's last dimension must be ", in);
   const int64_t T = in > 0 ? x.numel() / in : 0;
   if (bf16 && T >= gemm_min_tokens && T > sign_max_tokens) {
@@ -447,7 +456,7 @@ at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::T
     const auto [A, B] = prefill_factors(folded_A, folded_B, sign_A, sign_B, b, m, a, scaling);
     const auto [x2, shape] = input_rows(x, in, p.out, "q4_branch");
     at::Tensor y = at::empty({T, p.out}, x2.options());
-    gemm(p, x2, y, /*bf16=*/true, &A, &B);
+    gemm(p, x2, y, /*bf16=*/true, &A, &B, kept_tiles(tile_A, A));
     if (bias.has_value()) y.add_(bias->to(at::kFloat));
     return y.reshape(shape).to(x.scalar_type());
   }
@@ -481,7 +490,8 @@ TORCH_LIBRARY_FRAGMENT(lordba, lib) {
   lib.def(
       "q4_branch(Tensor x, Tensor qweight, Tensor scale, Tensor minus, int in_features, int gemm_min_tokens, "
       "int bits, bool bf16, bool int8_dot, Tensor? bias, Tensor sign_A, Tensor sign_B, Tensor b, Tensor m, "
-      "Tensor a, float scaling, int sign_max_tokens, Tensor? folded_A=None, Tensor? folded_B=None) -> Tensor");
+      "Tensor a, float scaling, int sign_max_tokens, Tensor? folded_A=None, Tensor? folded_B=None, "
+      "Tensor? tile_A=None) -> Tensor");
   lib.def(
       "q4_prefill_factors(Tensor sign_A, Tensor sign_B, Tensor b, Tensor m, Tensor a, float scaling) "
       "-> (Tensor, Tensor)");

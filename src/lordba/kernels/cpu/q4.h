@@ -83,10 +83,18 @@ bool dot1_reduced(const Packed& p, const float* x, const float* xsum, float* y, 
 
 // prefill.cpp: whether the tile unit (AMX-BF16) is built and granted to this process; and the
 // bfloat16 prefill GEMM's input with a branch, xin [T, K] = [x | x A'^T | 0] (x [T, in] float32, A' [r, in]
-// bfloat16, K >= in + r) in one pass on it. false (nothing written) where it cannot run.
+// bfloat16, K >= in + r) in one pass on it, A' read from packedA where given (pack_tiles(A', r, in)), else
+// packed per call. false (nothing written) where it cannot run.
 bool amx_ready();
 bool input_with_h(const float* x, int64_t T, int64_t in, const c10::BFloat16* A, int64_t r, c10::BFloat16* xin,
-                  int64_t K);
+                  int64_t K, const uint32_t* packedA = nullptr);
+// A dense base's prefill branch on the tile unit (linear.cpp): y [T, out] (float32, rows contiguous) +=
+// bfloat16(bfloat16(x) A'^T) B'^T (x [T, in] float32; float32 sums), with A' [r, in] and B' [out, r] in bfloat16
+// packed by pack_tiles (tile_words(r, in) and tile_words(out, r) words). false (nothing written) where it cannot run.
+int64_t tile_words(int64_t rows, int64_t cols);
+void pack_tiles(const c10::BFloat16* M, int64_t rows, int64_t cols, uint32_t* dst);
+bool add_branch(const float* x, int64_t T, int64_t in, const uint32_t* packedA, const uint32_t* packedB, int64_t r,
+                int64_t out, float* y);
 
 // Whether this build has the int8 one-token kernel (AVX512-VNNI with VL); the bfloat16 one (AVX512_BF16).
 bool int8_dot_built();
