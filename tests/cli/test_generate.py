@@ -59,6 +59,11 @@ def test_generate_with_an_adapter_on_a_q4_base(folder, tmp_path, capsys, monkeyp
     monkeypatch.setattr(lordba.quant, "set_compute", lambda m, c: calls.append(c) or real(m, c))
     assert main([*argv[:-1], "--q4-compute", "exact", "ab"]) == 0
     assert calls == ["exact"] and capsys.readouterr().out == want + "\n"
+    from lordba import kernels
+
+    monkeypatch.setattr(kernels, "set_branch_compute", lambda c: calls.append(c))  # process-wide: not kept here
+    assert main([*argv[:-1], "--branch-compute", "fast", "ab"]) == 0
+    assert calls == ["exact", "fast"] and capsys.readouterr().out == want + "\n"
     monkeypatch.undo()
     monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
     assert main([*argv[:-1], "--aot", "ab"]) == 0  # ahead-of-time compiled decode step: the same text

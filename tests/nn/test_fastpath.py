@@ -138,6 +138,30 @@ def test_fast_prefill_keeps_the_folded_factors_until_an_adapter_tensor_changes(m
         assert torch.equal(copy.deepcopy(lm)(input_ids=IDS).logits, changed)
 
 
+def test_an_adapter_loaded_under_inference_mode_runs_prompts(tmp_path):
+    """Tensors made under ``torch.inference_mode`` have no version counter: the fused call folds their
+    factors per prompt instead of keeping them (it used to fail on reading the counter), with the result
+    of the same adapter loaded normally, on q4 (``fast``) and on a float32 base (``fast`` branch compute)."""
+    from lordba import LoRDBAConfig, get_lordba_model
+    from lordba.nn.model import LoRDBAModel
+
+    from conftest import tiny_llama
+
+    ids = torch.randint(0, 50, (1, 40), generator=torch.Generator().manual_seed(0))
+    for make in (lambda: tiny_q4(adapter=False, compute="fast"), lambda: tiny_llama(0)):
+        torch.manual_seed(3)
+        get_lordba_model(make(), LoRDBAConfig(r=4, init="random")).save_pretrained(tmp_path / "a")
+        with kernels.with_branch_compute("fast"):
+            with torch.no_grad():
+                want = LoRDBAModel.from_pretrained(make(), tmp_path / "a").eval()(input_ids=ids).logits
+            with torch.inference_mode():
+                model = LoRDBAModel.from_pretrained(make(), tmp_path / "a").eval()
+                assert all(t.is_inference() for t in model.buffers())
+                got = model(input_ids=ids).logits
+                assert torch.equal(model(input_ids=ids).logits, got)
+        assert torch.equal(got, want)
+
+
 def test_a_base_bias_is_added_before_the_branch_as_the_two_calls_do(monkeypatch):
     from lordba import LoRDBAConfig, get_lordba_model
 

@@ -33,6 +33,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "CPU has native bfloat16 (prefill GEMM, decode inputs); exact: float32 throughout; fast-int8: int8 "
         "decode inputs, faster and less accurate; docs/kernels.md)",
     )
+    p.add_argument(
+        "--branch-compute",
+        default=None,
+        choices=("exact", "fast"),
+        help="how the adapter's branch computes a prompt on a float32 or HQQ base (default: "
+        "$LORDBA_BRANCH_COMPUTE, else exact: float32; fast: bfloat16 on the CPU's tile unit where it has "
+        "AMX-BF16; q4 follows --q4-compute; docs/kernels.md)",
+    )
     p.add_argument("--max-new-tokens", type=positive_int, default=128, help="most tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
@@ -101,6 +109,8 @@ def load(args: argparse.Namespace) -> Loaded:
     model = quantize_model_cached(model, folder, backend=args.quant, bits=4, group_size=64)
     if getattr(args, "q4_compute", None):
         set_compute(model, args.q4_compute)
+    if getattr(args, "branch_compute", None):
+        kernels.set_branch_compute(args.branch_compute)
     kernels.cpu_available()  # build or load the CPU kernels before the first token
     if args.adapter:
         model = LoRDBAModel.from_pretrained(model, args.adapter).eval()

@@ -129,7 +129,10 @@ def linear_branch_op() -> object | None:
 
 def kept_factors(kept: list, tensors: tuple, make: Callable[[], tuple]) -> tuple:
     """``make()`` (an adapter's folded factors), kept in ``kept`` (``[key, factors]``) while every tensor of
-    ``tensors`` (the adapter's) is the same storage at the same version (in-place changes refold)."""
+    ``tensors`` (the adapter's) is the same storage at the same version (in-place changes refold). Tensors
+    made under ``torch.inference_mode`` have no version counter: for them ``make()`` runs on every call."""
+    if any(t.is_inference() for t in tensors):
+        return make()
     key = tuple((t._version, t.data_ptr()) for t in tensors)
     found = kept[:]
     if found and found[0] == key:
