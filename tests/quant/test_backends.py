@@ -112,18 +112,24 @@ def test_bad_quantization_settings():
         quantize_model(tiny_llama(0), backend="hqq", bits=5)
 
 
+def _hqq_layer(seed: int) -> LoRDBALinear:
+    """A 4-bit HQQ layer (float32 compute) with one packed random adapter "a", active."""
+    torch.manual_seed(seed)
+    layer = LoRDBALinear(quantize_linear_hqq(nn.Linear(64, 40), 4, 32, torch.float32))
+    adapter = TrainableAdapter(64, 40, 8, 2.0, get_codec("int8"), STE(), init="random")
+    adapter.scale_out.normal_(0, 0.5)
+    layer.add_adapter("a", adapter.pack())
+    layer.set_adapter("a")
+    return layer
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("tokens", [1, 5, 70])  # one token (the GEMV), the sign path, the unpack path
 def test_an_hqq_layer_and_its_adapter_run_as_one_op_on_the_weight_hqq_dequantizes(tokens):
     """On an HQQ base (its PyTorch forward: the dequantized weight's product) the layer's kept call is
     ``lordba::linear_branch`` on that weight: HQQ's forward plus the branch up to float32 rounding, and a
     quantized weight changed in place is seen on the next call."""
-    torch.manual_seed(0)
-    layer = LoRDBALinear(quantize_linear_hqq(nn.Linear(64, 40), 4, 32, torch.float32))
-    adapter = TrainableAdapter(64, 40, 8, 2.0, get_codec("int8"), STE(), init="random")
-    adapter.scale_out.normal_(0, 0.5)
-    layer.add_adapter("a", adapter.pack())
-    layer.set_adapter("a")
+    layer = _hqq_layer(0)
     x = torch.randn(1, tokens, 64)
     got = layer(x)
     call = fastpath.decode_call(layer, None, x)
@@ -142,12 +148,7 @@ def test_an_hqq_prompt_with_the_fast_branch_compute_is_within_bfloat16_of_exact(
     from lordba import kernels
     from lordba.kernels.q4 import amx_prefill_available
 
-    torch.manual_seed(1)
-    layer = LoRDBALinear(quantize_linear_hqq(nn.Linear(64, 40), 4, 32, torch.float32))
-    adapter = TrainableAdapter(64, 40, 8, 2.0, get_codec("int8"), STE(), init="random")
-    adapter.scale_out.normal_(0, 0.5)
-    layer.add_adapter("a", adapter.pack())
-    layer.set_adapter("a")
+    layer = _hqq_layer(1)
     x = torch.randn(1, 70, 64)
     exact = layer(x)
     base = layer.base_layer(x)
