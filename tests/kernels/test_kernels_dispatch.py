@@ -222,14 +222,15 @@ def test_branch_compute_switches_and_refuses_other_names(monkeypatch):
     import subprocess
     import sys
 
-    assert kernels.branch_compute() == "exact"
+    before = kernels.branch_compute()  # "exact" unless $LORDBA_BRANCH_COMPUTE says otherwise (below)
     with pytest.raises(ConfigError, match="branch compute must be one of"):
         kernels.set_branch_compute("bf16")
-    with kernels.with_branch_compute("fast"):
-        assert kernels.branch_compute() == "fast"
-    assert kernels.branch_compute() == "exact"
+    for name in kernels.BRANCH_COMPUTE:
+        with kernels.with_branch_compute(name):
+            assert kernels.branch_compute() == name
+        assert kernels.branch_compute() == before
     code = "from lordba import kernels; print(kernels.branch_compute())"
-    for value, want in (("fast", "fast"), ("bogus", "exact")):
+    for value, want in (("", "exact"), ("fast", "fast"), ("bogus", "exact")):
         monkeypatch.setenv("LORDBA_BRANCH_COMPUTE", value)
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert done.stdout.strip() == want

@@ -93,10 +93,12 @@ def branch_compute() -> str:
     * ``fast``: on the CPU's tile unit (AMX-BF16, where the build has it and Linux grants it) in
       bfloat16 with float32 sums, as q4's ``fast`` prefill computes its branch: within bfloat16
       rounding of ``exact`` (~0.3% of the branch's own size; the base's product stays float32), at
-      about half the float32 branch's cost (docs/kernels.md), for ``2·r·(in + out)`` bytes a layer
-      kept while the adapter is active. Elsewhere, and under ``torch.compile``, as ``exact``.
+      about half the float32 branch's cost (docs/kernels.md), for ``2·r·in + 64·⌈r/32⌉·out`` bytes a
+      layer kept while the adapter is active; from 16 tokens on. Elsewhere, and under ``torch.compile``,
+      as ``exact``.
 
-    q4 layers follow their own ``compute``; one token (decode) is float32 either way."""
+    q4 layers follow their own ``compute``; one token (decode) is float32 either way. The setting is the
+    process's (as :func:`get_mode`), not a thread's."""
     return _STATE.branch_compute
 
 

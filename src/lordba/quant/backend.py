@@ -149,19 +149,23 @@ def tile_factors(tensors: tuple, scaling: float) -> tuple[torch.Tensor, torch.Te
     return torch.ops.lordba.tile_pack(folded_A), torch.ops.lordba.tile_pack(folded_B)
 
 
+TILE_MIN_TOKENS = 16  # lordba::linear_branch's tile path starts here (it works on blocks of 32 tokens)
+
+
 def prompt_tiles(tensors: tuple, scaling: float, limit: int) -> Callable[[torch.Tensor], tuple]:
     """For ``lordba::linear_branch``'s fused call: ``f(x)`` giving the adapter's :func:`tile_factors` (made
-    at the first prompt, then kept while its tensors are unchanged: ``2·r·(in + out)`` bytes, padded to
-    whole tiles) for a float32 ``x`` of more than ``limit`` tokens
-    when :func:`lordba.kernels.branch_compute` is ``fast`` and the tile unit runs, else ``()`` (the
-    op's float32 branch). Never under ``torch.compile``."""
+    at the first prompt, then kept while its tensors are unchanged: ``2·r·in + 64·⌈r/32⌉·out`` bytes, the
+    rank padded to whole tile steps for ``B'``) for a float32 prompt ``x`` of more than ``limit`` and at
+    least :data:`TILE_MIN_TOKENS` tokens when :func:`lordba.kernels.branch_compute` is ``fast`` and the
+    tile unit runs, else ``()`` (the op's float32 branch). Never under ``torch.compile``."""
     kept: list = []
     in_features = int(tensors[2].numel())  # b
+    from_elements = max(limit + 1, TILE_MIN_TOKENS) * in_features
 
     def tiles(x: torch.Tensor) -> tuple:
-        if x.dtype != torch.float32 or x.numel() <= limit * in_features or branch_compute() != "fast":
+        if torch.compiler.is_compiling() or branch_compute() != "fast":
             return ()
-        if torch.compiler.is_compiling() or not amx_prefill_available():
+        if x.dtype != torch.float32 or x.numel() < from_elements or not amx_prefill_available():
             return ()
         return kept_factors(kept, tensors, lambda: tile_factors(tensors, scaling))
 

@@ -85,18 +85,20 @@ def test_prompt_branch_on_the_tile_unit_is_the_bfloat16_arithmetic(tokens, in_f,
 
 @needs_amx
 def test_few_tokens_other_dtypes_and_bad_tiles():
-    """Up to the dispatch limit (the sign path) and for bfloat16 inputs the tiles are ignored (the op's own
-    branch, bit for bit); tiles of another adapter's shape are refused, naming them."""
+    """Up to the dispatch limit (the sign path), below 16 tokens (the unpack mode's limit is -1: one token
+    stays float32 in every mode) and for bfloat16 inputs the tiles are ignored (the op's own branch, bit
+    for bit); tiles of another adapter's shape are refused, naming them."""
     tensors = adapter(3, 40, 24, 8)
     tiles = tile_factors(tensors, 0.5)
     weight = torch.randn(24, 40)
-    for x, limit in ((torch.randn(3, 40), 4), (torch.randn(2, 9, 40).bfloat16(), 4)):
+    cases = ((torch.randn(3, 40), 4), (torch.randn(1, 40), -1), (torch.randn(15, 40), -1))
+    for x, limit in (*cases, (torch.randn(2, 9, 40).bfloat16(), 4)):
         w = weight.to(x.dtype)
         want = torch.ops.lordba.linear_branch(x, w, None, *tensors, 0.5, limit)
         assert torch.equal(torch.ops.lordba.linear_branch(x, w, None, *tensors, 0.5, limit, *tiles), want)
     other = tile_factors(adapter(3, 40, 48, 8), 0.5)
     with pytest.raises(RuntimeError, match="tile_A / tile_B must be tile_pack"):
-        torch.ops.lordba.linear_branch(torch.randn(9, 40), weight, None, *tensors, 0.5, 4, tiles[0], other[1])
+        torch.ops.lordba.linear_branch(torch.randn(20, 40), weight, None, *tensors, 0.5, 4, tiles[0], other[1])
 
 
 def test_the_tile_unit_runs_where_the_cpu_has_it():
@@ -119,5 +121,7 @@ def test_q4_branch_reads_a_kept_packed_A_bit_for_bit():
     want = torch.ops.lordba.q4_branch(*args, folded_A, folded_B)
     kept = torch.ops.lordba.tile_pack(folded_A)
     assert torch.equal(torch.ops.lordba.q4_branch(*args, folded_A, folded_B, kept), want)
+    other = torch.ops.lordba.tile_pack((folded_A.float() * 3).bfloat16())  # read, not packed again from folded_A
+    assert not torch.equal(torch.ops.lordba.q4_branch(*args, folded_A, folded_B, other), want)
     with pytest.raises(RuntimeError, match="tile_A must be tile_pack"):
         torch.ops.lordba.q4_branch(*args, folded_A, folded_B, torch.ops.lordba.tile_pack(folded_A[:, :64]))

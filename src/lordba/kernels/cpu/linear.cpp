@@ -32,6 +32,7 @@ namespace lordba_linear {
 namespace {
 
 constexpr int64_t kRowBlock = lordba::RowBranch::kRows;
+constexpr int64_t kTileMinTokens = 16;  // the tile path's blocks are 32 tokens; fewer stay float32 (TILE_MIN_TOKENS)
 
 #if defined(__AVX512F__)
 // y[o] = w[o] · x (+ bias[o]) for the rows o in [o0, o1): NR rows at a time, each weight row read once.
@@ -99,12 +100,15 @@ at::Tensor tile_pack(const at::Tensor& M) {
 // More float32 tokens than the sign path takes, with the adapter's folded factors packed for the tile unit
 // (tile_A / tile_B: tile_pack of q4_prefill_factors'): the branch added into the layer's output y on the tile
 // unit in bfloat16 with float32 sums (prefill.cpp's add_branch: q4's `fast` prefill arithmetic) instead of
-// two float32 GEMMs after folding per call. false where it does not run (the caller adds it in float32).
+// two float32 GEMMs after folding per call, from 16 tokens on (one token is float32 in every kernel mode).
+// false where it does not run (the caller adds it in float32). The tiles are checked by size only: the
+// caller passes this adapter's (scaling and signs are in them; the layer's fused call keeps them).
 bool tile_branch(const at::Tensor& x, const at::Tensor& tA, const at::Tensor& tB, const at::Tensor& b,
                  const at::Tensor& m, const at::Tensor& a, int64_t sign_max_tokens, at::Tensor& y) {
   const int64_t in = b.numel(), r = m.numel(), out = a.numel();
   const int64_t T = in > 0 ? x.numel() / in : 0;
-  if (T <= sign_max_tokens || x.scalar_type() != at::kFloat || y.scalar_type() != at::kFloat || !y.is_contiguous())
+  if (T <= sign_max_tokens || T < kTileMinTokens || x.scalar_type() != at::kFloat || y.scalar_type() != at::kFloat ||
+      !y.is_contiguous())
     return false;
   TORCH_CHECK(y.size(-1) == out && x.size(-1) == in,
               "lordba::linear_branch: the adapter's scale vectors do not match the layer's in / out features");
