@@ -79,53 +79,37 @@ void round_rows(const float* x, int64_t n, int64_t in, uint16_t* dst, int64_t K)
   }
 }
 
-// h for one block of 32 rows of xin (row stride K; the first `steps` 32-column steps, zero past in),
-// all column blocks of the packed A'^T, into hbuf [32][16 * blocks] float32. Tiles: 0-1 the sums of
-// the two 16-row halves, 2-3 their rows of x, 4 the step's pairs of A'^T.
-void block_h(const uint16_t* xin, int64_t K, const uint32_t* packed, int64_t pairs, int64_t blocks, int64_t steps,
-             float* hbuf) {
-  const int64_t stride = K * static_cast<int64_t>(sizeof(uint16_t));
-  for (int64_t c = 0; c < blocks; ++c) {
-    _tile_zero(0);
-    _tile_zero(1);
-    const uint32_t* bc = packed + c * pairs * 16;
+// One block of 32 rows on the tile unit: c [32][16 * cblocks] (float32, row stride ldc) = (accumulate ? c : 0) +
+// a [32][32 * steps] (bfloat16, row stride lda; zero past the real columns) times the packed M^T (pack_pairs,
+// `pairs` pairs per column block). Tiles: 0-1 the sums of the two 16-row halves, 2-3 their rows of a, 4 the
+// step's pairs of M^T. h = x A'^T into a buffer (input_with_h, add_branch); y += h B'^T (add_branch).
+void tile_product(const uint16_t* a, int64_t lda, const uint32_t* packed, int64_t pairs, int64_t cblocks,
+                  int64_t steps, float* c, int64_t ldc, bool accumulate) {
+  const int64_t astride = lda * static_cast<int64_t>(sizeof(uint16_t));
+  const int64_t cstride = ldc * static_cast<int64_t>(sizeof(float));
+  for (int64_t blk = 0; blk < cblocks; ++blk) {
+    float* cb = c + 16 * blk;
+    if (accumulate) {
+      _tile_loadd(0, cb, cstride);
+      _tile_loadd(1, cb + 16 * ldc, cstride);
+    } else {
+      _tile_zero(0);
+      _tile_zero(1);
+    }
+    const uint32_t* pb = packed + blk * pairs * 16;
     for (int64_t s = 0; s < steps; ++s) {
-      _tile_loadd(4, bc + s * 16 * 16, 64);
-      _tile_loadd(2, xin + s * 32, stride);
-      _tile_loadd(3, xin + 16 * K + s * 32, stride);
+      _tile_loadd(4, pb + s * 16 * 16, 64);
+      _tile_loadd(2, a + s * 32, astride);
+      _tile_loadd(3, a + 16 * lda + s * 32, astride);
       _tile_dpbf16ps(0, 2, 4);
       _tile_dpbf16ps(1, 3, 4);
     }
-    const int64_t ld = 16 * blocks * static_cast<int64_t>(sizeof(float));
-    _tile_stored(0, hbuf + 16 * c, ld);
-    _tile_stored(1, hbuf + 16 * blocks * 16 + 16 * c, ld);
+    _tile_stored(0, cb, cstride);
+    _tile_stored(1, cb + 16 * ldc, cstride);
   }
 }
 
-// y rows [0, 32) (row stride ldy, the first 16 * cblocks columns) += hb [32][32 * rsteps] (bfloat16, zero past
-// r) times B'^T packed by pack_pairs (rpairs = 16 * rsteps). Tiles: 0-1 the two 16-row halves of y's column
-// block (loaded, summed into, stored back), 2-3 their rows of hb, 4 the step's pairs of B'^T.
-void block_out(const uint16_t* hb, int64_t rsteps, const uint32_t* packedB, int64_t cblocks, float* y, int64_t ldy) {
-  const int64_t hstride = 32 * rsteps * static_cast<int64_t>(sizeof(uint16_t));
-  const int64_t ystride = ldy * static_cast<int64_t>(sizeof(float));
-  for (int64_t c = 0; c < cblocks; ++c) {
-    float* yc = y + 16 * c;
-    _tile_loadd(0, yc, ystride);
-    _tile_loadd(1, yc + 16 * ldy, ystride);
-    const uint32_t* bc = packedB + c * rsteps * 16 * 16;
-    for (int64_t s = 0; s < rsteps; ++s) {
-      _tile_loadd(4, bc + s * 16 * 16, 64);
-      _tile_loadd(2, hb + s * 32, hstride);
-      _tile_loadd(3, hb + 16 * 32 * rsteps + s * 32, hstride);
-      _tile_dpbf16ps(0, 2, 4);
-      _tile_dpbf16ps(1, 3, 4);
-    }
-    _tile_stored(0, yc, ystride);
-    _tile_stored(1, yc + 16 * ldy, ystride);
-  }
-}
-
-// The columns of y past its whole blocks of 16, [16 * cfull, out), for n rows: the same sums as block_out's.
+// The columns of y past its whole blocks of 16, [16 * cfull, out), for n rows: the same sums as tile_product's.
 void tail_out(const uint16_t* hb, int64_t R, int64_t r, const uint32_t* packedB, int64_t cfull, int64_t out,
               int64_t n, float* y, int64_t ldy) {
   const int64_t rpairs = R / 2;
@@ -193,7 +177,7 @@ bool input_with_h(const float* x, int64_t T, int64_t in, const c10::BFloat16* A,
         rows = tail.data();
       }
       round_rows(x + t0 * in, n, in, rows, K);
-      block_h(rows, K, packedA, pairs, blocks, steps, hbuf.data());
+      tile_product(rows, K, packedA, pairs, blocks, steps, hbuf.data(), 16 * blocks, false);
       for (int64_t t = 0; t < n; ++t) {
         uint16_t* dst = out + (t0 + t) * K;
         if (rows != out + t0 * K) std::memcpy(dst, rows + t * K, static_cast<size_t>(K) * sizeof(uint16_t));
@@ -230,7 +214,7 @@ bool add_branch(const float* x, int64_t T, int64_t in, const uint32_t* packedA, 
       const int64_t t0 = blk * kRows, n = std::min(kRows, T - t0);
       if (n < kRows) std::fill(xs.begin(), xs.end(), uint16_t{0});
       round_rows(x + t0 * in, n, in, xs.data(), K);
-      block_h(xs.data(), K, packedA, pairs, blocks, steps, hbuf.data());
+      tile_product(xs.data(), K, packedA, pairs, blocks, steps, hbuf.data(), 16 * blocks, false);
       for (int64_t t = 0; t < n; ++t)
         for (int64_t j = 0; j < r; ++j) hb[t * R + j] = c10::BFloat16(hbuf[t * 16 * blocks + j]).x;
       float* rows = y + t0 * out;
@@ -239,7 +223,7 @@ bool add_branch(const float* x, int64_t T, int64_t in, const uint32_t* packedA, 
         std::memcpy(tail.data(), rows, static_cast<size_t>(n * out) * sizeof(float));
         rows = tail.data();
       }
-      block_out(hb.data(), rsteps, packedB, cfull, rows, out);
+      tile_product(hb.data(), R, packedB, R / 2, cfull, rsteps, rows, out, true);  // y += h B'^T
       tail_out(hb.data(), R, r, packedB, cfull, out, n, rows, out);
       if (n < kRows) std::memcpy(y + t0 * out, rows, static_cast<size_t>(n * out) * sizeof(float));
     }
