@@ -64,8 +64,14 @@ def bf16_dot_available() -> bool:
 
 def amx_prefill_available() -> bool:
     """Whether the bfloat16 prefill computes the adapter's ``h = x A'ᵀ`` on the CPU's tile unit (AMX-BF16:
-    built with it, and Linux granted this process the tile state); else by a GEMM call of its own."""
-    return cpu_available() and hasattr(torch.ops.lordba, "q4_amx") and bool(torch.ops.lordba.q4_amx())
+    built with it, and Linux granted this process the tile state); else by a GEMM call of its own. The
+    kernels are asked once per process (a prompt's fused calls read this per layer)."""
+    return cpu_available() and hasattr(torch.ops.lordba, "q4_amx") and _tile_unit_granted()
+
+
+@functools.cache
+def _tile_unit_granted() -> bool:
+    return bool(torch.ops.lordba.q4_amx())  # amx_ready() asks the OS once; its answer does not change
 
 
 def check_compute(name: str, what: str = "compute") -> str:
