@@ -61,9 +61,18 @@ def test_generate_with_an_adapter_on_a_q4_base(folder, tmp_path, capsys, monkeyp
     assert calls == ["exact"] and capsys.readouterr().out == want + "\n"
     from lordba import kernels
 
-    monkeypatch.setattr(kernels, "set_branch_compute", lambda c: calls.append(c))  # process-wide: not kept here
-    assert main([*argv[:-1], "--branch-compute", "fast", "ab"]) == 0
-    assert calls == ["exact", "fast"] and capsys.readouterr().out == want + "\n"
+    real_with = kernels.with_branch_compute
+    monkeypatch.setattr(kernels, "with_branch_compute", lambda c: calls.append(c) or real_with(c))
+    monkeypatch.delenv(kernels.BRANCH_COMPUTE_ENV, raising=False)
+    before = kernels.branch_compute()
+    assert main([*argv[:-1], "--branch-compute", "exact", "ab"]) == 0
+    assert main(argv) == 0  # the runtime's default
+    monkeypatch.setenv(kernels.BRANCH_COMPUTE_ENV, "exact")
+    assert main(argv) == 0
+    assert calls == ["exact", "exact", "fast", "exact"] and capsys.readouterr().out == (want + "\n") * 3
+    assert kernels.branch_compute() == before  # the command's setting does not outlive it
+    monkeypatch.setenv(kernels.BRANCH_COMPUTE_ENV, "bf16")
+    assert main(argv) == 3 and "LORDBA_BRANCH_COMPUTE='bf16'" in capsys.readouterr().err
     monkeypatch.undo()
     monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
     assert main([*argv[:-1], "--aot", "ab"]) == 0  # ahead-of-time compiled decode step: the same text

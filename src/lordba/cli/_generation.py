@@ -4,9 +4,11 @@ an adapter, and streaming generation that reports time to first token and tokens
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +40,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         choices=("exact", "fast"),
         help="how the adapter's branch computes a prompt on a float32 or HQQ base (default: "
-        "$LORDBA_BRANCH_COMPUTE, else exact: float32; fast: bfloat16 on the CPU's tile unit where it has "
-        "AMX-BF16; q4 follows --q4-compute; docs/kernels.md)",
+        "$LORDBA_BRANCH_COMPUTE, else fast: bfloat16 with float32 sums on the CPU's tile unit where it has "
+        "AMX-BF16, elsewhere float32; exact: float32, bit for bit the trained model's; q4 follows "
+        "--q4-compute; docs/kernels.md)",
     )
     p.add_argument("--max-new-tokens", type=positive_int, default=128, help="most tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default 0)")
@@ -72,6 +75,40 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         choices=("default", "max-autotune-no-cudagraphs"),
         help="torch.compile mode with --compile (default: default)",
     )
+
+
+RUNTIME_BRANCH_COMPUTE = "fast"
+
+
+def branch_compute(args: argparse.Namespace) -> str:
+    """The branch compute a ``generate`` / ``chat`` command runs under: ``--branch-compute``, else
+    ``$LORDBA_BRANCH_COMPUTE``, else :data:`RUNTIME_BRANCH_COMPUTE` (``fast``: the runtime's default, as
+    q4's ``fast`` compute is; the library's own default stays ``exact``, so that a reloaded adapter gives
+    the trained model's logits bit for bit and eager prompts equal compiled ones).
+
+    Raises:
+        ConfigError: ``$LORDBA_BRANCH_COMPUTE`` names no branch compute.
+    """
+    import os
+
+    from lordba import kernels
+    from lordba.errors import ConfigError
+
+    if getattr(args, "branch_compute", None):
+        return args.branch_compute
+    env = os.environ.get(kernels.BRANCH_COMPUTE_ENV)
+    if env and env not in kernels.BRANCH_COMPUTE:
+        raise ConfigError(f"${kernels.BRANCH_COMPUTE_ENV}={env!r} is not one of {kernels.BRANCH_COMPUTE}")
+    return env or RUNTIME_BRANCH_COMPUTE
+
+
+@contextlib.contextmanager
+def runtime(args: argparse.Namespace) -> Iterator[None]:
+    """Run a ``generate`` / ``chat`` command under :func:`branch_compute` (restored afterwards)."""
+    from lordba import kernels
+
+    with kernels.with_branch_compute(branch_compute(args)):
+        yield
 
 
 @dataclass
@@ -109,8 +146,6 @@ def load(args: argparse.Namespace) -> Loaded:
     model = quantize_model_cached(model, folder, backend=args.quant, bits=4, group_size=64)
     if getattr(args, "q4_compute", None):
         set_compute(model, args.q4_compute)
-    if getattr(args, "branch_compute", None):
-        kernels.set_branch_compute(args.branch_compute)
     kernels.cpu_available()  # build or load the CPU kernels before the first token
     if args.adapter:
         model = LoRDBAModel.from_pretrained(model, args.adapter).eval()

@@ -18,7 +18,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Read user turns from stdin until EOF (or ``/exit``), answering each; returns 0."""
+    """Read user turns from stdin until EOF (or ``/exit``), answering each (under the runtime's branch
+    compute); returns 0."""
+    from lordba.cli._generation import runtime
+
+    with runtime(args):
+        return _chat(args)
+
+
+def _chat(args: argparse.Namespace) -> int:
     from lordba.cli._generation import load, stream
 
     loaded = load(args)

@@ -22,7 +22,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load, generate, print; returns 0."""
+    """Load, generate, print (under the runtime's branch compute); returns 0."""
+    from lordba.cli._generation import runtime
+
+    with runtime(args):
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
     from lordba.cli._generation import load, stream
 
     loaded = load(args)

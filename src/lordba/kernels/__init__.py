@@ -88,8 +88,8 @@ def branch_compute() -> str:
     """How an adapter's branch computes a prompt on an unquantized (float32) or HQQ base in the fused
     layer call of inference, eager (:data:`BRANCH_COMPUTE`; ``$LORDBA_BRANCH_COMPUTE``, default ``exact``):
 
-    * ``exact`` (the default): float32, bit for bit the base layer then the training form's branch (a
-      saved and reloaded adapter gives the trained model's logits exactly).
+    * ``exact`` (the library's default): float32, bit for bit the base layer then the training form's
+      branch (a saved and reloaded adapter gives the trained model's logits exactly).
     * ``fast``: on the CPU's tile unit (AMX-BF16, where the build has it and Linux grants it) in
       bfloat16 with float32 sums, as q4's ``fast`` prefill computes its branch: within bfloat16
       rounding of ``exact`` (~0.3% of the branch's own size; the base's product stays float32), at
@@ -98,7 +98,8 @@ def branch_compute() -> str:
       as ``exact``.
 
     q4 layers follow their own ``compute``; one token (decode) is float32 either way. The setting is the
-    process's (as :func:`get_mode`), not a thread's."""
+    process's (as :func:`get_mode`), not a thread's. ``lordba generate`` / ``lordba chat`` run ``fast``
+    unless told otherwise (``--branch-compute``, ``$LORDBA_BRANCH_COMPUTE``)."""
     return _STATE.branch_compute
 
 
