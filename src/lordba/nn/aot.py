@@ -118,9 +118,12 @@ def _key(program: Any, tensors: dict[str, torch.Tensor]) -> str:
 
     from lordba._version import __version__
     from lordba.kernels.cpu import extension_name
+    from lordba.kernels.cpu.aoti import c_shims
 
     h = hashlib.sha256()
-    for part in (torch.__version__, transformers.__version__, __version__, extension_name(), program.graph_module.code):
+    shims = sorted(str(op) for op in c_shims())  # the package calls these ops directly (kernels.cpu.aoti)
+    code = program.graph_module.code
+    for part in (torch.__version__, transformers.__version__, __version__, extension_name(), shims, code):
         h.update(str(part).encode() + b"\0")
     for name in sorted(tensors):
         t = tensors[name]
@@ -141,9 +144,12 @@ def _compiled(
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".pt2")  # never a step-*.pt2 name
     os.close(fd)
     try:
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=tmp, inductor_configs={"aot_inductor.package_constants_in_so": False}
-        )
+        from lordba.kernels.cpu.aoti import c_shims
+
+        configs: dict[str, Any] = {"aot_inductor.package_constants_in_so": False}
+        if shims := c_shims():
+            configs["aot_inductor.custom_ops_to_c_shims"] = shims
+        torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=configs)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -44,7 +44,7 @@ SOURCES = (
     Path(__file__).with_name("linear.cpp"),
     Path(__file__).with_name("prefill.cpp"),
 )
-HEADERS = (Path(__file__).with_name("q4.h"), Path(__file__).with_name("branch.h"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("q4.h", "branch.h", "shim.h"))
 _CFLAGS = ("-O3", "-std=c++20", "-fopenmp", "-w", "-ffp-contract=off")
 _LDFLAGS = ("-fopenmp",)
 # the compiler's complaint about the -march value itself (gcc, clang); the ninja log always has "-march"
@@ -273,7 +273,7 @@ def load(build: bool = True) -> BuildResult:
             torch.ops.load_library(str(path))
         except OSError as err:
             return BuildResult(False, path, f"loading {path} failed: {err}")
-        _loaded = path
+        _loaded = _made_global(path)
         return BuildResult(True, path, "loaded from cache")
     try:
         path, built = _build_and_load(cxx, arch)
@@ -285,5 +285,17 @@ def load(build: bool = True) -> BuildResult:
             path, built = _build_and_load(cxx, "")
         except (RuntimeError, OSError, subprocess.SubprocessError) as again:
             return _failed(again, cxx, library_path(""))
-    _loaded = path
+    _loaded = _made_global(path)
     return BuildResult(True, path, "built" if built else "loaded from cache", built)
+
+
+def _made_global(path: Path) -> Path:
+    """``path``, its symbols made global for AOTInductor's packages (:mod:`.aoti`); logged if that fails
+    (compiled decode steps then call the ops through the proxy executor)."""
+    from lordba.kernels.cpu.aoti import make_global
+
+    try:
+        make_global(path)
+    except OSError as err:
+        logging.getLogger(__name__).warning("the kernels' symbols stay local (%s): AOTInductor boxes their calls", err)
+    return path

@@ -16,6 +16,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "shim.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -353,3 +355,12 @@ TORCH_LIBRARY_FRAGMENT(lordba, lib) {
 }
 
 TORCH_LIBRARY_IMPL(lordba, CPU, lib) { lib.impl("decode_attention", &lordba_attn::decode_attention); }
+
+LORDBA_SHIM aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle k, AtenTensorHandle v,
+                                            AtenTensorHandle* mask, double scale, AtenTensorHandle* ret) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    lordba_shim::result(lordba_attn::decode_attention(lordba_shim::tensor(q), lordba_shim::tensor(k),
+                                                      lordba_shim::tensor(v), lordba_shim::optional(mask), scale),
+                        ret);
+  });
+}

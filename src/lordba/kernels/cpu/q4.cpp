@@ -25,6 +25,7 @@
 
 #include "branch.h"
 #include "q4.h"
+#include "shim.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -506,4 +507,34 @@ TORCH_LIBRARY_IMPL(lordba, CPU, lib) {
   lib.impl("q4_dequant", &lordba_q4::q4_dequant);
   lib.impl("q4_branch", &lordba_q4::q4_branch);
   lib.impl("q4_prefill_factors", &lordba_q4::q4_prefill_factors);
+}
+
+using lordba_shim::optional;
+using lordba_shim::result;
+using lordba_shim::tensor;
+
+LORDBA_SHIM aoti_torch_cpu_q4_linear(AtenTensorHandle x, AtenTensorHandle qweight, AtenTensorHandle scale,
+                                     AtenTensorHandle minus, int64_t in, int64_t gemm_min_tokens, int64_t bits,
+                                     int32_t bf16, int32_t int8_dot, AtenTensorHandle* ret) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    result(lordba_q4::q4_linear(tensor(x), tensor(qweight), tensor(scale), tensor(minus), in, gemm_min_tokens, bits,
+                                bf16 != 0, int8_dot != 0),
+           ret);
+  });
+}
+
+LORDBA_SHIM aoti_torch_cpu_q4_branch(AtenTensorHandle x, AtenTensorHandle qweight, AtenTensorHandle scale,
+                                     AtenTensorHandle minus, int64_t in, int64_t gemm_min_tokens, int64_t bits,
+                                     int32_t bf16, int32_t int8_dot, AtenTensorHandle* bias, AtenTensorHandle sign_A,
+                                     AtenTensorHandle sign_B, AtenTensorHandle b, AtenTensorHandle m,
+                                     AtenTensorHandle a, double scaling, int64_t sign_max_tokens,
+                                     AtenTensorHandle* folded_A, AtenTensorHandle* folded_B, AtenTensorHandle* tile_A,
+                                     AtenTensorHandle* ret) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    result(lordba_q4::q4_branch(tensor(x), tensor(qweight), tensor(scale), tensor(minus), in, gemm_min_tokens, bits,
+                                bf16 != 0, int8_dot != 0, optional(bias), tensor(sign_A), tensor(sign_B), tensor(b),
+                                tensor(m), tensor(a), scaling, sign_max_tokens, optional(folded_A),
+                                optional(folded_B), optional(tile_A)),
+           ret);
+  });
 }
