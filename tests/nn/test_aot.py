@@ -102,3 +102,30 @@ def test_bad_calls_are_refused():
     assert aot_module._choose(torch.tensor([0.0, 5.0, 1.0]), False, 1.0, 1.0) == 1
     torch.manual_seed(0)
     assert {aot_module._choose(torch.tensor([0.0, 5.0, 4.9]), True, 1.0, 0.5) for _ in range(20)} == {1}
+
+
+def test_the_package_calls_the_ops_directly_with_the_proxy_executors_results(tmp_path, monkeypatch):
+    """With the kernels' C shims the compiled step calls ``aoti_torch_cpu_q4_branch`` & co. itself (no
+    proxy executor); without them (symbols not global) it boxes the calls: both give the same logits."""
+    import zipfile
+
+    from lordba.kernels.cpu import aoti
+
+    def symbols(decode):
+        archive = zipfile.ZipFile(decode.step_for.path)
+        return b"".join(archive.read(n) for n in archive.namelist() if n.endswith(".so"))
+
+    lm = tiny_q4(adapter=True)
+    logits = []
+    for shims in (True, False):
+        if not shims:
+            monkeypatch.setattr(aoti, "c_shims", lambda: {})
+        decode = AotDecode(lm, folder=tmp_path, kv_dtype="float32")
+        decode.prepare(PROMPT.shape[1] + 2)
+        decode.prefill(PROMPT)
+        logits.append(decode.step(7))
+        code = symbols(decode)
+        for name in ("q4_branch", "q4_linear", "decode_attention"):
+            assert (f"aoti_torch_cpu_{name}".encode() in code) == shims
+    assert len(list(tmp_path.glob("step-*.pt2"))) == 2  # the two are different packages
+    assert torch.equal(logits[0], logits[1])

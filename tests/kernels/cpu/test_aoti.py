@@ -1,0 +1,39 @@
+"""``lordba.kernels.cpu.aoti``: the C entry points AOTInductor calls instead of its proxy executor —
+each declared one is exported by the loaded library, and its declaration matches the op's schema
+argument for argument (a schema change without its shim fails here, not as a crash in a package)."""
+
+import ctypes
+import re
+
+import pytest
+import torch
+
+from lordba.kernels import cpu, cpu_available
+from lordba.kernels.cpu.aoti import SIGNATURES, c_shims
+
+pytestmark = pytest.mark.skipif(not cpu_available(), reason="CPU kernels needed")
+
+C_TYPE = {"Tensor": "AtenTensorHandle", "Optional[Tensor]": "AtenTensorHandle*", "int": "int64_t", "bool": "int32_t",
+          "float": "double"}  # fmt: skip
+
+
+def test_every_declared_shim_is_exported_and_matches_its_ops_schema():
+    shims = c_shims()
+    assert {op.name() for op in shims} == {f"lordba::{name}" for name in SIGNATURES}
+    library = ctypes.CDLL(str(cpu.library_path()))
+    for op, (declaration,) in shims.items():
+        name = op.name().split("::")[1]
+        assert declaration.startswith(f"AOTITorchError aoti_torch_cpu_{name}(")
+        assert getattr(library, f"aoti_torch_cpu_{name}")  # exported (ctypes raises AttributeError if not)
+        args = re.search(r"\((.*)\)", declaration).group(1).split(", ")
+        schema = op._schema.arguments
+        assert len(args) == len(schema) + 1 and args[-1] == "AtenTensorHandle* ret0"
+        for arg, (c_type, c_name) in zip(schema, (a.rsplit(" ", 1) for a in args[:-1])):
+            assert (c_type, c_name) == (C_TYPE[str(arg.type)], arg.name), op
+        assert [str(r.type) for r in op._schema.returns] == ["Tensor"]
+
+
+def test_the_library_resolves_symbols_globally():
+    """The package leaves the shims undefined: they must resolve from the process's global scope."""
+    assert hasattr(ctypes.CDLL(None), "aoti_torch_cpu_q4_branch")  # dlsym(RTLD_DEFAULT): global symbols only
+    assert torch.ops.lordba.q4_branch.default in c_shims()
