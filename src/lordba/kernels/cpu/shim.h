@@ -1,5 +1,5 @@
 // C entry points for AOTInductor (lordba.nn.aot): a package compiled with these declared
-// (aot_inductor.custom_ops_to_c_shims, lordba.kernels.cpu.aoti_shims) calls aoti_torch_cpu_<op> directly
+// (aot_inductor.custom_ops_to_c_shims, lordba.kernels.cpu.aoti) calls aoti_torch_cpu_<op> directly
 // instead of through its proxy executor, which builds a boxed argument stack (and copies the op's
 // schema) on every call: ~1-2 us an op call with q4_branch's 20 arguments, 210 calls a decoded token.
 // Each op's shim sits beside its registration; the types follow AOTInductor's C shim ABI (tensors as
