@@ -37,3 +37,18 @@ def test_the_library_resolves_symbols_globally():
     """The package leaves the shims undefined: they must resolve from the process's global scope."""
     assert hasattr(ctypes.CDLL(None), "aoti_torch_cpu_q4_branch")  # dlsym(RTLD_DEFAULT): global symbols only
     assert torch.ops.lordba.q4_branch.default in c_shims()
+
+
+def test_without_global_symbols_packages_box_the_calls(monkeypatch, tmp_path):
+    """Where the library cannot be reopened globally (no such flags, or not loaded), make_global says so
+    with an OSError, which load() logs, and c_shims() is empty: compiled steps use the proxy executor."""
+    from lordba.kernels.cpu import aoti
+
+    monkeypatch.delattr(aoti.os, "RTLD_NOLOAD")
+    with pytest.raises(OSError, match="RTLD_GLOBAL"):
+        aoti.make_global(cpu.library_path())
+    monkeypatch.undo()
+    with pytest.raises(OSError):
+        aoti.make_global(tmp_path / "not-loaded.so")
+    monkeypatch.setattr(aoti, "_global", set())
+    assert aoti.c_shims() == {}

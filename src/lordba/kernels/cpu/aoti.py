@@ -32,8 +32,12 @@ _global: set[str] = set()
 
 def make_global(path: Path) -> None:
     """Make the loaded library at ``path`` resolve other libraries' undefined symbols (``RTLD_GLOBAL``;
-    torch loads op libraries locally). Raises ``OSError`` if it is not loaded or cannot be reopened."""
-    ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+    torch loads op libraries locally). Raises ``OSError`` if it is not loaded, cannot be reopened, or the
+    platform has no such flags (Windows)."""
+    flags = getattr(os, "RTLD_GLOBAL", None), getattr(os, "RTLD_NOLOAD", None)
+    if None in flags:
+        raise OSError("this platform cannot reopen a loaded library with RTLD_GLOBAL")
+    ctypes.CDLL(str(path), mode=flags[0] | flags[1])
     _global.add(str(path))
 
 
