@@ -112,18 +112,18 @@ class _Step:
         self.runner.load_constants(self.constants, check_full_update=True, user_managed=True)
 
 
-def _key(program: Any, tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 of what the compiled code depends on: the graph, the tensors' names/shapes/dtypes, versions."""
+def _key(program: Any, tensors: dict[str, torch.Tensor], shims: dict) -> str:
+    """sha256 of what the compiled code depends on: the graph, the tensors' names/shapes/dtypes, versions,
+    and the ops it calls directly (``shims``: :func:`lordba.kernels.cpu.aoti.c_shims`' answer)."""
     import transformers
 
     from lordba._version import __version__
     from lordba.kernels.cpu import extension_name
-    from lordba.kernels.cpu.aoti import c_shims
 
     h = hashlib.sha256()
-    shims = sorted(str(op) for op in c_shims())  # the package calls these ops directly (kernels.cpu.aoti)
+    direct = sorted(str(op) for op in shims)  # the ops the package calls directly (kernels.cpu.aoti)
     code = program.graph_module.code
-    for part in (torch.__version__, transformers.__version__, __version__, extension_name(), shims, code):
+    for part in (torch.__version__, transformers.__version__, __version__, extension_name(), direct, code):
         h.update(str(part).encode() + b"\0")
     for name in sorted(tensors):
         t = tensors[name]
@@ -135,7 +135,10 @@ def _compiled(
     program: Any, tensors: dict[str, torch.Tensor], folder: Path, log: Callable[[str], None]
 ) -> tuple[Path, float]:
     """The package of ``program`` in ``folder`` (compiled now if absent; written whole or not at all)."""
-    path = folder / f"step-{_key(program, tensors)}.pt2"
+    from lordba.kernels.cpu.aoti import c_shims
+
+    shims = c_shims()
+    path = folder / f"step-{_key(program, tensors, shims)}.pt2"
     if path.is_file():
         return path, 0.0
     folder.mkdir(parents=True, exist_ok=True)
@@ -144,10 +147,8 @@ def _compiled(
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".pt2")  # never a step-*.pt2 name
     os.close(fd)
     try:
-        from lordba.kernels.cpu.aoti import c_shims
-
         configs: dict[str, Any] = {"aot_inductor.package_constants_in_so": False}
-        if shims := c_shims():
+        if shims:
             configs["aot_inductor.custom_ops_to_c_shims"] = shims
         torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=configs)
         os.replace(tmp, path)
