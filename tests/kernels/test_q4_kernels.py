@@ -381,6 +381,39 @@ def test_one_token_q4_branch_adds_the_branch_inside_the_gemv_bit_for_bit(threads
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("r", [8, 40, 64])  # one group of 8 rank components; more groups than threads
+@pytest.mark.parametrize("scales", ["float32", "float16"])
+def test_one_token_q4_branch_splits_its_first_stage_over_the_threads_bit_for_bit(threads, r, scales):
+    """The first stage runs in groups of 8 rank components claimed by whichever thread of the GEMV's
+    loop comes first: bit for bit the ``branch`` op however the groups fall, with float scales and
+    strided (non-contiguous) adapter tensors too, and the same result call after call."""
+    from lordba.core.packing import pack_signs
+
+    out, in_f = 200, 160
+    g = torch.Generator().manual_seed(r)
+    qweight, scale, minus, _ = packed(out, in_f, 32, seed=r)
+    s_a, s_b = torch.randint(0, 2, (r, in_f), generator=g) * 2 - 1, torch.randint(0, 2, (out, r), generator=g) * 2 - 1
+    dtype = getattr(torch, scales)
+    b = torch.rand(2 * in_f, generator=g).to(dtype)[::2]  # strided
+    m = torch.rand(r, generator=g) * 0.05
+    a = torch.rand(out, 2, generator=g).to(dtype)[:, 1]  # strided
+    tensors = (pack_signs(s_a.float()), pack_signs(s_b.float()), b, m, a)
+    assert not b.is_contiguous() and not a.is_contiguous()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(1, in_f, generator=g)
+        base = q4_linear(x, qweight, scale, minus, in_f)
+        want = torch.ops.lordba.branch(x, *tensors, 0.7, 4, base)
+        layer = (qweight, scale, minus, in_f, 16, 4, False, False, None)
+        for _ in range(3):
+            assert torch.equal(torch.ops.lordba.q4_branch(x, *layer, *tensors, 0.7, 4), want)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@needs_cpu_kernels
 @pytest.mark.parametrize("tokens", [1, 2, 40])  # the decode kernels (one token: the branch in the GEMV), the GEMM
 def test_q4_branch_refuses_an_input_or_adapter_of_another_shape(tokens):
     from lordba.core.packing import pack_signs

@@ -82,6 +82,15 @@ struct SignTable {
 };
 const SignTable kSign;
 
+// code / 127 for every int8 code, computed once: the same division as `converted`, read from a table.
+struct Int8Codes {
+  float v[256];
+  Int8Codes() {
+    for (int c = -128; c < 128; ++c) v[c + 128] = static_cast<float>(c) / 127.f;
+  }
+};
+const Int8Codes kCodes;
+
 // ---------------------------------------------------------------- stage 1: h[t][j] = Σ_i ±z[t][i]
 // z: T rows of `ld` floats (group-reversed, zero-padded to a multiple of 16); a sign row: ld/8 bytes.
 // block_sums handles NR sign rows × NT tokens in one pass over z (NR·NT independent accumulators).
@@ -412,6 +421,24 @@ void scale_reversed(const x_t* __restrict x, const float* __restrict b, int64_t 
   for (; i < in; ++i) z[(i & ~int64_t{7}) + 7 - (i & 7)] = static_cast<float>(x[i]) * b[i];
 }
 
+// scale_reversed with b as int8 codes: b[i] = code / 127 as codes_to_float computes it, then x[i] · b[i].
+void scale_reversed_codes(const float* __restrict x, const int8_t* __restrict b, int64_t in, int64_t ld,
+                          float* __restrict z) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512i rev = _mm512_set_epi32(8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512 recip = _mm512_set1_ps(1.f / 127.f), divisor = _mm512_set1_ps(127.f);
+  for (; i + 16 <= in; i += 16) {
+    const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + i))));
+    const __m512 q = _mm512_mul_ps(c, recip);
+    const __m512 bv = _mm512_fmadd_ps(_mm512_fnmadd_ps(q, divisor, c), recip, q);
+    _mm512_storeu_ps(z + i, _mm512_permutexvar_ps(rev, _mm512_mul_ps(_mm512_loadu_ps(x + i), bv)));
+  }
+#endif
+  for (int64_t k = i; k < ld; ++k) z[k] = 0.f;
+  for (; i < in; ++i) z[(i & ~int64_t{7}) + 7 - (i & 7)] = x[i] * kCodes.v[b[i] + 128];
+}
+
 // Stage 1 and the lookup tables of the sign path: the nibble tables (build_nibbles') of T tokens, in
 // this thread's buffer (valid until its next call).
 template <typename x_t>
@@ -574,20 +601,8 @@ const float* converted(const at::Tensor& t, std::vector<float>& buf, float divis
   return buf.data();
 }
 
-// code / 127 for every int8 code, computed once: the same division as `converted`, read from a table.
-struct Int8Codes {
-  float v[256];
-  Int8Codes() {
-    for (int c = -128; c < 128; ++c) v[c + 128] = static_cast<float>(c) / 127.f;
-  }
-};
-const Int8Codes kCodes;
-
-const float* codes_float(const at::Tensor& t, std::vector<float>& buf) {
-  const int8_t* v = t.data_ptr<int8_t>();
-  const int64_t n = t.numel();
-  buf.resize(static_cast<size_t>(n));
-  float* d = buf.data();
+// d[i] = v[i] / 127 for n int8 codes.
+void codes_to_float(const int8_t* v, int64_t n, float* d) {
   int64_t i = 0;
 #if defined(__AVX512F__)
   // c / 127 correctly rounded without a division: q = c · fl(1/127), then one Newton step on the
@@ -601,7 +616,12 @@ const float* codes_float(const at::Tensor& t, std::vector<float>& buf) {
   }
 #endif
   for (; i < n; ++i) d[i] = kCodes.v[v[i] + 128];
-  return d;
+}
+
+const float* codes_float(const at::Tensor& t, std::vector<float>& buf) {
+  buf.resize(static_cast<size_t>(t.numel()));
+  codes_to_float(t.data_ptr<int8_t>(), t.numel(), buf.data());
+  return buf.data();
 }
 
 // A scale vector as float32: the tensor itself, or its values converted into `buf`. int8 holds codes
@@ -878,6 +898,15 @@ std::string isa() {
 #endif
 }
 
+// Σz of one token, summed exactly as stage1 sums it (a row of all-ones signs).
+float z_total(const float* z, int64_t ld) {
+  thread_local std::vector<uint8_t> ones;
+  if (ones.size() < static_cast<size_t>(ld / 8)) ones.assign(static_cast<size_t>(ld / 8), 0xFF);
+  float total = 0.f;
+  tiled_sums(ones.data(), ld / 8, z, 1, ld, ld, 1, 0, 1, &total);
+  return total;
+}
+
 }  // namespace
 
 at::Tensor branch_add(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
@@ -913,27 +942,100 @@ bool RowBranch::prepare(const at::Tensor& x, const at::Tensor& sign_A, const at:
     return false;
   check_factors(sign_A, sign_B, b, m, a);
   check(a.numel() == out, "base must have the output's shape");
-  sb_ = sign_B.contiguous();
-  const at::Tensor sa = sign_A.contiguous(), bc = b.contiguous(), mc = m.contiguous();
-  a_ = a.contiguous();
-  thread_local std::vector<float> bbuf, mbuf, abuf;  // as branch_impl's: read by add_rows until the next prepare
-  const float* bp = as_float(bc, bbuf);
-  const float* mp = as_float(mc, mbuf);
-  ap_ = as_float(a_, abuf);
-  nib_ = sign_tables<float>(x.data_ptr<float>(), 1, in, sa.data_ptr<uint8_t>(), sa.numel(), bp, mp, r);
+  // the tensors as they are where contiguous (the caller holds them for the call), else copies kept here
+  auto dense = [&](const at::Tensor& t, int i) -> const at::Tensor& {
+    if (t.is_contiguous()) return t;
+    keep_[i] = t.contiguous();
+    return keep_[i];
+  };
+  const at::Tensor &sa = dense(sign_A, 0), &sb = dense(sign_B, 1), &bc = dense(b, 2), &mc = dense(m, 3);
+  const at::Tensor& ac = dense(a, 4);
+  sa_ = sa.data_ptr<uint8_t>();
+  sb_ = sb.data_ptr<uint8_t>();
+  nbytes_a_ = sa.numel();
+  nbytes_b_ = sb.numel();
+  in_ = in;
   r_ = r;
   out_ = out;
+  ld_ = round_up(in, kChunk);
+  groups_ = round_up(r, 8) / 8;
   scaling_ = static_cast<float>(scaling);
+  // as branch_impl's buffers: read by the loop's threads until this thread's next prepare
+  thread_local std::vector<float> z, mbuf, bbuf, abuf, h1, h2, nib;
+  z.resize(static_cast<size_t>(ld_));
+  if (bc.scalar_type() == at::kChar) {  // the codes divided as codes_float does, fused into b ⊙ x
+    scale_reversed_codes(x.data_ptr<float>(), bc.data_ptr<int8_t>(), in, ld_, z.data());
+  } else {
+    scale_reversed<float>(x.data_ptr<float>(), as_float(bc, bbuf), in, ld_, z.data());
+  }
+  z_ = z.data();
+  m_ = as_float(mc, mbuf);
+  a8_ = nullptr;
+  if (ac.scalar_type() == at::kChar) {  // converted block by block by the threads that read them
+    a8_ = ac.data_ptr<int8_t>();
+    abuf.resize(static_cast<size_t>(out));
+    a_buf_ = abuf.data();
+    a_ = a_buf_;
+  } else {
+    a_ = as_float(ac, abuf);
+  }
+  total_ = kMasked ? z_total(z_, ld_) : 0.f;
+  h1.assign(static_cast<size_t>(r), 0.f);
+  h2.assign(static_cast<size_t>(8 * groups_), 0.f);
+  nib.resize(static_cast<size_t>(32 * groups_));
+  h1_ = h1.data();
+  h2_ = h2.data();
+  nib_ = nib.data();
+  next_.store(0, std::memory_order_relaxed);
+  finished_.store(0, std::memory_order_relaxed);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  share_ = (groups_ + threads - 1) / threads;
   return true;
 #else
   return false;
 #endif
 }
 
-void RowBranch::add_rows(int64_t k0, int64_t k1, float* y) const {
+void RowBranch::run_group(int64_t g) {
 #if defined(__AVX512F__)
-  stage2_blocks<float>(sb_.data_ptr<uint8_t>(), sb_.numel(), nib_, 1, r_, round_up(r_, 8), out_, ap_, scaling_, y, y,
-                       k0, k1);
+  const int64_t j0 = 8 * g, j1 = std::min(r_, j0 + 8);
+  prefetch(sa_ + j0 * in_ / 8, (j1 - j0) * in_ / 8 + 1);
+  // stage1's sums of these rows (each row's sums are the same whichever rows share its pass), then h ⊙ m
+  tiled_sums(sa_, nbytes_a_, z_, 1, in_, ld_, r_, j0, j1, h1_);
+  for (int64_t j = j0; j < j1; ++j) {
+    const float h = kMasked ? 2.f * h1_[j] - total_ : h1_[j];
+    h2_[j] = h * m_[j];
+  }
+  build_nibbles(h2_ + j0, 1, 8, nib_ + 32 * g);
+#endif
+}
+
+bool RowBranch::claim() {
+  const int64_t g = next_.fetch_add(1, std::memory_order_relaxed);
+  if (g >= groups_) return false;
+  run_group(g);
+  finished_.fetch_add(1, std::memory_order_release);
+  return true;
+}
+
+void RowBranch::start(int64_t k0, int64_t k1) {
+#if defined(__AVX512F__)
+  const int64_t o0 = std::min(out_, kRows * k0), o1 = std::min(out_, kRows * k1);
+  prefetch(sb_ + o0 * r_ / 8, (o1 - o0) * r_ / 8 + 1);
+  if (a8_ != nullptr) prefetch(a8_ + o0, o1 - o0);
+  for (int64_t i = 0; i < share_ && claim(); ++i) {
+  }
+#endif
+}
+
+void RowBranch::add_rows(int64_t k0, int64_t k1, float* y) {
+#if defined(__AVX512F__)
+  while (claim()) {
+  }
+  const int64_t o0 = std::min(out_, kRows * k0), o1 = std::min(out_, kRows * k1);
+  if (a8_ != nullptr) codes_to_float(a8_ + o0, o1 - o0, a_buf_ + o0);  // this thread's blocks of a
+  while (finished_.load(std::memory_order_acquire) < groups_) _mm_pause();
+  stage2_blocks<float>(sb_, nbytes_b_, nib_, 1, r_, 8 * groups_, out_, a_, scaling_, y, y, k0, k1);
 #endif
 }
 

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <atomic>
 #include <utility>
 
 namespace lordba {
@@ -22,11 +23,14 @@ std::pair<at::Tensor, at::Tensor> folded_factors(const at::Tensor& sign_A, const
                                                  const at::Tensor& b, const at::Tensor& m, const at::Tensor& a,
                                                  double scaling);
 
-// The sign path of one float32 token in two steps, for a caller that adds the branch inside its own
-// parallel loop over the output rows (q4.cpp's one-token q4_branch: each thread adds it to the rows it
-// has just computed): prepare() once, on the calling thread (stage 1 and the lookup tables, in that
-// thread's buffers), then add_rows() for blocks of 16 outputs from any thread, before that thread's
-// next prepare. The same arithmetic as branch_add into a float32 base (bit for bit).
+// The sign path of one float32 token in parts, for a caller that adds the branch inside its own
+// parallel loop over the output rows (q4.cpp's one-token q4_branch, linear.cpp's linear_branch): prepare()
+// once on the calling thread (the checks and z = b ⊙ x, in that thread's buffers), then from each thread of
+// the loop start() before it computes its blocks of 16 outputs and add_rows() once it has, before the
+// calling thread's next prepare. Stage 1 and the lookup tables run in groups of 8 rank components, each
+// claimed once by whichever thread comes first (start() takes an even share, add_rows() what is left and
+// then waits for the groups other threads run), so the serial part before the loop is only z. The same
+// arithmetic as branch_add into a float32 base (bit for bit), whichever thread runs which group.
 class RowBranch {
  public:
   static constexpr int64_t kRows = 16;  // add_rows' block of outputs (one AVX-512 vector of them)
@@ -34,15 +38,30 @@ class RowBranch {
   // one contiguous float32 token, or the unpack path. Raises on bad adapter tensors as branch_add does.
   bool prepare(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
                const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens, int64_t out);
+  // Before this thread computes the blocks [k0, k1) of kRows outputs: asks for their output signs and
+  // scales and runs this thread's share of stage 1 (optional: add_rows runs whatever is left).
+  void start(int64_t k0, int64_t k1);
   // y[o] += the branch's output o for o in [kRows·k0, min(kRows·k1, out)); y holds the base output.
-  void add_rows(int64_t k0, int64_t k1, float* y) const;
+  void add_rows(int64_t k0, int64_t k1, float* y);
 
  private:
-  at::Tensor sb_, a_;  // kept alive for add_rows
-  const float* nib_ = nullptr;
-  const float* ap_ = nullptr;
-  int64_t r_ = 0, out_ = 0;
+  bool claim();                   // runs one unclaimed group of stage 1; false when none is left
+  void run_group(int64_t g);      // stage 1, m and the nibble tables of rank components [8g, 8g + 8)
+  at::Tensor keep_[5];            // contiguous copies of the adapter's tensors, where they were not
+  const uint8_t* sa_ = nullptr;   // S_A's and S_B's packed bytes
+  const uint8_t* sb_ = nullptr;
+  int64_t nbytes_a_ = 0, nbytes_b_ = 0;
+  const float* z_ = nullptr;      // b ⊙ x, group-reversed (the calling thread's buffer)
+  const float* m_ = nullptr;
+  const float* a_ = nullptr;      // float32 output scales, or null with a8_ (int8 codes, converted per block)
+  const int8_t* a8_ = nullptr;
+  float* a_buf_ = nullptr;        // the codes converted, each thread writing its own blocks
+  float* h1_ = nullptr;
+  float* h2_ = nullptr;
+  float* nib_ = nullptr;
+  float total_ = 0.f;             // Σz
+  int64_t in_ = 0, ld_ = 0, r_ = 0, out_ = 0, groups_ = 0, share_ = 1;
   float scaling_ = 1.f;
+  std::atomic<int64_t> next_{0}, finished_{0};
 };
-
 }  // namespace lordba

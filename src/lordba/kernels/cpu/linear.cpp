@@ -75,6 +75,7 @@ bool one_token(const at::Tensor& x, const at::Tensor& weight, const c10::optiona
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, (out + kRowBlock - 1) / kRowBlock, 1, [&](int64_t k0, int64_t k1) {
+    branch.start(k0, k1);
     const int64_t o1 = std::min(out, k1 * kRowBlock);
     int64_t o = k0 * kRowBlock;
     for (; o + 4 <= o1; o += 4) dense_rows<4>(wp, xp, in, o, bp, yp);

@@ -237,10 +237,10 @@ at::Tensor q4_dequant(const at::Tensor& qweight, const at::Tensor& scale, const 
 }
 
 // Few tokens: the packed rows are read once per block of kTokenBlock tokens.
-// One token: `done` (if given) gets each block of kRowBlock rows once computed, on the thread that
-// computed it (more tokens: all blocks at the end).
+// One token: `hooks` (if given) hear of each thread's blocks of kRowBlock rows, on that thread (the
+// other kernels: of all blocks at the end).
 void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool int8_dot,
-          const RowsDone* done = nullptr) {
+          const RowsHooks* hooks = nullptr) {
   std::vector<float> xsum(T * p.groups, 0.f);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t g = 0; g < p.groups; ++g) {
@@ -248,17 +248,18 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool 
       for (int64_t k = g * p.group; k < std::min((g + 1) * p.group, p.in); ++k) acc += x[t * p.in + k];
       xsum[t * p.groups + g] = acc;
     }
-  if (T == 1 && dot1_reduced(p, x, xsum.data(), y, bf16, int8_dot, done)) return;
+  if (T == 1 && dot1_reduced(p, x, xsum.data(), y, bf16, int8_dot, hooks)) return;
 #if defined(__AVX512F__)
   // Decode of 4-bit rows in float32: blocks of 4 rows (rows_dot1; 0.5-0.75x the time of row_dot on
   // SmolLM2's layers). The 8-bit head is memory-bound and reads faster one row at a time (row_dot).
   if (T == 1 && p.bits == 4) {
     at::parallel_for(0, (p.out + kRowBlock - 1) / kRowBlock, 1, [&](int64_t k0, int64_t k1) {
+      if (hooks != nullptr) hooks->start(k0, k1);
       rows_by_four(
           p, k0 * kRowBlock, std::min(p.out, k1 * kRowBlock),
           [&](int64_t o) { rows_dot1<4, 4>(p, o, x, xsum.data(), y); },
           [&](int64_t o) { rows_dot1<4, 1>(p, o, x, xsum.data(), y); });
-      if (done != nullptr) (*done)(k0, k1);
+      if (hooks != nullptr) hooks->done(k0, k1);
     });
     return;
   }
@@ -294,7 +295,10 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool 
       }
     }
   });
-  if (done != nullptr) (*done)(0, (p.out + kRowBlock - 1) / kRowBlock);
+  if (hooks != nullptr) {
+    hooks->start(0, (p.out + kRowBlock - 1) / kRowBlock);
+    hooks->done(0, (p.out + kRowBlock - 1) / kRowBlock);
+  }
 }
 
 // [x | h | 0] into xin [T, K] by at::mm (h = x A'^T in xin's dtype), where input_with_h cannot run.
@@ -377,11 +381,12 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return y.reshape(shape).to(x.scalar_type());
 }
 
-// One float32 token: each thread adds the bias and the branch to the block of rows it has just
-// computed, inside the GEMV's parallel loop (the branch's output stage runs on every thread, its data
-// read while the block is in L1) — the same arithmetic as the q4 call, the bias add and branch_add.
+// One float32 token: inside the GEMV's parallel loop each thread runs its share of the branch's first
+// stage before its rows, then adds the bias and the branch's output stage to the rows it has just
+// computed (RowBranch: only b ⊙ x runs before the loop) — the same arithmetic as the q4 call, the bias
+// add and branch_add.
 at::Tensor one_token_branch(const Packed& p, const at::Tensor& x, bool bf16, bool int8_dot,
-                            const c10::optional<at::Tensor>& bias, const lordba::RowBranch& branch) {
+                            const c10::optional<at::Tensor>& bias, lordba::RowBranch& branch) {
   const auto [x2, shape] = input_rows(x, p.in, p.out, "q4_branch");
   at::Tensor y = at::empty({1, p.out}, x2.options());
   float* yp = y.data_ptr<float>();
@@ -396,8 +401,9 @@ at::Tensor one_token_branch(const Packed& p, const at::Tensor& x, bool bf16, boo
       for (int64_t o = k0 * kRowBlock; o < std::min(p.out, k1 * kRowBlock); ++o) yp[o] += bp[o];
     branch.add_rows(k0, k1, yp);
   };
-  const RowsDone done(add);
-  gemv(p, x2.data_ptr<float>(), 1, yp, bf16, int8_dot, &done);
+  auto start = [&](int64_t k0, int64_t k1) { branch.start(k0, k1); };
+  const RowsHooks hooks{start, add};  // function_refs: the lambdas outlive the call
+  gemv(p, x2.data_ptr<float>(), 1, yp, bf16, int8_dot, &hooks);
   return y.reshape(shape);
 }
 

@@ -21,9 +21,14 @@ constexpr int64_t kChunk = 32;  // inputs per 16-byte chunk of a 4-bit row
 // one token's rows are computed (and handed to a RowsDone) in RowBranch::add_rows' blocks
 constexpr int64_t kRowBlock = lordba::RowBranch::kRows;
 
-// Called by a one-token kernel inside its parallel loop with the blocks [k0, k1) of kRowBlock rows it
-// has just computed (q4_branch adds the adapter's branch to them there, on the thread that wrote them).
-using RowsDone = c10::function_ref<void(int64_t, int64_t)>;
+// A one-token kernel's parallel loop tells its caller, on each thread, which blocks [k0, k1) of kRowBlock
+// rows that thread computes: start(k0, k1) before it computes them, done(k0, k1) once it has (q4_branch
+// runs a share of the adapter's first stage in start and adds the branch to the rows in done, on the
+// thread that wrote them).
+struct RowsHooks {
+  c10::function_ref<void(int64_t, int64_t)> start;
+  c10::function_ref<void(int64_t, int64_t)> done;
+};
 
 #if defined(__F16C__)
 inline float half_to_float(const c10::Half& h) { return _cvtsh_ss(h.x); }  // one instruction
@@ -76,10 +81,10 @@ inline float row_offset(const Packed& p, int64_t o, const float* xsum) {
 }
 
 // One token on the bfloat16 (bf16) or int8 (int8_dot, 4-bit rows) kernel, where this build has it:
-// y[o] for every row, xsum the token's group sums of x; `done` (if given) gets each block of rows once
-// computed. Returns false (nothing written) where neither applies, and the float32 kernels run.
+// y[o] for every row, xsum the token's group sums of x; `hooks` (if given) hear of each thread's blocks
+// of rows. Returns false (nothing written) where neither applies, and the float32 kernels run.
 bool dot1_reduced(const Packed& p, const float* x, const float* xsum, float* y, bool bf16, bool int8_dot,
-                  const RowsDone* done);
+                  const RowsHooks* hooks);
 
 // prefill.cpp: whether the tile unit (AMX-BF16) is built and granted to this process; and the
 // bfloat16 prefill GEMM's input with a branch, xin [T, K] = [x | x A'^T | 0] (x [T, in] float32, A' [r, in]

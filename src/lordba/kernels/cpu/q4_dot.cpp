@@ -151,25 +151,26 @@ void range_dot1_bf16(const Packed& p, int64_t o, int64_t o1, const XBf16& xb, co
 }
 #endif
 
-// The rows of p in blocks of kRowBlock over the threads: `rows(o0, o1)` computes a block, which is
-// then given to `done`.
+// The rows of p in blocks of kRowBlock over the threads: `rows(o0, o1)` computes a block; each thread's
+// blocks go to `hooks` before and after.
 template <typename F>
-void blocks(const Packed& p, const RowsDone* done, const F& rows) {
+void blocks(const Packed& p, const RowsHooks* hooks, const F& rows) {
   at::parallel_for(0, (p.out + kRowBlock - 1) / kRowBlock, 1, [&](int64_t k0, int64_t k1) {
+    if (hooks != nullptr) hooks->start(k0, k1);
     for (int64_t k = k0; k < k1; ++k) rows(k * kRowBlock, std::min(p.out, (k + 1) * kRowBlock));
-    if (done != nullptr) (*done)(k0, k1);
+    if (hooks != nullptr) hooks->done(k0, k1);
   });
 }
 
 }  // namespace
 
 bool dot1_reduced(const Packed& p, const float* x, const float* xsum, float* y, bool bf16, bool int8_dot,
-                  const RowsDone* done) {
+                  const RowsHooks* hooks) {
 #if defined(LORDBA_Q4_BF16)
   if (bf16 && !(int8_dot && p.bits == 4)) {
     XBf16 xb;
     permute_bf16(p, x, xb);
-    blocks(p, done, [&](int64_t o0, int64_t o1) { range_dot1_bf16(p, o0, o1, xb, xsum, y); });
+    blocks(p, hooks, [&](int64_t o0, int64_t o1) { range_dot1_bf16(p, o0, o1, xb, xsum, y); });
     return true;
   }
 #endif
@@ -178,7 +179,7 @@ bool dot1_reduced(const Packed& p, const float* x, const float* xsum, float* y, 
     std::vector<int8_t> xq;
     std::vector<float> dx;
     quantize_groups(p, x, xq, dx);
-    blocks(p, done, [&](int64_t o0, int64_t o1) {
+    blocks(p, hooks, [&](int64_t o0, int64_t o1) {
       for (int64_t o = o0; o < o1; ++o) {
         prefetch_ahead(p, o, 1);
         row_dot1_i8(p, o, xq.data(), dx.data(), xsum, y);
