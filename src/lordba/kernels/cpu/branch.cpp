@@ -200,17 +200,23 @@ void tiled_sums(const uint8_t* sa, int64_t nbytes, const float* z, int64_t T, in
   }
 }
 
+// Σz of one token, summed exactly as stage1 sums it (a row of all-ones signs).
+float z_total(const float* z, int64_t ld) {
+  thread_local std::vector<uint8_t> ones;
+  if (ones.size() < static_cast<size_t>(ld / 8)) ones.assign(static_cast<size_t>(ld / 8), 0xFF);
+  float total = 0.f;
+  tiled_sums(ones.data(), ld / 8, z, 1, ld, ld, 1, 0, 1, &total);
+  return total;
+}
+
 // Stage 1 for all r rows and T tokens: h1[t*r + j].
 void stage1(const uint8_t* sa, int64_t nbytes, const float* z, int64_t T, int64_t in, int64_t ld, int64_t r,
             float* h1) {
   std::fill(h1, h1 + T * r, 0.f);
   thread_local std::vector<float> totals;
-  thread_local std::vector<uint8_t> ones;
   totals.assign(static_cast<size_t>(T), 0.f);
-  if (kMasked) {  // Σz per token, summed exactly like a row of all-ones signs
-    if (ones.size() < static_cast<size_t>(ld / 8)) ones.assign(static_cast<size_t>(ld / 8), 0xFF);
-    tiled_sums(ones.data(), ld / 8, z, T, ld, ld, 1, 0, 1, totals.data());
-  }
+  if (kMasked)
+    for (int64_t t = 0; t < T; ++t) totals[t] = z_total(z + t * ld, ld);
   const int64_t grain = std::max<int64_t>(8, 262144 / std::max<int64_t>(1, in * T));
   at::parallel_for(0, r, grain, [&](int64_t j0, int64_t j1) { tiled_sums(sa, nbytes, z, T, in, ld, r, j0, j1, h1); });
   if (kMasked)
@@ -405,38 +411,35 @@ void stage2(const uint8_t* sb, int64_t nbytes, const float* nib, int64_t T, int6
 #endif
 
 // ---------------------------------------------------------------- the sign path
-// z[i'] = x[i] · b[i] with each group of 8 reversed (i' = 8⌊i/8⌋ + 7 − i mod 8), zeros up to `ld`.
-template <typename x_t>
-void scale_reversed(const x_t* __restrict x, const float* __restrict b, int64_t in, int64_t ld,
-                    float* __restrict z) {
+// 16 scale values from b: float32 as stored, or int8 codes as code / 127 correctly rounded without a
+// division: q = c · fl(1/127), then one Newton step on the exact residual c − 127·q (both FMAs). Checked
+// for all 256 codes against the division (a test). scale_at: one value, the same.
+#if defined(__AVX512F__)
+inline __m512 scales16(const float* b) { return _mm512_loadu_ps(b); }
+inline __m512 scales16(const int8_t* b) {
+  const __m512 recip = _mm512_set1_ps(1.f / 127.f), divisor = _mm512_set1_ps(127.f);
+  const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))));
+  const __m512 q = _mm512_mul_ps(c, recip);
+  return _mm512_fmadd_ps(_mm512_fnmadd_ps(q, divisor, c), recip, q);
+}
+#endif
+inline float scale_at(const float* b, int64_t i) { return b[i]; }
+inline float scale_at(const int8_t* b, int64_t i) { return kCodes.v[b[i] + 128]; }
+
+// z[i'] = x[i] · b[i] with each group of 8 reversed (i' = 8⌊i/8⌋ + 7 − i mod 8), zeros up to `ld`; b float32
+// or int8 codes (scales16 / scale_at).
+template <typename x_t, typename b_t = float>
+void scale_reversed(const x_t* __restrict x, const b_t* __restrict b, int64_t in, int64_t ld, float* __restrict z) {
   int64_t i = 0;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<x_t, float>) {
     const __m512i rev = _mm512_set_epi32(8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
     for (; i + 16 <= in; i += 16)
-      _mm512_storeu_ps(z + i, _mm512_permutexvar_ps(rev, _mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(b + i))));
+      _mm512_storeu_ps(z + i, _mm512_permutexvar_ps(rev, _mm512_mul_ps(_mm512_loadu_ps(x + i), scales16(b + i))));
   }
 #endif
   for (int64_t k = i; k < ld; ++k) z[k] = 0.f;
-  for (; i < in; ++i) z[(i & ~int64_t{7}) + 7 - (i & 7)] = static_cast<float>(x[i]) * b[i];
-}
-
-// scale_reversed with b as int8 codes: b[i] = code / 127 as codes_to_float computes it, then x[i] · b[i].
-void scale_reversed_codes(const float* __restrict x, const int8_t* __restrict b, int64_t in, int64_t ld,
-                          float* __restrict z) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  const __m512i rev = _mm512_set_epi32(8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  const __m512 recip = _mm512_set1_ps(1.f / 127.f), divisor = _mm512_set1_ps(127.f);
-  for (; i + 16 <= in; i += 16) {
-    const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + i))));
-    const __m512 q = _mm512_mul_ps(c, recip);
-    const __m512 bv = _mm512_fmadd_ps(_mm512_fnmadd_ps(q, divisor, c), recip, q);
-    _mm512_storeu_ps(z + i, _mm512_permutexvar_ps(rev, _mm512_mul_ps(_mm512_loadu_ps(x + i), bv)));
-  }
-#endif
-  for (int64_t k = i; k < ld; ++k) z[k] = 0.f;
-  for (; i < in; ++i) z[(i & ~int64_t{7}) + 7 - (i & 7)] = x[i] * kCodes.v[b[i] + 128];
+  for (; i < in; ++i) z[(i & ~int64_t{7}) + 7 - (i & 7)] = static_cast<float>(x[i]) * scale_at(b, i);
 }
 
 // Stage 1 and the lookup tables of the sign path: the nibble tables (build_nibbles') of T tokens, in
@@ -601,21 +604,13 @@ const float* converted(const at::Tensor& t, std::vector<float>& buf, float divis
   return buf.data();
 }
 
-// d[i] = v[i] / 127 for n int8 codes.
+// d[i] = v[i] / 127 for n int8 codes (scales16 / scale_at).
 void codes_to_float(const int8_t* v, int64_t n, float* d) {
   int64_t i = 0;
 #if defined(__AVX512F__)
-  // c / 127 correctly rounded without a division: q = c · fl(1/127), then one Newton step on the
-  // exact residual c − 127·q (both FMAs). Checked for all 256 codes against the division (a test).
-  const __m512 recip = _mm512_set1_ps(1.f / 127.f), divisor = _mm512_set1_ps(127.f);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + i))));
-    const __m512 q = _mm512_mul_ps(c, recip);
-    const __m512 residual = _mm512_fnmadd_ps(q, divisor, c);
-    _mm512_storeu_ps(d + i, _mm512_fmadd_ps(residual, recip, q));
-  }
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, scales16(v + i));
 #endif
-  for (; i < n; ++i) d[i] = kCodes.v[v[i] + 128];
+  for (; i < n; ++i) d[i] = scale_at(v, i);
 }
 
 const float* codes_float(const at::Tensor& t, std::vector<float>& buf) {
@@ -898,15 +893,6 @@ std::string isa() {
 #endif
 }
 
-// Σz of one token, summed exactly as stage1 sums it (a row of all-ones signs).
-float z_total(const float* z, int64_t ld) {
-  thread_local std::vector<uint8_t> ones;
-  if (ones.size() < static_cast<size_t>(ld / 8)) ones.assign(static_cast<size_t>(ld / 8), 0xFF);
-  float total = 0.f;
-  tiled_sums(ones.data(), ld / 8, z, 1, ld, ld, 1, 0, 1, &total);
-  return total;
-}
-
 }  // namespace
 
 at::Tensor branch_add(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
@@ -964,7 +950,7 @@ bool RowBranch::prepare(const at::Tensor& x, const at::Tensor& sign_A, const at:
   thread_local std::vector<float> z, mbuf, bbuf, abuf, h1, h2, nib;
   z.resize(static_cast<size_t>(ld_));
   if (bc.scalar_type() == at::kChar) {  // the codes divided as codes_float does, fused into b ⊙ x
-    scale_reversed_codes(x.data_ptr<float>(), bc.data_ptr<int8_t>(), in, ld_, z.data());
+    scale_reversed<float, int8_t>(x.data_ptr<float>(), bc.data_ptr<int8_t>(), in, ld_, z.data());
   } else {
     scale_reversed<float>(x.data_ptr<float>(), as_float(bc, bbuf), in, ld_, z.data());
   }
