@@ -253,7 +253,17 @@ class AdapterBase(nn.Module):
         limit = None  # the CPU kernels' dispatch limit, kept per (mode, dtype); other paths need none
         if x.is_cpu and mode in kernels.CPU_MODES:
             limit = self._limit(mode, x.dtype)
-        return kernels.packed_branch(x, *self._kernel_tensors(), self.scaling, base, limit)
+        tensors = self._kernel_tensors()
+        if not x.is_cpu and tensors[2].dtype == torch.int8:
+            tensors = self._decoded(tensors)
+        return kernels.packed_branch(x, *tensors, self.scaling, base, limit)
+
+    def _decoded(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """``tensors`` with int8 scale codes decoded to float32, kept until they change: the GPU
+        kernels read float32 scales, and decoding on every call would launch several small kernels
+        per layer and token (the CPU kernels read the codes as they are)."""
+        key = stamp(*tensors)
+        return self._caches.get("decoded", key, lambda: (*tensors[:2], *kernels.float_scales(*tensors[2:])))
 
     def _limit(self, mode: str, dtype: torch.dtype) -> int:
         """The CPU kernels' dispatch limit for ``mode`` and ``dtype``, kept (this runs once per layer

@@ -37,3 +37,10 @@ def test_triton_cases(device):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout
+
+
+def test_the_decode_rule_follows_the_measured_crossovers():
+    from lordba.kernels import triton as tri
+
+    # docs/results/gpu-h200: fused sign kernels up to 256 tokens at r ≤ 16, 16 at r = 64
+    assert [tri.decode_max_tokens(r) for r in (1, 5, 16, 17, 32, 33, 64, 128)] == [256, 256, 256, 64, 64, 16, 16, 16]

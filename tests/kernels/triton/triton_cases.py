@@ -62,3 +62,51 @@ def test_the_layer_runs_triton_and_keeps_latent_equal_to_packed():
     torch.testing.assert_close(packed, want, rtol=1e-4, atol=1e-4)
     with torch.no_grad(), kernels.mode("torch"):
         torch.testing.assert_close(step, lm(input_ids=ids[:, :1]).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_scales_follow_a_hot_swap(tmp_path):
+    """A packed adapter with int8 scale codes (decoded once and kept, on a GPU) gives the reference's
+    output, and after a hot-swap the new adapter's, never the stale decoded scales."""
+    from lordba import LoRDBAModel
+
+    for seed, name in ((6, "a"), (7, "b")):
+        base = tiny_llama(0)  # seeds the generator itself: draw the adapter after it
+        torch.manual_seed(seed)
+        get_lordba_model(base, LoRDBAConfig(r=5, init="random", scale_dtype="int8")).save_pretrained(tmp_path / name)
+    lm = LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path / "a").to(DEVICE).eval()
+    ids = torch.randint(0, 101, (2, 6), device=DEVICE)
+
+    def both():
+        with torch.no_grad():
+            with kernels.mode("torch"):
+                want = lm(input_ids=ids).logits
+            return lm(input_ids=ids).logits, lm(input_ids=ids[:, :1]).logits, want
+
+    got_a, step_a, want_a = both()
+    torch.testing.assert_close(got_a, want_a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(step_a, want_a[:, :1], rtol=1e-4, atol=1e-4)
+    lm.hotswap_adapter(tmp_path / "b", "default")
+    got_b, step_b, want_b = both()
+    assert not torch.allclose(want_a, want_b, atol=1e-3)
+    torch.testing.assert_close(got_b, want_b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(step_b, want_b[:, :1], rtol=1e-4, atol=1e-4)
+
+
+if DEVICE == "cuda":  # inductor on CPU tensors through the interpreter would add minutes to the suite
+
+    def test_compiled_model_equals_eager_on_the_gpu():
+        """Inductor on the wrapper (whose own frame runs eagerly by design) and the wrapped model compiled
+        whole (``fullgraph``: no graph break at ``lordba::triton_branch``) give the eager logits."""
+        torch.manual_seed(5)
+        lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=5, init="random")).to(DEVICE).eval()
+        lm.pack()
+        ids = torch.randint(0, 101, (2, 6), device=DEVICE)
+        with torch.no_grad():
+            eager = [lm(input_ids=ids).logits, lm(input_ids=ids[:, :1]).logits]
+            compiled = torch.compile(lm)
+            got = [compiled(input_ids=ids).logits, compiled(input_ids=ids[:, :1]).logits]
+            lm.base_model = torch.compile(lm.base_model, fullgraph=True)
+            whole = [lm(input_ids=ids).logits, lm(input_ids=ids[:, :1]).logits]
+        for g, w, e in zip(got, whole, eager):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(w, e, rtol=1e-5, atol=1e-5)

@@ -23,7 +23,13 @@ import torch
 from lordba.kernels._fake import branch_fake
 from lordba.kernels.reference import dense_branch
 
-DECODE_MAX_TOKENS = 64  # fused kernels up to this many tokens, unpack + cuBLAS above (untuned: no GPU here)
+# Fused kernels up to this many tokens, unpack + cuBLAS above, by the rank padded to a power of two
+# (at least 16). Measured on an H200 (docs/results/gpu-h200, bfloat16, SmolLM2 and Llama-7B shapes,
+# calls replayed from a CUDA graph): at r ≤ 16 the fused kernels win or tie up to 256 tokens, at
+# r = 64 up to 16 (their (tokens × rank) tiles grow past what one program holds well); r = 32 lies
+# between (64: interpolated, not measured).
+DECODE_MAX_TOKENS = {16: 256, 32: 64}
+DECODE_MAX_TOKENS_WIDE = 16  # rank above 32
 
 
 def available() -> bool:
@@ -125,8 +131,12 @@ def triton_cdiv(n: int, d: int) -> int:
     return -(-n // d)
 
 
-@torch.library.custom_op("lordba::triton_branch", mutates_args=())
-def triton_branch(
+def decode_max_tokens(r: int) -> int:
+    """The ``auto`` rule: the fused sign kernels for at most this many tokens at rank ``r``."""
+    return DECODE_MAX_TOKENS.get(_pow2(r, 16), DECODE_MAX_TOKENS_WIDE)
+
+
+def _triton_branch(
     x: torch.Tensor,
     sign_A: torch.Tensor,
     sign_B: torch.Tensor,
@@ -168,6 +178,7 @@ def triton_branch(
     return y.reshape(shape)
 
 
+triton_branch = torch.library.custom_op("lordba::triton_branch", _triton_branch, mutates_args=())
 triton_branch.register_fake(branch_fake)
 
 
@@ -182,6 +193,13 @@ def packed_branch(
     mode: str = "auto",
     base: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The Triton branch; ``mode`` ``sign``/``unpack`` forces a strategy, else by :data:`DECODE_MAX_TOKENS`."""
-    limit = {"sign": 1 << 62, "unpack": -1}.get(mode, DECODE_MAX_TOKENS)
-    return torch.ops.lordba.triton_branch(x, sign_A, sign_B, b, m, a, float(scaling), limit, base)
+    """The Triton branch; ``mode`` ``sign``/``unpack`` forces a strategy, else :func:`decode_max_tokens`.
+
+    Under ``torch.compile`` it is the op ``lordba::triton_branch`` (traced through its fake); run eagerly
+    it calls the op's function directly: the dispatcher's per-call cost would otherwise be a large part
+    of a decode step's time on a GPU (the kernels themselves take microseconds)."""
+    limit = {"sign": 1 << 62, "unpack": -1}.get(mode)
+    limit = decode_max_tokens(m.numel()) if limit is None else limit
+    if torch.compiler.is_compiling():
+        return torch.ops.lordba.triton_branch(x, sign_A, sign_B, b, m, a, float(scaling), limit, base)
+    return _triton_branch(x, sign_A, sign_B, b, m, a, float(scaling), limit, base)
