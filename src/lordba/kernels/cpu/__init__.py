@@ -38,13 +38,16 @@ SOURCE = Path(__file__).with_name("branch.cpp")
 # input pass (headers: part of the build key)
 SOURCES = (
     SOURCE,
+    Path(__file__).with_name("sign_stages.cpp"),
+    Path(__file__).with_name("branch_rows.cpp"),
+    Path(__file__).with_name("row_branch.cpp"),
     Path(__file__).with_name("q4.cpp"),
     Path(__file__).with_name("q4_dot.cpp"),
     Path(__file__).with_name("attention.cpp"),
     Path(__file__).with_name("linear.cpp"),
     Path(__file__).with_name("prefill.cpp"),
 )
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("q4.h", "branch.h", "shim.h"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("q4.h", "branch.h", "branch_internal.h", "shim.h"))
 _CFLAGS = ("-O3", "-std=c++20", "-fopenmp", "-w", "-ffp-contract=off")
 _LDFLAGS = ("-fopenmp",)
 # the compiler's complaint about the -march value itself (gcc, clang); the ninja log always has "-march"
