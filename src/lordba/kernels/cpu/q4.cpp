@@ -36,7 +36,6 @@
 #include <vector>
 
 namespace lordba_q4 {
-namespace {
 
 constexpr int64_t kTokenBlock = 4;
 
@@ -239,8 +238,7 @@ at::Tensor q4_dequant(const at::Tensor& qweight, const at::Tensor& scale, const 
 // Few tokens: the packed rows are read once per block of kTokenBlock tokens.
 // One token: `hooks` (if given) hear of each thread's blocks of kRowBlock rows, on that thread (the
 // other kernels: of all blocks at the end).
-void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool int8_dot,
-          const RowsHooks* hooks = nullptr) {
+void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool int8_dot, const RowsHooks* hooks) {
   std::vector<float> xsum(T * p.groups, 0.f);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t g = 0; g < p.groups; ++g) {
@@ -321,8 +319,8 @@ void input_with_mm(const at::Tensor& x2, const at::Tensor& A, int64_t in, at::Te
 // unit, else at::mm), then y = [x | h] [W | B']^T block by block, so its second product costs r / in
 // of the base GEMM instead of a skinny GEMM and a pass over the output of its own (SmolLM2-135M's
 // 512-token prefill, docs/kernels.md), rounded as the base is.
-void gemm(const Packed& p, const at::Tensor& x2, at::Tensor& y, bool bf16, const at::Tensor* A = nullptr,
-          const at::Tensor* B = nullptr, const uint32_t* packedA = nullptr) {
+void gemm(const Packed& p, const at::Tensor& x2, at::Tensor& y, bool bf16, const at::Tensor* A, const at::Tensor* B,
+          const uint32_t* packedA) {
   const int64_t r = A != nullptr ? A->size(0) : 0;
   // With a branch, K = in + r padded with zero columns to a multiple of 32 (oneDNN's bfloat16 GEMM
   // runs SmolLM2's K = 608 faster than 592; zeros add nothing to the sums).
@@ -381,103 +379,6 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return y.reshape(shape).to(x.scalar_type());
 }
 
-// One float32 token: inside the GEMV's parallel loop each thread runs its share of the branch's first
-// stage before its rows, then adds the bias and the branch's output stage to the rows it has just
-// computed (RowBranch: only b ⊙ x runs before the loop) — the same arithmetic as the q4 call, the bias
-// add and branch_add.
-at::Tensor one_token_branch(const Packed& p, const at::Tensor& x, bool bf16, bool int8_dot,
-                            const c10::optional<at::Tensor>& bias, lordba::RowBranch& branch) {
-  const auto [x2, shape] = input_rows(x, p.in, p.out, "q4_branch");
-  at::Tensor y = at::empty({1, p.out}, x2.options());
-  float* yp = y.data_ptr<float>();
-  at::Tensor bias_f;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == p.out, "lordba::q4_branch: the bias must have ", p.out, " elements");
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
-  const float* bp = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
-  auto add = [&](int64_t k0, int64_t k1) {
-    if (bp != nullptr)
-      for (int64_t o = k0 * kRowBlock; o < std::min(p.out, k1 * kRowBlock); ++o) yp[o] += bp[o];
-    branch.add_rows(k0, k1, yp);
-  };
-  auto start = [&](int64_t k0, int64_t k1) { branch.start(k0, k1); };
-  const RowsHooks hooks{start, add};  // function_refs: the lambdas outlive the call
-  gemv(p, x2.data_ptr<float>(), 1, yp, bf16, int8_dot, &hooks);
-  return y.reshape(shape);
-}
-
-// q4_branch's folded factors for the bfloat16 prefill GEMM, A' = S_A diag(b) [r, in] and
-// B' = s diag(a) S_B diag(m) [out, r], in bfloat16 (the GEMM rounds them so). A layer keeps them between
-// prompts (Q4Linear.forward_with_branch): folding them again costs ~15 us a layer and call.
-std::tuple<at::Tensor, at::Tensor> q4_prefill_factors(const at::Tensor& sign_A, const at::Tensor& sign_B,
-                                                      const at::Tensor& b, const at::Tensor& m, const at::Tensor& a,
-                                                      double scaling) {
-  auto [A, B] = lordba::folded_factors(sign_A, sign_B, b, m, a, scaling);
-  return {A.to(at::kBFloat16), B.to(at::kBFloat16)};
-}
-
-// The given folded factors (q4_prefill_factors') where they are the adapter's shapes, else folded here.
-std::tuple<at::Tensor, at::Tensor> prefill_factors(const c10::optional<at::Tensor>& folded_A,
-                                                   const c10::optional<at::Tensor>& folded_B, const at::Tensor& sign_A,
-                                                   const at::Tensor& sign_B, const at::Tensor& b, const at::Tensor& m,
-                                                   const at::Tensor& a, double scaling) {
-  if (!folded_A.has_value() || !folded_B.has_value()) return q4_prefill_factors(sign_A, sign_B, b, m, a, scaling);
-  const int64_t r = m.numel(), in = b.numel(), out = a.numel();
-  const at::Tensor &A = *folded_A, &B = *folded_B;
-  TORCH_CHECK(A.scalar_type() == at::kBFloat16 && A.dim() == 2 && A.size(0) == r && A.size(1) == in,
-              "lordba::q4_branch: folded_A must be bfloat16 [", r, ", ", in, "] (q4_prefill_factors')");
-  TORCH_CHECK(B.scalar_type() == at::kBFloat16 && B.dim() == 2 && B.size(0) == out && B.size(1) == r,
-              "lordba::q4_branch: folded_B must be bfloat16 [", out, ", ", r, "] (q4_prefill_factors')");
-  return {A.contiguous(), B.contiguous()};
-}
-
-// folded_A' packed for the tile unit where the layer kept it (tile_A: tile_pack(folded_A)), else nullptr.
-const uint32_t* kept_tiles(const c10::optional<at::Tensor>& tile_A, const at::Tensor& A) {
-  if (!tile_A.has_value()) return nullptr;
-  TORCH_CHECK(tile_A->scalar_type() == at::kInt && tile_A->dim() == 1 && tile_A->is_contiguous() &&
-                  tile_A->numel() == tile_words(A.size(0), A.size(1)),
-              "lordba::q4_branch: tile_A must be tile_pack(folded_A)");
-  return reinterpret_cast<const uint32_t*>(tile_A->data_ptr<int32_t>());
-}
-
-// A q4 layer and its one LoRDBA adapter in one call: the layer's output (plus bias) and then the
-// branch added by the `branch` op's own code — the same arithmetic, in the same order, as the two
-// ops called one after the other (bit for bit), without a second dispatch per layer and token
-// (decode calls ~210 layers per token; a custom op's call costs about what the branch computes).
-// Except many tokens in bfloat16 (`fast` prefill) on the unpack path: there the branch joins the
-// base's GEMM (gemm's branch), equal to the two calls up to bfloat16 rounding, not bit for bit; its
-// folded factors are folded_A / folded_B where given (q4_prefill_factors', kept by the layer).
-at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minus,
-                     int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16, bool int8_dot,
-                     const c10::optional<at::Tensor>& bias, const at::Tensor& sign_A, const at::Tensor& sign_B,
-                     const at::Tensor& b, const at::Tensor& m, const at::Tensor& a, double scaling,
-                     int64_t sign_max_tokens, const c10::optional<at::Tensor>& folded_A,
-                     const c10::optional<at::Tensor>& folded_B, const c10::optional<at::Tensor>& tile_A) {
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "lordba::q4_branch: x's last dimension must be ", in);
-  const int64_t T = in > 0 ? x.numel() / in : 0;
-  if (bf16 && T >= gemm_min_tokens && T > sign_max_tokens) {
-    const Packed p = unpack_args(qweight, scale, minus, in, bits);
-    TORCH_CHECK(b.numel() == in && a.numel() == p.out,
-                "lordba::branch: the adapter's scale vectors do not match the layer's in / out features");
-    const auto [A, B] = prefill_factors(folded_A, folded_B, sign_A, sign_B, b, m, a, scaling);
-    const auto [x2, shape] = input_rows(x, in, p.out, "q4_branch");
-    at::Tensor y = at::empty({T, p.out}, x2.options());
-    gemm(p, x2, y, /*bf16=*/true, &A, &B, kept_tiles(tile_A, A));
-    if (bias.has_value()) y.add_(bias->to(at::kFloat));
-    return y.reshape(shape).to(x.scalar_type());
-  }
-  if (T == 1 && T < gemm_min_tokens) {
-    const Packed p = unpack_args(qweight, scale, minus, in, bits);
-    lordba::RowBranch branch;
-    if (branch.prepare(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, p.out))
-      return one_token_branch(p, x, bf16, int8_dot, bias, branch);
-  }
-  at::Tensor y = q4_linear(x, qweight, scale, minus, in, gemm_min_tokens, bits, bf16, int8_dot);
-  if (bias.has_value()) y = at::add(y, bias->to(y.scalar_type()));
-  return lordba::branch_add(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, y, /*into_base=*/true);
-}
-
 // Whether the bfloat16 prefill's input pass runs on the tile unit (prefill.cpp) in this process.
 bool q4_amx() { return amx_ready(); }
 
@@ -487,21 +388,12 @@ bool q4_int8_dot() { return int8_dot_built(); }
 // Whether this build has the bfloat16 decode kernel (AVX512_BF16); without it one token is float32.
 bool q4_bf16_dot() { return bf16_dot_built(); }
 
-}  // namespace
 }  // namespace lordba_q4
 
 TORCH_LIBRARY_FRAGMENT(lordba, lib) {
   lib.def(
       "q4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor minus, int in_features, int gemm_min_tokens, "
       "int bits, bool bf16=False, bool int8_dot=False) -> Tensor");
-  lib.def(
-      "q4_branch(Tensor x, Tensor qweight, Tensor scale, Tensor minus, int in_features, int gemm_min_tokens, "
-      "int bits, bool bf16, bool int8_dot, Tensor? bias, Tensor sign_A, Tensor sign_B, Tensor b, Tensor m, "
-      "Tensor a, float scaling, int sign_max_tokens, Tensor? folded_A=None, Tensor? folded_B=None, "
-      "Tensor? tile_A=None) -> Tensor");
-  lib.def(
-      "q4_prefill_factors(Tensor sign_A, Tensor sign_B, Tensor b, Tensor m, Tensor a, float scaling) "
-      "-> (Tensor, Tensor)");
   lib.def("q4_int8_dot() -> bool", &lordba_q4::q4_int8_dot);
   lib.def("q4_bf16_dot() -> bool", &lordba_q4::q4_bf16_dot);
   lib.def("q4_amx() -> bool", &lordba_q4::q4_amx);
@@ -511,8 +403,6 @@ TORCH_LIBRARY_FRAGMENT(lordba, lib) {
 TORCH_LIBRARY_IMPL(lordba, CPU, lib) {
   lib.impl("q4_linear", &lordba_q4::q4_linear);
   lib.impl("q4_dequant", &lordba_q4::q4_dequant);
-  lib.impl("q4_branch", &lordba_q4::q4_branch);
-  lib.impl("q4_prefill_factors", &lordba_q4::q4_prefill_factors);
 }
 
 using lordba_shim::optional;
@@ -525,22 +415,6 @@ LORDBA_SHIM aoti_torch_cpu_q4_linear(AtenTensorHandle x, AtenTensorHandle qweigh
   AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
     result(lordba_q4::q4_linear(tensor(x), tensor(qweight), tensor(scale), tensor(minus), in, gemm_min_tokens, bits,
                                 bf16 != 0, int8_dot != 0),
-           ret);
-  });
-}
-
-LORDBA_SHIM aoti_torch_cpu_q4_branch(AtenTensorHandle x, AtenTensorHandle qweight, AtenTensorHandle scale,
-                                     AtenTensorHandle minus, int64_t in, int64_t gemm_min_tokens, int64_t bits,
-                                     int32_t bf16, int32_t int8_dot, AtenTensorHandle* bias, AtenTensorHandle sign_A,
-                                     AtenTensorHandle sign_B, AtenTensorHandle b, AtenTensorHandle m,
-                                     AtenTensorHandle a, double scaling, int64_t sign_max_tokens,
-                                     AtenTensorHandle* folded_A, AtenTensorHandle* folded_B, AtenTensorHandle* tile_A,
-                                     AtenTensorHandle* ret) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    result(lordba_q4::q4_branch(tensor(x), tensor(qweight), tensor(scale), tensor(minus), in, gemm_min_tokens, bits,
-                                bf16 != 0, int8_dot != 0, optional(bias), tensor(sign_A), tensor(sign_B), tensor(b),
-                                tensor(m), tensor(a), scaling, sign_max_tokens, optional(folded_A),
-                                optional(folded_B), optional(tile_A)),
            ret);
   });
 }

@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
@@ -100,6 +102,21 @@ int64_t tile_words(int64_t rows, int64_t cols);
 void pack_tiles(const c10::BFloat16* M, int64_t rows, int64_t cols, uint32_t* dst);
 bool add_branch(const float* x, int64_t T, int64_t in, const uint32_t* packedA, const uint32_t* packedB, int64_t r,
                 int64_t out, float* y);
+
+// q4.cpp, for q4_branch.cpp: the checked view of a packed weight; one token's (or a few tokens') GEMV,
+// `hooks` (if given) hearing of each thread's blocks of rows; the GEMM of many tokens, with a branch's
+// folded factors A' [r, in] and B' [out, r] (bfloat16; A' packed for the tile unit where given) joining
+// it; x as float32 rows and the output's shape; the `q4_linear` op.
+Packed unpack_args(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minus, int64_t in,
+                   int64_t bits);
+void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool int8_dot,
+          const RowsHooks* hooks = nullptr);
+void gemm(const Packed& p, const at::Tensor& x2, at::Tensor& y, bool bf16, const at::Tensor* A = nullptr,
+          const at::Tensor* B = nullptr, const uint32_t* packedA = nullptr);
+std::pair<at::Tensor, std::vector<int64_t>> input_rows(const at::Tensor& x, int64_t in, int64_t out, const char* op);
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                     const at::Tensor& minus, int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16,
+                     bool int8_dot);
 
 // Whether this build has the int8 one-token kernel (AVX512-VNNI with VL); the bfloat16 one (AVX512_BF16).
 bool int8_dot_built();
