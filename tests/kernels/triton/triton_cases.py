@@ -46,6 +46,18 @@ def test_kernels_match_the_reference(lead, in_f, out_f, r, strategy, dtype):
     assert (fused.cpu().double() - base.cpu().double() - want).abs().max().item() <= tol * scale
 
 
+def test_tracers_record_the_op_not_its_launches():
+    """Eagerly the op's function runs directly; a tracer (make_fx, real or fake tensors) must still see
+    the op, else the traced graph would silently lose the branch."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    args, _ = case(3, (2,), 40, 24, 8, torch.float32)
+    for tracing_mode in ("real", "fake"):
+        graph = make_fx(lambda *t: tri.packed_branch(*t, 0.5), tracing_mode=tracing_mode)(*args)
+        assert "lordba.triton_branch" in str(graph.code), tracing_mode
+        torch.testing.assert_close(graph(*args), tri.packed_branch(*args, 0.5))
+
+
 def test_the_layer_runs_triton_and_keeps_latent_equal_to_packed():
     torch.manual_seed(4)
     lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=5, init="random")).to(DEVICE)

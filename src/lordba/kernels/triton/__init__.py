@@ -17,8 +17,10 @@ checks them without a GPU; it is slow and meant for tests only.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from lordba.kernels._fake import branch_fake
 from lordba.kernels.reference import dense_branch
@@ -47,6 +49,21 @@ def _pow2(n: int, least: int) -> int:
     return max(least, 1 << (max(n, 1) - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=4096)
+def _plan(T: int, in_f: int, r: int, out_f: int) -> tuple:
+    """The fused kernels' launch of a shape, worked out once: ``(rp, bt, bk, k_split, splits, shrink grid,
+    expand grid, bo)`` (the split over ``in`` keeps a single token filling the GPU)."""
+    rp = _pow2(r, 16)
+    bt = 16 if T <= 16 else 32 if T <= 32 else 64
+    bk, bo = 128, 64
+    t_blocks = triton_cdiv(T, bt)
+    chunks = triton_cdiv(in_f, bk)
+    splits = max(1, min(chunks, 128 // t_blocks))
+    k_split = triton_cdiv(chunks, splits) * bk
+    splits = triton_cdiv(in_f, k_split)
+    return rp, bt, bk, k_split, splits, (t_blocks, splits), (t_blocks, triton_cdiv(out_f, bo)), bo
+
+
 def _fused(
     k: dict,
     x2: torch.Tensor,
@@ -61,20 +78,12 @@ def _fused(
 ) -> torch.Tensor:
     T, in_f = x2.shape
     r, out_f = m.numel(), a.numel()
-    rp = _pow2(r, 16)
-    bt = 16 if T <= 16 else 32 if T <= 32 else 64
-    bk = 128
-    t_blocks = triton_cdiv(T, bt)
-    chunks = triton_cdiv(in_f, bk)
-    splits = max(1, min(chunks, 128 // t_blocks))
-    k_split = triton_cdiv(chunks, splits) * bk
-    splits = triton_cdiv(in_f, k_split)
+    rp, bt, bk, k_split, splits, grid_s, grid_e, bo = _plan(T, in_f, r, out_f)
     part = torch.empty((splits, T, rp), dtype=torch.float32, device=x2.device)
-    k["shrink"][(t_blocks, splits)](x2, sign_A, b, part, T, in_f, r, k_split, BT=bt, BK=bk, RP=rp)
+    k["shrink"][grid_s](x2, sign_A, b, part, T, in_f, r, k_split, BT=bt, BK=bk, RP=rp)
     y = torch.empty((T, out_f), dtype=out_dtype, device=x2.device)
-    bo = 64
     base_arg = base2 if base2 is not None else y
-    k["expand"][(t_blocks, triton_cdiv(out_f, bo))](
+    k["expand"][grid_e](
         part,
         sign_B,
         m,
@@ -120,6 +129,17 @@ def _unpacked(
     return dense_branch(x2, folded_A, folded_B, base2)
 
 
+_KERNELS: dict = {}
+
+
+def _load_kernels() -> dict:
+    """The Triton kernels, imported on first use (Triton decides then whether they are interpreted)."""
+    from lordba.kernels.triton import kernels
+
+    _KERNELS.update(shrink=kernels.shrink, expand=kernels.expand, unpack=kernels.unpack)
+    return _KERNELS
+
+
 def _interpreting() -> bool:
     from triton import knobs
 
@@ -148,14 +168,13 @@ def _triton_branch(
     base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[base +] s · a ⊙ (S_B (m ⊙ (S_A (b ⊙ x))))`` with Triton kernels (interpreter on CPU tensors)."""
-    from lordba.kernels.triton import kernels
-
-    if x.device.type != "cuda" and not _interpreting():
+    on_gpu = x.is_cuda
+    if not on_gpu and not _interpreting():
         raise RuntimeError(
             "lordba::triton_branch runs on CUDA tensors; on CPU only in Triton's interpreter "
             "(TRITON_INTERPRET=1 set before triton is imported)"
         )
-    k = {"shrink": kernels.shrink, "expand": kernels.expand, "unpack": kernels.unpack}
+    k = _KERNELS or _load_kernels()
     in_f, out_f = b.numel(), a.numel()
     shape = (*x.shape[:-1], out_f)
     x2 = x.reshape(-1, in_f).contiguous()
@@ -169,8 +188,9 @@ def _triton_branch(
         a.float().contiguous(),
         scaling,
     )
-    guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    # Triton launches on the current device: switch only where x lives elsewhere (the switch costs a few µs)
+    other = on_gpu and x.get_device() != torch.cuda.current_device()
+    with torch.cuda.device(x.device) if other else contextlib.nullcontext():
         if x2.shape[0] > sign_max_tokens:
             y = _unpacked(k, x2, *args, base2)
         else:
@@ -195,11 +215,12 @@ def packed_branch(
 ) -> torch.Tensor:
     """The Triton branch; ``mode`` ``sign``/``unpack`` forces a strategy, else :func:`decode_max_tokens`.
 
-    Under ``torch.compile`` it is the op ``lordba::triton_branch`` (traced through its fake); run eagerly
-    it calls the op's function directly: the dispatcher's per-call cost would otherwise be a large part
-    of a decode step's time on a GPU (the kernels themselves take microseconds)."""
+    Under ``torch.compile``, another tracer (``make_fx``, export: a dispatch mode is active) or a tensor
+    subclass it is the op ``lordba::triton_branch`` (traced through its fake); run eagerly on plain
+    tensors it calls the op's function directly: the dispatcher's per-call cost would otherwise be a
+    large part of a decode step's time on a GPU (the kernels themselves take microseconds)."""
     limit = {"sign": 1 << 62, "unpack": -1}.get(mode)
     limit = decode_max_tokens(m.numel()) if limit is None else limit
-    if torch.compiler.is_compiling():
-        return torch.ops.lordba.triton_branch(x, sign_A, sign_B, b, m, a, float(scaling), limit, base)
-    return _triton_branch(x, sign_A, sign_B, b, m, a, float(scaling), limit, base)
+    if type(x) is torch.Tensor and _current_dispatch_mode() is None and not torch.compiler.is_compiling():
+        return _triton_branch(x, sign_A, sign_B, b, m, a, float(scaling), limit, base)
+    return torch.ops.lordba.triton_branch(x, sign_A, sign_B, b, m, a, float(scaling), limit, base)
