@@ -48,6 +48,7 @@
 #include "branch_internal.h"
 
 namespace lordba::impl {
+namespace {
 
 // ---------------------------------------------------------------- the unpack path
 // kRev[v]: v with its 8 bits reversed (MSB-first sign byte → AVX-512 lane mask).
@@ -181,6 +182,22 @@ const float* converted(const at::Tensor& t, std::vector<float>& buf, float divis
   return buf.data();
 }
 
+const float* codes_float(const at::Tensor& t, std::vector<float>& buf) {
+  buf.resize(static_cast<size_t>(t.numel()));
+  codes_to_float(t.data_ptr<int8_t>(), t.numel(), buf.data());
+  return buf.data();
+}
+
+// Whether `base` has x's leading dimensions and `out` as its last.
+bool base_shape_ok(const at::Tensor& x, const at::Tensor& base, int64_t out) {
+  if (base.dim() != x.dim() || base.size(-1) != out) return false;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d)
+    if (base.size(d) != x.size(d)) return false;
+  return true;
+}
+
+}  // namespace
+
 // d[i] = v[i] / 127 for n int8 codes (scales16 / scale_at).
 void codes_to_float(const int8_t* v, int64_t n, float* d) {
   int64_t i = 0;
@@ -188,12 +205,6 @@ void codes_to_float(const int8_t* v, int64_t n, float* d) {
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, scales16(v + i));
 #endif
   for (; i < n; ++i) d[i] = scale_at(v, i);
-}
-
-const float* codes_float(const at::Tensor& t, std::vector<float>& buf) {
-  buf.resize(static_cast<size_t>(t.numel()));
-  codes_to_float(t.data_ptr<int8_t>(), t.numel(), buf.data());
-  return buf.data();
 }
 
 // A scale vector as float32: the tensor itself, or its values converted into `buf`. int8 holds codes
@@ -213,14 +224,6 @@ bool scale_dtype_ok(const at::Tensor& t, bool codes) {
   return d == at::kFloat || d == at::kHalf || d == at::kBFloat16 || (codes && d == at::kChar);
 }
 
-// Whether `base` has x's leading dimensions and `out` as its last.
-bool base_shape_ok(const at::Tensor& x, const at::Tensor& base, int64_t out) {
-  if (base.dim() != x.dim() || base.size(-1) != out) return false;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d)
-    if (base.size(d) != x.size(d)) return false;
-  return true;
-}
-
 // The adapter's own tensors: uint8 signs of the scale vectors' sizes, scales of a supported dtype.
 void check_factors(const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b, const at::Tensor& m,
                    const at::Tensor& a) {
@@ -231,6 +234,8 @@ void check_factors(const at::Tensor& sign_A, const at::Tensor& sign_B, const at:
   check(scale_dtype_ok(b, true) && scale_dtype_ok(m, false) && scale_dtype_ok(a, true),
         "scales must be float32, float16 or bfloat16 (b and a also int8 codes)");
 }
+
+namespace {
 
 at::Tensor branch_impl(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
                        const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens,
@@ -287,6 +292,8 @@ at::Tensor branch_impl(const at::Tensor& x, const at::Tensor& sign_A, const at::
   }
   return y;
 }
+
+}  // namespace
 
 // The `branch` op.
 at::Tensor branch(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,

@@ -10,6 +10,8 @@
 
 namespace lordba::impl {
 
+namespace {
+
 // ---------------------------------------------------------------- many adapters in one batch
 // Rows of one batch routed to their own adapters (S-LoRA/Punica's BGMV on packed signs): batch row i
 // uses adapter index[i] (-1: none, the base output as it is). The rows of each adapter run as one
@@ -58,9 +60,10 @@ void rows_sign_out(const at::Tensor& x2, const at::Tensor& base2, at::Tensor& y,
   }
 }
 
-
 // branch_rows runs its sign-path groups in parallel from this much work (tokens x r x (in + out)).
 constexpr int64_t kRowsParallelWork = int64_t{1} << 20;
+
+}  // namespace
 
 at::Tensor branch_rows(const at::Tensor& x, const at::Tensor& index, at::TensorList sign_A, at::TensorList sign_B,
                        at::TensorList b, at::TensorList m, at::TensorList a, at::ArrayRef<double> scaling,

@@ -37,6 +37,8 @@
 
 namespace lordba_q4 {
 
+namespace {
+
 constexpr int64_t kTokenBlock = 4;
 
 // One output row, up to kTokenBlock tokens: acc[t] = sum_g s_g (q_g . x_t,g)
@@ -107,6 +109,8 @@ void row_dot(const uint8_t* qrow, const c10::Half* srow, int64_t groups, int64_t
 #endif
 }
 
+}  // namespace
+
 Packed unpack_args(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minus, int64_t in,
                    int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8, "lordba::q4: bits must be 4 or 8");
@@ -124,6 +128,8 @@ Packed unpack_args(const at::Tensor& qweight, const at::Tensor& scale, const at:
   return {qweight.data_ptr<uint8_t>(), scale.data_ptr<c10::Half>(), minus.data_ptr<c10::Half>(),
           out, in, groups, padded / groups, row_bytes, bits};
 }
+
+namespace {
 
 #if defined(__AVX512F__)
 // One token, R rows at once (decode): each 32-input chunk of x is loaded once for the R rows, and the
@@ -235,6 +241,8 @@ at::Tensor q4_dequant(const at::Tensor& qweight, const at::Tensor& scale, const 
   return w;
 }
 
+}  // namespace
+
 // Few tokens: the packed rows are read once per block of kTokenBlock tokens.
 // One token: `hooks` (if given) hear of each thread's blocks of kRowBlock rows, on that thread (the
 // other kernels: of all blocks at the end).
@@ -299,6 +307,8 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool 
   }
 }
 
+namespace {
+
 // [x | h | 0] into xin [T, K] by at::mm (h = x A'^T in xin's dtype), where input_with_h cannot run.
 void input_with_mm(const at::Tensor& x2, const at::Tensor& A, int64_t in, at::Tensor& xin) {
   const int64_t r = A.size(0), K = xin.size(1);
@@ -308,6 +318,8 @@ void input_with_mm(const at::Tensor& x2, const at::Tensor& A, int64_t in, at::Te
   at::mm_out(h, xs, A.to(xin.scalar_type()).t());
   xin.narrow(1, in + r, K - in - r).zero_();
 }
+
+}  // namespace
 
 // Many tokens: dequantize blocks of rows and multiply with the BLAS GEMM, in float32 or (bf16) with
 // the block and the input rounded to bfloat16 (oneDNN's bf16 GEMM: 4x the float32 GEMM's speed on a
@@ -379,6 +391,8 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return y.reshape(shape).to(x.scalar_type());
 }
 
+namespace {
+
 // Whether the bfloat16 prefill's input pass runs on the tile unit (prefill.cpp) in this process.
 bool q4_amx() { return amx_ready(); }
 
@@ -387,6 +401,8 @@ bool q4_int8_dot() { return int8_dot_built(); }
 
 // Whether this build has the bfloat16 decode kernel (AVX512_BF16); without it one token is float32.
 bool q4_bf16_dot() { return bf16_dot_built(); }
+
+}  // namespace
 
 }  // namespace lordba_q4
 

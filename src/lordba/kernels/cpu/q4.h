@@ -20,7 +20,7 @@
 namespace lordba_q4 {
 
 constexpr int64_t kChunk = 32;  // inputs per 16-byte chunk of a 4-bit row
-// one token's rows are computed (and handed to a RowsDone) in RowBranch::add_rows' blocks
+// one token's rows are computed (and handed to the RowsHooks below) in RowBranch::add_rows' blocks
 constexpr int64_t kRowBlock = lordba::RowBranch::kRows;
 
 // A one-token kernel's parallel loop tells its caller, on each thread, which blocks [k0, k1) of kRowBlock

@@ -11,6 +11,8 @@
 
 namespace lordba::impl {
 
+namespace {
+
 // ---------------------------------------------------------------- stage 1: h[t][j] = Σ_i ±z[t][i]
 // z: T rows of `ld` floats (group-reversed, zero-padded to a multiple of 16); a sign row: ld/8 bytes.
 // block_sums handles NR sign rows × NT tokens in one pass over z (NR·NT independent accumulators).
@@ -102,6 +104,8 @@ void rows_for_tokens(const uint8_t* sa, int64_t nbytes, const float* z, int64_t 
   }
 }
 
+}  // namespace
+
 // Rows [j0, j1) of `rows_bytes` for all tokens, tile by tile over `in` so that the tile of z of a
 // block of tokens stays in L1 while every row block reads it.
 void tiled_sums(const uint8_t* sa, int64_t nbytes, const float* z, int64_t T, int64_t in, int64_t ld, int64_t r,
@@ -127,6 +131,8 @@ float z_total(const float* z, int64_t ld) {
   return total;
 }
 
+namespace {
+
 // Stage 1 for all r rows and T tokens: h1[t*r + j].
 void stage1(const uint8_t* sa, int64_t nbytes, const float* z, int64_t T, int64_t in, int64_t ld, int64_t r,
             float* h1) {
@@ -141,6 +147,8 @@ void stage1(const uint8_t* sa, int64_t nbytes, const float* z, int64_t T, int64_
     for (int64_t t = 0; t < T; ++t)
       for (int64_t j = 0; j < r; ++j) h1[t * r + j] = 2.f * h1[t * r + j] - totals[t];
 }
+
+}  // namespace
 
 // ---------------------------------------------------------------- stage 2: lookup tables
 // For every token t and group g of 8 rank components (h = h2[t][8g .. 8g+8)), two 16-entry tables:
@@ -189,6 +197,8 @@ void build_nibbles(const float* h2, int64_t T, int64_t rp, float* nib) {
 #endif
 }
 
+namespace {
+
 template <typename out_t>
 inline void store_output(float val, const out_t* base, out_t* y, int64_t idx) {
   if (base != nullptr) val += static_cast<float>(base[idx]);
@@ -210,7 +220,11 @@ inline void output_scalar(const uint8_t* row, int64_t o, int64_t T, int64_t grou
   }
 }
 
+}  // namespace
+
 #if defined(__AVX512F__)
+namespace {
+
 // 16 outputs o0..o0+15 at once: the nibble tables are single registers, looked up with vpermps.
 // words[h] holds bytes 4h..4h+3 of each of the 16 sign rows (little-endian: byte 4h in bits 0-7).
 inline int row_words(const uint8_t* sb, int64_t o0, int64_t rb, __m512i* words) {
@@ -230,6 +244,8 @@ inline int row_words(const uint8_t* sb, int64_t o0, int64_t rb, __m512i* words) 
                                       base, 1);
   return static_cast<int>(rb / 4);
 }
+
+}  // namespace
 
 // Outputs 16·k0 .. 16·k1 (the last block may be short) of every token.
 template <typename out_t>
@@ -279,6 +295,8 @@ void stage2_blocks(const uint8_t* sb, int64_t nbytes, const float* nib, int64_t 
   }
 }
 
+namespace {
+
 template <typename out_t>
 void stage2(const uint8_t* sb, int64_t nbytes, const float* nib, int64_t T, int64_t r, int64_t rp, int64_t out,
             const float* a, float scaling, const out_t* base, out_t* y) {
@@ -287,7 +305,11 @@ void stage2(const uint8_t* sb, int64_t nbytes, const float* nib, int64_t T, int6
     stage2_blocks<out_t>(sb, nbytes, nib, T, r, rp, out, a, scaling, base, y, k0, k1);
   });
 }
+}  // namespace
+
 #else
+namespace {
+
 // Portable: one 256-entry table per group (T-MAC style), laid out token-fastest so that a lookup
 // serves every token with one vectorizable loop: lut[(g*256 + v)*T + t] = hi[v >> 4] + lo[v & 15].
 template <typename out_t>
@@ -326,7 +348,11 @@ void stage2(const uint8_t* sb, int64_t nbytes, const float* nib, int64_t T, int6
     }
   });
 }
+}  // namespace
+
 #endif
+
+namespace {
 
 // Stage 1 and the lookup tables of the sign path: the nibble tables (build_nibbles') of T tokens, in
 // this thread's buffer (valid until its next call).
@@ -348,6 +374,8 @@ const float* sign_tables(const x_t* x, int64_t T, int64_t in, const uint8_t* sa,
   return nib.data();
 }
 
+}  // namespace
+
 template <typename x_t, typename out_t>
 void sign_path(const x_t* x, int64_t T, int64_t in, const uint8_t* sa, int64_t nbytes_a, const uint8_t* sb,
                int64_t nbytes_b, const float* b, const float* m, const float* a, int64_t r, int64_t out,
@@ -356,20 +384,23 @@ void sign_path(const x_t* x, int64_t T, int64_t in, const uint8_t* sa, int64_t n
   stage2<out_t>(sb, nbytes_b, nib, T, r, round_up(r, 8), out, a, scaling, base, y);
 }
 
-// the instantiations the other files call
-template void sign_path<float, float>(const float*, int64_t, int64_t, const uint8_t*, int64_t, const uint8_t*, int64_t, const float*, const float*, const float*, int64_t, int64_t, float, const float*, float*);
-template void sign_path<float, c10::BFloat16>(const float*, int64_t, int64_t, const uint8_t*, int64_t, const uint8_t*, int64_t, const float*, const float*, const float*, int64_t, int64_t, float, const c10::BFloat16*, c10::BFloat16*);
-template void sign_path<float, c10::Half>(const float*, int64_t, int64_t, const uint8_t*, int64_t, const uint8_t*, int64_t, const float*, const float*, const float*, int64_t, int64_t, float, const c10::Half*, c10::Half*);
-template void sign_path<c10::BFloat16, float>(const c10::BFloat16*, int64_t, int64_t, const uint8_t*, int64_t, const uint8_t*, int64_t, const float*, const float*, const float*, int64_t, int64_t, float, const float*, float*);
-template void sign_path<c10::BFloat16, c10::BFloat16>(const c10::BFloat16*, int64_t, int64_t, const uint8_t*, int64_t, const uint8_t*, int64_t, const float*, const float*, const float*, int64_t, int64_t, float, const c10::BFloat16*, c10::BFloat16*);
-template void sign_path<c10::BFloat16, c10::Half>(const c10::BFloat16*, int64_t, int64_t, const uint8_t*, int64_t, const uint8_t*, int64_t, const float*, const float*, const float*, int64_t, int64_t, float, const c10::Half*, c10::Half*);
-template void sign_path<c10::Half, float>(const c10::Half*, int64_t, int64_t, const uint8_t*, int64_t, const uint8_t*, int64_t, const float*, const float*, const float*, int64_t, int64_t, float, const float*, float*);
-template void sign_path<c10::Half, c10::BFloat16>(const c10::Half*, int64_t, int64_t, const uint8_t*, int64_t, const uint8_t*, int64_t, const float*, const float*, const float*, int64_t, int64_t, float, const c10::BFloat16*, c10::BFloat16*);
-template void sign_path<c10::Half, c10::Half>(const c10::Half*, int64_t, int64_t, const uint8_t*, int64_t, const uint8_t*, int64_t, const float*, const float*, const float*, int64_t, int64_t, float, const c10::Half*, c10::Half*);
+// The instantiations the other files call.
+#define LORDBA_SIGN_PATH(x_t, out_t)                                                                             \
+  template void sign_path<x_t, out_t>(const x_t*, int64_t, int64_t, const uint8_t*, int64_t, const uint8_t*,    \
+                                      int64_t, const float*, const float*, const float*, int64_t, int64_t, float, \
+                                      const out_t*, out_t*);
+#define LORDBA_SIGN_PATHS(x_t) \
+  LORDBA_SIGN_PATH(x_t, float) LORDBA_SIGN_PATH(x_t, c10::BFloat16) LORDBA_SIGN_PATH(x_t, c10::Half)
+LORDBA_SIGN_PATHS(float)
+LORDBA_SIGN_PATHS(c10::BFloat16)
+LORDBA_SIGN_PATHS(c10::Half)
 #if defined(__AVX512F__)
-template void stage2_blocks<float>(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, const float*, float, const float*, float*, int64_t, int64_t);
-template void stage2_blocks<c10::BFloat16>(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, const float*, float, const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t);
-template void stage2_blocks<c10::Half>(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, const float*, float, const c10::Half*, c10::Half*, int64_t, int64_t);
+#define LORDBA_STAGE2_BLOCKS(out_t)                                                                              \
+  template void stage2_blocks<out_t>(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, \
+                                     const float*, float, const out_t*, out_t*, int64_t, int64_t);
+LORDBA_STAGE2_BLOCKS(float)
+LORDBA_STAGE2_BLOCKS(c10::BFloat16)
+LORDBA_STAGE2_BLOCKS(c10::Half)
 #endif
 
 }  // namespace lordba::impl
