@@ -5,7 +5,6 @@ shape with random bfloat16 weights (timing needs no trained weights), base alone
 from __future__ import annotations
 
 import copy
-import tempfile
 import traceback
 from collections.abc import Callable
 
@@ -13,9 +12,9 @@ import torch
 from torch import nn
 
 from lordba_lab.bench._gpu_timing import captured, interleaved_gpu
+from lordba_lab.bench._latency_model import variants
 from lordba_lab.bench._timing import paired_ratio
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODEL_SHAPES = {
     "smollm2-135m": dict(
         hidden_size=576,
@@ -51,24 +50,6 @@ def _base(name: str, device: str) -> nn.Module:
             return LlamaForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(before)
-
-
-def _variants(base: nn.Module) -> dict[str, nn.Module]:
-    """``{"base", "lora", "lordba"}`` on copies of ``base``'s weights."""
-    from lordba.config import LoRDBAConfig
-    from lordba.nn.model import LoRDBAModel, get_lordba_model
-    from lordba.train.lora import get_peft_lora_model, peft_lora_config
-
-    torch.manual_seed(1)
-    lora_cfg = peft_lora_config(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, init_lora_weights=False)
-    lora = get_peft_lora_model(copy.deepcopy(base), lora_cfg, autocast_adapter_dtype=False).eval()
-    cfg = LoRDBAConfig(r=RANK, alpha=2 * RANK, target_modules=TARGETS, init="random", scale_dtype="int8")
-    trained = get_lordba_model(copy.deepcopy(base), cfg)
-    with tempfile.TemporaryDirectory() as tmp:
-        trained.save_pretrained(tmp)
-        del trained
-        lordba = LoRDBAModel.from_pretrained(copy.deepcopy(base), tmp).eval()
-    return {"base": base, "lora": lora, "lordba": lordba}
 
 
 def _row(name: str, case: str, mode: str, timed: dict, check: float | None) -> dict:
@@ -147,7 +128,8 @@ def _graph_decode(models: dict, ids: torch.Tensor, rounds: int) -> dict:
 def build(name: str, device: str, errors: dict[str, str]) -> dict[str, nn.Module] | None:
     """The three variants of model ``name`` (``tiny``: a smoke run's), or ``None`` (recorded in ``errors``)."""
     try:
-        return _variants(_base(name, device))
+        # LoRDBA (int8 scales, loaded packed from its file) and PEFT LoRA (factors in bfloat16) r = 16
+        return variants(_base(name, device), RANK, "none", autocast_adapter_dtype=False)
     except Exception:
         errors[f"{name} build"] = traceback.format_exc(limit=-3)
         return None

@@ -13,12 +13,12 @@ round (as :func:`lordba_lab.bench._timing.interleaved` does on CPU), so the pair
 
 from __future__ import annotations
 
-import time
+import functools
 from collections.abc import Callable
 
 import torch
 
-from lordba_lab.bench._timing import Stats, stats
+from lordba_lab.bench._timing import Stats, WallClock, stats, timed_rounds
 
 
 def captured(fn: Callable[[], object], calls: int) -> Callable[[], object]:
@@ -46,51 +46,40 @@ def interleaved_gpu(
     per_round: dict[str, int] | None = None,
     after: Callable[[str], object] | None = None,
 ) -> dict[str, Stats]:
-    """Seconds per call of every function in ``fns``, ``rounds`` samples each, interleaved.
+    """Seconds per call of every function in ``fns``, ``rounds`` samples each, interleaved
+    (:func:`~lordba_lab.bench._timing.timed_rounds`, timed by CUDA events where CUDA is present).
 
     ``per_round[name]``: how many calls one invocation of ``fns[name]`` makes (a captured graph of
     ``calls`` calls: ``calls``; default 1, then ``fns[name]`` is called ``calls`` times per sample).
     ``after(name)`` runs untimed after each sample (to reset state, e.g. crop a KV cache)."""
     per_round = per_round or {}
-    names = list(fns)
-    for name in names:  # warm-up: compile, allocate, fill caches
-        fns[name]()
+    for name, fn in fns.items():  # warm-up: compile, allocate, fill caches
+        fn()
         if after is not None:
             after(name)
-    clock = _Clock()
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(rounds):
-        k = rep % len(names)
-        for name in names[k:] + names[:k]:
-            repeat = max(1, calls // per_round.get(name, 1))
-            clock.start()
-            for _ in range(repeat):
-                fns[name]()
-            samples[name].append(clock.stop() / (repeat * per_round.get(name, 1)))
-            if after is not None:
-                after(name)
-    return {n: stats(s) for n, s in samples.items()}
+    repeat = {n: max(1, calls // per_round.get(n, 1)) for n in fns}
+    batches = {n: functools.partial(_repeated, fn, repeat[n]) for n, fn in fns.items()}
+    clock = _CudaClock() if torch.cuda.is_available() else WallClock()
+    samples = timed_rounds(batches, rounds, after, clock)
+    return {n: stats([t / (repeat[n] * per_round.get(n, 1)) for t in s]) for n, s in samples.items()}
 
 
-class _Clock:
-    """Seconds between :meth:`start` and :meth:`stop`: CUDA events on the current stream where CUDA
-    is present, else the wall clock (so the suite's code runs, slowly, on a CPU machine too)."""
+def _repeated(fn: Callable[[], object], n: int) -> None:
+    for _ in range(n):
+        fn()
+
+
+class _CudaClock:
+    """Seconds between :meth:`start` and :meth:`stop` by CUDA events on the current stream."""
 
     def __init__(self) -> None:
-        self.cuda = torch.cuda.is_available()
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def start(self) -> None:
-        if self.cuda:
-            self.begin.record()
-        else:
-            self.t0 = time.perf_counter()
+        self.begin.record()
 
     def stop(self) -> float:
-        if not self.cuda:
-            return time.perf_counter() - self.t0
         self.end.record()
         self.end.synchronize()
         return self.begin.elapsed_time(self.end) / 1000.0

@@ -44,8 +44,13 @@ def quantized(model: nn.Module, base: str, source: str | Path | None = None) -> 
     return quantize_model(model, backend=base, bits=4, group_size=64)
 
 
-def variants(model: nn.Module, r: int, base: str, source: str | Path | None = None) -> dict[str, nn.Module]:
-    """``{"base", "lora", "lordba"}``: three copies of ``model`` on the same base weights."""
+def variants(
+    model: nn.Module, r: int, base: str, source: str | Path | None = None, autocast_adapter_dtype: bool = True
+) -> dict[str, nn.Module]:
+    """``{"base", "lora", "lordba"}``: three copies of ``model`` on the same base weights.
+
+    ``autocast_adapter_dtype``: PEFT's option of that name (``True``, its default: LoRA factors of a
+    bfloat16 / float16 model held in float32; ``False``: in the model's dtype, as served on a GPU)."""
     from lordba.config import LoRDBAConfig
     from lordba.nn.model import LoRDBAModel, get_lordba_model
     from lordba.train.lora import get_peft_lora_model, peft_lora_config
@@ -53,7 +58,9 @@ def variants(model: nn.Module, r: int, base: str, source: str | Path | None = No
     torch.manual_seed(0)
     plain = quantized(copy.deepcopy(model), base, source).eval()
     lora_cfg = peft_lora_config(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False)
-    lora = get_peft_lora_model(quantized(copy.deepcopy(model), base, source), lora_cfg).eval()
+    lora = get_peft_lora_model(
+        quantized(copy.deepcopy(model), base, source), lora_cfg, autocast_adapter_dtype=autocast_adapter_dtype
+    ).eval()
     trained = get_lordba_model(
         copy.deepcopy(model),
         LoRDBAConfig(r=r, alpha=2 * r, target_modules=TARGETS, init="random", scale_dtype=SCALE_DTYPE),

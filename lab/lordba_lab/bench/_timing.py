@@ -85,16 +85,40 @@ def interleaved(
         if after is not None:
             after(name)
     reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-9))))
+    return {n: stats(s) for n, s in timed_rounds(fns, reps, after).items()}
+
+
+class WallClock:
+    """Seconds between :meth:`start` and :meth:`stop`, by ``time.perf_counter``."""
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def timed_rounds(
+    fns: dict[str, Callable[[], object]],
+    reps: int,
+    after: Callable[[str], object] | None = None,
+    clock: WallClock | None = None,
+) -> dict[str, list[float]]:
+    """``{name: times}``: ``reps`` rounds in which every function in ``fns`` is called and timed once,
+    the order rotated every round; ``after(name)`` runs untimed after each call. ``clock``: anything
+    with ``start()`` and ``stop() -> seconds`` (default the wall clock; the gpu suite's CUDA events)."""
+    clock = clock or WallClock()
+    names = list(fns)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(reps):
         k = rep % len(names)
         for name in names[k:] + names[:k]:
-            start = time.perf_counter()
+            clock.start()
             fns[name]()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(clock.stop())
             if after is not None:
                 after(name)
-    return {n: stats(s) for n, s in samples.items()}
+    return samples
 
 
 def load() -> tuple[float, float, float]:
