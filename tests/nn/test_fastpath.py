@@ -107,7 +107,8 @@ def test_fast_prefill_joins_the_gemm_as_accurately(kernel_mode, count, monkeypat
 def test_fast_prefill_keeps_the_folded_factors_until_an_adapter_tensor_changes(monkeypatch):
     """A prompt on the bfloat16 GEMM folds each layer's factors once (``lordba::q4_prefill_factors``) and
     keeps them for the next prompts; a tensor of an adapter changed in place refolds that layer's (its
-    version counter), with the result a fresh model computes; decode (one token) never folds."""
+    version counter, shared by the adapter's views of one buffer), with the result a fresh model computes;
+    decode (one token) never folds."""
     import copy
 
     from lordba import LoRDBAConfig, get_lordba_model
@@ -133,7 +134,10 @@ def test_fast_prefill_keeps_the_folded_factors_until_an_adapter_tensor_changes(m
         sign_B = adapters[0]._buffers["sign_B"]
         sign_B.bitwise_not_()  # in place: the layer's kept call reads the same tensor
         changed = lm(input_ids=IDS).logits
-        assert len(folds) == len(adapters) + 1 and folds[-1] is adapters[0]._buffers["sign_A"]
+        # the changed layer refolds; with the adapter's tensors views of one buffer (a loaded file's, or
+        # pack()'s) they share one version counter, so every layer of it refolds once
+        refolded = folds[len(adapters) :]
+        assert any(f is adapters[0]._buffers["sign_A"] for f in refolded) and len(refolded) <= len(adapters)
         assert not torch.equal(changed, first)
         assert torch.equal(copy.deepcopy(lm)(input_ids=IDS).logits, changed)
 

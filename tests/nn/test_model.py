@@ -1,4 +1,5 @@
 import inspect
+import itertools
 import threading
 
 import pytest
@@ -70,8 +71,16 @@ def test_packing_in_memory_keeps_logits(input_ids):
     lm = randomized()
     before = logits(lm, input_ids)
     lm.pack()
-    assert all(isinstance(ad, PackedAdapter) for ad in lm.adapter_modules("default").values())
+    adapters = list(lm.adapter_modules("default").values())
+    assert all(isinstance(ad, PackedAdapter) for ad in adapters)
     assert torch.equal(logits(lm, input_ids), before)
+    # held as a loaded file's tensors are: views of one buffer (decode reads them faster), not overlapping
+    names = ("sign_A", "sign_B", "scale_in", "scale_mid", "scale_out")
+    tensors = [getattr(ad, n) for ad in adapters for n in names]
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors)
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))
+    assert all(t.is_contiguous() for t in tensors)
 
 
 def test_named_adapters_go_to_subfolders_and_stack(tmp_path, input_ids):

@@ -32,7 +32,7 @@ from lordba.config import LoRDBAConfig
 from lordba.core.scales import get_codec
 from lordba.errors import AdapterStateError, ConfigError, ShapeMismatchError, TargetModulesError
 from lordba.format.sizes import SizeReport, size_report
-from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter
+from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter, hold_together
 from lordba.nn.hub import refuse_base_attribute
 from lordba.nn.layer import LoRDBALinear
 from lordba.nn.lock import RWLock
@@ -238,10 +238,14 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
 
     def pack(self, adapter_name: str | None = None) -> None:
         """Turn adapters (default: all) into the inference form (:class:`~lordba.nn.adapter.PackedAdapter`:
-        packed signs and stored scales, frozen); latents are dropped."""
+        packed signs and stored scales, frozen; each adapter's tensors in one buffer, as loaded ones are:
+        :func:`~lordba.nn.adapter.hold_together`); latents are dropped."""
         with self._lock.write():
             for name in [adapter_name] if adapter_name else list(self.peft_config):
+                if not any(isinstance(a, TrainableAdapter) for a in self.adapter_modules(name).values()):
+                    continue
                 self._convert_forms(name, lambda a: a.pack() if isinstance(a, TrainableAdapter) else a)
+                hold_together([a for a in self.adapter_modules(name).values() if isinstance(a, PackedAdapter)])
 
     def _swap(self, adapter_name: str, path: str, adapter: LoRDBAAdapter) -> LoRDBAAdapter:
         """Put ``adapter`` (another form of the one held) at ``path`` under ``adapter_name``; returns it."""
