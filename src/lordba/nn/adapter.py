@@ -388,8 +388,8 @@ def _view_if_equal(param: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
 def hold_together(adapters: Sequence[PackedAdapter]) -> None:
     """Hold the tensors of ``adapters`` (one adapter's modules, in model order) as views of one buffer per
     device, each kind's tensors side by side: the layout a loaded file gives (views of its one buffer).
-    Decode reads every layer's adapter each token; from separately allocated tensors that cost ~2 points
-    more of q4 decode time (docs/kernels.md). Values are unchanged."""
+    Decode reads every layer's adapter each token; from separately allocated tensors that cost about a
+    point more of q4 decode time at 2 threads (docs/kernels.md). Values are unchanged."""
     by_device: dict[torch.device, list[PackedAdapter]] = {}
     for adapter in adapters:
         by_device.setdefault(adapter.sign_A.device, []).append(adapter)
