@@ -23,6 +23,10 @@ def test_loaded_adapter_reproduces_the_reported_errors(tmp_path):
     assert state.config.target_modules == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     lm = LoRDBAModel(model.get_base_model().__class__(model.get_base_model().config))
     lm.load_adapter_state(state, "default")
+    # copied (the state is the caller's), into one buffer as a loaded file's tensors are held
+    held = [t for ad in lm.adapter_modules("default").values() for t in ad.buffers()]
+    given = {t.data_ptr() for rec in state.modules.values() for t in rec.tensors.values()}
+    assert len({t.untyped_storage().data_ptr() for t in held}) == 1 and not given & {t.data_ptr() for t in held}
     lora = read_lora(path)
     for layer_report in report.layers:
         adapter = lm.adapter_modules("default")[layer_report.path]

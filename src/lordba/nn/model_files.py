@@ -23,7 +23,7 @@ from lordba.config import LoRDBAConfig
 from lordba.core.scales import get_codec
 from lordba.errors import AdapterFormatError, AdapterStateError, ShapeMismatchError
 from lordba.format import adapter as adapter_files
-from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter
+from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter, hold_together
 from lordba.nn.hub import resolve_adapter_dir, upload_adapter_folder, write_model_card
 from lordba.quant import BaseBackend
 
@@ -213,7 +213,7 @@ class AdapterFilesMixin:
                 config.scaling_for(path),
                 codec,
                 device=_device(base, backend, devices),
-                copy=not owned,
+                copy=False,  # a file's own tensors, or the caller's: copied below into one buffer
                 training=base.training,  # its layer's mode, as a rule (checked again when installed)
             )
             if adapter.dropout != config.dropout:
@@ -222,6 +222,8 @@ class AdapterFilesMixin:
                 adapter = adapter.trainable(config.ste_spec)
                 adapter.set_trainable(signs=False, scales=True)
             adapters[path] = adapter
+        if not owned:  # the caller's tensors: copied, as a loaded file's are held (one buffer)
+            hold_together([a for a in adapters.values() if isinstance(a, PackedAdapter)])
         with self._lock.write():
             self._check_new_name(adapter_name)  # again: another thread may have taken the name
             self._install(adapter_name, adapters)
