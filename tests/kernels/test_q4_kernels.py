@@ -157,6 +157,23 @@ def test_bfloat16_gemm_rounds_the_gemm_operands_only_from_sixteen_tokens(tokens)
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(48, 96, 32), (37, 100, 64), (1536, 576, 64)])
+@pytest.mark.parametrize("tokens", [16, 40, 512])
+def test_bfloat16_gemm_block_is_the_float32_weight_rounded(shape, tokens, bits):
+    """The bfloat16 GEMM's weight block, dequantized straight to bfloat16, is the float32 dequantized weight
+    rounded to bfloat16 (to nearest even) bit for bit: the output equals the GEMM on those operands exactly,
+    padded inputs (``in`` not a multiple of 32) and 8-bit codes included."""
+    out, in_features, group = shape
+    qweight, scale, minus, _ = packed(out, in_features, group, seed=tokens + bits, bits=bits)
+    x = torch.randn(tokens, in_features)
+    w = q4_dequantize(qweight, scale, minus, in_features, bits)
+    want = torch.mm(x.bfloat16(), w.bfloat16().t()).float()
+    got = q4_linear(x, qweight, scale, minus, in_features, bits=bits, bf16=True)
+    assert torch.equal(got, want)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("shape", [(7, 40, 64), (33, 20, 64), (64, 128, 128), (5, 96, 32), (4, 600, 64)])
 def test_bfloat16_one_token_kernel_is_the_rounded_inputs_arithmetic(shape, bits):
     """``bf16`` with one token (AVX512_BF16 builds): the products of the codes with the input rounded

@@ -42,6 +42,7 @@ SOURCES = (
     Path(__file__).with_name("branch_rows.cpp"),
     Path(__file__).with_name("row_branch.cpp"),
     Path(__file__).with_name("q4.cpp"),
+    Path(__file__).with_name("q4_gemm.cpp"),
     Path(__file__).with_name("q4_branch.cpp"),
     Path(__file__).with_name("q4_dot.cpp"),
     Path(__file__).with_name("attention.cpp"),

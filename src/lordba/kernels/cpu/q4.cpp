@@ -9,17 +9,14 @@
 // unpacked nibbles in float32 (no activation quantization), so the result is the dequantized
 // weight's exactly up to float rounding. Decode (a few tokens) reads 4.5 bits per weight, 7x less
 // than float32: that is where the speed comes from. Many tokens (prefill, backward) dequantize
-// blocks of rows to float32 and use the BLAS GEMM. With `bf16` the operands are rounded to bfloat16
-// (the GEMM's; one token's x, on q4_dot.cpp's bfloat16 kernel); with `int8_dot` one token's x is
-// quantized to int8 (q4_dot.cpp). The offset term always uses the float32 sums of x.
+// blocks of rows and use the BLAS GEMM (q4_gemm.cpp). With `bf16` the operands are rounded to
+// bfloat16 (the GEMM's; one token's x, on q4_dot.cpp's bfloat16 kernel); with `int8_dot` one token's
+// x is quantized to int8 (q4_dot.cpp). The offset term always uses the float32 sums of x.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
-#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -187,60 +184,6 @@ void rows_dot1(const Packed& p, int64_t o, const float* x, const float* xsum, fl
 }
 #endif
 
-// float32 [rows o0..o1, in] of the dequantized weight, into dst (row stride `ld`, default `in`).
-void dequant_rows(const Packed& p, int64_t o0, int64_t o1, float* dst, int64_t ld = 0) {
-  if (ld == 0) ld = p.in;
-  for (int64_t o = o0; o < o1; ++o) {
-    const uint8_t* q = p.q + o * p.row_bytes;
-    float* d = dst + (o - o0) * ld;
-    for (int64_t g = 0; g < p.groups; ++g) {
-      const float s = half_to_float(p.s[o * p.groups + g]), m = half_to_float(p.m[o * p.groups + g]);
-      for (int64_t k = g * p.group; k < (g + 1) * p.group && k < p.in; k += kChunk) {
-#if defined(__AVX512F__)
-        __m512i lo_i, hi_i;
-        if (p.bits == 4) {
-          const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2)));
-          lo_i = _mm512_and_si512(bytes, _mm512_set1_epi32(15));
-          hi_i = _mm512_srli_epi32(bytes, 4);
-        } else {
-          lo_i = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)));
-          hi_i = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k + 16)));
-        }
-        const __m512 vs = _mm512_set1_ps(s), vm = _mm512_set1_ps(m);
-        const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo_i), vs, vm);
-        const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi_i), vs, vm);
-        const int64_t left = p.in - k;
-        if (left >= kChunk) {
-          _mm512_storeu_ps(d + k, lo);
-          _mm512_storeu_ps(d + k + 16, hi);
-        } else {  // the padded tail: only the inputs below `in` are written
-          const __mmask16 m0 = static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1);
-          const __mmask16 m1 = static_cast<__mmask16>(left > 16 ? (1u << (left - 16)) - 1 : 0);
-          _mm512_mask_storeu_ps(d + k, m0, lo);
-          _mm512_mask_storeu_ps(d + k + 16, m1, hi);
-        }
-#else
-        for (int64_t j = 0; j < 16; ++j) {
-          const int lo = p.bits == 4 ? (q[k / 2 + j] & 15) : q[k + j];
-          const int hi = p.bits == 4 ? (q[k / 2 + j] >> 4) : q[k + j + 16];
-          if (k + j < p.in) d[k + j] = s * static_cast<float>(lo) + m;
-          if (k + j + 16 < p.in) d[k + j + 16] = s * static_cast<float>(hi) + m;
-        }
-#endif
-      }
-    }
-  }
-}
-
-at::Tensor q4_dequant(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minus, int64_t in,
-                      int64_t bits) {
-  const Packed p = unpack_args(qweight, scale, minus, in, bits);
-  at::Tensor w = at::empty({p.out, p.in}, qweight.options().dtype(at::kFloat));
-  float* dst = w.data_ptr<float>();
-  at::parallel_for(0, p.out, 16, [&](int64_t o0, int64_t o1) { dequant_rows(p, o0, o1, dst + o0 * p.in); });
-  return w;
-}
-
 }  // namespace
 
 // Few tokens: the packed rows are read once per block of kTokenBlock tokens.
@@ -304,66 +247,6 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool 
   if (hooks != nullptr) {
     hooks->start(0, (p.out + kRowBlock - 1) / kRowBlock);
     hooks->done(0, (p.out + kRowBlock - 1) / kRowBlock);
-  }
-}
-
-namespace {
-
-// [x | h | 0] into xin [T, K] by at::mm (h = x A'^T in xin's dtype), where input_with_h cannot run.
-void input_with_mm(const at::Tensor& x2, const at::Tensor& A, int64_t in, at::Tensor& xin) {
-  const int64_t r = A.size(0), K = xin.size(1);
-  const at::Tensor xs = xin.narrow(1, 0, in);
-  xs.copy_(x2);
-  at::Tensor h = xin.narrow(1, in, r);
-  at::mm_out(h, xs, A.to(xin.scalar_type()).t());
-  xin.narrow(1, in + r, K - in - r).zero_();
-}
-
-}  // namespace
-
-// Many tokens: dequantize blocks of rows and multiply with the BLAS GEMM, in float32 or (bf16) with
-// the block and the input rounded to bfloat16 (oneDNN's bf16 GEMM: 4x the float32 GEMM's speed on a
-// CPU with AVX512_BF16; the output is rounded to bfloat16 too). The 4-bit weight is exact in float32;
-// bfloat16 rounds it and the input to 8 significant bits, far below the 4-bit quantization error.
-//
-// With a LoRDBA branch (folded factors A' [r, in], B' [out, r], bfloat16; q4_branch's `fast`
-// prefill) the branch joins the GEMM as r more inputs: h = x A'^T (prefill.cpp's pass on the tile
-// unit, else at::mm), then y = [x | h] [W | B']^T block by block, so its second product costs r / in
-// of the base GEMM instead of a skinny GEMM and a pass over the output of its own (SmolLM2-135M's
-// 512-token prefill, docs/kernels.md), rounded as the base is.
-void gemm(const Packed& p, const at::Tensor& x2, at::Tensor& y, bool bf16, const at::Tensor* A, const at::Tensor* B,
-          const uint32_t* packedA) {
-  const int64_t r = A != nullptr ? A->size(0) : 0;
-  // With a branch, K = in + r padded with zero columns to a multiple of 32 (oneDNN's bfloat16 GEMM
-  // runs SmolLM2's K = 608 faster than 592; zeros add nothing to the sums).
-  const int64_t K = r > 0 ? (p.in + r + 31) / 32 * 32 : p.in;
-  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(p.out, (1 << 20) / std::max<int64_t>(K, 1)));
-  at::Tensor w = at::empty({block, K}, x2.options());
-  at::Tensor xin;
-  if (A == nullptr) {
-    xin = bf16 ? x2.to(at::kBFloat16) : x2;
-  } else {  // [x | h | 0], h = x A'^T written in place (no concatenation): on the tile unit where it runs
-    const auto dtype = bf16 ? at::kBFloat16 : at::kFloat;
-    xin = at::empty({x2.size(0), K}, x2.options().dtype(dtype));
-    if (!bf16 || !input_with_h(x2.data_ptr<float>(), x2.size(0), p.in, A->data_ptr<at::BFloat16>(), r,
-                               xin.data_ptr<at::BFloat16>(), K, packedA))
-      input_with_mm(x2, *A, p.in, xin);
-  }
-  const at::BFloat16* bp = B != nullptr ? B->data_ptr<at::BFloat16>() : nullptr;  // [out, r]
-  for (int64_t o0 = 0; o0 < p.out; o0 += block) {
-    const int64_t o1 = std::min(p.out, o0 + block);
-    float* dst = w.data_ptr<float>();
-    at::parallel_for(o0, o1, 16, [&](int64_t a, int64_t b) {
-      dequant_rows(p, a, b, dst + (a - o0) * K, K);
-      if (bp == nullptr) return;
-      for (int64_t o = a; o < b; ++o) {  // then the row's r columns of B' and the zero padding
-        float* row = dst + (o - o0) * K + p.in;
-        std::copy(bp + o * r, bp + (o + 1) * r, row);
-        std::fill(row + r, row + (K - p.in), 0.f);
-      }
-    });
-    const at::Tensor wb = w.narrow(0, 0, o1 - o0);
-    y.narrow(1, o0, o1 - o0).copy_(bf16 ? at::mm(xin, wb.to(at::kBFloat16).t()) : at::mm(xin, wb.t()));
   }
 }
 

@@ -1,5 +1,5 @@
-// Shared by the 4-bit kernels (q4.cpp: layout, dequantization, GEMM, the float32 decode; q4_dot.cpp:
-// the bfloat16 and int8 one-token kernels).
+// Shared by the 4-bit kernels (q4.cpp: layout, the float32 decode; q4_gemm.cpp: dequantization and the
+// GEMM of many tokens; q4_dot.cpp: the bfloat16 and int8 one-token kernels).
 #pragma once
 
 #include <c10/util/FunctionRef.h>
@@ -113,6 +113,8 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool 
           const RowsHooks* hooks = nullptr);
 void gemm(const Packed& p, const at::Tensor& x2, at::Tensor& y, bool bf16, const at::Tensor* A = nullptr,
           const at::Tensor* B = nullptr, const uint32_t* packedA = nullptr);
+at::Tensor q4_dequant(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minus, int64_t in,
+                      int64_t bits);
 std::pair<at::Tensor, std::vector<int64_t>> input_rows(const at::Tensor& x, int64_t in, int64_t out, const char* op);
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                      const at::Tensor& minus, int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16,
