@@ -113,8 +113,9 @@ void input_with_mm(const at::Tensor& x2, const at::Tensor& A, int64_t in, at::Te
 
 // Many tokens: dequantize blocks of rows and multiply with the BLAS GEMM, in float32 or (bf16) with the
 // block (dequantized straight to bfloat16) and the input rounded to bfloat16 (oneDNN's bf16 GEMM: 4x the
-// float32 GEMM's speed on a CPU with AVX512_BF16; the output is rounded to bfloat16 too). The 4-bit weight is exact in float32;
-// bfloat16 rounds it and the input to 8 significant bits, far below the 4-bit quantization error.
+// float32 GEMM's speed on a CPU with AVX512_BF16; the output is rounded to bfloat16 too). The 4-bit weight
+// is exact in float32; bfloat16 rounds it and the input to 8 significant bits, far below the 4-bit
+// quantization error.
 //
 // With a LoRDBA branch (folded factors A' [r, in], B' [out, r], bfloat16; q4_branch's `fast`
 // prefill) the branch joins the GEMM as r more inputs: h = x A'^T (prefill.cpp's pass on the tile
