@@ -110,7 +110,6 @@ void input_with_mm(const at::Tensor& x2, const at::Tensor& A, int64_t in, at::Te
 
 }  // namespace
 
-
 // Many tokens: dequantize blocks of rows and multiply with the BLAS GEMM, in float32 or (bf16) with the
 // block (dequantized straight to bfloat16) and the input rounded to bfloat16 (oneDNN's bf16 GEMM: 4x the
 // float32 GEMM's speed on a CPU with AVX512_BF16; the output is rounded to bfloat16 too). The 4-bit weight
