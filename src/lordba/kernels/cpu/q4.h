@@ -82,6 +82,10 @@ inline float row_offset(const Packed& p, int64_t o, const float* xsum) {
   return offset;
 }
 
+// xsum [T][groups]: each token's sum of x over each weight group, every group summed in input order
+// (the groups interleaved so their sums run side by side, not one long chain of dependent adds).
+void group_sums(const Packed& p, const float* x, int64_t T, float* xsum);
+
 // One token on the bfloat16 (bf16) or int8 (int8_dot, 4-bit rows) kernel, where this build has it:
 // y[o] for every row, xsum the token's group sums of x; `hooks` (if given) hear of each thread's blocks
 // of rows. Returns false (nothing written) where neither applies, and the float32 kernels run.

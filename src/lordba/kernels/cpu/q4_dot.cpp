@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace lordba_q4 {
@@ -75,7 +76,7 @@ struct XBf16 {
 
 // Word i (0..7) of lane k (0..3) of a 16-byte chunk holds bytes 2i, 2i+1; shifted by 4k it exposes
 // k = 0: low nibble of byte 2i, 1: its high nibble, 2: low nibble of byte 2i+1, 3: its high nibble.
-void permute_bf16(const Packed& p, const float* x, XBf16& xb) {
+void permute_bf16_scalar(const Packed& p, const float* x, XBf16& xb) {
   const int64_t stored_chunks = p.row_bytes / 16;
   xb.x.assign(static_cast<size_t>(stored_chunks * 32), 0);
   xb.sum.assign(static_cast<size_t>(p.groups), 0.f);
@@ -99,6 +100,49 @@ void permute_bf16(const Packed& p, const float* x, XBf16& xb) {
       }
     }
   }
+}
+
+// 16 floats to bfloat16 words, rounded as c10::BFloat16 rounds them (to nearest even; NaN to 0x7FC0).
+inline __m256i bf16_words(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
+}
+
+// permute_bf16_scalar's words and sums, the same bits: a 4-bit row's 32 inputs of a chunk rounded and
+// permuted in registers (one vpermw), each group's sum added in the same order as there, the groups side
+// by side. 8-bit rows (the head) take the scalar path.
+void permute_bf16(const Packed& p, const float* x, XBf16& xb) {
+  if (p.bits != 4) return permute_bf16_scalar(p, x, xb);
+  const int64_t stored_chunks = p.row_bytes / 16;
+  xb.x.resize(static_cast<size_t>(stored_chunks * 32));
+  xb.sum.assign(static_cast<size_t>(p.groups), 0.f);
+  // word j = 8k + i of a chunk holds input 2i + (k >> 1) + 16 (k & 1) (permute_bf16_scalar's order)
+  alignas(64) uint16_t order[32];
+  for (int k = 0; k < 4; ++k)
+    for (int i = 0; i < 8; ++i) order[8 * k + i] = static_cast<uint16_t>(2 * i + (k >> 1) + 16 * (k & 1));
+  const __m512i idx = _mm512_load_si512(order);
+  uint16_t* w = xb.x.data();
+  for (int64_t c = 0; c < stored_chunks; ++c) {
+    const int64_t left = p.in - c * 32;
+    const __mmask16 m0 = left >= 16 ? 0xFFFF : (left > 0 ? static_cast<__mmask16>((1u << left) - 1) : 0);
+    const __mmask16 m1 = left >= 32 ? 0xFFFF : (left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1) : 0);
+    const __m256i lo = bf16_words(_mm512_maskz_loadu_ps(m0, x + c * 32));
+    const __m256i hi = bf16_words(_mm512_maskz_loadu_ps(m1, x + c * 32 + 16));
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    _mm512_storeu_si512(w + c * 32, _mm512_permutexvar_epi16(idx, both));
+  }
+  const int64_t per_group = stored_chunks / p.groups * 32;  // words of a group, summed in order
+  float* sum = xb.sum.data();
+  for (int64_t j = 0; j < per_group; ++j)
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const uint32_t bits = static_cast<uint32_t>(w[g * per_group + j]) << 16;
+      float v;
+      std::memcpy(&v, &bits, sizeof v);
+      sum[g] += v;
+    }
 }
 
 // R rows at a time (R independent accumulator chains; each 32-input slice of x loaded once for the R
