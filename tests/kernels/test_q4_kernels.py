@@ -341,6 +341,46 @@ def test_bfloat16_prefill_joins_the_branch_to_the_gemm(tokens, bias, shape):
     assert not torch.equal(got, two) and err < 2 * err_two + 1e-4, (err, err_two)
 
 
+_WITHOUT_TILE_UNIT = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_q4_kernels import _prefill_case
+from lordba.kernels.q4 import q4_linear
+assert not torch.ops.lordba.q4_amx()
+for shape in [(40, 80, 20), (24, 75, 5), (48, 96, 8)]:
+    for tokens in (42, 64):
+        x, layer, tensors, bias_t, w, fa, fb = _prefill_case(*shape, tokens, True)
+        got = torch.ops.lordba.q4_branch(x, *layer, 16, 4, True, False, bias_t, *tensors, 2.0, 4)
+        folded = torch.ops.lordba.q4_prefill_factors(*tensors, 2.0)
+        kept = torch.ops.lordba.q4_branch(x, *layer, 16, 4, True, False, bias_t, *tensors, 2.0, 4, *folded)
+        h = (x.bfloat16() @ fa.bfloat16().t()).bfloat16()
+        want = (torch.cat([x.bfloat16(), h], 1) @ torch.cat([w.bfloat16(), fb.bfloat16()], 1).t()).float() + bias_t
+        assert torch.equal(got, kept), (shape, tokens)
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=float(want.abs().max()) * 2**-7)
+print("ok")
+"""
+
+
+@needs_cpu_kernels
+def test_bfloat16_prefill_without_the_tile_unit_joins_the_branch_correctly():
+    """``LORDBA_AMX=0`` (and CPUs with AVX512_BF16 but no AMX): ``h = x A'ᵀ`` by oneDNN into the GEMM's input
+    — right for every token (``mm_out`` straight into the input's columns had computed whole tokens wrong
+    there), the same with the folded factors given, close to the rounded arithmetic. In a subprocess: the
+    switch is read once per process."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from lordba.kernels.q4 import native_bfloat16
+
+    if not native_bfloat16():
+        pytest.skip("the bfloat16 GEMM runs only where the CPU has native bfloat16 dot products")
+    env = {**os.environ, "LORDBA_AMX": "0"}
+    here = str(Path(__file__).parent)
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_TILE_UNIT, here], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
 @needs_cpu_kernels
 def test_prefill_factors_are_the_folded_factors_and_bad_ones_are_refused():
     """``q4_prefill_factors``: ``A' = S_A diag(b)`` and ``B' = s diag(a) S_B diag(m)`` in bfloat16;

@@ -27,6 +27,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
@@ -145,7 +147,11 @@ bool request_tiles() {
 
 bool amx_ready() {
 #if defined(LORDBA_AMX)
-  static const bool ready = request_tiles();
+  // LORDBA_AMX=0 keeps the tile unit unused (the oneDNN path of CPUs without it), read once per process
+  static const bool ready = [] {
+    const char* env = std::getenv("LORDBA_AMX");
+    return !(env != nullptr && std::string(env) == "0") && request_tiles();
+  }();
   return ready;
 #else
   return false;

@@ -82,6 +82,19 @@ inline float row_offset(const Packed& p, int64_t o, const float* xsum) {
   return offset;
 }
 
+#if defined(__AVX512F__)
+// 16 float32 rounded to bfloat16 words exactly as c10::BFloat16 rounds them: to nearest, ties to even (an
+// integer add on the bits), NaN to 0x7FC0. (q4_dot.cpp's one-token input; q4_gemm.cpp's weight blocks where
+// the CPU has no AVX512_BF16 conversion.)
+inline __m256i bf16_words(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(_mm512_srli_epi32(up, 16), nan, _mm512_set1_epi32(0x7FC0)));
+}
+#endif
+
 // xsum [T][groups]: each token's sum of x over each weight group, every group summed in input order
 // (the groups interleaved so their sums run side by side, not one long chain of dependent adds).
 void group_sums(const Packed& p, const float* x, int64_t T, float* xsum);

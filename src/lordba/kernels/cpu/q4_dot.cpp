@@ -102,15 +102,6 @@ void permute_bf16_scalar(const Packed& p, const float* x, XBf16& xb) {
   }
 }
 
-// 16 floats to bfloat16 words, rounded as c10::BFloat16 rounds them (to nearest even; NaN to 0x7FC0).
-inline __m256i bf16_words(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
-}
-
 // permute_bf16_scalar's words and sums, the same bits: a 4-bit row's 32 inputs of a chunk rounded and
 // permuted in registers (one vpermw), each group's sum added in the same order as there, the groups side
 // by side. 8-bit rows (the head) take the scalar path.

@@ -25,10 +25,7 @@ inline __m256i to_bf16(__m512 v) {
 #if defined(__AVX512BF16__)
   return (__m256i)_mm512_cvtneps_pbh(v);
 #else
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  return bf16_words(v);
 #endif
 }
 
@@ -98,13 +95,15 @@ void block_rows(const Packed& p, int64_t o0, int64_t o1, Out* dst, int64_t K, co
   }
 }
 
-// [x | h | 0] into xin [T, K] by at::mm (h = x A'^T in xin's dtype), where input_with_h cannot run.
+// [x | h | 0] into xin [T, K] by at::mm (h = x A'^T in xin's dtype), where input_with_h cannot run. h is
+// computed from x rounded into a tensor of its own, then copied: at::mm on xin's first `in` columns (a strided
+// view) reads past them in torch 2.13's bfloat16 path (whole tokens of h came out wrong, NaN where xin's other
+// columns held garbage), and mm_out straight into xin's columns shares xin's storage with that input.
 void input_with_mm(const at::Tensor& x2, const at::Tensor& A, int64_t in, at::Tensor& xin) {
   const int64_t r = A.size(0), K = xin.size(1);
-  const at::Tensor xs = xin.narrow(1, 0, in);
-  xs.copy_(x2);
-  at::Tensor h = xin.narrow(1, in, r);
-  at::mm_out(h, xs, A.to(xin.scalar_type()).t());
+  const at::Tensor xr = x2.to(xin.scalar_type()).contiguous();
+  xin.narrow(1, 0, in).copy_(xr);
+  xin.narrow(1, in, r).copy_(at::mm(xr, A.to(xin.scalar_type()).t()));
   xin.narrow(1, in + r, K - in - r).zero_();
 }
 
