@@ -345,7 +345,6 @@ _WITHOUT_TILE_UNIT = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
 from test_q4_kernels import _prefill_case
-from lordba.kernels.q4 import q4_linear
 assert not torch.ops.lordba.q4_amx()
 for shape in [(40, 80, 20), (24, 75, 5), (48, 96, 8)]:
     for tokens in (42, 64):
@@ -364,9 +363,9 @@ print("ok")
 @needs_cpu_kernels
 def test_bfloat16_prefill_without_the_tile_unit_joins_the_branch_correctly():
     """``LORDBA_AMX=0`` (and CPUs with AVX512_BF16 but no AMX): ``h = x A'ᵀ`` by oneDNN into the GEMM's input
-    — right for every token (``mm_out`` straight into the input's columns had computed whole tokens wrong
-    there), the same with the folded factors given, close to the rounded arithmetic. In a subprocess: the
-    switch is read once per process."""
+    — right for every token (``at::mm`` on a strided view of the GEMM's input had computed whole tokens
+    wrong there), the same with the folded factors given, close to the rounded arithmetic. In a
+    subprocess: the switch is read once per process."""
     import os
     import subprocess
     from pathlib import Path

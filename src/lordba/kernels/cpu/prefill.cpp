@@ -28,7 +28,6 @@
 #include <cstdint>
 #include <cstring>
 #include <cstdlib>
-#include <string>
 #include <vector>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
@@ -150,7 +149,7 @@ bool amx_ready() {
   // LORDBA_AMX=0 keeps the tile unit unused (the oneDNN path of CPUs without it), read once per process
   static const bool ready = [] {
     const char* env = std::getenv("LORDBA_AMX");
-    return !(env != nullptr && std::string(env) == "0") && request_tiles();
+    return !(env != nullptr && std::strcmp(env, "0") == 0) && request_tiles();
   }();
   return ready;
 #else

@@ -7,6 +7,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -111,10 +112,13 @@ void permute_bf16(const Packed& p, const float* x, XBf16& xb) {
   xb.x.resize(static_cast<size_t>(stored_chunks * 32));
   xb.sum.assign(static_cast<size_t>(p.groups), 0.f);
   // word j = 8k + i of a chunk holds input 2i + (k >> 1) + 16 (k & 1) (permute_bf16_scalar's order)
-  alignas(64) uint16_t order[32];
-  for (int k = 0; k < 4; ++k)
-    for (int i = 0; i < 8; ++i) order[8 * k + i] = static_cast<uint16_t>(2 * i + (k >> 1) + 16 * (k & 1));
-  const __m512i idx = _mm512_load_si512(order);
+  alignas(64) static const auto order = [] {
+    std::array<uint16_t, 32> o{};
+    for (int k = 0; k < 4; ++k)
+      for (int i = 0; i < 8; ++i) o[8 * k + i] = static_cast<uint16_t>(2 * i + (k >> 1) + 16 * (k & 1));
+    return o;
+  }();
+  const __m512i idx = _mm512_load_si512(order.data());
   uint16_t* w = xb.x.data();
   for (int64_t c = 0; c < stored_chunks; ++c) {
     const int64_t left = p.in - c * 32;
