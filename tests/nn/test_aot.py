@@ -105,8 +105,9 @@ def test_bad_calls_are_refused():
 
 
 def test_the_package_calls_the_ops_directly_with_the_proxy_executors_results(tmp_path, monkeypatch):
-    """With the kernels' C shims the compiled step calls ``aoti_torch_cpu_q4_branch`` & co. itself (no
-    proxy executor); without them (symbols not global) it boxes the calls: both give the same logits."""
+    """With the kernels' C shims the compiled step calls ``aoti_torch_cpu_q4_group`` & co. itself (no
+    proxy executor, list arguments as pointer and length); without them (symbols not global) it boxes
+    the calls: both give the same logits."""
     import zipfile
 
     from lordba.kernels.cpu import aoti
@@ -125,7 +126,8 @@ def test_the_package_calls_the_ops_directly_with_the_proxy_executors_results(tmp
         decode.prefill(PROMPT)
         logits.append(decode.step(7))
         code = symbols(decode)
-        for name in ("q4_branch", "q4_linear", "decode_attention"):
+        assert decode.step_for.grouped > 0  # q/k/v and gate/up: one q4_group call each (lordba.nn.aot_group)
+        for name in ("q4_group", "q4_branch", "q4_linear", "decode_attention"):
             assert (f"aoti_torch_cpu_{name}".encode() in code) == shims
     assert len(list(tmp_path.glob("step-*.pt2"))) == 2  # the two are different packages
     assert torch.equal(logits[0], logits[1])

@@ -217,6 +217,10 @@ def register_fakes() -> None:
     def _branch_fake(x, qweight, *args, **kwargs):  # noqa: ANN001
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
+    @torch.library.register_fake("lordba::q4_group")
+    def _group_fake(x, qweight, *args, **kwargs):  # noqa: ANN001
+        return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in qweight)))
+
     @torch.library.register_fake("lordba::q4_prefill_factors")
     def _factors_fake(sign_A, sign_B, b, m, a, scaling):  # noqa: ANN001
         r, out = m.shape[0], a.shape[0]

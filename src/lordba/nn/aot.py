@@ -35,6 +35,7 @@ from torch import nn
 
 from lordba import kernels
 from lordba.errors import ConfigError
+from lordba.nn.aot_group import group_siblings
 from lordba.nn.attention import reduced_cache, use_packed_gqa
 from lordba.nn.decode import _hf_model, cache_length
 
@@ -92,6 +93,7 @@ class _Step:
         start = time.perf_counter()
         with torch.no_grad():
             program = wrapper.export(input_ids=torch.tensor([[1]]), cache_position=torch.tensor([0]))
+        self.grouped = group_siblings(program)  # q/k/v, gate/up: one call each (lordba.nn.aot_group)
         self.export_seconds = time.perf_counter() - start
         self.path, self.compile_seconds = _compiled(program, self._tensors(), folder, log)
         self.runner = torch._inductor.aoti_load_package(str(self.path))

@@ -17,6 +17,18 @@ C_TYPE = {"Tensor": "AtenTensorHandle", "Optional[Tensor]": "AtenTensorHandle*",
           "float": "double"}  # fmt: skip
 
 
+def expected(schema):
+    """The C arguments of a schema's arguments: one each, a list two (``const T* name``, ``int64_t name_len``)."""
+    out = []
+    for arg in schema:
+        kind = str(arg.type)
+        if kind.startswith("List["):
+            out += [(f"const {C_TYPE[kind[5:-1]]}*", arg.name), ("int64_t", f"{arg.name}_len")]
+        else:
+            out.append((C_TYPE[kind], arg.name))
+    return out
+
+
 def test_every_declared_shim_is_exported_and_matches_its_ops_schema():
     shims = c_shims()
     assert {op.name() for op in shims} == {f"lordba::{name}" for name in SIGNATURES}
@@ -26,10 +38,8 @@ def test_every_declared_shim_is_exported_and_matches_its_ops_schema():
         assert declaration.startswith(f"AOTITorchError aoti_torch_cpu_{name}(")
         assert getattr(library, f"aoti_torch_cpu_{name}")  # exported (ctypes raises AttributeError if not)
         args = re.search(r"\((.*)\)", declaration).group(1).split(", ")
-        schema = op._schema.arguments
-        assert len(args) == len(schema) + 1 and args[-1] == "AtenTensorHandle* ret0"
-        for arg, (c_type, c_name) in zip(schema, (a.rsplit(" ", 1) for a in args[:-1])):
-            assert (c_type, c_name) == (C_TYPE[str(arg.type)], arg.name), op
+        assert args[-1] == "AtenTensorHandle* ret0"
+        assert [tuple(a.rsplit(" ", 1)) for a in args[:-1]] == expected(op._schema.arguments), op
         assert [str(r.type) for r in op._schema.returns] == ["Tensor"]
 
 

@@ -20,11 +20,22 @@ _Q4 = (f"{_T} x", f"{_T} qweight", f"{_T} scale", f"{_T} minus", "int64_t in_fea
        "int64_t bits", "int32_t bf16", "int32_t int8_dot")  # fmt: skip
 _ADAPTER = (f"{_T} sign_A", f"{_T} sign_B", f"{_T} b", f"{_T} m", f"{_T} a", "double scaling",
             "int64_t sign_max_tokens")  # fmt: skip
+
+
+def _list(name: str, c_type: str = _T) -> tuple[str, str]:
+    """A list argument as AOTInductor passes it: a pointer to its elements and their number."""
+    return f"const {c_type}* {name}", f"int64_t {name}_len"
+
+
+_Q4_LISTS = (f"{_T} x", *_list("qweight"), *_list("scale"), *_list("minus"), *_Q4[4:])
+_ADAPTER_LISTS = (*(h for n in ("sign_A", "sign_B", "b", "m", "a") for h in _list(n)), *_list("scaling", "double"),
+                  "int64_t sign_max_tokens")  # fmt: skip
 # op name -> its C arguments (the schema's, in order; then the result, AtenTensorHandle* ret0), as shim.h's
 # definitions take them
 SIGNATURES: dict[str, tuple[str, ...]] = {
     "q4_linear": _Q4,
     "q4_branch": (*_Q4, f"{_OPT} bias", *_ADAPTER, *(f"{_OPT} {n}" for n in ("folded_A", "folded_B", "tile_A"))),
+    "q4_group": (*_Q4_LISTS, *_ADAPTER_LISTS),
     "decode_attention": (f"{_T} q", f"{_T} k", f"{_T} v", f"{_OPT} mask", "double scale"),
 }
 _global: set[str] = set()

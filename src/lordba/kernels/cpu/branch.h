@@ -36,8 +36,11 @@ class RowBranch {
   static constexpr int64_t kRows = 16;  // add_rows' block of outputs (one AVX-512 vector of them)
   // false (nothing prepared) where branch_add's own path runs instead: not an AVX-512 build, x not
   // one contiguous float32 token, or the unpack path. Raises on bad adapter tensors as branch_add does.
+  // Branches prepared together on one thread (q4_group's members) each take their own `slot` (0, 1, ...):
+  // a slot's buffers are reused by that thread's next prepare of the same slot.
   bool prepare(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
-               const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens, int64_t out);
+               const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens, int64_t out,
+               int64_t slot = 0);
   // Before this thread computes the blocks [k0, k1) of kRows outputs: asks for their output signs and
   // scales and runs this thread's share of stage 1 (optional: add_rows runs whatever is left).
   void start(int64_t k0, int64_t k1);

@@ -184,41 +184,9 @@ void rows_dot1(const Packed& p, int64_t o, const float* x, const float* xsum, fl
 }
 #endif
 
-}  // namespace
-
-void group_sums(const Packed& p, const float* x, int64_t T, float* xsum) {
-  for (int64_t t = 0; t < T; ++t, x += p.in, xsum += p.groups) {
-    std::fill(xsum, xsum + p.groups, 0.f);
-    const int64_t full = p.in / p.group;  // groups without padding
-    for (int64_t k = 0; k < p.group; ++k)
-      for (int64_t g = 0; g < full; ++g) xsum[g] += x[g * p.group + k];
-    for (int64_t g = full; g < p.groups; ++g)
-      for (int64_t k = g * p.group; k < p.in; ++k) xsum[g] += x[k];
-  }
-}
-
-// Few tokens: the packed rows are read once per block of kTokenBlock tokens.
-// One token: `hooks` (if given) hear of each thread's blocks of kRowBlock rows, on that thread (the
-// other kernels: of all blocks at the end).
-void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool int8_dot, const RowsHooks* hooks) {
-  std::vector<float> xsum(T * p.groups, 0.f);
-  group_sums(p, x, T, xsum.data());
-  if (T == 1 && dot1_reduced(p, x, xsum.data(), y, bf16, int8_dot, hooks)) return;
-#if defined(__AVX512F__)
-  // Decode of 4-bit rows in float32: blocks of 4 rows (rows_dot1; 0.5-0.75x the time of row_dot on
-  // SmolLM2's layers). The 8-bit head is memory-bound and reads faster one row at a time (row_dot).
-  if (T == 1 && p.bits == 4) {
-    at::parallel_for(0, (p.out + kRowBlock - 1) / kRowBlock, 1, [&](int64_t k0, int64_t k1) {
-      if (hooks != nullptr) hooks->start(k0, k1);
-      rows_by_four(
-          p, k0 * kRowBlock, std::min(p.out, k1 * kRowBlock),
-          [&](int64_t o) { rows_dot1<4, 4>(p, o, x, xsum.data(), y); },
-          [&](int64_t o) { rows_dot1<4, 1>(p, o, x, xsum.data(), y); });
-      if (hooks != nullptr) hooks->done(k0, k1);
-    });
-    return;
-  }
-#endif
+// Rows one by one, the packed rows read once per block of kTokenBlock tokens (few tokens; one token of
+// the 8-bit head): y [T, out], xsum the tokens' group sums.
+void gemv_rows(const Packed& p, const float* x, int64_t T, const float* xsum, float* y) {
   at::parallel_for(0, p.out, 8, [&](int64_t o0, int64_t o1) {
     const int64_t chunks = p.group / kChunk;
     for (int64_t o = o0; o < o1; ++o) {
@@ -246,16 +214,64 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool 
           }
         }
         for (int64_t t = 0; t < nt; ++t)
-          y[(t0 + t) * p.out + o] = dots[t] + row_offset(p, o, xsum.data() + (t0 + t) * p.groups);
+          y[(t0 + t) * p.out + o] = dots[t] + row_offset(p, o, xsum + (t0 + t) * p.groups);
       }
     }
   });
-  if (hooks != nullptr) {
-    hooks->start(0, (p.out + kRowBlock - 1) / kRowBlock);
-    hooks->done(0, (p.out + kRowBlock - 1) / kRowBlock);
+}
+
+}  // namespace
+
+void group_sums(const Packed& p, const float* x, int64_t T, float* xsum) {
+  for (int64_t t = 0; t < T; ++t, x += p.in, xsum += p.groups) {
+    std::fill(xsum, xsum + p.groups, 0.f);
+    const int64_t full = p.in / p.group;  // groups without padding
+    for (int64_t k = 0; k < p.group; ++k)
+      for (int64_t g = 0; g < full; ++g) xsum[g] += x[g * p.group + k];
+    for (int64_t g = full; g < p.groups; ++g)
+      for (int64_t k = g * p.group; k < p.in; ++k) xsum[g] += x[k];
   }
 }
 
+// One token: each member's hooks (if given) hear of each thread's blocks of kRowBlock rows, on that thread
+// (the 8-bit head's loop: of all blocks at the end).
+void gemv1(const Member* ms, int64_t n, const float* x, bool bf16, bool int8_dot) {
+  const Packed& p = ms[0].p;
+  std::vector<float> xsum(p.groups, 0.f);
+  group_sums(p, x, 1, xsum.data());
+  if (dot1_reduced(ms, n, x, xsum.data(), bf16, int8_dot)) return;
+#if defined(__AVX512F__)
+  // Decode of 4-bit rows in float32: blocks of 4 rows (rows_dot1; 0.5-0.75x the time of row_dot on
+  // SmolLM2's layers). The 8-bit head is memory-bound and reads faster one row at a time (row_dot).
+  if (p.bits == 4) {
+    member_blocks(ms, n, [&](const Member& mb, int64_t o0, int64_t o1) {
+      rows_by_four(
+          mb.p, o0, o1, [&](int64_t o) { rows_dot1<4, 4>(mb.p, o, x, xsum.data(), mb.y); },
+          [&](int64_t o) { rows_dot1<4, 1>(mb.p, o, x, xsum.data(), mb.y); });
+    });
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) {  // the 8-bit head (one member): row_dot's loop
+    const Member& mb = ms[i];
+    gemv_rows(mb.p, x, 1, xsum.data(), mb.y);
+    if (mb.hooks != nullptr) {
+      mb.hooks->start(0, (mb.p.out + kRowBlock - 1) / kRowBlock);
+      mb.hooks->done(0, (mb.p.out + kRowBlock - 1) / kRowBlock);
+    }
+  }
+}
+
+// Few tokens: gemv_rows; one token: gemv1 with p alone.
+void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool int8_dot, const RowsHooks* hooks) {
+  if (T == 1) {
+    const Member one{p, y, hooks};
+    return gemv1(&one, 1, x, bf16, int8_dot);
+  }
+  std::vector<float> xsum(T * p.groups, 0.f);
+  group_sums(p, x, T, xsum.data());
+  gemv_rows(p, x, T, xsum.data(), y);
+}
 // x as float32 rows [T, in], and the shape of the layer's output for x.
 std::pair<at::Tensor, std::vector<int64_t>> input_rows(const at::Tensor& x, int64_t in, int64_t out, const char* op) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "lordba::", op, ": x's last dimension must be ", in);

@@ -3,6 +3,7 @@
 // own code one after the other; and the folded factors the prefill keeps (`q4_prefill_factors`).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -12,7 +13,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 namespace lordba_q4 {
 namespace {
@@ -114,6 +118,83 @@ at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return lordba::branch_add(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, y, /*into_base=*/true);
 }
 
+
+// q4_group's one-token path: every member's rows in one parallel loop (gemv1; the members share in, group
+// and bits), each adapted member's branch added to its own rows as one_token_branch does. y: [1, Σ out].
+// Nothing is computed (an undefined tensor returned) where a member's branch cannot run inside the loop.
+at::Tensor one_token_group(const std::vector<Packed>& ps, const at::Tensor& x, bool bf16, bool int8_dot,
+                           at::TensorList sign_A, at::TensorList sign_B, at::TensorList b, at::TensorList m,
+                           at::TensorList a, c10::ArrayRef<double> scaling, int64_t sign_max_tokens) {
+  const int64_t n = static_cast<int64_t>(ps.size());
+  const bool adapted = !sign_A.empty();
+  std::vector<int64_t> first(static_cast<size_t>(n) + 1, 0);  // member i's outputs: [first[i], first[i + 1])
+  for (int64_t i = 0; i < n; ++i) first[i + 1] = first[i] + ps[i].out;
+  const auto [x2, shape] = input_rows(x, ps[0].in, first[n], "q4_group");
+  std::unique_ptr<lordba::RowBranch[]> branches(new lordba::RowBranch[adapted ? n : 0]);
+  for (int64_t i = 0; adapted && i < n; ++i)
+    if (!branches[i].prepare(x, sign_A[i], sign_B[i], b[i], m[i], a[i], scaling[i], sign_max_tokens, ps[i].out, i))
+      return {};
+  at::Tensor y = at::empty({1, first[n]}, x2.options());
+  float* yp = y.data_ptr<float>();
+  auto hooks_of = [&](int64_t i) {
+    lordba::RowBranch* branch = &branches[i];
+    float* yi = yp + first[i];
+    return std::make_pair([branch](int64_t k0, int64_t k1) { branch->start(k0, k1); },
+                          [branch, yi](int64_t k0, int64_t k1) { branch->add_rows(k0, k1, yi); });
+  };
+  std::vector<decltype(hooks_of(0))> calls;  // the hooks' callables, alive for the loop (function_refs)
+  std::vector<RowsHooks> hooks;
+  std::vector<Member> members;
+  calls.reserve(static_cast<size_t>(n));
+  hooks.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const RowsHooks* h = nullptr;
+    if (adapted) {
+      calls.push_back(hooks_of(i));
+      hooks.push_back(RowsHooks{calls.back().first, calls.back().second});
+      h = &hooks.back();
+    }
+    members.push_back(Member{ps[i], yp + first[i], h});
+  }
+  gemv1(members.data(), n, x2.data_ptr<float>(), bf16, int8_dot);
+  return y.reshape(shape);
+}
+
+// Layers that read the same input (q/k/v, gate/up), each with its LoRDBA adapter or none of them with one,
+// in one call: their outputs side by side in one tensor [..., Σ out]. The same values, bit for bit, as
+// each layer's q4_branch (or q4_linear) call, concatenated. One token runs every member's rows in one
+// parallel loop, the input prepared once (decode calls this for 3 of SmolLM2's 7 layers a block instead
+// of 7 separate calls); other calls run the members one after the other.
+at::Tensor q4_group(const at::Tensor& x, at::TensorList qweight, at::TensorList scale, at::TensorList minus,
+                    int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16, bool int8_dot,
+                    at::TensorList sign_A, at::TensorList sign_B, at::TensorList b, at::TensorList m,
+                    at::TensorList a, c10::ArrayRef<double> scaling, int64_t sign_max_tokens) {
+  const size_t n = qweight.size();
+  TORCH_CHECK(n > 0 && scale.size() == n && minus.size() == n,
+              "lordba::q4_group: qweight, scale and minus must be lists of one or more layers' tensors, as long");
+  const size_t k = sign_A.size();
+  TORCH_CHECK((k == 0 || k == n) && sign_B.size() == k && b.size() == k && m.size() == k && a.size() == k &&
+                  scaling.size() == k,
+              "lordba::q4_group: the adapter lists (sign_A, sign_B, b, m, a, scaling) must be empty or one per layer");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "lordba::q4_group: x's last dimension must be ", in);
+  std::vector<Packed> ps;
+  for (size_t i = 0; i < n; ++i) ps.push_back(unpack_args(qweight[i], scale[i], minus[i], in, bits));
+  const bool shared = std::all_of(ps.begin(), ps.end(), [&](const Packed& p) {
+    return p.groups == ps[0].groups && p.group == ps[0].group && p.row_bytes == ps[0].row_bytes;
+  });
+  if (x.numel() == in && 1 < gemm_min_tokens && shared) {
+    at::Tensor y = one_token_group(ps, x, bf16, int8_dot, sign_A, sign_B, b, m, a, scaling, sign_max_tokens);
+    if (y.defined()) return y.to(x.scalar_type());
+  }
+  std::vector<at::Tensor> ys;
+  for (size_t i = 0; i < n; ++i)
+    ys.push_back(k == 0 ? q4_linear(x, qweight[i], scale[i], minus[i], in, gemm_min_tokens, bits, bf16, int8_dot)
+                        : q4_branch(x, qweight[i], scale[i], minus[i], in, gemm_min_tokens, bits, bf16, int8_dot,
+                                    c10::nullopt, sign_A[i], sign_B[i], b[i], m[i], a[i], scaling[i],
+                                    sign_max_tokens, c10::nullopt, c10::nullopt, c10::nullopt));
+  return at::cat(ys, -1);
+}
+
 }  // namespace
 }  // namespace lordba_q4
 
@@ -124,12 +205,17 @@ TORCH_LIBRARY_FRAGMENT(lordba, lib) {
       "Tensor a, float scaling, int sign_max_tokens, Tensor? folded_A=None, Tensor? folded_B=None, "
       "Tensor? tile_A=None) -> Tensor");
   lib.def(
+      "q4_group(Tensor x, Tensor[] qweight, Tensor[] scale, Tensor[] minus, int in_features, int gemm_min_tokens, "
+      "int bits, bool bf16, bool int8_dot, Tensor[] sign_A, Tensor[] sign_B, Tensor[] b, Tensor[] m, Tensor[] a, "
+      "float[] scaling, int sign_max_tokens) -> Tensor");
+  lib.def(
       "q4_prefill_factors(Tensor sign_A, Tensor sign_B, Tensor b, Tensor m, Tensor a, float scaling) "
       "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lordba, CPU, lib) {
   lib.impl("q4_branch", &lordba_q4::q4_branch);
+  lib.impl("q4_group", &lordba_q4::q4_group);
   lib.impl("q4_prefill_factors", &lordba_q4::q4_prefill_factors);
 }
 
@@ -149,6 +235,33 @@ LORDBA_SHIM aoti_torch_cpu_q4_branch(AtenTensorHandle x, AtenTensorHandle qweigh
                                 bf16 != 0, int8_dot != 0, optional(bias), tensor(sign_A), tensor(sign_B), tensor(b),
                                 tensor(m), tensor(a), scaling, sign_max_tokens, optional(folded_A),
                                 optional(folded_B), optional(tile_A)),
+           ret);
+  });
+}
+
+namespace {
+// A C list (AOTInductor passes Tensor[] as handles and a length) as the op takes it.
+std::vector<at::Tensor> tensors(const AtenTensorHandle* hs, int64_t n) {
+  std::vector<at::Tensor> ts;
+  for (int64_t i = 0; i < n; ++i) ts.push_back(tensor(hs[i]));
+  return ts;
+}
+}  // namespace
+
+LORDBA_SHIM aoti_torch_cpu_q4_group(AtenTensorHandle x, const AtenTensorHandle* qweight, int64_t n_qweight,
+                                    const AtenTensorHandle* scale, int64_t n_scale, const AtenTensorHandle* minus,
+                                    int64_t n_minus, int64_t in, int64_t gemm_min_tokens, int64_t bits, int32_t bf16,
+                                    int32_t int8_dot, const AtenTensorHandle* sign_A, int64_t n_sign_A,
+                                    const AtenTensorHandle* sign_B, int64_t n_sign_B, const AtenTensorHandle* b,
+                                    int64_t n_b, const AtenTensorHandle* m, int64_t n_m, const AtenTensorHandle* a,
+                                    int64_t n_a, const double* scaling, int64_t n_scaling, int64_t sign_max_tokens,
+                                    AtenTensorHandle* ret) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    result(lordba_q4::q4_group(tensor(x), tensors(qweight, n_qweight), tensors(scale, n_scale),
+                               tensors(minus, n_minus), in, gemm_min_tokens, bits, bf16 != 0, int8_dot != 0,
+                               tensors(sign_A, n_sign_A), tensors(sign_B, n_sign_B), tensors(b, n_b), tensors(m, n_m),
+                               tensors(a, n_a), c10::ArrayRef<double>(scaling, static_cast<size_t>(n_scaling)),
+                               sign_max_tokens),
            ret);
   });
 }

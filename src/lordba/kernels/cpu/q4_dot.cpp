@@ -190,26 +190,17 @@ void range_dot1_bf16(const Packed& p, int64_t o, int64_t o1, const XBf16& xb, co
 }
 #endif
 
-// The rows of p in blocks of kRowBlock over the threads: `rows(o0, o1)` computes a block; each thread's
-// blocks go to `hooks` before and after.
-template <typename F>
-void blocks(const Packed& p, const RowsHooks* hooks, const F& rows) {
-  at::parallel_for(0, (p.out + kRowBlock - 1) / kRowBlock, 1, [&](int64_t k0, int64_t k1) {
-    if (hooks != nullptr) hooks->start(k0, k1);
-    for (int64_t k = k0; k < k1; ++k) rows(k * kRowBlock, std::min(p.out, (k + 1) * kRowBlock));
-    if (hooks != nullptr) hooks->done(k0, k1);
-  });
-}
-
 }  // namespace
 
-bool dot1_reduced(const Packed& p, const float* x, const float* xsum, float* y, bool bf16, bool int8_dot,
-                  const RowsHooks* hooks) {
+bool dot1_reduced(const Member* ms, int64_t n, const float* x, const float* xsum, bool bf16, bool int8_dot) {
+  const Packed& p = ms[0].p;  // the input's layout (in, group, bits: the members')
 #if defined(LORDBA_Q4_BF16)
   if (bf16 && !(int8_dot && p.bits == 4)) {
     XBf16 xb;
     permute_bf16(p, x, xb);
-    blocks(p, hooks, [&](int64_t o0, int64_t o1) { range_dot1_bf16(p, o0, o1, xb, xsum, y); });
+    member_blocks(ms, n, [&](const Member& mb, int64_t o0, int64_t o1) {
+      range_dot1_bf16(mb.p, o0, o1, xb, xsum, mb.y);
+    });
     return true;
   }
 #endif
@@ -218,10 +209,10 @@ bool dot1_reduced(const Packed& p, const float* x, const float* xsum, float* y, 
     std::vector<int8_t> xq;
     std::vector<float> dx;
     quantize_groups(p, x, xq, dx);
-    blocks(p, hooks, [&](int64_t o0, int64_t o1) {
+    member_blocks(ms, n, [&](const Member& mb, int64_t o0, int64_t o1) {
       for (int64_t o = o0; o < o1; ++o) {
-        prefetch_ahead(p, o, 1);
-        row_dot1_i8(p, o, xq.data(), dx.data(), xsum, y);
+        prefetch_ahead(mb.p, o, 1);
+        row_dot1_i8(mb.p, o, xq.data(), dx.data(), xsum, mb.y);
       }
     });
     return true;

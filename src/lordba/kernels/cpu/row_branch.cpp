@@ -6,14 +6,30 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <deque>
 #include <vector>
 
 namespace lordba {
 using namespace impl;
 
+namespace {
+// A prepared RowBranch's buffers, as branch_impl's: read by the loop's threads until this thread prepares
+// that slot again.
+struct Buffers {
+  std::vector<float> z, mbuf, bbuf, abuf, h1, h2, nib;
+};
+
+// This thread's buffers of `slot` (a deque: adding slots leaves the ones in use in place).
+Buffers& buffers(int64_t slot) {
+  thread_local std::deque<Buffers> slots;
+  while (static_cast<int64_t>(slots.size()) <= slot) slots.emplace_back();
+  return slots[static_cast<size_t>(slot)];
+}
+}  // namespace
+
 bool RowBranch::prepare(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
                         const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens,
-                        int64_t out) {
+                        int64_t out, int64_t slot) {
 #if defined(__AVX512F__)
   const int64_t in = b.numel(), r = m.numel();
   if (x.scalar_type() != at::kFloat || !x.is_contiguous() || x.numel() != in || in == 0 || sign_max_tokens < 1)
@@ -38,8 +54,8 @@ bool RowBranch::prepare(const at::Tensor& x, const at::Tensor& sign_A, const at:
   ld_ = round_up(in, kChunk);
   groups_ = round_up(r, 8) / 8;
   scaling_ = static_cast<float>(scaling);
-  // as branch_impl's buffers: read by the loop's threads until this thread's next prepare
-  thread_local std::vector<float> z, mbuf, bbuf, abuf, h1, h2, nib;
+  Buffers& buf = buffers(slot);
+  auto &z = buf.z, &mbuf = buf.mbuf, &bbuf = buf.bbuf, &abuf = buf.abuf, &h1 = buf.h1, &h2 = buf.h2, &nib = buf.nib;
   z.resize(static_cast<size_t>(ld_));
   if (bc.scalar_type() == at::kChar) {  // the codes divided as codes_float does, fused into b ⊙ x
     scale_reversed<float, int8_t>(x.data_ptr<float>(), bc.data_ptr<int8_t>(), in, ld_, z.data());
