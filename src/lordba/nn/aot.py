@@ -5,7 +5,8 @@ blocks, every adapted layer's wrapper) as in its kernels, and a ``torch.compile`
 dynamo's guard evaluation over every weight and adapter tensor (~2-4 ms per token on SmolLM2).
 :class:`AotDecode` exports the decode step of one model on a static KV cache
 (``torch.export``, strict, through the ``lordba::q4_linear`` and ``lordba::branch`` ops' fake
-implementations and :mod:`lordba.nn.attention`'s attention) and compiles it with AOTInductor into a
+implementations and :mod:`lordba.nn.attention`'s attention; the q4 layers that read one input grouped
+into one call by :mod:`lordba.nn.aot_group`) and compiles it with AOTInductor into a
 package **without its weights**: the compiled step reads the live model's tensors (``user_managed``
 constants), so no weight is copied and the KV cache is shared with the eager model that fills it
 with the prompt (prefill stays eager: its length changes and PyTorch's GEMM serves it well).
