@@ -118,7 +118,6 @@ at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return lordba::branch_add(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, y, /*into_base=*/true);
 }
 
-
 // q4_group's one-token path: every member's rows in one parallel loop (gemv1; the members share in, group
 // and bits), each adapted member's branch added to its own rows as one_token_branch does. y: [1, Σ out].
 // Nothing is computed (an undefined tensor returned) where a member's branch cannot run inside the loop.
@@ -163,8 +162,9 @@ at::Tensor one_token_group(const std::vector<Packed>& ps, const at::Tensor& x, b
 // Layers that read the same input (q/k/v, gate/up), each with its LoRDBA adapter or none of them with one,
 // in one call: their outputs side by side in one tensor [..., Σ out]. The same values, bit for bit, as
 // each layer's q4_branch (or q4_linear) call, concatenated. One token runs every member's rows in one
-// parallel loop, the input prepared once (decode calls this for 3 of SmolLM2's 7 layers a block instead
-// of 7 separate calls); other calls run the members one after the other.
+// parallel loop, the input prepared once (the --aot decode step calls it for q/k/v and for gate/up: four
+// calls a transformer block instead of seven, lordba.nn.aot_group); other calls run the members one after
+// the other.
 at::Tensor q4_group(const at::Tensor& x, at::TensorList qweight, at::TensorList scale, at::TensorList minus,
                     int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16, bool int8_dot,
                     at::TensorList sign_A, at::TensorList sign_B, at::TensorList b, at::TensorList m,
