@@ -7,7 +7,7 @@ preparation and call. :func:`group_siblings` rewrites the exported graph so that
 input and their settings become one ``lordba::q4_group`` call (their rows in one parallel loop, the
 input prepared once, every adapter's branch added to its own rows), whose output is sliced back into
 the layers' outputs: four calls a block instead of seven. The values are the same, bit for bit (the op
-computes each row as the separate call does: ``tests/kernels/test_q4_group.py``).
+computes each row as the separate call does: ``tests/kernels/cpu/test_q4_group.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import fx
 
-# the arguments a layer's call must have (a bias or kept prefill factors keep it a call of its own)
+# arguments that keep a layer's call on its own where set (a bias inside the op, kept prefill factors)
 _UNGROUPED_IF_SET = ("bias", "folded_A", "folded_B", "tile_A")
 _SETTINGS = ("in_features", "gemm_min_tokens", "bits", "bf16", "int8_dot")
 _ADAPTER = ("sign_A", "sign_B", "b", "m", "a", "scaling")
