@@ -234,7 +234,7 @@ void group_sums(const Packed& p, const float* x, int64_t T, float* xsum) {
 }
 
 // One token: each member's hooks (if given) hear of each thread's blocks of kRowBlock rows, on that thread
-// (the 8-bit head's loop: of all blocks at the end).
+// (row_dot's loop: of all a layer's blocks once it is done).
 void gemv1(const Member* ms, int64_t n, const float* x, bool bf16, bool int8_dot) {
   const Packed& p = ms[0].p;
   std::vector<float> xsum(p.groups, 0.f);
@@ -252,7 +252,7 @@ void gemv1(const Member* ms, int64_t n, const float* x, bool bf16, bool int8_dot
     return;
   }
 #endif
-  for (int64_t i = 0; i < n; ++i) {  // the 8-bit head (one member): row_dot's loop
+  for (int64_t i = 0; i < n; ++i) {  // 8-bit rows (the head), or no AVX-512: row_dot's loop, layer by layer
     const Member& mb = ms[i];
     gemv_rows(mb.p, x, 1, xsum.data(), mb.y);
     if (mb.hooks != nullptr) {
@@ -272,6 +272,7 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool 
   group_sums(p, x, T, xsum.data());
   gemv_rows(p, x, T, xsum.data(), y);
 }
+
 // x as float32 rows [T, in], and the shape of the layer's output for x.
 std::pair<at::Tensor, std::vector<int64_t>> input_rows(const at::Tensor& x, int64_t in, int64_t out, const char* op) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "lordba::", op, ": x's last dimension must be ", in);
