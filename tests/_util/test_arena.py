@@ -1,7 +1,9 @@
+import mmap
+
 import pytest
 import torch
 
-from lordba._util.arena import views_of_one_buffer
+from lordba._util.arena import HUGE_PAGE, huge_page_buffer, views_of_one_buffer
 
 
 def test_copies_share_one_buffer_in_order_aligned_and_do_not_overlap():
@@ -19,3 +21,29 @@ def test_copies_share_one_buffer_in_order_aligned_and_do_not_overlap():
 def test_tensors_on_two_devices_are_refused():
     with pytest.raises(ValueError, match="one device"):
         views_of_one_buffer([torch.zeros(2), torch.zeros(2, device="meta")])
+
+
+def test_a_large_buffer_starts_on_a_huge_page_boundary_and_outlives_its_mapping_name():
+    buf = huge_page_buffer(HUGE_PAGE + 12345)
+    assert buf.dtype == torch.uint8 and buf.numel() == HUGE_PAGE + 12345 and buf.is_contiguous()
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux: an advised mapping of its own, aligned to the page
+        assert buf.data_ptr() % HUGE_PAGE == 0
+    buf.fill_(7)  # the only reference to the mapping is the tensor's
+    view = buf[-5:]
+    del buf
+    assert view.tolist() == [7] * 5
+
+
+def test_a_small_buffer_is_an_ordinary_tensor():
+    small = huge_page_buffer(1000)
+    assert small.numel() == 1000 and small.untyped_storage().nbytes() == 1000
+
+
+def test_views_at_cache_lines_in_huge_pages_keep_values():
+    tensors = [torch.randint(0, 255, (1000, 3000), dtype=torch.uint8), torch.randn(7).half(), torch.randn(3, 5)]
+    views = views_of_one_buffer(tensors, align=64, huge_pages=True)
+    assert all(torch.equal(v, t) and v.dtype == t.dtype for v, t in zip(views, tensors))
+    assert all(v.data_ptr() % 64 == 0 for v in views)
+    assert len({v.untyped_storage().data_ptr() for v in views}) == 1
+    with pytest.raises(ValueError, match="multiple of 8"):
+        views_of_one_buffer(tensors, align=12)

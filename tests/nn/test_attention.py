@@ -99,6 +99,7 @@ def test_a_reduced_cache_keeps_its_dtype_and_decodes_close_to_float32():
             out = [model(input_ids=ids[:, :4], past_key_values=cache, use_cache=True).logits[0, -1]]
             kept = reduced_cache(cache.layers, dtype)
             assert all(k.dtype == dtype and v.dtype == dtype for k, v in kept)
+            assert len({t.untyped_storage().data_ptr() for kv in kept for t in kv}) == 1  # one buffer
             for i in range(4, ids.shape[1]):  # decode: the op (or SDPA) reads the reduced cache
                 out.append(model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits[0, -1])
             assert all(layer.keys.dtype == dtype for layer in cache.layers)

@@ -22,3 +22,6 @@ def test_cached_base_equals_the_fresh_one(tmp_path, monkeypatch, backend, group,
     assert cached.lordba_quantization["head_bits"] == (8 if backend == "q4" else 0)
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=input_ids).logits, cached(input_ids=input_ids).logits)
+    if backend == "q4":  # the loaded weights held in one buffer, as quantize_model holds them
+        weights = [m.qweight for m in cached.modules() if hasattr(m, "qweight")]
+        assert len({w.untyped_storage().data_ptr() for w in weights}) == 1

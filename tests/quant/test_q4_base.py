@@ -44,6 +44,8 @@ def test_quantize_model_q4_replaces_linears_and_matches_dequantized_weights(inpu
     model = quantize_model(tiny_llama(0), backend="q4", group_size=32)
     layers = [m for m in model.modules() if isinstance(m, Q4Linear)]
     assert len(layers) == 15 and resolve_backend(layers[0]).name == "q4"  # 14 projections + the 8-bit head
+    weights = [getattr(m, n) for m in layers for n in ("qweight", "scale", "minus")]  # one buffer (huge pages)
+    assert len({w.untyped_storage().data_ptr() for w in weights}) == 1 and all(w.data_ptr() % 64 == 0 for w in weights)
     reference = tiny_llama(0)
     for name, module in model.named_modules():
         if isinstance(module, Q4Linear):
@@ -113,3 +115,19 @@ def test_the_output_head_is_quantized_to_8_bits_and_untied(input_ids):
     assert type(kept.get_output_embeddings()) is torch.nn.Linear
     with pytest.raises(ConfigError, match="head_bits"):
         quantize_model(tiny_llama(0), backend="hqq", bits=4, group_size=8, head_bits=8)
+
+
+def test_holding_the_weights_together_keeps_every_output(input_ids):
+    from lordba.quant.q4 import hold_weights_together
+
+    model = quantize_model(tiny_llama(0), backend="q4", group_size=32)
+    layers = [m for m in model.modules() if isinstance(m, Q4Linear)]
+    for layer in layers:  # separate allocations again, as each layer made them
+        for name in ("qweight", "scale", "minus"):
+            layer.register_buffer(name, getattr(layer, name).clone())
+    with torch.no_grad():
+        want = [model(input_ids=ids).logits for ids in (input_ids, input_ids[:, :1])]  # the GEMM and one token
+        held = hold_weights_together(model)
+        assert held == sum(getattr(m, n).nbytes for m in layers for n in ("qweight", "scale", "minus"))
+        assert len({m.qweight.untyped_storage().data_ptr() for m in layers}) == 1
+        assert all(torch.equal(model(input_ids=ids).logits, w) for ids, w in zip((input_ids, input_ids[:, :1]), want))

@@ -1,28 +1,61 @@
-"""Many small tensors as views of one buffer."""
+"""Many small tensors as views of one buffer; buffers the OS may back with huge pages."""
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 
 import torch
 
 _ALIGN = 8  # bytes: every dtype's alignment
+HUGE_PAGE = 2 << 20  # bytes: x86-64's and arm64's (4 KB granule) transparent huge page
 
 
-def views_of_one_buffer(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def huge_page_buffer(nbytes: int) -> torch.Tensor:
+    """A new uint8 CPU tensor of ``nbytes`` (contents undefined) whose memory Linux may back with 2 MB
+    pages: an anonymous mapping, its start aligned to 2 MB and marked ``MADV_HUGEPAGE`` (transparent huge
+    pages in ``madvise`` mode, the common default, give ordinary allocations 4 KB pages). Decode streams
+    every weight once a token; in 4 KB pages that is a TLB miss every 4 KB and the misses evict the
+    entries of everything else the step reads (docs/kernels.md). Where the OS has no such advice, or
+    ``nbytes`` is under one huge page, an ordinary ``torch.empty``. The mapping lives as long as the
+    tensor (or a view of it) does."""
+    if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(nbytes, dtype=torch.uint8)
+    size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # room to align the start
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # THP compiled out or refused: ordinary pages, still one buffer
+        pass
+    whole = torch.frombuffer(region, dtype=torch.uint8)  # holds the mapping
+    start = -whole.data_ptr() % HUGE_PAGE
+    return whole[start : start + nbytes]
+
+
+def views_of_one_buffer(
+    tensors: Sequence[torch.Tensor], align: int = _ALIGN, huge_pages: bool = False
+) -> list[torch.Tensor]:
     """Copies of ``tensors`` (all on one device) as views of one new uint8 buffer, in the given order,
-    each at a multiple of 8 bytes, contiguous, of its own shape and dtype (no gradient).
+    each at a multiple of ``align`` bytes (a multiple of 8), contiguous, of its own shape and dtype (no
+    gradient). ``huge_pages``: a CPU buffer from :func:`huge_page_buffer`.
 
     Raises:
-        ValueError: the tensors are on more than one device.
+        ValueError: the tensors are on more than one device, or ``align`` is not a multiple of 8.
     """
     if len({t.device for t in tensors}) > 1:
         raise ValueError("views_of_one_buffer: the tensors must be on one device")
+    if align < _ALIGN or align % _ALIGN:
+        raise ValueError(f"views_of_one_buffer: align must be a multiple of {_ALIGN}, got {align}")
     starts, total = [], 0
     for t in tensors:
         starts.append(total)
-        total += -(-t.nbytes // _ALIGN) * _ALIGN
-    buffer = torch.empty(total, dtype=torch.uint8, device=tensors[0].device if tensors else "cpu")
+        total += -(-t.nbytes // align) * align
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if huge_pages and device.type == "cpu":
+        buffer = huge_page_buffer(total)
+    else:
+        buffer = torch.empty(total + align, dtype=torch.uint8, device=device)
+        buffer = buffer[-buffer.data_ptr() % align :][:total]
     views = []
     for t, start in zip(tensors, starts):
         view = buffer[start : start + t.nbytes].view(t.dtype).view(t.shape)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lordba import kernels
+from lordba._util.arena import views_of_one_buffer
 
 NAME = "lordba_sdpa"
 _REGISTERED: list[bool] = []
@@ -81,22 +82,27 @@ def _as_query_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
 def reduced_cache(layers: list, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Keep the keys and values of initialized static cache ``layers`` (transformers' ``StaticLayer``)
     in ``dtype`` (float16: llama.cpp's default KV cache; half the bytes that decoding reads every
-    token): each layer's tensors are replaced and its ``update`` rounds new states to ``dtype``.
-    Returns the new ``(keys, values)`` per layer (callers that registered the old tensors as
-    buffers register these instead). Attention reads them through :func:`packed_gqa_forward`.
+    token): each layer's tensors are replaced and its ``update`` rounds new states to ``dtype``. The
+    replacements are views of one buffer, in huge pages where the OS gives them
+    (:func:`~lordba._util.arena.huge_page_buffer`: every token reads the whole cache). Returns the new
+    ``(keys, values)`` per layer (callers that registered the old tensors as buffers register these
+    instead). Attention reads them through :func:`packed_gqa_forward`.
 
     Raises:
         ConfigError: a layer is not initialized or has no ``keys``/``values``.
     """
     from lordba.errors import ConfigError
 
-    replaced = []
     for i, layer in enumerate(layers):
         if not getattr(layer, "is_initialized", False) or not hasattr(layer, "keys"):
             raise ConfigError(f"reduced_cache: cache layer {i} is not an initialized static layer")
+    states = [t if t.dtype == dtype else t.to(dtype) for layer in layers for t in (layer.keys, layer.values)]
+    views = views_of_one_buffer(states, align=64, huge_pages=True) if states else []
+    replaced = []
+    for i, layer in enumerate(layers):
         if layer.keys.dtype != dtype:
-            layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
             layer.update = _rounding_update(layer, type(layer).update)
+        layer.keys, layer.values = views[2 * i], views[2 * i + 1]
         replaced.append((layer.keys, layer.values))
     return replaced
 

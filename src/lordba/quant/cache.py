@@ -100,6 +100,9 @@ def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int
         head_bits = getattr(head, "bits", 0)
         if head_bits:
             untie_head(model)
+        from lordba.quant.q4 import hold_weights_together
+
+        hold_weights_together(model)
     model.lordba_quantization = {"backend": backend, "bits": bits, "group_size": group_size, "head_bits": head_bits}
     torch.nn.Module.train(model, model.training)
 

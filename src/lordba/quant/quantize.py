@@ -76,6 +76,10 @@ def quantize_model(
         replace_submodule(model, name, new)
     if head_bits:
         _quantize_head(model, group_size, head_bits)
+    if backend == "q4":
+        from lordba.quant.q4 import hold_weights_together
+
+        hold_weights_together(model)
     model.lordba_quantization = {"backend": backend, "bits": bits, "group_size": group_size, "head_bits": head_bits}
     return model
 
