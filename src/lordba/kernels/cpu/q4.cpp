@@ -18,6 +18,7 @@
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include "branch.h"
@@ -237,7 +238,7 @@ void group_sums(const Packed& p, const float* x, int64_t T, float* xsum) {
 // (row_dot's loop: of all a layer's blocks once it is done).
 void gemv1(const Member* ms, int64_t n, const float* x, bool bf16, bool int8_dot) {
   const Packed& p = ms[0].p;
-  std::vector<float> xsum(p.groups, 0.f);
+  c10::SmallVector<float, 64> xsum(static_cast<size_t>(p.groups), 0.f);
   group_sums(p, x, 1, xsum.data());
   if (dot1_reduced(ms, n, x, xsum.data(), bf16, int8_dot)) return;
 #if defined(__AVX512F__)

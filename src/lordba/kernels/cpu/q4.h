@@ -6,6 +6,7 @@
 #include <c10/util/FunctionRef.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <c10/util/SmallVector.h>
 
 #include "branch.h"
 
@@ -62,7 +63,7 @@ struct Member {
 // that one's time for SmolLM2's adapted --aot step, docs/kernels.md.)
 template <typename F>
 void member_blocks(const Member* ms, int64_t n, const F& rows) {
-  std::vector<int64_t> first(static_cast<size_t>(n) + 1, 0);  // member i's blocks: [first[i], first[i + 1])
+  c10::SmallVector<int64_t, 8> first(static_cast<size_t>(n) + 1, 0);  // member i's blocks: [first[i], first[i + 1])
   for (int64_t i = 0; i < n; ++i) first[i + 1] = first[i] + (ms[i].p.out + kRowBlock - 1) / kRowBlock;
   at::parallel_for(0, first[n], 1, [&](int64_t k0, int64_t k1) {
     for (int64_t i = 0; i < n; ++i) {

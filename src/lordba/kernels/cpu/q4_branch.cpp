@@ -5,6 +5,7 @@
 #include <ATen/ops/add.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include "branch.h"
@@ -118,18 +119,22 @@ at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return lordba::branch_add(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, y, /*into_base=*/true);
 }
 
+constexpr size_t kMembers = 4;  // q4_group's members held without the heap (q/k/v: 3, gate/up: 2)
+
 // q4_group's one-token path: every member's rows in one parallel loop (gemv1; the members share in, group
 // and bits), each adapted member's branch added to its own rows as one_token_branch does. y: [1, Σ out].
 // Nothing is computed (an undefined tensor returned) where a member's branch cannot run inside the loop.
-at::Tensor one_token_group(const std::vector<Packed>& ps, const at::Tensor& x, bool bf16, bool int8_dot,
+at::Tensor one_token_group(c10::ArrayRef<Packed> ps, const at::Tensor& x, bool bf16, bool int8_dot,
                            at::TensorList sign_A, at::TensorList sign_B, at::TensorList b, at::TensorList m,
                            at::TensorList a, c10::ArrayRef<double> scaling, int64_t sign_max_tokens) {
   const int64_t n = static_cast<int64_t>(ps.size());
   const bool adapted = !sign_A.empty();
-  std::vector<int64_t> first(static_cast<size_t>(n) + 1, 0);  // member i's outputs: [first[i], first[i + 1])
+  c10::SmallVector<int64_t, kMembers + 1> first(static_cast<size_t>(n) + 1, 0);  // member i's: [first[i], first[i+1])
   for (int64_t i = 0; i < n; ++i) first[i + 1] = first[i] + ps[i].out;
   const auto [x2, shape] = input_rows(x, ps[0].in, first[n], "q4_group");
-  std::unique_ptr<lordba::RowBranch[]> branches(new lordba::RowBranch[adapted ? n : 0]);
+  lordba::RowBranch held[kMembers];  // the branches, on the stack up to kMembers (RowBranch cannot move)
+  std::unique_ptr<lordba::RowBranch[]> more(adapted && n > kMembers ? new lordba::RowBranch[n] : nullptr);
+  lordba::RowBranch* branches = more ? more.get() : held;
   for (int64_t i = 0; adapted && i < n; ++i)
     if (!branches[i].prepare(x, sign_A[i], sign_B[i], b[i], m[i], a[i], scaling[i], sign_max_tokens, ps[i].out, i))
       return {};
@@ -141,9 +146,9 @@ at::Tensor one_token_group(const std::vector<Packed>& ps, const at::Tensor& x, b
     return std::make_pair([branch](int64_t k0, int64_t k1) { branch->start(k0, k1); },
                           [branch, yi](int64_t k0, int64_t k1) { branch->add_rows(k0, k1, yi); });
   };
-  std::vector<decltype(hooks_of(0))> calls;  // the hooks' callables, alive for the loop (function_refs)
-  std::vector<RowsHooks> hooks;
-  std::vector<Member> members;
+  c10::SmallVector<decltype(hooks_of(0)), kMembers> calls;  // the hooks' callables, alive for the loop
+  c10::SmallVector<RowsHooks, kMembers> hooks;
+  c10::SmallVector<Member, kMembers> members;
   calls.reserve(static_cast<size_t>(n));
   hooks.reserve(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
@@ -177,7 +182,7 @@ at::Tensor q4_group(const at::Tensor& x, at::TensorList qweight, at::TensorList 
                   scaling.size() == k,
               "lordba::q4_group: the adapter lists (sign_A, sign_B, b, m, a, scaling) must be empty or one per layer");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "lordba::q4_group: x's last dimension must be ", in);
-  std::vector<Packed> ps;
+  c10::SmallVector<Packed, kMembers> ps;
   for (size_t i = 0; i < n; ++i) ps.push_back(unpack_args(qweight[i], scale[i], minus[i], in, bits));
   const bool shared = std::all_of(ps.begin(), ps.end(), [&](const Packed& p) {
     return p.groups == ps[0].groups && p.group == ps[0].group && p.row_bytes == ps[0].row_bytes;
@@ -219,6 +224,7 @@ TORCH_LIBRARY_IMPL(lordba, CPU, lib) {
   lib.impl("q4_prefill_factors", &lordba_q4::q4_prefill_factors);
 }
 
+using lordba_shim::BorrowedList;
 using lordba_shim::optional;
 using lordba_shim::result;
 using lordba_shim::tensor;
@@ -239,15 +245,6 @@ LORDBA_SHIM aoti_torch_cpu_q4_branch(AtenTensorHandle x, AtenTensorHandle qweigh
   });
 }
 
-namespace {
-// A C list (AOTInductor passes Tensor[] as handles and a length) as the op takes it.
-std::vector<at::Tensor> tensors(const AtenTensorHandle* hs, int64_t n) {
-  std::vector<at::Tensor> ts;
-  for (int64_t i = 0; i < n; ++i) ts.push_back(tensor(hs[i]));
-  return ts;
-}
-}  // namespace
-
 LORDBA_SHIM aoti_torch_cpu_q4_group(AtenTensorHandle x, const AtenTensorHandle* qweight, int64_t n_qweight,
                                     const AtenTensorHandle* scale, int64_t n_scale, const AtenTensorHandle* minus,
                                     int64_t n_minus, int64_t in, int64_t gemm_min_tokens, int64_t bits, int32_t bf16,
@@ -257,10 +254,10 @@ LORDBA_SHIM aoti_torch_cpu_q4_group(AtenTensorHandle x, const AtenTensorHandle* 
                                     int64_t n_a, const double* scaling, int64_t n_scaling, int64_t sign_max_tokens,
                                     AtenTensorHandle* ret) {
   AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    result(lordba_q4::q4_group(tensor(x), tensors(qweight, n_qweight), tensors(scale, n_scale),
-                               tensors(minus, n_minus), in, gemm_min_tokens, bits, bf16 != 0, int8_dot != 0,
-                               tensors(sign_A, n_sign_A), tensors(sign_B, n_sign_B), tensors(b, n_b), tensors(m, n_m),
-                               tensors(a, n_a), c10::ArrayRef<double>(scaling, static_cast<size_t>(n_scaling)),
+    const BorrowedList qw(qweight, n_qweight), sc(scale, n_scale), mi(minus, n_minus), sa(sign_A, n_sign_A),
+        sb(sign_B, n_sign_B), bs(b, n_b), ms(m, n_m), as(a, n_a);
+    result(lordba_q4::q4_group(tensor(x), qw, sc, mi, in, gemm_min_tokens, bits, bf16 != 0, int8_dot != 0, sa, sb, bs,
+                               ms, as, c10::ArrayRef<double>(scaling, static_cast<size_t>(n_scaling)),
                                sign_max_tokens),
            ret);
   });

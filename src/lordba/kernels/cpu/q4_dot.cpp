@@ -196,7 +196,10 @@ bool dot1_reduced(const Member* ms, int64_t n, const float* x, const float* xsum
   const Packed& p = ms[0].p;  // the input's layout (in, group, bits: the members')
 #if defined(LORDBA_Q4_BF16)
   if (bf16 && !(int8_dot && p.bits == 4)) {
-    XBf16 xb;
+    // this thread's, assigned per call and read by the loop's threads until it returns: the loop's lambdas
+    // capture the reference (a thread_local named inside them would be each worker's own)
+    thread_local XBf16 kept;
+    XBf16& xb = kept;
     permute_bf16(p, x, xb);
     member_blocks(ms, n, [&](const Member& mb, int64_t o0, int64_t o1) {
       range_dot1_bf16(mb.p, o0, o1, xb, xsum, mb.y);
@@ -206,8 +209,10 @@ bool dot1_reduced(const Member* ms, int64_t n, const float* x, const float* xsum
 #endif
 #if defined(LORDBA_Q4_VNNI)
   if (p.bits == 4 && int8_dot) {
-    std::vector<int8_t> xq;
-    std::vector<float> dx;
+    thread_local std::vector<int8_t> kept_q;  // as xb above
+    thread_local std::vector<float> kept_d;
+    std::vector<int8_t>& xq = kept_q;
+    std::vector<float>& dx = kept_d;
     quantize_groups(p, x, xq, dx);
     member_blocks(ms, n, [&](const Member& mb, int64_t o0, int64_t o1) {
       for (int64_t o = o0; o < o1; ++o) {

@@ -7,9 +7,13 @@
 // through AtenTensorHandle*); an exception becomes AOTI_TORCH_FAILURE, as in torch's own shims.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <c10/util/MaybeOwned.h>
+#include <c10/util/SmallVector.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 
+#include <cstdint>
 #include <optional>
 #include <utility>
 
@@ -22,6 +26,25 @@ inline const at::Tensor& tensor(AtenTensorHandle h) { return *torch::aot_inducto
 inline std::optional<at::Tensor> optional(AtenTensorHandle* h) {
   return h ? std::make_optional(tensor(*h)) : std::nullopt;
 }
+
+// A C list (AOTInductor passes Tensor[] as handles and a length) as the op's at::TensorList, the tensors
+// borrowed for the call (the caller holds them): no reference count is touched, no heap used up to 4.
+class BorrowedList {
+ public:
+  BorrowedList(const AtenTensorHandle* hs, int64_t n) {
+    ts_.reserve(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) ts_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(tensor(hs[i])));
+  }
+  ~BorrowedList() {
+    for (at::Tensor& t : ts_) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+  }
+  BorrowedList(const BorrowedList&) = delete;
+  BorrowedList& operator=(const BorrowedList&) = delete;
+  operator at::TensorList() const { return at::TensorList(ts_.data(), ts_.size()); }
+
+ private:
+  c10::SmallVector<at::Tensor, 4> ts_;
+};
 
 inline void result(at::Tensor&& t, AtenTensorHandle* ret) { *ret = torch::aot_inductor::new_tensor_handle(std::move(t)); }
 
