@@ -93,6 +93,23 @@ def test_one_token_decode_path_equals_the_reference(shape):
 
 
 @needs_cpu_kernels
+def test_one_token_of_any_layout_or_dtype_gives_its_float32_contiguous_result():
+    """The one-token path reads a contiguous float32 token in place and converts any other: the same bits
+    either way, the output in x's dtype and leading shape."""
+    qweight, scale, minus, _ = packed(24, 96, 32, seed=3)
+    wide = torch.randn(1, 1, 2 * 96)
+    x = wide[..., ::2]  # one token, not contiguous
+    want = q4_linear(x.contiguous(), qweight, scale, minus, 96)
+    assert want.shape == (1, 1, 24)
+    assert torch.equal(q4_linear(x, qweight, scale, minus, 96), want)
+    assert torch.equal(q4_linear(x.reshape(96).contiguous(), qweight, scale, minus, 96), want.reshape(24))
+    half = x.contiguous().bfloat16()
+    got = q4_linear(half, qweight, scale, minus, 96)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, q4_linear(half.float(), qweight, scale, minus, 96).bfloat16())
+
+
+@needs_cpu_kernels
 @pytest.mark.parametrize("tokens", [1, 3, 20])
 def test_eight_bit_codes_equal_the_reference(tokens):
     g = torch.Generator().manual_seed(tokens)

@@ -282,10 +282,25 @@ std::pair<at::Tensor, std::vector<int64_t>> input_rows(const at::Tensor& x, int6
   return {x.reshape({-1, in}).to(at::kFloat).contiguous(), shape};
 }
 
+OneToken one_token_io(const at::Tensor& x, int64_t out) {
+  c10::SmallVector<int64_t, 4> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out;
+  OneToken io{x.scalar_type() == at::kFloat ? x.expect_contiguous()
+                                            : c10::MaybeOwned<at::Tensor>::owned(x.to(at::kFloat).contiguous()),
+              at::empty(shape, x.options().dtype(at::kFloat))};
+  return io;
+}
+
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                      const at::Tensor& minus, int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16,
                      bool int8_dot) {
   const Packed p = unpack_args(qweight, scale, minus, in, bits);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "lordba::q4_linear: x's last dimension must be ", in);
+  if (x.numel() == in && 1 < gemm_min_tokens) {  // one token (decode): no reshaped copies, no new views
+    const OneToken io = one_token_io(x, p.out);
+    gemv(p, io.x->data_ptr<float>(), 1, io.y.data_ptr<float>(), bf16, int8_dot);
+    return io.y.to(x.scalar_type());
+  }
   const auto [x2, shape] = input_rows(x, in, p.out, "q4_linear");
   const int64_t T = x2.size(0);
   at::Tensor y = at::empty({T, p.out}, x2.options());

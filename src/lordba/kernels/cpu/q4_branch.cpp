@@ -22,30 +22,60 @@
 namespace lordba_q4 {
 namespace {
 
-// One float32 token: inside the GEMV's parallel loop each thread runs its share of the branch's first
-// stage before its rows, then adds the bias and the branch's output stage to the rows it has just
-// computed (RowBranch: only b ⊙ x runs before the loop) — the same arithmetic as the q4 call, the bias
-// add and branch_add.
-at::Tensor one_token_branch(const Packed& p, const at::Tensor& x, bool bf16, bool int8_dot,
-                            const c10::optional<at::Tensor>& bias, lordba::RowBranch& branch) {
-  const auto [x2, shape] = input_rows(x, p.in, p.out, "q4_branch");
-  at::Tensor y = at::empty({1, p.out}, x2.options());
-  float* yp = y.data_ptr<float>();
-  at::Tensor bias_f;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == p.out, "lordba::q4_branch: the bias must have ", p.out, " elements");
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
-  const float* bp = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
-  auto add = [&](int64_t k0, int64_t k1) {
-    if (bp != nullptr)
-      for (int64_t o = k0 * kRowBlock; o < std::min(p.out, k1 * kRowBlock); ++o) yp[o] += bp[o];
-    branch.add_rows(k0, k1, yp);
+constexpr size_t kMembers = 4;  // q4_group's members held without the heap (q/k/v: 3, gate/up: 2)
+
+// One token through layers that share in, group and bits (gemv1: every layer's rows in one parallel loop),
+// each adapted layer's branch added to its own rows inside the loop: each thread runs its share of the
+// branch's first stage before its rows, then adds the layer's bias (bias: one float32 pointer or null per
+// layer, or empty) and the branch's output stage to the rows it has just computed (RowBranch: only b ⊙ x
+// runs before the loop). Per layer the same arithmetic as the q4 call, the bias add and branch_add, bit for
+// bit. y: [..., Σ out] float32. Nothing is computed (an undefined tensor returned) where a branch cannot run
+// inside the loop (x not contiguous float32, among others). The adapter lists are empty (no layer adapted) or one
+// per layer.
+at::Tensor one_token(c10::ArrayRef<Packed> ps, const at::Tensor& x, bool bf16, bool int8_dot, at::TensorList sign_A,
+                     at::TensorList sign_B, at::TensorList b, at::TensorList m, at::TensorList a,
+                     c10::ArrayRef<double> scaling, int64_t sign_max_tokens, c10::ArrayRef<const float*> bias = {}) {
+  const int64_t n = static_cast<int64_t>(ps.size());
+  const bool adapted = !sign_A.empty();
+  if (adapted && (x.scalar_type() != at::kFloat || !x.is_contiguous())) return {};  // as RowBranch::prepare
+  c10::SmallVector<int64_t, kMembers + 1> first(static_cast<size_t>(n) + 1, 0);  // member i's: [first[i], first[i+1])
+  for (int64_t i = 0; i < n; ++i) first[i + 1] = first[i] + ps[i].out;
+  lordba::RowBranch held[kMembers];  // the branches, on the stack up to kMembers (RowBranch cannot move)
+  std::unique_ptr<lordba::RowBranch[]> more(adapted && n > kMembers ? new lordba::RowBranch[n] : nullptr);
+  lordba::RowBranch* branches = more ? more.get() : held;
+  OneToken io = one_token_io(x, first[n]);
+  for (int64_t i = 0; adapted && i < n; ++i)
+    if (!branches[i].prepare(*io.x, sign_A[i], sign_B[i], b[i], m[i], a[i], scaling[i], sign_max_tokens, ps[i].out, i))
+      return {};
+  float* yp = io.y.data_ptr<float>();
+  auto hooks_of = [&](int64_t i) {
+    lordba::RowBranch* branch = &branches[i];
+    float* yi = yp + first[i];
+    const float* bi = bias.empty() ? nullptr : bias[i];
+    const int64_t out = ps[i].out;
+    return std::make_pair([branch](int64_t k0, int64_t k1) { branch->start(k0, k1); },
+                          [branch, yi, bi, out](int64_t k0, int64_t k1) {
+                            if (bi != nullptr)
+                              for (int64_t o = k0 * kRowBlock; o < std::min(out, k1 * kRowBlock); ++o) yi[o] += bi[o];
+                            branch->add_rows(k0, k1, yi);
+                          });
   };
-  auto start = [&](int64_t k0, int64_t k1) { branch.start(k0, k1); };
-  const RowsHooks hooks{start, add};  // function_refs: the lambdas outlive the call
-  gemv(p, x2.data_ptr<float>(), 1, yp, bf16, int8_dot, &hooks);
-  return y.reshape(shape);
+  c10::SmallVector<decltype(hooks_of(0)), kMembers> calls;  // the hooks' callables, alive for the loop
+  c10::SmallVector<RowsHooks, kMembers> hooks;
+  c10::SmallVector<Member, kMembers> members;
+  calls.reserve(static_cast<size_t>(n));
+  hooks.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const RowsHooks* h = nullptr;
+    if (adapted) {
+      calls.push_back(hooks_of(i));
+      hooks.push_back(RowsHooks{calls.back().first, calls.back().second});
+      h = &hooks.back();
+    }
+    members.push_back(Member{ps[i], yp + first[i], h});
+  }
+  gemv1(members.data(), n, io.x->data_ptr<float>(), bf16, int8_dot);
+  return std::move(io.y);
 }
 
 // q4_branch's folded factors for the bfloat16 prefill GEMM, A' = S_A diag(b) [r, in] and
@@ -110,58 +140,18 @@ at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::T
   }
   if (T == 1 && T < gemm_min_tokens) {
     const Packed p = unpack_args(qweight, scale, minus, in, bits);
-    lordba::RowBranch branch;
-    if (branch.prepare(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, p.out))
-      return one_token_branch(p, x, bf16, int8_dot, bias, branch);
+    at::Tensor bias_f;
+    if (bias.has_value()) {
+      TORCH_CHECK(bias->numel() == p.out, "lordba::q4_branch: the bias must have ", p.out, " elements");
+      bias_f = bias->to(at::kFloat).contiguous();
+    }
+    const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+    at::Tensor y = one_token({p}, x, bf16, int8_dot, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, {bp});
+    if (y.defined()) return y;
   }
   at::Tensor y = q4_linear(x, qweight, scale, minus, in, gemm_min_tokens, bits, bf16, int8_dot);
   if (bias.has_value()) y = at::add(y, bias->to(y.scalar_type()));
   return lordba::branch_add(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, y, /*into_base=*/true);
-}
-
-constexpr size_t kMembers = 4;  // q4_group's members held without the heap (q/k/v: 3, gate/up: 2)
-
-// q4_group's one-token path: every member's rows in one parallel loop (gemv1; the members share in, group
-// and bits), each adapted member's branch added to its own rows as one_token_branch does. y: [1, Σ out].
-// Nothing is computed (an undefined tensor returned) where a member's branch cannot run inside the loop.
-at::Tensor one_token_group(c10::ArrayRef<Packed> ps, const at::Tensor& x, bool bf16, bool int8_dot,
-                           at::TensorList sign_A, at::TensorList sign_B, at::TensorList b, at::TensorList m,
-                           at::TensorList a, c10::ArrayRef<double> scaling, int64_t sign_max_tokens) {
-  const int64_t n = static_cast<int64_t>(ps.size());
-  const bool adapted = !sign_A.empty();
-  c10::SmallVector<int64_t, kMembers + 1> first(static_cast<size_t>(n) + 1, 0);  // member i's: [first[i], first[i+1])
-  for (int64_t i = 0; i < n; ++i) first[i + 1] = first[i] + ps[i].out;
-  const auto [x2, shape] = input_rows(x, ps[0].in, first[n], "q4_group");
-  lordba::RowBranch held[kMembers];  // the branches, on the stack up to kMembers (RowBranch cannot move)
-  std::unique_ptr<lordba::RowBranch[]> more(adapted && n > kMembers ? new lordba::RowBranch[n] : nullptr);
-  lordba::RowBranch* branches = more ? more.get() : held;
-  for (int64_t i = 0; adapted && i < n; ++i)
-    if (!branches[i].prepare(x, sign_A[i], sign_B[i], b[i], m[i], a[i], scaling[i], sign_max_tokens, ps[i].out, i))
-      return {};
-  at::Tensor y = at::empty({1, first[n]}, x2.options());
-  float* yp = y.data_ptr<float>();
-  auto hooks_of = [&](int64_t i) {
-    lordba::RowBranch* branch = &branches[i];
-    float* yi = yp + first[i];
-    return std::make_pair([branch](int64_t k0, int64_t k1) { branch->start(k0, k1); },
-                          [branch, yi](int64_t k0, int64_t k1) { branch->add_rows(k0, k1, yi); });
-  };
-  c10::SmallVector<decltype(hooks_of(0)), kMembers> calls;  // the hooks' callables, alive for the loop
-  c10::SmallVector<RowsHooks, kMembers> hooks;
-  c10::SmallVector<Member, kMembers> members;
-  calls.reserve(static_cast<size_t>(n));
-  hooks.reserve(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    const RowsHooks* h = nullptr;
-    if (adapted) {
-      calls.push_back(hooks_of(i));
-      hooks.push_back(RowsHooks{calls.back().first, calls.back().second});
-      h = &hooks.back();
-    }
-    members.push_back(Member{ps[i], yp + first[i], h});
-  }
-  gemv1(members.data(), n, x2.data_ptr<float>(), bf16, int8_dot);
-  return y.reshape(shape);
 }
 
 // Layers that read the same input (q/k/v, gate/up), each with its LoRDBA adapter or none of them with one,
@@ -188,7 +178,7 @@ at::Tensor q4_group(const at::Tensor& x, at::TensorList qweight, at::TensorList 
     return p.groups == ps[0].groups && p.group == ps[0].group && p.row_bytes == ps[0].row_bytes;
   });
   if (x.numel() == in && 1 < gemm_min_tokens && shared) {
-    at::Tensor y = one_token_group(ps, x, bf16, int8_dot, sign_A, sign_B, b, m, a, scaling, sign_max_tokens);
+    at::Tensor y = one_token(ps, x, bf16, int8_dot, sign_A, sign_B, b, m, a, scaling, sign_max_tokens);
     if (y.defined()) return y.to(x.scalar_type());
   }
   std::vector<at::Tensor> ys;
