@@ -3,7 +3,7 @@ import mmap
 import pytest
 import torch
 
-from lordba._util.arena import HUGE_PAGE, huge_page_buffer, views_of_one_buffer
+from lordba._util.arena import HUGE_PAGE, empty_views, huge_page_buffer, views_of_one_buffer
 
 
 def test_copies_share_one_buffer_in_order_aligned_and_do_not_overlap():
@@ -47,3 +47,13 @@ def test_views_at_cache_lines_in_huge_pages_keep_values():
     assert len({v.untyped_storage().data_ptr() for v in views}) == 1
     with pytest.raises(ValueError, match="multiple of 8"):
         views_of_one_buffer(tensors, align=12)
+
+
+def test_empty_views_have_the_asked_shapes_and_dtypes_side_by_side():
+    views = empty_views([((3, 5), torch.float16), ((7,), torch.int8), ((2, 2, 2), torch.float32)], align=64)
+    assert [(tuple(v.shape), v.dtype) for v in views] == [((3, 5), torch.float16), ((7,), torch.int8),
+                                                            ((2, 2, 2), torch.float32)]  # fmt: skip
+    assert all(v.is_contiguous() and v.data_ptr() % 64 == 0 for v in views)
+    assert [v.data_ptr() - views[0].data_ptr() for v in views] == [0, 64, 128]
+    views[1].fill_(5)
+    assert views[1].tolist() == [5] * 7

@@ -1,6 +1,9 @@
 """The q4 base: HQQ's weight error at the same group size, an adapter trains on it, merging
 requantizes with a warning, and a whole model computes what its dequantized weights say."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -125,9 +128,12 @@ def test_holding_the_weights_together_keeps_every_output(input_ids):
     for layer in layers:  # separate allocations again, as each layer made them
         for name in ("qweight", "scale", "minus"):
             layer.register_buffer(name, getattr(layer, name).clone())
+    old = [weakref.ref(getattr(m, n)) for m in layers for n in ("qweight", "scale", "minus")]
     with torch.no_grad():
         want = [model(input_ids=ids).logits for ids in (input_ids, input_ids[:, :1])]  # the GEMM and one token
         held = hold_weights_together(model)
+        gc.collect()
+        assert all(r() is None for r in old)  # moved, not copied: nothing keeps the separate tensors
         assert held == sum(getattr(m, n).nbytes for m in layers for n in ("qweight", "scale", "minus"))
         assert len({m.qweight.untyped_storage().data_ptr() for m in layers}) == 1
         assert all(torch.equal(model(input_ids=ids).logits, w) for ids, w in zip((input_ids, input_ids[:, :1]), want))

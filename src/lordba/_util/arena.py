@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import mmap
 from collections.abc import Sequence
 
@@ -32,34 +33,54 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     return whole[start : start + nbytes]
 
 
+def empty_views(
+    specs: Sequence[tuple[Sequence[int], torch.dtype]],
+    device: torch.device | str = "cpu",
+    align: int = _ALIGN,
+    huge_pages: bool = False,
+) -> list[torch.Tensor]:
+    """New contiguous tensors of the given ``(shape, dtype)`` (contents undefined) as views of one new uint8
+    buffer on ``device``, in the given order, each at a multiple of ``align`` bytes (a multiple of 8).
+    ``huge_pages``: a CPU buffer from :func:`huge_page_buffer`. A caller moving tensors into them one at a
+    time (copy, then drop the old one) holds at most the buffer and one old tensor at once.
+
+    Raises:
+        ValueError: ``align`` is not a multiple of 8.
+    """
+    if align < _ALIGN or align % _ALIGN:
+        raise ValueError(f"empty_views: align must be a multiple of {_ALIGN}, got {align}")
+    sizes = [math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in specs]
+    starts, total = [], 0
+    for size in sizes:
+        starts.append(total)
+        total += -(-size // align) * align
+    device = torch.device(device)
+    if huge_pages and device.type == "cpu":
+        buffer = huge_page_buffer(total)
+    else:
+        buffer = torch.empty(total + align, dtype=torch.uint8, device=device)
+        buffer = buffer[-buffer.data_ptr() % align :][:total]
+    return [
+        buffer[start : start + size].view(dtype).view(tuple(shape))
+        for (shape, dtype), start, size in zip(specs, starts, sizes)
+    ]
+
+
 def views_of_one_buffer(
     tensors: Sequence[torch.Tensor], align: int = _ALIGN, huge_pages: bool = False
 ) -> list[torch.Tensor]:
-    """Copies of ``tensors`` (all on one device) as views of one new uint8 buffer, in the given order,
-    each at a multiple of ``align`` bytes (a multiple of 8), contiguous, of its own shape and dtype (no
-    gradient). ``huge_pages``: a CPU buffer from :func:`huge_page_buffer`.
+    """Copies of ``tensors`` (all on one device) as views of one new uint8 buffer (:func:`empty_views`), in the
+    given order, each at a multiple of ``align`` bytes (a multiple of 8), contiguous, of its own shape and dtype
+    (no gradient). ``huge_pages``: a CPU buffer from :func:`huge_page_buffer`.
 
     Raises:
         ValueError: the tensors are on more than one device, or ``align`` is not a multiple of 8.
     """
     if len({t.device for t in tensors}) > 1:
         raise ValueError("views_of_one_buffer: the tensors must be on one device")
-    if align < _ALIGN or align % _ALIGN:
-        raise ValueError(f"views_of_one_buffer: align must be a multiple of {_ALIGN}, got {align}")
-    starts, total = [], 0
-    for t in tensors:
-        starts.append(total)
-        total += -(-t.nbytes // align) * align
     device = tensors[0].device if tensors else torch.device("cpu")
-    if huge_pages and device.type == "cpu":
-        buffer = huge_page_buffer(total)
-    else:
-        buffer = torch.empty(total + align, dtype=torch.uint8, device=device)
-        buffer = buffer[-buffer.data_ptr() % align :][:total]
-    views = []
-    for t, start in zip(tensors, starts):
-        view = buffer[start : start + t.nbytes].view(t.dtype).view(t.shape)
-        with torch.no_grad():
+    views = empty_views([(t.shape, t.dtype) for t in tensors], device, align, huge_pages)
+    with torch.no_grad():
+        for view, t in zip(views, tensors):
             view.copy_(t)
-        views.append(view)
     return views

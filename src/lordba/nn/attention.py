@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lordba import kernels
-from lordba._util.arena import views_of_one_buffer
+from lordba._util.arena import empty_views
 
 NAME = "lordba_sdpa"
 _REGISTERED: list[bool] = []
@@ -96,14 +96,17 @@ def reduced_cache(layers: list, dtype: torch.dtype) -> list[tuple[torch.Tensor, 
     for i, layer in enumerate(layers):
         if not getattr(layer, "is_initialized", False) or not hasattr(layer, "keys"):
             raise ConfigError(f"reduced_cache: cache layer {i} is not an initialized static layer")
-    states = [t if t.dtype == dtype else t.to(dtype) for layer in layers for t in (layer.keys, layer.values)]
-    views = views_of_one_buffer(states, align=64, huge_pages=True) if states else []
+    specs = [(t.shape, dtype) for layer in layers for t in (layer.keys, layer.values)]
+    views = empty_views(specs, layers[0].keys.device, align=64, huge_pages=True) if layers else []
     replaced = []
-    for i, layer in enumerate(layers):
-        if layer.keys.dtype != dtype:
-            layer.update = _rounding_update(layer, type(layer).update)
-        layer.keys, layer.values = views[2 * i], views[2 * i + 1]
-        replaced.append((layer.keys, layer.values))
+    with torch.no_grad():
+        for i, layer in enumerate(layers):  # one layer at a time: each old tensor is freed as it is replaced
+            views[2 * i].copy_(layer.keys)  # rounded to dtype as copied
+            views[2 * i + 1].copy_(layer.values)
+            if layer.keys.dtype != dtype:
+                layer.update = _rounding_update(layer, type(layer).update)
+            layer.keys, layer.values = views[2 * i], views[2 * i + 1]
+            replaced.append((layer.keys, layer.values))
     return replaced
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lordba._util.arena import views_of_one_buffer
+from lordba._util.arena import empty_views
 from lordba.errors import ConfigError
 from lordba.kernels import cpu_available
 from lordba.kernels.q4 import (
@@ -197,14 +197,18 @@ def set_compute(model: nn.Module, compute: str) -> int:
 def hold_weights_together(model: nn.Module) -> int:
     """Hold the packed weights of every CPU :class:`Q4Linear` of ``model`` (``qweight``, ``scale``, ``minus``, in
     module order) as views of one buffer in huge pages where the OS gives them
-    (:func:`~lordba._util.arena.huge_page_buffer`), each at a 64-byte cache line. One decoded token reads
-    every weight once; in 4 KB pages it ran 4-5% slower on SmolLM2 (docs/kernels.md). Values are unchanged.
-    Returns the bytes held."""
+    (:func:`~lordba._util.arena.huge_page_buffer`), each at a 64-byte cache line, moved there one by one (memory
+    peaks at the buffer and one old tensor). One decoded token reads every weight once; in 4 KB pages it ran
+    4-5% slower on SmolLM2 (docs/kernels.md). Values are unchanged. Returns the bytes held."""
     layers = [m for m in model.modules() if isinstance(m, Q4Linear) and m.qweight.is_cpu]
     slots = [(layer, name) for layer in layers for name in ("qweight", "scale", "minus")]
-    views = views_of_one_buffer([layer._buffers[name] for layer, name in slots], align=64, huge_pages=True)
-    for (layer, name), view in zip(slots, views):
-        layer.register_buffer(name, view)
+    views = empty_views(
+        [(t.shape, t.dtype) for t in (layer._buffers[n] for layer, n in slots)], align=64, huge_pages=True
+    )
+    with torch.no_grad():
+        for (layer, name), view in zip(slots, views):  # one at a time: the old tensor is freed as it is replaced
+            view.copy_(layer._buffers[name])
+            layer.register_buffer(name, view)
     return sum(v.nbytes for v in views)
 
 
