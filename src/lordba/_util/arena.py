@@ -49,7 +49,7 @@ def empty_views(
     """
     if align < _ALIGN or align % _ALIGN:
         raise ValueError(f"empty_views: align must be a multiple of {_ALIGN}, got {align}")
-    sizes = [math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in specs]
+    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
     starts, total = [], 0
     for size in sizes:
         starts.append(total)

@@ -274,9 +274,8 @@ void gemv(const Packed& p, const float* x, int64_t T, float* y, bool bf16, bool 
   gemv_rows(p, x, T, xsum.data(), y);
 }
 
-// x as float32 rows [T, in], and the shape of the layer's output for x.
-std::pair<at::Tensor, std::vector<int64_t>> input_rows(const at::Tensor& x, int64_t in, int64_t out, const char* op) {
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "lordba::", op, ": x's last dimension must be ", in);
+// x as float32 rows [T, in], and the shape of the layer's output for x (x.size(-1) == in: the caller checks).
+std::pair<at::Tensor, std::vector<int64_t>> input_rows(const at::Tensor& x, int64_t in, int64_t out) {
   auto shape = x.sizes().vec();
   shape.back() = out;
   return {x.reshape({-1, in}).to(at::kFloat).contiguous(), shape};
@@ -301,7 +300,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
     gemv(p, io.x->data_ptr<float>(), 1, io.y.data_ptr<float>(), bf16, int8_dot);
     return io.y.to(x.scalar_type());
   }
-  const auto [x2, shape] = input_rows(x, in, p.out, "q4_linear");
+  const auto [x2, shape] = input_rows(x, in, p.out);
   const int64_t T = x2.size(0);
   at::Tensor y = at::empty({T, p.out}, x2.options());
   if (T == 0) return y.reshape(shape).to(x.scalar_type());

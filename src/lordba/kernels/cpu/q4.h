@@ -3,10 +3,10 @@
 #pragma once
 
 #include <ATen/Parallel.h>
-#include <c10/util/FunctionRef.h>
-#include <c10/util/MaybeOwned.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/FunctionRef.h>
 #include <c10/util/Half.h>
+#include <c10/util/MaybeOwned.h>
 #include <c10/util/SmallVector.h>
 
 #include "branch.h"
@@ -165,7 +165,7 @@ void gemm(const Packed& p, const at::Tensor& x2, at::Tensor& y, bool bf16, const
           const at::Tensor* B = nullptr, const uint32_t* packedA = nullptr);
 at::Tensor q4_dequant(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minus, int64_t in,
                       int64_t bits);
-std::pair<at::Tensor, std::vector<int64_t>> input_rows(const at::Tensor& x, int64_t in, int64_t out, const char* op);
+std::pair<at::Tensor, std::vector<int64_t>> input_rows(const at::Tensor& x, int64_t in, int64_t out);
 // A one-token call's input x (one token, x.size(-1) == in: the caller checks) as float32 — x itself, borrowed,
 // where it is contiguous float32 — and its float32 output with x's leading shape and `out` features.
 struct OneToken {

@@ -132,7 +132,7 @@ at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::T
     TORCH_CHECK(b.numel() == in && a.numel() == p.out,
                 "lordba::branch: the adapter's scale vectors do not match the layer's in / out features");
     const auto [A, B] = prefill_factors(folded_A, folded_B, sign_A, sign_B, b, m, a, scaling);
-    const auto [x2, shape] = input_rows(x, in, p.out, "q4_branch");
+    const auto [x2, shape] = input_rows(x, in, p.out);
     at::Tensor y = at::empty({T, p.out}, x2.options());
     gemm(p, x2, y, /*bf16=*/true, &A, &B, kept_tiles(tile_A, A));
     if (bias.has_value()) y.add_(bias->to(at::kFloat));
