@@ -105,6 +105,39 @@ def test_layers_of_different_group_sizes_and_a_bfloat16_input_take_the_per_layer
         assert got.dtype == x.dtype and torch.equal(got, separate(x, layers, adapters, [1.0, 2.0], 64, FLAGS[1]))
 
 
+def views_of_one_buffer(tensors):
+    """Copies of ``tensors`` laid out in one byte buffer, each at an odd offset (storage_offset > 0), as
+    views of their own dtype and shape: how the arena holds the weights and the kernels find them."""
+    buf = torch.zeros(sum(t.numel() * t.element_size() + 64 for t in tensors), dtype=torch.uint8)
+    views, at = [], 0
+    for t in tensors:
+        size = t.element_size()
+        at = -(-at // size) * size + 3 * size  # aligned to its dtype, not at the buffer's start or a cache line
+        n = t.numel() * size
+        view = buf[at : at + n].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        views.append(view)
+        at += n
+    return views
+
+
+@pytest.mark.parametrize("flags", FLAGS)
+def test_one_token_reads_tensors_that_are_views_into_a_shared_buffer(flags):
+    """The one-token calls ask for their tensors' headers, storages and scale vectors before reading them
+    (warm.h): views at offsets into one storage, float16 ``m``, give the values of the tensors' own copies."""
+    layers, adapters, scalings = case((48, 16, 16), 64, 12, "float32", seed=5)
+    adapters = [(sa, sb, b, m.half(), a) for sa, sb, b, m, a in adapters]
+    flat = views_of_one_buffer([t for w in layers for t in w] + [t for ad in adapters for t in ad])
+    v_layers = [tuple(flat[3 * i : 3 * i + 3]) for i in range(3)]
+    v_adapters = [tuple(flat[9 + 5 * i : 9 + 5 * i + 5]) for i in range(3)]
+    assert all(v.storage_offset() > 0 for v in flat)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
+    want = separate(x, layers, adapters, scalings, 64, flags)
+    assert torch.equal(grouped(x, v_layers, v_adapters, scalings, 64, flags), want)
+    assert torch.equal(separate(x, v_layers, v_adapters, scalings, 64, flags), want)
+    assert torch.equal(grouped(x, v_layers, [], [], 64, flags), separate(x, layers, [], [], 64, flags))
+
+
 def test_bad_lists_and_inputs_are_refused():
     layers, adapters, scalings = case((16, 16), 32, 8, "int8")
     x = torch.randn(1, 32)

@@ -49,7 +49,9 @@ SOURCES = (
     Path(__file__).with_name("linear.cpp"),
     Path(__file__).with_name("prefill.cpp"),
 )
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("q4.h", "branch.h", "branch_internal.h", "shim.h"))
+HEADERS = tuple(
+    Path(__file__).with_name(name) for name in ("q4.h", "branch.h", "branch_internal.h", "shim.h", "warm.h")
+)
 _CFLAGS = ("-O3", "-std=c++20", "-fopenmp", "-w", "-ffp-contract=off")
 _LDFLAGS = ("-fopenmp",)
 # the compiler's complaint about the -march value itself (gcc, clang); the ninja log always has "-march"

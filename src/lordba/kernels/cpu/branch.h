@@ -41,6 +41,9 @@ class RowBranch {
   bool prepare(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
                const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens, int64_t out,
                int64_t slot = 0);
+  // Asks (prefetch for writing) for this thread's buffers of slots [0, slots), which the token's stream of
+  // weights has pushed out of the caches since their last call: before prepare(), beside the tensors.
+  static void warm_buffers(int64_t slots);
   // Before this thread computes the blocks [k0, k1) of kRows outputs: asks for their output signs and
   // scales and runs this thread's share of stage 1 (optional: add_rows runs whatever is left).
   void start(int64_t k0, int64_t k1);

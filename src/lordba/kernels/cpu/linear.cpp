@@ -20,6 +20,7 @@
 
 #include "branch.h"
 #include "q4.h"
+#include "warm.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -65,6 +66,9 @@ bool one_token(const at::Tensor& x, const at::Tensor& weight, const c10::optiona
   if (!x.is_contiguous() || !weight.is_contiguous()) return false;
   if (bias.has_value() && (bias->scalar_type() != at::kFloat || !bias->is_contiguous() || bias->numel() != out))
     return false;
+  lordba_warm::warm_tensors({{weight}, {sign_A}, {sign_B}, {a}, {b, lordba_warm::kScaleBytes},
+                             {m, lordba_warm::kScaleBytes}});
+  lordba::RowBranch::warm_buffers(1);
   lordba::RowBranch branch;
   if (!branch.prepare(x, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, out)) return false;
   auto shape = x.sizes().vec();

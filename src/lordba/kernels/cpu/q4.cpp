@@ -24,6 +24,7 @@
 #include "branch.h"
 #include "q4.h"
 #include "shim.h"
+#include "warm.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -293,6 +294,7 @@ OneToken one_token_io(const at::Tensor& x, int64_t out) {
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                      const at::Tensor& minus, int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16,
                      bool int8_dot) {
+  if (x.numel() == in && 1 < gemm_min_tokens) lordba_warm::warm_tensors({{qweight}, {scale}, {minus}});
   const Packed p = unpack_args(qweight, scale, minus, in, bits);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "lordba::q4_linear: x's last dimension must be ", in);
   if (x.numel() == in && 1 < gemm_min_tokens) {  // one token (decode): no reshaped copies, no new views

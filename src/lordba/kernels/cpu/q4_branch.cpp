@@ -11,6 +11,7 @@
 #include "branch.h"
 #include "q4.h"
 #include "shim.h"
+#include "warm.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -139,6 +140,9 @@ at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::T
     return y.reshape(shape).to(x.scalar_type());
   }
   if (T == 1 && T < gemm_min_tokens) {
+    lordba_warm::warm_tensors({{qweight}, {scale}, {minus}, {sign_A}, {sign_B}, {a}, {b, lordba_warm::kScaleBytes},
+                               {m, lordba_warm::kScaleBytes}});
+    lordba::RowBranch::warm_buffers(1);
     const Packed p = unpack_args(qweight, scale, minus, in, bits);
     at::Tensor bias_f;
     if (bias.has_value()) {
@@ -172,12 +176,18 @@ at::Tensor q4_group(const at::Tensor& x, at::TensorList qweight, at::TensorList 
                   scaling.size() == k,
               "lordba::q4_group: the adapter lists (sign_A, sign_B, b, m, a, scaling) must be empty or one per layer");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "lordba::q4_group: x's last dimension must be ", in);
+  const bool one = x.numel() == in && 1 < gemm_min_tokens;
+  if (one) {
+    lordba_warm::warm_tensors({{qweight}, {scale}, {minus}, {sign_A}, {sign_B}, {a}, {b, lordba_warm::kScaleBytes},
+                               {m, lordba_warm::kScaleBytes}});
+    lordba::RowBranch::warm_buffers(static_cast<int64_t>(k));
+  }
   c10::SmallVector<Packed, kMembers> ps;
   for (size_t i = 0; i < n; ++i) ps.push_back(unpack_args(qweight[i], scale[i], minus[i], in, bits));
   const bool shared = std::all_of(ps.begin(), ps.end(), [&](const Packed& p) {
     return p.groups == ps[0].groups && p.group == ps[0].group && p.row_bytes == ps[0].row_bytes;
   });
-  if (x.numel() == in && 1 < gemm_min_tokens && shared) {
+  if (one && shared) {
     at::Tensor y = one_token(ps, x, bf16, int8_dot, sign_A, sign_B, b, m, a, scaling, sign_max_tokens);
     if (y.defined()) return y.to(x.scalar_type());
   }

@@ -27,6 +27,17 @@ Buffers& buffers(int64_t slot) {
 }
 }  // namespace
 
+void RowBranch::warm_buffers(int64_t slots) {
+  for (int64_t i = 0; i < slots; ++i) {
+    Buffers& buf = buffers(i);
+    for (const std::vector<float>* v : {&buf.z, &buf.mbuf, &buf.bbuf, &buf.h1, &buf.h2}) {  // prepare's writes
+      const char* c = reinterpret_cast<const char*>(v->data());
+      const int64_t n = static_cast<int64_t>(v->size() * sizeof(float));
+      for (int64_t k = 0; k < n; k += 64) __builtin_prefetch(c + k, 1, 3);
+    }
+  }
+}
+
 bool RowBranch::prepare(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
                         const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens,
                         int64_t out, int64_t slot) {
