@@ -105,7 +105,7 @@ def test_layers_of_different_group_sizes_and_a_bfloat16_input_take_the_per_layer
         assert got.dtype == x.dtype and torch.equal(got, separate(x, layers, adapters, [1.0, 2.0], 64, FLAGS[1]))
 
 
-def views_of_one_buffer(tensors):
+def views_at_odd_offsets(tensors):
     """Copies of ``tensors`` laid out in one byte buffer, each at an odd offset (storage_offset > 0), as
     views of their own dtype and shape: how the arena holds the weights and the kernels find them."""
     buf = torch.zeros(sum(t.numel() * t.element_size() + 64 for t in tensors), dtype=torch.uint8)
@@ -127,7 +127,7 @@ def test_one_token_reads_tensors_that_are_views_into_a_shared_buffer(flags):
     (warm.h): views at offsets into one storage, float16 ``m``, give the values of the tensors' own copies."""
     layers, adapters, scalings = case((48, 16, 16), 64, 12, "float32", seed=5)
     adapters = [(sa, sb, b, m.half(), a) for sa, sb, b, m, a in adapters]
-    flat = views_of_one_buffer([t for w in layers for t in w] + [t for ad in adapters for t in ad])
+    flat = views_at_odd_offsets([t for w in layers for t in w] + [t for ad in adapters for t in ad])
     v_layers = [tuple(flat[3 * i : 3 * i + 3]) for i in range(3)]
     v_adapters = [tuple(flat[9 + 5 * i : 9 + 5 * i + 5]) for i in range(3)]
     assert all(v.storage_offset() > 0 for v in flat)

@@ -294,10 +294,11 @@ OneToken one_token_io(const at::Tensor& x, int64_t out) {
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                      const at::Tensor& minus, int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16,
                      bool int8_dot) {
-  if (x.numel() == in && 1 < gemm_min_tokens) lordba_warm::warm_tensors({{qweight}, {scale}, {minus}});
+  const bool one = x.numel() == in && 1 < gemm_min_tokens;  // one token (decode)
+  if (one) lordba_warm::warm_tensors({{qweight}, {scale}, {minus}});
   const Packed p = unpack_args(qweight, scale, minus, in, bits);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "lordba::q4_linear: x's last dimension must be ", in);
-  if (x.numel() == in && 1 < gemm_min_tokens) {  // one token (decode): no reshaped copies, no new views
+  if (one) {  // no reshaped copies, no new views
     const OneToken io = one_token_io(x, p.out);
     gemv(p, io.x->data_ptr<float>(), 1, io.y.data_ptr<float>(), bf16, int8_dot);
     return io.y.to(x.scalar_type());

@@ -79,6 +79,15 @@ at::Tensor one_token(c10::ArrayRef<Packed> ps, const at::Tensor& x, bool bf16, b
   return std::move(io.y);
 }
 
+// Before a one-token call reads them: asks for the layers' and adapters' tensors at once (warm.h) and for the
+// buffers of one branch per adapter (one tensor or a list each: q4_branch, q4_group; the adapter lists may be empty).
+void warm_one_token(at::TensorList qweight, at::TensorList scale, at::TensorList minus, at::TensorList sign_A,
+                    at::TensorList sign_B, at::TensorList b, at::TensorList m, at::TensorList a) {
+  lordba_warm::warm_tensors({{qweight}, {scale}, {minus}, {sign_A}, {sign_B}, {a}, {b, lordba_warm::kScaleBytes},
+                             {m, lordba_warm::kScaleBytes}});
+  lordba::RowBranch::warm_buffers(static_cast<int64_t>(sign_A.size()));
+}
+
 // q4_branch's folded factors for the bfloat16 prefill GEMM, A' = S_A diag(b) [r, in] and
 // B' = s diag(a) S_B diag(m) [out, r], in bfloat16 (the GEMM rounds them so). A layer keeps them between
 // prompts (Q4Linear.forward_with_branch): folding them again costs ~15 us a layer and call.
@@ -140,9 +149,7 @@ at::Tensor q4_branch(const at::Tensor& x, const at::Tensor& qweight, const at::T
     return y.reshape(shape).to(x.scalar_type());
   }
   if (T == 1 && T < gemm_min_tokens) {
-    lordba_warm::warm_tensors({{qweight}, {scale}, {minus}, {sign_A}, {sign_B}, {a}, {b, lordba_warm::kScaleBytes},
-                               {m, lordba_warm::kScaleBytes}});
-    lordba::RowBranch::warm_buffers(1);
+    warm_one_token(qweight, scale, minus, sign_A, sign_B, b, m, a);
     const Packed p = unpack_args(qweight, scale, minus, in, bits);
     at::Tensor bias_f;
     if (bias.has_value()) {
@@ -177,11 +184,7 @@ at::Tensor q4_group(const at::Tensor& x, at::TensorList qweight, at::TensorList 
               "lordba::q4_group: the adapter lists (sign_A, sign_B, b, m, a, scaling) must be empty or one per layer");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "lordba::q4_group: x's last dimension must be ", in);
   const bool one = x.numel() == in && 1 < gemm_min_tokens;
-  if (one) {
-    lordba_warm::warm_tensors({{qweight}, {scale}, {minus}, {sign_A}, {sign_B}, {a}, {b, lordba_warm::kScaleBytes},
-                               {m, lordba_warm::kScaleBytes}});
-    lordba::RowBranch::warm_buffers(static_cast<int64_t>(k));
-  }
+  if (one) warm_one_token(qweight, scale, minus, sign_A, sign_B, b, m, a);
   c10::SmallVector<Packed, kMembers> ps;
   for (size_t i = 0; i < n; ++i) ps.push_back(unpack_args(qweight[i], scale[i], minus[i], in, bits));
   const bool shared = std::all_of(ps.begin(), ps.end(), [&](const Packed& p) {
