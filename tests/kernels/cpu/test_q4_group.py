@@ -164,3 +164,32 @@ def test_the_fake_gives_the_groups_shape():
     with FakeTensorMode(allow_non_fake_inputs=True):
         y = grouped(torch.empty(2, 1, 32), layers, adapters, scalings, 32, FLAGS[1])
     assert y.shape == (2, 1, 32)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("flags", FLAGS)
+def test_calls_in_a_changing_order_over_replaced_tensors_and_many_sites_keep_their_values(threads, flags):
+    """Each adapted one-token call remembers what it read and, once its rows are done, asks for what the
+    call after it read last time (warm.h's look-ahead). Calls in a changing order, over a layer whose
+    tensors were freed and replaced since, and over more call sites than a thread's table keeps (it
+    starts again past 2,048) give, bit for bit, the values of the first calls."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cases = [case((48, 16, 16), 64, 12, scales, seed=s) for s, scales in enumerate(["int8", "float32", "int8"])]
+        x = torch.randn(1, 64, generator=torch.Generator().manual_seed(11))
+        want = [grouped(x, *c, 64, flags) for c in cases]
+        order = torch.Generator().manual_seed(threads)
+        for _ in range(4):
+            for i in torch.randperm(3, generator=order).tolist():
+                assert torch.equal(grouped(x, *cases[i], 64, flags), want[i])
+                assert torch.equal(separate(x, *cases[i], 64, flags), want[i])
+            cases[1] = case((48, 16, 16), 64, 12, "float32", seed=1)  # the same values in new tensors
+        kept = []  # each call site new (a view is a tensor of its own), all alive: more sites than the table keeps
+        for _ in range(2100):
+            layers, adapters, scalings = cases[0]
+            views = [tuple(t.view_as(t) for t in w) for w in layers], [tuple(t.view_as(t) for t in a) for a in adapters]
+            kept.append(views)
+            assert torch.equal(grouped(x, *views, scalings, 64, flags), want[0])
+    finally:
+        torch.set_num_threads(saved)

@@ -295,7 +295,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
                      const at::Tensor& minus, int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16,
                      bool int8_dot) {
   const bool one = x.numel() == in && 1 < gemm_min_tokens;  // one token (decode)
-  if (one) lordba_warm::warm_tensors({{qweight}, {scale}, {minus}});
+  if (one) lordba_warm::warm_tensors({{qweight}, {scale}, {minus}}, lordba_warm::enter(nullptr, 0));
   const Packed p = unpack_args(qweight, scale, minus, in, bits);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "lordba::q4_linear: x's last dimension must be ", in);
   if (one) {  // no reshaped copies, no new views

@@ -10,6 +10,7 @@
 #include <c10/util/SmallVector.h>
 
 #include "branch.h"
+#include "warm.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -62,10 +63,13 @@ struct Member {
 // member's hooks before and after. (Every thread taking its share of every member's first stage before
 // its rows, rather than of the members it computes rows of, measured alike: this schedule took 0.9975x
 // that one's time for SmolLM2's adapted --aot step, docs/kernels.md.)
+// The calling thread, once its blocks are done, asks for the next call's lines (warm.h's ahead).
 template <typename F>
 void member_blocks(const Member* ms, int64_t n, const F& rows) {
   c10::SmallVector<int64_t, 8> first(static_cast<size_t>(n) + 1, 0);  // member i's blocks: [first[i], first[i + 1])
   for (int64_t i = 0; i < n; ++i) first[i + 1] = first[i] + (ms[i].p.out + kRowBlock - 1) / kRowBlock;
+  const lordba_warm::Site* site = lordba_warm::take_site();
+  const void* caller = lordba_warm::this_thread();
   at::parallel_for(0, first[n], 1, [&](int64_t k0, int64_t k1) {
     for (int64_t i = 0; i < n; ++i) {
       const int64_t l0 = std::max(k0, first[i]) - first[i], l1 = std::min(k1, first[i + 1]) - first[i];
@@ -75,6 +79,8 @@ void member_blocks(const Member* ms, int64_t n, const F& rows) {
       for (int64_t k = l0; k < l1; ++k) rows(mb, k * kRowBlock, std::min(mb.p.out, (k + 1) * kRowBlock));
       if (mb.hooks != nullptr) mb.hooks->done(l0, l1);
     }
+    if (site != nullptr && lordba_warm::this_thread() == caller)
+      if (const lordba_warm::Site* next = lordba_warm::ahead(site)) lordba::RowBranch::warm_buffers(next->slots);
   });
 }
 

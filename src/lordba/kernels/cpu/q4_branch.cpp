@@ -80,12 +80,18 @@ at::Tensor one_token(c10::ArrayRef<Packed> ps, const at::Tensor& x, bool bf16, b
 }
 
 // Before a one-token call reads them: asks for the layers' and adapters' tensors at once (warm.h) and for the
-// buffers of one branch per adapter (one tensor or a list each: q4_branch, q4_group; the adapter lists may be empty).
+// buffers of one branch per adapter (one tensor or a list each: q4_branch, q4_group; the adapter lists may be empty),
+// the call entered as a site (keyed by its first weight) whose lines the call before it asks for next time.
 void warm_one_token(at::TensorList qweight, at::TensorList scale, at::TensorList minus, at::TensorList sign_A,
                     at::TensorList sign_B, at::TensorList b, at::TensorList m, at::TensorList a) {
+  const int64_t slots = static_cast<int64_t>(sign_A.size());
+  lordba_warm::Site* site = lordba_warm::enter(slots > 0 ? qweight[0].unsafeGetTensorImpl() : nullptr, slots);
   lordba_warm::warm_tensors({{qweight}, {scale}, {minus}, {sign_A}, {sign_B}, {a}, {b, lordba_warm::kScaleBytes},
-                             {m, lordba_warm::kScaleBytes}});
-  lordba::RowBranch::warm_buffers(static_cast<int64_t>(sign_A.size()));
+                             {m, lordba_warm::kScaleBytes}},
+                            site);
+  lordba::RowBranch::warm_buffers(slots);
+  if (site != nullptr)
+    for (at::TensorList inside : {sign_A, sign_B, a}) lordba_warm::remember(inside, lordba_warm::kScaleBytes, site);
 }
 
 // q4_branch's folded factors for the bfloat16 prefill GEMM, A' = S_A diag(b) [r, in] and
