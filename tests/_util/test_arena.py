@@ -34,9 +34,16 @@ def test_a_large_buffer_starts_on_a_huge_page_boundary_and_outlives_its_mapping_
     assert view.tolist() == [7] * 5
 
 
-def test_a_small_buffer_is_an_ordinary_tensor():
+def test_a_small_buffer_is_an_ordinary_tensor_unless_asked_for_a_whole_page():
     small = huge_page_buffer(1000)
     assert small.numel() == 1000 and small.untyped_storage().nbytes() == 1000
+    paged = huge_page_buffer(1000, small_too=True)
+    assert paged.numel() == 1000
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert paged.data_ptr() % HUGE_PAGE == 0 and paged.untyped_storage().nbytes() >= HUGE_PAGE
+    views = views_of_one_buffer([torch.arange(5), torch.ones(3)], huge_pages=True, small_too=True)
+    assert torch.equal(views[0], torch.arange(5)) and torch.equal(views[1], torch.ones(3))
+    assert huge_page_buffer(0, small_too=True).numel() == 0
 
 
 def test_views_at_cache_lines_in_huge_pages_keep_values():

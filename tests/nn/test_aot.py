@@ -3,12 +3,16 @@ gives the eager greedy tokens and logits, reads the live model's tensors (no cop
 per graph (a second decoder loads the package) and again when the graph changes (the adapter's
 scaling), never reusing a stale package."""
 
+import mmap
+
 import pytest
 import torch
 
+from lordba._util.arena import HUGE_PAGE
 from lordba.errors import ConfigError
 from lordba.kernels import cpu_available
 from lordba.nn import aot as aot_module
+from lordba.nn.adapter import PackedAdapter
 from lordba.nn.aot import AotDecode
 
 from conftest import tiny_q4
@@ -39,7 +43,10 @@ def test_compiled_step_gives_the_eager_tokens_and_logits_and_reads_the_live_tens
     assert not torch.equal(want_ids, base_ids)  # the adapter matters
     lines = []
     decode = AotDecode(lm, folder=folder, log=lines.append, kv_dtype="float32")
-    got = decode.generate(PROMPT, NEW, eos_token_id=[])
+    held = [b for m in lm.modules() if isinstance(m, PackedAdapter) for b in m.buffers(recurse=False)]
+    starts = {b.untyped_storage().data_ptr() for b in held}  # the adapter moved into one buffer, in a 2 MB page
+    assert held and len(starts) == 1 and (not hasattr(mmap, "MADV_HUGEPAGE") or starts.pop() % HUGE_PAGE == 0)
+    got = decode.generate(PROMPT, NEW, eos_token_id=[])  # the same values: the eager tokens
     assert torch.equal(got, want_ids) and len(lines) == 1 and decode.compile_seconds > 0
     decode.prepare(PROMPT.shape[1] + NEW)
     logits = [decode.prefill(PROMPT)]

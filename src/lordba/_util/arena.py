@@ -12,15 +12,15 @@ _ALIGN = 8  # bytes: every dtype's alignment
 HUGE_PAGE = 2 << 20  # bytes: x86-64's and arm64's (4 KB granule) transparent huge page
 
 
-def huge_page_buffer(nbytes: int) -> torch.Tensor:
+def huge_page_buffer(nbytes: int, small_too: bool = False) -> torch.Tensor:
     """A new uint8 CPU tensor of ``nbytes`` (contents undefined) whose memory Linux may back with 2 MB
     pages: an anonymous mapping, its start aligned to 2 MB and marked ``MADV_HUGEPAGE`` (transparent huge
     pages in ``madvise`` mode, the common default, give ordinary allocations 4 KB pages). Decode streams
     every weight once a token; in 4 KB pages that is a TLB miss every 4 KB and the misses evict the
     entries of everything else the step reads (docs/kernels.md). Where the OS has no such advice, or
-    ``nbytes`` is under one huge page, an ordinary ``torch.empty``. The mapping lives as long as the
-    tensor (or a view of it) does."""
-    if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+    ``nbytes`` is under one huge page (unless ``small_too``: then one whole page is mapped for it), an
+    ordinary ``torch.empty``. The mapping lives as long as the tensor (or a view of it) does."""
+    if (nbytes < HUGE_PAGE and not (small_too and nbytes > 0)) or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(nbytes, dtype=torch.uint8)
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # room to align the start
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -38,11 +38,13 @@ def empty_views(
     device: torch.device | str = "cpu",
     align: int = _ALIGN,
     huge_pages: bool = False,
+    small_too: bool = False,
 ) -> list[torch.Tensor]:
     """New contiguous tensors of the given ``(shape, dtype)`` (contents undefined) as views of one new uint8
     buffer on ``device``, in the given order, each at a multiple of ``align`` bytes (a multiple of 8).
-    ``huge_pages``: a CPU buffer from :func:`huge_page_buffer`. A caller moving tensors into them one at a
-    time (copy, then drop the old one) holds at most the buffer and one old tensor at once.
+    ``huge_pages``: a CPU buffer from :func:`huge_page_buffer` (``small_too`` passed on). A caller moving
+    tensors into them one at a time (copy, then drop the old one) holds at most the buffer and one old tensor
+    at once.
 
     Raises:
         ValueError: ``align`` is not a multiple of 8.
@@ -56,7 +58,7 @@ def empty_views(
         total += -(-size // align) * align
     device = torch.device(device)
     if huge_pages and device.type == "cpu":
-        buffer = huge_page_buffer(total)
+        buffer = huge_page_buffer(total, small_too)
     else:
         buffer = torch.empty(total + align, dtype=torch.uint8, device=device)
         buffer = buffer[-buffer.data_ptr() % align :][:total]
@@ -67,11 +69,11 @@ def empty_views(
 
 
 def views_of_one_buffer(
-    tensors: Sequence[torch.Tensor], align: int = _ALIGN, huge_pages: bool = False
+    tensors: Sequence[torch.Tensor], align: int = _ALIGN, huge_pages: bool = False, small_too: bool = False
 ) -> list[torch.Tensor]:
     """Copies of ``tensors`` (all on one device) as views of one new uint8 buffer (:func:`empty_views`), in the
     given order, each at a multiple of ``align`` bytes (a multiple of 8), contiguous, of its own shape and dtype
-    (no gradient). ``huge_pages``: a CPU buffer from :func:`huge_page_buffer`.
+    (no gradient). ``huge_pages``: a CPU buffer from :func:`huge_page_buffer` (``small_too`` passed on).
 
     Raises:
         ValueError: the tensors are on more than one device, or ``align`` is not a multiple of 8.
@@ -79,7 +81,7 @@ def views_of_one_buffer(
     if len({t.device for t in tensors}) > 1:
         raise ValueError("views_of_one_buffer: the tensors must be on one device")
     device = tensors[0].device if tensors else torch.device("cpu")
-    views = empty_views([(t.shape, t.dtype) for t in tensors], device, align, huge_pages)
+    views = empty_views([(t.shape, t.dtype) for t in tensors], device, align, huge_pages, small_too)
     with torch.no_grad():
         for view, t in zip(views, tensors):
             view.copy_(t)

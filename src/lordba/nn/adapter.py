@@ -385,18 +385,21 @@ def _view_if_equal(param: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
     return decoded.contiguous()
 
 
-def hold_together(adapters: Sequence[PackedAdapter]) -> None:
+def hold_together(adapters: Sequence[PackedAdapter], huge_page: bool = False) -> None:
     """Hold the tensors of ``adapters`` (one adapter's modules, in model order) as views of one buffer per
     device, each kind's tensors side by side: the layout a loaded file gives (views of its one buffer).
     Decode reads every layer's adapter each token; from separately allocated tensors that cost about a
-    point more of q4 decode time at 2 threads (docs/kernels.md). Values are unchanged."""
+    point more of q4 decode time at 2 threads (docs/kernels.md). ``huge_page``: a CPU buffer in 2 MB pages
+    (:func:`~lordba._util.arena.huge_page_buffer`), a whole page even for a smaller adapter (``AotDecode``'s:
+    0.6% off SmolLM2's adapted ``--aot`` step). Values are unchanged."""
     by_device: dict[torch.device, list[PackedAdapter]] = {}
     for adapter in adapters:
         by_device.setdefault(adapter.sign_A.device, []).append(adapter)
     names = ("sign_A", "sign_B", *SCALES)
     for group in by_device.values():
         slots = [(adapter, name) for name in names for adapter in group]
-        for (adapter, name), view in zip(slots, views_of_one_buffer([a._buffers[n] for a, n in slots])):
+        tensors = [a._buffers[n] for a, n in slots]
+        for (adapter, name), view in zip(slots, views_of_one_buffer(tensors, huge_pages=huge_page, small_too=True)):
             adapter.register_buffer(name, view)
 
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from lordba import kernels
 from lordba.errors import ConfigError
+from lordba.nn.adapter import PackedAdapter, hold_together
 from lordba.nn.aot_group import group_siblings
 from lordba.nn.attention import reduced_cache, use_packed_gqa
 from lordba.nn.decode import _hf_model, cache_length
@@ -167,7 +168,9 @@ class AotDecode:
     Args:
         model: a transformers causal LM on the CPU, or a LoRDBAModel wrapping one (its active
             adapters as they are now are compiled in). A model on ``sdpa`` attention is switched to
-            :mod:`lordba.nn.attention`'s (the same results, eager and compiled).
+            :mod:`lordba.nn.attention`'s (the same results, eager and compiled), and its packed adapters'
+            tensors are moved into one buffer in a 2 MB page (the same values; a whole page even for a
+            smaller adapter: :func:`lordba.nn.adapter.hold_together`).
         folder: where packages are kept (default ``<lordba cache>/aot``).
         log: called with a line before a compile (default: nothing).
         round_to: cache lengths are the positions needed rounded up to a multiple of this (default:
@@ -199,6 +202,9 @@ class AotDecode:
         if any(t.device.type != "cpu" for t in self.inner.parameters()):
             raise ConfigError("AotDecode compiles for the CPU: the model must be on the CPU")
         use_packed_gqa(self.inner)
+        packed = [m for m in self.inner.modules() if isinstance(m, PackedAdapter)]
+        if packed:  # read every token: one buffer in a 2 MB page (docs/kernels.md)
+            hold_together(packed, huge_page=True)
         self.folder = Path(folder) if folder is not None else _package_dir()
         self.log = log or (lambda line: None)
         self._steps: dict[int, _Step] = {}
