@@ -398,8 +398,8 @@ def hold_together(adapters: Sequence[PackedAdapter], huge_page: bool = False) ->
     names = ("sign_A", "sign_B", *SCALES)
     for group in by_device.values():
         slots = [(adapter, name) for name in names for adapter in group]
-        tensors = [a._buffers[n] for a, n in slots]
-        for (adapter, name), view in zip(slots, views_of_one_buffer(tensors, huge_pages=huge_page, small_too=True)):
+        views = views_of_one_buffer([a._buffers[n] for a, n in slots], huge_pages=huge_page, small_too=huge_page)
+        for (adapter, name), view in zip(slots, views):
             adapter.register_buffer(name, view)
 
 

@@ -202,9 +202,8 @@ class AotDecode:
         if any(t.device.type != "cpu" for t in self.inner.parameters()):
             raise ConfigError("AotDecode compiles for the CPU: the model must be on the CPU")
         use_packed_gqa(self.inner)
-        packed = [m for m in self.inner.modules() if isinstance(m, PackedAdapter)]
-        if packed:  # read every token: one buffer in a 2 MB page (docs/kernels.md)
-            hold_together(packed, huge_page=True)
+        # the adapters are read every token: one buffer in a 2 MB page (docs/kernels.md)
+        hold_together([m for m in self.inner.modules() if isinstance(m, PackedAdapter)], huge_page=True)
         self.folder = Path(folder) if folder is not None else _package_dir()
         self.log = log or (lambda line: None)
         self._steps: dict[int, _Step] = {}

@@ -111,15 +111,23 @@ inline const Site* ahead(const Site* site) {
   return next;
 }
 
+// Calls f(line) for each 64-byte step of the first `bytes` of t's data (at most all of it); nothing for an
+// undefined tensor or one without storage or data. Reads only the header and the storage.
+template <typename F>
+inline void each_data_line(const at::Tensor& t, int64_t bytes, const F& f) {
+  if (!t.defined() || bytes <= 0) return;
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  const c10::StorageImpl* storage = impl->unsafe_storage().unsafeGetStorageImpl();
+  if (storage == nullptr || storage->data() == nullptr) return;
+  const char* data = static_cast<const char*>(storage->data()) + impl->storage_offset() * impl->itemsize();
+  const int64_t n = std::min<int64_t>(bytes, impl->numel() * static_cast<int64_t>(impl->itemsize()));
+  for (int64_t k = 0; k < n; k += 64) f(data + k);
+}
+
 // Records (without asking for them now) the first `bytes` of each tensor's data in `site`, for ahead(): data
 // the call reads inside its loop, such as an adapter's signs, which its threads fetch as they go.
 inline void remember(at::TensorList tensors, int64_t bytes, Site* site) {
-  for (const at::Tensor& t : tensors) {
-    if (!t.defined() || !t.has_storage()) continue;
-    const char* data = static_cast<const char*>(t.const_data_ptr());
-    const int64_t n = std::min<int64_t>(bytes, t.numel() * static_cast<int64_t>(t.element_size()));
-    for (int64_t k = 0; k < n; k += 64) site->add(data + k);
-  }
+  for (const at::Tensor& t : tensors) each_data_line(t, bytes, [site](const char* line) { site->add(line); });
 }
 
 // Prefetches (never faults, never waits for the lines) every tensor's header, storage and first data_bytes
@@ -137,18 +145,8 @@ inline void warm_tensors(std::initializer_list<Part> parts, Site* site = nullptr
   for (const Part& part : parts)
     for (const at::Tensor& t : part.tensors)
       if (t.defined()) ask(t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl());
-  for (const Part& part : parts) {
-    if (part.data_bytes <= 0) continue;
-    for (const at::Tensor& t : part.tensors) {
-      if (!t.defined()) continue;
-      const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-      const c10::StorageImpl* storage = impl->unsafe_storage().unsafeGetStorageImpl();
-      if (storage == nullptr || storage->data() == nullptr) continue;
-      const char* data = static_cast<const char*>(storage->data()) + impl->storage_offset() * impl->itemsize();
-      const int64_t n = std::min<int64_t>(part.data_bytes, impl->numel() * static_cast<int64_t>(impl->itemsize()));
-      for (int64_t k = 0; k < n; k += 64) ask(data + k);
-    }
-  }
+  for (const Part& part : parts)
+    for (const at::Tensor& t : part.tensors) each_data_line(t, part.data_bytes, ask);
 }
 
 }  // namespace lordba_warm
