@@ -1,6 +1,7 @@
 """The 4-bit base kernels: packing, the compiled kernel against the PyTorch reference (every token
 count, padded inputs), the input gradient, and torch.compile tracing."""
 
+import os
 import sys
 
 import pytest
@@ -415,7 +416,8 @@ def test_prefill_factors_are_the_folded_factors_and_bad_ones_are_refused():
         call(x, *layer, 16, 4, True, False, None, *tensors, 2.0, 4, folded_A.float(), folded_B)
     with pytest.raises(RuntimeError, match="folded_B must be bfloat16"):
         call(x, *layer, 16, 4, True, False, None, *tensors, 2.0, 4, folded_A, folded_B[:, :-1])
-    if "amx_bf16" in cpu_flags().split() and sys.platform == "linux":
+    native = os.environ.get("LORDBA_CPU_ARCH", "native") == "native"  # another -march's build has no tile code
+    if "amx_bf16" in cpu_flags().split() and sys.platform == "linux" and native:
         assert amx_prefill_available()
 
 
@@ -505,3 +507,22 @@ def test_q4_branch_refuses_an_input_or_adapter_of_another_shape(tokens):
         call(torch.randn(tokens, 95), adapter(48))
     with pytest.raises(RuntimeError, match="lordba::branch"):
         call(torch.randn(tokens, 96), adapter(40))
+
+
+def test_onednn_kept_below_bfloat16_turns_the_bfloat16_gemm_off(monkeypatch):
+    """``$ONEDNN_MAX_CPU_ISA=AVX2`` (how an AVX2 machine is measured on a newer one): no native bfloat16
+    GEMM, whatever the CPU's flags; an ISA with bfloat16 dot products leaves the flags to decide."""
+    from lordba.kernels import q4 as q4_module
+
+    monkeypatch.setattr("lordba.kernels.cpu.cpu_flags", lambda: "flags : avx512f avx512_bf16 amx_bf16")
+    try:
+        for limit, want in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_AMX", True), ("", True)):
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+            q4_module.native_bfloat16.cache_clear()
+            assert q4_module.native_bfloat16() is want, limit
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+        monkeypatch.setenv("DNNL_MAX_CPU_ISA", "avx2_vnni")
+        q4_module.native_bfloat16.cache_clear()
+        assert not q4_module.native_bfloat16()
+    finally:
+        q4_module.native_bfloat16.cache_clear()

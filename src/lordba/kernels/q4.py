@@ -43,12 +43,21 @@ COMPUTE = ("exact", "fast", "fast-int8")
 COMPUTE_ENV = "LORDBA_Q4_COMPUTE"
 
 
+# oneDNN's ISA limits (``$ONEDNN_MAX_CPU_ISA``) that leave its bfloat16 dot products out
+_NO_BF16_ISAS = {"sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512_core", "avx512_core_vnni"}
+
+
 @functools.cache
 def native_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 dot products natively (AVX512_BF16 or AMX-BF16), where
-    oneDNN's bfloat16 GEMM is ~4x its float32 GEMM (1 thread, SmolLM2's prefill shapes)."""
+    oneDNN's bfloat16 GEMM is ~4x its float32 GEMM (1 thread, SmolLM2's prefill shapes). False where
+    ``$ONEDNN_MAX_CPU_ISA`` (or ``$DNNL_MAX_CPU_ISA``) keeps oneDNN below them (``AVX2``, for instance:
+    how an AVX2 machine is measured on a newer one, docs/kernels.md)."""
     from lordba.kernels.cpu import cpu_flags
 
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if limit.strip().lower() in _NO_BF16_ISAS:
+        return False
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
 
 

@@ -118,12 +118,10 @@ void tiled_sums(const uint8_t* sa, int64_t nbytes, const float* z, int64_t T, in
 float z_total(const float* z, int64_t ld);
 // The nibble tables of stage 2 for T tokens of h2 (rp values each: r rounded up to 8).
 void build_nibbles(const float* h2, int64_t T, int64_t rp, float* nib);
-#if defined(__AVX512F__)
 // Stage 2 and the output of blocks [k0, k1) of 16 outputs (float, BFloat16, Half outputs).
 template <typename out_t>
 void stage2_blocks(const uint8_t* sb, int64_t nbytes, const float* nib, int64_t T, int64_t r, int64_t rp, int64_t out,
                    const float* a, float scaling, const out_t* base, out_t* y, int64_t k0, int64_t k1);
-#endif
 // The five stages for T tokens (x_t, out_t: float, BFloat16, Half).
 template <typename x_t, typename out_t>
 void sign_path(const x_t* x, int64_t T, int64_t in, const uint8_t* sa, int64_t nbytes_a, const uint8_t* sb,

@@ -23,6 +23,7 @@
 
 #include "branch.h"
 #include "q4.h"
+#include "q4_rows.h"
 #include "shim.h"
 #include "warm.h"
 
@@ -39,74 +40,6 @@ namespace lordba_q4 {
 namespace {
 
 constexpr int64_t kTokenBlock = 4;
-
-// One output row, up to kTokenBlock tokens: acc[t] = sum_g s_g (q_g . x_t,g)
-template <int NT, int BITS>
-void row_dot(const uint8_t* qrow, const c10::Half* srow, int64_t groups, int64_t chunks_per_group,
-             const float* const* xs, int64_t in, float* out) {
-#if defined(__AVX512F__)
-  __m512 acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
-  const __m512i low4 = _mm512_set1_epi32(15);
-  int64_t k = 0;
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 part[NT];
-    for (int t = 0; t < NT; ++t) part[t] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks_per_group; ++c, k += kChunk) {
-      __m512 lo, hi;
-      if constexpr (BITS == 4) {
-        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + k / 2)));
-        lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low4));
-        hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
-      } else {
-        lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + k))));
-        hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + k + 16))));
-      }
-      const int64_t left = in - k;
-      if (left >= kChunk) {
-        for (int t = 0; t < NT; ++t) {
-          part[t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xs[t] + k), part[t]);
-          part[t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xs[t] + k + 16), part[t]);
-        }
-      } else if (left > 0) {  // the padded tail: inputs past `in` count as zero
-        const __mmask16 m0 = static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1);
-        const __mmask16 m1 = static_cast<__mmask16>(left >= 32 ? 0xFFFF : left > 16 ? (1u << (left - 16)) - 1 : 0);
-        for (int t = 0; t < NT; ++t) {
-          part[t] = _mm512_fmadd_ps(lo, _mm512_maskz_loadu_ps(m0, xs[t] + k), part[t]);
-          part[t] = _mm512_fmadd_ps(hi, _mm512_maskz_loadu_ps(m1, xs[t] + k + 16), part[t]);
-        }
-      }
-    }
-    const __m512 s = _mm512_set1_ps(half_to_float(srow[g]));
-    for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(part[t], s, acc[t]);
-  }
-  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
-#else
-  for (int t = 0; t < NT; ++t) out[t] = 0.f;
-  int64_t k = 0;
-  for (int64_t g = 0; g < groups; ++g) {
-    float part[NT] = {};
-    for (int64_t c = 0; c < chunks_per_group; ++c, k += kChunk) {
-      for (int64_t j = 0; j < 16; ++j) {
-        float lo, hi;
-        if constexpr (BITS == 4) {
-          lo = static_cast<float>(qrow[k / 2 + j] & 15);
-          hi = static_cast<float>(qrow[k / 2 + j] >> 4);
-        } else {
-          lo = static_cast<float>(qrow[k + j]);
-          hi = static_cast<float>(qrow[k + j + 16]);
-        }
-        for (int t = 0; t < NT; ++t) {
-          if (k + j < in) part[t] += lo * xs[t][k + j];
-          if (k + j + 16 < in) part[t] += hi * xs[t][k + j + 16];
-        }
-      }
-    }
-    const float s = half_to_float(srow[g]);
-    for (int t = 0; t < NT; ++t) out[t] += s * part[t];
-  }
-#endif
-}
 
 }  // namespace
 
@@ -129,62 +62,6 @@ Packed unpack_args(const at::Tensor& qweight, const at::Tensor& scale, const at:
 }
 
 namespace {
-
-#if defined(__AVX512F__)
-// One token, R rows at once (decode): each 32-input chunk of x is loaded once for the R rows, and the
-// 2R accumulators (low and high nibbles of each row) are independent FMA chains, so the loop is not
-// bound by the FMA latency. The offset term sum_g m_g * sum(x_g) joins the same final reduction.
-template <int BITS, int R>
-void rows_dot1(const Packed& p, int64_t o, const float* x, const float* xsum, float* y) {
-  const int64_t chunks = p.group / kChunk;
-  const __m512i low4 = _mm512_set1_epi32(15);
-  const uint8_t* q[R];
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) {
-    q[r] = p.q + (o + r) * p.row_bytes;
-    acc[r] = _mm512_setzero_ps();
-  }
-  int64_t k = 0;
-  for (int64_t g = 0; g < p.groups; ++g) {
-    __m512 lo_acc[R], hi_acc[R];
-    for (int r = 0; r < R; ++r) lo_acc[r] = hi_acc[r] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c, k += kChunk) {
-      const int64_t left = p.in - k;
-      if (left <= 0) continue;  // a whole padded chunk: its inputs count as zero
-      __m512 x0, x1;
-      if (left >= kChunk) {
-        x0 = _mm512_loadu_ps(x + k);
-        x1 = _mm512_loadu_ps(x + k + 16);
-      } else {
-        const __mmask16 m0 = static_cast<__mmask16>(left >= 16 ? 0xFFFF : (1u << left) - 1);
-        const __mmask16 m1 = static_cast<__mmask16>(left > 16 ? (1u << (left - 16)) - 1 : 0);
-        x0 = _mm512_maskz_loadu_ps(m0, x + k);
-        x1 = _mm512_maskz_loadu_ps(m1, x + k + 16);
-      }
-      for (int r = 0; r < R; ++r) {
-        __m512 lo, hi;
-        if constexpr (BITS == 4) {
-          const __m512i bytes =
-              _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + k / 2)));
-          lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, low4));
-          hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
-        } else {
-          lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + k))));
-          hi = _mm512_cvtepi32_ps(
-              _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + k + 16))));
-        }
-        lo_acc[r] = _mm512_fmadd_ps(lo, x0, lo_acc[r]);
-        hi_acc[r] = _mm512_fmadd_ps(hi, x1, hi_acc[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m512 s = _mm512_set1_ps(half_to_float(p.s[(o + r) * p.groups + g]));
-      acc[r] = _mm512_fmadd_ps(_mm512_add_ps(lo_acc[r], hi_acc[r]), s, acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) y[o + r] = _mm512_reduce_add_ps(acc[r]) + row_offset(p, o + r, xsum);
-}
-#endif
 
 // Rows one by one, the packed rows read once per block of kTokenBlock tokens (few tokens; one token of
 // the 8-bit head): y [T, out], xsum the tokens' group sums.
@@ -242,7 +119,7 @@ void gemv1(const Member* ms, int64_t n, const float* x, bool bf16, bool int8_dot
   c10::SmallVector<float, 64> xsum(static_cast<size_t>(p.groups), 0.f);
   group_sums(p, x, 1, xsum.data());
   if (dot1_reduced(ms, n, x, xsum.data(), bf16, int8_dot)) return;
-#if defined(__AVX512F__)
+#if defined(LORDBA_Q4_ROWS_OF_FOUR)
   // Decode of 4-bit rows in float32: blocks of 4 rows (rows_dot1; 0.5-0.75x the time of row_dot on
   // SmolLM2's layers). The 8-bit head is memory-bound and reads faster one row at a time (row_dot).
   if (p.bits == 4) {
@@ -254,7 +131,7 @@ void gemv1(const Member* ms, int64_t n, const float* x, bool bf16, bool int8_dot
     return;
   }
 #endif
-  for (int64_t i = 0; i < n; ++i) {  // 8-bit rows (the head), or no AVX-512: row_dot's loop, layer by layer
+  for (int64_t i = 0; i < n; ++i) {  // 8-bit rows (the head), or a portable build: row_dot's loop, layer by layer
     const Member& mb = ms[i];
     gemv_rows(mb.p, x, 1, xsum.data(), mb.y);
     if (mb.hooks != nullptr) {

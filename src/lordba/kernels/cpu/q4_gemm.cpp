@@ -10,10 +10,12 @@
 #include <c10/util/Half.h>
 
 #include "q4.h"
+#include "q4_rows.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace lordba_q4 {
 namespace {
@@ -70,6 +72,19 @@ void dequant_rows(const Packed& p, int64_t o0, int64_t o1, Out* dst, int64_t ld 
         store_lanes(d + k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo_i), vs, vm), left);
         store_lanes(d + k + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi_i), vs, vm), left - 16);
 #else
+#if defined(LORDBA_Q4_AVX2)
+        if constexpr (std::is_same_v<Out, float>) {  // AVX2: the same s * q + m, one rounding (FMA)
+          __m256 w[4];
+          if (p.bits == 4) {
+            avx2::codes<4>(q, k, w);
+          } else {
+            avx2::codes<8>(q, k, w);
+          }
+          const __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m);
+          for (int j = 0; j < 4; ++j) avx2::store_first(d + k + 8 * j, _mm256_fmadd_ps(w[j], vs, vm), p.in - k - 8 * j);
+          continue;
+        }
+#endif
         for (int64_t j = 0; j < 16; ++j) {
           const int lo = p.bits == 4 ? (q[k / 2 + j] & 15) : q[k + j];
           const int hi = p.bits == 4 ? (q[k / 2 + j] >> 4) : q[k + j + 16];

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <deque>
+#include <thread>
 #include <vector>
 
 namespace lordba {
@@ -18,6 +19,15 @@ namespace {
 struct Buffers {
   std::vector<float> z, mbuf, bbuf, abuf, h1, h2, nib;
 };
+
+// A spin-wait's pause (x86: PAUSE; elsewhere the thread yields).
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
 
 // This thread's buffers of `slot` (a deque: adding slots leaves the ones in use in place).
 Buffers& buffers(int64_t slot) {
@@ -41,7 +51,6 @@ void RowBranch::warm_buffers(int64_t slots) {
 bool RowBranch::prepare(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,
                         const at::Tensor& m, const at::Tensor& a, double scaling, int64_t sign_max_tokens,
                         int64_t out, int64_t slot) {
-#if defined(__AVX512F__)
   const int64_t in = b.numel(), r = m.numel();
   if (x.scalar_type() != at::kFloat || !x.is_contiguous() || x.numel() != in || in == 0 || sign_max_tokens < 1)
     return false;
@@ -96,13 +105,9 @@ bool RowBranch::prepare(const at::Tensor& x, const at::Tensor& sign_A, const at:
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   share_ = (groups_ + threads - 1) / threads;
   return true;
-#else
-  return false;
-#endif
 }
 
 void RowBranch::run_group(int64_t g) {
-#if defined(__AVX512F__)
   const int64_t j0 = 8 * g, j1 = std::min(r_, j0 + 8);
   prefetch(sa_ + j0 * in_ / 8, (j1 - j0) * in_ / 8 + 1);
   // stage1's sums of these rows (each row's sums are the same whichever rows share its pass), then h ⊙ m
@@ -112,7 +117,6 @@ void RowBranch::run_group(int64_t g) {
     h2_[j] = h * m_[j];
   }
   build_nibbles(h2_ + j0, 1, 8, nib_ + 32 * g);
-#endif
 }
 
 bool RowBranch::claim() {
@@ -124,24 +128,20 @@ bool RowBranch::claim() {
 }
 
 void RowBranch::start(int64_t k0, int64_t k1) {
-#if defined(__AVX512F__)
   const int64_t o0 = std::min(out_, kRows * k0), o1 = std::min(out_, kRows * k1);
   prefetch(sb_ + o0 * r_ / 8, (o1 - o0) * r_ / 8 + 1);
   if (a8_ != nullptr) prefetch(a8_ + o0, o1 - o0);
   for (int64_t i = 0; i < share_ && claim(); ++i) {
   }
-#endif
 }
 
 void RowBranch::add_rows(int64_t k0, int64_t k1, float* y) {
-#if defined(__AVX512F__)
   while (claim()) {
   }
   const int64_t o0 = std::min(out_, kRows * k0), o1 = std::min(out_, kRows * k1);
   if (a8_ != nullptr) codes_to_float(a8_ + o0, o1 - o0, a_buf_ + o0);  // this thread's blocks of a
-  while (finished_.load(std::memory_order_acquire) < groups_) _mm_pause();
+  while (finished_.load(std::memory_order_acquire) < groups_) spin_pause();
   stage2_blocks<float>(sb_, nbytes_b_, nib_, 1, r_, 8 * groups_, out_, a_, scaling_, y, y, k0, k1);
-#endif
 }
 
 

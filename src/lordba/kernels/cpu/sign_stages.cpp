@@ -308,6 +308,19 @@ void stage2(const uint8_t* sb, int64_t nbytes, const float* nib, int64_t T, int6
 }  // namespace
 
 #else
+// Outputs 16·k0 .. 16·k1 of every token, one output at a time (RowBranch's blocks on AVX2 and portable builds):
+// each output's sum in the order stage2's below makes it, so the same bits.
+template <typename out_t>
+void stage2_blocks(const uint8_t* sb, int64_t nbytes, const float* nib, int64_t T, int64_t r, int64_t rp, int64_t out,
+                   const float* a, float scaling, const out_t* base, out_t* y, int64_t k0, int64_t k1) {
+  const int64_t groups = rp / 8;
+  std::vector<uint8_t> scratch;
+  for (int64_t o = 16 * k0; o < std::min(16 * k1, out); ++o) {
+    const uint8_t* row = r % 8 == 0 ? sb + o * groups : sign_row(sb, o * r, groups, nbytes, scratch);
+    output_scalar<out_t>(row, o, T, groups, nib, scaling * a[o], out, base, y);
+  }
+}
+
 namespace {
 
 // Portable: one 256-entry table per group (T-MAC style), laid out token-fastest so that a lookup
@@ -394,13 +407,11 @@ void sign_path(const x_t* x, int64_t T, int64_t in, const uint8_t* sa, int64_t n
 LORDBA_SIGN_PATHS(float)
 LORDBA_SIGN_PATHS(c10::BFloat16)
 LORDBA_SIGN_PATHS(c10::Half)
-#if defined(__AVX512F__)
 #define LORDBA_STAGE2_BLOCKS(out_t)                                                                              \
   template void stage2_blocks<out_t>(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, \
                                      const float*, float, const out_t*, out_t*, int64_t, int64_t);
 LORDBA_STAGE2_BLOCKS(float)
 LORDBA_STAGE2_BLOCKS(c10::BFloat16)
 LORDBA_STAGE2_BLOCKS(c10::Half)
-#endif
 
 }  // namespace lordba::impl
