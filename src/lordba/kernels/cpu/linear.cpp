@@ -2,7 +2,7 @@
 //
 //   y = x W^T (+ bias) + s * a ⊙ (S_B (m ⊙ (S_A (b ⊙ x))))
 //
-// One float32 token on an AVX-512 build (decode on a float32 base): the layer's GEMV is computed here,
+// One float32 token on an AVX-512 or AVX2 build (decode on a float32 base): the layer's GEMV is computed here,
 // blocks of 16 rows on every thread, and each thread adds the branch's output stage to the block it
 // has just computed (RowBranch::add_rows, as q4.cpp's one-token path does): the branch's signs and
 // scales are read while the weight streams, and there is no second pass over the output. The GEMV is
@@ -25,9 +25,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "q4_rows.h"
 
 namespace lordba_linear {
 namespace {
@@ -35,10 +33,28 @@ namespace {
 constexpr int64_t kRowBlock = lordba::RowBranch::kRows;
 constexpr int64_t kTileMinTokens = 16;  // the tile path's blocks are 32 tokens; fewer stay float32 (TILE_MIN_TOKENS)
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(LORDBA_Q4_AVX2)
+#define LORDBA_LINEAR_ONE_TOKEN 1
 // y[o] = w[o] · x (+ bias[o]) for the rows o in [o0, o1): NR rows at a time, each weight row read once.
 template <int NR>
 inline void dense_rows(const float* w, const float* x, int64_t in, int64_t o, const float* bias, float* y) {
+#if defined(LORDBA_Q4_AVX2)
+  namespace avx2 = lordba_q4::avx2;
+  const int64_t full = in - in % 8;
+  __m256 acc[NR];
+  for (int i = 0; i < NR; ++i) acc[i] = _mm256_setzero_ps();
+  const float* rows[NR];
+  for (int i = 0; i < NR; ++i) rows[i] = w + (o + i) * in;
+  for (int64_t k = 0; k < full; k += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    for (int i = 0; i < NR; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[i] + k), xv, acc[i]);
+  }
+  if (full < in) {
+    const __m256 xv = avx2::load_first(x + full, in - full);
+    for (int i = 0; i < NR; ++i) acc[i] = _mm256_fmadd_ps(avx2::load_first(rows[i] + full, in - full), xv, acc[i]);
+  }
+  for (int i = 0; i < NR; ++i) y[o + i] = avx2::sum(acc[i]) + (bias != nullptr ? bias[o + i] : 0.f);
+#else
   const int64_t full = in - in % 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (in % 16)) - 1u);
   __m512 acc[NR];
@@ -54,6 +70,7 @@ inline void dense_rows(const float* w, const float* x, int64_t in, int64_t o, co
     for (int i = 0; i < NR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, rows[i] + full), xv, acc[i]);
   }
   for (int i = 0; i < NR; ++i) y[o + i] = _mm512_reduce_add_ps(acc[i]) + (bias != nullptr ? bias[o + i] : 0.f);
+#endif
 }
 
 // One float32 token: the GEMV and the branch's output stage, block by block (see the top). false where
@@ -133,7 +150,7 @@ at::Tensor linear_branch(const at::Tensor& x, const at::Tensor& weight, const c1
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1),
               "lordba::linear_branch: x's last dimension must be the weight's in_features");
   at::Tensor fused;
-#if defined(__AVX512F__)
+#if defined(LORDBA_LINEAR_ONE_TOKEN)
   if (one_token(x, weight, bias, sign_A, sign_B, b, m, a, scaling, sign_max_tokens, fused)) return fused;
 #endif
   at::Tensor y = at::linear(x, weight, bias);
