@@ -33,6 +33,9 @@ def suites() -> dict[str, ModuleType]:
     return found
 
 
+ISA_LIMITS = ("LORDBA_CPU_ARCH", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "LORDBA_AMX")
+
+
 def hardware() -> dict[str, object]:
     """What the numbers were measured on."""
     import os
@@ -52,4 +55,6 @@ def hardware() -> dict[str, object]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # instruction-set limits in force (an AVX2 machine measured on a newer one: docs/kernels.md)
+        "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k)},
     }

@@ -91,6 +91,14 @@ def _table(rows: list[dict]) -> list[list]:
     ]  # fmt: skip
 
 
+def _limits(hw: dict) -> str:
+    """The instruction-set limits a run was made under (``hardware()['isa_limits']``), as a sentence, or ``""``."""
+    limits = hw.get("isa_limits") or {}
+    if not limits:
+        return ""
+    return " Instruction sets limited by " + ", ".join(f"`{k}={v}`" for k, v in limits.items()) + "."
+
+
 def report(result: dict) -> str:
     """``bench.md`` for the ``bench.json`` content ``result`` (also prints the tables)."""
     rows, s, hw = result["rows"], result["settings"], result["hardware"]
@@ -106,7 +114,7 @@ def report(result: dict) -> str:
         f"(prefill: from an empty cache, last position's logits only; decode: one token after the prompt); "
         f"adapters r={s['r']} on the seven projections (LoRDBA int8 scales, packed; LoRA = its `lordba export-lora` "
         f"copy, f16 GGUF for llama.cpp); q4 compute {s.get('q4_compute')}, branch compute {s.get('branch_compute')} "
-        f"(tile unit: {s.get('tile_unit')}); quick={s['quick']}. Load average before/after: "
+        f"(tile unit: {s.get('tile_unit')}); quick={s['quick']}.{_limits(hw)} Load average before/after: "
         f"{result['load_avg_before'][0]:.2f} / {result['load_avg_after'][0]:.2f}.\n\n",
         f"{result['llama_cpp']}\n\n",
         "Medians of interleaved rounds; `IQR %`: interquartile range relative to the median; ratios: of the medians; "

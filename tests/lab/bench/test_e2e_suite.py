@@ -221,3 +221,19 @@ def test_smollm2_compiled_decode_equals_eager_on_q4_with_and_without_the_adapter
         torch.testing.assert_close(got[1], want[1], rtol=1e-3, atol=1e-3)
     assert decode.compiled and decode.failure is None
     torch._dynamo.reset()
+
+
+def test_instruction_set_limits_are_recorded_and_reported(monkeypatch):
+    """A run made with the instruction sets limited (an AVX2 machine measured on a newer one) says so in its
+    JSON and its report; an unlimited run says nothing of it."""
+    from lordba_lab.bench import ISA_LIMITS, hardware
+    from lordba_lab.bench._e2e_report import _limits
+
+    for name in ISA_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    assert hardware()["isa_limits"] == {} and _limits(hardware()) == ""
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    monkeypatch.setenv("LORDBA_CPU_ARCH", "x86-64-v3")
+    hw = hardware()
+    assert hw["isa_limits"] == {"LORDBA_CPU_ARCH": "x86-64-v3", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert "`MKL_ENABLE_INSTRUCTIONS=AVX2`" in _limits(hw) and "`LORDBA_CPU_ARCH=x86-64-v3`" in _limits(hw)
