@@ -137,28 +137,39 @@ void row_dot(const uint8_t* qrow, const c10::Half* srow, int64_t groups, int64_t
   }
   for (int t = 0; t < NT; ++t) out[t] = avx2::sum(acc[t]);
 #else
+  // Portable: each of a chunk's 16 byte positions sums into its own lane (low and high nibble, or the two
+  // halves' bytes, together), so the compiler can vectorize across the lanes (NEON, SSE) without reordering
+  // any lane's sums; the lanes are added at the group's end. Inputs past `in` count as zero.
   for (int t = 0; t < NT; ++t) out[t] = 0.f;
   int64_t k = 0;
   for (int64_t g = 0; g < groups; ++g) {
-    float part[NT] = {};
+    float lane[NT][16] = {};
     for (int64_t c = 0; c < chunks_per_group; ++c, k += kChunk) {
-      for (int64_t j = 0; j < 16; ++j) {
-        float lo, hi;
-        if constexpr (BITS == 4) {
-          lo = static_cast<float>(qrow[k / 2 + j] & 15);
-          hi = static_cast<float>(qrow[k / 2 + j] >> 4);
+      const uint8_t* q = BITS == 4 ? qrow + k / 2 : qrow + k;
+      const int64_t left = in - k;
+      for (int t = 0; t < NT; ++t) {
+        const float* xt = xs[t] + k;
+        if (left >= kChunk) {
+          for (int j = 0; j < 16; ++j) {
+            const float lo = static_cast<float>(BITS == 4 ? (q[j] & 15) : q[j]);
+            const float hi = static_cast<float>(BITS == 4 ? (q[j] >> 4) : q[j + 16]);
+            lane[t][j] += lo * xt[j] + hi * xt[j + 16];
+          }
         } else {
-          lo = static_cast<float>(qrow[k + j]);
-          hi = static_cast<float>(qrow[k + j + 16]);
-        }
-        for (int t = 0; t < NT; ++t) {
-          if (k + j < in) part[t] += lo * xs[t][k + j];
-          if (k + j + 16 < in) part[t] += hi * xs[t][k + j + 16];
+          for (int j = 0; j < 16; ++j) {
+            const float lo = j < left ? static_cast<float>(BITS == 4 ? (q[j] & 15) : q[j]) * xt[j] : 0.f;
+            const float hi = j + 16 < left ? static_cast<float>(BITS == 4 ? (q[j] >> 4) : q[j + 16]) * xt[j + 16] : 0.f;
+            lane[t][j] += lo + hi;
+          }
         }
       }
     }
     const float s = half_to_float(srow[g]);
-    for (int t = 0; t < NT; ++t) out[t] += s * part[t];
+    for (int t = 0; t < NT; ++t) {
+      float sum = 0.f;
+      for (int j = 0; j < 16; ++j) sum += lane[t][j];
+      out[t] += s * sum;
+    }
   }
 #endif
 }
