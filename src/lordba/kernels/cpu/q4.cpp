@@ -9,7 +9,8 @@
 // unpacked nibbles in float32 (no activation quantization), so the result is the dequantized
 // weight's exactly up to float rounding. Decode (a few tokens) reads 4.5 bits per weight, 7x less
 // than float32: that is where the speed comes from. Many tokens (prefill, backward) dequantize
-// blocks of rows and use the BLAS GEMM (q4_gemm.cpp). With `bf16` the operands are rounded to
+// blocks of rows and use the BLAS GEMM (q4_gemm.cpp); the float32 row kernels (AVX-512, AVX2, portable) are
+// in q4_rows.h. With `bf16` the operands are rounded to
 // bfloat16 (the GEMM's; one token's x, on q4_dot.cpp's bfloat16 kernel); with `int8_dot` one token's
 // x is quantized to int8 (q4_dot.cpp). The offset term always uses the float32 sums of x.
 

@@ -1,4 +1,4 @@
-// Shared by the 4-bit kernels (q4.cpp: layout, the float32 decode; q4_gemm.cpp: dequantization and the
+// Shared by the 4-bit kernels (q4.cpp: layout, the float32 decode, its row kernels in q4_rows.h; q4_gemm.cpp: dequantization and the
 // GEMM of many tokens; q4_dot.cpp: the bfloat16 and int8 one-token kernels).
 #pragma once
 
