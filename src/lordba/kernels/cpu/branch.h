@@ -35,7 +35,8 @@ class RowBranch {
  public:
   static constexpr int64_t kRows = 16;  // add_rows' block of outputs (one AVX-512 vector of them)
   // false (nothing prepared) where branch_add's own path runs instead: x not one contiguous float32
-  // token, or the unpack path (every build: AVX-512, AVX2 and portable). Raises on bad adapter tensors as branch_add does.
+  // token, or the unpack path (every build: AVX-512, AVX2 and portable). Raises on bad adapter tensors as
+  // branch_add does.
   // Branches prepared together on one thread (q4_group's members) each take their own `slot` (0, 1, ...):
   // a slot's buffers are reused by that thread's next prepare of the same slot.
   bool prepare(const at::Tensor& x, const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b,

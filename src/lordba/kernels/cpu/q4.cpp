@@ -38,12 +38,6 @@
 
 namespace lordba_q4 {
 
-namespace {
-
-constexpr int64_t kTokenBlock = 4;
-
-}  // namespace
-
 Packed unpack_args(const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& minus, int64_t in,
                    int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8, "lordba::q4: bits must be 4 or 8");
@@ -63,6 +57,8 @@ Packed unpack_args(const at::Tensor& qweight, const at::Tensor& scale, const at:
 }
 
 namespace {
+
+constexpr int64_t kTokenBlock = 4;
 
 // Rows one by one, the packed rows read once per block of kTokenBlock tokens (few tokens; one token of
 // the 8-bit head): y [T, out], xsum the tokens' group sums.

@@ -22,21 +22,24 @@ namespace lordba_q4 {
 #define LORDBA_Q4_AVX2 1
 
 namespace avx2 {
+// The mask of lanes 0 .. n - 1 (0 < n < 8) for AVX2's masked loads and stores.
+inline __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
 // The first n (none where n <= 0, all where n >= 8) of the 8 floats at p, the others zero: a padded chunk's
 // inputs past `in` count as zero, and are never read.
 inline __m256 load_first(const float* p, int64_t n) {
   if (n >= 8) return _mm256_loadu_ps(p);
   if (n <= 0) return _mm256_setzero_ps();
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane));
+  return _mm256_maskload_ps(p, first_lanes(n));
 }
 
 // The first n (none where n <= 0, all where n >= 8) of v's 8 lanes stored at p.
 inline void store_first(float* p, __m256 v, int64_t n) {
   if (n >= 8) return _mm256_storeu_ps(p, v);
   if (n <= 0) return;
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane), v);
+  _mm256_maskstore_ps(p, first_lanes(n), v);
 }
 
 // A chunk's 32 inputs (k .. k + 31 of x, `left` of them below `in`) as four vectors of 8.
