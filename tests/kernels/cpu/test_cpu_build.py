@@ -79,8 +79,8 @@ FAILURES = textwrap.dedent(
     assert not r.ok and not r.built and not r.path.exists(), r
     first, *rest = r.message.splitlines()
     sources = (
-        "branch.cpp, sign_stages.cpp, branch_rows.cpp, row_branch.cpp, q4.cpp, q4_gemm.cpp, q4_branch.cpp, "
-        "q4_dot.cpp, attention.cpp, linear.cpp and prefill.cpp"
+        "branch.cpp, sign_stages.cpp, sign_blocks.cpp, branch_rows.cpp, row_branch.cpp, q4.cpp, q4_gemm.cpp, "
+        "q4_branch.cpp, q4_dot.cpp, attention.cpp, linear.cpp and prefill.cpp"
     )
     assert first == f"compiling {sources} with {os.environ['CXX']} failed:", first
     assert "lordba-test-failure" in r.message, r.message

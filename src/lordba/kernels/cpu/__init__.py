@@ -39,6 +39,7 @@ SOURCE = Path(__file__).with_name("branch.cpp")
 SOURCES = (
     SOURCE,
     Path(__file__).with_name("sign_stages.cpp"),
+    Path(__file__).with_name("sign_blocks.cpp"),
     Path(__file__).with_name("branch_rows.cpp"),
     Path(__file__).with_name("row_branch.cpp"),
     Path(__file__).with_name("q4.cpp"),

@@ -203,6 +203,8 @@ void codes_to_float(const int8_t* v, int64_t n, float* d) {
   int64_t i = 0;
 #if defined(__AVX512F__)
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, scales16(v + i));
+#elif defined(__AVX2__) && defined(__FMA__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, scales8(v + i));
 #endif
   for (; i < n; ++i) d[i] = scale_at(v, i);
 }

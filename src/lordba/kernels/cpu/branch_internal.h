@@ -78,9 +78,9 @@ inline void prefetch(const void* p, int64_t n) {
 }
 
 // ---------------------------------------------------------------- the sign path
-// 16 scale values from b: float32 as stored, or int8 codes as code / 127 correctly rounded without a
-// division: q = c · fl(1/127), then one Newton step on the exact residual c − 127·q (both FMAs). Checked
-// for all 256 codes against the division (a test). scale_at: one value, the same.
+// 16 scale values from b (scales8: 8, AVX2): float32 as stored, or int8 codes as code / 127 correctly rounded
+// without a division: q = c · fl(1/127), then one Newton step on the exact residual c − 127·q (both FMAs).
+// Checked for all 256 codes against the division (a test). scale_at: one value, the same.
 #if defined(__AVX512F__)
 inline __m512 scales16(const float* b) { return _mm512_loadu_ps(b); }
 inline __m512 scales16(const int8_t* b) {
@@ -88,6 +88,14 @@ inline __m512 scales16(const int8_t* b) {
   const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))));
   const __m512 q = _mm512_mul_ps(c, recip);
   return _mm512_fmadd_ps(_mm512_fnmadd_ps(q, divisor, c), recip, q);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+inline __m256 scales8(const float* b) { return _mm256_loadu_ps(b); }
+inline __m256 scales8(const int8_t* b) {  // scales16's arithmetic, 8 lanes
+  const __m256 recip = _mm256_set1_ps(1.f / 127.f), divisor = _mm256_set1_ps(127.f);
+  const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b))));
+  const __m256 q = _mm256_mul_ps(c, recip);
+  return _mm256_fmadd_ps(_mm256_fnmadd_ps(q, divisor, c), recip, q);
 }
 #endif
 inline float scale_at(const float* b, int64_t i) { return b[i]; }
@@ -104,6 +112,12 @@ void scale_reversed(const x_t* __restrict x, const b_t* __restrict b, int64_t in
     for (; i + 16 <= in; i += 16)
       _mm512_storeu_ps(z + i, _mm512_permutexvar_ps(rev, _mm512_mul_ps(_mm512_loadu_ps(x + i), scales16(b + i))));
   }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<x_t, float>) {
+    const __m256i rev = _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+    for (; i + 8 <= in; i += 8)
+      _mm256_storeu_ps(z + i, _mm256_permutevar8x32_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), scales8(b + i)), rev));
+  }
 #endif
   for (int64_t k = i; k < ld; ++k) z[k] = 0.f;
   for (; i < in; ++i) z[(i & ~int64_t{7}) + 7 - (i & 7)] = static_cast<float>(x[i]) * scale_at(b, i);
@@ -111,6 +125,13 @@ void scale_reversed(const x_t* __restrict x, const b_t* __restrict b, int64_t in
 
 
 // ---------------------------------------------------------------- sign_stages.cpp
+// y[idx] = val (+ base[idx] where given), rounded once to out_t: how stage 2 writes an output.
+template <typename out_t>
+inline void store_output(float val, const out_t* base, out_t* y, int64_t idx) {
+  if (base != nullptr) val += static_cast<float>(base[idx]);
+  y[idx] = static_cast<out_t>(val);
+}
+
 // Stage 1 (h = S_A z) of rows [j0, j1) of the sign matrix for T tokens of z, added into acc[t*r + j].
 void tiled_sums(const uint8_t* sa, int64_t nbytes, const float* z, int64_t T, int64_t in, int64_t ld, int64_t r,
                 int64_t j0, int64_t j1, float* acc);

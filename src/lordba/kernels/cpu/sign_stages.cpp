@@ -1,6 +1,6 @@
 // The sign path's stages (see branch.cpp's overview and docs/kernels.md): stage 1, h = S_A (b ⊙ x), by
 // masked adds (AVX-512) or a ±1 table; stage 2, S_B (m ⊙ h), by T-MAC-style lookup tables; the output
-// s · a ⊙ acc (+ base) rounded once.
+// s · a ⊙ acc (+ base) rounded once. Stage 2's blocks of 16 outputs (one token's, in RowBranch) in sign_blocks.cpp.
 #include <ATen/Parallel.h>
 
 #include "branch_internal.h"
@@ -197,106 +197,10 @@ void build_nibbles(const float* h2, int64_t T, int64_t rp, float* nib) {
 #endif
 }
 
-namespace {
-
-template <typename out_t>
-inline void store_output(float val, const out_t* base, out_t* y, int64_t idx) {
-  if (base != nullptr) val += static_cast<float>(base[idx]);
-  y[idx] = static_cast<out_t>(val);
-}
-
-// One output o for every token, from its sign row (`groups` bytes).
-template <typename out_t>
-inline void output_scalar(const uint8_t* row, int64_t o, int64_t T, int64_t groups, const float* nib, float sa,
-                          int64_t out, const out_t* base, out_t* y) {
-  for (int64_t t = 0; t < T; ++t) {
-    const float* tab = nib + t * groups * 32;
-    float acc = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      const unsigned v = row[g];
-      acc += tab[g * 32 + (v >> 4)] + tab[g * 32 + 16 + (v & 15)];
-    }
-    store_output<out_t>(sa * acc, base, y, t * out + o);
-  }
-}
-
-}  // namespace
-
 #if defined(__AVX512F__)
 namespace {
 
-// 16 outputs o0..o0+15 at once: the nibble tables are single registers, looked up with vpermps.
-// words[h] holds bytes 4h..4h+3 of each of the 16 sign rows (little-endian: byte 4h in bits 0-7).
-inline int row_words(const uint8_t* sb, int64_t o0, int64_t rb, __m512i* words) {
-  if (rb == 1) {
-    words[0] = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + o0)));
-    return 1;
-  }
-  if (rb == 2) {
-    words[0] = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 2 * o0)));
-    return 1;
-  }
-  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i offsets = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(rb)));
-  const uint8_t* base = sb + o0 * rb;
-  for (int64_t h = 0; h < rb / 4; ++h)
-    words[h] = _mm512_i32gather_epi32(_mm512_add_epi32(offsets, _mm512_set1_epi32(static_cast<int>(4 * h))),
-                                      base, 1);
-  return static_cast<int>(rb / 4);
-}
-
-}  // namespace
-
-// Outputs 16·k0 .. 16·k1 (the last block may be short) of every token.
-template <typename out_t>
-void stage2_blocks(const uint8_t* sb, int64_t nbytes, const float* nib, int64_t T, int64_t r, int64_t rp, int64_t out,
-                   const float* a, float scaling, const out_t* base, out_t* y, int64_t k0, int64_t k1) {
-  const int64_t groups = rp / 8;
-  const int64_t rb = groups;
-  const bool vec = r % 8 == 0 && (rb == 1 || rb == 2 || rb % 4 == 0) && rb <= 64;
-  std::vector<uint8_t> scratch;
-  __m512i words[16];
-  alignas(64) float tmp[16];
-  const __m512i low4 = _mm512_set1_epi32(15);
-  for (int64_t k = k0; k < k1; ++k) {
-    const int64_t o0 = 16 * k;
-    if (!vec || o0 + 16 > out) {
-      for (int64_t o = o0; o < std::min(o0 + 16, out); ++o)
-        output_scalar<out_t>(sign_row(sb, o * r, groups, nbytes, scratch), o, T, groups, nib, scaling * a[o],
-                             out, base, y);
-      continue;
-    }
-    const int nw = row_words(sb, o0, rb, words);
-    const __m512 sa = _mm512_mul_ps(_mm512_loadu_ps(a + o0), _mm512_set1_ps(scaling));
-    for (int64_t t = 0; t < T; ++t) {
-      const float* tab = nib + t * groups * 32;
-      __m512 acc = _mm512_setzero_ps();
-      for (int w = 0; w < nw; ++w) {
-        const int per = static_cast<int>(std::min<int64_t>(4, groups - 4 * w));
-        for (int p = 0; p < per; ++p) {
-          const float* gt = tab + (4 * w + p) * 32;
-          const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(words[w], 8 * p + 4), low4);
-          const __m512i lo = _mm512_and_si512(_mm512_srli_epi32(words[w], 8 * p), low4);
-          const __m512 part = _mm512_add_ps(_mm512_permutexvar_ps(hi, _mm512_loadu_ps(gt)),
-                                            _mm512_permutexvar_ps(lo, _mm512_loadu_ps(gt + 16)));
-          acc = _mm512_add_ps(acc, part);
-        }
-      }
-      acc = _mm512_mul_ps(sa, acc);
-      out_t* yt = y + t * out + o0;
-      if constexpr (std::is_same_v<out_t, float>) {
-        if (base != nullptr) acc = _mm512_add_ps(acc, _mm512_loadu_ps(base + t * out + o0));
-        _mm512_storeu_ps(yt, acc);
-      } else {
-        _mm512_store_ps(tmp, acc);
-        for (int q = 0; q < 16; ++q) store_output<out_t>(tmp[q], base, y, t * out + o0 + q);
-      }
-    }
-  }
-}
-
-namespace {
-
+// Stage 2 and the outputs in blocks of 16 outputs (sign_blocks.cpp) over the threads.
 template <typename out_t>
 void stage2(const uint8_t* sb, int64_t nbytes, const float* nib, int64_t T, int64_t r, int64_t rp, int64_t out,
             const float* a, float scaling, const out_t* base, out_t* y) {
@@ -308,19 +212,6 @@ void stage2(const uint8_t* sb, int64_t nbytes, const float* nib, int64_t T, int6
 }  // namespace
 
 #else
-// Outputs 16·k0 .. 16·k1 of every token, one output at a time (RowBranch's blocks on AVX2 and portable builds):
-// each output's sum in the order stage2's below makes it, so the same bits.
-template <typename out_t>
-void stage2_blocks(const uint8_t* sb, int64_t nbytes, const float* nib, int64_t T, int64_t r, int64_t rp, int64_t out,
-                   const float* a, float scaling, const out_t* base, out_t* y, int64_t k0, int64_t k1) {
-  const int64_t groups = rp / 8;
-  std::vector<uint8_t> scratch;
-  for (int64_t o = 16 * k0; o < std::min(16 * k1, out); ++o) {
-    const uint8_t* row = r % 8 == 0 ? sb + o * groups : sign_row(sb, o * r, groups, nbytes, scratch);
-    output_scalar<out_t>(row, o, T, groups, nib, scaling * a[o], out, base, y);
-  }
-}
-
 namespace {
 
 // Portable: one 256-entry table per group (T-MAC style), laid out token-fastest so that a lookup
@@ -407,11 +298,5 @@ void sign_path(const x_t* x, int64_t T, int64_t in, const uint8_t* sa, int64_t n
 LORDBA_SIGN_PATHS(float)
 LORDBA_SIGN_PATHS(c10::BFloat16)
 LORDBA_SIGN_PATHS(c10::Half)
-#define LORDBA_STAGE2_BLOCKS(out_t)                                                                              \
-  template void stage2_blocks<out_t>(const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, \
-                                     const float*, float, const out_t*, out_t*, int64_t, int64_t);
-LORDBA_STAGE2_BLOCKS(float)
-LORDBA_STAGE2_BLOCKS(c10::BFloat16)
-LORDBA_STAGE2_BLOCKS(c10::Half)
 
 }  // namespace lordba::impl
