@@ -245,7 +245,7 @@ def _int8_reference(x, qweight, scale, minus, in_features, group):
 @needs_cpu_kernels
 @pytest.mark.parametrize("shape", [(7, 40, 64), (33, 20, 64), (64, 128, 128), (5, 96, 32), (4, 600, 64)])
 def test_int8_one_token_kernel_equals_its_arithmetic_and_stays_close_to_float32(shape):
-    """``int8_dot`` (AVX512-VNNI builds): one token equals the int8 arithmetic done in float64, and
+    """``int8_dot`` (AVX512-VNNI and AVX2 builds): one token equals the int8 arithmetic done in float64, and
     differs from the exact result by the int8 rounding only (a fraction of a percent); other builds
     and more tokens ignore it."""
     from lordba.kernels.q4 import int8_dot_available

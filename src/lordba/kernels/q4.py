@@ -21,9 +21,10 @@ Three ways to compute (``compute``), chosen per layer by :class:`~lordba.quant.q
   per token in ~0.65x the float32 kernel's time, token-by-token loss +0.004 nats (the 4-bit weights
   cost 0.29; docs/kernels.md);
 * ``fast-int8``: ``fast``, but one token of a 4-bit layer on the int8 kernel where the build has
-  AVX512-VNNI (the input quantized to int8 per weight group, as llama.cpp's Q8 blocks, ``vpdpbusd``
-  with the nibbles): ~0.9x the bfloat16 kernel's time, but +0.04 nats of token-by-token loss (top-1
-  agreement with ``exact`` 88%, ``fast`` 98%), so not the default.
+  AVX512-VNNI or AVX2 (the input quantized to int8 per weight group, as llama.cpp's Q8 blocks, ``vpdpbusd``
+  with the nibbles, or ``vpmaddubsw`` on AVX2: the same integer sums): ~0.9x the bfloat16 kernel's time,
+  but +0.04 nats of token-by-token loss (top-1 agreement with ``exact`` 88%, ``fast`` 98%), so not the
+  default.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def native_bfloat16() -> bool:
 
 
 def int8_dot_available() -> bool:
-    """Whether the compiled kernels have the int8 one-token kernel (built with AVX512-VNNI)."""
+    """Whether the compiled kernels have the int8 one-token kernel (built with AVX512-VNNI or AVX2)."""
     return cpu_available() and hasattr(torch.ops.lordba, "q4_int8_dot") and bool(torch.ops.lordba.q4_int8_dot())
 
 

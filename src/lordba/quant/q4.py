@@ -42,7 +42,7 @@ class Q4Linear(nn.Module):
     (:mod:`lordba.kernels.q4`): ``exact`` is the dequantized weight's result up to float32 rounding,
     ``fast`` computes on bfloat16 operands where the CPU has native bfloat16 dot products (the prefill
     GEMM; a single token's input rounded to bfloat16), ``fast-int8`` rounds a single token's input to
-    int8 instead (AVX512-VNNI builds).
+    int8 instead (AVX512-VNNI and AVX2 builds).
     """
 
     def __init__(

@@ -194,7 +194,7 @@ namespace {
 // Whether the bfloat16 prefill's input pass runs on the tile unit (prefill.cpp) in this process.
 bool q4_amx() { return amx_ready(); }
 
-// Whether this build has the int8 decode kernel (AVX512-VNNI with VL); without it int8_dot is ignored.
+// Whether this build has the int8 decode kernel (AVX512-VNNI with VL, or AVX2); without it int8_dot is ignored.
 bool q4_int8_dot() { return int8_dot_built(); }
 
 // Whether this build has the bfloat16 decode kernel (AVX512_BF16); without it one token is float32.

@@ -183,7 +183,8 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
                      const at::Tensor& minus, int64_t in, int64_t gemm_min_tokens, int64_t bits, bool bf16,
                      bool int8_dot);
 
-// Whether this build has the int8 one-token kernel (AVX512-VNNI with VL); the bfloat16 one (AVX512_BF16).
+// Whether this build has the int8 one-token kernel (AVX512-VNNI with VL, or AVX2); the bfloat16 one
+// (AVX512_BF16).
 bool int8_dot_built();
 bool bf16_dot_built();
 

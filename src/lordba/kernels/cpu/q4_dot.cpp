@@ -1,5 +1,5 @@
 // The one-token kernels on reduced-precision activations (decode with compute "fast" / "fast-int8"):
-// bfloat16 (AVX512_BF16) and int8 (AVX512-VNNI). Layout and arithmetic in q4.cpp's header comment.
+// bfloat16 (AVX512_BF16) and int8 (AVX512-VNNI, or AVX2). Layout and arithmetic in q4.cpp's header comment.
 
 #include "q4.h"
 
@@ -16,11 +16,24 @@ namespace lordba_q4 {
 namespace {
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define LORDBA_Q4_VNNI 1
+#define LORDBA_Q4_INT8 1
+// acc + the sums of each 4 adjacent products u8 · s8 (32 products, 8 int32 lanes): one `vpdpbusd`.
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LORDBA_Q4_INT8 1
+// The same int32 sums on AVX2 (llama.cpp's Q8 dot there): `vpmaddubsw` adds pairs of products to int16 (a
+// nibble times an int8 code, at most 2 · 15 · 127 = 3810 per pair: never saturated), `vpmaddwd` with ones adds
+// pairs of those to int32. Exact integers either way, so the same results as the VNNI kernel, bit for bit.
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+#endif
+
+#if defined(LORDBA_Q4_INT8)
 // One token, int8 activations (int8_dot): x is quantized per weight group to int8 codes (x ≈ dx_g ·
 // x8, dx_g = max|x_g| / 127, as llama.cpp's Q8 blocks), and each 32-input chunk of a row is one
-// `vpdpbusd` of its 32 unsigned nibbles (one 16-byte load, shifted and masked into a 256-bit vector
-// in input order) with the 32 int8 codes: 32 products per instruction, summed in int32 over the group,
+// dot_u8s8 of its 32 unsigned nibbles (one 16-byte load, shifted and masked into a 256-bit vector
+// in input order) with the 32 int8 codes: 32 products per step, summed in int32 over the group,
 // scaled once per group by s_g · dx_g. The offset term sum_g m_g · sum(x_g) uses the exact float32 sums.
 // xq: the codes, zero past `in` (so padding needs no mask); dx: one step per group.
 void row_dot1_i8(const Packed& p, int64_t o, const int8_t* xq, const float* dx, const float* xsum, float* y) {
@@ -34,7 +47,7 @@ void row_dot1_i8(const Packed& p, int64_t o, const int8_t* xq, const float* dx, 
     for (int64_t c = 0; c < chunks; ++c, k += kChunk) {
       const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2)));
       const __m256i codes = _mm256_and_si256(_mm256_srlv_epi64(both, shifts), low4);
-      dot = _mm256_dpbusd_epi32(dot, codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k)));
+      dot = dot_u8s8(dot, codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k)));
     }
     const __m256 f = _mm256_set1_ps(half_to_float(p.s[o * p.groups + g]) * dx[g]);
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), f, acc);
@@ -207,7 +220,7 @@ bool dot1_reduced(const Member* ms, int64_t n, const float* x, const float* xsum
     return true;
   }
 #endif
-#if defined(LORDBA_Q4_VNNI)
+#if defined(LORDBA_Q4_INT8)
   if (p.bits == 4 && int8_dot) {
     thread_local std::vector<int8_t> kept_q;  // as xb above
     thread_local std::vector<float> kept_d;
@@ -235,7 +248,7 @@ bool bf16_dot_built() {
 }
 
 bool int8_dot_built() {
-#if defined(LORDBA_Q4_VNNI)
+#if defined(LORDBA_Q4_INT8)
   return true;
 #else
   return false;
