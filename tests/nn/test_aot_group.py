@@ -14,24 +14,26 @@ from lordba.quant.q4 import Q4Linear
 pytestmark = pytest.mark.skipif(not cpu_available(), reason="CPU kernels needed")
 
 
-def q4(out, in_f, bias=False, seed=0, compute="fast"):
+def q4(out, in_f, bias=False, seed=0, compute="fast", bits=4):
     g = torch.Generator().manual_seed(seed)
-    layer = Q4Linear.from_weight(torch.randn(out, in_f, generator=g) * 0.1, torch.randn(out) if bias else None, 32)
+    w = torch.randn(out, in_f, generator=g) * 0.1
+    layer = Q4Linear.from_weight(w, torch.randn(out) if bias else None, 32, bits=bits)
     layer.compute = compute
     return layer
 
 
 class Block(nn.Module):
-    """q/k/v-like layers on one input (one with a bias, one in another compute mode), two on another input."""
+    """q/k/v-like layers on one input (one with a bias, one with other settings: 8-bit codes, on every CPU;
+    another compute mode has the same kernel flags where the CPU has no bfloat16), two on another input."""
 
     def __init__(self):
         super().__init__()
         self.q, self.k, self.v = q4(64, 64, seed=1), q4(32, 64, seed=2), q4(32, 64, seed=3)
-        self.biased, self.exact = q4(16, 64, bias=True, seed=4), q4(16, 64, seed=5, compute="exact")
+        self.biased, self.other = q4(16, 64, bias=True, seed=4), q4(16, 64, seed=5, bits=8)
         self.gate, self.up = q4(96, 64, seed=6), q4(96, 64, seed=7)
 
     def forward(self, x):
-        h = torch.cat([self.q(x), self.k(x), self.v(x) * 2, self.biased(x), self.exact(x)], -1)
+        h = torch.cat([self.q(x), self.k(x), self.v(x) * 2, self.biased(x), self.other(x)], -1)
         y = torch.relu(h[..., :64])
         return h, self.gate(y) * self.up(y)
 
@@ -50,7 +52,7 @@ def test_siblings_become_one_call_with_the_same_values(tokens):
         assert len(calls(program, "q4_linear")) == 7
         assert group_siblings(program) == 2  # q/k/v and gate/up
         got = program.module()(x)
-    assert len(calls(program, "q4_group")) == 2 and len(calls(program, "q4_linear")) == 1  # exact
+    assert len(calls(program, "q4_group")) == 2 and len(calls(program, "q4_linear")) == 1  # the 8-bit one
     groups = {tuple(len(a) for a in n.args[1:4]) for n in calls(program, "q4_group")}
     assert groups == {(4, 4, 4), (2, 2, 2)}
     for w, g in zip(want, got):
