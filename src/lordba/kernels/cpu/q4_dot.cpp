@@ -12,6 +12,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace lordba_q4 {
 namespace {
 
