@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from lordba.kernels import cpu
 
@@ -117,6 +118,43 @@ def test_a_second_process_loads_the_cached_build():
     second = load_in_fresh_process()
     assert second["ok"] and not second["built"] and second["message"] == "loaded from cache"
     assert second["path"] == first["path"] and second["isa"] == first["isa"]
+
+
+INT8_OUTPUT = textwrap.dedent(
+    """
+    import sys, torch
+    from lordba.kernels.q4 import int8_dot_available, pack_codes, q4_linear
+    assert int8_dot_available(), torch.ops.lordba.isa()
+    g = torch.Generator().manual_seed(5)
+    out, in_f, group = 70, 600, 64
+    codes = torch.randint(0, 16, (out, 640), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(out, 10, generator=g) * 0.02 + 0.001).half()
+    minus = (torch.randn(out, 10, generator=g) * 0.05).half()
+    x = torch.randn(1, in_f, generator=g) * 3
+    x[0, 7] = 40.0  # an outlier: a coarse step in its group
+    torch.save(q4_linear(x, pack_codes(codes), scale, minus, in_f, int8_dot=True), sys.argv[1])
+    """
+)
+
+
+def test_the_avx2_int8_kernel_gives_the_vnni_kernels_results_bit_for_bit(tmp_path):
+    """``fast-int8``'s one-token kernel sums the same int32 products on AVX2 (``vpmaddubsw`` + ``vpmaddwd``) as on
+    AVX512-VNNI (``vpdpbusd``), so a layer's output is the same bits on both builds."""
+    if os.uname().machine != "x86_64" or "avx512_vnni" not in cpu.cpu_flags().split():
+        pytest.skip("needs an x86-64 CPU with AVX512-VNNI for the native build")
+    outs = {}
+    for arch in ("native", "x86-64-v3"):
+        path = tmp_path / f"{arch}.pt"
+        proc = subprocess.run(
+            [sys.executable, "-c", INT8_OUTPUT, str(path)],
+            env={**os.environ, "PYTHONPATH": SRC, "LORDBA_CPU_ARCH": arch},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[arch] = torch.load(path)
+    assert torch.equal(outs["native"], outs["x86-64-v3"])
 
 
 @pytest.mark.slow
