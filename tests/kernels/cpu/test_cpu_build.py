@@ -255,8 +255,12 @@ BUILD_TESTS = {
         "portable",
         ["cpu/test_attention_op.py", "cpu/test_cpu_op.py", "test_q4_kernels.py", "cpu/test_q4_group.py"],
     ),
-    # AVX2 with FMA (laptops without AVX-512): the 4-bit rows' own AVX2 kernels and the branch inside their loop
-    "x86-64-v3": ("avx2", ["cpu/test_cpu_op.py", "test_q4_kernels.py", "cpu/test_q4_group.py"]),
+    # AVX2 with FMA (laptops without AVX-512): the 4-bit rows' own AVX2 kernels, the branch inside their loop and
+    # the decode attention's AVX2 loops
+    "x86-64-v3": (
+        "avx2",
+        ["cpu/test_attention_op.py", "cpu/test_cpu_op.py", "test_q4_kernels.py", "cpu/test_q4_group.py"],
+    ),
 }
 
 
