@@ -118,6 +118,11 @@ inline void axpy(float w, const float* x, int64_t n, float* y) {
   for (; i < n; ++i) y[i] += w * x[i];
 }
 
+// exp_shifted's vector e^x (AVX-512 and AVX2 alike): arguments below kExpLow give 0; ln 2 in two parts; e^r's
+// degree-6 Taylor coefficients, lowest first.
+constexpr float kExpLow = -87.f, kLog2e = 1.44269504f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[7] = {1.f, 1.f, 0.5f, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720};
+
 // s[j] = exp(s[j] − top) for j < n (arguments ≤ 0; −inf gives 0); returns Σ s[j].
 inline float exp_shifted(float* s, int64_t n, float top) {
   int64_t j = 0;
@@ -125,10 +130,9 @@ inline float exp_shifted(float* s, int64_t n, float top) {
 #if defined(__AVX512F__)
   // e^x = 2^k · e^r, k = round(x·log2 e), r = x − k·ln 2 (two-part ln 2), e^r by its degree-6 Taylor
   // polynomial on |r| ≤ ln2/2 (relative error < 2e-7); 2^k by vscalefps. Below −87 the result is 0.
-  const __m512 shift = _mm512_set1_ps(top), lo = _mm512_set1_ps(-87.f);
-  const __m512 log2e = _mm512_set1_ps(1.44269504f), ln2_hi = _mm512_set1_ps(0.693359375f),
-               ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-  const float c[7] = {1.f, 1.f, 0.5f, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720};
+  const __m512 shift = _mm512_set1_ps(top), lo = _mm512_set1_ps(kExpLow);
+  const __m512 log2e = _mm512_set1_ps(kLog2e), ln2_hi = _mm512_set1_ps(kLn2Hi), ln2_lo = _mm512_set1_ps(kLn2Lo);
+  const float* c = kExpPoly;
   __m512 total = _mm512_setzero_ps();
   for (; j + 16 <= n; j += 16) {
     const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(s + j), shift);
@@ -145,10 +149,9 @@ inline float exp_shifted(float* s, int64_t n, float top) {
   sum = _mm512_reduce_add_ps(total);
 #elif defined(LORDBA_ATTN_AVX2)
   // The same e^x in 8 lanes; 2^k (k in [-126, 0] here) built in the exponent bits.
-  const __m256 shift = _mm256_set1_ps(top), lo = _mm256_set1_ps(-87.f);
-  const __m256 log2e = _mm256_set1_ps(1.44269504f), ln2_hi = _mm256_set1_ps(0.693359375f),
-               ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
-  const float c[7] = {1.f, 1.f, 0.5f, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720};
+  const __m256 shift = _mm256_set1_ps(top), lo = _mm256_set1_ps(kExpLow);
+  const __m256 log2e = _mm256_set1_ps(kLog2e), ln2_hi = _mm256_set1_ps(kLn2Hi), ln2_lo = _mm256_set1_ps(kLn2Lo);
+  const float* c = kExpPoly;
   __m256 total = _mm256_setzero_ps();
   for (; j + 8 <= n; j += 8) {
     const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(s + j), shift);
