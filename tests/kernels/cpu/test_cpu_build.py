@@ -123,16 +123,14 @@ def test_a_second_process_loads_the_cached_build():
 INT8_OUTPUT = textwrap.dedent(
     """
     import sys, torch
-    from lordba.kernels.q4 import int8_dot_available, pack_codes, q4_linear
+    sys.path.insert(0, sys.argv[2])
+    from test_q4_kernels import packed
+    from lordba.kernels.q4 import int8_dot_available, q4_linear
     assert int8_dot_available(), torch.ops.lordba.isa()
-    g = torch.Generator().manual_seed(5)
-    out, in_f, group = 70, 600, 64
-    codes = torch.randint(0, 16, (out, 640), generator=g, dtype=torch.uint8)
-    scale = (torch.rand(out, 10, generator=g) * 0.02 + 0.001).half()
-    minus = (torch.randn(out, 10, generator=g) * 0.05).half()
-    x = torch.randn(1, in_f, generator=g) * 3
+    qweight, scale, minus, _ = packed(70, 600, 64, seed=5)
+    x = torch.randn(1, 600, generator=torch.Generator().manual_seed(5)) * 3
     x[0, 7] = 40.0  # an outlier: a coarse step in its group
-    torch.save(q4_linear(x, pack_codes(codes), scale, minus, in_f, int8_dot=True), sys.argv[1])
+    torch.save(q4_linear(x, qweight, scale, minus, 600, int8_dot=True), sys.argv[1])
     """
 )
 
@@ -146,7 +144,7 @@ def test_the_avx2_int8_kernel_gives_the_vnni_kernels_results_bit_for_bit(tmp_pat
     for arch in ("native", "x86-64-v3"):
         path = tmp_path / f"{arch}.pt"
         proc = subprocess.run(
-            [sys.executable, "-c", INT8_OUTPUT, str(path)],
+            [sys.executable, "-c", INT8_OUTPUT, str(path), str(Path(TESTS) / "kernels")],
             env={**os.environ, "PYTHONPATH": SRC, "LORDBA_CPU_ARCH": arch},
             capture_output=True,
             text=True,
