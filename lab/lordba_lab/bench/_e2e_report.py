@@ -68,7 +68,8 @@ def targets(rows: list[dict]) -> list[dict]:
 
 COLUMNS = ["variant", "prefill ms", "IQR %", "decode ms/token", "IQR %", "decode / fp32", "decode / llama.cpp",
            "decode / llama.cpp+LoRA", "prefill / llama.cpp", "adapter ovh decode", "adapter ovh prefill",
-           "compiled / eager decode"]  # fmt: skip
+           "compiled / eager decode", "decode in runs ms/token", "runs / llama.cpp", "runs / llama.cpp+LoRA",
+           "adapter ovh runs"]  # fmt: skip
 
 
 def _fmt(x: dict, key: str) -> str:
@@ -86,7 +87,8 @@ def _table(rows: list[dict]) -> list[list]:
     return [
         [x["variant"], *_ms(x, "prefill"), *_ms(x, "decode"), _fmt(x, "decode_vs_fp32"), _fmt(x, "decode_vs_llama"),
          _fmt(x, "decode_vs_llama_lora"), _fmt(x, "prefill_vs_llama"), _fmt(x, "decode_overhead_paired"),
-         _fmt(x, "prefill_overhead_paired"), _fmt(x, "decode_vs_eager_paired")]
+         _fmt(x, "prefill_overhead_paired"), _fmt(x, "decode_vs_eager_paired"), _ms(x, "decode_run")[0],
+         _fmt(x, "decode_run_vs_llama"), _fmt(x, "decode_run_vs_llama_lora"), _fmt(x, "decode_run_overhead_paired")]
         for x in rows
     ]  # fmt: skip
 
@@ -123,7 +125,10 @@ def report(result: dict) -> str:
         "interval of that median over the rounds). `... compiled`: the decode step "
         "`torch.compile`d (inductor, default mode) on a static KV cache of prompt + 8 positions, as `lordba generate "
         "--compile` runs it (prefill stays eager); `compiled / eager decode`: paired ratio against the same variant "
-        "eager; compile times and compiled-vs-eager logits under `checks.compiled`.\n\n",
+        "eager; compile times and compiled-vs-eager logits under `checks.compiled`. `decode in runs`: decode as "
+        "generation runs it, each variant making several steps in a row (rounds rotated; per round the median of its "
+        "steps after the first; `adapter ovh runs` paired by round), where the single steps above each follow another "
+        "model's step.\n\n",
         markdown_table(COLUMNS, _table(rows)),
     ]
     if tgt:
@@ -164,6 +169,12 @@ def plot(rows: list[dict], path: Path) -> Path | None:
             if f"{case}_vs_fp32" in x:
                 parts.append(f"{x[f'{case}_vs_fp32']:.2f}× fp32")
             ax.text(values[i], i, "  " + ", ".join(parts), va="center", fontsize=7)
+        if case == "decode":  # decode in runs of steps (as generation runs it), where measured
+            runs = [(i, 1e3 * x["decode_run_s"]) for i, x in enumerate(rows) if "decode_run_s" in x]
+            if runs:
+                ax.scatter([v for _, v in runs], [i for i, _ in runs], marker="|", s=140, color="black",
+                           label="in runs of steps", zorder=3)  # fmt: skip
+                ax.legend(loc="lower right", fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel(unit)
         ax.set_xlim(0, max(values) * 1.6)

@@ -121,6 +121,37 @@ def timed_rounds(
     return samples
 
 
+def timed_runs(
+    fns: dict[str, Callable[[], object]],
+    steps: int,
+    reps: int,
+    after: Callable[[str], object] | None = None,
+) -> dict[str, list[float]]:
+    """``{name: times}``: ``reps`` rounds in which every function in ``fns`` is called ``steps`` times in a
+    row (``steps`` >= 2), the order rotated every round; each round gives one time per function: the median
+    of its calls after the first (the first follows another function's calls). ``after(name)`` runs untimed
+    after each call. What a loop that calls one function over and over (generation's decode steps) gets,
+    where :func:`timed_rounds` times each call right after a different function's.
+
+    Raises ``ValueError`` for ``steps`` < 2."""
+    if steps < 2:
+        raise ValueError(f"timed_runs needs at least 2 steps a run, got {steps}")
+    names = list(fns)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                fns[name]()
+                times.append(time.perf_counter() - start)
+                if after is not None:
+                    after(name)
+            samples[name].append(statistics.median(times[1:]))
+    return samples
+
+
 def load() -> tuple[float, float, float]:
     """The machine's 1/5/15-minute load averages (others' processes share the cores)."""
     try:

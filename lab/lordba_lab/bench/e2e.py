@@ -23,7 +23,10 @@ Cases: ``prefill`` (the prompt from an empty cache; only the last position's log
 computes them: ``logits_to_keep=1``, llama.cpp likewise) and ``decode`` (one token after the
 prompt; every step is cropped back, so each sees the same context). Interleaved rounds (the order
 rotated), one untimed warm-up each; medians, interquartile ranges and paired ratios; then each base
-timed again alternated only with its own adapters, for the adapters' overheads. Checks: the
+timed again alternated only with its own adapters, for the adapters' overheads. Last, ``decode_run``:
+decode as generation runs it, each variant making :data:`RUN_STEPS` steps in a row per round (the
+single steps above each follow another model's step, whose weights have pushed this one's out of the
+caches). Checks: the
 llama.cpp LoRA changes llama.cpp's logits (it was applied) in the direction of lordba's adapter,
 and each 4-bit base with LoRDBA stays close to the float32 base with LoRDBA. ``quick``: a 64-token
 prompt and few rounds (about a minute). Writes ``bench.json`` (rows, checks, targets, hardware,
@@ -44,13 +47,23 @@ import torch
 from lordba_lab.bench import _e2e_models as M
 from lordba_lab.bench import _llama_cpp, hardware
 from lordba_lab.bench._e2e_report import plot, report, targets
-from lordba_lab.bench._timing import Stats, interleaved, load, median_ci, paired_ratio, torch_threads
+from lordba_lab.bench._timing import (
+    Stats,
+    interleaved,
+    load,
+    median_ci,
+    paired_ratio,
+    stats,
+    timed_runs,
+    torch_threads,
+)
 
 SUITE = "e2e"
 HELP = "SmolLM2 end to end: prefill and decode on fp32 / q4 / hqq bases, LoRDBA vs LoRA, beside llama.cpp"
 DEFAULT = False
 R = 16
 LLAMA, LLAMA_LORA = "llama.cpp Q4_0", "llama.cpp Q4_0+LoRA"
+RUN_STEPS = 16  # decode steps a variant makes in a row in the `decode_run` case
 
 
 def load_model() -> tuple[torch.nn.Module, object | None, Path | None]:
@@ -185,7 +198,22 @@ def _time(
 
         decode = interleaved(fns, 8.0 if quick else 90.0, min_reps=5 if quick else 30, max_reps=150, after=after)
         pairs["decode"] = _pairs(fns, 2.0 if quick else 15.0, min_reps=5 if quick else 40, max_reps=300, after=after)
-    return {"prefill": prefill, "decode": decode}, pairs
+        runs = _runs(fns, decode, quick, after)
+    return {"prefill": prefill, "decode": decode, "decode_run": runs}, pairs
+
+
+def _runs(
+    fns: dict[str, Callable[[], object]], decode: dict[str, Stats], quick: bool, after: Callable[[str], None]
+) -> dict[str, Stats]:
+    """Decode as generation runs it: rounds in which each variant makes ``RUN_STEPS`` steps in a row (every
+    step undone), the order rotated; one time per variant and round, the median of its steps after the first
+    (:func:`._timing.timed_runs`). About 60 s (quick: two rounds of 3 steps), sized from ``decode``'s medians.
+    The interleaved single steps follow another model's step, whose weights have pushed this one's out of the
+    caches: lordba's ``--aot`` steps measured ~20% slower that way, llama.cpp's ~10% (docs/kernels.md, stop 53)."""
+    steps = 3 if quick else RUN_STEPS
+    per_round = steps * sum(st.median for st in decode.values())
+    reps = 2 if quick else int(min(20, max(6, 60.0 / max(per_round, 1e-9))))
+    return {k: stats(v) for k, v in timed_runs(fns, steps, reps, after).items()}
 
 
 def _parts(name: str) -> tuple[str, str, str, str]:

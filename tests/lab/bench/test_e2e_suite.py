@@ -112,6 +112,10 @@ def test_a_quick_run_on_a_tiny_model_writes_json_markdown_and_plot(tiny_model, t
         assert by["fp32+LoRDBA fast"]["prefill_overhead_paired"] > 0
         assert 0 < out["checks"]["lordba"]["fp32"]["fast_vs_exact"]["rel_l2"] < 1e-2
     assert "| q4+LoRDBA |" in files[1].read_text()
+    # decode in runs of steps: every variant, with its ratios and the adapter's overhead paired by round
+    assert all(x["decode_run_s"] > 0 and x["decode_run_n"] == 2 for x in out["rows"])
+    assert by["q4+LoRDBA"]["decode_run_overhead_paired"] > 0 and by["fp32+LoRDBA"]["decode_run_vs_fp32"] > 0
+    assert "decode in runs ms/token" in files[1].read_text()
     # compiled rows: decode only, against their own compiled base and their eager selves; the same logits
     fast = by["q4+LoRDBA compiled"]
     assert fast["compiled"] and "prefill_s" not in fast and fast["decode_s"] > 0
@@ -154,6 +158,22 @@ def test_rows_take_ratios_against_fp32_and_llama_cpp():
     theirs = rows[e2e.LLAMA_LORA]
     assert theirs["engine"] == "llama.cpp" and theirs["base"] == e2e.LLAMA
     assert theirs["prefill_overhead_paired"] == pytest.approx(1.5) and "prefill_overhead_paired" not in rows["fp32"]
+
+
+def test_decode_in_runs_gets_its_own_columns_ratios_and_overheads():
+    from lordba_lab.bench._timing import stats
+
+    medians = {"q4": 8.0, "q4+LoRDBA": 8.4, e2e.LLAMA: 10.0, e2e.LLAMA_LORA: 13.0}
+    single = {k: stats([v] * 4) for k, v in medians.items()}
+    runs = {"q4": stats([6.0, 7.0]), "q4+LoRDBA": stats([6.6, 7.7]), e2e.LLAMA: stats([9.0, 9.0]),
+            e2e.LLAMA_LORA: stats([12.0, 12.0])}  # fmt: skip
+    rows = e2e._rows({"decode": single, "decode_run": runs})
+    ours = {x["variant"]: x for x in rows}["q4+LoRDBA"]
+    assert ours["decode_overhead_paired"] == pytest.approx(1.05)  # the single steps'
+    assert ours["decode_run_overhead_paired"] == pytest.approx(1.1)  # the runs', round by round
+    assert ours["decode_run_vs_llama_lora"] == pytest.approx(7.15 / 12.0)
+    table = _e2e_report.markdown_table(_e2e_report.COLUMNS, _e2e_report._table(rows))
+    assert "| 7,150 | 0.794 | 0.596 | 1.100 |" in table  # runs ms/token, / llama.cpp, / llama.cpp+LoRA, overhead
 
 
 def test_pair_groups_put_each_base_with_its_own_adapters():

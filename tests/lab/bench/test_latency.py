@@ -24,6 +24,26 @@ def test_interleaving_rotates_the_order_and_runs_after_hooks():
     assert len(after) == len(calls) == 15 and {s.n for s in st.values()} == {4}
 
 
+def test_runs_call_each_function_several_times_in_a_row_and_leave_out_the_first_call(monkeypatch):
+    calls, after = [], []
+    cost = {"a": [5.0, 1.0, 3.0], "b": [7.0, 2.0, 2.0]}  # seconds each call takes, per function, in turn
+    made = {"a": 0, "b": 0}
+    now = [0.0]
+
+    def fn(name):
+        calls.append(name)
+        now[0] += cost[name][made[name] % 3]
+        made[name] += 1
+
+    monkeypatch.setattr(_timing.time, "perf_counter", lambda: now[0])
+    got = _timing.timed_runs({n: (lambda n=n: fn(n)) for n in "ab"}, steps=3, reps=2, after=after.append)
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3  # runs of 3, the order rotated
+    assert len(after) == 12
+    assert got == {"a": [2.0, 2.0], "b": [2.0, 2.0]}  # the median of calls 2-3 (1 and 3; 2 and 2), not the first's
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        _timing.timed_runs({"a": lambda: None}, steps=1, reps=1)
+
+
 def test_stats_median_and_iqr():
     s = _timing.stats([1.0, 2.0, 3.0, 4.0, 100.0])
     assert s.median == 3.0 and s.n == 5 and 0 < s.iqr < 100 and s.spread == s.iqr / 3.0
