@@ -63,7 +63,7 @@ HELP = "SmolLM2 end to end: prefill and decode on fp32 / q4 / hqq bases, LoRDBA 
 DEFAULT = False
 R = 16
 LLAMA, LLAMA_LORA = "llama.cpp Q4_0", "llama.cpp Q4_0+LoRA"
-RUN_STEPS = 16  # decode steps a variant makes in a row in the `decode_run` case
+RUN_STEPS = 12  # decode steps a variant makes in a row in the `decode_run` case (at least 10 rounds of them)
 
 
 def load_model() -> tuple[torch.nn.Module, object | None, Path | None]:
@@ -207,12 +207,13 @@ def _runs(
 ) -> dict[str, Stats]:
     """Decode as generation runs it: rounds in which each variant makes ``RUN_STEPS`` steps in a row (every
     step undone), the order rotated; one time per variant and round, the median of its steps after the first
-    (:func:`._timing.timed_runs`). About 60 s (quick: two rounds of 3 steps), sized from ``decode``'s medians.
+    (:func:`._timing.timed_runs`). About 90 s, 10 to 30 rounds (quick: two rounds of 3 steps), sized from
+    ``decode``'s medians.
     The interleaved single steps follow another model's step, whose weights have pushed this one's out of the
     caches: lordba's ``--aot`` steps measured ~20% slower that way, llama.cpp's ~10% (docs/kernels.md, stop 53)."""
     steps = 3 if quick else RUN_STEPS
     per_round = steps * sum(st.median for st in decode.values())
-    reps = 2 if quick else int(min(20, max(6, 60.0 / max(per_round, 1e-9))))
+    reps = 2 if quick else int(min(30, max(10, 90.0 / max(per_round, 1e-9))))
     return {k: stats(v) for k, v in timed_runs(fns, steps, reps, after).items()}
 
 
@@ -336,6 +337,7 @@ def _run(
         "hardware": hardware(),
         "kernels": {"isa": kernels.cpu_isa(), "cpu_ext": kernels.cpu_available()},
         "settings": {"quick": quick, "threads": threads, "prompt_tokens": prompt, "r": R, "bases": list(bases),
+                     "decode_run_steps": 3 if quick else RUN_STEPS,
                      "compiled": [b for b in bases if b in compiled], "aot": [b for b in bases if b in aot],
                      "lordba_scale_dtype": M.SCALE_DTYPE, "activation_dtype": "float32",
                      "q4_compute": default_compute(), "native_bfloat16": native_bfloat16(),
