@@ -98,6 +98,13 @@ class WallClock:
         return time.perf_counter() - self.t0
 
 
+def rotated(names: list[str], rep: int) -> list[str]:
+    """``names`` rotated left by ``rep`` places (modulo their number): round ``rep``'s order, so that every
+    name comes first, second, ... equally often over the rounds."""
+    k = rep % len(names)
+    return names[k:] + names[:k]
+
+
 def timed_rounds(
     fns: dict[str, Callable[[], object]],
     reps: int,
@@ -111,8 +118,7 @@ def timed_rounds(
     names = list(fns)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(reps):
-        k = rep % len(names)
-        for name in names[k:] + names[:k]:
+        for name in rotated(names, rep):
             clock.start()
             fns[name]()
             samples[name].append(clock.stop())
@@ -139,8 +145,7 @@ def timed_runs(
     names = list(fns)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(reps):
-        k = rep % len(names)
-        for name in names[k:] + names[:k]:
+        for name in rotated(names, rep):
             times = []
             for _ in range(steps):
                 start = time.perf_counter()

@@ -202,6 +202,11 @@ def _time(
     return {"prefill": prefill, "decode": decode, "decode_run": runs}, pairs
 
 
+def run_steps(quick: bool) -> int:
+    """Decode steps a variant makes in a row in the ``decode_run`` case: :data:`RUN_STEPS`, 3 when ``quick``."""
+    return 3 if quick else RUN_STEPS
+
+
 def _runs(
     fns: dict[str, Callable[[], object]], decode: dict[str, Stats], quick: bool, after: Callable[[str], None]
 ) -> dict[str, Stats]:
@@ -211,7 +216,7 @@ def _runs(
     ``decode``'s medians.
     The interleaved single steps follow another model's step, whose weights have pushed this one's out of the
     caches: lordba's ``--aot`` steps measured ~20% slower that way, llama.cpp's ~10% (docs/kernels.md, stop 53)."""
-    steps = 3 if quick else RUN_STEPS
+    steps = run_steps(quick)
     per_round = steps * sum(st.median for st in decode.values())
     reps = 2 if quick else int(min(30, max(10, 90.0 / max(per_round, 1e-9))))
     return {k: stats(v) for k, v in timed_runs(fns, steps, reps, after).items()}
@@ -337,7 +342,7 @@ def _run(
         "hardware": hardware(),
         "kernels": {"isa": kernels.cpu_isa(), "cpu_ext": kernels.cpu_available()},
         "settings": {"quick": quick, "threads": threads, "prompt_tokens": prompt, "r": R, "bases": list(bases),
-                     "decode_run_steps": 3 if quick else RUN_STEPS,
+                     "decode_run_steps": run_steps(quick),
                      "compiled": [b for b in bases if b in compiled], "aot": [b for b in bases if b in aot],
                      "lordba_scale_dtype": M.SCALE_DTYPE, "activation_dtype": "float32",
                      "q4_compute": default_compute(), "native_bfloat16": native_bfloat16(),
