@@ -64,3 +64,20 @@ def test_empty_views_have_the_asked_shapes_and_dtypes_side_by_side():
     assert [v.data_ptr() - views[0].data_ptr() for v in views] == [0, 64, 128]
     views[1].fill_(5)
     assert views[1].tolist() == [5] * 7
+
+
+def test_buffers_made_under_inference_mode_are_ordinary_tensors():
+    """A model's moved tensors (adapters, q4 weights, the ``--aot`` cache) live in these buffers: made as
+    inference tensors they would have no version counter, and a layer's kept prompt factors would be made
+    again at every prompt."""
+    with torch.inference_mode():
+        source = [torch.arange(5, dtype=torch.float32), torch.ones(3, dtype=torch.int8)]
+        assert all(t.is_inference() for t in source)
+        copies = views_of_one_buffer(source, huge_pages=True, small_too=True)
+        views = empty_views([((4,), torch.float32)])
+        big = huge_page_buffer(HUGE_PAGE + 1)
+    for t in (*copies, *views, big):
+        assert not t.is_inference()
+    assert torch.equal(copies[0], torch.arange(5, dtype=torch.float32))
+    copies[0].add_(1)
+    assert copies[1]._version > 0  # views of one buffer share its version counter

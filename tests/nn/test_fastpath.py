@@ -142,15 +142,18 @@ def test_fast_prefill_keeps_the_folded_factors_until_an_adapter_tensor_changes(m
         assert torch.equal(copy.deepcopy(lm)(input_ids=IDS).logits, changed)
 
 
-def test_an_adapter_loaded_under_inference_mode_runs_prompts(tmp_path):
-    """Tensors made under ``torch.inference_mode`` have no version counter: the fused call folds their
-    factors per prompt instead of keeping them (it used to fail on reading the counter), with the result
-    of the same adapter loaded normally, on q4 (``fast``) and on a float32 base (``fast`` branch compute)."""
+def test_an_adapter_loaded_under_inference_mode_keeps_its_prompt_factors(tmp_path, monkeypatch):
+    """A model quantized and given its adapter under ``torch.inference_mode`` holds ordinary tensors
+    (``ordinary_tensors``), so its layers fold their prompt factors once and keep them, as a model loaded
+    normally does, with the same result, on q4 (``fast``) and on a float32 base (``fast`` branch compute).
+    (Inference tensors have no version counter; the factors were folded again at every prompt.)"""
     from lordba import LoRDBAConfig, get_lordba_model
     from lordba.nn.model import LoRDBAModel
 
     from conftest import tiny_llama
 
+    real, folds = torch.ops.lordba.q4_prefill_factors, []
+    monkeypatch.setattr(torch.ops.lordba, "q4_prefill_factors", lambda *a: folds.append(1) or real(*a))
     ids = torch.randint(0, 50, (1, 40), generator=torch.Generator().manual_seed(0))
     for make in (lambda: tiny_q4(adapter=False, compute="fast"), lambda: tiny_llama(0)):
         torch.manual_seed(3)
@@ -160,10 +163,31 @@ def test_an_adapter_loaded_under_inference_mode_runs_prompts(tmp_path):
                 want = LoRDBAModel.from_pretrained(make(), tmp_path / "a").eval()(input_ids=ids).logits
             with torch.inference_mode():
                 model = LoRDBAModel.from_pretrained(make(), tmp_path / "a").eval()
-                assert all(t.is_inference() for t in model.buffers())
+                adapters = list(model.adapter_modules("default").values())
+                assert not any(t.is_inference() for a in adapters for t in a.buffers())
+                folds.clear()
                 got = model(input_ids=ids).logits
-                assert torch.equal(model(input_ids=ids).logits, got)
+                assert len(folds) == len(adapters)  # one fold per adapted layer
+                assert torch.equal(model(input_ids=ids).logits, got) and len(folds) == len(adapters)  # kept
         assert torch.equal(got, want)
+
+
+def test_inference_tensors_are_folded_at_every_call():
+    """``kept_factors`` keeps factors by the tensors' version counters; an inference tensor has none (a user's
+    own tensor set into an adapter under inference mode), so for it the factors are made again each call."""
+    from lordba.quant.backend import kept_factors
+
+    kept, made = [], []
+    ordinary = (torch.ones(3),)
+    for _ in range(2):
+        kept_factors(kept, ordinary, lambda: made.append(1) or (torch.zeros(1),))
+    assert made == [1]
+    with torch.inference_mode():
+        inference = (torch.ones(3),)
+    kept.clear()
+    for _ in range(2):
+        kept_factors(kept, inference, lambda: made.append(2) or (torch.zeros(1),))
+    assert made == [1, 2, 2]
 
 
 def test_a_base_bias_is_added_before_the_branch_as_the_two_calls_do(monkeypatch):

@@ -8,10 +8,13 @@ from collections.abc import Sequence
 
 import torch
 
+from lordba._util.state import ordinary_tensors
+
 _ALIGN = 8  # bytes: every dtype's alignment
 HUGE_PAGE = 2 << 20  # bytes: x86-64's and arm64's (4 KB granule) transparent huge page
 
 
+@ordinary_tensors()
 def huge_page_buffer(nbytes: int, small_too: bool = False) -> torch.Tensor:
     """A new uint8 CPU tensor of ``nbytes`` (contents undefined) whose memory Linux may back with 2 MB
     pages: an anonymous mapping, its start aligned to 2 MB and marked ``MADV_HUGEPAGE`` (transparent huge
@@ -33,6 +36,7 @@ def huge_page_buffer(nbytes: int, small_too: bool = False) -> torch.Tensor:
     return whole[start : start + nbytes]
 
 
+@ordinary_tensors()
 def empty_views(
     specs: Sequence[tuple[Sequence[int], torch.dtype]],
     device: torch.device | str = "cpu",

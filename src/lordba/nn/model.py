@@ -28,6 +28,7 @@ from torch import nn
 
 from lordba._util.dtypes import DTYPES
 from lordba._util.modules import replace_submodule
+from lordba._util.state import ordinary_tensors
 from lordba.config import LoRDBAConfig
 from lordba.core.scales import get_codec
 from lordba.errors import AdapterStateError, ConfigError, ShapeMismatchError, TargetModulesError
@@ -167,6 +168,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
             module.add_adapter(adapter_name, adapter)
 
     # ------------------------------------------------------------------ adapters
+    @ordinary_tensors()
     def add_adapter(self, adapter_name: str, config: LoRDBAConfig) -> None:
         """Inject a new (trainable, latent-form) adapter per ``config``; it is not activated."""
         if not isinstance(config, LoRDBAConfig):
@@ -236,6 +238,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
                 if isinstance(adapter, TrainableAdapter):
                     adapter.set_trainable(signs, scales)
 
+    @ordinary_tensors()
     def pack(self, adapter_name: str | None = None) -> None:
         """Turn adapters (default: all) into the inference form (:class:`~lordba.nn.adapter.PackedAdapter`:
         packed signs and stored scales, frozen; each adapter's tensors in one buffer, as loaded ones are:

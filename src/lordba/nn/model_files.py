@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lordba._util.state import ordinary_tensors
 from lordba.config import LoRDBAConfig
 from lordba.core.scales import get_codec
 from lordba.errors import AdapterFormatError, AdapterStateError, ShapeMismatchError
@@ -149,6 +150,7 @@ class AdapterFilesMixin:
         adapter.load_tensors()
         return adapter, targets
 
+    @ordinary_tensors()
     def load_adapter(
         self,
         model_id: str | Path,
@@ -177,6 +179,7 @@ class AdapterFilesMixin:
         adapter_file, targets = self._read_for_model(model_id, **hub)
         self._load_state(adapter_file, adapter_name, is_trainable, targets)
 
+    @ordinary_tensors()
     def load_adapter_state(
         self, state: adapter_files.AdapterState, adapter_name: str, is_trainable: bool = False
     ) -> None:
@@ -230,6 +233,7 @@ class AdapterFilesMixin:
             self.peft_config[adapter_name] = config
         return adapters
 
+    @ordinary_tensors()
     def hotswap_adapter(self, model_id: str | Path, adapter_name: str = "default") -> None:
         """Replace a loaded adapter's weights in place (no re-injection, same tensors, so compiled
         graphs stay valid; only a compact adapter given another scale format gets new scale

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lordba._util.modules import replace_submodule
+from lordba._util.state import ordinary_tensors
 from lordba._version import __version__
 from lordba.quant.quantize import DEFAULT_BACKEND, quantizable, quantize_model, untie_head
 
@@ -40,6 +41,7 @@ def _key(source: Path, backend: str, bits: int, group_size: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+@ordinary_tensors()
 def quantize_model_cached(
     model: nn.Module,
     source: str | Path,

@@ -9,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lordba._util.modules import is_output_head, replace_submodule
+from lordba._util.state import ordinary_tensors
 from lordba.errors import ConfigError
 from lordba.quant.backend import resolve_backend
 
@@ -16,6 +17,7 @@ QUANT_BACKENDS = ("q4", "hqq", "bnb", "none")  # the default first
 DEFAULT_BACKEND = "q4"  # the fastest base on CPU at HQQ 4-bit g64's accuracy (lordba bench --suite quant)
 
 
+@ordinary_tensors()
 def quantize_model(
     model: nn.Module,
     backend: str = DEFAULT_BACKEND,
