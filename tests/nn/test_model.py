@@ -349,3 +349,15 @@ def test_compact_scales_keep_their_dtypes_through_half_and_refuse_a_foreign_stat
     trainable = LoRDBAModel.from_pretrained(copy.deepcopy(tiny_model), saved, is_trainable=True)
     with pytest.raises(AdapterStateError, match="form it was saved from"):
         trainable.load_state_dict(served.state_dict())
+
+
+def test_an_adapter_added_under_inference_mode_is_ordinary_tensors_and_trains(tiny_model, input_ids):
+    """``get_lordba_model`` / ``add_adapter`` called under ``torch.inference_mode`` (loading a model for
+    inference, then training it after all) makes ordinary parameters: an inference tensor cannot be saved for
+    backward. Grad mode inside stays off, as the caller's was."""
+    with torch.inference_mode():
+        lm = get_lordba_model(tiny_model, LoRDBAConfig(r=4, init="random"))
+    params = [p for p in lm.parameters() if p.requires_grad]
+    assert params and not any(p.is_inference() for p in params)
+    lm(input_ids=input_ids, labels=input_ids).loss.backward()
+    assert all(p.grad is not None for p in params)
