@@ -361,3 +361,45 @@ def test_an_adapter_added_under_inference_mode_is_ordinary_tensors_and_trains(ti
     assert params and not any(p.is_inference() for p in params)
     lm(input_ids=input_ids, labels=input_ids).loss.backward()
     assert all(p.grad is not None for p in params)
+
+
+@pytest.mark.parametrize("backend", ["none", "q4", "hqq"])
+def test_every_adapter_operation_runs_under_inference_mode(tmp_path, backend):
+    """A model made, quantized, adapted, packed, saved, merged, hot-swapped, loaded, unpacked and frozen, all
+    under ``torch.inference_mode``: the adapters' tensors are ordinary ones (their caches read version
+    counters, which inference tensors lack: unpacking to latents then a forward raised), and the forwards run."""
+    from lordba import kernels
+    from lordba.quant import quantize_model
+
+    if backend == "q4" and not kernels.cpu_available():
+        pytest.skip("compiled CPU kernels unavailable")
+    ids = torch.randint(0, 50, (1, 20), generator=torch.Generator().manual_seed(0))
+
+    def base():
+        model = tiny_llama(0)
+        return (
+            model
+            if backend == "none"
+            else quantize_model(model, backend=backend, group_size=64 if backend == "q4" else 8)
+        )
+
+    with torch.inference_mode():
+        lm = get_lordba_model(base(), LoRDBAConfig(r=4, init="random"))
+        lm.pack()
+        want = lm(input_ids=ids).logits
+        lm.save_pretrained(tmp_path / "a")
+        lm.merge_adapter()
+        lm.unmerge_adapter()
+        lm.hotswap_adapter(tmp_path / "a", "default")
+        lm.load_adapter(tmp_path / "a", "b")
+        lm.set_adapter("b")
+        torch.testing.assert_close(lm(input_ids=ids).logits, want)  # merged and unmerged: float rounding
+        lm.unpack_to_latent("b")
+        lm(input_ids=ids)
+        lm.freeze_signs("b")
+        lm(input_ids=ids)
+        loaded = LoRDBAModel.from_pretrained(base(), tmp_path / "a")
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want)
+    adapters = [a for name in ("default", "b") for a in lm.adapter_modules(name).values()]
+    adapters += list(loaded.adapter_modules("default").values())
+    assert not any(t.is_inference() for a in adapters for t in (*a.parameters(), *a.buffers()))

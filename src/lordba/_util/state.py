@@ -16,8 +16,9 @@ def ordinary_tensors() -> Iterator[None]:
     An inference tensor has no version counter and cannot be saved for backward. A model's buffers made
     as inference tensors would have their folded prompt factors made again at every prompt (they are kept
     by version: :func:`lordba.quant.backend.kept_factors`; SmolLM2's q4 prefill overhead 1.03 → 1.07,
-    docs/kernels.md) and could not be trained. Loading, adding, packing, quantizing and moving a model's
-    tensors run inside this. Never raises."""
+    docs/kernels.md), could not be trained, and the latent form's caches (keyed by version) fail on them.
+    Loading, adding, converting (pack, unpack), quantizing and moving a model's tensors run inside this.
+    Never raises."""
     grad = torch.is_grad_enabled()
     with torch.inference_mode(False), torch.set_grad_enabled(grad):
         yield

@@ -238,7 +238,6 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
                 if isinstance(adapter, TrainableAdapter):
                     adapter.set_trainable(signs, scales)
 
-    @ordinary_tensors()
     def pack(self, adapter_name: str | None = None) -> None:
         """Turn adapters (default: all) into the inference form (:class:`~lordba.nn.adapter.PackedAdapter`:
         packed signs and stored scales, frozen; each adapter's tensors in one buffer, as loaded ones are:
@@ -255,9 +254,10 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
         self.base_model.get_submodule(path).add_adapter(adapter_name, adapter)
         return adapter
 
+    @ordinary_tensors()  # the new forms' tensors are ordinary ones even under inference mode (version counters)
     def _convert_forms(self, adapter_name: str, convert: Callable[[LoRDBAAdapter], LoRDBAAdapter]) -> None:
         """Replace each module of ``adapter_name`` by ``convert(module)`` where that is another module
-        (the caller holds the write lock)."""
+        (the caller holds the write lock): ``pack``, ``unpack_to_latent``, ``freeze_signs``."""
         for path, adapter in self.adapter_modules(adapter_name).items():
             converted = convert(adapter)
             if converted is not adapter:
