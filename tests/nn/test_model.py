@@ -403,3 +403,36 @@ def test_every_adapter_operation_runs_under_inference_mode(tmp_path, backend):
     adapters = [a for name in ("default", "b") for a in lm.adapter_modules(name).values()]
     adapters += list(loaded.adapter_modules("default").values())
     assert not any(t.is_inference() for a in adapters for t in (*a.parameters(), *a.buffers()))
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
+def test_a_forward_under_inference_mode_leaves_nothing_that_breaks_training(input_ids, scale_dtype):
+    """Forwards under ``torch.inference_mode`` (one adapter, a mixed batch) before training the same adapters: what
+    they cache (the mixed batch's row indices, decoded scales, packed signs) is made for the later training forward
+    too, so it must be ordinary tensors (an inference tensor cannot be saved for backward: the mixed batch's
+    training forward raised). The gradients equal those of a model that never ran under inference mode."""
+
+    def two(seed=3):
+        lm = randomized({"scale_dtype": scale_dtype})
+        torch.manual_seed(seed)
+        lm.add_adapter("b", LoRDBAConfig(r=4, init="random", scale_dtype=scale_dtype))
+        return lm
+
+    def grads(lm):
+        lm.zero_grad()
+        lm(input_ids=input_ids, labels=input_ids, adapter_names=["default", "b", "__base__"]).loss.backward()
+        lm(input_ids=input_ids, labels=input_ids).loss.backward()
+        return {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+
+    from lordba.nn import routing
+
+    routing._ROUTES.clear()  # the row indices are shared by every model: first made here, under inference mode
+    lm = two()
+    with torch.inference_mode():
+        lm(input_ids=input_ids, adapter_names=["default", "b", "__base__"])
+        lm(input_ids=input_ids)
+    got = grads(lm)
+    want = grads(two())
+    assert got.keys() == want.keys() and any(".b." in n for n in got)
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name

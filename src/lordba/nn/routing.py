@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lordba._util.state import ordinary_tensors
 from lordba.errors import AdapterStateError
 
 BASE_ROW = "__base__"  # an ``adapter_names`` entry that routes a row to the base model alone
@@ -137,15 +138,18 @@ _ROUTES: dict[tuple, dict[str, torch.Tensor]] = {}
 
 def route_index(names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
     """``{adapter name: row indices}`` for a mixed batch, built once per distinct ``names`` and
-    shared by every layer of a forward (a small bounded cache; built fresh while compiling)."""
-    key = (tuple(names), device)
-    found = None if torch.compiler.is_compiling() else _ROUTES.get(key)
+    shared by every layer of a forward (a small bounded cache; built fresh while compiling). The indices
+    are ordinary tensors even when first built under ``torch.inference_mode``: a later training forward
+    saves them for backward."""
+    key, compiling = (tuple(names), device), torch.compiler.is_compiling()
+    found = None if compiling else _ROUTES.get(key)
     if found is None:
         rows: dict[str, list[int]] = {}
         for i, name in enumerate(names):
             rows.setdefault(name, []).append(i)
-        found = {n: torch.tensor(r, dtype=torch.long, device=device) for n, r in rows.items()}
-        if not torch.compiler.is_compiling():
+        with contextlib.nullcontext() if compiling else ordinary_tensors():  # a trace makes its own
+            found = {n: torch.tensor(r, dtype=torch.long, device=device) for n, r in rows.items()}
+        if not compiling:
             if len(_ROUTES) >= 64:
                 _ROUTES.pop(next(iter(_ROUTES)))
             _ROUTES[key] = found
