@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,14 @@ def refuse(directory: Path, match: str) -> None:
         LoRDBAModel.from_pretrained(model, directory)
     assert set(model.state_dict()) == set(state)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per test worker, and its subprocesses: they share the cores
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests marked ``long`` first, the rest in their order: in a parallel run (scripts/test.sh) they start at
+    once, spread over the workers, instead of the last of them holding one worker after the others are done."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

@@ -36,6 +36,7 @@ def test_generate_streams_the_greedy_completion(folder, capsys):
     assert "time to first token" in err and "tokens/s" in err
 
 
+@pytest.mark.long
 def test_generate_with_an_adapter_on_a_q4_base(folder, tmp_path, capsys, monkeypatch):
     from lordba.quant import quantize_model
 

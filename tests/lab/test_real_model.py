@@ -21,6 +21,7 @@ TEXTS = [
 
 RELOAD = """
 import sys, torch
+torch.set_num_threads(int(sys.argv[3]))  # the parent's: another thread count sums in another order
 from lordba import LoRDBAModel
 from lordba_lab.assets import load_model_and_tokenizer
 model, tok = load_model_and_tokenizer()
@@ -62,8 +63,9 @@ def test_train_save_reload_in_a_fresh_process_gives_identical_logits(real, tmp_p
     lm.save_pretrained(tmp_path / "adapter")
     script = tmp_path / "reload.py"
     script.write_text(RELOAD % (TEXTS,))
+    args = [str(tmp_path / "adapter"), str(tmp_path / "logits.pt"), str(torch.get_num_threads())]
     proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "adapter"), str(tmp_path / "logits.pt")],
+        [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
     )

@@ -31,18 +31,13 @@ def eager(model):
     return out.sequences, torch.stack(out.logits)[:, 0]
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return tmp_path_factory.mktemp("aot")
-
-
-def test_compiled_step_gives_the_eager_tokens_and_logits_and_reads_the_live_tensors(folder):
+def test_compiled_step_gives_the_eager_tokens_and_logits_and_reads_the_live_tensors(tmp_path):
     lm = tiny_q4(adapter=True)
     want_ids, want_logits = eager(lm)
     base_ids, _ = eager(tiny_q4(adapter=False))
     assert not torch.equal(want_ids, base_ids)  # the adapter matters
     lines = []
-    decode = AotDecode(lm, folder=folder, log=lines.append, kv_dtype="float32")
+    decode = AotDecode(lm, folder=tmp_path, log=lines.append, kv_dtype="float32")
     held = [b for m in lm.modules() if isinstance(m, PackedAdapter) for b in m.buffers(recurse=False)]
     starts = {b.untyped_storage().data_ptr() for b in held}  # the adapter moved into one buffer, in a 2 MB page
     assert held and len(starts) == 1 and (not hasattr(mmap, "MADV_HUGEPAGE") or starts.pop() % HUGE_PAGE == 0)
@@ -79,8 +74,12 @@ def test_the_default_float16_cache_keeps_the_tokens_and_the_logits_close(tmp_pat
     torch.testing.assert_close(got, want_logits, rtol=5e-3, atol=5e-3)  # ... to float16's precision
 
 
-def test_a_second_decoder_loads_the_package_and_a_changed_graph_compiles_anew(folder, monkeypatch):
+@pytest.mark.long
+def test_a_second_decoder_loads_the_package_and_a_changed_graph_compiles_anew(tmp_path, monkeypatch):
+    folder = tmp_path  # its own: a parallel run may give another test of this module to another worker
     lm = tiny_q4(adapter=True)
+    first = AotDecode(lm, folder=folder, kv_dtype="float32")
+    assert torch.equal(first.generate(PROMPT, NEW, eos_token_id=[]), eager(lm)[0]) and first.compile_seconds > 0
     packages = sorted(folder.glob("step-*.pt2"))
     assert len(packages) == 1
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: pytest.fail("recompiled"))
@@ -111,6 +110,7 @@ def test_bad_calls_are_refused():
     assert {aot_module._choose(torch.tensor([0.0, 5.0, 4.9]), True, 1.0, 0.5) for _ in range(20)} == {1}
 
 
+@pytest.mark.long
 def test_the_package_calls_the_ops_directly_with_the_proxy_executors_results(tmp_path, monkeypatch):
     """With the kernels' C shims the compiled step calls ``aoti_torch_cpu_q4_group`` & co. itself (no
     proxy executor, list arguments as pointer and length); without them (symbols not global) it boxes

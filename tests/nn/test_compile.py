@@ -53,6 +53,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_model_equals_eager_for_every_routing_and_state(input_ids, backend):
     lm = two_adapters()
@@ -66,6 +67,7 @@ def test_compiled_model_equals_eager_for_every_routing_and_state(input_ids, back
         torch.testing.assert_close(compiled[key], value, rtol=1e-5, atol=1e-5, msg=key)
 
 
+@pytest.mark.long
 def test_compiled_base_model_follows_the_wrappers_routing(input_ids):
     """Compiling the wrapped model (not the wrapper) still honours routing and disabling."""
     lm = two_adapters()

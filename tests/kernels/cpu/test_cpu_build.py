@@ -135,6 +135,7 @@ INT8_OUTPUT = textwrap.dedent(
 )
 
 
+@pytest.mark.long
 def test_the_avx2_int8_kernel_gives_the_vnni_kernels_results_bit_for_bit(tmp_path):
     """``fast-int8``'s one-token kernel sums the same int32 products on AVX2 (``vpmaddubsw`` + ``vpmaddwd``) as on
     AVX512-VNNI (``vpdpbusd``), so a layer's output is the same bits on both builds."""
@@ -262,6 +263,7 @@ BUILD_TESTS = {
 }
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("arch", list(BUILD_TESTS))
 def test_builds_for_other_cpus_pass_the_op_tests(arch):
     """A build for another ``-march`` runs the paths the native build never takes: the op tests must hold on

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from lordba.cli import main
 
 EXPECTED = {
@@ -20,6 +22,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.long
 def test_quick_demo_writes_the_table_json_and_plots(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--quiet", "--out", str(out)]) == 0

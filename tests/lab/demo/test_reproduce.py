@@ -18,6 +18,7 @@ from lordba_lab.demo.reproduce import (
 )
 
 
+@pytest.mark.long
 def test_quick_reproduce_writes_the_sweep(tmp_path):
     out = tmp_path / "rep"
     assert main(["reproduce", "--quick", "--quiet", "--out", str(out)]) == 0
@@ -69,6 +70,7 @@ def test_quick_reproduce_writes_the_sweep(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.long
 def test_quick_reproduce_on_a_corpus_task_reports_held_out_loss_only(monkeypatch, tmp_path):
     import lordba_lab.demo.reproduce as rep
 
@@ -93,6 +95,7 @@ def test_quick_reproduce_on_a_corpus_task_reports_held_out_loss_only(monkeypatch
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.long
 def test_quick_sizes_only_reports_trained_lordba_against_the_trained_small_loras(tmp_path):
     out = tmp_path / "sizes"
     assert main(["reproduce", "--quick", "--quiet", "--seeds", "1", "--sizes-only", "--out", str(out)]) == 0

@@ -44,6 +44,7 @@ MISBEHAVING = [
 ]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("engine, seconds", MISBEHAVING)
 def test_crashes_hangs_and_allocations_are_counted_saved_and_survived(tmp_path, monkeypatch, engine, seconds):
     """A target that allocates past the memory cap (in the first worker), crashes (ending it) and
