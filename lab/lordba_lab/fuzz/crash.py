@@ -196,20 +196,26 @@ def random_kill_test(
     """Start ``child`` (typically saving in a loop), SIGKILL it after a random delay in
     ``[0, max_delay]`` seconds (counted from its ``ready`` line for a command), and classify.
 
-    A callable child runs in a fork; a command must print a line ``ready`` to stdout once it is
-    about to start writing (so the import time is not part of the delay)."""
+    A callable child runs in a fork, the delay counted from its first step; a command must print a line
+    ``ready`` to stdout once it is about to start writing (so the import time is not part of the delay)."""
     rng = random.Random(seed)
     outcomes = []
     for i in range(iterations):
         prepare()
         delay = rng.uniform(0, max_delay)
         if callable(child):
+            started, tell = os.pipe()
             pid = os.fork()
             if pid == 0:
                 try:
+                    os.close(started)
+                    os.write(tell, b"r")
                     child()
                 finally:
                     os._exit(0)
+            os.close(tell)
+            os.read(started, 1)  # the fork runs (forking a large process takes a while): not part of the delay
+            os.close(started)
             time.sleep(delay)
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
