@@ -4,11 +4,13 @@ the branch's two calls — eager, with a bias, at every token count, under ``tor
 ``fast`` prefill, where the branch joins the bfloat16 GEMM (as accurate, not bit for bit); anything the
 fused call would skip (hooks, a gradient, a second adapter, routing) takes the ordinary path."""
 
+import types
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from lordba import kernels
+from lordba import LoRDBAConfig, kernels
 from lordba.kernels.q4 import native_bfloat16
 from lordba.nn import fastpath, layer
 from lordba.quant import set_compute
@@ -43,6 +45,7 @@ def _two_calls(m):
     """The ordinary path: the base layer, then the adapter's branch (the reference of the fused op)."""
     m.setattr(layer, "decode_call", lambda *a: None)
     m.setattr(layer, "fused_direct", lambda *a: None)
+    m.setattr(layer, "ARMED", types.SimpleNamespace(token=None))  # no kept call taken again either
 
 
 def unfused(model, ids, monkeypatch):
@@ -244,3 +247,49 @@ def test_compiled_decode_graph_calls_the_fused_op():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     ops = {str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"}
     assert any("q4_branch" in o for o in ops), sorted(ops)[:20]
+
+
+def test_a_layer_takes_its_kept_call_again_only_while_nothing_changed(count, monkeypatch):
+    """Within a model call with gradients off (``fastpath.armed``), a layer that has taken its kept call takes it
+    again without ``decode_call``'s checks; whatever changes its result defeats that: another adapter, a scaling,
+    the kernel mode, a disabled adapter, a hook on the base layer, gradients on. Each result equals the two-call
+    path's bit for bit."""
+    lm = tiny_q4(adapter=True)
+    lm.eval()
+    lm.add_adapter("b", LoRDBAConfig(r=4, init="random"))
+    lm.pack()
+
+    def reference():
+        with monkeypatch.context() as m:
+            _two_calls(m)
+            return lm(input_ids=IDS).logits
+
+    with torch.no_grad():
+        first = lm(input_ids=IDS).logits
+        checked = len(count)
+        assert torch.equal(lm(input_ids=IDS).logits, first) and len(count) == checked  # taken again, no checks
+        assert torch.equal(first, reference())
+        lm(input_ids=IDS)  # kept calls taken again under the present state
+        seen = []
+        base = lm.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+        handle = base.register_forward_hook(lambda *a: seen.append(1))
+        lm(input_ids=IDS)
+        handle.remove()
+        assert seen == [1]
+        lm.set_adapter("b")
+        assert torch.equal(lm(input_ids=IDS).logits, reference()) and not torch.equal(reference(), first)
+        for a in lm.adapter_modules("b").values():
+            a.scaling = a.scaling * 2
+        assert torch.equal(lm(input_ids=IDS).logits, reference())
+        with kernels.mode("unpack"):
+            assert torch.equal(lm(input_ids=IDS).logits, reference())
+        with lm.disable_adapter():
+            assert torch.equal(lm(input_ids=IDS).logits, reference())
+        lm(input_ids=IDS)  # kept calls taken again under the present state, then gradients on
+    embeds = lm.get_base_model().get_input_embeddings()(IDS).detach().requires_grad_()
+    lm(inputs_embeds=embeds).logits.sum().backward()  # gradients on: the ordinary path, which has a backward
+    want = embeds.detach().clone().requires_grad_()
+    with monkeypatch.context() as m:
+        _two_calls(m)
+        lm(inputs_embeds=want).logits.sum().backward()
+    assert embeds.grad is not None and torch.equal(embeds.grad, want.grad)

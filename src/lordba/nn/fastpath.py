@@ -12,7 +12,9 @@ is changed (:func:`lordba.nn.adapter_base.touch`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -120,6 +122,51 @@ def _decode_entry(layer: nn.Module, routing: object, x: torch.Tensor) -> tuple |
             return adapter(x, out)
 
     return call, base._forward_hooks, base._forward_pre_hooks, adapter._forward_hooks, adapter._forward_pre_hooks
+
+
+class _Armed(threading.local):
+    token: tuple | None = None  # this thread's model call's state, where its layers may take their kept call
+
+
+ARMED = _Armed()
+_LAST_TOKEN: list = [None]
+
+
+@contextlib.contextmanager
+def armed(routing: object) -> Iterator[None]:
+    """Within a model call (:class:`~lordba.nn.model.LoRDBAModel`'s, in this thread, ``routing`` its routing):
+    where gradients are off, nothing is traced and no global forward hook is set, the call's state — its
+    routing, the kernel mode, the adapters' epoch and optimizer steps (:func:`touch`) — is published as a
+    token, the same object while none of it changes. A layer that has taken its kept call (:func:`decode_call`)
+    under that token then takes it again after checking only what a call can change: the token, the input's
+    dtype, grad mode, tracing and the hooks of its base layer and adapter (:func:`remember`). Eager decode's
+    per-layer checks cost ~4% of a step, this ~1% (docs/kernels.md). Never raises."""
+    previous = ARMED.token
+    steady = not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+    ARMED.token = _token(routing) if steady and not (_global_forward_hooks or _global_forward_pre_hooks) else None
+    try:
+        yield
+    finally:
+        ARMED.token = previous
+
+
+def _token(routing: object) -> tuple:
+    key = (routing, kernels.get_mode(), _EPOCH[0], _OPTIMIZER_STEPS[0])
+    last = _LAST_TOKEN[0]
+    if last == key:
+        return last  # layers compare tokens by identity
+    _LAST_TOKEN[0] = key
+    return key
+
+
+def remember(layer: nn.Module, routing: object, x: torch.Tensor, call: Callable) -> None:
+    """Keep in ``layer._fast`` the kept ``call`` that :func:`decode_call` just gave for ``x`` under ``routing``,
+    with this thread's token (:func:`armed`) and the hook dicts to check; ``None`` outside an armed call."""
+    token, found = ARMED.token, layer._decode[:]
+    fast = None
+    if token is not None and token[0] is routing and len(found) == 2 and found[1] is not None and found[1][0] is call:
+        fast = (token, x.dtype, *found[1])  # (token, dtype, call, base hooks, base pre-hooks, hooks, pre-hooks)
+    layer.__dict__["_fast"] = fast  # not through the layer's __setattr__: that would touch()
 
 
 def fused_direct(

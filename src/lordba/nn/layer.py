@@ -17,7 +17,7 @@ from lordba.errors import AdapterStateError, ShapeMismatchError
 from lordba.kernels import preload
 from lordba.nn.adapter import LoRDBAAdapter
 from lordba.nn.adapter_base import touch
-from lordba.nn.fastpath import decode_call, direct_branch, fused_direct, routed_branches
+from lordba.nn.fastpath import ARMED, decode_call, direct_branch, fused_direct, remember, routed_branches
 from lordba.nn.routing import BASE_ROW, ROUTING, Routing, RoutingGate, current_routing, route_index
 from lordba.quant import BaseBackend, resolve_backend
 
@@ -46,6 +46,7 @@ class LoRDBALinear(nn.Module):
         self._prepared: dict = {}  # mixed-batch kernel arguments per batch composition (routed_branches)
         self._direct: list = []  # the one active adapter's kernel arguments (direct_branch)
         self._decode: list = []  # the whole forward as one kept call (decode_call)
+        self._fast: tuple | None = None  # that call, taken again within an armed model call (fastpath.armed)
 
     def __setattr__(self, name: str, value: object) -> None:
         touch()  # active or disabled adapters, a base layer replaced (merge): kept calls are rebuilt
@@ -89,6 +90,7 @@ class LoRDBALinear(nn.Module):
             self._prepared.clear()  # frees the removed adapter's tensors now
             self._direct.clear()
             self._decode.clear()
+            self.__dict__["_fast"] = None
             touch()
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
@@ -180,10 +182,23 @@ class LoRDBALinear(nn.Module):
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer's output plus the active (or routed) adapters' branches, per the call's :class:`Routing`."""
+        fast = self._fast  # decode in a model call: the kept call, where nothing a call can change has (armed)
+        if (
+            fast is not None
+            and fast[0] is ARMED.token
+            and not args
+            and not kwargs
+            and x.dtype is fast[1]
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and not (fast[3] or fast[4] or fast[5] or fast[6])
+        ):
+            return fast[2](x)
         routing = current_routing(self.gate)
         if not args and not kwargs:  # decode: the kept call (the base and the branch in one op where fused)
             call = decode_call(self, routing, x)
             if call is not None:
+                remember(self, routing, x, call)
                 return call(x)
         if routing is None:
             disabled, names, active = self.disable_adapters, None, self.active_adapters

@@ -34,6 +34,7 @@ from lordba.core.scales import get_codec
 from lordba.errors import AdapterStateError, ConfigError, ShapeMismatchError, TargetModulesError
 from lordba.format.sizes import SizeReport, size_report
 from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter, hold_together
+from lordba.nn.fastpath import armed
 from lordba.nn.hub import refuse_base_attribute
 from lordba.nn.layer import LoRDBALinear
 from lordba.nn.lock import RWLock
@@ -311,7 +312,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
         call = routing(None, bool(outer and outer.disabled), names)
         token = ROUTING.set(call)
         try:
-            with self._gate.enter(call), self._lock.read():
+            with self._gate.enter(call), self._lock.read(), armed(self._gate.routing):
                 unknown = sorted({n for n in names or () if n != BASE_ROW and n not in self.peft_config}, key=str)
                 if unknown:
                     raise AdapterStateError(
