@@ -278,6 +278,23 @@ def test_a_layer_takes_its_kept_call_again_only_while_nothing_changed(count, mon
         assert seen == [1]
         lm.set_adapter("b")
         assert torch.equal(lm(input_ids=IDS).logits, reference()) and not torch.equal(reference(), first)
+        lm(input_ids=IDS)  # and a change within a call (a hook between blocks): the later layers see it
+        blocks = lm.get_base_model().model.layers
+        later = [a for n, a in lm.adapter_modules("b").items() if ".layers.1." in n]
+
+        def double(*_):
+            for a in later:
+                a.scaling = a.scaling * 2
+
+        handle = blocks[0].register_forward_hook(double)
+        got = lm(input_ids=IDS).logits
+        for a in later:
+            a.scaling = a.scaling / 2
+        want = reference()
+        handle.remove()
+        for a in later:
+            a.scaling = a.scaling / 2
+        assert torch.equal(got, want)
         for a in lm.adapter_modules("b").values():
             a.scaling = a.scaling * 2
         assert torch.equal(lm(input_ids=IDS).logits, reference())

@@ -138,9 +138,9 @@ def armed(routing: object) -> Iterator[None]:
     where gradients are off, nothing is traced and no global forward hook is set, the call's state — its
     routing, the kernel mode, the adapters' epoch and optimizer steps (:func:`touch`) — is published as a
     token, the same object while none of it changes. A layer that has taken its kept call (:func:`decode_call`)
-    under that token then takes it again after checking only what a call can change: the token, the input's
-    dtype, grad mode, tracing and the hooks of its base layer and adapter (:func:`remember`). Eager decode's
-    per-layer checks cost ~4% of a step, this ~1% (docs/kernels.md). Never raises."""
+    under that token then takes it again after checking only what a call can change: the token, the adapters'
+    epoch, the input's dtype, grad mode, tracing and the hooks of its base layer and adapter (:func:`remember`).
+    Eager decode's per-layer checks cost ~4% of a step, this ~1% (docs/kernels.md). Never raises."""
     previous = ARMED.token
     steady = not (torch.is_grad_enabled() or torch.compiler.is_compiling())
     ARMED.token = _token(routing) if steady and not (_global_forward_hooks or _global_forward_pre_hooks) else None
@@ -165,7 +165,8 @@ def remember(layer: nn.Module, routing: object, x: torch.Tensor, call: Callable)
     token, found = ARMED.token, layer._decode[:]
     fast = None
     if token is not None and token[0] is routing and len(found) == 2 and found[1] is not None and found[1][0] is call:
-        fast = (token, x.dtype, *found[1])  # (token, dtype, call, base hooks, base pre-hooks, hooks, pre-hooks)
+        # (token, dtype, call, base hooks, base pre-hooks, hooks, pre-hooks, epoch: a change within the call, too)
+        fast = (token, x.dtype, *found[1], found[0][4])
     layer.__dict__["_fast"] = fast  # not through the layer's __setattr__: that would touch()
 
 
