@@ -70,6 +70,14 @@ def _direct_call(adapter: AdapterBase, x: torch.Tensor, base: torch.Tensor) -> t
     return None if found is None else (op, *found)
 
 
+class _Armed(threading.local):
+    token: tuple | None = None  # this thread's model call's state, where its layers may take their kept call
+
+
+ARMED = _Armed()
+_LAST_TOKEN: list = [None]
+
+
 def decode_call(layer: nn.Module, routing: object, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The whole forward of ``layer`` (a :class:`~lordba.nn.layer.LoRDBALinear`) for ``x`` as one kept
     callable, where it is its base layer plus one active inference-form adapter's kernel call with
@@ -82,15 +90,22 @@ def decode_call(layer: nn.Module, routing: object, x: torch.Tensor) -> Callable[
     for the call's ``routing`` (the :class:`~lordba.nn.routing.Routing` in force, interned), ``x``'s
     dtype and whether it is on the CPU, the kernel mode and the adapters' epoch (:func:`touch`: any change to an adapter
     or to the layer's attributes) and optimizer steps; hooks are checked on every call (a direct call
-    would skip them)."""
+    would skip them). Within an armed model call the call is also kept in ``layer._fast`` (:func:`armed`)."""
     if _global_forward_hooks or _global_forward_pre_hooks or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
-    key = (routing, x.dtype, x.is_cpu, kernels.get_mode(), _EPOCH[0], _OPTIMIZER_STEPS[0])  # only CPU has calls
+    epoch = _EPOCH[0]
+    key = (routing, x.dtype, x.is_cpu, kernels.get_mode(), epoch, _OPTIMIZER_STEPS[0])  # only CPU has calls
     entry = _kept(layer._decode, key, _decode_entry, layer, routing, x)
     if entry is None or layer.merged_adapters:
         return None
     call, base_hooks, base_pre, hooks, pre = entry
-    return None if base_hooks or base_pre or hooks or pre else call
+    if base_hooks or base_pre or hooks or pre:
+        return None
+    token = ARMED.token
+    # (token, dtype, call, base hooks, base pre-hooks, hooks, pre-hooks, epoch: a change within the call, too)
+    fast = (token, x.dtype, *entry, epoch) if token is not None and token[0] is routing else None
+    layer.__dict__["_fast"] = fast  # not through the layer's __setattr__: that would touch()
+    return call
 
 
 def _decode_entry(layer: nn.Module, routing: object, x: torch.Tensor) -> tuple | None:
@@ -124,23 +139,15 @@ def _decode_entry(layer: nn.Module, routing: object, x: torch.Tensor) -> tuple |
     return call, base._forward_hooks, base._forward_pre_hooks, adapter._forward_hooks, adapter._forward_pre_hooks
 
 
-class _Armed(threading.local):
-    token: tuple | None = None  # this thread's model call's state, where its layers may take their kept call
-
-
-ARMED = _Armed()
-_LAST_TOKEN: list = [None]
-
-
 @contextlib.contextmanager
 def armed(routing: object) -> Iterator[None]:
     """Within a model call (:class:`~lordba.nn.model.LoRDBAModel`'s, in this thread, ``routing`` its routing):
     where gradients are off, nothing is traced and no global forward hook is set, the call's state — its
-    routing, the kernel mode, the adapters' epoch and optimizer steps (:func:`touch`) — is published as a
-    token, the same object while none of it changes. A layer that has taken its kept call (:func:`decode_call`)
-    under that token then takes it again after checking only what a call can change: the token, the adapters'
-    epoch, the input's dtype, grad mode, tracing and the hooks of its base layer and adapter (:func:`remember`).
-    Eager decode's per-layer checks cost ~4% of a step, this ~1% (docs/kernels.md). Never raises."""
+    routing, the kernel mode and the optimizer steps — is published as a token, the same object while none of
+    it changes. A layer that has taken its kept call (:func:`decode_call`) under that token then takes it again
+    after checking only what a call can change: the token, the adapters' epoch (:func:`touch`), the input's
+    dtype, grad mode, tracing and the hooks of its base layer and adapter. Eager decode's per-layer checks cost
+    ~4% of a step, this ~1% (docs/kernels.md). Never raises."""
     previous = ARMED.token
     steady = not (torch.is_grad_enabled() or torch.compiler.is_compiling())
     ARMED.token = _token(routing) if steady and not (_global_forward_hooks or _global_forward_pre_hooks) else None
@@ -151,23 +158,12 @@ def armed(routing: object) -> Iterator[None]:
 
 
 def _token(routing: object) -> tuple:
-    key = (routing, kernels.get_mode(), _EPOCH[0], _OPTIMIZER_STEPS[0])
+    key = (routing, kernels.get_mode(), _OPTIMIZER_STEPS[0])  # the epoch: checked by each layer
     last = _LAST_TOKEN[0]
     if last == key:
         return last  # layers compare tokens by identity
     _LAST_TOKEN[0] = key
     return key
-
-
-def remember(layer: nn.Module, routing: object, x: torch.Tensor, call: Callable) -> None:
-    """Keep in ``layer._fast`` the kept ``call`` that :func:`decode_call` just gave for ``x`` under ``routing``,
-    with this thread's token (:func:`armed`) and the hook dicts to check; ``None`` outside an armed call."""
-    token, found = ARMED.token, layer._decode[:]
-    fast = None
-    if token is not None and token[0] is routing and len(found) == 2 and found[1] is not None and found[1][0] is call:
-        # (token, dtype, call, base hooks, base pre-hooks, hooks, pre-hooks, epoch: a change within the call, too)
-        fast = (token, x.dtype, *found[1], found[0][4])
-    layer.__dict__["_fast"] = fast  # not through the layer's __setattr__: that would touch()
 
 
 def fused_direct(

@@ -17,7 +17,7 @@ from lordba.errors import AdapterStateError, ShapeMismatchError
 from lordba.kernels import preload
 from lordba.nn.adapter import LoRDBAAdapter
 from lordba.nn.adapter_base import _EPOCH, touch
-from lordba.nn.fastpath import ARMED, decode_call, direct_branch, fused_direct, remember, routed_branches
+from lordba.nn.fastpath import ARMED, decode_call, direct_branch, fused_direct, routed_branches
 from lordba.nn.routing import BASE_ROW, ROUTING, Routing, RoutingGate, current_routing, route_index
 from lordba.quant import BaseBackend, resolve_backend
 
@@ -199,7 +199,6 @@ class LoRDBALinear(nn.Module):
         if not args and not kwargs:  # decode: the kept call (the base and the branch in one op where fused)
             call = decode_call(self, routing, x)
             if call is not None:
-                remember(self, routing, x, call)
                 return call(x)
         if routing is None:
             disabled, names, active = self.disable_adapters, None, self.active_adapters
