@@ -320,3 +320,30 @@ def test_a_linear_subclass_with_its_own_forward_is_not_fused():
     layer.set_adapter("a")
     x = torch.randn(1, 1, 21)
     assert torch.equal(layer(x), src(x, 2.0 * nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias)))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_a_deep_copy_computes_with_its_own_tensors_not_the_originals_kept_call(tokens):
+    """``copy.deepcopy`` of a layer that has kept its call (decode): the copy's kept call was the
+    original's closure over the original's base layer and adapter tensors, with a key the copy's state
+    still matched, so the copy computed with the original's tensors: edits to the copy were ignored, and
+    edits to the original changed the copy's output. Each must compute with its own tensors."""
+    import copy
+    import pickle
+
+    layer = _packed_layer()
+    layer.set_adapter("b")
+    x = torch.randn(2, tokens, 21)
+    layer(x)  # kept (and, for the one-adapter path, the branch's arguments too)
+    twin = copy.deepcopy(layer)
+    twin.lordba_adapters["b"].sign_A.bitwise_not_()  # the copy's adapter, in place
+    twin.base_layer.weight.mul_(2.0)  # the copy's base, in place
+    tb = twin.lordba_adapters["b"]
+    torch.testing.assert_close(twin(x), tb(x, twin.base_layer(x)), rtol=1e-6, atol=1e-5)
+    b = layer.lordba_adapters["b"]
+    torch.testing.assert_close(layer(x), b(x, layer.base_layer(x)), rtol=1e-6, atol=1e-5)
+    b.scale_out.zero_()  # the original's: the copy is unchanged
+    torch.testing.assert_close(twin(x), tb(x, twin.base_layer(x)), rtol=1e-6, atol=1e-5)
+    restored = pickle.loads(pickle.dumps(layer))  # a kept call is a closure: never pickled with the layer
+    torch.testing.assert_close(restored(x), layer(x), rtol=0, atol=0)

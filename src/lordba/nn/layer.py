@@ -52,6 +52,14 @@ class LoRDBALinear(nn.Module):
         touch()  # active or disabled adapters, a base layer replaced (merge): kept calls are rebuilt
         super().__setattr__(name, value)
 
+    def __getstate__(self) -> dict:
+        """The module's state without its kept calls (``copy.deepcopy``, pickling): they hold the
+        original's tensors and base layer (a closure in ``_decode`` / ``_fast``) under keys a copy would
+        still match, so a copy would compute with the original's tensors. A copy builds its own."""
+        state = super().__getstate__()
+        state.update(_prepared={}, _direct=[], _decode=[], _fast=None)
+        return state
+
     def get_base_layer(self) -> nn.Module:
         """The wrapped base layer (PEFT's contract)."""
         return self.base_layer
