@@ -137,3 +137,24 @@ def test_holding_the_weights_together_keeps_every_output(input_ids):
         assert held == sum(getattr(m, n).nbytes for m in layers for n in ("qweight", "scale", "minus"))
         assert len({m.qweight.untyped_storage().data_ptr() for m in layers}) == 1
         assert all(torch.equal(model(input_ids=ids).logits, w) for ids, w in zip((input_ids, input_ids[:, :1]), want))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_dtype_conversion_keeps_the_stored_scales_and_the_layer_runs(input_ids, dtype):
+    """``model.float()`` / ``.to(dtype)`` (what a user does to a whole model) cast the q4 layers' float16
+    ``scale`` / ``minus`` buffers too, and every later forward failed in the op ("scale and minus must be
+    contiguous float16 tensors"), with or without an adapter, even converting a float32 model to float32.
+    They are the layer's stored quantization, like a packed adapter's scales: they keep their dtype."""
+    model = quantize_model(tiny_llama(0), backend="q4", group_size=64)
+    layer = next(m for m in model.modules() if isinstance(m, Q4Linear))
+    before = layer.dequantize()
+    want = model(input_ids).logits
+    model.to(dtype)
+    assert layer.scale.dtype == layer.minus.dtype == torch.float16
+    assert torch.equal(layer.dequantize(), before)
+    got = model(input_ids).logits.float()
+    tol = 1e-5 if dtype != torch.bfloat16 else 0.5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    model.float()  # (the float layers keep what bfloat16 rounded)
+    torch.testing.assert_close(model(input_ids).logits, want, rtol=tol, atol=tol)

@@ -137,6 +137,15 @@ class Q4Linear(nn.Module):
         """The float32 ``out × in`` weight this layer computes with."""
         return q4_dequantize(self.qweight, self.scale, self.minus, self.in_features, self.bits)
 
+    def _apply(self, fn, recurse: bool = True) -> Q4Linear:  # noqa: ANN001
+        """``.to()``, ``.float()``, ``.half()``, …: ``scale`` and ``minus`` follow the device but stay float16
+        (the stored quantization, which the kernels read as such); the bias follows the conversion."""
+        held = {name: self._buffers[name] for name in ("scale", "minus")}
+        result = super()._apply(fn, recurse)
+        for name, tensor in held.items():
+            self._buffers[name] = tensor.to(self._buffers[name].device)
+        return result
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return q4_linear(x, self.qweight, self.scale, self.minus, self.in_features, self.bias, self.bits, *self._flags)
 
