@@ -144,3 +144,35 @@ def test_loads_stay_out_of_the_collector_once_the_server_froze_its_heap(model, f
         assert not any(obj is adapter for obj in gc.get_objects())  # in the permanent generation
     finally:
         gc.unfreeze()
+
+
+def test_a_fifo_for_the_weights_is_refused_without_hanging_the_registry(model, folder):
+    """The LRU's size estimate opened the weights file before the loader's checks: a FIFO there hung
+    the request while it held the load lock (every later load, unload and drain behind it)."""
+    import threading
+
+    weights = folder / "c" / "lordba_model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    registry = AdapterRegistry(model, folder, max_bytes=10**9)
+    outcome: list[BaseException | None] = []
+
+    def acquire() -> None:
+        try:
+            registry.acquire("c")
+            outcome.append(None)
+        except BaseException as err:  # reported below
+            outcome.append(err)
+
+    thread = threading.Thread(target=acquire, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():  # let the blocked open() return so the thread ends
+        with open(weights, "wb"):
+            pass
+        thread.join(10)
+        pytest.fail("acquire hung on a FIFO in place of the weights file")
+    assert isinstance(outcome[0], AdapterLoadError) and "not a regular file" in str(outcome[0])
+    assert payload_bytes(weights) == 0
+    registry.acquire("a")
+    assert list(model.peft_config) == ["a"]

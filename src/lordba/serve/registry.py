@@ -15,6 +15,7 @@ adapter is never evicted; an unload waits for its last request to finish.
 from __future__ import annotations
 
 import gc
+import os
 import re
 import threading
 import time
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from lordba._util.files import open_untrusted
 from lordba.config import CONFIG_NAME, WEIGHTS_NAME
 from lordba.errors import LoRDBAError
 from lordba.nn.adapter import held_nbytes
@@ -291,12 +293,13 @@ class AdapterRegistry:
 
 def payload_bytes(weights: Path) -> int:
     """The tensor bytes of a safetensors file (its size less the header), what the adapter will hold
-    once loaded; the file size if the header length is unreadable (the loader refuses such a file)."""
+    once loaded; the file size if the header length is unreadable, 0 if the file cannot be opened as
+    an untrusted regular file (the loader refuses such a file: a FIFO there must not block)."""
     try:
-        size = weights.stat().st_size
-        with open(weights, "rb") as f:
+        with open_untrusted(weights) as f:
+            size = os.fstat(f.fileno()).st_size
             header = int.from_bytes(f.read(8), "little")
-    except OSError:
+    except (OSError, LoRDBAError):
         return 0
     return size - 8 - header if 0 <= header <= size - 8 else size
 
