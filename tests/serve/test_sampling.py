@@ -31,6 +31,24 @@ def test_seeded_sampling_repeats_and_top_p_keeps_the_nucleus():
     assert {sample(LOGITS, tiny, g) for _ in range(50)} == {1}
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-45, 1e-300, 5e-324])
+def test_a_tiny_temperature_is_greedy_not_a_failure(temperature):
+    """The request's own 400 allows any temperature in [0, 2]; dividing float32 logits by one this
+    small gave infinities, softmax NaNs and ``torch.multinomial`` a RuntimeError (the step's 500)."""
+    params = SamplingParams(4, temperature=temperature, seed=0)
+    g = params.generator()
+    assert {sample(LOGITS, params, g) for _ in range(20)} == {1}
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 1e-40, 1e-50, 1e-300])
+def test_a_tiny_top_p_keeps_the_top_token(top_p):
+    """``top_p`` below float32's range rounded to 0 against the float32 cumulative mass, which then
+    dropped the first token too: an all-zero distribution and a RuntimeError."""
+    params = SamplingParams(4, temperature=1.0, top_p=top_p, seed=0)
+    g = params.generator()
+    assert {sample(LOGITS, params, g) for _ in range(20)} == {1}
+
+
 @pytest.mark.parametrize(
     "bad", [dict(max_tokens=0), dict(temperature=-0.1), dict(temperature=3.0), dict(top_p=0.0), dict(stop=("",))]
 )

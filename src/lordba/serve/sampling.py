@@ -60,11 +60,17 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     random generator (unused when greedy); returns the token id."""
     if params.greedy:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    x = logits.float().cpu()
+    # The top logit at 0 before dividing: a temperature below float32's range (any value in (0, 2] is
+    # a valid request) leaves the top token at 0 and the others at -inf (greedy), never inf - inf.
+    scaled = (x - x.max()) / max(params.temperature, torch.finfo(torch.float32).tiny)
+    probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each one
-        sorted_probs[before >= params.top_p] = 0.0  # the first token is always kept
+        drop = before >= params.top_p  # a top_p below float32's range compares as 0 here
+        drop[0] = False  # the first token is always kept
+        sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
 
