@@ -167,3 +167,37 @@ def test_a_request_aborted_while_waiting_leaves_at_once_and_a_stopped_engine_ref
         engine.shutdown()
     with pytest.raises(UnavailableError, match="shutting down"):
         engine.submit(Request([5], "a", SamplingParams(1), Collector().sink))
+
+
+@pytest.mark.parametrize("fail_after", [0, 2])  # in the prefill step, in a decode step
+def test_a_row_whose_sampling_fails_ends_alone_and_its_neighbours_go_on(lm, served, fail_after, monkeypatch):
+    """A failure choosing one row's token fails that row only; it used to fail every row of the step
+    (other clients' requests included) with the engine's 500."""
+    model_dir, adapters = served
+    engine = Engine(lm, char_tokenizer(), max_batch=4)
+    good, bad = Collector(), Collector()
+    p_good, p_bad = prompts(6, 4)
+    ok = Request(p_good, "a", SamplingParams(8, temperature=0.0, ignore_eos=True), good.sink, good.on_done)
+    broken = Request(p_bad, "b", SamplingParams(8, temperature=1.0, ignore_eos=True), bad.sink, bad.on_done)
+    original, draws = torch.multinomial, []
+
+    def multinomial(*args, generator=None, **kw):
+        if generator is broken.rng:
+            draws.append(1)
+            if len(draws) > fail_after:
+                raise RuntimeError("this row's sampling broke")
+        return original(*args, generator=generator, **kw)
+
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    engine.submit(broken)
+    engine.submit(ok)  # both join the same prefill, then the same decode steps
+    engine.start()
+    try:
+        assert good.done.wait(30) and bad.done.wait(30)
+    finally:
+        engine.shutdown()
+    assert bad.last.finish_reason == "error" and "sampling broke" in bad.last.error and bad.released == 1
+    assert len(broken.generated) == fail_after
+    want = reference(model_dir, adapters / "a", p_good, 8)
+    assert good.last.finish_reason == "length" and good.released == 1
+    assert good.last.text == char_tokenizer().decode(want, skip_special_tokens=True)

@@ -230,15 +230,22 @@ class Engine:
 
     # ------------------------------------------------------------------ tokens
     def _advance(self, rows: Sequence[Request], logits: torch.Tensor) -> set[Request]:
-        """Sample one token per row, stream its text; returns the rows that finished."""
+        """Sample one token per row, stream its text; returns the rows that finished. A row whose own
+        token or text fails ends with ``error`` alone: its neighbours in the step go on."""
         done: set[Request] = set()
         now = time.monotonic()
         greedy = logits.argmax(-1).tolist()
         for i, req in enumerate(rows):
-            token = greedy[i] if req.params.greedy else sample(logits[i], req.params, req.rng)
-            self._observe_token(req, now)
-            req.generated.append(token)
-            reason = self._finish_reason(req, token)
+            try:
+                token = greedy[i] if req.params.greedy else sample(logits[i], req.params, req.rng)
+                self._observe_token(req, now)
+                req.generated.append(token)
+                reason = self._finish_reason(req, token)
+            except Exception as err:  # this row's parameters, generator or detokenization
+                log.exception("request %s failed", req.id)
+                done.add(req)
+                self._finish(req, "error", f"{type(err).__name__}: {err}")
+                continue
             if reason is None:
                 delta = req.text.take_delta()
                 if delta:
