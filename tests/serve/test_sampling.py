@@ -50,7 +50,16 @@ def test_a_tiny_top_p_keeps_the_top_token(top_p):
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(max_tokens=0), dict(temperature=-0.1), dict(temperature=3.0), dict(top_p=0.0), dict(stop=("",))]
+    "bad",
+    [
+        dict(max_tokens=0),
+        dict(temperature=-0.1),
+        dict(temperature=3.0),
+        dict(top_p=0.0),
+        dict(stop=("",)),
+        dict(seed=2**64),
+        dict(seed=-(2**63) - 1),
+    ],
 )
 def test_invalid_parameters_are_refused(bad):
     kw = {"max_tokens": 4, **bad}

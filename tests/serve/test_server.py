@@ -350,3 +350,20 @@ def test_freeze_heap_moves_the_startup_objects_out_of_the_collectors_reach():
         assert state.registry.freeze_loads  # its later loads are frozen too
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_seed_out_of_the_generators_range_is_a_400_and_holds_no_adapter(server, stream):
+    """``seed`` took any integer; one outside what ``torch.Generator.manual_seed`` takes raised while
+    the request was built: a 500 (a cut stream when streaming) and the adapter held for ever."""
+    registry = server.state.registry
+    c = client(server)
+    c.completions.create(model="a", prompt="x", max_tokens=1)  # resident
+    for seed in (2**64, -(2**63) - 1, 10**30):
+        with pytest.raises(openai.BadRequestError, match="seed") as err:
+            c.completions.create(model="a", prompt="x", max_tokens=2, temperature=0.7, seed=seed, stream=stream)
+        assert err.value.body["param"] == "seed"
+    assert wait_for(lambda: registry._entries["a"].refs == 0)
+    for seed in (2**64 - 1, -(2**63), 0):  # the generator's whole range is served
+        r = c.completions.create(model="a", prompt="x", max_tokens=2, temperature=0.7, seed=seed)
+        assert r.usage.completion_tokens >= 1

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lordba.serve.engine import Event
 from lordba.serve.errors import BadRequestError, ServeError
+from lordba.serve.sampling import SEED_RANGE
 
 
 class _Body(BaseModel):
@@ -31,7 +32,7 @@ class _Sampling(_Body):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -13,6 +13,7 @@ import torch
 from lordba.errors import ConfigError
 
 MAX_STOPS = 4  # OpenAI's limit on `stop`
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class SamplingParams:
             raise ConfigError(f"temperature must be in [0, 2], got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ConfigError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
         if len(self.stop) > MAX_STOPS or any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError(f"stop must be up to {MAX_STOPS} non-empty strings, got {list(self.stop)!r}")
 

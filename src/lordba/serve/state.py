@@ -108,8 +108,8 @@ class ServerState:
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 pass
 
-        request = Request(job.prompt, job.route, job.params, sink, on_done=lambda: self.release(job))
         try:
+            request = Request(job.prompt, job.route, job.params, sink, on_done=lambda: self.release(job))
             self.engine.submit(request)
         except Exception:
             self.release(job)
