@@ -367,3 +367,19 @@ def test_a_seed_out_of_the_generators_range_is_a_400_and_holds_no_adapter(server
     for seed in (2**64 - 1, -(2**63), 0):  # the generator's whole range is served
         r = c.completions.create(model="a", prompt="x", max_tokens=2, temperature=0.7, seed=seed)
         assert r.usage.completion_tokens >= 1
+
+
+def test_optional_fields_sent_as_null_take_their_defaults(server):
+    """OpenAI's API declares its optional sampling fields nullable, and the ``openai`` client sends an
+    explicit ``None`` as ``null``: these were refused with 400 ('Input should be a valid number')."""
+    c = client(server)
+    nulls = dict(temperature=None, top_p=None, n=None, stream=None, seed=None, stop=None, logprobs=None)
+    r = c.completions.create(model="a", prompt="x", max_tokens=2, echo=None, best_of=None, **nulls)
+    assert r.usage.completion_tokens >= 1 and r.object == "text_completion"
+    chat = c.chat.completions.create(
+        model="a", messages=[{"role": "user", "content": "x"}], max_tokens=2, max_completion_tokens=None, **nulls
+    )
+    assert chat.usage.completion_tokens >= 1 and chat.object == "chat.completion"
+    body = {"model": "a", "prompt": "x", "max_tokens": 2, "ignore_eos": None, "stream_options": None, **nulls}
+    status, answer = raw(server, "POST", "/v1/completions", json.dumps(body).encode())
+    assert status == 200 and answer["usage"]["completion_tokens"] >= 1

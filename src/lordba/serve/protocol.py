@@ -1,7 +1,8 @@
 """The OpenAI-compatible request bodies (pydantic) and response objects of the server.
 
 Fields the server does not implement are refused (``n`` > 1, ``logprobs``, ``echo``, ``best_of``)
-rather than silently ignored; unknown extra fields are ignored, as OpenAI-compatible servers do.
+rather than silently ignored; unknown extra fields are ignored, as OpenAI-compatible servers do, and a
+field sent as ``null`` takes its default.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lordba.serve.engine import Event
 from lordba.serve.errors import BadRequestError, ServeError
@@ -19,6 +20,13 @@ from lordba.serve.sampling import SEED_RANGE
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        """A field sent as ``null`` takes its default: OpenAI's optional fields are nullable, and its
+        client sends an explicit ``None`` as ``null`` (a required field then reads as missing)."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class StreamOptions(_Body):
