@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -176,3 +177,36 @@ def test_a_fifo_for_the_weights_is_refused_without_hanging_the_registry(model, f
     assert payload_bytes(weights) == 0
     registry.acquire("a")
     assert list(model.peft_config) == ["a"]
+
+
+def test_a_drained_adapter_reloaded_before_its_drain_deletes_is_kept(model, folder):
+    """The last release of an unloaded adapter left the registry's lock before taking the load lock
+    to delete it; a new request loading the folder's adapter in between was then deleted under it
+    (the registry said resident, the model had no such adapter: the request's step failed)."""
+    import threading
+
+    registry = AdapterRegistry(model, folder)
+    registry.acquire("a")
+    registry.unload("a")  # held: it drains
+    real_lock, reloaded = registry._load_lock, threading.Event()
+
+    class Gate:  # the draining release reaches the load lock only once the new request has loaded
+        def __enter__(self) -> None:
+            if threading.current_thread().name == "drain":
+                reloaded.wait(10)
+            real_lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            real_lock.release()
+
+    registry._load_lock = Gate()
+    drain = threading.Thread(target=registry.release, args=("a",), name="drain")
+    drain.start()
+    deadline = time.monotonic() + 10
+    while "a" in registry._draining and time.monotonic() < deadline:
+        time.sleep(0.001)  # until the release has left the registry's lock: the name is free
+    registry.acquire("a")  # a new request: the folder's "a" loads again
+    reloaded.set()
+    drain.join(10)
+    assert registry.resident() == {"a": registry._entries["a"].nbytes} and registry._entries["a"].refs == 1
+    assert "a" in model.peft_config  # what the registry says is resident is on the model

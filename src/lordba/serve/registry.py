@@ -175,7 +175,10 @@ class AdapterRegistry:
                 del self._draining[name]
         if drained:
             with self._load_lock:
-                self._delete(name)
+                with self._cond:  # a request may have loaded the name again since: keep that one
+                    reloaded = name in self._entries and self._entries[name].resident
+                if not reloaded:
+                    self._delete(name)
 
     def _hold_resident(self, name: str) -> bool:
         with self._cond:
