@@ -210,3 +210,26 @@ def test_a_drained_adapter_reloaded_before_its_drain_deletes_is_kept(model, fold
     drain.join(10)
     assert registry.resident() == {"a": registry._entries["a"].nbytes} and registry._entries["a"].refs == 1
     assert "a" in model.peft_config  # what the registry says is resident is on the model
+
+
+def test_a_folder_adapter_removed_from_disk_is_no_longer_listed_or_loaded(model, folder):
+    """A folder adapter seen once stayed in the registry: after its directory was removed,
+    ``/v1/models`` still listed it and a request got the loader's 400 'missing' instead of a 404."""
+    size = payload_bytes(folder / "a" / "lordba_model.safetensors")
+    registry = AdapterRegistry(model, folder, max_bytes=int(1.5 * size))
+    weights = folder / "c" / "lordba_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(AdapterLoadError):
+        registry.acquire("c")  # seen, refused
+    registry.acquire("b")
+    registry.release("b")
+    registry.acquire("a")  # evicts b
+    registry.release("a")
+    shutil.rmtree(folder / "b")
+    shutil.rmtree(folder / "c")
+    assert registry.names() == ["a"]
+    for gone in ("b", "c"):
+        with pytest.raises(UnknownAdapterError, match=f"'{gone}'"):
+            registry.acquire(gone)
+    registry.register("mine", "a")  # registered names stay listed while loaded
+    assert registry.names() == ["a", "mine"]

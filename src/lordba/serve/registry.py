@@ -118,8 +118,9 @@ class AdapterRegistry:
         found = set()
         if self.folder is not None:
             found = {d.name for d in self.folder.iterdir() if NAME.fullmatch(d.name) and self._in_folder(d)}
-        with self._cond:
-            return sorted(found - self.reserved | set(self._entries))
+        with self._cond:  # a folder adapter not resident is listed only while its folder has it
+            known = {n for n, e in self._entries.items() if e.resident or not e.from_folder}
+            return sorted(found - self.reserved | known)
 
     def resident(self) -> dict[str, int]:
         """``{name: bytes}`` of the adapters on the model, least recently used first."""
@@ -131,8 +132,10 @@ class AdapterRegistry:
     def _lookup(self, name: str) -> _Entry:
         """The entry of ``name`` (lock held), discovering it in the folder; 404 if unknown."""
         entry = self._entries.get(name)
-        if entry is not None:
+        if entry is not None and (entry.resident or not entry.from_folder or self._in_folder(entry.path)):
             return entry
+        if entry is not None:  # a folder adapter not resident whose directory has gone
+            del self._entries[name]
         self.check_name(name)
         if self.folder is not None:
             path = self.folder / name
