@@ -383,3 +383,14 @@ def test_optional_fields_sent_as_null_take_their_defaults(server):
     body = {"model": "a", "prompt": "x", "max_tokens": 2, "ignore_eos": None, "stream_options": None, **nulls}
     status, answer = raw(server, "POST", "/v1/completions", json.dumps(body).encode())
     assert status == 200 and answer["usage"]["completion_tokens"] >= 1
+
+
+def test_an_invalid_stop_list_names_the_stop_field(server):
+    """docs/serving.md: an invalid field is a 400 whose ``param`` names it; ``stop`` was checked only
+    by SamplingParams, answered as a library error with ``param`` null."""
+    for stop in (["a", "b", "c", "d", "e"], ["", "x"], ""):
+        body = {"model": "a", "prompt": "x", "max_tokens": 2, "stop": stop}
+        status, answer = raw(server, "POST", "/v1/completions", json.dumps(body).encode())
+        assert status == 400 and answer["error"]["param"] == "stop", answer
+        assert_openai_error(answer, "stop")
+    assert server.state.registry._entries["a"].refs == 0

@@ -11,11 +11,11 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lordba.serve.engine import Event
 from lordba.serve.errors import BadRequestError, ServeError
-from lordba.serve.sampling import SEED_RANGE
+from lordba.serve.sampling import MAX_STOPS, SEED_RANGE
 
 
 class _Body(BaseModel):
@@ -47,6 +47,15 @@ class _Sampling(_Body):
     n: int = 1
     logprobs: Any = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever comes (benchmarks)
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        """Up to ``MAX_STOPS`` non-empty strings (a 400 naming ``stop``)."""
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS or not all(stops):
+            raise ValueError(f"stop must be up to {MAX_STOPS} non-empty strings")
+        return stop
 
     def check_supported(self) -> None:
         """Refuse what the server does not implement (400)."""
