@@ -394,3 +394,25 @@ def test_an_invalid_stop_list_names_the_stop_field(server):
         assert status == 400 and answer["error"]["param"] == "stop", answer
         assert_openai_error(answer, "stop")
     assert server.state.registry._entries["a"].refs == 0
+
+
+def test_a_whole_response_client_leaving_before_any_text_is_aborted_at_once(server, monkeypatch):
+    """A non-streamed request looked for its client's disconnect only when a text delta arrived: a
+    client that left while its request waited (a full batch, a long prefill) or produced no text
+    (held back, special tokens) kept its place and then its batch slot for its whole length."""
+    engine = server.state.engine
+    client(server).completions.create(model="a", prompt="x", max_tokens=1)  # resident: no load below
+    submitted: list = []
+    submit = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda r: (submitted.append(r), submit(r))[1])
+    url = urlparse(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT)
+    body = {"model": "a", "prompt": "wait", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    with engine.model._lock.write():  # the engine cannot run a step: no token, no text comes
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert wait_for(lambda: len(submitted) == 1)
+        conn.sock.shutdown(2)
+        conn.close()
+        assert wait_for(lambda: submitted[0].aborted, 5.0)
+    assert wait_for(lambda: engine.load == (0, 0) and server.state.registry._entries["a"].refs == 0)
+    assert len(submitted[0].generated) <= 2  # the prefill and decode of the step the lock held back

@@ -3,6 +3,8 @@ loading, health and Prometheus metrics. Every error is answered in OpenAI's erro
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -14,10 +16,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lordba.errors import LoRDBAError
 from lordba.serve import protocol as p
+from lordba.serve.engine import Event
 from lordba.serve.errors import ServeError
 from lordba.serve.state import Job, ServerState
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+DISCONNECT_POLL = 0.25  # seconds between checks for a whole response's client while no event comes
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -92,9 +96,7 @@ async def _respond(state: ServerState, job: Job, body: p._Sampling, request: Req
         return StreamingResponse(_stream(state, job, rid, chat, include_usage), media_type="text/event-stream")
     events = state.generate(job)
     try:
-        async for event in events:
-            if event.finish_reason is None and await request.is_disconnected():
-                break  # the client left: closing the generator aborts the job
+        while (event := await _next_event(events, request)) is not None:  # None: the client left
             if event.finish_reason is not None:
                 if event.finish_reason == "error":
                     return _error(500, "generation failed: " + (event.error or "unknown error"), "server_error")
@@ -104,6 +106,29 @@ async def _respond(state: ServerState, job: Job, body: p._Sampling, request: Req
     finally:
         await events.aclose()
     return Response(status_code=499)
+
+
+async def _next_event(events: AsyncIterator[Event], request: Request, every: float = DISCONNECT_POLL) -> Event | None:
+    """The next event of a whole (non-streamed) response, or None once its client has disconnected:
+    checked at each event and every ``every`` seconds while none comes (a request still waiting for
+    a batch slot, or whose tokens add no text yet). Leaving early cancels the wait; the caller's
+    ``aclose`` then aborts the job."""
+    step = asyncio.ensure_future(anext(events))
+    try:
+        while True:
+            done, _ = await asyncio.wait({step}, timeout=every)
+            if done:
+                event = step.result()
+                if event.finish_reason is None and await request.is_disconnected():
+                    return None
+                return event
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not step.done():
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await step
 
 
 async def _stream(state: ServerState, job: Job, rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
