@@ -193,6 +193,37 @@ def test_hotswap_subset_zeroes_the_rest_and_rank_mismatch_is_refused(tmp_path, i
     assert torch.equal(logits(lm, input_ids), before)
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_hotswap_of_a_merged_adapter_is_refused_and_changes_nothing(tmp_path, input_ids, quantized):
+    # The merged base holds the old ΔW: a swap would leave the outputs the old adapter's, and the unmerge
+    # would subtract the new ΔW from an in-place merged weight (a corrupt base).
+    from lordba.quant import quantize_model
+
+    def build(seed):
+        base = tiny_llama(0)
+        base = quantize_model(base, backend="q4", group_size=64) if quantized else base
+        torch.manual_seed(seed)
+        lm = get_lordba_model(base, LoRDBAConfig(r=4, init="random"))
+        lm.pack()  # the form a loaded adapter has: the swapped model computes as a fresh load
+        return lm
+
+    build(11).save_pretrained(tmp_path / "new")
+    lm = build(5)
+    with lm.disable_adapter():
+        base = logits(lm, input_ids)
+    lm.merge_adapter()
+    merged = logits(lm, input_ids)
+    with pytest.raises(AdapterStateError, match="merged"):
+        lm.hotswap_adapter(tmp_path / "new", "default")
+    assert torch.equal(logits(lm, input_ids), merged)
+    lm.unmerge_adapter()
+    with lm.disable_adapter():
+        torch.testing.assert_close(logits(lm, input_ids), base, rtol=0, atol=1e-5)
+    lm.hotswap_adapter(tmp_path / "new", "default")  # unmerged: the swap goes through
+    fresh = LoRDBAModel.from_pretrained(build(0).unload(), tmp_path / "new")
+    torch.testing.assert_close(logits(lm, input_ids), logits(fresh, input_ids), rtol=0, atol=1e-5)
+
+
 def test_from_pretrained_trainable_scales(tmp_path, input_ids):
     randomized().save_pretrained(tmp_path)
     lm = LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path, is_trainable=True)

@@ -238,13 +238,23 @@ class AdapterFilesMixin:
         """Replace a loaded adapter's weights in place (no re-injection, same tensors, so compiled
         graphs stay valid; only a compact adapter given another scale format gets new scale
         buffers). The new adapter must target the same modules (or a subset: the others become
-        no-ops) with the same ranks."""
+        no-ops) with the same ranks, and must not be merged (its old update is in the base weights).
+
+        Raises:
+            AdapterStateError: an unknown or merged adapter, other modules, ranks or extra tensors
+                (the model is left as it was); AdapterFormatError: as :meth:`load_adapter`.
+        """
         self._check_known(adapter_name)
         adapter_file, _ = self._read_for_model(model_id)
         config = adapter_file.config
         codec = get_codec(config.scale_dtype)
         with self._lock.write():  # check and swap at once: another thread may delete or swap it
             current = self.adapter_modules(adapter_name)
+            if any(adapter_name in layer.merged_adapters for _, layer in self._lordba_layers()):
+                raise AdapterStateError(
+                    f"hotswap_adapter: adapter {adapter_name!r} is merged into the base weights: "
+                    "unmerge_adapter() before hot-swapping it"
+                )
             for path, rec in adapter_file.modules.items():
                 old = current.get(path)
                 if old is None or old.r != rec.r:
