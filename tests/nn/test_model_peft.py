@@ -72,6 +72,33 @@ def test_extra_tensor_of_a_wrong_shape_is_refused_before_the_model_changes(tmp_p
     assert not wrapper.peft_config and type(model.score).__name__ == "Linear"
 
 
+@pytest.mark.parametrize("how", ["load_adapter", "add_adapter"])
+def test_a_module_to_save_that_carries_lordba_adapters_is_refused_before_the_model_changes(tmp_path, how):
+    # Adapter "b" trains q_proj in full; on a model where adapter "a" has put a LoRDBA layer at q_proj,
+    # it cannot be added, and the refusal must not leave "b" half-installed (its LoRDBA layers in place,
+    # its name taken, its module trained in full missing).
+    config = LoRDBAConfig(r=4, init="random", target_modules=["k_proj"], modules_to_save=[Q])
+    get_lordba_model(tiny_llama(0), config).save_pretrained(tmp_path / "b")
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random", target_modules=["q_proj"]), "a")
+    state = {k: v.clone() for k, v in lm.state_dict().items()}
+    with torch.no_grad():
+        before = lm(input_ids=IDS).logits
+    with pytest.raises(TargetModulesError, match=Q):
+        if how == "load_adapter":
+            lm.load_adapter(tmp_path / "b", "b")
+        else:
+            lm.add_adapter("b", config)
+    assert list(lm.peft_config) == ["a"]
+    assert not any("b" in layer.lordba_adapters for _, layer in lm._lordba_layers())
+    assert type(lm.base_model.model.layers[0].self_attn.k_proj).__name__ == "Linear"
+    assert lm.state_dict().keys() == state.keys()
+    with torch.no_grad():
+        assert torch.equal(lm(input_ids=IDS).logits, before)
+    lm.delete_adapter("a")  # once q_proj is plain again, "b" loads under its name
+    lm.load_adapter(tmp_path / "b", "b")
+    assert list(lm.peft_config) == ["b"]
+
+
 @pytest.mark.parametrize(
     "change, pattern",
     [

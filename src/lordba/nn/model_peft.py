@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -73,7 +73,16 @@ class PeftFeaturesMixin(StatusMixin):
                     continue
                 if isinstance(getattr(module, "bias", None), nn.Parameter):
                     found[name] = ("bias",)
+        self._check_saveable(found, targets)
         return found
+
+    def _check_saveable(self, paths: Iterable[str], targets: Iterable[str]) -> None:
+        """Refuse, before the model changes, a module to train in full that carries LoRDBA adapters (of
+        another adapter, or of this one: ``targets``); :meth:`_saved_module` could not wrap it."""
+        targeted = set(targets)
+        for path in paths:
+            if path in targeted or isinstance(self.base_model.get_submodule(path), LoRDBALinear):
+                raise TargetModulesError(f"module {path!r} carries LoRDBA adapters: it cannot also be trained in full")
 
     def _install_extras(
         self, adapter_name: str, config: LoRDBAConfig, saved: dict[str, tuple[str, ...] | None]
@@ -164,6 +173,7 @@ class PeftFeaturesMixin(StatusMixin):
         the model first: names, shapes; a refused adapter leaves the model as it was). Returns the
         installed adapters by module path."""
         plan = self._plan_extras(state)
+        self._check_saveable(plan["saved"], state.modules)  # a refused adapter leaves the model as it was
         self._warn_base(state.config)
         self._adding = (adapter_name,)
         try:
