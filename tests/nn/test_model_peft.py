@@ -72,6 +72,20 @@ def test_extra_tensor_of_a_wrong_shape_is_refused_before_the_model_changes(tmp_p
     assert not wrapper.peft_config and type(model.score).__name__ == "Linear"
 
 
+def test_an_extra_tensor_naming_a_buffer_is_refused_before_the_model_changes(tmp_path):
+    # A buffer (the rotary embedding's inv_freq) is not a parameter a module trained in full holds:
+    # refused as a format error naming the file's tensor, with the model untouched.
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random", target_modules=["q_proj"]))
+    lm.save_pretrained(tmp_path)
+    tensors, metadata = load_weights(tmp_path)
+    tensors["extra:model.rotary_emb.inv_freq"] = tiny_llama(0).model.rotary_emb.inv_freq.clone()
+    rewrite_weights(tmp_path, tensors, metadata)
+    lm = LoRDBAModel(tiny_llama(0))
+    with pytest.raises(AdapterFormatError, match=r"model\.rotary_emb\.inv_freq.*no parameter"):
+        lm.load_adapter(tmp_path, "x")
+    assert not lm.peft_config and not lm._lordba_layers()
+
+
 @pytest.mark.parametrize("how", ["load_adapter", "add_adapter"])
 def test_a_module_to_save_that_carries_lordba_adapters_is_refused_before_the_model_changes(tmp_path, how):
     # Adapter "b" trains q_proj in full; on a model where adapter "a" has put a LoRDBA layer at q_proj,

@@ -231,19 +231,22 @@ class PeftFeaturesMixin(StatusMixin):
                 _check_shape(name, value, bias)
                 plan["bias"][path] = value
                 continue
-            target = self._base_param(path, param, name)
+            target = self._base_param(path, param, name, registered=True)  # a module trained in full: a copy of it
             _check_shape(name, value, target)
             plan["saved"].setdefault(path, {})[param] = value
         return plan
 
-    def _base_param(self, path: str, param: str, name: str) -> torch.Tensor:
+    def _base_param(self, path: str, param: str, name: str, registered: bool = False) -> torch.Tensor:
+        """The base model's tensor ``param`` of the module at ``path`` (a LoRDBA layer's base layer, a module
+        trained in full's original), for the extra tensor ``name``; with ``registered``, only a parameter
+        registered on that module (what :meth:`SavedModule.add_copy` copies: not a buffer or attribute)."""
         try:
             module = self.base_model.get_submodule(path)
         except AttributeError:
             raise AdapterFormatError(f"extra tensor {name}: the base model has no module {path!r}") from None
         module = module.original_module if isinstance(module, SavedModule) else module
         module = module.base_layer if isinstance(module, LoRDBALinear) else module
-        value = getattr(module, param, None)
+        value = module._parameters.get(param) if registered else getattr(module, param, None)
         if not isinstance(value, torch.Tensor):
             raise AdapterFormatError(f"extra tensor {name}: module {path!r} has no parameter {param!r}")
         return value
