@@ -167,6 +167,43 @@ def test_save_refuses_non_finite_scales(tmp_path):
     assert not (tmp_path / "lordba_model.safetensors").exists()
 
 
+@pytest.mark.parametrize(
+    "change, match",
+    [({"target_modules": ["q_proj"]}, "not matched by target_modules"), ({"r": 2}, "config gives it rank 2")],
+)
+def test_save_refuses_modules_its_config_does_not_describe(saved, change, match):
+    # The loader refuses such a file: writing it would replace a good adapter with one that cannot be read.
+    import dataclasses
+
+    good = (saved / "lordba_model.safetensors").read_bytes()
+    state = read_adapter(saved)
+    with pytest.raises(AdapterFormatError, match=f"cannot save: module .*{match}"):
+        dataclasses.replace(state, config=dataclasses.replace(state.config, **change)).save_pretrained(saved)
+    assert (saved / "lordba_model.safetensors").read_bytes() == good
+
+
+def test_training_on_after_hot_swapping_to_a_subset_does_not_save_an_unreadable_adapter(tmp_path, saved):
+    # A hot-swap to a file of q_proj only silences the other modules and takes that file's config; trained on,
+    # they hold weights again that this config does not describe: the save is refused, the old files stay.
+    torch.manual_seed(2)
+    get_lordba_model(tiny_llama(0), LoRDBAConfig(r=3, init="random", target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "sub"
+    )
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=3, init="random"))
+    lm.hotswap_adapter(tmp_path / "sub")
+    lm.save_pretrained(tmp_path / "swapped")  # silenced modules are left out: it loads
+    LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path / "swapped")
+    ids = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(0))
+    lm.train()
+    lm(input_ids=ids, labels=ids).loss.backward()
+    torch.optim.SGD([p for p in lm.parameters() if p.requires_grad], lr=0.1).step()
+    good = (saved / "lordba_model.safetensors").read_bytes()
+    with pytest.raises(AdapterFormatError, match=r"cannot save: module .* not matched by target_modules"):
+        lm.save_pretrained(saved)
+    assert (saved / "lordba_model.safetensors").read_bytes() == good
+    read_adapter(saved)
+
+
 def test_no_pickle_is_ever_read(saved):
     """A .bin beside the adapter is ignored; only safetensors and JSON are opened."""
     (saved / "adapter_model.bin").write_bytes(b"\x80\x04not a pickle we would ever load")

@@ -50,6 +50,7 @@ from lordba.format.header import (
     check_all_values,
     check_header,
     check_module_path,
+    check_modules,
     check_values,
     lordba_metadata,
     read_file_bytes,
@@ -300,8 +301,9 @@ def serialize(
     ``format_version``: 3 (the default, :data:`~lordba.config.DEFAULT_FORMAT_VERSION`) writes the
     compact file (:mod:`lordba.format.compact`, ``extras`` included); 1 writes one tensor per module
     and kind, as version 2 when there are ``extras`` (:mod:`lordba.format.extras`). Raises
-    :class:`AdapterFormatError` for another version, for ``int4`` scales in version 1, or for
-    tensors a reader would refuse (module path, dtype, shape, NaN or infinite values)."""
+    :class:`AdapterFormatError` for another version, for ``int4`` scales in version 1, for modules
+    the config does not describe (not targeted, excluded, another rank), or for tensors a reader
+    would refuse (module path, dtype, shape, NaN or infinite values)."""
     layout = DEFAULT_FORMAT_VERSION if format_version is None else format_version
     version = file_version(extras or {}, layout)
     if version != COMPACT_FORMAT_VERSION and config.scale_dtype in NIBBLE_DTYPES:
@@ -310,6 +312,8 @@ def serialize(
             f"{COMPACT_FORMAT_VERSION}"
         )
     tensors = _checked_tensors(config, modules)
+    # modules the config does not describe (target, exclusion, rank) would be refused by every reader
+    check_modules({n: [m.in_features, m.out_features, m.r] for n, m in modules.items()}, config, "cannot save")
     if version == COMPACT_FORMAT_VERSION:
         tensors = compact_tensors(modules, config.scale_dtype)
     tensors.update(extras_to_file(extras or {}))
