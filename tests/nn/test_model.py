@@ -382,6 +382,34 @@ def test_compact_scales_keep_their_dtypes_through_half_and_refuse_a_foreign_stat
         trainable.load_state_dict(served.state_dict())
 
 
+@pytest.mark.parametrize(
+    "kind, value, match",
+    [
+        ("scale_mid", float("nan"), "NaN or infinite"),
+        ("scale_mid", float("inf"), "NaN or infinite"),
+        ("scale_in", -128, "outside the format's range"),
+        ("scale_out", None, "missing"),
+    ],
+)
+def test_load_adapter_state_refuses_what_a_file_load_refuses(kind, value, match):
+    # An in-memory state gets the checks a file's tensors get: a NaN scale loaded silently gave wrong outputs.
+    import copy
+
+    from lordba import AdapterFormatError
+
+    state = randomized({"scale_dtype": "int8"}).adapter_state()
+    rec = copy.deepcopy(state.modules["model.layers.0.self_attn.q_proj"])
+    if value is None:
+        del rec.tensors[kind]
+    else:
+        rec.tensors[kind][0] = value
+    state.modules[rec.path] = rec
+    lm = LoRDBAModel(tiny_llama(0))
+    with pytest.raises(AdapterFormatError, match=rf"load_adapter_state.*q_proj\.{kind}.*{match}"):
+        lm.load_adapter_state(state, "x")
+    assert not lm.peft_config and not lm._lordba_layers()
+
+
 def test_an_adapter_added_under_inference_mode_is_ordinary_tensors_and_trains(tiny_model, input_ids):
     """``get_lordba_model`` / ``add_adapter`` called under ``torch.inference_mode`` (loading a model for
     inference, then training it after all) makes ordinary parameters: an inference tensor cannot be saved for

@@ -51,7 +51,6 @@ from lordba.format.header import (
     check_header,
     check_module_path,
     check_modules,
-    check_values,
     lordba_metadata,
     read_file_bytes,
     read_header,
@@ -311,7 +310,7 @@ def serialize(
             f"cannot save scale_dtype {config.scale_dtype!r} in format version {version}: it needs version "
             f"{COMPACT_FORMAT_VERSION}"
         )
-    tensors = _checked_tensors(config, modules)
+    tensors = checked_tensors(config, modules)
     # modules the config does not describe (target, exclusion, rank) would be refused by every reader
     check_modules({n: [m.in_features, m.out_features, m.r] for n, m in modules.items()}, config, "cannot save")
     if version == COMPACT_FORMAT_VERSION:
@@ -326,23 +325,29 @@ def serialize(
     return weights, text.encode()
 
 
-def _checked_tensors(config: LoRDBAConfig, modules: dict[str, ModuleRecord]) -> dict[str, torch.Tensor]:
-    """``{"P.kind": tensor}`` of every module, after refusing what a reader would refuse."""
+def checked_tensors(
+    config: LoRDBAConfig, modules: dict[str, ModuleRecord], where: str = "cannot save"
+) -> dict[str, torch.Tensor]:
+    """``{"P.kind": tensor}`` of every module, after refusing what a reader would refuse: a module path,
+    a missing tensor, a dtype or shape, NaN or infinite scales, codes outside the format (int8 -128,
+    int4 codes, a vector not reaching ±127). ``where`` begins the messages (saving; loading an
+    in-memory state). Raises :class:`AdapterFormatError`."""
     tensors: dict[str, torch.Tensor] = {}
     for name in sorted(modules):
         rec = modules[name]
-        check_module_path(name, "cannot save")  # never write what the loader refuses
+        check_module_path(name, where)  # never write what the loader refuses
         for kind, (dtype, shape) in rec.expected(config.scale_dtype).items():
-            t = rec.tensors[kind]
+            t = rec.tensors.get(kind)
+            if not isinstance(t, torch.Tensor):
+                raise AdapterFormatError(f"{where} {name}.{kind}: missing")
             if t.dtype != dtype or tuple(t.shape) != shape:
-                raise AdapterFormatError(
-                    f"cannot save {name}.{kind}: {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}"
-                )
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise AdapterFormatError(f"cannot save {name}.{kind}: it holds NaN or infinite values")
+                raise AdapterFormatError(f"{where} {name}.{kind}: {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
             tensors[f"{name}.{kind}"] = t.contiguous()
-        if config.scale_dtype in NIBBLE_DTYPES:  # only the format's codes can be packed
-            check_values(rec, config.scale_dtype, "cannot save")
+    on_cpu = [
+        ModuleRecord(r.path, r.in_features, r.out_features, r.r, {k: t.cpu() for k, t in r.tensors.items()})
+        for r in (modules[n] for n in sorted(modules))
+    ]
+    check_all_values(on_cpu, config.scale_dtype, where)  # one pass per kind, names the tensor at fault
     return tensors
 
 

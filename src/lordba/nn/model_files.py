@@ -184,7 +184,8 @@ class AdapterFilesMixin:
         self, state: adapter_files.AdapterState, adapter_name: str, is_trainable: bool = False
     ) -> None:
         """Add an in-memory adapter (e.g. from ``convert_lora``) under ``adapter_name``, packed form
-        (its tensors are copied). Raises :class:`AdapterFormatError` if it does not fit the model,
+        (its tensors are copied). Raises :class:`AdapterFormatError` if it does not fit the model or
+        holds what a file may not (a missing tensor, NaN or infinite scales, codes outside the format),
         :class:`AdapterStateError` / :class:`ConfigError` if the name is taken or invalid."""
         self._load_state(state, adapter_name, is_trainable)
 
@@ -200,7 +201,8 @@ class AdapterFilesMixin:
         read tensors without copying them. Returns the installed adapters by module path."""
         self._check_new_name(adapter_name)
         owned = targets is not None
-        if targets is None:
+        if targets is None:  # an in-memory state: the checks a file's tensors get, then the model's
+            adapter_files.checked_tensors(state.config, state.modules, "load_adapter_state: cannot load")
             targets = self._check_fits(state, "adapter")
         config = state.config
         codec = get_codec(config.scale_dtype)
