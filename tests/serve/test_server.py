@@ -393,7 +393,8 @@ def test_an_invalid_stop_list_names_the_stop_field(server):
         status, answer = raw(server, "POST", "/v1/completions", json.dumps(body).encode())
         assert status == 400 and answer["error"]["param"] == "stop", answer
         assert_openai_error(answer, "stop")
-    assert server.state.registry._entries["a"].refs == 0
+    entry = server.state.registry._entries.get("a")  # (loaded only if an earlier test of the module used it)
+    assert entry is None or entry.refs == 0
 
 
 def test_a_whole_response_client_leaving_before_any_text_is_aborted_at_once(server, monkeypatch):
