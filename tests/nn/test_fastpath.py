@@ -13,6 +13,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from lordba import LoRDBAConfig, kernels
 from lordba.kernels.q4 import native_bfloat16
 from lordba.nn import fastpath, layer
+from lordba.quant import q4 as q4_module
 from lordba.quant import set_compute
 from lordba.quant.q4 import Q4Linear
 
@@ -249,11 +250,19 @@ def test_compiled_decode_graph_calls_the_fused_op():
     assert any("q4_branch" in o for o in ops), sorted(ops)[:20]
 
 
-def test_a_layer_takes_its_kept_call_again_only_while_nothing_changed(count, monkeypatch):
+@pytest.mark.parametrize("bound", ["op", "callable", None], ids=["bound-op", "bound-callable", "python"])
+def test_a_layer_takes_its_kept_call_again_only_while_nothing_changed(count, monkeypatch, bound):
     """Within a model call with gradients off (``fastpath.armed``), a layer that has taken its kept call takes it
     again without ``decode_call``'s checks; whatever changes its result defeats that: another adapter, a scaling,
     the kernel mode, a disabled adapter, a hook on the base layer, gradients on. Each result equals the two-call
-    path's bit for bit."""
+    path's bit for bit — with the checks and the call bound in C++ (``kernels.bound_calls``) and without."""
+    if bound is None:
+        monkeypatch.setattr(kernels, "bound_calls", lambda: None)
+        monkeypatch.setattr(q4_module, "bound_calls", lambda: None)
+    elif kernels.bound_calls() is None:
+        pytest.skip("bound calls unavailable")
+    elif bound == "callable":  # the checks in C++, then the Python call (a base without a bound op: HQQ)
+        monkeypatch.setattr(q4_module.Q4Backend, "bound_branch", lambda *a: None)
     lm = tiny_q4(adapter=True)
     lm.eval()
     lm.add_adapter("b", LoRDBAConfig(r=4, init="random"))

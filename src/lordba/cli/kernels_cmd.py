@@ -33,6 +33,16 @@ def _q4_features() -> str:
     return ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in found.items())
 
 
+def _bound_calls() -> str:
+    """Whether eager decode's bound kernel calls are built (:mod:`lordba.kernels.cpu.bound`), building them now."""
+    from lordba.kernels.cpu import bound
+
+    start = time.perf_counter()
+    found = bound.module()
+    took = time.perf_counter() - start
+    return f"yes ({took:.1f} s)" if found is not None else "no (ops are called through torch.ops; see the log)"
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -47,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         isa = torch.ops.lordba.isa()
         print(f"CPU kernels: {result.message} in {took:.1f} s ({isa}): {result.path}")
         print(f"  4-bit base: {_q4_features()}")
+        print(f"  bound calls (eager decode): {_bound_calls()}")
     else:
         print(f"CPU kernels: NOT available, the pure-PyTorch fallback will run.\n{result.message}")
     print(f"Triton (GPU) kernels: {'available' if triton_available() else 'not available (no CUDA or no triton)'}")

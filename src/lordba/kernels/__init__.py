@@ -191,6 +191,16 @@ def decode_attention_op() -> object | None:
     return _STATE.attention_op
 
 
+def bound_calls() -> object | None:
+    """The bound kernel calls' module (:mod:`lordba.kernels.cpu.bound`: ``Q4Call``, ``LayerCall``) where the CPU
+    kernels and that extension load (building them if needed), else ``None`` (callers use ``torch.ops``)."""
+    if not cpu_available():
+        return None
+    from lordba.kernels.cpu import bound
+
+    return bound.module()
+
+
 def cpu_available() -> bool:
     """Whether the compiled CPU kernels are loaded (building them on first call)."""
     result = _STATE.cpu
@@ -390,6 +400,7 @@ __all__ = [
     "CPU_MODES",
     "MODES",
     "KernelFallbackWarning",
+    "bound_calls",
     "branch_compute",
     "cpu_available",
     "cpu_isa",

@@ -98,14 +98,42 @@ def decode_call(layer: nn.Module, routing: object, x: torch.Tensor) -> Callable[
     entry = _kept(layer._decode, key, _decode_entry, layer, routing, x)
     if entry is None or layer.merged_adapters:
         return None
-    call, base_hooks, base_pre, hooks, pre = entry
-    if base_hooks or base_pre or hooks or pre:
+    call, hook_dicts, native = entry
+    if any(hook_dicts):
         return None
     token = ARMED.token
-    # (token, dtype, call, base hooks, base pre-hooks, hooks, pre-hooks, epoch: a change within the call, too)
-    fast = (token, x.dtype, *entry, epoch) if token is not None and token[0] is routing else None
-    layer.__dict__["_fast"] = fast  # not through the layer's __setattr__: that would touch()
+    fast = _layer_call((token, _EPOCH, epoch, x.dtype, hook_dicts), call, native) if token is not None else None
+    layer.__dict__["_fast"] = fast if token is not None and token[0] is routing else None  # (no touch())
     return call
+
+
+def _layer_call(checks: tuple, call: Callable, native: tuple | None) -> Callable:
+    """The kept call as the layer takes it again within armed model calls: ``f(x, token)``, ``call(x)`` where
+    ``checks`` (the model call's token, the epoch list and value, the input's dtype, the hook dicts) still hold
+    and ``x`` is a one-token-sized input (else ``None``). A bound call of the base's fused op where the backend
+    has one (:meth:`~lordba.quant.BaseBackend.bound_branch`, ``native``: ``(backend, base layer, tensors,
+    scaling, limit)``), else ``call`` behind the same checks, in C++ where the bound calls load, else in
+    Python."""
+    module = kernels.bound_calls()
+    if module is None:
+        return _CheckedCall(checks, call)
+    bound = None if native is None else native[0].bound_branch(*native[1:], checks)
+    return bound if bound is not None else module.LayerCall.python(*checks, call)
+
+
+class _CheckedCall:
+    """:func:`_layer_call`'s checks in Python (where the bound calls are unavailable)."""
+
+    __slots__ = ("call", "dtype", "epoch", "hooks", "token")
+
+    def __init__(self, checks: tuple, call: Callable) -> None:
+        self.token, _, self.epoch, self.dtype, self.hooks = checks
+        self.call = call
+
+    def __call__(self, x: torch.Tensor, token: tuple | None) -> torch.Tensor | None:
+        if token is not self.token or _EPOCH[0] != self.epoch or torch.is_grad_enabled() or x.dtype is not self.dtype:
+            return None
+        return None if any(self.hooks) else self.call(x)
 
 
 def _decode_entry(layer: nn.Module, routing: object, x: torch.Tensor) -> tuple | None:
@@ -128,6 +156,7 @@ def _decode_entry(layer: nn.Module, routing: object, x: torch.Tensor) -> tuple |
     tensors, scaling, limit = found
     base = layer.base_layer
     call = layer.backend.fused_branch(base, x, tensors, scaling, limit)
+    native = None if call is None else (layer.backend, base, tensors, scaling, limit)
     if call is None:
 
         def call(x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +165,8 @@ def _decode_entry(layer: nn.Module, routing: object, x: torch.Tensor) -> tuple |
                 return op(x, *tensors, scaling, limit, out)
             return adapter(x, out)
 
-    return call, base._forward_hooks, base._forward_pre_hooks, adapter._forward_hooks, adapter._forward_pre_hooks
+    hook_dicts = [base._forward_hooks, base._forward_pre_hooks, adapter._forward_hooks, adapter._forward_pre_hooks]
+    return call, hook_dicts, native
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from torch import nn
 from lordba.errors import AdapterStateError, ShapeMismatchError
 from lordba.kernels import preload
 from lordba.nn.adapter import LoRDBAAdapter
-from lordba.nn.adapter_base import _EPOCH, touch
+from lordba.nn.adapter_base import touch
 from lordba.nn.fastpath import ARMED, decode_call, direct_branch, fused_direct, routed_branches
 from lordba.nn.routing import BASE_ROW, ROUTING, Routing, RoutingGate, current_routing, route_index
 from lordba.quant import BaseBackend, resolve_backend
@@ -46,7 +46,7 @@ class LoRDBALinear(nn.Module):
         self._prepared: dict = {}  # mixed-batch kernel arguments per batch composition (routed_branches)
         self._direct: list = []  # the one active adapter's kernel arguments (direct_branch)
         self._decode: list = []  # the whole forward as one kept call (decode_call)
-        self._fast: tuple | None = None  # that call, taken again within an armed model call (fastpath.armed)
+        self._fast: object | None = None  # that call, taken again within an armed model call (fastpath.armed)
 
     def __setattr__(self, name: str, value: object) -> None:
         touch()  # active or disabled adapters, a base layer replaced (merge): kept calls are rebuilt
@@ -192,17 +192,10 @@ class LoRDBALinear(nn.Module):
         """The base layer's output plus the active (or routed) adapters' branches, per the call's :class:`Routing`."""
         if not torch.compiler.is_compiling():  # (a trace never reads _fast: no guard on it)
             fast = self._fast  # decode in a model call: the kept call, where nothing a call can change has (armed)
-            if (
-                fast is not None
-                and fast[0] is ARMED.token
-                and fast[7] == _EPOCH[0]
-                and not args
-                and not kwargs
-                and x.dtype is fast[1]
-                and not torch.is_grad_enabled()
-                and not (fast[3] or fast[4] or fast[5] or fast[6])
-            ):
-                return fast[2](x)
+            if fast is not None and not args and not kwargs:
+                y = fast(x, ARMED.token)  # None: something changed, or not a one-token-sized input
+                if y is not None:
+                    return y
         routing = current_routing(self.gate)
         if not args and not kwargs:  # decode: the kept call (the base and the branch in one op where fused)
             call = decode_call(self, routing, x)

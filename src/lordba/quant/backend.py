@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lordba.kernels import branch_compute, cpu_available
+from lordba.kernels import bound_calls, branch_compute, cpu_available
 from lordba.kernels.q4 import amx_prefill_available
 
 
@@ -69,6 +69,13 @@ class BaseBackend:
         where this backend has no such op for ``x``. Decode keeps it between tokens."""
         return None
 
+    def bound_branch(self, module: nn.Module, tensors: tuple, scaling: float, limit: int, checks: tuple) -> Any:
+        """:meth:`fused_branch`'s call for one-token-sized inputs as a bound call (:mod:`lordba.kernels.cpu.bound`'s
+        ``LayerCall``, made with ``checks``: the model call's token, the epoch list, the input's dtype and the hook
+        dicts), the same op call with the same arguments, declining (``None``) whatever ``fused_branch``'s call
+        would compute otherwise; ``None`` (the default) where this backend has none."""
+        return None
+
 
 class PlainLinear(BaseBackend):
     """An unquantized ``nn.Linear``: merge adds the delta to the weight in place."""
@@ -117,6 +124,14 @@ class PlainLinear(BaseBackend):
             return op(x, params["weight"], params["bias"], *tensors, scaling, limit, *tiles(x))
 
         return call
+
+    def bound_branch(self, module: nn.Module, tensors: tuple, scaling: float, limit: int, checks: tuple) -> Any:
+        """``lordba::linear_branch`` bound, for inputs below the tile unit's prompts (those take no tiles)."""
+        weight, bound = module._parameters.get("weight"), bound_calls()
+        if bound is None or type(module) is not nn.Linear or weight is None or weight.dtype != checks[2]:
+            return None
+        below = min(max(limit + 1, TILE_MIN_TOKENS) * int(tensors[2].numel()), 1 << 62)  # elements of x
+        return bound.LayerCall.linear(*checks, module._parameters, tensors, scaling, limit, below)
 
 
 def linear_branch_op() -> object | None:

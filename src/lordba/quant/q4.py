@@ -18,7 +18,7 @@ from torch import nn
 
 from lordba._util.arena import empty_views
 from lordba.errors import ConfigError
-from lordba.kernels import cpu_available
+from lordba.kernels import bound_calls, cpu_available
 from lordba.kernels.q4 import (
     CHUNK,
     GEMM_MIN_TOKENS,
@@ -32,6 +32,8 @@ from lordba.kernels.q4 import (
     q4_linear,
 )
 from lordba.quant.backend import BaseBackend, kept_factors
+
+_UNBOUND = object()  # Q4Linear's bound call not made yet
 
 
 class Q4Linear(nn.Module):
@@ -137,9 +139,23 @@ class Q4Linear(nn.Module):
         """The float32 ``out × in`` weight this layer computes with."""
         return q4_dequantize(self.qweight, self.scale, self.minus, self.in_features, self.bits)
 
+    def __setattr__(self, name: str, value: object) -> None:
+        self.__dict__.pop("_call", None)  # a new compute, bias or size: the bound call is made again
+        super().__setattr__(name, value)
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        self.__dict__.pop("_call", None)  # it held the previous tensor (checked by identity: never read again)
+        super().register_buffer(name, tensor, persistent)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_call", None)  # a copy binds its own
+        return state
+
     def _apply(self, fn, recurse: bool = True) -> Q4Linear:  # noqa: ANN001
         """``.to()``, ``.float()``, ``.half()``, …: ``scale`` and ``minus`` follow the device but stay float16
         (the stored quantization, which the kernels read as such); the bias follows the conversion."""
+        self.__dict__.pop("_call", None)  # (it would hold the previous tensors until the next call)
         held = {name: self._buffers[name] for name in ("scale", "minus")}
         result = super()._apply(fn, recurse)
         for name, tensor in held.items():
@@ -147,7 +163,27 @@ class Q4Linear(nn.Module):
         return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():  # eager: the bound call (it declines what it does not cover)
+            call = self.__dict__.get("_call", _UNBOUND)
+            if call is _UNBOUND:
+                call = self._bind()
+            if call is not None:
+                y = call(x, self._flags)
+                if y is not None:
+                    return y
         return q4_linear(x, self.qweight, self.scale, self.minus, self.in_features, self.bias, self.bits, *self._flags)
+
+    def _bind(self) -> Callable | None:
+        """This layer's forward with its tensors bound (:mod:`lordba.kernels.cpu.bound`'s ``Q4Call``: the same
+        op call as :func:`q4_linear`'s, without parsing its arguments in Python; ``None`` if unavailable),
+        kept until an attribute is set or the layer is moved (and checked by identity on every call)."""
+        module = bound_calls() if self.qweight.is_cpu else None
+        buffers, params = self._buffers, self._parameters
+        call = None
+        if module is not None:
+            call = module.Q4Call(buffers, params, self.in_features, GEMM_MIN_TOKENS, self.bits, self._flags)
+        self.__dict__["_call"] = call
+        return call
 
     def forward_with_branch(self, tensors: tuple, scaling: float, limit: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """A callable ``f(x)``: ``self(x)`` plus the packed LoRDBA branch of ``tensors`` (its ``(sign_A, sign_B,
@@ -263,3 +299,14 @@ class Q4Backend(BaseBackend):
         if not cpu_op_runs(x) or not hasattr(torch.ops.lordba, "q4_branch"):
             return None
         return module.forward_with_branch(tensors, scaling, limit)
+
+    def bound_branch(self, module: nn.Module, tensors: tuple, scaling: float, limit: int, checks: tuple) -> Any:
+        """``lordba::q4_branch`` bound, for inputs below the prompts that take kept prefill factors."""
+        bound = bound_calls() if module.qweight.is_cpu else None
+        if bound is None:
+            return None
+        below = min(max(GEMM_MIN_TOKENS, limit + 1) * module.in_features, 1 << 62)  # forward_with_branch's
+        return bound.LayerCall.q4(
+            *checks, module._buffers, module._parameters, module.__dict__, module.in_features, GEMM_MIN_TOKENS,
+            module.bits, tensors, scaling, limit, below,
+        )  # fmt: skip
