@@ -117,3 +117,42 @@ def test_export_to_dot_or_dotdot_is_a_lordba_error(tmp_path, monkeypatch, name):
         export_lora(source, name)
     with pytest.raises(LoRDBAError, match="would delete"):
         export_lora(source, name, overwrite=True)
+
+
+@pytest.mark.parametrize(
+    "fields", [{"bias": "all"}, {"bias": "lora_only"}, {"modules_to_save": ["ln_f", "lm_head"]}], ids=str
+)
+def test_export_carries_trained_biases_and_saved_modules(tmp_path, fields):
+    """An adapter with tensors trained in full (biases, ``modules_to_save``) exports them in PEFT's
+    layout, so that PEFT's outputs are the adapter's (they were left out: the export differed silently)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lordba import convert_lora
+
+    def gpt2():
+        torch.manual_seed(0)
+        config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=101, n_positions=32, tie_word_embeddings=False)
+        return GPT2LMHeadModel(config).eval()
+
+    import peft
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, **fields)
+    pm = peft.get_peft_model(gpt2(), config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _name, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    pm.save_pretrained(tmp_path / "peft")
+    state, _ = convert_lora(tmp_path / "peft", progress=False)
+    assert state.extras
+    lm = LoRDBAModel(gpt2())
+    lm.load_adapter_state(state, "default")
+    lm.set_adapter("default")
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    ours, base = logits(lm, ids), logits(gpt2(), ids)
+    export_lora(state, tmp_path / "back", dtype="float32")
+    back = logits(PeftModel.from_pretrained(gpt2(), tmp_path / "back").eval(), ids)
+    effect = (ours - base).abs().max()
+    assert effect > 0.05
+    assert (back - ours).abs().max() < 1e-4 * effect.clamp(min=1)

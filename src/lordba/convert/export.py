@@ -3,7 +3,9 @@
     lora_B = diag(a) S_B diag(√|m|·sign m),   lora_A = diag(√|m|) S_A diag(b),   lora_alpha = alpha
 
 so PEFT's ``lora_alpha / r`` equals LoRDBA's ``s`` and ``lora_B @ lora_A * s`` is exactly ΔW up to
-the export dtype. Splitting ``m`` evenly keeps both factors in range for fp16. The output is a
+the export dtype. Splitting ``m`` evenly keeps both factors in range for fp16. Tensors trained in
+full (``modules_to_save``, the task's head, trained biases) go in as PEFT saves them, in their own
+dtype, with the config's ``modules_to_save``, ``bias`` and ``task_type``. The output is a
 standard directory (``adapter_config.json`` with ``peft_type: "LORA"``, ``adapter_model.safetensors``)
 that PEFT, vLLM, LoRAX and lm-eval's ``peft=`` load. It needs no base model.
 """
@@ -69,10 +71,11 @@ def export_lora(
             ranks[path] = rec.r
         if config.alpha_for(path) != config.alpha:
             alphas[path] = config.alpha_for(path)
+    tensors.update(peft_extras(adapter))
     targets = sorted({p.rsplit(".", 1)[-1] for p in adapter.modules})
     peft_config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": config.task_type or "CAUSAL_LM",
         "base_model_name_or_path": config.base_model_name_or_path,
         "r": config.r,
         "lora_alpha": config.alpha,
@@ -80,7 +83,8 @@ def export_lora(
         "target_modules": targets,
         "rank_pattern": {re.escape(p): r for p, r in ranks.items()},
         "alpha_pattern": {re.escape(p): a for p, a in alphas.items()},
-        "bias": "none",
+        "bias": config.bias,
+        "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
         "use_rslora": False,
         "use_dora": False,
         "fan_in_fan_out": False,
@@ -92,6 +96,20 @@ def export_lora(
         (tmp / "adapter_model.safetensors").write_bytes(to_bytes(tensors, {"format": "pt"}))
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
     return Path(out_dir)
+
+
+def peft_extras(adapter: AdapterState) -> dict[str, torch.Tensor]:
+    """The adapter's tensors trained in full under the names PEFT saves them with: a saved module's
+    parameter as ``base_model.model.<module>.<name>``, a trained bias of an adapted layer as
+    ``base_model.model.<layer>.base_layer.bias`` (PEFT's LoRA layer wraps the base layer), any other
+    trained bias as ``base_model.model.<module>.bias``."""
+    out = {}
+    for name, value in sorted(adapter.extras.items()):
+        module, _, param = name.rpartition(".")
+        if param == "bias" and module in adapter.modules:
+            name = f"{module}.base_layer.bias"
+        out[f"base_model.model.{name}"] = value.contiguous()
+    return out
 
 
 def _in_range(value: torch.Tensor, dtype: str, name: str) -> torch.Tensor:
