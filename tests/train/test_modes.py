@@ -97,6 +97,28 @@ def test_init_from_lora_accepts_an_adapter_in_inference_form():
             assert torch.equal(tensor, want[path][name]), name
 
 
+def test_init_from_lora_refuses_a_lora_of_another_model_before_changing_anything():
+    """A LoRA seed (``--lora``) of a model with other layer sizes but the same module names is a
+    ConfigError naming the module and both shapes, raised before the adapter changes (it was a
+    RuntimeError from ``copy_`` with the adapter half-initialised)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lordba import ConfigError
+    from lordba.convert import read_lora
+
+    from conftest import TINY
+
+    lora = read_lora(trained_lora_on_q_proj())
+    torch.manual_seed(0)
+    wider = LlamaForCausalLM(LlamaConfig(**{**TINY, "hidden_size": 48, "intermediate_size": 60}))
+    lm = LoRDBAModel(wider, LoRDBAConfig(r=4, target_modules=["q_proj"]))
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"q_proj.*\(40, 40\).*\(48, 48\)"):
+        init_from_lora(lm, lora)
+    after = lm.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_lordba_train_cli_on_the_real_model(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(

@@ -68,12 +68,20 @@ def init_from_lora(
     """Set an adapter's signs and scales from LoRA factors (closed-form init + solver, SPEC §3).
 
     ``packed=False`` keeps latent form (latents = sign × 0.01) for QAT; ``packed=True`` freezes the
-    signs. Returns ``{module path: relative reconstruction error}``.
+    signs. Returns ``{module path: relative reconstruction error}``. Raises :class:`ConfigError`, before
+    the adapter changes, if the LoRA has no factors for one of its modules or factors of other shapes.
     """
     errors = {}
     missing = sorted(set(lm.adapter_modules(adapter_name)) - set(lora.layers))
     if missing:
         raise ConfigError(f"the LoRA seed has no factors for {missing[:3]} (targets differ)")
+    for path, adapter in lm.adapter_modules(adapter_name).items():  # before anything changes
+        f = lora.layers[path]
+        if (f.out_features, f.in_features) != (adapter.out_features, adapter.in_features):
+            raise ConfigError(
+                f"{lora.source}: module {path!r} of the LoRA seed is (out, in) = {(f.out_features, f.in_features)}, "
+                f"the model's layer {(adapter.out_features, adapter.in_features)}: a LoRA of another model"
+            )
     lm.unpack_to_latent(adapter_name, LATENT_MAGNITUDE)  # the training form, latent signs, whatever it was
     modules = lm.adapter_modules(adapter_name)
     scale_dtype = lm.peft_config[adapter_name].scale_dtype
