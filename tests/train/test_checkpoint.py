@@ -117,3 +117,27 @@ def test_a_checksummed_but_incomplete_state_is_a_training_error(run_dir):
     (path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(TrainingError, match=r"incomplete training state .*numpy_random"):
         read_checkpoint(path)
+
+
+def test_the_cuda_generators_are_saved_and_restored(tmp_path, monkeypatch):
+    """On a CUDA machine the checkpoint holds every GPU's generator state and resuming restores it:
+    dropout on the GPU draws from it, and before this a resumed run restarted it from the seed (its
+    masks differed from an uninterrupted run's). Simulated here with fake CUDA generator functions."""
+    from lordba.train.checkpoint import load_checkpoint, save_checkpoint
+
+    lm, other = model(), model(seed=5)
+    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad])
+    resumed = torch.optim.AdamW([p for p in other.parameters() if p.requires_grad])
+    states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda new: restored.append([s.clone() for s in new]))
+    path = save_checkpoint(tmp_path, 3, lm, optimizer, {})
+    load_checkpoint(path, other, resumed)
+    assert len(restored) == 1 and all(torch.equal(a, b) for a, b in zip(restored[0], states, strict=True))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # resumed on a machine with fewer GPUs
+    with pytest.warns(UserWarning, match="2 CUDA generator states"):
+        load_checkpoint(path, other, resumed)
+    assert len(restored) == 1

@@ -83,6 +83,32 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], 
     optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 
+def _rng_states() -> dict[str, torch.Tensor]:
+    """The torch generators' states: the CPU's (``torch``) and, on a CUDA machine, each GPU's
+    (``cuda.<index>``: dropout on the GPU draws from it, so an exact resume needs it)."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda.{i}": s.cpu() for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def _restore_cuda_rng(rng: dict[str, torch.Tensor], path: Path) -> None:
+    """Restore the GPUs' generators a checkpoint holds; a warning (and the seeded state) when this
+    machine has no CUDA or another number of GPUs."""
+    saved = [rng[f"cuda.{i}"] for i in range(len(rng)) if f"cuda.{i}" in rng]
+    if not saved:
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count != len(saved):
+        warnings.warn(
+            f"{path}: holds {len(saved)} CUDA generator states, this machine has {count} GPU(s); they are not "
+            "restored, so random draws on the GPU (dropout) differ from an uninterrupted run",
+            stacklevel=3,
+        )
+        return
+    torch.cuda.set_rng_state_all(saved)
+
+
 def save_checkpoint(
     directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict, keep: int = 2
 ) -> Path:
@@ -102,7 +128,7 @@ def save_checkpoint(
     files = {
         "trainable.safetensors": to_bytes({n: p.detach().cpu() for n, p in params.items()}),
         "optimizer.safetensors": to_bytes(opt_tensors),
-        "rng.safetensors": to_bytes({"torch": torch.get_rng_state()}),
+        "rng.safetensors": to_bytes(_rng_states()),
         "state.json": json.dumps(meta).encode(),
     }
     manifest = {"sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
@@ -209,6 +235,7 @@ def apply_checkpoint(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.
     names = {id(p): n for n, p in params.items()}
     _restore_optimizer(optimizer, names, ckpt.optimizer, meta["optimizer"])
     torch.set_rng_state(ckpt.rng["torch"])
+    _restore_cuda_rng(ckpt.rng, path)
     py = meta["python_random"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     nps = meta["numpy_random"]
