@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from lordba import ConfigError, LoRDBAConfig, LoRDBAModel, read_adapter
 from lordba.cli import main
@@ -225,3 +226,29 @@ def test_budget_allocation_with_calibration_minimises_the_output_error(tmp_path)
         (output_error2(lm.adapter_modules("default")) / norm2) ** 0.5, rel=1e-4
     )
     assert alloc["total_rel_error"] <= alloc["uniform_total_rel_error"] + 1e-12
+
+
+def test_bad_arguments_are_the_librarys_errors_naming_them(tmp_path):
+    """Calibration vectors of another shape or type, a zero ``max_batch``, an infinite ``target_bpw``
+    and non-integer rank candidates were RuntimeError, AttributeError, ValueError, OverflowError and
+    TypeError from deep inside the conversion."""
+    from lordba import ConversionError
+
+    _, path = peft_adapter(tmp_path)
+    paths = sorted(read_lora(path).layers)
+    q = "model.layers.0.self_attn.q_proj"
+    for bad, shown in (
+        (torch.ones(2, 40), r"shape \(2, 40\)"),
+        ([1.0] * 40, "list"),
+        (torch.ones(40, dtype=torch.int64), r"shape \(40,\)"),
+    ):
+        calibration = {p: torch.ones(52 if "down" in p else 40) for p in paths} | {q: bad}
+        with pytest.raises(ConversionError, match=rf"calibration statistics for '{q}'.*\[40\].*{shown}"):
+            convert_lora(path, calibration=calibration, progress=False)
+    with pytest.raises(ConfigError, match="max_batch"):
+        convert_lora(path, max_batch=0, progress=False)
+    with pytest.raises(ConfigError, match="target_bpw"):
+        convert_lora(path, target_bpw=float("inf"), progress=False)
+    for candidates in (["a"], [], 8, [0, 4]):
+        with pytest.raises(ConfigError, match="rank_candidates"):
+            convert_lora(path, target_bpw=12.0, rank_candidates=candidates, progress=False)

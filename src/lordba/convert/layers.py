@@ -53,8 +53,16 @@ def convert_layers(
             missing = [layer.path for layer in group if layer.path not in calibration]
             if missing:
                 raise ConversionError(f"calibration has no statistics for module(s) {missing[:4]}")
+            for layer in group:
+                v = calibration[layer.path]
+                if not (isinstance(v, torch.Tensor) and v.shape == (layer.in_features,) and v.is_floating_point()):
+                    what = f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+                    raise ConversionError(
+                        f"calibration statistics for {layer.path!r} must be a float tensor of shape "
+                        f"[{layer.in_features}] (mean x² per input channel), got {what}"
+                    )
             moments = torch.stack([calibration[layer.path].float() for layer in group])
-            if moments.shape[-1] != A.shape[-1] or not bool(torch.isfinite(moments).all()):
+            if not bool(torch.isfinite(moments).all()):
                 raise ConversionError(f"calibration statistics for {group[0].path!r} must be finite [in] vectors")
         res = solve_group(B, A, r, factor, codec, opts, moments)
         f = res.factors

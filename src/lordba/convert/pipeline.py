@@ -8,6 +8,8 @@ working memory). With ``target_bpw`` each layer is converted at several candidat
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 import time
 import warnings
@@ -102,8 +104,12 @@ def convert_lora(
     start = time.perf_counter()
     if r is not None and target_bpw is not None:
         raise ConfigError("give either r or target_bpw, not both")
-    if target_bpw is not None and not (isinstance(target_bpw, (int, float)) and target_bpw > 0):
-        raise ConfigError(f"target_bpw must be a positive number, got {target_bpw!r}")
+    if target_bpw is not None and not (_is_number(target_bpw) and math.isfinite(target_bpw) and target_bpw > 0):
+        raise ConfigError(f"target_bpw must be a positive finite number, got {target_bpw!r}")
+    if not (_is_int(max_batch) and max_batch >= 1):
+        raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
+    if rank_candidates is not None:
+        rank_candidates = _candidates(rank_candidates)
     opts = options or SolverOptions(gauge=gauge, method=method, iters=iters, tol=tol)
     lora = read_lora(source, adapter_name, allow_pickle, skip_unsupported)
     base = _base_config(lora, config, r, scale_dtype)
@@ -126,6 +132,22 @@ def convert_lora(
     report = _report(lora, state, stats, opts, allocation)
     report.seconds = time.perf_counter() - start
     return state, report
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _candidates(value: Any) -> list[int]:
+    """``rank_candidates`` as a list of positive integers; :class:`ConfigError` otherwise."""
+    items = list(value) if isinstance(value, (list, tuple, range, set, frozenset)) else None
+    if not items or not all(_is_int(c) and c >= 1 for c in items):
+        raise ConfigError(f"rank_candidates must be a non-empty list of positive integers, got {value!r}")
+    return [int(c) for c in items]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _report(
