@@ -138,3 +138,13 @@ def test_bad_model_or_adapter_exits_3(folder, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing"), "x"]) == 3
     assert main(["generate", "--model", str(folder), "--quant", "none", "--adapter", str(tmp_path), "x"]) == 3
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--temperature", "-1"), ("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "0"), ("--top-p", "1.5")],
+)
+def test_bad_sampling_options_are_usage_errors(folder, option, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--model", str(folder), option, value, "x"])
+    assert info.value.code == 2 and option in capsys.readouterr().err

@@ -230,6 +230,16 @@ def positive_float(text: str) -> float:
     return _bounded(text, float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0; ``argparse.ArgumentTypeError`` otherwise."""
+    return _bounded(text, float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
+def mass_fraction(text: str) -> float:
+    """A number greater than 0 and at most 1 (a probability mass); ``argparse.ArgumentTypeError`` otherwise."""
+    return _bounded(text, float, lambda v: 0 < v <= 1, "a number greater than 0 and at most 1")
+
+
 def open_fraction(text: str) -> float:
     """A number strictly between 0 and 1; ``argparse.ArgumentTypeError`` otherwise."""
     return _bounded(text, float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")

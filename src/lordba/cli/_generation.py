@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from lordba.cli import non_negative_int, positive_int
+from lordba.cli import mass_fraction, non_negative_float, non_negative_int, positive_int
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,8 +45,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--q4-compute; docs/kernels.md)",
     )
     p.add_argument("--max-new-tokens", type=positive_int, default=128, help="most tokens to generate (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument(
+        "--temperature", type=non_negative_float, default=0.0, help="sampling temperature; 0 is greedy (default 0)"
+    )
+    p.add_argument("--top-p", type=mass_fraction, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1.0)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default 0)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument(
