@@ -148,3 +148,15 @@ def test_bad_sampling_options_are_usage_errors(folder, option, value, capsys):
     with pytest.raises(SystemExit) as info:
         main(["generate", "--model", str(folder), option, value, "x"])
     assert info.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_a_folder_that_is_no_model_exits_3(tmp_path, capsys):
+    """A folder without a transformers model (empty, or holding something else) is invalid input, not an
+    internal error."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    for bad in (tmp_path / "empty", tmp_path / "other"):
+        assert main(["generate", "--model", str(bad), "--quant", "none", "x"]) == 3
+        err = capsys.readouterr().err
+        assert str(bad) in err and "config.json" in err and "internal error" not in err

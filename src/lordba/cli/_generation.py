@@ -128,13 +128,16 @@ def load(args: argparse.Namespace) -> Loaded:
     """The base model of ``--model`` quantized per ``--quant``, with ``--adapter`` on it.
 
     Raises:
-        ConfigError, AdapterFormatError: a bad model folder or adapter (the CLI exits 3).
+        ConfigError: ``--model`` is no transformers model folder (no ``config.json``, or transformers
+            cannot read it); ``--aot`` with ``--compile``.
+        AdapterFormatError: a bad adapter (the CLI exits 3 for both).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lordba import kernels
     from lordba.cli.serve_cmd import resolve_model
+    from lordba.errors import ConfigError
     from lordba.nn.decode import FastDecode
     from lordba.nn.model import LoRDBAModel
     from lordba.quant import set_compute
@@ -143,15 +146,19 @@ def load(args: argparse.Namespace) -> Loaded:
     if args.threads:
         torch.set_num_threads(args.threads)
     folder, _ = resolve_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"--model {folder}: not a transformers model folder (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    except (OSError, ValueError) as err:  # transformers' errors for a folder it cannot read
+        raise ConfigError(f"--model {folder}: transformers cannot load it ({type(err).__name__}: {err})") from None
     model = quantize_model_cached(model, folder, backend=args.quant, bits=4, group_size=64)
     if getattr(args, "q4_compute", None):
         set_compute(model, args.q4_compute)
     kernels.cpu_available()  # build or load the CPU kernels before the first token
     if args.adapter:
         model = LoRDBAModel.from_pretrained(model, args.adapter).eval()
-    from lordba.errors import ConfigError
 
     compile_it = bool(getattr(args, "compile", False))
     if getattr(args, "aot", False):
