@@ -160,3 +160,26 @@ def test_a_folder_that_is_no_model_exits_3(tmp_path, capsys):
         assert main(["generate", "--model", str(bad), "--quant", "none", "x"]) == 3
         err = capsys.readouterr().err
         assert str(bad) in err and "config.json" in err and "internal error" not in err
+
+
+def test_chat_templates_missing_or_refusing_the_messages_exit_3(folder, tmp_path, capsys, monkeypatch):
+    """``generate --chat-template`` on a tokenizer without a template, and a template that raises on the
+    conversation (``chat --system`` where it has no system role), are invalid input naming the model."""
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(folder, plain)
+    (plain / "chat_template.jinja").unlink()
+    assert main(["generate", "--model", str(plain), "--quant", "none", "--chat-template", "ab"]) == 3
+    err = capsys.readouterr().err
+    assert "no chat template" in err and str(plain) in err and "internal error" not in err
+    strict = tmp_path / "strict"
+    shutil.copytree(folder, strict)
+    (strict / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    assert main(["chat", "--model", str(strict), "--quant", "none", "--system", "be brief"]) == 3
+    err = capsys.readouterr().err
+    assert "no system role" in err and "internal error" not in err

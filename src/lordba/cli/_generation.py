@@ -173,6 +173,23 @@ def load(args: argparse.Namespace) -> Loaded:
     return Loaded(model, tokenizer, FastDecode(model, compile_it, getattr(args, "compile_mode", "default")))
 
 
+def chat_text(loaded: Loaded, messages: list[dict[str, str]], model: str) -> str:
+    """``messages`` in the tokenizer's chat template, ending with the assistant's turn to answer.
+
+    Raises:
+        ConfigError: the tokenizer of ``--model`` has no chat template, or its template refuses these
+            messages (e.g. a system message where the template has no system role).
+    """
+    from lordba.errors import ConfigError
+
+    if not getattr(loaded.tokenizer, "chat_template", None):
+        raise ConfigError(f"--model {model}: its tokenizer has no chat template (use lordba generate without it)")
+    try:
+        return loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as err:  # the template raises on these messages (raise_exception, a role it does not know)
+        raise ConfigError(f"--model {model}: its chat template refuses these messages ({err})") from None
+
+
 def _prepare(loaded: Loaded, tokens: int) -> None:
     """Compile the decode step for ``tokens`` positions before any text is streamed (a failure falls
     back to eager, logged); says on stderr how long it took or why it decodes eagerly."""

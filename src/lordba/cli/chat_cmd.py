@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from lordba.cli._generation import load, stream
+    from lordba.cli._generation import chat_text, load, stream
 
     loaded = load(args)
     tok = loaded.tokenizer
@@ -46,7 +46,7 @@ def _chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = chat_text(loaded, messages, args.model)
         ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
         if interactive:
             print("assistant> ", end="", flush=True)

@@ -30,14 +30,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from lordba.cli._generation import load, stream
+    from lordba.cli._generation import chat_text, load, stream
 
     loaded = load(args)
     tok = loaded.tokenizer
     if args.chat_template:
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
-        )
+        text = chat_text(loaded, [{"role": "user", "content": args.prompt}], args.model)
     else:
         text = args.prompt
     ids = tok(text, return_tensors="pt", add_special_tokens=not args.chat_template).input_ids
