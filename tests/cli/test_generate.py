@@ -183,3 +183,25 @@ def test_chat_templates_missing_or_refusing_the_messages_exit_3(folder, tmp_path
     assert main(["chat", "--model", str(strict), "--quant", "none", "--system", "be brief"]) == 3
     err = capsys.readouterr().err
     assert "no system role" in err and "internal error" not in err
+
+
+def test_an_empty_prompt_exits_3(folder, capsys):
+    assert main(["generate", "--model", str(folder), "--quant", "none", ""]) == 3
+    err = capsys.readouterr().err
+    assert "PROMPT has no tokens" in err and "internal error" not in err
+
+
+def test_text_that_is_not_utf8_exits_3(folder, capsys, monkeypatch):
+    """Bytes that are not UTF-8 reach Python as lone surrogates (sys.argv, a stdin read with
+    surrogateescape) or as a UnicodeDecodeError (a strict stdin): a clear error either way."""
+    assert main(["generate", "--model", str(folder), "--quant", "none", "a\udcffb"]) == 3
+    err = capsys.readouterr().err
+    assert "PROMPT is not UTF-8 text" in err and "internal error" not in err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\udcff\n"))
+    assert main(["chat", "--model", str(folder), "--quant", "none"]) == 3
+    err = capsys.readouterr().err
+    assert "stdin is not UTF-8 text" in err and "internal error" not in err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hi\xff\n"), encoding="utf-8", errors="strict"))
+    assert main(["chat", "--model", str(folder), "--quant", "none"]) == 3
+    err = capsys.readouterr().err
+    assert "stdin is not UTF-8 text" in err and "internal error" not in err

@@ -173,6 +173,37 @@ def load(args: argparse.Namespace) -> Loaded:
     return Loaded(model, tokenizer, FastDecode(model, compile_it, getattr(args, "compile_mode", "default")))
 
 
+def check_text(text: str, what: str) -> str:
+    """``text`` itself if it is Unicode text (bytes that are not UTF-8 reach Python as lone surrogates: from
+    ``sys.argv``, or a stdin read with ``surrogateescape``).
+
+    Raises:
+        ConfigError: ``text`` holds such bytes (the tokenizer would raise a TypeError).
+    """
+    from lordba.errors import ConfigError
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ConfigError(f"{what} is not UTF-8 text (undecodable bytes from character {err.start})") from None
+    return text
+
+
+def encode(loaded: Loaded, text: str, what: str, special: bool = True) -> Any:
+    """The token ids ``[1, n]`` of ``text`` (with the tokenizer's special tokens where ``special``).
+
+    Raises:
+        ConfigError: ``text`` is not UTF-8 text, or it has no tokens (an empty prompt, and the tokenizer
+            adds no BOS token: there is nothing to continue).
+    """
+    from lordba.errors import ConfigError
+
+    ids = loaded.tokenizer(check_text(text, what), return_tensors="pt", add_special_tokens=special).input_ids
+    if ids.shape[-1] == 0:
+        raise ConfigError(f"{what} has no tokens (empty, and the tokenizer adds no BOS token): give some text")
+    return ids
+
+
 def chat_text(loaded: Loaded, messages: list[dict[str, str]], model: str) -> str:
     """``messages`` in the tokenizer's chat template, ending with the assistant's turn to answer.
 

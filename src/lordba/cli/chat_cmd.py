@@ -27,27 +27,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from lordba.cli._generation import chat_text, load, stream
+    from lordba.cli._generation import chat_text, check_text, encode, load, stream
+    from lordba.errors import ConfigError
 
     loaded = load(args)
     tok = loaded.tokenizer
     if not getattr(tok, "chat_template", None):
-        from lordba.errors import ConfigError
-
         raise ConfigError(f"--model {args.model}: its tokenizer has no chat template (use lordba generate)")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
             print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except UnicodeDecodeError as err:  # a stdin decoded strictly
+            raise ConfigError(f"stdin is not UTF-8 text ({err.reason} at byte {err.start} of a line)") from None
         if not line or line.strip() in ("/exit", "/quit"):
             return 0
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        text = chat_text(loaded, messages, args.model)
-        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+        messages.append({"role": "user", "content": check_text(line.rstrip("\n"), "a line of stdin")})
+        ids = encode(loaded, chat_text(loaded, messages, args.model), "the conversation", special=False)
         if interactive:
             print("assistant> ", end="", flush=True)
         answer = stream(loaded, ids, args)

@@ -30,14 +30,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from lordba.cli._generation import chat_text, load, stream
+    from lordba.cli._generation import chat_text, check_text, encode, load, stream
 
+    prompt = check_text(args.prompt, "PROMPT")
     loaded = load(args)
-    tok = loaded.tokenizer
     if args.chat_template:
-        text = chat_text(loaded, [{"role": "user", "content": args.prompt}], args.model)
+        text = chat_text(loaded, [{"role": "user", "content": prompt}], args.model)
     else:
-        text = args.prompt
-    ids = tok(text, return_tensors="pt", add_special_tokens=not args.chat_template).input_ids
+        text = prompt
+    ids = encode(loaded, text, "PROMPT", special=not args.chat_template)
     stream(loaded, ids, args)
     return 0
