@@ -205,3 +205,40 @@ def test_text_that_is_not_utf8_exits_3(folder, capsys, monkeypatch):
     assert main(["chat", "--model", str(folder), "--quant", "none"]) == 3
     err = capsys.readouterr().err
     assert "stdin is not UTF-8 text" in err and "internal error" not in err
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    """A tiny GPT-2 of 32 positions (learned positions: one past the context is an index error)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tiny_model import char_tokenizer
+
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    ids = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=32, **ids)
+    path = tmp_path_factory.mktemp("gpt2")
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_generation_stays_within_the_models_context(gpt2_folder, capsys):
+    """The default number of new tokens is capped by what the context leaves (said on stderr); an explicit
+    number that does not fit, or a prompt that fills the context, is refused before generating (as
+    ``lordba serve`` refuses such a request)."""
+    tok = AutoTokenizer.from_pretrained(gpt2_folder)
+    model = AutoModelForCausalLM.from_pretrained(gpt2_folder).eval()
+    base = ["generate", "--model", str(gpt2_folder), "--quant", "none"]
+    assert main([*base, "abcd"]) == 0  # the default, 128 new tokens: 28 fit
+    out, err = capsys.readouterr()
+    assert out == greedy(model, tok, "abcd", 28) + "\n" and "at most 28 new tokens" in err
+    assert main([*base, "--max-new-tokens", "28", "abcd"]) == 0
+    assert capsys.readouterr().out == out
+    assert main([*base, "--max-new-tokens", "29", "abcd"]) == 3
+    out, err = capsys.readouterr()
+    assert out == "" and "--max-new-tokens 29 does not fit" in err and "internal error" not in err
+    assert main([*base, "x" * 32]) == 3
+    out, err = capsys.readouterr()
+    assert out == "" and "context is 32 tokens" in err and "internal error" not in err

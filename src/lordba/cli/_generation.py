@@ -14,6 +14,9 @@ from typing import Any
 
 from lordba.cli import mass_fraction, non_negative_float, non_negative_int, positive_int
 
+DEFAULT_NEW_TOKENS = 128
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--model``, ``--adapter``, ``--quant`` and the sampling options."""
@@ -44,7 +47,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "AMX-BF16, elsewhere float32; exact: float32, bit for bit the trained model's; q4 follows "
         "--q4-compute; docs/kernels.md)",
     )
-    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
+        help=f"most tokens to generate (default {DEFAULT_NEW_TOKENS}, or what the model's context leaves); more "
+        "than the context leaves after the prompt is an error",
+    )
     p.add_argument(
         "--temperature", type=non_negative_float, default=0.0, help="sampling temperature; 0 is greedy (default 0)"
     )
@@ -221,6 +230,45 @@ def chat_text(loaded: Loaded, messages: list[dict[str, str]], model: str) -> str
         raise ConfigError(f"--model {model}: its chat template refuses these messages ({err})") from None
 
 
+def context_length(model: Any) -> int | None:
+    """The most positions (prompt + generated) the model's config allows; None where it says none."""
+    config = getattr(model, "config", None)
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def new_tokens(loaded: Loaded, prompt_tokens: int, asked: int | None) -> int:
+    """How many tokens to generate after ``prompt_tokens``: ``asked`` (``--max-new-tokens``), else
+    :data:`DEFAULT_NEW_TOKENS` or fewer, what the model's context leaves (said on stderr), as ``lordba
+    serve`` does: a model past its positions gives garbage, or fails (learned positions: GPT-2).
+
+    Raises:
+        ConfigError: the prompt leaves no room in the context, or ``asked`` exceeds the room.
+    """
+    from lordba.errors import ConfigError
+
+    context = context_length(loaded.model)
+    if context is None:
+        return asked or DEFAULT_NEW_TOKENS
+    room = context - prompt_tokens
+    if room < 1:
+        raise ConfigError(
+            f"the prompt has {prompt_tokens} tokens: the model's context is {context} tokens, which leaves no room "
+            "for an answer; shorten the prompt"
+        )
+    if asked is not None and asked > room:
+        raise ConfigError(
+            f"--max-new-tokens {asked} does not fit: the prompt has {prompt_tokens} tokens and the model's context "
+            f"is {context}, which leaves {room}"
+        )
+    if asked is None and room < DEFAULT_NEW_TOKENS:
+        print(f"[at most {room} new tokens: the model's context is {context} tokens]", file=sys.stderr)
+    return asked or min(DEFAULT_NEW_TOKENS, room)
+
+
 def _prepare(loaded: Loaded, tokens: int) -> None:
     """Compile the decode step for ``tokens`` positions before any text is streamed (a failure falls
     back to eager, logged); says on stderr how long it took or why it decodes eagerly."""
@@ -280,23 +328,24 @@ def _generate_streaming(loaded: Loaded, kwargs: dict, out: Any) -> tuple[Any, fl
 
 
 def stream(loaded: Loaded, input_ids: Any, args: argparse.Namespace, out: Any = None) -> str:
-    """Generate from ``input_ids``, writing text to ``out`` as it comes; prints time to first token
-    and tokens/s to stderr; returns the generated text. With ``--compile`` the decode step is
+    """Generate from ``input_ids`` (at most :func:`new_tokens`), writing text to ``out`` as it comes;
+    prints time to first token and tokens/s to stderr; returns the generated text. With ``--compile`` the decode step is
     compiled first (:func:`_prepare`); if compiled generation still fails before any text was
     written, it is run again eagerly."""
     import torch
 
     out = out or sys.stdout
     sample = args.temperature > 0
+    count = new_tokens(loaded, int(input_ids.shape[-1]), args.max_new_tokens)
     kwargs = dict(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=count,
         do_sample=sample,
         pad_token_id=loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id,
         **({"temperature": args.temperature, "top_p": args.top_p} if sample else {}),
     )
-    tokens = int(input_ids.shape[-1]) + args.max_new_tokens
+    tokens = int(input_ids.shape[-1]) + count
     _prepare(loaded, tokens)
     decode = loaded.decode
     extra = decode.generate_kwargs(tokens) if decode is not None else {}
