@@ -64,3 +64,11 @@ def test_inspect_says_how_to_use_it_with_peft_and_transformers(deep_adapter, cap
     assert "KeyError: 'LORDBA'" in out and "lordba export-lora" in out and "AutoLoRDBAModelForCausalLM" in out
     assert main(["inspect", str(deep_adapter), "--json"]) == 0
     assert "lordba export-lora" in json.loads(capsys.readouterr().out)["hint"]
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "x"])
+def test_a_bad_reference_rank_is_a_usage_error(deep_adapter, value, capsys):
+    """--r-ref 0 was the default silently, a negative one printed negative sizes and ratios."""
+    with pytest.raises(SystemExit) as info:
+        main(["inspect", str(deep_adapter), "--r-ref", value])
+    assert info.value.code == 2 and "--r-ref" in capsys.readouterr().err

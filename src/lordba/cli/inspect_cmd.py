@@ -37,7 +37,11 @@ def natural_key(name: str) -> tuple:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", help="adapter directory (adapter_config.json + lordba_model.safetensors)")
-    p.add_argument("--r-ref", type=int, default=None, help="rank of the fp16 LoRA to compare with (default: same rank)")
+    from lordba.cli import positive_int
+
+    p.add_argument(
+        "--r-ref", type=positive_int, default=None, help="rank of the fp16 LoRA to compare with (default: same rank)"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
 
 
