@@ -72,3 +72,15 @@ def test_a_bad_reference_rank_is_a_usage_error(deep_adapter, value, capsys):
     with pytest.raises(SystemExit) as info:
         main(["inspect", str(deep_adapter), "--r-ref", value])
     assert info.value.code == 2 and "--r-ref" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("totals", [[1], 5, "x"])
+def test_a_conversion_report_with_odd_totals_is_shown_not_fatal(deep_adapter, tmp_path, totals, capsys):
+    """The sidecar is informational: totals that are not an object are not an internal error."""
+    import shutil
+
+    adapter = tmp_path / "a"
+    shutil.copytree(deep_adapter, adapter)
+    (adapter / "conversion_report.json").write_text(json.dumps({"layers": [], "totals": totals}))
+    assert main(["inspect", str(adapter)]) == 0
+    assert "relative error of ΔW None" in capsys.readouterr().out

@@ -126,5 +126,6 @@ def _print_conversion(conv: dict) -> None:
         )
     ]
     print_table("conversion (stored errors of ΔW)", ["module", "r LoRA", "r", "rel err", "RMR A", "RMR B"], rows)
-    totals = conv.get("totals") or {}
+    totals = conv.get("totals")
+    totals = totals if isinstance(totals, dict) else {}
     print(f"conversion from {conv.get('source')}: relative error of ΔW {totals.get('rel_error')}")
