@@ -52,7 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-name", default="default", help="adapter to read (PEFT subfolder or key name)")
     p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (torch.load weights_only)")
     p.add_argument("--skip-unsupported", action="store_true", help="leave out non-LoRA tensors instead of failing")
-    p.add_argument("--report", type=Path, default=None, help="also write the report as JSON (and .md beside it)")
+    p.add_argument(
+        "--report", type=Path, default=None, help="also write the report as JSON (and as Markdown beside it, .md)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or tables")
 
@@ -61,9 +63,11 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from lordba.convert import SolverOptions, check_output_dir, convert_lora, default_config, read_lora, save_converted
-    from lordba.errors import ConfigError
+    from lordba.errors import ConfigError, ConversionError
 
     check_output_dir(args.out_dir, args.overwrite, source=args.peft_dir)  # fail before the work, not after
+    if args.report is not None:
+        _check_report_path(args.report)
     if args.r is not None and args.r < 1:
         raise ConfigError(f"--r must be a positive integer, got {args.r}")
     lora = read_lora(args.peft_dir, args.adapter_name, args.allow_pickle, args.skip_unsupported)
@@ -83,11 +87,33 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         report.print()
     if args.report is not None:
-        report.write_json(args.report)
-        args.report.with_suffix(".md").write_text(report.to_markdown())
+        try:
+            report.write_json(args.report)
+            args.report.with_suffix(".md").write_text(report.to_markdown())
+        except OSError as err:
+            raise ConversionError(f"--report {args.report}: cannot write it ({err.strerror or err})") from None
     print(
         f"wrote LoRDBA adapter to {out}: {len(report.layers)} layers, relative error of ΔW "
         f"{report.total_rel_error:.4f}, {report.size.file_bytes:,} bytes ({report.bpw_lora:.3f} BPW, LoRA basis; "
         f"{report.lora_fp16_file_bytes / report.size.file_bytes:.2f}x smaller than the LoRA in fp16)"
     )
     return 0
+
+
+def _check_report_path(path: Path) -> None:
+    """Refuse, before any work, a ``--report`` path that cannot take the JSON report and the Markdown
+    beside it (``path`` with the suffix ``.md``).
+
+    Raises:
+        ConfigError: ``path`` ends in ``.md`` (the Markdown would replace the JSON), is a folder, or its
+            folder does not exist.
+    """
+    from lordba.errors import ConfigError
+
+    if path.suffix == ".md":
+        raise ConfigError(f"--report {path}: the Markdown report is written beside the JSON as .md; name a .json file")
+    for target in (path, path.with_suffix(".md")):
+        if target.is_dir():
+            raise ConfigError(f"--report {path}: {target} is a folder")
+    if not path.absolute().parent.is_dir():
+        raise ConfigError(f"--report {path}: its folder {path.absolute().parent} does not exist")

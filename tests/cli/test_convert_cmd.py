@@ -1,0 +1,44 @@
+"""``lordba convert``: its ``--report`` path is checked before the conversion's work."""
+
+import pytest
+import torch
+
+from lordba.cli import main
+
+from conftest import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    """A small PEFT LoRA on the tiny Llama."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    out = tmp_path_factory.mktemp("lora") / "lora"
+    model.save_pretrained(out)
+    return out
+
+
+def test_the_report_is_written_as_json_and_markdown(lora_dir, tmp_path, capsys):
+    argv = ["convert", str(lora_dir), str(tmp_path / "out"), "--quiet", "--iters", "2"]
+    assert main([*argv, "--report", str(tmp_path / "report.json")]) == 0
+    assert (tmp_path / "report.json").read_text().startswith("{") and (tmp_path / "report.md").is_file()
+
+
+@pytest.mark.parametrize("where", ["missing/report.json", "folder", "report.md"])
+def test_a_report_path_that_cannot_take_the_report_is_refused_before_converting(lora_dir, tmp_path, where, capsys):
+    """A report in a folder that does not exist, a folder, or ``.md`` (the Markdown written beside it would
+    replace the JSON): exit 3 naming --report, before the work and without writing the adapter; these
+    were an internal error after the conversion, or a lost JSON report."""
+    (tmp_path / "folder").mkdir()
+    out = tmp_path / "out"
+    argv = ["convert", str(lora_dir), str(out), "--quiet", "--iters", "2", "--report", str(tmp_path / where)]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert "--report" in err and "internal error" not in err
+    assert not out.exists()
