@@ -171,3 +171,19 @@ def test_optional_modules_map_to_their_extras():
     assert cli.missing_dependency_hint(ModuleNotFoundError(name="peft.tuners")) == "pip install 'lordba[peft]'"
     assert "lordba[quant]" in cli.missing_dependency_hint(ModuleNotFoundError(name="hqq"))
     assert cli.missing_dependency_hint(ModuleNotFoundError(name="no_such_module")) is None
+
+
+def test_export_lora_that_cannot_write_its_output_exits_3(adapter_dir, tmp_path, capsys, monkeypatch):
+    """A write that fails (a full disk, a read-only file system) is an error naming the output, not an
+    internal error; no partial output is left."""
+    import errno
+    from pathlib import Path
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    assert main(["export-lora", str(adapter_dir), str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and str(tmp_path / "out") in err and "internal error" not in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

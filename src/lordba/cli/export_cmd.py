@@ -20,6 +20,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = export_lora(args.directory, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    """Export; a failed write (a full disk, a read-only file system) is a :class:`ConversionError` naming
+    OUT (nothing is left there: the output is written atomically)."""
+    from lordba.errors import ConversionError
+
+    try:
+        out = export_lora(args.directory, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    except OSError as err:
+        raise ConversionError(f"{args.out}: cannot write the PEFT LoRA adapter ({err.strerror or err})") from None
     print(f"wrote PEFT LoRA adapter to {out} (peft_type LORA, {args.dtype})")
     return 0
