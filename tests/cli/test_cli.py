@@ -187,3 +187,11 @@ def test_export_lora_that_cannot_write_its_output_exits_3(adapter_dir, tmp_path,
     err = capsys.readouterr().err
     assert "No space left on device" in err and str(tmp_path / "out") in err and "internal error" not in err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_serve_refuses_a_port_out_of_range_as_a_usage_error(port, capsys):
+    """Before the model is loaded (it was an internal OverflowError from the socket's bind after loading)."""
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--model", "no-such-folder", "--port", port])
+    assert info.value.code == 2 and "--port" in capsys.readouterr().err

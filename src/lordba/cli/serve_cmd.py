@@ -7,7 +7,7 @@ import importlib.metadata
 import sys
 from pathlib import Path
 
-from lordba.cli import EXIT_USAGE, positive_int
+from lordba.cli import EXIT_USAGE, _bounded, positive_int
 from lordba.errors import ConfigError
 
 NAME = "serve"
@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--adapters", default=None, help="folder of adapter directories, served by folder name")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=port_number, default=8000, help="port, 0 to 65535 (default 8000; 0: any free one)")
     p.add_argument(
         "--max-adapter-memory",
         type=positive_int,
@@ -34,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--served-model-name", default=None, help="name of the base model in the API")
     p.add_argument("--dtype", default="float32", help="dtype of the base model (default float32)")
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 0 to 65535; ``argparse.ArgumentTypeError`` otherwise (uvicorn's bind would fail after
+    the model is loaded)."""
+    return int(_bounded(text, int, lambda v: 0 <= v <= 65535, "a port number from 0 to 65535"))
 
 
 def resolve_model(name: str) -> tuple[Path, str]:
