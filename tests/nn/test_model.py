@@ -495,3 +495,32 @@ def test_a_forward_under_inference_mode_leaves_nothing_that_breaks_training(inpu
     assert got.keys() == want.keys() and any(".b." in n for n in got)
     for name, value in want.items():
         assert torch.equal(got[name], value), name
+
+
+def test_torch_save_takes_a_packed_model_and_its_state_dict(tmp_path):
+    """An inference-form adapter's tensors, and a q4 base's weights, are views of one buffer of several dtypes,
+    which ``torch.save`` refused ("Cannot save multiple tensors or storages that view the same data as different
+    types"): ``torch.save(model.state_dict())`` and ``torch.save(model)`` of a packed model failed."""
+    import io
+
+    from conftest import tiny_q4
+
+    lm = tiny_q4(adapter=True)
+    ids = torch.tensor([[5, 17, 3]])
+    with torch.no_grad():
+        want = lm(input_ids=ids).logits
+    saved = io.BytesIO()
+    torch.save(lm.state_dict(), saved)
+    saved.seek(0)
+    fresh = tiny_q4(adapter=True)
+    for a in fresh.adapter_modules("default").values():
+        a.sign_A.zero_()  # (another adapter until the state dict is loaded)
+    fresh.load_state_dict(torch.load(saved))
+    whole = io.BytesIO()
+    torch.save(lm, whole)
+    whole.seek(0)
+    copied = torch.load(whole, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, want)
+        assert torch.equal(copied(input_ids=ids).logits, want)
+        assert torch.equal(lm(input_ids=ids).logits, want)  # the original untouched

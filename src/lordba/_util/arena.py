@@ -90,3 +90,12 @@ def views_of_one_buffer(
         for view, t in zip(views, tensors):
             view.copy_(t)
     return views
+
+
+def own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy of it with its own storage where it is a view of a larger buffer (this module's views
+    of one buffer hold tensors of several dtypes in one storage, which ``torch.save`` refuses to write: "Cannot
+    save multiple tensors or storages that view the same data as different types"). For state dicts and pickles."""
+    if tensor.untyped_storage().nbytes() == tensor.nbytes and tensor.is_contiguous():
+        return tensor
+    return tensor.detach().clone(memory_format=torch.contiguous_format)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lordba._util.arena import own_storage
 from lordba._util.dtypes import DTYPES
 from lordba._util.modules import replace_submodule
 from lordba._util.state import ordinary_tensors
@@ -406,7 +407,11 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
         This keeps ``transformers.Trainer`` checkpoints of a LoRDBA model small and resumable (the
         Trainer saves ``model.state_dict()`` for models that are not ``PreTrainedModel``s)."""
         full = super().state_dict(*args, **kwargs)
-        return type(full)((k, v) for k, v in full.items() if ".lordba_adapters." in k or ".lordba_saved." in k)
+        own = (".lordba_adapters.", ".lordba_saved.")
+        kept = ((k, v) for k, v in full.items() if any(part in k for part in own))
+        # an inference-form adapter's tensors are views of one buffer (uint8 signs beside float16 scales), which
+        # torch.save refuses: those are copies (they are not parameters: nothing is trained through them)
+        return type(full)((k, v if isinstance(v, nn.Parameter) else own_storage(v)) for k, v in kept)
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load adapter tensors saved by :meth:`state_dict` (the base is left as it is)."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lordba._util.arena import empty_views
+from lordba._util.arena import empty_views, own_storage
 from lordba.errors import ConfigError
 from lordba.kernels import bound_calls, cpu_available
 from lordba.kernels.q4 import (
@@ -150,6 +150,8 @@ class Q4Linear(nn.Module):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state.pop("_call", None)  # a copy binds its own
+        # the weights held together (hold_weights_together) share one storage across dtypes: torch.save refuses that
+        state["_buffers"] = {k: None if v is None else own_storage(v) for k, v in state["_buffers"].items()}
         return state
 
     def _apply(self, fn, recurse: bool = True) -> Q4Linear:  # noqa: ANN001
