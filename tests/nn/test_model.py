@@ -524,3 +524,17 @@ def test_torch_save_takes_a_packed_model_and_its_state_dict(tmp_path):
         assert torch.equal(fresh(input_ids=ids).logits, want)
         assert torch.equal(copied(input_ids=ids).logits, want)
         assert torch.equal(lm(input_ids=ids).logits, want)  # the original untouched
+
+
+def test_a_failed_from_pretrained_leaves_the_callers_model_as_it_was(tmp_path):
+    """The wrapper freezes the base's parameters; a load that then fails (here a folder with no adapter) left the
+    caller's model frozen."""
+    from lordba.errors import LoRDBAError
+
+    model = tiny_llama()
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert any(before.values())
+    with pytest.raises(LoRDBAError):
+        LoRDBAModel.from_pretrained(model, tmp_path)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert not any(isinstance(m, LoRDBALinear) for m in model.modules())

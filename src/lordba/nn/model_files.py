@@ -295,9 +295,16 @@ class AdapterFilesMixin:
     ) -> Any:
         """Load a saved adapter (a directory or a Hub repo id; ``hub``: the keyword arguments of
         :meth:`load_adapter`, e.g. ``revision``, ``token``, ``cache_dir``, ``subfolder``) onto
-        ``model`` and activate it. Raises as :meth:`load_adapter`."""
+        ``model`` and activate it. Raises as :meth:`load_adapter`, leaving ``model`` as it was (its parameters'
+        ``requires_grad`` too: the wrapper freezes them)."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
         wrapper = cls(model)
-        wrapper.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **hub)
+        try:
+            wrapper.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **hub)
+        except BaseException:
+            for p in trainable:
+                p.requires_grad_(True)
+            raise
         wrapper.set_adapter(adapter_name)
         return wrapper
 
