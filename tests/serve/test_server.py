@@ -417,3 +417,25 @@ def test_a_whole_response_client_leaving_before_any_text_is_aborted_at_once(serv
         assert wait_for(lambda: submitted[0].aborted, 5.0)
     assert wait_for(lambda: engine.load == (0, 0) and server.state.registry._entries["a"].refs == 0)
     assert len(submitted[0].generated) <= 2  # the prefill and decode of the step the lock held back
+
+
+def test_prompt_ids_past_the_models_embeddings_are_a_400_not_a_failed_batch(served):
+    """Prompt token ids were checked against the tokenizer's length only: a model with fewer embedding rows (a
+    tokenizer with tokens added and the model not resized) took an id past them into the batch's embedding
+    lookup, which failed every row of the step. A chat template that renders nothing is a 400 too."""
+    from lordba.serve.errors import BadRequestError
+
+    model_dir, adapters = served
+    model, tokenizer = load_base(model_dir)
+    rows = len(tokenizer) - 3
+    model.resize_token_embeddings(rows)
+    state = build_state(model, tokenizer, "tiny-llama", adapters, max_batch=2)
+    try:
+        assert state.encode([0, rows - 1]) == [0, rows - 1]
+        with pytest.raises(BadRequestError, match=rf"\[0, {rows}\)"):
+            state.encode([0, rows])
+        tokenizer.chat_template = "{{ '' }}"  # a template that renders nothing: no prompt to continue
+        with pytest.raises(BadRequestError, match="empty prompt"):
+            state.chat_prompt([{"role": "user", "content": "x"}])
+    finally:
+        state.engine.shutdown()

@@ -47,13 +47,21 @@ class ServerState:
             with self.engine.tokenizer_lock:
                 ids = list(self.tokenizer(prompt)["input_ids"])
         else:
-            vocab = len(self.tokenizer)
+            vocab = self._vocabulary()
             if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
                 raise BadRequestError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
             ids = list(prompt)
         if not ids:
             raise BadRequestError("prompt is empty", param="prompt")
         return ids
+
+    def _vocabulary(self) -> int:
+        """The ids a prompt may hold: the tokenizer's, at most the model's input embeddings' rows (an id past
+        them would fail the whole batch's embedding lookup)."""
+        vocab = len(self.tokenizer)
+        embeddings = getattr(self.engine.model, "get_input_embeddings", lambda: None)()
+        rows = getattr(embeddings, "num_embeddings", None)
+        return vocab if not isinstance(rows, int) else min(vocab, rows)
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of the chat ``messages`` through the model's chat template (refused without one)."""
@@ -64,7 +72,10 @@ class ServerState:
                 text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
             except Exception as err:  # the template refuses these messages (e.g. a role it does not know)
                 raise BadRequestError(f"the chat template refuses these messages: {err}", "messages") from None
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise BadRequestError("the chat template gives an empty prompt for these messages", "messages")
+        return ids
 
     def prepare(self, model: str, prompt: Callable[[], list[int]], max_tokens: int | None, **sampling: Any) -> Job:
         """Resolve ``model`` and hold its adapter (loading it on first use), then tokenize (``prompt``)
