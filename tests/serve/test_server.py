@@ -434,8 +434,25 @@ def test_prompt_ids_past_the_models_embeddings_are_a_400_not_a_failed_batch(serv
         assert state.encode([0, rows - 1]) == [0, rows - 1]
         with pytest.raises(BadRequestError, match=rf"\[0, {rows}\)"):
             state.encode([0, rows])
-        tokenizer.chat_template = "{{ '' }}"  # a template that renders nothing: no prompt to continue
+        state.encoder.chat_template = "{{ '' }}"  # a template that renders nothing: no prompt to continue
         with pytest.raises(BadRequestError, match="empty prompt"):
             state.chat_prompt([{"role": "user", "content": "x"}])
+    finally:
+        state.engine.shutdown()
+
+
+def test_tokenizing_a_prompt_does_not_wait_for_the_engines_tokenizer(served):
+    """The HTTP threads tokenized prompts under the engine's tokenizer lock, which its thread holds to detokenize
+    every step: a long prompt being tokenized held up the running batch (and a busy engine the request)."""
+    model_dir, adapters = served
+    model, tokenizer = load_base(model_dir)
+    state = build_state(model, tokenizer, "tiny-llama", adapters, max_batch=2)
+    got = []
+    try:
+        with state.engine.tokenizer_lock:  # the engine detokenizing
+            worker = threading.Thread(target=lambda: got.append(state.encode("12+3?" * 200)))
+            worker.start()
+            worker.join(timeout=10)
+        assert got and got[0] == list(tokenizer("12+3?" * 200)["input_ids"])
     finally:
         state.engine.shutdown()

@@ -4,8 +4,10 @@ and the steps of one request (resolve the adapter, tokenize, check the context, 
 from __future__ import annotations
 
 import asyncio
+import copy
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lordba.nn.layer import BASE_ROW
@@ -38,14 +40,22 @@ class ServerState:
     tokenizer: Any
     base_name: str
     max_context: int
+    # prompts are tokenized by the HTTP threads with a copy of the tokenizer under their own lock: the engine's
+    # thread detokenizes with the original under engine.tokenizer_lock (a fast tokenizer is not thread-safe), so a
+    # long prompt being tokenized never holds up the running batch
+    encoder: Any = field(init=False, repr=False)
+    encoder_lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.encoder = copy.deepcopy(self.tokenizer)
 
     # ------------------------------------------------------------------ preparing
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt string (with the tokenizer's special tokens), or the ids given,
         each checked to be within the vocabulary."""
         if isinstance(prompt, str):
-            with self.engine.tokenizer_lock:
-                ids = list(self.tokenizer(prompt)["input_ids"])
+            with self.encoder_lock:
+                ids = list(self.encoder(prompt)["input_ids"])
         else:
             vocab = self._vocabulary()
             if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
@@ -65,14 +75,14 @@ class ServerState:
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of the chat ``messages`` through the model's chat template (refused without one)."""
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not getattr(self.encoder, "chat_template", None):
             raise BadRequestError(f"model '{self.base_name}' has no chat template: use /v1/completions", "messages")
-        with self.engine.tokenizer_lock:
+        with self.encoder_lock:
             try:
-                text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+                text = self.encoder.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
             except Exception as err:  # the template refuses these messages (e.g. a role it does not know)
                 raise BadRequestError(f"the chat template refuses these messages: {err}", "messages") from None
-            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            ids = list(self.encoder(text, add_special_tokens=False)["input_ids"])
         if not ids:
             raise BadRequestError("the chat template gives an empty prompt for these messages", "messages")
         return ids
