@@ -133,7 +133,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="lordba",
         description="LoRDBA: 1-bit double-binary LoRA adapters (train, convert, inspect, export, benchmark).",
         epilog="Exit codes: 0 ok, 1 internal error, 2 usage error or missing optional dependency, "
-        "3 invalid input file/config, 130 interrupted.",
+        "3 invalid input file/config, 130 interrupted, 141 the output's reader went away.",
     )
     parser.add_argument("--version", action="version", version=f"lordba {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
