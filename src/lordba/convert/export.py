@@ -91,6 +91,8 @@ def export_lora(
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    if peft_config["modules_to_save"] is None:  # (PEFT's default: an adapter without them exports as it always has)
+        del peft_config["modules_to_save"]
     keep = (model_or_dir,) if isinstance(model_or_dir, (str, Path)) else ()
     with atomic_directory(out_dir, overwrite=overwrite, keep=keep) as tmp:
         (tmp / "adapter_model.safetensors").write_bytes(to_bytes(tensors, {"format": "pt"}))
