@@ -213,3 +213,46 @@ def test_linear_branch_refuses_an_input_of_another_width():
         torch.ops.lordba.linear_branch(
             x, torch.randn(24, 40), None, pack_signs(lat_A), pack_signs(lat_B), b, m, a[:5], 1.0, SIGN
         )
+
+
+_RANK_ZERO = """
+import torch
+from lordba import kernels
+from lordba.quant.q4 import Q4Linear
+
+kernels.cpu_available()
+ops, e, m = torch.ops.lordba, torch.zeros(0, dtype=torch.uint8), torch.zeros(0)
+b, a, w = torch.rand(64), torch.randn(32), torch.randn(32, 64)
+q = Q4Linear.from_weight(w, None, 32, optimize=False)
+base = (q.qweight, q.scale, q.minus, 64, 16, 4)
+calls = {
+    "branch": lambda x: ops.branch(x, e, e, b, m, a, 1.0, 16, None),
+    "branch unpack": lambda x: ops.branch(x, e, e, b, m, a, 1.0, -1, torch.zeros(*x.shape[:-1], 32)),
+    "branch_rows": lambda x: ops.branch_rows(
+        x, torch.zeros(len(x), dtype=torch.long), [e], [e], [b], [m], [a], [1.0], [16], torch.zeros(len(x), 32)
+    ),
+    "q4_branch": lambda x: ops.q4_branch(x, *base, False, False, None, e, e, b, m, a, 1.0, -1),
+    "q4_branch bf16": lambda x: ops.q4_branch(x, *base, True, False, None, e, e, b, m, a, 1.0, -1),
+    "linear_branch": lambda x: ops.linear_branch(x, w, None, e, e, b, m, a, 1.0, -1, None, None),
+    "q4_prefill_factors": lambda x: ops.q4_prefill_factors(e, e, b, m, a, 1.0),
+}
+for name, call in calls.items():
+    for tokens in (1, 3, 20):
+        try:
+            call(torch.randn(tokens, 64))
+        except RuntimeError as err:
+            assert "rank" in str(err), (name, tokens, str(err))
+        else:
+            raise AssertionError(f"{name} with {tokens} tokens took an adapter of rank 0")
+print("refused")
+"""
+
+
+def test_an_adapter_of_rank_zero_is_refused_not_a_crash():
+    """A branch of rank 0 (empty ``m`` and signs) was an integer division by zero in the kernels: SIGFPE, the
+    whole process gone, from every op that takes an adapter. Now each raises (run in a child process)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _RANK_ZERO], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "refused" in done.stdout, (done.returncode, done.stderr[-2000:])

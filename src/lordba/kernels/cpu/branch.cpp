@@ -230,6 +230,7 @@ bool scale_dtype_ok(const at::Tensor& t, bool codes) {
 void check_factors(const at::Tensor& sign_A, const at::Tensor& sign_B, const at::Tensor& b, const at::Tensor& m,
                    const at::Tensor& a) {
   const int64_t in = b.numel(), r = m.numel(), out = a.numel();
+  check(r > 0, "an adapter's rank (scale_mid's length) must be at least 1");
   check(sign_A.scalar_type() == at::kByte && sign_B.scalar_type() == at::kByte, "signs must be uint8");
   check(sign_A.numel() == (r * in + 7) / 8 && sign_B.numel() == (out * r + 7) / 8,
         "packed sign sizes do not match the scale vectors");

@@ -107,6 +107,7 @@ at::Tensor branch_rows(const at::Tensor& x, const at::Tensor& index, at::TensorL
     if (group.empty()) continue;
     const int64_t r = m[k].numel();
     check(b[k].numel() == in && a[k].numel() == out, "branch_rows: an adapter's scales do not match x and base");
+    check(m[k].numel() > 0, "an adapter's rank (scale_mid's length) must be at least 1");
     check(sign_A[k].scalar_type() == at::kByte && sign_B[k].scalar_type() == at::kByte, "signs must be uint8");
     check(sign_A[k].numel() == (r * in + 7) / 8 && sign_B[k].numel() == (out * r + 7) / 8,
           "packed sign sizes do not match the scale vectors");

@@ -111,6 +111,7 @@ std::tuple<at::Tensor, at::Tensor> prefill_factors(const c10::optional<at::Tenso
                                                    const at::Tensor& a, double scaling) {
   if (!folded_A.has_value() || !folded_B.has_value()) return q4_prefill_factors(sign_A, sign_B, b, m, a, scaling);
   const int64_t r = m.numel(), in = b.numel(), out = a.numel();
+  TORCH_CHECK(r > 0, "lordba::q4_branch: an adapter's rank (m's length) must be at least 1");
   const at::Tensor &A = *folded_A, &B = *folded_B;
   TORCH_CHECK(A.scalar_type() == at::kBFloat16 && A.dim() == 2 && A.size(0) == r && A.size(1) == in,
               "lordba::q4_branch: folded_A must be bfloat16 [", r, ", ", in, "] (q4_prefill_factors')");
