@@ -1,9 +1,13 @@
 """The lab's cache of quantized bases: a second quantization of the same model folder loads the
 cached layers, equal to the first, for the HQQ and q4 bases."""
 
+import threading
+from pathlib import Path
+
 import pytest
 import torch
 
+from lordba.quant import quantize_model
 from lordba.quant.cache import quantize_model_cached
 
 from conftest import tiny_llama
@@ -25,3 +29,66 @@ def test_cached_base_equals_the_fresh_one(tmp_path, monkeypatch, backend, group,
     if backend == "q4":  # the loaded weights held in one buffer, as quantize_model holds them
         weights = [m.qweight for m in cached.modules() if hasattr(m, "qweight")]
         assert len({w.untyped_storage().data_ptr() for w in weights}) == 1
+
+
+def test_a_cache_that_cannot_be_written_warns_and_keeps_the_quantized_model(tmp_path, monkeypatch, input_ids):
+    """The cache is a shortcut: a folder that cannot be made (a read-only or full disk, a file in the way)
+    was an exception after the whole quantization (``lordba generate`` an internal error). Now a warning,
+    the quantized model returned, no temporary file left behind."""
+    (tmp_path / "afile").write_text("not a folder")
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "afile" / "cache"))
+    folder = tmp_path / "model"
+    tiny_llama(0).save_pretrained(folder)
+    with pytest.warns(UserWarning, match="could not be written"):
+        model = quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=32)
+    fresh = quantize_model(tiny_llama(0), "q4", 4, 32)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_llama(0).save_pretrained(folder)
+
+    def full_disk(state, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("lordba.quant.cache.save_file", full_disk)
+    with pytest.warns(UserWarning, match="could not be written"):
+        quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=32)
+    assert list((tmp_path / "cache" / "quantized").iterdir()) == []
+
+
+def test_two_threads_writing_one_entry_both_succeed(tmp_path, monkeypatch):
+    """Writers in one process shared one temporary name (per process id): the first rename took the other's
+    file, whose own rename then raised FileNotFoundError after its quantization."""
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_llama(0).save_pretrained(folder)
+    import lordba.quant.cache as cache
+
+    both_written = threading.Barrier(2, timeout=60)
+    real_save = cache.save_file
+
+    def save_together(*args, **kwargs):
+        real_save(*args, **kwargs)
+        both_written.wait()
+
+    monkeypatch.setattr(cache, "save_file", save_together)
+    errors = []
+
+    def run():
+        try:
+            quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=32)
+        except Exception as err:  # collected for the assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [p.suffix for p in (tmp_path / "cache" / "quantized").iterdir()] == [".safetensors"]

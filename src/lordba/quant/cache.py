@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -72,11 +74,28 @@ def quantize_model_cached(
                 state[f"{name}::{k}"] = v.detach().cpu().contiguous()
             if hasattr(module, "bits") and backend == "q4":
                 state[f"{name}::bits"] = torch.tensor(module.bits)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    _store(state, path)
     return model
+
+
+def _store(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write the cache entry ``path`` through a temporary file of this call's own (writers in other threads or
+    processes each rename a whole file of their own into place). A write that fails (a read-only or full
+    disk, a file where the folder should be) is a warning: the cache is a shortcut, the model is quantized."""
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        save_file(state, str(tmp))
+        os.replace(tmp, path)
+        tmp = None
+    except (OSError, SafetensorError) as err:
+        warnings.warn(f"quantized-base cache {path} could not be written ({err}); continuing without it", stacklevel=3)
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 _CACHED = {"hqq": "HQQLinear", "q4": "Q4Linear"}  # backend -> the layer class whose state is cached
