@@ -92,3 +92,25 @@ def test_two_threads_writing_one_entry_both_succeed(tmp_path, monkeypatch):
         t.join()
     assert errors == []
     assert [p.suffix for p in (tmp_path / "cache" / "quantized").iterdir()] == [".safetensors"]
+
+
+@pytest.mark.parametrize("backend", ["q4", "hqq"])
+def test_the_cache_is_keyed_by_the_weights_dtype(tmp_path, monkeypatch, input_ids, backend):
+    """A base quantized from the bfloat16 copy of a model was served to its float32 copy (and the other way
+    round): other codes and scales than quantize_model gives that model."""
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_llama(0).save_pretrained(folder)
+    group = 32 if backend == "q4" else 8
+
+    def load(dtype):
+        return LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+    quantize_model_cached(load(torch.bfloat16), folder, backend=backend, bits=4, group_size=group)
+    cached = quantize_model_cached(load(torch.float32), folder, backend=backend, bits=4, group_size=group)
+    fresh = quantize_model(load(torch.float32), backend, 4, group)
+    with torch.no_grad():
+        assert torch.equal(cached(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)
+    assert len(list((tmp_path / "cache" / "quantized").glob("*.safetensors"))) == 2

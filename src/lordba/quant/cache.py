@@ -27,7 +27,10 @@ from lordba._version import __version__
 from lordba.quant.quantize import DEFAULT_BACKEND, quantizable, quantize_model, untie_head
 
 
-def _key(source: Path, backend: str, bits: int, group_size: int) -> str:
+def _key(source: Path, backend: str, bits: int, group_size: int, dtypes: list[str]) -> str:
+    """The cache entry's name: the model folder's weight and config files (name, size, time), the settings,
+    the dtypes of the model's parameters (a bfloat16 copy quantizes to other codes and scales than the float32
+    one), HQQ's and lordba's versions and the file layout."""
     files = sorted(
         (p.name, p.stat().st_size, p.stat().st_mtime_ns)
         for p in source.glob("*")
@@ -39,7 +42,9 @@ def _key(source: Path, backend: str, bits: int, group_size: int) -> str:
         hqq_version = version("hqq")
     except Exception:
         hqq_version = "?"
-    blob = json.dumps([str(source.resolve()), files, backend, bits, group_size, hqq_version, __version__, _LAYOUT])
+    blob = json.dumps(
+        [str(source.resolve()), files, backend, bits, group_size, dtypes, hqq_version, __version__, _LAYOUT]
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -58,7 +63,8 @@ def quantize_model_cached(
     source = Path(source)
     if backend not in _CACHED or not source.is_dir():
         return quantize_model(model, backend, bits, group_size, progress=progress)
-    path = cache_dir() / "quantized" / f"{_key(source, backend, bits, group_size)}.safetensors"
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    path = cache_dir() / "quantized" / f"{_key(source, backend, bits, group_size, dtypes)}.safetensors"
     if path.is_file():
         try:
             _load(model, path, backend, bits, group_size)
