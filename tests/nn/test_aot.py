@@ -94,6 +94,28 @@ def test_a_second_decoder_loads_the_package_and_a_changed_graph_compiles_anew(tm
     assert len(sorted(folder.glob("step-*.pt2"))) == 2 and not list(folder.glob(".partial-*"))
 
 
+@pytest.mark.long
+def test_one_decoder_follows_a_disabled_adapter_and_a_new_scaling(tmp_path):
+    """The same decoder after the adapter state changed (a ``disable_adapter`` block, a new scaling) decodes
+    for the new state, as eager ``generate`` does (the step it exported before would mix the two: an eager
+    prefill of the new state, compiled tokens of the old); an unchanged state reuses its step."""
+    lm = tiny_q4(adapter=True)
+    decode = AotDecode(lm, folder=tmp_path, kv_dtype="float32")
+    assert torch.equal(decode.generate(PROMPT, NEW, eos_token_id=[]), eager(lm)[0])
+    with lm.disable_adapter():
+        want_off = eager(lm)[0]
+        assert torch.equal(decode.generate(PROMPT, NEW, eos_token_id=[]), want_off)
+    exported = decode.export_seconds
+    assert torch.equal(decode.generate(PROMPT, NEW, eos_token_id=[]), eager(lm)[0])  # its step again
+    assert decode.export_seconds == exported and len(list(tmp_path.glob("step-*.pt2"))) == 2
+    for a in lm.adapter_modules("default").values():
+        a.scaling = a.scaling * 2
+    want = eager(lm)[0]
+    assert not torch.equal(want, want_off)
+    assert torch.equal(decode.generate(PROMPT, NEW, eos_token_id=[]), want)
+    assert len(list(tmp_path.glob("step-*.pt2"))) == 3 and len(decode._steps) == 1  # the old state's: dropped
+
+
 def test_bad_calls_are_refused():
     lm = tiny_q4(adapter=True)
     decode = AotDecode(lm, folder=None)

@@ -13,11 +13,13 @@ with the prompt (prefill stays eager: its length changes and PyTorch's GEMM serv
 
 What is compiled is fixed: the model's structure, its active adapter(s) and their settings, the q4
 layers' ``compute`` and the cache length (a power of two, :func:`~lordba.nn.decode.cache_length`).
-The package's name is the sha256 of the exported graph's code and of the names, shapes and dtypes
-of the tensors it reads, so any change that the graph sees compiles a new package and nothing stale
-is reused (the export runs every time: ~10-30 s for SmolLM2; the compile, 40-60 s on 2 cores, only
-for a package not in ``<lordba cache>/aot``). Weight *values* are read live: after replacing a tensor
-object (not its values), call :meth:`AotDecode.refresh`.
+A decoder exports its step again when any of these has changed since (:meth:`AotDecode._state`:
+``set_adapter``, a ``disable_adapter`` block, a new scaling, a hot-swap, ``set_compute``), so a step
+never decodes for another adapter state than the prompt's. The package's name is the sha256 of the
+exported graph's code and of the names, shapes and dtypes of the tensors it reads, so any change that
+the graph sees compiles a new package and nothing stale is reused (the export runs every time: ~10-30 s
+for SmolLM2; the compile, 40-60 s on 2 cores, only for a package not in ``<lordba cache>/aot``). Weight
+*values* are read live: after replacing a tensor object (not its values), call :meth:`AotDecode.refresh`.
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ from torch import nn
 from lordba import kernels
 from lordba.errors import ConfigError
 from lordba.nn.adapter import PackedAdapter, hold_together
+from lordba.nn.adapter_base import _EPOCH
 from lordba.nn.aot_group import group_siblings
 from lordba.nn.attention import reduced_cache, use_packed_gqa
 from lordba.nn.decode import _hf_model, cache_length
+from lordba.nn.layer import LoRDBALinear
+from lordba.nn.routing import current_routing
 
 AOT_DIR = "aot"
 
@@ -206,7 +211,7 @@ class AotDecode:
         hold_together([m for m in self.inner.modules() if isinstance(m, PackedAdapter)], huge_page=True)
         self.folder = Path(folder) if folder is not None else _package_dir()
         self.log = log or (lambda line: None)
-        self._steps: dict[int, _Step] = {}
+        self._steps: dict[tuple[int, tuple], _Step] = {}  # by cache length and adapter state (:meth:`_state`)
         self.step_for: _Step | None = None
         self.position = 0
         self.compile_seconds = 0.0
@@ -249,14 +254,31 @@ class AotDecode:
             length = -(-int(tokens) // self.round_to) * self.round_to
         if length < tokens:
             raise ConfigError(f"{tokens} positions do not fit the model's {length}")
-        step = self._steps.get(length)
+        state = self._state()
+        for key in [k for k in self._steps if k[1][1:] != state[1:]]:  # made before a change: never used again
+            del self._steps[key]
+        step = self._steps.get((length, state))
         if step is None:
-            step = self._steps[length] = _Step(self.inner, length, self.folder, self.log, self.kv_dtype)
+            step = self._steps[length, state] = _Step(self.inner, length, self.folder, self.log, self.kv_dtype)
             self.compile_seconds += step.compile_seconds
             self.export_seconds += step.export_seconds
         step.cache.reset()
         self.step_for, self.position = step, 0
         return step
+
+    def _state(self) -> tuple:
+        """What an exported step bakes in besides the tensors it reads: the routing this thread's calls
+        apply now (a ``disable_adapter`` block), the adapters' epoch (:func:`lordba.nn.adapter_base.touch`:
+        any change to an adapter or to a layer's attributes, e.g. ``set_adapter``, a scaling, a hot-swap),
+        the kernel mode and the q4 layers' ``compute``. Eager prefill follows them too."""
+        routing, computes = None, []
+        for module in self.inner.modules():
+            if routing is None and isinstance(module, LoRDBALinear):
+                routing = (current_routing(module.gate),)
+            compute = getattr(module, "_compute", None)
+            if isinstance(compute, str):
+                computes.append(compute)
+        return routing, _EPOCH[0], kernels.get_mode(), tuple(computes)
 
     def refresh(self) -> None:
         """Point every compiled step at the model's current tensors (after a tensor was replaced)."""
