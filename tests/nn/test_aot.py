@@ -11,9 +11,9 @@ import torch
 from lordba._util.arena import HUGE_PAGE
 from lordba.errors import ConfigError
 from lordba.kernels import cpu_available
-from lordba.nn import aot as aot_module
 from lordba.nn.adapter import PackedAdapter
 from lordba.nn.aot import AotDecode
+from lordba.nn.decode import token_processors
 
 from conftest import tiny_q4
 
@@ -116,6 +116,39 @@ def test_one_decoder_follows_a_disabled_adapter_and_a_new_scaling(tmp_path):
     assert len(list(tmp_path.glob("step-*.pt2"))) == 3 and len(decode._steps) == 1  # the old state's: dropped
 
 
+def test_sampling_with_a_seed_gives_the_eager_tokens_under_the_models_generation_config(tmp_path):
+    """Sampled with the same seed, the compiled step gives eager ``generate``'s tokens: the same processors
+    (transformers' default top-k of 50 where none is set, the model's generation config's top-k and
+    repetition penalty, then the caller's temperature / top-p) and the same draws; greedy decoding applies
+    the repetition penalty too."""
+    lm = tiny_q4(adapter=True)
+    config = lm.get_base_model().generation_config
+    config.eos_token_id = None  # (no stop, no suppressed token: every sampled token counts)
+    decode = AotDecode(lm, folder=tmp_path, kv_dtype="float32")
+    n = 12
+
+    def both(**kw):
+        got, want = [], []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                want.append(lm.generate(input_ids=PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=n,
+                                        pad_token_id=0, **kw))  # fmt: skip
+            torch.manual_seed(seed)
+            got.append(decode.generate(PROMPT, n, **kw))
+        return torch.cat(got), torch.cat(want)
+
+    got, want = both(do_sample=True, temperature=1.0)
+    assert torch.equal(got, want)
+    got, want = both(do_sample=True, temperature=0.7, top_p=0.9)
+    assert torch.equal(got, want)
+    config.top_k, config.repetition_penalty = 5, 1.3
+    greedy = both(do_sample=False)
+    assert torch.equal(*greedy) and torch.equal(*both(do_sample=True, temperature=1.5))
+    config.repetition_penalty = None
+    assert not torch.equal(greedy[1], both(do_sample=False)[1])  # the penalty changed the greedy tokens
+
+
 def test_bad_calls_are_refused():
     lm = tiny_q4(adapter=True)
     decode = AotDecode(lm, folder=None)
@@ -127,9 +160,11 @@ def test_bad_calls_are_refused():
         AotDecode(lm, round_to=0)
     with pytest.raises(ConfigError, match="KV cache dtype"):
         AotDecode(lm, kv_dtype="int8")
-    assert aot_module._choose(torch.tensor([0.0, 5.0, 1.0]), False, 1.0, 1.0) == 1
-    torch.manual_seed(0)
-    assert {aot_module._choose(torch.tensor([0.0, 5.0, 4.9]), True, 1.0, 0.5) for _ in range(20)} == {1}
+    inner = lm.get_base_model()
+    assert token_processors(inner, True, 0.0, 1.0, None) == (False, [])  # temperature 0: greedy
+    sample, warpers = token_processors(inner, True, 1.0, 0.5, None)
+    scores = warpers(PROMPT, torch.tensor([[0.0, 5.0, 4.9]]))
+    assert sample and torch.isinf(scores[0, [0, 2]]).all() and scores[0, 1] == 5.0  # top-p 0.5: one token left
 
 
 @pytest.mark.long

@@ -42,7 +42,7 @@ from lordba.nn.adapter import PackedAdapter, hold_together
 from lordba.nn.adapter_base import _EPOCH
 from lordba.nn.aot_group import group_siblings
 from lordba.nn.attention import reduced_cache, use_packed_gqa
-from lordba.nn.decode import _hf_model, cache_length
+from lordba.nn.decode import _hf_model, cache_length, token_processors
 from lordba.nn.layer import LoRDBALinear
 from lordba.nn.routing import current_routing
 
@@ -322,15 +322,18 @@ class AotDecode:
         input_ids: torch.Tensor,
         max_new_tokens: int,
         streamer: Any = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
         eos_token_id: int | list[int] | None = None,
+        top_k: int | None = None,
         **_: Any,
     ) -> torch.Tensor:
-        """``transformers``' ``generate`` for a batch of one (greedy, or temperature / top-p sampling
-        from torch's global generator); returns prompt + new tokens ``[1, n]``. ``streamer`` gets the
-        prompt then each token (``put``/``end``), as transformers' streamers expect.
+        """``transformers``' ``generate`` for a batch of one (greedy, or sampling from torch's global
+        generator), choosing tokens as it does (:func:`~lordba.nn.decode.token_processors`: a setting not given
+        is the model's generation config's, else transformers' default, e.g. top-k 50), so a seed gives its
+        tokens; returns prompt + new tokens ``[1, n]``. ``streamer`` gets the prompt then each token
+        (``put``/``end``), as transformers' streamers expect.
 
         Raises:
             ConfigError: a batch of more than one.
@@ -338,13 +341,17 @@ class AotDecode:
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ConfigError(f"AotDecode generates for one sequence, got input_ids of shape {tuple(input_ids.shape)}")
         eos = _eos_ids(self.inner, eos_token_id)
+        sample, processors = token_processors(self.inner, do_sample, temperature, top_p, top_k)
         self._prepare_step(int(input_ids.shape[-1]) + int(max_new_tokens))
         if streamer is not None:
             streamer.put(input_ids)
-        tokens = []
+        tokens: list[int] = []
         logits = self.prefill(input_ids)
         for i in range(int(max_new_tokens)):
-            token = _choose(logits, do_sample, temperature, top_p)
+            scores = logits.float()[None]
+            if processors:  # (the repetition penalty reads the tokens so far)
+                scores = processors(torch.cat([input_ids, torch.tensor([tokens], dtype=input_ids.dtype)], 1), scores)
+            token = int(torch.multinomial(torch.softmax(scores, -1), 1)) if sample else int(scores.argmax())
             tokens.append(token)
             if streamer is not None:
                 streamer.put(torch.tensor([token]))
@@ -361,15 +368,3 @@ def _eos_ids(model: nn.Module, given: int | list[int] | None) -> set[int]:
     if ids is None:
         return set()
     return {int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])}
-
-
-def _choose(logits: torch.Tensor, sample: bool, temperature: float, top_p: float) -> int:
-    """Greedy, or a sample at ``temperature`` from the smallest set of tokens holding ``top_p`` of the mass."""
-    if not sample or temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1))

@@ -157,3 +157,34 @@ def _device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def token_processors(
+    model: nn.Module, do_sample: bool | None, temperature: float | None, top_p: float | None, top_k: int | None
+) -> tuple[bool, Any]:
+    """Whether to sample, and the logits processors ``generate`` applies for these settings (each one given,
+    else the model's generation config's, else transformers' default): the repetition penalty, then when
+    sampling temperature, top-k, top-p and min-p, in transformers' order (a decoder that chooses tokens itself,
+    :class:`~lordba.nn.aot.AotDecode`, then gives ``generate``'s tokens for a seed). A temperature of 0 is
+    greedy."""
+    import transformers as tf
+
+    config = getattr(model, "generation_config", None)
+
+    def pick(name: str, given: Any, default: Any) -> Any:
+        value = given if given is not None else getattr(config, name, None)
+        return default if value is None else value
+
+    out = tf.LogitsProcessorList()
+    penalty = pick("repetition_penalty", None, 1.0)
+    if penalty != 1.0:
+        out.append(tf.RepetitionPenaltyLogitsProcessor(penalty))
+    temperature = pick("temperature", temperature, 1.0)
+    sample = bool(pick("do_sample", do_sample, False)) and temperature > 0
+    if sample:
+        top_k, top_p, min_p = pick("top_k", top_k, 50), pick("top_p", top_p, 1.0), pick("min_p", None, None)
+        warpers = ((temperature != 1.0, tf.TemperatureLogitsWarper, temperature),
+                   (top_k != 0, tf.TopKLogitsWarper, top_k), (top_p < 1.0, tf.TopPLogitsWarper, top_p),
+                   (min_p is not None, tf.MinPLogitsWarper, min_p))  # fmt: skip
+        out.extend(warper(value) for use, warper, value in warpers if use)
+    return sample, out
