@@ -149,6 +149,29 @@ def test_sampling_with_a_seed_gives_the_eager_tokens_under_the_models_generation
     assert not torch.equal(greedy[1], both(do_sample=False)[1])  # the penalty changed the greedy tokens
 
 
+@pytest.mark.long
+def test_a_damaged_package_is_compiled_again_never_loaded(tmp_path):
+    """A package in the cache with a flipped byte in its compiled code (which AOTInductor's loader does not
+    check) or cut short is not loaded: it is compiled again, and the step gives the eager tokens."""
+    import zipfile
+
+    lm = tiny_q4(adapter=True)
+    want = eager(lm)[0]
+    first = AotDecode(lm, folder=tmp_path, kv_dtype="float32")
+    assert torch.equal(first.generate(PROMPT, NEW, eos_token_id=[]), want)
+    path = first.step_for.path
+    good = path.read_bytes()
+    code = next(i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith(".so"))
+    start = code.header_offset + 30 + len(code.filename.encode()) + len(code.extra)  # the entry's bytes (stored)
+    for damaged in (good[: start + code.file_size // 2] + bytes([good[start + code.file_size // 2] ^ 0xFF])
+                    + good[start + code.file_size // 2 + 1 :], good[: len(good) // 2]):  # fmt: skip
+        path.write_bytes(damaged)
+        lines = []
+        decode = AotDecode(lm, folder=tmp_path, kv_dtype="float32", log=lines.append)
+        assert torch.equal(decode.generate(PROMPT, NEW, eos_token_id=[]), want) and decode.compiled
+        assert decode.compile_seconds > 0 and "damaged" in lines[0] and path.read_bytes() != damaged
+
+
 def test_bad_calls_are_refused():
     lm = tiny_q4(adapter=True)
     decode = AotDecode(lm, folder=None)

@@ -29,6 +29,7 @@ import hashlib
 import os
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -143,13 +144,17 @@ def _key(program: Any, tensors: dict[str, torch.Tensor], shims: dict) -> str:
 def _compiled(
     program: Any, tensors: dict[str, torch.Tensor], folder: Path, log: Callable[[str], None]
 ) -> tuple[Path, float]:
-    """The package of ``program`` in ``folder`` (compiled now if absent; written whole or not at all)."""
+    """The package of ``program`` in ``folder`` (compiled now if absent or damaged: :func:`_intact`; written
+    whole or not at all)."""
     from lordba.kernels.cpu.aoti import c_shims
 
     shims = c_shims()
     path = folder / f"step-{_key(program, tensors, shims)}.pt2"
     if path.is_file():
-        return path, 0.0
+        if _intact(path):
+            return path, 0.0
+        log(f"the compiled decode step {path} is damaged (a zip entry's CRC or its end): compiling it again")
+        path.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     log(f"compiling the decode step ahead of time (once per model, adapter and cache length): {path.name}")
     start = time.perf_counter()
@@ -165,6 +170,16 @@ def _compiled(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path, time.perf_counter() - start
+
+
+def _intact(path: Path) -> bool:
+    """Whether every entry of the package at ``path`` reads back with its CRC (AOTInductor's loader checks
+    none: a flipped byte of the compiled code would be run)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except Exception:  # not a zip, cut short, an entry that does not decompress: damaged
+        return False
 
 
 class AotDecode:
