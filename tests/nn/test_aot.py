@@ -179,6 +179,10 @@ def test_bad_calls_are_refused():
         decode.step(3)
     with pytest.raises(ConfigError, match="one sequence"):
         decode.generate(PROMPT.expand(2, -1), 3)
+    padded = torch.ones_like(PROMPT)
+    padded[0, :2] = 0  # left padding: eager generate masks those positions, the compiled step cannot
+    with pytest.raises(ConfigError, match="attention_mask"):
+        decode.generate(PROMPT, 3, attention_mask=padded)
     with pytest.raises(ConfigError, match="round_to"):
         AotDecode(lm, round_to=0)
     with pytest.raises(ConfigError, match="KV cache dtype"):

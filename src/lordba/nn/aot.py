@@ -342,6 +342,7 @@ class AotDecode:
         top_p: float | None = None,
         eos_token_id: int | list[int] | None = None,
         top_k: int | None = None,
+        attention_mask: torch.Tensor | None = None,
         **_: Any,
     ) -> torch.Tensor:
         """``transformers``' ``generate`` for a batch of one (greedy, or sampling from torch's global
@@ -351,10 +352,12 @@ class AotDecode:
         (``put``/``end``), as transformers' streamers expect.
 
         Raises:
-            ConfigError: a batch of more than one.
+            ConfigError: a batch of more than one, or an ``attention_mask`` that masks a position (padding).
         """
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ConfigError(f"AotDecode generates for one sequence, got input_ids of shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ConfigError("AotDecode decodes every position: an attention_mask with zeros (padding) is refused")
         eos = _eos_ids(self.inner, eos_token_id)
         sample, processors = token_processors(self.inner, do_sample, temperature, top_p, top_k)
         self._prepare_step(int(input_ids.shape[-1]) + int(max_new_tokens))
