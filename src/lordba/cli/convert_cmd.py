@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--scale-dtype",
         choices=SCALE_DTYPES,
         default="int8",
-        help="storage of the scales (default int8: float16's held-out loss at 3/4 of its bytes; int4: 1.25 bits "
+        help="storage of the scales (default int8: float16's held-out loss at 3/4 of its bytes; int4: about 1.27 bits "
         "per LoRA parameter at r=16, docs/format.md)",
     )
     p.add_argument(

@@ -16,8 +16,8 @@ Formats (``scale_dtype``):
   negatives (``round(127 k / 7)``: a 4-bit grid on the int8 one), so that each code fits in 4 bits.
   In memory the codes are int8 codes like ``int8``'s (the kernels read them as they are); a file
   (format version 3) stores the 4-bit index ``±k`` of each code, two per byte
-  (:func:`pack_nibbles`). At r = 16 it gives ≈1.25 bits per LoRA parameter, at r = 8 ≈1.5
-  (≈0.75 on the basis of an r = 16 LoRA).
+  (:func:`pack_nibbles`). At r = 16 it gives ≈1.27 bits per LoRA parameter, at r = 8 ≈1.5
+  (≈0.76 on the basis of an r = 16 LoRA).
 """
 
 from __future__ import annotations
