@@ -93,6 +93,30 @@ class HQQBackend(BaseBackend):
         }
 
 
+# HQQ packs the code rows of this many groups into one row (``hqq.core.bitpack``, no padding): a weight whose
+# group count is not a multiple fails there (4 bits: a bare RuntimeError) or, at 1 bit, quantizes into a layer
+# that fails on its first forward. 3 bits pads; 8 bits does not pack.
+_GROUPS_PER_PACK = {1: 8, 2: 4, 4: 2}
+
+
+def hqq_shape_problem(shape: tuple[int, ...], bits: int, group_size: int) -> str | None:
+    """Why HQQ cannot quantize a weight of ``shape`` with ``bits`` and ``group_size``, or ``None`` if it can:
+    its size must be a multiple of ``group_size`` and, at 1, 2 and 4 bits, its group count a multiple of
+    the groups HQQ packs together."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if n % group_size:
+        return f"its {n} weights are not a multiple of group_size={group_size}"
+    per_pack = _GROUPS_PER_PACK.get(bits, 1)
+    if (n // group_size) % per_pack:
+        return (
+            f"its {n // group_size} groups of {group_size} are not a multiple of the {per_pack} that HQQ packs "
+            f"together at {bits} bits"
+        )
+    return None
+
+
 def quantize_linear_hqq(linear: nn.Linear, bits: int, group_size: int, compute_dtype: torch.dtype) -> nn.Module:
     """An ``HQQLinear`` replacing ``linear`` (its float weight is released)."""
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear

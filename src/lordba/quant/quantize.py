@@ -40,8 +40,8 @@ def quantize_model(
     of 32; the fast decode kernels of :mod:`lordba.kernels.q4`).
     ``backend="bnb"``: bitsandbytes NF4 (``bits`` must be 4; block size 64).
     ``backend="none"``: leave the base unquantized.
-    Every parameter of ``model`` is frozen. Raises :class:`ConfigError` for an unknown backend or
-    unsupported ``bits``.
+    Every parameter of ``model`` is frozen. Raises :class:`ConfigError` for an unknown backend,
+    unsupported ``bits``, or (``hqq``) a layer whose shape HQQ cannot pack, naming it, before any layer is replaced.
     """
     if backend not in QUANT_BACKENDS:
         raise ConfigError(f"quantization backend must be one of {QUANT_BACKENDS}, got {backend!r}")
@@ -61,6 +61,16 @@ def quantize_model(
     if backend == "none":
         return model
     targets = quantizable(model, skip)
+    if backend == "hqq":  # every layer checked before any is replaced: a refusal leaves the model as it was
+        from lordba.quant.hqq import hqq_shape_problem
+
+        for name, linear in targets:
+            problem = hqq_shape_problem(tuple(linear.weight.shape), bits, group_size)
+            if problem:
+                raise ConfigError(
+                    f"{name}: the hqq backend cannot quantize its {list(linear.weight.shape)} weight with bits={bits}, "
+                    f"group_size={group_size}: {problem} (use another group_size, or backend 'q4')"
+                )
     for name, linear in tqdm(targets, desc=f"quantizing ({backend}, {bits}-bit)", disable=not progress):
         compute_dtype = linear.weight.dtype if linear.weight.is_floating_point() else torch.float32
         if backend == "hqq":
