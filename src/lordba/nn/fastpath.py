@@ -101,23 +101,28 @@ def decode_call(layer: nn.Module, routing: object, x: torch.Tensor) -> Callable[
     call, hook_dicts, native = entry
     if any(hook_dicts):
         return None
-    token = ARMED.token
-    fast = _layer_call((token, _EPOCH, epoch, x.dtype, hook_dicts), call, native) if token is not None else None
-    layer.__dict__["_fast"] = fast if token is not None and token[0] is routing else None  # (no touch())
+    token, state = ARMED.token, layer.__dict__  # (set in the layer's __dict__: its __setattr__ would touch())
+    if token is None or token[0] is not routing:
+        state["_fast"] = state["_fast_for"] = None
+        return call
+    made = state.get("_fast_for")  # a prompt the kept call declines comes here: the same one is kept for it
+    if made is None or made[0] is not token or made[1] is not x.dtype or made[2] != epoch or made[3] is not entry:
+        state["_fast"] = _layer_call((token, _EPOCH, epoch, x.dtype, hook_dicts), call, native)
+        state["_fast_for"] = (token, x.dtype, epoch, entry)
     return call
 
 
 def _layer_call(checks: tuple, call: Callable, native: tuple | None) -> Callable:
     """The kept call as the layer takes it again within armed model calls: ``f(x, token)``, ``call(x)`` where
-    ``checks`` (the model call's token, the epoch list and value, the input's dtype, the hook dicts) still hold
-    and ``x`` is a one-token-sized input (else ``None``). A bound call of the base's fused op where the backend
-    has one (:meth:`~lordba.quant.BaseBackend.bound_branch`, ``native``: ``(backend, base layer, tensors,
-    scaling, limit)``), else ``call`` behind the same checks, in C++ where the bound calls load, else in
-    Python."""
+    ``checks`` (the model call's token, the epoch list and value, the input's dtype, the hook dicts) still hold,
+    else ``None``. A bound call of the base's fused op where the backend has one
+    (:meth:`~lordba.quant.BaseBackend.bound_branch`, ``native``: ``(backend, base layer, tensors, scaling,
+    limit)``; prompts that take kept factors through ``call``), else ``call`` behind the same checks, in C++
+    where the bound calls load, else in Python."""
     module = kernels.bound_calls()
     if module is None:
         return _CheckedCall(checks, call)
-    bound = None if native is None else native[0].bound_branch(*native[1:], checks)
+    bound = None if native is None else native[0].bound_branch(*native[1:], checks, call)
     return bound if bound is not None else module.LayerCall.python(*checks, call)
 
 

@@ -47,6 +47,7 @@ class LoRDBALinear(nn.Module):
         self._direct: list = []  # the one active adapter's kernel arguments (direct_branch)
         self._decode: list = []  # the whole forward as one kept call (decode_call)
         self._fast: object | None = None  # that call, taken again within an armed model call (fastpath.armed)
+        self._fast_for: tuple | None = None  # what _fast was made for (decode_call keeps it while that holds)
 
     def __setattr__(self, name: str, value: object) -> None:
         touch()  # active or disabled adapters, a base layer replaced (merge): kept calls are rebuilt
@@ -57,7 +58,7 @@ class LoRDBALinear(nn.Module):
         original's tensors and base layer (a closure in ``_decode`` / ``_fast``) under keys a copy would
         still match, so a copy would compute with the original's tensors. A copy builds its own."""
         state = super().__getstate__()
-        state.update(_prepared={}, _direct=[], _decode=[], _fast=None)
+        state.update(_prepared={}, _direct=[], _decode=[], _fast=None, _fast_for=None)
         return state
 
     def get_base_layer(self) -> nn.Module:
@@ -98,7 +99,7 @@ class LoRDBALinear(nn.Module):
             self._prepared.clear()  # frees the removed adapter's tensors now
             self._direct.clear()
             self._decode.clear()
-            self.__dict__["_fast"] = None
+            self.__dict__["_fast"] = self.__dict__["_fast_for"] = None
             touch()
         self.active_adapters = [n for n in self.active_adapters if n != name]
 

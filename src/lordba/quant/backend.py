@@ -69,11 +69,13 @@ class BaseBackend:
         where this backend has no such op for ``x``. Decode keeps it between tokens."""
         return None
 
-    def bound_branch(self, module: nn.Module, tensors: tuple, scaling: float, limit: int, checks: tuple) -> Any:
-        """:meth:`fused_branch`'s call for one-token-sized inputs as a bound call (:mod:`lordba.kernels.cpu.bound`'s
-        ``LayerCall``, made with ``checks``: the model call's token, the epoch list, the input's dtype and the hook
-        dicts), the same op call with the same arguments, declining (``None``) whatever ``fused_branch``'s call
-        would compute otherwise; ``None`` (the default) where this backend has none."""
+    def bound_branch(
+        self, module: nn.Module, tensors: tuple, scaling: float, limit: int, checks: tuple, call: Callable
+    ) -> Any:
+        """:meth:`fused_branch`'s ``call`` as a bound call (:mod:`lordba.kernels.cpu.bound`'s ``LayerCall``, made with
+        ``checks``: the model call's token, the epoch list and value, the input's dtype and the hook dicts): the same
+        op call with the same arguments, passing to ``call`` the prompts it computes otherwise (kept factors);
+        ``None`` (the default) where this backend has none."""
         return None
 
 
@@ -125,13 +127,15 @@ class PlainLinear(BaseBackend):
 
         return call
 
-    def bound_branch(self, module: nn.Module, tensors: tuple, scaling: float, limit: int, checks: tuple) -> Any:
-        """``lordba::linear_branch`` bound, for inputs below the tile unit's prompts (those take no tiles)."""
+    def bound_branch(
+        self, module: nn.Module, tensors: tuple, scaling: float, limit: int, checks: tuple, call: Callable
+    ) -> Any:
+        """``lordba::linear_branch`` bound; a prompt that may take the tile unit's factors goes to ``call``."""
         weight, bound = module._parameters.get("weight"), bound_calls()
         if bound is None or type(module) is not nn.Linear or weight is None or weight.dtype != checks[2]:
             return None
         below = min(max(limit + 1, TILE_MIN_TOKENS) * int(tensors[2].numel()), 1 << 62)  # elements of x
-        return bound.LayerCall.linear(*checks, module._parameters, tensors, scaling, limit, below)
+        return bound.LayerCall.linear(*checks, module._parameters, tensors, scaling, limit, below, call)
 
 
 def linear_branch_op() -> object | None:

@@ -302,13 +302,15 @@ class Q4Backend(BaseBackend):
             return None
         return module.forward_with_branch(tensors, scaling, limit)
 
-    def bound_branch(self, module: nn.Module, tensors: tuple, scaling: float, limit: int, checks: tuple) -> Any:
-        """``lordba::q4_branch`` bound, for inputs below the prompts that take kept prefill factors."""
+    def bound_branch(
+        self, module: nn.Module, tensors: tuple, scaling: float, limit: int, checks: tuple, call: Callable
+    ) -> Any:
+        """``lordba::q4_branch`` bound; a prompt that takes kept prefill factors goes to ``call``."""
         bound = bound_calls() if module.qweight.is_cpu else None
         if bound is None:
             return None
         below = min(max(GEMM_MIN_TOKENS, limit + 1) * module.in_features, 1 << 62)  # forward_with_branch's
         return bound.LayerCall.q4(
             *checks, module._buffers, module._parameters, module.__dict__, module.in_features, GEMM_MIN_TOKENS,
-            module.bits, tensors, scaling, limit, below,
+            module.bits, tensors, scaling, limit, below, call,
         )  # fmt: skip

@@ -80,6 +80,7 @@ class Q4Call {
          const py::tuple& flags)
       : held_{held(buffers, "qweight"), held(buffers, "scale"), held(buffers, "minus"), held(params, "bias")},
         flags_(flags),
+        max_numel_(gemm_min * in),
         in_(in),
         gemm_min_(gemm_min),
         bits_(bits),
@@ -95,7 +96,7 @@ class Q4Call {
   // `flags`: the layer's compute flags now (the call declines if they are not those it was bound with).
   py::object call(const py::handle& x, const py::handle& flags) const {
     const at::Tensor* t = flags.ptr() == flags_.ptr() ? plain_input(x) : nullptr;
-    if (t == nullptr) return py::none();
+    if (t == nullptr || t->numel() >= max_numel_) return py::none();  // a prompt (the GEMM): the Python call
     for (const auto& h : held_)
       if (!h.same()) return py::none();
     at::Tensor y;
@@ -110,6 +111,7 @@ class Q4Call {
  private:
   std::vector<Held> held_;
   py::object flags_;
+  int64_t max_numel_;
   at::Tensor qweight_, scale_, minus_;
   Opt bias_;
   int64_t in_, gemm_min_, bits_;
@@ -118,7 +120,7 @@ class Q4Call {
 };
 
 // An adapted layer's kept call (lordba.nn.fastpath): the base layer and one adapter's branch in one op
-// (q4_branch, linear_branch) or a Python callable, taken while the model call's token, the adapters' epoch, the
+// (q4_branch, linear_branch; a prompt through the Python call, `python_`) or the Python call, taken while the model call's token, the adapters' epoch, the
 // input's dtype, grad mode, the hooks and the base layer's tensors are those it was made for.
 class LayerCall {
  public:
@@ -141,7 +143,7 @@ class LayerCall {
                       const py::list& hooks,
                       const py::dict& buffers, const py::dict& params, const py::dict& attrs, int64_t in,
                       int64_t gemm_min, int64_t bits, const py::tuple& adapter, double scaling, int64_t limit,
-                      int64_t max_numel) {
+                      int64_t max_numel, py::object fallback) {
     py::list entries;
     for (const char* key : {"qweight", "scale", "minus"}) entries.append(py::make_tuple(buffers, key));
     entries.append(py::make_tuple(params, "bias"));
@@ -157,13 +159,14 @@ class LayerCall {
     call.bits_ = bits;
     call.set_adapter(adapter, scaling, limit);
     call.q4_op_ = op_handle<Q4BranchFn>("lordba::q4_branch");
+    call.python_ = std::move(fallback);
     return call;
   }
 
   static LayerCall linear(const py::object& token, const py::list& epoch_list, int64_t epoch, py::object dtype,
                       const py::list& hooks,
                           const py::dict& params, const py::tuple& adapter, double scaling, int64_t limit,
-                          int64_t max_numel) {
+                          int64_t max_numel, py::object fallback) {
     py::list entries;
     entries.append(py::make_tuple(params, "weight"));
     entries.append(py::make_tuple(params, "bias"));
@@ -172,6 +175,7 @@ class LayerCall {
     call.bias_ = optional_of(call.held_[1].value);
     call.set_adapter(adapter, scaling, limit);
     call.linear_op_ = op_handle<LinearBranchFn>("lordba::linear_branch");
+    call.python_ = std::move(fallback);
     return call;
   }
 
@@ -200,10 +204,10 @@ class LayerCall {
       return python_(x);
     }
     const at::Tensor* t = plain_input(x);
-    // (a prompt from max_numel elements on: q4's bfloat16 GEMM takes kept prefill factors, linear_branch the tile
-    // unit's, which the Python call makes and keeps)
     if (t == nullptr || t->scalar_type() != dtype_) return py::none();
-    if (t->numel() >= max_numel_ && (kind_ == Kind::linear || bf16_)) return py::none();
+    // a prompt from max_numel elements on: q4's bfloat16 GEMM takes kept prefill factors, linear_branch the tile
+    // unit's, which the Python call makes and keeps (everything else checked: that call is the layer's call)
+    if (t->numel() >= max_numel_ && (kind_ == Kind::linear || bf16_)) return python_(x);
     at::Tensor y;
     {
       py::gil_scoped_release released;
