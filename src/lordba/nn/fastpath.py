@@ -123,7 +123,7 @@ def _layer_call(checks: tuple, call: Callable, native: tuple | None) -> Callable
     if module is None:
         return _CheckedCall(checks, call)
     bound = None if native is None else native[0].bound_branch(*native[1:], checks, call)
-    return bound if bound is not None else module.LayerCall.python(*checks, call)
+    return bound if bound is not None else module.LayerCall.python(checks, call)
 
 
 class _CheckedCall:

@@ -135,7 +135,7 @@ class PlainLinear(BaseBackend):
         if bound is None or type(module) is not nn.Linear or weight is None or weight.dtype != checks[2]:
             return None
         below = min(max(limit + 1, TILE_MIN_TOKENS) * int(tensors[2].numel()), 1 << 62)  # elements of x
-        return bound.LayerCall.linear(*checks, module._parameters, tensors, scaling, limit, below, call)
+        return bound.LayerCall.linear(checks, module._parameters, tensors, scaling, limit, below, call)
 
 
 def linear_branch_op() -> object | None:

@@ -311,6 +311,6 @@ class Q4Backend(BaseBackend):
             return None
         below = min(max(GEMM_MIN_TOKENS, limit + 1) * module.in_features, 1 << 62)  # forward_with_branch's
         return bound.LayerCall.q4(
-            *checks, module._buffers, module._parameters, module.__dict__, module.in_features, GEMM_MIN_TOKENS,
+            checks, module._buffers, module._parameters, module.__dict__, module.in_features, GEMM_MIN_TOKENS,
             module.bits, tensors, scaling, limit, below, call,
         )  # fmt: skip

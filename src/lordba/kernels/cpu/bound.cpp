@@ -126,29 +126,33 @@ class LayerCall {
  public:
   enum class Kind { q4, linear, python };
 
-  LayerCall(Kind kind, const py::object& token, const py::list& epoch_list, int64_t epoch, py::object dtype,
-            const py::list& hooks, const py::list& held_entries, int64_t max_numel)
-      : kind_(kind), token_(token), epoch_list_(epoch_list), epoch_(epoch), max_numel_(max_numel) {
-    TORCH_CHECK(epoch_list.size() == 1, "lordba bound call: the epoch list has one item");
-    TORCH_CHECK(THPDtype_Check(dtype.ptr()), "lordba bound call: dtype must be a torch.dtype");
-    dtype_ = reinterpret_cast<THPDtype*>(dtype.ptr())->scalar_type;
-    for (auto h : hooks) hooks_.push_back(py::reinterpret_borrow<py::dict>(h));
+  // `checks`: (token, epoch list, epoch, dtype, hook dicts), as lordba.nn.fastpath._layer_call gives them; `held`:
+  // (dict, key) pairs looked up again on every call; `fallback`: the layer's Python call.
+  LayerCall(Kind kind, const py::tuple& checks, const py::list& held_entries, int64_t max_numel, py::object fallback)
+      : kind_(kind),
+        token_(checks[0]),
+        epoch_list_(checks[1].cast<py::list>()),
+        epoch_(checks[2].cast<int64_t>()),
+        max_numel_(max_numel),
+        python_(std::move(fallback)) {
+    TORCH_CHECK(checks.size() == 5 && epoch_list_.size() == 1, "lordba bound call: bad checks");
+    TORCH_CHECK(THPDtype_Check(checks[3].ptr()), "lordba bound call: dtype must be a torch.dtype");
+    dtype_ = reinterpret_cast<THPDtype*>(checks[3].ptr())->scalar_type;
+    for (auto h : checks[4]) hooks_.push_back(py::reinterpret_borrow<py::dict>(h));
     for (auto entry : held_entries) {
       auto pair = entry.cast<py::tuple>();
       held_.push_back(held(pair[0].cast<py::dict>(), pair[1].cast<std::string>().c_str()));
     }
   }
 
-  static LayerCall q4(const py::object& token, const py::list& epoch_list, int64_t epoch, py::object dtype,
-                      const py::list& hooks,
-                      const py::dict& buffers, const py::dict& params, const py::dict& attrs, int64_t in,
-                      int64_t gemm_min, int64_t bits, const py::tuple& adapter, double scaling, int64_t limit,
-                      int64_t max_numel, py::object fallback) {
+  static LayerCall q4(const py::tuple& checks, const py::dict& buffers, const py::dict& params, const py::dict& attrs,
+                      int64_t in, int64_t gemm_min, int64_t bits, const py::tuple& adapter, double scaling,
+                      int64_t limit, int64_t max_numel, py::object fallback) {
     py::list entries;
     for (const char* key : {"qweight", "scale", "minus"}) entries.append(py::make_tuple(buffers, key));
     entries.append(py::make_tuple(params, "bias"));
     entries.append(py::make_tuple(attrs, "_flags"));
-    LayerCall call(Kind::q4, token, epoch_list, epoch, dtype, hooks, entries, max_numel);
+    LayerCall call(Kind::q4, checks, entries, max_numel, std::move(fallback));
     call.base_ = {tensor_of(call.held_[0].value), tensor_of(call.held_[1].value), tensor_of(call.held_[2].value)};
     call.bias_ = optional_of(call.held_[3].value);
     auto flags = call.held_[4].value.cast<py::tuple>();
@@ -159,32 +163,24 @@ class LayerCall {
     call.bits_ = bits;
     call.set_adapter(adapter, scaling, limit);
     call.q4_op_ = op_handle<Q4BranchFn>("lordba::q4_branch");
-    call.python_ = std::move(fallback);
     return call;
   }
 
-  static LayerCall linear(const py::object& token, const py::list& epoch_list, int64_t epoch, py::object dtype,
-                      const py::list& hooks,
-                          const py::dict& params, const py::tuple& adapter, double scaling, int64_t limit,
-                          int64_t max_numel, py::object fallback) {
+  static LayerCall linear(const py::tuple& checks, const py::dict& params, const py::tuple& adapter, double scaling,
+                          int64_t limit, int64_t max_numel, py::object fallback) {
     py::list entries;
     entries.append(py::make_tuple(params, "weight"));
     entries.append(py::make_tuple(params, "bias"));
-    LayerCall call(Kind::linear, token, epoch_list, epoch, dtype, hooks, entries, max_numel);
+    LayerCall call(Kind::linear, checks, entries, max_numel, std::move(fallback));
     call.base_ = {tensor_of(call.held_[0].value)};
     call.bias_ = optional_of(call.held_[1].value);
     call.set_adapter(adapter, scaling, limit);
     call.linear_op_ = op_handle<LinearBranchFn>("lordba::linear_branch");
-    call.python_ = std::move(fallback);
     return call;
   }
 
-  static LayerCall python(const py::object& token, const py::list& epoch_list, int64_t epoch, py::object dtype,
-                      const py::list& hooks,
-                          py::object fallback) {
-    LayerCall call(Kind::python, token, epoch_list, epoch, dtype, hooks, py::list(), 0);
-    call.python_ = std::move(fallback);
-    return call;
+  static LayerCall python(const py::tuple& checks, py::object fallback) {
+    return LayerCall(Kind::python, checks, py::list(), 0, std::move(fallback));
   }
 
   // `token`: the calling thread's armed token now (lordba.nn.fastpath.ARMED).
