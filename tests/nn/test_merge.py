@@ -73,3 +73,21 @@ def test_merge_and_unload_takes_peft_keyword_arguments(input_ids):
     want = logits(lm, input_ids)
     base = lm.merge_and_unload(progressbar=True, safe_merge=True)
     torch.testing.assert_close(logits(base, input_ids), want, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_names_an_unknown_adapter_and_takes_one_name_as_a_string(input_ids):
+    # A typo used to merge nothing, silently: merge_and_unload then returned the bare base.
+    lm = adapted(tiny_llama(0))
+    want = logits(lm, input_ids)
+    with pytest.raises(AdapterStateError, match="unknown adapter 'defualt'"):
+        lm.merge_adapter(["defualt"])
+    with pytest.raises(AdapterStateError, match="unknown adapter 'defualt'"):
+        lm.merge_and_unload(adapter_names=["defualt"])
+    assert lm.peft_config and not any(layer.merged for _, layer in lm._lordba_layers())  # unchanged
+    lm.merge_adapter("default")  # one name (was read as the names 'd', 'e', ...: nothing merged)
+    assert all(layer.merged_adapters == ["default"] for _, layer in lm._lordba_layers())
+    torch.testing.assert_close(logits(lm, input_ids), want, rtol=1e-4, atol=1e-4)
+    lm.unmerge_adapter()
+    torch.testing.assert_close(
+        logits(lm.merge_and_unload(adapter_names="default"), input_ids), want, rtol=1e-4, atol=1e-4
+    )

@@ -10,7 +10,7 @@ requantization added, beyond the update itself) and warns with it, so the loss i
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from lordba.errors import AdapterStateError
 from lordba.nn.layer import LoRDBALinear
@@ -18,6 +18,20 @@ from lordba.nn.layer import LoRDBALinear
 
 class MergeRequantizationWarning(UserWarning):
     """Merging into a quantized base requantized its weights (the merged model is not exact)."""
+
+
+def merge_names(adapter_names: str | Sequence[str] | None, active: Sequence[str], known: Collection[str]) -> list[str]:
+    """The adapters a merge call names: ``active`` for ``None`` (or an empty list), one name for a
+    string (not its characters).
+
+    Raises:
+        AdapterStateError: a name is not a loaded adapter (merging would otherwise skip it silently).
+    """
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names or active)
+    for name in names:
+        if name not in known:
+            raise AdapterStateError(f"unknown adapter {name!r}; loaded adapters: {sorted(known)}")
+    return names
 
 
 def merge_layers(

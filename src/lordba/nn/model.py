@@ -39,7 +39,7 @@ from lordba.nn.fastpath import armed
 from lordba.nn.hub import refuse_base_attribute
 from lordba.nn.layer import LoRDBALinear
 from lordba.nn.lock import RWLock
-from lordba.nn.merge import merge_layers
+from lordba.nn.merge import merge_layers, merge_names
 from lordba.nn.model_files import AdapterFilesMixin
 from lordba.nn.model_peft import PeftFeaturesMixin
 from lordba.nn.routing import BASE_ROW, ROUTING, RoutingGate, routing
@@ -351,17 +351,18 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
             self.base_model.enable_input_require_grads()
 
     # ------------------------------------------------------------------ merge
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+    def merge_adapter(self, adapter_names: str | Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Add the (default: active) adapters into the base weights; forwards then skip them.
 
         Merging into a quantized base requantizes it: a :class:`~lordba.nn.merge.MergeRequantizationWarning`
         names the error. ``safe_merge`` checks the merged weights for NaN/Inf first (PEFT's option).
 
         Raises:
-            AdapterStateError: ``safe_merge`` found non-finite merged weights (nothing stays merged).
+            AdapterStateError: an unknown adapter name, or ``safe_merge`` found non-finite merged weights
+                (nothing stays merged).
         """
         with self._lock.write():
-            merge_layers(self._lordba_layers(), adapter_names or self._active, safe_merge)
+            merge_layers(self._lordba_layers(), merge_names(adapter_names, self._active, self.peft_config), safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Take merged adapters out of the base weights again."""
@@ -370,17 +371,18 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
                 layer.unmerge()
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: str | Sequence[str] | None = None
     ) -> nn.Module:
         """Merge the (default: active) adapters into the base and return the plain base model
         (PEFT's signature; ``progressbar`` is accepted and ignored: merging is fast).
 
         Raises:
-            AdapterStateError: ``safe_merge`` found non-finite merged weights (the model is unchanged).
+            AdapterStateError: an unknown adapter name, or ``safe_merge`` found non-finite merged weights
+                (the model is unchanged).
         """
         with self._lock.write():
             layers = self._lordba_layers()
-            merge_layers(layers, adapter_names or self._active, safe_merge)
+            merge_layers(layers, merge_names(adapter_names, self._active, self.peft_config), safe_merge)
             for path, layer in layers:
                 replace_submodule(self.base_model, path, layer.base_layer)
             self._unwrap_saved(merge=True)  # modules trained in full: the active adapter's copy
