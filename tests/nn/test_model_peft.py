@@ -113,6 +113,22 @@ def test_a_module_to_save_that_carries_lordba_adapters_is_refused_before_the_mod
     assert list(lm.peft_config) == ["b"]
 
 
+@pytest.mark.parametrize("saved, targets", [("self_attn", ["q_proj"]), ("layers.0", ["q_proj", "up_proj"])])
+def test_a_module_to_save_above_a_target_is_refused_before_the_model_changes(tmp_path, saved, targets):
+    # Training a module in full copies it: a copy of a module above a LoRDBA layer copied that layer's
+    # adapter too (two adapters per targeted layer, under internal paths), and save_pretrained then failed.
+    config = LoRDBAConfig(r=4, init="random", target_modules=targets, modules_to_save=[saved])
+    model = tiny_llama(0)
+    with pytest.raises(TargetModulesError, match="carries LoRDBA adapters"):
+        get_lordba_model(model, config)
+    assert not any(type(m).__name__ in ("LoRDBALinear", "SavedModule") for m in model.modules())
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random", target_modules=["k_proj"]), "a")
+    with pytest.raises(TargetModulesError, match="carries LoRDBA adapters"):  # another adapter's layer below it
+        lm.add_adapter("b", LoRDBAConfig(r=4, init="random", target_modules=["v_proj"], modules_to_save=[saved]))
+    assert list(lm.peft_config) == ["a"] and all(p.endswith("k_proj") for p in lm.adapter_modules("a"))
+    lm.save_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize(
     "change, pattern",
     [

@@ -77,11 +77,14 @@ class PeftFeaturesMixin(StatusMixin):
         return found
 
     def _check_saveable(self, paths: Iterable[str], targets: Iterable[str]) -> None:
-        """Refuse, before the model changes, a module to train in full that carries LoRDBA adapters (of
-        another adapter, or of this one: ``targets``); :meth:`_saved_module` could not wrap it."""
-        targeted = set(targets)
+        """Refuse, before the model changes, a module to train in full that is or contains a layer carrying
+        LoRDBA adapters (of another adapter, or of this one: ``targets``): :meth:`_saved_module` could not
+        wrap it, and a copy of a module above such a layer would copy its adapters too."""
+        targeted = list(targets)
         for path in paths:
-            if path in targeted or isinstance(self.base_model.get_submodule(path), LoRDBALinear):
+            inside = [t for t in targeted if t == path or t.startswith(path + ".")]
+            module = self.base_model.get_submodule(path)
+            if inside or any(isinstance(m, LoRDBALinear) for m in module.modules()):
                 raise TargetModulesError(f"module {path!r} carries LoRDBA adapters: it cannot also be trained in full")
 
     def _install_extras(
