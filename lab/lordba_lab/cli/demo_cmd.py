@@ -10,7 +10,7 @@ HELP = "train and compare LoRDBA (4 modes), fp16 LoRA and low-bit LoRA baselines
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/demo", help="output directory (default results/demo)")
-    p.add_argument("--quick", action="store_true", help="a tiny structural run (about two minutes)")
+    p.add_argument("--quick", action="store_true", help="a tiny structural run (about 30 seconds once set up)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

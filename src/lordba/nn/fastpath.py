@@ -142,8 +142,9 @@ class _CheckedCall:
 
 
 def _decode_entry(layer: nn.Module, routing: object, x: torch.Tensor) -> tuple | None:
-    """``(call, the base layer's and the adapter's forward hook and pre-hook dicts)`` for
-    :func:`decode_call`, or ``None``."""
+    """``(call, [the base layer's and the adapter's forward hook and pre-hook dicts], native)`` for
+    :func:`decode_call` (``native``: ``(backend, base layer, tensors, scaling, limit)`` where ``call`` is the
+    backend's fused op, for :meth:`~lordba.quant.BaseBackend.bound_branch`), or ``None``."""
     if routing is None:
         disabled, names, active = layer.disable_adapters, None, layer.active_adapters
     else:
