@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run the main job on the real model: `lordba demo` (about 17 minutes on 2 CPU
+# Set up (idempotent) and run the main job on the real model: `lordba demo` (about 11 minutes on 2 CPU
 # cores; writes results/demo/). Extra arguments go to `lordba demo`, e.g. scripts/demo.sh --quick.
 set -euo pipefail
 cd "$(dirname "$0")/.."

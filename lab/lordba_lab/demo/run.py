@@ -52,7 +52,7 @@ class DemoSettings:
     base: str = "hqq"  # the 4-bit base's backend (g64): the committed demo was measured on HQQ
     r: int = 16
     small_rank: int = 2
-    steps: int = 60  # sized so that the full demo takes about 17 minutes on 2 CPU cores
+    steps: int = 60  # sized so that the full demo takes about 11 minutes on 2 CPU cores (626 s at stop 56)
     scales_steps: int = 30
     batch_size: int = 8
     lr_lora: float = 1e-3
