@@ -99,3 +99,8 @@ def own_storage(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.untyped_storage().nbytes() == tensor.nbytes and tensor.is_contiguous():
         return tensor
     return tensor.detach().clone(memory_format=torch.contiguous_format)
+
+
+def own_storages(buffers: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+    """A module's ``_buffers`` with each tensor in a storage of its own (:func:`own_storage`), for its pickled state."""
+    return {k: None if v is None else own_storage(v) for k, v in buffers.items()}

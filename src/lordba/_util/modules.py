@@ -22,3 +22,16 @@ def is_output_head(name: str) -> bool:
     """Whether the module path ``name`` names an output head: its last component is ``lm_head``
     (causal LMs), ``score`` or ``classifier`` (classification heads). Never raises."""
     return name.rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")  # config names of a context
+
+
+def context_positions(model: nn.Module) -> int | None:
+    """The most positions (prompt + generated) ``model``'s config allows, ``None`` where it names none."""
+    config = getattr(model, "config", None)
+    for key in CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

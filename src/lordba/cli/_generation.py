@@ -15,7 +15,6 @@ from typing import Any
 from lordba.cli import mass_fraction, non_negative_float, non_negative_int, positive_int
 
 DEFAULT_NEW_TOKENS = 128
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -230,16 +229,6 @@ def chat_text(loaded: Loaded, messages: list[dict[str, str]], model: str) -> str
         raise ConfigError(f"--model {model}: its chat template refuses these messages ({err})") from None
 
 
-def context_length(model: Any) -> int | None:
-    """The most positions (prompt + generated) the model's config allows; None where it says none."""
-    config = getattr(model, "config", None)
-    for key in CONTEXT_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def new_tokens(loaded: Loaded, prompt_tokens: int, asked: int | None) -> int:
     """How many tokens to generate after ``prompt_tokens``: ``asked`` (``--max-new-tokens``), else
     :data:`DEFAULT_NEW_TOKENS` or fewer, what the model's context leaves (said on stderr), as ``lordba
@@ -248,9 +237,10 @@ def new_tokens(loaded: Loaded, prompt_tokens: int, asked: int | None) -> int:
     Raises:
         ConfigError: the prompt leaves no room in the context, or ``asked`` exceeds the room.
     """
+    from lordba._util.modules import context_positions
     from lordba.errors import ConfigError
 
-    context = context_length(loaded.model)
+    context = context_positions(loaded.model)
     if context is None:
         return asked or DEFAULT_NEW_TOKENS
     room = context - prompt_tokens

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from lordba._util.arena import own_storage, views_of_one_buffer
+from lordba._util.arena import own_storages, views_of_one_buffer
 from lordba.core.autograd import sign_branch
 from lordba.core.packing import pack_signs
 from lordba.core.scales import ScaleCodec
@@ -371,7 +371,7 @@ class PackedAdapter(AdapterBase):
         """The module's state (``torch.save`` of a model, ``copy.deepcopy``) with its tensors in storages of their
         own: a loaded or packed adapter's are views of one buffer of several dtypes, which ``torch.save`` refuses."""
         state = super().__getstate__()
-        state["_buffers"] = {k: None if v is None else own_storage(v) for k, v in state["_buffers"].items()}
+        state["_buffers"] = own_storages(state["_buffers"])
         return state
 
     def _apply(self, fn, recurse: bool = True) -> PackedAdapter:  # noqa: ANN001

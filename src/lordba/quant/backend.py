@@ -134,7 +134,7 @@ class PlainLinear(BaseBackend):
         weight, bound = module._parameters.get("weight"), bound_calls()
         if bound is None or type(module) is not nn.Linear or weight is None or weight.dtype != checks[2]:
             return None
-        below = min(max(limit + 1, TILE_MIN_TOKENS) * int(tensors[2].numel()), 1 << 62)  # elements of x
+        below = min(tile_elements(limit, int(tensors[2].numel())), 1 << 62)  # (an int64 for C++)
         return bound.LayerCall.linear(checks, module._parameters, tensors, scaling, limit, below, call)
 
 
@@ -171,6 +171,12 @@ def tile_factors(tensors: tuple, scaling: float) -> tuple[torch.Tensor, torch.Te
 TILE_MIN_TOKENS = 16  # lordba::linear_branch's tile path starts here (it works on blocks of 32 tokens)
 
 
+def tile_elements(limit: int, in_features: int) -> int:
+    """The input size (elements) from which a float32 prompt may take the tile unit's kept factors
+    (:func:`prompt_tiles`; ``limit``: the adapter's dispatch limit)."""
+    return max(limit + 1, TILE_MIN_TOKENS) * in_features
+
+
 def prompt_tiles(tensors: tuple, scaling: float, limit: int) -> Callable[[torch.Tensor], tuple]:
     """For ``lordba::linear_branch``'s fused call: ``f(x)`` giving the adapter's :func:`tile_factors` (made
     at the first prompt, then kept while its tensors are unchanged: ``2·r·in + 64·⌈r/32⌉·out`` bytes, the
@@ -179,7 +185,7 @@ def prompt_tiles(tensors: tuple, scaling: float, limit: int) -> Callable[[torch.
     tile unit runs, else ``()`` (the op's float32 branch). Never under ``torch.compile``."""
     kept: list = []
     in_features = int(tensors[2].numel())  # b
-    from_elements = max(limit + 1, TILE_MIN_TOKENS) * in_features
+    from_elements = tile_elements(limit, in_features)
 
     def tiles(x: torch.Tensor) -> tuple:
         if torch.compiler.is_compiling() or branch_compute() != "fast":

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lordba._util.arena import empty_views, own_storage
+from lordba._util.arena import empty_views, own_storages
 from lordba.errors import ConfigError
 from lordba.kernels import bound_calls, cpu_available
 from lordba.kernels.q4 import (
@@ -34,6 +34,12 @@ from lordba.kernels.q4 import (
 from lordba.quant.backend import BaseBackend, kept_factors
 
 _UNBOUND = object()  # Q4Linear's bound call not made yet
+
+
+def prefill_elements(limit: int, in_features: int) -> int:
+    """The input size (elements) from which an adapted q4 layer's prompt, under ``fast``, runs the bfloat16 GEMM with
+    the branch's kept prefill factors (``limit``: the adapter's dispatch limit)."""
+    return max(GEMM_MIN_TOKENS, limit + 1) * in_features
 
 
 class Q4Linear(nn.Module):
@@ -151,7 +157,7 @@ class Q4Linear(nn.Module):
         state = super().__getstate__()
         state.pop("_call", None)  # a copy binds its own
         # the weights held together (hold_weights_together) share one storage across dtypes: torch.save refuses that
-        state["_buffers"] = {k: None if v is None else own_storage(v) for k, v in state["_buffers"].items()}
+        state["_buffers"] = own_storages(state["_buffers"])
         return state
 
     def _apply(self, fn, recurse: bool = True) -> Q4Linear:  # noqa: ANN001
@@ -199,7 +205,7 @@ class Q4Linear(nn.Module):
         counters); outside ``torch.compile`` only."""
         op, buffers, params = torch.ops.lordba.q4_branch.default, self._buffers, self._parameters
         in_features, bits = self.in_features, self.bits
-        prefill_from = max(GEMM_MIN_TOKENS, limit + 1) * in_features  # elements of x
+        prefill_from = prefill_elements(limit, in_features)
         kept: list = []  # [versions of tensors, (folded_A, folded_B[, folded_A packed for the tile unit])]
 
         def fold() -> tuple[torch.Tensor, ...]:
@@ -309,7 +315,7 @@ class Q4Backend(BaseBackend):
         bound = bound_calls() if module.qweight.is_cpu else None
         if bound is None:
             return None
-        below = min(max(GEMM_MIN_TOKENS, limit + 1) * module.in_features, 1 << 62)  # forward_with_branch's
+        below = min(prefill_elements(limit, module.in_features), 1 << 62)  # (an int64 for C++)
         return bound.LayerCall.q4(
             checks, module._buffers, module._parameters, module.__dict__, module.in_features, GEMM_MIN_TOKENS,
             module.bits, tensors, scaling, limit, below, call,

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lordba.serve.engine import Event
 from lordba.serve.errors import BadRequestError, ServeError
-from lordba.serve.sampling import MAX_STOPS, SEED_RANGE
+from lordba.serve.sampling import MAX_STOPS, SEED_RANGE, valid_stops
 
 
 class _Body(BaseModel):
@@ -52,8 +52,7 @@ class _Sampling(_Body):
     @classmethod
     def _check_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
         """Up to ``MAX_STOPS`` non-empty strings (a 400 naming ``stop``)."""
-        stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > MAX_STOPS or not all(stops):
+        if not valid_stops([stop] if isinstance(stop, str) else stop or []):
             raise ValueError(f"stop must be up to {MAX_STOPS} non-empty strings")
         return stop
 

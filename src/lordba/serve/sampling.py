@@ -13,6 +13,13 @@ import torch
 from lordba.errors import ConfigError
 
 MAX_STOPS = 4  # OpenAI's limit on `stop`
+
+
+def valid_stops(stops: Sequence[object]) -> bool:
+    """Whether ``stops`` are at most :data:`MAX_STOPS` non-empty strings (what a request's ``stop`` may hold)."""
+    return len(stops) <= MAX_STOPS and all(isinstance(s, str) and s for s in stops)
+
+
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
@@ -40,7 +47,7 @@ class SamplingParams:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and not (isinstance(self.seed, int) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
             raise ConfigError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
-        if len(self.stop) > MAX_STOPS or any(not isinstance(s, str) or not s for s in self.stop):
+        if not valid_stops(self.stop):
             raise ConfigError(f"stop must be up to {MAX_STOPS} non-empty strings, got {list(self.stop)!r}")
 
     @property

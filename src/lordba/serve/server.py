@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lordba._util.dtypes import DTYPES
+from lordba._util.modules import context_positions
 from lordba.errors import ConfigError
 from lordba.nn.model import LoRDBAModel
 from lordba.serve.engine import Engine
@@ -40,11 +41,9 @@ def load_base(model_dir: str | Path, dtype: str = "float32") -> tuple[LoRDBAMode
 
 def context_length(model: torch.nn.Module, tokenizer: Any) -> int:
     """The most tokens a sequence may hold: the model config's positions, else the tokenizer's limit."""
-    config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    positions = context_positions(model)
+    if positions is not None:
+        return positions
     limit = getattr(tokenizer, "model_max_length", None)
     return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else DEFAULT_CONTEXT
 
