@@ -172,6 +172,49 @@ def test_a_damaged_package_is_compiled_again_never_loaded(tmp_path):
         assert decode.compile_seconds > 0 and "damaged" in lines[0] and path.read_bytes() != damaged
 
 
+@pytest.mark.long
+def test_a_compile_holds_a_lock_and_a_package_that_does_not_load_is_compiled_again(tmp_path, monkeypatch):
+    """Inductor writes a graph's files in its shared cache under names of the graph's hash, not atomically:
+    a compile holds a lock on that cache (another process's ``flock`` is refused meanwhile). A package whose
+    entries' CRCs are right but that does not load (an empty ``*_metadata.json``: what two processes compiling
+    one graph at once packaged) is compiled again, and the step gives the eager tokens."""
+    import fcntl
+    import os
+    import zipfile
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    real, held = torch._inductor.aoti_compile_and_package, []
+
+    def probe(*args, **kwargs):
+        fd = os.open(cache_dir(), os.O_RDONLY)  # another open file: flock treats it as another process
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", probe)
+    lm = tiny_q4(adapter=True)
+    want = eager(lm)[0]
+    first = AotDecode(lm, folder=tmp_path, kv_dtype="float32")
+    assert torch.equal(first.generate(PROMPT, NEW, eos_token_id=[]), want) and held == [True]
+    path = first.step_for.path
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info, archive.read(info.filename)) for info in archive.infolist()]
+    assert any(info.filename.endswith("_metadata.json") for info, _ in entries)
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in entries:
+            archive.writestr(info, b"" if info.filename.endswith("_metadata.json") else data)
+    lines = []
+    decode = AotDecode(lm, folder=tmp_path, kv_dtype="float32", log=lines.append)
+    assert torch.equal(decode.generate(PROMPT, NEW, eos_token_id=[]), want) and decode.compile_seconds > 0
+    assert "does not load" in lines[0] and held == [True, True]
+
+
 def test_bad_calls_are_refused():
     lm = tiny_q4(adapter=True)
     decode = AotDecode(lm, folder=None)

@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from lordba._util.locks import locked
 from lordba.errors import LoRDBAError
 
 TMP_MARK = ".lordba-tmp."
@@ -124,28 +125,11 @@ def commit_files(
     _ensure_writable_dir(directory)
     names = list(files)
     try:
-        with _locked(directory):
+        with locked(directory):
             recover(directory, names, is_consistent)
             _commit(directory, files, names)
     except OSError as err:  # a full disk, a read-only file system: the previous files stay intact
         raise LoRDBAError(f"{directory}: cannot save ({err.strerror or err}); the previous files are intact") from None
-
-
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``directory`` (serialises writers across threads and
-    processes; a no-op where ``fcntl`` is unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _commit(directory: Path, files: dict[str, bytes], names: list[str]) -> None:

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from lordba import kernels
-from lordba.errors import ConfigError
+from lordba._util.locks import locked
+from lordba.errors import ConfigError, LoRDBAError
 from lordba.nn.adapter import PackedAdapter, hold_together
 from lordba.nn.adapter_base import _EPOCH
 from lordba.nn.aot_group import group_siblings
@@ -104,7 +105,15 @@ class _Step:
         self.grouped = group_siblings(program)  # q/k/v, gate/up: one call each (lordba.nn.aot_group)
         self.export_seconds = time.perf_counter() - start
         self.path, self.compile_seconds = _compiled(program, self._tensors(), folder, log)
-        self.runner = torch._inductor.aoti_load_package(str(self.path))
+        try:
+            self.runner = torch._inductor.aoti_load_package(str(self.path))
+        except RuntimeError as err:  # e.g. an empty JSON entry: its CRC is right, what it holds is not
+            if self.compile_seconds:
+                raise LoRDBAError(f"the decode step just compiled to {self.path} does not load: {err}") from err
+            log(f"the compiled decode step {self.path} does not load ({err}): compiling it again")
+            self.path.unlink(missing_ok=True)
+            self.path, self.compile_seconds = _compiled(program, self._tensors(), folder, log)
+            self.runner = torch._inductor.aoti_load_package(str(self.path))
         self.refresh()
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -145,31 +154,49 @@ def _compiled(
     program: Any, tensors: dict[str, torch.Tensor], folder: Path, log: Callable[[str], None]
 ) -> tuple[Path, float]:
     """The package of ``program`` in ``folder`` (compiled now if absent or damaged: :func:`_intact`; written
-    whole or not at all)."""
+    whole or not at all).
+
+    A compile holds a lock on inductor's cache directory: inductor writes a graph's files there under names
+    of its hash, shared by every process and not atomically (``open(..., "w")``), so two processes compiling
+    one graph at once packaged each other's half-written files (an empty ``*_metadata.json`` that no loader
+    reads). A package another process compiled while this one waited is then used as it is."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+
     from lordba.kernels.cpu.aoti import c_shims
 
     shims = c_shims()
     path = folder / f"step-{_key(program, tensors, shims)}.pt2"
-    if path.is_file():
-        if _intact(path):
-            return path, 0.0
-        log(f"the compiled decode step {path} is damaged (a zip entry's CRC or its end): compiling it again")
-        path.unlink(missing_ok=True)
+    if _usable(path, log):
+        return path, 0.0
     folder.mkdir(parents=True, exist_ok=True)
-    log(f"compiling the decode step ahead of time (once per model, adapter and cache length): {path.name}")
-    start = time.perf_counter()
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".pt2")  # never a step-*.pt2 name
-    os.close(fd)
-    try:
-        configs: dict[str, Any] = {"aot_inductor.package_constants_in_so": False}
-        if shims:
-            configs["aot_inductor.custom_ops_to_c_shims"] = shims
-        torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=configs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path, time.perf_counter() - start
+    with locked(Path(inductor_cache_dir())):
+        if _usable(path, log):
+            return path, 0.0
+        log(f"compiling the decode step ahead of time (once per model, adapter and cache length): {path.name}")
+        start = time.perf_counter()
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".pt2")  # never a step-*.pt2 name
+        os.close(fd)
+        try:
+            configs: dict[str, Any] = {"aot_inductor.package_constants_in_so": False}
+            if shims:
+                configs["aot_inductor.custom_ops_to_c_shims"] = shims
+            torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=configs)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path, time.perf_counter() - start
+
+
+def _usable(path: Path, log: Callable[[str], None]) -> bool:
+    """Whether the package at ``path`` is there and :func:`_intact` (a damaged one is removed)."""
+    if not path.is_file():
+        return False
+    if _intact(path):
+        return True
+    log(f"the compiled decode step {path} is damaged (a zip entry's CRC or its end): compiling it again")
+    path.unlink(missing_ok=True)
+    return False
 
 
 def _intact(path: Path) -> bool:

@@ -8,8 +8,9 @@ registers its ops with ``TORCH_LIBRARY``; there is no Python module). ninja rebu
 a header, the flags, the compiler or the torch installation change. What it cannot see, the
 ``-march`` value and the CPU's instruction-set flags (the code is built with ``-march=native``), is in
 the extension's name (:func:`extension_name`), so another machine sharing the directory builds its own
-library instead of loading an illegal one. Concurrent builds are serialized by a lock file per build
-directory (``flock``: released even if a build is killed), around cpp_extension's own baton.
+library instead of loading an illegal one. Concurrent builds are serialized by a ``flock`` on the build
+directory (:func:`lordba._util.locks.locked`: released even if a build is killed), around cpp_extension's
+own baton.
 
 ``lordba build-kernels`` builds ahead of time; otherwise the first CPU call builds (about 10-20 s).
 Set ``LORDBA_NO_EXT=1`` to skip the extension (the pure-PyTorch fallback runs instead), and
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from lordba._util.locks import locked
 
 SOURCE = Path(__file__).with_name("branch.cpp")
 # one library: the sign branch, the 4-bit base, decode attention, dense layer + branch, the prefill's tile-unit
@@ -57,7 +60,6 @@ _CFLAGS = ("-O3", "-std=c++20", "-fopenmp", "-w", "-ffp-contract=off")
 _LDFLAGS = ("-fopenmp",)
 # the compiler's complaint about the -march value itself (gcc, clang); the ninja log always has "-march"
 _BAD_MARCH = re.compile(r"-march=.{0,3} switch|(unrecognized|unsupported)[^\n]{0,30}-march|unknown target CPU")
-_LOCK = "lordba.lock"  # ours (flock); cpp_extension's baton is "lock" in the same directory
 _loaded: Path | None = None  # the library this process loaded
 
 
@@ -145,19 +147,9 @@ def _locked(directory: Path) -> Iterator[None]:
 
     Under it no other process builds there, so a cpp_extension baton found now was left by a build
     that was killed: it is removed (else cpp_extension would wait for it forever)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: cpp_extension's baton alone serializes builds
+    with locked(directory):
+        (directory / "lock").unlink(missing_ok=True)
         yield
-        return
-    with open(directory / _LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            (directory / "lock").unlink(missing_ok=True)
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
