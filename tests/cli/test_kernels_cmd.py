@@ -64,3 +64,14 @@ def test_build_kernels_builds_once_then_loads_the_cache_and_force_rebuilds(tmp_p
     assert first == "built" and Path(path).is_relative_to(tmp_path)
     assert build_kernels(tmp_path) == ("loaded from cache", path)
     assert build_kernels(tmp_path, "--force") == ("built", path)
+
+
+def test_force_cleans_the_kernels_and_the_bound_calls_then_builds(monkeypatch, capsys):
+    from lordba.kernels import cpu
+    from lordba.kernels.cpu import bound
+
+    cleaned = []
+    monkeypatch.setattr(cpu, "clean", lambda: cleaned.append("kernels"))
+    monkeypatch.setattr(bound, "clean", lambda: cleaned.append("bound"))
+    assert main(["build-kernels", "--force"]) == 0
+    assert cleaned == ["kernels", "bound"] and "CPU kernels:" in capsys.readouterr().out

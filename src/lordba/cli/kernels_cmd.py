@@ -47,9 +47,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from lordba.kernels import cpu, load_cpu, triton_available
+    from lordba.kernels.cpu import bound
 
-    if args.force:
+    if args.force:  # the kernels' library and the bound calls' module
         cpu.clean()
+        bound.clean()
     start = time.perf_counter()
     result = load_cpu(build=True, warn=False)
     took = time.perf_counter() - start

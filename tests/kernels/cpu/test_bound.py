@@ -183,3 +183,20 @@ def test_a_float32_bases_bound_call_equals_its_python_call(tokens, monkeypatch):
             kept = python.get_base_model().model.layers[1].mlp.down_proj.__dict__["_fast"]
             assert type(kept).__name__ == "_CheckedCall"
     assert torch.equal(got, want)
+
+
+def test_clean_removes_the_extensions_build_outputs_only(tmp_path, monkeypatch):
+    """``lordba build-kernels --force`` rebuilds the bound calls' module too: :func:`bound.clean` removes its
+    library and object files (in its own build directory of the kernels' cache), nothing else."""
+    from lordba.kernels import cpu
+    from lordba.kernels.cpu import bound
+
+    monkeypatch.setattr(cpu, "cache_root", lambda: tmp_path)
+    assert bound.clean() is None  # never built here
+    directory = bound.build_directory()
+    assert directory.parent == tmp_path and directory.name == bound.extension_name()
+    directory.mkdir()
+    for name in (f"{directory.name}.so", "bound.o", "bound.o.d", ".ninja_log", "build.ninja", "keep.txt"):
+        (directory / name).write_text("x")
+    assert bound.clean() == directory
+    assert sorted(p.name for p in directory.iterdir()) == ["build.ninja", "keep.txt"]

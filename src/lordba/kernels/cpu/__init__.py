@@ -28,9 +28,10 @@ import platform
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -204,41 +205,57 @@ def _failed(err: BaseException, cxx: str, path: Path) -> BuildResult:
 def _build_and_load(cxx: str, arch: str) -> tuple[Path, bool]:
     """Build (if needed) and load the library for ``-march=arch`` (``""``: no ``-march``).
 
-    Returns its path and whether it was compiled now. Raises what cpp_extension raises
-    (``RuntimeError`` with the compiler's output, ``subprocess.CalledProcessError``, ``OSError``)."""
+    Returns its path and whether it was compiled now. Raises what :func:`jit_load` raises."""
+    directory = build_directory(arch)
+    library = directory / f"{directory.name}.so"
+    cflags = [*_CFLAGS, f"-march={arch}"] if arch else list(_CFLAGS)
+    before = _stamp(library)
+    loaded = jit_load(directory, SOURCES, cflags, cxx, ldflags=_LDFLAGS)
+    library = Path(loaded) if isinstance(loaded, str) else library
+    return library, before is None or _stamp(library) != before
+
+
+def jit_load(
+    directory: Path,
+    sources: Sequence[Path],
+    cflags: Sequence[str],
+    cxx: str,
+    *,
+    ldflags: Sequence[str] = (),
+    python_module: bool = False,
+) -> Any:
+    """``cpp_extension.load`` of ``sources`` built in ``directory`` (the extension's name is the directory's)
+    with ``cxx``, under the directory's lock (:func:`_locked`) and :func:`_build_env`: the library's path, or
+    the Python module where ``python_module``.
+
+    Raises what cpp_extension raises (``RuntimeError`` with the compiler's output,
+    ``subprocess.CalledProcessError``, ``OSError``)."""
     from torch.utils import cpp_extension
 
-    directory = build_directory(arch)
     name = directory.name
-    library = directory / f"{name}.so"
-    cflags = [*_CFLAGS, f"-march={arch}"] if arch else list(_CFLAGS)
     with _locked(directory), _build_env(cxx):
-        before = _stamp(library)
         # ninja is the cache; cpp_extension's in-process versioner would skip a build that failed
         # before in this process, or rename the library (name_v1) when the cache directory changed
         with contextlib.suppress(AttributeError):
             cpp_extension.JIT_EXTENSION_VERSIONER.entries.pop(name, None)
-        loaded = cpp_extension.load(
+        return cpp_extension.load(
             name=name,
-            sources=[str(path) for path in SOURCES],
-            extra_cflags=cflags,
-            extra_ldflags=list(_LDFLAGS),
+            sources=[str(path) for path in sources],
+            extra_cflags=list(cflags),
+            extra_ldflags=list(ldflags),
             build_directory=str(directory),
             verbose=False,
             with_cuda=False,
-            is_python_module=False,
+            is_python_module=python_module,
         )
-        library = Path(loaded) if isinstance(loaded, str) else library
-        after = _stamp(library)
-    return library, before is None or after != before
 
 
-def clean() -> Path | None:
-    """Remove the build outputs for the current arch on this machine, so that the next :func:`load`
-    compiles again (``lordba build-kernels --force``); returns the build directory (``None`` if
-    there was none). A library already loaded by a process stays valid there. Raises ``OSError``
-    if the directory cannot be written."""
-    directory = build_directory()
+def clean(directory: Path | None = None) -> Path | None:
+    """Remove the build outputs in ``directory`` (default: the kernels' library for the current arch on this
+    machine), so that the next build compiles again (``lordba build-kernels --force``); returns the
+    directory (``None`` if there was none). A library already loaded by a process stays valid there. Raises
+    ``OSError`` if the directory cannot be written."""
+    directory = build_directory() if directory is None else directory
     if not directory.is_dir():
         return None
     with _locked(directory):

@@ -61,23 +61,22 @@ def module(build: bool = True) -> ModuleType | None:
     return found
 
 
-def _build_and_import(build: bool) -> ModuleType | None:
-    from torch.utils import cpp_extension
+def build_directory() -> Path:
+    """Where the extension is built (in the kernels' cache, :func:`lordba.kernels.cpu.cache_root`)."""
+    return cpu.cache_root() / extension_name()
 
+
+def clean() -> Path | None:
+    """Remove the extension's build outputs (``lordba build-kernels --force``): see
+    :func:`lordba.kernels.cpu.clean`. A module already imported by a process stays valid there."""
+    return cpu.clean(build_directory())
+
+
+def _build_and_import(build: bool) -> ModuleType | None:
     cxx = cpu.compiler()
     if cxx is None:
         return None
-    name = extension_name()
-    directory = cpu.cache_root() / name
-    if not build and not (directory / f"{name}.so").is_file():
+    directory = build_directory()
+    if not build and not (directory / f"{directory.name}.so").is_file():
         return None
-    with cpu._locked(directory), cpu._build_env(cxx):
-        return cpp_extension.load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=list(_CFLAGS),
-            build_directory=str(directory),
-            verbose=False,
-            with_cuda=False,
-            is_python_module=True,
-        )
+    return cpu.jit_load(directory, [SOURCE], _CFLAGS, cxx, python_module=True)
