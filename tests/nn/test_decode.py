@@ -104,3 +104,12 @@ def test_cache_length_buckets_and_bad_input():
         cache_length(0)
     with pytest.raises(ConfigError, match="compile mode"):
         FastDecode(tiny_llama(0), mode="reduce-overhead")
+
+
+def test_the_cache_is_held_to_the_context_a_gpt2_config_names():
+    """GPT-2's config names its context ``n_positions`` (no ``max_position_embeddings``): a call of 300
+    positions on a 400-position model gets a cache of 400 (as a Llama's would), never 512."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=400))
+    assert FastDecode(gpt2).generate_kwargs(300)["max_cache_len"] == 400

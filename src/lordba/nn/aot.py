@@ -39,6 +39,7 @@ from torch import nn
 
 from lordba import kernels
 from lordba._util.locks import locked
+from lordba._util.modules import context_positions
 from lordba.errors import ConfigError, LoRDBAError
 from lordba.nn.adapter import PackedAdapter, hold_together
 from lordba.nn.adapter_base import _EPOCH
@@ -264,7 +265,7 @@ class AotDecode:
     aot = True
 
     def _limit(self) -> int | None:
-        return getattr(getattr(self.inner, "config", None), "max_position_embeddings", None)
+        return context_positions(self.inner)
 
     def prepare(self, tokens: int) -> bool:
         """Get the compiled step for a call holding ``tokens`` positions ready (exported, and compiled

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lordba._util.modules import context_positions
 from lordba.errors import ConfigError
 from lordba.nn.attention import use_packed_gqa
 
@@ -38,7 +39,8 @@ MIN_CACHE = 256
 
 def cache_length(tokens: int, limit: int | None = None) -> int:
     """The static cache length for ``tokens`` positions: the next power of two, at least
-    :data:`MIN_CACHE`, at most ``limit`` (the model's ``max_position_embeddings``) when that is
+    :data:`MIN_CACHE`, at most ``limit`` (the positions the model's config allows:
+    :func:`lordba._util.modules.context_positions`) when that is
     enough.
 
     Raises:
@@ -84,8 +86,7 @@ class FastDecode:
         self._ready: set[int] = set()
 
     def _limit(self) -> int | None:
-        config = getattr(_hf_model(self.model), "config", None)
-        return getattr(config, "max_position_embeddings", None)
+        return context_positions(_hf_model(self.model))
 
     def generate_kwargs(self, tokens: int) -> dict[str, Any]:
         """The extra ``generate`` arguments for a call that holds ``tokens`` positions (prompt + new
