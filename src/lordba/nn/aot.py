@@ -16,8 +16,9 @@ layers' ``compute`` and the cache length (a power of two, :func:`~lordba.nn.deco
 A decoder exports its step again when any of these has changed since (:meth:`AotDecode._state`:
 ``set_adapter``, a ``disable_adapter`` block, a new scaling, a hot-swap, ``set_compute``), so a step
 never decodes for another adapter state than the prompt's. The package's name is the sha256 of the
-exported graph's code and of the names, shapes and dtypes of the tensors it reads, so any change that
-the graph sees compiles a new package and nothing stale is reused (the export runs every time: ~10-30 s
+exported graph's code and of the names, shapes and dtypes of the tensors it reads
+(:mod:`lordba.nn.aot_package`), so any change that the graph sees compiles a new package and nothing stale
+is reused (the export runs every time: ~10-30 s
 for SmolLM2; the compile, 40-60 s on 2 cores, only for a package not in ``<lordba cache>/aot``). Weight
 *values* are read live: after replacing a tensor object (not its values), call :meth:`AotDecode.refresh`.
 """
@@ -25,11 +26,7 @@ for SmolLM2; the compile, 40-60 s on 2 cores, only for a package not in ``<lordb
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
-import tempfile
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,24 +35,16 @@ import torch
 from torch import nn
 
 from lordba import kernels
-from lordba._util.locks import locked
 from lordba._util.modules import context_positions
 from lordba.errors import ConfigError, LoRDBAError
 from lordba.nn.adapter import PackedAdapter, hold_together
 from lordba.nn.adapter_base import _EPOCH
 from lordba.nn.aot_group import group_siblings
+from lordba.nn.aot_package import compiled_package, package_dir
 from lordba.nn.attention import reduced_cache, use_packed_gqa
 from lordba.nn.decode import _hf_model, cache_length, token_processors
 from lordba.nn.layer import LoRDBALinear
 from lordba.nn.routing import current_routing
-
-AOT_DIR = "aot"
-
-
-def _package_dir() -> Path:
-    from lordba._util.cachedir import cache_dir
-
-    return Path(cache_dir()) / AOT_DIR
 
 
 @contextlib.contextmanager
@@ -105,7 +94,7 @@ class _Step:
             program = wrapper.export(input_ids=torch.tensor([[1]]), cache_position=torch.tensor([0]))
         self.grouped = group_siblings(program)  # q/k/v, gate/up: one call each (lordba.nn.aot_group)
         self.export_seconds = time.perf_counter() - start
-        self.path, self.compile_seconds = _compiled(program, self._tensors(), folder, log)
+        self.path, self.compile_seconds = compiled_package(program, self._tensors(), folder, log)
         try:
             self.runner = torch._inductor.aoti_load_package(str(self.path))
         except RuntimeError as err:  # e.g. an empty JSON entry: its CRC is right, what it holds is not
@@ -113,7 +102,7 @@ class _Step:
                 raise LoRDBAError(f"the decode step just compiled to {self.path} does not load: {err}") from err
             log(f"the compiled decode step {self.path} does not load ({err}): compiling it again")
             self.path.unlink(missing_ok=True)
-            self.path, self.compile_seconds = _compiled(program, self._tensors(), folder, log)
+            self.path, self.compile_seconds = compiled_package(program, self._tensors(), folder, log)
             self.runner = torch._inductor.aoti_load_package(str(self.path))
         self.refresh()
 
@@ -130,84 +119,6 @@ class _Step:
             raise ConfigError(f"the compiled decode step reads tensors the model no longer has: {missing[:3]}")
         self.constants = {n: named[n] for n in wanted}  # kept alive: the package reads them in place
         self.runner.load_constants(self.constants, check_full_update=True, user_managed=True)
-
-
-def _key(program: Any, tensors: dict[str, torch.Tensor], shims: dict) -> str:
-    """sha256 of what the compiled code depends on: the graph, the tensors' names/shapes/dtypes, versions,
-    and the ops it calls directly (``shims``: :func:`lordba.kernels.cpu.aoti.c_shims`' answer)."""
-    import transformers
-
-    from lordba._version import __version__
-    from lordba.kernels.cpu import extension_name
-
-    h = hashlib.sha256()
-    direct = sorted(str(op) for op in shims)  # the ops the package calls directly (kernels.cpu.aoti)
-    code = program.graph_module.code
-    for part in (torch.__version__, transformers.__version__, __version__, extension_name(), direct, code):
-        h.update(str(part).encode() + b"\0")
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{tuple(t.stride())}\n".encode())
-    return h.hexdigest()[:32]
-
-
-def _compiled(
-    program: Any, tensors: dict[str, torch.Tensor], folder: Path, log: Callable[[str], None]
-) -> tuple[Path, float]:
-    """The package of ``program`` in ``folder`` (compiled now if absent or damaged: :func:`_intact`; written
-    whole or not at all).
-
-    A compile holds a lock on inductor's cache directory: inductor writes a graph's files there under names
-    of its hash, shared by every process and not atomically (``open(..., "w")``), so two processes compiling
-    one graph at once packaged each other's half-written files (an empty ``*_metadata.json`` that no loader
-    reads). A package another process compiled while this one waited is then used as it is."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
-
-    from lordba.kernels.cpu.aoti import c_shims
-
-    shims = c_shims()
-    path = folder / f"step-{_key(program, tensors, shims)}.pt2"
-    if _usable(path, log):
-        return path, 0.0
-    folder.mkdir(parents=True, exist_ok=True)
-    with locked(Path(inductor_cache_dir())):
-        if _usable(path, log):
-            return path, 0.0
-        log(f"compiling the decode step ahead of time (once per model, adapter and cache length): {path.name}")
-        start = time.perf_counter()
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".pt2")  # never a step-*.pt2 name
-        os.close(fd)
-        try:
-            configs: dict[str, Any] = {"aot_inductor.package_constants_in_so": False}
-            if shims:
-                configs["aot_inductor.custom_ops_to_c_shims"] = shims
-            torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=configs)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path, time.perf_counter() - start
-
-
-def _usable(path: Path, log: Callable[[str], None]) -> bool:
-    """Whether the package at ``path`` is there and :func:`_intact` (a damaged one is removed)."""
-    if not path.is_file():
-        return False
-    if _intact(path):
-        return True
-    log(f"the compiled decode step {path} is damaged (a zip entry's CRC or its end): compiling it again")
-    path.unlink(missing_ok=True)
-    return False
-
-
-def _intact(path: Path) -> bool:
-    """Whether every entry of the package at ``path`` reads back with its CRC (AOTInductor's loader checks
-    none: a flipped byte of the compiled code would be run)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
-    except Exception:  # not a zip, cut short, an entry that does not decompress: damaged
-        return False
 
 
 class AotDecode:
@@ -252,7 +163,7 @@ class AotDecode:
         use_packed_gqa(self.inner)
         # the adapters are read every token: one buffer in a 2 MB page (docs/kernels.md)
         hold_together([m for m in self.inner.modules() if isinstance(m, PackedAdapter)], huge_page=True)
-        self.folder = Path(folder) if folder is not None else _package_dir()
+        self.folder = Path(folder) if folder is not None else package_dir()
         self.log = log or (lambda line: None)
         self._steps: dict[tuple[int, tuple], _Step] = {}  # by cache length and adapter state (:meth:`_state`)
         self.step_for: _Step | None = None

@@ -1,0 +1,111 @@
+"""The package cache of :mod:`lordba.nn.aot`: one AOTInductor package per decode step, named by what its code
+depends on, compiled once under a lock, checked before it is loaded.
+
+A package's name is the sha256 of the exported graph's code, the tensors it reads (names, shapes, dtypes,
+strides), the versions of torch, transformers and lordba, the kernels' library and the ops the package calls
+directly: any change the graph sees compiles a new package and nothing stale is reused. A package is written
+whole or not at all (a temporary name, then a rename), and a damaged one (a zip entry's CRC or its end) is
+compiled again, never run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lordba._util.locks import locked
+
+AOT_DIR = "aot"
+
+
+def package_dir() -> Path:
+    """Where packages are kept by default: ``<lordba cache>/aot``."""
+    from lordba._util.cachedir import cache_dir
+
+    return Path(cache_dir()) / AOT_DIR
+
+
+def package_key(program: Any, tensors: dict[str, torch.Tensor], shims: dict) -> str:
+    """sha256 of what the compiled code depends on: the graph, the tensors' names/shapes/dtypes, versions,
+    and the ops it calls directly (``shims``: :func:`lordba.kernels.cpu.aoti.c_shims`' answer)."""
+    import transformers
+
+    from lordba._version import __version__
+    from lordba.kernels.cpu import extension_name
+
+    h = hashlib.sha256()
+    direct = sorted(str(op) for op in shims)  # the ops the package calls directly (kernels.cpu.aoti)
+    code = program.graph_module.code
+    for part in (torch.__version__, transformers.__version__, __version__, extension_name(), direct, code):
+        h.update(str(part).encode() + b"\0")
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{tuple(t.stride())}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def compiled_package(
+    program: Any, tensors: dict[str, torch.Tensor], folder: Path, log: Callable[[str], None]
+) -> tuple[Path, float]:
+    """The package of ``program`` in ``folder`` (compiled now if absent or damaged: :func:`_intact`; written
+    whole or not at all).
+
+    A compile holds a lock on inductor's cache directory: inductor writes a graph's files there under names
+    of its hash, shared by every process and not atomically (``open(..., "w")``), so two processes compiling
+    one graph at once packaged each other's half-written files (an empty ``*_metadata.json`` that no loader
+    reads). A package another process compiled while this one waited is then used as it is."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+
+    from lordba.kernels.cpu.aoti import c_shims
+
+    shims = c_shims()
+    path = folder / f"step-{package_key(program, tensors, shims)}.pt2"
+    if _usable(path, log):
+        return path, 0.0
+    folder.mkdir(parents=True, exist_ok=True)
+    with locked(Path(inductor_cache_dir())):
+        if _usable(path, log):
+            return path, 0.0
+        log(f"compiling the decode step ahead of time (once per model, adapter and cache length): {path.name}")
+        start = time.perf_counter()
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".pt2")  # never a step-*.pt2 name
+        os.close(fd)
+        try:
+            configs: dict[str, Any] = {"aot_inductor.package_constants_in_so": False}
+            if shims:
+                configs["aot_inductor.custom_ops_to_c_shims"] = shims
+            torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=configs)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path, time.perf_counter() - start
+
+
+def _usable(path: Path, log: Callable[[str], None]) -> bool:
+    """Whether the package at ``path`` is there and :func:`_intact` (a damaged one is removed)."""
+    if not path.is_file():
+        return False
+    if _intact(path):
+        return True
+    log(f"the compiled decode step {path} is damaged (a zip entry's CRC or its end): compiling it again")
+    path.unlink(missing_ok=True)
+    return False
+
+
+def _intact(path: Path) -> bool:
+    """Whether every entry of the package at ``path`` reads back with its CRC (AOTInductor's loader checks
+    none: a flipped byte of the compiled code would be run)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except Exception:  # not a zip, cut short, an entry that does not decompress: damaged
+        return False
