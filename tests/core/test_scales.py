@@ -131,3 +131,18 @@ def test_int4_conversion_returns_exactly_what_the_codec_stores():
     err = float((res.delta_weight().double() - dense).norm() / dense.norm())
     assert err == pytest.approx(res.rel_error, rel=1e-4)
     assert res.rel_error < convert_factors(A, B, 8, scale_dtype="int4").rel_error_init + 0.05
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("where", ["b", "a"])
+def test_code_formats_keep_a_nan_scale_visible(name, where):
+    """A NaN in ``b`` or ``a`` (a diverged run) must not be encoded as code 0 beside finite stored
+    tensors: the save's finiteness check would pass and the file would hold another adapter than the
+    one that ran (whose forward is NaN). It reaches ``scale_mid``, which saves refuse."""
+    codec = get_codec(name)
+    b, m, a = torch.ones(6), torch.ones(2), torch.linspace(-1.0, 1.0, 4)
+    (b if where == "b" else a)[1] = float("nan")
+    stored = codec.encode(b, m, a)
+    assert not torch.isfinite(stored[1]).all()
+    assert not torch.isfinite(torch.stack([v.sum() for v in codec.decode(*stored)])).all()
+    assert not torch.isfinite(torch.stack([v.sum() for v in codec.fake_quant(b, m, a)])).all()

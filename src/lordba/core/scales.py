@@ -86,11 +86,12 @@ class ScaleCodec:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes of ``b`` and ``a`` (as floats) and the rescaled ``m``; one computation for encode and forward."""
         # An all-zero vector (the cold start's a = 0) keeps step 1, so m is not zeroed with it
-        # and gradients still reach the vector: ã·m̃ = a·m·max|b| exactly as if unquantized.
+        # and gradients still reach the vector: ã·m̃ = a·m·max|b| exactly as if unquantized. A NaN
+        # maximum stays NaN and reaches m (codes would cast NaN to 0): a save refuses the module.
         max_b = b.abs().amax()
         max_a = a.abs().amax()
-        max_b = torch.where(max_b > 0, max_b, torch.ones_like(max_b))
-        max_a = torch.where(max_a > 0, max_a, torch.ones_like(max_a))
+        max_b = torch.where(max_b == 0, torch.ones_like(max_b), max_b)
+        max_a = torch.where(max_a == 0, torch.ones_like(max_a), max_a)
         code_b = rounding(_INT8_MAX * b / max_b)
         code_a = rounding(_INT8_MAX * a / max_a)
         return code_b, m * max_b * max_a, code_a
