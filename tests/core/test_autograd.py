@@ -50,6 +50,26 @@ def test_fused_backward_equals_autograd_of_the_unfused_chain(ste):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_second_derivatives_match_the_unfused_chain():
+    """``create_graph=True`` (a gradient penalty, MAML's inner step): the backward's use of the saved,
+    non-differentiable ``h1`` must not drop the second-order terms through ``x`` and ``b``."""
+    x, lat_A, lat_B, b, m, a = _rand(3, tokens=(4,), in_f=6, out_f=5)
+    S_A, S_B = torch.where(lat_A >= 0, 1.0, -1.0), torch.where(lat_B >= 0, 1.0, -1.0)
+    leaves = [t.clone().requires_grad_(True) for t in (x, b, m, a)]
+    assert torch.autograd.gradgradcheck(lambda *t: sign_branch(t[0], S_A, S_B, *t[1:], 0.7), leaves)
+
+    def inner_step(branch):
+        leaves = [t.clone().requires_grad_(True) for t in (x, b, m, a)]
+        xx, bb, mm, aa = leaves
+        loss = (branch(xx, S_A, S_B, bb, mm, aa, 0.7) ** 2).sum()
+        grads = torch.autograd.grad(loss, (bb, mm, aa), create_graph=True)
+        stepped = [v - 0.1 * g for v, g in zip((bb, mm, aa), grads)]
+        return torch.autograd.grad(branch(xx, S_A, S_B, *stepped, 0.7).sum(), leaves)
+
+    for got, want in zip(inner_step(sign_branch), inner_step(reference_delta)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_fixed_signs_get_no_gradient_and_bf16_inputs_work():
     x, lat_A, lat_B, b, m, a = _rand(2)
     S_A, S_B = torch.sign(lat_A).float(), torch.sign(lat_B).float()

@@ -11,7 +11,9 @@ gradient itself:
     Q = gᵀ h2 (out×r):  ∂S_B = (s a) ⊙ Q, ∂a = s Σ_k S_B ⊙ Q, g2 = g (S_B ⊙ s a)
 
 Sign sources are either latent float factors (trained through a straight-through estimator,
-signs recomputed in the backward instead of being saved) or fixed ±1 tensors.
+signs recomputed in the backward instead of being saved) or fixed ±1 tensors. The backward is
+itself differentiable (``create_graph=True``: gradient penalties, MAML): it then recomputes ``h1``
+from ``x`` and ``b``, whose saved copy carries no graph.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ class DoubleBinaryBranch(torch.autograd.Function):
         in_f, out_f, r = x.shape[-1], grad_out.shape[-1], h1.shape[-1]
         g = grad_out.reshape(-1, out_f)
         x2 = x.reshape(-1, in_f)
+        if torch.is_grad_enabled():  # create_graph: h1 as a function of x and b (the saved one has no graph)
+            h1 = (x * bd) @ sign_A.t()
         h1_2 = h1.reshape(-1, r)
         h2 = h1_2 * md
 
