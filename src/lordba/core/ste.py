@@ -41,9 +41,10 @@ class STE:
 
     def grad(self, latent: torch.Tensor, grad_sign: torch.Tensor) -> torch.Tensor:
         """Gradient w.r.t. the latent given the gradient w.r.t. its sign."""
-        if self.kind == "smoothsign":
-            t = torch.tanh(self.k * latent)
-            return grad_sign * (self.k * (1.0 - t * t))
+        if self.kind == "smoothsign":  # at least float32: 1 - tanh² cancels to 0 early in bfloat16 / float16
+            wide = torch.promote_types(latent.dtype, torch.float32)
+            t = torch.tanh(self.k * latent.to(wide))
+            return (grad_sign.to(wide) * (self.k * (1.0 - t * t))).to(grad_sign.dtype)
         return grad_sign * (latent.abs() <= self.clip).to(grad_sign.dtype)
 
 
