@@ -157,3 +157,37 @@ def test_an_hqq_prompt_with_the_fast_branch_compute_is_within_bfloat16_of_exact(
         fast = layer(x)
     assert (fast - exact).norm() <= 1e-2 * (exact - base).norm()
     assert torch.equal(fast, exact) != amx_prefill_available()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_a_plain_linears_kept_call_is_bound_and_equals_its_python_call(tokens):
+    """``PlainLinear.bound_branch`` binds ``lordba::linear_branch`` for an input of the weight's dtype (the checks'
+    dtype, not their epoch): the bound call gives the Python call's result bit for bit, a prompt that may take the
+    tile unit's factors going to that call, and declines an input of another dtype."""
+    from lordba import kernels
+    from lordba.nn.adapter_base import _EPOCH
+    from lordba.quant.backend import PlainLinear, tile_elements
+
+    if kernels.bound_calls() is None:
+        pytest.skip("bound calls unavailable")
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 24)
+    x = torch.randn(1, tokens, 40)
+    adapter = TrainableAdapter(40, 24, 4, 2.0, get_codec("float32"), STE(), init="random").pack()
+    tensors, scaling, limit = adapter._routed(False, (kernels.get_mode(), x.dtype))
+    backend = PlainLinear()
+    call = backend.fused_branch(linear, x, tensors, scaling, limit)
+    calls = []
+
+    def python(x):
+        calls.append(x.shape)
+        return call(x)
+
+    token = ("token",)
+    bound = backend.bound_branch(linear, tensors, scaling, limit, (token, _EPOCH, _EPOCH[0], x.dtype, []), python)
+    assert type(bound).__name__ == "LayerCall"
+    assert torch.equal(bound(x, token), call(x))
+    prompt = x.numel() >= tile_elements(limit, 40)  # may take the tile unit's kept factors: the Python call's
+    assert calls == ([x.shape] if prompt else [])  # else the op, bound
+    assert bound(x.double(), token) is None

@@ -132,7 +132,8 @@ class PlainLinear(BaseBackend):
     ) -> Any:
         """``lordba::linear_branch`` bound; a prompt that may take the tile unit's factors goes to ``call``."""
         weight, bound = module._parameters.get("weight"), bound_calls()
-        if bound is None or type(module) is not nn.Linear or weight is None or weight.dtype != checks[2]:
+        dtype = checks[3]  # (token, epoch list, epoch, the input's dtype, hook dicts)
+        if bound is None or type(module) is not nn.Linear or weight is None or weight.dtype != dtype:
             return None
         below = min(tile_elements(limit, int(tensors[2].numel())), 1 << 62)  # (an int64 for C++)
         return bound.LayerCall.linear(checks, module._parameters, tensors, scaling, limit, below, call)
