@@ -115,6 +115,25 @@ def test_unload_waits_for_the_last_request_and_register_refuses_duplicates(model
         registry.unload("mine")
 
 
+def test_a_register_whose_load_fails_outside_the_loaders_checks_leaves_no_name(model, folder, monkeypatch):
+    """register forgot the name only when the load raised a library error: a lora_path too long for the file
+    system (the loader's stat raised OSError ENAMETOOLONG) was a 500, and the name stayed registered for good:
+    listed by /v1/models, every request for it loading the bad path again, and a register of that name with a
+    good path refused as 'already been loaded'. Any other failure of the load (here a RuntimeError) left it too."""
+    registry = AdapterRegistry(model, folder)
+    with pytest.raises(AdapterLoadError, match=r"'z' cannot be loaded.*too long"):
+        registry.register("z", "x" * 5000)
+    assert "z" not in registry.names() and not model.peft_config
+    real = model.load_adapter
+    monkeypatch.setattr(model, "load_adapter", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("broken")))
+    with pytest.raises(RuntimeError, match="broken"):
+        registry.register("z", "a")
+    assert "z" not in registry.names() and not model.peft_config
+    monkeypatch.setattr(model, "load_adapter", real)
+    registry.register("z", "a")  # the name is free: a good path is served under it
+    assert "z" in registry.names() and "z" in model.peft_config
+
+
 def test_a_corrupt_file_is_refused_with_its_name_and_nothing_is_installed(model, folder):
     weights = folder / "c" / "lordba_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])

@@ -208,7 +208,7 @@ class AdapterRegistry:
                 entry = self._entries[name] = _Entry(full, from_folder=False)
             try:
                 self._load(name, entry)
-            except LoRDBAError:
+            except BaseException:  # whatever failed, the name is not registered
                 with self._cond:
                     self._entries.pop(name, None)
                 raise
@@ -237,7 +237,7 @@ class AdapterRegistry:
         start = time.perf_counter()
         try:
             self.model.load_adapter(entry.path, name)
-        except LoRDBAError as err:
+        except (LoRDBAError, OSError) as err:  # OSError: a path the file system refuses (too long, unreadable)
             if self.observer is not None:
                 self.observer.adapter_load_failed()
             raise AdapterLoadError(f"adapter '{name}' cannot be loaded: {err}") from None
