@@ -456,3 +456,23 @@ def test_tokenizing_a_prompt_does_not_wait_for_the_engines_tokenizer(served):
         assert got and got[0] == list(tokenizer("12+3?" * 200)["input_ids"])
     finally:
         state.engine.shutdown()
+
+
+def test_a_prompt_with_a_lone_surrogate_is_a_400_naming_it(server):
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800": half of an emoji cut by a client), which no tokenizer
+    takes: the fast tokenizer's TypeError was a 500 internal error, for a prompt and for a chat message."""
+    cases = [
+        ("/v1/completions", {"prompt": "ok \ud800"}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "ok \ud83d"}]}, "messages"),
+    ]
+    for path, fields, param in cases:
+        body = json.dumps({"model": "a", "max_tokens": 2, **fields}).encode()  # ensure_ascii: "\ud800" as is
+        status, answer = raw(server, "POST", path, body)
+        assert status == 400 and answer["error"]["param"] == param, answer
+        assert_openai_error(answer, "surrogate")
+    entry = server.state.registry._entries.get("a")
+    assert entry is None or wait_for(lambda: entry.refs == 0)
+    status, answer = raw(
+        server, "POST", "/v1/completions", json.dumps({"model": "a", "prompt": "ok", "max_tokens": 1}).encode()
+    )
+    assert status == 200

@@ -54,6 +54,7 @@ class ServerState:
         """Token ids of a prompt string (with the tokenizer's special tokens), or the ids given,
         each checked to be within the vocabulary."""
         if isinstance(prompt, str):
+            _check_text(prompt, "prompt")
             with self.encoder_lock:
                 ids = list(self.encoder(prompt)["input_ids"])
         else:
@@ -77,6 +78,8 @@ class ServerState:
         """Token ids of the chat ``messages`` through the model's chat template (refused without one)."""
         if not getattr(self.encoder, "chat_template", None):
             raise BadRequestError(f"model '{self.base_name}' has no chat template: use /v1/completions", "messages")
+        for message in messages:
+            _check_text(message.get("content") or "", "messages")
         with self.encoder_lock:
             try:
                 text = self.encoder.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
@@ -144,3 +147,15 @@ class ServerState:
         finally:
             if not request.finished:
                 self.engine.abort(request)
+
+
+def _check_text(text: str, param: str) -> None:
+    """Refuse text that is not Unicode a tokenizer takes: JSON may escape a lone UTF-16 surrogate (half of a
+    character a client cut), on which the tokenizer raises TypeError (a 400 naming ``param``, not a 500)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start]
+        raise BadRequestError(
+            f"{param} holds a lone surrogate (U+{ord(bad):04X} at character {err.start}): not valid Unicode text", param
+        ) from None
