@@ -61,10 +61,11 @@ def test_symlink_out_of_the_folder_and_paths_outside_are_refused(model, folder, 
     assert "escape" not in registry.names() and not model.peft_config
 
 
-@pytest.mark.parametrize("path", ["a\x00b", "\x00"])
-def test_a_lora_path_with_a_nul_byte_is_a_400_naming_it(model, folder, path):
-    """``Path.resolve`` raises ValueError ('embedded null byte') on such a path: POST /v1/load_lora_adapter
-    answered a JSON string holding \\u0000 with a 500 internal error instead of a 400 naming ``lora_path``."""
+@pytest.mark.parametrize("path", ["a\x00b", "\x00", "a\ud800"])
+def test_a_lora_path_that_is_no_file_system_path_is_a_400_naming_it(model, folder, path):
+    """``Path.resolve`` raises ValueError ('embedded null byte'; UnicodeEncodeError for a lone surrogate) on such
+    a path: POST /v1/load_lora_adapter answered a JSON string holding \\u0000 or \\ud800 with a 500 internal
+    error instead of a 400 naming ``lora_path``."""
     registry = AdapterRegistry(model, folder)
     with pytest.raises(BadRequestError, match="lora_path") as err:
         registry.register("x", path)

@@ -104,9 +104,10 @@ class AdapterRegistry:
         """``path`` (absolute, or relative to the folder) resolved, if it lies inside the folder."""
         if self.folder is None:
             raise BadRequestError("this server has no --adapters folder: adapters cannot be loaded", param=param)
-        if "\x00" in str(path):  # Path.resolve raises ValueError on it (a 500)
-            raise BadRequestError(f"{param} {str(path)!r} holds a NUL character", param=param)
-        full = (self.folder / path).resolve()
+        try:
+            full = (self.folder / path).resolve()
+        except ValueError as err:  # a NUL character, a lone surrogate: no file system path (was a 500)
+            raise BadRequestError(f"{param} {str(path)!r} is not a valid path: {err}", param=param) from None
         if full != self.folder and self.folder not in full.parents:
             raise BadRequestError(f"{param} {str(path)!r} is outside the --adapters folder", param=param)
         return full
