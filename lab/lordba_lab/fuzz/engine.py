@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from lordba.errors import ConfigError
+from lordba.format.atomic import atomic_write_bytes
 from lordba_lab.fuzz.worker import STARTED, load_target, read_counters, save_failure
 
 ENGINES = ("atheris", "hypothesis", "mutate")
@@ -123,6 +124,7 @@ def fuzz(
         raise ConfigError("the atheris engine needs atheris (pip install atheris); or use --engine mutate")
     if workers != 1 and (engine != "atheris" or workers < 1):
         raise ConfigError(f"workers must be 1, or (atheris only: libFuzzer runs them) more; got {workers}")
+    out = _writable_out(out)
     failures = Path(failures_dir)
     earlier = set(failures.glob("*.case")) if failures.exists() else set()
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -166,9 +168,26 @@ def fuzz(
         "failures": saved,
     }
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_bytes(out, (json.dumps(report, indent=2) + "\n").encode())
     return report
+
+
+def _writable_out(out: str | Path | None) -> Path | None:
+    """``out`` as a path whose folder exists (made here), checked before the run, so that the report of a
+    whole run is not lost to a path it cannot be written to.
+
+    Raises:
+        ConfigError: ``out`` is a directory, or its folder cannot be made (a file in its path)."""
+    if out is None:
+        return None
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"out {out}: is a directory (name the report's file)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"out {out}: cannot make its folder ({err.strerror or err})") from None
+    return out
 
 
 def _run_libfuzzer(
@@ -364,12 +383,21 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def replay(paths: list[str | Path], target: str = "lordba_lab.fuzz.oracle:run_case") -> list[tuple[str, Any]]:
-    """Run saved cases again (in this process): ``[(path, Result)]``."""
+    """Run saved cases again (in this process): ``[(path, Result)]``.
+
+    Raises:
+        ConfigError: a path is no readable file (before any case runs)."""
     from lordba_lab.fuzz.corpus import decode_case
 
+    cases = []
+    for path in paths:  # every file read before any case runs
+        try:
+            cases.append((str(path), decode_case(Path(path).read_bytes())))
+        except OSError as err:
+            raise ConfigError(f"--replay {path}: cannot read the case ({err.strerror or err})") from None
     run = load_target(target)
     results = []
     with tempfile.TemporaryDirectory(prefix="lordba-replay-") as tmp:
-        for path in paths:
-            results.append((str(path), run(decode_case(Path(path).read_bytes()), Path(tmp))))
+        for path, case in cases:
+            results.append((path, run(case, Path(tmp))))
     return results

@@ -112,3 +112,31 @@ def test_chains_of_mutations_never_raise():
             for name in [first] * 4 + rng.choices(names, k=2) + [first] * 4:
                 case = MUTATORS[name](rng, case)
             assert isinstance(case, dict)
+
+
+def test_replay_of_a_missing_or_unreadable_case_is_invalid_input(tmp_path, capsys):
+    """A --replay path that is no readable file is the user's error (exit 3, naming it), not an internal
+    error: exit 1 is also what `lordba fuzz` returns for a case that failed uncleanly."""
+    good = tmp_path / "seed.case"
+    good.write_bytes(encode_case(seed_cases()[0]))
+    for bad in (tmp_path / "missing.case", tmp_path):
+        assert main(["fuzz", "--replay", str(good), str(bad)]) == 3
+        captured = capsys.readouterr()
+        assert str(bad) in captured.err and "internal error" not in captured.err
+        assert captured.out == ""  # refused before any case runs
+
+
+def test_an_out_path_that_cannot_be_written_is_refused_before_fuzzing(tmp_path, monkeypatch):
+    """``out`` naming a directory (or under a file) is refused before the run, not after it, which lost the
+    report of the whole run."""
+    from lordba_lab.fuzz import engine
+
+    ran = []
+    monkeypatch.setattr(engine, "_run_workers", lambda *a, **k: ran.append(1) or ({}, {}))
+    (tmp_path / "file").write_text("x")
+    for bad in (tmp_path, tmp_path / "file" / "report.json"):
+        with pytest.raises(ConfigError, match="out"):
+            fuzz(1, "mutate", out=bad, failures_dir=tmp_path / "failures", progress=False)
+    assert ran == []
+    report = fuzz(1, "mutate", out=tmp_path / "new" / "report.json", failures_dir=tmp_path / "f", progress=False)
+    assert ran == [1] and json.loads((tmp_path / "new" / "report.json").read_text()) == report
