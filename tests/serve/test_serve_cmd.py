@@ -78,3 +78,20 @@ def test_the_command_serves_until_interrupted(tmp_path_factory):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode in (0, 130), out.decode()
+
+
+def test_a_folder_transformers_cannot_load_exits_3(tmp_path, capsys):
+    """A model folder with a config.json that transformers cannot load (no tokenizer, a config that is not
+    JSON) is invalid input naming the folder, as for ``lordba generate``, not an internal error."""
+    from tiny_model import tiny_model_dir
+
+    good = tiny_model_dir(tmp_path / "good")
+    no_tokenizer, bad_config = tmp_path / "no_tokenizer", tmp_path / "bad_config"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_bytes((good / "config.json").read_bytes())
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text("{not json")
+    for bad in (no_tokenizer, bad_config):
+        assert main(["serve", "--model", str(bad), "--port", "0"]) == 3
+        err = capsys.readouterr().err
+        assert str(bad) in err and "transformers cannot load it" in err and "internal error" not in err

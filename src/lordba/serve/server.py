@@ -26,7 +26,12 @@ DEFAULT_CONTEXT = 2048
 
 
 def load_base(model_dir: str | Path, dtype: str = "float32") -> tuple[LoRDBAModel, Any]:
-    """``(LoRDBAModel without adapters, tokenizer)`` from a local transformers folder."""
+    """``(LoRDBAModel without adapters, tokenizer)`` from a local transformers folder.
+
+    Raises:
+        ConfigError: an unknown ``dtype``; a folder without ``config.json``, or one transformers cannot
+            load (a config that is not JSON, no tokenizer), as ``lordba generate`` says it.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -34,8 +39,11 @@ def load_base(model_dir: str | Path, dtype: str = "float32") -> tuple[LoRDBAMode
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ConfigError(f"--model {model_dir}: not a transformers model folder (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+    except (OSError, ValueError) as err:  # transformers' errors for a folder it cannot read
+        raise ConfigError(f"--model {model_dir}: transformers cannot load it ({type(err).__name__}: {err})") from None
     return LoRDBAModel(model), tokenizer
 
 
