@@ -15,15 +15,27 @@ import time
 
 def run(job: dict) -> dict:
     """Drive the server: ``clients`` threads, each sending its requests one after another (official
-    ``openai`` client, streaming, greedy, ``ignore_eos``), adapters drawn uniformly from ``names``."""
+    ``openai`` client, streaming, greedy, ``ignore_eos``), adapters drawn uniformly from ``names``.
+
+    Raises:
+        RuntimeError: a request failed (its client's error named): the numbers of the others alone would
+            be a throughput that was not measured."""
     import openai
 
     ttft: list[float] = []
     gaps: list[float] = []
     tokens = [0]
+    errors: list[str] = []
     lock = threading.Lock()
 
     def client(k: int) -> None:
+        try:
+            requests(k)
+        except Exception as err:  # reported by the run, not only on a dying thread's stderr
+            with lock:
+                errors.append(f"{type(err).__name__}: {err}")
+
+    def requests(k: int) -> None:
         rng = random.Random(1000 * job.get("seed", 0) + k)  # each round its own draws
         api = openai.OpenAI(base_url=job["url"] + "/v1", api_key="bench", max_retries=0, timeout=600)
         for _ in range(job["requests"]):
@@ -55,6 +67,8 @@ def run(job: dict) -> dict:
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {job['clients']} clients failed; the first: {errors[0]}")
     return {"ttft": ttft, "gaps": gaps, "tokens": tokens[0], "wall": time.perf_counter() - start}
 
 

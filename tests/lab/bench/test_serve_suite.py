@@ -62,3 +62,29 @@ def test_tiny_run_reports_both_engines_and_writes_the_files(tmp_path_factory, tm
     files = serve.write(tmp_path, result)
     assert [f.name for f in files] == ["serve.json", "serve.md", "serve_throughput.png"]
     assert json.loads(files[0].read_text())["rows"] == rows
+
+
+def test_a_failed_request_fails_the_clients_run_instead_of_thinning_its_numbers(monkeypatch):
+    """A request that fails (the server refuses it, the stream breaks) is an error of the run: before, its
+    thread died with the error on stderr, the process exited 0 and the numbers counted the other requests
+    only (fewer tokens over the same wall time: a throughput that was never measured)."""
+    import sys
+    import types
+
+    from lordba_lab.bench import _serve_clients
+
+    class Completions:
+        def create(self, model, **_):
+            if model == "bad":
+                raise ConnectionError("the server went away")
+            chunk = types.SimpleNamespace(choices=[types.SimpleNamespace(text="x", finish_reason=None)], usage=None)
+            end = types.SimpleNamespace(choices=[], usage=types.SimpleNamespace(completion_tokens=1))
+            return iter([chunk, end])
+
+    fake = types.SimpleNamespace(OpenAI=lambda **_: types.SimpleNamespace(completions=Completions()))
+    monkeypatch.setitem(sys.modules, "openai", fake)
+    job = {"url": "http://x", "prompt": [1], "clients": 2, "requests": 2, "max_tokens": 1, "names": ["good"]}
+    done = _serve_clients.run(job)
+    assert done["tokens"] == 4 and len(done["ttft"]) == 4
+    with pytest.raises(RuntimeError, match=r"2 of 2 clients failed.*ConnectionError: the server went away"):
+        _serve_clients.run({**job, "names": ["bad"]})
