@@ -44,17 +44,19 @@ def stats(samples: list[float]) -> Stats:
 
 
 def median_ci(samples: list[float], z: float = 1.96) -> tuple[float, float]:
-    """A distribution-free ~95% (``z`` = 1.96) confidence interval of the median of ``samples``: the
-    order statistics at ranks ``n/2 ∓ z·√n/2`` (the binomial rule; no assumption on the shape of the
-    distribution, independent rounds assumed). Fewer than 6 samples: their whole range."""
+    """A distribution-free confidence interval of the median of ``samples`` at the level of ``z`` (95% for
+    1.96): the order statistics ``x(r)`` and ``x(n+1-r)`` (1-based) for the largest ``r`` whose coverage
+    ``P(r <= B <= n-r)``, ``B ~ Binomial(n, 1/2)``, is at least that level (the binomial rule, exact; no
+    assumption on the shape of the distribution, independent rounds assumed). Too few samples for the level
+    (fewer than 6 at 95%): their whole range."""
     ordered = sorted(samples)
     n = len(ordered)
-    if n < 6:
-        return ordered[0], ordered[-1]
-    half = z * math.sqrt(n) / 2
-    lo = max(0, math.floor(n / 2 - half))
-    hi = min(n - 1, math.ceil(n / 2 + half) - 1)
-    return ordered[lo], ordered[hi]
+    level = math.erf(z / math.sqrt(2))
+    r, below = 1, 1 + n  # below: 2^n P(B <= r), what x(r+1) .. x(n-r) would leave out on each side
+    while r + 1 <= n - r - 1 and 1 - 2 * below / 2**n >= level:
+        r += 1
+        below += math.comb(n, r)
+    return ordered[r - 1], ordered[n - r]
 
 
 def paired_ratio(a: Stats, b: Stats) -> Stats:
