@@ -104,6 +104,7 @@ def test_peft_fields_are_validated_and_omitted_at_their_defaults():
         ({"dropout": True}, "dropout"),
         ({"layers_to_transform": [-1]}, "layers_to_transform"),
         ({"layers_pattern": "a.*"}, "layers_pattern"),
+        ({"layers_pattern": "layers"}, "layers_pattern is given without layers_to_transform"),  # PEFT's rule
         ({"base_quantization": {"backend": "hqq", "bits": 0, "group_size": 64}}, "base_quantization.bits"),
         ({"base_quantization": {"backend": "hqq"}}, "base_quantization"),
     ],
@@ -111,3 +112,10 @@ def test_peft_fields_are_validated_and_omitted_at_their_defaults():
 def test_invalid_peft_fields_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         LoRDBAConfig(**kwargs)
+
+
+def test_a_file_with_layers_pattern_alone_still_loads_as_what_it_ran():
+    """A config written before layers_pattern alone was refused (where it selected nothing) loads, without it:
+    the same layers as when it was written."""
+    data = {**LoRDBAConfig().to_dict(), "layers_pattern": "layers"}
+    assert LoRDBAConfig.from_dict(data) == LoRDBAConfig()

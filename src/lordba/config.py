@@ -215,6 +215,8 @@ class LoRDBAConfig:
         self.dropout = float(self.dropout)
         self.layers_to_transform = _check_layers(self.layers_to_transform)
         self.layers_pattern = _check_layers_pattern(self.layers_pattern)
+        if self.layers_pattern is not None and self.layers_to_transform is None:  # PEFT: alone it selects nothing
+            raise ConfigError("layers_pattern is given without layers_to_transform: give the layer indices too")
         self.base_quantization = check_base_quantization(self.base_quantization)
 
     @property
@@ -275,6 +277,8 @@ class LoRDBAConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {safe_repr(unknown)}")
         kwargs = {k: v for k, v in data.items() if k in names}
+        if kwargs.get("layers_to_transform") is None:  # written before that was refused: it had no effect
+            kwargs.pop("layers_pattern", None)
         try:
             config = cls(**kwargs)
         except ConfigError as err:

@@ -137,3 +137,14 @@ def test_hostile_rank_pattern_through_the_command_line_finishes(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list(read_adapter(tmp_path / "out").modules) == [name]
+
+
+def test_a_peft_layers_pattern_alone_is_dropped_as_it_selected_nothing(tmp_path):
+    """Older PEFT wrote ``layers_pattern`` without ``layers_to_transform`` (all layers adapted); the converted
+    config leaves it out instead of refusing it (lordba refuses it alone, as today's PEFT does)."""
+    from lordba.convert.peft_reader import peft_fields
+
+    assert peft_fields({"layers_pattern": "layers", "lora_dropout": 0.1}, "x") == {"dropout": 0.1}
+    kept = {"layers_pattern": "layers", "layers_to_transform": [0]}
+    assert peft_fields(kept, "x") == kept
+    assert Q in read_lora(peft_dir(tmp_path, {"layers_pattern": "layers"})).layers

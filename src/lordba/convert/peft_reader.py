@@ -270,6 +270,8 @@ def peft_fields(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     out = {ours: cfg[theirs] for theirs, ours in _PEFT_FIELDS.items() if cfg.get(theirs) not in (None, [], "")}
     if isinstance(out.get("task_type"), str) and out["task_type"] not in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
         out.pop("task_type")  # CAUSAL_LM and the like change nothing a LoRDBA adapter stores
+    if "layers_to_transform" not in out:
+        out.pop("layers_pattern", None)  # alone it selected nothing (older PEFT wrote it so; ours refuses it)
     try:
         LoRDBAConfig(**out)
     except ConfigError as err:
