@@ -208,3 +208,14 @@ def test_no_pickle_is_ever_read(saved):
     """A .bin beside the adapter is ignored; only safetensors and JSON are opened."""
     (saved / "adapter_model.bin").write_bytes(b"\x80\x04not a pickle we would ever load")
     assert len(read_adapter(saved).modules) == 14
+
+
+def test_a_path_the_file_system_cannot_hold_is_refused_naming_it(tmp_path):
+    """A name too long for the file system was an OSError from the loader's first stat (a 500 in a server
+    that did not expect one); it is the library's error, naming the path (shortened)."""
+    long = tmp_path / ("a" * 5000)
+    with pytest.raises(AdapterFormatError, match=r"cannot be read \(File name too long\)") as err:
+        read_adapter(long)
+    assert str(tmp_path)[:30] in str(err.value) and len(str(err.value)) < 1000
+    with pytest.raises(AdapterFormatError, match="cannot be read"):
+        LoRDBAModel.from_pretrained(tiny_llama(), long)

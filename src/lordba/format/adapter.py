@@ -242,7 +242,11 @@ def _consistent_pair(directory: Path) -> tuple[_Pair, bool]:
 def open_adapter(directory: str | Path) -> AdapterFile:
     """Validate an adapter directory up to the tensor headers (steps 1–3); tensors load lazily."""
     directory = Path(directory)
-    if not directory.is_dir():
+    try:
+        found = directory.is_dir()
+    except OSError as err:  # a name too long for the file system, a loop of links
+        raise AdapterFormatError(f"{safe_repr(str(directory))}: cannot be read ({err.strerror or err})") from None
+    if not found:
         raise AdapterFormatError(f"{directory}: not a directory")
     for attempt in range(_ATTEMPTS):
         stamp = _stamp(directory / CONFIG_NAME)
