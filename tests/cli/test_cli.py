@@ -195,3 +195,20 @@ def test_serve_refuses_a_port_out_of_range_as_a_usage_error(port, capsys):
     with pytest.raises(SystemExit) as info:
         main(["serve", "--model", "no-such-folder", "--port", port])
     assert info.value.code == 2 and "--port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command", [["bench", "--suite", "quant"], ["demo", "--quick"], ["reproduce", "--quick"], ["train"]]
+)
+def test_an_out_that_is_a_file_or_under_one_is_a_usage_error_before_any_work(command, tmp_path, capsys):
+    """``--out`` naming a file (or a path under one) was an internal error (FileExistsError) from the
+    command's first mkdir; it is a usage error naming the file, and nothing is run."""
+    blocker = tmp_path / "results"
+    blocker.write_text("a file\n")
+    for out in (blocker, blocker / "run"):
+        with pytest.raises(SystemExit) as info:
+            main([*command, "--out", str(out)])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and f"{str(blocker)!r} is a file" in err
+    assert blocker.read_text() == "a file\n"

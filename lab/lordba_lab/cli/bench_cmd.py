@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lordba.cli import output_directory
 from lordba.errors import ConfigError
 from lordba_lab.bench import suites
 
@@ -16,7 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", action="append", help="suite to run (repeatable; default: the default suites)")
     p.add_argument("--list", action="store_true", help="list the suites and exit")
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats (about a minute)")
-    p.add_argument("--out", default="results/bench", help="output directory (default results/bench)")
+    p.add_argument(
+        "--out", type=output_directory, default="results/bench", help="output directory (default results/bench)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

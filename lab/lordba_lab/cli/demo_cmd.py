@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from lordba.cli import output_directory
+
 NAME = "demo"
 HELP = "train and compare LoRDBA (4 modes), fp16 LoRA and low-bit LoRA baselines on SmolLM2 + real data"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="results/demo", help="output directory (default results/demo)")
+    p.add_argument(
+        "--out", type=output_directory, default="results/demo", help="output directory (default results/demo)"
+    )
     p.add_argument("--quick", action="store_true", help="a tiny structural run (about 30 seconds once set up)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

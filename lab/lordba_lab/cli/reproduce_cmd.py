@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from lordba.cli import positive_int
+from lordba.cli import output_directory, positive_int
 
 NAME = "reproduce"
 HELP = "sweep LoRDBA (ptq, qat) against fp16 LoRA and low-bit baselines across sizes and seeds"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="results/reproduce", help="output directory (default results/reproduce)")
+    p.add_argument(
+        "--out", type=output_directory, default="results/reproduce", help="output directory (default results/reproduce)"
+    )
     p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default 3; quick: 2)")
     p.add_argument("--quick", action="store_true", help="a tiny structural run (under a minute)")
     p.add_argument(

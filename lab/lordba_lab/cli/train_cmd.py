@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from lordba.cli import non_negative_int, open_fraction, positive_float, positive_int
+from lordba.cli import non_negative_int, open_fraction, output_directory, positive_float, positive_int
 
 NAME = "train"
 HELP = "train a LoRDBA adapter (modes: ptq, qat, qat-from-lora, scales-only) on a frozen quantized base"
@@ -123,7 +123,9 @@ def _optimisation(p: argparse.ArgumentParser, devices: tuple) -> None:
 
 def _run_control(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output and run control")
-    g.add_argument("--out", required=True, help="output directory: adapter, train_log.json, checkpoints")
+    g.add_argument(
+        "--out", type=output_directory, required=True, help="output directory: adapter, train_log.json, checkpoints"
+    )
     g.add_argument(
         "--eval-every", type=non_negative_int, default=0, help="evaluate every N steps (default 0: at the end only)"
     )

@@ -245,6 +245,19 @@ def open_fraction(text: str) -> float:
     return _bounded(text, float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
 
 
+def output_directory(text: str) -> str:
+    """A directory to write into (created if absent): refused if it names an existing non-directory or lies
+    under a file; ``argparse.ArgumentTypeError`` then (a usage error, before any work is done)."""
+    from pathlib import Path
+
+    for path in (Path(text), *Path(text).parents):
+        if path.exists():
+            if not path.is_dir():
+                raise argparse.ArgumentTypeError(f"must be a directory, but {str(path)!r} is a file")
+            break
+    return text
+
+
 def _bounded(text: str, kind: type, ok: Callable[[float], bool], what: str) -> float:
     try:
         value = kind(text)
