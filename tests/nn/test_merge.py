@@ -91,3 +91,46 @@ def test_merge_names_an_unknown_adapter_and_takes_one_name_as_a_string(input_ids
     torch.testing.assert_close(
         logits(lm.merge_and_unload(adapter_names="default"), input_ids), want, rtol=1e-4, atol=1e-4
     )
+
+
+def _scales(lm, name, path, value=3e4):
+    """Set adapter ``name``'s scales at ``path`` to ``value`` (3e4: a finite update in float32, too large for
+    the q4 base's float16 group scales once requantized)."""
+    adapter = lm.adapter_modules(name)[path]
+    with torch.no_grad():
+        for scale in (adapter.scale_in, adapter.scale_mid, adapter.scale_out):
+            scale.fill_(value)
+
+
+def _bases(lm):
+    return {p: (layer.base_layer, list(layer.merged_adapters)) for p, layer in lm._lordba_layers()}
+
+
+def test_a_safe_merge_refused_after_requantizing_leaves_every_layer_as_it_was(input_ids):
+    # The requantized weight overflowed (finite before requantizing) in a layer that had already taken the
+    # first of two adapters: that layer kept it merged; and a refusal further down the model took out of the
+    # layers already done every adapter merged before, by earlier calls, too.
+    lm = adapted(quantize_model(tiny_llama(0), backend="q4", group_size=64))
+    torch.manual_seed(4)
+    lm.add_adapter("b", LoRDBAConfig(r=4, init="random"))
+    _scales(lm, "b", "model.layers.0.self_attn.q_proj")
+    lm.set_adapter(["default", "b"])
+    before, want = _bases(lm), logits(lm, input_ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MergeRequantizationWarning)
+        with pytest.raises(AdapterStateError, match=r"safe_merge.*'b'.*layers.0.self_attn.q_proj"):
+            lm.merge_adapter(safe_merge=True)
+        assert _bases(lm) == before
+        assert torch.equal(logits(lm, input_ids), want)
+
+        lm.merge_adapter("default")  # an earlier call's merge stays as it is
+        _scales(lm, "b", "model.layers.0.self_attn.q_proj", 0.1)
+        _scales(lm, "b", "model.layers.1.mlp.down_proj")  # refused after layers 0.* took "b"
+        merged, want = _bases(lm), logits(lm, input_ids)
+        with pytest.raises(AdapterStateError, match=r"safe_merge.*'b'.*layers.1.mlp.down_proj"):
+            lm.merge_adapter("b", safe_merge=True)
+        assert _bases(lm) == merged
+        assert all(layer.merged_adapters == ["default"] for _, layer in lm._lordba_layers())
+        assert torch.equal(logits(lm, input_ids), want)
+    lm.unmerge_adapter()
+    assert all(layer.base_layer is before[p][0] for p, layer in lm._lordba_layers())

@@ -128,6 +128,14 @@ class LoRDBALinear(nn.Module):
         """
         if safe_merge:
             self.check_finite_merge(adapter_names, where)
+        state = self.merge_state()
+        try:
+            return self._merge(adapter_names, safe_merge, where)
+        except BaseException:
+            self.restore_merge_state(state)  # the adapters merged before the failing one come out again
+            raise
+
+    def _merge(self, adapter_names: Sequence[str] | None, safe_merge: bool, where: str) -> float | None:
         error = None
         for name in self._to_merge(adapter_names):
             delta = self.get_delta_weight(name)
@@ -146,6 +154,26 @@ class LoRDBALinear(nn.Module):
             self._merge_bias(name)
             self.merged_adapters.append(name)
         return error
+
+    def merge_state(self) -> tuple:
+        """What :meth:`restore_merge_state` takes this layer's merges back to (the base module, its bias and
+        the merge records; references, not copies)."""
+        bias = getattr(self.base_layer, "bias", None)
+        return self.base_layer, bias, list(self.merged_adapters), list(self._premerge_base), list(self._premerge_bias)
+
+    def restore_merge_state(self, state: tuple) -> None:
+        """Take out the adapters merged since :meth:`merge_state` gave ``state``, leaving those merged before
+        (a refused merge call undoes only what it did)."""
+        base, bias, merged, premerge_base, premerge_bias = state
+        if self.backend.in_place_merge:  # the weight changed in place: subtract what was added since
+            while len(self.merged_adapters) > len(merged):
+                name = self.merged_adapters.pop()
+                self.base_layer = self.backend.unmerge(self.base_layer, self.get_delta_weight(name))
+            if getattr(self.base_layer, "bias", None) is not bias:
+                self.base_layer.bias = bias
+        else:  # merged modules are new ones: the one held before is as it was
+            self.base_layer = base
+        self.merged_adapters, self._premerge_base, self._premerge_bias = merged, premerge_base, premerge_bias
 
     def _merge_bias(self, name: str) -> None:
         """Add adapter ``name``'s trained bias change (``bias="lora_only"/"all"``) to the base bias:

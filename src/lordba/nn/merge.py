@@ -40,8 +40,9 @@ def merge_layers(
     """Merge ``adapter_names`` into every layer; returns the largest requantization error.
 
     With ``safe_merge``, every layer's merged weight is checked for NaN/Inf before any layer is
-    changed (and a requantized weight again before it replaces the base; on that failure the layers
-    merged by this call are unmerged again): nothing is left half-merged.
+    changed (and a requantized weight again before it replaces the base). On any failure the adapters this
+    call merged come out of every layer again, those merged by earlier calls stay: nothing is left
+    half-merged.
 
     Raises:
         AdapterStateError: ``safe_merge`` found a non-finite merged weight (naming the layer and adapter).
@@ -49,19 +50,18 @@ def merge_layers(
     if safe_merge:  # check every layer before changing any: an in-place merge cannot be undone bit-exactly
         for path, layer in layers:
             layer.check_finite_merge(adapter_names, where=path)
-    done: list[LoRDBALinear] = []
+    done: list[tuple[LoRDBALinear, tuple]] = []
     worst, lossy = 0.0, 0
     try:
         for path, layer in layers:
-            before = list(layer.merged_adapters)
-            error = layer.merge(adapter_names, safe_merge=safe_merge, where=path)
-            if layer.merged_adapters != before:
-                done.append(layer)
+            before = layer.merge_state()
+            error = layer.merge(adapter_names, safe_merge=safe_merge, where=path)  # a refused layer restores itself
+            done.append((layer, before))
             if error is not None:
                 worst, lossy = max(worst, error), lossy + 1
-    except AdapterStateError:
-        for layer in done:
-            layer.unmerge()
+    except BaseException:  # a refusal, or anything else half-way: nothing is left half-merged
+        for layer, before in reversed(done):  # only this call's merges: earlier calls' stay merged
+            layer.restore_merge_state(before)
         raise
     if lossy:
         warnings.warn(
