@@ -372,3 +372,27 @@ def test_hotswap_loads_the_extra_tensors_in_place_and_refuses_other_ones(tmp_pat
         lm.hotswap_adapter(tmp_path / "plain", "default")
     with torch.no_grad():
         torch.testing.assert_close(lm(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-5)  # unchanged
+
+
+def test_adapter_layers_disabled_stay_disabled_for_an_adapter_added_or_loaded_on_other_modules(tmp_path):
+    # Layers and modules trained in full made for a new adapter used to start enabled: with the adapters
+    # disabled, an adapter added or loaded on modules no earlier adapter had wrapped changed the outputs.
+    base = seq_cls()(input_ids=IDS).logits
+    torch.manual_seed(1)
+    lm = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", target_modules=["q_proj"]))
+    torch.manual_seed(2)
+    config = LoRDBAConfig(r=4, init="random", target_modules=["v_proj"], bias="all", task_type="SEQ_CLS")
+    saved = get_lordba_model(seq_cls(), config)
+    with torch.no_grad():
+        saved.base_model.score.lordba_saved["default"].weight.mul_(3)  # task head: trained in full
+    saved.save_pretrained(tmp_path)
+    lm.disable_adapter_layers()
+    torch.manual_seed(3)
+    lm.add_adapter("o", LoRDBAConfig(r=4, init="random", target_modules=["o_proj"]))
+    lm.load_adapter(tmp_path, "v")
+    for name in ("o", "v", ["default", "o", "v"]):
+        lm.set_adapter(name)
+        torch.testing.assert_close(lm(input_ids=IDS).logits, base, rtol=0, atol=0, msg=str(name))
+    assert not lm.get_model_status().enabled
+    lm.enable_adapter_layers()
+    assert not torch.allclose(lm(input_ids=IDS).logits, base)

@@ -82,6 +82,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
         self._active: tuple[str, ...] = ()
         self._lock = RWLock()
         self._gate = RoutingGate()  # the routing of the call in flight, read by every layer
+        self._layers_disabled = False  # disable_adapter_layers(): layers made later start disabled too
         try:
             signature = inspect.signature(model.forward)
         except (TypeError, ValueError):
@@ -161,6 +162,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
             if not isinstance(module, LoRDBALinear):
                 wrapper = LoRDBALinear(module)
                 wrapper.gate = self._gate
+                wrapper.disable_adapters = self._layers_disabled
                 wrapper.train(module.training)
                 replace_submodule(self.base_model, path, wrapper)
                 module = wrapper

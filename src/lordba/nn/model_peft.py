@@ -113,6 +113,7 @@ class PeftFeaturesMixin(StatusMixin):
         if not isinstance(module, SavedModule):
             module = SavedModule(module)
             module.gate = self._gate
+            module.disable_adapters = self._layers_disabled
             module.train(module.original_module.training)
             replace_submodule(self.base_model, path, module)
         return module
@@ -277,7 +278,8 @@ class PeftFeaturesMixin(StatusMixin):
 
     def disable_adapter_layers(self) -> None:
         """Turn the adapters off in every layer until :meth:`enable_adapter_layers` (persistent, unlike
-        the ``disable_adapter()`` block): the model runs as its base, original heads and biases included."""
+        the ``disable_adapter()`` block): the model runs as its base, original heads and biases included,
+        also in the layers of adapters added or loaded meanwhile."""
         self._set_layers_disabled(True)
 
     def _set_layers_disabled(self, disabled: bool) -> None:
@@ -286,6 +288,7 @@ class PeftFeaturesMixin(StatusMixin):
                 raise AdapterStateError("adapters are merged into the base: unmerge_adapter() before disabling them")
             for _, module in [*self._lordba_layers(), *self._saved_modules()]:
                 module.disable_adapters = disabled
+            self._layers_disabled = disabled  # for the layers of adapters added or loaded later
 
     # ------------------------------------------------------------------ combination
     def add_weighted_adapter(
