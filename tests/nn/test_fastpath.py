@@ -319,3 +319,22 @@ def test_a_layer_takes_its_kept_call_again_only_while_nothing_changed(count, mon
         _two_calls(m)
         lm(inputs_embeds=want).logits.sum().backward()
     assert embeds.grad is not None and torch.equal(embeds.grad, want.grad)
+
+
+def test_generate_takes_the_kept_calls_with_gradients_on_at_the_call(monkeypatch):
+    """transformers' generate runs under no_grad, but it was entered after the model call was armed: called
+    with gradients on (as most scripts do), generation never took the kept decode calls. The tokens are
+    those of a generate under no_grad."""
+    from lordba.nn.fastpath import ARMED
+
+    from conftest import tiny_q4
+
+    lm = tiny_q4(adapter=True)
+    ids = torch.tensor([[5, 17, 3, 44, 9]])
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = lm.generate(input_ids=ids, **kwargs)
+    seen, real = [], lm.base_model.generate
+    monkeypatch.setattr(lm.base_model, "generate", lambda *a, **k: (seen.append(ARMED.token), real(*a, **k))[1])
+    assert torch.is_grad_enabled()
+    assert torch.equal(lm.generate(input_ids=ids, **kwargs), want) and seen[0] is not None

@@ -341,7 +341,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
             returns = kwargs.get("num_return_sequences", getattr(gen, "num_return_sequences", 1) or 1)
             expand = beams if beams > 1 else returns
             adapter_names = [n for n in adapter_names for _ in range(expand)]
-        with self._calling(adapter_names):
+        with torch.no_grad(), self._calling(adapter_names):  # generate's own no_grad, before the call is armed
             return self.base_model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
