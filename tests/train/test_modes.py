@@ -183,3 +183,20 @@ def test_build_adapter_is_reproducible_whatever_ran_before(mode, tmp_path):
     for path, tensors in stored[0].items():
         for name, t in tensors.items():
             assert torch.equal(t, stored[1][path][name]), (path, name)
+
+
+def test_the_lora_seed_trains_exactly_the_modules_of_the_adapter(tmp_path):
+    """The LoRA seed is trained on the LoRDBA adapter's own modules: ``exclude_modules`` and
+    ``layers_to_transform`` apply to it too. It was trained on every module ``target_modules`` names, so
+    the LoRDBA adapter kept only part of what the seed had learnt jointly (the rest was dropped silently)."""
+    from safetensors.torch import load_file
+
+    cfg = LoRDBAConfig(
+        r=4, mode="ptq", target_modules=["q_proj", "v_proj", "down_proj"], exclude_modules=["v_proj"],
+        layers_to_transform=[1],
+    )  # fmt: skip
+    lm, _ = build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), TrainSettings(steps=2), tmp_path, progress=False)
+    factors = load_file(tmp_path / "lora_seed" / "adapter_model.safetensors")
+    seeded = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in factors}
+    assert seeded == set(lm.adapter_modules("default"))
+    assert seeded == {"model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"}

@@ -25,6 +25,7 @@ from lordba.config import LoRDBAConfig
 from lordba.convert import LoraAdapter, convert_factors, read_lora
 from lordba.errors import ConfigError
 from lordba.nn.model import LoRDBAModel, get_lordba_model
+from lordba.nn.targets import find_targets
 from lordba.train.loop import TrainResult, TrainSettings, seed_everything, train_loop
 from lordba.train.lora import add_lora
 from lordba.train.tokenize import Batcher
@@ -41,11 +42,16 @@ def train_lora_seed(
     resume: bool,
     progress: bool,
 ) -> tuple[LoraAdapter, TrainResult]:
-    """Train a PEFT LoRA of the adapter's rank on ``model`` and return its factors (model restored)."""
+    """Train a PEFT LoRA of the adapter's rank on ``model`` and return its factors (model restored).
+
+    The LoRA is on exactly the modules the LoRDBA adapter will have (``target_modules`` less
+    ``exclude_modules``, within ``layers_to_transform``): a seed trained on more would leave part of
+    what it learnt on modules the adapter drops."""
     seed_dir = out_dir / "lora_seed" if out_dir is not None else None
     if seed_dir is not None and resume and (seed_dir / "adapter_model.safetensors").is_file():
         return read_lora(seed_dir), TrainResult()
-    peft_model = add_lora(model, config.r, config.alpha, config.target_modules, settings.seed)
+    targets = find_targets(model, config.target_modules, config.exclude_modules, config)
+    peft_model = add_lora(model, config.r, config.alpha, targets, settings.seed)
     result = train_loop(
         peft_model,
         batcher,
