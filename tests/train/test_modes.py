@@ -200,3 +200,27 @@ def test_the_lora_seed_trains_exactly_the_modules_of_the_adapter(tmp_path):
     seeded = {k.removeprefix("base_model.model.").split(".lora_")[0] for k in factors}
     assert seeded == set(lm.adapter_modules("default"))
     assert seeded == {"model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
+
+
+def test_a_run_killed_while_saving_the_lora_seed_resumes(tmp_path, monkeypatch):
+    """``out/lora_seed`` is written as one directory: a run killed after PEFT wrote the seed's weights but
+    before its config left a seed that every resume then tried to read (AdapterFormatError, config missing);
+    now the half-written seed never appears, and the resumed run ends with the uninterrupted run's adapter."""
+    from peft.config import PeftConfigMixin
+
+    cfg = LoRDBAConfig(r=4, mode="qat-from-lora", target_modules=["q_proj"])
+    settings = TrainSettings(steps=4, lr=3e-3, checkpoint_every=1)
+    want, _ = build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), settings, tmp_path / "whole", progress=False)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PeftConfigMixin, "save_pretrained", killed)
+        with pytest.raises(KeyboardInterrupt):
+            build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), settings, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "lora_seed").exists()
+    got, _ = build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), settings, tmp_path / "run", progress=False)
+    for path, adapter in want.adapter_modules("default").items():
+        for name, t in adapter.stored_tensors().items():
+            assert torch.equal(t, got.adapter_modules("default")[path].stored_tensors()[name]), (path, name)

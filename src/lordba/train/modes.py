@@ -8,7 +8,7 @@
   cheapest on-device update (VeRA/BitDelta-like).
 
 A LoRA warm-up is checkpointed like any run and, once done, saved as ``out/lora_seed`` (PEFT
-format), so an interrupted multi-phase job resumes in the right phase.
+format, written whole or not at all), so an interrupted multi-phase job resumes in the right phase.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import nn
 from lordba.config import LoRDBAConfig
 from lordba.convert import LoraAdapter, convert_factors, read_lora
 from lordba.errors import ConfigError
+from lordba.format.atomic import atomic_directory
 from lordba.nn.model import LoRDBAModel, get_lordba_model
 from lordba.nn.targets import find_targets
 from lordba.train.loop import TrainResult, TrainSettings, seed_everything, train_loop
@@ -62,8 +63,9 @@ def train_lora_seed(
         description="fp16 LoRA seed",
     )
     lora = read_lora(peft_model)
-    if seed_dir is not None:
-        peft_model.save_pretrained(str(seed_dir))
+    if seed_dir is not None:  # one directory, moved into place whole: a killed save leaves no half-written seed
+        with atomic_directory(seed_dir, overwrite=True) as tmp:
+            peft_model.save_pretrained(str(tmp))
     peft_model.unload()
     return lora, result
 
