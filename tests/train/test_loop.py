@@ -112,6 +112,27 @@ def test_checkpoint_then_resume_equals_an_uninterrupted_run(tmp_path):
         assert torch.equal(a, b), n
 
 
+def test_a_run_whose_evaluation_gave_nan_resumes_from_its_checkpoint(tmp_path):
+    """An evaluation may give NaN (held-out rows with nothing left to score: ``heldout_loss`` is NaN) and
+    the log travels in each checkpoint's state.json. It was written there as a bare ``NaN``, which the
+    strict reader refuses, so every later checkpoint was "damaged" and the run could not resume."""
+    settings = TrainSettings(steps=4, lr=3e-3, checkpoint_every=1, eval_every=1)
+
+    def evaluate():
+        return {"eval_loss": math.nan, "metric": math.inf}
+
+    full = model()
+    want = train_loop(full, Batcher(rows(), 4), settings, tmp_path / "full", evaluate, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(model(), InterruptAt(rows(), 4, stop=3), settings, tmp_path / "p", evaluate, progress=False)
+    resumed = model(seed=99)
+    res = train_loop(resumed, Batcher(rows(), 4), settings, tmp_path / "p", evaluate, progress=False)
+    assert res.resumed_from == 3
+    assert json.dumps(res.log) == json.dumps(want.log)  # the log as it was (NaN where the evaluation gave NaN)
+    for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
 CHILD = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})
