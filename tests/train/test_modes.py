@@ -224,3 +224,62 @@ def test_a_run_killed_while_saving_the_lora_seed_resumes(tmp_path, monkeypatch):
     for path, adapter in want.adapter_modules("default").items():
         for name, t in adapter.stored_tensors().items():
             assert torch.equal(t, got.adapter_modules("default")[path].stored_tensors()[name]), (path, name)
+
+
+def test_a_lora_seed_with_modules_trained_in_full_carries_them_or_is_refused(tmp_path):
+    """A LoRA seed (``--lora``) that trains ``lm_head`` in full: its trained head goes into the adapter's copy
+    when the config holds one (it stayed the base's: the LoRA's head was dropped silently), and a config that
+    holds none is a ConfigError naming the tensor (the adapter was built without it, silently)."""
+    from lordba import ConfigError
+    from lordba.train.lora import get_peft_lora_model, peft_lora_config
+
+    torch.manual_seed(0)
+    lora_config = peft_lora_config(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    peft_model = get_peft_lora_model(tiny_llama(0), lora_config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+            if "modules_to_save" in name:
+                p.add_(0.5)
+    peft_model.save_pretrained(tmp_path / "lora")
+    head = peft_model.base_model.model.lm_head.modules_to_save["default"].weight.detach().clone()
+    settings, data = TrainSettings(steps=1), Batcher(rows(), 4)
+    for mode in ("ptq", "qat-from-lora"):
+        cfg = LoRDBAConfig(r=4, mode=mode, target_modules=["q_proj"], modules_to_save=["lm_head"])
+        lm, _ = build_adapter(tiny_llama(0), cfg, data, settings, lora_dir=str(tmp_path / "lora"), progress=False)
+        got = lm.adapter_state("default").extras["lm_head.weight"]
+        assert (got - head).abs().max() <= (0 if mode == "ptq" else 1e-3), mode  # qat: one step of lr 1e-4 from it
+    cfg = LoRDBAConfig(r=4, mode="ptq", target_modules=["q_proj"])
+    with pytest.raises(ConfigError, match=r"lm_head\.weight.*modules_to_save"):
+        build_adapter(tiny_llama(0), cfg, data, settings, lora_dir=str(tmp_path / "lora"), progress=False)
+
+
+def test_a_lora_seed_with_trained_biases_carries_them(tmp_path):
+    """``bias="lora_only"``: the LoRA seed's trained biases of its layers become the adapter's (they stayed
+    the base's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lordba.train.lora import get_peft_lora_model, peft_lora_config
+
+    from conftest import TINY
+
+    def base():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(**TINY, attention_bias=True))
+
+    lora_config = peft_lora_config(r=4, lora_alpha=8, target_modules=["q_proj"], bias="lora_only")
+    peft_model = get_peft_lora_model(base(), lora_config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if name.endswith("q_proj.base_layer.bias"):
+                p.add_(0.25)
+    peft_model.save_pretrained(tmp_path / "lora")
+    cfg = LoRDBAConfig(r=4, mode="ptq", target_modules=["q_proj"], bias="lora_only")
+    data = Batcher(rows(), 4)
+    lm, _ = build_adapter(base(), cfg, data, TrainSettings(steps=1), lora_dir=str(tmp_path / "lora"), progress=False)
+    extras = lm.adapter_state("default").extras
+    plain = base()
+    assert len(extras) == 2
+    for name, value in extras.items():
+        assert torch.allclose(value, plain.get_parameter(name).detach() + 0.25, atol=1e-6), name

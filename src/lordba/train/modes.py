@@ -26,6 +26,7 @@ from lordba.convert import LoraAdapter, convert_factors, read_lora
 from lordba.errors import ConfigError
 from lordba.format.atomic import atomic_directory
 from lordba.nn.model import LoRDBAModel, get_lordba_model
+from lordba.nn.saved import SavedModule
 from lordba.nn.targets import find_targets
 from lordba.train.loop import TrainResult, TrainSettings, seed_everything, train_loop
 from lordba.train.lora import add_lora
@@ -76,8 +77,11 @@ def init_from_lora(
     """Set an adapter's signs and scales from LoRA factors (closed-form init + solver, SPEC §3).
 
     ``packed=False`` keeps latent form (latents = sign × 0.01) for QAT; ``packed=True`` freezes the
-    signs. Returns ``{module path: relative reconstruction error}``. Raises :class:`ConfigError`, before
-    the adapter changes, if the LoRA has no factors for one of its modules or factors of other shapes.
+    signs. The tensors the LoRA trains in full (``modules_to_save``, trained biases) are copied into the
+    adapter's own (its config must hold them: ``modules_to_save``, ``bias``). Returns ``{module path:
+    relative reconstruction error}``. Raises :class:`ConfigError`, before the adapter changes, if the LoRA
+    has no factors for one of its modules, factors of other shapes, or tensors trained in full that the
+    adapter does not hold (or of other shapes).
     """
     errors = {}
     missing = sorted(set(lm.adapter_modules(adapter_name)) - set(lora.layers))
@@ -90,6 +94,7 @@ def init_from_lora(
                 f"{lora.source}: module {path!r} of the LoRA seed is (out, in) = {(f.out_features, f.in_features)}, "
                 f"the model's layer {(adapter.out_features, adapter.in_features)}: a LoRA of another model"
             )
+    saved = _saved_targets(lm, lora, adapter_name)
     lm.unpack_to_latent(adapter_name, LATENT_MAGNITUDE)  # the training form, latent signs, whatever it was
     modules = lm.adapter_modules(adapter_name)
     scale_dtype = lm.peft_config[adapter_name].scale_dtype
@@ -103,9 +108,51 @@ def init_from_lora(
             adapter.latent_A.copy_(res.sign_A * LATENT_MAGNITUDE)
             adapter.latent_B.copy_(res.sign_B * LATENT_MAGNITUDE)
         errors[path] = float(res.rel_error)
+    with torch.no_grad():
+        for name, target in saved.items():
+            value = lora.extras[name].float()
+            if isinstance(target, str):  # a trained bias: the adapter holds it minus the base layer's
+                value = value - lm.base_model.get_submodule(target).bias.detach().float().cpu()
+                target = modules[target].bias_delta
+            target.copy_(value.to(target.device, target.dtype))
     if packed:
         lm.freeze_signs(adapter_name)
     return errors
+
+
+def _saved_targets(lm: LoRDBAModel, lora: LoraAdapter, adapter_name: str) -> dict[str, torch.Tensor | str]:
+    """Where each tensor the LoRA trains in full goes in the adapter: ``{name: the adapter's copy}`` for a
+    module trained in full, ``{name: layer path}`` for a trained bias of an adapted layer (held as a delta).
+
+    Raises:
+        ConfigError: the adapter holds no such tensor (its config lacks the ``modules_to_save`` / ``bias``),
+            or one of another shape.
+    """
+    held: dict[str, torch.Tensor | str] = {}
+    for path, module in lm.base_model.named_modules():
+        if isinstance(module, SavedModule) and adapter_name in module.lordba_saved:
+            copy = module.lordba_saved[adapter_name]
+            held.update({f"{path}.{n}": copy.get_parameter(n) for n in module.saved_params[adapter_name]})
+    for path, adapter in lm.adapter_modules(adapter_name).items():
+        if adapter.bias_delta is not None:
+            held[f"{path}.bias"] = path
+    missing = sorted(set(lora.extras) - set(held))
+    if missing:
+        raise ConfigError(
+            f"{lora.source}: the LoRA trains {missing[:3]} in full (modules_to_save / bias), which adapter "
+            f"{adapter_name!r} does not hold: give its config the same modules_to_save and bias"
+        )
+    for name in lora.extras:
+        shape = (
+            held[name].shape
+            if isinstance(held[name], torch.Tensor)
+            else (lm.adapter_modules(adapter_name)[held[name]].out_features,)
+        )
+        if tuple(lora.extras[name].shape) != tuple(shape):
+            raise ConfigError(
+                f"{lora.source}: {name} has shape {tuple(lora.extras[name].shape)}, the adapter's {tuple(shape)}"
+            )
+    return {name: held[name] for name in lora.extras}
 
 
 def build_adapter(
