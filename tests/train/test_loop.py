@@ -213,3 +213,17 @@ def test_resolve_device():
     else:
         with pytest.raises(ConfigError, match="'cuda' is not available"):
             resolve_device("cuda")
+
+
+def test_bf16_on_an_hqq_base_is_refused_before_training():
+    """HQQ's backward fails under bfloat16 autocast (a float32 dequantized weight times a bfloat16 gradient):
+    ``TrainSettings(bf16=True)`` on an HQQ base was a bare RuntimeError from inside HQQ after the first forward;
+    now a ConfigError naming bf16 and the layer, before any step (as ``lordba train --bf16 --quant hqq``)."""
+    from lordba.quant import quantize_model
+
+    base = quantize_model(tiny_llama(0), backend="hqq", group_size=8)
+    lm = get_lordba_model(base, LoRDBAConfig(r=4, target_modules=["q_proj"]))
+    before = {n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad}
+    with pytest.raises(ConfigError, match=r"bf16.*HQQ.*q_proj"):
+        train_loop(lm, Batcher(rows(), 4), TrainSettings(steps=1, bf16=True), progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in lm.named_parameters() if p.requires_grad)

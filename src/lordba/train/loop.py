@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from lordba._util.jsonio import safe_repr
 from lordba.errors import ConfigError, TrainingError
 from lordba.format.atomic import atomic_write_bytes
+from lordba.quant import resolve_backend
 from lordba.train.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from lordba.train.tokenize import Batcher
 
@@ -155,6 +156,8 @@ def train_loop(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters")
+    if settings.bf16:
+        _refuse_bf16_base(model)
     seed_everything(settings.seed)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     factor = _schedule(settings)
@@ -206,6 +209,22 @@ def train_loop(
     if out_dir is not None:
         write_log(out_dir, result.log)
     return result
+
+
+def _refuse_bf16_base(model: torch.nn.Module) -> None:
+    """Refuse bfloat16 autocast on a base whose backward fails under it: HQQ multiplies the bfloat16
+    gradient by its float32 dequantized weight (``RuntimeError`` after the first forward).
+
+    Raises:
+        ConfigError: naming ``bf16`` and the first such layer.
+    """
+    for name, module in model.named_modules():
+        backend = resolve_backend(module)
+        if backend is not None and backend.name == "hqq":
+            raise ConfigError(
+                f"TrainSettings.bf16 is not supported on an HQQ base (layer {name!r}): HQQ's backward fails under "
+                "bfloat16 autocast; train in float32 (bf16=False) or on another base (q4, bnb, none)"
+            )
 
 
 def _stop_non_finite(step: int, settings: TrainSettings, ckpt_dir: Path | None) -> None:
