@@ -6,8 +6,9 @@ import pytest
 import torch
 from test_loop import rows
 
-from lordba import LoRDBAConfig, LoRDBAModel
+from lordba import LoRDBAConfig, LoRDBAModel, get_lordba_model
 from lordba.cli import main
+from lordba.convert import read_lora
 from lordba.train import TrainSettings, build_adapter, init_from_lora
 from lordba.train.lora import add_lora
 from lordba.train.tokenize import Batcher
@@ -250,9 +251,12 @@ def test_a_lora_seed_with_modules_trained_in_full_carries_them_or_is_refused(tmp
         lm, _ = build_adapter(tiny_llama(0), cfg, data, settings, lora_dir=str(tmp_path / "lora"), progress=False)
         got = lm.adapter_state("default").extras["lm_head.weight"]
         assert (got - head).abs().max() <= (0 if mode == "ptq" else 1e-3), mode  # qat: one step of lr 1e-4 from it
-    cfg = LoRDBAConfig(r=4, mode="ptq", target_modules=["q_proj"])
-    with pytest.raises(ConfigError, match=r"lm_head\.weight.*modules_to_save"):
-        build_adapter(tiny_llama(0), cfg, data, settings, lora_dir=str(tmp_path / "lora"), progress=False)
+    cfg = LoRDBAConfig(r=4, mode="ptq", target_modules=["q_proj"])  # the seed's modules_to_save fills it
+    lm, _ = build_adapter(tiny_llama(0), cfg, data, settings, lora_dir=str(tmp_path / "lora"), progress=False)
+    assert lm.peft_config["default"].modules_to_save == ["lm_head"]
+    assert torch.equal(lm.adapter_state("default").extras["lm_head.weight"], head)
+    with pytest.raises(ConfigError, match=r"lm_head\.weight.*modules_to_save"):  # the library call: no guessing
+        init_from_lora(get_lordba_model(tiny_llama(0), cfg), read_lora(tmp_path / "lora"))
 
 
 def test_a_lora_seed_with_trained_biases_carries_them(tmp_path):

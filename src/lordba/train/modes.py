@@ -7,6 +7,9 @@
 * ``scales-only``: the same seed, converted, signs frozen (packed), only ``a, m, b`` train — the
   cheapest on-device update (VeRA/BitDelta-like).
 
+A given LoRA seed's modules trained in full and trained biases are carried into the adapter (its
+``modules_to_save`` / ``bias`` / ``task_type`` fill the config's where those are left at their defaults).
+
 A LoRA warm-up is checkpointed like any run and, once done, saved as ``out/lora_seed`` (PEFT
 format, written whole or not at all), so an interrupted multi-phase job resumes in the right phase.
 """
@@ -155,6 +158,19 @@ def _saved_targets(lm: LoRDBAModel, lora: LoraAdapter, adapter_name: str) -> dic
     return {name: held[name] for name in lora.extras}
 
 
+SEED_FIELDS = ("modules_to_save", "bias", "task_type")  # what a LoRA seed trains in full besides its factors
+
+
+def with_seed_fields(config: LoRDBAConfig, lora: LoraAdapter) -> LoRDBAConfig:
+    """``config`` with the given LoRA seed's :data:`SEED_FIELDS` where ``config`` leaves them at their defaults,
+    so that the adapter carries the seed's trained head and biases (as :func:`lordba.convert.convert_lora`'s
+    does) where its config does not say otherwise. Raises :class:`ConfigError` for a combination the config
+    refuses."""
+    defaults = LoRDBAConfig()
+    changes = {k: v for k, v in lora.fields.items() if k in SEED_FIELDS and getattr(config, k) == getattr(defaults, k)}
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def build_adapter(
     model: nn.Module,
     config: LoRDBAConfig,
@@ -185,6 +201,7 @@ def build_adapter(
 
     if lora_dir is not None:
         lora, seed_result = read_lora(lora_dir), TrainResult()
+        config = with_seed_fields(config, lora)
         remaining = settings.steps
     else:
         seed_steps = settings.steps if mode == "ptq" else max(1, math.ceil(lora_warmup * settings.steps))
