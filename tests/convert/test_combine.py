@@ -5,11 +5,11 @@ import torch
 
 from lordba.convert.combine import combine_dense, lora_from_delta
 from lordba.errors import ConversionError
-from lordba.nn import model_peft
+from lordba.nn import model_combine
 
 
 def test_registered_into_nn_at_import():
-    assert model_peft._COMBINERS["dense"] is combine_dense
+    assert model_combine._COMBINERS["dense"] is combine_dense
 
 
 def test_lora_from_delta_is_the_best_rank_r_approximation():

@@ -16,7 +16,7 @@ from lordba.core.packing import unpack_signs
 from lordba.core.scales import get_codec
 from lordba.errors import ConversionError
 from lordba.format.header import ModuleRecord
-from lordba.nn.model_peft import register_combiner
+from lordba.nn.model_combine import register_combiner
 
 
 def lora_from_delta(path: str, delta: torch.Tensor, r: int, scaling: float) -> LoraLayer:

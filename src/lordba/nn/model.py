@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -34,13 +34,14 @@ from lordba.config import LoRDBAConfig
 from lordba.core.scales import get_codec
 from lordba.errors import AdapterStateError, ConfigError, ShapeMismatchError, TargetModulesError
 from lordba.format.sizes import SizeReport, size_report
-from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter, hold_together
+from lordba.nn.adapter import LoRDBAAdapter, TrainableAdapter
 from lordba.nn.fastpath import armed
 from lordba.nn.hub import refuse_base_attribute
 from lordba.nn.layer import LoRDBALinear
 from lordba.nn.lock import RWLock
 from lordba.nn.merge import merge_layers, merge_names
 from lordba.nn.model_files import AdapterFilesMixin
+from lordba.nn.model_forms import AdapterFormsMixin
 from lordba.nn.model_peft import PeftFeaturesMixin
 from lordba.nn.routing import BASE_ROW, ROUTING, RoutingGate, routing
 from lordba.nn.structure import resolve
@@ -68,7 +69,7 @@ def _with_adapter_names(signature: inspect.Signature) -> inspect.Signature:
     return signature.replace(parameters=[*rest, extra, *var_kw])
 
 
-class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
+class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Module):
     """A model with LoRDBA adapters. Build it with :func:`get_lordba_model` or :meth:`from_pretrained`."""
 
     def __init__(self, model: nn.Module, config: LoRDBAConfig | None = None, adapter_name: str = "default") -> None:
@@ -226,66 +227,6 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
             del self.peft_config[adapter_name]
             self._active = tuple(n for n in self._active if n != adapter_name)
             self._sync_saved()
-
-    def set_trainable(self, adapter_name: str, signs: bool = True, scales: bool = True) -> None:
-        """Choose what of an adapter trains: latent signs and/or scales (everything else stays frozen).
-        An adapter in inference form whose scales are to train is turned into the training form
-        (float32 scale parameters holding its decoded scales, signs frozen)."""
-        with self._lock.write():
-            modules = self.adapter_modules(adapter_name)
-            if signs and any(isinstance(a, PackedAdapter) for a in modules.values()):
-                raise AdapterStateError("packed signs cannot train: call unpack_to_latent() first")
-            if scales:
-                ste = self.peft_config[adapter_name].ste_spec
-                self._convert_forms(adapter_name, lambda a: a.trainable(ste) if isinstance(a, PackedAdapter) else a)
-            for adapter in self.adapter_modules(adapter_name).values():
-                if isinstance(adapter, TrainableAdapter):
-                    adapter.set_trainable(signs, scales)
-
-    def pack(self, adapter_name: str | None = None) -> None:
-        """Turn adapters (default: all) into the inference form (:class:`~lordba.nn.adapter.PackedAdapter`:
-        packed signs and stored scales, frozen; each adapter's tensors in one buffer, as loaded ones are:
-        :func:`~lordba.nn.adapter.hold_together`); latents are dropped."""
-        with self._lock.write():
-            for name in [adapter_name] if adapter_name else list(self.peft_config):
-                if not any(isinstance(a, TrainableAdapter) for a in self.adapter_modules(name).values()):
-                    continue
-                self._convert_forms(name, lambda a: a.pack() if isinstance(a, TrainableAdapter) else a)
-                hold_together([a for a in self.adapter_modules(name).values() if isinstance(a, PackedAdapter)])
-
-    def _swap(self, adapter_name: str, path: str, adapter: LoRDBAAdapter) -> LoRDBAAdapter:
-        """Put ``adapter`` (another form of the one held) at ``path`` under ``adapter_name``; returns it."""
-        self.base_model.get_submodule(path).add_adapter(adapter_name, adapter)
-        return adapter
-
-    @ordinary_tensors()  # the new forms' tensors are ordinary ones even under inference mode (version counters)
-    def _convert_forms(self, adapter_name: str, convert: Callable[[LoRDBAAdapter], LoRDBAAdapter]) -> None:
-        """Replace each module of ``adapter_name`` by ``convert(module)`` where that is another module
-        (the caller holds the write lock): ``pack``, ``unpack_to_latent``, ``freeze_signs``."""
-        for path, adapter in self.adapter_modules(adapter_name).items():
-            converted = convert(adapter)
-            if converted is not adapter:
-                self._swap(adapter_name, path, converted)
-
-    def unpack_to_latent(self, adapter_name: str, magnitude: float = 0.01) -> None:
-        """Turn a packed adapter back into latent form (signs ± ``magnitude``) to resume QAT."""
-        with self._lock.write():
-            self._check_known(adapter_name)
-            config = self.peft_config[adapter_name]
-            dtype = DTYPES[config.latent_dtype]
-
-            def latent(a: LoRDBAAdapter) -> LoRDBAAdapter:
-                if isinstance(a, PackedAdapter):
-                    return a.trainable(config.ste_spec, True, magnitude, dtype)
-                return a.unfreeze_signs(magnitude, dtype)  # the adapter itself when its signs are latent
-
-            self._convert_forms(adapter_name, latent)
-
-    def freeze_signs(self, adapter_name: str) -> None:
-        """Freeze an adapter's signs as packed bits (1 each) and keep its float32 scale parameters:
-        the training form of ``scales-only`` (an adapter in inference form is left as it is)."""
-        with self._lock.write():
-            self._convert_forms(adapter_name, _frozen_signs)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -448,13 +389,6 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, nn.Module):
         (default: the same rank), per module and for the file ``save_pretrained`` writes."""
         dims = {p: (a.in_features, a.out_features, a.r) for p, a in self.adapter_modules(adapter_name).items()}
         return size_report(dims, self.peft_config[adapter_name].scale_dtype, r_ref=r_ref)
-
-
-def _frozen_signs(adapter: LoRDBAAdapter) -> LoRDBAAdapter:
-    """``adapter`` with its signs frozen (packed), if they are latent; else itself."""
-    if isinstance(adapter, TrainableAdapter) and adapter.has_latent_signs:
-        return adapter.freeze_signs()
-    return adapter
 
 
 def get_lordba_model(model: nn.Module, config: LoRDBAConfig, adapter_name: str = "default") -> LoRDBAModel:
