@@ -47,3 +47,34 @@ def test_all_linear_and_quantization_skip_the_same_heads():
     adapted = find_targets(model, None)
     quantized = [name for name, _ in quantizable(model)]
     assert adapted == quantized and len(adapted) == 14
+
+
+def test_a_target_whose_path_no_adapter_file_can_hold_is_refused_before_training(tmp_path):
+    """A module path outside the file format's rule (here ':' and a space in a ModuleDict key) was
+    adapted and trained, and only save_pretrained (or the Trainer callback's first checkpoint)
+    refused it: the run could not be saved. It is refused when the adapter is added."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from lordba import LoRDBAConfig, TargetModulesError, get_lordba_model
+
+    class Blocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleDict({"attn:0": nn.Linear(4, 4), "ffn 1": nn.Linear(4, 4), "out": nn.Linear(4, 4)})
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.blocks.values():
+                x = layer(x)
+            return x
+
+    model = Blocks()
+    with pytest.raises(TargetModulesError, match=r"'blocks\.attn:0'.*not a module path.*exclude_modules"):
+        get_lordba_model(model, LoRDBAConfig(r=2))
+    assert all(type(m) is nn.Linear for m in model.blocks.values())  # left as it was
+    with pytest.raises(TargetModulesError, match=r"'blocks\.ffn 1'"):
+        find_targets(model, ["ffn 1"])
+    lm = get_lordba_model(model, LoRDBAConfig(r=2, exclude_modules=["attn:0", "ffn 1"]))
+    lm.save_pretrained(tmp_path)
+    assert list(lm.adapter_modules("default")) == ["blocks.out"]

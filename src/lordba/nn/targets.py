@@ -6,6 +6,10 @@
   ``Conv1D`` is one);
 * given the adapter's config: only modules in its ``layers_to_transform``, and never a module it
   trains in full (``modules_to_save``, the task's head).
+
+A target whose path an adapter file cannot hold (:func:`lordba.format.header.check_module_path`: a
+``ModuleDict`` key with a space or a ``:``) is refused here, before anything is trained, not by the
+first save.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from torch import nn
 from lordba._util.modules import is_output_head
 from lordba._util.patterns import ALL_LINEAR, matches
 from lordba.config import LoRDBAConfig
-from lordba.errors import TargetModulesError
+from lordba.errors import AdapterFormatError, TargetModulesError
+from lordba.format.header import check_module_path
 from lordba.nn.layer import LoRDBALinear
 from lordba.quant import resolve_backend
 
@@ -46,6 +51,7 @@ def find_targets(
 
     With ``config``, modules outside its ``layers_to_transform`` are left out, and a module it trains
     in full (``modules_to_save``) is refused if ``target_modules`` names it (left out under all-linear).
+    A target whose path is not a module path of the file format is refused (:class:`TargetModulesError`).
     """
     saved = config.saved_modules if config is not None else []
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -78,6 +84,12 @@ def find_targets(
                 f"target module {name!r} is a {type(module).__name__}, not a supported linear layer "
                 "(nn.Linear or a quantized linear from a supported backend)"
             )
+        try:
+            check_module_path(name, "target_modules")
+        except AdapterFormatError as err:  # the adapter could be trained but never saved
+            raise TargetModulesError(
+                f"{err}: an adapter file cannot hold it; leave it out with exclude_modules"
+            ) from None
         found.append(name)
     if not found:
         sample = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linear_names})[:12]) or "none"
