@@ -396,3 +396,28 @@ def test_adapter_layers_disabled_stay_disabled_for_an_adapter_added_or_loaded_on
     assert not lm.get_model_status().enabled
     lm.enable_adapter_layers()
     assert not torch.allclose(lm(input_ids=IDS).logits, base)
+
+
+@pytest.mark.parametrize("extra", [{"bias": "all"}, {"modules_to_save": ["task:a"]}])
+def test_a_tensor_trained_in_full_that_no_file_can_hold_is_refused_before_training(tmp_path, extra):
+    """bias="all" or modules_to_save reaching a module whose path is outside the file format's rule (a
+    ModuleDict key with a space or ':'): the adapter was added and trained, and only save_pretrained
+    refused the extra tensor. It is refused when the adapter is added, leaving the model as it was."""
+    from torch import nn
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.norms = nn.ModuleDict({"ln 0": nn.LayerNorm(4)})
+            self.heads = nn.ModuleDict({"task:a": nn.Linear(4, 2)})
+
+        def forward(self, x):
+            return self.heads["task:a"](self.norms["ln 0"](self.proj(x)))
+
+    model = Model()
+    with pytest.raises(TargetModulesError, match=r"(norms\.ln 0\.bias|heads\.task:a\.weight).*cannot be trained"):
+        get_lordba_model(model, LoRDBAConfig(r=2, target_modules=["proj"], **extra))
+    assert type(model.proj) is nn.Linear and type(model.heads["task:a"]) is nn.Linear
+    lm = get_lordba_model(model, LoRDBAConfig(r=2, target_modules=["proj"], bias="lora_only"))
+    lm.save_pretrained(tmp_path)  # what the file can hold still saves

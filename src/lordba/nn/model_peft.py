@@ -20,6 +20,7 @@ from lordba._util.patterns import matches
 from lordba.config import LoRDBAConfig
 from lordba.errors import AdapterFormatError, AdapterStateError, TargetModulesError
 from lordba.format import adapter as adapter_files
+from lordba.format.extras import check_extra_name
 from lordba.nn.layer import LoRDBALinear
 from lordba.nn.model_combine import CombineMixin
 from lordba.nn.model_status import StatusMixin
@@ -58,7 +59,21 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
                 if isinstance(getattr(module, "bias", None), nn.Parameter):
                     found[name] = ("bias",)
         self._check_saveable(found, targets)
+        self._check_file_names(found)
         return found
+
+    def _check_file_names(self, saved: dict[str, tuple[str, ...] | None]) -> None:
+        """Refuse, before anything trains, a tensor to train in full whose name an adapter file cannot hold
+        (:func:`~lordba.format.extras.check_extra_name`: a ``ModuleDict`` key with a space or a ``:``): the
+        adapter could be trained but not saved."""
+        for path, params in saved.items():
+            module = self.base_model.get_submodule(path)
+            module = module.original_module if isinstance(module, SavedModule) else module
+            for name in params or [n for n, _ in module.named_parameters()]:
+                try:
+                    check_extra_name(f"{path}.{name}", "modules_to_save / bias")
+                except AdapterFormatError as err:
+                    raise TargetModulesError(f"{err}: no adapter file can hold it, so it cannot be trained") from None
 
     def _check_saveable(self, paths: Iterable[str], targets: Iterable[str]) -> None:
         """Refuse, before the model changes, a module to train in full that is or contains a layer carrying
