@@ -421,3 +421,30 @@ def test_a_tensor_trained_in_full_that_no_file_can_hold_is_refused_before_traini
     assert type(model.proj) is nn.Linear and type(model.heads["task:a"]) is nn.Linear
     lm = get_lordba_model(model, LoRDBAConfig(r=2, target_modules=["proj"], bias="lora_only"))
     lm.save_pretrained(tmp_path)  # what the file can hold still saves
+
+
+def test_a_float64_models_trained_bias_and_head_are_saved_as_float32(tmp_path):
+    """A float64 model trains an adapter with bias="lora_only" and modules_to_save, but save_pretrained
+    refused its extra tensors ('torch.float64, expected a float tensor'): the file format holds float32
+    at most. They are stored as float32, as the scales are, and load back into the float64 model."""
+    from torch import nn
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2)).double()
+
+    lm = get_lordba_model(
+        model(), LoRDBAConfig(r=2, init="random", target_modules=["0"], bias="lora_only", modules_to_save=["1"])
+    )
+    opt = torch.optim.SGD([p for p in lm.parameters() if p.requires_grad], lr=0.01)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    lm(x).pow(2).mean().backward()
+    opt.step()
+    lm.eval()
+    lm.save_pretrained(tmp_path)
+    tensors, _ = load_weights(tmp_path)
+    assert {tensors[k].dtype for k in ("extra:0.bias", "extra:1.weight", "extra:1.bias")} == {torch.float32}
+    again = LoRDBAModel.from_pretrained(model(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), lm(x), rtol=0, atol=1e-5)
+        assert not torch.equal(again(x), model()(x))  # the trained head and bias are in effect

@@ -151,7 +151,8 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
             replace_submodule(self.base_model, path, chosen)
 
     def adapter_state(self, adapter_name: str = "default") -> adapter_files.AdapterState:
-        """The adapter as stored (config, packed tensors and its extra tensors), independent of this model."""
+        """The adapter as stored (config, packed tensors and its extra tensors, float64 ones as float32),
+        independent of this model."""
         with self._lock.read():
             state = super().adapter_state(adapter_name)
             extras: dict[str, torch.Tensor] = {}
@@ -162,7 +163,8 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
                 bias = self._layer_bias(path)
                 if adapter.bias_delta is not None and bias is not None and path in state.modules:
                     extras[f"{path}.bias"] = (bias.detach().float() + adapter.bias_delta.detach()).to(bias.dtype).cpu()
-            state.extras = extras
+            # a float64 model's tensors are stored as float32 (as its scales are): the file holds no float64
+            state.extras = {k: v.float() if v.dtype == torch.float64 else v for k, v in extras.items()}
             return state
 
     def _load_state(
