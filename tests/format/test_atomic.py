@@ -1,4 +1,5 @@
 import os
+import warnings
 
 import pytest
 import torch
@@ -150,3 +151,39 @@ def test_a_symlinked_output_is_replaced_without_leaving_temporary_names(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
     assert not link.is_symlink() and [p.name for p in link.iterdir()] == ["new"]
     assert (target / "old").read_text() == "kept"  # the link was replaced, not what it pointed to
+
+
+@pytest.mark.parametrize("failing", [1, 2])
+def test_a_rename_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch, failing):
+    """os.replace failing for the weights (1) or the config (2), e.g. EIO or a quota: the temporary file
+    it was renaming (the whole new weights file) stayed in the adapter directory until the next save;
+    the previous adapter stays readable either way."""
+    import dataclasses
+    import errno
+
+    from lordba.format import atomic
+    from lordba.format.adapter import AdapterState
+
+    old = _state(1)
+    new = AdapterState(dataclasses.replace(old.config, alpha=7.0), old.modules)
+    old.save_pretrained(tmp_path)
+    before = read_adapter(tmp_path).sha256
+    real, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == failing:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", flaky)
+    with pytest.raises(LoRDBAError, match="Input/output error"):
+        new.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.lordba-tmp.*"))
+    monkeypatch.setattr(atomic.os, "replace", real)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the config's rename failed: read from the backups
+        assert read_adapter(tmp_path).sha256 == before
+    new.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "lordba_model.safetensors"]
+    assert read_adapter(tmp_path).config.alpha == 7.0

@@ -142,7 +142,8 @@ def _commit(directory: Path, files: dict[str, bytes], names: list[str]) -> None:
                 os.link(directory / name, backup_path(directory / name))
         fsync_dir(directory)
         for name in names:
-            os.replace(temps.pop(name), directory / name)
+            os.replace(temps[name], directory / name)
+            del temps[name]  # renamed: nothing left to remove (a failed rename leaves it to `finally`)
         fsync_dir(directory)
         for name in names:
             backup_path(directory / name).unlink(missing_ok=True)
