@@ -158,3 +158,19 @@ def test_a_dtype_conversion_keeps_the_stored_scales_and_the_layer_runs(input_ids
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     model.float()  # (the float layers keep what bfloat16 rounded)
     torch.testing.assert_close(model(input_ids).logits, want, rtol=tol, atol=tol)
+
+
+def test_a_q4_models_state_dict_saves_with_torch_save_and_loads_back(tmp_path, input_ids):
+    """``torch.save(model.state_dict(), path)`` of a q4 model (the usual checkpoint) raised "Cannot save multiple
+    tensors or storages that view the same data as different types": the layers' uint8 codes and float16 scales
+    are views of one buffer (hold_weights_together). ``torch.save(model)`` pickled its own copies already."""
+    model = quantize_model(tiny_llama(0), backend="q4", group_size=32)
+    with torch.no_grad():
+        want = model(input_ids=input_ids).logits
+    torch.save(model.state_dict(), tmp_path / "q4.pt")
+    other = quantize_model(tiny_llama(5), backend="q4", group_size=32)
+    other.load_state_dict(torch.load(tmp_path / "q4.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=input_ids).logits, want)
+    layer = next(m for m in model.modules() if isinstance(m, Q4Linear))
+    assert layer.state_dict(keep_vars=True)["scale"] is layer.scale  # keep_vars: the layer's own tensors

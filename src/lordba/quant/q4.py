@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lordba._util.arena import empty_views, own_storages
+from lordba._util.arena import empty_views, own_storage, own_storages
 from lordba.errors import ConfigError
 from lordba.kernels import bound_calls, cpu_available
 from lordba.kernels.q4 import (
@@ -159,6 +159,15 @@ class Q4Linear(nn.Module):
         # the weights held together (hold_weights_together) share one storage across dtypes: torch.save refuses that
         state["_buffers"] = own_storages(state["_buffers"])
         return state
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """The state dict's ``scale`` and ``minus`` as copies where they are views of a buffer shared with uint8 codes
+        (:func:`hold_weights_together`): ``torch.save`` refuses one storage viewed as two dtypes. The codes stay views
+        (one dtype: savable); ``keep_vars=True`` gives the layer's own tensors."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not keep_vars:
+            for name in ("scale", "minus"):
+                destination[prefix + name] = own_storage(destination[prefix + name])
 
     def _apply(self, fn, recurse: bool = True) -> Q4Linear:  # noqa: ANN001
         """``.to()``, ``.float()``, ``.half()``, …: ``scale`` and ``minus`` follow the device but stay float16
