@@ -191,3 +191,34 @@ def test_a_plain_linears_kept_call_is_bound_and_equals_its_python_call(tokens):
     prompt = x.numel() >= tile_elements(limit, 40)  # may take the tile unit's kept factors: the Python call's
     assert calls == ([x.shape] if prompt else [])  # else the op, bound
     assert bound(x.double(), token) is None
+
+
+def test_an_nf4_layer_dequantizes_to_its_weight_after_an_inference_forward():
+    """After one forward in eval mode without a gradient on a CPU with AVX512-BF16, bitsandbytes keeps an NF4
+    layer's weight in its CPU kernel's layout (``packing_format_for_cpu``: codes reordered, absmax in bfloat16);
+    the backend read that as the ordinary layout: ``dequantize`` gave another matrix (relative error ~1.4), so a
+    merge into it (``merge_and_unload`` after evaluating) gave a wrong model and ``check_finite_merge`` checked
+    the wrong weights. Where the CPU does not repack, the layer is put in that layout as its forward would."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from lordba.quant.bnb import quantize_linear_bnb
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    layer = quantize_linear_bnb(linear, torch.float32).eval()
+    backend = resolve_backend(layer)
+    weight = backend.dequantize(layer)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        layer(x)
+    w = layer.weight
+    if not getattr(w.quant_state, "packing_format_for_cpu", False):  # what that forward does (pure tensor ops)
+        w.data, w.quant_state = bnb.functional._convert_weight_packed_for_cpu(w.data, w.quant_state)
+    with torch.no_grad():
+        packed_y = layer(x)
+    # the packed layout holds the absmax in bfloat16: the weight within its rounding
+    torch.testing.assert_close(backend.dequantize(layer), weight, rtol=0, atol=2**-8 * float(weight.abs().max()))
+    merged = backend.merge(layer, torch.zeros_like(weight))
+    torch.testing.assert_close(backend.dequantize(merged), weight, rtol=0, atol=0.05 * float(weight.abs().max()))
+    assert w.quant_state.packing_format_for_cpu  # reading it leaves the layer as it was
+    with torch.no_grad():
+        assert torch.equal(layer(x), packed_y)

@@ -7,6 +7,7 @@ kernels need a hub download, which this library never does), so HQQ is the faste
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -46,8 +47,8 @@ class BnbNF4Backend(_BnbBackend):
     bits = 4.0
 
     def dequantize(self, module: nn.Module) -> torch.Tensor:
-        w = module.weight
-        return _bnb().functional.dequantize_4bit(w.data, w.quant_state).float()
+        codes, state = _nf4_codes(module.weight)
+        return _bnb().functional.dequantize_4bit(codes, state).float()
 
     def merge(self, module: nn.Module, delta: torch.Tensor) -> nn.Module:
         weight = self.dequantize(module) + delta.float()
@@ -80,6 +81,25 @@ class BnbInt8Backend(_BnbBackend):
 
     def describe(self, module: nn.Module) -> dict[str, Any] | None:
         return {"backend": "bnb-int8", "bits": 8, "group_size": None}
+
+
+def _nf4_codes(weight: nn.Parameter) -> tuple[torch.Tensor, Any]:
+    """An NF4 weight's codes and quant state in bitsandbytes' ordinary layout, as ``dequantize_4bit`` reads them.
+
+    After a forward in eval mode without a gradient on a CPU with AVX512-BF16, bitsandbytes holds the weight in its
+    CPU kernel's layout (``packing_format_for_cpu``: the codes reordered, the absmax dequantized to bfloat16 and
+    transposed). Read back here without changing the layer (its own inverse would requantize nested absmax in
+    place): the codes reordered on a copy of the state, the absmax the layer now computes with."""
+    state = weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return weight.data, state
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    copied = copy.copy(state)
+    copied.original_nested = False  # (the inverse would quantize the absmax again, in place)
+    codes, copied = _convert_weight_packed_for_cpu_inverse(weight.data, copied)
+    copied.absmax = state.absmax.t().reshape(-1).float()  # [in / blocksize, out] -> the blocks' order
+    return codes, copied
 
 
 def make_linear8bit(weight: torch.Tensor, bias: torch.Tensor | None, threshold: float = 0.0) -> nn.Module:
