@@ -114,3 +114,43 @@ def test_the_cache_is_keyed_by_the_weights_dtype(tmp_path, monkeypatch, input_id
     with torch.no_grad():
         assert torch.equal(cached(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)
     assert len(list((tmp_path / "cache" / "quantized").glob("*.safetensors"))) == 2
+
+
+def test_a_model_loaded_with_fewer_layers_gets_its_own_entry(tmp_path, monkeypatch, input_ids):
+    """The key named the folder, its files, the settings and the dtypes, not the model's layers: a model loaded
+    from the folder with another config (``num_hidden_layers=1``, a common quick test) shared the full model's
+    entry. The full model then loaded the short one's entry, which the q4 base did not check against its layers:
+    the second block's projections stayed float32, silently."""
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_llama(0).save_pretrained(folder)
+    short = LlamaForCausalLM.from_pretrained(folder, num_hidden_layers=1).eval()
+    quantize_model_cached(short, folder, backend="q4", bits=4, group_size=32)
+    cached = quantize_model_cached(LlamaForCausalLM.from_pretrained(folder).eval(), folder, "q4", 4, 32)
+    assert not any(type(m) is torch.nn.Linear for m in cached.modules())
+    fresh = quantize_model(LlamaForCausalLM.from_pretrained(folder).eval(), "q4", 4, 32)
+    with torch.no_grad():
+        assert torch.equal(cached(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)
+    assert len(list((tmp_path / "cache" / "quantized").glob("*.safetensors"))) == 2
+
+
+def test_a_q4_entry_missing_a_layer_is_quantized_again(tmp_path, monkeypatch, input_ids):
+    """A q4 entry whose layers are not the model's (a damaged or foreign file under the key) is refused before any
+    layer is replaced, as an HQQ entry is; it loaded and left the missing layers unquantized."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_llama(0).save_pretrained(folder)
+    quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=32)
+    (path,) = (tmp_path / "cache" / "quantized").glob("*.safetensors")
+    state = load_file(path)
+    save_file({k: v for k, v in state.items() if not k.startswith("model.layers.1.")}, path)
+    with pytest.warns(UserWarning, match="could not be read"):
+        model = quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=32)
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    fresh = quantize_model(tiny_llama(0), "q4", 4, 32)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)

@@ -27,10 +27,10 @@ from lordba._version import __version__
 from lordba.quant.quantize import DEFAULT_BACKEND, quantizable, quantize_model, untie_head
 
 
-def _key(source: Path, backend: str, bits: int, group_size: int, dtypes: list[str]) -> str:
+def _key(source: Path, backend: str, bits: int, group_size: int, model: list) -> str:
     """The cache entry's name: the model folder's weight and config files (name, size, time), the settings,
-    the dtypes of the model's parameters (a bfloat16 copy quantizes to other codes and scales than the float32
-    one), HQQ's and lordba's versions and the file layout."""
+    the model as loaded (``model``: :func:`_signature`; a bfloat16 copy quantizes to other codes and scales than
+    the float32 one, a copy loaded with fewer layers has fewer), HQQ's and lordba's versions and the file layout."""
     files = sorted(
         (p.name, p.stat().st_size, p.stat().st_mtime_ns)
         for p in source.glob("*")
@@ -43,7 +43,7 @@ def _key(source: Path, backend: str, bits: int, group_size: int, dtypes: list[st
     except Exception:
         hqq_version = "?"
     blob = json.dumps(
-        [str(source.resolve()), files, backend, bits, group_size, dtypes, hqq_version, __version__, _LAYOUT]
+        [str(source.resolve()), files, backend, bits, group_size, model, hqq_version, __version__, _LAYOUT]
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -63,8 +63,7 @@ def quantize_model_cached(
     source = Path(source)
     if backend not in _CACHED or not source.is_dir():
         return quantize_model(model, backend, bits, group_size, progress=progress)
-    dtypes = sorted({str(p.dtype) for p in model.parameters()})
-    path = cache_dir() / "quantized" / f"{_key(source, backend, bits, group_size, dtypes)}.safetensors"
+    path = cache_dir() / "quantized" / f"{_key(source, backend, bits, group_size, _signature(model))}.safetensors"
     if path.is_file():
         try:
             _load(model, path, backend, bits, group_size)
@@ -113,7 +112,7 @@ def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int
     for p in model.parameters():
         p.requires_grad_(False)
     names = sorted({k.split("::", 1)[0] for k in state})
-    if backend == "hqq" and names != sorted(n for n, _ in quantizable(model)):
+    if names != _cached_layers(model, backend):  # checked before any layer is replaced
         raise ValueError("the cached layers are not the model's quantizable layers")
     for name in names:
         linear = model.get_submodule(name)
@@ -132,6 +131,23 @@ def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int
         hold_weights_together(model)
     model.lordba_quantization = {"backend": backend, "bits": bits, "group_size": group_size, "head_bits": head_bits}
     torch.nn.Module.train(model, model.training)
+
+
+def _signature(model: nn.Module) -> list:
+    """What of the model itself a cache entry depends on: its parameters' dtypes and its quantizable layers'
+    names and weight shapes."""
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    return [dtypes, [(name, list(m.weight.shape)) for name, m in quantizable(model)]]
+
+
+def _cached_layers(model: nn.Module, backend: str) -> list[str]:
+    """The names of the layers an entry for ``model`` holds: its quantizable layers and, for ``q4``, its output
+    head where :func:`quantize_model` quantizes it (a plain ``nn.Linear``)."""
+    names = [n for n, _ in quantizable(model)]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backend == "q4" and type(head) is nn.Linear:
+        names += [n for n, m in model.named_modules() if m is head][:1]
+    return sorted(names)
 
 
 def _hqq_layer(linear: nn.Linear, sd: dict[str, torch.Tensor], bits: int, group_size: int) -> nn.Module:
