@@ -84,3 +84,14 @@ def test_a_conversion_report_with_odd_totals_is_shown_not_fatal(deep_adapter, tm
     (adapter / "conversion_report.json").write_text(json.dumps({"layers": [], "totals": totals}))
     assert main(["inspect", str(adapter)]) == 0
     assert "relative error of ΔW None" in capsys.readouterr().out
+
+
+def test_inspect_prints_the_whole_sha256_of_the_weights(deep_adapter, capsys):
+    """docs/security.md: to pin an adapter, compare the sha256 that ``lordba inspect`` prints with one from a
+    trusted channel; a 16-digit prefix is no sha256 to compare (and 64 bits are within a collision search)."""
+    digest = json.loads((deep_adapter / "adapter_config.json").read_text())["weights_sha256"]
+    assert main(["inspect", str(deep_adapter)]) == 0
+    assert digest in capsys.readouterr().out
+    assert main(["inspect", str(deep_adapter), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sha256"] == digest and digest in report["checksum"]

@@ -50,12 +50,8 @@ def run(args: argparse.Namespace) -> int:
     dims = {p: (m.in_features, m.out_features, m.r) for p, m in adapter.modules.items()}
     report = size_report(dims, adapter.config.scale_dtype, file_bytes=adapter.weights_bytes, r_ref=args.r_ref)
     report = dataclasses.replace(report, modules=sorted(report.modules, key=lambda m: natural_key(m.path)))
-    checksum = (
-        "ok (sha256 "
-        + adapter.sha256[:16]
-        + "…)"
-        + (" [recovered from an interrupted save]" if adapter.recovered else "")
-    )
+    # the whole digest: docs/security.md has users pin an adapter by comparing it with a trusted one
+    checksum = f"ok (sha256 {adapter.sha256})" + (" [recovered from an interrupted save]" if adapter.recovered else "")
     conversion = _conversion_sidecar(args.directory)
     if args.json:
         print(
@@ -64,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
                     "directory": str(args.directory),
                     "config": adapter.config.to_dict(),
                     "checksum": checksum,
+                    "sha256": adapter.sha256,
                     "size": report.to_dict(),
                     "hint": COMPAT_HINT,
                     **({"conversion": conversion} if conversion is not None else {}),
