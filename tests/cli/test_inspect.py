@@ -95,3 +95,13 @@ def test_inspect_prints_the_whole_sha256_of_the_weights(deep_adapter, capsys):
     assert main(["inspect", str(deep_adapter), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["sha256"] == digest and digest in report["checksum"]
+
+
+@pytest.mark.parametrize("version", [1, 3])
+def test_inspect_json_reports_the_files_format_version(deep_adapter, tmp_path, capsys, version):
+    """The JSON report's config is the file's: a version-3 file (what saves write) is not reported as version 1."""
+    lm = get_lordba_model(LlamaForCausalLM(LlamaConfig(**TINY)), LoRDBAConfig(r=2, target_modules=["q_proj"]))
+    lm.save_pretrained(tmp_path, format_version=version)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["format_version"] == version
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["format_version"] == version

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "directory": str(args.directory),
-                    "config": adapter.config.to_dict(),
+                    "config": adapter.config.to_dict(adapter.format_version),  # the file's version
                     "checksum": checksum,
                     "sha256": adapter.sha256,
                     "size": report.to_dict(),
