@@ -8,6 +8,7 @@ read by an independent parser, and obey every rule of docs/format.md.
 """
 
 import json
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -298,3 +299,17 @@ def test_regex_shaped_config_patterns_are_judged_clean(case, seed, digest):
     result = judge(mutated)
     if not digest and mutated[CONFIG_NAME] != case[CONFIG_NAME]:
         assert result.outcome == REFUSED, result  # by the field's check, or else by the digest
+
+
+def test_docs_count_the_mutators_there_are():
+    """docs/security.md says how many structure-aware and byte-level mutators the fuzzer has (it said 24
+    structure-aware ones after the compact file's three had joined)."""
+    from lordba_lab.fuzz import mutate_bytes
+    from lordba_lab.fuzz.mutate import MUTATORS
+
+    text = " ".join((Path(__file__).resolve().parents[3] / "docs" / "security.md").read_text().split())
+    structure, byte_level = re.search(
+        r"with (\d+) structure-aware mutators .*? and (\d+) byte-level ones", text
+    ).groups()
+    assert int(byte_level) == len(mutate_bytes.MUTATORS)
+    assert int(structure) == len(MUTATORS) - len(mutate_bytes.MUTATORS)
