@@ -8,6 +8,7 @@ import shutil
 import time
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from lordba import LoRDBAModel
@@ -264,3 +265,30 @@ def test_a_folder_adapter_removed_from_disk_is_no_longer_listed_or_loaded(model,
             registry.acquire(gone)
     registry.register("mine", "a")  # registered names stay listed while loaded
     assert registry.names() == ["a", "mine"]
+
+
+def test_a_registered_name_unloaded_while_held_is_not_taken_back_as_the_folders_adapter(model, folder, served):
+    """A name registered from another directory (``load_lora_adapter`` of ``a`` with ``lora_path`` ``b``) and
+    unloaded while a request held it drained; a new request for ``a`` found the folder's ``a`` and took the
+    draining entry back: it was served ``b``'s weights under the folder's name (silently the wrong adapter), and
+    the unloaded registration came back. It is a 503 until the drain ends; then the folder's ``a`` loads."""
+    from lordba.serve.errors import UnavailableError
+
+    registry = AdapterRegistry(model, folder)
+    registry.register("a", "b")
+    registry.acquire("a")
+    registry.unload("a")  # held: it drains, b's weights still on the model under "a"
+    with pytest.raises(UnavailableError, match="'a'") as err:
+        registry.acquire("a")
+    assert err.value.status == 503 and "a" in registry._draining and registry._draining["a"].refs == 1
+    registry.release("a")  # the drain ends: b's weights leave the model
+    assert "a" not in model.peft_config
+    registry.acquire("a")  # now the folder's a
+    assert registry._entries["a"].from_folder and registry._entries["a"].path == folder.resolve() / "a"
+    fresh = LoRDBAModel(AutoModelForCausalLM.from_pretrained(served[0]).eval())
+    fresh.load_adapter(folder / "a", "a")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(
+            model(input_ids=ids, adapter_names=["a"]).logits, fresh(input_ids=ids, adapter_names=["a"]).logits
+        )

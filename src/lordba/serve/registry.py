@@ -34,6 +34,7 @@ from lordba.serve.errors import (
     AdapterLoadError,
     AdapterMemoryError,
     BadRequestError,
+    UnavailableError,
     UnknownAdapterError,
 )
 
@@ -133,7 +134,8 @@ class AdapterRegistry:
             }
 
     def _lookup(self, name: str) -> _Entry:
-        """The entry of ``name`` (lock held), discovering it in the folder; 404 if unknown."""
+        """The entry of ``name`` (lock held), discovering it in the folder; 404 if unknown, 503 while another
+        directory's adapter registered under that name and unloaded still drains (the model holds one per name)."""
         entry = self._entries.get(name)
         if entry is not None and (entry.resident or not entry.from_folder or self._in_folder(entry.path)):
             return entry
@@ -143,7 +145,14 @@ class AdapterRegistry:
         if self.folder is not None:
             path = self.folder / name
             if self._in_folder(path):
-                if name in self._draining:  # unloaded but still held: a new request takes it back
+                draining = self._draining.get(name)
+                if draining is not None and draining.path.resolve() != path.resolve():  # another directory's adapter
+                    raise UnavailableError(
+                        f"adapter '{name}' is being unloaded (its requests are still running): retry when they end",
+                        param="model",
+                    )
+                if draining is not None:  # the folder's adapter unloaded but still held: a new request takes it back
+                    draining.from_folder = True
                     entry = self._entries[name] = self._draining.pop(name)
                     self._lru[name] = None
                     return entry
@@ -157,7 +166,8 @@ class AdapterRegistry:
         recently used adapters not in use to stay within ``max_bytes``).
 
         Raises :class:`UnknownAdapterError` (404), :class:`AdapterLoadError` (bad files, 400),
-        :class:`AdapterMemoryError` (no room, 503), :class:`BadRequestError` (invalid name)."""
+        :class:`AdapterMemoryError` (no room, 503), :class:`UnavailableError` (the name's unloaded adapter
+        still drains, 503), :class:`BadRequestError` (invalid name)."""
         if self._hold_resident(name):
             return
         with self._load_lock:
