@@ -476,3 +476,46 @@ def test_a_prompt_with_a_lone_surrogate_is_a_400_naming_it(server):
         server, "POST", "/v1/completions", json.dumps({"model": "a", "prompt": "ok", "max_tokens": 1}).encode()
     )
     assert status == 200
+
+
+def test_a_stop_with_requests_in_flight_ends_them_as_aborted_not_cut(served):
+    """Stopping the server stopped uvicorn first: it waited ``grace`` seconds for the open requests, then
+    cancelled them, and only then was the engine shut down; a generation still running got a plain-text 500
+    'Internal Server Error' (whole response) or a stream cut without its end, never the documented 503 'the
+    server is shutting down' / ``finish_reason`` ``abort``. The engine is now drained within the grace period
+    and what is left is aborted while uvicorn still writes the answers."""
+    model_dir, adapters = served
+    model, tokenizer = load_base(model_dir)
+    state = build_state(model, tokenizer, "tiny-llama", adapters, max_batch=2)
+    server = Server(state, grace=0.5).start()
+    got: dict = {}
+
+    def call(stream: bool) -> None:
+        url = urlparse(server.url)
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT)
+        body = {"model": "tiny-llama", "prompt": "x", "max_tokens": 200, "temperature": 0, "stream": stream}
+        try:
+            conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            got[stream] = (response.status, response.read().decode())
+        except Exception as err:  # a cut connection or stream
+            got[stream] = (None, repr(err))
+        finally:
+            conn.close()
+
+    writing = state.engine.model._lock.write()
+    writing.__enter__()  # the engine cannot finish a step: both requests stay in flight past the grace period
+    try:
+        callers = [threading.Thread(target=call, args=(stream,)) for stream in (False, True)]
+        for t in callers:
+            t.start()
+        assert wait_for(lambda: state.engine.load[0] + state.engine.load[1] == 2)
+        threading.Timer(2.0, writing.__exit__, (None, None, None)).start()  # the step ends after the grace period
+        server.stop()
+    finally:
+        for t in callers:
+            t.join(TIMEOUT)
+    status, text = got[False]
+    assert status == 503 and "shutting down" in json.loads(text)["error"]["message"], got[False]
+    status, text = got[True]
+    assert status == 200 and '"finish_reason": "abort"' in text and text.endswith("data: [DONE]\n\n"), got[True]

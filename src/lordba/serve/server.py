@@ -4,10 +4,12 @@ the benchmark and notebooks)."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from lordba.serve.registry import AdapterRegistry
 from lordba.serve.state import ServerState
 
 DEFAULT_CONTEXT = 2048
+SERVE_GRACE = 5.0  # seconds `lordba serve` lets requests in flight finish once asked to stop
+ENGINE_STOP = 10.0  # seconds a stop waits for the engine's step in progress
 
 
 def load_base(model_dir: str | Path, dtype: str = "float32") -> tuple[LoRDBAModel, Any]:
@@ -97,7 +101,7 @@ class Server:
         config = uvicorn.Config(
             build_app(state), log_level="warning", lifespan="off", timeout_graceful_shutdown=grace, access_log=False
         )
-        self._server = uvicorn.Server(config)
+        self._server = draining_server(config, state.engine)
         self._thread: threading.Thread | None = None
 
     @property
@@ -123,7 +127,7 @@ class Server:
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout)
-        self.state.engine.shutdown()
+        self.state.engine.shutdown(ENGINE_STOP)
         self._sock.close()
 
     def __enter__(self) -> Server:
@@ -147,14 +151,53 @@ def freeze_heap(state: ServerState | None = None) -> None:
 
 
 def serve_forever(state: ServerState, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve ``state`` on ``host:port`` until interrupted (Ctrl-C, SIGTERM)."""
+    """Serve ``state`` on ``host:port`` until interrupted (Ctrl-C, SIGTERM): requests in flight then get
+    :data:`SERVE_GRACE` seconds to finish, and those still running end as aborted (a 503, a stream's
+    ``abort``)."""
     import uvicorn
 
     from lordba.serve.app import build_app
 
     freeze_heap(state)
     state.engine.start()
+    config = uvicorn.Config(
+        build_app(state), host=host, port=port, log_level="info", timeout_graceful_shutdown=SERVE_GRACE
+    )
+    server = draining_server(config, state.engine)
     try:
-        uvicorn.run(build_app(state), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+        server.run()
     finally:
-        state.engine.shutdown()
+        state.engine.shutdown(ENGINE_STOP)
+    if not server.started:  # the port is taken, say: uvicorn has logged why (uvicorn.run's exit status)
+        raise SystemExit(3)
+
+
+def drain(engine: Engine, grace: float, give_up: Callable[[], bool] = lambda: False) -> None:
+    """Let ``engine``'s requests finish for up to ``grace`` seconds (sooner if ``give_up()``), then shut it
+    down: those still waiting or running end with ``abort``."""
+    deadline = time.monotonic() + grace
+    while engine.load != (0, 0) and time.monotonic() < deadline and not give_up():
+        time.sleep(0.02)
+    engine.shutdown(ENGINE_STOP)
+
+
+def draining_server(config: Any, engine: Engine) -> Any:
+    """A ``uvicorn.Server`` for ``config`` whose shutdown drains ``engine`` within the configured grace period
+    (``timeout_graceful_shutdown``) while it stops accepting connections: the requests still running then end
+    as aborted and their answers (a 503, a stream's ``abort`` and ``[DONE]``) are written before uvicorn's own
+    wait, which is lengthened by :data:`ENGINE_STOP`, cancels what is left. Uvicorn alone cancelled them at the
+    grace period and the engine stopped after: a plain-text 500 or a cut stream."""
+    import uvicorn
+
+    grace = config.timeout_graceful_shutdown or 0.0
+    config.timeout_graceful_shutdown = grace + ENGINE_STOP + 1.0
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            stopping = asyncio.get_running_loop().run_in_executor(None, drain, engine, grace, lambda: self.force_exit)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                await stopping
+
+    return DrainingServer(config)
