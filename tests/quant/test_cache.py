@@ -154,3 +154,21 @@ def test_a_q4_entry_missing_a_layer_is_quantized_again(tmp_path, monkeypatch, in
     fresh = quantize_model(tiny_llama(0), "q4", 4, 32)
     with torch.no_grad():
         assert torch.equal(model(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)
+
+
+def test_an_entry_with_a_damaged_byte_is_quantized_again_never_loaded(tmp_path, monkeypatch, input_ids):
+    """A byte of a cached weight changed on disk (a bad sector, a crash that zeroed a page) kept the file valid
+    safetensors: it loaded as the model's weights. The entry's sha256 is checked; it is quantized again."""
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_llama(0).save_pretrained(folder)
+    fresh = quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=32)
+    (path,) = (tmp_path / "cache" / "quantized").glob("*.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x10  # in the last tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="could not be read.*checksum"):
+        model = quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=32)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)
+    assert path.read_bytes() != bytes(data)  # written again

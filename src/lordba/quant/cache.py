@@ -3,7 +3,8 @@
 HQQ's half-quadratic optimiser takes minutes for a whole model on 2 CPU cores (about 0.5–1.7 s per
 layer of SmolLM2) and gives ~20% lower weight error than plain rounding. Its quantized state is a
 set of tensors, stored here as safetensors (no pickle) under ``cache_dir()/quantized/``, keyed by the
-model's files and the quantization settings. The ``q4`` base uses the same optimiser and is cached
+model's files, the model as loaded and the quantization settings, with a sha256 of the tensors checked on
+every load (a damaged entry is quantized again, never used). The ``q4`` base uses the same optimiser and is cached
 the same way. bitsandbytes quantizes in milliseconds: no cache.
 """
 
@@ -17,13 +18,14 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lordba._util.modules import replace_submodule
 from lordba._util.state import ordinary_tensors
 from lordba._version import __version__
+from lordba.format.atomic import fsync_dir
 from lordba.quant.quantize import DEFAULT_BACKEND, quantizable, quantize_model, untie_head
 
 
@@ -93,9 +95,12 @@ def _store(state: dict[str, torch.Tensor], path: Path) -> None:
         fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(name)
-        save_file(state, str(tmp))
+        save_file(state, str(tmp), metadata={"sha256": _digest(state)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before it has the entry's name: a crash leaves no zeroed entry
         os.replace(tmp, path)
         tmp = None
+        fsync_dir(path.parent)
     except (OSError, SafetensorError) as err:
         warnings.warn(f"quantized-base cache {path} could not be written ({err}); continuing without it", stacklevel=3)
     finally:
@@ -107,8 +112,23 @@ _CACHED = {"hqq": "HQQLinear", "q4": "Q4Linear"}  # backend -> the layer class w
 _LAYOUT = 3  # of the cached files (2: the q4 base's output head is cached too; 3: q4 zero points rounded at 4 bits)
 
 
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of an entry's tensors (names, dtypes, shapes and bytes, in name order): kept in its metadata and
+    checked on load, so that a damaged entry (a flipped or zeroed byte) is quantized again, never loaded."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int) -> None:
+    with safe_open(str(path), framework="pt") as f:
+        recorded = (f.metadata() or {}).get("sha256")
     state = load_file(str(path))
+    if recorded != _digest(state):
+        raise ValueError("its tensors do not match the checksum it was written with")
     for p in model.parameters():
         p.requires_grad_(False)
     names = sorted({k.split("::", 1)[0] for k in state})
