@@ -212,3 +212,27 @@ def test_from_stored_without_copy_holds_the_given_tensors_and_equals_a_construct
     noncontiguous = {**t, "scale_mid": torch.stack([t["scale_mid"], t["scale_mid"]], 1)[:, 0]}
     copied = PackedAdapter.from_stored(noncontiguous, 30, 20, 4, 1.0, packed.codec, copy=False)
     assert copied.scale_mid.is_contiguous() and copied.sign_A is t["sign_A"]
+
+
+@pytest.mark.parametrize("kernel", ["auto", "dense"])
+def test_a_latent_adapter_first_run_under_inference_mode_runs_in_every_mode_afterwards(kernel):
+    """The latents' packed signs are kept between calls; made under ``torch.inference_mode`` (an evaluation,
+    a server) they were inference tensors, which have no version counter, so the ``dense`` mode's folded
+    factors (keyed by the signs' versions) raised on every later call, inside inference mode or out."""
+    layer = make_layer(in_f=37, out_f=19, names=("a",), r=5)
+    x = torch.randn(3, 37)
+    with torch.inference_mode(), kernels.mode(kernel):
+        first = layer(x)
+    with torch.no_grad(), kernels.mode("torch"):
+        want = layer(x)
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
+    for context in (torch.inference_mode, torch.no_grad):
+        with context(), kernels.mode("dense"):
+            torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.lordba_adapters["a"].latent_A.neg_()  # a change to the latents is still seen
+        with kernels.mode("dense"):
+            dense = layer(x)
+        with kernels.mode("torch"):
+            torch.testing.assert_close(dense, layer(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(dense, want)

@@ -18,6 +18,7 @@ from torch.nn.modules.module import (
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lordba import kernels
+from lordba._util.state import ordinary_tensors
 from lordba.core.autograd import fold_factors, sign_branch
 from lordba.core.packing import unpack_signs
 from lordba.core.scales import ScaleCodec
@@ -71,10 +72,13 @@ class _Caches:
         return value
 
     def get(self, name: str, key: object, build) -> object:  # noqa: ANN001
-        """The entry ``name`` for ``key``, built (without gradient) and kept when missing or stale."""
+        """The entry ``name`` for ``key``, built (without gradient) and kept when missing or stale. Built as
+        ordinary tensors even under ``torch.inference_mode``: a kept tensor is the key of other entries (the
+        latents' packed signs key the ``dense`` mode's folded factors), and an inference tensor has no
+        version counter to key by."""
         found = self.lookup(name, key)
         if found is None:
-            with torch.no_grad():
+            with ordinary_tensors(), torch.no_grad():
                 found = self.store(name, key, build())
         return found
 
