@@ -46,6 +46,19 @@ def test_kernels_match_the_reference(lead, in_f, out_f, r, strategy, dtype):
     assert (fused.cpu().double() - base.cpu().double() - want).abs().max().item() <= tol * scale
 
 
+@pytest.mark.parametrize("strategy", ["auto", "sign", "unpack"])
+def test_no_tokens_give_an_empty_output(strategy):
+    """An input with no tokens (an empty batch or prompt) gives an empty output, as the CPU op and the
+    reference do; the fused kernels' launch plan divided by its zero token blocks (ZeroDivisionError)."""
+    args, _ = case(2, (0,), 21, 13, 3, torch.float32)
+    got = tri.packed_branch(*args, 0.5, strategy)
+    assert got.shape == (0, 13) and got.dtype == torch.float32 and got.device.type == DEVICE
+    base = torch.empty(2, 0, 13, dtype=torch.bfloat16, device=DEVICE)
+    x = args[0].reshape(2, 0, 21)
+    fused = tri.packed_branch(x, *args[1:], 0.5, strategy, base)
+    assert fused.shape == (2, 0, 13) and fused.dtype == torch.bfloat16
+
+
 def test_tracers_record_the_op_not_its_launches():
     """Eagerly the op's function runs directly; a tracer (make_fx, real or fake tensors) must still see
     the op, else the traced graph would silently lose the branch."""

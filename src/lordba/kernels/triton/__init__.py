@@ -188,6 +188,8 @@ def _triton_branch(
         a.float().contiguous(),
         scaling,
     )
+    if x2.shape[0] == 0:  # no tokens: nothing to launch (the fused kernels' plan has no token blocks)
+        return x2.new_empty(shape, dtype=out_dtype)
     # Triton launches on the current device: switch only where x lives elsewhere (the switch costs a few µs)
     other = on_gpu and x.get_device() != torch.cuda.current_device()
     with torch.cuda.device(x.device) if other else contextlib.nullcontext():
