@@ -347,3 +347,34 @@ def test_a_deep_copy_computes_with_its_own_tensors_not_the_originals_kept_call(t
     torch.testing.assert_close(twin(x), tb(x, twin.base_layer(x)), rtol=1e-6, atol=1e-5)
     restored = pickle.loads(pickle.dumps(layer))  # a kept call is a closure: never pickled with the layer
     torch.testing.assert_close(restored(x), layer(x), rtol=0, atol=0)
+
+
+def test_a_layer_moved_to_its_device_loads_the_kernels_that_tracing_cannot(monkeypatch):
+    """Tracing cannot load the kernels (their loaders are compiler-disabled), so a layer loads them where it is
+    built, for its weights' device; a layer built elsewhere (meta, or the CPU before ``.cuda()``) and then moved
+    loads them on the move, else ``torch.compile(fullgraph=True)`` of the moved layer failed at its first call
+    ("Skip calling torch.compiler.disable()d function")."""
+    monkeypatch.setattr(kernels._STATE, "cpu", None)  # a fresh process's state: nothing loaded yet
+    monkeypatch.setattr(kernels._STATE, "triton", None)
+    with torch.device("meta"):
+        layer = LoRDBALinear(nn.Linear(24, 16))
+    assert kernels._STATE.cpu is None and kernels._STATE.triton is None  # nothing to load for a meta layer
+    layer.to_empty(device="cpu")
+    assert kernels._STATE.cpu is not None
+    torch.manual_seed(3)
+    with torch.no_grad():
+        layer.base_layer.weight.normal_()
+        layer.base_layer.bias.normal_()
+    ad = TrainableAdapter(24, 16, 3, 2.0, get_codec("int8"), STE(), init="random")
+    layer.add_adapter("a", ad.pack())
+    layer.set_adapter("a")
+    x = torch.randn(3, 24)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(x), layer(x))
+    kernels.preload(torch.device("cuda"))  # where a layer is built on or moved to a GPU: Triton's availability
+    assert kernels._STATE.triton is not None
+    torch._dynamo.reset()
+    monkeypatch.setattr(kernels._STATE, "triton", None)
+    layer.to(torch.device("cpu"))
+    assert kernels._STATE.triton is None  # only a GPU needs it

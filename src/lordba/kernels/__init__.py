@@ -210,11 +210,14 @@ def cpu_available() -> bool:
 
 
 def preload(device: torch.device) -> None:
-    """Load (building if needed) the CPU kernels now if the current mode runs them on ``device``:
-    what builds a layer calls it, since tracing (``torch.export``, ``torch.compile``) cannot load them
-    (the loader is compiler-disabled). Nothing happens in the ``torch`` mode or off the CPU."""
+    """Load (building if needed) the CPU kernels now if the current mode runs them on ``device``, or on a
+    CUDA device find out whether Triton's can run: what builds or moves a layer calls it, since tracing
+    (``torch.export``, ``torch.compile``) cannot (the loaders are compiler-disabled). Nothing happens in
+    the ``torch`` mode on the CPU, nor on other devices."""
     if device.type == "cpu" and _STATE.mode in CPU_MODES:
         cpu_available()
+    elif device.type == "cuda":
+        triton_available()
 
 
 def cpu_isa() -> str:

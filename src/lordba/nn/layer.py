@@ -53,6 +53,13 @@ class LoRDBALinear(nn.Module):
         touch()  # active or disabled adapters, a base layer replaced (merge): kept calls are rebuilt
         super().__setattr__(name, value)
 
+    def _apply(self, fn, recurse: bool = True) -> LoRDBALinear:  # noqa: ANN001
+        """``.to()``, ``.cuda()``, ``to_empty()``: then the kernels for the new device, loaded now (as on
+        construction: tracing cannot load them)."""
+        result = super()._apply(fn, recurse)
+        preload(self.backend.weight_device(self.base_layer))
+        return result
+
     def __getstate__(self) -> dict:
         """The module's state without its kept calls (``copy.deepcopy``, pickling): they hold the
         original's tensors and base layer (a closure in ``_decode`` / ``_fast``) under keys a copy would
