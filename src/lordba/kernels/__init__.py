@@ -364,6 +364,7 @@ def packed_branch_rows(
         sign_max_tokens = [dispatch_limit(t[2].numel(), t[4].numel(), t[3].numel(), x.dtype) for t in tensors]
     name = _STATE.mode
     native = name in CPU_MODES and x.dtype in _NATIVE_DTYPES and base.dtype in _NATIVE_DTYPES
+    native = native and x.shape[0] > 0  # an empty batch: the op wants rows; the loop below gives the base
     if (
         native
         and x.is_cpu

@@ -90,6 +90,18 @@ def test_an_index_outside_the_adapters_is_refused(mode):
         kernels.packed_branch_rows(x, torch.tensor([0]), adapters, [1.0], base)
 
 
+@pytest.mark.parametrize("mode", ["auto", "sign", "unpack", "torch"])
+def test_an_empty_batch_gives_its_empty_base(mode):
+    """No rows: the base as it is (a copy), in every mode; the compiled op refused it with a
+    ShapeMismatchError saying x and base had not the same tokens (they had: none)."""
+    g = torch.Generator().manual_seed(4)
+    adapters = [adapter(64, 48, 8, int8=True, g=g), adapter(64, 48, 4, int8=False, g=g)]
+    x, base = torch.randn(0, 5, 64), torch.randn(0, 5, 48)
+    with kernels.mode(mode):
+        y = kernels.packed_branch_rows(x, torch.zeros(0, dtype=torch.long), adapters, [1.0, 0.5], base)
+    assert y.shape == (0, 5, 48) and y.dtype == base.dtype
+
+
 def test_the_op_has_a_fake_for_torch_compile():
     g = torch.Generator().manual_seed(3)
     tensors = adapter(64, 48, 8, int8=True, g=g)
