@@ -150,6 +150,36 @@ def test_sampling_with_a_seed_gives_the_eager_tokens_under_the_models_generation
 
 
 @pytest.mark.long
+def test_min_new_tokens_and_a_given_repetition_penalty_are_applied_as_generate_does(tmp_path):
+    """``min_new_tokens`` (given, or the generation config's ``min_new_tokens`` / ``min_length``) keeps the eos
+    from being chosen before, and a ``repetition_penalty`` given to the call applies: both were swallowed (the
+    tokens stopped at the first eos, the penalty changed nothing), silently other tokens than ``generate``'s."""
+    lm = tiny_q4(adapter=True)
+    config = lm.get_base_model().generation_config
+    decode = AotDecode(lm, folder=tmp_path, kv_dtype="float32")
+    n = 10
+
+    def both(**kw):
+        with torch.no_grad():
+            want = lm.generate(input_ids=PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=n,
+                               do_sample=False, pad_token_id=0, **kw)  # fmt: skip
+        return decode.generate(PROMPT, n, do_sample=False, pad_token_id=0, **kw), want
+
+    plain = both(eos_token_id=[])[1]
+    eos = int(plain[0, PROMPT.shape[1] + 2])  # the third new token
+    got, want = both(eos_token_id=eos, min_new_tokens=6)
+    assert want.shape[1] > PROMPT.shape[1] + 3 and torch.equal(got, want)
+    got, want = both(eos_token_id=[], repetition_penalty=2.0)
+    assert not torch.equal(want, plain) and torch.equal(got, want)
+    config.eos_token_id, config.min_new_tokens = eos, 6
+    got, want = both()
+    assert want.shape[1] > PROMPT.shape[1] + 3 and torch.equal(got, want)
+    config.min_new_tokens, config.min_length = None, PROMPT.shape[1] + 5
+    got, want = both()
+    assert want.shape[1] > PROMPT.shape[1] + 3 and torch.equal(got, want)
+
+
+@pytest.mark.long
 def test_a_damaged_package_is_compiled_again_never_loaded(tmp_path):
     """A package in the cache with a flipped byte in its compiled code (which AOTInductor's loader does not
     check) or cut short is not loaded: it is compiled again, and the step gives the eager tokens."""
@@ -226,6 +256,9 @@ def test_bad_calls_are_refused():
     padded[0, :2] = 0  # left padding: eager generate masks those positions, the compiled step cannot
     with pytest.raises(ConfigError, match="attention_mask"):
         decode.generate(PROMPT, 3, attention_mask=padded)
+    for other in ({"no_repeat_ngram_size": 2}, {"num_beams": 2}, {"output_logits": True}):
+        with pytest.raises(ConfigError, match=f"does not apply {next(iter(other))}"):  # never dropped silently
+            decode.generate(PROMPT, 3, pad_token_id=0, **other)
     with pytest.raises(ConfigError, match="round_to"):
         AotDecode(lm, round_to=0)
     with pytest.raises(ConfigError, match="KV cache dtype"):

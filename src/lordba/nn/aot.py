@@ -282,23 +282,36 @@ class AotDecode:
         eos_token_id: int | list[int] | None = None,
         top_k: int | None = None,
         attention_mask: torch.Tensor | None = None,
-        **_: Any,
+        repetition_penalty: float | None = None,
+        min_new_tokens: int | None = None,
+        **others: Any,
     ) -> torch.Tensor:
         """``transformers``' ``generate`` for a batch of one (greedy, or sampling from torch's global
         generator), choosing tokens as it does (:func:`~lordba.nn.decode.token_processors`: a setting not given
         is the model's generation config's, else transformers' default, e.g. top-k 50), so a seed gives its
         tokens; returns prompt + new tokens ``[1, n]``. ``streamer`` gets the prompt then each token
-        (``put``/``end``), as transformers' streamers expect.
+        (``put``/``end``), as transformers' streamers expect. ``min_new_tokens`` (or the generation config's
+        ``min_length`` / ``min_new_tokens``) keeps the eos ids from being chosen before, as ``generate`` does;
+        ``pad_token_id`` and ``use_cache`` change nothing for one sequence.
 
         Raises:
-            ConfigError: a batch of more than one, or an ``attention_mask`` that masks a position (padding).
+            ConfigError: a batch of more than one, an ``attention_mask`` that masks a position (padding), or
+                another ``generate`` argument (one this decoder does not apply: it is never dropped silently).
         """
+        unknown = sorted(set(others) - _NO_EFFECT)
+        if unknown:
+            raise ConfigError(
+                f"AotDecode.generate does not apply {', '.join(unknown)}: call the model's own generate for them"
+            )
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ConfigError(f"AotDecode generates for one sequence, got input_ids of shape {tuple(input_ids.shape)}")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ConfigError("AotDecode decodes every position: an attention_mask with zeros (padding) is refused")
         eos = _eos_ids(self.inner, eos_token_id)
-        sample, processors = token_processors(self.inner, do_sample, temperature, top_p, top_k)
+        sample, processors = token_processors(
+            self.inner, do_sample, temperature, top_p, top_k, repetition_penalty=repetition_penalty,
+            min_new_tokens=min_new_tokens, prompt_length=int(input_ids.shape[-1]), eos=sorted(eos),
+        )  # fmt: skip
         self._prepare_step(int(input_ids.shape[-1]) + int(max_new_tokens))
         if streamer is not None:
             streamer.put(input_ids)
@@ -318,6 +331,9 @@ class AotDecode:
         if streamer is not None:
             streamer.end()
         return torch.cat([input_ids, torch.tensor([tokens], dtype=input_ids.dtype)], dim=1)
+
+
+_NO_EFFECT = frozenset({"pad_token_id", "use_cache"})  # generate arguments that change nothing for one sequence
 
 
 def _eos_ids(model: nn.Module, given: int | list[int] | None) -> set[int]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -161,13 +162,23 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def token_processors(
-    model: nn.Module, do_sample: bool | None, temperature: float | None, top_p: float | None, top_k: int | None
+    model: nn.Module,
+    do_sample: bool | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    *,
+    repetition_penalty: float | None = None,
+    min_new_tokens: int | None = None,
+    prompt_length: int = 0,
+    eos: Sequence[int] = (),
 ) -> tuple[bool, Any]:
     """Whether to sample, and the logits processors ``generate`` applies for these settings (each one given,
-    else the model's generation config's, else transformers' default): the repetition penalty, then when
-    sampling temperature, top-k, top-p and min-p, in transformers' order (a decoder that chooses tokens itself,
-    :class:`~lordba.nn.aot.AotDecode`, then gives ``generate``'s tokens for a seed). A temperature of 0 is
-    greedy."""
+    else the model's generation config's, else transformers' default): the repetition penalty, the least length
+    (the config's ``min_length``) and least number of new tokens after ``prompt_length`` (both keep the ``eos``
+    ids from being chosen before), then when sampling temperature, top-k, top-p and min-p, in transformers'
+    order (a decoder that chooses tokens itself, :class:`~lordba.nn.aot.AotDecode`, then gives ``generate``'s
+    tokens for a seed). A temperature of 0 is greedy."""
     import transformers as tf
 
     config = getattr(model, "generation_config", None)
@@ -177,9 +188,14 @@ def token_processors(
         return default if value is None else value
 
     out = tf.LogitsProcessorList()
-    penalty = pick("repetition_penalty", None, 1.0)
+    penalty = pick("repetition_penalty", repetition_penalty, 1.0)
     if penalty != 1.0:
         out.append(tf.RepetitionPenaltyLogitsProcessor(penalty))
+    least, least_new = pick("min_length", None, 0), pick("min_new_tokens", min_new_tokens, 0)
+    if eos and least > 0:
+        out.append(tf.MinLengthLogitsProcessor(least, sorted(eos)))
+    if eos and least_new > 0:
+        out.append(tf.MinNewTokensLengthLogitsProcessor(prompt_length, least_new, sorted(eos)))
     temperature = pick("temperature", temperature, 1.0)
     sample = bool(pick("do_sample", do_sample, False)) and temperature > 0
     if sample:
