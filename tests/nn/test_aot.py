@@ -180,6 +180,37 @@ def test_min_new_tokens_and_a_given_repetition_penalty_are_applied_as_generate_d
 
 
 @pytest.mark.long
+def test_one_decoder_used_from_two_threads_gives_each_its_eager_tokens(tmp_path):
+    """Two threads generating with one decoder each get their prompt's eager tokens: the cache, the step and the
+    position are the decoder's, so interleaved calls decoded each other's positions (a silent wrong result)."""
+    import threading
+
+    lm = tiny_q4(adapter=True)
+    prompts = [PROMPT, torch.tensor([[8, 1, 99, 4]])]
+    with torch.no_grad():
+        want = [lm.generate(input_ids=p, attention_mask=torch.ones_like(p), max_new_tokens=20, do_sample=False,
+                            eos_token_id=[], pad_token_id=0) for p in prompts]  # fmt: skip
+    decode = AotDecode(lm, folder=tmp_path, kv_dtype="float32")
+    assert decode.prepare(30)
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            for k in range(4):
+                got[i, k] = decode.generate(prompts[i], 20, eos_token_id=[])
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 8
+    assert all(torch.equal(ids, want[i]) for (i, _), ids in got.items())
+
+
+@pytest.mark.long
 def test_a_damaged_package_is_compiled_again_never_loaded(tmp_path):
     """A package in the cache with a flipped byte in its compiled code (which AOTInductor's loader does not
     check) or cut short is not loaded: it is compiled again, and the step gives the eager tokens."""

@@ -26,6 +26,7 @@ for SmolLM2; the compile, 40-60 s on 2 cores, only for a package not in ``<lordb
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -172,6 +173,7 @@ class AotDecode:
         self.export_seconds = 0.0
         self.compiled = True  # False after a failure (:meth:`fallback`): callers then decode eagerly
         self.failure: str | None = None
+        self._lock = threading.RLock()  # one sequence at a time: the cache, the step and the position are shared
 
     aot = True
 
@@ -185,7 +187,8 @@ class AotDecode:
         if not self.compiled:
             return False
         try:
-            self._prepare_step(tokens)
+            with self._lock:
+                self._prepare_step(tokens)
         except Exception as err:  # any exporter / compiler failure: the caller decodes eagerly
             self.fallback(err)
             return False
@@ -289,7 +292,9 @@ class AotDecode:
         """``transformers``' ``generate`` for a batch of one (greedy, or sampling from torch's global
         generator), choosing tokens as it does (:func:`~lordba.nn.decode.token_processors`: a setting not given
         is the model's generation config's, else transformers' default, e.g. top-k 50), so a seed gives its
-        tokens; returns prompt + new tokens ``[1, n]``. ``streamer`` gets the prompt then each token
+        tokens; returns prompt + new tokens ``[1, n]``; calls from several threads decode one after the other
+        (:meth:`prepare`, :meth:`prefill`, :meth:`step` work on the one sequence of the decoder's cache: a caller
+        using them from several threads serializes them). ``streamer`` gets the prompt then each token
         (``put``/``end``), as transformers' streamers expect. ``min_new_tokens`` (or the generation config's
         ``min_length`` / ``min_new_tokens``) keeps the eos ids from being chosen before, as ``generate`` does;
         ``pad_token_id`` and ``use_cache`` change nothing for one sequence.
@@ -312,25 +317,27 @@ class AotDecode:
             self.inner, do_sample, temperature, top_p, top_k, repetition_penalty=repetition_penalty,
             min_new_tokens=min_new_tokens, prompt_length=int(input_ids.shape[-1]), eos=sorted(eos),
         )  # fmt: skip
-        self._prepare_step(int(input_ids.shape[-1]) + int(max_new_tokens))
-        if streamer is not None:
-            streamer.put(input_ids)
-        tokens: list[int] = []
-        logits = self.prefill(input_ids)
-        for i in range(int(max_new_tokens)):
-            scores = logits.float()[None]
-            if processors:  # (the repetition penalty reads the tokens so far)
-                scores = processors(torch.cat([input_ids, torch.tensor([tokens], dtype=input_ids.dtype)], 1), scores)
-            token = int(torch.multinomial(torch.softmax(scores, -1), 1)) if sample else int(scores.argmax())
-            tokens.append(token)
+        with self._lock:  # another thread's sequence would share the cache and the position (:attr:`_lock`)
+            self._prepare_step(int(input_ids.shape[-1]) + int(max_new_tokens))
             if streamer is not None:
-                streamer.put(torch.tensor([token]))
-            if token in eos or i + 1 == max_new_tokens:
-                break
-            logits = self.step(token)
-        if streamer is not None:
-            streamer.end()
-        return torch.cat([input_ids, torch.tensor([tokens], dtype=input_ids.dtype)], dim=1)
+                streamer.put(input_ids)
+            tokens: list[int] = []
+            logits = self.prefill(input_ids)
+            for i in range(int(max_new_tokens)):
+                scores = logits.float()[None]
+                if processors:  # (the repetition penalty reads the tokens so far)
+                    so_far = torch.cat([input_ids, torch.tensor([tokens], dtype=input_ids.dtype)], 1)
+                    scores = processors(so_far, scores)
+                token = int(torch.multinomial(torch.softmax(scores, -1), 1)) if sample else int(scores.argmax())
+                tokens.append(token)
+                if streamer is not None:
+                    streamer.put(torch.tensor([token]))
+                if token in eos or i + 1 == max_new_tokens:
+                    break
+                logits = self.step(token)
+            if streamer is not None:
+                streamer.end()
+            return torch.cat([input_ids, torch.tensor([tokens], dtype=input_ids.dtype)], dim=1)
 
 
 _NO_EFFECT = frozenset({"pad_token_id", "use_cache"})  # generate arguments that change nothing for one sequence
