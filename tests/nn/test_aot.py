@@ -211,6 +211,28 @@ def test_one_decoder_used_from_two_threads_gives_each_its_eager_tokens(tmp_path)
 
 
 @pytest.mark.long
+def test_a_gemma_style_model_with_sliding_window_layers_and_soft_capping_decodes_as_eager(tmp_path):
+    """A model whose config has sliding-window layers (Gemma-2: alternating sliding / full attention, attention and
+    final soft-capping) is exported through transformers' hybrid-cache wrapper: its tokens past the window are
+    eager ``generate``'s (it failed with an AttributeError on the wrapper's ``static_cache`` and decoded eagerly)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=101, hidden_size=40, intermediate_size=52, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=10, query_pre_attn_scalar=10,
+                          max_position_embeddings=64, sliding_window=6)  # fmt: skip
+    model = Gemma2ForCausalLM(config).eval()
+    assert "sliding_attention" in config.layer_types and config.attn_logit_softcapping
+    n = 16  # the prompt's 8 and 16 new tokens: well past the window of 6
+    with torch.no_grad():
+        want = model.generate(input_ids=PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=n,
+                              do_sample=False, eos_token_id=[], pad_token_id=0)  # fmt: skip
+    decode = AotDecode(model, folder=tmp_path, kv_dtype="float32")
+    assert decode.prepare(PROMPT.shape[1] + n), decode.failure
+    assert torch.equal(decode.generate(PROMPT, n, eos_token_id=[]), want)
+
+
+@pytest.mark.long
 def test_a_damaged_package_is_compiled_again_never_loaded(tmp_path):
     """A package in the cache with a flipped byte in its compiled code (which AOTInductor's loader does not
     check) or cut short is not loaded: it is compiled again, and the step gives the eager tokens."""

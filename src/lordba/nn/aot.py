@@ -86,7 +86,8 @@ class _Step:
         with _static_generation(model):
             wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=length)
         self.module = wrapper.model
-        self.cache = self.module.static_cache
+        cache = getattr(self.module, "static_cache", None)  # sliding-window layers (Gemma): the hybrid wrapper's
+        self.cache = cache if cache is not None else self.module.cache  # full-length layers, the window in the mask
         for i, (keys, values) in enumerate(reduced_cache(self.cache.layers, kv_dtype)):  # the module's buffers
             self.module.register_buffer(f"key_cache_{i}", keys, persistent=False)
             self.module.register_buffer(f"value_cache_{i}", values, persistent=False)
@@ -128,7 +129,8 @@ class AotDecode:
     Args:
         model: a transformers causal LM on the CPU, or a LoRDBAModel wrapping one (its active
             adapters as they are now are compiled in). A model on ``sdpa`` attention is switched to
-            :mod:`lordba.nn.attention`'s (the same results, eager and compiled), and its packed adapters'
+            :mod:`lordba.nn.attention`'s (the same results, eager and compiled), one with sliding-window layers
+            (Gemma-style) is exported through transformers' hybrid-cache wrapper, and its packed adapters'
             tensors are moved into one buffer in a 2 MB page (the same values; a whole page even for a
             smaller adapter: :func:`lordba.nn.adapter.hold_together`).
         folder: where packages are kept (default ``<lordba cache>/aot``).
