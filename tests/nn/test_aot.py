@@ -323,6 +323,23 @@ def test_bad_calls_are_refused():
     assert sample and torch.isinf(scores[0, [0, 2]]).all() and scores[0, 1] == 5.0  # top-p 0.5: one token left
 
 
+def test_generation_config_settings_the_decoder_does_not_apply_are_refused_not_dropped():
+    """A model whose generation config blocks repeated n-grams, suppresses tokens or asks for beams: AotDecode
+    gave other tokens than generate, silently. It is refused before any work (lordba generate --aot then
+    decodes eagerly); a setting at its no-op value (num_beams 1) is not."""
+    inner = tiny_q4(adapter=True).get_base_model()
+    config = inner.generation_config
+    config.num_beams, config.typical_p = 1, 0.5  # no-op: one beam; typical_p acts when sampling only
+    assert token_processors(inner, False, None, None, None) == (False, [])
+    with pytest.raises(ConfigError, match="typical_p"):
+        token_processors(inner, True, 1.0, None, None)
+    for name, value in (("no_repeat_ngram_size", 2), ("suppress_tokens", [3]), ("num_beams", 2)):
+        setattr(config, name, value)
+        with pytest.raises(ConfigError, match=f"generation config sets {name}"):
+            AotDecode(inner, folder=None).generate(PROMPT, 3)
+        setattr(config, name, None)
+
+
 @pytest.mark.long
 def test_the_package_calls_the_ops_directly_with_the_proxy_executors_results(tmp_path, monkeypatch):
     """With the kernels' C shims the compiled step calls ``aoti_torch_cpu_q4_group`` & co. itself (no

@@ -161,6 +161,24 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+# generation config settings token_processors does not apply -> the values of each that change nothing (None too)
+_UNAPPLIED = {
+    "num_beams": (1,), "num_beam_groups": (1,), "penalty_alpha": (0,), "dola_layers": (), "guidance_scale": (1,),
+    "no_repeat_ngram_size": (0,), "bad_words_ids": ([],), "suppress_tokens": ([],), "begin_suppress_tokens": ([],),
+    "sequence_bias": ({},), "forced_bos_token_id": (), "forced_eos_token_id": (),
+    "exponential_decay_length_penalty": (), "watermarking_config": (),
+}  # fmt: skip
+_UNAPPLIED_SAMPLING = {"typical_p": (1,), "epsilon_cutoff": (0,), "eta_cutoff": (0,), "top_h": ()}
+
+
+def unapplied_settings(config: Any, sample: bool) -> list[str]:
+    """The settings of the generation ``config`` that change the tokens ``generate`` chooses (when sampling:
+    ``sample``) but that :func:`token_processors` does not apply (beams, n-gram blocking, suppressed or forced
+    tokens, ...); ``[]`` for a config that sets none of them."""
+    names = {**_UNAPPLIED, **(_UNAPPLIED_SAMPLING if sample else {})}
+    return [n for n, noop in names.items() if (v := getattr(config, n, None)) is not None and v not in noop]
+
+
 def token_processors(
     model: nn.Module,
     do_sample: bool | None,
@@ -178,7 +196,12 @@ def token_processors(
     (the config's ``min_length``) and least number of new tokens after ``prompt_length`` (both keep the ``eos``
     ids from being chosen before), then when sampling temperature, top-k, top-p and min-p, in transformers'
     order (a decoder that chooses tokens itself, :class:`~lordba.nn.aot.AotDecode`, then gives ``generate``'s
-    tokens for a seed). A temperature of 0 is greedy."""
+    tokens for a seed). A temperature of 0 is greedy.
+
+    Raises:
+        ConfigError: the generation config sets something these processors do not apply
+            (:func:`unapplied_settings`): the tokens would not be ``generate``'s.
+    """
     import transformers as tf
 
     config = getattr(model, "generation_config", None)
@@ -198,6 +221,12 @@ def token_processors(
         out.append(tf.MinNewTokensLengthLogitsProcessor(prompt_length, least_new, sorted(eos)))
     temperature = pick("temperature", temperature, 1.0)
     sample = bool(pick("do_sample", do_sample, False)) and temperature > 0
+    unapplied = unapplied_settings(config, sample)
+    if unapplied:
+        raise ConfigError(
+            f"the model's generation config sets {', '.join(unapplied)}, which this decoder does not apply: "
+            "generate with the model's own generate, or clear them in model.generation_config"
+        )
     if sample:
         top_k, top_p, min_p = pick("top_k", top_k, 50), pick("top_p", top_p, 1.0), pick("min_p", None, None)
         warpers = ((temperature != 1.0, tf.TemperatureLogitsWarper, temperature),
