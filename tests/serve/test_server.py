@@ -237,8 +237,12 @@ def test_error_cases_answer_in_openai_shape(server):
     assert "nope" in err.value.message and err.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError, match="invalid adapter name"):
         c.completions.create(model="../a", prompt="x", max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="maximum context length is 256"):
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 256") as err:
         c.completions.create(model="a", prompt="x" * 300, max_tokens=2)
+    assert err.value.body["param"] == "prompt" and err.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="maximum context length") as err:
+        c.chat.completions.create(model="a", messages=[{"role": "user", "content": "x" * 300}], max_tokens=2)
+    assert err.value.body["param"] == "messages"
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         c.completions.create(model="a", prompt="x" * 250, max_tokens=10)
     with pytest.raises(openai.BadRequestError, match="temperature"):
@@ -250,6 +254,7 @@ def test_error_cases_answer_in_openai_shape(server):
     status, body = raw(server, "POST", "/v1/completions", b'{"model": "a", "prompt": ')
     assert status == 400
     assert_openai_error(body, "JSON")
+    assert body["error"]["param"] is None and "body: JSON decode error" in body["error"]["message"]  # no field
     status, body = raw(server, "POST", "/v1/chat/completions", json.dumps({"model": "a"}).encode())
     assert status == 400
     assert_openai_error(body, "messages")

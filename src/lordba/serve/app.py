@@ -53,14 +53,14 @@ def build_app(state: ServerState) -> FastAPI:
     async def completions(body: p.CompletionRequest, request: Request) -> Response:
         body.check_supported()
         prompt = body.single_prompt()
-        job = await _prepare(state, body, lambda: state.encode(prompt), body.max_tokens)
+        job = await _prepare(state, body, lambda: state.encode(prompt), body.max_tokens, "prompt")
         return await _respond(state, job, body, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: p.ChatRequest, request: Request) -> Response:
         body.check_supported()
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        job = await _prepare(state, body, lambda: state.chat_prompt(messages), body.limit())
+        job = await _prepare(state, body, lambda: state.chat_prompt(messages), body.limit(), "messages")
         return await _respond(state, job, body, request, chat=True)
 
     @app.post("/v1/load_lora_adapter")
@@ -76,8 +76,9 @@ def build_app(state: ServerState) -> FastAPI:
     return app
 
 
-async def _prepare(state: ServerState, body: p._Sampling, prompt, max_tokens: int | None) -> Job:  # noqa: ANN001
-    """Resolve, load, tokenize and check in a worker thread (loading reads files and takes the model's lock)."""
+async def _prepare(state: ServerState, body: p._Sampling, prompt, max_tokens: int | None, field: str) -> Job:  # noqa: ANN001
+    """Resolve, load, tokenize and check in a worker thread (loading reads files and takes the model's lock);
+    ``field``: the request's field that holds the prompt (named by a context-length error)."""
     sampling = {
         "temperature": body.temperature,
         "top_p": body.top_p,
@@ -85,7 +86,7 @@ async def _prepare(state: ServerState, body: p._Sampling, prompt, max_tokens: in
         "stop": body.stops(),
         "ignore_eos": body.ignore_eos,
     }
-    return await run_in_threadpool(state.prepare, body.model, prompt, max_tokens, **sampling)
+    return await run_in_threadpool(state.prepare, body.model, prompt, max_tokens, field, **sampling)
 
 
 async def _respond(state: ServerState, job: Job, body: p._Sampling, request: Request, chat: bool) -> Response:
@@ -194,10 +195,9 @@ def _error_handlers(app: FastAPI) -> None:
     async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
         problems = []
         for e in err.errors():
-            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            problems.append(f"{where or 'body'}: {e.get('msg')}")
+            problems.append(f"{_field(e) or 'body'}: {e.get('msg')}")
         first = err.errors()[0] if err.errors() else {}
-        param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+        param = _field(first) or None
         return _error(400, "invalid request: " + "; ".join(problems), "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -208,3 +208,11 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception) -> JSONResponse:
         return _error(500, f"internal error: {type(err).__name__}: {err}", "server_error")
+
+
+def _field(error: dict) -> str:
+    """The request field a validation error names (``messages.0.content``); ``""`` for the body as a whole,
+    e.g. a body that is no JSON (whose location is the character position, not a field)."""
+    if error.get("type") == "json_invalid":
+        return ""
+    return ".".join(str(x) for x in error.get("loc", ()) if x != "body")

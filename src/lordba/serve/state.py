@@ -90,9 +90,17 @@ class ServerState:
             raise BadRequestError("the chat template gives an empty prompt for these messages", "messages")
         return ids
 
-    def prepare(self, model: str, prompt: Callable[[], list[int]], max_tokens: int | None, **sampling: Any) -> Job:
+    def prepare(
+        self,
+        model: str,
+        prompt: Callable[[], list[int]],
+        max_tokens: int | None,
+        field: str = "prompt",
+        **sampling: Any,
+    ) -> Job:
         """Resolve ``model`` and hold its adapter (loading it on first use), then tokenize (``prompt``)
-        and check the context; returns the :class:`Job` (its adapter is held: the engine releases it).
+        and check the context (an error names ``field``, the request's field of the prompt: ``prompt`` or
+        ``messages``); returns the :class:`Job` (its adapter is held: the engine releases it).
 
         Raises :class:`UnknownAdapterError` (404), :class:`AdapterLoadError` (400),
         :class:`ContextLengthError` (400), :class:`BadRequestError` (400), :class:`AdapterMemoryError` (503)."""
@@ -106,7 +114,8 @@ class ServerState:
                 raise ContextLengthError(
                     f"This model's maximum context length is {self.max_context} tokens. However, you requested "
                     f"{len(ids) + (max_tokens or 1)} tokens ({len(ids)} in the prompt, {max_tokens or 1} for the "
-                    "completion). Please reduce the length of the prompt or of max_tokens."
+                    "completion). Please reduce the length of the prompt or of max_tokens.",
+                    field,
                 )
             return Job(ids, model, route, SamplingParams(max_tokens or room, **sampling))
         except BaseException:
