@@ -61,10 +61,13 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, input_ids, scale_dtype):
         other = loaded.adapter_modules("default")[path]
         for k, v in ad.stored_tensors().items():
             assert torch.equal(v, other.stored_tensors()[k]), (path, k)
-    # saving again gives byte-identical files (deterministic)
-    loaded.save_pretrained(tmp_path / "again")
+    # saving again gives byte-identical files (deterministic); PEFT's safe_serialization=True is taken
+    loaded.save_pretrained(tmp_path / "again", safe_serialization=True)
     for name in ("lordba_model.safetensors", "adapter_config.json"):
         assert (tmp_path / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+    with pytest.raises(ConfigError, match="safetensors only"):
+        loaded.save_pretrained(tmp_path / "pickle", safe_serialization=False)
+    assert not (tmp_path / "pickle").exists()
 
 
 def test_packing_in_memory_keeps_logits(input_ids):

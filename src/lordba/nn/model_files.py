@@ -22,7 +22,7 @@ from torch import nn
 from lordba._util.state import ordinary_tensors
 from lordba.config import LoRDBAConfig
 from lordba.core.scales import get_codec
-from lordba.errors import AdapterFormatError, AdapterStateError, ShapeMismatchError
+from lordba.errors import AdapterFormatError, AdapterStateError, ConfigError, ShapeMismatchError
 from lordba.format import adapter as adapter_files
 from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter, hold_together
 from lordba.nn.hub import resolve_adapter_dir, upload_adapter_folder, write_model_card
@@ -61,6 +61,7 @@ class AdapterFilesMixin:
         is_main_process: bool = True,
         model_card: bool = True,
         format_version: int | None = None,
+        safe_serialization: bool = True,
     ) -> None:
         """Write adapters in the packed format of SPEC §6: ``default`` in ``save_directory``, any
         other adapter in ``save_directory/<name>``, each with a model card (``README.md``, unless
@@ -70,9 +71,14 @@ class AdapterFilesMixin:
         (:data:`lordba.config.DEFAULT_FORMAT_VERSION`); 1 writes the per-module layout older
         lordba versions read (version 2 with extra tensors).
 
+        ``safe_serialization`` is PEFT's option: the files are always safetensors (``False`` is refused).
+
         Raises:
             AdapterStateError: an unknown adapter name in ``selected_adapters``.
+            ConfigError: ``safe_serialization=False``.
         """
+        if safe_serialization is not True:
+            raise ConfigError("lordba writes adapters as safetensors only: safe_serialization must be True")
         if not is_main_process:
             return
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
