@@ -169,6 +169,33 @@ def test_a_request_aborted_while_waiting_leaves_at_once_and_a_stopped_engine_ref
         engine.submit(Request([5], "a", SamplingParams(1), Collector().sink))
 
 
+def test_an_engine_loop_that_dies_fails_its_requests_and_refuses_new_ones_instead_of_hanging(lm):
+    """An error outside the steps the loop guards (here the observer's queue report, after a step) killed the
+    engine thread silently: its requests and every later one waited forever. They end with ``error`` and new
+    ones are refused (a 503) naming the failure."""
+
+    class Broken:  # every report is taken, but the queue's raises
+        def queue(self, waiting: int, running: int) -> None:
+            raise RuntimeError("observer broke")
+
+        def __getattr__(self, name: str):
+            return lambda *args, **kwargs: None
+
+    engine = Engine(lm, char_tokenizer(), max_batch=2)
+    engine.observer = Broken()
+    engine.start()
+    try:
+        held = Collector()
+        engine.submit(Request(prompts(5)[0], "a", SamplingParams(50, temperature=0.0), held.sink, held.on_done))
+        assert held.done.wait(30)
+        assert held.last.finish_reason == "error" and "observer broke" in held.last.error and held.released == 1
+        assert "observer broke" in engine.failure
+        with pytest.raises(UnavailableError, match="engine stopped after an internal error"):
+            engine.submit(Request([5], "a", SamplingParams(1), Collector().sink))
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.parametrize("fail_after", [0, 2])  # in the prefill step, in a decode step
 def test_a_row_whose_sampling_fails_ends_alone_and_its_neighbours_go_on(lm, served, fail_after, monkeypatch):
     """A failure choosing one row's token fails that row only; it used to fail every row of the step

@@ -211,6 +211,12 @@ def test_models_health_and_metrics(server):
     models = c.models.list().data
     assert [m.id for m in models][:1] == ["tiny-llama"] and {"a", "b", "c"} <= {m.id for m in models}
     assert raw(server, "GET", "/health")[0] == 200
+    server.state.engine.failure = "RuntimeError: boom"  # as the engine records a loop that stopped
+    try:
+        status, body = raw(server, "GET", "/health")
+        assert status == 503 and body["status"] == "error" and "boom" in body["error"]
+    finally:
+        server.state.engine.failure = None
     url = urlparse(server.url)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT)
     conn.request("GET", "/metrics")

@@ -33,9 +33,12 @@ def build_app(state: ServerState) -> FastAPI:
     app.add_middleware(_CountRequests, state=state)
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health() -> Response:
         waiting, running = state.engine.load
-        return {"status": "ok", "waiting": waiting, "running": running}
+        if state.engine.failure is not None:  # the engine loop stopped: a load balancer should take us out
+            body = {"status": "error", "error": state.engine.failure, "waiting": waiting, "running": running}
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"status": "ok", "waiting": waiting, "running": running})
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -10,6 +10,7 @@ request's events (text deltas, then its end) go to its own ``sink`` from the eng
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -102,6 +103,7 @@ class Engine:
         self._admitting = 0  # rows taken from the queue whose prefill has not joined the batch yet
         self._stop = False
         self._thread: threading.Thread | None = None
+        self.failure: str | None = None  # why the engine loop stopped, if it did (:meth:`_supervised`)
         self.steps = 0  # decode forwards run (tests and the benchmark read it)
         self.max_rows_seen = 0  # the most rows one decode forward carried
 
@@ -109,7 +111,7 @@ class Engine:
     def start(self) -> None:
         """Start the engine thread (once)."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="lordba-engine", daemon=True)
+            self._thread = threading.Thread(target=self._supervised, name="lordba-engine", daemon=True)
             self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -125,9 +127,16 @@ class Engine:
         self._running, self._batch = [], None
 
     def submit(self, request: Request) -> None:
-        """Queue ``request``; it joins the running batch at the next step."""
+        """Queue ``request``; it joins the running batch at the next step.
+
+        Raises:
+            UnavailableError: the server is shutting down, or the engine stopped (:attr:`failure`)."""
         request.decoder = IncrementalDecoder(self.tokenizer)
         with self._cond:
+            if self.failure is not None:
+                raise UnavailableError(
+                    f"the engine stopped after an internal error ({self.failure}): restart the server"
+                )
             if self._stop:
                 raise UnavailableError("the server is shutting down")
             self._waiting.append(request)
@@ -146,6 +155,24 @@ class Engine:
             return len(self._waiting), len(self._running) + self._admitting
 
     # ------------------------------------------------------------------ loop
+    def _supervised(self) -> None:
+        """:meth:`_loop`; should it end by an error outside the steps it guards (a bug), the engine records it
+        (:attr:`failure`: later requests are 503s, ``/health`` says so) and ends the requests it holds with
+        ``error``, rather than leaving them, and every later one, waiting for a thread that is gone."""
+        try:
+            self._loop()
+        except BaseException as err:
+            log.exception("the engine loop stopped")
+            with self._cond:
+                self.failure = f"{type(err).__name__}: {err}"[:300]
+                self._stop = True
+                held = [*self._waiting, *self._running]
+                self._waiting.clear()
+                self._running, self._batch = [], None
+            for req in held:
+                with contextlib.suppress(Exception):
+                    self._finish(req, "error", self.failure)
+
     def _loop(self) -> None:
         while True:
             with self._cond:
