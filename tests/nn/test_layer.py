@@ -378,3 +378,21 @@ def test_a_layer_moved_to_its_device_loads_the_kernels_that_tracing_cannot(monke
     monkeypatch.setattr(kernels._STATE, "triton", None)
     layer.to(torch.device("cpu"))
     assert kernels._STATE.triton is None  # only a GPU needs it
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("convert", ["half", "double"])
+def test_a_merged_layer_cast_then_unmerged_restores_its_bias_in_the_new_dtype(convert):
+    """Merging an adapter with a trained bias keeps the base's bias for :meth:`unmerge` outside the module
+    tree; ``.half()`` between merge and unmerge left it float32, and unmerge put it back into the half base:
+    every forward then failed with a dtype error ("self and mat2 must have the same dtype")."""
+    layer = make_layer(names=("a",))
+    layer.lordba_adapters["a"].attach_bias(torch.randn(13))
+    x = torch.randn(4, 21)
+    before = layer(x)
+    layer.merge()
+    getattr(layer, convert)()
+    layer.unmerge()
+    dtype = layer.base_layer.weight.dtype
+    assert layer.base_layer.bias.dtype == dtype and isinstance(layer.base_layer.bias, nn.Parameter)
+    torch.testing.assert_close(layer(x.to(dtype)).float(), before, rtol=2e-2, atol=2e-2)

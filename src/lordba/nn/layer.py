@@ -54,9 +54,20 @@ class LoRDBALinear(nn.Module):
         super().__setattr__(name, value)
 
     def _apply(self, fn, recurse: bool = True) -> LoRDBALinear:  # noqa: ANN001
-        """``.to()``, ``.cuda()``, ``to_empty()``: then the kernels for the new device, loaded now (as on
-        construction: tracing cannot load them)."""
+        """``.to()``, ``.cuda()``, ``.half()``, ``to_empty()``: the base layer and bias that :meth:`unmerge`
+        restores are converted too (else unmerge put back a base of the old dtype or device); then the kernels
+        for the new device, loaded now (as on construction: tracing cannot load them)."""
         result = super()._apply(fn, recurse)
+        if recurse:  # what unmerge restores follows too (held outside the module tree: no state_dict keys)
+            for module in self._premerge_base:
+                module._apply(fn, recurse)
+            for i, bias in enumerate(self._premerge_bias):
+                holder = nn.Module()  # the conversion nn.Module applies to its own tensors (set_data, grads)
+                if isinstance(bias, nn.Parameter):
+                    holder.register_parameter("bias", bias)
+                else:
+                    holder.register_buffer("bias", bias)
+                self._premerge_bias[i] = holder._apply(fn, recurse=False).bias
         preload(self.backend.weight_device(self.base_layer))
         return result
 
