@@ -396,3 +396,24 @@ def test_a_merged_layer_cast_then_unmerged_restores_its_bias_in_the_new_dtype(co
     dtype = layer.base_layer.weight.dtype
     assert layer.base_layer.bias.dtype == dtype and isinstance(layer.base_layer.bias, nn.Parameter)
     torch.testing.assert_close(layer(x.to(dtype)).float(), before, rtol=2e-2, atol=2e-2)
+
+
+@torch.no_grad()
+def test_an_adapter_set_or_removed_through_the_module_dict_is_what_the_next_call_runs():
+    """``layer.lordba_adapters[name] = other`` (PEFT-style, ``lora_A[name] = ...``) or ``del`` on it: the
+    layer's kept call (one active adapter, gradients off) still ran the adapter it was made for, silently."""
+    other = make_layer(names=("z",), r=3).lordba_adapters["z"]
+    other.scale_out.mul_(-3.0)
+    other = other.pack()
+    layer = _packed_layer()
+    layer.set_adapter("a")
+    x = torch.randn(2, 1, 21)
+    layer(x)  # the kept call is made
+    layer.lordba_adapters["a"] = other
+    torch.testing.assert_close(layer(x), other(x, layer.base_layer(x)), rtol=1e-6, atol=1e-5)
+    layer.lordba_adapters.pop("a")
+    assert torch.equal(layer(x), layer.base_layer(x))
+    layer.lordba_adapters.update({"a": other})
+    torch.testing.assert_close(layer(x), other(x, layer.base_layer(x)), rtol=1e-6, atol=1e-5)
+    del layer.lordba_adapters["a"]
+    assert torch.equal(layer(x), layer.base_layer(x))

@@ -21,7 +21,36 @@ from lordba.nn.fastpath import ARMED, decode_call, direct_branch, fused_direct, 
 from lordba.nn.routing import BASE_ROW, ROUTING, Routing, RoutingGate, current_routing, route_index
 from lordba.quant import BaseBackend, resolve_backend
 
-__all__ = ["BASE_ROW", "ROUTING", "LoRDBALinear", "Routing", "route_index"]  # routing names re-exported
+__all__ = ["BASE_ROW", "ROUTING", "AdapterDict", "LoRDBALinear", "Routing", "route_index"]  # routing names re-exported
+
+
+class AdapterDict(nn.ModuleDict):
+    """A layer's adapters by name (``lordba_adapters``): an :class:`nn.ModuleDict` whose every change — an
+    adapter set, replaced or removed through it directly (``layer.lordba_adapters[name] = other``, ``del``,
+    ``pop``, ``update``, ``clear``), as PEFT code does with ``lora_A[name]`` — drops the layers' kept calls
+    (:func:`touch`), as :meth:`LoRDBALinear.add_adapter` does: a kept call ran the adapter it was made for."""
+
+    def add_module(self, name: str, module: nn.Module | None) -> None:
+        """:meth:`nn.Module.add_module` (``d[name] = m``, ``update``, ``register_module``), then :func:`touch`."""
+        super().add_module(name, module)
+        touch()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        touch()
+
+    def clear(self) -> None:
+        """Remove every adapter."""
+        super().clear()
+        touch()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        touch()
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        touch()
 
 
 class LoRDBALinear(nn.Module):
@@ -36,7 +65,7 @@ class LoRDBALinear(nn.Module):
         self.backend = backend
         self.in_features, self.out_features = backend.features(base_layer)
         preload(backend.weight_device(base_layer))  # the kernels, now: tracing cannot load them
-        self.lordba_adapters = nn.ModuleDict()
+        self.lordba_adapters = AdapterDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self._premerge_base: list[nn.Module] = []
