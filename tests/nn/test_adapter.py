@@ -236,3 +236,27 @@ def test_a_latent_adapter_first_run_under_inference_mode_runs_in_every_mode_afte
         with kernels.mode("torch"):
             torch.testing.assert_close(dense, layer(x), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(dense, want)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("latent", [False, True])
+def test_a_tensor_replaced_twice_between_calls_is_never_taken_for_the_one_a_cache_was_made_for(latent):
+    """The caches are keyed by version counter and address; ``.data =`` keeps the version, and a replaced
+    tensor's freed storage is often where the next one is allocated: a scale (int8: decoded scales kept) or
+    latents (packed signs kept) replaced twice between two calls gave the first call's cached values again,
+    silently (about one trial in three). An entry keeps the storages it was made for alive."""
+    for trial in range(200):
+        layer = make_layer(in_f=64, out_f=64, names=("a",), scale_dtype="int8")
+        ad = layer.lordba_adapters["a"]
+        if not latent:
+            ad = ad.freeze_signs()
+            layer.add_adapter("a", ad)
+        x = torch.randn(3, 64)
+        layer(x)  # the caches are made
+        tensor = ad.latent_A if latent else ad.scale_in
+        new = torch.randn_like(tensor) * (0.01 if latent else 1.0)
+        tensor.data = torch.ones_like(tensor)
+        tensor.data = new.clone()
+        got = layer(x)
+        ad.clear_cache()
+        assert torch.equal(got, layer(x)), trial

@@ -86,9 +86,8 @@ class TrainableAdapter(AdapterBase):
         if self.latent_A is None:
             return self.sign_A, self.sign_B
         latent_A, latent_B = self.latent_A, self.latent_B
-        return self._caches.get(
-            "signs", stamp(latent_A, latent_B), lambda: (pack_signs(latent_A), pack_signs(latent_B))
-        )
+        key, pins = stamp(latent_A, latent_B), (latent_A, latent_B)
+        return self._caches.get("signs", key, lambda: (pack_signs(latent_A), pack_signs(latent_B)), pins)
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The effective ``(b, m, a)`` in float32: ``decode(encode(parameters))``, differentiable."""
@@ -109,7 +108,7 @@ class TrainableAdapter(AdapterBase):
             with torch.no_grad():
                 decoded = self.codec.fake_quant(p_in, p_mid, p_out)
                 scales = tuple(_view_if_equal(p, v) for p, v in zip((p_in, p_mid, p_out), decoded))
-            self._caches.store("scales", (key, self.codec.name), scales)
+            self._caches.store("scales", (key, self.codec.name), scales, (p_in, p_mid, p_out))
         if params.get("latent_A") is None:
             buffers = self._buffers
             return buffers["sign_A"], buffers["sign_B"], *scales

@@ -48,17 +48,21 @@ register_optimizer_step_post_hook(_count_step)
 
 def stamp(*tensors: torch.Tensor) -> tuple:
     """What identifies the contents of ``tensors`` for a cache key: version counters and storage,
-    and the number of optimizer steps taken in this process."""
+    and the number of optimizer steps taken in this process. An address identifies a storage only while
+    it lives: an entry made for it keeps it (``pins`` of :meth:`_Caches.store`)."""
     return (_OPTIMIZER_STEPS[0], *((t._version, t.data_ptr()) for t in tensors))
 
 
 class _Caches:
-    """An adapter's inference caches; each entry is rebuilt when the key it was made for changes."""
+    """An adapter's inference caches; each entry is rebuilt when the key it was made for changes. An entry
+    keeps the storages of the tensors its key stamps (``pins``): a tensor replaced (``.data =``,
+    ``load_state_dict(assign=True)``) and freed could otherwise give its address to the next one, with the
+    same version counter, and the entry made for the first would be taken for the second."""
 
     __slots__ = ("entries", "limits")
 
     def __init__(self) -> None:
-        self.entries: dict[str, tuple[object, object]] = {}
+        self.entries: dict[str, tuple[object, object, tuple]] = {}  # name: (key, value, pinned storages)
         self.limits: dict[tuple, int] = {}  # kernel dispatch limit per (kernel mode, dtype)
 
     def lookup(self, name: str, key: object) -> object | None:
@@ -66,12 +70,13 @@ class _Caches:
         found = self.entries.get(name)
         return found[1] if found is not None and found[0] == key else None
 
-    def store(self, name: str, key: object, value: object) -> object:
-        """Keep ``value`` as entry ``name``, made for ``key``; returns it."""
-        self.entries[name] = (key, value)
+    def store(self, name: str, key: object, value: object, pins: tuple[torch.Tensor, ...] = ()) -> object:
+        """Keep ``value`` as entry ``name``, made for ``key`` (stamping ``pins``, whose storages it keeps
+        alive: their addresses stay theirs); returns it."""
+        self.entries[name] = (key, value, tuple(t.untyped_storage() for t in pins))
         return value
 
-    def get(self, name: str, key: object, build) -> object:  # noqa: ANN001
+    def get(self, name: str, key: object, build, pins: tuple[torch.Tensor, ...] = ()) -> object:  # noqa: ANN001
         """The entry ``name`` for ``key``, built (without gradient) and kept when missing or stale. Built as
         ordinary tensors even under ``torch.inference_mode``: a kept tensor is the key of other entries (the
         latents' packed signs key the ``dense`` mode's folded factors), and an inference tensor has no
@@ -79,7 +84,7 @@ class _Caches:
         found = self.lookup(name, key)
         if found is None:
             with ordinary_tensors(), torch.no_grad():
-                found = self.store(name, key, build())
+                found = self.store(name, key, build(), pins)
         return found
 
     def clear(self) -> None:
@@ -165,7 +170,9 @@ class AdapterBase(nn.Module):
 
     def _apply(self, fn, recurse: bool = True) -> AdapterBase:  # noqa: ANN001
         touch()  # ``.to()``, ``.half()``: new tensors
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        self._caches.clear()  # (their entries would keep the previous tensors' storages until the next call)
+        return result
 
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
         """:meth:`nn.Module.register_buffer`, dropping prepared calls that held the previous tensor."""
@@ -267,7 +274,7 @@ class AdapterBase(nn.Module):
         kernels read float32 scales, and decoding on every call would launch several small kernels
         per layer and token (the CPU kernels read the codes as they are)."""
         key = stamp(*tensors)
-        return self._caches.get("decoded", key, lambda: (*tensors[:2], *kernels.float_scales(*tensors[2:])))
+        return self._caches.get("decoded", key, lambda: (*tensors[:2], *kernels.float_scales(*tensors[2:])), tensors)
 
     def _limit(self, mode: str, dtype: torch.dtype) -> int:
         """The CPU kernels' dispatch limit for ``mode`` and ``dtype``, kept (this runs once per layer
@@ -328,7 +335,7 @@ class AdapterBase(nn.Module):
             sign_A, sign_B = self.signs()
             return fold_factors(sign_A, sign_B, *self.scales(), self.scaling, dtype)
 
-        return self._caches.get("dense", key, build)
+        return self._caches.get("dense", key, build, held)
 
     def held_nbytes(self) -> int:
         """Bytes this adapter holds: its own parameters and buffers plus :meth:`cache_nbytes`'s
@@ -341,7 +348,7 @@ class AdapterBase(nn.Module):
         count nothing): ``{"scales", "signs", "dense", "total"}``."""
         own = {t.untyped_storage().data_ptr() for t in (*self.parameters(), *self.buffers())}
         sizes = {"scales": 0, "signs": 0, "dense": 0}
-        for name, (_, value) in self._caches.entries.items():
+        for name, (_, value, _) in self._caches.entries.items():
             if name in sizes:
                 sizes[name] = sum(
                     t.numel() * t.element_size() for t in value if t.untyped_storage().data_ptr() not in own
