@@ -179,6 +179,24 @@ def test_zero_lora_and_exact_int8_group():
     assert rmr(A).eq(0).all()
 
 
+@pytest.mark.parametrize("gauge", ["svd", "lora", "best"])
+@pytest.mark.parametrize("zero", ["B", "A"])
+def test_a_layer_with_a_zero_factor_converts_to_zero_in_every_gauge(gauge, zero):
+    """An untrained layer (PEFT's B = 0) or a zero A, batched with a trained one: its ΔW' is 0, its
+    error 0, and its neighbour's result is the one it gets alone (the lora gauge gave NaN scales)."""
+    g = torch.Generator().manual_seed(12)
+    A, B = torch.randn(2, 4, 40, generator=g), torch.randn(2, 48, 4, generator=g)
+    (B if zero == "B" else A)[1] = 0
+    opts = SolverOptions(gauge=gauge, rotation_steps=5)
+    both = convert_factors_batched(A, B, 4, scale_dtype="int8", options=opts)
+    alone = convert_factors(A[0], B[0], 4, scale_dtype="int8", options=opts)
+    for res in both:
+        for x in (res.scale_in, res.scale_mid, res.scale_out):
+            assert torch.isfinite(x).all()
+    assert torch.equal(both[1].delta_weight(), torch.zeros(48, 40)) and both[1].rel_error == 0.0
+    assert both[0].rel_error == alone.rel_error and torch.equal(both[0].delta_weight(), alone.delta_weight())
+
+
 def test_relative_error_reported_is_on_stored_values():
     g = torch.Generator().manual_seed(9)
     A, B = torch.randn(1, 4, 64, generator=g), torch.randn(1, 64, 4, generator=g)

@@ -100,17 +100,20 @@ def _top_pair(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     Through the Gram matrix of the smaller side (q×q or p×p), so a 4096×16 factor costs a 16×16
     eigenproblem. The eigenvector's sign is arbitrary: Perron–Frobenius says the top one can be
     taken non-negative, so it is flipped to a positive sum and rounding negatives are clipped.
+    A zero ``M`` gives ``σ₁ = 0`` and ``u = 0`` (the floor of the divisions is the dtype's own
+    smallest normal: ``_TINY`` is 0 in float32).
     """
     transpose = M.shape[-2] < M.shape[-1]
     if transpose:
         M = M.mT
+    tiny = torch.finfo(M.dtype).tiny
     v = _top_eigvec(M.mT @ M).to(M.dtype)
     v = v * torch.where(v.sum(-1, keepdim=True) >= 0, 1.0, -1.0).to(v.dtype)
     v = v.clamp(min=0)
-    v = v / v.norm(dim=-1, keepdim=True).clamp(min=_TINY)
+    v = v / v.norm(dim=-1, keepdim=True).clamp(min=tiny)
     u = (M @ v[..., None])[..., 0]
     sigma = u.norm(dim=-1)
-    u = u / sigma[..., None].clamp(min=_TINY)
+    u = u / sigma[..., None].clamp(min=tiny)
     return (sigma, v, u) if transpose else (sigma, u, v)
 
 
