@@ -179,11 +179,12 @@ def test_zero_lora_and_exact_int8_group():
     assert rmr(A).eq(0).all()
 
 
-@pytest.mark.parametrize("gauge", ["svd", "lora", "best"])
+@pytest.mark.parametrize("gauge", ["svd", "lora", "rotation", "best"])
 @pytest.mark.parametrize("zero", ["B", "A"])
 def test_a_layer_with_a_zero_factor_converts_to_zero_in_every_gauge(gauge, zero):
     """An untrained layer (PEFT's B = 0) or a zero A, batched with a trained one: its ΔW' is 0, its
-    error 0, and its neighbour's result is the one it gets alone (the lora gauge gave NaN scales)."""
+    error 0, and its neighbour's result is the one it gets alone (the lora gauge gave NaN scales, the
+    rotation gauge a LinAlgError)."""
     g = torch.Generator().manual_seed(12)
     A, B = torch.randn(2, 4, 40, generator=g), torch.randn(2, 48, 4, generator=g)
     (B if zero == "B" else A)[1] = 0

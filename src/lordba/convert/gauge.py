@@ -41,11 +41,13 @@ def _sigma1_sq(M: torch.Tensor) -> torch.Tensor:
 
 def rotation_to_lower_rmr(Bg: torch.Tensor, Ag: torch.Tensor, steps: int = 100, lr: float = 0.05) -> torch.Tensor:
     """Orthogonal ``G`` [..., n, n] lowering ``ρ(Bg G)² + ρ(Gᵀ Ag)²``; the best iterate per layer is
-    kept, and ``G = I`` (the start) is among them, so the result is never worse than no rotation."""
+    kept, and ``G = I`` (the start) is among them, so the result is never worse than no rotation. A zero
+    pair (a zero ΔW) keeps ``G = I``: its norms are floored, so its loss is a constant 2, not 0/0."""
     Bg, Ag = Bg.detach().double(), Ag.detach().double()
     n = Bg.shape[-1]
-    nB = Bg.pow(2).sum((-2, -1))
-    nA = Ag.pow(2).sum((-2, -1))
+    tiny = torch.finfo(torch.float64).tiny
+    nB = Bg.pow(2).sum((-2, -1)).clamp(min=tiny)
+    nA = Ag.pow(2).sum((-2, -1)).clamp(min=tiny)
     X = torch.zeros((*Bg.shape[:-2], n, n), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([X], lr=lr)
     best = torch.eye(n, dtype=torch.float64).expand_as(X).clone()
