@@ -112,6 +112,21 @@ def test_calibration_moments_and_weighted_conversion(tmp_path, input_ids):
         convert_lora(path, calibration={paths[0]: moments[paths[0]]}, progress=False)
 
 
+def test_calibration_moments_leave_out_padding(tmp_path, input_ids):
+    """Sequences of different lengths padded into one batch give the moments of the sequences alone:
+    positions the attention mask leaves out are not calibration inputs (they were averaged in)."""
+    model, path = peft_adapter(tmp_path)
+    paths = sorted(read_lora(path).layers)
+    short, full = input_ids[0, :4], input_ids[1]
+    ids = torch.stack([torch.cat([short, torch.zeros(5, dtype=short.dtype)]), full])
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    padded = collect_input_moments(model, [{"input_ids": ids, "attention_mask": mask}], paths)
+    alone = collect_input_moments(model, [short[None], full[None]], paths)
+    for p in paths:
+        torch.testing.assert_close(padded[p], alone[p], rtol=1e-4, atol=1e-9)
+
+
 def test_cli_convert_and_inspect_show_the_sidecar(tmp_path, capsys):
     _, path = peft_adapter(tmp_path)
     out = tmp_path / "out"

@@ -4,6 +4,8 @@
 ``{path: E[x_j²]}`` for the input of each linear module at ``path`` (paths as in the base model:
 ``model.layers.0.self_attn.q_proj``). With a ``peft.PeftModel`` the hooks go on its LoRA layers,
 whose input is the base layer's input. Pass the result as ``convert_lora(..., calibration=...)``.
+A batch given as a dict with an ``attention_mask`` counts only the positions the mask keeps: the
+padding of sequences of different lengths batched together is not calibration data.
 """
 
 from __future__ import annotations
@@ -28,16 +30,22 @@ def collect_input_moments(
     model: nn.Module, batches: Iterable[dict[str, Any] | torch.Tensor], paths: Iterable[str]
 ) -> dict[str, torch.Tensor]:
     """``{path: mean of x² over all tokens}`` (float32 [in]) for the inputs of the modules at ``paths``;
-    each batch is a dict of model keyword arguments or a tensor of input ids."""
+    each batch is a dict of model keyword arguments or a tensor of input ids. A dict's
+    ``attention_mask`` ([batch, seq]) leaves out the positions it masks (padding) wherever a module's
+    input has one row per position."""
     root = _root(model)
     paths = list(paths)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
+    mask: list[torch.Tensor | None] = [None]  # the current batch's attention mask
 
     def hook_for(path: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            keep = mask[0]
+            if keep is not None and keep.numel() == x.shape[0]:
+                x = x[keep.reshape(-1).to(x.device)]  # padding left out (not multiplied by 0: it may be NaN)
             sums[path] = sums.get(path, 0) + x.square().sum(0)
             counts[path] = counts.get(path, 0) + x.shape[0]
 
@@ -51,11 +59,20 @@ def collect_input_moments(
                 raise ConversionError(f"calibration: the model has no module {path!r}") from None
             hooks.append(module.register_forward_pre_hook(hook_for(path)))
         for batch in batches:
+            mask[0] = _padding_mask(batch)
             model(**batch) if isinstance(batch, dict) else model(batch)
     finally:
         for h in hooks:
             h.remove()
-    missing = sorted(set(paths) - set(sums))
+    missing = sorted(p for p in set(paths) if counts.get(p, 0) <= 0)
     if missing:
         raise ConversionError(f"calibration: no input reached module(s) {missing[:4]}")
     return {p: (sums[p] / counts[p]).float() for p in sorted(sums)}
+
+
+def _padding_mask(batch: dict[str, Any] | torch.Tensor) -> torch.Tensor | None:
+    """The batch's 2-D ``attention_mask`` (nonzero: a real token), or ``None`` (every position counts)."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    return mask != 0
