@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from lordba.convert import SolverOptions, check_output_dir, convert_lora, default_config, read_lora, save_converted
-    from lordba.errors import ConfigError, ConversionError
+    from lordba.errors import ConfigError, ConversionError, LoRDBAError
 
     check_output_dir(args.out_dir, args.overwrite, source=args.peft_dir)  # fail before the work, not after
     if args.report is not None:
@@ -89,9 +89,11 @@ def run(args: argparse.Namespace) -> int:
     if args.report is not None:
         try:
             report.write_json(args.report)
-            args.report.with_suffix(".md").write_text(report.to_markdown())
+            report.write_markdown(args.report.with_suffix(".md"))
         except OSError as err:
             raise ConversionError(f"--report {args.report}: cannot write it ({err.strerror or err})") from None
+        except LoRDBAError as err:
+            raise ConversionError(f"--report {args.report}: cannot write it ({err})") from None
     print(
         f"wrote LoRDBA adapter to {out}: {len(report.layers)} layers, relative error of ΔW "
         f"{report.total_rel_error:.4f}, {report.size.file_bytes:,} bytes ({report.bpw_lora:.3f} BPW, LoRA basis; "

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lordba._util.tables import markdown_table, print_table
+from lordba.format.atomic import atomic_write_bytes
 from lordba.format.sizes import SizeReport
 
 SIDECAR_NAME = "conversion_report.json"
@@ -112,9 +113,17 @@ class ConversionReport:
         return out
 
     def write_json(self, path: str | Path, timing: bool = True) -> Path:
-        """Write :meth:`to_dict` as JSON to ``path`` and return it; ``OSError`` if it cannot be written."""
+        """Write :meth:`to_dict` as JSON to ``path``, whole or not at all (an earlier file there stays as
+        it was if the write fails), and return it; ``OSError`` if it cannot be written, ``LoRDBAError``
+        if its folder cannot be made."""
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(timing), indent=2) + "\n")
+        atomic_write_bytes(path, (json.dumps(self.to_dict(timing), indent=2) + "\n").encode())
+        return path
+
+    def write_markdown(self, path: str | Path) -> Path:
+        """Write :meth:`to_markdown` to ``path`` as :meth:`write_json` writes the JSON; returns it."""
+        path = Path(path)
+        atomic_write_bytes(path, self.to_markdown().encode())
         return path
 
     def _total_rows(self) -> list[list[Any]]:
