@@ -10,11 +10,13 @@ same job gives the same adapter file, byte for byte, on the same machine.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lordba.config import MODES, LoRDBAConfig
 from lordba.errors import ConfigError, LoRDBAError
+from lordba.format.atomic import atomic_write_bytes
 from lordba.quant.cache import quantize_model_cached
 from lordba.quant.quantize import DEFAULT_BACKEND
 from lordba.train.evaluate import evaluate
@@ -28,6 +30,11 @@ from lordba_lab.tasks import get_task
 
 # Files that make a folder a tokenizer (one of them is enough for AutoTokenizer).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# What a job leaves in --out to resume from: its checkpoints, the LoRA seed's checkpoints, the finished seed.
+RESUME_STATE = ("checkpoints", "lora", "lora_seed")
+# Options that do not change what is trained: a resumed job may change them.
+RUN_ONLY = ("out", "resume", "progress", "device")
+RUN_ONLY_SETTINGS = ("eval_every", "checkpoint_every", "keep_checkpoints")
 
 
 @dataclass
@@ -147,6 +154,7 @@ def run_job(job: TrainJob) -> tuple[object, TrainResult]:
         )
 
     out.mkdir(parents=True, exist_ok=True)
+    prepare_out(job, out)
     lm, result = build_adapter(
         model,
         config,
@@ -162,8 +170,59 @@ def run_job(job: TrainJob) -> tuple[object, TrainResult]:
     )
     lm.save_pretrained(out)
     write_log(out, result.log)
-    (out / "train_job.json").write_text(json.dumps({**asdict(job), "settings": asdict(job.settings)}, indent=1) + "\n")
+    _write_record(job, out)
     return lm, result
+
+
+def _record(job: TrainJob) -> dict:
+    """``train_job.json``'s content: every option of ``job`` (``settings`` as a dict), as JSON gives it back."""
+    return json.loads(json.dumps({**asdict(job), "settings": asdict(job.settings)}))
+
+
+def _write_record(job: TrainJob, out: Path) -> None:
+    atomic_write_bytes(out / "train_job.json", (json.dumps(_record(job), indent=1) + "\n").encode())
+
+
+def _differences(earlier: dict, now: dict) -> list[str]:
+    """The options that change what is trained and differ between two records (``name: earlier -> now``);
+    an option one of them lacks (a record written before it existed) is not compared."""
+    pairs = [(k, earlier.get(k), v) for k, v in now.items() if k not in RUN_ONLY and k != "settings" and k in earlier]
+    settings = earlier.get("settings") if isinstance(earlier.get("settings"), dict) else {}
+    pairs += [(k, settings[k], v) for k, v in now["settings"].items() if k not in RUN_ONLY_SETTINGS and k in settings]
+    return [f"{k}: {a!r} -> {b!r}" for k, a, b in pairs if a != b]
+
+
+def prepare_out(job: TrainJob, out: Path) -> None:
+    """Make ``out`` ready for ``job`` and record the job there (``train_job.json``) before it trains.
+
+    With ``resume``, checkpoints in ``out`` are only resumed from when the job that wrote them (its
+    ``train_job.json``) had the same options, but for those that do not change what is trained
+    (:data:`RUN_ONLY`, :data:`RUN_ONLY_SETTINGS`): another job's state would be continued silently with
+    this one's options. Without ``resume``, the earlier job's state (:data:`RESUME_STATE`) is removed:
+    its checkpoints would outlive this job's (the newest steps are kept) and be resumed later.
+
+    Raises:
+        ConfigError: ``out`` holds the state of a job with other options, naming them.
+    """
+    state = [out / name for name in RESUME_STATE if (out / name).exists()]
+    if job.resume and state:
+        try:
+            earlier = json.loads((out / "train_job.json").read_text())
+        except (OSError, ValueError):
+            earlier = None  # no record (a job of an older version): resumed as before
+        if isinstance(earlier, dict) and (changed := _differences(earlier, _record(job))):
+            raise ConfigError(
+                f"--out {out} holds the checkpoints of another training job (options that differ: "
+                f"{'; '.join(changed)}): run that job's command again to resume it, or start this one over "
+                "(--no-resume, resume=False) or in another --out"
+            )
+    if not job.resume:
+        for path in state:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    _write_record(job, out)
 
 
 def _load_model(job: TrainJob, device: str):

@@ -152,3 +152,27 @@ def test_training_on_every_assistant_turn(setup, tmp_path):
     assert json.loads((tmp_path / "run" / "train_job.json").read_text())["train_on"] == "all-assistant-turns"
     with pytest.raises(ConfigError, match="train_on"):
         TrainJob(out=str(tmp_path), train_on="every-turn")
+
+
+def test_another_job_into_the_same_out_is_refused_and_no_resume_leaves_no_stale_checkpoints(setup, tmp_path, capsys):
+    """A job is resumed only from the checkpoints of a job with the same options (it resumed another job's
+    state silently: the adapter of the first job, labelled with the second's options), and --no-resume
+    removes the earlier job's state (its later steps outlived the new job's checkpoints, and resuming
+    the new job then read them)."""
+    model, data = setup
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    assert main(train_args(model, data, out, "--quant", "none")) == 0  # checkpoints at steps 2 and 4
+    other = ("--quant", "none", "--steps", "2", "--lr", "1e-2", "--seed", "3")
+    assert main(train_args(model, data, out, *other)) == 3
+    err = capsys.readouterr().err
+    assert "holds the checkpoints of another training job" in err and "lr: 0.003 -> 0.01" in err
+    assert "seed: 0 -> 3" in err and "steps: 4 -> 2" in err and "--no-resume" in err
+    assert main(train_args(model, data, fresh, *other)) == 0
+    expected = (fresh / "lordba_model.safetensors").read_bytes()
+    assert main(train_args(model, data, out, *other, "--no-resume")) == 0
+    assert (out / "lordba_model.safetensors").read_bytes() == expected
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    assert json.loads((out / "train_job.json").read_text())["settings"]["lr"] == 1e-2
+    assert main(train_args(model, data, out, *other, "--checkpoint-every", "1")) == 0  # the same job: resumed
+    assert (out / "lordba_model.safetensors").read_bytes() == expected
+    assert "resumed at step 2" in capsys.readouterr().out
