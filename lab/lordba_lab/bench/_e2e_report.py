@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lordba._util.tables import markdown_table, print_table
 from lordba_lab.bench._e2e_models import AOT, COMPILED
+from lordba_lab.outputs import save_figure
 
 FOUR_BIT = ("q4", "hqq")
 
@@ -182,6 +183,6 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         ax.grid(True, axis="x", alpha=0.3)
     fig.suptitle("SmolLM2-135M: lordba (blue) vs llama.cpp (orange); ratios against llama.cpp's base and fp32")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

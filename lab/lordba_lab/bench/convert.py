@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from lordba_lab.bench import hardware
+from lordba_lab.outputs import write_text
 
 SUITE = "convert"
 HELP = "PTQ conversion of a 7B-Llama-shaped LoRA (224 layers, r=16): seconds and peak memory"
@@ -152,6 +153,6 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     }
     json_path = out_dir / "convert.json"
     md_path = out_dir / "convert.md"
-    json_path.write_text(json.dumps(data, indent=2) + "\n")
-    md_path.write_text(f"# {title}\n\n{markdown_table(columns, rows)}\nHardware: {data['hardware']}\n")
+    write_text(json_path, json.dumps(data, indent=2) + "\n")
+    write_text(md_path, f"# {title}\n\n{markdown_table(columns, rows)}\nHardware: {data['hardware']}\n")
     return [json_path, md_path]

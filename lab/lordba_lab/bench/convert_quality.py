@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lordba_lab.bench import hardware
+from lordba_lab.outputs import save_figure, write_text
 
 SUITE = "convert-quality"
 HELP = "conversion quality: gauges x solvers, RMR theory check, ranks, scale dtypes, budget vs uniform"
@@ -215,8 +216,8 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
         markdown_table(columns, [list(t.values()) for t in theory]),
     ]
     files = [out_dir / "convert_quality.json", out_dir / "convert_quality.md"]
-    files[0].write_text(json.dumps(results, indent=2) + "\n")
-    files[1].write_text("\n".join(md) + f"\nHardware: {results['hardware']}\n")
+    write_text(files[0], json.dumps(results, indent=2) + "\n")
+    write_text(files[1], "\n".join(md) + f"\nHardware: {results['hardware']}\n")
     files.append(_plot(theory, out_dir / "convert_quality_rmr.png"))
     return files
 
@@ -237,6 +238,6 @@ def _plot(theory: list[dict[str, float]], path: Path) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

@@ -57,6 +57,7 @@ from lordba_lab.bench._timing import (
     timed_runs,
     torch_threads,
 )
+from lordba_lab.outputs import write_text
 
 SUITE = "e2e"
 HELP = "SmolLM2 end to end: prefill and decode on fp32 / q4 / hqq bases, LoRDBA vs LoRA, beside llama.cpp"
@@ -352,8 +353,8 @@ def _run(
         "load_avg_after": load(),
     }  # fmt: skip
     files = [out_dir / "bench.json", out_dir / "bench.md"]
-    files[0].write_text(json.dumps(result, indent=1) + "\n")
-    files[1].write_text(report(result))
+    write_text(files[0], json.dumps(result, indent=1) + "\n")
+    write_text(files[1], report(result))
     png = plot(rows, out_dir / "e2e.png")
     return [*files, *([png] if png else [])]
 

@@ -35,6 +35,7 @@ from lordba_lab.bench import hardware
 from lordba_lab.bench._gpu_models import MODEL_SHAPES, build, model_rows
 from lordba_lab.bench._gpu_timing import captured, interleaved_gpu
 from lordba_lab.bench._timing import paired_ratio
+from lordba_lab.outputs import save_figure, write_text
 
 SUITE = "gpu"
 HELP = "the Triton kernels on a CUDA GPU: branch and whole models (bf16), LoRDBA vs PEFT LoRA vs the base"
@@ -147,9 +148,9 @@ def _report(rows: list[dict], errors: dict[str, str], out_dir: Path) -> list[Pat
     """Write ``gpu.json``, ``gpu.md`` and (with matplotlib) ``gpu_overhead.png``; return their paths."""
     meta = {"hardware": hardware(), "triton": _version("triton"), "errors": errors}
     json_path = out_dir / "gpu.json"
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_text(json_path, json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = out_dir / "gpu.md"
-    md.write_text("\n\n".join(markdown_table(cols, table) for _, cols, table in _tables(rows)) + "\n")
+    write_text(md, "\n\n".join(markdown_table(cols, table) for _, cols, table in _tables(rows)) + "\n")
     png = _plot(rows, out_dir / "gpu_overhead.png")
     return [json_path, md, *([png] if png else [])]
 
@@ -205,7 +206,7 @@ def _plot(rows: list[dict], path: Path) -> Path | None:
     if branch:
         axes[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

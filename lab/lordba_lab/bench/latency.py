@@ -37,6 +37,7 @@ from lordba._util.tables import markdown_table, print_table
 from lordba_lab.bench import hardware
 from lordba_lab.bench._latency_model import SCALE_DTYPE
 from lordba_lab.bench._timing import interleaved, load, paired_ratio, torch_threads
+from lordba_lab.outputs import save_figure, write_text
 
 SUITE = "latency"
 HELP = "adapter latency: packed LoRDBA vs fp16 LoRA vs base, branch alone and SmolLM2 end to end"
@@ -180,10 +181,10 @@ def _run(out_dir: Path, quick: bool, base: str) -> list[Path]:
         out_dir / "latency_meta.json",
         out_dir / "bench.md",
     ]
-    files[0].write_text(json.dumps(rows, indent=1) + "\n")
-    files[1].write_text(json.dumps(profile, indent=1) + "\n")
-    files[2].write_text(json.dumps(meta, indent=1) + "\n")
-    files[3].write_text(report(rows, meta, profile))
+    write_text(files[0], json.dumps(rows, indent=1) + "\n")
+    write_text(files[1], json.dumps(profile, indent=1) + "\n")
+    write_text(files[2], json.dumps(meta, indent=1) + "\n")
+    write_text(files[3], report(rows, meta, profile))
     png = _plot(rows, out_dir / "latency_overhead.png")
     return [*files, *([png] if png else [])]
 
@@ -293,6 +294,6 @@ def _plot(rows: list[dict], path: Path) -> Path | None:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

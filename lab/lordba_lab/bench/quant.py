@@ -25,6 +25,7 @@ from torch import nn
 
 from lordba._util.tables import markdown_table, print_table
 from lordba_lab.bench import hardware
+from lordba_lab.outputs import write_text
 
 SUITE = "quant"
 HELP = "quantized base backends (q4, HQQ, bitsandbytes): weight error, bits, time vs fp32, model held-out loss"
@@ -134,13 +135,14 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     print_table("whole model, held-out text (nats per token)", loss_columns, loss_table)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"hardware": hardware(), "rows": rows, "heldout_loss": losses}
-    (out_dir / "quant.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (out_dir / "quant.md").write_text(
+    write_text(out_dir / "quant.json", json.dumps(payload, indent=1) + "\n")
+    write_text(
+        out_dir / "quant.md",
         "# Quantized base backends\n\n"
         + f"Hardware: {json.dumps(payload['hardware'])}; times as ratios, the backends interleaved in one run.\n\n"
         + markdown_table(columns, table)
         + "\n\n## Whole model: held-out loss\n\n"
-        + markdown_table(loss_columns, loss_table)
+        + markdown_table(loss_columns, loss_table),
     )
     return [out_dir / "quant.json", out_dir / "quant.md"]
 

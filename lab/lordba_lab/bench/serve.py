@@ -30,6 +30,7 @@ from typing import Any
 
 from lordba._util.tables import markdown_table, print_table
 from lordba_lab.bench import hardware
+from lordba_lab.outputs import save_figure, write_text
 
 SUITE = "serve"
 HELP = "lordba serve under load: throughput and latency over 1-1000 adapters vs one adapter and PEFT"
@@ -266,8 +267,9 @@ def write(out_dir: Path, result: dict) -> list[Path]:
     print(f"cold load of an adapter: median {cold['median']:.2f} ms, p95 {cold['p95']:.2f} ms ({cold['n']} loads)")
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "serve.json", out_dir / "serve.md", out_dir / "serve_throughput.png"]
-    files[0].write_text(json.dumps(result, indent=2))
-    files[1].write_text(
+    write_text(files[0], json.dumps(result, indent=2))
+    write_text(
+        files[1],
         "# lordba serve under load\n\n"
         + markdown_table(columns, table)
         + f"\n\nCold load: median {cold['median']:.2f} ms, p95 {cold['p95']:.2f} ms over {cold['n']} loads.\n"
@@ -279,7 +281,7 @@ def write(out_dir: Path, result: dict) -> list[Path]:
             for r in result["rows"]
             if r["adapters"] != 1
         )
-        + f"\nHardware: {json.dumps(result['hardware'])}\n"
+        + f"\nHardware: {json.dumps(result['hardware'])}\n",
     )
     _plot(result["rows"], files[2])
     return files
@@ -310,5 +312,5 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_title("Throughput against the number of adapters (one base, one server)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from lordba._util.tables import markdown_table, print_table
 from lordba_lab.bench import hardware
+from lordba_lab.outputs import save_figure, write_text
 
 SUITE = "ste"
 HELP = "straight-through estimator choice: held-out loss of LoRDBA qat, smoothsign vs identity (real model)"
@@ -139,13 +140,14 @@ def write(out_dir: Path, report: dict) -> list[Path]:
     print_table(title, columns, table)
     print(f"paired difference {diff['definition']}: mean {diff['mean']:+.4f} ± {diff['std']:.4f}; favours: {verdict}")
     json_path, md_path = out_dir / "ste.json", out_dir / "ste.md"
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    md_path.write_text(
+    write_text(json_path, json.dumps(report, indent=1) + "\n")
+    write_text(
+        md_path,
         f"# Straight-through estimator\n\n{title}\n\nsetup: `{json.dumps(report['setup'])}`\n\n"
         + markdown_table(columns, table)
         + f"\nPaired difference, {diff['definition']}: mean {diff['mean']:+.4f} ± {diff['std']:.4f} "
         f"(per seed {', '.join(f'{v:+.4f}' for v in diff['per_seed'].values())}). Favours: **{verdict}**.\n\n"
-        f"Hardware: `{json.dumps(report['hardware'])}`\n"
+        f"Hardware: `{json.dumps(report['hardware'])}`\n",
     )
     return [json_path, md_path, _plot(report, out_dir / "ste.png")]
 
@@ -177,7 +179,7 @@ def _plot(report: dict, path: Path) -> Path:
     bars.grid(alpha=0.3, axis="y")
     fig.suptitle(f"STE choice: LoRDBA qat, {report['setup']['task']}, r={report['setup']['r']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

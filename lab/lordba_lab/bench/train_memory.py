@@ -19,6 +19,7 @@ import torch
 from lordba._util.tables import markdown_table, print_table
 from lordba_lab.bench import hardware
 from lordba_lab.bench._memory import resident_bytes, step_memory
+from lordba_lab.outputs import write_text
 
 SUITE = "train-memory"
 HELP = "peak memory and step time of a training step: fp32 LoRA vs LoRDBA on the same 4-bit base"
@@ -132,8 +133,9 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     columns = ["method", "trainable params", "peak MiB", "peak / LoRA", "above-base / LoRA", "step s", "time / LoRA"]
     print_table(f"training step, r={r}, batch {batch_size}x{length} tokens, 4-bit HQQ base", columns, table)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_memory.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out_dir / "train_memory.md").write_text(
-        f"# Training-step memory and time\n\n{json.dumps(report['setup'])}\n\n" + markdown_table(columns, table)
+    write_text(out_dir / "train_memory.json", json.dumps(report, indent=1) + "\n")
+    write_text(
+        out_dir / "train_memory.md",
+        f"# Training-step memory and time\n\n{json.dumps(report['setup'])}\n\n" + markdown_table(columns, table),
     )
     return [out_dir / "train_memory.json", out_dir / "train_memory.md"]

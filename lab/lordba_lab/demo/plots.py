@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from lordba_lab.outputs import save_figure
+
 _FAMILY_STYLE = {
     "LoRDBA": ("tab:red", "o"),
     "fp16 LoRA": ("tab:blue", "s"),
@@ -62,7 +64,7 @@ def quality_vs_bytes(rows: list[dict], path: Path, metric_name: str) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle("Quality vs adapter size (same task, same budget, 4-bit base)")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    save_figure(fig, path, dpi=130)
     plt.close(fig)
     return path
 
@@ -83,7 +85,7 @@ def error_vs_rmr(layers: list[dict], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    save_figure(fig, path, dpi=130)
     plt.close(fig)
     return path
 
@@ -178,6 +180,6 @@ def sweep(summary: list[dict], path: Path, metric_name: str, setting: str = "") 
     what = f"{setting}: quality" if setting else "Quality"
     fig.suptitle(f"{what} against adapter size (mean over seeds, {'95% interval' if intervals else '± std'})")
     fig.tight_layout(rect=(0, (0.17 if len(axes) > 1 else 0.14) if series else 0, 1, 1))
-    fig.savefig(path, dpi=130)
+    save_figure(fig, path, dpi=130)
     plt.close(fig)
     return path

