@@ -165,7 +165,7 @@ def allocation_vs_uniform(points: list[dict]) -> list[dict]:
     """Per variant of :data:`AGAINST_UNIFORM` and uniform rank ``r``: the variant's conversion at r's file
     size against the uniform ptq conversion at rank r, paired by seed — held-out loss and exact match
     (variant minus uniform: negative loss is better), file bytes of each, and in how many seeds the
-    variant won."""
+    variant won; ``metric_diff_mean`` None for a task without a metric."""
     by_key = {(p["seed"], p["family"], p["label"]): p for p in points}
     pairs: dict[tuple[str, int], list[tuple[dict, dict]]] = {}
     for p in points:
@@ -178,7 +178,8 @@ def allocation_vs_uniform(points: list[dict]) -> list[dict]:
     rows = []
     for (family, r), ps in sorted(pairs.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
         d_loss = [a["eval_loss"] - u["eval_loss"] for a, u in ps]
-        d_metric = [a["metric"] - u["metric"] for a, u in ps]
+        scored = all(a.get("metric") is not None and u.get("metric") is not None for a, u in ps)  # a corpus: none
+        d_metric = [a["metric"] - u["metric"] for a, u in ps] if scored else []
         rows.append({
             "family": family, "variant": AGAINST_UNIFORM[family], "uniform_rank": r, "seeds": len(ps),
             "uniform_file_bytes": ps[0][1].get("file_bytes"), "allocated_file_bytes": ps[0][0].get("file_bytes"),
@@ -186,7 +187,7 @@ def allocation_vs_uniform(points: list[dict]) -> list[dict]:
             "allocated_loss_mean": statistics.fmean(a["eval_loss"] for a, _ in ps),
             "loss_diff_mean": statistics.fmean(d_loss),
             "loss_diff_std": statistics.stdev(d_loss) if len(ps) > 1 else 0.0,
-            "metric_diff_mean": statistics.fmean(d_metric),
+            "metric_diff_mean": statistics.fmean(d_metric) if d_metric else None,
             "allocated_wins": sum(d < 0 for d in d_loss),
             "uniform_rel_error": statistics.fmean(u["rel_error"] for _, u in ps),
             "allocated_rel_error": statistics.fmean(a["rel_error"] for a, _ in ps),

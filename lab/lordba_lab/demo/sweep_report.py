@@ -98,6 +98,11 @@ def _run_time(result: dict) -> str:
     return f"Run time {result['seconds']:.0f} s for this invocation" + (f" (per seed: {seeds})" if seeds else "")
 
 
+def _signed(value: float | None, digits: int) -> str:
+    """``value`` with its sign, or nothing where there is none (a task without a metric)."""
+    return "" if value is None else f"{value:+.{digits}f}"
+
+
 def _diff(row: dict, key: str) -> str:
     d = row.get(f"{key}_diff")
     return "" if d is None else f"{d:+.4f} {_ci(row.get(f'{key}_diff_ci'))}".rstrip()
@@ -149,7 +154,7 @@ def _allocation_table(rows: list[dict]) -> list[str]:
         [r["uniform_rank"], r["variant"], f"{r['uniform_file_bytes']:,} / {r['allocated_file_bytes']:,}",
          f"{r['uniform_rel_error']:.4f} / {r['allocated_rel_error']:.4f}",
          f"{r['uniform_loss_mean']:.4f} / {r['allocated_loss_mean']:.4f}",
-         f"{r['loss_diff_mean']:+.4f} ± {r['loss_diff_std']:.4f}", f"{r['metric_diff_mean']:+.3f}",
+         f"{r['loss_diff_mean']:+.4f} ± {r['loss_diff_std']:.4f}", _signed(r["metric_diff_mean"], 3),
          f"{r['allocated_wins']} / {r['seeds']}", r["rank_histogram"] or "uniform"]
         for r in rows
     ]  # fmt: skip

@@ -1,6 +1,6 @@
 """The issue's targets checked on synthetic sweeps: which baseline LoRDBA beats, which trained point matches."""
 
-from lordba_lab.demo.analysis import summarize, trained_target, training_free_target
+from lordba_lab.demo.analysis import allocation_vs_uniform, summarize, trained_target, training_free_target
 from lordba_lab.demo.stats import compact_details
 
 N = 200
@@ -72,3 +72,22 @@ def test_a_baseline_whose_size_varies_by_seed_is_judged_at_its_smallest():
     pts = lq + _series("LoRDBA ptq", "r=8", 750, 1.2, 0.8, 0.8) + _series("LoRDBA ptq", "r=4", 650, 0.9, 0.85, 0.7)
     (row,) = training_free_target(pts)
     assert row["lordba"] == "LoRDBA ptq r=4" and row["verdict"] == "lower"
+
+
+def test_the_conversion_variants_of_a_corpus_sweep_are_compared_on_loss_without_a_metric():
+    """A task without a metric (``--task sotu``; its points' metric is None) with the default sweep's allocated
+    and calibrated points: allocation_vs_uniform subtracted None from None, a TypeError after the whole sweep."""
+    from lordba_lab.demo.families import LORDBA_ALLOCATED, LORDBA_PTQ
+    from lordba_lab.demo.sweep_report import _allocation_table
+
+    def pt(seed, family, label, loss, **extra):
+        return {"seed": seed, "family": family, "label": label, "eval_loss": loss, "metric": None, "rel_error": 0.3,
+                "file_bytes": 100, **extra}  # fmt: skip
+
+    pts = [pt(s, LORDBA_PTQ, "r=8", 3.0 + s) for s in (0, 1)]
+    pts += [pt(s, LORDBA_ALLOCATED, "at r=8's size", 2.9 + s, at_rank=8, rank_histogram={"8": 3}) for s in (0, 1)]
+    (row,) = allocation_vs_uniform(pts)
+    assert row["metric_diff_mean"] is None and row["allocated_wins"] == 2
+    assert abs(row["loss_diff_mean"] + 0.1) < 1e-9
+    table = "\n".join(_allocation_table([row]))
+    assert "-0.1000 ± 0.0000" in table and "None" not in table
