@@ -78,3 +78,26 @@ def test_a_target_whose_path_no_adapter_file_can_hold_is_refused_before_training
     lm = get_lordba_model(model, LoRDBAConfig(r=2, exclude_modules=["attn:0", "ffn 1"]))
     lm.save_pretrained(tmp_path)
     assert list(lm.adapter_modules("default")) == ["blocks.out"]
+
+
+def test_a_model_with_a_peft_lora_attached_never_has_that_loras_own_layers_adapted():
+    """all-linear (and a regex) on a model with a PEFT LoRA still attached adapted the LoRA's own factor
+    layers (``q_proj.lora_A.default``, ``q_proj.lora_B.default``) and PEFT's trained copy of the output head
+    (``lm_head.modules_to_save.default``), silently: an adapter on another library's adapter. A layer that
+    another library wraps is refused under all-linear as by name; nothing inside such a wrapper is a target."""
+    import pytest
+    from peft import LoraConfig, get_peft_model
+
+    from lordba import TargetModulesError
+
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    for model in (peft_model, peft_model.base_model.model):
+        for targets in (None, "all-linear"):
+            with pytest.raises(TargetModulesError, match=r"q_proj' is already wrapped by peft\..*merge or unload"):
+                find_targets(model, targets)
+        found = find_targets(model, r".*layers\.0\.(self_attn\.[kvo]_proj|mlp\.\w+_proj|.*lora_.*)")
+        assert [n.split("layers.0.")[1] for n in found] == [
+            f"{m}.{n}" for m, n in [("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj")]
+        ] + [f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
+        assert find_targets(model, None, exclude_modules=["q_proj"]) == find_targets(model, r".*_proj", ["q_proj"])
+        assert not any(".lora_" in n or "modules_to_save" in n for n in find_targets(model, ["k_proj", "default"]))

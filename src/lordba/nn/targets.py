@@ -5,7 +5,10 @@
 * ``"all-linear"`` or ``None``: every supported linear layer except the output head (a GPT-2
   ``Conv1D`` is one);
 * given the adapter's config: only modules in its ``layers_to_transform``, and never a module it
-  trains in full (``modules_to_save``, the task's head).
+  trains in full (``modules_to_save``, the task's head);
+* never a module inside another adapter library's wrapper (PEFT's LoRA layer and ``modules_to_save``
+  copy: its factors, its copy of the head); the wrapped linear layer itself is refused, by name or
+  under all-linear (merge or unload that adapter first).
 
 A target whose path an adapter file cannot hold (:func:`lordba.format.header.check_module_path`: a
 ``ModuleDict`` key with a space or a ``:``) is refused here, before anything is trained, not by the
@@ -28,12 +31,20 @@ from lordba.quant import resolve_backend
 
 
 def _foreign_wrapper(module: nn.Module) -> bool:
-    """A linear layer already wrapped by another adapter library (e.g. PEFT's LoRA)."""
-    return (
-        not isinstance(module, LoRDBALinear)
-        and hasattr(module, "base_layer")
-        and any(hasattr(module, attr) for attr in ("lora_A", "active_adapter", "merged_adapters"))
-    )
+    """A layer already wrapped by another adapter library (PEFT's LoRA layers, its ``modules_to_save``
+    wrapper)."""
+    if isinstance(module, LoRDBALinear):
+        return False
+    if hasattr(module, "base_layer"):
+        return any(hasattr(module, attr) for attr in ("lora_A", "active_adapter", "merged_adapters"))
+    return hasattr(module, "original_module") and hasattr(module, "modules_to_save")
+
+
+def _wraps_linear(module: nn.Module) -> bool:
+    """Whether a foreign wrapper's own layer is a supported linear layer (what all-linear would adapt)."""
+    inner = module.get_base_layer() if hasattr(module, "get_base_layer") else None
+    inner = inner if isinstance(inner, nn.Module) else getattr(module, "original_module", None)
+    return isinstance(inner, nn.Module) and resolve_backend(inner) is not None
 
 
 def _is_internal(name: str) -> bool:
@@ -58,14 +69,19 @@ def find_targets(
     all_linear = target_modules is None or target_modules == ALL_LINEAR
     found: list[str] = []
     linear_names: list[str] = []
+    foreign: list[str] = []  # paths of other libraries' wrappers ("a.q_proj."): nothing inside is a target
     for name, module in model.named_modules():
-        if not name or _is_internal(name):
+        if not name or _is_internal(name) or any(name.startswith(prefix) for prefix in foreign):
             continue
+        wrapped = _foreign_wrapper(module)
+        if wrapped:
+            foreign.append(name + ".")
         supported = isinstance(module, LoRDBALinear) or resolve_backend(module) is not None
         if supported:
             linear_names.append(name)
         if all_linear:
-            hit = supported and module is not head and not is_output_head(name)
+            linear = supported or (wrapped and _wraps_linear(module))
+            hit = linear and module is not head and not is_output_head(name)
         else:
             hit = matches(target_modules, name)
         if not hit or matches(exclude_modules, name) or (config is not None and not config.in_layers(name)):
@@ -74,7 +90,7 @@ def find_targets(
             if all_linear:
                 continue
             raise TargetModulesError(f"module {name!r} is both a target and in modules_to_save (trained in full)")
-        if _foreign_wrapper(module):
+        if wrapped:
             raise TargetModulesError(
                 f"module {name!r} is already wrapped by {type(module).__module__}.{type(module).__name__}: "
                 "merge or unload that adapter first"
