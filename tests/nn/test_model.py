@@ -541,3 +541,50 @@ def test_a_failed_from_pretrained_leaves_the_callers_model_as_it_was(tmp_path):
         LoRDBAModel.from_pretrained(model, tmp_path)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     assert not any(isinstance(m, LoRDBALinear) for m in model.modules())
+
+
+def test_a_model_with_layers_offloaded_by_accelerate_adapts_trains_generates_saves_and_loads(tmp_path, input_ids):
+    """``from_pretrained(device_map=..., offload_folder=...)`` leaves an offloaded layer's weights on ``meta``
+    (accelerate's hook brings them in for each call): the adapters of those layers were made on ``meta`` too, and
+    the first forward failed inside a kernel ("aten::equal ... Meta tensors"). They are made where the hook
+    computes; everything equals the same model held in memory. A meta weight no hook loads is refused by name."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    from lordba.errors import TargetModulesError
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    parts = ("model.embed_tokens", "model.layers.0", "model.norm", "model.rotary_emb", "lm_head")
+    offloaded = {**dict.fromkeys(parts, "cpu"), "model.layers.1": "disk"}
+
+    def run(device_map):
+        kw = {"device_map": device_map, "offload_folder": str(tmp_path / "offload")} if device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", **kw).eval()
+        torch.manual_seed(5)
+        lm = get_lordba_model(model, LoRDBAConfig(r=4, init="random"))
+        out = logits(lm, input_ids)
+        tokens = lm.generate(input_ids=input_ids, max_new_tokens=3, do_sample=False)
+        lm.train()
+        loss = lm(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        grads = [p.grad for n, p in lm.named_parameters() if p.requires_grad and "layers.1." in n]
+        lm.eval()
+        lm.save_pretrained(tmp_path / str(bool(device_map)))
+        again = LoRDBAModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tmp_path / "base", **kw).eval(), tmp_path / str(bool(device_map))
+        )
+        return out, tokens, loss.detach(), grads, logits(again, input_ids), lm
+
+    want = run(None)
+    got = run(offloaded)
+    assert got[-1].base_model.model.layers[1].self_attn.q_proj.base_layer.weight.is_meta
+    assert torch.allclose(got[0], want[0], atol=1e-5) and torch.equal(got[1], want[1])
+    assert torch.allclose(got[2], want[2], atol=1e-5)
+    assert len(got[3]) == len(want[3]) > 0 and all(g is not None and w is not None for g, w in zip(got[3], want[3]))
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got[3], want[3]))
+    assert torch.allclose(got[4], want[4], atol=1e-5)
+
+    empty = tiny_llama(0)
+    empty.model.layers[1].mlp.up_proj.to("meta")
+    with pytest.raises(TargetModulesError, match=r"model\.layers\.1\.mlp\.up_proj.*meta"):
+        get_lordba_model(empty, LoRDBAConfig(r=2))

@@ -1,8 +1,9 @@
-"""Two rules about a model's modules, kept in one place: replacing the submodule at a dotted path,
-and recognising the output head by name."""
+"""Rules about a model's modules, kept in one place: replacing the submodule at a dotted path,
+recognising the output head by name, the device an accelerate hook computes a module on."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 OUTPUT_HEAD_NAMES = ("lm_head", "score", "classifier")
@@ -34,4 +35,19 @@ def context_positions(model: nn.Module) -> int | None:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
+    return None
+
+
+def hook_execution_device(module: nn.Module) -> torch.device | None:
+    """The device on which an accelerate hook of ``module`` runs it (``from_pretrained(device_map=...)``:
+    an offloaded layer's weights sit on ``meta`` and its hook brings them there for each call), or ``None``
+    where ``module`` has no such hook. Never raises."""
+    hook = getattr(module, "_hf_hook", None)
+    for one in getattr(hook, "hooks", None) or (hook,):  # a SequentialHook holds several
+        device = getattr(one, "execution_device", None)
+        if isinstance(device, (torch.device, str, int)):
+            try:
+                return torch.device(device)
+            except (RuntimeError, TypeError):
+                return None
     return None

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lordba.errors import AdapterStateError, ShapeMismatchError
+from lordba._util.modules import hook_execution_device
+from lordba.errors import AdapterStateError, ShapeMismatchError, TargetModulesError
 from lordba.kernels import preload
 from lordba.nn.adapter import LoRDBAAdapter
 from lordba.nn.adapter_base import touch
@@ -51,6 +52,24 @@ class AdapterDict(nn.ModuleDict):
     def __delattr__(self, name: str) -> None:
         super().__delattr__(name)
         touch()
+
+
+def adapter_device(base_layer: nn.Module, device: torch.device, path: str) -> torch.device:
+    """Where an adapter of ``base_layer`` (at ``path``, its weight on ``device``) is made: ``device``, or for a
+    weight on ``meta`` the device its accelerate hook computes on (``device_map`` offloading).
+
+    Raises:
+        TargetModulesError: the weight is on ``meta`` and no hook loads it (the model was never loaded).
+    """
+    if device.type != "meta":
+        return device
+    found = hook_execution_device(base_layer)
+    if found is None or found.type == "meta":
+        raise TargetModulesError(
+            f"module {path!r}: its weights are on the meta device and no accelerate hook loads them "
+            "(load the model's weights before adapting it)"
+        )
+    return found
 
 
 class LoRDBALinear(nn.Module):

@@ -37,7 +37,7 @@ from lordba.format.sizes import SizeReport, size_report
 from lordba.nn.adapter import LoRDBAAdapter, TrainableAdapter
 from lordba.nn.fastpath import armed
 from lordba.nn.hub import refuse_base_attribute
-from lordba.nn.layer import LoRDBALinear
+from lordba.nn.layer import LoRDBALinear, adapter_device
 from lordba.nn.lock import RWLock
 from lordba.nn.merge import merge_layers, merge_names
 from lordba.nn.model_files import AdapterFilesMixin
@@ -196,7 +196,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Mo
                 config.ste_spec,
                 config.init,
                 DTYPES[config.latent_dtype],
-                backend.weight_device(base),
+                adapter_device(base, backend.weight_device(base), path),
             )
         with self._lock.write():
             self._check_new_name(adapter_name)  # again: another thread may have taken the name

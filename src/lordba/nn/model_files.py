@@ -26,6 +26,7 @@ from lordba.errors import AdapterFormatError, AdapterStateError, ConfigError, Sh
 from lordba.format import adapter as adapter_files
 from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter, hold_together
 from lordba.nn.hub import resolve_adapter_dir, upload_adapter_folder, write_model_card
+from lordba.nn.layer import adapter_device
 from lordba.quant import BaseBackend
 
 Targets = dict[str, tuple[nn.Module, BaseBackend]]  # module path -> (base layer, its backend)
@@ -223,7 +224,7 @@ class AdapterFilesMixin:
                 rec.r,
                 config.scaling_for(path),
                 codec,
-                device=_device(base, backend, devices),
+                device=_device(base, backend, devices, path),
                 copy=False,  # a file's own tensors, or the caller's: copied below into one buffer
                 training=base.training,  # its layer's mode, as a rule (checked again when installed)
             )
@@ -315,15 +316,16 @@ class AdapterFilesMixin:
         return wrapper
 
 
-def _device(base: nn.Module, backend: BaseBackend, seen: dict[int, torch.device]) -> torch.device:
-    """The device of ``base``'s weight (:meth:`BaseBackend.weight_device`; a plain weight read directly)."""
+def _device(base: nn.Module, backend: BaseBackend, seen: dict[int, torch.device], path: str) -> torch.device:
+    """The device of ``base``'s weight (:meth:`BaseBackend.weight_device`; a plain weight read directly), or for
+    one offloaded by accelerate (``meta``) where its hook computes (:func:`~lordba.nn.layer.adapter_device`)."""
     if type(backend).weight_device is BaseBackend.weight_device:
         weight = base._parameters.get("weight")
-        if isinstance(weight, torch.Tensor):
+        if isinstance(weight, torch.Tensor) and not weight.is_meta:
             return weight.device
     key = id(base)
     if key not in seen:
-        seen[key] = backend.weight_device(base)
+        seen[key] = adapter_device(base, backend.weight_device(base), path)
     return seen[key]
 
 
