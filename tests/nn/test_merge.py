@@ -134,3 +134,26 @@ def test_a_safe_merge_refused_after_requantizing_leaves_every_layer_as_it_was(in
         assert torch.equal(logits(lm, input_ids), want)
     lm.unmerge_adapter()
     assert all(layer.base_layer is before[p][0] for p, layer in lm._lordba_layers())
+
+
+def test_merging_into_layers_accelerate_offloads_is_refused_and_changes_nothing(tmp_path, input_ids):
+    """A layer offloaded by accelerate (``device_map`` with ``offload_folder``) holds its weights on ``meta``; its
+    hook loads them from the offload files for each call. Merging added the update to the meta tensor (a no-op),
+    so merge_adapter / merge_and_unload returned a model without those layers' updates, silently (logits off by
+    ~0.4). It is refused, naming the layer, before any layer changes."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    parts = ("model.embed_tokens", "model.layers.0", "model.norm", "model.rotary_emb", "lm_head")
+    device_map = {**dict.fromkeys(parts, "cpu"), "model.layers.1": "disk"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map=device_map, offload_folder=tmp_path)
+    lm = adapted(model.eval())
+    want = logits(lm, input_ids)
+    weight = lm.base_model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    for merge in (lm.merge_adapter, lm.merge_and_unload):
+        with pytest.raises(AdapterStateError, match=r"model\.layers\.1\.self_attn\.q_proj.*offloaded"):
+            merge()
+        assert not any(layer.merged for _, layer in lm._lordba_layers())
+        assert torch.equal(lm.base_model.model.layers[0].self_attn.q_proj.base_layer.weight, weight)
+        assert torch.equal(logits(lm, input_ids), want)

@@ -4,13 +4,17 @@ Merging into an unquantized base adds the dense update to the weight (exact up t
 Merging into a quantized base requantizes the weight: the merged model no longer computes
 ``base + adapter`` exactly. :func:`merge_layers` measures that error (the largest weight error the
 requantization added, beyond the update itself) and warns with it, so the loss is never silent;
-``unmerge_adapter()`` restores the original quantized base exactly.
+``unmerge_adapter()`` restores the original quantized base exactly. A layer whose weights accelerate
+offloads (on ``meta``, loaded from its offload files for each call) cannot be merged into: refused.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Collection, Sequence
+
+from torch import nn
 
 from lordba.errors import AdapterStateError
 from lordba.nn.layer import LoRDBALinear
@@ -34,6 +38,11 @@ def merge_names(adapter_names: str | Sequence[str] | None, active: Sequence[str]
     return names
 
 
+def _offloaded(module: nn.Module) -> bool:
+    """Whether ``module`` holds a weight on the ``meta`` device (offloaded by accelerate, or never loaded)."""
+    return any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
+
+
 def merge_layers(
     layers: Sequence[tuple[str, LoRDBALinear]], adapter_names: Sequence[str], safe_merge: bool = False
 ) -> float:
@@ -45,8 +54,15 @@ def merge_layers(
     half-merged.
 
     Raises:
-        AdapterStateError: ``safe_merge`` found a non-finite merged weight (naming the layer and adapter).
+        AdapterStateError: ``safe_merge`` found a non-finite merged weight (naming the layer and adapter), or a
+            layer to merge into holds its weights offloaded (``meta``; refused before any layer changes).
     """
+    for path, layer in layers:  # a merge into a meta tensor does nothing: the update would be lost silently
+        if layer._to_merge(adapter_names) and _offloaded(layer.base_layer):
+            raise AdapterStateError(
+                f"cannot merge into {path!r}: its weights are offloaded (on the meta device, loaded by accelerate's "
+                "hook for each call); load the model without offloading to merge"
+            )
     if safe_merge:  # check every layer before changing any: an in-place merge cannot be undone bit-exactly
         for path, layer in layers:
             layer.check_finite_merge(adapter_names, where=path)
