@@ -157,3 +157,36 @@ def test_merging_into_layers_accelerate_offloads_is_refused_and_changes_nothing(
         assert not any(layer.merged for _, layer in lm._lordba_layers())
         assert torch.equal(lm.base_model.model.layers[0].self_attn.q_proj.base_layer.weight, weight)
         assert torch.equal(logits(lm, input_ids), want)
+
+
+def test_merging_into_an_output_head_tied_to_the_input_embeddings_is_refused_and_changes_nothing(input_ids):
+    """With ``tie_word_embeddings`` (Qwen, Gemma, small Llamas) ``lm_head.weight`` *is* ``embed_tokens.weight``: merging
+    an adapter of a targeted ``lm_head`` added its update in place to the input embeddings too, so the merged model
+    (merge_adapter, merge_and_unload) computed something else than base + adapter, silently (logits off by ~700 here).
+    It is refused, naming both modules, before any layer changes; the other layers of an untied model still merge."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "tie_word_embeddings": True})).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    torch.manual_seed(3)
+    lm = get_lordba_model(model, LoRDBAConfig(r=4, init="random", target_modules=["q_proj", "lm_head"]))
+    for adapter in lm.adapter_modules("default").values():
+        with torch.no_grad():
+            adapter.scale_out.mul_(50)
+    want = logits(lm, input_ids)
+    for merge in (lm.merge_adapter, lm.merge_and_unload):
+        with pytest.raises(AdapterStateError, match=r"'lm_head'.*tied.*'model\.embed_tokens\.weight'"):
+            merge()
+        assert not any(layer.merged for _, layer in lm._lordba_layers())
+        assert torch.equal(model.model.embed_tokens.weight, embeddings)
+        assert torch.equal(logits(lm, input_ids), want)
+    lm.delete_adapter("default")
+    torch.manual_seed(3)
+    lm.add_adapter("q", LoRDBAConfig(r=4, init="random", target_modules=["q_proj"]))
+    lm.set_adapter("q")
+    want = logits(lm, input_ids)
+    assert torch.allclose(logits(lm.merge_and_unload(), input_ids), want, atol=1e-4)

@@ -5,7 +5,9 @@ Merging into a quantized base requantizes the weight: the merged model no longer
 ``base + adapter`` exactly. :func:`merge_layers` measures that error (the largest weight error the
 requantization added, beyond the update itself) and warns with it, so the loss is never silent;
 ``unmerge_adapter()`` restores the original quantized base exactly. A layer whose weights accelerate
-offloads (on ``meta``, loaded from its offload files for each call) cannot be merged into: refused.
+offloads (on ``meta``, loaded from its offload files for each call) cannot be merged into, nor can a weight
+that another module shares (a tied output head: ``lm_head.weight`` is ``embed_tokens.weight``, and an in-place
+merge would change the input embeddings too): both are refused.
 """
 
 from __future__ import annotations
@@ -43,11 +45,37 @@ def _offloaded(module: nn.Module) -> bool:
     return any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
 
 
+def _check_untied(root: nn.Module, layers: Sequence[tuple[str, LoRDBALinear]], adapter_names: Sequence[str]) -> None:
+    """Refuse an in-place merge into a weight that another module of ``root`` holds too (tied weights).
+
+    Raises:
+        AdapterStateError: naming the layer and the other module's parameter.
+    """
+    shared = [(p, l) for p, l in layers if l.backend.in_place_merge and l._to_merge(adapter_names)]
+    if not shared:
+        return
+    owners: dict[int, list[str]] = {}
+    for name, param in root.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for path, layer in shared:
+        weight = layer.base_layer._parameters.get("weight")
+        others = [n for n in owners.get(id(weight), ()) if not n.startswith(path + ".")] if weight is not None else []
+        if others:
+            raise AdapterStateError(
+                f"cannot merge into {path!r}: its weight is tied to {others[0]!r} (one tensor, e.g. "
+                "tie_word_embeddings), and merging would change that module too; keep the adapter unmerged"
+            )
+
+
 def merge_layers(
-    layers: Sequence[tuple[str, LoRDBALinear]], adapter_names: Sequence[str], safe_merge: bool = False
+    layers: Sequence[tuple[str, LoRDBALinear]],
+    adapter_names: Sequence[str],
+    safe_merge: bool = False,
+    root: nn.Module | None = None,
 ) -> float:
     """Merge ``adapter_names`` into every layer; returns the largest requantization error.
 
+    ``root``: the model the layers are in, where a weight may be tied to another module's (refused).
     With ``safe_merge``, every layer's merged weight is checked for NaN/Inf before any layer is
     changed (and a requantized weight again before it replaces the base). On any failure the adapters this
     call merged come out of every layer again, those merged by earlier calls stay: nothing is left
@@ -63,6 +91,8 @@ def merge_layers(
                 f"cannot merge into {path!r}: its weights are offloaded (on the meta device, loaded by accelerate's "
                 "hook for each call); load the model without offloading to merge"
             )
+    if root is not None:
+        _check_untied(root, layers, adapter_names)
     if safe_merge:  # check every layer before changing any: an in-place merge cannot be undone bit-exactly
         for path, layer in layers:
             layer.check_finite_merge(adapter_names, where=path)

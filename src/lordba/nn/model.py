@@ -301,11 +301,12 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Mo
         names the error. ``safe_merge`` checks the merged weights for NaN/Inf first (PEFT's option).
 
         Raises:
-            AdapterStateError: an unknown adapter name, or ``safe_merge`` found non-finite merged weights
-                (nothing stays merged).
+            AdapterStateError: an unknown adapter name, a weight offloaded or tied to another module's
+                (:func:`~lordba.nn.merge.merge_layers`), or ``safe_merge`` found non-finite ones (nothing stays merged).
         """
         with self._lock.write():
-            merge_layers(self._lordba_layers(), merge_names(adapter_names, self._active, self.peft_config), safe_merge)
+            names = merge_names(adapter_names, self._active, self.peft_config)
+            merge_layers(self._lordba_layers(), names, safe_merge, self.base_model)
 
     def unmerge_adapter(self) -> None:
         """Take merged adapters out of the base weights again."""
@@ -320,12 +321,13 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Mo
         (PEFT's signature; ``progressbar`` is accepted and ignored: merging is fast).
 
         Raises:
-            AdapterStateError: an unknown adapter name, or ``safe_merge`` found non-finite merged weights
-                (the model is unchanged).
+            AdapterStateError: an unknown adapter name, a weight offloaded or tied to another module's
+                (:func:`~lordba.nn.merge.merge_layers`), or ``safe_merge`` found non-finite ones (model unchanged).
         """
         with self._lock.write():
             layers = self._lordba_layers()
-            merge_layers(layers, merge_names(adapter_names, self._active, self.peft_config), safe_merge)
+            names = merge_names(adapter_names, self._active, self.peft_config)
+            merge_layers(layers, names, safe_merge, self.base_model)
             for path, layer in layers:
                 replace_submodule(self.base_model, path, layer.base_layer)
             self._unwrap_saved(merge=True)  # modules trained in full: the active adapter's copy
