@@ -417,3 +417,38 @@ def test_an_adapter_set_or_removed_through_the_module_dict_is_what_the_next_call
     torch.testing.assert_close(layer(x), other(x, layer.base_layer(x)), rtol=1e-6, atol=1e-5)
     del layer.lordba_adapters["a"]
     assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_tying_weights_through_an_adapted_layer_sets_its_base_layers_and_a_new_shape_is_refused(input_ids):
+    """transformers ties an output head to the input embeddings by ``setattr(lm_head, "weight", embeddings)``
+    (``tie_weights``: ``post_init``, ``resize_token_embeddings``, the Trainer after loading a checkpoint). On an
+    adapted ``lm_head`` that failed inside torch with ``KeyError: "attribute 'weight' already exists"`` (the
+    layer's read-only ``weight`` property). The tensor is set on the base layer (the tie holds, outputs
+    unchanged); one of another shape (a resized vocabulary) is refused: the adapters were made for the old one,
+    as is a new ``out_features`` (what resizing a tied head sets; its forward then failed on mismatched sizes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lordba import LoRDBAConfig, get_lordba_model
+
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "tie_word_embeddings": True})).eval()
+    torch.manual_seed(3)
+    lm = get_lordba_model(model, LoRDBAConfig(r=4, init="random", target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():
+        want = lm(input_ids=input_ids).logits
+    model.tie_weights()
+    assert isinstance(model.lm_head, LoRDBALinear) and model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(lm(input_ids=input_ids).logits, want)
+    with pytest.raises(ShapeMismatchError, match=r"adapted Linear cannot become 104: its adapters are 40→101"):
+        lm.resize_token_embeddings(104)  # (resizes the tied weight in place, then sets the head's out_features)
+    layer = make_layer()
+    with pytest.raises(ShapeMismatchError, match=r"bias of an adapted Linear cannot become \(14,\): .* 21→13"):
+        layer.bias = nn.Parameter(torch.zeros(14))
+    with pytest.raises(ShapeMismatchError, match=r"weight .* cannot become \(13, 20\)"):
+        layer.weight = nn.Parameter(torch.zeros(13, 20))
+    bias = nn.Parameter(torch.ones(13))
+    layer.bias = bias
+    assert layer.base_layer.bias is bias and "bias" not in layer._parameters

@@ -99,7 +99,32 @@ class LoRDBALinear(nn.Module):
 
     def __setattr__(self, name: str, value: object) -> None:
         touch()  # active or disabled adapters, a base layer replaced (merge): kept calls are rebuilt
+        if name in ("weight", "bias") and "base_layer" in self._modules:  # the properties: the base layer's
+            self._set_base_tensor(name, value)
+            return
+        if name in ("in_features", "out_features") and self.__dict__.get(name, value) != value:
+            raise ShapeMismatchError(  # transformers' resize_token_embeddings sets a tied head's out_features
+                f"the {name} of an adapted {type(self.base_layer).__name__} cannot become {value}: its adapters are "
+                f"{self.in_features}→{self.out_features} (resize or tie weights before adding adapters)"
+            )
         super().__setattr__(name, value)
+
+    def _set_base_tensor(self, name: str, value: object) -> None:
+        """``layer.weight = t`` / ``layer.bias = t`` (transformers' ``tie_weights`` ties an output head so) sets
+        the base layer's tensor, of the same shape.
+
+        Raises:
+            ShapeMismatchError: the base layer has no such tensor, or ``value`` is not one of its shape (a
+                resized vocabulary: the adapters were made for the layer's features).
+        """
+        held = getattr(self.base_layer, name, None)
+        if not isinstance(held, torch.Tensor) or not isinstance(value, torch.Tensor) or value.shape != held.shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ShapeMismatchError(
+                f"the {name} of an adapted {type(self.base_layer).__name__} cannot become {shape}: its adapters "
+                f"are {self.in_features}→{self.out_features} (resize or tie weights before adding adapters)"
+            )
+        setattr(self.base_layer, name, value)
 
     def _apply(self, fn, recurse: bool = True) -> LoRDBALinear:  # noqa: ANN001
         """``.to()``, ``.cuda()``, ``.half()``, ``to_empty()``: the base layer and bias that :meth:`unmerge`
