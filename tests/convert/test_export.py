@@ -156,3 +156,36 @@ def test_export_carries_trained_biases_and_saved_modules(tmp_path, fields):
     effect = (ours - base).abs().max()
     assert effect > 0.05
     assert (back - ours).abs().max() < 1e-4 * effect.clamp(min=1)
+
+
+def test_per_module_ranks_and_alphas_export_with_one_rank_and_one_scaling(tmp_path, input_ids):
+    """vLLM, LoRAX and llama.cpp read ``r`` and ``lora_alpha`` only (vLLM scales every module by
+    ``lora_alpha / r``, llama.cpp by ``lora_alpha / rank of the tensor``) and ignore ``rank_pattern`` /
+    ``alpha_pattern``: an adapter with per-module ranks or alphas exports at one rank (zero-padded) with
+    each module's scaling folded into its factors, so that every runtime's rule gives ΔW (they gave
+    ΔW·1.67 or ΔW/2 on those modules, silently), and PEFT's outputs stay the adapter's."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(2)
+    cfg = LoRDBAConfig(
+        r=4,
+        alpha=8,
+        init="random",
+        scale_dtype="float32",
+        rank_pattern={"down_proj": 2, "up_proj": 6},
+        alpha_pattern={"k_proj": 3.0},
+    )
+    lm = get_lordba_model(tiny_llama(0), cfg)
+    export_lora(lm, tmp_path / "out", dtype="float32")
+    conf = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    tensors = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert conf["r"] == 6 and conf["lora_alpha"] == 8 and not conf["rank_pattern"] and not conf["alpha_pattern"]
+    for path, adapter in lm.adapter_modules("default").items():
+        A = tensors[f"base_model.model.{path}.lora_A.weight"]
+        B = tensors[f"base_model.model.{path}.lora_B.weight"]
+        assert A.shape[0] == B.shape[1] == conf["r"]
+        delta = adapter.delta_weight().float()
+        assert (conf["lora_alpha"] / conf["r"] * B @ A - delta).abs().max() <= 1e-5 * delta.abs().max()
+    peft = logits(PeftModel.from_pretrained(tiny_llama(0), tmp_path / "out"), input_ids)
+    ours, base = logits(lm, input_ids), logits(tiny_llama(0), input_ids)
+    assert (peft - ours).abs().max() < 1e-4 * (ours - base).abs().max().clamp(min=1)

@@ -77,8 +77,40 @@ def test_the_same_recipe_writes_the_same_files_plus_the_config_digest(tmp_path, 
             assert written[name].decode().replace(json.loads(written[name])["weights_sha256"], "") == committed[
                 name
             ].decode().replace(json.loads(committed[name])["weights_sha256"], ""), name
+        elif name.startswith("fp16-lora/"):  # per-module ranks and alphas: now one rank, one scaling
+            _assert_same_peft_deltas(tmp_path / "fp16-lora", REFERENCE / "fp16-lora")
         else:  # the PEFT LoRA exports
             assert written[name] == committed[name], name
+
+
+def _peft_deltas(directory: Path) -> dict[str, torch.Tensor]:
+    """``{module: ΔW}`` of an exported PEFT LoRA by PEFT's rule (``alpha_pattern`` / ``rank_pattern`` keys are
+    the escaped module paths an export writes)."""
+    import re
+
+    config = json.loads((directory / "adapter_config.json").read_text())
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    out = {}
+    for key in tensors:
+        if key.endswith(".lora_A.weight"):
+            path = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            A, B = tensors[key].float(), tensors[key.replace("lora_A", "lora_B")].float()
+            alpha = config["alpha_pattern"].get(re.escape(path), config["lora_alpha"])
+            assert A.shape[0] == config["rank_pattern"].get(re.escape(path), config["r"])
+            out[path] = alpha / A.shape[0] * B @ A
+    return out
+
+
+def _assert_same_peft_deltas(new: Path, old: Path) -> None:
+    """The fp16 recipe's export has per-module ranks and alphas, which it writes (since they were found
+    ignored by vLLM and llama.cpp) at one rank with each module's scaling in its factors: the same ΔW
+    as the committed export's, to float16 rounding, and no patterns left."""
+    config = json.loads((new / "adapter_config.json").read_text())
+    assert not config["rank_pattern"] and not config["alpha_pattern"]
+    got, expected = _peft_deltas(new), _peft_deltas(old)
+    assert sorted(got) == sorted(expected)
+    for path, delta in expected.items():
+        torch.testing.assert_close(got[path], delta, rtol=0, atol=2e-3 * float(delta.abs().max()), msg=path)
 
 
 @pytest.mark.parametrize("name", ["fp16", "int8", "trained"])

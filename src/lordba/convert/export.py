@@ -3,7 +3,11 @@
     lora_B = diag(a) S_B diag(√|m|·sign m),   lora_A = diag(√|m|) S_A diag(b),   lora_alpha = alpha
 
 so PEFT's ``lora_alpha / r`` equals LoRDBA's ``s`` and ``lora_B @ lora_A * s`` is exactly ΔW up to
-the export dtype. Splitting ``m`` evenly keeps both factors in range for fp16. Tensors trained in
+the export dtype. Splitting ``m`` evenly keeps both factors in range for fp16. An adapter with
+per-module ranks or alphas (``rank_pattern``, ``alpha_pattern``, a ``--target-bpw`` allocation, a
+``cat`` combination) is written at one rank, its largest (factors zero-padded), with one scaling
+``alpha / r``, each module's own ``s`` folded into its factors: vLLM and LoRAX scale every module by
+``lora_alpha / r`` and llama.cpp by ``lora_alpha`` over the tensor's rank, ignoring both patterns. Tensors trained in
 full (``modules_to_save``, the task's head, trained biases) go in as PEFT saves them, in their own
 dtype, with the config's ``modules_to_save``, ``bias`` and ``task_type``. The output is a
 standard directory (``adapter_config.json`` with ``peft_type: "LORA"``, ``adapter_model.safetensors``)
@@ -13,7 +17,6 @@ that PEFT, vLLM, LoRAX and lm-eval's ``peft=`` load. It needs no base model.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -61,28 +64,27 @@ def export_lora(
     adapter = _as_adapter_state(model_or_dir, adapter_name)
     config = adapter.config
     tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
+    rank = max((rec.r for rec in adapter.modules.values()), default=config.r)
     for path, rec in adapter.modules.items():
-        lora_A, lora_B = lora_factors(rec, config.scale_dtype)
+        lora_A, lora_B = _at_rank(*lora_factors(rec, config.scale_dtype), rank)
+        # this module's s over the file's one scaling alpha / rank (exactly 1.0 for an adapter without patterns)
+        ratio = (config.alpha_for(path) * rank) / (config.alpha * rec.r)
+        if ratio != 1.0:
+            lora_A, lora_B = lora_A * ratio**0.5, lora_B * ratio**0.5
         for factor, value in (("A", lora_A), ("B", lora_B)):
             tensors[peft_lora_key(path, factor)] = _in_range(value, dtype, f"{path}.lora_{factor}")
-        if rec.r != config.r:
-            ranks[path] = rec.r
-        if config.alpha_for(path) != config.alpha:
-            alphas[path] = config.alpha_for(path)
     tensors.update(peft_extras(adapter))
     targets = sorted({p.rsplit(".", 1)[-1] for p in adapter.modules})
     peft_config = {
         "peft_type": "LORA",
         "task_type": config.task_type or "CAUSAL_LM",
         "base_model_name_or_path": config.base_model_name_or_path,
-        "r": config.r,
+        "r": rank,
         "lora_alpha": config.alpha,
         "lora_dropout": 0.0,
         "target_modules": targets,
-        "rank_pattern": {re.escape(p): r for p, r in ranks.items()},
-        "alpha_pattern": {re.escape(p): a for p, a in alphas.items()},
+        "rank_pattern": {},  # one rank and one scaling: runtimes that ignore the patterns get the same ΔW
+        "alpha_pattern": {},
         "bias": config.bias,
         "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
         "use_rslora": False,
@@ -98,6 +100,14 @@ def export_lora(
         (tmp / "adapter_model.safetensors").write_bytes(to_bytes(tensors, {"format": "pt"}))
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
     return Path(out_dir)
+
+
+def _at_rank(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lora_A, lora_B)`` zero-padded to ``rank`` (rows of ``A``, columns of ``B``): the same ``B A``."""
+    pad = rank - lora_A.shape[0]
+    if pad == 0:
+        return lora_A, lora_B
+    return torch.nn.functional.pad(lora_A, (0, 0, 0, pad)), torch.nn.functional.pad(lora_B, (0, pad))
 
 
 def peft_extras(adapter: AdapterState) -> dict[str, torch.Tensor]:
