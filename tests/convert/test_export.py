@@ -189,3 +189,26 @@ def test_per_module_ranks_and_alphas_export_with_one_rank_and_one_scaling(tmp_pa
     peft = logits(PeftModel.from_pretrained(tiny_llama(0), tmp_path / "out"), input_ids)
     ours, base = logits(lm, input_ids), logits(tiny_llama(0), input_ids)
     assert (peft - ours).abs().max() < 1e-4 * (ours - base).abs().max().clamp(min=1)
+
+
+def test_layers_inside_a_sequential_export_targets_peft_can_load(tmp_path, input_ids):
+    """A linear layer inside an ``nn.Sequential`` / ``ModuleList`` (Qwen2-VL's ``merger.mlp.0``, diffusers'
+    ``to_out.0``) is named by its index: the export's ``target_modules`` held ``"0"``, which PEFT's suffix
+    rule matches to ``model.layers.0`` (a decoder layer), so ``PeftModel.from_pretrained`` failed ("Target
+    module LlamaDecoderLayer is not supported"). The target is the name with its parent (``down_proj.0``)."""
+    from torch import nn
+
+    def model():
+        m = tiny_llama(0)
+        for layer in m.model.layers:
+            layer.mlp.down_proj = nn.Sequential(layer.mlp.down_proj)
+        return m
+
+    torch.manual_seed(2)
+    lm = get_lordba_model(model(), LoRDBAConfig(r=4, alpha=8, init="random"))
+    export_lora(lm, tmp_path / "out", dtype="float32")
+    conf = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert "down_proj.0" in conf["target_modules"] and "0" not in conf["target_modules"]
+    peft = logits(PeftModel.from_pretrained(model(), tmp_path / "out"), input_ids)
+    ours, base = logits(lm, input_ids), logits(model(), input_ids)
+    assert (peft - ours).abs().max() < 1e-4 * (ours - base).abs().max().clamp(min=1)

@@ -74,7 +74,7 @@ def export_lora(
         for factor, value in (("A", lora_A), ("B", lora_B)):
             tensors[peft_lora_key(path, factor)] = _in_range(value, dtype, f"{path}.lora_{factor}")
     tensors.update(peft_extras(adapter))
-    targets = sorted({p.rsplit(".", 1)[-1] for p in adapter.modules})
+    targets = sorted({target_name(p) for p in adapter.modules})
     peft_config = {
         "peft_type": "LORA",
         "task_type": config.task_type or "CAUSAL_LM",
@@ -100,6 +100,17 @@ def export_lora(
         (tmp / "adapter_model.safetensors").write_bytes(to_bytes(tensors, {"format": "pt"}))
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
     return Path(out_dir)
+
+
+def target_name(path: str) -> str:
+    """The ``target_modules`` entry of the module at ``path``: its name, with its parents' up to one that is
+    not an index (``mlp.down_proj`` → ``down_proj``, ``attn.to_out.0`` → ``to_out.0``): PEFT matches a bare
+    index (``"0"``) to every module whose path ends in ``.0`` (``model.layers.0``, a decoder layer it refuses)."""
+    parts = path.split(".")
+    start = len(parts) - 1
+    while start > 0 and parts[start].isdigit():
+        start -= 1
+    return ".".join(parts[start:])
 
 
 def _at_rank(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
