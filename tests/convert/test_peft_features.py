@@ -93,3 +93,38 @@ def test_peft_bias_lora_only_is_carried_over(tmp_path):
     torch.testing.assert_close(
         state.extras["transformer.h.0.attn.c_attn.bias"], gpt2().transformer.h[0].attn.c_attn.bias + 1
     )
+
+
+def test_modules_to_save_follow_peft_plain_suffix_rule(tmp_path):
+    """PEFT matches ``modules_to_save`` (and a task's heads) as plain string suffixes (``key.endswith``):
+    a DistilBERT ``SEQ_CLS`` LoRA trains and saves ``pre_classifier`` beside ``classifier``. Those tensors
+    were taken for unsupported ones: the conversion failed, or with ``skip_unsupported`` left the trained
+    ``pre_classifier`` out (outputs off by ~4, silently but for a warning); both the directory and the
+    in-memory ``PeftModel`` convert with it now, and the converted adapter gives PEFT's outputs."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    def distilbert():
+        torch.manual_seed(0)
+        config = DistilBertConfig(
+            vocab_size=101, dim=32, n_layers=2, n_heads=2, hidden_dim=48, max_position_embeddings=32, num_labels=3
+        )
+        return DistilBertForSequenceClassification(config).eval()
+
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["q_lin", "v_lin"])
+    pm = peft.get_peft_model(distilbert(), config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if p.requires_grad:  # the heads trained a lot, the LoRA (converted approximately) a little
+                p.add_(torch.randn_like(p) * (0.01 if "lora_" in name else 0.3))
+    pm.save_pretrained(tmp_path / "peft")
+    state, _ = convert_lora(tmp_path / "peft", progress=False)
+    assert {"pre_classifier.weight", "pre_classifier.bias", "classifier.weight"} <= set(state.extras)
+    in_memory, _ = convert_lora(pm, progress=False)
+    assert set(in_memory.extras) == set(state.extras)
+    state.save_pretrained(tmp_path / "lordba")
+    lm = LoRDBAModel.from_pretrained(distilbert(), tmp_path / "lordba")
+    with torch.no_grad():
+        ours, theirs, base = (m(input_ids=IDS).logits for m in (lm, pm.eval(), distilbert()))
+    assert (theirs - base).abs().max() > 0.1
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0.02 * float((theirs - base).abs().max()))

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from lordba._util.jsonio import read_json_file
-from lordba._util.patterns import matches, pattern_key
+from lordba._util.patterns import pattern_key
 from lordba.config import TASK_HEADS, LoRDBAConfig
 from lordba.convert.peft_checks import check_factors, check_init, check_numbers, check_path, check_patterns
 from lordba.errors import AdapterFormatError, ConfigError, ConversionError
@@ -283,7 +283,9 @@ def _extras(
     tensors: dict[str, torch.Tensor], keys: list[str], fields: dict[str, Any], adapter_name: str
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Split the non-LoRA tensor keys into extras (weights of modules trained in full, trained biases)
-    and the rest (``(extras by parameter path, other keys)``)."""
+    and the rest (``(extras by parameter path, other keys)``). A module is trained in full by PEFT's rule
+    (``_set_trainable``): its path ends with a ``modules_to_save`` entry or a task's head as a plain string
+    (``classifier`` also takes DistilBERT's ``pre_classifier``, which PEFT trains and saves)."""
     saved = [*(fields.get("modules_to_save") or []), *TASK_HEADS.get(fields.get("task_type") or "", ())]
     extras, rest = {}, []
     for key in keys:
@@ -291,7 +293,7 @@ def _extras(
         name = name.replace(".base_layer.", ".")  # a trained bias of a LoRA layer
         module, _, param = name.rpartition(".")
         trained_bias = param == "bias" and fields.get("bias", "none") != "none"
-        if module and (trained_bias or (saved and matches(saved, module))) and tensors[key].is_floating_point():
+        if module and (trained_bias or any(module.endswith(m) for m in saved)) and tensors[key].is_floating_point():
             extras[name] = tensors[key].detach().clone()
         else:
             rest.append(key)
