@@ -225,14 +225,17 @@ class LoRDBAConfig:
         return list(dict.fromkeys([*(self.modules_to_save or []), *TASK_HEADS.get(self.task_type or "", ())]))
 
     def in_layers(self, module_name: str) -> bool:
-        """Whether ``module_name`` is in ``layers_to_transform`` (PEFT's rule; True when it is unset)."""
+        """Whether ``module_name`` is in ``layers_to_transform`` (PEFT's rule; True when it is unset): the
+        layer index is the first ``<name>.<digits>.`` of the path (``decoder.block.1.layer.0.…``: 1), or of
+        ``<layers_pattern>.<digits>.``."""
         if self.layers_to_transform is None:
             return True
         patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
         found = None
-        for pattern in patterns or [r"[^.]*"]:
-            name = pattern if pattern == r"[^.]*" else re.escape(pattern)
-            found = re.match(rf".*\.{name}\.(\d+)\.", module_name)
+        if not patterns:
+            found = re.match(r".*?\.[^.]*\.(\d+)\.", module_name)
+        for pattern in patterns or []:
+            found = re.match(rf"(?:^|.*?\.){re.escape(pattern)}\.(\d+)\.", module_name)
             if found is not None:
                 break
         if found is None:

@@ -233,6 +233,27 @@ def test_layers_to_transform_limits_the_targets():
     assert paths and all(".layers.1." in p for p in paths)
 
 
+@pytest.mark.parametrize("layers_pattern", [None, "block"])
+def test_layers_to_transform_picks_the_layers_peft_picks_in_a_model_with_nested_indices(layers_pattern):
+    """T5's paths hold two indices (``decoder.block.1.layer.0.SelfAttention.q``): PEFT takes the layer index
+    from the first one (``block``), lordba took the last (``layer``, the sub-layer): ``layers_to_transform=[1]``
+    adapted the cross-attention of every decoder block instead of block 1, silently."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    peft = pytest.importorskip("peft")
+
+    def t5():
+        torch.manual_seed(0)
+        config = T5Config(vocab_size=101, d_model=16, d_kv=4, d_ff=24, num_layers=3, num_heads=2)
+        return T5ForConditionalGeneration(config).eval()
+
+    fields = dict(target_modules=["q", "v"], layers_to_transform=[1], layers_pattern=layers_pattern)
+    pm = peft.get_peft_model(t5(), peft.LoraConfig(r=2, **fields))
+    theirs = sorted(n for n, m in pm.base_model.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+    lm = get_lordba_model(t5(), LoRDBAConfig(r=2, **fields))
+    assert len(theirs) == 6 and sorted(lm.adapter_modules("default")) == theirs
+
+
 def test_base_quantization_is_recorded_and_a_different_base_warns(tmp_path):
     lm = get_lordba_model(quantize_model(tiny_llama(), "hqq", bits=4, group_size=8), LoRDBAConfig(r=2))
     assert lm.peft_config["default"].base_quantization == {"backend": "hqq", "bits": 4, "group_size": 8}
