@@ -224,24 +224,29 @@ class LoRDBAConfig:
         """Module names trained in full and saved with the adapter: ``modules_to_save`` and the task's heads."""
         return list(dict.fromkeys([*(self.modules_to_save or []), *TASK_HEADS.get(self.task_type or "", ())]))
 
-    def in_layers(self, module_name: str) -> bool:
+    def in_layers(self, module_name: str, legacy: bool = False) -> bool:
         """Whether ``module_name`` is in ``layers_to_transform`` (PEFT's rule; True when it is unset): the
-        layer index is the first ``<name>.<digits>.`` of the path (``decoder.block.1.layer.0.…``: 1), or of
-        ``<layers_pattern>.<digits>.``."""
+        layer index is the first ``<name>.<digits>.`` of the path (``decoder.block.1.layer.0.…``: 1), or the
+        digits after the first ``layers_pattern`` that the path holds. With ``legacy`` (checking a file),
+        without ``layers_pattern`` the last ``<name>.<digits>.`` counts too: lordba took that one before, and
+        the files it wrote then still load."""
         if self.layers_to_transform is None:
             return True
-        patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
-        found = None
-        if not patterns:
-            found = re.match(r".*?\.[^.]*\.(\d+)\.", module_name)
-        for pattern in patterns or []:
-            found = re.match(rf"(?:^|.*?\.){re.escape(pattern)}\.(\d+)\.", module_name)
-            if found is not None:
-                break
-        if found is None:
-            return False
         wanted = self.layers_to_transform
-        return int(found.group(1)) in ([wanted] if isinstance(wanted, int) else wanted)
+        wanted = [wanted] if isinstance(wanted, int) else wanted
+        if self._layer_index(module_name) in wanted:
+            return True
+        return legacy and not self.layers_pattern and self._layer_index(module_name, last=True) in wanted
+
+    def _layer_index(self, module_name: str, last: bool = False) -> int | None:
+        """The layer index of ``module_name`` by ``layers_pattern`` (PEFT 0.21's rule), or ``None``."""
+        patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+        rules = [rf"(?:^|.*?\.){re.escape(p)}\.(\d+)\." for p in patterns or []]
+        for rule in rules or [r".*\.[^.]*\.(\d+)\." if last else r".*?\.[^.]*\.(\d+)\."]:
+            found = re.match(rule, module_name)
+            if found is not None:
+                return int(found.group(1))
+        return None
 
     @property
     def peft_type(self) -> str:
@@ -300,9 +305,10 @@ class LoRDBAConfig:
         key = pattern_key(self.rank_pattern, module_name)
         return int(self.rank_pattern[key]) if key is not None else self.r
 
-    def targets_module(self, module_name: str) -> bool:
-        """Whether ``target_modules`` covers ``module_name`` (``None`` and ``all-linear`` cover every module)."""
-        if not self.in_layers(module_name):
+    def targets_module(self, module_name: str, legacy: bool = False) -> bool:
+        """Whether ``target_modules`` covers ``module_name`` (``None`` and ``all-linear`` cover every module;
+        ``legacy``: as :meth:`in_layers`)."""
+        if not self.in_layers(module_name, legacy):
             return False
         return self.target_modules in (None, ALL_LINEAR) or matches(self.target_modules, module_name)
 

@@ -254,6 +254,28 @@ def test_layers_to_transform_picks_the_layers_peft_picks_in_a_model_with_nested_
     assert len(theirs) == 6 and sorted(lm.adapter_modules("default")) == theirs
 
 
+def test_an_adapter_saved_with_the_earlier_layer_index_rule_still_loads(tmp_path):
+    """Files written when lordba took the last numbered segment as the layer index (T5: the sub-layer) hold
+    other modules than its config now selects: they load as they are (the file's modules), they are not
+    refused as modules the config does not cover."""
+    import dataclasses
+
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    def t5():
+        torch.manual_seed(0)
+        config = T5Config(vocab_size=101, d_model=16, d_kv=4, d_ff=24, num_layers=3, num_heads=2)
+        return T5ForConditionalGeneration(config).eval()
+
+    old_rule = r"decoder\.block\.\d\.layer\.1\.EncDecAttention\.[qv]"  # what layers_to_transform=[1] selected
+    lm = get_lordba_model(t5(), LoRDBAConfig(r=2, init="random", target_modules=old_rule))
+    state = lm.adapter_state("default")
+    state.config = dataclasses.replace(state.config, target_modules=["q", "v"], layers_to_transform=[1])
+    state.save_pretrained(tmp_path / "old")
+    loaded = LoRDBAModel.from_pretrained(t5(), tmp_path / "old")
+    assert sorted(loaded.adapter_modules("default")) == sorted(lm.adapter_modules("default"))
+
+
 def test_base_quantization_is_recorded_and_a_different_base_warns(tmp_path):
     lm = get_lordba_model(quantize_model(tiny_llama(), "hqq", bits=4, group_size=8), LoRDBAConfig(r=2))
     assert lm.peft_config["default"].base_quantization == {"backend": "hqq", "bits": 4, "group_size": 8}

@@ -218,7 +218,7 @@ def check_modules(dims: Any, config: LoRDBAConfig, path: Path) -> dict[str, Modu
             raise AdapterFormatError(
                 f"{path}: module {name!r} has rank {r} but the config gives it rank {config.rank_for(name)}"
             )
-        if not config.targets_module(name):
+        if not config.targets_module(name, legacy=True):  # a file written before PEFT 0.21's rule
             raise AdapterFormatError(
                 f"{path}: module {name!r} is not matched by target_modules={safe_repr(config.target_modules)}"
             )
