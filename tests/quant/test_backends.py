@@ -222,3 +222,17 @@ def test_an_nf4_layer_dequantizes_to_its_weight_after_an_inference_forward():
     assert w.quant_state.packing_format_for_cpu  # reading it leaves the layer as it was
     with torch.no_grad():
         assert torch.equal(layer(x), packed_y)
+
+
+def test_kept_factors_never_take_a_replaced_tensor_for_the_one_they_were_made_for():
+    """Prompt factors are kept by (version, address) of the adapter's tensors. ``.data =`` keeps the version
+    counter, and a replaced tensor's freed storage could go to the next one at the same address: the factors
+    of the first were then taken for the second. The kept entry holds the storages it was made from."""
+    from lordba.quant.backend import kept_factors
+
+    t = torch.zeros(64)
+    kept = []
+    for i in range(200):
+        assert torch.equal(kept_factors(kept, (t,), lambda: (t.clone(),))[0], t), i
+        t.data = torch.full((64,), float(2 * i + 1))  # twice between calls: the first one's storage is freed
+        t.data = torch.full((64,), float(2 * i + 2))

@@ -148,9 +148,11 @@ def linear_branch_op() -> object | None:
 
 
 def kept_factors(kept: list, tensors: tuple, make: Callable[[], tuple]) -> tuple:
-    """``make()`` (an adapter's folded factors), kept in ``kept`` (``[key, factors]``) while every tensor of
-    ``tensors`` (the adapter's) is the same storage at the same version (in-place changes refold). Tensors
-    made under ``torch.inference_mode`` have no version counter: for them ``make()`` runs on every call."""
+    """``make()`` (an adapter's folded factors), kept in ``kept`` (``[key, factors, storages]``) while every
+    tensor of ``tensors`` (the adapter's) is the same storage at the same version (in-place changes refold).
+    The entry keeps the storages it was made from alive, so that a tensor replaced (``.data =``, which keeps
+    the version counter) cannot hand its freed address to the next one and be taken for it. Tensors made
+    under ``torch.inference_mode`` have no version counter: for them ``make()`` runs on every call."""
     if any(t.is_inference() for t in tensors):
         return make()
     key = tuple((t._version, t.data_ptr()) for t in tensors)
@@ -158,7 +160,7 @@ def kept_factors(kept: list, tensors: tuple, make: Callable[[], tuple]) -> tuple
     if found and found[0] == key:
         return found[1]
     factors = make()
-    kept[:] = [key, factors]
+    kept[:] = [key, factors, [t.untyped_storage() for t in tensors]]
     return factors
 
 
