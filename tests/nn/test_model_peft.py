@@ -491,3 +491,20 @@ def test_a_float64_models_trained_bias_and_head_are_saved_as_float32(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(x), lm(x), rtol=0, atol=1e-5)
         assert not torch.equal(again(x), model()(x))  # the trained head and bias are in effect
+
+
+@pytest.mark.parametrize("config", [{"target_modules": ["q_proj", "lm_head"]}, {"modules_to_save": ["lm_head"]}])
+def test_resizing_the_vocabulary_under_an_adapted_or_saved_head_is_refused(config):
+    """transformers' resize_token_embeddings put a new plain nn.Linear in place of an adapted (untied) output
+    head, or of its copy trained in full: the head's adapter was dropped silently. It is refused; an adapter
+    elsewhere resizes as the base does."""
+    from lordba import ShapeMismatchError
+
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, **config))
+    head = lm.get_base_model().get_output_embeddings()
+    with pytest.raises(ShapeMismatchError, match="resize_token_embeddings: the output head"):
+        lm.resize_token_embeddings(120)
+    assert lm.get_base_model().get_output_embeddings() is head
+    other = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, target_modules=["q_proj"]))
+    other.resize_token_embeddings(120)
+    assert other.get_base_model().get_output_embeddings().out_features == 120

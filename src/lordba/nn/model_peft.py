@@ -18,7 +18,7 @@ from torch import nn
 from lordba._util.modules import replace_submodule
 from lordba._util.patterns import matches
 from lordba.config import LoRDBAConfig
-from lordba.errors import AdapterFormatError, AdapterStateError, TargetModulesError
+from lordba.errors import AdapterFormatError, AdapterStateError, ShapeMismatchError, TargetModulesError
 from lordba.format import adapter as adapter_files
 from lordba.format.extras import check_extra_name
 from lordba.nn.layer import LoRDBALinear
@@ -271,6 +271,24 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
                 UserWarning,
                 stacklevel=3,
             )
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's ``resize_token_embeddings``, refused while its output head carries adapters or is
+        trained in full (``modules_to_save``): transformers would put a new plain layer in its place and drop
+        them silently (an untied head), or change the weight they were made for (a tied one).
+
+        Raises:
+            ShapeMismatchError: the output head is adapted or trained in full (resize before adding adapters).
+        """
+        get_head = getattr(self.base_model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        if isinstance(head, (LoRDBALinear, SavedModule)):
+            what = "carries adapters" if isinstance(head, LoRDBALinear) else "is trained in full (modules_to_save)"
+            raise ShapeMismatchError(
+                f"resize_token_embeddings: the output head {what}, made for the current vocabulary; resize the "
+                "base model's embeddings before adding adapters"
+            )
+        return self.base_model.resize_token_embeddings(*args, **kwargs)
 
     # ------------------------------------------------------------------ enable / disable
     def enable_adapter_layers(self) -> None:
