@@ -64,9 +64,11 @@ def test_peft_fields_and_tensors_are_carried_over(tmp_path):
             if "modules_to_save" in name and name.endswith("score.modules_to_save.default.weight"):
                 p.mul_(2)
     pm.save_pretrained(tmp_path / "peft")
-    state, _ = convert_lora(tmp_path / "peft", progress=False)
+    state, report = convert_lora(tmp_path / "peft", progress=False)
     cfg = state.config
     assert cfg.task_type == "SEQ_CLS" and cfg.dropout == 0.1 and cfg.layers_to_transform == [1]
+    held = sum(t.numel() * t.element_size() for t in state.extras.values())  # the score head, stored as it is
+    assert report.extra_tensor_bytes == held > 0 and report.totals()["extra_tensor_bytes"] == held
     assert cfg.layers_pattern == "layers"
     assert set(state.modules) == {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
     assert "score.weight" in state.extras

@@ -98,6 +98,11 @@ def run(args: argparse.Namespace) -> int:
         f"wrote LoRDBA adapter to {out}: {len(report.layers)} layers, relative error of ΔW "
         f"{report.total_rel_error:.4f}, {report.size.file_bytes:,} bytes ({report.bpw_lora:.3f} BPW, LoRA basis; "
         f"{report.lora_fp16_file_bytes / report.size.file_bytes:.2f}x smaller than the LoRA in fp16)"
+        + (
+            f", plus {report.extra_tensor_bytes:,} bytes of tensors trained in full (modules_to_save, biases)"
+            if report.extra_tensor_bytes
+            else ""
+        )
     )
     return 0
 

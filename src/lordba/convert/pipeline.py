@@ -184,6 +184,7 @@ def _report(
         bpw_lora=8 * size.file_bytes / lora_params,
         lora_fp16_file_bytes=lora_file_bytes({p: (x.in_features, x.out_features, x.r) for p, x in lora.layers.items()}),
         allocation=allocation,
+        extra_tensor_bytes=sum(t.numel() * t.element_size() for t in state.extras.values()),
     )
 
 

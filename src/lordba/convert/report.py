@@ -68,6 +68,9 @@ class ConversionReport:
     allocation: dict[str, Any] | None = None
     seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # bytes of the tensors trained in full (modules_to_save, biases) stored beside the LoRDBA tensors: not in
+    # ``size`` nor in a --target-bpw budget (stored as they are, whatever the budget)
+    extra_tensor_bytes: int = 0
 
     @property
     def total_rel_error(self) -> float:
@@ -82,7 +85,8 @@ class ConversionReport:
         return sum(lr.rel_error for lr in self.layers) / max(len(self.layers), 1)
 
     def totals(self) -> dict[str, Any]:
-        """Whole-adapter figures: errors, bytes, size ratio and BPW, as a dict."""
+        """Whole-adapter figures: errors, bytes, size ratio and BPW (of the LoRDBA tensors and their header), and
+        the bytes of the tensors trained in full stored beside them, as a dict."""
         return {
             "layers": len(self.layers),
             "rel_error": self.total_rel_error,
@@ -94,6 +98,7 @@ class ConversionReport:
             "ratio_vs_lora_fp16_file": self.lora_fp16_file_bytes / self.size.file_bytes,
             "bpw_lora": self.bpw_lora,
             "bpw_dw": self.size.bpw_dw,
+            "extra_tensor_bytes": self.extra_tensor_bytes,
         }
 
     def to_dict(self, timing: bool = True) -> dict[str, Any]:
