@@ -443,7 +443,7 @@ def test_tying_weights_through_an_adapted_layer_sets_its_base_layers_and_a_new_s
     with torch.no_grad():
         assert torch.equal(lm(input_ids=input_ids).logits, want)
     with pytest.raises(ShapeMismatchError, match=r"adapted Linear cannot become 104: its adapters are 40→101"):
-        lm.resize_token_embeddings(104)  # (resizes the tied weight in place, then sets the head's out_features)
+        model.resize_token_embeddings(104)  # the base model itself (the wrapper refuses before: test_model_peft)
     layer = make_layer()
     with pytest.raises(ShapeMismatchError, match=r"bias of an adapted Linear cannot become \(14,\): .* 21→13"):
         layer.bias = nn.Parameter(torch.zeros(14))
