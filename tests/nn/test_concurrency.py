@@ -217,3 +217,41 @@ def test_saving_while_another_thread_switches_and_swaps(tmp_path, op):
             assert read_adapter(out / "c").sha256 in allowed
 
     run_threads(swapper, saver)
+
+
+def test_add_weighted_adapter_reads_its_sources_as_one_snapshot_while_another_thread_hot_swaps_them(tmp_path):
+    """The combination is that of the source before or after a concurrent hot-swap, never a mix of the two
+    (was: the sources were read outside the lock, module by module: some modules old, some new, or a source
+    changing between two reads of one module, which then took the solver, or raised without it)."""
+    lm = model_with_adapters(tmp_path)
+    lm.load_adapter(tmp_path / "extra0", "c")
+
+    def combined(name):
+        lm.add_weighted_adapter(["c"], [0.5], name)
+        state = lm.adapter_state(name)
+        lm.delete_adapter(name)
+        return {(p, k): t for p, rec in state.modules.items() for k, t in rec.tensors.items()}
+
+    refs = []
+    for i in (1, 0):
+        lm.hotswap_adapter(tmp_path / f"extra{i}", "c")
+        refs.append(combined("ref"))
+    stop = threading.Event()
+    seen = []
+
+    def swapper():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            lm.hotswap_adapter(tmp_path / f"extra{i % 2}", "c")
+
+    def combiner():
+        try:
+            for _ in range(40):
+                got = combined("w")
+                seen.append(any(all(torch.equal(t, ref[key]) for key, t in got.items()) for ref in refs))
+        finally:
+            stop.set()
+
+    run_threads(swapper, combiner)
+    assert all(seen), f"{seen.count(False)} of {len(seen)} combinations mixed the old and the new adapter"

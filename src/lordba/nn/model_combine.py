@@ -52,25 +52,25 @@ class CombineMixin:
         combined with itself or scales shared); otherwise it is re-factorised at rank Σ r_i by the
         converter's solver (a warning gives the error). ``"linear"`` (equal ranks) and ``"svd"`` (rank
         ``svd_rank``, default the largest) solve the dense weighted ΔW at that rank. Extra tensors
-        (modules trained in full, biases) are not combined. Raises :class:`ConfigError` /
+        (modules trained in full, biases) are not combined. The sources are read under the model's lock
+        held shared (one snapshot while other threads hot-swap them). Raises :class:`ConfigError` /
         :class:`AdapterStateError` for bad arguments.
         """
-        self._check_combination(adapters, weights, combination_type, svd_rank)
-        with self._lock.read():
+        with self._lock.read():  # the sources as one snapshot: a hot-swap changes their tensors in place
+            self._check_combination(adapters, weights, combination_type, svd_rank)
             parts = [self.adapter_modules(n) for n in adapters]
-            configs = [self.peft_config[n] for n in adapters]
-        first = configs[0]
-        paths = sorted({p for part in parts for p in part})
-        ranks = {p: sum(part[p].r for part in parts if p in part) for p in paths}
-        if combination_type != "cat":
-            fixed = svd_rank or max(a.r for part in parts for a in part.values())
-            ranks = {p: fixed for p in paths}
-        records = {}
-        if combination_type == "cat":
-            records = cat_records(parts, weights, first.alpha, ranks, first.scale_dtype)
-        rest = [p for p in paths if p not in records]
-        if rest:
-            records.update(self._dense_combine(parts, weights, rest, ranks, first, combination_type))
+            first = self.peft_config[adapters[0]]
+            paths = sorted({p for part in parts for p in part})
+            ranks = {p: sum(part[p].r for part in parts if p in part) for p in paths}
+            if combination_type != "cat":
+                fixed = svd_rank or max(a.r for part in parts for a in part.values())
+                ranks = {p: fixed for p in paths}
+            records = {}
+            if combination_type == "cat":
+                records = cat_records(parts, weights, first.alpha, ranks, first.scale_dtype)
+            rest = [p for p in paths if p not in records]
+            if rest:
+                records.update(self._dense_combine(parts, weights, rest, ranks, first, combination_type))
         config = _combined_config(first, ranks, combination_type)
         self.load_adapter_state(adapter_files.AdapterState(config, records), adapter_name)
 
