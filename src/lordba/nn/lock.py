@@ -69,8 +69,13 @@ class RWLock:
                 if getattr(self._local, "depth", 0):
                     raise AdapterStateError("cannot change adapters from inside a forward call of the same model")
                 self._waiting_writers += 1
-                while self._writer is not None or self._readers:
-                    self._cond.wait()
+                try:
+                    while self._writer is not None or self._readers:
+                        self._cond.wait()
+                except BaseException:  # interrupted while waiting (Ctrl-C): not waiting any more
+                    self._waiting_writers -= 1
+                    self._cond.notify_all()  # the readers held back for this writer go on
+                    raise
                 self._waiting_writers -= 1
                 self._writer, self._writer_depth = me, 1
         try:
