@@ -4,6 +4,7 @@ Forward calls run concurrently; every operation that changes adapters is atomic 
 them (a forward sees the adapters before or after it, never a mix) and to each other. Outputs are
 compared exactly with the same calls made single-threaded beforehand."""
 
+import contextlib
 import threading
 
 import pytest
@@ -255,3 +256,46 @@ def test_add_weighted_adapter_reads_its_sources_as_one_snapshot_while_another_th
 
     run_threads(swapper, combiner)
     assert all(seen), f"{seen.count(False)} of {len(seen)} combinations mixed the old and the new adapter"
+
+
+def test_loading_an_adapter_with_a_module_trained_in_full_is_atomic_with_respect_to_forwards(tmp_path, input_ids):
+    """A forward run while another thread loads an adapter that trains a module in full sees the adapter
+    whole or not at all (was: its LoRDBA layers were installed and its name taken under one hold of the write
+    lock and its module trained in full under a second, so a forward in between ran its layers with the
+    original module: a wrong output, silently; a save there wrote the adapter without that module)."""
+    from lordba.nn.lock import RWLock
+
+    saved = "model.layers.1.mlp.down_proj"
+    targets = ["q_proj", "v_proj"]
+    config = LoRDBAConfig(r=4, init="random", target_modules=targets, modules_to_save=[saved])
+    source = get_lordba_model(tiny_llama(0), config, "x")
+    with torch.no_grad():
+        source.base_model.get_submodule(saved).lordba_saved["x"].weight.add_(0.05)  # trained: not the original
+    source.save_pretrained(tmp_path / "x", selected_adapters=["x"])
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random", target_modules=targets), "a")
+    lm.load_adapter(tmp_path / "x" / "x", "x")
+    want = logits(lm, input_ids, adapter_names=["x"] * 3)
+    lm.delete_adapter("x")
+    seen = []
+
+    class Watched(RWLock):
+        """Runs a forward of another thread each time the loading thread lets go of the write lock."""
+
+        @contextlib.contextmanager
+        def write(self):
+            with super().write():
+                yield
+            if self._writer is None:
+                run_threads(forward)
+
+    def forward():
+        try:
+            seen.append(logits(lm, input_ids, adapter_names=["x"] * 3))
+        except AdapterStateError as err:
+            assert "unknown adapter" in str(err)  # not loaded yet
+            seen.append(None)
+
+    lm._lock = Watched()
+    lm.load_adapter(tmp_path / "x" / "x", "x")
+    assert seen and all(got is None or torch.equal(got, want) for got in seen), "a forward saw half an adapter"
+    assert seen[-1] is not None

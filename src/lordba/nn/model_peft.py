@@ -175,17 +175,18 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
         targets: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Add an adapter under ``adapter_name`` (packed form), with its extra tensors (checked against
-        the model first: names, shapes; a refused adapter leaves the model as it was). Returns the
-        installed adapters by module path."""
-        plan = self._plan_extras(state)
-        self._check_saveable(plan["saved"], state.modules)  # a refused adapter leaves the model as it was
-        self._warn_base(state.config)
-        self._adding = (adapter_name,)
-        try:
-            adapters = super()._load_state(state, adapter_name, is_trainable, targets)
-        finally:
-            self._adding = ()
+        the model first: names, shapes; a refused adapter leaves the model as it was), all under one hold
+        of the write lock: a forward or a save of another thread sees the adapter whole or not at all.
+        Returns the installed adapters by module path."""
         with self._lock.write():
+            plan = self._plan_extras(state)
+            self._check_saveable(plan["saved"], state.modules)  # a refused adapter leaves the model as it was
+            self._warn_base(state.config)
+            self._adding = (adapter_name,)
+            try:
+                adapters = super()._load_state(state, adapter_name, is_trainable, targets)
+            finally:
+                self._adding = ()
             for path, value in plan["bias"].items():
                 adapter = adapters[path]
                 adapter.attach_bias(value.float() - self._layer_bias(path).detach().float().cpu())
