@@ -141,3 +141,20 @@ def test_the_cuda_generators_are_saved_and_restored(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="2 CUDA generator states"):
         load_checkpoint(path, other, resumed)
     assert len(restored) == 1
+
+
+def test_starting_over_removes_the_earlier_runs_checkpoints_so_none_outlives_the_new_run(run_dir):
+    """resume=False beside a finished run of 6 steps (checkpoints 2, 4, 6), for 4 steps with other settings:
+    pruning kept the old step 6 as the newest and dropped the new run's own, and a later resume continued the
+    old run's weights as if they were this one's. Starting over now leaves only this run's checkpoints."""
+    import dataclasses
+
+    short = dataclasses.replace(SETTINGS, steps=4, lr=1e-2)
+    new = model(seed=7)
+    train_loop(new, Batcher(rows(), 4), short, run_dir, resume=False, progress=False)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    again = model(seed=9)
+    res = train_loop(again, Batcher(rows(), 4), short, run_dir, progress=False)
+    assert res.resumed_from == 4
+    for (name, a), b in zip(new.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name  # the new run's weights, not the old run's

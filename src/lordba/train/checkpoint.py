@@ -169,6 +169,16 @@ def save_checkpoint(
     return out
 
 
+def clear_checkpoints(directory: Path) -> int:
+    """Remove the checkpoints in ``directory`` (a run started over: its own are then the only ones, so that
+    neither pruning nor a later resume takes an earlier run's newer steps for its own); returns how many.
+    Raises ``OSError`` if one cannot be removed."""
+    found = [p for p in directory.glob(f"{PREFIX}*") if p.is_dir()] if directory.is_dir() else []
+    for path in found:
+        shutil.rmtree(path)
+    return len(found)
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
     """The newest complete checkpoint in ``directory`` (temporary, half-written ones never qualify;
     its content is not verified: :func:`resume_checkpoint` does that)."""

@@ -25,7 +25,7 @@ from lordba._util.jsonio import safe_repr
 from lordba.errors import ConfigError, TrainingError
 from lordba.format.atomic import atomic_write_bytes
 from lordba.quant import resolve_backend
-from lordba.train.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
+from lordba.train.checkpoint import clear_checkpoints, latest_checkpoint, resume_checkpoint, save_checkpoint
 from lordba.train.tokenize import Batcher
 
 
@@ -152,7 +152,9 @@ def train_loop(
     description: str = "training",
 ) -> TrainResult:
     """Train ``model``'s trainable parameters; see the module docstring. Writes
-    ``out_dir/train_log.json`` and ``out_dir/checkpoints/step-*`` when ``out_dir`` is given."""
+    ``out_dir/train_log.json`` and ``out_dir/checkpoints/step-*`` when ``out_dir`` is given: resumed from the
+    newest intact one (``resume``), else started over (an earlier run's checkpoints there are removed first,
+    so that neither pruning nor a later resume takes its newer steps for this run's)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters")
@@ -167,6 +169,8 @@ def train_loop(
     if ckpt_dir is not None and resume and (meta := resume_checkpoint(ckpt_dir, model, optimizer)) is not None:
         start = result.resumed_from = meta["step"]
         result.log = meta["extra"].get("log", [])
+    elif ckpt_dir is not None and not resume:
+        clear_checkpoints(ckpt_dir)  # starting over: an earlier run's steps must not outlive this run's own
     if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
     model.train()
