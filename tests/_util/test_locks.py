@@ -28,3 +28,20 @@ def test_the_lock_is_held_in_the_block_and_released_after_it(tmp_path):
     with pytest.raises(KeyError), locked(folder):
         raise KeyError("boom")
     assert _free(folder)
+
+
+def test_wait_for_writer_says_whether_a_writer_held_the_lock_and_waits_for_it(tmp_path):
+    import threading
+    import time
+
+    from lordba._util.locks import wait_for_writer
+
+    assert wait_for_writer(tmp_path) is False  # no writer
+    answers = []
+    with locked(tmp_path):
+        reader = threading.Thread(target=lambda: answers.append(wait_for_writer(tmp_path)))
+        reader.start()
+        time.sleep(0.3)
+        assert not answers  # waiting
+    reader.join(10)
+    assert answers == [True] and wait_for_writer(tmp_path / "missing") is False

@@ -105,3 +105,43 @@ def test_two_threads_saving_into_one_directory(tmp_path):
     assert not errors, errors[:3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "lordba_model.safetensors"]
     assert fingerprint(read_adapter(tmp_path)) in {fingerprint(x), fingerprint(y)}
+
+
+def test_a_read_between_a_running_saves_renames_waits_for_it_instead_of_warning_of_an_interrupted_save(tmp_path):
+    """A reader that found the new weights beside the old config (a save between its two renames, its backups
+    still there) read the backups and warned that an interrupted save had left the adapter inconsistent.
+    While the save still holds the directory's lock, the reader now waits for it and reads what it wrote."""
+    import os
+    import shutil
+
+    from lordba._util.locks import locked
+    from lordba.config import CONFIG_NAME, WEIGHTS_NAME
+    from lordba.format.atomic import backup_path
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    state(1.0, 1).save_pretrained(old)
+    state(2.0, 2).save_pretrained(new)
+    directory = tmp_path / "adapter"
+    shutil.copytree(old, directory)
+    want = fingerprint(read_adapter(new))
+    got, caught = [], []
+
+    def read() -> None:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            got.append(fingerprint(read_adapter(directory)))
+        caught.extend(str(w.message) for w in seen)
+
+    with locked(directory):  # the save, as commit_files runs it: backups, then the weights, (then the config)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            os.link(directory / name, backup_path(directory / name))
+        os.replace(new / WEIGHTS_NAME, directory / WEIGHTS_NAME)
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.5)
+        assert not got  # waiting for the save
+        os.replace(new / CONFIG_NAME, directory / CONFIG_NAME)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            backup_path(directory / name).unlink()
+    reader.join(30)
+    assert got == [want] and not caught

@@ -29,3 +29,27 @@ def locked(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def wait_for_writer(directory: Path) -> bool:
+    """Whether a writer holds ``directory``'s lock (:func:`locked`) now; if so, wait until it lets go. A reader
+    that found a directory half-written calls it: ``True`` means a save was running (read again), ``False``
+    that none is (what it found was left by a save that was interrupted). ``False`` where ``fcntl`` is
+    unavailable or the directory cannot be opened."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return False
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # until the writer is done
+            return True
+    finally:
+        os.close(fd)

@@ -37,6 +37,7 @@ import torch
 
 from lordba._util.files import open_untrusted
 from lordba._util.jsonio import read_json_file, safe_repr
+from lordba._util.locks import wait_for_writer
 from lordba._version import __version__
 from lordba.config import COMPACT_FORMAT_VERSION, CONFIG_NAME, DEFAULT_FORMAT_VERSION, WEIGHTS_NAME, LoRDBAConfig
 from lordba.core.scales import NIBBLE_DTYPES
@@ -249,15 +250,20 @@ def open_adapter(directory: str | Path) -> AdapterFile:
     if not found:
         raise AdapterFormatError(f"{directory}: not a directory")
     for attempt in range(_ATTEMPTS):
+        last = attempt + 1 == _ATTEMPTS
         stamp = _stamp(directory / CONFIG_NAME)
         try:
             pair, recovered = _consistent_pair(directory)
-            break
         except _Inconsistent:
             # A save that finished while we read can leave us with the old config and the new
-            # weights (a mismatch, and the backups gone): read again if the config changed.
-            if attempt + 1 == _ATTEMPTS or _stamp(directory / CONFIG_NAME) == stamp:
+            # weights (a mismatch, and the backups gone): read again if the config changed, or
+            # once a save still running (it holds the directory's lock) is done.
+            if last or (_stamp(directory / CONFIG_NAME) == stamp and not wait_for_writer(directory)):
                 raise
+            continue
+        if recovered and not last and wait_for_writer(directory):
+            continue  # read between a running save's renames: read what it wrote, not its backups
+        break
     if recovered:
         warnings.warn(
             f"{directory}: an interrupted save left an inconsistent adapter; reading the previous, "
