@@ -242,3 +242,27 @@ def test_generation_stays_within_the_models_context(gpt2_folder, capsys):
     assert main([*base, "x" * 32]) == 3
     out, err = capsys.readouterr()
     assert out == "" and "context is 32 tokens" in err and "internal error" not in err
+
+
+def test_a_long_chat_drops_its_oldest_turns_and_a_message_that_cannot_fit_is_skipped(folder, monkeypatch, capsys):
+    """The conversation grows with each turn: once it no longer leaves room for the answer in the model's context
+    (128 positions here), its oldest turns are dropped (said on stderr) and the chat goes on; a message that does
+    not fit even alone is refused with a message naming the context, and the chat goes on without it, its earlier
+    turns kept."""
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    users = [f"q{i} " * 10 for i in range(4)]  # 38 tokens each in the template: two turns fit with 10 new, not three
+    lines = [users[0], users[1], "x" * 130, users[2], users[3], "/exit"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    assert main(["chat", "--model", str(folder), "--quant", "none", "--max-new-tokens", "10"]) == 0
+    out, err = capsys.readouterr()
+    want, kept = [], []
+    for user in users:  # each answer sees the turn before it and its own message
+        kept = [*kept[-2:], {"role": "user", "content": user}]
+        text = tok.apply_chat_template(kept, tokenize=False, add_generation_prompt=True)
+        want.append(greedy(model, tok, text, 10, special=False))
+        kept.append({"role": "assistant", "content": want[-1]})
+    assert out == "".join(w + "\n" for w in want)
+    assert err.count("[dropped the 1 oldest turn of the conversation: the model's context is 128 tokens]") == 2
+    assert "this message does not fit" in err and "149 tokens" in err and "--max-new-tokens 10" in err
+    assert "internal error" not in err

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
+
+from lordba.errors import ConfigError
 
 NAME = "chat"
 HELP = "chat interactively with a (4-bit) base model and a LoRDBA adapter (the model's chat template)"
@@ -27,8 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from lordba.cli._generation import chat_text, check_text, encode, load, stream
-    from lordba.errors import ConfigError
+    from lordba.cli._generation import check_text, load, stream
 
     loaded = load(args)
     tok = loaded.tokenizer
@@ -48,8 +50,59 @@ def _chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": check_text(line.rstrip("\n"), "a line of stdin")})
-        ids = encode(loaded, chat_text(loaded, messages, args.model), "the conversation", special=False)
+        try:
+            ids = fit_conversation(loaded, messages, args.model, args.max_new_tokens)
+        except ContextError as err:  # this turn alone does not fit: the conversation goes on without it
+            messages.pop()
+            print(f"[this message does not fit: {err}]", file=sys.stderr)
+            continue
         if interactive:
             print("assistant> ", end="", flush=True)
         answer = stream(loaded, ids, args)
         messages.append({"role": "assistant", "content": answer})
+
+
+class ContextError(ConfigError):
+    """The conversation's latest message does not fit in the model's context, even without the earlier turns."""
+
+
+def fit_conversation(loaded: Any, messages: list[dict[str, str]], model: str, asked: int | None) -> Any:
+    """The token ids of ``messages`` (ending with a user's message) in the chat template, after dropping
+    the oldest user/assistant turns (never the system message, never the latest message) until the prompt
+    leaves room in the model's context for ``asked`` new tokens (``--max-new-tokens``; if not given,
+    :data:`~lordba.cli._generation.DEFAULT_NEW_TOKENS` where the latest message leaves that many, else at
+    least one). The turns are dropped from ``messages`` (said on stderr) only where the latest message fits.
+
+    Raises:
+        ContextError: the system message and the latest message alone leave no such room (the message
+            says how many tokens there are, the context and the room).
+        ConfigError: the chat template refuses the messages.
+    """
+    from lordba._util.modules import context_positions
+    from lordba.cli._generation import DEFAULT_NEW_TOKENS, chat_text, encode
+
+    context = context_positions(loaded.model)
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    kept, dropped = list(messages), 0
+    while True:
+        ids = encode(loaded, chat_text(loaded, kept, model), "the conversation", special=False)
+        if context is None or int(ids.shape[-1]) + (asked or DEFAULT_NEW_TOKENS) <= context:
+            break
+        if len(kept) - first < 3:  # the latest message alone
+            room = context - int(ids.shape[-1])
+            if asked is None and room >= 1:
+                break
+            raise ContextError(
+                f"with it the prompt has {ids.shape[-1]} tokens and the model's context is {context}, which leaves "
+                f"{max(room, 0)} for an answer" + (f" (--max-new-tokens {asked})" if asked else "") + "; shorten it"
+            )
+        del kept[first : first + 2]  # the oldest user message and its answer
+        dropped += 1
+    messages[:] = kept
+    if dropped:
+        print(
+            f"[dropped the {dropped} oldest turn{'s' if dropped > 1 else ''} of the conversation: the model's "
+            f"context is {context} tokens]",
+            file=sys.stderr,
+        )
+    return ids
