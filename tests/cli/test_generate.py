@@ -266,3 +266,46 @@ def test_a_long_chat_drops_its_oldest_turns_and_a_message_that_cannot_fit_is_ski
     assert err.count("[dropped the 1 oldest turn of the conversation: the model's context is 128 tokens]") == 2
     assert "this message does not fit" in err and "149 tokens" in err and "--max-new-tokens 10" in err
     assert "internal error" not in err
+
+
+def sentencepiece_tokenizer():
+    """A Llama-2-style tokenizer: the ▁ metaspace, byte fallback, one leading space stripped where decoding starts."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>", "▁", "▁▁", "▁▁▁▁", "x", ":", "▁x", "▁=", "▁1", "▁caf"]
+    pieces += ["<0x0A>", "<0xC3>", "<0xA9>"]
+    tk = Tokenizer(models.BPE({t: i for i, t in enumerate(pieces)}, [], unk_token="<unk>", byte_fallback=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    tk.decoder = decoders.Sequence(steps)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_streamed_text_is_the_decoded_text_with_a_sentencepiece_tokenizer(tmp_path, capsys, monkeypatch):
+    """What ``lordba generate`` prints is the tokenizer's decoding of the new tokens: with a SentencePiece tokenizer
+    (which strips one leading space where decoding starts) an indented line after a newline keeps all its spaces,
+    and a character of two byte tokens is printed whole."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = sentencepiece_tokenizer()
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 2}
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=16, num_hidden_layers=1, **heads)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    vocab = tok.get_vocab()
+    pieces = ["x", ":", "<0x0A>", "▁▁▁▁", "▁x", "▁=", "▁1", "<0x0A>", "▁▁", "▁caf", "<0xC3>", "<0xA9>", "<0x0A>", "x"]
+    answer = [vocab[p] for p in pieces]
+
+    def fake_generate(self, input_ids, streamer, **kwargs):  # the model "generates" ``answer``
+        streamer.put(input_ids)
+        for token in answer:
+            streamer.put(torch.tensor([token]))
+        streamer.end()
+        return torch.cat([input_ids, torch.tensor([answer])], 1)
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", fake_generate)
+    assert main(["generate", "--model", str(tmp_path), "--quant", "none", "x"]) == 0
+    want = tok.decode(answer, skip_special_tokens=True)
+    assert want == "x:\n     x = 1\n   café\nx"
+    assert capsys.readouterr().out == want + "\n"

@@ -286,9 +286,10 @@ def _generate_streaming(loaded: Loaded, kwargs: dict, out: Any) -> tuple[Any, fl
     seconds to the first piece, pieces, total seconds)``. An error of ``generate`` is raised here
     (after the stream is closed, so nothing waits for it)."""
     import torch
-    from transformers import TextIteratorStreamer
 
-    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    from lordba.cli._stream import TextStream
+
+    streamer = TextStream(loaded.tokenizer)
     result: dict[str, Any] = {}
 
     generate = loaded.decode.generate if _aot_ready(loaded.decode) else loaded.model.generate

@@ -1,0 +1,51 @@
+"""The streamer ``lordba generate`` and ``lordba chat`` hand to ``generate``: the text of the new tokens as
+they come, decoded as ``lordba serve`` decodes them (:class:`lordba.serve.sampling.IncrementalDecoder`)."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from typing import Any
+
+from lordba.serve.sampling import IncrementalDecoder
+
+
+class TextStream:
+    """A ``generate`` streamer (``put`` / ``end``, as transformers' streamers) whose iteration gives one piece
+    of text per new token (empty while a character is incomplete) until the end.
+
+    transformers' ``TextIteratorStreamer`` restarts decoding after each newline, so a SentencePiece tokenizer
+    (Llama 2, Mistral, Gemma: one leading space stripped where decoding starts) lost a space of each indented
+    line; here the text is always ``decode(new tokens)``'s (special tokens skipped). The first ``put`` is the
+    prompt, which is not shown.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._ids: list[int] = []
+        self._prompt = True
+        self._shown = 0
+        self._queue: queue.Queue[str | None] = queue.Queue()
+
+    def put(self, value: Any) -> None:
+        """The prompt (first call, skipped), then each new token (a tensor of one id, or ``[1, 1]``)."""
+        if self._prompt:
+            self._prompt = False
+            return
+        self._ids.extend(int(i) for i in value.reshape(-1).tolist())
+        self._decoder.update(self._ids)
+        self._send(self._decoder.text)  # the text whose characters are complete
+
+    def end(self) -> None:
+        """The rest of the text (a trailing incomplete character as the tokenizer decodes it), then the end."""
+        if self._ids:
+            self._send(self._decoder.update(self._ids))
+        self._queue.put(None)
+
+    def _send(self, text: str) -> None:
+        self._queue.put(text[self._shown :])
+        self._shown = max(self._shown, len(text))
+
+    def __iter__(self) -> Iterator[str]:
+        while (piece := self._queue.get()) is not None:
+            yield piece
