@@ -107,3 +107,47 @@ def test_a_reduced_cache_keeps_its_dtype_and_decodes_close_to_float32():
     torch.testing.assert_close(logits[torch.float16], logits[torch.float32], rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(logits[torch.bfloat16], logits[torch.float32], rtol=2e-2, atol=2e-2)
     assert not torch.equal(logits[torch.float16], logits[torch.float32])
+
+
+def test_value_heads_of_another_size_decode_as_sdpa_does():
+    """DeepSeek-V2/V3-style attention (value heads smaller than the query/key heads): the single-token step
+    went to the op (which wants one shape for k and v) or reshaped the output to the query's head size, and
+    raised; it goes to transformers' ``sdpa``."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    from lordba import kernels
+
+    kernels.cpu_available()
+    q = torch.randn(2, 6, 1, 24, generator=torch.Generator().manual_seed(1))
+    k, v = torch.randn(2, 2, 10, 24), torch.randn(2, 2, 10, 16)
+    mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    want, _ = sdpa_attention_forward(_Attn(), q, k, v, mask, scaling=0.2)
+    torch.testing.assert_close(packed_gqa_forward(_Attn(), q, k, v, mask, scaling=0.2)[0], want)
+    config = DeepseekV3Config(
+        vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=2,
+        max_position_embeddings=128, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.tensor([[5, 17, 3, 44, 9]])
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    with torch.no_grad():
+        want_tokens = model.generate(input_ids=ids, **kw)
+        assert use_packed_gqa(model)
+        assert torch.equal(model.generate(input_ids=ids, **kw), want_tokens)
+
+
+def test_a_position_bias_is_added_as_sdpa_adds_it():
+    """transformers' ``sdpa`` adds a ``position_bias`` to the scores (Inkling's relative positions); the
+    single-token step dropped it and returned attention without it (a wrong output, silently)."""
+    from lordba import kernels
+
+    kernels.cpu_available()
+    q, k, v, mask = _inputs(1)
+    bias = 3 * torch.randn(2, 6, 1, 20, generator=torch.Generator().manual_seed(2))
+    want, _ = sdpa_attention_forward(_Attn(), q, k, v, mask, scaling=0.3, position_bias=bias)
+    got, _ = packed_gqa_forward(_Attn(), q, k, v, mask, scaling=0.3, position_bias=bias)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, packed_gqa_forward(_Attn(), q, k, v, mask, scaling=0.3)[0])

@@ -11,7 +11,9 @@ with a 640-position cache copies 2.9 MB per layer, 435 µs of a ~600 µs layer o
 head packed into the query-length axis for a single-token query, compiled or not: ``[b, heads, 1, d]``
 → ``[b, kv_heads, groups, d]``, one SDPA call over the cache as it is (the mask, shared by the heads
 and the one query position, broadcasts). Everything else (prefill, masks with a head axis, dropout)
-goes to transformers' ``sdpa`` unchanged. :func:`use_packed_gqa` switches a model to it.
+goes to transformers' ``sdpa`` unchanged, as do value heads of another size than the query's (DeepSeek-V2/V3,
+MiniCPM3) and the arguments in :data:`_SDPA_TERMS` (a position bias added to the scores).
+:func:`use_packed_gqa` switches a model to it.
 
 On the CPU, with the compiled kernels loaded, the single-token case runs ``lordba::decode_attention``
 (every key and value row read once for the query heads that share it; float32 arithmetic) instead of
@@ -29,6 +31,9 @@ from lordba import kernels
 from lordba._util.arena import empty_views
 
 NAME = "lordba_sdpa"
+# Arguments of transformers' ``sdpa`` that change what it computes (soft-capping, which it refuses; an additive
+# position bias: Inkling; a paged cache): a call that passes one goes to it.
+_SDPA_TERMS = ("softcap", "position_bias", "cache")
 _REGISTERED: list[bool] = []
 
 
@@ -50,7 +55,8 @@ def packed_gqa_forward(
     groups = getattr(module, "num_key_value_groups", 1)
     b, heads, q_len, dim = query.shape
     mask_ok = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
-    if q_len != 1 or dropout != 0.0 or not mask_ok or kwargs.get("softcap") is not None:
+    plain = value.shape[-1] == dim and all(kwargs.get(name) is None for name in _SDPA_TERMS)
+    if q_len != 1 or dropout != 0.0 or not mask_ok or not plain:
         key, value = _as_query_dtype(query, key, value)
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
