@@ -368,3 +368,22 @@ def test_the_package_calls_the_ops_directly_with_the_proxy_executors_results(tmp
             assert (f"aoti_torch_cpu_{name}".encode() in code) == shims
     assert len(list(tmp_path.glob("step-*.pt2"))) == 2  # the two are different packages
     assert torch.equal(logits[0], logits[1])
+
+
+def test_positions_past_the_prepared_cache_are_refused_naming_it(tmp_path):
+    """A step or a prefill past the cache :meth:`AotDecode.prepare` made raised the compiled step's (or the
+    eager cache's) index error; the decoder's own error names the positions and the cache, and keeps both."""
+    lm = tiny_q4(adapter=False)
+    decode = AotDecode(lm, folder=tmp_path, round_to=8)
+    assert decode.prepare(8)
+    with pytest.raises(ConfigError, match="9 more position"):
+        decode.prefill(torch.tensor([[5, 17, 3, 44, 9, 21, 60, 2, 7]]))
+    decode.prefill(PROMPT[:, :4])
+    for token in PROMPT[0, 4:].tolist():
+        decode.step(token)
+    assert decode.position == 8
+    with pytest.raises(ConfigError, match="after 8 do not fit the 8-position cache"):
+        decode.step(11)
+    assert decode.position == 8
+    decode.back()
+    assert decode.step(2).shape[-1] == lm.config.vocab_size

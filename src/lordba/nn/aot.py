@@ -86,6 +86,7 @@ class _Step:
         with _static_generation(model):
             wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=length)
         self.module = wrapper.model
+        self.length = length
         cache = getattr(self.module, "static_cache", None)  # sliding-window layers (Gemma): the hybrid wrapper's
         self.cache = cache if cache is not None else self.module.cache  # full-length layers, the window in the mask
         for i, (keys, values) in enumerate(reduced_cache(self.cache.layers, kv_dtype)):  # the module's buffers
@@ -246,9 +247,14 @@ class AotDecode:
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Run the prompt ``[1, n]`` eagerly into the prepared step's cache; the last position's logits ``[vocab]``."""
+        """Run the prompt ``[1, n]`` eagerly into the prepared step's cache; the last position's logits ``[vocab]``.
+
+        Raises:
+            ConfigError: the prompt does not fit the cache after the positions already in it.
+        """
         step = self._ready()
         n = int(input_ids.shape[-1])
+        self._fits(step, n)
         positions = torch.arange(self.position, self.position + n)
         out = self.inner(
             input_ids=input_ids, past_key_values=step.cache, cache_position=positions, use_cache=True, logits_to_keep=1
@@ -258,8 +264,13 @@ class AotDecode:
 
     @torch.no_grad()
     def step(self, token: int) -> torch.Tensor:
-        """One token through the compiled step; its logits ``[vocab]``."""
+        """One token through the compiled step; its logits ``[vocab]``.
+
+        Raises:
+            ConfigError: the cache is full (the positions :meth:`prepare` was given are all used).
+        """
         step = self._ready()
+        self._fits(step, 1)
         logits = step.runner(input_ids=torch.tensor([[int(token)]]), cache_position=torch.tensor([self.position]))
         self.position += 1
         return logits.reshape(-1)
@@ -270,6 +281,13 @@ class AotDecode:
         for layer in step.cache.layers:
             layer.cumulative_length.sub_(1)
         self.position -= 1
+
+    def _fits(self, step: _Step, n: int) -> None:
+        if self.position + n > step.length:
+            raise ConfigError(
+                f"AotDecode: {n} more position(s) after {self.position} do not fit the {step.length}-position cache "
+                "prepared: call prepare(tokens) with every position the sequence needs"
+            )
 
     def _ready(self) -> _Step:
         if self.step_for is None:
