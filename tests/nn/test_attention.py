@@ -151,3 +151,24 @@ def test_a_position_bias_is_added_as_sdpa_adds_it():
     got, _ = packed_gqa_forward(_Attn(), q, k, v, mask, scaling=0.3, position_bias=bias)
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, packed_gqa_forward(_Attn(), q, k, v, mask, scaling=0.3)[0])
+
+
+def test_a_single_token_step_that_needs_gradients_gets_them():
+    """The decode attention op has no backward: a one-token step of a model switched to :data:`NAME` with
+    gradients on ran it anyway, and ``backward`` left the query, keys and values without gradients
+    (silently); such a step is SDPA's and its gradients equal transformers' ``sdpa``'s."""
+    from lordba import kernels
+
+    kernels.cpu_available()
+    q, k, v, mask = _inputs(1)
+    grads = []
+    for forward in (packed_gqa_forward, sdpa_attention_forward):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        module = _Attn() if forward is packed_gqa_forward else _Repeated()
+        kv = leaves[1:] if forward is packed_gqa_forward else [t.repeat_interleave(3, 1) for t in leaves[1:]]
+        out, _ = forward(module, leaves[0], *kv, mask, scaling=0.3)
+        (out * torch.arange(out.numel()).reshape(out.shape).sin()).sum().backward()
+        assert all(t.grad is not None for t in leaves)
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

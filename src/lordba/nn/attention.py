@@ -16,9 +16,9 @@ MiniCPM3) and the arguments in :data:`_SDPA_TERMS` (a position bias added to the
 :func:`use_packed_gqa` switches a model to it.
 
 On the CPU, with the compiled kernels loaded, the single-token case runs ``lordba::decode_attention``
-(every key and value row read once for the query heads that share it; float32 arithmetic) instead of
-SDPA, over a float32 cache or one kept in float16 / bfloat16 (:func:`reduced_cache`; other paths read
-such a cache converted to the query's dtype).
+(every key and value row read once for the query heads that share it; float32 arithmetic; no gradient: a
+step that needs one is SDPA's) instead of SDPA, over a float32 cache or one kept in float16 / bfloat16
+(:func:`reduced_cache`; other paths read such a cache converted to the query's dtype).
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ def packed_gqa_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     packed = query.reshape(b, heads // groups, groups, dim)
-    op = kernels.decode_attention_op() if query.device.type == "cpu" and query.dtype == torch.float32 else None
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    on_cpu = query.device.type == "cpu" and query.dtype == torch.float32 and not grad  # the op has no backward
+    op = kernels.decode_attention_op() if on_cpu else None
     mask_fits = attention_mask is None or (
         attention_mask.shape[-2] == 1
         and attention_mask.shape[-1] == key.shape[-2]
