@@ -24,7 +24,7 @@ class Rows(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
 
 
-def make(tmp_path, callbacks=None, **kw):
+def make(tmp_path, callbacks=None, eval_dataset=None, **kw):
     torch.manual_seed(0)
     lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4))
     args = TrainingArguments(
@@ -40,7 +40,7 @@ def make(tmp_path, callbacks=None, **kw):
         data_seed=0,
         **kw,
     )
-    return lm, Trainer(model=lm, args=args, train_dataset=Rows(), callbacks=callbacks)
+    return lm, Trainer(model=lm, args=args, train_dataset=Rows(), eval_dataset=eval_dataset, callbacks=callbacks)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -148,3 +148,21 @@ def test_callback_refuses_a_model_that_is_not_lordba(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=Rows(n=4), callbacks=[LoRDBACallback()])
     with pytest.raises(ConfigError, match="LlamaForCausalLM, not a LoRDBAModel"):
         trainer.train()
+
+
+def test_evaluation_reports_the_loss_and_load_best_model_at_end_works(tmp_path):
+    # the Trainer finds the label names in the model's class's forward (transformers' find_labels): without
+    # "labels" there, evaluation computed no eval_loss and load_best_model_at_end (metric: loss) raised KeyError
+    evaluate = dict(eval_dataset=Rows(n=8), eval_strategy="steps", eval_steps=6, load_best_model_at_end=True)
+    lm, trainer = make(tmp_path, callbacks=[LoRDBACallback()], **evaluate)
+    assert trainer.label_names == ["labels"]
+    trainer.train()
+    metrics = trainer.evaluate()
+    batch = Rows(n=8)[:]
+    with torch.no_grad():
+        want = lm.eval()(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    assert metrics["eval_loss"] == pytest.approx(want.item(), rel=1e-5)
+    best = tmp_path / "out" / "checkpoint-12"
+    assert trainer.state.best_model_checkpoint == str(best)
+    for name in PACKED:  # output_dir holds the best checkpoint's adapter
+        assert (tmp_path / "out" / name).read_bytes() == (best / name).read_bytes(), name

@@ -274,6 +274,12 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Mo
         with self._calling(adapter_names):
             return self.base_model(*args, **kwargs)
 
+    def forward(self, *args: Any, labels: Any = None, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward (an instance's has its exact signature). The class's names ``labels``: the HF
+        Trainer takes its label names from it (``find_labels``); without them, evaluation computed no ``eval_loss``."""
+        kwargs.update({} if labels is None else {"labels": labels})
+        return self._forward(*args, adapter_names=adapter_names, **kwargs)
+
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """``generate`` of the wrapped model, optionally with one adapter per batch row."""
         if adapter_names is not None:
