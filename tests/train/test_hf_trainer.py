@@ -166,3 +166,46 @@ def test_evaluation_reports_the_loss_and_load_best_model_at_end_works(tmp_path):
     assert trainer.state.best_model_checkpoint == str(best)
     for name in PACKED:  # output_dir holds the best checkpoint's adapter
         assert (tmp_path / "out" / name).read_bytes() == (best / name).read_bytes(), name
+
+
+class FakeHub:
+    """``hf_api()`` of transformers.trainer: records the files of each folder when it is uploaded."""
+
+    def __init__(self):
+        self.uploads = []
+
+    def create_repo(self, name, **kw):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(repo_id=f"me/{name}")
+
+    def upload_folder(self, folder_path, path_in_repo=None, **kw):
+        from concurrent.futures import Future
+        from pathlib import Path
+
+        self.uploads.append(
+            (path_in_repo, {p.name: p.read_bytes() for p in Path(folder_path).iterdir() if p.is_file()})
+        )
+        done = Future()
+        done.set_result(None)
+        return done
+
+
+def test_pushes_during_training_upload_the_packed_adapter(tmp_path, monkeypatch):
+    # the Trainer uploads output_dir (and the checkpoint) inside its save, before on_save: the pushes held
+    # model.safetensors only, no adapter LoRDBAModel.from_pretrained could load
+    hub = FakeHub()
+    monkeypatch.setattr("transformers.trainer.hf_api", lambda: hub)
+    lm, trainer = make(tmp_path, callbacks=[LoRDBACallback()], push_to_hub=True, hub_strategy="checkpoint")
+    trainer.train()
+    trainer.push_to_hub()  # after training: output_dir, the final adapter
+    lm.save_pretrained(tmp_path / "direct")
+    assert all(hub.uploads[-1][1][name] == (tmp_path / "direct" / name).read_bytes() for name in PACKED)
+    del hub.uploads[-1]
+    assert [where for where, _ in hub.uploads] == [None, "last-checkpoint"] * 2
+    for (_, files), step in zip(hub.uploads[::2], (6, 12)):
+        ckpt = tmp_path / "out" / f"checkpoint-{step}"
+        for name in PACKED:
+            assert files.get(name) == (ckpt / name).read_bytes(), (step, name)
+    for (_, files), step in zip(hub.uploads[1::2], (6, 12)):
+        assert all(name in files for name in PACKED), step

@@ -8,7 +8,9 @@ adapters' *training* state (latent signs in ``qat`` mode, float32 scales): it is
 adapter file. :class:`LoRDBACallback`, passed to an unchanged ``Trainer`` (or any subclass, e.g.
 TRL's), adds the packed adapter (``adapter_config.json``, ``lordba_model.safetensors``, model card)
 to each ``checkpoint-N`` when the Trainer has saved it, and to ``output_dir`` when training ends,
-so ``LoRDBAModel.from_pretrained(base, "out/checkpoint-N")`` works.
+so ``LoRDBAModel.from_pretrained(base, "out/checkpoint-N")`` works. With ``push_to_hub``, the Trainer
+uploads ``output_dir`` (and the checkpoint, per ``hub_strategy``) from inside its save, before ``on_save``:
+the callback writes the adapter into both when the push begins, so every upload holds it.
 
 The adapters' inference caches (packed signs, decoded scales) are keyed by the tensors' version
 counters, which a fused optimizer (``adamw_torch_fused``, the Trainer's default) does not bump: the
@@ -47,6 +49,8 @@ class LoRDBACallback(TrainerCallback):
     def __init__(self, selected_adapters: Sequence[str] | None = None, at_train_end: bool = True) -> None:
         self.selected_adapters = list(selected_adapters) if selected_adapters is not None else None
         self.at_train_end = at_train_end
+        self._training = False
+        self._written: tuple[Path, int] | None = None  # the checkpoint written at a push, before on_save
 
     def _write(self, model: Any, directory: Path, state: TrainerState) -> None:
         if not state.is_world_process_zero:
@@ -64,6 +68,7 @@ class LoRDBACallback(TrainerCallback):
             ConfigError: it is not.
         """
         _check_model(kwargs.get("model"))
+        self._training = True
         return control
 
     def on_step_end(
@@ -81,14 +86,29 @@ class LoRDBACallback(TrainerCallback):
         Raises:
             ConfigError: the Trainer's model is not a ``LoRDBAModel``.
         """
-        directory = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{state.global_step}"
-        if not directory.is_dir():  # hyper-parameter search: checkpoints live in run-<trial>/
-            found = sorted(Path(args.output_dir).glob(f"*/{CHECKPOINT_PREFIX}-{state.global_step}"))
-            if not found:
-                warnings.warn(f"LoRDBACallback: no {directory} to add the adapter to", stacklevel=2)
-                return control
-            directory = max(found, key=lambda p: p.stat().st_mtime_ns)
-        self._write(kwargs.get("model"), directory, state)
+        directory = _checkpoint(args, state)
+        if directory is None:
+            warnings.warn(
+                f"LoRDBACallback: no checkpoint of step {state.global_step} to add the adapter to", stacklevel=2
+            )
+        elif self._written != (directory, state.global_step):
+            self._write(kwargs.get("model"), directory, state)
+        return control
+
+    def on_push_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        """Before the Trainer uploads ``args.output_dir``: write the packed adapter into it and, during training
+        (a push from the checkpoint just saved, before ``on_save``), into that checkpoint.
+
+        Raises:
+            ConfigError: the Trainer's model is not a ``LoRDBAModel``.
+        """
+        directory = _checkpoint(args, state) if self._training else None
+        if directory is not None:
+            self._write(kwargs.get("model"), directory, state)
+            self._written = (directory, state.global_step)
+        self._write(kwargs.get("model"), Path(args.output_dir), state)
         return control
 
     def on_train_end(
@@ -99,9 +119,20 @@ class LoRDBACallback(TrainerCallback):
         Raises:
             ConfigError: the Trainer's model is not a ``LoRDBAModel``.
         """
+        self._training = False
         if self.at_train_end:
             self._write(kwargs.get("model"), Path(args.output_dir), state)
         return control
+
+
+def _checkpoint(args: TrainingArguments, state: TrainerState) -> Path | None:
+    """The Trainer's ``checkpoint-<global_step>`` folder (the newest of the trials' in a hyper-parameter
+    search: ``run-<trial>/``), or None."""
+    directory = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{state.global_step}"
+    if directory.is_dir():
+        return directory
+    found = sorted(Path(args.output_dir).glob(f"*/{CHECKPOINT_PREFIX}-{state.global_step}"))
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
 def _check_model(model: Any) -> None:
