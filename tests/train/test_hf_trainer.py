@@ -209,3 +209,21 @@ def test_pushes_during_training_upload_the_packed_adapter(tmp_path, monkeypatch)
             assert files.get(name) == (ckpt / name).read_bytes(), (step, name)
     for (_, files), step in zip(hub.uploads[1::2], (6, 12)):
         assert all(name in files for name in PACKED), step
+
+
+@pytest.mark.parametrize("should_save", [True, False])
+def test_callback_writes_where_the_trainer_saves(tmp_path, should_save):
+    # save_on_each_node=True: each node's local process zero saves the checkpoints (args.should_save); the callback
+    # wrote only on the world's process zero, so the checkpoints of the other nodes had no packed adapter
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2))
+    args = SimpleNamespace(output_dir=str(tmp_path), should_save=should_save)
+    state = TrainerState(is_world_process_zero=False, is_local_process_zero=True, global_step=3)
+    (tmp_path / "checkpoint-3").mkdir()
+    LoRDBACallback().on_save(args, state, TrainerControl(), model=lm)
+    LoRDBACallback().on_train_end(args, state, TrainerControl(), model=lm)
+    for directory in (tmp_path / "checkpoint-3", tmp_path):
+        assert all((directory / name).is_file() == should_save for name in PACKED), directory

@@ -37,8 +37,9 @@ CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT
 
 class LoRDBACallback(TrainerCallback):
     """Writes the packed LoRDBA adapter into each Trainer checkpoint and into ``output_dir`` at the
-    end of training (main process only). ``model.safetensors`` (the training state the Trainer
-    resumes from) is left beside it.
+    end of training, in the processes where the Trainer saves (``args.should_save``: the main one, each
+    node's with ``save_on_each_node``). ``model.safetensors`` (the training state the Trainer resumes
+    from) is left beside it.
 
     Args:
         selected_adapters: the adapters to write (default: all), as ``LoRDBAModel.save_pretrained``.
@@ -52,8 +53,8 @@ class LoRDBACallback(TrainerCallback):
         self._training = False
         self._written: tuple[Path, int] | None = None  # the checkpoint written at a push, before on_save
 
-    def _write(self, model: Any, directory: Path, state: TrainerState) -> None:
-        if not state.is_world_process_zero:
+    def _write(self, model: Any, directory: Path, args: TrainingArguments) -> None:
+        if not args.should_save:  # where the Trainer saves: the main process (each node's with save_on_each_node)
             return
         _check_model(model)
         _clear_caches(model)
@@ -92,7 +93,7 @@ class LoRDBACallback(TrainerCallback):
                 f"LoRDBACallback: no checkpoint of step {state.global_step} to add the adapter to", stacklevel=2
             )
         elif self._written != (directory, state.global_step):
-            self._write(kwargs.get("model"), directory, state)
+            self._write(kwargs.get("model"), directory, args)
         return control
 
     def on_push_begin(
@@ -106,9 +107,9 @@ class LoRDBACallback(TrainerCallback):
         """
         directory = _checkpoint(args, state) if self._training else None
         if directory is not None:
-            self._write(kwargs.get("model"), directory, state)
+            self._write(kwargs.get("model"), directory, args)
             self._written = (directory, state.global_step)
-        self._write(kwargs.get("model"), Path(args.output_dir), state)
+        self._write(kwargs.get("model"), Path(args.output_dir), args)
         return control
 
     def on_train_end(
@@ -121,7 +122,7 @@ class LoRDBACallback(TrainerCallback):
         """
         self._training = False
         if self.at_train_end:
-            self._write(kwargs.get("model"), Path(args.output_dir), state)
+            self._write(kwargs.get("model"), Path(args.output_dir), args)
         return control
 
 
