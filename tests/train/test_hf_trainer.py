@@ -227,3 +227,27 @@ def test_callback_writes_where_the_trainer_saves(tmp_path, should_save):
     LoRDBACallback().on_train_end(args, state, TrainerControl(), model=lm)
     for directory in (tmp_path / "checkpoint-3", tmp_path):
         assert all((directory / name).is_file() == should_save for name in PACKED), directory
+
+
+def test_trainer_trains_an_adapter_on_a_base_quantized_by_transformers(tmp_path):
+    # a base loaded with a quantization_config (is_quantized, read through the wrapper) was refused by the
+    # Trainer as "purely quantized" (transformers' validate_quantization_for_training): the QLoRA workflow
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=nf4, device_map="cpu")
+    assert base.is_quantized
+    lm = get_lordba_model(base, LoRDBAConfig(r=4))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, report_to=[], use_cpu=True
+    )
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    Trainer(model=lm, args=args, train_dataset=Rows(n=8), callbacks=[LoRDBACallback()]).train()
+    assert any(not torch.equal(v, before[k]) for k, v in lm.state_dict().items())
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=nf4, device_map="cpu")
+    LoRDBAModel.from_pretrained(again, str(tmp_path / "out"))  # (bitsandbytes' CPU inference kernel refuses hidden 40)
+    lm.save_pretrained(tmp_path / "direct")
+    for name in PACKED:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes(), name

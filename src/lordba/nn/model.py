@@ -72,6 +72,9 @@ def _with_adapter_names(signature: inspect.Signature) -> inspect.Signature:
 class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Module):
     """A model with LoRDBA adapters. Build it with :func:`get_lordba_model` or :meth:`from_pretrained`."""
 
+    # adapters attached: transformers' Trainer refuses a quantized base (is_quantized, read through) without them
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module, config: LoRDBAConfig | None = None, adapter_name: str = "default") -> None:
         super().__init__()
         if any(isinstance(m, LoRDBALinear) for m in model.modules()):
