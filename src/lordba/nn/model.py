@@ -33,7 +33,6 @@ from lordba._util.state import ordinary_tensors
 from lordba.config import LoRDBAConfig
 from lordba.core.scales import get_codec
 from lordba.errors import AdapterStateError, ConfigError, ShapeMismatchError, TargetModulesError
-from lordba.format.sizes import SizeReport, size_report
 from lordba.nn.adapter import LoRDBAAdapter, TrainableAdapter
 from lordba.nn.fastpath import armed
 from lordba.nn.hub import refuse_base_attribute
@@ -382,24 +381,6 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Mo
         return type(result)(missing, unexpected)
 
     # ------------------------------------------------------------------ reports
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable parameters, all parameters)``."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
-
-    def print_trainable_parameters(self) -> None:
-        """Print trainable, total and the trainable share of the parameters (PEFT's format)."""
-        trainable, total = self.get_nb_trainable_parameters()
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trainable / max(total, 1):.4f}"
-        )
-
-    def size_report(self, adapter_name: str = "default", r_ref: int | None = None) -> SizeReport:
-        """Bytes, bits per weight (both bases) and ratio to the fp16 LoRA of rank ``r_ref``
-        (default: the same rank), per module and for the file ``save_pretrained`` writes."""
-        dims = {p: (a.in_features, a.out_features, a.r) for p, a in self.adapter_modules(adapter_name).items()}
-        return size_report(dims, self.peft_config[adapter_name].scale_dtype, r_ref=r_ref)
 
 
 def get_lordba_model(model: nn.Module, config: LoRDBAConfig, adapter_name: str = "default") -> LoRDBAModel:

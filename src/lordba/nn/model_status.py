@@ -12,6 +12,7 @@ import torch
 from lordba.errors import AdapterFormatError
 from lordba.format.extras import EXTRA_PREFIX, check_extra_values
 from lordba.format.header import TENSOR_KINDS, ModuleRecord, check_values
+from lordba.format.sizes import SizeReport, size_report
 from lordba.nn.adapter import TrainableAdapter
 
 Irregular = Literal["irregular"]
@@ -60,7 +61,26 @@ def _merge(values: list[Any]) -> Any:
 
 
 class StatusMixin:
-    """``get_layer_status`` and ``get_model_status`` of the model."""
+    """``get_layer_status``, ``get_model_status``, the trainable-parameter counts and ``size_report`` of the model."""
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable parameters, all parameters)``."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        """Print trainable, total and the trainable share of the parameters (PEFT's format)."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
+
+    def size_report(self, adapter_name: str = "default", r_ref: int | None = None) -> SizeReport:
+        """Bytes, bits per weight (both bases) and ratio to the fp16 LoRA of rank ``r_ref``
+        (default: the same rank), per module and for the file ``save_pretrained`` writes."""
+        dims = {p: (a.in_features, a.out_features, a.r) for p, a in self.adapter_modules(adapter_name).items()}
+        return size_report(dims, self.peft_config[adapter_name].scale_dtype, r_ref=r_ref)
 
     def get_layer_status(self) -> list[LayerStatus]:
         """One :class:`LayerStatus` per LoRDBA layer, in model order (PEFT's ``get_layer_status``)."""
