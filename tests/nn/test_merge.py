@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from lordba import AdapterStateError, LoRDBAConfig, get_lordba_model
+from lordba import AdapterStateError, ConfigError, LoRDBAConfig, get_lordba_model
 from lordba.nn.merge import MergeRequantizationWarning
 from lordba.quant import quantize_model
 
@@ -190,3 +190,16 @@ def test_merging_into_an_output_head_tied_to_the_input_embeddings_is_refused_and
     lm.set_adapter("q")
     want = logits(lm, input_ids)
     assert torch.allclose(logits(lm.merge_and_unload(), input_ids), want, atol=1e-4)
+
+
+def test_merge_refuses_an_adapter_named_twice_and_names_that_are_not_strings(input_ids):
+    # merge_adapter(["default", "default"]) used to add the update into the base twice, silently.
+    lm = adapted(tiny_llama(0))
+    want = logits(lm, input_ids)
+    for bad in (["default", "default"], 5, [None], [["default"]]):
+        with pytest.raises(ConfigError, match="merge: "):
+            lm.merge_adapter(bad)
+        with pytest.raises(ConfigError, match="merge: "):
+            lm.merge_and_unload(adapter_names=bad)
+    assert lm.peft_config and not any(layer.merged for _, layer in lm._lordba_layers())  # unchanged
+    torch.testing.assert_close(logits(lm, input_ids), want)

@@ -588,3 +588,20 @@ def test_a_model_with_layers_offloaded_by_accelerate_adapts_trains_generates_sav
     empty.model.layers[1].mlp.up_proj.to("meta")
     with pytest.raises(TargetModulesError, match=r"model\.layers\.1\.mlp\.up_proj.*meta"):
         get_lordba_model(empty, LoRDBAConfig(r=2))
+
+
+def test_set_adapter_refuses_a_name_twice_and_names_that_are_not_strings(input_ids):
+    # ["default", "default"] used to stack the adapter with itself: its branch was added twice, silently.
+    lm = randomized()
+    want = logits(lm, input_ids)
+    with pytest.raises(ConfigError, match="'default' named more than once"):
+        lm.set_adapter(["default", "default"])
+    assert lm.active_adapters == ["default"]
+    torch.testing.assert_close(logits(lm, input_ids), want)
+    for bad in (None, 5, [None], [["default"]], ("default", 1)):  # a TypeError ('not iterable', 'unhashable')
+        with pytest.raises(ConfigError, match="adapter name"):
+            lm.set_adapter(bad)
+    for call in (lm.delete_adapter, lm.adapter_modules, lm.freeze_signs):
+        with pytest.raises(ConfigError, match="adapter name"):
+            call(["default"])
+    assert lm.active_adapters == ["default"] and list(lm.peft_config) == ["default"]

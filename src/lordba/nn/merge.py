@@ -18,7 +18,7 @@ from collections.abc import Collection, Sequence
 
 from torch import nn
 
-from lordba.errors import AdapterStateError
+from lordba.errors import AdapterStateError, ConfigError
 from lordba.nn.layer import LoRDBALinear
 
 
@@ -26,14 +26,35 @@ class MergeRequantizationWarning(UserWarning):
     """Merging into a quantized base requantized its weights (the merged model is not exact)."""
 
 
+def name_list(adapter_names: object, what: str) -> list[str]:
+    """``adapter_names`` (one name, or a sequence of names) as a list of names, each once.
+
+    Raises:
+        ConfigError: a name that is not a string, or a name given twice (stacking or merging an adapter
+            with itself would add its update twice), naming ``what`` the names were given to.
+    """
+    if isinstance(adapter_names, str):
+        return [adapter_names]
+    if not isinstance(adapter_names, Sequence):
+        raise ConfigError(f"{what}: expected an adapter name or a list of them, got {type(adapter_names).__name__}")
+    names = list(adapter_names)
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise ConfigError(f"{what}: an adapter name must be a string, got {type(name).__name__} ({name!r})")
+        if name in names[:i]:
+            raise ConfigError(f"{what}: adapter {name!r} named more than once (its update would be added twice)")
+    return names
+
+
 def merge_names(adapter_names: str | Sequence[str] | None, active: Sequence[str], known: Collection[str]) -> list[str]:
     """The adapters a merge call names: ``active`` for ``None`` (or an empty list), one name for a
     string (not its characters).
 
     Raises:
+        ConfigError: a name that is not a string, or one given twice (:func:`name_list`).
         AdapterStateError: a name is not a loaded adapter (merging would otherwise skip it silently).
     """
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names or active)
+    names = list(active) if adapter_names is None else name_list(adapter_names, "merge") or list(active)
     for name in names:
         if name not in known:
             raise AdapterStateError(f"unknown adapter {name!r}; loaded adapters: {sorted(known)}")

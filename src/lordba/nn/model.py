@@ -38,7 +38,7 @@ from lordba.nn.fastpath import armed
 from lordba.nn.hub import refuse_base_attribute
 from lordba.nn.layer import LoRDBALinear, adapter_device
 from lordba.nn.lock import RWLock
-from lordba.nn.merge import merge_layers, merge_names
+from lordba.nn.merge import merge_layers, merge_names, name_list
 from lordba.nn.model_files import AdapterFilesMixin
 from lordba.nn.model_forms import AdapterFormsMixin
 from lordba.nn.model_peft import PeftFeaturesMixin
@@ -134,6 +134,8 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Mo
 
     def _check_known(self, *names: str) -> None:
         for name in names:
+            if not isinstance(name, str):
+                raise ConfigError(f"an adapter name must be a string, got {type(name).__name__} ({name!r})")
             if name not in self.peft_config:
                 raise AdapterStateError(f"unknown adapter {name!r}; loaded adapters: {sorted(self.peft_config)}")
 
@@ -208,7 +210,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Mo
 
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
         """Activate one adapter, or several (stacked: their branches add up)."""
-        names = (adapter_names,) if isinstance(adapter_names, str) else tuple(adapter_names)
+        names = tuple(name_list(adapter_names, "set_adapter"))
         if not names:
             raise AdapterStateError("set_adapter needs at least one adapter name")
         with self._lock.write():
