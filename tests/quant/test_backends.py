@@ -11,6 +11,7 @@ from lordba.nn import fastpath
 from lordba.nn.adapter import TrainableAdapter
 from lordba.nn.layer import LoRDBALinear
 from lordba.quant import base_bits, quantize_model, resolve_backend
+from lordba.quant.cache import quantize_model_cached
 from lordba.quant.hqq import quantize_linear_hqq
 
 from conftest import tiny_llama
@@ -236,3 +237,19 @@ def test_kept_factors_never_take_a_replaced_tensor_for_the_one_they_were_made_fo
         assert torch.equal(kept_factors(kept, (t,), lambda: (t.clone(),))[0], t), i
         t.data = torch.full((64,), float(2 * i + 1))  # twice between calls: the first one's storage is freed
         t.data = torch.full((64,), float(2 * i + 2))
+
+
+@pytest.mark.parametrize("backend", ["q4", "hqq", "none"])
+def test_quantize_model_refuses_a_model_that_already_has_adapters(backend):
+    # It used to replace the nn.Linear under each LoRDBA layer, which kept the nn.Linear's backend (merging then
+    # raised AttributeError: 'Q4Linear' object has no attribute 'weight'; the config recorded no base quantization),
+    # and (every backend, "none" too) froze the adapters' parameters.
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2))
+    trainable = [n for n, p in lm.named_parameters() if p.requires_grad]
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.self_attn\.q_proj.*before adding adapters"):
+        quantize_model(lm, backend=backend)
+    assert [n for n, p in lm.named_parameters() if p.requires_grad] == trainable
+    assert all(type(layer.base_layer) is nn.Linear for _, layer in lm._lordba_layers())  # unchanged
+
+    with pytest.raises(ConfigError, match="before adding adapters"):
+        quantize_model_cached(lm, "/nonexistent", backend=backend)

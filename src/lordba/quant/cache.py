@@ -26,7 +26,7 @@ from lordba._util.modules import replace_submodule
 from lordba._util.state import ordinary_tensors
 from lordba._version import __version__
 from lordba.format.atomic import fsync_dir
-from lordba.quant.quantize import DEFAULT_BACKEND, quantizable, quantize_model, untie_head
+from lordba.quant.quantize import DEFAULT_BACKEND, check_no_adapters, quantizable, quantize_model, untie_head
 
 
 def _key(source: Path, backend: str, bits: int, group_size: int, model: list) -> str:
@@ -62,6 +62,7 @@ def quantize_model_cached(
     """:func:`quantize_model` for a model loaded from the folder ``source``, reusing a cached result."""
     from lordba._util.cachedir import cache_dir  # lazily: assets imports the library
 
+    check_no_adapters(model)  # before a cached base is loaded under them
     source = Path(source)
     if backend not in _CACHED or not source.is_dir():
         return quantize_model(model, backend, bits, group_size, progress=progress)

@@ -41,8 +41,10 @@ def quantize_model(
     ``backend="bnb"``: bitsandbytes NF4 (``bits`` must be 4; block size 64).
     ``backend="none"``: leave the base unquantized.
     Every parameter of ``model`` is frozen. Raises :class:`ConfigError` for an unknown backend,
-    unsupported ``bits``, or (``hqq``) a layer whose shape HQQ cannot pack, naming it, before any layer is replaced.
+    unsupported ``bits``, or (``hqq``) a layer whose shape HQQ cannot pack, naming it, before any layer is replaced;
+    and for a model that already holds adapter layers (:func:`check_no_adapters`).
     """
+    check_no_adapters(model)
     if backend not in QUANT_BACKENDS:
         raise ConfigError(f"quantization backend must be one of {QUANT_BACKENDS}, got {backend!r}")
     if backend == "bnb" and bits != 4:
@@ -94,6 +96,23 @@ def quantize_model(
         hold_weights_together(model)
     model.lordba_quantization = {"backend": backend, "bits": bits, "group_size": group_size, "head_bits": head_bits}
     return model
+
+
+def check_no_adapters(model: nn.Module) -> None:
+    """Refuse a model that holds adapter layers (a module wrapping a ``base_layer``: lordba's, PEFT's).
+
+    Quantizing under them would replace their base layers behind their backs (a layer keeps the backend
+    of the base it wrapped: merging then fails) and freeze their trainable parameters.
+
+    Raises:
+        ConfigError: naming the first such module.
+    """
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "base_layer", None), nn.Module):
+            raise ConfigError(
+                f"{name}: the model already has adapter layers ({type(module).__name__}): quantize the base model "
+                "before adding adapters (quantize_model, then get_lordba_model)"
+            )
 
 
 def _quantize_head(model: nn.Module, group_size: int, bits: int) -> None:
