@@ -253,3 +253,23 @@ def test_quantize_model_refuses_a_model_that_already_has_adapters(backend):
 
     with pytest.raises(ConfigError, match="before adding adapters"):
         quantize_model_cached(lm, "/nonexistent", backend=backend)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"backend": "hqq", "group_size": 0}, "group_size"),  # ZeroDivisionError
+        ({"backend": "hqq", "group_size": -8}, "group_size"),  # RuntimeError: invalid shape dimension -8
+        ({"backend": "q4", "group_size": None}, "group_size"),  # TypeError
+        ({"backend": "q4", "group_size": 64.0}, "group_size"),  # TypeError in torch.zeros
+        ({"backend": "q4", "skip": "q_proj"}, "skip"),  # a string: matched as a substring of each name
+        ({"backend": "q4", "skip": [None]}, "skip"),
+    ],
+)
+def test_quantize_model_names_a_bad_argument(kwargs, field):
+    model = tiny_llama(0)
+    with pytest.raises(ConfigError, match=field):
+        quantize_model(model, **kwargs)
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))  # unchanged
+    with pytest.raises(ConfigError, match=r"nn\.Module"):
+        quantize_model(None)

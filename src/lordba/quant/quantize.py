@@ -42,9 +42,16 @@ def quantize_model(
     ``backend="none"``: leave the base unquantized.
     Every parameter of ``model`` is frozen. Raises :class:`ConfigError` for an unknown backend,
     unsupported ``bits``, or (``hqq``) a layer whose shape HQQ cannot pack, naming it, before any layer is replaced;
-    and for a model that already holds adapter layers (:func:`check_no_adapters`).
+    a ``group_size`` that is not a positive integer, a ``skip`` that is not a list of names; and for a model that
+    already holds adapter layers (:func:`check_no_adapters`).
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"quantize_model takes an nn.Module, got {type(model).__name__}")
     check_no_adapters(model)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ConfigError(f"group_size must be a positive integer, got {group_size!r}")
+    if isinstance(skip, str) or not all(isinstance(name, str) for name in skip):
+        raise ConfigError(f"skip must be a list of module names (last names, e.g. ['down_proj']), got {skip!r}")
     if backend not in QUANT_BACKENDS:
         raise ConfigError(f"quantization backend must be one of {QUANT_BACKENDS}, got {backend!r}")
     if backend == "bnb" and bits != 4:
