@@ -287,3 +287,21 @@ def test_a_lora_seed_with_trained_biases_carries_them(tmp_path):
     assert len(extras) == 2
     for name, value in extras.items():
         assert torch.allclose(value, plain.get_parameter(name).detach() + 0.25, atol=1e-6), name
+
+
+def test_build_adapter_refuses_a_lora_it_would_ignore_and_a_bad_warmup(tmp_path):
+    # mode "qat" (the default) with a lora_dir trained from the cold start and never read the LoRA, silently;
+    # lora_warmup=nan was a ValueError from math.ceil, 3 spent three times the steps on the seed.
+    from lordba import ConfigError
+
+    peft_model = trained_lora_on_q_proj()
+    peft_model.save_pretrained(str(tmp_path / "lora"))
+    batcher = Batcher(rows(), 4)
+    settings = TrainSettings(steps=2)
+    with pytest.raises(ConfigError, match=r"lora_dir.*mode 'qat'"):
+        build_adapter(tiny_llama(0), LoRDBAConfig(r=4), batcher, settings, lora_dir=str(tmp_path / "lora"))
+    for bad in (float("nan"), -0.5, 3.0, "0.1", None):
+        with pytest.raises(ConfigError, match="lora_warmup"):
+            build_adapter(tiny_llama(0), LoRDBAConfig(r=4, mode="qat-from-lora"), batcher, settings, lora_warmup=bad)
+    with pytest.raises(ConfigError, match="LoRDBAConfig"):
+        build_adapter(tiny_llama(0), {"r": 4}, batcher, settings)

@@ -171,6 +171,20 @@ def with_seed_fields(config: LoRDBAConfig, lora: LoraAdapter) -> LoRDBAConfig:
     return dataclasses.replace(config, **changes) if changes else config
 
 
+def _check_arguments(config: object, lora_dir: object, lora_warmup: object) -> None:
+    """Refuse what :func:`build_adapter` would misread or ignore, before anything trains."""
+    if not isinstance(config, LoRDBAConfig):
+        raise ConfigError(f"build_adapter: config must be a LoRDBAConfig, got {type(config).__name__}")
+    if lora_dir is not None and config.mode == "qat":
+        raise ConfigError(
+            f"build_adapter: lora_dir={str(lora_dir)!r} with mode 'qat', which trains from the cold start and "
+            "reads no LoRA: use mode 'qat-from-lora', 'ptq' or 'scales-only' to start from it"
+        )
+    number = isinstance(lora_warmup, (int, float)) and not isinstance(lora_warmup, bool)
+    if not (number and 0 <= lora_warmup <= 1):
+        raise ConfigError(f"build_adapter: lora_warmup must be a number in [0, 1], got {lora_warmup!r}")
+
+
 def build_adapter(
     model: nn.Module,
     config: LoRDBAConfig,
@@ -188,7 +202,13 @@ def build_adapter(
     (all steps in ``ptq``, ``lora_warmup`` of them otherwise) trains at ``lora_lr``, the LoRDBA
     phase at ``settings.lr``: LoRA wants about 10× the learning rate of LoRDBA (docs/training.md).
     Everything random (the adapter's initialisation, the LoRA seed's) is seeded from ``settings.seed``
-    first, so the same inputs give the same adapter, bit for bit."""
+    first, so the same inputs give the same adapter, bit for bit.
+
+    Raises:
+        ConfigError: ``config`` is not a :class:`LoRDBAConfig`, ``lora_dir`` is given in mode ``qat`` (which
+            reads no LoRA), or ``lora_warmup`` is not a number in [0, 1].
+    """
+    _check_arguments(config, lora_dir, lora_warmup)
     mode = config.mode
     seed_everything(settings.seed)
 
