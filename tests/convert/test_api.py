@@ -267,3 +267,18 @@ def test_bad_arguments_are_the_librarys_errors_naming_them(tmp_path):
     for candidates in (["a"], [], 8, [0, 4]):
         with pytest.raises(ConfigError, match="rank_candidates"):
             convert_lora(path, target_bpw=12.0, rank_candidates=candidates, progress=False)
+
+
+def test_calibration_refuses_negative_or_non_finite_moments_naming_their_module(tmp_path, input_ids):
+    # A negative mean x² (e.g. mean x passed by mistake) was clamped to 0, silently: the conversion ran unweighted
+    # where the vector was negative. A bad vector of a group's second layer was reported under the first's name.
+    from lordba import ConversionError
+
+    model, path = peft_adapter(tmp_path)
+    paths = sorted(read_lora(path).layers)
+    moments = collect_input_moments(model, [input_ids], paths)
+    same_shape = [p for p in paths if moments[p].shape == moments[paths[-1]].shape]
+    bad_path = same_shape[-1]  # converted in one group with the others of its shape, not first
+    for bad in (-moments[bad_path], torch.full_like(moments[bad_path], float("nan"))):
+        with pytest.raises(ConversionError, match=rf"{bad_path!r} must be finite and non-negative"):
+            convert_lora(path, calibration={**moments, bad_path: bad}, progress=False)

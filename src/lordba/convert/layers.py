@@ -61,9 +61,12 @@ def convert_layers(
                         f"calibration statistics for {layer.path!r} must be a float tensor of shape "
                         f"[{layer.in_features}] (mean x² per input channel), got {what}"
                     )
+                if not bool((torch.isfinite(v) & (v >= 0)).all()):  # a mean of squares: never negative
+                    raise ConversionError(
+                        f"calibration statistics for {layer.path!r} must be finite and non-negative "
+                        "(mean x² per input channel)"
+                    )
             moments = torch.stack([calibration[layer.path].float() for layer in group])
-            if not bool(torch.isfinite(moments).all()):
-                raise ConversionError(f"calibration statistics for {group[0].path!r} must be finite [in] vectors")
         res = solve_group(B, A, r, factor, codec, opts, moments)
         f = res.factors
         for i, layer in enumerate(group):
