@@ -1,5 +1,6 @@
 """Sizes are exact: the report predicts the bytes of our file and of PEFT's fp16 LoRA file."""
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
@@ -71,3 +72,18 @@ def test_stored_shapes_and_byte_counts_of_odd_dims():
     assert sum(stored_bytes(10, 7, 2, "int8")[k] for k in scales) == 10 + 8 + 7
     rep = size_report({"x": (10, 7, 3)}, "int8")
     assert (rep.modules[0].sign_bytes, rep.modules[0].scale_bytes) == (7, 29)
+
+
+def test_size_report_names_bad_dimensions_and_r_ref():
+    # No modules, a zero or negative feature count: ZeroDivisionError; r_ref=-1: a report with negative ratios.
+    from lordba import ConfigError
+
+    for dims in ({}, {"x": (8, 0, 2)}, {"x": (8, -8, 2)}, {"x": (8, 8, 0)}, {"x": (8.0, 8, 2)}, {"x": (8, 8)}):
+        with pytest.raises(ConfigError, match="size_report"):
+            size_report(dims, "float16")
+    for r_ref in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="r_ref"):
+            size_report({"x": (8, 8, 2)}, "float16", r_ref=r_ref)
+    lm = get_lordba_model(tiny_llama(), LoRDBAConfig(r=2))
+    with pytest.raises(ConfigError, match="r_ref"):
+        lm.size_report(r_ref=-1)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lordba.config import COMPACT_FORMAT_VERSION, DEFAULT_FORMAT_VERSION
+from lordba.errors import ConfigError
 from lordba.format.compact import compact_metadata, file_shapes, kind_specs
 from lordba.format.header import ModuleRecord, lordba_metadata
 from lordba.format.tensorfile import file_size, nbytes
@@ -120,6 +121,21 @@ class SizeReport:
         )
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_dims(dims: dict[str, tuple[int, int, int]], r_ref: int | None) -> None:
+    """Refuse what :func:`size_report` cannot describe (see there)."""
+    if not dims:
+        raise ConfigError("size_report: no modules")
+    for path, dim in dims.items():
+        if not (isinstance(dim, (tuple, list)) and len(dim) == 3 and all(_positive_int(v) for v in dim)):
+            raise ConfigError(f"size_report: module {path!r} needs (in, out, r), three positive integers, got {dim!r}")
+    if r_ref is not None and not _positive_int(r_ref):
+        raise ConfigError(f"size_report: r_ref must be a positive integer (or None: each module's rank), got {r_ref!r}")
+
+
 def size_report(
     dims: dict[str, tuple[int, int, int]],
     scale_dtype: str,
@@ -132,7 +148,12 @@ def size_report(
     ``file_bytes`` is the real weights-file size if known (else computed exactly for the file
     ``format_version``, by default the one saves write);
     ``r_ref`` is the rank of the fp16 LoRA to compare with (default: each module's own rank).
+
+    Raises:
+        ConfigError: no modules, a module whose dimensions are not three positive integers, or an ``r_ref``
+            that is not a positive integer (the ratios would divide by zero or come out negative).
     """
+    _check_dims(dims, r_ref)
     rows: list[ModuleSize] = []
     for path in sorted(dims):
         in_f, out_f, r = dims[path]
