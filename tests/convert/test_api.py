@@ -282,3 +282,13 @@ def test_calibration_refuses_negative_or_non_finite_moments_naming_their_module(
     for bad in (-moments[bad_path], torch.full_like(moments[bad_path], float("nan"))):
         with pytest.raises(ConversionError, match=rf"{bad_path!r} must be finite and non-negative"):
             convert_lora(path, calibration={**moments, bad_path: bad}, progress=False)
+
+
+def test_convert_lora_names_arguments_of_the_wrong_type(tmp_path):
+    # config={...}: AttributeError 'dict' object has no attribute 'base_model_name_or_path'; adapter_name=None:
+    # TypeError from Path / None; options={...}: AttributeError.
+    _, path = peft_adapter(tmp_path)
+    for kwargs, field in (({"config": {"r": 4}}, "config"), ({"adapter_name": None}, "adapter_name"),
+                          ({"options": {"iters": 3}}, "options")):  # fmt: skip
+        with pytest.raises(ConfigError, match=field):
+            convert_lora(path, progress=False, **kwargs)

@@ -605,3 +605,18 @@ def test_set_adapter_refuses_a_name_twice_and_names_that_are_not_strings(input_i
         with pytest.raises(ConfigError, match="adapter name"):
             call(["default"])
     assert lm.active_adapters == ["default"] and list(lm.peft_config) == ["default"]
+
+
+def test_a_model_that_is_not_a_module_and_a_state_that_is_not_an_adapter_state_are_named(tmp_path):
+    # get_lordba_model(None, ...) / from_pretrained(None, ...): AttributeError 'NoneType' object has no attribute
+    # 'modules'; load_adapter_state(None, ...): AttributeError 'NoneType' object has no attribute 'extras'.
+    lm = randomized()
+    lm.save_pretrained(tmp_path / "a")
+    for model in (None, "meta-llama/Llama-3.2-1B"):
+        with pytest.raises(ConfigError, match=r"nn\.Module"):
+            get_lordba_model(model, LoRDBAConfig(r=2))
+        with pytest.raises(ConfigError, match=r"nn\.Module"):
+            LoRDBAModel.from_pretrained(model, tmp_path / "a")
+    with pytest.raises(ConfigError, match="AdapterState"):
+        lm.load_adapter_state(None, "b")
+    assert list(lm.peft_config) == ["default"]

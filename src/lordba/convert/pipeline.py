@@ -102,6 +102,11 @@ def convert_lora(
     and a :class:`~lordba.convert.ConversionReport`.
     """
     start = time.perf_counter()
+    for name, value, kind in (("config", config, LoRDBAConfig), ("options", options, SolverOptions)):
+        if value is not None and not isinstance(value, kind):
+            raise ConfigError(f"convert_lora: {name} must be a {kind.__name__} or None, got {type(value).__name__}")
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ConfigError(f"convert_lora: adapter_name must be a non-empty string, got {adapter_name!r}")
     if r is not None and target_bpw is not None:
         raise ConfigError("give either r or target_bpw, not both")
     if target_bpw is not None and not (_is_number(target_bpw) and math.isfinite(target_bpw) and target_bpw > 0):

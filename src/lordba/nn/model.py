@@ -76,6 +76,8 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Mo
 
     def __init__(self, model: nn.Module, config: LoRDBAConfig | None = None, adapter_name: str = "default") -> None:
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"a LoRDBAModel wraps a model (an nn.Module), got {type(model).__name__}")
         if any(isinstance(m, LoRDBALinear) for m in model.modules()):
             raise TargetModulesError(
                 "this model already has LoRDBA layers: add adapters through its LoRDBAModel (add_adapter)"

@@ -193,7 +193,10 @@ class AdapterFilesMixin:
         """Add an in-memory adapter (e.g. from ``convert_lora``) under ``adapter_name``, packed form
         (its tensors are copied). Raises :class:`AdapterFormatError` if it does not fit the model or
         holds what a file may not (a missing tensor, NaN or infinite scales, codes outside the format),
-        :class:`AdapterStateError` / :class:`ConfigError` if the name is taken or invalid."""
+        :class:`AdapterStateError` / :class:`ConfigError` if the name is taken or invalid, :class:`ConfigError`
+        if ``state`` is not an :class:`~lordba.format.adapter.AdapterState`."""
+        if not isinstance(state, adapter_files.AdapterState):
+            raise ConfigError(f"load_adapter_state takes an AdapterState (convert_lora's), got {type(state).__name__}")
         self._load_state(state, adapter_name, is_trainable)
 
     def _load_state(
@@ -304,6 +307,8 @@ class AdapterFilesMixin:
         :meth:`load_adapter`, e.g. ``revision``, ``token``, ``cache_dir``, ``subfolder``) onto
         ``model`` and activate it. Raises as :meth:`load_adapter`, leaving ``model`` as it was (its parameters'
         ``requires_grad`` too: the wrapper freezes them)."""
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"from_pretrained loads onto a model (an nn.Module), got {type(model).__name__}")
         trainable = [p for p in model.parameters() if p.requires_grad]
         wrapper = cls(model)
         try:
