@@ -227,3 +227,18 @@ def test_bf16_on_an_hqq_base_is_refused_before_training():
     with pytest.raises(ConfigError, match=r"bf16.*HQQ.*q_proj"):
         train_loop(lm, Batcher(rows(), 4), TrainSettings(steps=1, bf16=True), progress=False)
     assert all(torch.equal(p, before[n]) for n, p in lm.named_parameters() if p.requires_grad)
+
+
+def test_train_loop_takes_a_string_out_dir_and_names_bad_arguments(tmp_path):
+    # out_dir="run" (a str): TypeError 'str' / 'str' (build_adapter's too); settings None or a dict: AttributeError
+    # 'bf16'; Batcher(rows, 0): ZeroDivisionError at the first batch.
+    settings = TrainSettings(steps=2, checkpoint_every=1)
+    train_loop(model(), Batcher(rows(), 4), settings, str(tmp_path / "run"), progress=False)
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints") is not None
+    assert (tmp_path / "run" / "train_log.json").is_file()
+    for bad in (None, {"steps": 2}):
+        with pytest.raises(ConfigError, match="TrainSettings"):
+            train_loop(model(), Batcher(rows(), 4), bad, progress=False)
+    for size in (0, -1, 2.0, None):
+        with pytest.raises(ConfigError, match="batch_size"):
+            Batcher(rows(), size)

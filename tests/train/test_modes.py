@@ -305,3 +305,14 @@ def test_build_adapter_refuses_a_lora_it_would_ignore_and_a_bad_warmup(tmp_path)
             build_adapter(tiny_llama(0), LoRDBAConfig(r=4, mode="qat-from-lora"), batcher, settings, lora_warmup=bad)
     with pytest.raises(ConfigError, match="LoRDBAConfig"):
         build_adapter(tiny_llama(0), {"r": 4}, batcher, settings)
+
+
+def test_build_adapter_takes_a_string_out_dir_and_names_bad_settings(tmp_path):
+    # out_dir as a str: TypeError 'str' / 'str' (the LoRA seed's folder); settings=None: AttributeError 'seed'.
+    from lordba import ConfigError
+
+    cfg = LoRDBAConfig(r=4, mode="qat-from-lora", target_modules=["q_proj"])
+    build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), TrainSettings(steps=2), str(tmp_path), progress=False)
+    assert (tmp_path / "lora_seed" / "adapter_model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="TrainSettings"):
+        build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), None)

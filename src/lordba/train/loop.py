@@ -154,7 +154,11 @@ def train_loop(
     """Train ``model``'s trainable parameters; see the module docstring. Writes
     ``out_dir/train_log.json`` and ``out_dir/checkpoints/step-*`` when ``out_dir`` is given: resumed from the
     newest intact one (``resume``), else started over (an earlier run's checkpoints there are removed first,
-    so that neither pruning nor a later resume takes its newer steps for this run's)."""
+    so that neither pruning nor a later resume takes its newer steps for this run's). ``out_dir`` may be a
+    ``str``; ``settings`` that are not :class:`TrainSettings` are a :class:`ConfigError`."""
+    if not isinstance(settings, TrainSettings):
+        raise ConfigError(f"train_loop: settings must be a TrainSettings, got {type(settings).__name__}")
+    out_dir = Path(out_dir) if out_dir is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters")

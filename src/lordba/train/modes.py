@@ -209,6 +209,9 @@ def build_adapter(
             reads no LoRA), or ``lora_warmup`` is not a number in [0, 1].
     """
     _check_arguments(config, lora_dir, lora_warmup)
+    if not isinstance(settings, TrainSettings):
+        raise ConfigError(f"build_adapter: settings must be a TrainSettings, got {type(settings).__name__}")
+    out_dir = Path(out_dir) if out_dir is not None else None  # a str too
     mode = config.mode
     seed_everything(settings.seed)
 

@@ -126,6 +126,8 @@ class Batcher:
     def __post_init__(self) -> None:
         if not self.rows:
             raise DataError("no training examples")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"Batcher: batch_size must be a positive integer, got {self.batch_size!r}")
         self.batch_size = min(self.batch_size, len(self.rows))
 
     def _order(self, epoch: int) -> list[int]:
