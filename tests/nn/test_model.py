@@ -620,3 +620,21 @@ def test_a_model_that_is_not_a_module_and_a_state_that_is_not_an_adapter_state_a
     with pytest.raises(ConfigError, match="AdapterState"):
         lm.load_adapter_state(None, "b")
     assert list(lm.peft_config) == ["default"]
+
+
+def test_unpack_to_latent_and_set_trainable_name_bad_arguments(input_ids):
+    # unpack_to_latent(name, 0.0) made every latent 0, so every sign +1: a different adapter, silently (nan: NaN
+    # latents). set_trainable(name, signs="no") raised TypeError from requires_grad_ after changing the adapter's form.
+    lm = randomized()
+    lm.pack()
+    want = logits(lm, input_ids)
+    for magnitude in (0.0, -0.01, float("nan"), float("inf"), "0.01", None):
+        with pytest.raises(ConfigError, match="magnitude"):
+            lm.unpack_to_latent("default", magnitude)
+    for kwargs in ({"signs": "no"}, {"scales": None}, {"signs": False, "scales": 1}):
+        with pytest.raises(ConfigError, match="set_trainable"):
+            lm.set_trainable("default", **kwargs)
+    assert all(isinstance(a, PackedAdapter) for a in lm.adapter_modules("default").values())  # unchanged
+    torch.testing.assert_close(logits(lm, input_ids), want)
+    lm.unpack_to_latent("default", 0.5)
+    torch.testing.assert_close(logits(lm, input_ids), want)

@@ -5,11 +5,12 @@ training forms (``unpack_to_latent``: latent signs for QAT; ``freeze_signs``: pa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from lordba._util.dtypes import DTYPES
 from lordba._util.state import ordinary_tensors
-from lordba.errors import AdapterStateError
+from lordba.errors import AdapterStateError, ConfigError
 from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter, hold_together
 
 
@@ -20,7 +21,11 @@ class AdapterFormsMixin:
     def set_trainable(self, adapter_name: str, signs: bool = True, scales: bool = True) -> None:
         """Choose what of an adapter trains: latent signs and/or scales (everything else stays frozen).
         An adapter in inference form whose scales are to train is turned into the training form
-        (float32 scale parameters holding its decoded scales, signs frozen)."""
+        (float32 scale parameters holding its decoded scales, signs frozen). ``signs`` and ``scales`` that are
+        not ``True`` / ``False`` are a :class:`ConfigError` (before anything changes)."""
+        for name, value in (("signs", signs), ("scales", scales)):
+            if type(value) is not bool:
+                raise ConfigError(f"set_trainable: {name} must be True or False, got {value!r}")
         with self._lock.write():
             modules = self.adapter_modules(adapter_name)
             if signs and any(isinstance(a, PackedAdapter) for a in modules.values()):
@@ -58,7 +63,15 @@ class AdapterFormsMixin:
                 self._swap(adapter_name, path, converted)
 
     def unpack_to_latent(self, adapter_name: str, magnitude: float = 0.01) -> None:
-        """Turn a packed adapter back into latent form (signs ± ``magnitude``) to resume QAT."""
+        """Turn a packed adapter back into latent form (signs ± ``magnitude``) to resume QAT.
+
+        Raises:
+            ConfigError: ``magnitude`` is not a positive finite number (a latent of 0 has the sign +1: every
+                sign would be lost).
+        """
+        number = isinstance(magnitude, (int, float)) and not isinstance(magnitude, bool)
+        if not (number and math.isfinite(magnitude) and magnitude > 0):
+            raise ConfigError(f"unpack_to_latent: magnitude must be a positive finite number, got {magnitude!r}")
         with self._lock.write():
             self._check_known(adapter_name)
             config = self.peft_config[adapter_name]
