@@ -638,3 +638,24 @@ def test_unpack_to_latent_and_set_trainable_name_bad_arguments(input_ids):
     torch.testing.assert_close(logits(lm, input_ids), want)
     lm.unpack_to_latent("default", 0.5)
     torch.testing.assert_close(logits(lm, input_ids), want)
+
+
+def test_a_path_that_is_not_a_path_is_named(tmp_path):
+    # None (or a number) as the directory: TypeError 'expected str, bytes or os.PathLike object, not NoneType'
+    # from pathlib, naming neither the call nor the argument; export_lora converted everything first.
+    from lordba import AdapterFormatError, export_lora, read_adapter
+
+    lm = randomized()
+    lm.save_pretrained(tmp_path / "a")
+    for bad in (None, 3):
+        with pytest.raises(AdapterFormatError, match="save_directory"):
+            lm.save_pretrained(bad)
+        with pytest.raises(AdapterFormatError, match="adapter directory"):
+            lm.load_adapter(bad, adapter_name="b")
+        with pytest.raises(AdapterFormatError, match="adapter directory"):
+            LoRDBAModel.from_pretrained(tiny_llama(), bad)
+        with pytest.raises(AdapterFormatError, match="adapter directory"):
+            read_adapter(bad)
+        with pytest.raises(AdapterFormatError, match="out_dir"):
+            export_lora(tmp_path / "a", bad)
+    assert list(lm.peft_config) == ["default"]

@@ -242,6 +242,8 @@ def _consistent_pair(directory: Path) -> tuple[_Pair, bool]:
 
 def open_adapter(directory: str | Path) -> AdapterFile:
     """Validate an adapter directory up to the tensor headers (steps 1–3); tensors load lazily."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise AdapterFormatError(f"the adapter directory must be a path, got {type(directory).__name__}")
     directory = Path(directory)
     try:
         found = directory.is_dir()

@@ -11,6 +11,7 @@ Saving writes a model card (``README.md``) beside the adapter; ``push_to_hub`` u
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +81,9 @@ class AdapterFilesMixin:
         """
         if safe_serialization is not True:
             raise ConfigError("lordba writes adapters as safetensors only: safe_serialization must be True")
+        if not isinstance(save_directory, (str, os.PathLike)):
+            what = type(save_directory).__name__
+            raise AdapterFormatError(f"save_pretrained: save_directory must be a path, got {what}")
         if not is_main_process:
             return
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
