@@ -21,6 +21,13 @@ from lordba.errors import AdapterFormatError
 _FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
+def check_path(value: object, what: str) -> None:
+    """Refuse ``value`` unless it is a path (``str`` or ``os.PathLike``): an :class:`AdapterFormatError` saying
+    ``{what} must be a path, got <type>`` (pathlib's own ``TypeError`` names neither the call nor the argument)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise AdapterFormatError(f"{what} must be a path, got {type(value).__name__}")
+
+
 def link_roots(directory: Path) -> tuple[Path, ...]:
     """The folders a symbolic link inside ``directory`` may point into: the directory itself (resolved)
     and, if it is (inside) a Hugging Face cache snapshot (``<repo>/snapshots/<revision>``), the repository's

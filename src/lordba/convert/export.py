@@ -17,15 +17,15 @@ that PEFT, vLLM, LoRAX and lm-eval's ``peft=`` load. It needs no base model.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from lordba._util.dtypes import DTYPES
+from lordba._util.files import check_path
 from lordba.core.packing import unpack_signs
 from lordba.core.scales import get_codec
-from lordba.errors import AdapterFormatError, ConfigError, ConversionError
+from lordba.errors import ConfigError, ConversionError
 from lordba.format.adapter import AdapterState, ModuleRecord, read_adapter
 from lordba.format.atomic import atomic_directory
 from lordba.format.sizes import peft_lora_key
@@ -62,8 +62,7 @@ def export_lora(
     replacement would delete the input adapter directory or the current directory."""
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise AdapterFormatError(f"export_lora: out_dir must be a path, got {type(out_dir).__name__}")
+    check_path(out_dir, "export_lora: out_dir")
     adapter = _as_adapter_state(model_or_dir, adapter_name)
     config = adapter.config
     tensors: dict[str, torch.Tensor] = {}

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from lordba._util.files import open_untrusted
+from lordba._util.files import check_path, open_untrusted
 from lordba._util.jsonio import read_json_file, safe_repr
 from lordba._util.locks import wait_for_writer
 from lordba._version import __version__
@@ -242,8 +242,7 @@ def _consistent_pair(directory: Path) -> tuple[_Pair, bool]:
 
 def open_adapter(directory: str | Path) -> AdapterFile:
     """Validate an adapter directory up to the tensor headers (steps 1–3); tensors load lazily."""
-    if not isinstance(directory, (str, os.PathLike)):
-        raise AdapterFormatError(f"the adapter directory must be a path, got {type(directory).__name__}")
+    check_path(directory, "the adapter directory")
     directory = Path(directory)
     try:
         found = directory.is_dir()

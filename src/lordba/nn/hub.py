@@ -9,11 +9,11 @@ written or an upload happens. Nothing here knows what a ``LoRDBAModel`` is: the 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
+from lordba._util.files import check_path
 from lordba._version import __version__
 from lordba.config import CONFIG_NAME, WEIGHTS_NAME, LoRDBAConfig
 from lordba.errors import AdapterFormatError
@@ -94,8 +94,7 @@ def resolve_adapter_dir(
         AdapterFormatError: a Hub id that cannot be resolved (unknown repo or revision, offline and
             not cached, no access), with the id named.
     """
-    if not isinstance(model_id, (str, os.PathLike)):
-        raise AdapterFormatError(f"the adapter directory must be a path or a Hub id, got {type(model_id).__name__}")
+    check_path(model_id, "the adapter directory (a path or a Hub id)")
     sub = Path(subfolder) if subfolder else Path()
     if isinstance(model_id, Path) or Path(model_id).exists() or not _is_repo_id(model_id):
         return Path(model_id) / sub

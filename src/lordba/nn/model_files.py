@@ -11,7 +11,6 @@ Saving writes a model card (``README.md``) beside the adapter; ``push_to_hub`` u
 from __future__ import annotations
 
 import dataclasses
-import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lordba._util.files import check_path
 from lordba._util.state import ordinary_tensors
 from lordba.config import LoRDBAConfig
 from lordba.core.scales import get_codec
@@ -81,9 +81,7 @@ class AdapterFilesMixin:
         """
         if safe_serialization is not True:
             raise ConfigError("lordba writes adapters as safetensors only: safe_serialization must be True")
-        if not isinstance(save_directory, (str, os.PathLike)):
-            what = type(save_directory).__name__
-            raise AdapterFormatError(f"save_pretrained: save_directory must be a path, got {what}")
+        check_path(save_directory, "save_pretrained: save_directory")
         if not is_main_process:
             return
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
