@@ -46,6 +46,16 @@ def parse_json(raw: bytes, what: str) -> Any:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
+def unencodable_at(text: str) -> int | None:
+    """The index of ``text``'s first character that is not Unicode text (a lone UTF-16 surrogate: from JSON's
+    ``"\\ud800"``, or bytes that are not UTF-8 read with ``surrogateescape``), ``None`` if there is none."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
 def _has_lone_surrogate(data: Any) -> bool:
     """Whether a parsed JSON value holds a string (key or value) that is not encodable as UTF-8."""
     stack = [data]
@@ -56,11 +66,8 @@ def _has_lone_surrogate(data: Any) -> bool:
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-        elif isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
+        elif isinstance(item, str) and unencodable_at(item) is not None:
+            return True
     return False
 
 

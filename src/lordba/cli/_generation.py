@@ -188,12 +188,12 @@ def check_text(text: str, what: str) -> str:
     Raises:
         ConfigError: ``text`` holds such bytes (the tokenizer would raise a TypeError).
     """
+    from lordba._util.jsonio import unencodable_at
     from lordba.errors import ConfigError
 
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ConfigError(f"{what} is not UTF-8 text (undecodable bytes from character {err.start})") from None
+    at = unencodable_at(text)
+    if at is not None:
+        raise ConfigError(f"{what} is not UTF-8 text (undecodable bytes from character {at})")
     return text
 
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lordba._util.jsonio import unencodable_at
 from lordba.nn.layer import BASE_ROW
 from lordba.serve.engine import Engine, Event, Request
 from lordba.serve.errors import BadRequestError, ContextLengthError
@@ -161,10 +162,8 @@ class ServerState:
 def _check_text(text: str, param: str) -> None:
     """Refuse text that is not Unicode a tokenizer takes: JSON may escape a lone UTF-16 surrogate (half of a
     character a client cut), on which the tokenizer raises TypeError (a 400 naming ``param``, not a 500)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        bad = text[err.start]
+    at = unencodable_at(text)
+    if at is not None:
         raise BadRequestError(
-            f"{param} holds a lone surrogate (U+{ord(bad):04X} at character {err.start}): not valid Unicode text", param
-        ) from None
+            f"{param} holds a lone surrogate (U+{ord(text[at]):04X} at character {at}): not valid Unicode text", param
+        )
