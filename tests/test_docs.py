@@ -3,6 +3,7 @@ spans (a test file, a source file, a results folder) exists, and every test they
 (``file.py::test_name``) is defined there. A renamed or moved file otherwise leaves the docs pointing at
 nothing (docs/security.md named four test and source files that had moved)."""
 
+import argparse
 import re
 from pathlib import Path
 
@@ -69,3 +70,55 @@ def test_tests_cited_by_name_in_the_parity_table_exist():
             elif name and not re.search(rf"^\s*def {name}\b", file.read_text(encoding="utf-8"), re.M):
                 missing.append(f"{current}::{name}")
     assert not missing, missing
+
+
+def _command_lines() -> list[tuple[str, str]]:
+    """``lordba ...`` command lines the docs show: lines of fenced blocks (a ``#`` comment cut off) and
+    code spans (a span may wrap onto the next line)."""
+    found = []
+    for doc in DOCS:
+        text, fenced = doc.read_text(encoding="utf-8"), False
+        for line in text.splitlines():
+            if line.lstrip().startswith("```"):
+                fenced = not fenced
+            elif fenced and line.strip().removeprefix("$ ").startswith("lordba "):
+                found.append((doc.name, line.strip().removeprefix("$ ").split(" #")[0].strip()))
+        found += [(doc.name, " ".join(span.split())) for span in re.findall(r"`(lordba [a-z][^`]*)`", text)]
+    return sorted(set(found))
+
+
+def test_every_option_the_docs_show_is_one_the_command_accepts():
+    """Each ``--option`` a doc writes after ``lordba COMMAND`` (``lordba generate/chat`` names both) is one
+    of that command's options, and a value it shows for an option with choices is one of them (``a|b``
+    lists alternatives, ``[...]`` marks an optional part, capitals are placeholders). Renaming or dropping
+    an option otherwise leaves the docs telling users to type a command that exits with a usage error."""
+    from lordba.cli import build_parser, commands
+
+    names = {c.name for c in commands()}
+    options: dict[str, dict] = {}
+    lines, problems = _command_lines(), []
+    assert len(lines) > 40  # the extraction still finds what it checks
+    for doc, line in lines:
+        words = line.replace("[", " ").replace("]", " ").split()
+        for command in words[1].split("/"):
+            if command not in names:
+                problems.append(f"{doc}: `{line}`: no command {command!r}")
+                continue
+            if command not in options:
+                parser = build_parser(command)
+                sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+                options[command] = {s: a for a in sub.choices[command]._actions for s in a.option_strings}
+            for i, word in enumerate(words[2:], start=2):
+                if not word.startswith("--"):
+                    continue
+                flag, _, value = word.partition("=")
+                action = options[command].get(flag)
+                if action is None:
+                    problems.append(f"{doc}: `{line}`: lordba {command} has no option {flag}")
+                    continue
+                if action.choices and action.nargs != 0:
+                    value = value or (words[i + 1] if i + 1 < len(words) else "")
+                    for choice in value.split("|"):
+                        if choice and not choice.isupper() and choice not in action.choices:
+                            problems.append(f"{doc}: `{line}`: {flag} {choice} is not one of {sorted(action.choices)}")
+    assert not problems, "\n".join(problems)
