@@ -146,3 +146,21 @@ def test_code_formats_keep_a_nan_scale_visible(name, where):
     assert not torch.isfinite(stored[1]).all()
     assert not torch.isfinite(torch.stack([v.sum() for v in codec.decode(*stored)])).all()
     assert not torch.isfinite(torch.stack([v.sum() for v in codec.fake_quant(b, m, a)])).all()
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_code_formats_encode_extreme_scales_without_overflow(name):
+    """``127 · b`` overflowed float32 for ``|b|`` above ~2.7e36: the largest entries became NaN codes, cast to 0, and
+    the saved adapter silently lost its largest scales. The codes are those of the same vector scaled down."""
+    codec = get_codec(name)
+    b, m, a = torch.tensor([3e36, 1e36, -3e36, 0.0]), torch.tensor([1e-36, 2e-36]), torch.tensor([3e37, -1e37])
+    stored = codec.encode(b, m, a)
+    small = codec.encode(b * 2.0**-120, m, a * 2.0**-120)
+    assert torch.equal(stored[0], small[0]) and torch.equal(stored[2], small[2])
+    assert stored[0].tolist()[0] == 127 and stored[0].tolist()[2] == -127 and stored[2].tolist()[0] == 127
+    assert torch.isfinite(stored[1]).all()
+    decoded = torch.einsum("i,k,j->ikj", *reversed(codec.decode(*stored)))
+    exact = torch.einsum("i,k,j->ikj", a.double(), m.double(), b.double())
+    assert ((decoded.double() - exact).norm() / exact.norm()) < 0.1
+    for x, y in zip(codec.fake_quant(b, m, a), codec.decode(*stored)):
+        assert torch.equal(x, y)

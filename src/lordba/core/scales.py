@@ -92,8 +92,8 @@ class ScaleCodec:
         max_a = a.abs().amax()
         max_b = torch.where(max_b == 0, torch.ones_like(max_b), max_b)
         max_a = torch.where(max_a == 0, torch.ones_like(max_a), max_a)
-        code_b = rounding(_INT8_MAX * b / max_b)
-        code_a = rounding(_INT8_MAX * a / max_a)
+        code_b = rounding(_unit_ratio(b, max_b))
+        code_a = rounding(_unit_ratio(a, max_a))
         return code_b, m * max_b * max_a, code_a
 
     def _rounding(self, ste: bool) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -130,6 +130,15 @@ class ScaleCodec:
         if self.name in CODE_DTYPES:
             return scale_in.float() / _INT8_MAX, scale_mid.float(), scale_out.float() / _INT8_MAX
         return scale_in.float(), scale_mid.float(), scale_out.float()
+
+
+def _unit_ratio(v: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """``127 · v / peak``, with ``v`` and ``peak`` first scaled by the same power of two where ``peak > 1``: the same
+    float as unscaled (scaling by a power of two is exact), but ``127 · v`` cannot overflow float32 (``|v|`` above
+    ~2.7e36 made it infinite, ``inf / peak`` a NaN, and its code 0)."""
+    _, exponent = torch.frexp(peak.detach())
+    unit = torch.ldexp(torch.ones_like(peak), -exponent.clamp_min(0))
+    return _INT8_MAX * (v * unit) / (peak * unit)
 
 
 def get_codec(scale_dtype: str) -> ScaleCodec:
