@@ -12,6 +12,7 @@ import lordba.convert  # noqa: F401  (registers the dense combiner)
 from lordba import (
     AdapterFormatError,
     AdapterStateError,
+    ConfigError,
     LoRDBAConfig,
     LoRDBAModel,
     TargetModulesError,
@@ -508,3 +509,23 @@ def test_resizing_the_vocabulary_under_an_adapted_or_saved_head_is_refused(confi
     other = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, target_modules=["q_proj"]))
     other.resize_token_embeddings(120)
     assert other.get_base_model().get_output_embeddings().out_features == 120
+
+
+@pytest.mark.parametrize(
+    ("adapters", "weights", "named"),
+    [
+        (["a", "b"], None, "weights"),
+        (["a", "b"], 1.0, "weights"),
+        (None, [1.0, 1.0], "adapters"),
+        ("ab", [1.0], "adapters"),
+    ],
+)
+def test_add_weighted_adapter_names_an_argument_that_is_not_a_list(adapters, weights, named):
+    """``weights=None`` (PEFT's signature has no default; a caller leaving it out of a keyword call) raised a bare
+    TypeError from ``len(None)``; each argument that is not a list is refused by name, the model unchanged."""
+    lm = _two_adapters(shared_scales=True)
+    with pytest.raises(ConfigError, match=f"{named} must be a list"):
+        lm.add_weighted_adapter(adapters, weights, "c")
+    assert "c" not in lm.peft_config
+    lm.add_weighted_adapter(("a", "b"), (w for w in (0.5, 0.5)), "c")  # tuples and iterables stay accepted
+    assert "c" in lm.peft_config

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +24,17 @@ from lordba.format import adapter as adapter_files
 # name -> fn(deltas {path: dense ΔW}, ranks {path: r}, scalings {path: s}, scale_dtype) -> {path: ModuleRecord}
 _COMBINERS: dict[str, Callable[..., dict[str, adapter_files.ModuleRecord]]] = {}
 COMBINATION_TYPES = ("cat", "linear", "svd")
+
+
+def _as_list(values: object, name: str) -> list:
+    """``values`` (a list, tuple or other iterable of ``add_weighted_adapter``'s argument ``name``) as a list.
+
+    Raises:
+        ConfigError: naming ``name``, for a string, ``None`` or anything else that is not an iterable.
+    """
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ConfigError(f"add_weighted_adapter: {name} must be a list, got {values!r}")
+    return list(values)
 
 
 def register_combiner(name: str, fn: Callable[..., dict[str, adapter_files.ModuleRecord]]) -> None:
@@ -56,6 +67,7 @@ class CombineMixin:
         held shared (one snapshot while other threads hot-swap them). Raises :class:`ConfigError` /
         :class:`AdapterStateError` for bad arguments.
         """
+        adapters, weights = _as_list(adapters, "adapters"), _as_list(weights, "weights")
         with self._lock.read():  # the sources as one snapshot: a hot-swap changes their tensors in place
             self._check_combination(adapters, weights, combination_type, svd_rank)
             parts = [self.adapter_modules(n) for n in adapters]
