@@ -172,3 +172,28 @@ def test_an_entry_with_a_damaged_byte_is_quantized_again_never_loaded(tmp_path, 
     with torch.no_grad():
         assert torch.equal(model(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)
     assert path.read_bytes() != bytes(data)  # written again
+
+
+@pytest.mark.parametrize(("backend", "group"), [("hqq", 32), ("q4", 32)])
+def test_a_gpt2_base_is_cached_with_its_conv1d_projections(tmp_path, monkeypatch, backend, group):
+    """GPT-2's ``Conv1D`` projections are quantized (as the ``nn.Linear`` of their transposed weight) and cached; the
+    cached base loads without a warning and equals the fresh one."""
+    import warnings
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=101, n_positions=16)).eval()
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    gpt2().save_pretrained(folder)
+    ids = torch.randint(0, 101, (1, 5))
+    fresh = quantize_model_cached(gpt2(), folder, backend=backend, bits=4, group_size=group)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cached = quantize_model_cached(gpt2(), folder, backend=backend, bits=4, group_size=group)
+    assert type(cached.transformer.h[0].attn.c_attn).__name__ == {"q4": "Q4Linear", "hqq": "HQQLinear"}[backend]
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, cached(input_ids=ids).logits)

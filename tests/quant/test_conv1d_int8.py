@@ -57,3 +57,41 @@ def test_bnb_int8_base_dequantizes_and_carries_an_adapter():
         torch.testing.assert_close(q(x).float(), x @ w.T + linear.bias, rtol=0, atol=2e-2)
         merged = backend.merge(q, torch.ones(32, 64) * 0.01)
         assert float((backend.dequantize(merged) - (w + 0.01)).abs().max()) < 2e-3
+
+
+def _gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=101, n_positions=32)).eval()
+
+
+@pytest.mark.parametrize("backend", ["q4", "hqq", "bnb"])
+def test_quantize_model_quantizes_gpt2_conv1d_projections(backend):
+    """``quantize_model`` replaced only ``nn.Linear`` layers: on GPT-2 (``Conv1D`` projections) it quantized the head
+    alone (q4) or nothing, and recorded the model as quantized. Every ``Conv1D`` is now a quantized ``in → out`` layer
+    of its transposed weight, outputs close to the float model's, and adapters attach, train and merge on them."""
+    from lordba.quant import quantize_model
+
+    if backend == "bnb":
+        pytest.importorskip("bitsandbytes")
+    ref = _gpt2()
+    ids = torch.randint(0, 101, (2, 8))
+    with torch.no_grad():
+        expected = ref(input_ids=ids).logits
+    model = quantize_model(_gpt2(), backend, bits=4, group_size=64)
+    assert not any(isinstance(m, Conv1D) for m in model.modules())
+    assert {
+        resolve_backend(model.get_submodule(f"transformer.h.0.{p}")).name for p in ("attn.c_attn", "mlp.c_proj")
+    } == {{"q4": "q4", "hqq": "hqq", "bnb": "bnb"}[backend]}
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert float((got - expected).norm() / expected.norm()) < 0.1
+    lm = get_lordba_model(model, LoRDBAConfig(r=4, init="random"))
+    assert {p.rsplit(".", 1)[-1] for p in lm.adapter_modules("default")} == {"c_attn", "c_proj", "c_fc"}
+    lm.train()
+    lm(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in lm.named_parameters() if p.requires_grad)
+    lm.eval()
+    with torch.no_grad():
+        out = lm(input_ids=ids).logits
+        lm.merge_adapter()  # q4, hqq, bnb: requantized (lossy), far closer to the adapted model than the base is
+        assert float((lm(input_ids=ids).logits - out).norm()) < 0.3 * float((got - out).norm())

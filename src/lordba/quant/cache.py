@@ -135,8 +135,9 @@ def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int
     names = sorted({k.split("::", 1)[0] for k in state})
     if names != _cached_layers(model, backend):  # checked before any layer is replaced
         raise ValueError("the cached layers are not the model's quantizable layers")
+    linears = dict(quantizable(model))  # a GPT-2 Conv1D as the nn.Linear it quantizes as
     for name in names:
-        linear = model.get_submodule(name)
+        linear = linears.get(name) or model.get_submodule(name)  # (or the output head)
         prefix = f"{name}::"
         sd = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         q = _hqq_layer(linear, sd, bits, group_size) if backend == "hqq" else _q4_layer(linear, sd)

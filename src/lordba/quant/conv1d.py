@@ -13,7 +13,7 @@ from torch import nn
 from lordba.quant.backend import BaseBackend
 
 
-def _conv1d_cls() -> type | None:
+def conv1d_class() -> type | None:
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:
@@ -27,7 +27,7 @@ class Conv1DBackend(BaseBackend):
     name = "conv1d"
 
     def matches(self, module: nn.Module) -> bool:
-        cls = _conv1d_cls()
+        cls = conv1d_class()
         return cls is not None and isinstance(module, cls)
 
     def features(self, module: nn.Module) -> tuple[int, int]:

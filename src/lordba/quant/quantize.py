@@ -12,6 +12,7 @@ from lordba._util.modules import is_output_head, replace_submodule
 from lordba._util.state import ordinary_tensors
 from lordba.errors import ConfigError
 from lordba.quant.backend import resolve_backend
+from lordba.quant.conv1d import conv1d_class
 
 QUANT_BACKENDS = ("q4", "hqq", "bnb", "none")  # the default first
 DEFAULT_BACKEND = "q4"  # the fastest base on CPU at HQQ 4-bit g64's accuracy (lordba bench --suite quant)
@@ -27,8 +28,9 @@ def quantize_model(
     progress: bool = False,
     head_bits: int | None = None,
 ) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` (but the output head and modules whose last name is
-    in ``skip``) with a frozen weight-only quantized layer and return the model.
+    """Replace every ``nn.Linear`` and GPT-2-family ``Conv1D`` of ``model`` (but the output head and modules whose
+    last name is in ``skip``) with a frozen weight-only quantized layer and return the model (a ``Conv1D``
+    becomes the quantized layer of its transposed weight: the same ``in → out`` layer).
 
     ``head_bits``: the output head's quantization (``q4`` only: 8 or 4; ``0`` keeps it unquantized;
     ``None``, the default, is 8 for ``q4`` — at decode, a small model's float32 head is the largest
@@ -142,15 +144,31 @@ def untie_head(model: nn.Module) -> None:
 
 
 def quantizable(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[str, nn.Linear]]:
-    """The ``(path, nn.Linear)`` pairs :func:`quantize_model` replaces: every plain ``nn.Linear`` but
-    the output head (the model's output embeddings, or a name :func:`is_output_head` accepts) and
-    those whose last name is in ``skip``."""
+    """The ``(path, nn.Linear)`` pairs :func:`quantize_model` replaces: every plain ``nn.Linear`` and GPT-2-family
+    ``Conv1D`` (given as an ``nn.Linear`` viewing its weight transposed: :func:`as_linear`) but the output head
+    (the model's output embeddings, or a name :func:`is_output_head` accepts) and those whose last name is in
+    ``skip``."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    conv1d = conv1d_class()
     return [
-        (name, m)
+        (name, m if type(m) is nn.Linear else as_linear(m))
         for name, m in model.named_modules()
-        if type(m) is nn.Linear and m is not head and not is_output_head(name) and name.rsplit(".", 1)[-1] not in skip
+        if (type(m) is nn.Linear or (conv1d is not None and type(m) is conv1d))
+        and m is not head
+        and not is_output_head(name)
+        and name.rsplit(".", 1)[-1] not in skip
     ]
+
+
+def as_linear(conv: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` computing what the ``Conv1D`` ``conv`` computes (``y = x W + b``, ``W`` stored ``in × out``):
+    its weight a transposed view of ``conv``'s (``out × in``, not copied), its bias ``conv``'s."""
+    in_features, out_features = conv.weight.shape
+    linear = nn.Linear(in_features, out_features, bias=conv.bias is not None, device="meta")
+    linear.weight = nn.Parameter(conv.weight.detach().t(), requires_grad=False)
+    if conv.bias is not None:
+        linear.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
+    return linear
 
 
 def base_bits(model: nn.Module) -> dict[str, float]:
