@@ -104,3 +104,11 @@ def own_storage(tensor: torch.Tensor) -> torch.Tensor:
 def own_storages(buffers: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
     """A module's ``_buffers`` with each tensor in a storage of its own (:func:`own_storage`), for its pickled state."""
     return {k: None if v is None else own_storage(v) for k, v in buffers.items()}
+
+
+def pinned_storages(tensors: Sequence[torch.Tensor]) -> tuple[torch.UntypedStorage, ...]:
+    """The storages of ``tensors``, for a cache entry made from them to hold: while it lives, a tensor replaced
+    (``.data =``, which keeps the version counter) cannot hand its freed address to the next one, which would then
+    be taken for it (an entry keyed by version and address: ``quant.backend.kept_factors``,
+    ``nn.adapter_base``'s caches)."""
+    return tuple(t.untyped_storage() for t in tensors)

@@ -18,6 +18,7 @@ from torch.nn.modules.module import (
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lordba import kernels
+from lordba._util.arena import pinned_storages
 from lordba._util.state import ordinary_tensors
 from lordba.core.autograd import fold_factors, sign_branch
 from lordba.core.packing import unpack_signs
@@ -73,7 +74,7 @@ class _Caches:
     def store(self, name: str, key: object, value: object, pins: tuple[torch.Tensor, ...] = ()) -> object:
         """Keep ``value`` as entry ``name``, made for ``key`` (stamping ``pins``, whose storages it keeps
         alive: their addresses stay theirs); returns it."""
-        self.entries[name] = (key, value, tuple(t.untyped_storage() for t in pins))
+        self.entries[name] = (key, value, pinned_storages(pins))
         return value
 
     def get(self, name: str, key: object, build, pins: tuple[torch.Tensor, ...] = ()) -> object:  # noqa: ANN001

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lordba._util.arena import pinned_storages
 from lordba.kernels import bound_calls, branch_compute, cpu_available
 from lordba.kernels.q4 import amx_prefill_available
 
@@ -160,7 +161,7 @@ def kept_factors(kept: list, tensors: tuple, make: Callable[[], tuple]) -> tuple
     if found and found[0] == key:
         return found[1]
     factors = make()
-    kept[:] = [key, factors, [t.untyped_storage() for t in tensors]]
+    kept[:] = [key, factors, pinned_storages(tensors)]
     return factors
 
 
