@@ -140,3 +140,47 @@ def test_inductor_equals_eager_for_every_routing_and_state(input_ids):
     compiled = states(lm, torch.compile(lm), input_ids)
     for key, value in eager.items():
         torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_changes_after_compiling_are_seen_by_the_compiled_model(input_ids):
+    """Each change made after compiling — an in-place edit of an adapter tensor, a ``.data`` replacement, a new
+    scaling, a kernel mode, a deleted and re-added adapter, merge / unmerge — gives the eager logits (a guard
+    fails and dynamo recompiles, or the graph reads the live tensor), never the old graph's."""
+    from lordba import kernels
+
+    lm = two_adapters()
+    lm.pack()
+    compiled = torch.compile(lm, backend="eager")
+    first = next(iter(lm.adapter_modules("a").values()))
+
+    def edit_in_place():
+        with torch.no_grad():
+            first.scale_out.mul_(5)
+
+    def replace_data():
+        first.sign_A.data = torch.bitwise_not(first.sign_A)
+
+    def new_scaling():
+        for adapter in lm.adapter_modules("a").values():
+            adapter.scaling = 3.0
+
+    def re_add():
+        lm.delete_adapter("a")
+        torch.manual_seed(7)
+        lm.add_adapter("a", LoRDBAConfig(r=4, init="random"))
+        lm.pack()
+        lm.set_adapter("a")
+
+    changes = [edit_in_place, replace_data, new_scaling, lambda: kernels.set_mode("torch"), re_add, lm.merge_adapter]
+    changes.append(lm.unmerge_adapter)
+    try:
+        for change in changes:
+            before = run(compiled, input_ids)
+            change()
+            want = run(lm, input_ids)
+            name = getattr(change, "__name__", "kernel mode")
+            torch.testing.assert_close(run(compiled, input_ids), want, rtol=1e-4, atol=1e-5, msg=name)
+            if change in (edit_in_place, replace_data, new_scaling, re_add):  # (so equality means something)
+                assert not torch.allclose(before, want, rtol=1e-3, atol=1e-4), name
+    finally:
+        kernels.set_mode("auto")
