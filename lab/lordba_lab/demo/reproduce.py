@@ -69,8 +69,9 @@ from lordba_lab.demo.families import (
     RTN,
     TRUNCATED,
 )
-from lordba_lab.demo.run import FULL, Demo, DemoSettings, _payload_lora, _train_lora, replaced_factors
-from lordba_lab.demo.run import QUICK as DEMO_QUICK
+from lordba_lab.demo.run import replaced_factors
+from lordba_lab.demo.session import FULL, Demo, DemoSettings, _payload_lora, _train_lora
+from lordba_lab.demo.session import QUICK as DEMO_QUICK
 from lordba_lab.demo.sweep_report import CALIBRATION_BATCHES, write_tables
 from lordba_lab.outputs import write_text
 
