@@ -7,7 +7,7 @@
   files hold and nothing invalid) and :func:`run_case`, which judges one case;
 * :mod:`.engine` / :mod:`.worker`: time-boxed fuzzing (atheris, Hypothesis or plain random) in
   memory-capped worker processes, with hangs and crashes caught by libFuzzer (atheris) or a small
-  supervisor (``lordba fuzz``);
+  supervisor (:mod:`.supervise`; ``lordba fuzz``);
 * :mod:`.crash`: kill a writer before each file-system step or at random times and check that
   the old or the new result is left (for saves, exports, conversions, checkpoints).
 

@@ -4,7 +4,8 @@ Engines: ``atheris``, coverage-guided (libFuzzer) over lordba's code, with the s
 mutators as its custom mutator and libFuzzer's byte mutations on one file at a time;
 ``hypothesis``, random structure-aware cases drawn by Hypothesis; ``mutate``, the same mutators
 driven by a seeded ``random.Random`` (no extra dependency). Each case runs in a worker process
-(:mod:`.worker`) and is judged by the oracle (:mod:`.oracle`).
+(:mod:`.worker`) and is judged by the oracle (:mod:`.oracle`); the processes are started, watched and
+stopped by :mod:`.supervise`.
 
 **atheris: libFuzzer supervises.** :func:`fuzz` starts one libFuzzer process in ``-jobs`` mode
 (``-jobs=K -workers=W``): each job is a worker process, which libFuzzer starts through a small
@@ -19,7 +20,7 @@ takes seconds to start (torch, instrumenting lordba: about 5 s here): with a tar
 5 s at start, ``-fork=1 -max_total_time=60`` fuzzed for 21 s of its 62 s over 6 jobs. ``-jobs``
 restarts a worker only after a finding.
 
-**hypothesis, mutate: a small supervisor** (:func:`_run_workers`), since without libFuzzer nothing
+**hypothesis, mutate: a small supervisor** (:func:`.supervise._run_workers`), since without libFuzzer nothing
 else notices a hung or dead process: one worker at a time, killed when a case runs past
 ``case_timeout`` (after SIGUSR1: its Python stacks to its log), the next started until time is up.
 
@@ -54,32 +55,25 @@ from __future__ import annotations
 import collections
 import functools
 import json
-import math
 import os
 import platform
 import re
-import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from lordba.errors import ConfigError
 from lordba.format.atomic import atomic_write_bytes
-from lordba_lab.fuzz.worker import STARTED, load_target, read_counters, save_failure
+from lordba_lab.fuzz.supervise import _run_libfuzzer, _run_workers, _watch
+from lordba_lab.fuzz.worker import load_target, read_counters, save_failure
 
 ENGINES = ("atheris", "hypothesis", "mutate")
-_POLL_S = 0.2
 _LIBFUZZER_STATUS = re.compile(r"cov: (\d+) ft: (\d+) corp: (\d+)")
 _ARTIFACT = re.compile(r"Test unit written to (\S*/(crash|timeout|oom|leak)-\w+)")
-_LIBFUZZER_PARENT = "import sys, atheris; atheris.Setup(sys.argv[1:], lambda data: None); atheris.Fuzz()"
-Watch = Callable[[subprocess.Popen, bool], "str | None"]
 
 
 def default_engine() -> str:
@@ -188,129 +182,6 @@ def _writable_out(out: str | Path | None) -> Path | None:
     except OSError as err:
         raise ConfigError(f"out {out}: cannot make its folder ({err.strerror or err})") from None
     return out
-
-
-def _run_libfuzzer(
-    cmd: list[str],
-    state: Path,
-    corpus_dir: str | Path | None,
-    deadline: float,
-    case_timeout: float,
-    seed: int,
-    workers: int,
-    watch: Watch,
-) -> tuple[dict[int, Path], dict[int, str]]:
-    """libFuzzer (``-jobs`` mode) runs the workers; ``({worker pid: its job's log}, verdicts)``: see
-    :func:`_run_workers`."""
-    from lordba_lab.fuzz.corpus import all_seed_cases, encode_case
-
-    corpus = state / "corpus"  # libFuzzer joins its arguments into a shell command: no spaces in these paths
-    if corpus_dir is not None:
-        Path(corpus_dir).mkdir(parents=True, exist_ok=True)
-        corpus.symlink_to(Path(corpus_dir).resolve(), target_is_directory=True)
-    corpus.mkdir(exist_ok=True)
-    for i, case in enumerate(all_seed_cases(seed=seed)):
-        (corpus / f"seed-{i:03d}").write_bytes(encode_case(case))
-    job = state / "job"
-    job.write_text(
-        "#!/bin/sh\n# A libFuzzer job: a fuzzing worker, unless the run's deadline has passed.\n"
-        f'[ "$(date +%s)" -lt {int(deadline - 1)} ] || exit 0\nexec {shlex.join(cmd)} -- "$0" "$@"\n'
-    )
-    job.chmod(0o755)
-    seconds = deadline - time.time()
-    args = [str(job), str(corpus), f"-jobs={int(seconds // 2) + 2}", f"-workers={workers}"]
-    args += [f"-timeout={math.ceil(case_timeout)}", f"-max_total_time={math.ceil(seconds)}"]
-    args += [f"-artifact_prefix={state / 'artifacts'}/", "-create_missing_dirs=1", f"-max_len={1 << 17}"]
-    stopped = watch(_start([sys.executable, "-c", _LIBFUZZER_PARENT, *args], state / "libfuzzer.log", cwd=state), False)
-    logs = {}
-    for path in sorted(state.glob("fuzz-*.log"), key=lambda p: int(p.stem[5:])):
-        text = path.read_text(errors="replace")
-        started = re.search(re.escape(STARTED) + r" (\d+)", text)
-        if started:
-            logs[int(started.group(1))] = path
-        elif text and not read_counters(state):
-            raise RuntimeError(f"the fuzzing worker failed to start:\n{text[-3000:]}")
-    return logs, dict.fromkeys(logs, stopped) if stopped else {}
-
-
-def _run_workers(cmd: list[str], state: Path, deadline: float, watch: Watch) -> tuple[dict[int, Path], dict[int, str]]:
-    """One worker at a time until the deadline; ``({pid: log}, {pid: "timeout"})`` for the workers
-    we stopped (a worker that dies in a case without a verdict or a libFuzzer artifact crashed)."""
-    logs: dict[int, Path] = {}
-    verdicts: dict[int, str] = {}
-    while time.time() < deadline - 1.0:
-        log = state / f"worker-{len(logs)}.log"
-        proc = _start(cmd, log)
-        logs[proc.pid] = log
-        verdict = watch(proc, True)
-        if verdict:
-            verdicts[proc.pid] = verdict
-        mine = [c for c in read_counters(state).values() if c.pid == proc.pid]
-        if proc.returncode and not (mine and (mine[0].cases or mine[0].in_case)):
-            raise RuntimeError(f"the fuzzing worker failed to start:\n{log.read_text(errors='replace')[-3000:]}")
-    return logs, verdicts
-
-
-def _start(cmd: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
-    """Start ``cmd`` in its own process group, output to ``log``, with the lab importable."""
-    paths = [str(Path(__file__).parents[2]), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in paths if p)}
-    with open(log, "wb") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
-
-
-def _watch(
-    proc: subprocess.Popen,
-    hangs: bool,
-    state: Path,
-    deadline: float,
-    case_timeout: float,
-    bar: Any,
-    start: float,
-) -> str | None:
-    """Show progress until ``proc`` ends; ``"timeout"`` if we stopped it: over a case running past
-    ``case_timeout`` (with ``hangs``), or past the deadline (with its process group)."""
-    try:
-        while True:
-            try:
-                proc.wait(timeout=_POLL_S)
-            except subprocess.TimeoutExpired:
-                pass
-            counts = read_counters(state)
-            if bar is not None:
-                bar.n = min(round(time.time() - start, 1), bar.total)
-                sums = {
-                    k: sum(getattr(c, k) for c in counts.values()) for k in ("cases", "refused", "loaded", "unclean")
-                }
-                bar.set_postfix(**sums, refresh=False)
-                bar.refresh()
-            if proc.returncode is not None:
-                return None
-            now = time.time()
-            hung = hangs and any(
-                c.pid == proc.pid and c.in_case and now - c.case_start > case_timeout for c in counts.values()
-            )
-            if hung or now > deadline + case_timeout + 30:  # (past that, it ignores its deadline)
-                _stop(proc, stacks=hangs)
-                return "timeout"
-    except BaseException:
-        _stop(proc)
-        raise
-
-
-def _stop(proc: subprocess.Popen, stacks: bool = False) -> None:
-    """Kill ``proc``'s process group; with ``stacks``, first ask it for its Python stacks (SIGUSR1)."""
-    if stacks and proc.poll() is None:
-        proc.send_signal(signal.SIGUSR1)
-        try:
-            proc.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def _collect(state: Path, logs: dict[int, Path], verdicts: dict[int, str], failures: Path) -> dict[str, Any]:
