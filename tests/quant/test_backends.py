@@ -273,3 +273,23 @@ def test_quantize_model_names_a_bad_argument(kwargs, field):
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))  # unchanged
     with pytest.raises(ConfigError, match=r"nn\.Module"):
         quantize_model(None)
+
+
+@pytest.mark.parametrize("in_f,out_f", [(48, 64), (64, 48), (64, 40), (40, 64), (96, 64), (64, 96)])
+def test_an_nf4_layer_of_any_shape_runs_in_eval_mode_without_a_gradient(in_f, out_f):
+    """bitsandbytes repacks an NF4 layer for its AVX512-BF16 CPU kernel on its first forward in eval mode without a
+    gradient, which needs ``out % 32 == 0`` and ``in % 64 == 0``: another shape failed there (``RuntimeError: shape
+    '[64, 0]' is invalid`` / ``AssertionError: N must be divisible by block_n``). Such a layer keeps bitsandbytes'
+    ordinary CPU path (dequantize, then multiply); a packable one still repacks where the CPU can."""
+    pytest.importorskip("bitsandbytes")
+    from lordba.quant.bnb import quantize_linear_bnb
+
+    torch.manual_seed(0)
+    layer = quantize_linear_bnb(nn.Linear(in_f, out_f), torch.float32).eval()
+    weight = resolve_backend(layer).dequantize(layer)
+    x = torch.randn(3, in_f)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(layer(x), x @ weight.t() + layer.bias, rtol=1e-2, atol=1e-2)
+    if getattr(layer, "support_avx512bf16_for_cpu", False):
+        assert layer.weight.quant_state.packing_format_for_cpu == (out_f % 32 == 0 and in_f % 64 == 0)
