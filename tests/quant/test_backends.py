@@ -275,12 +275,12 @@ def test_quantize_model_names_a_bad_argument(kwargs, field):
         quantize_model(None)
 
 
-@pytest.mark.parametrize("in_f,out_f", [(48, 64), (64, 48), (64, 40), (40, 64), (96, 64), (64, 96)])
+@pytest.mark.parametrize("in_f,out_f", [(48, 64), (64, 48), (64, 40), (40, 64), (96, 64), (64, 96), (64, 64)])
 def test_an_nf4_layer_of_any_shape_runs_in_eval_mode_without_a_gradient(in_f, out_f):
     """bitsandbytes repacks an NF4 layer for its AVX512-BF16 CPU kernel on its first forward in eval mode without a
     gradient, which needs ``out % 32 == 0`` and ``in % 64 == 0``: another shape failed there (``RuntimeError: shape
     '[64, 0]' is invalid`` / ``AssertionError: N must be divisible by block_n``). Such a layer keeps bitsandbytes'
-    ordinary CPU path (dequantize, then multiply); a packable one still repacks where the CPU can."""
+    ordinary CPU path (dequantize, then multiply), as every NF4 layer lordba makes does (see the next test)."""
     pytest.importorskip("bitsandbytes")
     from lordba.quant.bnb import quantize_linear_bnb
 
@@ -291,5 +291,27 @@ def test_an_nf4_layer_of_any_shape_runs_in_eval_mode_without_a_gradient(in_f, ou
     with torch.no_grad():
         for _ in range(2):
             torch.testing.assert_close(layer(x), x @ weight.t() + layer.bias, rtol=1e-2, atol=1e-2)
-    if getattr(layer, "support_avx512bf16_for_cpu", False):
-        assert layer.weight.quant_state.packing_format_for_cpu == (out_f % 32 == 0 and in_f % 64 == 0)
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_an_nf4_layer_passes_its_gradient_after_an_inference_forward(bias):
+    """After a forward in eval mode without a gradient on a CPU with AVX512-BF16, bitsandbytes (0.50) keeps an NF4
+    layer in its CPU kernel's layout and computes every later forward with that kernel, which has no backward: training
+    an adapter after evaluating (``model.train()`` does not undo it) silently lost the gradient through the base layer
+    (``x.grad`` None; a warning only) or, with a bias, failed (an in-place add on a view of a leaf). The layers lordba
+    makes keep bitsandbytes' ordinary CPU path (dequantize, then multiply) in every mode."""
+    pytest.importorskip("bitsandbytes")
+    from lordba.quant.bnb import quantize_linear_bnb
+
+    torch.manual_seed(0)
+    layer = quantize_linear_bnb(nn.Linear(64, 64, bias=bias), torch.float32).eval()
+    weight = resolve_backend(layer).dequantize(layer)
+    with torch.no_grad():
+        layer(torch.randn(3, 64))
+    layer.train()
+    x = torch.randn(3, 64, requires_grad=True)
+    layer(x * 1.0).pow(2).sum().backward()
+    y = x.detach() @ weight.t() + (layer.bias if bias else 0)
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, 2 * y @ weight, rtol=1e-4, atol=1e-4)

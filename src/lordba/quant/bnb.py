@@ -2,7 +2,8 @@
 (``bnb.nn.Linear8bitLt`` with int8 weights and one absmax scale per output row).
 
 bitsandbytes ships official CPU wheels; on CPU it dequantizes then multiplies (the fast fused
-kernels need a hub download, which this library never does), so HQQ is the faster default here.
+kernels need a hub download, which this library never does; the NF4 layers made here never take its
+AVX512-BF16 repacked kernel: :func:`_make_linear4bit`), so HQQ is the faster default here.
 """
 
 from __future__ import annotations
@@ -122,23 +123,12 @@ def _make_linear4bit(
     layer.weight = bnb.nn.Params4bit(weight.detach().float().cpu(), requires_grad=False, quant_type=quant_type)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-    if not cpu_packable(out_f, in_f, layer.weight.blocksize):
-        layer.support_avx512bf16_for_cpu = False  # bitsandbytes' ordinary CPU path: dequantize, then multiply
+    # never repacked for bitsandbytes' AVX512-BF16 CPU kernel (its first forward in eval mode without a gradient
+    # would): a repacked layer computes every later forward, with a gradient too, with that kernel, which has no
+    # backward (the gradient to the input silently dropped; with a bias, an error) and which takes only outputs in
+    # multiples of 32 and inputs in multiples of 64 (else a bare RuntimeError / AssertionError)
+    layer.support_avx512bf16_for_cpu = False
     return layer.to(weight.device)
-
-
-# bitsandbytes (0.49+) repacks an NF4 weight for its AVX512-BF16 CPU kernel on the layer's first forward in eval mode
-# without a gradient: output rows in blocks of this many, the absmax as a [out, in / blocksize] matrix.
-_CPU_BLOCK_N = 32
-
-
-def cpu_packable(out_features: int, in_features: int, blocksize: int) -> bool:
-    """Whether bitsandbytes' CPU repacking takes an NF4 weight of this shape: ``out_features`` a multiple of 32 and
-    ``in_features`` of ``blocksize``. Another shape fails inside that repacking (``RuntimeError: shape '[64, 0]' is
-    invalid``, ``AssertionError: N must be divisible by block_n``), so :func:`_make_linear4bit` keeps such a layer
-    on bitsandbytes' ordinary path (its ``support_avx512bf16_for_cpu`` off; the layer's results are the same up to
-    the packed kernel's bfloat16 rounding, and CUDA layers never repack)."""
-    return out_features % _CPU_BLOCK_N == 0 and in_features % blocksize == 0
 
 
 def quantize_linear_bnb(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
