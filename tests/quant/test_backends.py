@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from lordba import ConfigError, LoRDBAConfig, LoRDBAModel, get_lordba_model
 from lordba.core.scales import get_codec
@@ -315,3 +316,33 @@ def test_an_nf4_layer_passes_its_gradient_after_an_inference_forward(bias):
     y = x.detach() @ weight.t() + (layer.bias if bias else 0)
     assert x.grad is not None
     torch.testing.assert_close(x.grad, 2 * y @ weight, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["q4", "hqq", "bnb", "gpt2-q4", "gpt2-bnb"])
+@pytest.mark.parametrize("training", [False, True])
+def test_quantized_layers_take_the_mode_of_the_layers_they_replace(backend, training):
+    """quantize_model made its layers in training mode inside a model in eval mode (``nn.Module``'s default): the
+    model's own ``.eval()`` had not reached them (bitsandbytes' layers, for one, choose their path by their mode).
+    Each new layer (a GPT-2 ``Conv1D``'s too, and the q4 output head) now has the mode of the one it replaces."""
+    if "bnb" in backend:
+        pytest.importorskip("bitsandbytes")
+    if backend.startswith("gpt2"):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=101, n_positions=32))
+        backend = backend.split("-")[1]
+    else:
+        model = tiny_llama(0)
+    model.train(training)
+    quantize_model(model, backend=backend, group_size=8 if backend == "hqq" else 32)
+    assert [n for n, m in model.named_modules() if m.training != training] == []
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_requantized_merge_keeps_the_base_layers_mode(training):
+    """Merging into a quantized base (HQQ, bitsandbytes) makes a new base layer: it has the mode of the one it
+    replaces (it was in training mode inside an eval model)."""
+    with torch.no_grad():
+        layer = _hqq_layer(0).train(training)
+    layer.merge(["a"])
+    assert layer.base_layer is not layer._premerge_base[0]
+    assert [n for n, m in layer.named_modules() if m.training != training] == []

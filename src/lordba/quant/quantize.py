@@ -42,7 +42,8 @@ def quantize_model(
     of 32; the fast decode kernels of :mod:`lordba.kernels.q4`).
     ``backend="bnb"``: bitsandbytes NF4 (``bits`` must be 4; block size 64).
     ``backend="none"``: leave the base unquantized.
-    Every parameter of ``model`` is frozen. Raises :class:`ConfigError` for an unknown backend,
+    Every parameter of ``model`` is frozen; each new layer takes the mode (training or eval) of the layer it
+    replaces. Raises :class:`ConfigError` for an unknown backend,
     unsupported ``bits``, or (``hqq``) a layer whose shape HQQ cannot pack, naming it, before any layer is replaced;
     a ``group_size`` that is not a positive integer, a ``skip`` that is not a list of names; and for a model that
     already holds adapter layers (:func:`check_no_adapters`).
@@ -96,6 +97,7 @@ def quantize_model(
             from lordba.quant.bnb import quantize_linear_bnb
 
             new = quantize_linear_bnb(linear, compute_dtype)
+        new.train(model.get_submodule(name).training)  # the replaced layer's mode (a Conv1D's, not its view's)
         replace_submodule(model, name, new)
     if head_bits:
         _quantize_head(model, group_size, head_bits)
@@ -132,7 +134,7 @@ def _quantize_head(model: nn.Module, group_size: int, bits: int) -> None:
     if type(head) is not nn.Linear:
         return
     name = next(n for n, m in model.named_modules() if m is head)
-    replace_submodule(model, name, quantize_linear_q4(head, group_size, bits))
+    replace_submodule(model, name, quantize_linear_q4(head, group_size, bits).train(head.training))
     untie_head(model)
 
 
