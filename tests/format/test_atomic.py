@@ -6,7 +6,7 @@ import torch
 
 from lordba import LoRDBAConfig, LoRDBAError, LoRDBAModel, get_lordba_model
 from lordba.format.adapter import read_adapter
-from lordba.format.atomic import atomic_directory, atomic_write_bytes
+from lordba.format.atomic import atomic_directory, atomic_write_bytes, atomic_write_path
 
 from conftest import tiny_llama
 
@@ -187,3 +187,23 @@ def test_a_rename_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch, fai
     new.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "lordba_model.safetensors"]
     assert read_adapter(tmp_path).config.alpha == 7.0
+
+
+def test_atomic_write_path_streams_a_whole_file_into_place_or_leaves_the_old_one(tmp_path):
+    """The streaming variant (a writer that takes a file name, e.g. safetensors' save_file): the block writes the
+    temporary path; a failure mid-write leaves the old file as it was and no temporary file, a success replaces it."""
+    target = tmp_path / "entry.safetensors"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="disk"):
+        with atomic_write_path(target) as tmp:
+            assert tmp.parent == tmp_path and tmp.is_file() and tmp != target
+            tmp.write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["entry.safetensors"]
+    with atomic_write_path(target, suffix=".pt2") as tmp:
+        assert tmp.name.endswith(".pt2")
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["entry.safetensors"]
+    with atomic_write_path(tmp_path / "sub" / "fresh.bin") as tmp:  # the directory is made
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "sub" / "fresh.bin").read_bytes() == b"x"

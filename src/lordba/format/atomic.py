@@ -1,6 +1,7 @@
 """Crash-safe writes: a half-written file never replaces a good one.
 
-* :func:`atomic_write_bytes`: temp file in the same directory, fsync, rename, fsync the directory.
+* :func:`atomic_write_bytes`: temp file in the same directory, fsync, rename, fsync the directory;
+  :func:`atomic_write_path` the same for a writer that streams to a path (a large safetensors file).
 * :func:`commit_files`: replace several files that must stay consistent with each other (an
   adapter's weights and the config holding their checksum). Before the first rename, the current
   files are hard-linked to ``.<name>.lordba-prev``; after the last rename the links are removed.
@@ -49,14 +50,17 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_temp(path: Path, data: bytes) -> Path:
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}.{secrets.token_hex(4)}")
+def _write_temp(path: Path, data: bytes | None, suffix: str = "") -> Path:
+    """A new file of this call's own next to ``path`` (created exclusively) holding ``data`` (``None``: empty, for a
+    writer that opens it by name), fsynced; removed again if writing fails."""
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}.{secrets.token_hex(4)}{suffix}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if data is not None:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -67,7 +71,32 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` holds either the old or the new content."""
     path = Path(path)
     _ensure_writable_dir(path.parent)
-    tmp = _write_temp(path, data)
+    _replace_with(_write_temp(path, data), path)
+
+
+@contextlib.contextmanager
+def atomic_write_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (an empty file of this call's own, its name ending in ``suffix``) for
+    a writer that streams to a file name (``safetensors.torch.save_file``: no whole file in memory); when the block
+    succeeds, that file is fsynced and renamed over ``path`` and the directory fsynced, so that ``path`` holds either
+    the old or the new content. On error the temporary file is removed and ``path`` is untouched.
+
+    Raises :class:`LoRDBAError` where the directory cannot be created or written."""
+    path = Path(path)
+    _ensure_writable_dir(path.parent)
+    tmp = _write_temp(path, None, suffix)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before it has the name: a crash leaves no zeroed file
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _replace_with(tmp, path)
+
+
+def _replace_with(tmp: Path, path: Path) -> None:
+    """Rename the written and fsynced ``tmp`` over ``path``, then fsync the directory (``tmp`` removed on error)."""
     try:
         os.replace(tmp, path)
     except BaseException:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,7 +23,8 @@ from torch import nn
 from lordba._util.modules import replace_submodule
 from lordba._util.state import ordinary_tensors
 from lordba._version import __version__
-from lordba.format.atomic import fsync_dir
+from lordba.errors import LoRDBAError
+from lordba.format.atomic import atomic_write_path
 from lordba.quant.quantize import DEFAULT_BACKEND, check_no_adapters, quantizable, quantize_model, untie_head
 
 
@@ -87,26 +86,15 @@ def quantize_model_cached(
 
 
 def _store(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Write the cache entry ``path`` through a temporary file of this call's own (writers in other threads or
-    processes each rename a whole file of their own into place). A write that fails (a read-only or full
-    disk, a file where the folder should be) is a warning: the cache is a shortcut, the model is quantized."""
-    tmp: Path | None = None
+    """Write the cache entry ``path`` through a temporary file of this call's own (:func:`atomic_write_path`: writers
+    in other threads or processes each rename a whole, fsynced file of their own into place; safetensors streams the
+    tensors to it). A write that fails (a read-only or full disk, a file where the folder should be) is a warning: the
+    cache is a shortcut, the model is quantized."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
-        save_file(state, str(tmp), metadata={"sha256": _digest(state)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # on disk before it has the entry's name: a crash leaves no zeroed entry
-        os.replace(tmp, path)
-        tmp = None
-        fsync_dir(path.parent)
-    except (OSError, SafetensorError) as err:
+        with atomic_write_path(path) as tmp:
+            save_file(state, str(tmp), metadata={"sha256": _digest(state)})
+    except (OSError, SafetensorError, LoRDBAError) as err:
         warnings.warn(f"quantized-base cache {path} could not be written ({err}); continuing without it", stacklevel=3)
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
 
 
 _CACHED = {"hqq": "HQQLinear", "q4": "Q4Linear"}  # backend -> the layer class whose state is cached
