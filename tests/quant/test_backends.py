@@ -318,6 +318,39 @@ def test_an_nf4_layer_passes_its_gradient_after_an_inference_forward(bias):
     torch.testing.assert_close(x.grad, 2 * y @ weight, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("evaluated_first", [False, True])
+def test_an_adapter_on_a_foreign_nf4_layer_gets_its_gradient_after_an_inference_forward(evaluated_first):
+    """A ``Linear4bit`` lordba did not make (transformers' ``BitsAndBytesConfig``: QLoRA) took bitsandbytes'
+    AVX512-BF16 CPU kernel after one forward in eval mode without a gradient, and kept it for every forward: an adapter
+    on an earlier layer lost its gradient through this one (silently). Wrapping it (``LoRDBALinear``) now keeps it on
+    the ordinary path, and reads a layer already in that kernel's layout (``evaluated_first``) back into the ordinary
+    one, with the weights it computed with."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from lordba.nn.layer import LoRDBALinear
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(64, 96, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(96, 64) * 0.1, requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu").eval()  # (quantizes)
+    x0 = torch.randn(3, 64)
+    if evaluated_first:
+        with torch.no_grad():
+            layer(x0)  # (in that kernel's layout now, its absmax rounded to bfloat16, where the CPU has it)
+    weight = resolve_backend(layer).dequantize(layer)  # what the layer computes with
+    expected = x0 @ weight.t() + layer.bias.detach()
+    wrapped = LoRDBALinear(layer)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x0), expected, rtol=1e-4, atol=1e-4)
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    torch.testing.assert_close(resolve_backend(layer).dequantize(layer), weight)
+    wrapped.train()
+    x = torch.randn(3, 64, requires_grad=True)
+    wrapped(x * 1.0).pow(2).sum().backward()
+    assert x.grad is not None
+    y = x.detach() @ weight.t() + layer.bias.detach()
+    torch.testing.assert_close(x.grad, 2 * y @ weight, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("backend", ["q4", "hqq", "bnb", "gpt2-q4", "gpt2-bnb"])
 @pytest.mark.parametrize("training", [False, True])
 def test_quantized_layers_take_the_mode_of_the_layers_they_replace(backend, training):

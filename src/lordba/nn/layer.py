@@ -80,6 +80,7 @@ class LoRDBALinear(nn.Module):
         backend = backend or resolve_backend(base_layer)
         if backend is None:
             raise ShapeMismatchError(f"{type(base_layer).__name__} is not a supported linear layer")
+        backend.adopt(base_layer)  # (bitsandbytes NF4: off the CPU kernel without a backward)
         self.base_layer = base_layer
         self.backend = backend
         self.in_features, self.out_features = backend.features(base_layer)

@@ -39,6 +39,10 @@ class BaseBackend:
         """Device of the base layer's weight (the adapter is created there)."""
         return next(iter(module.parameters()), torch.empty(0)).device
 
+    def adopt(self, module: nn.Module) -> None:
+        """Make ``module`` fit to carry adapters, in place, its outputs unchanged (called when a layer wraps it):
+        nothing here; bitsandbytes' NF4 layers leave the CPU kernel that has no backward."""
+
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         """The weight as a dense float32 ``out × in`` tensor."""
         raise NotImplementedError

@@ -47,6 +47,17 @@ class BnbNF4Backend(_BnbBackend):
     layer_class = "Linear4bit"
     bits = 4.0
 
+    def adopt(self, module: nn.Module) -> None:
+        """A ``Linear4bit`` made elsewhere (transformers' ``BitsAndBytesConfig``, QLoRA) keeps bitsandbytes' ordinary
+        CPU path from now on, as :func:`_make_linear4bit`'s do: its AVX512-BF16 kernel (taken after one forward in
+        eval mode without a gradient, and then for every forward) has no backward, so the gradient to the adapters
+        of earlier layers was silently lost. A layer already in that kernel's layout is read back into the ordinary
+        one (:func:`_nf4_codes`: the values it computes with)."""
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            codes, state = _nf4_codes(module.weight)
+            module.weight.data, module.weight.quant_state = codes, state
+        module.support_avx512bf16_for_cpu = False
+
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         codes, state = _nf4_codes(module.weight)
         return _bnb().functional.dequantize_4bit(codes, state).float()
