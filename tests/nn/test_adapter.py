@@ -260,3 +260,29 @@ def test_a_tensor_replaced_twice_between_calls_is_never_taken_for_the_one_a_cach
         got = layer(x)
         ad.clear_cache()
         assert torch.equal(got, layer(x)), trial
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("form, kernel", [("latent", "auto"), ("frozen", "auto"), ("packed", "dense")])
+def test_torch_save_of_an_adapter_that_has_run_without_gradient(scale_dtype, form, kernel):
+    """``torch.save(model)`` of a model whose training-form adapters had run one forward without gradient (an
+    evaluation) raised "Cannot save multiple tensors or storages that view the same data as different types": the
+    adapter's caches hold the untyped storages of its float32 parameters (the entries' pins) beside the parameters
+    themselves; so did a packed adapter's ``dense``-mode entry. The caches are not pickled (a copy rebuilds its own)."""
+    import io
+
+    layer = make_layer(in_f=40, out_f=24, names=("a",), r=4, scale_dtype=scale_dtype)
+    ad = layer.lordba_adapters["a"]
+    ad = {"latent": ad, "frozen": ad.freeze_signs(), "packed": ad.pack()}[form]
+    x = torch.randn(3, 40)
+    with torch.no_grad(), kernels.mode(kernel):
+        want = ad(x)
+        assert ad._caches.entries  # what made the pickle fail
+        saved = io.BytesIO()
+        torch.save(ad, saved)
+        saved.seek(0)
+        copied = torch.load(saved, weights_only=False)
+        assert not copied._caches.entries
+        assert torch.equal(copied(x), want)
+        assert torch.equal(ad(x), want)  # the original keeps its caches
+        assert ad._caches.entries

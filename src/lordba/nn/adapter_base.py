@@ -175,6 +175,14 @@ class AdapterBase(nn.Module):
         self._caches.clear()  # (their entries would keep the previous tensors' storages until the next call)
         return result
 
+    def __getstate__(self) -> dict:
+        """The module's state (``torch.save``, pickling, ``copy.deepcopy``) without its caches: their entries pin
+        the untyped storages of its tensors, which ``torch.save`` refuses beside the tensors themselves, and were
+        keyed by the original's addresses. A copy builds its own."""
+        state = super().__getstate__()
+        state["_caches"] = _Caches()
+        return state
+
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
         """:meth:`nn.Module.register_buffer`, dropping prepared calls that held the previous tensor."""
         touch()
