@@ -194,6 +194,6 @@ def test_a_gpt2_base_is_cached_with_its_conv1d_projections(tmp_path, monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cached = quantize_model_cached(gpt2(), folder, backend=backend, bits=4, group_size=group)
-    assert type(cached.transformer.h[0].attn.c_attn).__name__ == {"q4": "Q4Linear", "hqq": "HQQLinear"}[backend]
+    assert type(cached.transformer.h[0].attn.c_attn).__name__ == {"q4": "Q4Linear", "hqq": "LordbaHQQLinear"}[backend]
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, cached(input_ids=ids).logits)

@@ -32,3 +32,60 @@ def test_shapes_hqq_packs_still_quantize(bits):
     model = quantize_model(Two(64), "hqq", bits=bits, group_size=16)  # 64 x 40 / 16 = 160 groups
     out = model.b(torch.randn(2, 40))
     assert out.shape == (2, 64) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cast", ["to", "method"])
+def test_a_cast_hqq_base_computes_in_the_new_dtype(dtype, cast):
+    """``HQQLinear`` keeps its compute dtype, scales, zeros and bias through a conversion of the model it is in (they
+    are no buffers; its ``to``/``half`` do nothing): every forward of an HQQ base cast with ``model.to(torch.bfloat16)``
+    or ``model.half()`` failed (``expected m1 and m2 to have the same dtype``), with or without an adapter. lordba's HQQ
+    layers follow the cast (and a cast back), within the dtype's rounding."""
+    from conftest import tiny_llama
+
+    ids = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(0))
+    model = quantize_model(tiny_llama(0), "hqq", bits=4, group_size=8)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        if cast == "to":
+            model.to(dtype)
+        else:
+            model.half() if dtype == torch.float16 else model.bfloat16()
+        layer = model.model.layers[0].self_attn.q_proj
+        assert layer.compute_dtype == dtype and layer.dequantize().dtype == dtype
+        got = model(input_ids=ids).logits
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=0.05 * float(want.abs().max()))
+        model.float()
+        assert layer.compute_dtype == torch.float32
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0.05 * float(want.abs().max()))
+
+
+def test_an_adapter_on_a_bfloat16_hqq_base_runs_fused_and_trains():
+    """An adapter on an HQQ base cast to bfloat16: its kept call (``lordba::linear_branch`` on the dequantized
+    bfloat16 weight) equals HQQ's forward then the branch, and the input's gradient through the frozen layer is the
+    dequantized weight's."""
+    from lordba.core.scales import get_codec
+    from lordba.core.ste import STE
+    from lordba.nn import fastpath
+    from lordba.nn.adapter import TrainableAdapter
+    from lordba.nn.layer import LoRDBALinear
+    from lordba.quant.hqq import quantize_linear_hqq
+
+    torch.manual_seed(0)
+    layer = LoRDBALinear(quantize_linear_hqq(nn.Linear(64, 40), 4, 32, torch.float32))
+    adapter = TrainableAdapter(64, 40, 8, 2.0, get_codec("int8"), STE(), init="random")
+    layer.add_adapter("a", adapter.pack())
+    layer.set_adapter("a")
+    layer.to(torch.bfloat16)
+    with torch.no_grad():
+        for tokens in (1, 5):
+            x = torch.randn(1, tokens, 64, dtype=torch.bfloat16)
+            got = layer(x)
+            assert fastpath.decode_call(layer, None, x) is not None
+            want = layer.lordba_adapters["a"](x, layer.base_layer(x))
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    weight = layer.base_layer.dequantize()
+    x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
+    layer.base_layer(x).float().sum().backward()
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(3, 64), rtol=2e-2, atol=2e-2)

@@ -76,7 +76,7 @@ def quantize_model_cached(
     quantize_model(model, backend, bits, group_size, progress=progress)
     state = {}
     for name, module in model.named_modules():
-        if type(module).__name__ == _CACHED[backend]:
+        if type(module).__name__ in _CACHED[backend]:
             for k, v in module.state_dict().items():
                 state[f"{name}::{k}"] = v.detach().cpu().contiguous()
             if hasattr(module, "bits") and backend == "q4":
@@ -97,7 +97,7 @@ def _store(state: dict[str, torch.Tensor], path: Path) -> None:
         warnings.warn(f"quantized-base cache {path} could not be written ({err}); continuing without it", stacklevel=3)
 
 
-_CACHED = {"hqq": "HQQLinear", "q4": "Q4Linear"}  # backend -> the layer class whose state is cached
+_CACHED = {"hqq": ("HQQLinear", "LordbaHQQLinear"), "q4": ("Q4Linear",)}  # backend -> the layer classes cached
 _LAYOUT = 3  # of the cached files (2: the q4 base's output head is cached too; 3: q4 zero points rounded at 4 bits)
 
 
@@ -161,10 +161,14 @@ def _cached_layers(model: nn.Module, backend: str) -> list[str]:
 
 
 def _hqq_layer(linear: nn.Linear, sd: dict[str, torch.Tensor], bits: int, group_size: int) -> nn.Module:
-    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    from hqq.core.quantize import BaseQuantizeConfig
+
+    from lordba.quant.hqq import hqq_layer_cls
 
     config = {**BaseQuantizeConfig(nbits=bits, group_size=group_size), "offload_meta": False}
-    q = HQQLinear(None, config, compute_dtype=linear.weight.dtype, device=str(linear.weight.device), initialize=False)
+    q = hqq_layer_cls()(
+        None, config, compute_dtype=linear.weight.dtype, device=str(linear.weight.device), initialize=False
+    )
     q.load_state_dict(sd)
     return q
 

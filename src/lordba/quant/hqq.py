@@ -25,6 +25,52 @@ def _hqq_linear_cls() -> type | None:
     return HQQLinear
 
 
+_LAYER_CLS: list[type] = []
+
+
+def hqq_layer_cls() -> type:
+    """The ``HQQLinear`` subclass lordba makes its HQQ layers of (:func:`quantize_linear_hqq`, the cache, merges):
+    HQQ's own forward, but a conversion of the module it is in (``model.to(torch.bfloat16)``, ``.half()``, ``.to(
+    device)``) reaches its compute dtype, its scales and zeros (held in a dict, not as buffers) and its bias (a plain
+    attribute). ``HQQLinear`` keeps them as they were (its ``to``, ``half``, … do nothing), so that every forward of
+    a cast model failed (``expected m1 and m2 to have the same dtype``)."""
+    if _LAYER_CLS:
+        return _LAYER_CLS[0]
+    from hqq.core.quantize import HQQLinear
+
+    class LordbaHQQLinear(HQQLinear):
+        @classmethod
+        def set_backend(cls, backend: Any) -> None:
+            HQQLinear.set_backend(backend)  # (HQQ sets ``forward`` on the class it is called on: keep it HQQ's)
+
+        def _apply(self, fn: Callable, recurse: bool = True) -> nn.Module:
+            result = super()._apply(fn, recurse)
+            if self.meta is None:
+                return result
+            for key, value in list(self.meta.items()):
+                if isinstance(value, torch.Tensor):
+                    self.meta[key] = fn(value)
+            if isinstance(self.bias, torch.Tensor) and not isinstance(self.bias, nn.Parameter):
+                self.bias = fn(self.bias)
+            probe = fn(torch.zeros((), dtype=self.compute_dtype))  # what the conversion makes of a float tensor
+            if probe.is_floating_point():
+                self.compute_dtype = probe.dtype
+                self.meta["compute_dtype"] = probe.dtype
+            self.device = str(self.W_q.device)
+            return result
+
+    LordbaHQQLinear.__qualname__ = LordbaHQQLinear.__name__  # pickled by name: this module's ``__getattr__``
+    LordbaHQQLinear.__module__ = __name__
+    _LAYER_CLS.append(LordbaHQQLinear)
+    return LordbaHQQLinear
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LordbaHQQLinear":  # (made when first asked for: hqq is imported lazily)
+        return hqq_layer_cls()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class HQQBackend(BaseBackend):
     """HQQ ``HQQLinear`` layers; merging requantizes into a new layer with the same settings."""
 
@@ -44,7 +90,7 @@ class HQQBackend(BaseBackend):
     def merge(self, module: nn.Module, delta: torch.Tensor) -> nn.Module:
         weight = (self.dequantize(module) + delta.float()).to(module.compute_dtype)
         config = copy.deepcopy(module.quant_config)  # HQQLinear pops "offload_meta" out of its config
-        merged = _hqq_linear_cls()(
+        merged = hqq_layer_cls()(
             None,
             {**config, "offload_meta": module.offload_meta},
             compute_dtype=module.compute_dtype,
@@ -119,7 +165,8 @@ def hqq_shape_problem(shape: tuple[int, ...], bits: int, group_size: int) -> str
 
 def quantize_linear_hqq(linear: nn.Linear, bits: int, group_size: int, compute_dtype: torch.dtype) -> nn.Module:
     """An ``HQQLinear`` replacing ``linear`` (its float weight is released)."""
-    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    from hqq.core.quantize import BaseQuantizeConfig
 
     config = BaseQuantizeConfig(nbits=bits, group_size=group_size)
-    return HQQLinear(linear, config, compute_dtype=compute_dtype, device=str(linear.weight.device), del_orig=True)
+    cls = hqq_layer_cls()
+    return cls(linear, config, compute_dtype=compute_dtype, device=str(linear.weight.device), del_orig=True)
