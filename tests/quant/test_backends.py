@@ -261,6 +261,8 @@ def test_quantize_model_refuses_a_model_that_already_has_adapters(backend):
     [
         ({"backend": "hqq", "group_size": 0}, "group_size"),  # ZeroDivisionError
         ({"backend": "hqq", "group_size": -8}, "group_size"),  # RuntimeError: invalid shape dimension -8
+        ({"backend": "hqq", "group_size": 12}, "group_size"),  # (k_proj's 800 weights are no multiple of 12)
+        ({"backend": "hqq", "bits": 8, "group_size": 4}, "group_size"),  # AssertionError in HQQ's BaseQuantizeConfig
         ({"backend": "q4", "group_size": None}, "group_size"),  # TypeError
         ({"backend": "q4", "group_size": 64.0}, "group_size"),  # TypeError in torch.zeros
         ({"backend": "q4", "skip": "q_proj"}, "skip"),  # a string: matched as a substring of each name

@@ -37,14 +37,15 @@ def quantize_model(
     weight read per token — and unquantized for the other backends). A head tied to the input
     embeddings is untied: the embeddings stay float32 for the lookup.
 
-    ``backend="hqq"``: HQQ, ``bits`` ∈ {1, 2, 3, 4, 8}, groups of ``group_size``.
+    ``backend="hqq"``: HQQ, ``bits`` ∈ {1, 2, 3, 4, 8}, groups of ``group_size`` (a multiple of 8).
     ``backend="q4"`` (default): lordba's own 4-bit layers (HQQ-optimised groups of ``group_size``, a multiple
     of 32; the fast decode kernels of :mod:`lordba.kernels.q4`).
     ``backend="bnb"``: bitsandbytes NF4 (``bits`` must be 4; block size 64).
     ``backend="none"``: leave the base unquantized.
     Every parameter of ``model`` is frozen; each new layer takes the mode (training or eval) of the layer it
     replaces. Raises :class:`ConfigError` for an unknown backend,
-    unsupported ``bits``, or (``hqq``) a layer whose shape HQQ cannot pack, naming it, before any layer is replaced;
+    unsupported ``bits``, a ``group_size`` the backend does not take, or (``hqq``) a layer whose shape HQQ cannot
+    pack, naming it, before any layer is replaced;
     a ``group_size`` that is not a positive integer, a ``skip`` that is not a list of names; and for a model that
     already holds adapter layers (:func:`check_no_adapters`).
     """
@@ -61,6 +62,8 @@ def quantize_model(
         raise ConfigError(f"the bnb backend quantizes to NF4 (4 bits) only, got bits={bits}")
     if backend == "hqq" and bits not in (1, 2, 3, 4, 8):
         raise ConfigError(f"HQQ supports bits in (1, 2, 3, 4, 8), got {bits}")
+    if backend == "hqq" and group_size % 8:  # (HQQ's BaseQuantizeConfig: a bare assert, skipped under python -O)
+        raise ConfigError(f"the hqq backend takes a group_size that is a multiple of 8, got {group_size}")
     if backend == "q4" and (bits != 4 or group_size % 32):
         raise ConfigError(
             f"the q4 backend is 4-bit with groups of a multiple of 32, got bits={bits}, group_size={group_size}"
