@@ -196,6 +196,26 @@ def test_hotswap_subset_zeroes_the_rest_and_rank_mismatch_is_refused(tmp_path, i
     assert torch.equal(logits(lm, input_ids), before)
 
 
+def test_hotswap_takes_the_new_adapters_dropout(tmp_path, input_ids):
+    # The swapped-in config (peft_config, and the next save) has the file's dropout: the adapters trained
+    # with the old one (a file with dropout 0.25 swapped into one without trained with none).
+    randomized().save_pretrained(tmp_path / "a")
+    randomized({"dropout": 0.25}, adapter_seed=9).save_pretrained(tmp_path / "b")
+    lm = LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path / "a", is_trainable=True)
+    lm.hotswap_adapter(tmp_path / "b")
+    assert lm.peft_config["default"].dropout == 0.25
+    assert {a.dropout for a in lm.adapter_modules("default").values()} == {0.25}
+    fresh = LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path / "b", is_trainable=True)
+    lm.train()
+    fresh.train()
+    torch.manual_seed(0)
+    swapped = lm(input_ids=input_ids).logits
+    torch.manual_seed(0)
+    assert torch.equal(swapped, fresh(input_ids=input_ids).logits)
+    lm.hotswap_adapter(tmp_path / "a")
+    assert {a.dropout for a in lm.adapter_modules("default").values()} == {0.0}
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_hotswap_of_a_merged_adapter_is_refused_and_changes_nothing(tmp_path, input_ids, quantized):
     # The merged base holds the old ΔW: a swap would leave the outputs the old adapter's, and the unmerge

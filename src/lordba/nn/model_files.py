@@ -251,8 +251,9 @@ class AdapterFilesMixin:
     def hotswap_adapter(self, model_id: str | Path, adapter_name: str = "default") -> None:
         """Replace a loaded adapter's weights in place (no re-injection, same tensors, so compiled
         graphs stay valid; only a compact adapter given another scale format gets new scale
-        buffers). The new adapter must target the same modules (or a subset: the others become
-        no-ops) with the same ranks, and must not be merged (its old update is in the base weights).
+        buffers); its scaling and dropout become the new file's. The new adapter must target the
+        same modules (or a subset: the others become no-ops) with the same ranks, and must not be
+        merged (its old update is in the base weights).
 
         Raises:
             AdapterStateError: an unknown or merged adapter, other modules, ranks or extra tensors
@@ -283,6 +284,7 @@ class AdapterFilesMixin:
                     adapter = self._swap(adapter_name, path, adapter.freeze_signs())  # stored signs are packed
                 adapter.codec = codec
                 adapter.scaling = config.scaling_for(path)
+                adapter.dropout = config.dropout  # the swapped-in config's, as a load gives it
                 if rec is None:
                     adapter.silence()
                 else:
