@@ -13,7 +13,7 @@ import huggingface_hub
 import pytest
 import torch
 
-from lordba import AdapterFormatError, LoRDBAConfig, LoRDBAModel, get_lordba_model
+from lordba import AdapterFormatError, AutoLoRDBAModelForCausalLM, LoRDBAConfig, LoRDBAModel, get_lordba_model
 from lordba.nn.hub import CARD_NAME
 
 from conftest import tiny_llama
@@ -132,6 +132,19 @@ def test_a_hub_repo_without_an_adapter_config_is_named(tmp_path, offline_cache):
 def test_a_missing_local_path_still_says_not_a_directory(tmp_path):
     with pytest.raises(AdapterFormatError, match="not a directory"):
         LoRDBAModel.from_pretrained(tiny_llama(0), str(tmp_path / "nope" / "adapter"))
+
+
+def test_a_path_with_a_name_too_long_for_the_file_system_is_named(tmp_path):
+    # Path.exists() raised OSError (ENAMETOOLONG) before the loader could name the path
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, target_modules=["q_proj"]))
+    for too_long in ("x" * 300, str(tmp_path / ("y" * 300) / "adapter")):
+        with pytest.raises(AdapterFormatError, match="too long"):
+            lm.load_adapter(too_long, "other")
+        with pytest.raises(AdapterFormatError, match="too long"):
+            lm.hotswap_adapter(too_long)
+        with pytest.raises(AdapterFormatError, match="too long"):
+            AutoLoRDBAModelForCausalLM.from_pretrained(too_long)
+    assert list(lm.peft_config) == ["default"]
 
 
 class FakeApi:

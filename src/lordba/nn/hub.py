@@ -64,6 +64,15 @@ def _is_repo_id(model_id: str) -> bool:
     return True
 
 
+def _local(model_id: str) -> bool:
+    """Whether ``model_id`` names something on the local file system; a name the file system refuses (too
+    long) is taken as local too, so that the loader reports it (a Hub id is never that long)."""
+    try:
+        return Path(model_id).exists()
+    except OSError:
+        return True
+
+
 def resolve_adapter_dir(
     model_id: str | Path,
     *,
@@ -96,7 +105,7 @@ def resolve_adapter_dir(
     """
     check_path(model_id, "the adapter directory (a path or a Hub id)")
     sub = Path(subfolder) if subfolder else Path()
-    if isinstance(model_id, Path) or Path(model_id).exists() or not _is_repo_id(model_id):
+    if isinstance(model_id, Path) or _local(model_id) or not _is_repo_id(model_id):
         return Path(model_id) / sub
     prefix = f"{sub.as_posix()}/" if subfolder else ""
     try:
