@@ -184,6 +184,30 @@ def test_push_to_hub_uploads_the_adapter_directory_only(tmp_path, monkeypatch):
     assert kwargs["commit_message"] == "first"
 
 
+def test_push_to_hub_cards_of_other_adapters_load_them_from_their_subfolder(tmp_path, monkeypatch, offline_cache):
+    # Each adapter but "default" is uploaded to its subfolder: its card's code loaded the repo's top
+    # folder (the default adapter: another one, silently) and told to export a Hub id as a directory.
+    FakeApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    lm = save_adapter(tmp_path / "saved", seed=1)
+    torch.manual_seed(2)
+    lm.add_adapter("chat", LoRDBAConfig(r=2, target_modules=["k_proj"], init="random"))
+    lm.push_to_hub(REPO)
+    files = FakeApi.calls[-1][2]
+    top, chat = files[CARD_NAME].decode(), files[f"chat/{CARD_NAME}"].decode()
+    assert f'from_pretrained("{REPO}")' in top and "subfolder" not in top
+    assert f'AutoLoRDBAModelForCausalLM.from_pretrained("{REPO}", subfolder="chat")' in chat
+    assert f'LoRDBAModel.from_pretrained(base_model, "{REPO}", subfolder="chat")' in chat
+    assert f"lordba export-lora {REPO}" not in top + chat  # export-lora reads a local directory
+    for name in FILES:  # the card's call loads the chat adapter
+        (tmp_path / "hub" / "chat").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "hub" / "chat" / name).write_bytes(files[f"chat/{name}"])
+    add_to_cache(offline_cache, REPO, tmp_path / "hub" / "chat", "e" * 40, subfolder="chat")
+    loaded = LoRDBAModel.from_pretrained(tiny_llama(0), REPO, subfolder="chat")
+    lm.set_adapter("chat")
+    torch.testing.assert_close(logits(loaded), logits(lm), rtol=0, atol=1e-5)
+
+
 def test_push_to_hub_refuses_a_bad_repo_id(monkeypatch):
     FakeApi.calls = []
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)

@@ -136,13 +136,15 @@ def resolve_adapter_dir(
     return directory
 
 
-def model_card(config: LoRDBAConfig, repo_id: str | None = None) -> str:
+def model_card(config: LoRDBAConfig, repo_id: str | None = None, subfolder: str | None = None) -> str:
     """The text of the adapter's ``README.md``: Hub card metadata (``library_name: lordba``,
     ``base_model``, tags) and how to load it. Deterministic for the same config.
 
     Args:
         config: the adapter's config (base model, rank, scale format, targets).
         repo_id: where it is (or will be) on the Hub, used in the example code.
+        subfolder: the adapter's folder in that repo or directory (``save_pretrained`` puts each adapter
+            but ``default`` in one), passed in the example code.
 
     Returns:
         The card's text.
@@ -156,6 +158,9 @@ def model_card(config: LoRDBAConfig, repo_id: str | None = None) -> str:
         tags.append(f"base_model:adapter:{hub_base}")
     meta += ["tags:", *(f"- {json.dumps(t)}" for t in tags), "---", ""]
     where = repo_id or "PATH_OR_REPO_ID"
+    args = f'"{where}"' + (f", subfolder={json.dumps(subfolder)}" if subfolder else "")
+    local = "DIR" + (f"/{subfolder}" if subfolder else "")  # export-lora reads a directory, not a Hub id
+    copy = f"a local copy of the repo: `hf download {repo_id} --local-dir DIR`" if repo_id else "the saved folder"
     targets = config.target_modules
     if targets is None:
         targets = "every linear layer but the output head"
@@ -176,19 +181,21 @@ matrices and the magnitudes in three channel-wise scale vectors) for `{base or "
 ```python
 from lordba import AutoLoRDBAModelForCausalLM
 
-model = AutoLoRDBAModelForCausalLM.from_pretrained("{where}")
+model = AutoLoRDBAModelForCausalLM.from_pretrained({args})
 ```
 
-or onto a base model you already have: `LoRDBAModel.from_pretrained(base_model, "{where}")`.
+or onto a base model you already have: `LoRDBAModel.from_pretrained(base_model, {args})`.
 
 transformers' `load_adapter`, PEFT's `PeftModel.from_pretrained` and `AutoPeftModelForCausalLM`
 cannot read this format (they fail with `KeyError: 'LORDBA'`). For PEFT, vLLM and other LoRA
-runtimes, export a plain LoRA first: `lordba export-lora {where} OUT`.
+runtimes, export a plain LoRA first: `lordba export-lora {local} OUT` (DIR: {copy}).
 """
     return "\n".join(meta) + body
 
 
-def write_model_card(directory: str | Path, config: LoRDBAConfig, repo_id: str | None = None) -> Path | None:
+def write_model_card(
+    directory: str | Path, config: LoRDBAConfig, repo_id: str | None = None, subfolder: str | None = None
+) -> Path | None:
     """Write the model card beside a saved adapter, crash-safely (temp file + rename), unless the
     directory holds a ``README.md`` that lordba did not write (a user's card is never replaced).
     The card is not part of the adapter: failing to write it only warns.
@@ -197,6 +204,7 @@ def write_model_card(directory: str | Path, config: LoRDBAConfig, repo_id: str |
         directory: the adapter directory (already written).
         config: the adapter's config, as saved.
         repo_id: the Hub repo the card describes, if known.
+        subfolder: the adapter's folder in that repo (or in the directory it was saved to), if any.
 
     Returns:
         The card's path, or ``None`` when it was kept or could not be written.
@@ -205,7 +213,7 @@ def write_model_card(directory: str | Path, config: LoRDBAConfig, repo_id: str |
     try:
         if path.is_file() and CARD_MARK not in path.read_text(encoding="utf-8", errors="replace"):
             return None
-        atomic_write_bytes(path, model_card(config, repo_id).encode())
+        atomic_write_bytes(path, model_card(config, repo_id, subfolder).encode())
     except (OSError, AdapterFormatError) as err:
         warnings.warn(f"{path}: model card not written ({err}); the adapter itself is saved", stacklevel=3)
         return None

@@ -92,7 +92,7 @@ class AdapterFilesMixin:
                 state = self.adapter_state(name)
                 state.save_pretrained(directory, format_version)
                 if model_card:
-                    write_model_card(directory, state.config)
+                    write_model_card(directory, state.config, subfolder=None if name == "default" else name)
 
     def push_to_hub(
         self,
@@ -121,7 +121,7 @@ class AdapterFilesMixin:
             self.save_pretrained(tmp, names, model_card=False)
             for name in names:
                 directory = Path(tmp) if name == "default" else Path(tmp) / name
-                write_model_card(directory, self._saved_config(name), repo_id)
+                write_model_card(directory, self._saved_config(name), repo_id, None if name == "default" else name)
             return upload_adapter_folder(
                 tmp,
                 repo_id,
