@@ -92,6 +92,29 @@ def test_cache_dir_and_subfolder_keywords(tmp_path, offline_cache):
     torch.testing.assert_close(logits(loaded), logits(lm), rtol=0, atol=1e-5)
 
 
+def test_a_subfolder_with_glob_characters_is_downloaded(tmp_path, monkeypatch):
+    # The subfolder went unescaped into snapshot_download's allow_patterns (fnmatch): "run[2]/..." matched
+    # "run2/..." only, nothing was downloaded, and the adapter was said not to be a LoRDBA adapter.
+    lm = save_adapter(tmp_path / "repo" / "run[2]", seed=6)
+    repo_files = sorted(
+        p.relative_to(tmp_path / "repo").as_posix() for p in (tmp_path / "repo").rglob("*") if p.is_file()
+    )
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+
+        snapshot = tmp_path / "snapshot"
+        for name in filter_repo_objects(repo_files, allow_patterns=allow_patterns):  # what the Hub client keeps
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(tmp_path / "repo" / name, snapshot / name)
+        snapshot.mkdir(exist_ok=True)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    loaded = LoRDBAModel.from_pretrained(tiny_llama(0), REPO, subfolder="run[2]")
+    torch.testing.assert_close(logits(loaded), logits(lm), rtol=0, atol=1e-5)
+
+
 def test_a_hub_id_resolves_with_the_real_environment_variables(tmp_path):
     """No monkeypatching: HF_HUB_CACHE and HF_HUB_OFFLINE=1 as a user sets them, in a fresh process."""
     save_adapter(tmp_path / "src", seed=5)

@@ -8,6 +8,7 @@ written or an upload happens. Nothing here knows what a ``LoRDBAModel`` is: the 
 
 from __future__ import annotations
 
+import glob
 import json
 import warnings
 from pathlib import Path
@@ -107,7 +108,7 @@ def resolve_adapter_dir(
     sub = Path(subfolder) if subfolder else Path()
     if isinstance(model_id, Path) or _local(model_id) or not _is_repo_id(model_id):
         return Path(model_id) / sub
-    prefix = f"{sub.as_posix()}/" if subfolder else ""
+    prefix = glob.escape(f"{sub.as_posix()}/") if subfolder else ""  # allow_patterns are fnmatch patterns
     try:
         from huggingface_hub import snapshot_download
 
