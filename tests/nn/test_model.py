@@ -111,6 +111,23 @@ def test_named_adapters_go_to_subfolders_and_stack(tmp_path, input_ids):
     assert torch.equal(logits(lm, input_ids), ref_base)
 
 
+def test_a_save_of_several_adapters_that_one_cannot_take_writes_none(tmp_path):
+    # The adapters were written one by one: "default" was replaced by the new save before "chat" (int4
+    # scales, which format version 1 cannot hold) was refused, leaving a folder of half old, half new adapters.
+    from lordba import AdapterFormatError
+
+    lm = randomized()
+    torch.manual_seed(7)
+    lm.add_adapter("chat", LoRDBAConfig(r=2, init="random", target_modules=["q_proj"], scale_dtype="int4"))
+    lm.save_pretrained(tmp_path)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    with torch.no_grad():
+        next(iter(lm.adapter_modules("default").values())).scale_mid.mul_(2)
+    with pytest.raises(AdapterFormatError, match=r"'chat'.*int4"):
+        lm.save_pretrained(tmp_path, format_version=1)
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+
+
 def test_mixed_batch_matches_per_adapter_runs(tmp_path, input_ids):
     lm = randomized()
     lm.save_pretrained(tmp_path / "a")

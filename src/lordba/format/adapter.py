@@ -371,8 +371,26 @@ def write_adapter(
 ) -> Path:
     """Write an adapter directory crash-safely (``extras`` and ``format_version`` as in
     :func:`serialize`); returns the directory. Raises :class:`AdapterFormatError` as it does."""
+    return commit_adapter(directory, adapter_files(config, modules, extras, format_version))
+
+
+def adapter_files(
+    config: LoRDBAConfig,
+    modules: dict[str, ModuleRecord],
+    extras: dict[str, torch.Tensor] | None = None,
+    format_version: int | None = None,
+) -> dict[str, bytes]:
+    """The files :func:`write_adapter` commits, ``{name: bytes}`` (computed before anything is written, so
+    that a save of several adapters can refuse one before writing any). Raises :class:`AdapterFormatError`
+    as :func:`serialize` does, and for an adapter without modules."""
     if not modules:
         raise AdapterFormatError("refusing to save an adapter with no modules")
     weights, config_bytes = serialize(config, modules, extras, format_version)
-    commit_files(directory, {WEIGHTS_NAME: weights, CONFIG_NAME: config_bytes}, _pair_consistent)
+    return {WEIGHTS_NAME: weights, CONFIG_NAME: config_bytes}
+
+
+def commit_adapter(directory: str | Path, files: dict[str, bytes]) -> Path:
+    """Replace an adapter directory's files with ``files`` (from :func:`adapter_files`) crash-safely;
+    returns the directory."""
+    commit_files(directory, files, _pair_consistent)
     return Path(directory)

@@ -75,8 +75,12 @@ class AdapterFilesMixin:
 
         ``safe_serialization`` is PEFT's option: the files are always safetensors (``False`` is refused).
 
+        Every selected adapter is encoded before any is written: one that cannot be saved (e.g. ``int4``
+        scales in format version 1) is refused, naming it, and no folder changes.
+
         Raises:
             AdapterStateError: an unknown adapter name in ``selected_adapters``.
+            AdapterFormatError: an adapter that cannot be saved (named).
             ConfigError: ``safe_serialization=False``.
         """
         if safe_serialization is not True:
@@ -87,12 +91,19 @@ class AdapterFilesMixin:
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         self._check_known(*names)
         with self._lock.read():
+            saves = []  # every adapter's files first: one that cannot be saved leaves all folders as they were
             for name in names:
-                directory = Path(save_directory) if name == "default" else Path(save_directory) / name
                 state = self.adapter_state(name)
-                state.save_pretrained(directory, format_version)
+                try:
+                    files = adapter_files.adapter_files(state.config, state.modules, state.extras, format_version)
+                except AdapterFormatError as err:
+                    raise AdapterFormatError(f"save_pretrained: adapter {name!r}: {err}") from None
+                saves.append((name, state.config, files))
+            for name, config, files in saves:
+                directory = Path(save_directory) if name == "default" else Path(save_directory) / name
+                adapter_files.commit_adapter(directory, files)
                 if model_card:
-                    write_model_card(directory, state.config, subfolder=None if name == "default" else name)
+                    write_model_card(directory, config, subfolder=None if name == "default" else name)
 
     def push_to_hub(
         self,
