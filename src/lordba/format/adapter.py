@@ -66,6 +66,8 @@ __all__ = [  # ModuleRecord, TENSOR_KINDS and stored_shapes are defined in lordb
     "AdapterFile",
     "AdapterState",
     "ModuleRecord",
+    "adapter_files",
+    "commit_adapter",
     "open_adapter",
     "read_adapter",
     "serialize",
