@@ -115,6 +115,23 @@ def test_a_subfolder_with_glob_characters_is_downloaded(tmp_path, monkeypatch):
     torch.testing.assert_close(logits(loaded), logits(lm), rtol=0, atol=1e-5)
 
 
+def test_hotswap_adapter_takes_the_hub_keywords(tmp_path, offline_cache):
+    # PEFT's hotswap_adapter passes revision / subfolder / token on to the loading: an adapter pushed to a
+    # repo's subfolder (push_to_hub's layout for every adapter but "default") could not be swapped in.
+    first = save_adapter(tmp_path / "first", seed=1)
+    chat = save_adapter(tmp_path / "chat", seed=2)
+    tagged = save_adapter(tmp_path / "tagged", seed=3)
+    add_to_cache(offline_cache, REPO, tmp_path / "first", "a" * 40)
+    add_to_cache(offline_cache, REPO, tmp_path / "chat", "a" * 40, subfolder="chat")
+    add_to_cache(offline_cache, REPO, tmp_path / "tagged", "b" * 40, refs=("v2",))
+    lm = LoRDBAModel.from_pretrained(tiny_llama(0), REPO)
+    torch.testing.assert_close(logits(lm), logits(first), rtol=0, atol=1e-5)
+    lm.hotswap_adapter(REPO, subfolder="chat", local_files_only=True)
+    torch.testing.assert_close(logits(lm), logits(chat), rtol=0, atol=1e-5)
+    lm.hotswap_adapter(REPO, "default", revision="v2", token=False, cache_dir=offline_cache)
+    torch.testing.assert_close(logits(lm), logits(tagged), rtol=0, atol=1e-5)
+
+
 def test_a_hub_id_resolves_with_the_real_environment_variables(tmp_path):
     """No monkeypatching: HF_HUB_CACHE and HF_HUB_OFFLINE=1 as a user sets them, in a fresh process."""
     save_adapter(tmp_path / "src", seed=5)

@@ -259,19 +259,33 @@ class AdapterFilesMixin:
         return adapters
 
     @ordinary_tensors()
-    def hotswap_adapter(self, model_id: str | Path, adapter_name: str = "default") -> None:
+    def hotswap_adapter(
+        self,
+        model_id: str | Path,
+        adapter_name: str = "default",
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        subfolder: str | None = None,
+        local_files_only: bool = False,
+    ) -> None:
         """Replace a loaded adapter's weights in place (no re-injection, same tensors, so compiled
         graphs stay valid; only a compact adapter given another scale format gets new scale
         buffers); its scaling and dropout become the new file's. The new adapter must target the
         same modules (or a subset: the others become no-ops) with the same ranks, and must not be
-        merged (its old update is in the base weights).
+        merged (its old update is in the base weights). ``model_id`` and the Hub keywords (``revision``,
+        ``token``, ``cache_dir``, ``subfolder``, ``local_files_only``) are as in :meth:`load_adapter`.
 
         Raises:
             AdapterStateError: an unknown or merged adapter, other modules, ranks or extra tensors
                 (the model is left as it was); AdapterFormatError: as :meth:`load_adapter`.
         """
         self._check_known(adapter_name)
-        adapter_file, _ = self._read_for_model(model_id)
+        hub = dict(
+            revision=revision, token=token, cache_dir=cache_dir, subfolder=subfolder, local_files_only=local_files_only
+        )
+        adapter_file, _ = self._read_for_model(model_id, **hub)
         config = adapter_file.config
         codec = get_codec(config.scale_dtype)
         with self._lock.write():  # check and swap at once: another thread may delete or swap it
