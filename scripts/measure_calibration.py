@@ -1,7 +1,7 @@
 """Held-out loss of the activation-weighted conversion and allocation against the uniform rank
 (docs/conversion.md, ``--target-bpw`` with ``calibration``).
 
-Usage: OMP_NUM_THREADS=1 python scripts/measure_calibration.py OUT [--seeds 2]
+Usage: OMP_NUM_THREADS=1 python scripts/measure_calibration.py OUT [--seeds 2] [--quick]
 
 Per seed, ``lordba demo``'s SmolLM2-135M-Instruct fp16 LoRA r=16 on the 4-bit HQQ base (arithmetic, 60
 steps, the seed's own held-out set of 100) is trained and converted (PTQ, int8 scales) at a uniform r=8 and
@@ -50,13 +50,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="3 training steps, 16 held-out examples: a smoke run")
     args = p.parse_args()
+    demo_settings = SETTINGS.demo
+    if args.quick:
+        demo_settings = dataclasses.replace(demo_settings, steps=3, eval_size=16)
     args.out.mkdir(parents=True, exist_ok=True)
     points: list[dict] = []
     seconds: dict[int, float] = {}
     for seed in range(args.seeds):
         t0 = time.perf_counter()
-        demo = Demo(args.out, dataclasses.replace(SETTINGS.demo, seed=seed), progress=True)
+        demo = Demo(args.out, dataclasses.replace(demo_settings, seed=seed), progress=True)
         seed_points, _ = _one_seed(demo, SETTINGS, seed)
         seconds[seed] = time.perf_counter() - t0
         for point in seed_points:
