@@ -1,11 +1,13 @@
 """The routing gate: calls with one routing share it, other routings wait, nesting switches and restores."""
 
+import sys
 import threading
 
 import pytest
+import torch
 
 from lordba import AdapterStateError
-from lordba.nn.routing import RoutingGate, routing
+from lordba.nn.routing import RoutingGate, route_index, routing
 
 A = routing(None, False, ("a",))
 B = routing(None, False, ("b",))
@@ -82,3 +84,30 @@ def test_nested_switch_while_other_threads_are_inside_is_refused():
         release.set()
     thread.join(10)
     assert gate.routing is None
+
+
+def test_row_indices_of_many_compositions_are_made_safely_by_threads_at_once():
+    """``route_index``'s cache is shared by every model and thread (models with gates of their own, calls of one
+    routing in several threads): threads making indices for more compositions than it keeps evicted the same
+    oldest entry twice (KeyError) or iterated it while another thread changed it (RuntimeError)."""
+    errors, cpu = [], torch.device("cpu")
+
+    def work(seed: int) -> None:
+        try:
+            for i in range(20000):
+                names = ("a", f"b{seed}-{i}", "a")
+                assert route_index(names, cpu)[names[1]].tolist() == [1]
+        except BaseException as err:  # reported below
+            errors.append(repr(err))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: the interleavings that break show up in a few seconds
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]

@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import functools
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -133,14 +134,15 @@ def current_routing(gate: RoutingGate) -> Routing | None:
     return None
 
 
-_ROUTES: dict[tuple, dict[str, torch.Tensor]] = {}
+_ROUTES: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()  # oldest first; shared by threads
 
 
 def route_index(names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
     """``{adapter name: row indices}`` for a mixed batch, built once per distinct ``names`` and
     shared by every layer of a forward (a small bounded cache; built fresh while compiling). The indices
     are ordinary tensors even when first built under ``torch.inference_mode``: a later training forward
-    saves them for backward."""
+    saves them for backward. Safe from several threads at once: each change of the cache is one atomic call
+    (the oldest entry evicted by ``popitem``, never looked up and then popped)."""
     key, compiling = (tuple(names), device), torch.compiler.is_compiling()
     found = None if compiling else _ROUTES.get(key)
     if found is None:
@@ -151,6 +153,7 @@ def route_index(names: Sequence[str], device: torch.device) -> dict[str, torch.T
             found = {n: torch.tensor(r, dtype=torch.long, device=device) for n, r in rows.items()}
         if not compiling:
             if len(_ROUTES) >= 64:
-                _ROUTES.pop(next(iter(_ROUTES)))
+                with contextlib.suppress(KeyError):  # (another thread emptied it meanwhile)
+                    _ROUTES.popitem(last=False)
             _ROUTES[key] = found
     return found
