@@ -164,6 +164,25 @@ def test_generate_through_the_wrapper_with_mixed_adapters(tmp_path, input_ids):
     assert beams.shape == mixed.shape
 
 
+def test_generate_with_mixed_adapters_follows_a_positional_generation_config(tmp_path, input_ids):
+    """``generate(ids, generation_config, adapter_names=...)`` (transformers' second positional parameter):
+    its beams and returned sequences multiply the rows as a keyword ``generation_config`` does; the names
+    were expanded by the model's own config instead, and the call failed (2 names for 4 rows)."""
+    from transformers import GenerationConfig
+
+    lm = randomized()
+    randomized(adapter_seed=9).save_pretrained(tmp_path)
+    lm.load_adapter(tmp_path, "b")
+    names = ["default", "b"]
+    for config in (
+        GenerationConfig(max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0),
+        GenerationConfig(max_new_tokens=3, num_return_sequences=2, do_sample=True, top_k=1, pad_token_id=0),
+    ):
+        want = lm.generate(input_ids[:2], generation_config=config, adapter_names=names)
+        got = lm.generate(input_ids[:2], config, adapter_names=names)
+        assert torch.equal(got, want)
+
+
 def test_disable_adapter_context(input_ids):
     lm = randomized()
     base = logits(tiny_llama(0), input_ids)

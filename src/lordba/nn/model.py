@@ -287,9 +287,11 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Mo
         return self._forward(*args, adapter_names=adapter_names, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """``generate`` of the wrapped model, optionally with one adapter per batch row."""
+        """``generate`` of the wrapped model, optionally with one adapter per batch row (each name repeated
+        for the row's beams or returned sequences, per the call's generation config: keyword or positional)."""
         if adapter_names is not None:
-            gen = kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
+            given = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None)  # (inputs, config, ...)
+            gen = given or getattr(self.base_model, "generation_config", None)
             beams = kwargs.get("num_beams", getattr(gen, "num_beams", 1) or 1)
             returns = kwargs.get("num_return_sequences", getattr(gen, "num_return_sequences", 1) or 1)
             expand = beams if beams > 1 else returns
