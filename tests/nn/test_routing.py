@@ -2,6 +2,7 @@
 
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -111,3 +112,38 @@ def test_row_indices_of_many_compositions_are_made_safely_by_threads_at_once():
     finally:
         sys.setswitchinterval(interval)
     assert not errors, errors[:3]
+
+
+def test_a_waiting_routing_is_not_starved_by_calls_that_keep_joining_the_one_in_flight():
+    """Threads that keep calling with the routing in flight, their calls overlapping, left a thread waiting for
+    another routing (another batch composition, another adapter) waiting for ever: each new call joined the
+    calls in flight. Once a thread waits, later calls wait behind it: the calls in flight finish, it runs, then
+    they do (first come, first served by routing)."""
+    gate = RoutingGate()
+    order, stop, first_inside = [], threading.Event(), threading.Event()
+
+    def loop() -> None:  # overlapping calls with routing A, as a thread pool serving one composition makes
+        while not stop.is_set():
+            with gate.enter(A):
+                first_inside.set()
+                order.append("A")
+                time.sleep(0.002)
+
+    def other() -> None:
+        with gate.enter(B):
+            order.append("B")
+
+    looping = [threading.Thread(target=loop) for _ in range(2)]
+    for thread in looping:
+        thread.start()
+    assert first_inside.wait(10)
+    waiting = threading.Thread(target=other)
+    before = len(order)
+    waiting.start()
+    waiting.join(5)
+    stop.set()
+    for thread in (*looping, waiting):
+        thread.join(10)
+    assert "B" in order
+    assert order.index("B") <= before + 4, (before, order.index("B"))  # after the calls in flight (2), not at the end
+    assert gate.routing is None

@@ -10,9 +10,11 @@ break. (A ``contextvars.ContextVar``, used before, cannot be traced: dynamo brea
 
 Calls with the same routing run concurrently; a call whose routing differs from the calls in
 flight waits for them to finish (the gate holds one routing at a time; ``disable_adapter`` holds
-it for its block). A layer called outside a model call (its base model called directly) follows its
-own attributes; a standalone layer has a gate of its own. :data:`ROUTING` carries a thread's
-``disable_adapter`` state into the model calls of its block (the model reads it, layers do not).
+it for its block), and while it waits later calls queue behind it (first come, first served by
+routing: overlapping calls of one routing never starve another). A layer called outside a model
+call (its base model called directly) follows its own attributes; a standalone layer has a gate of
+its own. :data:`ROUTING` carries a thread's ``disable_adapter`` state into the model calls of its
+block (the model reads it, layers do not).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class RoutingGate:
         self._cond = threading.Condition(threading.Lock())
         self._holders: dict[int, int] = {}  # thread id -> nesting depth
         self._switches = 0  # nested calls of the only thread inside that changed the routing
+        self._queue: list[list[Routing]] = []  # waiting threads' routings, oldest first (one list per thread)
 
     def __deepcopy__(self, memo: dict) -> RoutingGate:
         return RoutingGate()
@@ -81,6 +84,31 @@ class RoutingGate:
     def held_here(self) -> bool:
         """Whether the calling thread is inside a model call (eager check; not traced)."""
         return threading.get_ident() in self._holders
+
+    def _may_enter(self, value: Routing, ahead: int) -> bool:
+        """Whether a call with ``value`` may run now, the first ``ahead`` queued threads waiting before it: none
+        of those waits for another routing (they go first), and the model is free or runs ``value`` (joined
+        unless a nested switch is in force). Called with the condition held."""
+        if any(self._queue[k][0] != value for k in range(ahead)):
+            return False
+        return not self._holders or (self.routing == value and not self._switches)
+
+    def _place(self, entry: list[Routing]) -> int:
+        """``entry``'s position in the queue (by identity: equal routings are distinct waiters)."""
+        return next(k for k, held in enumerate(self._queue) if held is entry)
+
+    def _wait_turn(self, value: Routing) -> None:
+        """Wait in the queue until a call with ``value`` may run (:meth:`_may_enter`): later calls that would
+        join the routing in flight wait behind it, so a waiting routing is never starved by overlapping calls
+        of another. Called with the condition held."""
+        entry = [value]  # this thread's place (compared by identity)
+        self._queue.append(entry)
+        try:
+            while not self._may_enter(value, self._place(entry)):
+                self._cond.wait()
+        finally:
+            del self._queue[self._place(entry)]
+            self._cond.notify_all()  # the threads behind it may go now (its routing joins, or it left)
 
     @contextlib.contextmanager
     def enter(self, value: Routing) -> Iterator[None]:
@@ -93,17 +121,14 @@ class RoutingGate:
         """
         me = threading.get_ident()
         with self._cond:
-            while self._holders:
-                if me in self._holders:  # nested in a call of this thread
-                    if self.routing != value and len(self._holders) > 1:
-                        raise AdapterStateError(
-                            "a model call nested in another asks for a different adapter routing while "
-                            "other threads are inside the model"
-                        )
-                    break
-                if self.routing == value and not self._switches:
-                    break  # join the calls in flight
-                self._cond.wait()
+            if me in self._holders:  # nested in a call of this thread: never waits
+                if self.routing != value and len(self._holders) > 1:
+                    raise AdapterStateError(
+                        "a model call nested in another asks for a different adapter routing while "
+                        "other threads are inside the model"
+                    )
+            elif not self._may_enter(value, len(self._queue)):
+                self._wait_turn(value)
             switched = bool(self._holders) and self.routing != value  # this thread's nested switch
             previous = self.routing
             self._switches += switched
