@@ -285,10 +285,10 @@ def test_calibration_refuses_negative_or_non_finite_moments_naming_their_module(
 
 
 def test_convert_lora_names_arguments_of_the_wrong_type(tmp_path):
-    # config={...}: AttributeError 'dict' object has no attribute 'base_model_name_or_path'; adapter_name=None:
-    # TypeError from Path / None; options={...}: AttributeError.
+    # config={...}: AttributeError 'dict' object has no attribute 'base_model_name_or_path'; adapter_name=3
+    # (None: left out): TypeError from Path / int; options={...}: AttributeError.
     _, path = peft_adapter(tmp_path)
-    for kwargs, field in (({"config": {"r": 4}}, "config"), ({"adapter_name": None}, "adapter_name"),
+    for kwargs, field in (({"config": {"r": 4}}, "config"), ({"adapter_name": 3}, "adapter_name"),
                           ({"options": {"iters": 3}}, "options")):  # fmt: skip
         with pytest.raises(ConfigError, match=field):
             convert_lora(path, progress=False, **kwargs)

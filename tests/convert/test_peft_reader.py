@@ -186,3 +186,24 @@ def test_output_directory_rules_and_no_partial_output(tmp_path, monkeypatch):
         save_converted(state, report, tmp_path / "partial")
     assert not (tmp_path / "partial").exists()
     assert not [p for p in tmp_path.iterdir() if "lordba-tmp" in p.name]
+
+
+def test_a_peft_model_converts_the_adapter_asked_for_and_never_guesses_among_active_ones(tmp_path):
+    """``adapter_name="default"`` given for a ``PeftModel`` whose active adapter was another one converted
+    the active one (the name was taken for "not given"): a silently wrong adapter. Left out, the name is
+    the model's one active adapter; with several active (``base_model.set_adapter([...])``) it only
+    converted ``active_adapter``'s first, though PEFT's forward adds them all: now refused, naming them."""
+    model, _ = peft_adapter(tmp_path)  # "default": q_proj, v_proj, down_proj
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"]))
+    model.set_adapter("other")
+    default = read_lora(model, adapter_name="default")
+    assert sorted(p.rsplit(".", 1)[-1] for p in default.layers) == ["down_proj"] * 2 + ["q_proj"] * 2 + ["v_proj"] * 2
+    state, _ = convert_lora(model, adapter_name="default", progress=False)
+    assert set(state.modules) == set(default.layers)
+    assert sorted(read_lora(model).layers) == ["model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.k_proj"]
+    model.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ConversionError, match=r"several active adapters \['default', 'other'\].*adapter_name"):
+        convert_lora(model, progress=False)
+    assert set(read_lora(model, adapter_name="other").layers) == {
+        p.replace("q_proj", "k_proj") for p in default.layers if "q_proj" in p
+    }

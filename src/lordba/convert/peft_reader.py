@@ -305,12 +305,18 @@ def _patterns(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def read_peft_model(model: Any, adapter_name: str | None = None, skip_unsupported: bool = False) -> LoraAdapter:
-    """Read the LoRA factors of an in-memory ``peft.PeftModel`` (default: its active adapter), with the
-    tensors it trains in full (``modules_to_save``, biases) as PEFT would save them."""
+    """Read the LoRA factors of an in-memory ``peft.PeftModel`` (default: its one active adapter; refused
+    with several active, whose sum no one of them is), with the tensors it trains in full
+    (``modules_to_save``, biases) as PEFT would save them."""
     from peft import get_peft_model_state_dict
     from peft.tuners.lora import LoraLayer as PeftLoraLayer
 
-    name = adapter_name or model.active_adapter
+    name = adapter_name
+    if name is None:
+        active = list(getattr(model, "active_adapters", None) or [model.active_adapter])
+        if len(active) != 1:
+            raise ConversionError(f"PeftModel has several active adapters {active}; pass adapter_name to pick one")
+        name = active[0]
     if name not in model.peft_config:
         raise ConversionError(f"PeftModel has no adapter {name!r}; it has {sorted(model.peft_config)}")
     cfg = model.peft_config[name].to_dict()

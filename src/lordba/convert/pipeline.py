@@ -33,15 +33,18 @@ from lordba.format.sizes import lora_file_bytes, payload_bytes, size_report
 
 
 def read_lora(
-    source: Any, adapter_name: str = "default", allow_pickle: bool = False, skip_unsupported: bool = False
+    source: Any, adapter_name: str | None = None, allow_pickle: bool = False, skip_unsupported: bool = False
 ) -> LoraAdapter:
-    """A PEFT LoRA adapter from a directory or an in-memory ``peft.PeftModel``."""
+    """A PEFT LoRA adapter from a directory or an in-memory ``peft.PeftModel``. ``adapter_name``: the
+    adapter to read; left out, ``"default"`` of a directory, the one active adapter of a ``PeftModel``."""
     if isinstance(source, LoraAdapter):
         return source
     if isinstance(source, (str, Path)):
-        return read_peft_dir(source, adapter_name, allow_pickle, skip_unsupported)
+        return read_peft_dir(
+            source, "default" if adapter_name is None else adapter_name, allow_pickle, skip_unsupported
+        )
     if hasattr(source, "peft_config") and hasattr(source, "base_model"):
-        return read_peft_model(source, None if adapter_name == "default" else adapter_name, skip_unsupported)
+        return read_peft_model(source, adapter_name, skip_unsupported)
     raise ConversionError(
         f"convert_lora takes a PEFT adapter directory or a peft.PeftModel, got {type(source).__name__}"
     )
@@ -82,7 +85,7 @@ def convert_lora(
     gauge: str = "svd",
     method: str = "admm+bcd",
     calibration: dict[str, torch.Tensor] | None = None,
-    adapter_name: str = "default",
+    adapter_name: str | None = None,
     allow_pickle: bool = False,
     skip_unsupported: bool = False,
     rank_candidates: Sequence[int] | None = None,
@@ -96,7 +99,8 @@ def convert_lora(
     parameter, LoRA basis) or, by default, the config's ranks (without ``config``: the LoRA's own
     ranks, ``alpha = lora_alpha``). ``config`` supplies ``r``, ``alpha``, ``rank_pattern``,
     ``alpha_pattern``, ``scale_dtype`` and the training fields; ``mode`` becomes ``"ptq"`` and
-    ``target_modules`` the LoRA's modules. ``calibration``: ``{path: mean x² per input channel}``
+    ``target_modules`` the LoRA's modules. ``adapter_name``: left out, ``"default"`` of a directory, the
+    one active adapter of a ``PeftModel``. ``calibration``: ``{path: mean x² per input channel}``
     (see :func:`~lordba.convert.collect_input_moments`) for the activation-weighted objective.
     Returns the in-memory adapter (``save_pretrained``, ``export_lora``, ``load_adapter_state``)
     and a :class:`~lordba.convert.ConversionReport`.
@@ -105,8 +109,8 @@ def convert_lora(
     for name, value, kind in (("config", config, LoRDBAConfig), ("options", options, SolverOptions)):
         if value is not None and not isinstance(value, kind):
             raise ConfigError(f"convert_lora: {name} must be a {kind.__name__} or None, got {type(value).__name__}")
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise ConfigError(f"convert_lora: adapter_name must be a non-empty string, got {adapter_name!r}")
+    if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name):
+        raise ConfigError(f"convert_lora: adapter_name must be a non-empty string or None, got {adapter_name!r}")
     if r is not None and target_bpw is not None:
         raise ConfigError("give either r or target_bpw, not both")
     if target_bpw is not None and not (_is_number(target_bpw) and math.isfinite(target_bpw) and target_bpw > 0):
