@@ -130,3 +130,56 @@ def test_modules_to_save_follow_peft_plain_suffix_rule(tmp_path):
         ours, theirs, base = (m(input_ids=IDS).logits for m in (lm, pm.eval(), distilbert()))
     assert (theirs - base).abs().max() > 0.1
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0.02 * float((theirs - base).abs().max()))
+
+
+def test_a_head_with_submodules_is_carried_over_from_a_directory_and_a_peft_model(tmp_path):
+    """PEFT trains and saves the whole module a ``modules_to_save`` entry (or a task's head) ends with, its
+    submodules included: RoBERTa's ``classifier`` is ``dense`` + ``out_proj``, saved as ``classifier.dense.weight``
+    and so on. Only tensors whose own module ended with the entry counted: the directory was refused (the head's
+    tensors "not linear LoRA factors"), and a ``PeftModel`` converted without the trained head, silently (outputs
+    off by as much as the whole adapter changes them)."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    def roberta():
+        torch.manual_seed(0)
+        config = RobertaConfig(
+            vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+            max_position_embeddings=40, num_labels=3,
+        )  # fmt: skip
+        return RobertaForSequenceClassification(config).eval()
+
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"])
+    pm = peft.get_peft_model(roberta(), config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if p.requires_grad:  # the head trained a lot, the LoRA (converted approximately) a little
+                p.add_(torch.randn_like(p) * (0.01 if "lora_" in name else 0.3))
+    pm.save_pretrained(tmp_path / "peft")
+    head = {f"classifier.{m}.{p}" for m in ("dense", "out_proj") for p in ("weight", "bias")}
+    state, _ = convert_lora(tmp_path / "peft", progress=False)
+    assert set(state.extras) == head
+    in_memory, _ = convert_lora(pm.eval(), progress=False)
+    assert set(in_memory.extras) == head
+    for converted, name in ((state, "dir"), (in_memory, "mem")):
+        converted.save_pretrained(tmp_path / name)
+        lm = LoRDBAModel.from_pretrained(roberta(), tmp_path / name)
+        with torch.no_grad():
+            ours, theirs, base = (m(input_ids=IDS).logits for m in (lm, pm, roberta()))
+        assert (theirs - base).abs().max() > 0.1
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0.02 * float((theirs - base).abs().max()))
+
+
+def test_a_peft_model_names_tensors_it_leaves_out_and_keeps_a_plain_lm_head_lora(tmp_path):
+    """A ``PeftModel``'s tensors that are neither LoRA factors nor carried over are refused or, with
+    ``skip_unsupported``, left out with a warning, as a directory's are (trainable tokens were dropped
+    without one); the base weights PEFT saves beside a LoRA on ``lm_head`` are no adapter tensors."""
+    from conftest import tiny_llama
+
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1]))
+    with pytest.warns(UserWarning, match=r"leaving out tensors .*trainable_tokens_delta"):
+        state, _ = convert_lora(pm, skip_unsupported=True, progress=False)
+    assert len(state.modules) == 2 and not state.extras
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    state, _ = convert_lora(pm, progress=False)
+    assert "lm_head" in state.modules and not state.extras

@@ -285,7 +285,8 @@ def _extras(
     """Split the non-LoRA tensor keys into extras (weights of modules trained in full, trained biases)
     and the rest (``(extras by parameter path, other keys)``). A module is trained in full by PEFT's rule
     (``_set_trainable``): its path ends with a ``modules_to_save`` entry or a task's head as a plain string
-    (``classifier`` also takes DistilBERT's ``pre_classifier``, which PEFT trains and saves)."""
+    (``classifier`` also takes DistilBERT's ``pre_classifier``, which PEFT trains and saves), with all its
+    submodules (RoBERTa's ``classifier.dense``, ``classifier.out_proj``)."""
     saved = [*(fields.get("modules_to_save") or []), *TASK_HEADS.get(fields.get("task_type") or "", ())]
     extras, rest = {}, []
     for key in keys:
@@ -293,11 +294,17 @@ def _extras(
         name = name.replace(".base_layer.", ".")  # a trained bias of a LoRA layer
         module, _, param = name.rpartition(".")
         trained_bias = param == "bias" and fields.get("bias", "none") != "none"
-        if module and (trained_bias or any(module.endswith(m) for m in saved)) and tensors[key].is_floating_point():
+        if module and (trained_bias or _in_saved(module, saved)) and tensors[key].is_floating_point():
             extras[name] = tensors[key].detach().clone()
         else:
             rest.append(key)
     return extras, rest
+
+
+def _in_saved(module: str, saved: list[str]) -> bool:
+    """Whether ``module`` or a module above it ends with one of ``saved`` (PEFT's plain-suffix rule)."""
+    parts = module.split(".")
+    return any(".".join(parts[:i]).endswith(m) for i in range(1, len(parts) + 1) for m in saved)
 
 
 def _patterns(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -327,8 +334,9 @@ def read_peft_model(model: Any, adapter_name: str | None = None, skip_unsupporte
     layers: dict[str, LoraLayer] = {}
     other: list[str] = []
     fields = peft_fields(cfg, where)
-    saved = get_peft_model_state_dict(model, adapter_name=name)
-    extras, _ = _extras(saved, [k for k in saved if _KEY.match(k) is None], fields, name)
+    # without the base weights of targeted embedding layers / lm_head, which are no adapter tensors
+    saved = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
+    extras, rest = _extras(saved, [k for k in saved if _KEY.match(k) is None], fields, name)
     for path, module in root.named_modules():
         if not isinstance(module, PeftLoraLayer):
             continue
@@ -348,6 +356,9 @@ def read_peft_model(model: Any, adapter_name: str | None = None, skip_unsupporte
         layer.scaling = float(module.scaling[name])
         layers[path] = layer
     _unsupported(sorted(set(other)), where, skip_unsupported, "modules that are not linear LoRA layers")
+    inside = tuple(f"base_model.model.{path}." for path in other)  # their tensors: named above
+    rest = [key for key in rest if not key.startswith(inside)]
+    _unsupported(rest, where, skip_unsupported, "tensors that are not linear LoRA factors")  # as a directory's
     if not layers:
         raise ConversionError(f"{where}: no LoRA linear layers found")
     base = cfg.get("base_model_name_or_path")
