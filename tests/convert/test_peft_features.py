@@ -132,22 +132,23 @@ def test_modules_to_save_follow_peft_plain_suffix_rule(tmp_path):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0.02 * float((theirs - base).abs().max()))
 
 
+def roberta():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+        max_position_embeddings=40, num_labels=3,
+    )  # fmt: skip
+    return RobertaForSequenceClassification(config).eval()
+
+
 def test_a_head_with_submodules_is_carried_over_from_a_directory_and_a_peft_model(tmp_path):
     """PEFT trains and saves the whole module a ``modules_to_save`` entry (or a task's head) ends with, its
     submodules included: RoBERTa's ``classifier`` is ``dense`` + ``out_proj``, saved as ``classifier.dense.weight``
     and so on. Only tensors whose own module ended with the entry counted: the directory was refused (the head's
     tensors "not linear LoRA factors"), and a ``PeftModel`` converted without the trained head, silently (outputs
     off by as much as the whole adapter changes them)."""
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
-    def roberta():
-        torch.manual_seed(0)
-        config = RobertaConfig(
-            vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-            max_position_embeddings=40, num_labels=3,
-        )  # fmt: skip
-        return RobertaForSequenceClassification(config).eval()
-
     config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"])
     pm = peft.get_peft_model(roberta(), config)
     torch.manual_seed(1)
@@ -183,3 +184,30 @@ def test_a_peft_model_names_tensors_it_leaves_out_and_keeps_a_plain_lm_head_lora
     pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     state, _ = convert_lora(pm, progress=False)
     assert "lm_head" in state.modules and not state.extras
+
+
+def test_bias_all_with_a_task_head_converts_without_the_heads_original_copy(tmp_path):
+    """With ``bias="all"`` PEFT also saves the biases of a head's ``ModulesToSaveWrapper`` internals
+    (``classifier.original_module.dense.bias``: the base's own copy, which the adapter's forward never uses).
+    They were taken for trained biases of a module ``original_module`` the model does not have: every
+    ``SEQ_CLS`` LoRA with ``bias="all"`` on a model whose head has biases (BERT, RoBERTa, DistilBERT) failed
+    to save ("not a parameter path of the model"). They are left out; the result gives PEFT's outputs."""
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"], bias="all")
+    pm = peft.get_peft_model(roberta(), config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * (0.01 if "lora_" in name else 0.3))
+    pm.save_pretrained(tmp_path / "peft")
+    for source, name in ((tmp_path / "peft", "dir"), (pm.eval(), "mem")):
+        state, _ = convert_lora(source, progress=False)
+        assert not [k for k in state.extras if "original_module" in k or "modules_to_save" in k]
+        torch.testing.assert_close(
+            state.extras["classifier.dense.bias"], pm.base_model.model.classifier.modules_to_save["default"].dense.bias
+        )
+        state.save_pretrained(tmp_path / name)
+        lm = LoRDBAModel.from_pretrained(roberta(), tmp_path / name)
+        with torch.no_grad():
+            ours, theirs, base = (m(input_ids=IDS).logits for m in (lm, pm, roberta()))
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0.02 * float((theirs - base).abs().max()))

@@ -286,12 +286,16 @@ def _extras(
     and the rest (``(extras by parameter path, other keys)``). A module is trained in full by PEFT's rule
     (``_set_trainable``): its path ends with a ``modules_to_save`` entry or a task's head as a plain string
     (``classifier`` also takes DistilBERT's ``pre_classifier``, which PEFT trains and saves), with all its
-    submodules (RoBERTa's ``classifier.dense``, ``classifier.out_proj``)."""
+    submodules (RoBERTa's ``classifier.dense``, ``classifier.out_proj``). Left out of both: the biases of the
+    original module kept in PEFT's wrapper (``<head>.original_module.<...>.bias``, saved under ``bias="all"``)."""
     saved = [*(fields.get("modules_to_save") or []), *TASK_HEADS.get(fields.get("task_type") or "", ())]
     extras, rest = {}, []
     for key in keys:
         name = key.removeprefix("base_model.model.").replace(f".modules_to_save.{adapter_name}.", ".")
         name = name.replace(".base_layer.", ".")  # a trained bias of a LoRA layer
+        wrapper, inside, _ = name.partition(".original_module.")
+        if inside and _in_saved(wrapper, saved):
+            continue  # bias="all" saves the base's own copy in PEFT's wrapper too; the adapter never uses it
         module, _, param = name.rpartition(".")
         trained_bias = param == "bias" and fields.get("bias", "none") != "none"
         if module and (trained_bias or _in_saved(module, saved)) and tensors[key].is_floating_point():
