@@ -207,3 +207,16 @@ def test_a_peft_model_converts_the_adapter_asked_for_and_never_guesses_among_act
     assert set(read_lora(model, adapter_name="other").layers) == {
         p.replace("q_proj", "k_proj") for p in default.layers if "q_proj" in p
     }
+
+
+def test_a_named_adapter_beside_the_default_one_is_read_from_its_subfolder(tmp_path):
+    """PEFT saves a model's "default" adapter at the top of the directory and each other one in a subfolder
+    of its name. ``adapter_name="other"`` (``--adapter-name other``) read the top level whenever it held a
+    config, so it converted the default adapter instead, silently."""
+    model, path = peft_adapter(tmp_path)  # "default": q_proj, v_proj, down_proj
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"]))
+    model.save_pretrained(path)
+    assert (path / "adapter_config.json").is_file() and (path / "other" / "adapter_config.json").is_file()
+    other = read_lora(path, adapter_name="other")
+    assert sorted(other.layers) == ["model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.k_proj"]
+    assert other.r == 2 and len(read_lora(path).layers) == 6

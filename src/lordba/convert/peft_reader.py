@@ -156,10 +156,12 @@ def _layer(
 
 
 def _resolve_dir(source: Path, adapter_name: str) -> Path:
+    """The folder of adapter ``adapter_name``: PEFT saves "default" at the top and any other in a subfolder
+    of its name (beside the default one, if the model had one)."""
     if not source.is_dir():
         raise AdapterFormatError(f"{source}: not a directory (expected a PEFT adapter directory)")
     sub = source / adapter_name
-    if not (source / CONFIG_NAME).is_file() and adapter_name != "default" and (sub / CONFIG_NAME).is_file():
+    if adapter_name != "default" and (sub / CONFIG_NAME).is_file():
         return sub
     if not (source / CONFIG_NAME).is_file():
         named = sorted(p.parent.name for p in source.glob(f"*/{CONFIG_NAME}"))
