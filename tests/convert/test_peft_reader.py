@@ -220,3 +220,17 @@ def test_a_named_adapter_beside_the_default_one_is_read_from_its_subfolder(tmp_p
     other = read_lora(path, adapter_name="other")
     assert sorted(other.layers) == ["model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.k_proj"]
     assert other.r == 2 and len(read_lora(path).layers) == 6
+
+
+def test_a_lora_on_lm_head_converts_from_its_directory_as_from_its_peft_model(tmp_path):
+    """PEFT saves the base weight of a targeted ``lm_head`` beside its LoRA (``save_embedding_layers``):
+    the directory was refused (``lm_head.base_layer.weight`` "not linear LoRA factors") while the same
+    ``PeftModel`` converted; the base weight is left out with a warning, and both give the same layers."""
+    model, path = peft_adapter(tmp_path, target_modules=["q_proj", "lm_head"])
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(path / "adapter_model.safetensors")
+    with pytest.warns(UserWarning, match="leaving out the base weights PEFT saved"):
+        lora = read_lora(path)
+    assert "lm_head" in lora.layers and sorted(lora.layers) == sorted(read_lora(model).layers)
+    _, emb = peft_adapter(tmp_path, name="emb", target_modules=["q_proj", "embed_tokens"])
+    with pytest.raises(ConversionError, match=r"not linear LoRA factors: .*embed_tokens"):
+        read_lora(emb)  # an embedding LoRA still is refused, its base weight with it

@@ -239,6 +239,14 @@ def read_peft_dir(
         raise ConversionError(f"{where}: no tensors for adapter {adapter_name!r}; the file has {sorted(adapters_seen)}")
     fields = peft_fields(cfg, str(config_path))
     extras, other = _extras(tensors, other, fields, adapter_name)
+    copies = {f"base_model.model.{path}.base_layer.weight" for path in factors}
+    if any(key in copies for key in other):  # lm_head: PEFT saves its base weight (save_embedding_layers)
+        other = [key for key in other if key not in copies]
+        warnings.warn(
+            f"{where}: leaving out the base weights PEFT saved beside a LoRA on an output head or embedding "
+            "(save_embedding_layers); the converted adapter applies to the base model's own weights",
+            stacklevel=2,
+        )
     _unsupported(other, where, skip_unsupported, "tensors that are not linear LoRA factors")
     full = {"r": r, "lora_alpha": alpha, "use_rslora": rslora, **_patterns(cfg)}
     layers = {}
