@@ -294,3 +294,24 @@ def test_inductor_compiles_the_whole_model():
         compiled = torch.compile(lm.base_model)(input_ids=ids).logits
     # inductor re-fuses the model's own ops: ~1e-3 relative, as for the original reference branch
     torch.testing.assert_close(compiled, eager, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("mode", ["auto", "sign", "unpack", "torch"])
+def test_float64_scales_run_in_every_mode(mode):
+    """Scales are "float tensors": float64 ones (a float64 solver's factors, as ``convert`` works) ran in the
+    ``torch`` mode but made the compiled op raise a RuntimeError (it reads float32 / float16 / bfloat16 /
+    int8 only), in ``packed_branch`` and ``packed_branch_rows`` alike. Now they run as their float32 values."""
+    from lordba.core.packing import pack_signs
+
+    g = torch.Generator().manual_seed(3)
+    in_f, out_f, r = 37, 29, 5
+    signs = pack_signs(torch.randn(r, in_f, generator=g)), pack_signs(torch.randn(out_f, r, generator=g))
+    scales = torch.rand(in_f, generator=g), torch.rand(r, generator=g), torch.randn(out_f, generator=g)
+    wide = tuple(v.double() for v in scales)
+    x, base = torch.randn(3, 2, in_f, generator=g), torch.randn(3, 2, out_f, generator=g)
+    with kernels.mode(mode):
+        want = kernels.packed_branch(x, *signs, *scales, 0.5, base=base)
+        assert torch.equal(kernels.packed_branch(x, *signs, *wide, 0.5, base=base), want)
+        index = torch.tensor([0, -1, 0])
+        rows = kernels.packed_branch_rows(x, index, [(*signs, *wide)], [0.5], base)
+        assert torch.equal(rows, kernels.packed_branch_rows(x, index, [(*signs, *scales)], [0.5], base))

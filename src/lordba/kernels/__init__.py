@@ -69,6 +69,15 @@ def float_scales(
     return scale_in.float(), scale_mid.float(), scale_out.float()
 
 
+_OP_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
+
+
+def _op_scales(*scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Scales as the compiled CPU op reads them: float32 / float16 / bfloat16 / int8 codes as they are, other
+    float dtypes (float64: a float64 solver's factors) as their float32 values, which the other paths compute."""
+    return tuple(v if v.dtype in _OP_SCALE_DTYPES else v.float() for v in scales)
+
+
 def packed_branch(
     x: torch.Tensor,
     sign_A: torch.Tensor,
@@ -107,6 +116,7 @@ def packed_branch(
     if native and x.is_cpu and name != "triton" and (_STATE.cpu.ok if _STATE.cpu is not None else cpu_available()):
         if sign_max_tokens is None:
             sign_max_tokens = dispatch_limit(scale_in.numel(), scale_out.numel(), scale_mid.numel(), dtype, name)
+        scale_in, scale_mid, scale_out = _op_scales(scale_in, scale_mid, scale_out)
         return _STATE.op(x, sign_A, sign_B, scale_in, scale_mid, scale_out, scaling, sign_max_tokens, base)
     b, m, a = float_scales(scale_in, scale_mid, scale_out)
     if native and (name == "triton" or (x.is_cuda and triton_available())):
@@ -157,7 +167,7 @@ def packed_branch_rows(
         and not base.requires_grad
         and (_STATE.cpu.ok if _STATE.cpu is not None else cpu_available())
     ):
-        parts = zip(*tensors) if tensors else ((),) * 5
+        parts = zip(*((*t[:2], *_op_scales(*t[2:])) for t in tensors)) if tensors else ((),) * 5
         try:
             return _STATE.rows_op(x, index, *parts, scalings, sign_max_tokens, base)
         except RuntimeError as err:  # the op's checks of its arguments (the index range among them)
