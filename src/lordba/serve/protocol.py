@@ -60,8 +60,13 @@ class _Sampling(_Body):
         """Refuse what the server does not implement (400)."""
         if self.n != 1:
             raise BadRequestError("only n=1 is supported", param="n")
-        if self.logprobs not in (None, False, 0):
+        if self.logprobs is not None and not self._logprobs_off(self.logprobs):
             raise BadRequestError("logprobs are not supported", param="logprobs")
+
+    @staticmethod
+    def _logprobs_off(value: Any) -> bool:
+        """Whether a non-null ``logprobs`` asks for none: chat's boolean ``false``."""
+        return value is False or (type(value) is int and value == 0)
 
     def stops(self) -> tuple[str, ...]:
         """``stop`` as a tuple of strings."""
@@ -76,6 +81,11 @@ class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
     best_of: int | None = None
+
+    @staticmethod
+    def _logprobs_off(value: Any) -> bool:
+        """A completion's ``logprobs`` is a count of alternatives: even ``0`` asks for the sampled tokens'."""
+        return value is False
 
     def check_supported(self) -> None:
         """Refuse what the server does not implement (400)."""
@@ -122,6 +132,13 @@ class ChatRequest(_Sampling):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    top_logprobs: Any = None
+
+    def check_supported(self) -> None:
+        """Refuse what the server does not implement (400), ``top_logprobs`` included (once an ignored field)."""
+        super().check_supported()
+        if self.top_logprobs is not None and not (type(self.top_logprobs) is int and self.top_logprobs == 0):
+            raise BadRequestError("top_logprobs are not supported", param="top_logprobs")
 
     def limit(self) -> int | None:
         """``max_completion_tokens`` (OpenAI's newer name) or ``max_tokens``."""
