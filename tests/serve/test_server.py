@@ -530,3 +530,69 @@ def test_a_stop_with_requests_in_flight_ends_them_as_aborted_not_cut(served):
     assert status == 503 and "shutting down" in json.loads(text)["error"]["message"], got[False]
     status, text = got[True]
     assert status == 200 and '"finish_reason": "abort"' in text and text.endswith("data: [DONE]\n\n"), got[True]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_stream_whose_submit_fails_is_a_503_not_a_cut_stream(server, monkeypatch, chat):
+    """The stream submitted its job only once the response had begun: an engine that stopped or a server
+    shutting down between the request's preparation and its submit raised inside the stream, after a 200
+    (and, for a chat, its first chunk), which cut the connection with no error and no ``[DONE]``."""
+    from lordba.serve.errors import UnavailableError
+
+    def refuse(request):
+        raise UnavailableError("the server is shutting down")
+
+    monkeypatch.setattr(server.state.engine, "submit", refuse)
+    body = {"model": "a", "max_tokens": 3, "stream": True}
+    body |= {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
+    status, answer = raw(server, "POST", "/v1/chat/completions" if chat else "/v1/completions", json.dumps(body))
+    assert status == 503, answer
+    assert_openai_error(answer, "shutting down")
+    assert server.state.registry._entries["a"].refs == 0
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_stream_client_leaving_before_its_stream_starts_lets_go_of_the_adapter(server, chat):
+    """A client that left while its stream's response was being started (Starlette then cancels the body
+    before it runs, or at its first chunk) left the job unsubmitted and its adapter held for ever: never
+    evicted, never unloaded (``refs`` stayed 1). Driven at the ASGI level: a ``send`` that waits (a
+    paused transport) and a ``receive`` that reports the disconnect."""
+    import asyncio
+    import gc
+
+    from lordba.serve.app import build_app
+
+    state = server.state
+    client(server).completions.create(model="a", prompt="x", max_tokens=1)  # resident
+    body = {"model": "a", "max_tokens": 40, "temperature": 0, "stream": True, "ignore_eos": True}
+    body |= {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        await build_app(state)(scope, receive, send)
+        await asyncio.sleep(0.2)
+
+    asyncio.run(main())
+    gc.collect()
+    assert wait_for(lambda: state.registry._entries["a"].refs == 0 and state.engine.load == (0, 0))

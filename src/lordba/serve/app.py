@@ -18,7 +18,7 @@ from lordba.errors import LoRDBAError
 from lordba.serve import protocol as p
 from lordba.serve.engine import Event
 from lordba.serve.errors import ServeError
-from lordba.serve.state import Job, ServerState
+from lordba.serve.state import Generation, Job, ServerState
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 DISCONNECT_POLL = 0.25  # seconds between checks for a whole response's client while no event comes
@@ -95,10 +95,11 @@ async def _prepare(state: ServerState, body: p._Sampling, prompt, max_tokens: in
 async def _respond(state: ServerState, job: Job, body: p._Sampling, request: Request, chat: bool) -> Response:
     """The whole response, or a server-sent event stream when ``body.stream``."""
     rid = p.new_id("chatcmpl" if chat else "cmpl")
+    events = state.generate(job)  # submitted before any response begins: a refusal is still this request's 503
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(state, job, rid, chat, include_usage), media_type="text/event-stream")
-    events = state.generate(job)
+        # a stream Starlette never starts (its client left first) runs its job to the end, which releases it
+        return StreamingResponse(_stream(events, job, rid, chat, include_usage), media_type="text/event-stream")
     try:
         while (event := await _next_event(events, request)) is not None:  # None: the client left
             if event.finish_reason is not None:
@@ -135,9 +136,9 @@ async def _next_event(events: AsyncIterator[Event], request: Request, every: flo
                 await step
 
 
-async def _stream(state: ServerState, job: Job, rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: text deltas, the finish reason, optionally the usage, then ``[DONE]``."""
-    events = state.generate(job)
+async def _stream(events: Generation, job: Job, rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events of the submitted ``events``: text deltas, the finish reason, optionally the usage,
+    then ``[DONE]``."""
     try:
         if chat:
             yield _sse(p.chunk(rid, job.model, "", None, chat, first=True))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,9 +130,13 @@ class ServerState:
             self.registry.release(job.route)
 
     # ------------------------------------------------------------------ generating
-    async def generate(self, job: Job) -> AsyncIterator[Event]:
-        """Run an acquired job on the engine; yields its events until the last one. Leaving early
-        (a client that disconnected) aborts it, which frees its batch slot and its adapter."""
+    def generate(self, job: Job) -> Generation:
+        """Submit an acquired job to the engine now (before any response begins: a refusal, such as a
+        server shutting down, is still the request's own error) and return its events. Closing them before
+        the last one (a client that disconnected) aborts the job, which frees its batch slot and its adapter;
+        events never read or closed run the job to its end, which frees them too.
+
+        Raises :class:`UnavailableError` (503) if the engine takes no request; the job is released then."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -148,15 +152,32 @@ class ServerState:
         except Exception:
             self.release(job)
             raise
-        try:
-            while True:
-                event = await queue.get()
-                yield event
-                if event.finish_reason is not None:
-                    return
-        finally:
-            if not request.finished:
-                self.engine.abort(request)
+        return Generation(self.engine, request, queue)
+
+
+class Generation:
+    """The events of a submitted request, up to its last one (an async iterator); :meth:`aclose` aborts
+    the request if it has not finished."""
+
+    def __init__(self, engine: Engine, request: Request, queue: asyncio.Queue[Event]) -> None:
+        self.engine, self.request, self.queue = engine, request, queue
+        self.done = False
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self.done:
+            raise StopAsyncIteration
+        event = await self.queue.get()
+        self.done = event.finish_reason is not None
+        return event
+
+    async def aclose(self) -> None:
+        """Stop listening; the request is aborted at the engine's next step unless it has finished."""
+        self.done = True
+        if not self.request.finished:
+            self.engine.abort(self.request)
 
 
 def _check_text(text: str, param: str) -> None:
