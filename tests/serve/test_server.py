@@ -593,6 +593,8 @@ def test_a_stream_client_leaving_before_its_stream_starts_lets_go_of_the_adapter
         await build_app(state)(scope, receive, send)
         await asyncio.sleep(0.2)
 
+    before = aborts(server)
     asyncio.run(main())
     gc.collect()
     assert wait_for(lambda: state.registry._entries["a"].refs == 0 and state.engine.load == (0, 0))
+    assert aborts(server) == before + 1  # aborted, not run to its 40 tokens for nobody

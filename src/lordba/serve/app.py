@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -98,8 +99,10 @@ async def _respond(state: ServerState, job: Job, body: p._Sampling, request: Req
     events = state.generate(job)  # submitted before any response begins: a refusal is still this request's 503
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        # a stream Starlette never starts (its client left first) runs its job to the end, which releases it
-        return StreamingResponse(_stream(events, job, rid, chat, include_usage), media_type="text/event-stream")
+        # the background task runs once the response ends, even one Starlette never started or cut at a chunk
+        # because its client left (a body never started runs no ``finally``): the job is aborted, not run to its end
+        stream = _stream(events, job, rid, chat, include_usage)
+        return StreamingResponse(stream, media_type="text/event-stream", background=BackgroundTask(events.aclose))
     try:
         while (event := await _next_event(events, request)) is not None:  # None: the client left
             if event.finish_reason is not None:
