@@ -212,3 +212,22 @@ def test_layers_inside_a_sequential_export_targets_peft_can_load(tmp_path, input
     peft = logits(PeftModel.from_pretrained(model(), tmp_path / "out"), input_ids)
     ours, base = logits(lm, input_ids), logits(model(), input_ids)
     assert (peft - ours).abs().max() < 1e-4 * (ours - base).abs().max().clamp(min=1)
+
+
+def test_adapter_name_selects_the_subfolder_of_a_saved_directory(tmp_path):
+    """``save_pretrained`` writes a non-default adapter to ``DIR/<name>``; ``export_lora(DIR, OUT,
+    adapter_name=name)`` exported the ``default`` adapter instead, silently (the name was ignored for a
+    directory). It exports ``DIR/<name>``, and a name with no such folder is an error naming both."""
+    torch.manual_seed(2)
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, alpha=8, init="random"))
+    lm.add_adapter("other", LoRDBAConfig(r=2, alpha=4, init="random", target_modules=["v_proj"]))
+    lm.save_pretrained(tmp_path / "native")
+    export_lora(tmp_path / "native", tmp_path / "from_dir", adapter_name="other", dtype="float32")
+    export_lora(lm, tmp_path / "from_model", adapter_name="other", dtype="float32")
+    conf = json.loads((tmp_path / "from_dir" / "adapter_config.json").read_text())
+    assert conf["target_modules"] == ["v_proj"] and conf["r"] == 2
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "from_dir" / name).read_bytes() == (tmp_path / "from_model" / name).read_bytes()
+    with pytest.raises(LoRDBAError, match=r"'missing'.*native"):
+        export_lora(tmp_path / "native", tmp_path / "out2", adapter_name="missing")
+    assert not (tmp_path / "out2").exists()

@@ -54,10 +54,12 @@ def export_lora(
 ) -> Path:
     """Write a PEFT LoRA directory equivalent to a LoRDBA adapter (a ``LoRDBAModel``, an
     ``AdapterState`` or a saved directory) to ``out_dir``, with factors in ``dtype``; returns
-    ``out_dir``.
+    ``out_dir``. For a directory, ``adapter_name`` other than ``"default"`` selects ``<directory>/<adapter_name>``,
+    where :meth:`~lordba.LoRDBAModel.save_pretrained` writes a non-default adapter.
 
-    Raises :class:`ConfigError` for an unknown ``dtype``; :class:`ConversionError` if a factor does
-    not fit ``dtype`` (float16 tops out at 65504: use ``bfloat16`` or ``float32``);
+    Raises :class:`ConfigError` for an unknown ``dtype`` or a directory without the named adapter's folder;
+    :class:`ConversionError` if a factor does not fit ``dtype`` (float16 tops out at 65504: use ``bfloat16`` or
+    ``float32``);
     :class:`~lordba.errors.LoRDBAError` for an output that exists (without ``overwrite``) or whose
     replacement would delete the input adapter directory or the current directory."""
     if dtype not in EXPORT_DTYPES:
@@ -97,7 +99,7 @@ def export_lora(
     }
     if peft_config["modules_to_save"] is None:  # (PEFT's default: an adapter without them exports as it always has)
         del peft_config["modules_to_save"]
-    keep = (model_or_dir,) if isinstance(model_or_dir, (str, Path)) else ()
+    keep = (model_or_dir, _source_dir(model_or_dir, adapter_name)) if isinstance(model_or_dir, (str, Path)) else ()
     with atomic_directory(out_dir, overwrite=overwrite, keep=keep) as tmp:
         (tmp / "adapter_model.safetensors").write_bytes(to_bytes(tensors, {"format": "pt"}))
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
@@ -157,7 +159,21 @@ def _as_adapter_state(model_or_dir: object, adapter_name: str) -> AdapterState:
     if isinstance(model_or_dir, AdapterState):
         return model_or_dir
     if isinstance(model_or_dir, (str, Path)):
-        return read_adapter(model_or_dir)
+        return read_adapter(_source_dir(model_or_dir, adapter_name))
     raise ConfigError(
         f"export_lora takes a LoRDBAModel, an AdapterState or an adapter directory, got {type(model_or_dir).__name__}"
     )
+
+
+def _source_dir(directory: str | Path, adapter_name: str) -> Path:
+    """The folder of adapter ``adapter_name`` in a saved ``directory``: the directory itself for ``default``, else
+    its subfolder ``adapter_name`` (as ``save_pretrained`` writes it); :class:`ConfigError` if there is none."""
+    if adapter_name == "default":
+        return Path(directory)
+    source = Path(directory) / adapter_name
+    if not source.is_dir():
+        raise ConfigError(
+            f"export_lora: no adapter {adapter_name!r} in {directory}: save_pretrained writes it to {source} "
+            f"(pass that folder, or adapter_name='default' for {directory} itself)"
+        )
+    return source
