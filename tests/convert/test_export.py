@@ -231,3 +231,36 @@ def test_adapter_name_selects_the_subfolder_of_a_saved_directory(tmp_path):
     with pytest.raises(LoRDBAError, match=r"'missing'.*native"):
         export_lora(tmp_path / "native", tmp_path / "out2", adapter_name="missing")
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("entry", ["norm", "model.norm"])
+def test_saved_modules_export_as_the_paths_peft_matches(tmp_path, input_ids, entry):
+    """lordba matches a ``modules_to_save`` entry to whole path components (``norm`` is ``model.norm``), PEFT to
+    a plain suffix (``norm`` is every ``*_layernorm`` too): the export wrote the entry as it was, so PEFT wrapped
+    modules the file holds no tensors for and ``PeftModel.from_pretrained`` failed (``KeyError``). It writes the
+    saved modules' own paths."""
+    torch.manual_seed(2)
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, alpha=8, init="random", modules_to_save=[entry]))
+    with torch.no_grad():
+        lm.base_model.model.norm.lordba_saved["default"].weight.add_(torch.randn(40) * 0.3)
+    export_lora(lm, tmp_path / "out", dtype="float32")
+    conf = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert conf["modules_to_save"] == ["model.norm"]
+    peft = logits(PeftModel.from_pretrained(tiny_llama(0), tmp_path / "out"), input_ids)
+    ours, base = logits(lm, input_ids), logits(tiny_llama(0), input_ids)
+    assert (peft - ours).abs().max() < 1e-4 * (ours - base).abs().max().clamp(min=1)
+
+
+def test_a_saved_module_without_tensors_is_not_named_in_the_export(tmp_path, input_ids):
+    """On a q4 base, ``modules_to_save=["lm_head"]`` copies a 4-bit head with no parameters: the adapter holds no
+    tensor for it. The export named it in ``modules_to_save`` all the same, so ``PeftModel.from_pretrained`` on the
+    float base failed (``KeyError: 'base_model.model.lm_head.weight'``); it names only the modules it holds."""
+    from lordba.quant import quantize_model
+
+    torch.manual_seed(2)
+    base = quantize_model(tiny_llama(0), backend="q4", group_size=64)
+    lm = get_lordba_model(base, LoRDBAConfig(r=4, alpha=8, init="random", modules_to_save=["lm_head"]))
+    export_lora(lm, tmp_path / "out", dtype="float32")
+    assert "modules_to_save" not in json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    peft = logits(PeftModel.from_pretrained(tiny_llama(0), tmp_path / "out"), input_ids)
+    assert torch.isfinite(peft).all()

@@ -9,7 +9,7 @@ per-module ranks or alphas (``rank_pattern``, ``alpha_pattern``, a ``--target-bp
 ``alpha / r``, each module's own ``s`` folded into its factors: vLLM and LoRAX scale every module by
 ``lora_alpha / r`` and llama.cpp by ``lora_alpha`` over the tensor's rank, ignoring both patterns. Tensors trained in
 full (``modules_to_save``, the task's head, trained biases) go in as PEFT saves them, in their own
-dtype, with the config's ``modules_to_save``, ``bias`` and ``task_type``. The output is a
+dtype, with the config's ``bias`` and ``task_type`` and the saved modules' paths as ``modules_to_save``. The output is a
 standard directory (``adapter_config.json`` with ``peft_type: "LORA"``, ``adapter_model.safetensors``)
 that PEFT, vLLM, LoRAX and lm-eval's ``peft=`` load. It needs no base model.
 """
@@ -90,7 +90,7 @@ def export_lora(
         "rank_pattern": {},  # one rank and one scaling: runtimes that ignore the patterns get the same ΔW
         "alpha_pattern": {},
         "bias": config.bias,
-        "modules_to_save": list(config.modules_to_save) if config.modules_to_save else None,
+        "modules_to_save": saved_module_paths(adapter) or None,
         "use_rslora": False,
         "use_dora": False,
         "fan_in_fan_out": False,
@@ -123,6 +123,21 @@ def _at_rank(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int) -> tuple[tor
     if pad == 0:
         return lora_A, lora_B
     return torch.nn.functional.pad(lora_A, (0, 0, 0, pad)), torch.nn.functional.pad(lora_B, (0, pad))
+
+
+def saved_module_paths(adapter: AdapterState) -> list[str]:
+    """The ``modules_to_save`` of the export: the paths of the modules whose tensors the adapter trains in full
+    (its ``modules_to_save`` and task heads). lordba matches an entry to whole path components, PEFT to a plain
+    suffix (``norm`` is every ``*_layernorm`` too, whose tensors the file would lack: PEFT's load fails), so the
+    export names each saved module by its path; an entry without tensors (nothing trainable) is left out."""
+    entries = [entry.split(".") for entry in adapter.config.saved_modules]
+    found = []
+    for name in adapter.extras:
+        parts = name.split(".")[:-1]  # the module's path, without the parameter's name
+        ends = [i + len(e) for e in entries for i in range(len(parts) - len(e) + 1) if parts[i : i + len(e)] == e]
+        if ends:
+            found.append(".".join(parts[: min(ends)]))  # the outermost saved module holding the tensor
+    return sorted(set(found))
 
 
 def peft_extras(adapter: AdapterState) -> dict[str, torch.Tensor]:
