@@ -529,3 +529,14 @@ def test_add_weighted_adapter_names_an_argument_that_is_not_a_list(adapters, wei
     assert "c" not in lm.peft_config
     lm.add_weighted_adapter(("a", "b"), (w for w in (0.5, 0.5)), "c")  # tuples and iterables stay accepted
     assert "c" in lm.peft_config
+
+
+def test_a_module_to_save_without_parameters_is_refused():
+    """A quantized layer (the q4 base's 4-bit head) holds buffers, no parameters: ``modules_to_save=["lm_head"]``
+    made a copy with nothing to train, so the head stayed as it was and no adapter file held it, silently. It is
+    refused, naming the module and its type, before the model changes."""
+    base = quantize_model(tiny_llama(0), backend="q4", group_size=64)
+    with pytest.raises(TargetModulesError, match=r"'lm_head' \(Q4Linear\).*no parameters"):
+        get_lordba_model(base, LoRDBAConfig(r=2, modules_to_save=["lm_head"]))
+    assert type(base.lm_head).__name__ == "Q4Linear"
+    get_lordba_model(base, LoRDBAConfig(r=2, modules_to_save=["norm"]))  # a float module of the same base trains

@@ -59,8 +59,22 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
                 if isinstance(getattr(module, "bias", None), nn.Parameter):
                     found[name] = ("bias",)
         self._check_saveable(found, targets)
+        self._check_trainable(found)
         self._check_file_names(found)
         return found
+
+    def _check_trainable(self, saved: dict[str, tuple[str, ...] | None]) -> None:
+        """Refuse, before the model changes, a module to train in full that has no parameters (a quantized layer,
+        such as the q4 base's 4-bit head, holds buffers): its copy would train nothing and no adapter file would
+        hold it, silently."""
+        for path, params in saved.items():
+            module = self.base_model.get_submodule(path)
+            module = module.original_module if isinstance(module, SavedModule) else module
+            if params is None and next(module.parameters(), None) is None:
+                raise TargetModulesError(
+                    f"modules_to_save: module {path!r} ({type(module).__name__}) has no parameters to train (a "
+                    "quantized layer holds buffers): leave it out, or keep it unquantized in the base"
+                )
 
     def _check_file_names(self, saved: dict[str, tuple[str, ...] | None]) -> None:
         """Refuse, before anything trains, a tensor to train in full whose name an adapter file cannot hold
