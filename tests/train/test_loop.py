@@ -75,6 +75,35 @@ def test_first_batch_continues_the_data_where_an_earlier_phase_stopped():
     assert data.asked == [5, 6, 7, 8, 9, 10]
 
 
+def uneven_rows():
+    """Eight rows of 14 tokens whose completions (scored labels) have 1 to 12 tokens."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for n in (2, 9, 1, 7, 3, 12, 1, 5):
+        ids = torch.randint(0, 101, (14,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * (14 - n) + ids[14 - n :]})
+    return out
+
+
+@pytest.mark.parametrize(("batch_size", "grad_accum"), [(4, 2), (1, 8)])
+def test_gradient_accumulation_equals_one_batch_of_all_its_examples(batch_size, grad_accum):
+    """A step of ``grad_accum`` micro-batches takes the mean over all of its scored tokens, as one batch of
+    them all does (the same examples: batch k of size 8 is batches 2k, 2k+1 of size 4). Each micro-batch's
+    mean was divided by ``grad_accum``, weighing a token of a micro-batch with a short completion more than
+    one of a long completion: a different loss and different weights than the one big batch."""
+
+    def run(bs, accum):
+        torch.manual_seed(0)
+        lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random"))
+        settings = TrainSettings(steps=2, lr=1e-3, grad_accum=accum)
+        return train_loop(lm, Batcher(uneven_rows(), bs), settings, progress=False).log, lm
+
+    (one_log, one), (acc_log, acc) = run(8, 1), run(batch_size, grad_accum)
+    assert [e["loss"] for e in acc_log] == pytest.approx([e["loss"] for e in one_log], rel=1e-6)
+    for (n, a), b in zip(one.state_dict().items(), acc.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0, msg=n)
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

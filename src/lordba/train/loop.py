@@ -187,11 +187,14 @@ def train_loop(
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * factor(step)
         total = 0.0
-        for micro in range(settings.grad_accum):
-            k = settings.first_batch + step * settings.grad_accum + micro
-            batch = {name: t.to(device) for name, t in batcher.batch(k).items()}
+        first = settings.first_batch + step * settings.grad_accum
+        batches = [batcher.batch(k) for k in range(first, first + settings.grad_accum)]
+        for batch, weight in zip(batches, _micro_weights(batches)):
+            if weight == 0.0:  # nothing to score in this micro-batch: it adds nothing to the step's mean
+                continue
+            batch = {name: t.to(device) for name, t in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
-                loss = model(**batch).loss.float() / settings.grad_accum
+                loss = model(**batch).loss.float() * weight
             if not torch.isfinite(loss):
                 _stop_non_finite(step, settings, ckpt_dir)
             loss.backward()
@@ -217,6 +220,19 @@ def train_loop(
     if out_dir is not None:
         write_log(out_dir, result.log)
     return result
+
+
+def _micro_weights(batches: list[dict[str, torch.Tensor]]) -> list[float]:
+    """The weight of each micro-batch's mean loss in its optimizer step: its share of the step's scored
+    tokens (labels other than -100 after the causal shift), so that the step's loss is the mean over all of
+    its tokens, as one batch of them all would give (a plain ``1 / grad_accum`` weighs a token of a
+    micro-batch with few scored tokens more than one of a micro-batch with many). Batches without
+    ``labels``, or a step with no scored token at all, are weighed equally."""
+    counts = [int((b["labels"][..., 1:] != -100).sum()) if "labels" in b else -1 for b in batches]
+    total = sum(counts)
+    if min(counts) < 0 or total == 0:
+        return [1.0 / len(batches)] * len(batches)
+    return [n / total for n in counts]
 
 
 def _refuse_bf16_base(model: torch.nn.Module) -> None:
