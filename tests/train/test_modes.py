@@ -316,3 +316,32 @@ def test_build_adapter_takes_a_string_out_dir_and_names_bad_settings(tmp_path):
     assert (tmp_path / "lora_seed" / "adapter_model.safetensors").is_file()
     with pytest.raises(ConfigError, match="TrainSettings"):
         build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), None)
+
+
+class StopAtCall(Batcher):
+    """Raises KeyboardInterrupt (Ctrl-C) at the ``stop``-th batch asked for (whatever its number)."""
+
+    def __init__(self, *args, stop, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls, self.stop = 0, stop
+
+    def batch(self, k):
+        self.calls += 1
+        if self.calls == self.stop:
+            raise KeyboardInterrupt
+        return super().batch(k)
+
+
+def test_a_job_resumed_after_its_lora_warmup_logs_the_warmups_steps(tmp_path):
+    """A qat-from-lora job interrupted after its warm-up LoRA was saved resumes from ``lora_seed`` without
+    training it again; its log (``train_log.json`` of ``lordba train``) lost the warm-up's steps, and only an
+    uninterrupted job's had them. Now the resumed job's log is the uninterrupted one's, entry for entry."""
+    cfg = LoRDBAConfig(r=4, mode="qat-from-lora", target_modules=["q_proj"])
+    settings = TrainSettings(steps=8, lr=3e-3, checkpoint_every=1)
+    kwargs = {"lora_warmup": 0.25, "progress": False}
+    _, whole = build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), settings, tmp_path / "whole", **kwargs)
+    with pytest.raises(KeyboardInterrupt):  # the 6th batch: the 4th step of the QAT phase
+        build_adapter(tiny_llama(0), cfg, StopAtCall(rows(), 4, stop=6), settings, tmp_path / "run", **kwargs)
+    _, resumed = build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), settings, tmp_path / "run", **kwargs)
+    assert [e["step"] for e in whole.log if "loss" in e] == list(range(1, 9))
+    assert resumed.log == whole.log

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lordba._util.jsonio import parse_json
 from lordba.config import LoRDBAConfig
 from lordba.convert import LoraAdapter, convert_factors, read_lora
-from lordba.errors import ConfigError
+from lordba.errors import ConfigError, LoRDBAError
 from lordba.format.atomic import atomic_directory
 from lordba.nn.model import LoRDBAModel, get_lordba_model
 from lordba.nn.saved import SavedModule
@@ -54,7 +55,7 @@ def train_lora_seed(
     what it learnt on modules the adapter drops."""
     seed_dir = out_dir / "lora_seed" if out_dir is not None else None
     if seed_dir is not None and resume and (seed_dir / "adapter_model.safetensors").is_file():
-        return read_lora(seed_dir), TrainResult()
+        return read_lora(seed_dir), TrainResult(log=_finished_log(out_dir / "lora"))
     targets = find_targets(model, config.target_modules, config.exclude_modules, config)
     peft_model = add_lora(model, config.r, config.alpha, targets, settings.seed)
     result = train_loop(
@@ -72,6 +73,17 @@ def train_lora_seed(
             peft_model.save_pretrained(str(tmp))
     peft_model.unload()
     return lora, result
+
+
+def _finished_log(run_dir: Path) -> list[dict]:
+    """The log a finished run of :func:`train_loop` wrote in ``run_dir`` (the LoRA seed's steps), so that a job
+    resumed after its seed was saved reports the same log as an uninterrupted one; ``[]`` if it is missing or
+    unreadable (a seed saved by an older version)."""
+    try:
+        log = parse_json((run_dir / "train_log.json").read_bytes(), str(run_dir / "train_log.json"))
+    except (OSError, LoRDBAError):
+        return []
+    return log if isinstance(log, list) and all(isinstance(e, dict) for e in log) else []
 
 
 def init_from_lora(
