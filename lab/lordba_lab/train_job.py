@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lordba.config import MODES, LoRDBAConfig
-from lordba.errors import ConfigError, LoRDBAError
+from lordba.errors import ConfigError, DataError, LoRDBAError
 from lordba.format.atomic import atomic_write_bytes
 from lordba.quant.cache import quantize_model_cached
 from lordba.quant.quantize import DEFAULT_BACKEND
@@ -138,6 +138,7 @@ def run_job(job: TrainJob) -> tuple[object, TrainResult]:
     model, tok = _load_model(job, device)
     train_ex, eval_ex, task = load_data(job.data, tok, job.train_size, job.eval_size, job.settings.seed, job.eval_data)
     rows = encode_examples(tok, train_ex, job.max_length, job.train_on)
+    _check_heldout(tok, eval_ex, job)
     batcher = Batcher(rows, job.settings.batch_size, seed=job.settings.seed, pad_id=tok.pad_token_id or 0)
     config = LoRDBAConfig(
         r=job.r,
@@ -172,6 +173,21 @@ def run_job(job: TrainJob) -> tuple[object, TrainResult]:
     write_log(out, result.log)
     _write_record(job, out)
     return lm, result
+
+
+def _check_heldout(tokenizer, examples: list[Example], job: TrainJob) -> None:  # noqa: ANN001
+    """Encode the held-out examples as the evaluation will, before anything trains: one it cannot encode (a
+    prompt longer than ``max_length``, a conversation the chat template refuses) otherwise stopped the job at
+    its first evaluation, after the training steps and before the adapter was saved (and again on every resume).
+
+    Raises:
+        DataError: naming the held-out data and the example.
+    """
+    try:
+        encode_examples(tokenizer, examples, job.max_length)
+    except DataError as err:
+        where = job.eval_data or f"the held-out part of {job.data}"
+        raise DataError(f"held-out data ({where}): {err}") from None
 
 
 def _record(job: TrainJob) -> dict:

@@ -176,3 +176,20 @@ def test_another_job_into_the_same_out_is_refused_and_no_resume_leaves_no_stale_
     assert main(train_args(model, data, out, *other, "--checkpoint-every", "1")) == 0  # the same job: resumed
     assert (out / "lordba_model.safetensors").read_bytes() == expected
     assert "resumed at step 2" in capsys.readouterr().out
+
+
+def test_a_heldout_example_too_long_to_encode_is_refused_before_training(setup, tmp_path, capsys):
+    """Held-out examples were encoded only at the evaluation: one whose prompt alone is longer than
+    ``--max-length`` stopped the job after all its training steps, before the adapter was saved, with an
+    "example 0" that named no file (and every resume trained to the end and failed again). Now the job is
+    refused before it trains, naming the held-out file."""
+    model, data = setup
+    held = tmp_path / "held.jsonl"
+    long_prompt = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "x"}]
+    held.write_text(json.dumps({"messages": long_prompt}) + "\n")
+    out = tmp_path / "run"
+    args = train_args(model, data, out, "--quant", "none", "--eval-data", str(held), "--max-length", "64")
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert f"held-out data ({held}): example 0: the prompt alone is longer than max_length=64" in err
+    assert not (out / "checkpoints").exists()  # nothing trained
