@@ -72,3 +72,21 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_example(to
     odd.chat_template = "{% for m in messages[-2:] %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(DataError, match=r"example 0: .*turn by turn"):
         encode_examples(odd, [MULTI], train_on="all-assistant-turns")
+
+
+def test_a_template_that_does_not_answer_after_its_generation_prompt_is_refused(tok):
+    """A reasoning model's template opens a ``<think>`` block in its generation prompt and drops it from
+    answers: the answered conversation does not start with the prompt. The example was then encoded in the
+    plain format ("2+3?\\n5<|im_end|>", no template at all), silently: an adapter trained on text the model
+    never sees in chat. Now it is refused naming the example, as the all-assistant-turns path refuses a
+    template it cannot split."""
+    r1 = copy.deepcopy(tok)
+    r1.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+    )
+    ex = Example((("user", "2+3?"),), "5", "5")
+    with pytest.raises(DataError, match=r"example 0: .*generation prompt .*'<think>\\n'"):
+        encode_examples(r1, [ex])
+    (row,) = encode_examples(tok, [ex])  # the model's own template renders the answer after its prompt
+    assert trained_text(tok, row) == "5<|im_end|>\n"

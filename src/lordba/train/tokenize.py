@@ -29,15 +29,29 @@ def _template(tokenizer: PreTrainedTokenizerBase, msgs: list[tuple[str, str]], g
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[str, str]:
-    """``(prompt text, completion text)`` using the tokenizer's chat template when it has one."""
+    """``(prompt text, completion text)`` using the tokenizer's chat template when it has one.
+
+    Raises:
+        DataError: the template does not render the answer after its generation prompt (a reasoning model's
+            that opens a ``<think>`` block there but drops it from answers): no split of the conversation
+            into prompt and answer is the template's own, and the plain format would train the adapter on
+            text the model never sees in chat.
+    """
     if not example.messages:
         return "", example.completion + (tokenizer.eos_token or "")
     msgs = list(example.messages)
     if getattr(tokenizer, "chat_template", None):
         prompt = _template(tokenizer, msgs, generation=True)
         full = _template(tokenizer, [*msgs, ("assistant", example.completion)], generation=False)
-        if full.startswith(prompt):
-            return prompt, full[len(prompt) :]
+        if not full.startswith(prompt):
+            at = next(i for i, (a, b) in enumerate(zip(prompt, full + "\0")) if a != b)
+            raise DataError(
+                "the tokenizer's chat template does not render the assistant's answer after its generation prompt "
+                f"(the prompt goes on with {prompt[at : at + 30]!r}, the answered conversation with "
+                f"{full[at : at + 30]!r}); give the tokenizer a template that does, or remove its chat_template "
+                "to train on the plain format"
+            )
+        return prompt, full[len(prompt) :]
     prompt = "\n\n".join(c for _, c in example.messages) + "\n"
     return prompt, example.completion + (tokenizer.eos_token or "")
 
