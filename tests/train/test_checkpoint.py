@@ -158,3 +158,23 @@ def test_starting_over_removes_the_earlier_runs_checkpoints_so_none_outlives_the
     assert res.resumed_from == 4
     for (name, a), b in zip(new.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name  # the new run's weights, not the old run's
+
+
+def test_pruning_after_a_fallback_resume_keeps_the_checkpoint_just_written(run_dir):
+    """After resuming from step 4 past a damaged step 6, the checkpoints were pruned by name: the damaged newer
+    one counted among the ``keep_checkpoints`` newest, so with one kept the checkpoint just written (step 5)
+    was deleted at once, with the good step 4, and a run stopped before step 6 was written again left only
+    the damaged one ("every training checkpoint is damaged"). Now the checkpoint just written and those
+    before it are what is kept."""
+    import dataclasses
+
+    from test_loop import InterruptAt
+
+    flip_bit(ckpt(run_dir, 6) / "trainable.safetensors")
+    settings = dataclasses.replace(SETTINGS, checkpoint_every=1, keep_checkpoints=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(KeyboardInterrupt):  # batch 5 is step 6's: step 5 was trained and checkpointed
+            train_loop(model(), InterruptAt(rows(), 4, stop=5), settings, run_dir, progress=False)
+        assert ckpt(run_dir, 5).is_dir() and not ckpt(run_dir, 4).exists()
+        assert train_loop(model(), Batcher(rows(), 4), settings, run_dir, progress=False).resumed_from == 5

@@ -140,7 +140,8 @@ def save_checkpoint(
     directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict, keep: int = 2
 ) -> Path:
     """Write ``directory/step-<step>`` atomically, with the sha256 of each file in ``checksums.json``,
-    and keep only the newest ``keep`` checkpoints. Returns the checkpoint's path."""
+    and keep only the newest ``keep`` checkpoints up to this one (newer ones, left by a run resumed from an
+    older one past them, are not counted). Returns the checkpoint's path."""
     params = _trainable(model)
     names = {id(p): n for n, p in params.items()}
     opt_tensors, opt_structure = _flatten_optimizer(optimizer, names)
@@ -164,7 +165,9 @@ def save_checkpoint(
         for name, data in files.items():
             (tmp / name).write_bytes(data)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    for old in sorted(directory.glob(f"{PREFIX}*"))[:-keep]:
+    # the newest ``keep`` up to this one: a newer one (damaged, skipped by the resume that led here) must not
+    # take a place, or the checkpoint just written would be removed at once; it is replaced when its step comes
+    for old in sorted(p for p in directory.glob(f"{PREFIX}*") if p.name <= out.name)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return out
 
