@@ -104,6 +104,14 @@ def test_gradient_accumulation_equals_one_batch_of_all_its_examples(batch_size, 
         torch.testing.assert_close(b, a, atol=1e-4, rtol=0, msg=n)
 
 
+def test_a_micro_batch_with_nothing_to_score_adds_nothing_to_its_step():
+    """A micro-batch whose only label is its first token (never predicted) has no scored token: its mean
+    loss is NaN, and the step stopped as a non-finite loss ("learning rate too high?"). It weighs nothing."""
+    data = [{"input_ids": [5, 6, 7], "labels": [5, -100, -100]}, {"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}]
+    log = train_loop(model(), Batcher(data, 1), TrainSettings(steps=2, grad_accum=2), progress=False).log
+    assert [e["step"] for e in log] == [1, 2] and all(math.isfinite(e["loss"]) for e in log)
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
