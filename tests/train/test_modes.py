@@ -345,3 +345,24 @@ def test_a_job_resumed_after_its_lora_warmup_logs_the_warmups_steps(tmp_path):
     _, resumed = build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), settings, tmp_path / "run", **kwargs)
     assert [e["step"] for e in whole.log if "loss" in e] == list(range(1, 9))
     assert resumed.log == whole.log
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_the_qat_phase_reads_the_batches_after_the_lora_warmups(tmp_path, grad_accum):
+    """``qat-from-lora`` with a warm-up LoRA: the QAT phase read the data from batch 0 again (steps=10,
+    lora_warmup=0.2: batches 0, 1, 0, 1, 2, ..., 7), so the warm-up's batches were trained twice and the last
+    ones never (re-reading a seed's batches memorises them). It now continues after the warm-up's batches,
+    as one run reads them."""
+
+    read = []
+
+    class Recording(Batcher):
+        def batch(self, k: int) -> dict:
+            read.append(k)
+            return super().batch(k)
+
+    batcher = Recording(rows(), 2)
+    cfg = LoRDBAConfig(r=4, mode="qat-from-lora", target_modules=["q_proj"])
+    settings = TrainSettings(steps=10, lr=1e-3, grad_accum=grad_accum)
+    build_adapter(tiny_llama(0), cfg, batcher, settings, tmp_path, lora_warmup=0.2, progress=False)
+    assert read == list(range(10 * grad_accum))

@@ -260,7 +260,8 @@ def build_adapter(
             result.log.append({"step": settings.steps, **evaluate(lm)})
         return lm, result
     lm.set_trainable("default", signs=mode == "qat-from-lora", scales=True)
-    phase = dataclasses.replace(settings, steps=remaining)
+    first = settings.first_batch + (settings.steps - remaining) * settings.grad_accum  # after the warm-up's batches
+    phase = dataclasses.replace(settings, steps=remaining, first_batch=first)
     result = train_loop(lm, batcher, phase, out_dir, eval_of(lm), resume, progress, f"LoRDBA {mode}")
     result.log = seed_result.log + [{**e, "step": e["step"] + settings.steps - remaining} for e in result.log]
     result.seconds += seed_result.seconds
