@@ -113,3 +113,23 @@ def test_the_cache_is_held_to_the_context_a_gpt2_config_names():
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=400))
     assert FastDecode(gpt2).generate_kwargs(300)["max_cache_len"] == 400
+
+
+def test_a_sliding_window_model_decodes_eagerly_instead_of_recompiling_every_token(caplog):
+    """transformers' static cache keeps a sliding-window layer's length in a Python int, which the compiled step is
+    specialized on: it recompiled every token (a full compile each) until dynamo's limit, then ran eagerly anyway.
+    Such a model is not compiled: the fallback's warning names why, and the tokens are eager's."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = MistralConfig(**sizes, num_key_value_heads=2, sliding_window=6, attn_implementation="sdpa")
+    model = MistralForCausalLM(config).eval()
+    want = greedy(model)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    decode = FastDecode(model)
+    with caplog.at_level(logging.WARNING, logger="lordba.decode"):
+        assert not decode.prepare(20)
+        assert_same(greedy(model, decode), want)
+    assert not decode.compiled and "sliding-window" in decode.failure and "decoding eagerly" in caplog.text
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing compiled

@@ -114,6 +114,12 @@ class FastDecode:
         length = cache_length(tokens, self._limit())
         if length in self._ready:
             return True
+        sliding = _sliding_layers(_hf_model(self.model))
+        if sliding:
+            self.fallback(
+                ConfigError(f"sliding-window attention ({sliding}): the static cache's step recompiles every token")
+            )
+            return False
         start = time.perf_counter()
         try:
             ids = torch.zeros((1, 2), dtype=torch.long, device=_device(self.model))
@@ -151,6 +157,25 @@ class FastDecode:
         return self.model.generate(
             input_ids=input_ids, max_new_tokens=max_new_tokens, **kwargs, **self.generate_kwargs(tokens)
         )
+
+
+def _sliding_layers(model: nn.Module) -> str | None:
+    """The layer types of ``model``'s static cache whose layers count tokens in a Python int (transformers'
+    ``StaticSlidingWindowLayer``: sliding-window or chunked attention), which a compiled step is specialized on: it
+    recompiles every token until dynamo's recompile limit, then runs eagerly; ``None`` for a model without them."""
+    config = getattr(model, "config", None)
+    try:
+        from transformers.cache_utils import (
+            STATIC_LAYER_TYPE_MAPPING,
+            StaticSlidingWindowLayer,
+            get_layer_types_and_kwargs,
+        )
+
+        types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    except Exception:  # another transformers version, or no transformers config: nothing known to recompile
+        return None
+    found = sorted({t for t in types if issubclass(STATIC_LAYER_TYPE_MAPPING.get(t, object), StaticSlidingWindowLayer)})
+    return ", ".join(found) or None
 
 
 def _device(model: nn.Module) -> torch.device:
