@@ -179,6 +179,34 @@ def test_loads_stay_out_of_the_collector_once_the_server_froze_its_heap(model, f
         gc.unfreeze()
 
 
+def test_a_load_on_a_frozen_heap_does_not_freeze_the_garbage_pending(model, folder):
+    """With the heap frozen each load froze every object alive, cyclic garbage not yet collected included
+    (a request's exception and its traceback, a frame): frozen, never collected, so a server loading and
+    evicting adapters for days grew by whatever garbage was pending at each load."""
+    import gc
+    import weakref
+
+    class Cyclic:
+        def __init__(self) -> None:
+            self.me = self
+
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    registry = AdapterRegistry(model, folder)
+    registry.freeze_loads = True
+    try:
+        registry.acquire("a")  # (the first load allocates enough to run the collector itself)
+        garbage = Cyclic()
+        dead = weakref.ref(garbage)
+        del garbage  # unreachable, but only a collection frees it
+        registry.acquire("b")
+        gc.collect()  # (frozen, it would stay: a collection never walks the permanent generation)
+        assert dead() is None
+    finally:
+        gc.unfreeze()
+
+
 def test_a_fifo_for_the_weights_is_refused_without_hanging_the_registry(model, folder):
     """The LRU's size estimate opened the weights file before the loader's checks: a FIFO there hung
     the request while it held the load lock (every later load, unload and drain behind it)."""

@@ -253,7 +253,8 @@ class AdapterRegistry:
                 self.observer.adapter_load_failed()
             raise AdapterLoadError(f"adapter '{name}' cannot be loaded: {err}") from None
         seconds = time.perf_counter() - start
-        if self.freeze_loads:
+        if self.freeze_loads:  # collect first: the cyclic garbage pending now would be frozen, never freed
+            gc.collect()  # (cheap: it walks only what is not frozen, the new adapter and what came since)
             gc.freeze()
         nbytes = adapter_bytes(self.model, name)
         with self._cond:
