@@ -598,3 +598,23 @@ def test_a_stream_client_leaving_before_its_stream_starts_lets_go_of_the_adapter
     gc.collect()
     assert wait_for(lambda: state.registry._entries["a"].refs == 0 and state.engine.load == (0, 0))
     assert aborts(server) == before + 1  # aborted, not run to its 40 tokens for nobody
+
+
+def test_a_stopped_server_leaves_its_model_to_be_freed(served):
+    """The endpoints closed over the server's state, and FastAPI keeps every endpoint it has served in
+    process-wide caches (4096 entries): a stopped server's state — its model, tokenizer and adapters — was
+    never freed (a notebook or a test run starting servers one after another kept every model)."""
+    import gc
+    import weakref
+
+    model_dir, adapters = served
+    model, tokenizer = load_base(model_dir)
+    state = build_state(model, tokenizer, "tiny-llama", adapters, max_batch=2)
+    with Server(state) as server:
+        c = client(server)
+        assert c.completions.create(model="a", prompt="hi", max_tokens=2, temperature=0).choices[0].text is not None
+        assert raw(server, "GET", "/health")[0] == 200
+    alive = weakref.ref(model)
+    del model, state, server, c
+    gc.collect()
+    assert alive() is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import weakref
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -26,15 +27,20 @@ DISCONNECT_POLL = 0.25  # seconds between checks for a whole response's client w
 
 
 def build_app(state: ServerState) -> FastAPI:
-    """The FastAPI application serving ``state``."""
+    """The FastAPI application serving ``state`` (held by ``app.state.serve``; the endpoints hold it weakly:
+    FastAPI keeps every endpoint it has served in process-wide caches, which would keep a stopped server's
+    model alive)."""
     app = FastAPI(title="lordba serve", docs_url=None, redoc_url=None)
     app.state.serve = state
     _error_handlers(app)
 
     app.add_middleware(_CountRequests, state=state)
+    served = weakref.ref(state)
+    del state
 
     @app.get("/health")
     async def health() -> Response:
+        state = served()
         waiting, running = state.engine.load
         if state.engine.failure is not None:  # the engine loop stopped: a load balancer should take us out
             body = {"status": "error", "error": state.engine.failure, "waiting": waiting, "running": running}
@@ -43,18 +49,21 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        state = served()
         waiting, running = state.engine.load
         state.metrics.queue(waiting, running)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models() -> dict:
+        state = served()
         names = await run_in_threadpool(state.registry.names)
         cards = [p.model_card(state.base_name, None)] + [p.model_card(n, state.base_name) for n in names]
         return {"object": "list", "data": cards}
 
     @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest, request: Request) -> Response:
+        state = served()
         body.check_supported()
         prompt = body.single_prompt()
         job = await _prepare(state, body, lambda: state.encode(prompt), body.max_tokens, "prompt")
@@ -62,6 +71,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: p.ChatRequest, request: Request) -> Response:
+        state = served()
         body.check_supported()
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         job = await _prepare(state, body, lambda: state.chat_prompt(messages), body.limit(), "messages")
@@ -69,11 +79,13 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: p.LoadAdapterRequest) -> Response:
+        state = served()
         await run_in_threadpool(state.registry.register, body.lora_name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(body: p.UnloadAdapterRequest) -> Response:
+        state = served()
         await run_in_threadpool(state.registry.unload, body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
