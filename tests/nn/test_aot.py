@@ -387,3 +387,31 @@ def test_positions_past_the_prepared_cache_are_refused_naming_it(tmp_path):
     assert decode.position == 8
     decode.back()
     assert decode.step(2).shape[-1] == lm.config.vocab_size
+
+
+@pytest.mark.long
+def test_a_change_after_prepare_is_refused_by_prefill_not_decoded_with_the_old_step(tmp_path):
+    """:meth:`AotDecode.prepare` exports the step for the adapter state of that moment. A change after it (a new
+    scaling, the q4 ``compute``) before :meth:`~AotDecode.prefill` gave an eager prefill of the new state and compiled
+    tokens of the old, silently; prefill refuses until ``prepare`` is called again."""
+    from lordba.quant import set_compute
+
+    lm = tiny_q4(adapter=True)
+    want = eager(lm)[0]
+    adapters = list(lm.adapter_modules("default").values())
+    decode = AotDecode(lm, folder=tmp_path, kv_dtype="float32")
+    n = PROMPT.shape[1] + NEW
+    assert decode.prepare(n)
+    for a in adapters:
+        a.scaling = a.scaling * 2
+    with pytest.raises(ConfigError, match="prepare"):
+        decode.prefill(PROMPT)
+    for a in adapters:
+        a.scaling = a.scaling / 2
+    set_compute(lm, "fast")
+    with pytest.raises(ConfigError, match="prepare"):
+        decode.prefill(PROMPT)
+    set_compute(lm, "exact")
+    assert decode.prepare(n) and decode.position == 0  # the same graph: exported again, its package reused
+    assert torch.equal(decode.generate(PROMPT, NEW, eos_token_id=[]), want)
+    assert len(list(tmp_path.glob("step-*.pt2"))) == 1

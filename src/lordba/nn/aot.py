@@ -171,6 +171,7 @@ class AotDecode:
         self.log = log or (lambda line: None)
         self._steps: dict[tuple[int, tuple], _Step] = {}  # by cache length and adapter state (:meth:`_state`)
         self.step_for: _Step | None = None
+        self._made_for: tuple = ()  # the :meth:`_state` step_for was prepared in
         self.position = 0
         self.compile_seconds = 0.0
         self.export_seconds = 0.0
@@ -223,8 +224,19 @@ class AotDecode:
             self.compile_seconds += step.compile_seconds
             self.export_seconds += step.export_seconds
         step.cache.reset()
-        self.step_for, self.position = step, 0
+        self.step_for, self.position, self._made_for = step, 0, state
         return step
+
+    def _unchanged(self) -> None:
+        """Refuse to prefill the prepared step if what it bakes in (:meth:`_state`) changed since :meth:`prepare`:
+        its compiled tokens would follow the old adapter state, the eager prefill the new. (The adapters' epoch is
+        the process's: a change to another model's adapters is refused too; not checked per token, where it would
+        cost a walk over the model's modules, and where a later decoder of another model bumps it.)"""
+        if self._state() != self._made_for:
+            raise ConfigError(
+                "AotDecode: the adapter state changed since prepare() (an adapter, its scaling, set_adapter, a "
+                "disable_adapter block, the kernel mode or the q4 compute): call prepare(tokens) again"
+            )
 
     def _state(self) -> tuple:
         """What an exported step bakes in besides the tensors it reads: the routing this thread's calls
@@ -250,9 +262,11 @@ class AotDecode:
         """Run the prompt ``[1, n]`` eagerly into the prepared step's cache; the last position's logits ``[vocab]``.
 
         Raises:
-            ConfigError: the prompt does not fit the cache after the positions already in it.
+            ConfigError: the prompt does not fit the cache after the positions already in it, or the adapter state
+                changed since :meth:`prepare` (call it again).
         """
         step = self._ready()
+        self._unchanged()
         n = int(input_ids.shape[-1])
         self._fits(step, n)
         positions = torch.arange(self.position, self.position + n)
