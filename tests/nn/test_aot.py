@@ -415,3 +415,18 @@ def test_a_change_after_prepare_is_refused_by_prefill_not_decoded_with_the_old_s
     assert decode.prepare(n) and decode.position == 0  # the same graph: exported again, its package reused
     assert torch.equal(decode.generate(PROMPT, NEW, eos_token_id=[]), want)
     assert len(list(tmp_path.glob("step-*.pt2"))) == 1
+
+
+def test_a_token_id_outside_the_vocabulary_is_refused_naming_it(tmp_path):
+    """``step`` with a token id the model has no embedding for raised the compiled step's own bounds check (a
+    RuntimeError with a C++ stack trace); the decoder's error names the token and the ids, and keeps the position."""
+    lm = tiny_q4(adapter=False)
+    decode = AotDecode(lm, folder=tmp_path, round_to=16)
+    assert decode.prepare(12)
+    decode.prefill(PROMPT)
+    vocab = lm.config.vocab_size
+    for token in (vocab, -1):
+        with pytest.raises(ConfigError, match=f"token {token} is not a token id of the model \\(0 to {vocab - 1}\\)"):
+            decode.step(token)
+    assert decode.position == PROMPT.shape[1]
+    assert decode.step(vocab - 1).shape == (vocab,)

@@ -162,6 +162,8 @@ class AotDecode:
         kernels.cpu_available()  # the decode attention op is traced into the step only once loaded
         self.model = model
         self.inner = _hf_model(model)
+        embedding = self.inner.get_input_embeddings()  # the token ids the step can embed (None: not checked)
+        self.vocab: int | None = getattr(embedding, "num_embeddings", None)
         if any(t.device.type != "cpu" for t in self.inner.parameters()):
             raise ConfigError("AotDecode compiles for the CPU: the model must be on the CPU")
         use_packed_gqa(self.inner)
@@ -281,11 +283,15 @@ class AotDecode:
         """One token through the compiled step; its logits ``[vocab]``.
 
         Raises:
-            ConfigError: the cache is full (the positions :meth:`prepare` was given are all used).
+            ConfigError: the cache is full (the positions :meth:`prepare` was given are all used), or ``token`` is
+                not a token id of the model.
         """
         step = self._ready()
+        token = int(token)
+        if self.vocab is not None and not 0 <= token < self.vocab:  # (the compiled bounds check: a C++ trace)
+            raise ConfigError(f"AotDecode: token {token} is not a token id of the model (0 to {self.vocab - 1})")
         self._fits(step, 1)
-        logits = step.runner(input_ids=torch.tensor([[int(token)]]), cache_position=torch.tensor([self.position]))
+        logits = step.runner(input_ids=torch.tensor([[token]]), cache_position=torch.tensor([self.position]))
         self.position += 1
         return logits.reshape(-1)
 
