@@ -430,3 +430,36 @@ def test_a_token_id_outside_the_vocabulary_is_refused_naming_it(tmp_path):
             decode.step(token)
     assert decode.position == PROMPT.shape[1]
     assert decode.step(vocab - 1).shape == (vocab,)
+
+
+@pytest.mark.long
+def test_small_adapter_tensors_are_read_live_never_compiled_into_the_package(tmp_path):
+    """Inductor inlines a constant of one dimension and at most 8 values into the code it generates: an adapter's
+    ``scale_mid`` (its rank: 4 here, 8 often) was compiled into the package, so an in-place edit was ignored and a
+    second model of the same shapes (same package name) decoded with the first model's values, silently. Every
+    tensor is now read live: the step follows both."""
+
+    def teacher_forced(decode, ids):
+        decode.prepare(PROMPT.shape[1] + NEW)
+        logits = [decode.prefill(PROMPT)]
+        for token in ids[0, PROMPT.shape[1] : -1].tolist():
+            logits.append(decode.step(token))
+        return torch.stack(logits)
+
+    lm = tiny_q4(adapter=True)
+    decode = AotDecode(lm, folder=tmp_path, kv_dtype="float32")
+    assert decode.prepare(PROMPT.shape[1] + NEW)
+    for a in lm.adapter_modules("default").values():
+        assert a.scale_mid.numel() <= 8
+        with torch.no_grad():
+            a.scale_mid.mul_(1.5)  # in place: the same step, reading it live
+    want_ids, want_logits = eager(lm)
+    torch.testing.assert_close(teacher_forced(decode, want_ids), want_logits, rtol=1e-4, atol=1e-4)
+    other = tiny_q4(adapter=True)
+    for a in other.adapter_modules("default").values():
+        with torch.no_grad():
+            a.scale_mid.mul_(-0.5)
+    want_ids, want_logits = eager(other)
+    second = AotDecode(other, folder=tmp_path, kv_dtype="float32")
+    torch.testing.assert_close(teacher_forced(second, want_ids), want_logits, rtol=1e-4, atol=1e-4)
+    assert second.compile_seconds == 0 and len(list(tmp_path.glob("step-*.pt2"))) == 1  # the first one's package

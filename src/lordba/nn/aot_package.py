@@ -25,6 +25,11 @@ from lordba._util.locks import locked
 
 AOT_DIR = "aot"
 
+# Inductor's settings of every compile (the package's name hashes them). ``always_keep_tensor_constants``: inductor
+# inlines a tensor of no or one dimension of at most 8 values into the code it generates (an adapter's ``scale_mid``
+# at rank <= 8), which a package that binds the live model's tensors must not do: its name holds shapes, not values.
+_CONFIGS: dict[str, Any] = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
+
 
 def package_dir() -> Path:
     """Where packages are kept by default: ``<lordba cache>/aot``."""
@@ -34,8 +39,8 @@ def package_dir() -> Path:
 
 
 def package_key(program: Any, tensors: dict[str, torch.Tensor], shims: dict) -> str:
-    """sha256 of what the compiled code depends on: the graph, the tensors' names/shapes/dtypes, versions,
-    and the ops it calls directly (``shims``: :func:`lordba.kernels.cpu.aoti.c_shims`' answer)."""
+    """sha256 of what the compiled code depends on: the graph, the tensors' names/shapes/dtypes, versions, the
+    compile's settings, and the ops it calls directly (``shims``: :func:`lordba.kernels.cpu.aoti.c_shims`' answer)."""
     import transformers
 
     from lordba._version import __version__
@@ -44,7 +49,8 @@ def package_key(program: Any, tensors: dict[str, torch.Tensor], shims: dict) -> 
     h = hashlib.sha256()
     direct = sorted(str(op) for op in shims)  # the ops the package calls directly (kernels.cpu.aoti)
     code = program.graph_module.code
-    for part in (torch.__version__, transformers.__version__, __version__, extension_name(), direct, code):
+    configs = sorted(_CONFIGS.items())
+    for part in (torch.__version__, transformers.__version__, __version__, extension_name(), direct, configs, code):
         h.update(str(part).encode() + b"\0")
     for name in sorted(tensors):
         t = tensors[name]
@@ -79,7 +85,7 @@ def compiled_package(
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".pt2")  # never a step-*.pt2 name
         os.close(fd)
         try:
-            configs: dict[str, Any] = {"aot_inductor.package_constants_in_so": False}
+            configs = dict(_CONFIGS)
             if shims:
                 configs["aot_inductor.custom_ops_to_c_shims"] = shims
             torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=configs)
