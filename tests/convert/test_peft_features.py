@@ -97,6 +97,16 @@ def test_peft_bias_lora_only_is_carried_over(tmp_path):
     )
 
 
+def trained(pm) -> None:
+    """``pm``'s trainable tensors moved as training would: its heads and saved modules a lot, its LoRA factors
+    (converted approximately) a little."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * (0.01 if "lora_" in name else 0.3))
+
+
 def test_modules_to_save_follow_peft_plain_suffix_rule(tmp_path):
     """PEFT matches ``modules_to_save`` (and a task's heads) as plain string suffixes (``key.endswith``):
     a DistilBERT ``SEQ_CLS`` LoRA trains and saves ``pre_classifier`` beside ``classifier``. Those tensors
@@ -114,11 +124,7 @@ def test_modules_to_save_follow_peft_plain_suffix_rule(tmp_path):
 
     config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["q_lin", "v_lin"])
     pm = peft.get_peft_model(distilbert(), config)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if p.requires_grad:  # the heads trained a lot, the LoRA (converted approximately) a little
-                p.add_(torch.randn_like(p) * (0.01 if "lora_" in name else 0.3))
+    trained(pm)
     pm.save_pretrained(tmp_path / "peft")
     state, _ = convert_lora(tmp_path / "peft", progress=False)
     assert {"pre_classifier.weight", "pre_classifier.bias", "classifier.weight"} <= set(state.extras)
@@ -151,11 +157,7 @@ def test_a_head_with_submodules_is_carried_over_from_a_directory_and_a_peft_mode
     off by as much as the whole adapter changes them)."""
     config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"])
     pm = peft.get_peft_model(roberta(), config)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if p.requires_grad:  # the head trained a lot, the LoRA (converted approximately) a little
-                p.add_(torch.randn_like(p) * (0.01 if "lora_" in name else 0.3))
+    trained(pm)
     pm.save_pretrained(tmp_path / "peft")
     head = {f"classifier.{m}.{p}" for m in ("dense", "out_proj") for p in ("weight", "bias")}
     state, _ = convert_lora(tmp_path / "peft", progress=False)
@@ -194,11 +196,7 @@ def test_bias_all_with_a_task_head_converts_without_the_heads_original_copy(tmp_
     to save ("not a parameter path of the model"). They are left out; the result gives PEFT's outputs."""
     config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"], bias="all")
     pm = peft.get_peft_model(roberta(), config)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * (0.01 if "lora_" in name else 0.3))
+    trained(pm)
     pm.save_pretrained(tmp_path / "peft")
     for source, name in ((tmp_path / "peft", "dir"), (pm.eval(), "mem")):
         state, _ = convert_lora(source, progress=False)
