@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lordba._util.jsonio import safe_repr
-from lordba.errors import ConfigError, TrainingError
+from lordba._util.jsonio import parse_json, safe_repr
+from lordba.errors import ConfigError, LoRDBAError, TrainingError
 from lordba.format.atomic import atomic_write_bytes
 from lordba.quant import resolve_backend
 from lordba.train.checkpoint import clear_checkpoints, latest_checkpoint, resume_checkpoint, save_checkpoint
@@ -260,7 +260,21 @@ def _stop_non_finite(step: int, settings: TrainSettings, ckpt_dir: Path | None) 
     )
 
 
+LOG_NAME = "train_log.json"
+
+
 def write_log(out_dir: Path, log: list[dict]) -> None:
     """``out_dir/train_log.json``: ``[{"step", "loss", "lr"}, ..., {"step", "eval_loss", "metric"}]``."""
     clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in e.items()} for e in log]
-    atomic_write_bytes(Path(out_dir) / "train_log.json", (json.dumps(clean, indent=1) + "\n").encode())
+    atomic_write_bytes(Path(out_dir) / LOG_NAME, (json.dumps(clean, indent=1) + "\n").encode())
+
+
+def read_log(out_dir: Path) -> list[dict]:
+    """The log :func:`write_log` wrote in ``out_dir`` (a finished run's steps); ``[]`` if it is missing or
+    unreadable (a run of an older version)."""
+    path = Path(out_dir) / LOG_NAME
+    try:
+        log = parse_json(path.read_bytes(), str(path))
+    except (OSError, LoRDBAError):
+        return []
+    return log if isinstance(log, list) and all(isinstance(e, dict) for e in log) else []

@@ -24,15 +24,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lordba._util.jsonio import parse_json
 from lordba.config import LoRDBAConfig
 from lordba.convert import LoraAdapter, convert_factors, read_lora
-from lordba.errors import ConfigError, LoRDBAError
+from lordba.errors import ConfigError
 from lordba.format.atomic import atomic_directory
 from lordba.nn.model import LoRDBAModel, get_lordba_model
 from lordba.nn.saved import SavedModule
 from lordba.nn.targets import find_targets
-from lordba.train.loop import TrainResult, TrainSettings, seed_everything, train_loop
+from lordba.train.loop import TrainResult, TrainSettings, read_log, seed_everything, train_loop
 from lordba.train.lora import add_lora
 from lordba.train.tokenize import Batcher
 
@@ -55,7 +54,8 @@ def train_lora_seed(
     what it learnt on modules the adapter drops."""
     seed_dir = out_dir / "lora_seed" if out_dir is not None else None
     if seed_dir is not None and resume and (seed_dir / "adapter_model.safetensors").is_file():
-        return read_lora(seed_dir), TrainResult(log=_finished_log(out_dir / "lora"))
+        # the seed's steps in the log, as an uninterrupted run reports them
+        return read_lora(seed_dir), TrainResult(log=read_log(out_dir / "lora"))
     targets = find_targets(model, config.target_modules, config.exclude_modules, config)
     peft_model = add_lora(model, config.r, config.alpha, targets, settings.seed)
     result = train_loop(
@@ -73,17 +73,6 @@ def train_lora_seed(
             peft_model.save_pretrained(str(tmp))
     peft_model.unload()
     return lora, result
-
-
-def _finished_log(run_dir: Path) -> list[dict]:
-    """The log a finished run of :func:`train_loop` wrote in ``run_dir`` (the LoRA seed's steps), so that a job
-    resumed after its seed was saved reports the same log as an uninterrupted one; ``[]`` if it is missing or
-    unreadable (a seed saved by an older version)."""
-    try:
-        log = parse_json((run_dir / "train_log.json").read_bytes(), str(run_dir / "train_log.json"))
-    except (OSError, LoRDBAError):
-        return []
-    return log if isinstance(log, list) and all(isinstance(e, dict) for e in log) else []
 
 
 def init_from_lora(
