@@ -8,6 +8,7 @@ dequantizes the whole weight on every call (``lordba bench --suite quant``).
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -25,17 +26,13 @@ def _hqq_linear_cls() -> type | None:
     return HQQLinear
 
 
-_LAYER_CLS: list[type] = []
-
-
+@functools.cache  # one class, made when first asked for: hqq is imported lazily
 def hqq_layer_cls() -> type:
     """The ``HQQLinear`` subclass lordba makes its HQQ layers of (:func:`quantize_linear_hqq`, the cache, merges):
     HQQ's own forward, but a conversion of the module it is in (``model.to(torch.bfloat16)``, ``.half()``, ``.to(
     device)``) reaches its compute dtype, its scales and zeros (held in a dict, not as buffers) and its bias (a plain
     attribute). ``HQQLinear`` keeps them as they were (its ``to``, ``half``, … do nothing), so that every forward of
     a cast model failed (``expected m1 and m2 to have the same dtype``)."""
-    if _LAYER_CLS:
-        return _LAYER_CLS[0]
     from hqq.core.quantize import HQQLinear
 
     class LordbaHQQLinear(HQQLinear):
@@ -61,7 +58,6 @@ def hqq_layer_cls() -> type:
 
     LordbaHQQLinear.__qualname__ = LordbaHQQLinear.__name__  # pickled by name: this module's ``__getattr__``
     LordbaHQQLinear.__module__ = __name__
-    _LAYER_CLS.append(LordbaHQQLinear)
     return LordbaHQQLinear
 
 
