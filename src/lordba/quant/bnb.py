@@ -56,7 +56,7 @@ class BnbNF4Backend(_BnbBackend):
         if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
             codes, state = _nf4_codes(module.weight)
             module.weight.data, module.weight.quant_state = codes, state
-        module.support_avx512bf16_for_cpu = False
+        _keep_ordinary_cpu_path(module)
 
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         codes, state = _nf4_codes(module.weight)
@@ -93,6 +93,14 @@ class BnbInt8Backend(_BnbBackend):
 
     def describe(self, module: nn.Module) -> dict[str, Any] | None:
         return {"backend": "bnb-int8", "bits": 8, "group_size": None}
+
+
+def _keep_ordinary_cpu_path(layer: nn.Module) -> None:
+    """Keep the NF4 ``layer`` off bitsandbytes' AVX512-BF16 CPU kernel, which its first forward in eval mode without a
+    gradient would repack it for: a repacked layer computes every later forward, with a gradient too, with that
+    kernel, which has no backward (the gradient to the input silently dropped; with a bias, an error) and which takes
+    only outputs in multiples of 32 and inputs in multiples of 64 (else a bare RuntimeError / AssertionError)."""
+    layer.support_avx512bf16_for_cpu = False
 
 
 def _nf4_codes(weight: nn.Parameter) -> tuple[torch.Tensor, Any]:
@@ -134,11 +142,7 @@ def _make_linear4bit(
     layer.weight = bnb.nn.Params4bit(weight.detach().float().cpu(), requires_grad=False, quant_type=quant_type)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-    # never repacked for bitsandbytes' AVX512-BF16 CPU kernel (its first forward in eval mode without a gradient
-    # would): a repacked layer computes every later forward, with a gradient too, with that kernel, which has no
-    # backward (the gradient to the input silently dropped; with a bias, an error) and which takes only outputs in
-    # multiples of 32 and inputs in multiples of 64 (else a bare RuntimeError / AssertionError)
-    layer.support_avx512bf16_for_cpu = False
+    _keep_ordinary_cpu_path(layer)
     return layer.to(weight.device)
 
 
