@@ -4,15 +4,13 @@ depends on, compiled once under a lock, checked before it is loaded.
 A package's name is the sha256 of the exported graph's code, the tensors it reads (names, shapes, dtypes,
 strides), the versions of torch, transformers and lordba, the kernels' library and the ops the package calls
 directly: any change the graph sees compiles a new package and nothing stale is reused. A package is written
-whole or not at all (a temporary name, then a rename), and a damaged one (a zip entry's CRC or its end) is
-compiled again, never run.
+whole or not at all (:func:`~lordba.format.atomic.atomic_write_path`: a temporary name, fsynced, then a
+rename), and a damaged one (a zip entry's CRC or its end) is compiled again, never run.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -22,6 +20,7 @@ from typing import Any
 import torch
 
 from lordba._util.locks import locked
+from lordba.format.atomic import atomic_write_path
 
 AOT_DIR = "aot"
 
@@ -82,17 +81,11 @@ def compiled_package(
             return path, 0.0
         log(f"compiling the decode step ahead of time (once per model, adapter and cache length): {path.name}")
         start = time.perf_counter()
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".pt2")  # never a step-*.pt2 name
-        os.close(fd)
-        try:
-            configs = dict(_CONFIGS)
-            if shims:
-                configs["aot_inductor.custom_ops_to_c_shims"] = shims
-            torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=configs)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        configs = dict(_CONFIGS)
+        if shims:
+            configs["aot_inductor.custom_ops_to_c_shims"] = shims
+        with atomic_write_path(path, suffix=".pt2") as tmp:  # a hidden name, never a step-*.pt2 one
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)
         return path, time.perf_counter() - start
 
 
