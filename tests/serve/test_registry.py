@@ -320,3 +320,28 @@ def test_a_registered_name_unloaded_while_held_is_not_taken_back_as_the_folders_
         assert torch.equal(
             model(input_ids=ids, adapter_names=["a"]).logits, fresh(input_ids=ids, adapter_names=["a"]).logits
         )
+
+
+def test_an_adapter_larger_than_the_whole_budget_is_a_400_naming_it_not_a_retry_later(model, folder):
+    """An adapter whose size alone exceeds --max-adapter-memory was an AdapterMemoryError, a 503 'retry later'
+    (adapter_memory_full): no retry can ever succeed. It is a 400 naming the adapter, its size and the budget;
+    nothing is evicted and the others are still served."""
+    from lordba.serve.errors import AdapterTooLargeError
+
+    size = payload_bytes(folder / "a" / "lordba_model.safetensors")
+    registry = AdapterRegistry(model, folder, max_bytes=int(1.5 * size))
+    registry.acquire("a")
+    registry.release("a")
+    big = folder / "big"
+    shutil.copytree(folder / "b", big)
+    registry.max_bytes = size - 1  # b's twin no longer fits even an empty budget (a stays resident: no eviction)
+    with pytest.raises(AdapterTooLargeError) as err:
+        registry.acquire("big")
+    assert err.value.status == 400 and err.value.code == "adapter_too_large" and err.value.param == "model"
+    assert all(word in str(err.value) for word in ("'big'", str(size), str(size - 1)))
+    assert not isinstance(err.value, AdapterMemoryError)  # not the 503 a client retries
+    assert list(model.peft_config) == ["a"] and registry.evictions == 0
+    registry.acquire("a")  # still served
+    with pytest.raises(AdapterTooLargeError, match="'big2'") as err:
+        registry.register("big2", "big")
+    assert err.value.param == "lora_name" and "big2" not in registry.names()

@@ -62,6 +62,14 @@ class AdapterMemoryError(ServeError, AdapterStateError):
     param = "model"
 
 
+class AdapterTooLargeError(ServeError, AdapterStateError):
+    """The adapter alone is larger than ``--max-adapter-memory`` (400: no retry can succeed; the message names the
+    adapter, its size and the budget)."""
+
+    code = "adapter_too_large"
+    param = "model"
+
+
 class UnavailableError(ServeError):
     """The server cannot take the request now (shutting down) (503)."""
 

@@ -33,6 +33,7 @@ from lordba.serve.errors import (
     AdapterConflictError,
     AdapterLoadError,
     AdapterMemoryError,
+    AdapterTooLargeError,
     BadRequestError,
     UnavailableError,
     UnknownAdapterError,
@@ -166,7 +167,8 @@ class AdapterRegistry:
         recently used adapters not in use to stay within ``max_bytes``).
 
         Raises :class:`UnknownAdapterError` (404), :class:`AdapterLoadError` (bad files, 400),
-        :class:`AdapterMemoryError` (no room, 503), :class:`UnavailableError` (the name's unloaded adapter
+        :class:`AdapterMemoryError` (no room now, 503), :class:`AdapterTooLargeError` (larger than the whole
+        budget, 400), :class:`UnavailableError` (the name's unloaded adapter
         still drains, 503), :class:`BadRequestError` (invalid name)."""
         if self._hold_resident(name):
             return
@@ -218,7 +220,7 @@ class AdapterRegistry:
                     raise AdapterConflictError(f"The lora adapter '{name}' has already been loaded.")
                 entry = self._entries[name] = _Entry(full, from_folder=False)
             try:
-                self._load(name, entry)
+                self._load(name, entry, "lora_name")
             except BaseException:  # whatever failed, the name is not registered
                 with self._cond:
                     self._entries.pop(name, None)
@@ -240,9 +242,11 @@ class AdapterRegistry:
             if entry.resident:
                 self._delete(name, entry)
 
-    def _load(self, name: str, entry: _Entry) -> None:
+    def _load(self, name: str, entry: _Entry, param: str = "model") -> None:
         """Make room for ``entry`` then load it onto the model (the load lock is held)."""
-        self._make_room(name, payload_bytes(entry.path / WEIGHTS_NAME))
+        need = payload_bytes(entry.path / WEIGHTS_NAME)
+        self._check_fits_budget(name, need, param)
+        self._make_room(name, need)
         if name in self.model.peft_config:  # left by an unload whose last request just ended
             self._delete(name)
         start = time.perf_counter()
@@ -265,12 +269,21 @@ class AdapterRegistry:
             self.observer.adapter_loaded(seconds)
         self._report()
 
+    def _check_fits_budget(self, name: str, need: int, param: str) -> None:
+        """:class:`AdapterTooLargeError` (400) if ``need`` bytes exceed the whole budget: no eviction and no
+        retry can make room (checked from the file's header before it is read)."""
+        if self.max_bytes is not None and need > self.max_bytes:
+            raise AdapterTooLargeError(
+                f"adapter '{name}' ({need} bytes) is larger than the whole adapter memory budget "
+                f"(--max-adapter-memory={self.max_bytes} bytes): it can never be loaded on this server",
+                param=param,
+            )
+
     def _make_room(self, name: str, need: int) -> None:
-        """Evict least recently used adapters not in use until ``need`` more bytes fit."""
+        """Evict least recently used adapters not in use until ``need`` more bytes fit (``need`` is within the
+        budget: :meth:`_check_fits_budget`)."""
         if self.max_bytes is None:
             return
-        if need > self.max_bytes:
-            raise AdapterMemoryError(f"adapter '{name}' ({need} bytes) is larger than --max-adapter-memory")
         with self._cond:
             used = sum(e.nbytes for e in [*self._entries.values(), *self._draining.values()] if e.resident)
             victims = []

@@ -104,7 +104,8 @@ class ServerState:
         ``messages``); returns the :class:`Job` (its adapter is held: the engine releases it).
 
         Raises :class:`UnknownAdapterError` (404), :class:`AdapterLoadError` (400),
-        :class:`ContextLengthError` (400), :class:`BadRequestError` (400), :class:`AdapterMemoryError` (503)."""
+        :class:`ContextLengthError` (400), :class:`BadRequestError` (400), :class:`AdapterTooLargeError` (400),
+        :class:`AdapterMemoryError` (503)."""
         route = BASE_ROW if model == self.base_name else self.registry.check_name(model)
         if route != BASE_ROW:
             self.registry.acquire(route)
