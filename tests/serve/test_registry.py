@@ -345,3 +345,53 @@ def test_an_adapter_larger_than_the_whole_budget_is_a_400_naming_it_not_a_retry_
     with pytest.raises(AdapterTooLargeError, match="'big2'") as err:
         registry.register("big2", "big")
     assert err.value.param == "lora_name" and "big2" not in registry.names()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "mismatched"])
+def test_a_bad_adapter_evicts_nobody_and_is_loaded_fresh_once_fixed(model, folder, served, damage):
+    """The LRU made room before the loader checked the file: a corrupt, truncated or mismatched adapter
+    evicted every idle adapter for a load that then failed (the next requests reloaded them all). A bad
+    file evicts nobody, is not left resident, and once the file is fixed it loads fresh."""
+    size = payload_bytes(folder / "a" / "lordba_model.safetensors")
+    registry = AdapterRegistry(model, folder, max_bytes=int(2.5 * size))
+    for name in ("a", "b"):
+        registry.acquire(name)
+        registry.release(name)
+    weights = folder / "c" / "lordba_model.safetensors"
+    good = weights.read_bytes()
+    if damage == "truncated":
+        weights.write_bytes(good[:-10])
+    elif damage == "flipped":
+        weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    else:  # another base's adapter: its layers' shapes differ from this model's
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from lordba import LoRDBAConfig, get_lordba_model
+
+        other = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=99,
+                hidden_size=32,
+                intermediate_size=40,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        )
+        shutil.rmtree(folder / "c")
+        get_lordba_model(other, LoRDBAConfig(r=4, alpha=16, init="random")).save_pretrained(folder / "c")
+    with pytest.raises(AdapterLoadError, match="adapter 'c'"):
+        registry.acquire("c")
+    assert list(registry.resident()) == ["a", "b"] and registry.evictions == 0
+    assert sorted(model.peft_config) == ["a", "b"] and "c" not in model.peft_config
+    shutil.rmtree(folder / "c")
+    shutil.copytree(served[1] / "c", folder / "c")  # fixed
+    registry.acquire("c")
+    assert "c" in model.peft_config and registry.resident()["c"] > 0 and registry.evictions == 1
+    fresh = LoRDBAModel(AutoModelForCausalLM.from_pretrained(served[0]).eval())
+    fresh.load_adapter(served[1] / "c", "c")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(
+            model(input_ids=ids, adapter_names=["c"]).logits, fresh(input_ids=ids, adapter_names=["c"]).logits
+        )

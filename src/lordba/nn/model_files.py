@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,11 +182,14 @@ class AdapterFilesMixin:
         cache_dir: str | Path | None = None,
         subfolder: str | None = None,
         local_files_only: bool = False,
+        on_verified: Callable[[adapter_files.AdapterFile], None] | None = None,
     ) -> None:
         """Load an adapter under ``adapter_name`` (packed form; scales train if ``is_trainable``,
         else it is compact: scales held as stored, frozen). ``model_id`` is a directory or a
         Hugging Face Hub repo id (``revision``, ``token``, ``cache_dir``, ``subfolder`` and
-        ``local_files_only`` as in PEFT). Validation happens before the model is touched.
+        ``local_files_only`` as in PEFT). Validation happens before the model is touched;
+        ``on_verified`` (if given) is called with the read file once all of it passed, before anything is
+        installed (the server's LRU makes room there: a bad file evicts nobody); what it raises ends the load.
 
         Raises:
             AdapterFormatError: a missing, invalid or unresolvable adapter (named); AdapterStateError /
@@ -197,6 +200,8 @@ class AdapterFilesMixin:
             revision=revision, token=token, cache_dir=cache_dir, subfolder=subfolder, local_files_only=local_files_only
         )
         adapter_file, targets = self._read_for_model(model_id, **hub)
+        if on_verified is not None:
+            on_verified(adapter_file)
         self._load_state(adapter_file, adapter_name, is_trainable, targets)
 
     @ordinary_tensors()

@@ -35,6 +35,7 @@ from lordba.serve.errors import (
     AdapterMemoryError,
     AdapterTooLargeError,
     BadRequestError,
+    ServeError,
     UnavailableError,
     UnknownAdapterError,
 )
@@ -243,15 +244,17 @@ class AdapterRegistry:
                 self._delete(name, entry)
 
     def _load(self, name: str, entry: _Entry, param: str = "model") -> None:
-        """Make room for ``entry`` then load it onto the model (the load lock is held)."""
+        """Load ``entry`` onto the model (the load lock is held), making room only once its files passed
+        every check of the loader: a corrupt, truncated or mismatched file evicts nobody."""
         need = payload_bytes(entry.path / WEIGHTS_NAME)
         self._check_fits_budget(name, need, param)
-        self._make_room(name, need)
         if name in self.model.peft_config:  # left by an unload whose last request just ended
             self._delete(name)
         start = time.perf_counter()
         try:
-            self.model.load_adapter(entry.path, name)
+            self.model.load_adapter(entry.path, name, on_verified=lambda _: self._make_room(name, need))
+        except ServeError:  # no room (raised by _make_room): not the file's fault
+            raise
         except (LoRDBAError, OSError) as err:  # OSError: a path the file system refuses (too long, unreadable)
             if self.observer is not None:
                 self.observer.adapter_load_failed()
