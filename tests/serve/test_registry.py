@@ -395,3 +395,21 @@ def test_a_bad_adapter_evicts_nobody_and_is_loaded_fresh_once_fixed(model, folde
         assert torch.equal(
             model(input_ids=ids, adapter_names=["c"]).logits, fresh(input_ids=ids, adapter_names=["c"]).logits
         )
+
+
+def test_registering_a_name_whose_unloaded_adapter_still_drains_is_a_503_not_already_loaded(model, folder):
+    """``unload_lora_adapter`` of a name a request still held, then ``load_lora_adapter`` of that name (a new
+    version): the draining adapter made it a 400 'has already been loaded' (adapter_already_loaded), though the
+    client had just unloaded it and the same call succeeds once the request ends. It is a 503 (retry) naming it."""
+    from lordba.serve.errors import UnavailableError
+
+    registry = AdapterRegistry(model, folder)
+    registry.register("mine", "a")
+    registry.acquire("mine")
+    registry.unload("mine")  # held: it drains
+    with pytest.raises(UnavailableError, match="'mine' is being unloaded") as err:
+        registry.register("mine", "b")
+    assert err.value.status == 503 and err.value.param == "lora_name"
+    registry.release("mine")  # the drain ends
+    registry.register("mine", "b")  # the same call now succeeds
+    assert registry._entries["mine"].path == folder.resolve() / "b" and "mine" in model.peft_config

@@ -211,14 +211,20 @@ class AdapterRegistry:
     # ------------------------------------------------------------------ load / unload
     def register(self, name: str, path: str | Path) -> None:
         """``POST /v1/load_lora_adapter``: serve the adapter directory ``path`` (inside the folder) as
-        ``name`` and load it now. Raises :class:`AdapterConflictError` if ``name`` is loaded."""
+        ``name`` and load it now. Raises :class:`AdapterConflictError` if ``name`` is loaded, :class:`UnavailableError`
+        (503) while ``name``'s unloaded adapter still drains."""
         self.check_name(name, "lora_name")
         full = self.inside(path)
         with self._load_lock:
             with self._cond:
-                current = self._entries.get(name) or self._draining.get(name)
+                current = self._entries.get(name)
                 if current is not None and (current.resident or not current.from_folder):
                     raise AdapterConflictError(f"The lora adapter '{name}' has already been loaded.")
+                if name in self._draining:  # unloaded, its requests still running: the model holds one per name
+                    raise UnavailableError(
+                        f"adapter '{name}' is being unloaded (its requests are still running): retry when they end",
+                        param="lora_name",
+                    )
                 entry = self._entries[name] = _Entry(full, from_folder=False)
             try:
                 self._load(name, entry, "lora_name")
