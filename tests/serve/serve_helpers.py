@@ -56,8 +56,9 @@ def tiny_model(seed: int = 0, context: int = 256) -> LlamaForCausalLM:
 
 def make_adapter(directory: Path, seed: int) -> Path:
     """A random r=4 adapter on every linear layer of the tiny model, saved in ``directory``."""
+    base = tiny_model()  # (seeds torch itself: the adapter's seed comes after it)
     torch.manual_seed(seed)
-    lm = get_lordba_model(tiny_model(), LoRDBAConfig(r=4, alpha=16, init="random"))
+    lm = get_lordba_model(base, LoRDBAConfig(r=4, alpha=16, init="random"))
     lm.save_pretrained(directory)
     return directory
 

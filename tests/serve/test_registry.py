@@ -413,3 +413,18 @@ def test_registering_a_name_whose_unloaded_adapter_still_drains_is_a_503_not_alr
     registry.release("mine")  # the drain ends
     registry.register("mine", "b")  # the same call now succeeds
     assert registry._entries["mine"].path == folder.resolve() / "b" and "mine" in model.peft_config
+
+
+def test_the_fixture_adapters_are_not_all_the_same(served):
+    """make_adapter seeded torch, then built the model with tiny_model(), which seeds torch again (0): every
+    fixture adapter (a, b, c here, the soak's eight) had the same weights whatever its seed, so the tests that an
+    adapter's rows get its own output (not a neighbour's) could not see a wrong routing."""
+    from lordba.format.adapter import read_adapter
+
+    def tensors(name: str) -> list[torch.Tensor]:
+        adapter = read_adapter(served[1] / name)
+        return [t for rec in adapter.modules.values() for _, t in sorted(rec.tensors.items())]
+
+    a, b, c = tensors("a"), tensors("b"), tensors("c")
+    for other in (b, c):
+        assert not all(torch.equal(x, y) for x, y in zip(a, other, strict=True))
