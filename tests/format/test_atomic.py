@@ -207,3 +207,27 @@ def test_atomic_write_path_streams_a_whole_file_into_place_or_leaves_the_old_one
     with atomic_write_path(tmp_path / "sub" / "fresh.bin") as tmp:  # the directory is made
         tmp.write_bytes(b"x")
     assert (tmp_path / "sub" / "fresh.bin").read_bytes() == b"x"
+
+
+def test_a_saved_file_keeps_the_permissions_of_the_one_it_replaces_and_new_ones_follow_the_umask(tmp_path):
+    """A resave keeps a private (0600) adapter private (it was made world-readable 0644); a new file gets what an
+    ordinary open gives under the umask (0664 under umask 002, in a group's shared directory: it was always 0644)."""
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, init="random"))
+    old_umask = os.umask(0o002)
+    try:
+        lm.save_pretrained(tmp_path / "new")
+        atomic_write_bytes(tmp_path / "x.json", b"1")
+        with atomic_write_path(tmp_path / "y.bin") as tmp:
+            tmp.write_bytes(b"1")
+    finally:
+        os.umask(old_umask)
+    files = [*(tmp_path / "new").iterdir(), tmp_path / "x.json", tmp_path / "y.bin"]
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o664" for f in files}
+    for f in files:
+        f.chmod(0o600)
+    lm.save_pretrained(tmp_path / "new")
+    atomic_write_bytes(tmp_path / "x.json", b"2")
+    with atomic_write_path(tmp_path / "y.bin") as tmp:
+        tmp.write_bytes(b"2")
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o600" for f in files}
+    assert (tmp_path / "x.json").read_bytes() == b"2" and read_adapter(tmp_path / "new").modules

@@ -25,6 +25,7 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,11 +53,16 @@ def fsync_dir(directory: Path) -> None:
 
 def _write_temp(path: Path, data: bytes | None, suffix: str = "") -> Path:
     """A new file of this call's own next to ``path`` (created exclusively) holding ``data`` (``None``: empty, for a
-    writer that opens it by name), fsynced; removed again if writing fails."""
+    writer that opens it by name), fsynced; removed again if writing fails. Its permissions are those of the file at
+    ``path`` where there is one (a private ``0600`` file stays private), else what an ordinary ``open`` gives
+    (``0666`` less the umask); set before any byte is written."""
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}.{secrets.token_hex(4)}{suffix}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    mode = _kept_mode(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             if data is not None:
                 f.write(data)
                 f.flush()
@@ -65,6 +71,15 @@ def _write_temp(path: Path, data: bytes | None, suffix: str = "") -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def _kept_mode(path: Path) -> int | None:
+    """The permission bits of the regular file at ``path`` (what its replacement keeps); ``None`` where none is."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return stat.S_IMODE(st.st_mode) & 0o777 if stat.S_ISREG(st.st_mode) else None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
