@@ -231,3 +231,36 @@ def test_a_saved_file_keeps_the_permissions_of_the_one_it_replaces_and_new_ones_
         tmp.write_bytes(b"2")
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o600" for f in files}
     assert (tmp_path / "x.json").read_bytes() == b"2" and read_adapter(tmp_path / "new").modules
+
+
+def test_saves_and_their_recovery_work_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    """FAT/exFAT, SMB and some FUSE mounts (a notebook's cloud drive) refuse hard links: every save over an
+    existing adapter failed ("cannot save (Operation not permitted)"); the backups are copies there."""
+    import errno
+    import shutil
+
+    def no_link(src, dst, *args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    def state(seed):
+        model = tiny_llama(0)
+        torch.manual_seed(seed)  # after tiny_llama, which seeds with its own
+        return get_lordba_model(model, LoRDBAConfig(r=2, init="random", target_modules=["q_proj"])).adapter_state(
+            "default"
+        )
+
+    monkeypatch.setattr(os, "link", no_link)
+    weights, config = tmp_path / "lordba_model.safetensors", tmp_path / "adapter_config.json"
+    state(1).save_pretrained(tmp_path)
+    state(2).save_pretrained(tmp_path)
+    state(2).save_pretrained(tmp_path / "n2")
+    assert weights.read_bytes() == (tmp_path / "n2" / weights.name).read_bytes()
+    for path in (weights, config):  # a save of state 3 killed between its two renames
+        shutil.copy2(path, tmp_path / f".{path.name}.lordba-prev")
+    state(3).save_pretrained(tmp_path / "n3")
+    os.replace(tmp_path / "n3" / weights.name, weights)
+    with pytest.warns(UserWarning, match="interrupted save"):
+        assert read_adapter(tmp_path).recovered
+    state(3).save_pretrained(tmp_path)  # restores the backups (by copying), then commits
+    assert not read_adapter(tmp_path).recovered and not list(tmp_path.glob(".*"))
+    assert config.read_bytes() == (tmp_path / "n3" / config.name).read_bytes()

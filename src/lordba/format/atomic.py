@@ -4,11 +4,12 @@
   :func:`atomic_write_path` the same for a writer that streams to a path (a large safetensors file).
 * :func:`commit_files`: replace several files that must stay consistent with each other (an
   adapter's weights and the config holding their checksum). Before the first rename, the current
-  files are hard-linked to ``.<name>.lordba-prev``; after the last rename the links are removed.
-  A save killed between the renames leaves a consistent previous set in the backups, which
-  :func:`consistent_files` finds (the loader reads them) and the next save restores (by linking,
-  so the backups stay complete until every file is back). Saves into one directory are
-  serialised by an exclusive ``flock`` on the directory itself (POSIX; no lock file is left).
+  files are hard-linked to ``.<name>.lordba-prev`` (copied where the file system has no hard links:
+  FAT, SMB, some FUSE mounts); after the last rename the backups are removed. A save killed between
+  the renames leaves a consistent previous set in the backups, which :func:`consistent_files` finds
+  (the loader reads them) and the next save restores (by linking or copying, so the backups stay
+  complete until every file is back). Saves into one directory are serialised by an exclusive
+  ``flock`` on the directory itself (POSIX; no lock file is left).
 * :func:`atomic_directory`: build a new output directory under a temporary name and move it into
   place at the end; replacing an existing directory is one atomic exchange on Linux
   (``renameat2(RENAME_EXCHANGE)``), elsewhere two renames. On error nothing is left behind; what
@@ -148,7 +149,7 @@ def recover(directory: Path, names: list[str], is_consistent: Callable[[dict[str
         for name in names:  # link, then rename over: the backups stay complete until all are back
             tmp = directory / f".{name}{TMP_MARK}{os.getpid()}.restore"
             tmp.unlink(missing_ok=True)
-            os.link(backup_path(directory / name), tmp)
+            _link_or_copy(backup_path(directory / name), tmp)
             os.replace(tmp, directory / name)
         fsync_dir(directory)
     for b in backups:
@@ -157,6 +158,27 @@ def recover(directory: Path, names: list[str], is_consistent: Callable[[dict[str
         for stale in directory.glob(f".{name}{TMP_MARK}*"):
             stale.unlink(missing_ok=True)
     fsync_dir(directory)
+
+
+_NO_HARD_LINKS = (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to the new name ``dst``; where the file system has no hard links (FAT, exFAT, SMB, FUSE
+    mounts such as a notebook's cloud drive) or refuses this one, an fsynced copy (permissions kept) instead."""
+    try:
+        os.link(src, dst)
+        return
+    except OSError as err:
+        if err.errno not in _NO_HARD_LINKS:
+            raise
+    try:
+        shutil.copy2(src, dst)
+        with open(dst, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
 
 
 def commit_files(
@@ -183,7 +205,7 @@ def _commit(directory: Path, files: dict[str, bytes], names: list[str]) -> None:
             temps[name] = _write_temp(directory / name, data)
         for name in names:
             if (directory / name).exists():
-                os.link(directory / name, backup_path(directory / name))
+                _link_or_copy(directory / name, backup_path(directory / name))
         fsync_dir(directory)
         for name in names:
             os.replace(temps[name], directory / name)
