@@ -74,6 +74,25 @@ def test_a_bad_reference_rank_is_a_usage_error(deep_adapter, value, capsys):
     assert info.value.code == 2 and "--r-ref" in capsys.readouterr().err
 
 
+def test_a_conversion_report_with_odd_layer_paths_is_shown_not_fatal(deep_adapter, tmp_path, capsys):
+    """The sidecar is informational: a layer path with a digit run past Python's 4300-digit int limit, or one
+    with a non-ASCII digit (``str.isdigit("²")``), was sorted with ``int()`` and ended in an internal error."""
+    import shutil
+
+    adapter = tmp_path / "a"
+    shutil.copytree(deep_adapter, adapter)
+    paths = ["x." + "9" * 5000, "y.1²", "m.layers.10.q", "m.layers.2.q", "m.layers.02.k", "²"]
+    (adapter / "conversion_report.json").write_text(json.dumps({"layers": [{"path": p} for p in paths]}))
+    assert main(["inspect", str(adapter)]) == 0
+    assert "conversion (stored errors" in capsys.readouterr().out
+    assert sorted(["m.layers.10.q", "m.layers.2.q", "m.layers.02.k", "m.layers.9"], key=natural_key) == [
+        "m.layers.02.k",
+        "m.layers.2.q",
+        "m.layers.9",
+        "m.layers.10.q",
+    ]
+
+
 @pytest.mark.parametrize("totals", [[1], 5, "x"])
 def test_a_conversion_report_with_odd_totals_is_shown_not_fatal(deep_adapter, tmp_path, totals, capsys):
     """The sidecar is informational: totals that are not an object are not an internal error."""

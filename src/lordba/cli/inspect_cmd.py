@@ -30,9 +30,13 @@ def natural_key(name: str) -> tuple:
         name: a dotted module path.
 
     Returns:
-        A tuple that orders paths naturally (text parts and integers never compared with each other).
+        A tuple that orders paths naturally (text parts and numbers never compared with each other). A run of
+        ASCII digits is compared as a number by its length and digits without leading zeros, never converted
+        with ``int`` (a run longer than Python's 4300-digit limit, or a non-ASCII digit such as ``²`` that
+        ``str.isdigit`` accepts, raised ``ValueError``).
     """
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
+    parts = re.split(r"([0-9]+)", name)
+    return tuple((0, len(p.lstrip("0")), p.lstrip("0")) if i % 2 else (1, 0, p) for i, p in enumerate(parts))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
