@@ -197,3 +197,19 @@ def test_a_gpt2_base_is_cached_with_its_conv1d_projections(tmp_path, monkeypatch
     assert type(cached.transformer.h[0].attn.c_attn).__name__ == {"q4": "Q4Linear", "hqq": "LordbaHQQLinear"}[backend]
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, cached(input_ids=ids).logits)
+
+
+def test_a_cached_q4_base_is_built_on_the_device_of_the_layers_it_replaces(tmp_path, monkeypatch):
+    """``quantize_model`` builds each q4 layer on its weight's device (``Q4Linear.from_weight``), and a cached HQQ layer
+    is built on its linear's device; a cached q4 layer was built on the CPU whatever the model's device (``lordba-lab
+    train`` moves the model to its device before quantizing): a GPU run's second start, the first to hit the cache,
+    mixed CPU layers into a CUDA model. ``meta`` stands in for the accelerator here."""
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_llama(0).save_pretrained(folder)
+    quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=32)
+    model = quantize_model_cached(tiny_llama(0).to("meta"), folder, backend="q4", bits=4, group_size=32)
+    layers = [m for m in model.modules() if type(m).__name__ == "Q4Linear"]
+    assert layers and not any(type(m) is torch.nn.Linear for m in model.modules())
+    devices = {t.device.type for m in layers for t in (*m.buffers(), *m.parameters())}
+    assert devices == {"meta"}

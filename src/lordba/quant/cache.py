@@ -174,7 +174,9 @@ def _hqq_layer(linear: nn.Linear, sd: dict[str, torch.Tensor], bits: int, group_
 
 
 def _q4_layer(linear: nn.Linear, sd: dict[str, torch.Tensor]) -> nn.Module:
+    """The cached q4 layer of ``linear``, on ``linear``'s device."""
     from lordba.quant.q4 import Q4Linear
 
     bits = int(sd["bits"]) if "bits" in sd else 4
-    return Q4Linear(sd["qweight"], sd["scale"], sd["minus"], linear.in_features, sd.get("bias"), bits)
+    layer = Q4Linear(sd["qweight"], sd["scale"], sd["minus"], linear.in_features, sd.get("bias"), bits)
+    return layer.to(linear.weight.device)  # where quantize_model builds it (Q4Linear.from_weight): the linear's device
