@@ -213,3 +213,22 @@ def test_a_cached_q4_base_is_built_on_the_device_of_the_layers_it_replaces(tmp_p
     assert layers and not any(type(m) is torch.nn.Linear for m in model.modules())
     devices = {t.device.type for m in layers for t in (*m.buffers(), *m.parameters())}
     assert devices == {"meta"}
+
+
+def test_a_model_folder_of_pytorch_bin_weights_is_keyed_by_them(tmp_path, monkeypatch, input_ids):
+    """The key named the folder's ``.safetensors`` and ``.json`` files only: a model saved as ``pytorch_model.bin``
+    (transformers loads those too) whose weights were replaced (another checkpoint of the same shape, the config
+    untouched) got the old weights' cached base, silently."""
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_llama(0).save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(tiny_llama(0).state_dict(), folder / "pytorch_model.bin")
+    quantize_model_cached(LlamaForCausalLM.from_pretrained(folder).eval(), folder, backend="q4", bits=4, group_size=32)
+    torch.save(tiny_llama(1).state_dict(), folder / "pytorch_model.bin")
+    cached = quantize_model_cached(LlamaForCausalLM.from_pretrained(folder).eval(), folder, "q4", 4, 32)
+    fresh = quantize_model(tiny_llama(1), "q4", 4, 32)
+    with torch.no_grad():
+        assert torch.equal(cached(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)

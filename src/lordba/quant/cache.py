@@ -27,15 +27,16 @@ from lordba.errors import LoRDBAError
 from lordba.format.atomic import atomic_write_path
 from lordba.quant.quantize import DEFAULT_BACKEND, check_no_adapters, quantizable, quantize_model, untie_head
 
+_KEYED_SUFFIXES = (".safetensors", ".bin", ".json")  # the weights transformers loads (safetensors, PyTorch), configs
+
 
 def _key(source: Path, backend: str, bits: int, group_size: int, model: list) -> str:
-    """The cache entry's name: the model folder's weight and config files (name, size, time), the settings,
-    the model as loaded (``model``: :func:`_signature`; a bfloat16 copy quantizes to other codes and scales than
-    the float32 one, a copy loaded with fewer layers has fewer), HQQ's and lordba's versions and the file layout."""
+    """The cache entry's name: the model folder's weight and config files (:data:`_KEYED_SUFFIXES`: name, size,
+    time), the settings, the model as loaded (``model``: :func:`_signature`; a bfloat16 copy quantizes to other
+    codes and scales than the float32 one, a copy loaded with fewer layers has fewer), HQQ's and lordba's versions
+    and the file layout."""
     files = sorted(
-        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
-        for p in source.glob("*")
-        if p.suffix in (".safetensors", ".json")
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in source.glob("*") if p.suffix in _KEYED_SUFFIXES
     )
     try:
         from importlib.metadata import version
