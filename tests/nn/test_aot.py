@@ -432,6 +432,24 @@ def test_a_token_id_outside_the_vocabulary_is_refused_naming_it(tmp_path):
     assert decode.step(vocab - 1).shape == (vocab,)
 
 
+def test_a_token_id_outside_the_vocabulary_is_refused_when_the_embeddings_are_trained_per_adapter(tmp_path):
+    """With ``modules_to_save=["embed_tokens"]`` the input embeddings are a ``SavedModule`` (no ``num_embeddings``):
+    the decoder knew no vocabulary and let an id past the embeddings into the compiled step (a RuntimeError with a
+    C++ stack trace); it now reads the rows of the wrapped embedding and refuses the id naming it."""
+    from lordba import LoRDBAConfig, get_lordba_model
+
+    torch.manual_seed(3)
+    lm = get_lordba_model(tiny_q4(adapter=False), LoRDBAConfig(r=4, init="random", modules_to_save=["embed_tokens"]))
+    lm.pack()
+    vocab = lm.config.vocab_size
+    decode = AotDecode(lm.eval(), folder=tmp_path, round_to=16)
+    assert decode.vocab == vocab and decode.prepare(12)
+    decode.prefill(PROMPT)
+    with pytest.raises(ConfigError, match=f"token {vocab} is not a token id of the model \\(0 to {vocab - 1}\\)"):
+        decode.step(vocab)
+    assert decode.position == PROMPT.shape[1]
+
+
 @pytest.mark.long
 def test_small_adapter_tensors_are_read_live_never_compiled_into_the_package(tmp_path):
     """Inductor inlines a constant of one dimension and at most 8 values into the code it generates: an adapter's

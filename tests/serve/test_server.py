@@ -452,6 +452,26 @@ def test_prompt_ids_past_the_models_embeddings_are_a_400_not_a_failed_batch(serv
         state.engine.shutdown()
 
 
+def test_prompt_ids_past_the_embeddings_are_a_400_when_the_embeddings_are_trained_per_adapter(served):
+    """With an adapter's ``modules_to_save=["embed_tokens"]`` the input embeddings are a ``SavedModule`` (no
+    ``num_embeddings``): the rows were not known and an id past them went into the batch's embedding lookup."""
+    from lordba.nn.saved import SavedModule
+    from lordba.serve.errors import BadRequestError
+
+    model_dir, adapters = served
+    model, tokenizer = load_base(model_dir)
+    rows = len(tokenizer) - 3
+    model.resize_token_embeddings(rows)
+    model.set_input_embeddings(SavedModule(model.get_input_embeddings()))
+    state = build_state(model, tokenizer, "tiny-llama", adapters, max_batch=2)
+    try:
+        assert state.encode([0, rows - 1]) == [0, rows - 1]
+        with pytest.raises(BadRequestError, match=rf"\[0, {rows}\)"):
+            state.encode([0, rows])
+    finally:
+        state.engine.shutdown()
+
+
 def test_tokenizing_a_prompt_does_not_wait_for_the_engines_tokenizer(served):
     """The HTTP threads tokenized prompts under the engine's tokenizer lock, which its thread holds to detokenize
     every step: a long prompt being tokenized held up the running batch (and a busy engine the request)."""

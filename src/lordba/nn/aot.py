@@ -46,6 +46,7 @@ from lordba.nn.attention import reduced_cache, use_packed_gqa
 from lordba.nn.decode import _hf_model, cache_length, token_processors
 from lordba.nn.layer import LoRDBALinear
 from lordba.nn.routing import current_routing
+from lordba.nn.saved import embedding_rows
 
 
 @contextlib.contextmanager
@@ -162,8 +163,7 @@ class AotDecode:
         kernels.cpu_available()  # the decode attention op is traced into the step only once loaded
         self.model = model
         self.inner = _hf_model(model)
-        embedding = self.inner.get_input_embeddings()  # the token ids the step can embed (None: not checked)
-        self.vocab: int | None = getattr(embedding, "num_embeddings", None)
+        self.vocab: int | None = embedding_rows(self.inner)  # the token ids the step can embed (None: not checked)
         if any(t.device.type != "cpu" for t in self.inner.parameters()):
             raise ConfigError("AotDecode compiles for the CPU: the model must be on the CPU")
         use_packed_gqa(self.inner)

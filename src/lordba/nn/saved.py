@@ -113,3 +113,15 @@ class SavedModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.lordba_saved)}"
+
+
+def embedding_rows(model: nn.Module) -> int | None:
+    """The number of token ids ``model``'s input embeddings hold (``get_input_embeddings().num_embeddings``),
+    read through a :class:`SavedModule` (``modules_to_save=["embed_tokens"]``: its copies have the original's
+    rows); ``None`` when the model does not say."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if isinstance(embedding, SavedModule):
+        embedding = embedding.original_module
+    rows = getattr(embedding, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None

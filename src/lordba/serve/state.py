@@ -12,6 +12,7 @@ from typing import Any
 
 from lordba._util.jsonio import unencodable_at
 from lordba.nn.layer import BASE_ROW
+from lordba.nn.saved import embedding_rows
 from lordba.serve.engine import Engine, Event, Request
 from lordba.serve.errors import BadRequestError, ContextLengthError
 from lordba.serve.metrics import ServeMetrics
@@ -71,9 +72,8 @@ class ServerState:
         """The ids a prompt may hold: the tokenizer's, at most the model's input embeddings' rows (an id past
         them would fail the whole batch's embedding lookup)."""
         vocab = len(self.tokenizer)
-        embeddings = getattr(self.engine.model, "get_input_embeddings", lambda: None)()
-        rows = getattr(embeddings, "num_embeddings", None)
-        return vocab if not isinstance(rows, int) else min(vocab, rows)
+        rows = embedding_rows(self.engine.model)  # (through a SavedModule: embeddings trained per adapter)
+        return vocab if rows is None else min(vocab, rows)
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of the chat ``messages`` through the model's chat template (refused without one)."""
