@@ -715,3 +715,28 @@ def test_a_path_that_is_not_a_path_is_named(tmp_path):
         with pytest.raises(AdapterFormatError, match="out_dir"):
             export_lora(tmp_path / "a", bad)
     assert list(lm.peft_config) == ["default"]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_a_routed_training_call_under_gradient_checkpointing_is_refused(input_ids):
+    """Gradient checkpointing recomputes each layer in backward, after the call has ended, so with the
+    active adapters, not the call's ``adapter_names`` or ``disable_adapter()`` block: the mixed batch's
+    adapter ``b`` got no gradient and the others wrong ones, silently. Such a call is refused (as PEFT
+    refuses ``adapter_names`` in training); without gradients, or without checkpointing, it runs."""
+    lm = randomized()
+    lm.add_adapter("b", LoRDBAConfig(r=2, init="random"))
+    lm.train()
+    names = ["b", "default", "__base__"]
+    lm(input_ids=input_ids, labels=input_ids, adapter_names=names).loss.backward()  # no checkpointing: allowed
+    lm.gradient_checkpointing_enable()
+    with pytest.raises(AdapterStateError, match="gradient checkpointing"):
+        lm(input_ids=input_ids, labels=input_ids, adapter_names=names)
+    with pytest.raises(AdapterStateError, match="gradient checkpointing"), lm.disable_adapter():
+        lm(input_ids=input_ids, labels=input_ids)
+    with torch.no_grad():
+        lm(input_ids=input_ids, adapter_names=names)
+        with lm.disable_adapter():
+            lm(input_ids=input_ids)
+    lm(input_ids=input_ids, labels=input_ids).loss.backward()  # the active adapter: recomputed the same
+    lm.eval()
+    lm(input_ids=input_ids, adapter_names=names)  # eval mode: transformers does not checkpoint

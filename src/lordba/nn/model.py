@@ -260,6 +260,12 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Mo
             names = tuple(adapter_names)
         outer = ROUTING.get()
         call = routing(None, bool(outer and outer.disabled), names)
+        if (names is not None or call.disabled) and torch.is_grad_enabled() and self._checkpointing():
+            raise AdapterStateError(
+                "adapter_names or a disable_adapter() block in a training call with gradient checkpointing: the "
+                "layers are recomputed in backward with the active adapters, so the gradients would be wrong; "
+                "turn gradient checkpointing off (gradient_checkpointing_disable()), or use set_adapter()"
+            )
         token = ROUTING.set(call)
         try:
             with self._gate.enter(call), self._lock.read(), armed(self._gate.routing):
@@ -271,6 +277,10 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Mo
                 yield
         finally:
             ROUTING.reset(token)
+
+    def _checkpointing(self) -> bool:
+        """Whether the base recomputes its layers in backward (transformers' gradient checkpointing: training only)."""
+        return self.base_model.training and bool(getattr(self.base_model, "is_gradient_checkpointing", False))
 
     @torch.compiler.disable(recursive=False)
     def _forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
