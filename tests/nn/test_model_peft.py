@@ -540,3 +540,14 @@ def test_a_module_to_save_without_parameters_is_refused():
         get_lordba_model(base, LoRDBAConfig(r=2, modules_to_save=["lm_head"]))
     assert type(base.lm_head).__name__ == "Q4Linear"
     get_lordba_model(base, LoRDBAConfig(r=2, modules_to_save=["norm"]))  # a float module of the same base trains
+
+
+def test_parameter_counts_take_a_quantized_base_at_its_full_size():
+    """``get_nb_trainable_parameters`` counts a quantized base's layers as the parameters they stand for (PEFT counts
+    a bnb 4-bit weight at its full size): the q4 base holds its weights as buffers, so "all params" left them out
+    (9,856 instead of 35,976 here) and ``print_trainable_parameters`` gave 57% trainable instead of 15.6%."""
+    plain = get_lordba_model(tiny_llama(), LoRDBAConfig(r=4))
+    quantized = get_lordba_model(quantize_model(tiny_llama()), LoRDBAConfig(r=4))
+    want = sum(p.numel() for p in tiny_llama().parameters()) + plain.get_nb_trainable_parameters()[0]
+    assert plain.get_nb_trainable_parameters()[1] == want
+    assert quantized.get_nb_trainable_parameters() == plain.get_nb_trainable_parameters()

@@ -14,6 +14,8 @@ from lordba.format.extras import EXTRA_PREFIX, check_extra_values
 from lordba.format.header import TENSOR_KINDS, ModuleRecord, check_values
 from lordba.format.sizes import SizeReport, size_report
 from lordba.nn.adapter import TrainableAdapter
+from lordba.nn.layer import LoRDBALinear
+from lordba.quant import resolve_backend
 
 Irregular = Literal["irregular"]
 
@@ -60,13 +62,28 @@ def _merge(values: list[Any]) -> Any:
     return first if all(v == first for v in values) else "irregular"
 
 
+def _quantized_weights(model: torch.nn.Module) -> int:
+    """The weights of ``model``'s quantized linear layers that its parameters do not count (buffers, packed
+    parameters): ``in × out`` less the numel of the layer's own ``weight`` parameter."""
+    missing = 0
+    for module in model.modules():
+        backend = resolve_backend(module)
+        if backend is None or isinstance(module, LoRDBALinear):
+            continue
+        in_f, out_f = backend.features(module)
+        weight = module._parameters.get("weight")
+        missing += max(in_f * out_f - (weight.numel() if weight is not None else 0), 0)
+    return missing
+
+
 class StatusMixin:
     """``get_layer_status``, ``get_model_status``, the trainable-parameter counts and ``size_report`` of the model."""
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable parameters, all parameters)``."""
+        """``(trainable parameters, all parameters)``; a quantized base layer counts as the ``in × out`` weights it
+        stands for (as PEFT counts a bnb 4-bit weight), whether it holds them as buffers (q4, HQQ) or packed."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
+        return trainable, sum(p.numel() for p in self.parameters()) + _quantized_weights(self.base_model)
 
     def print_trainable_parameters(self) -> None:
         """Print trainable, total and the trainable share of the parameters (PEFT's format)."""
