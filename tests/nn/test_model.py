@@ -1,6 +1,7 @@
 import inspect
 import itertools
 import threading
+import warnings
 
 import pytest
 import torch
@@ -740,3 +741,18 @@ def test_a_routed_training_call_under_gradient_checkpointing_is_refused(input_id
     lm(input_ids=input_ids, labels=input_ids).loss.backward()  # the active adapter: recomputed the same
     lm.eval()
     lm(input_ids=input_ids, adapter_names=names)  # eval mode: transformers does not checkpoint
+
+
+def test_gradient_checkpointing_enable_keeps_transformers_default(input_ids):
+    """``gradient_checkpointing_enable()`` without arguments leaves the checkpointing arguments to transformers
+    (its default names ``use_reentrant``): the wrapper passed ``{}``, so every checkpointed layer called
+    ``torch.utils.checkpoint`` without ``use_reentrant``, which torch warns "will raise an exception". Gradients still
+    reach the adapter of the frozen base."""
+    lm = randomized()
+    lm.train()
+    lm.gradient_checkpointing_enable()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm(input_ids=input_ids, labels=input_ids).loss.backward()
+    assert not [w for w in caught if "use_reentrant" in str(w.message)]
+    assert all(p.grad is not None for p in lm.parameters() if p.requires_grad)

@@ -310,10 +310,11 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Mo
             return self.base_model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Enable the wrapped model's gradient checkpointing; with re-entrant checkpointing the
-        inputs are made to require grad so that gradients reach the adapters of a frozen base."""
+        """Enable the wrapped model's gradient checkpointing (``None``: transformers' default arguments); with
+        re-entrant checkpointing the inputs are made to require grad so that gradients reach the adapters of a frozen
+        base."""
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         kwargs = gradient_checkpointing_kwargs or {}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if kwargs.get("use_reentrant", True) and hasattr(self.base_model, "enable_input_require_grads"):
             self.base_model.enable_input_require_grads()
 
