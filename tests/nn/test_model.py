@@ -756,3 +756,21 @@ def test_gradient_checkpointing_enable_keeps_transformers_default(input_ids):
         lm(input_ids=input_ids, labels=input_ids).loss.backward()
     assert not [w for w in caught if "use_reentrant" in str(w.message)]
     assert all(p.grad is not None for p in lm.parameters() if p.requires_grad)
+
+
+def test_set_adapter_unmerges_adapters_it_does_not_activate(input_ids):
+    """``set_adapter`` after ``merge_adapter`` to adapters without the merged one takes the merged one out first,
+    with a warning (PEFT unmerges too): it stayed in the base weights, so the model ran ``default`` + ``b`` while
+    ``active_adapters`` said ``["b"]``, silently. A merged adapter that stays active stays merged."""
+    lm = randomized()
+    lm.add_adapter("b", LoRDBAConfig(r=2, init="random"))
+    lm.set_adapter("b")
+    want = logits(lm, input_ids)
+    lm.set_adapter("default")
+    lm.merge_adapter()
+    lm.set_adapter(["default", "b"])  # the merged adapter stays active: it stays merged
+    assert lm.get_model_status().merged_adapters == ["default"]
+    with pytest.warns(UserWarning, match="unmerg"):
+        lm.set_adapter("b")
+    assert lm.get_model_status().merged_adapters == []
+    torch.testing.assert_close(logits(lm, input_ids), want, rtol=0, atol=1e-5)

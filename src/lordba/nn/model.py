@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -211,13 +212,20 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Mo
             self._install_extras(adapter_name, config, saved)
 
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
-        """Activate one adapter, or several (stacked: their branches add up)."""
+        """Activate one adapter, or several (stacked: their branches add up). Merged adapters left out are
+        unmerged first, with a warning (PEFT's behaviour): in the base weights they would still act."""
         names = tuple(name_list(adapter_names, "set_adapter"))
         if not names:
             raise AdapterStateError("set_adapter needs at least one adapter name")
         with self._lock.write():
             self._check_known(*names)
+            merged = sorted({n for _, layer in self._lordba_layers() for n in layer.merged_adapters})
+            unmerge = not set(merged) <= set(names)
+            if unmerge:
+                warnings.warn(f"set_adapter: unmerging the merged adapters {merged} first", UserWarning, stacklevel=2)
             for _, layer in self._lordba_layers():
+                if unmerge:
+                    layer.unmerge()
                 layer.set_adapter(names)
             self._active = names
             self._sync_saved()
