@@ -133,3 +133,37 @@ def test_a_sliding_window_model_decodes_eagerly_instead_of_recompiling_every_tok
         assert_same(greedy(model, decode), want)
     assert not decode.compiled and "sliding-window" in decode.failure and "decoding eagerly" in caplog.text
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing compiled
+
+
+def test_a_compile_that_fails_after_prepare_falls_back_to_eager_in_generate(monkeypatch, caplog):
+    """prepare compiled one graph; a later generate that needs another (here: the adapter disabled, its own graph)
+    and whose compile fails raised the compiler's error, where the docs promise eager decoding: generate falls back,
+    gives eager's tokens, and streams each token once."""
+    from torch._inductor import compile_fx
+
+    lm = tiny_q4(adapter=True)
+    with lm.disable_adapter():
+        want_off = greedy(lm)
+    decode = FastDecode(lm)
+    assert decode.prepare(PROMPT.shape[1] + NEW)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(compile_fx, "compile_fx", broken)
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    seen = []
+
+    class Streamer:
+        def put(self, value):
+            seen.append(value.reshape(-1).tolist())
+
+        def end(self):
+            seen.append("end")
+
+    kw = dict(do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0, min_new_tokens=NEW)
+    with lm.disable_adapter(), caplog.at_level(logging.WARNING, logger="lordba.decode"), torch.no_grad():
+        out = decode.generate(PROMPT, NEW, attention_mask=torch.ones_like(PROMPT), streamer=Streamer(), **kw)
+    assert_same((out.sequences, torch.stack(out.logits)), want_off)
+    assert not decode.compiled and "no C++ compiler here" in decode.failure and "decoding eagerly" in caplog.text
+    assert seen == [PROMPT[0].tolist()] + [[t] for t in want_off[0][0, PROMPT.shape[1] :].tolist()] + ["end"]

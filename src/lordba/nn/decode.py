@@ -143,7 +143,7 @@ class FastDecode:
     def fallback(self, err: BaseException) -> None:
         """Stop compiling (after ``err``) and decode eagerly from now on; logs a warning."""
         self.compiled = False
-        self.failure = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        self.failure = " ".join(f"{type(err).__name__}: {err}".split())[:300]  # dynamo's own first line names no cause
         hf = _hf_model(self.model)
         for name in ("_compiled_call", "_last_compile_config"):
             hf.__dict__.pop(name, None)
@@ -151,12 +151,48 @@ class FastDecode:
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> Any:
         """``model.generate(input_ids=..., max_new_tokens=..., **kwargs)`` with the static cache and the
-        compiled step when :meth:`prepare` succeeded for this length (it is called here), else eager."""
+        compiled step when :meth:`prepare` succeeded for this length (it is called here), else eager. A compile
+        that fails in the call itself (another graph: a new routing state, batch size or setting) falls back
+        (:meth:`fallback`) and the call is run again eagerly from torch's generator state as it was, a
+        ``streamer``'s pieces already given not given again."""
         tokens = int(input_ids.shape[-1]) + int(max_new_tokens)
         self.prepare(tokens)
-        return self.model.generate(
-            input_ids=input_ids, max_new_tokens=max_new_tokens, **kwargs, **self.generate_kwargs(tokens)
-        )
+        if not self.compiled:
+            return self.model.generate(input_ids=input_ids, max_new_tokens=max_new_tokens, **kwargs)
+        rng = torch.get_rng_state()
+        streamer = kwargs.get("streamer")
+        if streamer is not None:
+            kwargs["streamer"] = streamer = _Replay(streamer)
+        try:
+            return self.model.generate(
+                input_ids=input_ids, max_new_tokens=max_new_tokens, **kwargs, **self.generate_kwargs(tokens)
+            )
+        except Exception as err:  # a compiler failure in this call: decode eagerly, as prepare would have
+            self.fallback(err)
+        torch.set_rng_state(rng)
+        if streamer is not None:
+            kwargs["streamer"] = streamer.again()
+        return self.model.generate(input_ids=input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+
+class _Replay:
+    """A streamer that passes its pieces on, and for a call run again skips those already passed (:meth:`again`)."""
+
+    def __init__(self, streamer: Any, skip: int = 0) -> None:
+        self.streamer, self.skip, self.passed = streamer, skip, 0
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.skip:
+            self.skip -= 1
+            return
+        self.passed += 1
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        self.streamer.end()
+
+    def again(self) -> _Replay:
+        return _Replay(self.streamer, self.skip + self.passed)
 
 
 def _sliding_layers(model: nn.Module) -> str | None:
