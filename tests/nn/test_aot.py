@@ -481,3 +481,39 @@ def test_small_adapter_tensors_are_read_live_never_compiled_into_the_package(tmp
     second = AotDecode(other, folder=tmp_path, kv_dtype="float32")
     torch.testing.assert_close(teacher_forced(second, want_ids), want_logits, rtol=1e-4, atol=1e-4)
     assert second.compile_seconds == 0 and len(list(tmp_path.glob("step-*.pt2"))) == 1  # the first one's package
+
+
+@pytest.mark.long
+def test_a_change_between_prefill_and_step_is_refused_by_step_not_decoded_with_the_old_step(tmp_path):
+    """prefill refused a change since :meth:`AotDecode.prepare`; a change after the prefill (a new scaling, a
+    ``disable_adapter`` block, the q4 ``compute``) went on through the compiled step of the old state, silently:
+    a prompt of one state continued by tokens of another. step refuses it too, naming what to do."""
+    from lordba.nn.adapter_base import touch
+    from lordba.quant import set_compute
+
+    lm = tiny_q4(adapter=True)
+    adapters = list(lm.adapter_modules("default").values())
+    decode = AotDecode(lm, folder=tmp_path, kv_dtype="float32")
+    n = PROMPT.shape[1] + NEW
+    assert decode.prepare(n)
+    decode.prefill(PROMPT)
+    decode.step(7)  # unchanged: decodes
+    touch()  # another model's adapter changed (the epoch is the process's): this one's step goes on
+    decode.step(7)
+    for a in adapters:
+        a.scaling = a.scaling * 2
+    with pytest.raises(ConfigError, match="prepare"):
+        decode.step(7)
+    for a in adapters:
+        a.scaling = a.scaling / 2
+    assert decode.prepare(n)
+    decode.prefill(PROMPT)
+    with lm.disable_adapter():
+        with pytest.raises(ConfigError, match="prepare"):
+            decode.step(7)
+    set_compute(lm, "fast")
+    with pytest.raises(ConfigError, match="prepare"):
+        decode.step(7)
+    set_compute(lm, "exact")
+    assert decode.position == PROMPT.shape[1]  # nothing refused was decoded
+    assert decode.step(7).shape[-1] == lm.config.vocab_size  # the prepared state again: decodes

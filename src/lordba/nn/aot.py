@@ -174,6 +174,8 @@ class AotDecode:
         self._steps: dict[tuple[int, tuple], _Step] = {}  # by cache length and adapter state (:meth:`_state`)
         self.step_for: _Step | None = None
         self._made_for: tuple = ()  # the :meth:`_state` step_for was prepared in
+        self._watch: tuple = (None, [])  # what step checks of it (:meth:`_held`), and the adapters' part
+        self._signature, self._seen = (), 0  # (:meth:`_adapters`) at the epoch seen
         self.position = 0
         self.compile_seconds = 0.0
         self.export_seconds = 0.0
@@ -227,6 +229,9 @@ class AotDecode:
             self.export_seconds += step.export_seconds
         step.cache.reset()
         self.step_for, self.position, self._made_for = step, 0, state
+        layers = [m for m in self.inner.modules() if isinstance(m, LoRDBALinear)]  # the first's gate: the routing
+        computes = [m for m in self.inner.modules() if isinstance(getattr(m, "_compute", None), str)]
+        self._watch, self._signature, self._seen = (layers[0] if layers else None, computes), self._adapters(), state[1]
         return step
 
     def _unchanged(self) -> None:
@@ -239,6 +244,38 @@ class AotDecode:
                 "AotDecode: the adapter state changed since prepare() (an adapter, its scaling, set_adapter, a "
                 "disable_adapter block, the kernel mode or the q4 compute): call prepare(tokens) again"
             )
+
+    def _held(self) -> None:
+        """Refuse a step when what the prepared step bakes in changed since :meth:`prepare` (after the prefill: its
+        compiled tokens would follow the old state where eager ones follow the new). Per token, so cheap: the
+        routing, the kernel mode and the q4 ``compute`` of the modules seen at :meth:`prepare`; the adapters
+        (:meth:`_adapters`) only when the process's adapter epoch moved (another model's change moves it too)."""
+        first, computes = self._watch
+        now = ((current_routing(first.gate),) if first is not None else None, kernels.get_mode())
+        if now != (self._made_for[0], self._made_for[2]) or tuple(m._compute for m in computes) != self._made_for[3]:
+            self._unchanged()  # raises: the full check names the change
+        if _EPOCH[0] != self._seen:
+            if self._adapters() != self._signature:
+                raise ConfigError(
+                    "AotDecode: the adapters changed since prepare() (an adapter, its scaling, set_adapter, a "
+                    "hot-swap): call prepare(tokens) again"
+                )
+            self._seen = _EPOCH[0]
+
+    def _adapters(self) -> tuple:
+        """What this model's LoRDBA layers apply: base layer, active / merged / disabled adapters, and each adapter's
+        scaling, dropout and tensors (object, dtype, shape)."""
+        out = []
+        for layer in self.inner.modules():
+            if isinstance(layer, LoRDBALinear):
+                adapters = tuple(
+                    (name, id(a), a.scaling, a.dropout, a.training,
+                     tuple((id(t), t.dtype, tuple(t.shape)) for t in a.state_dict(keep_vars=True).values()))
+                    for name, a in layer.lordba_adapters.items()
+                )  # fmt: skip
+                out.append((id(layer.base_layer), tuple(layer.active_adapters), tuple(layer.merged_adapters),
+                            layer.disable_adapters, adapters))  # fmt: skip
+        return tuple(out)
 
     def _state(self) -> tuple:
         """What an exported step bakes in besides the tensors it reads: the routing this thread's calls
@@ -283,9 +320,15 @@ class AotDecode:
         """One token through the compiled step; its logits ``[vocab]``.
 
         Raises:
-            ConfigError: the cache is full (the positions :meth:`prepare` was given are all used), or ``token`` is
-                not a token id of the model.
+            ConfigError: the cache is full (the positions :meth:`prepare` was given are all used), ``token`` is
+                not a token id of the model, or the adapter state changed since :meth:`prepare` (call it again).
         """
+        self._ready()
+        self._held()
+        return self._step(token)
+
+    def _step(self, token: int) -> torch.Tensor:
+        """:meth:`step` without the state check (:meth:`generate` holds the lock from prepare to its last token)."""
         step = self._ready()
         token = int(token)
         if self.vocab is not None and not 0 <= token < self.vocab:  # (the compiled bounds check: a C++ trace)
@@ -374,7 +417,7 @@ class AotDecode:
                     streamer.put(torch.tensor([token]))
                 if token in eos or i + 1 == max_new_tokens:
                     break
-                logits = self.step(token)
+                logits = self._step(token)
             if streamer is not None:
                 streamer.end()
             return torch.cat([input_ids, torch.tensor([tokens], dtype=input_ids.dtype)], dim=1)
