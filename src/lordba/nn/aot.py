@@ -25,10 +25,8 @@ for SmolLM2; the compile, 40-60 s on 2 cores, only for a package not in ``<lordb
 
 from __future__ import annotations
 
-import contextlib
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,92 +35,16 @@ from torch import nn
 
 from lordba import kernels
 from lordba._util.modules import context_positions
-from lordba.errors import ConfigError, LoRDBAError
+from lordba.errors import ConfigError
 from lordba.nn.adapter import PackedAdapter, hold_together
 from lordba.nn.adapter_base import _EPOCH
-from lordba.nn.aot_group import group_siblings
-from lordba.nn.aot_package import compiled_package, package_dir
-from lordba.nn.attention import reduced_cache, use_packed_gqa
+from lordba.nn.aot_package import package_dir
+from lordba.nn.aot_step import CompiledStep, kv_cache_dtype
+from lordba.nn.attention import use_packed_gqa
 from lordba.nn.decode import _hf_model, cache_length, token_processors
 from lordba.nn.layer import LoRDBALinear
 from lordba.nn.routing import current_routing
 from lordba.nn.saved import embedding_rows
-
-
-@contextlib.contextmanager
-def _static_generation(model: nn.Module) -> Iterator[None]:
-    """The generation config transformers' exporter asks for, restored afterwards."""
-    config = model.generation_config
-    saved = (config.use_cache, config.cache_implementation)
-    config.use_cache, config.cache_implementation = True, "static"
-    try:
-        yield
-    finally:
-        config.use_cache, config.cache_implementation = saved
-
-
-KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def kv_cache_dtype(name: torch.dtype | str) -> torch.dtype:
-    """The KV cache dtype for ``name`` (a dtype or one of :data:`KV_DTYPES`' names).
-
-    Raises:
-        ConfigError: anything else.
-    """
-    dtype = KV_DTYPES.get(name) if isinstance(name, str) else name
-    if dtype not in KV_DTYPES.values():
-        raise ConfigError(f"the KV cache dtype must be one of {sorted(KV_DTYPES)}, got {name!r}")
-    return dtype
-
-
-class _Step:
-    """One cache length: the wrapper holding the static cache, the loaded package and the tensors it reads."""
-
-    def __init__(
-        self, model: nn.Module, length: int, folder: Path, log: Callable[[str], None], kv_dtype: torch.dtype
-    ) -> None:
-        from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
-
-        with _static_generation(model):
-            wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=length)
-        self.module = wrapper.model
-        self.length = length
-        cache = getattr(self.module, "static_cache", None)  # sliding-window layers (Gemma): the hybrid wrapper's
-        self.cache = cache if cache is not None else self.module.cache  # full-length layers, the window in the mask
-        for i, (keys, values) in enumerate(reduced_cache(self.cache.layers, kv_dtype)):  # the module's buffers
-            self.module.register_buffer(f"key_cache_{i}", keys, persistent=False)
-            self.module.register_buffer(f"value_cache_{i}", values, persistent=False)
-        start = time.perf_counter()
-        with torch.no_grad():
-            program = wrapper.export(input_ids=torch.tensor([[1]]), cache_position=torch.tensor([0]))
-        self.grouped = group_siblings(program)  # q/k/v, gate/up: one call each (lordba.nn.aot_group)
-        self.export_seconds = time.perf_counter() - start
-        self.path, self.compile_seconds = compiled_package(program, self._tensors(), folder, log)
-        try:
-            self.runner = torch._inductor.aoti_load_package(str(self.path))
-        except RuntimeError as err:  # e.g. an empty JSON entry: its CRC is right, what it holds is not
-            if self.compile_seconds:
-                raise LoRDBAError(f"the decode step just compiled to {self.path} does not load: {err}") from err
-            log(f"the compiled decode step {self.path} does not load ({err}): compiling it again")
-            self.path.unlink(missing_ok=True)
-            self.path, self.compile_seconds = compiled_package(program, self._tensors(), folder, log)
-            self.runner = torch._inductor.aoti_load_package(str(self.path))
-        self.refresh()
-
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        named = dict(self.module.named_parameters(remove_duplicate=False))
-        named.update(self.module.named_buffers(remove_duplicate=False))
-        return named
-
-    def refresh(self) -> None:
-        named = self._tensors()
-        wanted = self.runner.get_constant_fqns()
-        missing = [n for n in wanted if n not in named]
-        if missing:
-            raise ConfigError(f"the compiled decode step reads tensors the model no longer has: {missing[:3]}")
-        self.constants = {n: named[n] for n in wanted}  # kept alive: the package reads them in place
-        self.runner.load_constants(self.constants, check_full_update=True, user_managed=True)
 
 
 class AotDecode:
@@ -171,8 +93,8 @@ class AotDecode:
         hold_together([m for m in self.inner.modules() if isinstance(m, PackedAdapter)], huge_page=True)
         self.folder = Path(folder) if folder is not None else package_dir()
         self.log = log or (lambda line: None)
-        self._steps: dict[tuple[int, tuple], _Step] = {}  # by cache length and adapter state (:meth:`_state`)
-        self.step_for: _Step | None = None
+        self._steps: dict[tuple[int, tuple], CompiledStep] = {}  # by cache length and adapter state (:meth:`_state`)
+        self.step_for: CompiledStep | None = None
         self._made_for: tuple = ()  # the :meth:`_state` step_for was prepared in
         self._watch: tuple = (None, [])  # what step checks of it (:meth:`_held`), and the adapters' part
         self._signature, self._seen = (), 0  # (:meth:`_adapters`) at the epoch seen
@@ -212,7 +134,7 @@ class AotDecode:
         """No extra arguments: :meth:`generate` replaces the model's (the interface of FastDecode)."""
         return {}
 
-    def _prepare_step(self, tokens: int) -> _Step:
+    def _prepare_step(self, tokens: int) -> CompiledStep:
         if self.round_to is None:
             length = cache_length(tokens, self._limit())
         else:
@@ -224,7 +146,7 @@ class AotDecode:
             del self._steps[key]
         step = self._steps.get((length, state))
         if step is None:
-            step = self._steps[length, state] = _Step(self.inner, length, self.folder, self.log, self.kv_dtype)
+            step = self._steps[length, state] = CompiledStep(self.inner, length, self.folder, self.log, self.kv_dtype)
             self.compile_seconds += step.compile_seconds
             self.export_seconds += step.export_seconds
         step.cache.reset()
@@ -345,14 +267,14 @@ class AotDecode:
             layer.cumulative_length.sub_(1)
         self.position -= 1
 
-    def _fits(self, step: _Step, n: int) -> None:
+    def _fits(self, step: CompiledStep, n: int) -> None:
         if self.position + n > step.length:
             raise ConfigError(
                 f"AotDecode: {n} more position(s) after {self.position} do not fit the {step.length}-position cache "
                 "prepared: call prepare(tokens) with every position the sequence needs"
             )
 
-    def _ready(self) -> _Step:
+    def _ready(self) -> CompiledStep:
         if self.step_for is None:
             raise ConfigError("AotDecode: call prepare(tokens) first (it failed, or was not called)")
         return self.step_for
