@@ -292,3 +292,18 @@ def test_convert_lora_names_arguments_of_the_wrong_type(tmp_path):
                           ({"options": {"iters": 3}}, "options")):  # fmt: skip
         with pytest.raises(ConfigError, match=field):
             convert_lora(path, progress=False, **kwargs)
+
+
+def test_a_target_bpw_above_a_float32_lora_is_refused_at_once(tmp_path):
+    """A huge --target-bpw once searched the uniform rank one rank at a time (1e9: over a billion steps, a hang)
+    and then converted at that rank; it is refused before any work, naming the bound."""
+    import time
+
+    _, path = peft_adapter(tmp_path, r=8, lora_alpha=16)
+    for target in (1e9, 32.5):
+        start = time.perf_counter()
+        with pytest.raises(ConfigError, match="target_bpw must be at most 32"):
+            convert_lora(path, target_bpw=target, progress=False)
+        assert time.perf_counter() - start < 30
+    _, report = convert_lora(path, target_bpw=32.0, rank_candidates=(1, 2), iters=0, progress=False)
+    assert report.bpw_lora <= 32.0

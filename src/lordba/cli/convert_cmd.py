@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--target-bpw",
         type=float,
         default=None,
-        help="file bits per LoRA parameter (LoRA basis); per-layer ranks chosen to minimise the error",
+        help="file bits per LoRA parameter (LoRA basis), at most 32; per-layer ranks chosen to minimise the error",
     )
     p.add_argument("--alpha", type=float, default=None, help="LoRDBA alpha (s = alpha/r; default: the lora_alpha)")
     p.add_argument(

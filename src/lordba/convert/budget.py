@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from lordba.format.sizes import payload_bytes
 
 DEFAULT_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32)
+# The largest target: the LoRA itself in float32. Above it the budget buys ranks far past any use, and the
+# largest uniform rank that fits (searched one rank at a time, then converted) grows without bound.
+MAX_TARGET_BPW = 32.0
 
 
 def uniform_rank(dims: dict[str, tuple[int, int]], budget: int, scale_dtype: str) -> int | None:

@@ -21,7 +21,7 @@ import torch
 
 from lordba.config import LoRDBAConfig
 from lordba.convert.allocate import convert_at_budget
-from lordba.convert.budget import DEFAULT_CANDIDATES
+from lordba.convert.budget import DEFAULT_CANDIDATES, MAX_TARGET_BPW
 from lordba.convert.groups import SolverOptions
 from lordba.convert.layers import convert_layers, progress_bar
 from lordba.convert.peft_reader import LoraAdapter, read_peft_dir, read_peft_model
@@ -115,6 +115,10 @@ def convert_lora(
         raise ConfigError("give either r or target_bpw, not both")
     if target_bpw is not None and not (_is_number(target_bpw) and math.isfinite(target_bpw) and target_bpw > 0):
         raise ConfigError(f"target_bpw must be a positive finite number, got {target_bpw!r}")
+    if target_bpw is not None and target_bpw > MAX_TARGET_BPW:  # else a search and a conversion without end
+        raise ConfigError(
+            f"target_bpw must be at most {MAX_TARGET_BPW:g} (the LoRA itself in float32), got {target_bpw!r}"
+        )
     if not (_is_int(max_batch) and max_batch >= 1):
         raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
     if rank_candidates is not None:
