@@ -150,9 +150,27 @@ def _report(rows: list[dict], errors: dict[str, str], out_dir: Path) -> list[Pat
     json_path = out_dir / "gpu.json"
     write_text(json_path, json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = out_dir / "gpu.md"
-    write_text(md, "\n\n".join(markdown_table(cols, table) for _, cols, table in _tables(rows)) + "\n")
+    tables = "\n\n".join(f"## {title}\n\n{markdown_table(cols, table)}" for title, cols, table in _tables(rows))
+    write_text(md, f"# Triton kernels on a GPU\n\n{_conditions(meta)}\n\n{tables}\n{_failures(errors)}")
     png = _plot(rows, out_dir / "gpu_overhead.png")
     return [json_path, md, *([png] if png else [])]
+
+
+def _conditions(meta: dict) -> str:
+    """The line naming what the absolute times (``base µs``, ``base ms``) were measured on."""
+    hw = meta["hardware"]
+    return (
+        f"GPU: {hw.get('cuda') or 'none (Triton interpreter on the CPU)'}; CPU: {hw.get('cpu')}; "
+        f"torch {hw.get('torch')}, triton {meta['triton']}."
+    )
+
+
+def _failures(errors: dict[str, str]) -> str:
+    """The cases that failed (their rows are missing from the tables), each with its error's last line."""
+    if not errors:
+        return ""
+    lines = [f"- {name}: FAILED: {(err.strip().splitlines() or [''])[-1]}\n" for name, err in errors.items()]
+    return "\n## Failed cases (no row above; tracebacks in gpu.json)\n\n" + "".join(lines)
 
 
 def _tables(rows: list[dict]) -> list[tuple[str, list[str], list[list]]]:

@@ -81,3 +81,13 @@ def test_the_whole_suite_runs_through_the_interpreter(tmp_path):
     assert not saved["meta"]["errors"]
     models = [r for r in saved["rows"] if r["case"] != "branch"]
     assert len(models) == 4 and models[0]["check"] < 1e-4
+
+
+def test_the_markdown_names_the_hardware_and_the_failed_cases(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu, "hardware", lambda: {"cpu": "Test CPU", "cuda": "NVIDIA Test GPU"})
+    row = {"case": "decode 1×512", "model": "m", "mode": "eager", "base_ms": 3.3, "lora_x": 1.5, "lordba_x": 1.3,
+           "lordba_vs_lora": 0.87, "check": None}  # fmt: skip
+    gpu._report([row], {"m prefill 4×512": "Traceback ...\nRuntimeError: CUDA out of memory"}, tmp_path)
+    md = (tmp_path / "gpu.md").read_text()
+    assert "NVIDIA Test GPU" in md  # absolute times (base ms) come with the GPU they were measured on
+    assert "m prefill 4×512" in md and "FAILED" in md and "CUDA out of memory" in md  # not silently missing
