@@ -136,6 +136,8 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     write_text(out_dir / "train_memory.json", json.dumps(report, indent=1) + "\n")
     write_text(
         out_dir / "train_memory.md",
-        f"# Training-step memory and time\n\n{json.dumps(report['setup'])}\n\n" + markdown_table(columns, table),
+        f"# Training-step memory and time\n\n{json.dumps(report['setup'])}\n\n"
+        + markdown_table(columns, table)
+        + f"\nStep times (medians of interleaved repeats) measured on: {json.dumps(report['hardware'])}\n",
     )
     return [out_dir / "train_memory.json", out_dir / "train_memory.md"]
