@@ -18,6 +18,7 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,23 +56,12 @@ def _time(fn, repeats: int, flush: torch.Tensor | None = None) -> float:  # noqa
 def run(out_dir: Path, quick: bool) -> list[Path]:
     from lordba import kernels
     from lordba.quant import resolve_backend
-    from lordba.quant.bnb import quantize_linear_bnb
-    from lordba.quant.hqq import quantize_linear_hqq
-    from lordba.quant.q4 import quantize_linear_q4
     from lordba_lab.assets import load_model_and_tokenizer
 
     kernels.cpu_available()  # build (or load) the kernels before anything is timed
     model, tokenizer = load_model_and_tokenizer()
     repeats = 3 if quick else 10
-    backends = {
-        "fp32": lambda lin: lin,
-        "q4-4bit": lambda lin: quantize_linear_q4(lin, 64),
-        "hqq-4bit": lambda lin: quantize_linear_hqq(copy.deepcopy(lin), 4, 64, torch.float32),
-        "hqq-3bit": lambda lin: quantize_linear_hqq(copy.deepcopy(lin), 3, 64, torch.float32),
-        "hqq-2bit": lambda lin: quantize_linear_hqq(copy.deepcopy(lin), 2, 64, torch.float32),
-        "bnb-nf4": lambda lin: quantize_linear_bnb(copy.deepcopy(lin), torch.float32),
-        **_bnb_int8(),
-    }
+    backends = _backends()
     shapes = {"decode": (1, 1), "train": (8, 64)}
     flush = torch.ones(FLUSH_BYTES // 4)  # decode: each layer's weights from memory, not from cache
     rows, table = [], []
@@ -145,6 +135,26 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
         + markdown_table(loss_columns, loss_table),
     )
     return [out_dir / "quant.json", out_dir / "quant.md"]
+
+
+def _backends() -> dict[str, Callable[[nn.Linear], nn.Module]]:
+    """``{name: make}``: each makes the layer a backend puts in place of a linear (left unchanged), frozen as
+    a base under an adapter is, the fp32 one included: its fwd+bwd is the gradient to the input alone, like
+    the quantized layers' (a trainable fp32 weight would add its own gradient, a third matmul, to the time
+    every ratio divides by)."""
+    from lordba.quant.bnb import quantize_linear_bnb
+    from lordba.quant.hqq import quantize_linear_hqq
+    from lordba.quant.q4 import quantize_linear_q4
+
+    return {
+        "fp32": lambda lin: copy.deepcopy(lin).requires_grad_(False),
+        "q4-4bit": lambda lin: quantize_linear_q4(lin, 64),
+        "hqq-4bit": lambda lin: quantize_linear_hqq(copy.deepcopy(lin), 4, 64, torch.float32),
+        "hqq-3bit": lambda lin: quantize_linear_hqq(copy.deepcopy(lin), 3, 64, torch.float32),
+        "hqq-2bit": lambda lin: quantize_linear_hqq(copy.deepcopy(lin), 2, 64, torch.float32),
+        "bnb-nf4": lambda lin: quantize_linear_bnb(copy.deepcopy(lin), torch.float32),
+        **_bnb_int8(),
+    }
 
 
 def _bnb_int8() -> dict:

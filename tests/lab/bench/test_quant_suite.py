@@ -82,3 +82,25 @@ def test_decode_timing_reads_the_flush_buffer_before_each_timed_call():
     events.clear()
     quant._time(lambda: events.append("call"), 2)
     assert events == ["call"] * 3
+
+
+def test_every_layer_timed_is_a_frozen_base_the_fp32_one_included(tmp_path, monkeypatch):
+    """fwd+bwd / fp32 compares bases under an adapter: the input's gradient alone. A trainable fp32 weight
+    would add its own gradient (a third matmul) to the time every ratio divides by."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "hidden_size": 64, "intermediate_size": 128})).eval()
+    monkeypatch.setattr("lordba_lab.assets.load_model_and_tokenizer", lambda: (model, None))
+    monkeypatch.setattr(quant, "_model_losses", lambda *a: {"fp32": {"speeches": 1.0}})
+    monkeypatch.setattr(quant, "FLUSH_BYTES", 1 << 12)
+    quant.run(tmp_path, quick=True)
+    timed = model.get_submodule(quant.LAYERS[0])
+    assert timed.weight.grad is None  # the model's own layer was not trained by the timing
+    rows = json.loads((tmp_path / "quant.json").read_text())["rows"]
+    assert rows[0]["backend"] == "fp32" and rows[0]["train_bwd_ratio_vs_fp32"] == 1.0
+    linear = torch.nn.Linear(128, 128, bias=False)
+    for name, make in quant._backends().items():
+        layer = make(linear)
+        assert not [n for n, p in layer.named_parameters() if p.requires_grad], name
+        x = torch.randn(2, 3, 128, requires_grad=True)
+        layer(x).sum().backward()
+        assert x.grad is not None and linear.weight.grad is None, name
