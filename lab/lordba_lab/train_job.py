@@ -15,13 +15,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lordba.config import MODES, LoRDBAConfig
+from lordba.convert import read_lora
 from lordba.errors import ConfigError, DataError, LoRDBAError
 from lordba.format.atomic import atomic_write_bytes
 from lordba.quant.cache import quantize_model_cached
 from lordba.quant.quantize import DEFAULT_BACKEND
 from lordba.train.evaluate import evaluate
 from lordba.train.loop import TrainResult, TrainSettings, resolve_device, seed_everything, write_log
-from lordba.train.modes import build_adapter
+from lordba.train.modes import build_adapter, check_arguments
 from lordba.train.records import Example, read_jsonl
 from lordba.train.tokenize import TRAIN_ON, Batcher, encode_examples
 from lordba_lab.assets import load_model_and_tokenizer
@@ -154,6 +155,8 @@ def run_job(job: TrainJob) -> tuple[object, TrainResult]:
             m, tok, eval_ex, task.score if task else None, task.max_new_tokens if task else 0, job.max_length
         )
 
+    check_arguments(config, job.lora, job.lora_warmup)  # what build_adapter refuses, before --out is touched
+    lora = read_lora(job.lora) if job.lora is not None else None  # so is a --lora that cannot be read
     out.mkdir(parents=True, exist_ok=True)
     prepare_out(job, out)
     lm, result = build_adapter(
@@ -162,7 +165,7 @@ def run_job(job: TrainJob) -> tuple[object, TrainResult]:
         batcher,
         job.settings,
         out_dir=out,
-        lora_dir=job.lora,
+        lora_dir=lora,
         lora_warmup=job.lora_warmup,
         lora_lr=job.lora_lr,
         evaluate=run_eval if eval_ex else None,

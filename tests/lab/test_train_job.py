@@ -2,6 +2,7 @@
 --model folders, --eval-data, --bf16, --device, --train-on."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -193,3 +194,22 @@ def test_a_heldout_example_too_long_to_encode_is_refused_before_training(setup, 
     err = capsys.readouterr().err
     assert f"held-out data ({held}): example 0: the prompt alone is longer than max_length=64" in err
     assert not (out / "checkpoints").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("mode", ["ptq", "qat"])
+def test_a_bad_lora_changes_nothing_in_out(setup, tmp_path, capsys, mode):
+    """`--out`'s train_job.json was written before the options build_adapter checks: a --lora that cannot be read
+    (or one with --mode qat) failed the job after replacing the record of the adapter already in --out, which
+    then described a job that never ran. Now such a job is refused before --out is touched."""
+    model, data = setup
+    out = tmp_path / "out"
+    assert main(train_args(model, data, out, "--quant", "none", "--checkpoint-every", "0")) == 0
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a finished job whose checkpoints were pruned
+    record, adapter = (out / "train_job.json").read_bytes(), (out / "lordba_model.safetensors").read_bytes()
+    capsys.readouterr()
+    missing = tmp_path / "no-such-lora"
+    assert main(train_args(model, data, out, "--quant", "none", "--mode", mode, "--lora", str(missing))) == 3
+    err = capsys.readouterr().err
+    assert (str(missing) if mode == "ptq" else "with mode 'qat'") in err
+    assert (out / "train_job.json").read_bytes() == record
+    assert (out / "lordba_model.safetensors").read_bytes() == adapter

@@ -172,8 +172,14 @@ def with_seed_fields(config: LoRDBAConfig, lora: LoraAdapter) -> LoRDBAConfig:
     return dataclasses.replace(config, **changes) if changes else config
 
 
-def _check_arguments(config: object, lora_dir: object, lora_warmup: object) -> None:
-    """Refuse what :func:`build_adapter` would misread or ignore, before anything trains."""
+def check_arguments(config: object, lora_dir: object, lora_warmup: object) -> None:
+    """Refuse what :func:`build_adapter` would misread or ignore, before anything trains (a caller that prepares
+    an output first calls it before that).
+
+    Raises:
+        ConfigError: ``config`` is not a :class:`LoRDBAConfig`, ``lora_dir`` is given in mode ``qat``, or
+            ``lora_warmup`` is not a number in [0, 1].
+    """
     if not isinstance(config, LoRDBAConfig):
         raise ConfigError(f"build_adapter: config must be a LoRDBAConfig, got {type(config).__name__}")
     if lora_dir is not None and config.mode == "qat":
@@ -192,7 +198,7 @@ def build_adapter(
     batcher: Batcher,
     settings: TrainSettings,
     out_dir: Path | None = None,
-    lora_dir: str | None = None,
+    lora_dir: str | Path | LoraAdapter | None = None,
     lora_warmup: float = 0.1,
     lora_lr: float = 1e-3,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
@@ -203,13 +209,14 @@ def build_adapter(
     (all steps in ``ptq``, ``lora_warmup`` of them otherwise) trains at ``lora_lr``, the LoRDBA
     phase at ``settings.lr``: LoRA wants about 10× the learning rate of LoRDBA (docs/training.md).
     Everything random (the adapter's initialisation, the LoRA seed's) is seeded from ``settings.seed``
-    first, so the same inputs give the same adapter, bit for bit.
+    first, so the same inputs give the same adapter, bit for bit. ``lora_dir``: a trained PEFT LoRA to start from
+    (a directory, or one :func:`~lordba.convert.read_lora` read), in place of the LoRA seed.
 
     Raises:
         ConfigError: ``config`` is not a :class:`LoRDBAConfig`, ``lora_dir`` is given in mode ``qat`` (which
             reads no LoRA), or ``lora_warmup`` is not a number in [0, 1].
     """
-    _check_arguments(config, lora_dir, lora_warmup)
+    check_arguments(config, lora_dir, lora_warmup)
     if not isinstance(settings, TrainSettings):
         raise ConfigError(f"build_adapter: settings must be a TrainSettings, got {type(settings).__name__}")
     out_dir = Path(out_dir) if out_dir is not None else None  # a str too
