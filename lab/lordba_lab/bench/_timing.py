@@ -35,7 +35,7 @@ class Stats:
 
 
 def stats(samples: list[float]) -> Stats:
-    """Median and interquartile range of ``samples``."""
+    """Median and interquartile range of ``samples`` (fewer than 4: their whole range, the "IQR" of quick runs)."""
     samples = list(samples)
     if len(samples) < 4:
         return Stats(statistics.median(samples), max(samples) - min(samples), len(samples), samples)
