@@ -310,3 +310,42 @@ def test_a_card_that_cannot_be_written_only_warns(tmp_path):
     loaded = LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path / "a")
     torch.testing.assert_close(logits(loaded), logits(lm), rtol=0, atol=1e-5)
     shutil.rmtree(tmp_path / "a")
+
+
+def test_push_to_hub_cards_describe_the_uploaded_adapters_while_another_thread_changes_them(tmp_path, monkeypatch):
+    # The cards were written after the adapters were saved, outside the model's lock, from the model's
+    # config at that moment: an adapter replaced by another thread in between got a card describing
+    # the new one (rank 4) beside the uploaded files of the old one (rank 2); one deleted in between
+    # ended the push with a bare KeyError.
+    import threading
+
+    import lordba.nn.model_files as model_files
+
+    FakeApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    lm = save_adapter(tmp_path / "saved", seed=1)
+    lm.add_adapter("chat", LoRDBAConfig(r=2, target_modules=["k_proj"], init="random"))
+    workers = []
+
+    def replace_chat():
+        lm.delete_adapter("chat")
+        lm.add_adapter("chat", LoRDBAConfig(r=4, target_modules=["k_proj"], init="random"))
+
+    real = model_files.write_model_card
+
+    def write_model_card(directory, config, *args, **kwargs):
+        if not workers:  # another thread changes "chat" while the push is under way
+            workers.append(threading.Thread(target=replace_chat))
+            workers[0].start()
+            workers[0].join(timeout=2)
+        return real(directory, config, *args, **kwargs)
+
+    monkeypatch.setattr(model_files, "write_model_card", write_model_card)
+    lm.push_to_hub(REPO)
+    workers[0].join(timeout=30)
+    files = FakeApi.calls[-1][2]
+    import json
+
+    assert json.loads(files["chat/adapter_config.json"])["r"] == 2
+    assert "- rank 2," in files[f"chat/{CARD_NAME}"].decode()
+    assert lm.peft_config["chat"].r == 4  # the other thread's change happened, after the save

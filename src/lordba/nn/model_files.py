@@ -89,6 +89,18 @@ class AdapterFilesMixin:
         if not is_main_process:
             return
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        self._save(save_directory, names, model_card, format_version)
+
+    def _save(
+        self,
+        save_directory: str | Path,
+        names: list[str],
+        card: bool,
+        format_version: int | None,
+        repo_id: str | None = None,
+    ) -> None:
+        """:meth:`save_pretrained`'s work: the adapters and their cards (``repo_id``: the Hub repo the cards
+        name) written under the read lock, each card from the config saved beside it."""
         self._check_known(*names)
         with self._lock.read():
             saves = []  # every adapter's files first: one that cannot be saved leaves all folders as they were
@@ -102,8 +114,8 @@ class AdapterFilesMixin:
             for name, config, files in saves:
                 directory = Path(save_directory) if name == "default" else Path(save_directory) / name
                 adapter_files.commit_adapter(directory, files)
-                if model_card:
-                    write_model_card(directory, config, subfolder=None if name == "default" else name)
+                if card:
+                    write_model_card(directory, config, repo_id, None if name == "default" else name)
 
     def push_to_hub(
         self,
@@ -129,10 +141,7 @@ class AdapterFilesMixin:
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         self._check_known(*names)
         with tempfile.TemporaryDirectory(prefix="lordba-push-") as tmp:
-            self.save_pretrained(tmp, names, model_card=False)
-            for name in names:
-                directory = Path(tmp) if name == "default" else Path(tmp) / name
-                write_model_card(directory, self._saved_config(name), repo_id, None if name == "default" else name)
+            self._save(tmp, names, True, None, repo_id)  # each card from its uploaded config, under the lock
             return upload_adapter_folder(
                 tmp,
                 repo_id,
