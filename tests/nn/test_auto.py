@@ -54,3 +54,23 @@ def test_an_adapter_without_a_base_path_is_a_clear_error(tmp_path):
 def test_the_class_is_not_instantiated_directly():
     with pytest.raises(TypeError, match="from_pretrained"):
         AutoLoRDBAModelForCausalLM()
+
+
+def test_a_base_model_that_cannot_be_loaded_is_named_with_what_to_do(tmp_path, monkeypatch):
+    # transformers' bare OSError ("We couldn't connect to 'https://huggingface.co' ...") named neither the
+    # base model nor the adapter config it came from
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    model = tiny_llama(0)
+    model.config._name_or_path = "someone/base-not-cached"
+    get_lordba_model(model, LoRDBAConfig(r=2)).save_pretrained(tmp_path / "a")
+    with pytest.raises(
+        ConfigError, match=r"adapter_config\.json: base_model_name_or_path 'someone/base-not-cached'"
+    ) as err:
+        AutoLoRDBAModelForCausalLM.from_pretrained(tmp_path / "a", cache_dir=tmp_path / "empty-cache")
+    assert "LoRDBAModel.from_pretrained(base_model" in str(err.value)
+    assert isinstance(err.value.__cause__, OSError)

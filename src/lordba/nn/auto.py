@@ -52,7 +52,8 @@ class AutoLoRDBAModelForCausalLM:
             The base model with the adapter, a ``LoRDBAModel``.
 
         Raises:
-            ConfigError: the adapter config has no ``base_model_name_or_path``.
+            ConfigError: the adapter config has no ``base_model_name_or_path``, or the base it names cannot be
+                loaded (not found, offline and not cached: transformers' ``OSError`` is its ``__cause__``).
             AdapterFormatError: the adapter cannot be found or read (named).
         """
         directory = resolve_adapter_dir(
@@ -77,5 +78,14 @@ class AutoLoRDBAModelForCausalLM:
         base_kwargs = {"token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
         if "base_revision" in model_kwargs:
             base_kwargs["revision"] = model_kwargs.pop("base_revision")
-        model = auto.from_pretrained(base, **base_kwargs, **model_kwargs)
+        try:
+            model = auto.from_pretrained(base, **base_kwargs, **model_kwargs)
+        except OSError as err:  # transformers' "couldn't connect ... couldn't find them in the cached files", etc.
+            reason = (str(err).strip().splitlines() or [""])[0]
+            raise ConfigError(
+                f"{directory / CONFIG_NAME}: base_model_name_or_path {base!r} could not be loaded with "
+                f"transformers.{cls._auto_class} ({type(err).__name__}: {reason}): make that model available "
+                "(download it into the HF cache, or go online), or load the base yourself and use "
+                "LoRDBAModel.from_pretrained(base_model, adapter)"
+            ) from err
         return LoRDBAModel.from_pretrained(model, directory, adapter_name=adapter_name, is_trainable=is_trainable)
