@@ -349,3 +349,27 @@ def test_push_to_hub_cards_describe_the_uploaded_adapters_while_another_thread_c
     assert json.loads(files["chat/adapter_config.json"])["r"] == 2
     assert "- rank 2," in files[f"chat/{CARD_NAME}"].decode()
     assert lm.peft_config["chat"].r == 4  # the other thread's change happened, after the save
+
+
+def test_push_to_hub_to_a_branch_writes_cards_that_load_that_branch(tmp_path, monkeypatch, offline_cache):
+    # The card of an adapter pushed with revision="v2" loaded the repo's main branch (another adapter,
+    # or none) and told to download main for export-lora
+    FakeApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    lm = save_adapter(tmp_path / "saved", seed=3)
+    lm.add_adapter("chat", LoRDBAConfig(r=2, target_modules=["k_proj"], init="random"))
+    lm.push_to_hub(REPO, revision="v2")
+    files = FakeApi.calls[-1][2]
+    assert FakeApi.calls[-1][3]["revision"] == "v2"
+    top, chat = files[CARD_NAME].decode(), files[f"chat/{CARD_NAME}"].decode()
+    assert f'AutoLoRDBAModelForCausalLM.from_pretrained("{REPO}", revision="v2")' in top
+    assert f'from_pretrained("{REPO}", subfolder="chat", revision="v2")' in chat
+    assert f"hf download {REPO} --revision v2 --local-dir DIR" in top + chat
+    for name in FILES:
+        (tmp_path / "hub").mkdir(exist_ok=True)
+        (tmp_path / "hub" / name).write_bytes(files[name])
+    add_to_cache(offline_cache, REPO, tmp_path / "hub", "f" * 40, refs=("v2",))
+    loaded = LoRDBAModel.from_pretrained(tiny_llama(0), REPO, revision="v2")  # the card's call
+    torch.testing.assert_close(logits(loaded), logits(lm), rtol=0, atol=1e-5)
+    lm.push_to_hub(REPO)  # main: no revision in the card
+    assert "revision" not in FakeApi.calls[-1][2][CARD_NAME].decode()

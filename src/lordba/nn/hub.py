@@ -137,7 +137,9 @@ def resolve_adapter_dir(
     return directory
 
 
-def model_card(config: LoRDBAConfig, repo_id: str | None = None, subfolder: str | None = None) -> str:
+def model_card(
+    config: LoRDBAConfig, repo_id: str | None = None, subfolder: str | None = None, revision: str | None = None
+) -> str:
     """The text of the adapter's ``README.md``: Hub card metadata (``library_name: lordba``,
     ``base_model``, tags) and how to load it. Deterministic for the same config.
 
@@ -146,6 +148,7 @@ def model_card(config: LoRDBAConfig, repo_id: str | None = None, subfolder: str 
         repo_id: where it is (or will be) on the Hub, used in the example code.
         subfolder: the adapter's folder in that repo or directory (``save_pretrained`` puts each adapter
             but ``default`` in one), passed in the example code.
+        revision: the repo's branch it is pushed to, passed in the example code (``main``: left out).
 
     Returns:
         The card's text.
@@ -159,9 +162,12 @@ def model_card(config: LoRDBAConfig, repo_id: str | None = None, subfolder: str 
         tags.append(f"base_model:adapter:{hub_base}")
     meta += ["tags:", *(f"- {json.dumps(t)}" for t in tags), "---", ""]
     where = repo_id or "PATH_OR_REPO_ID"
+    branch = revision if repo_id and revision and revision != "main" else None
     args = f'"{where}"' + (f", subfolder={json.dumps(subfolder)}" if subfolder else "")
+    args += f", revision={json.dumps(branch)}" if branch else ""
     local = "DIR" + (f"/{subfolder}" if subfolder else "")  # export-lora reads a directory, not a Hub id
-    copy = f"a local copy of the repo: `hf download {repo_id} --local-dir DIR`" if repo_id else "the saved folder"
+    download = f"hf download {repo_id}" + (f" --revision {branch}" if branch else "") + " --local-dir DIR"
+    copy = f"a local copy of the repo: `{download}`" if repo_id else "the saved folder"
     targets = config.target_modules
     if targets is None:
         targets = "every linear layer but the output head"
@@ -195,7 +201,11 @@ runtimes, export a plain LoRA first: `lordba export-lora {local} OUT` (DIR: {cop
 
 
 def write_model_card(
-    directory: str | Path, config: LoRDBAConfig, repo_id: str | None = None, subfolder: str | None = None
+    directory: str | Path,
+    config: LoRDBAConfig,
+    repo_id: str | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
 ) -> Path | None:
     """Write the model card beside a saved adapter, crash-safely (temp file + rename), unless the
     directory holds a ``README.md`` that lordba did not write (a user's card is never replaced).
@@ -206,6 +216,7 @@ def write_model_card(
         config: the adapter's config, as saved.
         repo_id: the Hub repo the card describes, if known.
         subfolder: the adapter's folder in that repo (or in the directory it was saved to), if any.
+        revision: the repo's branch the card describes, if not ``main``.
 
     Returns:
         The card's path, or ``None`` when it was kept or could not be written.
@@ -214,7 +225,7 @@ def write_model_card(
     try:
         if path.is_file() and CARD_MARK not in path.read_text(encoding="utf-8", errors="replace"):
             return None
-        atomic_write_bytes(path, model_card(config, repo_id, subfolder).encode())
+        atomic_write_bytes(path, model_card(config, repo_id, subfolder, revision).encode())
     except (OSError, AdapterFormatError) as err:
         warnings.warn(f"{path}: model card not written ({err}); the adapter itself is saved", stacklevel=3)
         return None

@@ -98,9 +98,10 @@ class AdapterFilesMixin:
         card: bool,
         format_version: int | None,
         repo_id: str | None = None,
+        revision: str | None = None,
     ) -> None:
-        """:meth:`save_pretrained`'s work: the adapters and their cards (``repo_id``: the Hub repo the cards
-        name) written under the read lock, each card from the config saved beside it."""
+        """:meth:`save_pretrained`'s work: the adapters and their cards (``repo_id`` and ``revision``: the Hub
+        repo and branch the cards name) written under the read lock, each card from the config saved beside it."""
         self._check_known(*names)
         with self._lock.read():
             saves = []  # every adapter's files first: one that cannot be saved leaves all folders as they were
@@ -115,7 +116,7 @@ class AdapterFilesMixin:
                 directory = Path(save_directory) if name == "default" else Path(save_directory) / name
                 adapter_files.commit_adapter(directory, files)
                 if card:
-                    write_model_card(directory, config, repo_id, None if name == "default" else name)
+                    write_model_card(directory, config, repo_id, None if name == "default" else name, revision)
 
     def push_to_hub(
         self,
@@ -141,7 +142,7 @@ class AdapterFilesMixin:
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         self._check_known(*names)
         with tempfile.TemporaryDirectory(prefix="lordba-push-") as tmp:
-            self._save(tmp, names, True, None, repo_id)  # each card from its uploaded config, under the lock
+            self._save(tmp, names, True, None, repo_id, revision)  # each card from its uploaded config, under the lock
             return upload_adapter_folder(
                 tmp,
                 repo_id,
