@@ -13,7 +13,14 @@ import huggingface_hub
 import pytest
 import torch
 
-from lordba import AdapterFormatError, AutoLoRDBAModelForCausalLM, LoRDBAConfig, LoRDBAModel, get_lordba_model
+from lordba import (
+    AdapterFormatError,
+    AutoLoRDBAModelForCausalLM,
+    ConfigError,
+    LoRDBAConfig,
+    LoRDBAModel,
+    get_lordba_model,
+)
 from lordba.nn.hub import CARD_NAME
 
 from conftest import tiny_llama
@@ -373,3 +380,39 @@ def test_push_to_hub_to_a_branch_writes_cards_that_load_that_branch(tmp_path, mo
     torch.testing.assert_close(logits(loaded), logits(lm), rtol=0, atol=1e-5)
     lm.push_to_hub(REPO)  # main: no revision in the card
     assert "revision" not in FakeApi.calls[-1][2][CARD_NAME].decode()
+
+
+def test_a_partly_downloaded_snapshot_names_the_repo_and_the_missing_file(tmp_path, offline_cache):
+    # A cached snapshot with adapter_config.json but not the weights (a download cut short, or the
+    # config fetched alone) was reported as "<cache path>/lordba_model.safetensors: missing", naming
+    # neither the repo nor what to do
+    save_adapter(tmp_path / "src")
+    (tmp_path / "half").mkdir()
+    shutil.copy(tmp_path / "src" / FILES[0], tmp_path / "half" / FILES[0])
+    (tmp_path / "half" / FILES[1]).write_bytes(b"")  # add_to_cache lays out both names
+    add_to_cache(offline_cache, REPO, tmp_path / "half", "9" * 40)
+    (offline_cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / ("9" * 40) / FILES[1]).unlink()
+    for load in (
+        lambda: LoRDBAModel.from_pretrained(tiny_llama(0), REPO),
+        lambda: AutoLoRDBAModelForCausalLM.from_pretrained(REPO, local_files_only=True),
+    ):
+        with pytest.raises(
+            AdapterFormatError,
+            match=rf"Hub repo '{REPO}' \(revision main\).*lordba_model\.safetensors.*partial download",
+        ):
+            load()
+
+
+def test_a_hub_repo_holding_a_peft_lora_says_so_and_how_to_convert_it(tmp_path, offline_cache):
+    # A PEFT LoRA repo: only its adapter_config.json is fetched, and the error was the config's
+    # "<cache path>: peft_type is 'LORA', not 'LORDBA'", without the repo or what to do with it
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "peft")
+    repo = offline_cache / f"models--{REPO.replace('/', '--')}"
+    (repo / "snapshots" / ("8" * 40)).mkdir(parents=True)
+    shutil.copy(tmp_path / "peft" / "adapter_config.json", repo / "snapshots" / ("8" * 40) / "adapter_config.json")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("8" * 40)
+    with pytest.raises(ConfigError, match=rf"Hub repo '{REPO}'.*a PEFT 'LORA' adapter.*lordba convert"):
+        LoRDBAModel.from_pretrained(tiny_llama(0), REPO)

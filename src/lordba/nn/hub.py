@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from lordba._util.files import check_path
+from lordba._util.jsonio import read_json_file, safe_repr
 from lordba._version import __version__
-from lordba.config import CONFIG_NAME, WEIGHTS_NAME, LoRDBAConfig
-from lordba.errors import AdapterFormatError
+from lordba.config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, LoRDBAConfig
+from lordba.errors import AdapterFormatError, ConfigError
 from lordba.format.atomic import atomic_write_bytes
 
 CARD_NAME = "README.md"
@@ -102,7 +103,8 @@ def resolve_adapter_dir(
 
     Raises:
         AdapterFormatError: a Hub id that cannot be resolved (unknown repo or revision, offline and
-            not cached, no access), with the id named.
+            not cached, no access), or a snapshot in the cache without the weights, with the id named.
+        ConfigError: a Hub repo holding another kind of PEFT adapter (a LoRA: how to convert it).
     """
     check_path(model_id, "the adapter directory (a path or a Hub id)")
     sub = Path(subfolder) if subfolder else Path()
@@ -129,12 +131,27 @@ def resolve_adapter_dir(
             f"(revision {revision or 'main'}): {type(err).__name__}: {reason}"
         ) from None
     directory = Path(snapshot) / sub
+    where = f"Hub repo {model_id!r} (revision {revision or 'main'}{', subfolder ' + subfolder if subfolder else ''})"
     if not (directory / CONFIG_NAME).is_file():
-        raise AdapterFormatError(
-            f"Hub repo {model_id!r} (revision {revision or 'main'}{', subfolder ' + subfolder if subfolder else ''}) "
-            f"has no {CONFIG_NAME}: it is not a LoRDBA adapter"
-        )
+        raise AdapterFormatError(f"{where} has no {CONFIG_NAME}: it is not a LoRDBA adapter")
+    if not (directory / WEIGHTS_NAME).exists():  # only the config came: another kind of adapter, or a partial download
+        _check_snapshot(directory, where)
     return directory
+
+
+def _check_snapshot(directory: Path, where: str) -> None:
+    """Name what a fetched adapter directory that has a config but no weights holds: an adapter of another
+    PEFT type (:class:`ConfigError`, how to convert a LoRA), or a partial download (:class:`AdapterFormatError`)."""
+    peft_type = read_json_file(directory / CONFIG_NAME).get("peft_type", PEFT_TYPE)
+    if peft_type != PEFT_TYPE:
+        raise ConfigError(
+            f"{where} holds a PEFT {safe_repr(peft_type)} adapter, not a LoRDBA one: load it with PEFT, or convert a "
+            "LoRA to LoRDBA (`hf download REPO --local-dir DIR`, then `lordba convert DIR OUT`, or lordba.convert_lora)"
+        )
+    raise AdapterFormatError(
+        f"{where}: {WEIGHTS_NAME} is not in {directory} (a partial download in the HF cache, read offline or with "
+        "local_files_only): download the adapter again with the network on"
+    )
 
 
 def model_card(
