@@ -198,9 +198,23 @@ class FakeApi:
     """Stands in for huggingface_hub.HfApi: records what would be uploaded."""
 
     calls: ClassVar[list] = []
+    remote: ClassVar[dict] = {}  # the repo's files as they are on the Hub: path -> text
+    downloads: ClassVar[list] = []
 
     def __init__(self, token=None, **kwargs):
         self.token = token
+
+    def hf_hub_download(self, repo_id, filename, revision=None, **kwargs):
+        import tempfile
+
+        from huggingface_hub.errors import EntryNotFoundError
+
+        FakeApi.downloads.append((repo_id, filename, revision))
+        if filename not in FakeApi.remote:
+            raise EntryNotFoundError(f"{filename} not found")
+        path = Path(tempfile.mkdtemp()) / Path(filename).name
+        path.write_text(FakeApi.remote[filename])
+        return str(path)
 
     def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
         FakeApi.calls.append(("create_repo", repo_id, private, exist_ok))
@@ -416,3 +430,24 @@ def test_a_hub_repo_holding_a_peft_lora_says_so_and_how_to_convert_it(tmp_path, 
     (repo / "refs" / "main").write_text("8" * 40)
     with pytest.raises(ConfigError, match=rf"Hub repo '{REPO}'.*a PEFT 'LORA' adapter.*lordba convert"):
         LoRDBAModel.from_pretrained(tiny_llama(0), REPO)
+
+
+def test_push_to_hub_keeps_a_card_written_on_the_hub_by_its_owner(tmp_path, monkeypatch):
+    # save_pretrained never replaces a README.md lordba did not write, but push_to_hub uploaded its card
+    # over the repo's own README.md (the owner's card on the Hub, lost); a card lordba wrote is updated
+    from lordba.nn.hub import CARD_MARK
+
+    FakeApi.calls, FakeApi.downloads = [], []
+    FakeApi.remote = {CARD_NAME: "# my own card\n", f"chat/{CARD_NAME}": f"{CARD_MARK}\n# an older lordba card\n"}
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    lm = save_adapter(tmp_path / "saved", seed=1)
+    lm.add_adapter("chat", LoRDBAConfig(r=2, target_modules=["k_proj"], init="random"))
+    try:
+        lm.push_to_hub(REPO, revision="v3")
+    finally:
+        FakeApi.remote = {}
+    files = FakeApi.calls[-1][2]
+    assert CARD_NAME not in files  # the owner's card stays
+    assert "rank 2" in files[f"chat/{CARD_NAME}"].decode()  # lordba's own card is rewritten
+    assert sorted(FakeApi.downloads) == [(REPO, CARD_NAME, "v3"), (REPO, f"chat/{CARD_NAME}", "v3")]
+    assert sorted(files) == sorted([*FILES, *(f"chat/{n}" for n in FILES), f"chat/{CARD_NAME}"])

@@ -259,7 +259,8 @@ def upload_adapter_folder(
     commit_message: str = "Upload LoRDBA adapter",
     create_pr: bool = False,
 ) -> Any:
-    """Create the Hub repo if needed and upload an adapter directory (hidden files left out).
+    """Create the Hub repo if needed and upload an adapter directory (hidden files left out; a model card
+    where the repo has a ``README.md`` lordba did not write is left out too, the owner's card kept).
 
     Args:
         folder: the saved adapter directory.
@@ -282,6 +283,7 @@ def upload_adapter_folder(
 
     api = HfApi(token=token, library_name="lordba", library_version=__version__)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    _keep_owners_cards(api, repo_id, Path(folder), revision)
     return api.upload_folder(
         repo_id=repo_id,
         folder_path=str(folder),
@@ -290,3 +292,33 @@ def upload_adapter_folder(
         create_pr=create_pr,
         ignore_patterns=[".*", "**/.*"],
     )
+
+
+def _keep_owners_cards(api: Any, repo_id: str, folder: Path, revision: str | None) -> None:
+    """Remove from ``folder`` (before its upload) each model card whose place in the repo holds a ``README.md``
+    lordba did not write: as :func:`write_model_card` keeps a user's card in a directory, an upload keeps the
+    repo owner's. A card that cannot be read is kept too (a warning), so lordba's is left out.
+
+    Args:
+        api: the ``huggingface_hub.HfApi`` of the upload.
+        repo_id: the repo.
+        folder: the directory to upload (lordba's cards in it are deleted where the repo's must stay).
+        revision: the branch the upload goes to.
+    """
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+
+    for card in sorted(folder.rglob(CARD_NAME)):
+        name = card.relative_to(folder).as_posix()
+        try:
+            text = Path(api.hf_hub_download(repo_id, name, revision=revision)).read_text("utf-8", errors="replace")
+        except (EntryNotFoundError, RevisionNotFoundError):  # no card there yet (or a new branch)
+            continue
+        except Exception as err:  # huggingface_hub's HTTP, network and OS errors
+            warnings.warn(
+                f"push_to_hub: {repo_id}/{name}: the repo's card could not be read ({type(err).__name__}), so "
+                "lordba's card is not uploaded over it",
+                stacklevel=4,
+            )
+            text = ""
+        if CARD_MARK not in text:
+            card.unlink()
