@@ -451,3 +451,17 @@ def test_push_to_hub_keeps_a_card_written_on_the_hub_by_its_owner(tmp_path, monk
     assert "rank 2" in files[f"chat/{CARD_NAME}"].decode()  # lordba's own card is rewritten
     assert sorted(FakeApi.downloads) == [(REPO, CARD_NAME, "v3"), (REPO, f"chat/{CARD_NAME}", "v3")]
     assert sorted(files) == sorted([*FILES, *(f"chat/{n}" for n in FILES), f"chat/{CARD_NAME}"])
+
+
+def test_a_revision_asked_of_a_repo_id_that_is_also_a_local_folder_is_not_ignored_silently(
+    tmp_path, offline_cache, monkeypatch
+):
+    # A local folder named like the repo (`hf download user/repo --local-dir user/repo`: main) wins, as
+    # documented; a revision asked for then loaded that folder's adapter without a word
+    monkeypatch.chdir(tmp_path)
+    local = save_adapter(tmp_path / REPO, seed=1)
+    save_adapter(tmp_path / "v2", seed=2)
+    add_to_cache(offline_cache, REPO, tmp_path / "v2", "7" * 40, refs=("v2",))
+    with pytest.warns(UserWarning, match=rf"'{REPO}' is a local directory.*revision 'v2' is not used"):
+        loaded = LoRDBAModel.from_pretrained(tiny_llama(0), REPO, revision="v2")
+    torch.testing.assert_close(logits(loaded), logits(local), rtol=0, atol=1e-5)

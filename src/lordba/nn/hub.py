@@ -86,9 +86,10 @@ def resolve_adapter_dir(
 ) -> Path:
     """The local directory of an adapter given as a path or as a Hugging Face Hub repo id.
 
-    An existing local path (or any ``Path`` object) is used as it is. A string that is not a local
-    path but is a valid repo id (``"user/repo"``) is fetched with ``huggingface_hub.snapshot_download``
-    (only the adapter's two files; the HF cache, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` apply as usual).
+    An existing local path (or any ``Path`` object) is used as it is (a ``revision`` given then warns). A
+    string that is not a local path but is a valid repo id (``"user/repo"``) is fetched with
+    ``huggingface_hub.snapshot_download`` (only the adapter's two files; the HF cache, ``HF_HUB_OFFLINE``
+    and ``HF_TOKEN`` apply as usual).
 
     Args:
         model_id: a directory or a Hub repo id.
@@ -109,6 +110,13 @@ def resolve_adapter_dir(
     check_path(model_id, "the adapter directory (a path or a Hub id)")
     sub = Path(subfolder) if subfolder else Path()
     if isinstance(model_id, Path) or _local(model_id) or not _is_repo_id(model_id):
+        if revision is not None:  # a local copy named like the repo wins: say which adapter that is
+            warnings.warn(
+                f"{str(model_id)!r} is a local directory, loaded as it is: the Hub revision {revision!r} is not used "
+                "(rename or move the local folder to load the Hub repo's revision)",
+                UserWarning,
+                stacklevel=4,
+            )
         return Path(model_id) / sub
     prefix = glob.escape(f"{sub.as_posix()}/") if subfolder else ""  # allow_patterns are fnmatch patterns
     try:
