@@ -157,8 +157,8 @@ def _check_snapshot(directory: Path, where: str) -> None:
             "LoRA to LoRDBA (`hf download REPO --local-dir DIR`, then `lordba convert DIR OUT`, or lordba.convert_lora)"
         )
     raise AdapterFormatError(
-        f"{where}: {WEIGHTS_NAME} is not in {directory} (a partial download in the HF cache, read offline or with "
-        "local_files_only): download the adapter again with the network on"
+        f"{where}: {WEIGHTS_NAME} is not in {directory}: a partial download in the HF cache, read offline or with "
+        "local_files_only (download the adapter again with the network on), or a repo without the adapter's weights"
     )
 
 
