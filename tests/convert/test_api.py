@@ -101,6 +101,29 @@ def test_budget_allocation_counts_the_larger_header_of_mixed_ranks(tmp_path):
         assert alloc["total_rel_error"] <= alloc["uniform_total_rel_error"] + 1e-12
 
 
+def test_budget_uniform_rank_above_the_candidates_fits_the_file_and_the_least_size_is_accepted(tmp_path):
+    """The uniform rank is found with its own header (a rank above every candidate has larger header
+    offsets than the largest candidate's), and a target at the smallest file size is accepted."""
+    from lordba.format.sizes import size_report
+
+    _, path = peft_adapter(tmp_path, r=16, lora_alpha=16, target_modules=["q_proj"])
+    lora = read_lora(path)
+    params = sum(x.r * (x.in_features + x.out_features) for x in lora.layers.values())
+
+    def file_bytes(r):
+        return size_report({p: (x.in_features, x.out_features, r) for p, x in lora.layers.items()}, "int8").file_bytes
+
+    allowed = file_bytes(100) - 1  # rank 100's file is one byte too large: rank 99 is the uniform rank
+    target = (allowed + 0.5) * 8 / params
+    state, report = convert_lora(path, target_bpw=target, scale_dtype="int8", rank_candidates=(1,), progress=False)
+    save_converted(state, report, tmp_path / "out")
+    written = (tmp_path / "out" / "lordba_model.safetensors").stat().st_size
+    assert report.allocation["uniform_rank"] == 99 and written == report.size.file_bytes <= allowed
+    least = (file_bytes(1) + 0.5) * 8 / params  # exactly the rank-1 file: fits
+    _, report = convert_lora(path, target_bpw=least, scale_dtype="int8", rank_candidates=(1,), progress=False)
+    assert report.allocation["uniform_rank"] == 1 and report.size.file_bytes == file_bytes(1)
+
+
 def test_calibration_moments_and_weighted_conversion(tmp_path, input_ids):
     model, path = peft_adapter(tmp_path)
     paths = sorted(read_lora(path).layers)

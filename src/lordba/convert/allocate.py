@@ -42,16 +42,16 @@ def convert_at_budget(
     lora_params = sum(layer.r * (layer.in_features + layer.out_features) for layer in lora.layers.values())
     allowed = math.floor(target_bpw * lora_params / 8)
     top = max(max(candidates), 1)
-    probe = size_report({p: (i, o, top) for p, (i, o) in dims.items()}, dtype)
-    overhead = probe.file_bytes - probe.payload_bytes  # header; an upper bound (rank digits)
-    budget = allowed - overhead
-    r_uniform = uniform_rank(dims, budget, dtype)
+    r_uniform = _uniform_rank(dims, allowed, dtype)
     if r_uniform is None:
-        least = size_report({p: (i, o, 1) for p, (i, o) in dims.items()}, dtype)
+        least = _file_bytes(dims, dict.fromkeys(dims, 1), dtype)
         raise ConfigError(
             f"target_bpw={target_bpw:g} is below the smallest possible size (rank 1 everywhere: "
-            f"{8 * least.file_bytes / lora_params:.3f} BPW on the LoRA basis with scale_dtype={dtype})"
+            f"{math.ceil(8000 * least / lora_params) / 1000:.3f} BPW on the LoRA basis with scale_dtype={dtype})"
         )
+    probe = size_report({p: (i, o, max(top, r_uniform)) for p, (i, o) in dims.items()}, dtype)
+    overhead = probe.file_bytes - probe.payload_bytes  # header; an upper bound (rank digits)
+    budget = allowed - overhead
     ranks = sorted({c for c in candidates if 1 <= c <= max(top, r_uniform)} | {r_uniform})
     results: dict[int, tuple[dict[str, ModuleRecord], dict[str, dict[str, Any]]]] = {}
     bar = progress_bar(len(dims) * len(ranks), progress, f"converting at ranks {ranks}")
@@ -76,7 +76,7 @@ def convert_at_budget(
         dict.fromkeys(dims, r_uniform),
         sum(curves[p][r_uniform][0] for p in dims),
         sum(curves[p][r_uniform][1] for p in dims),
-    )  # fits: r_uniform was chosen with the uniform header
+    )  # fits: r_uniform was chosen with its own header
     alloc = _fitting(curves, budget, allowed, dims, dtype)
     if alloc is None or uniform.squared_error <= alloc.squared_error:  # mixed ranks' header can cost more
         alloc = uniform
@@ -129,6 +129,18 @@ def _squared_error(stats: dict[str, Any], output_norm: float | None) -> float:
     if output_norm is None:
         return (stats["rel_error"] * stats["delta_norm"]) ** 2
     return (stats["rel_error_weighted"] * output_norm) ** 2
+
+
+def _uniform_rank(dims: dict[str, tuple[int, int]], allowed: int, dtype: str) -> int | None:
+    """The largest rank whose uniform file (its own header included) fits in ``allowed`` bytes, or ``None``.
+
+    The header grows with the rank (its offsets' digits), so the payload budget left by the rank-1
+    header bounds the rank from above; the rank steps down from there until the whole file fits."""
+    least = size_report({p: (i, o, 1) for p, (i, o) in dims.items()}, dtype)
+    r = uniform_rank(dims, allowed - (least.file_bytes - least.payload_bytes), dtype)
+    while r is not None and _file_bytes(dims, dict.fromkeys(dims, r), dtype) > allowed:
+        r = r - 1 if r > 1 else None
+    return r
 
 
 def _file_bytes(dims: dict[str, tuple[int, int]], ranks: dict[str, int], dtype: str) -> int:
