@@ -6,6 +6,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForSequenceClassification
 
 from lordba import LoRDBAModel, convert_lora
+from lordba.convert import save_converted
 
 from conftest import TINY
 
@@ -209,3 +210,47 @@ def test_bias_all_with_a_task_head_converts_without_the_heads_original_copy(tmp_
         with torch.no_grad():
             ours, theirs, base = (m(input_ids=IDS).logits for m in (lm, pm, roberta()))
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0.02 * float((theirs - base).abs().max()))
+
+
+def test_the_lora_ranks_are_kept_where_one_module_path_ends_another(tmp_path):
+    """``blocks.0.proj`` (rank 8) and ``inner.blocks.0.proj`` (rank 4): the converted config's
+    rank_pattern names whole paths, so the inner module keeps its rank 4 (a key ``blocks\\.0\\.proj``
+    matched it too, as PEFT matches keys: it was converted at rank 8, and s = alpha / 8)."""
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(32, 32)
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block()])
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block()])
+            self.inner = Inner()
+
+        def forward(self, x):
+            return self.inner.blocks[0].proj(self.blocks[0].proj(x))
+
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["proj"], rank_pattern={"^blocks.0.proj": 8}, init_lora_weights="gaussian"
+    )
+    pm = get_peft_model(Net(), config)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path / "lora")
+    state, report = convert_lora(tmp_path / "lora", progress=False)
+    assert {p: m.r for p, m in state.modules.items()} == {"blocks.0.proj": 8, "inner.blocks.0.proj": 4}
+    assert {p: state.config.rank_for(p) for p in state.modules} == {"blocks.0.proj": 8, "inner.blocks.0.proj": 4}
+    assert [(lr.r_lora, lr.r) for lr in report.layers] == [(8, 8), (4, 4)]
+    lm = LoRDBAModel.from_pretrained(Net(), save_converted(state, report, tmp_path / "out"))
+    assert {p: a.r for p, a in lm.adapter_modules("default").items()} == {"blocks.0.proj": 8, "inner.blocks.0.proj": 4}

@@ -17,6 +17,7 @@ and matching any accepted pattern takes well under a second.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +46,13 @@ def matches(spec: Sequence[str] | str | None, name: str) -> bool:
     if isinstance(spec, str):
         return _search(spec, "full", name)
     return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def path_key(path: str) -> str:
+    """A ``rank_pattern`` / ``alpha_pattern`` key that :func:`pattern_key` (and PEFT) matches with
+    ``path`` alone: the escaped path anchored at the start (a bare ``blocks\\.0\\.proj`` matches
+    ``inner.blocks.0.proj`` too, keys match the end of a name after a ``.``)."""
+    return "^" + re.escape(path)
 
 
 def pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:

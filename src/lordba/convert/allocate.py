@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from lordba._util.patterns import path_key
 from lordba.config import LoRDBAConfig
 from lordba.convert.budget import Allocation, allocate, uniform_rank
 from lordba.convert.groups import SolverOptions
@@ -82,7 +82,7 @@ def convert_at_budget(
         alloc = uniform
     common = Counter(alloc.ranks.values()).most_common(1)[0][0]
     final = dataclasses.replace(
-        base, r=common, rank_pattern={re.escape(p): r for p, r in alloc.ranks.items() if r != common}
+        base, r=common, rank_pattern={path_key(p): r for p, r in alloc.ranks.items() if r != common}
     )
     records = {p: results[r][0][p] for p, r in alloc.ranks.items()}
     stats = {p: results[r][1][p] for p, r in alloc.ranks.items()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lordba._util.patterns import path_key
 from lordba.config import LoRDBAConfig
 from lordba.convert.allocate import convert_at_budget
 from lordba.convert.budget import DEFAULT_CANDIDATES, MAX_TARGET_BPW
@@ -52,7 +52,7 @@ def read_lora(
 
 def default_config(lora: LoraAdapter) -> LoRDBAConfig:
     """The LoRDBA config a conversion uses by default: the LoRA's ranks (per module) and ``alpha = lora_alpha``."""
-    differing = {re.escape(p): layer.r for p, layer in lora.layers.items() if layer.r != lora.r}
+    differing = {path_key(p): layer.r for p, layer in lora.layers.items() if layer.r != lora.r}
     return LoRDBAConfig(r=lora.r, alpha=float(lora.alpha), rank_pattern=differing)
 
 
