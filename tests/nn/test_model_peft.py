@@ -551,3 +551,34 @@ def test_parameter_counts_take_a_quantized_base_at_its_full_size():
     want = sum(p.numel() for p in tiny_llama().parameters()) + plain.get_nb_trainable_parameters()[0]
     assert plain.get_nb_trainable_parameters()[1] == want
     assert quantized.get_nb_trainable_parameters() == plain.get_nb_trainable_parameters()
+
+
+def test_a_combination_keeps_each_modules_rank_where_one_path_ends_another():
+    """``blocks.0.proj`` and ``inner.blocks.0.proj`` at different combined ranks: the combination's rank_pattern
+    named its odd one out with a bare escaped path, which (keys match the end of a name, as in PEFT) also matched
+    the other module, so the config said the wrong rank for it."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 16)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block()])
+            self.inner = nn.Module()
+            self.inner.blocks = nn.ModuleList([Block()])
+            self.tail = Block()
+
+        def forward(self, x):
+            return self.tail.proj(self.inner.blocks[0].proj(self.blocks[0].proj(x)))
+
+    torch.manual_seed(0)
+    lm = get_lordba_model(Net(), LoRDBAConfig(r=2, target_modules=["proj"], rank_pattern={"^blocks\\.0\\.proj": 6}))
+    lm.add_adapter("b", LoRDBAConfig(r=2, target_modules=["proj"]))
+    lm.add_weighted_adapter(["default", "b"], [1.0, 1.0], "c", combination_type="cat")
+    held = {p: a.r for p, a in lm.adapter_modules("c").items()}
+    assert held == {"blocks.0.proj": 8, "inner.blocks.0.proj": 4, "tail.proj": 4}
+    assert {p: lm.peft_config["c"].rank_for(p) for p in held} == held

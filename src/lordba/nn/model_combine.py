@@ -8,13 +8,13 @@ converter's solver, which lives above ``nn``: :mod:`lordba.convert.combine` regi
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
+from lordba._util.patterns import path_key
 from lordba.config import LoRDBAConfig
 from lordba.core.packing import pack_signs
 from lordba.core.scales import get_codec
@@ -183,7 +183,7 @@ def _ratio(v: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> float | Non
 
 def _combined_config(first: LoRDBAConfig, ranks: dict[str, int], kind: str) -> LoRDBAConfig:
     common = max(set(ranks.values()), key=list(ranks.values()).count)
-    pattern = {re.escape(p): r for p, r in ranks.items() if r != common}
+    pattern = {path_key(p): r for p, r in ranks.items() if r != common}  # whole paths: a bare one matches suffixes
     return dataclasses.replace(
         first,
         r=common,
