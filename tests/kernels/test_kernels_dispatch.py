@@ -216,6 +216,43 @@ def test_mode_switches_and_dispatch_rule():
     assert kernels.dispatch_limit(8, 8, 2, torch.float32, "unpack") < 0
 
 
+@pytest.mark.parametrize("which", ["mode", "branch_compute"])
+def test_setting_blocks_of_two_threads_ending_out_of_order_restore_the_setting(which):
+    """The kernel mode and the branch compute are the process's; two threads' blocks that end in the order
+    they began (not nested) leave the setting of the block still open, then the one from before both (each
+    block restored the value it saw on entry: the first thread's setting was left in force for good)."""
+    import threading
+
+    block, get = {
+        "mode": (kernels.mode, kernels.get_mode),
+        "branch_compute": (kernels.with_branch_compute, kernels.branch_compute),
+    }[which]
+    first, second = ("torch", "unpack") if which == "mode" else ("fast", "exact")
+    before, seen = get(), []
+    opened, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def one() -> None:
+        with block(first):
+            opened.set()
+            second_in.wait(10)
+        seen.append(get())  # the second thread's block is still open
+        first_out.set()
+
+    def two() -> None:
+        opened.wait(10)
+        with block(second):
+            second_in.set()
+            first_out.wait(10)
+
+    threads = [threading.Thread(target=one), threading.Thread(target=two)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == [second]
+    assert get() == before
+
+
 def test_branch_compute_switches_and_refuses_other_names(monkeypatch):
     """``exact`` by default, ``fast`` on request (a block, or the process), nothing else; a bad
     ``$LORDBA_BRANCH_COMPUTE`` warns and means ``exact`` (read when lordba is imported)."""

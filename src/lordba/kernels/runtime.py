@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -41,6 +42,9 @@ class _State:
 
 
 _STATE = _State()
+_BLOCKS: list[list[str]] = []  # the open blocks of mode / with_branch_compute (any thread), oldest first
+_OUTSIDE: dict[str, str] = {}  # a setting's value with no block of it open (taken when its first block began)
+_BLOCKS_LOCK = threading.Lock()
 if _STATE.mode not in MODES:
     warnings.warn(f"LORDBA_KERNEL={_STATE.mode!r} is not one of {MODES}; using 'auto'", stacklevel=1)
     _STATE.mode = "auto"
@@ -62,7 +66,7 @@ def set_mode(name: str) -> None:
 
     if name not in MODES:
         raise ConfigError(f"kernel mode must be one of {MODES}, got {name!r}")
-    _STATE.mode = name
+    _set("mode", name)
 
 
 def branch_compute() -> str:
@@ -94,7 +98,37 @@ def set_branch_compute(name: str) -> None:
 
     if name not in BRANCH_COMPUTE:
         raise ConfigError(f"branch compute must be one of {BRANCH_COMPUTE}, got {name!r}")
-    _STATE.branch_compute = name
+    _set("branch_compute", name)
+
+
+def _set(setting: str, value: str) -> None:
+    """Set ``setting`` now: in the innermost open block of it (restored when that block ends), else outside."""
+    with _BLOCKS_LOCK:
+        open_blocks = [entry for entry in _BLOCKS if entry[0] == setting]
+        if open_blocks:
+            open_blocks[-1][1] = value
+        setattr(_STATE, setting, value)
+
+
+@contextlib.contextmanager
+def _block(setting: str, value: str) -> Iterator[None]:
+    """Hold ``setting`` at ``value`` for the block (``value`` checked by the caller). Blocks of several threads
+    need not nest: one that ends gives the setting to the newest block still open, and the last one to end
+    restores the value from before the first (restoring the value each saw on entry left, when two threads'
+    blocks ended in the order they began, the first block's value in force for good)."""
+    entry = [setting, value]
+    with _BLOCKS_LOCK:
+        if not any(held[0] == setting for held in _BLOCKS):
+            _OUTSIDE[setting] = getattr(_STATE, setting)
+        _BLOCKS.append(entry)
+        setattr(_STATE, setting, value)
+    try:
+        yield
+    finally:
+        with _BLOCKS_LOCK:
+            del _BLOCKS[next(k for k, held in enumerate(_BLOCKS) if held is entry)]
+            still = [held[1] for held in _BLOCKS if held[0] == setting]
+            setattr(_STATE, setting, still[-1] if still else _OUTSIDE.pop(setting))
 
 
 @contextlib.contextmanager
@@ -104,23 +138,24 @@ def with_branch_compute(name: str) -> Iterator[None]:
     Raises:
         ConfigError: ``name`` is not one of :data:`BRANCH_COMPUTE`.
     """
-    previous = branch_compute()
-    set_branch_compute(name)
-    try:
+    if name not in BRANCH_COMPUTE:
+        set_branch_compute(name)  # raises
+    with _block("branch_compute", name):
         yield
-    finally:
-        _STATE.branch_compute = previous
 
 
 @contextlib.contextmanager
 def mode(name: str) -> Iterator[None]:
-    """Run the block in kernel mode ``name``, then restore the previous mode."""
-    previous = get_mode()
-    set_mode(name)
-    try:
+    """Run the block in kernel mode ``name``, then restore the previous mode (the process's setting: blocks of
+    several threads at once need not nest, :func:`_block`).
+
+    Raises:
+        ConfigError: ``name`` is not one of :data:`MODES`.
+    """
+    if name not in MODES:
+        set_mode(name)  # raises
+    with _block("mode", name):
         yield
-    finally:
-        _STATE.mode = previous
 
 
 @torch.compiler.disable
