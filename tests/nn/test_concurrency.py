@@ -299,3 +299,59 @@ def test_loading_an_adapter_with_a_module_trained_in_full_is_atomic_with_respect
     lm.load_adapter(tmp_path / "x" / "x", "x")
     assert seen and all(got is None or torch.equal(got, want) for got in seen), "a forward saw half an adapter"
     assert seen[-1] is not None
+
+
+def test_disable_adapter_held_across_an_await_disables_only_its_own_task(tmp_path, input_ids):
+    """The block's state is a context variable: per asyncio task, so a coroutine of the same thread that runs while
+    the block is suspended at an ``await`` gets its adapters; the block's own calls after the ``await`` the base."""
+    import asyncio
+
+    lm = model_with_adapters(tmp_path)
+    want_adapter = logits(lm, input_ids)
+    with lm.disable_adapter():
+        want_base = logits(lm, input_ids)
+    got = {}
+
+    async def main() -> None:
+        entered, other_done = asyncio.Event(), asyncio.Event()
+
+        async def disabled() -> None:
+            with lm.disable_adapter():
+                entered.set()
+                await other_done.wait()
+                got["disabled"] = logits(lm, input_ids)
+
+        async def other() -> None:
+            await entered.wait()
+            got["other"] = logits(lm, input_ids)
+            got["other_rows"] = logits(lm, input_ids, adapter_names=["a"] * 3)
+            other_done.set()
+
+        await asyncio.wait_for(asyncio.gather(disabled(), other()), 60)
+
+    asyncio.run(main())
+    assert torch.equal(got["disabled"], want_base)
+    assert torch.equal(got["other"], want_adapter) and torch.equal(got["other_rows"], want_adapter)
+
+
+def test_another_threads_call_waits_for_a_disable_adapter_block_unless_it_runs_in_the_blocks_context(
+    tmp_path, input_ids
+):
+    """A worker thread (a pool's, generate's with a streamer) does not inherit the block: its call wants the
+    adapters and waits until the block ends (waiting for it inside the block would never end); run in the block's
+    context (``contextvars.copy_context().run``, ``asyncio.to_thread``) it is part of the block and runs the base."""
+    import concurrent.futures
+    import contextvars
+
+    lm = model_with_adapters(tmp_path)
+    want_adapter = logits(lm, input_ids)
+    with lm.disable_adapter():
+        want_base = logits(lm, input_ids)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        with lm.disable_adapter():
+            inside = pool.submit(contextvars.copy_context().run, logits, lm, input_ids).result(timeout=60)
+            waiting = pool.submit(logits, lm, input_ids)
+            with pytest.raises(concurrent.futures.TimeoutError):
+                waiting.result(timeout=0.5)  # (it cannot run before the block ends: no race)
+        assert torch.equal(inside, want_base)
+        assert torch.equal(waiting.result(timeout=60), want_adapter)

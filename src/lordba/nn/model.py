@@ -11,7 +11,8 @@ forward and generate calls hold the model's lock shared; every method that chang
 (add, load, load_adapter_state, hot-swap, set, delete, merge, unmerge, merge_and_unload, unload,
 pack, set_trainable, freeze_signs, unpack_to_latent) holds it exclusively and checks its arguments
 under it, so it is atomic with respect to forwards and to each other. Saving and ``adapter_state``
-hold it shared. Routing (``adapter_names``) and ``disable_adapter`` are per thread. Not
+hold it shared. Routing (``adapter_names``) and ``disable_adapter`` are per thread (per asyncio task;
+other threads' calls wait for a ``disable_adapter`` block to end: see its docstring). Not
 thread-safe: training (backward and optimizer steps) concurrently with anything else on the same
 model, and changing adapter tensors directly.
 """
@@ -244,8 +245,12 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Mo
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Within the block (in this thread), the model runs as its base alone. Calls of other
-        threads that want adapters wait until the block ends (the layers hold one routing at a time)."""
+        """Within the block (in this thread; with asyncio, in this task: a context variable), the model runs as its
+        base alone. Calls of other threads that want adapters wait until the block ends (the layers hold one
+        routing at a time). A thread started or handed work inside the block (a thread pool's, ``generate`` with
+        a streamer on a ``threading.Thread``) does not inherit it: its calls want the adapters and wait, so
+        waiting for them inside the block never ends; run them in the block's context
+        (``contextvars.copy_context().run``, ``asyncio.to_thread``) to have them run the base."""
         if any(layer.merged for _, layer in self._lordba_layers()):
             raise AdapterStateError("adapters are merged into the base: unmerge_adapter() before disabling them")
         disabled = routing(None, True, None)
