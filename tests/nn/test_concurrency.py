@@ -355,3 +355,27 @@ def test_another_threads_call_waits_for_a_disable_adapter_block_unless_it_runs_i
                 waiting.result(timeout=0.5)  # (it cannot run before the block ends: no race)
         assert torch.equal(inside, want_base)
         assert torch.equal(waiting.result(timeout=60), want_adapter)
+
+
+def test_a_call_in_a_disable_adapter_blocks_context_joins_it_while_another_routing_waits(tmp_path, input_ids):
+    """The block's own calls from a worker thread (run in its context) join the block even when another thread's
+    call waits for the block to end: the waiting call could not go before the block ends anyway, and the block
+    may wait for the worker (it waited behind the other call, which waited for the block: a deadlock)."""
+    import concurrent.futures
+    import contextvars
+    import time
+
+    lm = model_with_adapters(tmp_path)
+    want_adapter = logits(lm, input_ids)
+    with lm.disable_adapter():
+        want_base = logits(lm, input_ids)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        with lm.disable_adapter():
+            other = pool.submit(logits, lm, input_ids)  # wants the adapters: waits for the block
+            deadline = time.monotonic() + 30
+            while not lm._gate._queue and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert lm._gate._queue, "the other call should be waiting"
+            inside = pool.submit(contextvars.copy_context().run, logits, lm, input_ids).result(timeout=20)
+        assert torch.equal(inside, want_base)
+        assert torch.equal(other.result(timeout=60), want_adapter)

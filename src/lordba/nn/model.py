@@ -256,7 +256,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Mo
         disabled = routing(None, True, None)
         token = ROUTING.set(disabled)
         try:
-            with self._gate.enter(disabled):
+            with self._gate.enter(disabled, block=True):
                 yield
         finally:
             ROUTING.reset(token)

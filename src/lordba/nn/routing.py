@@ -11,9 +11,10 @@ break. (A ``contextvars.ContextVar``, used before, cannot be traced: dynamo brea
 Calls with the same routing run concurrently; a call whose routing differs from the calls in
 flight waits for them to finish (the gate holds one routing at a time; ``disable_adapter`` holds
 it for its block), and while it waits later calls queue behind it (first come, first served by
-routing: overlapping calls of one routing never starve another). A layer called outside a model
-call (its base model called directly) follows its own attributes; a standalone layer has a gate of
-its own. :data:`ROUTING` carries a thread's ``disable_adapter`` state into the model calls of its
+routing: overlapping calls of one routing never starve another; a call joining an open ``disable_adapter`` block,
+e.g. from a worker thread run in its context, goes first: the block holds the gate until it ends anyway). A layer
+called outside a model call (its base model called directly) follows its own attributes; a standalone layer has a
+gate of its own. :data:`ROUTING` carries a thread's ``disable_adapter`` state into the model calls of its
 block (the model reads it, layers do not).
 """
 
@@ -74,6 +75,7 @@ class RoutingGate:
         self._holders: dict[int, int] = {}  # thread id -> nesting depth
         self._switches = 0  # nested calls of the only thread inside that changed the routing
         self._queue: list[list[Routing]] = []  # waiting threads' routings, oldest first (one list per thread)
+        self._blocks = 0  # open blocks (``disable_adapter``) among the holders: they hold the routing for their block
 
     def __deepcopy__(self, memo: dict) -> RoutingGate:
         return RoutingGate()
@@ -88,7 +90,11 @@ class RoutingGate:
     def _may_enter(self, value: Routing, ahead: int) -> bool:
         """Whether a call with ``value`` may run now, the first ``ahead`` queued threads waiting before it: none
         of those waits for another routing (they go first), and the model is free or runs ``value`` (joined
-        unless a nested switch is in force). Called with the condition held."""
+        unless a nested switch is in force). A call joins an open block's routing before any queued call: those
+        cannot go before the block ends, and the block may be waiting for this call (a worker thread run in its
+        context). Called with the condition held."""
+        if self._blocks and self._holders and self.routing == value and not self._switches:
+            return True
         if any(self._queue[k][0] != value for k in range(ahead)):
             return False
         return not self._holders or (self.routing == value and not self._switches)
@@ -111,8 +117,9 @@ class RoutingGate:
             self._cond.notify_all()  # the threads behind it may go now (its routing joins, or it left)
 
     @contextlib.contextmanager
-    def enter(self, value: Routing) -> Iterator[None]:
-        """Publish ``value`` for the block; wait while other threads run calls with another routing.
+    def enter(self, value: Routing, block: bool = False) -> Iterator[None]:
+        """Publish ``value`` for the block; wait while other threads run calls with another routing. ``block``: a
+        block of user code holds it (``disable_adapter``), not one model call (:meth:`_may_enter`).
 
         Raises:
             AdapterStateError: a call nested in a call of the same thread asks for another routing
@@ -134,11 +141,13 @@ class RoutingGate:
             self._switches += switched
             self.routing = value
             self._holders[me] = self._holders.get(me, 0) + 1
+            self._blocks += block
         try:
             yield
         finally:
             with self._cond:
                 depth = self._holders.pop(me) - 1
+                self._blocks -= block
                 if depth:
                     self._holders[me] = depth
                 if switched:
