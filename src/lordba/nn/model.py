@@ -40,9 +40,10 @@ from lordba.nn.fastpath import armed
 from lordba.nn.hub import refuse_base_attribute
 from lordba.nn.layer import LoRDBALinear, adapter_device
 from lordba.nn.lock import RWLock
-from lordba.nn.merge import merge_layers, merge_names, name_list
+from lordba.nn.merge import name_list
 from lordba.nn.model_files import AdapterFilesMixin
 from lordba.nn.model_forms import AdapterFormsMixin
+from lordba.nn.model_merge import MergeMixin
 from lordba.nn.model_peft import PeftFeaturesMixin
 from lordba.nn.routing import BASE_ROW, ROUTING, RoutingGate, routing
 from lordba.nn.structure import resolve
@@ -70,7 +71,7 @@ def _with_adapter_names(signature: inspect.Signature) -> inspect.Signature:
     return signature.replace(parameters=[*rest, extra, *var_kw])
 
 
-class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Module):
+class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, MergeMixin, nn.Module):
     """A model with LoRDBA adapters. Build it with :func:`get_lordba_model` or :meth:`from_pretrained`."""
 
     # adapters attached: transformers' Trainer refuses a quantized base (is_quantized, read through) without them
@@ -330,59 +331,6 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, nn.Mo
         kwargs = gradient_checkpointing_kwargs or {}
         if kwargs.get("use_reentrant", True) and hasattr(self.base_model, "enable_input_require_grads"):
             self.base_model.enable_input_require_grads()
-
-    # ------------------------------------------------------------------ merge
-    def merge_adapter(self, adapter_names: str | Sequence[str] | None = None, safe_merge: bool = False) -> None:
-        """Add the (default: active) adapters into the base weights; forwards then skip them.
-
-        Merging into a quantized base requantizes it: a :class:`~lordba.nn.merge.MergeRequantizationWarning`
-        names the error. ``safe_merge`` checks the merged weights for NaN/Inf first (PEFT's option).
-
-        Raises:
-            AdapterStateError: an unknown adapter name, a weight offloaded or tied to another module's
-                (:func:`~lordba.nn.merge.merge_layers`), or ``safe_merge`` found non-finite ones (nothing stays merged).
-        """
-        with self._lock.write():
-            names = merge_names(adapter_names, self._active, self.peft_config)
-            merge_layers(self._lordba_layers(), names, safe_merge, self.base_model)
-
-    def unmerge_adapter(self) -> None:
-        """Take merged adapters out of the base weights again."""
-        with self._lock.write():
-            for _, layer in self._lordba_layers():
-                layer.unmerge()
-
-    def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: str | Sequence[str] | None = None
-    ) -> nn.Module:
-        """Merge the (default: active) adapters into the base and return the plain base model
-        (PEFT's signature; ``progressbar`` is accepted and ignored: merging is fast).
-
-        Raises:
-            AdapterStateError: an unknown adapter name, a weight offloaded or tied to another module's
-                (:func:`~lordba.nn.merge.merge_layers`), or ``safe_merge`` found non-finite ones (model unchanged).
-        """
-        with self._lock.write():
-            layers = self._lordba_layers()
-            names = merge_names(adapter_names, self._active, self.peft_config)
-            merge_layers(layers, names, safe_merge, self.base_model)
-            for path, layer in layers:
-                replace_submodule(self.base_model, path, layer.base_layer)
-            self._unwrap_saved(merge=True)  # modules trained in full: the active adapter's copy
-            self.peft_config.clear()
-            self._active = ()
-        return self.base_model
-
-    def unload(self) -> nn.Module:
-        """Remove every adapter without merging (merged ones are taken out) and return the base."""
-        with self._lock.write():
-            for path, layer in self._lordba_layers():
-                layer.unmerge()
-                replace_submodule(self.base_model, path, layer.base_layer)
-            self._unwrap_saved(merge=False)  # modules trained in full: the originals
-            self.peft_config.clear()
-            self._active = ()
-        return self.base_model
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -1,0 +1,69 @@
+"""Merging a :class:`~lordba.nn.model.LoRDBAModel`'s adapters into its base and taking them out (a mixin of the
+model): ``merge_adapter``, ``unmerge_adapter``, ``merge_and_unload``, ``unload``. Each holds the model's lock
+exclusively (the model's thread-safety contract); the arithmetic is :mod:`lordba.nn.merge`'s."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from lordba._util.modules import replace_submodule
+from lordba.nn.merge import merge_layers, merge_names
+
+
+class MergeMixin:
+    """The merge methods of :class:`~lordba.nn.model.LoRDBAModel` (which provides ``_lock``, ``_active``,
+    ``peft_config``, ``base_model``, ``_lordba_layers`` and ``_unwrap_saved``)."""
+
+    def merge_adapter(self, adapter_names: str | Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the (default: active) adapters into the base weights; forwards then skip them.
+
+        Merging into a quantized base requantizes it: a :class:`~lordba.nn.merge.MergeRequantizationWarning`
+        names the error. ``safe_merge`` checks the merged weights for NaN/Inf first (PEFT's option).
+
+        Raises:
+            AdapterStateError: an unknown adapter name, a weight offloaded or tied to another module's
+                (:func:`~lordba.nn.merge.merge_layers`), or ``safe_merge`` found non-finite ones (nothing stays merged).
+        """
+        with self._lock.write():
+            names = merge_names(adapter_names, self._active, self.peft_config)
+            merge_layers(self._lordba_layers(), names, safe_merge, self.base_model)
+
+    def unmerge_adapter(self) -> None:
+        """Take merged adapters out of the base weights again."""
+        with self._lock.write():
+            for _, layer in self._lordba_layers():
+                layer.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: str | Sequence[str] | None = None
+    ) -> nn.Module:
+        """Merge the (default: active) adapters into the base and return the plain base model
+        (PEFT's signature; ``progressbar`` is accepted and ignored: merging is fast).
+
+        Raises:
+            AdapterStateError: an unknown adapter name, a weight offloaded or tied to another module's
+                (:func:`~lordba.nn.merge.merge_layers`), or ``safe_merge`` found non-finite ones (model unchanged).
+        """
+        with self._lock.write():
+            layers = self._lordba_layers()
+            names = merge_names(adapter_names, self._active, self.peft_config)
+            merge_layers(layers, names, safe_merge, self.base_model)
+            for path, layer in layers:
+                replace_submodule(self.base_model, path, layer.base_layer)
+            self._unwrap_saved(merge=True)  # modules trained in full: the active adapter's copy
+            self.peft_config.clear()
+            self._active = ()
+        return self.base_model
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging (merged ones are taken out) and return the base."""
+        with self._lock.write():
+            for path, layer in self._lordba_layers():
+                layer.unmerge()
+                replace_submodule(self.base_model, path, layer.base_layer)
+            self._unwrap_saved(merge=False)  # modules trained in full: the originals
+            self.peft_config.clear()
+            self._active = ()
+        return self.base_model
