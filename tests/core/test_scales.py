@@ -164,3 +164,18 @@ def test_code_formats_encode_extreme_scales_without_overflow(name):
     assert ((decoded.double() - exact).norm() / exact.norm()) < 0.1
     for x, y in zip(codec.fake_quant(b, m, a), codec.decode(*stored)):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_float_formats_pass_the_float32_gradient_straight_through(name):
+    """The cast to the stored dtype is the forward's rounding only: the gradient reaching the float32
+    parameters is the float32 one (a cast's own backward rounded it to the stored dtype: float16
+    flushed gradients below ~6e-8 to zero and made those above 65504 infinite; bfloat16 kept 8 bits)."""
+    codec = get_codec(name)
+    b, m, a = (torch.tensor([0.3, -1.0, 0.55], requires_grad=True) for _ in range(3))
+    weights = torch.tensor([1e-9, 1.0 + 2**-20, 1e5])
+    for v in codec.fake_quant(b, m, a):
+        (v * weights).sum().backward()
+    for p in (b, m, a):
+        assert p.grad.dtype == torch.float32
+        assert torch.equal(p.grad, weights)

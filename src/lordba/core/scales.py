@@ -67,6 +67,23 @@ class _RoundSTE(torch.autograd.Function):
         return grad
 
 
+class _CastSTE(torch.autograd.Function):
+    """``x`` rounded to ``dtype`` and back to float32 in the forward, identity in the backward (a cast's own
+    backward would round the gradient to ``dtype`` too: float16 flushes small ones to zero, overflows large ones)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return x.to(dtype).float()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        return grad, None
+
+
 @dataclass(frozen=True)
 class ScaleCodec:
     """How one adapter's scale vectors are stored; see the module docstring."""
@@ -105,12 +122,15 @@ class ScaleCodec:
     def fake_quant(
         self, b: torch.Tensor, m: torch.Tensor, a: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Differentiable ``decode(encode(b, m, a))`` in float32 (rounding passes gradients straight through)."""
+        """Differentiable ``decode(encode(b, m, a))`` in float32 (rounding, to codes or to a float16 / bfloat16
+        value, passes gradients straight through, in float32)."""
         if self.name in CODE_DTYPES:
             code_b, mid, code_a = self._int8_parts(b.float(), m.float(), a.float(), self._rounding(True))
             return code_b / _INT8_MAX, mid, code_a / _INT8_MAX
         dt = DTYPES[self.name]
-        return tuple(v.to(dt).float() for v in (b, m, a))  # type: ignore[return-value]
+        if dt == torch.float32:
+            return b.float(), m.float(), a.float()
+        return tuple(_CastSTE.apply(v, dt) for v in (b, m, a))  # type: ignore[return-value]
 
     @torch.no_grad()
     def encode(
