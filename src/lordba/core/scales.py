@@ -2,7 +2,8 @@
 
 The forward pass always uses ``decode(encode(params))`` (with a straight-through estimator for
 rounding), so the model that trains is exactly the model that is stored: save → load reproduces
-the logits bit for bit, whatever the format.
+the logits bit for bit, whatever the format (on a q4 base with ``compute="fast"``, prompts of the
+training form compute the branch outside the base's bfloat16 GEMM: docs/kernels.md, "Equality of the two forms").
 
 Formats (``scale_dtype``):
 
