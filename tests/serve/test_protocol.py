@@ -38,3 +38,53 @@ def test_a_completion_without_logprobs_is_served():
     CompletionRequest(model="a", prompt="x", logprobs=False).check_supported()
     CompletionRequest(model="a", prompt="x").check_supported()
     CompletionRequest(model="a", prompt="x", logprobs=None).check_supported()
+
+
+@pytest.mark.parametrize("request_type", [CompletionRequest, ChatRequest])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"presence_penalty": 1.5},
+        {"frequency_penalty": -0.5},
+        {"logit_bias": {"50256": -100}},
+        {"top_k": 40},
+        {"min_p": 0.1},
+        {"repetition_penalty": 1.2},
+        {"min_tokens": 5},
+    ],
+)
+def test_sampling_fields_that_are_not_implemented_are_refused_not_ignored(request_type, fields):
+    """``presence_penalty``, ``frequency_penalty``, ``logit_bias`` (OpenAI) and vLLM's ``top_k``, ``min_p``,
+    ``repetition_penalty``, ``min_tokens`` were unknown extra fields, dropped: the request was served as if it
+    had asked for none of them (a penalty or a top-k cut that never happened), with no error."""
+    body = {"model": "a", "prompt": "x"} if request_type is CompletionRequest else CHAT
+    with pytest.raises(BadRequestError) as err:
+        request_type(**body, **fields).check_supported()
+    assert err.value.param == next(iter(fields))
+
+
+@pytest.mark.parametrize("request_type", [CompletionRequest, ChatRequest])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"presence_penalty": 0},
+        {"frequency_penalty": 0.0},
+        {"logit_bias": {}},
+        {"top_k": -1},
+        {"top_k": 0},
+        {"min_p": 0},
+        {"repetition_penalty": 1},
+        {"min_tokens": 0},
+        {"presence_penalty": None, "top_k": None, "logit_bias": None},
+    ],
+)
+def test_sampling_fields_at_their_neutral_values_are_served(request_type, fields):
+    body = {"model": "a", "prompt": "x"} if request_type is CompletionRequest else CHAT
+    request_type(**body, **fields).check_supported()
+
+
+def test_a_completion_suffix_is_refused_not_ignored():
+    with pytest.raises(BadRequestError) as err:
+        CompletionRequest(model="a", prompt="x", suffix="END").check_supported()
+    assert err.value.param == "suffix"
+    CompletionRequest(model="a", prompt="x", suffix="").check_supported()

@@ -1,7 +1,8 @@
 """The OpenAI-compatible request bodies (pydantic) and response objects of the server.
 
-Fields the server does not implement are refused (``n`` > 1, ``logprobs``, ``echo``, ``best_of``)
-rather than silently ignored; unknown extra fields are ignored, as OpenAI-compatible servers do, and a
+Fields the server does not implement are refused (``n`` > 1, ``logprobs``, ``echo``, ``best_of``, the
+penalties, ``logit_bias``, vLLM's ``top_k``/``min_p``/``repetition_penalty``/``min_tokens``, a completion's
+``suffix``) rather than silently ignored; unknown extra fields are ignored, as OpenAI-compatible servers do, and a
 field sent as ``null`` takes its default.
 """
 
@@ -29,6 +30,18 @@ class _Body(BaseModel):
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
+# sampling fields the server does not implement, each with the values that ask for nothing (vLLM's top_k: -1 or 0)
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "logit_bias": ({},),
+    "top_k": (-1, 0),
+    "min_p": (0,),
+    "repetition_penalty": (1,),
+    "min_tokens": (0,),
+}
+
+
 class StreamOptions(_Body):
     """``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
 
@@ -47,6 +60,14 @@ class _Sampling(_Body):
     n: int = 1
     logprobs: Any = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever comes (benchmarks)
+    # not implemented: refused unless neutral (:data:`_NEUTRAL`), never ignored
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
 
     @field_validator("stop")
     @classmethod
@@ -62,6 +83,10 @@ class _Sampling(_Body):
             raise BadRequestError("only n=1 is supported", param="n")
         if self.logprobs is not None and not self._logprobs_off(self.logprobs):
             raise BadRequestError("logprobs are not supported", param="logprobs")
+        for name, neutral in _NEUTRAL.items():
+            value = getattr(self, name)
+            if value is not None and value not in neutral:
+                raise BadRequestError(f"{name} is not supported (only {neutral[0]!r})", param=name)
 
     @staticmethod
     def _logprobs_off(value: Any) -> bool:
@@ -81,6 +106,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
     best_of: int | None = None
+    suffix: str | None = None
 
     @staticmethod
     def _logprobs_off(value: Any) -> bool:
@@ -94,6 +120,8 @@ class CompletionRequest(_Sampling):
             raise BadRequestError("echo is not supported", param="echo")
         if self.best_of not in (None, 1):
             raise BadRequestError("best_of is not supported", param="best_of")
+        if self.suffix:
+            raise BadRequestError("suffix is not supported", param="suffix")
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt (a batch of several is refused: send one request each)."""
