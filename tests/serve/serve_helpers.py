@@ -37,6 +37,18 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+def sentencepiece_like_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny model's vocabulary as word pieces ``▁<char>`` decoded as Llama 2's and Mistral's tokenizers
+    decode: ``▁`` is a space and the one leading space where decoding starts is stripped (no encoder needed:
+    the tests give ids)."""
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {t: i for i, t in enumerate(SPECIAL + ["\u2581" + c for c in CHARS])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
 def tiny_model(seed: int = 0, context: int = 256) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -16,7 +16,7 @@ from lordba.serve.engine import Engine, Event, Request
 from lordba.serve.errors import UnavailableError
 from lordba.serve.sampling import SamplingParams
 
-from .serve_helpers import char_tokenizer, make_served, reference
+from .serve_helpers import char_tokenizer, make_served, reference, sentencepiece_like_tokenizer
 
 BASE = "__base__"
 
@@ -84,14 +84,15 @@ class Collector:
         return self.events[-1]
 
 
-def run_engine(lm, requests: list[tuple[list[int], str, SamplingParams]]) -> list[Collector]:
-    engine = Engine(lm, char_tokenizer(), max_batch=4)
+def run_engine(lm, requests: list[tuple[list[int], str, SamplingParams]], tokenizer=None) -> list[Collector]:
+    engine = Engine(lm, tokenizer or char_tokenizer(), max_batch=4)
     engine.start()
     try:
         out = []
         for prompt, adapter, params in requests:
             c = Collector()
-            engine.submit(Request(prompt, adapter, params, c.sink, c.on_done))
+            c.request = Request(prompt, adapter, params, c.sink, c.on_done)
+            engine.submit(c.request)
             out.append(c)
         for c in out:
             assert c.done.wait(30)
@@ -228,3 +229,17 @@ def test_a_row_whose_sampling_fails_ends_alone_and_its_neighbours_go_on(lm, serv
     want = reference(model_dir, adapters / "a", p_good, 8)
     assert good.last.finish_reason == "length" and good.released == 1
     assert good.last.text == char_tokenizer().decode(want, skip_special_tokens=True)
+
+
+def test_the_text_is_what_the_tokens_add_after_the_prompt_with_a_sentencepiece_tokenizer(lm):
+    """A tokenizer that strips the leading space where decoding starts (Llama 2, Mistral; here every token is
+    a word piece ``▁<char>``): the generated ids were decoded alone, so the completion lost its first space and
+    prompt + completion read as one word."""
+    tok = sentencepiece_like_tokenizer()
+    ps = prompts(5, 3)
+    results = run_engine(lm, [(p, "a", SamplingParams(6, temperature=0.0, ignore_eos=True)) for p in ps], tok)
+    for p, c in zip(ps, results):
+        after = len(tok.decode(p, skip_special_tokens=True))
+        generated = tok.decode(p + c.request.generated, skip_special_tokens=True)[after:]
+        assert c.last.text == generated and c.last.text.startswith(" ")
+        assert "".join(e.delta for e in c.events) == c.last.text

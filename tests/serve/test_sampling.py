@@ -8,6 +8,8 @@ import torch
 from lordba.errors import ConfigError
 from lordba.serve.sampling import IncrementalDecoder, SamplingParams, TextAssembler, sample
 
+from .serve_helpers import sentencepiece_like_tokenizer
+
 LOGITS = torch.tensor([0.5, 3.0, 2.9, -1.0, 0.0])
 
 
@@ -117,3 +119,31 @@ def test_incremental_decoding_equals_decoding_everything():
             full = tok.decode(ids[:n], skip_special_tokens=True)
             if not full.endswith("\ufffd"):
                 assert text == full, (ids[:n], text, full)
+
+
+def test_a_completion_keeps_the_leading_space_a_sentencepiece_tokenizer_strips_where_decoding_starts():
+    """Llama 2's and Mistral's tokenizers strip the one leading space where decoding starts: the generated ids
+    were decoded alone, so a completion whose first token is ``▁world`` after the prompt ``Hello`` read ``world``
+    (prompt + completion: ``Helloworld``), where decoding the prompt and the completion together gives
+    ``Hello world``. With the prompt as context the text is what the new tokens add after it."""
+    tok = sentencepiece_like_tokenizer()
+    prompt = [1, *tok.convert_tokens_to_ids(["\u2581H", "\u2581i"])]
+    generated = tok.convert_tokens_to_ids(["\u2581a", "\u2581b", "</s>", "\u2581c"])
+    after = len(tok.decode(prompt, skip_special_tokens=True))
+    decoder = IncrementalDecoder(tok, prompt)
+    for n in range(1, len(generated) + 1):
+        want = tok.decode(prompt + generated[:n], skip_special_tokens=True)[after:]
+        assert decoder.update(generated[:n]) == want == " a b c"[: len(want)]
+    assert IncrementalDecoder(tok).update(generated) == "a b c"  # no context: decode(generated) (lordba generate)
+
+
+def test_a_prompt_ending_inside_a_character_is_no_context_for_the_completion():
+    tok = byte_level_tokenizer()
+    ids = tok("日本語 café")["input_ids"]
+    cut = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))
+    decoder = IncrementalDecoder(tok, ids[:cut])
+    for n in range(1, len(ids) - cut + 1):
+        text = decoder.update(ids[cut : cut + n])
+        full = tok.decode(ids[cut : cut + n])
+        if not full.endswith("\ufffd"):
+            assert text == full

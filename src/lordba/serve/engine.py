@@ -131,7 +131,7 @@ class Engine:
 
         Raises:
             UnavailableError: the server is shutting down, or the engine stopped (:attr:`failure`)."""
-        request.decoder = IncrementalDecoder(self.tokenizer)
+        request.decoder = IncrementalDecoder(self.tokenizer, request.prompt)  # the text after the prompt
         with self._cond:
             if self.failure is not None:
                 raise UnavailableError(

@@ -20,6 +20,7 @@ def valid_stops(stops: Sequence[object]) -> bool:
     return len(stops) <= MAX_STOPS and all(isinstance(s, str) and s for s in stops)
 
 
+CONTEXT_TOKENS = 6  # prompt ids an IncrementalDecoder decodes the first new tokens after (vLLM: 5)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
@@ -132,23 +133,38 @@ class IncrementalDecoder:
     ``decode(ids[prefix:read])``, both decoded from the same ``prefix`` so that tokenizers whose
     pieces depend on their neighbours (SentencePiece's leading spaces) agree with decoding
     everything; the window moves on once the new text is complete (no trailing incomplete
-    character). Special tokens are skipped.
+    character). Special tokens are skipped. ``context``: the ids before the first one (the prompt's
+    last :data:`CONTEXT_TOKENS` are kept), decoded with it and not part of the text, so that the first
+    token's text is what it adds after the prompt: a SentencePiece tokenizer (Llama 2, Mistral) strips
+    the leading space where decoding starts, which would take the space of a completion's first word.
+    A context whose text ends inside a character is not used.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, context: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
-        self.prefix = self.read = 0
+        self.context = list(context)[-CONTEXT_TOKENS:] if CONTEXT_TOKENS else []
+        self.prefix = 0
+        self.read = len(self.context)  # (decoded at the first update: on the thread that decodes)
         self.text = ""
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def _window(self, ids: Sequence[int], start: int, end: int | None = None) -> list[int]:
+        """``(context + ids)[start:end]``."""
+        n = len(self.context)
+        if start >= n:
+            return list(ids[start - n : None if end is None else end - n])
+        return self.context[start:end] + list(ids[: None if end is None else max(end - n, 0)])
+
     def update(self, ids: Sequence[int]) -> str:
         """The text of ``ids`` (the same list as before, with tokens appended)."""
-        before = self._decode(ids[self.prefix : self.read])
-        now = self._decode(ids[self.prefix :])
+        before = self._decode(self._window(ids, self.prefix, self.read))
+        if self.prefix < len(self.context) and before.endswith("\ufffd"):  # the prompt ends inside a character
+            self.context, self.read, before = [], 0, ""
+        now = self._decode(self._window(ids, self.prefix))
         if len(now) > len(before) and not now.endswith("\ufffd"):
             self.text += now[len(before) :]
-            self.prefix, self.read = self.read, len(ids)
+            self.prefix, self.read = self.read, len(self.context) + len(ids)
             return self.text
         return self.text + now[len(before) :] if now.startswith(before) else self.text
