@@ -147,3 +147,35 @@ def test_a_prompt_ending_inside_a_character_is_no_context_for_the_completion():
         full = tok.decode(ids[cut : cut + n])
         if not full.endswith("\ufffd"):
             assert text == full
+
+
+def byte_fallback_tokenizer():
+    """Llama 2's and Mistral's decoding: word pieces ``▁...`` and byte tokens ``<0xNN>`` for what has no piece;
+    the bytes of an incomplete character decode to one U+FFFD each."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["\u2581Hello", "\u2581world", "\u2581"]:
+        vocab[piece] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_stream_of_byte_tokens_shows_each_character_once_it_is_whole():
+    """Byte-fallback tokens decode each byte of an incomplete character to its own U+FFFD: a stream held back
+    only the last one, so the first went out and the character, once whole, was never shown
+    ("Hello \ufffd🙂 world" streamed for "Hello 日🙂 world")."""
+    tok = byte_fallback_tokenizer()
+    pieces = ["\u2581Hello", "\u2581", *[f"<0x{b:02X}>" for b in "日🙂".encode()], "\u2581world"]
+    pieces += [f"<0x{b:02X}>" for b in "é!".encode()]
+    ids = tok.convert_tokens_to_ids(pieces)
+    decoder, text, shown = IncrementalDecoder(tok, [1]), TextAssembler(("STOP",)), ""
+    for n in range(1, len(ids) + 1):
+        text.update(decoder.update(ids[:n]))
+        shown += text.take_delta()
+    shown += text.take_delta(final=True)
+    assert shown == text.text == tok.decode(ids) == "Hello 日🙂 worldé!"

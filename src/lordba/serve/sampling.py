@@ -92,7 +92,7 @@ class TextAssembler:
 
     ``update`` decodes all generated ids (a tokenizer may merge pieces across tokens) and reports
     whether a stop string appeared; ``take_delta`` gives the text a stream may show now: it holds
-    back a trailing incomplete character and any tail that could still become a stop string.
+    back a trailing incomplete character (its U+FFFDs) and any tail that could still become a stop string.
     """
 
     stops: Sequence[str] = ()
@@ -113,8 +113,9 @@ class TextAssembler:
         """The text not yet shown that is safe to show (all of it when ``final``)."""
         end = len(self.text)
         if not final:
-            if self.text.endswith("\ufffd"):
-                end -= 1
+            # every trailing U+FFFD: byte-fallback tokens (Llama 2, Mistral) decode each byte of an incomplete
+            # character to one, and the character, once whole, replaces them all
+            end = len(self.text.rstrip("\ufffd"))
             hold = max((len(s) - 1 for s in self.stops), default=0)
             for k in range(min(hold, end), 0, -1):  # a tail that starts a stop string waits
                 tail = self.text[end - k : end]
