@@ -243,3 +243,32 @@ def test_the_text_is_what_the_tokens_add_after_the_prompt_with_a_sentencepiece_t
         generated = tok.decode(p + c.request.generated, skip_special_tokens=True)[after:]
         assert c.last.text == generated and c.last.text.startswith(" ")
         assert "".join(e.delta for e in c.events) == c.last.text
+
+
+def test_the_prompt_tokens_counted_are_those_of_prompts_that_ran(lm):
+    """``lordba_prompt_tokens_total`` counted every request's prompt when it ended, one aborted while it waited
+    for a slot too (a client that timed out in the queue of an overloaded server): prompt tokens the model never
+    processed, counted as served."""
+    from lordba.serve.metrics import ServeMetrics
+
+    metrics = ServeMetrics()
+    engine = Engine(lm, char_tokenizer(), max_batch=1, observer=metrics)
+    engine.start()
+    try:
+        running, waiting = Collector(), Collector()
+        first = Request(prompts(5)[0], "a", SamplingParams(250, temperature=0.0, ignore_eos=True), running.sink)
+        second = Request(prompts(7)[0], "b", SamplingParams(4, temperature=0.0), waiting.sink)
+        engine.submit(first)
+        engine.submit(second)
+        deadline = time.monotonic() + 30
+        while engine.load != (1, 1) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        engine.abort(second)
+        assert waiting.done.wait(30) and waiting.last.finish_reason == "abort"
+        engine.abort(first)
+        assert running.done.wait(30)
+    finally:
+        engine.shutdown()
+    assert metrics.prompt_tokens._value.get() == 5
+    assert metrics.generation_tokens._value.get() == len(first.generated)
+    assert metrics.finished_requests.labels("abort")._value.get() == 2

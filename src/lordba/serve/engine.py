@@ -68,6 +68,7 @@ class Request:
     last_token_at: float | None = None
     aborted: bool = False
     finished: bool = False
+    prefilled: bool = False  # its prompt went through a prefill forward (what the metrics count)
 
     def __post_init__(self) -> None:
         self.rng = None if self.params.greedy else self.params.generator()
@@ -222,6 +223,8 @@ class Engine:
 
     def _prefill(self, new: list[Request]) -> None:
         logits, batch = prefill(self.model, [r.prompt for r in new], [r.adapter for r in new], self.pad_id)
+        for req in new:
+            req.prefilled = True
         done = self._advance(new, logits)
         keep = [i for i, r in enumerate(new) if r not in done]
         part = batch.select(keep)
@@ -311,7 +314,9 @@ class Engine:
         finally:
             req.sink(event)
             if self.observer is not None:
-                self.observer.finished(reason, len(req.prompt), len(req.generated), time.monotonic() - req.arrival)
+                # a prompt never prefilled (aborted while it waited, a prefill that failed) ran no tokens
+                prompt_tokens = len(req.prompt) if req.prefilled else 0
+                self.observer.finished(reason, prompt_tokens, len(req.generated), time.monotonic() - req.arrival)
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:

@@ -62,7 +62,8 @@ class ServeMetrics:
         self.tpot.observe(seconds)
 
     def finished(self, reason: str, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
-        """A generation ended (``stop``, ``length``, ``abort``, ``error``)."""
+        """A generation ended (``stop``, ``length``, ``abort``, ``error``); ``prompt_tokens``: those its prefill ran
+        (0 for a request that never reached one)."""
         self.finished_requests.labels(reason).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
