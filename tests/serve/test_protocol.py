@@ -88,3 +88,33 @@ def test_a_completion_suffix_is_refused_not_ignored():
         CompletionRequest(model="a", prompt="x", suffix="END").check_supported()
     assert err.value.param == "suffix"
     CompletionRequest(model="a", prompt="x", suffix="").check_supported()
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"tools": [TOOL]},
+        {"tool_choice": "required"},
+        {"tool_choice": {"type": "function", "function": {"name": "f"}}},
+        {"functions": [TOOL["function"]]},
+        {"function_call": "auto"},
+        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+    ],
+)
+def test_tools_and_response_formats_are_refused_not_ignored(fields):
+    """Chat's tools / function calling and a JSON ``response_format`` were unknown extra fields, dropped: a client
+    asking for a tool call or JSON got free text (200) that it then failed to parse."""
+    with pytest.raises(BadRequestError) as err:
+        ChatRequest(**CHAT, **fields).check_supported()
+    assert err.value.param == next(iter(fields))
+
+
+@pytest.mark.parametrize(
+    "fields", [{"tools": []}, {"tool_choice": "none"}, {"response_format": {"type": "text"}}, {"tools": None}]
+)
+def test_tools_and_response_format_asking_for_nothing_are_served(fields):
+    ChatRequest(**CHAT, **fields).check_supported()

@@ -161,12 +161,29 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     top_logprobs: Any = None
+    # not implemented: refused unless absent or neutral, never ignored (a client asking for JSON or a tool call
+    # would get free text it then fails to parse)
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
 
     def check_supported(self) -> None:
-        """Refuse what the server does not implement (400), ``top_logprobs`` included (once an ignored field)."""
+        """Refuse what the server does not implement (400): ``top_logprobs`` (once an ignored field), tools and
+        function calling, and a ``response_format`` other than plain text."""
         super().check_supported()
         if self.top_logprobs is not None and not (type(self.top_logprobs) is int and self.top_logprobs == 0):
             raise BadRequestError("top_logprobs are not supported", param="top_logprobs")
+        for name in ("tools", "functions"):
+            if getattr(self, name):  # None and [] ask for nothing
+                raise BadRequestError(f"{name} (tool / function calling) are not supported", param=name)
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise BadRequestError(f"{name} is not supported (tool / function calling)", param=name)
+        fmt = self.response_format
+        if fmt is not None and fmt != {"type": "text"}:
+            raise BadRequestError("response_format is not supported (only {'type': 'text'})", param="response_format")
 
     def limit(self) -> int | None:
         """``max_completion_tokens`` (OpenAI's newer name) or ``max_tokens``."""
