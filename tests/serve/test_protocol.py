@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pydantic
 import pytest
 
 pytest.importorskip("pydantic")
@@ -118,3 +119,10 @@ def test_tools_and_response_formats_are_refused_not_ignored(fields):
 )
 def test_tools_and_response_format_asking_for_nothing_are_served(fields):
     ChatRequest(**CHAT, **fields).check_supported()
+
+
+@pytest.mark.parametrize("prompt", [[1, True, 3], [[True]], [1.5]])
+def test_a_token_id_prompt_takes_integers_only(prompt):
+    """A JSON ``true`` in a token-id prompt was read as token id 1 (pydantic's lax int)."""
+    with pytest.raises(pydantic.ValidationError):
+        CompletionRequest(model="a", prompt=prompt)

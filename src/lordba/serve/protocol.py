@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from lordba.serve.engine import Event
 from lordba.serve.errors import BadRequestError, ServeError
@@ -103,7 +103,7 @@ class _Sampling(_Body):
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``: ``prompt`` is a string or a list of token ids (one prompt)."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]  # strict: a JSON true is no token id
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
