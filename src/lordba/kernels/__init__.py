@@ -160,7 +160,9 @@ def packed_branch_rows(
         sign_max_tokens = [dispatch_limit(t[2].numel(), t[4].numel(), t[3].numel(), x.dtype) for t in tensors]
     name = _STATE.mode
     native = name in CPU_MODES and x.dtype in _NATIVE_DTYPES and base.dtype in _NATIVE_DTYPES
-    native = native and x.shape[0] > 0  # an empty batch: the op wants rows; the loop below gives the base
+    # no tokens (an empty batch, or rows of none): the base as it is, from the loop below (the op wants rows,
+    # and with rows of no tokens its sign path divided by zero: SIGFPE killed the process)
+    native = native and x.numel() > 0
     if (
         native
         and x.is_cpu

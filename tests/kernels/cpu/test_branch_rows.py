@@ -114,3 +114,34 @@ def test_the_op_has_a_fake_for_torch_compile():
         torch.randn(3, 48),
     )
     torch.library.opcheck(torch.ops.lordba.branch_rows.default, args, test_utils=("test_faketensor",))
+
+
+def test_rows_of_no_tokens_give_their_base():
+    """Rows that hold no tokens (``x`` of shape ``[B, 0, in]``, B > 0: a batch of empty prompts) give the base
+    as it is, in every mode: the compiled op divided by zero on its sign path (SIGFPE killed the process).
+    Run in a child process, so that a crash fails this test instead of ending the test run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import torch
+from lordba import kernels
+from lordba.core.packing import pack_signs
+g = torch.Generator().manual_seed(5)
+adapters = [(pack_signs(torch.randn(r, 37, generator=g)), pack_signs(torch.randn(21, r, generator=g)),
+             torch.rand(37, generator=g), torch.rand(r, generator=g), torch.randn(21, generator=g)) for r in (3, 17)]
+for mode in ("auto", "sign", "unpack", "torch", "dense"):
+    for index in ([0, 0, 0], [1, -1, 0], [-1, -1, -1]):
+        for dtype in (torch.float32, torch.bfloat16):
+            x, base = torch.randn(3, 0, 37).to(dtype), torch.randn(3, 0, 21).to(dtype)
+            with kernels.mode(mode):
+                y = kernels.packed_branch_rows(x, torch.tensor(index), adapters, [1.5, -1.0], base)
+            assert y.shape == (3, 0, 21) and y.dtype == dtype, (mode, index, y.shape, y.dtype)
+print("ok")
+"""
+    src = str(Path(kernels.__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": src}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
