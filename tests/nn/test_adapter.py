@@ -91,6 +91,25 @@ def test_int8_inference_adapter_holds_its_file_size_and_trains_back_exactly():
         assert torch.equal(tensor, packed.stored_tensors()[name]), name
 
 
+def test_the_gpu_decoded_scales_of_an_int8_adapter_count_in_its_held_bytes():
+    """Off the CPU an int8-code adapter decodes its scales to float32 once and keeps them (``_decoded``: the GPU
+    kernels read float32); ``cache_nbytes`` left that cache out (it counted its ``scales``, ``signs`` and
+    ``dense`` entries only), so ``held_nbytes``, by which a server sizes every load, said the adapter held its
+    file's bytes while it held 4 bytes more per ``in`` and ``out`` value (as much again as the signs at r = 16).
+    The cache is built here as an off-CPU call builds it (the same method), on CPU tensors."""
+    layer = make_layer(in_f=64, out_f=48, names=("a",), r=8, scale_dtype="int8")
+    packed = layer.lordba_adapters["a"].pack()
+    before = held_nbytes([packed])
+    decoded = packed._decoded(packed._kernel_tensors())  # what _inference keeps for an input off the CPU
+    own = {t.untyped_storage().data_ptr() for t in packed.buffers()}
+    extra = sum(t.nbytes for t in decoded if t.untyped_storage().data_ptr() not in own)
+    assert extra >= 4 * (64 + 48)  # float32 b and a (m is float32 already)
+    assert packed.cache_nbytes() == {"scales": extra, "signs": 0, "dense": 0, "total": extra}
+    assert held_nbytes([packed]) == before + extra
+    packed.clear_cache()
+    assert held_nbytes([packed]) == before
+
+
 def test_inference_form_hot_swaps_across_scale_formats_and_refuses_a_float_state():
     layer = make_layer(in_f=30, out_f=20, names=("a",), r=4, scale_dtype="int8")
     layer.add_adapter("a", layer.lordba_adapters["a"].pack())

@@ -27,6 +27,7 @@ from lordba.errors import AdapterStateError, ShapeMismatchError
 from lordba.format.header import stored_shapes
 
 SCALES = ("scale_in", "scale_mid", "scale_out")
+_CACHE_KINDS = {"scales": "scales", "decoded": "scales", "signs": "signs", "dense": "dense"}  # cache_nbytes' keys
 
 
 _OPTIMIZER_STEPS = [0]
@@ -354,12 +355,15 @@ class AdapterBase(nn.Module):
 
     def cache_nbytes(self) -> dict[str, int]:
         """Bytes held by this adapter's caches beyond its own parameters and buffers (views of those
-        count nothing): ``{"scales", "signs", "dense", "total"}``."""
+        count nothing): ``{"scales", "signs", "dense", "total"}``; ``scales`` counts the decoded scales of
+        both caches that hold them (the training form's, and the float32 scales an int8-code adapter keeps
+        for the GPU kernels)."""
         own = {t.untyped_storage().data_ptr() for t in (*self.parameters(), *self.buffers())}
         sizes = {"scales": 0, "signs": 0, "dense": 0}
         for name, (_, value, _) in self._caches.entries.items():
-            if name in sizes:
-                sizes[name] = sum(
+            kind = _CACHE_KINDS.get(name)
+            if kind is not None:
+                sizes[kind] += sum(
                     t.numel() * t.element_size() for t in value if t.untyped_storage().data_ptr() not in own
                 )
         sizes["total"] = sum(sizes.values())
