@@ -338,3 +338,31 @@ def test_generate_takes_the_kept_calls_with_gradients_on_at_the_call(monkeypatch
     monkeypatch.setattr(lm.base_model, "generate", lambda *a, **k: (seen.append(ARMED.token), real(*a, **k))[1])
     assert torch.is_grad_enabled()
     assert torch.equal(lm.generate(input_ids=ids, **kwargs), want) and seen[0] is not None
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_hook_set_on_the_adapter_after_its_direct_call_was_kept_runs(grad):
+    """The branch's kept direct call (``fastpath.direct_branch``: gradients on for an input that needs none, as in
+    an eval forward without ``no_grad``) checked the adapter's hooks only when it was built: a forward hook set on
+    the adapter after the first call never ran (and an output it replaced was silently not replaced), in that mode
+    and, once kept, under ``no_grad`` too (the whole-layer call declines for the hook, then the kept one ran)."""
+    from torch import nn as tnn
+
+    from nn.test_layer import make_layer
+
+    lordba_layer = make_layer(names=("a",))
+    lordba_layer.add_adapter("a", lordba_layer.lordba_adapters["a"].pack())
+    lordba_layer.set_adapter("a")
+    for p in lordba_layer.base_layer.parameters():
+        p.requires_grad_(False)
+    assert isinstance(lordba_layer.base_layer, tnn.Linear)
+    x = torch.randn(2, lordba_layer.in_features)
+    plain = lordba_layer(x)  # gradients on, nothing needs one: the direct call is built and kept
+    seen = []
+    handle = lordba_layer.lordba_adapters["a"].register_forward_hook(lambda m, i, out: seen.append(1) or out * 2)
+    with torch.set_grad_enabled(grad):
+        hooked = lordba_layer(x)
+    handle.remove()
+    assert seen == [1]
+    torch.testing.assert_close(hooked, 2 * plain, rtol=0, atol=0)  # the adapter's output is base + branch
+    torch.testing.assert_close(lordba_layer(x), plain, rtol=0, atol=0)

@@ -33,6 +33,8 @@ def direct_branch(adapter: AdapterBase, x: torch.Tensor, base: torch.Tensor, kep
     entry is rebuilt whenever an adapter changes (:func:`touch`)."""
     if torch.is_grad_enabled() and (x.requires_grad or base.requires_grad):
         return None
+    if _hooked(adapter):  # checked on every call: a hook set after the call was kept does not touch()
+        return None
     key = (adapter, x.dtype, base.dtype, x.device, kernels.get_mode(), _EPOCH[0], _OPTIMIZER_STEPS[0])
     call = _kept(kept, key, _direct_call, adapter, x, base)
     if call is None:
@@ -63,7 +65,7 @@ def _hooked(*modules: nn.Module) -> bool:
 
 
 def _direct_call(adapter: AdapterBase, x: torch.Tensor, base: torch.Tensor) -> tuple | None:
-    if not adapter._routed_as_stored or _hooked(adapter):
+    if not adapter._routed_as_stored:
         return None
     op = kernels.cpu_branch_op(x, base)
     found = adapter._routed(False, (kernels.get_mode(), x.dtype)) if op is not None else None
