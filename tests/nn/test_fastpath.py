@@ -366,3 +366,28 @@ def test_a_hook_set_on_the_adapter_after_its_direct_call_was_kept_runs(grad):
     assert seen == [1]
     torch.testing.assert_close(hooked, 2 * plain, rtol=0, atol=0)  # the adapter's output is base + branch
     torch.testing.assert_close(lordba_layer(x), plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["auto", "torch"])
+def test_a_mixed_batch_runs_the_hooks_of_its_adapters_in_every_kernel_mode(mode):
+    """A forward hook on an adapter runs in a mixed batch (rows routed to different adapters) as it does in a
+    uniform one and in the ``torch`` mode: the batched op (``routed_branches``) ran the adapters' kernels
+    without their hooks, so with a hook that changes the output ``auto`` and ``torch`` gave different rows."""
+    from nn.test_layer import make_layer
+
+    lordba_layer = make_layer(names=("a", "b"))
+    for name in ("a", "b"):
+        lordba_layer.add_adapter(name, lordba_layer.lordba_adapters[name].pack())
+    x = torch.randn(3, lordba_layer.in_features)
+    names = ["a", "b", "a"]
+    with torch.no_grad(), kernels.mode(mode):
+        base = lordba_layer.base_layer(x)
+        plain = lordba_layer._mixed_batch_forward(x, base, names)  # the composition's call is kept
+        seen = []
+        handle = lordba_layer.lordba_adapters["a"].register_forward_hook(lambda m, i, out: seen.append(1) or out * 0)
+        hooked = lordba_layer._mixed_batch_forward(x, base, names)
+        handle.remove()
+        assert seen == [1]
+        torch.testing.assert_close(hooked[[0, 2]], base[[0, 2]], rtol=0, atol=0)  # the hook zeroed a's branch
+        torch.testing.assert_close(hooked[1], plain[1], rtol=0, atol=0)
+        torch.testing.assert_close(lordba_layer._mixed_batch_forward(x, base, names), plain, rtol=0, atol=0)

@@ -231,7 +231,7 @@ def routed_branches(
     absent) in one kernel call for all adapters (:func:`lordba.kernels.packed_branch_rows`), each
     row's output equal to its adapter's own call on its rows. ``present``: the distinct names of
     ``names``. Returns ``None`` where the adapters' own calls are needed instead (tracing, a device
-    or kernel mode without the batched op, a gradient to compute, dropout, trained biases).
+    or kernel mode without the batched op, a gradient to compute, dropout, trained biases, hooks on an adapter).
 
     ``prepared``: the calling layer's cache of kernel arguments per batch composition. Decode steps
     of a running batch repeat the same composition, so the per-adapter gathering runs once per layer
@@ -243,6 +243,9 @@ def routed_branches(
         return None
     grad = torch.is_grad_enabled()
     if grad and (x.requires_grad or base.requires_grad):
+        return None
+    held = adapters._modules if isinstance(adapters, nn.ModuleDict) else adapters
+    if _hooked(*(held[name] for name in present if name in held)):  # every call: setting a hook does not touch()
         return None
     key = (names, mode, x.dtype, grad, x.device, _EPOCH[0], _OPTIMIZER_STEPS[0])
     call = prepared.get(key) if prepared is not None else None
