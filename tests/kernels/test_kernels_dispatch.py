@@ -352,3 +352,15 @@ def test_float64_scales_run_in_every_mode(mode):
         index = torch.tensor([0, -1, 0])
         rows = kernels.packed_branch_rows(x, index, [(*signs, *wide)], [0.5], base)
         assert torch.equal(rows, kernels.packed_branch_rows(x, index, [(*signs, *scales)], [0.5], base))
+
+
+def test_the_triton_mode_on_cpu_tensors_outside_the_interpreter_is_the_librarys_error():
+    """Kernel mode ``triton`` on CPU tensors without Triton's interpreter was a bare RuntimeError."""
+    from lordba.kernels.triton import _interpreting
+
+    if _interpreting():  # (a run under TRITON_INTERPRET=1 runs the kernels instead)
+        return
+    layer = make_layer(16, 8, 4)
+    pack(layer)
+    with kernels.mode("triton"), torch.no_grad(), pytest.raises(ConfigError, match="kernel mode 'triton'"):
+        layer(torch.randn(2, 16))

@@ -22,6 +22,7 @@ import functools
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
+from lordba.errors import ConfigError
 from lordba.kernels._fake import branch_fake
 from lordba.kernels.reference import dense_branch
 
@@ -170,9 +171,9 @@ def _triton_branch(
     """``[base +] s · a ⊙ (S_B (m ⊙ (S_A (b ⊙ x))))`` with Triton kernels (interpreter on CPU tensors)."""
     on_gpu = x.is_cuda
     if not on_gpu and not _interpreting():
-        raise RuntimeError(
-            "lordba::triton_branch runs on CUDA tensors; on CPU only in Triton's interpreter "
-            "(TRITON_INTERPRET=1 set before triton is imported)"
+        raise ConfigError(
+            "kernel mode 'triton' (lordba::triton_branch) runs on CUDA tensors; on CPU only in Triton's interpreter "
+            "(TRITON_INTERPRET=1 set before triton is imported): use another kernel mode (lordba.kernels.set_mode)"
         )
     k = _KERNELS or _load_kernels()
     in_f, out_f = b.numel(), a.numel()
