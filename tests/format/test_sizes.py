@@ -87,3 +87,19 @@ def test_size_report_names_bad_dimensions_and_r_ref():
     lm = get_lordba_model(tiny_llama(), LoRDBAConfig(r=2))
     with pytest.raises(ConfigError, match="r_ref"):
         lm.size_report(r_ref=-1)
+
+
+def test_size_report_refuses_a_file_version_that_cannot_hold_the_adapter():
+    # int4 scales exist only in version 3 files (saves refuse version 1), and lordba writes no version 4: the
+    # report gave a version-1 file size for both (int4's as large as int8's, above its own payload's need).
+    from lordba import ConfigError
+    from lordba.format.sizes import adapter_file_bytes
+
+    dims = {"x": (64, 32, 4)}
+    with pytest.raises(ConfigError, match=r"int4.*version 1"):
+        size_report(dims, "int4", format_version=1)
+    for version in (0, 2, 4, "3"):
+        with pytest.raises(ConfigError, match="format_version"):
+            adapter_file_bytes(dims, "int8", version)
+    assert size_report(dims, "int4").file_bytes == adapter_file_bytes(dims, "int4", 3)
+    assert size_report(dims, "int8", format_version=1).file_bytes == adapter_file_bytes(dims, "int8", 1)

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lordba.config import COMPACT_FORMAT_VERSION, DEFAULT_FORMAT_VERSION
+from lordba.config import COMPACT_FORMAT_VERSION, DEFAULT_FORMAT_VERSION, FORMAT_VERSION
+from lordba.core.scales import NIBBLE_DTYPES
 from lordba.errors import ConfigError
 from lordba.format.compact import compact_metadata, file_shapes, kind_specs
 from lordba.format.header import ModuleRecord, lordba_metadata
@@ -61,7 +62,18 @@ def adapter_file_bytes(
 ) -> int:
     """Exact size of the ``lordba_model.safetensors`` of an adapter with ``dims`` = ``{module path:
     (in, out, r)}`` in ``format_version`` (1: one entry per module and kind; 3: the compact file),
-    headers included, without extra tensors; raises as :func:`stored_bytes`."""
+    headers included, without extra tensors; raises as :func:`stored_bytes`, and :class:`ConfigError` for
+    a version saves would not write here (not 1 or 3; ``int4`` scales in version 1)."""
+    if format_version not in (FORMAT_VERSION, COMPACT_FORMAT_VERSION) or isinstance(format_version, bool):
+        raise ConfigError(
+            f"size_report: format_version must be {FORMAT_VERSION} or {COMPACT_FORMAT_VERSION} (a file without "
+            f"extra tensors), got {format_version!r}"
+        )
+    if format_version != COMPACT_FORMAT_VERSION and scale_dtype in NIBBLE_DTYPES:
+        raise ConfigError(
+            f"size_report: scale_dtype {scale_dtype!r} is stored only in format version {COMPACT_FORMAT_VERSION} "
+            f"files, not version {format_version}"
+        )
     records = {p: ModuleRecord(p, *dims[p]) for p in sorted(dims)}
     if format_version == COMPACT_FORMAT_VERSION:
         kinds = [(kind, dtype, shape) for kind, (dtype, shape, _) in kind_specs(records, scale_dtype).items()]
@@ -151,7 +163,9 @@ def size_report(
 
     Raises:
         ConfigError: no modules, a module whose dimensions are not three positive integers, or an ``r_ref``
-            that is not a positive integer (the ratios would divide by zero or come out negative).
+            that is not a positive integer (the ratios would divide by zero or come out negative); without
+            ``file_bytes``, a ``format_version`` other than 1 or 3, or ``int4`` scales in version 1 (saves write
+            neither).
     """
     _check_dims(dims, r_ref)
     rows: list[ModuleSize] = []
