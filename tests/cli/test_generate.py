@@ -309,3 +309,72 @@ def test_streamed_text_is_the_decoded_text_with_a_sentencepiece_tokenizer(tmp_pa
     want = tok.decode(answer, skip_special_tokens=True)
     assert want == "x:\n     x = 1\n   café\nx"
     assert capsys.readouterr().out == want + "\n"
+
+
+class _ClosingOutput(io.StringIO):
+    """A stdout whose reader goes away (or whose user presses Ctrl-C) after a few pieces of text."""
+
+    def __init__(self, error: type[BaseException], after: int = 3) -> None:
+        super().__init__()
+        self.error, self.left = error, after
+
+    def write(self, text: str) -> int:
+        self.left -= 1
+        if self.left < 0:
+            raise self.error()
+        return super().write(text)
+
+
+@pytest.mark.parametrize("error, code", [(BrokenPipeError, 141), (KeyboardInterrupt, 130)])
+def test_generation_stops_with_the_output_it_streams_to(folder, monkeypatch, capsys, error, code):
+    """``lordba generate ... | head -c 3`` (a broken pipe) or Ctrl-C while tokens stream: the generating thread
+    stops before the command returns its exit code (141, 130), rather than going on decoding while the interpreter
+    exits under it (``terminate called without an active exception``, exit 134)."""
+    import threading
+    import time
+
+    from transformers import LlamaForCausalLM
+
+    state = {"tokens": 0, "running": False}
+
+    def slow_generate(self, input_ids, streamer, max_new_tokens, **kwargs):  # ~2 s of tokens
+        state["running"] = True
+        try:
+            streamer.put(input_ids)
+            for _ in range(max_new_tokens):
+                time.sleep(0.02)
+                state["tokens"] += 1
+                streamer.put(torch.tensor([40]))
+            streamer.end()
+            return torch.cat([input_ids, torch.full((1, max_new_tokens), 40)], 1)
+        finally:
+            state["running"] = False
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", slow_generate)
+    monkeypatch.setattr(sys, "stdout", _ClosingOutput(error))
+    threads = threading.active_count()
+    assert main(["generate", "--model", str(folder), "--quant", "none", "--max-new-tokens", "100", "ab"]) == code
+    running, tokens = state["running"], state["tokens"]
+    for _ in range(300):  # (without the fix: let the thread finish before the next test)
+        if not state["running"]:
+            break
+        time.sleep(0.02)
+    assert not running and tokens < 10 and threading.active_count() == threads
+
+
+def test_generate_piped_into_head_exits_141_quietly(folder):
+    """The real ``lordba generate ... | head -c 3``: exit 141 and nothing on stderr but the loading's lines (it
+    aborted with exit 134 and ``terminate called without an active exception``)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [sys.executable, "-m", "lordba", "generate", "--model", str(folder), "--quant", "none"]
+    proc = subprocess.Popen(
+        [*argv, "--max-new-tokens", "120", "ab"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    assert len(proc.stdout.read(3)) == 3
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "terminate called" not in err and "Traceback" not in err

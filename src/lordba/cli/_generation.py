@@ -284,7 +284,9 @@ def _aot_ready(decode: Any) -> bool:
 def _generate_streaming(loaded: Loaded, kwargs: dict, out: Any) -> tuple[Any, float | None, list[str], float]:
     """Run ``generate`` in a thread, writing its text to ``out`` as it comes; returns ``(ids,
     seconds to the first piece, pieces, total seconds)``. An error of ``generate`` is raised here
-    (after the stream is closed, so nothing waits for it)."""
+    (after the stream is closed, so nothing waits for it); an error writing the text (a broken pipe) or
+    Ctrl-C stops ``generate`` at its next token and waits for its thread before it is raised (a thread still
+    decoding while the interpreter exits aborts the process)."""
     import torch
 
     from lordba.cli._stream import TextStream
@@ -306,12 +308,17 @@ def _generate_streaming(loaded: Loaded, kwargs: dict, out: Any) -> tuple[Any, fl
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     first, pieces = None, []
-    for piece in streamer:
-        if first is None:
-            first = time.perf_counter() - start
-        pieces.append(piece)
-        out.write(piece)
-        out.flush()
+    try:
+        for piece in streamer:
+            if first is None:
+                first = time.perf_counter() - start
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+    except BaseException:  # a broken pipe, Ctrl-C: stop generating before the interpreter exits under the thread
+        streamer.cancel()
+        thread.join()
+        raise
     thread.join()
     if "error" in result:
         raise result["error"]

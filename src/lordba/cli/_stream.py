@@ -10,6 +10,11 @@ from typing import Any
 from lordba.serve.sampling import IncrementalDecoder
 
 
+class Cancelled(BaseException):
+    """Raised in ``generate``'s thread by :meth:`TextStream.put` after :meth:`TextStream.cancel`: a
+    ``BaseException``, so that no ``except Exception`` on the way (a compiled decoder's fallback) runs it again."""
+
+
 class TextStream:
     """A ``generate`` streamer (``put`` / ``end``, as transformers' streamers) whose iteration gives one piece
     of text per new token (empty while a character is incomplete) until the end.
@@ -17,24 +22,36 @@ class TextStream:
     transformers' ``TextIteratorStreamer`` restarts decoding after each newline, so a SentencePiece tokenizer
     (Llama 2, Mistral, Gemma: one leading space stripped where decoding starts) lost a space of each indented
     line; here the text is always ``decode(new tokens)``'s (special tokens skipped). The first ``put`` is the
-    prompt, which is not shown.
+    prompt, which is not shown. After :meth:`cancel` the next ``put`` raises :class:`Cancelled`, which ends
+    ``generate``.
     """
 
     def __init__(self, tokenizer: Any) -> None:
         self._decoder = IncrementalDecoder(tokenizer)
         self._ids: list[int] = []
         self._prompt = True
+        self._cancelled = False
         self._shown = 0
         self._queue: queue.Queue[str | None] = queue.Queue()
 
     def put(self, value: Any) -> None:
-        """The prompt (first call, skipped), then each new token (a tensor of one id, or ``[1, 1]``)."""
+        """The prompt (first call, skipped), then each new token (a tensor of one id, or ``[1, 1]``).
+
+        Raises:
+            Cancelled: :meth:`cancel` was called (the reader of the text is gone).
+        """
+        if self._cancelled:
+            raise Cancelled("the text's reader stopped reading")
         if self._prompt:
             self._prompt = False
             return
         self._ids.extend(int(i) for i in value.reshape(-1).tolist())
         self._decoder.update(self._ids)
         self._send(self._decoder.text)  # the text whose characters are complete
+
+    def cancel(self) -> None:
+        """Stop ``generate`` at its next token (the thread reading the text is gone: a broken pipe, Ctrl-C)."""
+        self._cancelled = True
 
     def end(self) -> None:
         """The rest of the text (a trailing incomplete character as the tokenizer decodes it), then the end."""
