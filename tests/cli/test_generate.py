@@ -378,3 +378,14 @@ def test_generate_piped_into_head_exits_141_quietly(folder):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "terminate called" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_a_second_adapter_is_a_usage_error_not_silently_dropped(folder, tmp_path, capsys, command):
+    """``--adapter A --adapter B`` ran B alone (argparse keeps the last), as if both were applied: one adapter per
+    run, so a second is refused (exit 2) before anything loads."""
+    adapters = ["--adapter", str(tmp_path / "a"), "--adapter", str(tmp_path / "b")]
+    with pytest.raises(SystemExit) as info:
+        main([command, "--model", str(folder), *adapters, *(["x"] if command == "generate" else [])])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--adapter" in err and "one adapter" in err

@@ -21,7 +21,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--model``, ``--adapter``, ``--quant`` and the sampling options."""
     p.add_argument("--model", required=True, help="transformers model folder, or 'default' (the lab's default model)")
     p.add_argument(
-        "--adapter", default=None, help="LoRDBA adapter folder (or Hub id) to apply; default: the base alone"
+        "--adapter",
+        default=None,
+        action=_OneAdapter,
+        help="LoRDBA adapter folder (or Hub id) to apply; default: the base alone (one adapter per run)",
     )
     p.add_argument(
         "--quant",
@@ -85,6 +88,17 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         choices=("default", "max-autotune-no-cudagraphs"),
         help="torch.compile mode with --compile (default: default)",
     )
+
+
+class _OneAdapter(argparse.Action):
+    """``--adapter``, given once: argparse would keep the last of several silently (B alone, as if A and B ran)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any, flag: Any = None
+    ) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"argument {flag}: given twice; one adapter per run (adapters are not stacked)")
+        setattr(namespace, self.dest, value)
 
 
 RUNTIME_BRANCH_COMPUTE = "fast"
