@@ -389,3 +389,35 @@ def test_a_second_adapter_is_a_usage_error_not_silently_dropped(folder, tmp_path
         main([command, "--model", str(folder), *adapters, *(["x"] if command == "generate" else [])])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "--adapter" in err and "one adapter" in err
+
+
+def test_a_chat_keeps_the_turns_that_fit_when_its_latest_message_leaves_less_than_the_default_room(
+    folder, monkeypatch, capsys
+):
+    """Without --max-new-tokens the conversation leaves room for 128 new tokens where its latest message alone
+    leaves that many, else for at least one (fit_conversation's documented rule): in a 128-position context every
+    message leaves less than 128, so the earlier turns that fit are kept (they were all dropped, each turn)."""
+    from transformers import LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    answer = [*tok("ok", add_special_tokens=False).input_ids, tok.eos_token_id]
+    prompts = []
+
+    def short_generate(self, input_ids, streamer, **kwargs):  # the model answers "ok" and ends its turn
+        prompts.append(tok.decode(input_ids[0]))
+        streamer.put(input_ids)
+        for token in answer:
+            streamer.put(torch.tensor([token]))
+        streamer.end()
+        return torch.cat([input_ids, torch.tensor([answer])], 1)
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", short_generate)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n" + "x" * 80 + "\n"))
+    assert main(["chat", "--model", str(folder), "--quant", "none"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "ok\nok\n" and "dropped" not in err
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    kept = tok.apply_chat_template(
+        [*history, {"role": "user", "content": "x" * 80}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompts[1] == kept

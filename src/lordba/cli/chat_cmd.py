@@ -83,10 +83,14 @@ def fit_conversation(loaded: Any, messages: list[dict[str, str]], model: str, as
 
     context = context_positions(loaded.model)
     first = 1 if messages and messages[0]["role"] == "system" else 0
+    need = asked or DEFAULT_NEW_TOKENS
+    if asked is None and context is not None and len(messages) - first > 1:  # the latest message alone decides
+        alone = encode(loaded, chat_text(loaded, messages[:first] + messages[-1:], model), "the conversation", False)
+        need = DEFAULT_NEW_TOKENS if int(alone.shape[-1]) + DEFAULT_NEW_TOKENS <= context else 1
     kept, dropped = list(messages), 0
     while True:
         ids = encode(loaded, chat_text(loaded, kept, model), "the conversation", special=False)
-        if context is None or int(ids.shape[-1]) + (asked or DEFAULT_NEW_TOKENS) <= context:
+        if context is None or int(ids.shape[-1]) + need <= context:
             break
         if len(kept) - first < 3:  # the latest message alone
             room = context - int(ids.shape[-1])
