@@ -36,6 +36,13 @@ def test_generate_streams_the_greedy_completion(folder, capsys):
     assert "time to first token" in err and "tokens/s" in err
 
 
+def test_one_generated_token_gives_no_rate_rather_than_nan(folder, capsys):
+    """A single generated token (max 1, or an end of sequence first) printed "nan tokens/s"."""
+    assert main(["generate", "--model", str(folder), "--quant", "none", "--max-new-tokens", "1", "ab"]) == 0
+    err = capsys.readouterr().err
+    assert "[1 tokens;" in err and "nan" not in err and "no decode rate" in err
+
+
 @pytest.mark.long
 def test_generate_with_an_adapter_on_a_q4_base(folder, tmp_path, capsys, monkeypatch):
     from lordba.quant import quantize_model

@@ -376,12 +376,9 @@ def stream(loaded: Loaded, input_ids: Any, args: argparse.Namespace, out: Any = 
         ids, first, pieces, total = _generate_streaming(loaded, kwargs, sink)
     generated = int(ids.shape[-1] - input_ids.shape[-1])
     decode = total - (first or 0.0)
-    rate = (generated - 1) / decode if generated > 1 and decode > 0 else float("nan")
+    rate = f"{(generated - 1) / decode:.1f} tokens/s" if generated > 1 and decode > 0 else "no decode rate: one token"
     out.write("\n")
-    print(
-        f"[{generated} tokens; time to first token {1000 * (first or total):.0f} ms; {rate:.1f} tokens/s]",
-        file=sys.stderr,
-    )
+    print(f"[{generated} tokens; time to first token {1000 * (first or total):.0f} ms; {rate}]", file=sys.stderr)
     return "".join(pieces)
 
 
