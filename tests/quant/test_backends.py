@@ -381,3 +381,15 @@ def test_a_requantized_merge_keeps_the_base_layers_mode(training):
     layer.merge(["a"])
     assert layer.base_layer is not layer._premerge_base[0]
     assert [n for n, m in layer.named_modules() if m.training != training] == []
+
+
+@pytest.mark.parametrize("backend", ["q4", "hqq", "bnb"])
+def test_quantize_model_names_a_layer_whose_weight_is_on_the_meta_device(backend):
+    # A model made under torch.device("meta") or offloaded by accelerate (cpu_offload, device_map with "disk" or
+    # "cpu" offload: its weights on "meta", held by hooks) raised bare NotImplementedError ("Cannot copy out of meta
+    # tensor") or RuntimeError (hqq: "Tensor.item() cannot be called on meta tensors") from inside the quantizer.
+    with torch.device("meta"):
+        model = tiny_llama(0)
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.self_attn\.q_proj.*meta"):
+        quantize_model(model, backend=backend, group_size=8 if backend == "hqq" else 64)
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))  # unchanged

@@ -45,7 +45,7 @@ def quantize_model(
     Every parameter of ``model`` is frozen; each new layer takes the mode (training or eval) of the layer it
     replaces. Raises :class:`ConfigError` for an unknown backend,
     unsupported ``bits``, a ``group_size`` the backend does not take, or (``hqq``) a layer whose shape HQQ cannot
-    pack, naming it, before any layer is replaced;
+    pack, or a layer whose weight is on the meta device (:func:`check_loaded`), naming it, before any layer is replaced;
     a ``group_size`` that is not a positive integer, a ``skip`` that is not a list of names; and for a model that
     already holds adapter layers (:func:`check_no_adapters`).
     """
@@ -76,6 +76,8 @@ def quantize_model(
     if backend == "none":
         return model
     targets = quantizable(model, skip)
+    head = _head(model) if head_bits else None
+    check_loaded(targets + ([head] if head else []))  # before any layer is replaced
     if backend == "hqq":  # every layer checked before any is replaced: a refusal leaves the model as it was
         from lordba.quant.hqq import hqq_shape_problem
 
@@ -102,8 +104,8 @@ def quantize_model(
             new = quantize_linear_bnb(linear, compute_dtype)
         new.train(model.get_submodule(name).training)  # the replaced layer's mode (a Conv1D's, not its view's)
         replace_submodule(model, name, new)
-    if head_bits:
-        _quantize_head(model, group_size, head_bits)
+    if head:
+        _quantize_head(model, head, group_size, head_bits)
     if backend == "q4":
         from lordba.quant.q4 import hold_weights_together
 
@@ -129,15 +131,37 @@ def check_no_adapters(model: nn.Module) -> None:
             )
 
 
-def _quantize_head(model: nn.Module, group_size: int, bits: int) -> None:
-    """Replace the output head (``get_output_embeddings()``, a plain ``nn.Linear``) by a q4 layer."""
-    from lordba.quant.q4 import quantize_linear_q4
+def check_loaded(layers: list[tuple[str, nn.Module]]) -> None:
+    """Refuse layers whose weight holds no data: on the ``meta`` device (a model made under ``torch.device("meta")``,
+    or offloaded by accelerate: ``cpu_offload``, a ``device_map`` offloading to the CPU or disk, its weights held by
+    hooks and put in place for each forward only).
 
+    Raises:
+        ConfigError: naming the first such layer.
+    """
+    for name, layer in layers:
+        weight = getattr(layer, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_meta:
+            raise ConfigError(
+                f"{name}: its weight is on the meta device (not loaded, or offloaded by accelerate): load the model "
+                "with its weights in memory (no offloading device_map) before quantizing it"
+            )
+
+
+def _head(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The output head (``get_output_embeddings()``) with its path, where it is a plain ``nn.Linear``."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not nn.Linear:
-        return
-    name = next(n for n, m in model.named_modules() if m is head)
-    replace_submodule(model, name, quantize_linear_q4(head, group_size, bits).train(head.training))
+        return None
+    return next(n for n, m in model.named_modules() if m is head), head
+
+
+def _quantize_head(model: nn.Module, head: tuple[str, nn.Linear], group_size: int, bits: int) -> None:
+    """Replace the output head (:func:`_head`) by a q4 layer."""
+    from lordba.quant.q4 import quantize_linear_q4
+
+    name, layer = head
+    replace_submodule(model, name, quantize_linear_q4(layer, group_size, bits).train(layer.training))
     untie_head(model)
 
 
