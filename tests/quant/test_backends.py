@@ -393,3 +393,28 @@ def test_quantize_model_names_a_layer_whose_weight_is_on_the_meta_device(backend
     with pytest.raises(ConfigError, match=r"model\.layers\.0\.self_attn\.q_proj.*meta"):
         quantize_model(model, backend=backend, group_size=8 if backend == "hqq" else 64)
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))  # unchanged
+
+
+@pytest.mark.parametrize(("first", "second"), [("q4", "hqq"), ("hqq", "q4"), ("bnb", "q4"), ("q4", "q4-g32")])
+def test_quantizing_a_quantized_model_again_otherwise_is_refused(first, second):
+    # The second call silently quantized nothing (q4 -> hqq: a model still on q4, recorded as hqq in
+    # lordba_quantization) or quantized the head alone with the other backend (hqq -> q4: an 8-bit q4 head on an HQQ
+    # base, recorded as a q4 base).
+    settings = {"q4": {"backend": "q4"}, "q4-g32": {"backend": "q4", "group_size": 32}, "hqq": {"backend": "hqq"}}
+    settings["bnb"] = {"backend": "bnb"}
+    model = quantize_model(tiny_llama(0), **{"group_size": 8 if first == "hqq" else 64, **settings[first]})
+    layers = {n: m for n, m in model.named_modules()}
+    record = dict(model.lordba_quantization)
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.self_attn\.q_proj.*already quantized"):
+        quantize_model(model, **settings[second])
+    assert {n: m for n, m in model.named_modules()} == layers  # unchanged
+    assert model.lordba_quantization == record
+
+
+def test_quantizing_a_quantized_model_again_alike_quantizes_only_what_is_left():
+    model = tiny_llama(0)
+    quantize_model(model, backend="q4", head_bits=0)
+    layers = {n: m for n, m in model.named_modules() if n.endswith("_proj")}
+    quantize_model(model, backend="q4")  # (the head now, at 8 bits)
+    assert {n: m for n, m in model.named_modules() if n.endswith("_proj")} == layers
+    assert resolve_backend(model.lm_head).describe(model.lm_head) == {"backend": "q4", "bits": 8, "group_size": 64}

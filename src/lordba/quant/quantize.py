@@ -46,8 +46,9 @@ def quantize_model(
     replaces. Raises :class:`ConfigError` for an unknown backend,
     unsupported ``bits``, a ``group_size`` the backend does not take, or (``hqq``) a layer whose shape HQQ cannot
     pack, or a layer whose weight is on the meta device (:func:`check_loaded`), naming it, before any layer is replaced;
-    a ``group_size`` that is not a positive integer, a ``skip`` that is not a list of names; and for a model that
-    already holds adapter layers (:func:`check_no_adapters`).
+    a ``group_size`` that is not a positive integer, a ``skip`` that is not a list of names; for a model that
+    already holds adapter layers (:func:`check_no_adapters`); and for one already quantized otherwise
+    (:func:`check_quantized_alike`; quantized alike, only its unquantized layers are quantized).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"quantize_model takes an nn.Module, got {type(model).__name__}")
@@ -75,6 +76,9 @@ def quantize_model(
         p.requires_grad_(False)
     if backend == "none":
         return model
+    check_quantized_alike(
+        model, {"backend": backend, "bits": bits, "group_size": 64 if backend == "bnb" else group_size}
+    )
     targets = quantizable(model, skip)
     head = _head(model) if head_bits else None
     check_loaded(targets + ([head] if head else []))  # before any layer is replaced
@@ -128,6 +132,25 @@ def check_no_adapters(model: nn.Module) -> None:
             raise ConfigError(
                 f"{name}: the model already has adapter layers ({type(module).__name__}): quantize the base model "
                 "before adding adapters (quantize_model, then get_lordba_model)"
+            )
+
+
+def check_quantized_alike(model: nn.Module, wanted: dict[str, Any]) -> None:
+    """Refuse a model that holds layers (but its output head) quantized otherwise than ``wanted`` (a
+    :meth:`BaseBackend.describe` record): quantizing it again would leave those layers as they are and quantize
+    only the rest with the new settings (a mixed base recorded as ``wanted``). Layers quantized alike are kept.
+
+    Raises:
+        ConfigError: naming the first such layer, its quantization and the one asked for.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        backend = resolve_backend(module)
+        found = backend.describe(module) if backend is not None and module is not head else None
+        if found is not None and found != wanted and not is_output_head(name):
+            raise ConfigError(
+                f"{name}: the model is already quantized ({found}), quantize_model was asked for {wanted}: quantize "
+                "the model as loaded, unquantized"
             )
 
 
