@@ -3,7 +3,7 @@
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lordba import ConfigError, LoRDBAConfig, LoRDBAModel, get_lordba_model
 from lordba.core.scales import get_codec
@@ -15,7 +15,7 @@ from lordba.quant import base_bits, quantize_model, resolve_backend
 from lordba.quant.cache import quantize_model_cached
 from lordba.quant.hqq import quantize_linear_hqq
 
-from conftest import tiny_llama
+from conftest import TINY, tiny_llama
 
 BACKENDS = [("hqq", 4), ("hqq", 2), ("bnb", 4), ("none", 32)]
 
@@ -418,3 +418,15 @@ def test_quantizing_a_quantized_model_again_alike_quantizes_only_what_is_left():
     quantize_model(model, backend="q4")  # (the head now, at 8 bits)
     assert {n: m for n, m in model.named_modules() if n.endswith("_proj")} == layers
     assert resolve_backend(model.lm_head).describe(model.lm_head) == {"backend": "q4", "bits": 8, "group_size": 64}
+
+
+@pytest.mark.parametrize("backend", ["q4", "hqq"])
+def test_a_head_named_in_skip_stays_unquantized(backend):
+    # quantize_model(skip=["lm_head"]) (as bitsandbytes' llm_int8_skip_modules names it) quantized the q4 head to
+    # 8 bits anyway and untied it from the embeddings.
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "tie_word_embeddings": True})).eval()
+    quantize_model(model, backend=backend, group_size=8 if backend == "hqq" else 64, skip=("lm_head",))
+    assert type(model.lm_head) is nn.Linear
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert model.config.tie_word_embeddings
+    assert model.lordba_quantization["head_bits"] == 0

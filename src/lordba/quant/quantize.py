@@ -34,8 +34,8 @@ def quantize_model(
 
     ``head_bits``: the output head's quantization (``q4`` only: 8 or 4; ``0`` keeps it unquantized;
     ``None``, the default, is 8 for ``q4`` — at decode, a small model's float32 head is the largest
-    weight read per token — and unquantized for the other backends). A head tied to the input
-    embeddings is untied: the embeddings stay float32 for the lookup.
+    weight read per token — and unquantized for the other backends; a head whose last name is in ``skip`` stays
+    unquantized). A head tied to the input embeddings is untied: the embeddings stay float32 for the lookup.
 
     ``backend="hqq"``: HQQ, ``bits`` ∈ {1, 2, 3, 4, 8}, groups of ``group_size`` (a multiple of 8).
     ``backend="q4"`` (default): lordba's own 4-bit layers (HQQ-optimised groups of ``group_size``, a multiple
@@ -81,6 +81,8 @@ def quantize_model(
     )
     targets = quantizable(model, skip)
     head = _head(model) if head_bits else None
+    if head and head[0].rsplit(".", 1)[-1] in skip:  # a head named in skip stays as it is (and tied)
+        head, head_bits = None, 0
     check_loaded(targets + ([head] if head else []))  # before any layer is replaced
     if backend == "hqq":  # every layer checked before any is replaced: a refusal leaves the model as it was
         from lordba.quant.hqq import hqq_shape_problem
