@@ -430,3 +430,26 @@ def test_a_head_named_in_skip_stays_unquantized(backend):
     assert model.lm_head.weight is model.get_input_embeddings().weight
     assert model.config.tie_word_embeddings
     assert model.lordba_quantization["head_bits"] == 0
+
+
+@pytest.mark.parametrize("backend", ["q4", "hqq", "bnb"])
+def test_the_modules_a_model_keeps_in_float_stay_unquantized(backend):
+    # T5's feed-forward casts its input to the dtype of `wo.weight` (transformers keeps `wo` in float32 through
+    # `_keep_in_fp32_modules`, and its own quantizers skip it): on q4 / HQQ every forward raised AttributeError
+    # ('Q4Linear' object has no attribute 'weight'), on NF4 it cast the hidden states to uint8 (logits off by 125%).
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4, decoder_start_token_id=0
+    )
+    model = T5ForConditionalGeneration(config).eval()
+    ids, decoder_ids = torch.randint(1, 100, (1, 6)), torch.randint(1, 100, (1, 4))
+    with torch.no_grad():
+        reference = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
+    quantize_model(model, backend=backend, group_size=64)
+    assert type(model.encoder.block[0].layer[1].DenseReluDense.wo) is nn.Linear
+    assert resolve_backend(model.encoder.block[0].layer[1].DenseReluDense.wi).name == backend
+    with torch.no_grad():
+        logits = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
+    assert ((logits - reference).norm() / reference.norm()) < 0.25

@@ -200,10 +200,11 @@ def untie_head(model: nn.Module) -> None:
 def quantizable(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[str, nn.Linear]]:
     """The ``(path, nn.Linear)`` pairs :func:`quantize_model` replaces: every plain ``nn.Linear`` and GPT-2-family
     ``Conv1D`` (given as an ``nn.Linear`` viewing its weight transposed: :func:`as_linear`) but the output head
-    (the model's output embeddings, or a name :func:`is_output_head` accepts) and those whose last name is in
-    ``skip``."""
+    (the model's output embeddings, or a name :func:`is_output_head` accepts), those whose last name is in
+    ``skip`` and those the model keeps in float (:func:`kept_in_float`)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     conv1d = conv1d_class()
+    kept = kept_in_float(model)
     return [
         (name, m if type(m) is nn.Linear else as_linear(m))
         for name, m in model.named_modules()
@@ -211,7 +212,16 @@ def quantizable(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[str,
         and m is not head
         and not is_output_head(name)
         and name.rsplit(".", 1)[-1] not in skip
+        and not any(f".{k}." in f".{name}." for k in kept)
     ]
+
+
+def kept_in_float(model: nn.Module) -> list[str]:
+    """The module names a transformers model keeps unquantized (its class's ``_keep_in_fp32_modules``, as
+    transformers' own quantizers skip them; e.g. T5's ``wo``, whose input its feed-forward casts to the layer's
+    weight dtype); a module is kept where one of them is a run of whole components of its path."""
+    names = getattr(model, "_keep_in_fp32_modules", None) or ()
+    return [n for n in names if isinstance(n, str) and n]
 
 
 def as_linear(conv: nn.Module) -> nn.Linear:
