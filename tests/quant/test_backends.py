@@ -453,3 +453,25 @@ def test_the_modules_a_model_keeps_in_float_stay_unquantized(backend):
     with torch.no_grad():
         logits = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
     assert ((logits - reference).norm() / reference.norm()) < 0.25
+
+
+def test_a_tied_head_of_an_encoder_decoder_model_stays_tied():
+    # UMT5 (like Switch Transformers, UDOP, T5Gemma) scales the decoder's output by d_model ** -0.5 only while
+    # config.tie_word_embeddings is set: q4 quantized the tied head to 8 bits and untied it, and every logit came out
+    # sqrt(d_model) = 8 times too large (relative error 7.0, silently).
+    from transformers import UMT5Config, UMT5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = UMT5Config(
+        vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4, tie_word_embeddings=True
+    )
+    model = UMT5ForConditionalGeneration(config).eval()
+    ids, decoder_ids = torch.randint(1, 100, (1, 6)), torch.randint(1, 100, (1, 4))
+    with torch.no_grad():
+        reference = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
+    quantize_model(model, backend="q4", group_size=64)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.shared.weight
+    assert model.config.tie_word_embeddings and model.lordba_quantization["head_bits"] == 0
+    with torch.no_grad():
+        logits = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
+    assert ((logits - reference).norm() / reference.norm()) < 0.25

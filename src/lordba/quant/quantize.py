@@ -34,8 +34,10 @@ def quantize_model(
 
     ``head_bits``: the output head's quantization (``q4`` only: 8 or 4; ``0`` keeps it unquantized;
     ``None``, the default, is 8 for ``q4`` — at decode, a small model's float32 head is the largest
-    weight read per token — and unquantized for the other backends; a head whose last name is in ``skip`` stays
-    unquantized). A head tied to the input embeddings is untied: the embeddings stay float32 for the lookup.
+    weight read per token — and unquantized for the other backends; a head whose last name is in ``skip``, or
+    tied to the input embeddings of an encoder-decoder model (whose forward reads the tie:
+    :func:`_rescaled_when_tied`), stays unquantized). A quantized head tied to the input embeddings is untied:
+    the embeddings stay float32 for the lookup.
 
     ``backend="hqq"``: HQQ, ``bits`` ∈ {1, 2, 3, 4, 8}, groups of ``group_size`` (a multiple of 8).
     ``backend="q4"`` (default): lordba's own 4-bit layers (HQQ-optimised groups of ``group_size``, a multiple
@@ -81,8 +83,8 @@ def quantize_model(
     )
     targets = quantizable(model, skip)
     head = _head(model) if head_bits else None
-    if head and head[0].rsplit(".", 1)[-1] in skip:  # a head named in skip stays as it is (and tied)
-        head, head_bits = None, 0
+    if head and (head[0].rsplit(".", 1)[-1] in skip or _rescaled_when_tied(model, head[1])):
+        head, head_bits = None, 0  # stays as it is (and tied)
     check_loaded(targets + ([head] if head else []))  # before any layer is replaced
     if backend == "hqq":  # every layer checked before any is replaced: a refusal leaves the model as it was
         from lordba.quant.hqq import hqq_shape_problem
@@ -179,6 +181,16 @@ def _head(model: nn.Module) -> tuple[str, nn.Linear] | None:
     if type(head) is not nn.Linear:
         return None
     return next(n for n, m in model.named_modules() if m is head), head
+
+
+def _rescaled_when_tied(model: nn.Module, head: nn.Module) -> bool:
+    """Whether ``head`` is tied to the input embeddings of an encoder-decoder model: the T5 family's forwards (UMT5,
+    Switch Transformers, UDOP, T5Gemma) scale the decoder's output by ``d_model ** -0.5`` where
+    ``config.tie_word_embeddings`` is set, so untying the head (:func:`untie_head`) would change every logit."""
+    config = getattr(model, "config", None)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = getattr(config, "tie_word_embeddings", False) and getattr(embeddings, "weight", None) is head.weight
+    return bool(tied and getattr(config, "is_encoder_decoder", False))
 
 
 def _quantize_head(model: nn.Module, head: tuple[str, nn.Linear], group_size: int, bits: int) -> None:
