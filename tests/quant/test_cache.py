@@ -232,3 +232,25 @@ def test_a_model_folder_of_pytorch_bin_weights_is_keyed_by_them(tmp_path, monkey
     fresh = quantize_model(tiny_llama(1), "q4", 4, 32)
     with torch.no_grad():
         assert torch.equal(cached(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)
+
+
+def test_a_cached_q4_base_whose_tied_head_stays_float_is_read_back(tmp_path, monkeypatch):
+    # An encoder-decoder's tied head stays float32 (quantize_model); the entry's layers were checked against a list
+    # holding the head, so every later load warned "could not be read" and quantized the whole model again.
+    import warnings
+
+    from transformers import UMT5Config, UMT5ForConditionalGeneration
+
+    def umt5():
+        torch.manual_seed(0)
+        config = UMT5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4)
+        return UMT5ForConditionalGeneration(config).eval()
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    umt5().save_pretrained(folder)
+    fresh = quantize_model_cached(umt5(), folder, backend="q4", group_size=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cached = quantize_model_cached(umt5(), folder, backend="q4", group_size=64)
+    assert cached.lordba_quantization == fresh.lordba_quantization

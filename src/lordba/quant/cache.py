@@ -25,7 +25,14 @@ from lordba._util.state import ordinary_tensors
 from lordba._version import __version__
 from lordba.errors import LoRDBAError
 from lordba.format.atomic import atomic_write_path
-from lordba.quant.quantize import DEFAULT_BACKEND, check_no_adapters, quantizable, quantize_model, untie_head
+from lordba.quant.quantize import (
+    DEFAULT_BACKEND,
+    check_no_adapters,
+    quantizable,
+    quantize_model,
+    rescaled_when_tied,
+    untie_head,
+)
 
 _KEYED_SUFFIXES = (".safetensors", ".bin", ".json")  # the weights transformers loads (safetensors, PyTorch), configs
 
@@ -156,7 +163,7 @@ def _cached_layers(model: nn.Module, backend: str) -> list[str]:
     head where :func:`quantize_model` quantizes it (a plain ``nn.Linear``)."""
     names = [n for n, _ in quantizable(model)]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if backend == "q4" and type(head) is nn.Linear:
+    if backend == "q4" and type(head) is nn.Linear and not rescaled_when_tied(model, head):
         names += [n for n, m in model.named_modules() if m is head][:1]
     return sorted(names)
 

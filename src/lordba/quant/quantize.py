@@ -36,7 +36,7 @@ def quantize_model(
     ``None``, the default, is 8 for ``q4`` — at decode, a small model's float32 head is the largest
     weight read per token — and unquantized for the other backends; a head whose last name is in ``skip``, or
     tied to the input embeddings of an encoder-decoder model (whose forward reads the tie:
-    :func:`_rescaled_when_tied`), stays unquantized). A quantized head tied to the input embeddings is untied:
+    :func:`rescaled_when_tied`), stays unquantized). A quantized head tied to the input embeddings is untied:
     the embeddings stay float32 for the lookup.
 
     ``backend="hqq"``: HQQ, ``bits`` ∈ {1, 2, 3, 4, 8}, groups of ``group_size`` (a multiple of 8).
@@ -83,7 +83,7 @@ def quantize_model(
     )
     targets = quantizable(model, skip)
     head = _head(model) if head_bits else None
-    if head and (head[0].rsplit(".", 1)[-1] in skip or _rescaled_when_tied(model, head[1])):
+    if head and (head[0].rsplit(".", 1)[-1] in skip or rescaled_when_tied(model, head[1])):
         head, head_bits = None, 0  # stays as it is (and tied)
     check_loaded(targets + ([head] if head else []))  # before any layer is replaced
     if backend == "hqq":  # every layer checked before any is replaced: a refusal leaves the model as it was
@@ -183,7 +183,7 @@ def _head(model: nn.Module) -> tuple[str, nn.Linear] | None:
     return next(n for n, m in model.named_modules() if m is head), head
 
 
-def _rescaled_when_tied(model: nn.Module, head: nn.Module) -> bool:
+def rescaled_when_tied(model: nn.Module, head: nn.Module) -> bool:
     """Whether ``head`` is tied to the input embeddings of an encoder-decoder model: the T5 family's forwards (UMT5,
     Switch Transformers, UDOP, T5Gemma) scale the decoder's output by ``d_model ** -0.5`` where
     ``config.tie_word_embeddings`` is set, so untying the head (:func:`untie_head`) would change every logit."""
