@@ -270,3 +270,20 @@ def test_a_saved_module_without_tensors_is_not_named_in_the_export(tmp_path, inp
     )
     lm.set_adapter("default")
     assert (peft - logits(lm, input_ids)).abs().max() < 1e-4
+
+
+def test_an_adapter_trained_on_a_quantized_base_warns_that_its_export_is_for_that_base(tmp_path, recwarn):
+    """An adapter's ΔW is fit to the base it was trained on (its ``base_quantization``, e.g. q4 g64); the export
+    writes a plain LoRA that vLLM / LoRAX / llama.cpp apply to whatever base they serve (usually fp16). lordba's
+    own loader warns on such a mismatch, but the export dropped the record silently: it now warns, naming it."""
+    from conftest import tiny_q4
+
+    lm = tiny_q4(True)
+    assert lm.adapter_state("default").config.base_quantization == {"backend": "q4", "bits": 4, "group_size": 64}
+    lm.save_pretrained(tmp_path / "native")
+    for source, out in ((lm, "a"), (tmp_path / "native", "b")):
+        with pytest.warns(UserWarning, match=r"base quantized as .*'q4'.*group_size.*64"):
+            export_lora(source, tmp_path / out)
+    recwarn.clear()
+    export_lora(get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2)), tmp_path / "fp32")
+    assert not [w for w in recwarn if "quantized" in str(w.message)]

@@ -17,6 +17,7 @@ that PEFT, vLLM, LoRAX and lm-eval's ``peft=`` load. It needs no base model.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,12 +62,15 @@ def export_lora(
     :class:`ConversionError` if a factor does not fit ``dtype`` (float16 tops out at 65504: use ``bfloat16`` or
     ``float32``);
     :class:`~lordba.errors.LoRDBAError` for an output that exists (without ``overwrite``) or whose
-    replacement would delete the input adapter directory or the current directory."""
+    replacement would delete the input adapter directory or the current directory. Warns (``UserWarning``) for an
+    adapter trained on a quantized base (its ``base_quantization``): the exported ΔW is fit to that base, and
+    a plain LoRA carries no record of it (a runtime serving the float base gives other outputs)."""
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
     check_path(out_dir, "export_lora: out_dir")
     adapter = _as_adapter_state(model_or_dir, adapter_name)
     config = adapter.config
+    _warn_quantized_base(config.base_quantization)
     tensors: dict[str, torch.Tensor] = {}
     rank = max((rec.r for rec in adapter.modules.values()), default=config.r)
     for path, rec in adapter.modules.items():
@@ -152,6 +156,19 @@ def peft_extras(adapter: AdapterState) -> dict[str, torch.Tensor]:
             name = f"{module}.base_layer.bias"
         out[f"base_model.model.{name}"] = value.contiguous()
     return out
+
+
+def _warn_quantized_base(quantization: dict | None) -> None:
+    """Warn that an adapter trained on the base ``quantization`` describes is exported without that record."""
+    if quantization is None:
+        return
+    warnings.warn(
+        f"export_lora: this adapter was trained on a base quantized as {quantization}; its ΔW is fit to that base "
+        "and the plain LoRA written cannot record it: a runtime that serves it on another base (vLLM, LoRAX or "
+        "llama.cpp on the float or their own quantized weights) gives outputs other than lordba's",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _in_range(value: torch.Tensor, dtype: str, name: str) -> torch.Tensor:
