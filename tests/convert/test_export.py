@@ -287,3 +287,23 @@ def test_an_adapter_trained_on_a_quantized_base_warns_that_its_export_is_for_tha
     recwarn.clear()
     export_lora(get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2)), tmp_path / "fp32")
     assert not [w for w in recwarn if "quantized" in str(w.message)]
+
+
+@pytest.mark.parametrize("where", ["scale", "saved module"])
+def test_non_finite_values_are_refused_naming_the_tensor(tmp_path, where):
+    """A diverged adapter (a NaN in a scale or in a module trained in full): ``save_pretrained`` refuses it, but the
+    export said a NaN scale "exceeds float32's range" and advised exporting as float32, and wrote a NaN saved
+    module silently (every logit NaN in PEFT). Both are refused, naming the tensor and what it holds."""
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random", modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        if where == "scale":
+            lm.adapter_modules("default")["model.layers.1.mlp.up_proj"].scale_out[3] = float("nan")
+            name = "model.layers.1.mlp.up_proj.lora_B"
+        else:
+            next(p for n, p in lm.named_parameters() if "lm_head" in n and p.requires_grad)[0, 0] = float("inf")
+            name = "lm_head.weight"
+    for dtype in ("float32", "float16"):
+        with pytest.raises(ConversionError, match=rf"{name}.*NaN or infinite") as err:
+            export_lora(lm, tmp_path / dtype, dtype=dtype)
+        assert "range" not in str(err.value)
+        assert not (tmp_path / dtype).exists()

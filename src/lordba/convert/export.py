@@ -60,7 +60,7 @@ def export_lora(
 
     Raises :class:`ConfigError` for an unknown ``dtype`` or a directory without the named adapter's folder;
     :class:`ConversionError` if a factor does not fit ``dtype`` (float16 tops out at 65504: use ``bfloat16`` or
-    ``float32``);
+    ``float32``) or a factor or a tensor trained in full holds NaN or infinite values;
     :class:`~lordba.errors.LoRDBAError` for an output that exists (without ``overwrite``) or whose
     replacement would delete the input adapter directory or the current directory. Warns (``UserWarning``) for an
     adapter trained on a quantized base (its ``base_quantization``): the exported ΔW is fit to that base, and
@@ -154,6 +154,8 @@ def peft_extras(adapter: AdapterState) -> dict[str, torch.Tensor]:
         module, _, param = name.rpartition(".")
         if param == "bias" and module in adapter.modules:
             name = f"{module}.base_layer.bias"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise _non_finite(name)
         out[f"base_model.model.{name}"] = value.contiguous()
     return out
 
@@ -172,7 +174,10 @@ def _warn_quantized_base(quantization: dict | None) -> None:
 
 
 def _in_range(value: torch.Tensor, dtype: str, name: str) -> torch.Tensor:
-    """``value`` (float32) cast to ``dtype``; :class:`ConversionError` if that makes a finite entry infinite."""
+    """``value`` (float32) cast to ``dtype``; :class:`ConversionError` if it holds NaN or infinite values (a
+    diverged adapter) or the cast makes a finite entry infinite."""
+    if not bool(torch.isfinite(value).all()):
+        raise _non_finite(name)
     cast = value.to(DTYPES[dtype]).contiguous()
     if not bool(torch.isfinite(cast).all()):
         peak = float(value.abs().max())
@@ -181,6 +186,11 @@ def _in_range(value: torch.Tensor, dtype: str, name: str) -> torch.Tensor:
             f"({torch.finfo(DTYPES[dtype]).max:.4g}); export with dtype='bfloat16' or 'float32' (--dtype)"
         )
     return cast
+
+
+def _non_finite(name: str) -> ConversionError:
+    """The error for a tensor ``name`` holding NaN or infinite values (no export dtype can hold it)."""
+    return ConversionError(f"cannot export {name}: it holds NaN or infinite values (a diverged or corrupt adapter)")
 
 
 def _as_adapter_state(model_or_dir: object, adapter_name: str) -> AdapterState:
