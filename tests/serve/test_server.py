@@ -638,3 +638,42 @@ def test_a_stopped_server_leaves_its_model_to_be_freed(served):
     del model, state, server, c
     gc.collect()
     assert alive() is None
+
+
+class _SpyEncoder:
+    """The server's encoder, recording the length of every text it tokenizes."""
+
+    def __init__(self, encoder: object) -> None:
+        self.encoder, self.lengths = encoder, []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.encoder, name)
+
+    def __call__(self, text: str, **kwargs: object) -> object:
+        self.lengths.append(len(text))
+        return self.encoder(text, **kwargs)
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(server, monkeypatch):
+    """A prompt of far more characters than the context can hold was tokenized whole (under the lock every other
+    request's tokenization waits for): a 50 MB prompt took minutes and ~10 GB on the tiny model's tokenizer before its
+    context-length 400. It is refused by its length in characters, and a prompt that fits is still served."""
+    spy = _SpyEncoder(server.state.encoder)
+    monkeypatch.setattr(server.state, "encoder", spy)
+    huge = "x" * 1_000_000
+    cases = [
+        ("/v1/completions", {"prompt": huge}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": huge}]}, "messages"),
+    ]
+    for path, fields, param in cases:
+        status, answer = raw(server, "POST", path, json.dumps({"model": "a", "max_tokens": 2, **fields}).encode())
+        assert status == 400 and answer["error"]["code"] == "context_length_exceeded", answer
+        assert answer["error"]["param"] == param and " characters, more than " in answer["error"]["message"]
+    assert all(n < 100_000 for n in spy.lengths), spy.lengths
+    entry = server.state.registry._entries.get("a")
+    assert entry is None or wait_for(lambda: entry.refs == 0)
+    fits = "x" * (server.state.max_context - 10)
+    status, answer = raw(
+        server, "POST", "/v1/completions", json.dumps({"model": "a", "prompt": fits, "max_tokens": 2}).encode()
+    )
+    assert status == 200, answer

@@ -19,6 +19,8 @@ from lordba.serve.metrics import ServeMetrics
 from lordba.serve.registry import AdapterRegistry
 from lordba.serve.sampling import SamplingParams
 
+CHAR_MARGIN = 4  # characters a token of the vocabulary may stand for, over its own length (prompt_char_limit)
+
 
 @dataclass
 class Job:
@@ -48,8 +50,11 @@ class ServerState:
     encoder: Any = field(init=False, repr=False)
     encoder_lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
 
+    max_prompt_chars: int | None = field(init=False, repr=False, default=None)
+
     def __post_init__(self) -> None:
         self.encoder = copy.deepcopy(self.tokenizer)
+        self.max_prompt_chars = prompt_char_limit(self.tokenizer, self.max_context)
 
     # ------------------------------------------------------------------ preparing
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -57,6 +62,7 @@ class ServerState:
         each checked to be within the vocabulary."""
         if isinstance(prompt, str):
             _check_text(prompt, "prompt")
+            self._check_chars(prompt, "prompt")
             with self.encoder_lock:
                 ids = list(self.encoder(prompt)["input_ids"])
         else:
@@ -67,6 +73,18 @@ class ServerState:
         if not ids:
             raise BadRequestError("prompt is empty", param="prompt")
         return ids
+
+    def _check_chars(self, text: str, field: str) -> None:
+        """Refuse a text of more characters than ``max_context`` tokens can spell (:func:`prompt_char_limit`) before
+        tokenizing it: tokenizing all of a 50 MB prompt takes minutes and gigabytes, under the lock every other
+        request's tokenization waits for, only to be refused for its length then (a 400 naming ``field``)."""
+        if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_context} tokens. However, your {field} is "
+                f"{len(text)} characters, more than {self.max_context} tokens of this tokenizer can hold "
+                f"(at most {self.max_prompt_chars}). Please reduce the length of the {field}.",
+                field,
+            )
 
     def _vocabulary(self) -> int:
         """The ids a prompt may hold: the tokenizer's, at most the model's input embeddings' rows (an id past
@@ -86,6 +104,7 @@ class ServerState:
                 text = self.encoder.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
             except Exception as err:  # the template refuses these messages (e.g. a role it does not know)
                 raise BadRequestError(f"the chat template refuses these messages: {err}", "messages") from None
+            self._check_chars(text, "messages")
             ids = list(self.encoder(text, add_special_tokens=False)["input_ids"])
         if not ids:
             raise BadRequestError("the chat template gives an empty prompt for these messages", "messages")
@@ -179,6 +198,18 @@ class Generation:
         self.done = True
         if not self.request.finished:
             self.engine.abort(self.request)
+
+
+def prompt_char_limit(tokenizer: Any, max_context: int) -> int | None:
+    """The most characters a text of ``max_context`` tokens can hold, with a wide margin: the context times the
+    longest token of the vocabulary (byte-level pieces spell a byte per character, never fewer characters than
+    they stand for), times :data:`CHAR_MARGIN` (a normalizer may drop or compose characters); None where the
+    vocabulary cannot be read."""
+    try:
+        longest = max((len(piece) for piece in tokenizer.get_vocab()), default=0)
+    except Exception:  # a tokenizer without a readable vocabulary: no limit
+        return None
+    return max_context * max(longest, 1) * CHAR_MARGIN if longest > 0 else None
 
 
 def _check_text(text: str, param: str) -> None:
