@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import socket
 import threading
 import time
 from urllib.parse import urlparse
@@ -677,3 +678,50 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenized(server, monkeypatch):
         server, "POST", "/v1/completions", json.dumps({"model": "a", "prompt": fits, "max_tokens": 2}).encode()
     )
     assert status == 200, answer
+
+
+def test_a_request_body_over_the_limit_is_a_413_before_it_is_read_whole(server):
+    """A body of any size was read whole into memory and parsed (a 300 MB prompt: +930 MB in the server's
+    process, kept after) before the prompt was refused. A body larger than any prompt of the model's context can
+    need is a 413 in OpenAI's error shape, whether it says its length or comes in chunks; the server goes on."""
+    from lordba.serve.app import body_limit
+
+    limit = body_limit(server.state)
+    assert limit >= 16 << 20
+    huge = b'{"model": "a", "max_tokens": 1, "prompt": "' + b"x" * limit + b'"}'
+    url = urlparse(server.url)
+    with socket.create_connection((url.hostname, url.port), timeout=TIMEOUT) as sock:  # says its length, sends 1 MB
+        head = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(huge)}"
+        )
+        sock.sendall(head.encode() + b"\r\n\r\n" + huge[: 1 << 20])
+        reply = b""
+        while b"}}" not in reply and (data := sock.recv(65536)):
+            reply += data
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:300]
+    answer = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert answer["error"]["code"] == "request_too_large", answer
+    assert_openai_error(answer, str(limit))
+
+    def chunks():
+        for i in range(0, len(huge), 1 << 20):
+            yield huge[i : i + (1 << 20)]
+
+    url = urlparse(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT)
+    try:
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body=chunks(),
+            encode_chunked=True,
+            headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+        )
+        response = conn.getresponse()
+        assert response.status == 413, response.read()[:300]
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered and closed while the client was still sending
+    finally:
+        conn.close()
+    fits = json.dumps({"model": "a", "prompt": "hi", "max_tokens": 1}).encode()
+    assert raw(server, "POST", "/v1/completions", fits)[0] == 200

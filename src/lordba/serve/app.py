@@ -9,7 +9,7 @@ import json
 import weakref
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
@@ -24,6 +24,8 @@ from lordba.serve.state import Generation, Job, ServerState
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 DISCONNECT_POLL = 0.25  # seconds between checks for a whole response's client while no event comes
+MIN_BODY_LIMIT = 16 << 20  # bytes: the least a request body may hold (body_limit)
+BODY_BYTES_PER_CHAR = 16  # a JSON string's character escaped as a surrogate pair ("\\ud83d\\ude00": 12), with room
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -35,6 +37,7 @@ def build_app(state: ServerState) -> FastAPI:
     _error_handlers(app)
 
     app.add_middleware(_CountRequests, state=state)
+    app.add_middleware(_LimitBody, limit=body_limit(state))
     served = weakref.ref(state)
     del state
 
@@ -172,6 +175,47 @@ async def _stream(events: Generation, job: Job, rid: str, chat: bool, include_us
         await events.aclose()  # a client that disconnected lands here: the job is aborted
 
 
+def body_limit(state: ServerState) -> int:
+    """The most bytes a request body may hold: room for the longest prompt the model's context can take
+    (``state.max_prompt_chars``, else 64 characters a token), every character JSON-escaped; at least
+    :data:`MIN_BODY_LIMIT`."""
+    chars = state.max_prompt_chars or state.max_context * 64
+    return max(MIN_BODY_LIMIT, chars * BODY_BYTES_PER_CHAR)
+
+
+class _LimitBody:
+    """ASGI middleware refusing a request body over ``limit`` bytes with a 413 (OpenAI's error shape) as soon as
+    its ``Content-Length`` or the bytes received so far say so, rather than reading it whole into memory."""
+
+    def __init__(self, app: object, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, received = self.limit, 0
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+
+        def too_large() -> HTTPException:
+            return HTTPException(
+                413, f"the request body is larger than {limit} bytes (no prompt of this model needs more)"
+            )
+
+        async def limited() -> dict:
+            nonlocal received
+            if declared.isdigit() and int(declared) > limit:
+                raise too_large()
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise too_large()
+            return message
+
+        await self.app(scope, limited, send)
+
+
 class _CountRequests:
     """ASGI middleware counting generation requests by path and status (a plain ASGI wrapper: it
     leaves streaming and disconnect handling untouched)."""
@@ -222,7 +266,9 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if err.status_code < 500 else "server_error"
-        return _error(err.status_code, str(err.detail), kind)
+        return _error(
+            err.status_code, str(err.detail), kind, code="request_too_large" if err.status_code == 413 else None
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception) -> JSONResponse:
