@@ -391,3 +391,33 @@ def test_a_mixed_batch_runs_the_hooks_of_its_adapters_in_every_kernel_mode(mode)
         torch.testing.assert_close(hooked[[0, 2]], base[[0, 2]], rtol=0, atol=0)  # the hook zeroed a's branch
         torch.testing.assert_close(hooked[1], plain[1], rtol=0, atol=0)
         torch.testing.assert_close(lordba_layer._mixed_batch_forward(x, base, names), plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("tokens", [1, 17])
+def test_functional_call_with_other_adapter_tensors_is_not_answered_by_a_kept_call(tokens, grad):
+    """``torch.func.functional_call`` swaps a module's tensors by writing its ``_buffers`` directly (no
+    ``__setattr__``, no ``register_buffer``): the layers' kept calls, made for the held tensors, must not run
+    instead of the adapters' with the given ones — on a q4 base (fused op; with gradients on: the direct branch)
+    and a mixed batch (routed call)."""
+    import copy
+
+    from torch.func import functional_call
+
+    lm = tiny_q4(adapter=True)
+    flipped = {k: torch.flip(v, [0]) if k.endswith("scale_out") else v.clone() for k, v in lm.state_dict().items()}
+    fresh = copy.deepcopy(lm)
+    fresh.load_state_dict(flipped)
+    ids = IDS[:, :tokens]
+    with torch.set_grad_enabled(grad):
+        held = lm(input_ids=ids).logits
+        lm(input_ids=ids)  # the kept calls are made and taken again
+        got = functional_call(lm, flipped, (), {"input_ids": ids}).logits
+        assert not torch.allclose(got, held)
+        assert torch.equal(got, fresh(input_ids=ids).logits)
+        assert torch.equal(lm(input_ids=ids).logits, held)  # its own tensors again afterwards
+        rows = torch.cat([ids, ids])
+        names = ["default", layer.BASE_ROW]
+        lm(input_ids=rows, adapter_names=names)
+        got = functional_call(lm, flipped, (), {"input_ids": rows, "adapter_names": names}).logits
+        torch.testing.assert_close(got, fresh(input_ids=rows, adapter_names=names).logits, rtol=1e-5, atol=1e-5)

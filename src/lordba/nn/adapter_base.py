@@ -39,6 +39,30 @@ def touch() -> None:
     _EPOCH[0] += 1
 
 
+class _Held(dict):
+    """An adapter's ``_buffers``: a dict whose every write calls :func:`touch`. The layers' kept calls hold an
+    inference adapter's buffers; ``torch.func.functional_call`` (and accelerate's tensor setters) swap tensors by
+    writing this dict directly, past ``__setattr__`` and ``register_buffer``, and the kept calls ran the held ones."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key: str, value: torch.Tensor | None) -> None:
+        super().__setitem__(key, value)
+        touch()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        touch()
+
+    def pop(self, *args: object) -> object:
+        touch()
+        return super().pop(*args)
+
+    def update(self, *args: object, **kwargs: object) -> None:
+        super().update(*args, **kwargs)
+        touch()
+
+
 def _count_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
     _OPTIMIZER_STEPS[0] += 1
 
@@ -119,6 +143,7 @@ class AdapterBase(nn.Module):
         self.in_features, self.out_features, self.r = int(in_features), int(out_features), int(r)
         self.scaling = float(scaling)
         self.codec = codec
+        object.__setattr__(self, "_buffers", _Held(self._buffers))  # (writes to it touch())
         self._caches = _Caches()
         self.dropout = 0.0  # PEFT's lora_dropout: on the branch input, in training mode
         self.bias_delta: torch.Tensor | None = None  # a trained bias minus the base's (bias="lora_only"/"all")
@@ -150,7 +175,7 @@ class AdapterBase(nn.Module):
         state = flags.copy()
         for key, kind in fresh:
             state[key] = kind()
-        state["_buffers"] = dict(buffers)
+        state["_buffers"] = _Held(buffers)
         state["training"] = bool(training)
         state.update(
             in_features=int(in_features),
@@ -183,6 +208,11 @@ class AdapterBase(nn.Module):
         state = super().__getstate__()
         state["_caches"] = _Caches()
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        """The module's state, with its ``_buffers`` a :class:`_Held` again (a pickled state may hold a plain dict)."""
+        super().__setstate__(state)
+        object.__setattr__(self, "_buffers", _Held(self._buffers))
 
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
         """:meth:`nn.Module.register_buffer`, dropping prepared calls that held the previous tensor."""
