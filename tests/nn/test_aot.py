@@ -488,7 +488,7 @@ def test_a_change_between_prefill_and_step_is_refused_by_step_not_decoded_with_t
     """prefill refused a change since :meth:`AotDecode.prepare`; a change after the prefill (a new scaling, a
     ``disable_adapter`` block, the q4 ``compute``) went on through the compiled step of the old state, silently:
     a prompt of one state continued by tokens of another. step refuses it too, naming what to do."""
-    from lordba.nn.adapter_base import touch
+    from lordba.nn.epoch import touch
     from lordba.quant import set_compute
 
     lm = tiny_q4(adapter=True)

@@ -168,7 +168,7 @@ def test_a_plain_linears_kept_call_is_bound_and_equals_its_python_call(tokens):
     dtype, not their epoch): the bound call gives the Python call's result bit for bit, a prompt that may take the
     tile unit's factors going to that call, and declines an input of another dtype."""
     from lordba import kernels
-    from lordba.nn.adapter_base import _EPOCH
+    from lordba.nn.epoch import _EPOCH
     from lordba.quant.backend import PlainLinear, tile_elements
 
     if kernels.bound_calls() is None:

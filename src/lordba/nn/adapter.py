@@ -32,7 +32,8 @@ from lordba.core.scales import ScaleCodec
 from lordba.core.ste import STE
 from lordba.errors import AdapterStateError, ShapeMismatchError
 from lordba.format.header import stored_specs
-from lordba.nn.adapter_base import SCALES, AdapterBase, check_sizes, stamp
+from lordba.nn.adapter_base import SCALES, AdapterBase, check_sizes
+from lordba.nn.epoch import stamp
 
 LATENT_STD = 0.01
 

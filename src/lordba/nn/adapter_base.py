@@ -15,7 +15,6 @@ from torch import nn
 from torch.nn.modules.module import (
     _global_buffer_registration_hooks,
 )
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lordba import kernels
 from lordba._util.arena import pinned_storages
@@ -25,58 +24,10 @@ from lordba.core.packing import unpack_signs
 from lordba.core.scales import ScaleCodec
 from lordba.errors import AdapterStateError, ShapeMismatchError
 from lordba.format.header import stored_shapes
+from lordba.nn.epoch import TouchingDict, stamp, touch
 
 SCALES = ("scale_in", "scale_mid", "scale_out")
 _CACHE_KINDS = {"scales": "scales", "decoded": "scales", "signs": "signs", "dense": "dense"}  # cache_nbytes' keys
-
-
-_OPTIMIZER_STEPS = [0]
-_EPOCH = [0]  # bumped by any change to what a mixed batch's prepared kernel call holds (see routed_branches)
-
-
-def touch() -> None:
-    """Invalidate every layer's prepared mixed-batch calls (an adapter was added, removed or changed)."""
-    _EPOCH[0] += 1
-
-
-class _Held(dict):
-    """An adapter's ``_buffers``: a dict whose every write calls :func:`touch`. The layers' kept calls hold an
-    inference adapter's buffers; ``torch.func.functional_call`` (and accelerate's tensor setters) swap tensors by
-    writing this dict directly, past ``__setattr__`` and ``register_buffer``, and the kept calls ran the held ones."""
-
-    __slots__ = ()
-
-    def __setitem__(self, key: str, value: torch.Tensor | None) -> None:
-        super().__setitem__(key, value)
-        touch()
-
-    def __delitem__(self, key: str) -> None:
-        super().__delitem__(key)
-        touch()
-
-    def pop(self, *args: object) -> object:
-        touch()
-        return super().pop(*args)
-
-    def update(self, *args: object, **kwargs: object) -> None:
-        super().update(*args, **kwargs)
-        touch()
-
-
-def _count_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-    _OPTIMIZER_STEPS[0] += 1
-
-
-# Fused and foreach optimizers (AdamW(fused=True), the HF Trainer's default) update parameters without
-# bumping their version counters: every optimizer step therefore invalidates the caches too.
-register_optimizer_step_post_hook(_count_step)
-
-
-def stamp(*tensors: torch.Tensor) -> tuple:
-    """What identifies the contents of ``tensors`` for a cache key: version counters and storage,
-    and the number of optimizer steps taken in this process. An address identifies a storage only while
-    it lives: an entry made for it keeps it (``pins`` of :meth:`_Caches.store`)."""
-    return (_OPTIMIZER_STEPS[0], *((t._version, t.data_ptr()) for t in tensors))
 
 
 class _Caches:
@@ -143,7 +94,7 @@ class AdapterBase(nn.Module):
         self.in_features, self.out_features, self.r = int(in_features), int(out_features), int(r)
         self.scaling = float(scaling)
         self.codec = codec
-        object.__setattr__(self, "_buffers", _Held(self._buffers))  # (writes to it touch())
+        object.__setattr__(self, "_buffers", TouchingDict(self._buffers))  # (writes to it touch())
         self._caches = _Caches()
         self.dropout = 0.0  # PEFT's lora_dropout: on the branch input, in training mode
         self.bias_delta: torch.Tensor | None = None  # a trained bias minus the base's (bias="lora_only"/"all")
@@ -175,7 +126,7 @@ class AdapterBase(nn.Module):
         state = flags.copy()
         for key, kind in fresh:
             state[key] = kind()
-        state["_buffers"] = _Held(buffers)
+        state["_buffers"] = TouchingDict(buffers)
         state["training"] = bool(training)
         state.update(
             in_features=int(in_features),
@@ -210,9 +161,10 @@ class AdapterBase(nn.Module):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        """The module's state, with its ``_buffers`` a :class:`_Held` again (a pickled state may hold a plain dict)."""
+        """The module's state, its ``_buffers`` a :class:`~lordba.nn.epoch.TouchingDict` again (a pickled state
+        may hold a plain dict)."""
         super().__setstate__(state)
-        object.__setattr__(self, "_buffers", _Held(self._buffers))
+        object.__setattr__(self, "_buffers", TouchingDict(self._buffers))
 
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
         """:meth:`nn.Module.register_buffer`, dropping prepared calls that held the previous tensor."""

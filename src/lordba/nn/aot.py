@@ -37,11 +37,11 @@ from lordba import kernels
 from lordba._util.modules import context_positions
 from lordba.errors import ConfigError
 from lordba.nn.adapter import PackedAdapter, hold_together
-from lordba.nn.adapter_base import _EPOCH
 from lordba.nn.aot_package import package_dir
 from lordba.nn.aot_step import CompiledStep, kv_cache_dtype
 from lordba.nn.attention import use_packed_gqa
 from lordba.nn.decode import _hf_model, cache_length, token_processors
+from lordba.nn.epoch import _EPOCH
 from lordba.nn.layer import LoRDBALinear
 from lordba.nn.routing import current_routing
 from lordba.nn.saved import embedding_rows

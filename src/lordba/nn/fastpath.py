@@ -21,7 +21,8 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from lordba import kernels
-from lordba.nn.adapter_base import _EPOCH, _OPTIMIZER_STEPS, AdapterBase
+from lordba.nn.adapter_base import AdapterBase
+from lordba.nn.epoch import _EPOCH, _OPTIMIZER_STEPS
 from lordba.quant import BaseBackend
 
 

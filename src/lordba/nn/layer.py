@@ -17,7 +17,7 @@ from lordba._util.modules import hook_execution_device
 from lordba.errors import AdapterStateError, ShapeMismatchError, TargetModulesError
 from lordba.kernels import preload
 from lordba.nn.adapter import LoRDBAAdapter
-from lordba.nn.adapter_base import touch
+from lordba.nn.epoch import touch
 from lordba.nn.fastpath import ARMED, decode_call, direct_branch, fused_direct, routed_branches
 from lordba.nn.routing import BASE_ROW, ROUTING, Routing, RoutingGate, current_routing, route_index
 from lordba.quant import BaseBackend, resolve_backend

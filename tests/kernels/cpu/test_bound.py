@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lordba import kernels
 from lordba.kernels.q4 import GEMM_MIN_TOKENS
-from lordba.nn.adapter_base import _EPOCH
+from lordba.nn.epoch import _EPOCH
 from lordba.quant import Q4Linear, set_compute
 
 from conftest import tiny_q4
