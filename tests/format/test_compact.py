@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lordba import AdapterFormatError, LoRDBAConfig, LoRDBAModel, get_lordba_model
+from lordba import AdapterFormatError, ConfigError, LoRDBAConfig, LoRDBAModel, get_lordba_model
 from lordba.format.adapter import AdapterState, read_adapter
 from lordba.format.compact import fold_names, unfold_names
 from lordba.format.sizes import adapter_file_bytes, size_report
@@ -91,8 +91,10 @@ def test_the_file_is_within_one_percent_of_the_payload_for_smollm2():
     dims = {f"model.layers.{i}.{n}": (*io, 16) for i in range(30) for n, io in shapes.items()}
     for dtype in ("int8", "int4"):
         payload = size_report(dims, dtype).payload_bytes
-        assert adapter_file_bytes(dims, dtype, 1) - payload > 100_000
         assert adapter_file_bytes(dims, dtype) - payload < 0.01 * payload
+    assert adapter_file_bytes(dims, "int8", 1) - size_report(dims, "int8").payload_bytes > 100_000
+    with pytest.raises(ConfigError, match="only in format version 3"):  # int4 scales: no version-1 file exists
+        adapter_file_bytes(dims, "int4", 1)
     lora_params = sum(16 * (i + o) for i, o, _ in dims.values())
     assert 8 * adapter_file_bytes(dims, "int4") / lora_params == pytest.approx(1.25, abs=0.03)
     r8 = {p: (i, o, 8) for p, (i, o, _) in dims.items()}

@@ -151,7 +151,6 @@ def test_a_compile_that_fails_after_prepare_falls_back_to_eager_in_generate(monk
         raise RuntimeError("no C++ compiler here")
 
     monkeypatch.setattr(compile_fx, "compile_fx", broken)
-    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
     seen = []
 
     class Streamer:
@@ -162,7 +161,9 @@ def test_a_compile_that_fails_after_prepare_falls_back_to_eager_in_generate(monk
             seen.append("end")
 
     kw = dict(do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0, min_new_tokens=NEW)
-    with lm.disable_adapter(), caplog.at_level(logging.WARNING, logger="lordba.decode"), torch.no_grad():
+    # (the config's own patch: monkeypatch's undo left suppress_errors hidden, and every later torch.compile failed)
+    quiet = torch._dynamo.config.patch(suppress_errors=False)
+    with quiet, lm.disable_adapter(), caplog.at_level(logging.WARNING, logger="lordba.decode"), torch.no_grad():
         out = decode.generate(PROMPT, NEW, attention_mask=torch.ones_like(PROMPT), streamer=Streamer(), **kw)
     assert_same((out.sequences, torch.stack(out.logits)), want_off)
     assert not decode.compiled and "no C++ compiler here" in decode.failure and "decoding eagerly" in caplog.text
