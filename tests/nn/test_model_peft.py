@@ -582,3 +582,16 @@ def test_a_combination_keeps_each_modules_rank_where_one_path_ends_another():
     held = {p: a.r for p, a in lm.adapter_modules("c").items()}
     assert held == {"blocks.0.proj": 8, "inner.blocks.0.proj": 4, "tail.proj": 4}
     assert {p: lm.peft_config["c"].rank_for(p) for p in held} == held
+
+
+def test_two_adapters_training_the_same_module_in_full_cannot_be_active_together():
+    """Stacking two adapters that each have a copy of ``score`` (modules_to_save) ran the first one's copy and
+    left the second's out without a word; PEFT refuses it, and so does set_adapter now (nothing changes)."""
+    lm = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", modules_to_save=["score"]))
+    lm.add_adapter("b", LoRDBAConfig(r=4, init="random", modules_to_save=["score"]))
+    with pytest.raises(AdapterStateError, match="each train 'score' in full"):
+        lm.set_adapter(["default", "b"])
+    assert lm.active_adapters == ["default"]
+    lm.add_adapter("c", LoRDBAConfig(r=4, init="random"))  # no copy of its own: stacks
+    lm.set_adapter(["default", "c"])
+    assert lm.active_adapters == ["default", "c"]

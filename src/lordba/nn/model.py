@@ -215,12 +215,17 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
 
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
         """Activate one adapter, or several (stacked: their branches add up). Merged adapters left out are
-        unmerged first, with a warning (PEFT's behaviour): in the base weights they would still act."""
+        unmerged first, with a warning (PEFT's behaviour): in the base weights they would still act.
+
+        Raises:
+            AdapterStateError: no name, an unknown one, or several that each train the same module in full.
+        """
         names = tuple(name_list(adapter_names, "set_adapter"))
         if not names:
             raise AdapterStateError("set_adapter needs at least one adapter name")
         with self._lock.write():
             self._check_known(*names)
+            self._check_one_saved_copy(names)
             merged = sorted({n for _, layer in self._lordba_layers() for n in layer.merged_adapters})
             unmerge = not set(merged) <= set(names)
             if unmerge:

@@ -143,6 +143,17 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
             index = indexes[kind] = ModuleIndex(kind)
         return index.get(self.base_model)
 
+    def _check_one_saved_copy(self, names: tuple[str, ...]) -> None:
+        """Refuse activating together adapters that each train the same module in full (``modules_to_save``): one
+        module runs one copy, so all but the first would be left out silently (PEFT refuses it too)."""
+        for path, module in self._saved_modules():
+            both = [n for n in names if n in module.lordba_saved]
+            if len(both) > 1:
+                raise AdapterStateError(
+                    f"adapters {both} each train {path!r} in full (modules_to_save): only one of them can be active "
+                    "at a time (its copy of the module replaces the module)"
+                )
+
     def _sync_saved(self) -> None:
         """Saved modules follow the model's active adapters; empty ones give their module back."""
         for path, module in self._saved_modules():
