@@ -7,6 +7,7 @@ from lordba import ConfigError, DataError
 from lordba.train.records import Example
 from lordba.train.tokenize import Batcher, collate, encode_examples
 from lordba_lab.assets import load_model_and_tokenizer
+from tiny_model import char_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +91,24 @@ def test_a_template_that_does_not_answer_after_its_generation_prompt_is_refused(
         encode_examples(r1, [ex])
     (row,) = encode_examples(tok, [ex])  # the model's own template renders the answer after its prompt
     assert trained_text(tok, row) == "5<|im_end|>\n"
+
+
+def test_an_opening_assistant_turn_trains_its_content_not_the_template_around_it():
+    """A conversation that opens with the assistant (a greeting), trained on every assistant turn: the first turn's
+    piece was everything its rendering held (``before`` was ``""``), the ``<|im_start|>assistant`` header included
+    and, with a template that adds a default system prompt, that whole system prompt: trained silently as if the
+    assistant wrote it."""
+    ctok = char_tokenizer()
+    ex = Example((("assistant", "Hi"), ("user", "Q?")), "A", "A")
+    (row,) = encode_examples(ctok, [ex], train_on="all-assistant-turns")
+    assert trained_text(ctok, row) == "Hi<|im_end|>\nA<|im_end|>\n"
+    (last,) = encode_examples(ctok, [ex])
+    assert row["input_ids"] == last["input_ids"]
+
+
+def test_an_opening_assistant_turn_with_a_default_system_prompt_is_not_trained_on_that_prompt(tok):
+    ex = Example((("assistant", "Hi"), ("user", "Q?")), "A", "A")
+    (row,) = encode_examples(tok, [ex], train_on="all-assistant-turns")
+    assert trained_text(tok, row) == "Hi<|im_end|>\nA<|im_end|>\n"  # not SmolLM2's default system prompt
+    (last,) = encode_examples(tok, [ex])
+    assert row["input_ids"] == last["input_ids"]

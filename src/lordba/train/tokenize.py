@@ -56,6 +56,20 @@ def _render(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[str, 
     return prompt, example.completion + (tokenizer.eos_token or "")
 
 
+def _opening(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What the chat template renders before the content of a conversation's opening assistant turn (its header, a
+    default system prompt): not the assistant's words, so not trained. Found by rendering a marker as that turn
+    (a template renders no conversation without messages)."""
+    mark = "\ue000lordba\ue000"
+    text = _template(tokenizer, [("assistant", mark)], generation=False)
+    if mark not in text:
+        raise DataError(
+            "the tokenizer's chat template does not render an opening assistant turn's content as given; "
+            "train on the last assistant turn only"
+        )
+    return text[: text.index(mark)]
+
+
 def _pieces_all_turns(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[tuple[str, bool]]:
     """``(text, trained)`` pieces of the whole conversation, trained on every assistant turn: the
     chat template is applied turn by turn and each assistant turn is what its rendering adds."""
@@ -67,7 +81,7 @@ def _pieces_all_turns(tokenizer: PreTrainedTokenizerBase, example: Example) -> l
     for i, (role, _) in enumerate(turns):
         if role != "assistant":
             continue
-        before = _template(tokenizer, turns[:i], generation=True) if i else ""
+        before = _template(tokenizer, turns[:i], generation=True) if i else _opening(tokenizer)
         after = _template(tokenizer, turns[: i + 1], generation=False)
         if not (before.startswith(covered) and after.startswith(before)):
             raise DataError(
