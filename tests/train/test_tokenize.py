@@ -5,8 +5,9 @@ import torch
 
 from lordba import ConfigError, DataError
 from lordba.train.records import Example
-from lordba.train.tokenize import Batcher, collate, encode_examples
+from lordba.train.tokenize import Batcher, collate, encode_examples, prompt_ids
 from lordba_lab.assets import load_model_and_tokenizer
+from tiny_model import CHATML as CHATML_TEMPLATE
 from tiny_model import char_tokenizer
 
 
@@ -112,3 +113,40 @@ def test_an_opening_assistant_turn_with_a_default_system_prompt_is_not_trained_o
     assert trained_text(tok, row) == "Hi<|im_end|>\nA<|im_end|>\n"  # not SmolLM2's default system prompt
     (last,) = encode_examples(tok, [ex])
     assert row["input_ids"] == last["input_ids"]
+
+
+def bos_tokenizer():
+    """The character tokenizer with no chat template that puts ``<s>`` before any text (as Llama's, Mistral's or
+    Gemma's base tokenizers do)."""
+    from tokenizers.processors import TemplateProcessing
+
+    btok = char_tokenizer()
+    btok.chat_template = None
+    btok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", btok.bos_token_id)]
+    )
+    assert btok("Q")["input_ids"] == [btok.bos_token_id, btok.convert_tokens_to_ids("Q")]
+    return btok
+
+
+@pytest.mark.parametrize("train_on", ["last-assistant-turn", "all-assistant-turns"])
+def test_the_plain_format_starts_with_the_bos_that_serving_puts_before_a_prompt(train_on):
+    """Without a chat template (and for text records) an example trained without the BOS token that `lordba serve`'s
+    /v1/completions and `lordba generate` put before the same prompt (``tokenizer(prompt)``): the adapter learned on
+    sequences the model is never given (a base model without its BOS is far off its distribution)."""
+    btok = bos_tokenizer()
+    ex = Example((("user", "Q?"),), "A", "A")
+    (row,) = encode_examples(btok, [ex], train_on=train_on)
+    assert row["input_ids"] == btok("Q?\nA")["input_ids"] + [btok.eos_token_id]  # once, not twice
+    assert row["labels"][:4] == [-100] * 4 and trained_text(btok, row) == "A<|im_end|>"
+    assert prompt_ids(btok, ex) == btok("Q?\n")["input_ids"]  # the evaluation's generation prompt too
+    (text,) = encode_examples(btok, [Example((), "hi")], train_on=train_on)
+    assert text["input_ids"] == btok("hi")["input_ids"] + [btok.eos_token_id]
+    assert text["labels"][0] == -100 and trained_text(btok, text) == "hi<|im_end|>"  # "h" is now scored
+
+
+def test_a_template_that_writes_the_bos_gets_it_once():
+    btok = bos_tokenizer()
+    btok.chat_template = "{{ bos_token }}" + CHATML_TEMPLATE
+    (row,) = encode_examples(btok, [Example((("user", "Q?"),), "A", "A")])
+    assert row["input_ids"].count(btok.bos_token_id) == 1 and row["input_ids"][0] == btok.bos_token_id

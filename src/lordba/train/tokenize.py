@@ -100,9 +100,22 @@ def _pieces(tokenizer: PreTrainedTokenizerBase, example: Example, train_on: str)
     return [(prompt, False), (completion, True)]
 
 
+def _text_prefix(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
+    """The ids the tokenizer puts before plain text (a BOS token), where ``example`` is in the plain format (text, or
+    no chat template): ``tokenizer(prompt)`` gives them to a prompt of `lordba serve`'s /v1/completions and of
+    `lordba generate`. A chat template writes its own (the rendered text is tokenized without special tokens)."""
+    if example.messages and getattr(tokenizer, "chat_template", None):
+        return []
+    bare, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
+    return next((full[:k] for k in range(len(full) - len(bare) + 1) if full[k : k + len(bare)] == bare), [])
+
+
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
     """Token ids of the prompt (for generation)."""
-    return tokenizer(_render(tokenizer, example)[0], add_special_tokens=False)["input_ids"]
+    return (
+        _text_prefix(tokenizer, example)
+        + tokenizer(_render(tokenizer, example)[0], add_special_tokens=False)["input_ids"]
+    )
 
 
 def encode_examples(
@@ -125,7 +138,8 @@ def encode_examples(
         raise ConfigError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
     out = []
     for i, ex in enumerate(examples):
-        ids, labels = [], []
+        ids = _text_prefix(tokenizer, ex)
+        labels = [-100] * len(ids)
         try:
             pieces = _pieces(tokenizer, ex, train_on)
         except DataError as err:
