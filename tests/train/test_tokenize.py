@@ -150,3 +150,13 @@ def test_a_template_that_writes_the_bos_gets_it_once():
     btok.chat_template = "{{ bos_token }}" + CHATML_TEMPLATE
     (row,) = encode_examples(btok, [Example((("user", "Q?"),), "A", "A")])
     assert row["input_ids"].count(btok.bos_token_id) == 1 and row["input_ids"][0] == btok.bos_token_id
+
+
+def test_an_example_whose_only_trained_token_is_its_first_is_refused(tok):
+    """A causal LM scores token t from the ones before it: a trained label at position 0 is never scored. A text
+    record cut to ``max_length=1`` (or a conversation whose first kept token alone is trained) was kept with no
+    scored token, silently: a batch of such rows has a loss of 0/0."""
+    with pytest.raises(DataError, match=r"example 0: .*max_length=1"):
+        encode_examples(tok, [Example((), "hello")], max_length=1)
+    (row,) = encode_examples(tok, [Example((), "hello")], max_length=2)
+    assert row["labels"][1] != -100

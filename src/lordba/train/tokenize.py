@@ -130,8 +130,9 @@ def encode_examples(
     every assistant turn of a multi-turn conversation.
 
     Raises:
-        DataError: an example whose trained tokens would be cut away entirely, or a conversation the
-            chat template refuses (naming the example's index).
+        DataError: an example whose trained tokens would be cut away entirely (its first token counts for none:
+            a causal LM never predicts it), or a conversation the chat template refuses (naming the example's
+            index).
         ConfigError: an unknown ``train_on``.
     """
     if train_on not in TRAIN_ON:
@@ -149,8 +150,13 @@ def encode_examples(
             ids += tokens
             labels += tokens if trained else [-100] * len(tokens)
         ids, labels = ids[:max_length], labels[:max_length]
-        if all(t == -100 for t in labels):
-            raise DataError(f"example {i}: the prompt alone is longer than max_length={max_length}")
+        if all(t == -100 for t in labels[1:]):  # the first token is never scored: nothing comes before it
+            why = (
+                "the prompt alone is longer than"
+                if labels[:1] == [-100]
+                else "only the first token, which a causal LM never predicts, is trained within"
+            )
+            raise DataError(f"example {i}: {why} max_length={max_length}")
         out.append({"input_ids": ids, "labels": labels})
     return out
 
