@@ -160,3 +160,22 @@ def test_an_example_whose_only_trained_token_is_its_first_is_refused(tok):
         encode_examples(tok, [Example((), "hello")], max_length=1)
     (row,) = encode_examples(tok, [Example((), "hello")], max_length=2)
     assert row["labels"][1] != -100
+
+
+@pytest.mark.parametrize("seed", [1_733_500_000_000_000_000, 2**63, -5])
+def test_a_large_seed_shuffles_as_any_other(seed):
+    """`lordba train --seed N` takes any integer >= 0 (and TrainSettings any integer), which seeds torch, NumPy and
+    random; the batcher multiplied it by 1_000_003 into torch's 64-bit seed: a seed above ~1.8e13 (a time in
+    nanoseconds) failed the first batch with ValueError('Overflow when unpacking long long') after the model loaded.
+    Seeds that fitted keep their order."""
+    rows = [{"input_ids": [i, i], "labels": [i, i]} for i in range(6)]
+    a = Batcher(rows, 2, seed=seed)
+    first = [a.batch(k)["input_ids"][:, 0].tolist() for k in range(3)]
+    assert sorted(i for batch in first for i in batch) == list(range(6))
+    assert first == [Batcher(rows, 2, seed=seed).batch(k)["input_ids"][:, 0].tolist() for k in range(3)]
+
+
+def test_the_order_of_a_small_seed_is_unchanged():
+    rows = [{"input_ids": [i], "labels": [i]} for i in range(5)]
+    expected = torch.randperm(5, generator=torch.Generator().manual_seed(7 * 1_000_003 + 1)).tolist()
+    assert Batcher(rows, 5, seed=7).batch(1)["input_ids"][:, 0].tolist() == expected

@@ -179,7 +179,9 @@ class Batcher:
         self.batch_size = min(self.batch_size, len(self.rows))
 
     def _order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        # modulo torch's 64-bit seed: a large seed (a time in nanoseconds) overflowed it; the seeds that fitted keep
+        # their order (torch takes a negative seed modulo 2**64 too)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
         return torch.randperm(len(self.rows), generator=g).tolist()
 
     def batch(self, k: int) -> dict[str, torch.Tensor]:
