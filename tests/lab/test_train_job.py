@@ -192,7 +192,7 @@ def test_a_heldout_example_too_long_to_encode_is_refused_before_training(setup, 
     args = train_args(model, data, out, "--quant", "none", "--eval-data", str(held), "--max-length", "64")
     assert main(args) == 3
     err = capsys.readouterr().err
-    assert f"held-out data ({held}): example 0: the prompt alone is longer than max_length=64" in err
+    assert f"held-out data ({held}): {held}:1 (example 0): the prompt alone is longer than max_length=64" in err
     assert not (out / "checkpoints").exists()  # nothing trained
 
 

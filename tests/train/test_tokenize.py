@@ -1,10 +1,12 @@
 import copy
+import json
+import re
 
 import pytest
 import torch
 
 from lordba import ConfigError, DataError
-from lordba.train.records import Example
+from lordba.train.records import Example, read_jsonl
 from lordba.train.tokenize import Batcher, collate, encode_examples, prompt_ids
 from lordba_lab.assets import load_model_and_tokenizer
 from tiny_model import CHATML as CHATML_TEMPLATE
@@ -179,3 +181,18 @@ def test_the_order_of_a_small_seed_is_unchanged():
     rows = [{"input_ids": [i], "labels": [i]} for i in range(5)]
     expected = torch.randperm(5, generator=torch.Generator().manual_seed(7 * 1_000_003 + 1)).tolist()
     assert Batcher(rows, 5, seed=7).batch(1)["input_ids"][:, 0].tolist() == expected
+
+
+def test_an_example_read_from_a_file_that_cannot_be_encoded_names_its_file_and_line(tok, tmp_path):
+    """`lordba train --data FILE` with a record too long for --max-length (or one the chat template refuses) stopped
+    with "example 1: the prompt alone is longer than max_length=64": no file, and an index among the non-blank records
+    counted from 0, not the line an editor shows. Records read by read_jsonl are now named by file and line."""
+    data = tmp_path / "d.jsonl"
+    ok = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    long = {"messages": [{"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "x"}]}
+    data.write_text(json.dumps(ok) + "\n\n" + json.dumps(long) + "\n")
+    examples = read_jsonl(data)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(data))}:3 \(example 1\): the prompt alone is longer"):
+        encode_examples(tok, examples, max_length=64)
+    with pytest.raises(DataError, match=r"^example 1: the prompt alone"):  # built in memory: no file to name
+        encode_examples(tok, [Example((("user", "Hi"),), "Yo"), Example((("user", "word " * 40),), "x")], max_length=64)

@@ -21,6 +21,7 @@ class Example:
     language-model data, ``messages`` is empty and ``completion`` is the whole text. The loss is on
     the final answer, or on every assistant turn (``train_on="all-assistant-turns"`` in
     :func:`~lordba.train.tokenize.encode_examples`). ``answer`` is the reference for exact-match metrics.
+    ``meta["where"]``: the ``file:line`` of a record read by :func:`read_jsonl` (errors name it).
     """
 
     messages: tuple[tuple[str, str], ...]
@@ -111,7 +112,9 @@ def read_jsonl(path: str | Path, max_bytes: int = 2 << 30) -> list[Example]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-                examples.append(_record_to_example(obj, where))
+                example = _record_to_example(obj, where)
+                example.meta["where"] = where  # named by encode_examples' errors
+                examples.append(example)
         except UnicodeDecodeError as err:
             raise DataError(f"{path}: not UTF-8 ({err})") from None
     if not examples:

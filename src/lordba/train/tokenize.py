@@ -132,19 +132,20 @@ def encode_examples(
     Raises:
         DataError: an example whose trained tokens would be cut away entirely (its first token counts for none:
             a causal LM never predicts it), or a conversation the chat template refuses (naming the example's
-            index).
+            index, and the ``file:line`` of one :func:`~lordba.train.records.read_jsonl` read).
         ConfigError: an unknown ``train_on``.
     """
     if train_on not in TRAIN_ON:
         raise ConfigError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
     out = []
     for i, ex in enumerate(examples):
+        name = f"{ex.meta['where']} (example {i})" if "where" in ex.meta else f"example {i}"
         ids = _text_prefix(tokenizer, ex)
         labels = [-100] * len(ids)
         try:
             pieces = _pieces(tokenizer, ex, train_on)
         except DataError as err:
-            raise DataError(f"example {i}: {err}") from None
+            raise DataError(f"{name}: {err}") from None
         for text, trained in pieces:
             tokens = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
             ids += tokens
@@ -156,7 +157,7 @@ def encode_examples(
                 if labels[:1] == [-100]
                 else "only the first token, which a causal LM never predicts, is trained within"
             )
-            raise DataError(f"example {i}: {why} max_length={max_length}")
+            raise DataError(f"{name}: {why} max_length={max_length}")
         out.append({"input_ids": ids, "labels": labels})
     return out
 
