@@ -114,3 +114,21 @@ def test_trl_conversational_records_and_the_tool_role(tmp_path):
 def test_malformed_conversational_records(tmp_path, record, match):
     with pytest.raises(DataError, match=f"d.jsonl:1: .*{match}"):
         read_jsonl(write(tmp_path, [json.dumps(record)]))
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"text": "cut emoji \ud83d"},
+        {"prompt": "P", "completion": "x\udc00"},
+        {"messages": [{"role": "user", "content": "\ud83d!"}, {"role": "assistant", "content": "ok"}]},
+        {"instruction": "I", "input": "\ud800", "output": "O"},
+    ],
+)
+def test_a_lone_surrogate_escape_is_refused_naming_the_line(tmp_path, record):
+    """JSON may escape half a UTF-16 surrogate pair ("\\ud83d", an emoji cut by a JavaScript scraper); json.loads
+    returns it in a str that is no text: the record was accepted and the tokenizer then failed the whole run with
+    "TypeError: TextEncodeInput must be Union[...]", naming nothing. Now refused as the non-UTF-8 bytes are."""
+    p = write(tmp_path, [json.dumps({"text": "fine"}), json.dumps(record)])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: .*surrogate"):
+        read_jsonl(p)

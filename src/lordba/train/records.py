@@ -94,6 +94,20 @@ def _record_to_example(obj: Any, where: str) -> Example:
     return Example((("user", prompt),), completion, completion)
 
 
+def _check_text(example: Example, where: str) -> Example:
+    """``example`` if all its strings are text; JSON escapes half a UTF-16 surrogate pair (``"\\ud83d"``, an emoji
+    cut by a JavaScript scraper) into a str that is not, which the tokenizer fails on naming nothing."""
+    for text in (*(c for _, c in example.messages), example.completion):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataError(
+                f"{where}: a lone UTF-16 surrogate escape ({text[err.start]!r} at character {err.start}) is not "
+                "text; remove it or restore its pair"
+            ) from None
+    return example
+
+
 def read_jsonl(path: str | Path, max_bytes: int = 2 << 30) -> list[Example]:
     """Read a JSONL file of records; a malformed line raises :class:`DataError` with its number."""
     path = Path(path)
@@ -112,7 +126,7 @@ def read_jsonl(path: str | Path, max_bytes: int = 2 << 30) -> list[Example]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-                example = _record_to_example(obj, where)
+                example = _check_text(_record_to_example(obj, where), where)
                 example.meta["where"] = where  # named by encode_examples' errors
                 examples.append(example)
         except UnicodeDecodeError as err:
