@@ -132,3 +132,14 @@ def test_a_lone_surrogate_escape_is_refused_naming_the_line(tmp_path, record):
     p = write(tmp_path, [json.dumps({"text": "fine"}), json.dumps(record)])
     with pytest.raises(DataError, match=r"d\.jsonl:2: .*surrogate"):
         read_jsonl(p)
+
+
+@pytest.mark.parametrize("extra", [42, ["a", "b"], {"x": 1}])
+def test_an_instruction_input_that_is_not_a_string_is_refused(tmp_path, extra):
+    """An instruction record's ``input`` that was not a string (a number, a list) was dropped without a word: the
+    example trained on the instruction alone, its input missing from the prompt."""
+    p = write(tmp_path, [json.dumps({"instruction": "Add one to", "input": extra, "output": "43"})])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: .*'input'"):
+        read_jsonl(p)
+    p = write(tmp_path, [json.dumps({"instruction": "Say hi", "input": None, "output": "hi"})])  # null: no input
+    assert read_jsonl(p)[0].messages == (("user", "Say hi"),)

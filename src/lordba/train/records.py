@@ -57,12 +57,15 @@ def _conversation(turns: list[tuple[str, str]], where: str) -> Example:
     return Example(tuple(turns[:-1]), turns[-1][1], turns[-1][1])
 
 
-def _pair(obj: dict[str, Any]) -> tuple[tuple[str, str], Any, Any] | None:
-    """The ``(field names, prompt, completion)`` of a prompt-completion or instruction record."""
+def _pair(obj: dict[str, Any], where: str) -> tuple[tuple[str, str], Any, Any] | None:
+    """The ``(field names, prompt, completion)`` of a prompt-completion or instruction record (an instruction's
+    ``input``, a string or null, joins its prompt)."""
     if "prompt" in obj and "completion" in obj:
         return ("prompt", "completion"), obj["prompt"], obj["completion"]
     if "instruction" in obj and "output" in obj:
         extra = obj.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise DataError(f"{where}: 'input' must be a string or null, got {type(extra).__name__}")
         suffix = f"\n\n{extra}" if isinstance(extra, str) and extra else ""
         instruction = obj["instruction"]
         return ("instruction", "output"), instruction + suffix if isinstance(instruction, str) else None, obj["output"]
@@ -74,7 +77,7 @@ def _record_to_example(obj: Any, where: str) -> Example:
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
         return _conversation(_turns(obj["messages"], where, "messages"), where)
-    pair = _pair(obj)
+    pair = _pair(obj, where)
     if pair is None and "text" in obj:
         if not isinstance(obj["text"], str) or not obj["text"].strip():
             raise DataError(f"{where}: 'text' must be a non-empty string")
