@@ -15,7 +15,7 @@ import torch
 from lordba import ConfigError, LoRDBAConfig, TrainingError, get_lordba_model
 from lordba.train import TrainSettings, train_loop
 from lordba.train.checkpoint import latest_checkpoint
-from lordba.train.loop import resolve_device
+from lordba.train.loop import resolve_device, seed_everything
 from lordba.train.tokenize import Batcher
 
 from conftest import tiny_llama
@@ -119,7 +119,8 @@ def test_a_micro_batch_with_nothing_to_score_adds_nothing_to_its_step():
         ("lr", float("inf")), ("lr", "1e-4"), ("warmup_ratio", 1.5), ("warmup_ratio", -0.1),
         ("weight_decay", -1e-3), ("max_grad_norm", 0.0), ("max_grad_norm", float("nan")), ("eval_every", -5),
         ("checkpoint_every", -1), ("keep_checkpoints", 0), ("seed", 1.5), ("seed", None), ("first_batch", -1),
-        ("bf16", 1), ("gradient_checkpointing", "yes"), ("steps", True), ("lr", 10**400),
+        ("bf16", 1), ("gradient_checkpointing", "yes"), ("steps", True), ("lr", 10**400), ("seed", 2**64),
+        ("seed", -(2**63) - 1),
     ],
 )  # fmt: skip
 def test_settings_refuse_a_bad_value_naming_the_field(field, value):
@@ -132,6 +133,8 @@ def test_settings_refuse_a_bad_value_naming_the_field(field, value):
 
 def test_settings_accept_the_edges_and_numpy_numbers():
     TrainSettings(steps=0, warmup_ratio=0, max_grad_norm=float("inf"), weight_decay=0, seed=-3, eval_every=0)
+    for seed in (2**64 - 1, -(2**63)):  # the ends of what torch's generators take: seed_everything runs
+        seed_everything(TrainSettings(seed=seed).seed)
     s = TrainSettings(steps=np.int64(3), lr=np.float32(1e-3), warmup_ratio=1)
     assert s.steps == 3 and s.warmup_ratio == 1
 

@@ -60,6 +60,8 @@ class TrainSettings:
                           ("checkpoint_every", 0), ("keep_checkpoints", 1), ("first_batch", 0)):  # fmt: skip
             _check_int(name, getattr(self, name), low)
         _check_int("seed", self.seed, None)
+        if not -(2**63) <= self.seed < 2**64:  # what torch's generators take (seed_everything)
+            raise ConfigError(f"TrainSettings.seed must be in [-2**63, 2**64) (torch's seeds), got {self.seed}")
         _check_number("lr", self.lr, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
         _check_number("warmup_ratio", self.warmup_ratio, lambda v: 0 <= v <= 1, "a number in [0, 1]")
         _check_number("weight_decay", self.weight_decay, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
