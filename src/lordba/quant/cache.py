@@ -30,7 +30,7 @@ from lordba.quant.quantize import (
     check_no_adapters,
     quantizable,
     quantize_model,
-    rescaled_when_tied,
+    quantized_head,
     untie_head,
 )
 
@@ -160,12 +160,10 @@ def _signature(model: nn.Module) -> list:
 
 def _cached_layers(model: nn.Module, backend: str) -> list[str]:
     """The names of the layers an entry for ``model`` holds: its quantizable layers and, for ``q4``, its output
-    head where :func:`quantize_model` quantizes it (a plain ``nn.Linear``)."""
+    head where :func:`quantize_model` quantizes it (:func:`~lordba.quant.quantize.quantized_head`)."""
     names = [n for n, _ in quantizable(model)]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if backend == "q4" and type(head) is nn.Linear and not rescaled_when_tied(model, head):
-        names += [n for n, m in model.named_modules() if m is head][:1]
-    return sorted(names)
+    head = quantized_head(model) if backend == "q4" else None
+    return sorted([*names, head[0]] if head else names)
 
 
 def _hqq_layer(linear: nn.Linear, sd: dict[str, torch.Tensor], bits: int, group_size: int) -> nn.Module:

@@ -82,9 +82,9 @@ def quantize_model(
         model, {"backend": backend, "bits": bits, "group_size": 64 if backend == "bnb" else group_size}
     )
     targets = quantizable(model, skip)
-    head = _head(model) if head_bits else None
-    if head and (head[0].rsplit(".", 1)[-1] in skip or rescaled_when_tied(model, head[1])):
-        head, head_bits = None, 0  # stays as it is (and tied)
+    head = quantized_head(model, skip) if head_bits else None
+    if head is None:
+        head_bits = 0  # stays as it is (and tied)
     check_loaded(targets + ([head] if head else []))  # before any layer is replaced
     if backend == "hqq":  # every layer checked before any is replaced: a refusal leaves the model as it was
         from lordba.quant.hqq import hqq_shape_problem
@@ -175,12 +175,15 @@ def check_loaded(layers: list[tuple[str, nn.Module]]) -> None:
             )
 
 
-def _head(model: nn.Module) -> tuple[str, nn.Linear] | None:
-    """The output head (``get_output_embeddings()``) with its path, where it is a plain ``nn.Linear``."""
+def quantized_head(model: nn.Module, skip: tuple[str, ...] = ()) -> tuple[str, nn.Linear] | None:
+    """The output head (``get_output_embeddings()``) with its path, where the q4 backend quantizes it: a plain
+    ``nn.Linear`` whose last name is not in ``skip`` and that is not tied to an encoder-decoder's input embeddings
+    (:func:`rescaled_when_tied`); else ``None``."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is not nn.Linear:
+    if type(head) is not nn.Linear or rescaled_when_tied(model, head):
         return None
-    return next(n for n, m in model.named_modules() if m is head), head
+    name = next(n for n, m in model.named_modules() if m is head)
+    return None if name.rsplit(".", 1)[-1] in skip else (name, head)
 
 
 def rescaled_when_tied(model: nn.Module, head: nn.Module) -> bool:
@@ -194,7 +197,7 @@ def rescaled_when_tied(model: nn.Module, head: nn.Module) -> bool:
 
 
 def _quantize_head(model: nn.Module, head: tuple[str, nn.Linear], group_size: int, bits: int) -> None:
-    """Replace the output head (:func:`_head`) by a q4 layer."""
+    """Replace the output head (:func:`quantized_head`) by a q4 layer."""
     from lordba.quant.q4 import quantize_linear_q4
 
     name, layer = head
