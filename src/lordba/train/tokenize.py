@@ -100,14 +100,20 @@ def _pieces(tokenizer: PreTrainedTokenizerBase, example: Example, train_on: str)
     return [(prompt, False), (completion, True)]
 
 
-def _text_prefix(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
-    """The ids the tokenizer puts before plain text (a BOS token), where ``example`` is in the plain format (text, or
-    no chat template): ``tokenizer(prompt)`` gives them to a prompt of `lordba serve`'s /v1/completions and of
-    `lordba generate`. A chat template writes its own (the rendered text is tokenized without special tokens)."""
-    if example.messages and getattr(tokenizer, "chat_template", None):
-        return []
+def _plain_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids the tokenizer puts before plain text (a BOS token): ``tokenizer(prompt)`` gives them to a prompt of
+    `lordba serve`'s /v1/completions and of `lordba generate`."""
     bare, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
     return next((full[:k] for k in range(len(full) - len(bare) + 1) if full[k : k + len(bare)] == bare), [])
+
+
+def _text_prefix(tokenizer: PreTrainedTokenizerBase, example: Example, plain: list[int] | None = None) -> list[int]:
+    """:func:`_plain_prefix` (``plain``, where the caller has it) where ``example`` is in the plain format (text, or
+    no chat template); none for a chat template, which writes its own (the rendered text is tokenized without
+    special tokens)."""
+    if example.messages and getattr(tokenizer, "chat_template", None):
+        return []
+    return list(plain if plain is not None else _plain_prefix(tokenizer))
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
@@ -137,10 +143,10 @@ def encode_examples(
     """
     if train_on not in TRAIN_ON:
         raise ConfigError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
-    out = []
+    out, plain = [], _plain_prefix(tokenizer)  # the tokenizer's, once for all examples
     for i, ex in enumerate(examples):
         name = f"{ex.meta['where']} (example {i})" if "where" in ex.meta else f"example {i}"
-        ids = _text_prefix(tokenizer, ex)
+        ids = _text_prefix(tokenizer, ex, plain)
         labels = [-100] * len(ids)
         try:
             pieces = _pieces(tokenizer, ex, train_on)
