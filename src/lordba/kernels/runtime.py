@@ -62,11 +62,7 @@ def get_mode() -> str:
 
 def set_mode(name: str) -> None:
     """Set the kernel mode for every adapter (see the module docstring)."""
-    from lordba.errors import ConfigError
-
-    if name not in MODES:
-        raise ConfigError(f"kernel mode must be one of {MODES}, got {name!r}")
-    _set("mode", name)
+    _set("mode", _checked(name, MODES, "kernel mode"))
 
 
 def branch_compute() -> str:
@@ -94,11 +90,16 @@ def set_branch_compute(name: str) -> None:
     Raises:
         ConfigError: ``name`` is not one of :data:`BRANCH_COMPUTE`.
     """
+    _set("branch_compute", _checked(name, BRANCH_COMPUTE, "branch compute"))
+
+
+def _checked(name: str, allowed: tuple[str, ...], what: str) -> str:
+    """``name``, where it is one of ``allowed``; else a :class:`~lordba.errors.ConfigError` naming ``what``."""
     from lordba.errors import ConfigError
 
-    if name not in BRANCH_COMPUTE:
-        raise ConfigError(f"branch compute must be one of {BRANCH_COMPUTE}, got {name!r}")
-    _set("branch_compute", name)
+    if name not in allowed:
+        raise ConfigError(f"{what} must be one of {allowed}, got {name!r}")
+    return name
 
 
 def _set(setting: str, value: str) -> None:
@@ -112,10 +113,10 @@ def _set(setting: str, value: str) -> None:
 
 @contextlib.contextmanager
 def _block(setting: str, value: str) -> Iterator[None]:
-    """Hold ``setting`` at ``value`` for the block (``value`` checked by the caller). Blocks of several threads
-    need not nest: one that ends gives the setting to the newest block still open, and the last one to end
-    restores the value from before the first (restoring the value each saw on entry left, when two threads'
-    blocks ended in the order they began, the first block's value in force for good)."""
+    """Hold ``setting`` at ``value`` for the block (``value`` checked by the caller: :func:`_checked`). Blocks of
+    several threads need not nest: one that ends gives the setting to the newest block still open, and the last
+    one to end restores the value from before the first (restoring the value each saw on entry left, when two
+    threads' blocks ended in the order they began, the first block's value in force for good)."""
     entry = [setting, value]
     with _BLOCKS_LOCK:
         if not any(held[0] == setting for held in _BLOCKS):
@@ -138,9 +139,7 @@ def with_branch_compute(name: str) -> Iterator[None]:
     Raises:
         ConfigError: ``name`` is not one of :data:`BRANCH_COMPUTE`.
     """
-    if name not in BRANCH_COMPUTE:
-        set_branch_compute(name)  # raises
-    with _block("branch_compute", name):
+    with _block("branch_compute", _checked(name, BRANCH_COMPUTE, "branch compute")):
         yield
 
 
@@ -152,9 +151,7 @@ def mode(name: str) -> Iterator[None]:
     Raises:
         ConfigError: ``name`` is not one of :data:`MODES`.
     """
-    if name not in MODES:
-        set_mode(name)  # raises
-    with _block("mode", name):
+    with _block("mode", _checked(name, MODES, "kernel mode")):
         yield
 
 
