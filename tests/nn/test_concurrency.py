@@ -334,6 +334,13 @@ def test_disable_adapter_held_across_an_await_disables_only_its_own_task(tmp_pat
     assert torch.equal(got["other"], want_adapter) and torch.equal(got["other_rows"], want_adapter)
 
 
+def adapter_and_base_logits(lm, input_ids):
+    """The model's logits with its adapter, then within a disable_adapter block (the base's)."""
+    with_adapter = logits(lm, input_ids)
+    with lm.disable_adapter():
+        return with_adapter, logits(lm, input_ids)
+
+
 def test_another_threads_call_waits_for_a_disable_adapter_block_unless_it_runs_in_the_blocks_context(
     tmp_path, input_ids
 ):
@@ -344,9 +351,7 @@ def test_another_threads_call_waits_for_a_disable_adapter_block_unless_it_runs_i
     import contextvars
 
     lm = model_with_adapters(tmp_path)
-    want_adapter = logits(lm, input_ids)
-    with lm.disable_adapter():
-        want_base = logits(lm, input_ids)
+    want_adapter, want_base = adapter_and_base_logits(lm, input_ids)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         with lm.disable_adapter():
             inside = pool.submit(contextvars.copy_context().run, logits, lm, input_ids).result(timeout=60)
@@ -366,9 +371,7 @@ def test_a_call_in_a_disable_adapter_blocks_context_joins_it_while_another_routi
     import time
 
     lm = model_with_adapters(tmp_path)
-    want_adapter = logits(lm, input_ids)
-    with lm.disable_adapter():
-        want_base = logits(lm, input_ids)
+    want_adapter, want_base = adapter_and_base_logits(lm, input_ids)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         with lm.disable_adapter():
             other = pool.submit(logits, lm, input_ids)  # wants the adapters: waits for the block
