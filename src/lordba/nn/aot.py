@@ -96,7 +96,8 @@ class AotDecode:
         self._steps: dict[tuple[int, tuple], CompiledStep] = {}  # by cache length and adapter state (:meth:`_state`)
         self.step_for: CompiledStep | None = None
         self._made_for: tuple = ()  # the :meth:`_state` step_for was prepared in
-        self._watch: tuple = (None, [])  # what step checks of it (:meth:`_held`), and the adapters' part
+        self._watch: tuple = (None, [])  # (:meth:`_watched`) the modules step reads its settings from (:meth:`_held`)
+        self._made_settings: tuple = ()  # their :meth:`_settings` at prepare
         self._signature, self._seen = (), 0  # (:meth:`_adapters`) at the epoch seen
         self.position = 0
         self.compile_seconds = 0.0
@@ -141,7 +142,8 @@ class AotDecode:
             length = -(-int(tokens) // self.round_to) * self.round_to
         if length < tokens:
             raise ConfigError(f"{tokens} positions do not fit the model's {length}")
-        state = self._state()
+        watch = self._watched()
+        state = self._state(watch)
         for key in [k for k in self._steps if k[1][1:] != state[1:]]:  # made before a change: never used again
             del self._steps[key]
         step = self._steps.get((length, state))
@@ -151,16 +153,14 @@ class AotDecode:
             self.export_seconds += step.export_seconds
         step.cache.reset()
         self.step_for, self.position, self._made_for = step, 0, state
-        layers = [m for m in self.inner.modules() if isinstance(m, LoRDBALinear)]  # the first's gate: the routing
-        computes = [m for m in self.inner.modules() if isinstance(getattr(m, "_compute", None), str)]
-        self._watch, self._signature, self._seen = (layers[0] if layers else None, computes), self._adapters(), state[1]
+        self._watch, self._made_settings = watch, self._settings(*watch)
+        self._signature, self._seen = self._adapters(), state[1]
         return step
 
     def _unchanged(self) -> None:
         """Refuse to prefill the prepared step if what it bakes in (:meth:`_state`) changed since :meth:`prepare`:
         its compiled tokens would follow the old adapter state, the eager prefill the new. (The adapters' epoch is
-        the process's: a change to another model's adapters is refused too; not checked per token, where it would
-        cost a walk over the model's modules, and where a later decoder of another model bumps it.)"""
+        the process's: a change to another model's adapters is refused too; per token :meth:`_held` checks less.)"""
         if self._state() != self._made_for:
             raise ConfigError(
                 "AotDecode: the adapter state changed since prepare() (an adapter, its scaling, set_adapter, a "
@@ -172,9 +172,7 @@ class AotDecode:
         compiled tokens would follow the old state where eager ones follow the new). Per token, so cheap: the
         routing, the kernel mode and the q4 ``compute`` of the modules seen at :meth:`prepare`; the adapters
         (:meth:`_adapters`) only when the process's adapter epoch moved (another model's change moves it too)."""
-        first, computes = self._watch
-        now = ((current_routing(first.gate),) if first is not None else None, kernels.get_mode())
-        if now != (self._made_for[0], self._made_for[2]) or tuple(m._compute for m in computes) != self._made_for[3]:
+        if self._settings(*self._watch) != self._made_settings:
             self._unchanged()  # raises: the full check names the change
         if _EPOCH[0] != self._seen:
             if self._adapters() != self._signature:
@@ -199,19 +197,31 @@ class AotDecode:
                             layer.disable_adapters, adapters))  # fmt: skip
         return tuple(out)
 
-    def _state(self) -> tuple:
+    def _state(self, watch: tuple | None = None) -> tuple:
         """What an exported step bakes in besides the tensors it reads: the routing this thread's calls
-        apply now (a ``disable_adapter`` block), the adapters' epoch (:func:`lordba.nn.adapter_base.touch`:
+        apply now (a ``disable_adapter`` block), the adapters' epoch (:func:`lordba.nn.epoch.touch`:
         any change to an adapter or to a layer's attributes, e.g. ``set_adapter``, a scaling, a hot-swap),
-        the kernel mode and the q4 layers' ``compute``. Eager prefill follows them too."""
-        routing, computes = None, []
+        the kernel mode and the q4 layers' ``compute`` (``watch``: :meth:`_watched`'s modules, found again if not
+        given). Eager prefill follows them too."""
+        routing, mode, computes = self._settings(*(watch if watch is not None else self._watched()))
+        return routing, _EPOCH[0], mode, computes
+
+    def _watched(self) -> tuple[LoRDBALinear | None, list[nn.Module]]:
+        """The model's first LoRDBA layer (its gate holds the routing in force) and its modules with a q4
+        ``compute``."""
+        first, computes = None, []
         for module in self.inner.modules():
-            if routing is None and isinstance(module, LoRDBALinear):
-                routing = (current_routing(module.gate),)
-            compute = getattr(module, "_compute", None)
-            if isinstance(compute, str):
-                computes.append(compute)
-        return routing, _EPOCH[0], kernels.get_mode(), tuple(computes)
+            if first is None and isinstance(module, LoRDBALinear):
+                first = module
+            if isinstance(getattr(module, "_compute", None), str):
+                computes.append(module)
+        return first, computes
+
+    @staticmethod
+    def _settings(first: LoRDBALinear | None, computes: list[nn.Module]) -> tuple:
+        """The routing in force (read from ``first``'s gate), the kernel mode and the q4 ``compute`` of ``computes``."""
+        routing = (current_routing(first.gate),) if first is not None else None
+        return routing, kernels.get_mode(), tuple(m._compute for m in computes)
 
     def refresh(self) -> None:
         """Point every compiled step at the model's current tensors (after a tensor was replaced)."""

@@ -7,7 +7,7 @@ base has a fused one), :func:`direct_branch` for the branch alone (gradients on,
 none), :func:`routed_branches` for a mixed batch (one call for all its adapters, S-LoRA's adapter
 table built lazily per batch composition). What is kept is only ever the modules' own tensors, read
 where they are held (in-place changes are seen), and it is dropped whenever an adapter or the layer
-is changed (:func:`lordba.nn.adapter_base.touch`).
+is changed (:func:`lordba.nn.epoch.touch`).
 """
 
 from __future__ import annotations
