@@ -409,6 +409,29 @@ def test_an_invalid_stop_list_names_the_stop_field(server):
     assert entry is None or entry.refs == 0
 
 
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [
+        ("/v1/completions", {"prompt": "x", "stop": 5}, "stop"),
+        ("/v1/completions", {"prompt": 5}, "prompt"),
+        ("/v1/completions", {"prompt": [1, "x"]}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages.0.content",
+        ),
+    ],
+)
+def test_a_field_of_several_types_sent_as_none_of_them_is_the_param_not_a_type_name(server, path, fields, param):
+    """docs/serving.md: an invalid field's 400 names it in ``param``; for a field that takes several types (``stop``,
+    ``prompt``, a message's ``content``) it was pydantic's location with the type tried first: ``stop.str``."""
+    body = {"model": "a", "max_tokens": 2, **fields}
+    status, answer = raw(server, "POST", path, json.dumps(body).encode())
+    assert status == 400 and answer["error"]["param"] == param, answer
+    assert_openai_error(answer, param)
+
+
 def test_a_whole_response_client_leaving_before_any_text_is_aborted_at_once(server, monkeypatch):
     """A non-streamed request looked for its client's disconnect only when a text delta arrived: a
     client that left while its request waited (a full batch, a long prefill) or produced no text

@@ -260,8 +260,7 @@ def _error_handlers(app: FastAPI) -> None:
         for e in err.errors():
             problems.append(f"{_field(e) or 'body'}: {e.get('msg')}")
         first = err.errors()[0] if err.errors() else {}
-        param = _field(first) or None
-        return _error(400, "invalid request: " + "; ".join(problems), "invalid_request_error", param)
+        return _error(400, "invalid request: " + "; ".join(problems), "invalid_request_error", _param(first))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -281,3 +280,16 @@ def _field(error: dict) -> str:
     if error.get("type") == "json_invalid":
         return ""
     return ".".join(str(x) for x in error.get("loc", ()) if x != "body")
+
+
+_BODIES = (p.CompletionRequest, p.ChatRequest, p.ChatMessage, p.TextPart, p.StreamOptions, p.LoadAdapterRequest)
+_FIELDS = frozenset(name for body in (*_BODIES, p.UnloadAdapterRequest) for name in body.model_fields)
+
+
+def _param(error: dict) -> str | None:
+    """OpenAI's ``param`` of a validation error: its field (:func:`_field`) less the member of a union type that
+    pydantic puts in the location (``stop.str`` is ``stop``, ``messages.0.content.list[TextPart].0.text`` is
+    ``messages.0.content.0.text``); None for the body as a whole."""
+    if not _field(error):
+        return None
+    return ".".join(str(x) for x in error.get("loc", ()) if isinstance(x, int) or x in _FIELDS) or None
