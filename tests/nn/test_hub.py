@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar
 
 import huggingface_hub
@@ -200,6 +201,7 @@ class FakeApi:
     calls: ClassVar[list] = []
     remote: ClassVar[dict] = {}  # the repo's files as they are on the Hub: path -> text
     downloads: ClassVar[list] = []
+    branches: ClassVar[set] = {"main"}  # as the Hub: a commit to a branch that does not exist is refused
 
     def __init__(self, token=None, **kwargs):
         self.token = token
@@ -220,9 +222,18 @@ class FakeApi:
         FakeApi.calls.append(("create_repo", repo_id, private, exist_ok))
         return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
+    def create_branch(self, repo_id, branch, revision=None, exist_ok=False, **kwargs):
+        FakeApi.calls.append(("create_branch", repo_id, branch, exist_ok))
+        FakeApi.branches.add(branch)
+
+    def upload_folder(self, repo_id, folder_path, ignore_patterns=(), revision=None, create_pr=False, **kwargs):
+        from huggingface_hub.errors import RevisionNotFoundError
         from huggingface_hub.utils import filter_repo_objects
 
+        if revision is not None and not revision.startswith("refs/pr/") and revision not in FakeApi.branches:
+            response = SimpleNamespace(status_code=404, headers={}, request=None)  # what the error reads of it
+            raise RevisionNotFoundError(f"404 Client Error. Invalid rev id: {revision}", response=response)
+        kwargs.update(revision=revision, create_pr=create_pr)
         root = Path(folder_path)
         everything = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
         kept = list(filter_repo_objects(everything, ignore_patterns=ignore_patterns))
@@ -267,6 +278,32 @@ def test_push_to_hub_cards_of_other_adapters_load_them_from_their_subfolder(tmp_
     loaded = LoRDBAModel.from_pretrained(tiny_llama(0), REPO, subfolder="chat")
     lm.set_adapter("chat")
     torch.testing.assert_close(logits(loaded), logits(lm), rtol=0, atol=1e-5)
+
+
+def test_push_to_hub_to_a_new_branch_creates_it(tmp_path, monkeypatch):
+    # The Hub refuses a commit to a branch that does not exist (RevisionNotFoundError): push_to_hub(revision="v2")
+    # failed unless the branch had been made by hand; transformers' and PEFT's push_to_hub create it first
+    FakeApi.calls, FakeApi.branches = [], {"main"}
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    lm = save_adapter(tmp_path / "saved", seed=3)
+    assert lm.push_to_hub(REPO, revision="v2") == "commit-info"
+    assert ("create_branch", REPO, "v2", True) in FakeApi.calls
+    assert FakeApi.calls[-1][0] == "upload_folder" and FakeApi.calls[-1][3]["revision"] == "v2"
+    assert lm.push_to_hub(REPO, revision="v2") == "commit-info"  # the branch exists now: pushed again
+    FakeApi.calls = []
+    lm.push_to_hub(REPO, revision="refs/pr/1")  # a pull request's ref is not a branch to create
+    lm.push_to_hub(REPO)
+    assert [c[0] for c in FakeApi.calls] == ["create_repo", "upload_folder"] * 2
+
+    def not_ours(self, repo_id, branch, **kwargs):  # a pull request to another's repo: no right to make branches
+        from huggingface_hub.errors import HfHubHTTPError
+
+        raise HfHubHTTPError("403 Forbidden", response=SimpleNamespace(status_code=403, headers={}, request=None))
+
+    monkeypatch.setattr(FakeApi, "create_branch", not_ours)
+    assert lm.push_to_hub(REPO, revision="v2", create_pr=True) == "commit-info"
+    with pytest.raises(huggingface_hub.errors.HfHubHTTPError, match="403"):
+        lm.push_to_hub(REPO, revision="v2")
 
 
 def test_push_to_hub_refuses_a_bad_repo_id(monkeypatch):

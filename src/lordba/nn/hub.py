@@ -275,7 +275,7 @@ def upload_adapter_folder(
         repo_id: ``"user/repo"``.
         token: Hub token (default: the one ``huggingface_hub`` finds).
         private: visibility of a newly created repo.
-        revision: branch to commit to.
+        revision: branch to commit to (created from ``main`` if the repo does not have it).
         commit_message: the commit's message.
         create_pr: open a pull request instead of committing.
 
@@ -291,6 +291,8 @@ def upload_adapter_folder(
 
     api = HfApi(token=token, library_name="lordba", library_version=__version__)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr/"):
+        _create_branch(api, repo_id, revision, create_pr)
     _keep_owners_cards(api, repo_id, Path(folder), revision)
     return api.upload_folder(
         repo_id=repo_id,
@@ -300,6 +302,19 @@ def upload_adapter_folder(
         create_pr=create_pr,
         ignore_patterns=[".*", "**/.*"],
     )
+
+
+def _create_branch(api: Any, repo_id: str, branch: str, create_pr: bool) -> None:
+    """Create ``branch`` from ``main`` unless it exists (the Hub refuses a commit to a branch it does not have), as
+    transformers' ``push_to_hub`` does; with ``create_pr``, a repo where the branch cannot be created (403: not
+    ours) is left to the upload, which opens the pull request against the branch if it exists."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        api.create_branch(repo_id, branch=branch, exist_ok=True)
+    except HfHubHTTPError as err:
+        if not (create_pr and getattr(err.response, "status_code", None) == 403):
+            raise
 
 
 def _keep_owners_cards(api: Any, repo_id: str, folder: Path, revision: str | None) -> None:
