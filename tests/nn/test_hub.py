@@ -3,6 +3,7 @@ uploading the adapter (never the base), and the model card written with the adap
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -121,6 +122,35 @@ def test_a_subfolder_with_glob_characters_is_downloaded(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     loaded = LoRDBAModel.from_pretrained(tiny_llama(0), REPO, subfolder="run[2]")
     torch.testing.assert_close(logits(loaded), logits(lm), rtol=0, atol=1e-5)
+
+
+def test_a_subfolder_leaving_the_adapter_directory_or_repo_is_refused(tmp_path, offline_cache):
+    # An absolute subfolder replaced the directory it was joined to, and a ".." climbed out of it: a Hub id's
+    # subfolder="/some/dir" loaded that local folder, "../<commit>" another revision's snapshot in the cache,
+    # and a local folder's "../x" the folder beside it, each silently in place of the adapter named
+    save_adapter(tmp_path / "main", seed=1)
+    save_adapter(tmp_path / "other" / "chat", seed=2)
+    add_to_cache(offline_cache, REPO, tmp_path / "main", "a" * 40)
+    add_to_cache(offline_cache, REPO, tmp_path / "other" / "chat", "b" * 40, refs=("v1",))
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, target_modules=["q_proj"]))
+    for model_id, subfolder in [
+        (REPO, str(tmp_path / "other" / "chat")),
+        (REPO, "../" + "b" * 40),
+        (REPO, "adapters/../../" + "b" * 40),
+        (str(tmp_path / "main"), "../other/chat"),
+        (str(tmp_path / "main"), str(tmp_path / "other" / "chat")),
+    ]:
+        with pytest.raises(AdapterFormatError, match=rf"subfolder '{re.escape(subfolder)}'.*no '\.\.', not absolute"):
+            LoRDBAModel.from_pretrained(tiny_llama(0), model_id, subfolder=subfolder)
+        with pytest.raises(AdapterFormatError, match="subfolder"):
+            lm.load_adapter(model_id, "other", subfolder=subfolder)
+        with pytest.raises(AdapterFormatError, match="subfolder"):
+            lm.hotswap_adapter(model_id, subfolder=subfolder)
+        with pytest.raises(AdapterFormatError, match="subfolder"):
+            AutoLoRDBAModelForCausalLM.from_pretrained(model_id, subfolder=subfolder)
+    assert list(lm.peft_config) == ["default"]
+    loaded = LoRDBAModel.from_pretrained(tiny_llama(0), str(tmp_path / "other"), subfolder="./chat/")  # inside: fine
+    assert loaded.peft_config["default"].r == 2
 
 
 def test_hotswap_adapter_takes_the_hub_keywords(tmp_path, offline_cache):

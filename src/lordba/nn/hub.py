@@ -104,11 +104,12 @@ def resolve_adapter_dir(
 
     Raises:
         AdapterFormatError: a Hub id that cannot be resolved (unknown repo or revision, offline and
-            not cached, no access), or a snapshot in the cache without the weights, with the id named.
+            not cached, no access), or a snapshot in the cache without the weights, with the id named; a
+            ``subfolder`` that is absolute or holds ``..`` (it would leave the directory or repo).
         ConfigError: a Hub repo holding another kind of PEFT adapter (a LoRA: how to convert it).
     """
     check_path(model_id, "the adapter directory (a path or a Hub id)")
-    sub = Path(subfolder) if subfolder else Path()
+    sub = _subfolder(subfolder)
     if isinstance(model_id, Path) or _local(model_id) or not _is_repo_id(model_id):
         if revision is not None:  # a local copy named like the repo wins: say which adapter that is
             warnings.warn(
@@ -145,6 +146,22 @@ def resolve_adapter_dir(
     if not (directory / WEIGHTS_NAME).exists():  # only the config came: another kind of adapter, or a partial download
         _check_snapshot(directory, where)
     return directory
+
+
+def _subfolder(subfolder: str | None) -> Path:
+    """``subfolder`` as a relative path (empty where none is given), refused where it would leave the adapter's
+    directory or repo: an absolute path (joined to the directory it replaces it) or a ``..`` (a Hub id's other
+    revision in the cache, a folder beside a local one): another adapter than the one named, loaded silently."""
+    if not subfolder:
+        return Path()
+    check_path(subfolder, "subfolder")
+    sub = Path(subfolder)
+    if sub.is_absolute() or ".." in sub.parts:
+        raise AdapterFormatError(
+            f"subfolder {str(subfolder)!r}: must be a relative path inside the adapter directory or Hub repo "
+            "(no '..', not absolute)"
+        )
+    return sub
 
 
 def _check_snapshot(directory: Path, where: str) -> None:
