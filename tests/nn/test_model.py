@@ -71,6 +71,19 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, input_ids, scale_dtype):
     assert not (tmp_path / "pickle").exists()
 
 
+def test_one_adapter_name_given_as_a_string_is_saved(tmp_path, input_ids):
+    # selected_adapters="chat" was taken as the list of its characters: AdapterStateError "unknown adapter 'c'"
+    # (set_adapter, merge and delete take one name as a string)
+    lm = randomized()
+    torch.manual_seed(7)
+    lm.add_adapter("chat", LoRDBAConfig(r=2, target_modules=["k_proj"], init="random"))
+    lm.save_pretrained(tmp_path, selected_adapters="chat")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat"]
+    loaded = LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path / "chat")
+    lm.set_adapter("chat")
+    assert torch.equal(logits(loaded, input_ids), logits(lm, input_ids))
+
+
 def test_packing_in_memory_keeps_logits(input_ids):
     lm = randomized()
     before = logits(lm, input_ids)

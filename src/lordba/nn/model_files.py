@@ -78,6 +78,8 @@ class AdapterFilesMixin:
         Every selected adapter is encoded before any is written: one that cannot be saved (e.g. ``int4``
         scales in format version 1) is refused, naming it, and no folder changes.
 
+        ``selected_adapters``: the adapters to write (default: all), a list of names or one name.
+
         Raises:
             AdapterStateError: an unknown adapter name in ``selected_adapters``.
             AdapterFormatError: an adapter that cannot be saved (named).
@@ -88,8 +90,7 @@ class AdapterFilesMixin:
         check_path(save_directory, "save_pretrained: save_directory")
         if not is_main_process:
             return
-        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
-        self._save(save_directory, names, model_card, format_version)
+        self._save(save_directory, _selected(selected_adapters, self.peft_config), model_card, format_version)
 
     def _save(
         self,
@@ -139,7 +140,7 @@ class AdapterFilesMixin:
         Raises:
             AdapterStateError: an unknown adapter name; AdapterFormatError: an invalid ``repo_id``.
         """
-        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        names = _selected(selected_adapters, self.peft_config)
         self._check_known(*names)
         with tempfile.TemporaryDirectory(prefix="lordba-push-") as tmp:
             self._save(tmp, names, True, None, repo_id, revision)  # each card from its uploaded config, under the lock
@@ -363,6 +364,13 @@ class AdapterFilesMixin:
             raise
         wrapper.set_adapter(adapter_name)
         return wrapper
+
+
+def _selected(selected_adapters: str | Sequence[str] | None, known: dict[str, Any]) -> list[str]:
+    """The adapters a save or an upload names: every one for ``None``, one for a string (not its characters)."""
+    if selected_adapters is None:
+        return list(known)
+    return [selected_adapters] if isinstance(selected_adapters, str) else list(selected_adapters)
 
 
 def _device(base: nn.Module, backend: BaseBackend, seen: dict[int, torch.device], path: str) -> torch.device:
