@@ -126,3 +126,35 @@ def test_a_token_id_prompt_takes_integers_only(prompt):
     """A JSON ``true`` in a token-id prompt was read as token id 1 (pydantic's lax int)."""
     with pytest.raises(pydantic.ValidationError):
         CompletionRequest(model="a", prompt=prompt)
+
+
+@pytest.mark.parametrize("request_type", [CompletionRequest, ChatRequest])
+@pytest.mark.parametrize(
+    "fields",
+    [{"temperature": False}, {"max_tokens": True}, {"seed": True}, {"n": True}, {"top_p": True}, {"min_tokens": False}],
+)
+def test_a_boolean_in_a_number_field_is_refused(request_type, fields):
+    """A JSON ``true`` / ``false`` was read as 1 / 0 (pydantic's lax numbers): ``"temperature": false`` sampled
+    greedily, ``"max_tokens": true`` stopped after one token, and OpenAI answers both with a 400."""
+    body = {"model": "a", "prompt": "x"} if request_type is CompletionRequest else CHAT
+    with pytest.raises(pydantic.ValidationError) as err:
+        request_type(**body, **fields)
+    assert err.value.errors()[0]["loc"] == (next(iter(fields)),)
+
+
+@pytest.mark.parametrize("request_type", [CompletionRequest, ChatRequest])
+def test_stream_options_without_stream_is_refused(request_type):
+    """``stream_options`` with ``stream`` false was ignored (OpenAI and vLLM refuse it)."""
+    body = {"model": "a", "prompt": "x"} if request_type is CompletionRequest else CHAT
+    with pytest.raises(BadRequestError) as err:
+        request_type(**body, stream_options={"include_usage": True}).check_supported()
+    assert err.value.param == "stream_options"
+    request_type(**body, stream=True, stream_options={"include_usage": True}).check_supported()
+
+
+def test_a_completion_without_max_tokens_stops_after_16_as_openai_and_vllm():
+    """A completion without ``max_tokens`` ran to the end of the context (8k tokens on SmolLM2) where OpenAI's and
+    vLLM's completions stop at 16; chat still runs to the context's end, as theirs do."""
+    assert CompletionRequest(model="a", prompt="x").max_tokens == 16
+    assert CompletionRequest(model="a", prompt="x", max_tokens=None).max_tokens == 16
+    assert ChatRequest(**CHAT).limit() is None

@@ -42,6 +42,10 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 
 
+# number fields, where a JSON boolean is refused rather than read as 1 / 0
+_NUMBERS = ("max_tokens", "temperature", "top_p", "seed", "n", *(k for k in _NEUTRAL if k != "logit_bias"))
+
+
 class StreamOptions(_Body):
     """``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
 
@@ -69,6 +73,15 @@ class _Sampling(_Body):
     repetition_penalty: float | None = None
     min_tokens: int | None = None
 
+    @field_validator(*_NUMBERS, mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        """A JSON ``true`` / ``false`` is no number (pydantic would read it as 1 / 0: ``"temperature": false``
+        sampled greedily); a 400 naming the field, as OpenAI answers."""
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not a boolean")
+        return value
+
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
@@ -81,6 +94,8 @@ class _Sampling(_Body):
         """Refuse what the server does not implement (400)."""
         if self.n != 1:
             raise BadRequestError("only n=1 is supported", param="n")
+        if self.stream_options is not None and not self.stream:
+            raise BadRequestError("stream_options is only allowed when stream is true", param="stream_options")
         if self.logprobs is not None and not self._logprobs_off(self.logprobs):
             raise BadRequestError("logprobs are not supported", param="logprobs")
         for name, neutral in _NEUTRAL.items():
@@ -101,8 +116,10 @@ class _Sampling(_Body):
 
 
 class CompletionRequest(_Sampling):
-    """``POST /v1/completions``: ``prompt`` is a string or a list of token ids (one prompt)."""
+    """``POST /v1/completions``: ``prompt`` is a string or a list of token ids (one prompt); ``max_tokens``
+    defaults to 16, as in OpenAI's and vLLM's completions (chat's runs to the context's end)."""
 
+    max_tokens: int | None = Field(default=16, ge=1)
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]  # strict: a JSON true is no token id
     echo: bool = False
     best_of: int | None = None
