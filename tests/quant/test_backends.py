@@ -395,6 +395,19 @@ def test_quantize_model_names_a_layer_whose_weight_is_on_the_meta_device(backend
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))  # unchanged
 
 
+@pytest.mark.parametrize("backend", ["q4", "hqq", "bnb"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_quantize_model_names_a_layer_whose_weight_holds_inf_or_nan(backend, value):
+    # One NaN (a diverged fine-tune, a damaged checkpoint) was quantized without a word on every backend: its group's
+    # scale and offset became NaN, and the quantized model's logits were NaN for every input.
+    model = tiny_llama(0)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = value
+    with pytest.raises(ConfigError, match=r"model\.layers\.1\.mlp\.down_proj.*inf or NaN"):
+        quantize_model(model, backend=backend, group_size=8 if backend == "hqq" else 64)
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))  # unchanged
+
+
 @pytest.mark.parametrize(("first", "second"), [("q4", "hqq"), ("hqq", "q4"), ("bnb", "q4"), ("q4", "q4-g32")])
 def test_quantizing_a_quantized_model_again_otherwise_is_refused(first, second):
     # The second call silently quantized nothing (q4 -> hqq: a model still on q4, recorded as hqq in

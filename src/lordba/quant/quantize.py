@@ -47,7 +47,8 @@ def quantize_model(
     Every parameter of ``model`` is frozen; each new layer takes the mode (training or eval) of the layer it
     replaces. Raises :class:`ConfigError` for an unknown backend,
     unsupported ``bits``, a ``group_size`` the backend does not take, or (``hqq``) a layer whose shape HQQ cannot
-    pack, or a layer whose weight is on the meta device (:func:`check_loaded`), naming it, before any layer is replaced;
+    pack, or a layer whose weight is on the meta device (:func:`check_loaded`) or holds inf or NaN
+    (:func:`check_finite`), naming it, before any layer is replaced;
     a ``group_size`` that is not a positive integer, a ``skip`` that is not a list of names; for a model that
     already holds adapter layers (:func:`check_no_adapters`); and for one already quantized otherwise
     (:func:`check_quantized_alike`; quantized alike, only its unquantized layers are quantized).
@@ -86,6 +87,7 @@ def quantize_model(
     if head is None:
         head_bits = 0  # stays as it is (and tied)
     check_loaded(targets + ([head] if head else []))  # before any layer is replaced
+    check_finite(targets + ([head] if head else []))
     if backend == "hqq":  # every layer checked before any is replaced: a refusal leaves the model as it was
         from lordba.quant.hqq import hqq_shape_problem
 
@@ -173,6 +175,19 @@ def check_loaded(layers: list[tuple[str, nn.Module]]) -> None:
                 f"{name}: its weight is on the meta device (not loaded, or offloaded by accelerate): load the model "
                 "with its weights in memory (no offloading device_map) before quantizing it"
             )
+
+
+def check_finite(layers: list[tuple[str, nn.Module]]) -> None:
+    """Refuse layers whose weight holds inf or NaN: every backend quantizes it into a layer whose group (or row) scale
+    is NaN, so that the model gives NaN for every input.
+
+    Raises:
+        ConfigError: naming the first such layer.
+    """
+    for name, layer in layers:
+        weight = getattr(layer, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point() and not bool(weight.isfinite().all()):
+            raise ConfigError(f"{name}: its weight holds inf or NaN: quantized, it would give NaN for every input")
 
 
 def quantized_head(model: nn.Module, skip: tuple[str, ...] = ()) -> tuple[str, nn.Linear] | None:
