@@ -174,3 +174,18 @@ def test_a_q4_models_state_dict_saves_with_torch_save_and_loads_back(tmp_path, i
         assert torch.equal(other(input_ids=input_ids).logits, want)
     layer = next(m for m in model.modules() if isinstance(m, Q4Linear))
     assert layer.state_dict(keep_vars=True)["scale"] is layer.scale  # keep_vars: the layer's own tensors
+
+
+def test_a_weight_beyond_float16s_range_is_refused_naming_the_layer():
+    """The q4 base stores each group's scale and offset in float16: a group whose lowest weight is below -65504
+    got an offset of -inf, and the layer (then the model's logits) gave NaN for every input, without a word."""
+    model = tiny_llama(0)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[2, 7] = -7e4
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.self_attn\.o_proj.*float16"):
+        quantize_model(model, backend="q4", group_size=32)
+    model = tiny_llama(0)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[2, 7] = 7e4  # the offset in range: quantized as it is
+    quantize_model(model, backend="q4", group_size=32)
+    assert torch.isfinite(model.model.layers[0].self_attn.o_proj.dequantize()).all()

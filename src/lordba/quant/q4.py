@@ -274,9 +274,20 @@ def hold_weights_together(model: nn.Module) -> int:
     return sum(v.nbytes for v in views)
 
 
-def quantize_linear_q4(linear: nn.Linear, group_size: int = 64, bits: int = 4) -> Q4Linear:
-    """A :class:`Q4Linear` with ``linear``'s weight (quantized to ``bits``) and bias."""
-    return Q4Linear.from_weight(linear.weight, linear.bias, group_size, bits=bits)
+def quantize_linear_q4(linear: nn.Linear, group_size: int = 64, bits: int = 4, where: str = "layer") -> Q4Linear:
+    """A :class:`Q4Linear` with ``linear``'s weight (quantized to ``bits``) and bias.
+
+    Raises:
+        ConfigError: naming ``where``, a weight whose scales or offsets overflow float16 (a group's lowest weight
+            below -65504, or its range beyond 15 (4 bits) or 255 (8 bits) times 65504): the layer would give NaN.
+    """
+    layer = Q4Linear.from_weight(linear.weight, linear.bias, group_size, bits=bits)
+    if not (bool(layer.scale.isfinite().all()) and bool(layer.minus.isfinite().all())):
+        raise ConfigError(
+            f"{where}: its weight (|w| up to {float(linear.weight.detach().abs().max()):.4g}) overflows the q4 base's "
+            "float16 scales and offsets: quantized, it would give NaN (leave it unquantized, skip, or use backend hqq)"
+        )
+    return layer
 
 
 class Q4Backend(BaseBackend):

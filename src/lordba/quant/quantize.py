@@ -48,7 +48,8 @@ def quantize_model(
     replaces. Raises :class:`ConfigError` for an unknown backend,
     unsupported ``bits``, a ``group_size`` the backend does not take, or (``hqq``) a layer whose shape HQQ cannot
     pack, or a layer whose weight is on the meta device (:func:`check_loaded`) or holds inf or NaN
-    (:func:`check_finite`), naming it, before any layer is replaced;
+    (:func:`check_finite`), naming it, before any layer is replaced; (``q4``) a layer whose weight overflows the
+    float16 scales and offsets, naming it, when it is reached (:func:`~lordba.quant.q4.quantize_linear_q4`);
     a ``group_size`` that is not a positive integer, a ``skip`` that is not a list of names; for a model that
     already holds adapter layers (:func:`check_no_adapters`); and for one already quantized otherwise
     (:func:`check_quantized_alike`; quantized alike, only its unquantized layers are quantized).
@@ -107,7 +108,7 @@ def quantize_model(
         elif backend == "q4":
             from lordba.quant.q4 import quantize_linear_q4
 
-            new = quantize_linear_q4(linear, group_size)
+            new = quantize_linear_q4(linear, group_size, where=name)
         else:
             from lordba.quant.bnb import quantize_linear_bnb
 
@@ -216,7 +217,7 @@ def _quantize_head(model: nn.Module, head: tuple[str, nn.Linear], group_size: in
     from lordba.quant.q4 import quantize_linear_q4
 
     name, layer = head
-    replace_submodule(model, name, quantize_linear_q4(layer, group_size, bits).train(layer.training))
+    replace_submodule(model, name, quantize_linear_q4(layer, group_size, bits, name).train(layer.training))
     untie_head(model)
 
 
