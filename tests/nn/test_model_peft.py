@@ -296,6 +296,23 @@ def test_status_reports():
     assert status.peft_types == {"default": "LORDBA"} and status.available_adapters == ["default"]
 
 
+def test_status_of_adapters_on_different_modules_is_not_irregular():
+    """Adapters targeting different modules, stacked, one merged: the model's status names them as PEFT's does (it
+    said ``"irregular"`` for the active and the merged adapters: each layer listed only those it holds)."""
+    lm = get_lordba_model(tiny_llama(), LoRDBAConfig(r=2, target_modules=["q_proj"]), "a")
+    lm.add_adapter("b", LoRDBAConfig(r=2, target_modules=["v_proj"]))
+    assert lm.get_model_status().active_adapters == ["a"]
+    lm.set_adapter(["a", "b"])
+    lm.merge_adapter(["b"])
+    status = lm.get_model_status()
+    assert status.active_adapters == ["a", "b"] and status.merged_adapters == ["b"]
+    assert all(layer.active_adapters == ["a", "b"] for layer in lm.get_layer_status())
+    lm.merge_adapter(["a"])
+    assert lm.get_model_status().merged_adapters == ["a", "b"]
+    lm.unmerge_adapter()
+    assert lm.get_model_status().merged_adapters == []
+
+
 def test_state_dict_functions_round_trip_and_refuse_bad_input():
     lm = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", task_type="SEQ_CLS"))
     sd = get_lordba_model_state_dict(lm)

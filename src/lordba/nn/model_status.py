@@ -62,6 +62,14 @@ def _merge(values: list[Any]) -> Any:
     return first if all(v == first for v in values) else "irregular"
 
 
+def _merged(layers: list[LayerStatus]) -> list[str] | Irregular:
+    """The adapters merged in some layer (PEFT's rule): ``"irregular"`` where a layer holds one of them unmerged
+    (a layer that does not hold an adapter says nothing of it)."""
+    merged = sorted({n for layer in layers for n in layer.merged_adapters})
+    unmerged = {n for layer in layers for n in layer.available_adapters if n not in layer.merged_adapters}
+    return "irregular" if unmerged & set(merged) else merged
+
+
 def _quantized_weights(model: torch.nn.Module) -> int:
     """The weights of ``model``'s quantized linear layers that its parameters do not count (buffers, packed
     parameters): ``in × out`` less the numel of the layer's own ``weight`` parameter."""
@@ -110,7 +118,7 @@ class StatusMixin:
                         name=name,
                         module_type=f"lordba.LoRDBALinear({type(layer.base_layer).__name__})",
                         enabled=not layer.disable_adapters,
-                        active_adapters=[n for n in layer.active_adapters if n in adapters],
+                        active_adapters=list(layer.active_adapters),  # the model's, as PEFT's layers report
                         merged_adapters=list(layer.merged_adapters),
                         requires_grad={n: _grad_state(a) for n, a in adapters.items()},
                         available_adapters=sorted(adapters),
@@ -142,7 +150,7 @@ class StatusMixin:
             num_adapter_layers=len(layers),
             enabled=_merge([layer.enabled for layer in layers]) if layers else True,
             active_adapters=_merge([layer.active_adapters for layer in layers]),
-            merged_adapters=_merge([layer.merged_adapters for layer in layers]),
+            merged_adapters=_merged(layers),
             requires_grad=grads,
             available_adapters=sorted(self.peft_config),
             devices={n: sorted(d) for n, d in devices.items()},
