@@ -326,6 +326,24 @@ def test_state_dict_functions_round_trip_and_refuse_bad_input():
         set_lordba_model_state_dict(other, bad)
 
 
+def test_state_dict_set_into_a_merged_adapter_is_refused_and_unmerge_restores_the_base():
+    """Loading new tensors into a merged adapter is refused, as hot-swapping it is: unmerge_adapter() then took the
+    new update out of the base instead of the merged one, and the base weights were wrong by the difference."""
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, init="random"))
+    other = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, init="random"))
+    with torch.no_grad():
+        for adapter in other.adapter_modules("default").values():
+            adapter.scale_out.mul_(20)
+    before = {n: p.clone() for n, p in lm.base_model.named_parameters() if "lordba" not in n}
+    lm.merge_adapter()
+    with pytest.raises(AdapterStateError, match="'default' is merged"):
+        set_lordba_model_state_dict(lm, get_lordba_model_state_dict(other))
+    lm.unmerge_adapter()
+    for n, p in lm.base_model.named_parameters():
+        if n in before:
+            torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)
+
+
 def _two_adapters(shared_scales: bool):
     lm = get_lordba_model(tiny_llama(), LoRDBAConfig(r=3, init="random", scale_dtype="float32"), "a")
     lm.add_adapter("b", LoRDBAConfig(r=2, alpha=8.0, init="random", scale_dtype="float32"))

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import torch
 
-from lordba.errors import AdapterFormatError
+from lordba.errors import AdapterFormatError, AdapterStateError
 from lordba.format.extras import EXTRA_PREFIX, check_extra_values
 from lordba.format.header import TENSOR_KINDS, ModuleRecord, check_values
 from lordba.format.sizes import SizeReport, size_report
@@ -171,7 +171,8 @@ def set_lordba_model_state_dict(model: Any, state_dict: dict[str, torch.Tensor],
     """Load ``state_dict`` (as :func:`get_lordba_model_state_dict` gives it) into the existing adapter
     ``adapter_name`` (PEFT's ``set_peft_model_state_dict``), in place. Everything is checked first, as
     a file is (names, dtypes, shapes, padding bits, finite scales; extras against the model), so a
-    refused state dict leaves the model as it was. Raises :class:`AdapterFormatError`."""
+    refused state dict leaves the model as it was. Raises :class:`AdapterFormatError`, or :class:`AdapterStateError`
+    for an adapter merged into the base (unmerging it would then subtract the new update)."""
     current = model.adapter_state(adapter_name)
     config = current.config
     records = {p: ModuleRecord(p, r.in_features, r.out_features, r.r) for p, r in current.modules.items()}
@@ -196,6 +197,11 @@ def set_lordba_model_state_dict(model: Any, state_dict: dict[str, torch.Tensor],
         )
     plan = model._plan_extras(type(current)(config, records, extras=extras))
     with model._lock.write():
+        if any(adapter_name in layer.merged_adapters for _, layer in model._lordba_layers()):
+            raise AdapterStateError(  # unmerging would then take the new update out of the base, not the merged one
+                f"set_lordba_model_state_dict: adapter {adapter_name!r} is merged into the base weights: "
+                "unmerge_adapter() before loading into it"
+            )
         for path, adapter in model.adapter_modules(adapter_name).items():
             if isinstance(adapter, TrainableAdapter) and adapter.has_latent_signs:
                 adapter = model._swap(adapter_name, path, adapter.freeze_signs())
