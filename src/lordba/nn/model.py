@@ -352,7 +352,21 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
         return type(full)((k, v if isinstance(v, nn.Parameter) else own_storage(v)) for k, v in kept)
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load adapter tensors saved by :meth:`state_dict` (the base is left as it is)."""
+        """Load adapter tensors saved by :meth:`state_dict` (the base is left as it is).
+
+        Raises:
+            AdapterStateError: keys that do not match the adapters' (``strict``), or tensors of an adapter merged into
+                the base (unmerging would then subtract the new update, not the merged one; nothing is loaded).
+        """
+        merged = [
+            f"base_model.{p}.lordba_adapters.{n}." for p, layer in self._lordba_layers() for n in layer.merged_adapters
+        ]
+        held = sorted(k for k in state_dict if k.startswith(tuple(merged)))
+        if held:
+            raise AdapterStateError(
+                f"load_state_dict: {held[0]!r} is a tensor of an adapter merged into the base weights: "
+                "unmerge_adapter() before loading into it"
+            )
         own = set(self.state_dict())
         unexpected = sorted(set(state_dict) - own)
         missing = sorted(own - set(state_dict))
