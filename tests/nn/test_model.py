@@ -599,6 +599,19 @@ def test_torch_save_takes_a_packed_model_and_its_state_dict(tmp_path):
         assert torch.equal(lm(input_ids=ids).logits, want)  # the original untouched
 
 
+def test_deleting_a_merged_adapter_is_refused_and_changes_nothing():
+    """A refused delete of a merged adapter left it out of the active adapters of the layers before the first one
+    holding it (here every q_proj): a refused call changed the model, and its status said ``"irregular"``."""
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, target_modules=["q_proj"]), "a")
+    lm.add_adapter("b", LoRDBAConfig(r=2, target_modules=["v_proj"]))
+    lm.set_adapter(["a", "b"])
+    lm.merge_adapter(["b"])
+    with pytest.raises(AdapterStateError, match="'b' is merged"):
+        lm.delete_adapter("b")
+    assert all(layer.active_adapters == ["a", "b"] for _, layer in lm._lordba_layers())
+    assert lm.get_model_status().active_adapters == ["a", "b"]
+
+
 def test_load_state_dict_into_a_merged_adapter_is_refused_and_unmerge_restores_the_base():
     """``load_state_dict`` of a merged adapter's tensors is refused: they were replaced under the merged update, and
     unmerge_adapter() then took the new update out of the base weights (wrong by up to 17.7, weights of 0.09)."""

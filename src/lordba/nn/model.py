@@ -238,9 +238,15 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
             self._sync_saved()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter from every layer; layers left without adapters get their base back."""
+        """Remove an adapter from every layer; layers left without adapters get their base back.
+
+        Raises:
+            AdapterStateError: an unknown adapter, or one merged into the base (nothing changes).
+        """
         with self._lock.write():
             self._check_known(adapter_name)
+            if any(adapter_name in layer.merged_adapters for _, layer in self._lordba_layers()):  # before any change
+                raise AdapterStateError(f"adapter {adapter_name!r} is merged: unmerge it before deleting it")
             for path, layer in self._lordba_layers():
                 layer.delete_adapter(adapter_name)
                 if not layer.lordba_adapters:
