@@ -278,3 +278,17 @@ def test_builds_for_other_cpus_pass_the_op_tests(arch):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=TESTS)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert " passed" in proc.stdout.splitlines()[-1], proc.stdout[-500:]
+
+
+def test_every_included_header_is_in_the_build_key():
+    """``q4_rows.h`` (included by q4.cpp, q4_gemm.cpp, linear.cpp and q4.h) was left out of HEADERS, whose bytes
+    key the build: a library built before an edit of that header alone loaded as current."""
+    import re
+
+    folder = Path(cpu.__file__).parent
+    included = {
+        name
+        for path in (*cpu.SOURCES, *folder.glob("*.h"))
+        for name in re.findall(r'#include "([^"]+)"', path.read_text())
+    }
+    assert included and included <= {h.name for h in cpu.HEADERS}
