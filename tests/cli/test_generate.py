@@ -149,12 +149,33 @@ def test_bad_model_or_adapter_exits_3(folder, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "option, value",
-    [("--temperature", "-1"), ("--temperature", "nan"), ("--temperature", "inf"), ("--top-p", "0"), ("--top-p", "1.5")],
+    [
+        ("--temperature", "-1"),
+        ("--temperature", "nan"),
+        ("--temperature", "inf"),
+        ("--top-p", "0"),
+        ("--top-p", "1.5"),
+        ("--seed", "-1"),
+        ("--seed", str(2**64)),
+    ],
 )
 def test_bad_sampling_options_are_usage_errors(folder, option, value, capsys):
     with pytest.raises(SystemExit) as info:
         main(["generate", "--model", str(folder), option, value, "x"])
     assert info.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_the_largest_seed_torch_takes_samples_and_one_more_is_refused_before_loading(folder, capsys):
+    """``--seed 18446744073709551616`` (2**64) passed argparse, loaded the model and then overflowed in
+    ``torch.manual_seed``: an internal error (exit 1). The largest seed torch takes samples; one more is a usage
+    error."""
+    argv = ["generate", "--model", str(folder), "--quant", "none", "--max-new-tokens", "2", "--temperature", "0.7"]
+    assert main([*argv, "--seed", str(2**64 - 1), "ab"]) == 0
+    assert "internal error" not in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--seed", str(2**64), "ab"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--seed" in err and str(2**64 - 1) in err
 
 
 def test_a_folder_that_is_no_model_exits_3(tmp_path, capsys):

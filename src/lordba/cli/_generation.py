@@ -60,7 +60,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--temperature", type=non_negative_float, default=0.0, help="sampling temperature; 0 is greedy (default 0)"
     )
     p.add_argument("--top-p", type=mass_fraction, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1.0)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help=f"sampling seed, 0 to {SEED_MAX} (default 0)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument(
         "--compile",
@@ -88,6 +88,18 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         choices=("default", "max-autotune-no-cudagraphs"),
         help="torch.compile mode with --compile (default: default)",
     )
+
+
+SEED_MAX = 2**64 - 1  # the most torch.manual_seed takes
+
+
+def seed(text: str) -> int:
+    """``--seed``: an integer from 0 to :data:`SEED_MAX`; ``argparse.ArgumentTypeError`` otherwise (a larger one
+    overflowed in ``torch.manual_seed``, an internal error after the model had loaded)."""
+    value = non_negative_int(text)
+    if value > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {SEED_MAX}, got {text!r}")
+    return value
 
 
 class _OneAdapter(argparse.Action):
