@@ -449,3 +449,28 @@ def test_a_chat_keeps_the_turns_that_fit_when_its_latest_message_leaves_less_tha
         [*history, {"role": "user", "content": "x" * 80}], tokenize=False, add_generation_prompt=True
     )
     assert prompts[1] == kept
+
+
+def test_generation_stops_at_the_tokenizers_end_of_sequence_as_the_server_does(folder, tmp_path, capsys):
+    """``lordba generate`` / ``chat`` stopped only at the generation config's eos ids, where ``lordba serve`` also stops
+    at the tokenizer's: on a chat model whose end of turn is the tokenizer's eos but not in its generation config,
+    chat ran past the end of the turn and made up the next one."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    model_dir = shutil.copytree(folder, tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok("ab", return_tensors="pt").input_ids
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():  # eight tokens, stopping at none (bos is never generated here)
+        new = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, eos_token_id=tok.bos_token_id
+        )[0, ids.shape[1] :].tolist()
+    stop = next((t for t in new[1:] if t != new[0]), None)
+    assert stop is not None, "the tiny model repeats one token: pick another prompt"
+    GenerationConfig(eos_token_id=tok.bos_token_id, bos_token_id=tok.bos_token_id).save_pretrained(model_dir)
+    tok.eos_token = tok.convert_ids_to_tokens(stop)
+    tok.save_pretrained(model_dir)
+    assert main(["generate", "--model", str(model_dir), "--quant", "none", "--max-new-tokens", "8", "ab"]) == 0
+    assert capsys.readouterr().out == tok.decode(new[: new.index(stop)]) + "\n"

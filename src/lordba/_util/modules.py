@@ -1,7 +1,10 @@
 """Rules about a model's modules, kept in one place: replacing the submodule at a dotted path,
-recognising the output head by name, the device an accelerate hook computes a module on."""
+recognising the output head by name, the device an accelerate hook computes a module on, the ids that end a
+generated text."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,3 +54,14 @@ def hook_execution_device(module: nn.Module) -> torch.device | None:
             except (RuntimeError, TypeError):
                 return None
     return None
+
+
+def end_of_sequence_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
+    """The ids that end a generated text: ``model.generation_config.eos_token_id`` (one or a list) and the
+    tokenizer's ``eos_token_id`` (a chat model's end of turn that its generation config leaves out)."""
+    ids: set[int] = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(int(i) for i in ids)

@@ -358,6 +358,8 @@ def stream(loaded: Loaded, input_ids: Any, args: argparse.Namespace, out: Any = 
     written, it is run again eagerly."""
     import torch
 
+    from lordba._util.modules import end_of_sequence_ids
+
     out = out or sys.stdout
     sample = args.temperature > 0
     count = new_tokens(loaded, int(input_ids.shape[-1]), args.max_new_tokens)
@@ -367,6 +369,7 @@ def stream(loaded: Loaded, input_ids: Any, args: argparse.Namespace, out: Any = 
         max_new_tokens=count,
         do_sample=sample,
         pad_token_id=loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id,
+        eos_token_id=sorted(end_of_sequence_ids(loaded.model, loaded.tokenizer)) or None,  # as lordba serve stops
         **({"temperature": args.temperature, "top_p": args.top_p} if sample else {}),
     )
     tokens = int(input_ids.shape[-1]) + count

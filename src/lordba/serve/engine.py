@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
+from lordba._util.modules import end_of_sequence_ids
 from lordba.serve.batch import KVBatch, decode, prefill
 from lordba.serve.errors import UnavailableError
 from lordba.serve.sampling import IncrementalDecoder, SamplingParams, TextAssembler, sample
@@ -95,7 +96,7 @@ class Engine:
         self.max_batch, self.max_prefill_tokens = max(1, max_batch), max(1, max_prefill_tokens)
         self.observer = observer
         self.tokenizer_lock = threading.Lock()  # the tokenizer is shared with the HTTP threads
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = end_of_sequence_ids(model, tokenizer)
         self.pad_id = _pad_id(tokenizer, self.eos_ids)
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
@@ -317,17 +318,6 @@ class Engine:
                 # a prompt never prefilled (aborted while it waited, a prefill that failed) ran no tokens
                 prompt_tokens = len(req.prompt) if req.prefilled else 0
                 self.observer.finished(reason, prompt_tokens, len(req.generated), time.monotonic() - req.arrival)
-
-
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:
-    """End-of-sequence ids: the generation config's and the tokenizer's."""
-    ids: set[int] = set()
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(int(i) for i in ids)
 
 
 def _pad_id(tokenizer: Any, eos_ids: frozenset[int]) -> int:
