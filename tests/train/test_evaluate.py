@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lordba.train.evaluate import evaluate, heldout_loss, heldout_losses
+from lordba.train.evaluate import evaluate, generate_answers, heldout_loss, heldout_losses
 from lordba.train.records import Example
 from lordba_lab.assets import load_model_and_tokenizer
+from tiny_model import char_tokenizer
 
 from conftest import TINY, tiny_llama
 
@@ -88,3 +89,36 @@ def test_evaluate_returns_one_record_per_example_matching_its_aggregates(tokeniz
     plain = evaluate(model, tokenizer, examples, None, 2)
     assert "per_example" not in plain and "metric" not in plain
     assert plain["eval_loss"] == pytest.approx(out["eval_loss"], rel=1e-5)
+
+
+def _successor_model(tok, chain):
+    """A Llama whose next token depends only on the current one: each token of ``chain`` is followed by the next."""
+    torch.manual_seed(0)
+    vocab = len(tok)
+    config = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, num_key_value_heads=2, tie_word_embeddings=False, **config))
+    ids = tok.convert_tokens_to_ids(chain)
+    order = ids + [i for i in range(vocab) if i not in ids]
+    with torch.no_grad():
+        for layer in model.model.layers:  # the residual stream is the token's embedding
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        e = model.model.embed_tokens.weight
+        normed = e / e.pow(2).mean(-1, keepdim=True).sqrt()
+        for k, token in enumerate(order):
+            model.lm_head.weight[order[(k + 1) % vocab]] = 10 * normed[token]
+    return model.eval()
+
+
+def test_generation_stops_at_the_end_of_turn_of_the_models_generation_config():
+    """A chat model whose end of turn is not the tokenizer's eos (Gemma's <end_of_turn> beside <eos>, Phi-3's
+    <|end|>) lists it in its generation config, where ``generate`` stops (and ``lordba serve``). The evaluation
+    passed the tokenizer's eos alone, which replaced the config's: the answer ran on past the end of the turn
+    ('4xyz' for '4'), and an exact-match scorer marked it wrong."""
+    tok = char_tokenizer()
+    tok.eos_token = "<s>"
+    model = _successor_model(tok, ["\n", "4", "<|im_end|>", "x", "y", "z"])  # the prompt ends with "assistant\n"
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids(["<s>", "<|im_end|>"])
+    examples = [Example((("user", "2+2?"),), "4", "4")]
+    assert generate_answers(model, tok, examples, max_new_tokens=5) == ["4"]
+    assert evaluate(model, tok, examples, lambda a, b: a == b, 5)["metric"] == 1.0
