@@ -35,7 +35,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 RESUME_STATE = ("checkpoints", "lora", "lora_seed")
 # Options that do not change what is trained: a resumed job may change them.
 RUN_ONLY = ("out", "resume", "progress", "device")
-RUN_ONLY_SETTINGS = ("eval_every", "checkpoint_every", "keep_checkpoints")
+# gradient_checkpointing recomputes the same activations (the same adapter, byte for byte): turned on to resume a job
+# that ran out of memory
+RUN_ONLY_SETTINGS = ("eval_every", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")
 
 
 @dataclass

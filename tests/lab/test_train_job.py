@@ -213,3 +213,19 @@ def test_a_bad_lora_changes_nothing_in_out(setup, tmp_path, capsys, mode):
     assert (str(missing) if mode == "ptq" else "with mode 'qat'") in err
     assert (out / "train_job.json").read_bytes() == record
     assert (out / "lordba_model.safetensors").read_bytes() == adapter
+
+
+def test_a_job_resumed_with_gradient_checkpointing_continues_its_checkpoints(setup, tmp_path, capsys):
+    """Gradient checkpointing changes the memory a step takes, not what it computes (the same adapter, byte for
+    byte): it is what one turns on to resume a job that ran out of memory. Such a resume was refused as
+    "another training job (options that differ: gradient_checkpointing: False -> True)", the job's steps lost."""
+    model, data = setup
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    assert main(train_args(model, data, whole, "--quant", "none")) == 0
+    assert main(train_args(model, data, out, "--quant", "none")) == 0
+    shutil.rmtree(out / "checkpoints" / "step-00000004")  # as if killed after the checkpoint of step 2
+    (out / "lordba_model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(train_args(model, data, out, "--quant", "none", "--gradient-checkpointing")) == 0
+    assert "resumed at step 2" in capsys.readouterr().out
+    assert (out / "lordba_model.safetensors").read_bytes() == (whole / "lordba_model.safetensors").read_bytes()
