@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lordba._util.modules import end_of_sequence_ids
 from lordba.train.records import Example
 from lordba.train.tokenize import collate, encode_examples, prompt_ids
 
@@ -68,17 +69,6 @@ def heldout_loss(model: torch.nn.Module, rows: list[dict], batch_size: int = 16,
     return sum(s for s, _ in per_row) / count if count else math.nan
 
 
-def _stop_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int] | None:
-    """The ids that end an answer: the model's generation config's (a chat model's end of turn: Gemma's
-    ``<end_of_turn>``, Phi-3's ``<|end|>``) and the tokenizer's eos, as ``lordba serve`` stops; the tokenizer's
-    alone overrode the config's, and generation ran past the end of the turn."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return [int(i) for i in ids] or None
-
-
 @torch.no_grad()
 def generate_answers(
     model: torch.nn.Module,
@@ -106,7 +96,7 @@ def generate_answers(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
-            eos_token_id=_stop_ids(model, tokenizer),
+            eos_token_id=sorted(end_of_sequence_ids(model, tokenizer)) or None,  # as lordba serve stops
         )
         outputs += tokenizer.batch_decode(gen[:, n:].cpu(), skip_special_tokens=True)
     model.train(was_training)
