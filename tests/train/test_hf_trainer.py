@@ -229,6 +229,19 @@ def test_callback_writes_where_the_trainer_saves(tmp_path, should_save):
         assert all((directory / name).is_file() == should_save for name in PACKED), directory
 
 
+def test_callback_takes_one_adapter_name_given_as_a_string(tmp_path):
+    """``LoRDBACallback(selected_adapters="default")`` kept the name as its characters and every write failed with
+    "unknown adapter 'd'" (save_pretrained takes one name as a string)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2))
+    args = SimpleNamespace(output_dir=str(tmp_path), should_save=True)
+    LoRDBACallback("default").on_train_end(args, TrainerState(global_step=3), TrainerControl(), model=lm)
+    assert all((tmp_path / name).is_file() for name in PACKED)
+
+
 def test_trainer_trains_an_adapter_on_a_base_quantized_by_transformers(tmp_path):
     # a base loaded with a quantization_config (is_quantized, read through the wrapper) was refused by the
     # Trainer as "purely quantized" (transformers' validate_quantization_for_training): the QLoRA workflow

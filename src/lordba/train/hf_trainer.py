@@ -42,13 +42,17 @@ class LoRDBACallback(TrainerCallback):
     from) is left beside it.
 
     Args:
-        selected_adapters: the adapters to write (default: all), as ``LoRDBAModel.save_pretrained``.
+        selected_adapters: the adapters to write (default: all), a list of names or one name, as
+            ``LoRDBAModel.save_pretrained``.
         at_train_end: also write the adapter into ``args.output_dir`` when training ends (the
             directory ``trainer.save_model()`` writes by default).
     """
 
-    def __init__(self, selected_adapters: Sequence[str] | None = None, at_train_end: bool = True) -> None:
-        self.selected_adapters = list(selected_adapters) if selected_adapters is not None else None
+    def __init__(self, selected_adapters: str | Sequence[str] | None = None, at_train_end: bool = True) -> None:
+        one = isinstance(selected_adapters, str)  # one name, as save_pretrained takes it (not its characters)
+        self.selected_adapters = (
+            [selected_adapters] if one else None if selected_adapters is None else list(selected_adapters)
+        )
         self.at_train_end = at_train_end
         self._training = False
         self._written: tuple[Path, int] | None = None  # the checkpoint written at a push, before on_save
