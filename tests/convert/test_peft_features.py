@@ -212,6 +212,36 @@ def test_bias_all_with_a_task_head_converts_without_the_heads_original_copy(tmp_
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0.02 * float((theirs - base).abs().max()))
 
 
+def test_bias_all_with_a_head_that_has_its_own_bias_loads_and_gives_peft_outputs(tmp_path):
+    """With ``bias="all"`` PEFT also saves the bias of a saved module's copy, and takes the adapter name out of
+    its key when the bias is the copy's own (``classifier.modules_to_save.bias``: BERT's head is one Linear).
+    That key was kept as a tensor of a module ``classifier.modules_to_save``: the conversion and the save
+    went through, and the load failed ("the base model has no module 'classifier.modules_to_save'")."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def bert():
+        torch.manual_seed(0)
+        config = BertConfig(
+            vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+            max_position_embeddings=40, num_labels=3,
+        )  # fmt: skip
+        return BertForSequenceClassification(config).eval()
+
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"], bias="all")
+    pm = peft.get_peft_model(bert(), config)
+    trained(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    for source, name in ((tmp_path / "peft", "dir"), (pm.eval(), "mem")):
+        state, report = convert_lora(source, progress=False)
+        assert {"classifier.weight", "classifier.bias"} <= set(state.extras)
+        assert not [k for k in state.extras if "modules_to_save" in k]
+        lm = LoRDBAModel.from_pretrained(bert(), save_converted(state, report, tmp_path / name))
+        with torch.no_grad():
+            ours, theirs, base = (m(input_ids=IDS).logits for m in (lm, pm, bert()))
+        assert (theirs - base).abs().max() > 0.1
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0.1 * float((theirs - base).abs().max()))
+
+
 def test_the_lora_ranks_are_kept_where_one_module_path_ends_another(tmp_path):
     """``blocks.0.proj`` (rank 8) and ``inner.blocks.0.proj`` (rank 4): the converted config's
     rank_pattern names whole paths, so the inner module keeps its rank 4 (a key ``blocks\\.0\\.proj``

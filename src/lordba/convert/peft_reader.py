@@ -302,6 +302,9 @@ def _extras(
     extras, rest = {}, []
     for key in keys:
         name = key.removeprefix("base_model.model.").replace(f".modules_to_save.{adapter_name}.", ".")
+        head, copy, param = name.rpartition(".modules_to_save.")
+        if copy and "." not in param:  # bias="all": a saved module's own bias, the adapter name taken out by PEFT
+            name = f"{head}.{param}"
         name = name.replace(".base_layer.", ".")  # a trained bias of a LoRA layer
         wrapper, inside, _ = name.partition(".original_module.")
         if inside and _in_saved(wrapper, saved):
