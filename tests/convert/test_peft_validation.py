@@ -66,6 +66,25 @@ def test_residual_base_initialisations_are_refused(tmp_path, init):
         read_lora(peft_dir(tmp_path, {"init_lora_weights": init}))
 
 
+def test_an_olora_init_named_in_another_case_is_refused(tmp_path):
+    """PEFT runs OLoRA (which rewrites the base weight) for ``init_lora_weights`` equal to "olora" in any case:
+    ``"OLoRA"`` converted without a word, its factors fitted to a base the user does not have (at step 0 the
+    PeftModel gives the base's outputs, the converted adapter adds B0 A0 to them)."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import tiny_llama
+
+    base = tiny_llama()
+    before = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="OLoRA"))
+    assert not torch.equal(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, before)
+    model.save_pretrained(tmp_path / "olora")
+    for source in (tmp_path / "olora", model):
+        with pytest.raises(ConversionError, match=r"init_lora_weights='OLoRA': a OLoRA-initialised LoRA"):
+            read_lora(source)
+
+
 def test_a_loftq_config_is_refused_and_ordinary_inits_are_not(tmp_path):
     with pytest.raises(ConversionError, match="LoftQ"):
         read_lora(peft_dir(tmp_path, {"loftq_config": {"loftq_bits": 4}}, name="a"))

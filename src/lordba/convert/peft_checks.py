@@ -24,14 +24,10 @@ MAX_RANK = (1 << 31) - 1
 # |ΔW| entries (bounded by scaling · r · max|A| · max|B|) and factors must stay below this: far
 # beyond any trained LoRA (entries ~1), far below float32's 3.4e38 with room for the solver's sums.
 MAX_MAGNITUDE = 2.0**100
-# init_lora_weights values whose factors need the residual base PEFT wrote at initialisation.
-_RESIDUAL_INITS = {
-    "pissa": "PiSSA",
-    "olora": "OLoRA",
-    "loftq": "LoftQ",
-    "corda": "CorDA",
-    "lora_ga": "LoRA-GA",
-}
+# init_lora_weights values whose factors need the residual base PEFT wrote at initialisation, as PEFT's
+# LoraLayer.update_layer picks the init: prefixes (pissa_niter_4), names, and "olora" in any case ("OLoRA").
+_RESIDUAL_PREFIXES = {"pissa": "PiSSA", "corda": "CorDA"}
+_RESIDUAL_INITS = {"loftq": "LoftQ", "lora_ga": "LoRA-GA"}
 
 
 def check_init(cfg: dict[str, Any], where: str) -> None:
@@ -40,8 +36,7 @@ def check_init(cfg: dict[str, Any], where: str) -> None:
     Takes the PEFT config fields and the name of their source; returns nothing; raises
     :class:`ConversionError` naming ``init_lora_weights`` (or ``loftq_config``) and the method."""
     init = cfg.get("init_lora_weights", True)
-    key = init.split("_niter_")[0] if isinstance(init, str) else None
-    method = _RESIDUAL_INITS.get(key or "")
+    method = _residual_method(init) if isinstance(init, str) else None
     if method is None and cfg.get("loftq_config"):
         method, init = "LoftQ", f"loftq_config={safe_repr(cfg['loftq_config'])}"
     if method is not None:
@@ -51,6 +46,14 @@ def check_init(cfg: dict[str, Any], where: str) -> None:
             "not an update of the original base, so a conversion cannot be right. Convert the adapter PEFT saves "
             "with path_initial_model_for_weight_conversion (an ordinary LoRA of the original base) instead"
         )
+
+
+def _residual_method(init: str) -> str | None:
+    """The method PEFT runs for the string ``init_lora_weights`` if it changes the base weight, else ``None``."""
+    for prefix, method in _RESIDUAL_PREFIXES.items():
+        if init.startswith(prefix):
+            return method
+    return "OLoRA" if init.lower() == "olora" else _RESIDUAL_INITS.get(init)
 
 
 def check_numbers(cfg: dict[str, Any], where: str) -> tuple[int, float, bool]:
