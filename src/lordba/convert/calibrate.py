@@ -5,7 +5,8 @@
 ``model.layers.0.self_attn.q_proj``). With a ``peft.PeftModel`` the hooks go on its LoRA layers,
 whose input is the base layer's input. Pass the result as ``convert_lora(..., calibration=...)``.
 A batch given as a dict with an ``attention_mask`` counts only the positions the mask keeps: the
-padding of sequences of different lengths batched together is not calibration data.
+padding of sequences of different lengths batched together is not calibration data. The model runs in
+eval mode (dropout off), its modules' own modes restored after.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def collect_input_moments(
     """``{path: mean of x² over all tokens}`` (float32 [in]) for the inputs of the modules at ``paths``;
     each batch is a dict of model keyword arguments or a tensor of input ids. A dict's
     ``attention_mask`` ([batch, seq]) leaves out the positions it masks (padding) wherever a module's
-    input has one row per position."""
+    input has one row per position. The batches run in eval mode (no dropout); each module's mode is
+    restored afterwards."""
     root = _root(model)
     paths = list(paths)
     sums: dict[str, torch.Tensor] = {}
@@ -51,6 +53,8 @@ def collect_input_moments(
 
         return hook
 
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # dropout off (PEFT's EVA calibrates so too); every module's own mode is put back
     try:
         for path in paths:
             try:
@@ -64,6 +68,8 @@ def collect_input_moments(
     finally:
         for h in hooks:
             h.remove()
+        for m, training in modes.items():
+            m.training = training
     missing = sorted(p for p in set(paths) if counts.get(p, 0) <= 0)
     if missing:
         raise ConversionError(f"calibration: no input reached module(s) {missing[:4]}")
