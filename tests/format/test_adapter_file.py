@@ -145,6 +145,25 @@ def test_int8_codes_must_be_in_range(tmp_path):
     refuse(tmp_path, "must reach code")
 
 
+@pytest.mark.parametrize("format_version", [1, 3])
+def test_a_refused_file_is_refused_again_by_a_second_load_tensors(tmp_path, format_version):
+    # the first call's refusal left every module's tensors behind, so a second call returned them unchecked
+    from lordba.format.adapter import open_adapter
+
+    torch.manual_seed(4)
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=3, init="random", scale_dtype="float16"))
+    lm.save_pretrained(tmp_path, format_version=format_version)
+    tensors, meta = load_weights(tmp_path)
+    kind = f"{Q}.scale_mid" if format_version == 1 else "scale_mid"
+    tensors[kind][0] = float("nan")
+    rewrite_weights(tmp_path, tensors, meta)
+    adapter = open_adapter(tmp_path)
+    for _ in range(2):
+        with pytest.raises(AdapterFormatError, match="NaN or infinite"):
+            adapter.load_tensors()
+    assert not any(rec.tensors for rec in adapter.modules.values())
+
+
 def test_mismatched_base_model(saved):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -131,15 +131,21 @@ class AdapterFile(AdapterState):
         self._data = None
         tensors = tensor_views(data, self._spans)
         kinds = {}
-        if self.format_version == COMPACT_FORMAT_VERSION:  # views of the five kind tensors
-            kinds = split_tensors(tensors, self.modules, self.config.scale_dtype, path)
-        else:
+        try:
+            if self.format_version == COMPACT_FORMAT_VERSION:  # views of the five kind tensors
+                kinds = split_tensors(tensors, self.modules, self.config.scale_dtype, path)
+            else:
+                for rec in self.modules.values():
+                    rec.tensors = {k: tensors[f"{rec.path}.{k}"] for k in TENSOR_KINDS}
+            names = [k for k in self._spans if k.startswith(EXTRA_PREFIX)]  # format version 2 or 3
+            self.extras = {k[len(EXTRA_PREFIX) :]: tensors[k] for k in sorted(names)}
+            check_all_values(list(self.modules.values()), self.config.scale_dtype, path, kinds)
+            check_extra_values(self.extras, str(path))
+        except LoRDBAError:  # a refused file leaves no tensors: a second call reads and checks again
             for rec in self.modules.values():
-                rec.tensors = {k: tensors[f"{rec.path}.{k}"] for k in TENSOR_KINDS}
-        names = [k for k in self._spans if k.startswith(EXTRA_PREFIX)]  # format version 2 or 3
-        self.extras = {k[len(EXTRA_PREFIX) :]: tensors[k] for k in sorted(names)}
-        check_all_values(list(self.modules.values()), self.config.scale_dtype, path, kinds)
-        check_extra_values(self.extras, str(path))
+                rec.tensors = {}
+            self.extras = {}
+            raise
 
     def close(self) -> None:
         """Drop the file's bytes held since :func:`open_adapter` (:meth:`load_tensors` does; needed
