@@ -103,7 +103,9 @@ class StatusMixin:
 
     def size_report(self, adapter_name: str = "default", r_ref: int | None = None) -> SizeReport:
         """Bytes, bits per weight (both bases) and ratio to the fp16 LoRA of rank ``r_ref``
-        (default: the same rank), per module and for the file ``save_pretrained`` writes."""
+        (default: the same rank), per module and for the file ``save_pretrained`` writes of the adapter's
+        LoRDBA modules. Tensors trained in full (``modules_to_save``, task heads, trained biases) are not
+        counted: a LoRA file holds the same bytes of them (``lordba convert`` reports them apart)."""
         dims = {p: (a.in_features, a.out_features, a.r) for p, a in self.adapter_modules(adapter_name).items()}
         return size_report(dims, self.peft_config[adapter_name].scale_dtype, r_ref=r_ref)
 
