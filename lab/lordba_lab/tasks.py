@@ -41,6 +41,17 @@ def number_match(prediction: str, answer: str) -> bool:
         return False
 
 
+def final_number_match(prediction: str, answer: str) -> bool:
+    """True if the final answer of a chain of thought equals the numeric ``answer``: the first number after
+    the first ``####`` in ``prediction`` (GSM8K's marker), or without one its last number."""
+    head, marker, tail = prediction.replace(",", "").partition("####")
+    found = _NUM.findall(tail)[:1] if marker else _NUM.findall(head)[-1:]
+    try:
+        return bool(found) and abs(float(found[0]) - float(answer)) < 1e-6
+    except ValueError:
+        return False
+
+
 def word_match(prediction: str, answer: str) -> bool:
     """True if the first word of ``prediction`` (lower-cased, letters only) is ``answer``."""
     words = re.findall(r"[a-z]+", prediction.lower())
@@ -197,7 +208,7 @@ TASKS: dict[str, Task] = {
             "gsm",
             "reasoning-gym gsm_symbolic (GSM8K templates), chain of thought ending '#### n'",
             _reasoning_gym("gsm_symbolic", cot=True),
-            number_match,
+            final_number_match,
             160,
         ),
     )

@@ -6,7 +6,16 @@ import pytest
 from lordba import DataError
 from lordba_lab.assets.corpus import ensure_sotu
 from lordba_lab.assets.vader import ensure_vader_movies
-from lordba_lab.tasks import TASKS, _held_out, get_task, list_match, number_match, text_blocks, word_match
+from lordba_lab.tasks import (
+    TASKS,
+    _held_out,
+    final_number_match,
+    get_task,
+    list_match,
+    number_match,
+    text_blocks,
+    word_match,
+)
 
 
 @pytest.mark.parametrize("name", ["arithmetic", "chain_sum", "gsm", "sentiment", "reverse_words"])
@@ -18,6 +27,7 @@ def test_splits_are_disjoint_deterministic_and_scored_by_their_metric(name):
     assert not {e.messages for e in train} & {e.messages for e in held}
     assert train == task.examples("train", 40, seed=0)
     assert all(task.score(e.answer, e.answer) for e in held)
+    assert all(task.score(e.completion, e.answer) for e in held)  # the reference completion scores
     assert not all(task.score("nothing useful", e.answer) for e in held)
 
 
@@ -28,6 +38,9 @@ def test_sentiment_is_balanced():
 
 def test_matchers():
     assert number_match("The answer is -12.", "-12") and number_match("1,234", "1234") and not number_match("12", "13")
+    # a chain of thought: the number after '####', not the first quantity of the reasoning
+    assert final_number_match("3 complexes of 750\n750*0.4=300\n#### 1,260.0\nNext", "1260")
+    assert not final_number_match("3 complexes of 750\n#### 300", "3") and final_number_match("so 12 + 8 = 20", "20")
     assert word_match(" Positive!", "positive") and not word_match("not positive", "positive")
     assert list_match(" Acute,go , hundred\nmore", "acute, go, hundred")
     assert not list_match("acute, go", "acute, go, hundred") and not list_match("", "a")
