@@ -52,8 +52,10 @@ def run(job: dict) -> dict:
             )
             used = 0
             for chunk in stream:
-                if chunk.choices and (chunk.choices[0].text or chunk.choices[0].finish_reason):
-                    stamps.append(time.perf_counter())  # a token's text (or the last token's end)
+                # a token's text; the finish reason follows the last one in a chunk of its own (no token: not
+                # stamped), unless no text came at all (then it is the end of the request's first token)
+                if chunk.choices and (chunk.choices[0].text or (chunk.choices[0].finish_reason and not stamps)):
+                    stamps.append(time.perf_counter())
                 if chunk.usage is not None:
                     used = chunk.usage.completion_tokens
             with lock:

@@ -88,3 +88,21 @@ def test_a_failed_request_fails_the_clients_run_instead_of_thinning_its_numbers(
     assert done["tokens"] == 4 and len(done["ttft"]) == 4
     with pytest.raises(RuntimeError, match=r"2 of 2 clients failed.*ConnectionError: the server went away"):
         _serve_clients.run({**job, "names": ["bad"]})
+
+
+def test_the_clients_time_one_gap_between_each_two_tokens(tmp_path_factory):
+    """A request of n tokens has n - 1 gaps between its tokens. The server streams the last token's text and
+    then its finish reason as a chunk of its own (as OpenAI's API does); the clients stamped both, and every
+    request added a gap of ~0.2 ms (tiny model: its real gaps ~15-30 ms) to the per-token latency, an eighth
+    of the gaps at the quick suite's 8 tokens."""
+    from lordba.serve.server import Server, build_state, load_base
+    from lordba_lab.bench import _serve_clients
+
+    model_dir, adapters = make_served(tmp_path_factory)
+    model, tokenizer = load_base(model_dir)
+    state = build_state(model, tokenizer, "base", adapters, max_batch=2)
+    job = {"names": ["a", "b"], "clients": 2, "prompt": [5, 6, 7, 8], "requests": 2, "max_tokens": 6}
+    with Server(state) as server:
+        done = _serve_clients.run({**job, "url": server.url})
+    assert done["tokens"] == 4 * 6 and len(done["ttft"]) == 4
+    assert len(done["gaps"]) == 4 * (6 - 1)
