@@ -428,3 +428,28 @@ def test_the_fixture_adapters_are_not_all_the_same(served):
     a, b, c = tensors("a"), tensors("b"), tensors("c")
     for other in (b, c):
         assert not all(torch.equal(x, y) for x, y in zip(a, other, strict=True))
+
+
+def test_an_adapter_that_trains_a_module_in_full_counts_its_copy_within_the_budget(model, folder):
+    """An adapter with ``modules_to_save`` (here the output head) holds its own copy of that module, most of its
+    bytes: the registry counted only its LoRDBA branches (3472 of its 22480 bytes), so --max-adapter-memory sized
+    for two such adapters let three stay resident (67440 bytes) without evicting, and
+    lordba_resident_adapter_bytes said 10416. Every byte of the copy it holds counts, as its file's size says."""
+    from lordba import LoRDBAConfig, get_lordba_model
+
+    from .serve_helpers import tiny_model
+
+    for i, name in enumerate(("h1", "h2", "h3")):
+        base = tiny_model()
+        torch.manual_seed(20 + i)
+        config = LoRDBAConfig(r=4, alpha=16, init="random", modules_to_save=["lm_head"])
+        get_lordba_model(base, config).save_pretrained(folder / name)
+    size = payload_bytes(folder / "h1" / "lordba_model.safetensors")
+    head = model.base_model.lm_head.weight.nbytes
+    registry = AdapterRegistry(model, folder, max_bytes=2 * size)
+    for name in ("h1", "h2", "h3"):
+        registry.acquire(name)
+        registry.release(name)
+    assert all(nbytes >= head for nbytes in registry.resident().values())
+    assert list(registry.resident()) == ["h2", "h3"] and registry.evictions == 1
+    assert sum(registry.resident().values()) <= 2 * size

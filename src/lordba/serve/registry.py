@@ -29,6 +29,7 @@ from lordba.config import CONFIG_NAME, WEIGHTS_NAME
 from lordba.errors import LoRDBAError
 from lordba.nn.adapter import held_nbytes
 from lordba.nn.layer import BASE_ROW
+from lordba.nn.saved import SavedModule
 from lordba.serve.errors import (
     AdapterConflictError,
     AdapterLoadError,
@@ -347,5 +348,13 @@ def payload_bytes(weights: Path) -> int:
 
 
 def adapter_bytes(model: Any, name: str) -> int:
-    """Bytes adapter ``name`` holds on ``model``: its tensors and its inference caches."""
-    return held_nbytes(list(model.adapter_modules(name).values()))
+    """Bytes adapter ``name`` holds on ``model``: its tensors and its inference caches, and its copies of the
+    modules it trains in full (``modules_to_save``; what a copy shares with the original counts nothing)."""
+    held = held_nbytes(list(model.adapter_modules(name).values()))
+    for module in model.modules():
+        if isinstance(module, SavedModule) and name in module.lordba_saved:
+            original = module.original_module
+            shared = {t.untyped_storage().data_ptr() for t in (*original.parameters(), *original.buffers())}
+            own = (*module.lordba_saved[name].parameters(), *module.lordba_saved[name].buffers())
+            held += sum(t.nbytes for t in own if t.untyped_storage().data_ptr() not in shared)
+    return held
