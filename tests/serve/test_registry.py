@@ -453,3 +453,37 @@ def test_an_adapter_that_trains_a_module_in_full_counts_its_copy_within_the_budg
     assert all(nbytes >= head for nbytes in registry.resident().values())
     assert list(registry.resident()) == ["h2", "h3"] and registry.evictions == 1
     assert sum(registry.resident().values()) <= 2 * size
+
+
+def test_int4_scales_are_counted_as_the_bytes_they_take_once_loaded(model, folder):
+    """An ``int4`` adapter's file stores two scale codes per byte; loaded, they take one byte each (2240 bytes
+    held for a 1568-byte payload). The LRU made room for the payload: with room for one such adapter and a
+    payload more, a second one loaded without evicting (4480 bytes resident within a 3808-byte budget), and a
+    budget between the two sizes let one adapter hold more than all of it."""
+    from lordba import LoRDBAConfig, get_lordba_model
+    from lordba.serve.errors import AdapterTooLargeError
+
+    from .serve_helpers import tiny_model
+
+    for i, name in enumerate(("q1", "q2")):
+        base = tiny_model()
+        torch.manual_seed(30 + i)
+        get_lordba_model(base, LoRDBAConfig(r=4, alpha=16, init="random", scale_dtype="int4")).save_pretrained(
+            folder / name
+        )
+    payload = payload_bytes(folder / "q1" / "lordba_model.safetensors")
+    registry = AdapterRegistry(model, folder)
+    registry.acquire("q1")
+    held = registry.resident()["q1"]
+    assert held > payload
+    registry.release("q1")
+    registry.unload("q1")
+    registry.max_bytes = held + payload
+    for name in ("q1", "q2"):
+        registry.acquire(name)
+        registry.release(name)
+    assert list(registry.resident()) == ["q2"] and registry.evictions == 1
+    registry.max_bytes = payload  # the file fits, what it holds does not
+    with pytest.raises(AdapterTooLargeError, match=rf"'q1' \({held} bytes\)"):
+        registry.acquire("q1")
+    assert list(model.peft_config) == ["q2"] and registry.evictions == 1

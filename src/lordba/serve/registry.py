@@ -253,14 +253,14 @@ class AdapterRegistry:
     def _load(self, name: str, entry: _Entry, param: str = "model") -> None:
         """Load ``entry`` onto the model (the load lock is held), making room only once its files passed
         every check of the loader: a corrupt, truncated or mismatched file evicts nobody."""
-        need = payload_bytes(entry.path / WEIGHTS_NAME)
-        self._check_fits_budget(name, need, param)
+        need = payload_bytes(entry.path / WEIGHTS_NAME)  # at most what it holds: before reading, a too large file
+        self._check_fits_budget(name, need, param)  # (its bytes once loaded are checked by _verified)
         if name in self.model.peft_config:  # left by an unload whose last request just ended
             self._delete(name)
         start = time.perf_counter()
         try:
-            self.model.load_adapter(entry.path, name, on_verified=lambda _: self._make_room(name, need))
-        except ServeError:  # no room (raised by _make_room): not the file's fault
+            self.model.load_adapter(entry.path, name, on_verified=lambda file: self._verified(name, file, param))
+        except ServeError:  # no room, or too large (raised by _verified): not the file's fault
             raise
         except (LoRDBAError, OSError) as err:  # OSError: a path the file system refuses (too long, unreadable)
             if self.observer is not None:
@@ -288,6 +288,14 @@ class AdapterRegistry:
                 f"(--max-adapter-memory={self.max_bytes} bytes): it can never be loaded on this server",
                 param=param,
             )
+
+    def _verified(self, name: str, file: Any, param: str) -> None:
+        """The file passed the loader's checks: make room for the bytes its tensors take once loaded (``int4`` scale
+        codes, two per byte in the file, are held one per byte: more than the file's payload)."""
+        tensors = [*(t for rec in file.modules.values() for t in rec.tensors.values()), *file.extras.values()]
+        need = sum(t.nbytes for t in tensors)
+        self._check_fits_budget(name, need, param)
+        self._make_room(name, need)
 
     def _make_room(self, name: str, need: int) -> None:
         """Evict least recently used adapters not in use until ``need`` more bytes fit (``need`` is within the
