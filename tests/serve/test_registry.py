@@ -487,3 +487,22 @@ def test_int4_scales_are_counted_as_the_bytes_they_take_once_loaded(model, folde
     with pytest.raises(AdapterTooLargeError, match=rf"'q1' \({held} bytes\)"):
         registry.acquire("q1")
     assert list(model.peft_config) == ["q2"] and registry.evictions == 1
+
+
+def test_the_caches_an_adapters_forwards_build_count_within_the_budget(model, folder):
+    """In the ``dense`` kernel mode an adapter's first forward folds its factors into dense matrices it keeps
+    (3472 bytes at load, 24976 once used). The registry sized each adapter once, at its load: with a budget of
+    two unused adapters, a second one loaded beside a used one without evicting it (28448 bytes resident within
+    6944) and lordba_resident_adapter_bytes said 6944. Resident adapters are sized again whenever room is made."""
+    from lordba import kernels
+
+    size = payload_bytes(folder / "a" / "lordba_model.safetensors")
+    registry = AdapterRegistry(model, folder, max_bytes=2 * size)
+    with kernels.mode("dense"):
+        registry.acquire("a")
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[5, 6, 7]]), adapter_names=["a"])
+        registry.release("a")
+        registry.acquire("b")
+    assert list(registry.resident()) == ["b"] and registry.evictions == 1
+    assert sum(registry.resident().values()) <= 2 * size

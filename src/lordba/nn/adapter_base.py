@@ -342,7 +342,7 @@ class AdapterBase(nn.Module):
         for the GPU kernels)."""
         own = {t.untyped_storage().data_ptr() for t in (*self.parameters(), *self.buffers())}
         sizes = {"scales": 0, "signs": 0, "dense": 0}
-        for name, (_, value, _) in self._caches.entries.items():
+        for name, (_, value, _) in list(self._caches.entries.items()):  # (a forward may add one meanwhile)
             kind = _CACHE_KINDS.get(name)
             if kind is not None:
                 sizes[kind] += sum(

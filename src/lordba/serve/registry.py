@@ -302,6 +302,7 @@ class AdapterRegistry:
         budget: :meth:`_check_fits_budget`)."""
         if self.max_bytes is None:
             return
+        self._measure()
         with self._cond:
             used = sum(e.nbytes for e in [*self._entries.values(), *self._draining.values()] if e.resident)
             victims = []
@@ -336,8 +337,21 @@ class AdapterRegistry:
             entry.resident, entry.nbytes = False, 0
         self._report()
 
+    def _measure(self) -> None:
+        """Size the resident adapters again (the load lock is held): the inference caches their forwards built
+        since they loaded (the ``dense`` kernel mode's folded factors, int8 scales decoded for a GPU) are bytes
+        they hold."""
+        with self._cond:
+            held = [(n, e) for n, e in (*self._entries.items(), *self._draining.items()) if e.resident]
+        for name, entry in held:
+            if name in self.model.peft_config:
+                nbytes = adapter_bytes(self.model, name)
+                with self._cond:
+                    entry.nbytes = nbytes if entry.resident else 0
+
     def _report(self) -> None:
         if self.observer is not None:
+            self._measure()
             sizes = self.resident()
             self.observer.adapters_resident(len(sizes), sum(sizes.values()))
 
