@@ -272,3 +272,19 @@ def test_the_prompt_tokens_counted_are_those_of_prompts_that_ran(lm):
     assert metrics.prompt_tokens._value.get() == 5
     assert metrics.generation_tokens._value.get() == len(first.generated)
     assert metrics.finished_requests.labels("abort")._value.get() == 2
+
+
+def test_a_pad_token_past_the_models_embeddings_does_not_fail_prompts_of_different_lengths(lm, served):
+    """A tokenizer whose pad token was added after the model was made (id 99, the model's embeddings hold 99
+    rows): the engine padded the shorter prompts with it, and every prefill of prompts of different lengths failed
+    with 'IndexError: index out of range in self' (each prompt alone was served). Padded positions are masked:
+    a valid id pads them, the outputs are those of each request alone."""
+    model_dir, adapters = served
+    tok = char_tokenizer()
+    tok.add_special_tokens({"pad_token": "<pad2>"})
+    assert tok.pad_token_id == lm.base_model.get_input_embeddings().num_embeddings
+    ps = prompts(6, 3)
+    results = run_engine(lm, [(p, "a", SamplingParams(4, temperature=0.0)) for p in ps], tok)
+    for p, c in zip(ps, results):
+        assert c.last.finish_reason in ("length", "stop"), c.last.error
+        assert c.request.generated == reference(model_dir, adapters / "a", p, 4)[: len(c.request.generated)]

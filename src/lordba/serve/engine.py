@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from lordba._util.modules import end_of_sequence_ids
+from lordba.nn.saved import embedding_rows
 from lordba.serve.batch import KVBatch, decode, prefill
 from lordba.serve.errors import UnavailableError
 from lordba.serve.sampling import IncrementalDecoder, SamplingParams, TextAssembler, sample
@@ -97,7 +98,7 @@ class Engine:
         self.observer = observer
         self.tokenizer_lock = threading.Lock()  # the tokenizer is shared with the HTTP threads
         self.eos_ids = end_of_sequence_ids(model, tokenizer)
-        self.pad_id = _pad_id(tokenizer, self.eos_ids)
+        self.pad_id = _pad_id(tokenizer, self.eos_ids, embedding_rows(model))
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
@@ -320,7 +321,10 @@ class Engine:
                 self.observer.finished(reason, prompt_tokens, len(req.generated), time.monotonic() - req.arrival)
 
 
-def _pad_id(tokenizer: Any, eos_ids: frozenset[int]) -> int:
-    """The id put in padded positions (masked out, so any valid id does)."""
+def _pad_id(tokenizer: Any, eos_ids: frozenset[int], rows: int | None = None) -> int:
+    """The id put in padded positions (masked out, so any valid id does): the tokenizer's pad, else its smallest
+    end-of-sequence id, among the ``rows`` ids the model's input embeddings hold (a pad token added to the
+    tokenizer past them failed every prefill of prompts of different lengths), else 0."""
     pad = getattr(tokenizer, "pad_token_id", None)
-    return int(pad) if pad is not None else min(eos_ids, default=0)
+    valid = [int(t) for t in (pad, *sorted(eos_ids)) if t is not None and (rows is None or 0 <= int(t) < rows)]
+    return valid[0] if valid else 0
