@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lordba import LoRDBAConfig, get_lordba_model
 from lordba.cli import main
 from lordba.cli.inspect_cmd import natural_key
+from lordba.format.sizes import size_report
 
 from conftest import TINY
 
@@ -124,3 +125,26 @@ def test_inspect_json_reports_the_files_format_version(deep_adapter, tmp_path, c
     assert json.loads((tmp_path / "adapter_config.json").read_text())["format_version"] == version
     assert main(["inspect", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["format_version"] == version
+
+
+@pytest.mark.parametrize("version", [1, 3])
+def test_tensors_trained_in_full_are_reported_apart_from_the_adapters_size(tmp_path, capsys, version):
+    """A modules_to_save head is stored whole beside the branches: its bytes were counted as the LoRDBA file's,
+    so the tiny adapter below read as 215 bits per LoRA parameter and 0.10x "smaller" than an fp16 LoRA (whose
+    reference leaves the head out), where its size_report and ``lordba convert`` say 1.85x smaller. The size is
+    the branches' (as those report it), the trained-in-full bytes a line of their own."""
+    torch.manual_seed(0)
+    config = LoRDBAConfig(r=4, init="random", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    lm = get_lordba_model(LlamaForCausalLM(LlamaConfig(**TINY)), config)
+    lm.save_pretrained(tmp_path, format_version=version)  # version 1 with extras: a version-2 file
+    expected = size_report(lm.adapter_state().dims(), "float16", format_version=version)
+    head_bytes = TINY["vocab_size"] * TINY["hidden_size"] * 4
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["size"]["file_bytes"] == expected.file_bytes and report["size"]["bpw_lora"] == expected.bpw_lora
+    assert report["size"]["ratio_file"] == pytest.approx(expected.ratio_file) and expected.ratio_file > 1
+    assert report["extra_tensor_bytes"] == head_bytes
+    assert report["weights_file_bytes"] == (tmp_path / "lordba_model.safetensors").stat().st_size
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"plus {head_bytes:,} bytes of tensors trained in full" in out

@@ -9,8 +9,9 @@ import json
 import re
 
 from lordba._util.tables import print_table
+from lordba.config import COMPACT_FORMAT_VERSION, FORMAT_VERSION
 from lordba.format.adapter import read_adapter
-from lordba.format.sizes import size_report
+from lordba.format.sizes import adapter_file_bytes, size_report
 
 NAME = "inspect"
 HELP = "validate a LoRDBA adapter directory and report layers, ranks, bytes, BPW and ratio vs fp16 LoRA"
@@ -52,7 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     adapter = read_adapter(args.directory)  # full validation: checksum, header, every tensor
     dims = {p: (m.in_features, m.out_features, m.r) for p, m in adapter.modules.items()}
-    report = size_report(dims, adapter.config.scale_dtype, file_bytes=adapter.weights_bytes, r_ref=args.r_ref)
+    # tensors trained in full (modules_to_save, biases) are counted apart, as `lordba convert` and size_report do:
+    # the sizes, BPW and ratios are the LoRDBA branches' (the fp16 LoRA compared with has no such tensors either)
+    extra_bytes = sum(t.numel() * t.element_size() for t in adapter.extras.values())
+    file_bytes = adapter.weights_bytes
+    if adapter.extras:  # the same file without them (version 2 is version 1 with extras)
+        layout = COMPACT_FORMAT_VERSION if adapter.format_version == COMPACT_FORMAT_VERSION else FORMAT_VERSION
+        file_bytes = adapter_file_bytes(dims, adapter.config.scale_dtype, layout)
+    report = size_report(dims, adapter.config.scale_dtype, file_bytes=file_bytes, r_ref=args.r_ref)
     report = dataclasses.replace(report, modules=sorted(report.modules, key=lambda m: natural_key(m.path)))
     # the whole digest: docs/security.md has users pin an adapter by comparing it with a trusted one
     checksum = f"ok (sha256 {adapter.sha256})" + (" [recovered from an interrupted save]" if adapter.recovered else "")
@@ -66,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
                     "checksum": checksum,
                     "sha256": adapter.sha256,
                     "size": report.to_dict(),
+                    "extra_tensor_bytes": extra_bytes,
+                    "weights_file_bytes": adapter.weights_bytes,
                     "hint": COMPAT_HINT,
                     **({"conversion": conversion} if conversion is not None else {}),
                 },
@@ -93,6 +103,11 @@ def run(args: argparse.Namespace) -> int:
             ("BPW, dW basis (file)", report.bpw_dw, None, None),
         ],
     )
+    if extra_bytes:
+        print(
+            f"plus {extra_bytes:,} bytes of tensors trained in full (modules_to_save, biases): "
+            f"the weights file is {adapter.weights_bytes:,} bytes"
+        )
     if conversion is not None:
         _print_conversion(conversion)
     print(f"note: {COMPAT_HINT}")
