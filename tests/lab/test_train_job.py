@@ -229,3 +229,15 @@ def test_a_job_resumed_with_gradient_checkpointing_continues_its_checkpoints(set
     assert main(train_args(model, data, out, "--quant", "none", "--gradient-checkpointing")) == 0
     assert "resumed at step 2" in capsys.readouterr().out
     assert (out / "lordba_model.safetensors").read_bytes() == (whole / "lordba_model.safetensors").read_bytes()
+
+
+def test_a_model_folder_under_the_home_directory_given_with_a_tilde_is_loaded(setup, tmp_path, monkeypatch):
+    """``--model=~/models/x`` (the shell leaves a ``~`` after ``=`` as it is): the folder check expanded it and
+    passed, then transformers got ``~/model`` unexpanded and the job failed with "cannot be loaded by
+    transformers (Repo id must use alphanumeric chars ...)"."""
+    model, data = setup
+    assert model == tmp_path / "model"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    out = tmp_path / "run"
+    assert main(train_args("~/model", data, out, "--quant", "none", "--steps", "1", "--checkpoint-every", "0")) == 0
+    assert (out / "lordba_model.safetensors").is_file()

@@ -144,12 +144,12 @@ def _convert_gguf(folder: Path, spec: Embedded) -> None:
 
 def resolve_model_path(name_or_path: str | None) -> str:
     """A local folder for ``name_or_path``: the embedded default for ``None``, an embedded model for its
-    name (:data:`MODELS`), else the path itself."""
+    name (:data:`MODELS`), else the path itself (a leading ``~`` expanded, as the folder checks do)."""
     if name_or_path is None:
         return str(ensure_model(DEFAULT_MODEL))
     if name_or_path in MODELS:
         return str(ensure_model(name_or_path))
-    return str(name_or_path)
+    return os.path.expanduser(str(name_or_path))
 
 
 def load_model_and_tokenizer(name_or_path: str | None = None, dtype: str = "float32"):  # noqa: ANN201
