@@ -42,3 +42,34 @@ def test_a_report_path_that_cannot_take_the_report_is_refused_before_converting(
     err = capsys.readouterr().err
     assert "--report" in err and "internal error" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--r", "0"),
+        ("--r", "x"),
+        ("--alpha", "0"),
+        ("--alpha", "nan"),
+        ("--iters", "-1"),
+        ("--admm-iters", "-3"),
+        ("--tol", "nan"),
+        ("--tol", "-1"),
+        ("--target-bpw", "0"),
+        ("--target-bpw", "inf"),
+        ("--target-bpw", "100"),
+    ],
+)
+def test_a_number_out_of_range_is_a_usage_error_naming_the_option(lora_dir, tmp_path, option, value, capsys):
+    """As for ``lordba train`` (the CLI's exit codes: 2 for bad arguments): these were exit code 3, the code
+    of a bad or corrupt input file, from the library's checks after the output folder was checked."""
+    with pytest.raises(SystemExit) as info:
+        main(["convert", str(lora_dir), str(tmp_path / "out"), "--quiet", option, value])
+    assert info.value.code == 2
+    assert option in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_edges_of_the_numbers_ranges_are_accepted(lora_dir, tmp_path, capsys):
+    argv = ["convert", str(lora_dir), str(tmp_path / "out"), "--quiet", "--iters", "0", "--admm-iters", "0"]
+    assert main([*argv, "--tol", "0", "--target-bpw", "32"]) == 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
+from lordba.cli import _bounded, non_negative_int, positive_float, positive_int
 from lordba.core.scales import SCALE_DTYPES
 
 NAME = "convert"
@@ -12,19 +14,24 @@ HELP = "convert a PEFT LoRA adapter directory into a LoRDBA adapter (post-traini
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``lordba convert``; a number out of range is a usage error (exit code 2)."""
     from lordba.convert import GAUGES, METHODS
 
     p.add_argument("peft_dir", help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("out_dir", help="output directory for the LoRDBA adapter (must not exist unless --overwrite)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--r", type=int, default=None, help="rank of every LoRDBA layer (default: the LoRA's ranks)")
+    size.add_argument(
+        "--r", type=positive_int, default=None, help="rank of every LoRDBA layer (default: the LoRA's ranks)"
+    )
     size.add_argument(
         "--target-bpw",
-        type=float,
+        type=target_bpw,
         default=None,
         help="file bits per LoRA parameter (LoRA basis), at most 32; per-layer ranks chosen to minimise the error",
     )
-    p.add_argument("--alpha", type=float, default=None, help="LoRDBA alpha (s = alpha/r; default: the lora_alpha)")
+    p.add_argument(
+        "--alpha", type=positive_float, default=None, help="LoRDBA alpha (s = alpha/r; default: the lora_alpha)"
+    )
     p.add_argument(
         "--scale-dtype",
         choices=SCALE_DTYPES,
@@ -34,18 +41,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--iters",
-        type=int,
+        type=non_negative_int,
         default=30,
         help="BCD iterations at most (default 30; --method init gives the closed form alone)",
     )
     p.add_argument(
-        "--tol", type=float, default=1e-3, help="stop when an iteration improves the error by less than this fraction"
+        "--tol",
+        type=tolerance,
+        default=1e-3,
+        help="stop when an iteration improves the error by less than this fraction",
     )
     p.add_argument("--gauge", choices=(*GAUGES, "best"), default="svd", help="start of the solver (default svd)")
     p.add_argument("--method", choices=METHODS, default="admm+bcd", help="sign solver (default admm+bcd)")
     p.add_argument(
         "--admm-iters",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="ADMM iterations before BCD (default: convert_lora's, 20)",
     )
@@ -59,17 +69,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or tables")
 
 
+def target_bpw(text: str) -> float:
+    """A finite number > 0 and at most 32 (the LoRA itself in float32); ``argparse.ArgumentTypeError`` otherwise."""
+    return _bounded(text, float, lambda v: math.isfinite(v) and 0 < v <= 32, "a number greater than 0 and at most 32")
+
+
+def tolerance(text: str) -> float:
+    """A number >= 0 (not NaN), as convert_lora takes it; ``argparse.ArgumentTypeError`` otherwise."""
+    return _bounded(text, float, lambda v: v >= 0, "a number >= 0")
+
+
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from lordba.convert import SolverOptions, check_output_dir, convert_lora, default_config, read_lora, save_converted
-    from lordba.errors import ConfigError, ConversionError, LoRDBAError
+    from lordba.errors import ConversionError, LoRDBAError
 
     check_output_dir(args.out_dir, args.overwrite, source=args.peft_dir)  # fail before the work, not after
     if args.report is not None:
         _check_report_path(args.report)
-    if args.r is not None and args.r < 1:
-        raise ConfigError(f"--r must be a positive integer, got {args.r}")
     lora = read_lora(args.peft_dir, args.adapter_name, args.allow_pickle, args.skip_unsupported)
     config = None if args.alpha is None else dataclasses.replace(default_config(lora), alpha=args.alpha)
     admm = {} if args.admm_iters is None else {"admm_iters": args.admm_iters}
