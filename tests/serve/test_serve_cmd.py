@@ -47,6 +47,16 @@ def test_bad_numbers_are_usage_errors(tmp_path, capsys):
     assert exit_.value.code == 2 and "--max-batch" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "float64"])
+def test_an_unknown_dtype_is_a_usage_error_naming_the_choices(dtype, tmp_path, capsys):
+    """Exit 2 before the model is resolved or loaded (it was exit 3, the code of a bad input file, from
+    load_base)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--model", str(tmp_path), "--dtype", dtype])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--dtype" in err and "bfloat16" in err
+
+
 def test_the_command_serves_until_interrupted(tmp_path_factory):
     import http.client
     import signal

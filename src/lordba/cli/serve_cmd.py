@@ -16,6 +16,8 @@ MODEL_ENTRY_POINTS = "lordba.models"  # name -> callable returning a model folde
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from lordba._util.dtypes import DTYPES
+
     p.add_argument(
         "--model", required=True, help="transformers model folder, or 'default' (the lab's default model, if installed)"
     )
@@ -33,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-batch", type=positive_int, default=32, metavar="N", help="most requests in flight (default 32)"
     )
     p.add_argument("--served-model-name", default=None, help="name of the base model in the API")
-    p.add_argument("--dtype", default="float32", help="dtype of the base model (default float32)")
+    p.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the base model (default float32)"
+    )
 
 
 def port_number(text: str) -> int:
