@@ -739,6 +739,19 @@ def test_unpack_to_latent_and_set_trainable_name_bad_arguments(input_ids):
     torch.testing.assert_close(logits(lm, input_ids), want)
 
 
+def test_pack_of_an_empty_name_is_refused_and_packs_nothing():
+    """``pack("")`` (a name computed as empty) packed every adapter, their latents dropped: as any other name that
+    is not an adapter's, it is refused, every adapter left in its training form."""
+    lm = randomized()
+    lm.add_adapter("b", LoRDBAConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(AdapterStateError, match="unknown adapter ''"):
+        lm.pack("")
+    assert all(isinstance(a, TrainableAdapter) for n in ("default", "b") for a in lm.adapter_modules(n).values())
+    lm.pack("b")
+    assert all(isinstance(a, PackedAdapter) for a in lm.adapter_modules("b").values())
+    assert all(isinstance(a, TrainableAdapter) for a in lm.adapter_modules("default").values())
+
+
 def test_a_path_that_is_not_a_path_is_named(tmp_path):
     # None (or a number) as the directory: TypeError 'expected str, bytes or os.PathLike object, not NoneType'
     # from pathlib, naming neither the call nor the argument; export_lora converted everything first.

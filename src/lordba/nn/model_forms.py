@@ -40,9 +40,10 @@ class AdapterFormsMixin:
     def pack(self, adapter_name: str | None = None) -> None:
         """Turn adapters (default: all) into the inference form (:class:`~lordba.nn.adapter.PackedAdapter`:
         packed signs and stored scales, frozen; each adapter's tensors in one buffer, as loaded ones are:
-        :func:`~lordba.nn.adapter.hold_together`); latents are dropped."""
+        :func:`~lordba.nn.adapter.hold_together`); latents are dropped. A name that is not a loaded adapter
+        (``""`` included) is an :class:`AdapterStateError`, nothing packed."""
         with self._lock.write():
-            for name in [adapter_name] if adapter_name else list(self.peft_config):
+            for name in list(self.peft_config) if adapter_name is None else [adapter_name]:
                 if not any(isinstance(a, TrainableAdapter) for a in self.adapter_modules(name).values()):
                     continue
                 self._convert_forms(name, lambda a: a.pack() if isinstance(a, TrainableAdapter) else a)
