@@ -203,3 +203,24 @@ def test_merge_refuses_an_adapter_named_twice_and_names_that_are_not_strings(inp
             lm.merge_and_unload(adapter_names=bad)
     assert lm.peft_config and not any(layer.merged for _, layer in lm._lordba_layers())  # unchanged
     torch.testing.assert_close(logits(lm, input_ids), want)
+
+
+def test_merging_while_the_adapters_are_disabled_is_refused_at_merge_time(input_ids):
+    """``merge_adapter()`` after ``disable_adapter_layers()`` (or inside a ``disable_adapter()`` block) merged, and
+    the next forward failed with "unmerge before disabling them", a call the user never made; PEFT's forward unmerges
+    silently. The merge is refused, naming the disabled adapters, nothing merged."""
+    lm = adapted(tiny_llama())
+    base = logits(tiny_llama(), input_ids)
+    lm.disable_adapter_layers()
+    with pytest.raises(AdapterStateError, match=r"merge_adapter: the adapters are disabled \(disable_adapter_layers"):
+        lm.merge_adapter()
+    assert not any(layer.merged for _, layer in lm._lordba_layers())
+    torch.testing.assert_close(logits(lm, input_ids), base, rtol=0, atol=0)
+    lm.enable_adapter_layers()
+    adapted_out = logits(lm, input_ids)
+    with lm.disable_adapter():
+        with pytest.raises(AdapterStateError, match="in a disable_adapter"):
+            lm.merge_adapter()
+        torch.testing.assert_close(logits(lm, input_ids), base, rtol=0, atol=0)
+    lm.merge_adapter()  # enabled again: merges
+    torch.testing.assert_close(logits(lm, input_ids), adapted_out, rtol=1e-4, atol=1e-4)

@@ -9,12 +9,14 @@ from collections.abc import Sequence
 from torch import nn
 
 from lordba._util.modules import replace_submodule
+from lordba.errors import AdapterStateError
 from lordba.nn.merge import merge_layers, merge_names
+from lordba.nn.routing import ROUTING
 
 
 class MergeMixin:
     """The merge methods of :class:`~lordba.nn.model.LoRDBAModel` (which provides ``_lock``, ``_active``,
-    ``peft_config``, ``base_model``, ``_lordba_layers`` and ``_unwrap_saved``)."""
+    ``peft_config``, ``base_model``, ``_lordba_layers``, ``_layers_disabled`` and ``_unwrap_saved``)."""
 
     def merge_adapter(self, adapter_names: str | Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Add the (default: active) adapters into the base weights; forwards then skip them.
@@ -24,10 +26,19 @@ class MergeMixin:
 
         Raises:
             AdapterStateError: an unknown adapter name, a weight offloaded or tied to another module's
-                (:func:`~lordba.nn.merge.merge_layers`), or ``safe_merge`` found non-finite ones (nothing stays merged).
+                (:func:`~lordba.nn.merge.merge_layers`), ``safe_merge`` found non-finite ones (nothing stays merged),
+                or the adapters are disabled (``disable_adapter_layers()``, a ``disable_adapter()`` block): a merged
+                update cannot be turned off, so the next forward would fail (nothing is merged).
         """
         with self._lock.write():
             names = merge_names(adapter_names, self._active, self.peft_config)
+            held = ROUTING.get()
+            if self._layers_disabled or (held is not None and held.disabled):
+                how = "disable_adapter_layers()" if self._layers_disabled else "in a disable_adapter() block"
+                raise AdapterStateError(
+                    f"merge_adapter: the adapters are disabled ({how}) and a merged adapter cannot be; "
+                    "enable_adapter_layers() (or leave the block) before merging"
+                )
             merge_layers(self._lordba_layers(), names, safe_merge, self.base_model)
 
     def unmerge_adapter(self) -> None:
