@@ -566,6 +566,24 @@ def test_add_weighted_adapter_names_an_argument_that_is_not_a_list(adapters, wei
     assert "c" in lm.peft_config
 
 
+def test_add_weighted_adapter_takes_numpy_and_tensor_weights_and_refuses_booleans():
+    """Weights computed with NumPy (``np.float32``, ``np.int64``) or torch (a 0-d tensor) were refused as not finite
+    numbers, and ``True`` was taken as the weight 1: the former are weights like floats, booleans are refused."""
+    import numpy as np
+
+    lm = _two_adapters(shared_scales=True)
+    expected = {p: 0.5 * a.delta_weight() - 2.0 * lm.adapter_modules("b")[p].delta_weight()
+                for p, a in lm.adapter_modules("a").items()}  # fmt: skip
+    for i, weights in enumerate(([np.float32(0.5), np.int64(-2)], [torch.tensor(0.5), torch.tensor(-2.0)])):
+        lm.add_weighted_adapter(["a", "b"], weights, f"c{i}")
+        for path, c in lm.adapter_modules(f"c{i}").items():
+            torch.testing.assert_close(c.delta_weight(), expected[path], rtol=1e-5, atol=1e-5)
+    for weights in ([True, 1.0], [np.bool_(True), 1.0], [torch.tensor(True), 1.0], [torch.tensor([0.5]), 1.0]):
+        with pytest.raises(ConfigError, match="weights must be finite numbers"):
+            lm.add_weighted_adapter(["a", "b"], weights, "d")
+    assert "d" not in lm.peft_config
+
+
 def test_a_module_to_save_without_parameters_is_refused():
     """A quantized layer (the q4 base's 4-bit head) holds buffers, no parameters: ``modules_to_save=["lm_head"]``
     made a copy with nothing to train, so the head stayed as it was and no adapter file held it, silently. It is

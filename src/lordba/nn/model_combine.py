@@ -8,6 +8,8 @@ converter's solver, which lives above ``nn``: :mod:`lordba.convert.combine` regi
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -35,6 +37,19 @@ def _as_list(values: object, name: str) -> list:
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ConfigError(f"add_weighted_adapter: {name} must be a list, got {values!r}")
     return list(values)
+
+
+def _weight(value: object) -> float | None:
+    """A weight of ``add_weighted_adapter`` as a float: a finite real number (a Python, NumPy or 0-d tensor one),
+    else ``None`` (``True`` / ``False`` included: a flag, not a weight)."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0 or value.dtype == torch.bool or value.is_complex():
+            return None
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (NumPy's bool_ is no Real)
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
 def register_combiner(name: str, fn: Callable[..., dict[str, adapter_files.ModuleRecord]]) -> None:
@@ -70,6 +85,7 @@ class CombineMixin:
         adapters, weights = _as_list(adapters, "adapters"), _as_list(weights, "weights")
         with self._lock.read():  # the sources as one snapshot: a hot-swap changes their tensors in place
             self._check_combination(adapters, weights, combination_type, svd_rank)
+            weights = [_weight(w) for w in weights]  # (floats: NumPy scalars and 0-d tensors too)
             parts = [self.adapter_modules(n) for n in adapters]
             first = self.peft_config[adapters[0]]
             paths = sorted({p for part in parts for p in part})
@@ -93,7 +109,7 @@ class CombineMixin:
             raise ConfigError(f"combination_type must be one of {COMBINATION_TYPES}, got {combination_type!r}")
         if isinstance(adapters, str) or not adapters or len(adapters) != len(weights):
             raise ConfigError("adapters and weights must be lists of the same, non-zero length")
-        if not all(isinstance(w, (int, float)) and torch.isfinite(torch.tensor(float(w))) for w in weights):
+        if any(_weight(w) is None for w in weights):
             raise ConfigError(f"weights must be finite numbers, got {list(weights)!r}")
         if svd_rank is not None and (type(svd_rank) is not int or svd_rank < 1):
             raise ConfigError(f"svd_rank must be a positive int, got {svd_rank!r}")
