@@ -1,4 +1,8 @@
+import pytest
+from torch import nn
+
 from lordba._util.patterns import matches
+from lordba.errors import TargetModulesError
 from lordba.nn.targets import find_targets
 
 from conftest import tiny_llama
@@ -101,3 +105,13 @@ def test_a_model_with_a_peft_lora_attached_never_has_that_loras_own_layers_adapt
         ] + [f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
         assert find_targets(model, None, exclude_modules=["q_proj"]) == find_targets(model, r".*_proj", ["q_proj"])
         assert not any(".lora_" in n or "modules_to_save" in n for n in find_targets(model, ["k_proj", "default"]))
+
+
+def test_the_out_proj_of_an_nn_multihead_attention_is_never_a_target():
+    """``nn.MultiheadAttention`` computes with its ``out_proj``'s weight and never calls the layer: an adapter there
+    (named, or under all-linear) changed no output and trained nothing, until a merge changed the outputs (by 1.8 on
+    a small encoder). It is refused by name, with the reason, and left out under all-linear."""
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
+    assert find_targets(model, "all-linear") == ["layers.0.linear1", "layers.0.linear2"]
+    with pytest.raises(TargetModulesError, match=r"'layers\.0\.self_attn\.out_proj' .* never calling it"):
+        find_targets(model, ["out_proj"])

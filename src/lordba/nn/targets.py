@@ -28,6 +28,7 @@ from lordba.errors import AdapterFormatError, TargetModulesError
 from lordba.format.header import check_module_path
 from lordba.nn.layer import LoRDBALinear
 from lordba.quant import resolve_backend
+from lordba.quant.backend import NEVER_CALLED
 
 
 def _foreign_wrapper(module: nn.Module) -> bool:
@@ -96,9 +97,11 @@ def find_targets(
                 "merge or unload that adapter first"
             )
         if not supported:
+            never = type(module) is NEVER_CALLED  # (an nn.Linear subclass: say why)
+            why = " (nn.MultiheadAttention computes with its weight, never calling it)" if never else ""
             raise TargetModulesError(
                 f"target module {name!r} is a {type(module).__name__}, not a supported linear layer "
-                "(nn.Linear or a quantized linear from a supported backend)"
+                f"(nn.Linear or a quantized linear from a supported backend){why}"
             )
         try:
             check_module_path(name, "target_modules")

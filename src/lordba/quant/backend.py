@@ -85,11 +85,15 @@ class BaseBackend:
 
 
 class PlainLinear(BaseBackend):
-    """An unquantized ``nn.Linear``: merge adds the delta to the weight in place."""
+    """An unquantized ``nn.Linear``: merge adds the delta to the weight in place. Not ``nn.MultiheadAttention``'s
+    ``out_proj`` (a ``NonDynamicallyQuantizableLinear``): the attention computes with its weight and never calls it,
+    so an adapter there would change nothing until merged (:data:`NEVER_CALLED`)."""
 
     name = "none"
 
     def matches(self, module: nn.Module) -> bool:
+        if type(module) is NEVER_CALLED:
+            return False
         return type(module) is nn.Linear or (isinstance(module, nn.Linear) and _plain_weight(module))
 
     def dequantize(self, module: nn.Module) -> torch.Tensor:
@@ -203,6 +207,9 @@ def prompt_tiles(tensors: tuple, scaling: float, limit: int) -> Callable[[torch.
         return kept_factors(kept, tensors, lambda: tile_factors(tensors, scaling))
 
     return tiles
+
+
+NEVER_CALLED = nn.modules.linear.NonDynamicallyQuantizableLinear  # nn.MultiheadAttention's out_proj
 
 
 def _plain_weight(module: nn.Module) -> bool:
