@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from lordba import AdapterStateError, ConfigError, LoRDBAConfig, get_lordba_model
 from lordba.nn.merge import MergeRequantizationWarning
@@ -224,3 +225,42 @@ def test_merging_while_the_adapters_are_disabled_is_refused_at_merge_time(input_
         torch.testing.assert_close(logits(lm, input_ids), base, rtol=0, atol=0)
     lm.merge_adapter()  # enabled again: merges
     torch.testing.assert_close(logits(lm, input_ids), adapted_out, rtol=1e-4, atol=1e-4)
+
+
+def test_a_layer_of_a_block_shared_by_two_paths_merges(input_ids):
+    """A block registered at two paths (one module: Zamba's shared transformer block) holds one LoRDBA layer, whose
+    weight the other path reaches through that same layer: the merge was refused as 'tied to layers.1.q.base_layer.
+    weight', another module's. It merges, outputs unchanged, and unmerges to the base; a weight truly tied to another
+    module is still refused (test above)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.q(x)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            block = Block()
+            self.layers = nn.ModuleList([block, block])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    torch.manual_seed(0)
+    model, x = Shared(), torch.randn(3, 8)
+    base = model(x).detach()
+    lm = get_lordba_model(model, LoRDBAConfig(r=2, init="random", target_modules=["q"]))
+    with torch.no_grad():
+        unmerged = lm(x)
+        assert not torch.allclose(unmerged, base, atol=1e-3)
+        lm.merge_adapter()
+        torch.testing.assert_close(lm(x), unmerged, rtol=1e-5, atol=1e-5)
+        lm.unmerge_adapter()
+        torch.testing.assert_close(lm(x), unmerged, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lm.unload()(x), base, rtol=1e-5, atol=1e-5)

@@ -67,7 +67,8 @@ def _offloaded(module: nn.Module) -> bool:
 
 
 def _check_untied(root: nn.Module, layers: Sequence[tuple[str, LoRDBALinear]], adapter_names: Sequence[str]) -> None:
-    """Refuse an in-place merge into a weight that another module of ``root`` holds too (tied weights).
+    """Refuse an in-place merge into a weight that another module of ``root`` holds too (tied weights); the layer
+    itself reached through another path (a block shared by several paths, as Zamba's) is no other module.
 
     Raises:
         AdapterStateError: naming the layer and the other module's parameter.
@@ -78,9 +79,14 @@ def _check_untied(root: nn.Module, layers: Sequence[tuple[str, LoRDBALinear]], a
     owners: dict[int, list[str]] = {}
     for name, param in root.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name)
+    at: dict[int, list[str]] = {}  # every path of each layer: a block shared by several paths holds one layer
+    for name, module in root.named_modules(remove_duplicate=False):
+        if isinstance(module, LoRDBALinear):
+            at.setdefault(id(module), []).append(name + ".")
     for path, layer in shared:
         weight = layer.base_layer._parameters.get("weight")
-        others = [n for n in owners.get(id(weight), ()) if not n.startswith(path + ".")] if weight is not None else []
+        own = tuple(at.get(id(layer), [path + "."]))
+        others = [n for n in owners.get(id(weight), ()) if not n.startswith(own)] if weight is not None else []
         if others:
             raise AdapterStateError(
                 f"cannot merge into {path!r}: its weight is tied to {others[0]!r} (one tensor, e.g. "
