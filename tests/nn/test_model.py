@@ -205,6 +205,25 @@ def test_disable_adapter_context(input_ids):
     assert not torch.equal(logits(lm, input_ids), base)
 
 
+def test_a_disable_adapter_block_disables_its_own_model_only(input_ids):
+    """Within ``a.disable_adapter()``, another LoRDBA model ``b`` (a reward or reference model beside the policy, a
+    copy) ran without its adapters too: the block's state was one flag for every model of the thread. PEFT's block
+    disables its own model's layers only; so does lordba's, and ``b`` can have its own block inside ``a``'s."""
+    a, b = randomized(adapter_seed=5), randomized(adapter_seed=6)
+    base = logits(tiny_llama(0), input_ids)
+    want_b = logits(b, input_ids)
+    with a.disable_adapter():
+        torch.testing.assert_close(logits(a, input_ids), base, rtol=0, atol=0)
+        torch.testing.assert_close(logits(b, input_ids), want_b, rtol=0, atol=0)
+        with b.disable_adapter():
+            torch.testing.assert_close(logits(b, input_ids), base, rtol=0, atol=0)
+        torch.testing.assert_close(logits(b, input_ids), want_b, rtol=0, atol=0)
+        torch.testing.assert_close(logits(a, input_ids), base, rtol=0, atol=0)
+        b.merge_adapter()  # b is not disabled: it merges
+        b.unmerge_adapter()
+    assert not torch.equal(logits(a, input_ids), base)
+
+
 def test_merge_and_unload_and_unload(input_ids):
     lm = randomized()
     unmerged = logits(lm, input_ids)

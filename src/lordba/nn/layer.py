@@ -19,10 +19,10 @@ from lordba.kernels import preload
 from lordba.nn.adapter import LoRDBAAdapter
 from lordba.nn.epoch import touch
 from lordba.nn.fastpath import ARMED, decode_call, direct_branch, fused_direct, routed_branches
-from lordba.nn.routing import BASE_ROW, ROUTING, Routing, RoutingGate, current_routing, route_index
+from lordba.nn.routing import BASE_ROW, DISABLED, Routing, RoutingGate, current_routing, route_index
 from lordba.quant import BaseBackend, resolve_backend
 
-__all__ = ["BASE_ROW", "ROUTING", "AdapterDict", "LoRDBALinear", "Routing", "route_index"]  # routing names re-exported
+__all__ = ["BASE_ROW", "DISABLED", "AdapterDict", "LoRDBALinear", "Routing", "route_index"]  # routing names re-exported
 
 
 class AdapterDict(nn.ModuleDict):

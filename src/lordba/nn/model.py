@@ -45,7 +45,7 @@ from lordba.nn.model_files import AdapterFilesMixin
 from lordba.nn.model_forms import AdapterFormsMixin
 from lordba.nn.model_merge import MergeMixin
 from lordba.nn.model_peft import PeftFeaturesMixin
-from lordba.nn.routing import BASE_ROW, ROUTING, RoutingGate, routing
+from lordba.nn.routing import BASE_ROW, DISABLED, RoutingGate, routing
 from lordba.nn.structure import resolve
 from lordba.nn.targets import find_targets
 from lordba.quant import BaseBackend, resolve_backend
@@ -258,20 +258,20 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block (in this thread; with asyncio, in this task: a context variable), the model runs as its
-        base alone. Calls of other threads that want adapters wait until the block ends (the layers hold one
-        routing at a time). A thread started or handed work inside the block (a thread pool's, ``generate`` with
-        a streamer on a ``threading.Thread``) does not inherit it: its calls want the adapters and wait, so
-        waiting for them inside the block never ends; run them in the block's context
+        base alone (this model: other models' calls keep their adapters). Calls of other threads that want adapters
+        wait until the block ends (the layers hold one routing at a time). A thread started or handed work inside the
+        block (a thread pool's, ``generate`` with a streamer on a ``threading.Thread``) does not inherit it: its calls
+        want the adapters and wait, so waiting for them inside the block never ends; run them in the block's context
         (``contextvars.copy_context().run``, ``asyncio.to_thread``) to have them run the base."""
         if any(layer.merged for _, layer in self._lordba_layers()):
             raise AdapterStateError("adapters are merged into the base: unmerge_adapter() before disabling them")
         disabled = routing(None, True, None)
-        token = ROUTING.set(disabled)
+        token = DISABLED.set(DISABLED.get() | {self._gate})  # this model's calls only
         try:
             with self._gate.enter(disabled, block=True):
                 yield
         finally:
-            ROUTING.reset(token)
+            DISABLED.reset(token)
 
     # ------------------------------------------------------------------ forward
     @contextlib.contextmanager
@@ -283,25 +283,20 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
             if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
                 raise ConfigError("adapter_names must be a list with one adapter name per batch row")
             names = tuple(adapter_names)
-        outer = ROUTING.get()
-        call = routing(None, bool(outer and outer.disabled), names)
+        call = routing(None, self._gate in DISABLED.get(), names)
         if (names is not None or call.disabled) and torch.is_grad_enabled() and self._checkpointing():
             raise AdapterStateError(
                 "adapter_names or a disable_adapter() block in a training call with gradient checkpointing: the "
                 "layers are recomputed in backward with the active adapters, so the gradients would be wrong; "
                 "turn gradient checkpointing off (gradient_checkpointing_disable()), or use set_adapter()"
             )
-        token = ROUTING.set(call)
-        try:
-            with self._gate.enter(call), self._lock.read(), armed(self._gate.routing):
-                unknown = sorted({n for n in names or () if n != BASE_ROW and n not in self.peft_config}, key=str)
-                if unknown:
-                    raise AdapterStateError(
-                        f"adapter_names: unknown adapter(s) {unknown}; loaded: {sorted(self.peft_config)}"
-                    )
-                yield
-        finally:
-            ROUTING.reset(token)
+        with self._gate.enter(call), self._lock.read(), armed(self._gate.routing):
+            unknown = sorted({n for n in names or () if n != BASE_ROW and n not in self.peft_config}, key=str)
+            if unknown:
+                raise AdapterStateError(
+                    f"adapter_names: unknown adapter(s) {unknown}; loaded: {sorted(self.peft_config)}"
+                )
+            yield
 
     def _checkpointing(self) -> bool:
         """Whether the base recomputes its layers in backward (transformers' gradient checkpointing: training only)."""

@@ -11,12 +11,12 @@ from torch import nn
 from lordba._util.modules import replace_submodule
 from lordba.errors import AdapterStateError
 from lordba.nn.merge import merge_layers, merge_names
-from lordba.nn.routing import ROUTING
+from lordba.nn.routing import DISABLED
 
 
 class MergeMixin:
     """The merge methods of :class:`~lordba.nn.model.LoRDBAModel` (which provides ``_lock``, ``_active``,
-    ``peft_config``, ``base_model``, ``_lordba_layers``, ``_layers_disabled`` and ``_unwrap_saved``)."""
+    ``peft_config``, ``base_model``, ``_lordba_layers``, ``_layers_disabled``, ``_gate`` and ``_unwrap_saved``)."""
 
     def merge_adapter(self, adapter_names: str | Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Add the (default: active) adapters into the base weights; forwards then skip them.
@@ -32,8 +32,7 @@ class MergeMixin:
         """
         with self._lock.write():
             names = merge_names(adapter_names, self._active, self.peft_config)
-            held = ROUTING.get()
-            if self._layers_disabled or (held is not None and held.disabled):
+            if self._layers_disabled or self._gate in DISABLED.get():
                 how = "disable_adapter_layers()" if self._layers_disabled else "in a disable_adapter() block"
                 raise AdapterStateError(
                     f"merge_adapter: the adapters are disabled ({how}) and a merged adapter cannot be; "

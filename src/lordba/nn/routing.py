@@ -14,8 +14,8 @@ it for its block), and while it waits later calls queue behind it (first come, f
 routing: overlapping calls of one routing never starve another; a call joining an open ``disable_adapter`` block,
 e.g. from a worker thread run in its context, goes first: the block holds the gate until it ends anyway). A layer
 called outside a model call (its base model called directly) follows its own attributes; a standalone layer has a
-gate of its own. :data:`ROUTING` carries a thread's ``disable_adapter`` state into the model calls of its
-block (the model reads it, layers do not).
+gate of its own. :data:`DISABLED` carries a thread's ``disable_adapter`` blocks into the model calls of each
+block's model (the model reads it, layers do not; another model's calls are not disabled).
 """
 
 from __future__ import annotations
@@ -63,7 +63,11 @@ def _enabled(active: tuple[str, ...] | None, adapter_names: tuple[str, ...] | No
     return Routing(active, False, adapter_names)
 
 
-ROUTING: contextvars.ContextVar[Routing | None] = contextvars.ContextVar("lordba_routing", default=None)
+# the gates (one per model) whose ``disable_adapter`` block this thread (asyncio task) is in: per model, so that a
+# block of one model leaves another model's calls as they are
+DISABLED: contextvars.ContextVar[frozenset[RoutingGate]] = contextvars.ContextVar(
+    "lordba_disabled", default=frozenset()
+)
 
 
 class RoutingGate:
