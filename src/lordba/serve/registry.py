@@ -60,6 +60,7 @@ class _Entry:
     refs: int = 0
     nbytes: int = 0  # resident bytes; 0 while not resident
     resident: bool = False
+    used: bool = False  # held by a request since it was last sized: its forwards may have built caches
 
 
 class AdapterRegistry:
@@ -182,6 +183,7 @@ class AdapterRegistry:
             self._load(name, entry)
             with self._cond:
                 entry.refs += 1
+                entry.used = True
 
     def release(self, name: str) -> None:
         """A request is done with ``name``; an adapter unloaded meanwhile goes when its last request does."""
@@ -205,6 +207,7 @@ class AdapterRegistry:
             entry = self._lookup(name)
             if entry.resident:
                 entry.refs += 1
+                entry.used = True
                 self._lru.move_to_end(name)
                 return True
         return False
@@ -338,16 +341,17 @@ class AdapterRegistry:
         self._report()
 
     def _measure(self) -> None:
-        """Size the resident adapters again (the load lock is held): the inference caches their forwards built
-        since they loaded (the ``dense`` kernel mode's folded factors, int8 scales decoded for a GPU) are bytes
-        they hold."""
+        """Size again the resident adapters a request held since they were last sized (the load lock is held): the
+        inference caches their forwards built (the ``dense`` kernel mode's folded factors, int8 scales decoded for
+        a GPU) are bytes they hold. Only those: sizing one takes milliseconds, and a server holds thousands."""
         with self._cond:
-            held = [(n, e) for n, e in (*self._entries.items(), *self._draining.items()) if e.resident]
+            held = [(n, e) for n, e in (*self._entries.items(), *self._draining.items()) if e.resident and e.used]
         for name, entry in held:
             if name in self.model.peft_config:
                 nbytes = adapter_bytes(self.model, name)
                 with self._cond:
                     entry.nbytes = nbytes if entry.resident else 0
+                    entry.used = entry.refs > 0  # still held: its forwards may build more
 
     def _report(self) -> None:
         if self.observer is not None:
