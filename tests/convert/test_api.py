@@ -10,6 +10,7 @@ from lordba.cli import main
 from lordba.convert import SIDECAR_NAME, collect_input_moments, convert_lora, read_lora, save_converted
 
 from .test_peft_reader import peft_adapter
+from conftest import tiny_llama
 
 
 def lora_delta(lora, path):
@@ -197,6 +198,25 @@ def test_cli_convert_and_inspect_show_the_sidecar(tmp_path, capsys):
     assert "conversion (stored errors of ΔW)" in shown and "RMR A" in shown
     assert main(["inspect", str(out), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["conversion"]["layers"]) == 6
+
+
+def test_inspect_leaves_out_a_conversion_report_of_other_weights(tmp_path, capsys):
+    """An adapter converted into a folder and then saved again there (trained in scales-only mode, say) kept the
+    conversion's sidecar: ``lordba inspect`` showed the old per-layer errors as the new adapter's."""
+    _, path = peft_adapter(tmp_path)
+    out = tmp_path / "out"
+    assert main(["convert", str(path), str(out), "--r", "3", "--quiet"]) == 0
+    capsys.readouterr()
+    lm = LoRDBAModel.from_pretrained(tiny_llama(), out, is_trainable=True)
+    with torch.no_grad():
+        next(p for n, p in lm.named_parameters() if p.requires_grad).mul_(2)
+    lm.save_pretrained(out)
+    assert (out / SIDECAR_NAME).is_file()
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "RMR A" not in shown and "describes another weights file" in shown
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert "layers" not in json.loads(capsys.readouterr().out)["conversion"]
 
 
 def test_cli_solver_defaults_are_the_library_defaults():

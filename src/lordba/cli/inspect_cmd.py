@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     report = dataclasses.replace(report, modules=sorted(report.modules, key=lambda m: natural_key(m.path)))
     # the whole digest: docs/security.md has users pin an adapter by comparing it with a trusted one
     checksum = f"ok (sha256 {adapter.sha256})" + (" [recovered from an interrupted save]" if adapter.recovered else "")
-    conversion = _conversion_sidecar(args.directory)
+    conversion = _conversion_sidecar(args.directory, adapter.sha256)
     if args.json:
         print(
             json.dumps(
@@ -114,9 +114,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _conversion_sidecar(directory: str) -> dict | None:
+def _conversion_sidecar(directory: str, sha256: str) -> dict | None:
     """The ``conversion_report.json`` written by ``lordba convert``, if present (informational: an
-    unreadable one is reported, never fatal)."""
+    unreadable one is reported, never fatal); one recording another weights file's ``weights_sha256`` (the
+    adapter was saved again into the folder since: trained, re-converted) is reported as stale, not shown."""
     from pathlib import Path
 
     from lordba._util.jsonio import read_json_file
@@ -126,12 +127,21 @@ def _conversion_sidecar(directory: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return read_json_file(path, max_bytes=16 << 20)
+        report = read_json_file(path, max_bytes=16 << 20)
     except LoRDBAError as err:
         return {"error": str(err)}
+    recorded = report.get("weights_sha256") if isinstance(report, dict) else None
+    if recorded is not None and recorded != sha256:
+        return {
+            "stale": "left out: it describes another weights file (the adapter was saved again since it was converted)"
+        }
+    return report
 
 
 def _print_conversion(conv: dict) -> None:
+    if "stale" in conv:
+        print(f"conversion report: {conv['stale']}")
+        return
     if "error" in conv or not isinstance(conv.get("layers"), list):
         print(f"conversion report: unreadable ({conv.get('error', 'no layers')})")
         return

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lordba._util.patterns import path_key
-from lordba.config import LoRDBAConfig
+from lordba.config import LoRDBAConfig, read_config_json
 from lordba.convert.allocate import convert_at_budget
 from lordba.convert.budget import DEFAULT_CANDIDATES, MAX_TARGET_BPW
 from lordba.convert.groups import SolverOptions
@@ -242,8 +242,9 @@ def save_converted(
     try:
         with atomic_directory(out, overwrite=overwrite, keep=_inputs(source)) as tmp:
             state.save_pretrained(tmp)
-            if report is not None:
-                report.write_json(tmp / SIDECAR_NAME, timing=False)
+            if report is not None:  # for these weights only: a later save into the folder leaves it behind
+                sha = read_config_json(tmp).get("weights_sha256")
+                report.write_json(tmp / SIDECAR_NAME, timing=False, weights_sha256=sha)
             _read_back(tmp, out)
     except LoRDBAError as err:
         if isinstance(err, ConversionError) or type(err) is not LoRDBAError:

@@ -117,12 +117,14 @@ class ConversionReport:
             out["seconds"] = self.seconds
         return out
 
-    def write_json(self, path: str | Path, timing: bool = True) -> Path:
+    def write_json(self, path: str | Path, timing: bool = True, weights_sha256: str | None = None) -> Path:
         """Write :meth:`to_dict` as JSON to ``path``, whole or not at all (an earlier file there stays as
-        it was if the write fails), and return it; ``OSError`` if it cannot be written, ``LoRDBAError``
-        if its folder cannot be made."""
+        it was if the write fails), and return it; ``weights_sha256`` (the sidecar's: the converted weights
+        file's digest, so that ``lordba inspect`` shows the report only beside those weights) is added where
+        given. ``OSError`` if it cannot be written, ``LoRDBAError`` if its folder cannot be made."""
         path = Path(path)
-        atomic_write_bytes(path, (json.dumps(self.to_dict(timing), indent=2) + "\n").encode())
+        data = self.to_dict(timing) | ({"weights_sha256": weights_sha256} if weights_sha256 else {})
+        atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
         return path
 
     def write_markdown(self, path: str | Path) -> Path:
