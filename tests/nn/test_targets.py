@@ -111,7 +111,21 @@ def test_the_out_proj_of_an_nn_multihead_attention_is_never_a_target():
     """``nn.MultiheadAttention`` computes with its ``out_proj``'s weight and never calls the layer: an adapter there
     (named, or under all-linear) changed no output and trained nothing, until a merge changed the outputs (by 1.8 on
     a small encoder). It is refused by name, with the reason, and left out under all-linear."""
-    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
-    assert find_targets(model, "all-linear") == ["layers.0.linear1", "layers.0.linear2"]
-    with pytest.raises(TargetModulesError, match=r"'layers\.0\.self_attn\.out_proj' .* never calling it"):
+    model = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1))
+    model.append(nn.Linear(16, 4))
+    assert find_targets(model, "all-linear") == ["1"]
+    with pytest.raises(TargetModulesError, match=r"'0\.layers\.0\.self_attn\.out_proj' .* never calling it"):
         find_targets(model, ["out_proj"])
+
+
+def test_the_feed_forward_of_an_nn_transformer_encoder_layer_is_never_a_target():
+    """In eval mode without gradients ``nn.TransformerEncoderLayer`` runs its fast path, which computes with
+    ``linear1`` / ``linear2``'s weights and never calls them: an adapter there (named, or under all-linear) left every
+    inference output as the base's, silently. They are refused by name, with the reason, and left out under
+    all-linear."""
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), nn.Linear(16, 4))
+    assert find_targets(model, "all-linear") == ["1"]
+    for name in ("linear1", "linear2"):
+        with pytest.raises(TargetModulesError, match=rf"'0\.layers\.0\.{name}' .* fast path"):
+            find_targets(model, [name])

@@ -48,6 +48,18 @@ def _wraps_linear(module: nn.Module) -> bool:
     return isinstance(inner, nn.Module) and resolve_backend(inner) is not None
 
 
+def _fast_path_linears(model: nn.Module) -> set[str]:
+    """Paths of the ``linear1`` / ``linear2`` of every ``nn.TransformerEncoderLayer``: in eval mode without
+    gradients its fast path (``torch._transformer_encoder_layer_fwd``) reads their weights and never calls them, so
+    an adapter there would silently change nothing (PEFT's LoRA has the same trap)."""
+    return {
+        f"{name}.{child}" if name else child
+        for name, module in model.named_modules()
+        if isinstance(module, nn.TransformerEncoderLayer)
+        for child in ("linear1", "linear2")
+    }
+
+
 def _is_internal(name: str) -> bool:
     dotted = f".{name}."
     return any(f".{part}." in dotted for part in ("base_layer", "lordba_adapters", "lordba_saved", "original_module"))
@@ -67,6 +79,7 @@ def find_targets(
     """
     saved = config.saved_modules if config is not None else []
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    fast_path = _fast_path_linears(model)
     all_linear = target_modules is None or target_modules == ALL_LINEAR
     found: list[str] = []
     linear_names: list[str] = []
@@ -78,6 +91,7 @@ def find_targets(
         if wrapped:
             foreign.append(name + ".")
         supported = isinstance(module, LoRDBALinear) or resolve_backend(module) is not None
+        supported = supported and name not in fast_path
         if supported:
             linear_names.append(name)
         if all_linear:
@@ -99,6 +113,8 @@ def find_targets(
         if not supported:
             never = type(module) is NEVER_CALLED  # (an nn.Linear subclass: say why)
             why = " (nn.MultiheadAttention computes with its weight, never calling it)" if never else ""
+            if name in fast_path:
+                why = " (nn.TransformerEncoderLayer's inference fast path computes with its weight, never calling it)"
             raise TargetModulesError(
                 f"target module {name!r} is a {type(module).__name__}, not a supported linear layer "
                 f"(nn.Linear or a quantized linear from a supported backend){why}"
