@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from lordba.cli import output_directory
-from lordba.errors import ConfigError
+from lordba.cli import EXIT_USAGE, output_directory
 from lordba_lab.bench import suites
 
 NAME = "bench"
@@ -30,8 +30,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     chosen = args.suite or [n for n, m in sorted(available.items()) if m.DEFAULT]
     unknown = [n for n in chosen if n not in available]
-    if unknown:
-        raise ConfigError(f"unknown suite(s) {unknown}; available: {sorted(available)}")
+    if unknown:  # a usage error (exit 2), as argparse's choices would give
+        print(f"lordba bench: unknown suite(s) {unknown}; available: {sorted(available)}", file=sys.stderr)
+        return EXIT_USAGE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in chosen:
