@@ -529,3 +529,10 @@ def test_only_the_adapters_held_since_they_were_sized_are_sized_again(model, fol
     registry._measure()  # held when last sized: sized once more
     registry._measure()
     assert sized == ["a", "a"]
+
+
+def test_an_adapter_directory_given_as_the_adapters_folder_is_refused_naming_it(model, folder):
+    """``--adapters DIR`` where DIR is one adapter's directory (not the folder holding it) served no adapter and said
+    nothing: every request for it was a 404."""
+    with pytest.raises(BadRequestError, match=r"an adapter directory, not a folder of them.*'a'"):
+        AdapterRegistry(model, folder / "a")

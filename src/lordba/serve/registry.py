@@ -85,6 +85,12 @@ class AdapterRegistry:
         self.folder = Path(folder).resolve() if folder is not None else None
         if self.folder is not None and not self.folder.is_dir():
             raise BadRequestError(f"--adapters {folder}: not a directory", param="adapters")
+        if self.folder is not None and (self.folder / CONFIG_NAME).is_file():  # it served nothing, silently
+            raise BadRequestError(
+                f"--adapters {folder}: an adapter directory, not a folder of them: give the folder that holds it "
+                f"(each adapter is served by its directory's name, here {self.folder.name!r})",
+                param="adapters",
+            )
         self.max_bytes = max_bytes
         self.reserved = frozenset((*reserved, BASE_ROW))
         self.observer = observer
