@@ -196,3 +196,27 @@ def test_an_example_read_from_a_file_that_cannot_be_encoded_names_its_file_and_l
         encode_examples(tok, examples, max_length=64)
     with pytest.raises(DataError, match=r"^example 1: the prompt alone"):  # built in memory: no file to name
         encode_examples(tok, [Example((("user", "Hi"),), "Yo"), Example((("user", "word " * 40),), "x")], max_length=64)
+
+
+def test_a_trl_completion_of_several_messages_is_trained_whole(tok, tmp_path):
+    """TRL's conversational prompt-completion record whose completion is a tool call, the tool's result and the final
+    answer: TRL trains all of the completion; lordba read it as a conversation and trained its last message only
+    ("It is sunny.<|im_end|>\\n"), silently: the tool call, what the adapter was to learn, had labels -100."""
+    user, tool = {"role": "user", "content": "weather?"}, {"role": "tool", "content": "sunny"}
+    call, final = {"role": "assistant", "content": "get_weather()"}, {"role": "assistant", "content": "It is sunny."}
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": [user], "completion": [call, tool, final]}) + "\n")
+    (ex,) = read_jsonl(data)
+    (row,) = encode_examples(tok, [ex])
+    assert trained_text(tok, row) == (
+        "get_weather()<|im_end|>\n<|im_start|>tool\nsunny<|im_end|>\n<|im_start|>assistant\nIt is sunny.<|im_end|>\n"
+    )
+    assert tok.decode(prompt_ids(tok, ex)).endswith("weather?<|im_end|>\n<|im_start|>assistant\n")  # evaluation's
+    (every,) = encode_examples(tok, [ex], train_on="all-assistant-turns")
+    assert every["input_ids"] == row["input_ids"]
+    assert trained_text(tok, every) == "get_weather()<|im_end|>\nIt is sunny.<|im_end|>\n"
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    (row,) = encode_examples(plain, [ex])
+    assert trained_text(plain, row) == "get_weather()\n\nsunny\n\nIt is sunny." + plain.eos_token
+    assert plain.decode(prompt_ids(plain, ex)) == "weather?\n"

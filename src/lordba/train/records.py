@@ -21,12 +21,16 @@ class Example:
     language-model data, ``messages`` is empty and ``completion`` is the whole text. The loss is on
     the final answer, or on every assistant turn (``train_on="all-assistant-turns"`` in
     :func:`~lordba.train.tokenize.encode_examples`). ``answer`` is the reference for exact-match metrics.
+    ``prompt_turns``: for TRL's conversational prompt-completion record whose completion has several messages, how
+    many of ``messages`` are its prompt: the loss is then on all of the completion (the rest of ``messages`` and
+    ``completion``, as TRL trains it), not on its last message only.
     ``meta["where"]``: the ``file:line`` of a record read by :func:`read_jsonl` (errors name it).
     """
 
     messages: tuple[tuple[str, str], ...]
     completion: str
     answer: str | None = None
+    prompt_turns: int | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -47,14 +51,15 @@ def _turns(msgs: Any, where: str, name: str) -> list[tuple[str, str]]:
     return turns
 
 
-def _conversation(turns: list[tuple[str, str]], where: str) -> Example:
+def _conversation(turns: list[tuple[str, str]], where: str, prompt_turns: int | None = None) -> Example:
     if len(turns) < 2:
         raise DataError(f"{where}: a conversation needs at least two turns (a prompt and the answer)")
     if turns[-1][0] != "assistant":
         raise DataError(f"{where}: the last message must be the assistant's answer")
     if not turns[-1][1].strip():
         raise DataError(f"{where}: the assistant's final answer is empty")
-    return Example(tuple(turns[:-1]), turns[-1][1], turns[-1][1])
+    prompt_turns = prompt_turns if prompt_turns is not None and prompt_turns < len(turns) - 1 else None
+    return Example(tuple(turns[:-1]), turns[-1][1], turns[-1][1], prompt_turns)
 
 
 def _pair(obj: dict[str, Any], where: str) -> tuple[tuple[str, str], Any, Any] | None:
@@ -88,7 +93,8 @@ def _record_to_example(obj: Any, where: str) -> Example:
         )
     fields, prompt, completion = pair
     if isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational prompt-completion
-        return _conversation(_turns(prompt, where, "prompt") + _turns(completion, where, "completion"), where)
+        asked = _turns(prompt, where, "prompt")
+        return _conversation(asked + _turns(completion, where, "completion"), where, len(asked))
     if not (isinstance(prompt, str) and isinstance(completion, str)) or not completion.strip():
         raise DataError(
             f"{where}: {fields[0]!r} and {fields[1]!r} must both be strings (the answer non-empty) "

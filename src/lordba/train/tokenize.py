@@ -40,8 +40,9 @@ def _render(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[str, 
     if not example.messages:
         return "", example.completion + (tokenizer.eos_token or "")
     msgs = list(example.messages)
+    asked = msgs[: example.prompt_turns]  # a prompt-completion record's prompt: all of its completion is trained
     if getattr(tokenizer, "chat_template", None):
-        prompt = _template(tokenizer, msgs, generation=True)
+        prompt = _template(tokenizer, asked, generation=True)
         full = _template(tokenizer, [*msgs, ("assistant", example.completion)], generation=False)
         if not full.startswith(prompt):
             at = next(i for i, (a, b) in enumerate(zip(prompt, full + "\0")) if a != b)
@@ -52,8 +53,8 @@ def _render(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[str, 
                 "to train on the plain format"
             )
         return prompt, full[len(prompt) :]
-    prompt = "\n\n".join(c for _, c in example.messages) + "\n"
-    return prompt, example.completion + (tokenizer.eos_token or "")
+    answer = [c for _, c in msgs[len(asked) :]] + [example.completion]
+    return "\n\n".join(c for _, c in asked) + "\n", "\n\n".join(answer) + (tokenizer.eos_token or "")
 
 
 def _opening(tokenizer: PreTrainedTokenizerBase) -> str:
