@@ -143,3 +143,19 @@ def test_an_instruction_input_that_is_not_a_string_is_refused(tmp_path, extra):
         read_jsonl(p)
     p = write(tmp_path, [json.dumps({"instruction": "Say hi", "input": None, "output": "hi"})])  # null: no input
     assert read_jsonl(p)[0].messages == (("user", "Say hi"),)
+
+
+def test_a_record_with_tools_is_refused_naming_its_line(tmp_path):
+    """TRL's records may carry ``tools`` (function schemas), which TRL gives the chat template to render into the
+    prompt (Qwen's, Llama 3.1's). read_jsonl dropped them without a word: the adapter learned to call tools whose
+    definitions its training prompts never held. Refused as an assistant's 'tool_calls' are; empty ones are fine."""
+    msgs = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "get_weather()"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    p = write(
+        tmp_path,
+        [json.dumps({"messages": msgs}), json.dumps({"prompt": msgs[:1], "completion": msgs[1:], "tools": tools})],
+    )
+    with pytest.raises(DataError, match=r"d\.jsonl:2: .*'tools'"):
+        read_jsonl(p)
+    p = write(tmp_path, [json.dumps({"messages": msgs, "tools": []}), json.dumps({"messages": msgs, "tools": None})])
+    assert len(read_jsonl(p)) == 2

@@ -80,6 +80,11 @@ def _pair(obj: dict[str, Any], where: str) -> tuple[tuple[str, str], Any, Any] |
 def _record_to_example(obj: Any, where: str) -> Example:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if obj.get("tools"):  # TRL passes them to the chat template, which renders them into the prompt
+        raise DataError(
+            f"{where}: the record has 'tools', which lordba does not render (nor does lordba serve take them); "
+            "describe the tools in a system message as the model should see them"
+        )
     if "messages" in obj:
         return _conversation(_turns(obj["messages"], where, "messages"), where)
     pair = _pair(obj, where)
