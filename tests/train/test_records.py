@@ -108,6 +108,17 @@ def test_trl_conversational_records_and_the_tool_role(tmp_path):
             },
             "messages\\[1\\] has 'tool_calls'",
         ),
+        (  # OpenAI's form of a tool call: content null; it was told its content must be a str
+            {
+                "messages": [
+                    {"role": "user", "content": "Q"},
+                    {"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]},
+                    {"role": "tool", "content": "R"},
+                    {"role": "assistant", "content": "A"},
+                ]
+            },
+            "messages\\[1\\] has 'tool_calls'",
+        ),
         ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": " "}]}, "empty"),
     ],
 )

@@ -40,13 +40,13 @@ def _turns(msgs: Any, where: str, name: str) -> list[tuple[str, str]]:
         raise DataError(f"{where}: {name!r} must be a non-empty list of messages")
     turns = []
     for i, m in enumerate(msgs):
-        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            raise DataError(f"{where}: {name}[{i}] must be {{'role': one of {ROLES}, 'content': str}}")
-        if m.get("tool_calls"):
+        if isinstance(m, dict) and m.get("tool_calls"):  # before 'content', which OpenAI's form leaves null there
             raise DataError(
                 f"{where}: {name}[{i}] has 'tool_calls', which lordba does not render; "
                 "put the call in the assistant's 'content' as the model should write it"
             )
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: {name}[{i}] must be {{'role': one of {ROLES}, 'content': str}}")
         turns.append((m["role"], m["content"]))
     return turns
 
