@@ -76,6 +76,8 @@ class TrainJob:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not 0.0 < self.lora_warmup < 1.0:
             raise ConfigError(f"lora_warmup must be in (0, 1), got {self.lora_warmup}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
+            raise ConfigError(f"max_length must be a positive integer, got {self.max_length!r}")
         if self.train_on not in TRAIN_ON:
             raise ConfigError(f"train_on must be one of {TRAIN_ON}, got {self.train_on!r}")
         if self.settings.bf16 and self.quant == "hqq":

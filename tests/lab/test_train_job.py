@@ -153,6 +153,8 @@ def test_training_on_every_assistant_turn(setup, tmp_path):
     assert json.loads((tmp_path / "run" / "train_job.json").read_text())["train_on"] == "all-assistant-turns"
     with pytest.raises(ConfigError, match="train_on"):
         TrainJob(out=str(tmp_path), train_on="every-turn")
+    with pytest.raises(ConfigError, match="max_length must be a positive integer"):  # before the model loads
+        TrainJob(out=str(tmp_path), max_length=-1)
 
 
 def test_another_job_into_the_same_out_is_refused_and_no_resume_leaves_no_stale_checkpoints(setup, tmp_path, capsys):

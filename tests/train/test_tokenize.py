@@ -220,3 +220,11 @@ def test_a_trl_completion_of_several_messages_is_trained_whole(tok, tmp_path):
     (row,) = encode_examples(plain, [ex])
     assert trained_text(plain, row) == "get_weather()\n\nsunny\n\nIt is sunny." + plain.eos_token
     assert plain.decode(prompt_ids(plain, ex)) == "weather?\n"
+
+
+@pytest.mark.parametrize("max_length", [-1, 0, 2.5, True])
+def test_a_max_length_that_is_no_positive_integer_is_refused(tok, max_length):
+    """``max_length=-1`` sliced every example to ``ids[:-1]``: each trained without its last token (the EOS that ends
+    the answer), silently; 0 was refused as "only the first token ... is trained within max_length=0"."""
+    with pytest.raises(ConfigError, match=r"max_length must be a positive integer"):
+        encode_examples(tok, [Example((("user", "Q?"),), "A", "A")], max_length=max_length)

@@ -140,10 +140,12 @@ def encode_examples(
         DataError: an example whose trained tokens would be cut away entirely (its first token counts for none:
             a causal LM never predicts it), or a conversation the chat template refuses (naming the example's
             index, and the ``file:line`` of one :func:`~lordba.train.records.read_jsonl` read).
-        ConfigError: an unknown ``train_on``.
+        ConfigError: an unknown ``train_on``, or a ``max_length`` that is not a positive integer.
     """
     if train_on not in TRAIN_ON:
         raise ConfigError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:  # -1 cut off the EOS
+        raise ConfigError(f"max_length must be a positive integer, got {max_length!r}")
     out, plain = [], _plain_prefix(tokenizer)  # the tokenizer's, once for all examples
     for i, ex in enumerate(examples):
         name = f"{ex.meta['where']} (example {i})" if "where" in ex.meta else f"example {i}"
