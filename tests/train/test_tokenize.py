@@ -220,6 +220,9 @@ def test_a_trl_completion_of_several_messages_is_trained_whole(tok, tmp_path):
     (row,) = encode_examples(plain, [ex])
     assert trained_text(plain, row) == "get_weather()\n\nsunny\n\nIt is sunny." + plain.eos_token
     assert plain.decode(prompt_ids(plain, ex)) == "weather?\n"
+    data.write_text(json.dumps({"prompt": [user, call], "completion": [tool, final]}) + "\n")  # no generation prompt
+    (row,) = encode_examples(tok, read_jsonl(data))  # to split at: its last message is trained, as before
+    assert trained_text(tok, row) == "It is sunny.<|im_end|>\n"
 
 
 @pytest.mark.parametrize("max_length", [-1, 0, 2.5, True])

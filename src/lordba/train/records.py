@@ -99,7 +99,9 @@ def _record_to_example(obj: Any, where: str) -> Example:
     fields, prompt, completion = pair
     if isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational prompt-completion
         asked = _turns(prompt, where, "prompt")
-        return _conversation(asked + _turns(completion, where, "completion"), where, len(asked))
+        # a prompt ending on the assistant's turn has no generation prompt to split at (TRL continues that turn)
+        split = len(asked) if asked[-1][0] != "assistant" else None
+        return _conversation(asked + _turns(completion, where, "completion"), where, split)
     if not (isinstance(prompt, str) and isinstance(completion, str)) or not completion.strip():
         raise DataError(
             f"{where}: {fields[0]!r} and {fields[1]!r} must both be strings (the answer non-empty) "
