@@ -168,3 +168,17 @@ def test_a_compile_that_fails_after_prepare_falls_back_to_eager_in_generate(monk
     assert_same((out.sequences, torch.stack(out.logits)), want_off)
     assert not decode.compiled and "no C++ compiler here" in decode.failure and "decoding eagerly" in caplog.text
     assert seen == [PROMPT[0].tolist()] + [[t] for t in want_off[0][0, PROMPT.shape[1] :].tolist()] + ["end"]
+
+
+def test_an_error_of_the_call_itself_is_raised_and_decoding_stays_compiled(monkeypatch, caplog):
+    """A call the eager model refuses too (an unknown adapter name) is the caller's error, not the compiler's: it is
+    raised, with no warning blaming compilation, and the decoder keeps compiling (the fallback turned compiled
+    decoding off for good: every later call of the process decoded eagerly)."""
+    from lordba.errors import AdapterStateError
+
+    lm = tiny_q4(adapter=True)
+    decode = FastDecode(lm)
+    monkeypatch.setattr(decode, "prepare", lambda tokens: True)  # "compiled" without compiling
+    with caplog.at_level(logging.WARNING, logger="lordba.decode"), pytest.raises(AdapterStateError, match="nope"):
+        decode.generate(PROMPT, NEW, adapter_names=["nope"], do_sample=False, pad_token_id=0)
+    assert decode.compiled and decode.failure is None and "decoding eagerly" not in caplog.text

@@ -154,7 +154,8 @@ class FastDecode:
         compiled step when :meth:`prepare` succeeded for this length (it is called here), else eager. A compile
         that fails in the call itself (another graph: a new routing state, batch size or setting) falls back
         (:meth:`fallback`) and the call is run again eagerly from torch's generator state as it was, a
-        ``streamer``'s pieces already given not given again."""
+        ``streamer``'s pieces already given not given again. An error the eager run raises too is the call's own
+        (a bad argument, an unknown adapter name), not the compiler's: it is raised and decoding stays compiled."""
         tokens = int(input_ids.shape[-1]) + int(max_new_tokens)
         self.prepare(tokens)
         if not self.compiled:
@@ -168,11 +169,13 @@ class FastDecode:
                 input_ids=input_ids, max_new_tokens=max_new_tokens, **kwargs, **self.generate_kwargs(tokens)
             )
         except Exception as err:  # a compiler failure in this call: decode eagerly, as prepare would have
-            self.fallback(err)
+            failed = err
         torch.set_rng_state(rng)
         if streamer is not None:
             kwargs["streamer"] = streamer.again()
-        return self.model.generate(input_ids=input_ids, max_new_tokens=max_new_tokens, **kwargs)
+        out = self.model.generate(input_ids=input_ids, max_new_tokens=max_new_tokens, **kwargs)  # raises the call's own
+        self.fallback(failed)  # eager decodes it: the compiled call's failure was the compiler's
+        return out
 
 
 class _Replay:
