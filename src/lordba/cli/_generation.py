@@ -204,7 +204,34 @@ def load(args: argparse.Namespace) -> Loaded:
         return Loaded(
             model, tokenizer, AotDecode(model, log=lambda line: print(f"[{line}]", file=sys.stderr), kv_dtype=kv)
         )
+    _say_decode_warnings()
     return Loaded(model, tokenizer, FastDecode(model, compile_it, getattr(args, "compile_mode", "default")))
+
+
+def _say_decode_warnings() -> None:
+    """FastDecode's warnings (a compile that failed: decoding eagerly) on stderr as the CLI's other notes, once: the
+    library logs them (``lordba.decode``), and without a handler Python printed them beside the CLI's own line."""
+    import logging
+
+    log = logging.getLogger("lordba.decode")
+
+    class Stderr(logging.StreamHandler):
+        """Writes to ``sys.stderr`` as it is when a record comes (as Python's last-resort handler does)."""
+
+        lordba_cli = True
+
+        @property
+        def stream(self) -> Any:
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value: Any) -> None:
+            pass
+
+    if not any(getattr(h, "lordba_cli", False) for h in log.handlers):
+        handler = Stderr()
+        handler.setFormatter(logging.Formatter("[%(message)s]"))
+        log.addHandler(handler)  # (records still propagate: an application's own handlers see them too)
 
 
 def check_text(text: str, what: str) -> str:
@@ -287,7 +314,7 @@ def new_tokens(loaded: Loaded, prompt_tokens: int, asked: int | None) -> int:
 
 def _prepare(loaded: Loaded, tokens: int) -> None:
     """Compile the decode step for ``tokens`` positions before any text is streamed (a failure falls
-    back to eager, logged); says on stderr how long it took or why it decodes eagerly."""
+    back to eager, and the decoder says why on stderr); says on stderr how long it took."""
     decode = loaded.decode
     if decode is None or not decode.compiled:
         return
@@ -297,8 +324,6 @@ def _prepare(loaded: Loaded, tokens: int) -> None:
             print(f"[decode step exported in {decode.export_seconds - exported:.1f} s]", file=sys.stderr)
         if decode.compile_seconds > before:
             print(f"[decode step compiled in {decode.compile_seconds - before:.1f} s]", file=sys.stderr)
-    else:
-        print(f"[compiling failed, decoding eagerly: {decode.failure}]", file=sys.stderr)
 
 
 def _aot_ready(decode: Any) -> bool:
@@ -385,8 +410,7 @@ def stream(loaded: Loaded, input_ids: Any, args: argparse.Namespace, out: Any = 
     except Exception as err:
         if not compiled or written:
             raise
-        loaded.decode.fallback(err)
-        print(f"[compiled decoding failed, decoding eagerly: {loaded.decode.failure}]", file=sys.stderr)
+        loaded.decode.fallback(err)  # which says so on stderr
         torch.manual_seed(args.seed)
         ids, first, pieces, total = _generate_streaming(loaded, kwargs, sink)
     generated = int(ids.shape[-1] - input_ids.shape[-1])
