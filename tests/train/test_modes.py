@@ -259,6 +259,41 @@ def test_a_lora_seed_with_modules_trained_in_full_carries_them_or_is_refused(tmp
         init_from_lora(get_lordba_model(tiny_llama(0), cfg), read_lora(tmp_path / "lora"))
 
 
+def test_a_given_lora_on_some_modules_sets_the_targets_the_config_leaves_unset(tmp_path):
+    """``lordba train --mode ptq --lora DIR`` (docs/training.md) with no ``--target-modules``: the adapter goes on
+    the LoRA's modules, as ``lordba convert`` puts it (the default, every linear layer but the head, was a
+    ConfigError "the LoRA seed has no factors for [...mlp.down_proj...]" for a LoRA on q_proj alone, PEFT's usual
+    choice). Its ``layers_to_transform`` comes along; targets the config names stay the config's."""
+    from lordba import ConfigError
+    from lordba.train.lora import get_peft_lora_model, peft_lora_config
+
+    data, settings = Batcher(rows(), 4), TrainSettings(steps=2)
+    trained_lora_on_q_proj().save_pretrained(str(tmp_path / "lora"))
+    layer1 = get_peft_lora_model(
+        tiny_llama(0), peft_lora_config(r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[1])
+    )
+    layer1.save_pretrained(str(tmp_path / "lora1"))
+    for mode in ("ptq", "qat-from-lora", "scales-only"):
+        lm, _ = build_adapter(
+            tiny_llama(0), LoRDBAConfig(r=4, mode=mode), data, settings, lora_dir=str(tmp_path / "lora"), progress=False
+        )
+        assert sorted(lm.adapter_modules("default")) == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)], mode
+        assert lm.peft_config["default"].target_modules == ["q_proj"]
+    lm, _ = build_adapter(
+        tiny_llama(0), LoRDBAConfig(r=4, mode="ptq"), data, settings, lora_dir=str(tmp_path / "lora1"), progress=False
+    )
+    assert list(lm.adapter_modules("default")) == ["model.layers.1.self_attn.q_proj"]
+    with pytest.raises(ConfigError, match="no factors"):  # targets the config names are not replaced
+        build_adapter(
+            tiny_llama(0),
+            LoRDBAConfig(r=4, mode="ptq", target_modules=["q_proj", "v_proj"]),
+            data,
+            settings,
+            lora_dir=str(tmp_path / "lora"),
+            progress=False,
+        )
+
+
 def test_a_lora_seed_with_trained_biases_carries_them(tmp_path):
     """``bias="lora_only"``: the LoRA seed's trained biases of its layers become the adapter's (they stayed
     the base's)."""

@@ -75,7 +75,8 @@ def _adapter(p: argparse.ArgumentParser, modes: tuple, scale_dtypes: tuple, back
     g.add_argument(
         "--target-modules",
         default=None,
-        help="comma-separated module names, or 'all-linear' (default: all linear layers but the head)",
+        help="comma-separated module names, or 'all-linear' (default: all linear layers but the head; "
+        "with --lora, the LoRA's modules)",
     )
     default = backends[0]  # QUANT_BACKENDS lists the default first
     g.add_argument("--quant", choices=backends, default=default, help=f"base quantization backend (default {default})")

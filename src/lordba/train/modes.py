@@ -160,15 +160,20 @@ def _saved_targets(lm: LoRDBAModel, lora: LoraAdapter, adapter_name: str) -> dic
 
 
 SEED_FIELDS = ("modules_to_save", "bias", "task_type")  # what a LoRA seed trains in full besides its factors
+LAYER_FIELDS = ("layers_to_transform", "layers_pattern")  # the seed's layers, taken with its targets
 
 
 def with_seed_fields(config: LoRDBAConfig, lora: LoraAdapter) -> LoRDBAConfig:
     """``config`` with the given LoRA seed's :data:`SEED_FIELDS` where ``config`` leaves them at their defaults,
     so that the adapter carries the seed's trained head and biases (as :func:`lordba.convert.convert_lora`'s
-    does) where its config does not say otherwise. Raises :class:`ConfigError` for a combination the config
-    refuses."""
+    does) where its config does not say otherwise; a config without ``target_modules`` takes the seed's modules
+    (their names and its :data:`LAYER_FIELDS`, as ``convert_lora`` does), not every linear layer, which a seed on
+    some of them has no factors for. Raises :class:`ConfigError` for a combination the config refuses."""
     defaults = LoRDBAConfig()
-    changes = {k: v for k, v in lora.fields.items() if k in SEED_FIELDS and getattr(config, k) == getattr(defaults, k)}
+    fields = SEED_FIELDS + (LAYER_FIELDS if config.target_modules is None else ())
+    changes = {k: v for k, v in lora.fields.items() if k in fields and getattr(config, k) == getattr(defaults, k)}
+    if config.target_modules is None:
+        changes["target_modules"] = sorted({path.rsplit(".", 1)[-1] for path in lora.layers})
     return dataclasses.replace(config, **changes) if changes else config
 
 
