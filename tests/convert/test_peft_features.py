@@ -139,15 +139,20 @@ def test_modules_to_save_follow_peft_plain_suffix_rule(tmp_path):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0.02 * float((theirs - base).abs().max()))
 
 
-def roberta():
-    from transformers import RobertaConfig, RobertaForSequenceClassification
+def classifier(kind: str = "Roberta"):
+    """A tiny ``<kind>ForSequenceClassification`` (Roberta: a head with submodules; Bert: one Linear), seed 0."""
+    import transformers
 
     torch.manual_seed(0)
-    config = RobertaConfig(
+    config = getattr(transformers, f"{kind}Config")(
         vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
         max_position_embeddings=40, num_labels=3,
     )  # fmt: skip
-    return RobertaForSequenceClassification(config).eval()
+    return getattr(transformers, f"{kind}ForSequenceClassification")(config).eval()
+
+
+def roberta():
+    return classifier("Roberta")
 
 
 def test_a_head_with_submodules_is_carried_over_from_a_directory_and_a_peft_model(tmp_path):
@@ -217,15 +222,9 @@ def test_bias_all_with_a_head_that_has_its_own_bias_loads_and_gives_peft_outputs
     its key when the bias is the copy's own (``classifier.modules_to_save.bias``: BERT's head is one Linear).
     That key was kept as a tensor of a module ``classifier.modules_to_save``: the conversion and the save
     went through, and the load failed ("the base model has no module 'classifier.modules_to_save'")."""
-    from transformers import BertConfig, BertForSequenceClassification
 
     def bert():
-        torch.manual_seed(0)
-        config = BertConfig(
-            vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-            max_position_embeddings=40, num_labels=3,
-        )  # fmt: skip
-        return BertForSequenceClassification(config).eval()
+        return classifier("Bert")
 
     config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"], bias="all")
     pm = peft.get_peft_model(bert(), config)
