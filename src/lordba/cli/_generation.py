@@ -204,34 +204,10 @@ def load(args: argparse.Namespace) -> Loaded:
         return Loaded(
             model, tokenizer, AotDecode(model, log=lambda line: print(f"[{line}]", file=sys.stderr), kv_dtype=kv)
         )
-    _say_decode_warnings()
+    from lordba.cli._stream import say_decode_warnings  # (torch: not at parser build)
+
+    say_decode_warnings()
     return Loaded(model, tokenizer, FastDecode(model, compile_it, getattr(args, "compile_mode", "default")))
-
-
-def _say_decode_warnings() -> None:
-    """FastDecode's warnings (a compile that failed: decoding eagerly) on stderr as the CLI's other notes, once: the
-    library logs them (``lordba.decode``), and without a handler Python printed them beside the CLI's own line."""
-    import logging
-
-    log = logging.getLogger("lordba.decode")
-
-    class Stderr(logging.StreamHandler):
-        """Writes to ``sys.stderr`` as it is when a record comes (as Python's last-resort handler does)."""
-
-        lordba_cli = True
-
-        @property
-        def stream(self) -> Any:
-            return sys.stderr
-
-        @stream.setter
-        def stream(self, value: Any) -> None:
-            pass
-
-    if not any(getattr(h, "lordba_cli", False) for h in log.handlers):
-        handler = Stderr()
-        handler.setFormatter(logging.Formatter("[%(message)s]"))
-        log.addHandler(handler)  # (records still propagate: an application's own handlers see them too)
 
 
 def check_text(text: str, what: str) -> str:
@@ -384,6 +360,7 @@ def stream(loaded: Loaded, input_ids: Any, args: argparse.Namespace, out: Any = 
     import torch
 
     from lordba._util.modules import end_of_sequence_ids
+    from lordba.cli._stream import Tee
 
     out = out or sys.stdout
     sample = args.temperature > 0
@@ -404,7 +381,7 @@ def stream(loaded: Loaded, input_ids: Any, args: argparse.Namespace, out: Any = 
     compiled = bool(extra) or _aot_ready(decode)
     torch.manual_seed(args.seed)
     written: list[str] = []
-    sink = _Tee(out, written)
+    sink = Tee(out, written)
     try:
         ids, first, pieces, total = _generate_streaming(loaded, {**kwargs, **extra}, sink)
     except Exception as err:
@@ -419,18 +396,3 @@ def stream(loaded: Loaded, input_ids: Any, args: argparse.Namespace, out: Any = 
     out.write("\n")
     print(f"[{generated} tokens; time to first token {1000 * (first or total):.0f} ms; {rate}]", file=sys.stderr)
     return "".join(pieces)
-
-
-class _Tee:
-    """Writes to ``out`` and remembers what was written (non-empty pieces)."""
-
-    def __init__(self, out: Any, written: list[str]) -> None:
-        self.out, self.written = out, written
-
-    def write(self, text: str) -> None:
-        if text:
-            self.written.append(text)
-        self.out.write(text)
-
-    def flush(self) -> None:
-        self.out.flush()

@@ -1,9 +1,11 @@
 """The streamer ``lordba generate`` and ``lordba chat`` hand to ``generate``: the text of the new tokens as
-they come, decoded as ``lordba serve`` decodes them (:class:`lordba.serve.sampling.IncrementalDecoder`)."""
+they come, decoded as ``lordba serve`` decodes them (:class:`lordba.serve.sampling.IncrementalDecoder`); the writer
+that keeps what was written (:class:`Tee`) and the decoder's warnings on stderr (:func:`say_decode_warnings`)."""
 
 from __future__ import annotations
 
 import queue
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,3 +68,44 @@ class TextStream:
     def __iter__(self) -> Iterator[str]:
         while (piece := self._queue.get()) is not None:
             yield piece
+
+
+class Tee:
+    """Writes to ``out`` and remembers what was written (non-empty pieces)."""
+
+    def __init__(self, out: Any, written: list[str]) -> None:
+        self.out, self.written = out, written
+
+    def write(self, text: str) -> None:
+        if text:
+            self.written.append(text)
+        self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def say_decode_warnings() -> None:
+    """FastDecode's warnings (a compile that failed: decoding eagerly) on stderr as the CLI's other notes, once: the
+    library logs them (``lordba.decode``), and without a handler Python printed them beside the CLI's own line."""
+    import logging
+
+    log = logging.getLogger("lordba.decode")
+
+    class Stderr(logging.StreamHandler):
+        """Writes to ``sys.stderr`` as it is when a record comes (as Python's last-resort handler does)."""
+
+        lordba_cli = True
+
+        @property
+        def stream(self) -> Any:
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value: Any) -> None:
+            pass
+
+    if not any(getattr(h, "lordba_cli", False) for h in log.handlers):
+        handler = Stderr()
+        handler.setFormatter(logging.Formatter("[%(message)s]"))
+        log.addHandler(handler)  # (records still propagate: an application's own handlers see them too)
