@@ -517,3 +517,23 @@ def test_a_change_between_prefill_and_step_is_refused_by_step_not_decoded_with_t
     set_compute(lm, "exact")
     assert decode.position == PROMPT.shape[1]  # nothing refused was decoded
     assert decode.step(7).shape[-1] == lm.config.vocab_size  # the prepared state again: decodes
+
+
+def test_the_package_key_holds_the_thread_count():
+    """Inductor writes the compile's thread count into the package's parallel loops: a package built under
+    ``--threads 16`` was loaded by a run at 2 threads (oversubscribed) and one built at 1 ran single-threaded."""
+    from types import SimpleNamespace
+
+    from lordba.nn.aot_package import package_key
+
+    program = SimpleNamespace(graph_module=SimpleNamespace(code="def forward(x): return x"))
+    tensors = {"w": torch.zeros(2, 3)}
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = package_key(program, tensors, {})
+        assert package_key(program, tensors, {}) == one
+        torch.set_num_threads(2)
+        assert package_key(program, tensors, {}) != one
+    finally:
+        torch.set_num_threads(before)

@@ -39,7 +39,9 @@ def package_dir() -> Path:
 
 def package_key(program: Any, tensors: dict[str, torch.Tensor], shims: dict) -> str:
     """sha256 of what the compiled code depends on: the graph, the tensors' names/shapes/dtypes, versions, the
-    compile's settings, and the ops it calls directly (``shims``: :func:`lordba.kernels.cpu.aoti.c_shims`' answer)."""
+    compile's settings, the ops it calls directly (``shims``: :func:`lordba.kernels.cpu.aoti.c_shims`' answer) and
+    torch's thread count (inductor writes it into the code's parallel loops: a package built at 16 threads
+    oversubscribed 2 cores, one built at 1 ran single-threaded)."""
     import transformers
 
     from lordba._version import __version__
@@ -49,8 +51,10 @@ def package_key(program: Any, tensors: dict[str, torch.Tensor], shims: dict) -> 
     direct = sorted(str(op) for op in shims)  # the ops the package calls directly (kernels.cpu.aoti)
     code = program.graph_module.code
     configs = sorted(_CONFIGS.items())
+    threads = torch.get_num_threads()
     for part in (torch.__version__, transformers.__version__, __version__, extension_name(), direct, configs, code):
         h.update(str(part).encode() + b"\0")
+    h.update(f"threads={threads}\0".encode())
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{tuple(t.stride())}\n".encode())
