@@ -194,18 +194,24 @@ def test_a_peft_model_names_tensors_it_leaves_out_and_keeps_a_plain_lm_head_lora
     assert "lm_head" in state.modules and not state.extras
 
 
+def bias_all_conversions(make, tmp_path):
+    """A trained SEQ_CLS LoRA with ``bias="all"`` on ``make()``, converted from its saved directory and from the
+    PeftModel: yields ``(peft model, converted state, report, "dir" / "mem")``."""
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"], bias="all")
+    pm = peft.get_peft_model(make(), config)
+    trained(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    for source, name in ((tmp_path / "peft", "dir"), (pm.eval(), "mem")):
+        yield (pm, *convert_lora(source, progress=False), name)
+
+
 def test_bias_all_with_a_task_head_converts_without_the_heads_original_copy(tmp_path):
     """With ``bias="all"`` PEFT also saves the biases of a head's ``ModulesToSaveWrapper`` internals
     (``classifier.original_module.dense.bias``: the base's own copy, which the adapter's forward never uses).
     They were taken for trained biases of a module ``original_module`` the model does not have: every
     ``SEQ_CLS`` LoRA with ``bias="all"`` on a model whose head has biases (BERT, RoBERTa, DistilBERT) failed
     to save ("not a parameter path of the model"). They are left out; the result gives PEFT's outputs."""
-    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"], bias="all")
-    pm = peft.get_peft_model(roberta(), config)
-    trained(pm)
-    pm.save_pretrained(tmp_path / "peft")
-    for source, name in ((tmp_path / "peft", "dir"), (pm.eval(), "mem")):
-        state, _ = convert_lora(source, progress=False)
+    for pm, state, _, name in bias_all_conversions(roberta, tmp_path):
         assert not [k for k in state.extras if "original_module" in k or "modules_to_save" in k]
         torch.testing.assert_close(
             state.extras["classifier.dense.bias"], pm.base_model.model.classifier.modules_to_save["default"].dense.bias
@@ -226,12 +232,7 @@ def test_bias_all_with_a_head_that_has_its_own_bias_loads_and_gives_peft_outputs
     def bert():
         return classifier("Bert")
 
-    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"], bias="all")
-    pm = peft.get_peft_model(bert(), config)
-    trained(pm)
-    pm.save_pretrained(tmp_path / "peft")
-    for source, name in ((tmp_path / "peft", "dir"), (pm.eval(), "mem")):
-        state, report = convert_lora(source, progress=False)
+    for pm, state, report, name in bias_all_conversions(bert, tmp_path):
         assert {"classifier.weight", "classifier.bias"} <= set(state.extras)
         assert not [k for k in state.extras if "modules_to_save" in k]
         lm = LoRDBAModel.from_pretrained(bert(), save_converted(state, report, tmp_path / name))
