@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lordba.config import MODES, LoRDBAConfig
-from lordba.convert import read_lora
+from lordba.convert import default_config, read_lora
 from lordba.errors import ConfigError, DataError, LoRDBAError
 from lordba.format.atomic import atomic_write_bytes
 from lordba.quant.cache import quantize_model_cached
@@ -44,15 +44,16 @@ RUN_ONLY_SETTINGS = ("eval_every", "checkpoint_every", "keep_checkpoints", "grad
 class TrainJob:
     """Everything one run needs; the CLI's options map onto these fields. ``device`` None: the best
     available (cuda, then mps, then cpu). ``eval_data``: a held-out JSONL file instead of a split of
-    ``data``. ``train_on``: one of :data:`~lordba.train.tokenize.TRAIN_ON`. Invalid values raise
-    :class:`~lordba.errors.ConfigError` at construction."""
+    ``data``. ``train_on``: one of :data:`~lordba.train.tokenize.TRAIN_ON`. ``r`` / ``alpha`` None: with ``lora``,
+    the LoRA's ranks (per module) and its ``lora_alpha``, as ``lordba convert`` takes them; else 16 and 32.
+    Invalid values raise :class:`~lordba.errors.ConfigError` at construction."""
 
     out: str
     model: str | None = None
     data: str = "arithmetic"
     mode: str = "qat"
-    r: int = 16
-    alpha: float = 32.0
+    r: int | None = None
+    alpha: float | None = None
     scale_dtype: str = "int8"  # float16's held-out loss at 3/4 of its bytes (docs/format.md)
     target_modules: list[str] | str | None = None
     quant: str = DEFAULT_BACKEND
@@ -85,7 +86,12 @@ class TrainJob:
                 "bf16 (--bf16) is not supported on an HQQ base (--quant hqq): HQQ's backward pass fails "
                 "under bfloat16 autocast; use --quant bnb or --quant none, or train in float32"
             )
-        LoRDBAConfig(r=self.r, alpha=self.alpha, scale_dtype=self.scale_dtype, target_modules=self.target_modules)
+        LoRDBAConfig(
+            r=16 if self.r is None else self.r,
+            alpha=32.0 if self.alpha is None else self.alpha,
+            scale_dtype=self.scale_dtype,
+            target_modules=self.target_modules,
+        )
         check_model_source(self.model)
 
 
@@ -145,9 +151,9 @@ def run_job(job: TrainJob) -> tuple[object, TrainResult]:
     rows = encode_examples(tok, train_ex, job.max_length, job.train_on)
     _check_heldout(tok, eval_ex, job)
     batcher = Batcher(rows, job.settings.batch_size, seed=job.settings.seed, pad_id=tok.pad_token_id or 0)
+    lora = read_lora(job.lora) if job.lora is not None and job.mode != "qat" else None  # a --lora unread is refused
     config = LoRDBAConfig(
-        r=job.r,
-        alpha=job.alpha,
+        **_rank(job, lora),
         scale_dtype=job.scale_dtype,
         target_modules=job.target_modules,
         mode=job.mode,
@@ -160,7 +166,6 @@ def run_job(job: TrainJob) -> tuple[object, TrainResult]:
         )
 
     check_arguments(config, job.lora, job.lora_warmup)  # what build_adapter refuses, before --out is touched
-    lora = read_lora(job.lora) if job.lora is not None else None  # so is a --lora that cannot be read
     out.mkdir(parents=True, exist_ok=True)
     prepare_out(job, out)
     lm, result = build_adapter(
@@ -182,6 +187,19 @@ def run_job(job: TrainJob) -> tuple[object, TrainResult]:
     return lm, result
 
 
+def _rank(job: TrainJob, lora: object | None) -> dict:
+    """``r``, ``alpha`` and ``rank_pattern`` of the job's adapter: those given, else the LoRA's (as
+    :func:`~lordba.convert.default_config` has them), else 16 and 32."""
+    if lora is None:
+        return {"r": 16 if job.r is None else job.r, "alpha": 32.0 if job.alpha is None else job.alpha}
+    of_lora = default_config(lora)
+    if job.r is None:
+        ranks = {"r": of_lora.r, "rank_pattern": dict(of_lora.rank_pattern)}
+    else:
+        ranks = {"r": job.r}
+    return {**ranks, "alpha": of_lora.alpha if job.alpha is None else job.alpha}
+
+
 def _check_heldout(tokenizer, examples: list[Example], job: TrainJob) -> None:  # noqa: ANN001
     """Encode the held-out examples as the evaluation will, before anything trains: one it cannot encode (a
     prompt longer than ``max_length``, a conversation the chat template refuses) otherwise stopped the job at
@@ -198,8 +216,12 @@ def _check_heldout(tokenizer, examples: list[Example], job: TrainJob) -> None:  
 
 
 def _record(job: TrainJob) -> dict:
-    """``train_job.json``'s content: every option of ``job`` (``settings`` as a dict), as JSON gives it back."""
-    return json.loads(json.dumps({**asdict(job), "settings": asdict(job.settings)}))
+    """``train_job.json``'s content: every option of ``job`` (``settings`` as a dict), as JSON gives it back;
+    ``r`` / ``alpha`` left unset without a LoRA as their defaults (16, 32), as records before they could be unset
+    hold them."""
+    unset = {"r": 16, "alpha": 32.0} if job.lora is None else {}
+    given = {k: v for k, v in unset.items() if getattr(job, k) is None}
+    return json.loads(json.dumps({**asdict(job), **given, "settings": asdict(job.settings)}))
 
 
 def _write_record(job: TrainJob, out: Path) -> None:

@@ -243,3 +243,38 @@ def test_a_model_folder_under_the_home_directory_given_with_a_tilde_is_loaded(se
     out = tmp_path / "run"
     assert main(train_args("~/model", data, out, "--quant", "none", "--steps", "1", "--checkpoint-every", "0")) == 0
     assert (out / "lordba_model.safetensors").is_file()
+
+
+def test_a_given_lora_sets_the_rank_and_alpha_left_unset(setup, tmp_path):
+    """``lordba train --mode ptq --lora DIR`` converted at ``--r 16`` / ``--alpha 32`` whatever the LoRA's rank,
+    where ``lordba convert`` keeps the LoRA's ranks (per module) and its ``lora_alpha``: a rank-2 LoRA became a
+    rank-16 adapter 8x the size. Left unset they are now the LoRA's; given, they stay as given."""
+    from transformers import AutoModelForCausalLM
+
+    from lordba.train.lora import get_peft_lora_model, peft_lora_config
+
+    model, data = setup
+    config = peft_lora_config(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 3})
+    get_peft_lora_model(AutoModelForCausalLM.from_pretrained(model), config).save_pretrained(str(tmp_path / "lora"))
+
+    def trained(**given):
+        job = TrainJob(
+            out=str(tmp_path / f"run{len(given)}"),
+            model=str(model),
+            data=str(data),
+            mode="ptq",
+            lora=str(tmp_path / "lora"),
+            quant="none",
+            eval_size=0,
+            settings=TrainSettings(steps=1, batch_size=2),
+            progress=False,
+            **given,
+        )
+        lm, _ = run_job(job)
+        return lm.peft_config["default"], {k: m.r for k, m in lm.adapter_modules("default").items()}
+
+    config, ranks = trained()
+    assert (config.r, config.alpha) == (2, 6.0)
+    assert {k.rsplit(".", 1)[-1]: r for k, r in ranks.items()} == {"q_proj": 2, "v_proj": 3}
+    config, ranks = trained(r=4, alpha=8.0)
+    assert (config.r, config.alpha, set(ranks.values())) == (4, 8.0, {4})

@@ -64,8 +64,15 @@ def _model_and_data(p: argparse.ArgumentParser, tasks: dict, train_on: tuple[str
 def _adapter(p: argparse.ArgumentParser, modes: tuple, scale_dtypes: tuple, backends: tuple) -> None:
     g = p.add_argument_group("adapter and base")
     g.add_argument("--mode", choices=modes, default="qat", help="training mode (default qat)")
-    g.add_argument("--r", type=positive_int, default=16, help="adapter rank (default 16)")
-    g.add_argument("--alpha", type=positive_float, default=32.0, help="scaling numerator, s = alpha / r (default 32)")
+    g.add_argument(
+        "--r", type=positive_int, default=None, help="adapter rank (default 16; with --lora, the LoRA's ranks)"
+    )
+    g.add_argument(
+        "--alpha",
+        type=positive_float,
+        default=None,
+        help="scaling numerator, s = alpha / r (default 32; with --lora, its lora_alpha)",
+    )
     g.add_argument(
         "--scale-dtype",
         choices=scale_dtypes,
