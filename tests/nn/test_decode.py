@@ -182,3 +182,24 @@ def test_an_error_of_the_call_itself_is_raised_and_decoding_stays_compiled(monke
     with caplog.at_level(logging.WARNING, logger="lordba.decode"), pytest.raises(AdapterStateError, match="nope"):
         decode.generate(PROMPT, NEW, adapter_names=["nope"], do_sample=False, pad_token_id=0)
     assert decode.compiled and decode.failure is None and "decoding eagerly" not in caplog.text
+
+
+def test_the_rerun_after_a_compile_failure_restores_the_accelerators_generator_too(monkeypatch):
+    """A sampled call rerun eagerly after its compile failed must draw what the compiled run would have: on CUDA
+    sampling draws from the device's generator, which was not put back (the rerun drew another stream; no GPU here:
+    CUDA's generator calls are recorded)."""
+    from lordba.nn.decode import rng_state, set_rng_state
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.ones(3))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", state, device)))
+    cuda = torch.device("cuda", 1)
+    state = rng_state(cuda)
+    cpu_draw = torch.rand(4)
+    set_rng_state(cuda, state)
+    assert torch.equal(torch.rand(4), cpu_draw)
+    assert calls[0] == ("get", cuda) and calls[1][0] == "set" and torch.equal(calls[1][1], torch.ones(3))
+    assert calls[1][2] == cuda and len(calls) == 2
+    calls.clear()
+    set_rng_state(torch.device("cpu"), rng_state(torch.device("cpu")))
+    assert calls == []

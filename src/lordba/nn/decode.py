@@ -160,7 +160,7 @@ class FastDecode:
         self.prepare(tokens)
         if not self.compiled:
             return self.model.generate(input_ids=input_ids, max_new_tokens=max_new_tokens, **kwargs)
-        rng = torch.get_rng_state()
+        rng = rng_state(input_ids.device)
         streamer = kwargs.get("streamer")
         if streamer is not None:
             kwargs["streamer"] = streamer = _Replay(streamer)
@@ -170,12 +170,25 @@ class FastDecode:
             )
         except Exception as err:  # a compiler failure in this call: decode eagerly, as prepare would have
             failed = err
-        torch.set_rng_state(rng)
+        set_rng_state(input_ids.device, rng)
         if streamer is not None:
             kwargs["streamer"] = streamer.again()
         out = self.model.generate(input_ids=input_ids, max_new_tokens=max_new_tokens, **kwargs)  # raises the call's own
         self.fallback(failed)  # eager decodes it: the compiled call's failure was the compiler's
         return out
+
+
+def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The generator states a sampled ``generate`` on ``device`` draws from: the CPU's, and the accelerator's
+    (CUDA's sampling draws from the device's generator, not the CPU's)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    """Put back what :func:`rng_state` returned for ``device``."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 class _Replay:
