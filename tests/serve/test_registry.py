@@ -415,6 +415,29 @@ def test_registering_a_name_whose_unloaded_adapter_still_drains_is_a_503_not_alr
     assert registry._entries["mine"].path == folder.resolve() / "b" and "mine" in model.peft_config
 
 
+def test_load_lora_adapter_refusals_name_lora_name_not_model(model, folder):
+    """``POST /v1/load_lora_adapter`` (which has no ``model`` field) refused while every resident adapter was in use
+    (a 503 adapter_memory_full) or for bad files (a 400 adapter_invalid) with ``param: "model"``: the errors of a
+    request's own adapter. They name ``lora_name``, as its other refusals do; a request's load still names ``model``."""
+    size = payload_bytes(folder / "a" / "lordba_model.safetensors")
+    registry = AdapterRegistry(model, folder, max_bytes=int(1.5 * size))
+    registry.acquire("a")  # held: nothing can be evicted
+    with pytest.raises(AdapterMemoryError) as err:
+        registry.register("mine", "b")
+    assert err.value.status == 503 and err.value.param == "lora_name" and "mine" not in registry.names()
+    with pytest.raises(AdapterMemoryError) as err:
+        registry.acquire("b")
+    assert err.value.param == "model"
+    registry.release("a")
+    (folder / "c" / "lordba_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(AdapterLoadError, match="adapter 'bad'") as err:
+        registry.register("bad", "c")
+    assert err.value.param == "lora_name"
+    with pytest.raises(AdapterLoadError) as err:
+        registry.acquire("c")
+    assert err.value.param == "model"
+
+
 def test_the_fixture_adapters_are_not_all_the_same(served):
     """make_adapter seeded torch, then built the model with tiny_model(), which seeds torch again (0): every
     fixture adapter (a, b, c here, the soak's eight) had the same weights whatever its seed, so the tests that an

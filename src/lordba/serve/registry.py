@@ -274,7 +274,7 @@ class AdapterRegistry:
         except (LoRDBAError, OSError) as err:  # OSError: a path the file system refuses (too long, unreadable)
             if self.observer is not None:
                 self.observer.adapter_load_failed()
-            raise AdapterLoadError(f"adapter '{name}' cannot be loaded: {err}") from None
+            raise AdapterLoadError(f"adapter '{name}' cannot be loaded: {err}", param) from None
         seconds = time.perf_counter() - start
         if self.freeze_loads:  # collect first: the cyclic garbage pending now would be frozen, never freed
             gc.collect()  # (cheap: it walks only what is not frozen, the new adapter and what came since)
@@ -304,9 +304,9 @@ class AdapterRegistry:
         tensors = [*(t for rec in file.modules.values() for t in rec.tensors.values()), *file.extras.values()]
         need = sum(t.nbytes for t in tensors)
         self._check_fits_budget(name, need, param)
-        self._make_room(name, need)
+        self._make_room(name, need, param)
 
-    def _make_room(self, name: str, need: int) -> None:
+    def _make_room(self, name: str, need: int, param: str = "model") -> None:
         """Evict least recently used adapters not in use until ``need`` more bytes fit (``need`` is within the
         budget: :meth:`_check_fits_budget`)."""
         if self.max_bytes is None:
@@ -325,7 +325,8 @@ class AdapterRegistry:
             if used + need > self.max_bytes:
                 raise AdapterMemoryError(
                     f"no room for adapter '{name}' within --max-adapter-memory={self.max_bytes}: every resident "
-                    "adapter is in use; retry later"
+                    "adapter is in use; retry later",
+                    param,
                 )
             entries = {v: self._entries[v] for v in victims}
             for victim in victims:
