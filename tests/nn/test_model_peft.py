@@ -423,6 +423,36 @@ def test_merging_keeps_a_trained_bias_and_unmerge_restores_it(quantized):
         assert torch.equal(lm(input_ids=ids).logits, want)
 
 
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_a_merged_trained_bias_is_saved_as_it_is_unmerged(tmp_path, bias):
+    """A trained bias of an adapted layer is stored as the base bias plus its change; while merged, the base bias
+    already held the change, so ``adapter_state`` (``save_pretrained``, ``export_lora``) stored it twice: the
+    saved adapter, reloaded, gave logits 0.47 away from the model's (GPT-2, lora_only). So did loading another
+    adapter's bias while one was merged. The bias is stored against the base's own, whatever is merged."""
+    lm = get_lordba_model(gpt2(), LoRDBAConfig(r=2, init="random", bias=bias, target_modules=["c_attn"]))
+    lm.add_adapter("other", LoRDBAConfig(r=2, init="random", bias="lora_only", target_modules=["c_attn"]))
+    with torch.no_grad():
+        for name in ("default", "other"):
+            for adapter in lm.adapter_modules(name).values():
+                adapter.bias_delta.normal_()
+        want = lm(input_ids=IDS).logits
+    unmerged = {n: lm.adapter_state(n).extras for n in ("default", "other")}
+    lm.merge_adapter(["default", "other"])
+    for name in ("default", "other"):
+        got = lm.adapter_state(name).extras
+        assert got.keys() == unmerged[name].keys()
+        for key, value in got.items():
+            assert torch.equal(value, unmerged[name][key]), (name, key)
+    lm.save_pretrained(tmp_path / "merged", selected_adapters=["default"])
+    lm.load_adapter(tmp_path / "merged", "again")  # onto the merged base
+    lm.unmerge_adapter()
+    for key, value in lm.adapter_state("again").extras.items():
+        assert torch.equal(value, unmerged["default"][key]), key
+    loaded = LoRDBAModel.from_pretrained(gpt2(), tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-5)
+
+
 def test_merge_and_unload_returns_plain_modules_with_the_trained_head():
     lm = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", task_type="SEQ_CLS"))
     with torch.no_grad():

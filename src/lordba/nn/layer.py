@@ -168,6 +168,11 @@ class LoRDBALinear(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     @property
+    def unmerged_bias(self) -> torch.Tensor | None:
+        """The base layer's bias without the trained biases of merged adapters (what a trained bias changes)."""
+        return self._premerge_bias[0] if self._premerge_bias else self.bias
+
+    @property
     def merged(self) -> bool:
         """Whether an adapter is merged into the base weight."""
         return bool(self.merged_adapters)

@@ -115,8 +115,10 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
         self._sync_saved()
 
     def _layer_bias(self, path: str) -> torch.Tensor | None:
+        """The base bias of the adapted layer at ``path``, without the trained biases of merged adapters: what an
+        adapter's trained bias is stored against (the merged one counted a merged adapter's change twice)."""
         layer = self.base_model.get_submodule(path)
-        bias = getattr(layer, "bias", None)
+        bias = layer.unmerged_bias if isinstance(layer, LoRDBALinear) else getattr(layer, "bias", None)
         return bias if isinstance(bias, torch.Tensor) else None
 
     def _saved_module(self, path: str) -> SavedModule:
