@@ -307,3 +307,43 @@ def test_non_finite_values_are_refused_naming_the_tensor(tmp_path, where):
             export_lora(lm, tmp_path / dtype, dtype=dtype)
         assert "range" not in str(err.value)
         assert not (tmp_path / dtype).exists()
+
+
+def _distilbert(head: bool = True):
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification, DistilBertModel
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(
+        vocab_size=101, dim=32, n_layers=2, n_heads=2, hidden_dim=48, max_position_embeddings=32, num_labels=3
+    )
+    return (DistilBertForSequenceClassification if head else DistilBertModel)(config).eval()
+
+
+def test_an_adapter_of_a_model_that_cannot_generate_exports_a_task_type_peft_can_load(tmp_path, input_ids):
+    """An adapter without ``task_type`` was exported as ``CAUSAL_LM``, and so was a PEFT ``FEATURE_EXTRACTION`` LoRA
+    converted (the reader dropped its task type): on an encoder or a classifier ``PeftModel.from_pretrained`` built a
+    ``PeftModelForCausalLM`` and failed (``no attribute 'prepare_inputs_for_generation'``). Such a model's adapter
+    exports without one (PEFT's own), a converted one with its own; a causal LM's is still ``CAUSAL_LM``."""
+    import peft
+
+    from lordba import convert_lora
+
+    torch.manual_seed(2)
+    lm = get_lordba_model(_distilbert(), LoRDBAConfig(r=2, alpha=4, init="random", target_modules=["q_lin", "v_lin"]))
+    export_lora(lm, tmp_path / "cls", dtype="float32")
+    assert json.loads((tmp_path / "cls" / "adapter_config.json").read_text())["task_type"] is None
+    back = PeftModel.from_pretrained(_distilbert(), tmp_path / "cls").eval()
+    ids = input_ids % 100
+    with torch.no_grad():
+        ours, theirs = lm(input_ids=ids).logits, back(input_ids=ids).logits
+    assert (theirs - ours).abs().max() < 1e-5
+
+    config = peft.LoraConfig(task_type="FEATURE_EXTRACTION", r=2, lora_alpha=4, target_modules=["q_lin", "v_lin"])
+    peft.get_peft_model(_distilbert(head=False), config).save_pretrained(tmp_path / "peft")
+    state, _ = convert_lora(tmp_path / "peft", progress=False)
+    export_lora(state, tmp_path / "features")
+    assert json.loads((tmp_path / "features" / "adapter_config.json").read_text())["task_type"] == "FEATURE_EXTRACTION"
+    assert isinstance(PeftModel.from_pretrained(_distilbert(head=False), tmp_path / "features"), peft.PeftModel)
+
+    export_lora(get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2)), tmp_path / "causal")
+    assert json.loads((tmp_path / "causal" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"

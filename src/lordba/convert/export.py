@@ -85,7 +85,7 @@ def export_lora(
     targets = sorted({target_name(p) for p in adapter.modules})
     peft_config = {
         "peft_type": "LORA",
-        "task_type": config.task_type or "CAUSAL_LM",
+        "task_type": config.task_type or _default_task_type(model_or_dir),
         "base_model_name_or_path": config.base_model_name_or_path,
         "r": rank,
         "lora_alpha": config.alpha,
@@ -158,6 +158,18 @@ def peft_extras(adapter: AdapterState) -> dict[str, torch.Tensor]:
             raise _non_finite(name)
         out[f"base_model.model.{name}"] = value.contiguous()
     return out
+
+
+def _default_task_type(model_or_dir: object) -> str | None:
+    """The ``task_type`` of an adapter whose config has none: ``CAUSAL_LM``, but none (PEFT's own for a config without
+    one) for a model that cannot generate (an encoder, a classifier), which PEFT's ``PeftModelForCausalLM`` cannot
+    wrap: ``PeftModel.from_pretrained`` failed on the export (``no attribute 'prepare_inputs_for_generation'``)."""
+    from lordba.nn.model import LoRDBAModel
+
+    if isinstance(model_or_dir, LoRDBAModel):
+        base = model_or_dir.get_base_model()
+        return "CAUSAL_LM" if callable(getattr(base, "prepare_inputs_for_generation", None)) else None
+    return "CAUSAL_LM"
 
 
 def _warn_quantized_base(quantization: dict | None) -> None:

@@ -278,8 +278,8 @@ def peft_fields(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """The PEFT config fields a LoRDBA config carries over (``lora_dropout`` as ``dropout``), checked by
     :class:`~lordba.config.LoRDBAConfig`'s rules; raises :class:`ConversionError` naming the field."""
     out = {ours: cfg[theirs] for theirs, ours in _PEFT_FIELDS.items() if cfg.get(theirs) not in (None, [], "")}
-    if isinstance(out.get("task_type"), str) and out["task_type"] not in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
-        out.pop("task_type")  # CAUSAL_LM and the like change nothing a LoRDBA adapter stores
+    if out.get("task_type") == "CAUSAL_LM":
+        out.pop("task_type")  # what export_lora writes for an adapter without one (others: the export's PEFT class)
     if "layers_to_transform" not in out:
         out.pop("layers_pattern", None)  # alone it selected nothing (older PEFT wrote it so; ours refuses it)
     try:
