@@ -146,6 +146,27 @@ def test_half_keeps_the_stored_dtypes_of_an_inference_adapter():
     assert {k: v.dtype for k, v in packed.state_dict().items()} == before
 
 
+@pytest.mark.parametrize("scale_dtype", ["int8", "float16"])
+def test_to_empty_of_an_inference_adapter_on_meta_gives_its_stored_dtypes_back(scale_dtype):
+    """``module.to("meta")`` then ``to_empty(device=...)`` (materialize, then load a state dict) raised "Cannot copy
+    out of meta tensor" for a packed adapter: its ``_apply`` took its held scales back and copied them off ``meta``."""
+    layer = make_layer(in_f=30, out_f=20, names=("a",), r=4, scale_dtype=scale_dtype)
+    layer.add_adapter("a", layer.lordba_adapters["a"].pack())
+    layer.eval()
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(3, 30)
+    with torch.no_grad():
+        want = layer(x)
+    layer.to("meta")
+    layer.to_empty(device="cpu")
+    assert {k: (v.dtype, v.device.type) for k, v in layer.state_dict().items()} == {
+        k: (v.dtype, "cpu") for k, v in state.items()
+    }
+    layer.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+
+
 def test_gradient_to_the_input_includes_an_inference_adapter_in_every_mode():
     """An adapter trained beside (or below) a loaded one needs the loaded branch's share of the input
     gradient: the inference form takes the autograd path when its input needs a gradient."""

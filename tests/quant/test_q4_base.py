@@ -160,6 +160,23 @@ def test_a_dtype_conversion_keeps_the_stored_scales_and_the_layer_runs(input_ids
     torch.testing.assert_close(model(input_ids).logits, want, rtol=tol, atol=tol)
 
 
+@torch.no_grad()
+def test_to_empty_of_a_q4_layer_on_meta_keeps_the_stored_scales_and_loads_its_state_back():
+    """``layer.to("meta")`` then ``to_empty(device="cpu")`` (materialize, then load a state dict) raised "Cannot copy
+    out of meta tensor": a q4 layer's ``_apply`` took its held float16 ``scale`` / ``minus`` back and copied them off
+    ``meta``."""
+    torch.manual_seed(0)
+    layer = Q4Linear.from_weight(torch.randn(24, 64), torch.randn(24), group_size=32)
+    x = torch.randn(3, 64)
+    want = layer(x)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.to("meta")
+    layer.to_empty(device="cpu")
+    assert layer.scale.dtype == layer.minus.dtype == torch.float16 and layer.scale.device.type == "cpu"
+    layer.load_state_dict(state)
+    assert torch.equal(layer(x), want)
+
+
 def test_a_q4_models_state_dict_saves_with_torch_save_and_loads_back(tmp_path, input_ids):
     """``torch.save(model.state_dict(), path)`` of a q4 model (the usual checkpoint) raised "Cannot save multiple
     tensors or storages that view the same data as different types": the layers' uint8 codes and float16 scales

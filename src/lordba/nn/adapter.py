@@ -376,11 +376,14 @@ class PackedAdapter(AdapterBase):
 
     def _apply(self, fn, recurse: bool = True) -> PackedAdapter:  # noqa: ANN001
         """``.to()``, ``.half()``, …: the scales follow the device but keep their stored dtypes (they
-        are the file's tensors; casting them would change what is saved and what runs)."""
+        are the file's tensors; casting them would change what is saved and what runs): taken back only where
+        the conversion cast them (``to_empty()`` of an adapter on ``meta`` cannot copy them)."""
         held = {name: self._buffers[name] for name in SCALES}
         result = super()._apply(fn, recurse)
         for name, tensor in held.items():
-            self._buffers[name] = tensor.to(self._buffers[name].device)
+            converted = self._buffers[name]
+            if converted.dtype != tensor.dtype:
+                self._buffers[name] = tensor.to(converted.device)
         self._caches.clear()
         return result
 

@@ -171,12 +171,15 @@ class Q4Linear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True) -> Q4Linear:  # noqa: ANN001
         """``.to()``, ``.float()``, ``.half()``, …: ``scale`` and ``minus`` follow the device but stay float16
-        (the stored quantization, which the kernels read as such); the bias follows the conversion."""
+        (the stored quantization, which the kernels read as such), taken back only where the conversion cast them
+        (``to_empty()`` of a layer on ``meta`` cannot copy them); the bias follows the conversion."""
         self.__dict__.pop("_call", None)  # (it would hold the previous tensors until the next call)
         held = {name: self._buffers[name] for name in ("scale", "minus")}
         result = super()._apply(fn, recurse)
         for name, tensor in held.items():
-            self._buffers[name] = tensor.to(self._buffers[name].device)
+            converted = self._buffers[name]
+            if converted.dtype != tensor.dtype:
+                self._buffers[name] = tensor.to(converted.device)
         return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
