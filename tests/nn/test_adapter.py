@@ -6,7 +6,7 @@ import torch
 from lordba import AdapterStateError, ShapeMismatchError, kernels
 from lordba.core.scales import get_codec
 from lordba.core.ste import STE
-from lordba.nn.adapter import PackedAdapter, held_nbytes
+from lordba.nn.adapter import PackedAdapter, TrainableAdapter, held_nbytes
 from nn.test_layer import make_layer
 
 
@@ -165,6 +165,24 @@ def test_to_empty_of_an_inference_adapter_on_meta_gives_its_stored_dtypes_back(s
     layer.load_state_dict(state)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("form", ["training", "inference"])
+def test_a_bias_attached_from_the_cpu_lives_on_the_adapters_device(form):
+    """Loading an adapter with a trained bias (``bias="all"`` / ``"lora_only"``) onto a model on a GPU attached the
+    file's bias, read on the CPU, as a CPU tensor beside the adapter's GPU ones: every forward then failed adding it
+    to the layer's output ("Expected all tensors to be on the same device"), and so did saving. ``meta`` stands for
+    the other device here."""
+    meta = torch.device("meta")
+    if form == "training":
+        adapter = TrainableAdapter(30, 20, 4, 1.0, get_codec("float32"), STE(), device=meta)
+    else:
+        signs = torch.empty(15, dtype=torch.uint8, device=meta), torch.empty(10, dtype=torch.uint8, device=meta)
+        scales = tuple(torch.empty(n, device=meta) for n in (30, 4, 20))
+        adapter = PackedAdapter(*signs, scales, 30, 20, 4, 1.0, get_codec("float32"))
+    adapter.attach_bias(torch.ones(20, dtype=torch.float16))
+    assert (adapter.bias_delta.device, adapter.bias_delta.dtype) == (meta, torch.float32)
+    assert isinstance(adapter.bias_delta, torch.nn.Parameter) == (form == "training")
 
 
 def test_gradient_to_the_input_includes_an_inference_adapter_in_every_mode():

@@ -213,8 +213,8 @@ class AdapterBase(nn.Module):
     # -- PEFT's extras: dropout on the branch input, a trained bias
     def attach_bias(self, delta: torch.Tensor | None) -> None:
         """Hold ``delta`` (``[out]``: trained bias minus the base layer's) as ``bias_delta``, a float32
-        parameter in the training form, a buffer in the inference form; ``None`` drops it. Raises
-        :class:`ShapeMismatchError` for another shape."""
+        parameter in the training form, a buffer in the inference form, on the adapter's device (a file's
+        bias is read on the CPU); ``None`` drops it. Raises :class:`ShapeMismatchError` for another shape."""
         if delta is not None and tuple(delta.shape) != (self.out_features,):
             raise ShapeMismatchError(
                 f"bias_delta of shape {tuple(delta.shape)} for an adapter with {self.out_features} outputs"
@@ -222,7 +222,8 @@ class AdapterBase(nn.Module):
         for table in (self._parameters, self._buffers):
             table.pop("bias_delta", None)
         self.__dict__.pop("bias_delta", None)
-        value = None if delta is None else delta.detach().float().clone()
+        device = self.scale_out.device
+        value = None if delta is None else delta.detach().to(device=device, dtype=torch.float32, copy=True)
         if value is not None and any(True for _ in self.parameters(recurse=False)):
             self.bias_delta = nn.Parameter(value, requires_grad=self.scale_out.requires_grad)
         else:
