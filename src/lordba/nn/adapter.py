@@ -20,12 +20,12 @@ gradient (the same kernel on the same signs and decoded scales).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from lordba._util.arena import own_storages, views_of_one_buffer
+from lordba._util.arena import own_storages
 from lordba.core.autograd import sign_branch
 from lordba.core.packing import pack_signs
 from lordba.core.scales import ScaleCodec
@@ -393,24 +393,6 @@ def _view_if_equal(param: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
     if param.dtype == decoded.dtype and param.is_contiguous() and torch.equal(param, decoded):
         return param.detach()
     return decoded.contiguous()
-
-
-def hold_together(adapters: Sequence[PackedAdapter], huge_page: bool = False) -> None:
-    """Hold the tensors of ``adapters`` (one adapter's modules, in model order) as views of one buffer per
-    device, each kind's tensors side by side: the layout a loaded file gives (views of its one buffer).
-    Decode reads every layer's adapter each token; from separately allocated tensors that cost about a
-    point more of q4 decode time at 2 threads (docs/kernels.md). ``huge_page``: a CPU buffer in 2 MB pages
-    (:func:`~lordba._util.arena.huge_page_buffer`), a whole page even for a smaller adapter (``AotDecode``'s:
-    0.6% off SmolLM2's adapted ``--aot`` step). Values are unchanged."""
-    by_device: dict[torch.device, list[PackedAdapter]] = {}
-    for adapter in adapters:
-        by_device.setdefault(adapter.sign_A.device, []).append(adapter)
-    names = ("sign_A", "sign_B", *SCALES)
-    for group in by_device.values():
-        slots = [(adapter, name) for name in names for adapter in group]
-        views = views_of_one_buffer([a._buffers[n] for a, n in slots], huge_pages=huge_page, small_too=huge_page)
-        for (adapter, name), view in zip(slots, views):
-            adapter.register_buffer(name, view)
 
 
 def held_nbytes(adapters: list[nn.Module]) -> int:

@@ -36,13 +36,14 @@ from torch import nn
 from lordba import kernels
 from lordba._util.modules import context_positions
 from lordba.errors import ConfigError
-from lordba.nn.adapter import PackedAdapter, hold_together
+from lordba.nn.adapter import PackedAdapter
 from lordba.nn.aot_package import package_dir
 from lordba.nn.aot_step import CompiledStep, kv_cache_dtype
 from lordba.nn.attention import use_packed_gqa
 from lordba.nn.decode import _hf_model, cache_length, token_processors
 from lordba.nn.epoch import _EPOCH
 from lordba.nn.layer import LoRDBALinear
+from lordba.nn.model_forms import hold_together
 from lordba.nn.routing import current_routing
 from lordba.nn.saved import embedding_rows
 
@@ -56,7 +57,7 @@ class AotDecode:
             :mod:`lordba.nn.attention`'s (the same results, eager and compiled), one with sliding-window layers
             (Gemma-style) is exported through transformers' hybrid-cache wrapper, and its packed adapters'
             tensors are moved into one buffer in a 2 MB page (the same values; a whole page even for a
-            smaller adapter: :func:`lordba.nn.adapter.hold_together`).
+            smaller adapter: :func:`lordba.nn.model_forms.hold_together`).
         folder: where packages are kept (default ``<lordba cache>/aot``).
         log: called with a line before a compile (default: nothing).
         round_to: cache lengths are the positions needed rounded up to a multiple of this (default:

@@ -25,9 +25,10 @@ from lordba.config import LoRDBAConfig
 from lordba.core.scales import get_codec
 from lordba.errors import AdapterFormatError, AdapterStateError, ConfigError, ShapeMismatchError
 from lordba.format import adapter as adapter_files
-from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter, hold_together
+from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter
 from lordba.nn.hub import resolve_adapter_dir, upload_adapter_folder, write_model_card
 from lordba.nn.layer import adapter_device
+from lordba.nn.model_forms import hold_together
 from lordba.quant import BaseBackend
 
 Targets = dict[str, tuple[nn.Module, BaseBackend]]  # module path -> (base layer, its backend)

@@ -6,12 +6,16 @@ training forms (``unpack_to_latent``: latent signs for QAT; ``freeze_signs``: pa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import torch
+
+from lordba._util.arena import views_of_one_buffer
 from lordba._util.dtypes import DTYPES
 from lordba._util.state import ordinary_tensors
 from lordba.errors import AdapterStateError, ConfigError
-from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter, hold_together
+from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter
+from lordba.nn.adapter_base import SCALES
 
 
 class AdapterFormsMixin:
@@ -97,3 +101,21 @@ def _frozen_signs(adapter: LoRDBAAdapter) -> LoRDBAAdapter:
     if isinstance(adapter, TrainableAdapter) and adapter.has_latent_signs:
         return adapter.freeze_signs()
     return adapter
+
+
+def hold_together(adapters: Sequence[PackedAdapter], huge_page: bool = False) -> None:
+    """Hold the tensors of ``adapters`` (one adapter's modules, in model order) as views of one buffer per
+    device, each kind's tensors side by side: the layout a loaded file gives (views of its one buffer).
+    Decode reads every layer's adapter each token; from separately allocated tensors that cost about a
+    point more of q4 decode time at 2 threads (docs/kernels.md). ``huge_page``: a CPU buffer in 2 MB pages
+    (:func:`~lordba._util.arena.huge_page_buffer`), a whole page even for a smaller adapter (``AotDecode``'s:
+    0.6% off SmolLM2's adapted ``--aot`` step). Values are unchanged."""
+    by_device: dict[torch.device, list[PackedAdapter]] = {}
+    for adapter in adapters:
+        by_device.setdefault(adapter.sign_A.device, []).append(adapter)
+    names = ("sign_A", "sign_B", *SCALES)
+    for group in by_device.values():
+        slots = [(adapter, name) for name in names for adapter in group]
+        views = views_of_one_buffer([a._buffers[n] for a, n in slots], huge_pages=huge_page, small_too=huge_page)
+        for (adapter, name), view in zip(slots, views):
+            adapter.register_buffer(name, view)
