@@ -206,3 +206,17 @@ def test_a_weight_beyond_float16s_range_is_refused_naming_the_layer():
         model.model.layers[0].self_attn.o_proj.weight[2, 7] = 7e4  # the offset in range: quantized as it is
     quantize_model(model, backend="q4", group_size=32)
     assert torch.isfinite(model.model.layers[0].self_attn.o_proj.dequantize()).all()
+
+
+@pytest.mark.parametrize("where", ["model.layers.1.mlp.down_proj", "lm_head"])
+def test_a_weight_beyond_float16s_range_on_a_late_layer_leaves_the_model_as_it_was(where):
+    """The overflow was found when its layer was reached: every layer before it (here all but the last, or all but
+    the head) was already replaced by a q4 layer, and the refused model was left half quantized."""
+    model = tiny_llama(0)
+    with torch.no_grad():
+        model.get_submodule(where).weight[2, 7] = -7e4
+    layers = dict(model.named_modules())
+    with pytest.raises(ConfigError, match=where.replace(".", r"\.") + ".*float16"):
+        quantize_model(model, backend="q4", group_size=32)
+    assert dict(model.named_modules()) == layers
+    assert not hasattr(model, "lordba_quantization")

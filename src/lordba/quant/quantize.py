@@ -49,7 +49,7 @@ def quantize_model(
     unsupported ``bits``, a ``group_size`` the backend does not take, or (``hqq``) a layer whose shape HQQ cannot
     pack, or a layer whose weight is on the meta device (:func:`check_loaded`) or holds inf or NaN
     (:func:`check_finite`), naming it, before any layer is replaced; (``q4``) a layer whose weight overflows the
-    float16 scales and offsets, naming it, when it is reached (:func:`~lordba.quant.q4.quantize_linear_q4`);
+    float16 scales and offsets, naming it, before any layer is replaced (:func:`~lordba.quant.q4.quantize_linear_q4`);
     a ``group_size`` that is not a positive integer, a ``skip`` that is not a list of names; for a model that
     already holds adapter layers (:func:`check_no_adapters`); and for one already quantized otherwise
     (:func:`check_quantized_alike`; quantized alike, only its unquantized layers are quantized).
@@ -99,6 +99,7 @@ def quantize_model(
                     f"{name}: the hqq backend cannot quantize its {list(linear.weight.shape)} weight with bits={bits}, "
                     f"group_size={group_size}: {problem} (use another group_size, or backend 'q4')"
                 )
+    replaced = []  # every layer quantized before any is replaced: a refusal (q4's float16 overflow) changes nothing
     for name, linear in tqdm(targets, desc=f"quantizing ({backend}, {bits}-bit)", disable=not progress):
         compute_dtype = linear.weight.dtype if linear.weight.is_floating_point() else torch.float32
         if backend == "hqq":
@@ -114,9 +115,15 @@ def quantize_model(
 
             new = quantize_linear_bnb(linear, compute_dtype)
         new.train(model.get_submodule(name).training)  # the replaced layer's mode (a Conv1D's, not its view's)
+        replaced.append((name, new))
+    if head:
+        from lordba.quant.q4 import quantize_linear_q4
+
+        replaced.append((head[0], quantize_linear_q4(head[1], group_size, head_bits, head[0]).train(head[1].training)))
+    for name, new in replaced:
         replace_submodule(model, name, new)
     if head:
-        _quantize_head(model, head, group_size, head_bits)
+        untie_head(model)
     if backend == "q4":
         from lordba.quant.q4 import hold_weights_together
 
@@ -210,15 +217,6 @@ def rescaled_when_tied(model: nn.Module, head: nn.Module) -> bool:
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = getattr(config, "tie_word_embeddings", False) and getattr(embeddings, "weight", None) is head.weight
     return bool(tied and getattr(config, "is_encoder_decoder", False))
-
-
-def _quantize_head(model: nn.Module, head: tuple[str, nn.Linear], group_size: int, bits: int) -> None:
-    """Replace the output head (:func:`quantized_head`) by a q4 layer."""
-    from lordba.quant.q4 import quantize_linear_q4
-
-    name, layer = head
-    replace_submodule(model, name, quantize_linear_q4(layer, group_size, bits, name).train(layer.training))
-    untie_head(model)
 
 
 def untie_head(model: nn.Module) -> None:
