@@ -488,3 +488,22 @@ def test_a_tied_head_of_an_encoder_decoder_model_stays_tied():
     with torch.no_grad():
         logits = model(input_ids=ids, decoder_input_ids=decoder_ids).logits
     assert ((logits - reference).norm() / reference.norm()) < 0.25
+
+
+@pytest.mark.parametrize("backend", ["q4", "hqq", "bnb", "q4-over-hqq"])
+def test_a_refused_quantize_model_leaves_the_parameters_trainable(backend):
+    # Every parameter was frozen before the checks ran: a model refused for one NaN weight (or already quantized
+    # otherwise) came back with all of its parameters frozen, though nothing was quantized.
+    model = tiny_llama(0)
+    if backend == "q4-over-hqq":
+        model = quantize_model(model, backend="hqq", group_size=8)
+        for p in model.parameters():
+            p.requires_grad_(p.is_floating_point())  # the embeddings and norms, trained again
+    else:
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    with pytest.raises(ConfigError):
+        quantize_model(model, backend=backend.split("-")[0], group_size=8 if backend == "hqq" else 64)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable

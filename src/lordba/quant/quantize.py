@@ -76,9 +76,9 @@ def quantize_model(
     head_bits = (8 if backend == "q4" else 0) if head_bits is None else head_bits
     if head_bits and (backend != "q4" or head_bits not in (4, 8)):
         raise ConfigError(f"head_bits={head_bits}: only the q4 backend quantizes the output head, to 4 or 8 bits")
-    for p in model.parameters():
-        p.requires_grad_(False)
     if backend == "none":
+        for p in model.parameters():
+            p.requires_grad_(False)
         return model
     check_quantized_alike(
         model, {"backend": backend, "bits": bits, "group_size": 64 if backend == "bnb" else group_size}
@@ -120,6 +120,8 @@ def quantize_model(
         from lordba.quant.q4 import quantize_linear_q4
 
         replaced.append((head[0], quantize_linear_q4(head[1], group_size, head_bits, head[0]).train(head[1].training)))
+    for p in model.parameters():
+        p.requires_grad_(False)
     for name, new in replaced:
         replace_submodule(model, name, new)
     if head:
