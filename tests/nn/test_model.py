@@ -661,6 +661,21 @@ def test_a_failed_from_pretrained_leaves_the_callers_model_as_it_was(tmp_path):
     assert not any(isinstance(m, LoRDBALinear) for m in model.modules())
 
 
+@pytest.mark.parametrize("config", [{"target_modules": ["nonexistent"]}, {"modules_to_save": ["nonexistent"]}])
+def test_a_refused_get_lordba_model_leaves_the_callers_model_trainable(config):
+    """The wrapper froze the base's parameters before adding the adapter; a config refused then (a target or a module
+    to save that matches nothing) left every parameter of the caller's model frozen (0 of 21 trainable), where
+    PEFT's get_peft_model leaves the model as it was."""
+    from lordba.errors import LoRDBAError
+
+    model = tiny_llama()
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(LoRDBAError):
+        get_lordba_model(model, LoRDBAConfig(**{"r": 4, **config}))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert not any(isinstance(m, LoRDBALinear) for m in model.modules())
+
+
 def test_a_model_with_layers_offloaded_by_accelerate_adapts_trains_generates_saves_and_loads(tmp_path, input_ids):
     """``from_pretrained(device_map=..., offload_folder=...)`` leaves an offloaded layer's weights on ``meta``
     (accelerate's hook brings them in for each call): the adapters of those layers were made on ``meta`` too, and

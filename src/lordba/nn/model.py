@@ -96,10 +96,16 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
         except (TypeError, ValueError):
             signature = inspect.signature(lambda *args, **kwargs: None)
         self.forward = _Forward(self, _with_adapter_names(signature))
+        trainable = [p for p in model.parameters() if p.requires_grad]
         for p in model.parameters():
             p.requires_grad_(False)
         if config is not None:
-            self.add_adapter(adapter_name, config)
+            try:
+                self.add_adapter(adapter_name, config)
+            except BaseException:  # a refused config leaves the caller's model as it was (add_adapter changes nothing)
+                for p in trainable:
+                    p.requires_grad_(True)
+                raise
             self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------------ delegation
