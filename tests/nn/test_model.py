@@ -647,6 +647,29 @@ def test_load_state_dict_into_a_merged_adapter_is_refused_and_unmerge_restores_t
     lm.load_state_dict(other.state_dict())  # unmerged: loads
 
 
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("wrong", ["dtype", "shape"])
+def test_a_refused_load_state_dict_loads_nothing(packed, wrong):
+    """Each adapter checked its tensors when torch's walk reached it: a state dict whose last module (the last
+    down_proj) held a scale of another form (float32 into int8 codes) or size was refused there, after the 13 modules
+    before it had loaded theirs (26 of the model's 70 tensors changed: an adapter neither old nor new)."""
+    lm = randomized({"scale_dtype": "int8"})
+    other = randomized({"scale_dtype": "int8"}, adapter_seed=6)
+    if packed:
+        lm.pack()
+        other.pack()
+    given = other.state_dict()
+    key = "base_model.model.layers.1.mlp.down_proj.lordba_adapters.default.scale_in"
+    given[key] = given[key].float() if wrong == "dtype" else torch.ones(given[key].shape[0] + 1, dtype=given[key].dtype)
+    if wrong == "dtype" and not packed:
+        given[key] = given[key].to(torch.int8)  # codes into float scale parameters
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    assert any(not torch.equal(v, before[k]) for k, v in given.items() if k != key)
+    with pytest.raises(AdapterStateError, match=key.replace(".", r"\.")):
+        lm.load_state_dict(given)
+    assert all(torch.equal(v, before[k]) for k, v in lm.state_dict().items())
+
+
 def test_a_failed_from_pretrained_leaves_the_callers_model_as_it_was(tmp_path):
     """The wrapper freezes the base's parameters; a load that then fails (here a folder with no adapter) left the
     caller's model frozen."""

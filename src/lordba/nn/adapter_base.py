@@ -353,9 +353,20 @@ class AdapterBase(nn.Module):
         return sizes
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
-        """Refuse scale tensors of another form than held: into an inference adapter any other dtype
-        (float32 would be cast into int8 codes), into float parameters int8 codes (read as values they
-        would be 127× too large)."""
+        self.check_loadable(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def check_loadable(self, state_dict: dict[str, torch.Tensor], prefix: str) -> None:
+        """Refuse (:class:`AdapterStateError`) tensors of ``state_dict`` under ``prefix`` that this adapter cannot
+        load: another shape than held, or scales of another form: into an inference adapter any other dtype
+        (float32 would be cast into int8 codes), into float parameters int8 codes (read as values they would be
+        127× too large)."""
+        for name, held in (*self._parameters.items(), *self._buffers.items()):
+            given = state_dict.get(prefix + name)
+            if held is not None and isinstance(given, torch.Tensor) and given.shape != held.shape:
+                raise AdapterStateError(
+                    f"{prefix}{name}: shape {tuple(given.shape)} for an adapter holding {tuple(held.shape)}"
+                )
         packed = not any(True for _ in self.parameters(recurse=False))
         for name in SCALES:
             given, held = state_dict.get(prefix + name), getattr(self, name)
@@ -366,7 +377,6 @@ class AdapterBase(nn.Module):
                 f"{prefix}{name}: {given.dtype} for a {form} holding {held.dtype} (load a state dict into "
                 "the form it was saved from)"
             )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def clear_cache(self) -> None:
         """Drop the inference caches (they rebuild on the next call)."""

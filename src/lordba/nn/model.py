@@ -362,8 +362,9 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
         """Load adapter tensors saved by :meth:`state_dict` (the base is left as it is).
 
         Raises:
-            AdapterStateError: keys that do not match the adapters' (``strict``), or tensors of an adapter merged into
-                the base (unmerging would then subtract the new update, not the merged one; nothing is loaded).
+            AdapterStateError: keys that do not match the adapters' (``strict``), tensors of an adapter merged into
+                the base (unmerging would then subtract the new update, not the merged one), or an adapter's tensor
+                of another shape or scale form than held; nothing is loaded.
         """
         merged = [
             f"base_model.{p}.lordba_adapters.{n}." for p, layer in self._lordba_layers() for n in layer.merged_adapters
@@ -381,6 +382,9 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
             raise AdapterStateError(
                 f"state dict does not match the adapters: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
+        for path, layer in self._lordba_layers():  # every adapter's tensors checked before any is loaded
+            for name, adapter in layer.lordba_adapters.items():
+                adapter.check_loadable(state_dict, f"base_model.{path}.lordba_adapters.{name}.")
         result = super().load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False, assign=assign)
         return type(result)(missing, unexpected)
 
