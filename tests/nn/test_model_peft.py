@@ -326,6 +326,23 @@ def test_state_dict_functions_round_trip_and_refuse_bad_input():
         set_lordba_model_state_dict(other, bad)
 
 
+def test_state_dict_functions_round_trip_an_adapter_hot_swapped_to_a_subset(tmp_path):
+    """A hot-swap to a file with fewer modules silences the others (not part of the adapter: neither saved nor in
+    get_lordba_model_state_dict); setting the adapter's own state dict back raised KeyError on the first of them,
+    after the modules before it had loaded their tensors."""
+    for name, targets in (("a", ["q_proj", "v_proj"]), ("b", ["q_proj"])):
+        torch.manual_seed(len(targets))
+        made = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, init="random", target_modules=targets))
+        made.save_pretrained(tmp_path / name)
+    lm = LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path / "a")
+    lm.hotswap_adapter(tmp_path / "b")
+    sd = get_lordba_model_state_dict(lm)
+    assert not any("v_proj" in k for k in sd)
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    set_lordba_model_state_dict(lm, sd)
+    assert all(torch.equal(v, before[k]) for k, v in lm.state_dict().items())
+
+
 def test_state_dict_set_into_a_merged_adapter_is_refused_and_unmerge_restores_the_base():
     """Loading new tensors into a merged adapter is refused, as hot-swapping it is: unmerge_adapter() then took the
     new update out of the base instead of the merged one, and the base weights were wrong by the difference."""

@@ -205,6 +205,8 @@ def set_lordba_model_state_dict(model: Any, state_dict: dict[str, torch.Tensor],
                 "unmerge_adapter() before loading into it"
             )
         for path, adapter in model.adapter_modules(adapter_name).items():
+            if path not in records:  # silenced by a hot-swap, not part of the adapter (adapter_state leaves it out)
+                continue
             if isinstance(adapter, TrainableAdapter) and adapter.has_latent_signs:
                 adapter = model._swap(adapter_name, path, adapter.freeze_signs())
             adapter.load_stored(records[path].tensors)
