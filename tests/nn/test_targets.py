@@ -129,3 +129,34 @@ def test_the_feed_forward_of_an_nn_transformer_encoder_layer_is_never_a_target()
     for name in ("linear1", "linear2"):
         with pytest.raises(TargetModulesError, match=rf"'0\.layers\.0\.{name}' .* fast path"):
             find_targets(model, [name])
+
+
+def test_the_layers_inside_a_head_trained_in_full_are_left_out_as_peft_does():
+    """RoBERTa's ``classifier`` is a module with its own ``dense`` / ``out_proj`` layers. A ``SEQ_CLS`` adapter
+    trains it in full, so (PEFT's rule) no layer inside it is a target; under the default all-linear,
+    ``get_lordba_model`` refused the model ("module 'classifier' carries LoRDBA adapters") where PEFT adapts the
+    encoder and trains the head. (A layer inside it named in ``target_modules`` is still refused, with that error.)"""
+    import torch
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from lordba import LoRDBAConfig, get_lordba_model
+
+    peft = pytest.importorskip("peft")
+    config = RobertaConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=20, num_labels=3,
+    )  # fmt: skip
+    for targets in (None, "all-linear"):
+        torch.manual_seed(0)
+        model = RobertaForSequenceClassification(config)
+        lm = get_lordba_model(model, LoRDBAConfig(r=2, target_modules=targets, task_type="SEQ_CLS"))
+        ours = set(lm.adapter_modules("default"))
+        assert any(n.startswith("base_model.classifier.lordba_saved.default.") for n, _ in lm.named_parameters())
+        lora = peft.LoraConfig(r=2, target_modules="all-linear", task_type="SEQ_CLS")
+        pm = peft.get_peft_model(RobertaForSequenceClassification(config), lora)
+        theirs = {n.removesuffix(".lora_A") for n, _ in pm.base_model.model.named_modules() if n.endswith(".lora_A")}
+        assert ours == theirs and len(ours) == 6
+    with pytest.raises(TargetModulesError, match="'classifier' carries LoRDBA adapters"):
+        get_lordba_model(
+            RobertaForSequenceClassification(config), LoRDBAConfig(r=2, target_modules=["dense"], task_type="SEQ_CLS")
+        )

@@ -5,7 +5,8 @@
 * ``"all-linear"`` or ``None``: every supported linear layer except the output head (a GPT-2
   ``Conv1D`` is one);
 * given the adapter's config: only modules in its ``layers_to_transform``, and never a module it
-  trains in full (``modules_to_save``, the task's head);
+  trains in full (``modules_to_save``, the task's head), nor under all-linear one inside it (RoBERTa's
+  ``classifier.dense``: PEFT's rule);
 * never a module inside another adapter library's wrapper (PEFT's LoRA layer and ``modules_to_save``
   copy: its factors, its copy of the head); the wrapped linear layer itself is refused, by name or
   under all-linear (merge or unload that adapter first).
@@ -60,6 +61,13 @@ def _fast_path_linears(model: nn.Module) -> set[str]:
     }
 
 
+def _inside_saved(saved: list[str], name: str) -> bool:
+    """Whether ``name`` is below a module trained in full (``modules_to_save``, the task's head: RoBERTa's
+    ``classifier.dense``): that module is copied whole, so an adapter inside it would be copied with it."""
+    parts = name.split(".")
+    return any(matches(saved, ".".join(parts[:i])) for i in range(1, len(parts)))
+
+
 def _is_internal(name: str) -> bool:
     dotted = f".{name}."
     return any(f".{part}." in dotted for part in ("base_layer", "lordba_adapters", "lordba_saved", "original_module"))
@@ -100,6 +108,8 @@ def find_targets(
         else:
             hit = matches(target_modules, name)
         if not hit or matches(exclude_modules, name) or (config is not None and not config.in_layers(name)):
+            continue
+        if saved and all_linear and _inside_saved(saved, name):  # (named ones: refused by the model, _check_saveable)
             continue
         if saved and matches(saved, name):
             if all_linear:
