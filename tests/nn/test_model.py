@@ -197,6 +197,32 @@ def test_generate_with_mixed_adapters_follows_a_positional_generation_config(tmp
         assert torch.equal(got, want)
 
 
+def test_generate_with_mixed_adapters_and_beams_on_an_encoder_decoder_model():
+    """T5 / BART run the encoder once per input and the decoder once per beam (or returned sequence): the names,
+    repeated per beam, reached the encoder too, and ``generate(ids, adapter_names=[...], num_beams=3)`` raised
+    ShapeMismatchError ("adapter_names has 6 entries for a batch of 2 rows"). PEFT routes the encoder by the names
+    as given; so does lordba, and each row's beams are those of its adapter alone."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=16, d_ff=24, d_kv=8, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    lm = get_lordba_model(T5ForConditionalGeneration(config).eval(), LoRDBAConfig(r=2, init="random"))
+    lm.add_adapter(
+        "b", LoRDBAConfig(r=2, init="random", target_modules=["q", "v", "wi"], modules_to_save=["final_layer_norm"])
+    )
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            p.normal_(0, 1) if "scale_out" in name or "lordba_saved" in name else None
+    ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=3, do_sample=False, num_beams=3)
+    mixed = lm.generate(ids, adapter_names=["default", "b"], **kw)
+    for row, name in enumerate(["default", "b"]):
+        lm.set_adapter(name)
+        assert torch.equal(mixed[row], lm.generate(ids[row : row + 1], **kw)[0])
+    sampled = lm.generate(ids, adapter_names=["b", "default"], do_sample=True, num_return_sequences=2, max_new_tokens=2)
+    assert sampled.shape[0] == 4
+
+
 def test_disable_adapter_context(input_ids):
     lm = randomized()
     base = logits(tiny_llama(0), input_ids)

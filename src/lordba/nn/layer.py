@@ -19,7 +19,7 @@ from lordba.kernels import preload
 from lordba.nn.adapter import LoRDBAAdapter
 from lordba.nn.epoch import touch
 from lordba.nn.fastpath import ARMED, decode_call, direct_branch, fused_direct, routed_branches
-from lordba.nn.routing import BASE_ROW, DISABLED, Routing, RoutingGate, current_routing, route_index
+from lordba.nn.routing import BASE_ROW, DISABLED, Routing, RoutingGate, current_routing, route_index, row_names
 from lordba.quant import BaseBackend, resolve_backend
 
 __all__ = ["BASE_ROW", "DISABLED", "AdapterDict", "LoRDBALinear", "Routing", "route_index"]  # routing names re-exported
@@ -344,7 +344,7 @@ class LoRDBALinear(nn.Module):
                 raise AdapterStateError("adapters are merged into the base: unmerge before disabling them")
             return result
         if names is not None:
-            return self._mixed_batch_forward(x, result, names)
+            return self._mixed_batch_forward(x, result, row_names(routing, x.shape[0]))
         if len(active) == 1 and not merged and not torch.compiler.is_compiling():  # decode: one kernel call
             if one is None:
                 return result

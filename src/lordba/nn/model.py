@@ -281,15 +281,18 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
 
     # ------------------------------------------------------------------ forward
     @contextlib.contextmanager
-    def _calling(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
+    def _calling(self, adapter_names: Sequence[str] | None, expand: int = 1) -> Iterator[None]:
         """Run a call: publish its routing to the layers (through the gate, which torch.compile
-        guards on), then hold the lock shared and check the routed names under it."""
-        names = None
+        guards on), then hold the lock shared and check the routed names under it. ``expand``: ``generate``'s
+        rows per input (beams, returned sequences): each name is repeated so, and the names as given stay the
+        routing's ``input_names`` (an encoder-decoder's encoder runs on the inputs, its decoder on the rows)."""
+        names = inputs = None
         if adapter_names is not None:
             if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
                 raise ConfigError("adapter_names must be a list with one adapter name per batch row")
-            names = tuple(adapter_names)
-        call = routing(None, self._gate in DISABLED.get(), names)
+            names = tuple(n for n in adapter_names for _ in range(expand))
+            inputs = tuple(adapter_names) if expand > 1 else None
+        call = routing(None, self._gate in DISABLED.get(), names, inputs)
         if (names is not None or call.disabled) and torch.is_grad_enabled() and self._checkpointing():
             raise AdapterStateError(
                 "adapter_names or a disable_adapter() block in a training call with gradient checkpointing: the "
@@ -325,14 +328,14 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """``generate`` of the wrapped model, optionally with one adapter per batch row (each name repeated
         for the row's beams or returned sequences, per the call's generation config: keyword or positional)."""
+        expand = 1
         if adapter_names is not None:
             given = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None)  # (inputs, config, ...)
             gen = given or getattr(self.base_model, "generation_config", None)
             beams = kwargs.get("num_beams", getattr(gen, "num_beams", 1) or 1)
             returns = kwargs.get("num_return_sequences", getattr(gen, "num_return_sequences", 1) or 1)
             expand = beams if beams > 1 else returns
-            adapter_names = [n for n in adapter_names for _ in range(expand)]
-        with torch.no_grad(), self._calling(adapter_names):  # generate's own no_grad, before the call is armed
+        with torch.no_grad(), self._calling(adapter_names, expand):  # generate's own no_grad, before the call is armed
             return self.base_model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:

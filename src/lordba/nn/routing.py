@@ -41,26 +41,44 @@ class Routing:
     """Per-call adapter selection.
 
     ``active`` overrides the layers' active adapters, ``disabled`` turns every branch off, and
-    ``adapter_names`` (one entry per batch row) routes rows to adapters.
+    ``adapter_names`` (one entry per batch row) routes rows to adapters; ``input_names``: in a ``generate``
+    call that expands each input into beams or returned sequences, the names of the inputs before that
+    (an encoder-decoder's encoder runs once per input: :func:`row_names`).
     """
 
     active: tuple[str, ...] | None = None
     disabled: bool = False
     adapter_names: tuple[str, ...] | None = None
+    input_names: tuple[str, ...] | None = None
 
 
 _DISABLED = Routing(None, True, None)
 
 
-def routing(active: tuple[str, ...] | None, disabled: bool, adapter_names: tuple[str, ...] | None) -> Routing:
+def routing(
+    active: tuple[str, ...] | None,
+    disabled: bool,
+    adapter_names: tuple[str, ...] | None,
+    input_names: tuple[str, ...] | None = None,
+) -> Routing:
     """The :class:`Routing` for these values, interned (equal routings are one object, so compiled
     graphs guard on it cheaply and stay valid). Disabled routings ignore the rest."""
-    return _DISABLED if disabled else _enabled(active, adapter_names)
+    return _DISABLED if disabled else _enabled(active, adapter_names, input_names)
 
 
 @functools.lru_cache(maxsize=1024)
-def _enabled(active: tuple[str, ...] | None, adapter_names: tuple[str, ...] | None) -> Routing:
-    return Routing(active, False, adapter_names)
+def _enabled(
+    active: tuple[str, ...] | None, adapter_names: tuple[str, ...] | None, input_names: tuple[str, ...] | None
+) -> Routing:
+    return Routing(active, False, adapter_names, input_names)
+
+
+def row_names(routing: Routing, rows: int) -> tuple[str, ...]:
+    """The adapter of each of ``rows`` batch rows: ``routing.adapter_names``, or its ``input_names`` for a batch of
+    the inputs before ``generate`` expanded them (the encoder of an encoder-decoder model: its decoder runs on the
+    expanded rows)."""
+    names, inputs = routing.adapter_names, routing.input_names
+    return inputs if inputs is not None and len(names) != rows and len(inputs) == rows else names
 
 
 # the gates (one per model) whose ``disable_adapter`` block this thread (asyncio task) is in: per model, so that a

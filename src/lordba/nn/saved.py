@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lordba.errors import AdapterStateError, ShapeMismatchError
-from lordba.nn.routing import BASE_ROW, RoutingGate, current_routing, route_index
+from lordba.nn.routing import BASE_ROW, RoutingGate, current_routing, route_index, row_names
 
 
 class SavedModule(nn.Module):
@@ -101,6 +101,8 @@ class SavedModule(nn.Module):
         if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
             raise AdapterStateError("mixed-batch routing through a module trained in full needs a single tensor input")
         x = args[0]
+        routing = current_routing(self.gate)
+        names = names if routing is None or routing.adapter_names is None else row_names(routing, x.shape[0])
         if len(names) != x.shape[0]:
             raise ShapeMismatchError(f"adapter_names has {len(names)} entries for a batch of {x.shape[0]} rows")
         out = None
