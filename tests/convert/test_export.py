@@ -347,3 +347,25 @@ def test_an_adapter_of_a_model_that_cannot_generate_exports_a_task_type_peft_can
 
     export_lora(get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2)), tmp_path / "causal")
     assert json.loads((tmp_path / "causal" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+
+
+def test_the_export_wraps_in_peft_only_the_layers_the_adapter_has(tmp_path, input_ids):
+    """An adapter on some layers (``layers_to_transform``, ``exclude_modules``) exported as bare target names:
+    PEFT wrapped every module of those names, the others with zero B (the same outputs), so that a trainable
+    load trained layers the adapter never had; the export also wrote ``lora_dropout`` 0 for an adapter trained
+    with dropout (a PEFT -> convert -> export round trip lost it). Now PEFT wraps exactly the adapter's modules."""
+    torch.manual_seed(2)
+    cfg = LoRDBAConfig(r=4, init="random", target_modules=["q_proj", "v_proj"], layers_to_transform=[1], dropout=0.1)
+    excluded = LoRDBAConfig(
+        r=4, init="random", target_modules=["q_proj", "v_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"]
+    )
+    for name, config in (("layers", cfg), ("exclude", excluded)):
+        lm = get_lordba_model(tiny_llama(0), config)
+        export_lora(lm, tmp_path / name, dtype="float32")
+        peft = PeftModel.from_pretrained(tiny_llama(0), tmp_path / name, is_trainable=True)
+        wrapped = sorted(n.removeprefix("base_model.model.") for n, m in peft.named_modules() if hasattr(m, "lora_A"))
+        assert wrapped == sorted(lm.adapter_modules("default")), name
+        lm.eval()
+        ours, theirs = logits(lm, input_ids), logits(peft.eval(), input_ids)
+        assert (theirs - ours).abs().max() < 1e-4, name
+    assert json.loads((tmp_path / "layers" / "adapter_config.json").read_text())["lora_dropout"] == 0.1

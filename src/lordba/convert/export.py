@@ -89,8 +89,13 @@ def export_lora(
         "base_model_name_or_path": config.base_model_name_or_path,
         "r": rank,
         "lora_alpha": config.alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": config.dropout,
         "target_modules": targets,
+        # the layers PEFT wraps: without them it also wraps every other module of these names (zero B: the same
+        # outputs, but those train when the export is loaded trainable)
+        "layers_to_transform": config.layers_to_transform,
+        "layers_pattern": config.layers_pattern,
+        "exclude_modules": config.exclude_modules,
         "rank_pattern": {},  # one rank and one scaling: runtimes that ignore the patterns get the same ΔW
         "alpha_pattern": {},
         "bias": config.bias,
