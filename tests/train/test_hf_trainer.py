@@ -264,3 +264,22 @@ def test_trainer_trains_an_adapter_on_a_base_quantized_by_transformers(tmp_path)
     lm.save_pretrained(tmp_path / "direct")
     for name in PACKED:
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes(), name
+
+
+def test_label_smoothing_shifts_the_labels_of_a_causal_lm(tmp_path):
+    # the Trainer's label smoother shifts the labels of a model whose _get_name() is a causal LM class; a LoRDBAModel
+    # answered "LoRDBAModel", so with label_smoothing_factor the loss compared each position with its own token, not
+    # the next one: an adapter with no update yet evaluated at 5.14 where its base and a PEFT LoRA give 4.65
+    def eval_loss(model):
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            label_smoothing_factor=0.1,
+            per_device_eval_batch_size=4,
+            report_to=[],
+            use_cpu=True,
+        )
+        return Trainer(model=model, args=args, eval_dataset=Rows(n=8)).evaluate()["eval_loss"]
+
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4))  # no update yet: the base's outputs
+    assert eval_loss(lm) == pytest.approx(eval_loss(tiny_llama(0)), rel=1e-6)
+    assert repr(lm).startswith("LoRDBAModel(\n  (base_model): LlamaForCausalLM(")

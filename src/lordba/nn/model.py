@@ -118,6 +118,14 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
             refuse_base_attribute(name)  # never save or upload the base model by mistake
             return getattr(self.base_model, name)
 
+    def _get_name(self) -> str:
+        """The wrapped model's class name, as PEFT's wrapper is seen: the HF Trainer reads it to tell a causal LM,
+        whose labels its label smoother (``label_smoothing_factor``) shifts by one (the repr keeps this class's)."""
+        return self.base_model._get_name()
+
+    def __repr__(self) -> str:
+        return type(self).__name__ + super().__repr__()[len(self._get_name()) :]
+
     def get_base_model(self) -> nn.Module:
         """The wrapped model (with its LoRDBA layers in place)."""
         return self.base_model
