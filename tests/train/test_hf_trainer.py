@@ -283,3 +283,23 @@ def test_label_smoothing_shifts_the_labels_of_a_causal_lm(tmp_path):
     lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4))  # no update yet: the base's outputs
     assert eval_loss(lm) == pytest.approx(eval_loss(tiny_llama(0)), rel=1e-6)
     assert repr(lm).startswith("LoRDBAModel(\n  (base_model): LlamaForCausalLM(")
+
+
+def test_accelerate_unwrap_without_the_fp32_wrapper_gives_back_a_working_model():
+    # accelerate's prepare under mixed precision wraps model.forward; unwrap_model(keep_fp32_wrapper=False) binds the
+    # forward it kept to the model with MethodType, and every call then failed ("got multiple values for argument
+    # 'input_ids'"): the LoRDBAModel's forward received the model itself as its first argument
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random"))
+    want = logits(lm)
+    AcceleratorState._reset_state(True)  # the state the other tests' Trainers left (without mixed precision)
+    try:
+        accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+        unwrapped = accelerator.unwrap_model(accelerator.prepare(lm), keep_fp32_wrapper=False)
+        torch.testing.assert_close(logits(unwrapped), want)
+        with torch.no_grad():
+            torch.testing.assert_close(unwrapped(IDS).logits, want)  # positional too
+    finally:
+        AcceleratorState._reset_state(True)

@@ -60,6 +60,8 @@ class _Forward:
         self.__signature__ = signature
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args and args[0] is self._owner:  # bound to the model as a method (accelerate's unwrap_model rebinds it)
+            args = args[1:]
         return self._owner._forward(*args, **kwargs)
 
 
