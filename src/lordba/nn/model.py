@@ -317,10 +317,6 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
                 )
             yield
 
-    def _checkpointing(self) -> bool:
-        """Whether the base recomputes its layers in backward (transformers' gradient checkpointing: training only)."""
-        return self.base_model.training and bool(getattr(self.base_model, "is_gradient_checkpointing", False))
-
     @torch.compiler.disable(recursive=False)
     def _forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         # Under torch.compile this frame runs eagerly (the call's routing, the lock); the wrapped
@@ -347,15 +343,6 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
             expand = beams if beams > 1 else returns
         with torch.no_grad(), self._calling(adapter_names, expand):  # generate's own no_grad, before the call is armed
             return self.base_model.generate(*args, **kwargs)
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Enable the wrapped model's gradient checkpointing (``None``: transformers' default arguments); with
-        re-entrant checkpointing the inputs are made to require grad so that gradients reach the adapters of a frozen
-        base."""
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-        kwargs = gradient_checkpointing_kwargs or {}
-        if kwargs.get("use_reentrant", True) and hasattr(self.base_model, "enable_input_require_grads"):
-            self.base_model.enable_input_require_grads()
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:

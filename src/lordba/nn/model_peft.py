@@ -30,7 +30,29 @@ from lordba.quant import describe_base
 
 
 class PeftFeaturesMixin(CombineMixin, StatusMixin):
-    """Modules trained in full, trained biases, the base-quantization record and adapter combination."""
+    """Modules trained in full, trained biases, the base-quantization record, adapter combination and gradient
+    checkpointing."""
+
+    # ------------------------------------------------------------------ gradient checkpointing
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Enable the wrapped model's gradient checkpointing (``None``: transformers' default arguments); with
+        re-entrant checkpointing the inputs are made to require grad so that gradients reach the adapters of a frozen
+        base."""
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)  # (the old name warns)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        kwargs = gradient_checkpointing_kwargs or {}
+        if kwargs.get("use_reentrant", True) and hasattr(self.base_model, "enable_input_require_grads"):
+            self.base_model.enable_input_require_grads()
+
+    def _checkpointing(self) -> bool:
+        """Whether the base recomputes its layers in backward (transformers' gradient checkpointing: training only)."""
+        flag = getattr(self.base_model, "is_activation_checkpointing", None)  # (transformers 5; the old name warns)
+        if flag is None:
+            flag = getattr(self.base_model, "is_gradient_checkpointing", False)
+        return self.base_model.training and bool(flag)
 
     # ------------------------------------------------------------------ add / load hooks
     def _prepare_config(self, config: LoRDBAConfig, targets: list[str]) -> LoRDBAConfig:
