@@ -4,6 +4,7 @@ generated text."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -32,12 +33,18 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
 
 
 def context_positions(model: nn.Module) -> int | None:
-    """The most positions (prompt + generated) ``model``'s config allows, ``None`` where it names none."""
+    """The most positions (prompt + generated) ``model``'s config allows, ``None`` where it names none: its own, else
+    its text model's (a multimodal config, such as Gemma 3's that ``AutoModelForCausalLM`` loads for gemma-3-4b-it,
+    keeps them in ``text_config``)."""
     config = getattr(model, "config", None)
-    for key in CONTEXT_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    configs = [config]
+    with contextlib.suppress(Exception):  # a config without get_text_config, or one that has no text config
+        configs.append(config.get_text_config())
+    for one in configs:
+        for key in CONTEXT_KEYS:
+            value = getattr(one, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
     return None
 
 
