@@ -89,6 +89,12 @@ def _check_split(split: str) -> None:
         raise DataError(f"split must be 'train' or 'eval', got {split!r}")
 
 
+def _check_count(task: str, split: str, have: int, n: int, what: str) -> None:
+    """:class:`DataError` where ``split`` has fewer than the ``n`` examples asked for (not fewer, silently)."""
+    if have < n:
+        raise DataError(f"task {task!r} ({split}): {have} {what} in its split, {n} asked for")
+
+
 def _held_out(key: str) -> bool:
     """A fixed 20% of the items, by a hash of ``key``: independent of the seed."""
     return hashlib.sha256(key.encode()).digest()[0] < 52
@@ -122,6 +128,7 @@ def _sentiment(split: str, n: int, seed: int) -> list[Example]:
         label = "positive" if r["rating"] > 0 else "negative"
         prompt = f"Is the sentiment of this movie review positive or negative?\n\nReview: {r['text']}"
         out.append(Example((("user", prompt),), label, label))
+    _check_count("sentiment", split, len(out), n, "balanced snippets")
     return out
 
 
@@ -131,6 +138,7 @@ def _sotu(split: str, n: int, seed: int) -> list[Example]:
         words = text.split()
         passages += [(f"{key}:{i}", " ".join(words[i : i + 56])) for i in range(0, len(words) - 55, 56)]
     passages.sort(key=lambda p: hashlib.sha256(f"{seed}:{p[0]}".encode()).hexdigest())
+    _check_count("sotu", split, len(passages), n, "passages")
     return [Example((), text) for _, text in passages[:n]]
 
 

@@ -107,3 +107,12 @@ def test_unknown_task_and_split():
         get_task("glue")
     with pytest.raises(DataError, match="split"):
         TASKS["arithmetic"].examples("test", 2)
+
+
+@pytest.mark.parametrize(("name", "split", "n"), [("sentiment", "eval", 2000), ("sotu", "eval", 7000)])
+def test_a_corpus_task_refuses_more_examples_than_its_split_has(name, split, n):
+    """Asked for more than its split holds, the task gave fewer without a word (sentiment's held-out split has
+    1,970 balanced snippets: --eval-size 2000 evaluated on 1,970 and reported n=2000); the generated tasks refuse."""
+    with pytest.raises(DataError, match=rf"task '{name}' \({split}\): \d+ .* in its split, {n} asked for"):
+        get_task(name).examples(split, n)
+    assert len(get_task(name).examples(split, 1000)) == 1000
