@@ -32,9 +32,14 @@ from lordba.train.records import Example
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
 
 
+def _plain_numbers(text: str) -> str:
+    """``text`` with thousands separators dropped and the unicode minus sign (U+2212) made an ASCII one."""
+    return text.replace(",", "").replace("\u2212", "-")
+
+
 def number_match(prediction: str, answer: str) -> bool:
     """True if the first number in ``prediction`` equals the numeric ``answer``."""
-    found = _NUM.search(prediction.replace(",", ""))
+    found = _NUM.search(_plain_numbers(prediction))
     try:
         return found is not None and abs(float(found.group()) - float(answer)) < 1e-6
     except ValueError:
@@ -44,7 +49,7 @@ def number_match(prediction: str, answer: str) -> bool:
 def final_number_match(prediction: str, answer: str) -> bool:
     """True if the final answer of a chain of thought equals the numeric ``answer``: the first number after
     the first ``####`` in ``prediction`` (GSM8K's marker), or without one its last number."""
-    head, marker, tail = prediction.replace(",", "").partition("####")
+    head, marker, tail = _plain_numbers(prediction).partition("####")
     found = _NUM.findall(tail)[:1] if marker else _NUM.findall(head)[-1:]
     try:
         return bool(found) and abs(float(found[0]) - float(answer)) < 1e-6

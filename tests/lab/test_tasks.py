@@ -116,3 +116,11 @@ def test_a_corpus_task_refuses_more_examples_than_its_split_has(name, split, n):
     with pytest.raises(DataError, match=rf"task '{name}' \({split}\): \d+ .* in its split, {n} asked for"):
         get_task(name).examples(split, n)
     assert len(get_task(name).examples(split, 1000)) == 1000
+
+
+def test_a_unicode_minus_sign_is_a_minus_sign():
+    """'−12' (U+2212, as a model that learnt from typeset text writes it) scored as 12: right for the answer 12,
+    wrong for -12."""
+    assert number_match("\u221212", "-12") and not number_match("\u221212", "12")
+    assert final_number_match("7 \u2212 19 = \u221212\n#### \u221212", "-12")
+    assert not final_number_match("#### \u221212", "12") and not final_number_match("so \u22125", "5")
