@@ -122,3 +122,15 @@ def test_generation_stops_at_the_end_of_turn_of_the_models_generation_config():
     examples = [Example((("user", "2+2?"),), "4", "4")]
     assert generate_answers(model, tok, examples, max_new_tokens=5) == ["4"]
     assert evaluate(model, tok, examples, lambda a, b: a == b, 5)["metric"] == 1.0
+
+
+def test_evaluate_on_no_examples_gives_nan_for_the_metric_as_for_the_loss():
+    """An empty held-out set (a filter that kept nothing) raised ZeroDivisionError once a scorer was given,
+    after its loss had come out NaN."""
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": len(tok)})).eval()
+    out = evaluate(model, tok, [], lambda a, b: a == b, 2, per_example=True)
+    assert math.isnan(out["eval_loss"]) and math.isnan(out["metric"])
+    assert out["per_example"] == {"loss_sum": [], "tokens": [], "correct": []}
+    assert math.isnan(evaluate(model, tok, [], None, 2)["eval_loss"])

@@ -113,7 +113,8 @@ def evaluate(
     per_example: bool = False,
     batch_size: int = 16,
 ) -> dict:
-    """``{"eval_loss", "metric"}`` on held-out examples (``metric`` only when a scorer is given).
+    """``{"eval_loss", "metric"}`` on held-out examples (``metric`` only when a scorer is given; both NaN
+    without examples).
 
     ``per_example``: also ``"per_example": {"loss_sum", "tokens"[, "correct"]}``, one entry per
     example in order (completion cross-entropy summed over its tokens, their number, whether the greedy
@@ -127,7 +128,7 @@ def evaluate(
     if score is not None:
         answers = generate_answers(model, tokenizer, examples, max_new_tokens, batch_size)
         correct = [bool(score(a, ex.answer)) for a, ex in zip(answers, examples)]
-        result["metric"] = sum(correct) / len(examples)
+        result["metric"] = sum(correct) / len(examples) if examples else math.nan  # as eval_loss: nothing scored
         details["correct"] = correct
     if per_example:
         result["per_example"] = details
