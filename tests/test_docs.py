@@ -4,6 +4,7 @@ spans (a test file, a source file, a results folder) exists, and every test they
 nothing (docs/security.md named four test and source files that had moved)."""
 
 import argparse
+import json
 import re
 from pathlib import Path
 
@@ -122,3 +123,33 @@ def test_every_option_the_docs_show_is_one_the_command_accepts():
                         if choice and not choice.isupper() and choice not in action.choices:
                             problems.append(f"{doc}: `{line}`: {flag} {choice} is not one of {sorted(action.choices)}")
     assert not problems, "\n".join(problems)
+
+
+def _sweep_rows() -> list[list[str]]:
+    """The rows of README's sweep table (``| method | variant | BPW | exact match [95% CI] | ...``)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text.split("| method | variant | BPW | exact match [95% CI] | held-out loss [95% CI] |", 1)[1]
+    rows = []
+    for line in table.splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().replace("*", "") for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_the_readme_sweep_table_is_the_committed_sweeps_summary():
+    """README quotes docs/results/reproduce/reproduce.json's summary by hand: each row's BPW, exact match and
+    held-out loss with their intervals are the JSON's, rounded as shown."""
+    summary = json.loads((ROOT / "docs/results/reproduce/reproduce.json").read_text())["summary"]
+    by_name = {(r["family"], r["label"].replace(" x ", " × ")): r for r in summary}
+    rows = _sweep_rows()
+    assert len(rows) > 10
+    for family, label, bpw, metric, loss in rows:
+        r = by_name[family, label]
+        assert float(bpw) == pytest.approx(r["bpw"], abs=0.005), (family, label)
+        for shown, key, digits in ((metric, "metric", 3), (loss, "eval_loss", 4)):
+            mean, ci = r[f"{key}_mean"], r[f"{key}_ci"]
+            if family == "base":  # no interval shown: the mean, to the digits shown
+                assert float(shown) == pytest.approx(mean, abs=0.5 * 10.0 ** -len(shown.split(".")[1]))
+                continue
+            assert shown == f"{mean:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]", (family, label, key)
