@@ -134,3 +134,21 @@ def test_evaluate_on_no_examples_gives_nan_for_the_metric_as_for_the_loss():
     assert math.isnan(out["eval_loss"]) and math.isnan(out["metric"])
     assert out["per_example"] == {"loss_sum": [], "tokens": [], "correct": []}
     assert math.isnan(evaluate(model, tok, [], None, 2)["eval_loss"])
+
+
+def test_an_evaluation_that_raises_puts_a_training_model_back_in_training_mode():
+    """An evaluation that failed part way (out of memory, a bad example) left a model that was training in eval
+    mode: dropout off, silently, for the rest of an interactive run. Both evaluations now restore the mode."""
+    model = tiny_llama(0).train()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    model.forward = broken
+    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        heldout_losses(model, rows)
+    assert model.training
+    with pytest.raises(RuntimeError, match="out of memory"):
+        generate_answers(model, char_tokenizer(), [Example((("user", "ab"),), "c")], 2)
+    assert model.training

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,14 +33,29 @@ def _completion_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], k
     return logits[:, -keep:]
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block, then back in the mode it had, also when the block raises (an
+    evaluation that ran out of memory left a training model in eval mode: dropout off for the rest of the run)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def heldout_losses(
     model: torch.nn.Module, rows: list[dict], batch_size: int = 16, pad_id: int = 0
 ) -> list[tuple[float, int]]:
     """Per row of ``rows`` (encoded examples): ``(summed cross-entropy over its completion tokens, number
     of those tokens)``, in the rows' order."""
-    was_training = model.training
-    model.eval()
+    with evaluating(model):
+        return _heldout_losses(model, rows, batch_size, pad_id)
+
+
+def _heldout_losses(model: torch.nn.Module, rows: list[dict], batch_size: int, pad_id: int) -> list[tuple[float, int]]:
     device = _device(model)
     out: list[tuple[float, int]] = []
     for i in range(0, len(rows), batch_size):
@@ -58,7 +74,6 @@ def heldout_losses(
         )
         counts = (scored != -100).sum(1)
         out += [(float(x), int(n)) for x, n in zip(losses.sum(1).tolist(), counts.tolist())]
-    model.train(was_training)
     return out
 
 
@@ -78,8 +93,17 @@ def generate_answers(
     batch_size: int = 16,
 ) -> list[str]:
     """Greedy completions (left-padded batches, stopping at end of turn)."""
-    was_training = model.training
-    model.eval()
+    with evaluating(model):
+        return _generate_answers(model, tokenizer, examples, max_new_tokens, batch_size)
+
+
+def _generate_answers(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outputs = []
     for i in range(0, len(examples), batch_size):
@@ -99,7 +123,6 @@ def generate_answers(
             eos_token_id=sorted(end_of_sequence_ids(model, tokenizer)) or None,  # as lordba serve stops
         )
         outputs += tokenizer.batch_decode(gen[:, n:].cpu(), skip_special_tokens=True)
-    model.train(was_training)
     return outputs
 
 
