@@ -223,6 +223,37 @@ def test_generate_with_mixed_adapters_and_beams_on_an_encoder_decoder_model():
     assert sampled.shape[0] == 4
 
 
+def test_generate_with_mixed_adapters_repeats_the_names_for_an_encoder_decoders_decoder_only(input_ids):
+    """An encoder-decoder model's encoder runs on the rows before ``generate`` repeats them for beams or returned
+    sequences: with the names repeated for every layer it raised ShapeMismatchError ("adapter_names has 4 entries
+    for a batch of 2 rows"). Its layers (and modules trained in full) take the names as given (PEFT's routing)."""
+    from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=101, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=2, decoder_start_token_id=0)
+    lm = get_lordba_model(T5ForConditionalGeneration(config).eval(), LoRDBAConfig(r=2, target_modules=["q", "v"]), "a")
+    lm.add_adapter("b", LoRDBAConfig(r=2, target_modules=["q", "v"], modules_to_save=["encoder.final_layer_norm"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name in ("a", "b"):
+            for ad in lm.adapter_modules(name).values():
+                ad.scale_out.normal_(0.0, 0.5)
+        lm.base_model.encoder.final_layer_norm.lordba_saved["b"].weight.normal_()
+    lm.eval()
+    ids = input_ids[:2, :6].clamp(min=2)
+    names = ["a", "b"]
+    for gen in (
+        GenerationConfig(max_new_tokens=4, num_beams=2, do_sample=False, decoder_start_token_id=0),
+        GenerationConfig(max_new_tokens=4, num_return_sequences=2, do_sample=True, top_k=1, decoder_start_token_id=0),
+    ):
+        mixed = lm.generate(input_ids=ids, generation_config=gen, adapter_names=names)
+        for i, name in enumerate(names):
+            lm.set_adapter(name)
+            alone = lm.generate(input_ids=ids[i : i + 1], generation_config=gen)
+            rows = mixed.shape[0] // len(names)
+            assert torch.equal(mixed[i * rows : (i + 1) * rows, : alone.shape[1]], alone), (gen, name)
+
+
 def test_disable_adapter_context(input_ids):
     lm = randomized()
     base = logits(tiny_llama(0), input_ids)
