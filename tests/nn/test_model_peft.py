@@ -3,6 +3,7 @@ adapter (format version 2), dropout, layers_to_transform, the base-quantization 
 enable/disable_adapter_layers, status reports, state-dict functions, add_weighted_adapter."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -386,6 +387,25 @@ def test_cat_of_adapters_with_proportional_scales_is_exact():
         )
         assert c.r == 5
         torch.testing.assert_close(c.delta_weight(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cat_with_an_adapter_that_adds_nothing_is_exact():
+    """An adapter weighted 0 (or one whose scales are all zero, as a cold one's output scale) adds nothing to a
+    ``cat``, but its outer scales, not proportional to the others', sent every module to the solver: ``weights=[1, 0]``
+    gave back "a" re-factorised (a warning and a real error) where "a" itself was exact. It is concatenated with
+    ``m = 0``."""
+    lm = _two_adapters(shared_scales=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lm.add_weighted_adapter(["a", "b"], [1.0, 0.0], "c", combination_type="cat")
+        with torch.no_grad():
+            for adapter in lm.adapter_modules("b").values():
+                adapter.scale_out.zero_()
+        lm.add_weighted_adapter(["a", "b"], [0.5, 2.0], "d", combination_type="cat")
+    for path, c in lm.adapter_modules("c").items():
+        want = lm.adapter_modules("a")[path].delta_weight()
+        torch.testing.assert_close(c.delta_weight(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lm.adapter_modules("d")[path].delta_weight(), 0.5 * want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["cat", "svd"])

@@ -160,13 +160,17 @@ def cat_records(
     records = {}
     for path, r in ranks.items():
         held = [(part[path], float(w)) for part, w in zip(parts, weights) if path in part]
-        ref = max(held, key=lambda aw: _outer_norm(aw[0]))[0]
+        ref = max(held, key=lambda aw: _outer_norm(aw[0]) if aw[1] != 0.0 else -1.0)[0]  # one that adds something
         b_ref, _, a_ref = (v.detach().float() for v in ref.scales())
         s = alpha / r
         mids, signs_A, signs_B = [], [], []
         for adapter, w in held:
             b, m, a = (v.detach().float() for v in adapter.scales())
-            alpha_i, beta_i = _ratio(a, a_ref), _ratio(b, b_ref)
+            if w == 0.0 or not (a.any() and m.any() and b.any()):  # adds nothing: its rank stays, with m = 0
+                m = torch.zeros_like(m)
+                alpha_i = beta_i = 0.0
+            else:
+                alpha_i, beta_i = _ratio(a, a_ref), _ratio(b, b_ref)
             if alpha_i is None or beta_i is None:
                 break
             mids.append(w * adapter.scaling * alpha_i * beta_i * m / s)
