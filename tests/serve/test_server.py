@@ -236,6 +236,22 @@ def test_models_health_and_metrics(server):
         assert name in text, name
 
 
+def test_models_retrieve_gives_the_base_and_each_adapter_and_a_404_naming_an_unknown_one(server):
+    """``client.models.retrieve`` (``GET /v1/models/{model}``) answered a bare "Not Found" for every name, the
+    base's and the listed adapters' included: the route did not exist."""
+    c = client(server)
+    base = c.models.retrieve("tiny-llama")
+    assert (base.id, base.object, base.model_extra["parent"]) == ("tiny-llama", "model", None)
+    adapter = c.models.retrieve("b")
+    assert (adapter.id, adapter.model_extra["parent"]) == ("b", "tiny-llama")
+    assert {m.id for m in c.models.list().data} >= {"tiny-llama", "b"}
+    with pytest.raises(openai.NotFoundError, match="'nope' does not exist") as err:
+        c.models.retrieve("nope")
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+    status, body = raw(server, "GET", "/v1/models/")  # the list still
+    assert status == 200 and body["object"] == "list" and body["data"][0]["id"] == "tiny-llama"
+
+
 # ---------------------------------------------------------------------------- errors
 def test_error_cases_answer_in_openai_shape(server):
     c = client(server)

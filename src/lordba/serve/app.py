@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lordba.errors import LoRDBAError
 from lordba.serve import protocol as p
 from lordba.serve.engine import Event
-from lordba.serve.errors import ServeError
+from lordba.serve.errors import ServeError, UnknownAdapterError
 from lordba.serve.state import Generation, Job, ServerState
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -63,6 +63,17 @@ def build_app(state: ServerState) -> FastAPI:
         names = await run_in_threadpool(state.registry.names)
         cards = [p.model_card(state.base_name, None)] + [p.model_card(n, state.base_name) for n in names]
         return {"object": "list", "data": cards}
+
+    @app.get("/v1/models/{model:path}")  # (path: a served name may hold a '/', as "org/model")
+    async def model(model: str) -> dict:
+        state = served()
+        if not model:  # /v1/models/ is the list, as it was (a redirect) before this route took the path
+            return await models()
+        if model == state.base_name:
+            return p.model_card(model, None)
+        if model in await run_in_threadpool(state.registry.names):
+            return p.model_card(model, state.base_name)
+        raise UnknownAdapterError(f"The model '{model}' does not exist")
 
     @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest, request: Request) -> Response:
