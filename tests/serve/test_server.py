@@ -4,6 +4,7 @@ client would not send such a request). Every request has a timeout; the servers 
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import shutil
 import socket
@@ -158,6 +159,22 @@ def test_completion_stream_matches_the_whole_response(server):
     chunks = list(c.completions.create(model="a", prompt="Streams", max_tokens=16, temperature=0, stream=True))
     assert "".join(ch.choices[0].text for ch in chunks) == whole
     assert len(chunks) > 2 and chunks[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_every_chunk_of_a_stream_has_the_same_created_timestamp(server, monkeypatch, chat):
+    """OpenAI's (and vLLM's) chunks of one stream share ``created``; each chunk took the clock of its own
+    writing, so a stream running across a second boundary changed it (here a clock a second on at every read)."""
+    ticks = itertools.count(int(time.time()))
+    monkeypatch.setattr(time, "time", lambda: float(next(ticks)))
+    c = client(server)
+    kw = {"model": "a", "max_tokens": 6, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    if chat:
+        chunks = list(c.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **kw))
+    else:
+        chunks = list(c.completions.create(prompt="Clock", **kw))
+    assert len(chunks) > 3 and len({ch.id for ch in chunks}) == 1
+    assert len({ch.created for ch in chunks}) == 1 and isinstance(chunks[0].created, int)
 
 
 def test_sampling_seed_top_p_and_stop(server):

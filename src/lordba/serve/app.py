@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import weakref
 from collections.abc import AsyncIterator
 
@@ -121,13 +122,13 @@ async def _prepare(state: ServerState, body: p._Sampling, prompt, max_tokens: in
 
 async def _respond(state: ServerState, job: Job, body: p._Sampling, request: Request, chat: bool) -> Response:
     """The whole response, or a server-sent event stream when ``body.stream``."""
-    rid = p.new_id("chatcmpl" if chat else "cmpl")
+    rid, created = p.new_id("chatcmpl" if chat else "cmpl"), int(time.time())
     events = state.generate(job)  # submitted before any response begins: a refusal is still this request's 503
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         # the background task runs once the response ends, even one Starlette never started or cut at a chunk
         # because its client left (a body never started runs no ``finally``): the job is aborted, not run to its end
-        stream = _stream(events, job, rid, chat, include_usage)
+        stream = _stream(events, job, rid, created, chat, include_usage)
         return StreamingResponse(stream, media_type="text/event-stream", background=BackgroundTask(events.aclose))
     try:
         while (event := await _next_event(events, request)) is not None:  # None: the client left
@@ -136,7 +137,7 @@ async def _respond(state: ServerState, job: Job, body: p._Sampling, request: Req
                     return _error(500, "generation failed: " + (event.error or "unknown error"), "server_error")
                 if event.finish_reason == "abort":
                     return _error(503, "the request was aborted: the server is shutting down", "server_error")
-                return JSONResponse(p.completion(rid, job.model, event, chat))
+                return JSONResponse(p.completion(rid, job.model, event, chat, created))
     finally:
         await events.aclose()
     return Response(status_code=499)
@@ -165,22 +166,24 @@ async def _next_event(events: AsyncIterator[Event], request: Request, every: flo
                 await step
 
 
-async def _stream(events: Generation, job: Job, rid: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(
+    events: Generation, job: Job, rid: str, created: int, chat: bool, include_usage: bool
+) -> AsyncIterator[str]:
     """Server-sent events of the submitted ``events``: text deltas, the finish reason, optionally the usage,
-    then ``[DONE]``."""
+    then ``[DONE]``; every chunk carries the request's ``id`` and ``created``."""
     try:
         if chat:
-            yield _sse(p.chunk(rid, job.model, "", None, chat, first=True))
+            yield _sse(p.chunk(rid, job.model, "", None, chat, created, first=True))
         async for event in events:
             if event.finish_reason == "error":
                 yield _sse(p.error_body("generation failed: " + (event.error or "unknown error"), "server_error"))
                 break
             if event.delta:
-                yield _sse(p.chunk(rid, job.model, event.delta, None, chat))
+                yield _sse(p.chunk(rid, job.model, event.delta, None, chat, created))
             if event.finish_reason is not None:
-                yield _sse(p.chunk(rid, job.model, None, event.finish_reason, chat))
+                yield _sse(p.chunk(rid, job.model, None, event.finish_reason, chat, created))
                 if include_usage:
-                    yield _sse(p.usage_chunk(rid, job.model, event, chat))
+                    yield _sse(p.usage_chunk(rid, job.model, event, chat, created))
         yield "data: [DONE]\n\n"
     finally:
         await events.aclose()  # a client that disconnected lands here: the job is aborted

@@ -8,7 +8,6 @@ field sent as ``null`` takes its default.
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any, Literal
 
@@ -246,8 +245,8 @@ def usage(event: Event) -> dict:
     }
 
 
-def completion(rid: str, model: str, event: Event, chat: bool) -> dict:
-    """The whole (non-streamed) response, from the generation's last event."""
+def completion(rid: str, model: str, event: Event, chat: bool, created: int) -> dict:
+    """The whole (non-streamed) response, from the generation's last event; ``created``: when the request came."""
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": event.text}, "logprobs": None}
     else:
@@ -257,15 +256,18 @@ def completion(rid: str, model: str, event: Event, chat: bool) -> dict:
     return {
         "id": rid,
         "object": kind,
-        "created": int(time.time()),
+        "created": created,
         "model": model,
         "choices": [choice],
         "usage": usage(event),
     }
 
 
-def chunk(rid: str, model: str, delta: str | None, finish: str | None, chat: bool, first: bool = False) -> dict:
-    """One streamed chunk: a text delta and/or the finish reason."""
+def chunk(
+    rid: str, model: str, delta: str | None, finish: str | None, chat: bool, created: int, first: bool = False
+) -> dict:
+    """One streamed chunk: a text delta and/or the finish reason; ``created`` is the stream's (every chunk of a
+    stream has the same timestamp, as OpenAI's and vLLM's)."""
     if chat:
         d: dict[str, Any] = {}
         if first:
@@ -277,16 +279,16 @@ def chunk(rid: str, model: str, delta: str | None, finish: str | None, chat: boo
         choice = {"index": 0, "text": delta or "", "logprobs": None}
     choice["finish_reason"] = finish
     kind = "chat.completion.chunk" if chat else "text_completion"
-    return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
+    return {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
 
 
-def usage_chunk(rid: str, model: str, event: Event, chat: bool) -> dict:
+def usage_chunk(rid: str, model: str, event: Event, chat: bool, created: int) -> dict:
     """The last chunk with ``stream_options.include_usage``: no choices, the token counts."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     return {
         "id": rid,
         "object": kind,
-        "created": int(time.time()),
+        "created": created,
         "model": model,
         "choices": [],
         "usage": usage(event),
