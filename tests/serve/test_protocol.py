@@ -84,6 +84,45 @@ def test_sampling_fields_at_their_neutral_values_are_served(request_type, fields
     request_type(**body, **fields).check_supported()
 
 
+@pytest.mark.parametrize("request_type", [CompletionRequest, ChatRequest])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"modalities": ["text", "audio"]},
+        {"audio": {"voice": "alloy", "format": "wav"}},
+        {"stop_token_ids": [2]},
+        {"include_stop_str_in_output": True},
+        {"use_beam_search": True},
+        {"guided_json": {"type": "object"}},
+        {"guided_choice": ["yes", "no"]},
+        {"structured_outputs": {"regex": "a+"}},
+    ],
+)
+def test_other_apis_fields_that_ask_for_something_are_refused_not_ignored(request_type, fields):
+    """OpenAI's audio output and vLLM's extensions (``stop_token_ids``, guided decoding, beam search) were unknown
+    fields, dropped: a client asking for a stop at a token id or for JSON-constrained output got neither, no error."""
+    body = {"model": "a", "prompt": "x"} if request_type is CompletionRequest else CHAT
+    with pytest.raises(BadRequestError) as err:
+        request_type(**body, **fields).check_supported()
+    assert err.value.param == next(iter(fields))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"modalities": ["text"]},
+        {"stop_token_ids": []},
+        {"include_stop_str_in_output": False},
+        {"use_beam_search": False},
+        {"guided_json": None, "audio": None},
+        {"extensions": {"use_beam_search": True}},  # (no such request field: the sent fields are what is checked)
+    ],
+)
+def test_other_apis_fields_that_ask_for_nothing_are_served(fields):
+    ChatRequest(**CHAT, **fields).check_supported()
+    assert "extensions" not in ChatRequest(**CHAT, **fields).model_dump()
+
+
 def test_a_completion_suffix_is_refused_not_ignored():
     with pytest.raises(BadRequestError) as err:
         CompletionRequest(model="a", prompt="x", suffix="END").check_supported()

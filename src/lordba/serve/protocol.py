@@ -41,6 +41,21 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 
 
+# other APIs' request fields the server does not implement (OpenAI's audio output, vLLM's extensions), each with the
+# values that ask for nothing: unknown fields are ignored, and these would have been ignored while asking for something
+_EXTENSIONS: dict[str, tuple[Any, ...]] = {
+    "modalities": (["text"], []),
+    "audio": (),
+    "stop_token_ids": ([],),
+    "include_stop_str_in_output": (False,),
+    "use_beam_search": (False,),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "structured_outputs": (),
+}
+
 # number fields, where a JSON boolean is refused rather than read as 1 / 0
 _NUMBERS = ("max_tokens", "temperature", "top_p", "seed", "n", *(k for k in _NEUTRAL if k != "logit_bias"))
 
@@ -71,6 +86,14 @@ class _Sampling(_Body):
     min_p: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int | None = None
+    extensions: dict[str, Any] = Field(default_factory=dict, exclude=True)  # the :data:`_EXTENSIONS` sent
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_extensions(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = {**data, "extensions": {k: data[k] for k in _EXTENSIONS if data.get(k) is not None}}
+        return data
 
     @field_validator(*_NUMBERS, mode="before")
     @classmethod
@@ -101,6 +124,9 @@ class _Sampling(_Body):
             value = getattr(self, name)
             if value is not None and value not in neutral:
                 raise BadRequestError(f"{name} is not supported (only {neutral[0]!r})", param=name)
+        for name, value in self.extensions.items():
+            if value not in _EXTENSIONS[name]:
+                raise BadRequestError(f"{name} is not supported", param=name)
 
     @staticmethod
     def _logprobs_off(value: Any) -> bool:
