@@ -153,6 +153,18 @@ def test_chat_uses_the_chat_template_and_streams_the_same_text(server, served):
     assert chunks[-1].usage.completion_tokens == 10
 
 
+def test_a_developer_message_is_the_templates_system_message(server):
+    """OpenAI's ``developer`` role is its newer name for the system message: passed to the template as such, it
+    rendered a turn of a role the model was never trained on (SmolLM2's template: after its default system prompt)."""
+    c = client(server)
+    usage = {}
+    for role in ("system", "developer"):
+        messages = [{"role": role, "content": "be brief"}, {"role": "user", "content": "hi"}]
+        r = c.chat.completions.create(model="b", messages=messages, max_tokens=3, temperature=0)
+        usage[role] = (r.usage.prompt_tokens, r.choices[0].message.content)
+    assert usage["developer"] == usage["system"]
+
+
 def test_completion_stream_matches_the_whole_response(server):
     c = client(server)
     whole = c.completions.create(model="a", prompt="Streams", max_tokens=16, temperature=0).choices[0].text

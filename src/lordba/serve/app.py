@@ -88,7 +88,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat(body: p.ChatRequest, request: Request) -> Response:
         state = served()
         body.check_supported()
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [m.for_template() for m in body.messages]
         job = await _prepare(state, body, lambda: state.chat_prompt(messages), body.limit(), "messages")
         return await _respond(state, job, body, request, chat=True)
 

@@ -190,6 +190,12 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 
+    def for_template(self) -> dict[str, str]:
+        """The message as the chat template takes it: OpenAI's ``developer`` role (its newer name for the system
+        message) as ``system``, the role templates know (SmolLM2's rendered a ``developer`` turn it was never
+        trained on, after its default system prompt; others refuse the role)."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
     def text(self) -> str:
         """The content as one string."""
         if self.content is None:
