@@ -382,3 +382,40 @@ def test_a_call_in_a_disable_adapter_blocks_context_joins_it_while_another_routi
             inside = pool.submit(contextvars.copy_context().run, logits, lm, input_ids).result(timeout=20)
         assert torch.equal(inside, want_base)
         assert torch.equal(other.result(timeout=60), want_adapter)
+
+
+def test_a_forward_during_load_state_dict_sees_the_adapters_before_or_after_never_a_mix(input_ids):
+    """``load_state_dict`` (a Trainer resuming, a user restoring adapters) holds the write lock like every other
+    change of adapters: a forward of another thread run while it loads sees the old adapters or the new, whole (was:
+    it held no lock, so a forward in between ran the new tensors in the layers already loaded and the old in the
+    rest: logits of neither)."""
+
+    def packed(seed):
+        base = tiny_llama(0)  # (seeds torch itself)
+        torch.manual_seed(seed)
+        lm = get_lordba_model(base, LoRDBAConfig(r=4, init="random"), "a")
+        lm.pack()
+        return lm
+
+    lm, other = packed(1), packed(5)
+    old, new = logits(lm, input_ids), logits(other, input_ids)
+    assert not torch.equal(old, new)
+    seen, threads = [], []
+
+    def forward():
+        seen.append(logits(lm, input_ids))
+
+    def midway(module, *args):  # the last adapter is about to load: the others hold the new tensors already
+        thread = threading.Thread(target=forward)
+        thread.start()
+        threads.append(thread)
+        thread.join(1.0)  # runs now unless the load holds the model's lock
+
+    handle = lm._lordba_layers()[-1][1].lordba_adapters["a"]._register_load_state_dict_pre_hook(midway)
+    try:
+        lm.load_state_dict(other.state_dict())
+    finally:
+        handle.remove()
+    threads[0].join(60)
+    assert torch.equal(logits(lm, input_ids), new)
+    assert len(seen) == 1 and (torch.equal(seen[0], old) or torch.equal(seen[0], new)), "a forward saw a mix"

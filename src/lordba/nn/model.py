@@ -9,7 +9,7 @@ dataset columns.
 Thread safety (tested in tests/nn/test_concurrency.py; the contract is in docs/security.md):
 forward and generate calls hold the model's lock shared; every method that changes adapters
 (add, load, load_adapter_state, hot-swap, set, delete, merge, unmerge, merge_and_unload, unload,
-pack, set_trainable, freeze_signs, unpack_to_latent) holds it exclusively and checks its arguments
+pack, set_trainable, freeze_signs, unpack_to_latent, load_state_dict) holds it exclusively and checks its arguments
 under it, so it is atomic with respect to forwards and to each other. Saving and ``adapter_state``
 hold it shared. Routing (``adapter_names``) and ``disable_adapter`` are per thread (per asyncio task;
 other threads' calls wait for a ``disable_adapter`` block to end: see its docstring). Not
@@ -366,6 +366,10 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
                 the base (unmerging would then subtract the new update, not the merged one), or an adapter's tensor
                 of another shape or scale form than held; nothing is loaded.
         """
+        with self._lock.write():  # checked and loaded at once; a forward of another thread sees all of it or none
+            return self._load_state_dict(state_dict, strict, assign)
+
+    def _load_state_dict(self, state_dict: dict[str, Any], strict: bool, assign: bool) -> Any:
         merged = [
             f"base_model.{p}.lordba_adapters.{n}." for p, layer in self._lordba_layers() for n in layer.merged_adapters
         ]
