@@ -419,3 +419,31 @@ def test_a_forward_during_load_state_dict_sees_the_adapters_before_or_after_neve
     threads[0].join(60)
     assert torch.equal(logits(lm, input_ids), new)
     assert len(seen) == 1 and (torch.equal(seen[0], old) or torch.equal(seen[0], new)), "a forward saw a mix"
+
+
+def test_saving_every_adapter_while_another_thread_deletes_one_saves_those_held_under_the_lock(tmp_path):
+    """``save_pretrained()`` with no selection saves the adapters the model holds when it takes the lock (was: it
+    listed them before, so an adapter deleted by another thread just before the save took the lock failed the save
+    with AdapterStateError: unknown adapter, a name the caller never gave)."""
+    from lordba.nn.lock import RWLock
+
+    lm = model_with_adapters(tmp_path)
+    lm.load_adapter(tmp_path / "extra0", "c")
+
+    class Watched(RWLock):
+        """Lets another thread delete adapter "c" just before the first read of the lock is taken."""
+
+        first = True
+
+        @contextlib.contextmanager
+        def read(self):
+            if Watched.first:
+                Watched.first = False
+                run_threads(lambda: lm.delete_adapter("c"))
+            with super().read():
+                yield
+
+    lm._lock = Watched()
+    lm.save_pretrained(tmp_path / "all")
+    assert not Watched.first and "c" not in lm.peft_config
+    assert (tmp_path / "all" / "b").is_dir() and not (tmp_path / "all" / "c").exists()

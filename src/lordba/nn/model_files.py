@@ -91,21 +91,24 @@ class AdapterFilesMixin:
         check_path(save_directory, "save_pretrained: save_directory")
         if not is_main_process:
             return
-        self._save(save_directory, _selected(selected_adapters, self.peft_config), model_card, format_version)
+        self._save(save_directory, selected_adapters, model_card, format_version)
 
     def _save(
         self,
         save_directory: str | Path,
-        names: list[str],
+        selected_adapters: str | Sequence[str] | None,
         card: bool,
         format_version: int | None,
         repo_id: str | None = None,
         revision: str | None = None,
     ) -> None:
         """:meth:`save_pretrained`'s work: the adapters and their cards (``repo_id`` and ``revision``: the Hub
-        repo and branch the cards name) written under the read lock, each card from the config saved beside it."""
-        self._check_known(*names)
+        repo and branch the cards name) written under the read lock, each card from the config saved beside it; the
+        adapters ``selected_adapters`` names (``None``: all) are those held under the lock (another thread may delete
+        one meanwhile)."""
         with self._lock.read():
+            names = _selected(selected_adapters, self.peft_config)
+            self._check_known(*names)
             saves = []  # every adapter's files first: one that cannot be saved leaves all folders as they were
             for name in names:
                 state = self.adapter_state(name)
@@ -144,7 +147,7 @@ class AdapterFilesMixin:
         names = _selected(selected_adapters, self.peft_config)
         self._check_known(*names)
         with tempfile.TemporaryDirectory(prefix="lordba-push-") as tmp:
-            self._save(tmp, names, True, None, repo_id, revision)  # each card from its uploaded config, under the lock
+            self._save(tmp, selected_adapters, True, None, repo_id, revision)  # the cards from the uploaded configs
             return upload_adapter_folder(
                 tmp,
                 repo_id,
