@@ -447,3 +447,44 @@ def test_saving_every_adapter_while_another_thread_deletes_one_saves_those_held_
     lm.save_pretrained(tmp_path / "all")
     assert not Watched.first and "c" not in lm.peft_config
     assert (tmp_path / "all" / "b").is_dir() and not (tmp_path / "all" / "c").exists()
+
+
+def test_set_lordba_model_state_dict_checks_and_loads_against_the_adapter_another_thread_hot_swapped(tmp_path):
+    """set_lordba_model_state_dict snapshots, checks and loads under one hold of the write lock: a hot-swap of another
+    thread to another scale format just before it is seen by the checks (an int8 state dict is refused for a float16
+    adapter). Was: it checked against a snapshot taken before the lock, then loaded the int8 codes into the float16
+    adapter, whose config and tensors then disagreed (its save failed: scale_in int8, expected float16)."""
+    from lordba.errors import AdapterFormatError
+    from lordba.nn.lock import RWLock
+    from lordba.nn.model_status import get_lordba_model_state_dict, set_lordba_model_state_dict
+
+    for name, scale_dtype in (("i8", "int8"), ("f16", "float16")):
+        base = tiny_llama(0)
+        torch.manual_seed(3)
+        get_lordba_model(base, LoRDBAConfig(r=2, init="random", scale_dtype=scale_dtype)).save_pretrained(
+            tmp_path / name
+        )
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random"), "a")
+    lm.load_adapter(tmp_path / "i8", "c")
+    state = get_lordba_model_state_dict(lm, "c")
+
+    class Watched(RWLock):
+        """Lets another thread hot-swap "c" to float16 scales just before the first write of the lock is taken."""
+
+        first = True
+
+        @contextlib.contextmanager
+        def write(self):
+            if Watched.first:
+                Watched.first = False
+                run_threads(lambda: lm.hotswap_adapter(tmp_path / "f16", "c"))
+            with super().write():
+                yield
+
+    lm._lock = Watched()
+    with pytest.raises(AdapterFormatError, match=r"expected torch\.float16"):
+        set_lordba_model_state_dict(lm, state, "c")
+    assert not Watched.first
+    held = {a.scale_in.dtype for a in lm.adapter_modules("c").values()}
+    assert lm.peft_config["c"].scale_dtype == "float16" and held == {torch.float16}
+    lm.save_pretrained(tmp_path / "out", selected_adapters=["c"])

@@ -175,6 +175,12 @@ def set_lordba_model_state_dict(model: Any, state_dict: dict[str, torch.Tensor],
     a file is (names, dtypes, shapes, padding bits, finite scales; extras against the model), so a
     refused state dict leaves the model as it was. Raises :class:`AdapterFormatError`, or :class:`AdapterStateError`
     for an adapter merged into the base (unmerging it would then subtract the new update)."""
+    with model._lock.write():  # snapshot, checks and load at once: another thread may hot-swap or replace it
+        _set_state_dict(model, state_dict, adapter_name)
+
+
+def _set_state_dict(model: Any, state_dict: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """:func:`set_lordba_model_state_dict`'s work (the caller holds the write lock)."""
     current = model.adapter_state(adapter_name)
     config = current.config
     records = {p: ModuleRecord(p, r.in_features, r.out_features, r.r) for p, r in current.modules.items()}
@@ -198,21 +204,20 @@ def set_lordba_model_state_dict(model: Any, state_dict: dict[str, torch.Tensor],
             f"state dict: extra tensors {sorted(extras)[:5]} differ from the adapter's {sorted(current.extras)[:5]}"
         )
     plan = model._plan_extras(type(current)(config, records, extras=extras))
-    with model._lock.write():
-        if any(adapter_name in layer.merged_adapters for _, layer in model._lordba_layers()):
-            raise AdapterStateError(  # unmerging would then take the new update out of the base, not the merged one
-                f"set_lordba_model_state_dict: adapter {adapter_name!r} is merged into the base weights: "
-                "unmerge_adapter() before loading into it"
-            )
-        for path, adapter in model.adapter_modules(adapter_name).items():
-            if path not in records:  # silenced by a hot-swap, not part of the adapter (adapter_state leaves it out)
-                continue
-            if isinstance(adapter, TrainableAdapter) and adapter.has_latent_signs:
-                adapter = model._swap(adapter_name, path, adapter.freeze_signs())
-            adapter.load_stored(records[path].tensors)
-            value = plan["bias"].get(path)
-            if value is not None:
-                with torch.no_grad():
-                    adapter.bias_delta.copy_(value.float() - model._layer_bias(path).detach().float().cpu())
-        for path, tensors in plan["saved"].items():
-            model.base_model.get_submodule(path).load_saved(adapter_name, tensors)
+    if any(adapter_name in layer.merged_adapters for _, layer in model._lordba_layers()):
+        raise AdapterStateError(  # unmerging would then take the new update out of the base, not the merged one
+            f"set_lordba_model_state_dict: adapter {adapter_name!r} is merged into the base weights: "
+            "unmerge_adapter() before loading into it"
+        )
+    for path, adapter in model.adapter_modules(adapter_name).items():
+        if path not in records:  # silenced by a hot-swap, not part of the adapter (adapter_state leaves it out)
+            continue
+        if isinstance(adapter, TrainableAdapter) and adapter.has_latent_signs:
+            adapter = model._swap(adapter_name, path, adapter.freeze_signs())
+        adapter.load_stored(records[path].tensors)
+        value = plan["bias"].get(path)
+        if value is not None:
+            with torch.no_grad():
+                adapter.bias_delta.copy_(value.float() - model._layer_bias(path).detach().float().cpu())
+    for path, tensors in plan["saved"].items():
+        model.base_model.get_submodule(path).load_saved(adapter_name, tensors)
