@@ -488,3 +488,27 @@ def test_set_lordba_model_state_dict_checks_and_loads_against_the_adapter_anothe
     held = {a.scale_in.dtype for a in lm.adapter_modules("c").values()}
     assert lm.peft_config["c"].scale_dtype == "float16" and held == {torch.float16}
     lm.save_pretrained(tmp_path / "out", selected_adapters=["c"])
+
+
+def test_state_dict_while_another_thread_loads_an_adapter_is_taken_under_the_read_lock(tmp_path):
+    """``state_dict()`` (what a Trainer checkpoint saves) holds the read lock like a save: an adapter loaded by
+    another thread meanwhile waits for it (was: the load added modules to the dicts state_dict was walking:
+    RuntimeError: dictionary changed size during iteration)."""
+    lm = model_with_adapters(tmp_path)
+    threads = []
+
+    def midway(module, *args):  # the walk is inside layer 0's q_proj adapters
+        thread = threading.Thread(target=lambda: lm.load_adapter(tmp_path / "extra0", "c"))
+        thread.start()
+        threads.append(thread)
+        thread.join(1.0)  # runs now unless state_dict holds the model's lock
+
+    adapter = lm.base_model.model.layers[0].self_attn.q_proj.lordba_adapters["a"]
+    handle = adapter._register_state_dict_hook(midway)
+    try:
+        state = lm.state_dict()
+    finally:
+        handle.remove()
+    threads[0].join(60)
+    assert "c" in lm.peft_config and not any(".lordba_adapters.c." in k for k in state)
+    assert any(".lordba_adapters.b." in k for k in state)

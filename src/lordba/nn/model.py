@@ -351,7 +351,8 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
         The frozen base is not part of the wrapper's state: it comes from the base model's own files.
         This keeps ``transformers.Trainer`` checkpoints of a LoRDBA model small and resumable (the
         Trainer saves ``model.state_dict()`` for models that are not ``PreTrainedModel``s)."""
-        full = super().state_dict(*args, **kwargs)
+        with self._lock.read():  # (another thread adding or deleting adapters changes the module dicts it walks)
+            full = super().state_dict(*args, **kwargs)
         own = (".lordba_adapters.", ".lordba_saved.")
         kept = ((k, v) for k, v in full.items() if any(part in k for part in own))
         # an inference-form adapter's tensors are views of one buffer (uint8 signs beside float16 scales), which
