@@ -253,7 +253,8 @@ def routed_branches(
     if call is None:
         call = _prepare(adapters, names, present, grad, (mode, x.dtype), x.device)
         if prepared is not None and call[1]:
-            if len(prepared) >= 32 or (prepared and next(iter(prepared))[5:] != key[5:]):
+            first = next(iter(list(prepared)), None)  # (a copy: another thread's forward may clear or add to it)
+            if len(prepared) >= 32 or (first is not None and first[5:] != key[5:]):
                 prepared.clear()  # bounded, and nothing kept from before a change
             prepared[key] = call
     args = call[0]

@@ -279,7 +279,9 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
         block (a thread pool's, ``generate`` with a streamer on a ``threading.Thread``) does not inherit it: its calls
         want the adapters and wait, so waiting for them inside the block never ends; run them in the block's context
         (``contextvars.copy_context().run``, ``asyncio.to_thread``) to have them run the base."""
-        if any(layer.merged for _, layer in self._lordba_layers()):
+        with self._lock.read():  # (another thread loading adapters changes the module dicts the walk reads)
+            merged = any(layer.merged for _, layer in self._lordba_layers())
+        if merged:
             raise AdapterStateError("adapters are merged into the base: unmerge_adapter() before disabling them")
         disabled = routing(None, True, None)
         token = DISABLED.set(DISABLED.get() | {self._gate})  # this model's calls only
