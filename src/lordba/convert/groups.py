@@ -16,7 +16,7 @@ float64 on what is stored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -76,7 +76,7 @@ class GroupResult:
     factors: Factors
     rel_error: torch.Tensor  # ‖ΔW − ΔW'‖/‖ΔW‖ on the stored values (unweighted)
     rel_error_float: torch.Tensor  # before the codec
-    rel_error_init: torch.Tensor  # of the starting point (before the codec)
+    rel_error_init: torch.Tensor  # of the starting point (before the codec; unweighted)
     rel_error_weighted: torch.Tensor | None
     target_norm: torch.Tensor  # ‖factor · B A‖_F (float64)
     rmr_A: torch.Tensor  # of the LoRA factors as given
@@ -87,9 +87,14 @@ class GroupResult:
     gauges: list[str] = field(default_factory=list)
 
 
-def _solve_from(t: Target, r: int, gauge: str, opts: SolverOptions) -> tuple[Factors, dict[str, torch.Tensor], str]:
+def _solve_from(
+    t: Target, r: int, gauge: str, opts: SolverOptions, plain: Target, w: torch.Tensor | None
+) -> tuple[Factors, dict[str, torch.Tensor], str]:
+    """Solve the (weighted) target ``t`` from gauge ``gauge``; the statistics' ``"init"`` is the start's
+    error on the unweighted target ``plain`` (ΔW, as every reported error), ``w`` the weights of ``t``."""
     f, rho_A, rho_B, used = initial_factors(t, r, gauge, opts.rotation_steps)
     init_err = relative_error(t, f)
+    init_plain = init_err if w is None else relative_error(plain, replace(f, b=f.b / w))
     iters = torch.zeros_like(init_err, dtype=torch.long)
     live = (t.norm2 > 0).nonzero()[:, 0]  # a zero target is fitted exactly by the start
     if opts.method in ("admm", "admm+bcd") and opts.admm_iters > 0 and live.numel():
@@ -101,7 +106,7 @@ def _solve_from(t: Target, r: int, gauge: str, opts: SolverOptions) -> tuple[Fac
         iters += opts.admm_iters
     if opts.method in ("bcd", "admm+bcd"):
         iters += solve(t, f, opts.iters, opts.tol, opts.max_sweeps).iterations
-    stats = {"init": init_err, "rho_A": rho_A, "rho_B": rho_B, "iters": iters}
+    stats = {"init": init_plain, "rho_A": rho_A, "rho_B": rho_B, "iters": iters}
     return f, stats, used
 
 
@@ -154,11 +159,12 @@ def solve_group(
         w = w.clamp(min=1e-6).to(dt)
         Q = Q * w[:, None, :]
     t = Target.of(P, Q)
+    plain = t if w is None else Target.of(P, A.to(dt))
     gauges = ["svd", "lora"] if opts.gauge == "best" else [opts.gauge]
-    best, stats, used = _solve_from(t, r, gauges[0], opts)
+    best, stats, used = _solve_from(t, r, gauges[0], opts, plain, w)
     used_per_layer = [used] * B.shape[0]
     for gauge in gauges[1:]:
-        f, st, g = _solve_from(t, r, gauge, opts)
+        f, st, g = _solve_from(t, r, gauge, opts, plain, w)
         win = relative_error(t, f) < relative_error(t, best)
         best.assign(win.nonzero()[:, 0], f.select(win.nonzero()[:, 0]))
         for key in stats:
