@@ -87,21 +87,29 @@ class GroupResult:
     gauges: list[str] = field(default_factory=list)
 
 
+def _error64(t64: Target, f: Factors) -> torch.Tensor:
+    """:func:`relative_error` in float64 (``t64``: the target in float64). In float32 the Gram identity's
+    cancellation (``‖T‖² − 2⟨T, D⟩ + ‖D‖²``) leaves errors below ~1e-3 as noise: comparisons of near-exact
+    fits (ADMM against its start, one gauge against another) picked the worse one."""
+    return relative_error(t64, Factors(*(x.double() for x in (f.sign_A, f.sign_B, f.b, f.m, f.a))))
+
+
 def _solve_from(
-    t: Target, r: int, gauge: str, opts: SolverOptions, plain: Target, w: torch.Tensor | None
+    t: Target, r: int, gauge: str, opts: SolverOptions, t64: Target, plain64: Target, w: torch.Tensor | None
 ) -> tuple[Factors, dict[str, torch.Tensor], str]:
     """Solve the (weighted) target ``t`` from gauge ``gauge``; the statistics' ``"init"`` is the start's
-    error on the unweighted target ``plain`` (ΔW, as every reported error), ``w`` the weights of ``t``."""
+    error on the unweighted target ``plain64`` (ΔW, as every reported error), ``w`` the weights of ``t``;
+    ``t64``, ``plain64``: the targets in float64, in which the errors are compared."""
     f, rho_A, rho_B, used = initial_factors(t, r, gauge, opts.rotation_steps)
-    init_err = relative_error(t, f)
-    init_plain = init_err if w is None else relative_error(plain, replace(f, b=f.b / w))
+    init_err = _error64(t64, f)
+    init_plain = init_err if w is None else _error64(plain64, replace(f, b=f.b / w))
     iters = torch.zeros_like(init_err, dtype=torch.long)
     live = (t.norm2 > 0).nonzero()[:, 0]  # a zero target is fitted exactly by the start
     if opts.method in ("admm", "admm+bcd") and opts.admm_iters > 0 and live.numel():
         sub = t.select(live)
         g = admm(sub, f.select(live), iters=opts.admm_iters, inner=opts.admm_inner)
         # ADMM is not monotone: keep its result only where it beats the start (never worse than Eq. 7)
-        wins = (relative_error(sub, g) < init_err[live]).nonzero()[:, 0]
+        wins = (_error64(t64.select(live), g) < init_err[live]).nonzero()[:, 0]
         f.assign(live[wins], g.select(wins))
         iters += opts.admm_iters
     if opts.method in ("bcd", "admm+bcd"):
@@ -159,13 +167,14 @@ def solve_group(
         w = w.clamp(min=1e-6).to(dt)
         Q = Q * w[:, None, :]
     t = Target.of(P, Q)
-    plain = t if w is None else Target.of(P, A.to(dt))
+    t64 = Target.of(P.double(), Q.double())
+    plain64 = t64 if w is None else Target.of(P.double(), A.to(dt).double())
     gauges = ["svd", "lora"] if opts.gauge == "best" else [opts.gauge]
-    best, stats, used = _solve_from(t, r, gauges[0], opts, plain, w)
+    best, stats, used = _solve_from(t, r, gauges[0], opts, t64, plain64, w)
     used_per_layer = [used] * B.shape[0]
     for gauge in gauges[1:]:
-        f, st, g = _solve_from(t, r, gauge, opts, plain, w)
-        win = relative_error(t, f) < relative_error(t, best)
+        f, st, g = _solve_from(t, r, gauge, opts, t64, plain64, w)
+        win = _error64(t64, f) < _error64(t64, best)
         best.assign(win.nonzero()[:, 0], f.select(win.nonzero()[:, 0]))
         for key in stats:
             stats[key] = torch.where(win, st[key], stats[key])
