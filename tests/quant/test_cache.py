@@ -254,3 +254,27 @@ def test_a_cached_q4_base_whose_tied_head_stays_float_is_read_back(tmp_path, mon
         warnings.simplefilter("error")
         cached = quantize_model_cached(umt5(), folder, backend="q4", group_size=64)
     assert cached.lordba_quantization == fresh.lordba_quantization
+
+
+def test_a_model_whose_vocabulary_was_resized_gets_its_own_entry(tmp_path, monkeypatch, input_ids):
+    """The key named the quantizable layers' shapes, not the output head's, which the q4 entry holds: a model whose
+    vocabulary was resized after loading (``resize_token_embeddings`` for added special tokens) got the entry of the
+    folder's 101-token head, and gave 101 logits instead of 120, silently."""
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_llama(0).save_pretrained(folder)
+
+    def resized():
+        model = LlamaForCausalLM.from_pretrained(folder).eval()
+        torch.manual_seed(5)
+        model.resize_token_embeddings(120, mean_resizing=False)
+        return model
+
+    quantize_model_cached(LlamaForCausalLM.from_pretrained(folder).eval(), folder, "q4", 4, 32)
+    cached = quantize_model_cached(resized(), folder, "q4", 4, 32)
+    fresh = quantize_model(resized(), "q4", 4, 32)
+    with torch.no_grad():
+        assert torch.equal(cached(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)
+    assert len(list((tmp_path / "cache" / "quantized").glob("*.safetensors"))) == 2

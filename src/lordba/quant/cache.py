@@ -152,10 +152,17 @@ def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int
 
 
 def _signature(model: nn.Module) -> list:
-    """What of the model itself a cache entry depends on: its parameters' dtypes and its quantizable layers'
-    names and weight shapes."""
+    """What of the model itself a cache entry depends on: its parameters' dtypes, its quantizable layers' names and
+    weight shapes, and its output head's (which the ``q4`` entry holds: a vocabulary resized after loading makes
+    another head) and whether that is tied to the input embeddings."""
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
-    return [dtypes, [(name, list(m.weight.shape)) for name, m in quantizable(model)]]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(head, "weight", None)
+    head_key = None
+    if isinstance(weight, torch.Tensor):
+        head_key = [list(weight.shape), weight is getattr(embeddings, "weight", None)]
+    return [dtypes, [(name, list(m.weight.shape)) for name, m in quantizable(model)], head_key]
 
 
 def _cached_layers(model: nn.Module, backend: str) -> list[str]:
