@@ -278,3 +278,36 @@ def test_a_model_whose_vocabulary_was_resized_gets_its_own_entry(tmp_path, monke
     with torch.no_grad():
         assert torch.equal(cached(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)
     assert len(list((tmp_path / "cache" / "quantized").glob("*.safetensors"))) == 2
+
+
+def test_an_entry_failing_part_way_leaves_the_model_as_it_was(tmp_path, monkeypatch, input_ids):
+    """An entry whose checksum holds but one of whose later layers cannot be built (a tensor missing) was refused
+    after the layers before it were replaced: the tied ``lm_head``, first in name order, was already the cached q4
+    layer, so quantizing again left it untied in fact but ``tie_word_embeddings`` set, and recorded ``head_bits`` 0.
+    Every layer is built before any is replaced."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lordba.quant.cache import _digest
+
+    from conftest import TINY
+
+    def tied():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=True)).eval()
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tied().save_pretrained(folder)
+    quantize_model_cached(tied(), folder, backend="q4", bits=4, group_size=32)
+    (path,) = (tmp_path / "cache" / "quantized").glob("*.safetensors")
+    state = load_file(path)
+    del state["model.layers.1.self_attn.v_proj::scale"]
+    save_file(state, path, metadata={"sha256": _digest(state)})
+    with pytest.warns(UserWarning, match="could not be read"):
+        model = quantize_model_cached(tied(), folder, backend="q4", bits=4, group_size=32)
+    fresh = quantize_model(tied(), "q4", 4, 32)
+    assert model.lordba_quantization == fresh.lordba_quantization
+    assert model.config.tie_word_embeddings is fresh.config.tie_word_embeddings is False
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)

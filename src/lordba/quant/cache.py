@@ -126,17 +126,19 @@ def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int
     state = load_file(str(path))
     if recorded != _digest(state):
         raise ValueError("its tensors do not match the checksum it was written with")
-    for p in model.parameters():
-        p.requires_grad_(False)
     names = sorted({k.split("::", 1)[0] for k in state})
     if names != _cached_layers(model, backend):  # checked before any layer is replaced
         raise ValueError("the cached layers are not the model's quantizable layers")
     linears = dict(quantizable(model))  # a GPT-2 Conv1D as the nn.Linear it quantizes as
+    built = []  # every layer built before any is replaced: an entry failing part way leaves the model as it was
     for name in names:
         linear = linears.get(name) or model.get_submodule(name)  # (or the output head)
         prefix = f"{name}::"
         sd = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        q = _hqq_layer(linear, sd, bits, group_size) if backend == "hqq" else _q4_layer(linear, sd)
+        built.append((name, _hqq_layer(linear, sd, bits, group_size) if backend == "hqq" else _q4_layer(linear, sd)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, q in built:
         replace_submodule(model, name, q)
     head_bits = 0
     if backend == "q4":
