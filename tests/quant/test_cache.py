@@ -311,3 +311,26 @@ def test_an_entry_failing_part_way_leaves_the_model_as_it_was(tmp_path, monkeypa
     assert model.config.tie_word_embeddings is fresh.config.tie_word_embeddings is False
     with torch.no_grad():
         assert torch.equal(model(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)
+
+
+def test_a_damaged_entry_in_a_read_only_cache_is_not_fatal(tmp_path, monkeypatch, input_ids):
+    """A damaged entry that cannot be removed (a cache on a read-only file system) raised the ``OSError`` of its
+    removal after the "quantizing again" warning: ``quantize_model_cached`` failed instead of quantizing uncached."""
+    import errno
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_llama(0).save_pretrained(folder)
+    quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=32)
+    (path,) = (tmp_path / "cache" / "quantized").glob("*.safetensors")
+    path.write_bytes(path.read_bytes()[:-100])  # truncated
+
+    def read_only(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.warns(UserWarning, match="could not be read"):
+        model = quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=32)
+    fresh = quantize_model(tiny_llama(0), "q4", 4, 32)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)

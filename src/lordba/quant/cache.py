@@ -10,6 +10,7 @@ the same way. bitsandbytes quantizes in milliseconds: no cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import warnings
@@ -80,7 +81,8 @@ def quantize_model_cached(
             return model
         except Exception as err:  # a damaged cache entry is rebuilt, never fatal
             warnings.warn(f"quantized-base cache {path} could not be read ({err}); quantizing again", stacklevel=2)
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only cache: quantized uncached, the write below warns
+                path.unlink(missing_ok=True)
     quantize_model(model, backend, bits, group_size, progress=progress)
     state = {}
     for name, module in model.named_modules():
