@@ -334,3 +334,25 @@ def test_a_damaged_entry_in_a_read_only_cache_is_not_fatal(tmp_path, monkeypatch
     fresh = quantize_model(tiny_llama(0), "q4", 4, 32)
     with torch.no_grad():
         assert torch.equal(model(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)
+
+
+def test_a_partly_quantized_model_reads_back_its_own_entry(tmp_path, monkeypatch, input_ids):
+    """A model quantized alike in part before (``quantize_model`` with ``skip``) was keyed by the layers left to
+    quantize, but its entry held every q4 layer of the model: the next run's load refused it ("could not be read")
+    and quantized and wrote it again, on every run. The entry holds the layers the call quantizes."""
+    import warnings
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_llama(0).save_pretrained(folder)
+
+    def partly():
+        return quantize_model(tiny_llama(0), "q4", 4, 32, skip=("down_proj",))
+
+    fresh = quantize_model_cached(partly(), folder, backend="q4", bits=4, group_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cached = quantize_model_cached(partly(), folder, backend="q4", bits=4, group_size=32)
+    assert not any(type(m) is torch.nn.Linear for m in cached.modules())
+    with torch.no_grad():
+        assert torch.equal(cached(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)

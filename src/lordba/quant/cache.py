@@ -83,10 +83,11 @@ def quantize_model_cached(
             warnings.warn(f"quantized-base cache {path} could not be read ({err}); quantizing again", stacklevel=2)
             with contextlib.suppress(OSError):  # a read-only cache: quantized uncached, the write below warns
                 path.unlink(missing_ok=True)
+    wanted = set(_cached_layers(model, backend))  # the layers this call quantizes (of a partly quantized model too)
     quantize_model(model, backend, bits, group_size, progress=progress)
     state = {}
     for name, module in model.named_modules():
-        if type(module).__name__ in _CACHED[backend]:
+        if name in wanted and type(module).__name__ in _CACHED[backend]:
             for k, v in module.state_dict().items():
                 state[f"{name}::{k}"] = v.detach().cpu().contiguous()
             if hasattr(module, "bits") and backend == "q4":
