@@ -91,11 +91,6 @@ def export_lora(
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "target_modules": targets,
-        # the layers PEFT wraps: without them it also wraps every other module of these names (zero B: the same
-        # outputs, but those train when the export is loaded trainable)
-        "layers_to_transform": config.layers_to_transform,
-        "layers_pattern": config.layers_pattern,
-        "exclude_modules": config.exclude_modules,
         "rank_pattern": {},  # one rank and one scaling: runtimes that ignore the patterns get the same ΔW
         "alpha_pattern": {},
         "bias": config.bias,
@@ -108,6 +103,11 @@ def export_lora(
     }
     if peft_config["modules_to_save"] is None:  # (PEFT's default: an adapter without them exports as it always has)
         del peft_config["modules_to_save"]
+    # the layers PEFT wraps, where the adapter names them: without them PEFT also wraps every other module of the
+    # target names (zero B: the same outputs, but those train when the export is loaded trainable)
+    for name in ("layers_to_transform", "layers_pattern", "exclude_modules"):
+        if getattr(config, name) is not None:
+            peft_config[name] = getattr(config, name)
     keep = (model_or_dir, _source_dir(model_or_dir, adapter_name)) if isinstance(model_or_dir, (str, Path)) else ()
     with atomic_directory(out_dir, overwrite=overwrite, keep=keep) as tmp:
         (tmp / "adapter_model.safetensors").write_bytes(to_bytes(tensors, {"format": "pt"}))
