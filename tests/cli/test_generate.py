@@ -143,6 +143,22 @@ def test_chat_answers_each_turn_with_the_template(folder, monkeypatch, capsys):
     assert capsys.readouterr().out == want + "\n"
 
 
+def test_chat_reads_a_crlf_line_as_the_line(folder, monkeypatch, capsys):
+    """stdin keeps a file's CRLF line ends on Linux: ``lordba chat < turns.txt`` sent each turn ending in "\r"."""
+    from lordba.cli import chat_cmd
+
+    sent = []
+    fit = chat_cmd.fit_conversation
+    monkeypatch.setattr(
+        chat_cmd,
+        "fit_conversation",
+        lambda loaded, messages, *a: sent.append(messages[-1]) or fit(loaded, messages, *a),
+    )
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\r\n/exit\r\n"))
+    assert main(["chat", "--model", str(folder), "--quant", "none", "--max-new-tokens", "5"]) == 0
+    assert sent == [{"role": "user", "content": "hi"}]
+
+
 def test_bad_model_or_adapter_exits_3(folder, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing"), "x"]) == 3
     assert main(["generate", "--model", str(folder), "--quant", "none", "--adapter", str(tmp_path), "x"]) == 3

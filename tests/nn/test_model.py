@@ -945,3 +945,11 @@ def test_set_adapter_unmerges_adapters_it_does_not_activate(input_ids):
         lm.set_adapter("b")
     assert lm.get_model_status().merged_adapters == []
     torch.testing.assert_close(logits(lm, input_ids), want, rtol=0, atol=1e-5)
+
+
+def test_adapter_names_that_are_not_strings_are_a_config_error(input_ids):
+    """An entry that is not a name (a list, as a nested batch of names) failed deep in the routing cache with a bare
+    ``TypeError: unhashable type``; it is a ConfigError saying what is expected."""
+    lm = randomized()
+    with pytest.raises(ConfigError, match="one adapter name \\(a string\\) per batch row"):
+        lm(input_ids=input_ids[:2], adapter_names=[["default"], "default"])

@@ -49,7 +49,7 @@ def _chat(args: argparse.Namespace) -> int:
             return 0
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": check_text(line.rstrip("\n"), "a line of stdin")})
+        messages.append({"role": "user", "content": check_text(line.rstrip("\r\n"), "a line of stdin")})
         try:
             ids = fit_conversation(loaded, messages, args.model, args.max_new_tokens)
         except ContextError as err:  # this turn alone does not fit: the conversation goes on without it

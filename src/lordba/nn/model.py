@@ -300,8 +300,9 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
         routing's ``input_names`` (an encoder-decoder's encoder runs on the inputs, its decoder on the rows)."""
         names = inputs = None
         if adapter_names is not None:
-            if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
-                raise ConfigError("adapter_names must be a list with one adapter name per batch row")
+            listed = isinstance(adapter_names, Sequence) and not isinstance(adapter_names, str)
+            if not listed or not all(isinstance(n, str) for n in adapter_names):  # (a list in it: unhashable)
+                raise ConfigError("adapter_names must be a list with one adapter name (a string) per batch row")
             names = tuple(n for n in adapter_names for _ in range(expand))
             inputs = tuple(adapter_names) if expand > 1 else None
         call = routing(None, self._gate in DISABLED.get(), names, inputs)
