@@ -425,27 +425,13 @@ def test_saving_every_adapter_while_another_thread_deletes_one_saves_those_held_
     """``save_pretrained()`` with no selection saves the adapters the model holds when it takes the lock (was: it
     listed them before, so an adapter deleted by another thread just before the save took the lock failed the save
     with AdapterStateError: unknown adapter, a name the caller never gave)."""
-    from lordba.nn.lock import RWLock
 
     lm = model_with_adapters(tmp_path)
     lm.load_adapter(tmp_path / "extra0", "c")
 
-    class Watched(RWLock):
-        """Lets another thread delete adapter "c" just before the first read of the lock is taken."""
-
-        first = True
-
-        @contextlib.contextmanager
-        def read(self):
-            if Watched.first:
-                Watched.first = False
-                run_threads(lambda: lm.delete_adapter("c"))
-            with super().read():
-                yield
-
-    lm._lock = Watched()
+    lm._lock = lock = lock_letting_another_thread_in_first("read", lambda: lm.delete_adapter("c"))
     lm.save_pretrained(tmp_path / "all")
-    assert not Watched.first and "c" not in lm.peft_config
+    assert not lock.first and "c" not in lm.peft_config
     assert (tmp_path / "all" / "b").is_dir() and not (tmp_path / "all" / "c").exists()
 
 
@@ -455,7 +441,6 @@ def test_set_lordba_model_state_dict_checks_and_loads_against_the_adapter_anothe
     adapter). Was: it checked against a snapshot taken before the lock, then loaded the int8 codes into the float16
     adapter, whose config and tensors then disagreed (its save failed: scale_in int8, expected float16)."""
     from lordba.errors import AdapterFormatError
-    from lordba.nn.lock import RWLock
     from lordba.nn.model_status import get_lordba_model_state_dict, set_lordba_model_state_dict
 
     for name, scale_dtype in (("i8", "int8"), ("f16", "float16")):
@@ -468,23 +453,10 @@ def test_set_lordba_model_state_dict_checks_and_loads_against_the_adapter_anothe
     lm.load_adapter(tmp_path / "i8", "c")
     state = get_lordba_model_state_dict(lm, "c")
 
-    class Watched(RWLock):
-        """Lets another thread hot-swap "c" to float16 scales just before the first write of the lock is taken."""
-
-        first = True
-
-        @contextlib.contextmanager
-        def write(self):
-            if Watched.first:
-                Watched.first = False
-                run_threads(lambda: lm.hotswap_adapter(tmp_path / "f16", "c"))
-            with super().write():
-                yield
-
-    lm._lock = Watched()
+    lm._lock = lock = lock_letting_another_thread_in_first("write", lambda: lm.hotswap_adapter(tmp_path / "f16", "c"))
     with pytest.raises(AdapterFormatError, match=r"expected torch\.float16"):
         set_lordba_model_state_dict(lm, state, "c")
-    assert not Watched.first
+    assert not lock.first
     held = {a.scale_in.dtype for a in lm.adapter_modules("c").values()}
     assert lm.peft_config["c"].scale_dtype == "float16" and held == {torch.float16}
     lm.save_pretrained(tmp_path / "out", selected_adapters=["c"])
@@ -512,3 +484,28 @@ def test_state_dict_while_another_thread_loads_an_adapter_is_taken_under_the_rea
     threads[0].join(60)
     assert "c" in lm.peft_config and not any(".lordba_adapters.c." in k for k in state)
     assert any(".lordba_adapters.b." in k for k in state)
+
+
+def lock_letting_another_thread_in_first(kind: str, action):
+    """A model lock whose first ``kind`` ("read" / "write") hold runs ``action`` in another thread just before it is
+    taken: what another thread's change at that moment does to the call taking it."""
+    from lordba.nn.lock import RWLock
+
+    class Watched(RWLock):
+        first = True
+
+        @contextlib.contextmanager
+        def hold(self, take):
+            if self.first:
+                self.first = False
+                run_threads(action)
+            with take():
+                yield
+
+        def read(self):
+            return self.hold(super().read) if kind == "read" else super().read()
+
+        def write(self):
+            return self.hold(super().write) if kind == "write" else super().write()
+
+    return Watched()
