@@ -86,14 +86,17 @@ class _Sampling(_Body):
     min_p: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int | None = None
-    extensions: dict[str, Any] = Field(default_factory=dict, exclude=True)  # the :data:`_EXTENSIONS` sent
-
-    @model_validator(mode="before")
-    @classmethod
-    def _keep_extensions(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            data = {**data, "extensions": {k: data[k] for k in _EXTENSIONS if data.get(k) is not None}}
-        return data
+    # other APIs' fields, not implemented: refused unless they ask for nothing (:data:`_EXTENSIONS`), never ignored
+    modalities: Any = None
+    audio: Any = None
+    stop_token_ids: Any = None
+    include_stop_str_in_output: Any = None
+    use_beam_search: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
     @field_validator(*_NUMBERS, mode="before")
     @classmethod
@@ -120,13 +123,11 @@ class _Sampling(_Body):
             raise BadRequestError("stream_options is only allowed when stream is true", param="stream_options")
         if self.logprobs is not None and not self._logprobs_off(self.logprobs):
             raise BadRequestError("logprobs are not supported", param="logprobs")
-        for name, neutral in _NEUTRAL.items():
+        for name, neutral in (*_NEUTRAL.items(), *_EXTENSIONS.items()):
             value = getattr(self, name)
             if value is not None and value not in neutral:
-                raise BadRequestError(f"{name} is not supported (only {neutral[0]!r})", param=name)
-        for name, value in self.extensions.items():
-            if value not in _EXTENSIONS[name]:
-                raise BadRequestError(f"{name} is not supported", param=name)
+                only = f" (only {neutral[0]!r})" if neutral else ""
+                raise BadRequestError(f"{name} is not supported{only}", param=name)
 
     @staticmethod
     def _logprobs_off(value: Any) -> bool:
