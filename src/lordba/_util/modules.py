@@ -1,10 +1,11 @@
-"""Rules about a model's modules, kept in one place: replacing the submodule at a dotted path,
-recognising the output head by name, the device an accelerate hook computes a module on, the ids that end a
-generated text."""
+"""Rules about a model's modules, kept in one place: replacing the submodule at a dotted path, a model in eval
+mode for a block, recognising the output head by name, the device an accelerate hook computes a module on, the ids
+that end a generated text."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,6 +22,20 @@ def replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     """
     parent_name, _, child = path.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block (dropout off), then every module back in its own mode, also when the
+    block raises (an evaluation that failed part way left a training model in eval mode: dropout off for the rest
+    of the run)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def is_output_head(name: str) -> bool:

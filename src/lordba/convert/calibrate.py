@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lordba._util.modules import eval_mode
 from lordba.errors import ConversionError
 
 
@@ -53,23 +54,20 @@ def collect_input_moments(
 
         return hook
 
-    modes = {m: m.training for m in model.modules()}
-    model.eval()  # dropout off (PEFT's EVA calibrates so too); every module's own mode is put back
-    try:
-        for path in paths:
-            try:
-                module = root.get_submodule(path)
-            except AttributeError:
-                raise ConversionError(f"calibration: the model has no module {path!r}") from None
-            hooks.append(module.register_forward_pre_hook(hook_for(path)))
-        for batch in batches:
-            mask[0] = _padding_mask(batch)
-            model(**batch) if isinstance(batch, dict) else model(batch)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
+    with eval_mode(model):  # dropout off (PEFT's EVA calibrates so too); every module's own mode is put back
+        try:
+            for path in paths:
+                try:
+                    module = root.get_submodule(path)
+                except AttributeError:
+                    raise ConversionError(f"calibration: the model has no module {path!r}") from None
+                hooks.append(module.register_forward_pre_hook(hook_for(path)))
+            for batch in batches:
+                mask[0] = _padding_mask(batch)
+                model(**batch) if isinstance(batch, dict) else model(batch)
+        finally:
+            for h in hooks:
+                h.remove()
     missing = sorted(p for p in set(paths) if counts.get(p, 0) <= 0)
     if missing:
         raise ConversionError(f"calibration: no input reached module(s) {missing[:4]}")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
-from lordba._util.modules import end_of_sequence_ids
+from lordba._util.modules import end_of_sequence_ids, eval_mode
 from lordba.train.records import Example
 from lordba.train.tokenize import collate, encode_examples, prompt_ids
 
@@ -33,25 +32,13 @@ def _completion_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], k
     return logits[:, -keep:]
 
 
-@contextlib.contextmanager
-def evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """``model`` in eval mode for the block, then back in the mode it had, also when the block raises (an
-    evaluation that ran out of memory left a training model in eval mode: dropout off for the rest of the run)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 @torch.no_grad()
 def heldout_losses(
     model: torch.nn.Module, rows: list[dict], batch_size: int = 16, pad_id: int = 0
 ) -> list[tuple[float, int]]:
     """Per row of ``rows`` (encoded examples): ``(summed cross-entropy over its completion tokens, number
     of those tokens)``, in the rows' order."""
-    with evaluating(model):
+    with eval_mode(model):
         return _heldout_losses(model, rows, batch_size, pad_id)
 
 
@@ -93,7 +80,7 @@ def generate_answers(
     batch_size: int = 16,
 ) -> list[str]:
     """Greedy completions (left-padded batches, stopping at end of turn)."""
-    with evaluating(model):
+    with eval_mode(model):
         return _generate_answers(model, tokenizer, examples, max_new_tokens, batch_size)
 
 
