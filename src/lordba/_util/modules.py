@@ -1,6 +1,6 @@
 """Rules about a model's modules, kept in one place: replacing the submodule at a dotted path, a model in eval
-mode for a block, recognising the output head by name, the device an accelerate hook computes a module on, the ids
-that end a generated text."""
+mode for a block, a model frozen by a call that gives its parameters back if the call fails, recognising the output
+head by name, the device an accelerate hook computes a module on, the ids that end a generated text."""
 
 from __future__ import annotations
 
@@ -36,6 +36,21 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+@contextlib.contextmanager
+def frozen_unless_failed(model: nn.Module) -> Iterator[None]:
+    """Freeze ``model``'s parameters (``requires_grad`` off) for what the block builds on it; if the block raises,
+    those that were trainable are again: a refused call leaves the caller's model as it was."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    except BaseException:
+        for p in trainable:
+            p.requires_grad_(True)
+        raise
 
 
 def is_output_head(name: str) -> bool:

@@ -30,7 +30,7 @@ from torch import nn
 
 from lordba._util.arena import own_storage
 from lordba._util.dtypes import DTYPES
-from lordba._util.modules import replace_submodule
+from lordba._util.modules import frozen_unless_failed, replace_submodule
 from lordba._util.state import ordinary_tensors
 from lordba.config import LoRDBAConfig
 from lordba.core.scales import get_codec
@@ -98,16 +98,10 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
         except (TypeError, ValueError):
             signature = inspect.signature(lambda *args, **kwargs: None)
         self.forward = _Forward(self, _with_adapter_names(signature))
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if config is not None:
-            try:
+        with frozen_unless_failed(model):  # a refused config leaves the caller's model as it was
+            if config is not None:
                 self.add_adapter(adapter_name, config)
-            except BaseException:  # a refused config leaves the caller's model as it was (add_adapter changes nothing)
-                for p in trainable:
-                    p.requires_grad_(True)
-                raise
+        if config is not None:
             self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------------ delegation

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lordba._util.files import check_path
+from lordba._util.modules import frozen_unless_failed
 from lordba._util.state import ordinary_tensors
 from lordba.config import LoRDBAConfig
 from lordba.core.scales import get_codec
@@ -358,14 +359,9 @@ class AdapterFilesMixin:
         ``requires_grad`` too: the wrapper freezes them)."""
         if not isinstance(model, nn.Module):
             raise ConfigError(f"from_pretrained loads onto a model (an nn.Module), got {type(model).__name__}")
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        wrapper = cls(model)
-        try:
+        with frozen_unless_failed(model):
+            wrapper = cls(model)
             wrapper.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **hub)
-        except BaseException:
-            for p in trainable:
-                p.requires_grad_(True)
-            raise
         wrapper.set_adapter(adapter_name)
         return wrapper
 
