@@ -145,9 +145,7 @@ class AdapterFilesMixin:
         Raises:
             AdapterStateError: an unknown adapter name; AdapterFormatError: an invalid ``repo_id``.
         """
-        names = _selected(selected_adapters, self.peft_config)
-        self._check_known(*names)
-        with tempfile.TemporaryDirectory(prefix="lordba-push-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="lordba-push-") as tmp:  # (_save checks the names, under the lock)
             self._save(tmp, selected_adapters, True, None, repo_id, revision)  # the cards from the uploaded configs
             return upload_adapter_folder(
                 tmp,
