@@ -143,6 +143,11 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
         bias = layer.unmerged_bias if isinstance(layer, LoRDBALinear) else getattr(layer, "bias", None)
         return bias if isinstance(bias, torch.Tensor) else None
 
+    def _bias_delta(self, path: str, trained: torch.Tensor) -> torch.Tensor:
+        """The ``bias_delta`` an adapter holds for a saved trained bias of the layer at ``path``: float32, on the
+        CPU, against the layer's unmerged base bias (:meth:`_layer_bias`)."""
+        return trained.float() - self._layer_bias(path).detach().float().cpu()
+
     def _saved_module(self, path: str) -> SavedModule:
         module = self.base_model.get_submodule(path)
         if isinstance(module, LoRDBALinear):
@@ -238,7 +243,7 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
                 self._adding = ()
             for path, value in plan["bias"].items():
                 adapter = adapters[path]
-                adapter.attach_bias(value.float() - self._layer_bias(path).detach().float().cpu())
+                adapter.attach_bias(self._bias_delta(path, value))
                 adapter.bias_delta.requires_grad_(is_trainable)
             for path, tensors in plan["saved"].items():
                 module = self._saved_module(path)
@@ -270,7 +275,7 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
         adapters = self.adapter_modules(adapter_name)
         with torch.no_grad():
             for path, value in plan["bias"].items():
-                delta = value.float() - self._layer_bias(path).detach().float().cpu()
+                delta = self._bias_delta(path, value)
                 adapters[path].bias_delta.copy_(delta.to(adapters[path].bias_delta.device))
         for path, tensors in plan["saved"].items():
             self._saved_module(path).load_saved(adapter_name, tensors)

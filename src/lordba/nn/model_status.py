@@ -218,6 +218,6 @@ def _set_state_dict(model: Any, state_dict: dict[str, torch.Tensor], adapter_nam
         value = plan["bias"].get(path)
         if value is not None:
             with torch.no_grad():
-                adapter.bias_delta.copy_(value.float() - model._layer_bias(path).detach().float().cpu())
+                adapter.bias_delta.copy_(model._bias_delta(path, value))
     for path, tensors in plan["saved"].items():
         model.base_model.get_submodule(path).load_saved(adapter_name, tensors)
