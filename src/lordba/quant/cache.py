@@ -21,7 +21,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lordba._util.modules import replace_submodule
 from lordba._util.state import ordinary_tensors
 from lordba._version import __version__
 from lordba.errors import LoRDBAError
@@ -29,10 +28,10 @@ from lordba.format.atomic import atomic_write_path
 from lordba.quant.quantize import (
     DEFAULT_BACKEND,
     check_no_adapters,
+    install_quantized,
     quantizable,
     quantize_model,
     quantized_head,
-    untie_head,
 )
 
 _KEYED_SUFFIXES = (".safetensors", ".bin", ".json")  # the weights transformers loads (safetensors, PyTorch), configs
@@ -139,20 +138,11 @@ def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int
         prefix = f"{name}::"
         sd = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         built.append((name, _hqq_layer(linear, sd, bits, group_size) if backend == "hqq" else _q4_layer(linear, sd)))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, q in built:
-        replace_submodule(model, name, q)
-    head_bits = 0
-    if backend == "q4":
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        head_bits = getattr(head, "bits", 0)
-        if head_bits:
-            untie_head(model)
-        from lordba.quant.q4 import hold_weights_together
-
-        hold_weights_together(model)
-    model.lordba_quantization = {"backend": backend, "bits": bits, "group_size": group_size, "head_bits": head_bits}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # (not replaced yet)
+    head_bits = next((q.bits for n, q in built if backend == "q4" and model.get_submodule(n) is head), 0)
+    install_quantized(
+        model, built, {"backend": backend, "bits": bits, "group_size": group_size, "head_bits": head_bits}
+    )
     torch.nn.Module.train(model, model.training)
 
 

@@ -120,18 +120,26 @@ def quantize_model(
         from lordba.quant.q4 import quantize_linear_q4
 
         replaced.append((head[0], quantize_linear_q4(head[1], group_size, head_bits, head[0]).train(head[1].training)))
+    record = {"backend": backend, "bits": bits, "group_size": group_size, "head_bits": head_bits}
+    install_quantized(model, replaced, record)
+    return model
+
+
+def install_quantized(model: nn.Module, layers: list[tuple[str, nn.Module]], record: dict) -> None:
+    """Put the quantized ``layers`` (``[(path, layer)]``, every one built before: a refusal while building them
+    changed nothing) in place: the model's parameters frozen, a quantized output head (``record["head_bits"]``)
+    untied, the q4 weights held together, and ``record`` kept as the model's ``lordba_quantization``."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, new in replaced:
+    for name, new in layers:
         replace_submodule(model, name, new)
-    if head:
+    if record["head_bits"]:
         untie_head(model)
-    if backend == "q4":
+    if record["backend"] == "q4":
         from lordba.quant.q4 import hold_weights_together
 
         hold_weights_together(model)
-    model.lordba_quantization = {"backend": backend, "bits": bits, "group_size": group_size, "head_bits": head_bits}
-    return model
+    model.lordba_quantization = record
 
 
 def check_no_adapters(model: nn.Module) -> None:
