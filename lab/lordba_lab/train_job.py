@@ -87,8 +87,7 @@ class TrainJob:
                 "under bfloat16 autocast; use --quant bnb or --quant none, or train in float32"
             )
         LoRDBAConfig(
-            r=16 if self.r is None else self.r,
-            alpha=32.0 if self.alpha is None else self.alpha,
+            **_rank(self, None),
             scale_dtype=self.scale_dtype,
             target_modules=self.target_modules,
         )
@@ -219,8 +218,7 @@ def _record(job: TrainJob) -> dict:
     """``train_job.json``'s content: every option of ``job`` (``settings`` as a dict), as JSON gives it back;
     ``r`` / ``alpha`` left unset without a LoRA as their defaults (16, 32), as records before they could be unset
     hold them."""
-    unset = {"r": 16, "alpha": 32.0} if job.lora is None else {}
-    given = {k: v for k, v in unset.items() if getattr(job, k) is None}
+    given = _rank(job, None) if job.lora is None else {}
     return json.loads(json.dumps({**asdict(job), **given, "settings": asdict(job.settings)}))
 
 
