@@ -793,3 +793,19 @@ def test_a_request_body_over_the_limit_is_a_413_before_it_is_read_whole(server):
         conn.close()
     fits = json.dumps({"model": "a", "prompt": "hi", "max_tokens": 1}).encode()
     assert raw(server, "POST", "/v1/completions", fits)[0] == 200
+
+
+def test_an_unexpected_error_is_a_500_counted_in_the_requests_metric(server, monkeypatch):
+    """A handler's unexpected exception is answered (a 500 in OpenAI's shape) by Starlette's outermost
+    middleware, outside the one counting requests: ``lordba_requests`` counted every 200, 400 and 503 but no 500."""
+    counter = server.state.metrics.requests.labels("/v1/completions", "500")
+    before = counter._value.get()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(server.state, "prepare", broken)
+    status, answer = raw(server, "POST", "/v1/completions", json.dumps({"model": "a", "prompt": "hi"}))
+    assert status == 500, answer
+    assert_openai_error(answer, "boom")
+    assert counter._value.get() == before + 1

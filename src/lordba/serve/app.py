@@ -232,7 +232,8 @@ class _LimitBody:
 
 class _CountRequests:
     """ASGI middleware counting generation requests by path and status (a plain ASGI wrapper: it
-    leaves streaming and disconnect handling untouched)."""
+    leaves streaming and disconnect handling untouched); an unexpected exception, which Starlette's outermost
+    middleware answers with a 500 after this one, counts as a 500."""
 
     def __init__(self, app: object, state: ServerState) -> None:
         self.app, self.metrics = app, state.metrics
@@ -243,12 +244,21 @@ class _CountRequests:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def counted(message: dict) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.requests.labels(path, str(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, counted)
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:  # answered by Starlette's outermost middleware, outside this one: its 500
+            if not started:
+                self.metrics.requests.labels(path, "500").inc()
+            raise
 
 
 def _sse(obj: dict) -> str:
