@@ -288,3 +288,40 @@ def test_a_pad_token_past_the_models_embeddings_does_not_fail_prompts_of_differe
     for p, c in zip(ps, results):
         assert c.last.finish_reason in ("length", "stop"), c.last.error
         assert c.request.generated == reference(model_dir, adapters / "a", p, 4)[: len(c.request.generated)]
+
+
+@pytest.mark.parametrize("ending", ["length", "abort"])
+def test_a_row_whose_release_fails_ends_alone_and_its_neighbours_go_on(lm, served, ending):
+    """A row's ``on_done`` (the server's adapter release) raising in ``_finish`` left the step: every other row of
+    that decode step ended with ``error`` (an abort's, outside the guarded steps, stopped the engine for good).
+    The row whose release failed ends with ``error``; its neighbours run to their end."""
+    model_dir, adapters = served
+    engine = Engine(lm, char_tokenizer(), max_batch=4)
+    good, bad = Collector(), Collector()
+    p_good, p_bad = prompts(6, 4)
+
+    def broken_release() -> None:
+        bad.released += 1
+        raise RuntimeError("release broke")
+
+    ok = Request(p_good, "a", SamplingParams(8, temperature=0.0, ignore_eos=True), good.sink, good.on_done)
+    n = 3 if ending == "length" else 200
+    broken = Request(p_bad, "b", SamplingParams(n, temperature=0.0, ignore_eos=True), bad.sink, broken_release)
+    if ending == "abort":
+        broken.aborted = True  # aborted while it waits: dropped at the engine's next step
+        engine.submit(ok)
+        engine.start()
+        engine.submit(broken)
+    else:
+        engine.submit(broken)
+        engine.submit(ok)  # both join the same prefill, then the same decode steps
+        engine.start()
+    try:
+        assert good.done.wait(30) and bad.done.wait(30)
+        assert engine.failure is None
+    finally:
+        engine.shutdown()
+    assert bad.last.finish_reason == "error" and "release broke" in bad.last.error and bad.released == 1
+    want = reference(model_dir, adapters / "a", p_good, 8)
+    assert good.last.finish_reason == "length" and good.released == 1
+    assert good.last.text == char_tokenizer().decode(want, skip_special_tokens=True)

@@ -304,17 +304,20 @@ class Engine:
         return "length" if len(req.generated) >= req.params.max_tokens else None
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
-        """End ``req``: its last event, its ``on_done``, the metrics (each at most once)."""
+        """End ``req``: its last event, its ``on_done``, the metrics (each at most once). An ``on_done`` that raises
+        (the adapter's release) ends this row with ``error``, logged; it never reaches the step's other rows."""
         if req.finished:
             return
         req.finished = True
         delta = req.text.take_delta(final=True) if reason in ("stop", "length") else ""
-        event = Event(delta, reason, req.text.text, len(req.prompt), len(req.generated), error)
         try:
             if req.on_done is not None:
                 req.on_done()  # first: whoever sees the last event may count on the adapter being released
+        except Exception as err:
+            log.exception("request %s: releasing it failed", req.id)
+            reason, error = "error", f"releasing the request failed: {type(err).__name__}: {err}"
         finally:
-            req.sink(event)
+            req.sink(Event(delta, reason, req.text.text, len(req.prompt), len(req.generated), error))
             if self.observer is not None:
                 # a prompt never prefilled (aborted while it waited, a prefill that failed) ran no tokens
                 prompt_tokens = len(req.prompt) if req.prefilled else 0
