@@ -325,3 +325,32 @@ def test_a_row_whose_release_fails_ends_alone_and_its_neighbours_go_on(lm, serve
     want = reference(model_dir, adapters / "a", p_good, 8)
     assert good.last.finish_reason == "length" and good.released == 1
     assert good.last.text == char_tokenizer().decode(want, skip_special_tokens=True)
+
+
+def test_a_shutdown_whose_join_times_out_leaves_the_step_in_progress_its_requests(lm):
+    """``shutdown`` aborted the running requests from its own thread once its join timed out, under the step
+    still in progress: their adapters were released while their forward was still to run, and the step then went
+    on over a batch emptied under it. They are now aborted by the engine thread once its step ends."""
+    engine = Engine(lm, char_tokenizer(), max_batch=2)
+    held = Collector()
+    req = Request(prompts(5)[0], "a", SamplingParams(200, temperature=0.0, ignore_eos=True), held.sink, held.on_done)
+    engine.start()
+    engine.submit(req)
+    deadline = time.monotonic() + 30
+    while len(req.generated) < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    writing = lm._lock.write()
+    writing.__enter__()  # the engine's next forward waits: its step outlasts the shutdown's join
+    try:
+        time.sleep(0.3)  # (the engine reaches that forward)
+        engine.shutdown(timeout=0.2)
+        assert engine._thread.is_alive()
+        assert held.released == 0 and not held.done.is_set()  # not released under the step in progress
+    finally:
+        writing.__exit__(None, None, None)
+    assert held.done.wait(30)
+    engine._thread.join(30)
+    assert not engine._thread.is_alive() and engine.failure is None
+    assert held.last.finish_reason == "abort" and held.released == 1
+    assert [e.finish_reason for e in held.events].count("abort") == 1 and held.events[-1] is held.last
+    assert engine.load == (0, 0)

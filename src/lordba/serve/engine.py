@@ -118,16 +118,27 @@ class Engine:
             self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the loop: requests still waiting or running end with ``abort``."""
+        """Stop the loop: requests still waiting or running end with ``abort``. A step still in progress after
+        ``timeout`` seconds is left to end (logged): the engine thread aborts its requests then, never this one
+        under its forward (their adapters released mid-forward, the batch emptied under the step)."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        for req in [*self._waiting, *self._running]:
+            if self._thread.is_alive():
+                log.warning("the engine's step did not end within %s s: its requests end (abort) when it does", timeout)
+                return
+        self._abort_held()
+
+    def _abort_held(self) -> None:
+        """End every request still waiting or running with ``abort`` (the loop has stopped)."""
+        with self._cond:
+            held = [*self._waiting, *self._running]
+            self._waiting.clear()
+            self._running, self._batch = [], None
+        for req in held:
             self._finish(req, "abort")
-        self._waiting.clear()
-        self._running, self._batch = [], None
 
     def submit(self, request: Request) -> None:
         """Queue ``request``; it joins the running batch at the next step.
@@ -164,6 +175,7 @@ class Engine:
         ``error``, rather than leaving them, and every later one, waiting for a thread that is gone."""
         try:
             self._loop()
+            self._abort_held()  # stopped (:meth:`shutdown`): after the last step, in this thread
         except BaseException as err:
             log.exception("the engine loop stopped")
             with self._cond:
