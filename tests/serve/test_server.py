@@ -809,3 +809,46 @@ def test_an_unexpected_error_is_a_500_counted_in_the_requests_metric(server, mon
     assert status == 500, answer
     assert_openai_error(answer, "boom")
     assert counter._value.get() == before + 1
+
+
+TOOL_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}{% if m.name %} {{ m.name }}{% endif %}"
+    "{% if m.tool_call_id %} {{ m.tool_call_id }}{% endif %}>{{ m['content'] }}"
+    "{% for c in m.tool_calls or [] %}[{{ c.id }} {{ c.function.name }} {{ c.function.arguments | tojson }}]"
+    "{% endfor %}"
+    "\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_a_history_of_tool_calls_and_names_reaches_the_chat_template(server, monkeypatch):
+    """A replayed tool-calling history (an assistant's ``tool_calls``, the tool's answer with its ``tool_call_id``,
+    a ``name``) lost all of them before the chat template: the model saw an empty assistant turn and an answer to
+    no call (here 41 prompt tokens, not 86). They reach it as transformers' templates take them (the arguments'
+    JSON string as its object), while ``tools`` themselves are still refused."""
+    monkeypatch.setattr(server.state.encoder, "chat_template", TOOL_TEMPLATE)
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    messages = [
+        {"role": "user", "content": "hi", "name": "ann"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1", "name": "weather"},
+    ]
+    body = {"model": "a", "messages": messages, "max_tokens": 1}
+    status, answer = raw(server, "POST", "/v1/chat/completions", json.dumps(body))
+    assert status == 200, answer
+    rendered = [
+        messages[0],
+        {
+            **messages[1],
+            "content": "",
+            "tool_calls": [{**call, "function": {"name": "weather", "arguments": {"city": "Paris"}}}],
+        },
+        messages[2],
+    ]
+    want = server.state.encoder.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
+    assert "[c1 weather {" in want and "<tool weather c1>sunny" in want and "<user ann>" in want
+    assert answer["usage"]["prompt_tokens"] == len(want), want  # one token a character
+    status, answer = raw(server, "POST", "/v1/chat/completions", json.dumps(body | {"tools": [{"type": "function"}]}))
+    assert status == 400 and answer["error"]["param"] == "tools"
+    lone = json.dumps(body | {"messages": [{"role": "user", "content": "hi", "name": "\ud83d"}]})
+    status, answer = raw(server, "POST", "/v1/chat/completions", lone)  # rendered now: checked as the content is
+    assert status == 400 and "lone surrogate" in answer["error"]["message"], answer

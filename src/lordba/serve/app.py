@@ -306,7 +306,8 @@ def _field(error: dict) -> str:
     return ".".join(str(x) for x in error.get("loc", ()) if x != "body")
 
 
-_BODIES = (p.CompletionRequest, p.ChatRequest, p.ChatMessage, p.TextPart, p.StreamOptions, p.LoadAdapterRequest)
+_BODIES = (p.CompletionRequest, p.ChatRequest, p.ChatMessage, p.TextPart, p.ToolCall, p.ToolFunction, p.StreamOptions)
+_BODIES += (p.LoadAdapterRequest,)
 _FIELDS = frozenset(name for body in (*_BODIES, p.UnloadAdapterRequest) for name in body.model_fields)
 
 

@@ -8,6 +8,8 @@ field sent as ``null`` takes its default.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import uuid
 from typing import Any, Literal
 
@@ -185,17 +187,55 @@ class TextPart(_Body):
     text: str
 
 
+class ToolFunction(_Body):
+    """The function an assistant message's tool call called: its name and its arguments (OpenAI: a JSON string)."""
+
+    name: str
+    arguments: str | dict[str, Any] = ""
+
+
+class ToolCall(_Body):
+    """One of an assistant message's ``tool_calls`` (a history the client replays: the server makes none)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+    def for_template(self) -> dict[str, Any]:
+        """The call as transformers' chat templates take it: ``arguments`` a JSON object string given as that
+        object (templates write it with ``tojson``; vLLM passes it so), any other string as it came."""
+        arguments = self.function.arguments
+        if isinstance(arguments, str):
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(arguments)
+                arguments = parsed if isinstance(parsed, dict) else arguments
+        call = {"type": self.type, "function": {"name": self.function.name, "arguments": arguments}}
+        return call | ({"id": self.id} if self.id is not None else {})
+
+
 class ChatMessage(_Body):
-    """One chat message."""
+    """One chat message: an assistant's may hold the ``tool_calls`` it made, a tool's the ``tool_call_id`` it
+    answers; any may hold a ``name``."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
-    def for_template(self) -> dict[str, str]:
+    def for_template(self) -> dict[str, Any]:
         """The message as the chat template takes it: OpenAI's ``developer`` role (its newer name for the system
         message) as ``system``, the role templates know (SmolLM2's rendered a ``developer`` turn it was never
-        trained on, after its default system prompt; others refuse the role)."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        trained on, after its default system prompt; others refuse the role); ``name``, ``tool_calls`` and
+        ``tool_call_id`` where the message has them."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.for_template() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
     def text(self) -> str:
         """The content as one string."""

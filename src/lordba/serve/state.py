@@ -93,12 +93,13 @@ class ServerState:
         rows = embedding_rows(self.engine.model)  # (through a SavedModule: embeddings trained per adapter)
         return vocab if rows is None else min(vocab, rows)
 
-    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """Token ids of the chat ``messages`` through the model's chat template (refused without one)."""
         if not getattr(self.encoder, "chat_template", None):
             raise BadRequestError(f"model '{self.base_name}' has no chat template: use /v1/completions", "messages")
         for message in messages:
-            _check_text(message.get("content") or "", "messages")
+            for text in _strings(message):  # content, name, tool calls: all of them are rendered
+                _check_text(text, "messages")
         with self.encoder_lock:
             try:
                 text = self.encoder.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
@@ -220,3 +221,14 @@ def _check_text(text: str, param: str) -> None:
         raise BadRequestError(
             f"{param} holds a lone surrogate (U+{ord(text[at]):04X} at character {at}): not valid Unicode text", param
         )
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in ``value`` (dicts' keys and values, lists), depth first."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
