@@ -41,11 +41,26 @@ def folder(served, tmp_path):
     return copy
 
 
-@pytest.mark.parametrize("name", ["../a", "a/../b", ".", "..", ".hidden", "a.b", "", "x" * 200, "__base__", "base"])
+@pytest.mark.parametrize("name", ["../a", "a/../b", ".", "..", ".hidden", "a.b", "", "x" * 200])
 def test_names_never_leave_the_folder(model, folder, name):
     registry = AdapterRegistry(model, folder, reserved=("base",))
     with pytest.raises(BadRequestError, match="invalid adapter name"):
         registry.acquire(name)
+    assert not model.peft_config
+
+
+@pytest.mark.parametrize("name", ["__base__", "base"])
+def test_a_reserved_name_is_no_served_model_and_cannot_be_registered(model, folder, name):
+    """``model: "__base__"`` (the engine's route to the base, a name ``/v1/models`` never lists) was a 400 'invalid
+    adapter name ... use letters, digits, '_' and '-'' where every other name not served is a 404 naming it."""
+    shutil.copytree(folder / "a", folder / name)
+    registry = AdapterRegistry(model, folder, reserved=("base",))
+    with pytest.raises(UnknownAdapterError, match=f"The model '{name}' does not exist") as err:
+        registry.acquire(name)
+    assert err.value.status == 404 and err.value.param == "model"
+    with pytest.raises(BadRequestError, match="reserved") as err:
+        registry.register(name, folder / "a")
+    assert err.value.param == "lora_name" and name not in registry.names()
     assert not model.peft_config
 
 

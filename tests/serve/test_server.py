@@ -287,6 +287,9 @@ def test_error_cases_answer_in_openai_shape(server):
     with pytest.raises(openai.NotFoundError) as err:
         c.completions.create(model="nope", prompt="x", max_tokens=2)
     assert "nope" in err.value.message and err.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as err:  # the engine's route to the base: no served name (a 400 once)
+        c.completions.create(model="__base__", prompt="x", max_tokens=2)
+    assert "__base__" in err.value.message and err.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError, match="invalid adapter name"):
         c.completions.create(model="../a", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="maximum context length is 256") as err:

@@ -103,12 +103,18 @@ class AdapterRegistry:
 
     # ------------------------------------------------------------------ names
     def check_name(self, name: str, param: str = "model") -> str:
-        """``name`` if it is a valid adapter name, else :class:`BadRequestError` (e.g. ``../x``)."""
-        if not isinstance(name, str) or not NAME.fullmatch(name) or name in self.reserved:
+        """``name`` if it is a valid adapter name, else :class:`BadRequestError` (e.g. ``../x``). A reserved name (the
+        base's, the engine's ``__base__`` route) names no adapter: as a request's ``model``, it is not served (404, as
+        ``/v1/models`` lists it not); as a name to register, it is refused (400)."""
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             raise BadRequestError(
                 f"invalid adapter name {name!r}: use letters, digits, '_' and '-' (a folder name inside --adapters)",
                 param=param,
             )
+        if name in self.reserved:
+            if param == "model":
+                raise UnknownAdapterError(f"The model '{name}' does not exist")
+            raise BadRequestError(f"invalid adapter name {name!r}: the name is reserved", param=param)
         return name
 
     def inside(self, path: str | Path, param: str = "lora_path") -> Path:
