@@ -354,3 +354,29 @@ def test_a_shutdown_whose_join_times_out_leaves_the_step_in_progress_its_request
     assert held.last.finish_reason == "abort" and held.released == 1
     assert [e.finish_reason for e in held.events].count("abort") == 1 and held.events[-1] is held.last
     assert engine.load == (0, 0)
+
+
+def test_a_merge_whose_allocation_fails_leaves_the_running_batch_whole(lm, monkeypatch):
+    """``KVBatch.merge`` put each layer's merged keys and values in place as it built them: an allocation failing
+    part way (out of memory at the second layer) left the running batch with its first layer's caches holding the
+    new rows too, the others not, and its mask not; the engine's next decode then failed every running row."""
+    _, running = prefill(lm, prompts(5, 3), ["a", "b"])
+    _, joining = prefill(lm, prompts(9), [BASE])
+    before = [(layer.keys, layer.values) for layer in running.cache.layers]
+    mask, lengths = running.mask, list(running.lengths)
+    original, calls = torch.cat, []
+
+    def cat(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # the second layer's keys (a layer: its keys and values, each padded then joined)
+            raise RuntimeError("CUDA out of memory")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", cat)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        running.merge(joining)
+    monkeypatch.setattr(torch, "cat", original)
+    assert all(layer.keys is k and layer.values is v for layer, (k, v) in zip(running.cache.layers, before))
+    assert running.mask is mask and running.lengths == lengths
+    decode(lm, running, [5, 6], ["a", "b"])  # the batch still runs
+    assert all(layer.keys.shape[0] == 2 for layer in running.cache.layers)

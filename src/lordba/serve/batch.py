@@ -61,14 +61,21 @@ class KVBatch:
         return KVBatch(self.cache, self.mask.index_select(0, index)[:, start:], lengths)
 
     def merge(self, other: KVBatch) -> KVBatch:
-        """One batch with this batch's rows, then ``other``'s (the narrower is left-padded)."""
+        """One batch with this batch's rows, then ``other``'s (the narrower is left-padded). Every new tensor is
+        built before any is put in place: an allocation failing part way (out of memory) leaves this batch whole."""
         if len(self.cache.layers) != len(other.cache.layers):
             raise ShapeMismatchError("cannot merge KV batches of models with different numbers of layers")
         width = max(self.width, other.width)
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
-            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
+        merged = [
+            (
+                torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)]),
+                torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)]),
+            )
+            for mine, theirs in zip(self.cache.layers, other.cache.layers)
+        ]
         mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
+        for layer, (keys, values) in zip(self.cache.layers, merged):
+            layer.keys, layer.values = keys, values
         return KVBatch(self.cache, mask, self.lengths + other.lengths)
 
     def kv_bytes(self) -> int:
