@@ -380,3 +380,42 @@ def test_a_merge_whose_allocation_fails_leaves_the_running_batch_whole(lm, monke
     assert running.mask is mask and running.lengths == lengths
     decode(lm, running, [5, 6], ["a", "b"])  # the batch still runs
     assert all(layer.keys.shape[0] == 2 for layer in running.cache.layers)
+
+
+def test_dropping_an_aborted_row_that_fails_fails_the_running_rows_not_the_engine(lm, monkeypatch):
+    """Dropping an aborted row copies the other rows' KV cache (``KVBatch.select``), outside the steps the loop
+    guarded: an allocation failing there (out of memory) stopped the engine for good (``failure`` set, every
+    later request a 503 until a restart). The running rows end with ``error`` and the engine goes on."""
+    from lordba.serve.batch import KVBatch
+
+    engine = Engine(lm, char_tokenizer(), max_batch=4)
+    left, other = Collector(), Collector()
+    params = SamplingParams(200, temperature=0.0, ignore_eos=True)
+    leaving = Request(prompts(5)[0], "a", params, left.sink, left.on_done)
+    staying = Request(prompts(4)[0], "b", params, other.sink, other.on_done)
+    engine.submit(leaving)
+    engine.submit(staying)
+    original = KVBatch.select
+
+    def select(self, keep):
+        if leaving.aborted and keep:  # (keeping no row allocates nothing)
+            raise RuntimeError("CUDA out of memory")
+        return original(self, keep)
+
+    monkeypatch.setattr(KVBatch, "select", select)
+    engine.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(staying.generated) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        engine.abort(leaving)
+        assert left.done.wait(30) and other.done.wait(30)
+        monkeypatch.setattr(KVBatch, "select", original)
+        assert engine.failure is None
+        assert left.last.finish_reason == "abort" and left.released == 1
+        assert other.last.finish_reason == "error" and "out of memory" in other.last.error and other.released == 1
+        after = Collector()
+        engine.submit(Request(prompts(4)[0], "a", SamplingParams(3, temperature=0.0), after.sink, after.on_done))
+        assert after.done.wait(30) and after.last.finish_reason in ("length", "stop")
+    finally:
+        engine.shutdown()

@@ -199,7 +199,7 @@ class Engine:
                 self._admitting = len(new)
             for req in aborted:
                 self._finish(req, "abort")
-            self._drop_aborted()
+            self._guarded(list(self._running), self._drop_aborted)  # (its KV copy may fail: out of memory)
             if new:
                 self._guarded(new, self._prefill, new)
             with self._cond:
