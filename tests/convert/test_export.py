@@ -369,3 +369,23 @@ def test_the_export_wraps_in_peft_only_the_layers_the_adapter_has(tmp_path, inpu
         ours, theirs = logits(lm, input_ids), logits(peft.eval(), input_ids)
         assert (theirs - ours).abs().max() < 1e-4, name
     assert json.loads((tmp_path / "layers" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+
+
+def test_a_classifier_export_loads_in_peft_beside_a_module_its_name_is_a_suffix_of(tmp_path, input_ids):
+    """PEFT matches ``modules_to_save`` (and the ``classifier`` / ``score`` it adds for ``SEQ_CLS``) to a plain
+    suffix of the path, so on DistilBERT it also wraps ``pre_classifier``, and no entry can leave it out: a SEQ_CLS
+    export lacked its tensors and ``PeftModel.from_pretrained`` failed (``KeyError:
+    'base_model.model.pre_classifier.weight'``). An export from the model carries that module's base tensors."""
+    torch.manual_seed(2)
+    cfg = LoRDBAConfig(r=2, alpha=4, init="random", target_modules=["q_lin", "v_lin"], task_type="SEQ_CLS")
+    lm = get_lordba_model(_distilbert(), cfg)
+    with torch.no_grad():
+        lm.base_model.classifier.lordba_saved["default"].weight.add_(torch.randn(3, 32))
+    export_lora(lm, tmp_path / "cls", dtype="float32")
+    assert json.loads((tmp_path / "cls" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    back = PeftModel.from_pretrained(_distilbert(), tmp_path / "cls").eval()
+    ids = input_ids % 100
+    with torch.no_grad():
+        ours, theirs, base = lm.eval()(input_ids=ids).logits, back(input_ids=ids).logits, _distilbert()(ids).logits
+    assert (ours - base).abs().max() > 0.1
+    assert (theirs - ours).abs().max() < 1e-5

@@ -24,6 +24,7 @@ import torch
 
 from lordba._util.dtypes import DTYPES
 from lordba._util.files import check_path
+from lordba.config import TASK_HEADS
 from lordba.core.packing import unpack_signs
 from lordba.core.scales import get_codec
 from lordba.errors import ConfigError, ConversionError
@@ -83,9 +84,12 @@ def export_lora(
             tensors[peft_lora_key(path, factor)] = _in_range(value, dtype, f"{path}.lora_{factor}")
     tensors.update(peft_extras(adapter))
     targets = sorted({target_name(p) for p in adapter.modules})
+    task_type = config.task_type or _default_task_type(model_or_dir)
+    peft_saved = [*saved_module_paths(adapter), *TASK_HEADS.get(task_type or "", ())]  # (PEFT adds the heads)
+    tensors.update(_suffix_matched_base_modules(model_or_dir, peft_saved, tensors))
     peft_config = {
         "peft_type": "LORA",
-        "task_type": config.task_type or _default_task_type(model_or_dir),
+        "task_type": task_type,
         "base_model_name_or_path": config.base_model_name_or_path,
         "r": rank,
         "lora_alpha": config.alpha,
@@ -147,6 +151,27 @@ def saved_module_paths(adapter: AdapterState) -> list[str]:
         if ends:
             found.append(".".join(parts[: min(ends)]))  # the outermost saved module holding the tensor
     return sorted(set(found))
+
+
+def _suffix_matched_base_modules(model: object, entries: list[str], tensors: dict) -> dict[str, torch.Tensor]:
+    """The base tensors of the modules PEFT also wraps for ``entries`` (the export's ``modules_to_save`` and the
+    heads PEFT adds for its ``task_type``) that the export does not carry, for a ``LoRDBAModel``: PEFT matches an entry
+    to a plain suffix of the path, and there is no entry for DistilBERT's ``classifier`` (which ``SEQ_CLS`` adds) that
+    leaves out its ``pre_classifier``, whose tensors PEFT's load then needs (``KeyError``). They are the base's own
+    (frozen, unchanged): PEFT's outputs stay the adapter's. None for a saved directory (no base)."""
+    from lordba.nn.model import LoRDBAModel
+
+    if not isinstance(model, LoRDBAModel) or not entries:
+        return {}
+    out = {}
+    for name, module in model.get_base_model().named_modules():
+        prefix = f"base_model.model.{name}."
+        if not name or not any(name.endswith(e) for e in entries) or any(k.startswith(prefix) for k in tensors):
+            continue
+        if any(type(sub).__module__.startswith("lordba.") for sub in module.modules()):
+            continue  # an adapted, saved or quantized module: not a plain base module PEFT can take the tensors of
+        out.update({prefix + k: v.detach().contiguous() for k, v in module.state_dict().items()})
+    return out
 
 
 def peft_extras(adapter: AdapterState) -> dict[str, torch.Tensor]:
