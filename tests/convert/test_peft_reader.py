@@ -234,3 +234,22 @@ def test_a_lora_on_lm_head_converts_from_its_directory_as_from_its_peft_model(tm
     _, emb = peft_adapter(tmp_path, name="emb", target_modules=["q_proj", "embed_tokens"])
     with pytest.raises(ConversionError, match=r"not linear LoRA factors: .*embed_tokens"):
         read_lora(emb)  # an embedding LoRA still is refused, its base weight with it
+
+
+def test_a_lora_saved_with_ensure_weight_tying_is_refused_naming_that_field(tmp_path):
+    """PEFT's ``ensure_weight_tying=True`` on a tied model adds a LoRA (or a saved copy) to the embedding tied to
+    the targeted head: the conversion refused those tensors as "not linear LoRA factors" without naming the field
+    that put them there, or what to do. It names it, in the directory's and the PeftModel's error alike."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=True)).eval()
+    config = LoraConfig(r=2, target_modules=["q_proj", "lm_head"], ensure_weight_tying=True, init_lora_weights=False)
+    model = get_peft_model(model, config)
+    model.save_pretrained(tmp_path / "tied")
+    for source in (tmp_path / "tied", model):
+        with pytest.raises(ConversionError, match=r"ensure_weight_tying=True.*ensure_weight_tying=False"):
+            read_lora(source)
+    assert "embed_tokens" not in str(read_lora(tmp_path / "tied", skip_unsupported=True).layers)

@@ -206,6 +206,17 @@ def _unsupported(names: list[str], where: str, skip: bool, why: str) -> None:
     warnings.warn(f"{where}: leaving out {why}: {shown}", stacklevel=3)
 
 
+def _tying(cfg: dict[str, Any]) -> str:
+    """What an adapter saved with ``ensure_weight_tying`` adds to the reason its extra tensors are refused."""
+    if not cfg.get("ensure_weight_tying"):
+        return ""
+    return (
+        " (ensure_weight_tying=True: PEFT added copies for the embedding / output head tied to the adapter's, which "
+        "a LoRDBA adapter cannot tie: convert an adapter trained with ensure_weight_tying=False, or leave them out "
+        "and the tied module keeps its base weights)"
+    )
+
+
 def read_peft_dir(
     source: str | Path, adapter_name: str = "default", allow_pickle: bool = False, skip_unsupported: bool = False
 ) -> LoraAdapter:
@@ -247,7 +258,7 @@ def read_peft_dir(
             "(save_embedding_layers); the converted adapter applies to the base model's own weights",
             stacklevel=2,
         )
-    _unsupported(other, where, skip_unsupported, "tensors that are not linear LoRA factors")
+    _unsupported(other, where, skip_unsupported, "tensors that are not linear LoRA factors" + _tying(cfg))
     full = {"r": r, "lora_alpha": alpha, "use_rslora": rslora, **_patterns(cfg)}
     layers = {}
     for path in sorted(factors):
@@ -372,10 +383,10 @@ def read_peft_model(model: Any, adapter_name: str | None = None, skip_unsupporte
         layer.alpha = float(module.lora_alpha[name])
         layer.scaling = float(module.scaling[name])
         layers[path] = layer
-    _unsupported(sorted(set(other)), where, skip_unsupported, "modules that are not linear LoRA layers")
+    _unsupported(sorted(set(other)), where, skip_unsupported, "modules that are not linear LoRA layers" + _tying(cfg))
     inside = tuple(f"base_model.model.{path}." for path in other)  # their tensors: named above
     rest = [key for key in rest if not key.startswith(inside)]
-    _unsupported(rest, where, skip_unsupported, "tensors that are not linear LoRA factors")  # as a directory's
+    _unsupported(rest, where, skip_unsupported, "tensors that are not linear LoRA factors" + _tying(cfg))
     if not layers:
         raise ConversionError(f"{where}: no LoRA linear layers found")
     base = cfg.get("base_model_name_or_path")
