@@ -389,3 +389,26 @@ def test_a_classifier_export_loads_in_peft_beside_a_module_its_name_is_a_suffix_
         ours, theirs, base = lm.eval()(input_ids=ids).logits, back(input_ids=ids).logits, _distilbert()(ids).logits
     assert (ours - base).abs().max() > 0.1
     assert (theirs - ours).abs().max() < 1e-5
+
+
+def test_an_export_of_gpt2_conv1d_layers_says_fan_in_fan_out(tmp_path, recwarn):
+    """GPT-2's attention and MLP layers are ``Conv1D`` (weight ``in × out``): the export of a LoRDBAModel's adapter
+    on them wrote ``fan_in_fan_out: false`` and PEFT warned on every load ("fan_in_fan_out is set to False but the
+    target module is `Conv1D`") before setting it true. It writes true, and PEFT's outputs are lordba's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=101, n_positions=32)).eval()
+
+    torch.manual_seed(2)
+    lm = get_lordba_model(gpt2(), LoRDBAConfig(r=2, alpha=4, init="random", target_modules=["c_attn", "c_fc"]))
+    export_lora(lm, tmp_path / "out", dtype="float32")
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    recwarn.clear()
+    back = PeftModel.from_pretrained(gpt2(), tmp_path / "out").eval()
+    assert not [w for w in recwarn if "fan_in_fan_out" in str(w.message)]
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    ours, theirs, base = logits(lm.eval(), ids), logits(back, ids), logits(gpt2(), ids)
+    assert (ours - base).abs().max() > 0.01
+    assert (theirs - ours).abs().max() < 1e-5

@@ -101,7 +101,7 @@ def export_lora(
         "modules_to_save": saved_module_paths(adapter) or None,
         "use_rslora": False,
         "use_dora": False,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": _all_conv1d(model_or_dir, adapter),
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -200,6 +200,20 @@ def _default_task_type(model_or_dir: object) -> str | None:
         base = model_or_dir.get_base_model()
         return "CAUSAL_LM" if callable(getattr(base, "prepare_inputs_for_generation", None)) else None
     return "CAUSAL_LM"
+
+
+def _all_conv1d(model: object, adapter: AdapterState) -> bool:
+    """PEFT's ``fan_in_fan_out``: whether every adapted layer of a ``LoRDBAModel`` is a GPT-2-family ``Conv1D``
+    (weight ``in × out``); PEFT warned on loading an export written with false and set it true itself. False for a
+    saved adapter (no record of its base's layer types: PEFT corrects it, with its warning)."""
+    from lordba.nn.model import LoRDBAModel
+
+    if not isinstance(model, LoRDBAModel) or not adapter.modules:
+        return False
+    base = model.get_base_model()
+    return all(
+        getattr(getattr(base.get_submodule(p), "backend", None), "name", None) == "conv1d" for p in adapter.modules
+    )
 
 
 def _warn_quantized_base(quantization: dict | None) -> None:
