@@ -412,3 +412,28 @@ def test_an_export_of_gpt2_conv1d_layers_says_fan_in_fan_out(tmp_path, recwarn):
     ours, theirs, base = logits(lm.eval(), ids), logits(back, ids), logits(gpt2(), ids)
     assert (ours - base).abs().max() > 0.01
     assert (theirs - ours).abs().max() < 1e-5
+
+
+def test_overwrite_replaces_the_exports_files_and_keeps_the_others(tmp_path):
+    """``export_lora(..., overwrite=True)`` (``lordba export-lora --overwrite``) swapped in a new directory, deleting
+    what a user had put beside the export (a README, tokenizer files); ``save_pretrained`` replaces only its own
+    files. The export's two files are replaced, the rest kept, and a failed export changes nothing."""
+    source = _saved_adapter(tmp_path / "adapter")
+    out = tmp_path / "out"
+    export_lora(source, out, dtype="float32")
+    (out / "README.md").write_text("my card\n")
+    (out / "tokenizer").mkdir()
+    (out / "tokenizer" / "tokenizer.json").write_text("{}")
+    export_lora(source, out, overwrite=True)
+    assert (out / "README.md").read_text() == "my card\n"
+    assert (out / "tokenizer" / "tokenizer.json").read_text() == "{}"
+    first = (out / "adapter_model.safetensors").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer",
+    ]
+    with pytest.raises(ConversionError, match="float16"):
+        export_lora(_saved_adapter(tmp_path / "large", scale=1e6), out, overwrite=True)
+    assert (out / "adapter_model.safetensors").read_bytes() == first and (out / "README.md").is_file()

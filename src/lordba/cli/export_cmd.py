@@ -15,7 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output directory for the PEFT LoRA adapter")
     p.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default="float16", help="factor dtype (default float16)")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace OUT if it exists (never the input or one of its parents)"
+        "--overwrite",
+        action="store_true",
+        help="replace the export's files in OUT if it exists, keeping its other files (never the input or a parent)",
     )
 
 

@@ -17,6 +17,8 @@ that PEFT, vLLM, LoRAX and lm-eval's ``peft=`` load. It needs no base model.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from lordba.core.packing import unpack_signs
 from lordba.core.scales import get_codec
 from lordba.errors import ConfigError, ConversionError
 from lordba.format.adapter import AdapterState, ModuleRecord, read_adapter
-from lordba.format.atomic import atomic_directory
+from lordba.format.atomic import TMP_MARK, _link_or_copy, atomic_directory
 from lordba.format.sizes import peft_lora_key
 from lordba.format.tensorfile import to_bytes
 
@@ -63,9 +65,11 @@ def export_lora(
     :class:`ConversionError` if a factor does not fit ``dtype`` (float16 tops out at 65504: use ``bfloat16`` or
     ``float32``) or a factor or a tensor trained in full holds NaN or infinite values;
     :class:`~lordba.errors.LoRDBAError` for an output that exists (without ``overwrite``) or whose
-    replacement would delete the input adapter directory or the current directory. Warns (``UserWarning``) for an
-    adapter trained on a quantized base (its ``base_quantization``): the exported ΔW is fit to that base, and
-    a plain LoRA carries no record of it (a runtime serving the float base gives other outputs)."""
+    replacement would delete the input adapter directory or the current directory. ``overwrite`` replaces the
+    export's two files in an existing ``out_dir`` at once and keeps its other files (a README, tokenizer files).
+    Warns (``UserWarning``) for an adapter trained on a quantized base (its ``base_quantization``): the exported
+    ΔW is fit to that base, and a plain LoRA carries no record of it (a runtime serving the float base gives other
+    outputs)."""
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
     check_path(out_dir, "export_lora: out_dir")
@@ -116,7 +120,25 @@ def export_lora(
     with atomic_directory(out_dir, overwrite=overwrite, keep=keep) as tmp:
         (tmp / "adapter_model.safetensors").write_bytes(to_bytes(tensors, {"format": "pt"}))
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
+        _carry_over(Path(out_dir), tmp)
     return Path(out_dir)
+
+
+def _carry_over(out: Path, tmp: Path) -> None:
+    """Put in ``tmp`` (hard links, or copies where there are none) every entry of the existing output ``out`` but
+    the export's own files: ``overwrite`` replaces what the export writes, as ``save_pretrained`` does, and keeps
+    what a user put beside it (a README, tokenizer files), which the swap of the whole directory deleted."""
+    if not out.is_dir():
+        return
+    for entry in out.iterdir():
+        if (tmp / entry.name).exists() or TMP_MARK in entry.name:
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), tmp / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, tmp / entry.name)
 
 
 def target_name(path: str) -> str:
