@@ -93,7 +93,7 @@ def _saved_adapter(directory, scale=1.0):
 
 
 def test_float16_export_refuses_factors_beyond_its_range(tmp_path):
-    source = _saved_adapter(tmp_path / "adapter", scale=1e6)
+    source = _saved_adapter(tmp_path / "adapter", scale=1e12)
     with pytest.raises(ConversionError, match=r"exceeds float16's range.*bfloat16"):
         export_lora(source, tmp_path / "out16")
     assert not (tmp_path / "out16").exists()
@@ -435,5 +435,26 @@ def test_overwrite_replaces_the_exports_files_and_keeps_the_others(tmp_path):
         "tokenizer",
     ]
     with pytest.raises(ConversionError, match="float16"):
-        export_lora(_saved_adapter(tmp_path / "large", scale=1e6), out, overwrite=True)
+        export_lora(_saved_adapter(tmp_path / "large", scale=1e12), out, overwrite=True)
     assert (out / "adapter_model.safetensors").read_bytes() == first and (out / "README.md").is_file()
+
+
+def test_a_float16_export_balances_large_output_scales_against_small_input_scales(tmp_path, input_ids):
+    """``lora_B`` carried the output scales ``a`` and ``lora_A`` the input scales ``b``: an adapter with ``a`` 2e5 and
+    ``b`` 1e-5 (``ΔW`` entries ~2) was refused in float16 ("lora_B ... 2e+05 exceeds float16's range"). The factors
+    are scaled to the same largest entry: the float16 export loads in PEFT with the float32 export's outputs."""
+    torch.manual_seed(0)
+    lm = get_lordba_model(
+        tiny_llama(0), LoRDBAConfig(r=2, init="random", target_modules=["q_proj"], scale_dtype="float32")
+    )
+    state = lm.adapter_state("default")
+    for rec in state.modules.values():
+        rec.tensors["scale_out"] = torch.full_like(rec.tensors["scale_out"], 2e5)
+        rec.tensors["scale_in"] = torch.full_like(rec.tensors["scale_in"], 1e-5)
+    export_lora(state, tmp_path / "f32", dtype="float32")
+    export_lora(state, tmp_path / "f16", dtype="float16")
+    ref = logits(PeftModel.from_pretrained(tiny_llama(0), tmp_path / "f32"), input_ids)
+    half = logits(PeftModel.from_pretrained(tiny_llama(0), tmp_path / "f16"), input_ids)
+    effect = (ref - logits(tiny_llama(0), input_ids)).abs().max()
+    assert effect > 0.05
+    assert bool(torch.isfinite(half).all()) and (half - ref).abs().max() < 0.01 * effect

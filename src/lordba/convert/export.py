@@ -3,20 +3,21 @@
     lora_B = diag(a) S_B diag(√|m|·sign m),   lora_A = diag(√|m|) S_A diag(b),   lora_alpha = alpha
 
 so PEFT's ``lora_alpha / r`` equals LoRDBA's ``s`` and ``lora_B @ lora_A * s`` is exactly ΔW up to
-the export dtype. Splitting ``m`` evenly keeps both factors in range for fp16. An adapter with
-per-module ranks or alphas (``rank_pattern``, ``alpha_pattern``, a ``--target-bpw`` allocation, a
-``cat`` combination) is written at one rank, its largest (factors zero-padded), with one scaling
-``alpha / r``, each module's own ``s`` folded into its factors: vLLM and LoRAX scale every module by
-``lora_alpha / r`` and llama.cpp by ``lora_alpha`` over the tensor's rank, ignoring both patterns. Tensors trained in
-full (``modules_to_save``, the task's head, trained biases) go in as PEFT saves them, in their own
-dtype, with the config's ``bias`` and ``task_type`` and the saved modules' paths as ``modules_to_save``. The output is a
-standard directory (``adapter_config.json`` with ``peft_type: "LORA"``, ``adapter_model.safetensors``)
-that PEFT, vLLM, LoRAX and lm-eval's ``peft=`` load. It needs no base model.
+the export dtype. Splitting ``m`` evenly, and scaling ``A`` and ``B`` by a power of two to about the same
+largest entry, keeps both factors in range for fp16. An adapter with per-module ranks or alphas
+(``rank_pattern``, ``alpha_pattern``, a ``--target-bpw`` allocation, a ``cat`` combination) is written at one
+rank, its largest (factors zero-padded), with one scaling ``alpha / r``, each module's own ``s`` folded into its
+factors: vLLM and LoRAX scale every module by ``lora_alpha / r`` and llama.cpp by ``lora_alpha`` over the tensor's
+rank, ignoring both patterns. Tensors trained in full (``modules_to_save``, the task's head, trained biases) go in
+as PEFT saves them, in their own dtype, with the config's ``bias`` and ``task_type`` and the saved modules' paths
+as ``modules_to_save``. The output is a standard directory (``adapter_config.json`` with ``peft_type: "LORA"``,
+``adapter_model.safetensors``) that PEFT, vLLM, LoRAX and lm-eval's ``peft=`` load. It needs no base model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import warnings
@@ -84,6 +85,7 @@ def export_lora(
         ratio = (config.alpha_for(path) * rank) / (config.alpha * rec.r)
         if ratio != 1.0:
             lora_A, lora_B = lora_A * ratio**0.5, lora_B * ratio**0.5
+        lora_A, lora_B = _balanced(lora_A, lora_B)
         for factor, value in (("A", lora_A), ("B", lora_B)):
             tensors[peft_lora_key(path, factor)] = _in_range(value, dtype, f"{path}.lora_{factor}")
     tensors.update(peft_extras(adapter))
@@ -150,6 +152,18 @@ def target_name(path: str) -> str:
     while start > 0 and parts[start].isdigit():
         start -= 1
     return ".".join(parts[start:])
+
+
+def _balanced(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lora_A · c, lora_B / c)`` with largest entries within a factor of 2 of each other (the same ``B A``): the
+    output scales ``a`` sit in ``B`` and the input scales ``b`` in ``A``, so an adapter with large ``a`` and small
+    ``b`` overflowed float16 in ``B`` (or lost its precision in ``A``) while ``B A`` fit. ``c`` is a power of two:
+    exact, so float16-representable factors stay so."""
+    peak_a, peak_b = float(lora_A.abs().max()), float(lora_B.abs().max())
+    if not (peak_a > 0 and peak_b > 0 and math.isfinite(peak_a) and math.isfinite(peak_b)):
+        return lora_A, lora_B  # (zero or non-finite: left to _in_range)
+    c = 2.0 ** round(math.log2(peak_b / peak_a) / 2)
+    return lora_A * c, lora_B / c
 
 
 def _at_rank(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
