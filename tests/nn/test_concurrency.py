@@ -509,3 +509,18 @@ def lock_letting_another_thread_in_first(kind: str, action):
             return self.hold(super().write) if kind == "write" else super().write()
 
     return Watched()
+
+
+def test_trainable_parameter_counts_are_taken_under_the_read_lock(tmp_path):
+    """get_nb_trainable_parameters (and print_trainable_parameters, get_model_status) walk the parameters under the
+    read lock: an adapter another thread deletes meanwhile waits for the walk or is counted gone. Was: no lock; with
+    a thread adding / deleting adapters the walk raised RuntimeError: dictionary changed size during iteration."""
+    lm = model_with_adapters(tmp_path)
+    lm.delete_adapter("b")
+    expected = lm.get_nb_trainable_parameters()
+    lm.add_adapter("b", LoRDBAConfig(r=4, init="random", target_modules=["q_proj", "down_proj"]))
+    assert lm.get_nb_trainable_parameters() != expected
+
+    lm._lock = lock = lock_letting_another_thread_in_first("read", lambda: lm.delete_adapter("b"))
+    assert lm.get_nb_trainable_parameters() == expected
+    assert not lock.first

@@ -90,8 +90,10 @@ class StatusMixin:
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable parameters, all parameters)``; a quantized base layer counts as the ``in × out`` weights it
         stands for (as PEFT counts a bnb 4-bit weight), whether it holds them as buffers (q4, HQQ) or packed."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters()) + _quantized_weights(self.base_model)
+        with self._lock.read():  # one walk of one state: another thread may add or delete an adapter meanwhile
+            params = list(self.parameters())
+            quantized = _quantized_weights(self.base_model)
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
     def print_trainable_parameters(self) -> None:
         """Print trainable, total and the trainable share of the parameters (PEFT's format)."""
