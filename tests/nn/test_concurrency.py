@@ -524,3 +524,38 @@ def test_trainable_parameter_counts_are_taken_under_the_read_lock(tmp_path):
     lm._lock = lock = lock_letting_another_thread_in_first("read", lambda: lm.delete_adapter("b"))
     assert lm.get_nb_trainable_parameters() == expected
     assert not lock.first
+
+
+def test_merge_adapter_is_refused_while_another_thread_is_in_a_disable_adapter_block(tmp_path, input_ids):
+    """A disable_adapter block of any thread refuses merge_adapter (nothing merged): a merged update cannot be turned
+    off. Was: only the block's own thread was refused; another thread's merge went through and the block's next
+    forward failed (AdapterStateError: adapters are merged into the base) inside a block it had opened fine."""
+    lm = model_with_adapters(tmp_path)
+    want_adapter, want_base = adapter_and_base_logits(lm, input_ids)
+    errors = []
+
+    def merge():
+        try:
+            lm.merge_adapter()
+        except AdapterStateError as e:
+            errors.append(str(e))
+
+    with lm.disable_adapter():
+        run_threads(merge)
+        assert torch.equal(logits(lm, input_ids), want_base)
+    assert errors and "another thread is in a disable_adapter() block" in errors[0]
+    assert not any(layer.merged for _, layer in lm._lordba_layers())
+    assert torch.equal(logits(lm, input_ids), want_adapter)
+
+
+def test_a_disable_adapter_block_closed_by_another_thread_ends_in_the_thread_that_opened_it(tmp_path, input_ids):
+    """A block entered in one thread and closed in another (a context manager handed over, a generator finished by
+    another worker) ends for the thread that opened it. Was: the close raised ValueError (a token of another
+    context) and the opening thread's calls kept running the base alone, silently, after the block was over."""
+    lm = model_with_adapters(tmp_path)
+    want_adapter, _ = adapter_and_base_logits(lm, input_ids)
+    block = lm.disable_adapter()
+    block.__enter__()
+    run_threads(lambda: block.__exit__(None, None, None))
+    assert torch.equal(logits(lm, input_ids), want_adapter)
+    lm.merge_adapter()  # (no block left open: not refused)

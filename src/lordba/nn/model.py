@@ -43,7 +43,7 @@ from lordba.nn.lock import RWLock
 from lordba.nn.merge import name_list
 from lordba.nn.model_files import AdapterFilesMixin
 from lordba.nn.model_forms import AdapterFormsMixin
-from lordba.nn.model_merge import MergeMixin
+from lordba.nn.model_merge import DisableBlock, MergeMixin, in_disable_block
 from lordba.nn.model_peft import PeftFeaturesMixin
 from lordba.nn.routing import BASE_ROW, DISABLED, RoutingGate, routing
 from lordba.nn.structure import resolve
@@ -273,17 +273,20 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
         block (a thread pool's, ``generate`` with a streamer on a ``threading.Thread``) does not inherit it: its calls
         want the adapters and wait, so waiting for them inside the block never ends; run them in the block's context
         (``contextvars.copy_context().run``, ``asyncio.to_thread``) to have them run the base."""
-        with self._lock.read():  # (another thread loading adapters changes the module dicts the walk reads)
-            merged = any(layer.merged for _, layer in self._lordba_layers())
-        if merged:
-            raise AdapterStateError("adapters are merged into the base: unmerge_adapter() before disabling them")
-        disabled = routing(None, True, None)
-        token = DISABLED.set(DISABLED.get() | {self._gate})  # this model's calls only
+        block = DisableBlock(self._gate)  # this model's calls only
+        token = DISABLED.set(DISABLED.get() | {block})
         try:
-            with self._gate.enter(disabled, block=True):
+            with self._gate.enter(routing(None, True, None), block=True):
+                with self._lock.read():  # checked in the gate: a merge (another thread's) sees the block or it
+                    if any(layer.merged for _, layer in self._lordba_layers()):
+                        raise AdapterStateError(
+                            "adapters are merged into the base: unmerge_adapter() before disabling them"
+                        )
                 yield
         finally:
-            DISABLED.reset(token)
+            block.open = False  # ends it in its context also when another thread closes it (no reset there)
+            with contextlib.suppress(ValueError):  # (a token of another context)
+                DISABLED.reset(token)
 
     # ------------------------------------------------------------------ forward
     @contextlib.contextmanager
@@ -299,7 +302,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
                 raise ConfigError("adapter_names must be a list with one adapter name (a string) per batch row")
             names = tuple(n for n in adapter_names for _ in range(expand))
             inputs = tuple(adapter_names) if expand > 1 else None
-        call = routing(None, self._gate in DISABLED.get(), names, inputs)
+        call = routing(None, in_disable_block(self._gate), names, inputs)
         if (names is not None or call.disabled) and torch.is_grad_enabled() and self._checkpointing():
             raise AdapterStateError(
                 "adapter_names or a disable_adapter() block in a training call with gradient checkpointing: the "

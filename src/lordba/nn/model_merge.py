@@ -11,7 +11,21 @@ from torch import nn
 from lordba._util.modules import replace_submodule
 from lordba.errors import AdapterStateError
 from lordba.nn.merge import merge_layers, merge_names
-from lordba.nn.routing import DISABLED
+from lordba.nn.routing import DISABLED, RoutingGate
+
+
+class DisableBlock:
+    """One open ``disable_adapter`` block of a model, as :data:`~lordba.nn.routing.DISABLED` carries it in the
+    block's context. Closing the block marks it closed, so a context the block's end cannot reset (the block
+    closed from another thread) stops running the base too."""
+
+    def __init__(self, gate: RoutingGate) -> None:
+        self.gate, self.open = gate, True
+
+
+def in_disable_block(gate: RoutingGate) -> bool:
+    """Whether this thread (asyncio task) is in an open ``disable_adapter`` block of the model of ``gate``."""
+    return any(block.gate is gate and block.open for block in DISABLED.get())
 
 
 class MergeMixin:
@@ -27,13 +41,16 @@ class MergeMixin:
         Raises:
             AdapterStateError: an unknown adapter name, a weight offloaded or tied to another module's
                 (:func:`~lordba.nn.merge.merge_layers`), ``safe_merge`` found non-finite ones (nothing stays merged),
-                or the adapters are disabled (``disable_adapter_layers()``, a ``disable_adapter()`` block): a merged
-                update cannot be turned off, so the next forward would fail (nothing is merged).
+                or the adapters are disabled (``disable_adapter_layers()``, a ``disable_adapter()`` block of any
+                thread): a merged update cannot be turned off, so the block's next forward would fail (nothing is
+                merged).
         """
         with self._lock.write():
             names = merge_names(adapter_names, self._active, self.peft_config)
-            if self._layers_disabled or self._gate in DISABLED.get():
+            if self._layers_disabled or self._gate._blocks:  # a block of any thread: its calls would fail
                 how = "disable_adapter_layers()" if self._layers_disabled else "in a disable_adapter() block"
+                if not self._layers_disabled and not in_disable_block(self._gate):
+                    how = "another thread is in a disable_adapter() block"
                 raise AdapterStateError(
                     f"merge_adapter: the adapters are disabled ({how}) and a merged adapter cannot be; "
                     "enable_adapter_layers() (or leave the block) before merging"
