@@ -142,6 +142,22 @@ def test_a_save_of_several_adapters_that_one_cannot_take_writes_none(tmp_path):
     assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
 
 
+def test_a_save_of_several_adapters_whose_later_folder_cannot_be_made_writes_none(tmp_path):
+    """Every adapter's folder is made and checked before any adapter is written. Was: "default" was written into the
+    save directory, then the folder of "chat" could not be created (a file of that name there): LoRDBAError, and the
+    directory held a new "default" beside no "chat" (a half-done save)."""
+    from lordba import LoRDBAError
+
+    lm = randomized()
+    lm.add_adapter("code", LoRDBAConfig(r=2, init="random", target_modules=["q_proj"]))
+    lm.add_adapter("chat", LoRDBAConfig(r=2, init="random", target_modules=["q_proj"]))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "chat").write_text("a file, not a folder")
+    with pytest.raises(LoRDBAError, match="chat: cannot create the directory"):
+        lm.save_pretrained(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["chat"]  # (the folder made for "code" removed)
+
+
 def test_mixed_batch_matches_per_adapter_runs(tmp_path, input_ids):
     lm = randomized()
     lm.save_pretrained(tmp_path / "a")

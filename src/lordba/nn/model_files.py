@@ -10,6 +10,7 @@ Saving writes a model card (``README.md``) beside the adapter; ``push_to_hub`` u
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
 from collections.abc import Callable, Sequence
@@ -24,8 +25,9 @@ from lordba._util.modules import frozen_unless_failed
 from lordba._util.state import ordinary_tensors
 from lordba.config import LoRDBAConfig
 from lordba.core.scales import get_codec
-from lordba.errors import AdapterFormatError, AdapterStateError, ConfigError, ShapeMismatchError
+from lordba.errors import AdapterFormatError, AdapterStateError, ConfigError, LoRDBAError, ShapeMismatchError
 from lordba.format import adapter as adapter_files
+from lordba.format.atomic import _ensure_writable_dir as ensure_writable_dir
 from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter
 from lordba.nn.hub import resolve_adapter_dir, upload_adapter_folder, write_model_card
 from lordba.nn.layer import adapter_device
@@ -118,8 +120,9 @@ class AdapterFilesMixin:
                 except AdapterFormatError as err:
                     raise AdapterFormatError(f"save_pretrained: adapter {name!r}: {err}") from None
                 saves.append((name, state.config, files))
-            for name, config, files in saves:
-                directory = Path(save_directory) if name == "default" else Path(save_directory) / name
+            folders = [Path(save_directory) if name == "default" else Path(save_directory) / name for name, *_ in saves]
+            _make_folders(folders)  # every folder made and checked before any is written: all adapters, or none
+            for (name, config, files), directory in zip(saves, folders):
                 adapter_files.commit_adapter(directory, files)
                 if card:
                     write_model_card(directory, config, repo_id, None if name == "default" else name, revision)
@@ -362,6 +365,19 @@ class AdapterFilesMixin:
             wrapper.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **hub)
         wrapper.set_adapter(adapter_name)
         return wrapper
+
+
+def _make_folders(folders: list[Path]) -> None:
+    """Create (or check) every folder a save writes; if one cannot be made or written, remove those made here."""
+    made = [f for f in dict.fromkeys(folders) if not f.exists()]
+    try:
+        for folder in dict.fromkeys(folders):
+            ensure_writable_dir(folder)
+    except LoRDBAError:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _selected(selected_adapters: str | Sequence[str] | None, known: dict[str, Any]) -> list[str]:
