@@ -119,7 +119,7 @@ def test_a_safe_merge_refused_after_requantizing_leaves_every_layer_as_it_was(in
     before, want = _bases(lm), logits(lm, input_ids)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MergeRequantizationWarning)
-        with pytest.raises(AdapterStateError, match=r"safe_merge.*'b'.*layers.0.self_attn.q_proj"):
+        with pytest.raises(AdapterStateError, match=r"'b'.*layers.0.self_attn.q_proj.*(NaN|float16)"):
             lm.merge_adapter(safe_merge=True)
         assert _bases(lm) == before
         assert torch.equal(logits(lm, input_ids), want)
@@ -128,7 +128,7 @@ def test_a_safe_merge_refused_after_requantizing_leaves_every_layer_as_it_was(in
         _scales(lm, "b", "model.layers.0.self_attn.q_proj", 0.1)
         _scales(lm, "b", "model.layers.1.mlp.down_proj")  # refused after layers 0.* took "b"
         merged, want = _bases(lm), logits(lm, input_ids)
-        with pytest.raises(AdapterStateError, match=r"safe_merge.*'b'.*layers.1.mlp.down_proj"):
+        with pytest.raises(AdapterStateError, match=r"'b'.*layers.1.mlp.down_proj.*(NaN|float16)"):
             lm.merge_adapter("b", safe_merge=True)
         assert _bases(lm) == merged
         assert all(layer.merged_adapters == ["default"] for _, layer in lm._lordba_layers())

@@ -220,3 +220,24 @@ def test_a_weight_beyond_float16s_range_on_a_late_layer_leaves_the_model_as_it_w
         quantize_model(model, backend="q4", group_size=32)
     assert dict(model.named_modules()) == layers
     assert not hasattr(model, "lordba_quantization")
+
+
+def test_merging_an_update_beyond_float16s_range_into_a_q4_base_is_refused_and_changes_nothing(input_ids):
+    """Merging requantizes with the float16 check quantize_model applies: an adapter whose merged weight overflows
+    the q4 scales (here the last layer's o_proj, after layer 0's merged fine) is refused, naming the layer, and no
+    layer stays merged. Was: merged, with a warning of an error of inf, and the model gave NaN logits."""
+    from lordba import AdapterStateError
+
+    model = quantize_model(tiny_llama(0), backend="q4", group_size=32)
+    lm = get_lordba_model(model, LoRDBAConfig(r=4, init="random", target_modules=["o_proj"]))
+    adapter = lm.adapter_modules("default")["model.layers.1.self_attn.o_proj"]
+    with torch.no_grad():
+        adapter.scale_mid.mul_(3e4)  # each scale within float16; the update up to ~9e4
+        adapter.scale_in.mul_(3)
+        before = lm(input_ids=input_ids).logits
+    for merge in (lm.merge_adapter, lm.merge_and_unload):
+        with pytest.raises(AdapterStateError, match=r"'default' into model\.layers\.1\.self_attn\.o_proj.*float16"):
+            merge()
+        assert not any(layer.merged for _, layer in lm._lordba_layers())
+        with torch.no_grad():
+            assert torch.equal(lm(input_ids=input_ids).logits, before)

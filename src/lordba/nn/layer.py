@@ -240,7 +240,10 @@ class LoRDBALinear(nn.Module):
                 self.base_layer = self.backend.merge(self.base_layer, delta)
             else:
                 expected = self.backend.dequantize(self.base_layer) + delta
-                merged = self.backend.merge(self.base_layer, delta).train(self.base_layer.training)  # its mode
+                try:
+                    merged = self.backend.merge(self.base_layer, delta).train(self.base_layer.training)  # its mode
+                except AdapterStateError as err:  # (a requantization the base cannot hold)
+                    raise AdapterStateError(f"merging adapter {name!r} into {where}: {err}") from None
                 got = self.backend.dequantize(merged)
                 if safe_merge and not torch.isfinite(got).all():
                     raise AdapterStateError(f"safe_merge: merging adapter {name!r} into {where} gives NaN/Inf weights")

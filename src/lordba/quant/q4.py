@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lordba._util.arena import empty_views, own_storage, own_storages
-from lordba.errors import ConfigError
+from lordba.errors import AdapterStateError, ConfigError
 from lordba.kernels import bound_calls, cpu_available
 from lordba.kernels.q4 import (
     CHUNK,
@@ -312,6 +312,11 @@ class Q4Backend(BaseBackend):
     def merge(self, module: nn.Module, delta: torch.Tensor) -> nn.Module:
         weight = module.dequantize() + delta.float()
         merged = Q4Linear.from_weight(weight, module.bias, module.group_size, bits=module.bits)
+        if not (bool(merged.scale.isfinite().all()) and bool(merged.minus.isfinite().all())):  # quantize_linear_q4's
+            raise AdapterStateError(
+                f"the merged weight (|w| up to {float(weight.abs().max()):.4g}) overflows the q4 base's float16 "
+                "scales and offsets: requantized, it would give NaN (keep the adapter unmerged)"
+            )
         merged.compute = module.compute
         return merged
 
