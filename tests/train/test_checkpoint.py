@@ -178,3 +178,25 @@ def test_pruning_after_a_fallback_resume_keeps_the_checkpoint_just_written(run_d
             train_loop(model(), InterruptAt(rows(), 4, stop=5), settings, run_dir, progress=False)
         assert ckpt(run_dir, 5).is_dir() and not ckpt(run_dir, 4).exists()
         assert train_loop(model(), Batcher(rows(), 4), settings, run_dir, progress=False).resumed_from == 5
+
+
+def test_an_optimizer_built_over_frozen_parameters_too_saves_and_resumes(tmp_path):
+    """An optimizer over ``model.parameters()`` (frozen base included, as many scripts build it) is checkpointed and
+    restored by parameter name: the frozen ones have no state. Was: save_checkpoint raised a bare KeyError (a
+    parameter's id). An optimizer holding a parameter of another model is refused with a TrainingError."""
+    from lordba.train.checkpoint import load_checkpoint, save_checkpoint
+
+    lm, other = model(), model(seed=5)
+    optimizer = torch.optim.AdamW(lm.parameters())
+    ids = torch.arange(6)[None]
+    lm(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    path = save_checkpoint(tmp_path, 1, lm, optimizer, {})
+    resumed = torch.optim.AdamW(other.parameters())
+    load_checkpoint(path, other, resumed)
+    want = {n: optimizer.state[p] for n, p in lm.named_parameters() if p in optimizer.state}
+    got = {n: resumed.state[p] for n, p in other.named_parameters() if p in resumed.state}
+    assert want and sorted(got) == sorted(want)
+    assert all(torch.equal(got[n]["exp_avg"], want[n]["exp_avg"]) for n in want)
+    with pytest.raises(TrainingError, match="not one of the model's"):
+        save_checkpoint(tmp_path, 2, other, optimizer, {})

@@ -50,6 +50,24 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    """Every parameter of ``optimizer`` by name: the model's trainable ones and any frozen ones built in too (no state
+    unless they trained before; theirs is kept by name as well).
+
+    Raises:
+        TrainingError: the optimizer holds a parameter that is not ``model``'s.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in names:
+                raise TrainingError(
+                    f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not one of the model's: "
+                    "build it over the model's parameters"
+                )
+    return names
+
+
 def _flatten_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, dict]:
     """Optimizer state as ``(tensors, json-able structure)``; parameters identified by name."""
     sd = optimizer.state_dict()
@@ -143,8 +161,7 @@ def save_checkpoint(
     and keep only the newest ``keep`` checkpoints up to this one (newer ones, left by a run resumed from an
     older one past them, are not counted). Returns the checkpoint's path."""
     params = _trainable(model)
-    names = {id(p): n for n, p in params.items()}
-    opt_tensors, opt_structure = _flatten_optimizer(optimizer, names)
+    opt_tensors, opt_structure = _flatten_optimizer(optimizer, _param_names(model, optimizer))
     np_state = np.random.get_state()
     meta = {
         "step": step,
@@ -268,11 +285,11 @@ def apply_checkpoint(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.
     for n, p in params.items():
         if saved[n].shape != p.shape:
             raise TrainingError(f"{path}: {n} has shape {tuple(saved[n].shape)}, the model {tuple(p.shape)}")
+    names = _param_names(model, optimizer)  # (checked before anything is restored)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(saved[n])
     meta = ckpt.meta
-    names = {id(p): n for n, p in params.items()}
     _restore_optimizer(optimizer, names, ckpt.optimizer, meta["optimizer"])
     torch.set_rng_state(ckpt.rng["torch"])
     _restore_cuda_rng(ckpt.rng, path)
