@@ -158,6 +158,39 @@ def test_a_save_of_several_adapters_whose_later_folder_cannot_be_made_writes_non
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["chat"]  # (the folder made for "code" removed)
 
 
+def test_a_linear_registered_under_two_names_is_adapted_on_both(input_ids):
+    """A module registered twice (``self.alias = self.proj``) is wrapped once and the wrapper put in both slots, so a
+    call through either name runs the adapter; deleting the adapter, unloading or merging puts the base back in both.
+    Was: only the first path was wrapped; calls through the other bypassed the adapter, silently."""
+    from torch import nn
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.alias = self.proj
+
+        def forward(self, x):
+            return self.proj(x) + self.alias(x)
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    model = Twice()
+    lm = get_lordba_model(model, LoRDBAConfig(r=2, init="random", target_modules=["proj"]))
+    assert model.alias is model.proj and isinstance(model.proj, LoRDBALinear)
+    with torch.no_grad():
+        assert torch.equal(lm(x), 2 * model.proj(x))
+        want = model.proj(x)
+    base = model.proj.base_layer
+    lm.add_adapter("other", LoRDBAConfig(r=2, init="random", target_modules=["proj"]))
+    lm.delete_adapter("other")
+    assert model.alias is model.proj
+    unloaded = lm.merge_and_unload()
+    assert unloaded.alias is unloaded.proj is base
+    with torch.no_grad():
+        assert torch.allclose(unloaded.alias(x), want, atol=1e-5)
+
+
 def test_mixed_batch_matches_per_adapter_runs(tmp_path, input_ids):
     lm = randomized()
     lm.save_pretrained(tmp_path / "a")

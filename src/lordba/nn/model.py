@@ -30,7 +30,7 @@ from torch import nn
 
 from lordba._util.arena import own_storage
 from lordba._util.dtypes import DTYPES
-from lordba._util.modules import frozen_unless_failed, replace_submodule
+from lordba._util.modules import frozen_unless_failed
 from lordba._util.state import ordinary_tensors
 from lordba.config import LoRDBAConfig
 from lordba.core.scales import get_codec
@@ -46,7 +46,7 @@ from lordba.nn.model_forms import AdapterFormsMixin
 from lordba.nn.model_merge import DisableBlock, MergeMixin, in_disable_block
 from lordba.nn.model_peft import PeftFeaturesMixin
 from lordba.nn.routing import BASE_ROW, DISABLED, RoutingGate, routing
-from lordba.nn.structure import resolve
+from lordba.nn.structure import replace_everywhere, resolve
 from lordba.nn.targets import find_targets
 from lordba.quant import BaseBackend, resolve_backend
 
@@ -184,7 +184,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
                 wrapper.gate = self._gate
                 wrapper.disable_adapters = self._layers_disabled
                 wrapper.train(module.training)
-                replace_submodule(self.base_model, path, wrapper)
+                replace_everywhere(self.base_model, path, wrapper)
                 module = wrapper
                 module.set_adapter(self._active)
             if adapter.training != module.training:
@@ -260,7 +260,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
             for path, layer in self._lordba_layers():
                 layer.delete_adapter(adapter_name)
                 if not layer.lordba_adapters:
-                    replace_submodule(self.base_model, path, layer.base_layer)
+                    replace_everywhere(self.base_model, path, layer.base_layer)
             del self.peft_config[adapter_name]
             self._active = tuple(n for n in self._active if n != adapter_name)
             self._sync_saved()

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lordba._util.modules import replace_submodule
 from lordba.errors import AdapterStateError
 from lordba.nn.merge import merge_layers, merge_names
 from lordba.nn.routing import DISABLED, RoutingGate
+from lordba.nn.structure import replace_everywhere
 
 
 class DisableBlock:
@@ -78,7 +78,7 @@ class MergeMixin:
             names = merge_names(adapter_names, self._active, self.peft_config)
             merge_layers(layers, names, safe_merge, self.base_model)
             for path, layer in layers:
-                replace_submodule(self.base_model, path, layer.base_layer)
+                replace_everywhere(self.base_model, path, layer.base_layer)
             self._unwrap_saved(merge=True)  # modules trained in full: the active adapter's copy
             self.peft_config.clear()
             self._active = ()
@@ -89,7 +89,7 @@ class MergeMixin:
         with self._lock.write():
             for path, layer in self._lordba_layers():
                 layer.unmerge()
-                replace_submodule(self.base_model, path, layer.base_layer)
+                replace_everywhere(self.base_model, path, layer.base_layer)
             self._unwrap_saved(merge=False)  # modules trained in full: the originals
             self.peft_config.clear()
             self._active = ()

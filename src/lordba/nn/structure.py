@@ -54,6 +54,15 @@ def resolve(root: nn.Module, path: str) -> nn.Module | None:
     return module
 
 
+def replace_everywhere(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at ``path`` below ``root`` and in every other slot holding the module now there (one module
+    registered under two names, ``self.alias = self.proj``: a call through either runs ``new``)."""
+    old = root.get_submodule(path)
+    slots = [(parent, name) for parent in root.modules() for name, child in parent._modules.items() if child is old]
+    for parent, name in slots:  # (found before any is set: ``new`` may hold ``old``, a wrapper its base)
+        setattr(parent, name, new)
+
+
 class ModuleIndex:
     """``(path, module)`` of the modules of a root that are instances of ``kind``, in
     ``named_modules()`` order, kept until the structure changes (module docstring). Threads may
