@@ -101,12 +101,12 @@ class PlainLinear(BaseBackend):
 
     def merge(self, module: nn.Module, delta: torch.Tensor) -> nn.Module:
         with torch.no_grad():
-            module.weight.add_(delta.to(module.weight.dtype))
+            module.weight.copy_(module.weight + delta)  # summed in float32 (or the weight's wider dtype), rounded once
         return module
 
     def unmerge(self, module: nn.Module, delta: torch.Tensor) -> nn.Module:
         with torch.no_grad():
-            module.weight.sub_(delta.to(module.weight.dtype))
+            module.weight.copy_(module.weight - delta)
         return module
 
     def bits_per_weight(self, module: nn.Module) -> float:
