@@ -43,9 +43,9 @@ from lordba.nn.lock import RWLock
 from lordba.nn.merge import name_list
 from lordba.nn.model_files import AdapterFilesMixin
 from lordba.nn.model_forms import AdapterFormsMixin
-from lordba.nn.model_merge import DisableBlock, MergeMixin, in_disable_block
+from lordba.nn.model_merge import MergeMixin
 from lordba.nn.model_peft import PeftFeaturesMixin
-from lordba.nn.routing import BASE_ROW, DISABLED, RoutingGate, routing
+from lordba.nn.routing import BASE_ROW, DISABLED, DisableBlock, RoutingGate, in_disable_block, routing
 from lordba.nn.structure import replace_everywhere, resolve
 from lordba.nn.targets import find_targets
 from lordba.quant import BaseBackend, resolve_backend

@@ -10,22 +10,8 @@ from torch import nn
 
 from lordba.errors import AdapterStateError
 from lordba.nn.merge import merge_layers, merge_names
-from lordba.nn.routing import DISABLED, RoutingGate
+from lordba.nn.routing import in_disable_block
 from lordba.nn.structure import replace_everywhere
-
-
-class DisableBlock:
-    """One open ``disable_adapter`` block of a model, as :data:`~lordba.nn.routing.DISABLED` carries it in the
-    block's context. Closing the block marks it closed, so a context the block's end cannot reset (the block
-    closed from another thread) stops running the base too."""
-
-    def __init__(self, gate: RoutingGate) -> None:
-        self.gate, self.open = gate, True
-
-
-def in_disable_block(gate: RoutingGate) -> bool:
-    """Whether this thread (asyncio task) is in an open ``disable_adapter`` block of the model of ``gate``."""
-    return any(block.gate is gate and block.open for block in DISABLED.get())
 
 
 class MergeMixin:
@@ -47,14 +33,7 @@ class MergeMixin:
         """
         with self._lock.write():
             names = merge_names(adapter_names, self._active, self.peft_config)
-            if self._layers_disabled or self._gate._blocks:  # a block of any thread: its calls would fail
-                how = "disable_adapter_layers()" if self._layers_disabled else "in a disable_adapter() block"
-                if not self._layers_disabled and not in_disable_block(self._gate):
-                    how = "another thread is in a disable_adapter() block"
-                raise AdapterStateError(
-                    f"merge_adapter: the adapters are disabled ({how}) and a merged adapter cannot be; "
-                    "enable_adapter_layers() (or leave the block) before merging"
-                )
+            self._refuse_disabled("merge_adapter")
             merge_layers(self._lordba_layers(), names, safe_merge, self.base_model)
 
     def unmerge_adapter(self) -> None:
@@ -71,11 +50,14 @@ class MergeMixin:
 
         Raises:
             AdapterStateError: an unknown adapter name, a weight offloaded or tied to another module's
-                (:func:`~lordba.nn.merge.merge_layers`), or ``safe_merge`` found non-finite ones (model unchanged).
+                (:func:`~lordba.nn.merge.merge_layers`), ``safe_merge`` found non-finite ones, or the adapters are
+                disabled as for :meth:`merge_adapter` (a block's later calls would run the merged base): model
+                unchanged.
         """
         with self._lock.write():
             layers = self._lordba_layers()
             names = merge_names(adapter_names, self._active, self.peft_config)
+            self._refuse_disabled("merge_and_unload")
             merge_layers(layers, names, safe_merge, self.base_model)
             for path, layer in layers:
                 replace_everywhere(self.base_model, path, layer.base_layer)
@@ -83,6 +65,19 @@ class MergeMixin:
             self.peft_config.clear()
             self._active = ()
         return self.base_model
+
+    def _refuse_disabled(self, what: str) -> None:
+        """:class:`AdapterStateError` if the adapters are disabled (``disable_adapter_layers()``, or a
+        ``disable_adapter()`` block of any thread, whose calls would then fail or run the merged update)."""
+        if not (self._layers_disabled or self._gate._blocks):
+            return
+        how = "disable_adapter_layers()" if self._layers_disabled else "in a disable_adapter() block"
+        if not self._layers_disabled and not in_disable_block(self._gate):
+            how = "another thread is in a disable_adapter() block"
+        raise AdapterStateError(
+            f"{what}: the adapters are disabled ({how}) and a merged adapter cannot be; "
+            "enable_adapter_layers() (or leave the block) before merging"
+        )
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging (merged ones are taken out) and return the base."""

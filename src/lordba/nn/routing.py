@@ -81,9 +81,9 @@ def row_names(routing: Routing, rows: int) -> tuple[str, ...]:
     return inputs if inputs is not None and len(names) != rows and len(inputs) == rows else names
 
 
-# the gates (one per model) whose ``disable_adapter`` block this thread (asyncio task) is in: per model, so that a
+# this thread's (asyncio task's) open ``disable_adapter`` blocks, each naming its model's gate: per model, so that a
 # block of one model leaves another model's calls as they are
-DISABLED: contextvars.ContextVar[frozenset[RoutingGate]] = contextvars.ContextVar(
+DISABLED: contextvars.ContextVar[frozenset[DisableBlock]] = contextvars.ContextVar(
     "lordba_disabled", default=frozenset()
 )
 
@@ -213,3 +213,17 @@ def route_index(names: Sequence[str], device: torch.device) -> dict[str, torch.T
                     _ROUTES.popitem(last=False)
             _ROUTES[key] = found
     return found
+
+
+class DisableBlock:
+    """One open ``disable_adapter`` block of a model, as :data:`DISABLED` carries it in the
+    block's context. Closing the block marks it closed, so a context the block's end cannot reset (the block
+    closed from another thread) stops running the base too."""
+
+    def __init__(self, gate: RoutingGate) -> None:
+        self.gate, self.open = gate, True
+
+
+def in_disable_block(gate: RoutingGate) -> bool:
+    """Whether this thread (asyncio task) is in an open ``disable_adapter`` block of the model of ``gate``."""
+    return any(block.gate is gate and block.open for block in DISABLED.get())
