@@ -328,22 +328,19 @@ def sentencepiece_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def test_streamed_text_is_the_decoded_text_with_a_sentencepiece_tokenizer(tmp_path, capsys, monkeypatch):
-    """What ``lordba generate`` prints is the tokenizer's decoding of the new tokens: with a SentencePiece tokenizer
-    (which strips one leading space where decoding starts) an indented line after a newline keeps all its spaces,
-    and a character of two byte tokens is printed whole."""
+def sentencepiece_model(folder, monkeypatch, pieces):
+    """A tiny Llama with :func:`sentencepiece_tokenizer` saved in ``folder``, whose ``generate`` "generates"
+    ``pieces``; returns the tokenizer and the ids of ``pieces``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = sentencepiece_tokenizer()
     heads = {"num_attention_heads": 2, "num_key_value_heads": 2}
     config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=16, num_hidden_layers=1, **heads)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    vocab = tok.get_vocab()
-    pieces = ["x", ":", "<0x0A>", "▁▁▁▁", "▁x", "▁=", "▁1", "<0x0A>", "▁▁", "▁caf", "<0xC3>", "<0xA9>", "<0x0A>", "x"]
-    answer = [vocab[p] for p in pieces]
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    answer = tok.convert_tokens_to_ids(pieces)
 
-    def fake_generate(self, input_ids, streamer, **kwargs):  # the model "generates" ``answer``
+    def fake_generate(self, input_ids, streamer, **kwargs):
         streamer.put(input_ids)
         for token in answer:
             streamer.put(torch.tensor([token]))
@@ -351,9 +348,30 @@ def test_streamed_text_is_the_decoded_text_with_a_sentencepiece_tokenizer(tmp_pa
         return torch.cat([input_ids, torch.tensor([answer])], 1)
 
     monkeypatch.setattr(LlamaForCausalLM, "generate", fake_generate)
+    return tok, answer
+
+
+def test_streamed_text_is_the_decoded_text_with_a_sentencepiece_tokenizer(tmp_path, capsys, monkeypatch):
+    """What ``lordba generate`` prints is the tokenizer's decoding of the new tokens: with a SentencePiece tokenizer
+    (which strips one leading space where decoding starts) an indented line after a newline keeps all its spaces,
+    and a character of two byte tokens is printed whole."""
+    pieces = ["x", ":", "<0x0A>", "▁▁▁▁", "▁x", "▁=", "▁1", "<0x0A>", "▁▁", "▁caf", "<0xC3>", "<0xA9>", "<0x0A>", "x"]
+    tok, answer = sentencepiece_model(tmp_path, monkeypatch, pieces)
     assert main(["generate", "--model", str(tmp_path), "--quant", "none", "x"]) == 0
     want = tok.decode(answer, skip_special_tokens=True)
     assert want == "x:\n     x = 1\n   café\nx"
+    assert capsys.readouterr().out == want + "\n"
+
+
+def test_the_first_word_keeps_its_space_after_the_prompt_with_a_sentencepiece_tokenizer(tmp_path, capsys, monkeypatch):
+    """The new tokens were decoded without the prompt, so a SentencePiece tokenizer stripped the leading space of the
+    first generated word: ``lordba generate x`` printed "x = 1" where ``lordba serve`` gives " x = 1" (the text the
+    tokens add after the prompt, tests/serve/test_engine.py), and ``x`` + the answer read "xx = 1"."""
+    tok, answer = sentencepiece_model(tmp_path, monkeypatch, ["▁x", "▁=", "▁1"])
+    prompt = tok("x").input_ids
+    assert main(["generate", "--model", str(tmp_path), "--quant", "none", "x"]) == 0
+    want = tok.decode(prompt + answer, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)) :]
+    assert want == " x = 1"
     assert capsys.readouterr().out == want + "\n"
 
 

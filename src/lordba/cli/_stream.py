@@ -1,6 +1,7 @@
 """The streamer ``lordba generate`` and ``lordba chat`` hand to ``generate``: the text of the new tokens as
-they come, decoded as ``lordba serve`` decodes them (:class:`lordba.serve.sampling.IncrementalDecoder`); the writer
-that keeps what was written (:class:`Tee`) and the decoder's warnings on stderr (:func:`say_decode_warnings`)."""
+they come, decoded as ``lordba serve`` decodes them (:class:`lordba.serve.sampling.IncrementalDecoder`, after the
+prompt); the writer that keeps what was written (:class:`Tee`) and the decoder's warnings on stderr
+(:func:`say_decode_warnings`)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,14 @@ class TextStream:
 
     transformers' ``TextIteratorStreamer`` restarts decoding after each newline, so a SentencePiece tokenizer
     (Llama 2, Mistral, Gemma: one leading space stripped where decoding starts) lost a space of each indented
-    line; here the text is always ``decode(new tokens)``'s (special tokens skipped). The first ``put`` is the
-    prompt, which is not shown. After :meth:`cancel` the next ``put`` raises :class:`Cancelled`, which ends
-    ``generate``.
+    line; here the text is what the new tokens add after the prompt (special tokens skipped), as ``lordba serve``
+    gives it. The first ``put`` is the prompt: not shown, the decoder's context (the new tokens decoded alone
+    lost the leading space of a SentencePiece tokenizer's first word: "Paris." where serve gives " Paris."). After
+    :meth:`cancel` the next ``put`` raises :class:`Cancelled`, which ends ``generate``.
     """
 
     def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
         self._decoder = IncrementalDecoder(tokenizer)
         self._ids: list[int] = []
         self._prompt = True
@@ -37,7 +40,7 @@ class TextStream:
         self._queue: queue.Queue[str | None] = queue.Queue()
 
     def put(self, value: Any) -> None:
-        """The prompt (first call, skipped), then each new token (a tensor of one id, or ``[1, 1]``).
+        """The prompt (first call, not shown: the context), then each new token (one id, or ``[1, 1]``).
 
         Raises:
             Cancelled: :meth:`cancel` was called (the reader of the text is gone).
@@ -46,6 +49,7 @@ class TextStream:
             raise Cancelled("the text's reader stopped reading")
         if self._prompt:
             self._prompt = False
+            self._decoder = IncrementalDecoder(self._tokenizer, value.reshape(-1).tolist())
             return
         self._ids.extend(int(i) for i in value.reshape(-1).tolist())
         self._decoder.update(self._ids)
