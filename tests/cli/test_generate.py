@@ -510,3 +510,41 @@ def test_generation_stops_at_the_tokenizers_end_of_sequence_as_the_server_does(f
     tok.save_pretrained(model_dir)
     assert main(["generate", "--model", str(model_dir), "--quant", "none", "--max-new-tokens", "8", "ab"]) == 0
     assert capsys.readouterr().out == tok.decode(new[: new.index(stop)]) + "\n"
+
+
+def test_the_token_is_chosen_by_temperature_and_top_p_alone_as_the_server_chooses_it(folder, tmp_path, capsys):
+    """``lordba serve`` samples from ``temperature`` and ``top_p`` alone (no top-k, no repetition penalty), where
+    ``lordba generate`` / ``chat`` let ``generate`` add the model's generation config's (or transformers' top-k 50):
+    the same temperature and top-p gave other distributions (here the config's top-k 1 made sampling greedy, and its
+    repetition penalty changed the greedy answer)."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    model_dir = shutil.copytree(folder, tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tok("ab", return_tensors="pt").input_ids
+    config = {"do_sample": True, "top_k": 1, "repetition_penalty": 0.2}  # (Qwen2.5's: top-k 20, penalty 1.05)
+    GenerationConfig(**config, eos_token_id=tok.eos_token_id).save_pretrained(model_dir)
+    argv = ["generate", "--model", str(model_dir), "--quant", "none", "--max-new-tokens", "8", "ab"]
+
+    def reference(seed, **settings):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, **settings,
+            )  # fmt: skip
+        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    sampled = {"do_sample": True, "temperature": 1.5, "top_p": 1.0}
+    want = reference(7, **sampled, top_k=0, repetition_penalty=1.0)
+    assert want != reference(7, **sampled, top_k=1, repetition_penalty=0.2)  # what the config would make of it
+    assert main([*argv, "--temperature", "1.5", "--seed", "7"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    want = reference(0, do_sample=False, repetition_penalty=1.0)
+    assert want != reference(0, do_sample=False, repetition_penalty=0.2)
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out == want + "\n" and "do_sample" not in err

@@ -57,7 +57,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "than the context leaves after the prompt is an error",
     )
     p.add_argument(
-        "--temperature", type=non_negative_float, default=0.0, help="sampling temperature; 0 is greedy (default 0)"
+        "--temperature",
+        type=non_negative_float,
+        default=0.0,
+        help="sampling temperature; 0 is greedy (default 0). The next token is chosen by --temperature and --top-p "
+        "alone, as lordba serve chooses it: no top-k, nor the model's generation config's repetition penalty",
     )
     p.add_argument("--top-p", type=mass_fraction, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1.0)")
     p.add_argument("--seed", type=seed, default=0, help=f"sampling seed, 0 to {SEED_MAX} (default 0)")
@@ -354,7 +358,9 @@ def _generate_streaming(loaded: Loaded, kwargs: dict, out: Any) -> tuple[Any, fl
 
 def stream(loaded: Loaded, input_ids: Any, args: argparse.Namespace, out: Any = None) -> str:
     """Generate from ``input_ids`` (at most :func:`new_tokens`), writing text to ``out`` as it comes;
-    prints time to first token and tokens/s to stderr; returns the generated text. With ``--compile`` the decode step is
+    prints time to first token and tokens/s to stderr; returns the generated text. The tokens are chosen by
+    ``--temperature`` and ``--top-p`` alone, as ``lordba serve`` chooses them: not by the model's generation config's
+    top-k (or transformers' default, 50) or repetition penalty. With ``--compile`` the decode step is
     compiled first (:func:`_prepare`); if compiled generation still fails before any text was
     written, it is run again eagerly."""
     import torch
@@ -372,7 +378,8 @@ def stream(loaded: Loaded, input_ids: Any, args: argparse.Namespace, out: Any = 
         do_sample=sample,
         pad_token_id=loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id,
         eos_token_id=sorted(end_of_sequence_ids(loaded.model, loaded.tokenizer)) or None,  # as lordba serve stops
-        **({"temperature": args.temperature, "top_p": args.top_p} if sample else {}),
+        **({"temperature": args.temperature, "top_p": args.top_p, "top_k": 0} if sample else {}),
+        repetition_penalty=1.0,  # chosen as lordba serve chooses: not by the generation config's settings
     )
     tokens = int(input_ids.shape[-1]) + count
     _prepare(loaded, tokens)
