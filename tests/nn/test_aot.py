@@ -537,3 +537,60 @@ def test_the_package_key_holds_the_thread_count():
         assert package_key(program, tensors, {}) != one
     finally:
         torch.set_num_threads(before)
+
+
+_KILLED_COMPILE = """
+import sys, time
+from pathlib import Path
+from types import SimpleNamespace
+import torch
+from lordba.kernels.cpu import aoti
+from lordba.nn.aot_package import compiled_package
+
+def compile_forever(program, package_path, **kwargs):
+    Path(package_path).write_bytes(b"half a package")
+    print("half written", flush=True)
+    time.sleep(600)
+
+aoti.c_shims = lambda: {}
+torch._inductor.aoti_compile_and_package = compile_forever
+program = SimpleNamespace(graph_module=SimpleNamespace(code="def forward(x): return x"))
+compiled_package(program, {"w": torch.zeros(2)}, Path(sys.argv[1]), lambda line: None)
+"""
+
+
+def test_a_killed_compiles_temporary_package_is_removed_by_the_next_compile(tmp_path, monkeypatch):
+    """A compile killed by SIGKILL (or the out-of-memory killer) left its temporary ``.step-*.pt2`` file in the
+    package cache for good, one per killed run; the next call removes it (its process is gone), never a live
+    compile's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import zipfile
+    from types import SimpleNamespace
+
+    from lordba.format.atomic import TMP_MARK
+    from lordba.kernels.cpu import aoti
+    from lordba.nn.aot_package import compiled_package
+
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_COMPILE, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "half written\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    left = [p for p in tmp_path.iterdir() if TMP_MARK in p.name]
+    assert len(left) == 1 and left[0].read_bytes() == b"half a package"
+    live = tmp_path / f".step-other.pt2{TMP_MARK}{os.getpid()}.0123abcd.pt2"  # this process's: still compiling
+    live.write_bytes(b"")
+
+    def compile_now(program, package_path, **kwargs):
+        with zipfile.ZipFile(package_path, "w") as archive:
+            archive.writestr("data", b"a package")
+
+    monkeypatch.setattr(aoti, "c_shims", lambda: {})
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_now)
+    program = SimpleNamespace(graph_module=SimpleNamespace(code="def forward(x): return x"))
+    path, _ = compiled_package(program, {"w": torch.zeros(2)}, tmp_path, print)
+    assert sorted(tmp_path.iterdir()) == sorted([path, live])

@@ -5,7 +5,8 @@ A package's name is the sha256 of the exported graph's code, the tensors it read
 strides), the versions of torch, transformers and lordba, the kernels' library and the ops the package calls
 directly: any change the graph sees compiles a new package and nothing stale is reused. A package is written
 whole or not at all (:func:`~lordba.format.atomic.atomic_write_path`: a temporary name, fsynced, then a
-rename), and a damaged one (a zip entry's CRC or its end) is compiled again, never run.
+rename), and a damaged one (a zip entry's CRC or its end) is compiled again, never run. The temporary file of a
+compile that was killed (SIGKILL, out of memory) is removed by the next call once its process is gone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from lordba._util.locks import locked
-from lordba.format.atomic import atomic_write_path
+from lordba.format.atomic import TMP_MARK, _alive, atomic_write_path
 
 AOT_DIR = "aot"
 
@@ -77,6 +78,7 @@ def compiled_package(
 
     shims = c_shims()
     path = folder / f"step-{package_key(program, tensors, shims)}.pt2"
+    _remove_killed(folder)
     if _usable(path, log):
         return path, 0.0
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,6 +93,16 @@ def compiled_package(
         with atomic_write_path(path, suffix=".pt2") as tmp:  # a hidden name, never a step-*.pt2 one
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)
         return path, time.perf_counter() - start
+
+
+def _remove_killed(folder: Path) -> None:
+    """Remove the temporary packages in ``folder`` of compiles whose process is gone: a compile killed by a signal
+    it cannot catch (SIGKILL, the out-of-memory killer) left its half-written ``.step-*.pt2`` file there for good
+    (megabytes each, in the cache; :func:`~lordba.format.atomic.atomic_write_path` names it by its process id)."""
+    for stale in folder.glob(f".step-*.pt2{TMP_MARK}*"):
+        pid = stale.name.split(TMP_MARK, 1)[1].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
 
 
 def _usable(path: Path, log: Callable[[str], None]) -> bool:
