@@ -51,13 +51,21 @@ def _mean(ps: list[dict], key: str) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def _same_or_mean(vals: list) -> float | int:
+    """The value every seed has (kept an int), else the mean over seeds."""
+    return vals[0] if len(set(vals)) == 1 else statistics.fmean(vals)
+
+
 def summarize(points: list[dict]) -> list[dict]:
     """Mean ± sample std over seeds of each (family, label), and 95% bootstrap intervals
-    (``metric_ci``, ``eval_loss_ci``; ``None`` without per-example results)."""
+    (``metric_ci``, ``eval_loss_ci``; ``None`` without per-example results). ``bytes`` and ``bpw``: the mean
+    over seeds where a size varies by seed (LoRAQuant-style's), ``bytes_range``: the smallest and largest."""
     draws = shared_draws(points)
     out = []
     for (family, label), ps in series(points).items():
-        row = {"family": family, "label": label, "n": len(ps), "bytes": ps[0]["bytes"], "bpw": ps[0]["bpw"]}
+        sizes = [p["bytes"] for p in ps]
+        row = {"family": family, "label": label, "n": len(ps), "bytes": _same_or_mean(sizes),
+               "bytes_range": [min(sizes), max(sizes)], "bpw": _same_or_mean([p["bpw"] for p in ps])}  # fmt: skip
         for key, stat in (("metric", "metric"), ("eval_loss", "loss")):
             vals = [p[key] for p in ps if p.get(key) is not None]
             row[f"{key}_mean"] = _mean(ps, key)
@@ -95,7 +103,7 @@ def training_free_target(points: list[dict]) -> list[dict]:
     ours = [(k, ps) for k, ps in groups.items() if k[0] in TRAINING_FREE_LORDBA]
     rows = []
     for (family, label), ps in groups.items():
-        bpw = ps[0]["bpw"]
+        bpw = _same_or_mean([p["bpw"] for p in ps])
         if family not in TRAINING_FREE_BASELINES or not BPW_RANGE[0] - 1e-9 <= bpw <= BPW_RANGE[1] + 1e-9:
             continue
         row = {"baseline": f"{family} {label}", "baseline_bpw": bpw, "baseline_loss": _mean(ps, "eval_loss"),

@@ -22,6 +22,12 @@ def _pm(row: dict, key: str) -> str:
     return f"{mean:.4f} ± {row[f'{key}_std']:.4f} {_ci(row.get(f'{key}_ci'))}".rstrip()
 
 
+def _bytes(row: dict) -> int | str:
+    """The bytes column: the size, or its mean over seeds and range where it varies by seed."""
+    lo, hi = row.get("bytes_range") or (row["bytes"], row["bytes"])
+    return row["bytes"] if lo == hi else f"{row['bytes']:,.0f} ({lo:,d}–{hi:,d})"
+
+
 def _title(settings: dict) -> str:
     d = settings["demo"]
     scales = f"scales-only {d['scales_steps']} step{'s' if d['scales_steps'] != 1 else ''}"
@@ -39,7 +45,7 @@ def write_tables(out: Path, result: dict) -> None:
     columns = ["family", "variant", "bytes", "BPW", "metric: mean ± std [95% CI]", "eval loss: mean ± std [95% CI]",
                "seeds"]  # fmt: skip
     summary = result["summary"]
-    table = [[r["family"], r["label"], r["bytes"], r["bpw"], _pm(r, "metric"), _pm(r, "eval_loss"), r["n"]]
+    table = [[r["family"], r["label"], _bytes(r), r["bpw"], _pm(r, "metric"), _pm(r, "eval_loss"), r["n"]]
              for r in summary]  # fmt: skip
     title = _title(result["settings"])
     print_table(title, columns, table)

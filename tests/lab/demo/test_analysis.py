@@ -74,6 +74,24 @@ def test_a_baseline_whose_size_varies_by_seed_is_judged_at_its_smallest():
     assert row["lordba"] == "LoRDBA ptq r=4" and row["verdict"] == "lower"
 
 
+def test_a_size_that_varies_by_seed_is_summarized_as_its_mean_and_range():
+    """LoRAQuant-style's adaptive head sizes vary by seed (860,820-868,560 bytes): the summary and the table
+    reported seed 0's size and BPW as the series'."""
+    from lordba_lab.demo.sweep_report import _bytes
+
+    lq = _series("LoRAQuant-style", "2-bit head", 868_560, 1.34, 0.9, 0.5)
+    for p, nbytes in zip(lq, (868_560, 860_820, 864_690)):
+        p["bytes"], p["bpw"] = nbytes, nbytes / 648_000
+    (row,) = summarize(lq)
+    assert row["bytes"] == 864_690 and row["bytes_range"] == [860_820, 868_560]
+    assert row["bpw"] == 864_690 / 648_000
+    assert _bytes(row) == "864,690 (860,820–868,560)"
+    (fixed,) = summarize(_series("LoRDBA ptq", "r=8", 600, 1.0, 0.8, 0.8))
+    assert fixed["bytes"] == 600 and fixed["bytes_range"] == [600, 600] and _bytes(fixed) == 600
+    (judged,) = training_free_target(lq + _series("LoRDBA ptq", "r=8", 600, 1.0, 0.8, 0.8))
+    assert judged["baseline_bpw"] == 864_690 / 648_000
+
+
 def test_the_conversion_variants_of_a_corpus_sweep_are_compared_on_loss_without_a_metric():
     """A task without a metric (``--task sotu``; its points' metric is None) with the default sweep's allocated
     and calibrated points: allocation_vs_uniform subtracted None from None, a TypeError after the whole sweep."""
