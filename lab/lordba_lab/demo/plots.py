@@ -59,7 +59,7 @@ def quality_vs_bytes(rows: list[dict], path: Path, metric_name: str) -> Path:
                 ax.axhline(base[key], color="black", lw=0.8, ls="--", label="base model")
             ax.legend(loc="best", fontsize=8)
         ax.set_xscale("log")
-        ax.set_xlabel("adapter bytes on disk (log scale)")
+        ax.set_xlabel("adapter payload bytes (tensors incl. scales; log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.suptitle("Quality vs adapter size (same task, same budget, 4-bit base)")

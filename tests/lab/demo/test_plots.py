@@ -45,3 +45,12 @@ def test_a_task_with_a_metric_keeps_both_panels(figures, tmp_path):
     summary = [{**r, "metric_mean": 0.5, "metric_std": 0.05} for r in corpus_summary()]
     plots.sweep(summary, tmp_path / "sweep.png", "exact match", "task")
     assert [ax.get_ylabel() for ax in figures[0].axes[:2]] == ["exact match", "held-out loss (lower is better)"]
+
+
+def test_the_demo_figure_names_the_payload_bytes_it_plots(figures, tmp_path):
+    """The rows' ``bytes`` are the tensor payload (the file's size is ``file_bytes``): the axis said "on disk"."""
+    lora = {"method": "fp16 LoRA r=16", "mode": None, "bytes": 9000, "file_bytes": 9500, "metric": 0.5, "eval_loss": 1}
+    rows = [lora, {"method": "base", "mode": None, "bytes": 0, "metric": 0.1, "eval_loss": 2.0}]
+    plots.quality_vs_bytes(rows, tmp_path / "q.png", "exact match")
+    labels = [ax.get_xlabel() for ax in figures[0].axes]
+    assert all("payload" in lab and "on disk" not in lab for lab in labels)
