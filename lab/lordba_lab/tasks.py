@@ -65,11 +65,11 @@ def word_match(prediction: str, answer: str) -> bool:
 
 def list_match(prediction: str, answer: str) -> bool:
     """True if the first line of ``prediction`` is the comma-separated list ``answer`` (items compared
-    stripped and lower-cased)."""
+    stripped and lower-cased; a sentence's closing ``.``, ``!`` or ``?`` after the last item ignored)."""
     lines = prediction.strip().splitlines()
 
     def items(text: str) -> list[str]:
-        return [w.strip().lower() for w in text.split(",")]
+        return [w.strip().lower() for w in text.strip().rstrip(".!?").split(",")]
 
     return bool(lines) and items(lines[0]) == items(answer)
 

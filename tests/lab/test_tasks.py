@@ -55,6 +55,10 @@ def test_matchers():
     assert list_match(" Acute,go , hundred\nmore", "acute, go, hundred")
     assert not list_match("acute, go", "acute, go, hundred") and not list_match("", "a")
     assert not list_match("hundred, go, acute", "acute, go, hundred")
+    # a closing period after the last item (a sentence) is not part of the item: "hundred." != "hundred" failed it
+    assert list_match("acute, go, hundred.", "acute, go, hundred")
+    assert list_match("Acute, go, hundred!\n", "acute, go, hundred")
+    assert not list_match("acute, go.", "acute, go, hundred")
 
 
 def test_the_corpus_task_holds_out_whole_addresses_and_has_no_answers():
