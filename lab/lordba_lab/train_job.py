@@ -161,7 +161,13 @@ def run_job(job: TrainJob) -> tuple[object, TrainResult]:
 
     def run_eval(m) -> dict[str, float]:  # noqa: ANN001
         return evaluate(
-            m, tok, eval_ex, task.score if task else None, task.max_new_tokens if task else 0, job.max_length
+            m,
+            tok,
+            eval_ex,
+            task.score if task else None,
+            task.max_new_tokens if task else 0,
+            job.max_length,
+            train_on=job.train_on,
         )
 
     check_arguments(config, job.lora, job.lora_warmup)  # what build_adapter refuses, before --out is touched
@@ -208,7 +214,7 @@ def _check_heldout(tokenizer, examples: list[Example], job: TrainJob) -> None:  
         DataError: naming the held-out data and the example.
     """
     try:
-        encode_examples(tokenizer, examples, job.max_length)
+        encode_examples(tokenizer, examples, job.max_length, job.train_on)
     except DataError as err:
         where = job.eval_data or f"the held-out part of {job.data}"
         raise DataError(f"held-out data ({where}): {err}") from None

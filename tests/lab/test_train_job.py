@@ -11,6 +11,8 @@ from lordba import ConfigError
 from lordba._util.cachedir import cache_dir
 from lordba.cli import main
 from lordba.train import TrainSettings
+from lordba.train.evaluate import evaluate
+from lordba_lab import train_job
 from lordba_lab.train_job import TrainJob, load_data, run_job
 from tiny_model import chat_jsonl, tiny_model_dir
 
@@ -124,7 +126,7 @@ def test_bf16_trains_on_cpu_and_is_refused_on_an_hqq_base(setup, tmp_path, capsy
         TrainJob(out=str(tmp_path), quant="hqq", settings=TrainSettings(bf16=True))
 
 
-def test_training_on_every_assistant_turn(setup, tmp_path):
+def test_training_on_every_assistant_turn(setup, tmp_path, monkeypatch):
     model, _ = setup
     rows = [
         {
@@ -144,12 +146,15 @@ def test_training_on_every_assistant_turn(setup, tmp_path):
         data=str(data),
         quant="none",
         r=4,
-        eval_size=0,
+        eval_size=1,
         train_on="all-assistant-turns",
         settings=TrainSettings(steps=2, batch_size=2),
         progress=False,
     )
+    seen = []
+    monkeypatch.setattr(train_job, "evaluate", lambda *a, **kw: seen.append(kw.get("train_on")) or evaluate(*a, **kw))
     run_job(job)
+    assert seen and set(seen) == {"all-assistant-turns"}  # the held-out loss on the turns trained, not the last only
     assert json.loads((tmp_path / "run" / "train_job.json").read_text())["train_on"] == "all-assistant-turns"
     with pytest.raises(ConfigError, match="train_on"):
         TrainJob(out=str(tmp_path), train_on="every-turn")

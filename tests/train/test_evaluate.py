@@ -136,6 +136,22 @@ def test_evaluate_on_no_examples_gives_nan_for_the_metric_as_for_the_loss():
     assert math.isnan(evaluate(model, tok, [], None, 2)["eval_loss"])
 
 
+def test_the_held_out_loss_is_taken_on_the_turns_the_training_takes_it_on():
+    """A job trained on every assistant turn had its held-out loss taken on the last turn only: evaluate
+    encoded the examples with encode_examples' default whatever the training's ``train_on``."""
+    from lordba.train.tokenize import encode_examples
+
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": len(tok)})).eval()
+    examples = [Example((("user", "1+1?"), ("assistant", "two"), ("user", "and +1?")), "3", "3")]
+    last = evaluate(model, tok, examples, None, 2, per_example=True)["per_example"]["tokens"]
+    every = evaluate(model, tok, examples, None, 2, per_example=True, train_on="all-assistant-turns")
+    (row,) = encode_examples(tok, examples, train_on="all-assistant-turns")
+    assert every["per_example"]["tokens"] == [sum(t != -100 for t in row["labels"][1:])]
+    assert every["per_example"]["tokens"][0] == last[0] + 5  # and "two", "<|im_end|>", "\n" of the first answer
+
+
 def test_an_evaluation_that_raises_puts_a_training_model_back_in_training_mode():
     """An evaluation that failed part way (out of memory, a bad example) left a model that was training in eval
     mode: dropout off, silently, for the rest of an interactive run. Both evaluations now restore the mode."""

@@ -122,16 +122,18 @@ def evaluate(
     max_length: int = 256,
     per_example: bool = False,
     batch_size: int = 16,
+    train_on: str = "last-assistant-turn",
 ) -> dict:
     """``{"eval_loss", "metric"}`` on held-out examples (``metric`` only when a scorer is given; both NaN
-    without examples).
+    without examples). ``train_on``: the turns the loss is taken on, as in
+    :func:`~lordba.train.tokenize.encode_examples` (the training's, for a held-out loss of the same tokens).
 
     ``per_example``: also ``"per_example": {"loss_sum", "tokens"[, "correct"]}``, one entry per
     example in order (completion cross-entropy summed over its tokens, their number, whether the greedy
     answer scored), for paired comparisons and confidence intervals. ``batch_size``: examples per
     forward pass (and per generation batch)."""
     pad = tokenizer.pad_token_id or 0
-    rows = heldout_losses(model, encode_examples(tokenizer, examples, max_length), batch_size, pad)
+    rows = heldout_losses(model, encode_examples(tokenizer, examples, max_length, train_on), batch_size, pad)
     count = sum(n for _, n in rows)
     result: dict = {"eval_loss": sum(s for s, _ in rows) / count if count else math.nan}
     details: dict[str, list] = {"loss_sum": [s for s, _ in rows], "tokens": [n for _, n in rows]}
