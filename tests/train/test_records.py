@@ -34,7 +34,7 @@ def test_every_record_kind(tmp_path):
     rows = read_jsonl(p)
     assert rows == [
         Example((("system", "S"), ("user", "Q")), "A", "A"),
-        Example((("user", "P"),), "C", "C"),
+        Example((("user", "P"),), "C", "C", plain=True),  # text, as TRL's standard prompt-completion: no template
         Example((("user", "I\n\nX"),), "O", "O"),
         Example((), "plain text"),
     ]

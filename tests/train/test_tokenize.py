@@ -147,6 +147,29 @@ def test_the_plain_format_starts_with_the_bos_that_serving_puts_before_a_prompt(
     assert text["labels"][0] == -100 and trained_text(btok, text) == "hi<|im_end|>"  # "h" is now scored
 
 
+@pytest.mark.parametrize("train_on", ["last-assistant-turn", "all-assistant-turns"])
+def test_a_standard_prompt_completion_record_is_text_and_a_conversational_one_is_templated(train_on, tmp_path):
+    """TRL applies the chat template to a prompt-completion record only when it is conversational (lists of
+    messages); one of strings is text, prompt and completion joined as they are. Such records were chat-templated:
+    the adapter learned '<|im_start|>user\nQ: 2+2? A:<|im_end|>...' for data meant as plain text."""
+    btok = bos_tokenizer()
+    btok.chat_template = CHATML_TEMPLATE
+    data = tmp_path / "d.jsonl"
+    user, answer = {"role": "user", "content": "Q: 2+2? A:"}, {"role": "assistant", "content": " 4"}
+    records = [{"prompt": "Q: 2+2? A:", "completion": " 4"}, {"prompt": [user], "completion": [answer]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    plain, chat = read_jsonl(data)
+    text, templated = encode_examples(btok, [plain, chat], train_on=train_on)
+    assert text["input_ids"] == btok("Q: 2+2? A: 4")["input_ids"] + [btok.eos_token_id]
+    assert trained_text(btok, text) == " 4<|im_end|>" and text["labels"].count(-100) == len(
+        btok("Q: 2+2? A:")["input_ids"]
+    )
+    assert prompt_ids(btok, plain) == btok("Q: 2+2? A:")["input_ids"]  # what /v1/completions gives the model
+    assert (
+        "<|im_start|>user" in btok.decode(templated["input_ids"]) and trained_text(btok, templated) == " 4<|im_end|>\n"
+    )
+
+
 def test_a_template_that_writes_the_bos_gets_it_once():
     btok = bos_tokenizer()
     btok.chat_template = "{{ bos_token }}" + CHATML_TEMPLATE

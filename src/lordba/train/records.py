@@ -24,6 +24,8 @@ class Example:
     ``prompt_turns``: for TRL's conversational prompt-completion record whose completion has several messages, how
     many of ``messages`` are its prompt: the loss is then on all of the completion (the rest of ``messages`` and
     ``completion``, as TRL trains it), not on its last message only.
+    ``plain``: a standard (not conversational) prompt-completion record, its prompt the one user turn of
+    ``messages``: prompt and completion are text, joined as they are and not chat-templated (as TRL trains them).
     ``meta["where"]``: the ``file:line`` of a record read by :func:`read_jsonl` (errors name it).
     """
 
@@ -31,6 +33,7 @@ class Example:
     completion: str
     answer: str | None = None
     prompt_turns: int | None = None
+    plain: bool = False
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -107,7 +110,7 @@ def _record_to_example(obj: Any, where: str) -> Example:
             f"{where}: {fields[0]!r} and {fields[1]!r} must both be strings (the answer non-empty) "
             "or both lists of messages"
         )
-    return Example((("user", prompt),), completion, completion)
+    return Example((("user", prompt),), completion, completion, plain=fields[0] == "prompt")
 
 
 def _check_text(example: Example, where: str) -> Example:

@@ -39,6 +39,8 @@ def _render(tokenizer: PreTrainedTokenizerBase, example: Example) -> tuple[str, 
     """
     if not example.messages:
         return "", example.completion + (tokenizer.eos_token or "")
+    if example.plain:  # a standard prompt-completion record: text, as TRL joins it (no template, no separator)
+        return example.messages[0][1], example.completion + (tokenizer.eos_token or "")
     msgs = list(example.messages)
     asked = msgs[: example.prompt_turns]  # a prompt-completion record's prompt: all of its completion is trained
     if getattr(tokenizer, "chat_template", None):
@@ -95,7 +97,7 @@ def _pieces_all_turns(tokenizer: PreTrainedTokenizerBase, example: Example) -> l
 
 
 def _pieces(tokenizer: PreTrainedTokenizerBase, example: Example, train_on: str) -> list[tuple[str, bool]]:
-    if train_on == "all-assistant-turns" and example.messages:
+    if train_on == "all-assistant-turns" and example.messages and not example.plain:
         return _pieces_all_turns(tokenizer, example)
     prompt, completion = _render(tokenizer, example)
     return [(prompt, False), (completion, True)]
@@ -109,10 +111,10 @@ def _plain_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def _text_prefix(tokenizer: PreTrainedTokenizerBase, example: Example, plain: list[int] | None = None) -> list[int]:
-    """:func:`_plain_prefix` (``plain``, where the caller has it) where ``example`` is in the plain format (text, or
-    no chat template); none for a chat template, which writes its own (the rendered text is tokenized without
-    special tokens)."""
-    if example.messages and getattr(tokenizer, "chat_template", None):
+    """:func:`_plain_prefix` (``plain``, where the caller has it) where ``example`` is in the plain format (text, a
+    standard prompt-completion record, or no chat template); none for a chat template, which writes its own (the
+    rendered text is tokenized without special tokens)."""
+    if example.messages and not example.plain and getattr(tokenizer, "chat_template", None):
         return []
     return list(plain if plain is not None else _plain_prefix(tokenizer))
 
