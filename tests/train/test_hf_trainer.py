@@ -303,3 +303,38 @@ def test_accelerate_unwrap_without_the_fp32_wrapper_gives_back_a_working_model()
             torch.testing.assert_close(unwrapped(IDS).logits, want)  # positional too
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_a_question_answering_adapter_reports_its_eval_loss(tmp_path):
+    # the Trainer takes a QA model's labels (start_positions / end_positions) from its class's forward when the class
+    # is named ...QuestionAnswering (find_labels); a LoRDBAModel's class named "labels" only, so evaluation of a
+    # QUESTION_ANS adapter computed no eval_loss (PEFT has PeftModelForQuestionAnswering for this)
+    from transformers import LlamaConfig, LlamaForQuestionAnswering
+
+    from lordba.nn.model import LoRDBAModelForQuestionAnswering
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
+    qa = get_lordba_model(LlamaForQuestionAnswering(cfg), LoRDBAConfig(r=4, task_type="QUESTION_ANS"))
+    assert isinstance(qa, LoRDBAModelForQuestionAnswering) and isinstance(qa, LoRDBAModel)
+    ids = torch.randint(1, 101, (8, 10), generator=torch.Generator().manual_seed(0))
+    starts, ends = torch.arange(8) % 5, torch.arange(8) % 5 + 3
+    rows = [{"input_ids": i, "start_positions": s, "end_positions": e} for i, s, e in zip(ids, starts, ends)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True)
+    trainer = Trainer(model=qa, args=args, eval_dataset=rows)
+    assert trainer.label_names == ["start_positions", "end_positions"]
+    metrics = trainer.evaluate()
+    with torch.no_grad():
+        want = qa.eval()(input_ids=ids, start_positions=starts, end_positions=ends).loss
+    assert metrics["eval_loss"] == pytest.approx(want.item(), rel=1e-5)
+    saved = tmp_path / "saved"
+    qa.save_pretrained(saved)
+    assert type(LoRDBAModel.from_pretrained(LlamaForQuestionAnswering(cfg), saved)) is LoRDBAModelForQuestionAnswering

@@ -44,33 +44,11 @@ from lordba.nn.merge import name_list
 from lordba.nn.model_files import AdapterFilesMixin
 from lordba.nn.model_forms import AdapterFormsMixin
 from lordba.nn.model_merge import MergeMixin
-from lordba.nn.model_peft import PeftFeaturesMixin
+from lordba.nn.model_peft import ForwardWithSignature, PeftFeaturesMixin, with_adapter_names
 from lordba.nn.routing import BASE_ROW, DISABLED, DisableBlock, RoutingGate, in_disable_block, routing
 from lordba.nn.structure import replace_everywhere, resolve
 from lordba.nn.targets import find_targets
 from lordba.quant import BaseBackend, resolve_backend
-
-
-class _Forward:
-    """``LoRDBAModel.forward`` with the wrapped model's signature, so tools that inspect it (the
-    HF ``Trainer`` keeps only dataset columns named in it) see the real argument names."""
-
-    def __init__(self, owner: LoRDBAModel, signature: inspect.Signature) -> None:
-        self._owner = owner
-        self.__signature__ = signature
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if args and args[0] is self._owner:  # bound to the model as a method (accelerate's unwrap_model rebinds it)
-            args = args[1:]
-        return self._owner._forward(*args, **kwargs)
-
-
-def _with_adapter_names(signature: inspect.Signature) -> inspect.Signature:
-    params = [p for p in signature.parameters.values() if p.name != "adapter_names"]
-    extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
-    var_kw = [p for p in params if p.kind == inspect.Parameter.VAR_KEYWORD]
-    rest = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD]
-    return signature.replace(parameters=[*rest, extra, *var_kw])
 
 
 class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, MergeMixin, nn.Module):
@@ -97,12 +75,14 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
             signature = inspect.signature(model.forward)
         except (TypeError, ValueError):
             signature = inspect.signature(lambda *args, **kwargs: None)
-        self.forward = _Forward(self, _with_adapter_names(signature))
+        self.forward = ForwardWithSignature(self, with_adapter_names(signature))
         with frozen_unless_failed(model):  # a refused config leaves the caller's model as it was
             if config is not None:
                 self.add_adapter(adapter_name, config)
         if config is not None:
             self.set_adapter(adapter_name)
+        if type(self) is LoRDBAModel and "QuestionAnswering" in type(model).__name__:
+            self.__class__ = LoRDBAModelForQuestionAnswering
 
     # ------------------------------------------------------------------ delegation
     def __getattr__(self, name: str) -> Any:
@@ -399,3 +379,15 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
 def get_lordba_model(model: nn.Module, config: LoRDBAConfig, adapter_name: str = "default") -> LoRDBAModel:
     """Inject a new LoRDBA adapter into ``model`` (frozen) and return the wrapper, like PEFT's ``get_peft_model``."""
     return LoRDBAModel(model, config, adapter_name)
+
+
+class LoRDBAModelForQuestionAnswering(LoRDBAModel):
+    """The :class:`LoRDBAModel` of a question-answering model (a class named ``...QuestionAnswering``; PEFT's
+    ``PeftModelForQuestionAnswering``): its class's forward names ``start_positions`` and ``end_positions``, the
+    labels the HF Trainer looks for in a class so named (``find_labels``). Without them it found none, and
+    evaluation computed no ``eval_loss``."""
+
+    def forward(self, *args: Any, start_positions: Any = None, end_positions: Any = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward, as :meth:`LoRDBAModel.forward`."""
+        given = {"start_positions": start_positions, "end_positions": end_positions}
+        return super().forward(*args, **kwargs, **{k: v for k, v in given.items() if v is not None})
