@@ -173,6 +173,33 @@ def test_a_folder_adapter_unloaded_while_held_is_taken_back_by_a_new_request(mod
     assert list(registry.resident()) == ["a"] and registry.loads == 1 and "a" in model.peft_config
 
 
+def test_a_folder_adapter_unloaded_while_held_after_its_files_changed_is_not_taken_back(model, folder, served):
+    """The documented way to serve new files under a folder adapter's name is to unload it; with a request still
+    holding it, the next request took the draining adapter back: it was served the old weights, and kept serving them
+    (resident again) until evicted. Its files changed since it was loaded: a 503 until the drain ends, then the new
+    files load."""
+    from lordba.serve.errors import UnavailableError
+
+    registry = AdapterRegistry(model, folder)
+    registry.acquire("a")  # a request in flight
+    shutil.rmtree(folder / "a")
+    shutil.copytree(served[1] / "b", folder / "a")  # the new version
+    registry.unload("a")
+    with pytest.raises(UnavailableError, match="'a'") as err:
+        registry.acquire("a")
+    assert err.value.status == 503 and registry._draining["a"].refs == 1
+    registry.release("a")  # the drain ends
+    registry.acquire("a")
+    assert registry.loads == 2
+    fresh = LoRDBAModel(AutoModelForCausalLM.from_pretrained(served[0]).eval())
+    fresh.load_adapter(served[1] / "b", "b")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(
+            model(input_ids=ids, adapter_names=["a"]).logits, fresh(input_ids=ids, adapter_names=["b"]).logits
+        )
+
+
 def test_loads_stay_out_of_the_collector_once_the_server_froze_its_heap(model, folder):
     """``lordba serve`` freezes its heap at startup (``freeze_heap``); a thousand resident adapters
     are ~4 million objects, which every full collection would otherwise walk while serving."""

@@ -61,6 +61,7 @@ class _Entry:
     nbytes: int = 0  # resident bytes; 0 while not resident
     resident: bool = False
     used: bool = False  # held by a request since it was last sized: its forwards may have built caches
+    stamp: tuple | None = None  # its files at its load (files_stamp): unloaded, it is not taken back if they changed
 
 
 class AdapterRegistry:
@@ -161,8 +162,9 @@ class AdapterRegistry:
         if self.folder is not None:
             path = self.folder / name
             if self._in_folder(path):
-                draining = self._draining.get(name)
-                if draining is not None and draining.path.resolve() != path.resolve():  # another directory's adapter
+                draining = self._draining.get(name)  # another directory's adapter, or its files changed since loaded
+                now = (path.resolve(), files_stamp(path)) if draining is not None else None
+                if draining is not None and (draining.path.resolve(), draining.stamp) != now:
                     raise UnavailableError(
                         f"adapter '{name}' is being unloaded (its requests are still running): retry when they end",
                         param="model",
@@ -272,7 +274,7 @@ class AdapterRegistry:
         self._check_fits_budget(name, need, param)  # (its bytes once loaded are checked by _verified)
         if name in self.model.peft_config:  # left by an unload whose last request just ended
             self._delete(name)
-        start = time.perf_counter()
+        start, entry.stamp = time.perf_counter(), files_stamp(entry.path)
         try:
             self.model.load_adapter(entry.path, name, on_verified=lambda file: self._verified(name, file, param))
         except ServeError:  # no room, or too large (raised by _verified): not the file's fault
@@ -384,6 +386,15 @@ def payload_bytes(weights: Path) -> int:
     except (OSError, LoRDBAError):
         return 0
     return size - 8 - header if 0 <= header <= size - 8 else size
+
+
+def files_stamp(path: Path) -> tuple | None:
+    """Inode, size and modification time of an adapter directory's config and weights (None if unreadable)."""
+    try:
+        stats = [os.stat(path / CONFIG_NAME), os.stat(path / WEIGHTS_NAME)]
+    except OSError:
+        return None
+    return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
 
 
 def adapter_bytes(model: Any, name: str) -> int:
