@@ -162,6 +162,24 @@ def test_rank_above_the_target_rank_fills_from_the_residual():
     assert svd_init(t, 16).r == 16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+def test_eq7_fills_the_components_beyond_an_exactly_low_rank_delta_from_the_residual(dtype):
+    """A rank-2 ΔW held by a rank-16 LoRA, r = 16: the SVD's 14 zero singular values came out as rounding
+    noise and Eq. 7 spent 14 components on it (m ≈ 0, init error 0.47); they are filled from the residual,
+    as for the same ΔW held by a rank-2 LoRA (0.26)."""
+    g = gen(10)
+    A2, B2 = torch.randn(1, 2, 40, generator=g, dtype=D64), torch.randn(1, 48, 2, generator=g, dtype=D64)
+    M, rest = torch.randn(1, 2, 14, generator=g, dtype=D64), torch.randn(1, 14, 40, generator=g, dtype=D64)
+    A16, B16 = torch.cat([A2, rest], -2), torch.cat([B2, B2 @ M], -1)  # B16 A16 = B2 (A2 + M rest): rank 2
+    t2 = Target.of(B2.to(dtype), (A2 + M @ rest).to(dtype))
+    low = relative_error(t2, svd_init(t2, 16))
+    t = Target.of(B16.to(dtype), A16.to(dtype))
+    f = svd_init(t, 16)
+    assert relative_error(t, f).item() < 0.5
+    assert relative_error(t, f).item() == pytest.approx(low.item(), rel=0.05)
+    assert (f.m.abs() > 1e-3 * f.m.abs().max()).sum() >= 8  # most components carry weight
+
+
 def test_top_eigvec_falls_back_to_a_jittered_problem_when_lapack_fails(monkeypatch):
     from lordba.convert import factorize
 

@@ -208,12 +208,18 @@ def ls_scale_in(t: Target, f: Factors) -> torch.Tensor:
     return safe_div(num, den, f.b)
 
 
-def ls_scale_mid(t: Target, f: Factors) -> torch.Tensor:
+def ls_scale_mid(t: Target, f: Factors, live: torch.Tensor | None = None) -> torch.Tensor:
     """Least-squares ``m`` with the rest fixed: ``(UᵀU ∘ VVᵀ) m = diag(UᵀP · QVᵀ)``, with
-    ``U = diag(a) S_B``, ``V = S_A diag(b)`` (see :func:`solve_mid`)."""
+    ``U = diag(a) S_B``, ``V = S_A diag(b)`` (see :func:`solve_mid`). ``live`` [..., r] bool: only those
+    components are fitted, the others get ``m = 0`` (their placeholder signs may repeat)."""
     U = f.a[..., :, None] * f.sign_B
     V = f.right()
-    return solve_mid((U.mT @ U) * (V @ V.mT), ((U.mT @ t.P) * (t.Q @ V.mT).mT).sum(-1), f.m)
+    G, h = (U.mT @ U) * (V @ V.mT), ((U.mT @ t.P) * (t.Q @ V.mT).mT).sum(-1)
+    if live is not None:
+        eye = torch.eye(G.shape[-1], dtype=torch.bool, device=G.device)
+        G = torch.where(eye | (live[..., :, None] & live[..., None, :]), G, 0.0)
+        h = torch.where(live, h, 0.0)
+    return solve_mid(G, h, torch.where(live, f.m, 0.0) if live is not None else f.m)
 
 
 def solve_mid(G: torch.Tensor, h: torch.Tensor, old: torch.Tensor, ridge: float = 1e-12) -> torch.Tensor:
@@ -235,39 +241,65 @@ def svd_init(t: Target, r: int, svd: tuple[torch.Tensor, torch.Tensor, torch.Ten
     """The paper's closed-form initialisation ("Eq. 7"): thin SVD ``PQ = U Σ Vᵀ``; ``S_B = sign(U_r)``,
     ``S_A = sign(V_rᵀ)``, ``m = σ_1..r``; least-squares ``b`` with ``a = 1``, then ``a``.
 
-    Exact for a rank-1 target. When ``r`` exceeds the number of components, the rest is filled by
-    :func:`fill_residual` (beyond the paper: Eq. 7 alone leaves them at ``m = 0``). ``svd``: the
-    result of :func:`factor_svd` if already computed.
+    Exact for a rank-1 target. Components beyond the target's numerical rank (:func:`numerical_rank`:
+    their singular vectors are rounding noise) and those ``r`` adds beyond the SVD's are filled by
+    :func:`fill_residual` (beyond the paper: Eq. 7 alone leaves them at ``m ≈ 0``). ``svd``: the result
+    of :func:`factor_svd` if already computed.
     """
     U, sigma, Vh = svd if svd is not None else factor_svd(t.P, t.Q)
     n = min(r, sigma.shape[-1])
     out, inn = t.P.shape[-2], t.Q.shape[-1]
+    dead = torch.arange(n, device=sigma.device) >= numerical_rank(sigma, max(out, inn, t.P.shape[-1]))[..., None]
     ones = torch.ones((*t.P.shape[:-2], out), dtype=t.P.dtype, device=t.P.device)
     f = Factors(
         sign_A=hard_sign(Vh[..., :n, :]),
         sign_B=hard_sign(U[..., :n]),
         b=torch.ones((*t.P.shape[:-2], inn), dtype=t.P.dtype, device=t.P.device),
-        m=sigma[..., :n].clone(),
+        m=torch.where(dead, 0.0, sigma[..., :n]),
         a=ones,
     )
     f.b = ls_scale_in(t, f)
     f.a = ls_scale_out(t, f)
-    return fill_residual(t, f, r) if r > n else f
+    return fill_residual(t, f, r, dead) if r > n or bool(dead.any()) else f
 
 
-def fill_residual(t: Target, f: Factors, r: int) -> Factors:
-    """Grow ``f`` to rank ``r``: new sign components from the leading singular vectors of the residual
-    ``PQ − D = [P, −L][Q; R]`` (factored form), then least-squares ``m`` for all components."""
-    while f.r < r:
-        U, _, Vh = factor_svd(torch.cat([t.P, -f.left()], -1), torch.cat([t.Q, f.right()], -2))
-        add = min(r - f.r, U.shape[-1])
+def numerical_rank(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """How many singular values ``sigma`` [..., n] (descending) exceed ``size · eps · σ₁`` (NumPy's
+    ``matrix_rank`` rule): the smaller ones are rounding noise of an exactly lower-rank product."""
+    tol = size * torch.finfo(sigma.dtype).eps * sigma[..., :1]
+    return (sigma > tol).sum(-1)
+
+
+def fill_residual(t: Target, f: Factors, r: int, dead: torch.Tensor | None = None) -> Factors:
+    """Grow ``f`` to rank ``r`` and refill its ``dead`` components ([..., f.r] bool, ``m = 0``): each
+    takes, in order, a leading singular pair of the residual ``PQ − D = [P, −L][Q; R]`` (factored form,
+    only those above its numerical rank), as signs; then least-squares ``m``. Repeated on the new
+    residual while some layer still has dead components and its residual has any left."""
+    if dead is None:
+        dead = torch.zeros(f.m.shape, dtype=torch.bool, device=f.m.device)
+    if f.r < r:
+        add = r - f.r
         f = replace(
             f,
-            sign_A=torch.cat([f.sign_A, hard_sign(Vh[..., :add, :])], -2),
-            sign_B=torch.cat([f.sign_B, hard_sign(U[..., :add])], -1),
+            sign_A=torch.cat([f.sign_A, f.sign_A.new_ones((*f.sign_A.shape[:-2], add, f.sign_A.shape[-1]))], -2),
+            sign_B=torch.cat([f.sign_B, f.sign_B.new_ones((*f.sign_B.shape[:-1], add))], -1),
             m=torch.cat([f.m, f.m.new_zeros((*f.m.shape[:-1], add))], -1),
         )
-        f.m = ls_scale_mid(t, f)
+        dead = torch.cat([dead, dead.new_ones((*dead.shape[:-1], add))], -1)
+    while bool(dead.any()):
+        U, sigma, Vh = factor_svd(torch.cat([t.P, -f.left()], -1), torch.cat([t.Q, f.right()], -2))
+        size = max(t.P.shape[-2], t.Q.shape[-1], U.shape[-1])
+        order = dead.long().cumsum(-1) - 1  # the j-th dead component takes the residual's j-th pair
+        take = dead & (order < numerical_rank(sigma, size)[..., None])
+        if not bool(take.any()):
+            break
+        idx = order.clamp(0, sigma.shape[-1] - 1)
+        new_B = torch.gather(U, -1, idx[..., None, :].expand(*U.shape[:-1], r))
+        new_A = torch.gather(Vh, -2, idx[..., :, None].expand(*idx.shape, Vh.shape[-1]))
+        f.sign_B = torch.where(take[..., None, :], hard_sign(new_B), f.sign_B)
+        f.sign_A = torch.where(take[..., :, None], hard_sign(new_A), f.sign_A)
+        dead = dead & ~take
+        f.m = torch.where(take.any(-1, keepdim=True), ls_scale_mid(t, f, ~dead), f.m)  # finished layers left as is
     return f
 
 
