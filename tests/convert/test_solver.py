@@ -197,7 +197,8 @@ def test_near_exact_fits_are_compared_in_float64():
         gauge: convert_factors(A, B, 8, options=SolverOptions(gauge=gauge)).rel_error
         for gauge in ("svd", "lora", "best")
     }
-    assert err["best"] == min(err["svd"], err["lora"]) < 1e-5
+    # both gauges may end at float32's rounding (~2e-7, the svd gauge since its stop test is in float64): either
+    assert err["best"] <= min(err["svd"], err["lora"]) + 1e-7 and err["best"] < 1e-6
     g = torch.Generator().manual_seed(3)
     A, B = torch.randn(8, 64, generator=g), torch.randn(48, 8, generator=g)
     A, B = A.sign() * A.abs().mean(), B.sign() * 0.3
@@ -215,6 +216,20 @@ def test_float32_solver_converges_on_an_exactly_representable_delta(method):
     res = convert_factors(A, B, 6, options=SolverOptions(method=method))
     assert res.rel_error_init > 0.5
     assert res.rel_error < 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_solution_does_not_depend_on_the_magnitude_of_dw(dtype):
+    """ΔW scaled by 1e-20 (and 1e19) gets the error of the unscaled ΔW: at 1e-18 ADMM's absolute floor on its
+    Gram scale took over (0.585 for 0.559, float64 too), and in float32 the Grams fell below the normal range;
+    at 1e19 float32 gave NaN. The solve runs on T / ‖T‖."""
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(4, 40, generator=g), torch.randn(48, 4, generator=g)
+    opts = SolverOptions(dtype=dtype)
+    want = convert_factors(A, B, 4, options=opts).rel_error
+    for s in (1e-20, 1e19):
+        res = convert_factors(A * s**0.5, B * s**0.5, 4, scale_dtype="int8", options=opts)
+        assert res.rel_error == pytest.approx(want, abs=1e-3)
 
 
 def test_zero_lora_and_exact_int8_group():
