@@ -73,3 +73,15 @@ def test_a_number_out_of_range_is_a_usage_error_naming_the_option(lora_dir, tmp_
 def test_the_edges_of_the_numbers_ranges_are_accepted(lora_dir, tmp_path, capsys):
     argv = ["convert", str(lora_dir), str(tmp_path / "out"), "--quiet", "--iters", "0", "--admm-iters", "0"]
     assert main([*argv, "--tol", "0", "--target-bpw", "32"]) == 0
+
+
+def test_a_rank_past_any_use_is_refused_naming_the_layer_and_the_limit(lora_dir, tmp_path, capsys):
+    """``--r 1000000`` on the tiny model's 40×40 q_proj: the solve ran a minute and failed to allocate 16 TB (an
+    internal error); a rank whose signs alone outweigh ΔW in float32 (here above 640) is a usage error, before
+    the work. A rank above min(in, out) below that limit converts."""
+    out = tmp_path / "out"
+    assert main(["convert", str(lora_dir), str(out), "--quiet", "--r", "1000000"]) == 3
+    err = capsys.readouterr().err
+    assert "q_proj" in err and "640" in err and "internal error" not in err
+    assert not out.exists()
+    assert main(["convert", str(lora_dir), str(out), "--quiet", "--iters", "1", "--admm-iters", "0", "--r", "48"]) == 0

@@ -129,6 +129,7 @@ def convert_lora(
     allocation = None
     if target_bpw is None:
         ranks = {p: base.rank_for(p) for p in lora.layers}
+        _check_ranks(lora, ranks)
         scalings = {p: base.scaling_for(p) for p in lora.layers}
         bar = progress_bar(len(lora.layers), progress, "converting")
         try:
@@ -145,6 +146,21 @@ def convert_lora(
     report = _report(lora, state, stats, opts, allocation)
     report.seconds = time.perf_counter() - start
     return state, report
+
+
+def _check_ranks(lora: LoraAdapter, ranks: dict[str, int]) -> None:
+    """Refuse, before any work, a rank whose sign factors alone hold more bits than the layer's ΔW in float32
+    (``r (in + out) > 32 in out``): no use, and its solve allocates without bound (``r = 10**6`` ran a minute
+    on a 40×40 layer, then failed to allocate 16 TB). Ranks above ``min(in, out)`` below it are valid."""
+    for path, r in sorted(ranks.items()):
+        layer = lora.layers[path]
+        i, o = layer.in_features, layer.out_features
+        limit = 32 * i * o // (i + o)
+        if r > limit:
+            raise ConfigError(
+                f"module {path!r} ({o}×{i}): r={r} is above {limit}, the rank at which its sign factors alone "
+                "hold more bits than its ΔW in float32 (32·in·out / (in + out))"
+            )
 
 
 def _is_int(value: Any) -> bool:
