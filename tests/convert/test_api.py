@@ -163,6 +163,29 @@ def test_calibration_runs_without_dropout_and_keeps_each_modules_mode():
     assert [m.training for m in model.modules()] == [True, True, True, False]
 
 
+def test_calibration_moments_are_summed_in_float64_and_returned_on_the_cpu():
+    """One batch of x = 4096 (x² = 2**24) and 1000 of x = 1: the float32 running sum dropped every later batch
+    (mean 16760.45 for 16761.45); the sums are float64 on the CPU, the result float32 on the CPU."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    batches = [torch.full((1, 2), 4096.0)] + [torch.ones(1, 2)] * 1000
+    moments = collect_input_moments(model, batches, ["0"])["0"]
+    assert moments.dtype == torch.float32 and moments.device.type == "cpu"
+    torch.testing.assert_close(moments, torch.full((2,), (4096.0**2 + 1000) / 1001), rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_calibration_of_a_model_on_the_gpu_takes_cpu_inputs_and_feeds_a_cpu_conversion(tmp_path, input_ids):
+    """A model on the GPU with CPU input ids: torch's device mismatch error; moments left on the GPU then broke
+    convert_lora (a LoRA read on the CPU)."""
+    model, path = peft_adapter(tmp_path)
+    model.cuda()
+    paths = sorted(read_lora(path).layers)
+    moments = collect_input_moments(model, [input_ids, {"input_ids": input_ids[:1]}], paths)
+    assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in moments.values())
+    _, report = convert_lora(path, calibration=moments, progress=False, iters=1)
+    assert all(lr.rel_error_weighted is not None for lr in report.layers)
+
+
 def test_cli_convert_and_inspect_show_the_sidecar(tmp_path, capsys):
     _, path = peft_adapter(tmp_path)
     out = tmp_path / "out"

@@ -31,8 +31,8 @@ def _root(model: nn.Module) -> nn.Module:
 def collect_input_moments(
     model: nn.Module, batches: Iterable[dict[str, Any] | torch.Tensor], paths: Iterable[str]
 ) -> dict[str, torch.Tensor]:
-    """``{path: mean of x² over all tokens}`` (float32 [in]) for the inputs of the modules at ``paths``;
-    each batch is a dict of model keyword arguments or a tensor of input ids. A dict's
+    """``{path: mean of x² over all tokens}`` (float32 [in], on the CPU) for the inputs of the modules at ``paths``;
+    each batch is a dict of model keyword arguments or a tensor of input ids (moved to the model's device). A dict's
     ``attention_mask`` ([batch, seq]) leaves out the positions it masks (padding) wherever a module's
     input has one row per position. The batches run in eval mode (no dropout); each module's mode is
     restored afterwards."""
@@ -49,7 +49,9 @@ def collect_input_moments(
             keep = mask[0]
             if keep is not None and keep.numel() == x.shape[0]:
                 x = x[keep.reshape(-1).to(x.device)]  # padding left out (not multiplied by 0: it may be NaN)
-            sums[path] = sums.get(path, 0) + x.square().sum(0)
+            # summed on CPU in float64 whatever the device: the result goes with CPU LoRA factors, and a float32
+            # running sum drops small batches after a large one
+            sums[path] = sums.get(path, 0) + x.square().sum(0).cpu().double()
             counts[path] = counts.get(path, 0) + x.shape[0]
 
         return hook
@@ -62,7 +64,9 @@ def collect_input_moments(
                 except AttributeError:
                     raise ConversionError(f"calibration: the model has no module {path!r}") from None
                 hooks.append(module.register_forward_pre_hook(hook_for(path)))
+            device = next((p.device for p in model.parameters()), None)
             for batch in batches:
+                batch = _to_device(batch, device)
                 mask[0] = _padding_mask(batch)
                 model(**batch) if isinstance(batch, dict) else model(batch)
         finally:
@@ -72,6 +76,15 @@ def collect_input_moments(
     if missing:
         raise ConversionError(f"calibration: no input reached module(s) {missing[:4]}")
     return {p: (sums[p] / counts[p]).float() for p in sorted(sums)}
+
+
+def _to_device(batch: dict[str, Any] | torch.Tensor, device: torch.device | None) -> dict[str, Any] | torch.Tensor:
+    """The batch's tensors on the model's (first parameter's) device, as a training loop puts them."""
+    if device is None or device.type == "meta":  # offloaded weights (accelerate): its hooks place the inputs
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _padding_mask(batch: dict[str, Any] | torch.Tensor) -> torch.Tensor | None:
