@@ -145,3 +145,42 @@ print("ok")
     env = {**os.environ, "PYTHONPATH": src}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+
+
+def test_the_op_called_directly_with_rows_of_no_tokens_gives_the_base():
+    """``torch.ops.lordba.branch_rows`` is public: called directly (not through ``packed_branch_rows``, which
+    returns first) with rows of no tokens, an empty batch, ``in = 0`` or ``out = 0``, it gives the base as it is
+    (a contiguous copy), on the sign and the unpack path; its sign path divided by the zero tokens (SIGFPE
+    killed the process). Run in a child process, so that a crash fails this test instead of ending the run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import torch
+from lordba import kernels
+from lordba.core.packing import pack_signs
+assert kernels.cpu_available()
+op = torch.ops.lordba.branch_rows.default
+g = torch.Generator().manual_seed(6)
+def adapter(in_f, out_f, r):
+    return (pack_signs(torch.randn(r, in_f, generator=g)) if in_f else torch.zeros(0, dtype=torch.uint8),
+            pack_signs(torch.randn(out_f, r, generator=g)) if out_f else torch.zeros(0, dtype=torch.uint8),
+            torch.rand(in_f, generator=g), torch.rand(r, generator=g), torch.randn(out_f, generator=g))
+for shape_x, shape_base, in_f, out_f in (((3, 0, 37), (3, 0, 21), 37, 21), ((0, 4, 37), (0, 4, 21), 37, 21),
+                                         ((3, 37), (3, 0), 37, 0), ((3, 2, 0), (3, 2, 21), 0, 21)):
+    tensors = [adapter(in_f, out_f, r) for r in (3, 17)]
+    for limit in (1 << 62, -1, 16):
+        for index in ([0, 0, 0], [1, -1, 0], [-1, -1, -1])[: 3 if shape_x[0] else 1]:
+            for dtype in (torch.float32, torch.bfloat16):
+                x, base = torch.randn(shape_x).to(dtype), torch.randn(shape_base).to(dtype)
+                idx = torch.tensor(index[: shape_x[0]], dtype=torch.long)
+                y = op(x, idx, *([t[k] for t in tensors] for k in range(5)), [1.5, -1.0], [limit] * 2, base)
+                assert torch.equal(y, base) and y.dtype == dtype, (shape_x, limit, index, y.shape)
+print("ok")
+"""
+    src = str(Path(kernels.__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": src}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])

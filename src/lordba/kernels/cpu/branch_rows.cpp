@@ -79,11 +79,9 @@ at::Tensor branch_rows(const at::Tensor& x, const at::Tensor& index, at::TensorL
   const auto st = x.scalar_type();
   check(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "x must be float32, bfloat16 or float16");
   const int64_t B = x.size(0), in = x.size(-1), out = base.size(-1);
-  const at::Tensor x2 = x.reshape({-1, in}).contiguous();
-  const at::Tensor base2 = base.reshape({-1, out}).contiguous();
-  check(B > 0 && x2.size(0) % B == 0 && base2.size(0) == x2.size(0), "branch_rows: x and base need the same tokens");
-  const int64_t L = x2.size(0) / B;  // tokens per batch row
-  at::Tensor y = base2.clone();
+  int64_t tokens = 1, base_tokens = 1;  // not numel / in: in may be 0
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) tokens *= x.size(d), base_tokens *= base.size(d);
+  check(tokens == base_tokens, "branch_rows: x and base need the same tokens");
   const at::Tensor idx = index.cpu().contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
   std::vector<std::vector<int64_t>> rows(static_cast<size_t>(K));
@@ -91,6 +89,13 @@ at::Tensor branch_rows(const at::Tensor& x, const at::Tensor& index, at::TensorL
     check(ip[i] >= -1 && ip[i] < K, "branch_rows: an index is outside [-1, number of adapters)");
     if (ip[i] >= 0) rows[static_cast<size_t>(ip[i])].push_back(i);
   }
+  // No rows, rows of no tokens, in = 0 or out = 0: no branch to add, the base as it is (as `branch` gives it;
+  // the sign path divided by its zero tokens: SIGFPE killed the process).
+  if (x.numel() == 0 || base.numel() == 0) return base.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor x2 = x.reshape({-1, in}).contiguous();
+  const at::Tensor base2 = base.reshape({-1, out}).contiguous();
+  const int64_t L = x2.size(0) / B;  // tokens per batch row
+  at::Tensor y = base2.clone();
   check(y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kHalf,
         "the output dtype must be float32, bfloat16 or float16");
   struct Group {
