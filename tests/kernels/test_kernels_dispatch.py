@@ -253,6 +253,71 @@ def test_setting_blocks_of_two_threads_ending_out_of_order_restore_the_setting(w
     assert get() == before
 
 
+@pytest.mark.parametrize("which", ["mode", "branch_compute"])
+def test_a_setting_made_beside_another_threads_block_is_not_undone_by_it(which):
+    """A thread's set (``set_mode``) outside any block of its own, while another thread's block is open, is the
+    process's lasting setting: that block's end leaves it (it restored the value from before the block). A set
+    inside a thread's own block stays that block's, even where another thread's block began after it: it was
+    written into that newer block, and lost when it ended (the first block then ran in its entry value again)."""
+    import threading
+
+    block, get, put = {
+        "mode": (kernels.mode, kernels.get_mode, kernels.set_mode),
+        "branch_compute": (kernels.with_branch_compute, kernels.branch_compute, kernels.set_branch_compute),
+    }[which]
+    # values[1] and values[2] differ from values[3] (the value outside) and values[0] (the first block's)
+    values = ("sign", "torch", "unpack", "dense") if which == "mode" else ("fast", "exact", "exact", "fast")
+    before = get()
+    try:
+        # a lasting set beside another thread's block
+        put(values[3])
+        inside, done = threading.Event(), threading.Event()
+
+        def holder() -> None:
+            with block(values[0]):
+                inside.set()
+                done.wait(10)
+
+        thread = threading.Thread(target=holder)
+        thread.start()
+        inside.wait(10)
+        put(values[1])
+        assert get() == values[1]  # now, for the process
+        done.set()
+        thread.join(20)
+        assert get() == values[1]  # not undone by the other thread's block ending
+        # a set inside a thread's own block, while a newer block of another thread is open
+        put(values[3])
+        a_in, b_in, a_set, b_out = (threading.Event() for _ in range(4))
+        seen = []
+
+        def first() -> None:
+            with block(values[0]):
+                a_in.set()
+                b_in.wait(10)
+                put(values[2])
+                a_set.set()
+                b_out.wait(10)
+                seen.append(get())  # the newer block has ended: this block's own set
+
+        def second() -> None:
+            a_in.wait(10)
+            with block(values[3]):
+                b_in.set()
+                a_set.wait(10)
+            b_out.set()
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert seen == [values[2]]
+        assert get() == values[3]  # the first block's set ended with it
+    finally:
+        put(before)
+
+
 def test_branch_compute_switches_and_refuses_other_names(monkeypatch):
     """``exact`` by default, ``fast`` on request (a block, or the process), nothing else; a bad
     ``$LORDBA_BRANCH_COMPUTE`` warns and means ``exact`` (read when lordba is imported)."""

@@ -42,8 +42,9 @@ class _State:
 
 
 _STATE = _State()
-_BLOCKS: list[list[str]] = []  # the open blocks of mode / with_branch_compute (any thread), oldest first
-_OUTSIDE: dict[str, str] = {}  # a setting's value with no block of it open (taken when its first block began)
+# the open blocks of mode / with_branch_compute (any thread), oldest first: [setting, value, thread ident]
+_BLOCKS: list[list] = []
+_OUTSIDE: dict[str, str] = {}  # the value once no block of a setting is open (taken as its first block began)
 _BLOCKS_LOCK = threading.Lock()
 if _STATE.mode not in MODES:
     warnings.warn(f"LORDBA_KERNEL={_STATE.mode!r} is not one of {MODES}; using 'auto'", stacklevel=1)
@@ -103,11 +104,16 @@ def _checked(name: str, allowed: tuple[str, ...], what: str) -> str:
 
 
 def _set(setting: str, value: str) -> None:
-    """Set ``setting`` now: in the innermost open block of it (restored when that block ends), else outside."""
+    """Set ``setting`` now, for the process: within the calling thread's innermost open block of it (restored
+    when that block ends), else for good (the value restored once every open block of it has ended). Writing it
+    into the newest block of any thread let another thread's block take the value, and that block's end undo a
+    lasting setting or the calling thread's own block's."""
     with _BLOCKS_LOCK:
-        open_blocks = [entry for entry in _BLOCKS if entry[0] == setting]
-        if open_blocks:
-            open_blocks[-1][1] = value
+        own = [entry for entry in _BLOCKS if entry[0] == setting and entry[2] == threading.get_ident()]
+        if own:
+            own[-1][1] = value
+        elif setting in _OUTSIDE:  # other threads' blocks are open
+            _OUTSIDE[setting] = value
         setattr(_STATE, setting, value)
 
 
@@ -117,7 +123,7 @@ def _block(setting: str, value: str) -> Iterator[None]:
     several threads need not nest: one that ends gives the setting to the newest block still open, and the last
     one to end restores the value from before the first (restoring the value each saw on entry left, when two
     threads' blocks ended in the order they began, the first block's value in force for good)."""
-    entry = [setting, value]
+    entry = [setting, value, threading.get_ident()]
     with _BLOCKS_LOCK:
         if not any(held[0] == setting for held in _BLOCKS):
             _OUTSIDE[setting] = getattr(_STATE, setting)
