@@ -56,6 +56,34 @@ def test_build_directory_tracks_arch_cpu_and_location(monkeypatch, tmp_path):
     assert cpu.extension_name() != native
 
 
+def test_a_compiler_upgraded_in_place_gets_its_own_build(monkeypatch, tmp_path):
+    """The build keys (the kernels' and the bound calls') hold the compiler's version, not its path alone: a
+    compiler upgraded in place (the same path; ninja sees only the path) kept loading the old compiler's
+    library. The version is asked once per process (``--version``'s first line)."""
+    from lordba.kernels.cpu import bound
+
+    version = tmp_path / "version"
+    version.write_text("c++ (Fake) 12.2.0")
+    fake = tmp_path / "fake-c++"
+    fake.write_text(f'#!/bin/sh\ncat "{version}"; echo; echo "Copyright"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setenv("LORDBA_KERNEL_CACHE", str(tmp_path))
+    forget = cpu.compiler_version.cache_clear  # what a new process starts with
+    forget()
+    try:
+        old = cpu.extension_name(), bound.extension_name()
+        version.write_text("c++ (Fake) 13.1.0")  # upgraded in place
+        assert (cpu.extension_name(), bound.extension_name()) == old  # asked once per process
+        forget()  # a new process
+        new = cpu.extension_name(), bound.extension_name()
+        assert new[0] != old[0] and new[1] != old[1]
+        assert cpu.compiler_version(str(fake)) == "c++ (Fake) 13.1.0"
+        assert cpu.compiler_version(str(tmp_path / "missing")) == ""  # no version: the path alone
+    finally:
+        forget()
+
+
 def test_compiler_lookup(monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     assert cpu.compiler() is None

@@ -5,10 +5,11 @@ The source is compiled once per machine by :func:`torch.utils.cpp_extension.load
 C++ compiler: ``$CXX``, else ``c++``/``g++``/``clang++``) into its own build directory under
 ``$LORDBA_KERNEL_CACHE`` (default ``<lordba cache>/kernels``), and loaded as a plain op library (it
 registers its ops with ``TORCH_LIBRARY``; there is no Python module). ninja rebuilds when the source,
-a header, the flags, the compiler or the torch installation change. What it cannot see, the
-``-march`` value and the CPU's instruction-set flags (the code is built with ``-march=native``), is in
-the extension's name (:func:`extension_name`), so another machine sharing the directory builds its own
-library instead of loading an illegal one. Concurrent builds are serialized by a ``flock`` on the build
+a header, the flags, the compiler's path or the torch installation change. What it cannot see, the
+``-march`` value, the CPU's instruction-set flags (the code is built with ``-march=native``) and the
+compiler's version (:func:`compiler_version`), is in the extension's name (:func:`extension_name`), so
+another machine sharing the directory builds its own library instead of loading an illegal one (and a
+compiler upgraded in place builds anew). Concurrent builds are serialized by a ``flock`` on the build
 directory (:func:`lordba._util.locks.locked`: released even if a build is killed), around cpp_extension's
 own baton.
 
@@ -21,6 +22,7 @@ which compiles the portable kernels).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -95,6 +97,24 @@ def compiler() -> str | None:
     return None
 
 
+@functools.cache
+def compiler_version(path: str) -> str:
+    """The first line of ``path --version`` (``""`` where it gives none), asked once per process: in the build
+    keys, since ninja sees the compiler's path alone (a compiler upgraded in place, the same path, kept loading
+    the library the old one built)."""
+    try:
+        proc = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return next(iter(proc.stdout.splitlines()), "").strip()
+
+
+def compiler_key() -> str:
+    """The compiler in the build keys: its path (:func:`compiler`) and version (:func:`compiler_version`)."""
+    cxx = compiler()
+    return f"{cxx}\0{compiler_version(cxx)}" if cxx else ""
+
+
 def cpu_flags() -> str:
     """This CPU's instruction-set flags line (``/proc/cpuinfo``; the processor's name elsewhere)."""
     try:
@@ -113,14 +133,14 @@ def extension_name(arch: str | None = None) -> str:
 
     ``arch``: the ``-march`` value (default ``$LORDBA_CPU_ARCH`` or ``native``); ``""`` for a build
     without ``-march``. The name carries a short key of the arch, the machine type and the CPU's
-    instruction-set flags, the torch version, the source's sha256 and path, and the compiler (so that
-    environments or installs sharing one cache keep one build each instead of rebuilding over each
-    other: ninja's own records name absolute paths).
+    instruction-set flags, the torch version, the source's sha256 and path, and the compiler's path and version
+    (so that environments or installs sharing one cache keep one build each instead of rebuilding over each
+    other: ninja's own records name absolute paths; and a compiler upgraded in place builds anew).
     """
     arch = _arch() if arch is None else arch
     source = "".join(hashlib.sha256(path.read_bytes()).hexdigest() for path in (*SOURCES, *HEADERS))
     where = str(SOURCE.resolve())  # ninja's records name absolute paths: one build per install
-    parts = (arch, platform.machine(), cpu_flags(), torch.__version__, source, where, compiler() or "")
+    parts = (arch, platform.machine(), cpu_flags(), torch.__version__, source, where, compiler_key())
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
     return f"lordba_cpu_{key}"
 

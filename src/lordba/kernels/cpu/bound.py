@@ -39,10 +39,10 @@ _log = logging.getLogger(__name__)
 
 def extension_name() -> str:
     """The extension's name (and its build directory's): a key of its source and path, the torch version,
-    the Python ABI and the compiler."""
+    the Python ABI and the compiler's path and version."""
     where = str(SOURCE.resolve())
     abi = sysconfig.get_config_var("EXT_SUFFIX") or sys.version
-    parts = (hashlib.sha256(SOURCE.read_bytes()).hexdigest(), where, torch.__version__, abi, cpu.compiler() or "")
+    parts = (hashlib.sha256(SOURCE.read_bytes()).hexdigest(), where, torch.__version__, abi, cpu.compiler_key())
     return "lordba_bound_" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
