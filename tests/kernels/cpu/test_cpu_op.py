@@ -126,6 +126,32 @@ def test_non_contiguous_input_zero_tokens_and_determinism():
         assert empty.shape == (0, 40, 21)
 
 
+@pytest.mark.parametrize("limit", [SIGN, UNPACK])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("r", [1, 8, 13])
+def test_an_infinite_input_gives_the_references_infinities_and_nans(limit, dtype, tokens, r):
+    """An infinite activation (one input column +inf or -inf, one token of them finite): where the reference's
+    sums hold one sign of infinity (S_A's column of that input of one sign, S_B all +1) the output is that
+    infinity, else NaN, on both paths and every build. The AVX-512 sign path's sums, 2·Σ_{bit=1} z − Σz, gave
+    inf − inf = NaN where the reference gives ±inf (the portable and AVX2 builds sum ±z, as the reference)."""
+    x, lat_A, lat_B, b, m, a = case(9, (tokens,), 37, 21, r, dtype)
+    m = m.abs() + 0.1
+    for column_sign in (1.0, -1.0):
+        for aligned in (True, False):
+            lat_A = lat_A.clone()
+            lat_A[:, 5] = column_sign
+            signs_B = torch.ones_like(lat_B) if aligned else lat_B
+            xi = x.clone()
+            xi[:, 5] = torch.tensor([float("inf"), -float("inf")] * tokens)[:tokens].to(dtype)
+            xi[-1, 5] = 1.0 if tokens > 1 else xi[-1, 5]  # a finite token beside them
+            want = expected(xi, lat_A, signs_B, b, m, a, 0.5)
+            got = run(xi, lat_A, signs_B, b, m, a, 0.5, limit).double()
+            assert torch.equal(got.isnan(), want.isnan()), (column_sign, aligned)
+            assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got[want.isinf()], want[want.isinf()])
+            assert want.isinf().any() or not aligned
+
+
 def test_threads_do_not_change_results():
     x, lat_A, lat_B, b, m, a = case(2, (3,), 2048, 3000, 16)
     threads = torch.get_num_threads()

@@ -116,7 +116,9 @@ void unpack_rows(const uint8_t* p, int64_t nbytes, int64_t rows, int64_t cols, c
 }
 
 // The folded factors A' = S_A diag(b) into A [r, in] and B' = s diag(a) S_B diag(m) into B [out, r]:
-// the unpack path's, and folded_factors' for q4.cpp's prefill GEMM.
+// the unpack path's, and folded_factors' for q4.cpp's prefill GEMM. An infinite s·a[o] (a broken adapter: every
+// output of o is infinite or NaN anyway) makes all r terms of output o infinite, of both signs: NaN here where
+// the sign path and the reference give ±inf (left so: a check in the GEMMs' place would cost every prefill).
 template <typename t_t>
 void fold_factors(const uint8_t* sa, int64_t nbytes_a, const uint8_t* sb, int64_t nbytes_b, const float* b,
                   const float* m, const float* a, int64_t r, int64_t in, int64_t out, float scaling, t_t* A, t_t* B) {

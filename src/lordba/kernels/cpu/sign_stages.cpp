@@ -6,6 +6,7 @@
 #include "branch_internal.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -133,6 +134,19 @@ float z_total(const float* z, int64_t ld) {
 
 namespace {
 
+// Row j of S_A times z, summed one signed term after the other (the portable build's sums): the masked sums' h for
+// a token whose Σz is not finite, where 2·Σ_{bit=1} z − Σz gave inf − inf = NaN for an infinite z of a set bit
+// (x or b ⊙ x infinite, or Σz overflowing), and the reference gives ±inf.
+float signed_sum(const uint8_t* sa, int64_t nbytes, const float* z, int64_t in, int64_t j) {
+  float h = 0.f;
+  for (int64_t i = 0; i < in; ++i) {
+    const int64_t pos = j * in + i;
+    const float v = z[(i & ~int64_t{7}) + 7 - (i & 7)];  // z's groups of 8 are stored reversed
+    h += (pos >> 3) < nbytes && ((sa[pos >> 3] >> (7 - (pos & 7))) & 1) ? v : -v;
+  }
+  return h;
+}
+
 // Stage 1 for all r rows and T tokens: h1[t*r + j].
 void stage1(const uint8_t* sa, int64_t nbytes, const float* z, int64_t T, int64_t in, int64_t ld, int64_t r,
             float* h1) {
@@ -144,8 +158,13 @@ void stage1(const uint8_t* sa, int64_t nbytes, const float* z, int64_t T, int64_
   const int64_t grain = std::max<int64_t>(8, 262144 / std::max<int64_t>(1, in * T));
   at::parallel_for(0, r, grain, [&](int64_t j0, int64_t j1) { tiled_sums(sa, nbytes, z, T, in, ld, r, j0, j1, h1); });
   if (kMasked)
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t j = 0; j < r; ++j) h1[t * r + j] = 2.f * h1[t * r + j] - totals[t];
+    for (int64_t t = 0; t < T; ++t) {
+      if (std::isfinite(totals[t])) {
+        for (int64_t j = 0; j < r; ++j) h1[t * r + j] = 2.f * h1[t * r + j] - totals[t];
+      } else {  // an infinite (or NaN) z: the signed sums, as the reference (inf − inf would be NaN)
+        for (int64_t j = 0; j < r; ++j) h1[t * r + j] = signed_sum(sa, nbytes, z + t * ld, in, j);
+      }
+    }
 }
 
 }  // namespace
