@@ -10,6 +10,7 @@ from lordba.convert.factorize import Target, objective, relative_error, rmr, svd
 from lordba.convert.groups import solve_group
 from lordba.convert.solver import iterate, sign_sweeps
 from lordba.core.scales import get_codec
+from lordba.errors import ConversionError
 
 D64 = torch.float64
 
@@ -268,3 +269,16 @@ def test_relative_error_reported_is_on_stored_values():
 
     stored = Factors(*(x.double() for x in (f.sign_A, f.sign_B, f.b, f.m, f.a)))
     assert relative_error(t, stored).item() == pytest.approx(res.rel_error.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("s", [1e15, 1e-25])
+def test_scales_that_float16_cannot_hold_are_refused(s):
+    """A ΔW whose scales overflow float16 (norm 1e15: NaN error, inf scales) or underflow it to zero (1e-25: an
+    adapter of ΔW' = 0) was returned without a word; int8 and float32 hold them."""
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(4, 40, generator=g), torch.randn(48, 4, generator=g)
+    with pytest.raises(
+        ConversionError, match=r"pair 0: its scales do not fit scale_dtype 'float16'.*'int8' or 'float32'"
+    ):
+        convert_factors(A * s**0.5, B * s**0.5, 4, scale_dtype="float16")
+    assert convert_factors(A * s**0.5, B * s**0.5, 4, scale_dtype="int8").rel_error < 0.6

@@ -71,7 +71,8 @@ def convert_factors_batched(
     options: SolverOptions | None = None,
 ) -> list[FactorResult]:
     """Convert ``L`` LoRA pairs of equal shape (``A`` [L, r0, in], ``B`` [L, out, r0]) in one batch;
-    ``scaling`` and ``lordba_scaling`` are scalars or [L]; ``input_moments`` [L, in] optional."""
+    ``scaling`` and ``lordba_scaling`` are scalars or [L]; ``input_moments`` [L, in] optional. Raises
+    :class:`ConversionError` for a pair whose scales ``scale_dtype`` cannot hold (overflow, or underflow to 0)."""
     _check(A, B, r)
     n = A.shape[0]
     factor = torch.as_tensor(scaling, dtype=torch.float64).expand(n) / torch.as_tensor(
@@ -79,6 +80,7 @@ def convert_factors_batched(
     ).expand(n)
     codec = get_codec(scale_dtype) if scale_dtype is not None else None
     res = solve_group(B.detach(), A.detach(), r, factor, codec, options or SolverOptions(), input_moments)
+    res.check_stored(scale_dtype, [f"pair {i}" for i in range(n)])
     f = res.factors
     out = []
     for i in range(n):

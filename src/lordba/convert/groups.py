@@ -16,6 +16,8 @@ float64 on what is stored.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -25,7 +27,7 @@ from lordba.convert.factorize import Factors, Target, ls_scale_mid, relative_err
 from lordba.convert.gauge import GAUGES, initial_factors
 from lordba.convert.solver import solve
 from lordba.core.scales import ScaleCodec
-from lordba.errors import ConfigError
+from lordba.errors import ConfigError, ConversionError
 
 METHODS = ("bcd", "admm", "admm+bcd", "init")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -85,6 +87,19 @@ class GroupResult:
     rmr_B_gauge: torch.Tensor
     iterations: torch.Tensor
     gauges: list[str] = field(default_factory=list)
+
+    def check_stored(self, scale_dtype: str | None, names: Sequence[str]) -> None:
+        """:class:`ConversionError` naming the first layer (``names``, one per layer) whose scales the codec could
+        not hold: they overflowed it (an error of NaN) or underflowed to zero (the stored ΔW' is 0 where the
+        unrounded factors fit), e.g. a ΔW of norm 1e15 or 1e-25 with ``scale_dtype="float16"``."""
+        for i, name in enumerate(names):
+            err, unrounded = float(self.rel_error[i]), float(self.rel_error_float[i])
+            if float(self.target_norm[i]) > 0 and not (math.isfinite(err) and (err < 0.999 or unrounded >= 0.99)):
+                raise ConversionError(
+                    f"{name}: its scales do not fit scale_dtype {scale_dtype!r} (ΔW's norm "
+                    f"{float(self.target_norm[i]):.3g}: the stored adapter's error is {err:.3g}, the unrounded "
+                    f"factors' {unrounded:.3g}); convert with scale_dtype 'int8' or 'float32'"
+                )
 
 
 def _error64(t64: Target, f: Factors) -> torch.Tensor:

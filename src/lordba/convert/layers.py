@@ -40,7 +40,8 @@ def convert_layers(
     ``scalings`` (``{path: s}``), in groups of equal shape of at most ``max_batch`` layers; ``progress``
     is a bar from :func:`progress_bar` or ``None``. Returns the stored records and per-layer
     statistics, ``{path: ModuleRecord}`` and ``{path: {name: value}}``; raises
-    :class:`ConversionError` if ``calibration`` misses a module or holds a bad vector."""
+    :class:`ConversionError` if ``calibration`` misses a module or holds a bad vector, or a layer's scales do not
+    fit ``scale_dtype`` (:meth:`~lordba.convert.groups.GroupResult.check_stored`)."""
     codec = get_codec(scale_dtype)
     records, stats = {}, {}
     for group in _groups(list(lora.layers.values()), ranks, max_batch):
@@ -68,6 +69,7 @@ def convert_layers(
                     )
             moments = torch.stack([calibration[layer.path].float() for layer in group])
         res = solve_group(B, A, r, factor, codec, opts, moments)
+        res.check_stored(scale_dtype, [layer.path for layer in group])
         f = res.factors
         for i, layer in enumerate(group):
             scale_in, scale_mid, scale_out = codec.encode(f.b[i], f.m[i], f.a[i])
