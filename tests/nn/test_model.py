@@ -158,6 +158,23 @@ def test_a_save_of_several_adapters_whose_later_folder_cannot_be_made_writes_non
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["chat"]  # (the folder made for "code" removed)
 
 
+@pytest.mark.parametrize("where", ["directory", "adapter"])
+@pytest.mark.parametrize("bad", ["a\x00b", "x" * 300])
+def test_a_save_path_the_file_system_refuses_is_a_lordba_error(tmp_path, where, bad):
+    """A NUL character or a name over the file system's 255 bytes, in the save directory or in an adapter's name
+    (its folder): LoRDBAError naming the path, nothing written. Was: ValueError 'embedded null byte' (the cleanup of
+    the folders made, masking the LoRDBAError) and OSError 'File name too long' (the check for an existing folder)."""
+    from lordba import LoRDBAError
+
+    lm = randomized()
+    if where == "adapter":
+        lm.add_adapter(bad, LoRDBAConfig(r=2, init="random", target_modules=["q_proj"]))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(LoRDBAError, match=r"not a usable path|cannot create the directory"):
+        lm.save_pretrained(tmp_path / "out" / bad if where == "directory" else tmp_path / "out")
+    assert not any((tmp_path / "out").iterdir())
+
+
 def test_a_linear_registered_under_two_names_is_adapted_on_both(input_ids):
     """A module registered twice (``self.alias = self.proj``) is wrapped once and the wrapper put in both slots, so a
     call through either name runs the adapter; deleting the adapter, unloading or merging puts the base back in both.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -369,13 +370,13 @@ class AdapterFilesMixin:
 
 def _make_folders(folders: list[Path]) -> None:
     """Create (or check) every folder a save writes; if one cannot be made or written, remove those made here."""
-    made = [f for f in dict.fromkeys(folders) if not f.exists()]
+    made = [f for f in dict.fromkeys(folders) if not os.path.exists(f)]  # False for a NUL, a name too long: reported
     try:
         for folder in dict.fromkeys(folders):
             ensure_writable_dir(folder)
     except LoRDBAError:
         for folder in reversed(made):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):  # (ValueError: a NUL character, never made)
                 folder.rmdir()
         raise
 
