@@ -253,3 +253,20 @@ def test_a_lora_saved_with_ensure_weight_tying_is_refused_naming_that_field(tmp_
         with pytest.raises(ConversionError, match=r"ensure_weight_tying=True.*ensure_weight_tying=False"):
             read_lora(source)
     assert "embed_tokens" not in str(read_lora(tmp_path / "tied", skip_unsupported=True).layers)
+
+
+@pytest.mark.parametrize("twin", ["model.layers.0.self_attn.q_proj.lora_A.weight", "{}.lora_A.default.weight"])
+def test_a_factor_stored_under_two_keys_is_refused_naming_both(tmp_path, twin):
+    """``base_model.model.P.lora_A.weight`` beside ``P.lora_A.weight`` (or ``P.lora_A.default.weight``): two
+    tensors for one factor. PEFT loads the first (the other is an unexpected key it drops); the reader kept
+    whichever sorted last, silently: here the converted module came from the other tensor, not the one PEFT runs."""
+    _, path = peft_adapter(tmp_path)
+    file = path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    twin = twin.format("base_model.model.model.layers.0.self_attn.q_proj")
+    tensors[twin] = tensors[key] * 3
+    save_file(tensors, file)
+    first, second = sorted([key, twin])
+    with pytest.raises(ConversionError, match=rf"tensors {first} and {second}: two tensors for one factor"):
+        read_lora(path)

@@ -245,7 +245,13 @@ def read_peft_dir(
             adapters_seen.add(match["adapter"])
             if match["adapter"] != adapter_name:
                 continue
-        factors.setdefault(match["path"], {})[match["factor"]] = (key, tensors[key])
+        pair = factors.setdefault(match["path"], {})
+        if match["factor"] in pair:  # (with and without base_model.model. or the adapter's name): PEFT loads one
+            raise ConversionError(
+                f"{where}: tensors {pair[match['factor']][0]} and {key}: two tensors for one factor of module "
+                f"{match['path']!r} (which one a loader uses differs)"
+            )
+        pair[match["factor"]] = (key, tensors[key])
     if adapters_seen and adapter_name not in adapters_seen:
         raise ConversionError(f"{where}: no tensors for adapter {adapter_name!r}; the file has {sorted(adapters_seen)}")
     fields = peft_fields(cfg, str(config_path))
