@@ -89,6 +89,18 @@ def test_a_lora_path_that_is_no_file_system_path_is_a_400_naming_it(model, folde
     assert "x" not in registry.names() and not model.peft_config
 
 
+@pytest.mark.parametrize("path", ["loop", "loop/a", "{folder}/loop"])
+def test_a_lora_path_through_a_symlink_loop_is_a_400_naming_it(model, folder, path):
+    """A link loop in the folder (``loop -> loop``): ``Path.resolve`` raises RuntimeError ('Symlink loop from ...'),
+    which POST /v1/load_lora_adapter answered with a 500 internal error instead of a 400 naming ``lora_path``."""
+    os.symlink("loop", folder / "loop")
+    registry = AdapterRegistry(model, folder)
+    with pytest.raises(BadRequestError, match="lora_path") as err:
+        registry.register("x", path.format(folder=folder))
+    assert err.value.param == "lora_path"
+    assert "x" not in registry.names() and not model.peft_config
+
+
 def test_first_use_loads_and_names_list_the_folder(model, folder):
     registry = AdapterRegistry(model, folder)
     assert registry.names() == ["a", "b", "c"] and not model.peft_config

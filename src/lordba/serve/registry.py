@@ -124,7 +124,7 @@ class AdapterRegistry:
             raise BadRequestError("this server has no --adapters folder: adapters cannot be loaded", param=param)
         try:
             full = (self.folder / path).resolve()
-        except ValueError as err:  # a NUL character, a lone surrogate: no file system path (was a 500)
+        except (ValueError, RuntimeError) as err:  # a NUL, a lone surrogate: no path; a link loop (both were a 500)
             raise BadRequestError(f"{param} {str(path)!r} is not a valid path: {err}", param=param) from None
         if full != self.folder and self.folder not in full.parents:
             raise BadRequestError(f"{param} {str(path)!r} is outside the --adapters folder", param=param)
