@@ -270,3 +270,26 @@ def test_a_factor_stored_under_two_keys_is_refused_naming_both(tmp_path, twin):
     first, second = sorted([key, twin])
     with pytest.raises(ConversionError, match=rf"tensors {first} and {second}: two tensors for one factor"):
         read_lora(path)
+
+
+@pytest.mark.parametrize("weights", ["adapter_model.safetensors", "adapter_model.bin"])
+def test_weights_linked_to_a_file_outside_the_folder_are_refused(tmp_path, weights):
+    """The weights file of an untrusted PEFT folder is opened as its config is: a symbolic link to a file outside
+    the folder is refused naming it. Was: the config's link was refused while the weights' was followed, so a
+    folder could have lordba read any safetensors (or pickle) file of the machine; a link inside the folder is
+    still followed."""
+    _, path = peft_adapter(tmp_path)
+    outside = tmp_path / "elsewhere" / weights
+    outside.parent.mkdir()
+    if weights.endswith(".bin"):
+        torch.save(load_file(path / "adapter_model.safetensors"), outside)
+        (path / "adapter_model.safetensors").unlink()
+    else:
+        (path / weights).rename(outside)
+    (path / weights).symlink_to(outside)
+    with pytest.raises(AdapterFormatError, match=f"{weights}: a symbolic link to a file outside the adapter"):
+        read_lora(path, allow_pickle=True)
+    (path / weights).unlink()
+    (path / f"kept-{weights}").write_bytes(outside.read_bytes())
+    (path / weights).symlink_to(path / f"kept-{weights}")
+    assert len(read_lora(path, allow_pickle=True).layers) == 6

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from lordba._util.files import open_untrusted
 from lordba._util.jsonio import read_json_file
 from lordba._util.patterns import pattern_key
 from lordba.config import TASK_HEADS, LoRDBAConfig
@@ -175,6 +176,7 @@ def _load_tensors(directory: Path, allow_pickle: bool) -> tuple[dict[str, torch.
     if st_path.is_file():
         from safetensors.torch import load_file
 
+        open_untrusted(st_path).close()  # a regular file, a link only into the directory (as the config)
         try:
             return load_file(str(st_path)), st_path
         except Exception as err:  # safetensors' own header/size checks
@@ -185,6 +187,7 @@ def _load_tensors(directory: Path, allow_pickle: bool) -> tuple[dict[str, torch.
                 f"{bin_path}: pickle weights are refused (loading pickle can run code); pass allow_pickle=True "
                 "/ --allow-pickle to load them with torch.load(weights_only=True), or re-save as safetensors"
             )
+        open_untrusted(bin_path).close()
         try:
             data = torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as err:
