@@ -1019,3 +1019,42 @@ def test_adapter_names_that_are_not_strings_are_a_config_error(input_ids):
     lm = randomized()
     with pytest.raises(ConfigError, match="one adapter name \\(a string\\) per batch row"):
         lm(input_ids=input_ids[:2], adapter_names=[["default"], "default"])
+
+
+def test_state_dict_inside_ddp_holds_the_adapters_only_and_loads_back(tmp_path):
+    """Wrapped in ``DistributedDataParallel`` (whose ``state_dict`` has its children fill one dict), the model's
+    state dict held the whole base too (121 tensors for the adapters' 70 on a q4 base), and with a packed adapter
+    ``torch.save(ddp.state_dict())`` failed ("Cannot save multiple tensors or storages that view the same data as
+    different types"). Now it holds what ``lm.state_dict()`` holds, and ``ddp.load_state_dict`` takes it."""
+    import io
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from conftest import tiny_q4
+
+    def model():
+        lm = tiny_q4(adapter=True)  # a q4 base, a packed adapter "default"
+        torch.manual_seed(1)
+        lm.add_adapter("t", LoRDBAConfig(r=2, init="random"))
+        lm.set_adapter(["default", "t"])
+        return lm
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        lm, other = model(), model()
+        with torch.no_grad():
+            for p in other.parameters():
+                if p.requires_grad:
+                    p.add_(1.0)
+        ddp, ddp_other = DistributedDataParallel(lm), DistributedDataParallel(other)
+        state = ddp.state_dict()
+        assert set(state) == {f"module.{k}" for k in lm.state_dict()}
+        saved = io.BytesIO()
+        torch.save(state, saved)
+        saved.seek(0)
+        ddp_other.load_state_dict(torch.load(saved))  # strict: the base's keys are not missing
+        for k, v in lm.state_dict().items():
+            assert torch.equal(other.state_dict()[k], v), k
+    finally:
+        dist.destroy_process_group()

@@ -45,6 +45,7 @@ from lordba.nn.model_files import AdapterFilesMixin
 from lordba.nn.model_forms import AdapterFormsMixin
 from lordba.nn.model_merge import MergeMixin
 from lordba.nn.model_peft import ForwardWithSignature, PeftFeaturesMixin, with_adapter_names
+from lordba.nn.model_status import adapter_key, base_keys_not_missing, note_loading_prefix
 from lordba.nn.routing import BASE_ROW, DISABLED, DisableBlock, RoutingGate, in_disable_block, routing
 from lordba.nn.structure import replace_everywhere, resolve
 from lordba.nn.targets import find_targets
@@ -76,6 +77,8 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
         except (TypeError, ValueError):
             signature = inspect.signature(lambda *args, **kwargs: None)
         self.forward = ForwardWithSignature(self, with_adapter_names(signature))
+        self.register_load_state_dict_pre_hook(note_loading_prefix)  # loaded inside another module: the base's keys
+        self.register_load_state_dict_post_hook(base_keys_not_missing)  # are not missing (state_dict omits them)
         with frozen_unless_failed(model):  # a refused config leaves the caller's model as it was
             if config is not None:
                 self.add_adapter(adapter_name, config)
@@ -330,14 +333,21 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
 
         The frozen base is not part of the wrapper's state: it comes from the base model's own files.
         This keeps ``transformers.Trainer`` checkpoints of a LoRDBA model small and resumable (the
-        Trainer saves ``model.state_dict()`` for models that are not ``PreTrainedModel``s)."""
+        Trainer saves ``model.state_dict()`` for models that are not ``PreTrainedModel``s). Also inside another
+        module (``DistributedDataParallel``), whose ``state_dict`` has its children fill one dict: the base's
+        tensors are taken out of that dict too."""
+        given = kwargs.get("destination", args[0] if args else None)
+        before = set(given) if given is not None else set()
         with self._lock.read():  # (another thread adding or deleting adapters changes the module dicts it walks)
             full = super().state_dict(*args, **kwargs)
-        own = (".lordba_adapters.", ".lordba_saved.")
-        kept = ((k, v) for k, v in full.items() if any(part in k for part in own))
-        # an inference-form adapter's tensors are views of one buffer (uint8 signs beside float16 scales), which
-        # torch.save refuses: those are copies (they are not parameters: nothing is trained through them)
-        return type(full)((k, v if isinstance(v, nn.Parameter) else own_storage(v)) for k, v in kept)
+        for key in [k for k in full if k not in before]:
+            if not adapter_key(key):
+                del full[key]
+            elif not isinstance(full[key], nn.Parameter):
+                # an inference-form adapter's tensors are views of one buffer (uint8 signs beside float16 scales),
+                # which torch.save refuses: those are copies (not parameters: nothing is trained through them)
+                full[key] = own_storage(full[key])
+        return full
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load adapter tensors saved by :meth:`state_dict` (the base is left as it is).
