@@ -715,3 +715,22 @@ def test_two_adapters_training_the_same_module_in_full_cannot_be_active_together
     lm.add_adapter("c", LoRDBAConfig(r=4, init="random"))  # no copy of its own: stacks
     lm.set_adapter(["default", "c"])
     assert lm.active_adapters == ["default", "c"]
+
+
+def test_saving_an_fsdp2_sharded_adapter_is_refused_naming_the_tensor_and_the_recipe(tmp_path):
+    """``save_pretrained`` of a model sharded by FSDP2 (``fully_shard``: its parameters are DTensors) failed in the
+    sign packing with "aten.mul.Tensor got mixed torch.Tensor and DTensor" and wrote nothing; now an
+    ``AdapterStateError`` names the sharded tensor and how to save (gather the full state dict, docs/training.md)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, target_modules=["q_proj"]))
+        fully_shard(lm, mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(AdapterStateError, match=r"q_proj\.\w+ is sharded .*full_state_dict=True"):
+            lm.save_pretrained(tmp_path / "adapter")
+        assert not (tmp_path / "adapter").exists()
+    finally:
+        dist.destroy_process_group()

@@ -232,6 +232,7 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
         """The adapter as stored (config, packed tensors and its extra tensors, float64 ones as float32),
         independent of this model."""
         with self._lock.read():
+            _refuse_sharded(self, adapter_name)
             state = super().adapter_state(adapter_name)
             extras: dict[str, torch.Tensor] = {}
             for path, module in self._saved_modules():
@@ -387,6 +388,23 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
             for _, module in [*self._lordba_layers(), *self._saved_modules()]:
                 module.disable_adapters = disabled
             self._layers_disabled = disabled  # for the layers of adapters added or loaded later
+
+
+def _refuse_sharded(model: Any, adapter_name: str) -> None:
+    """Raise :class:`AdapterStateError` naming an adapter tensor sharded by FSDP2 (a ``DTensor``): the file needs whole
+    tensors (it failed in the sign packing, "aten.mul.Tensor got mixed torch.Tensor and DTensor")."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    for path, adapter in model.adapter_modules(adapter_name).items():
+        for name, tensor in (*adapter.named_parameters(), *adapter.named_buffers()):
+            if isinstance(tensor, DTensor):
+                raise AdapterStateError(
+                    f"adapter {adapter_name!r}: {path}.{name} is sharded (an FSDP2 DTensor): gather the full state "
+                    "dict (get_model_state_dict with full_state_dict=True) and save it from an unsharded copy "
+                    "of the model (docs/training.md, FSDP2)"
+                )
 
 
 def _internal(name: str) -> bool:
