@@ -734,3 +734,23 @@ def test_saving_an_fsdp2_sharded_adapter_is_refused_naming_the_tensor_and_the_re
         assert not (tmp_path / "adapter").exists()
     finally:
         dist.destroy_process_group()
+
+
+def test_set_trainable_freezes_and_unfreezes_the_adapters_modules_trained_in_full():
+    """``set_trainable(name, signs=False, scales=False)`` (docs/training.md's advice for an inactive adapter under
+    DDP) left the adapter's copy of a ``modules_to_save`` module trainable: DDP without ``find_unused_parameters``
+    then failed on the second step ("Expected to have finished reduction in the prior iteration"), and ``ptq``'s
+    adapter kept a trainable head. Its modules trained in full now train with its scales, as its biases do."""
+    config = LoRDBAConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    lm = get_lordba_model(tiny_llama(0), config)
+    lm.add_adapter("b", config)
+
+    def trainable(name):
+        return sorted(n for n, p in lm.named_parameters() if p.requires_grad and f".{name}." in n)
+
+    assert "base_model.lm_head.lordba_saved.b.weight" in trainable("b")
+    lm.set_trainable("b", signs=False, scales=False)
+    assert trainable("b") == [] and "base_model.lm_head.lordba_saved.default.weight" in trainable("default")
+    lm.set_trainable("b", signs=False, scales=True)
+    assert "base_model.lm_head.lordba_saved.b.weight" in trainable("b")
+    assert not any("latent" in n for n in trainable("b"))

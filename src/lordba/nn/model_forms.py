@@ -23,7 +23,8 @@ class AdapterFormsMixin:
     (which provides ``_lock``, ``peft_config``, ``adapter_modules``, ``base_model`` and ``_check_known``)."""
 
     def set_trainable(self, adapter_name: str, signs: bool = True, scales: bool = True) -> None:
-        """Choose what of an adapter trains: latent signs and/or scales (everything else stays frozen).
+        """Choose what of an adapter trains: latent signs and/or scales, with which its trained biases and modules
+        trained in full (``modules_to_save``) train (everything else stays frozen).
         An adapter in inference form whose scales are to train is turned into the training form
         (float32 scale parameters holding its decoded scales, signs frozen). ``signs`` and ``scales`` that are
         not ``True`` / ``False`` are a :class:`ConfigError` (before anything changes)."""
@@ -40,6 +41,9 @@ class AdapterFormsMixin:
             for adapter in self.adapter_modules(adapter_name).values():
                 if isinstance(adapter, TrainableAdapter):
                     adapter.set_trainable(signs, scales)
+            for _, module in self._saved_modules():  # modules trained in full train with the scales (as a bias does)
+                for name in module.saved_params.get(adapter_name, ()):
+                    module.lordba_saved[adapter_name].get_parameter(name).requires_grad_(scales)
 
     def pack(self, adapter_name: str | None = None) -> None:
         """Turn adapters (default: all) into the inference form (:class:`~lordba.nn.adapter.PackedAdapter`:
