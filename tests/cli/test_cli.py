@@ -212,3 +212,17 @@ def test_an_out_that_is_a_file_or_under_one_is_a_usage_error_before_any_work(com
         err = capsys.readouterr().err
         assert "--out" in err and f"{str(blocker)!r} is a file" in err
     assert blocker.read_text() == "a file\n"
+
+
+def test_serve_lists_no_peft_lora_that_export_lora_wrote_beside_the_adapters(tmp_path):
+    """``lordba export-lora runs/a runs/a_peft`` then ``lordba serve --adapters runs``: GET /v1/models listed
+    ``a_peft`` (any folder with an adapter_config.json) as an adapter that can be served, and a request for it got
+    a 400 'peft_type is LORA, not LORDBA'; a folder whose config names another adapter type is not listed."""
+    from lordba import LoRDBAModel
+    from lordba.serve.registry import AdapterRegistry
+
+    torch.manual_seed(0)
+    runs = tmp_path / "runs"
+    get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random")).save_pretrained(runs / "a")
+    assert main(["export-lora", str(runs / "a"), str(runs / "a_peft")]) == 0
+    assert AdapterRegistry(LoRDBAModel(tiny_llama(0)), runs).names() == ["a"]

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lordba._util.files import open_untrusted
-from lordba.config import CONFIG_NAME, WEIGHTS_NAME
+from lordba._util.jsonio import read_json_file
+from lordba.config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME
 from lordba.errors import LoRDBAError
 from lordba.nn.adapter import held_nbytes
 from lordba.nn.layer import BASE_ROW
@@ -138,7 +139,11 @@ class AdapterRegistry:
         """Every adapter name that can be served: registered ones and those in the folder."""
         found = set()
         if self.folder is not None:
-            found = {d.name for d in self.folder.iterdir() if NAME.fullmatch(d.name) and self._in_folder(d)}
+            found = {
+                d.name
+                for d in self.folder.iterdir()
+                if NAME.fullmatch(d.name) and self._in_folder(d) and not _other_peft_type(d)
+            }
         with self._cond:  # a folder adapter not resident is listed only while its folder has it
             known = {n for n, e in self._entries.items() if e.resident or not e.from_folder}
             return sorted(found - self.reserved | known)
@@ -408,3 +413,13 @@ def adapter_bytes(model: Any, name: str) -> int:
             own = (*module.lordba_saved[name].parameters(), *module.lordba_saved[name].buffers())
             held += sum(t.nbytes for t in own if t.untyped_storage().data_ptr() not in shared)
     return held
+
+
+def _other_peft_type(path: Path) -> bool:
+    """Whether ``path``'s config names another adapter type (a PEFT LoRA, e.g. ``lordba export-lora``'s output
+    beside the adapters): not listed; an unreadable config is left to the loader (a request gets its 400)."""
+    try:
+        peft_type = read_json_file(path / CONFIG_NAME).get("peft_type", PEFT_TYPE)
+    except LoRDBAError:
+        return False
+    return peft_type != PEFT_TYPE
