@@ -85,3 +85,23 @@ def test_a_rank_past_any_use_is_refused_naming_the_layer_and_the_limit(lora_dir,
     assert "q_proj" in err and "640" in err and "internal error" not in err
     assert not out.exists()
     assert main(["convert", str(lora_dir), str(out), "--quiet", "--iters", "1", "--admm-iters", "0", "--r", "48"]) == 0
+
+
+def test_an_adapter_name_the_peft_folder_lacks_is_refused_rather_than_converting_the_default(tmp_path, capsys):
+    """``lordba convert PEFT OUT --adapter-name nope`` with no subfolder ``nope`` converted PEFT's default adapter
+    (exit 0: the wrong adapter, silently); ``--adapter-name other`` reads the subfolder, and the subfolder itself
+    read under its own name still converts."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "peft")
+    argv = ["--quiet", "--iters", "1"]
+    assert main(["convert", str(tmp_path / "peft"), str(tmp_path / "a"), "--adapter-name", "nope", *argv]) == 3
+    err = capsys.readouterr().err
+    assert "no adapter 'nope'" in err and "['other']" in err and not (tmp_path / "a").exists()
+    assert main(["convert", str(tmp_path / "peft"), str(tmp_path / "b"), "--adapter-name", "other", *argv]) == 0
+    other = ["convert", str(tmp_path / "peft" / "other"), str(tmp_path / "c"), "--adapter-name", "other", *argv]
+    assert main(other) == 0
+    assert "2 layers" in capsys.readouterr().out

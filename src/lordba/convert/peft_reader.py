@@ -257,6 +257,12 @@ def read_peft_dir(
         pair[match["factor"]] = (key, tensors[key])
     if adapters_seen and adapter_name not in adapters_seen:
         raise ConversionError(f"{where}: no tensors for adapter {adapter_name!r}; the file has {sorted(adapters_seen)}")
+    if adapter_name != "default" and not adapters_seen and directory.name != adapter_name:  # PEFT's default adapter
+        named = sorted(p.parent.name for p in directory.glob(f"*/{CONFIG_NAME}"))
+        raise ConversionError(
+            f"{source}: no adapter {adapter_name!r} (no subfolder {adapter_name!r}; the adapter at the top is PEFT's "
+            f"'default', its tensors name no adapter); adapters in subfolders: {named}"
+        )
     fields = peft_fields(cfg, str(config_path))
     extras, other = _extras(tensors, other, fields, adapter_name)
     copies = {f"base_model.model.{path}.base_layer.weight" for path in factors}
