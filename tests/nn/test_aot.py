@@ -232,6 +232,25 @@ def test_a_gemma_style_model_with_sliding_window_layers_and_soft_capping_decodes
     assert torch.equal(decode.generate(PROMPT, n, eos_token_id=[]), want)
 
 
+def test_a_step_reading_a_tensor_the_model_does_not_hold_is_refused_naming_it_before_any_compile(tmp_path):
+    """Phi-3's long RoPE (Phi-3-mini-128k, Phi-3.5) keeps ``long_inv_freq`` in a plain attribute, which the export
+    captures as a constant of the step; the package holds no tensor and reads the model's live, so it could never
+    load it. The decoder refuses it naming it, and compiles nothing (it compiled a package, then failed with "reads
+    tensors the model no longer has: ['_tensor_constant0']")."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * 5, "long_factor": [4.0] * 5,
+            "original_max_position_embeddings": 16}  # fmt: skip
+    config = Phi3Config(vocab_size=101, hidden_size=40, intermediate_size=52, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                        eos_token_id=2, rope_scaling=rope)  # fmt: skip
+    decode = AotDecode(Phi3ForCausalLM(config).eval(), folder=tmp_path, kv_dtype="float32")
+    assert not decode.prepare(PROMPT.shape[1] + NEW)
+    assert "rotary_emb" in decode.failure and "no parameter or buffer of the model" in decode.failure, decode.failure
+    assert decode.compile_seconds == 0 and not list(tmp_path.glob("*.pt2"))
+
+
 @pytest.mark.long
 def test_a_damaged_package_is_compiled_again_never_loaded(tmp_path):
     """A package in the cache with a flipped byte in its compiled code (which AOTInductor's loader does not

@@ -67,6 +67,13 @@ class CompiledStep:
             program = wrapper.export(input_ids=torch.tensor([[1]]), cache_position=torch.tensor([0]))
         self.grouped = group_siblings(program)  # q/k/v, gate/up: one call each (lordba.nn.aot_group)
         self.export_seconds = time.perf_counter() - start
+        held = self._tensors()
+        lifted = sorted(name for name in program.constants if name not in held)
+        if lifted:  # (the package holds no tensor: it could never load them)
+            raise ConfigError(
+                f"the decode step reads tensors that are no parameter or buffer of the model ({', '.join(lifted[:3])}: "
+                "a plain tensor attribute, such as long RoPE's long_inv_freq), which a compiled step cannot read live"
+            )
         self.path, self.compile_seconds = compiled_package(program, self._tensors(), folder, log)
         try:
             self.runner = torch._inductor.aoti_load_package(str(self.path))
