@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -150,6 +151,23 @@ def test_checkpoint_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert res.resumed_from == 6
     for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
+
+
+def test_a_run_with_other_settings_is_refused_not_resumed_from_the_checkpoints(tmp_path):
+    """The checkpoints did not record the settings of their run: a run with another lr (or fewer steps) into the same
+    out_dir resumed the finished run's step 4 and returned its adapter silently (resumed_from 4, 4 logged steps for a
+    run of 2). Now it is refused naming the settings that differ, before the model changes; those that do not change
+    what is trained (checkpoint_every, eval_every, ...) may differ."""
+    settings = TrainSettings(steps=4, lr=3e-3, checkpoint_every=2)
+    train_loop(model(), Batcher(rows(), 4), settings, tmp_path, progress=False)
+    fresh = model(seed=99)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    for other, differ in ((dict(lr=1e-2), "lr: 0.003 -> 0.01"), (dict(steps=2), "steps: 4 -> 2")):
+        with pytest.raises(ConfigError, match=rf"step-00000004: .*other settings .*{differ}.*resume=False"):
+            train_loop(fresh, Batcher(rows(), 4), replace(settings, **other), tmp_path, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    watched = replace(settings, checkpoint_every=1, eval_every=3, keep_checkpoints=4, lr=np.float64(3e-3))
+    assert train_loop(model(), Batcher(rows(), 4), watched, tmp_path, progress=False).resumed_from == 4
 
 
 def test_a_run_whose_evaluation_gave_nan_resumes_from_its_checkpoint(tmp_path):

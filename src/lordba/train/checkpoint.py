@@ -16,6 +16,7 @@ import math
 import random
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -306,10 +307,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return apply_checkpoint(read_checkpoint(path), model, optimizer)
 
 
-def resume_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+def resume_checkpoint(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    check: Callable[[Checkpoint], None] | None = None,
+) -> dict | None:
     """Restore the newest intact checkpoint of ``directory``; None if there is none at all.
 
-    Damaged checkpoints are skipped, each with a warning naming it and why.
+    Damaged checkpoints are skipped, each with a warning naming it and why. ``check`` is called with the
+    intact one before anything is restored (it raises to refuse it: a checkpoint of another run).
 
     Raises:
         TrainingError: every checkpoint is damaged (listed with the reasons), or the intact one
@@ -325,6 +332,8 @@ def resume_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.
             continue
         if skipped:
             warnings.warn(f"resuming from {path} (skipped {len(skipped)} damaged newer checkpoint(s))", stacklevel=2)
+        if check is not None:
+            check(ckpt)
         return apply_checkpoint(ckpt, model, optimizer)
     if skipped:
         raise TrainingError(

@@ -8,6 +8,7 @@ the last good checkpoint. A progress bar shows the loss and the ETA.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -25,7 +26,13 @@ from lordba._util.jsonio import parse_json, safe_repr
 from lordba.errors import ConfigError, LoRDBAError, TrainingError
 from lordba.format.atomic import atomic_write_bytes
 from lordba.quant import resolve_backend
-from lordba.train.checkpoint import clear_checkpoints, latest_checkpoint, resume_checkpoint, save_checkpoint
+from lordba.train.checkpoint import (
+    Checkpoint,
+    clear_checkpoints,
+    latest_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from lordba.train.tokenize import Batcher
 
 
@@ -171,8 +178,9 @@ def train_loop(
     factor = _schedule(settings)
     result = TrainResult()
     start = 0
+    record, check = _same_run(settings)
     ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
-    if ckpt_dir is not None and resume and (meta := resume_checkpoint(ckpt_dir, model, optimizer)) is not None:
+    if ckpt_dir is not None and resume and (meta := resume_checkpoint(ckpt_dir, model, optimizer, check)) is not None:
         start = result.resumed_from = meta["step"]
         result.log = meta["extra"].get("log", [])
     elif ckpt_dir is not None and not resume:
@@ -213,7 +221,8 @@ def train_loop(
             result.log.append({"step": done, **evaluate()})
             model.train()
         if ckpt_dir is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0:
-            save_checkpoint(ckpt_dir, done, model, optimizer, {"log": result.log}, settings.keep_checkpoints)
+            extra = {"log": result.log, "settings": record}
+            save_checkpoint(ckpt_dir, done, model, optimizer, extra, settings.keep_checkpoints)
     bar.close()
     if evaluate is not None:
         result.log.append({"step": settings.steps, **evaluate()})
@@ -222,6 +231,35 @@ def train_loop(
     if out_dir is not None:
         write_log(out_dir, result.log)
     return result
+
+
+# what a resumed run may change: how the run is watched and checkpointed, not what it trains
+RUN_ONLY_SETTINGS = ("eval_every", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")
+
+
+def _same_run(settings: TrainSettings) -> tuple[dict, Callable[[Checkpoint], None]]:
+    """``settings`` as a checkpoint records them (JSON numbers: a numpy number as the int or float it is), and a check
+    that refuses a checkpoint of a run with other settings (but :data:`RUN_ONLY_SETTINGS`): resuming it continued
+    that run's steps under these settings, or returned its finished adapter for a run that asked for another.
+    A checkpoint that records none (of an earlier version) is not compared."""
+    record = {
+        k: v if isinstance(v, bool) else int(v) if isinstance(v, numbers.Integral) else float(v)
+        for k, v in dataclasses.asdict(settings).items()
+    }
+
+    def check(ckpt: Checkpoint) -> None:
+        saved = ckpt.meta["extra"].get("settings")
+        saved = saved if isinstance(saved, dict) else {}
+        compared = (k for k in record if k in saved and k not in RUN_ONLY_SETTINGS)
+        changed = [f"{k}: {saved[k]!r} -> {record[k]!r}" for k in compared if saved[k] != record[k]]
+        if changed:
+            raise ConfigError(
+                f"{ckpt.path}: a checkpoint of a run with other settings (TrainSettings that differ: "
+                f"{'; '.join(changed)}): resume it with its settings, or start over (resume=False) or in another "
+                "out_dir"
+            )
+
+    return record, check
 
 
 def _micro_weights(batches: list[dict[str, torch.Tensor]]) -> list[float]:
