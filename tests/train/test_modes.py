@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_loop import rows
 
-from lordba import LoRDBAConfig, LoRDBAModel, get_lordba_model
+from lordba import ConfigError, LoRDBAConfig, LoRDBAModel, get_lordba_model
 from lordba.cli import main
 from lordba.convert import read_lora
 from lordba.train import TrainSettings, build_adapter, init_from_lora
@@ -225,6 +225,21 @@ def test_a_run_killed_while_saving_the_lora_seed_resumes(tmp_path, monkeypatch):
     for path, adapter in want.adapter_modules("default").items():
         for name, t in adapter.stored_tensors().items():
             assert torch.equal(t, got.adapter_modules("default")[path].stored_tensors()[name]), (path, name)
+
+
+def test_a_finished_lora_seed_of_other_settings_is_refused_not_reused(tmp_path):
+    """A finished LoRA seed (out/lora_seed) was returned by every later run into the same out_dir: a ptq run rerun with
+    lora_lr=3e-2 gave the adapter of the first run's lora_lr=1e-3, bit for bit. Now the seed records its settings and
+    one of other settings is refused naming them; the same settings (checkpoint_every may differ) resume from it."""
+    cfg = LoRDBAConfig(r=4, mode="ptq", target_modules=["q_proj"])
+    settings = TrainSettings(steps=4, lr=3e-3, checkpoint_every=2)
+    first, _ = build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), settings, tmp_path, lora_lr=1e-3, progress=False)
+    with pytest.raises(ConfigError, match=r"lora_seed: the LoRA seed of a run with other settings .*lr: 0.001 -> 0.03"):
+        build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), settings, tmp_path, lora_lr=3e-2, progress=False)
+    watched = TrainSettings(steps=4, lr=3e-3, checkpoint_every=1)
+    again, _ = build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), watched, tmp_path, lora_lr=1e-3, progress=False)
+    for (name, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_a_lora_seed_with_modules_trained_in_full_carries_them_or_is_refused(tmp_path):

@@ -237,29 +237,37 @@ def train_loop(
 RUN_ONLY_SETTINGS = ("eval_every", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")
 
 
-def _same_run(settings: TrainSettings) -> tuple[dict, Callable[[Checkpoint], None]]:
-    """``settings`` as a checkpoint records them (JSON numbers: a numpy number as the int or float it is), and a check
-    that refuses a checkpoint of a run with other settings (but :data:`RUN_ONLY_SETTINGS`): resuming it continued
-    that run's steps under these settings, or returned its finished adapter for a run that asked for another.
-    A checkpoint that records none (of an earlier version) is not compared."""
-    record = {
+def settings_record(settings: TrainSettings) -> dict:
+    """``settings`` as a checkpoint records them: JSON numbers (a numpy number as the int or float it is)."""
+    return {
         k: v if isinstance(v, bool) else int(v) if isinstance(v, numbers.Integral) else float(v)
         for k, v in dataclasses.asdict(settings).items()
     }
 
+
+def settings_differences(saved: object, settings: TrainSettings) -> list[str]:
+    """``name: recorded -> now`` for each setting of a recorded run (``saved``, a :func:`settings_record`) that
+    ``settings`` change, but :data:`RUN_ONLY_SETTINGS`; a record of an earlier version (none, or without a field) is
+    not compared there."""
+    saved, record = saved if isinstance(saved, dict) else {}, settings_record(settings)
+    compared = (k for k in record if k in saved and k not in RUN_ONLY_SETTINGS)
+    return [f"{k}: {saved[k]!r} -> {record[k]!r}" for k in compared if saved[k] != record[k]]
+
+
+def _same_run(settings: TrainSettings) -> tuple[dict, Callable[[Checkpoint], None]]:
+    """The record of ``settings`` for the checkpoints, and a check that refuses a checkpoint of a run with other
+    settings: resuming it continued that run's steps under these settings, or returned its finished adapter for
+    a run that asked for another."""
+
     def check(ckpt: Checkpoint) -> None:
-        saved = ckpt.meta["extra"].get("settings")
-        saved = saved if isinstance(saved, dict) else {}
-        compared = (k for k in record if k in saved and k not in RUN_ONLY_SETTINGS)
-        changed = [f"{k}: {saved[k]!r} -> {record[k]!r}" for k in compared if saved[k] != record[k]]
-        if changed:
+        if changed := settings_differences(ckpt.meta["extra"].get("settings"), settings):
             raise ConfigError(
                 f"{ckpt.path}: a checkpoint of a run with other settings (TrainSettings that differ: "
                 f"{'; '.join(changed)}): resume it with its settings, or start over (resume=False) or in another "
                 "out_dir"
             )
 
-    return record, check
+    return settings_record(settings), check
 
 
 def _micro_weights(batches: list[dict[str, torch.Tensor]]) -> list[float]:

@@ -17,6 +17,7 @@ format, written whole or not at all), so an interrupted multi-phase job resumes 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,15 @@ from lordba.format.atomic import atomic_directory
 from lordba.nn.model import LoRDBAModel, get_lordba_model
 from lordba.nn.saved import SavedModule
 from lordba.nn.targets import find_targets
-from lordba.train.loop import TrainResult, TrainSettings, read_log, seed_everything, train_loop
+from lordba.train.loop import (
+    TrainResult,
+    TrainSettings,
+    read_log,
+    seed_everything,
+    settings_differences,
+    settings_record,
+    train_loop,
+)
 from lordba.train.lora import add_lora
 from lordba.train.tokenize import Batcher
 
@@ -54,6 +63,7 @@ def train_lora_seed(
     what it learnt on modules the adapter drops."""
     seed_dir = out_dir / "lora_seed" if out_dir is not None else None
     if seed_dir is not None and resume and (seed_dir / "adapter_model.safetensors").is_file():
+        _check_seed_settings(seed_dir, settings)
         # the seed's steps in the log, as an uninterrupted run reports them
         return read_lora(seed_dir), TrainResult(log=read_log(out_dir / "lora"))
     targets = find_targets(model, config.target_modules, config.exclude_modules, config)
@@ -71,8 +81,32 @@ def train_lora_seed(
     if seed_dir is not None:  # one directory, moved into place whole: a killed save leaves no half-written seed
         with atomic_directory(seed_dir, overwrite=True) as tmp:
             peft_model.save_pretrained(str(tmp))
+            (tmp / SEED_SETTINGS).write_text(json.dumps(settings_record(settings)))
     peft_model.unload()
     return lora, result
+
+
+SEED_SETTINGS = "lordba_seed_settings.json"  # the TrainSettings a LoRA seed trained with, beside it in lora_seed/
+
+
+def _check_seed_settings(seed_dir: Path, settings: TrainSettings) -> None:
+    """Refuse a finished LoRA seed trained with other settings (another ``lora_lr``, warm-up length, seed): a
+    resume returned it silently, and the adapter was that run's. A seed that records none (an earlier version's)
+    is taken.
+
+    Raises:
+        ConfigError: naming the seed and the settings that differ.
+    """
+    try:
+        saved = json.loads((seed_dir / SEED_SETTINGS).read_text())
+    except (OSError, ValueError):
+        return
+    if changed := settings_differences(saved, settings):
+        raise ConfigError(
+            f"{seed_dir}: the LoRA seed of a run with other settings (TrainSettings that differ: {'; '.join(changed)}; "
+            "lr is lora_lr, steps the warm-up's): resume it with its settings, or start over (resume=False) or in "
+            "another out_dir"
+        )
 
 
 def init_from_lora(
