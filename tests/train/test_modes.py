@@ -416,3 +416,21 @@ def test_the_qat_phase_reads_the_batches_after_the_lora_warmups(tmp_path, grad_a
     settings = TrainSettings(steps=10, lr=1e-3, grad_accum=grad_accum)
     build_adapter(tiny_llama(0), cfg, batcher, settings, tmp_path, lora_warmup=0.2, progress=False)
     assert read == list(range(10 * grad_accum))
+
+
+def test_a_start_over_killed_in_its_warmup_resumes_its_own_run_not_the_earlier_one(tmp_path):
+    """resume=False removed the earlier run's out/lora/ checkpoints only when its warm-up began, and its lora_seed/
+    and out/checkpoints/ only when they were written again: a start over (other data) killed in its warm-up, then
+    resumed, took the earlier run's seed and its QAT steps, and ended in another adapter than the run it resumed.
+    Now a start over removes them first."""
+    cfg = LoRDBAConfig(r=4, mode="qat-from-lora", target_modules=["q_proj"])
+    settings = TrainSettings(steps=8, lr=3e-3, checkpoint_every=1)
+    kwargs = {"lora_warmup": 0.25, "progress": False}
+    out = tmp_path / "out"
+    build_adapter(tiny_llama(0), cfg, Batcher(rows(seed=0), 4), settings, out, **kwargs)
+    with pytest.raises(KeyboardInterrupt):  # the other data's first batch: in its warm-up
+        build_adapter(tiny_llama(0), cfg, StopAtCall(rows(seed=1), 4, stop=1), settings, out, resume=False, **kwargs)
+    got, _ = build_adapter(tiny_llama(0), cfg, Batcher(rows(seed=1), 4), settings, out, **kwargs)
+    want, _ = build_adapter(tiny_llama(0), cfg, Batcher(rows(seed=1), 4), settings, tmp_path / "fresh", **kwargs)
+    for (name, a), b in zip(want.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(a, b), name

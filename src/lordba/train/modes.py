@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from lordba.format.atomic import atomic_directory
 from lordba.nn.model import LoRDBAModel, get_lordba_model
 from lordba.nn.saved import SavedModule
 from lordba.nn.targets import find_targets
+from lordba.train.checkpoint import clear_checkpoints
 from lordba.train.loop import (
     TrainResult,
     TrainSettings,
@@ -259,6 +261,10 @@ def build_adapter(
     if not isinstance(settings, TrainSettings):
         raise ConfigError(f"build_adapter: settings must be a TrainSettings, got {type(settings).__name__}")
     out_dir = Path(out_dir) if out_dir is not None else None  # a str too
+    if out_dir is not None and not resume:  # starting over: no earlier run's seed or steps is resumed after a kill
+        clear_checkpoints(out_dir / "checkpoints")
+        if (out_dir / "lora_seed").is_dir():
+            shutil.rmtree(out_dir / "lora_seed")
     mode = config.mode
     seed_everything(settings.seed)
 
