@@ -434,3 +434,17 @@ def test_a_start_over_killed_in_its_warmup_resumes_its_own_run_not_the_earlier_o
     want, _ = build_adapter(tiny_llama(0), cfg, Batcher(rows(seed=1), 4), settings, tmp_path / "fresh", **kwargs)
     for (name, a), b in zip(want.state_dict().items(), got.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("mode, stop, want", [("qat-from-lora", 6, 5), ("ptq", 3, 2)])
+def test_resumed_from_is_the_runs_step_as_the_log_counts_them(tmp_path, mode, stop, want):
+    """build_adapter's resumed_from (what `lordba train` prints: "resumed at step N") was the QAT phase's own step
+    (3 for the checkpoint after the run's step 5: 2 warm-up steps, then 3), and 0 for a run resumed in its LoRA seed
+    (ptq killed at its 3rd batch, resumed from step 2). It is now the run's step, as the log numbers them."""
+    cfg = LoRDBAConfig(r=4, mode=mode, target_modules=["q_proj"])
+    settings = TrainSettings(steps=8, lr=3e-3, checkpoint_every=1)
+    kwargs = {"lora_warmup": 0.25, "progress": False}
+    with pytest.raises(KeyboardInterrupt):
+        build_adapter(tiny_llama(0), cfg, StopAtCall(rows(), 4, stop=stop), settings, tmp_path, **kwargs)
+    _, res = build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), settings, tmp_path, **kwargs)
+    assert res.resumed_from == want

@@ -67,7 +67,7 @@ def train_lora_seed(
     if seed_dir is not None and resume and (seed_dir / "adapter_model.safetensors").is_file():
         _check_seed_settings(seed_dir, settings)
         # the seed's steps in the log, as an uninterrupted run reports them
-        return read_lora(seed_dir), TrainResult(log=read_log(out_dir / "lora"))
+        return read_lora(seed_dir), TrainResult(log=read_log(out_dir / "lora"), resumed_from=settings.steps)
     targets = find_targets(model, config.target_modules, config.exclude_modules, config)
     peft_model = add_lora(model, config.r, config.alpha, targets, settings.seed)
     result = train_loop(
@@ -296,7 +296,9 @@ def build_adapter(
     )
     if mode == "ptq" or remaining <= 0:
         lm.set_trainable("default", signs=False, scales=False)
-        result = TrainResult(log=list(seed_result.log), seconds=seed_result.seconds)
+        result = TrainResult(
+            log=list(seed_result.log), seconds=seed_result.seconds, resumed_from=seed_result.resumed_from
+        )
         if evaluate is not None:
             result.log.append({"step": settings.steps, **evaluate(lm)})
         return lm, result
@@ -305,5 +307,9 @@ def build_adapter(
     phase = dataclasses.replace(settings, steps=remaining, first_batch=first)
     result = train_loop(lm, batcher, phase, out_dir, eval_of(lm), resume, progress, f"LoRDBA {mode}")
     result.log = seed_result.log + [{**e, "step": e["step"] + settings.steps - remaining} for e in result.log]
+    # the run's step, as the log counts them (the QAT phase's counts from the end of the warm-up)
+    result.resumed_from = (
+        result.resumed_from + settings.steps - remaining if result.resumed_from else seed_result.resumed_from
+    )
     result.seconds += seed_result.seconds
     return lm, result
