@@ -21,7 +21,7 @@ from lordba.format.atomic import atomic_write_bytes
 from lordba.quant.cache import quantize_model_cached
 from lordba.quant.quantize import DEFAULT_BACKEND
 from lordba.train.evaluate import evaluate
-from lordba.train.loop import TrainResult, TrainSettings, resolve_device, seed_everything, write_log
+from lordba.train.loop import RUN_ONLY_SETTINGS, TrainResult, TrainSettings, resolve_device, seed_everything, write_log
 from lordba.train.modes import build_adapter, check_arguments
 from lordba.train.records import Example, read_jsonl
 from lordba.train.tokenize import TRAIN_ON, Batcher, encode_examples
@@ -35,9 +35,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 RESUME_STATE = ("checkpoints", "lora", "lora_seed")
 # Options that do not change what is trained: a resumed job may change them.
 RUN_ONLY = ("out", "resume", "progress", "device")
-# gradient_checkpointing recomputes the same activations (the same adapter, byte for byte): turned on to resume a job
-# that ran out of memory
-RUN_ONLY_SETTINGS = ("eval_every", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")
 
 
 @dataclass

@@ -233,7 +233,8 @@ def train_loop(
     return result
 
 
-# what a resumed run may change: how the run is watched and checkpointed, not what it trains
+# what a resumed run may change: how the run is watched and checkpointed, not what it trains (gradient_checkpointing
+# recomputes the same activations, the same adapter byte for byte: turned on to resume a run that ran out of memory)
 RUN_ONLY_SETTINGS = ("eval_every", "checkpoint_every", "keep_checkpoints", "gradient_checkpointing")
 
 
