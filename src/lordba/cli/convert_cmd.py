@@ -21,7 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", help="output directory for the LoRDBA adapter (must not exist unless --overwrite)")
     size = p.add_mutually_exclusive_group()
     size.add_argument(
-        "--r", type=positive_int, default=None, help="rank of every LoRDBA layer (default: the LoRA's ranks)"
+        "--r",
+        type=positive_int,
+        default=None,
+        help="rank of every LoRDBA layer (default: the LoRA's ranks); at most 32*in*out/(in+out) for each "
+        "layer, above which its signs alone outweigh its update in float32",
     )
     size.add_argument(
         "--target-bpw",
@@ -59,7 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="ADMM iterations before BCD (default: convert_lora's, 20)",
     )
-    p.add_argument("--adapter-name", default="default", help="adapter to read (PEFT subfolder or key name)")
+    p.add_argument(
+        "--adapter-name",
+        default="default",
+        help="adapter to read (PEFT subfolder or key name; a name the folder lacks is refused)",
+    )
     p.add_argument("--allow-pickle", action="store_true", help="read adapter_model.bin (torch.load weights_only)")
     p.add_argument("--skip-unsupported", action="store_true", help="leave out non-LoRA tensors instead of failing")
     p.add_argument(
