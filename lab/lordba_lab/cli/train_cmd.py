@@ -37,7 +37,8 @@ def _model_and_data(p: argparse.ArgumentParser, tasks: dict, train_on: tuple[str
     g.add_argument(
         "--data",
         default="arithmetic",
-        help=f"a JSONL file of chat/instruction records, or a built-in dataset: {', '.join(tasks)}",
+        help="a JSONL file of chat / prompt-completion / instruction records (a prompt-completion record of two "
+        f"strings is plain text, no chat template), or a built-in dataset: {', '.join(tasks)}",
     )
     g.add_argument(
         "--eval-data",
@@ -49,8 +50,8 @@ def _model_and_data(p: argparse.ArgumentParser, tasks: dict, train_on: tuple[str
         "--train-on",
         choices=train_on,
         default=train_on[0],
-        help="chat records: take the loss on the final assistant answer only, or on every assistant turn "
-        f"(default {train_on[0]})",
+        help="chat records: take the loss on the final assistant answer only, or on every assistant turn; the "
+        f"held-out loss is taken the same way (default {train_on[0]})",
     )
     g.add_argument(
         "--max-length", type=positive_int, default=256, help="tokens per example, longer ones cut (default 256)"
