@@ -148,3 +148,34 @@ def test_tensors_trained_in_full_are_reported_apart_from_the_adapters_size(tmp_p
     assert main(["inspect", str(tmp_path)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert f"plus {head_bytes:,} bytes of tensors trained in full" in out
+
+
+@pytest.mark.parametrize("rank_pattern", [{}, {"layers.1.self_attn.q_proj": 4}])
+def test_inspect_compares_a_converted_adapter_with_the_source_loras_ranks(tmp_path, capsys, rank_pattern):
+    """``lordba convert --r 2`` of an r=8 LoRA printed 4.800 BPW (LoRA basis) and 4.02x smaller than the LoRA, then
+    ``lordba inspect`` of its output showed 19.2 BPW and 1.52x against an fp16 LoRA of the adapter's own rank 2
+    unless given ``--r-ref 8``. The sidecar records the LoRA's ranks (one per layer: a rank_pattern LoRA too):
+    they are the default reference, and the output says so; ``--r-ref`` still wins."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import tiny_llama
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=8, target_modules=["q_proj"], rank_pattern=rank_pattern, init_lora_weights=False)
+    get_peft_model(tiny_llama(), lora).save_pretrained(tmp_path / "lora")
+    out = tmp_path / "out"
+    assert main(["convert", str(tmp_path / "lora"), str(out), "--quiet", "--iters", "1", "--r", "2"]) == 0
+    totals = json.loads((out / "conversion_report.json").read_text())["totals"]
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["size"]["bpw_lora"] == pytest.approx(totals["bpw_lora"])
+    assert report["size"]["fp16_lora_file_bytes"] == totals["lora_fp16_file_bytes"]
+    assert report["size"]["ratio_file"] == pytest.approx(totals["ratio_vs_lora_fp16_file"])
+    assert sorted(m["r_ref"] for m in report["size"]["modules"]) == sorted([8, 4 if rank_pattern else 8])
+    assert "conversion_report.json" in report["r_ref"]
+    assert main(["inspect", str(out)]) == 0
+    assert "source LoRA's ranks (conversion_report.json)" in " ".join(capsys.readouterr().out.split())
+    assert main(["inspect", str(out), "--json", "--r-ref", "2"]) == 0
+    own = json.loads(capsys.readouterr().out)["size"]
+    assert own["bpw_lora"] > 2 * totals["bpw_lora"] and {m["r_ref"] for m in own["modules"]} == {2}

@@ -11,7 +11,7 @@ import re
 from lordba._util.tables import print_table
 from lordba.config import COMPACT_FORMAT_VERSION, FORMAT_VERSION
 from lordba.format.adapter import read_adapter
-from lordba.format.sizes import adapter_file_bytes, size_report
+from lordba.format.sizes import SizeReport, adapter_file_bytes, lora_file_bytes, size_report
 
 NAME = "inspect"
 HELP = "validate a LoRDBA adapter directory and report layers, ranks, bytes, BPW and ratio vs fp16 LoRA"
@@ -45,7 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from lordba.cli import positive_int
 
     p.add_argument(
-        "--r-ref", type=positive_int, default=None, help="rank of the fp16 LoRA to compare with (default: same rank)"
+        "--r-ref",
+        type=positive_int,
+        default=None,
+        help="rank of the fp16 LoRA to compare with (default: the source LoRA's ranks that `lordba convert` recorded "
+        "in conversion_report.json, else the adapter's own ranks)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
 
@@ -60,11 +64,18 @@ def run(args: argparse.Namespace) -> int:
     if adapter.extras:  # the same file without them (version 2 is version 1 with extras)
         layout = COMPACT_FORMAT_VERSION if adapter.format_version == COMPACT_FORMAT_VERSION else FORMAT_VERSION
         file_bytes = adapter_file_bytes(dims, adapter.config.scale_dtype, layout)
-    report = size_report(dims, adapter.config.scale_dtype, file_bytes=file_bytes, r_ref=args.r_ref)
-    report = dataclasses.replace(report, modules=sorted(report.modules, key=lambda m: natural_key(m.path)))
     # the whole digest: docs/security.md has users pin an adapter by comparing it with a trusted one
     checksum = f"ok (sha256 {adapter.sha256})" + (" [recovered from an interrupted save]" if adapter.recovered else "")
     conversion = _conversion_sidecar(args.directory, adapter.sha256)
+    # as `lordba convert` printed it: BPW and ratios against the source LoRA's ranks, where the sidecar records them
+    lora_ranks = None if args.r_ref is not None else _source_lora_ranks(conversion, dims)
+    if lora_ranks is None:
+        report = size_report(dims, adapter.config.scale_dtype, file_bytes=file_bytes, r_ref=args.r_ref)
+        r_ref = "--r-ref" if args.r_ref is not None else "the adapter's own ranks"
+    else:
+        report = _size_against(dims, adapter.config.scale_dtype, file_bytes, lora_ranks)
+        r_ref = "the source LoRA's ranks (conversion_report.json)"
+    report = dataclasses.replace(report, modules=sorted(report.modules, key=lambda m: natural_key(m.path)))
     if args.json:
         print(
             json.dumps(
@@ -74,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
                     "checksum": checksum,
                     "sha256": adapter.sha256,
                     "size": report.to_dict(),
+                    "r_ref": r_ref,
                     "extra_tensor_bytes": extra_bytes,
                     "weights_file_bytes": adapter.weights_bytes,
                     "hint": COMPAT_HINT,
@@ -103,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             ("BPW, dW basis (file)", report.bpw_dw, None, None),
         ],
     )
+    print(f"fp16 LoRA compared with (r_ref): {r_ref}" + ("" if args.r_ref is not None else "; --r-ref N for rank N"))
     if extra_bytes:
         print(
             f"plus {extra_bytes:,} bytes of tensors trained in full (modules_to_save, biases): "
@@ -112,6 +125,38 @@ def run(args: argparse.Namespace) -> int:
         _print_conversion(conversion)
     print(f"note: {COMPAT_HINT}")
     return 0
+
+
+def _source_lora_ranks(conversion: dict | None, dims: dict[str, tuple[int, int, int]]) -> dict[str, int] | None:
+    """The source LoRA's rank of each module (``r_lora``) that the conversion sidecar records; None unless it
+    records a positive integer for every module of the adapter."""
+    layers = conversion.get("layers") if conversion is not None else None
+    if not isinstance(layers, list):
+        return None
+    recorded = {lr.get("path"): lr.get("r_lora") for lr in layers if isinstance(lr, dict)}
+    ranks = {path: recorded.get(path) for path in dims}
+    ok = all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks.values())
+    return ranks if ok else None
+
+
+def _size_against(
+    dims: dict[str, tuple[int, int, int]], scale_dtype: str, file_bytes: int, ranks: dict[str, int]
+) -> SizeReport:
+    """:func:`size_report` against an fp16 LoRA of rank ``ranks[path]`` for each module (one ``r_ref`` each), as
+    :mod:`lordba.convert.report` counts a LoRA whose layers have different ranks."""
+    whole = size_report(dims, scale_dtype, file_bytes=file_bytes)
+    modules = [size_report({m.path: dims[m.path]}, scale_dtype, 1, ranks[m.path]).modules[0] for m in whole.modules]
+    lora_payload = sum(m.fp16_lora_bytes for m in modules)
+    lora_file = lora_file_bytes({m.path: (m.in_features, m.out_features, m.r_ref) for m in modules})
+    return dataclasses.replace(
+        whole,
+        modules=modules,
+        fp16_lora_payload_bytes=lora_payload,
+        fp16_lora_file_bytes=lora_file,
+        bpw_lora=8 * file_bytes / sum(m.r_ref * (m.in_features + m.out_features) for m in modules),
+        ratio_payload=lora_payload / whole.payload_bytes,
+        ratio_file=lora_file / file_bytes,
+    )
 
 
 def _conversion_sidecar(directory: str, sha256: str) -> dict | None:
