@@ -226,3 +226,31 @@ def test_serve_lists_no_peft_lora_that_export_lora_wrote_beside_the_adapters(tmp
     get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random")).save_pretrained(runs / "a")
     assert main(["export-lora", str(runs / "a"), str(runs / "a_peft")]) == 0
     assert AdapterRegistry(LoRDBAModel(tiny_llama(0)), runs).names() == ["a"]
+
+
+def test_library_warnings_show_as_one_line_and_still_follow_the_warning_filters(tmp_path):
+    """A library UserWarning (export-lora of an adapter trained on a q4 base) printed as Python shows it: the
+    library's source file and line (export_cmd.py:30) and the code line ``out = export_lora(...)`` under it. The
+    CLI shows ``warning: <message>`` on one line; ``-W error`` still makes it an error; main restores the
+    formatter it found."""
+    import warnings
+
+    from conftest import tiny_q4
+
+    tiny_q4(True).save_pretrained(tmp_path / "a")
+    command = [sys.executable, "-m", "lordba", "export-lora", str(tmp_path / "a")]
+    proc = subprocess.run([*command, str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "base quantized as" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: export_lora: this adapter was trained"), proc.stderr
+    assert ".py:" not in proc.stderr and "export_lora(" not in proc.stderr, proc.stderr
+    strict = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", *command[1:], str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert strict.returncode != 0 and "base quantized as" in strict.stderr and not (tmp_path / "c").exists()
+    before = warnings.formatwarning
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    assert warnings.formatwarning is before

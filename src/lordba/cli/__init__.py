@@ -33,6 +33,7 @@ import os
 import pkgutil
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +163,26 @@ def _run(command: str | None, argv: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit code (module docstring)."""
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit code (module docstring).
+
+    Warnings show as one line ``warning: <message>`` while it runs (not Python's source file, line number and
+    code line); which are shown, and ``-W error``, are as Python's warning filters say."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = _format_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = previous
+
+
+def _format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """A warning as the command line shows it: ``warning: <message>`` (a ``warnings.formatwarning``)."""
+    return f"warning: {message}\n"
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _chosen(argv)
     lab = _missing_lab_command(argv)
