@@ -143,6 +143,20 @@ def test_bad_train_numbers_are_usage_errors_naming_the_option(option, value, tmp
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("value", [",", "", " , "])
+def test_train_target_modules_that_name_no_module_are_a_usage_error(value, tmp_path, capsys):
+    """``--target-modules ","`` became an empty list and ``--target-modules ""`` an empty regex, refused (or not)
+    only after the model and data were loaded; both are a usage error naming the flag, before any work."""
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", str(tmp_path / "o"), "--target-modules", value])
+    assert info.value.code == 2
+    assert "--target-modules" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    parse = build_parser("train").parse_args
+    assert parse(["train", "--out", "o", "--target-modules", "q_proj, ,v_proj"]).target_modules == ["q_proj", "v_proj"]
+    assert parse(["train", "--out", "o", "--target-modules", "all-linear"]).target_modules == "all-linear"
+
+
 def test_every_train_option_has_help_text():
     parser = build_parser("train")
     train = next(a for a in parser._actions if a.dest == "command").choices["train"]

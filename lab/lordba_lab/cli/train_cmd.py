@@ -82,6 +82,7 @@ def _adapter(p: argparse.ArgumentParser, modes: tuple, scale_dtypes: tuple, back
     )
     g.add_argument(
         "--target-modules",
+        type=module_names,
         default=None,
         help="comma-separated module names, or 'all-linear' (default: all linear layers but the head; "
         "with --lora, the LoRA's modules)",
@@ -130,6 +131,19 @@ def _optimisation(p: argparse.ArgumentParser, devices: tuple) -> None:
     )
 
 
+def module_names(text: str) -> list[str] | str:
+    """``--target-modules``: ``"all-linear"``, or the comma-separated module names as a list;
+    ``argparse.ArgumentTypeError`` (a usage error) if it names no module (``""``, ``","``)."""
+    if text.strip() == "all-linear":
+        return "all-linear"
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(
+            f"must name at least one module (comma-separated, or 'all-linear'), got {text!r}"
+        )
+    return names
+
+
 def _run_control(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output and run control")
     g.add_argument(
@@ -154,9 +168,6 @@ def run(args: argparse.Namespace) -> int:
     from lordba.train import TrainSettings
     from lordba_lab.train_job import TrainJob, run_job
 
-    targets = args.target_modules
-    if targets and targets != "all-linear":
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
     settings = TrainSettings(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -176,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         r=args.r,
         alpha=args.alpha,
         scale_dtype=args.scale_dtype,
-        target_modules=targets,
+        target_modules=args.target_modules,
         quant=args.quant,
         bits=args.bits,
         group_size=args.group_size,
