@@ -105,3 +105,17 @@ def test_an_adapter_name_the_peft_folder_lacks_is_refused_rather_than_converting
     other = ["convert", str(tmp_path / "peft" / "other"), str(tmp_path / "c"), "--adapter-name", "other", *argv]
     assert main(other) == 0
     assert "2 layers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["bcd", "init"])
+def test_admm_iterations_with_a_method_that_runs_no_admm_are_refused_not_ignored(lora_dir, tmp_path, method, capsys):
+    """``--method bcd --admm-iters 40`` converted with no ADMM at all (exit 0): the flag was dropped silently. It
+    is refused naming both options, before the work; ``--admm-iters 0`` (no ADMM) still goes with any method."""
+    out = tmp_path / "out"
+    argv = ["convert", str(lora_dir), str(out), "--quiet", "--iters", "1", "--method", method]
+    assert main([*argv, "--admm-iters", "40"]) == 3
+    err = capsys.readouterr().err
+    assert "--admm-iters 40" in err and f"--method {method}" in err and not out.exists()
+    assert main([*argv, "--admm-iters", "0"]) == 0
+    assert main(["convert", str(lora_dir), str(tmp_path / "b"), "--quiet", "--iters", "1", "--method", "admm",
+                 "--admm-iters", "2"]) == 0  # fmt: skip

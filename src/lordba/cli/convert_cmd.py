@@ -91,9 +91,14 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from lordba.convert import SolverOptions, check_output_dir, convert_lora, default_config, read_lora, save_converted
-    from lordba.errors import ConversionError, LoRDBAError
+    from lordba.errors import ConfigError, ConversionError, LoRDBAError
 
     check_output_dir(args.out_dir, args.overwrite, source=args.peft_dir)  # fail before the work, not after
+    if args.admm_iters and args.method not in ("admm", "admm+bcd"):
+        raise ConfigError(
+            f"--admm-iters {args.admm_iters}: --method {args.method} runs no ADMM iterations; "
+            "use --method admm+bcd or admm, or leave --admm-iters out"
+        )
     if args.report is not None:
         _check_report_path(args.report)
     lora = read_lora(args.peft_dir, args.adapter_name, args.allow_pickle, args.skip_unsupported)
