@@ -548,3 +548,63 @@ def test_the_token_is_chosen_by_temperature_and_top_p_alone_as_the_server_choose
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert out == want + "\n" and "do_sample" not in err
+
+
+@pytest.fixture(scope="module")
+def plain_adapter(folder, tmp_path_factory):
+    """An adapter made on the unquantized base: its config records no base quantization."""
+    lm = get_lordba_model(AutoModelForCausalLM.from_pretrained(folder).eval(), LoRDBAConfig(r=4, init="random"))
+    out = tmp_path_factory.mktemp("plain") / "adapter"
+    lm.save_pretrained(out)
+    return out
+
+
+def test_quant_auto_takes_the_adapters_record_and_bits_and_group_size_reach_the_quantizer(
+    folder, plain_adapter, tmp_path, monkeypatch, capsys
+):
+    """The base was q4 with bits=4, group_size=64 whatever the adapter was trained on (an adapter trained on another
+    base gave other text than it was trained for); --bits and --group-size did not exist. --quant auto (the default)
+    takes the --adapter's record, unquantized where it records none; without --adapter, q4 as before."""
+    import shutil
+
+    import lordba.quant.cache
+
+    from conftest import set_config
+
+    calls = []
+    monkeypatch.setattr(
+        lordba.quant.cache,
+        "quantize_model_cached",
+        lambda model, source, backend, bits, group_size: calls.append((backend, bits, group_size)) or model,
+    )
+    hqq = tmp_path / "hqq"
+    shutil.copytree(plain_adapter, hqq)
+    set_config(hqq, base_quantization={"backend": "hqq", "bits": 2, "group_size": 16})
+    base = ["generate", "--model", str(folder), "--max-new-tokens", "1", "ab"]
+    cases = [
+        ([], ("q4", 4, 64), "[base: q4 (4-bit, groups of 64): no adapter"),
+        (["--group-size", "32"], ("q4", 4, 32), "[base: q4 (4-bit, groups of 32)"),
+        (["--adapter", str(hqq)], ("hqq", 2, 16), f"[base: hqq (2-bit, groups of 16): the base adapter '{hqq}' was"),
+        (["--adapter", str(hqq), "--group-size", "8"], ("hqq", 2, 8), "hqq (2-bit, groups of 8)"),
+        (["--adapter", str(plain_adapter)], ("none", 4, 64), "[base: unquantized: adapter"),
+        (["--adapter", str(plain_adapter), "--quant", "q4"], ("q4", 4, 64), "[base: q4 (4-bit, groups of 64): --quant"),
+    ]
+    for extra, want, said in cases:
+        calls.clear()
+        assert main([*base[:-1], *extra, base[-1]]) == 0
+        assert calls == [want] and said in capsys.readouterr().err, extra
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_q4_compute_or_bits_with_a_base_they_do_not_apply_to_is_a_usage_error(folder, plain_adapter, command, capsys):
+    """--q4-compute with another base than q4 was ignored silently: exit 2, before the model loads."""
+    prompt = ["ab"] if command == "generate" else []
+    for extra in (
+        ["--quant", "none", "--q4-compute", "exact"],
+        ["--quant", "hqq", "--q4-compute", "fast"],
+        ["--adapter", str(plain_adapter), "--q4-compute", "exact"],  # auto: the unquantized base it was made on
+        ["--quant", "none", "--bits", "4"],
+    ):
+        assert main([command, "--model", str(folder), *extra, *prompt]) == 2
+        err = capsys.readouterr().err
+        assert f"lordba {command}: error:" in err and extra[-2] in err and "--quant" in err, err

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from lordba.cli import mass_fraction, non_negative_float, non_negative_int, positive_int
+from lordba.cli._base import add_quant_arguments
 
 DEFAULT_NEW_TOKENS = 128
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """``--model``, ``--adapter``, ``--quant`` and the sampling options."""
+    """``--model``, ``--adapter``, the base's quantization (:func:`~lordba.cli._base.add_quant_arguments`) and the
+    sampling options."""
     p.add_argument("--model", required=True, help="transformers model folder, or 'default' (the lab's default model)")
     p.add_argument(
         "--adapter",
@@ -26,19 +28,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         action=_OneAdapter,
         help="LoRDBA adapter folder (or Hub id) to apply; default: the base alone (one adapter per run)",
     )
-    p.add_argument(
-        "--quant",
-        default="q4",
-        choices=("q4", "hqq", "bnb", "none"),
-        help="quantization of the base's linear layers (default q4: lordba's fast 4-bit CPU base)",
-    )
-    p.add_argument(
-        "--q4-compute",
-        default=None,
-        choices=("exact", "fast", "fast-int8"),
-        help="how the q4 base computes (default: $LORDBA_Q4_COMPUTE, else fast: bfloat16 operands where the "
-        "CPU has native bfloat16 (prefill GEMM, decode inputs); exact: float32 throughout; fast-int8: int8 "
-        "decode inputs, faster and less accurate; docs/kernels.md)",
+    add_quant_arguments(
+        p,
+        "the base the --adapter was trained on (the quantization its config records; unquantized where it records "
+        "none); without --adapter, q4",
     )
     p.add_argument(
         "--branch-compute",
@@ -163,9 +156,11 @@ class Loaded:
 
 
 def load(args: argparse.Namespace) -> Loaded:
-    """The base model of ``--model`` quantized per ``--quant``, with ``--adapter`` on it.
+    """The base model of ``--model`` quantized per ``--quant`` (:func:`~lordba.cli._base.generation_base`), with
+    ``--adapter`` on it.
 
     Raises:
+        UsageError: options that do not fit the base (the commands exit 2).
         ConfigError: ``--model`` is no transformers model folder (no ``config.json``, or transformers
             cannot read it); ``--aot`` with ``--compile``.
         AdapterFormatError: a bad adapter (the CLI exits 3 for both).
@@ -174,13 +169,13 @@ def load(args: argparse.Namespace) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lordba import kernels
+    from lordba.cli._base import generation_base, quantize
     from lordba.cli.serve_cmd import resolve_model
     from lordba.errors import ConfigError
     from lordba.nn.decode import FastDecode
     from lordba.nn.model import LoRDBAModel
-    from lordba.quant import set_compute
-    from lordba.quant.cache import quantize_model_cached
 
+    base = generation_base(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     folder, _ = resolve_model(args.model)
@@ -191,9 +186,7 @@ def load(args: argparse.Namespace) -> Loaded:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     except (OSError, ValueError) as err:  # transformers' errors for a folder it cannot read
         raise ConfigError(f"--model {folder}: transformers cannot load it ({type(err).__name__}: {err})") from None
-    model = quantize_model_cached(model, folder, backend=args.quant, bits=4, group_size=64)
-    if getattr(args, "q4_compute", None):
-        set_compute(model, args.q4_compute)
+    model = quantize(model, folder, base)
     kernels.cpu_available()  # build or load the CPU kernels before the first token
     if args.adapter:
         model = LoRDBAModel.from_pretrained(model, args.adapter).eval()

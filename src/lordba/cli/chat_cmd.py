@@ -22,11 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Read user turns from stdin until EOF (or ``/exit``), answering each (under the runtime's branch
-    compute); returns 0."""
+    compute); returns 0, or 2 for options that do not fit the base."""
+    from lordba.cli._base import UsageError, usage_error
     from lordba.cli._generation import runtime
 
-    with runtime(args):
-        return _chat(args)
+    try:
+        with runtime(args):
+            return _chat(args)
+    except UsageError as err:
+        return usage_error(NAME, err)
 
 
 def _chat(args: argparse.Namespace) -> int:

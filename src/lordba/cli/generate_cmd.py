@@ -22,11 +22,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load, generate, print (under the runtime's branch compute); returns 0."""
+    """Load, generate, print (under the runtime's branch compute); returns 0, or 2 for options that do not fit
+    the base."""
+    from lordba.cli._base import UsageError, usage_error
     from lordba.cli._generation import runtime
 
-    with runtime(args):
-        return _generate(args)
+    try:
+        with runtime(args):
+            return _generate(args)
+    except UsageError as err:
+        return usage_error(NAME, err)
 
 
 def _generate(args: argparse.Namespace) -> int:
