@@ -66,24 +66,37 @@ def tiny_model(seed: int = 0, context: int = 256) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def make_adapter(directory: Path, seed: int) -> Path:
-    """A random r=4 adapter on every linear layer of the tiny model, saved in ``directory``."""
+def make_adapter(directory: Path, seed: int, quant: str | None = None) -> Path:
+    """A random r=4 adapter on every linear layer of the tiny model, saved in ``directory``; with ``quant``, made
+    on the tiny model quantized so (groups of 64: its config records that base), its output scales ×30 (an
+    adapter that changes the greedy tokens)."""
     base = tiny_model()  # (seeds torch itself: the adapter's seed comes after it)
+    if quant is not None:
+        from lordba.quant import quantize_model
+
+        base = quantize_model(base, backend=quant, group_size=64)
     torch.manual_seed(seed)
     lm = get_lordba_model(base, LoRDBAConfig(r=4, alpha=16, init="random"))
+    if quant is not None:
+        with torch.no_grad():
+            for adapter in lm.adapter_modules("default").values():
+                adapter.scale_out.mul_(30)
     lm.save_pretrained(directory)
     return directory
 
 
-def make_served(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """``(model folder, adapters folder)``: the tiny model + tokenizer, and adapters a, b, c."""
+def make_served(
+    tmp_path_factory: pytest.TempPathFactory, quant: str | None = None, names: tuple[str, ...] = ("a", "b", "c")
+) -> tuple[Path, Path]:
+    """``(model folder, adapters folder)``: the tiny model + tokenizer, and adapters a, b, c (``names``; made on
+    the base quantized per ``quant``: :func:`make_adapter`)."""
     root = tmp_path_factory.mktemp("serve")
     model_dir = root / "tiny-llama"
     tiny_model().save_pretrained(model_dir)
     char_tokenizer().save_pretrained(model_dir)
     adapters = root / "adapters"
-    for i, name in enumerate(["a", "b", "c"]):
-        make_adapter(adapters / name, seed=10 + i)
+    for i, name in enumerate(names):
+        make_adapter(adapters / name, seed=10 + i, quant=quant)
     return model_dir, adapters
 
 

@@ -105,3 +105,117 @@ def test_a_folder_transformers_cannot_load_exits_3(tmp_path, capsys):
         assert main(["serve", "--model", str(bad), "--port", "0"]) == 3
         err = capsys.readouterr().err
         assert str(bad) in err and "transformers cannot load it" in err and "internal error" not in err
+
+
+@pytest.fixture(scope="module")
+def q4_served(tmp_path_factory):
+    """The tiny model and adapters a, b trained on its q4 base (their configs record q4, 4-bit, groups of 64); the
+    CPU kernels loaded (from the lordba cache: a test's own cache for the quantized bases would build them again)."""
+    from lordba.kernels import bound_calls
+
+    bound_calls()
+    return make_served(tmp_path_factory, quant="q4", names=("a", "b"))
+
+
+def served_state(monkeypatch, argv: list[str]):
+    """The server state ``lordba serve ARGV`` builds (it is not served), and its exit code."""
+    import lordba.serve.server
+
+    built = []
+    monkeypatch.setattr(lordba.serve.server, "serve_forever", lambda state, host, port: built.append(state))
+    code = main(["serve", *argv])
+    return (built[0] if built else None), code
+
+
+def served_text(state, prompt_ids: list[list[int]], adapters: list[str], n: int) -> list[str]:
+    """The greedy texts of the engine of ``state`` for each prompt on its adapter, all in one batch."""
+    import threading
+
+    from lordba.serve.engine import Request
+    from lordba.serve.sampling import SamplingParams
+
+    engine, done, texts = state.engine, [threading.Event() for _ in adapters], [None] * len(adapters)
+
+    def sink(i: int):
+        def take(event) -> None:
+            if event.finish_reason is not None:
+                texts[i] = event.text
+                done[i].set()
+
+        return take
+
+    for name in adapters:
+        state.registry.acquire(name)
+    for i, (ids, name) in enumerate(zip(prompt_ids, adapters)):  # queued before the engine starts: one prefill
+        engine.submit(Request(ids, name, SamplingParams(n, temperature=0.0), sink(i)))
+    engine.start()
+    try:
+        assert all(d.wait(60) for d in done)
+    finally:
+        engine.shutdown()
+    assert engine.max_rows_seen == len(adapters)
+    return texts
+
+
+def test_serve_takes_the_q4_base_its_adapters_record_and_batches_them_as_generate_runs_each(
+    q4_served, monkeypatch, tmp_path, capsys
+):
+    """Adapters trained on the q4 base (the default of lordba train) were served on the unquantized base: a
+    warning at load, and greedy text other than lordba generate's. --quant auto (the default) takes the base their
+    configs record; two adapters in one batch each give lordba generate --quant q4's text."""
+    from lordba.cli._base import BACKENDS
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))  # the quantized base is cached there
+    monkeypatch.setenv("LORDBA_Q4_COMPUTE", "exact")  # a batched prompt and a lone one: the same kernels' sums
+    model_dir, adapters = q4_served
+    state, code = served_state(monkeypatch, ["--model", str(model_dir), "--adapters", str(adapters)])
+    err = capsys.readouterr().err
+    assert code == 0 and "serving the base q4 (4-bit, groups of 64)" in err and "'a', 'b'" in err
+    assert {type(m).__name__ for m in state.engine.model.modules()} >= {"Q4Linear"} and "q4" in BACKENDS
+    tok = state.tokenizer
+    prompts, n = ["xyz 123", "The quick"], 16
+    got = served_text(state, [tok(p).input_ids for p in prompts], ["a", "b"], n)
+    for prompt, name, text in zip(prompts, ["a", "b"], got):
+        argv = ["generate", "--model", str(model_dir), "--adapter", str(adapters / name), "--quant", "q4", prompt]
+        assert main([*argv, "--max-new-tokens", str(n)]) == 0
+        assert capsys.readouterr().out == text + "\n"
+    argv = ["--model", str(model_dir), "--adapters", str(adapters), "--quant", "none"]
+    unquantized, code = served_state(monkeypatch, argv)  # what it served before: b's text differs
+    assert code == 0 and "serving the base unquantized: --quant none" in capsys.readouterr().err
+    assert served_text(unquantized, [tok(p).input_ids for p in prompts], ["a", "b"], n)[1] != got[1]
+
+
+def test_quant_auto_refuses_adapters_trained_on_different_bases_naming_two(q4_served, tmp_path, monkeypatch, capsys):
+    """Exit 2 before the model loads, naming two adapters and their records; --quant chooses the base."""
+    import shutil
+
+    from conftest import set_config
+
+    model_dir, adapters = q4_served
+    mixed = tmp_path / "adapters"
+    shutil.copytree(adapters, mixed)
+    set_config(mixed / "b", base_quantization={"backend": "hqq", "bits": 2, "group_size": 16})
+    (mixed / "plain").mkdir()  # a folder that holds no adapter records nothing
+    state, code = served_state(monkeypatch, ["--model", str(model_dir), "--adapters", str(mixed)])
+    err = capsys.readouterr().err
+    assert state is None and code == 2
+    assert "'a'" in err and "'b'" in err and "'hqq'" in err and "'q4'" in err and "--quant" in err
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    state, code = served_state(monkeypatch, ["--model", str(model_dir), "--adapters", str(mixed), "--quant", "q4"])
+    assert code == 0 and "serving the base q4 (4-bit, groups of 64): --quant q4" in capsys.readouterr().err
+
+
+def test_an_adapter_that_records_no_base_is_served_unquantized_and_q4_compute_needs_a_q4_base(
+    tmp_path_factory, monkeypatch, capsys
+):
+    """No record: the unquantized base (as before). --q4-compute or --bits with a base they do not apply to was
+    ignored: a usage error."""
+    model_dir, adapters = make_served(tmp_path_factory, names=("plain",))
+    state, code = served_state(monkeypatch, ["--model", str(model_dir), "--adapters", str(adapters)])
+    err = capsys.readouterr().err
+    assert code == 0 and "serving the base unquantized: adapter 'plain' records no base quantization" in err
+    assert not any(type(m).__name__ == "Q4Linear" for m in state.engine.model.modules())
+    for extra in (["--q4-compute", "exact"], ["--quant", "hqq", "--q4-compute", "fast"], ["--bits", "4"]):
+        state, code = served_state(monkeypatch, ["--model", str(model_dir), "--adapters", str(adapters), *extra])
+        err = capsys.readouterr().err
+        assert state is None and code == 2 and extra[-2] in err and "lordba serve: error:" in err

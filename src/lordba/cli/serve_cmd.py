@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lordba.cli import EXIT_USAGE, _bounded, positive_int
+from lordba.cli._base import UsageError, adapter_record, add_quant_arguments, choose_base, usage_error
 from lordba.errors import ConfigError
 
 NAME = "serve"
@@ -37,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="name of the base model in the API")
     p.add_argument(
         "--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the base model (default float32)"
+    )
+    add_quant_arguments(
+        p,
+        "the base the adapters of --adapters were trained on (the quantization their configs record: they must "
+        "agree); unquantized where none records one",
     )
 
 
@@ -76,6 +82,31 @@ def _config_name(folder: Path) -> str | None:
     return value if isinstance(value, str) and value and "/" not in value else None
 
 
+def folder_records(adapters: str | None) -> dict[str, dict | None]:
+    """``{name: base_quantization}`` of the adapters the ``--adapters`` folder serves (directories with a LoRDBA
+    adapter config, by folder name, as the registry finds them; only their configs are read). Empty without a
+    folder, or for one the registry refuses (it says why)."""
+    from lordba._util.jsonio import read_json_file
+    from lordba.config import CONFIG_NAME, PEFT_TYPE
+    from lordba.errors import LoRDBAError
+    from lordba.serve.registry import NAME as ADAPTER_NAME
+
+    root = Path(adapters).resolve() if adapters is not None else None
+    if root is None or not root.is_dir() or (root / CONFIG_NAME).is_file():
+        return {}
+    found = {}
+    for d in sorted(root.iterdir()):
+        if not ADAPTER_NAME.fullmatch(d.name) or not (d / CONFIG_NAME).is_file() or root not in d.resolve().parents:
+            continue
+        try:
+            if read_json_file(d / CONFIG_NAME).get("peft_type", PEFT_TYPE) != PEFT_TYPE:
+                continue  # a PEFT LoRA beside the adapters: not served
+        except LoRDBAError:
+            pass  # refused to the requests that name it; it records nothing
+        found[d.name] = adapter_record(d)
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
     from lordba.serve import missing_extra
 
@@ -86,7 +117,12 @@ def run(args: argparse.Namespace) -> int:
     from lordba.serve.server import build_state, load_base, serve_forever
 
     folder, name = resolve_model(args.model)
-    model, tokenizer = load_base(folder, args.dtype)
+    try:
+        base = choose_base(args, folder_records(args.adapters), "none")
+    except UsageError as err:
+        return usage_error(NAME, err)
+    print(f"lordba serve: serving the base {base.describe()}: {base.why}", file=sys.stderr)
+    model, tokenizer = load_base(folder, args.dtype, base.backend, base.bits, base.group_size, base.compute)
     state = build_state(
         model, tokenizer, args.served_model_name or name, args.adapters, args.max_adapter_memory, args.max_batch
     )

@@ -29,12 +29,24 @@ SERVE_GRACE = 5.0  # seconds `lordba serve` lets requests in flight finish once 
 ENGINE_STOP = 10.0  # seconds a stop waits for the engine's step in progress
 
 
-def load_base(model_dir: str | Path, dtype: str = "float32") -> tuple[LoRDBAModel, Any]:
-    """``(LoRDBAModel without adapters, tokenizer)`` from a local transformers folder.
+def load_base(
+    model_dir: str | Path,
+    dtype: str = "float32",
+    quant: str = "none",
+    bits: int = 4,
+    group_size: int = 64,
+    q4_compute: str | None = None,
+) -> tuple[LoRDBAModel, Any]:
+    """``(LoRDBAModel without adapters, tokenizer)`` from a local transformers folder, loaded in ``dtype`` and its
+    linear layers quantized per ``quant`` (``q4``, ``hqq``, ``bnb`` or ``none``) with ``bits`` and ``group_size``
+    (:func:`~lordba.quant.quantize_model`, a quantized base cached on disk as ``lordba generate`` and ``lordba
+    train`` cache theirs), the q4 base computing per ``q4_compute`` (None: its default). Adapters trained on a
+    quantized base (their ``base_quantization``) give their trained outputs on that base only.
 
     Raises:
         ConfigError: an unknown ``dtype``; a folder without ``config.json``, or one transformers cannot
-            load (a config that is not JSON, no tokenizer), as ``lordba generate`` says it.
+            load (a config that is not JSON, no tokenizer), as ``lordba generate`` says it; a quantization
+            ``quantize_model`` refuses (``bits`` or ``group_size`` the backend does not take).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -48,6 +60,13 @@ def load_base(model_dir: str | Path, dtype: str = "float32") -> tuple[LoRDBAMode
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
     except (OSError, ValueError) as err:  # transformers' errors for a folder it cannot read
         raise ConfigError(f"--model {model_dir}: transformers cannot load it ({type(err).__name__}: {err})") from None
+    if quant != "none":
+        from lordba.quant import set_compute
+        from lordba.quant.cache import quantize_model_cached
+
+        model = quantize_model_cached(model, path, backend=quant, bits=bits, group_size=group_size)
+        if q4_compute:
+            set_compute(model, q4_compute)
     return LoRDBAModel(model), tokenizer
 
 
