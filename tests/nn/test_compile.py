@@ -184,3 +184,75 @@ def test_changes_after_compiling_are_seen_by_the_compiled_model(input_ids):
                 assert not torch.allclose(before, want, rtol=1e-3, atol=1e-4), name
     finally:
         kernels.set_mode("auto")
+
+
+def _biased_llama() -> torch.nn.Module:
+    """A tiny Llama with biases (always the same)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**TINY, attention_bias=True)).eval()
+
+
+def _biased_llama_with_adapters(seed: int = 1) -> LoRDBAModel:
+    """:func:`_biased_llama` with two adapters (of ``seed``): trained biases, a saved module, a regex target."""
+    base = _biased_llama()
+    torch.manual_seed(seed)
+    config = LoRDBAConfig(
+        r=4, init="random", target_modules=["q_proj", "v_proj"], bias="all", modules_to_save=["lm_head"]
+    )
+    lm = get_lordba_model(base, config)
+    lm.add_adapter("other", LoRDBAConfig(r=4, init="random", target_modules=r"model\.layers\.\d+\.mlp\.down_proj"))
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return lm
+
+
+def _files(directory) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_base_compiled_in_place_saves_and_exports_the_files_of_the_uncompiled_model(tmp_path):
+    """``lm.base_model = torch.compile(lm.base_model)`` (or ``torch.compile(lm)``) changes no saved or exported byte:
+    the paths were saved as ``_orig_mod.model.layers...``, which no uncompiled model could load."""
+    from lordba import export_lora
+
+    eager, compiled = _biased_llama_with_adapters(), _biased_llama_with_adapters()
+    compiled.base_model = torch.compile(compiled.base_model, backend="eager")
+    eager.save_pretrained(tmp_path / "eager")
+    compiled.save_pretrained(tmp_path / "compiled")
+    torch.compile(eager, backend="eager").save_pretrained(tmp_path / "wrapper")
+    assert _files(tmp_path / "eager") and _files(tmp_path / "compiled") == _files(tmp_path / "eager")
+    assert _files(tmp_path / "wrapper") == _files(tmp_path / "eager")
+    for name in ("default", "other"):
+        export_lora(eager, tmp_path / f"eager-{name}", adapter_name=name)
+        export_lora(compiled, tmp_path / f"compiled-{name}", adapter_name=name)
+        export_lora(torch.compile(eager, backend="eager"), tmp_path / f"wrapper-{name}", adapter_name=name)
+        assert _files(tmp_path / f"compiled-{name}") == _files(tmp_path / f"eager-{name}")
+        assert _files(tmp_path / f"wrapper-{name}") == _files(tmp_path / f"eager-{name}")
+
+
+def test_a_base_compiled_in_place_loads_hotswaps_and_adds_the_files_of_uncompiled_models(tmp_path, input_ids):
+    """A normal file loads onto a compiled base (``from_pretrained``, ``load_adapter``) and hot-swaps into it with
+    the eager logits; an adapter added to it finds its targets by their uncompiled paths (a regex matched none)."""
+    source = _biased_llama_with_adapters()
+    source.save_pretrained(tmp_path / "saved")
+    eager = LoRDBAModel.from_pretrained(_biased_llama(), tmp_path / "saved")
+    want = run(eager, input_ids)
+    lm = LoRDBAModel.from_pretrained(torch.compile(_biased_llama(), backend="eager"), tmp_path / "saved")
+    torch.testing.assert_close(run(lm, input_ids), want, rtol=1e-5, atol=1e-5)
+    lm.load_adapter(tmp_path / "saved" / "other", "other")
+    lm.set_adapter("other")
+    eager.load_adapter(tmp_path / "saved" / "other", "other")
+    eager.set_adapter("other")
+    torch.testing.assert_close(run(lm, input_ids), run(eager, input_ids), rtol=1e-5, atol=1e-5)
+    swapped = _biased_llama_with_adapters(seed=2)
+    swapped.base_model = torch.compile(swapped.base_model, backend="eager")
+    swapped.hotswap_adapter(tmp_path / "saved", "default")
+    torch.testing.assert_close(run(swapped, input_ids), want, rtol=1e-5, atol=1e-5)
+    lm.add_adapter("regex", LoRDBAConfig(r=4, target_modules=r"model\.layers\.\d+\.mlp\.gate_proj"))
+    assert sorted(lm.adapter_modules("regex")) == ["model.layers.0.mlp.gate_proj", "model.layers.1.mlp.gate_proj"]

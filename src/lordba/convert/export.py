@@ -35,6 +35,7 @@ from lordba.format.adapter import AdapterState, ModuleRecord, read_adapter
 from lordba.format.atomic import TMP_MARK, _link_or_copy, atomic_directory
 from lordba.format.sizes import peft_lora_key
 from lordba.format.tensorfile import to_bytes
+from lordba.nn.structure import uncompiled
 
 EXPORT_DTYPES = ("float16", "bfloat16", "float32")  # names in lordba._util.dtypes.DTYPES
 
@@ -74,6 +75,8 @@ def export_lora(
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
     check_path(out_dir, "export_lora: out_dir")
+    if isinstance(model_or_dir, torch.nn.Module):  # torch.compile(lm): the LoRDBAModel it compiled
+        model_or_dir = uncompiled(model_or_dir)
     adapter = _as_adapter_state(model_or_dir, adapter_name)
     config = adapter.config
     _warn_quantized_base(config.base_quantization)
@@ -200,7 +203,7 @@ def _suffix_matched_base_modules(model: object, entries: list[str], tensors: dic
     if not isinstance(model, LoRDBAModel) or not entries:
         return {}
     out = {}
-    for name, module in model.get_base_model().named_modules():
+    for name, module in model._root().named_modules():
         prefix = f"base_model.model.{name}."
         if not name or not any(name.endswith(e) for e in entries) or any(k.startswith(prefix) for k in tensors):
             continue
@@ -246,7 +249,7 @@ def _all_conv1d(model: object, adapter: AdapterState) -> bool:
 
     if not isinstance(model, LoRDBAModel) or not adapter.modules:
         return False
-    base = model.get_base_model()
+    base = model._root()
     return all(
         getattr(getattr(base.get_submodule(p), "backend", None), "name", None) == "conv1d" for p in adapter.modules
     )

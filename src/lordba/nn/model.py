@@ -47,7 +47,7 @@ from lordba.nn.model_merge import MergeMixin
 from lordba.nn.model_peft import ForwardWithSignature, PeftFeaturesMixin, with_adapter_names
 from lordba.nn.model_status import adapter_key, base_keys_not_missing, note_loading_prefix
 from lordba.nn.routing import BASE_ROW, DISABLED, DisableBlock, RoutingGate, in_disable_block, routing
-from lordba.nn.structure import replace_everywhere, resolve
+from lordba.nn.structure import replace_everywhere, resolve, uncompiled
 from lordba.nn.targets import find_targets
 from lordba.quant import BaseBackend, resolve_backend
 
@@ -109,6 +109,11 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
         """The wrapped model (with its LoRDBA layers in place)."""
         return self.base_model
 
+    def _root(self) -> nn.Module:
+        """The wrapped model as its module paths are named: a base compiled in place (``lm.base_model =
+        torch.compile(lm.base_model)``) is walked through the module it compiled (paths without ``_orig_mod.``)."""
+        return uncompiled(self.base_model)
+
     @property
     def active_adapters(self) -> list[str]:
         """The active adapters' names (several when stacked)."""
@@ -146,7 +151,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
     def _target(self, path: str, root: nn.Module | None = None) -> tuple[nn.Module, BaseBackend]:
         """The base layer at ``path`` (inside its LoRDBA wrapper, if any) and its backend (``root``:
         the base model, when the caller already holds it)."""
-        module = resolve(self.base_model if root is None else root, path)
+        module = resolve(self._root() if root is None else root, path)
         if module is None:
             raise ShapeMismatchError(f"the base model has no module {path!r}")
         if isinstance(module, LoRDBALinear):
@@ -159,7 +164,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
     def _install(self, adapter_name: str, adapters: dict[str, LoRDBAAdapter]) -> None:
         """Put ``adapters`` into their layers, wrapping plain layers first, each in its layer's mode
         (training or eval: dropout follows the model's mode; cannot fail half-way)."""
-        root = self.base_model
+        root = self._root()
         for path, adapter in adapters.items():
             module = resolve(root, path)
             if not isinstance(module, LoRDBALinear):
@@ -167,7 +172,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
                 wrapper.gate = self._gate
                 wrapper.disable_adapters = self._layers_disabled
                 wrapper.train(module.training)
-                replace_everywhere(self.base_model, path, wrapper)
+                replace_everywhere(root, path, wrapper)
                 module = wrapper
                 module.set_adapter(self._active)
             if adapter.training != module.training:
@@ -181,7 +186,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
         if not isinstance(config, LoRDBAConfig):
             raise ConfigError(f"config must be a LoRDBAConfig, got {type(config).__name__}")
         self._check_new_name(adapter_name)
-        targets = find_targets(self.base_model, config.target_modules, config.exclude_modules, config)
+        targets = find_targets(self._root(), config.target_modules, config.exclude_modules, config)
         config = self._prepare_config(config, targets)  # records the base quantization
         saved = self._saved_paths(config, targets)  # modules trained in full, biases (model_peft)
         codec = get_codec(config.scale_dtype)
@@ -243,7 +248,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
             for path, layer in self._lordba_layers():
                 layer.delete_adapter(adapter_name)
                 if not layer.lordba_adapters:
-                    replace_everywhere(self.base_model, path, layer.base_layer)
+                    replace_everywhere(self._root(), path, layer.base_layer)
             del self.peft_config[adapter_name]
             self._active = tuple(n for n in self._active if n != adapter_name)
             self._sync_saved()

@@ -165,7 +165,7 @@ class AdapterFilesMixin:
         """Every module of ``state`` exists in this model with the same in/out features; returns
         ``{path: (base layer, backend)}`` (resolved once, reused to build the adapters)."""
         targets: Targets = {}
-        root = self.base_model
+        root = self._root()
         for path, rec in state.modules.items():
             try:
                 base, backend = self._target(path, root)

@@ -59,7 +59,7 @@ class AdapterFormsMixin:
 
     def _swap(self, adapter_name: str, path: str, adapter: LoRDBAAdapter) -> LoRDBAAdapter:
         """Put ``adapter`` (another form of the one held) at ``path`` under ``adapter_name``; returns it."""
-        self.base_model.get_submodule(path).add_adapter(adapter_name, adapter)
+        self._root().get_submodule(path).add_adapter(adapter_name, adapter)
         return adapter
 
     @ordinary_tensors()  # the new forms' tensors are ordinary ones even under inference mode (version counters)

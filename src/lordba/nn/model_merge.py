@@ -34,7 +34,7 @@ class MergeMixin:
         with self._lock.write():
             names = merge_names(adapter_names, self._active, self.peft_config)
             self._refuse_disabled("merge_adapter")
-            merge_layers(self._lordba_layers(), names, safe_merge, self.base_model)
+            merge_layers(self._lordba_layers(), names, safe_merge, self._root())
 
     def unmerge_adapter(self) -> None:
         """Take merged adapters out of the base weights again."""
@@ -58,9 +58,9 @@ class MergeMixin:
             layers = self._lordba_layers()
             names = merge_names(adapter_names, self._active, self.peft_config)
             self._refuse_disabled("merge_and_unload")
-            merge_layers(layers, names, safe_merge, self.base_model)
+            merge_layers(layers, names, safe_merge, self._root())
             for path, layer in layers:
-                replace_everywhere(self.base_model, path, layer.base_layer)
+                replace_everywhere(self._root(), path, layer.base_layer)
             self._unwrap_saved(merge=True)  # modules trained in full: the active adapter's copy
             self.peft_config.clear()
             self._active = ()
@@ -84,7 +84,7 @@ class MergeMixin:
         with self._lock.write():
             for path, layer in self._lordba_layers():
                 layer.unmerge()
-                replace_everywhere(self.base_model, path, layer.base_layer)
+                replace_everywhere(self._root(), path, layer.base_layer)
             self._unwrap_saved(merge=False)  # modules trained in full: the originals
             self.peft_config.clear()
             self._active = ()

@@ -89,7 +89,7 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
     def _saved_paths(self, config: LoRDBAConfig, targets: Sequence[str]) -> dict[str, tuple[str, ...] | None]:
         """``{module path: saved parameter names (None: all)}`` that ``config`` trains beside its targets."""
         found: dict[str, tuple[str, ...] | None] = {}
-        names = [n for n, _ in self.base_model.named_modules() if n and not _internal(n)]
+        names = [n for n, _ in self._root().named_modules() if n and not _internal(n)]
         for entry in config.modules_to_save or []:
             hits = [n for n in names if matches([entry], n)]
             if not hits:
@@ -99,7 +99,7 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
         found.update(dict.fromkeys(n for n in names if heads and matches(heads, n)))
         if config.bias == "all":
             for name in names:
-                module = self.base_model.get_submodule(name)
+                module = self._root().get_submodule(name)
                 if name in found or name in targets or isinstance(module, (SavedModule, LoRDBALinear)):
                     continue
                 if isinstance(getattr(module, "bias", None), nn.Parameter):
@@ -114,7 +114,7 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
         such as the q4 base's 4-bit head, holds buffers): its copy would train nothing and no adapter file would
         hold it, silently."""
         for path, params in saved.items():
-            module = self.base_model.get_submodule(path)
+            module = self._root().get_submodule(path)
             module = module.original_module if isinstance(module, SavedModule) else module
             if params is None and next(module.parameters(), None) is None:
                 raise TargetModulesError(
@@ -127,7 +127,7 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
         (:func:`~lordba.format.extras.check_extra_name`: a ``ModuleDict`` key with a space or a ``:``): the
         adapter could be trained but not saved."""
         for path, params in saved.items():
-            module = self.base_model.get_submodule(path)
+            module = self._root().get_submodule(path)
             module = module.original_module if isinstance(module, SavedModule) else module
             for name in params or [n for n, _ in module.named_parameters()]:
                 try:
@@ -142,7 +142,7 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
         targeted = list(targets)
         for path in paths:
             inside = [t for t in targeted if t == path or t.startswith(path + ".")]
-            module = self.base_model.get_submodule(path)
+            module = self._root().get_submodule(path)
             if inside or any(isinstance(m, LoRDBALinear) for m in module.modules()):
                 raise TargetModulesError(f"module {path!r} carries LoRDBA adapters: it cannot also be trained in full")
 
@@ -163,7 +163,7 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
     def _layer_bias(self, path: str) -> torch.Tensor | None:
         """The base bias of the adapted layer at ``path``, without the trained biases of merged adapters: what an
         adapter's trained bias is stored against (the merged one counted a merged adapter's change twice)."""
-        layer = self.base_model.get_submodule(path)
+        layer = self._root().get_submodule(path)
         bias = layer.unmerged_bias if isinstance(layer, LoRDBALinear) else getattr(layer, "bias", None)
         return bias if isinstance(bias, torch.Tensor) else None
 
@@ -173,7 +173,7 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
         return trained.float() - self._layer_bias(path).detach().float().cpu()
 
     def _saved_module(self, path: str) -> SavedModule:
-        module = self.base_model.get_submodule(path)
+        module = self._root().get_submodule(path)
         if isinstance(module, LoRDBALinear):
             raise TargetModulesError(f"module {path!r} carries LoRDBA adapters: it cannot also be trained in full")
         if not isinstance(module, SavedModule):
@@ -181,7 +181,7 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
             module.gate = self._gate
             module.disable_adapters = self._layers_disabled
             module.train(module.original_module.training)
-            replace_submodule(self.base_model, path, module)
+            replace_submodule(self._root(), path, module)
         return module
 
     def _saved_modules(self) -> list[tuple[str, SavedModule]]:
@@ -194,7 +194,7 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
         index = indexes.get(kind)
         if index is None:
             index = indexes[kind] = ModuleIndex(kind)
-        return index.get(self.base_model)
+        return index.get(self._root())
 
     def _check_one_saved_copy(self, names: tuple[str, ...]) -> None:
         """Refuse activating together adapters that each train the same module in full (``modules_to_save``): one
@@ -214,7 +214,7 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
                 if name not in self.peft_config and name not in getattr(self, "_adding", ()):
                     module.delete_copy(name)
             if not module.lordba_saved:
-                replace_submodule(self.base_model, path, module.original_module)
+                replace_submodule(self._root(), path, module.original_module)
             module.active_adapters = list(self._active)
 
     def _unwrap_saved(self, merge: bool) -> None:
@@ -226,7 +226,7 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
             chosen = module.lordba_saved[names[0]] if names else module.original_module
             for p in chosen.parameters():
                 p.requires_grad_(False)
-            replace_submodule(self.base_model, path, chosen)
+            replace_submodule(self._root(), path, chosen)
 
     def adapter_state(self, adapter_name: str = "default") -> adapter_files.AdapterState:
         """The adapter as stored (config, packed tensors and its extra tensors, float64 ones as float32),
@@ -326,7 +326,7 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
         trained in full's original), for the extra tensor ``name``; with ``registered``, only a parameter
         registered on that module (what :meth:`SavedModule.add_copy` copies: not a buffer or attribute)."""
         try:
-            module = self.base_model.get_submodule(path)
+            module = self._root().get_submodule(path)
         except AttributeError:
             raise AdapterFormatError(f"extra tensor {name}: the base model has no module {path!r}") from None
         module = module.original_module if isinstance(module, SavedModule) else module
@@ -341,7 +341,7 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
         if config.base_quantization is None:
             return
         layers = [m.base_layer for _, m in self._lordba_layers()] or [
-            m for m in self.base_model.modules() if not list(m.children())
+            m for m in self._root().modules() if not list(m.children())
         ]
         here = describe_base(layers)
         if here != config.base_quantization:

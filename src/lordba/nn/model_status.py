@@ -240,4 +240,4 @@ def _set_state_dict(model: Any, state_dict: dict[str, torch.Tensor], adapter_nam
             with torch.no_grad():
                 adapter.bias_delta.copy_(model._bias_delta(path, value))
     for path, tensors in plan["saved"].items():
-        model.base_model.get_submodule(path).load_saved(adapter_name, tensors)
+        model._root().get_submodule(path).load_saved(adapter_name, tensors)

@@ -18,6 +18,8 @@ layers one by one.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
@@ -40,6 +42,16 @@ def structure_version() -> int:
     """A number that changes whenever a module of a kind some :class:`ModuleIndex` indexes is
     registered in this process (``setattr``, ``add_module``, containers)."""
     return _VERSION[0]
+
+
+def uncompiled(module: nn.Module) -> nn.Module:
+    """``module`` itself, or for one ``torch.compile`` returned (an ``OptimizedModule``) the module it compiled: the
+    one whose paths adapters, their files and configs name (the wrapper puts ``_orig_mod.`` before them; PEFT
+    strips it too)."""
+    frame = sys.modules.get("torch._dynamo.eval_frame")  # (not imported: nothing was compiled)
+    while frame is not None and isinstance(module, frame.OptimizedModule):
+        module = module._orig_mod
+    return module
 
 
 def resolve(root: nn.Module, path: str) -> nn.Module | None:
