@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from lordba import LoRDBAConfig, LoRDBAModel, get_lordba_model
+from lordba import AdapterStateError, LoRDBAConfig, LoRDBAModel, get_lordba_model
 
 from conftest import tiny_llama
 
@@ -256,3 +256,18 @@ def test_a_base_compiled_in_place_loads_hotswaps_and_adds_the_files_of_uncompile
     torch.testing.assert_close(run(swapped, input_ids), want, rtol=1e-5, atol=1e-5)
     lm.add_adapter("regex", LoRDBAConfig(r=4, target_modules=r"model\.layers\.\d+\.mlp\.gate_proj"))
     assert sorted(lm.adapter_modules("regex")) == ["model.layers.0.mlp.gate_proj", "model.layers.1.mlp.gate_proj"]
+
+
+def test_a_base_compiled_in_place_refuses_a_state_dict_for_a_merged_adapter(input_ids):
+    """``load_state_dict`` into a merged adapter is refused also where the keys read ``base_model._orig_mod.``: the
+    check looked for ``base_model.<path>`` keys only and let it through (the loaded adapter never acted, even after
+    ``unmerge_adapter()``: its update was subtracted from the base instead of the merged one)."""
+    lm, other = two_adapters(), two_adapters()
+    for model in (lm, other):
+        model.base_model = torch.compile(model.base_model, backend="eager")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.3) if p.requires_grad else None
+    lm.merge_adapter()
+    with pytest.raises(AdapterStateError, match="merged into the base weights"):
+        lm.load_state_dict(other.state_dict())

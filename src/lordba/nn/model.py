@@ -366,8 +366,10 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
             return self._load_state_dict(state_dict, strict, assign)
 
     def _load_state_dict(self, state_dict: dict[str, Any], strict: bool, assign: bool) -> Any:
+        root = self._root()  # its keys' prefix: "base_model._orig_mod." for a base compiled in place
+        base = next(name for name, module in self.named_modules() if module is root)
         merged = [
-            f"base_model.{p}.lordba_adapters.{n}." for p, layer in self._lordba_layers() for n in layer.merged_adapters
+            f"{base}.{p}.lordba_adapters.{n}." for p, layer in self._lordba_layers() for n in layer.merged_adapters
         ]
         held = sorted(k for k in state_dict if k.startswith(tuple(merged)))
         if held:
@@ -384,7 +386,7 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
             )
         for path, layer in self._lordba_layers():  # every adapter's tensors checked before any is loaded
             for name, adapter in layer.lordba_adapters.items():
-                adapter.check_loadable(state_dict, f"base_model.{path}.lordba_adapters.{name}.")
+                adapter.check_loadable(state_dict, f"{base}.{path}.lordba_adapters.{name}.")
         result = super().load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False, assign=assign)
         return type(result)(missing, unexpected)
 
