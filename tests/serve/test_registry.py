@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lordba import LoRDBAModel
+from lordba.serve.adapter_files import payload_bytes
 from lordba.serve.errors import (
     AdapterConflictError,
     AdapterLoadError,
@@ -19,7 +20,7 @@ from lordba.serve.errors import (
     BadRequestError,
     UnknownAdapterError,
 )
-from lordba.serve.registry import AdapterRegistry, payload_bytes
+from lordba.serve.registry import AdapterRegistry
 
 from .serve_helpers import make_served
 

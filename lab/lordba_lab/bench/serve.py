@@ -74,7 +74,7 @@ def measure(model_dir: Path, settings: Settings) -> dict:
 
 # ---------------------------------------------------------------------------- servers
 def _lordba_rows(model_dir: Path, folder: Path, s: Settings) -> tuple[list[dict], dict]:
-    from lordba.serve.registry import adapter_bytes
+    from lordba.serve.adapter_files import adapter_bytes
     from lordba.serve.server import Server, build_state, freeze_heap, load_base
     from lordba_lab.bench._serve_fleet import make_fleet
 

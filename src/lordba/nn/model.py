@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lordba._util.arena import own_storage
 from lordba._util.dtypes import DTYPES
 from lordba._util.modules import frozen_unless_failed
 from lordba._util.state import ordinary_tensors
@@ -44,15 +43,21 @@ from lordba.nn.merge import name_list
 from lordba.nn.model_files import AdapterFilesMixin
 from lordba.nn.model_forms import AdapterFormsMixin
 from lordba.nn.model_merge import MergeMixin
-from lordba.nn.model_peft import ForwardWithSignature, PeftFeaturesMixin, with_adapter_names
-from lordba.nn.model_status import adapter_key, base_keys_not_missing, note_loading_prefix
+from lordba.nn.model_peft import PeftFeaturesMixin
+from lordba.nn.model_state import (
+    ForwardWithSignature,
+    StateDictMixin,
+    base_keys_not_missing,
+    note_loading_prefix,
+    with_adapter_names,
+)
 from lordba.nn.routing import BASE_ROW, DISABLED, DisableBlock, RoutingGate, in_disable_block, routing
 from lordba.nn.structure import replace_everywhere, resolve, uncompiled
 from lordba.nn.targets import find_targets
 from lordba.quant import BaseBackend, resolve_backend
 
 
-class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, MergeMixin, nn.Module):
+class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, MergeMixin, nn.Module):
     """A model with LoRDBA adapters. Build it with :func:`get_lordba_model` or :meth:`from_pretrained`."""
 
     # adapters attached: transformers' Trainer refuses a quantized base (is_quantized, read through) without them
@@ -331,66 +336,6 @@ class LoRDBAModel(PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, Merge
             expand = beams if beams > 1 else returns
         with torch.no_grad(), self._calling(adapter_names, expand):  # generate's own no_grad, before the call is armed
             return self.base_model.generate(*args, **kwargs)
-
-    # ------------------------------------------------------------------ state dict
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """The adapters' tensors only (latents, packed signs, scales), like PEFT's adapter state dict.
-
-        The frozen base is not part of the wrapper's state: it comes from the base model's own files.
-        This keeps ``transformers.Trainer`` checkpoints of a LoRDBA model small and resumable (the
-        Trainer saves ``model.state_dict()`` for models that are not ``PreTrainedModel``s). Also inside another
-        module (``DistributedDataParallel``), whose ``state_dict`` has its children fill one dict: the base's
-        tensors are taken out of that dict too."""
-        given = kwargs.get("destination", args[0] if args else None)
-        before = set(given) if given is not None else set()
-        with self._lock.read():  # (another thread adding or deleting adapters changes the module dicts it walks)
-            full = super().state_dict(*args, **kwargs)
-        for key in [k for k in full if k not in before]:
-            if not adapter_key(key):
-                del full[key]
-            elif not isinstance(full[key], nn.Parameter):
-                # an inference-form adapter's tensors are views of one buffer (uint8 signs beside float16 scales),
-                # which torch.save refuses: those are copies (not parameters: nothing is trained through them)
-                full[key] = own_storage(full[key])
-        return full
-
-    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load adapter tensors saved by :meth:`state_dict` (the base is left as it is).
-
-        Raises:
-            AdapterStateError: keys that do not match the adapters' (``strict``), tensors of an adapter merged into
-                the base (unmerging would then subtract the new update, not the merged one), or an adapter's tensor
-                of another shape or scale form than held; nothing is loaded.
-        """
-        with self._lock.write():  # checked and loaded at once; a forward of another thread sees all of it or none
-            return self._load_state_dict(state_dict, strict, assign)
-
-    def _load_state_dict(self, state_dict: dict[str, Any], strict: bool, assign: bool) -> Any:
-        root = self._root()  # its keys' prefix: "base_model._orig_mod." for a base compiled in place
-        base = next(name for name, module in self.named_modules() if module is root)
-        merged = [
-            f"{base}.{p}.lordba_adapters.{n}." for p, layer in self._lordba_layers() for n in layer.merged_adapters
-        ]
-        held = sorted(k for k in state_dict if k.startswith(tuple(merged)))
-        if held:
-            raise AdapterStateError(
-                f"load_state_dict: {held[0]!r} is a tensor of an adapter merged into the base weights: "
-                "unmerge_adapter() before loading into it"
-            )
-        own = set(self.state_dict())
-        unexpected = sorted(set(state_dict) - own)
-        missing = sorted(own - set(state_dict))
-        if strict and (unexpected or missing):
-            raise AdapterStateError(
-                f"state dict does not match the adapters: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        for path, layer in self._lordba_layers():  # every adapter's tensors checked before any is loaded
-            for name, adapter in layer.lordba_adapters.items():
-                adapter.check_loadable(state_dict, f"{base}.{path}.lordba_adapters.{name}.")
-        result = super().load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False, assign=assign)
-        return type(result)(missing, unexpected)
-
-    # ------------------------------------------------------------------ reports
 
 
 def get_lordba_model(model: nn.Module, config: LoRDBAConfig, adapter_name: str = "default") -> LoRDBAModel:

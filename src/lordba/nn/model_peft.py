@@ -8,7 +8,6 @@ quantization; ``enable_adapter_layers`` / ``disable_adapter_layers``; ``get_laye
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -28,29 +27,6 @@ from lordba.nn.model_status import StatusMixin
 from lordba.nn.saved import SavedModule
 from lordba.nn.structure import ModuleIndex
 from lordba.quant import describe_base
-
-
-class ForwardWithSignature:
-    """``LoRDBAModel.forward`` with the wrapped model's signature, so tools that inspect it (the
-    HF ``Trainer`` keeps only dataset columns named in it) see the real argument names."""
-
-    def __init__(self, owner: nn.Module, signature: inspect.Signature) -> None:
-        self._owner = owner
-        self.__signature__ = signature
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if args and args[0] is self._owner:  # bound to the model as a method (accelerate's unwrap_model rebinds it)
-            args = args[1:]
-        return self._owner._forward(*args, **kwargs)
-
-
-def with_adapter_names(signature: inspect.Signature) -> inspect.Signature:
-    """``signature`` with a keyword-only ``adapter_names`` (before any ``**kwargs``)."""
-    params = [p for p in signature.parameters.values() if p.name != "adapter_names"]
-    extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
-    var_kw = [p for p in params if p.kind == inspect.Parameter.VAR_KEYWORD]
-    rest = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD]
-    return signature.replace(parameters=[*rest, extra, *var_kw])
 
 
 class PeftFeaturesMixin(CombineMixin, StatusMixin):

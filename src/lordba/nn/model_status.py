@@ -161,24 +161,6 @@ class StatusMixin:
         )
 
 
-def adapter_key(key: str) -> bool:
-    """Whether a state-dict key names an adapter's tensor (not the base's)."""
-    return ".lordba_adapters." in key or ".lordba_saved." in key
-
-
-def note_loading_prefix(module: torch.nn.Module, state_dict: Any, prefix: str, *args: Any) -> None:
-    """A :class:`~lordba.nn.model.LoRDBAModel`'s load pre-hook: keep the prefix of its keys in the loaded state dict."""
-    module.__dict__["_loading_prefix"] = prefix  # for base_keys_not_missing, run after its children loaded
-
-
-def base_keys_not_missing(module: torch.nn.Module, incompatible: Any) -> None:
-    """A :class:`~lordba.nn.model.LoRDBAModel`'s load post-hook: the base's keys are not missing (its state dict
-    holds its adapters' tensors only), also where it is loaded inside another module (``DistributedDataParallel``)."""
-    prefix = module.__dict__.pop("_loading_prefix", "")
-    missing = incompatible.missing_keys
-    missing[:] = [k for k in missing if not k.startswith(prefix) or adapter_key(k[len(prefix) :])]
-
-
 def get_lordba_model_state_dict(model: Any, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors ``save_pretrained`` stores for ``adapter_name``, under the file's key names
     (``<module path>.sign_A`` ... ``.scale_out``, ``extra:<parameter path>``): PEFT's

@@ -1,0 +1,60 @@
+"""What the adapter registry (:mod:`lordba.serve.registry`) reads of an adapter folder without loading it, and
+measures of an adapter once loaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lordba._util.files import open_untrusted
+from lordba._util.jsonio import read_json_file
+from lordba.config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME
+from lordba.errors import LoRDBAError
+from lordba.nn.adapter import held_nbytes
+from lordba.nn.saved import SavedModule
+
+
+def payload_bytes(weights: Path) -> int:
+    """The tensor bytes of a safetensors file (its size less the header), what the adapter will hold
+    once loaded; the file size if the header length is unreadable, 0 if the file cannot be opened as
+    an untrusted regular file (the loader refuses such a file: a FIFO there must not block)."""
+    try:
+        with open_untrusted(weights) as f:
+            size = os.fstat(f.fileno()).st_size
+            header = int.from_bytes(f.read(8), "little")
+    except (OSError, LoRDBAError):
+        return 0
+    return size - 8 - header if 0 <= header <= size - 8 else size
+
+
+def files_stamp(path: Path) -> tuple | None:
+    """Inode, size and modification time of an adapter directory's config and weights (None if unreadable)."""
+    try:
+        stats = [os.stat(path / CONFIG_NAME), os.stat(path / WEIGHTS_NAME)]
+    except OSError:
+        return None
+    return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+
+def adapter_bytes(model: Any, name: str) -> int:
+    """Bytes adapter ``name`` holds on ``model``: its tensors and its inference caches, and its copies of the
+    modules it trains in full (``modules_to_save``; what a copy shares with the original counts nothing)."""
+    held = held_nbytes(list(model.adapter_modules(name).values()))
+    for module in model.modules():
+        if isinstance(module, SavedModule) and name in module.lordba_saved:
+            original = module.original_module
+            shared = {t.untyped_storage().data_ptr() for t in (*original.parameters(), *original.buffers())}
+            own = (*module.lordba_saved[name].parameters(), *module.lordba_saved[name].buffers())
+            held += sum(t.nbytes for t in own if t.untyped_storage().data_ptr() not in shared)
+    return held
+
+
+def other_peft_type(path: Path) -> bool:
+    """Whether ``path``'s config names another adapter type (a PEFT LoRA, e.g. ``lordba export-lora``'s output
+    beside the adapters): not listed; an unreadable config is left to the loader (a request gets its 400)."""
+    try:
+        peft_type = read_json_file(path / CONFIG_NAME).get("peft_type", PEFT_TYPE)
+    except LoRDBAError:
+        return False
+    return peft_type != PEFT_TYPE
