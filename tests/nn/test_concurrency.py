@@ -563,7 +563,7 @@ def test_merge_and_unload_is_refused_in_a_disable_adapter_block_of_any_thread(tm
             errors.append(str(e))
 
     with lm.disable_adapter():
-        with pytest.raises(AdapterStateError, match="merge_and_unload: .*in a disable_adapter"):
+        with pytest.raises(AdapterStateError, match=r"merge_and_unload: .*in a disable_adapter"):
             lm.merge_and_unload()
         run_threads(unload)
         assert torch.equal(logits(lm, input_ids), want_base)
