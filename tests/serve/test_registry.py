@@ -204,13 +204,7 @@ def test_a_folder_adapter_unloaded_while_held_after_its_files_changed_is_not_tak
     registry.release("a")  # the drain ends
     registry.acquire("a")
     assert registry.loads == 2
-    fresh = LoRDBAModel(AutoModelForCausalLM.from_pretrained(served[0]).eval())
-    fresh.load_adapter(served[1] / "b", "b")
-    ids = torch.tensor([[5, 6, 7, 8]])
-    with torch.no_grad():
-        assert torch.equal(
-            model(input_ids=ids, adapter_names=["a"]).logits, fresh(input_ids=ids, adapter_names=["b"]).logits
-        )
+    assert_serves(model, "a", served, "b")
 
 
 def test_loads_stay_out_of_the_collector_once_the_server_froze_its_heap(model, folder):
@@ -443,13 +437,7 @@ def test_a_bad_adapter_evicts_nobody_and_is_loaded_fresh_once_fixed(model, folde
     shutil.copytree(served[1] / "c", folder / "c")  # fixed
     registry.acquire("c")
     assert "c" in model.peft_config and registry.resident()["c"] > 0 and registry.evictions == 1
-    fresh = LoRDBAModel(AutoModelForCausalLM.from_pretrained(served[0]).eval())
-    fresh.load_adapter(served[1] / "c", "c")
-    ids = torch.tensor([[5, 6, 7, 8]])
-    with torch.no_grad():
-        assert torch.equal(
-            model(input_ids=ids, adapter_names=["c"]).logits, fresh(input_ids=ids, adapter_names=["c"]).logits
-        )
+    assert_serves(model, "c", served, "c")
 
 
 def test_registering_a_name_whose_unloaded_adapter_still_drains_is_a_503_not_already_loaded(model, folder):
@@ -614,3 +602,13 @@ def test_an_adapter_directory_given_as_the_adapters_folder_is_refused_naming_it(
     nothing: every request for it was a 404."""
     with pytest.raises(BadRequestError, match=r"an adapter directory, not a folder of them.*'a'"):
         AdapterRegistry(model, folder / "a")
+
+
+def assert_serves(model, name, served, source):
+    """``model``'s adapter ``name`` gives the logits of ``served``'s adapter ``source`` loaded alone on a fresh base."""
+    fresh = LoRDBAModel(AutoModelForCausalLM.from_pretrained(served[0]).eval())
+    fresh.load_adapter(served[1] / source, source)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        got = model(input_ids=ids, adapter_names=[name]).logits
+        assert torch.equal(got, fresh(input_ids=ids, adapter_names=[source]).logits)

@@ -8,7 +8,7 @@ from transformers import Trainer, TrainingArguments
 from lordba import LoRDBAConfig, LoRDBAModel, get_lordba_model
 from lordba.train.hf_trainer import LoRDBACallback
 
-from conftest import tiny_llama
+from conftest import TINY, tiny_llama
 
 
 class Rows(torch.utils.data.Dataset):
@@ -314,15 +314,7 @@ def test_a_question_answering_adapter_reports_its_eval_loss(tmp_path):
     from lordba.nn.model import LoRDBAModelForQuestionAnswering
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-    )
+    cfg = LlamaConfig(**TINY, pad_token_id=0)
     qa = get_lordba_model(LlamaForQuestionAnswering(cfg), LoRDBAConfig(r=4, task_type="QUESTION_ANS"))
     assert isinstance(qa, LoRDBAModelForQuestionAnswering) and isinstance(qa, LoRDBAModel)
     ids = torch.randint(1, 101, (8, 10), generator=torch.Generator().manual_seed(0))
