@@ -1,5 +1,9 @@
 """The model's index of its LoRDBA layers: one ``named_modules()`` walk per change of structure."""
 
+import gc
+import weakref
+
+import pytest
 import torch
 from torch import nn
 
@@ -67,3 +71,19 @@ def test_loading_an_adapter_walks_no_module_tree(tmp_path, monkeypatch, input_id
         want = lm(input_ids=input_ids).logits
         lm.set_adapter("again")
         assert torch.equal(lm(input_ids=input_ids).logits, want)
+
+
+@pytest.mark.parametrize("how", ["unload", "merge_and_unload"])
+def test_layers_taken_out_of_the_model_are_freed_while_the_wrapper_lives(how):
+    """The index keeps no layer the model no longer holds: after ``unload()`` / ``merge_and_unload()`` (the wrapper
+    still alive, as in a notebook) the LoRDBA layers and their adapters (and, merged into a quantized base, the
+    original base layers) were kept by the index until its next walk."""
+    torch.manual_seed(1)
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, init="random"))
+    adapters = [weakref.ref(a) for a in lm.adapter_modules("default").values()]
+    layers = [weakref.ref(layer) for _, layer in lm._lordba_layers()]
+    getattr(lm, how)()
+    gc.collect()
+    assert sum(ref() is not None for ref in layers) == 0
+    assert sum(ref() is not None for ref in adapters) == 0
+    assert lm._lordba_layers() == []

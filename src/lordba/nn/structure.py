@@ -19,6 +19,7 @@ layers one by one.
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 from torch import nn
@@ -78,26 +79,33 @@ def replace_everywhere(root: nn.Module, path: str, new: nn.Module) -> None:
 class ModuleIndex:
     """``(path, module)`` of the modules of a root that are instances of ``kind``, in
     ``named_modules()`` order, kept until the structure changes (module docstring). Threads may
-    share it: concurrent rebuilds give the same entries."""
+    share it: concurrent rebuilds give the same entries. The modules are held by weak references: a layer
+    taken out of the model (``unload()``, ``merge_and_unload()``, ``delete_adapter``) is freed with its adapters
+    while the model lives on, not kept until the next walk."""
 
     def __init__(self, kind: type[nn.Module]) -> None:
         self._kind = kind
         if kind not in _KINDS:
             _KINDS.append(kind)
-        self._entries: list[tuple[str, nn.Module]] = []
+        self._entries: list[tuple[str, weakref.ref[nn.Module]]] = []
         self._version = -1
         self._root: nn.Module | None = None
+
+    def __reduce__(self) -> tuple:
+        """A copy (``copy.deepcopy``, pickling: ``torch.save(model)``) is a fresh index: it walks its own root."""
+        return (ModuleIndex, (self._kind,))
 
     def get(self, root: nn.Module) -> list[tuple[str, nn.Module]]:
         """The ``(path, module)`` pairs, walking ``root`` only if the structure changed; a new list."""
         version, entries = self._version, self._entries
-        fresh = version == _VERSION[0] and self._root is root
-        if fresh and all(resolve(root, path) is module for path, module in entries):
-            return list(entries)
+        if version == _VERSION[0] and self._root is root:
+            held = [(path, ref()) for path, ref in entries]
+            if all(module is not None and resolve(root, path) is module for path, module in held):
+                return held
         version = _VERSION[0]
-        entries = [(n, m) for n, m in root.named_modules() if isinstance(m, self._kind)]
-        self._entries, self._version, self._root = entries, version, root
-        return list(entries)
+        found = [(n, m) for n, m in root.named_modules() if isinstance(m, self._kind)]
+        self._entries, self._version, self._root = [(n, weakref.ref(m)) for n, m in found], version, root
+        return found
 
     def invalidate(self) -> None:
         """Walk again on the next :meth:`get`."""
