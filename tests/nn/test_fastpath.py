@@ -421,3 +421,22 @@ def test_functional_call_with_other_adapter_tensors_is_not_answered_by_a_kept_ca
         lm(input_ids=rows, adapter_names=names)
         got = functional_call(lm, flipped, (), {"input_ids": rows, "adapter_names": names}).logits
         torch.testing.assert_close(got, fresh(input_ids=rows, adapter_names=names).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_moving_the_model_drops_the_kept_calls_and_their_tensors():
+    """``model.to(device)`` after eager decode (e.g. onto a GPU, where no CPU call is kept again): the layers' kept
+    calls (``_fast``, ``_fast_for``, ``_decode``) held the tensors from before the move, the q4 base's and the
+    adapters' (tiny q4 Llama: 14 of 14 layers' old ``qweight`` and ``sign_A`` alive), for as long as the model."""
+    import gc
+    import weakref
+
+    lm = tiny_q4(True)
+    with torch.no_grad():
+        lm.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=3, do_sample=False)
+    layers = [m for m in lm.modules() if isinstance(m, layer.LoRDBALinear)]
+    assert all(held._fast is not None for held in layers)  # (the kept calls the test is about)
+    old = [weakref.ref(held.base_layer.qweight) for held in layers]
+    old += [weakref.ref(held.lordba_adapters["default"].sign_A) for held in layers]
+    lm.to("meta")  # (as a move to a GPU: nothing calls the kept CPU calls again)
+    gc.collect()
+    assert sum(ref() is not None for ref in old) == 0

@@ -132,6 +132,7 @@ class LoRDBALinear(nn.Module):
         restores are converted too (else unmerge put back a base of the old dtype or device); then the kernels
         for the new device, loaded now (as on construction: tracing cannot load them)."""
         result = super()._apply(fn, recurse)
+        self._drop_kept_calls()  # they held the tensors from before (a move to a GPU never takes them again)
         if recurse:  # what unmerge restores follows too (held outside the module tree: no state_dict keys)
             for module in self._premerge_base:
                 module._apply(fn, recurse)
@@ -152,6 +153,14 @@ class LoRDBALinear(nn.Module):
         state = super().__getstate__()
         state.update(_prepared={}, _direct=[], _decode=[], _fast=None, _fast_for=None)
         return state
+
+    def _drop_kept_calls(self) -> None:
+        """Forget the kept kernel calls (:mod:`lordba.nn.fastpath`) and the tensors they hold; the next call keeps
+        its own."""
+        self._prepared.clear()
+        self._direct.clear()
+        self._decode.clear()
+        self.__dict__["_fast"] = self.__dict__["_fast_for"] = None
 
     def get_base_layer(self) -> nn.Module:
         """The wrapped base layer (PEFT's contract)."""
@@ -193,10 +202,7 @@ class LoRDBALinear(nn.Module):
             raise AdapterStateError(f"adapter {name!r} is merged: unmerge it before deleting it")
         if name in self.lordba_adapters:
             del self.lordba_adapters[name]
-            self._prepared.clear()  # frees the removed adapter's tensors now
-            self._direct.clear()
-            self._decode.clear()
-            self.__dict__["_fast"] = self.__dict__["_fast_for"] = None
+            self._drop_kept_calls()  # frees the removed adapter's tensors now
             touch()
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
