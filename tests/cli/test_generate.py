@@ -575,7 +575,9 @@ def test_quant_auto_takes_the_adapters_record_and_bits_and_group_size_reach_the_
     monkeypatch.setattr(
         lordba.quant.cache,
         "quantize_model_cached",
-        lambda model, source, backend, bits, group_size: calls.append((backend, bits, group_size)) or model,
+        lambda model, source, backend, bits, group_size, compute=None: (
+            calls.append((backend, bits, group_size)) or model
+        ),
     )
     hqq = tmp_path / "hqq"
     shutil.copytree(plain_adapter, hqq)

@@ -178,19 +178,3 @@ def _names(names: list[str]) -> str:
     shown = ", ".join(repr(n) for n in names[:_LISTED])
     more = f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
     return f"adapter{'s' if len(names) > 1 else ''} {shown}{more}"
-
-
-def quantize(model: Any, folder: Path, base: Base) -> Any:
-    """``model`` (loaded from ``folder``) with its base as ``base`` says (a quantized base cached on disk:
-    :func:`~lordba.quant.cache.quantize_model_cached`), the q4 base computing per ``base.compute``.
-
-    Raises:
-        ConfigError: settings the backend does not take (``--bits 8`` with q4, say), as ``quantize_model`` says.
-    """
-    from lordba.quant import set_compute
-    from lordba.quant.cache import quantize_model_cached
-
-    model = quantize_model_cached(model, folder, backend=base.backend, bits=base.bits, group_size=base.group_size)
-    if base.compute:
-        set_compute(model, base.compute)
-    return model

@@ -169,11 +169,12 @@ def load(args: argparse.Namespace) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lordba import kernels
-    from lordba.cli._base import generation_base, quantize
+    from lordba.cli._base import generation_base
     from lordba.cli.serve_cmd import resolve_model
     from lordba.errors import ConfigError
     from lordba.nn.decode import FastDecode
     from lordba.nn.model import LoRDBAModel
+    from lordba.quant.cache import quantize_model_cached
 
     base = generation_base(args)
     if args.threads:
@@ -186,7 +187,7 @@ def load(args: argparse.Namespace) -> Loaded:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     except (OSError, ValueError) as err:  # transformers' errors for a folder it cannot read
         raise ConfigError(f"--model {folder}: transformers cannot load it ({type(err).__name__}: {err})") from None
-    model = quantize(model, folder, base)
+    model = quantize_model_cached(model, folder, base.backend, base.bits, base.group_size, compute=base.compute)
     kernels.cpu_available()  # build or load the CPU kernels before the first token
     if args.adapter:
         model = LoRDBAModel.from_pretrained(model, args.adapter).eval()

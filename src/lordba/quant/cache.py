@@ -65,8 +65,22 @@ def quantize_model_cached(
     bits: int = 4,
     group_size: int = 64,
     progress: bool = False,
+    compute: str | None = None,
 ) -> nn.Module:
-    """:func:`quantize_model` for a model loaded from the folder ``source``, reusing a cached result."""
+    """:func:`quantize_model` for a model loaded from the folder ``source``, reusing a cached result; ``compute``:
+    how its q4 layers compute (:func:`~lordba.quant.q4.set_compute`; None: their default)."""
+    model = _quantized(model, source, backend, bits, group_size, progress)
+    if compute:
+        from lordba.quant import set_compute  # (lazily: the package imports this module)
+
+        set_compute(model, compute)
+    return model
+
+
+def _quantized(
+    model: nn.Module, source: str | Path, backend: str, bits: int, group_size: int, progress: bool
+) -> nn.Module:
+    """:func:`quantize_model_cached` but the compute mode."""
     from lordba._util.cachedir import cache_dir  # lazily: assets imports the library
 
     check_no_adapters(model)  # before a cached base is loaded under them

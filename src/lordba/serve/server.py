@@ -61,12 +61,9 @@ def load_base(
     except (OSError, ValueError) as err:  # transformers' errors for a folder it cannot read
         raise ConfigError(f"--model {model_dir}: transformers cannot load it ({type(err).__name__}: {err})") from None
     if quant != "none":
-        from lordba.quant import set_compute
         from lordba.quant.cache import quantize_model_cached
 
-        model = quantize_model_cached(model, path, backend=quant, bits=bits, group_size=group_size)
-        if q4_compute:
-            set_compute(model, q4_compute)
+        model = quantize_model_cached(model, path, quant, bits, group_size, compute=q4_compute)
     return LoRDBAModel(model), tokenizer
 
 
