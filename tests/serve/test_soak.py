@@ -18,7 +18,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from lordba.serve.registry import payload_bytes  # noqa: E402
+from lordba.serve.adapter_files import payload_bytes  # noqa: E402
 from lordba.serve.server import Server, build_state, load_base  # noqa: E402
 
 from .serve_helpers import make_adapter, make_served, reference  # noqa: E402

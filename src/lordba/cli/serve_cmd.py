@@ -83,28 +83,16 @@ def _config_name(folder: Path) -> str | None:
 
 
 def folder_records(adapters: str | None) -> dict[str, dict | None]:
-    """``{name: base_quantization}`` of the adapters the ``--adapters`` folder serves (directories with a LoRDBA
-    adapter config, by folder name, as the registry finds them; only their configs are read). Empty without a
-    folder, or for one the registry refuses (it says why)."""
-    from lordba._util.jsonio import read_json_file
-    from lordba.config import CONFIG_NAME, PEFT_TYPE
-    from lordba.errors import LoRDBAError
-    from lordba.serve.registry import NAME as ADAPTER_NAME
+    """``{name: base_quantization}`` of the adapters the ``--adapters`` folder serves (as the registry lists them:
+    :func:`~lordba.serve.adapter_files.folder_adapters`; only their configs are read). Empty without a folder, or for
+    one the registry refuses (it says why)."""
+    from lordba.config import CONFIG_NAME
+    from lordba.serve.adapter_files import folder_adapters
 
     root = Path(adapters).resolve() if adapters is not None else None
     if root is None or not root.is_dir() or (root / CONFIG_NAME).is_file():
         return {}
-    found = {}
-    for d in sorted(root.iterdir()):
-        if not ADAPTER_NAME.fullmatch(d.name) or not (d / CONFIG_NAME).is_file() or root not in d.resolve().parents:
-            continue
-        try:
-            if read_json_file(d / CONFIG_NAME).get("peft_type", PEFT_TYPE) != PEFT_TYPE:
-                continue  # a PEFT LoRA beside the adapters: not served
-        except LoRDBAError:
-            pass  # refused to the requests that name it; it records nothing
-        found[d.name] = adapter_record(d)
-    return found
+    return {d.name: adapter_record(d) for d in folder_adapters(root)}
 
 
 def run(args: argparse.Namespace) -> int:

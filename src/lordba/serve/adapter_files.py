@@ -1,9 +1,10 @@
-"""What the adapter registry (:mod:`lordba.serve.registry`) reads of an adapter folder without loading it, and
-measures of an adapter once loaded."""
+"""What the adapter registry (:mod:`lordba.serve.registry`) reads of an adapter folder without loading it (which
+adapters it serves, their sizes and files), and measures of an adapter once loaded."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,20 @@ from lordba.config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME
 from lordba.errors import LoRDBAError
 from lordba.nn.adapter import held_nbytes
 from lordba.nn.saved import SavedModule
+
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}")  # an adapter's name: a plain folder name
+
+
+def in_folder(folder: Path, path: Path) -> bool:
+    """Whether ``path`` is an adapter directory that really lies in ``folder`` (links resolved)."""
+    return (path / CONFIG_NAME).is_file() and folder in path.resolve().parents
+
+
+def folder_adapters(folder: Path) -> list[Path]:
+    """The adapter directories ``folder`` serves, by name: named as :data:`NAME` allows, inside it (links resolved),
+    and not of another adapter type (:func:`other_peft_type`)."""
+    found = (d for d in sorted(folder.iterdir()) if NAME.fullmatch(d.name) and in_folder(folder, d))
+    return [d for d in found if not other_peft_type(d)]
 
 
 def payload_bytes(weights: Path) -> int:

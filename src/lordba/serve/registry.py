@@ -15,7 +15,6 @@ adapter is never evicted; an unload waits for its last request to finish.
 from __future__ import annotations
 
 import gc
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -26,7 +25,7 @@ from typing import Any, Protocol
 from lordba.config import CONFIG_NAME, WEIGHTS_NAME
 from lordba.errors import LoRDBAError
 from lordba.nn.layer import BASE_ROW
-from lordba.serve.adapter_files import adapter_bytes, files_stamp, other_peft_type, payload_bytes
+from lordba.serve.adapter_files import NAME, adapter_bytes, files_stamp, folder_adapters, in_folder, payload_bytes
 from lordba.serve.errors import (
     AdapterConflictError,
     AdapterLoadError,
@@ -37,8 +36,6 @@ from lordba.serve.errors import (
     UnavailableError,
     UnknownAdapterError,
 )
-
-NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}")
 
 
 class RegistryObserver(Protocol):
@@ -127,19 +124,9 @@ class AdapterRegistry:
             raise BadRequestError(f"{param} {str(path)!r} is outside the --adapters folder", param=param)
         return full
 
-    def _in_folder(self, path: Path) -> bool:
-        """Whether ``path`` is an adapter directory that really lies in the folder (links resolved)."""
-        return (path / CONFIG_NAME).is_file() and self.folder in path.resolve().parents
-
     def names(self) -> list[str]:
         """Every adapter name that can be served: registered ones and those in the folder."""
-        found = set()
-        if self.folder is not None:
-            found = {
-                d.name
-                for d in self.folder.iterdir()
-                if NAME.fullmatch(d.name) and self._in_folder(d) and not other_peft_type(d)
-            }
+        found = {d.name for d in folder_adapters(self.folder)} if self.folder is not None else set()
         with self._cond:  # a folder adapter not resident is listed only while its folder has it
             known = {n for n, e in self._entries.items() if e.resident or not e.from_folder}
             return sorted(found - self.reserved | known)
@@ -155,14 +142,14 @@ class AdapterRegistry:
         """The entry of ``name`` (lock held), discovering it in the folder; 404 if unknown, 503 while another
         directory's adapter registered under that name and unloaded still drains (the model holds one per name)."""
         entry = self._entries.get(name)
-        if entry is not None and (entry.resident or not entry.from_folder or self._in_folder(entry.path)):
+        if entry is not None and (entry.resident or not entry.from_folder or in_folder(self.folder, entry.path)):
             return entry
         if entry is not None:  # a folder adapter not resident whose directory has gone
             del self._entries[name]
         self.check_name(name)
         if self.folder is not None:
             path = self.folder / name
-            if self._in_folder(path):
+            if in_folder(self.folder, path):
                 draining = self._draining.get(name)  # another directory's adapter, or its files changed since loaded
                 now = (path.resolve(), files_stamp(path)) if draining is not None else None
                 if draining is not None and (draining.path.resolve(), draining.stamp) != now:
