@@ -32,7 +32,7 @@ from lordba.core.packing import unpack_signs
 from lordba.core.scales import get_codec
 from lordba.errors import ConfigError, ConversionError
 from lordba.format.adapter import AdapterState, ModuleRecord, read_adapter
-from lordba.format.atomic import TMP_MARK, _link_or_copy, atomic_directory
+from lordba.format.atomic import TMP_MARK, atomic_directory, link_or_copy
 from lordba.format.sizes import peft_lora_key
 from lordba.format.tensorfile import to_bytes
 from lordba.nn.structure import uncompiled
@@ -141,9 +141,9 @@ def _carry_over(out: Path, tmp: Path) -> None:
         if entry.is_symlink():
             os.symlink(os.readlink(entry), tmp / entry.name)
         elif entry.is_dir():
-            shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+            shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=link_or_copy)
         else:
-            _link_or_copy(entry, tmp / entry.name)
+            link_or_copy(entry, tmp / entry.name)
 
 
 def target_name(path: str) -> str:

@@ -86,7 +86,7 @@ def _kept_mode(path: Path) -> int | None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` holds either the old or the new content."""
     path = Path(path)
-    _ensure_writable_dir(path.parent)
+    ensure_writable_dir(path.parent)
     _replace_with(_write_temp(path, data), path)
 
 
@@ -99,7 +99,7 @@ def atomic_write_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
 
     Raises :class:`LoRDBAError` where the directory cannot be created or written."""
     path = Path(path)
-    _ensure_writable_dir(path.parent)
+    ensure_writable_dir(path.parent)
     tmp = _write_temp(path, None, suffix)
     try:
         yield tmp
@@ -149,7 +149,7 @@ def recover(directory: Path, names: list[str], is_consistent: Callable[[dict[str
         for name in names:  # link, then rename over: the backups stay complete until all are back
             tmp = directory / f".{name}{TMP_MARK}{os.getpid()}.restore"
             tmp.unlink(missing_ok=True)
-            _link_or_copy(backup_path(directory / name), tmp)
+            link_or_copy(backup_path(directory / name), tmp)
             os.replace(tmp, directory / name)
         fsync_dir(directory)
     for b in backups:
@@ -163,7 +163,7 @@ def recover(directory: Path, names: list[str], is_consistent: Callable[[dict[str
 _NO_HARD_LINKS = (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link ``src`` to the new name ``dst``; where the file system has no hard links (FAT, exFAT, SMB, FUSE
     mounts such as a notebook's cloud drive) or refuses this one, an fsynced copy (permissions kept) instead."""
     try:
@@ -188,7 +188,7 @@ def commit_files(
 ) -> None:
     """Replace ``files`` (name → bytes, renamed in the given order) in ``directory`` crash-safely."""
     directory = Path(directory)
-    _ensure_writable_dir(directory)
+    ensure_writable_dir(directory)
     names = list(files)
     try:
         with locked(directory):
@@ -205,7 +205,7 @@ def _commit(directory: Path, files: dict[str, bytes], names: list[str]) -> None:
             temps[name] = _write_temp(directory / name, data)
         for name in names:
             if (directory / name).exists():
-                _link_or_copy(directory / name, backup_path(directory / name))
+                link_or_copy(directory / name, backup_path(directory / name))
         fsync_dir(directory)
         for name in names:
             os.replace(temps[name], directory / name)
@@ -219,7 +219,9 @@ def _commit(directory: Path, files: dict[str, bytes], names: list[str]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _ensure_writable_dir(directory: Path) -> None:
+def ensure_writable_dir(directory: Path) -> None:
+    """Create ``directory`` (and its parents) if missing; :class:`LoRDBAError` naming it if it cannot be made, is
+    not a directory, or is not writable."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -268,7 +270,7 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False, keep: tuple[s
     and ``out_dir`` is untouched.
     """
     out = check_replaceable(out_dir, overwrite, keep)
-    _ensure_writable_dir(out.parent)
+    ensure_writable_dir(out.parent)
     _remove_stale(out)
     tmp = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}.{secrets.token_hex(4)}")
     tmp.mkdir()

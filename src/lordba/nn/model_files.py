@@ -28,7 +28,7 @@ from lordba.config import LoRDBAConfig
 from lordba.core.scales import get_codec
 from lordba.errors import AdapterFormatError, AdapterStateError, ConfigError, LoRDBAError, ShapeMismatchError
 from lordba.format import adapter as adapter_files
-from lordba.format.atomic import _ensure_writable_dir as ensure_writable_dir
+from lordba.format.atomic import ensure_writable_dir
 from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter
 from lordba.nn.hub import resolve_adapter_dir, upload_adapter_folder, write_model_card
 from lordba.nn.layer import adapter_device
