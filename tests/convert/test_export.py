@@ -458,3 +458,87 @@ def test_a_float16_export_balances_large_output_scales_against_small_input_scale
     effect = (ref - logits(tiny_llama(0), input_ids)).abs().max()
     assert effect > 0.05
     assert bool(torch.isfinite(half).all()) and (half - ref).abs().max() < 0.01 * effect
+
+
+def _base_in(folder, kind: str):
+    """A tiny GPT-2 LM (``Conv1D`` layers) or DistilBERT classifier, saved to ``folder`` and loaded from it (an
+    adapter of it records ``folder`` as its ``base_model_name_or_path``)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if not folder.exists():
+        torch.manual_seed(0)
+        config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=101, n_positions=32, bos_token_id=0)
+        (GPT2LMHeadModel(config) if kind == "gpt2" else _distilbert()).save_pretrained(folder)
+    cls = GPT2LMHeadModel if kind == "gpt2" else type(_distilbert())
+    return cls.from_pretrained(folder).eval()
+
+
+def _adapted(base, kind: str):
+    torch.manual_seed(2)
+    if kind == "gpt2":
+        return get_lordba_model(base, LoRDBAConfig(r=2, alpha=4, init="random", target_modules=["c_attn", "c_fc"]))
+    cfg = LoRDBAConfig(r=2, alpha=4, init="random", target_modules=["q_lin", "v_lin"], task_type="SEQ_CLS")
+    lm = get_lordba_model(base, cfg)
+    with torch.no_grad():
+        lm.base_model.classifier.lordba_saved["default"].weight.add_(torch.randn(3, 32))
+    return lm
+
+
+def _same_exports(first, second):
+    from safetensors.torch import load_file
+
+    assert json.loads((first / "adapter_config.json").read_text()) == json.loads(
+        (second / "adapter_config.json").read_text()
+    )
+    a, b = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "distilbert"])
+def test_an_export_from_a_folder_reads_its_base_and_equals_the_models(tmp_path, recwarn, kind):
+    """An export from a saved folder knew nothing of the base: a GPT-2 adapter's said ``fan_in_fan_out: false`` (its
+    layers are ``Conv1D``; PEFT warned and corrected it, other runtimes may not) and a SEQ_CLS DistilBERT's lacked
+    ``pre_classifier`` (PEFT's load failed: ``KeyError``). It reads a meta-device skeleton of the base its config
+    names (a local folder here): the export is the LoRDBAModel's, and PEFT gives lordba's outputs."""
+    lm = _adapted(_base_in(tmp_path / "base", kind), kind)
+    lm.save_pretrained(tmp_path / "native")
+    export_lora(lm, tmp_path / "from_model", dtype="float32")
+    recwarn.clear()
+    export_lora(tmp_path / "native", tmp_path / "from_dir", dtype="float32")
+    assert not [w for w in recwarn if "export_lora" in str(w.message)]
+    _same_exports(tmp_path / "from_model", tmp_path / "from_dir")
+    conf = json.loads((tmp_path / "from_dir" / "adapter_config.json").read_text())
+    assert conf["fan_in_fan_out"] is (kind == "gpt2")
+    back = PeftModel.from_pretrained(_base_in(tmp_path / "base", kind), tmp_path / "from_dir").eval()
+    assert not [w for w in recwarn if "fan_in_fan_out" in str(w.message)]
+    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    ours, theirs, plain = logits(lm.eval(), ids), logits(back, ids), logits(_base_in(tmp_path / "base", kind), ids)
+    assert (ours - plain).abs().max() > 0.01
+    assert (theirs - ours).abs().max() < 1e-5
+
+
+def test_base_names_the_base_of_an_adapter_that_records_none_and_without_one_the_export_warns(tmp_path):
+    """An adapter whose config names no base (or one that is not on this machine) exported as if its layers were
+    ``nn.Linear``, silently. ``base=`` (``lordba export-lora --base``) names it; without one the export warns,
+    naming what may be wrong; a ``base`` that cannot be used is an error naming it."""
+    lm = _adapted(_base_in(tmp_path / "base", "gpt2"), "gpt2")
+    import dataclasses
+
+    state = lm.adapter_state("default")
+    dataclasses.replace(state, config=dataclasses.replace(state.config, base_model_name_or_path=None)).save_pretrained(
+        tmp_path / "native"
+    )
+    export_lora(lm, tmp_path / "from_model", dtype="float32")
+    export_lora(tmp_path / "native", tmp_path / "with_base", dtype="float32", base=tmp_path / "base")
+    conf = json.loads((tmp_path / "with_base" / "adapter_config.json").read_text())
+    assert conf.pop("base_model_name_or_path") is None and conf["fan_in_fan_out"] is True
+    ref = json.loads((tmp_path / "from_model" / "adapter_config.json").read_text())
+    assert conf == {k: v for k, v in ref.items() if k != "base_model_name_or_path"}
+    with pytest.warns(UserWarning, match=r"base model is unknown.*fan_in_fan_out is written false.*--base"):
+        export_lora(tmp_path / "native", tmp_path / "without", dtype="float32")
+    assert json.loads((tmp_path / "without" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    with pytest.raises(LoRDBAError, match=r"base .*no-such-base.* cannot be used"):
+        export_lora(tmp_path / "native", tmp_path / "bad", base=tmp_path / "no-such-base")
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(LoRDBAError, match="base="):
+        export_lora(lm, tmp_path / "bad", base=tmp_path / "base")

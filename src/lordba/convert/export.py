@@ -11,7 +11,9 @@ factors: vLLM and LoRAX scale every module by ``lora_alpha / r`` and llama.cpp b
 rank, ignoring both patterns. Tensors trained in full (``modules_to_save``, the task's head, trained biases) go in
 as PEFT saves them, in their own dtype, with the config's ``bias`` and ``task_type`` and the saved modules' paths
 as ``modules_to_save``. The output is a standard directory (``adapter_config.json`` with ``peft_type: "LORA"``,
-``adapter_model.safetensors``) that PEFT, vLLM, LoRAX and lm-eval's ``peft=`` load. It needs no base model.
+``adapter_model.safetensors``) that PEFT, vLLM, LoRAX and lm-eval's ``peft=`` load. What it needs of the base model
+(its layer types, its heads) it reads off a ``LoRDBAModel``, else off a skeleton of the base the adapter names
+(:mod:`lordba.convert.export_base`); without one it warns.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from lordba._util.dtypes import DTYPES
 from lordba._util.files import check_path
 from lordba.config import TASK_HEADS
+from lordba.convert.export_base import BaseSkeleton, find_base
 from lordba.core.packing import unpack_signs
 from lordba.core.scales import get_codec
 from lordba.errors import ConfigError, ConversionError
@@ -36,6 +39,7 @@ from lordba.format.atomic import TMP_MARK, atomic_directory, link_or_copy
 from lordba.format.sizes import peft_lora_key
 from lordba.format.tensorfile import to_bytes
 from lordba.nn.structure import uncompiled
+from lordba.quant.conv1d import conv1d_class
 
 EXPORT_DTYPES = ("float16", "bfloat16", "float32")  # names in lordba._util.dtypes.DTYPES
 
@@ -57,6 +61,7 @@ def export_lora(
     adapter_name: str = "default",
     dtype: str = "float16",
     overwrite: bool = False,
+    base: str | Path | None = None,
 ) -> Path:
     """Write a PEFT LoRA directory equivalent to a LoRDBA adapter (a ``LoRDBAModel``, an
     ``AdapterState`` or a saved directory) to ``out_dir``, with factors in ``dtype``; returns
@@ -71,7 +76,15 @@ def export_lora(
     export's two files in an existing ``out_dir`` at once and keeps its other files (a README, tokenizer files).
     Warns (``UserWarning``) for an adapter trained on a quantized base (its ``base_quantization``): the exported
     ΔW is fit to that base, and a plain LoRA carries no record of it (a runtime serving the float base gives other
-    outputs)."""
+    outputs).
+
+    From a directory or an ``AdapterState``, the base model's layer types (a GPT-2 ``Conv1D``: ``fan_in_fan_out``),
+    whether it can generate (the default ``task_type``) and the base tensors of the modules PEFT's suffix rule wraps
+    besides the saved ones (DistilBERT's ``pre_classifier``) are read off a skeleton of the base built on the meta
+    device from the ``config.json`` of ``base`` (a folder, or a hub id in the local HF cache), else of the config's
+    ``base_model_name_or_path``: the export is the one of the ``LoRDBAModel``. Without it, warns (``UserWarning``)
+    naming what may be wrong; :class:`ConfigError` for a ``base`` that cannot be used, or given with a ``LoRDBAModel``
+    (its own base is used)."""
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
     check_path(out_dir, "export_lora: out_dir")
@@ -80,6 +93,7 @@ def export_lora(
     adapter = _as_adapter_state(model_or_dir, adapter_name)
     config = adapter.config
     _warn_quantized_base(config.base_quantization)
+    root, skeleton = _base_of(model_or_dir, adapter, base)
     tensors: dict[str, torch.Tensor] = {}
     rank = max((rec.r for rec in adapter.modules.values()), default=config.r)
     for path, rec in adapter.modules.items():
@@ -93,9 +107,11 @@ def export_lora(
             tensors[peft_lora_key(path, factor)] = _in_range(value, dtype, f"{path}.lora_{factor}")
     tensors.update(peft_extras(adapter))
     targets = sorted({target_name(p) for p in adapter.modules})
-    task_type = config.task_type or _default_task_type(model_or_dir)
+    task_type = config.task_type or _default_task_type(root)
     peft_saved = [*saved_module_paths(adapter), *TASK_HEADS.get(task_type or "", ())]  # (PEFT adds the heads)
-    tensors.update(_suffix_matched_base_modules(model_or_dir, peft_saved, tensors))
+    if root is None:
+        _warn_unknown_base(skeleton, config.task_type is None, peft_saved)
+    tensors.update(_suffix_matched_base_modules(root, skeleton, adapter, peft_saved, tensors))
     peft_config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -110,7 +126,7 @@ def export_lora(
         "modules_to_save": saved_module_paths(adapter) or None,
         "use_rslora": False,
         "use_dora": False,
-        "fan_in_fan_out": _all_conv1d(model_or_dir, adapter),
+        "fan_in_fan_out": _all_conv1d(root, adapter),
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -192,24 +208,40 @@ def saved_module_paths(adapter: AdapterState) -> list[str]:
     return sorted(set(found))
 
 
-def _suffix_matched_base_modules(model: object, entries: list[str], tensors: dict) -> dict[str, torch.Tensor]:
+def _suffix_matched_base_modules(
+    root: torch.nn.Module | None, skeleton: BaseSkeleton | str, adapter: AdapterState, entries: list[str], tensors: dict
+) -> dict[str, torch.Tensor]:
     """The base tensors of the modules PEFT also wraps for ``entries`` (the export's ``modules_to_save`` and the
-    heads PEFT adds for its ``task_type``) that the export does not carry, for a ``LoRDBAModel``: PEFT matches an entry
-    to a plain suffix of the path, and there is no entry for DistilBERT's ``classifier`` (which ``SEQ_CLS`` adds) that
-    leaves out its ``pre_classifier``, whose tensors PEFT's load then needs (``KeyError``). They are the base's own
-    (frozen, unchanged): PEFT's outputs stay the adapter's. None for a saved directory (no base)."""
-    from lordba.nn.model import LoRDBAModel
-
-    if not isinstance(model, LoRDBAModel) or not entries:
+    heads PEFT adds for its ``task_type``) that the export does not carry: PEFT matches an entry to a plain suffix of
+    the path, and there is no entry for DistilBERT's ``classifier`` (which ``SEQ_CLS`` adds) that leaves out its
+    ``pre_classifier``, whose tensors PEFT's load then needs (``KeyError``). They are the base's own (frozen,
+    unchanged: PEFT's outputs stay the adapter's): a ``LoRDBAModel``'s, else read from the checkpoint of the base's
+    ``skeleton`` (a warning names those it lacks). None without a base (``root`` None)."""
+    if root is None or not entries:
         return {}
-    out = {}
-    for name, module in model._root().named_modules():
+    ours = [*adapter.modules, *saved_module_paths(adapter)]
+    out, lacking = {}, []
+    for name, module in root.named_modules():
         prefix = f"base_model.model.{name}."
         if not name or not any(name.endswith(e) for e in entries) or any(k.startswith(prefix) for k in tensors):
             continue
         if any(type(sub).__module__.startswith("lordba.") for sub in module.modules()):
             continue  # an adapted, saved or quantized module: not a plain base module PEFT can take the tensors of
-        out.update({prefix + k: v.detach().contiguous() for k, v in module.state_dict().items()})
+        if any(p == name or p.startswith(f"{name}.") for p in ours):
+            continue  # (the same, in a skeleton: no lordba module there)
+        state = module.state_dict() if isinstance(skeleton, str) else skeleton.tensors(name)
+        if state is None:
+            lacking.append(name)
+            continue
+        out.update({prefix + k: v.detach().contiguous() for k, v in state.items()})
+    if lacking and isinstance(skeleton, BaseSkeleton):
+        warnings.warn(
+            f"export_lora: PEFT's modules_to_save rule also wraps {', '.join(lacking)} of the base, whose tensors "
+            f"the checkpoint in {skeleton.folder} does not hold: PeftModel.from_pretrained of the export fails "
+            "(KeyError); export from the LoRDBAModel instead",
+            UserWarning,
+            stacklevel=3,
+        )
     return out
 
 
@@ -229,29 +261,63 @@ def peft_extras(adapter: AdapterState) -> dict[str, torch.Tensor]:
     return out
 
 
-def _default_task_type(model_or_dir: object) -> str | None:
-    """The ``task_type`` of an adapter whose config has none: ``CAUSAL_LM``, but none (PEFT's own for a config without
-    one) for a model that cannot generate (an encoder, a classifier), which PEFT's ``PeftModelForCausalLM`` cannot
-    wrap: ``PeftModel.from_pretrained`` failed on the export (``no attribute 'prepare_inputs_for_generation'``)."""
+def _base_of(
+    model_or_dir: object, adapter: AdapterState, base: str | Path | None
+) -> tuple[torch.nn.Module | None, BaseSkeleton | str]:
+    """The base model the export reads its layer types and heads off (``None`` where none is known) and, for a
+    directory or an ``AdapterState``, its :class:`BaseSkeleton` (else why there is none; ``""`` for a model)."""
     from lordba.nn.model import LoRDBAModel
 
     if isinstance(model_or_dir, LoRDBAModel):
-        base = model_or_dir.get_base_model()
-        return "CAUSAL_LM" if callable(getattr(base, "prepare_inputs_for_generation", None)) else None
-    return "CAUSAL_LM"
+        if base is not None:
+            raise ConfigError(
+                "export_lora: base= is for a saved adapter or an AdapterState; a LoRDBAModel's is its own"
+            )
+        return model_or_dir._root(), ""
+    skeleton, why = find_base(adapter, base)
+    return (skeleton.root, skeleton) if skeleton is not None else (None, why)
 
 
-def _all_conv1d(model: object, adapter: AdapterState) -> bool:
-    """PEFT's ``fan_in_fan_out``: whether every adapted layer of a ``LoRDBAModel`` is a GPT-2-family ``Conv1D``
-    (weight ``in × out``); PEFT warned on loading an export written with false and set it true itself. False for a
-    saved adapter (no record of its base's layer types: PEFT corrects it, with its warning)."""
-    from lordba.nn.model import LoRDBAModel
+def _warn_unknown_base(why: BaseSkeleton | str, task_type_guessed: bool, peft_saved: list[str]) -> None:
+    """Warn that an export without its base model may be wrong, naming how (``why``: why there is no base)."""
+    risks = ["fan_in_fan_out is written false (wrong for GPT-2-family Conv1D layers)"]
+    if task_type_guessed:
+        risks.append("task_type is guessed CAUSAL_LM (wrong for an encoder or a classifier)")
+    if peft_saved:
+        risks.append(
+            f"base tensors of modules PEFT's suffix rule wraps beside {', '.join(peft_saved)} are not carried "
+            "(DistilBERT's pre_classifier: PEFT's load fails)"
+        )
+    warnings.warn(
+        f"export_lora: the adapter's base model is unknown ({why}), and so are its layer types and heads: "
+        f"{'; '.join(risks)}. Name the base model's folder or hub id with base= (lordba export-lora --base), or "
+        "export from the LoRDBAModel",
+        UserWarning,
+        stacklevel=3,
+    )
 
-    if not isinstance(model, LoRDBAModel) or not adapter.modules:
+
+def _default_task_type(root: torch.nn.Module | None) -> str | None:
+    """The ``task_type`` of an adapter whose config has none: ``CAUSAL_LM``, but none (PEFT's own for a config without
+    one) for a model that cannot generate (an encoder, a classifier), which PEFT's ``PeftModelForCausalLM`` cannot
+    wrap: ``PeftModel.from_pretrained`` failed on the export (``no attribute 'prepare_inputs_for_generation'``).
+    ``CAUSAL_LM`` without a base (``root`` None)."""
+    if root is None:
+        return "CAUSAL_LM"
+    return "CAUSAL_LM" if callable(getattr(root, "prepare_inputs_for_generation", None)) else None
+
+
+def _all_conv1d(root: torch.nn.Module | None, adapter: AdapterState) -> bool:
+    """PEFT's ``fan_in_fan_out``: whether every adapted layer of the base is a GPT-2-family ``Conv1D`` (weight
+    ``in × out``: a ``LoRDBAModel``'s layer on the ``conv1d`` backend, a skeleton's ``Conv1D``); PEFT warned on
+    loading an export written with false and set it true itself. False without a base (``root`` None)."""
+    if root is None or not adapter.modules:
         return False
-    base = model._root()
+    conv1d = conv1d_class()
     return all(
-        getattr(getattr(base.get_submodule(p), "backend", None), "name", None) == "conv1d" for p in adapter.modules
+        getattr(getattr(module, "backend", None), "name", None) == "conv1d"
+        or (conv1d is not None and isinstance(module, conv1d))
+        for module in (root.get_submodule(p) for p in adapter.modules)
     )
 
 
