@@ -170,6 +170,21 @@ def test_a_run_with_other_settings_is_refused_not_resumed_from_the_checkpoints(t
     assert train_loop(model(), Batcher(rows(), 4), watched, tmp_path, progress=False).resumed_from == 4
 
 
+def test_a_run_on_other_data_is_refused_not_resumed_from_the_checkpoints(tmp_path):
+    """The checkpoints recorded the settings of their run but not its data: a run with the same settings on other
+    rows (or another shuffle seed) into the same out_dir resumed the finished run's step 4 and returned its adapter
+    (resumed_from 4). Now it is refused, before the model changes; the same data resumes."""
+    settings = TrainSettings(steps=4, lr=3e-3, checkpoint_every=2)
+    train_loop(model(), Batcher(rows(), 4), settings, tmp_path, progress=False)
+    fresh = model(seed=99)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    for other in (Batcher(rows(seed=1), 4), Batcher(rows(), 4, seed=1), Batcher(rows(n=31), 4)):
+        with pytest.raises(ConfigError, match=r"step-00000004: .*other training data.*resume=False"):
+            train_loop(fresh, other, settings, tmp_path, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    assert train_loop(model(), Recording(rows(), 4), settings, tmp_path, progress=False).resumed_from == 4
+
+
 def test_a_run_whose_evaluation_gave_nan_resumes_from_its_checkpoint(tmp_path):
     """An evaluation may give NaN (held-out rows with nothing left to score: ``heldout_loss`` is NaN) and
     the log travels in each checkpoint's state.json. It was written there as a bare ``NaN``, which the

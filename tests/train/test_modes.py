@@ -242,6 +242,18 @@ def test_a_finished_lora_seed_of_other_settings_is_refused_not_reused(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_a_finished_lora_seed_trained_on_other_data_is_refused_not_reused(tmp_path):
+    """A finished LoRA seed recorded its settings but not its data: a ptq run rerun on other rows with the same
+    settings returned the first run's adapter, bit for bit. Now it is refused; the same data reuses it."""
+    cfg = LoRDBAConfig(r=4, mode="ptq", target_modules=["q_proj"])
+    settings = TrainSettings(steps=4, lr=3e-3)
+    build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), settings, tmp_path, progress=False)
+    with pytest.raises(ConfigError, match=r"lora_seed: the LoRA seed of a run on other training data"):
+        build_adapter(tiny_llama(0), cfg, Batcher(rows(seed=1), 4), settings, tmp_path, progress=False)
+    _, result = build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), settings, tmp_path, progress=False)
+    assert result.resumed_from == 4
+
+
 def test_a_lora_seed_with_modules_trained_in_full_carries_them_or_is_refused(tmp_path):
     """A LoRA seed (``--lora``) that trains ``lm_head`` in full: its trained head goes into the adapter's copy
     when the config holds one (it stayed the base's: the LoRA's head was dropped silently), and a config that

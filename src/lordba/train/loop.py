@@ -178,7 +178,7 @@ def train_loop(
     factor = _schedule(settings)
     result = TrainResult()
     start = 0
-    record, check = _same_run(settings)
+    record, data, check = _same_run(settings, batcher)
     ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
     if ckpt_dir is not None and resume and (meta := resume_checkpoint(ckpt_dir, model, optimizer, check)) is not None:
         start = result.resumed_from = meta["step"]
@@ -221,7 +221,7 @@ def train_loop(
             result.log.append({"step": done, **evaluate()})
             model.train()
         if ckpt_dir is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0:
-            extra = {"log": result.log, "settings": record}
+            extra = {"log": result.log, "settings": record, "data": data}
             save_checkpoint(ckpt_dir, done, model, optimizer, extra, settings.keep_checkpoints)
     bar.close()
     if evaluate is not None:
@@ -255,10 +255,17 @@ def settings_differences(saved: object, settings: TrainSettings) -> list[str]:
     return [f"{k}: {saved[k]!r} -> {record[k]!r}" for k in compared if saved[k] != record[k]]
 
 
-def _same_run(settings: TrainSettings) -> tuple[dict, Callable[[Checkpoint], None]]:
-    """The record of ``settings`` for the checkpoints, and a check that refuses a checkpoint of a run with other
-    settings: resuming it continued that run's steps under these settings, or returned its finished adapter for
-    a run that asked for another."""
+def data_digest(batcher: object) -> str | None:
+    """The digest of ``batcher``'s data (:meth:`Batcher.digest`), or None for a batcher that has none."""
+    digest = getattr(batcher, "digest", None)
+    return digest() if callable(digest) else None
+
+
+def _same_run(settings: TrainSettings, batcher: object) -> tuple[dict, str | None, Callable[[Checkpoint], None]]:
+    """The record of ``settings`` and the digest of the data for the checkpoints, and a check that refuses a
+    checkpoint of a run with other settings or on other data: resuming it continued that run's steps under these
+    settings (or on these batches), or returned its finished adapter for a run that asked for another."""
+    data = data_digest(batcher)
 
     def check(ckpt: Checkpoint) -> None:
         if changed := settings_differences(ckpt.meta["extra"].get("settings"), settings):
@@ -267,8 +274,19 @@ def _same_run(settings: TrainSettings) -> tuple[dict, Callable[[Checkpoint], Non
                 f"{'; '.join(changed)}): resume it with its settings, or start over (resume=False) or in another "
                 "out_dir"
             )
+        if data_differs(ckpt.meta["extra"].get("data"), data):
+            raise ConfigError(
+                f"{ckpt.path}: a checkpoint of a run on other training data (the batcher's rows, batch size, "
+                "shuffle seed or padding id differ): resume it with its data, or start over (resume=False) or in "
+                "another out_dir"
+            )
 
-    return settings_record(settings), check
+    return settings_record(settings), data, check
+
+
+def data_differs(saved: object, data: str | None) -> bool:
+    """Whether a recorded data digest (``saved``; none in a record of an earlier version) is not ``data``'s."""
+    return isinstance(saved, str) and data is not None and saved != data
 
 
 def _micro_weights(batches: list[dict[str, torch.Tensor]]) -> list[float]:

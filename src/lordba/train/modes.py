@@ -37,6 +37,8 @@ from lordba.train.checkpoint import clear_checkpoints
 from lordba.train.loop import (
     TrainResult,
     TrainSettings,
+    data_differs,
+    data_digest,
     read_log,
     seed_everything,
     settings_differences,
@@ -65,7 +67,7 @@ def train_lora_seed(
     what it learnt on modules the adapter drops."""
     seed_dir = out_dir / "lora_seed" if out_dir is not None else None
     if seed_dir is not None and resume and (seed_dir / "adapter_model.safetensors").is_file():
-        _check_seed_settings(seed_dir, settings)
+        _check_seed_settings(seed_dir, settings, batcher)
         # the seed's steps in the log, as an uninterrupted run reports them
         return read_lora(seed_dir), TrainResult(log=read_log(out_dir / "lora"), resumed_from=settings.steps)
     targets = find_targets(model, config.target_modules, config.exclude_modules, config)
@@ -83,7 +85,7 @@ def train_lora_seed(
     if seed_dir is not None:  # one directory, moved into place whole: a killed save leaves no half-written seed
         with atomic_directory(seed_dir, overwrite=True) as tmp:
             peft_model.save_pretrained(str(tmp))
-            (tmp / SEED_SETTINGS).write_text(json.dumps(settings_record(settings)))
+            (tmp / SEED_SETTINGS).write_text(json.dumps({**settings_record(settings), "data": data_digest(batcher)}))
     peft_model.unload()
     return lora, result
 
@@ -91,13 +93,13 @@ def train_lora_seed(
 SEED_SETTINGS = "lordba_seed_settings.json"  # the TrainSettings a LoRA seed trained with, beside it in lora_seed/
 
 
-def _check_seed_settings(seed_dir: Path, settings: TrainSettings) -> None:
-    """Refuse a finished LoRA seed trained with other settings (another ``lora_lr``, warm-up length, seed): a
-    resume returned it silently, and the adapter was that run's. A seed that records none (an earlier version's)
-    is taken.
+def _check_seed_settings(seed_dir: Path, settings: TrainSettings, batcher: Batcher) -> None:
+    """Refuse a finished LoRA seed trained with other settings (another ``lora_lr``, warm-up length, seed) or on
+    other data: a resume returned it silently, and the adapter was that run's. A seed that records none (an earlier
+    version's) is taken.
 
     Raises:
-        ConfigError: naming the seed and the settings that differ.
+        ConfigError: naming the seed and the settings that differ, or that the data differ.
     """
     try:
         saved = json.loads((seed_dir / SEED_SETTINGS).read_text())
@@ -108,6 +110,11 @@ def _check_seed_settings(seed_dir: Path, settings: TrainSettings) -> None:
             f"{seed_dir}: the LoRA seed of a run with other settings (TrainSettings that differ: {'; '.join(changed)}; "
             "lr is lora_lr, steps the warm-up's): resume it with its settings, or start over (resume=False) or in "
             "another out_dir"
+        )
+    if isinstance(saved, dict) and data_differs(saved.get("data"), data_digest(batcher)):
+        raise ConfigError(
+            f"{seed_dir}: the LoRA seed of a run on other training data (the batcher's rows, batch size, shuffle "
+            "seed or padding id differ): resume it with its data, or start over (resume=False) or in another out_dir"
         )
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from lordba.errors import ConfigError, DataError
@@ -202,6 +204,17 @@ class Batcher:
         epoch, pos = divmod(k, per_epoch)
         idx = self._order(epoch)[pos * self.batch_size : (pos + 1) * self.batch_size]
         return collate([self.rows[i] for i in idx], self.pad_id)
+
+    def digest(self) -> str:
+        """The sha256 of what the batches are made of (the rows' tokens and labels, in order, the batch size, the
+        shuffle seed and the padding id): two batchers with the same digest give the same batch ``k``. A checkpoint
+        records it, so that a resume on other data is refused rather than continued."""
+        h = hashlib.sha256(f"{len(self.rows)} {self.batch_size} {self.seed} {self.pad_id}\n".encode())
+        for row in self.rows:
+            for key in ("input_ids", "labels"):
+                values = np.asarray(row[key], dtype=np.int64)
+                h.update(len(values).to_bytes(8, "little") + values.tobytes())
+        return h.hexdigest()
 
 
 def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
