@@ -200,3 +200,32 @@ def test_an_optimizer_built_over_frozen_parameters_too_saves_and_resumes(tmp_pat
     assert all(torch.equal(got[n]["exp_avg"], want[n]["exp_avg"]) for n in want)
     with pytest.raises(TrainingError, match="not one of the model's"):
         save_checkpoint(tmp_path, 2, other, optimizer, {})
+
+
+def test_parameter_groups_are_restored_by_their_parameters_names_not_their_position(tmp_path):
+    """An optimizer of two groups (weight decay on the latents, none on the scales) resumed with its groups built in
+    the other order got the groups' hyper-parameters by position: the scales' group took weight_decay 0.1 and lr 1e-2
+    silently. Now each group's are matched by its parameters' names; a grouping of other parameters is refused."""
+    from lordba.train.checkpoint import load_checkpoint, save_checkpoint
+
+    def grouped(lm, reverse=False):
+        latents = [p for n, p in lm.named_parameters() if p.requires_grad and "latent" in n]
+        scales = [p for n, p in lm.named_parameters() if p.requires_grad and "latent" not in n]
+        groups = [{"params": latents, "weight_decay": 0.1, "lr": 1e-2}, {"params": scales, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups[::-1] if reverse else groups, lr=1e-3)
+
+    lm = model()
+    optimizer = grouped(lm)
+    ids = torch.arange(6)[None]
+    lm(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    path = save_checkpoint(tmp_path, 1, lm, optimizer, {})
+    other = model(seed=5)
+    resumed = grouped(other, reverse=True)
+    for group in resumed.param_groups:  # what the saved groups must overwrite
+        group.update(weight_decay=0.5, lr=0.5)
+    load_checkpoint(path, other, resumed)
+    assert [(g["weight_decay"], g["lr"]) for g in resumed.param_groups] == [(0.0, 1e-3), (0.1, 1e-2)]
+    one = torch.optim.AdamW([p for p in other.parameters() if p.requires_grad])
+    with pytest.raises(TrainingError, match=r"step-00000001: the optimizer's 1 parameter group\(s\) are not the"):
+        load_checkpoint(path, other, one)

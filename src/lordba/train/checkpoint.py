@@ -84,11 +84,45 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str]) 
                 tensors[name] = value.detach().cpu().contiguous()
             else:
                 scalars[name] = value
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, GROUP_NAMES: [names[id(p)] for p in group["params"]]}
+        for group, g in zip(optimizer.param_groups, sd["param_groups"])
+    ]
     return tensors, {"groups": groups, "scalars": scalars}
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], tensors: dict, structure: dict) -> None:
+GROUP_NAMES = "param_names"  # a saved parameter group's parameters, by name
+
+
+def _matched_groups(optimizer: torch.optim.Optimizer, names: dict[int, str], saved: list, path: Path) -> list[dict]:
+    """The saved parameter group of each of ``optimizer``'s groups (its hyper-parameters), matched by the names of
+    their parameters (the groups of a checkpoint of an earlier version, which records no names, by position).
+
+    Raises:
+        TrainingError: the groups do not match (another number of them, or a group of other parameters).
+    """
+    current = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    if all(isinstance(g, dict) and isinstance(g.get(GROUP_NAMES), list) for g in saved):
+        by_names = {frozenset(g[GROUP_NAMES]): g for g in saved}
+        unmatched = [sorted(group)[:3] for group in current if frozenset(group) not in by_names]
+        if not unmatched and len(saved) == len(current):
+            return [{k: v for k, v in by_names[frozenset(group)].items() if k != GROUP_NAMES} for group in current]
+        raise TrainingError(
+            f"{path}: the optimizer's {len(current)} parameter group(s) are not the checkpoint's {len(saved)} by "
+            f"parameter name (unmatched: a group of {unmatched[0] if unmatched else current[-1][:3]}...): build the "
+            "optimizer's groups over the parameters the run that saved it grouped"
+        )
+    if len(saved) != len(current):
+        raise TrainingError(
+            f"{path}: the optimizer has {len(current)} parameter group(s), the checkpoint {len(saved)}: build the "
+            "optimizer's groups as the run that saved it did"
+        )
+    return saved
+
+
+def _restore_optimizer(
+    optimizer: torch.optim.Optimizer, names: dict[int, str], tensors: dict, structure: dict, groups: list[dict]
+) -> None:
     sd = optimizer.state_dict()
     state: dict[int, dict[str, Any]] = {}
     for group, sd_group in zip(optimizer.param_groups, sd["param_groups"]):
@@ -98,7 +132,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], 
             entry.update({k[len(prefix) :]: v for k, v in structure["scalars"].items() if k.startswith(prefix)})
             if entry:
                 state[idx] = entry
-    for sd_group, saved in zip(sd["param_groups"], structure["groups"]):
+    for sd_group, saved in zip(sd["param_groups"], groups):
         sd_group.update(saved)
     optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
@@ -287,11 +321,12 @@ def apply_checkpoint(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.
         if saved[n].shape != p.shape:
             raise TrainingError(f"{path}: {n} has shape {tuple(saved[n].shape)}, the model {tuple(p.shape)}")
     names = _param_names(model, optimizer)  # (checked before anything is restored)
+    groups = _matched_groups(optimizer, names, ckpt.meta["optimizer"].get("groups", []), path)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(saved[n])
     meta = ckpt.meta
-    _restore_optimizer(optimizer, names, ckpt.optimizer, meta["optimizer"])
+    _restore_optimizer(optimizer, names, ckpt.optimizer, meta["optimizer"], groups)
     torch.set_rng_state(ckpt.rng["torch"])
     _restore_cuda_rng(ckpt.rng, path)
     py = meta["python_random"]
