@@ -330,3 +330,34 @@ def test_a_question_answering_adapter_reports_its_eval_loss(tmp_path):
     saved = tmp_path / "saved"
     qa.save_pretrained(saved)
     assert type(LoRDBAModel.from_pretrained(LlamaForQuestionAnswering(cfg), saved)) is LoRDBAModelForQuestionAnswering
+
+
+def test_ddp_with_reentrant_checkpointing_is_refused_naming_ddp_find_unused_parameters():
+    """Under DDP (torchrun, 2 CPU ranks) with gradient_checkpointing_kwargs={"use_reentrant": True}, training a
+    LoRDBAModel failed at the first backward with DDP's "Expected to mark a variable ready only once ... latent_A has
+    been marked as ready twice": the Trainer passes find_unused_parameters=True for a model that is not a
+    PreTrainedModel. The callback now refuses it at train begin naming the argument; ddp_find_unused_parameters=False
+    or non-reentrant checkpointing (transformers' default) are let through, as is a single process."""
+    from types import SimpleNamespace
+
+    from transformers.training_args import ParallelMode
+
+    from lordba import ConfigError
+
+    def args(world=2, find_unused=None):
+        mode = ParallelMode.DISTRIBUTED if world > 1 else ParallelMode.NOT_PARALLEL
+        return SimpleNamespace(world_size=world, parallel_mode=mode, fsdp=[], deepspeed=None,
+                               ddp_find_unused_parameters=find_unused)  # fmt: skip
+
+    def begin(lm, a):
+        return LoRDBACallback().on_train_begin(a, None, "control", model=lm)
+
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4))
+    assert begin(lm, args()) == "control"  # no checkpointing
+    lm.gradient_checkpointing_enable({"use_reentrant": True})
+    with pytest.raises(ConfigError, match=r"re-entrant .*ddp_find_unused_parameters=False"):
+        begin(lm, args())
+    assert begin(lm, args(find_unused=False)) == begin(lm, args(world=1)) == "control"
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4))
+    lm.gradient_checkpointing_enable({"use_reentrant": False})
+    assert begin(lm, args()) == "control"

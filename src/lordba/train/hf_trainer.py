@@ -27,6 +27,7 @@ from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.training_args import ParallelMode
 
 from lordba.errors import ConfigError
 from lordba.nn.adapter_base import AdapterBase
@@ -67,12 +68,14 @@ class LoRDBACallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
-        """Check that the Trainer's model is a ``LoRDBAModel``.
+        """Check that the Trainer's model is a ``LoRDBAModel``, and that DDP can train it.
 
         Raises:
-            ConfigError: it is not.
+            ConfigError: it is not, or DDP would fail at the first backward (re-entrant gradient checkpointing
+                without ``ddp_find_unused_parameters=False``).
         """
         _check_model(kwargs.get("model"))
+        _check_ddp_checkpointing(kwargs.get("model"), args)
         self._training = True
         return control
 
@@ -143,6 +146,33 @@ def _checkpoint(args: TrainingArguments, state: TrainerState) -> Path | None:
 def _check_model(model: Any) -> None:
     if not isinstance(model, LoRDBAModel):
         raise ConfigError(f"LoRDBACallback: the Trainer's model is a {type(model).__name__}, not a LoRDBAModel")
+
+
+def _check_ddp_checkpointing(model: Any, args: TrainingArguments) -> None:
+    """Refuse DDP with re-entrant gradient checkpointing and ``find_unused_parameters``: the Trainer passes
+    ``find_unused_parameters=True`` to DDP for a model that is not a ``PreTrainedModel`` unless
+    ``ddp_find_unused_parameters`` is set, and DDP then marks each checkpointed parameter ready twice ("Expected to
+    mark a variable ready only once", at the first backward)."""
+    ddp = (
+        args.world_size > 1 and args.parallel_mode == ParallelMode.DISTRIBUTED and not args.fsdp and not args.deepspeed
+    )
+    if ddp and args.ddp_find_unused_parameters is not False and _reentrant_checkpointing(model):
+        raise ConfigError(
+            "LoRDBACallback: DDP with re-entrant gradient checkpointing needs "
+            "TrainingArguments(ddp_find_unused_parameters=False) (the Trainer passes find_unused_parameters=True to "
+            "DDP for a model that is not a PreTrainedModel, and DDP fails at the first backward): set it, or use "
+            "non-reentrant checkpointing (gradient_checkpointing_kwargs={'use_reentrant': False})"
+        )
+
+
+def _reentrant_checkpointing(model: Any) -> bool:
+    """Whether a layer of ``model`` recomputes its forward with re-entrant checkpointing (transformers'
+    ``_gradient_checkpointing_func``; torch's checkpoint is re-entrant unless ``use_reentrant=False``)."""
+    for module in model.modules() if isinstance(model, nn.Module) else ():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) is True and func is not None:
+            return getattr(func, "keywords", {}).get("use_reentrant") is not False
+    return False
 
 
 def _clear_caches(model: Any) -> None:
