@@ -3,7 +3,7 @@ gradient checkpointing; with LoRDBACallback, checkpoints and output_dir hold the
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerState, TrainingArguments
 
 from lordba import LoRDBAConfig, LoRDBAModel, get_lordba_model
 from lordba.train.hf_trainer import LoRDBACallback
@@ -350,7 +350,7 @@ def test_ddp_with_reentrant_checkpointing_is_refused_naming_ddp_find_unused_para
                                ddp_find_unused_parameters=find_unused)  # fmt: skip
 
     def begin(lm, a):
-        return LoRDBACallback().on_train_begin(a, None, "control", model=lm)
+        return LoRDBACallback().on_train_begin(a, TrainerState(), "control", model=lm)
 
     lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4))
     assert begin(lm, args()) == "control"  # no checkpointing
@@ -361,3 +361,24 @@ def test_ddp_with_reentrant_checkpointing_is_refused_naming_ddp_find_unused_para
     lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4))
     lm.gradient_checkpointing_enable({"use_reentrant": False})
     assert begin(lm, args()) == "control"
+
+
+def test_a_resume_into_other_target_modules_is_refused_not_misapplied(tmp_path):
+    """A checkpoint trained on q_proj resumed into a model adapting o_proj (the same shapes) went on silently: the
+    Trainer loads model.safetensors leniently (a logged warning: missing / unexpected keys), so the o_proj adapters
+    started over, with the q_proj adapters' Adam moments restored into them by position. The callback records the
+    trainable parameters' names in each checkpoint's trainer_state.json and refuses a resume of other ones; the same
+    model resumes (test_trainer_resumes_from_its_checkpoint)."""
+    from lordba import ConfigError
+
+    def trainer(targets, out):
+        torch.manual_seed(0)
+        lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, target_modules=targets))
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=4, save_steps=2,
+                                 report_to=[], use_cpu=True, seed=0, data_seed=0)  # fmt: skip
+        return Trainer(model=lm, args=args, train_dataset=Rows(), callbacks=[LoRDBACallback(at_train_end=False)])
+
+    trainer(["q_proj"], tmp_path).train()
+    with pytest.raises(ConfigError, match=r"step 2\) trained other parameters .*o_proj.*q_proj"):
+        trainer(["o_proj"], tmp_path).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    trainer(["q_proj"], tmp_path).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))

@@ -27,6 +27,7 @@ from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 from transformers.training_args import ParallelMode
 
 from lordba.errors import ConfigError
@@ -36,7 +37,7 @@ from lordba.nn.model import LoRDBAModel
 CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 
 
-class LoRDBACallback(TrainerCallback):
+class LoRDBACallback(TrainerCallback, ExportableState):
     """Writes the packed LoRDBA adapter into each Trainer checkpoint and into ``output_dir`` at the
     end of training, in the processes where the Trainer saves (``args.should_save``: the main one, each
     node's with ``save_on_each_node``). ``model.safetensors`` (the training state the Trainer resumes
@@ -57,6 +58,13 @@ class LoRDBACallback(TrainerCallback):
         self.at_train_end = at_train_end
         self._training = False
         self._written: tuple[Path, int] | None = None  # the checkpoint written at a push, before on_save
+        self.trainable_names: list[str] | None = None  # the model's trainable parameters, in the optimizer's order
+
+    def state(self) -> dict:
+        """What a checkpoint's ``trainer_state.json`` records of the callback (``stateful_callbacks``): its
+        arguments and the names of the trainable parameters, whose optimizer state the Trainer saves by position."""
+        args = {"selected_adapters": self.selected_adapters, "at_train_end": self.at_train_end}
+        return {"args": args, "attributes": {"trainable_names": self.trainable_names}}
 
     def _write(self, model: Any, directory: Path, args: TrainingArguments) -> None:
         if not args.should_save:  # where the Trainer saves: the main process (each node's with save_on_each_node)
@@ -74,8 +82,12 @@ class LoRDBACallback(TrainerCallback):
             ConfigError: it is not, or DDP would fail at the first backward (re-entrant gradient checkpointing
                 without ``ddp_find_unused_parameters=False``).
         """
-        _check_model(kwargs.get("model"))
-        _check_ddp_checkpointing(kwargs.get("model"), args)
+        model = kwargs.get("model")
+        _check_model(model)
+        _check_ddp_checkpointing(model, args)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        _check_resumed_parameters(state, names)
+        self.trainable_names = names
         self._training = True
         return control
 
@@ -162,6 +174,30 @@ def _check_ddp_checkpointing(model: Any, args: TrainingArguments) -> None:
             "TrainingArguments(ddp_find_unused_parameters=False) (the Trainer passes find_unused_parameters=True to "
             "DDP for a model that is not a PreTrainedModel, and DDP fails at the first backward): set it, or use "
             "non-reentrant checkpointing (gradient_checkpointing_kwargs={'use_reentrant': False})"
+        )
+
+
+def _check_resumed_parameters(state: TrainerState, names: list[str]) -> None:
+    """Refuse a resume whose checkpoint trained other parameters than ``names`` (another adapter's, other target
+    modules): the Trainer loads ``model.safetensors`` leniently (a logged warning for the missing and unexpected keys)
+    and the optimizer state by position, so the model's adapters would start over with another tensor's moments.
+    A checkpoint that does not record them (written without the callback) is not compared.
+
+    Raises:
+        ConfigError: naming the first parameters that differ.
+    """
+    saved = getattr(state, "stateful_callbacks", None) or {}
+    saved = saved.get(LoRDBACallback.__name__) if isinstance(saved, dict) else None
+    saved = (saved[-1] if isinstance(saved, list) and saved else saved) or {}
+    recorded = saved.get("attributes", {}).get("trainable_names") if isinstance(saved, dict) else None
+    if state.global_step > 0 and isinstance(recorded, list) and recorded != names:
+        missing, extra = [n for n in names if n not in recorded], [n for n in recorded if n not in names]
+        differ = f"this model's only: {missing[:3]}, the checkpoint's only: {extra[:3]}"
+        differ = differ if missing or extra else "in another order"
+        raise ConfigError(
+            f"LoRDBACallback: the checkpoint resumed from (step {state.global_step}) trained other parameters than "
+            f"this model's trainable ones ({differ}); the Trainer would restore its optimizer state by position into "
+            "other tensors: resume with the adapters and target modules it was trained with, or start over"
         )
 
 
