@@ -126,6 +126,26 @@ def test_other_gauges_are_valid_starts(gauge):
         assert res.rmr_A_gauge**2 + res.rmr_B_gauge**2 <= svd.rmr_A_gauge**2 + svd.rmr_B_gauge**2 + 1e-9
 
 
+@pytest.mark.parametrize("held", ["zero-padded", "mixed"])
+def test_rotation_gauge_fills_the_components_beyond_an_exactly_low_rank_delta_from_the_residual(held):
+    """A rank-2 ΔW held by a rank-16 LoRA (extra components zero, or mixed into the first two), r = 16: the
+    rotation gauge seeded 14 components from the SVD's rounding noise (zero-padded: start 0.53 and BCD's end
+    0.52 where the same ΔW held by a rank-2 LoRA gives 0.28 and 0.14). They are filled from the residual, as
+    the svd gauge does, so both LoRAs convert alike."""
+    g = torch.Generator().manual_seed(10)
+    A2, B2 = torch.randn(2, 40, generator=g, dtype=D64), torch.randn(48, 2, generator=g, dtype=D64)
+    M, rest = torch.randn(2, 14, generator=g, dtype=D64), torch.randn(14, 40, generator=g, dtype=D64)
+    if held == "zero-padded":
+        A16, B16 = torch.cat([A2, rest]), torch.cat([B2, torch.zeros(48, 14, dtype=D64)], -1)
+    else:  # B16 A16 = B2 (A2 + M rest): rank 2
+        A16, B16, A2 = torch.cat([A2, rest]), torch.cat([B2, B2 @ M], -1), A2 + M @ rest
+    opts = SolverOptions(gauge="rotation", method="bcd", rotation_steps=20)
+    low = convert_factors(A2.float(), B2.float(), 16, scale_dtype="float32", options=opts)
+    res = convert_factors(A16.float(), B16.float(), 16, scale_dtype="float32", options=opts)
+    assert res.rel_error_init == pytest.approx(low.rel_error_init, rel=0.02)
+    assert res.rel_error == pytest.approx(low.rel_error, rel=0.05) and res.rel_error < 0.3
+
+
 @pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "int8"])
 def test_scaling_convention_and_stored_scales(scale_dtype):
     g = torch.Generator().manual_seed(6)

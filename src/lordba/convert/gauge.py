@@ -10,14 +10,24 @@ depends on ``G``. Choices, all measured in ``docs/conversion.md``:
   parametrisation, ``G = exp(X − Xᵀ)``) to lower ``ρ(BG)² + ρ(GᵀA)²``.
 
 For ``r`` above the pair's rank the extra components come from the residual
-(:func:`lordba.convert.factorize.fill_residual`).
+(:func:`lordba.convert.factorize.fill_residual`); so do, for ``"svd"`` and ``"rotation"``, those beyond
+ΔW's numerical rank (:func:`lordba.convert.factorize.numerical_rank`: rounding noise).
 """
 
 from __future__ import annotations
 
 import torch
 
-from lordba.convert.factorize import Factors, Target, factor_svd, factors_from_svid, fill_residual, rmr, svd_init
+from lordba.convert.factorize import (
+    Factors,
+    Target,
+    factor_svd,
+    factors_from_svid,
+    fill_residual,
+    numerical_rank,
+    rmr,
+    svd_init,
+)
 from lordba.convert.solver import refit_scales
 from lordba.errors import ConfigError
 
@@ -39,22 +49,27 @@ def _sigma1_sq(M: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(G)[..., -1]
 
 
-def rotation_to_lower_rmr(Bg: torch.Tensor, Ag: torch.Tensor, steps: int = 100, lr: float = 0.05) -> torch.Tensor:
+def rotation_to_lower_rmr(
+    Bg: torch.Tensor, Ag: torch.Tensor, steps: int = 100, lr: float = 0.05, live: torch.Tensor | None = None
+) -> torch.Tensor:
     """Orthogonal ``G`` [..., n, n] lowering ``ρ(Bg G)² + ρ(Gᵀ Ag)²``; the best iterate per layer is
     kept, and ``G = I`` (the start) is among them, so the result is never worse than no rotation. A zero
-    pair (a zero ΔW) keeps ``G = I``: its norms are floored, so its loss is a constant 2, not 0/0."""
+    pair (a zero ΔW) keeps ``G = I``: its norms are floored, so its loss is a constant 2, not 0/0.
+    ``live`` [..., n] bool: ``G`` mixes only those components and is the identity on the others."""
     Bg, Ag = Bg.detach().double(), Ag.detach().double()
     n = Bg.shape[-1]
     tiny = torch.finfo(torch.float64).tiny
     nB = Bg.pow(2).sum((-2, -1)).clamp(min=tiny)
     nA = Ag.pow(2).sum((-2, -1)).clamp(min=tiny)
     X = torch.zeros((*Bg.shape[:-2], n, n), dtype=torch.float64, requires_grad=True)
+    mask = None if live is None else (live[..., :, None] & live[..., None, :]).to(torch.float64)
     opt = torch.optim.Adam([X], lr=lr)
     best = torch.eye(n, dtype=torch.float64).expand_as(X).clone()
     best_loss = torch.full(Bg.shape[:-2], float("inf"), dtype=torch.float64)
     with torch.enable_grad():
         for _ in range(steps + 1):
-            G = torch.linalg.matrix_exp(X - X.mT)
+            Xm = X if mask is None else X * mask
+            G = torch.linalg.matrix_exp(Xm - Xm.mT)
             loss = 2.0 - _sigma1_sq((Bg @ G).abs()) / nB - _sigma1_sq((G.mT @ Ag).abs()) / nA
             better = loss.detach() < best_loss
             best[better] = G.detach()[better]
@@ -75,20 +90,26 @@ def initial_factors(
     k = t.P.shape[-1]
     if gauge == "lora" and r < k:
         gauge = "svd"
-    svd = None
+    svd = dead = None
     if gauge == "lora":
         Bg, Ag = t.P, t.Q
     else:
         svd = factor_svd(t.P, t.Q)
         Bg, Ag = balanced_pair(svd, r)
+        # components beyond ΔW's numerical rank are rounding noise: seeded empty, filled from the residual
+        size = max(t.P.shape[-2], t.Q.shape[-1], k)
+        dead = torch.arange(Bg.shape[-1], device=Bg.device) >= numerical_rank(svd[1], size)[..., None]
+        Bg, Ag = torch.where(dead[..., None, :], 0.0, Bg), torch.where(dead[..., :, None], 0.0, Ag)
         if gauge == "rotation" and Bg.shape[-1] > 1:
-            G = rotation_to_lower_rmr(Bg, Ag, rotation_steps).to(Bg.dtype)
+            G = rotation_to_lower_rmr(Bg, Ag, rotation_steps, live=~dead).to(Bg.dtype)
             Bg, Ag = Bg @ G, G.mT @ Ag
     rho_A, rho_B = rmr(Ag), rmr(Bg)
     if gauge == "svd":
         return svd_init(t, r, svd), rho_A, rho_B, gauge
     f = factors_from_svid(Bg, Ag)
-    refit_scales(t, f, rounds=1)
-    if f.r < r:
-        f = fill_residual(t, f, r)
+    if dead is not None and bool(dead.any()):
+        f.m = torch.where(dead, 0.0, f.m)
+    refit_scales(t, f, rounds=1, live=None if dead is None else ~dead)
+    if f.r < r or (dead is not None and bool(dead.any())):
+        f = fill_residual(t, f, r, dead)
     return f, rho_A, rho_B, gauge

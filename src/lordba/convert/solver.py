@@ -132,12 +132,13 @@ def iterate(t: Target, f: Factors, max_sweeps: int = 16) -> torch.Tensor:
     return (t.norm2 - 2.0 * cross + dd).clamp(min=0.0)
 
 
-def refit_scales(t: Target, f: Factors, rounds: int = 2) -> None:
-    """Least-squares sweeps over ``b, a, m`` with the signs fixed (in place)."""
+def refit_scales(t: Target, f: Factors, rounds: int = 2, live: torch.Tensor | None = None) -> None:
+    """Least-squares sweeps over ``b, a, m`` with the signs fixed (in place); ``live`` [..., r] bool: only
+    those components' ``m`` are fitted, the others are 0 (:func:`~lordba.convert.factorize.ls_scale_mid`)."""
     for _ in range(rounds):
         f.b = ls_scale_in(t, f)
         f.a = ls_scale_out(t, f)
-        f.m = ls_scale_mid(t, f)
+        f.m = ls_scale_mid(t, f, live)
 
 
 def _objective64(t64: Target, f: Factors) -> torch.Tensor:
