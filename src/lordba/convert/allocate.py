@@ -1,7 +1,8 @@
 """Conversion at a byte budget: convert every layer at candidate ranks, allocate, keep the chosen.
 
 The uniform rank that fits the same budget is always among the candidates, so the report compares
-the allocation with it on identical conversions.
+the allocation with it on identical conversions. No layer is converted at a rank above its
+:func:`~lordba.convert.budget.rank_limit` (the uniform rank is capped there, per layer).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from lordba._util.patterns import path_key
 from lordba.config import LoRDBAConfig
-from lordba.convert.budget import Allocation, allocate, uniform_rank
+from lordba.convert.budget import Allocation, allocate, rank_limit, uniform_rank
 from lordba.convert.groups import SolverOptions
 from lordba.convert.layers import convert_layers, progress_bar
 from lordba.convert.peft_reader import LoraAdapter
@@ -49,18 +50,27 @@ def convert_at_budget(
             f"target_bpw={target_bpw:g} is below the smallest possible size (rank 1 everywhere: "
             f"{math.ceil(8000 * least / lora_params) / 1000:.3f} BPW on the LoRA basis with scale_dtype={dtype})"
         )
+    limits = {p: rank_limit(i, o) for p, (i, o) in dims.items()}
+    uniform_ranks = _capped(r_uniform, limits)
+    while _file_bytes(dims, uniform_ranks, dtype) > allowed:  # capped ranks are mixed: a larger header
+        r_uniform -= 1
+        uniform_ranks = _capped(r_uniform, limits)
     probe = size_report({p: (i, o, max(top, r_uniform)) for p, (i, o) in dims.items()}, dtype)
     overhead = probe.file_bytes - probe.payload_bytes  # header; an upper bound (rank digits)
     budget = allowed - overhead
     ranks = sorted({c for c in candidates if 1 <= c <= max(top, r_uniform)} | {r_uniform})
+    per_layer = {p: sorted({r for r in ranks if r <= limits[p]} | {uniform_ranks[p]}) for p in dims}
+    converted = sorted({r for rs in per_layer.values() for r in rs})
     results: dict[int, tuple[dict[str, ModuleRecord], dict[str, dict[str, Any]]]] = {}
-    bar = progress_bar(len(dims) * len(ranks), progress, f"converting at ranks {ranks}")
+    bar = progress_bar(sum(map(len, per_layer.values())), progress, f"converting at ranks {ranks}")
     try:
-        for r in ranks:
-            scalings = {p: base.alpha_for(p) / r for p in dims}
+        for r in converted:
+            at = {p: lora.layers[p] for p in dims if r in per_layer[p]}  # not above a layer's limit
+            scalings = {p: base.alpha_for(p) / r for p in at}
             results[r] = convert_layers(
-                lora, dict.fromkeys(dims, r), scalings, dtype, opts, calibration, max_batch, bar
-            )
+                dataclasses.replace(lora, layers=at), dict.fromkeys(at, r), scalings, dtype, opts, calibration,
+                max_batch, bar
+            )  # fmt: skip
     finally:
         if bar is not None:
             bar.close()
@@ -68,15 +78,15 @@ def convert_at_budget(
     curves = {
         p: {
             r: (payload_bytes(i, o, r, dtype), _squared_error(results[r][1][p], None if norms is None else norms[p]))
-            for r in ranks
+            for r in per_layer[p]
         }
         for p, (i, o) in dims.items()
     }
     uniform = Allocation(
-        dict.fromkeys(dims, r_uniform),
-        sum(curves[p][r_uniform][0] for p in dims),
-        sum(curves[p][r_uniform][1] for p in dims),
-    )  # fits: r_uniform was chosen with its own header
+        uniform_ranks,
+        sum(curves[p][r][0] for p, r in uniform_ranks.items()),
+        sum(curves[p][r][1] for p, r in uniform_ranks.items()),
+    )  # fits: checked above
     alloc = _fitting(curves, budget, allowed, dims, dtype)
     if alloc is None or uniform.squared_error <= alloc.squared_error:  # mixed ranks' header can cost more
         alloc = uniform
@@ -104,9 +114,14 @@ def convert_at_budget(
         "uniform_file_bytes": uniform_file,
         "uniform_bpw_lora": 8 * uniform_file / lora_params,
         "uniform_total_rel_error": math.sqrt(uniform.squared_error / norm2),
-        "curves": {p: {str(r): results[r][1][p]["rel_error"] for r in ranks} for p in sorted(dims)},
+        "curves": {p: {str(r): results[r][1][p]["rel_error"] for r in per_layer[p]} for p in sorted(dims)},
     }
     return final, records, stats, summary
+
+
+def _capped(r: int, limits: dict[str, int]) -> dict[str, int]:
+    """Rank ``r`` for every layer, but not above its limit (``limits``: path → :func:`rank_limit`)."""
+    return {p: min(r, limit) for p, limit in limits.items()}
 
 
 def _output_norms(lora: LoraAdapter, calibration: dict[str, torch.Tensor] | None) -> dict[str, float] | None:

@@ -24,6 +24,13 @@ DEFAULT_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32)
 MAX_TARGET_BPW = 32.0
 
 
+def rank_limit(in_features: int, out_features: int) -> int:
+    """The largest rank a layer converts at: above it its sign factors alone hold more bits than its ΔW in
+    float32 (``r (in + out) > 32 in out``); :func:`lordba.convert.pipeline.convert_lora` refuses a given
+    ``r`` above it, and the search at a target BPW never converts or chooses one."""
+    return 32 * in_features * out_features // (in_features + out_features)
+
+
 def uniform_rank(dims: dict[str, tuple[int, int]], budget: int, scale_dtype: str) -> int | None:
     """The largest rank ``r`` that fits every layer (``dims``: path → (in, out)) in ``budget`` bytes."""
     best, r = None, 1
