@@ -21,7 +21,7 @@ import torch
 from lordba._util.patterns import path_key
 from lordba.config import LoRDBAConfig, read_config_json
 from lordba.convert.allocate import convert_at_budget
-from lordba.convert.budget import DEFAULT_CANDIDATES, MAX_TARGET_BPW
+from lordba.convert.budget import DEFAULT_CANDIDATES, MAX_TARGET_BPW, rank_limit
 from lordba.convert.groups import SolverOptions
 from lordba.convert.layers import convert_layers, progress_bar
 from lordba.convert.peft_reader import LoraAdapter, read_peft_dir, read_peft_model
@@ -155,8 +155,7 @@ def _check_ranks(lora: LoraAdapter, ranks: dict[str, int]) -> None:
     for path, r in sorted(ranks.items()):
         layer = lora.layers[path]
         i, o = layer.in_features, layer.out_features
-        limit = 32 * i * o // (i + o)
-        if r > limit:
+        if r > (limit := rank_limit(i, o)):
             raise ConfigError(
                 f"module {path!r} ({o}×{i}): r={r} is above {limit}, the rank at which its sign factors alone "
                 "hold more bits than its ΔW in float32 (32·in·out / (in + out))"
