@@ -89,3 +89,31 @@ def test_an_adapter_on_a_bfloat16_hqq_base_runs_fused_and_trains():
     x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
     layer.base_layer(x).float().sum().backward()
     torch.testing.assert_close(x.grad, weight.sum(0).expand(3, 64), rtol=2e-2, atol=2e-2)
+
+
+def test_an_adapter_on_an_hqq_base_trains_under_bfloat16_autocast():
+    """A QAT step under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (what ``Trainer(bf16=True)`` runs) on an HQQ
+    base: HQQ's backward multiplied the bfloat16 output gradient by its float32 dequantized weight, and
+    ``loss.backward()`` failed (``expected m1 and m2 to have the same dtype``) on the first step. The gradients are
+    float32's to bfloat16's rounding, and finite."""
+    from lordba import LoRDBAConfig, get_lordba_model
+
+    from conftest import tiny_llama
+
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for autocast in (False, True):
+        torch.manual_seed(3)
+        lm = get_lordba_model(quantize_model(tiny_llama(0), "hqq", bits=4, group_size=8), LoRDBAConfig(r=4))
+        with torch.no_grad():
+            for adapter in lm.adapter_modules("default").values():
+                adapter.scale_out.normal_(0.0, 5e-4)
+        lm.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = lm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads[autocast] = {n: p.grad for n, p in lm.named_parameters() if p.requires_grad}
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads[True].values())
+    for name, want in grads[False].items():
+        got = grads[True][name]
+        assert float((got - want).norm() / want.norm()) < 0.1, name

@@ -56,6 +56,15 @@ def hqq_layer_cls() -> type:
             self.device = str(self.W_q.device)
             return result
 
+        def matmul(self, x: torch.Tensor, transpose: bool = True) -> torch.Tensor:
+            """HQQ's ``x @ W.T`` (its forward with a backward) or ``x @ W`` (that backward), with the dequantized
+            weight in ``x``'s dtype: under ``torch.autocast`` the output gradient is of the autocast dtype (bfloat16)
+            while the weight is of the compute dtype, and HQQ's ``torch.matmul`` of the two failed."""
+            weight = self.dequantize()
+            if x.is_floating_point() and weight.dtype != x.dtype:
+                weight = weight.to(x.dtype)
+            return torch.matmul(x, weight.t() if transpose else weight)
+
     LordbaHQQLinear.__qualname__ = LordbaHQQLinear.__name__  # pickled by name: this module's ``__getattr__``
     LordbaHQQLinear.__module__ = __name__
     return LordbaHQQLinear
