@@ -5,7 +5,8 @@
 Written as a single :class:`torch.autograd.Function` so that training saves only ``x`` (which the
 base layer's caller keeps anyway) and ``h1`` (tokens × r), like a LoRA branch, instead of every
 stage's activation. The backward needs no tokens × in or tokens × out temporary besides the input
-gradient itself:
+gradient itself (but for float16 inputs, whose backward runs in float32: the parameters' gradients sum over
+every token, beyond float16's range):
 
     P = g1ᵀ x (r×in):   ∂S_A = P ⊙ b,   ∂b = Σ_k S_A ⊙ P,   ∂x = g1 (S_A ⊙ b)
     Q = gᵀ h2 (out×r):  ∂S_B = (s a) ⊙ Q, ∂a = s Σ_k S_B ⊙ Q, g2 = g (S_B ⊙ s a)
@@ -63,6 +64,9 @@ class DoubleBinaryBranch(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor, _grad_h1: torch.Tensor | None):  # noqa: ANN001
         x, h1, src_A, src_B, b, m, a = ctx.saved_tensors
         need = ctx.needs_input_grad
+        in_dtype = x.dtype
+        if in_dtype == torch.float16:  # in float32: the parameters' gradients sum over every token, and in float16
+            x, h1, grad_out = x.float(), h1.float(), grad_out.float()  # small ones flush, large ones overflow
         dt = x.dtype
         s = ctx.scaling
         sign_A = hard_sign(src_A).to(dt)
@@ -82,7 +86,7 @@ class DoubleBinaryBranch(torch.autograd.Function):
         g1 = g2 * md
         grad_x = grad_A = grad_B = grad_b = grad_m = grad_a = None
         if need[0]:
-            grad_x = (g1 @ (sign_A * bd[None, :])).reshape(x.shape)
+            grad_x = (g1 @ (sign_A * bd[None, :])).reshape(x.shape).to(in_dtype)
         if need[1] or need[3]:
             p = g1.t() @ x2  # r × in
             if need[1]:
