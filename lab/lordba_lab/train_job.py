@@ -78,11 +78,6 @@ class TrainJob:
             raise ConfigError(f"max_length must be a positive integer, got {self.max_length!r}")
         if self.train_on not in TRAIN_ON:
             raise ConfigError(f"train_on must be one of {TRAIN_ON}, got {self.train_on!r}")
-        if self.settings.bf16 and self.quant == "hqq":
-            raise ConfigError(
-                "bf16 (--bf16) is not supported on an HQQ base (--quant hqq): HQQ's backward pass fails "
-                "under bfloat16 autocast; use --quant bnb or --quant none, or train in float32"
-            )
         LoRDBAConfig(
             **_rank(self, None),
             scale_dtype=self.scale_dtype,

@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from lordba._util.jsonio import parse_json, safe_repr
 from lordba.errors import ConfigError, LoRDBAError, TrainingError
 from lordba.format.atomic import atomic_write_bytes
-from lordba.quant import resolve_backend
 from lordba.train.checkpoint import (
     Checkpoint,
     clear_checkpoints,
@@ -171,8 +170,6 @@ def train_loop(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters")
-    if settings.bf16:
-        _refuse_bf16_base(model)
     seed_everything(settings.seed)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     factor = _schedule(settings)
@@ -300,22 +297,6 @@ def _micro_weights(batches: list[dict[str, torch.Tensor]]) -> list[float]:
     if min(counts) < 0 or total == 0:
         return [1.0 / len(batches)] * len(batches)
     return [n / total for n in counts]
-
-
-def _refuse_bf16_base(model: torch.nn.Module) -> None:
-    """Refuse bfloat16 autocast on a base whose backward fails under it: HQQ multiplies the bfloat16
-    gradient by its float32 dequantized weight (``RuntimeError`` after the first forward).
-
-    Raises:
-        ConfigError: naming ``bf16`` and the first such layer.
-    """
-    for name, module in model.named_modules():
-        backend = resolve_backend(module)
-        if backend is not None and backend.name == "hqq":
-            raise ConfigError(
-                f"TrainSettings.bf16 is not supported on an HQQ base (layer {name!r}): HQQ's backward fails under "
-                "bfloat16 autocast; train in float32 (bf16=False) or on another base (q4, bnb, none)"
-            )
 
 
 def _stop_non_finite(step: int, settings: TrainSettings, ckpt_dir: Path | None) -> None:
