@@ -35,9 +35,10 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
 
     # ------------------------------------------------------------------ gradient checkpointing
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Enable the wrapped model's gradient checkpointing (``None``: transformers' default arguments); with
-        re-entrant checkpointing the inputs are made to require grad so that gradients reach the adapters of a frozen
-        base."""
+        """Enable the wrapped model's gradient checkpointing (``None``: transformers' default arguments, which
+        transformers 5 makes non-re-entrant and 4 re-entrant). Unless ``use_reentrant=False`` is given, the inputs
+        are also made to require grad, which re-entrant checkpointing needs for gradients to reach the adapters of a
+        frozen base (harmless for the other variant)."""
         enable = getattr(self.base_model, "activation_checkpointing_enable", None)  # (the old name warns)
         if enable is not None:
             enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
