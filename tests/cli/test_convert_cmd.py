@@ -110,12 +110,31 @@ def test_an_adapter_name_the_peft_folder_lacks_is_refused_rather_than_converting
 @pytest.mark.parametrize("method", ["bcd", "init"])
 def test_admm_iterations_with_a_method_that_runs_no_admm_are_refused_not_ignored(lora_dir, tmp_path, method, capsys):
     """``--method bcd --admm-iters 40`` converted with no ADMM at all (exit 0): the flag was dropped silently. It
-    is refused naming both options, before the work; ``--admm-iters 0`` (no ADMM) still goes with any method."""
+    is refused naming both options, before the work (a usage error, as --iters and --tol with a method that runs no
+    BCD); ``--admm-iters 0`` (no ADMM) still goes with any method."""
     out = tmp_path / "out"
-    argv = ["convert", str(lora_dir), str(out), "--quiet", "--iters", "1", "--method", method]
-    assert main([*argv, "--admm-iters", "40"]) == 3
+    argv = ["convert", str(lora_dir), str(out), "--quiet", "--method", method, *(["--iters", "1"] * (method == "bcd"))]
+    assert main([*argv, "--admm-iters", "40"]) == 2
     err = capsys.readouterr().err
     assert "--admm-iters 40" in err and f"--method {method}" in err and not out.exists()
     assert main([*argv, "--admm-iters", "0"]) == 0
-    assert main(["convert", str(lora_dir), str(tmp_path / "b"), "--quiet", "--iters", "1", "--method", "admm",
+    assert main(["convert", str(lora_dir), str(tmp_path / "b"), "--quiet", "--iters", "1", "--method", "admm+bcd",
                  "--admm-iters", "2"]) == 0  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["admm", "init"])
+@pytest.mark.parametrize("option, value", [("--iters", "5"), ("--tol", "0.5")])
+def test_bcd_options_with_a_method_that_runs_no_bcd_are_refused_not_ignored(
+    lora_dir, tmp_path, method, option, value, capsys
+):
+    """``--method admm --iters 5`` (or ``--tol``) converted with no BCD at all (exit 0): their defaults were not
+    None, so the command could not tell them given. They are refused as a usage error (exit 2) naming the option
+    and the method, before the work; ``--iters 0`` (no BCD) still goes with any method, and both with bcd."""
+    out = tmp_path / "out"
+    argv = ["convert", str(lora_dir), str(out), "--quiet", "--method", method]
+    assert main([*argv, option, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{option} {value}" in err and f"--method {method}" in err and "internal error" not in err
+    assert not out.exists()
+    assert main([*argv, "--iters", "0"]) == 0
+    assert main(["convert", str(lora_dir), str(tmp_path / "b"), "--quiet", "--method", "bcd", option, value]) == 0

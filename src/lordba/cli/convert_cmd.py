@@ -47,13 +47,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--iters",
         type=non_negative_int,
         default=30,
+        action=_Given,
         help="BCD iterations at most (default 30; --method init gives the closed form alone)",
     )
     p.add_argument(
         "--tol",
         type=tolerance,
         default=1e-3,
-        help="stop when an iteration improves the error by less than this fraction",
+        action=_Given,
+        help="stop when a BCD iteration improves the error by less than this fraction (default 0.001)",
     )
     p.add_argument("--gauge", choices=(*GAUGES, "best"), default="svd", help="start of the solver (default svd)")
     p.add_argument("--method", choices=METHODS, default="admm+bcd", help="sign solver (default admm+bcd)")
@@ -77,6 +79,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or tables")
 
 
+class _Given(argparse.Action):
+    """Store the value, and its option's name in ``namespace.given``: the default is the library's, and ``run``
+    refuses an option the ``--method`` does not use only when it was given."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object, flag: object = None
+    ) -> None:
+        setattr(namespace, self.dest, value)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
 def target_bpw(text: str) -> float:
     """A finite number > 0 and at most 32 (the LoRA itself in float32); ``argparse.ArgumentTypeError`` otherwise."""
     return _bounded(text, float, lambda v: math.isfinite(v) and 0 < v <= 32, "a number greater than 0 and at most 32")
@@ -88,17 +101,44 @@ def tolerance(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Convert; returns 0, or 2 for a solver option the ``--method`` does not use."""
+    from lordba.cli._base import UsageError, usage_error
+
+    try:
+        return _convert(args)
+    except UsageError as err:
+        return usage_error(NAME, err)
+
+
+def _unused_options(args: argparse.Namespace) -> None:
+    """Refuse a solver option given with a ``--method`` that does not use it (it was ignored silently).
+
+    Raises:
+        UsageError: ``--admm-iters`` (not 0) without ADMM, ``--iters`` (not 0) or ``--tol`` without BCD.
+    """
+    from lordba.cli._base import UsageError
+
+    given = getattr(args, "given", set())
+    for flag, value, solver, uses, asked in (
+        ("--admm-iters", args.admm_iters, "ADMM", ("admm+bcd", "admm"), bool(args.admm_iters)),
+        ("--iters", args.iters, "BCD", ("admm+bcd", "bcd"), "iters" in given and args.iters != 0),
+        ("--tol", args.tol, "BCD", ("admm+bcd", "bcd"), "tol" in given),
+    ):
+        if asked and args.method not in uses:
+            raise UsageError(
+                f"{flag} {value}: --method {args.method} runs no {solver} iterations; use --method "
+                f"{' or '.join(uses)}, or leave {flag} out"
+            )
+
+
+def _convert(args: argparse.Namespace) -> int:
     import dataclasses
 
     from lordba.convert import SolverOptions, check_output_dir, convert_lora, default_config, read_lora, save_converted
-    from lordba.errors import ConfigError, ConversionError, LoRDBAError
+    from lordba.errors import ConversionError, LoRDBAError
 
+    _unused_options(args)
     check_output_dir(args.out_dir, args.overwrite, source=args.peft_dir)  # fail before the work, not after
-    if args.admm_iters and args.method not in ("admm", "admm+bcd"):
-        raise ConfigError(
-            f"--admm-iters {args.admm_iters}: --method {args.method} runs no ADMM iterations; "
-            "use --method admm+bcd or admm, or leave --admm-iters out"
-        )
     if args.report is not None:
         _check_report_path(args.report)
     lora = read_lora(args.peft_dir, args.adapter_name, args.allow_pickle, args.skip_unsupported)
