@@ -44,6 +44,32 @@ def test_a_report_path_that_cannot_take_the_report_is_refused_before_converting(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("where", ["adapter_model.safetensors", "README.json", "sub/report.json"])
+def test_a_report_inside_the_source_or_the_output_folder_is_refused_before_converting(
+    lora_dir, tmp_path, where, capsys
+):
+    """``--report PEFT_DIR/adapter_model.safetensors`` wrote the JSON report over the LoRA's weights (exit 0; the
+    LoRA could not be read again), ``README.json`` its Markdown over README.md; an OUT_DIR inside PEFT_DIR
+    added a folder to it. Both are refused (exit 3 naming the path), before any work, as a report inside the
+    OUT_DIR replaced (it would replace a file of the adapter), and PEFT_DIR is left as it was."""
+    import shutil
+
+    source = shutil.copytree(lora_dir, tmp_path / "lora")
+    (source / "sub").mkdir()
+    before = {p: p.read_bytes() for p in source.rglob("*") if p.is_file()}
+    argv = ["convert", str(source), str(tmp_path / "out"), "--quiet", "--iters", "1"]
+    assert main([*argv, "--report", str(source / where)]) == 3
+    assert f"--report {source / where}: inside {source} (PEFT_DIR" in capsys.readouterr().err
+    assert main(["convert", str(source), str(source / "lordba"), "--quiet", "--iters", "1"]) == 3
+    assert f"OUT_DIR {source / 'lordba'}: inside {source} (PEFT_DIR" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in source.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in source.iterdir()) == sorted(["sub", *(p.name for p in lora_dir.iterdir())])
+    assert not (tmp_path / "out").exists()
+    assert main(argv) == 0
+    assert main([*argv, "--overwrite", "--report", str(tmp_path / "out" / "adapter_config.json")]) == 3
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+
+
 @pytest.mark.parametrize(
     "option, value",
     [

@@ -142,6 +142,10 @@ def _convert(args: argparse.Namespace) -> int:
     if args.report is not None:
         _check_report_path(args.report)
     lora = read_lora(args.peft_dir, args.adapter_name, args.allow_pickle, args.skip_unsupported)
+    _check_outside(Path(args.out_dir), "OUT_DIR", args.peft_dir)  # (a PEFT_DIR that holds no LoRA is said first)
+    if args.report is not None:
+        for target in (args.report, args.report.with_suffix(".md")):
+            _check_outside(target, "--report", args.peft_dir, args.out_dir)
     config = None if args.alpha is None else dataclasses.replace(default_config(lora), alpha=args.alpha)
     admm = {} if args.admm_iters is None else {"admm_iters": args.admm_iters}
     options = SolverOptions(gauge=args.gauge, method=args.method, iters=args.iters, tol=args.tol, **admm)
@@ -176,6 +180,29 @@ def _convert(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _check_outside(path: Path, what: str, source: str, out: str | None = None) -> None:
+    """Refuse, before any work, writing ``path`` inside the ``source`` folder (PEFT_DIR: a report named after
+    one of its files replaced it, the LoRA lost; an OUT_DIR in it is one more folder PEFT_DIR holds), or
+    a report inside ``out`` (it would replace a file of the adapter just written).
+
+    Raises:
+        ConfigError: ``path`` is ``source`` or lies inside it, or inside ``out``.
+    """
+    import os
+
+    from lordba.errors import ConfigError
+
+    real = Path(os.path.realpath(path))
+    for folder, why in (
+        (source, "PEFT_DIR, the LoRA converted: lordba convert writes nothing into it"),
+        (out, "OUT_DIR, which the adapter replaces (its report is conversion_report.json there)"),
+    ):
+        if folder is not None and Path(folder).exists():
+            inside = Path(os.path.realpath(folder))
+            if real == inside or inside in real.parents:
+                raise ConfigError(f"{what} {path}: inside {folder} ({why}); write it elsewhere")
 
 
 def _check_report_path(path: Path) -> None:
