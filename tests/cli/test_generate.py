@@ -550,6 +550,42 @@ def test_the_token_is_chosen_by_temperature_and_top_p_alone_as_the_server_choose
     assert out == want + "\n" and "do_sample" not in err
 
 
+def test_no_setting_of_the_generation_config_chooses_the_token(folder, tmp_path, capsys):
+    """Past top-k and the repetition penalty, generate / chat still let ``generate`` apply the rest of the model's
+    generation config (min-p, typical-p, n-gram blocking, a least length, ...), which lordba serve never applies:
+    the same --temperature / --top-p sampled another distribution, and even the greedy text changed."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    model_dir = shutil.copytree(folder, tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tok("ab", return_tensors="pt").input_ids
+    first = int(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)[0, -1])
+    config = {"do_sample": True, "min_p": 0.9, "typical_p": 0.2, "no_repeat_ngram_size": 1, "suppress_tokens": [first]}
+    GenerationConfig(**config, eos_token_id=tok.eos_token_id).save_pretrained(model_dir)
+    argv = ["generate", "--model", str(model_dir), "--quant", "none", "--max-new-tokens", "8", "ab"]
+
+    def reference(seed, **settings):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, top_k=0, repetition_penalty=1.0, **settings,
+            )  # fmt: skip
+        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    want = reference(7, do_sample=True, temperature=1.5, top_p=1.0)
+    assert want != reference(7, **{**config, "temperature": 1.5, "top_p": 1.0})  # what the config would make of it
+    assert main([*argv, "--temperature", "1.5", "--seed", "7"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    want = reference(0, do_sample=False)
+    assert want != reference(0, do_sample=False, suppress_tokens=[first])
+    assert main(argv) == 0
+    assert capsys.readouterr().out == want + "\n"
+
+
 @pytest.fixture(scope="module")
 def plain_adapter(folder, tmp_path_factory):
     """An adapter made on the unquantized base: its config records no base quantization."""

@@ -54,7 +54,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         type=non_negative_float,
         default=0.0,
         help="sampling temperature; 0 is greedy (default 0). The next token is chosen by --temperature and --top-p "
-        "alone, as lordba serve chooses it: no top-k, nor the model's generation config's repetition penalty",
+        "alone, as lordba serve chooses it: no setting of the model's generation config (top-k, min-p, ...)",
     )
     p.add_argument("--top-p", type=mass_fraction, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1.0)")
     p.add_argument("--seed", type=seed, default=0, help=f"sampling seed, 0 to {SEED_MAX} (default 0)")
@@ -188,6 +188,7 @@ def load(args: argparse.Namespace) -> Loaded:
     except (OSError, ValueError) as err:  # transformers' errors for a folder it cannot read
         raise ConfigError(f"--model {folder}: transformers cannot load it ({type(err).__name__}: {err})") from None
     model = quantize_model_cached(model, folder, base.backend, base.bits, base.group_size, compute=base.compute)
+    model.generation_config = stopping_only(model.generation_config)
     kernels.cpu_available()  # build or load the CPU kernels before the first token
     if args.adapter:
         model = LoRDBAModel.from_pretrained(model, args.adapter).eval()
@@ -206,6 +207,17 @@ def load(args: argparse.Namespace) -> Loaded:
 
     say_decode_warnings()
     return Loaded(model, tokenizer, FastDecode(model, compile_it, getattr(args, "compile_mode", "default")))
+
+
+_KEPT = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "use_cache", "cache_implementation")
+
+
+def stopping_only(config: Any) -> Any:
+    """``config`` with only its special token ids and cache settings: ``generate`` (and ``--aot``'s decoder) apply
+    every setting of the model's generation config they are not given (min-p, typical-p, n-gram blocking, ...)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(**{n: v for n in _KEPT if (v := getattr(config, n, None)) is not None})
 
 
 def check_text(text: str, what: str) -> str:
@@ -353,8 +365,8 @@ def _generate_streaming(loaded: Loaded, kwargs: dict, out: Any) -> tuple[Any, fl
 def stream(loaded: Loaded, input_ids: Any, args: argparse.Namespace, out: Any = None) -> str:
     """Generate from ``input_ids`` (at most :func:`new_tokens`), writing text to ``out`` as it comes;
     prints time to first token and tokens/s to stderr; returns the generated text. The tokens are chosen by
-    ``--temperature`` and ``--top-p`` alone, as ``lordba serve`` chooses them: not by the model's generation config's
-    top-k (or transformers' default, 50) or repetition penalty. With ``--compile`` the decode step is
+    ``--temperature`` and ``--top-p`` alone, as ``lordba serve`` chooses them: not by the model's generation config
+    (:func:`stopping_only`), nor transformers' default top-k (50). With ``--compile`` the decode step is
     compiled first (:func:`_prepare`); if compiled generation still fails before any text was
     written, it is run again eagerly."""
     import torch
