@@ -203,6 +203,24 @@ def test_export_lora_that_cannot_write_its_output_exits_3(adapter_dir, tmp_path,
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+def test_a_path_the_system_refuses_is_an_error_naming_it_not_an_internal_error(tmp_path, capsys, monkeypatch):
+    """``lordba convert NAME OUT`` with a NAME longer than the file system takes (or, for a user, one in a folder
+    they may not read: PermissionError) ended as an internal error with a traceback (exit 1); an ``OSError`` that
+    names a path is the user's input: exit 3 naming it. One that names no path is still an internal error."""
+    long = tmp_path / ("a" * 300)
+    assert main(["convert", str(long), str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err
+    assert f"lordba convert: error: {long}: File name too long" in err
+    assert "internal error" not in err and "Traceback" not in err
+
+    def broken(args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("lordba.cli.inspect_cmd.run", broken)
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert "internal error" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("port", ["70000", "-1", "http"])
 def test_serve_refuses_a_port_out_of_range_as_a_usage_error(port, capsys):
     """Before the model is loaded (it was an internal OverflowError from the socket's bind after loading)."""

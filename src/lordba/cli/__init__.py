@@ -14,7 +14,8 @@ Exit codes scripts can rely on:
 * 1: unexpected internal error (a bug: please report it)
 * 2: usage error (bad arguments), or a command whose optional dependency is not installed (the
   message names what to install)
-* 3: invalid input: a bad, corrupt or mismatched adapter, config or data file (a ``LoRDBAError``)
+* 3: invalid input: a bad, corrupt or mismatched adapter, config or data file (a ``LoRDBAError``), or a path
+  the system refuses (an ``OSError`` naming it: no permission, a name too long, a full disk)
 * 130: interrupted (Ctrl-C)
 * 141: the output's reader went away (``lordba ... | head``: a broken pipe, as a shell reports SIGPIPE;
   quietly)
@@ -209,6 +210,12 @@ def _main(argv: Sequence[str] | None) -> int:
             return _internal(command)
         print(f"lordba {command}: needs the optional dependency {err.name!r}, not installed: {hint}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:
+        if err.filename is None:  # no path of the user's to name: a bug, as before
+            return _internal(command)
+        paths = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        print(f"lordba {command}: error: {paths}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_INVALID
     except Exception:
         return _internal(command)
 
