@@ -219,3 +219,33 @@ def test_an_adapter_that_records_no_base_is_served_unquantized_and_q4_compute_ne
         state, code = served_state(monkeypatch, ["--model", str(model_dir), "--adapters", str(adapters), *extra])
         err = capsys.readouterr().err
         assert state is None and code == 2 and extra[-2] in err and "lordba serve: error:" in err
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--quant", "q4", "--bits", "8"],
+        ["--quant", "q4", "--group-size", "48"],
+        ["--quant", "hqq", "--bits", "5"],
+        ["--quant", "hqq", "--group-size", "12"],
+        ["--quant", "bnb", "--bits", "8"],
+        ["--quant", "bnb", "--group-size", "128"],  # was served as "blocks of 128": NF4 blocks are 64
+    ],
+)
+def test_bits_or_group_size_the_backend_cannot_build_is_a_usage_error_before_the_model_loads(
+    extra, tmp_path, monkeypatch, capsys
+):
+    """--quant q4 --bits 8 loaded the model (a minute on a real one) and only then exited 3 from the quantizer; a bnb
+    --group-size was ignored. Exit 2 naming the options, nothing loaded: lordba serve, generate and chat alike."""
+    import lordba.serve.server
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(lordba.serve.server, "load_base", no_load)
+    model = tmp_path / "m"  # no model in it: generate and chat, past the check, exit 3 (not a model folder)
+    model.mkdir()
+    for command, tail in (("serve", []), ("generate", ["hi"]), ("chat", [])):
+        assert main([command, "--model", str(model), *extra, *tail]) == 2, command
+        err = capsys.readouterr().err
+        assert f"lordba {command}: error: {' '.join(extra)}: the {extra[1]} base" in err, err

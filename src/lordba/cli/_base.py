@@ -103,8 +103,9 @@ def choose_base(args: argparse.Namespace, records: dict[str, dict[str, Any] | No
 
     Raises:
         UsageError: the records disagree (naming two adapters and their records), one records a base ``--quant``
-            cannot build, or ``--q4-compute`` / ``--bits`` / ``--group-size`` is given for a base they do not apply
-            to (they would be ignored).
+            cannot build, ``--q4-compute`` / ``--bits`` / ``--group-size`` is given for a base they do not apply
+            to (they would be ignored), or the bits and group size are ones the backend does not take (``--quant q4
+            --bits 8``).
     """
     if args.quant != "auto":
         base = Base(args.quant, why=f"--quant {args.quant}")
@@ -122,7 +123,28 @@ def choose_base(args: argparse.Namespace, records: dict[str, dict[str, Any] | No
             f"--q4-compute applies to the q4 base, and the base is {base.describe()} ({base.why}): give --quant q4, "
             "or leave --q4-compute out"
         )
-    return Base(base.backend, args.bits or base.bits, args.group_size or base.group_size, args.q4_compute, base.why)
+    chosen = Base(base.backend, args.bits or base.bits, args.group_size or base.group_size, args.q4_compute, base.why)
+    problem = _unbuildable(chosen)
+    if problem:
+        given = (("--bits", args.bits), ("--group-size", args.group_size))
+        source = " ".join([f"--quant {args.quant}", *(f"{flag} {value}" for flag, value in given if value)])
+        raise UsageError(
+            f"{source}: the {chosen.backend} base {problem}, got {chosen.bits}-bit with groups of {chosen.group_size} "
+            f"({chosen.why}): choose --quant, --bits and --group-size that fit together"
+        )
+    return chosen
+
+
+def _unbuildable(base: Base) -> str | None:
+    """What of ``base`` its backend cannot build (the checks of :func:`lordba.quant.quantize_model`, made before the
+    model loads: they failed with exit 3 only once it had loaded), else None."""
+    if base.backend == "q4" and (base.bits != 4 or base.group_size % 32):
+        return "is 4-bit with groups of a multiple of 32"
+    if base.backend == "hqq" and (base.bits not in (1, 2, 3, 4, 8) or base.group_size % 8):
+        return "takes 1, 2, 3, 4 or 8 bits with groups of a multiple of 8"
+    if base.backend == "bnb" and (base.bits != 4 or base.group_size != DEFAULT_GROUP_SIZE):
+        return f"is NF4: 4-bit with blocks of {DEFAULT_GROUP_SIZE}"
+    return None
 
 
 def generation_base(args: argparse.Namespace) -> Base:
@@ -170,7 +192,8 @@ def _recorded(records: dict[str, dict[str, Any] | None], fallback: str) -> Base:
     if unrecorded:
         why += f" ({_names(unrecorded)} {'records' if len(unrecorded) == 1 else 'record'} none)"
     group = record["group_size"] if record["group_size"] is not None else DEFAULT_GROUP_SIZE
-    return Base(record["backend"], int(record["bits"]), int(group), why=why)
+    bits = int(record["bits"]) if float(record["bits"]).is_integer() else record["bits"]  # 3.5: no base builds it
+    return Base(record["backend"], bits, int(group), why=why)
 
 
 def _names(names: list[str]) -> str:
