@@ -612,3 +612,26 @@ def assert_serves(model, name, served, source):
     with torch.no_grad():
         got = model(input_ids=ids, adapter_names=[name]).logits
         assert torch.equal(got, fresh(input_ids=ids, adapter_names=[source]).logits)
+
+
+def test_the_adapters_folder_removed_while_serving_lists_what_is_loaded_and_says_so_once(model, folder, caplog):
+    """The --adapters folder deleted (or renamed) while serving made names() raise FileNotFoundError: GET /v1/models
+    and /v1/models/{name} were a 500. They list what is loaded (the folder's adapters not loaded are gone: a 404);
+    the log says once that the folder cannot be listed, and again once it came back and went again."""
+    registry = AdapterRegistry(model, folder)
+    registry.register("mine", "b")
+    moved = folder.with_name("moved")
+    folder.rename(moved)
+    with caplog.at_level("WARNING", logger="lordba.serve"):
+        assert registry.names() == ["mine"] and registry.names() == ["mine"]
+        with pytest.raises(UnknownAdapterError, match="'a'"):
+            registry.acquire("a")
+        registry.acquire("mine")
+        registry.release("mine")
+        said = [r.getMessage() for r in caplog.records if "cannot be listed" in r.getMessage()]
+        assert len(said) == 1 and str(folder.resolve()) in said[0]
+        moved.rename(folder)
+        assert registry.names() == ["a", "b", "c", "mine"]
+        shutil.rmtree(folder)
+        assert registry.names() == ["mine"]
+        assert len([r for r in caplog.records if "cannot be listed" in r.getMessage()]) == 2

@@ -15,6 +15,7 @@ adapter is never evicted; an unload waits for its last request to finish.
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -36,6 +37,8 @@ from lordba.serve.errors import (
     UnavailableError,
     UnknownAdapterError,
 )
+
+log = logging.getLogger("lordba.serve")
 
 
 class RegistryObserver(Protocol):
@@ -95,6 +98,7 @@ class AdapterRegistry:
         self._draining: dict[str, _Entry] = {}  # unloaded while requests still hold them
         self._lru: OrderedDict[str, None] = OrderedDict()  # resident names, least recently used first
         self.loads = self.evictions = 0
+        self._folder_gone = False  # the folder could not be listed last time (said once in the log)
 
     # ------------------------------------------------------------------ names
     def check_name(self, name: str, param: str = "model") -> str:
@@ -126,10 +130,25 @@ class AdapterRegistry:
 
     def names(self) -> list[str]:
         """Every adapter name that can be served: registered ones and those in the folder."""
-        found = {d.name for d in folder_adapters(self.folder)} if self.folder is not None else set()
+        found = {d.name for d in self._folder_adapters()}
         with self._cond:  # a folder adapter not resident is listed only while its folder has it
             known = {n for n, e in self._entries.items() if e.resident or not e.from_folder}
             return sorted(found - self.reserved | known)
+
+    def _folder_adapters(self) -> list[Path]:
+        """The folder's adapters (:func:`folder_adapters`); none while the folder cannot be listed (deleted or renamed
+        while serving: ``/v1/models`` was a 500), said once in the log until it can be again."""
+        if self.folder is None:
+            return []
+        try:
+            found = folder_adapters(self.folder)
+        except OSError as err:
+            if not self._folder_gone:
+                log.warning("--adapters %s cannot be listed (%s): serving only the adapters loaded", self.folder, err)
+            self._folder_gone = True
+            return []
+        self._folder_gone = False
+        return found
 
     def resident(self) -> dict[str, int]:
         """``{name: bytes}`` of the adapters on the model, least recently used first."""
