@@ -635,3 +635,29 @@ def test_the_adapters_folder_removed_while_serving_lists_what_is_loaded_and_says
         shutil.rmtree(folder)
         assert registry.names() == ["mine"]
         assert len([r for r in caplog.records if "cannot be listed" in r.getMessage()]) == 2
+
+
+def test_a_registered_adapter_evicted_whose_files_were_removed_is_not_listed_and_a_request_is_a_404(model, folder):
+    """A name registered by load_lora_adapter, evicted by the LRU, whose directory was then removed stayed listed in
+    /v1/models; a request for it was a 400 'adapter_invalid' naming the server's path. It is not listed (nor is the
+    folder adapter its name masks), a request is a 404 naming it (the folder's adapter of that name is not served in
+    its place), and the name can be registered again or unloaded."""
+    size = payload_bytes(folder / "a" / "lordba_model.safetensors")
+    registry = AdapterRegistry(model, folder, max_bytes=int(1.5 * size))
+    registry.register("mine", "b")
+    registry.register("a", "c")  # masks the folder's a
+    registry.acquire("b")  # evicts mine and a
+    registry.release("b")
+    assert registry.resident() == {"b": registry._entries["b"].nbytes}
+    shutil.rmtree(folder / "c")
+    os.rename(folder / "b", folder / "old-b")  # b stays resident: still served
+    assert registry.names() == ["b", "old-b"]
+    for name in ("mine", "a"):
+        with pytest.raises(UnknownAdapterError, match=f"'{name}'.*removed") as err:
+            registry.acquire(name)
+        assert err.value.status == 404 and str(folder) not in str(err.value)
+    registry.register("mine", "old-b")  # evicts b, whose folder no longer has it
+    registry.unload("a")
+    assert registry.names() == ["a", "mine", "old-b"]
+    registry.acquire("a")  # the folder's own a now
+    assert registry._entries["a"].from_folder

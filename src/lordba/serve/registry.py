@@ -132,8 +132,15 @@ class AdapterRegistry:
         """Every adapter name that can be served: registered ones and those in the folder."""
         found = {d.name for d in self._folder_adapters()}
         with self._cond:  # a folder adapter not resident is listed only while its folder has it
-            known = {n for n, e in self._entries.items() if e.resident or not e.from_folder}
-            return sorted(found - self.reserved | known)
+            entries = list(self._entries.items())
+        known = {n for n, e in entries if e.resident or not e.from_folder}
+        gone = {n for n, e in entries if self._files_gone(e)}  # a request is a 404 (the folder's adapter is masked)
+        return sorted((found - self.reserved | known) - gone)
+
+    def _files_gone(self, entry: _Entry) -> bool:
+        """Whether ``entry`` is a registered adapter (``load_lora_adapter``), not resident, whose directory holds no
+        adapter any more: it cannot be served until registered again."""
+        return not entry.resident and not entry.from_folder and not in_folder(self.folder, entry.path)
 
     def _folder_adapters(self) -> list[Path]:
         """The folder's adapters (:func:`folder_adapters`); none while the folder cannot be listed (deleted or renamed
@@ -161,6 +168,11 @@ class AdapterRegistry:
         """The entry of ``name`` (lock held), discovering it in the folder; 404 if unknown, 503 while another
         directory's adapter registered under that name and unloaded still drains (the model holds one per name)."""
         entry = self._entries.get(name)
+        if entry is not None and self._files_gone(entry):  # not the folder's adapter of that name in its place
+            raise UnknownAdapterError(
+                f"The model '{name}' does not exist: its adapter files were removed from the server since it was "
+                "registered (load it again with /v1/load_lora_adapter)"
+            )
         if entry is not None and (entry.resident or not entry.from_folder or in_folder(self.folder, entry.path)):
             return entry
         if entry is not None:  # a folder adapter not resident whose directory has gone
@@ -243,7 +255,11 @@ class AdapterRegistry:
         with self._load_lock:
             with self._cond:
                 current = self._entries.get(name)
-                if current is not None and (current.resident or not current.from_folder):
+                if (
+                    current is not None
+                    and (current.resident or not current.from_folder)
+                    and not self._files_gone(current)
+                ):
                     raise AdapterConflictError(f"The lora adapter '{name}' has already been loaded.")
                 if name in self._draining:  # unloaded, its requests still running: the model holds one per name
                     raise UnavailableError(
