@@ -661,3 +661,37 @@ def test_a_registered_adapter_evicted_whose_files_were_removed_is_not_listed_and
     assert registry.names() == ["a", "mine", "old-b"]
     registry.acquire("a")  # the folder's own a now
     assert registry._entries["a"].from_folder
+
+
+def test_an_adapter_recording_another_quantized_base_is_refused_naming_both_unless_allowed(
+    served, folder, tmp_path, caplog
+):
+    """An adapter loaded after startup (first use, load_lora_adapter) that records another base quantization than
+    the served one ran on it with a warning that named no adapter (printed once per process): its outputs were not
+    the ones it was trained for. On a quantized base it is a 400 naming both bases, unless the server allows it
+    (--allow-base-mismatch: logged with its name); an unquantized base serves it, logged with its name."""
+    from lordba.quant import quantize_model
+
+    from conftest import set_config
+
+    q4 = {"backend": "q4", "bits": 4, "group_size": 64}
+    set_config(folder / "a", base_quantization=q4)
+    set_config(folder / "b", base_quantization={"backend": "hqq", "bits": 2, "group_size": 16})
+    base = AutoModelForCausalLM.from_pretrained(served[0]).eval()
+    quantized = LoRDBAModel(quantize_model(base, backend="q4", group_size=64))
+    registry = AdapterRegistry(quantized, folder)
+    assert registry.base == q4
+    registry.acquire("a")  # the base it records: no word
+    with pytest.raises(AdapterLoadError, match=r"'b' was trained on a base quantized as .*'hqq'.*'q4'") as err:
+        registry.acquire("b")
+    assert err.value.status == 400 and "--allow-base-mismatch" in str(err.value) and "b" not in quantized.peft_config
+    with pytest.raises(AdapterLoadError, match="'mine' was trained") as err:
+        registry.register("mine", "b")
+    assert err.value.param == "lora_name" and "mine" not in registry.names()
+    with caplog.at_level("WARNING", logger="lordba.serve"):
+        AdapterRegistry(quantized, folder, allow_base_mismatch=True).acquire("b")
+        plain = LoRDBAModel(AutoModelForCausalLM.from_pretrained(served[0]).eval())
+        AdapterRegistry(plain, folder).acquire("b")
+    said = [r.getMessage() for r in caplog.records if "was trained on" in r.getMessage()]
+    assert len(said) == 2 and all(s.startswith("adapter 'b' was trained on") for s in said), said
+    assert "the served base is {'backend': 'q4'" in said[0] and "the served base is unquantized" in said[1]

@@ -203,6 +203,10 @@ def test_quant_auto_refuses_adapters_trained_on_different_bases_naming_two(q4_se
     monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
     state, code = served_state(monkeypatch, ["--model", str(model_dir), "--adapters", str(mixed), "--quant", "q4"])
     assert code == 0 and "serving the base q4 (4-bit, groups of 64): --quant q4" in capsys.readouterr().err
+    assert not state.registry.allow_base_mismatch  # a request for b is a 400 naming both bases (test_registry)
+    argv = ["--model", str(model_dir), "--adapters", str(mixed), "--quant", "q4", "--allow-base-mismatch"]
+    state, code = served_state(monkeypatch, argv)
+    assert code == 0 and state.registry.allow_base_mismatch
 
 
 def test_an_adapter_that_records_no_base_is_served_unquantized_and_q4_compute_needs_a_q4_base(

@@ -39,6 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the base model (default float32)"
     )
+    p.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="serve an adapter that records another quantized base than the served one (with a warning in the log; "
+        "default: a request for it is a 400 naming both bases). An unquantized base serves every adapter",
+    )
     add_quant_arguments(
         p,
         "the base the adapters of --adapters were trained on (the quantization their configs record: they must "
@@ -111,8 +117,9 @@ def run(args: argparse.Namespace) -> int:
         return usage_error(NAME, err)
     print(f"lordba serve: serving the base {base.describe()}: {base.why}", file=sys.stderr)
     model, tokenizer = load_base(folder, args.dtype, base.backend, base.bits, base.group_size, base.compute)
+    name = args.served_model_name or name
     state = build_state(
-        model, tokenizer, args.served_model_name or name, args.adapters, args.max_adapter_memory, args.max_batch
+        model, tokenizer, name, args.adapters, args.max_adapter_memory, args.max_batch, None, args.allow_base_mismatch
     )
     serve_forever(state, args.host, args.port)
     return 0

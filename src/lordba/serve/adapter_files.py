@@ -65,6 +65,29 @@ def adapter_bytes(model: Any, name: str) -> int:
     return held
 
 
+def served_base(model: Any) -> dict[str, Any] | None:
+    """The base quantization of ``model`` as an adapter records it (``{"backend", "bits", "group_size"}``), None
+    for an unquantized base (:func:`~lordba.quant.describe_base` of its layers)."""
+    from lordba.quant import describe_base
+
+    return describe_base([m for m in model.modules() if not list(m.children())])
+
+
+def base_mismatch(path: Path, base: dict[str, Any] | None) -> str | None:
+    """How the ``base_quantization`` the adapter directory ``path`` records differs from ``base`` (the served one:
+    :func:`served_base`), or None where it records none or the same (or its config cannot be read: the loader then
+    says why)."""
+    from lordba.config.checks import check_base_quantization
+
+    try:
+        record = check_base_quantization(read_json_file(path / CONFIG_NAME).get("base_quantization"))
+    except (LoRDBAError, AttributeError):
+        return None
+    if record is None or record == base:
+        return None
+    return f"was trained on a base quantized as {record}, and the served base is {base or 'unquantized'}"
+
+
 def other_peft_type(path: Path) -> bool:
     """Whether ``path``'s config names another adapter type (a PEFT LoRA, e.g. ``lordba export-lora``'s output
     beside the adapters): not listed; an unreadable config is left to the loader (a request gets its 400)."""

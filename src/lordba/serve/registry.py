@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from lordba.config import CONFIG_NAME, WEIGHTS_NAME
 from lordba.errors import LoRDBAError
 from lordba.nn.layer import BASE_ROW
+from lordba.serve import adapter_files as files
 from lordba.serve.adapter_files import NAME, adapter_bytes, files_stamp, folder_adapters, in_folder, payload_bytes
 from lordba.serve.errors import (
     AdapterConflictError,
@@ -73,8 +74,11 @@ class AdapterRegistry:
         max_bytes: int | None = None,
         reserved: tuple[str, ...] = (),
         observer: RegistryObserver | None = None,
+        allow_base_mismatch: bool = False,
     ) -> None:
         self.model = model
+        # an adapter recording another quantized base than the model's is refused, unless allowed (then logged)
+        self.base, self.allow_base_mismatch = files.served_base(model), allow_base_mismatch
         # Set by ``freeze_heap(state)`` once the server froze its heap (``gc.freeze``): loaded adapters
         # join the frozen objects, out of every full collection's walk. A flag, not
         # ``gc.get_freeze_count()``, which counts the permanent generation object by object (tens of
@@ -293,6 +297,7 @@ class AdapterRegistry:
     def _load(self, name: str, entry: _Entry, param: str = "model") -> None:
         """Load ``entry`` onto the model (the load lock is held), making room only once its files passed
         every check of the loader: a corrupt, truncated or mismatched file evicts nobody."""
+        self._check_base(name, entry.path, param)
         need = payload_bytes(entry.path / WEIGHTS_NAME)  # at most what it holds: before reading, a too large file
         self._check_fits_budget(name, need, param)  # (its bytes once loaded are checked by _verified)
         if name in self.model.peft_config:  # left by an unload whose last request just ended
@@ -318,6 +323,21 @@ class AdapterRegistry:
         if self.observer is not None:
             self.observer.adapter_loaded(seconds)
         self._report()
+
+    def _check_base(self, name: str, path: Path, param: str) -> None:
+        """:class:`AdapterLoadError` (400) naming both bases if adapter ``name`` records another base quantization
+        than the served quantized base, unless ``allow_base_mismatch``; allowed (or on an unquantized base), logged."""
+        problem = files.base_mismatch(path, self.base)
+        if problem and self.base is not None and not self.allow_base_mismatch:
+            if self.observer is not None:
+                self.observer.adapter_load_failed()
+            raise AdapterLoadError(
+                f"adapter '{name}' {problem}: its outputs would differ from the ones it was trained for (a server "
+                "started with --allow-base-mismatch serves it)",
+                param,
+            )
+        if problem:
+            log.warning("adapter '%s' %s: its outputs will differ from the ones it was trained for", name, problem)
 
     def _check_fits_budget(self, name: str, need: int, param: str) -> None:
         """:class:`AdapterTooLargeError` (400) if ``need`` bytes exceed the whole budget: no eviction and no

@@ -84,17 +84,21 @@ def build_state(
     max_adapter_memory: int | None = None,
     max_batch: int = 32,
     max_context: int | None = None,
+    allow_base_mismatch: bool = False,
 ) -> ServerState:
     """The server's parts around ``model`` (a :class:`LoRDBAModel`, or a plain model to wrap):
     the base served as ``base_name``, adapters from the folder ``adapters``, an LRU within
-    ``max_adapter_memory`` bytes, at most ``max_batch`` requests in flight."""
+    ``max_adapter_memory`` bytes, at most ``max_batch`` requests in flight; an adapter that records another
+    quantized base than ``model``'s is refused unless ``allow_base_mismatch``."""
     if not isinstance(base_name, str) or not base_name:
         raise ConfigError("the base model needs a non-empty served name")
     lm = model if isinstance(model, LoRDBAModel) else LoRDBAModel(model)
     if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
     metrics = ServeMetrics()
-    registry = AdapterRegistry(lm, adapters, max_adapter_memory, reserved=(base_name,), observer=metrics)
+    registry = AdapterRegistry(
+        lm, adapters, max_adapter_memory, (base_name,), metrics, allow_base_mismatch=allow_base_mismatch
+    )
     engine = Engine(lm, tokenizer, max_batch=max_batch, observer=metrics)
     context = max_context or context_length(lm, tokenizer)
     return ServerState(engine, registry, metrics, tokenizer, base_name, context)
