@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lordba import LoRDBAModel
-from lordba.serve.adapter_files import payload_bytes
+from lordba.serve.adapter_files import adapter_bytes, payload_bytes
 from lordba.serve.errors import (
     AdapterConflictError,
     AdapterLoadError,
@@ -695,3 +695,38 @@ def test_an_adapter_recording_another_quantized_base_is_refused_naming_both_unle
     said = [r.getMessage() for r in caplog.records if "was trained on" in r.getMessage()]
     assert len(said) == 2 and all(s.startswith("adapter 'b' was trained on") for s in said), said
     assert "the served base is {'backend': 'q4'" in said[0] and "the served base is unquantized" in said[1]
+
+
+def test_a_load_while_an_unloaded_adapters_last_request_ends_stays_within_the_budget(model, folder):
+    """release() of an unloaded adapter's last request took it off the draining list, then waited for the load lock
+    to delete it: a load that took the lock first counted its bytes nowhere and loaded beside it, one adapter over
+    --max-adapter-memory. It counts until it is deleted: the load is a 503 (retry later) or waits for the lock."""
+    size = payload_bytes(folder / "a" / "lordba_model.safetensors")
+    registry = AdapterRegistry(model, folder, max_bytes=int(1.5 * size))
+    registry.acquire("a")
+    registry.unload("a")  # a request still holds it: it drains
+    seen = []
+
+    class LoadFirst:  # a load in another thread takes the lock just before release() does
+        def __init__(self, lock):
+            self.lock, self.pending = lock, True
+
+        def __enter__(self):
+            if self.pending:
+                self.pending = False
+                try:
+                    registry.acquire("b")
+                except AdapterMemoryError as err:
+                    seen.append(err)
+                seen.append(sum(adapter_bytes(model, n) for n in model.peft_config))
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    registry._load_lock = LoadFirst(registry._load_lock)
+    registry.release("a")
+    assert isinstance(seen[0], AdapterMemoryError) and seen[1] <= registry.max_bytes, seen
+    assert not model.peft_config and registry.resident() == {} and not registry._draining
+    registry.acquire("b")  # the room is there now
+    assert list(model.peft_config) == ["b"]

@@ -229,15 +229,14 @@ class AdapterRegistry:
             if entry is None:
                 return
             entry.refs -= 1
-            drained = name in self._draining and entry.refs <= 0
-            if drained:
-                del self._draining[name]
-        if drained:
+            drained = self._draining.get(name) is entry and entry.refs <= 0
+        if drained:  # it stays draining (its bytes counted by a load's _make_room) until it is off the model
             with self._load_lock:
-                with self._cond:  # a request may have loaded the name again since: keep that one
-                    reloaded = name in self._entries and self._entries[name].resident
-                if not reloaded:
-                    self._delete(name)
+                with self._cond:  # a request may have taken it back since: keep it
+                    if self._draining.get(name) is not entry or entry.refs > 0:
+                        return
+                    del self._draining[name]
+                self._delete(name, entry)
 
     def _hold_resident(self, name: str) -> bool:
         with self._cond:
