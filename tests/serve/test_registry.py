@@ -730,3 +730,26 @@ def test_a_load_while_an_unloaded_adapters_last_request_ends_stays_within_the_bu
     assert not model.peft_config and registry.resident() == {} and not registry._draining
     registry.acquire("b")  # the room is there now
     assert list(model.peft_config) == ["b"]
+
+
+def test_refusals_name_the_adapter_not_the_servers_paths_which_the_log_keeps(model, folder, caplog):
+    """A client got the server's absolute paths: load_lora_adapter of a missing directory was a 400 "adapter 'x'
+    cannot be loaded: /srv/.../adapters/c: not a directory", a truncated file's error named its full path, a link
+    loop's 400 the folder's. They name the adapter and its files within it; the log keeps the paths."""
+    weights = folder / "b" / "lordba_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    os.symlink("loop", folder / "loop")
+    registry = AdapterRegistry(model, folder)
+    root = str(folder.resolve())
+    with caplog.at_level("WARNING", logger="lordba.serve"):
+        with pytest.raises(AdapterLoadError, match="'x' cannot be loaded") as missing:
+            registry.register("x", "gone")
+        with pytest.raises(AdapterLoadError, match="'b' cannot be loaded") as truncated:
+            registry.acquire("b")
+    with pytest.raises(BadRequestError, match="lora_path") as loop:
+        registry.register("y", "loop")
+    for err in (missing, truncated, loop):
+        assert root not in str(err.value) and str(folder) not in str(err.value), err.value
+    assert "lordba_model.safetensors" in str(truncated.value) and "--adapters" in str(loop.value)
+    logged = [r.getMessage() for r in caplog.records if "cannot be loaded" in r.getMessage()]
+    assert len(logged) == 2 and root in logged[0] and root in logged[1], logged

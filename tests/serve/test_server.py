@@ -855,3 +855,17 @@ def test_a_history_of_tool_calls_and_names_reaches_the_chat_template(server, mon
     lone = json.dumps(body | {"messages": [{"role": "user", "content": "hi", "name": "\ud83d"}]})
     status, answer = raw(server, "POST", "/v1/chat/completions", lone)  # rendered now: checked as the content is
     assert status == 400 and "lone surrogate" in answer["error"]["message"], answer
+
+
+def test_an_unexpected_errors_500_does_not_name_the_servers_adapters_folder(server, monkeypatch):
+    """A 500 answered 'internal error: FileNotFoundError: ... /srv/.../adapters/...': the server's path, to any
+    client (the --adapters folder removed while serving made GET /v1/models one). It says --adapters instead."""
+    folder = server.state.registry.folder
+
+    def broken(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(folder / "a"))
+
+    monkeypatch.setattr(server.state, "prepare", broken)
+    status, answer = raw(server, "POST", "/v1/completions", json.dumps({"model": "a", "prompt": "hi"}))
+    assert status == 500 and str(folder) not in json.dumps(answer), answer
+    assert_openai_error(answer, "FileNotFoundError", "--adapters/a")

@@ -294,8 +294,9 @@ def _error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(Exception)
-    async def internal_error(request: Request, err: Exception) -> JSONResponse:
-        return _error(500, f"internal error: {type(err).__name__}: {err}", "server_error")
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:  # (the server log has it whole)
+        state = request.app.state.serve
+        return _error(500, state.registry.redact(f"internal error: {type(err).__name__}: {err}"), "server_error")
 
 
 def _field(error: dict) -> str:

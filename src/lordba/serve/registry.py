@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -127,10 +128,14 @@ class AdapterRegistry:
         try:
             full = (self.folder / path).resolve()
         except (ValueError, RuntimeError) as err:  # a NUL, a lone surrogate: no path; a link loop (both were a 500)
-            raise BadRequestError(f"{param} {str(path)!r} is not a valid path: {err}", param=param) from None
+            raise BadRequestError(f"{param} {str(path)!r} is not a valid path: {self.redact(err)}", param) from None
         if full != self.folder and self.folder not in full.parents:
             raise BadRequestError(f"{param} {str(path)!r} is outside the --adapters folder", param=param)
         return full
+
+    def redact(self, text: object) -> str:
+        """``text`` for a client: the server's path of the folder said as ``--adapters`` (the log has it)."""
+        return str(text) if self.folder is None else str(text).replace(str(self.folder), "--adapters")
 
     def names(self) -> list[str]:
         """Every adapter name that can be served: registered ones and those in the folder."""
@@ -309,7 +314,9 @@ class AdapterRegistry:
         except (LoRDBAError, OSError) as err:  # OSError: a path the file system refuses (too long, unreadable)
             if self.observer is not None:
                 self.observer.adapter_load_failed()
-            raise AdapterLoadError(f"adapter '{name}' cannot be loaded: {err}", param) from None
+            log.warning("adapter '%s' (%s) cannot be loaded: %s", name, entry.path, err)  # the paths: here only
+            detail = str(err).replace(f"{entry.path}{os.sep}", "").replace(str(entry.path), "its directory")
+            raise AdapterLoadError(f"adapter '{name}' cannot be loaded: {self.redact(detail)}", param) from None
         seconds = time.perf_counter() - start
         if self.freeze_loads:  # collect first: the cyclic garbage pending now would be frozen, never freed
             gc.collect()  # (cheap: it walks only what is not frozen, the new adapter and what came since)
