@@ -271,3 +271,25 @@ def test_a_base_compiled_in_place_refuses_a_state_dict_for_a_merged_adapter(inpu
     lm.merge_adapter()
     with pytest.raises(AdapterStateError, match="merged into the base weights"):
         lm.load_state_dict(other.state_dict())
+
+
+def test_a_base_compiled_in_place_has_the_state_dict_of_the_uncompiled_model_and_loads_either():
+    """``lm.state_dict()`` of a base compiled in place named its keys ``base_model._orig_mod.model...``: a strict
+    ``load_state_dict`` of it into the uncompiled model (or of the uncompiled model's into it) was refused ("state dict
+    does not match the adapters", every key missing). Its keys are the uncompiled model's (as its saved files are),
+    also inside another module; a state dict with the ``_orig_mod.`` keys still loads."""
+    eager, compiled = _biased_llama_with_adapters(seed=1), _biased_llama_with_adapters(seed=2)
+    compiled.base_model = torch.compile(compiled.base_model, backend="eager")
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    old = {k.replace("base_model.", "base_model._orig_mod.", 1): v for k, v in eager.state_dict().items()}
+    compiled.load_state_dict(old)  # strict
+    assert all(torch.equal(v, eager.state_dict()[k]) for k, v in compiled.state_dict().items())
+    fresh = _biased_llama_with_adapters(seed=3)
+    fresh.load_state_dict(compiled.state_dict())
+    assert all(torch.equal(v, eager.state_dict()[k]) for k, v in fresh.state_dict().items())
+    outer, other = torch.nn.ModuleDict({"m": compiled}), torch.nn.ModuleDict({"m": _biased_llama_with_adapters(4)})
+    assert set(outer.state_dict()) == {f"m.{k}" for k in eager.state_dict()}
+    other["m"].base_model = torch.compile(other["m"].base_model, backend="eager")
+    torch.nn.ModuleDict({"m": fresh}).load_state_dict(outer.state_dict())  # strict, through torch's own walk
+    other.load_state_dict({f"m.{k}": v for k, v in old.items()})
+    assert all(torch.equal(v, eager.state_dict()[k]) for k, v in other["m"].state_dict().items())

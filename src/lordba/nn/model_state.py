@@ -19,17 +19,41 @@ def adapter_key(key: str) -> bool:
     return ".lordba_adapters." in key or ".lordba_saved." in key
 
 
+_COMPILED = "_orig_mod."  # what torch.compile's module puts before the paths of the module it compiled
+
+
+def path_key(key: str, prefix: str = "") -> str:
+    """``key`` of a state dict (below ``prefix``) as the uncompiled model names it: without the ``_orig_mod.`` of a
+    base compiled in place (``lm.base_model = torch.compile(lm.base_model)``), as the wrapper's state dict and files
+    name it."""
+    base = prefix + "base_model."
+    if not key.startswith(base + _COMPILED):
+        return key
+    rest = key[len(base) :]
+    while rest.startswith(_COMPILED):
+        rest = rest[len(_COMPILED) :]
+    return base + rest
+
+
 def note_loading_prefix(module: torch.nn.Module, state_dict: Any, prefix: str, *args: Any) -> None:
-    """A :class:`~lordba.nn.model.LoRDBAModel`'s load pre-hook: keep the prefix of its keys in the loaded state dict."""
+    """A :class:`~lordba.nn.model.LoRDBAModel`'s load pre-hook: keep the prefix of its keys in the loaded state dict,
+    and give its keys the module paths the base has (``_orig_mod.`` put in for a base compiled in place, taken out
+    for one that is not), also where it is loaded inside another module (``DistributedDataParallel``)."""
     module.__dict__["_loading_prefix"] = prefix  # for base_keys_not_missing, run after its children loaded
+    clean, real = prefix + "base_model.", prefix + module._base_prefix()
+    for key in [k for k in state_dict if k.startswith(clean)]:  # (torch loads a copy of the caller's dict)
+        mapped = real + path_key(key, prefix)[len(clean) :]
+        if mapped != key:
+            state_dict[mapped] = state_dict.pop(key)
 
 
 def base_keys_not_missing(module: torch.nn.Module, incompatible: Any) -> None:
     """A :class:`~lordba.nn.model.LoRDBAModel`'s load post-hook: the base's keys are not missing (its state dict
-    holds its adapters' tensors only), also where it is loaded inside another module (``DistributedDataParallel``)."""
+    holds its adapters' tensors only), also where it is loaded inside another module (``DistributedDataParallel``);
+    the adapters' missing keys are named as its state dict names them (:func:`path_key`)."""
     prefix = module.__dict__.pop("_loading_prefix", "")
     missing = incompatible.missing_keys
-    missing[:] = [k for k in missing if not k.startswith(prefix) or adapter_key(k[len(prefix) :])]
+    missing[:] = [path_key(k, prefix) for k in missing if not k.startswith(prefix) or adapter_key(k[len(prefix) :])]
 
 
 class ForwardWithSignature:
@@ -68,16 +92,19 @@ class StateDictMixin:
         module (``DistributedDataParallel``), whose ``state_dict`` has its children fill one dict: the base's
         tensors are taken out of that dict too."""
         given = kwargs.get("destination", args[0] if args else None)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
         before = set(given) if given is not None else set()
         with self._lock.read():  # (another thread adding or deleting adapters changes the module dicts it walks)
             full = super().state_dict(*args, **kwargs)
-        for key in [k for k in full if k not in before]:
+        for key in [k for k in full if k not in before]:  # (in order: each one taken out and put back at the end)
+            value = full.pop(key)
             if not adapter_key(key):
-                del full[key]
-            elif not isinstance(full[key], nn.Parameter):
+                continue
+            if not isinstance(value, nn.Parameter):
                 # an inference-form adapter's tensors are views of one buffer (uint8 signs beside float16 scales),
                 # which torch.save refuses: those are copies (not parameters: nothing is trained through them)
-                full[key] = own_storage(full[key])
+                value = own_storage(value)
+            full[path_key(key, prefix)] = value  # a base compiled in place: the uncompiled model's keys
         return full
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
@@ -91,9 +118,17 @@ class StateDictMixin:
         with self._lock.write():  # checked and loaded at once; a forward of another thread sees all of it or none
             return self._load_state_dict(state_dict, strict, assign)
 
+    def _base_prefix(self) -> str:
+        """The prefix of the base's own state-dict keys: ``base_model.``, with ``_orig_mod.`` after it for each
+        ``torch.compile`` of the base in place."""
+        module, prefix, root = self.base_model, "base_model.", self._root()
+        while module is not root:
+            module, prefix = module._orig_mod, prefix + _COMPILED
+        return prefix
+
     def _load_state_dict(self, state_dict: dict[str, Any], strict: bool, assign: bool) -> Any:
-        root = self._root()  # its keys' prefix: "base_model._orig_mod." for a base compiled in place
-        base = next(name for name, module in self.named_modules() if module is root)
+        state_dict = {path_key(k): v for k, v in state_dict.items()}  # keys of a compiled base's state dict load too
+        base = "base_model"  # (the pre-hook gives the keys the base's paths: "_orig_mod." where it is compiled)
         merged = [
             f"{base}.{p}.lordba_adapters.{n}." for p, layer in self._lordba_layers() for n in layer.merged_adapters
         ]
