@@ -203,3 +203,16 @@ def test_the_rerun_after_a_compile_failure_restores_the_accelerators_generator_t
     calls.clear()
     set_rng_state(torch.device("cpu"), rng_state(torch.device("cpu")))
     assert calls == []
+
+
+def test_a_fallback_drops_the_compiled_step_of_a_base_compiled_in_place():
+    """With ``lm.base_model = torch.compile(lm.base_model)``, a fallback looked for transformers' compiled decode step
+    on torch's wrapper, not on the model ``generate`` keeps it on: the failed step (its graphs, its static cache) stayed
+    alive with the model."""
+    lm = tiny_q4(adapter=True)
+    lm.base_model = torch.compile(lm.base_model, backend="eager")
+    decode = FastDecode(lm)
+    inner = lm.base_model._orig_mod
+    inner.__dict__.update(_compiled_call=object(), _last_compile_config=object())
+    decode.fallback(RuntimeError("broken"))
+    assert "_compiled_call" not in inner.__dict__ and "_last_compile_config" not in inner.__dict__

@@ -31,6 +31,7 @@ from torch import nn
 from lordba._util.modules import context_positions
 from lordba.errors import ConfigError
 from lordba.nn.attention import use_packed_gqa
+from lordba.nn.structure import uncompiled
 
 log = logging.getLogger("lordba.decode")
 
@@ -56,9 +57,10 @@ def cache_length(tokens: int, limit: int | None = None) -> int:
 
 
 def _hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model whose forward ``generate`` compiles (a LoRDBAModel's wrapped model)."""
+    """The transformers model whose forward ``generate`` compiles (a LoRDBAModel's wrapped model; the model a base
+    compiled in place compiled: ``generate`` keeps its compiled step there)."""
     inner = getattr(model, "get_base_model", None)
-    return inner() if callable(inner) else model
+    return uncompiled(inner() if callable(inner) else model)
 
 
 class FastDecode:
