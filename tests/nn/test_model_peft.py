@@ -754,3 +754,22 @@ def test_set_trainable_freezes_and_unfreezes_the_adapters_modules_trained_in_ful
     lm.set_trainable("b", signs=False, scales=True)
     assert "base_model.lm_head.lordba_saved.b.weight" in trainable("b")
     assert not any("latent" in n for n in trainable("b"))
+
+
+def test_pack_freezes_the_adapters_modules_trained_in_full_and_trained_biases():
+    """``pack()`` froze the adapter's own tensors but left its ``modules_to_save`` copies and the trained biases of
+    layers it does not adapt trainable (6 tensors on this model): an optimizer built from ``requires_grad`` then
+    kept training the head of an adapter in inference form, and DDP waited for their gradients."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**TINY, attention_bias=True))
+    config = LoRDBAConfig(r=2, target_modules=["q_proj", "v_proj"], bias="all", modules_to_save=["lm_head"])
+    lm = get_lordba_model(base, config)
+    lm.add_adapter("b", LoRDBAConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    lm.pack("b")
+    trained = sorted(n for n, p in lm.named_parameters() if p.requires_grad)
+    assert "base_model.lm_head.lordba_saved.default.weight" in trained and not any(".b." in n for n in trained)
+    assert any(n.endswith("o_proj.lordba_saved.default.bias") for n in trained)
+    lm.pack()
+    assert [n for n, p in lm.named_parameters() if p.requires_grad] == []

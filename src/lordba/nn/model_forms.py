@@ -48,11 +48,16 @@ class AdapterFormsMixin:
     def pack(self, adapter_name: str | None = None) -> None:
         """Turn adapters (default: all) into the inference form (:class:`~lordba.nn.adapter.PackedAdapter`:
         packed signs and stored scales, frozen; each adapter's tensors in one buffer, as loaded ones are:
-        :func:`~lordba.nn.adapter.hold_together`); latents are dropped. A name that is not a loaded adapter
+        :func:`~lordba.nn.adapter.hold_together`); latents are dropped. Its modules trained in full
+        (``modules_to_save``) and trained biases freeze with it. A name that is not a loaded adapter
         (``""`` included) is an :class:`AdapterStateError`, nothing packed."""
         with self._lock.write():
             for name in list(self.peft_config) if adapter_name is None else [adapter_name]:
-                if not any(isinstance(a, TrainableAdapter) for a in self.adapter_modules(name).values()):
+                modules = self.adapter_modules(name)
+                for _, module in self._saved_modules():  # frozen with the adapter, as set_trainable(False) freezes
+                    for param in module.saved_params.get(name, ()):
+                        module.lordba_saved[name].get_parameter(param).requires_grad_(False)
+                if not any(isinstance(a, TrainableAdapter) for a in modules.values()):
                     continue
                 self._convert_forms(name, lambda a: a.pack() if isinstance(a, TrainableAdapter) else a)
                 hold_together([a for a in self.adapter_modules(name).values() if isinstance(a, PackedAdapter)])
