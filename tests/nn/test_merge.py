@@ -278,3 +278,21 @@ def test_a_merge_into_a_half_precision_weight_rounds_once(dtype):
     want = (weight.double() + model[0].get_delta_weight("default").double()).to(dtype)
     lm.merge_adapter()
     assert torch.equal(model[0].base_layer.weight.detach(), want)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_merge_whose_requantized_weight_is_not_finite_warns_naming_the_layer(input_ids, value):
+    """Without ``safe_merge``, an adapter with a NaN / Inf scale merged into an HQQ base gave a model that computes NaN,
+    and the warning read as an ordinary merge ("the largest weight error ... is 3.843"): the NaN error was dropped by
+    ``max``. It names the layer whose requantized weight is not finite; the merge stays undoable."""
+    lm = adapted(quantize_model(tiny_llama(0), backend="hqq", bits=4, group_size=8))
+    with lm.disable_adapter():
+        base = logits(lm, input_ids)
+    with torch.no_grad():
+        lm.adapter_modules("default")["model.layers.1.mlp.down_proj"].scale_out[0] = value
+    with pytest.warns(MergeRequantizationWarning, match=r"not finite.*'model.layers.1.mlp.down_proj'.*computes NaN"):
+        lm.merge_adapter()
+    assert not torch.isfinite(logits(lm, input_ids)).all()
+    lm.unmerge_adapter()
+    with lm.disable_adapter():
+        assert torch.equal(logits(lm, input_ids), base)

@@ -13,9 +13,11 @@ merge would change the input embeddings too): both are refused.
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Collection, Sequence
 
+import torch
 from torch import nn
 
 from lordba.errors import AdapterStateError, ConfigError
@@ -100,7 +102,8 @@ def merge_layers(
     safe_merge: bool = False,
     root: nn.Module | None = None,
 ) -> float:
-    """Merge ``adapter_names`` into every layer; returns the largest requantization error.
+    """Merge ``adapter_names`` into every layer; returns the largest requantization error (NaN where a requantized
+    weight is not finite: the warning names the layer).
 
     ``root``: the model the layers are in, where a weight may be tied to another module's (refused).
     With ``safe_merge``, every layer's merged weight is checked for NaN/Inf before any layer is
@@ -124,25 +127,42 @@ def merge_layers(
         for path, layer in layers:
             layer.check_finite_merge(adapter_names, where=path)
     done: list[tuple[LoRDBALinear, tuple]] = []
-    worst, lossy = 0.0, 0
+    worst, lossy, broken = 0.0, 0, []
     try:
         for path, layer in layers:
             before = layer.merge_state()
             error = layer.merge(adapter_names, safe_merge=safe_merge, where=path)  # a refused layer restores itself
             done.append((layer, before))
-            if error is not None:
-                worst, lossy = max(worst, error), lossy + 1
+            if error is None:
+                continue
+            lossy += 1
+            if not math.isfinite(error) or not _finite_weight(layer):  # (max() would drop a NaN error)
+                broken.append(path)
+            else:
+                worst = max(worst, error)
     except BaseException:  # a refusal, or anything else half-way: nothing is left half-merged
         for layer, before in reversed(done):  # only this call's merges: earlier calls' stay merged
             layer.restore_merge_state(before)
         raise
     if lossy:
+        nan = (
+            f"; the requantized weights of {len(broken)} layer(s) are not finite (NaN/Inf), first {broken[0]!r}: the "
+            "merged model computes NaN (safe_merge=True refuses such a merge)"
+            if broken
+            else ""
+        )
         warnings.warn(
             f"merging into a quantized base requantized {lossy} layer(s): the largest weight error beyond the "
-            f"adapter's update is {worst:.4g}, so the merged model's outputs differ from base + adapter; "
+            f"adapter's update is {worst:.4g}{nan}, so the merged model's outputs differ from base + adapter; "
             "unmerge_adapter() restores the base exactly (keep the adapter unmerged, or merge into an "
             "unquantized base, for exact outputs)",
             MergeRequantizationWarning,
             stacklevel=3,
         )
-    return worst
+    return float("nan") if broken else worst
+
+
+def _finite_weight(layer: LoRDBALinear) -> bool:
+    """Whether the (requantized) base weight of ``layer`` is finite."""
+    with torch.no_grad():
+        return bool(torch.isfinite(layer.backend.dequantize(layer.base_layer)).all())
