@@ -147,3 +147,15 @@ def test_a_waiting_routing_is_not_starved_by_calls_that_keep_joining_the_one_in_
     assert "B" in order
     assert order.index("B") <= before + 4, (before, order.index("B"))  # after the calls in flight (2), not at the end
     assert gate.routing is None
+
+
+def test_the_row_index_cache_keeps_the_composition_in_use_while_others_come_and_go():
+    """The cache evicted its oldest entry first: the composition of a running batch, used every step, was dropped
+    (and built again) after 64 other compositions, however often it was used in between. It evicts the least
+    recently used one."""
+    cpu = torch.device("cpu")
+    running = ("a", "b", "running")
+    held = route_index(running, cpu)
+    for i in range(200):
+        route_index(("a", f"other-{i}"), cpu)
+        assert route_index(running, cpu) is held, i

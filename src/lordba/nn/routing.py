@@ -190,7 +190,7 @@ def current_routing(gate: RoutingGate) -> Routing | None:
     return None
 
 
-_ROUTES: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()  # oldest first; shared by threads
+_ROUTES: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()  # least recently used first; shared by threads
 
 
 def route_index(names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -198,9 +198,13 @@ def route_index(names: Sequence[str], device: torch.device) -> dict[str, torch.T
     shared by every layer of a forward (a small bounded cache; built fresh while compiling). The indices
     are ordinary tensors even when first built under ``torch.inference_mode``: a later training forward
     saves them for backward. Safe from several threads at once: each change of the cache is one atomic call
-    (the oldest entry evicted by ``popitem``, never looked up and then popped)."""
+    (the least recently used entry evicted by ``popitem``, never looked up and then popped; a hit moved to the end,
+    so the compositions of a running batch stay while others come and go)."""
     key, compiling = (tuple(names), device), torch.compiler.is_compiling()
     found = None if compiling else _ROUTES.get(key)
+    if found is not None:
+        with contextlib.suppress(KeyError):  # (another thread evicted it meanwhile)
+            _ROUTES.move_to_end(key)
     if found is None:
         rows: dict[str, list[int]] = {}
         for i, name in enumerate(names):
