@@ -28,14 +28,19 @@ def check_path(value: object, what: str) -> None:
         raise AdapterFormatError(f"{what} must be a path, got {type(value).__name__}")
 
 
+_HUB_REPOS = ("models--", "datasets--", "spaces--")  # the Hugging Face cache's repository folders: models--ORG--NAME
+
+
 def link_roots(directory: Path) -> tuple[Path, ...]:
     """The folders a symbolic link inside ``directory`` may point into: the directory itself (resolved)
-    and, if it is (inside) a Hugging Face cache snapshot (``<repo>/snapshots/<revision>``), the repository's
-    ``blobs`` folder. Never raises."""
+    and, if it is (inside) a Hugging Face cache snapshot (``models--ORG--NAME/snapshots/<revision>``, beside the
+    repository's ``blobs`` folder), that ``blobs`` folder; a folder of another layout that is merely named
+    ``snapshots`` gets none. Never raises."""
     real = Path(os.path.realpath(directory))
     for folder in (real, *real.parents):  # a subfolder of a snapshot too
-        if folder.parent.name == "snapshots":
-            return real, folder.parent.parent / "blobs"
+        repo = folder.parent.parent
+        if folder.parent.name == "snapshots" and repo.name.startswith(_HUB_REPOS) and (repo / "blobs").is_dir():
+            return real, repo / "blobs"
     return (real,)
 
 
