@@ -356,3 +356,25 @@ def test_a_partly_quantized_model_reads_back_its_own_entry(tmp_path, monkeypatch
     assert not any(type(m) is torch.nn.Linear for m in cached.modules())
     with torch.no_grad():
         assert torch.equal(cached(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)
+
+
+def test_the_cache_lists_its_entries_and_clears_them(tmp_path, monkeypatch):
+    """Nothing evicted entries and nothing showed or removed them (a new one per model file change, setting and
+    lordba version, each the size of the quantized model): ``cache_entries`` lists them with their sizes,
+    ``clear_cache`` removes them (never another file of the folder) and the next call quantizes again."""
+    from lordba.quant.cache import cache_entries, clear_cache
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    assert cache_entries() == [] and clear_cache() == 0  # no cache folder yet
+    folder = tmp_path / "model"
+    tiny_llama(0).save_pretrained(folder)
+    for group in (32, 64):
+        quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=group)
+    entries = cache_entries()
+    assert len(entries) == 2 and all(size == path.stat().st_size > 0 for path, size in entries)
+    other = tmp_path / "cache" / "quantized" / ".a-writers-temporary-file"
+    other.write_bytes(b"x")
+    assert clear_cache() == sum(size for _, size in entries)
+    assert cache_entries() == [] and other.exists()
+    quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=32)
+    assert len(cache_entries()) == 1

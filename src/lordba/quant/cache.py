@@ -6,6 +6,11 @@ set of tensors, stored here as safetensors (no pickle) under ``cache_dir()/quant
 model's files, the model as loaded and the quantization settings, with a sha256 of the tensors checked on
 every load (a damaged entry is quantized again, never used). The ``q4`` base uses the same optimiser and is cached
 the same way. bitsandbytes quantizes in milliseconds: no cache.
+
+Nothing is evicted: a changed model folder, other settings or another lordba version make a new entry beside the
+old ones (a SmolLM2-135M entry is 67-90 MB, a 7B model's several GB). :func:`cache_entries` lists the entries with
+their sizes; :func:`clear_cache` removes them (a process loading one keeps reading it: it is only unlinked; one
+writing one renames its whole file into place after).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -107,6 +113,41 @@ def _quantized(
                 state[f"{name}::bits"] = torch.tensor(module.bits)
     _store(state, path)
     return model
+
+
+_ENTRY = re.compile(r"[0-9a-f]{20}\.safetensors")  # an entry's name (:func:`_key`); never a writer's temporary file
+
+
+def cache_entries() -> list[tuple[Path, int]]:
+    """The quantized-base cache's entries (``cache_dir()/quantized/``) and their sizes in bytes, oldest written
+    first; ``[]`` where there is no cache."""
+    from lordba._util.cachedir import cache_dir
+
+    found = []
+    with contextlib.suppress(OSError):
+        for path in (cache_dir() / "quantized").iterdir():
+            with contextlib.suppress(OSError):  # (removed meanwhile)
+                if _ENTRY.fullmatch(path.name) and path.is_file():
+                    st = path.stat()
+                    found.append((st.st_mtime_ns, path, st.st_size))
+    return [(path, size) for _, path, size in sorted(found)]
+
+
+def clear_cache() -> int:
+    """Remove every entry of the quantized-base cache (:func:`cache_entries`; the next load of a model quantizes it
+    again); returns the bytes freed. An entry another process removed meanwhile is skipped.
+
+    Raises:
+        OSError: an entry that exists cannot be removed (a read-only cache).
+    """
+    freed = 0
+    for path, size in cache_entries():
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        freed += size
+    return freed
 
 
 def _store(state: dict[str, torch.Tensor], path: Path) -> None:
