@@ -8,6 +8,7 @@ forward through its :class:`~lordba.nn.routing.RoutingGate`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -253,7 +254,7 @@ class LoRDBALinear(nn.Module):
                 got = self.backend.dequantize(merged)
                 if safe_merge and not torch.isfinite(got).all():
                     raise AdapterStateError(f"safe_merge: merging adapter {name!r} into {where} gives NaN/Inf weights")
-                error = max(error or 0.0, float((got - expected).abs().max()))
+                error = _worse(error, float((got - expected).abs().max()))
                 if not self.merged_adapters:
                     self._premerge_base = [self.base_layer]  # a list: not registered as a submodule
                 self.base_layer = merged
@@ -388,3 +389,10 @@ class LoRDBALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={list(self.lordba_adapters)}"
+
+
+def _worse(error: float | None, new: float) -> float:
+    """The larger requantization error, NaN if either is (``max`` would drop a NaN: a broken merge looked exact)."""
+    if error is None or math.isnan(new):
+        return new
+    return error if math.isnan(error) else max(error, new)

@@ -17,7 +17,6 @@ import math
 import warnings
 from collections.abc import Collection, Sequence
 
-import torch
 from torch import nn
 
 from lordba.errors import AdapterStateError, ConfigError
@@ -136,7 +135,7 @@ def merge_layers(
             if error is None:
                 continue
             lossy += 1
-            if not math.isfinite(error) or not _finite_weight(layer):  # (max() would drop a NaN error)
+            if not math.isfinite(error):  # a NaN / Inf weight (the layer's error keeps its NaN)
                 broken.append(path)
             else:
                 worst = max(worst, error)
@@ -160,9 +159,3 @@ def merge_layers(
             stacklevel=3,
         )
     return float("nan") if broken else worst
-
-
-def _finite_weight(layer: LoRDBALinear) -> bool:
-    """Whether the (requantized) base weight of ``layer`` is finite."""
-    with torch.no_grad():
-        return bool(torch.isfinite(layer.backend.dequantize(layer.base_layer)).all())
