@@ -11,7 +11,7 @@ from lordba.cli import LAB_COMMANDS, build_parser, main
 
 from conftest import tiny_llama
 
-LIBRARY_COMMANDS = ("build-kernels", "chat", "convert", "export-lora", "generate", "inspect", "serve")
+LIBRARY_COMMANDS = ("build-kernels", "cache", "chat", "convert", "export-lora", "generate", "inspect", "serve")
 
 
 @pytest.fixture
