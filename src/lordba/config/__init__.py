@@ -180,6 +180,8 @@ class LoRDBAConfig:
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
         _check_positive("alpha", self.alpha)
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR:
+            self.target_modules = ALL_LINEAR  # PEFT's shorthand, in any case ("ALL-LINEAR")
         self.target_modules = _check_modules("target_modules", self.target_modules)
         self.exclude_modules = _check_modules("exclude_modules", self.exclude_modules)
         if not isinstance(self.rank_pattern, dict):
