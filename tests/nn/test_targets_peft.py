@@ -66,6 +66,7 @@ CASES = [
     ("llama", dict(target_modules="all-linear", exclude_modules=r".*mlp.*")),
     ("llama", dict(target_modules=["q_proj", "v_proj"], layers_to_transform=1)),
     ("llama", dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0], layers_pattern="layers")),
+    ("llama", dict(target_modules=["q_proj", "model.layers.0.mlp.down_proj"], layers_to_transform=[1])),
     ("llama", dict(target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3})),
     ("llama", dict(target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2, "model.layers.0.v_proj": 6})),
     ("llama", dict(target_modules=["q_proj", "v_proj"], rank_pattern={"_proj": 2, "layers.1.v_proj": 8})),
@@ -84,7 +85,8 @@ CASES = [
 
 @pytest.mark.parametrize("model,fields", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
 def test_the_same_settings_adapt_the_same_modules_with_the_same_rank_and_scaling_as_peft(model, fields):
-    """``ALL-LINEAR`` (PEFT's shorthand is case-insensitive) matched no module."""
+    """``ALL-LINEAR`` (PEFT's shorthand is case-insensitive) matched no module; a ``target_modules`` entry that is a
+    module's whole path was left out by ``layers_to_transform``, where PEFT adapts it whatever its layer."""
     fields = dict(r=4, lora_alpha=8, **fields)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -240,8 +240,11 @@ class LoRDBAConfig:
         layer index is the first ``<name>.<digits>.`` of the path (``decoder.block.1.layer.0.…``: 1), or the
         digits after the first ``layers_pattern`` that the path holds. With ``legacy`` (checking a file),
         without ``layers_pattern`` the last ``<name>.<digits>.`` counts too: lordba took that one before, and
-        the files it wrote then still load."""
+        the files it wrote then still load. A module whose whole path is an entry of a ``target_modules`` list
+        is in, whatever its index (PEFT's rule: only suffix entries are limited to the layers)."""
         if self.layers_to_transform is None:
+            return True
+        if isinstance(self.target_modules, list) and module_name in self.target_modules:
             return True
         wanted = self.layers_to_transform
         wanted = [wanted] if isinstance(wanted, int) else wanted
