@@ -93,3 +93,15 @@ def test_the_same_settings_adapt_the_same_modules_with_the_same_rank_and_scaling
         theirs = _peft_adapted(MODELS[model](), dict(fields))
         ours = _lordba_adapted(MODELS[model](), dict(fields))
     assert theirs and ours == theirs
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_a_pattern_key_that_matches_no_adapted_module_warns_as_in_peft(field):
+    """A typo in a ``rank_pattern`` / ``alpha_pattern`` key (``q_prj``) silently gave every module ``r`` /
+    ``alpha``; PEFT warns (``RuntimeWarning``) naming the keys it ignored, and so does lordba."""
+    fields = {field: {"q_prj": 8, "q_proj": 2}}
+    with pytest.warns(RuntimeWarning, match=rf"{field} key\(s\) \['q_prj'\] matched no adapted module"):
+        get_lordba_model(tiny_llama(), LoRDBAConfig(r=4, target_modules=["q_proj"], **fields))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        get_lordba_model(tiny_llama(), LoRDBAConfig(r=4, target_modules=["q_proj"], **{field: {"q_proj": 2}}))

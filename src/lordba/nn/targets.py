@@ -18,12 +18,13 @@ first save.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
 
 from lordba._util.modules import is_output_head
-from lordba._util.patterns import ALL_LINEAR, matches
+from lordba._util.patterns import ALL_LINEAR, matches, pattern_key
 from lordba.config import LoRDBAConfig
 from lordba.errors import AdapterFormatError, TargetModulesError
 from lordba.format.header import check_module_path
@@ -82,7 +83,9 @@ def find_targets(
     """Paths of the modules to adapt, in model order; errors if none or an unsupported one matches.
 
     With ``config``, modules outside its ``layers_to_transform`` are left out, and a module it trains
-    in full (``modules_to_save``) is refused if ``target_modules`` names it (left out under all-linear).
+    in full (``modules_to_save``) is refused if ``target_modules`` names it (left out under all-linear);
+    ``rank_pattern`` / ``alpha_pattern`` keys that match none of the paths found warn (a ``RuntimeWarning``,
+    as PEFT's): they are ignored.
     A target whose path is not a module path of the file format is refused (:class:`TargetModulesError`).
     """
     saved = config.saved_modules if config is not None else []
@@ -142,4 +145,18 @@ def find_targets(
             f"target_modules={target_modules!r} matched no module of {type(model).__name__} "
             f"(its linear layers are named: {sample})"
         )
+    if config is not None:
+        _warn_unmatched_patterns(config, found)
     return found
+
+
+def _warn_unmatched_patterns(config: LoRDBAConfig, found: list[str]) -> None:
+    """Warn, as PEFT does, about ``rank_pattern`` / ``alpha_pattern`` keys that match no adapted module (a typo
+    there silently gives every module ``r`` / ``alpha``)."""
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, field)
+        unmatched = [key for key in patterns if all(pattern_key({key: None}, path) is None for path in found)]
+        if unmatched:
+            warnings.warn(
+                f"{field} key(s) {unmatched!r} matched no adapted module and are ignored", RuntimeWarning, stacklevel=3
+            )
