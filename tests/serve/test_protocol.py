@@ -181,6 +181,20 @@ def test_a_boolean_in_a_number_field_is_refused(request_type, fields):
     assert err.value.errors()[0]["loc"] == (next(iter(fields)),)
 
 
+@pytest.mark.parametrize(
+    "request_type, fields",
+    [(ChatRequest, {"max_completion_tokens": True}), (CompletionRequest, {"best_of": True})],
+)
+def test_a_boolean_in_a_number_field_of_one_endpoint_is_refused(request_type, fields):
+    """Chat's ``max_completion_tokens`` (OpenAI's newer name of ``max_tokens``) and a completion's ``best_of`` took a
+    JSON ``true`` as 1: ``"max_completion_tokens": true`` stopped after one token where ``"max_tokens": true`` is a
+    400 naming the field."""
+    body = {"model": "a", "prompt": "x"} if request_type is CompletionRequest else CHAT
+    with pytest.raises(pydantic.ValidationError) as err:
+        request_type(**body, **fields)
+    assert err.value.errors()[0]["loc"] == (next(iter(fields)),)
+
+
 @pytest.mark.parametrize("request_type", [CompletionRequest, ChatRequest])
 def test_stream_options_without_stream_is_refused(request_type):
     """``stream_options`` with ``stream`` false was ignored (OpenAI and vLLM refuse it)."""

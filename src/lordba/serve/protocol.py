@@ -58,8 +58,10 @@ _EXTENSIONS: dict[str, tuple[Any, ...]] = {
     "structured_outputs": (),
 }
 
-# number fields, where a JSON boolean is refused rather than read as 1 / 0
+# number fields, where a JSON boolean is refused rather than read as 1 / 0 (chat's max_completion_tokens and a
+# completion's best_of are their endpoint's own)
 _NUMBERS = ("max_tokens", "temperature", "top_p", "seed", "n", *(k for k in _NEUTRAL if k != "logit_bias"))
+_NUMBERS += ("max_completion_tokens", "best_of")
 
 
 class StreamOptions(_Body):
@@ -100,7 +102,7 @@ class _Sampling(_Body):
     guided_grammar: Any = None
     structured_outputs: Any = None
 
-    @field_validator(*_NUMBERS, mode="before")
+    @field_validator(*_NUMBERS, mode="before", check_fields=False)
     @classmethod
     def _no_booleans(cls, value: Any) -> Any:
         """A JSON ``true`` / ``false`` is no number (pydantic would read it as 1 / 0: ``"temperature": false``
