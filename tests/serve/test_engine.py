@@ -419,3 +419,27 @@ def test_dropping_an_aborted_row_that_fails_fails_the_running_rows_not_the_engin
         assert after.done.wait(30) and after.last.finish_reason in ("length", "stop")
     finally:
         engine.shutdown()
+
+
+def test_a_request_is_counted_before_its_last_event_is_sent(lm):
+    """The engine sent a request's last event, then reported it to the metrics: a scrape right after a response
+    could miss it (a finished request still counted as running). It is counted first."""
+    from lordba.serve.metrics import ServeMetrics
+
+    metrics = ServeMetrics()
+    seen = []
+    engine = Engine(lm, char_tokenizer(), max_batch=1, observer=metrics)
+    done = Collector()
+
+    def sink(event):
+        if event.finish_reason is not None:
+            seen.append(metrics.finished_requests.labels(event.finish_reason)._value.get())
+        done.sink(event)
+
+    engine.start()
+    try:
+        engine.submit(Request(prompts(5)[0], "a", SamplingParams(3, temperature=0.0, ignore_eos=True), sink))
+        assert done.done.wait(30)
+    finally:
+        engine.shutdown()
+    assert seen == [1]

@@ -869,3 +869,22 @@ def test_an_unexpected_errors_500_does_not_name_the_servers_adapters_folder(serv
     status, answer = raw(server, "POST", "/v1/completions", json.dumps({"model": "a", "prompt": "hi"}))
     assert status == 500 and str(folder) not in json.dumps(answer), answer
     assert_openai_error(answer, "FileNotFoundError", "--adapters/a")
+
+
+def test_latency_metrics_count_the_tokenizing_and_the_adapters_load(server, monkeypatch):
+    """``lordba_time_to_first_token_seconds`` and ``lordba_request_latency_seconds`` counted from the engine's
+    request, made after the prompt was tokenized and its adapter loaded: a request whose adapter took 1 s to load
+    was recorded at ~0.07 s. They count from the request's start, as vLLM's count from its arrival."""
+    metrics = server.state.metrics
+    ttft_before, latency_before = metrics.ttft._sum.get(), metrics.latency._sum.get()
+    acquire = server.state.registry.acquire
+
+    def slow(name):
+        time.sleep(0.5)
+        return acquire(name)
+
+    monkeypatch.setattr(server.state.registry, "acquire", slow)
+    status, answer = raw(server, "POST", "/v1/completions", json.dumps({"model": "a", "prompt": "hi", "max_tokens": 2}))
+    assert status == 200, answer
+    assert metrics.ttft._sum.get() - ttft_before >= 0.5
+    assert metrics.latency._sum.get() - latency_before >= 0.5

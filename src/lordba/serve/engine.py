@@ -329,11 +329,13 @@ class Engine:
             log.exception("request %s: releasing it failed", req.id)
             reason, error = "error", f"releasing the request failed: {type(err).__name__}: {err}"
         finally:
-            req.sink(Event(delta, reason, req.text.text, len(req.prompt), len(req.generated), error))
-            if self.observer is not None:
-                # a prompt never prefilled (aborted while it waited, a prefill that failed) ran no tokens
-                prompt_tokens = len(req.prompt) if req.prefilled else 0
-                self.observer.finished(reason, prompt_tokens, len(req.generated), time.monotonic() - req.arrival)
+            try:  # counted before the last event is sent: a scrape right after a response sees it
+                if self.observer is not None:
+                    # a prompt never prefilled (aborted while it waited, a prefill that failed) ran no tokens
+                    prompt_tokens = len(req.prompt) if req.prefilled else 0
+                    self.observer.finished(reason, prompt_tokens, len(req.generated), time.monotonic() - req.arrival)
+            finally:
+                req.sink(Event(delta, reason, req.text.text, len(req.prompt), len(req.generated), error))
 
 
 def _pad_id(tokenizer: Any, eos_ids: frozenset[int], rows: int | None = None) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ class Job:
     model: str
     route: str
     params: SamplingParams
+    arrival: float = field(default_factory=time.monotonic)  # when the server began it (time.monotonic())
 
 
 @dataclass
@@ -126,6 +128,7 @@ class ServerState:
         Raises :class:`UnknownAdapterError` (404), :class:`AdapterLoadError` (400),
         :class:`ContextLengthError` (400), :class:`BadRequestError` (400), :class:`AdapterTooLargeError` (400),
         :class:`AdapterMemoryError` (503)."""
+        arrival = time.monotonic()  # latencies count the tokenizing and the adapter's load (vLLM's: from arrival)
         route = BASE_ROW if model == self.base_name else self.registry.check_name(model)
         if route != BASE_ROW:
             self.registry.acquire(route)
@@ -139,7 +142,7 @@ class ServerState:
                     "completion). Please reduce the length of the prompt or of max_tokens.",
                     field,
                 )
-            return Job(ids, model, route, SamplingParams(max_tokens or room, **sampling))
+            return Job(ids, model, route, SamplingParams(max_tokens or room, **sampling), arrival)
         except BaseException:
             if route != BASE_ROW:
                 self.registry.release(route)
@@ -168,7 +171,7 @@ class ServerState:
                 pass
 
         try:
-            request = Request(job.prompt, job.route, job.params, sink, on_done=lambda: self.release(job))
+            request = Request(job.prompt, job.route, job.params, sink, lambda: self.release(job), arrival=job.arrival)
             self.engine.submit(request)
         except Exception:
             self.release(job)
