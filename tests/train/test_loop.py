@@ -185,6 +185,19 @@ def test_a_run_on_other_data_is_refused_not_resumed_from_the_checkpoints(tmp_pat
     assert train_loop(model(), Recording(rows(), 4), settings, tmp_path, progress=False).resumed_from == 4
 
 
+def test_a_run_of_adapters_configured_otherwise_is_refused_not_resumed(tmp_path):
+    """The checkpoints recorded the settings and the data of their run but not the adapter's config: the same run
+    with another alpha or scale dtype (tensors of the same shapes) into the same out_dir resumed the finished run's
+    step 4 and returned its adapter, trained at the other alpha. Now it is refused naming the field; the same config
+    resumes."""
+    settings = TrainSettings(steps=4, lr=3e-3, checkpoint_every=2)
+    train_loop(model(), Batcher(rows(), 4), settings, tmp_path, progress=False)
+    for other in (LoRDBAConfig(r=4, alpha=8.0), LoRDBAConfig(r=4, scale_dtype="float32")):
+        with pytest.raises(ConfigError, match=r"step-00000004: .*configured otherwise.*default\.(alpha|scale_dtype)"):
+            train_loop(get_lordba_model(tiny_llama(0), other), Batcher(rows(), 4), settings, tmp_path, progress=False)
+    assert train_loop(model(), Batcher(rows(), 4), settings, tmp_path, progress=False).resumed_from == 4
+
+
 def test_a_run_whose_evaluation_gave_nan_resumes_from_its_checkpoint(tmp_path):
     """An evaluation may give NaN (held-out rows with nothing left to score: ``heldout_loss`` is NaN) and
     the log travels in each checkpoint's state.json. It was written there as a bare ``NaN``, which the

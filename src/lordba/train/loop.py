@@ -175,7 +175,7 @@ def train_loop(
     factor = _schedule(settings)
     result = TrainResult()
     start = 0
-    record, data, check = _same_run(settings, batcher)
+    record, data, check = _same_run(settings, batcher, adapter_configs(model))
     ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
     if ckpt_dir is not None and resume and (meta := resume_checkpoint(ckpt_dir, model, optimizer, check)) is not None:
         start = result.resumed_from = meta["step"]
@@ -218,7 +218,7 @@ def train_loop(
             result.log.append({"step": done, **evaluate()})
             model.train()
         if ckpt_dir is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0:
-            extra = {"log": result.log, "settings": record, "data": data}
+            extra = {"log": result.log, "settings": record, "data": data, "adapters": adapter_configs(model)}
             save_checkpoint(ckpt_dir, done, model, optimizer, extra, settings.keep_checkpoints)
     bar.close()
     if evaluate is not None:
@@ -258,13 +258,60 @@ def data_digest(batcher: object) -> str | None:
     return digest() if callable(digest) else None
 
 
-def _same_run(settings: TrainSettings, batcher: object) -> tuple[dict, str | None, Callable[[Checkpoint], None]]:
+def adapter_configs(model: torch.nn.Module) -> dict[str, dict]:
+    """The adapter configs of ``model`` (a ``LoRDBAModel``'s ``peft_config``; ``{}`` for another model) as a
+    checkpoint records them, but the base's name (the model folder may move between runs)."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return {}
+    return {
+        name: {
+            k: v
+            for k, v in json.loads(json.dumps(cfg.to_dict(), default=_jsonable)).items()
+            if k != "base_model_name_or_path"
+        }
+        for name, cfg in configs.items()
+        if hasattr(cfg, "to_dict")
+    }
+
+
+def _jsonable(value: object) -> object:
+    """A config value JSON has no type for: a set of module names as its sorted list, anything else as text."""
+    return sorted(map(str, value)) if isinstance(value, (set, frozenset)) else str(value)
+
+
+def _config_differences(saved: object, now: dict[str, dict]) -> list[str]:
+    """``adapter.field: recorded -> now`` for each adapter config field of a recorded run (``saved``; none in a record
+    of an earlier version) that differs from ``now``'s."""
+    if not isinstance(saved, dict) or not now:
+        return []
+    if set(saved) != set(now):
+        return [f"adapters: {sorted(saved)!r} -> {sorted(now)!r}"]
+    return [
+        f"{name}.{k}: {saved[name].get(k)!r} -> {cfg.get(k)!r}"
+        for name, cfg in now.items()
+        if isinstance(saved[name], dict)
+        for k in sorted(set(cfg) | set(saved[name]))
+        if saved[name].get(k) != cfg.get(k)
+    ]
+
+
+def _same_run(
+    settings: TrainSettings, batcher: object, configs: dict[str, dict]
+) -> tuple[dict, str | None, Callable[[Checkpoint], None]]:
     """The record of ``settings`` and the digest of the data for the checkpoints, and a check that refuses a
-    checkpoint of a run with other settings or on other data: resuming it continued that run's steps under these
-    settings (or on these batches), or returned its finished adapter for a run that asked for another."""
+    checkpoint of a run with other settings, on other data or of adapters configured otherwise (``configs``:
+    :func:`adapter_configs`): resuming it continued that run's steps under these settings (or on these batches,
+    or into another alpha, scale dtype, ...), or returned its finished adapter for a run that asked for another."""
     data = data_digest(batcher)
 
     def check(ckpt: Checkpoint) -> None:
+        if changed := _config_differences(ckpt.meta["extra"].get("adapters"), configs):
+            raise ConfigError(
+                f"{ckpt.path}: a checkpoint of adapters configured otherwise (LoRDBAConfig fields that differ: "
+                f"{'; '.join(changed[:4])}): resume it with its config, or start over (resume=False) or in another "
+                "out_dir"
+            )
         if changed := settings_differences(ckpt.meta["extra"].get("settings"), settings):
             raise ConfigError(
                 f"{ckpt.path}: a checkpoint of a run with other settings (TrainSettings that differ: "
