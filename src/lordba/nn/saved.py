@@ -40,13 +40,13 @@ class SavedModule(nn.Module):
         if params is not None and len(wanted) != len(params):
             missing = sorted(set(params) - set(names))
             raise ShapeMismatchError(f"{type(self.original_module).__name__} has no parameter(s) {missing}")
-        clone = copy.deepcopy(self.original_module)
+        clone = _loaded_copy(self.original_module)
         for name in names:
             owner, _, leaf = name.rpartition(".")
             module = clone.get_submodule(owner) if owner else clone
             if name in wanted:
                 getattr(module, leaf).requires_grad_(True)
-            else:
+            elif not self.original_module.get_parameter(name).is_meta:  # (offloaded: the copy keeps its own)
                 setattr(module, leaf, self.original_module.get_parameter(name))
         self.lordba_saved[adapter_name] = clone
         self.saved_params[adapter_name] = tuple(wanted)
@@ -115,6 +115,36 @@ class SavedModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.lordba_saved)}"
+
+
+def _loaded_copy(original: nn.Module) -> nn.Module:
+    """A deep copy of ``original``. Where accelerate offloads its weights (``device_map`` with ``offload_folder``: they
+    sit on ``meta`` and each module's hook loads them from its weights map for a call, then drops them), the copy holds
+    them, loaded on the device the hook computes on, and has no hook (a copy of the hook reloaded the original
+    weights for each call: the copy's own were never used, trained nothing, and could not be saved)."""
+    if not any(t.is_meta for t in [*original.parameters(), *original.buffers()]):
+        return copy.deepcopy(original)
+    hooked = [m for m in original.modules() if "_hf_hook" in m.__dict__]
+    memo = {id(m.__dict__["_hf_hook"]): m.__dict__["_hf_hook"] for m in hooked}  # the hooks and their maps: shared
+    clone = copy.deepcopy(original, memo)
+    for source, module in zip(original.modules(), clone.modules()):
+        hook = source.__dict__.get("_hf_hook")
+        for one in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # (a SequentialHook)
+            if not getattr(one, "offload", False) or getattr(one, "weights_map", None) is None:
+                continue
+            recurse = bool(getattr(one, "place_submodules", False))
+            for name, tensor in [*module.named_parameters(recurse=recurse), *module.named_buffers(recurse=recurse)]:
+                if tensor.is_meta and name in one.weights_map:
+                    owner, _, leaf = name.rpartition(".")
+                    holder = module.get_submodule(owner) if owner else module
+                    value = one.weights_map[name].to(one.execution_device, tensor.dtype, copy=True)
+                    if leaf in holder._parameters:
+                        holder._parameters[leaf] = nn.Parameter(value, requires_grad=tensor.requires_grad)
+                    else:
+                        holder._buffers[leaf] = value
+        for attr in ("_hf_hook", "_old_forward", "forward"):  # the hook's forward: the class's again
+            module.__dict__.pop(attr, None)
+    return clone
 
 
 def embedding_rows(model: nn.Module) -> int | None:
