@@ -57,6 +57,15 @@ from lordba.nn.targets import find_targets
 from lordba.quant import BaseBackend, resolve_backend
 
 
+class _Forward(ForwardWithSignature):
+    """The instance's ``forward``, with the code of the frame it runs (``torch.export``, without ``strict``, names its
+    trace by ``forward.__code__``: an AttributeError without it)."""
+
+    @property
+    def __code__(self) -> Any:
+        return self._owner._forward.__code__
+
+
 class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, MergeMixin, nn.Module):
     """A model with LoRDBA adapters. Build it with :func:`get_lordba_model` or :meth:`from_pretrained`."""
 
@@ -81,7 +90,7 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
             signature = inspect.signature(model.forward)
         except (TypeError, ValueError):
             signature = inspect.signature(lambda *args, **kwargs: None)
-        self.forward = ForwardWithSignature(self, with_adapter_names(signature))
+        self.forward = _Forward(self, with_adapter_names(signature))
         self.register_load_state_dict_pre_hook(note_loading_prefix)  # loaded inside another module: the base's keys
         self.register_load_state_dict_post_hook(base_keys_not_missing)  # are not missing (state_dict omits them)
         with frozen_unless_failed(model):  # a refused config leaves the caller's model as it was
@@ -310,8 +319,27 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
                 )
             yield
 
-    @torch.compiler.disable(recursive=False)
     def _forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        if torch.compiler.is_exporting():  # (torch.export refuses the call's frame that torch.compile runs eagerly)
+            return self._exported(args, kwargs, adapter_names)
+        return self._eager_forward(*args, adapter_names=adapter_names, **kwargs)
+
+    def _exported(self, args: tuple, kwargs: dict, adapter_names: Sequence[str] | None) -> Any:
+        """The call ``torch.export`` traces: the wrapped model with the active adapters (or none in a
+        ``disable_adapter()`` block, whose routing the layers read), captured as they are now.
+
+        Raises:
+            AdapterStateError: ``adapter_names`` (a mixed batch's routing is per call: no exported graph holds it).
+        """
+        if adapter_names is not None:
+            raise AdapterStateError(
+                "torch.export of a LoRDBAModel captures its active adapters: export without adapter_names "
+                "(set_adapter() the adapter to export)"
+            )
+        return self.base_model(*args, **kwargs)
+
+    @torch.compiler.disable(recursive=False)
+    def _eager_forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         # Under torch.compile this frame runs eagerly (the call's routing, the lock); the wrapped
         # model's forward below is compiled, and its layers read the routing from the gate, which
         # dynamo guards on: each routing / enable state gets its own graph, never a stale one.
