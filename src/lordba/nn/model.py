@@ -57,15 +57,6 @@ from lordba.nn.targets import find_targets
 from lordba.quant import BaseBackend, resolve_backend
 
 
-class _Forward(ForwardWithSignature):
-    """The instance's ``forward``, with the code of the frame it runs (``torch.export``, without ``strict``, names its
-    trace by ``forward.__code__``: an AttributeError without it)."""
-
-    @property
-    def __code__(self) -> Any:
-        return self._owner._forward.__code__
-
-
 class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, MergeMixin, nn.Module):
     """A model with LoRDBA adapters. Build it with :func:`get_lordba_model` or :meth:`from_pretrained`."""
 
@@ -90,7 +81,7 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
             signature = inspect.signature(model.forward)
         except (TypeError, ValueError):
             signature = inspect.signature(lambda *args, **kwargs: None)
-        self.forward = _Forward(self, with_adapter_names(signature))
+        self.forward = ForwardWithSignature(self, with_adapter_names(signature))
         self.register_load_state_dict_pre_hook(note_loading_prefix)  # loaded inside another module: the base's keys
         self.register_load_state_dict_post_hook(base_keys_not_missing)  # are not missing (state_dict omits them)
         with frozen_unless_failed(model):  # a refused config leaves the caller's model as it was

@@ -64,6 +64,11 @@ class ForwardWithSignature:
         self._owner = owner
         self.__signature__ = signature
 
+    @property
+    def __code__(self) -> Any:
+        """The code of the frame it runs (``torch.export``, without ``strict``, names its trace by it)."""
+        return self._owner._forward.__code__
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args and args[0] is self._owner:  # bound to the model as a method (accelerate's unwrap_model rebinds it)
             args = args[1:]
