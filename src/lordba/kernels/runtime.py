@@ -38,6 +38,7 @@ class _State:
     rows_op: object = None  # torch.ops.lordba.branch_rows.default (many adapters in one batch)
     attention_op: object = None  # torch.ops.lordba.decode_attention.default (one-token attention)
     triton: bool | None = None
+    openmp: bool = False  # torch's parallel loops run on OpenMP (whose thread pool a fork leaves broken)
     branch_compute: str = os.environ.get(BRANCH_COMPUTE_ENV) or "exact"
 
 
@@ -179,6 +180,7 @@ def load_cpu(build: bool = True, warn: bool = True) -> BuildResult:
         q4.register_fakes()
 
         _STATE.isa = torch.ops.lordba.isa()
+        _STATE.openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
         _STATE.op = torch.ops.lordba.branch.default
         _STATE.rows_op = torch.ops.lordba.branch_rows.default
         _STATE.attention_op = torch.ops.lordba.decode_attention.default
@@ -190,6 +192,20 @@ def load_cpu(build: bool = True, warn: bool = True) -> BuildResult:
             stacklevel=3,
         )
     return result
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child of a process that loaded the compiled CPU kernels: one torch thread, where torch runs
+    OpenMP with more. GNU OpenMP's thread pool does not survive ``fork`` (its threads are gone, its records of
+    them are not): the child's first parallel loop, the kernels' or torch's own, waited for them for ever (a
+    q4 model called in a plain ``os.fork()`` or a ``multiprocessing`` "fork" worker hung on its first layer).
+    As PyTorch's DataLoader does for its workers; the child may set another count (at that risk)."""
+    if _STATE.cpu is not None and _STATE.cpu.ok and _STATE.openmp and torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def cpu_branch_op(x: torch.Tensor, base: torch.Tensor) -> object | None:
