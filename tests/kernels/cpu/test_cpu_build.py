@@ -131,6 +131,46 @@ def test_a_failing_build_is_reported_not_raised(tmp_path):
     assert "failures ok" in out
 
 
+MARCH_REFUSING_CXX = """#!/bin/sh
+for a in "$@"; do
+  case "$a" in -march=*) march="${a#-march=}";; -c) compile=1;; esac
+done
+if [ -n "$compile" ] && [ -n "$march" ]; then
+  echo "cc1plus: error: bad value \u2018$march\u2019 for \u2018-march=\u2019 switch" >&2; exit 1
+fi
+if [ -n "$compile" ]; then echo "branch.cpp:1:1: error: lordba-test-without-march" >&2; exit 1; fi
+exec c++ "$@"
+"""
+
+MARCH_REFUSED = textwrap.dedent(
+    """
+    from lordba.kernels import cpu
+    r = cpu.load()
+    assert not r.ok, r
+    print(r.message)
+    """
+)
+
+
+@pytest.mark.parametrize("arch", ["x86-64v3", None])
+def test_an_arch_the_compiler_refuses_is_reported_not_replaced(tmp_path, arch):
+    """``LORDBA_CPU_ARCH=x86-64v3`` (a typo of ``x86-64-v3``, which gcc refuses) built the kernels without
+    ``-march`` instead, silently: the portable kernels where AVX2 ones were asked for. A refused ``native`` (the
+    default) still falls back to a build without ``-march`` (here refused too: the fake compiler's own error)."""
+    if shutil.which("c++") is None or os.name != "posix":
+        pytest.skip("needs c++ and sh")
+    fake = tmp_path / "march-c++"
+    fake.write_text(MARCH_REFUSING_CXX)
+    fake.chmod(0o755)
+    env = {"CXX": str(fake), "LORDBA_KERNEL_CACHE": str(tmp_path / "cache"), "LORDBA_CPU_ARCH": arch or "native"}
+    message = run_python(MARCH_REFUSED, **env)
+    if arch:
+        assert message.startswith("LORDBA_CPU_ARCH='x86-64v3': the compiler refuses -march=x86-64v3\n"), message
+        assert "lordba-test-without-march" not in message, message
+    else:
+        assert "lordba-test-without-march" in message, message
+
+
 def test_no_ext_switch(monkeypatch):
     monkeypatch.setenv("LORDBA_NO_EXT", "1")
     result = cpu.load()

@@ -16,7 +16,8 @@ own baton.
 ``lordba build-kernels`` builds ahead of time; otherwise the first CPU call builds (about 10-20 s).
 Set ``LORDBA_NO_EXT=1`` to skip the extension (the pure-PyTorch fallback runs instead), and
 ``LORDBA_CPU_ARCH`` to build for another ``-march`` than ``native`` (e.g. ``x86-64-v3``: AVX2 only,
-which compiles the portable kernels).
+which compiles the portable kernels; a value the compiler refuses fails the build, naming the variable, where a
+refused ``native`` builds without ``-march``).
 """
 
 from __future__ import annotations
@@ -318,6 +319,10 @@ def load(build: bool = True) -> BuildResult:
         failed = _failed(err, cxx, path)
         if not (arch and _BAD_MARCH.search(failed.message)):
             return failed
+        if arch != "native":  # asked for by name ($LORDBA_CPU_ARCH): another build would not be what was asked
+            return BuildResult(
+                False, path, f"LORDBA_CPU_ARCH={arch!r}: the compiler refuses -march={arch}\n{failed.message}"
+            )
         try:  # the compiler does not take this -march: build without it
             path, built = _build_and_load(cxx, "")
         except (RuntimeError, OSError, subprocess.SubprocessError) as again:
