@@ -1,12 +1,14 @@
-"""lordba.kernels.runtime around processes: the compiled kernels in a forked child."""
+"""lordba.kernels.runtime around processes and threads: the compiled kernels in a forked child, their loading."""
 
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from lordba import kernels
 
@@ -59,3 +61,38 @@ def test_a_forked_child_runs_the_kernels_without_hanging(how):
         [sys.executable, "-c", FORKED, how], env=env, capture_output=True, text=True, timeout=300, check=False
     )
     assert proc.returncode == 0 and "child 0" in proc.stdout, proc.stdout[-1000:] + proc.stderr[-3000:]
+
+
+def test_a_call_made_while_another_thread_loads_the_kernels_waits_for_them(monkeypatch):
+    """A thread whose first kernel call came while another thread was loading them (binding the ops, after the
+    result was remembered) got ``TypeError: 'NoneType' object is not callable`` from ``packed_branch``."""
+    from lordba.kernels import _fake, runtime
+
+    if not kernels.cpu_available():
+        pytest.skip("the compiled CPU kernels are unavailable")
+    for field in ("cpu", "op", "rows_op", "attention_op"):  # as a process that has not loaded them yet
+        monkeypatch.setattr(runtime._STATE, field, None)
+    torch.manual_seed(0)
+    sign_A, sign_B = torch.randint(0, 256, (8, 8), dtype=torch.uint8), torch.randint(0, 256, (48, 1), dtype=torch.uint8)
+    b, m, a, x = torch.rand(64), torch.rand(8), torch.rand(48), torch.randn(1, 64)
+    results = []
+
+    def call():
+        try:
+            results.append(kernels.packed_branch(x, sign_A, sign_B, b, m, a, 1.0))
+        except Exception as err:  # reported below
+            results.append(err)
+
+    other = threading.Thread(target=call)
+    register = _fake.register_cpu
+
+    def register_during_a_call():  # the loading thread, while it binds the ops: another thread calls
+        other.start()
+        other.join(timeout=0.5)
+        register()
+
+    monkeypatch.setattr(_fake, "register_cpu", register_during_a_call)
+    assert kernels.load_cpu().ok
+    other.join(timeout=60)
+    assert len(results) == 1 and isinstance(results[0], torch.Tensor), results
+    assert torch.equal(results[0], kernels.packed_branch(x, sign_A, sign_B, b, m, a, 1.0))

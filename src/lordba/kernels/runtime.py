@@ -47,6 +47,7 @@ _STATE = _State()
 _BLOCKS: list[list] = []
 _OUTSIDE: dict[str, str] = {}  # the value once no block of a setting is open (taken as its first block began)
 _BLOCKS_LOCK = threading.Lock()
+_LOAD_LOCK = threading.RLock()  # one thread loads the CPU kernels (load_cpu)
 if _STATE.mode not in MODES:
     warnings.warn(f"LORDBA_KERNEL={_STATE.mode!r} is not one of {MODES}; using 'auto'", stacklevel=1)
     _STATE.mode = "auto"
@@ -165,32 +166,38 @@ def mode(name: str) -> Iterator[None]:
 @torch.compiler.disable
 def load_cpu(build: bool = True, warn: bool = True) -> BuildResult:
     """Load the CPU extension, compiling it first if needed and ``build``; remembered for the process
-    once it has loaded or a build was attempted. Warns (:class:`KernelFallbackWarning`) on failure."""
+    once it has loaded or a build was attempted. Warns (:class:`KernelFallbackWarning`) on failure.
+
+    One thread loads; the others wait for it. The result is remembered last, once the ops are bound: callers
+    read it without the lock (a thread that called in between found it set and the op still ``None``)."""
     from lordba.kernels import cpu
 
     if _STATE.cpu is not None:
         return _STATE.cpu
-    result = cpu.load(build=build)
-    if result.ok or build:
-        _STATE.cpu = result
-    if result.ok:
-        from lordba.kernels import _fake, q4
+    with _LOAD_LOCK:
+        if _STATE.cpu is not None:
+            return _STATE.cpu
+        result = cpu.load(build=build)
+        if result.ok:
+            from lordba.kernels import _fake, q4
 
-        _fake.register_cpu()  # shapes for torch.compile
-        q4.register_fakes()
+            _fake.register_cpu()  # shapes for torch.compile
+            q4.register_fakes()
 
-        _STATE.isa = torch.ops.lordba.isa()
-        _STATE.openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
-        _STATE.op = torch.ops.lordba.branch.default
-        _STATE.rows_op = torch.ops.lordba.branch_rows.default
-        _STATE.attention_op = torch.ops.lordba.decode_attention.default
-    elif build and warn:
-        warnings.warn(
-            f"lordba: compiled CPU kernels unavailable ({result.message.splitlines()[0]}); using the "
-            "pure-PyTorch branch (slower at decode). `lordba build-kernels` shows the details.",
-            KernelFallbackWarning,
-            stacklevel=3,
-        )
+            _STATE.isa = torch.ops.lordba.isa()
+            _STATE.openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+            _STATE.op = torch.ops.lordba.branch.default
+            _STATE.rows_op = torch.ops.lordba.branch_rows.default
+            _STATE.attention_op = torch.ops.lordba.decode_attention.default
+        if result.ok or build:
+            _STATE.cpu = result
+        if not result.ok and build and warn:
+            warnings.warn(
+                f"lordba: compiled CPU kernels unavailable ({result.message.splitlines()[0]}); using the "
+                "pure-PyTorch branch (slower at decode). `lordba build-kernels` shows the details.",
+                KernelFallbackWarning,
+                stacklevel=3,
+            )
     return result
 
 
