@@ -1,6 +1,6 @@
 """A PEFT LoRA user's settings, moved to ``LoRDBAConfig``, adapt the same modules with the same rank and scaling.
 
-Each case builds PEFT's LoRA model and lordba's model from the same fields (``lora_alpha`` as ``alpha``) on a tiny
+Each case builds PEFT's LoRA model and lordba's from the same ``LoraConfig`` (``LoRDBAConfig.from_peft``) on a tiny
 Llama, GPT-2 (``Conv1D``, layers under ``h``) or BERT (layers under ``layer``, a ``classifier`` head) and compares
 the set of adapted module paths and each one's ``(r, scaling)``.
 """
@@ -51,8 +51,7 @@ def _peft_adapted(model, fields: dict) -> dict[str, tuple[int, float]]:
 
 
 def _lordba_adapted(model, fields: dict) -> dict[str, tuple[int, float]]:
-    fields = {("alpha" if k == "lora_alpha" else k): v for k, v in fields.items()}
-    lm = get_lordba_model(model, LoRDBAConfig(**fields))
+    lm = get_lordba_model(model, LoRDBAConfig.from_peft(peft.LoraConfig(**fields)))
     return {path: (adapter.r, adapter.scaling) for path, adapter in lm.adapter_modules("default").items()}
 
 
@@ -105,3 +104,28 @@ def test_a_pattern_key_that_matches_no_adapted_module_warns_as_in_peft(field):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         get_lordba_model(tiny_llama(), LoRDBAConfig(r=4, target_modules=["q_proj"], **{field: {"q_proj": 2}}))
+
+
+def test_from_peft_takes_loras_fields_and_refuses_what_it_has_no_counterpart_for():
+    """A PEFT user's ``LoraConfig`` becomes a LoRDBA config with its fields under LoRDBA's names; options LoRDBA has
+    no counterpart for (DoRA, rsLoRA, another init, layer replication) are refused naming them rather than dropped,
+    as is an unset ``target_modules`` (PEFT's per-model default is not LoRDBA's every linear layer). PEFT's names
+    given to ``LoRDBAConfig`` itself were a bare ``TypeError``; they are a ConfigError naming LoRDBA's field."""
+    from lordba.errors import ConfigError
+
+    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], bias="all")
+    for given in (lora, lora.to_dict()):
+        cfg = LoRDBAConfig.from_peft(given)
+        assert (cfg.r, cfg.alpha, cfg.dropout, cfg.bias) == (8, 16.0, 0.05, "all")
+        assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.scaling_for("model.layers.0.self_attn.q_proj") == 2.0
+    for field, value in [("use_dora", True), ("use_rslora", True), ("init_lora_weights", "gaussian"),
+                         ("layer_replication", [[0, 1]])]:  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"LoraConfig\.{field}="):
+            LoRDBAConfig.from_peft(peft.LoraConfig(target_modules=["q_proj"], **{field: value}))
+    with pytest.raises(ConfigError, match="target_modules is not set"):
+        LoRDBAConfig.from_peft(peft.LoraConfig())
+    with pytest.raises(ConfigError, match="not a LoRA"):
+        LoRDBAConfig.from_peft({"peft_type": "IA3", "target_modules": ["q_proj"]})
+    for name, hint in [("lora_alpha", "'alpha'"), ("lora_dropout", "'dropout'"), ("use_rslora", "√r")]:
+        with pytest.raises(ConfigError, match=f"LoRDBAConfig\\({name}=.*{hint}.*from_peft"):
+            LoRDBAConfig(r=4, **{name: 1})

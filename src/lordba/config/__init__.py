@@ -177,6 +177,28 @@ class LoRDBAConfig:
         },
     )
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> LoRDBAConfig:  # PEFT's names get a clear error
+        from lordba.config.peft_fields import HINTS, RENAMED, peft_field_error
+
+        for name in kwargs:
+            if name in RENAMED or name in HINTS:
+                raise peft_field_error(name)
+        return super().__new__(cls)
+
+    @classmethod
+    def from_peft(cls, lora_config: Any) -> LoRDBAConfig:
+        """The LoRDBA config of a PEFT ``LoraConfig`` (or its dict): the same target modules, ranks, ``alpha``
+        (``lora_alpha``), ``dropout`` (``lora_dropout``), patterns, layers, ``modules_to_save``, ``bias`` and
+        ``task_type``; LoRDBA's own fields at their defaults.
+
+        Raises:
+            ConfigError: a field LoRDBA has no counterpart for is set (``use_dora``, ``use_rslora``, ...), or
+                ``target_modules`` is not (PEFT's per-model default is not LoRDBA's), naming it.
+        """
+        from lordba.config.peft_fields import lordba_kwargs
+
+        return cls(**lordba_kwargs(lora_config))
+
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
         _check_positive("alpha", self.alpha)
