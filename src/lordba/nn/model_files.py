@@ -1,10 +1,7 @@
-"""Adapter files on a :class:`~lordba.nn.model.LoRDBAModel`: save, load, hot-swap (a mixin of the
-model, kept apart so that each module stays readable; it uses the model's lock, names and layers).
+"""Adapter files on a :class:`~lordba.nn.model.LoRDBAModel`: save, push, and (from :mod:`lordba.nn.model_load`)
+load and hot-swap (a mixin of the model, kept apart so that each module stays readable; it uses the model's lock, names
+and layers).
 
-Loading validates the whole directory (:mod:`lordba.format.adapter`) and checks it against the
-model's layers before the model is touched; for inference it builds the adapters' inference form
-straight from the stored tensors (:meth:`~lordba.nn.adapter.PackedAdapter.from_stored`). An adapter
-given by a Hub id (``"user/repo"``) is fetched first (:func:`lordba.nn.hub.resolve_adapter_dir`).
 Saving writes a model card (``README.md``) beside the adapter; ``push_to_hub`` uploads the directory.
 """
 
@@ -14,32 +11,23 @@ import contextlib
 import dataclasses
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from lordba._util.files import check_path
-from lordba._util.modules import frozen_unless_failed
-from lordba._util.state import ordinary_tensors
 from lordba.config import LoRDBAConfig
-from lordba.core.scales import get_codec
-from lordba.errors import AdapterFormatError, AdapterStateError, ConfigError, LoRDBAError, ShapeMismatchError
+from lordba.errors import AdapterFormatError, ConfigError, LoRDBAError
 from lordba.format import adapter as adapter_files
 from lordba.format.atomic import ensure_writable_dir
-from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter
-from lordba.nn.hub import resolve_adapter_dir, upload_adapter_folder, write_model_card
-from lordba.nn.layer import adapter_device
-from lordba.nn.model_forms import hold_together
-from lordba.quant import BaseBackend
-
-Targets = dict[str, tuple[nn.Module, BaseBackend]]  # module path -> (base layer, its backend)
+from lordba.nn.adapter import LoRDBAAdapter
+from lordba.nn.hub import upload_adapter_folder, write_model_card
+from lordba.nn.model_load import AdapterLoadMixin, Targets, _device  # noqa: F401  (re-exported)
 
 
-class AdapterFilesMixin:
-    """Save / load / hot-swap methods of :class:`~lordba.nn.model.LoRDBAModel`."""
+class AdapterFilesMixin(AdapterLoadMixin):
+    """Save / load / hot-swap methods of :class:`~lordba.nn.model.LoRDBAModel` (load and hot-swap:
+    :class:`~lordba.nn.model_load.AdapterLoadMixin`)."""
 
     def adapter_state(self, adapter_name: str = "default") -> adapter_files.AdapterState:
         """The adapter as stored (config + packed tensors), independent of this model."""
@@ -161,212 +149,6 @@ class AdapterFilesMixin:
                 create_pr=create_pr,
             )
 
-    def _check_fits(self, state: adapter_files.AdapterState, source: object) -> Targets:
-        """Every module of ``state`` exists in this model with the same in/out features; returns
-        ``{path: (base layer, backend)}`` (resolved once, reused to build the adapters)."""
-        targets: Targets = {}
-        root = self._root()
-        for path, rec in state.modules.items():
-            try:
-                base, backend = self._target(path, root)
-                in_f, out_f = backend.features(base)
-            except ShapeMismatchError as err:
-                raise AdapterFormatError(f"{source}: {err}") from None
-            if (in_f, out_f) != (rec.in_features, rec.out_features):
-                raise AdapterFormatError(
-                    f"{source}: module {path!r} is {rec.in_features}→{rec.out_features} in the file "
-                    f"but {in_f}→{out_f} in the base model"
-                )
-            targets[path] = (base, backend)
-        return targets
-
-    def _read_for_model(self, model_id: str | Path, **hub: Any) -> tuple[adapter_files.AdapterFile, Targets]:
-        """Open (a Hub id is fetched first), check against this model's layers, then load the
-        tensors of an adapter directory; returns it and its resolved targets."""
-        adapter = adapter_files.open_adapter(resolve_adapter_dir(model_id, **hub))
-        targets = self._check_fits(adapter, adapter.weights_path)
-        adapter.load_tensors()
-        return adapter, targets
-
-    @ordinary_tensors()
-    def load_adapter(
-        self,
-        model_id: str | Path,
-        adapter_name: str,
-        is_trainable: bool = False,
-        *,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | Path | None = None,
-        subfolder: str | None = None,
-        local_files_only: bool = False,
-        on_verified: Callable[[adapter_files.AdapterFile], None] | None = None,
-    ) -> None:
-        """Load an adapter under ``adapter_name`` (packed form; scales train if ``is_trainable``,
-        else it is compact: scales held as stored, frozen). ``model_id`` is a directory or a
-        Hugging Face Hub repo id (``revision``, ``token``, ``cache_dir``, ``subfolder`` and
-        ``local_files_only`` as in PEFT). Validation happens before the model is touched;
-        ``on_verified`` (if given) is called with the read file once all of it passed, before anything is
-        installed (the server's LRU makes room there: a bad file evicts nobody); what it raises ends the load.
-
-        Raises:
-            AdapterFormatError: a missing, invalid or unresolvable adapter (named); AdapterStateError /
-                ConfigError: the name is taken or invalid.
-        """
-        self._check_new_name(adapter_name)
-        hub = dict(
-            revision=revision, token=token, cache_dir=cache_dir, subfolder=subfolder, local_files_only=local_files_only
-        )
-        adapter_file, targets = self._read_for_model(model_id, **hub)
-        if on_verified is not None:
-            on_verified(adapter_file)
-        self._load_state(adapter_file, adapter_name, is_trainable, targets)
-
-    @ordinary_tensors()
-    def load_adapter_state(
-        self, state: adapter_files.AdapterState, adapter_name: str, is_trainable: bool = False
-    ) -> None:
-        """Add an in-memory adapter (e.g. from ``convert_lora``) under ``adapter_name``, packed form
-        (its tensors are copied). Raises :class:`AdapterFormatError` if it does not fit the model or
-        holds what a file may not (a missing tensor, NaN or infinite scales, codes outside the format),
-        :class:`AdapterStateError` / :class:`ConfigError` if the name is taken or invalid, :class:`ConfigError`
-        if ``state`` is not an :class:`~lordba.format.adapter.AdapterState`."""
-        if not isinstance(state, adapter_files.AdapterState):
-            raise ConfigError(f"load_adapter_state takes an AdapterState (convert_lora's), got {type(state).__name__}")
-        self._load_state(state, adapter_name, is_trainable)
-
-    def _load_state(
-        self,
-        state: adapter_files.AdapterState,
-        adapter_name: str,
-        is_trainable: bool = False,
-        targets: Targets | None = None,
-    ) -> dict[str, LoRDBAAdapter]:
-        """:meth:`load_adapter_state`; given ``targets`` (what :meth:`_check_fits` returned for a file
-        the loader read itself), the check is not repeated and the adapters hold the file's freshly
-        read tensors without copying them. Returns the installed adapters by module path."""
-        self._check_new_name(adapter_name)
-        owned = targets is not None
-        if targets is None:  # an in-memory state: the checks a file's tensors get, then the model's
-            adapter_files.checked_tensors(state.config, state.modules, "load_adapter_state: cannot load")
-            targets = self._check_fits(state, "adapter")
-        config = state.config
-        codec = get_codec(config.scale_dtype)
-        adapters = {}
-        devices: dict[int, torch.device] = {}
-        for path, rec in state.modules.items():
-            base, backend = targets[path]
-            adapter = PackedAdapter.from_stored(  # scales held as stored (int8 codes): the file's size in memory
-                rec.tensors,
-                rec.in_features,
-                rec.out_features,
-                rec.r,
-                config.scaling_for(path),
-                codec,
-                device=_device(base, backend, devices, path),
-                copy=False,  # a file's own tensors, or the caller's: copied below into one buffer
-                training=base.training,  # its layer's mode, as a rule (checked again when installed)
-            )
-            if adapter.dropout != config.dropout:
-                adapter.dropout = config.dropout
-            if is_trainable:
-                adapter = adapter.trainable(config.ste_spec)
-                adapter.set_trainable(signs=False, scales=True)
-            adapters[path] = adapter
-        if not owned:  # the caller's tensors: copied, as a loaded file's are held (one buffer)
-            hold_together([a for a in adapters.values() if isinstance(a, PackedAdapter)])
-        with self._lock.write():
-            self._check_new_name(adapter_name)  # again: another thread may have taken the name
-            self._install(adapter_name, adapters)
-            self.peft_config[adapter_name] = config
-        return adapters
-
-    @ordinary_tensors()
-    def hotswap_adapter(
-        self,
-        model_id: str | Path,
-        adapter_name: str = "default",
-        *,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | Path | None = None,
-        subfolder: str | None = None,
-        local_files_only: bool = False,
-    ) -> None:
-        """Replace a loaded adapter's weights in place (no re-injection, same tensors, so compiled
-        graphs stay valid; only a compact adapter given another scale format gets new scale
-        buffers); its scaling and dropout become the new file's. The new adapter must target the
-        same modules (or a subset: the others become no-ops) with the same ranks, and must not be
-        merged (its old update is in the base weights). ``model_id`` and the Hub keywords (``revision``,
-        ``token``, ``cache_dir``, ``subfolder``, ``local_files_only``) are as in :meth:`load_adapter`.
-
-        Raises:
-            AdapterStateError: an unknown or merged adapter, other modules, ranks or extra tensors
-                (the model is left as it was); AdapterFormatError: as :meth:`load_adapter`.
-        """
-        self._check_known(adapter_name)
-        hub = dict(
-            revision=revision, token=token, cache_dir=cache_dir, subfolder=subfolder, local_files_only=local_files_only
-        )
-        adapter_file, _ = self._read_for_model(model_id, **hub)
-        config = adapter_file.config
-        codec = get_codec(config.scale_dtype)
-        with self._lock.write():  # check and swap at once: another thread may delete or swap it
-            current = self.adapter_modules(adapter_name)
-            if any(adapter_name in layer.merged_adapters for _, layer in self._lordba_layers()):
-                raise AdapterStateError(
-                    f"hotswap_adapter: adapter {adapter_name!r} is merged into the base weights: "
-                    "unmerge_adapter() before hot-swapping it"
-                )
-            for path, rec in adapter_file.modules.items():
-                old = current.get(path)
-                if old is None or old.r != rec.r:
-                    raise AdapterStateError(
-                        f"hotswap_adapter: module {path!r} (rank {rec.r}) is not in adapter {adapter_name!r} with "
-                        "that rank; hot-swapping needs the same target modules (or a subset) and ranks"
-                    )
-            self._hotswap_extras(adapter_name, adapter_file, apply=False)  # checked before anything changes
-            for path, adapter in current.items():
-                rec = adapter_file.modules.get(path)
-                if rec is not None and isinstance(adapter, TrainableAdapter) and adapter.has_latent_signs:
-                    adapter = self._swap(adapter_name, path, adapter.freeze_signs())  # stored signs are packed
-                adapter.codec = codec
-                adapter.scaling = config.scaling_for(path)
-                adapter.dropout = config.dropout  # the swapped-in config's, as a load gives it
-                if rec is None:
-                    adapter.silence()
-                else:
-                    adapter.load_stored(rec.tensors)
-            self._hotswap_extras(adapter_name, adapter_file, apply=True)
-            self.peft_config[adapter_name] = config
-
-    def _hotswap_extras(self, adapter_name: str, state: adapter_files.AdapterState, apply: bool) -> None:
-        """Check (``apply=False``) or load in place the extra tensors of a hot-swapped adapter; without
-        support for modules trained in full, a file that has extras is refused."""
-        if state.extras:
-            raise AdapterStateError(f"hotswap_adapter: this model cannot hold the extra tensors of {adapter_name!r}")
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        model_id: str | Path,
-        adapter_name: str = "default",
-        is_trainable: bool = False,
-        **hub: Any,
-    ) -> Any:
-        """Load a saved adapter (a directory or a Hub repo id; ``hub``: the keyword arguments of
-        :meth:`load_adapter`, e.g. ``revision``, ``token``, ``cache_dir``, ``subfolder``) onto
-        ``model`` and activate it. Raises as :meth:`load_adapter`, leaving ``model`` as it was (its parameters'
-        ``requires_grad`` too: the wrapper freezes them)."""
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"from_pretrained loads onto a model (an nn.Module), got {type(model).__name__}")
-        with frozen_unless_failed(model):
-            wrapper = cls(model)
-            wrapper.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **hub)
-        wrapper.set_adapter(adapter_name)
-        return wrapper
-
 
 def _make_folders(folders: list[Path]) -> None:
     """Create (or check) every folder a save writes; if one cannot be made or written, remove those made here."""
@@ -386,19 +168,6 @@ def _selected(selected_adapters: str | Sequence[str] | None, known: dict[str, An
     if selected_adapters is None:
         return list(known)
     return [selected_adapters] if isinstance(selected_adapters, str) else list(selected_adapters)
-
-
-def _device(base: nn.Module, backend: BaseBackend, seen: dict[int, torch.device], path: str) -> torch.device:
-    """The device of ``base``'s weight (:meth:`BaseBackend.weight_device`; a plain weight read directly), or for
-    one offloaded by accelerate (``meta``) where its hook computes (:func:`~lordba.nn.layer.adapter_device`)."""
-    if type(backend).weight_device is BaseBackend.weight_device:
-        weight = base._parameters.get("weight")
-        if isinstance(weight, torch.Tensor) and not weight.is_meta:
-            return weight.device
-    key = id(base)
-    if key not in seen:
-        seen[key] = adapter_device(base, backend.weight_device(base), path)
-    return seen[key]
 
 
 def _left_out(config: LoRDBAConfig, path: str, adapter: LoRDBAAdapter) -> bool:
