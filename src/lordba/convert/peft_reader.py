@@ -1,7 +1,8 @@
 """Read a PEFT LoRA adapter (a saved directory or an in-memory ``peft.PeftModel``) for conversion.
 
 Directory: ``adapter_config.json`` plus ``adapter_model.safetensors``. A pickle
-``adapter_model.bin`` is refused unless ``allow_pickle=True`` (then ``torch.load(weights_only=True)``).
+``adapter_model.bin`` is refused unless ``allow_pickle=True`` (then ``torch.load(weights_only=True)``;
+the files: :mod:`lordba.convert.peft_files`).
 Keys ``base_model.model.<path>.lora_A.weight`` / ``lora_B.weight``, also with an adapter name
 (``lora_A.<name>.weight``). Per module: the rank from the tensors (checked against ``r`` /
 ``rank_pattern``), ``alpha`` from ``lora_alpha`` / ``alpha_pattern`` (PEFT's pattern matching), and
@@ -30,16 +31,13 @@ from typing import Any
 
 import torch
 
-from lordba._util.files import open_untrusted
 from lordba._util.jsonio import read_json_file
 from lordba._util.patterns import pattern_key
 from lordba.config import TASK_HEADS, LoRDBAConfig
 from lordba.convert.peft_checks import check_factors, check_init, check_numbers, check_path, check_patterns
-from lordba.errors import AdapterFormatError, ConfigError, ConversionError
+from lordba.convert.peft_files import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME, _load_tensors, _resolve_dir  # noqa: F401
+from lordba.errors import ConfigError, ConversionError
 
-SAFETENSORS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
-CONFIG_NAME = "adapter_config.json"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+?)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 # Config fields that change LoRA's forward away from ``s · B A`` (name → what it is).
 _VARIANTS = {
@@ -154,48 +152,6 @@ def _layer(
     scaling = _scaling(a, expected, rslora)
     check_factors(path, A, B, names, scaling, where)
     return LoraLayer(path, A.float(), B.float(), expected, a, scaling)
-
-
-def _resolve_dir(source: Path, adapter_name: str) -> Path:
-    """The folder of adapter ``adapter_name``: PEFT saves "default" at the top and any other in a subfolder
-    of its name (beside the default one, if the model had one)."""
-    if not source.is_dir():
-        raise AdapterFormatError(f"{source}: not a directory (expected a PEFT adapter directory)")
-    sub = source / adapter_name
-    if adapter_name != "default" and (sub / CONFIG_NAME).is_file():
-        return sub
-    if not (source / CONFIG_NAME).is_file():
-        named = sorted(p.parent.name for p in source.glob(f"*/{CONFIG_NAME}"))
-        hint = f"; adapters found in subfolders: {named} (pass adapter_name / --adapter-name)" if named else ""
-        raise AdapterFormatError(f"{source / CONFIG_NAME}: missing (not a PEFT adapter directory){hint}")
-    return source
-
-
-def _load_tensors(directory: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], Path]:
-    st_path, bin_path = directory / SAFETENSORS_NAME, directory / PICKLE_NAME
-    if st_path.is_file():
-        from safetensors.torch import load_file
-
-        open_untrusted(st_path).close()  # a regular file, a link only into the directory (as the config)
-        try:
-            return load_file(str(st_path)), st_path
-        except Exception as err:  # safetensors' own header/size checks
-            raise AdapterFormatError(f"{st_path}: cannot read safetensors ({err})") from None
-    if bin_path.is_file():
-        if not allow_pickle:
-            raise AdapterFormatError(
-                f"{bin_path}: pickle weights are refused (loading pickle can run code); pass allow_pickle=True "
-                "/ --allow-pickle to load them with torch.load(weights_only=True), or re-save as safetensors"
-            )
-        open_untrusted(bin_path).close()
-        try:
-            data = torch.load(bin_path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise AdapterFormatError(f"{bin_path}: cannot load with torch.load(weights_only=True) ({err})") from None
-        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise AdapterFormatError(f"{bin_path}: expected a dict of tensors")
-        return data, bin_path
-    raise AdapterFormatError(f"{directory}: no {SAFETENSORS_NAME} (or {PICKLE_NAME}) found")
 
 
 def _unsupported(names: list[str], where: str, skip: bool, why: str) -> None:
