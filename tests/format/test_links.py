@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lordba import AdapterFormatError, LoRDBAConfig, get_lordba_model
-from lordba.format import adapter as adapter_module
+from lordba.format import pair as pair_module
 from lordba.format.adapter import read_adapter
 from lordba.format.header import read_file_bytes
 
@@ -116,7 +116,7 @@ def test_a_huge_file_whose_header_does_not_describe_it_is_refused_without_hashin
     def never(*args, **kwargs):
         raise AssertionError("the file was read in full")
 
-    monkeypatch.setattr(adapter_module, "read_file_bytes", never)
+    monkeypatch.setattr(pair_module, "read_file_bytes", never)
     with pytest.raises(AdapterFormatError, match=r"header describes \d+ .*refused before hashing"):
         read_adapter(saved)
 

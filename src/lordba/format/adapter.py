@@ -16,7 +16,8 @@ bytes before its header has been checked to describe exactly its length:
 4. Tensor data (views of the buffer read in step 2: no second read): padding bits, finite scales,
    int8 codes, checked in one vectorised pass per tensor kind.
 
-Steps 3 and 4, and what the header must describe, are in :mod:`lordba.format.header`.
+Steps 1 and 2 (the config and weights read as one checked pair, or an interrupted save's backups) are in
+:mod:`lordba.format.pair`; steps 3 and 4, and what the header must describe, in :mod:`lordba.format.header`.
 
 Writing serialises deterministically (same adapter, same bytes), in format version 3 unless told
 otherwise, and commits weights and config crash-safely (:func:`lordba.format.atomic.commit_files`).
@@ -26,23 +27,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from lordba._util.files import check_path, open_untrusted
-from lordba._util.jsonio import read_json_file, safe_repr
+from lordba._util.files import check_path
+from lordba._util.jsonio import safe_repr
 from lordba._util.locks import wait_for_writer
 from lordba._version import __version__
 from lordba.config import COMPACT_FORMAT_VERSION, CONFIG_NAME, DEFAULT_FORMAT_VERSION, WEIGHTS_NAME, LoRDBAConfig
 from lordba.core.scales import NIBBLE_DTYPES
-from lordba.errors import AdapterFormatError, ConfigError, LoRDBAError
-from lordba.format.atomic import backup_path, commit_files
+from lordba.errors import AdapterFormatError, LoRDBAError
+from lordba.format.atomic import commit_files
 from lordba.format.compact import check_compact_header, compact_metadata, compact_tensors, split_tensors
 from lordba.format.extras import EXTRA_PREFIX, check_extra_values, extras_to_file, file_version
 from lordba.format.header import (
@@ -53,12 +51,11 @@ from lordba.format.header import (
     check_module_path,
     check_modules,
     lordba_metadata,
-    read_file_bytes,
-    read_header,
     stored_shapes,
     tensor_views,
 )
-from lordba.format.integrity import check_config_digest, check_length, config_digest
+from lordba.format.integrity import config_digest
+from lordba.format.pair import _consistent_pair, _Inconsistent, _open_verified, _pair_consistent, _stamp
 from lordba.format.tensorfile import to_bytes
 
 __all__ = [  # ModuleRecord, TENSOR_KINDS and stored_shapes are defined in lordba.format.header
@@ -75,7 +72,6 @@ __all__ = [  # ModuleRecord, TENSOR_KINDS and stored_shapes are defined in lordb
     "write_adapter",
 ]
 
-_SHA_RE = re.compile(r"[0-9a-f]{64}")
 _ATTEMPTS = 3
 
 
@@ -153,101 +149,6 @@ class AdapterFile(AdapterState):
         self._data = None
 
 
-def _sha_field(raw: dict[str, Any], config_path: Path) -> str:
-    sha = raw.get("weights_sha256")
-    if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
-        raise ConfigError(f"{config_path}: weights_sha256 must be 64 lowercase hex digits, got {safe_repr(sha)}")
-    return sha
-
-
-def _pair_consistent(paths: dict[str, Path]) -> bool:
-    try:
-        _read_pair(paths[CONFIG_NAME], paths[WEIGHTS_NAME])
-    except (LoRDBAError, OSError):
-        return False
-    return True
-
-
-class _Inconsistent(AdapterFormatError):
-    """The weights file is missing or does not match the config's checksum."""
-
-
-def _open_verified(path: Path, sha: str) -> tuple[torch.Tensor, _Header]:
-    """The bytes of the file at ``path`` (one read) and its header, after checking that the header
-    describes the file's length, then that the bytes' sha256 is ``sha``. A file whose header does not
-    describe it is refused from the header alone (lordba never leaves such a file, so it is not an
-    interrupted save); a checksum mismatch is :class:`_Inconsistent` (an interrupted save's backups
-    may be read instead). No digest of the file is ever shown."""
-    with open_untrusted(path) as f:
-        try:
-            size = os.fstat(f.fileno()).st_size
-            try:
-                header, metadata, header_len = read_header(f, path, size)
-                check_length(header, size - 8 - header_len, path)
-            except AdapterFormatError as err:
-                raise AdapterFormatError(f"{err} (refused before hashing: checksum mismatch not computed)") from None
-            data = read_file_bytes(f, path, size, aligned_at=8 + header_len)  # tensor data aligned
-        except OSError as err:
-            raise AdapterFormatError(f"{path}: cannot read ({err.strerror or err})") from None
-    if hashlib.sha256(data.numpy()).hexdigest() != sha:
-        raise _Inconsistent(
-            f"{path}: checksum mismatch (its sha256 differs from weights_sha256 in adapter_config.json): the "
-            "file is corrupt, truncated or was modified"
-        )
-    return data, _Header(header, metadata, header_len, size)
-
-
-@dataclass
-class _Header:
-    """A weights file's parsed safetensors header, its metadata, its length and the file's size."""
-
-    entries: dict[str, Any]
-    metadata: dict[str, str]
-    length: int
-    size: int
-
-
-@dataclass
-class _Pair:
-    """A config and the bytes of the weights file its checksum matches, each read once."""
-
-    config: LoRDBAConfig
-    config_path: Path
-    weights_path: Path
-    sha: str
-    data: torch.Tensor
-    header: _Header
-
-
-def _read_pair(config_path: Path, weights_path: Path) -> _Pair:
-    raw = read_json_file(config_path)
-    config = LoRDBAConfig.from_dict(raw, source=str(config_path))
-    sha = _sha_field(raw, config_path)
-    version = raw.get("library_version")
-    if version is not None and not isinstance(version, str):
-        raise ConfigError(f"{config_path}: library_version must be a string, got {safe_repr(version)}")
-    if not os.path.lexists(weights_path):
-        raise _Inconsistent(f"{weights_path}: missing")
-    data, header = _open_verified(weights_path, sha)
-    check_config_digest(header.metadata, raw, config_path, weights_path)
-    return _Pair(config, config_path, weights_path, sha, data, header)
-
-
-def _consistent_pair(directory: Path) -> tuple[_Pair, bool]:
-    """The current pair, or the intact previous pair an interrupted save left (``recovered``)."""
-    try:  # an invalid current config is reported, not papered over by a backup
-        return _read_pair(directory / CONFIG_NAME, directory / WEIGHTS_NAME), False
-    except _Inconsistent as err:
-        failure = err
-    backups = [backup_path(directory / name) for name in (CONFIG_NAME, WEIGHTS_NAME)]
-    if all(os.path.isfile(p) for p in backups):  # False, not an error, where it cannot look
-        try:
-            return _read_pair(*backups), True
-        except (LoRDBAError, OSError):
-            pass
-    raise failure
-
-
 def open_adapter(directory: str | Path) -> AdapterFile:
     """Validate an adapter directory up to the tensor headers (steps 1–3); tensors load lazily."""
     check_path(directory, "the adapter directory")
@@ -291,14 +192,6 @@ def open_adapter(directory: str | Path) -> AdapterFile:
     return AdapterFile(
         pair.config, modules, directory, pair.sha, pair.weights_path, size, recovered, pair.data, spans, version
     )
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def read_adapter(directory: str | Path) -> AdapterFile:
