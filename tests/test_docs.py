@@ -153,3 +153,32 @@ def test_the_readme_sweep_table_is_the_committed_sweeps_summary():
                 assert float(shown) == pytest.approx(mean, abs=0.5 * 10.0 ** -len(shown.split(".")[1]))
                 continue
             assert shown == f"{mean:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]", (family, label, key)
+
+
+def test_every_benchmark_suite_the_docs_name_exists():
+    """``lordba bench --suite NAME`` takes any string (no argparse choices), so the option check above cannot
+    catch a renamed suite: each NAME the docs show is one of the lab's suites."""
+    from lordba_lab.bench import suites
+
+    docs = [*DOCS, ROOT / "benchmarks" / "README.md"]
+    shown = {(d.name, n) for d in docs for n in re.findall(r"--suite ([a-z][\w-]*)", d.read_text(encoding="utf-8"))}
+    assert len(shown) > 5
+    unknown = sorted((doc, name) for doc, name in shown if name not in suites())
+    assert not unknown, unknown
+
+
+def test_the_readme_python_example_loads_only_adapters_it_saved():
+    """README's Python API example runs as printed: every folder it loads an adapter from (``load_adapter``,
+    ``from_pretrained``, ``hotswap_adapter``, ``export_lora`` of a folder) is one it saved before (it loaded an
+    ``other_adapter`` that nothing wrote: an AdapterFormatError on the first run)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8").split("## Python API", 1)[1]
+    block = text.split("```python", 1)[1].split("```", 1)[0]
+    saved, problems = set(), []
+    for line in block.splitlines():
+        code = line.split("#", 1)[0]
+        saved |= set(re.findall(r"save_pretrained\(\"([^\"]+)\"", code))
+        for call, args in re.findall(r"(load_adapter|from_pretrained|hotswap_adapter|export_lora)\((.*)\)", code):
+            pattern = r"^\s*\"([^\"]+)\"" if call == "export_lora" else r"(?:^|,)\s*\"([^\"]+)\""  # positional
+            problems += [f"{line.strip()}: nothing saved {f!r}" for f in re.findall(pattern, args) if f not in saved]
+    assert saved, "the example saves no adapter any more: update this test"
+    assert not problems, "\n".join(problems)
