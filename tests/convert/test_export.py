@@ -1,6 +1,7 @@
 """Export to plain PEFT LoRA, checked with the real peft package."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -542,3 +543,25 @@ def test_base_names_the_base_of_an_adapter_that_records_none_and_without_one_the
     assert not (tmp_path / "bad").exists()
     with pytest.raises(LoRDBAError, match="base="):
         export_lora(lm, tmp_path / "bad", base=tmp_path / "base")
+
+
+def test_a_base_named_by_a_registered_model_name_is_found(tmp_path, monkeypatch):
+    """The lab's embedded models are recorded by name (``smollm2-135m-instruct``), which neither a folder nor the HF
+    cache holds: every export of an adapter trained on them warned that the base is unknown. A name registered in
+    the ``lordba.models`` entry points (the lab's) is its folder."""
+    import dataclasses
+    import importlib.metadata
+
+    from lordba._util import models
+
+    lm = _adapted(_base_in(tmp_path / "base", "gpt2"), "gpt2")
+    state = lm.adapter_state("default")
+    config = dataclasses.replace(state.config, base_model_name_or_path="tiny-gpt2")
+    dataclasses.replace(state, config=config).save_pretrained(tmp_path / "named")
+    point = importlib.metadata.EntryPoint("tiny-gpt2", "os.path:abspath", models.MODEL_ENTRY_POINTS)
+    monkeypatch.setattr(models.importlib.metadata, "entry_points", lambda group: [point])
+    monkeypatch.setattr(point.__class__, "load", lambda self: lambda: str(tmp_path / "base"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        export_lora(tmp_path / "named", tmp_path / "out", dtype="float32")
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["fan_in_fan_out"] is True

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from lordba._util import models
 from lordba.cli import main, serve_cmd
 
 from .serve_helpers import make_served
@@ -25,17 +26,24 @@ def test_default_model_comes_from_an_entry_point_or_a_clear_error(monkeypatch, t
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text('{"_name_or_path": "tiny-default"}')
-    registered = importlib.metadata.EntryPoint("default", "os.path:abspath", serve_cmd.MODEL_ENTRY_POINTS)
+    registered = importlib.metadata.EntryPoint("default", "os.path:abspath", models.MODEL_ENTRY_POINTS)
 
     def none(group: str):
         return []
 
-    monkeypatch.setattr(serve_cmd.importlib.metadata, "entry_points", none)
+    monkeypatch.setattr(models.importlib.metadata, "entry_points", none)
     with pytest.raises(serve_cmd.ConfigError, match="pip install -e lab"):
         serve_cmd.resolve_model("default")
-    monkeypatch.setattr(serve_cmd.importlib.metadata, "entry_points", lambda group: [registered])
+    monkeypatch.setattr(models.importlib.metadata, "entry_points", lambda group: [registered])
     monkeypatch.setattr(registered.__class__, "load", lambda self: lambda: str(model))
     assert serve_cmd.resolve_model("default") == (model, "tiny-default")
+    # a folder whose config records no name (transformers 5 writes none): the name registered beside "default" for
+    # the same model (the lab registers "smollm2-135m-instruct" too), which the adapters trained on it record
+    (model / "config.json").write_text("{}")
+    named = importlib.metadata.EntryPoint("tiny-name", "os.path:abspath", models.MODEL_ENTRY_POINTS)
+    monkeypatch.setattr(models.importlib.metadata, "entry_points", lambda group: [registered, named])
+    assert serve_cmd.resolve_model("default") == (model, "tiny-name")
+    assert serve_cmd.resolve_model("tiny-name") == (model, "tiny-name")
     assert serve_cmd.resolve_model(str(model)) == (model, "m")
     with pytest.raises(serve_cmd.ConfigError, match="not a folder"):
         serve_cmd.resolve_model(str(tmp_path / "nothing"))

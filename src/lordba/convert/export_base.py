@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lordba._util.models import registered_model
 from lordba.errors import ConfigError
 from lordba.format.adapter import AdapterState
 
@@ -83,9 +84,14 @@ def _skeleton(name: str, adapter: AdapterState) -> BaseSkeleton:
     import transformers
     from transformers.utils import cached_file
 
-    config_file = cached_file(name, "config.json", local_files_only=True)  # a folder's, or the local HF cache's
+    registered = registered_model(name)  # a name the lab registers (its embedded models), else transformers'
+    config_file = (
+        registered[0] / "config.json"
+        if registered is not None
+        else cached_file(name, "config.json", local_files_only=True)  # a folder's, or the local HF cache's
+    )
     if config_file is None:
-        raise OSError(f"no config.json for {name!r} in a local folder or the HF cache")
+        raise OSError(f"no config.json for {name!r} in a local folder, the HF cache or the registered models")
     folder = Path(config_file).parent
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     classes = [TASK_CLASSES.get(adapter.config.task_type or ""), *(config.architectures or ()), "AutoModel"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lordba._util.models import registered_model
 from lordba.config import CONFIG_NAME
 from lordba.errors import ConfigError
 from lordba.format.adapter import open_adapter
@@ -78,8 +79,9 @@ class AutoLoRDBAModelForCausalLM:
         base_kwargs = {"token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
         if "base_revision" in model_kwargs:
             base_kwargs["revision"] = model_kwargs.pop("base_revision")
+        registered = registered_model(base)  # a name the lab registers (its embedded models): their folder
         try:
-            model = auto.from_pretrained(base, **base_kwargs, **model_kwargs)
+            model = auto.from_pretrained(registered[0] if registered else base, **base_kwargs, **model_kwargs)
         except OSError as err:  # transformers' "couldn't connect ... couldn't find them in the cached files", etc.
             reason = (str(err).strip().splitlines() or [""])[0]
             raise ConfigError(
