@@ -87,6 +87,31 @@ def test_a_closed_output_pipe_exits_141_quietly(adapter_dir):
     assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_a_reader_that_leaves_during_a_table_exits_141(adapter_dir, monkeypatch):
+    """``lordba inspect DIR | head -1``: the reader leaves after the first lines, while rich prints a table. rich's
+    console exits with status 1 on a broken pipe (``SystemExit(1)``, nothing on stderr), so about half of such runs
+    ended 1 where the CLI promises 141."""
+
+    class ReaderGone:  # writes are taken, the flush finds the pipe closed
+        def __init__(self):
+            self.fd = os.open(os.devnull, os.O_WRONLY)
+
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def isatty(self):
+            return False
+
+        def fileno(self):
+            return self.fd
+
+    monkeypatch.setattr(sys, "stdout", ReaderGone())
+    assert main(["inspect", str(adapter_dir)]) == 141
+
+
 def run_python(code, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     return proc.returncode, proc.stdout, proc.stderr

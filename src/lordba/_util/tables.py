@@ -37,4 +37,16 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
         table.add_column(c, overflow="fold")
     for row in rows:
         table.add_row(*(_fmt(v) for v in row))
-    Console(width=max(120, len(columns) * 12)).print(table)
+    _pipe_console(Console)(width=max(120, len(columns) * 12)).print(table)
+
+
+def _pipe_console(console: type) -> type:
+    """rich's ``Console`` letting a broken pipe through as ``BrokenPipeError``: rich's own exits with status 1, so
+    ``lordba inspect DIR | head -1`` ended 1 where the CLI promises 141 (as a shell reports SIGPIPE)."""
+
+    class PipeConsole(console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError
+
+    return PipeConsole
