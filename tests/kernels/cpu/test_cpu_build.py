@@ -360,3 +360,12 @@ def test_every_included_header_is_in_the_build_key():
         for name in re.findall(r'#include "([^"]+)"', path.read_text())
     }
     assert included and included <= {h.name for h in cpu.HEADERS}
+
+
+@pytest.mark.parametrize("value,on", [("1", True), ("yes", True), ("0", False), ("false", False), ("", False)])
+def test_the_off_switches_read_0_as_off(monkeypatch, value, on):
+    """``LORDBA_NO_EXT=0`` turned the compiled kernels off (any non-empty value did), and ``LORDBA_NO_BOUND=0`` the
+    bound calls; ``0``, ``false``, ``no``, ``off`` and empty leave them on."""
+    monkeypatch.setenv("LORDBA_NO_EXT", value)
+    assert cpu.env_switch("LORDBA_NO_EXT") is on
+    assert (cpu.load(build=False).message == "disabled by LORDBA_NO_EXT") is on

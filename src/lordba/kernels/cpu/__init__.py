@@ -286,6 +286,12 @@ def clean(directory: Path | None = None) -> Path | None:
     return directory
 
 
+def env_switch(name: str) -> bool:
+    """Whether the switch ``name`` (``LORDBA_NO_EXT``, ``LORDBA_NO_BOUND``) is on: set to anything but empty, ``0``,
+    ``false``, ``no`` or ``off`` (``LORDBA_NO_EXT=0`` turned the kernels off)."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def load(build: bool = True) -> BuildResult:
     """Load the compiled kernels into torch, compiling them first if needed (and ``build``).
 
@@ -295,7 +301,7 @@ def load(build: bool = True) -> BuildResult:
     ``False`` and ``message`` has the compiler's output).
     """
     global _loaded
-    if os.environ.get("LORDBA_NO_EXT"):
+    if env_switch("LORDBA_NO_EXT"):
         return BuildResult(False, None, "disabled by LORDBA_NO_EXT")
     if hasattr(torch.ops.lordba, "branch") and hasattr(torch.ops.lordba, "q4_linear"):
         return BuildResult(True, library_path(), "already loaded")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import subprocess
 import sys
 import sysconfig
@@ -52,7 +51,7 @@ def module(build: bool = True) -> ModuleType | None:
     if _module:
         return _module[0]
     found = None
-    if not os.environ.get("LORDBA_NO_BOUND") and cpu.load(build=build).ok:
+    if not cpu.env_switch("LORDBA_NO_BOUND") and cpu.load(build=build).ok:
         try:
             found = _build_and_import(build)
         except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as err:
