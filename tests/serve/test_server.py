@@ -871,6 +871,22 @@ def test_an_unexpected_errors_500_does_not_name_the_servers_adapters_folder(serv
     assert_openai_error(answer, "FileNotFoundError", "--adapters/a")
 
 
+def test_a_library_errors_400_does_not_name_the_servers_adapters_folder(server, monkeypatch):
+    """The 400 answered for a library error raised in a handler kept the message whole, the server's paths in it
+    (as the 500 did); it says --adapters instead."""
+    from lordba.errors import AdapterFormatError
+
+    folder = server.state.registry.folder
+
+    def broken(*args, **kwargs):
+        raise AdapterFormatError(f"{folder / 'a' / 'lordba_model.safetensors'}: truncated")
+
+    monkeypatch.setattr(server.state, "prepare", broken)
+    status, answer = raw(server, "POST", "/v1/completions", json.dumps({"model": "a", "prompt": "hi"}))
+    assert status == 400 and str(folder) not in json.dumps(answer), answer
+    assert_openai_error(answer, "--adapters/a/lordba_model.safetensors: truncated")
+
+
 def test_latency_metrics_count_the_tokenizing_and_the_adapters_load(server, monkeypatch):
     """``lordba_time_to_first_token_seconds`` and ``lordba_request_latency_seconds`` counted from the engine's
     request, made after the prompt was tokenized and its adapter loaded: a request whose adapter took 1 s to load

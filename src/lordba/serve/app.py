@@ -47,7 +47,8 @@ def build_app(state: ServerState) -> FastAPI:
         state = served()
         waiting, running = state.engine.load
         if state.engine.failure is not None:  # the engine loop stopped: a load balancer should take us out
-            body = {"status": "error", "error": state.engine.failure, "waiting": waiting, "running": running}
+            failure = state.registry.redact(state.engine.failure)  # (the server's paths: the log has them)
+            body = {"status": "error", "error": failure, "waiting": waiting, "running": running}
             return JSONResponse(body, status_code=503)
         return JSONResponse({"status": "ok", "waiting": waiting, "running": running})
 
@@ -276,7 +277,7 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(LoRDBAError)
     async def library_error(request: Request, err: LoRDBAError) -> JSONResponse:
-        return _error(400, str(err), "invalid_request_error")
+        return _error(400, request.app.state.serve.registry.redact(err), "invalid_request_error")
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
