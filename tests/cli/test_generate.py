@@ -530,13 +530,7 @@ def test_the_token_is_chosen_by_temperature_and_top_p_alone_as_the_server_choose
     argv = ["generate", "--model", str(model_dir), "--quant", "none", "--max-new-tokens", "8", "ab"]
 
     def reference(seed, **settings):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id, **settings,
-            )  # fmt: skip
-        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        return _sampled(model, tok, ids, seed, **settings)
 
     sampled = {"do_sample": True, "temperature": 1.5, "top_p": 1.0}
     want = reference(7, **sampled, top_k=0, repetition_penalty=1.0)
@@ -568,13 +562,7 @@ def test_no_setting_of_the_generation_config_chooses_the_token(folder, tmp_path,
     argv = ["generate", "--model", str(model_dir), "--quant", "none", "--max-new-tokens", "8", "ab"]
 
     def reference(seed, **settings):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id, top_k=0, repetition_penalty=1.0, **settings,
-            )  # fmt: skip
-        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        return _sampled(model, tok, ids, seed, **{"top_k": 0, "repetition_penalty": 1.0, **settings})
 
     want = reference(7, do_sample=True, temperature=1.5, top_p=1.0)
     assert want != reference(7, **{**config, "temperature": 1.5, "top_p": 1.0})  # what the config would make of it
@@ -646,3 +634,14 @@ def test_q4_compute_or_bits_with_a_base_they_do_not_apply_to_is_a_usage_error(fo
         assert main([command, "--model", str(folder), *extra, *prompt]) == 2
         err = capsys.readouterr().err
         assert f"lordba {command}: error:" in err and extra[-2] in err and "--quant" in err, err
+
+
+def _sampled(model, tok, ids, seed, **settings):
+    """The 8 tokens transformers' ``generate`` makes from ``ids`` after ``torch.manual_seed(seed)``, decoded."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, **settings,
+        )  # fmt: skip
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
