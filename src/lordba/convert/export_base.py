@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lordba._util.models import registered_model
-from lordba.errors import ConfigError
+from lordba.errors import ConfigError, LoRDBAError
 from lordba.format.adapter import AdapterState
 
 # PEFT's task types and the transformers auto class each loads its base with (peft.auto's AutoPeftModelFor...).
@@ -73,7 +73,7 @@ def find_base(adapter: AdapterState, base: str | Path | None) -> tuple[BaseSkele
         return None, "its config has no base_model_name_or_path"
     try:
         return _skeleton(name, adapter), ""
-    except (OSError, ValueError, ImportError, KeyError, AttributeError, TypeError, RuntimeError) as err:
+    except (OSError, ValueError, ImportError, KeyError, AttributeError, TypeError, RuntimeError, LoRDBAError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         if base is not None:
             raise ConfigError(f"export_lora: base {name!r} cannot be used: {reason}") from None
