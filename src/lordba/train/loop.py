@@ -252,6 +252,9 @@ def settings_differences(saved: object, settings: TrainSettings) -> list[str]:
     return [f"{k}: {saved[k]!r} -> {record[k]!r}" for k in compared if saved[k] != record[k]]
 
 
+START_OVER = "start over (resume=False; lordba train --no-resume) or in another out_dir"  # a refused resume's way out
+
+
 def data_digest(batcher: object) -> str | None:
     """The digest of ``batcher``'s data (:meth:`Batcher.digest`), or None for a batcher that has none."""
     digest = getattr(batcher, "digest", None)
@@ -309,20 +312,17 @@ def _same_run(
         if changed := _config_differences(ckpt.meta["extra"].get("adapters"), configs):
             raise ConfigError(
                 f"{ckpt.path}: a checkpoint of adapters configured otherwise (LoRDBAConfig fields that differ: "
-                f"{'; '.join(changed[:4])}): resume it with its config, or start over (resume=False) or in another "
-                "out_dir"
+                f"{'; '.join(changed[:4])}): resume it with its config, or {START_OVER}"
             )
         if changed := settings_differences(ckpt.meta["extra"].get("settings"), settings):
             raise ConfigError(
                 f"{ckpt.path}: a checkpoint of a run with other settings (TrainSettings that differ: "
-                f"{'; '.join(changed)}): resume it with its settings, or start over (resume=False) or in another "
-                "out_dir"
+                f"{'; '.join(changed)}): resume it with its settings, or {START_OVER}"
             )
         if data_differs(ckpt.meta["extra"].get("data"), data):
             raise ConfigError(
                 f"{ckpt.path}: a checkpoint of a run on other training data (the batcher's rows, batch size, "
-                "shuffle seed or padding id differ): resume it with its data, or start over (resume=False) or in "
-                "another out_dir"
+                f"shuffle seed or padding id differ): resume it with its data, or {START_OVER}"
             )
 
     return settings_record(settings), data, check

@@ -35,6 +35,7 @@ from lordba.nn.saved import SavedModule
 from lordba.nn.targets import find_targets
 from lordba.train.checkpoint import clear_checkpoints
 from lordba.train.loop import (
+    START_OVER,
     TrainResult,
     TrainSettings,
     data_differs,
@@ -108,13 +109,12 @@ def _check_seed_settings(seed_dir: Path, settings: TrainSettings, batcher: Batch
     if changed := settings_differences(saved, settings):
         raise ConfigError(
             f"{seed_dir}: the LoRA seed of a run with other settings (TrainSettings that differ: {'; '.join(changed)}; "
-            "lr is lora_lr, steps the warm-up's): resume it with its settings, or start over (resume=False) or in "
-            "another out_dir"
+            f"lr is lora_lr, steps the warm-up's): resume it with its settings, or {START_OVER}"
         )
     if isinstance(saved, dict) and data_differs(saved.get("data"), data_digest(batcher)):
         raise ConfigError(
             f"{seed_dir}: the LoRA seed of a run on other training data (the batcher's rows, batch size, shuffle "
-            "seed or padding id differ): resume it with its data, or start over (resume=False) or in another out_dir"
+            f"seed or padding id differ): resume it with its data, or {START_OVER}"
         )
 
 
