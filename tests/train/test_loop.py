@@ -179,7 +179,7 @@ def test_a_run_on_other_data_is_refused_not_resumed_from_the_checkpoints(tmp_pat
     fresh = model(seed=99)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     for other in (Batcher(rows(seed=1), 4), Batcher(rows(), 4, seed=1), Batcher(rows(n=31), 4)):
-        with pytest.raises(ConfigError, match=r"step-00000004: .*other training data.*resume=False; lordba train --no-resume"):
+        with pytest.raises(ConfigError, match=r"step-00000004: .*other training data.*lordba train --no-resume"):
             train_loop(fresh, other, settings, tmp_path, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
     assert train_loop(model(), Recording(rows(), 4), settings, tmp_path, progress=False).resumed_from == 4
