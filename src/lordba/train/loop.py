@@ -175,7 +175,7 @@ def train_loop(
     factor = _schedule(settings)
     result = TrainResult()
     start = 0
-    record, data, check = _same_run(settings, batcher, adapter_configs(model))
+    run, check = _same_run(settings, batcher, adapter_configs(model))
     ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
     if ckpt_dir is not None and resume and (meta := resume_checkpoint(ckpt_dir, model, optimizer, check)) is not None:
         start = result.resumed_from = meta["step"]
@@ -218,7 +218,7 @@ def train_loop(
             result.log.append({"step": done, **evaluate()})
             model.train()
         if ckpt_dir is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0:
-            extra = {"log": result.log, "settings": record, "data": data, "adapters": adapter_configs(model)}
+            extra = {"log": result.log, **run}
             save_checkpoint(ckpt_dir, done, model, optimizer, extra, settings.keep_checkpoints)
     bar.close()
     if evaluate is not None:
@@ -301,8 +301,9 @@ def _config_differences(saved: object, now: dict[str, dict]) -> list[str]:
 
 def _same_run(
     settings: TrainSettings, batcher: object, configs: dict[str, dict]
-) -> tuple[dict, str | None, Callable[[Checkpoint], None]]:
-    """The record of ``settings`` and the digest of the data for the checkpoints, and a check that refuses a
+) -> tuple[dict, Callable[[Checkpoint], None]]:
+    """What the checkpoints record of the run (``settings``, ``data``: the digest of the batches, ``adapters``:
+    ``configs``), computed once for all of them, and a check that refuses a
     checkpoint of a run with other settings, on other data or of adapters configured otherwise (``configs``:
     :func:`adapter_configs`): resuming it continued that run's steps under these settings (or on these batches,
     or into another alpha, scale dtype, ...), or returned its finished adapter for a run that asked for another."""
@@ -325,7 +326,7 @@ def _same_run(
                 f"shuffle seed or padding id differ): resume it with its data, or {START_OVER}"
             )
 
-    return settings_record(settings), data, check
+    return {"settings": settings_record(settings), "data": data, "adapters": configs}, check
 
 
 def data_differs(saved: object, data: str | None) -> bool:
