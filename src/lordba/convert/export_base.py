@@ -9,6 +9,7 @@ read from its checkpoint alone."""
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,11 @@ class BaseSkeleton:
     folder: Path
     name: str
 
+    @functools.cached_property
+    def checkpoint_keys(self) -> dict[str, Path]:
+        """Every tensor name of the base's checkpoint and the file holding it (read once: :func:`_checkpoint_keys`)."""
+        return _checkpoint_keys(self.folder)
+
     def tensors(self, module: str) -> dict[str, torch.Tensor] | None:
         """The checkpoint's tensors of the module at path ``module`` under their names in its ``state_dict``, or
         ``None`` where the checkpoint lacks one of them (a head the checkpoint's model had none of)."""
@@ -50,7 +56,7 @@ class BaseSkeleton:
         prefix = getattr(self.root, "base_model_prefix", "") or ""
         out = {}
         try:
-            stored = _checkpoint_keys(self.folder)
+            stored = self.checkpoint_keys
             for name in self.root.get_submodule(module).state_dict():
                 key = f"{module}.{name}"
                 # saved from the model itself, from its base model (no prefix) or from a model with a head (with it)
