@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from lordba.cli import positive_int
@@ -82,20 +81,6 @@ class Base:
         return f"{self.backend} ({self.bits}-bit, {unit} of {self.group_size}{compute})"
 
 
-def adapter_record(directory: Path) -> dict[str, Any] | None:
-    """The ``base_quantization`` an adapter directory's config records (its config alone is read); None where it
-    records none, or its config cannot be read (the loader reports that when the adapter is loaded)."""
-    from lordba._util.jsonio import read_json_file
-    from lordba.config import CONFIG_NAME
-    from lordba.config.checks import check_base_quantization
-    from lordba.errors import LoRDBAError
-
-    try:
-        return check_base_quantization(read_json_file(directory / CONFIG_NAME).get("base_quantization"))
-    except LoRDBAError:
-        return None
-
-
 def choose_base(args: argparse.Namespace, records: dict[str, dict[str, Any] | None], fallback: str) -> Base:
     """The base of ``args`` (``--quant``, ``--bits``, ``--group-size``, ``--q4-compute``): ``--quant auto`` takes
     the quantization ``records`` (``{adapter name: its record}``) agree on, ``fallback`` (a backend, with the
@@ -158,9 +143,10 @@ def generation_base(args: argparse.Namespace) -> Base:
     """
     records = {}
     if args.quant == "auto" and args.adapter:
+        from lordba.config import recorded_base_quantization
         from lordba.nn.hub import resolve_adapter_dir
 
-        records[args.adapter] = adapter_record(resolve_adapter_dir(args.adapter))
+        records[args.adapter] = recorded_base_quantization(resolve_adapter_dir(args.adapter))
     base = choose_base(args, records, "none" if args.adapter else "q4")
     print(f"[base: {base.describe()}: {base.why}]", file=sys.stderr)
     return base

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lordba._util.models import registered_model
 from lordba.cli import EXIT_USAGE, _bounded, positive_int
-from lordba.cli._base import UsageError, adapter_record, add_quant_arguments, choose_base, usage_error
+from lordba.cli._base import UsageError, add_quant_arguments, choose_base, usage_error
 from lordba.errors import ConfigError
 
 NAME = "serve"
@@ -91,13 +91,13 @@ def folder_records(adapters: str | None) -> dict[str, dict | None]:
     """``{name: base_quantization}`` of the adapters the ``--adapters`` folder serves (as the registry lists them:
     :func:`~lordba.serve.adapter_files.folder_adapters`; only their configs are read). Empty without a folder, or for
     one the registry refuses (it says why)."""
-    from lordba.config import CONFIG_NAME
+    from lordba.config import CONFIG_NAME, recorded_base_quantization
     from lordba.serve.adapter_files import folder_adapters
 
     root = Path(adapters).resolve() if adapters is not None else None
     if root is None or not root.is_dir() or (root / CONFIG_NAME).is_file():
         return {}
-    return {d.name: adapter_record(d) for d in folder_adapters(root)}
+    return {d.name: recorded_base_quantization(d) for d in folder_adapters(root)}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from lordba.config.checks import (
 )
 from lordba.core.scales import SCALE_DTYPES
 from lordba.core.ste import STE, STE_KINDS
-from lordba.errors import AdapterFormatError, ConfigError
+from lordba.errors import AdapterFormatError, ConfigError, LoRDBAError
 
 PEFT_TYPE = "LORDBA"
 FORMAT_VERSION = 1  # files without extra tensors (what every older lordba reads)
@@ -363,3 +363,12 @@ def read_config_json(directory: str | Path) -> dict[str, Any]:
     if not Path(directory).is_dir():
         raise AdapterFormatError(f"{directory}: not a directory")
     return read_json_file(Path(directory) / CONFIG_NAME)
+
+
+def recorded_base_quantization(directory: str | Path) -> dict[str, Any] | None:
+    """The ``base_quantization`` an adapter directory's config records (its config alone is read); None where it
+    records none, or its config cannot be read (the loader reports that when the adapter is loaded)."""
+    try:
+        return check_base_quantization(read_json_file(Path(directory) / CONFIG_NAME).get("base_quantization"))
+    except (LoRDBAError, AttributeError):  # (AttributeError: a config that is no JSON object)
+        return None

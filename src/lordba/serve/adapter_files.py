@@ -10,7 +10,7 @@ from typing import Any
 
 from lordba._util.files import open_untrusted
 from lordba._util.jsonio import read_json_file
-from lordba.config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME
+from lordba.config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, recorded_base_quantization
 from lordba.errors import LoRDBAError
 from lordba.nn.adapter import held_nbytes
 from lordba.nn.saved import SavedModule
@@ -77,12 +77,7 @@ def base_mismatch(path: Path, base: dict[str, Any] | None) -> str | None:
     """How the ``base_quantization`` the adapter directory ``path`` records differs from ``base`` (the served one:
     :func:`served_base`), or None where it records none or the same (or its config cannot be read: the loader then
     says why)."""
-    from lordba.config.checks import check_base_quantization
-
-    try:
-        record = check_base_quantization(read_json_file(path / CONFIG_NAME).get("base_quantization"))
-    except (LoRDBAError, AttributeError):
-        return None
+    record = recorded_base_quantization(path)
     if record is None or record == base:
         return None
     return f"was trained on a base quantized as {record}, and the served base is {base or 'unquantized'}"
