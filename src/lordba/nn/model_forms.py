@@ -41,9 +41,14 @@ class AdapterFormsMixin:
             for adapter in self.adapter_modules(adapter_name).values():
                 if isinstance(adapter, TrainableAdapter):
                     adapter.set_trainable(signs, scales)
-            for _, module in self._saved_modules():  # modules trained in full train with the scales (as a bias does)
-                for name in module.saved_params.get(adapter_name, ()):
-                    module.lordba_saved[adapter_name].get_parameter(name).requires_grad_(scales)
+            self._train_saved(adapter_name, scales)  # modules trained in full train with the scales (as a bias does)
+
+    def _train_saved(self, adapter_name: str, on: bool) -> None:
+        """Let the modules ``adapter_name`` trains in full (``modules_to_save``) and its trained biases train, or not
+        (the caller holds the write lock)."""
+        for _, module in self._saved_modules():
+            for name in module.saved_params.get(adapter_name, ()):
+                module.lordba_saved[adapter_name].get_parameter(name).requires_grad_(on)
 
     def pack(self, adapter_name: str | None = None) -> None:
         """Turn adapters (default: all) into the inference form (:class:`~lordba.nn.adapter.PackedAdapter`:
@@ -53,11 +58,8 @@ class AdapterFormsMixin:
         (``""`` included) is an :class:`AdapterStateError`, nothing packed."""
         with self._lock.write():
             for name in list(self.peft_config) if adapter_name is None else [adapter_name]:
-                modules = self.adapter_modules(name)
-                for _, module in self._saved_modules():  # frozen with the adapter, as set_trainable(False) freezes
-                    for param in module.saved_params.get(name, ()):
-                        module.lordba_saved[name].get_parameter(param).requires_grad_(False)
-                if not any(isinstance(a, TrainableAdapter) for a in modules.values()):
+                self._train_saved(name, False)  # frozen with the adapter, as set_trainable(False) freezes them
+                if not any(isinstance(a, TrainableAdapter) for a in self.adapter_modules(name).values()):
                     continue
                 self._convert_forms(name, lambda a: a.pack() if isinstance(a, TrainableAdapter) else a)
                 hold_together([a for a in self.adapter_modules(name).values() if isinstance(a, PackedAdapter)])
