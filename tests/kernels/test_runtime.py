@@ -96,3 +96,35 @@ def test_a_call_made_while_another_thread_loads_the_kernels_waits_for_them(monke
     other.join(timeout=60)
     assert len(results) == 1 and isinstance(results[0], torch.Tensor), results
     assert torch.equal(results[0], kernels.packed_branch(x, sign_A, sign_B, b, m, a, 1.0))
+
+
+def test_a_child_forked_while_another_thread_loads_the_kernels_loads_them_itself():
+    """A fork while another thread held the load lock (building the kernels takes minutes on a cold cache) left
+    the child's copy of the lock held by a thread the child does not have: its first kernel call hung."""
+    if not kernels.cpu_available():
+        pytest.skip("the compiled CPU kernels are unavailable")
+    script = textwrap.dedent(
+        """
+        import faulthandler, os, threading
+        from lordba.kernels import runtime
+
+        loading, release = threading.Event(), threading.Event()
+
+        def load():  # a thread in the middle of load_cpu
+            with runtime._LOAD_LOCK:
+                loading.set()
+                release.wait()
+
+        threading.Thread(target=load, daemon=True).start()
+        loading.wait()
+        pid = os.fork()
+        if pid == 0:
+            faulthandler.dump_traceback_later(60, exit=True)
+            os._exit(0 if runtime.cpu_available() else 3)
+        release.set()
+        print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, TESTS])}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "child 0" in proc.stdout, proc.stdout[-1000:] + proc.stderr[-3000:]

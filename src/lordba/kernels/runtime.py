@@ -206,9 +206,16 @@ def _after_fork_in_child() -> None:
     OpenMP with more. GNU OpenMP's thread pool does not survive ``fork`` (its threads are gone, its records of
     them are not): the child's first parallel loop, the kernels' or torch's own, waited for them for ever (a
     q4 model called in a plain ``os.fork()`` or a ``multiprocessing`` "fork" worker hung on its first layer).
-    As PyTorch's DataLoader does for its workers; the child may set another count (at that risk)."""
+    As PyTorch's DataLoader does for its workers; the child may set another count (at that risk).
+
+    A fork while another thread loaded (or built) the kernels left the child's load lock held by a thread it does
+    not have: its first kernel call waited for ever. The child gets a new lock (its own load then waits for the
+    parent's build on the build directory's file lock, and loads that build)."""
+    global _LOAD_LOCK
     if _STATE.cpu is not None and _STATE.cpu.ok and _STATE.openmp and torch.get_num_threads() > 1:
         torch.set_num_threads(1)
+    if not _LOAD_LOCK._is_owned():  # held by a thread the child does not have: it would never be released
+        _LOAD_LOCK = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):
