@@ -1,6 +1,7 @@
 """Rules about a model's modules, kept in one place: replacing the submodule at a dotted path, a model in eval
 mode for a block, a model frozen by a call that gives its parameters back if the call fails, recognising the output
-head by name, the device an accelerate hook computes a module on, the ids that end a generated text."""
+head by name, the device an accelerate hook computes a module on and the tensors it loads, the ids that end a
+generated text."""
 
 from __future__ import annotations
 
@@ -90,6 +91,18 @@ def hook_execution_device(module: nn.Module) -> torch.device | None:
                 return torch.device(device)
             except (RuntimeError, TypeError):
                 return None
+    return None
+
+
+def offloaded_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The value an accelerate hook of ``module`` loads for its tensor ``name`` (``"bias"``) where the module holds
+    it on ``meta`` (``device_map`` offloading: the hook reads it from its weights map for each call), else ``None``.
+    Never raises for a module without such a hook."""
+    hook = getattr(module, "_hf_hook", None)
+    for one in getattr(hook, "hooks", None) or (hook,):  # a SequentialHook holds several
+        weights = getattr(one, "weights_map", None)
+        if getattr(one, "offload", False) and weights is not None and name in weights:
+            return weights[name]
     return None
 
 

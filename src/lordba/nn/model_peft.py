@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lordba._util.modules import replace_submodule
+from lordba._util.modules import offloaded_tensor, replace_submodule
 from lordba._util.patterns import matches
 from lordba.config import LoRDBAConfig
 from lordba.errors import AdapterFormatError, AdapterStateError, ShapeMismatchError, TargetModulesError
@@ -139,9 +139,12 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
 
     def _layer_bias(self, path: str) -> torch.Tensor | None:
         """The base bias of the adapted layer at ``path``, without the trained biases of merged adapters: what an
-        adapter's trained bias is stored against (the merged one counted a merged adapter's change twice)."""
+        adapter's trained bias is stored against (the merged one counted a merged adapter's change twice); for a layer
+        offloaded by accelerate (its bias on ``meta``), the bias its hook loads."""
         layer = self._root().get_submodule(path)
         bias = layer.unmerged_bias if isinstance(layer, LoRDBALinear) else getattr(layer, "bias", None)
+        if isinstance(bias, torch.Tensor) and bias.is_meta:  # offloaded by accelerate: the value its hook loads
+            bias = offloaded_tensor(layer.base_layer if isinstance(layer, LoRDBALinear) else layer, "bias")
         return bias if isinstance(bias, torch.Tensor) else None
 
     def _bias_delta(self, path: str, trained: torch.Tensor) -> torch.Tensor:
