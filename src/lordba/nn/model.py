@@ -186,8 +186,10 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
 
     # ------------------------------------------------------------------ adapters
     @ordinary_tensors()
-    def add_adapter(self, adapter_name: str, config: LoRDBAConfig) -> None:
-        """Inject a new (trainable, latent-form) adapter per ``config``; it is not activated."""
+    def add_adapter(self, adapter_name: str, config: LoRDBAConfig, *, low_cpu_mem_usage: bool = False) -> None:
+        """Inject a new (trainable, latent-form) adapter per ``config``; it is not activated. ``low_cpu_mem_usage=True``
+        (PEFT's empty adapter) is refused as in :func:`get_lordba_model`."""
+        _refuse_empty_adapters("add_adapter", low_cpu_mem_usage)
         if not isinstance(config, LoRDBAConfig):
             raise ConfigError(f"config must be a LoRDBAConfig, got {type(config).__name__}")
         self._check_new_name(adapter_name)
@@ -357,9 +359,28 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
             return self.base_model.generate(*args, **kwargs)
 
 
-def get_lordba_model(model: nn.Module, config: LoRDBAConfig, adapter_name: str = "default") -> LoRDBAModel:
-    """Inject a new LoRDBA adapter into ``model`` (frozen) and return the wrapper, like PEFT's ``get_peft_model``."""
+def get_lordba_model(
+    model: nn.Module, config: LoRDBAConfig, adapter_name: str = "default", *, low_cpu_mem_usage: bool = False
+) -> LoRDBAModel:
+    """Inject a new LoRDBA adapter into ``model`` (frozen) and return the wrapper, like PEFT's ``get_peft_model``.
+
+    Raises:
+        ConfigError: ``low_cpu_mem_usage=True`` (PEFT's empty adapter on ``meta``, filled by a later load): lordba
+            makes no empty adapters; :meth:`LoRDBAModel.from_pretrained` / ``load_adapter`` build a saved adapter
+            from its file's tensors without initialising it first.
+    """
+    _refuse_empty_adapters("get_lordba_model", low_cpu_mem_usage)
     return LoRDBAModel(model, config, adapter_name)
+
+
+def _refuse_empty_adapters(call: str, low_cpu_mem_usage: bool) -> None:
+    """Raise :class:`ConfigError` for PEFT's ``low_cpu_mem_usage=True`` of a new adapter (made empty, on ``meta``)."""
+    if low_cpu_mem_usage:
+        raise ConfigError(
+            f"{call}(low_cpu_mem_usage=True): lordba makes no empty (meta) adapters to fill later; to load a saved "
+            "adapter without initialising one first, use LoRDBAModel.from_pretrained(model, adapter_dir) or "
+            "load_adapter(), which build it from the file's tensors"
+        )
 
 
 class LoRDBAModelForQuestionAnswering(LoRDBAModel):

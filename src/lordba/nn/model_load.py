@@ -74,6 +74,7 @@ class AdapterLoadMixin:
         subfolder: str | None = None,
         local_files_only: bool = False,
         on_verified: Callable[[adapter_files.AdapterFile], None] | None = None,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
         """Load an adapter under ``adapter_name`` (packed form; scales train if ``is_trainable``,
         else it is compact: scales held as stored, frozen). ``model_id`` is a directory or a
@@ -81,6 +82,8 @@ class AdapterLoadMixin:
         ``local_files_only`` as in PEFT). Validation happens before the model is touched;
         ``on_verified`` (if given) is called with the read file once all of it passed, before anything is
         installed (the server's LRU makes room there: a bad file evicts nobody); what it raises ends the load.
+        ``low_cpu_mem_usage`` (PEFT's keyword: no adapter weights made before the file's are loaded) is accepted
+        and changes nothing: the adapters are always built from the file's tensors, never initialised first.
 
         Raises:
             AdapterFormatError: a missing, invalid or unresolvable adapter (named); AdapterStateError /
