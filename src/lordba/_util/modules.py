@@ -106,6 +106,23 @@ def offloaded_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
     return None
 
 
+def preloading_ancestor(root: nn.Module, path: str) -> str | None:
+    """The path (``""``: ``root``) of a module above ``path`` whose accelerate hook loads every tensor below it from
+    its weights map for a call, by their paths as dispatched (``dispatch_model(..., preload_module_classes=[...])``
+    with that module offloaded: the modules below have no hook of their own), or ``None``. Never raises."""
+    module, parts = root, path.split(".") if path else []
+    for i, part in enumerate(parts):
+        hook = module.__dict__.get("_hf_hook")
+        for one in getattr(hook, "hooks", None) or (hook,):
+            preloads = getattr(one, "place_submodules", False) and getattr(one, "offload", False)
+            if preloads and getattr(one, "weights_map", None) is not None:
+                return ".".join(parts[:i])
+        module = module._modules.get(part)
+        if module is None:
+            return None
+    return None
+
+
 def end_of_sequence_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
     """The ids that end a generated text: ``model.generation_config.eos_token_id`` (one or a list) and the
     tokenizer's ``eos_token_id`` (a chat model's end of turn that its generation config leaves out)."""

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lordba._util.modules import offloaded_tensor, replace_submodule
+from lordba._util.modules import offloaded_tensor, preloading_ancestor, replace_submodule
 from lordba._util.patterns import matches
 from lordba.config import LoRDBAConfig
 from lordba.errors import AdapterFormatError, AdapterStateError, ShapeMismatchError, TargetModulesError
@@ -115,8 +115,16 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
     def _check_saveable(self, paths: Iterable[str], targets: Iterable[str]) -> None:
         """Refuse, before the model changes, a module to train in full that is or contains a layer carrying
         LoRDBA adapters (of another adapter, or of this one: ``targets``): :meth:`_saved_module` could not
-        wrap it, and a copy of a module above such a layer would copy its adapters too."""
+        wrap it, and a copy of a module above such a layer would copy its adapters too; and either kind below a
+        module whose accelerate hook loads its tensors by name (the forward failed: a KeyError for the new names)."""
         targeted = list(targets)
+        for path in [*targeted, *paths]:
+            if (above := preloading_ancestor(self._root(), path)) is not None:
+                raise TargetModulesError(
+                    f"module {path!r} is inside {above or 'the model'!r}, whose accelerate hook loads each tensor "
+                    "below it by name (dispatch_model's preload_module_classes): no adapter or trained copy can be "
+                    "loaded there; dispatch without preload_module_classes for that module's class"
+                )
         for path in paths:
             inside = [t for t in targeted if t == path or t.startswith(path + ".")]
             module = self._root().get_submodule(path)
