@@ -574,6 +574,28 @@ def test_the_caches_an_adapters_forwards_build_count_within_the_budget(model, fo
     assert sum(registry.resident().values()) <= 2 * size
 
 
+def test_the_resident_bytes_gauge_shows_the_bytes_a_503_was_decided_on(model, folder):
+    """A load refused for want of room (503) sizes the resident adapters again first: ``a``, held and used in the
+    ``dense`` kernel mode, had grown from 3472 to 24976 bytes, but lordba_resident_adapter_bytes still said 3472
+    after the 503, which was decided on 24976."""
+    from lordba import kernels
+    from lordba.serve.metrics import ServeMetrics
+
+    metrics = ServeMetrics()
+    size = payload_bytes(folder / "a" / "lordba_model.safetensors")
+    registry = AdapterRegistry(model, folder, max_bytes=2 * size, observer=metrics)
+    with kernels.mode("dense"):
+        registry.acquire("a")
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[5, 6, 7]]), adapter_names=["a"])
+        with pytest.raises(AdapterMemoryError):
+            registry.acquire("b")  # a is held and no longer fits beside it
+    grown = adapter_bytes(model, "a")
+    assert grown > 2 * size
+    assert metrics.resident_bytes._value.get() == grown == registry.resident()["a"]
+    assert metrics.resident._value.get() == 1
+
+
 def test_only_the_adapters_held_since_they_were_sized_are_sized_again(model, folder, monkeypatch):
     """Every load and every report sized every resident adapter again (~3 ms each on SmolLM2): with a thousand
     resident, each load of a new adapter took seconds. Only those a request held since are sized again."""

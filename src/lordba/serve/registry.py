@@ -257,6 +257,7 @@ class AdapterRegistry(AdapterNames):
         if self.max_bytes is None:
             return
         self._measure()
+        self._publish()  # the bytes this decision is made on, a 503's included
         with self._cond:
             used = sum(e.nbytes for e in [*self._entries.values(), *self._draining.values()] if e.resident)
             victims = []
@@ -308,5 +309,10 @@ class AdapterRegistry(AdapterNames):
     def _report(self) -> None:
         if self.observer is not None:
             self._measure()
+            self._publish()
+
+    def _publish(self) -> None:
+        """Tell the observer the resident adapters' count and bytes as last measured."""
+        if self.observer is not None:
             sizes = self.resident()
             self.observer.adapters_resident(len(sizes), sum(sizes.values()))
