@@ -754,6 +754,18 @@ def test_a_load_while_an_unloaded_adapters_last_request_ends_stays_within_the_bu
     assert list(model.peft_config) == ["b"]
 
 
+@pytest.mark.parametrize("path", ["gone", "a/gone", "a/adapter_config.json"])
+def test_load_lora_adapter_of_a_path_holding_no_adapter_is_a_404_naming_the_adapter(model, folder, path):
+    """vLLM answers ``load_lora_adapter`` of a path where no adapter is found with a 404 (NotFoundError); this server
+    answered a 400 ``adapter_invalid``, the loader's message about a directory that is not there."""
+    registry = AdapterRegistry(model, folder)
+    with pytest.raises(UnknownAdapterError, match="No adapter found for the lora adapter 'x'") as err:
+        registry.register("x", path)
+    assert err.value.status == 404 and err.value.param == "lora_path"
+    assert str(folder) not in str(err.value) and path not in str(err.value)
+    assert "x" not in registry.names() and not model.peft_config
+
+
 def test_refusals_name_the_adapter_not_the_servers_paths_which_the_log_keeps(model, folder, caplog):
     """A client got the server's absolute paths: load_lora_adapter of a missing directory was a 400 "adapter 'x'
     cannot be loaded: /srv/.../adapters/c: not a directory", a truncated file's error named its full path, a link
@@ -764,7 +776,7 @@ def test_refusals_name_the_adapter_not_the_servers_paths_which_the_log_keeps(mod
     registry = AdapterRegistry(model, folder)
     root = str(folder.resolve())
     with caplog.at_level("WARNING", logger="lordba.serve"):
-        with pytest.raises(AdapterLoadError, match="'x' cannot be loaded") as missing:
+        with pytest.raises(UnknownAdapterError, match="'x'") as missing:
             registry.register("x", "gone")
         with pytest.raises(AdapterLoadError, match="'b' cannot be loaded") as truncated:
             registry.acquire("b")

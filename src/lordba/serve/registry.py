@@ -145,9 +145,17 @@ class AdapterRegistry(AdapterNames):
     def register(self, name: str, path: str | Path) -> None:
         """``POST /v1/load_lora_adapter``: serve the adapter directory ``path`` (inside the folder) as
         ``name`` and load it now. Raises :class:`AdapterConflictError` if ``name`` is loaded, :class:`UnavailableError`
-        (503) while ``name``'s unloaded adapter still drains."""
+        (503) while ``name``'s unloaded adapter still drains, :class:`UnknownAdapterError` (404, as vLLM answers) if
+        ``path`` holds no adapter directory."""
         self.check_name(name, "lora_name")
         full = self.inside(path)
+        if not _holds_config(full):  # (vLLM's 404 "No adapter found"; the path: in the log only)
+            log.warning("adapter '%s' (%s) cannot be loaded: no %s there", name, full, CONFIG_NAME)
+            raise UnknownAdapterError(
+                f"No adapter found for the lora adapter '{name}': its lora_path holds no adapter directory "
+                f"({CONFIG_NAME})",
+                param="lora_path",
+            )
         with self._load_lock:
             with self._cond:
                 current = self._entries.get(name)
@@ -316,3 +324,12 @@ class AdapterRegistry(AdapterNames):
         if self.observer is not None:
             sizes = self.resident()
             self.observer.adapters_resident(len(sizes), sum(sizes.values()))
+
+
+def _holds_config(path: Path) -> bool:
+    """Whether the directory ``path`` holds an adapter config; True where the file system cannot say (a path too
+    long: the loader then refuses it, naming why)."""
+    try:
+        return (path / CONFIG_NAME).is_file()
+    except OSError:
+        return True
