@@ -636,6 +636,30 @@ def assert_serves(model, name, served, source):
         assert torch.equal(got, fresh(input_ids=ids, adapter_names=[source]).logits)
 
 
+def test_listing_the_folder_reads_only_the_configs_changed_since_the_last_listing(model, folder, monkeypatch):
+    """Every GET /v1/models read every adapter's config in the folder (its ``peft_type``): 0.2 s a call with a
+    thousand adapters. A config unchanged since the last listing is not read again; one rewritten (here as a PEFT
+    LoRA's, then back) or removed is seen at the next listing."""
+    import json
+
+    from lordba.serve import adapter_files
+
+    registry = AdapterRegistry(model, folder)
+    assert registry.names() == ["a", "b", "c"]
+    read = []
+    real = adapter_files.other_peft_type
+    monkeypatch.setattr(adapter_files, "other_peft_type", lambda path: read.append(path.name) or real(path))
+    assert registry.names() == ["a", "b", "c"] and read == []
+    config = folder / "b" / "adapter_config.json"
+    original = config.read_text()
+    config.write_text(json.dumps({**json.loads(original), "peft_type": "LORA"}))
+    assert registry.names() == ["a", "c"] and read == ["b"]
+    config.write_text(original)
+    assert registry.names() == ["a", "b", "c"] and read == ["b", "b"]
+    (folder / "c" / "adapter_config.json").unlink()
+    assert registry.names() == ["a", "b"] and read == ["b", "b"]
+
+
 def test_the_adapters_folder_removed_while_serving_lists_what_is_loaded_and_says_so_once(model, folder, caplog):
     """The --adapters folder deleted (or renamed) while serving made names() raise FileNotFoundError: GET /v1/models
     and /v1/models/{name} were a 500. They list what is loaded (the folder's adapters not loaded are gone: a 404);

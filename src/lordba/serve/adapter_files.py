@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,34 @@ def in_folder(folder: Path, path: Path) -> bool:
     return (path / CONFIG_NAME).is_file() and folder in path.resolve().parents
 
 
-def folder_adapters(folder: Path) -> list[Path]:
+def folder_adapters(folder: Path, seen: dict[Path, tuple] | None = None) -> list[Path]:
     """The adapter directories ``folder`` serves, by name: named as :data:`NAME` allows, inside it (links resolved),
-    and not of another adapter type (:func:`other_peft_type`)."""
-    found = (d for d in sorted(folder.iterdir()) if NAME.fullmatch(d.name) and in_folder(folder, d))
-    return [d for d in found if not other_peft_type(d)]
+    and not of another adapter type (:func:`other_peft_type`). ``seen``, kept by the caller from one listing to the
+    next, holds each directory's config as last read (its inode, size, modification time and type): a config not
+    changed since is not read again (``/v1/models`` read a thousand configs per call: 0.2 s). Raises OSError if
+    ``folder`` cannot be listed."""
+    with os.scandir(folder) as listing:
+        entries = sorted((e.name, e.is_symlink()) for e in listing if NAME.fullmatch(e.name))
+    found, known = [], {} if seen is None else seen
+    for name, link in entries:
+        path = folder / name
+        try:
+            config = os.stat(path / CONFIG_NAME)
+        except OSError:  # not a directory, or no config in it
+            continue
+        if not stat.S_ISREG(config.st_mode) or (link and folder not in path.resolve().parents):
+            continue
+        stamp = (config.st_ino, config.st_size, config.st_mtime_ns)
+        record = known.get(path)
+        if record is None or record[:3] != stamp:
+            record = known[path] = (*stamp, other_peft_type(path))
+        if not record[3]:
+            found.append(path)
+    names = {name for name, _ in entries}
+    for path in list(known):  # forget the directories gone
+        if path.parent == folder and path.name not in names:
+            known.pop(path, None)
+    return found
 
 
 def payload_bytes(weights: Path) -> int:

@@ -93,6 +93,7 @@ class AdapterRegistry(AdapterNames):
         self._lru: OrderedDict[str, None] = OrderedDict()  # resident names, least recently used first
         self.loads = self.evictions = 0
         self._folder_gone = False  # the folder could not be listed last time (said once in the log)
+        self._configs_seen: dict[Path, tuple] = {}  # its adapters' configs as last read: not read again unchanged
 
     # ------------------------------------------------------------------ use
     def acquire(self, name: str) -> None:

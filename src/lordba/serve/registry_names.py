@@ -41,6 +41,7 @@ class AdapterNames:
     _draining: dict[str, _Entry]
     _lru: OrderedDict[str, None]
     _folder_gone: bool
+    _configs_seen: dict[Path, tuple]  # the folder's adapters' configs as last read (folder_adapters)
 
     def check_name(self, name: str, param: str = "model") -> str:
         """``name`` if it is a valid adapter name, else :class:`BadRequestError` (e.g. ``../x``). A reserved name (the
@@ -93,7 +94,7 @@ class AdapterNames:
         if self.folder is None:
             return []
         try:
-            found = folder_adapters(self.folder)
+            found = folder_adapters(self.folder, self._configs_seen)
         except OSError as err:
             if not self._folder_gone:
                 log.warning("--adapters %s cannot be listed (%s): serving only the adapters loaded", self.folder, err)
