@@ -98,6 +98,86 @@ def test_the_command_serves_until_interrupted(tmp_path_factory):
     assert proc.returncode in (0, 130), out.decode()
 
 
+def _start_serving(tmp_path, context: int = 8192):
+    """``(process, port)`` of ``lordba serve`` on a free port (the tiny model, of ``context`` positions: room for
+    generations outlasting the shutdown's grace period, and adapter ``a``), once it answers."""
+    import http.client
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from .serve_helpers import char_tokenizer, make_adapter, tiny_model
+
+    model_dir = tmp_path / "tiny"
+    tiny_model(context=context).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    make_adapter(tmp_path / "adapters" / "a", seed=10)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "lordba", "serve", "--model", str(model_dir), "--adapters", str(tmp_path / "adapters")]
+    proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    pytest.fail("lordba serve did not start: " + proc.communicate()[0].decode()[-2000:])
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_ends_the_requests_in_flight_cleanly_and_exits_0(tmp_path, signame):
+    """SIGTERM (or Ctrl-C) with a stream and a whole response in flight: each ends within the grace period (the
+    stream's last chunk ``abort`` then ``[DONE]``, the whole response a 503 in OpenAI's shape), the port is free
+    and the command exits 0, no traceback. Uvicorn raised the signal again once it had stopped: the process died
+    by SIGTERM (exit -15, 143 in a shell) and Ctrl-C exited 130 'interrupted', a failure to a supervisor."""
+    import http.client
+    import signal
+    import socket
+    import threading
+    import time
+
+    proc, port = _start_serving(tmp_path)
+    answers = {}
+
+    def post(key: str, stream: bool) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        body = {"model": "a", "prompt": "hi", "max_tokens": 8000, "ignore_eos": True, "stream": stream}
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        answers[key] = (response.status, response.read().decode())
+
+    threads = [threading.Thread(target=post, args=(k, k == "stream"), daemon=True) for k in ("stream", "whole")]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        proc.send_signal(getattr(signal, signame))
+        out = proc.communicate(timeout=60)[0].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    for t in threads:
+        t.join(30)
+    assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
+    status, text = answers["stream"]
+    events = [line[len("data: ") :] for line in text.split("\n") if line.startswith("data: ")]
+    assert status == 200 and events[-1] == "[DONE]", text[-500:]
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
+    status, text = answers["whole"]
+    assert status == 503 and "shutting down" in json.loads(text)["error"]["message"], text
+    with socket.socket() as s:  # released (as uvicorn binds it again: connections closed may be in TIME_WAIT)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+
+
 def test_a_folder_transformers_cannot_load_exits_3(tmp_path, capsys):
     """A model folder with a config.json that transformers cannot load (no tokenizer, a config that is not
     JSON) is invalid input naming the folder, as for ``lordba generate``, not an internal error."""

@@ -206,7 +206,10 @@ def draining_server(config: Any, engine: Engine) -> Any:
     (``timeout_graceful_shutdown``) while it stops accepting connections: the requests still running then end
     as aborted and their answers (a 503, a stream's ``abort`` and ``[DONE]``) are written before uvicorn's own
     wait, which is lengthened by :data:`ENGINE_STOP`, cancels what is left. Uvicorn alone cancelled them at the
-    grace period and the engine stopped after: a plain-text 500 or a cut stream."""
+    grace period and the engine stopped after: a plain-text 500 or a cut stream. A stop by SIGTERM or Ctrl-C that
+    drained so ends the process normally (``lordba serve`` exits 0); uvicorn alone raised the signal again once
+    stopped (killed by SIGTERM; Ctrl-C exited 130, interrupted), as a second Ctrl-C (forced: nothing drained)
+    still does."""
     import uvicorn
 
     grace = config.timeout_graceful_shutdown or 0.0
@@ -219,5 +222,7 @@ def draining_server(config: Any, engine: Engine) -> Any:
                 await super().shutdown(sockets)
             finally:
                 await stopping
+            if not self.force_exit:  # drained: the stop asked for is the server's normal end, not a kill by it
+                getattr(self, "_captured_signals", []).clear()  # (uvicorn raises them again once it has stopped)
 
     return DrainingServer(config)
