@@ -477,6 +477,27 @@ def test_bad_targets_and_names(tiny_model):
         lm.add_adapter("x", {"r": 2})
 
 
+def test_an_adapter_name_that_is_a_module_attribute_is_refused_naming_it(tmp_path, input_ids):
+    """A layer holds its adapters in an nn.ModuleDict, which refuses its attributes as keys: add_adapter("train"),
+    get_lordba_model(..., adapter_name="half"), load_adapter(dir, "to") or add_weighted_adapter(..., "forward") raised a
+    bare KeyError ("attribute 'train' already exists") from inside torch."""
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, init="random", target_modules=["q_proj"]))
+    lm.save_pretrained(tmp_path)
+    with torch.no_grad():
+        before = lm(input_ids=input_ids).logits
+    for name in ("train", "half", "to", "forward", "training", "state_dict"):
+        with pytest.raises(ConfigError, match=f"adapter name '{name}' is an attribute"):
+            lm.add_adapter(name, LoRDBAConfig(r=2, target_modules=["q_proj"]))
+        with pytest.raises(ConfigError, match=f"adapter name '{name}'"):
+            lm.load_adapter(tmp_path, name)
+    with pytest.raises(ConfigError, match="adapter name 'half'"):
+        get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2), adapter_name="half")
+    assert list(lm.peft_config) == ["default"]
+    with torch.no_grad():
+        assert torch.equal(lm(input_ids=input_ids).logits, before)
+    lm.add_adapter("weight", LoRDBAConfig(r=2, target_modules=["q_proj"]))  # a name no ModuleDict has: accepted
+
+
 def test_foreign_lora_wrapper_is_refused():
     from peft import LoraConfig, get_peft_model
 

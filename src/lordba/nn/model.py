@@ -56,6 +56,9 @@ from lordba.nn.structure import replace_everywhere, resolve, uncompiled
 from lordba.nn.targets import find_targets
 from lordba.quant import BaseBackend, resolve_backend
 
+# a layer holds its adapters in an nn.ModuleDict keyed by name, which refuses its own attributes as keys
+_MODULE_DICT_ATTRIBUTES = frozenset(dir(nn.ModuleDict()))
+
 
 class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, MergeMixin, nn.Module):
     """A model with LoRDBA adapters. Build it with :func:`get_lordba_model` or :meth:`from_pretrained`."""
@@ -150,6 +153,11 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name or name == BASE_ROW or any(c in name for c in "./\\"):
             raise ConfigError(f"adapter name must be a non-empty string without '.', '/' or '\\', got {name!r}")
+        if name in _MODULE_DICT_ATTRIBUTES:
+            raise ConfigError(
+                f"adapter name {name!r} is an attribute of torch's nn.ModuleDict, which holds each layer's adapters "
+                "by name: choose another name"
+            )
         if name in self.peft_config:
             raise AdapterStateError(f"adapter {name!r} already exists: delete_adapter() it or use hotswap_adapter()")
 
