@@ -69,6 +69,19 @@ def test_version_1_is_still_written_on_request_and_reads_the_same(tmp_path):
         lm.save_pretrained(tmp_path / "y", format_version=5)
 
 
+@pytest.mark.parametrize("version", [3.0, 1.0, True, "3"])
+def test_a_format_version_that_is_not_an_int_is_refused_and_the_saved_adapter_stays(tmp_path, version):
+    """save_pretrained(format_version=3.0) wrote "format_version": 3.0 into adapter_config.json, which every reader
+    refuses ("format_version must be an integer"): the save replaced a good adapter with one nothing could load."""
+    lm = _model("int8")
+    lm.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(AdapterFormatError, match="cannot save format_version"):
+        lm.save_pretrained(tmp_path, format_version=version)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    read_adapter(tmp_path)
+
+
 def test_extras_travel_in_version_3(tmp_path):
     state = _model("int8").adapter_state("default")
     extras = {"model.norm.weight": torch.randn(40)}

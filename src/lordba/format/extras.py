@@ -92,9 +92,14 @@ def file_version(extras: dict[str, torch.Tensor], layout: int = FORMAT_VERSION) 
     """The format version of a file holding ``extras`` in ``layout`` (1: one tensor per module and
     kind, 2 with extras, else 1; 3: the compact layout, with or without extras). Raises
     :class:`AdapterFormatError` for another layout, or layout 2 without extras."""
-    if layout == COMPACT_FORMAT_VERSION:
+    exact = type(layout) is int  # 3.0 or True would be written as given, and no reader takes them
+    if exact and layout == COMPACT_FORMAT_VERSION:
         return layout
-    if layout not in (FORMAT_VERSION, EXTRAS_FORMAT_VERSION) or (layout == EXTRAS_FORMAT_VERSION and not extras):
+    if (
+        not exact
+        or layout not in (FORMAT_VERSION, EXTRAS_FORMAT_VERSION)
+        or (layout == EXTRAS_FORMAT_VERSION and not extras)
+    ):
         raise AdapterFormatError(
             f"cannot save format_version {safe_repr(layout)}: lordba writes 1 (2 with extra tensors) or "
             f"{COMPACT_FORMAT_VERSION}"
