@@ -633,6 +633,19 @@ def test_add_weighted_adapter_names_an_argument_that_is_not_a_list(adapters, wei
     assert "c" in lm.peft_config
 
 
+@pytest.mark.parametrize(("name", "error"), [("a", AdapterStateError), ("x/y", ConfigError), (None, ConfigError)])
+def test_add_weighted_adapter_checks_the_new_name_before_combining(name, error):
+    """A name taken or invalid was found only when the combination was loaded: after the solver had re-factorised every
+    module (its "re-factorised" warning given for an adapter never added), or, without lordba.convert imported, as
+    "needs the converter's solver" instead of the name. It is refused first, naming it."""
+    lm = _two_adapters(shared_scales=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no solve, so no re-factorisation warning
+        with pytest.raises(error, match="already exists" if name == "a" else "adapter name"):
+            lm.add_weighted_adapter(["a", "b"], [1.0, 1.0], name, combination_type="cat")
+    assert sorted(lm.peft_config) == ["a", "b"]
+
+
 def test_add_weighted_adapter_takes_numpy_and_tensor_weights_and_refuses_booleans():
     """Weights computed with NumPy (``np.float32``, ``np.int64``) or torch (a 0-d tensor) were refused as not finite
     numbers, and ``True`` was taken as the weight 1: the former are weights like floats, booleans are refused."""

@@ -84,7 +84,7 @@ class CombineMixin:
         """
         adapters, weights = _as_list(adapters, "adapters"), _as_list(weights, "weights")
         with self._lock.read():  # the sources as one snapshot: a hot-swap changes their tensors in place
-            self._check_combination(adapters, weights, combination_type, svd_rank)
+            self._check_combination(adapters, weights, adapter_name, combination_type, svd_rank)
             weights = [_weight(w) for w in weights]  # (floats: NumPy scalars and 0-d tensors too)
             parts = [self.adapter_modules(n) for n in adapters]
             first = self.peft_config[adapters[0]]
@@ -103,8 +103,14 @@ class CombineMixin:
         self.load_adapter_state(adapter_files.AdapterState(config, records), adapter_name)
 
     def _check_combination(
-        self, adapters: Sequence[str], weights: Sequence[float], combination_type: str, svd_rank: int | None
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str,
+        svd_rank: int | None,
     ) -> None:
+        self._check_new_name(adapter_name)  # before the combination: a solve, then a name refused, cost minutes
         if combination_type not in COMBINATION_TYPES:
             raise ConfigError(f"combination_type must be one of {COMBINATION_TYPES}, got {combination_type!r}")
         if isinstance(adapters, str) or not adapters or len(adapters) != len(weights):
