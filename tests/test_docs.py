@@ -182,3 +182,27 @@ def test_the_readme_python_example_loads_only_adapters_it_saved():
             problems += [f"{line.strip()}: nothing saved {f!r}" for f in re.findall(pattern, args) if f not in saved]
     assert saved, "the example saves no adapter any more: update this test"
     assert not problems, "\n".join(problems)
+
+
+def test_the_quickstart_example_runs_as_shipped_on_a_tiny_model(tmp_path, monkeypatch, capsys):
+    """examples/quickstart.py runs from start to end, unchanged, and shows what it says: the training loss falls,
+    the saved adapter reloads to identical logits, PEFT runs its export. No test ran it, so a renamed call or a
+    changed default would have broken it unseen. The embedded SmolLM2 its loader gives by default takes minutes on
+    2 cores: the loader gives a tiny Llama instead (the example's q_proj / v_proj are there too)."""
+    import runpy
+
+    import lordba_lab.assets
+    from tiny_model import tiny_model_dir
+
+    folder = tiny_model_dir(tmp_path / "tiny")
+    load = lordba_lab.assets.load_model_and_tokenizer
+    monkeypatch.setattr(lordba_lab.assets, "load_model_and_tokenizer", lambda name_or_path=None: load(str(folder)))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # its mkdtemp() under tmp_path
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    losses = [float(x) for x in re.findall(r"step \d+: loss ([\d.]+)", out)]
+    assert len(losses) == 8 and losses[-1] < losses[0], out
+    assert "reloaded adapter gives identical logits: True" in out, out
+    diff = float(re.search(r"max logit difference vs LoRDBA: ([\d.e+-]+)", out).group(1))
+    assert diff < 1e-2, out
