@@ -62,3 +62,13 @@ def test_unpack_refuses_wrong_sizes_and_dtypes():
 def test_unpack_dtype():
     out = unpack_signs(pack_signs(torch.tensor([1.0, -1.0])), (2,), torch.bfloat16)
     assert out.dtype == torch.bfloat16 and out.tolist() == [1.0, -1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool, "float32", None])
+def test_unpack_refuses_a_dtype_that_cannot_hold_minus_one(dtype):
+    """dtype=torch.uint8 gave 255 for every -1 sign, silently; torch.bool gave int64 ±1; the string "float32" failed
+    in torch as "Invalid device string"."""
+    with pytest.raises(ShapeMismatchError, match=r"dtype must be a torch dtype that holds -1"):
+        unpack_signs(pack_signs(torch.tensor([1.0, -1.0])), (2,), dtype)
+    for ok in (torch.int8, torch.float16, torch.complex64):
+        assert unpack_signs(pack_signs(torch.tensor([1.0, -1.0])), (2,), ok).tolist() == [1, -1]

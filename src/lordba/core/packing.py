@@ -49,7 +49,11 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
 def unpack_signs(
     packed: torch.Tensor, shape: Sequence[int] | torch.Size, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """Unpack a tensor of the given ``shape`` with entries ±1 from :func:`pack_signs` output."""
+    """Unpack a tensor of the given ``shape`` with entries ±1 from :func:`pack_signs` output.
+
+    Raises :class:`ShapeMismatchError` for a ``dtype`` that cannot hold -1 (unsigned, bool) or is no torch dtype."""
+    if not isinstance(dtype, torch.dtype) or dtype == torch.bool or not (dtype.is_floating_point or dtype.is_signed):
+        raise ShapeMismatchError(f"unpack_signs: dtype must be a torch dtype that holds -1, got {dtype!r}")
     numel = math.prod(shape)
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise ShapeMismatchError(
