@@ -373,11 +373,14 @@ def get_lordba_model(
     """Inject a new LoRDBA adapter into ``model`` (frozen) and return the wrapper, like PEFT's ``get_peft_model``.
 
     Raises:
-        ConfigError: ``low_cpu_mem_usage=True`` (PEFT's empty adapter on ``meta``, filled by a later load): lordba
-            makes no empty adapters; :meth:`LoRDBAModel.from_pretrained` / ``load_adapter`` build a saved adapter
-            from its file's tensors without initialising it first.
+        ConfigError: ``config`` is not a :class:`~lordba.config.LoRDBAConfig`; ``low_cpu_mem_usage=True`` (PEFT's
+            empty adapter on ``meta``, filled by a later load): lordba makes no empty adapters;
+            :meth:`LoRDBAModel.from_pretrained` / ``load_adapter`` build a saved adapter from its file's tensors
+            without initialising it first.
     """
     _refuse_empty_adapters("get_lordba_model", low_cpu_mem_usage)
+    if not isinstance(config, LoRDBAConfig):  # (None made a wrapper without adapter: training updated nothing)
+        raise ConfigError(f"get_lordba_model: config must be a LoRDBAConfig, got {type(config).__name__}")
     return LoRDBAModel(model, config, adapter_name)
 
 

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +167,11 @@ def _selected(selected_adapters: str | Sequence[str] | None, known: dict[str, An
     """The adapters a save or an upload names: every one for ``None``, one for a string (not its characters)."""
     if selected_adapters is None:
         return list(known)
-    return [selected_adapters] if isinstance(selected_adapters, str) else list(selected_adapters)
+    if isinstance(selected_adapters, str):
+        return [selected_adapters]
+    if not isinstance(selected_adapters, Iterable) or not all(isinstance(n, str) for n in selected_adapters):
+        raise ConfigError(f"selected_adapters must be an adapter name or a list of names, got {selected_adapters!r}")
+    return list(selected_adapters)
 
 
 def _left_out(config: LoRDBAConfig, path: str, adapter: LoRDBAAdapter) -> bool:

@@ -4,12 +4,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from lordba.errors import AdapterFormatError, AdapterStateError
+from lordba.errors import AdapterFormatError, AdapterStateError, ConfigError
 from lordba.format.extras import EXTRA_PREFIX, check_extra_values
 from lordba.format.header import TENSOR_KINDS, ModuleRecord, check_values
 from lordba.format.sizes import SizeReport, size_report
@@ -164,8 +165,9 @@ class StatusMixin:
 def get_lordba_model_state_dict(model: Any, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors ``save_pretrained`` stores for ``adapter_name``, under the file's key names
     (``<module path>.sign_A`` ... ``.scale_out``, ``extra:<parameter path>``): PEFT's
-    ``get_peft_model_state_dict``. Raises :class:`~lordba.errors.AdapterStateError` for an unknown adapter."""
-    state = model.adapter_state(adapter_name)
+    ``get_peft_model_state_dict``. Raises :class:`~lordba.errors.AdapterStateError` for an unknown adapter,
+    :class:`~lordba.errors.ConfigError` for a model that is no LoRDBA model."""
+    state = _lordba_model(model, "get_lordba_model_state_dict").adapter_state(adapter_name)
     out = {f"{p}.{k}": rec.tensors[k] for p, rec in state.modules.items() for k in TENSOR_KINDS}
     out.update({EXTRA_PREFIX + k: v for k, v in state.extras.items()})
     return out
@@ -176,9 +178,21 @@ def set_lordba_model_state_dict(model: Any, state_dict: dict[str, torch.Tensor],
     ``adapter_name`` (PEFT's ``set_peft_model_state_dict``), in place. Everything is checked first, as
     a file is (names, dtypes, shapes, padding bits, finite scales; extras against the model), so a
     refused state dict leaves the model as it was. Raises :class:`AdapterFormatError`, or :class:`AdapterStateError`
-    for an adapter merged into the base (unmerging it would then subtract the new update)."""
+    for an adapter merged into the base (unmerging it would then subtract the new update), :class:`ConfigError` for
+    a model that is no LoRDBA model or a ``state_dict`` that is no mapping."""
+    if not isinstance(state_dict, Mapping):
+        raise ConfigError(f"set_lordba_model_state_dict: state_dict must be a dict of tensors, got {state_dict!r:.80}")
+    model = _lordba_model(model, "set_lordba_model_state_dict")
     with model._lock.write():  # snapshot, checks and load at once: another thread may hot-swap or replace it
         _set_state_dict(model, state_dict, adapter_name)
+
+
+def _lordba_model(model: Any, call: str) -> Any:
+    """``model`` if it is a LoRDBA model, or the one inside it (``DistributedDataParallel``), else ConfigError."""
+    for inner in (model, getattr(model, "module", None)):
+        if hasattr(inner, "adapter_state") and hasattr(inner, "_lock"):
+            return inner
+    raise ConfigError(f"{call}: the model must be a LoRDBAModel (get_lordba_model), got {type(model).__name__}")
 
 
 def _set_state_dict(model: Any, state_dict: dict[str, torch.Tensor], adapter_name: str) -> None:

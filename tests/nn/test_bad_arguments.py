@@ -1,0 +1,41 @@
+"""Public calls given arguments a user mistypes: a ConfigError naming the argument, nothing half done."""
+
+import pytest
+import torch
+
+from lordba import (
+    ConfigError,
+    LoRDBAConfig,
+    get_lordba_model,
+    get_lordba_model_state_dict,
+    set_lordba_model_state_dict,
+)
+
+from conftest import tiny_llama
+
+
+def test_get_lordba_model_without_a_config_is_refused():
+    """``get_lordba_model(model, None)`` made a wrapper without adapter: training it updated nothing."""
+    with pytest.raises(ConfigError, match="config must be a LoRDBAConfig, got NoneType"):
+        get_lordba_model(tiny_llama(), None)
+
+
+@pytest.mark.parametrize("selected", [5, [1], [None]])
+def test_save_pretrained_of_selected_adapters_that_are_no_names_is_refused(tmp_path, selected):
+    lm = get_lordba_model(tiny_llama(), LoRDBAConfig(r=4))
+    with pytest.raises(ConfigError, match="selected_adapters must be an adapter name or a list of names"):
+        lm.save_pretrained(tmp_path / "out", selected_adapters=selected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_state_dict_functions_refuse_a_plain_model_and_a_state_dict_that_is_no_mapping():
+    lm = get_lordba_model(tiny_llama(), LoRDBAConfig(r=4))
+    with pytest.raises(ConfigError, match="must be a LoRDBAModel"):
+        get_lordba_model_state_dict(tiny_llama())
+    with pytest.raises(ConfigError, match="must be a LoRDBAModel"):
+        set_lordba_model_state_dict(tiny_llama(), get_lordba_model_state_dict(lm))
+    before = {k: v.clone() for k, v in get_lordba_model_state_dict(lm).items()}
+    with pytest.raises(ConfigError, match="state_dict must be a dict of tensors, got None"):
+        set_lordba_model_state_dict(lm, None)
+    assert all(torch.equal(v, before[k]) for k, v in get_lordba_model_state_dict(lm).items())
+    set_lordba_model_state_dict(lm, before)  # the right arguments still load
