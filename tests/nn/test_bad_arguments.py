@@ -1,4 +1,11 @@
-"""Public calls given arguments a user mistypes: a ConfigError naming the argument, nothing half done."""
+"""Public calls given arguments a user mistypes: a ConfigError naming the argument, nothing half done; and a call
+PEFT makes without preparation."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,3 +46,27 @@ def test_the_state_dict_functions_refuse_a_plain_model_and_a_state_dict_that_is_
         set_lordba_model_state_dict(lm, None)
     assert all(torch.equal(v, before[k]) for k, v in get_lordba_model_state_dict(lm).items())
     set_lordba_model_state_dict(lm, before)  # the right arguments still load
+
+
+def test_add_weighted_adapter_finds_the_converters_solver_without_importing_lordba_convert():
+    """A combination that needs the dense solver refused with "import lordba.convert first" unless the user had
+    imported it (PEFT just runs it); the solver is now found through its ``lordba.combiners`` entry point."""
+    script = textwrap.dedent(
+        """
+        import sys, warnings
+        from lordba import LoRDBAConfig, get_lordba_model
+        from conftest import tiny_llama
+
+        lm = get_lordba_model(tiny_llama(), LoRDBAConfig(r=4), "a")
+        lm.add_adapter("b", LoRDBAConfig(r=4))
+        assert "lordba.convert" not in sys.modules
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lm.add_weighted_adapter(["a", "b"], [0.5, 0.5], "c", combination_type="svd", svd_rank=4)
+        print("ranks", sorted({lm.peft_config["c"].r}))
+        """
+    )
+    tests = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tests).parent / "src"), tests])}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ranks [4]" in proc.stdout, proc.stdout[-1000:] + proc.stderr[-3000:]

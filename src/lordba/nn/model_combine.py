@@ -2,12 +2,13 @@
 
 It combines exactly by concatenation where it can (:func:`cat_records`); other combinations need the
 converter's solver, which lives above ``nn``: :mod:`lordba.convert.combine` registers it here at import
-(:func:`register_combiner`).
+(:func:`register_combiner`), or on first use through its ``lordba.combiners`` entry point.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 import numbers
 import warnings
@@ -26,6 +27,7 @@ from lordba.format import adapter as adapter_files
 # name -> fn(deltas {path: dense ΔW}, ranks {path: r}, scalings {path: s}, scale_dtype) -> {path: ModuleRecord}
 _COMBINERS: dict[str, Callable[..., dict[str, adapter_files.ModuleRecord]]] = {}
 COMBINATION_TYPES = ("cat", "linear", "svd")
+COMBINER_ENTRY_POINTS = "lordba.combiners"
 
 
 def _as_list(values: object, name: str) -> list:
@@ -56,6 +58,16 @@ def register_combiner(name: str, fn: Callable[..., dict[str, adapter_files.Modul
     """Register the dense-ΔW → LoRDBA solver under ``name`` (``"dense"``: used by every combination that
     is not an exact concatenation). Called by :mod:`lordba.convert.combine` at import."""
     _COMBINERS[name] = fn
+
+
+def _registered_combiner(name: str) -> Callable[..., dict[str, adapter_files.ModuleRecord]] | None:
+    """The combiner installed as ``name`` in the ``lordba.combiners`` entry points (lordba's own: the converter's
+    dense solver), loaded and registered on first use, so that a combination needs no ``import lordba.convert``
+    first (the library's layers import one way: ``nn`` names no module above it)."""
+    for point in importlib.metadata.entry_points(group=COMBINER_ENTRY_POINTS):
+        if point.name == name:
+            register_combiner(name, point.load())
+    return _COMBINERS.get(name)
 
 
 class CombineMixin:
@@ -132,7 +144,7 @@ class CombineMixin:
         first: LoRDBAConfig,
         kind: str,
     ) -> dict[str, adapter_files.ModuleRecord]:
-        combiner = _COMBINERS.get("dense")
+        combiner = _COMBINERS.get("dense") or _registered_combiner("dense")
         if combiner is None:
             raise AdapterStateError(
                 f"combination_type={kind!r} needs the converter's solver: import lordba.convert first"
