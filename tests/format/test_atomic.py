@@ -264,3 +264,40 @@ def test_saves_and_their_recovery_work_where_the_file_system_has_no_hard_links(t
     state(3).save_pretrained(tmp_path)  # restores the backups (by copying), then commits
     assert not read_adapter(tmp_path).recovered and not list(tmp_path.glob(".*"))
     assert config.read_bytes() == (tmp_path / "n3" / config.name).read_bytes()
+
+
+def test_a_full_disk_in_a_single_file_or_directory_write_names_the_output_and_keeps_the_old_one(
+    tmp_path, monkeypatch, capsys
+):
+    """A write that fails half-way (a full disk) raised a bare ``OSError(27, 'File too large')`` naming no file:
+    a checkpoint, the training log or a result file lost to a full disk was `lordba train`'s internal error with a
+    traceback. The error names the output (the CLI's exit 3); the previous output stays and no temporary is left."""
+    import lordba.cli as cli
+    from full_disk import disk_full_after
+
+    (tmp_path / "x.json").write_bytes(b"old")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a").write_bytes(b"old")
+    (tmp_path / "s.bin").write_bytes(b"old")
+    with disk_full_after(100), pytest.raises(OSError) as caught:
+        atomic_write_bytes(tmp_path / "x.json", b"x" * 1000)
+    assert caught.value.filename == str(tmp_path / "x.json")
+    with disk_full_after(100), pytest.raises(OSError) as caught:
+        with atomic_directory(tmp_path / "out", overwrite=True) as tmp:
+            (tmp / "a").write_bytes(b"x" * 1000)
+    assert caught.value.filename == str(tmp_path / "out")
+    with disk_full_after(100), pytest.raises(OSError) as caught:
+        with atomic_write_path(tmp_path / "s.bin") as tmp:
+            tmp.write_bytes(b"x" * 1000)
+    assert caught.value.filename == str(tmp_path / "s.bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s.bin", "x.json"]
+    assert [p.read_bytes() for p in (tmp_path / "x.json", tmp_path / "out" / "a", tmp_path / "s.bin")] == [b"old"] * 3
+
+    def command_writing_a_result(command, argv):
+        with disk_full_after(100):
+            atomic_write_bytes(tmp_path / "x.json", b"x" * 1000)
+
+    monkeypatch.setattr(cli, "_run", command_writing_a_result)
+    assert cli.main(["inspect", str(tmp_path)]) == 3
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'x.json'}: File too large" in err and "internal error" not in err

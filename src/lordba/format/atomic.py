@@ -84,10 +84,25 @@ def _kept_mode(path: Path) -> int | None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` holds either the old or the new content."""
+    """Write ``data`` to ``path`` so that ``path`` holds either the old or the new content (an ``OSError`` naming
+    ``path`` if it cannot be written: a full disk)."""
     path = Path(path)
     ensure_writable_dir(path.parent)
-    _replace_with(_write_temp(path, data), path)
+    with _naming(path):
+        _replace_with(_write_temp(path, data), path)
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An ``OSError`` raised in the block without a file name (a write or fsync that failed: a full disk) is given
+    ``path``'s, the output the user named, so that it is reported with the path (the CLI's exit 3, not an internal
+    error) rather than as a bare ``[Errno 28] No space left on device``."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(path)
+        raise
 
 
 @contextlib.contextmanager
@@ -102,9 +117,10 @@ def atomic_write_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     ensure_writable_dir(path.parent)
     tmp = _write_temp(path, None, suffix)
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # on disk before it has the name: a crash leaves no zeroed file
+        with _naming(path):
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())  # on disk before it has the name: a crash leaves no zeroed file
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -275,11 +291,12 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False, keep: tuple[s
     tmp = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}.{secrets.token_hex(4)}")
     tmp.mkdir()
     try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+        with _naming(out):
+            yield tmp
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
         fsync_dir(tmp)
         if os.path.lexists(out) and _exchange(tmp, out):
             fsync_dir(out.parent)
