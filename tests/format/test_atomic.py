@@ -301,3 +301,21 @@ def test_a_full_disk_in_a_single_file_or_directory_write_names_the_output_and_ke
     assert cli.main(["inspect", str(tmp_path)]) == 3
     err = capsys.readouterr().err
     assert f"{tmp_path / 'x.json'}: File too large" in err and "internal error" not in err
+
+
+def test_what_a_killed_run_left_is_removed_for_an_output_whose_name_holds_glob_characters(tmp_path):
+    """An output named ``exp[lr=1e-3]`` (a sweep's): the next run's clean-up looked for the killed run's temporary
+    directory with the name as a glob pattern (``[...]`` a character class), so it never found it and a whole
+    copy of the output stayed beside it for good."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    out = tmp_path / "exp[lr=1e-3]"
+    stale = tmp_path / f".{out.name}.lordba-tmp.{gone.pid}.abcd1234"
+    stale.mkdir()
+    (stale / "weights").write_bytes(b"x" * 1000)
+    with atomic_directory(out) as tmp:
+        (tmp / "a").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp[lr=1e-3]"]

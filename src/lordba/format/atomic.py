@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import os
 import secrets
 import shutil
@@ -336,7 +337,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def _remove_stale(out: Path) -> None:
     """Remove temporary directories that killed runs left next to ``out`` (their process is gone)."""
-    for stale in out.parent.glob(f".{out.name}{TMP_MARK}*"):
+    for stale in out.parent.glob(f"{glob.escape(f'.{out.name}{TMP_MARK}')}*"):  # a name such as exp[lr=3] too
         pid = stale.name[len(f".{out.name}{TMP_MARK}") :].split(".")[0]
         if pid.isdigit() and not _alive(int(pid)):
             _remove(stale)
