@@ -319,3 +319,29 @@ def test_what_a_killed_run_left_is_removed_for_an_output_whose_name_holds_glob_c
     with atomic_directory(out) as tmp:
         (tmp / "a").write_text("1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp[lr=1e-3]"]
+
+
+def test_a_full_disk_while_saving_several_adapters_leaves_every_one_as_it_was(tmp_path):
+    """save_pretrained of ``default`` (r=2, 928 bytes of weights) and ``other`` (r=16, 5776 bytes) with room for
+    3000 bytes a file: ``default`` was replaced by the new save, then ``other`` failed ("the previous files are
+    intact"), leaving the folder with adapters of two different saves. Every file is now written before any
+    replaces one: both adapters stay the previous save's."""
+    from full_disk import disk_full_after
+
+    def model(seed):
+        base = tiny_llama(0)
+        torch.manual_seed(seed)
+        lm = get_lordba_model(base, LoRDBAConfig(r=2, init="random", target_modules=["q_proj"]))
+        lm.add_adapter("other", LoRDBAConfig(r=16, init="random"))
+        return lm
+
+    model(1).save_pretrained(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert (tmp_path / "other" / "lordba_model.safetensors").stat().st_size > 3000
+    assert (tmp_path / "lordba_model.safetensors").stat().st_size < 3000
+    with disk_full_after(3000), pytest.raises(LoRDBAError, match=r"other: cannot save .*previous files are intact"):
+        model(2).save_pretrained(tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # no temporary file either
+    read_adapter(tmp_path), read_adapter(tmp_path / "other")
+    model(2).save_pretrained(tmp_path)
+    assert (tmp_path / "lordba_model.safetensors").read_bytes() != before[tmp_path / "lordba_model.safetensors"]

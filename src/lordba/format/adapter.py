@@ -40,7 +40,7 @@ from lordba._version import __version__
 from lordba.config import COMPACT_FORMAT_VERSION, CONFIG_NAME, DEFAULT_FORMAT_VERSION, WEIGHTS_NAME, LoRDBAConfig
 from lordba.core.scales import NIBBLE_DTYPES
 from lordba.errors import AdapterFormatError, LoRDBAError
-from lordba.format.atomic import commit_files
+from lordba.format.atomic import commit_file_sets, commit_files
 from lordba.format.compact import check_compact_header, compact_metadata, compact_tensors, split_tensors
 from lordba.format.extras import EXTRA_PREFIX, check_extra_values, extras_to_file, file_version
 from lordba.format.header import (
@@ -65,6 +65,7 @@ __all__ = [  # ModuleRecord, TENSOR_KINDS and stored_shapes are defined in lordb
     "ModuleRecord",
     "adapter_files",
     "commit_adapter",
+    "commit_adapters",
     "open_adapter",
     "read_adapter",
     "serialize",
@@ -295,3 +296,9 @@ def commit_adapter(directory: str | Path, files: dict[str, bytes]) -> Path:
     returns the directory."""
     commit_files(directory, files, _pair_consistent)
     return Path(directory)
+
+
+def commit_adapters(saves: list[tuple[Path, dict[str, bytes]]]) -> None:
+    """:func:`commit_adapter` for several adapter directories (a model's adapters, each ``(directory, files)``):
+    every file of every adapter is written before any replaces one, so that a failing write leaves all as they were."""
+    commit_file_sets(saves, _pair_consistent)

@@ -204,33 +204,55 @@ def commit_files(
     is_consistent: Callable[[dict[str, Path]], bool],
 ) -> None:
     """Replace ``files`` (name → bytes, renamed in the given order) in ``directory`` crash-safely."""
-    directory = Path(directory)
-    ensure_writable_dir(directory)
-    names = list(files)
-    try:
-        with locked(directory):
-            recover(directory, names, is_consistent)
-            _commit(directory, files, names)
-    except OSError as err:  # a full disk, a read-only file system: the previous files stay intact
-        raise LoRDBAError(f"{directory}: cannot save ({err.strerror or err}); the previous files are intact") from None
+    commit_file_sets([(Path(directory), files)], is_consistent)
 
 
-def _commit(directory: Path, files: dict[str, bytes], names: list[str]) -> None:
-    temps: dict[str, Path] = {}
+def commit_file_sets(
+    sets: list[tuple[Path, dict[str, bytes]]], is_consistent: Callable[[dict[str, Path]], bool]
+) -> None:
+    """:func:`commit_files` in several directories at once (a save of several adapters): every new file of every
+    directory is written before any is renamed, so that a write that fails (a full disk) leaves all of them as they
+    were, not the first ones replaced and the others not. Each directory's lock is held throughout."""
+    sets = [(Path(d), files) for d, files in sets]
+    for directory, _ in sets:
+        ensure_writable_dir(directory)
+    at = [sets[0][0]] if sets else [Path()]  # the directory being worked on, for the error
     try:
-        for name, data in files.items():
-            temps[name] = _write_temp(directory / name, data)
-        for name in names:
-            if (directory / name).exists():
-                link_or_copy(directory / name, backup_path(directory / name))
-        fsync_dir(directory)
-        for name in names:
-            os.replace(temps[name], directory / name)
-            del temps[name]  # renamed: nothing left to remove (a failed rename leaves it to `finally`)
-        fsync_dir(directory)
-        for name in names:
-            backup_path(directory / name).unlink(missing_ok=True)
-        fsync_dir(directory)
+        with contextlib.ExitStack() as stack:
+            for directory in sorted({d for d, _ in sets}):  # one order: two saves never wait for each other
+                at[0] = directory
+                stack.enter_context(locked(directory))
+            for directory, files in sets:
+                at[0] = directory
+                recover(directory, list(files), is_consistent)
+            _commit(sets, at)
+    except OSError as err:  # a full disk, a read-only file system: the previous files are intact
+        raise LoRDBAError(f"{at[0]}: cannot save ({err.strerror or err}); the previous files are intact") from None
+
+
+def _commit(sets: list[tuple[Path, dict[str, bytes]]], at: list[Path]) -> None:
+    temps: dict[Path, Path] = {}  # the final path -> its written temporary file
+    try:
+        for directory, files in sets:
+            at[0] = directory
+            for name, data in files.items():
+                temps[directory / name] = _write_temp(directory / name, data)
+        for directory, files in sets:
+            at[0] = directory
+            for name in files:
+                if (directory / name).exists():
+                    link_or_copy(directory / name, backup_path(directory / name))
+            fsync_dir(directory)
+        for directory, files in sets:
+            at[0] = directory
+            for name in files:
+                os.replace(temps[directory / name], directory / name)
+                del temps[directory / name]  # renamed: nothing left to remove (a failed rename leaves it to `finally`)
+            fsync_dir(directory)
+        for directory, files in sets:
+            for name in files:
+                backup_path(directory / name).unlink(missing_ok=True)
+            fsync_dir(directory)
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)

@@ -111,8 +111,8 @@ class AdapterFilesMixin(AdapterLoadMixin):
                 saves.append((name, state.config, files))
             folders = [Path(save_directory) if name == "default" else Path(save_directory) / name for name, *_ in saves]
             _make_folders(folders)  # every folder made and checked before any is written: all adapters, or none
-            for (name, config, files), directory in zip(saves, folders):
-                adapter_files.commit_adapter(directory, files)
+            adapter_files.commit_adapters([(directory, files) for (_, _, files), directory in zip(saves, folders)])
+            for (name, config, _), directory in zip(saves, folders):
                 if card:
                     write_model_card(directory, config, repo_id, None if name == "default" else name, revision)
 
