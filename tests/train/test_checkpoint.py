@@ -8,10 +8,12 @@ import pytest
 import torch
 from test_loop import model, rows
 
-from lordba import TrainingError
+from lordba import LoRDBAConfig, TrainingError, get_lordba_model
 from lordba.train import TrainSettings, train_loop
-from lordba.train.checkpoint import FILES, MANIFEST, read_checkpoint
+from lordba.train.checkpoint import FILES, MANIFEST, load_checkpoint, read_checkpoint, save_checkpoint
 from lordba.train.tokenize import Batcher
+
+from conftest import tiny_llama
 
 SETTINGS = TrainSettings(steps=6, lr=3e-3, checkpoint_every=2, keep_checkpoints=3)
 
@@ -229,3 +231,22 @@ def test_parameter_groups_are_restored_by_their_parameters_names_not_their_posit
     one = torch.optim.AdamW([p for p in other.parameters() if p.requires_grad])
     with pytest.raises(TrainingError, match=r"step-00000001: the optimizer's 1 parameter group\(s\) are not the"):
         load_checkpoint(path, other, one)
+
+
+def test_a_float64_models_checkpoint_saves_and_restores(tmp_path):
+    """A float64 model's trained copy (modules_to_save) and its optimizer state are float64: the checkpoint's writer
+    knew the adapter file's dtypes only and crashed with a bare ``KeyError: torch.float64``."""
+    lm = get_lordba_model(tiny_llama().double(), LoRDBAConfig(r=4, modules_to_save=["lm_head"]))
+    opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad])
+    ids = torch.arange(1, 9)[None]
+    lm(ids, labels=ids).loss.backward()
+    opt.step()
+    trained = {n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad}
+    assert torch.float64 in {p.dtype for p in trained.values()}
+    path = save_checkpoint(tmp_path, 1, lm, opt, {})
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.requires_grad:
+                p.zero_()
+    assert load_checkpoint(path, lm, opt)["step"] == 1
+    assert all(torch.equal(p, trained[n]) for n, p in lm.named_parameters() if p.requires_grad)

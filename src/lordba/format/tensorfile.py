@@ -16,6 +16,8 @@ from collections.abc import Iterable
 
 import torch
 
+from lordba.errors import LoRDBAError
+
 # The safetensors dtype names of the dtypes lordba stores, both ways.
 ST_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
@@ -25,6 +27,15 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32,
 }
 ST_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
+# What to_bytes writes besides (training checkpoints hold a float64 model's trained tensors and its optimizer's).
+_WRITTEN_NAMES: dict[torch.dtype, str] = {
+    **ST_DTYPE_NAMES,
+    torch.float64: "F64",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
+}
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -44,7 +55,11 @@ def _header(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadat
     offset = 0
     for name, dtype, shape in ordered:
         n = nbytes(dtype, shape)
-        header[name] = {"dtype": ST_DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        if dtype not in _WRITTEN_NAMES:
+            raise LoRDBAError(
+                f"tensor {name!r}: cannot store dtype {dtype} (lordba writes {sorted(_WRITTEN_NAMES.values())})"
+            )
+        header[name] = {"dtype": _WRITTEN_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * ((-len(raw)) % 8)
