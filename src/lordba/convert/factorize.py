@@ -37,20 +37,23 @@ _TINY = 1e-300
 
 @dataclass
 class Target:
-    """The matrix to approximate, ``T = P Q``, and ``‖T‖_F²``; build it with :meth:`of`."""
+    """The matrix to approximate, ``T = P Q``, and ``‖T‖_F²``; build it with :meth:`of`. ``eps``: the relative
+    precision of the factors ``P``, ``Q`` were made from (:func:`numerical_rank`; ``None``: the working dtype's),
+    coarser than the working dtype's when float32 LoRA factors are solved in float64."""
 
     P: torch.Tensor  # [..., out, k]
     Q: torch.Tensor  # [..., k, in]
     norm2: torch.Tensor  # [...]
+    eps: float | None = None
 
     @classmethod
-    def of(cls, P: torch.Tensor, Q: torch.Tensor) -> Target:
+    def of(cls, P: torch.Tensor, Q: torch.Tensor, eps: float | None = None) -> Target:
         """``‖PQ‖² = tr(PᵀP · QQᵀ)`` (both Grams symmetric, so an elementwise sum)."""
-        return cls(P, Q, ((P.mT @ P) * (Q @ Q.mT)).sum((-2, -1)))
+        return cls(P, Q, ((P.mT @ P) * (Q @ Q.mT)).sum((-2, -1)), eps)
 
     def select(self, idx: torch.Tensor) -> Target:
         """The layers ``idx`` of a batched target."""
-        return Target(self.P[idx], self.Q[idx], self.norm2[idx])
+        return Target(self.P[idx], self.Q[idx], self.norm2[idx], self.eps)
 
 
 @dataclass
@@ -249,7 +252,7 @@ def svd_init(t: Target, r: int, svd: tuple[torch.Tensor, torch.Tensor, torch.Ten
     U, sigma, Vh = svd if svd is not None else factor_svd(t.P, t.Q)
     n = min(r, sigma.shape[-1])
     out, inn = t.P.shape[-2], t.Q.shape[-1]
-    dead = torch.arange(n, device=sigma.device) >= numerical_rank(sigma, max(out, inn, t.P.shape[-1]))[..., None]
+    dead = torch.arange(n, device=sigma.device) >= numerical_rank(sigma, max(out, inn, t.P.shape[-1]), t.eps)[..., None]
     ones = torch.ones((*t.P.shape[:-2], out), dtype=t.P.dtype, device=t.P.device)
     f = Factors(
         sign_A=hard_sign(Vh[..., :n, :]),
@@ -263,10 +266,11 @@ def svd_init(t: Target, r: int, svd: tuple[torch.Tensor, torch.Tensor, torch.Ten
     return fill_residual(t, f, r, dead) if r > n or bool(dead.any()) else f
 
 
-def numerical_rank(sigma: torch.Tensor, size: int) -> torch.Tensor:
+def numerical_rank(sigma: torch.Tensor, size: int, eps: float | None = None) -> torch.Tensor:
     """How many singular values ``sigma`` [..., n] (descending) exceed ``size · eps · σ₁`` (NumPy's
-    ``matrix_rank`` rule): the smaller ones are rounding noise of an exactly lower-rank product."""
-    tol = size * torch.finfo(sigma.dtype).eps * sigma[..., :1]
+    ``matrix_rank`` rule): the smaller ones are rounding noise of an exactly lower-rank product. ``eps``: the
+    precision of the factors the product was made from (:attr:`Target.eps`), else ``sigma``'s dtype's."""
+    tol = size * (torch.finfo(sigma.dtype).eps if eps is None else eps) * sigma[..., :1]
     return (sigma > tol).sum(-1)
 
 
@@ -290,7 +294,7 @@ def fill_residual(t: Target, f: Factors, r: int, dead: torch.Tensor | None = Non
         U, sigma, Vh = factor_svd(torch.cat([t.P, -f.left()], -1), torch.cat([t.Q, f.right()], -2))
         size = max(t.P.shape[-2], t.Q.shape[-1], U.shape[-1])
         order = dead.long().cumsum(-1) - 1  # the j-th dead component takes the residual's j-th pair
-        take = dead & (order < numerical_rank(sigma, size)[..., None])
+        take = dead & (order < numerical_rank(sigma, size, t.eps)[..., None])
         if not bool(take.any()):
             break
         idx = order.clamp(0, sigma.shape[-1] - 1)

@@ -98,7 +98,7 @@ def initial_factors(
         Bg, Ag = balanced_pair(svd, r)
         # components beyond ΔW's numerical rank are rounding noise: seeded empty, filled from the residual
         size = max(t.P.shape[-2], t.Q.shape[-1], k)
-        dead = torch.arange(Bg.shape[-1], device=Bg.device) >= numerical_rank(svd[1], size)[..., None]
+        dead = torch.arange(Bg.shape[-1], device=Bg.device) >= numerical_rank(svd[1], size, t.eps)[..., None]
         Bg, Ag = torch.where(dead[..., None, :], 0.0, Bg), torch.where(dead[..., :, None], 0.0, Ag)
         if gauge == "rotation" and Bg.shape[-1] > 1:
             G = rotation_to_lower_rmr(Bg, Ag, rotation_steps, live=~dead).to(Bg.dtype)

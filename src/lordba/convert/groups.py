@@ -188,7 +188,10 @@ def solve_group(
     norm = Target.of(P64, Q.double()).norm2.sqrt()
     unit = torch.where(norm > 0, norm, 1.0)
     P = (P64 / unit[:, None, None]).to(dt)
-    t = Target.of(P, Q)
+    # ΔW's rounding tail is the factors' own (float32 LoRA factors solved in float64: their 1e-7, not 1e-16), at
+    # most float32's: an exactly rank-4 LoRA of rank 16 read as rank 16, Eq. 7 spent 12 components on its noise
+    source_eps = min(max(torch.finfo(A.dtype).eps, torch.finfo(B.dtype).eps), torch.finfo(torch.float32).eps)
+    t = Target.of(P, Q, max(source_eps, torch.finfo(dt).eps))
     t64 = Target.of(P.double(), Q.double())
     plain64 = t64 if w is None else Target.of(P.double(), A.to(dt).double())
     gauges = ["svd", "lora"] if opts.gauge == "best" else [opts.gauge]
