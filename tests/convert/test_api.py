@@ -403,3 +403,15 @@ def test_a_target_bpw_never_converts_or_chooses_a_rank_above_a_layers_limit(tmp_
         assert max(map(int, alloc["curves"][p])) <= limit
     save_converted(state, report, tmp_path / "out")
     assert read_adapter(tmp_path / "out").dims() == state.dims()
+
+
+def test_a_uniform_rank_above_every_layers_limit_is_reported_at_the_rank_converted(tmp_path):
+    """q_proj (40×40) takes at most r=640; a rank-64 LoRA at --target-bpw 20 has room for a uniform rank of 1029,
+    and the report said "uniform rank 1029" (and listed it among the candidates) where every layer was converted
+    and stored at 640. It says the rank the uniform allocation converts at."""
+    _, path = peft_adapter(tmp_path, r=64, lora_alpha=64, target_modules=["q_proj"])
+    state, report = convert_lora(path, target_bpw=20.0, rank_candidates=(1,), method="init", progress=False)
+    alloc = report.allocation
+    assert {rec.r for rec in state.modules.values()} == {640}
+    assert alloc["uniform_rank"] == 640 and max(alloc["candidates"]) == 640
+    assert "| budget: uniform rank 640, same |" in report.to_markdown()

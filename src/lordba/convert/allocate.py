@@ -55,6 +55,7 @@ def convert_at_budget(
     while _file_bytes(dims, uniform_ranks, dtype) > allowed:  # capped ranks are mixed: a larger header
         r_uniform -= 1
         uniform_ranks = _capped(r_uniform, limits)
+    r_uniform = max(uniform_ranks.values())  # the rank it converts at: above every layer's limit, none does
     probe = size_report({p: (i, o, max(top, r_uniform)) for p, (i, o) in dims.items()}, dtype)
     overhead = probe.file_bytes - probe.payload_bytes  # header; an upper bound (rank digits)
     budget = allowed - overhead
