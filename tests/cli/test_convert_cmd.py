@@ -70,6 +70,19 @@ def test_a_report_inside_the_source_or_the_output_folder_is_refused_before_conve
     assert main(["inspect", str(tmp_path / "out")]) == 0
 
 
+@pytest.mark.parametrize("report, out", [("out", "out"), ("out.json", "out.md")])
+def test_a_report_that_is_the_output_folder_to_be_written_is_refused_before_converting(
+    lora_dir, tmp_path, report, out, capsys
+):
+    """``--report OUT_DIR`` (or a report whose Markdown is OUT_DIR) with an OUT_DIR not yet written passed the check
+    (only an existing OUT_DIR was looked at): the conversion ran and wrote the adapter, then the report failed
+    (exit 3, "cannot write it (Is a directory)"), the JSON written and the Markdown not. Refused before the work."""
+    argv = ["convert", str(lora_dir), str(tmp_path / out), "--quiet", "--iters", "1"]
+    assert main([*argv, "--report", str(tmp_path / report)]) == 3
+    assert f"inside {tmp_path / out} (OUT_DIR" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(
     "option, value",
     [

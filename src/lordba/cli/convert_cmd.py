@@ -199,7 +199,7 @@ def _check_outside(path: Path, what: str, source: str, out: str | None = None) -
         (source, "PEFT_DIR, the LoRA converted: lordba convert writes nothing into it"),
         (out, "OUT_DIR, which the adapter replaces (its report is conversion_report.json there)"),
     ):
-        if folder is not None and Path(folder).exists():
+        if folder is not None:  # (an OUT_DIR not yet written too: a report there failed after the conversion)
             inside = Path(os.path.realpath(folder))
             if real == inside or inside in real.parents:
                 raise ConfigError(f"{what} {path}: inside {folder} ({why}); write it elsewhere")
