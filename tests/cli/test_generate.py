@@ -196,6 +196,19 @@ def test_the_largest_seed_torch_takes_samples_and_one_more_is_refused_before_loa
     assert info.value.code == 2 and "--seed" in err and str(2**64 - 1) in err
 
 
+def test_a_temperature_below_float32s_range_samples_greedily_rather_than_failing(folder, capsys):
+    """``--temperature 1e-40`` (any number > 0 is taken, as lordba serve takes it) made ``generate``'s warper divide
+    the float32 logits into inf and the sampling fail: an internal error (exit 1). It samples the greedy text, as the
+    server does for such a temperature."""
+    argv = ["generate", "--model", str(folder), "--quant", "none", "--max-new-tokens", "6", "ab"]
+    assert main(argv) == 0
+    want = capsys.readouterr().out
+    for temperature in ("1e-40", "1e-38"):
+        assert main([*argv[:-1], "--temperature", temperature, "--top-p", "0.9", "ab"]) == 0
+        out, err = capsys.readouterr()
+        assert out == want and "internal error" not in err, temperature
+
+
 def test_a_folder_that_is_no_model_exits_3(tmp_path, capsys):
     """A folder without a transformers model (empty, or holding something else) is invalid input, not an
     internal error."""

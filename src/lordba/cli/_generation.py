@@ -21,6 +21,9 @@ from lordba.cli._generation_options import (  # the options (re-exported)
 )
 
 RUNTIME_BRANCH_COMPUTE = "fast"
+# the least temperature ``generate`` is given: its warper divides the float32 logits by it, and a smaller one (1e-40)
+# made them inf and the sampling fail; at this one every logit gap but a tie is still greedy, as lordba serve samples
+LEAST_TEMPERATURE = 1e-30
 
 
 def branch_compute(args: argparse.Namespace) -> str:
@@ -286,6 +289,7 @@ def stream(loaded: Loaded, input_ids: Any, args: argparse.Namespace, out: Any = 
 
     out = out or sys.stdout
     sample = args.temperature > 0
+    temperature = max(args.temperature, LEAST_TEMPERATURE)
     count = new_tokens(loaded, int(input_ids.shape[-1]), args.max_new_tokens)
     kwargs = dict(
         input_ids=input_ids,
@@ -294,7 +298,7 @@ def stream(loaded: Loaded, input_ids: Any, args: argparse.Namespace, out: Any = 
         do_sample=sample,
         pad_token_id=loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id,
         eos_token_id=sorted(end_of_sequence_ids(loaded.model, loaded.tokenizer)) or None,  # as lordba serve stops
-        **({"temperature": args.temperature, "top_p": args.top_p, "top_k": 0} if sample else {}),
+        **({"temperature": temperature, "top_p": args.top_p, "top_k": 0} if sample else {}),
         repetition_penalty=1.0,  # chosen as lordba serve chooses: not by the generation config's settings
     )
     tokens = int(input_ids.shape[-1]) + count
