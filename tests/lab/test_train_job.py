@@ -280,3 +280,17 @@ def test_a_given_lora_sets_the_rank_and_alpha_left_unset(setup, tmp_path):
     assert {k.rsplit(".", 1)[-1]: r for k, r in ranks.items()} == {"q_proj": 2, "v_proj": 3}
     config, ranks = trained(r=4, alpha=8.0)
     assert (config.r, config.alpha, set(ranks.values())) == (4, 8.0, {4})
+
+
+def test_a_seed_past_torchs_range_is_a_usage_error_naming_the_option(tmp_path, capsys):
+    """``--seed 18446744073709551616`` (2**64) passed argparse and was refused as invalid input (exit 3) naming
+    ``TrainSettings.seed``, where every other number out of range is a usage error (exit 2) naming its option. The
+    largest seed torch takes is an option's value."""
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", str(tmp_path / "o"), "--seed", str(2**64)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--seed" in err and str(2**64 - 1) in err
+    assert not (tmp_path / "o").exists()
+    from lordba.cli import build_parser
+
+    assert build_parser("train").parse_args(["train", "--out", "o", "--seed", str(2**64 - 1)]).seed == 2**64 - 1

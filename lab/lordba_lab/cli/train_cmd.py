@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from lordba.cli import non_negative_int, open_fraction, output_directory, positive_float, positive_int
+from lordba.cli._generation_options import SEED_MAX, seed
 
 NAME = "train"
 HELP = "train a LoRDBA adapter (modes: ptq, qat, qat-from-lora, scales-only) on a frozen quantized base"
@@ -114,7 +115,7 @@ def _optimisation(p: argparse.ArgumentParser, devices: tuple) -> None:
         default=1e-4,
         help="peak learning rate (default 1e-4: best of 1e-3/3e-4/1e-4 in every mode, measured)",
     )
-    g.add_argument("--seed", type=non_negative_int, default=0, help="seed of everything random (default 0)")
+    g.add_argument("--seed", type=seed, default=0, help=f"seed of everything random, 0 to {SEED_MAX} (default 0)")
     g.add_argument(
         "--device", choices=devices, default=None, help="where to train (default: the best available: cuda, mps, cpu)"
     )
