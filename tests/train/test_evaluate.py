@@ -124,6 +124,20 @@ def test_generation_stops_at_the_end_of_turn_of_the_models_generation_config():
     assert evaluate(model, tok, examples, lambda a, b: a == b, 5)["metric"] == 1.0
 
 
+@pytest.mark.parametrize("setting", [("no_repeat_ngram_size", 1), ("repetition_penalty", 100.0)])
+def test_the_answers_are_greedy_as_served_whatever_the_generation_config_adds(setting):
+    """The held-out answers applied the model's generation config beyond its stopping ids (a repetition penalty,
+    n-gram blocking: Qwen2.5-Instruct's sets one), which ``lordba generate`` / ``serve`` never apply, so the metric
+    scored other answers than users get: here the end of turn, already in the prompt, was blocked ('4xyz')."""
+    tok = char_tokenizer()
+    model = _successor_model(tok, ["\n", "4", "<|im_end|>", "x", "y", "z"])
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids(["<|im_end|>"])
+    setattr(model.generation_config, *setting)
+    examples = [Example((("user", "2+2?"),), "4", "4")]
+    assert generate_answers(model, tok, examples, max_new_tokens=5) == ["4"]
+    assert getattr(model.generation_config, setting[0]) == setting[1]  # the model's own config, put back
+
+
 def test_evaluate_on_no_examples_gives_nan_for_the_metric_as_for_the_loss():
     """An empty held-out set (a filter that kept nothing) raised ZeroDivisionError once a scorer was given,
     after its loss had come out NaN."""

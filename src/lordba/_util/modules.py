@@ -132,3 +132,32 @@ def end_of_sequence_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(int(i) for i in ids)
+
+
+_KEPT = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "use_cache", "cache_implementation")
+
+
+def stopping_only(config: Any) -> Any:
+    """``config`` (a model's ``GenerationConfig``) with only its special token ids and cache settings: ``generate``
+    (and ``--aot``'s decoder) apply every setting of the model's generation config they are not given (a repetition
+    penalty, min-p, typical-p, n-gram blocking, ...), which ``lordba serve`` never applies."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(**{n: v for n in _KEPT if (v := getattr(config, n, None)) is not None})
+
+
+@contextlib.contextmanager
+def generation_stopping_only(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model``'s generation config (the transformers model's, below a wrapper with
+    ``get_base_model``) is :func:`stopping_only`'s, put back after: ``generate`` also applies the model's own
+    settings for what a config passed to it leaves unset, so only the model's attribute keeps them out."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    old = getattr(target, "generation_config", None)
+    if old is None:
+        yield
+        return
+    target.generation_config = stopping_only(old)
+    try:
+        yield
+    finally:
+        target.generation_config = old

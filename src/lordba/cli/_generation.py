@@ -82,6 +82,7 @@ def load(args: argparse.Namespace) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lordba import kernels
+    from lordba._util.modules import stopping_only
     from lordba.cli._base import generation_base
     from lordba.cli.serve_cmd import resolve_model
     from lordba.errors import ConfigError
@@ -120,17 +121,6 @@ def load(args: argparse.Namespace) -> Loaded:
 
     say_decode_warnings()
     return Loaded(model, tokenizer, FastDecode(model, compile_it, getattr(args, "compile_mode", "default")))
-
-
-_KEPT = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "use_cache", "cache_implementation")
-
-
-def stopping_only(config: Any) -> Any:
-    """``config`` with only its special token ids and cache settings: ``generate`` (and ``--aot``'s decoder) apply
-    every setting of the model's generation config they are not given (min-p, typical-p, n-gram blocking, ...)."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(**{n: v for n in _KEPT if (v := getattr(config, n, None)) is not None})
 
 
 def check_text(text: str, what: str) -> str:
@@ -279,7 +269,7 @@ def stream(loaded: Loaded, input_ids: Any, args: argparse.Namespace, out: Any = 
     """Generate from ``input_ids`` (at most :func:`new_tokens`), writing text to ``out`` as it comes;
     prints time to first token and tokens/s to stderr; returns the generated text. The tokens are chosen by
     ``--temperature`` and ``--top-p`` alone, as ``lordba serve`` chooses them: not by the model's generation config
-    (:func:`stopping_only`), nor transformers' default top-k (50). With ``--compile`` the decode step is
+    (`_util.modules.stopping_only`), nor transformers' default top-k (50). With ``--compile`` the decode step is
     compiled first (:func:`_prepare`); if compiled generation still fails before any text was
     written, it is run again eagerly."""
     import torch

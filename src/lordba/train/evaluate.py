@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lordba._util.modules import end_of_sequence_ids, eval_mode
+from lordba._util.modules import end_of_sequence_ids, eval_mode, generation_stopping_only
 from lordba.train.records import Example
 from lordba.train.tokenize import collate, encode_examples, prompt_ids
 
@@ -79,8 +79,9 @@ def generate_answers(
     max_new_tokens: int,
     batch_size: int = 16,
 ) -> list[str]:
-    """Greedy completions (left-padded batches, stopping at end of turn)."""
-    with eval_mode(model):
+    """Greedy completions (left-padded batches, stopping at end of turn), as ``lordba generate`` / ``serve`` make
+    them: none of the model's generation config but its stopping ids (no repetition penalty, n-gram blocking)."""
+    with eval_mode(model), generation_stopping_only(model):
         return _generate_answers(model, tokenizer, examples, max_new_tokens, batch_size)
 
 
