@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from lordba import ConfigError, LoRDBAConfig, LoRDBAModel, read_adapter
+from lordba import ConfigError, ConversionError, LoRDBAConfig, LoRDBAModel, read_adapter
 from lordba.cli import main
 from lordba.convert import SIDECAR_NAME, collect_input_moments, convert_lora, read_lora, save_converted
 
@@ -325,7 +325,6 @@ def test_bad_arguments_are_the_librarys_errors_naming_them(tmp_path):
     """Calibration vectors of another shape or type, a zero ``max_batch``, an infinite ``target_bpw``
     and non-integer rank candidates were RuntimeError, AttributeError, ValueError, OverflowError and
     TypeError from deep inside the conversion."""
-    from lordba import ConversionError
 
     _, path = peft_adapter(tmp_path)
     paths = sorted(read_lora(path).layers)
@@ -415,3 +414,19 @@ def test_a_uniform_rank_above_every_layers_limit_is_reported_at_the_rank_convert
     assert {rec.r for rec in state.modules.values()} == {640}
     assert alloc["uniform_rank"] == 640 and max(alloc["candidates"]) == 640
     assert "| budget: uniform rank 640, same |" in report.to_markdown()
+
+
+def test_a_full_disk_while_saving_the_conversion_names_the_output_and_keeps_the_old_one(tmp_path):
+    """The error named the temporary folder the save wrote into (``.out.lordba-tmp.PID.HEX``, gone by then), not the
+    output the user named."""
+    from full_disk import disk_full_after
+
+    _, path = peft_adapter(tmp_path, r=4, lora_alpha=8)
+    state, report = convert_lora(path, r=4, progress=False)
+    save_converted(state, report, tmp_path / "out")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()}
+    with disk_full_after(500), pytest.raises(ConversionError) as caught:
+        save_converted(state, report, tmp_path / "out", overwrite=True)
+    assert str(tmp_path / "out") in str(caught.value) and "lordba-tmp" not in str(caught.value)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if "lordba-tmp" in p.name) == []

@@ -254,8 +254,10 @@ def save_converted(
     path; raises :class:`ConversionError`."""
     source = source if source is not None else (report.source if report is not None else None)
     out = check_output_dir(out_dir, overwrite, source)
+    written: list[Path] = []  # the temporary folder, which the save's own errors name (and which is gone then)
     try:
         with atomic_directory(out, overwrite=overwrite, keep=_inputs(source)) as tmp:
+            written.append(tmp)
             state.save_pretrained(tmp)
             if report is not None:  # for these weights only: a later save into the folder leaves it behind
                 sha = read_config_json(tmp).get("weights_sha256")
@@ -264,7 +266,7 @@ def save_converted(
     except LoRDBAError as err:
         if isinstance(err, ConversionError) or type(err) is not LoRDBAError:
             raise
-        raise ConversionError(str(err)) from None
+        raise ConversionError(str(err).replace(str(written[0]), str(out)) if written else str(err)) from None
     except OSError as err:
         raise ConversionError(f"{out}: cannot write the converted adapter ({err.strerror or err})") from None
     return out
