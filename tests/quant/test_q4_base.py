@@ -33,6 +33,36 @@ def test_the_quantization_is_hqqs_own_at_the_same_group_size(bits):
     assert (mine - weight).norm() < (0.12 if bits == 4 else 0.01) * weight.norm()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_large_weight_is_quantized_a_few_rows_at_a_time(monkeypatch, bits):
+    """HQQ's optimiser holds ~10 float32 copies of the weight it is given: handed a whole output head at once
+    (Llama-3.2-1B's 128256 x 2048), it peaked at 10.5 GB above the model; the rows go to it in chunks."""
+    from hqq.core.quantize import Quantizer
+
+    import lordba.quant.q4 as q4
+
+    given = []
+    quantize = Quantizer.quantize
+
+    def recorded(tensor, *args, **kwargs):
+        given.append(tensor.numel())
+        return quantize(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(Quantizer, "quantize", recorded)
+    monkeypatch.setattr(q4, "QUANTIZE_ELEMENTS", 20 * 128, raising=False)
+    torch.manual_seed(0)
+    weight, bias = torch.randn(100, 120), torch.randn(100)
+    layer = Q4Linear.from_weight(weight, bias, group_size=64, bits=bits)
+    assert max(given) <= 20 * 128 and sum(given) == 100 * 128  # (120 columns padded to 2 groups of 64)
+    assert layer.qweight.shape == (100, 128 * bits // 8) and layer.scale.shape == layer.minus.shape == (100, 2)
+    assert (layer.dequantize() - weight).norm() < (0.12 if bits == 4 else 0.01) * weight.norm()
+    monkeypatch.setattr(q4, "QUANTIZE_ELEMENTS", 1 << 22, raising=False)
+    whole = Q4Linear.from_weight(weight, bias, group_size=64, bits=bits)
+    assert len(given) == 6  # 5 chunks of 20 rows, then all 100 at once
+    torch.testing.assert_close(layer.dequantize(), whole.dequantize(), rtol=0, atol=0.1 * weight.std().item())
+    torch.testing.assert_close(layer(torch.ones(3, 120)), whole(torch.ones(3, 120)), rtol=0.1, atol=0.5)
+
+
 def test_round_zero_chooses_the_optimisers_start():
     torch.manual_seed(1)
     weight = torch.randn(64, 128)

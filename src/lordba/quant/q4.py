@@ -34,6 +34,7 @@ from lordba.kernels.q4 import (
 from lordba.quant.backend import BaseBackend, kept_factors
 
 _UNBOUND = object()  # Q4Linear's bound call not made yet
+QUANTIZE_ELEMENTS = 1 << 22  # weights quantized at once (Q4Linear.from_weight): its rows in chunks of about this size
 
 
 def prefill_elements(limit: int, in_features: int) -> int:
@@ -109,26 +110,34 @@ class Q4Linear(nn.Module):
             round_zero = BaseQuantizeConfig(nbits=bits, group_size=group_size)["weight_quant_params"]["round_zero"]
         out, in_features = weight.shape
         padded = -(-in_features // group_size) * group_size
-        w = torch.zeros(out, padded, dtype=torch.float32)
-        w[:, :in_features] = weight.detach().float().cpu()
-        if padded > in_features:  # pad with the row's last group mean: keeps the padded group's range tight
-            w[:, in_features:] = w[:, padded - group_size : in_features].mean(dim=1, keepdim=True)
-        codes, meta = Quantizer.quantize(
-            w,
-            nbits=bits,
-            group_size=group_size,
-            optimize=optimize,
-            round_zero=bool(round_zero),
-            axis=1,
-            bitpack=False,
-            device="cpu",
-        )
-        groups = padded // group_size
-        scale = meta["scale"].float().reshape(out, groups)
-        zero = meta["zero"].float().reshape(out, groups)
-        codes = codes.reshape(out, padded).to(torch.uint8)
+        rows = max(1, QUANTIZE_ELEMENTS // padded)  # HQQ's optimiser holds ~10 float32 copies of what it is given
+        packed, scales, minus = [], [], []
+        for start in range(0, out, rows):
+            n = min(rows, out - start)
+            w = torch.zeros(n, padded, dtype=torch.float32)
+            w[:, :in_features] = weight.detach()[start : start + rows].float().cpu()
+            if padded > in_features:  # pad with the row's last group mean: keeps the padded group's range tight
+                w[:, in_features:] = w[:, padded - group_size : in_features].mean(dim=1, keepdim=True)
+            codes, meta = Quantizer.quantize(
+                w,
+                nbits=bits,
+                group_size=group_size,
+                optimize=optimize,
+                round_zero=bool(round_zero),
+                axis=1,
+                bitpack=False,
+                device="cpu",
+            )
+            del w
+            scale = meta["scale"].float().reshape(n, padded // group_size)
+            packed.append(pack_codes(codes.reshape(n, padded).to(torch.uint8), bits))
+            scales.append(scale)
+            minus.append(-scale * meta["zero"].float().reshape(n, -1))
+            del codes, meta
         dev = weight.device  # built there: a layer off the CPU does not load the CPU kernels
-        layer = cls(pack_codes(codes, bits).to(dev), scale.to(dev), (-scale * zero).to(dev), in_features, bias, bits)
+        layer = cls(
+            torch.cat(packed).to(dev), torch.cat(scales).to(dev), torch.cat(minus).to(dev), in_features, bias, bits
+        )
         return layer.to(dev)
 
     @property
