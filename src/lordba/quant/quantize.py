@@ -121,6 +121,7 @@ def quantize_model(
 
         replaced.append((head[0], quantize_linear_q4(head[1], group_size, head_bits, head[0]).train(head[1].training)))
     record = {"backend": backend, "bits": bits, "group_size": group_size, "head_bits": head_bits}
+    targets = head = linear = None  # the float layers: freed as they are replaced, before the q4 weights are copied
     install_quantized(model, replaced, record)
     return model
 
