@@ -9,6 +9,7 @@ import torch
 
 from lordba.quant import quantize_model
 from lordba.quant.cache import quantize_model_cached
+from quant.test_q4_base import float_weights_held_while_copied
 
 from conftest import tiny_llama
 
@@ -378,3 +379,16 @@ def test_the_cache_lists_its_entries_and_clears_them(tmp_path, monkeypatch):
     assert cache_entries() == [] and other.exists()
     quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=32)
     assert len(cache_entries()) == 1
+
+
+def test_a_cached_base_is_read_back_without_holding_the_float_layers_it_replaces(tmp_path, monkeypatch):
+    """A cache hit kept the model's float layers (and the tensors read) alive through the copy of the q4 weights
+    into one buffer: the float model's size plus two q4 copies at the peak (``quantize_model``'s own, alike)."""
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_llama(0).save_pretrained(folder)
+    quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=32)
+    held = float_weights_held_while_copied(
+        monkeypatch, tiny_llama(0), lambda m: quantize_model_cached(m, folder, backend="q4", bits=4, group_size=32)
+    )
+    assert held == 0

@@ -195,6 +195,7 @@ def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int
         built.append((name, _hqq_layer(linear, sd, bits, group_size) if backend == "hqq" else _q4_layer(linear, sd)))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # (not replaced yet)
     head_bits = next((q.bits for n, q in built if backend == "q4" and model.get_submodule(n) is head), 0)
+    state = sd = linears = linear = head = None  # the float layers and the read tensors: freed as they are replaced
     install_quantized(
         model, built, {"backend": backend, "bits": bits, "group_size": group_size, "head_bits": head_bits}
     )
