@@ -284,3 +284,26 @@ def test_the_lora_ranks_are_kept_where_one_module_path_ends_another(tmp_path):
     assert [(lr.r_lora, lr.r) for lr in report.layers] == [(8, 8), (4, 4)]
     lm = LoRDBAModel.from_pretrained(Net(), save_converted(state, report, tmp_path / "out"))
     assert {p: a.r for p, a in lm.adapter_modules("default").items()} == {"blocks.0.proj": 8, "inner.blocks.0.proj": 4}
+
+
+def test_a_module_targeted_by_its_full_path_outside_layers_to_transform_converts(tmp_path):
+    """PEFT targets a ``target_modules`` entry that is a module's whole path whatever ``layers_to_transform``
+    says (``model.layers.0.mlp.down_proj`` beside ``q_proj`` in layer 1): the converted config names it in full,
+    so the adapter saves and loads with both modules (it was refused at the save, not matched by its targets)."""
+    from conftest import tiny_llama
+
+    torch.manual_seed(0)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["model.layers.0.mlp.down_proj", "q_proj"],
+        layers_to_transform=[1],
+        init_lora_weights="gaussian",
+    )
+    pm = peft.get_peft_model(tiny_llama(), config)
+    pm.save_pretrained(tmp_path / "peft")
+    state, report = convert_lora(tmp_path / "peft", progress=False)
+    paths = {"model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"}
+    assert set(state.modules) == paths and state.config.layers_to_transform == [1]
+    lm = LoRDBAModel.from_pretrained(tiny_llama(), save_converted(state, report, tmp_path / "out"))
+    assert set(lm.adapter_modules("default")) == paths

@@ -70,7 +70,10 @@ def _base_config(
     if config.base_model_name_or_path is None and lora.base_model_name_or_path:
         changes["base_model_name_or_path"] = lora.base_model_name_or_path
     changes.update(lora.fields)  # the PEFT fields it carries (modules_to_save, task_type, bias, ...)
-    return dataclasses.replace(config, **changes)
+    config = dataclasses.replace(config, **changes)
+    # a module PEFT targeted by its full path, outside layers_to_transform (PEFT's rule lets it in): named in full
+    outside = [p for p in sorted(lora.layers) if not config.in_layers(p)]
+    return dataclasses.replace(config, target_modules=targets + outside) if outside else config
 
 
 def convert_lora(
