@@ -159,6 +159,9 @@ def test_pickle_weights_need_an_explicit_opt_in(tmp_path):
     (path / "adapter_model.bin").write_bytes(b"not a pickle")
     with pytest.raises(AdapterFormatError, match=r"cannot load with torch.load"):
         read_lora(path, allow_pickle=True)
+    torch.save({0: torch.zeros(4, 40)}, path / "adapter_model.bin")  # a key no state dict has: not a TypeError
+    with pytest.raises(AdapterFormatError, match=r"adapter_model.bin: expected a dict of tensors by name"):
+        read_lora(path, allow_pickle=True)
 
 
 def test_output_directory_rules_and_no_partial_output(tmp_path, monkeypatch):

@@ -53,7 +53,7 @@ def _load_tensors(directory: Path, allow_pickle: bool) -> tuple[dict[str, torch.
             data = torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise AdapterFormatError(f"{bin_path}: cannot load with torch.load(weights_only=True) ({err})") from None
-        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise AdapterFormatError(f"{bin_path}: expected a dict of tensors")
+        if not isinstance(data, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in data.items()):
+            raise AdapterFormatError(f"{bin_path}: expected a dict of tensors by name (string keys)")
         return data, bin_path
     raise AdapterFormatError(f"{directory}: no {SAFETENSORS_NAME} (or {PICKLE_NAME}) found")
