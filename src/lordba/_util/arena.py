@@ -112,3 +112,19 @@ def pinned_storages(tensors: Sequence[torch.Tensor]) -> tuple[torch.UntypedStora
     be taken for it (an entry keyed by version and address: ``quant.backend.kept_factors``,
     ``nn.adapter_base``'s caches)."""
     return tuple(t.untyped_storage() for t in tensors)
+
+
+def return_freed_memory() -> bool:
+    """Give the memory freed so far back to the OS where the C library keeps it (glibc's ``malloc_trim``): after
+    a model's float weights were replaced by quantized ones, glibc kept their freed pages (SmolLM2-135M quantized to
+    q4: 0.68 GB resident, 0.41 GB after this; a 249M-parameter model: 1.40 → 0.39 GB), which the process then held
+    for its life (a server's). Costs ~20 ms. Returns whether anything was called (False off glibc)."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

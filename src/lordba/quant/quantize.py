@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lordba._util.arena import return_freed_memory
 from lordba._util.modules import is_output_head, replace_submodule
 from lordba._util.state import ordinary_tensors
 from lordba.errors import ConfigError
@@ -141,6 +142,7 @@ def install_quantized(model: nn.Module, layers: list[tuple[str, nn.Module]], rec
 
         hold_weights_together(model)
     model.lordba_quantization = record
+    return_freed_memory()  # the replaced float weights' pages: glibc kept them for the process's life
 
 
 def check_no_adapters(model: nn.Module) -> None:
