@@ -121,6 +121,42 @@ def test_a_checksummed_but_incomplete_state_is_a_training_error(run_dir):
         read_checkpoint(path)
 
 
+def forge_state(path, change):
+    """Apply ``change`` to the checkpoint's state.json and record its new checksum (a checkpoint intact by its
+    manifest, malformed inside)."""
+    state = json.loads((path / "state.json").read_text())
+    change(state)
+    (path / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["sha256"]["state.json"] = hashlib.sha256((path / "state.json").read_bytes()).hexdigest()
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "field, change",
+    [
+        ("optimizer.scalars", lambda s: s["optimizer"].update(scalars="x")),
+        ("optimizer.scalars", lambda s: s["optimizer"].update(scalars={"a::step": "x"})),
+        ("optimizer.groups", lambda s: s["optimizer"].update(groups="x")),
+        ("python_random", lambda s: s.update(python_random=[3])),
+        ("python_random", lambda s: s.update(python_random=[3, [1, 2], None])),
+        ("numpy_random", lambda s: s.update(numpy_random=["MT19937", [1], 0, 0, 0.0])),
+    ],
+)
+def test_a_malformed_state_is_refused_naming_the_field_before_the_model_changes(run_dir, field, change):
+    """A checkpoint whose optimizer structure or generator states are malformed (checksums recomputed) raised a raw
+    AttributeError / ValueError / IndexError after its weights were copied into the model."""
+    path = ckpt(run_dir, 6)
+    forge_state(path, change)
+    lm = model(seed=5)
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad])
+    with pytest.raises(TrainingError, match=f"state.json: malformed {field}"):
+        load_checkpoint(path, lm, opt)
+    assert all(torch.equal(before[n], p) for n, p in lm.named_parameters())
+    assert not opt.state
+
+
 def test_the_cuda_generators_are_saved_and_restored(tmp_path, monkeypatch):
     """On a CUDA machine the checkpoint holds every GPU's generator state and resuming restores it:
     dropout on the GPU draws from it, and before this a resumed run restarted it from the seed (its

@@ -321,19 +321,48 @@ def apply_checkpoint(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.
         if saved[n].shape != p.shape:
             raise TrainingError(f"{path}: {n} has shape {tuple(saved[n].shape)}, the model {tuple(p.shape)}")
     names = _param_names(model, optimizer)  # (checked before anything is restored)
-    groups = _matched_groups(optimizer, names, ckpt.meta["optimizer"].get("groups", []), path)
+    meta = ckpt.meta
+    saved_groups, scalars = meta["optimizer"].get("groups", []), meta["optimizer"].get("scalars")
+    if not isinstance(saved_groups, list) or not all(isinstance(g, dict) for g in saved_groups):
+        raise TrainingError(f"{path / 'state.json'}: malformed optimizer.groups (expected a list of objects)")
+    if not isinstance(scalars, dict) or not all(v is None or isinstance(v, (int, float)) for v in scalars.values()):
+        raise TrainingError(f"{path / 'state.json'}: malformed optimizer.scalars (expected an object of numbers)")
+    groups = _matched_groups(optimizer, names, saved_groups, path)
+    py, nps = _random_states(ckpt)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(saved[n])
-    meta = ckpt.meta
     _restore_optimizer(optimizer, names, ckpt.optimizer, meta["optimizer"], groups)
     torch.set_rng_state(ckpt.rng["torch"])
     _restore_cuda_rng(ckpt.rng, path)
-    py = meta["python_random"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    nps = meta["numpy_random"]
-    np.random.set_state((nps[0], np.array(nps[1], dtype=np.uint32), nps[2], nps[3], nps[4]))
+    random.setstate(py)
+    np.random.set_state(nps)
     return meta
+
+
+def _random_states(ckpt: Checkpoint) -> tuple[tuple, tuple]:
+    """The Python and NumPy generator states of a checkpoint, each tried on a generator of its own (and its torch
+    generator's state too) before anything is restored.
+
+    Raises:
+        TrainingError: naming the field a generator refuses (``python_random``, ``numpy_random``, the torch RNG).
+    """
+    field = "python_random"
+    try:
+        py = ckpt.meta[field]
+        py = (py[0], tuple(py[1]), py[2])
+        random.Random().setstate(py)
+        field = "numpy_random"
+        nps = ckpt.meta[field]
+        nps = (nps[0], np.array(nps[1], dtype=np.uint32), nps[2], nps[3], nps[4])
+        np.random.RandomState().set_state(nps)
+    except Exception as err:  # TypeError, ValueError, IndexError, OverflowError: whatever the generator says
+        raise TrainingError(f"{ckpt.path / 'state.json'}: malformed {field} ({err})") from None
+    try:
+        torch.Generator().set_state(ckpt.rng["torch"])
+    except Exception as err:  # RuntimeError (size), TypeError (dtype)
+        raise TrainingError(f"{ckpt.path / 'rng.safetensors'}: malformed torch generator state ({err})") from None
+    return py, nps
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
