@@ -3,6 +3,7 @@
 import hashlib
 import json
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -196,6 +197,48 @@ def test_starting_over_removes_the_earlier_runs_checkpoints_so_none_outlives_the
     assert res.resumed_from == 4
     for (name, a), b in zip(new.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name  # the new run's weights, not the old run's
+
+
+_KILLED_SAVE = """
+import sys, time
+from pathlib import Path
+from lordba.format.atomic import atomic_directory
+with atomic_directory(Path(sys.argv[1]) / "step-00000009", overwrite=True) as tmp:
+    (tmp / "trainable.safetensors").write_bytes(b"half a checkpoint")
+    print("half written", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_starting_over_removes_the_half_written_checkpoint_of_a_killed_save(run_dir):
+    """A save killed by SIGKILL leaves its temporary folder (.step-00000009.lordba-tmp.PID.HEX); starting over
+    (resume=False, lordba train --no-resume) removed the checkpoints but left it for good, as did every later save
+    of another step. One of a process still running (saving now) stays."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from lordba.format.atomic import TMP_MARK
+
+    folder = run_dir / "checkpoints"
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "half written\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    left = [p for p in folder.iterdir() if TMP_MARK in p.name]
+    assert len(left) == 1 and left[0].name.startswith(f".step-00000009{TMP_MARK}{child.pid}.")
+    live = folder / f".step-00000010{TMP_MARK}{os.getpid()}.0123abcd"
+    live.mkdir()
+    no_saves = replace(SETTINGS, checkpoint_every=0)
+    train_loop(model(), Batcher(rows(), 4), no_saves, run_dir, resume=False, progress=False)
+    assert [p.name for p in folder.iterdir()] == [live.name]
+    # a resumed run's saves remove them too (one of a step it never saves again: another --checkpoint-every)
+    (folder / f".step-00000003{TMP_MARK}{child.pid}.0123abcd").mkdir()
+    train_loop(model(), Batcher(rows(), 4), SETTINGS, run_dir, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, *(f"step-0000000{i}" for i in (2, 4, 6))])
 
 
 def test_pruning_after_a_fallback_resume_keeps_the_checkpoint_just_written(run_dir):

@@ -27,7 +27,7 @@ from safetensors.torch import load as load_tensors
 
 from lordba._util.jsonio import parse_json
 from lordba.errors import LoRDBAError, TrainingError
-from lordba.format.atomic import atomic_directory
+from lordba.format.atomic import TMP_MARK, _alive, atomic_directory
 from lordba.format.tensorfile import to_bytes
 
 PREFIX = "step-"
@@ -221,16 +221,28 @@ def save_checkpoint(
     # take a place, or the checkpoint just written would be removed at once; it is replaced when its step comes
     for old in sorted(p for p in directory.glob(f"{PREFIX}*") if p.name <= out.name)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    _remove_killed_saves(directory)
     return out
+
+
+def _remove_killed_saves(directory: Path) -> None:
+    """Remove the temporary folders (``.step-*.lordba-tmp.PID.*``) of saves whose process is gone: a save killed by a
+    signal it cannot catch (SIGKILL, the out-of-memory killer) left its half-written checkpoint there, which only a
+    later save of the same step removed."""
+    for stale in directory.glob(f".{PREFIX}*{TMP_MARK}*") if directory.is_dir() else []:
+        pid = stale.name.split(TMP_MARK, 1)[1].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def clear_checkpoints(directory: Path) -> int:
     """Remove the checkpoints in ``directory`` (a run started over: its own are then the only ones, so that
-    neither pruning nor a later resume takes an earlier run's newer steps for its own); returns how many.
-    Raises ``OSError`` if one cannot be removed."""
+    neither pruning nor a later resume takes an earlier run's newer steps for its own), and the half-written ones
+    of killed saves; returns how many checkpoints. Raises ``OSError`` if one cannot be removed."""
     found = [p for p in directory.glob(f"{PREFIX}*") if p.is_dir()] if directory.is_dir() else []
     for path in found:
         shutil.rmtree(path)
+    _remove_killed_saves(directory)
     return len(found)
 
 
