@@ -32,7 +32,7 @@ from lordba.train.checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
-from lordba.train.tokenize import Batcher
+from lordba.train.tokenize import Batcher, following_run_seed
 
 
 @dataclass
@@ -163,9 +163,24 @@ def train_loop(
     ``out_dir/train_log.json`` and ``out_dir/checkpoints/step-*`` when ``out_dir`` is given: resumed from the
     newest intact one (``resume``), else started over (an earlier run's checkpoints there are removed first,
     so that neither pruning nor a later resume takes its newer steps for this run's). ``out_dir`` may be a
-    ``str``; ``settings`` that are not :class:`TrainSettings` are a :class:`ConfigError`."""
+    ``str``; ``settings`` that are not :class:`TrainSettings` are a :class:`ConfigError`. A :class:`Batcher` built
+    without a seed shuffles with ``settings.seed``, the seed of everything random in the run."""
     if not isinstance(settings, TrainSettings):
         raise ConfigError(f"train_loop: settings must be a TrainSettings, got {type(settings).__name__}")
+    with following_run_seed(batcher, settings.seed):
+        return _train_loop(model, batcher, settings, out_dir, evaluate, resume, progress, description)
+
+
+def _train_loop(
+    model: torch.nn.Module,
+    batcher: Batcher,
+    settings: TrainSettings,
+    out_dir: Path | None,
+    evaluate: Callable[[], dict[str, float]] | None,
+    resume: bool,
+    progress: bool,
+    description: str,
+) -> TrainResult:
     out_dir = Path(out_dir) if out_dir is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

@@ -47,7 +47,7 @@ from lordba.train.loop import (
     train_loop,
 )
 from lordba.train.lora import add_lora
-from lordba.train.tokenize import Batcher
+from lordba.train.tokenize import Batcher, following_run_seed
 
 LATENT_MAGNITUDE = 0.01
 
@@ -256,9 +256,10 @@ def build_adapter(
     """Make a LoRDBA adapter on ``model`` in ``config.mode``; see the module docstring. The LoRA seed
     (all steps in ``ptq``, ``lora_warmup`` of them otherwise) trains at ``lora_lr``, the LoRDBA
     phase at ``settings.lr``: LoRA wants about 10× the learning rate of LoRDBA (docs/training.md).
-    Everything random (the adapter's initialisation, the LoRA seed's) is seeded from ``settings.seed``
-    first, so the same inputs give the same adapter, bit for bit. ``lora_dir``: a trained PEFT LoRA to start from
-    (a directory, or one :func:`~lordba.convert.read_lora` read), in place of the LoRA seed.
+    Everything random (the adapter's initialisation, the LoRA seed's, the order of a ``Batcher`` built without a
+    seed) is seeded from ``settings.seed`` first, so the same inputs give the same adapter, bit for bit.
+    ``lora_dir``: a trained PEFT LoRA to start from (a directory, or one :func:`~lordba.convert.read_lora` read), in
+    place of the LoRA seed.
 
     Raises:
         ConfigError: ``config`` is not a :class:`LoRDBAConfig`, ``lora_dir`` is given in mode ``qat`` (which
@@ -267,6 +268,25 @@ def build_adapter(
     check_arguments(config, lora_dir, lora_warmup)
     if not isinstance(settings, TrainSettings):
         raise ConfigError(f"build_adapter: settings must be a TrainSettings, got {type(settings).__name__}")
+    with following_run_seed(batcher, settings.seed):  # a batcher without a seed: the run's, the LoRA seed's too
+        return _build_adapter(
+            model, config, batcher, settings, out_dir, lora_dir, lora_warmup, lora_lr, evaluate, resume, progress
+        )
+
+
+def _build_adapter(
+    model: nn.Module,
+    config: LoRDBAConfig,
+    batcher: Batcher,
+    settings: TrainSettings,
+    out_dir: str | Path | None,
+    lora_dir: str | Path | LoraAdapter | None,
+    lora_warmup: float,
+    lora_lr: float,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None,
+    resume: bool,
+    progress: bool,
+) -> tuple[LoRDBAModel, TrainResult]:
     out_dir = Path(out_dir) if out_dir is not None else None  # a str too
     if out_dir is not None and not resume:  # starting over: no earlier run's seed or steps is resumed after a kill
         clear_checkpoints(out_dir / "checkpoints")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -178,11 +180,13 @@ def encode_examples(
 @dataclass
 class Batcher:
     """Deterministic shuffled batches: batch ``k`` of a run depends only on (seed, k), so a resumed
-    run sees exactly the batches the interrupted one would have seen."""
+    run sees exactly the batches the interrupted one would have seen. ``seed`` None (the default): the run's,
+    ``TrainSettings.seed`` within :func:`~lordba.train.train_loop` and :func:`~lordba.train.build_adapter`
+    (:meth:`run_seed`), 0 outside a run."""
 
     rows: list[dict[str, list[int]]]
     batch_size: int
-    seed: int = 0
+    seed: int | None = None
     pad_id: int = 0
 
     def __post_init__(self) -> None:
@@ -191,11 +195,28 @@ class Batcher:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"Batcher: batch_size must be a positive integer, got {self.batch_size!r}")
         self.batch_size = min(self.batch_size, len(self.rows))
+        self._run_seed: int | None = None
+
+    @property
+    def shuffle_seed(self) -> int:
+        """The seed the batches are shuffled with: ``seed``, else the run's (:meth:`run_seed`), else 0."""
+        if self.seed is not None:
+            return self.seed
+        return getattr(self, "_run_seed", None) or 0
+
+    @contextlib.contextmanager
+    def run_seed(self, seed: int) -> Iterator[Batcher]:
+        """Within the block, a batcher built without a ``seed`` shuffles with ``seed`` (the run's)."""
+        earlier, self._run_seed = getattr(self, "_run_seed", None), seed
+        try:
+            yield self
+        finally:
+            self._run_seed = earlier
 
     def _order(self, epoch: int) -> list[int]:
         # modulo torch's 64-bit seed: a large seed (a time in nanoseconds) overflowed it; the seeds that fitted keep
         # their order (torch takes a negative seed modulo 2**64 too)
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
+        g = torch.Generator().manual_seed((self.shuffle_seed * 1_000_003 + epoch) % 2**64)
         return torch.randperm(len(self.rows), generator=g).tolist()
 
     def batch(self, k: int) -> dict[str, torch.Tensor]:
@@ -209,7 +230,7 @@ class Batcher:
         """The sha256 of what the batches are made of (the rows' tokens and labels, in order, the batch size, the
         shuffle seed and the padding id): two batchers with the same digest give the same batch ``k``. A checkpoint
         records it, so that a resume on other data is refused rather than continued."""
-        h = hashlib.sha256(f"{len(self.rows)} {self.batch_size} {self.seed} {self.pad_id}\n".encode())
+        h = hashlib.sha256(f"{len(self.rows)} {self.batch_size} {self.shuffle_seed} {self.pad_id}\n".encode())
         for row in self.rows:
             for key in ("input_ids", "labels"):
                 values = np.asarray(row[key], dtype=np.int64)
@@ -229,3 +250,9 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Te
         labels[i, :k] = torch.tensor(r["labels"])
         mask[i, :k] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def following_run_seed(batcher: object, seed: int) -> contextlib.AbstractContextManager:
+    """``batcher.run_seed(seed)`` (:meth:`Batcher.run_seed`), or nothing for a batcher that has none."""
+    run_seed = getattr(batcher, "run_seed", None)
+    return run_seed(seed) if callable(run_seed) else contextlib.nullcontext()
