@@ -321,6 +321,29 @@ def test_a_given_lora_on_some_modules_sets_the_targets_the_config_leaves_unset(t
         )
 
 
+def test_a_run_from_another_given_lora_is_refused_not_resumed(tmp_path):
+    """build_adapter(lora_dir=OTHER) with the same config and settings resumed the QAT checkpoints of a run started
+    from another LoRA (resumed_from 4) and returned that run's adapter: the checkpoints recorded the settings, data
+    and adapter config, not the LoRA. Now it is refused; the same LoRA (read again) still resumes."""
+    trained_lora_on_q_proj().save_pretrained(str(tmp_path / "lora"))
+    other = trained_lora_on_q_proj()
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if "lora_B" in name:
+                p.mul_(-3)
+    other.save_pretrained(str(tmp_path / "other"))
+    cfg = LoRDBAConfig(r=4, mode="qat-from-lora", target_modules=["q_proj"])
+    settings, out = TrainSettings(steps=4, lr=3e-3, checkpoint_every=2), tmp_path / "out"
+
+    def run(lora):
+        return build_adapter(tiny_llama(0), cfg, Batcher(rows(), 4), settings, out, lora_dir=lora, progress=False)
+
+    run(str(tmp_path / "lora"))
+    with pytest.raises(ConfigError, match=r"step-00000004: .*started from another LoRA.*--no-resume"):
+        run(str(tmp_path / "other"))
+    assert run(read_lora(str(tmp_path / "lora")))[1].resumed_from == 4
+
+
 def test_a_lora_seed_with_trained_biases_carries_them(tmp_path):
     """``bias="lora_only"``: the LoRA seed's trained biases of its layers become the adapter's (they stayed
     the base's)."""

@@ -158,17 +158,20 @@ def train_loop(
     resume: bool = True,
     progress: bool = True,
     description: str = "training",
+    origin: str | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters; see the module docstring. Writes
     ``out_dir/train_log.json`` and ``out_dir/checkpoints/step-*`` when ``out_dir`` is given: resumed from the
     newest intact one (``resume``), else started over (an earlier run's checkpoints there are removed first,
     so that neither pruning nor a later resume takes its newer steps for this run's). ``out_dir`` may be a
     ``str``; ``settings`` that are not :class:`TrainSettings` are a :class:`ConfigError`. A :class:`Batcher` built
-    without a seed shuffles with ``settings.seed``, the seed of everything random in the run."""
+    without a seed shuffles with ``settings.seed``, the seed of everything random in the run. ``origin``: a digest of
+    what the run starts from that neither its settings nor its adapters' configs show (the LoRA :func:`build_adapter`
+    converted): the checkpoints record it, and those of a run that started from another are refused."""
     if not isinstance(settings, TrainSettings):
         raise ConfigError(f"train_loop: settings must be a TrainSettings, got {type(settings).__name__}")
     with following_run_seed(batcher, settings.seed):
-        return _train_loop(model, batcher, settings, out_dir, evaluate, resume, progress, description)
+        return _train_loop(model, batcher, settings, out_dir, evaluate, resume, progress, description, origin)
 
 
 def _train_loop(
@@ -180,6 +183,7 @@ def _train_loop(
     resume: bool,
     progress: bool,
     description: str,
+    origin: str | None,
 ) -> TrainResult:
     out_dir = Path(out_dir) if out_dir is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -190,7 +194,7 @@ def _train_loop(
     factor = _schedule(settings)
     result = TrainResult()
     start = 0
-    run, check = _same_run(settings, batcher, adapter_configs(model))
+    run, check = _same_run(settings, batcher, adapter_configs(model), origin)
     ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
     if ckpt_dir is not None and resume and (meta := resume_checkpoint(ckpt_dir, model, optimizer, check)) is not None:
         start = result.resumed_from = meta["step"]
@@ -315,10 +319,10 @@ def _config_differences(saved: object, now: dict[str, dict]) -> list[str]:
 
 
 def _same_run(
-    settings: TrainSettings, batcher: object, configs: dict[str, dict]
+    settings: TrainSettings, batcher: object, configs: dict[str, dict], origin: str | None = None
 ) -> tuple[dict, Callable[[Checkpoint], None]]:
     """What the checkpoints record of the run (``settings``, ``data``: the digest of the batches, ``adapters``:
-    ``configs``), computed once for all of them, and a check that refuses a
+    ``configs``, ``origin``: see :func:`train_loop`), computed once for all of them, and a check that refuses a
     checkpoint of a run with other settings, on other data or of adapters configured otherwise (``configs``:
     :func:`adapter_configs`): resuming it continued that run's steps under these settings (or on these batches,
     or into another alpha, scale dtype, ...), or returned its finished adapter for a run that asked for another."""
@@ -340,8 +344,13 @@ def _same_run(
                 f"{ckpt.path}: a checkpoint of a run on other training data (the batcher's rows, batch size, "
                 f"shuffle seed or padding id differ): resume it with its data, or {START_OVER}"
             )
+        if data_differs(ckpt.meta["extra"].get("origin"), origin):
+            raise ConfigError(
+                f"{ckpt.path}: a checkpoint of a run that started from another LoRA (build_adapter's lora_dir, "
+                f"lordba train --lora: its tensors differ): resume it from that LoRA, or {START_OVER}"
+            )
 
-    return {"settings": settings_record(settings), "data": data, "adapters": configs}, check
+    return {"settings": settings_record(settings), "data": data, "adapters": configs, "origin": origin}, check
 
 
 def data_differs(saved: object, data: str | None) -> bool:

@@ -17,6 +17,7 @@ format, written whole or not at all), so an interrupted multi-phase job resumes 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -116,6 +117,18 @@ def _check_seed_settings(seed_dir: Path, settings: TrainSettings, batcher: Batch
             f"{seed_dir}: the LoRA seed of a run on other training data (the batcher's rows, batch size, shuffle "
             f"seed or padding id differ): resume it with its data, or {START_OVER}"
         )
+
+
+def lora_digest(lora: LoraAdapter) -> str:
+    """The sha256 of a LoRA's tensors (each layer's factors and scaling, the tensors it trains in full), by name:
+    what identifies the LoRA a QAT phase started from, wherever it was read from."""
+    h = hashlib.sha256()
+    named = [(f"{p}.A", f.A) for p, f in lora.layers.items()] + [(f"{p}.B", f.B) for p, f in lora.layers.items()]
+    for name, t in sorted(named + list(lora.extras.items())):
+        data = t.detach().float().cpu().contiguous().numpy().tobytes()
+        h.update(f"{name} {tuple(t.shape)} {len(data)}\n".encode() + data)
+    h.update(json.dumps(sorted((p, float(f.scaling)) for p, f in lora.layers.items())).encode())
+    return h.hexdigest()
 
 
 def init_from_lora(
@@ -302,9 +315,10 @@ def _build_adapter(
         lm = get_lordba_model(model, config)
         return lm, train_loop(lm, batcher, settings, out_dir, eval_of(lm), resume, progress, "LoRDBA qat")
 
+    origin = None  # a LoRA given: what the QAT phase's checkpoints record of it (a warm-up's: its settings and data)
     if lora_dir is not None:
         lora, seed_result = read_lora(lora_dir), TrainResult()
-        config = with_seed_fields(config, lora)
+        config, origin = with_seed_fields(config, lora), lora_digest(lora)
         remaining = settings.steps
     else:
         seed_steps = settings.steps if mode == "ptq" else max(1, math.ceil(lora_warmup * settings.steps))
@@ -332,7 +346,7 @@ def _build_adapter(
     lm.set_trainable("default", signs=mode == "qat-from-lora", scales=True)
     first = settings.first_batch + (settings.steps - remaining) * settings.grad_accum  # after the warm-up's batches
     phase = dataclasses.replace(settings, steps=remaining, first_batch=first)
-    result = train_loop(lm, batcher, phase, out_dir, eval_of(lm), resume, progress, f"LoRDBA {mode}")
+    result = train_loop(lm, batcher, phase, out_dir, eval_of(lm), resume, progress, f"LoRDBA {mode}", origin)
     result.log = seed_result.log + [{**e, "step": e["step"] + settings.steps - remaining} for e in result.log]
     # the run's step, as the log counts them (the QAT phase's counts from the end of the warm-up)
     result.resumed_from = (
