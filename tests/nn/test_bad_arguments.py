@@ -70,3 +70,17 @@ def test_add_weighted_adapter_finds_the_converters_solver_without_importing_lord
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tests).parent / "src"), tests])}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ranks [4]" in proc.stdout, proc.stdout[-1000:] + proc.stderr[-3000:]
+
+
+def test_save_pretrained_of_an_adapter_named_twice_or_by_a_generator_saves_it(tmp_path):
+    """Since the adapters are committed together, a folder named twice was backed up twice ("cannot save (File
+    exists)"), and the names' check consumed a generator, which then saved nothing, silently."""
+    lm = get_lordba_model(tiny_llama(), LoRDBAConfig(r=4))
+    lm.add_adapter("other", LoRDBAConfig(r=2))
+    lm.save_pretrained(tmp_path / "twice")
+    lm.save_pretrained(tmp_path / "twice", selected_adapters=["other", "other"])
+    left = sorted(os.listdir(tmp_path / "twice" / "other"))
+    assert left == ["README.md", "adapter_config.json", "lordba_model.safetensors"]
+    lm.save_pretrained(tmp_path / "gen", selected_adapters=(n for n in ["default", "other"]))
+    assert (tmp_path / "gen" / "lordba_model.safetensors").is_file()
+    assert (tmp_path / "gen" / "other" / "lordba_model.safetensors").is_file()

@@ -169,9 +169,10 @@ def _selected(selected_adapters: str | Sequence[str] | None, known: dict[str, An
         return list(known)
     if isinstance(selected_adapters, str):
         return [selected_adapters]
-    if not isinstance(selected_adapters, Iterable) or not all(isinstance(n, str) for n in selected_adapters):
+    names = list(selected_adapters) if isinstance(selected_adapters, Iterable) else None  # a generator: read once
+    if names is None or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"selected_adapters must be an adapter name or a list of names, got {selected_adapters!r}")
-    return list(selected_adapters)
+    return list(dict.fromkeys(names))  # a name given twice is saved once (one commit per folder)
 
 
 def _left_out(config: LoRDBAConfig, path: str, adapter: LoRDBAAdapter) -> bool:
