@@ -99,3 +99,19 @@ def test_freed_memory_is_returned_to_the_os_after_a_model_is_quantized(monkeypat
     monkeypatch.setattr(quantize, "return_freed_memory", lambda: calls.append(1) or True)
     quantize_model(tiny_llama(), backend="q4")
     assert calls == [1]
+
+
+def test_returning_freed_memory_off_glibc_does_nothing(monkeypatch):
+    """On Windows ``ctypes.CDLL(None)`` is a TypeError ("argument of type 'NoneType' is not iterable", from its
+    path check), which escaped: every quantize_model and cached q4 load failed there after quantizing."""
+    import ctypes
+
+    from lordba._util import arena
+
+    def windows_cdll(name, *args, **kwargs):
+        if name is None:
+            raise TypeError("argument of type 'NoneType' is not iterable")
+        return ctypes.CDLL(name, *args, **kwargs)
+
+    monkeypatch.setattr(ctypes, "CDLL", windows_cdll)
+    assert arena.return_freed_memory() is False
