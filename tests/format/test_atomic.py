@@ -345,3 +345,27 @@ def test_a_full_disk_while_saving_several_adapters_leaves_every_one_as_it_was(tm
     read_adapter(tmp_path), read_adapter(tmp_path / "other")
     model(2).save_pretrained(tmp_path)
     assert (tmp_path / "lordba_model.safetensors").read_bytes() != before[tmp_path / "lordba_model.safetensors"]
+
+
+def test_a_save_into_two_names_of_one_directory_is_refused_not_a_hang(tmp_path):
+    """Several adapter folders are committed together, each locked throughout: two names of one directory (a link,
+    or Other and other on a case-insensitive file system) took its lock twice, the second waiting for ever."""
+    import threading
+
+    from lordba.format.atomic import commit_file_sets
+
+    (tmp_path / "a").mkdir()
+    os.symlink("a", tmp_path / "b")
+    raised = []
+
+    def save():
+        try:
+            commit_file_sets([(tmp_path / "a", {"x": b"1"}), (tmp_path / "b", {"x": b"2"})], lambda found: True)
+        except LoRDBAError as err:
+            raised.append(str(err))
+
+    worker = threading.Thread(target=save, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the save waited on its own lock"
+    assert raised and "are one directory" in raised[0] and os.listdir(tmp_path / "a") == []

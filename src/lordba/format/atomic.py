@@ -214,8 +214,13 @@ def commit_file_sets(
     directory is written before any is renamed, so that a write that fails (a full disk) leaves all of them as they
     were, not the first ones replaced and the others not. Each directory's lock is held throughout."""
     sets = [(Path(d), files) for d, files in sets]
+    seen: dict[tuple[int, int], Path] = {}
     for directory, _ in sets:
         ensure_writable_dir(directory)
+        info = directory.stat()
+        same = seen.setdefault((info.st_dev, info.st_ino), directory)
+        if same != directory:  # a link, a case-insensitive file system: its second lock waited on the first for ever
+            raise LoRDBAError(f"{same} and {directory} are one directory: their files would replace each other's")
     at = [sets[0][0]] if sets else [Path()]  # the directory being worked on, for the error
     try:
         with contextlib.ExitStack() as stack:
