@@ -811,3 +811,11 @@ def test_refusals_name_the_adapter_not_the_servers_paths_which_the_log_keeps(mod
     assert "lordba_model.safetensors" in str(truncated.value) and "--adapters" in str(loop.value)
     logged = [r.getMessage() for r in caplog.records if "cannot be loaded" in r.getMessage()]
     assert len(logged) == 2 and root in logged[0] and root in logged[1], logged
+
+
+def test_load_lora_adapter_of_a_loaded_name_is_the_conflict_whatever_the_path(model, folder):
+    """vLLM answers the name's conflict first; the 404 for a path with no adapter was checked before it."""
+    registry = AdapterRegistry(model, folder)
+    registry.register("mine", "a")
+    with pytest.raises(AdapterConflictError, match="already been loaded"):
+        registry.register("mine", "gone")

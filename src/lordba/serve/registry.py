@@ -150,13 +150,6 @@ class AdapterRegistry(AdapterNames):
         ``path`` holds no adapter directory."""
         self.check_name(name, "lora_name")
         full = self.inside(path)
-        if not _holds_config(full):  # (vLLM's 404 "No adapter found"; the path: in the log only)
-            log.warning("adapter '%s' (%s) cannot be loaded: no %s there", name, full, CONFIG_NAME)
-            raise UnknownAdapterError(
-                f"No adapter found for the lora adapter '{name}': its lora_path holds no adapter directory "
-                f"({CONFIG_NAME})",
-                param="lora_path",
-            )
         with self._load_lock:
             with self._cond:
                 current = self._entries.get(name)
@@ -170,6 +163,13 @@ class AdapterRegistry(AdapterNames):
                     raise UnavailableError(
                         f"adapter '{name}' is being unloaded (its requests are still running): retry when they end",
                         param="lora_name",
+                    )
+                if not _holds_config(full):  # (vLLM's 404 "No adapter found", after its conflict; the path: logged)
+                    log.warning("adapter '%s' (%s) cannot be loaded: no %s there", name, full, CONFIG_NAME)
+                    raise UnknownAdapterError(
+                        f"No adapter found for the lora adapter '{name}': its lora_path holds no adapter directory "
+                        f"({CONFIG_NAME})",
+                        param="lora_path",
                     )
                 entry = self._entries[name] = _Entry(full, from_folder=False)
             try:
