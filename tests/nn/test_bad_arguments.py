@@ -84,3 +84,19 @@ def test_save_pretrained_of_an_adapter_named_twice_or_by_a_generator_saves_it(tm
     lm.save_pretrained(tmp_path / "gen", selected_adapters=(n for n in ["default", "other"]))
     assert (tmp_path / "gen" / "lordba_model.safetensors").is_file()
     assert (tmp_path / "gen" / "other" / "lordba_model.safetensors").is_file()
+
+
+def test_a_combiner_entry_point_that_cannot_load_is_an_adapter_state_error_naming_it(monkeypatch):
+    """Stale install metadata (an entry point naming a module that is gone) raised a bare ImportError, which the CLI
+    reports as an internal error."""
+    import importlib.metadata
+
+    from lordba import AdapterStateError
+    from lordba.nn import model_combine
+
+    group = model_combine.COMBINER_ENTRY_POINTS
+    broken = importlib.metadata.EntryPoint("dense", "lordba.no_such_module:combine", group)
+    monkeypatch.setattr(model_combine, "_COMBINERS", {})
+    monkeypatch.setattr(model_combine.importlib.metadata, "entry_points", lambda group: [broken])
+    with pytest.raises(AdapterStateError, match=r"entry point 'dense' \(lordba.no_such_module:combine\) cannot be"):
+        model_combine._registered_combiner("dense")

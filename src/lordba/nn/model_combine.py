@@ -66,7 +66,13 @@ def _registered_combiner(name: str) -> Callable[..., dict[str, adapter_files.Mod
     first (the library's layers import one way: ``nn`` names no module above it)."""
     for point in importlib.metadata.entry_points(group=COMBINER_ENTRY_POINTS):
         if point.name == name:
-            register_combiner(name, point.load())
+            try:
+                register_combiner(name, point.load())
+            except Exception as err:  # stale install metadata, a missing dependency: named, not an internal error
+                raise AdapterStateError(
+                    f"the {COMBINER_ENTRY_POINTS} entry point {name!r} ({point.value}) cannot be loaded: "
+                    f"{type(err).__name__}: {err}; reinstall lordba"
+                ) from err
     return _COMBINERS.get(name)
 
 
