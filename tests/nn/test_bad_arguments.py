@@ -100,3 +100,17 @@ def test_a_combiner_entry_point_that_cannot_load_is_an_adapter_state_error_namin
     monkeypatch.setattr(model_combine.importlib.metadata, "entry_points", lambda group: [broken])
     with pytest.raises(AdapterStateError, match=r"entry point 'dense' \(lordba.no_such_module:combine\) cannot be"):
         model_combine._registered_combiner("dense")
+
+
+def test_an_adapter_training_the_head_in_full_on_a_base_that_quantized_it_is_refused_saying_what_to_do(tmp_path):
+    """The q4 base quantizes the output head (8-bit); an adapter that trained it in full (converted from a PEFT LoRA
+    with modules_to_save=["lm_head"]) was refused with "module 'lm_head' has no parameter 'weight'"."""
+    from lordba import AdapterFormatError, LoRDBAModel
+    from lordba.quant import quantize_model
+
+    lm = get_lordba_model(tiny_llama(), LoRDBAConfig(r=4, modules_to_save=["lm_head"]))
+    lm.save_pretrained(tmp_path / "a")
+    with pytest.raises(AdapterFormatError, match=r"'lm_head' is quantized in this base .*head_bits=0"):
+        LoRDBAModel.from_pretrained(quantize_model(tiny_llama(), backend="q4"), tmp_path / "a")
+    loaded = LoRDBAModel.from_pretrained(quantize_model(tiny_llama(), backend="q4", head_bits=0), tmp_path / "a")
+    assert "lm_head" in str(loaded.peft_config["default"].modules_to_save)

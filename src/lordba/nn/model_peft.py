@@ -321,6 +321,12 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
         module = module.base_layer if isinstance(module, LoRDBALinear) else module
         value = module._parameters.get(param) if registered else getattr(module, param, None)
         if not isinstance(value, torch.Tensor):
+            if next(module.parameters(), None) is None and next(module.buffers(), None) is not None:
+                raise AdapterFormatError(  # the q4 base's 8-bit head: the adapter trained it in full, in float
+                    f"extra tensor {name}: module {path!r} is quantized in this base ({type(module).__name__}), and "
+                    "the adapter trained it in full: load it on a base that keeps that module unquantized "
+                    "(lordba --quant none; quantize_model(..., head_bits=0) for the q4 base's output head)"
+                )
             raise AdapterFormatError(f"extra tensor {name}: module {path!r} has no parameter {param!r}")
         return value
 
