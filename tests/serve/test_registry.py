@@ -819,3 +819,16 @@ def test_load_lora_adapter_of_a_loaded_name_is_the_conflict_whatever_the_path(mo
     registry.register("mine", "a")
     with pytest.raises(AdapterConflictError, match="already been loaded"):
         registry.register("mine", "gone")
+
+
+@pytest.mark.parametrize("name", ["train", "eval", "keys"])
+def test_a_folder_adapter_named_as_no_adapter_can_be_is_not_listed_nor_served(model, folder, name):
+    """Each layer holds its adapters in an nn.ModuleDict, which refuses its own attributes as keys: a folder adapter
+    named ``train`` was listed by /v1/models and every request for it answered 400."""
+    shutil.copytree(folder / "a", folder / name)
+    registry = AdapterRegistry(model, folder)
+    assert name not in registry.names() and "a" in registry.names()
+    with pytest.raises(UnknownAdapterError):
+        registry.acquire(name)
+    with pytest.raises(BadRequestError, match="reserved"):
+        registry.register(name, "a")

@@ -51,13 +51,10 @@ from lordba.nn.model_state import (
     note_loading_prefix,
     with_adapter_names,
 )
-from lordba.nn.routing import BASE_ROW, DISABLED, DisableBlock, RoutingGate, in_disable_block, routing
+from lordba.nn.routing import BASE_ROW, DISABLED, UNUSABLE_NAMES, DisableBlock, RoutingGate, in_disable_block, routing
 from lordba.nn.structure import replace_everywhere, resolve, uncompiled
 from lordba.nn.targets import find_targets
 from lordba.quant import BaseBackend, resolve_backend
-
-# a layer holds its adapters in an nn.ModuleDict keyed by name, which refuses its own attributes as keys
-_MODULE_DICT_ATTRIBUTES = frozenset(dir(nn.ModuleDict()))
 
 
 class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterFormsMixin, MergeMixin, nn.Module):
@@ -153,7 +150,7 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name or name == BASE_ROW or any(c in name for c in "./\\"):
             raise ConfigError(f"adapter name must be a non-empty string without '.', '/' or '\\', got {name!r}")
-        if name in _MODULE_DICT_ATTRIBUTES:
+        if name in UNUSABLE_NAMES:
             raise ConfigError(
                 f"adapter name {name!r} is an attribute of torch's nn.ModuleDict, which holds each layer's adapters "
                 "by name: choose another name"

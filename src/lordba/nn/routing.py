@@ -34,6 +34,9 @@ from lordba._util.state import ordinary_tensors
 from lordba.errors import AdapterStateError
 
 BASE_ROW = "__base__"  # an ``adapter_names`` entry that routes a row to the base model alone
+# names no adapter can have: each layer holds its adapters in an nn.ModuleDict keyed by name, which refuses its own
+# attributes (train, half, to, forward, ...) as keys
+UNUSABLE_NAMES = frozenset(dir(torch.nn.ModuleDict()))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from lordba.config import CONFIG_NAME, WEIGHTS_NAME
 from lordba.errors import LoRDBAError
 from lordba.nn.layer import BASE_ROW
+from lordba.nn.routing import UNUSABLE_NAMES
 from lordba.serve import adapter_files as files
 from lordba.serve.adapter_files import adapter_bytes, files_stamp, payload_bytes
 from lordba.serve.errors import (
@@ -84,7 +85,7 @@ class AdapterRegistry(AdapterNames):
                 param="adapters",
             )
         self.max_bytes = max_bytes
-        self.reserved = frozenset((*reserved, BASE_ROW))
+        self.reserved = frozenset((*reserved, BASE_ROW, *UNUSABLE_NAMES))  # (no adapter can be named these)
         self.observer = observer
         self._cond = threading.Condition()
         self._load_lock = threading.Lock()  # one load / eviction / unload at a time
