@@ -1,8 +1,10 @@
-"""Strict, bounded JSON from untrusted files, and short reprs of untrusted values for messages."""
+"""Strict, bounded JSON from untrusted files, short reprs of untrusted values for messages, and non-finite floats
+in strict JSON."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import reprlib
 from pathlib import Path
@@ -97,3 +99,29 @@ def safe_repr(value: Any) -> str:
         return _REPR.repr(value)
     except (ValueError, RecursionError):
         return f"<{type(value).__name__}>"
+
+
+FLOAT_TAG = "$float"  # a non-finite float in strict JSON (which has no NaN / Infinity): {"$float": "nan"}
+
+
+def encode_nonfinite(value: Any) -> Any:
+    """``value`` (JSON-able) with each NaN / ±inf float as ``{"$float": repr}``: a training checkpoint's log may hold an
+    evaluation's NaN, and the strict reader refuses a bare ``NaN`` (every checkpoint would read as damaged)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {FLOAT_TAG: repr(value)}
+    if isinstance(value, dict):
+        return {k: encode_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_nonfinite(v) for v in value]
+    return value
+
+
+def decode_nonfinite(value: Any) -> Any:
+    """The inverse of :func:`encode_nonfinite`."""
+    if isinstance(value, dict):
+        if set(value) == {FLOAT_TAG} and value[FLOAT_TAG] in ("nan", "inf", "-inf"):
+            return float(value[FLOAT_TAG])
+        return {k: decode_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_nonfinite(v) for v in value]
+    return value

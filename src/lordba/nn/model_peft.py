@@ -26,7 +26,7 @@ from lordba.nn.model_combine import CombineMixin
 from lordba.nn.model_status import StatusMixin
 from lordba.nn.saved import SavedModule
 from lordba.nn.structure import ModuleIndex
-from lordba.quant import describe_base
+from lordba.quant import describe_base, resolve_backend
 
 
 class PeftFeaturesMixin(CombineMixin, StatusMixin):
@@ -321,7 +321,7 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
         module = module.base_layer if isinstance(module, LoRDBALinear) else module
         value = module._parameters.get(param) if registered else getattr(module, param, None)
         if not isinstance(value, torch.Tensor):
-            if next(module.parameters(), None) is None and next(module.buffers(), None) is not None:
+            if param == "weight" and getattr(resolve_backend(module), "name", "none") != "none":
                 raise AdapterFormatError(  # the q4 base's 8-bit head: the adapter trained it in full, in float
                     f"extra tensor {name}: module {path!r} is quantized in this base ({type(module).__name__}), and "
                     "the adapter trained it in full: load it on a base that keeps that module unquantized "
@@ -363,25 +363,6 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
                 "base model's embeddings before adding adapters"
             )
         return self.base_model.resize_token_embeddings(*args, **kwargs)
-
-    # ------------------------------------------------------------------ enable / disable
-    def enable_adapter_layers(self) -> None:
-        """Turn the adapters back on in every layer (undoes :meth:`disable_adapter_layers`)."""
-        self._set_layers_disabled(False)
-
-    def disable_adapter_layers(self) -> None:
-        """Turn the adapters off in every layer until :meth:`enable_adapter_layers` (persistent, unlike
-        the ``disable_adapter()`` block): the model runs as its base, original heads and biases included,
-        also in the layers of adapters added or loaded meanwhile."""
-        self._set_layers_disabled(True)
-
-    def _set_layers_disabled(self, disabled: bool) -> None:
-        with self._lock.write():
-            if disabled and any(layer.merged for _, layer in self._lordba_layers()):
-                raise AdapterStateError("adapters are merged into the base: unmerge_adapter() before disabling them")
-            for _, module in [*self._lordba_layers(), *self._saved_modules()]:
-                module.disable_adapters = disabled
-            self._layers_disabled = disabled  # for the layers of adapters added or loaded later
 
 
 def _refuse_sharded(model: Any, adapter_name: str) -> None:

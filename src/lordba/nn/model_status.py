@@ -86,7 +86,27 @@ def _quantized_weights(model: torch.nn.Module) -> int:
 
 
 class StatusMixin:
-    """``get_layer_status``, ``get_model_status``, the trainable-parameter counts and ``size_report`` of the model."""
+    """``get_layer_status``, ``get_model_status``, the trainable-parameter counts and ``size_report`` of the model, and
+    turning its adapter layers off and on (``disable_adapter_layers`` / ``enable_adapter_layers``)."""
+
+    # ------------------------------------------------------------------ enable / disable
+    def enable_adapter_layers(self) -> None:
+        """Turn the adapters back on in every layer (undoes :meth:`disable_adapter_layers`)."""
+        self._set_layers_disabled(False)
+
+    def disable_adapter_layers(self) -> None:
+        """Turn the adapters off in every layer until :meth:`enable_adapter_layers` (persistent, unlike
+        the ``disable_adapter()`` block): the model runs as its base, original heads and biases included,
+        also in the layers of adapters added or loaded meanwhile."""
+        self._set_layers_disabled(True)
+
+    def _set_layers_disabled(self, disabled: bool) -> None:
+        with self._lock.write():
+            if disabled and any(layer.merged for _, layer in self._lordba_layers()):
+                raise AdapterStateError("adapters are merged into the base: unmerge_adapter() before disabling them")
+            for _, module in [*self._lordba_layers(), *self._saved_modules()]:
+                module.disable_adapters = disabled
+            self._layers_disabled = disabled  # for the layers of adapters added or loaded later
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable parameters, all parameters)``; a quantized base layer counts as the ``in × out`` weights it

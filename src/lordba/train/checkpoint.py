@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import shutil
 import warnings
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_tensors
 
-from lordba._util.jsonio import parse_json
+from lordba._util.jsonio import decode_nonfinite, encode_nonfinite, parse_json
 from lordba.errors import LoRDBAError, TrainingError
 from lordba.format.atomic import TMP_MARK, _alive, atomic_directory
 from lordba.format.tensorfile import to_bytes
@@ -163,32 +162,6 @@ def _restore_cuda_rng(rng: dict[str, torch.Tensor], path: Path) -> None:
     torch.cuda.set_rng_state_all(saved)
 
 
-_FLOAT_TAG = "$float"  # a non-finite float in state.json (strict JSON has no NaN / Infinity): {"$float": "nan"}
-
-
-def _encode_floats(value: Any) -> Any:
-    """``value`` (JSON-able) with each NaN / ±inf float as ``{"$float": repr}``: the log may hold an evaluation's
-    NaN, and the strict reader refuses a bare ``NaN`` (every checkpoint would read as damaged)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return {_FLOAT_TAG: repr(value)}
-    if isinstance(value, dict):
-        return {k: _encode_floats(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_encode_floats(v) for v in value]
-    return value
-
-
-def _decode_floats(value: Any) -> Any:
-    """The inverse of :func:`_encode_floats`."""
-    if isinstance(value, dict):
-        if set(value) == {_FLOAT_TAG} and value[_FLOAT_TAG] in ("nan", "inf", "-inf"):
-            return float(value[_FLOAT_TAG])
-        return {k: _decode_floats(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_decode_floats(v) for v in value]
-    return value
-
-
 def save_checkpoint(
     directory: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict, keep: int = 2
 ) -> Path:
@@ -209,7 +182,7 @@ def save_checkpoint(
         "trainable.safetensors": to_bytes({n: p.detach().cpu() for n, p in params.items()}),
         "optimizer.safetensors": to_bytes(opt_tensors),
         "rng.safetensors": to_bytes(_rng_states()),
-        "state.json": json.dumps(_encode_floats(meta), allow_nan=False).encode(),
+        "state.json": json.dumps(encode_nonfinite(meta), allow_nan=False).encode(),
     }
     manifest = {"sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
     out = directory / f"{PREFIX}{step:08d}"
@@ -303,7 +276,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     """
     path = Path(path)
     files = _verified_files(path)
-    meta = _decode_floats(_json(files["state.json"], path / "state.json"))
+    meta = decode_nonfinite(_json(files["state.json"], path / "state.json"))
     kinds = {"step": int, "optimizer": dict, "extra": dict, "python_random": list, "numpy_random": list}
     wrong = [key for key, kind in kinds.items() if not isinstance(meta.get(key), kind)]
     if wrong or "torch" not in (rng := _tensors(files["rng.safetensors"], path / "rng.safetensors")):
