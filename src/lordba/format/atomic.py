@@ -364,15 +364,22 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def _remove_stale(out: Path) -> None:
     """Remove temporary directories that killed runs left next to ``out`` (their process is gone)."""
-    for stale in out.parent.glob(f"{glob.escape(f'.{out.name}{TMP_MARK}')}*"):  # a name such as exp[lr=3] too
-        pid = stale.name[len(f".{out.name}{TMP_MARK}") :].split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    remove_killed_temporaries(out.parent, f"{glob.escape(f'.{out.name}{TMP_MARK}')}*")  # a name such as exp[lr=3] too
+
+
+def remove_killed_temporaries(folder: Path, pattern: str) -> None:
+    """Remove the temporary files and directories in ``folder`` whose names match the glob ``pattern`` (names as
+    this module makes them: ``TMP_MARK``, then the writing process's id) and whose process is gone: a writer killed by
+    a signal it cannot catch (SIGKILL, the out-of-memory killer) left them for good."""
+    for stale in folder.glob(pattern) if folder.is_dir() else []:
+        pid = stale.name.rsplit(TMP_MARK, 1)[-1].split(".")[0]
+        if TMP_MARK in stale.name and pid.isdigit() and not _alive(int(pid)):
             _remove(stale)
 
 
 def _remove(path: Path) -> None:
-    """Delete a directory tree, or a symbolic link itself (never what it points to)."""
-    if path.is_symlink():
+    """Delete a directory tree, or a file or symbolic link itself (never what a link points to)."""
+    if path.is_symlink() or not path.is_dir():
         path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lordba._util.locks import locked
-from lordba.format.atomic import TMP_MARK, _alive, atomic_write_path
+from lordba.format.atomic import TMP_MARK, atomic_write_path, remove_killed_temporaries
 
 AOT_DIR = "aot"
 
@@ -99,10 +99,7 @@ def _remove_killed(folder: Path) -> None:
     """Remove the temporary packages in ``folder`` of compiles whose process is gone: a compile killed by a signal
     it cannot catch (SIGKILL, the out-of-memory killer) left its half-written ``.step-*.pt2`` file there for good
     (megabytes each, in the cache; :func:`~lordba.format.atomic.atomic_write_path` names it by its process id)."""
-    for stale in folder.glob(f".step-*.pt2{TMP_MARK}*"):
-        pid = stale.name.split(TMP_MARK, 1)[1].split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            stale.unlink(missing_ok=True)
+    remove_killed_temporaries(folder, f".step-*.pt2{TMP_MARK}*")
 
 
 def _usable(path: Path, log: Callable[[str], None]) -> bool:

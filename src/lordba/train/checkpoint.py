@@ -26,7 +26,7 @@ from safetensors.torch import load as load_tensors
 
 from lordba._util.jsonio import decode_nonfinite, encode_nonfinite, parse_json
 from lordba.errors import LoRDBAError, TrainingError
-from lordba.format.atomic import TMP_MARK, _alive, atomic_directory
+from lordba.format.atomic import TMP_MARK, atomic_directory, remove_killed_temporaries
 from lordba.format.tensorfile import to_bytes
 
 PREFIX = "step-"
@@ -202,10 +202,7 @@ def _remove_killed_saves(directory: Path) -> None:
     """Remove the temporary folders (``.step-*.lordba-tmp.PID.*``) of saves whose process is gone: a save killed by a
     signal it cannot catch (SIGKILL, the out-of-memory killer) left its half-written checkpoint there, which only a
     later save of the same step removed."""
-    for stale in directory.glob(f".{PREFIX}*{TMP_MARK}*") if directory.is_dir() else []:
-        pid = stale.name.split(TMP_MARK, 1)[1].split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_killed_temporaries(directory, f".{PREFIX}*{TMP_MARK}*")
 
 
 def clear_checkpoints(directory: Path) -> int:
