@@ -61,3 +61,23 @@ def chat_jsonl(path: Path, n: int = 16, offset: int = 0) -> Path:
         lines.append(json.dumps({"messages": messages}))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def save_peft_lora(base: torch.nn.Module, out: Path, seed: int, modules_to_save: list[str] | None = None) -> Path:
+    """A real PEFT LoRA (r = 8 on q, v and up projections) on ``base`` whose update changes its greedy tokens (B drawn
+    N(0, 1); its ``modules_to_save`` perturbed too), saved to ``out``; returns ``out``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], modules_to_save=modules_to_save
+    )
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn_like(p))
+    model.save_pretrained(out)
+    return out

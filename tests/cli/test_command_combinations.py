@@ -13,25 +13,11 @@ from transformers import AutoModelForCausalLM
 
 from lordba import LoRDBAConfig, LoRDBAModel, get_lordba_model
 from lordba.cli import main
-from tiny_model import tiny_model_dir
+from tiny_model import save_peft_lora, tiny_model_dir
 
 
 def _lora(model_dir, out, seed: int, modules_to_save=None):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], modules_to_save=modules_to_save
-    )
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 1.0)
-            elif "modules_to_save" in name:
-                p.add_(torch.randn_like(p))
-    model.save_pretrained(out)
-    return out
+    return save_peft_lora(AutoModelForCausalLM.from_pretrained(model_dir), out, seed, modules_to_save)
 
 
 @pytest.fixture(scope="module")

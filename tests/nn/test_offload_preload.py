@@ -4,6 +4,7 @@ hook of their own, and their tensors sit on ``meta``)."""
 
 import pytest
 import torch
+from test_offload_bias import DEVICE_MAP  # the second decoder layer on disk
 
 from lordba import LoRDBAConfig, get_lordba_model
 from lordba.errors import TargetModulesError
@@ -11,14 +12,6 @@ from lordba.nn.model import LoRDBAModel
 
 from conftest import tiny_llama
 
-DEVICE_MAP = {
-    "model.embed_tokens": "cpu",
-    "model.layers.0": "cpu",
-    "model.layers.1": "disk",
-    "model.norm": "cpu",
-    "model.rotary_emb": "cpu",
-    "lm_head": "cpu",
-}
 REFUSED = r"'model.layers.1.mlp.down_proj' is inside 'model.layers.1.mlp'.*preload_module_classes"
 
 

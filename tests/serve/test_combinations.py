@@ -9,7 +9,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from lordba.cli import main
 
@@ -17,6 +16,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 from lordba.serve.server import Server, build_state, load_base  # noqa: E402
+from tiny_model import save_peft_lora  # noqa: E402
 
 from .serve_helpers import char_tokenizer, make_adapter, reference, tiny_model  # noqa: E402
 
@@ -26,22 +26,7 @@ TIMEOUT = 30.0
 def peft_lora(directory, seed: int, modules_to_save: list[str] | None = None):
     """A PEFT LoRA on the tiny served model whose update changes its greedy tokens (and its ``modules_to_save``
     changed too)."""
-    from peft import LoraConfig, get_peft_model
-
-    base = tiny_model()
-    torch.manual_seed(seed)
-    config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], modules_to_save=modules_to_save
-    )
-    model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 1.0)
-            elif "modules_to_save" in name:
-                p.add_(torch.randn_like(p))
-    model.save_pretrained(directory)
-    return directory
+    return save_peft_lora(tiny_model(), directory, seed, modules_to_save)
 
 
 @pytest.fixture(scope="module")
