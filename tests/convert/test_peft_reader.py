@@ -296,3 +296,40 @@ def test_weights_linked_to_a_file_outside_the_folder_are_refused(tmp_path, weigh
     (path / f"kept-{weights}").write_bytes(outside.read_bytes())
     (path / weights).symlink_to(path / f"kept-{weights}")
     assert len(read_lora(path, allow_pickle=True).layers) == 6
+
+
+class _ConvAndLinear(torch.nn.Module):
+    """A model with a convolution and a linear layer, both targeted by one PEFT LoRA."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_convolution_lora_refused_or_left_out(tmp_path):
+    """A LoRA on a convolution and a linear layer: refused naming the convolution (as before), and with
+    ``skip_unsupported`` the linear layer is converted and the convolution left out with a warning, from a folder
+    and from a PeftModel alike (before: the convolution was refused even with ``skip_unsupported``)."""
+    torch.manual_seed(0)
+    model = get_peft_model(_ConvAndLinear(), LoraConfig(r=2, lora_alpha=4, target_modules=["conv", "fc"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "conv")
+    for source in (tmp_path / "conv", model):
+        with pytest.raises(ConversionError, match=r"convolution LoRA layers .*: conv \(pass skip_unsupported"):
+            read_lora(source)
+        with pytest.warns(UserWarning, match=r"leaving out convolution LoRA layers .*: conv$"):
+            lora = read_lora(source, skip_unsupported=True)
+        assert list(lora.layers) == ["fc"]
+        torch.testing.assert_close(
+            lora.layers["fc"].B @ lora.layers["fc"].A,
+            model.base_model.model.fc.lora_B["default"].weight @ model.base_model.model.fc.lora_A["default"].weight,
+            rtol=0,
+            atol=0,
+        )

@@ -154,6 +154,14 @@ def _layer(
     return LoraLayer(path, A.float(), B.float(), expected, a, scaling)
 
 
+_CONVOLUTION = "convolution LoRA layers (factors of more than 2 dimensions; only linear LoRA can be converted)"
+
+
+def _linear(A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether a module's factors are a linear LoRA's (2-D; a convolution LoRA's are 3-D to 5-D)."""
+    return A.dim() == 2 and B.dim() == 2
+
+
 def _unsupported(names: list[str], where: str, skip: bool, why: str) -> None:
     if not names:
         return
@@ -237,7 +245,10 @@ def read_peft_dir(
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise ConversionError(f"{where}: module {path!r} has no {missing} tensor")
-        (name_A, A), (name_B, B) = pair["A"], pair["B"]
+    convolutions = [path for path in sorted(factors) if not _linear(factors[path]["A"][1], factors[path]["B"][1])]
+    _unsupported(convolutions, where, skip_unsupported, _CONVOLUTION)
+    for path in sorted(set(factors) - set(convolutions)):
+        (name_A, A), (name_B, B) = factors[path]["A"], factors[path]["B"]
         layers[path] = _layer(path, A, B, (name_A, name_B), full, where)
     if not layers:
         raise ConversionError(f"{where}: no LoRA factors (lora_A/lora_B weights) found")
@@ -332,6 +343,7 @@ def read_peft_model(model: Any, adapter_name: str | None = None, skip_unsupporte
     root = model.base_model.model
     layers: dict[str, LoraLayer] = {}
     other: list[str] = []
+    convolutions: list[str] = []
     fields = peft_fields(cfg, where)
     # without the base weights of targeted embedding layers / lm_head, which are no adapter tensors
     saved = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
@@ -347,6 +359,9 @@ def read_peft_model(model: Any, adapter_name: str | None = None, skip_unsupporte
         if name in getattr(module, "merged_adapters", []):
             raise ConversionError(f"{where}: module {path!r} has the adapter merged into its base; unmerge it first")
         A, B = module.lora_A[name].weight.detach(), module.lora_B[name].weight.detach()
+        if not _linear(A, B):
+            convolutions.append(path)
+            continue
         pair = (f"{path}.lora_A.{name}.weight", f"{path}.lora_B.{name}.weight")
         layer = _layer(
             path, A, B, pair, {"r": A.shape[0], "lora_alpha": alpha, "use_rslora": rslora, **_patterns({})}, where
@@ -354,6 +369,7 @@ def read_peft_model(model: Any, adapter_name: str | None = None, skip_unsupporte
         layer.alpha = float(module.lora_alpha[name])
         layer.scaling = float(module.scaling[name])
         layers[path] = layer
+    _unsupported(convolutions, where, skip_unsupported, _CONVOLUTION)
     _unsupported(sorted(set(other)), where, skip_unsupported, "modules that are not linear LoRA layers" + _tying(cfg))
     inside = tuple(f"base_model.model.{path}." for path in other)  # their tensors: named above
     rest = [key for key in rest if not key.startswith(inside)]
