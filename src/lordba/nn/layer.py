@@ -258,8 +258,8 @@ class LoRDBALinear(nn.Module):
                 if not self.merged_adapters:
                     self._premerge_base = [self.base_layer]  # a list: not registered as a submodule
                 self.base_layer = merged
-            self._merge_bias(name)
-            self.merged_adapters.append(name)
+            self.merged_adapters.append(name)  # recorded with its weight change: a bias refused or an interrupt
+            self._merge_bias(name)  # after this takes the weight's update out again (restore_merge_state)
         return error
 
     def merge_state(self) -> tuple:
@@ -273,9 +273,9 @@ class LoRDBALinear(nn.Module):
         (a refused merge call undoes only what it did)."""
         base, bias, merged, premerge_base, premerge_bias = state
         if self.backend.in_place_merge:  # the weight changed in place: subtract what was added since
-            while len(self.merged_adapters) > len(merged):
-                name = self.merged_adapters.pop()
-                self.base_layer = self.backend.unmerge(self.base_layer, self.get_delta_weight(name))
+            while len(self.merged_adapters) > len(merged):  # a name stays recorded until its update is out
+                self.base_layer = self.backend.unmerge(self.base_layer, self.get_delta_weight(self.merged_adapters[-1]))
+                self.merged_adapters.pop()
             if getattr(self.base_layer, "bias", None) is not bias:
                 self.base_layer.bias = bias
         else:  # merged modules are new ones: the one held before is as it was
@@ -309,17 +309,17 @@ class LoRDBALinear(nn.Module):
                 raise AdapterStateError(f"safe_merge: merging adapter {name!r} into {where} gives NaN/Inf weights")
 
     def unmerge(self) -> None:
-        """Take every merged adapter out of the base weight again (last merged first)."""
-        if not self.merged_adapters:
+        """Take every merged adapter out of the base weight again (last merged first). Interrupted (Ctrl-C), the
+        layer still names what its weights hold: calling it again finishes."""
+        if not self.merged_adapters and not self._premerge_bias:
             return
-        if not self.backend.in_place_merge:
-            self.base_layer = self._premerge_base.pop()  # with its own, untouched bias
-            self.merged_adapters.clear()
-            self._premerge_bias.clear()
+        if not self.backend.in_place_merge:  # the module held before the first merge (with its own bias) back
+            self.base_layer = self._premerge_base[0] if self._premerge_base else self.base_layer
+            self.merged_adapters, self._premerge_base, self._premerge_bias = [], [], []
             return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            self.base_layer = self.backend.unmerge(self.base_layer, self.get_delta_weight(name))
+        while self.merged_adapters:  # a name stays recorded until its update is out of the weight
+            self.base_layer = self.backend.unmerge(self.base_layer, self.get_delta_weight(self.merged_adapters[-1]))
+            self.merged_adapters.pop()
         if self._premerge_bias:
             self.base_layer.bias = self._premerge_bias.pop()
 

@@ -1,0 +1,125 @@
+"""Ctrl-C (``KeyboardInterrupt``) inside a long call of a model: the model's flags still describe the weights that
+are there (merged adapters, active adapters, the layers' types), and the call repeated finishes what it began."""
+
+import warnings
+
+import pytest
+import torch
+
+from lordba import LoRDBAConfig, get_lordba_model
+from lordba.nn import layer as layer_module
+from lordba.nn.layer import LoRDBALinear
+from lordba.quant import quantize_model
+
+from conftest import tiny_llama
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def adapted(base, names=("default",)):
+    """A LoRDBA model of ``base`` with a visible random adapter per name (the first one active)."""
+    torch.manual_seed(3)
+    lm = get_lordba_model(base, LoRDBAConfig(r=4, init="random"), names[0])
+    for name in names[1:]:
+        lm.add_adapter(name, LoRDBAConfig(r=4, init="random"))
+    for name in names:
+        for adapter in lm.adapter_modules(name).values():
+            with torch.no_grad():
+                adapter.scale_out.mul_(50)
+    return lm
+
+
+def interrupt(monkeypatch, owner, attr, *calls):
+    """Make ``owner.attr`` raise ``KeyboardInterrupt`` on its calls numbered ``calls`` (from 1), as a Ctrl-C there."""
+    original, count = getattr(owner, attr), [0]
+
+    def patched(*args, **kwargs):
+        count[0] += 1
+        if count[0] in calls:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attr, patched)
+
+
+def weights(lm):
+    return {path: layer.base_layer.weight.detach().clone() for path, layer in lm._lordba_layers()}
+
+
+def check_flags(lm, base, delta):
+    """Each layer's weight is its base weight plus the update of the adapters it names as merged."""
+    for path, layer in lm._lordba_layers():
+        want = base[path] + (delta[path] if layer.merged_adapters else 0)
+        torch.testing.assert_close(layer.base_layer.weight, want, rtol=0, atol=1e-5, msg=path)
+
+
+@pytest.mark.parametrize("k", [1, 7, 14])
+def test_an_unmerge_interrupted_at_a_layer_leaves_its_flags_true_and_a_second_unmerge_restores_the_base(monkeypatch, k):
+    # The layer dropped the adapter's name before computing its update: a Ctrl-C there left the update in the
+    # weight of a layer that said "not merged", and unmerge_adapter() then never took it out (0.10 in the logits).
+    lm = adapted(tiny_llama(0))
+    base = weights(lm)
+    delta = {path: layer.get_delta_weight("default") for path, layer in lm._lordba_layers()}
+    lm.merge_adapter()
+    interrupt(monkeypatch, LoRDBALinear, "get_delta_weight", k)
+    with pytest.raises(KeyboardInterrupt):
+        lm.unmerge_adapter()
+    monkeypatch.undo()
+    assert sum(bool(layer.merged_adapters) for _, layer in lm._lordba_layers()) == 15 - k
+    check_flags(lm, base, delta)
+    lm.unmerge_adapter()
+    check_flags(lm, base, delta)
+
+
+def test_a_merge_whose_undoing_is_interrupted_too_leaves_the_flags_true(monkeypatch):
+    # Ctrl-C at layer 7 of 14, and again (a second Ctrl-C) while the merge took layers 6.. out again.
+    lm = adapted(tiny_llama(0))
+    base = weights(lm)
+    delta = {path: layer.get_delta_weight("default") for path, layer in lm._lordba_layers()}
+    interrupt(monkeypatch, LoRDBALinear, "get_delta_weight", 7, 10)
+    with pytest.raises(KeyboardInterrupt):
+        lm.merge_adapter()
+    monkeypatch.undo()
+    assert sum(bool(layer.merged_adapters) for _, layer in lm._lordba_layers()) == 4
+    check_flags(lm, base, delta)
+    lm.unmerge_adapter()
+    check_flags(lm, base, delta)
+
+
+def test_a_merge_interrupted_after_a_weight_took_its_update_takes_it_out(monkeypatch):
+    # Ctrl-C delivered just after the weight's update was added (here as the bias step begins): the layer did not
+    # record the merge yet, so the merge's undoing skipped it and the update stayed in a layer saying "not merged".
+    lm = adapted(tiny_llama(0))
+    base = weights(lm)
+    interrupt(monkeypatch, LoRDBALinear, "_merge_bias", 5)
+    with pytest.raises(KeyboardInterrupt):
+        lm.merge_adapter()
+    monkeypatch.undo()
+    assert not any(layer.merged_adapters for _, layer in lm._lordba_layers())
+    check_flags(lm, base, {})
+
+
+def test_a_q4_unmerge_interrupted_keeps_the_original_base_and_a_second_one_restores_it_bit_for_bit(
+    monkeypatch, input_ids
+):
+    # The layer popped the original base before putting it back: a Ctrl-C between lost it (the next unmerge
+    # raised IndexError, and the layer kept the requantized weight for good).
+    lm = adapted(quantize_model(tiny_llama(0), backend="q4", group_size=32))
+    want = logits(lm, input_ids)
+    with lm.disable_adapter():
+        base = logits(lm, input_ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm.merge_adapter()
+    interrupt(monkeypatch, layer_module, "touch", 1)  # the base layer being put back
+    with pytest.raises(KeyboardInterrupt):
+        lm.unmerge_adapter()
+    monkeypatch.undo()
+    lm.unmerge_adapter()
+    assert not any(layer.merged_adapters for _, layer in lm._lordba_layers())
+    assert torch.equal(logits(lm, input_ids), want)
+    with lm.disable_adapter():
+        assert torch.equal(logits(lm, input_ids), base)
