@@ -123,3 +123,60 @@ def test_a_q4_unmerge_interrupted_keeps_the_original_base_and_a_second_one_resto
     assert torch.equal(logits(lm, input_ids), want)
     with lm.disable_adapter():
         assert torch.equal(logits(lm, input_ids), base)
+
+
+def layer_count(lm):
+    return sum(isinstance(m, LoRDBALinear) for m in lm.base_model.modules())
+
+
+@pytest.mark.parametrize("k", [1, 7, 14])
+def test_an_unload_interrupted_while_unmerging_keeps_every_adapter_layer_and_can_be_repeated(monkeypatch, input_ids, k):
+    # unload() unmerged and took out one layer after another: a Ctrl-C in the unmerge of layer k left layers
+    # 1..k-1 plain while the model still named its adapter as active (the logits neither the adapter's nor the
+    # base's: 0.69 off the adapter's).
+    lm = adapted(tiny_llama(0))
+    want = logits(lm, input_ids)
+    lm.merge_adapter()
+    interrupt(monkeypatch, LoRDBALinear, "get_delta_weight", k)
+    with pytest.raises(KeyboardInterrupt):
+        lm.unload()
+    monkeypatch.undo()
+    assert layer_count(lm) == 14 and lm.active_adapters == ["default"]
+    torch.testing.assert_close(logits(lm, input_ids), want, rtol=1e-4, atol=1e-4)
+    base = lm.unload()
+    assert layer_count(base) == 0
+    torch.testing.assert_close(logits(base, input_ids), logits(tiny_llama(0), input_ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("call", ["unload", "merge_and_unload"])
+@pytest.mark.parametrize("k", [1, 7, 14, 15])
+def test_unload_and_merge_and_unload_interrupted_while_taking_layers_out_take_none_out(monkeypatch, input_ids, call, k):
+    # Interrupted at the k-th layer taken out (15: the modules trained in full, after every layer), the model keeps
+    # every adapter layer and its modules trained in full (trainable as before), and the call repeated finishes.
+    from lordba.nn import model_merge
+    from lordba.nn.model import LoRDBAModel
+
+    torch.manual_seed(3)
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random", modules_to_save=["lm_head"]))
+    for adapter in lm.adapter_modules("default").values():
+        with torch.no_grad():
+            adapter.scale_out.mul_(50)
+    with torch.no_grad():
+        next(m for _, m in lm._saved_modules()).lordba_saved["default"].weight.mul_(1.5)
+    want, trainable = logits(lm, input_ids), lm.get_nb_trainable_parameters()
+    if k == 15:
+        interrupt(monkeypatch, LoRDBAModel, "_unwrap_saved", 1)
+    else:
+        interrupt(monkeypatch, model_merge, "replace_everywhere", k)
+    with pytest.raises(KeyboardInterrupt):
+        getattr(lm, call)()
+    monkeypatch.undo()
+    assert layer_count(lm) == 14 and len(lm._saved_modules()) == 1 and lm.active_adapters == ["default"]
+    assert lm.get_nb_trainable_parameters() == trainable
+    torch.testing.assert_close(logits(lm, input_ids), want, rtol=1e-4, atol=1e-4)
+    base = getattr(lm, call)()
+    assert layer_count(base) == 0 and not lm._saved_modules()
+    if call == "merge_and_unload":
+        torch.testing.assert_close(logits(base, input_ids), want, rtol=1e-4, atol=1e-4)
+    else:
+        torch.testing.assert_close(logits(base, input_ids), logits(tiny_llama(0), input_ids), rtol=0, atol=1e-5)

@@ -8,7 +8,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from lordba._util.modules import replace_submodule
 from lordba.errors import AdapterStateError
+from lordba.nn.layer import LoRDBALinear
 from lordba.nn.merge import merge_layers, merge_names
 from lordba.nn.routing import in_disable_block
 from lordba.nn.structure import replace_everywhere
@@ -59,9 +61,7 @@ class MergeMixin:
             names = merge_names(adapter_names, self._active, self.peft_config)
             self._refuse_disabled("merge_and_unload")
             merge_layers(layers, names, safe_merge, self._root())
-            for path, layer in layers:
-                replace_everywhere(self._root(), path, layer.base_layer)
-            self._unwrap_saved(merge=True)  # modules trained in full: the active adapter's copy
+            self._take_out(layers, merge=True)  # modules trained in full: the active adapter's copy
             self.peft_config.clear()
             self._active = ()
         return self.base_model
@@ -82,10 +82,30 @@ class MergeMixin:
     def unload(self) -> nn.Module:
         """Remove every adapter without merging (merged ones are taken out) and return the base."""
         with self._lock.write():
-            for path, layer in self._lordba_layers():
+            layers = self._lordba_layers()
+            for _, layer in layers:  # every layer before any is taken out: interrupted, each says what it holds
                 layer.unmerge()
-                replace_everywhere(self._root(), path, layer.base_layer)
-            self._unwrap_saved(merge=False)  # modules trained in full: the originals
+            self._take_out(layers, merge=False)  # modules trained in full: the originals
             self.peft_config.clear()
             self._active = ()
         return self.base_model
+
+    def _take_out(self, layers: list[tuple[str, LoRDBALinear]], merge: bool) -> None:
+        """Put each layer's base layer and each module trained in full's plain module (:meth:`_unwrap_saved`) in
+        its place (the caller holds the write lock): all of them, or none if interrupted (a Ctrl-C half-way left
+        a model whose config still named its adapters with some layers' gone)."""
+        root, saved, done = self._root(), self._saved_modules(), []
+        grads = [(p, p.requires_grad) for _, module in saved for p in module.parameters()]
+        try:
+            for path, layer in layers:
+                replace_everywhere(root, path, layer.base_layer)
+                done.append((path, layer))
+            self._unwrap_saved(merge)
+        except BaseException:
+            for path, layer in reversed(done):
+                replace_everywhere(root, path, layer)
+            for path, module in saved:
+                replace_submodule(root, path, module)
+            for param, grad in grads:
+                param.requires_grad_(grad)
+            raise
