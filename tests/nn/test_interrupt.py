@@ -180,3 +180,27 @@ def test_unload_and_merge_and_unload_interrupted_while_taking_layers_out_take_no
         torch.testing.assert_close(logits(base, input_ids), want, rtol=1e-4, atol=1e-4)
     else:
         torch.testing.assert_close(logits(base, input_ids), logits(tiny_llama(0), input_ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 7, 14])
+def test_a_set_adapter_interrupted_while_unmerging_keeps_the_active_adapter_everywhere(monkeypatch, input_ids, k):
+    # set_adapter unmerged and switched one layer after another: a Ctrl-C in layer k's unmerge left layers
+    # 1..k-1 running the new adapter while the model said the old one was active (logits 0.58 off both).
+    lm = adapted(tiny_llama(0), ("a", "b"))
+    lm.set_adapter("b")
+    want_b = logits(lm, input_ids)
+    lm.set_adapter("a")
+    want_a = logits(lm, input_ids)
+    lm.merge_adapter()
+    interrupt(monkeypatch, LoRDBALinear, "get_delta_weight", k)
+    with pytest.raises(KeyboardInterrupt), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm.set_adapter("b")
+    monkeypatch.undo()
+    assert lm.active_adapters == ["a"]
+    assert all(layer.active_adapters == ["a"] for _, layer in lm._lordba_layers())
+    torch.testing.assert_close(logits(lm, input_ids), want_a, rtol=1e-4, atol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm.set_adapter("b")
+    torch.testing.assert_close(logits(lm, input_ids), want_b, rtol=1e-4, atol=1e-4)

@@ -240,9 +240,10 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
             unmerge = not set(merged) <= set(names)
             if unmerge:
                 warnings.warn(f"set_adapter: unmerging the merged adapters {merged} first", UserWarning, stacklevel=2)
-            for _, layer in self._lordba_layers():
-                if unmerge:
-                    layer.unmerge()
+            layers = self._lordba_layers()
+            for _, layer in layers if unmerge else ():  # all before any layer switches (a Ctrl-C: none has)
+                layer.unmerge()
+            for _, layer in layers:
                 layer.set_adapter(names)
             self._active = names
             self._sync_saved()
