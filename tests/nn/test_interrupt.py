@@ -204,3 +204,33 @@ def test_a_set_adapter_interrupted_while_unmerging_keeps_the_active_adapter_ever
         warnings.simplefilter("ignore")
         lm.set_adapter("b")
     torch.testing.assert_close(logits(lm, input_ids), want_b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 7, 14])
+def test_from_pretrained_and_load_adapter_interrupted_while_installing_leave_no_part_of_the_adapter(
+    monkeypatch, tmp_path, input_ids, k
+):
+    # The layers were wrapped and given the adapter one by one: a Ctrl-C at layer k left layers 1..k-1 holding an
+    # adapter the model did not name (saved and activated with a later adapter of that name), and from_pretrained
+    # repeated on the same model refused it ("already has LoRDBA layers").
+    from lordba.nn.model import LoRDBAModel
+
+    lm = adapted(tiny_llama(0), ("default", "b"))
+    lm.save_pretrained(tmp_path)
+    want = logits(lm, input_ids)
+    base = tiny_llama(0)
+    interrupt(monkeypatch, LoRDBALinear, "add_adapter", k)
+    with pytest.raises(KeyboardInterrupt):
+        LoRDBAModel.from_pretrained(base, tmp_path)
+    monkeypatch.undo()
+    assert layer_count(base) == 0
+    loaded = LoRDBAModel.from_pretrained(base, tmp_path)
+    torch.testing.assert_close(logits(loaded, input_ids), want, rtol=1e-5, atol=1e-5)
+    interrupt(monkeypatch, LoRDBALinear, "add_adapter", k)
+    with pytest.raises(KeyboardInterrupt):
+        loaded.load_adapter(tmp_path / "b", "b")
+    monkeypatch.undo()
+    assert layer_count(loaded) == 14
+    assert all(list(layer.lordba_adapters) == ["default"] for _, layer in loaded._lordba_layers())
+    loaded.load_adapter(tmp_path / "b", "b")
+    assert loaded.adapter_state("b").modules.keys() == lm.adapter_state("b").modules.keys()

@@ -171,24 +171,6 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
             raise ShapeMismatchError(f"module {path!r} is a {type(module).__name__}, not a supported linear layer")
         return module, backend
 
-    def _install(self, adapter_name: str, adapters: dict[str, LoRDBAAdapter]) -> None:
-        """Put ``adapters`` into their layers, wrapping plain layers first, each in its layer's mode
-        (training or eval: dropout follows the model's mode; cannot fail half-way)."""
-        root = self._root()
-        for path, adapter in adapters.items():
-            module = resolve(root, path)
-            if not isinstance(module, LoRDBALinear):
-                wrapper = LoRDBALinear(module)
-                wrapper.gate = self._gate
-                wrapper.disable_adapters = self._layers_disabled
-                wrapper.train(module.training)
-                replace_everywhere(root, path, wrapper)
-                module = wrapper
-                module.set_adapter(self._active)
-            if adapter.training != module.training:
-                adapter.train(module.training)
-            module.add_adapter(adapter_name, adapter)
-
     # ------------------------------------------------------------------ adapters
     @ordinary_tensors()
     def add_adapter(self, adapter_name: str, config: LoRDBAConfig, *, low_cpu_mem_usage: bool = False) -> None:

@@ -24,8 +24,9 @@ from lordba.errors import AdapterFormatError, AdapterStateError, ConfigError, Sh
 from lordba.format import adapter as adapter_files
 from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter
 from lordba.nn.hub import resolve_adapter_dir
-from lordba.nn.layer import adapter_device
+from lordba.nn.layer import LoRDBALinear, adapter_device
 from lordba.nn.model_forms import hold_together
+from lordba.nn.structure import replace_everywhere, resolve
 from lordba.quant import BaseBackend
 
 Targets = dict[str, tuple[nn.Module, BaseBackend]]  # module path -> (base layer, its backend)
@@ -33,6 +34,37 @@ Targets = dict[str, tuple[nn.Module, BaseBackend]]  # module path -> (base layer
 
 class AdapterLoadMixin:
     """Load / hot-swap methods of :class:`~lordba.nn.model.LoRDBAModel`."""
+
+    def _install(self, adapter_name: str, adapters: dict[str, LoRDBAAdapter]) -> None:
+        """Put ``adapters`` into their layers (the caller holds the write lock), wrapping plain layers first, each in
+        its layer's mode (training or eval: dropout follows the model's). All or none: interrupted (Ctrl-C), the
+        layers done lose the adapter again and those wrapped for it get their base back (else an adapter the model
+        does not name stayed in them, and ``from_pretrained`` repeated refused the user's model as adapted)."""
+        root, done = self._root(), []
+        try:
+            for path, adapter in adapters.items():
+                module = resolve(root, path)
+                if not isinstance(module, LoRDBALinear):
+                    wrapper = LoRDBALinear(module)
+                    wrapper.gate = self._gate
+                    wrapper.disable_adapters = self._layers_disabled
+                    wrapper.train(module.training)
+                    done.append((path, wrapper))  # (before it is placed: taking back a wrapper not placed is no-op)
+                    replace_everywhere(root, path, wrapper)
+                    module = wrapper
+                    module.set_adapter(self._active)
+                else:
+                    done.append((path, module))
+                if adapter.training != module.training:
+                    adapter.train(module.training)
+                module.add_adapter(adapter_name, adapter)
+        except BaseException:
+            for path, module in reversed(done):
+                if adapter_name in module.lordba_adapters:
+                    del module.lordba_adapters[adapter_name]
+                if not module.lordba_adapters:
+                    replace_everywhere(root, path, module.base_layer)
+            raise
 
     def _check_fits(self, state: adapter_files.AdapterState, source: object) -> Targets:
         """Every module of ``state`` exists in this model with the same in/out features; returns
