@@ -234,3 +234,25 @@ def test_from_pretrained_and_load_adapter_interrupted_while_installing_leave_no_
     assert all(list(layer.lordba_adapters) == ["default"] for _, layer in loaded._lordba_layers())
     loaded.load_adapter(tmp_path / "b", "b")
     assert loaded.adapter_state("b").modules.keys() == lm.adapter_state("b").modules.keys()
+
+
+@pytest.mark.parametrize("k", [1, 7, 14])
+def test_a_delete_adapter_interrupted_keeps_the_adapter_in_every_layer_and_can_be_repeated(monkeypatch, input_ids, k):
+    """Ctrl-C at the k-th layer of ``delete_adapter``: every layer still holds the adapter the model names (before:
+    the first layers had lost it while it stayed configured and active, logits 0.6 off), and repeating the call
+    deletes it: the model then runs as the base."""
+    base = tiny_llama()
+    want_base = logits(base, input_ids)
+    lm = adapted(base, ("a", "b"))
+    want = logits(lm, input_ids)
+    interrupt(monkeypatch, LoRDBALinear, "delete_adapter", k)
+    with pytest.raises(KeyboardInterrupt):
+        lm.delete_adapter("a")
+    monkeypatch.undo()
+    assert "a" in lm.peft_config and lm.active_adapters == ["a"]
+    assert all("a" in layer.lordba_adapters for _, layer in lm._lordba_layers()) and layer_count(lm) == 14
+    torch.testing.assert_close(logits(lm, input_ids), want, rtol=0, atol=0)
+    lm.delete_adapter("a")
+    lm.delete_adapter("b")
+    assert layer_count(lm) == 0
+    torch.testing.assert_close(logits(lm, input_ids), want_base, rtol=0, atol=0)

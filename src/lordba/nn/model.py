@@ -240,13 +240,29 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
             self._check_known(adapter_name)
             if any(adapter_name in layer.merged_adapters for _, layer in self._lordba_layers()):  # before any change
                 raise AdapterStateError(f"adapter {adapter_name!r} is merged: unmerge it before deleting it")
-            for path, layer in self._lordba_layers():
-                layer.delete_adapter(adapter_name)
-                if not layer.lordba_adapters:
-                    replace_everywhere(self._root(), path, layer.base_layer)
+            self._take_from_layers(adapter_name)
             del self.peft_config[adapter_name]
             self._active = tuple(n for n in self._active if n != adapter_name)
             self._sync_saved()
+
+    def _take_from_layers(self, adapter_name: str) -> None:
+        """Remove ``adapter_name`` from every layer, layers left without adapters unwrapped: all or none (a Ctrl-C
+        half-way put back, else the model kept naming an adapter some of its layers had lost)."""
+        root, done = self._root(), []
+        try:
+            for path, layer in self._lordba_layers():
+                adapter = layer.lordba_adapters[adapter_name] if adapter_name in layer.lordba_adapters else None
+                done.append((path, layer, adapter, list(layer.active_adapters)))
+                layer.delete_adapter(adapter_name)
+                if not layer.lordba_adapters:
+                    replace_everywhere(root, path, layer.base_layer)
+        except BaseException:
+            for path, layer, adapter, active in reversed(done):
+                if adapter is not None and adapter_name not in layer.lordba_adapters:
+                    layer.add_adapter(adapter_name, adapter)
+                layer.active_adapters = active
+                replace_everywhere(root, path, layer)
+            raise
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
