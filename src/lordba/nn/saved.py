@@ -80,6 +80,20 @@ class SavedModule(nn.Module):
         active = routing.active if routing.active is not None else self.active_adapters
         return routing.disabled or self.disable_adapters, routing.adapter_names, active
 
+    def __getattr__(self, name: str):
+        """An attribute the wrapper lacks is the module's in use (PEFT's ``ModulesToSaveWrapper``): the active
+        adapter's copy, or the original (adapters disabled or none with a copy active). Model code reads them
+        (Mamba's ``self.lm_head.weight.dtype``, ``get_input_embeddings().weight``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "_modules" not in self.__dict__ or name.startswith("__"):  # (being built or copied: no recursion)
+                raise
+        disabled, _, active = self._selection()
+        copies = self._modules["lordba_saved"]
+        chosen = next((copies[n] for n in active if n in copies), None) if not disabled else None
+        return getattr(self._modules["original_module"] if chosen is None else chosen, name)
+
     def _pick(self, name: str) -> nn.Module:
         return self.lordba_saved[name] if name != BASE_ROW and name in self.lordba_saved else self.original_module
 
