@@ -1,12 +1,16 @@
 """A PEFT user's workflows, snippet by snippet: each lordba call beside PEFT's own on the same tiny model, where
 docs/peft-parity.md says "same" (the result, its type, its side effects)."""
 
+import warnings
+
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import MambaConfig, MambaForCausalLM
 
-from lordba import LoRDBAConfig, get_lordba_model
+from lordba import LoRDBAConfig, LoRDBAModel, get_lordba_model
+
+from conftest import tiny_llama
 
 IDS = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(3))
 
@@ -23,6 +27,32 @@ def tiny_mamba() -> MambaForCausalLM:
         tie_word_embeddings=False,
     )
     return MambaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_loading_for_inference_puts_the_model_in_eval_mode_as_peft_does(tmp_path, is_trainable):
+    """PEFT's ``from_pretrained`` / ``load_adapter`` without ``is_trainable`` call ``model.eval()`` (dropout off);
+    lordba left a base in training mode so, and an adapter saved with ``dropout`` gave random outputs."""
+    lm = get_lordba_model(tiny_llama(), LoRDBAConfig(r=4, init="random", dropout=0.5))
+    lm.save_pretrained(tmp_path / "lordba")
+    get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5)).save_pretrained(
+        tmp_path / "peft"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft = PeftModel.from_pretrained(tiny_llama().train(), tmp_path / "peft", is_trainable=is_trainable)
+    ours = LoRDBAModel.from_pretrained(tiny_llama().train(), tmp_path / "lordba", is_trainable=is_trainable)
+    assert ours.training == peft.training == is_trainable
+    assert ours.base_model.training == peft.get_base_model().training == is_trainable
+    if not is_trainable:
+        torch.testing.assert_close(ours(input_ids=IDS).logits, ours(input_ids=IDS).logits, rtol=0, atol=0)
+
+    peft.train(), ours.train()  # load_adapter too: the model PEFT's call leaves in eval mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.load_adapter(tmp_path / "peft", "other", is_trainable=is_trainable)
+    ours.load_adapter(tmp_path / "lordba", "other", is_trainable=is_trainable)
+    assert ours.training == peft.training == is_trainable
 
 
 def test_a_module_trained_in_full_shows_the_attributes_of_the_module_in_use():

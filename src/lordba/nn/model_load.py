@@ -116,6 +116,8 @@ class AdapterLoadMixin:
         installed (the server's LRU makes room there: a bad file evicts nobody); what it raises ends the load.
         ``low_cpu_mem_usage`` (PEFT's keyword: no adapter weights made before the file's are loaded) is accepted
         and changes nothing: the adapters are always built from the file's tensors, never initialised first.
+        Without ``is_trainable`` the model is put in eval mode, as PEFT does (dropout off: the adapter's and the
+        base's); ``model.train()`` turns it back on.
 
         Raises:
             AdapterFormatError: a missing, invalid or unresolvable adapter (named); AdapterStateError /
@@ -129,6 +131,8 @@ class AdapterLoadMixin:
         if on_verified is not None:
             on_verified(adapter_file)
         self._load_state(adapter_file, adapter_name, is_trainable, targets)
+        if not is_trainable:  # for inference (PEFT's load_adapter): dropout, the branch's and the base's, off
+            self.eval()
 
     @ordinary_tensors()
     def load_adapter_state(
