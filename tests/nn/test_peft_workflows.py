@@ -6,9 +6,10 @@ import warnings
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import MambaConfig, MambaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
 
 from lordba import LoRDBAConfig, LoRDBAModel, get_lordba_model
+from lordba.quant import quantize_model
 
 from conftest import tiny_llama
 
@@ -73,3 +74,29 @@ def test_a_module_trained_in_full_shows_the_attributes_of_the_module_in_use():
     assert head.weight is head.original_module.weight
     with pytest.raises(AttributeError, match="no_such_thing"):
         head.no_such_thing
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("backend", ["hqq", "bnb", "q4"])
+def test_parameter_counts_of_a_quantized_base_are_those_of_its_float_model(backend, bias):
+    """``get_nb_trainable_parameters`` counts a quantized layer at the size of the weight it stands for: HQQ's packed
+    ``W_q`` parameter was counted on top of it (77,020 "all params" instead of 58,588 here, so
+    ``print_trainable_parameters`` showed 6.7% trainable instead of 8.8%), and its bias, a plain tensor, not at all."""
+
+    def base():
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            attention_bias=bias,
+            mlp_bias=bias,
+        )
+        return LlamaForCausalLM(config).eval()
+
+    plain = get_lordba_model(base(), LoRDBAConfig(r=4))
+    quantized = get_lordba_model(quantize_model(base(), backend=backend, group_size=32), LoRDBAConfig(r=4))
+    assert quantized.get_nb_trainable_parameters() == plain.get_nb_trainable_parameters()

@@ -73,15 +73,19 @@ def _merged(layers: list[LayerStatus]) -> list[str] | Irregular:
 
 def _quantized_weights(model: torch.nn.Module) -> int:
     """The weights of ``model``'s quantized linear layers that its parameters do not count (buffers, packed
-    parameters): ``in × out`` less the numel of the layer's own ``weight`` parameter."""
+    parameters): ``in × out`` less the numel of the layer's own parameters that hold its weight (all but ``bias``:
+    bnb's packed ``weight``, HQQ's ``W_q``), and a bias held as a plain tensor (HQQ's)."""
     missing = 0
     for module in model.modules():
         backend = resolve_backend(module)
         if backend is None or isinstance(module, LoRDBALinear):
             continue
         in_f, out_f = backend.features(module)
-        weight = module._parameters.get("weight")
-        missing += max(in_f * out_f - (weight.numel() if weight is not None else 0), 0)
+        held = sum(p.numel() for name, p in module._parameters.items() if p is not None and name != "bias")
+        missing += max(in_f * out_f - held, 0)
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor) and "bias" not in module._parameters and "bias" not in module._buffers:
+            missing += bias.numel()
     return missing
 
 
