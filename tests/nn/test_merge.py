@@ -296,3 +296,17 @@ def test_a_merge_whose_requantized_weight_is_not_finite_warns_naming_the_layer(i
     lm.unmerge_adapter()
     with lm.disable_adapter():
         assert torch.equal(logits(lm, input_ids), base)
+
+
+def test_an_empty_list_of_adapter_names_merges_nothing_as_in_peft(input_ids):
+    """``merge_adapter([])`` / ``merge_and_unload(adapter_names=[])`` merge no adapter, as PEFT's
+    ``check_adapters_to_merge`` does (before: the empty list meant the active adapters, so ``merge_and_unload``
+    returned a base with the adapter in it where PEFT returns the bare base)."""
+    want_base = logits(tiny_llama(0), input_ids)
+    lm = adapted(tiny_llama(0))
+    want = logits(lm, input_ids)
+    lm.merge_adapter([])
+    assert not any(layer.merged for _, layer in lm._lordba_layers())
+    torch.testing.assert_close(logits(lm, input_ids), want, rtol=0, atol=0)
+    base = lm.merge_and_unload(adapter_names=[])
+    torch.testing.assert_close(logits(base, input_ids), want_base, rtol=0, atol=0)

@@ -48,14 +48,15 @@ def name_list(adapter_names: object, what: str) -> list[str]:
 
 
 def merge_names(adapter_names: str | Sequence[str] | None, active: Sequence[str], known: Collection[str]) -> list[str]:
-    """The adapters a merge call names: ``active`` for ``None`` (or an empty list), one name for a
+    """The adapters a merge call names: ``active`` for ``None``, none for an empty list (PEFT's
+    ``check_adapters_to_merge``: ``merge_and_unload(adapter_names=[])`` unloads without merging), one name for a
     string (not its characters).
 
     Raises:
         ConfigError: a name that is not a string, or one given twice (:func:`name_list`).
         AdapterStateError: a name is not a loaded adapter (merging would otherwise skip it silently).
     """
-    names = list(active) if adapter_names is None else name_list(adapter_names, "merge") or list(active)
+    names = list(active) if adapter_names is None else name_list(adapter_names, "merge")
     for name in names:
         if name not in known:
             raise AdapterStateError(f"unknown adapter {name!r}; loaded adapters: {sorted(known)}")
