@@ -120,3 +120,22 @@ def test_training_saves_only_input_and_rank_sized_activation():
     own = {xf.data_ptr()} | {p.data_ptr() for p in params}
     activation = [t for t in saved if t.data_ptr() not in own]
     assert sum(t.numel() for t in activation) == 4 * 64 * 4  # h1 only: tokens × r
+
+
+def test_fold_factors_multiply_to_the_float64_delta_w_and_give_the_branch_output():
+    from lordba.core.autograd import fold_factors
+
+    x, lat_A, lat_B, b, m, a = _rand(4, in_f=9, out_f=7, r=3)
+    S_A, S_B = torch.where(lat_A >= 0, 1.0, -1.0).double(), torch.where(lat_B >= 0, 1.0, -1.0).double()
+    folded_A, folded_B = fold_factors(S_A, S_B, b, m, a, 1.75, dtype=torch.float64)
+    assert folded_A.shape == (3, 9) and folded_B.shape == (7, 3) and folded_A.dtype == torch.float64
+    dw = 1.75 * np.diag(a.numpy()) @ S_B.numpy() @ np.diag(m.numpy()) @ S_A.numpy() @ np.diag(b.numpy())
+    np.testing.assert_allclose((folded_B @ folded_A).numpy(), dw, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x @ folded_A.t() @ folded_B.t(), reference_delta(x, S_A, S_B, b, m, a, 1.75))
+
+
+def test_a_gradient_for_latent_signs_without_an_estimator_is_refused():
+    x, lat_A, lat_B, b, m, a = _rand(5)
+    lat_A.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="straight-through estimator"):
+        sign_branch(x, lat_A, lat_B, b, m, a, 1.0).sum().backward()

@@ -179,3 +179,43 @@ def test_float_formats_pass_the_float32_gradient_straight_through(name):
     for p in (b, m, a):
         assert p.grad.dtype == torch.float32
         assert torch.equal(p.grad, weights)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_code_formats_carry_the_gradient_of_m_and_of_both_peaks(name):
+    """``m̃ = m · max|b| · max|a|``: its gradient reaches ``m`` (scaled by both peaks) and the two peak entries."""
+    codec = get_codec(name)
+    b = torch.tensor([0.5, -2.0, 1.0], requires_grad=True)
+    m = torch.tensor([1.5, -0.25], requires_grad=True)
+    a = torch.tensor([3.0, 0.75], requires_grad=True)
+    _, fm, _ = codec.fake_quant(b, m, a)
+    torch.testing.assert_close(fm, torch.tensor([9.0, -1.5]), rtol=0, atol=0)
+    (fm * torch.tensor([1.0, 2.0])).sum().backward()
+    torch.testing.assert_close(m.grad, torch.tensor([6.0, 12.0]), rtol=0, atol=0)
+    assert b.grad[1] != 0 and a.grad[0] != 0
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_code_formats_keep_an_all_zero_input_vector_finite(name):
+    """``b = 0`` (every input channel off) must encode to zero codes and leave ``m̃ = m · max|a|``, and the
+    training forward must stay finite (0 / 0 would put NaN in every output) with a gradient reaching ``b``."""
+    codec = get_codec(name)
+    b, m, a = torch.zeros(5, requires_grad=True), torch.tensor([2.0, -1.0]), torch.tensor([0.5, -4.0, 1.0])
+    qb, qm, _ = codec.encode(b, m, a)
+    assert torch.equal(qb, torch.zeros(5, dtype=torch.int8))
+    torch.testing.assert_close(qm, torch.tensor([8.0, -4.0]), rtol=0, atol=0)
+    fb, fm, fa = codec.fake_quant(b, m, a)
+    assert torch.equal(fb, torch.zeros(5)) and torch.isfinite(fm).all() and torch.isfinite(fa).all()
+    (fb * torch.arange(1.0, 6.0)).sum().backward()
+    assert torch.isfinite(b.grad).all() and b.grad.abs().sum() > 0
+
+
+def test_int4_ties_round_to_the_larger_magnitude():
+    """A value exactly halfway between two int4 codes (127·v/max|v| = 9: between 0 and 18; 27: between 18 and
+    36) takes the code of larger magnitude, on both signs, in the stored codes and in the training forward."""
+    codec = get_codec("int4")
+    b = torch.tensor([9.0, -9.0, 27.0, -27.0, 127.0])
+    qb, _, _ = codec.encode(b, torch.ones(1), torch.ones(1))
+    assert qb.tolist() == [18, -18, 36, -36, 127]
+    fb, _, _ = codec.fake_quant(b, torch.ones(1), torch.ones(1))
+    assert (fb * 127).round().tolist() == [18.0, -18.0, 36.0, -36.0, 127.0]

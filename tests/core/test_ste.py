@@ -40,3 +40,13 @@ def test_invalid_ste():
         STE("tanh")
     with pytest.raises(ConfigError):
         STE("smoothsign", k=0.0)
+    with pytest.raises(ConfigError, match="ste_clip"):
+        STE("identity", clip=0.0)
+
+
+def test_default_ste_is_the_config_default():
+    """``STE()`` (the fused branch's default for callers of :mod:`lordba.core`) is what a default
+    :class:`LoRDBAConfig` trains with: smoothsign, ``k = 100``, ``clip = 1``."""
+    from lordba import LoRDBAConfig
+
+    assert STE() == LoRDBAConfig().ste_spec == STE("smoothsign", 100.0, 1.0)
