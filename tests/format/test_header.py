@@ -39,11 +39,13 @@ def corrupt(kind):
             t["scale_out"][2] = -128
         elif kind == "peak":
             t["scale_in"].clamp_(-100, 100)
+        elif kind == "peak126":  # one code short of the format's peak
+            t["scale_in"].clamp_(-126, 126)
 
     return apply
 
 
-@pytest.mark.parametrize("kind", ["padding", "nan", "minus128", "peak"])
+@pytest.mark.parametrize("kind", ["padding", "nan", "minus128", "peak", "peak126"])
 def test_vectorised_checks_refuse_what_the_per_module_check_refuses_with_its_message(kind):
     records = [record(f"layers.{i}.proj", g=torch.Generator().manual_seed(i)) for i in range(6)]
     check_all_values(records, "int8", "f")  # all valid
@@ -53,6 +55,27 @@ def test_vectorised_checks_refuse_what_the_per_module_check_refuses_with_its_mes
     with pytest.raises(AdapterFormatError) as vectorised:
         check_all_values(records, "int8", "f")
     assert str(vectorised.value) == str(per_module.value) and "layers.4.proj" in str(vectorised.value)
+
+
+def test_int4_codes_off_its_grid_are_refused_by_both_checks_naming_the_tensor():
+    """An int8 code that is no int4 code (100: between 91 and 109), in a vector that still reaches 127."""
+    from lordba.core.scales import get_codec
+
+    records = []
+    for i in range(4):
+        g = torch.Generator().manual_seed(i)
+        rec = record(f"layers.{i}.proj", g=g)
+        codes = get_codec("int4").encode(
+            torch.randn(13, generator=g), torch.rand(3, generator=g), torch.randn(7, generator=g)
+        )
+        rec.tensors.update(zip(("scale_in", "scale_mid", "scale_out"), codes))
+        records.append(rec)
+    check_all_values(records, "int4", "f")  # all valid
+    scale_in = records[2].tensors["scale_in"]
+    scale_in[int(scale_in.abs().argmin())] = 100
+    for check in (lambda: check_values(records[2], "int4", "f"), lambda: check_all_values(records, "int4", "f")):
+        with pytest.raises(AdapterFormatError, match=r"layers\.2\.proj\.scale_in: a code outside the int4 format"):
+            check()
 
 
 def test_all_zero_int8_scales_are_valid():
