@@ -42,6 +42,37 @@ def test_frozen_signs_train_the_scales_only():
     assert torch.equal(unfrozen.scale_in, ad.scale_in)
 
 
+@pytest.mark.parametrize("signs, scales", [(True, True), (True, False), (False, True), (False, False)])
+def test_set_trainable_sets_both_latents_and_the_scales_with_the_trained_bias(signs, scales):
+    ad = make_layer().lordba_adapters["a"]
+    ad.attach_bias(torch.full((13,), 0.25))
+    ad.set_trainable(signs=not signs, scales=not scales)
+    ad.set_trainable(signs=signs, scales=scales)
+    assert [ad.latent_A.requires_grad, ad.latent_B.requires_grad] == [signs, signs]
+    trained = (ad.scale_in, ad.scale_mid, ad.scale_out, ad.bias_delta)
+    assert [p.requires_grad for p in trained] == [scales] * 4
+
+
+def test_freezing_and_unfreezing_the_signs_keep_which_scales_train():
+    """A scale the user froze (``requires_grad_(False)``) stays frozen in the copies that freeze_signs and
+    unfreeze_signs make, and one that trains keeps training."""
+    ad = make_layer().lordba_adapters["a"]
+    ad.set_trainable(signs=True, scales=True)
+    ad.scale_in.requires_grad_(False)
+    for copy in (ad.freeze_signs(), ad.freeze_signs().unfreeze_signs(0.5)):
+        assert [p.requires_grad for p in (copy.scale_in, copy.scale_mid, copy.scale_out)] == [False, True, True]
+    ad.set_trainable(signs=True, scales=False)
+    frozen = ad.freeze_signs()
+    assert not any(p.requires_grad for p in (frozen.scale_in, frozen.scale_mid, frozen.scale_out))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_freeze_signs_and_pack_keep_the_train_or_eval_mode(training):
+    """An adapter in eval mode stays in eval mode in its copies (in training mode, dropout would run at inference)."""
+    ad = make_layer().lordba_adapters["a"].train(training)
+    assert ad.freeze_signs().training == training and ad.pack().training == training
+
+
 @pytest.mark.parametrize("scale_dtype", ["int8", "float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("kernel", ["auto", "sign", "unpack", "torch", "dense"])
 def test_inference_form_computes_exactly_what_the_training_form_does(scale_dtype, kernel):
