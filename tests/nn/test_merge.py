@@ -41,6 +41,27 @@ def test_merging_into_a_quantized_base_warns_with_the_error_and_unmerge_is_exact
     assert torch.equal(logits(lm, input_ids), unmerged)
 
 
+def test_the_merge_warning_reports_the_largest_error_of_all_layers():
+    """The warning's number is the maximum over the layers of |requantized merged weight - (base + ΔW)|, not the
+    error of the layer merged last."""
+    lm = adapted(quantize_model(tiny_llama(0), backend="hqq", bits=4, group_size=8))
+    layers = dict(lm._lordba_layers())
+    with torch.no_grad():
+        want = {
+            p: layer.backend.dequantize(layer.base_layer) + layer.get_delta_weight("default")
+            for p, layer in layers.items()
+        }
+    with pytest.warns(MergeRequantizationWarning) as seen:
+        lm.merge_adapter()
+    reported = float(str(seen[0].message).split("update is ")[1].split(",")[0])
+    with torch.no_grad():
+        errors = [
+            float((layer.backend.dequantize(layer.base_layer) - want[p]).abs().max()) for p, layer in layers.items()
+        ]
+    assert errors[-1] < max(errors)  # the last layer merged is not the worst one
+    assert reported == pytest.approx(max(errors), rel=1e-3)
+
+
 def test_merging_into_an_unquantized_base_is_silent(input_ids):
     lm = adapted(tiny_llama(0))
     unmerged = logits(lm, input_ids)
