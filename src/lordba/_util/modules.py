@@ -6,6 +6,7 @@ generated text."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -161,3 +162,20 @@ def generation_stopping_only(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         target.generation_config = old
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword ``model``'s forward takes its KV cache by: ``cache`` where its signature has it (transformers 5.25
+    renamed ``past_key_values``, which it accepts with a warning until 5.40), else ``past_key_values``."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # (a forward without a signature: the name every version takes)
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a transformers model's output returns: ``output.cache`` (transformers 5.25 on) or
+    ``output.past_key_values``."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

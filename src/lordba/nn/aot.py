@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lordba import kernels
-from lordba._util.modules import context_positions
+from lordba._util.modules import cache_keyword, context_positions
 from lordba.errors import ConfigError
 from lordba.nn.adapter import PackedAdapter
 from lordba.nn.aot_package import package_dir
@@ -86,6 +86,7 @@ class AotDecode:
         kernels.cpu_available()  # the decode attention op is traced into the step only once loaded
         self.model = model
         self.inner = _hf_model(model)
+        self._cache_kw = cache_keyword(self.inner)  # (transformers 5.25 renamed past_key_values)
         self.vocab: int | None = embedding_rows(self.inner)  # the token ids the step can embed (None: not checked)
         if any(t.device.type != "cpu" for t in self.inner.parameters()):
             raise ConfigError("AotDecode compiles for the CPU: the model must be on the CPU")
@@ -243,7 +244,11 @@ class AotDecode:
         self._fits(step, n)
         positions = torch.arange(self.position, self.position + n)
         out = self.inner(
-            input_ids=input_ids, past_key_values=step.cache, cache_position=positions, use_cache=True, logits_to_keep=1
+            input_ids=input_ids,
+            cache_position=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: step.cache},
         )
         self.position += n
         return out.logits[0, -1]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from lordba._util.modules import cache_keyword, output_cache
 from lordba.errors import ShapeMismatchError
 
 
@@ -119,12 +120,12 @@ def prefill(
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
         adapter_names=list(adapters),
+        **{cache_keyword(model): cache},
     )
-    return out.logits[:, -1, :].float(), KVBatch(out.past_key_values, mask, [len(p) for p in prompts])
+    return out.logits[:, -1, :].float(), KVBatch(output_cache(out), mask, [len(p) for p in prompts])
 
 
 @torch.inference_mode()
@@ -141,12 +142,12 @@ def decode(model: torch.nn.Module, batch: KVBatch, tokens: Sequence[int], adapte
         input_ids=ids,
         attention_mask=batch.mask,
         position_ids=positions,
-        past_key_values=batch.cache,
         use_cache=True,
         logits_to_keep=1,
         adapter_names=list(adapters),
+        **{cache_keyword(model): batch.cache},
     )
-    batch.cache = out.past_key_values
+    batch.cache = output_cache(out)
     batch.lengths = [n + 1 for n in batch.lengths]
     return out.logits[:, -1, :].float()
 
