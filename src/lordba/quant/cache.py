@@ -177,7 +177,9 @@ def _digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int) -> None:
+def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int, device: str | None = None) -> None:
+    """Put the layers of the entry ``path`` in place in ``model``, each on the device of the layer it replaces (or on
+    ``device``: a model whose float layers were never loaded, :mod:`lordba.quant.skeleton`)."""
     with safe_open(str(path), framework="pt") as f:
         recorded = (f.metadata() or {}).get("sha256")
     state = load_file(str(path))
@@ -192,7 +194,9 @@ def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int
         linear = linears.get(name) or model.get_submodule(name)  # (or the output head)
         prefix = f"{name}::"
         sd = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        built.append((name, _hqq_layer(linear, sd, bits, group_size) if backend == "hqq" else _q4_layer(linear, sd)))
+        where = device or str(linear.weight.device)
+        new = _hqq_layer(linear, sd, bits, group_size, where) if backend == "hqq" else _q4_layer(linear, sd, where)
+        built.append((name, new))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # (not replaced yet)
     head_bits = next((q.bits for n, q in built if backend == "q4" and model.get_submodule(n) is head), 0)
     state = sd = linears = linear = head = None  # the float layers and the read tensors: freed as they are replaced
@@ -224,23 +228,21 @@ def _cached_layers(model: nn.Module, backend: str) -> list[str]:
     return sorted([*names, head[0]] if head else names)
 
 
-def _hqq_layer(linear: nn.Linear, sd: dict[str, torch.Tensor], bits: int, group_size: int) -> nn.Module:
+def _hqq_layer(linear: nn.Linear, sd: dict[str, torch.Tensor], bits: int, group_size: int, device: str) -> nn.Module:
     from hqq.core.quantize import BaseQuantizeConfig
 
     from lordba.quant.hqq import hqq_layer_cls
 
     config = {**BaseQuantizeConfig(nbits=bits, group_size=group_size), "offload_meta": False}
-    q = hqq_layer_cls()(
-        None, config, compute_dtype=linear.weight.dtype, device=str(linear.weight.device), initialize=False
-    )
+    q = hqq_layer_cls()(None, config, compute_dtype=linear.weight.dtype, device=device, initialize=False)
     q.load_state_dict(sd)
     return q
 
 
-def _q4_layer(linear: nn.Linear, sd: dict[str, torch.Tensor]) -> nn.Module:
-    """The cached q4 layer of ``linear``, on ``linear``'s device."""
+def _q4_layer(linear: nn.Linear, sd: dict[str, torch.Tensor], device: str) -> nn.Module:
+    """The cached q4 layer of ``linear``, on ``device`` (``linear``'s)."""
     from lordba.quant.q4 import Q4Linear
 
     bits = int(sd["bits"]) if "bits" in sd else 4
     layer = Q4Linear(sd["qweight"], sd["scale"], sd["minus"], linear.in_features, sd.get("bias"), bits)
-    return layer.to(linear.weight.device)  # where quantize_model builds it (Q4Linear.from_weight): the linear's device
+    return layer.to(device)  # where quantize_model builds it (Q4Linear.from_weight): the linear's device

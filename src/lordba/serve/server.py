@@ -50,6 +50,8 @@ def load_base(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lordba.quant.skeleton import load_cached_base
+
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path = Path(model_dir)
@@ -57,10 +59,14 @@ def load_base(
         raise ConfigError(f"--model {model_dir}: not a transformers model folder (no config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+        # a cache hit: the quantized base without the float model (its peak memory), else the float model quantized
+        model = load_cached_base(path, DTYPES[dtype], quant, bits, group_size, q4_compute)
+        cached = model is not None
+        if not cached:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
     except (OSError, ValueError) as err:  # transformers' errors for a folder it cannot read
         raise ConfigError(f"--model {model_dir}: transformers cannot load it ({type(err).__name__}: {err})") from None
-    if quant != "none":
+    if quant != "none" and not cached:
         from lordba.quant.cache import quantize_model_cached
 
         model = quantize_model_cached(model, path, quant, bits, group_size, compute=q4_compute)

@@ -1,0 +1,208 @@
+"""A cached quantized base loaded without its float model (``lordba generate`` / ``lordba serve`` on a cache hit): the
+same model bit for bit as ``from_pretrained`` then ``quantize_model_cached``, read from the same entry, with a peak
+memory of the quantized base, not of the float model."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from lordba.quant.cache import cache_entries, quantize_model_cached
+from lordba.quant.skeleton import load_cached_base
+
+from conftest import TINY
+
+
+@pytest.fixture(autouse=True)
+def _kernels(monkeypatch):
+    """The CPU kernels of the usual cache, where a test moves it (``LORDBA_CACHE``): never built again."""
+    from lordba import kernels
+    from lordba.kernels.cpu import cache_root
+
+    monkeypatch.setenv("LORDBA_KERNEL_CACHE", str(cache_root()))
+    kernels.cpu_available()
+
+
+def saved(folder: Path, tied: bool = False, **save) -> Path:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=tied))
+    model.generation_config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, bos_token_id=1)
+    model.save_pretrained(folder, **save)
+    return folder
+
+
+def today(folder: Path, backend: str, group: int, compute: str | None = None) -> torch.nn.Module:
+    """What ``lordba generate`` loaded on every start: the float model, then its quantized layers."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return quantize_model_cached(model, folder, backend, 4, group, compute=compute)
+
+
+def assert_same(old: torch.nn.Module, new: torch.nn.Module, input_ids: torch.Tensor) -> None:
+    with torch.no_grad():
+        assert torch.equal(old(input_ids=input_ids).logits, new(input_ids=input_ids).logits)
+    assert new.training is old.training is False
+    assert new.lordba_quantization == old.lordba_quantization
+    assert new.config.to_dict() == old.config.to_dict()
+    assert new.generation_config.to_dict() == old.generation_config.to_dict()
+    want, got = old.state_dict(), new.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+    assert [p.requires_grad for p in new.parameters()] == [p.requires_grad for p in old.parameters()]
+    tied = [getattr(m.lm_head, "weight", None) is m.model.embed_tokens.weight for m in (old, new)]
+    assert tied[0] == tied[1]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize(("backend", "group"), [("q4", 32), ("hqq", 8)])
+def test_a_cache_hit_loads_the_same_model_from_the_same_entry(tmp_path, monkeypatch, input_ids, backend, group, tied):
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = saved(tmp_path / "model", tied)
+    assert load_cached_base(folder, torch.float32, backend, 4, group) is None  # no entry yet
+    today(folder, backend, group)
+    entries = cache_entries()
+    old = today(folder, backend, group)  # a hit
+    new = load_cached_base(folder, torch.float32, backend, 4, group)
+    assert new is not None and cache_entries() == entries  # the skeleton's key is the loaded model's
+    assert_same(old, new, input_ids)
+
+
+def test_a_sharded_checkpoint_is_read_by_its_index(tmp_path, monkeypatch, input_ids):
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = saved(tmp_path / "model", max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    today(folder, "q4", 32)
+    old = today(folder, "q4", 32)
+    new = load_cached_base(folder, torch.float32, "q4", 4, 32)
+    assert new is not None
+    assert_same(old, new, input_ids)
+
+
+def test_an_adapter_on_the_loaded_base_gives_the_same_output(tmp_path, monkeypatch, input_ids):
+    from lordba import LoRDBAConfig, get_lordba_model
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = saved(tmp_path / "model")
+    outputs = []
+    today(folder, "q4", 32)
+    for base in (today(folder, "q4", 32, "fast"), load_cached_base(folder, torch.float32, "q4", 4, 32, compute="fast")):
+        torch.manual_seed(3)
+        lm = get_lordba_model(base, LoRDBAConfig(r=4, init="random"))
+        lm.pack()
+        with torch.no_grad():
+            outputs.append(lm.eval()(input_ids=input_ids).logits)
+    assert torch.equal(*outputs)
+
+
+def test_what_it_does_not_build_as_from_pretrained_falls_back(tmp_path, monkeypatch):
+    """A PyTorch ``.bin`` checkpoint, checkpoint keys transformers renames (``LayerNorm.gamma``: not the model's), a
+    pre-quantized config: ``None`` (the caller loads the float model), never a model loaded otherwise."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = saved(tmp_path / "model")
+    today(folder, "q4", 32)
+    state = load_file(folder / "model.safetensors")
+    save_file({**state, "model.LayerNorm.gamma": torch.ones(1)}, folder / "model.safetensors", {"format": "pt"})
+    assert load_cached_base(folder, torch.float32, "q4", 4, 32) is None
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    assert load_cached_base(folder, torch.float32, "q4", 4, 32) is None
+    save_file(state, folder / "model.safetensors", {"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "bitsandbytes"}}))
+    assert load_cached_base(folder, torch.float32, "q4", 4, 32) is None
+    assert load_cached_base(folder, torch.float32, "bnb", 4, 64) is None
+
+
+def test_lordba_generate_and_serve_load_a_cache_hit_without_the_float_model(tmp_path, monkeypatch, capsys):
+    from lordba.cli import main
+    from lordba.serve.server import load_base
+    from tiny_model import tiny_model_dir
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tiny_model_dir(tmp_path / "model")
+    argv = ["generate", "--model", str(folder), "--quant", "q4", "--group-size", "32", "--max-new-tokens", "4", "ab"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    served, _ = load_base(folder, quant="q4", group_size=32)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the float model was loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refused)
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first
+    again, _ = load_base(folder, quant="q4", group_size=32)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(served(input_ids=ids).logits, again(input_ids=ids).logits)
+
+
+_PEAK = """
+import sys, torch, transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+import lordba.quant.cache, lordba.quant.q4, lordba.quant.skeleton, lordba.serve.server
+def peak():  # bytes: the process's peak resident memory since the last reset
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) * 1024
+before = int(open("/proc/self/statm").read().split()[1]) * 4096
+with open("/proc/self/clear_refs", "w") as f:  # the peak reset to the memory in use (the imports' own passed)
+    f.write("5")
+model, _ = lordba.serve.server.load_base(sys.argv[1], quant="q4", group_size=32)
+assert model.base_model.lordba_quantization["backend"] == "q4"
+print(peak() - before)
+"""
+
+
+def test_a_cache_hit_peaks_at_the_quantized_base_not_the_float_model(tmp_path, monkeypatch):
+    """``load_base`` on a cache hit grew the process's peak memory by the whole float model and more: a 57M-parameter
+    Llama saved in bfloat16 (as models are published), loaded in float32 (226 MB), grew it by 300 MB; now by the
+    quantized base it reads (+75 MB)."""
+    import lordba.quant.q4 as q4
+    from tiny_model import char_tokenizer
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+        for p in model.parameters():  # values bfloat16 holds: the float32 model is the saved one, loaded
+            p.copy_(p.to(torch.bfloat16))
+    float_bytes = sum(p.nbytes for p in model.parameters())
+    folder = tmp_path / "model"
+    model.to(torch.bfloat16).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    model.float()
+    fast = q4.Q4Linear.from_weight.__func__
+
+    def unoptimised(cls, weight, bias=None, group_size=64, optimize=True, **kwargs):  # the entry, in seconds
+        return fast(cls, weight, bias, group_size, False, **kwargs)
+
+    monkeypatch.setattr(q4.Q4Linear, "from_weight", classmethod(unoptimised))
+    quantize_model_cached(model, folder, "q4", 4, 32)
+    del model
+    assert len(cache_entries()) == 1
+    env = {key: os.environ[key] for key in ("PATH", "LORDBA_CACHE", "LORDBA_KERNEL_CACHE")}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_PEAK), str(folder)], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    grown = int(run.stdout.split()[-1])
+    assert len(cache_entries()) == 1  # the entry was read, not written again
+    assert grown < 0.5 * float_bytes, f"the peak grew {grown / 1e6:.0f} MB for a {float_bytes / 1e6:.0f} MB model"
