@@ -158,6 +158,7 @@ print(peak() - before)
 """
 
 
+@pytest.mark.long
 def test_a_cache_hit_peaks_at_the_quantized_base_not_the_float_model(tmp_path, monkeypatch):
     """``load_base`` on a cache hit grew the process's peak memory by the whole float model and more: a 57M-parameter
     Llama saved in bfloat16 (as models are published), loaded in float32 (226 MB), grew it by 300 MB; now by the

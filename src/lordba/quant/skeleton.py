@@ -98,7 +98,7 @@ def _skeleton(folder: Path, dtype: torch.dtype) -> nn.Module | None:
     unusual = ("auto_map", "quantization_config", "transformers_weights")  # custom code, pre-quantized, other files
     if any(getattr(config, name, None) for name in unusual) or getattr(type(config), "extra_files", None):
         return None
-    config.name_or_path = folder  # as from_pretrained records it
+    config.name_or_path = str(folder)  # as from_pretrained records it
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
@@ -107,10 +107,20 @@ def _skeleton(folder: Path, dtype: torch.dtype) -> nn.Module | None:
         return None
     model.eval()
     if model.can_generate():  # the folder's generation_config.json, as from_pretrained reads it
-        model.adjust_generation_fn(
-            None, True, False, folder, None, False, None, False, None, "main", "", None
-        )  # (generation_config, from_auto_class, from_pipeline, path, cache_dir, force_download, proxies,
-        #   local_files_only, token, revision, subfolder, trust_remote_code)
+        model.adjust_generation_fn(  # (by keyword: a renamed argument fails, and the caller's path runs)
+            generation_config=None,
+            from_auto_class=True,
+            from_pipeline=False,
+            pretrained_model_name_or_path=str(folder),
+            cache_dir=None,
+            force_download=False,
+            proxies=None,
+            local_files_only=True,
+            token=None,
+            revision="main",
+            subfolder="",
+            trust_remote_code=None,
+        )
     return model
 
 
