@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lordba import kernels
-from lordba.kernels.q4 import GEMM_MIN_TOKENS
+from lordba.kernels.q4 import GEMM_MIN_TOKENS, bf16_dot_available
 from lordba.nn.epoch import _EPOCH
 from lordba.quant import Q4Linear, set_compute
 
@@ -103,7 +103,10 @@ def test_a_q4_layer_follows_its_changes_and_a_copy_binds_its_own():
         first = layer(x)
         layer.compute = "fast"  # a new compute: bound again
         assert "_call" not in layer.__dict__
-        assert torch.equal(layer(x), _op(layer, x)) and not torch.equal(layer(x), first)
+        assert torch.equal(layer(x), _op(layer, x))
+        # (fast computes one token in bfloat16 where the build has that kernel; elsewhere, AVX2, portable or ARM,
+        # in float32, exactly as exact)
+        assert torch.equal(layer(x), first) != bf16_dot_available()
         layer.bias = torch.nn.Parameter(layer.bias + 1, requires_grad=False)
         assert torch.equal(layer(x), _op(layer, x))
         layer.scale.mul_(2)  # in place: the same tensor, read by the call
