@@ -207,3 +207,27 @@ def test_a_cache_hit_peaks_at_the_quantized_base_not_the_float_model(tmp_path, m
     grown = int(run.stdout.split()[-1])
     assert len(cache_entries()) == 1  # the entry was read, not written again
     assert grown < 0.5 * float_bytes, f"the peak grew {grown / 1e6:.0f} MB for a {float_bytes / 1e6:.0f} MB model"
+
+
+def test_persistent_buffers_are_read_from_the_checkpoint(tmp_path, monkeypatch, input_ids):
+    """Gemma 4's per-layer ``layer_scalar`` is a persistent buffer (the checkpoint holds it): the skeleton built it
+    real, at its initial 1.0, and only meta tensors were read, so the model on a cache hit ran with every layer's
+    scalar at 1 (logits 0.41 off in this tiny one)."""
+    gemma4 = pytest.importorskip("transformers.models.gemma4")
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    config = gemma4.Gemma4TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, hidden_size_per_layer_input=0, vocab_size_per_layer_input=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = gemma4.Gemma4ForCausalLM(config)
+    for layer in model.model.layers:
+        layer.layer_scalar.fill_(0.25)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    today(folder, "q4", 32)
+    old = today(folder, "q4", 32)
+    new = load_cached_base(folder, torch.float32, "q4", 4, 32)
+    assert new is not None
+    assert [float(layer.layer_scalar) for layer in new.model.layers] == [0.25, 0.25]
+    assert_same(old, new, input_ids.clamp(max=127))

@@ -65,8 +65,9 @@ def _load_cached_base(
     path = cache_dir() / "quantized" / f"{_key(folder, backend, bits, group_size, _signature(model))}.safetensors"
     if not path.is_file():
         return None
+    stored = {name for name, t in model.state_dict().items() if not t.is_meta and name in files}  # (buffers)
     _load(model, path, backend, bits, group_size, device="cpu")
-    if not _load_the_rest(model, files):
+    if not _load_the_rest(model, files, stored):
         return None
     if compute:
         from lordba.quant import set_compute
@@ -153,15 +154,17 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def _load_the_rest(model: nn.Module, files: dict[str, Path]) -> bool:
-    """Read every tensor of ``model`` still on the ``meta`` device from the checkpoint ``files``, cast to its dtype
-    as ``from_pretrained`` casts it, into every slot holding it (a tied head stays tied); ``False``, the model left
-    part loaded, where one is not in the checkpoint or has another shape."""
+def _load_the_rest(model: nn.Module, files: dict[str, Path], stored: set[str] = frozenset()) -> bool:
+    """Read every tensor of ``model`` still on the ``meta`` device, and the persistent buffers named in ``stored``
+    (built with their initial value: Gemma 4's ``layer_scalar``, a MoE router's correction bias, which the checkpoint
+    holds as ``from_pretrained`` reads them), from the checkpoint ``files``, cast to its dtype as ``from_pretrained``
+    casts it, into every slot holding it (a tied head stays tied); ``False``, the model left part loaded, where one is
+    not in the checkpoint or has another shape."""
     from safetensors import safe_open
 
     slots: dict[int, tuple[torch.Tensor, list[str]]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if tensor.is_meta:
+        if tensor.is_meta or name in stored:
             slots.setdefault(id(tensor), (tensor, []))[1].append(name)
     wanted: dict[Path, list[tuple[torch.Tensor, str]]] = {}
     for tensor, names in slots.values():
