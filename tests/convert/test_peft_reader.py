@@ -333,3 +333,18 @@ def test_convolution_lora_refused_or_left_out(tmp_path):
             rtol=0,
             atol=0,
         )
+
+
+def test_a_left_out_convolution_leaves_its_lora_only_bias_out_too(tmp_path):
+    """``bias="lora_only"`` trains a LoRA layer's bias as part of it: a convolution left out under
+    ``skip_unsupported`` kept its trained bias as an extra (loaded as the conv's bias trained in full: the layer
+    changed by half of its update, where the warning said it was left out). Under ``bias="all"`` it stays."""
+    for bias, kept in (("lora_only", ["fc.bias"]), ("all", ["conv.bias", "fc.bias"])):
+        torch.manual_seed(0)
+        model = get_peft_model(_ConvAndLinear(), LoraConfig(r=2, target_modules=["conv", "fc"], bias=bias))
+        model.save_pretrained(tmp_path / bias)
+        for source in (tmp_path / bias, model):
+            with pytest.warns(UserWarning, match=r"leaving out convolution LoRA layers"):
+                lora = read_lora(source, skip_unsupported=True)
+            assert list(lora.layers) == ["fc"]
+            assert sorted(lora.extras) == kept

@@ -162,6 +162,14 @@ def _linear(A: torch.Tensor, B: torch.Tensor) -> bool:
     return A.dim() == 2 and B.dim() == 2
 
 
+def _left_out_biases(extras: dict[str, torch.Tensor], paths: list[str], fields: dict[str, Any]) -> None:
+    """Drop from ``extras`` the trained biases of the LoRA layers ``paths`` left out, where ``bias="lora_only"``
+    trained them as part of those layers (kept, the layer's bias changed without its LoRA: half of its update)."""
+    if fields.get("bias") == "lora_only":
+        for path in paths:
+            extras.pop(f"{path}.bias", None)
+
+
 def _unsupported(names: list[str], where: str, skip: bool, why: str) -> None:
     if not names:
         return
@@ -247,6 +255,7 @@ def read_peft_dir(
             raise ConversionError(f"{where}: module {path!r} has no {missing} tensor")
     convolutions = [path for path in sorted(factors) if not _linear(factors[path]["A"][1], factors[path]["B"][1])]
     _unsupported(convolutions, where, skip_unsupported, _CONVOLUTION)
+    _left_out_biases(extras, convolutions, fields)
     for path in sorted(set(factors) - set(convolutions)):
         (name_A, A), (name_B, B) = factors[path]["A"], factors[path]["B"]
         layers[path] = _layer(path, A, B, (name_A, name_B), full, where)
@@ -370,6 +379,7 @@ def read_peft_model(model: Any, adapter_name: str | None = None, skip_unsupporte
         layer.scaling = float(module.scaling[name])
         layers[path] = layer
     _unsupported(convolutions, where, skip_unsupported, _CONVOLUTION)
+    _left_out_biases(extras, convolutions, fields)
     _unsupported(sorted(set(other)), where, skip_unsupported, "modules that are not linear LoRA layers" + _tying(cfg))
     inside = tuple(f"base_model.model.{path}." for path in other)  # their tensors: named above
     rest = [key for key in rest if not key.startswith(inside)]
