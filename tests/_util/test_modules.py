@@ -49,3 +49,4 @@ def test_the_cache_keyword_and_output_follow_the_models_own_names():
     assert cache_keyword(New()) == "cache" and cache_keyword(Old()) == "past_key_values"
     model = tiny_llama()
     assert cache_keyword(model) == cache_keyword(get_lordba_model(model, LoRDBAConfig(r=2)))  # the wrapper's forward
+    assert cache_keyword(torch.compile(New())) == "cache"  # (a compiled module's forward: (*args, **kwargs))

@@ -167,6 +167,7 @@ def generation_stopping_only(model: nn.Module) -> Iterator[None]:
 def cache_keyword(model: nn.Module) -> str:
     """The keyword ``model``'s forward takes its KV cache by: ``cache`` where its signature has it (transformers 5.25
     renamed ``past_key_values``, which it accepts with a warning until 5.40), else ``past_key_values``."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model's forward shows (*args, **kwargs) only
     try:
         parameters = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # (a forward without a signature: the name every version takes)

@@ -252,14 +252,17 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
         try:
             for path, layer in self._lordba_layers():
                 adapter = layer.lordba_adapters[adapter_name] if adapter_name in layer.lordba_adapters else None
-                done.append((path, layer, adapter, list(layer.active_adapters)))
+                done.append((path, layer, adapter, list(layer.active_adapters), list(layer.lordba_adapters)))
                 layer.delete_adapter(adapter_name)
                 if not layer.lordba_adapters:
                     replace_everywhere(root, path, layer.base_layer)
         except BaseException:
-            for path, layer, adapter, active in reversed(done):
+            for path, layer, adapter, active, order in reversed(done):
                 if adapter is not None and adapter_name not in layer.lordba_adapters:
                     layer.add_adapter(adapter_name, adapter)
+                held = layer.lordba_adapters._modules
+                for name in order:  # in their order again (a stack's sum adds them in it)
+                    held[name] = held.pop(name)
                 layer.active_adapters = active
                 replace_everywhere(root, path, layer)
             raise

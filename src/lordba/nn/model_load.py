@@ -132,7 +132,8 @@ class AdapterLoadMixin:
             on_verified(adapter_file)
         self._load_state(adapter_file, adapter_name, is_trainable, targets)
         if not is_trainable:  # for inference (PEFT's load_adapter): dropout, the branch's and the base's, off
-            self.eval()
+            with self._lock.write():  # (the walk over the modules: another thread's delete_adapter changes them)
+                self.eval()
 
     @ordinary_tensors()
     def load_adapter_state(
