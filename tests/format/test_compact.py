@@ -155,6 +155,10 @@ KINDS = ("sign_A", "sign_B", "scale_in", "scale_mid", "scale_out")
         (lambda t, m: m.__setitem__("modules", "{}"), "non-empty object"),
         (lambda t, m: m.__setitem__("modules", m["modules"].replace("{0..1}", "{0..9}")), "has no module|shape"),
         (lambda t, m: m.__setitem__("modules", m["modules"].replace("[40,40,3]", "[40,40,-3]")), "dims must be"),
+        (  # a list inside the dims of a folded run was a TypeError (unhashable) from the canonical-form check
+            lambda t, m: m.__setitem__("modules", m["modules"].replace("[40,40,3]", "[[40],40,3]")),
+            r"module 'model\.layers\.0\.self_attn\.\w+': dims must be \[in, out, r\] positive ints, got \[\[40\]",
+        ),
     ],
 )
 def test_structurally_bad_version_3_files_are_refused(saved, mutate, match):

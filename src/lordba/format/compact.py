@@ -81,9 +81,9 @@ def fold_names(dims: dict[str, list[int]]) -> dict[str, list[int]]:
         if at is None:
             out[name] = list(value)
             continue
-        key = (".".join(parts[:at]), ".".join(parts[at + 1 :]), tuple(value))
-        runs.setdefault(key, []).append(int(parts[at]))
-    for (head, tail, value), numbers in runs.items():
+        key = (".".join(parts[:at]), ".".join(parts[at + 1 :]), repr(list(value)))  # dims may hold lists
+        runs.setdefault(key, (list(value), []))[1].append(int(parts[at]))
+    for (head, tail, _), (value, numbers) in runs.items():
         numbers.sort()
         start = prev = numbers[0]
         for n in [*numbers[1:], None]:
