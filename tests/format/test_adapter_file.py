@@ -68,6 +68,10 @@ def test_huge_declared_header(saved):
     path.write_bytes(data)
     set_config(saved, weights_sha256=hashlib.sha256(data).hexdigest())
     refuse(saved, "header length")
+    data = struct.pack("<Q", len(data) - 7) + data[8:]  # one byte past the end of the file
+    path.write_bytes(data)
+    set_config(saved, weights_sha256=hashlib.sha256(data).hexdigest())
+    refuse(saved, rf"header length {len(data) - 7} exceeds the file \({len(data)} bytes\)")
 
 
 def test_newer_format_version(saved):
@@ -118,6 +122,15 @@ def test_rank_mismatch_between_config_and_file(saved):
         (lambda t, m: m.__setitem__("format_version", "7"), "format_version '7'"),
         (lambda t, m: m.__setitem__("scale_dtype", "bfloat16"), "scale_dtype 'bfloat16' differs"),
         (lambda t, m: m.__setitem__("modules", "[]"), "non-empty object"),
+        (lambda t, m: m.__setitem__("modules", "{}"), "non-empty object"),
+        (
+            lambda t, m: m.__setitem__("modules", json.dumps({**json.loads(m["modules"]), Q: [0, 40, 3]})),
+            "dims must be",
+        ),
+        (
+            lambda t, m: m.__setitem__("modules", json.dumps({**json.loads(m["modules"]), Q: [1 << 31, 40, 3]})),
+            "dims must be",
+        ),
         (
             lambda t, m: m.__setitem__("modules", json.dumps({**json.loads(m["modules"]), Q: [40, 40, -1]})),
             "dims must be",
@@ -238,3 +251,92 @@ def test_a_path_the_file_system_cannot_hold_is_refused_naming_it(tmp_path):
     assert str(tmp_path)[:30] in str(err.value) and len(str(err.value)) < 1000
     with pytest.raises(AdapterFormatError, match="cannot be read"):
         LoRDBAModel.from_pretrained(tiny_llama(), long)
+
+
+def _edit_header(directory, edit):
+    """Rewrite the weights file as ``edit(header, data)`` returns it (the parsed safetensors header and
+    data section; the header padded to 8 bytes) and fix the checksum, as an attacker would."""
+    import hashlib
+    import struct
+
+    path = directory / "lordba_model.safetensors"
+    raw = path.read_bytes()
+    n = struct.unpack_from("<Q", raw)[0]
+    header, data = edit(json.loads(raw[8 : 8 + n]), raw[8 + n :])
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    set_config(directory, weights_sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def _move(d_start, d_stop):
+    """Move the second tensor of the data section's start and end by these many bytes, the later tensors and
+    the file's end by ``d_stop``: the file length still matches its header."""
+
+    def edit(header, data):
+        names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+        start, stop = header[names[1]]["data_offsets"]
+        header[names[1]]["data_offsets"] = [start + d_start, stop + d_stop]
+        for name in names[2:]:
+            header[name]["data_offsets"] = [o + d_stop for o in header[name]["data_offsets"]]
+        return header, data[: len(data) + d_stop] if d_stop < 0 else data + bytes(d_stop)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_move(0, -1), r"tensor [\w.]+: byte range \[\d+, \d+\] holds \d+ bytes, expected \d+"),
+        (_move(-1, -1), r"tensor [\w.]+: data does not follow the previous tensor \(gap or overlap\)"),
+        (_move(1, 1), r"tensor [\w.]+: data does not follow the previous tensor \(gap or overlap\)"),
+    ],
+    ids=["short", "overlap", "gap"],
+)
+def test_byte_ranges_that_do_not_tile_the_data_are_refused_naming_the_tensor(saved, edit, match):
+    """The file's length still matches the header's last byte: only the ranges themselves are wrong (a
+    tensor one byte short of its shape, one reading its neighbour's last byte, one byte between two)."""
+    _edit_header(saved, edit)
+    refuse(saved, match)
+    with pytest.raises(AdapterFormatError, match=r"lordba_model\.safetensors: tensor model\.layers"):
+        read_adapter(saved)
+
+
+def test_a_module_inside_a_lordba_layer_is_refused(saved):
+    """A version 1 file naming ``P.base_layer`` (what a wrapped model holds inside P): it would adapt the wrapped
+    layer's own base, a LoRDBA layer inside a LoRDBA layer."""
+    tensors, meta = load_weights(saved)
+    inner = f"{Q}.base_layer"
+    tensors = {k.replace(Q, inner): t for k, t in tensors.items()}
+    meta["modules"] = meta["modules"].replace(f'"{Q}"', f'"{inner}"')
+    rewrite_weights(saved, tensors, meta)
+    refuse(saved, rf"lordba_model\.safetensors: module name '{inner}' points inside a LoRDBA layer")
+
+
+def test_a_file_shorter_than_a_safetensors_header_length_is_refused(saved):
+    import hashlib
+
+    path = saved / "lordba_model.safetensors"
+    path.write_bytes(path.read_bytes()[:5])
+    set_config(saved, weights_sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    refuse(saved, r"lordba_model\.safetensors: 5 bytes, too short for a safetensors file")
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda h: h["__metadata__"].__setitem__("modules", json.loads(h["__metadata__"]["modules"])), "__metadata__"),
+        (lambda h: h[f"{Q}.sign_A"].__setitem__("offsets", [0, 1]), rf"tensor {Q}\.sign_A: malformed header entry"),
+    ],
+    ids=["metadata-not-strings", "unknown-entry-key"],
+)
+def test_malformed_header_entries_are_refused(saved, edit, match):
+    """safetensors metadata maps strings to strings (a JSON object as 'modules' reached str methods), and a
+    tensor entry holds exactly dtype, shape and data_offsets."""
+
+    def apply(header, data):
+        edit(header)
+        return header, data
+
+    _edit_header(saved, apply)
+    refuse(saved, match)

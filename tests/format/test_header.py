@@ -123,3 +123,44 @@ def test_views_follow_where_the_bytes_lie_in_memory(shift):
 def test_a_file_shorter_than_its_size_is_refused_as_truncated():
     with pytest.raises(AdapterFormatError, match="truncated"):
         read_file_bytes(io.BytesIO(b"\0" * 10), "f", 11)
+
+
+@pytest.mark.parametrize("header_bytes", [5, 6, 7, 9])
+def test_a_data_section_at_any_file_offset_gives_views_of_its_aligned_tensors(header_bytes):
+    """A header not padded to 8 bytes (safetensors does not require it) puts the data section at an odd file
+    offset: read_file_bytes aligns it in memory, and the tensors are views there with their own values."""
+    data = struct.pack("<2f", 0.5, 4.0) + struct.pack("<3h", -3, 7, 9) + bytes([1, 2])
+    spans = {
+        "f": (torch.float32, (2,), header_bytes, header_bytes + 8),
+        "h": (torch.int16, (3,), header_bytes + 8, header_bytes + 14),
+        "u": (torch.uint8, (2,), header_bytes + 14, header_bytes + 16),
+    }
+    raw = b"\0" * header_bytes + data
+    whole = read_file_bytes(io.BytesIO(raw), "f", len(raw), aligned_at=header_bytes)
+    got = tensor_views(whole, spans)
+    assert got["f"].tolist() == [0.5, 4.0] and got["h"].tolist() == [-3, 7, 9] and got["u"].tolist() == [1, 2]
+    one = whole.untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == one for t in got.values())  # no copy
+    assert got["f"].data_ptr() % 64 == 0
+
+
+def test_byte_ranges_are_checked_by_the_header_check_itself():
+    """check_length (before hashing) also refuses these; the header and tiling checks must not rely on it."""
+    from lordba.format.header import check_contiguous, check_tensor_set
+
+    expected = [("t", torch.uint8, (4,), 4)]
+    for offsets, match in (
+        ([False, 4], r"tensor t: malformed data_offsets \[False, 4\]"),
+        ([0, True], r"tensor t: malformed data_offsets \[0, True\]"),
+        ([-1, 3], r"tensor t: byte range \[-1, 3\] holds 4 bytes, expected 4"),
+        ([0, 5], r"tensor t: byte range \[0, 5\] holds 5 bytes, expected 4"),
+    ):
+        header = {"t": {"dtype": "U8", "shape": [4], "data_offsets": offsets}}
+        with pytest.raises(AdapterFormatError, match=match):
+            check_tensor_set(header, expected, {}, "f")
+    spans = {"a": (torch.uint8, (4,), 0, 4), "b": (torch.uint8, (4,), 4, 8)}
+    check_contiguous(spans, 8, "f")
+    with pytest.raises(AdapterFormatError, match=r"f: the file holds 9 data bytes but its header describes 8"):
+        check_contiguous(spans, 9, "f")
+    with pytest.raises(AdapterFormatError, match=r"f: tensor b: data does not follow the previous tensor"):
+        check_contiguous({**spans, "b": (torch.uint8, (4,), 3, 7)}, 7, "f")
