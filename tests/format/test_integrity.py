@@ -2,7 +2,9 @@
 changed field (one flipped bit in ``alpha``) is refused; files written before the digest existed
 still load; the writer never saves what its reader refuses."""
 
+import hashlib
 import json
+import struct
 import warnings
 
 import pytest
@@ -130,3 +132,84 @@ def test_save_refuses_a_module_path_the_loader_refuses(tmp_path, state, bad):
     with pytest.raises(AdapterFormatError, match=r"cannot save: module name .* is not a module path"):
         AdapterState(config, modules).save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out" / "lordba_model.safetensors").exists()
+
+
+def _edit_header(directory, edit, fix_checksum=False):
+    """Rewrite the weights file as ``edit(header, data)`` returns it (the parsed safetensors header, the
+    data section), the header padded to 8 bytes; with ``fix_checksum`` the config's weights_sha256 follows."""
+    path = directory / "lordba_model.safetensors"
+    raw = path.read_bytes()
+    n = struct.unpack_from("<Q", raw)[0]
+    header, data = edit(json.loads(raw[8 : 8 + n]), raw[8 + n :])
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    if fix_checksum:
+        set_config(directory, weights_sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def _first(header):
+    """The name of the tensor whose bytes start the data section."""
+    return min((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+
+
+def _set_offsets(change):
+    def edit(header, data):
+        entry = header[_first(header)]
+        entry["data_offsets"] = change(entry["data_offsets"])
+        return header, data
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_set_offsets(lambda o: [False, o[1]]), r"tensor '(\w+)': malformed data_offsets \[False, \d+\]"),  # False == 0
+        (_set_offsets(lambda o: [-1, o[1]]), r"tensor '(\w+)': malformed data_offsets \[-1, \d+\]"),
+        (_set_offsets(lambda o: [*o, 0]), r"tensor '(\w+)': malformed data_offsets \[0, \d+, 0\]"),
+        (
+            lambda h, d: (h, d + bytes(8)),
+            r"holds \d+ data bytes but its header describes \d+ \(truncated",
+        ),
+    ],
+    ids=["bool", "negative", "three", "padded"],
+)
+def test_a_header_that_does_not_describe_the_file_is_refused_before_it_is_hashed(saved, monkeypatch, edit, match):
+    """check_length is what bounds a refusal by the header: a bool or negative offset, a third offset or
+    trailing bytes were refused only after the whole file was read and hashed (a checksum mismatch)."""
+    from lordba.format import pair as pair_module
+
+    _edit_header(saved, edit)  # the checksum no longer matches: a refusal before hashing is all that can say why
+
+    def never(*args, **kwargs):
+        raise AssertionError("the file was read in full")
+
+    monkeypatch.setattr(pair_module, "read_file_bytes", never)
+    with pytest.raises(AdapterFormatError, match=match) as err:
+        read_adapter(saved)
+    assert "lordba_model.safetensors" in str(err.value) and "refused before hashing" in str(err.value)
+
+
+def test_header_entries_in_any_order_describe_the_file(saved):
+    """safetensors does not order a header's entries: listed last to first, the file is the same adapter
+    (the length check took the last entry's end for the file's)."""
+    want = read_adapter(saved)
+    _edit_header(saved, lambda h, d: (dict(reversed(h.items())), d), fix_checksum=True)
+    got = read_adapter(saved)
+    for name, rec in want.modules.items():
+        assert all(torch.equal(t, got.modules[name].tensors[k]) for k, t in rec.tensors.items())
+
+
+def test_a_config_with_its_fields_in_another_order_loads(saved):
+    """The digest is of the config's fields, not of their order in the file (a tool that rewrites the JSON)."""
+    path = saved / "adapter_config.json"
+    fields = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(reversed(fields.items())), indent=4))
+    assert read_adapter(saved).config.alpha == 8.0
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), {1, 2}])
+def test_a_config_field_that_is_not_json_has_no_digest(value):
+    with pytest.raises(AdapterFormatError, match="config fields are not canonical JSON"):
+        config_digest({"alpha": value})
