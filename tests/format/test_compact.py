@@ -130,6 +130,11 @@ def test_fold_names_round_trips_and_is_canonical(tmp_path):
         ({"m.{0..4294967295}.q": [1, 1, 1]}, "more modules than"),  # refused before expanding
         ({"m.{0..1}.{0..1}": [1, 1, 1]}, "more than one range"),
         ({"m.{0..1}x.q": [1, 1, 1]}, "canonical"),
+        ({"m.q": [1, 1, 1], "m.k": [1, 1, 1]}, "canonical"),  # keys not sorted
+        ({"m.{0..2}.q": [1, 1, 1], "m.1.q": [1, 1, 1]}, "names module 'm.1.q' twice"),
+        ({"a.{0..599}.q": [1, 1, 1], "b.{0..599}.q": [1, 1, 1]}, "range 0..599 .* more modules than the file's 1000"),
+        ({f"m{i}": [1, 1, 1] for i in range(1001)}, "names more modules than the file can hold"),
+        ({"m.q": 5}, "canonical"),
     ):
         with pytest.raises(AdapterFormatError, match=match):
             unfold_names(bad, 1000, tmp_path)
@@ -244,3 +249,55 @@ def test_a_layout_checked_once_is_still_checked_against_each_config(tmp_path, ch
     first, second = read_adapter(tmp_path / "good"), read_adapter(tmp_path / "good")
     assert first.modules[Q] is not second.modules[Q]  # fresh records per read: their tensors are their own
     assert torch.equal(first.modules[Q].tensors["sign_A"], second.modules[Q].tensors["sign_A"])
+
+
+def test_int4_modules_of_odd_dims_read_back_each_its_own_codes(tmp_path):
+    """Each odd-length int4 vector is padded to a whole byte: the second module's codes start after the first
+    one's padding nibble, and each module's padding nibble is its own (a non-zero one names that module)."""
+    from lordba.core.packing import pack_signs
+    from lordba.core.scales import get_codec
+    from lordba.format.header import ModuleRecord
+
+    config = LoRDBAConfig(r=2, target_modules=["q"], scale_dtype="int4")
+    g = torch.Generator().manual_seed(1)
+    modules = {}
+    for i in range(3):
+        codes = get_codec("int4").encode(torch.randn(5, generator=g), torch.ones(2), torch.randn(3, generator=g))
+        record = ModuleRecord(f"m.{i}.q", 5, 3, 2, dict(zip(("scale_in", "scale_mid", "scale_out"), codes)))
+        record.tensors |= {"sign_A": pack_signs(torch.randn(2, 5)), "sign_B": pack_signs(torch.randn(3, 2))}
+        modules[record.path] = record
+    AdapterState(config, modules).save_pretrained(tmp_path)
+    adapter = read_adapter(tmp_path)
+    for name, rec in modules.items():
+        for kind in ("scale_in", "scale_out"):
+            assert torch.equal(adapter.modules[name].tensors[kind], rec.tensors[kind]), (name, kind)
+    tensors, meta = load_weights(tmp_path)
+    tensors["scale_out"][3] |= 1  # the second module's codes are bytes 2 and 3: its padding nibble
+    rewrite_weights(tmp_path, tensors, meta)
+    with pytest.raises(AdapterFormatError, match=r"m\.1\.q\.scale_out: non-zero padding nibble"):
+        read_adapter(tmp_path)
+    tensors["scale_out"][3] &= 0xF0
+    tensors["scale_out"][4] = (tensors["scale_out"][4] & 0xF0) | 0x8  # a low nibble 8 in byte 4
+    rewrite_weights(tmp_path, tensors, meta)
+    with pytest.raises(AdapterFormatError, match="scale_out: byte 4 holds the invalid 4-bit index -8"):
+        read_adapter(tmp_path)
+
+
+def test_modules_are_read_in_sorted_order(saved):
+    """The folded runs expand layer by layer per key (layers.0.mlp.down_proj, layers.1.mlp.down_proj, ...):
+    a version 3 file's modules come back sorted, as version 1's do."""
+    names = list(read_adapter(saved).modules)
+    assert names == sorted(names) and len(names) == 14
+
+
+def test_more_modules_than_the_data_can_hold_are_refused_before_expanding(saved):
+    """Every module takes at least two data bytes: a run naming more is refused from the metadata alone."""
+    from lordba.format.header import read_header
+
+    path = saved / "lordba_model.safetensors"
+    with open(path, "rb") as f:
+        data_bytes = path.stat().st_size - 8 - read_header(f, path, path.stat().st_size)[2]
+    tensors, meta = load_weights(saved)
+    meta["modules"] = meta["modules"].replace("{0..1}", f"{{0..{data_bytes}}}")
+    rewrite_weights(saved, tensors, meta)
+    refuse(saved, rf"range 0\.\.{data_bytes} .* more modules than the file's {data_bytes // 2} can hold")
