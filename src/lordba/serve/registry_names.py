@@ -8,7 +8,10 @@ included. A client is never shown the server's path of the folder (:meth:`Adapte
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -64,6 +67,8 @@ class AdapterNames:
             raise BadRequestError("this server has no --adapters folder: adapters cannot be loaded", param=param)
         try:
             full = (self.folder / path).resolve()
+            if sys.version_info >= (3, 13):  # resolve() stops at a link loop there, where it raised RuntimeError
+                _refuse_loop(full)
         except (ValueError, RuntimeError) as err:  # a NUL, a lone surrogate: no path; a link loop (both were a 500)
             raise BadRequestError(f"{param} {str(path)!r} is not a valid path: {self.redact(err)}", param) from None
         if full != self.folder and self.folder not in full.parents:
@@ -142,3 +147,14 @@ class AdapterNames:
                 entry = self._entries[name] = _Entry(path, from_folder=True)
                 return entry
         raise UnknownAdapterError(f"The model '{name}' does not exist")
+
+
+def _refuse_loop(path: Path) -> None:
+    """Raise ``RuntimeError`` as ``Path.resolve`` did before Python 3.13 if ``path`` runs through a link loop
+    (3.13 returns the path unresolved from the loop on: its lora_path was a 404 "holds no adapter directory"
+    instead of the 400 naming the loop)."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise RuntimeError(f"Symlink loop from {str(path)!r}") from None
