@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lordba._util.modules import cache_keyword
 from lordba.errors import ConfigError
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -215,11 +216,12 @@ class StaticDecode:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.model = model
         self.cache = StaticCache(config=inner.config, max_cache_len=length)
-        (prefill or model)(input_ids=prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.kv = {cache_keyword(model): self.cache}  # (the model's name for it, looked up once: not in a timed step)
+        (prefill or model)(input_ids=prompt, use_cache=True, logits_to_keep=1, **self.kv)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Logits of ``token`` after the cached context (the cache then holds it too)."""
-        return self.model(input_ids=token, past_key_values=self.cache, use_cache=True).logits
+        return self.model(input_ids=token, use_cache=True, **self.kv).logits
 
     def back(self) -> None:
         """Forget the last step's position."""

@@ -89,11 +89,12 @@ def _prefill(models: dict, ids: torch.Tensor, rounds: int) -> dict:
 
 def _decode(models: dict, ids: torch.Tensor, rounds: int) -> dict:
     """One eager decode step after ``ids[:, :-1]`` in a dynamic cache, cropped back after each step."""
-    caches = {k: m(input_ids=ids[:, :-1], use_cache=True).past_key_values for k, m in models.items()}
+    from lordba._util.modules import cache_keyword, output_cache
+
+    caches = {k: output_cache(m(input_ids=ids[:, :-1], use_cache=True)) for k, m in models.items()}
     step = ids[:, -1:]
-    fns = {
-        k: (lambda k=k, m=m: m(input_ids=step, past_key_values=caches[k], use_cache=True)) for k, m in models.items()
-    }
+    kvs = {k: {cache_keyword(m): caches[k]} for k, m in models.items()}  # (looked up once, not timed)
+    fns = {k: (lambda m=m, kv=kvs[k]: m(input_ids=step, use_cache=True, **kv)) for k, m in models.items()}
     return interleaved_gpu(fns, rounds, 1, after=lambda k: caches[k].crop(-1))
 
 
@@ -102,19 +103,22 @@ def _graph_decode(models: dict, ids: torch.Tensor, rounds: int) -> dict:
     (its position passed, so nothing in the forward reads a GPU value on the CPU) and its undo."""
     from transformers import StaticCache
 
+    from lordba._util.modules import cache_keyword
+
     fns, calls = {}, 10
     step = ids[:, -1:]
     position = torch.tensor([ids.shape[1] - 1], device=ids.device)
     for k, m in models.items():
         inner = m.get_base_model() if hasattr(m, "get_base_model") else m
         cache = StaticCache(config=inner.config, max_cache_len=ids.shape[1] + 8)
-        m(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        kv = {cache_keyword(m): cache}
+        m(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1, **kv)
 
-        def once(m: nn.Module = m, cache: StaticCache = cache) -> None:
+        def once(m: nn.Module = m, cache: StaticCache = cache, kv: dict = kv) -> None:
             m(
                 input_ids=step,
-                past_key_values=cache,
                 use_cache=True,
+                **kv,
                 cache_position=position,
                 position_ids=position[None],
             )

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lordba._util.modules import cache_keyword, output_cache
 from lordba.errors import ConfigError
 from lordba_lab.bench._timing import Stats, interleaved
 
@@ -108,12 +109,10 @@ def time_model(models: dict[str, nn.Module], prompt: int, budget_s: float, quick
     with torch.inference_mode():
         prefill = {k: (lambda m=m: m(input_ids=ids[:, :prompt], use_cache=False)) for k, m in models.items()}
         results["model-prefill"] = interleaved(prefill, budget_s, min_reps=6 if quick else 10, max_reps=40)
-        caches = {k: m(input_ids=ids[:, :prompt], use_cache=True).past_key_values for k, m in models.items()}
+        caches = {k: output_cache(m(input_ids=ids[:, :prompt], use_cache=True)) for k, m in models.items()}
         step = ids[:, prompt : prompt + 1]
-        decode = {
-            k: (lambda k=k, m=m: m(input_ids=step, past_key_values=caches[k], use_cache=True))
-            for k, m in models.items()
-        }
+        kvs = {k: {cache_keyword(m): caches[k]} for k, m in models.items()}  # (looked up once, not timed)
+        decode = {k: (lambda m=m, kv=kvs[k]: m(input_ids=step, use_cache=True, **kv)) for k, m in models.items()}
         results["model-decode"] = interleaved(
             decode, budget_s / 2, min_reps=10, max_reps=100, after=lambda k: caches[k].crop(-1)
         )

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from lordba._util.modules import cache_keyword, output_cache
 from lordba_lab.bench import _e2e_models as M
 from lordba_lab.bench import _llama_cpp, hardware
 from lordba_lab.bench._e2e_report import plot, report, targets
@@ -182,12 +183,11 @@ def _time(
         prefill = interleaved(fns, 10.0 if quick else 150.0, min_reps=3 if quick else 10, max_reps=40)
         # the pairs' prefill: 45 s a group (~30 rounds of fp32's three variants; 20 s gave intervals of ±3-5%)
         pairs = {"prefill": _pairs(fns, 2.0 if quick else 45.0, min_reps=3 if quick else 10, max_reps=80)}
-        caches = {k: m(input_ids=x, use_cache=True).past_key_values for k, m in models.items()}
+        caches = {k: output_cache(m(input_ids=x, use_cache=True)) for k, m in models.items()}
         for r in runners.values():
             r.prefill(prompt)
-        fns = {
-            k: (lambda k=k, m=m: m(input_ids=tok, past_key_values=caches[k], use_cache=True)) for k, m in models.items()
-        }
+        kvs = {k: {cache_keyword(m): caches[k]} for k, m in models.items()}  # (looked up once, not timed)
+        fns = {k: (lambda m=m, kv=kvs[k]: m(input_ids=tok, use_cache=True, **kv)) for k, m in models.items()}
         fns.update({k: (lambda r=r: r.decode(len(prompt), step)) for k, r in runners.items()})
         fns.update({k: (lambda s=s: s.step(tok)) for k, s in steps.items()})
 

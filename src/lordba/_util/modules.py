@@ -168,6 +168,8 @@ def cache_keyword(model: nn.Module) -> str:
     """The keyword ``model``'s forward takes its KV cache by: ``cache`` where its signature has it (transformers 5.25
     renamed ``past_key_values``, which it accepts with a warning until 5.40), else ``past_key_values``."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model's forward shows (*args, **kwargs) only
+    if hasattr(model, "get_base_model"):  # a PEFT model passes the keyword on to its base's forward
+        model = model.get_base_model()
     try:
         parameters = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # (a forward without a signature: the name every version takes)
