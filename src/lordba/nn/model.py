@@ -52,7 +52,7 @@ from lordba.nn.model_state import (
     with_adapter_names,
 )
 from lordba.nn.routing import BASE_ROW, DISABLED, UNUSABLE_NAMES, DisableBlock, RoutingGate, in_disable_block, routing
-from lordba.nn.structure import replace_everywhere, resolve, uncompiled
+from lordba.nn.structure import resolve, uncompiled
 from lordba.nn.targets import find_targets
 from lordba.quant import BaseBackend, resolve_backend
 
@@ -244,28 +244,6 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
             del self.peft_config[adapter_name]
             self._active = tuple(n for n in self._active if n != adapter_name)
             self._sync_saved()
-
-    def _take_from_layers(self, adapter_name: str) -> None:
-        """Remove ``adapter_name`` from every layer, layers left without adapters unwrapped: all or none (a Ctrl-C
-        half-way put back, else the model kept naming an adapter some of its layers had lost)."""
-        root, done = self._root(), []
-        try:
-            for path, layer in self._lordba_layers():
-                adapter = layer.lordba_adapters[adapter_name] if adapter_name in layer.lordba_adapters else None
-                done.append((path, layer, adapter, list(layer.active_adapters), list(layer.lordba_adapters)))
-                layer.delete_adapter(adapter_name)
-                if not layer.lordba_adapters:
-                    replace_everywhere(root, path, layer.base_layer)
-        except BaseException:
-            for path, layer, adapter, active, order in reversed(done):
-                if adapter is not None and adapter_name not in layer.lordba_adapters:
-                    layer.add_adapter(adapter_name, adapter)
-                held = layer.lordba_adapters._modules
-                for name in order:  # in their order again (a stack's sum adds them in it)
-                    held[name] = held.pop(name)
-                layer.active_adapters = active
-                replace_everywhere(root, path, layer)
-            raise
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

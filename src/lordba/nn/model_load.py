@@ -66,6 +66,28 @@ class AdapterLoadMixin:
                     replace_everywhere(root, path, module.base_layer)
             raise
 
+    def _take_from_layers(self, adapter_name: str) -> None:
+        """Remove ``adapter_name`` from every layer, layers left without adapters unwrapped: all or none (a Ctrl-C
+        half-way put back, else the model kept naming an adapter some of its layers had lost)."""
+        root, done = self._root(), []
+        try:
+            for path, layer in self._lordba_layers():
+                adapter = layer.lordba_adapters[adapter_name] if adapter_name in layer.lordba_adapters else None
+                done.append((path, layer, adapter, list(layer.active_adapters), list(layer.lordba_adapters)))
+                layer.delete_adapter(adapter_name)
+                if not layer.lordba_adapters:
+                    replace_everywhere(root, path, layer.base_layer)
+        except BaseException:
+            for path, layer, adapter, active, order in reversed(done):
+                if adapter is not None and adapter_name not in layer.lordba_adapters:
+                    layer.add_adapter(adapter_name, adapter)
+                held = layer.lordba_adapters._modules
+                for name in order:  # in their order again (a stack's sum adds them in it)
+                    held[name] = held.pop(name)
+                layer.active_adapters = active
+                replace_everywhere(root, path, layer)
+            raise
+
     def _check_fits(self, state: adapter_files.AdapterState, source: object) -> Targets:
         """Every module of ``state`` exists in this model with the same in/out features; returns
         ``{path: (base layer, backend)}`` (resolved once, reused to build the adapters)."""
