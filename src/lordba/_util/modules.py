@@ -6,6 +6,7 @@ generated text."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Iterator
 from typing import Any
@@ -166,12 +167,18 @@ def generation_stopping_only(model: nn.Module) -> Iterator[None]:
 
 def cache_keyword(model: nn.Module) -> str:
     """The keyword ``model``'s forward takes its KV cache by: ``cache`` where its signature has it (transformers 5.25
-    renamed ``past_key_values``, which it accepts with a warning until 5.40), else ``past_key_values``."""
+    renamed ``past_key_values``, which it accepts with a warning until 5.40), else ``past_key_values``. Read once per
+    model class (the serving batch asks on every decode step)."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model's forward shows (*args, **kwargs) only
     if hasattr(model, "get_base_model"):  # a PEFT model passes the keyword on to its base's forward
         model = model.get_base_model()
+    return _forward_cache_keyword(type(model))
+
+
+@functools.cache
+def _forward_cache_keyword(cls: type) -> str:
     try:
-        parameters = inspect.signature(model.forward).parameters
+        parameters = inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):  # (a forward without a signature: the name every version takes)
         return "past_key_values"
     return "cache" if "cache" in parameters else "past_key_values"
