@@ -328,6 +328,30 @@ def test_state_dict_functions_round_trip_and_refuse_bad_input():
         set_lordba_model_state_dict(other, bad)
 
 
+def test_set_state_dict_returns_peft_load_result_for_a_full_and_a_partial_state_dict():
+    """set_peft_model_state_dict returns the load result (missing_keys, unexpected_keys) and loads a partial state dict
+    (strict=False); set_lordba_model_state_dict returned None and refused a partial one."""
+    lm = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", task_type="SEQ_CLS"))
+    sd = get_lordba_model_state_dict(lm)
+    other = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", task_type="SEQ_CLS"))
+    result = set_lordba_model_state_dict(other, sd)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert isinstance(result, torch.nn.modules.module._IncompatibleKeys)
+    torch.testing.assert_close(other(input_ids=IDS).logits, lm(input_ids=IDS).logits, rtol=0, atol=1e-5)
+
+    other = get_lordba_model(seq_cls(), LoRDBAConfig(r=4, init="random", task_type="SEQ_CLS"))
+    kept = {k: v.clone() for k, v in get_lordba_model_state_dict(other).items()}
+    partial = {k: v for k, v in sd.items() if k.startswith(Q) and not k.endswith("scale_out")}
+    partial["extra:score.weight"] = sd["extra:score.weight"]
+    partial["model.layers.9.self_attn.q_proj.sign_A"] = sd[f"{Q}.sign_A"]
+    missing, unexpected = set_lordba_model_state_dict(other, partial)
+    assert unexpected == ["model.layers.9.self_attn.q_proj.sign_A"]
+    assert missing == [k for k in sd if k not in partial] and f"{Q}.scale_out" in missing
+    now = get_lordba_model_state_dict(other)
+    for key, value in now.items():
+        torch.testing.assert_close(value, partial[key] if key in partial else kept[key], rtol=0, atol=0)
+
+
 def test_state_dict_functions_round_trip_an_adapter_hot_swapped_to_a_subset(tmp_path):
     """A hot-swap to a file with fewer modules silences the others (not part of the adapter: neither saved nor in
     get_lordba_model_state_dict); setting the adapter's own state dict back raised KeyError on the first of them,

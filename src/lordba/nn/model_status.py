@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch.nn.modules.module import _IncompatibleKeys
 
 from lordba.errors import AdapterFormatError, AdapterStateError, ConfigError
 from lordba.format.extras import EXTRA_PREFIX, check_extra_values
@@ -197,18 +198,28 @@ def get_lordba_model_state_dict(model: Any, adapter_name: str = "default") -> di
     return out
 
 
-def set_lordba_model_state_dict(model: Any, state_dict: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+def set_lordba_model_state_dict(
+    model: Any, state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
+) -> _IncompatibleKeys:
     """Load ``state_dict`` (as :func:`get_lordba_model_state_dict` gives it) into the existing adapter
-    ``adapter_name`` (PEFT's ``set_peft_model_state_dict``), in place. Everything is checked first, as
-    a file is (names, dtypes, shapes, padding bits, finite scales; extras against the model), so a
-    refused state dict leaves the model as it was. Raises :class:`AdapterFormatError`, or :class:`AdapterStateError`
-    for an adapter merged into the base (unmerging it would then subtract the new update), :class:`ConfigError` for
-    a model that is no LoRDBA model or a ``state_dict`` that is no mapping."""
+    ``adapter_name`` (PEFT's ``set_peft_model_state_dict``), in place. As PEFT's (``strict=False``), a partial state
+    dict loads what it holds (the adapter's other tensors are kept) and keys that are none of the adapter's are
+    left out; both are returned. Everything given is checked first, as a file is (dtypes, shapes, padding bits,
+    finite scales; extras against the model), so a refused state dict leaves the model as it was.
+
+    Returns:
+        PEFT's ``load_result``: torch's ``_IncompatibleKeys`` (``missing_keys``: the adapter's keys the dict lacks,
+        ``unexpected_keys``: the dict's keys that are not the adapter's), named as
+        :func:`get_lordba_model_state_dict` names them.
+
+    Raises :class:`AdapterFormatError`, or :class:`AdapterStateError` for an adapter merged into the base (unmerging
+    it would then subtract the new update), :class:`ConfigError` for a model that is no LoRDBA model or a
+    ``state_dict`` that is no mapping."""
     if not isinstance(state_dict, Mapping):
         raise ConfigError(f"set_lordba_model_state_dict: state_dict must be a dict of tensors, got {state_dict!r:.80}")
     model = _lordba_model(model, "set_lordba_model_state_dict")
     with model._lock.write():  # snapshot, checks and load at once: another thread may hot-swap or replace it
-        _set_state_dict(model, state_dict, adapter_name)
+        return _set_state_dict(model, state_dict, adapter_name)
 
 
 def _lordba_model(model: Any, call: str) -> Any:
@@ -219,45 +230,42 @@ def _lordba_model(model: Any, call: str) -> Any:
     raise ConfigError(f"{call}: the model must be a LoRDBAModel (get_lordba_model), got {type(model).__name__}")
 
 
-def _set_state_dict(model: Any, state_dict: dict[str, torch.Tensor], adapter_name: str) -> None:
+def _set_state_dict(model: Any, state_dict: dict[str, torch.Tensor], adapter_name: str) -> _IncompatibleKeys:
     """:func:`set_lordba_model_state_dict`'s work (the caller holds the write lock)."""
     current = model.adapter_state(adapter_name)
     config = current.config
-    records = {p: ModuleRecord(p, r.in_features, r.out_features, r.r) for p, r in current.modules.items()}
-    expected = {f"{p}.{k}" for p in records for k in TENSOR_KINDS}
-    given = {k for k in state_dict if not k.startswith(EXTRA_PREFIX)}
-    if given != expected:
-        missing, unexpected = sorted(expected - given), sorted(given - expected)
-        raise AdapterFormatError(f"state dict: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for path, rec in records.items():
+    own = [f"{p}.{k}" for p in current.modules for k in TENSOR_KINDS] + [EXTRA_PREFIX + k for k in current.extras]
+    known = set(own)
+    result = _IncompatibleKeys([k for k in own if k not in state_dict], [k for k in state_dict if k not in known])
+    records = {}  # the modules the dict names: the tensors it lacks are the adapter's own
+    for path, held in current.modules.items():
+        if not any(f"{path}.{kind}" in state_dict for kind in TENSOR_KINDS):
+            continue
+        rec = records[path] = ModuleRecord(path, held.in_features, held.out_features, held.r)
         for kind, (dtype, shape) in rec.expected(config.scale_dtype).items():
-            t = state_dict[f"{path}.{kind}"]
+            t = state_dict.get(f"{path}.{kind}", held.tensors[kind])
             if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
                 got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
                 raise AdapterFormatError(f"state dict: {path}.{kind}: {got}, expected {dtype} {shape}")
             rec.tensors[kind] = t.detach().cpu()
         check_values(rec, config.scale_dtype, "state dict")
-    extras = {k[len(EXTRA_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(EXTRA_PREFIX)}
+    extras = {k: state_dict[EXTRA_PREFIX + k] for k in current.extras if EXTRA_PREFIX + k in state_dict}
     check_extra_values(extras, "state dict")
-    if set(extras) != set(current.extras):
-        raise AdapterFormatError(
-            f"state dict: extra tensors {sorted(extras)[:5]} differ from the adapter's {sorted(current.extras)[:5]}"
-        )
-    plan = model._plan_extras(type(current)(config, records, extras=extras))
+    plan = model._plan_extras(type(current)(config, {**current.modules, **records}, extras=extras))
     if any(adapter_name in layer.merged_adapters for _, layer in model._lordba_layers()):
         raise AdapterStateError(  # unmerging would then take the new update out of the base, not the merged one
             f"set_lordba_model_state_dict: adapter {adapter_name!r} is merged into the base weights: "
             "unmerge_adapter() before loading into it"
         )
     for path, adapter in model.adapter_modules(adapter_name).items():
-        if path not in records:  # silenced by a hot-swap, not part of the adapter (adapter_state leaves it out)
-            continue
-        if isinstance(adapter, TrainableAdapter) and adapter.has_latent_signs:
-            adapter = model._swap(adapter_name, path, adapter.freeze_signs())
-        adapter.load_stored(records[path].tensors)
+        if path in records:  # (not: not in the dict, or silenced by a hot-swap: adapter_state leaves it out)
+            if isinstance(adapter, TrainableAdapter) and adapter.has_latent_signs:
+                adapter = model._swap(adapter_name, path, adapter.freeze_signs())
+            adapter.load_stored(records[path].tensors)
         value = plan["bias"].get(path)
         if value is not None:
             with torch.no_grad():
                 adapter.bias_delta.copy_(model._bias_delta(path, value))
     for path, tensors in plan["saved"].items():
         model._root().get_submodule(path).load_saved(adapter_name, tensors)
+    return result
