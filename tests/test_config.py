@@ -119,3 +119,66 @@ def test_a_file_with_layers_pattern_alone_still_loads_as_what_it_ran():
     the same layers as when it was written."""
     data = {**LoRDBAConfig().to_dict(), "layers_pattern": "layers"}
     assert LoRDBAConfig.from_dict(data) == LoRDBAConfig()
+
+
+def _cache_config(cache, repo_id, config, commit, subfolder=""):
+    """``config``'s adapter_config.json in an HF cache, laid out as huggingface_hub leaves a download."""
+    import hashlib
+    import os
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit / subfolder
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    data = json.dumps(config.to_dict()).encode()
+    blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.write_bytes(data)
+    os.symlink(os.path.relpath(blob, snapshot), snapshot / "adapter_config.json")
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_from_pretrained_reads_a_subfolder_and_a_hub_id_from_the_cache(tmp_path, offline_cache):
+    """PeftConfig.from_pretrained(id, subfolder=, revision=, cache_dir=) reads a subfolder and a Hub id; lordba's took
+    a local folder only (a Hub id: AdapterFormatError 'not a directory'; subfolder=: TypeError)."""
+    cfg = LoRDBAConfig(r=4, target_modules=["q_proj"])
+    (tmp_path / "local" / "named").mkdir(parents=True)
+    (tmp_path / "local" / "named" / "adapter_config.json").write_text(json.dumps(cfg.to_dict()))
+    assert LoRDBAConfig.from_pretrained(tmp_path / "local", subfolder="named") == cfg
+    assert LoRDBAConfig.from_pretrained(str(tmp_path / "local"), "named") == cfg
+
+    other = LoRDBAConfig(r=8, target_modules=["v_proj"])
+    _cache_config(offline_cache, "someone/cfg", cfg, "a" * 40)
+    _cache_config(offline_cache, "someone/cfg", other, "a" * 40, subfolder="b")
+    assert LoRDBAConfig.from_pretrained("someone/cfg") == cfg
+    assert LoRDBAConfig.from_pretrained("someone/cfg", subfolder="b", revision="a" * 40) == other
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _cache_config(elsewhere, "someone/cfg2", other, "c" * 40)
+    assert LoRDBAConfig.from_pretrained("someone/cfg2", cache_dir=elsewhere, local_files_only=True) == other
+
+
+def test_from_pretrained_of_a_hub_id_without_the_config_is_a_config_error_naming_it(offline_cache):
+    cfg = LoRDBAConfig(r=4, target_modules=["q_proj"])
+    _cache_config(offline_cache, "someone/cfg", cfg, "a" * 40, subfolder="b")
+    with pytest.raises(ConfigError, match=r"Hub repo 'someone/cfg' \(revision main\) has no adapter_config.json"):
+        LoRDBAConfig.from_pretrained("someone/cfg")
+    with pytest.raises(ConfigError, match=r"has no c/adapter_config.json"):
+        LoRDBAConfig.from_pretrained("someone/cfg", subfolder="c")
+    with pytest.raises(ConfigError, match=r"'someone/missing'.*Hugging Face Hub") as err:
+        LoRDBAConfig.from_pretrained("someone/missing")
+    assert "\n" not in str(err.value)
+    with pytest.raises(AdapterFormatError, match=r"subfolder '\.\./b'"):
+        LoRDBAConfig.from_pretrained("someone/cfg", subfolder="../b")

@@ -25,6 +25,7 @@ from lordba.config.checks import (
     _check_str,
     check_base_quantization,
 )
+from lordba.config.locate import is_hub_id, locate
 from lordba.core.scales import SCALE_DTYPES
 from lordba.core.ste import STE, STE_KINDS
 from lordba.errors import AdapterFormatError, ConfigError, LoRDBAError
@@ -331,10 +332,32 @@ class LoRDBAConfig:
         return config
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> LoRDBAConfig:
-        """Read and validate ``adapter_config.json`` from an adapter directory (PEFT's ``LoraConfig.from_pretrained``;
-        the config alone: :func:`lordba.format.adapter.read_adapter` also checks it against the weights)."""
-        return cls.from_dict(read_config_json(directory), source=str(Path(directory) / CONFIG_NAME))
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        subfolder: str | None = None,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+    ) -> LoRDBAConfig:
+        """Read and validate ``adapter_config.json`` from an adapter directory or a Hugging Face Hub repo id, in
+        its ``subfolder`` if given (PEFT's ``PeftConfig.from_pretrained``; the Hub keywords of
+        ``LoRDBAModel.from_pretrained``, read as it reads them: :func:`~lordba.config.locate.locate`; the config
+        alone: :func:`lordba.format.adapter.read_adapter` also checks it against the weights).
+
+        Raises:
+            ConfigError: a Hub id whose config cannot be fetched, or whose repo has none, naming the id and file; a
+                config that is invalid. AdapterFormatError: a local directory that is none, or without the file.
+        """
+        hub = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+        folder = locate(directory, [CONFIG_NAME], subfolder=subfolder, error=ConfigError, stacklevel=2, **hub)
+        path = folder / CONFIG_NAME
+        if is_hub_id(directory) and not path.is_file():
+            where = f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME
+            raise ConfigError(f"Hub repo {directory!r} (revision {revision or 'main'}) has no {where}")
+        return cls.from_dict(read_config_json(folder), source=str(path))
 
     def rank_for(self, module_name: str) -> int:
         """The rank of ``module_name`` (``rank_pattern`` first, else ``r``)."""

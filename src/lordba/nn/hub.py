@@ -8,16 +8,15 @@ written or an upload happens. Nothing here knows what a ``LoRDBAModel`` is: the 
 
 from __future__ import annotations
 
-import glob
 import json
 import warnings
 from pathlib import Path
 from typing import Any
 
-from lordba._util.files import check_path
 from lordba._util.jsonio import read_json_file, safe_repr
 from lordba._version import __version__
 from lordba.config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, LoRDBAConfig
+from lordba.config.locate import is_hub_id, is_repo_id, locate
 from lordba.errors import AdapterFormatError, ConfigError
 from lordba.format.atomic import atomic_write_bytes
 
@@ -56,25 +55,6 @@ def refuse_base_attribute(name: str) -> None:
         )
 
 
-def _is_repo_id(model_id: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(model_id)
-    except HFValidationError:
-        return False
-    return True
-
-
-def _local(model_id: str) -> bool:
-    """Whether ``model_id`` names something on the local file system; a name the file system refuses (too
-    long) is taken as local too, so that the loader reports it (a Hub id is never that long)."""
-    try:
-        return Path(model_id).exists()
-    except OSError:
-        return True
-
-
 def resolve_adapter_dir(
     model_id: str | Path,
     *,
@@ -108,60 +88,24 @@ def resolve_adapter_dir(
             ``subfolder`` that is absolute or holds ``..`` (it would leave the directory or repo).
         ConfigError: a Hub repo holding another kind of PEFT adapter (a LoRA: how to convert it).
     """
-    check_path(model_id, "the adapter directory (a path or a Hub id)")
-    sub = _subfolder(subfolder)
-    if isinstance(model_id, Path) or _local(model_id) or not _is_repo_id(model_id):
-        if revision is not None:  # a local copy named like the repo wins: say which adapter that is
-            warnings.warn(
-                f"{str(model_id)!r} is a local directory, loaded as it is: the Hub revision {revision!r} is not used "
-                "(rename or move the local folder to load the Hub repo's revision)",
-                UserWarning,
-                stacklevel=4,
-            )
-        return Path(model_id) / sub
-    prefix = glob.escape(f"{sub.as_posix()}/") if subfolder else ""  # allow_patterns are fnmatch patterns
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot = snapshot_download(
-            model_id,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            allow_patterns=[prefix + CONFIG_NAME, prefix + WEIGHTS_NAME],
-            library_name="lordba",
-            library_version=__version__,
-        )
-    except Exception as err:  # huggingface_hub raises many types (HTTP, offline, validation, OS)
-        reason = (str(err).strip().splitlines() or [""])[0]
-        raise AdapterFormatError(
-            f"{model_id!r}: no local directory of that name, and the Hugging Face Hub repo could not be read "
-            f"(revision {revision or 'main'}): {type(err).__name__}: {reason}"
-        ) from None
-    directory = Path(snapshot) / sub
+    directory = locate(
+        model_id,
+        [CONFIG_NAME, WEIGHTS_NAME],
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        subfolder=subfolder,
+        local_files_only=local_files_only,
+        stacklevel=4,
+    )
+    if not is_hub_id(model_id):
+        return directory
     where = f"Hub repo {model_id!r} (revision {revision or 'main'}{', subfolder ' + subfolder if subfolder else ''})"
     if not (directory / CONFIG_NAME).is_file():
         raise AdapterFormatError(f"{where} has no {CONFIG_NAME}: it is not a LoRDBA adapter")
     if not (directory / WEIGHTS_NAME).exists():  # only the config came: another kind of adapter, or a partial download
         _check_snapshot(directory, where)
     return directory
-
-
-def _subfolder(subfolder: str | None) -> Path:
-    """``subfolder`` as a relative path (empty where none is given), refused where it would leave the adapter's
-    directory or repo: an absolute path (joined to the directory it replaces it) or a ``..`` (a Hub id's other
-    revision in the cache, a folder beside a local one): another adapter than the one named, loaded silently."""
-    if not subfolder:
-        return Path()
-    check_path(subfolder, "subfolder")
-    sub = Path(subfolder)
-    if sub.is_absolute() or ".." in sub.parts:
-        raise AdapterFormatError(
-            f"subfolder {str(subfolder)!r}: must be a relative path inside the adapter directory or Hub repo "
-            "(no '..', not absolute)"
-        )
-    return sub
 
 
 def _check_snapshot(directory: Path, where: str) -> None:
@@ -196,7 +140,7 @@ def model_card(
         The card's text.
     """
     base = config.base_model_name_or_path
-    hub_base = base if isinstance(base, str) and base and _is_repo_id(base) and not Path(base).exists() else None
+    hub_base = base if isinstance(base, str) and base and is_repo_id(base) and not Path(base).exists() else None
     tags = ["lordba", "lora", "binary", "low-bit"]
     meta = ["---", "library_name: lordba"]
     if hub_base is not None:
@@ -302,7 +246,7 @@ def upload_adapter_folder(
     Raises:
         AdapterFormatError: ``repo_id`` is not a valid Hub repo id.
     """
-    if not isinstance(repo_id, str) or not _is_repo_id(repo_id):
+    if not isinstance(repo_id, str) or not is_repo_id(repo_id):
         raise AdapterFormatError(f"push_to_hub: {repo_id!r} is not a Hugging Face Hub repo id ('user/repo')")
     from huggingface_hub import HfApi
 
