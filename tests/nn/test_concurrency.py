@@ -548,10 +548,10 @@ def test_merge_adapter_is_refused_while_another_thread_is_in_a_disable_adapter_b
     assert torch.equal(logits(lm, input_ids), want_adapter)
 
 
-def test_merge_and_unload_is_refused_in_a_disable_adapter_block_of_any_thread(tmp_path, input_ids):
-    """merge_and_unload inside a disable_adapter block (this thread's or another's) is refused, model unchanged.
-    Was: it went through and the block's later calls ran base + the merged adapter, silently, inside a block that
-    promises the base alone."""
+def test_merge_and_unload_is_refused_in_a_disable_adapter_block_of_another_thread(tmp_path, input_ids):
+    """merge_and_unload while another thread is in a disable_adapter block is refused, model unchanged. Was: it went
+    through and the block's later calls ran base + the merged adapter, silently, inside a block that promises the base
+    alone. (In the caller's own block it merges, as PEFT's: nn/test_peft_merge_disabled.py.)"""
     lm = model_with_adapters(tmp_path)
     want_adapter, want_base = adapter_and_base_logits(lm, input_ids)
     errors = []
@@ -563,11 +563,10 @@ def test_merge_and_unload_is_refused_in_a_disable_adapter_block_of_any_thread(tm
             errors.append(str(e))
 
     with lm.disable_adapter():
-        with pytest.raises(AdapterStateError, match=r"merge_and_unload: .*in a disable_adapter"):
-            lm.merge_and_unload()
         run_threads(unload)
         assert torch.equal(logits(lm, input_ids), want_base)
-    assert errors and "another thread is in a disable_adapter() block" in errors[0]
+    assert errors and errors[0].startswith("merge_and_unload: ")
+    assert "another thread is in a disable_adapter() block" in errors[0]
     assert lm.peft_config and not any(layer.merged for _, layer in lm._lordba_layers())
     assert torch.equal(logits(lm, input_ids), want_adapter)
 

@@ -12,7 +12,7 @@ from lordba._util.modules import replace_submodule
 from lordba.errors import AdapterStateError
 from lordba.nn.layer import LoRDBALinear
 from lordba.nn.merge import merge_layers, merge_names
-from lordba.nn.routing import in_disable_block
+from lordba.nn.routing import DISABLED
 from lordba.nn.structure import replace_everywhere
 
 
@@ -48,32 +48,43 @@ class MergeMixin:
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: str | Sequence[str] | None = None
     ) -> nn.Module:
         """Merge the (default: active) adapters into the base and return the plain base model
-        (PEFT's signature; ``progressbar`` is accepted and ignored: merging is fast).
+        (PEFT's signature; ``progressbar`` is accepted and ignored: merging is fast). ``adapter_names=[]`` merges none
+        and returns the bare base, as :meth:`unload`. As PEFT's, it merges also while this thread disabled the
+        adapters (``disable_adapter_layers()``, or in a ``disable_adapter()`` block: the block's later calls run
+        the merged base the call returns).
 
         Raises:
             AdapterStateError: an unknown adapter name, a weight offloaded or tied to another module's
-                (:func:`~lordba.nn.merge.merge_layers`), ``safe_merge`` found non-finite ones, or the adapters are
-                disabled as for :meth:`merge_adapter` (a block's later calls would run the merged base): model
-                unchanged.
+                (:func:`~lordba.nn.merge.merge_layers`), ``safe_merge`` found non-finite ones, or adapters to merge
+                while another thread is in a ``disable_adapter()`` block (its later calls would run the merged
+                base): model unchanged.
         """
         with self._lock.write():
             layers = self._lordba_layers()
             names = merge_names(adapter_names, self._active, self.peft_config)
-            self._refuse_disabled("merge_and_unload")
+            if names:  # (none merged: nothing to refuse)
+                self._refuse_disabled("merge_and_unload", others_only=True)
             merge_layers(layers, names, safe_merge, self._root())
             self._take_out(layers, merge=True)  # modules trained in full: the active adapter's copy
             self.peft_config.clear()
             self._active = ()
         return self.base_model
 
-    def _refuse_disabled(self, what: str) -> None:
+    def _refuse_disabled(self, what: str, others_only: bool = False) -> None:
         """:class:`AdapterStateError` if the adapters are disabled (``disable_adapter_layers()``, or a
-        ``disable_adapter()`` block of any thread, whose calls would then fail or run the merged update)."""
-        if not (self._layers_disabled or self._gate._blocks):
-            return
-        how = "disable_adapter_layers()" if self._layers_disabled else "in a disable_adapter() block"
-        if not self._layers_disabled and not in_disable_block(self._gate):
+        ``disable_adapter()`` block of any thread, whose calls would then fail or run the merged update); with
+        ``others_only``, only by another thread's block (the caller's own disabling is its choice)."""
+        own = sum(block.gate is self._gate and block.open for block in DISABLED.get())  # (nested blocks: each)
+        if others_only:
+            if self._gate._blocks <= own:
+                return
             how = "another thread is in a disable_adapter() block"
+        elif not (self._layers_disabled or self._gate._blocks):
+            return
+        else:
+            how = "disable_adapter_layers()" if self._layers_disabled else "in a disable_adapter() block"
+            if not self._layers_disabled and not own:
+                how = "another thread is in a disable_adapter() block"
         raise AdapterStateError(
             f"{what}: the adapters are disabled ({how}) and a merged adapter cannot be; "
             "enable_adapter_layers() (or leave the block) before merging"
