@@ -384,11 +384,41 @@ def test_a_local_base_path_is_not_written_as_hub_metadata(tmp_path, monkeypatch)
     assert huggingface_hub.ModelCard.load(tmp_path / "b" / CARD_NAME).data.base_model is None
 
 
-def test_a_users_own_card_is_kept(tmp_path):
+def test_a_users_own_card_is_kept_and_its_metadata_updated(tmp_path):
+    """As PEFT's save_pretrained (create_or_update_model_card), a user's README keeps its text and metadata and gets
+    lordba's library_name, base_model and tags in its metadata block; lordba left it without them."""
     (tmp_path / "a").mkdir()
-    (tmp_path / "a" / CARD_NAME).write_text("# my notes\n")
-    save_adapter(tmp_path / "a")
-    assert (tmp_path / "a" / CARD_NAME).read_text() == "# my notes\n"
+    text = "---\nlicense: mit\ntags:\n- mine\nlibrary_name: other\n---\n\n# my notes\n\nno ---\n"
+    (tmp_path / "a" / CARD_NAME).write_text(text)
+    save_adapter(tmp_path / "a", base_name="someone/base")
+    card = huggingface_hub.ModelCard.load(tmp_path / "a" / CARD_NAME)
+    assert card.text == "\n# my notes\n\nno ---\n" and card.data.license == "mit"
+    assert card.data.library_name == "lordba" and card.data.base_model == "someone/base"
+    assert (
+        card.data.tags[0] == "mine"
+        and "lordba" in card.data.tags
+        and "base_model:adapter:someone/base" in card.data.tags
+    )
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / CARD_NAME).write_text("# my notes\n")  # no metadata block: one is made
+    save_adapter(tmp_path / "b")
+    card = huggingface_hub.ModelCard.load(tmp_path / "b" / CARD_NAME)
+    assert card.text == "# my notes\n" and card.data.library_name == "lordba"
+    save_adapter(tmp_path / "b")  # saved again: the same card
+    assert huggingface_hub.ModelCard.load(tmp_path / "b" / CARD_NAME).content == card.content
+
+
+@pytest.mark.parametrize(
+    "text", [b"---\nfoo: [bar\n---\n# notes\n", b"---\n- a list\n---\n# notes\n", b"\xff\xfe notes"]
+)
+def test_a_users_card_whose_metadata_cannot_be_read_is_kept_and_the_adapter_saved(tmp_path, text):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / CARD_NAME).write_bytes(text)
+    with pytest.warns(UserWarning, match="README.md"):
+        lm = save_adapter(tmp_path / "a")
+    assert (tmp_path / "a" / CARD_NAME).read_bytes() == text
+    loaded = LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path / "a")
+    torch.testing.assert_close(logits(loaded), logits(lm), rtol=0, atol=1e-5)
 
 
 def test_a_card_that_cannot_be_written_only_warns(tmp_path):
@@ -532,3 +562,15 @@ def test_a_revision_asked_of_a_repo_id_that_is_also_a_local_folder_is_not_ignore
     with pytest.warns(UserWarning, match=rf"'{REPO}' is a local directory.*revision 'v2' is not used"):
         loaded = LoRDBAModel.from_pretrained(tiny_llama(0), REPO, revision="v2")
     torch.testing.assert_close(logits(loaded), logits(local), rtol=0, atol=1e-5)
+
+
+def test_create_or_update_model_card_is_the_models_as_in_peft(tmp_path):
+    """PeftModel.create_or_update_model_card(output_dir); a LoRDBAModel had none (AttributeError from the base)."""
+    lm = save_adapter(tmp_path / "saved", base_name="someone/base")
+    (tmp_path / "card").mkdir()
+    (tmp_path / "card" / CARD_NAME).write_text("# mine\n")
+    lm.create_or_update_model_card(tmp_path / "card")
+    card = huggingface_hub.ModelCard.load(tmp_path / "card" / CARD_NAME)
+    assert card.text == "# mine\n" and card.data.library_name == "lordba" and card.data.base_model == "someone/base"
+    lm.create_or_update_model_card(tmp_path / "new")  # a folder that is none yet: made, as ModelCard.save makes it
+    assert huggingface_hub.ModelCard.load(tmp_path / "new" / CARD_NAME).data.library_name == "lordba"

@@ -19,6 +19,7 @@ from lordba.config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, LoRDBAConfig
 from lordba.config.locate import is_hub_id, is_repo_id, locate
 from lordba.errors import AdapterFormatError, ConfigError
 from lordba.format.atomic import atomic_write_bytes
+from lordba.nn.model_card import update_card
 
 CARD_NAME = "README.md"
 CARD_MARK = "<!-- lordba model card: lordba rewrites this card on save while this line is in it -->"
@@ -193,9 +194,11 @@ def write_model_card(
     subfolder: str | None = None,
     revision: str | None = None,
 ) -> Path | None:
-    """Write the model card beside a saved adapter, crash-safely (temp file + rename), unless the
-    directory holds a ``README.md`` that lordba did not write (a user's card is never replaced).
-    The card is not part of the adapter: failing to write it only warns.
+    """Write the model card beside a saved adapter, crash-safely (temp file + rename). A ``README.md`` that lordba
+    did not write (a user's card) is updated, not replaced: as PEFT's ``create_or_update_model_card``, its metadata
+    block gets lordba's ``library_name``, ``base_model`` and tags, its text is kept; one whose metadata cannot be
+    read (no YAML mapping, not UTF-8) is kept as it is, with a warning. The card is not part of the adapter: failing
+    to write it only warns.
 
     Args:
         directory: the adapter directory (already written).
@@ -208,11 +211,22 @@ def write_model_card(
         The card's path, or ``None`` when it was kept or could not be written.
     """
     path = Path(directory) / CARD_NAME
+    card = model_card(config, repo_id, subfolder, revision)
     try:
-        if path.is_file() and CARD_MARK not in path.read_text(encoding="utf-8", errors="replace"):
-            return None
-        atomic_write_bytes(path, model_card(config, repo_id, subfolder, revision).encode())
-    except (OSError, AdapterFormatError) as err:
+        text = path.read_bytes().decode() if path.is_file() else CARD_MARK
+        if CARD_MARK not in text:
+            try:
+                card = update_card(text, card)
+            except Exception as err:  # yaml's errors, ValueError (no mapping): the user's card stays as it is
+                reason = (str(err).strip().splitlines() or [""])[0]
+                warnings.warn(
+                    f"{path}: kept as it is, its metadata block cannot be read ({type(err).__name__}: {reason}); "
+                    "the adapter itself is saved",
+                    stacklevel=3,
+                )
+                return None
+        atomic_write_bytes(path, card.encode())
+    except (OSError, UnicodeDecodeError, AdapterFormatError) as err:
         warnings.warn(f"{path}: model card not written ({err}); the adapter itself is saved", stacklevel=3)
         return None
     return path

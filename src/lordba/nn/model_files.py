@@ -116,6 +116,20 @@ class AdapterFilesMixin(AdapterLoadMixin):
                 if card:
                     write_model_card(directory, config, repo_id, None if name == "default" else name, revision)
 
+    def create_or_update_model_card(self, output_dir: str | Path, adapter_name: str = "default") -> None:
+        """Write ``adapter_name``'s model card (``README.md``) in ``output_dir``, or update the metadata block of one
+        a user wrote there (PEFT's ``create_or_update_model_card``; :func:`~lordba.nn.hub.write_model_card`: a card
+        that cannot be read or written only warns).
+
+        Raises:
+            AdapterStateError: an unknown adapter name.
+        """
+        check_path(output_dir, "create_or_update_model_card: output_dir")
+        with self._lock.read():
+            self._check_known(adapter_name)
+            config = self._saved_config(adapter_name)
+        write_model_card(output_dir, config, None, None if adapter_name == "default" else adapter_name)
+
     def push_to_hub(
         self,
         repo_id: str,
