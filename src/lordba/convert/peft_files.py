@@ -55,5 +55,11 @@ def _load_tensors(directory: Path, allow_pickle: bool) -> tuple[dict[str, torch.
             raise AdapterFormatError(f"{bin_path}: cannot load with torch.load(weights_only=True) ({err})") from None
         if not isinstance(data, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in data.items()):
             raise AdapterFormatError(f"{bin_path}: expected a dict of tensors by name (string keys)")
+        for name, t in data.items():  # a pickle, unlike safetensors, stores strides: a view repeating a few bytes
+            if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+                raise AdapterFormatError(
+                    f"{bin_path}: tensor {name} of shape {tuple(t.shape)} repeats the {t.untyped_storage().nbytes()} "
+                    "bytes stored for it (overlapping strides): a checked copy would take far more memory than the file"
+                )
         return data, bin_path
     raise AdapterFormatError(f"{directory}: no {SAFETENSORS_NAME} (or {PICKLE_NAME}) found")
