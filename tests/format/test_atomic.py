@@ -1,5 +1,6 @@
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -369,3 +370,74 @@ def test_a_save_into_two_names_of_one_directory_is_refused_not_a_hang(tmp_path):
     worker.join(60)
     assert not worker.is_alive(), "the save waited on its own lock"
     assert raised and "are one directory" in raised[0] and os.listdir(tmp_path / "a") == []
+
+
+_LIVE_WRITER = """
+import sys
+from pathlib import Path
+from lordba.format.atomic import atomic_directory, atomic_write_path
+out = Path(sys.argv[1])
+with atomic_directory(out / "result") as tmp, atomic_write_path(out / "step.pt2", suffix=".pt2") as tmp_file:
+    tmp_file.write_bytes(b"half a package")
+    print(tmp, tmp_file, flush=True)
+    sys.stdin.read()  # at work until the test is done
+"""
+
+
+def test_a_live_writers_temporaries_in_another_pid_namespace_are_kept(tmp_path):
+    """A folder shared by containers (separate pid namespaces) or machines (NFS): a live writer's temporary names a
+    process id that is free here. Was: the clean-up of the next run (atomic_directory, a checkpoint save, a compile)
+    judged by that id alone and deleted the live writer's temporary folder and package under it. The writer now
+    holds a lock on its temporaries, which the clean-up asks; once the writer is gone (killed), they are removed."""
+    import signal
+    import subprocess
+    import sys
+
+    from lordba.format.atomic import TMP_MARK, remove_killed_temporaries
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its id is free here: what another namespace's writer id looks like
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _LIVE_WRITER, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        names = writer.stdout.readline().split()
+        assert len(names) == 2, names
+        moved = []
+        for name in map(Path, names):  # the same folder and file (and lock), named by the other namespace's id
+            head, _, tail = name.name.partition(TMP_MARK)
+            moved.append(name.rename(name.with_name(f"{head}{TMP_MARK}{gone.pid}.{tail.split('.', 1)[1]}")))
+        with atomic_directory(tmp_path / "result") as tmp:  # its clean-up, as the next run's
+            (tmp / "a").write_text("1")
+        remove_killed_temporaries(tmp_path, f".step.pt2{TMP_MARK}*")
+        assert all(p.exists() for p in moved)
+        assert moved[1].read_bytes() == b"half a package"
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    with atomic_directory(tmp_path / "result", overwrite=True) as tmp:
+        (tmp / "a").write_text("2")
+    remove_killed_temporaries(tmp_path, f".step.pt2{TMP_MARK}*")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]
+    assert (tmp_path / "result" / "a").read_text() == "2"
+
+
+def test_a_temporary_whose_lock_cannot_be_asked_is_removed_only_once_a_day_old(tmp_path, monkeypatch):
+    """Where no lock can be taken (a file system without them), a dead id alone no longer condemns a temporary: it
+    is removed once untouched for a day."""
+    import subprocess
+    import sys
+
+    from lordba.format import temp_owner
+    from lordba.format.atomic import TMP_MARK, remove_killed_temporaries
+
+    monkeypatch.setattr(temp_owner, "fcntl", None)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    young, old = (tmp_path / f".step.pt2{TMP_MARK}{gone.pid}.{n}.pt2" for n in ("young", "old"))
+    young.write_bytes(b"x")
+    old.write_bytes(b"x")
+    day_ago = old.stat().st_mtime - temp_owner.UNLOCKED_STALE_S - 60
+    os.utime(old, (day_ago, day_ago))
+    remove_killed_temporaries(tmp_path, f".step.pt2{TMP_MARK}*")
+    assert sorted(tmp_path.iterdir()) == [young]

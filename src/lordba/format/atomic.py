@@ -34,6 +34,7 @@ from pathlib import Path
 
 from lordba._util.locks import locked
 from lordba.errors import LoRDBAError
+from lordba.format import temp_owner
 
 TMP_MARK = ".lordba-tmp."
 PREV_SUFFIX = ".lordba-prev"
@@ -117,15 +118,19 @@ def atomic_write_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     path = Path(path)
     ensure_writable_dir(path.parent)
     tmp = _write_temp(path, None, suffix)
+    owner = temp_owner.hold(tmp)  # marks it live for another namespace's clean-up (remove_killed_temporaries)
     try:
-        with _naming(path):
-            yield tmp
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())  # on disk before it has the name: a crash leaves no zeroed file
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _replace_with(tmp, path)
+        try:
+            with _naming(path):
+                yield tmp
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())  # on disk before it has the name: a crash leaves no zeroed file
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _replace_with(tmp, path)
+    finally:
+        temp_owner.release(owner)  # once renamed: never a moment unmarked under its temporary name
 
 
 def _replace_with(tmp: Path, path: Path) -> None:
@@ -318,6 +323,7 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False, keep: tuple[s
     _remove_stale(out)
     tmp = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}.{secrets.token_hex(4)}")
     tmp.mkdir()
+    owner = temp_owner.hold(tmp)  # marks it live for another namespace's clean-up (remove_killed_temporaries)
     try:
         with _naming(out):
             yield tmp
@@ -341,6 +347,8 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False, keep: tuple[s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        temp_owner.release(owner)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -369,11 +377,12 @@ def _remove_stale(out: Path) -> None:
 
 def remove_killed_temporaries(folder: Path, pattern: str) -> None:
     """Remove the temporary files and directories in ``folder`` whose names match the glob ``pattern`` (names as
-    this module makes them: ``TMP_MARK``, then the writing process's id) and whose process is gone: a writer killed by
-    a signal it cannot catch (SIGKILL, the out-of-memory killer) left them for good."""
+    this module makes them: ``TMP_MARK``, then the writing process's id) and whose writer is gone
+    (:func:`lordba.format.temp_owner.writer_gone`: its id is no live process here and no one holds its lock): a writer
+    killed by a signal it cannot catch (SIGKILL, the out-of-memory killer) left them for good."""
     for stale in folder.glob(pattern) if folder.is_dir() else []:
         pid = stale.name.rsplit(TMP_MARK, 1)[-1].split(".")[0]
-        if TMP_MARK in stale.name and pid.isdigit() and not _alive(int(pid)):
+        if TMP_MARK in stale.name and pid.isdigit() and temp_owner.writer_gone(stale, int(pid)):
             _remove(stale)
 
 
@@ -383,13 +392,3 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -1,0 +1,95 @@
+"""Whether the writer of a temporary file or folder (:mod:`lordba.format.atomic`) is still at work.
+
+A temporary name holds its writer's process id, but that id means nothing outside the writer's pid namespace: a
+folder shared by containers (a bind mount) or by machines (NFS) holds live writers' temporaries whose id is free
+here, or another process's. So the writer also holds an exclusive ``flock`` on its temporary (:func:`hold`) until it
+is renamed into place: the kernel (or the NFS lock manager) releases it when the writer dies, in whatever
+namespace. A temporary is judged left behind (:func:`writer_gone`) only if its id is not a live process here *and*
+no one holds that lock. Where a lock cannot be taken at all (no ``fcntl``; a file system without locks on it), only
+a temporary untouched for :data:`UNLOCKED_STALE_S` is judged left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+UNLOCKED_STALE_S = 24 * 3600  # no lock to ask: a temporary untouched for a day is taken as left behind
+
+
+def _open(path: Path) -> int:
+    flags = (os.O_RDONLY if path.is_dir() else os.O_RDWR) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    return os.open(path, flags)  # a file opened for writing: NFS emulates flock with write locks
+
+
+def hold(path: Path) -> int | None:
+    """Take the writer's exclusive lock on the temporary ``path`` (a file or folder this process just made); returns
+    the descriptor holding it (:func:`release` it once the temporary is renamed into place or removed), or ``None``
+    where no lock can be taken there."""
+    if fcntl is None:
+        return None
+    try:
+        fd = _open(path)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def release(fd: int | None) -> None:
+    """Let go of a lock :func:`hold` took (``None``: nothing to do)."""
+    if fd is not None:
+        os.close(fd)
+
+
+def _locked_by_writer(path: Path) -> bool | None:
+    """Whether someone holds the writer's lock on ``path``; ``None`` where this cannot be told."""
+    if fcntl is None:
+        return None
+    try:
+        fd = _open(path)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # releases the lock if it was taken
+    return False
+
+
+def writer_gone(path: Path, pid: int) -> bool:
+    """Whether the temporary ``path`` named with process id ``pid`` was left by a writer that is gone: ``pid`` is no
+    live process here and no one holds the writer's lock on it (where locks cannot be asked, it is a day old)."""
+    if _alive(pid):
+        return False
+    held = _locked_by_writer(path)
+    if held is None:
+        try:
+            return time.time() - path.lstat().st_mtime > UNLOCKED_STALE_S
+        except OSError:
+            return False
+    return not held
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
