@@ -814,6 +814,33 @@ def test_an_unexpected_error_is_a_500_counted_in_the_requests_metric(server, mon
     assert counter._value.get() == before + 1
 
 
+@pytest.mark.parametrize("leave", ["at once", "after its first event"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_request_whose_client_left_counts_as_a_499_streamed_or_not(server, stream, leave):
+    """A whole response whose client left was counted as a 499, but a stream left before (or after) its first
+    event as a 200: its status line was counted as it began, whether or not anyone was there to read the rest.
+    Both now count as a 499 ("client closed request") once the response ends cut; a stream read to its end stays
+    a 200. Driven with a raw socket that closes right after its request (or after the first bytes)."""
+    counter = server.state.metrics.requests
+    path = "/v1/completions"
+    left, ok = counter.labels(path, "499"), counter.labels(path, "200")
+    before_left, before_ok = left._value.get(), ok._value.get()
+    body = {"model": "a", "prompt": "x", "max_tokens": 250, "temperature": 0, "ignore_eos": True, "stream": stream}
+    data = json.dumps(body).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(head.encode() + data)
+        if leave != "at once":
+            if stream:
+                assert sock.recv(12) == b"HTTP/1.1 200"  # its response began: the stream is running
+            else:
+                assert wait_for(lambda: server.state.engine.load[1] == 1)
+    assert wait_for(lambda: server.state.engine.load == (0, 0) and left._value.get() == before_left + 1)
+    assert ok._value.get() == before_ok
+    list(client(server).completions.create(model="a", prompt="x", max_tokens=2, stream=True))  # read to its end
+    assert wait_for(lambda: ok._value.get() == before_ok + 1) and left._value.get() == before_left + 1
+
+
 TOOL_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}{% if m.name %} {{ m.name }}{% endif %}"
     "{% if m.tool_call_id %} {{ m.tool_call_id }}{% endif %}>{{ m['content'] }}"

@@ -233,8 +233,10 @@ class _LimitBody:
 
 class _CountRequests:
     """ASGI middleware counting generation requests by path and status (a plain ASGI wrapper: it
-    leaves streaming and disconnect handling untouched); an unexpected exception, which Starlette's outermost
-    middleware answers with a 500 after this one, counts as a 500."""
+    leaves streaming and disconnect handling untouched), once the response has ended: a request whose client left
+    before its response ended counts as a 499 (nginx's "client closed request"), streamed or not, even where its
+    200 had begun; an unexpected exception, which Starlette's outermost middleware answers with a 500 after this
+    one, counts as a 500."""
 
     def __init__(self, app: object, state: ServerState) -> None:
         self.app, self.metrics = app, state.metrics
@@ -245,21 +247,35 @@ class _CountRequests:
             await self.app(scope, receive, send)
             return
 
-        started = False
+        status: str | None = None  # the response's, once begun
+        counted = left = False
 
-        async def counted(message: dict) -> None:
-            nonlocal started
+        def count(as_status: str) -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                self.metrics.requests.labels(path, as_status).inc()
+
+        async def watched() -> dict:
+            nonlocal left
+            message = await receive()
+            left = left or message["type"] == "http.disconnect"
+            return message
+
+        async def counting(message: dict) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                started = True
-                self.metrics.requests.labels(path, str(message["status"])).inc()
+                status = str(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                count("499" if left else status or "500")  # before the last bytes: a scrape right after sees it
             await send(message)
 
         try:
-            await self.app(scope, receive, counted)
+            await self.app(scope, watched, counting)
         except Exception:  # answered by Starlette's outermost middleware, outside this one: its 500
-            if not started:
-                self.metrics.requests.labels(path, "500").inc()
+            count("499" if left else status or "500")
             raise
+        count("499" if left else status or "500")  # (a response cut before its last bytes: its client left)
 
 
 def _sse(obj: dict) -> str:
