@@ -624,6 +624,63 @@ def test_a_stop_with_requests_in_flight_ends_them_as_aborted_not_cut(served):
     assert status == 200 and '"finish_reason": "abort"' in text and text.endswith("data: [DONE]\n\n"), got[True]
 
 
+def test_a_request_arriving_while_the_server_drains_is_a_503_with_connection_close(served):
+    """Once asked to stop, uvicorn closed its listening socket at once, so a request arriving during the grace
+    period (a load balancer still routing to the replica) was a refused connection, and one sent on an open
+    keep-alive connection was cut, while the requests in flight still ran. The socket now stays open while they
+    drain: a new request is a 503 in OpenAI's shape with ``Connection: close`` (retry elsewhere), ``/health``
+    a 503, and the requests in flight finish as before."""
+    model_dir, adapters = served
+    model, tokenizer = load_base(model_dir)
+    state = build_state(model, tokenizer, "tiny-llama", adapters)
+    server = Server(state, grace=5.0).start()
+    url = urlparse(server.url)
+    got: dict = {}
+
+    def call() -> None:
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT)
+        body = {"model": "tiny-llama", "prompt": "x", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        got["in flight"] = conn.getresponse().status
+        conn.close()
+
+    idle = http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT)  # a keep-alive connection
+    idle.request("GET", "/health")
+    idle.getresponse().read()
+    writing = state.engine.model._lock.write()
+    writing.__enter__()  # the request in flight cannot finish before the new ones come
+    caller = threading.Thread(target=call)
+    stopper = threading.Thread(target=server.stop)
+    try:
+        caller.start()
+        assert wait_for(lambda: state.engine.load[1] == 1)
+        stopper.start()
+        time.sleep(0.5)  # uvicorn's loop has seen the stop (it looks every 0.1 s)
+        late = {"model": "tiny-llama", "prompt": "y", "max_tokens": 1}
+        for conn in (http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT), idle):
+            try:
+                conn.request(
+                    "POST", "/v1/completions", body=json.dumps(late), headers={"Content-Type": "application/json"}
+                )
+                response = conn.getresponse()
+                answer = (response.status, response.getheader("connection"), json.loads(response.read()))
+            except OSError as err:  # refused, or cut
+                answer = (None, None, repr(err))
+            finally:
+                conn.close()
+            assert answer[:2] == (503, "close"), answer
+            assert_openai_error(answer[2], "shutting down")
+        assert raw(server, "GET", "/health")[0] == 503
+        with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as sock:  # a body over the limit
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n{")
+            assert sock.recv(12) == b"HTTP/1.1 503"  # (not a 500 'internal error')
+    finally:
+        writing.__exit__(None, None, None)
+        caller.join(TIMEOUT)
+        stopper.join(TIMEOUT)
+    assert got["in flight"] == 200  # finished within the grace period
+
+
 @pytest.mark.parametrize("chat", [False, True])
 def test_a_stream_whose_submit_fails_is_a_503_not_a_cut_stream(server, monkeypatch, chat):
     """The stream submitted its job only once the response had begun: an engine that stopped or a server

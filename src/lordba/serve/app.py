@@ -19,8 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lordba.errors import LoRDBAError
 from lordba.serve import protocol as p
-from lordba.serve.engine import Event
-from lordba.serve.errors import ServeError, UnknownAdapterError
+from lordba.serve.engine import Engine, Event
+from lordba.serve.errors import ServeError, UnavailableError, UnknownAdapterError
 from lordba.serve.state import Generation, Job, ServerState
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -37,6 +37,7 @@ def build_app(state: ServerState) -> FastAPI:
     app.state.serve = state
     _error_handlers(app)
 
+    app.add_middleware(_Draining, engine=state.engine)
     app.add_middleware(_CountRequests, state=state)
     app.add_middleware(_LimitBody, limit=body_limit(state))
     served = weakref.ref(state)
@@ -229,6 +230,27 @@ class _LimitBody:
             return message
 
         await self.app(scope, limited, send)
+
+
+class _Draining:
+    """ASGI middleware answering every request but ``/metrics`` with a 503 (OpenAI's error shape) and ``Connection:
+    close`` while the server drains (``engine.draining``: its listening socket is still open for the requests in
+    flight), as Kubernetes expects of a terminating pod: a load balancer retries it elsewhere."""
+
+    def __init__(self, app: object, engine: Engine) -> None:
+        self.app, self.engine = app, engine
+
+    async def __call__(self, scope: dict, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http" or not self.engine.draining or scope.get("path") == "/metrics":
+            await self.app(scope, receive, send)
+            return
+        message = {"more_body": True}
+        with contextlib.suppress(HTTPException):  # (a body over the limit: the connection closes all the same)
+            while message.get("more_body") and message.get("type", "http.request") == "http.request":
+                message = await receive()  # the body, read before the connection closes (unread bytes: a reset)
+        answer = _error(503, "the server is shutting down", "server_error", code=UnavailableError.code)
+        answer.headers["Connection"] = "close"
+        await answer(scope, receive, send)
 
 
 class _CountRequests:

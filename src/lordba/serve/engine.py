@@ -107,6 +107,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.failure: str | None = None  # why the engine loop stopped, if it did (:meth:`_supervised`)
+        self.draining = False  # the server is stopping: it takes no new request (a 503), those in flight finish
         self.steps = 0  # decode forwards run (tests and the benchmark read it)
         self.max_rows_seen = 0  # the most rows one decode forward carried
 

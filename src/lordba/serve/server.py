@@ -209,13 +209,14 @@ def drain(engine: Engine, grace: float, give_up: Callable[[], bool] = lambda: Fa
 
 def draining_server(config: Any, engine: Engine) -> Any:
     """A ``uvicorn.Server`` for ``config`` whose shutdown drains ``engine`` within the configured grace period
-    (``timeout_graceful_shutdown``) while it stops accepting connections: the requests still running then end
-    as aborted and their answers (a 503, a stream's ``abort`` and ``[DONE]``) are written before uvicorn's own
-    wait, which is lengthened by :data:`ENGINE_STOP`, cancels what is left. Uvicorn alone cancelled them at the
-    grace period and the engine stopped after: a plain-text 500 or a cut stream. A stop by SIGTERM or Ctrl-C that
-    drained so ends the process normally (``lordba serve`` exits 0); uvicorn alone raised the signal again once
-    stopped (killed by SIGTERM; Ctrl-C exited 130, interrupted), as a second Ctrl-C (forced: nothing drained)
-    still does."""
+    (``timeout_graceful_shutdown``) before uvicorn closes its listening socket: a request arriving meanwhile (a load
+    balancer still routing here) is answered a 503 with ``Connection: close`` (:attr:`Engine.draining`), not refused
+    nor cut; the requests still running then end as aborted and their answers (a 503, a stream's ``abort`` and
+    ``[DONE]``) are written before uvicorn's own wait, which is lengthened by :data:`ENGINE_STOP`, cancels what is
+    left. Uvicorn alone cancelled them at the grace period and the engine stopped after: a plain-text 500 or a cut
+    stream. A stop by SIGTERM or Ctrl-C that drained so ends the process normally (``lordba serve`` exits 0); uvicorn
+    alone raised the signal again once stopped (killed by SIGTERM; Ctrl-C exited 130, interrupted), as a second
+    Ctrl-C (forced: nothing drained) still does."""
     import uvicorn
 
     grace = config.timeout_graceful_shutdown or 0.0
@@ -223,8 +224,10 @@ def draining_server(config: Any, engine: Engine) -> Any:
 
     class DrainingServer(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            engine.draining = True  # a request arriving from now on: a 503 with Connection: close (the app's)
             stopping = asyncio.get_running_loop().run_in_executor(None, drain, engine, grace, lambda: self.force_exit)
-            try:
+            try:  # uvicorn's own shutdown closes the listening socket: only once the requests in flight are over
+                await asyncio.wait({stopping})  # (its error, if any, is raised below)
                 await super().shutdown(sockets)
             finally:
                 await stopping
