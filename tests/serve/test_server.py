@@ -941,6 +941,29 @@ def test_a_history_of_tool_calls_and_names_reaches_the_chat_template(server, mon
     assert status == 400 and "lone surrogate" in answer["error"]["message"], answer
 
 
+@pytest.mark.parametrize("as_string", [True, False])
+def test_deeply_nested_tool_call_arguments_are_a_400_not_a_500(server, as_string):
+    """A replayed tool call whose ``arguments`` nest hundreds of levels deep (a JSON string, or the object itself)
+    was a 500 'internal error: RecursionError': ``json.loads`` of the string raised RecursionError, which the
+    parse did not expect, and the object's strings were walked recursively for their check. A string the parser
+    cannot read is kept as it came (as any string that is no JSON object: served, this template renders no tool
+    call), an object too deep is a 400 naming ``messages``."""
+    depth = 700
+    deep = "[" * 5000 + "]" * 5000 if as_string else 1
+    for _ in range(0 if as_string else depth):
+        deep = {"a": deep}
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}
+    messages = [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "user", "content": "hi"}]
+    body = json.dumps({"model": "a", "messages": messages, "max_tokens": 1})
+    status, answer = raw(server, "POST", "/v1/chat/completions", body)
+    if as_string:
+        assert status == 200, answer
+    else:
+        assert status == 400 and answer["error"]["param"] == "messages", answer
+        assert_openai_error(answer, "nest too deeply")
+    assert raw(server, "POST", "/v1/completions", json.dumps({"model": "a", "prompt": "hi", "max_tokens": 1}))[0] == 200
+
+
 def test_an_unexpected_errors_500_does_not_name_the_servers_adapters_folder(server, monkeypatch):
     """A 500 answered 'internal error: FileNotFoundError: ... /srv/.../adapters/...': the server's path, to any
     client (the --adapters folder removed while serving made GET /v1/models one). It says --adapters instead."""

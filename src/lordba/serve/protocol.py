@@ -205,10 +205,11 @@ class ToolCall(_Body):
 
     def for_template(self) -> dict[str, Any]:
         """The call as transformers' chat templates take it: ``arguments`` a JSON object string given as that
-        object (templates write it with ``tojson``; vLLM passes it so), any other string as it came."""
+        object (templates write it with ``tojson``; vLLM passes it so), any other string (or one nesting deeper than
+        the parser goes) as it came."""
         arguments = self.function.arguments
         if isinstance(arguments, str):
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, RecursionError):
                 parsed = json.loads(arguments)
                 arguments = parsed if isinstance(parsed, dict) else arguments
         call = {"type": self.type, "function": {"name": self.function.name, "arguments": arguments}}

@@ -99,9 +99,12 @@ class ServerState:
         """Token ids of the chat ``messages`` through the model's chat template (refused without one)."""
         if not getattr(self.encoder, "chat_template", None):
             raise BadRequestError(f"model '{self.base_name}' has no chat template: use /v1/completions", "messages")
-        for message in messages:
-            for text in _strings(message):  # content, name, tool calls: all of them are rendered
-                _check_text(text, "messages")
+        try:
+            texts = [text for message in messages for text in _strings(message)]  # content, names, tool calls
+        except RecursionError:  # a tool call's arguments nesting deeper than Python recurses
+            raise BadRequestError("messages nest too deeply (a tool call's arguments)", "messages") from None
+        for text in texts:  # all of them are rendered
+            _check_text(text, "messages")
         with self.encoder_lock:
             try:
                 text = self.encoder.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
