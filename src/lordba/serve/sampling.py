@@ -116,15 +116,27 @@ class TextAssembler:
             # every trailing U+FFFD: byte-fallback tokens (Llama 2, Mistral) decode each byte of an incomplete
             # character to one, and the character, once whole, replaces them all
             end = len(self.text.rstrip("\ufffd"))
-            hold = max((len(s) - 1 for s in self.stops), default=0)
-            for k in range(min(hold, end), 0, -1):  # a tail that starts a stop string waits
-                tail = self.text[end - k : end]
-                if any(s.startswith(tail) for s in self.stops):
-                    end -= k
-                    break
+            end -= _held(self.text, end, self.stops)  # a tail that starts a stop string waits
         delta = self.text[self.shown : max(end, self.shown)]
         self.shown = max(end, self.shown)
         return delta
+
+
+def _held(text: str, end: int, stops: Sequence[str]) -> int:
+    """The length of the longest tail of ``text[:end]`` that is the start of a stop string (shorter than it).
+
+    Only the tails that begin with a stop's first character are compared, each first on its first characters:
+    trying every tail length up to the longest stop's (a client's stop string may be a megabyte) copied and
+    compared the whole tail at each, a cost quadratic in the text on the engine's thread at every token."""
+    held = 0
+    for stop in stops:
+        i = max(end - len(stop) + 1, 0)
+        while end - i > held and (i := text.find(stop[0], i, end - held)) >= 0:
+            if text.startswith(stop[: min(end - i, 16)], i) and stop.startswith(text[i:end]):
+                held = end - i  # the leftmost such tail of this stop: its longest
+                break
+            i += 1
+    return held
 
 
 class IncrementalDecoder:
