@@ -341,3 +341,19 @@ def test_bits_or_group_size_the_backend_cannot_build_is_a_usage_error_before_the
         assert main([command, "--model", str(model), *extra, *tail]) == 2, command
         err = capsys.readouterr().err
         assert f"lordba {command}: error: {' '.join(extra)}: the {extra[1]} base" in err, err
+
+
+def test_max_body_bytes_sets_the_request_body_limit(monkeypatch, capsys, tmp_path_factory):
+    """The request body limit (a 413 over it) was fixed at room for the longest prompt of the context, at least
+    16 MiB (40.5 MiB for SmolLM2), and parsing a body of small JSON values holds up every stream for its length
+    (15 MB of logit_bias entries: 4.6 s): ``--max-body-bytes`` sets it."""
+    from lordba.serve.app import body_limit
+
+    model_dir, _ = make_served(tmp_path_factory, names=("a",))
+    state, code = served_state(monkeypatch, ["--model", str(model_dir), "--max-body-bytes", "4096"])
+    assert code == 0 and state.max_body_bytes == 4096 and body_limit(state) == 4096
+    state, code = served_state(monkeypatch, ["--model", str(model_dir)])
+    assert code == 0 and body_limit(state) == 16 << 20  # the tiny model's prompts need less: the least limit
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--model", str(model_dir), "--max-body-bytes", "0"])
+    assert exit_.value.code == 2 and "--max-body-bytes" in capsys.readouterr().err

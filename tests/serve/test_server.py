@@ -855,6 +855,20 @@ def test_a_request_body_over_the_limit_is_a_413_before_it_is_read_whole(server):
     assert raw(server, "POST", "/v1/completions", fits)[0] == 200
 
 
+def test_a_body_over_the_configured_limit_is_a_413(served):
+    """``build_state(max_body_bytes=...)`` (``lordba serve --max-body-bytes``) sets the body limit."""
+    model_dir, adapters = served
+    model, tokenizer = load_base(model_dir)
+    with Server(build_state(model, tokenizer, "tiny-llama", adapters, max_body_bytes=4096)) as server:
+        big = json.dumps({"model": "a", "prompt": "x" * 5000, "max_tokens": 1})
+        status, answer = raw(server, "POST", "/v1/completions", big)
+        assert status == 413 and answer["error"]["code"] == "request_too_large", answer
+        assert_openai_error(answer, "4096")
+        assert (
+            raw(server, "POST", "/v1/completions", json.dumps({"model": "a", "prompt": "x", "max_tokens": 1}))[0] == 200
+        )
+
+
 def test_an_unexpected_error_is_a_500_counted_in_the_requests_metric(server, monkeypatch):
     """A handler's unexpected exception is answered (a 500 in OpenAI's shape) by Starlette's outermost
     middleware, outside the one counting requests: ``lordba_requests`` counted every 200, 400 and 503 but no 500."""

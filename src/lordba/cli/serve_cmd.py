@@ -34,6 +34,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-batch", type=positive_int, default=32, metavar="N", help="most requests in flight (default 32)"
     )
+    p.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=None,
+        metavar="BYTES",
+        help="largest request body, a 413 over it (default: room for the longest prompt of the context, at least "
+        "16 MiB)",
+    )
     p.add_argument("--served-model-name", default=None, help="name of the base model in the API")
     p.add_argument(
         "--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the base model (default float32)"
@@ -118,7 +126,15 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_base(folder, args.dtype, base.backend, base.bits, base.group_size, base.compute)
     name = args.served_model_name or name
     state = build_state(
-        model, tokenizer, name, args.adapters, args.max_adapter_memory, args.max_batch, None, args.allow_base_mismatch
+        model,
+        tokenizer,
+        name,
+        args.adapters,
+        args.max_adapter_memory,
+        args.max_batch,
+        None,
+        args.allow_base_mismatch,
+        args.max_body_bytes,
     )
     serve_forever(state, args.host, args.port)
     return 0

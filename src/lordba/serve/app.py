@@ -192,9 +192,11 @@ async def _stream(
 
 
 def body_limit(state: ServerState) -> int:
-    """The most bytes a request body may hold: room for the longest prompt the model's context can take
-    (``state.max_prompt_chars``, else 64 characters a token), every character JSON-escaped; at least
-    :data:`MIN_BODY_LIMIT`."""
+    """The most bytes a request body may hold: ``state.max_body_bytes`` (``lordba serve --max-body-bytes``), else
+    room for the longest prompt the model's context can take (``state.max_prompt_chars``, else 64 characters a
+    token), every character JSON-escaped, at least :data:`MIN_BODY_LIMIT`."""
+    if state.max_body_bytes is not None:
+        return state.max_body_bytes
     chars = state.max_prompt_chars or state.max_context * 64
     return max(MIN_BODY_LIMIT, chars * BODY_BYTES_PER_CHAR)
 

@@ -38,7 +38,8 @@ class Job:
 @dataclass
 class ServerState:
     """The server's parts; ``base_name`` is the name under which the base model is served and
-    ``max_context`` the most tokens (prompt + generated) a request may use."""
+    ``max_context`` the most tokens (prompt + generated) a request may use; ``max_body_bytes`` the most bytes a
+    request body may hold (None: room for the longest prompt, :func:`lordba.serve.app.body_limit`)."""
 
     engine: Engine
     registry: AdapterRegistry
@@ -53,6 +54,7 @@ class ServerState:
     encoder_lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
 
     max_prompt_chars: int | None = field(init=False, repr=False, default=None)
+    max_body_bytes: int | None = None  # the most bytes a request body may hold (None: the app's body_limit)
 
     def __post_init__(self) -> None:
         self.encoder = copy.deepcopy(self.tokenizer)
