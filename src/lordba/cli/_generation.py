@@ -79,7 +79,6 @@ def load(args: argparse.Namespace) -> Loaded:
         AdapterFormatError: a bad adapter (the CLI exits 3 for both).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lordba import kernels
     from lordba._util.modules import stopping_only
@@ -88,26 +87,13 @@ def load(args: argparse.Namespace) -> Loaded:
     from lordba.errors import ConfigError
     from lordba.nn.decode import FastDecode
     from lordba.nn.model import LoRDBAModel
-    from lordba.quant.cache import quantize_model_cached
-    from lordba.quant.skeleton import load_cached_base
+    from lordba.quant.pretrained import load_base
 
     base = generation_base(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     folder, _ = resolve_model(args.model)
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"--model {folder}: not a transformers model folder (no config.json)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        # a cache hit: the quantized base without the float model (its peak memory), else the float model quantized
-        model = load_cached_base(folder, torch.float32, base.backend, base.bits, base.group_size, base.compute)
-        cached = model is not None
-        if not cached:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    except (OSError, ValueError) as err:  # transformers' errors for a folder it cannot read
-        raise ConfigError(f"--model {folder}: transformers cannot load it ({type(err).__name__}: {err})") from None
-    if not cached:
-        model = quantize_model_cached(model, folder, base.backend, base.bits, base.group_size, compute=base.compute)
+    model, tokenizer = load_base(folder, "float32", base.backend, base.bits, base.group_size, base.compute)
     model.generation_config = stopping_only(model.generation_config)
     kernels.cpu_available()  # build or load the CPU kernels before the first token
     if args.adapter:

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from lordba._util.dtypes import DTYPES
 from lordba._util.modules import context_positions
 from lordba.errors import ConfigError
 from lordba.nn.model import LoRDBAModel
@@ -37,10 +36,10 @@ def load_base(
     group_size: int = 64,
     q4_compute: str | None = None,
 ) -> tuple[LoRDBAModel, Any]:
-    """``(LoRDBAModel without adapters, tokenizer)`` from a local transformers folder, loaded in ``dtype`` and its
-    linear layers quantized per ``quant`` (``q4``, ``hqq``, ``bnb`` or ``none``) with ``bits`` and ``group_size``
-    (:func:`~lordba.quant.quantize_model`, a quantized base cached on disk as ``lordba generate`` and ``lordba
-    train`` cache theirs), the q4 base computing per ``q4_compute`` (None: its default). Adapters trained on a
+    """``(LoRDBAModel without adapters, tokenizer)`` of the base :func:`lordba.quant.pretrained.load_base` loads from
+    a local transformers folder (in ``dtype``, its linear layers quantized per ``quant``: ``q4``, ``hqq``, ``bnb`` or
+    ``none``, with ``bits`` and ``group_size``, a quantized base cached on disk as ``lordba generate`` and ``lordba
+    train`` cache theirs; the q4 base computing per ``q4_compute``, None: its default). Adapters trained on a
     quantized base (their ``base_quantization``) give their trained outputs on that base only.
 
     Raises:
@@ -48,28 +47,9 @@ def load_base(
             load (a config that is not JSON, no tokenizer), as ``lordba generate`` says it; a quantization
             ``quantize_model`` refuses (``bits`` or ``group_size`` the backend does not take).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from lordba.quant.pretrained import load_base as load_pretrained
 
-    from lordba.quant.skeleton import load_cached_base
-
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"--model {model_dir}: not a transformers model folder (no config.json)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        # a cache hit: the quantized base without the float model (its peak memory), else the float model quantized
-        model = load_cached_base(path, DTYPES[dtype], quant, bits, group_size, q4_compute)
-        cached = model is not None
-        if not cached:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
-    except (OSError, ValueError) as err:  # transformers' errors for a folder it cannot read
-        raise ConfigError(f"--model {model_dir}: transformers cannot load it ({type(err).__name__}: {err})") from None
-    if quant != "none" and not cached:
-        from lordba.quant.cache import quantize_model_cached
-
-        model = quantize_model_cached(model, path, quant, bits, group_size, compute=q4_compute)
+    model, tokenizer = load_pretrained(model_dir, dtype, quant, bits, group_size, q4_compute)
     return LoRDBAModel(model), tokenizer
 
 
