@@ -231,3 +231,84 @@ def test_persistent_buffers_are_read_from_the_checkpoint(tmp_path, monkeypatch, 
     assert new is not None
     assert [float(layer.layer_scalar) for layer in new.model.layers] == [0.25, 0.25]
     assert_same(old, new, input_ids.clamp(max=127))
+
+
+def test_a_module_another_thread_builds_meanwhile_gets_real_parameters(tmp_path, monkeypatch, input_ids):
+    """The skeleton was built with ``nn.Module.register_parameter`` patched for the whole process: a layer another
+    thread built meanwhile (a server loading while a training thread builds layers) got its weight on the meta
+    device."""
+    import threading
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.nn.Module, "register_parameter", torch.nn.Module.register_parameter)  # (restored)
+    folder = saved(tmp_path / "model")
+    today(folder, "q4", 32)
+    old = today(folder, "q4", 32)
+    inside, built, other = threading.Event(), threading.Event(), {}
+    from_config = AutoModelForCausalLM.from_config
+
+    def meanwhile(*args, **kwargs):  # the skeleton being built, while the other thread builds its layer
+        inside.set()
+        assert built.wait(60)
+        return from_config(*args, **kwargs)
+
+    def build():
+        assert inside.wait(60)
+        other["layer"] = torch.nn.Linear(4, 4)
+        built.set()
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", meanwhile)
+    thread = threading.Thread(target=build)
+    thread.start()
+    new = load_cached_base(folder, torch.float32, "q4", 4, 32)
+    thread.join()
+    assert not other["layer"].weight.is_meta and not other["layer"].bias.is_meta
+    assert new is not None
+    assert_same(old, new, input_ids)
+
+
+def test_two_skeletons_built_at_once_leave_modules_built_later_real(tmp_path, monkeypatch):
+    """Two threads building skeletons at once, the first finishing first: the second restored the first one's patch,
+    and every module the process built afterwards had meta parameters."""
+    import threading
+
+    import lordba.quant.skeleton as skeleton
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.nn.Module, "register_parameter", torch.nn.Module.register_parameter)  # (restored)
+    folder = saved(tmp_path / "model")
+    today(folder, "q4", 32)
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    from_config, converted = AutoModelForCausalLM.from_config, skeleton._converted
+    firsts, results = [], []
+
+    def in_turn(*args, **kwargs):
+        if not firsts:  # the first build waits inside for the second
+            firsts.append(threading.get_ident())
+            first_in.set()
+            assert second_in.wait(60)
+        else:  # the second leaves after the first
+            second_in.set()
+            assert first_out.wait(60)
+        return from_config(*args, **kwargs)
+
+    def out(model):
+        if threading.get_ident() in firsts:
+            first_out.set()
+        return converted(model)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", in_turn)
+    monkeypatch.setattr(skeleton, "_converted", out)
+
+    def load():
+        results.append(load_cached_base(folder, torch.float32, "q4", 4, 32))
+
+    threads = [threading.Thread(target=load)]
+    threads[0].start()
+    assert first_in.wait(60)
+    threads.append(threading.Thread(target=load))
+    threads[1].start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2 and all(r is not None for r in results)
+    assert not torch.nn.Linear(4, 4).weight.is_meta

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from lordba._util.state import ordinary_tensors
 
@@ -136,22 +138,34 @@ def _converted(model: nn.Module) -> bool:
     return any(not isinstance(c, WeightRenaming) for c in get_model_conversion_mapping(model))
 
 
+_BUILDING = threading.local()  # depth: how many skeletons this thread is building now
+_HOOK: list = []  # the registration hook :func:`_parameters_on_meta` installs, once per process
+_HOOK_LOCK = threading.Lock()
+
+
+def _on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+    """The parameter ``module`` registers, moved to the ``meta`` device where this thread is inside
+    :func:`_parameters_on_meta`; ``None`` (registered as it is) elsewhere."""
+    if param is None or param.is_meta or not getattr(_BUILDING, "depth", 0):
+        return None
+    return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Inside, every parameter a module registers is moved to the ``meta`` device (its ``torch.empty`` is never
-    written, so never resident); buffers stay real: non-persistent ones are not in the checkpoint."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = on_meta
+    """Inside, every parameter a module of this thread registers is moved to the ``meta`` device (its ``torch.empty``
+    is never written, so never resident); buffers stay real: non-persistent ones are not in the checkpoint. Modules
+    other threads build meanwhile keep theirs: the move is torch's parameter registration hook, installed once and
+    acting in the threads inside only (``nn.Module.register_parameter`` patched for the process while a skeleton was
+    built gave a module of another thread meta parameters, and two builds at once could leave it patched)."""
+    with _HOOK_LOCK:
+        if not _HOOK:  # (never removed: a removal while another thread runs the hooks would fail its iteration)
+            _HOOK.append(register_module_parameter_registration_hook(_on_meta))
+    _BUILDING.depth = getattr(_BUILDING, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        _BUILDING.depth -= 1
 
 
 def _load_the_rest(model: nn.Module, files: dict[str, Path], stored: set[str] = frozenset()) -> bool:
