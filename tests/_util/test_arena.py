@@ -115,3 +115,15 @@ def test_returning_freed_memory_off_glibc_does_nothing(monkeypatch):
 
     monkeypatch.setattr(ctypes, "CDLL", windows_cdll)
     assert arena.return_freed_memory() is False
+
+
+def test_held_together_knows_empty_views_layout_and_nothing_else():
+    from lordba._util.arena import held_together
+
+    specs = [((3, 5), torch.uint8), ((7,), torch.float16), ((2, 2), torch.float32)]
+    views = empty_views(specs, align=64)
+    assert held_together(views, align=64)
+    assert not held_together(views[::-1], align=64)  # another order
+    assert not held_together(views, align=8)  # another layout: packed closer
+    assert not held_together([torch.empty(s, dtype=d) for s, d in specs], align=64)  # tensors of their own
+    assert not held_together([])

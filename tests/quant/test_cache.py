@@ -175,6 +175,42 @@ def test_an_entry_with_a_damaged_byte_is_quantized_again_never_loaded(tmp_path, 
     assert path.read_bytes() != bytes(data)  # written again
 
 
+@pytest.mark.parametrize("cut", [4, 40, 400])
+def test_a_truncated_entry_is_quantized_again_never_loaded(tmp_path, monkeypatch, input_ids, cut):
+    """An entry cut short (a full disk, a copy interrupted): in its header, or in its tensors' bytes."""
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_llama(0).save_pretrained(folder)
+    fresh = quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=32)
+    (path,) = (tmp_path / "cache" / "quantized").glob("*.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[:cut] if cut < 100 else data[:-cut])
+    with pytest.warns(UserWarning, match="could not be read"):
+        model = quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=32)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)
+    assert path.read_bytes() == data  # written again
+
+
+def test_a_cache_hit_reads_the_q4_weights_into_the_buffer_they_are_held_in(tmp_path, monkeypatch, input_ids):
+    """The entry's q4 weights are read straight into one buffer laid out as ``hold_weights_together`` lays them out,
+    which leaves them there: no second copy of them (read whole, then copied, they were held twice at the peak)."""
+    import lordba.quant.q4 as q4
+    from lordba._util.arena import held_together
+
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    tiny_llama(0).save_pretrained(folder)
+    fresh = quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=32)
+    copied = []
+    monkeypatch.setattr(q4, "empty_views", lambda *a, **k: copied.append(a) or pytest.fail("copied again"))
+    model = quantize_model_cached(tiny_llama(0), folder, backend="q4", bits=4, group_size=32)
+    layers = [m for m in model.modules() if isinstance(m, q4.Q4Linear)]
+    assert held_together([layer._buffers[n] for layer in layers for n in ("qweight", "scale", "minus")], align=64)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, fresh(input_ids=input_ids).logits)
+
+
 @pytest.mark.parametrize(("backend", "group"), [("hqq", 32), ("q4", 32)])
 def test_a_gpt2_base_is_cached_with_its_conv1d_projections(tmp_path, monkeypatch, backend, group):
     """GPT-2's ``Conv1D`` projections are quantized (as the ``nn.Linear`` of their transposed weight) and cached; the

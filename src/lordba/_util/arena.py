@@ -55,11 +55,7 @@ def empty_views(
     """
     if align < _ALIGN or align % _ALIGN:
         raise ValueError(f"empty_views: align must be a multiple of {_ALIGN}, got {align}")
-    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
-    starts, total = [], 0
-    for size in sizes:
-        starts.append(total)
-        total += -(-size // align) * align
+    starts, sizes, total = _layout(specs, align)
     device = torch.device(device)
     if huge_pages and device.type == "cpu":
         buffer = huge_page_buffer(total, small_too)
@@ -70,6 +66,29 @@ def empty_views(
         buffer[start : start + size].view(dtype).view(tuple(shape))
         for (shape, dtype), start, size in zip(specs, starts, sizes)
     ]
+
+
+def _layout(specs: Sequence[tuple[Sequence[int], torch.dtype]], align: int) -> tuple[list[int], list[int], int]:
+    """Where :func:`empty_views` puts tensors of ``specs`` in its buffer: ``(starts, sizes, total)`` in bytes."""
+    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
+    starts, total = [], 0
+    for size in sizes:
+        starts.append(total)
+        total += -(-size // align) * align
+    return starts, sizes, total
+
+
+def held_together(tensors: Sequence[torch.Tensor], align: int = _ALIGN) -> bool:
+    """Whether ``tensors`` already are what :func:`empty_views` makes for their shapes and dtypes with ``align``:
+    contiguous views of one buffer, in this order, each at its place (the first at a multiple of ``align``)."""
+    if not tensors or tensors[0].data_ptr() % align:
+        return False
+    starts, _, _ = _layout([(t.shape, t.dtype) for t in tensors], align)
+    first, storage = tensors[0].data_ptr(), tensors[0].untyped_storage().data_ptr()
+    return all(
+        t.is_contiguous() and t.untyped_storage().data_ptr() == storage and t.data_ptr() - first == start
+        for t, start in zip(tensors, starts)
+    )
 
 
 def views_of_one_buffer(

@@ -18,13 +18,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
+import os
 import re
+import struct
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 from torch import nn
 
 from lordba._util.state import ordinary_tensors
@@ -180,9 +183,7 @@ def _digest(state: dict[str, torch.Tensor]) -> str:
 def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int, device: str | None = None) -> None:
     """Put the layers of the entry ``path`` in place in ``model``, each on the device of the layer it replaces (or on
     ``device``: a model whose float layers were never loaded, :mod:`lordba.quant.skeleton`)."""
-    with safe_open(str(path), framework="pt") as f:
-        recorded = (f.metadata() or {}).get("sha256")
-    state = load_file(str(path))
+    state, recorded = _read(path, _held_order(model, backend, device))
     if recorded != _digest(state):
         raise ValueError("its tensors do not match the checksum it was written with")
     names = sorted({k.split("::", 1)[0] for k in state})
@@ -204,6 +205,71 @@ def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int
         model, built, {"backend": backend, "bits": bits, "group_size": group_size, "head_bits": head_bits}
     )
     torch.nn.Module.train(model, model.training)
+
+
+_ST_DTYPES = {  # safetensors' dtype names of the tensors an entry holds (the layers' state dicts, their bits)
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+}  # fmt: skip
+
+
+def _read(path: Path, held: list[str]) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The tensors of the entry ``path`` and the sha256 its metadata records, each byte read once, without a mapping of
+    the file: the tensors named in ``held`` straight into views of one buffer laid out as
+    :func:`~lordba.quant.q4.hold_weights_together` lays them out (which then leaves them there; read whole, then
+    copied there, the entry was held twice at the peak: a 36 MB entry's base peaked at 81 MB, now 48), the others each
+    into its own tensor.
+
+    Raises:
+        ValueError: a header that does not describe the file (a damaged entry).
+    """
+    from lordba._util.arena import empty_views
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        (length,) = struct.unpack("<Q", f.read(8))
+        if not 0 < length <= size - 8:
+            raise ValueError(f"its header length {length} does not fit its {size} bytes")
+        header = json.loads(f.read(length))
+        recorded = (header.pop("__metadata__", None) or {}).get("sha256")
+        specs = {name: (tuple(e["shape"]), _ST_DTYPES[e["dtype"]], *e["data_offsets"]) for name, e in header.items()}
+        for name, (shape, dtype, begin, end) in specs.items():
+            if not 0 <= begin <= end <= size - 8 - length or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"its header places {name!r} ({dtype}, {list(shape)}) at bytes {begin}-{end}")
+        held = held if set(held) <= set(specs) else []
+        views = dict(zip(held, empty_views([specs[n][:2] for n in held], align=64, huge_pages=True)))
+        state = {}
+        for name, (shape, dtype, begin, _) in sorted(specs.items(), key=lambda item: item[1][2]):  # in file order
+            tensor = views[name] if name in views else torch.empty(shape, dtype=dtype)
+            f.seek(8 + length + begin)
+            into = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            while into.nbytes:
+                got = f.readinto(into)
+                if not got:
+                    raise ValueError(f"it ends within {name!r}")
+                into = into[got:]
+            state[name] = tensor
+    return state, recorded
+
+
+def _held_order(model: nn.Module, backend: str, device: str | None) -> list[str]:
+    """The names of a ``q4`` entry's tensors that :func:`~lordba.quant.q4.hold_weights_together` holds in one buffer
+    once its layers are in place in ``model``, in its order (``[]`` where that is not known: another backend, layers
+    not on the CPU, or q4 layers in ``model`` already)."""
+    from lordba.quant.q4 import Q4Linear
+
+    if backend != "q4" or any(isinstance(m, Q4Linear) for m in model.modules()):
+        return []
+    names = _cached_layers(model, backend)
+    linears = dict(quantizable(model))
+    modules = {name: linears.get(name) or model.get_submodule(name) for name in names}
+    weights = [getattr(m, "weight", None) for m in modules.values()]
+    if not all(isinstance(w, torch.Tensor) and (device or w.device.type) == "cpu" for w in weights):
+        return []
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    if not set(names) <= set(order) or len({id(m) for m in modules.values()}) < len(names):
+        return []
+    return [f"{name}::{key}" for name in sorted(names, key=order.get) for key in ("qweight", "scale", "minus")]
 
 
 def _signature(model: nn.Module) -> list:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lordba._util.arena import empty_views, own_storage, own_storages
+from lordba._util.arena import empty_views, held_together, own_storage, own_storages
 from lordba.errors import AdapterStateError, ConfigError
 from lordba.kernels import bound_calls, cpu_available
 from lordba.kernels.q4 import (
@@ -273,9 +273,12 @@ def hold_weights_together(model: nn.Module) -> int:
     module order) as views of one buffer in huge pages where the OS gives them
     (:func:`~lordba._util.arena.huge_page_buffer`), each at a 64-byte cache line, moved there one by one (memory
     peaks at the buffer and one old tensor). One decoded token reads every weight once; in 4 KB pages it ran
-    4-5% slower on SmolLM2 (docs/kernels.md). Values are unchanged. Returns the bytes held."""
+    4-5% slower on SmolLM2 (docs/kernels.md). Values are unchanged; weights held so already (a cached base read
+    straight into such a buffer, :mod:`lordba.quant.cache`) stay where they are. Returns the bytes held."""
     layers = [m for m in model.modules() if isinstance(m, Q4Linear) and m.qweight.is_cpu]
     slots = [(layer, name) for layer in layers for name in ("qweight", "scale", "minus")]
+    if held_together([layer._buffers[n] for layer, n in slots], align=64):
+        return sum(layer._buffers[n].nbytes for layer, n in slots)
     views = empty_views(
         [(t.shape, t.dtype) for t in (layer._buffers[n] for layer, n in slots)], align=64, huge_pages=True
     )
