@@ -167,3 +167,27 @@ def test_a_peft_layers_pattern_alone_is_dropped_as_it_selected_nothing(tmp_path)
     kept = {"layers_pattern": "layers", "layers_to_transform": [0]}
     assert peft_fields(kept, "x") == kept
     assert Q in read_lora(peft_dir(tmp_path, {"layers_pattern": "layers"})).layers
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_factors_read_as_their_float32_values(tmp_path, dtype):
+    """safetensors stores F8_E4M3 / F8_E5M2 factors; torch has no isfinite / max for float8, which crashed the
+    reader with a bare NotImplementedError. They now read as the float32 values they hold."""
+    A, B = torch.randn(2, 40).to(dtype), (torch.randn(40, 2) * 0.1).to(dtype)
+    got = read_lora(peft_dir(tmp_path, factors={Q: (A, B)}))
+    assert torch.equal(got.layers[Q].A, A.float()) and torch.equal(got.layers[Q].B, B.float())
+
+
+def test_float8_factors_holding_inf_are_refused_naming_the_tensor(tmp_path):
+    A = torch.randn(2, 40).to(torch.float8_e5m2)
+    A[0, 3] = float("inf")
+    with pytest.raises(ConversionError, match=r"lora_A\.weight holds NaN or infinite"):
+        read_lora(peft_dir(tmp_path, factors={Q: (A, torch.randn(40, 2).to(torch.float8_e5m2))}))
+
+
+@pytest.mark.parametrize("field", ["peft_type", "use_dora"])
+def test_a_huge_untrusted_field_is_shortened_in_the_error(tmp_path, field):
+    """A downloaded adapter_config.json's field is quoted in the refusal, not pasted whole (1 MB here)."""
+    with pytest.raises(ConversionError) as err:
+        read_lora(peft_dir(tmp_path, {field: "x" * 1_000_000}))
+    assert field in str(err.value) and len(str(err.value)) < 2000

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from lordba._util.jsonio import read_json_file
+from lordba._util.jsonio import read_json_file, safe_repr
 from lordba._util.patterns import pattern_key
 from lordba.config import TASK_HEADS, LoRDBAConfig
 from lordba.convert.peft_checks import check_factors, check_init, check_numbers, check_path, check_patterns
@@ -99,18 +99,18 @@ def _check_config(cfg: dict[str, Any], where: str, skip_unsupported: bool) -> tu
         raise ConversionError(f"{where}: this is already a LoRDBA adapter (peft_type LORDBA), nothing to convert")
     if peft_type != "LORA":
         raise ConversionError(
-            f"{where}: peft_type is {peft_type!r}; only LoRA adapters (peft_type 'LORA') can be converted"
+            f"{where}: peft_type is {safe_repr(peft_type)}; only LoRA adapters (peft_type 'LORA') can be converted"
         )
     for name, what in _VARIANTS.items():
         if cfg.get(name):
-            raise ConversionError(f"{where}: {name}={cfg[name]!r}: {what} is not supported by the conversion")
+            raise ConversionError(f"{where}: {name}={safe_repr(cfg[name])}: {what} is not supported by the conversion")
     check_init(cfg, where)
     r, alpha, rslora = check_numbers(cfg, where)
     check_patterns(cfg, where)
     extra = [n for n in ("trainable_token_indices",) if cfg.get(n)]
     if extra and not skip_unsupported:
         raise ConversionError(
-            f"{where}: {', '.join(f'{n}={cfg[n]!r}' for n in extra)}: fully trained modules/tokens cannot be "
+            f"{where}: {', '.join(f'{n}={safe_repr(cfg[n])}' for n in extra)}: fully trained modules/tokens cannot be "
             "represented by a LoRDBA adapter (pass skip_unsupported=True / --skip-unsupported to leave them out)"
         )
     return r, alpha, rslora
@@ -120,11 +120,19 @@ def _scaling(alpha: float, r: int, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """A float8 factor (safetensors' F8_E4M3 / F8_E5M2) in float32, which every value of it fits, since torch has
+    no finiteness check or maximum for float8; other tensors as they are (a float64 factor's magnitude is checked
+    before it is narrowed)."""
+    return t.float() if t.is_floating_point() and t.element_size() == 1 else t
+
+
 def _layer(
     path: str, A: torch.Tensor, B: torch.Tensor, names: tuple[str, str], cfg: dict[str, Any], where: str
 ) -> LoraLayer:
     r_cfg, alpha, rslora = cfg["r"], cfg["lora_alpha"], cfg["use_rslora"]
     check_path(path, where)
+    A, B = _widened(A), _widened(B)
     for t, name in ((A, names[0]), (B, names[1])):
         if t.dim() != 2:
             raise ConversionError(
