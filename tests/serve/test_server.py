@@ -1025,3 +1025,11 @@ def test_latency_metrics_count_the_tokenizing_and_the_adapters_load(server, monk
     assert status == 200, answer
     assert metrics.ttft._sum.get() - ttft_before >= 0.5
     assert metrics.latency._sum.get() - latency_before >= 0.5
+
+
+def test_the_served_base_is_in_eval_mode_throughout(served):
+    """``load_base`` wrapped the eval base in a LoRDBAModel left in training mode (nn.Module's default), so a
+    module added later under it (an adapter's dropout) could run in training mode before any adapter load."""
+    model_dir, _ = served
+    model, _ = load_base(model_dir)
+    assert [name for name, module in model.named_modules() if module.training] == []

@@ -50,7 +50,7 @@ def load_base(
     from lordba.quant.pretrained import load_base as load_pretrained
 
     model, tokenizer = load_pretrained(model_dir, dtype, quant, bits, group_size, q4_compute)
-    return LoRDBAModel(model), tokenizer
+    return LoRDBAModel(model).eval(), tokenizer  # serving: dropout off from the first request
 
 
 def context_length(model: torch.nn.Module, tokenizer: Any) -> int:
