@@ -234,6 +234,10 @@ class AdapterLoadMixin:
         same modules (or a subset: the others become no-ops) with the same ranks, and must not be
         merged (its old update is in the base weights). ``model_id`` and the Hub keywords (``revision``,
         ``token``, ``cache_dir``, ``subfolder``, ``local_files_only``) are as in :meth:`load_adapter`.
+        All or none: a failure or an interrupt (Ctrl-C) half-way puts every layer's old tensors, scale format,
+        scaling and dropout back, and the config stays the old one. For that the swap keeps a copy of the
+        adapter's own tensors while it runs (its modules trained in full included; never the base's): extra
+        memory the size of the adapter, not of the model.
 
         Raises:
             AdapterStateError: an unknown or merged adapter, other modules, ranks or extra tensors
@@ -261,18 +265,31 @@ class AdapterLoadMixin:
                         "that rank; hot-swapping needs the same target modules (or a subset) and ranks"
                     )
             self._hotswap_extras(adapter_name, adapter_file, apply=False)  # checked before anything changes
-            for path, adapter in current.items():
-                rec = adapter_file.modules.get(path)
-                if rec is not None and isinstance(adapter, TrainableAdapter) and adapter.has_latent_signs:
-                    adapter = self._swap(adapter_name, path, adapter.freeze_signs())  # stored signs are packed
-                adapter.codec = codec
-                adapter.scaling = config.scaling_for(path)
-                adapter.dropout = config.dropout  # the swapped-in config's, as a load gives it
-                if rec is None:
-                    adapter.silence()
-                else:
-                    adapter.load_stored(rec.tensors)
-            self._hotswap_extras(adapter_name, adapter_file, apply=True)
+            undo = _SwapUndo()
+            try:
+                for path, adapter in current.items():
+                    rec = adapter_file.modules.get(path)
+                    if rec is not None and isinstance(adapter, TrainableAdapter) and adapter.has_latent_signs:
+                        undo.swapped.append((path, adapter))  # (before: putting back one not replaced is no-op)
+                        adapter = self._swap(adapter_name, path, adapter.freeze_signs())  # stored signs are packed
+                    else:
+                        undo.keep_adapter(adapter)
+                    adapter.codec = codec
+                    adapter.scaling = config.scaling_for(path)
+                    adapter.dropout = config.dropout  # the swapped-in config's, as a load gives it
+                    if rec is None:
+                        adapter.silence()
+                    else:
+                        adapter.load_stored(rec.tensors)
+                if adapter_file.extras:  # modules trained in full and trained biases, written in place
+                    for _, module in self._saved_modules():
+                        if adapter_name in module.lordba_saved:
+                            for name in module.saved_params[adapter_name]:
+                                undo.keep(module.lordba_saved[adapter_name].get_parameter(name))
+                self._hotswap_extras(adapter_name, adapter_file, apply=True)
+            except BaseException:  # a failure or a Ctrl-C half-way: every layer's old adapter back
+                undo.restore(lambda path, adapter: self._swap(adapter_name, path, adapter))
+                raise
             self.peft_config[adapter_name] = config
 
     def _hotswap_extras(self, adapter_name: str, state: adapter_files.AdapterState, apply: bool) -> None:
@@ -301,6 +318,42 @@ class AdapterLoadMixin:
             wrapper.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **hub)
         wrapper.set_adapter(adapter_name)
         return wrapper
+
+
+class _SwapUndo:
+    """What a hot-swap changed, as it was before: the adapters it replaced by another form (``swapped``), and copies
+    of the tensors it writes in place with the attributes it sets (the adapter's tensors only: the base is never
+    written)."""
+
+    def __init__(self) -> None:
+        self.swapped: list[tuple[str, LoRDBAAdapter]] = []
+        self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.adapters: list[tuple[LoRDBAAdapter, dict[str, Any], dict[str, torch.Tensor | None]]] = []
+
+    def keep(self, tensor: torch.Tensor) -> None:
+        self.tensors.append((tensor, tensor.detach().clone()))
+
+    def keep_adapter(self, adapter: LoRDBAAdapter) -> None:
+        """Keep ``adapter``'s attributes, its buffers (a new scale format replaces them) and its tensors' values."""
+        attributes = {name: getattr(adapter, name) for name in ("codec", "scaling", "dropout")}
+        self.adapters.append((adapter, attributes, dict(adapter._buffers)))
+        for tensor in (*adapter._parameters.values(), *adapter._buffers.values()):
+            if tensor is not None:
+                self.keep(tensor)
+
+    def restore(self, put_back: Callable[[str, LoRDBAAdapter], object]) -> None:
+        """Put everything kept back (in place: the tensors compiled graphs read stay the same ones)."""
+        for adapter, attributes, buffers in self.adapters:
+            for name, tensor in buffers.items():
+                if adapter._buffers.get(name) is not tensor:
+                    adapter._buffers[name] = tensor
+            for name, value in attributes.items():
+                setattr(adapter, name, value)
+        with torch.no_grad():
+            for tensor, copy in self.tensors:
+                tensor.copy_(copy)
+        for path, adapter in self.swapped:
+            put_back(path, adapter)
 
 
 def _device(base: nn.Module, backend: BaseBackend, seen: dict[int, torch.device], path: str) -> torch.device:
