@@ -1,10 +1,12 @@
 """The adapters' change counters, which the layers' kept kernel calls and the caches are keyed on: the adapter
 epoch (:func:`touch`: any adapter added, removed, replaced or changed), the optimizer steps taken in this process
-(fused and foreach optimizers do not bump version counters), and :func:`stamp`, what identifies tensors' contents."""
+(fused and foreach optimizers do not bump version counters), and :func:`stamp`, what identifies tensors' contents;
+the containers that :func:`touch` on every write (an adapter's buffers, a layer's :class:`AdapterDict`)."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 _OPTIMIZER_STEPS = [0]
@@ -37,6 +39,35 @@ class TouchingDict(dict):
 
     def update(self, *args: object, **kwargs: object) -> None:
         super().update(*args, **kwargs)
+        touch()
+
+
+class AdapterDict(nn.ModuleDict):
+    """A layer's adapters by name (``lordba_adapters``): an :class:`nn.ModuleDict` whose every change — an
+    adapter set, replaced or removed through it directly (``layer.lordba_adapters[name] = other``, ``del``,
+    ``pop``, ``update``, ``clear``), as PEFT code does with ``lora_A[name]`` — drops the layers' kept calls
+    (:func:`touch`), as :meth:`LoRDBALinear.add_adapter` does: a kept call ran the adapter it was made for."""
+
+    def add_module(self, name: str, module: nn.Module | None) -> None:
+        """:meth:`nn.Module.add_module` (``d[name] = m``, ``update``, ``register_module``), then :func:`touch`."""
+        super().add_module(name, module)
+        touch()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        touch()
+
+    def clear(self) -> None:
+        """Remove every adapter."""
+        super().clear()
+        touch()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        touch()
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
         touch()
 
 

@@ -18,41 +18,12 @@ from lordba._util.modules import hook_execution_device
 from lordba.errors import AdapterStateError, ShapeMismatchError, TargetModulesError
 from lordba.kernels import preload
 from lordba.nn.adapter import LoRDBAAdapter
-from lordba.nn.epoch import touch
+from lordba.nn.epoch import AdapterDict, touch
 from lordba.nn.fastpath import ARMED, decode_call, direct_branch, fused_direct, routed_branches
 from lordba.nn.routing import BASE_ROW, DISABLED, Routing, RoutingGate, current_routing, route_index, row_names
 from lordba.quant import BaseBackend, resolve_backend
 
 __all__ = ["BASE_ROW", "DISABLED", "AdapterDict", "LoRDBALinear", "Routing", "route_index"]  # routing names re-exported
-
-
-class AdapterDict(nn.ModuleDict):
-    """A layer's adapters by name (``lordba_adapters``): an :class:`nn.ModuleDict` whose every change — an
-    adapter set, replaced or removed through it directly (``layer.lordba_adapters[name] = other``, ``del``,
-    ``pop``, ``update``, ``clear``), as PEFT code does with ``lora_A[name]`` — drops the layers' kept calls
-    (:func:`touch`), as :meth:`LoRDBALinear.add_adapter` does: a kept call ran the adapter it was made for."""
-
-    def add_module(self, name: str, module: nn.Module | None) -> None:
-        """:meth:`nn.Module.add_module` (``d[name] = m``, ``update``, ``register_module``), then :func:`touch`."""
-        super().add_module(name, module)
-        touch()
-
-    def __delitem__(self, key: str) -> None:
-        super().__delitem__(key)
-        touch()
-
-    def clear(self) -> None:
-        """Remove every adapter."""
-        super().clear()
-        touch()
-
-    def __setattr__(self, name: str, value: object) -> None:
-        super().__setattr__(name, value)
-        touch()
-
-    def __delattr__(self, name: str) -> None:
-        super().__delattr__(name)
-        touch()
 
 
 def adapter_device(base_layer: nn.Module, device: torch.device, path: str) -> torch.device:
