@@ -215,7 +215,13 @@ class LoRDBALinear(nn.Module):
         for name in self._to_merge(adapter_names):
             delta = self.get_delta_weight(name)
             if self.backend.in_place_merge:
-                self.base_layer = self.backend.merge(self.base_layer, delta)
+                versions = _versions(self.base_layer)
+                try:
+                    self.base_layer = self.backend.merge(self.base_layer, delta)
+                except BaseException:  # a Ctrl-C as the in-place add returned: the update is in, so recorded
+                    if name not in self.merged_adapters and _versions(self.base_layer) != versions:
+                        self.merged_adapters.append(name)
+                    raise
             else:
                 expected = self.backend.dequantize(self.base_layer) + delta
                 try:
@@ -229,8 +235,9 @@ class LoRDBALinear(nn.Module):
                 if not self.merged_adapters:
                     self._premerge_base = [self.base_layer]  # a list: not registered as a submodule
                 self.base_layer = merged
-            self.merged_adapters.append(name)  # recorded with its weight change: a bias refused or an interrupt
-            self._merge_bias(name)  # after this takes the weight's update out again (restore_merge_state)
+            if name not in self.merged_adapters:  # recorded with its weight change: a bias refused or an interrupt
+                self.merged_adapters.append(name)  # after this takes the weight's update out (restore_merge_state)
+            self._merge_bias(name)
         return error
 
     def merge_state(self) -> tuple:
@@ -244,9 +251,8 @@ class LoRDBALinear(nn.Module):
         (a refused merge call undoes only what it did)."""
         base, bias, merged, premerge_base, premerge_bias = state
         if self.backend.in_place_merge:  # the weight changed in place: subtract what was added since
-            while len(self.merged_adapters) > len(merged):  # a name stays recorded until its update is out
-                self.base_layer = self.backend.unmerge(self.base_layer, self.get_delta_weight(self.merged_adapters[-1]))
-                self.merged_adapters.pop()
+            while len(self.merged_adapters) > len(merged):
+                self._unmerge_last()
             if getattr(self.base_layer, "bias", None) is not bias:
                 self.base_layer.bias = bias
         else:  # merged modules are new ones: the one held before is as it was
@@ -288,11 +294,23 @@ class LoRDBALinear(nn.Module):
             self.base_layer = self._premerge_base[0] if self._premerge_base else self.base_layer
             self.merged_adapters, self._premerge_base, self._premerge_bias = [], [], []
             return
-        while self.merged_adapters:  # a name stays recorded until its update is out of the weight
+        while self.merged_adapters:
+            self._unmerge_last()
+        if self._premerge_bias:  # set, then forgotten (interrupted between, a second unmerge sets it again)
+            self.base_layer.bias = self._premerge_bias[-1]
+            self._premerge_bias.pop()
+
+    def _unmerge_last(self) -> None:
+        """Subtract the last merged adapter's update from the weight in place; its name goes when the update
+        does (an interrupt before: it stays; as the subtraction returned: the weight's version tells, it goes)."""
+        count, versions = len(self.merged_adapters), _versions(self.base_layer)
+        try:
             self.base_layer = self.backend.unmerge(self.base_layer, self.get_delta_weight(self.merged_adapters[-1]))
-            self.merged_adapters.pop()
-        if self._premerge_bias:
-            self.base_layer.bias = self._premerge_bias.pop()
+        except BaseException:
+            if len(self.merged_adapters) == count and _versions(self.base_layer) != versions:
+                self.merged_adapters.pop()
+            raise
+        self.merged_adapters.pop()
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -367,3 +385,8 @@ def _worse(error: float | None, new: float) -> float:
     if error is None or math.isnan(new):
         return new
     return error if math.isnan(error) else max(error, new)
+
+
+def _versions(module: nn.Module) -> tuple:
+    """What changes when an in-place merge changes ``module``'s tensors: their identities and version counters."""
+    return tuple((id(t), t._version) for t in module.parameters() if not torch.is_inference(t))

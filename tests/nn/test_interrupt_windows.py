@@ -1,0 +1,91 @@
+"""Ctrl-C (``KeyboardInterrupt``) delivered in the few steps between a change and its record: just after a weight
+took (or lost) an adapter's update in place, just after a layer merged, just after a bias was taken off its list.
+Python raises it at the next bytecode that checks for signals, which is right after the long tensor operation."""
+
+import pytest
+import torch
+from test_interrupt import adapted, check_flags, weights
+from torch import nn
+
+from lordba import LoRDBAConfig, get_lordba_model
+from lordba.quant.backend import PlainLinear
+
+from conftest import tiny_llama
+
+
+def interrupt_after(monkeypatch, owner, attr, *calls):
+    """Make ``owner.attr`` raise ``KeyboardInterrupt`` just after its calls numbered ``calls`` (from 1) did their
+    work, as a Ctrl-C pressed during them is raised when they return."""
+    original, count = getattr(owner, attr), [0]
+
+    def patched(*args, **kwargs):
+        result = original(*args, **kwargs)
+        count[0] += 1
+        if count[0] in calls:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(owner, attr, patched)
+
+
+@pytest.mark.parametrize("k", [1, 7, 14])
+def test_a_merge_interrupted_just_after_a_weight_took_its_update_takes_it_out(monkeypatch, k):
+    # The layer recorded the merge after the in-place add returned: a Ctrl-C between left the update in the weight
+    # of a layer saying "not merged" (no unmerge ever took it out).
+    lm = adapted(tiny_llama(0))
+    base = weights(lm)
+    interrupt_after(monkeypatch, PlainLinear, "merge", k)
+    with pytest.raises(KeyboardInterrupt):
+        lm.merge_adapter()
+    monkeypatch.undo()
+    assert not any(layer.merged_adapters for _, layer in lm._lordba_layers())
+    check_flags(lm, base, {})
+
+
+@pytest.mark.parametrize("k", [1, 7, 14])
+def test_an_unmerge_interrupted_just_after_a_weight_lost_its_update_records_it_and_a_second_unmerge_is_exact(
+    monkeypatch, k
+):
+    # The layer dropped the adapter's name after the in-place subtraction returned: a Ctrl-C between left a layer
+    # saying "merged" over its base weight, and the next unmerge subtracted the update a second time.
+    lm = adapted(tiny_llama(0))
+    base = weights(lm)
+    delta = {path: layer.get_delta_weight("default") for path, layer in lm._lordba_layers()}
+    lm.merge_adapter()
+    interrupt_after(monkeypatch, PlainLinear, "unmerge", k)
+    with pytest.raises(KeyboardInterrupt):
+        lm.unmerge_adapter()
+    monkeypatch.undo()
+    assert sum(bool(layer.merged_adapters) for _, layer in lm._lordba_layers()) == 14 - k
+    check_flags(lm, base, delta)
+    lm.unmerge_adapter()
+    check_flags(lm, base, delta)
+
+
+def test_an_unmerge_interrupted_while_putting_the_bias_back_keeps_it_and_a_second_unmerge_restores_it(monkeypatch):
+    # The layer popped the bias from before the merge, then set it: a Ctrl-C as the setting began (nn.Module's
+    # __setattr__, Python code) lost it, and the merged bias (base + trained change) stayed for good.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
+    lm = get_lordba_model(model, LoRDBAConfig(r=2, init="random", target_modules=["0"], bias="lora_only"))
+    layer = lm.base_model[0]
+    with torch.no_grad():
+        layer.lordba_adapters["default"].bias_delta.normal_()
+    bias = layer.base_layer.bias.detach().clone()
+    lm.merge_adapter()
+    assert not torch.equal(layer.base_layer.bias, bias)
+    original, count = nn.Linear.__setattr__, [0]
+
+    def setattr_interrupted(self, name, value):
+        if name == "bias":
+            count[0] += 1
+            if count[0] == 1:
+                raise KeyboardInterrupt
+        original(self, name, value)
+
+    monkeypatch.setattr(nn.Linear, "__setattr__", setattr_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lm.unmerge_adapter()
+    monkeypatch.undo()
+    lm.unmerge_adapter()
+    assert not layer.merged_adapters and torch.equal(layer.base_layer.bias, bias)
