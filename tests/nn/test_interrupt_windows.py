@@ -8,6 +8,7 @@ from test_interrupt import adapted, check_flags, weights
 from torch import nn
 
 from lordba import LoRDBAConfig, get_lordba_model
+from lordba.nn.layer import LoRDBALinear
 from lordba.quant.backend import PlainLinear
 
 from conftest import tiny_llama
@@ -60,6 +61,20 @@ def test_an_unmerge_interrupted_just_after_a_weight_lost_its_update_records_it_a
     check_flags(lm, base, delta)
     lm.unmerge_adapter()
     check_flags(lm, base, delta)
+
+
+@pytest.mark.parametrize("k", [1, 7, 14])
+def test_a_merge_interrupted_just_after_a_layer_merged_leaves_no_layer_merged(monkeypatch, k):
+    # merge_layers noted a layer as merged (to undo it) after its merge returned: a Ctrl-C between left that layer
+    # merged and the others not (a half-merged model the merge call said it never leaves).
+    lm = adapted(tiny_llama(0))
+    base = weights(lm)
+    interrupt_after(monkeypatch, LoRDBALinear, "merge", k)
+    with pytest.raises(KeyboardInterrupt):
+        lm.merge_adapter()
+    monkeypatch.undo()
+    assert not any(layer.merged_adapters for _, layer in lm._lordba_layers())
+    check_flags(lm, base, {})
 
 
 def test_an_unmerge_interrupted_while_putting_the_bias_back_keeps_it_and_a_second_unmerge_restores_it(monkeypatch):

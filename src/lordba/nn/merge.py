@@ -130,9 +130,8 @@ def merge_layers(
     worst, lossy, broken = 0.0, 0, []
     try:
         for path, layer in layers:
-            before = layer.merge_state()
+            done.append((layer, layer.merge_state()))  # before: a Ctrl-C as its merge returned still undoes it
             error = layer.merge(adapter_names, safe_merge=safe_merge, where=path)  # a refused layer restores itself
-            done.append((layer, before))
             if error is None:
                 continue
             lossy += 1
