@@ -19,7 +19,10 @@ class RWLock:
     """Many readers or one writer; waiting writers go first."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # Held through the C lock itself (``with self._mutex``): its enter and exit run no Python code, so a Ctrl-C
+        # cannot stop between taking it and releasing it (Condition.__exit__ is Python: it could, lock kept for good).
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._readers = 0
         self._writer: int | None = None
         self._writer_depth = 0
@@ -44,45 +47,51 @@ class RWLock:
             finally:
                 self._local.depth = depth
             return
-        with self._cond:
-            while self._writer is not None or self._waiting_writers:
-                self._cond.wait()
-            self._readers += 1
-        self._local.depth = 1
-        try:
+        counted = False
+        try:  # (the count inside: a Ctrl-C right after it still takes it back)
+            with self._mutex:
+                while self._writer is not None or self._waiting_writers:
+                    self._cond.wait()
+                self._readers += 1
+                counted = True  # (no signal is handled between the count and this)
+            self._local.depth = 1
             yield
         finally:
-            self._local.depth = 0
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+            if counted:
+                self._local.depth = 0
+                with self._mutex:
+                    self._readers -= 1
+                    if not self._readers:
+                        self._cond.notify_all()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
         """Hold the lock exclusively for the block (re-entrant for the writing thread)."""
-        me = threading.get_ident()
-        with self._cond:
-            if self._writer == me:
-                self._writer_depth += 1
-            else:
-                if getattr(self._local, "depth", 0):
-                    raise AdapterStateError("cannot change adapters from inside a forward call of the same model")
-                self._waiting_writers += 1
-                try:
-                    while self._writer is not None or self._readers:
-                        self._cond.wait()
-                except BaseException:  # interrupted while waiting (Ctrl-C): not waiting any more
+        me, held = threading.get_ident(), False
+        try:  # (taking it inside: a Ctrl-C right after still gives it back)
+            with self._mutex:
+                if self._writer == me:
+                    self._writer_depth += 1
+                    held = True
+                else:
+                    if getattr(self._local, "depth", 0):
+                        raise AdapterStateError("cannot change adapters from inside a forward call of the same model")
+                    self._waiting_writers += 1
+                    try:
+                        while self._writer is not None or self._readers:
+                            self._cond.wait()
+                    except BaseException:  # interrupted while waiting (Ctrl-C): not waiting any more
+                        self._waiting_writers -= 1
+                        self._cond.notify_all()  # the readers held back for this writer go on
+                        raise
                     self._waiting_writers -= 1
-                    self._cond.notify_all()  # the readers held back for this writer go on
-                    raise
-                self._waiting_writers -= 1
-                self._writer, self._writer_depth = me, 1
-        try:
+                    self._writer, self._writer_depth = me, 1
+                    held = True  # (no signal is handled between the two lines above and this)
             yield
         finally:
-            with self._cond:
-                self._writer_depth -= 1
-                if not self._writer_depth:
-                    self._writer = None
-                    self._cond.notify_all()
+            if held:
+                with self._mutex:
+                    self._writer_depth -= 1
+                    if not self._writer_depth:
+                        self._writer = None
+                        self._cond.notify_all()
