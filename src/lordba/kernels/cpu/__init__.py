@@ -62,8 +62,11 @@ SOURCES = (
 HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
 _CFLAGS = ("-O3", "-std=c++20", "-fopenmp", "-w", "-ffp-contract=off")
 _LDFLAGS = ("-fopenmp",)
-# the compiler's complaint about the -march value itself (gcc, clang); the ninja log always has "-march"
-_BAD_MARCH = re.compile(r"-march=.{0,3} switch|(unrecognized|unsupported)[^\n]{0,30}-march|unknown target CPU")
+# the compiler's complaint about the -march value itself (gcc, clang; "does not support '-march=native'": clang
+# before 15 on ARM, Apple clang on M1 and later included); the ninja log always has "-march"
+_BAD_MARCH = re.compile(
+    r"-march=.{0,3} switch|(unrecognized|unsupported)[^\n]{0,30}-march|unknown target CPU|does not support '-march"
+)
 _loaded: Path | None = None  # the library this process loaded
 
 
