@@ -1,5 +1,5 @@
 """Building the CPU kernels with other compilers than this machine's g++: clang before 15 on ARM (Apple clang on M1
-included), which refuses ``-march=native``."""
+included), which refuses ``-march=native``; a compiler without OpenMP (Apple clang, clang without libomp)."""
 
 import os
 import shutil
@@ -9,8 +9,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+
+from lordba.kernels import cpu
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
+TESTS = str(Path(__file__).resolve().parents[1])
 
 
 def run_python(code, timeout=600, **env):
@@ -60,3 +64,79 @@ def test_a_clang_that_refuses_march_native_builds_without_it(tmp_path):
     message = run_python(LOAD_FAILS, **env)
     assert "lordba-test-without-march" in message, message
     assert "does not support '-march=native'" not in message, message
+
+
+# Apple clang (its driver refuses the flag); Debian's clang without libomp-dev fails on omp.h, then on -lomp
+NO_OPENMP_CXX = """#!/bin/sh
+for a in "$@"; do
+  if [ "$a" = "-fopenmp" ]; then echo "clang: error: unsupported option '-fopenmp'" >&2; exit 1; fi
+done
+exec c++ "$@"
+"""
+
+
+def test_a_compiler_without_openmp_builds_the_kernels_without_it(monkeypatch, tmp_path):
+    """A compiler that cannot build with ``-fopenmp`` (Apple clang; clang without libomp) failed every build: no
+    kernels at all, the pure-PyTorch fallback. It is asked once (a tiny build) and the kernels are built without
+    the flag (torch's parallel loops then run on one thread), in a build directory of their own."""
+    fake = fake_compiler(tmp_path, "clang-no-openmp", NO_OPENMP_CXX)
+    real = cpu.compiler()
+    assert cpu.openmp(real) and not cpu.openmp(fake)
+    assert "-fopenmp" in cpu.build_flags(real)[0] and "-fopenmp" in cpu.build_flags(real)[1]
+    assert not any("-fopenmp" in f for f in (*cpu.build_flags(fake)[0], *cpu.build_flags(fake)[1]))
+    calls = []
+
+    def jit_load(directory, sources, cflags, cxx, *, ldflags=(), python_module=False):
+        calls.append((directory, list(cflags), list(ldflags)))
+        raise RuntimeError("not built in this test")
+
+    monkeypatch.setattr(cpu, "jit_load", jit_load)
+    monkeypatch.setenv("LORDBA_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", fake)
+    with pytest.raises(RuntimeError, match="not built in this test"):
+        cpu._build_and_load(fake, "native")
+    directory, cflags, ldflags = calls[0]
+    assert "-fopenmp" not in cflags + ldflags and "-march=native" in cflags and "-O3" in cflags
+    assert directory == cpu.build_directory("native")
+    wrapped = cpu.extension_name("native")
+    monkeypatch.setattr(cpu, "openmp", lambda cxx: True)  # the same compiler once its OpenMP is installed
+    assert cpu.extension_name("native") != wrapped
+
+
+LOGITS = textwrap.dedent(
+    """
+    import logging, sys, torch
+    sys.path.insert(0, {tests!r})
+    logging.basicConfig(level=logging.WARNING)
+    from conftest import tiny_q4
+    from lordba import kernels
+    model = tiny_q4(adapter=True)
+    ids = torch.randint(0, 101, (1, 21), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = {{"prompt": model(input_ids=ids).logits, "token": model(input_ids=ids[:, :1]).logits}}
+    out["kernels"] = kernels.cpu_available()
+    torch.save(out, sys.argv[1])
+    """
+)
+
+
+@pytest.mark.slow
+def test_the_kernels_built_without_openmp_give_the_references_logits(tmp_path):
+    """The whole build with a compiler that refuses ``-fopenmp`` (several minutes): the kernels load, say once that
+    they run on one thread, and the tiny q4 model with a packed adapter gives the pure-PyTorch reference's logits."""
+    fake = fake_compiler(tmp_path, "clang-no-openmp", NO_OPENMP_CXX)
+    if os.uname().machine != "x86_64":
+        pytest.skip("the fake compiler wraps this machine's c++")
+    code = LOGITS.format(tests=TESTS)
+    outs = {}
+    for name, env in (("built", {"CXX": fake}), ("reference", {"LORDBA_NO_EXT": "1"})):
+        path = tmp_path / f"{name}.pt"
+        env = {**os.environ, "PYTHONPATH": SRC, "LORDBA_KERNEL_CACHE": str(tmp_path / "cache"), **env}
+        proc = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[name] = torch.load(path)
+        if name == "built":
+            assert proc.stderr.count("cannot build with OpenMP (-fopenmp)") == 1, proc.stderr[-3000:]
+    assert outs["built"]["kernels"] and not outs["reference"]["kernels"]
+    for key in ("prompt", "token"):
+        torch.testing.assert_close(outs["built"][key], outs["reference"][key], rtol=0, atol=1e-4)

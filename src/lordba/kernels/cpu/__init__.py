@@ -31,6 +31,7 @@ import platform
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,8 @@ SOURCES = (
 HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
 _CFLAGS = ("-O3", "-std=c++20", "-fopenmp", "-w", "-ffp-contract=off")
 _LDFLAGS = ("-fopenmp",)
+# what torch's headers need of OpenMP under -fopenmp (ATen/ParallelOpenMP.h includes omp.h), built as the library is
+_OPENMP_PROBE = "#include <omp.h>\nint lordba_openmp_probe() { return omp_get_max_threads(); }\n"
 # the compiler's complaint about the -march value itself (gcc, clang; "does not support '-march=native'": clang
 # before 15 on ARM, Apple clang on M1 and later included); the ninja log always has "-march"
 _BAD_MARCH = re.compile(
@@ -119,6 +122,31 @@ def compiler_key() -> str:
     return f"{cxx}\0{compiler_version(cxx)}" if cxx else ""
 
 
+@functools.cache
+def openmp(cxx: str) -> bool:
+    """Whether ``cxx`` builds a shared library with ``-fopenmp`` (asked once per process by a tiny build): Apple
+    clang refuses the flag, and clang without its OpenMP runtime (Debian's ``libomp-dev``) has no ``omp.h``. Where
+    it cannot, the kernels are built without it (:func:`build_flags`): torch's ``at::parallel_for`` then runs
+    their loops on the calling thread (torch's OpenMP build), correct but on one core."""
+    with tempfile.TemporaryDirectory(prefix="lordba-openmp-") as tmp:
+        source = Path(tmp) / "probe.cpp"
+        source.write_text(_OPENMP_PROBE)
+        cmd = [cxx, "-fopenmp", "-shared", "-fPIC", str(source), "-o", str(Path(tmp) / "probe.so")]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, timeout=300, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return proc.returncode == 0
+
+
+def build_flags(cxx: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The compile and link flags of the kernels' library with ``cxx`` (``-march`` aside): ``-fopenmp`` where
+    :func:`openmp`."""
+    if openmp(cxx):
+        return _CFLAGS, _LDFLAGS
+    return tuple(f for f in _CFLAGS if f != "-fopenmp"), tuple(f for f in _LDFLAGS if f != "-fopenmp")
+
+
 def cpu_flags() -> str:
     """This CPU's instruction-set flags line (``/proc/cpuinfo``; the processor's name elsewhere)."""
     try:
@@ -139,12 +167,16 @@ def extension_name(arch: str | None = None) -> str:
     without ``-march``. The name carries a short key of the arch, the machine type and the CPU's
     instruction-set flags, the torch version, the source's sha256 and path, and the compiler's path and version
     (so that environments or installs sharing one cache keep one build each instead of rebuilding over each
-    other: ninja's own records name absolute paths; and a compiler upgraded in place builds anew).
+    other: ninja's own records name absolute paths; and a compiler upgraded in place builds anew), and whether it
+    is built without OpenMP (:func:`openmp`: a runtime installed later builds anew with it).
     """
     arch = _arch() if arch is None else arch
     source = "".join(hashlib.sha256(path.read_bytes()).hexdigest() for path in (*SOURCES, *HEADERS))
     where = str(SOURCE.resolve())  # ninja's records name absolute paths: one build per install
     parts = (arch, platform.machine(), cpu_flags(), torch.__version__, source, where, compiler_key())
+    cxx = compiler()
+    if cxx is not None and not openmp(cxx):
+        parts += ("no-openmp",)
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
     return f"lordba_cpu_{key}"
 
@@ -232,9 +264,10 @@ def _build_and_load(cxx: str, arch: str) -> tuple[Path, bool]:
     Returns its path and whether it was compiled now. Raises what :func:`jit_load` raises."""
     directory = build_directory(arch)
     library = directory / f"{directory.name}.so"
-    cflags = [*_CFLAGS, f"-march={arch}"] if arch else list(_CFLAGS)
+    cflags, ldflags = build_flags(cxx)
+    cflags = [*cflags, f"-march={arch}"] if arch else list(cflags)
     before = _stamp(library)
-    loaded = jit_load(directory, SOURCES, cflags, cxx, ldflags=_LDFLAGS)
+    loaded = jit_load(directory, SOURCES, cflags, cxx, ldflags=ldflags)
     library = Path(loaded) if isinstance(loaded, str) else library
     return library, before is None or _stamp(library) != before
 
@@ -321,6 +354,7 @@ def load(build: bool = True) -> BuildResult:
         except OSError as err:
             return BuildResult(False, path, f"loading {path} failed: {err}")
         _loaded = _made_global(path)
+        _single_threaded(cxx)
         return BuildResult(True, path, "loaded from cache")
     try:
         path, built = _build_and_load(cxx, arch)
@@ -337,7 +371,22 @@ def load(build: bool = True) -> BuildResult:
         except (RuntimeError, OSError, subprocess.SubprocessError) as again:
             return _failed(again, cxx, library_path(""))
     _loaded = _made_global(path)
+    _single_threaded(cxx)
     return BuildResult(True, path, "built" if built else "loaded from cache", built)
+
+
+def _single_threaded(cxx: str) -> None:
+    """Warn (logged) that the loaded kernels run on one thread, where ``cxx`` cannot build with OpenMP
+    (:func:`openmp`) and torch's parallel loops are OpenMP's (with torch's own thread pool they need no flag)."""
+    if openmp(cxx) or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return
+    logging.getLogger(__name__).warning(
+        "lordba: %s cannot build with OpenMP (-fopenmp), so the CPU kernels are built without it and run on one "
+        "thread (the same results, slower on several cores). For several threads, install the compiler's OpenMP "
+        "(clang on Debian/Ubuntu: apt install libomp-dev; Apple clang has none: docs/kernels.md) or set CXX=g++; "
+        "the next process builds them with it.",
+        cxx,
+    )
 
 
 def _made_global(path: Path) -> Path:
