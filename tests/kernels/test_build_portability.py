@@ -140,3 +140,38 @@ def test_the_kernels_built_without_openmp_give_the_references_logits(tmp_path):
     assert outs["built"]["kernels"] and not outs["reference"]["kernels"]
     for key in ("prompt", "token"):
         torch.testing.assert_close(outs["built"][key], outs["reference"][key], rtol=0, atol=1e-4)
+
+
+GRAVITON3 = """processor\t: 0
+BogoMIPS\t: 2100.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma lrcpc dcpop \
+sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs paca pacg dcpodp svei8mm svebf16 i8mm bf16 dgh rng
+CPU implementer\t: 0x41
+"""
+SAPPHIRE_RAPIDS = (
+    "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\nbugs\t\t: spectre_v1\n"
+)
+
+
+@pytest.mark.parametrize("cpuinfo,native", [(GRAVITON3, False), (SAPPHIRE_RAPIDS, True)])
+def test_native_bfloat16_reads_x86_flags_only(monkeypatch, tmp_path, cpuinfo, native):
+    """ARM's ``bf16`` (here a Graviton 3's ``Features`` line) keeps the float32 prefill: the bfloat16 GEMM there is
+    torch's own, never measured (see ``native_bfloat16``'s docstring); an x86 CPU with AVX512_BF16 takes it."""
+    from lordba.kernels import q4
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text(cpuinfo)
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(fake if path == "/proc/cpuinfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr(cpu, "open", fake_open, raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    q4.native_bfloat16.cache_clear()
+    try:
+        assert cpu.cpu_flags().split()[0] == ("Features" if cpuinfo is GRAVITON3 else "flags")
+        assert q4.native_bfloat16() is native
+    finally:
+        q4.native_bfloat16.cache_clear()

@@ -53,7 +53,13 @@ def native_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 dot products natively (AVX512_BF16 or AMX-BF16), where
     oneDNN's bfloat16 GEMM is ~4x its float32 GEMM (1 thread, SmolLM2's prefill shapes). False where
     ``$ONEDNN_MAX_CPU_ISA`` (or ``$DNNL_MAX_CPU_ISA``) keeps oneDNN below them (``AVX2``, for instance:
-    how an AVX2 machine is measured on a newer one, docs/kernels.md)."""
+    how an AVX2 machine is measured on a newer one, docs/kernels.md).
+
+    x86 flags only: ARM's bfloat16 (``bf16`` in a Graviton 3/4's ``Features``, Apple M2's ``FEAT_BF16``) keeps
+    False, the float32 prefill. There the bfloat16 GEMM would be torch's own (``at::mm``: oneDNN with ACL in
+    Linux aarch64 wheels, nothing like Accelerate's float32 GEMM on macOS), never measured against float32, and
+    the one-token bfloat16 kernel is AVX512_BF16 code (``fast`` would round the prompt's operands, maybe for
+    nothing)."""
     from lordba.kernels.cpu import cpu_flags
 
     limit = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
