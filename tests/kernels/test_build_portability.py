@@ -175,3 +175,22 @@ def test_native_bfloat16_reads_x86_flags_only(monkeypatch, tmp_path, cpuinfo, na
         assert q4.native_bfloat16() is native
     finally:
         q4.native_bfloat16.cache_clear()
+
+
+NO_COMPILER = textwrap.dedent(
+    """
+    from lordba.kernels import cpu
+    r = cpu.load()
+    assert not r.ok and r.path is None, r
+    print(r.message)
+    """
+)
+
+
+@pytest.mark.parametrize("value", ["ccache g++", "/nonexistent/clang++"])
+def test_a_cxx_that_names_no_executable_is_named(value):
+    """``CXX="ccache g++"`` (a launcher before the compiler, which ninja's own builds take) was reported as "no C++
+    compiler found (set $CXX, or install g++)", with $CXX set: the message now names the value."""
+    message = run_python(NO_COMPILER, CXX=value, LORDBA_NO_EXT="")
+    assert message.startswith("no C++ compiler found ("), message
+    assert f"$CXX={value!r} names no executable" in message, message

@@ -343,6 +343,9 @@ def load(build: bool = True) -> BuildResult:
         return BuildResult(True, library_path(), "already loaded")
     cxx = compiler()
     if cxx is None:
+        if os.environ.get("CXX"):  # set, but not to an executable: "ccache g++", a typo, a missing path
+            why = f"$CXX={os.environ['CXX']!r} names no executable: set it to the compiler alone, e.g. CXX=clang++"
+            return BuildResult(False, None, f"no C++ compiler found ({why})")
         return BuildResult(False, None, "no C++ compiler found (set $CXX, or install g++)")
     arch = _arch()
     path = library_path(arch)
