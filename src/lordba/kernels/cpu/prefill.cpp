@@ -30,7 +30,9 @@
 #include <cstdlib>
 #include <vector>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+// GCC spells the AMX macros __AMX_TILE__ / __AMX_BF16__, clang (14 at least) __AMXTILE__ / __AMXBF16__
+#if (defined(__AMX_TILE__) || defined(__AMXTILE__)) && (defined(__AMX_BF16__) || defined(__AMXBF16__)) && \
+    defined(__AVX512BF16__) && defined(__linux__)
 #define LORDBA_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
