@@ -52,3 +52,18 @@ def test_a_folder_it_cannot_load_says_so_as_both_commands_did(tmp_path):
         load_base(tmp_path)
     with pytest.raises(ConfigError, match="--dtype must be one of"):
         load_base(tmp_path, dtype="float8")
+
+
+def test_an_unknown_quantization_is_refused_before_the_float_model_is_read(folder, monkeypatch):
+    """The library loader read the whole float model, then let ``quantize_model`` refuse the name (the CLI checks
+    it first; a library caller paid the load, seconds to minutes on a large model)."""
+    import transformers
+
+    from lordba.errors import ConfigError
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the float model was read")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    with pytest.raises(ConfigError, match=r"quantization backend must be one of .* got 'q3'"):
+        load_base(folder, quant="q3")

@@ -11,6 +11,7 @@ from torch import nn
 
 from lordba._util.dtypes import DTYPES
 from lordba.errors import ConfigError
+from lordba.quant.quantize import QUANT_BACKENDS
 
 
 def load_base(
@@ -40,6 +41,8 @@ def load_base(
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if quant not in QUANT_BACKENDS:  # before the float model is read, not after
+        raise ConfigError(f"quantization backend must be one of {QUANT_BACKENDS}, got {quant!r}")
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ConfigError(f"--model {model_dir}: not a transformers model folder (no config.json)")
