@@ -50,6 +50,16 @@ def missing() -> str | None:
     return None
 
 
+def installed() -> str | None:
+    """The version of the llama-cpp-python that imports here (what llama.cpp's rows ran on; :data:`VERSION` is
+    the release the suite was written with), or ``None`` when it does not import."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return getattr(llama_cpp, "__version__", None)
+
+
 def _folder() -> Path:
     out = cache_dir() / "llamacpp"
     out.mkdir(parents=True, exist_ok=True)

@@ -348,7 +348,7 @@ def _run(
                      "lordba_scale_dtype": M.SCALE_DTYPE, "activation_dtype": "float32",
                      "q4_compute": default_compute(), "native_bfloat16": native_bfloat16(),
                      "branch_compute": kernels.branch_compute(), "tile_unit": amx_prefill_available(),
-                     "llama_cpp_python": _llama_cpp.VERSION if not _llama_cpp.missing() else None},
+                     "llama_cpp_python": _llama_cpp.installed()},
         "load_avg_before": load_before,
         "load_avg_after": load(),
     }  # fmt: skip

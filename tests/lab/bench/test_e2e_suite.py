@@ -22,6 +22,17 @@ def test_missing_llama_cpp_names_the_extra(monkeypatch):
     assert note is not None and "skipped" in note and "lordba-lab[llamacpp]" in note
 
 
+def test_the_llama_cpp_version_recorded_is_the_one_installed(monkeypatch):
+    """bench.json's ``settings.llama_cpp_python`` said 0.3.36 (the release the suite was written with) whatever
+    llama-cpp-python ran the llama.cpp rows; it is the installed one's version, ``None`` without it."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(__version__="0.3.99"))
+    assert _llama_cpp.installed() == "0.3.99" != _llama_cpp.VERSION
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    assert _llama_cpp.installed() is None
+
+
 def test_unknown_base_is_refused(tiny_model):
     with pytest.raises(ConfigError, match="e2e base must be one of"):
         _e2e_models.quantized(tiny_model, "gptq", None)
