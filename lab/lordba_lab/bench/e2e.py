@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from lordba._util.modules import cache_keyword, output_cache
+from lordba.errors import LoRDBAError
 from lordba_lab.bench import _e2e_models as M
 from lordba_lab.bench import _llama_cpp, hardware
 from lordba_lab.bench._e2e_report import plot, report, targets
@@ -85,8 +86,11 @@ def _llama_runners(peft_dir: Path, source: Path | None, threads: int, n_ctx: int
         note = "llama.cpp rows skipped: they need SmolLM2-135M-Instruct (its GGUF), not this model"
     if note is not None:
         return {}, note
-    gguf = _llama_cpp.q4_0_gguf(threads)
-    lora = _llama_cpp.lora_gguf(peft_dir, source)
+    try:  # each needs llama.cpp's tools (downloaded once with pip): a failure skips the rows, it does not end the run
+        gguf = _llama_cpp.q4_0_gguf(threads)
+        lora = _llama_cpp.lora_gguf(peft_dir, source)
+    except LoRDBAError as e:
+        return {}, f"llama.cpp rows skipped: {e}"
     runners = {
         LLAMA: _llama_cpp.LlamaRunner(gguf, threads, n_ctx),
         LLAMA_LORA: _llama_cpp.LlamaRunner(gguf, threads, n_ctx, lora=lora),

@@ -33,6 +33,24 @@ def test_the_llama_cpp_version_recorded_is_the_one_installed(monkeypatch):
     assert _llama_cpp.installed() is None
 
 
+def test_a_failed_llama_cpp_conversion_skips_its_rows_with_the_reason(monkeypatch, tmp_path):
+    """With llama-cpp-python installed but its GGUF or LoRA conversion failing (pip offline, the converter's
+    error), the suite ended before timing anything; the llama.cpp rows are skipped with the reason, as when
+    llama-cpp-python is absent."""
+    from lordba.errors import LoRDBAError
+
+    def offline(*_):
+        raise LoRDBAError("could not download llama-cpp-python==0.3.36 with pip: no network")
+
+    monkeypatch.setattr(_llama_cpp, "missing", lambda: None)
+    monkeypatch.setattr(_llama_cpp, "q4_0_gguf", lambda threads: tmp_path / "model.gguf")
+    monkeypatch.setattr(_llama_cpp, "lora_gguf", offline)
+    runners, note = e2e._llama_runners(tmp_path / "peft", tmp_path / "model", 2, 72)
+    assert runners == {} and "llama.cpp rows skipped" in note and "no network" in note
+    monkeypatch.setattr(_llama_cpp, "q4_0_gguf", offline)
+    assert e2e._llama_runners(tmp_path / "peft", tmp_path / "model", 2, 72)[0] == {}
+
+
 def test_unknown_base_is_refused(tiny_model):
     with pytest.raises(ConfigError, match="e2e base must be one of"):
         _e2e_models.quantized(tiny_model, "gptq", None)
