@@ -18,6 +18,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import platform
+import subprocess
+from pathlib import Path
 from types import ModuleType
 
 
@@ -48,7 +50,11 @@ def hardware() -> dict[str, object]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
+    import lordba
+
     return {
+        "lordba": lordba.__version__,
+        "commit": commit(),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -58,3 +64,24 @@ def hardware() -> dict[str, object]:
         # instruction-set limits in force (an AVX2 machine measured on a newer one: docs/kernels.md)
         "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k)},
     }
+
+
+def commit() -> str | None:
+    """The git commit of the lordba checkout this lab runs from (``+dirty`` appended where tracked files differ
+    from it), or ``None`` when it does not run from one (an installed wheel; a ``git`` that fails)."""
+    here = Path(__file__).resolve()
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(here.parent), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")  # this file's own repository, not one an install sits in
+    if top is None or Path(top, "lab", "lordba_lab", "bench", "__init__.py").resolve() != here:
+        return None
+    head, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    if head is None:
+        return None
+    return head + ("+dirty" if changes else "")

@@ -9,3 +9,31 @@ def test_an_unknown_suite_is_a_usage_error_naming_the_suites(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "unknown suite(s) ['nope']" in err and "latency" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_the_hardware_record_names_the_commit_and_the_version_measured(tmp_path, monkeypatch):
+    """Every suite's JSON (``hardware()``) named the machine and torch but not the code measured: two runs'
+    numbers could not be told apart by the commit that made them. It records lordba's version and the
+    checkout's commit (``+dirty`` with local changes), ``None`` outside this repository's checkout."""
+    import subprocess
+    from pathlib import Path
+
+    import lordba
+    from lordba_lab import bench
+
+    hw = bench.hardware()
+    assert hw["lordba"] == lordba.__version__
+    root = Path(bench.__file__).resolve().parents[2]
+    git = ["git", "-C", str(root)]
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:  # not run from a git checkout
+        assert hw["commit"] is None
+        return
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    assert hw["commit"] == head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    elsewhere = tmp_path / "site-packages" / "lordba_lab" / "bench" / "__init__.py"  # installed inside another repo
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_text("")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.setattr(bench, "__file__", str(elsewhere))
+    assert bench.commit() is None
