@@ -116,7 +116,8 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
         "fwd+bwd / fp32",
     ]
     print_table("quantized base layers (SmolLM2 weights)", columns, table)
-    losses = _model_losses(model, tokenizer, 4 if quick else 24)
+    blocks = 4 if quick else 24
+    losses = _model_losses(model, tokenizer, blocks)
     corpora = list(next(iter(losses.values())))
     loss_columns = ["base", *(f"{c} loss" for c in corpora), *(f"{c} vs fp32" for c in corpora)]
     loss_table = [
@@ -124,12 +125,15 @@ def run(out_dir: Path, quick: bool) -> list[Path]:
     ]
     print_table("whole model, held-out text (nats per token)", loss_columns, loss_table)
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"hardware": hardware(), "rows": rows, "heldout_loss": losses}
+    settings = {"quick": quick, "model": "SmolLM2-135M-Instruct", "layers": list(LAYERS[:1] if quick else LAYERS),
+                "repeats": repeats, "shapes": shapes, "heldout_blocks": blocks, "block_tokens": 512}  # fmt: skip
+    payload = {"hardware": hardware(), "settings": settings, "rows": rows, "heldout_loss": losses}
     write_text(out_dir / "quant.json", json.dumps(payload, indent=1) + "\n")
     write_text(
         out_dir / "quant.md",
         "# Quantized base backends\n\n"
         + f"Hardware: {json.dumps(payload['hardware'])}; times as ratios, the backends interleaved in one run.\n\n"
+        + f"Settings: {json.dumps(settings)}\n\n"
         + markdown_table(columns, table)
         + "\n\n## Whole model: held-out loss\n\n"
         + markdown_table(loss_columns, loss_table),

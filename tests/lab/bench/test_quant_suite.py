@@ -2,6 +2,7 @@
 ``lordba bench --suite quant``): the q4 base before it took HQQ's zero rounding, and the losses per base
 and corpus over the tasks' held-out text blocks (``text_blocks``, tested in ``tests/lab/test_tasks.py``)."""
 
+import copy
 import json
 import zlib
 
@@ -104,3 +105,21 @@ def test_every_layer_timed_is_a_frozen_base_the_fp32_one_included(tmp_path, monk
         x = torch.randn(2, 3, 128, requires_grad=True)
         layer(x).sum().backward()
         assert x.grad is not None and linear.weight.grad is None, name
+
+
+def test_a_run_records_its_settings_quick_or_full(tmp_path, monkeypatch):
+    """quant.json held the hardware, the rows and the held-out losses but not how they were measured: a quick
+    run's losses (4 blocks of 512 tokens a corpus) and medians of 3 read like the full run's (24 blocks,
+    medians of 10)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "hidden_size": 64, "intermediate_size": 128})).eval()
+    blocks = []
+    monkeypatch.setattr("lordba_lab.assets.load_model_and_tokenizer", lambda: (model, None))
+    monkeypatch.setattr(quant, "_model_losses", lambda m, t, n: blocks.append(n) or {"fp32": {"speeches": 1.0}})
+    monkeypatch.setattr(quant, "FLUSH_BYTES", 1 << 12)
+    monkeypatch.setattr(quant, "_backends", lambda: {"fp32": lambda lin: copy.deepcopy(lin).requires_grad_(False)})
+    quant.run(tmp_path, quick=True)
+    settings = json.loads((tmp_path / "quant.json").read_text())["settings"]
+    assert settings["quick"] is True and settings["repeats"] == 3 and settings["heldout_blocks"] == blocks[0] == 4
+    assert settings["layers"] == [quant.LAYERS[0]] and settings["shapes"]["train"] == [8, 64]
+    assert '"heldout_blocks": 4' in (tmp_path / "quant.md").read_text()
