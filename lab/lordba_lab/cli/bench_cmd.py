@@ -18,7 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", action="store_true", help="list the suites and exit")
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats (about a minute)")
     p.add_argument(
-        "--out", type=output_directory, default="results/bench", help="output directory (default results/bench)"
+        "--out",
+        type=output_directory,
+        default="results/bench",
+        help="output directory (default results/bench; several suites: a folder per suite in it)",
     )
 
 
@@ -28,14 +31,14 @@ def run(args: argparse.Namespace) -> int:
         for name, module in sorted(available.items()):
             print(f"{name:16s} {'(default) ' if module.DEFAULT else ''}{module.HELP}")
         return 0
-    chosen = args.suite or [n for n, m in sorted(available.items()) if m.DEFAULT]
+    chosen = list(dict.fromkeys(args.suite or [n for n, m in sorted(available.items()) if m.DEFAULT]))
     unknown = [n for n in chosen if n not in available]
     if unknown:  # a usage error (exit 2), as argparse's choices would give
         print(f"lordba bench: unknown suite(s) {unknown}; available: {sorted(available)}", file=sys.stderr)
         return EXIT_USAGE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in chosen:
-        files = available[name].run(out, args.quick)
+    for name in chosen:  # suites name their files alike (latency's and e2e's bench.json): each its own folder
+        files = available[name].run(out if len(chosen) == 1 else out / name, args.quick)
         print(f"suite {name}: wrote " + ", ".join(str(f) for f in files))
     return 0

@@ -37,3 +37,29 @@ def test_the_hardware_record_names_the_commit_and_the_version_measured(tmp_path,
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     monkeypatch.setattr(bench, "__file__", str(elsewhere))
     assert bench.commit() is None
+
+
+def test_several_suites_each_write_into_a_folder_of_their_own(tmp_path, monkeypatch, capsys):
+    """``--suite latency --suite e2e`` wrote both suites' bench.json and bench.md into one folder: e2e's replaced
+    latency's, and the line "suite latency: wrote .../bench.json" named a file holding e2e's numbers."""
+    import types
+
+    from lordba_lab.cli import bench_cmd
+
+    def suite(name):
+        def run(out, quick):
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "bench.json").write_text(name)
+            return [out / "bench.json"]
+
+        return types.SimpleNamespace(SUITE=name, HELP="", DEFAULT=False, run=run)
+
+    monkeypatch.setattr(bench_cmd, "suites", lambda: {"latency": suite("latency"), "e2e": suite("e2e")})
+    out = tmp_path / "b"
+    assert main(["bench", "--suite", "latency", "--suite", "e2e", "--suite", "latency", "--out", str(out)]) == 0
+    assert (out / "latency" / "bench.json").read_text() == "latency" and (
+        out / "e2e" / "bench.json"
+    ).read_text() == "e2e"
+    assert capsys.readouterr().out.count("suite latency: wrote") == 1  # named twice, run once
+    assert main(["bench", "--suite", "e2e", "--out", str(tmp_path / "one")]) == 0  # one suite: the folder itself
+    assert (tmp_path / "one" / "bench.json").read_text() == "e2e"
