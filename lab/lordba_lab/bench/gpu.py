@@ -32,7 +32,7 @@ from tqdm import tqdm
 from lordba._util.tables import markdown_table, print_table
 from lordba.errors import LoRDBAError
 from lordba_lab.bench import hardware
-from lordba_lab.bench._gpu_models import MODEL_SHAPES, build, model_rows
+from lordba_lab.bench._gpu_models import MODEL_SHAPES, RANK, build, model_rows
 from lordba_lab.bench._gpu_timing import captured, interleaved_gpu
 from lordba_lab.bench._timing import paired_ratio
 from lordba_lab.outputs import save_figure, write_text
@@ -122,13 +122,15 @@ def run(out_dir: Path, quick: bool, device: str | None = None, parts: tuple[str,
     cells = [(i, o, r, t) for (i, o) in shapes for r in ranks for t in tokens] if "branch" in parts else []
     rows: list[dict] = []
     errors: dict[str, str] = {}
+    settings = {"quick": quick, "device": device, "parts": list(parts), "rounds": rounds, "shapes": shapes,
+                "ranks": ranks, "tokens": tokens, "model_rank": RANK}  # fmt: skip
     for cell in tqdm(cells, desc="branch"):
         rows += _branch_case(*cell, rounds, device)
-        _report(rows, errors, out_dir)  # partial results survive a run cut short
+        _report(rows, errors, out_dir, settings)  # partial results survive a run cut short
 
     def done(row: dict) -> None:
         rows.append(row)
-        _report(rows, errors, out_dir)
+        _report(rows, errors, out_dir, settings)
 
     built = {}
     for name in (["tiny"] if smoke else list(MODEL_SHAPES)) if "models" in parts else []:
@@ -139,14 +141,15 @@ def run(out_dir: Path, quick: bool, device: str | None = None, parts: tuple[str,
     for name, models in built.items():
         if models is not None and device == "cuda":
             model_rows(name, models, rounds, errors, done, graph=True)
-    files = _report(rows, errors, out_dir)
+    files = _report(rows, errors, out_dir, settings)
     _print(rows, errors)
     return files
 
 
-def _report(rows: list[dict], errors: dict[str, str], out_dir: Path) -> list[Path]:
-    """Write ``gpu.json``, ``gpu.md`` and (with matplotlib) ``gpu_overhead.png``; return their paths."""
-    meta = {"hardware": hardware(), "triton": _version("triton"), "errors": errors}
+def _report(rows: list[dict], errors: dict[str, str], out_dir: Path, settings: dict | None = None) -> list[Path]:
+    """Write ``gpu.json``, ``gpu.md`` and (with matplotlib) ``gpu_overhead.png``; return their paths.
+    ``settings``: what the run measured (quick, rounds, cases), recorded in ``gpu.json``'s ``meta``."""
+    meta = {"hardware": hardware(), "triton": _version("triton"), "settings": settings, "errors": errors}
     json_path = out_dir / "gpu.json"
     write_text(json_path, json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = out_dir / "gpu.md"

@@ -48,6 +48,16 @@ def test_timing_counts_calls_and_divides_by_the_calls_a_replay_stands_for():
     assert 0.5 < ratio < 2.0, ratio  # both ~2 ms per call
 
 
+def test_a_run_records_its_settings_in_the_json(tmp_path, monkeypatch):
+    """gpu.json's meta held the hardware, triton's version and the errors, not the run's settings: a --quick run
+    (medians of 8 rounds) read like a full one (15), and a smoke run's cases like a real one's."""
+    monkeypatch.setattr(gpu, "_branch_case", lambda *cell: [])  # no timing: the plumbing only
+    gpu.run(tmp_path, quick=True, device="cpu", parts=("branch",))
+    settings = json.loads((tmp_path / "gpu.json").read_text())["meta"]["settings"]
+    assert settings["quick"] is True and settings["device"] == "cpu" and settings["parts"] == ["branch"]
+    assert settings["rounds"] == 3 and settings["ranks"] == [16] and settings["model_rank"] == 16
+
+
 def test_the_report_writes_a_table_json_and_plot(tmp_path):
     branch = {"case": "branch", "in": 8, "out": 4, "r": 16, "mode": "eager", "base_us": 3.0}
     rows = [{**branch, "tokens": t, **{f"{v}_x": 1.0 + t / 100 for v in gpu.VARIANTS[1:]}} for t in (1, 16)]
