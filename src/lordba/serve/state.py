@@ -101,18 +101,22 @@ class ServerState:
         """Token ids of the chat ``messages`` through the model's chat template (refused without one)."""
         if not getattr(self.encoder, "chat_template", None):
             raise BadRequestError(f"model '{self.base_name}' has no chat template: use /v1/completions", "messages")
+        # the contents alone over the limit: so is the rendered chat, refused before rendering it (seconds for 100,000
+        # messages, and the rendering's own characters for the check after it)
+        contents = [message.get("content") for message in messages]
+        self._check_chars("".join(c for c in contents if isinstance(c, str)), "messages")
         try:
             texts = [text for message in messages for text in _strings(message)]  # content, names, tool calls
         except RecursionError:  # a tool call's arguments nesting deeper than Python recurses
             raise BadRequestError("messages nest too deeply (a tool call's arguments)", "messages") from None
         for text in texts:  # all of them are rendered
             _check_text(text, "messages")
+        try:  # (outside the lock: rendering the template, a Jinja template, leaves the Rust tokenizer alone)
+            text = self.encoder.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        except Exception as err:  # the template refuses these messages (e.g. a role it does not know)
+            raise BadRequestError(f"the chat template refuses these messages: {err}", "messages") from None
+        self._check_chars(text, "messages")
         with self.encoder_lock:
-            try:
-                text = self.encoder.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-            except Exception as err:  # the template refuses these messages (e.g. a role it does not know)
-                raise BadRequestError(f"the chat template refuses these messages: {err}", "messages") from None
-            self._check_chars(text, "messages")
             ids = list(self.encoder(text, add_special_tokens=False)["input_ids"])
         if not ids:
             raise BadRequestError("the chat template gives an empty prompt for these messages", "messages")
