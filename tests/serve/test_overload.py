@@ -1,17 +1,22 @@
-"""The server under overload: a chat too long for the context refused before the work it would take, and the
-tokenizer's lock held only for the tokenizing."""
+"""The server under overload: a bounded waiting queue (``--max-waiting``), a chat too long for the context refused
+before the work it would take, and the tokenizer's lock held only for the tokenizing."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 import time
+from urllib.parse import urlparse
 
 import pytest
 
 pytest.importorskip("fastapi")
 
-from lordba.serve.errors import ContextLengthError
-from lordba.serve.server import build_state
+from lordba.serve.engine import Engine, Request
+from lordba.serve.errors import ContextLengthError, QueueFullError
+from lordba.serve.sampling import SamplingParams
+from lordba.serve.server import Server, build_state
 
 from .serve_helpers import char_tokenizer, tiny_model
 
@@ -56,3 +61,94 @@ def test_a_chat_being_rendered_does_not_hold_up_other_prompts_tokenizing(state, 
     monkeypatch.setattr(state.encoder, "apply_chat_template", slow_render)
     assert state.chat_prompt([{"role": "user", "content": "hi"}])
     assert other == [state.encode("hi")]
+
+
+def post(url: str, path: str, body: dict) -> tuple[int, http.client.HTTPMessage, dict]:
+    """``(status, headers, JSON body or {"text": ...})`` of one POST."""
+    where = urlparse(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+    try:
+        conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            answer = {"text": data.decode()}
+        return response.status, response.headers, answer
+    finally:
+        conn.close()
+
+
+def wait_for(predicate, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not predicate():
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_a_request_past_max_waiting_is_a_503_at_once_and_the_queued_ones_complete():
+    """The waiting queue had no bound: a burst of 100,000 requests all queued, each holding its prompt, its adapter
+    (never evicted while a request holds it) and its connection, however long the wait. With ``max_waiting`` (``lordba
+    serve --max-waiting``), a request finding that many waiting for a batch slot is a 503 ``queue_full`` with
+    ``Retry-After`` at once, streamed or not, counted in ``lordba_rejected_requests``; those queued complete."""
+    state = build_state(tiny_model(), char_tokenizer(), "tiny-llama", max_batch=1, max_waiting=2)
+    body = {"model": "tiny-llama", "prompt": "12+3", "max_tokens": 2, "temperature": 0}
+    got: list[int] = []
+    with Server(state) as server:
+        calls = []
+        with state.engine.tokenizer_lock:  # the engine's first step blocks: one row admitting, then two waiting
+            for load in ((0, 1), (1, 1), (2, 1)):
+                calls.append(threading.Thread(target=lambda: got.append(post(server.url, "/v1/completions", body)[0])))
+                calls[-1].start()
+                assert wait_for(lambda load=load: state.engine.load == load), state.engine.load
+            for stream in (False, True):
+                started = time.monotonic()
+                status, headers, answer = post(server.url, "/v1/completions", {**body, "stream": stream})
+                assert time.monotonic() - started < 5
+                assert status == 503 and headers.get("Retry-After") == "1", (status, headers, answer)
+                assert answer["error"]["code"] == "queue_full" and "--max-waiting 2" in answer["error"]["message"]
+            assert state.engine.load == (2, 1)
+        for call in calls:
+            call.join(30)
+        assert got == [200, 200, 200]
+        assert state.metrics.rejected_requests.labels("queue_full")._value.get() == 2
+        assert state.metrics.requests.labels("/v1/completions", "503")._value.get() == 2
+
+
+def test_max_waiting_counts_the_requests_beyond_the_free_slots_and_not_those_aborted():
+    """A burst to an idle engine waits for its next step all at once: only the requests beyond the free batch slots
+    wait for one (``max_waiting`` 0: a 503 only once the batch is full); an aborted request frees its place."""
+    engine = Engine(tiny_model(), char_tokenizer(), max_batch=3, max_waiting=0)  # (not started: nothing is admitted)
+    requests = [Request([5, 6], "__base__", SamplingParams(1), lambda event: None) for _ in range(4)]
+    for request in requests[:3]:
+        engine.submit(request)
+    with pytest.raises(QueueFullError, match="0 requests already wait"):
+        engine.submit(requests[3])
+    with pytest.raises(QueueFullError):
+        engine.check_room()
+    engine.abort(requests[0])
+    engine.check_room()
+    engine.submit(requests[3])
+    engine.shutdown()
+
+
+def test_requests_being_tokenized_count_against_max_waiting():
+    """A burst arrives before any of its requests is submitted: each passed the queue's check (empty), then waited for
+    the tokenizer and a worker thread, holding its connection, and was refused only then. The requests being prepared
+    count as waiting: the one past ``max_waiting`` is a 503 at once, while the others are still being tokenized."""
+    state = build_state(tiny_model(), char_tokenizer(), "tiny-llama", max_batch=1, max_waiting=1)
+    body = {"model": "tiny-llama", "prompt": "12+3", "max_tokens": 2, "temperature": 0}
+    got: list[int] = []
+    with Server(state) as server:
+        calls = []
+        with state.encoder_lock:  # another prompt being tokenized: these wait for it
+            for preparing in (1, 2):  # one for the free slot, one waiting for it
+                calls.append(threading.Thread(target=lambda: got.append(post(server.url, "/v1/completions", body)[0])))
+                calls[-1].start()
+                assert wait_for(lambda preparing=preparing: state.preparing == preparing), state.preparing
+            status, headers, answer = post(server.url, "/v1/completions", body)
+            assert status == 503 and answer["error"]["code"] == "queue_full" and headers["Retry-After"] == "1"
+        for call in calls:
+            call.join(30)
+        assert got == [200, 200] and state.preparing == 0

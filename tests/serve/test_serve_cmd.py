@@ -357,3 +357,16 @@ def test_max_body_bytes_sets_the_request_body_limit(monkeypatch, capsys, tmp_pat
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--model", str(model_dir), "--max-body-bytes", "0"])
     assert exit_.value.code == 2 and "--max-body-bytes" in capsys.readouterr().err
+
+
+def test_max_waiting_bounds_the_engines_queue(monkeypatch, capsys, tmp_path_factory):
+    """The waiting queue had no bound (a burst of 100,000 requests all queued): ``--max-waiting`` sets one (a 503
+    past it); none by default, as before; a negative value is a usage error."""
+    model_dir, _ = make_served(tmp_path_factory, names=("a",))
+    state, code = served_state(monkeypatch, ["--model", str(model_dir), "--max-waiting", "0"])
+    assert code == 0 and state.engine.max_waiting == 0
+    state, code = served_state(monkeypatch, ["--model", str(model_dir)])
+    assert code == 0 and state.engine.max_waiting is None
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--model", str(model_dir), "--max-waiting", "-1"])
+    assert exit_.value.code == 2 and "--max-waiting" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from lordba._util.models import registered_model
-from lordba.cli import EXIT_USAGE, _bounded, positive_int
+from lordba.cli import EXIT_USAGE, _bounded, non_negative_int, positive_int
 from lordba.cli._base import UsageError, add_quant_arguments, choose_base, usage_error
 from lordba.errors import ConfigError
 
@@ -33,6 +33,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-batch", type=positive_int, default=32, metavar="N", help="most requests in flight (default 32)"
+    )
+    p.add_argument(
+        "--max-waiting",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="most requests waiting for a batch slot, a 503 with Retry-After past them (default: no bound; 0: a 503 "
+        "whenever the batch is full)",
     )
     p.add_argument(
         "--max-body-bytes",
@@ -135,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         None,
         args.allow_base_mismatch,
         args.max_body_bytes,
+        args.max_waiting,
     )
     serve_forever(state, args.host, args.port)
     return 0

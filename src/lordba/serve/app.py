@@ -111,7 +111,10 @@ def build_app(state: ServerState) -> FastAPI:
 
 async def _prepare(state: ServerState, body: p._Sampling, prompt, max_tokens: int | None, field: str) -> Job:  # noqa: ANN001
     """Resolve, load, tokenize and check in a worker thread (loading reads files and takes the model's lock);
-    ``field``: the request's field that holds the prompt (named by a context-length error)."""
+    ``field``: the request's field that holds the prompt (named by a context-length error). A full queue refuses it
+    first (:meth:`Engine.check_room`: a 503 without the tokenizing, the adapter's load or a worker thread), the
+    requests being prepared counted as waiting (a burst would all pass the check, then wait for the worker threads)."""
+    state.engine.check_room(state.preparing)
     sampling = {
         "temperature": body.temperature,
         "top_p": body.top_p,
@@ -119,7 +122,11 @@ async def _prepare(state: ServerState, body: p._Sampling, prompt, max_tokens: in
         "stop": body.stops(),
         "ignore_eos": body.ignore_eos,
     }
-    return await run_in_threadpool(state.prepare, body.model, prompt, max_tokens, field, **sampling)
+    state.preparing += 1  # (on the event loop, as the check: its caller submits the job before it next awaits)
+    try:
+        return await run_in_threadpool(state.prepare, body.model, prompt, max_tokens, field, **sampling)
+    finally:
+        state.preparing -= 1
 
 
 async def _respond(state: ServerState, job: Job, body: p._Sampling, request: Request, chat: bool) -> Response:
@@ -313,7 +320,8 @@ def _error(status: int, message: str, kind: str, param: str | None = None, code:
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, err: ServeError) -> JSONResponse:
-        return JSONResponse(p.error_for(err), status_code=err.status)
+        headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+        return JSONResponse(p.error_for(err), status_code=err.status, headers=headers)
 
     @app.exception_handler(LoRDBAError)
     async def library_error(request: Request, err: LoRDBAError) -> JSONResponse:

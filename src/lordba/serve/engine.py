@@ -25,7 +25,7 @@ import torch
 from lordba._util.modules import end_of_sequence_ids
 from lordba.nn.saved import embedding_rows
 from lordba.serve.batch import KVBatch, decode, prefill
-from lordba.serve.errors import UnavailableError
+from lordba.serve.errors import QueueFullError, UnavailableError
 from lordba.serve.sampling import IncrementalDecoder, SamplingParams, TextAssembler, sample
 
 log = logging.getLogger("lordba.serve")
@@ -52,6 +52,7 @@ class Observer(Protocol):
     def first_token(self, seconds: float) -> None: ...
     def next_token(self, seconds: float) -> None: ...
     def finished(self, reason: str, prompt_tokens: int, completion_tokens: int, seconds: float) -> None: ...
+    def rejected(self, reason: str) -> None: ...
 
 
 @dataclass(eq=False)
@@ -82,7 +83,8 @@ class Engine:
     """Continuous batching of :class:`Request` s on a :class:`~lordba.nn.model.LoRDBAModel`.
 
     Takes the model, its tokenizer, the most rows in flight (``max_batch``), the most padded
-    prompt tokens per prefill forward, and an optional :class:`Observer` for metrics.
+    prompt tokens per prefill forward, an optional :class:`Observer` for metrics, and the most requests that may
+    wait for a batch slot (``max_waiting``: beyond the free slots; None, no bound), a 503 past them.
     """
 
     def __init__(
@@ -92,10 +94,12 @@ class Engine:
         max_batch: int = 32,
         max_prefill_tokens: int = 8192,
         observer: Observer | None = None,
+        max_waiting: int | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_prefill_tokens = max(1, max_batch), max(1, max_prefill_tokens)
         self.observer = observer
+        self.max_waiting = max_waiting
         self.tokenizer_lock = threading.Lock()  # the tokenizer is shared with the HTTP threads
         self.eos_ids = end_of_sequence_ids(model, tokenizer)
         self.pad_id = _pad_id(tokenizer, self.eos_ids, embedding_rows(model))
@@ -145,7 +149,8 @@ class Engine:
         """Queue ``request``; it joins the running batch at the next step.
 
         Raises:
-            UnavailableError: the server is shutting down, or the engine stopped (:attr:`failure`)."""
+            UnavailableError: the server is shutting down, or the engine stopped (:attr:`failure`).
+            QueueFullError: ``max_waiting`` requests already wait for a slot (:meth:`check_room`)."""
         request.decoder = IncrementalDecoder(self.tokenizer, request.prompt)  # the text after the prompt
         with self._cond:
             if self.failure is not None:
@@ -154,8 +159,41 @@ class Engine:
                 )
             if self._stop:
                 raise UnavailableError("the server is shutting down")
-            self._waiting.append(request)
-            self._cond.notify_all()
+            waiting = self._queued()
+            if waiting is None:
+                self._waiting.append(request)
+                self._cond.notify_all()
+        if waiting is not None:
+            raise self._full(waiting)
+
+    def check_room(self, ahead: int = 0) -> None:
+        """Refuse a request now if ``max_waiting`` requests already wait for a batch slot, counting ``ahead`` more
+        about to be submitted (those being tokenized), before its prompt is tokenized and its adapter loaded
+        (:meth:`submit` checks again).
+
+        Raises:
+            QueueFullError: the queue is full (counted by the observer's ``rejected``)."""
+        with self._cond:
+            waiting = self._queued(ahead)
+        if waiting is not None:
+            raise self._full(waiting)
+
+    def _queued(self, ahead: int = 0) -> int | None:
+        """The requests waiting beyond the free batch slots (and ``ahead``) if there are ``max_waiting`` of them (no
+        room for one more), else None (lock held). Requests the next step admits do not count, nor those aborted."""
+        if self.max_waiting is None:
+            return None
+        free = max(0, self.max_batch - len(self._running) - self._admitting)
+        waiting = sum(not r.aborted for r in self._waiting) + ahead - free
+        return waiting if waiting >= self.max_waiting else None
+
+    def _full(self, waiting: int) -> QueueFullError:
+        if self.observer is not None:
+            self.observer.rejected("queue_full")
+        return QueueFullError(
+            f"the server is overloaded: {waiting} requests already wait for a batch slot (--max-waiting "
+            f"{self.max_waiting}); retry later"
+        )
 
     def abort(self, request: Request) -> None:
         """Drop ``request`` at the next step boundary (its slot and adapter are freed then)."""

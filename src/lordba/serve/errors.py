@@ -13,6 +13,7 @@ class ServeError(LoRDBAError):
     kind = "invalid_request_error"
     code = "invalid_request"
     param: str | None = None
+    retry_after: int | None = None  # seconds: the ``Retry-After`` header of the answer
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -76,3 +77,10 @@ class UnavailableError(ServeError):
     status = 503
     kind = "server_error"
     code = "unavailable"
+
+
+class QueueFullError(UnavailableError):
+    """``--max-waiting`` requests already wait for a batch slot (503, with ``Retry-After``: retry later)."""
+
+    code = "queue_full"
+    retry_after = 1

@@ -25,6 +25,9 @@ class ServeMetrics:
         self.finished_requests = Counter(
             "lordba_finished_requests", "generations ended, by reason", ["reason"], registry=r
         )
+        self.rejected_requests = Counter(
+            "lordba_rejected_requests", "requests refused before they queued, by reason", ["reason"], registry=r
+        )
         self.waiting = Gauge("lordba_queue_length", "requests waiting to join the running batch", registry=r)
         self.running = Gauge("lordba_running_requests", "requests in the running batch", registry=r)
         self.resident = Gauge("lordba_resident_adapters", "adapters loaded on the model", registry=r)
@@ -68,6 +71,10 @@ class ServeMetrics:
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
         self.latency.observe(seconds)
+
+    def rejected(self, reason: str) -> None:
+        """A request was refused before it queued (``queue_full``: ``--max-waiting`` requests were waiting)."""
+        self.rejected_requests.labels(reason).inc()
 
     # registry observer
     def adapter_loaded(self, seconds: float) -> None:

@@ -72,12 +72,14 @@ def build_state(
     max_context: int | None = None,
     allow_base_mismatch: bool = False,
     max_body_bytes: int | None = None,
+    max_waiting: int | None = None,
 ) -> ServerState:
     """The server's parts around ``model`` (a :class:`LoRDBAModel`, or a plain model to wrap):
     the base served as ``base_name``, adapters from the folder ``adapters``, an LRU within
     ``max_adapter_memory`` bytes, at most ``max_batch`` requests in flight; an adapter that records another
     quantized base than ``model``'s is refused unless ``allow_base_mismatch``; a request body over
-    ``max_body_bytes`` is a 413 (None: over what the longest prompt of the context needs)."""
+    ``max_body_bytes`` is a 413 (None: over what the longest prompt of the context needs); a request finding
+    ``max_waiting`` others waiting for a batch slot is a 503 (None: no bound)."""
     if not isinstance(base_name, str) or not base_name:
         raise ConfigError("the base model needs a non-empty served name")
     lm = model if isinstance(model, LoRDBAModel) else LoRDBAModel(model)
@@ -87,7 +89,7 @@ def build_state(
     registry = AdapterRegistry(
         lm, adapters, max_adapter_memory, (base_name,), metrics, allow_base_mismatch=allow_base_mismatch
     )
-    engine = Engine(lm, tokenizer, max_batch=max_batch, observer=metrics)
+    engine = Engine(lm, tokenizer, max_batch=max_batch, observer=metrics, max_waiting=max_waiting)
     context = max_context or context_length(lm, tokenizer)
     return ServerState(engine, registry, metrics, tokenizer, base_name, context, max_body_bytes)
 

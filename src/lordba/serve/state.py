@@ -55,6 +55,7 @@ class ServerState:
 
     max_prompt_chars: int | None = field(init=False, repr=False, default=None)
     max_body_bytes: int | None = None  # the most bytes a request body may hold (None: the app's body_limit)
+    preparing: int = field(init=False, repr=False, default=0)  # requests being tokenized, not yet submitted (the app's)
 
     def __post_init__(self) -> None:
         self.encoder = copy.deepcopy(self.tokenizer)
