@@ -61,12 +61,67 @@ def test_a_tiny_top_p_keeps_the_top_token(top_p):
         dict(stop=("",)),
         dict(seed=2**64),
         dict(seed=-(2**63) - 1),
+        dict(seed=1.5),
+        dict(max_tokens=2.5),
+        dict(stop=("a", "b", "c", "d", "e")),
+        dict(stop=(1,)),
     ],
 )
 def test_invalid_parameters_are_refused(bad):
     kw = {"max_tokens": 4, **bad}
     with pytest.raises(ConfigError):
         SamplingParams(**kw)
+
+
+@pytest.mark.parametrize(
+    "edge",
+    [
+        dict(max_tokens=1),
+        dict(temperature=0.0),
+        dict(temperature=2.0),
+        dict(top_p=1.0),
+        dict(seed=2**64 - 1),
+        dict(seed=-(2**63)),
+        dict(stop=("a", "b", "c", "d")),
+    ],
+)
+def test_parameters_at_the_edges_of_their_ranges_are_accepted(edge):
+    kw = {"max_tokens": 4, **edge}
+    assert SamplingParams(**kw).max_tokens == kw["max_tokens"]
+
+
+def test_the_seed_fixes_the_whole_sequence_of_draws():
+    params = SamplingParams(4, temperature=2.0, seed=7)
+    a, b = params.generator(), params.generator()
+    first = [sample(LOGITS, params, a) for _ in range(40)]
+    assert first == [sample(LOGITS, params, b) for _ in range(40)]
+    other = SamplingParams(4, temperature=2.0, seed=8).generator()
+    assert first != [sample(LOGITS, params, other) for _ in range(40)]
+
+
+def test_a_small_positive_temperature_still_samples_among_tied_top_tokens():
+    """Only temperature 0 is greedy (the argmax, the first of a tie); 1e-7 draws either of two equal top logits."""
+    logits = torch.tensor([1.0, 3.0, 3.0, 0.0])
+    params = SamplingParams(4, temperature=1e-7, seed=0)
+    g = params.generator()
+    assert {sample(logits, params, g) for _ in range(60)} == {1, 2}
+    assert sample(logits, SamplingParams(4, temperature=0.0), None) == 1
+
+
+def test_a_tiny_temperature_with_large_logits_is_greedy():
+    """Logits of a few hundred divided by a temperature near float32's smallest normal overflow to inf (inf - inf:
+    NaN) unless the top logit is moved to 0 first."""
+    params = SamplingParams(4, temperature=1e-37, seed=0)
+    g = params.generator()
+    assert {sample(LOGITS * 100, params, g) for _ in range(20)} == {1}
+
+
+def test_top_p_reached_exactly_by_the_tokens_above_drops_the_rest():
+    """Probabilities 0.5, 0.25, 0.25 and top_p 0.5: the first token alone reaches it (the smallest set)."""
+    logits = torch.tensor([0.0, -0.6931471805599453, -0.6931471805599453])
+    params = SamplingParams(4, temperature=1.0, top_p=0.5, seed=0)
+    g = params.generator()
+    assert {sample(logits, params, g) for _ in range(60)} == {0}
 
 
 def test_text_is_cut_at_the_first_stop_and_a_possible_stop_is_held_back():
@@ -95,9 +150,30 @@ def test_a_huge_stop_string_costs_no_quadratic_time_per_token():
     text.update(body + "cxx")
     started = time.perf_counter()
     assert text.take_delta() == "c"  # "xx" may start the second stop: held back
-    assert time.perf_counter() - started < 0.5
+    assert time.perf_counter() - started < 3.0  # (the quadratic hold-back: 12.6 s here)
     text.update(body + "cxxq")
     assert text.take_delta() == "xxq"
+
+
+def test_text_is_cut_at_the_earliest_stop_even_at_the_start():
+    text = TextAssembler(("END", "##"))
+    assert text.update("a ## b END c") and text.text == "a "
+    text = TextAssembler(("END", "##"))
+    assert text.update("ENDabc") and text.text == "" and text.take_delta(final=True) == ""
+
+
+@pytest.mark.parametrize(
+    ("stops", "update", "shown"),
+    [
+        (("aab",), "xaa", "x"),  # the longest tail that may start a stop waits ("a" alone could too)
+        (("aab",), "aaa", "a"),  # "aa" waits, and only it
+        (("END",), "hello N", "hello N"),  # "N" is inside "END" but does not start it
+    ],
+)
+def test_exactly_the_tail_that_could_start_a_stop_is_held_back(stops, update, shown):
+    text = TextAssembler(stops)
+    assert not text.update(update)
+    assert text.take_delta() == shown
 
 
 def test_an_incomplete_character_waits_for_the_next_token():
@@ -138,6 +214,18 @@ def test_incremental_decoding_equals_decoding_everything():
             full = tok.decode(ids[:n], skip_special_tokens=True)
             if not full.endswith("\ufffd"):
                 assert text == full, (ids[:n], text, full)
+
+
+def test_incremental_text_ending_inside_a_character_is_what_decoding_everything_gives():
+    """A completion cut by max_tokens inside a character ends with its U+FFFD, as decoding all its ids gives."""
+    tok = byte_level_tokenizer()
+    ids = tok("日本語 🙂 café")["input_ids"]
+    decoder, inside = IncrementalDecoder(tok), 0
+    for n in range(1, len(ids) + 1):
+        full = tok.decode(ids[:n], skip_special_tokens=True)
+        assert decoder.update(ids[:n]) == full
+        inside += full.endswith("\ufffd")
+    assert inside > 0
 
 
 def test_a_completion_keeps_the_leading_space_a_sentencepiece_tokenizer_strips_where_decoding_starts():
