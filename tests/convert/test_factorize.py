@@ -7,12 +7,15 @@ from lordba.convert.factorize import (
     Factors,
     Target,
     factor_svd,
+    factors_from_svid,
     ls_scale_in,
     ls_scale_mid,
     ls_scale_out,
+    numerical_rank,
     objective,
     relative_error,
     rmr,
+    solve_mid,
     svd_init,
     svid,
 )
@@ -197,4 +200,106 @@ def test_top_eigvec_falls_back_to_a_jittered_problem_when_lapack_fails(monkeypat
     monkeypatch.setattr(torch.linalg, "eigh", flaky)
     got = factorize._top_eigvec(G)
     assert len(calls) == 2 and got.dtype == torch.float64
+    jitter = calls[1] - G.double()  # the retry is a jittered problem: a small positive diagonal, nothing else
+    assert (jitter.diagonal(dim1=-2, dim2=-1) > 0).all() and torch.equal(
+        jitter, torch.diag_embed(jitter.diagonal(dim1=-2, dim2=-1))
+    )
     assert torch.allclose(got.abs(), want.abs(), atol=1e-9)
+
+
+def test_svid_envelope_is_non_negative_where_a_column_is_zero():
+    """A zero column leaves the top eigenvector's entry there at rounding level, of either sign (negative in 12 of
+    these 200): it is clipped, so the envelope stays non-negative (Perron-Frobenius)."""
+    F = torch.randn(200, 30, 6, generator=gen(0), dtype=D64)
+    for i in range(200):
+        F[i, :, i % 6] = 0
+    u, _, v = svid(F)
+    assert (u >= 0).all() and (v >= 0).all()
+
+
+def test_objective_of_a_near_exact_fit_is_never_negative():
+    """The Gram identity cancels to rounding level for a near-exact fit; the objective is clamped at 0 and the
+    relative error stays a number."""
+    for seed in range(5):
+        f = random_factors(3, 40, 30, 4, seed=seed)
+        t = Target.of(f.left(), f.right())
+        f.m = f.m * (1 + 1e-12)
+        assert (objective(t, f) >= 0).all()
+        assert torch.isfinite(relative_error(t, f)).all()
+
+
+def test_relative_error_of_a_zero_target_is_the_absolute_error():
+    """``‖0 − D‖ / 0``: 0 only where D is 0 too, else ``‖D‖`` (never a zero error for a non-zero adapter)."""
+    f = random_factors(2, 12, 9, 3, seed=1)
+    t = Target.of(torch.zeros(2, 12, 2, dtype=D64), torch.zeros(2, 2, 9, dtype=D64))
+    torch.testing.assert_close(relative_error(t, f), dense(f).norm(dim=(-2, -1)))
+    f.m = torch.zeros_like(f.m)
+    assert (relative_error(t, f) == 0).all()
+
+
+def test_least_squares_scale_keeps_its_value_where_its_row_of_d_is_zero_or_negligible():
+    """Rows 0 and 1 of ``S_B diag(m) S_A`` are exactly 0 (the two components cancel), then 1e-9 of the others: no
+    meaningful least-squares scale exists for them, and their previous ``a`` is kept (not 0, not a huge ratio)."""
+    g = gen(11)
+    sA = torch.where(torch.randn(1, 1, 10, generator=g) >= 0, 1.0, -1.0).to(D64).expand(1, 2, 10).clone()
+    sB = torch.tensor([[[1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, -1.0]]], dtype=D64)
+    f = Factors(sign_A=sA, sign_B=sB, b=torch.rand(1, 10, generator=g, dtype=D64) + 0.5,
+                m=torch.tensor([[1.0, 1.0]], dtype=D64), a=torch.tensor([[0.7, 0.3, 1.0, 1.0]], dtype=D64))  # fmt: skip
+    t = Target.of(torch.randn(1, 4, 3, generator=g, dtype=D64), torch.randn(1, 3, 10, generator=g, dtype=D64))
+    a = ls_scale_out(t, f)
+    assert a[0, 0] == 0.7  # den exactly 0
+    f.m = torch.tensor([[1.0, 1.0 + 1e-9]], dtype=D64)
+    a = ls_scale_out(t, f)
+    assert a[0, 0] == 0.7 and a[0, 1] == 0.3  # den 1e-18 of the largest row's
+    assert torch.isfinite(a).all() and (a[0, 2:] != torch.tensor([1.0, 1.0], dtype=D64)).all()
+
+
+def test_solve_mid_keeps_the_old_value_where_the_solution_does_not_lower_the_objective():
+    """An ill-conditioned system (the ridge moves the solution off the minimiser): the exact minimiser given as
+    ``old`` is kept."""
+    G = torch.diag(torch.tensor([1.0, 1e-14], dtype=D64))
+    h = torch.tensor([1.0, 1e-14], dtype=D64)
+    old = torch.tensor([1.0, 1.0], dtype=D64)  # G⁻¹h
+    assert torch.equal(solve_mid(G, h, old), old)
+    far = torch.tensor([0.0, 0.0], dtype=D64)
+    torch.testing.assert_close(solve_mid(G, h, far)[0], torch.tensor(1.0, dtype=D64))
+
+
+def test_numerical_rank_counts_the_values_above_the_tolerance():
+    assert numerical_rank(torch.zeros(2, 3, dtype=D64), 10).tolist() == [0, 0]  # a zero matrix has rank 0
+    sigma = torch.tensor([1.0, 1e-3, 1e-17, 0.0], dtype=D64)
+    assert int(numerical_rank(sigma, 4)) == 2
+    assert int(numerical_rank(sigma, 4, eps=1e-3)) == 1  # the coarser precision of the factors
+
+
+def test_factors_from_svid_are_exact_for_factors_of_rmr_zero():
+    """``B = diag(a) S_B diag(v_B)``, ``A = diag(u_A) S_A diag(b)``: the pair's middle scale is ``v_B ⊙ u_A``."""
+    g = gen(12)
+    sign = lambda *s: torch.where(torch.randn(*s, generator=g) >= 0, 1.0, -1.0).to(D64)  # noqa: E731
+    pos = lambda *s: torch.rand(*s, generator=g, dtype=D64) + 0.5  # noqa: E731
+    B = pos(2, 30, 1) * sign(2, 30, 4) * pos(2, 1, 4)
+    A = pos(2, 4, 1) * sign(2, 4, 25) * pos(2, 1, 25)
+    torch.testing.assert_close(factors_from_svid(B, A).dense(), B @ A)
+
+
+def test_eq7_keeps_sigma_for_a_full_rank_layer_batched_with_a_rank_deficient_one():
+    """Layer 1 (a rank-2 ΔW held at k = 4) has components filled from the residual; layer 0 (rank 4) has none and
+    keeps Eq. 7's ``m = σ``."""
+    g = gen(13)
+    P, Q = torch.randn(2, 40, 4, generator=g, dtype=D64), torch.randn(2, 4, 30, generator=g, dtype=D64)
+    P[1, :, 2:] = P[1, :, :2] @ torch.randn(2, 2, generator=g, dtype=D64)
+    Q[1, 2:] = 0
+    f = svd_init(Target.of(P, Q), 4)
+    torch.testing.assert_close(f.m[0], torch.linalg.svdvals(P[0] @ Q[0])[:4])
+    assert (f.m[1].abs() > 1e-3 * f.m[1].abs().max()).all()  # the filled components carry weight
+
+
+def test_eq7_reads_a_component_below_size_times_eps_as_rounding_noise():
+    """A third singular value 10 float64 eps of the first, on a 60 x 40 product: under ``max(out, in, k) · eps · σ₁``
+    it is noise, and its component is filled from the residual (not left at ``m = σ₃ ≈ 0``)."""
+    g = gen(14)
+    U = torch.linalg.qr(torch.randn(1, 60, 3, generator=g, dtype=D64))[0]
+    V = torch.linalg.qr(torch.randn(1, 40, 3, generator=g, dtype=D64))[0]
+    sigma = torch.tensor([[1.0, 0.5, 10 * torch.finfo(D64).eps]], dtype=D64)
+    f = svd_init(Target.of(U * sigma[:, None, :], V.mT), 3)
+    assert f.m[0, 2].abs() > 1e-3
