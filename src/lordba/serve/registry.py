@@ -112,7 +112,13 @@ class AdapterRegistry(AdapterNames):
                 return
             with self._cond:
                 entry = self._lookup(name)
-            self._load(name, entry)
+            try:
+                self._load(name, entry)
+            except BaseException:  # a folder's adapter not loaded is found again on next use (kept, see _make_room)
+                with self._cond:
+                    if entry.from_folder and not entry.resident and self._entries.get(name) is entry:
+                        del self._entries[name]
+                raise
             with self._cond:
                 entry.refs += 1
                 entry.used = True
@@ -288,6 +294,8 @@ class AdapterRegistry(AdapterNames):
             for victim in victims:
                 self._lru.pop(victim)
                 entries[victim].resident = False
+                if entries[victim].from_folder:  # found again on next use: kept, the entries of every directory
+                    del self._entries[victim]  # the folder ever held (removed since) grew without bound
         for victim, entry in entries.items():
             self._delete(victim, entry)
             with self._cond:
