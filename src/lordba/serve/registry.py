@@ -42,6 +42,7 @@ from lordba.serve.errors import (
 from lordba.serve.registry_names import AdapterNames, _Entry
 
 log = logging.getLogger("lordba.serve")
+THAW_EVERY = 256  # frozen loads between two full collections of the whole heap (~50-300 ms, in the load that runs it)
 
 
 class RegistryObserver(Protocol):
@@ -75,6 +76,7 @@ class AdapterRegistry(AdapterNames):
         # ``gc.get_freeze_count()``, which counts the permanent generation object by object (tens of
         # ms per load once the heap is frozen).
         self.freeze_loads = False
+        self.frozen_loads = 0  # loads frozen since freeze_loads was set
         self.folder = Path(folder).resolve() if folder is not None else None
         if self.folder is not None and not self.folder.is_dir():
             raise BadRequestError(f"--adapters {folder}: not a directory", param="adapters")
@@ -223,6 +225,9 @@ class AdapterRegistry(AdapterNames):
             raise AdapterLoadError(f"adapter '{name}' cannot be loaded: {self.redact(detail)}", param) from None
         seconds = time.perf_counter() - start
         if self.freeze_loads:  # collect first: the cyclic garbage pending now would be frozen, never freed
+            self.frozen_loads += 1
+            if self.frozen_loads % THAW_EVERY == 0:  # what a load froze alive and died in a cycle since (a request's
+                gc.unfreeze()  # connection): freed by this full collection only, once every THAW_EVERY loads
             gc.collect()  # (cheap: it walks only what is not frozen, the new adapter and what came since)
             gc.freeze()
         nbytes = adapter_bytes(self.model, name)
