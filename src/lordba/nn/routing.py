@@ -96,7 +96,10 @@ class RoutingGate:
 
     def __init__(self) -> None:
         self.routing: Routing | None = None
-        self._cond = threading.Condition(threading.Lock())
+        # held through the C lock itself (``with self._mutex``): a Ctrl-C cannot stop in Condition.__exit__'s Python
+        # code with the lock kept (every later call of the model waited forever); the condition shares it
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._holders: dict[int, int] = {}  # thread id -> nesting depth
         self._switches = 0  # nested calls of the only thread inside that changed the routing
         self._queue: list[list[Routing]] = []  # waiting threads' routings, oldest first (one list per thread)
@@ -151,36 +154,43 @@ class RoutingGate:
                 while other threads are inside the model (it cannot wait for them without risking
                 a deadlock).
         """
-        me = threading.get_ident()
-        with self._cond:
-            if me in self._holders:  # nested in a call of this thread: never waits
-                if self.routing != value and len(self._holders) > 1:
-                    raise AdapterStateError(
-                        "a model call nested in another asks for a different adapter routing while "
-                        "other threads are inside the model"
-                    )
-            elif not self._may_enter(value, len(self._queue)):
-                self._wait_turn(value)
-            switched = bool(self._holders) and self.routing != value  # this thread's nested switch
-            previous = self.routing
-            self._switches += switched
-            self.routing = value
-            self._holders[me] = self._holders.get(me, 0) + 1
-            self._blocks += block
-        try:
+        me, entered = threading.get_ident(), False
+        try:  # (entered inside: a Ctrl-C right after still leaves)
+            with self._mutex:
+                if me in self._holders:  # nested in a call of this thread: never waits
+                    if self.routing != value and len(self._holders) > 1:
+                        raise AdapterStateError(
+                            "a model call nested in another asks for a different adapter routing while "
+                            "other threads are inside the model"
+                        )
+                elif not self._may_enter(value, len(self._queue)):
+                    self._wait_turn(value)
+                switched = bool(self._holders) and self.routing != value  # this thread's nested switch
+                previous, depth = self.routing, self._holders.get(me, 0) + 1
+                # (no call from here to ``entered``: CPython handles no signal between these stores)
+                self._switches += switched
+                self.routing = value
+                self._holders[me] = depth
+                self._blocks += block
+                entered = True
             yield
         finally:
-            with self._cond:
-                depth = self._holders.pop(me) - 1
-                self._blocks -= block
-                if depth:
-                    self._holders[me] = depth
-                if switched:
-                    self._switches -= 1
-                    self.routing = previous
-                if not self._holders:
-                    self.routing = None
-                self._cond.notify_all()
+            if entered:
+                self._leave(me, block, switched, previous)
+
+    def _leave(self, me: int, block: bool, switched: bool, previous: Routing | None) -> None:
+        """The calling thread's call (or block) left: its depth, block and nested switch taken back."""
+        with self._mutex:
+            depth = self._holders.pop(me) - 1
+            self._blocks -= block
+            if depth:
+                self._holders[me] = depth
+            if switched:
+                self._switches -= 1
+                self.routing = previous
+            if not self._holders:
+                self.routing = None
+            self._cond.notify_all()
 
 
 def current_routing(gate: RoutingGate) -> Routing | None:
