@@ -194,3 +194,25 @@ def test_a_cxx_that_names_no_executable_is_named(value):
     message = run_python(NO_COMPILER, CXX=value, LORDBA_NO_EXT="")
     assert message.startswith("no C++ compiler found ("), message
     assert f"$CXX={value!r} names no executable" in message, message
+
+
+def test_no_usable_temporary_directory_keeps_the_build_key_and_raises_nothing(monkeypatch):
+    """The OpenMP probe builds in a temporary directory; where none can be made (a read-only root file system, a
+    full /tmp) it raised out of ``extension_name`` (so out of ``load`` and every forward's kernel check), although
+    loading a library built before needs no temporary file. Where it cannot ask, the flag stays (the key as before)."""
+    real = cpu.compiler()
+    if real is None:
+        pytest.skip("needs a C++ compiler")
+    cpu.openmp.cache_clear()
+    name = cpu.extension_name("native")
+
+    def no_tmp(*args, **kwargs):
+        raise FileNotFoundError("No usable temporary directory found in ['/tmp', '/var/tmp', '/usr/tmp', '/']")
+
+    monkeypatch.setattr(cpu.tempfile, "TemporaryDirectory", no_tmp)
+    cpu.openmp.cache_clear()
+    try:
+        assert cpu.extension_name("native") == name
+        assert "-fopenmp" in cpu.build_flags(real)[0]
+    finally:
+        cpu.openmp.cache_clear()

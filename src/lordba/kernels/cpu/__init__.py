@@ -127,15 +127,20 @@ def openmp(cxx: str) -> bool:
     """Whether ``cxx`` builds a shared library with ``-fopenmp`` (asked once per process by a tiny build): Apple
     clang refuses the flag, and clang without its OpenMP runtime (Debian's ``libomp-dev``) has no ``omp.h``. Where
     it cannot, the kernels are built without it (:func:`build_flags`): torch's ``at::parallel_for`` then runs
-    their loops on the calling thread (torch's OpenMP build), correct but on one core."""
-    with tempfile.TemporaryDirectory(prefix="lordba-openmp-") as tmp:
-        source = Path(tmp) / "probe.cpp"
-        source.write_text(_OPENMP_PROBE)
-        cmd = [cxx, "-fopenmp", "-shared", "-fPIC", str(source), "-o", str(Path(tmp) / "probe.so")]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, timeout=300, check=False)
-        except (OSError, subprocess.SubprocessError):
-            return False
+    their loops on the calling thread (torch's OpenMP build), correct but on one core. Where the probe itself cannot
+    run (no usable temporary directory: a read-only root file system, a full /tmp), True: the flag stays, as before
+    the probe (a library built before loads; the build key is unchanged)."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="lordba-openmp-") as tmp:
+            source = Path(tmp) / "probe.cpp"
+            source.write_text(_OPENMP_PROBE)
+            cmd = [cxx, "-fopenmp", "-shared", "-fPIC", str(source), "-o", str(Path(tmp) / "probe.so")]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, timeout=300, check=False)
+            except (OSError, subprocess.SubprocessError):
+                return False
+    except OSError:  # the temporary directory (made or written): nothing learned of the compiler
+        return True
     return proc.returncode == 0
 
 
