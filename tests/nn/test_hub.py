@@ -408,6 +408,19 @@ def test_a_users_own_card_is_kept_and_its_metadata_updated(tmp_path):
     assert huggingface_hub.ModelCard.load(tmp_path / "b" / CARD_NAME).content == card.content
 
 
+def test_a_users_card_saved_with_a_byte_order_mark_gets_one_metadata_block(tmp_path):
+    """A README.md saved by a Windows editor starts with a UTF-8 byte order mark: its metadata block was not found
+    behind it, so a second block (lordba's) was put before it and the user's (its license) became text."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / CARD_NAME).write_bytes("\ufeff---\nlicense: mit\ntags:\n- mine\n---\n# my notes\n".encode())
+    save_adapter(tmp_path / "a", base_name="someone/base")
+    text = (tmp_path / "a" / CARD_NAME).read_text(encoding="utf-8")
+    assert text.count("---\n") == 2 and "\ufeff" not in text
+    card = huggingface_hub.ModelCard.load(tmp_path / "a" / CARD_NAME)
+    assert card.data.license == "mit" and card.data.library_name == "lordba" and card.text == "# my notes\n"
+    assert card.data.tags[0] == "mine" and "lordba" in card.data.tags
+
+
 @pytest.mark.parametrize(
     "text", [b"---\nfoo: [bar\n---\n# notes\n", b"---\n- a list\n---\n# notes\n", b"\xff\xfe notes"]
 )

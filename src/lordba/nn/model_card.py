@@ -11,12 +11,15 @@ def update_card(text: str, ours: str) -> str:
     has none): ``library_name`` and ``base_model`` set, lordba's tags added after the card's own; the text below the
     block is kept as it is.
 
+    A leading UTF-8 byte order mark (a Windows editor's) is dropped: behind it the block is not found, and a second
+    one was put before it (the user's metadata then read as text).
+
     Raises:
         ValueError: a metadata block that is no YAML mapping; yaml.YAMLError: one that is no YAML.
     """
     from huggingface_hub import ModelCard
 
-    card, data = ModelCard(text), ModelCard(ours).data
+    card, data = ModelCard(text.removeprefix("\ufeff")), ModelCard(ours).data
     card.data["library_name"] = data.library_name
     if data.base_model is not None:
         card.data["base_model"] = data.base_model
