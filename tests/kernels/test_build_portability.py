@@ -216,3 +216,42 @@ def test_no_usable_temporary_directory_keeps_the_build_key_and_raises_nothing(mo
         assert "-fopenmp" in cpu.build_flags(real)[0]
     finally:
         cpu.openmp.cache_clear()
+
+
+# a compiler whose probe build fails for a reason that is not OpenMP's, and one that logs each -fopenmp build
+DISK_FULL_CXX = """#!/bin/sh
+echo "/usr/bin/ld: final link failed: No space left on device" >&2; exit 1
+"""
+LOGGING_CXX = """#!/bin/sh
+for a in "$@"; do [ "$a" = "-fopenmp" ] && echo probe >> "$(dirname "$0")/probes.log"; done
+exec c++ "$@"
+"""
+
+
+def test_a_probe_failing_for_another_reason_keeps_openmp(monkeypatch, tmp_path):
+    """Any failed probe build meant "no OpenMP": a full disk while writing the probe's library changed a g++ user's
+    build key and built single-threaded kernels. Only a failure whose output names OpenMP (``omp.h``, ``-lomp``,
+    ``-fopenmp``) counts."""
+    monkeypatch.setenv("LORDBA_KERNEL_CACHE", str(tmp_path / "cache"))
+    fake = fake_compiler(tmp_path, "g++-disk-full", DISK_FULL_CXX)
+    cpu.openmp.cache_clear()
+    try:
+        assert cpu.openmp(fake)
+        assert not cpu.openmp(fake_compiler(tmp_path, "clang-no-openmp", NO_OPENMP_CXX))
+    finally:
+        cpu.openmp.cache_clear()
+
+
+def test_a_compiler_that_builds_with_openmp_is_probed_once_per_version(monkeypatch, tmp_path):
+    """The probe compiled a library in every process that loaded the kernels (45 ms with g++ on a quiet machine,
+    more on a small device); a yes is now remembered in the kernel cache, per compiler path and version."""
+    monkeypatch.setenv("LORDBA_KERNEL_CACHE", str(tmp_path / "cache"))
+    fake = fake_compiler(tmp_path, "g++-logged", LOGGING_CXX)
+    cpu.openmp.cache_clear()
+    try:
+        assert cpu.openmp(fake)
+        cpu.openmp.cache_clear()  # (a new process)
+        assert cpu.openmp(fake)
+    finally:
+        cpu.openmp.cache_clear()
+    assert (tmp_path / "probes.log").read_text().splitlines() == ["probe"]

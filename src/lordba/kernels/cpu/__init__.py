@@ -124,12 +124,15 @@ def compiler_key() -> str:
 
 @functools.cache
 def openmp(cxx: str) -> bool:
-    """Whether ``cxx`` builds a shared library with ``-fopenmp`` (asked once per process by a tiny build): Apple
-    clang refuses the flag, and clang without its OpenMP runtime (Debian's ``libomp-dev``) has no ``omp.h``. Where
-    it cannot, the kernels are built without it (:func:`build_flags`): torch's ``at::parallel_for`` then runs
-    their loops on the calling thread (torch's OpenMP build), correct but on one core. Where the probe itself cannot
-    run (no usable temporary directory: a read-only root file system, a full /tmp), True: the flag stays, as before
-    the probe (a library built before loads; the build key is unchanged)."""
+    """Whether ``cxx`` builds a shared library with ``-fopenmp`` (a tiny build, once per compiler version: a yes is
+    remembered in the kernel cache): Apple clang refuses the flag, and clang without its OpenMP runtime (Debian's
+    ``libomp-dev``) has no ``omp.h``. Where it cannot, the kernels are built without it (:func:`build_flags`):
+    torch's ``at::parallel_for`` then runs their loops on the calling thread (torch's OpenMP build), correct but on
+    one core. True where the probe learns nothing of OpenMP (no usable temporary directory, a failure whose output
+    names no OpenMP, e.g. a full disk): the flag stays, as before the probe (the build key unchanged)."""
+    known = cache_root() / "openmp" / hashlib.sha256(f"{cxx}\0{compiler_version(cxx)}".encode()).hexdigest()[:16]
+    if known.is_file():
+        return True
     try:
         with tempfile.TemporaryDirectory(prefix="lordba-openmp-") as tmp:
             source = Path(tmp) / "probe.cpp"
@@ -141,7 +144,12 @@ def openmp(cxx: str) -> bool:
                 return False
     except OSError:  # the temporary directory (made or written): nothing learned of the compiler
         return True
-    return proc.returncode == 0
+    if proc.returncode and re.search(rb"omp|openmp", proc.stdout + proc.stderr, re.IGNORECASE):
+        return False
+    with contextlib.suppress(OSError):
+        known.parent.mkdir(parents=True, exist_ok=True)
+        known.touch()
+    return True
 
 
 def build_flags(cxx: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
