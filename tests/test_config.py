@@ -170,14 +170,17 @@ def test_from_pretrained_reads_a_subfolder_and_a_hub_id_from_the_cache(tmp_path,
     assert LoRDBAConfig.from_pretrained("someone/cfg2", cache_dir=elsewhere, local_files_only=True) == other
 
 
-def test_from_pretrained_of_a_hub_id_without_the_config_is_a_config_error_naming_it(offline_cache):
+def test_from_pretrained_of_a_hub_id_without_the_config_is_refused_naming_it(offline_cache):
+    """As the model's loaders refuse the same id (AdapterFormatError: a caller's ``except`` catches both alike; a
+    missing relative path that looks like a repo id, ``out/adapter``, is one)."""
     cfg = LoRDBAConfig(r=4, target_modules=["q_proj"])
     _cache_config(offline_cache, "someone/cfg", cfg, "a" * 40, subfolder="b")
-    with pytest.raises(ConfigError, match=r"Hub repo 'someone/cfg' \(revision main\) has no adapter_config.json"):
+    missing = r"Hub repo 'someone/cfg' \(revision main\) has no adapter_config.json"
+    with pytest.raises(AdapterFormatError, match=missing):
         LoRDBAConfig.from_pretrained("someone/cfg")
-    with pytest.raises(ConfigError, match=r"has no c/adapter_config.json"):
+    with pytest.raises(AdapterFormatError, match=r"has no c/adapter_config.json"):
         LoRDBAConfig.from_pretrained("someone/cfg", subfolder="c")
-    with pytest.raises(ConfigError, match=r"'someone/missing'.*Hugging Face Hub") as err:
+    with pytest.raises(AdapterFormatError, match=r"'someone/missing'.*Hugging Face Hub") as err:
         LoRDBAConfig.from_pretrained("someone/missing")
     assert "\n" not in str(err.value)
     with pytest.raises(AdapterFormatError, match=r"subfolder '\.\./b'"):

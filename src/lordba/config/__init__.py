@@ -348,15 +348,16 @@ class LoRDBAConfig:
         alone: :func:`lordba.format.adapter.read_adapter` also checks it against the weights).
 
         Raises:
-            ConfigError: a Hub id whose config cannot be fetched, or whose repo has none, naming the id and file; a
-                config that is invalid. AdapterFormatError: a local directory that is none, or without the file.
+            AdapterFormatError: a local directory that is none, or without the file; a Hub id that cannot be read
+                (offline and not cached, unknown) or whose repo has no config, naming the id and file (as the
+                model's loaders say it). ConfigError: a config that is invalid.
         """
         hub = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
-        folder = locate(directory, [CONFIG_NAME], subfolder=subfolder, error=ConfigError, stacklevel=2, **hub)
+        folder = locate(directory, [CONFIG_NAME], subfolder=subfolder, stacklevel=2, **hub)
         path = folder / CONFIG_NAME
         if is_hub_id(directory) and not path.is_file():
             where = f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME
-            raise ConfigError(f"Hub repo {directory!r} (revision {revision or 'main'}) has no {where}")
+            raise AdapterFormatError(f"Hub repo {directory!r} (revision {revision or 'main'}) has no {where}")
         return cls.from_dict(read_config_json(folder), source=str(path))
 
     def rank_for(self, module_name: str) -> int:
