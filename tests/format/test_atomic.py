@@ -441,3 +441,23 @@ def test_a_temporary_whose_lock_cannot_be_asked_is_removed_only_once_a_day_old(t
     os.utime(old, (day_ago, day_ago))
     remove_killed_temporaries(tmp_path, f".step.pt2{TMP_MARK}*")
     assert sorted(tmp_path.iterdir()) == [young]
+
+
+def test_on_windows_no_signal_is_sent_to_judge_a_temporary(tmp_path, monkeypatch):
+    """``os.kill(pid, 0)`` is no probe on Windows: signal 0 is CTRL_C_EVENT, which it sends to the process group
+    ``pid``, so the clean-up could Ctrl-C a live program whose id a temporary's name held. There the age rule alone
+    decides (Windows has no fcntl locks either)."""
+    from lordba.format import temp_owner
+    from lordba.format.atomic import TMP_MARK, remove_killed_temporaries
+
+    sent = []
+    monkeypatch.setattr(temp_owner, "_WINDOWS", True)
+    monkeypatch.setattr(temp_owner, "fcntl", None)
+    monkeypatch.setattr(temp_owner.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    young, old = (tmp_path / f".step.pt2{TMP_MARK}{os.getpid()}.{n}.pt2" for n in ("young", "old"))
+    young.write_bytes(b"x")
+    old.write_bytes(b"x")
+    day_ago = old.stat().st_mtime - temp_owner.UNLOCKED_STALE_S - 60
+    os.utime(old, (day_ago, day_ago))
+    remove_killed_temporaries(tmp_path, f".step.pt2{TMP_MARK}*")
+    assert sent == [] and sorted(tmp_path.iterdir()) == [young]

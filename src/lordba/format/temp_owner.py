@@ -85,7 +85,14 @@ def writer_gone(path: Path, pid: int) -> bool:
     return not held
 
 
+_WINDOWS = os.name == "nt"
+
+
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` is known to be a live process here. Never asked on Windows, where ``os.kill(pid, 0)`` does not
+    probe: signal 0 is CTRL_C_EVENT there, sent to the process group ``pid`` (the age rule decides instead)."""
+    if _WINDOWS:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
