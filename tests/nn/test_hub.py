@@ -421,6 +421,19 @@ def test_a_users_card_saved_with_a_byte_order_mark_gets_one_metadata_block(tmp_p
     assert card.data.tags[0] == "mine" and "lordba" in card.data.tags
 
 
+def test_a_users_card_that_is_a_symbolic_link_is_left_as_it_is(tmp_path):
+    """A README.md linking to a shared card (a monorepo's) was replaced by a file on every save, where before this
+    stop's card update it was kept: it is kept, link and target, with a warning."""
+    shared = tmp_path / "SHARED.md"
+    shared.write_text("---\nlicense: mit\n---\n# shared\n")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / CARD_NAME).symlink_to(shared)
+    with pytest.warns(UserWarning, match="symbolic link"):
+        save_adapter(tmp_path / "a")
+    assert (tmp_path / "a" / CARD_NAME).is_symlink()
+    assert shared.read_text() == "---\nlicense: mit\n---\n# shared\n"
+
+
 @pytest.mark.parametrize(
     "text", [b"---\nfoo: [bar\n---\n# notes\n", b"---\n- a list\n---\n# notes\n", b"\xff\xfe notes"]
 )

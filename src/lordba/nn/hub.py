@@ -215,6 +215,9 @@ def write_model_card(
     try:
         text = path.read_bytes().decode() if path.is_file() else CARD_MARK
         if CARD_MARK not in text:
+            if path.is_symlink():  # (a shared card it links to: neither edited through it nor replaced)
+                warnings.warn(f"{path}: kept as it is, a symbolic link; the adapter itself is saved", stacklevel=3)
+                return None
             try:
                 card = update_card(text, card)
             except Exception as err:  # yaml's errors, ValueError (no mapping): the user's card stays as it is
