@@ -452,3 +452,19 @@ def test_tying_weights_through_an_adapted_layer_sets_its_base_layers_and_a_new_s
     bias = nn.Parameter(torch.ones(13))
     layer.bias = bias
     assert layer.base_layer.bias is bias and "bias" not in layer._parameters
+
+
+def test_a_name_given_twice_to_a_layers_merge_merges_once_and_unmerges_exactly():
+    """``layer.merge(["a", "a"])`` added a's update twice but recorded it once (this stop's merge flag follows the
+    weight), so an unmerge left one update in the weight: a name given twice merges once."""
+    layer = make_layer()
+    x = torch.randn(4, 21)
+    base = layer.base_layer.weight.detach().clone()
+    layer.set_adapter("a")
+    with torch.no_grad():
+        expected = layer(x)
+        layer.merge(["a", "a"])
+        assert layer.merged_adapters == ["a"]
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, base, rtol=0, atol=1e-6)

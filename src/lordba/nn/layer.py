@@ -273,7 +273,8 @@ class LoRDBALinear(nn.Module):
 
     def _to_merge(self, adapter_names: Sequence[str] | None) -> list[str]:
         names = adapter_names if adapter_names is not None else self.active_adapters
-        return [n for n in names if n not in self.merged_adapters and n in self.lordba_adapters]
+        # (a name given twice merges once: the merged names record each once, and an unmerge takes out each once)
+        return [n for n in dict.fromkeys(names) if n not in self.merged_adapters and n in self.lordba_adapters]
 
     def check_finite_merge(self, adapter_names: Sequence[str] | None = None, where: str = "layer") -> None:
         """Raise :class:`AdapterStateError` if merging the named (default: active) adapters would
