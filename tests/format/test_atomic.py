@@ -461,3 +461,27 @@ def test_on_windows_no_signal_is_sent_to_judge_a_temporary(tmp_path, monkeypatch
     os.utime(old, (day_ago, day_ago))
     remove_killed_temporaries(tmp_path, f".step.pt2{TMP_MARK}*")
     assert sent == [] and sorted(tmp_path.iterdir()) == [young]
+
+
+def test_a_save_into_ones_own_temporary_folder_does_not_wait_for_itself(tmp_path):
+    """The writer's lock on a temporary folder (kept for other pid namespaces' clean-up) made every lock the same
+    process then asked on that folder wait for itself: ``lordba convert``'s save into its temporary output folder
+    (``commit_files`` takes the folder's lock) hung for good. Run in a thread, so that a hang fails the test."""
+    import threading
+
+    from lordba._util import locks
+    from lordba.format.atomic import atomic_directory
+
+    done = []
+
+    def save():
+        with atomic_directory(tmp_path / "out") as tmp:
+            with locks.locked(tmp):
+                (tmp / "f").write_text("x")
+            done.append(locks.wait_for_writer(tmp))
+
+    worker = threading.Thread(target=save, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert done == [False] and (tmp_path / "out" / "f").read_text() == "x"
+    assert locks._PRIVATE == set()

@@ -15,6 +15,8 @@ import os
 import time
 from pathlib import Path
 
+from lordba._util import locks
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -40,6 +42,7 @@ def hold(path: Path) -> int | None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        locks.mark_private(fd, True)  # the process's own locks on it (a save into it) do not wait for this one
     except OSError:
         os.close(fd)
         return None
@@ -49,7 +52,10 @@ def hold(path: Path) -> int | None:
 def release(fd: int | None) -> None:
     """Let go of a lock :func:`hold` took (``None``: nothing to do)."""
     if fd is not None:
-        os.close(fd)
+        try:
+            locks.mark_private(fd, False)
+        finally:
+            os.close(fd)
 
 
 def _locked_by_writer(path: Path) -> bool | None:
