@@ -36,6 +36,8 @@ _WRITTEN_NAMES: dict[torch.dtype, str] = {
     torch.int64: "I64",
     torch.bool: "BOOL",
 }
+# Every dtype name to_bytes writes, read back (a whole checkpoint's or cache entry's tensors).
+ST_READ_DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in _WRITTEN_NAMES.items()}
 
 
 def _itemsize(dtype: torch.dtype) -> int:

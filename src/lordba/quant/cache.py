@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import struct
 import warnings
 from pathlib import Path
 
@@ -34,6 +33,8 @@ from lordba._util.state import ordinary_tensors
 from lordba._version import __version__
 from lordba.errors import LoRDBAError
 from lordba.format.atomic import atomic_write_path
+from lordba.format.header import read_header
+from lordba.format.tensorfile import ST_READ_DTYPES
 from lordba.quant.quantize import (
     DEFAULT_BACKEND,
     check_no_adapters,
@@ -207,12 +208,6 @@ def _load(model: nn.Module, path: Path, backend: str, bits: int, group_size: int
     torch.nn.Module.train(model, model.training)
 
 
-_ST_DTYPES = {  # safetensors' dtype names of the tensors an entry holds (the layers' state dicts, their bits)
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-}  # fmt: skip
-
-
 def _read(path: Path, held: list[str]) -> tuple[dict[str, torch.Tensor], str | None]:
     """The tensors of the entry ``path`` and the sha256 its metadata records, each byte read once, without a mapping of
     the file: the tensors named in ``held`` straight into views of one buffer laid out as
@@ -221,18 +216,18 @@ def _read(path: Path, held: list[str]) -> tuple[dict[str, torch.Tensor], str | N
     into its own tensor.
 
     Raises:
-        ValueError: a header that does not describe the file (a damaged entry).
+        AdapterFormatError: a header that cannot be read (:func:`~lordba.format.header.read_header`). ValueError: a
+            header that does not describe the file (a damaged entry).
     """
     from lordba._util.arena import empty_views
 
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        (length,) = struct.unpack("<Q", f.read(8))
-        if not 0 < length <= size - 8:
-            raise ValueError(f"its header length {length} does not fit its {size} bytes")
-        header = json.loads(f.read(length))
-        recorded = (header.pop("__metadata__", None) or {}).get("sha256")
-        specs = {name: (tuple(e["shape"]), _ST_DTYPES[e["dtype"]], *e["data_offsets"]) for name, e in header.items()}
+        header, metadata, length = read_header(f, path, size)
+        recorded = metadata.get("sha256")
+        specs = {
+            name: (tuple(e["shape"]), ST_READ_DTYPES[e["dtype"]], *e["data_offsets"]) for name, e in header.items()
+        }
         for name, (shape, dtype, begin, end) in specs.items():
             if not 0 <= begin <= end <= size - 8 - length or end - begin != math.prod(shape) * dtype.itemsize:
                 raise ValueError(f"its header places {name!r} ({dtype}, {list(shape)}) at bytes {begin}-{end}")
