@@ -30,19 +30,31 @@ def _open(path: Path) -> int:
     return os.open(path, flags)  # a file opened for writing: NFS emulates flock with write locks
 
 
+def _try_lock(path: Path) -> tuple[int | None, bool | None]:
+    """Open ``path`` and ask the writer's exclusive lock on it without waiting: ``(descriptor holding it, False)``,
+    ``(None, True)`` where someone holds it, ``(None, None)`` where no lock can be asked there."""
+    if fcntl is None:
+        return None, None
+    try:
+        fd = _open(path)
+    except OSError:
+        return None, None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        return None, (True if isinstance(err, BlockingIOError) else None)
+    return fd, False
+
+
 def hold(path: Path) -> int | None:
     """Take the writer's exclusive lock on the temporary ``path`` (a file or folder this process just made); returns
     the descriptor holding it (:func:`release` it once the temporary is renamed into place or removed), or ``None``
     where no lock can be taken there."""
-    if fcntl is None:
-        return None
+    fd, _ = _try_lock(path)
     try:
-        fd = _open(path)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        locks.mark_private(fd, True)  # the process's own locks on it (a save into it) do not wait for this one
+        if fd is not None:
+            locks.mark_private(fd, True)  # the process's own locks on it (a save into it) do not wait for this one
     except OSError:
         os.close(fd)
         return None
@@ -60,21 +72,10 @@ def release(fd: int | None) -> None:
 
 def _locked_by_writer(path: Path) -> bool | None:
     """Whether someone holds the writer's lock on ``path``; ``None`` where this cannot be told."""
-    if fcntl is None:
-        return None
-    try:
-        fd = _open(path)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return None
-    finally:
-        os.close(fd)  # releases the lock if it was taken
-    return False
+    fd, held = _try_lock(path)
+    if fd is not None:
+        os.close(fd)  # (it was free: taken, and let go at once)
+    return held
 
 
 def writer_gone(path: Path, pid: int) -> bool:
