@@ -99,7 +99,7 @@ def test_cache_length_buckets_and_bad_input():
     assert cache_length(1) == MIN_CACHE
     assert cache_length(257) == 512 and cache_length(512) == 512
     assert cache_length(300, limit=400) == 400  # the model's limit, when it holds the call
-    assert cache_length(5000, limit=4096) == 8192  # beyond the limit: transformers will refuse, not us
+    assert cache_length(5000, limit=4096) == 8192  # beyond the limit: transformers warns and goes on, as we do
     with pytest.raises(ConfigError, match="positive"):
         cache_length(0)
     with pytest.raises(ConfigError, match="compile mode"):

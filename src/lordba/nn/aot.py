@@ -142,8 +142,6 @@ class AotDecode:
             length = cache_length(tokens, self._limit())
         else:
             length = -(-int(tokens) // self.round_to) * self.round_to
-        if length < tokens:
-            raise ConfigError(f"{tokens} positions do not fit the model's {length}")
         watch = self._watched()
         state = self._state(watch)
         for key in [k for k in self._steps if k[1][1:] != state[1:]]:  # made before a change: never used again
