@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lordba.kernels import cpu
+from lordba.kernels.cpu import build_probe
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 TESTS = str(Path(__file__).resolve().parents[1])
@@ -209,7 +210,7 @@ def test_no_usable_temporary_directory_keeps_the_build_key_and_raises_nothing(mo
     def no_tmp(*args, **kwargs):
         raise FileNotFoundError("No usable temporary directory found in ['/tmp', '/var/tmp', '/usr/tmp', '/']")
 
-    monkeypatch.setattr(cpu.tempfile, "TemporaryDirectory", no_tmp)
+    monkeypatch.setattr(build_probe.tempfile, "TemporaryDirectory", no_tmp)
     cpu.openmp.cache_clear()
     try:
         assert cpu.extension_name("native") == name

@@ -11,7 +11,8 @@ compiler's version (:func:`compiler_version`), is in the extension's name (:func
 another machine sharing the directory builds its own library instead of loading an illegal one (and a
 compiler upgraded in place builds anew). Concurrent builds are serialized by a ``flock`` on the build
 directory (:func:`lordba._util.locks.locked`: released even if a build is killed), around cpp_extension's
-own baton.
+own baton. What the build asks of the compiler (its name and version, OpenMP, a refused ``-march``) is in
+:mod:`.build_probe`.
 
 ``lordba build-kernels`` builds ahead of time; otherwise the first CPU call builds (about 10-20 s).
 Set ``LORDBA_NO_EXT=1`` to skip the extension (the pure-PyTorch fallback runs instead), and
@@ -23,15 +24,12 @@ refused ``native`` builds without ``-march``).
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import logging
 import os
 import platform
-import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,14 @@ from typing import Any
 import torch
 
 from lordba._util.locks import locked
+from lordba.kernels.cpu.build_probe import (
+    build_flags,
+    compiler,
+    compiler_key,
+    compiler_version,  # noqa: F401  (re-exported)
+    openmp,
+    refuses_march,
+)
 
 SOURCE = Path(__file__).with_name("branch.cpp")
 # one library: the sign branch, the 4-bit base, decode attention, dense layer + branch, the prefill's tile-unit
@@ -61,15 +67,6 @@ SOURCES = (
 # every header beside the sources: each is in the build key (a header left out, q4_rows.h once, let a library
 # built before its edit load as current)
 HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
-_CFLAGS = ("-O3", "-std=c++20", "-fopenmp", "-w", "-ffp-contract=off")
-_LDFLAGS = ("-fopenmp",)
-# what torch's headers need of OpenMP under -fopenmp (ATen/ParallelOpenMP.h includes omp.h), built as the library is
-_OPENMP_PROBE = "#include <omp.h>\nint lordba_openmp_probe() { return omp_get_max_threads(); }\n"
-# the compiler's complaint about the -march value itself (gcc, clang; "does not support '-march=native'": clang
-# before 15 on ARM, Apple clang on M1 and later included); the ninja log always has "-march"
-_BAD_MARCH = re.compile(
-    r"-march=.{0,3} switch|(unrecognized|unsupported)[^\n]{0,30}-march|unknown target CPU|does not support '-march"
-)
 _loaded: Path | None = None  # the library this process loaded
 
 
@@ -90,74 +87,6 @@ def cache_root() -> Path:
     from lordba._util.cachedir import cache_dir
 
     return cache_dir() / "kernels"
-
-
-def compiler() -> str | None:
-    """The C++ compiler to use: ``$CXX``, else the first of ``c++``, ``g++``, ``clang++`` on ``PATH``;
-    ``None`` if there is none (or ``$CXX`` names no executable)."""
-    if os.environ.get("CXX"):
-        return shutil.which(os.environ["CXX"]) or None
-    for name in ("c++", "g++", "clang++"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-@functools.cache
-def compiler_version(path: str) -> str:
-    """The first line of ``path --version`` (``""`` where it gives none), asked once per process: in the build
-    keys, since ninja sees the compiler's path alone (a compiler upgraded in place, the same path, kept loading
-    the library the old one built)."""
-    try:
-        proc = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return next(iter(proc.stdout.splitlines()), "").strip()
-
-
-def compiler_key() -> str:
-    """The compiler in the build keys: its path (:func:`compiler`) and version (:func:`compiler_version`)."""
-    cxx = compiler()
-    return f"{cxx}\0{compiler_version(cxx)}" if cxx else ""
-
-
-@functools.cache
-def openmp(cxx: str) -> bool:
-    """Whether ``cxx`` builds a shared library with ``-fopenmp`` (a tiny build, once per compiler version: a yes is
-    remembered in the kernel cache): Apple clang refuses the flag, and clang without its OpenMP runtime (Debian's
-    ``libomp-dev``) has no ``omp.h``. Where it cannot, the kernels are built without it (:func:`build_flags`):
-    torch's ``at::parallel_for`` then runs their loops on the calling thread (torch's OpenMP build), correct but on
-    one core. True where the probe learns nothing of OpenMP (no usable temporary directory, a failure whose output
-    names no OpenMP, e.g. a full disk): the flag stays, as before the probe (the build key unchanged)."""
-    known = cache_root() / "openmp" / hashlib.sha256(f"{cxx}\0{compiler_version(cxx)}".encode()).hexdigest()[:16]
-    if known.is_file():
-        return True
-    try:
-        with tempfile.TemporaryDirectory(prefix="lordba-openmp-") as tmp:
-            source = Path(tmp) / "probe.cpp"
-            source.write_text(_OPENMP_PROBE)
-            cmd = [cxx, "-fopenmp", "-shared", "-fPIC", str(source), "-o", str(Path(tmp) / "probe.so")]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, timeout=300, check=False)
-            except (OSError, subprocess.SubprocessError):
-                return False
-    except OSError:  # the temporary directory (made or written): nothing learned of the compiler
-        return True
-    if proc.returncode and re.search(rb"omp|openmp", proc.stdout + proc.stderr, re.IGNORECASE):
-        return False
-    with contextlib.suppress(OSError):
-        known.parent.mkdir(parents=True, exist_ok=True)
-        known.touch()
-    return True
-
-
-def build_flags(cxx: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The compile and link flags of the kernels' library with ``cxx`` (``-march`` aside): ``-fopenmp`` where
-    :func:`openmp`."""
-    if openmp(cxx):
-        return _CFLAGS, _LDFLAGS
-    return tuple(f for f in _CFLAGS if f != "-fopenmp"), tuple(f for f in _LDFLAGS if f != "-fopenmp")
 
 
 def cpu_flags() -> str:
@@ -376,7 +305,7 @@ def load(build: bool = True) -> BuildResult:
         path, built = _build_and_load(cxx, arch)
     except (RuntimeError, OSError, subprocess.SubprocessError) as err:
         failed = _failed(err, cxx, path)
-        if not (arch and _BAD_MARCH.search(failed.message)):
+        if not (arch and refuses_march(failed.message)):
             return failed
         if arch != "native":  # asked for by name ($LORDBA_CPU_ARCH): another build would not be what was asked
             return BuildResult(
