@@ -43,6 +43,7 @@ from lordba.kernels.cpu.build_probe import (
     compiler,
     compiler_key,
     compiler_version,  # noqa: F401  (re-exported)
+    cpu_identity,
     openmp,
     refuses_march,
 )
@@ -90,12 +91,13 @@ def cache_root() -> Path:
 
 
 def cpu_flags() -> str:
-    """This CPU's instruction-set flags line (``/proc/cpuinfo``; the processor's name elsewhere)."""
+    """This CPU's instruction-set flags line (``/proc/cpuinfo``; elsewhere :func:`.build_probe.cpu_identity`: on
+    macOS its brand and feature flags)."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
-        return platform.processor()
+        return cpu_identity()
 
 
 def _arch() -> str:

@@ -2,7 +2,8 @@
 (:func:`compiler`) and its version (:func:`compiler_version`, in the build keys), whether it builds with OpenMP
 (:func:`openmp`: a tiny build once per compiler version, a yes remembered in the kernel cache) and the flags that
 follow (:func:`build_flags`), and whether a failed build's output is the compiler refusing the ``-march`` value
-(:func:`refuses_march`: the default ``native`` then builds without it).
+(:func:`refuses_march`: the default ``native`` then builds without it); and, where there is no ``/proc/cpuinfo``,
+the CPU in the build key (:func:`cpu_identity`: on macOS its brand and feature flags, from ``sysctl``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import contextlib
 import functools
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 _CFLAGS = ("-O3", "-std=c++20", "-fopenmp", "-w", "-ffp-contract=off")
@@ -102,3 +106,30 @@ def refuses_march(message: str) -> bool:
     """Whether a failed build's ``message`` (:func:`lordba.kernels.cpu.load`'s, with the compiler's output) is the
     compiler refusing the ``-march`` value itself, not the code."""
     return _BAD_MARCH.search(message) is not None
+
+
+def _sysctl(*args: str) -> str | None:
+    """``sysctl args``' output (macOS), or ``None`` where it cannot be run, fails or says nothing."""
+    exe = shutil.which("sysctl") or "/usr/sbin/sysctl"  # (not on a PATH of /usr/bin:/bin alone)
+    try:
+        proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def cpu_identity() -> str:
+    """The CPU in the build key where there is no ``/proc/cpuinfo`` (:func:`lordba.kernels.cpu.cpu_flags`).
+
+    On macOS its brand (``machdep.cpu.brand_string``: "Apple M1", "Apple M3 Pro", an Intel model) and its feature
+    flags (``hw.optional``: ``hw.optional.arm.FEAT_*`` on Apple silicon, ``hw.optional.avx512f`` ... on Intel):
+    ``platform.processor()`` is "arm" on every Apple silicon Mac, so two Macs sharing a kernel cache loaded each
+    other's ``-march=native`` build (an M1 an M3's: an illegal instruction). Where ``sysctl`` answers nothing,
+    this host's name and hardware address, so that no other machine's native build is loaded. Elsewhere (Windows)
+    ``platform.processor()``, which names the model."""
+    if sys.platform != "darwin":
+        return platform.processor()
+    brand, features = _sysctl("-n", "machdep.cpu.brand_string"), _sysctl("hw.optional")
+    if brand is None or features is None:
+        return f"{platform.processor()} (CPU unknown) on {platform.node()} {uuid.getnode():012x}"
+    return f"{brand}\n{features}"
