@@ -188,6 +188,9 @@ def _stamp(path: Path) -> tuple[int, int] | None:
 
 def _failed(err: BaseException, cxx: str, path: Path) -> BuildResult:
     """The failed :class:`BuildResult` for what cpp_extension raised: the compiler's output (its end)."""
+    if isinstance(err, ImportError):  # cpp_extension imports setuptools, which a uv venv (Python 3.12's venv) lacks
+        hint = ": pip install setuptools" if err.name == "setuptools" else ""
+        return BuildResult(False, path, f"torch.utils.cpp_extension cannot be imported ({err}){hint}")
     if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and path.is_file():
         return BuildResult(False, path, f"loading {path} failed: {err}")  # built, but dlopen refused it
     text = str(err)
@@ -277,8 +280,8 @@ def load(build: bool = True) -> BuildResult:
 
     ``build``: compile if there is no library yet (else report ``"not built yet"``; an existing
     library is then loaded as it is, without checking it against the source). Returns a
-    :class:`BuildResult`; never raises for a missing compiler, a failing build or load (``ok`` is
-    ``False`` and ``message`` has the compiler's output).
+    :class:`BuildResult`; never raises for a missing compiler, a failing build or load, or a cpp_extension that
+    cannot be imported (``ok`` is ``False`` and ``message`` has the compiler's output).
     """
     global _loaded
     if env_switch("LORDBA_NO_EXT"):
@@ -305,7 +308,7 @@ def load(build: bool = True) -> BuildResult:
         return BuildResult(True, path, "loaded from cache")
     try:
         path, built = _build_and_load(cxx, arch)
-    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as err:
         failed = _failed(err, cxx, path)
         if not (arch and refuses_march(failed.message)):
             return failed
