@@ -58,14 +58,15 @@ def _write_temp(path: Path, data: bytes | None, suffix: str = "") -> Path:
     """A new file of this call's own next to ``path`` (created exclusively) holding ``data`` (``None``: empty, for a
     writer that opens it by name), fsynced; removed again if writing fails. Its permissions are those of the file at
     ``path`` where there is one (a private ``0600`` file stays private), else what an ordinary ``open`` gives
-    (``0666`` less the umask); set before any byte is written."""
+    (``0666`` less the umask); set before any byte is written (by name where there is no ``os.fchmod``: Windows
+    before Python 3.13)."""
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}.{secrets.token_hex(4)}{suffix}")
     mode = _kept_mode(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             if mode is not None:
-                os.fchmod(f.fileno(), mode)
+                os.fchmod(f.fileno(), mode) if hasattr(os, "fchmod") else os.chmod(tmp, mode)
             if data is not None:
                 f.write(data)
                 f.flush()
