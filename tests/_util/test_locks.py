@@ -45,3 +45,57 @@ def test_wait_for_writer_says_whether_a_writer_held_the_lock_and_waits_for_it(tm
         assert not answers  # waiting
     reader.join(10)
     assert answers == [True] and wait_for_writer(tmp_path / "missing") is False
+
+
+def _forked_sleeper():
+    """Fork a child that waits until told to exit (a DataLoader worker started meanwhile); returns (pid, release)."""
+    ready, go = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # (the child runs nothing of pytest's)
+        os.write(ready[1], b"1")  # after the fork's handlers ran
+        os.read(go[0], 1)
+        os._exit(0)
+    os.read(ready[0], 1)
+    for fd in (ready[0], ready[1], go[0]):
+        os.close(fd)
+
+    def release():
+        os.write(go[1], b"1")
+        os.close(go[1])
+        os.waitpid(pid, 0)
+
+    return pid, release
+
+
+def test_a_process_forked_while_a_lock_is_held_does_not_keep_it(tmp_path):
+    """A process forked while a directory's lock was held (a DataLoader worker started while another thread saved)
+    inherited the descriptor, and flock's lock is the open file's: the lock outlived the block until the child exited,
+    and every later save into that directory waited for it. The child now closes its copies at the fork, which leaves
+    the parent's lock held."""
+    with locked(tmp_path):
+        _, release = _forked_sleeper()
+        try:
+            assert not _free(tmp_path)  # the child closing its copy did not release the parent's lock
+        except BaseException:
+            release()
+            raise
+    try:
+        assert _free(tmp_path)  # released by the parent, the child still running
+    finally:
+        release()
+
+
+def test_a_process_forked_while_a_temporary_folder_is_written_does_not_lock_the_output(tmp_path):
+    """The writer's lock on atomic_directory's temporary folder stays on the folder once renamed into place: a child
+    forked during the write kept it, so a save into the finished output (its commit_files lock) waited for the child
+    to exit."""
+    from lordba._util import locks
+    from lordba.format.atomic import atomic_directory
+
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("x")
+        _, release = _forked_sleeper()
+    try:
+        assert _free(tmp_path / "out") and locks._HELD == set() and locks._PRIVATE == set()
+    finally:
+        release()

@@ -10,6 +10,46 @@ from pathlib import Path
 # (device, inode) of the temporaries this process is writing and holds a writer's lock on (format.temp_owner): a
 # lock asked on one of them (a save into a temporary folder before its rename) would wait on this process itself
 _PRIVATE: set[tuple[int, int]] = set()
+# the descriptors holding this process's locks (locked, wait_for_writer, format.temp_owner.hold): a process forked
+# meanwhile (a DataLoader worker started while another thread saves) closes its copies (_after_fork_in_child), which
+# would otherwise keep the lock (flock's is the open file's, shared by every copy) until the child exits
+_HELD: set[int] = set()
+
+
+def hold_fd(fd: int) -> int:
+    """Note ``fd`` as holding a lock of this process (a forked child closes its copy); returns it."""
+    _HELD.add(fd)
+    return fd
+
+
+def held(fd: int) -> bool:
+    """Whether ``fd`` holds a lock of this process (:func:`hold_fd`, not yet closed, not a forked child's copy)."""
+    return fd in _HELD
+
+
+def close_held(fd: int) -> bool:
+    """Close ``fd`` (noted by :func:`hold_fd`), releasing its lock; ``False`` and nothing closed where it is not held
+    here (closed in a child forked while it was held: the number may be another file's since)."""
+    if fd not in _HELD:
+        return False
+    _HELD.discard(fd)
+    os.close(fd)
+    return True
+
+
+def _after_fork_in_child() -> None:
+    """Close the child's copies of the parent's lock descriptors (closing a copy leaves the parent's lock held)."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+    _PRIVATE.clear()  # the child holds no writer's lock on those temporaries
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def mark_private(fd: int, private: bool) -> None:
@@ -41,13 +81,13 @@ def locked(directory: Path) -> Iterator[None]:
         yield
         return
     Path(directory).mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory, os.O_RDONLY)
+    fd = hold_fd(os.open(directory, os.O_RDONLY))
     try:
         if not _private(fd):  # (this process's own temporary: its writer's lock is held here already)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        close_held(fd)  # releases the lock
 
 
 def wait_for_writer(directory: Path) -> bool:
@@ -60,7 +100,7 @@ def wait_for_writer(directory: Path) -> bool:
     except ImportError:  # pragma: no cover - Windows
         return False
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = hold_fd(os.open(directory, os.O_RDONLY))
     except OSError:
         return False
     try:
@@ -73,4 +113,4 @@ def wait_for_writer(directory: Path) -> bool:
             fcntl.flock(fd, fcntl.LOCK_SH)  # until the writer is done
             return True
     finally:
-        os.close(fd)
+        close_held(fd)

@@ -44,7 +44,7 @@ def _try_lock(path: Path) -> tuple[int | None, bool | None]:
     except OSError as err:
         os.close(fd)
         return None, (True if isinstance(err, BlockingIOError) else None)
-    return fd, False
+    return locks.hold_fd(fd), False
 
 
 def hold(path: Path) -> int | None:
@@ -56,25 +56,25 @@ def hold(path: Path) -> int | None:
         if fd is not None:
             locks.mark_private(fd, True)  # the process's own locks on it (a save into it) do not wait for this one
     except OSError:
-        os.close(fd)
+        locks.close_held(fd)
         return None
     return fd
 
 
 def release(fd: int | None) -> None:
-    """Let go of a lock :func:`hold` took (``None``: nothing to do)."""
-    if fd is not None:
+    """Let go of a lock :func:`hold` took (``None``, or one a forked child closed at the fork: nothing to do)."""
+    if fd is not None and locks.held(fd):
         try:
             locks.mark_private(fd, False)
         finally:
-            os.close(fd)
+            locks.close_held(fd)
 
 
 def _locked_by_writer(path: Path) -> bool | None:
     """Whether someone holds the writer's lock on ``path``; ``None`` where this cannot be told."""
     fd, held = _try_lock(path)
     if fd is not None:
-        os.close(fd)  # (it was free: taken, and let go at once)
+        locks.close_held(fd)  # (it was free: taken, and let go at once)
     return held
 
 
