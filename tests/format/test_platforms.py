@@ -2,10 +2,15 @@
 ``os.fchmod`` before Python 3.13, no ``os.fork`` or ``os.register_at_fork``) or refused (NFS: ``flock`` on a
 directory opened read-only)."""
 
+import errno
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from lordba.format.adapter import read_adapter
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -54,3 +59,69 @@ def test_save_over_an_adapter_and_load_it_without_fcntl_or_fchmod(tmp_path):
         "adapter_config.json",
         "lordba_model.safetensors",
     ]
+
+
+def _nfs(monkeypatch, code):
+    """NFS's flock on a directory opened read-only: refused with ``code`` (EBADF: an emulated fcntl write lock needs a
+    file open for writing; ENOLCK: no lock manager); a file opened for writing still gets its lock."""
+    import fcntl
+    import stat
+
+    real = fcntl.flock
+
+    def flock(fd, op):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+@pytest.mark.parametrize("code", [errno.EBADF, errno.ENOLCK])
+def test_saves_on_nfs_succeed_and_keep_a_live_writers_temporaries(tmp_path, monkeypatch, code):
+    """On NFS every save_pretrained failed ("cannot save (Bad file descriptor)"), and a reader that found an
+    interrupted save raised a bare OSError: flock on the adapter directory is refused there. The save now runs without
+    the directory's lock and its clean-up removes only temporaries whose writer is gone (another machine's running
+    save holds its temporary's lock, which NFS keeps); the reader reads the intact previous adapter."""
+    import fcntl
+    import subprocess
+    import warnings
+
+    from test_file_concurrency import state
+
+    from lordba.format import atomic, temp_owner
+    from lordba.format.atomic import TMP_MARK
+
+    _nfs(monkeypatch, code)
+    out = tmp_path / "a"
+    state(1.0, 0).save_pretrained(out)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # an id free here: another machine's writer, or a killed one
+    live, dead = (out / f".adapter_config.json{TMP_MARK}{gone.pid}.{n}" for n in ("live", "dead"))
+    live.write_bytes(b"{half")
+    dead.write_bytes(b"{half")
+    other = os.open(live, os.O_RDWR)  # the other machine's writer holds its lock
+    seen = []
+    real_replace = atomic.os.replace
+
+    def replace(src, dst):  # this save's own temporaries are held the same way while it runs
+        seen.append(temp_owner._locked_by_writer(Path(src)))
+        real_replace(src, dst)
+
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        monkeypatch.setattr(atomic.os, "replace", replace)
+        state(2.0, 1).save_pretrained(out)
+        monkeypatch.setattr(atomic.os, "replace", real_replace)
+        assert live.read_bytes() == b"{half" and not dead.exists() and seen == [True, True]
+    finally:
+        os.close(other)
+    assert read_adapter(out).config.alpha == 2.0
+    os.link(out / "lordba_model.safetensors", out / ".lordba_model.safetensors.lordba-prev")  # killed between renames
+    os.link(out / "adapter_config.json", out / ".adapter_config.json.lordba-prev")
+    state(3.0, 2).save_pretrained(tmp_path / "b")
+    os.replace(tmp_path / "b" / "lordba_model.safetensors", out / "lordba_model.safetensors")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert read_adapter(out).config.alpha == 2.0
+    assert any("interrupted save" in str(w.message) for w in caught)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,11 +67,17 @@ def _private(fd: int) -> bool:
     return (st.st_dev, st.st_ino) in _PRIVATE
 
 
+# flock refused on a directory by its file system: NFS emulates flock with fcntl locks, and an exclusive one needs a
+# file open for writing (EBADF; ENOLCK without a lock manager); some FUSE and SMB mounts have none
+_NO_LOCKS = {errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS}
+
+
 @contextlib.contextmanager
-def locked(directory: Path) -> Iterator[None]:
+def locked(directory: Path) -> Iterator[bool]:
     """Hold an exclusive ``flock`` on ``directory`` itself (created if needed; no lock file is left) for the
-    block. Released when the block ends and when the process dies. A no-op where ``fcntl`` is unavailable
-    (not POSIX).
+    block; yields ``True``. Released when the block ends and when the process dies. Where no lock can be held
+    (``fcntl`` unavailable: not POSIX; a file system that refuses a directory's lock: NFS), the block runs
+    unlocked and ``False`` is yielded.
 
     Raises:
         OSError: the directory cannot be created or opened.
@@ -78,14 +85,20 @@ def locked(directory: Path) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
-        yield
+        yield False
         return
     Path(directory).mkdir(parents=True, exist_ok=True)
     fd = hold_fd(os.open(directory, os.O_RDONLY))
     try:
+        held = True
         if not _private(fd):  # (this process's own temporary: its writer's lock is held here already)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as err:
+                if err.errno not in _NO_LOCKS:
+                    raise
+                held = False
+        yield held
     finally:
         close_held(fd)  # releases the lock
 
@@ -94,7 +107,7 @@ def wait_for_writer(directory: Path) -> bool:
     """Whether a writer holds ``directory``'s lock (:func:`locked`) now; if so, wait until it lets go. A reader
     that found a directory half-written calls it: ``True`` means a save was running (read again), ``False``
     that none is (what it found was left by a save that was interrupted). ``False`` where ``fcntl`` is
-    unavailable or the directory cannot be opened."""
+    unavailable, the directory cannot be opened or its file system refuses the lock (NFS: EBADF, ENOLCK)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -112,5 +125,7 @@ def wait_for_writer(directory: Path) -> bool:
         except BlockingIOError:
             fcntl.flock(fd, fcntl.LOCK_SH)  # until the writer is done
             return True
+        except OSError:  # refused by the file system (NFS): no writer can be told
+            return False
     finally:
         close_held(fd)

@@ -163,9 +163,13 @@ def consistent_files(
     return None
 
 
-def recover(directory: Path, names: list[str], is_consistent: Callable[[dict[str, Path]], bool]) -> None:
+def recover(
+    directory: Path, names: list[str], is_consistent: Callable[[dict[str, Path]], bool], exclusive: bool = True
+) -> None:
     """Finish what an interrupted :func:`commit_files` left: restore a consistent backup set over an
-    inconsistent current set, drop backups otherwise, and delete stale temp files."""
+    inconsistent current set, drop backups otherwise, and delete stale temp files: all of them under the
+    directory's lock (``exclusive``), else (a file system without directory locks: NFS) only those whose writer is
+    gone (:func:`remove_killed_temporaries`), never a running save's."""
     found = consistent_files(directory, names, is_consistent)
     backups = [backup_path(directory / n) for n in names]
     if found is not None and found[names[0]] != directory / names[0]:
@@ -178,6 +182,9 @@ def recover(directory: Path, names: list[str], is_consistent: Callable[[dict[str
     for b in backups:
         b.unlink(missing_ok=True)
     for name in names:
+        if not exclusive:
+            remove_killed_temporaries(directory, f"{glob.escape(f'.{name}{TMP_MARK}')}*")
+            continue
         for stale in directory.glob(f".{name}{TMP_MARK}*"):
             stale.unlink(missing_ok=True)
     fsync_dir(directory)
@@ -230,12 +237,13 @@ def commit_file_sets(
     at = [sets[0][0]] if sets else [Path()]  # the directory being worked on, for the error
     try:
         with contextlib.ExitStack() as stack:
+            held = {}
             for directory in sorted({d for d, _ in sets}):  # one order: two saves never wait for each other
                 at[0] = directory
-                stack.enter_context(locked(directory))
+                held[directory] = stack.enter_context(locked(directory))
             for directory, files in sets:
                 at[0] = directory
-                recover(directory, list(files), is_consistent)
+                recover(directory, list(files), is_consistent, held[directory])
             _commit(sets, at)
     except OSError as err:  # a full disk, a read-only file system: the previous files are intact
         raise LoRDBAError(f"{at[0]}: cannot save ({err.strerror or err}); the previous files are intact") from None
@@ -243,11 +251,13 @@ def commit_file_sets(
 
 def _commit(sets: list[tuple[Path, dict[str, bytes]]], at: list[Path]) -> None:
     temps: dict[Path, Path] = {}  # the final path -> its written temporary file
+    owners: list[int | None] = []  # their writer's locks (a save where the directory has no lock: NFS)
     try:
         for directory, files in sets:
             at[0] = directory
             for name, data in files.items():
                 temps[directory / name] = _write_temp(directory / name, data)
+                owners.append(temp_owner.hold(temps[directory / name]))
         for directory, files in sets:
             at[0] = directory
             for name in files:
@@ -267,6 +277,8 @@ def _commit(sets: list[tuple[Path, dict[str, bytes]]], at: list[Path]) -> None:
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
+        for owner in owners:
+            temp_owner.release(owner)
 
 
 def ensure_writable_dir(directory: Path) -> None:
