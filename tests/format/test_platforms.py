@@ -125,3 +125,28 @@ def test_saves_on_nfs_succeed_and_keep_a_live_writers_temporaries(tmp_path, monk
         warnings.simplefilter("always")
         assert read_adapter(out).config.alpha == 2.0
     assert any("interrupted save" in str(w.message) for w in caught)
+
+
+def test_a_file_that_cannot_be_replaced_is_named_and_the_adapter_kept(tmp_path, monkeypatch):
+    """Windows refuses to replace a file another program holds open (a safetensors ``safe_open`` mapping in a
+    notebook, an indexer): the save said only '<folder>: cannot save (Access is denied)'. It names the file and the
+    likely reason; the previous adapter stays readable."""
+    from test_file_concurrency import state
+
+    from lordba import LoRDBAError
+    from lordba.format import atomic
+
+    state(1.0, 0).save_pretrained(tmp_path)
+    real_replace = atomic.os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == "lordba_model.safetensors":
+            raise PermissionError(13, "Access is denied", str(src), None, str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(LoRDBAError, match=r"lordba_model\.safetensors: cannot replace it.*another program.*intact"):
+        state(2.0, 1).save_pretrained(tmp_path)
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    assert read_adapter(tmp_path).config.alpha == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir() if "lordba-tmp" in p.name) == []

@@ -267,7 +267,7 @@ def _commit(sets: list[tuple[Path, dict[str, bytes]]], at: list[Path]) -> None:
         for directory, files in sets:
             at[0] = directory
             for name in files:
-                os.replace(temps[directory / name], directory / name)
+                _rename(temps[directory / name], directory / name)
                 del temps[directory / name]  # renamed: nothing left to remove (a failed rename leaves it to `finally`)
             fsync_dir(directory)
         for directory, files in sets:
@@ -279,6 +279,17 @@ def _commit(sets: list[tuple[Path, dict[str, bytes]]], at: list[Path]) -> None:
             tmp.unlink(missing_ok=True)
         for owner in owners:
             temp_owner.release(owner)
+
+
+def _rename(tmp: Path, path: Path) -> None:
+    """``os.replace``; a refusal (Windows: ``path`` open in another program) is a :class:`LoRDBAError` naming it."""
+    try:
+        os.replace(tmp, path)
+    except PermissionError as err:
+        raise LoRDBAError(
+            f"{path}: cannot replace it ({err.strerror}: it is read-only, or, on Windows, open in another program); "
+            "the previous files are intact"
+        ) from None
 
 
 def ensure_writable_dir(directory: Path) -> None:
