@@ -832,3 +832,27 @@ def test_a_folder_adapter_named_as_no_adapter_can_be_is_not_listed_nor_served(mo
         registry.acquire(name)
     with pytest.raises(BadRequestError, match="reserved"):
         registry.register(name, "a")
+
+
+def test_a_failed_register_over_a_registration_whose_files_are_gone_leaves_it_as_it_was(model, folder):
+    """A name registered by load_lora_adapter whose files were removed masks the folder's adapter of that name (a
+    request is a 404 saying so). Registering it again with a path that failed to load dropped the old registration
+    too: the name then silently served the folder's adapter, another one than the client registered. A failed
+    register leaves the registry as it was: the name still a 404 saying its files were removed."""
+    size = payload_bytes(folder / "a" / "lordba_model.safetensors")
+    registry = AdapterRegistry(model, folder, max_bytes=int(1.5 * size))
+    registry.register("a", "c")  # masks the folder's a
+    registry.acquire("b")  # evicts it
+    registry.release("b")
+    shutil.rmtree(folder / "c")
+    shutil.copytree(folder / "b", folder / "bad")
+    weights = folder / "bad" / "lordba_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(AdapterLoadError, match="'a' cannot be loaded"):
+        registry.register("a", "bad")
+    assert "a" not in registry.names() and "a" not in model.peft_config
+    with pytest.raises(UnknownAdapterError, match=r"'a'.*removed"):
+        registry.acquire("a")
+    assert "a" not in model.peft_config
+    registry.register("a", "b")  # a good path is served under it
+    assert registry._entries["a"].path == (folder / "b").resolve() and not registry._entries["a"].from_folder

@@ -183,9 +183,12 @@ class AdapterRegistry(AdapterNames):
                 entry = self._entries[name] = _Entry(full, from_folder=False)
             try:
                 self._load(name, entry, "lora_name")
-            except BaseException:  # whatever failed, the name is not registered
+            except BaseException:  # whatever failed, the name is registered as it was before (or not at all)
                 with self._cond:
-                    self._entries.pop(name, None)
+                    if self._entries.get(name) is entry:
+                        del self._entries[name]
+                        if current is not None:  # e.g. a registration whose files are gone: still masks the folder's
+                            self._entries[name] = current
                 raise
 
     def unload(self, name: str) -> None:
