@@ -152,3 +152,18 @@ def test_requests_being_tokenized_count_against_max_waiting():
         for call in calls:
             call.join(30)
         assert got == [200, 200] and state.preparing == 0
+
+
+def test_the_load_health_and_queue_gauge_count_no_aborted_request_still_in_the_queue():
+    """A request whose client left while it waited for a batch slot stays in the queue until the engine's next step
+    drops it (a step of a long prefill: seconds); ``/health``'s ``waiting`` and the ``lordba_queue_length`` gauge
+    counted it meanwhile (3 waiting where 2 clients still waited), as the queue's bound (``max_waiting``) did not."""
+    state = build_state(tiny_model(), char_tokenizer(), "tiny-llama", max_batch=1)  # (not started: nothing admitted)
+    requests = [Request([5, 6], "__base__", SamplingParams(1), lambda event: None) for _ in range(3)]
+    for request in requests:
+        state.engine.submit(request)
+    state.engine.abort(requests[1])
+    assert state.engine.load == (2, 0)
+    state.metrics.queue(*state.engine.load)  # what /metrics does before rendering
+    assert b"lordba_queue_length 2.0" in state.metrics.render()
+    state.engine.shutdown()

@@ -203,9 +203,10 @@ class Engine:
 
     @property
     def load(self) -> tuple[int, int]:
-        """``(waiting, running)`` request counts (running includes rows being prefilled)."""
+        """``(waiting, running)`` request counts (running includes rows being prefilled); a waiting request whose
+        client left (aborted, dropped at the next step) is not counted."""
         with self._cond:
-            return len(self._waiting), len(self._running) + self._admitting
+            return sum(not r.aborted for r in self._waiting), len(self._running) + self._admitting
 
     # ------------------------------------------------------------------ loop
     def _supervised(self) -> None:
