@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import threading
 import time
 from urllib.parse import urlparse
@@ -18,7 +19,7 @@ from lordba.serve.errors import ContextLengthError, QueueFullError
 from lordba.serve.sampling import SamplingParams
 from lordba.serve.server import Server, build_state
 
-from .serve_helpers import char_tokenizer, tiny_model
+from .serve_helpers import char_tokenizer, make_adapter, tiny_model
 
 
 @pytest.fixture
@@ -167,3 +168,39 @@ def test_the_load_health_and_queue_gauge_count_no_aborted_request_still_in_the_q
     state.metrics.queue(*state.engine.load)  # what /metrics does before rendering
     assert b"lordba_queue_length 2.0" in state.metrics.render()
     state.engine.shutdown()
+
+
+def test_a_burst_of_requests_for_cold_adapters_leaves_worker_threads_to_the_bases_requests(tmp_path):
+    """Every request was prepared in the one pool of 40 worker threads, and adapters load one at a time: 45 requests
+    for adapters not loaded yet took all 40, each waiting for the load before it, and a request for the base (which
+    needs a thread to tokenize its prompt) waited for 21 loads (3.0 s where loads took 0.1 s each; 0.1 s alone).
+    Requests that may load an adapter take at most LOAD_THREADS threads; the base's request is served meanwhile."""
+    make_adapter(tmp_path / "a0", seed=10)
+    for i in range(1, 45):
+        shutil.copytree(tmp_path / "a0", tmp_path / f"a{i}")
+    state = build_state(tiny_model(), char_tokenizer(), "tiny-llama", tmp_path, max_batch=64)
+    release, real = threading.Event(), state.registry.model.load_adapter
+    state.registry.model.load_adapter = lambda *a, **k: release.wait(30) and real(*a, **k)  # each load waits
+    body = {"model": "tiny-llama", "prompt": "12+3", "max_tokens": 2, "temperature": 0}
+    got: list[int] = []
+    with Server(state) as server:
+        calls = [
+            threading.Thread(
+                target=lambda i=i: got.append(post(server.url, "/v1/completions", body | {"model": f"a{i}"})[0])
+            )
+            for i in range(45)
+        ]
+        try:
+            for call in calls:
+                call.start()
+            assert wait_for(lambda: state.preparing == 45), state.preparing
+            base: list[int] = []
+            waiter = threading.Thread(target=lambda: base.append(post(server.url, "/v1/completions", body)[0]))
+            waiter.start()
+            waiter.join(10)
+            assert base == [200] and state.registry.loads == 0  # served while every load still waits
+        finally:
+            release.set()
+            for call in calls:
+                call.join(60)
+        assert got == [200] * 45 and state.registry.loads == 45

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+import anyio
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -27,6 +29,7 @@ GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 DISCONNECT_POLL = 0.25  # seconds between checks for a whole response's client while no event comes
 MIN_BODY_LIMIT = 16 << 20  # bytes: the least a request body may hold (body_limit)
 BODY_BYTES_PER_CHAR = 16  # a JSON string's character escaped as a surrogate pair ("\\ud83d\\ude00": 12), with room
+LOAD_THREADS = 4  # worker threads adapter loads, registrations and unloads take at most (one at a time loads anyway)
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -42,6 +45,7 @@ def build_app(state: ServerState) -> FastAPI:
     app.add_middleware(_LimitBody, limit=body_limit(state))
     served = weakref.ref(state)
     del state
+    loads = _LoadThreads(LOAD_THREADS)
 
     @app.get("/health")
     async def health() -> Response:
@@ -83,7 +87,7 @@ def build_app(state: ServerState) -> FastAPI:
         state = served()
         body.check_supported()
         prompt = body.single_prompt()
-        job = await _prepare(state, body, lambda: state.encode(prompt), body.max_tokens, "prompt")
+        job = await _prepare(state, loads, body, lambda: state.encode(prompt), body.max_tokens, "prompt")
         return await _respond(state, job, body, request, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -91,26 +95,30 @@ def build_app(state: ServerState) -> FastAPI:
         state = served()
         body.check_supported()
         messages = [m.for_template() for m in body.messages]
-        job = await _prepare(state, body, lambda: state.chat_prompt(messages), body.limit(), "messages")
+        job = await _prepare(state, loads, body, lambda: state.chat_prompt(messages), body.limit(), "messages")
         return await _respond(state, job, body, request, chat=True)
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: p.LoadAdapterRequest) -> Response:
         state = served()
-        await run_in_threadpool(state.registry.register, body.lora_name, body.lora_path)
+        await loads.run(state.registry.register, body.lora_name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(body: p.UnloadAdapterRequest) -> Response:
         state = served()
-        await run_in_threadpool(state.registry.unload, body.lora_name)
+        await loads.run(state.registry.unload, body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     return app
 
 
-async def _prepare(state: ServerState, body: p._Sampling, prompt, max_tokens: int | None, field: str) -> Job:  # noqa: ANN001
-    """Resolve, load, tokenize and check in a worker thread (loading reads files and takes the model's lock);
+async def _prepare(
+    state: ServerState, loads: _LoadThreads, body: p._Sampling, prompt: Callable, max_tokens: int | None, field: str
+) -> Job:
+    """Resolve, load, tokenize and check in a worker thread (loading reads files and takes the model's lock); a
+    request whose adapter is not resident in one of ``loads``' threads: a burst for cold adapters, each waiting for
+    the registry's one load at a time, took every worker thread, and the base's requests waited for their loads.
     ``field``: the request's field that holds the prompt (named by a context-length error). A full queue refuses it
     first (:meth:`Engine.check_room`: a 503 without the tokenizing, the adapter's load or a worker thread), the
     requests being prepared counted as waiting (a burst would all pass the check, then wait for the worker threads)."""
@@ -124,7 +132,10 @@ async def _prepare(state: ServerState, body: p._Sampling, prompt, max_tokens: in
     }
     state.preparing += 1  # (on the event loop, as the check: its caller submits the job before it next awaits)
     try:
-        return await run_in_threadpool(state.prepare, body.model, prompt, max_tokens, field, **sampling)
+        args = (state.prepare, body.model, prompt, max_tokens, field)
+        if body.model != state.base_name and not state.registry.is_resident(body.model):
+            return await loads.run(*args, **sampling)
+        return await run_in_threadpool(*args, **sampling)
     finally:
         state.preparing -= 1
 
@@ -196,6 +207,19 @@ async def _stream(
         yield "data: [DONE]\n\n"
     finally:
         await events.aclose()  # a client that disconnected lands here: the job is aborted
+
+
+class _LoadThreads:
+    """At most ``tokens`` worker threads for the calls that may load an adapter (waiting for the registry's load
+    lock): those past them wait on the event loop, leaving the other worker threads to the other requests."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens, self.limiter = tokens, None
+
+    async def run(self, func: Callable, *args: object, **kwargs: object) -> object:
+        if self.limiter is None:  # (made on the event loop that uses it)
+            self.limiter = anyio.CapacityLimiter(self.tokens)
+        return await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs), limiter=self.limiter)
 
 
 def body_limit(state: ServerState) -> int:

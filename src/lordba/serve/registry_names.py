@@ -108,6 +108,12 @@ class AdapterNames:
         self._folder_gone = False
         return found
 
+    def is_resident(self, name: str) -> bool:
+        """Whether adapter ``name`` is on the model now (a request for it loads nothing, unless evicted meanwhile)."""
+        with self._cond:
+            entry = self._entries.get(name)
+            return entry is not None and entry.resident
+
     def resident(self) -> dict[str, int]:
         """``{name: bytes}`` of the adapters on the model, least recently used first."""
         with self._cond:
