@@ -204,3 +204,25 @@ def test_a_burst_of_requests_for_cold_adapters_leaves_worker_threads_to_the_base
             for call in calls:
                 call.join(60)
         assert got == [200] * 45 and state.registry.loads == 45
+
+
+def test_a_chat_of_more_messages_than_the_contexts_tokens_is_refused_before_its_body_is_validated():
+    """FastAPI validated a request's body on the event loop, which every stream and /health share: a chat of 100,000
+    messages held it for seconds of pydantic (a short request waited 3.0 s) only to be refused for its length. A chat
+    of more messages than the context's tokens can never fit (each renders as a token at least): it is refused before
+    it is validated (a 400 naming ``messages``). A body over OFFLOAD_BYTES is validated in a worker thread, its errors
+    naming the field as before."""
+    state = build_state(tiny_model(), char_tokenizer(), "tiny-llama", max_context=5000)
+    with Server(state) as server:
+        many = [{"role": "user", "content": "x"}] * 100_001
+        status, _, answer = post(server.url, "/v1/chat/completions", {"model": "tiny-llama", "messages": many})
+        assert status == 400 and answer["error"]["code"] == "context_length_exceeded", answer
+        assert answer["error"]["param"] == "messages" and "100001 messages" in answer["error"]["message"]
+        bad = [*many[:4000], {"role": "nobody", "content": "x"}]  # over OFFLOAD_BYTES, within the context
+        status, _, answer = post(server.url, "/v1/chat/completions", {"model": "tiny-llama", "messages": bad})
+        assert status == 400 and answer["error"]["param"] == "messages.4000.role", answer
+        ids = {"model": "tiny-llama", "prompt": [5] * 100_000}
+        status, _, answer = post(server.url, "/v1/completions", ids)
+        assert (
+            status == 400 and answer["error"]["param"] == "prompt" and "100000 token ids" in answer["error"]["message"]
+        )

@@ -10,9 +10,10 @@ import json
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
 
 import anyio
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
@@ -20,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lordba.errors import LoRDBAError
+from lordba.serve import bodies
 from lordba.serve import protocol as p
 from lordba.serve.engine import Engine, Event
 from lordba.serve.errors import ServeError, UnavailableError, UnknownAdapterError
@@ -83,18 +85,16 @@ def build_app(state: ServerState) -> FastAPI:
         raise UnknownAdapterError(f"The model '{model}' does not exist")
 
     @app.post("/v1/completions")
-    async def completions(body: p.CompletionRequest, request: Request) -> Response:
+    async def completions(raw: Annotated[Any, Body()], request: Request) -> Response:
         state = served()
-        body.check_supported()
-        prompt = body.single_prompt()
+        body, prompt = await bodies.completion(request, raw, state.max_context)  # (p.CompletionRequest)
         job = await _prepare(state, loads, body, lambda: state.encode(prompt), body.max_tokens, "prompt")
         return await _respond(state, job, body, request, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: p.ChatRequest, request: Request) -> Response:
+    async def chat(raw: Annotated[Any, Body()], request: Request) -> Response:
         state = served()
-        body.check_supported()
-        messages = [m.for_template() for m in body.messages]
+        body, messages = await bodies.chat(request, raw, state.max_context)  # (p.ChatRequest)
         job = await _prepare(state, loads, body, lambda: state.chat_prompt(messages), body.limit(), "messages")
         return await _respond(state, job, body, request, chat=True)
 

@@ -1,0 +1,71 @@
+"""Validating a generation request's body (its JSON already parsed by FastAPI) into its protocol model, in a worker
+thread when it is large: validating 100,000 chat messages takes seconds of pydantic, during which the event loop, which
+every stream shares, served nobody. A list that can never fit the context (more chat messages or prompt token ids than
+its tokens) is refused before it is validated."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from lordba.serve import protocol as p
+from lordba.serve.errors import ContextLengthError
+
+OFFLOAD_BYTES = 64 << 10  # a body of more bytes is validated in a worker thread, not on the event loop
+
+
+async def completion(request: Request, raw: Any, max_context: int) -> tuple[p.CompletionRequest, str | list[int]]:
+    """``(body, its one prompt)`` of ``POST /v1/completions`` (the server's refusals checked)."""
+    return await _off_loop(request, _completion, raw, max_context)
+
+
+async def chat(request: Request, raw: Any, max_context: int) -> tuple[p.ChatRequest, list[dict[str, Any]]]:
+    """``(body, its messages as the chat template takes them)`` of ``POST /v1/chat/completions``."""
+    return await _off_loop(request, _chat, raw, max_context)
+
+
+async def _off_loop(request: Request, work, raw: Any, max_context: int):  # noqa: ANN001
+    if len(await request.body()) <= OFFLOAD_BYTES:  # (the bytes FastAPI read: cached)
+        return work(raw, max_context)
+    return await anyio.to_thread.run_sync(work, raw, max_context)
+
+
+def _completion(raw: Any, max_context: int) -> tuple[p.CompletionRequest, str | list[int]]:
+    prompt = raw.get("prompt") if isinstance(raw, dict) else None
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], list) and len(prompt) == 1:
+        prompt = prompt[0]  # (one prompt in a list of them)
+    if isinstance(prompt, list) and len(prompt) > max_context and isinstance(prompt[0], int):
+        raise ContextLengthError(
+            f"This model's maximum context length is {max_context} tokens. However, your prompt holds {len(prompt)} "
+            "token ids. Please reduce the length of the prompt.",
+            "prompt",
+        )
+    body = _validated(p.CompletionRequest, raw)
+    body.check_supported()
+    return body, body.single_prompt()
+
+
+def _chat(raw: Any, max_context: int) -> tuple[p.ChatRequest, list[dict[str, Any]]]:
+    messages = raw.get("messages") if isinstance(raw, dict) else None
+    if isinstance(messages, list) and len(messages) > max_context:  # each one renders as a token at least
+        raise ContextLengthError(
+            f"This model's maximum context length is {max_context} tokens. However, your messages are "
+            f"{len(messages)} messages, each at least one token once rendered. Please reduce the number of messages.",
+            "messages",
+        )
+    body = _validated(p.ChatRequest, raw)
+    body.check_supported()
+    return body, [m.for_template() for m in body.messages]
+
+
+def _validated(model: type[p._Body], raw: Any) -> Any:
+    """``raw`` validated as ``model``; its errors as FastAPI reports a body's (their location under ``body``)."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)]
+        raise RequestValidationError(errors, body=raw) from None
