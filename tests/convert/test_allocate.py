@@ -173,20 +173,31 @@ def test_the_stored_factors_carry_the_config_scaling():
             torch.testing.assert_close(dense, layer.scaling * layer.B @ layer.A, rtol=1e-4, atol=1e-4)
 
 
-def test_ranks_are_capped_at_each_layers_limit():
+def test_ranks_are_capped_at_each_layers_limit_and_the_bytes_the_cap_frees_go_to_the_others():
     """A 2×3 layer takes at most rank 38; at 32 BPW a uniform rank far above it fits: every layer is converted and
     stored at min(uniform, limit), no candidate above a layer's limit is converted, and the file fits. The uniform
-    rank is the largest whose uncapped uniform file fits (the bytes the cap frees are not spent on k)."""
+    rank is the largest whose capped file fits: the bytes the cap frees are spent on k (before, the uniform rank was
+    the largest whose uncapped file fit, and 1,584 of the 15,440 bytes allowed were left unspent, k at rank 377
+    where 423 fits), and the error is lower than at that rank."""
     lora = _lora(_layer(Q, 2, 3, 4, 0), _layer(K, 40, 200, 16, 1))
     assert rank_limit(3, 2) == 38
-    final, records, _, summary = _convert(lora, 32.0, candidates=(1, 50))
+    u, allowed = 1, math.floor(32.0 * _params(lora) / 8)
+    while _file(lora, {Q: u + 1, K: u + 1}) <= allowed:
+        u += 1  # the uniform rank before the cap
+    final, records, stats, summary = _convert(lora, 32.0, candidates=(1, 50, u))
     ranks = _ranks(final, records)
-    assert ranks[Q] <= 38 and summary["uniform_rank"] > 38 and summary["file_bytes"] <= summary["allowed_file_bytes"]
+    assert ranks[Q] <= 38 and summary["uniform_rank"] > u > 38 and summary["file_bytes"] <= allowed
+    assert summary["allowed_file_bytes"] == allowed
     assert max(map(int, summary["curves"][Q])) == 38 and 50 not in map(int, summary["curves"][Q])
     assert max(map(int, summary["curves"][K])) == summary["uniform_rank"] == max(summary["candidates"])
-    assert summary["uniform_file_bytes"] == _file(lora, {Q: 38, K: summary["uniform_rank"]})
-    u, allowed = summary["uniform_rank"], summary["allowed_file_bytes"]
-    assert _file(lora, {Q: u, K: u}) <= allowed < _file(lora, {Q: u + 1, K: u + 1})  # the rank before the cap
+    r = summary["uniform_rank"]
+    assert summary["uniform_file_bytes"] == _file(lora, {Q: 38, K: r}) <= allowed < _file(lora, {Q: 38, K: r + 1})
+    norm = {p: stats[p]["delta_norm"] for p in ranks}
+    before = math.sqrt(
+        ((summary["curves"][Q]["38"] * norm[Q]) ** 2 + (summary["curves"][K][str(u)] * norm[K]) ** 2)
+        / (norm[Q] ** 2 + norm[K] ** 2)
+    )
+    assert summary["total_rel_error"] <= summary["uniform_total_rel_error"] < before
 
 
 def test_one_layer_and_equal_layers():
@@ -229,9 +240,10 @@ def test_with_calibration_the_output_error_is_allocated():
 
 def test_a_uniform_rank_above_every_layers_limit_is_reported_at_the_rank_converted():
     lora = _lora(_layer(Q, 2, 3, 64, 0), _layer(K, 3, 2, 64, 1))
-    final, records, _, summary = _convert(lora, 32.0, candidates=(1,))
-    assert _ranks(final, records) == {Q: 38, K: 38} and final.rank_pattern == {}
-    assert summary["uniform_rank"] == 38 and summary["candidates"] == [1, 38]
+    for candidates in ((1,), (1, 50)):  # 50: above every layer's limit, converts nothing, is not listed
+        final, records, _, summary = _convert(lora, 32.0, candidates=candidates)
+        assert _ranks(final, records) == {Q: 38, K: 38} and final.rank_pattern == {}
+        assert summary["uniform_rank"] == 38 and summary["candidates"] == [1, 38]
 
 
 def test_on_a_tie_the_uniform_rank_is_kept():

@@ -389,16 +389,17 @@ def test_a_target_bpw_above_a_float32_lora_is_refused_at_once(tmp_path):
 def test_a_target_bpw_never_converts_or_chooses_a_rank_above_a_layers_limit(tmp_path):
     """v_proj (20×40) may not take r > 426 (its sign factors would outweigh ΔW in float32: convert_lora refuses
     r=427); a rank-64 LoRA at --target-bpw 12 gave it the uniform rank 597, and a candidate above the limit was
-    converted too. The uniform rank is capped at each layer's limit, and a candidate above it is not tried."""
+    converted too. The uniform rank is capped at each layer's limit, and a candidate above it is not tried; the bytes
+    v's cap frees go to q_proj (40×40), up to its own limit 640."""
     _, path = peft_adapter(tmp_path, r=64, lora_alpha=64, target_modules=["q_proj", "v_proj"])
     with pytest.raises(ConfigError, match="above 426"):
         convert_lora(path, r=427, progress=False)
     state, report = convert_lora(path, target_bpw=12.0, rank_candidates=(1, 500), method="init", progress=False)
     alloc = report.allocation
-    assert alloc["uniform_rank"] == 597 and report.bpw_lora <= 12.0
+    assert alloc["uniform_rank"] == 640 and report.bpw_lora <= 12.0
     for p, rec in state.modules.items():
         limit = 32 * rec.in_features * rec.out_features // (rec.in_features + rec.out_features)
-        assert rec.r == min(597, limit) and state.config.rank_for(p) == rec.r
+        assert rec.r == min(640, limit) and state.config.rank_for(p) == rec.r
         assert max(map(int, alloc["curves"][p])) <= limit
     save_converted(state, report, tmp_path / "out")
     assert read_adapter(tmp_path / "out").dims() == state.dims()

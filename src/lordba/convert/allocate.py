@@ -42,7 +42,8 @@ def convert_at_budget(
     dims = {p: (layer.in_features, layer.out_features) for p, layer in lora.layers.items()}
     lora_params = sum(layer.r * (layer.in_features + layer.out_features) for layer in lora.layers.values())
     allowed = math.floor(target_bpw * lora_params / 8)
-    top = max(max(candidates), 1)
+    limits = {p: rank_limit(i, o) for p, (i, o) in dims.items()}
+    top = min(max(max(candidates), 1), max(limits.values()))  # a candidate above every limit converts nothing
     r_uniform = _uniform_rank(dims, allowed, dtype)
     if r_uniform is None:
         least = _file_bytes(dims, dict.fromkeys(dims, 1), dtype)
@@ -50,12 +51,12 @@ def convert_at_budget(
             f"target_bpw={target_bpw:g} is below the smallest possible size (rank 1 everywhere: "
             f"{math.ceil(8000 * least / lora_params) / 1000:.3f} BPW on the LoRA basis with scale_dtype={dtype})"
         )
-    limits = {p: rank_limit(i, o) for p, (i, o) in dims.items()}
     uniform_ranks = _capped(r_uniform, limits)
     while _file_bytes(dims, uniform_ranks, dtype) > allowed:  # capped ranks are mixed: a larger header
         r_uniform -= 1
         uniform_ranks = _capped(r_uniform, limits)
-    r_uniform = max(uniform_ranks.values())  # the rank it converts at: above every layer's limit, none does
+    r_uniform = _raised(dims, max(uniform_ranks.values()), limits, allowed, dtype)  # the bytes capped layers free
+    uniform_ranks = _capped(r_uniform, limits)
     probe = size_report({p: (i, o, max(top, r_uniform)) for p, (i, o) in dims.items()}, dtype)
     overhead = probe.file_bytes - probe.payload_bytes  # header; an upper bound (rank digits)
     budget = allowed - overhead
@@ -123,6 +124,20 @@ def convert_at_budget(
 def _capped(r: int, limits: dict[str, int]) -> dict[str, int]:
     """Rank ``r`` for every layer, but not above its limit (``limits``: path → :func:`rank_limit`)."""
     return {p: min(r, limit) for p, limit in limits.items()}
+
+
+def _raised(dims: dict[str, tuple[int, int]], r: int, limits: dict[str, int], allowed: int, dtype: str) -> int:
+    """The largest rank from ``r`` (whose capped file fits) up to the largest limit whose uniform file, every layer
+    capped at its limit (:func:`_capped`), fits in ``allowed`` bytes: the bytes that layers capped below the
+    uncapped uniform rank leave go to the other layers (bisection; the file grows with the rank)."""
+    lo, hi = r, max(limits.values())
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _file_bytes(dims, _capped(mid, limits), dtype) <= allowed:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _output_norms(lora: LoraAdapter, calibration: dict[str, torch.Tensor] | None) -> dict[str, float] | None:
