@@ -247,11 +247,11 @@ def report(rows: list[dict], meta: dict, profile: list[dict] | None = None) -> s
         "`ovh`: (base + adapter) / base.\n",
         "## Whole model (SmolLM2-135M)\n",
         markdown_table(COLUMNS, _table_rows(models)),
-        "\nAdapter bytes (r, LoRDBA memory / LoRA memory, LoRDBA file / fp16 LoRA file):\n",
+        "\nAdapter bytes (model and base, r: LoRDBA memory / LoRA memory, LoRDBA file / fp16 LoRA file):\n",
     ]
-    for x in {x["r"]: x for x in models}.values():
+    for x in {(x["shape"], x["r"]): x for x in models}.values():  # one line per variant measured
         lines.append(
-            f"- r={x['r']}: memory {x['lordba_mem_bytes']:,} / {x['lora_mem_bytes']:,} B, "
+            f"- {x['shape']}, r={x['r']}: memory {x['lordba_mem_bytes']:,} / {x['lora_mem_bytes']:,} B, "
             f"disk {x['lordba_disk_bytes']:,} / {x['lora_disk_bytes']:,} B "
             f"({x['lora_disk_bytes'] / x['lordba_disk_bytes']:.1f}× smaller)\n"
         )

@@ -152,3 +152,29 @@ def test_a_run_writes_json_markdown_and_plot(tmp_path, monkeypatch):
     md = (tmp_path / "bench.md").read_text()
     assert "9.0× smaller" in md and "Prefill profile" in md and "0.980 ± 0.010" in md
     assert json.loads((tmp_path / "prefill_profile.json").read_text())[0]["adapter_ratio"] == 0.8
+
+
+def test_the_adapter_bytes_list_has_a_line_per_base_measured():
+    """The full run times r=16 on the HQQ base and on the unquantized one: the list was keyed by rank, so the HQQ
+    line (memory 10 / 100 B here) was replaced by the unquantized base's (12 / 100 B) and the report said the
+    unquantized bytes under the HQQ rank; each variant measured has its line, named by its base."""
+
+    def row(case, base, r, lordba_mem):
+        return {"case": case, "shape": f"SmolLM2-135M base={base}", "r": r, "tokens": 1, "lordba_s": 1.0,
+                "lora_s": 1.0, "base_s": 1.0, "lordba_iqr_s": 0.0, "lora_iqr_s": 0.0, "base_iqr_s": 0.0,
+                "ratio_vs_lora": 1.0, "ratio_paired": 1.0, "ratio_paired_iqr": 0.0, "overhead_lordba": 1.0,
+                "overhead_lora": 1.0, "lordba_mem_bytes": lordba_mem, "lora_mem_bytes": 100, "lordba_disk_bytes": 10,
+                "lora_disk_bytes": 90}  # fmt: skip
+
+    rows = [row(case, base, r, mem) for base, r, mem in (("hqq", 8, 5), ("hqq", 16, 10), ("none", 16, 12))
+            for case in ("model-prefill", "model-decode")]  # fmt: skip
+    meta = {"hardware": {"cpu": "x", "cores": 2, "torch_threads": 1, "torch": "2"}, "kernels": {},
+            "settings": {"base": "hqq", "lordba_scale_dtype": "int8"}, "load_avg_before": [0.0],
+            "load_avg_after": [0.0]}  # fmt: skip
+    md = latency.report(rows, meta)
+    lines = [line for line in md.splitlines() if line.startswith("- ")]
+    assert lines == [
+        "- SmolLM2-135M base=hqq, r=8: memory 5 / 100 B, disk 10 / 90 B (9.0× smaller)",
+        "- SmolLM2-135M base=hqq, r=16: memory 10 / 100 B, disk 10 / 90 B (9.0× smaller)",
+        "- SmolLM2-135M base=none, r=16: memory 12 / 100 B, disk 10 / 90 B (9.0× smaller)",
+    ]
