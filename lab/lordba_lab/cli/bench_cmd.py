@@ -16,7 +16,11 @@ HELP = "run benchmark suites (latency, training memory, conversion, ...) and wri
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", action="append", help="suite to run (repeatable; default: the default suites)")
     p.add_argument("--list", action="store_true", help="list the suites and exit")
-    p.add_argument("--quick", action="store_true", help="small shapes and few repeats (about a minute)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small shapes and few repeats (minutes a suite; convert-quality first trains a SmolLM2 LoRA 10 steps)",
+    )
     p.add_argument(
         "--out",
         type=output_directory,
