@@ -126,7 +126,9 @@ def make_linear8bit(weight: torch.Tensor, bias: torch.Tensor | None, threshold: 
     """A frozen ``Linear8bitLt`` (int8 weights, per-row absmax) holding ``weight`` (``out × in``) and ``bias``."""
     bnb = _bnb()
     out_f, in_f = weight.shape
-    layer = bnb.nn.Linear8bitLt(in_f, out_f, bias=bias is not None, has_fp16_weights=False, threshold=threshold)
+    layer = bnb.nn.Linear8bitLt(  # built empty (as transformers builds it): no random init from the global generator
+        in_f, out_f, bias=bias is not None, has_fp16_weights=False, threshold=threshold, device="meta"
+    )
     layer.weight = bnb.nn.Int8Params(weight.detach().float().cpu(), requires_grad=False, has_fp16_weights=False)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -138,7 +140,9 @@ def _make_linear4bit(
 ) -> nn.Module:
     bnb = _bnb()
     out_f, in_f = weight.shape
-    layer = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype, quant_type=quant_type)
+    layer = bnb.nn.Linear4bit(  # built empty (as transformers builds it): no random init from the global generator
+        in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype, quant_type=quant_type, device="meta"
+    )
     layer.weight = bnb.nn.Params4bit(weight.detach().float().cpu(), requires_grad=False, quant_type=quant_type)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)

@@ -1,0 +1,48 @@
+"""The library leaves the process's global state as it found it: a user's script calls lordba between its own code,
+and a call that quietly changed a global (the random generators, the thread count, grad mode, warning filters,
+loggers) would change the user's results elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+
+
+def _rng() -> torch.Tensor:
+    return torch.get_rng_state().clone()
+
+
+def test_bnb_quantize_and_merge_leave_the_global_generator_alone():
+    """Quantizing to bitsandbytes NF4 and merging into an NF4 base drew from torch's global generator: each new
+    ``Linear4bit`` ran ``nn.Linear``'s random initialisation (Kaiming-uniform) before its weight was replaced, so a
+    seeded script's adapter initialisation or sampled tokens after the call differed from those without it, and a q4
+    base (which draws nothing) and an NF4 one started the same seeded adapter differently. transformers builds its
+    bitsandbytes layers empty (on ``meta``), and PEFT's NF4 merge makes no layer."""
+    pytest.importorskip("bitsandbytes")
+    from lordba import LoRDBAConfig, get_lordba_model
+    from lordba.quant import quantize_model
+
+    model = tiny_llama(0)
+    before = _rng()
+    base = quantize_model(model, backend="bnb", bits=4)
+    assert torch.equal(_rng(), before)
+    lm = get_lordba_model(base, LoRDBAConfig(r=4, init="random"))
+    lm.pack()
+    before = _rng()
+    with pytest.warns(UserWarning, match="requantized"):
+        lm.merge_and_unload()
+    assert torch.equal(_rng(), before)
+
+
+def test_bnb_int8_layer_leaves_the_global_generator_alone():
+    """A ``Linear8bitLt`` made by lordba (an int8 base, its requantizing merge) drew its random initialisation too."""
+    pytest.importorskip("bitsandbytes")
+    from lordba.quant.bnb import make_linear8bit
+
+    weight, bias = torch.randn(32, 64), torch.randn(32)
+    before = _rng()
+    layer = make_linear8bit(weight, bias)
+    assert torch.equal(_rng(), before)
+    assert torch.equal(layer.bias, bias)
