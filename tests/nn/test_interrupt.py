@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from _interrupts import interrupt
 
 from lordba import LoRDBAConfig, get_lordba_model
 from lordba.nn import layer as layer_module
@@ -30,19 +31,6 @@ def adapted(base, names=("default",)):
             with torch.no_grad():
                 adapter.scale_out.mul_(50)
     return lm
-
-
-def interrupt(monkeypatch, owner, attr, *calls):
-    """Make ``owner.attr`` raise ``KeyboardInterrupt`` on its calls numbered ``calls`` (from 1), as a Ctrl-C there."""
-    original, count = getattr(owner, attr), [0]
-
-    def patched(*args, **kwargs):
-        count[0] += 1
-        if count[0] in calls:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(owner, attr, patched)
 
 
 def weights(lm):

@@ -3,7 +3,8 @@ tensors, scale format, scaling, form and config) or the new one everywhere, neve
 
 import pytest
 import torch
-from test_interrupt import interrupt, logits
+from _interrupts import interrupt
+from test_interrupt import logits
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from lordba import LoRDBAConfig, get_lordba_model

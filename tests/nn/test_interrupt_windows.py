@@ -4,6 +4,7 @@ Python raises it at the next bytecode that checks for signals, which is right af
 
 import pytest
 import torch
+from _interrupts import interrupt_after
 from test_interrupt import adapted, check_flags, weights
 from torch import nn
 
@@ -12,21 +13,6 @@ from lordba.nn.layer import LoRDBALinear
 from lordba.quant.backend import PlainLinear
 
 from conftest import tiny_llama
-
-
-def interrupt_after(monkeypatch, owner, attr, *calls):
-    """Make ``owner.attr`` raise ``KeyboardInterrupt`` just after its calls numbered ``calls`` (from 1) did their
-    work, as a Ctrl-C pressed during them is raised when they return."""
-    original, count = getattr(owner, attr), [0]
-
-    def patched(*args, **kwargs):
-        result = original(*args, **kwargs)
-        count[0] += 1
-        if count[0] in calls:
-            raise KeyboardInterrupt
-        return result
-
-    monkeypatch.setattr(owner, attr, patched)
 
 
 @pytest.mark.parametrize("k", [1, 7, 14])

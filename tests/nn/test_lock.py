@@ -1,11 +1,10 @@
 """The model's readers-writer lock: many readers or one writer, waiting writers first, re-entrant."""
 
-import dis
 import signal
-import sys
 import threading
 
 import pytest
+from _interrupts import ctrl_c_at_each_check
 
 from lordba.nn.lock import RWLock
 
@@ -59,40 +58,6 @@ def test_a_writer_interrupted_while_it_waits_leaves_the_lock_usable():
     assert done == ["read", "write"], "the lock stayed blocked after the interrupted writer"
 
 
-_CHECKS_AFTER = ("CALL", "CALL_FUNCTION_EX", "JUMP_BACKWARD", "POP_JUMP_BACKWARD_IF_FALSE", "POP_JUMP_BACKWARD_IF_TRUE")
-_CHECKS_AFTER += ("POP_JUMP_BACKWARD_IF_NONE", "POP_JUMP_BACKWARD_IF_NOT_NONE")
-
-
-def _interrupt_at_check(n, files):
-    """A tracer raising KeyboardInterrupt, once, at the ``n``-th point of code from ``files`` where CPython handles a
-    pending signal (a Ctrl-C): a function's start or a generator's resumption (RESUME), and the instruction after a
-    call or a backward jump (they check the eval breaker when they end)."""
-    count, last, opnames = [0], {}, {}
-
-    def local(frame, event, arg):
-        if event != "opcode":
-            return local
-        code = frame.f_code
-        if code not in opnames:
-            opnames[code] = {i.offset: (i.opname, i.arg) for i in dis.get_instructions(code)}
-        opname, arg = opnames[code].get(frame.f_lasti, ("", None))
-        checked = (opname == "RESUME" and arg < 2) or last.get(id(frame)) in _CHECKS_AFTER
-        last[id(frame)] = opname
-        if checked:
-            count[0] += 1
-            if count[0] == n:
-                raise KeyboardInterrupt
-        return local
-
-    def tracer(frame, event, arg):
-        if frame.f_code.co_filename in files:
-            frame.f_trace_opcodes = True
-            return local(frame, "opcode", None) if event == "call" else local
-        return None
-
-    return tracer
-
-
 @pytest.mark.parametrize("how", ["read", "write", "write in write", "read in write"])
 def test_a_ctrl_c_anywhere_while_taking_the_lock_leaves_it_free(how):
     """Ctrl-C at each point where Python handles it while taking the lock, from the start to the block's first
@@ -102,21 +67,14 @@ def test_a_ctrl_c_anywhere_while_taking_the_lock_leaves_it_free(how):
     from lordba.nn import lock as lock_module
 
     files = {lock_module.__file__, threading.__file__}
-    for n in range(1, 500):
-        lock, inside = RWLock(), []
+    for attempt in ctrl_c_at_each_check(files):
+        lock, n = RWLock(), attempt.n
         outer = lock.write() if how.endswith("in write") else None
         if outer is not None:
             outer.__enter__()
         inner = lock.read() if how.startswith("read") else lock.write()
-        sys.settrace(_interrupt_at_check(n, files))
-        try:
-            with inner:
-                sys.settrace(None)
-                inside.append(True)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(None)
+        with attempt, inner:
+            attempt.reached()
         held = (threading.get_ident(), 1) if outer is not None else (None, 0)
         state = (lock._readers, lock._writer, lock._writer_depth, lock._waiting_writers, lock._cond._lock.locked())
         assert state == (0, *held, 0, False), (n, state)  # (before releasing the outer one: a kept mutex hangs it)
@@ -124,7 +82,3 @@ def test_a_ctrl_c_anywhere_while_taking_the_lock_leaves_it_free(how):
         if outer is not None:
             outer.__exit__(None, None, None)
             assert (lock._writer, lock._writer_depth) == (None, 0), n
-        if inside:  # past the last bytecode of taking it: every one was tried
-            break
-    else:
-        pytest.fail("the lock was never taken")

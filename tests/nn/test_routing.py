@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from _interrupts import ctrl_c_at_each_check
 
 from lordba import AdapterStateError
 from lordba.nn.routing import RoutingGate, route_index, routing
@@ -166,33 +167,20 @@ def test_a_ctrl_c_anywhere_while_entering_the_gate_leaves_it_free(nested):
     """Ctrl-C at each point where Python handles it while entering the gate, in turn: the gate is free after it
     (was: one in ``Condition.__exit__`` kept its mutex, and one after the holder was counted and before the ``try``
     kept it counted: every later call of the model, from any thread, waited forever)."""
-    from test_lock import _interrupt_at_check
-
     from lordba.nn import routing as routing_module
 
     files = {routing_module.__file__, threading.__file__}
-    for n in range(1, 500):
-        gate, inside = RoutingGate(), []
+    for attempt in ctrl_c_at_each_check(files):
+        gate, n = RoutingGate(), attempt.n
         outer = gate.enter(A) if nested else None
         if outer is not None:
             outer.__enter__()
         inner = gate.enter(B)
-        sys.settrace(_interrupt_at_check(n, files))
-        try:
-            with inner:
-                sys.settrace(None)
-                inside.append(True)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(None)
+        with attempt, inner:
+            attempt.reached()
         held = ({threading.get_ident(): 1}, A) if nested else ({}, None)
         state = (gate._holders, gate.routing, gate._switches, gate._queue, gate._blocks, gate._mutex.locked())
         assert state == (*held, 0, [], 0, False), (n, state)
         if outer is not None:
             outer.__exit__(None, None, None)
             assert (gate._holders, gate.routing) == ({}, None), n
-        if inside:  # past the last bytecode of entering it: every one was tried
-            break
-    else:
-        pytest.fail("the gate was never entered")

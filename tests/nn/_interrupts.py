@@ -1,0 +1,104 @@
+"""Helpers of the Ctrl-C (``KeyboardInterrupt``) tests: an interrupt after a chosen call of a method, and an interrupt
+at each point in turn where CPython handles a pending signal in the code of some files."""
+
+from __future__ import annotations
+
+import dis
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+
+def interrupt(monkeypatch, owner, attr, *calls):
+    """Make ``owner.attr`` raise ``KeyboardInterrupt`` on its calls numbered ``calls`` (from 1), as a Ctrl-C there."""
+    original, count = getattr(owner, attr), [0]
+
+    def patched(*args, **kwargs):
+        count[0] += 1
+        if count[0] in calls:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attr, patched)
+
+
+def interrupt_after(monkeypatch, owner, attr, *calls):
+    """Make ``owner.attr`` raise ``KeyboardInterrupt`` just after its calls numbered ``calls`` (from 1) did their
+    work, as a Ctrl-C pressed during them is raised when they return."""
+    original, count = getattr(owner, attr), [0]
+
+    def patched(*args, **kwargs):
+        result = original(*args, **kwargs)
+        count[0] += 1
+        if count[0] in calls:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(owner, attr, patched)
+
+
+_CHECKS_AFTER = ("CALL", "CALL_FUNCTION_EX", "JUMP_BACKWARD", "POP_JUMP_BACKWARD_IF_FALSE", "POP_JUMP_BACKWARD_IF_TRUE")
+_CHECKS_AFTER += ("POP_JUMP_BACKWARD_IF_NONE", "POP_JUMP_BACKWARD_IF_NOT_NONE")
+
+
+def interrupt_at_check(n, files):
+    """A tracer raising KeyboardInterrupt, once, at the ``n``-th point of code from ``files`` where CPython handles a
+    pending signal (a Ctrl-C): a function's start or a generator's resumption (RESUME), and the instruction after a
+    call or a backward jump (they check the eval breaker when they end)."""
+    count, last, opnames = [0], {}, {}
+
+    def local(frame, event, arg):
+        if event != "opcode":
+            return local
+        code = frame.f_code
+        if code not in opnames:
+            opnames[code] = {i.offset: (i.opname, i.arg) for i in dis.get_instructions(code)}
+        opname, arg = opnames[code].get(frame.f_lasti, ("", None))
+        checked = (opname == "RESUME" and arg < 2) or last.get(id(frame)) in _CHECKS_AFTER
+        last[id(frame)] = opname
+        if checked:
+            count[0] += 1
+            if count[0] == n:
+                raise KeyboardInterrupt
+        return local
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_filename in files:
+            frame.f_trace_opcodes = True
+            return local(frame, "opcode", None) if event == "call" else local
+        return None
+
+    return tracer
+
+
+class Attempt:
+    """One try of :func:`ctrl_c_at_each_check`: its block runs traced, the ``n``-th check a Ctrl-C, until
+    :meth:`reached` (or the block's end); the block's ``KeyboardInterrupt`` is swallowed."""
+
+    def __init__(self, n: int, files) -> None:
+        self.n, self.files, self.finished = n, files, False
+
+    def __enter__(self) -> Attempt:
+        sys.settrace(interrupt_at_check(self.n, self.files))
+        return self
+
+    def __exit__(self, typ, value, traceback) -> bool:
+        sys.settrace(None)
+        return typ is KeyboardInterrupt
+
+    def reached(self) -> None:
+        """The code under test ran to here uninterrupted (every check point before was tried): tracing stops."""
+        sys.settrace(None)
+        self.finished = True
+
+
+def ctrl_c_at_each_check(files, limit: int = 500) -> Iterator[Attempt]:
+    """A Ctrl-C at each point where CPython handles it in the code of ``files``, in turn: one :class:`Attempt` per
+    point, until an attempt's block :meth:`~Attempt.reached` its end (fails if none did in ``limit`` tries)."""
+    for n in range(1, limit):
+        attempt = Attempt(n, files)
+        yield attempt
+        if attempt.finished:
+            return
+    pytest.fail("the traced code never ran to its end")
