@@ -74,10 +74,11 @@ def interrupt_at_check(n, files):
 
 class Attempt:
     """One try of :func:`ctrl_c_at_each_check`: its block runs traced, the ``n``-th check a Ctrl-C, until
-    :meth:`reached` (or the block's end); the block's ``KeyboardInterrupt`` is swallowed."""
+    :meth:`reached` (or the block's end); the block's ``KeyboardInterrupt`` is swallowed and kept in ``error``, its
+    traceback alive, as a notebook keeps the last one (``sys.last_traceback``): what its frames hold stays."""
 
     def __init__(self, n: int, files) -> None:
-        self.n, self.files, self.finished = n, files, False
+        self.n, self.files, self.finished, self.error = n, files, False, None
 
     def __enter__(self) -> Attempt:
         sys.settrace(interrupt_at_check(self.n, self.files))
@@ -85,7 +86,10 @@ class Attempt:
 
     def __exit__(self, typ, value, traceback) -> bool:
         sys.settrace(None)
-        return typ is KeyboardInterrupt
+        if typ is KeyboardInterrupt:
+            self.error = value
+            return True
+        return False
 
     def reached(self) -> None:
         """The code under test ran to here uninterrupted (every check point before was tried): tracing stops."""

@@ -1,5 +1,6 @@
 """The model's readers-writer lock: many readers or one writer, waiting writers first, re-entrant."""
 
+import contextlib
 import signal
 import threading
 
@@ -63,10 +64,11 @@ def test_a_ctrl_c_anywhere_while_taking_the_lock_leaves_it_free(how):
     """Ctrl-C at each point where Python handles it while taking the lock, from the start to the block's first
     line, in turn: the lock is free after it (was: one landing after the count and before the ``try`` kept a reader or
     the writer counted for good, and one in ``Condition.__exit__`` kept its mutex: every later write of the model
-    waited forever)."""
+    waited forever; one in contextlib's ``__enter__`` as the lock's generator yielded kept the lock while the
+    traceback lived, as a notebook keeps it: another thread's write waited, this thread's raised AdapterStateError)."""
     from lordba.nn import lock as lock_module
 
-    files = {lock_module.__file__, threading.__file__}
+    files = {threading.__file__, contextlib.__file__, lock_module.__file__}
     for attempt in ctrl_c_at_each_check(files):
         lock, n = RWLock(), attempt.n
         outer = lock.write() if how.endswith("in write") else None

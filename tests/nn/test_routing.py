@@ -1,5 +1,6 @@
 """The routing gate: calls with one routing share it, other routings wait, nesting switches and restores."""
 
+import contextlib
 import sys
 import threading
 import time
@@ -166,10 +167,12 @@ def test_the_row_index_cache_keeps_the_composition_in_use_while_others_come_and_
 def test_a_ctrl_c_anywhere_while_entering_the_gate_leaves_it_free(nested):
     """Ctrl-C at each point where Python handles it while entering the gate, in turn: the gate is free after it
     (was: one in ``Condition.__exit__`` kept its mutex, and one after the holder was counted and before the ``try``
-    kept it counted: every later call of the model, from any thread, waited forever)."""
+    kept it counted: every later call of the model, from any thread, waited forever; one in contextlib's
+    ``__enter__`` as the gate's generator yielded kept it entered while the traceback lived, as a notebook keeps it)."""
+    from lordba.nn import lock as lock_module
     from lordba.nn import routing as routing_module
 
-    files = {routing_module.__file__, threading.__file__}
+    files = {routing_module.__file__, threading.__file__, contextlib.__file__, lock_module.__file__}
     for attempt in ctrl_c_at_each_check(files):
         gate, n = RoutingGate(), attempt.n
         outer = gate.enter(A) if nested else None

@@ -8,11 +8,45 @@ A thread may re-enter a lock it holds (a writer may also read); a reader cannot 
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from lordba.errors import AdapterStateError
+
+
+class _Holding:
+    """The context manager of a generator that takes a lock before its ``yield`` and gives it back in a ``finally``
+    around it, like ``contextlib.contextmanager``'s, whose ``__enter__`` is Python code: a Ctrl-C there just after the
+    generator took the lock left it suspended, holding the lock for as long as the traceback lives (a notebook keeps
+    the last one: a later writer waited for ever). This one gives the lock back at once."""
+
+    __slots__ = ("gen",)
+
+    def __init__(self, gen: Iterator[None]) -> None:
+        self.gen = gen
+
+    def __enter__(self) -> None:
+        try:  # (the value stored inside the ``try``: a Ctrl-C handled as ``next`` returns is raised in it)
+            value = next(self.gen)
+        except BaseException:  # (a Ctrl-C as ``next`` returned: the generator holds the lock)
+            self.gen.close()
+            raise
+        return value
+
+    def __exit__(self, *exc: object) -> bool:
+        self.gen.close()  # its ``finally`` gives the lock back (it neither catches nor replaces an exception)
+        return False
+
+
+def holding(func: Callable[..., Iterator[None]]) -> Callable[..., _Holding]:
+    """``contextlib.contextmanager`` for a generator taking a lock (:class:`_Holding`)."""
+
+    @functools.wraps(func)
+    def hold(*args: object, **kwargs: object) -> _Holding:
+        return _Holding(func(*args, **kwargs))
+
+    return hold
 
 
 class RWLock:
@@ -35,7 +69,7 @@ class RWLock:
     def __reduce__(self) -> tuple:
         return (RWLock, ())
 
-    @contextlib.contextmanager
+    @holding
     def read(self) -> Iterator[None]:
         """Hold the lock shared for the block (re-entrant; a writer may also read)."""
         me = threading.get_ident()
@@ -64,7 +98,7 @@ class RWLock:
                     if not self._readers:
                         self._cond.notify_all()
 
-    @contextlib.contextmanager
+    @holding
     def write(self) -> Iterator[None]:
         """Hold the lock exclusively for the block (re-entrant for the writing thread)."""
         me, held = threading.get_ident(), False

@@ -32,6 +32,7 @@ import torch
 
 from lordba._util.state import ordinary_tensors
 from lordba.errors import AdapterStateError
+from lordba.nn.lock import holding
 
 BASE_ROW = "__base__"  # an ``adapter_names`` entry that routes a row to the base model alone
 # names no adapter can have: each layer holds its adapters in an nn.ModuleDict keyed by name, which refuses its own
@@ -144,7 +145,7 @@ class RoutingGate:
             del self._queue[self._place(entry)]
             self._cond.notify_all()  # the threads behind it may go now (its routing joins, or it left)
 
-    @contextlib.contextmanager
+    @holding
     def enter(self, value: Routing, block: bool = False) -> Iterator[None]:
         """Publish ``value`` for the block; wait while other threads run calls with another routing. ``block``: a
         block of user code holds it (``disable_adapter``), not one model call (:meth:`_may_enter`).
