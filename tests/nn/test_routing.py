@@ -187,3 +187,32 @@ def test_a_ctrl_c_anywhere_while_entering_the_gate_leaves_it_free(nested):
         if outer is not None:
             outer.__exit__(None, None, None)
             assert (gate._holders, gate.routing) == ({}, None), n
+
+
+@pytest.mark.parametrize("how", ["call", "nested", "block"])
+def test_a_ctrl_c_anywhere_while_leaving_the_gate_leaves_it_free(how):
+    """Ctrl-C at each point where Python handles it while a call leaves the gate, in turn: once the interrupt's
+    traceback is gone, the gate is free (was: one at the start of the leaving method kept the thread a holder of the
+    gate for good, its routing published: every call of another routing, from any thread, waited forever, and a
+    layer called outside a model call in this thread applied the stale routing; one just after the holder was taken
+    out kept the block or nested switch counted, and the outer call's leaving raised KeyError)."""
+    from lordba.nn import lock as lock_module
+    from lordba.nn import routing as routing_module
+
+    files = {routing_module.__file__, threading.__file__, contextlib.__file__, lock_module.__file__}
+    for attempt in ctrl_c_at_each_check(files):
+        gate, n = RoutingGate(), attempt.n
+        outer = gate.enter(A) if how == "nested" else None
+        if outer is not None:
+            outer.__enter__()
+        with attempt:
+            with gate.enter(B, block=how == "block"):
+                pass
+            attempt.reached()
+        attempt.error = None  # (the traceback gone: a generator it held is closed)
+        held = ({threading.get_ident(): 1}, A) if outer is not None else ({}, None)
+        state = (gate._holders, gate.routing, gate._switches, gate._queue, gate._blocks, gate._mutex.locked())
+        assert state == (*held, 0, [], 0, False), (n, state)
+        if outer is not None:
+            outer.__exit__(None, None, None)
+            assert (gate._holders, gate.routing) == ({}, None), n

@@ -176,22 +176,20 @@ class RoutingGate:
                 entered = True
             yield
         finally:
-            if entered:
-                self._leave(me, block, switched, previous)
-
-    def _leave(self, me: int, block: bool, switched: bool, previous: Routing | None) -> None:
-        """The calling thread's call (or block) left: its depth, block and nested switch taken back."""
-        with self._mutex:
-            depth = self._holders.pop(me) - 1
-            self._blocks -= block
-            if depth:
-                self._holders[me] = depth
-            if switched:
-                self._switches -= 1
-                self.routing = previous
-            if not self._holders:
-                self.routing = None
-            self._cond.notify_all()
+            if entered:  # (left here, no call before it is done: a Ctrl-C cannot stop it half-way)
+                with self._mutex:
+                    depth = self._holders[me] - 1
+                    self._blocks -= block
+                    if depth:
+                        self._holders[me] = depth
+                    else:
+                        del self._holders[me]
+                    if switched:
+                        self._switches -= 1
+                        self.routing = previous
+                    if not self._holders:
+                        self.routing = None
+                    self._cond.notify_all()
 
 
 def current_routing(gate: RoutingGate) -> Routing | None:
