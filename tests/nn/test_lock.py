@@ -3,6 +3,7 @@
 import contextlib
 import signal
 import threading
+import time
 
 import pytest
 from _interrupts import ctrl_c_at_each_check
@@ -84,3 +85,34 @@ def test_a_ctrl_c_anywhere_while_taking_the_lock_leaves_it_free(how):
         if outer is not None:
             outer.__exit__(None, None, None)
             assert (lock._writer, lock._writer_depth) == (None, 0), n
+
+
+@pytest.mark.parametrize("held", ["read", "write"])
+def test_a_ctrl_c_anywhere_while_giving_the_lock_back_still_wakes_a_waiting_thread(held):
+    """Ctrl-C at each point where Python handles it while this thread gives the lock back, in turn, another thread
+    waiting for it (a writer for this reader, a reader for this writer): the other thread gets the lock (was: one
+    inside ``Condition.notify_all``, Python code, left it asleep for good: a hang of the other thread)."""
+    from lordba.nn import lock as lock_module
+
+    files = {threading.__file__, contextlib.__file__, lock_module.__file__}
+
+    def other(lock, waiting, got):
+        waiting.set()
+        with lock.write() if held == "read" else lock.read():
+            got.set()
+
+    for attempt in ctrl_c_at_each_check(files):
+        lock, got, waiting = RWLock(), threading.Event(), threading.Event()
+        mine = lock.read() if held == "read" else lock.write()
+        mine.__enter__()
+        thread = threading.Thread(target=other, args=(lock, waiting, got), daemon=True)
+        thread.start()
+        assert waiting.wait(10)
+        while not lock._cond._waiters:  # (the other thread asleep in the condition)
+            time.sleep(0.001)
+        with attempt:
+            mine.__exit__(None, None, None)
+            attempt.reached()
+        attempt.error = mine = None  # (one at the start of __exit__: the generator closed with the traceback)
+        assert got.wait(5), (attempt.n, "the waiting thread was never woken")
+        thread.join(10)

@@ -216,3 +216,32 @@ def test_a_ctrl_c_anywhere_while_leaving_the_gate_leaves_it_free(how):
         if outer is not None:
             outer.__exit__(None, None, None)
             assert (gate._holders, gate.routing) == ({}, None), n
+
+
+def test_a_ctrl_c_anywhere_while_leaving_the_gate_still_wakes_a_thread_waiting_for_another_routing():
+    """Ctrl-C at each point where Python handles it while this thread's call leaves the gate, in turn, another thread
+    waiting to run another routing: the other thread runs (was: one inside ``Condition.notify_all``, Python code, left
+    it asleep for good)."""
+    from lordba.nn import lock as lock_module
+    from lordba.nn import routing as routing_module
+
+    files = {routing_module.__file__, threading.__file__, contextlib.__file__, lock_module.__file__}
+
+    def other(gate, got):
+        with gate.enter(B):
+            got.set()
+
+    for attempt in ctrl_c_at_each_check(files):
+        gate, got = RoutingGate(), threading.Event()
+        mine = gate.enter(A)
+        mine.__enter__()
+        thread = threading.Thread(target=other, args=(gate, got), daemon=True)
+        thread.start()
+        while not gate._cond._waiters:  # (the other thread asleep in the condition)
+            time.sleep(0.001)
+        with attempt:
+            mine.__exit__(None, None, None)
+            attempt.reached()
+        attempt.error = mine = None  # (one at the start of __exit__: the generator closed with the traceback)
+        assert got.wait(5), (attempt.n, "the waiting thread was never woken")
+        thread.join(10)

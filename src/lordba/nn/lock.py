@@ -14,6 +14,10 @@ from collections.abc import Callable, Iterator
 
 from lordba.errors import AdapterStateError
 
+# how long a waiting thread sleeps before it checks the state again without being woken: a Ctrl-C in the thread giving
+# the lock back, inside Condition.notify_all (Python code), can leave it unwoken (it waited for good)
+RECHECK_S = 0.1
+
 
 class _Holding:
     """The context manager of a generator that takes a lock before its ``yield`` and gives it back in a ``finally``
@@ -85,7 +89,7 @@ class RWLock:
         try:  # (the count inside: a Ctrl-C right after it still takes it back)
             with self._mutex:
                 while self._writer is not None or self._waiting_writers:
-                    self._cond.wait()
+                    self._cond.wait(RECHECK_S)
                 self._readers += 1
                 counted = True  # (no signal is handled between the count and this)
             self._local.depth = 1
@@ -113,7 +117,7 @@ class RWLock:
                     self._waiting_writers += 1
                     try:
                         while self._writer is not None or self._readers:
-                            self._cond.wait()
+                            self._cond.wait(RECHECK_S)
                     except BaseException:  # interrupted while waiting (Ctrl-C): not waiting any more
                         self._waiting_writers -= 1
                         self._cond.notify_all()  # the readers held back for this writer go on

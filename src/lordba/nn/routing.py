@@ -32,7 +32,7 @@ import torch
 
 from lordba._util.state import ordinary_tensors
 from lordba.errors import AdapterStateError
-from lordba.nn.lock import holding
+from lordba.nn.lock import RECHECK_S, holding
 
 BASE_ROW = "__base__"  # an ``adapter_names`` entry that routes a row to the base model alone
 # names no adapter can have: each layer holds its adapters in an nn.ModuleDict keyed by name, which refuses its own
@@ -140,7 +140,7 @@ class RoutingGate:
         self._queue.append(entry)
         try:
             while not self._may_enter(value, self._place(entry)):
-                self._cond.wait()
+                self._cond.wait(RECHECK_S)
         finally:
             del self._queue[self._place(entry)]
             self._cond.notify_all()  # the threads behind it may go now (its routing joins, or it left)
