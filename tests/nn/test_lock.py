@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from _interrupts import ctrl_c_at_each_check
+from _interrupts import Attempt, ctrl_c_at_each_check
 
 from lordba.nn.lock import RWLock
 
@@ -79,7 +79,7 @@ def test_a_ctrl_c_anywhere_while_taking_the_lock_leaves_it_free(how):
         with attempt, inner:
             attempt.reached()
         held = (threading.get_ident(), 1) if outer is not None else (None, 0)
-        state = (lock._readers, lock._writer, lock._writer_depth, lock._waiting_writers, lock._cond._lock.locked())
+        state = (lock._readers, lock._writer, lock._writer_depth, lock._waiting_writers, lock._mutex.locked())
         assert state == (0, *held, 0, False), (n, state)  # (before releasing the outer one: a kept mutex hangs it)
         assert getattr(lock._local, "depth", 0) == 0, n
         if outer is not None:
@@ -116,3 +116,33 @@ def test_a_ctrl_c_anywhere_while_giving_the_lock_back_still_wakes_a_waiting_thre
         attempt.error = mine = None  # (one at the start of __exit__: the generator closed with the traceback)
         assert got.wait(5), (attempt.n, "the waiting thread was never woken")
         thread.join(10)
+
+
+@pytest.mark.parametrize("how", ["read", "write"])
+def test_a_ctrl_c_anywhere_while_waiting_for_the_lock_raises_it_and_leaves_the_lock_consistent(how):
+    """Ctrl-C at each of the first points where Python handles it while this thread waits for the lock another
+    thread holds, in turn: KeyboardInterrupt comes out, nothing counted, the mutex free (was: one inside
+    ``Condition.wait`` just after it gave the mutex back, or as it took it again, raised RuntimeError: release
+    unlocked lock, the ``with`` releasing a mutex this thread did not hold: another thread's hold given away)."""
+    from lordba.nn import lock as lock_module
+
+    files = {threading.__file__, contextlib.__file__, lock_module.__file__}
+
+    def holder(lock, inside, release):
+        with lock.read() if how == "write" else lock.write():
+            inside.set()
+            release.wait(20)
+
+    for n in range(1, 40):
+        lock, inside, release = RWLock(), threading.Event(), threading.Event()
+        thread = threading.Thread(target=holder, args=(lock, inside, release), daemon=True)
+        thread.start()
+        assert inside.wait(10)
+        attempt = Attempt(n, files)
+        with attempt, lock.write() if how == "write" else lock.read():  # (a RuntimeError would come out)
+            attempt.reached()
+        assert isinstance(attempt.error, KeyboardInterrupt) and not attempt.finished, n
+        assert (lock._waiting_writers, lock._mutex.locked(), getattr(lock._local, "depth", 0)) == (0, False, 0), n
+        release.set()
+        thread.join(10)
+        assert (lock._readers, lock._writer, lock._writer_depth, lock._waiting_writers) == (0, None, 0, 0), n

@@ -19,6 +19,39 @@ from lordba.errors import AdapterStateError
 RECHECK_S = 0.1
 
 
+class Condition:
+    """A condition variable on a plain ``threading.Lock`` that its users hold through ``with``. ``threading.Condition``
+    gives the lock back and takes it again in ``wait`` in Python code (``_release_save``, ``_acquire_restore``): a
+    Ctrl-C just after the one or at the start of the other raised without the lock, and the caller's ``with`` then
+    released a lock it did not hold (RuntimeError: release unlocked lock, or another thread's hold given away). Here
+    both are calls of the C lock inside the ``try``. A waiter that a Ctrl-C in ``notify_all`` left asleep wakes after
+    its timeout (its caller checks the state again)."""
+
+    __slots__ = ("_mutex", "_waiters")
+
+    def __init__(self, mutex: threading.Lock) -> None:
+        self._mutex, self._waiters = mutex, []
+
+    def wait(self, timeout: float = RECHECK_S) -> None:
+        """Sleep, the lock (held) given back, until notified or ``timeout`` seconds passed; the lock held again."""
+        waiter = threading.Lock()
+        waiter.acquire()
+        self._waiters.append(waiter)
+        try:
+            self._mutex.release()
+            waiter.acquire(True, timeout)
+        finally:
+            self._mutex.acquire()
+            if waiter in self._waiters:  # (not notified)
+                self._waiters.remove(waiter)
+
+    def notify_all(self) -> None:
+        """Wake every waiting thread (the lock held)."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.release()
+
+
 class _Holding:
     """The context manager of a generator that takes a lock before its ``yield`` and gives it back in a ``finally``
     around it, like ``contextlib.contextmanager``'s, whose ``__enter__`` is Python code: a Ctrl-C there just after the
@@ -60,7 +93,7 @@ class RWLock:
         # Held through the C lock itself (``with self._mutex``): its enter and exit run no Python code, so a Ctrl-C
         # cannot stop between taking it and releasing it (Condition.__exit__ is Python: it could, lock kept for good).
         self._mutex = threading.Lock()
-        self._cond = threading.Condition(self._mutex)
+        self._cond = Condition(self._mutex)
         self._readers = 0
         self._writer: int | None = None
         self._writer_depth = 0
@@ -89,7 +122,7 @@ class RWLock:
         try:  # (the count inside: a Ctrl-C right after it still takes it back)
             with self._mutex:
                 while self._writer is not None or self._waiting_writers:
-                    self._cond.wait(RECHECK_S)
+                    self._cond.wait()
                 self._readers += 1
                 counted = True  # (no signal is handled between the count and this)
             self._local.depth = 1
@@ -117,7 +150,7 @@ class RWLock:
                     self._waiting_writers += 1
                     try:
                         while self._writer is not None or self._readers:
-                            self._cond.wait(RECHECK_S)
+                            self._cond.wait()
                     except BaseException:  # interrupted while waiting (Ctrl-C): not waiting any more
                         self._waiting_writers -= 1
                         self._cond.notify_all()  # the readers held back for this writer go on

@@ -32,7 +32,7 @@ import torch
 
 from lordba._util.state import ordinary_tensors
 from lordba.errors import AdapterStateError
-from lordba.nn.lock import RECHECK_S, holding
+from lordba.nn.lock import Condition, holding
 
 BASE_ROW = "__base__"  # an ``adapter_names`` entry that routes a row to the base model alone
 # names no adapter can have: each layer holds its adapters in an nn.ModuleDict keyed by name, which refuses its own
@@ -100,7 +100,7 @@ class RoutingGate:
         # held through the C lock itself (``with self._mutex``): a Ctrl-C cannot stop in Condition.__exit__'s Python
         # code with the lock kept (every later call of the model waited forever); the condition shares it
         self._mutex = threading.Lock()
-        self._cond = threading.Condition(self._mutex)
+        self._cond = Condition(self._mutex)
         self._holders: dict[int, int] = {}  # thread id -> nesting depth
         self._switches = 0  # nested calls of the only thread inside that changed the routing
         self._queue: list[list[Routing]] = []  # waiting threads' routings, oldest first (one list per thread)
@@ -140,7 +140,7 @@ class RoutingGate:
         self._queue.append(entry)
         try:
             while not self._may_enter(value, self._place(entry)):
-                self._cond.wait(RECHECK_S)
+                self._cond.wait()
         finally:
             del self._queue[self._place(entry)]
             self._cond.notify_all()  # the threads behind it may go now (its routing joins, or it left)
