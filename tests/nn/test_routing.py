@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from _interrupts import ctrl_c_at_each_check
+from _interrupts import Attempt, ctrl_c_at_each_check
 
 from lordba import AdapterStateError
 from lordba.nn.routing import RoutingGate, route_index, routing
@@ -245,3 +245,33 @@ def test_a_ctrl_c_anywhere_while_leaving_the_gate_still_wakes_a_thread_waiting_f
         attempt.error = mine = None  # (one at the start of __exit__: the generator closed with the traceback)
         assert got.wait(5), (attempt.n, "the waiting thread was never woken")
         thread.join(10)
+
+
+def test_a_ctrl_c_anywhere_while_waiting_for_the_gate_leaves_the_queue_and_its_mutex():
+    """Ctrl-C at each of the first points where Python handles it while a call waits for another thread's routing
+    to leave, in turn: the call raises KeyboardInterrupt and leaves the queue, the mutex free (was: one as the wait
+    ended left its place queued for good, so every later call of another routing waited forever; one inside
+    ``Condition.wait`` after it gave the mutex back raised RuntimeError: release unlocked lock)."""
+    from lordba.nn import lock as lock_module
+    from lordba.nn import routing as routing_module
+
+    files = {routing_module.__file__, threading.__file__, contextlib.__file__, lock_module.__file__}
+
+    def holder(gate, inside, release):
+        with gate.enter(A):
+            inside.set()
+            release.wait(20)
+
+    for n in range(1, 40):
+        gate, inside, release = RoutingGate(), threading.Event(), threading.Event()
+        thread = threading.Thread(target=holder, args=(gate, inside, release), daemon=True)
+        thread.start()
+        assert inside.wait(10)
+        attempt = Attempt(n, files)
+        with attempt, gate.enter(B):  # (a RuntimeError would come out)
+            attempt.reached()
+        assert isinstance(attempt.error, KeyboardInterrupt) and not attempt.finished, n
+        assert (gate._queue, gate._mutex.locked()) == ([], False), n
+        release.set()
+        thread.join(10)
+        assert (gate._holders, gate.routing, gate._queue) == ({}, None, []), n

@@ -92,6 +92,15 @@ DISABLED: contextvars.ContextVar[frozenset[DisableBlock]] = contextvars.ContextV
 )
 
 
+class _Waiter:
+    """A thread's place in a gate's queue: its routing (compared by identity, in C)."""
+
+    __slots__ = ("routing",)
+
+    def __init__(self, routing: Routing) -> None:
+        self.routing = routing
+
+
 class RoutingGate:
     """The routing of the model call(s) in flight, shared by the model's layers."""
 
@@ -103,7 +112,7 @@ class RoutingGate:
         self._cond = Condition(self._mutex)
         self._holders: dict[int, int] = {}  # thread id -> nesting depth
         self._switches = 0  # nested calls of the only thread inside that changed the routing
-        self._queue: list[list[Routing]] = []  # waiting threads' routings, oldest first (one list per thread)
+        self._queue: list[_Waiter] = []  # waiting threads' routings, oldest first
         self._blocks = 0  # open blocks (``disable_adapter``) among the holders: they hold the routing for their block
 
     def __deepcopy__(self, memo: dict) -> RoutingGate:
@@ -124,25 +133,21 @@ class RoutingGate:
         context). Called with the condition held."""
         if self._blocks and self._holders and self.routing == value and not self._switches:
             return True
-        if any(self._queue[k][0] != value for k in range(ahead)):
+        if any(self._queue[k].routing != value for k in range(ahead)):
             return False
         return not self._holders or (self.routing == value and not self._switches)
-
-    def _place(self, entry: list[Routing]) -> int:
-        """``entry``'s position in the queue (by identity: equal routings are distinct waiters)."""
-        return next(k for k, held in enumerate(self._queue) if held is entry)
 
     def _wait_turn(self, value: Routing) -> None:
         """Wait in the queue until a call with ``value`` may run (:meth:`_may_enter`): later calls that would
         join the routing in flight wait behind it, so a waiting routing is never starved by overlapping calls
         of another. Called with the condition held."""
-        entry = [value]  # this thread's place (compared by identity)
-        self._queue.append(entry)
-        try:
-            while not self._may_enter(value, self._place(entry)):
+        entry = _Waiter(value)  # this thread's place (compared by identity: equal routings are distinct waiters)
+        try:  # (queued and taken out by calls of C only, inside: a Ctrl-C cannot leave it queued for good)
+            self._queue.append(entry)
+            while not self._may_enter(value, self._queue.index(entry)):
                 self._cond.wait()
         finally:
-            del self._queue[self._place(entry)]
+            self._queue.remove(entry)
             self._cond.notify_all()  # the threads behind it may go now (its routing joins, or it left)
 
     @holding
