@@ -90,3 +90,26 @@ def test_an_unmerge_interrupted_while_putting_the_bias_back_keeps_it_and_a_secon
     monkeypatch.undo()
     lm.unmerge_adapter()
     assert not layer.merged_adapters and torch.equal(layer.base_layer.bias, bias)
+
+
+@pytest.mark.parametrize("call", ["merge", "unmerge"])
+def test_a_merge_or_unmerge_of_inference_tensors_interrupted_as_a_weight_changed_records_it(monkeypatch, call):
+    # A model made under torch.inference_mode() has weights with no version counter, which told the layer whether the
+    # in-place update was done: a Ctrl-C as layer 7's add returned left its update in a layer saying "not merged"
+    # (33.8 off in its weight); one as its subtraction returned kept the name, and the next unmerge subtracted twice.
+    with torch.inference_mode():
+        lm = adapted(tiny_llama(0))
+        assert torch.is_inference(lm.base_model.model.layers[0].self_attn.q_proj.base_layer.weight)
+        base = weights(lm)
+        delta = {path: layer.get_delta_weight("default") for path, layer in lm._lordba_layers()}
+        if call == "unmerge":
+            lm.merge_adapter()
+        interrupt_after(monkeypatch, PlainLinear, call, 7)
+        with pytest.raises(KeyboardInterrupt):
+            getattr(lm, f"{call}_adapter")()
+        monkeypatch.undo()
+        assert sum(bool(layer.merged_adapters) for _, layer in lm._lordba_layers()) == (0 if call == "merge" else 7)
+        check_flags(lm, base, delta)
+        lm.unmerge_adapter()
+        check_flags(lm, base, delta)
+        assert not any(layer.merged_adapters for _, layer in lm._lordba_layers())

@@ -219,7 +219,7 @@ class LoRDBALinear(nn.Module):
                 try:
                     self.base_layer = self.backend.merge(self.base_layer, delta)
                 except BaseException:  # a Ctrl-C as the in-place add returned: the update is in, so recorded
-                    if name not in self.merged_adapters and _versions(self.base_layer) != versions:
+                    if name not in self.merged_adapters and _changed(self.base_layer, versions):
                         self.merged_adapters.append(name)
                     raise
             else:
@@ -308,7 +308,7 @@ class LoRDBALinear(nn.Module):
         try:
             self.base_layer = self.backend.unmerge(self.base_layer, self.get_delta_weight(self.merged_adapters[-1]))
         except BaseException:
-            if len(self.merged_adapters) == count and _versions(self.base_layer) != versions:
+            if len(self.merged_adapters) == count and _changed(self.base_layer, versions):
                 self.merged_adapters.pop()
             raise
         self.merged_adapters.pop()
@@ -389,5 +389,16 @@ def _worse(error: float | None, new: float) -> float:
 
 
 def _versions(module: nn.Module) -> tuple:
-    """What changes when an in-place merge changes ``module``'s tensors: their identities and version counters."""
-    return tuple((id(t), t._version) for t in module.parameters() if not torch.is_inference(t))
+    """What changes when an in-place merge changes ``module``'s tensors: their identities and version counters (an
+    inference tensor, made under ``torch.inference_mode``, has none: a copy of it)."""
+    return tuple((id(t), t.clone() if torch.is_inference(t) else t._version) for t in module.parameters())
+
+
+def _changed(module: nn.Module, versions: tuple) -> bool:
+    """Whether ``module``'s tensors changed since :func:`_versions` gave ``versions``."""
+    now = _versions(module)
+    same = (
+        i == j and (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b)
+        for (i, a), (j, b) in zip(now, versions)
+    )
+    return len(now) != len(versions) or not all(same)
