@@ -42,10 +42,11 @@ _CHECKS_AFTER = ("CALL", "CALL_FUNCTION_EX", "JUMP_BACKWARD", "POP_JUMP_BACKWARD
 _CHECKS_AFTER += ("POP_JUMP_BACKWARD_IF_NONE", "POP_JUMP_BACKWARD_IF_NOT_NONE")
 
 
-def interrupt_at_check(n, files):
-    """A tracer raising KeyboardInterrupt, once, at the ``n``-th point of code from ``files`` where CPython handles a
-    pending signal (a Ctrl-C): a function's start or a generator's resumption (RESUME), and the instruction after a
-    call or a backward jump (they check the eval breaker when they end)."""
+def interrupt_at_check(n, files, functions=None):
+    """A tracer raising KeyboardInterrupt, once, at the ``n``-th point of code from ``files`` (of its ``functions``
+    by name, if given) where CPython handles a pending signal (a Ctrl-C): a function's start or a generator's
+    resumption (RESUME), and the instruction after a call or a backward jump (they check the eval breaker when they
+    end)."""
     count, last, opnames = [0], {}, {}
 
     def local(frame, event, arg):
@@ -64,7 +65,7 @@ def interrupt_at_check(n, files):
         return local
 
     def tracer(frame, event, arg):
-        if frame.f_code.co_filename in files:
+        if frame.f_code.co_filename in files and (functions is None or frame.f_code.co_name in functions):
             frame.f_trace_opcodes = True
             return local(frame, "opcode", None) if event == "call" else local
         return None
@@ -77,11 +78,11 @@ class Attempt:
     :meth:`reached` (or the block's end); the block's ``KeyboardInterrupt`` is swallowed and kept in ``error``, its
     traceback alive, as a notebook keeps the last one (``sys.last_traceback``): what its frames hold stays."""
 
-    def __init__(self, n: int, files) -> None:
-        self.n, self.files, self.finished, self.error = n, files, False, None
+    def __init__(self, n: int, files, functions=None) -> None:
+        self.n, self.files, self.functions, self.finished, self.error = n, files, functions, False, None
 
     def __enter__(self) -> Attempt:
-        sys.settrace(interrupt_at_check(self.n, self.files))
+        sys.settrace(interrupt_at_check(self.n, self.files, self.functions))
         return self
 
     def __exit__(self, typ, value, traceback) -> bool:
@@ -97,11 +98,11 @@ class Attempt:
         self.finished = True
 
 
-def ctrl_c_at_each_check(files, limit: int = 500) -> Iterator[Attempt]:
+def ctrl_c_at_each_check(files, limit: int = 500, functions=None) -> Iterator[Attempt]:
     """A Ctrl-C at each point where CPython handles it in the code of ``files``, in turn: one :class:`Attempt` per
     point, until an attempt's block :meth:`~Attempt.reached` its end (fails if none did in ``limit`` tries)."""
     for n in range(1, limit):
-        attempt = Attempt(n, files)
+        attempt = Attempt(n, files, functions)
         yield attempt
         if attempt.finished:
             return

@@ -3,7 +3,7 @@ tensors, scale format, scaling, form and config) or the new one everywhere, neve
 
 import pytest
 import torch
-from _interrupts import interrupt
+from _interrupts import ctrl_c_at_each_check, interrupt
 from test_interrupt import logits
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
@@ -162,3 +162,35 @@ def test_a_hotswap_interrupted_while_loading_a_module_trained_in_full_keeps_the_
     lm.hotswap_adapter(tmp_path / "other")
     with torch.no_grad():
         torch.testing.assert_close(lm(input_ids=ids).logits, other(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["packed", "latent"])
+def test_a_second_ctrl_c_while_a_hotswap_is_undone_still_keeps_the_old_adapter(monkeypatch, files, input_ids, form):
+    # Interrupted at layer 7, then again at each point of the undoing in turn (a second Ctrl-C, pressed while the
+    # first one's undo ran): the undo stopped there, the layers after it kept b's tensors or scale format under a's
+    # config (a mix of both adapters, with no error); it now finishes the undo, then raises.
+    from lordba.nn import model_load
+
+    owner = PackedAdapter if form == "packed" else TrainableAdapter
+    for attempt in ctrl_c_at_each_check({model_load.__file__}, functions={"restore", "<lambda>"}):
+        lm = model_of(form, files)
+        want, before = logits(lm, input_ids), state(lm)
+        interrupt(monkeypatch, owner, "load_stored", 7)
+        original = model_load._SwapUndo.restore
+
+        def restore(self, put_back, attempt=attempt, original=original, calls=[]):  # noqa: B006 (one per attempt)
+            calls.append(put_back)
+            if len(calls) > 1:  # the undo started again
+                return original(self, put_back)
+            with attempt:  # (the trace stops at the undo's end: every later point of it was tried)
+                original(self, put_back)
+                attempt.reached()
+            if attempt.error is not None:
+                raise attempt.error
+
+        monkeypatch.setattr(model_load._SwapUndo, "restore", restore)
+        with pytest.raises(KeyboardInterrupt):
+            lm.hotswap_adapter(files / "b")
+        monkeypatch.undo()
+        check_unchanged(lm, before)
+        assert torch.equal(logits(lm, input_ids), want), attempt.n

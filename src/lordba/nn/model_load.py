@@ -288,7 +288,12 @@ class AdapterLoadMixin:
                                 undo.keep(module.lordba_saved[adapter_name].get_parameter(name))
                 self._hotswap_extras(adapter_name, adapter_file, apply=True)
             except BaseException:  # a failure or a Ctrl-C half-way: every layer's old adapter back
-                undo.restore(lambda path, adapter: self._swap(adapter_name, path, adapter))
+                while True:  # (a second Ctrl-C during it starts it again: each of its steps can be repeated)
+                    try:
+                        undo.restore(lambda path, adapter: self._swap(adapter_name, path, adapter))
+                        break
+                    except KeyboardInterrupt:
+                        pass
                 raise
             self.peft_config[adapter_name] = config
 
