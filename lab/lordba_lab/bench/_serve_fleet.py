@@ -101,6 +101,14 @@ class PeftRegistry:
         """The adapters' names."""
         return sorted(self._names)
 
+    def is_resident(self, name: str) -> bool:
+        """Every adapter of the fleet is on the model (a request loads nothing)."""
+        return name in self._names
+
     def resident(self) -> dict[str, int]:
         """Not tracked for PEFT (its bytes per adapter are reported by :func:`peft_fleet`)."""
         return {}
+
+    def redact(self, text: object) -> str:
+        """``text`` as it is (no adapter folder to hide)."""
+        return str(text)

@@ -22,6 +22,25 @@ def test_the_suite_is_discovered_and_not_default():
     assert suites()["serve"] is serve and not serve.DEFAULT
 
 
+def test_the_peft_registry_has_every_method_the_server_calls_on_its_registry():
+    """The PEFT engine's registry stands in for the library's in the app the suite builds: a method the app newly
+    called on its registry (``is_resident``) made every PEFT request of the suite a 500. Not needed: the adapter
+    admin endpoints' ``register`` / ``unload`` (the suite never calls them)."""
+    import re
+    from pathlib import Path
+
+    import lordba.serve
+    from lordba_lab.bench._serve_fleet import PeftRegistry
+
+    called = set()
+    for name in ("app.py", "state.py", "engine.py"):
+        source = (Path(lordba.serve.__file__).parent / name).read_text()
+        called |= set(re.findall(r"\b(?:state|self)\.registry\.(\w+)", source))
+    assert {"is_resident", "acquire", "redact"} <= called  # (the search finds the calls)
+    missing = sorted(n for n in called - {"register", "unload"} if not callable(getattr(PeftRegistry, n, None)))
+    assert missing == []
+
+
 def test_fleet_adapters_differ_from_each_other(tmp_path_factory, tmp_path):
     from transformers import AutoModelForCausalLM
 
