@@ -1,5 +1,6 @@
 """Building and loading the CPU extension, and the pure-PyTorch fallback when it cannot be built."""
 
+import errno
 import json
 import os
 import shutil
@@ -369,3 +370,27 @@ def test_the_off_switches_read_0_as_off(monkeypatch, value, on):
     monkeypatch.setenv("LORDBA_NO_EXT", value)
     assert cpu.env_switch("LORDBA_NO_EXT") is on
     assert (cpu.load(build=False).message == "disabled by LORDBA_NO_EXT") is on
+
+
+@pytest.mark.parametrize("code", [errno.EBADF, errno.ENOLCK])
+def test_a_build_directory_whose_file_system_refuses_locks_keeps_a_running_builds_baton(monkeypatch, tmp_path, code):
+    """On NFS (a cluster's home: the kernel cache) ``locks.locked`` now runs its block unlocked where flock is
+    refused, and ``_locked`` then deleted cpp_extension's baton as a killed build's: another node's build running
+    there lost it, and two ninja builds wrote one library. Without the lock the build is refused as before (the
+    pure-PyTorch fallback, the reason named) and the baton is kept."""
+    import fcntl
+    import stat
+
+    real = fcntl.flock
+
+    def flock(fd, op):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    (tmp_path / "lock").touch()  # another machine's build, running
+    with pytest.raises(OSError, match="LORDBA_KERNEL_CACHE"):
+        with cpu._locked(tmp_path):
+            pytest.fail("built without the directory's lock")
+    assert (tmp_path / "lock").is_file()

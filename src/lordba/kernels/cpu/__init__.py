@@ -24,6 +24,7 @@ refused ``native`` builds without ``-march``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -147,8 +148,13 @@ def _locked(directory: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``directory`` (created if needed) for the block.
 
     Under it no other process builds there, so a cpp_extension baton found now was left by a build
-    that was killed: it is removed (else cpp_extension would wait for it forever)."""
-    with locked(directory):
+    that was killed: it is removed (else cpp_extension would wait for it forever). Raises ``OSError`` where the
+    file system refuses the lock (NFS): a baton there may be another machine's running build (where there are no
+    locks at all, Windows, the block runs unlocked as before)."""
+    with locked(directory) as held:
+        if not held and os.name == "posix":
+            why = "its file system refuses locks (NFS?): set LORDBA_KERNEL_CACHE to a local folder"
+            raise OSError(errno.ENOLCK, f"{directory}: {why}")
         (directory / "lock").unlink(missing_ok=True)
         yield
 
