@@ -1036,3 +1036,20 @@ def test_the_served_base_is_in_eval_mode_throughout(served):
     model_dir, _ = served
     model, _ = load_base(model_dir)
     assert [name for name, module in model.named_modules() if module.training] == []
+
+
+def test_the_openapi_schema_describes_the_generation_requests_bodies(server):
+    """The generation endpoints take the parsed JSON and validate it themselves (serve.bodies): /openapi.json then
+    described their bodies as any JSON ({"title": "Raw"}) and lost ChatRequest, CompletionRequest and the models they
+    use, which a client generated from the schema is made of."""
+    status, schema = raw(server, "GET", "/openapi.json")
+    assert status == 200
+    models = schema["components"]["schemas"]
+    for path, name in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatRequest")):
+        body = schema["paths"][path]["post"]["requestBody"]
+        assert body["required"] and body["content"]["application/json"]["schema"] == {
+            "$ref": f"#/components/schemas/{name}"
+        }
+        assert "model" in models[name]["properties"]
+    assert {"ChatMessage", "TextPart", "ToolCall", "StreamOptions"} <= set(models)
+    assert "#/components/schemas/ChatMessage" in json.dumps(models["ChatRequest"])

@@ -41,6 +41,7 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="lordba serve", docs_url=None, redoc_url=None)
     app.state.serve = state
     _error_handlers(app)
+    bodies.document(app)
 
     app.add_middleware(_Draining, engine=state.engine)
     app.add_middleware(_CountRequests, state=state)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
@@ -69,3 +69,23 @@ def _validated(model: type[p._Body], raw: Any) -> Any:
     except ValidationError as err:
         errors = [{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)]
         raise RequestValidationError(errors, body=raw) from None
+
+
+def document(app: FastAPI) -> None:
+    """Put the generation requests' models back in ``/openapi.json``: their endpoints take the parsed JSON and
+    validate it themselves (:func:`completion`, :func:`chat`), which FastAPI documents as any JSON."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            models = schema.setdefault("components", {}).setdefault("schemas", {})
+            for path, model in (("/v1/completions", p.CompletionRequest), ("/v1/chat/completions", p.ChatRequest)):
+                own = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                models.update(own.pop("$defs", {}))
+                models[model.__name__] = own
+                body = schema["paths"][path]["post"]["requestBody"]
+                body["content"]["application/json"]["schema"] = {"$ref": f"#/components/schemas/{model.__name__}"}
+        return app.openapi_schema
+
+    app.openapi = openapi
