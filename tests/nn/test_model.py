@@ -328,6 +328,32 @@ def test_disable_adapter_context(input_ids):
     assert not torch.equal(logits(lm, input_ids), base)
 
 
+def test_disable_adapter_decorates_a_function_and_is_entered_and_exited_by_hand_as_peft_s(input_ids):
+    """PEFT's ``disable_adapter()`` is a contextlib context manager: it also decorates a function (each call in a
+    block) and has ``__enter__`` / ``__exit__``; an exception of the block comes out unchanged, the block ended."""
+    lm = randomized()
+    base, adapted = logits(tiny_llama(0), input_ids), logits(lm, input_ids)
+
+    @lm.disable_adapter()
+    def run():
+        return logits(lm, input_ids)
+
+    for _ in range(2):
+        assert torch.equal(run(), base)
+        assert torch.equal(logits(lm, input_ids), adapted)
+    block = lm.disable_adapter()
+    block.__enter__()
+    assert torch.equal(logits(lm, input_ids), base)
+    assert block.__exit__(None, None, None) is False
+    assert torch.equal(logits(lm, input_ids), adapted)
+    error = ValueError("in the block")
+    with pytest.raises(ValueError) as raised, lm.disable_adapter():
+        raise error
+    assert raised.value is error and raised.value.__context__ is None
+    assert torch.equal(logits(lm, input_ids), adapted)
+    lm.set_adapter("default")  # (the block's lock and gate given back)
+
+
 def test_a_disable_adapter_block_disables_its_own_model_only(input_ids):
     """Within ``a.disable_adapter()``, another LoRDBA model ``b`` (a reward or reference model beside the policy, a
     copy) ran without its adapters too: the block's state was one flag for every model of the thread. PEFT's block

@@ -11,12 +11,15 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from lordba.errors import AdapterStateError
 
 # how long a waiting thread sleeps before it checks the state again without being woken: a Ctrl-C in the thread giving
 # the lock back, inside Condition.notify_all (Python code), can leave it unwoken (it waited for good)
 RECHECK_S = 0.1
+
+T = TypeVar("T")
 
 
 class Condition:
@@ -56,12 +59,13 @@ class _Holding:
     """The context manager of a generator that takes a lock before its ``yield`` and gives it back in a ``finally``
     around it, like ``contextlib.contextmanager``'s, whose ``__enter__`` is Python code: a Ctrl-C there just after the
     generator took the lock left it suspended, holding the lock for as long as the traceback lives (a notebook keeps
-    the last one: a later writer waited for ever). This one gives the lock back at once."""
+    the last one: a later writer waited for ever). This one gives the lock back at once. Like contextlib's, it also
+    decorates a function (each call runs in a new one)."""
 
-    __slots__ = ("gen",)
+    __slots__ = ("call", "gen")
 
-    def __init__(self, gen: Iterator[None]) -> None:
-        self.gen = gen
+    def __init__(self, gen: Iterator[None], call: tuple) -> None:
+        self.gen, self.call = gen, call  # (``call``: the generator function and its arguments, to make another)
 
     def __enter__(self) -> None:
         try:  # (the value stored inside the ``try``: a Ctrl-C handled as ``next`` returns is raised in it)
@@ -71,9 +75,27 @@ class _Holding:
             raise
         return value
 
-    def __exit__(self, *exc: object) -> bool:
+    def __exit__(self, typ: type[BaseException] | None, *exc: object) -> bool:
+        if typ is None:  # resumed: its blocks end as they would without an exception (cheaper than a close)
+            try:
+                next(self.gen)
+            except StopIteration:
+                return False
+            self.gen.close()
+            raise RuntimeError("generator didn't stop")
         self.gen.close()  # its ``finally`` gives the lock back (it neither catches nor replaces an exception)
         return False
+
+    def __call__(self, func: Callable[..., T]) -> Callable[..., T]:
+        """``func`` run in the block at each call (``contextlib.ContextDecorator``)."""
+
+        @functools.wraps(func)
+        def inner(*args: object, **kwargs: object) -> T:
+            make, given, named = self.call
+            with _Holding(make(*given, **named), self.call):
+                return func(*args, **kwargs)
+
+        return inner
 
 
 def holding(func: Callable[..., Iterator[None]]) -> Callable[..., _Holding]:
@@ -81,7 +103,7 @@ def holding(func: Callable[..., Iterator[None]]) -> Callable[..., _Holding]:
 
     @functools.wraps(func)
     def hold(*args: object, **kwargs: object) -> _Holding:
-        return _Holding(func(*args, **kwargs))
+        return _Holding(func(*args, **kwargs), (func, args, kwargs))
 
     return hold
 

@@ -38,7 +38,7 @@ from lordba.nn.adapter import LoRDBAAdapter, TrainableAdapter
 from lordba.nn.fastpath import armed
 from lordba.nn.hub import refuse_base_attribute
 from lordba.nn.layer import LoRDBALinear, adapter_device
-from lordba.nn.lock import RWLock
+from lordba.nn.lock import RWLock, holding
 from lordba.nn.merge import name_list
 from lordba.nn.model_files import AdapterFilesMixin
 from lordba.nn.model_forms import AdapterFormsMixin
@@ -245,14 +245,15 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
             self._active = tuple(n for n in self._active if n != adapter_name)
             self._sync_saved()
 
-    @contextlib.contextmanager
+    @holding
     def disable_adapter(self) -> Iterator[None]:
         """Within the block (in this thread; with asyncio, in this task: a context variable), the model runs as its
         base alone (this model: other models' calls keep their adapters). Calls of other threads that want adapters
         wait until the block ends (the layers hold one routing at a time). A thread started or handed work inside the
         block (a thread pool's, ``generate`` with a streamer on a ``threading.Thread``) does not inherit it: its calls
         want the adapters and wait, so waiting for them inside the block never ends; run them in the block's context
-        (``contextvars.copy_context().run``, ``asyncio.to_thread``) to have them run the base."""
+        (``contextvars.copy_context().run``, ``asyncio.to_thread``) to have them run the base. As PEFT's, it also
+        decorates a function (``@model.disable_adapter()``: each call runs in a block)."""
         block = DisableBlock(self._gate)  # this model's calls only
         token = DISABLED.set(DISABLED.get() | {block})
         try:
@@ -269,7 +270,7 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
                 DISABLED.reset(token)
 
     # ------------------------------------------------------------------ forward
-    @contextlib.contextmanager
+    @holding
     def _calling(self, adapter_names: Sequence[str] | None, expand: int = 1) -> Iterator[None]:
         """Run a call: publish its routing to the layers (through the gate, which torch.compile
         guards on), then hold the lock shared and check the routed names under it. ``expand``: ``generate``'s

@@ -1,0 +1,72 @@
+"""Ctrl-C (``KeyboardInterrupt``) as a model call or a ``disable_adapter`` block begins or ends, its traceback kept (a
+notebook keeps the last one): the model's gate and lock are free, and the thread is in no block."""
+
+import contextlib
+import threading
+
+import pytest
+import torch
+from _interrupts import ctrl_c_at_each_check
+
+from lordba import LoRDBAConfig, get_lordba_model
+from lordba.nn import fastpath, lock, model, routing
+from lordba.nn.routing import in_disable_block
+
+from conftest import tiny_llama
+
+FILES = {contextlib.__file__, threading.__file__, model.__file__, lock.__file__, routing.__file__, fastpath.__file__}
+
+
+@pytest.fixture
+def lm():
+    torch.manual_seed(3)
+    return get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random"))
+
+
+def check_free(lm, n):
+    """The model is as before the interrupted call: nothing holds its gate or lock, this thread is in no block, this
+    thread may change adapters and another thread's merge does not wait."""
+    gate, rw = lm._gate, lm._lock
+    state = (gate._holders, gate.routing, gate._blocks, rw._readers, rw._writer, getattr(rw._local, "depth", 0))
+    assert state == ({}, None, 0, 0, None, 0), (n, state)
+    assert not in_disable_block(gate), n  # (else this thread's calls ran the base alone)
+    lm.set_adapter("default")  # (raised AdapterStateError: "from inside a forward call")
+    done = threading.Event()
+
+    def merge():
+        lm.merge_adapter()
+        lm.unmerge_adapter()
+        done.set()
+
+    other = threading.Thread(target=merge, daemon=True)
+    other.start()
+    assert done.wait(10), (n, "another thread's merge_adapter waited")
+    other.join(10)
+
+
+@pytest.mark.parametrize("how", ["call", "call with names"])
+def test_a_ctrl_c_anywhere_as_a_call_begins_leaves_the_model_free(lm, how):
+    """Ctrl-C at each point where Python handles it as a model call (``_calling``, run by every forward and
+    generate) begins, up to the block's first line, its traceback kept: the model is free (was: one in contextlib's
+    ``__enter__`` as the generator yielded left it suspended in the gate and the read lock: this thread's set_adapter
+    raised AdapterStateError and another thread's merge_adapter waited while the traceback lived)."""
+    for attempt in ctrl_c_at_each_check(FILES):
+        cm = lm._calling(["default"] if how.endswith("names") else None)
+        with attempt, cm:
+            attempt.reached()
+        cm = None
+        check_free(lm, attempt.n)  # (attempt.error, its traceback, kept)
+
+
+@pytest.mark.parametrize("how", ["call", "disable_adapter"])
+def test_a_ctrl_c_anywhere_as_a_call_or_block_ends_leaves_the_model_free(lm, how):
+    """Ctrl-C at each point where Python handles it as a model call or a ``disable_adapter`` block ends, its
+    traceback kept: the model is free."""
+    for attempt in ctrl_c_at_each_check(FILES):
+        cm = lm.disable_adapter() if how == "disable_adapter" else lm._calling(None)
+        cm.__enter__()
+        with attempt:
+            cm.__exit__(None, None, None)
+            attempt.reached()
+        attempt.error = cm = None  # (one at the start of __exit__: the generator closed with the traceback)
+        check_free(lm, attempt.n)
