@@ -44,14 +44,19 @@ def check_free(lm, n):
     other.join(10)
 
 
-@pytest.mark.parametrize("how", ["call", "call with names"])
-def test_a_ctrl_c_anywhere_as_a_call_begins_leaves_the_model_free(lm, how):
+@pytest.mark.parametrize("how", ["call", "call with names", "disable_adapter"])
+def test_a_ctrl_c_anywhere_as_a_call_or_block_begins_leaves_the_model_free(lm, how):
     """Ctrl-C at each point where Python handles it as a model call (``_calling``, run by every forward and
-    generate) begins, up to the block's first line, its traceback kept: the model is free (was: one in contextlib's
-    ``__enter__`` as the generator yielded left it suspended in the gate and the read lock: this thread's set_adapter
-    raised AdapterStateError and another thread's merge_adapter waited while the traceback lived)."""
+    generate) or a ``disable_adapter`` block begins, up to the block's first line, its traceback kept: the model is
+    free (was: one in contextlib's ``__enter__`` as the generator yielded left it suspended in the gate and the read
+    lock: this thread's set_adapter raised AdapterStateError and another thread's merge_adapter waited while the
+    traceback lived; one there or just after the block was recorded in the thread's context left the thread in the
+    block: its later calls ran the base alone)."""
     for attempt in ctrl_c_at_each_check(FILES):
-        cm = lm._calling(["default"] if how.endswith("names") else None)
+        if how == "disable_adapter":
+            cm = lm.disable_adapter()
+        else:
+            cm = lm._calling(["default"] if how.endswith("names") else None)
         with attempt, cm:
             attempt.reached()
         cm = None

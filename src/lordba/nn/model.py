@@ -254,20 +254,26 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
         want the adapters and wait, so waiting for them inside the block never ends; run them in the block's context
         (``contextvars.copy_context().run``, ``asyncio.to_thread``) to have them run the base. As PEFT's, it also
         decorates a function (``@model.disable_adapter()``: each call runs in a block)."""
-        block = DisableBlock(self._gate)  # this model's calls only
-        token = DISABLED.set(DISABLED.get() | {block})
-        try:
+        block, token = DisableBlock(self._gate), None  # this model's calls only
+        try:  # (recorded inside: a Ctrl-C as the set returns still closes the block)
+            token = DISABLED.set(DISABLED.get() | {block})
             with self._gate.enter(routing(None, True, None), block=True):
-                with self._lock.read():  # checked in the gate: a merge (another thread's) sees the block or it
-                    if any(layer.merged for _, layer in self._lordba_layers()):
-                        raise AdapterStateError(
-                            "adapters are merged into the base: unmerge_adapter() before disabling them"
-                        )
+                reading = self._lock.read()  # checked in the gate: a merge (another thread's) sees the block or it
+                try:
+                    with reading:
+                        if any(layer.merged for _, layer in self._lordba_layers()):
+                            raise AdapterStateError(
+                                "adapters are merged into the base: unmerge_adapter() before disabling them"
+                            )
+                except BaseException:  # (a Ctrl-C as its __exit__ began: the traceback keeps it, the lock held)
+                    reading.gen.close()
+                    raise
                 yield
         finally:
             block.open = False  # ends it in its context also when another thread closes it (no reset there)
-            with contextlib.suppress(ValueError):  # (a token of another context)
-                DISABLED.reset(token)
+            if token is not None:
+                with contextlib.suppress(ValueError):  # (a token of another context)
+                    DISABLED.reset(token)
 
     # ------------------------------------------------------------------ forward
     @holding
