@@ -20,6 +20,7 @@ from lordba.errors import AdapterStateError
 RECHECK_S = 0.1
 
 T = TypeVar("T")
+_ENDED = object()  # (what next() gives for a generator that ended)
 
 
 class Condition:
@@ -77,10 +78,8 @@ class _Holding:
 
     def __exit__(self, typ: type[BaseException] | None, *exc: object) -> bool:
         if typ is None:  # resumed: its blocks end as they would without an exception (cheaper than a close)
-            try:
-                next(self.gen)
-            except StopIteration:
-                return False
+            if next(self.gen, _ENDED) is _ENDED:  # (no StopIteration handled: a Ctrl-C in such an ``except`` left
+                return False  # it as the thread's handled exception, the __context__ of its later exceptions)
             self.gen.close()
             raise RuntimeError("generator didn't stop")
         self.gen.close()  # its ``finally`` gives the lock back (it neither catches nor replaces an exception)
