@@ -122,6 +122,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per test worker, and its
     torch.set_num_threads(1)
 
 
+def refuse_directory_locks(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """NFS's flock on a directory opened read-only, simulated: refused with ``code`` (EBADF: an emulated fcntl write
+    lock needs a file open for writing; ENOLCK: no lock manager); a file opened for writing still gets its lock."""
+    import fcntl
+    import stat
+
+    real = fcntl.flock
+
+    def flock(fd: int, op: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The tests marked ``long`` first, the rest in their order: in a parallel run (scripts/test.sh) they start at
     once, spread over the workers, instead of the last of them holding one worker after the others are done."""

@@ -12,6 +12,8 @@ import pytest
 
 from lordba.format.adapter import read_adapter
 
+from conftest import refuse_directory_locks
+
 TESTS = Path(__file__).resolve().parents[1]
 
 # torch's and transformers' Linux builds import fcntl themselves: they are loaded before it is hidden from lordba
@@ -61,22 +63,6 @@ def test_save_over_an_adapter_and_load_it_without_fcntl_or_fchmod(tmp_path):
     ]
 
 
-def _nfs(monkeypatch, code):
-    """NFS's flock on a directory opened read-only: refused with ``code`` (EBADF: an emulated fcntl write lock needs a
-    file open for writing; ENOLCK: no lock manager); a file opened for writing still gets its lock."""
-    import fcntl
-    import stat
-
-    real = fcntl.flock
-
-    def flock(fd, op):
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            raise OSError(code, os.strerror(code))
-        return real(fd, op)
-
-    monkeypatch.setattr(fcntl, "flock", flock)
-
-
 @pytest.mark.parametrize("code", [errno.EBADF, errno.ENOLCK])
 def test_saves_on_nfs_succeed_and_keep_a_live_writers_temporaries(tmp_path, monkeypatch, code):
     """On NFS every save_pretrained failed ("cannot save (Bad file descriptor)"), and a reader that found an
@@ -92,7 +78,7 @@ def test_saves_on_nfs_succeed_and_keep_a_live_writers_temporaries(tmp_path, monk
     from lordba.format import atomic, temp_owner
     from lordba.format.atomic import TMP_MARK
 
-    _nfs(monkeypatch, code)
+    refuse_directory_locks(monkeypatch, code)
     out = tmp_path / "a"
     state(1.0, 0).save_pretrained(out)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])

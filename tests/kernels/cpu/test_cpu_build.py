@@ -14,6 +14,8 @@ import torch
 
 from lordba.kernels import cpu
 
+from conftest import refuse_directory_locks
+
 SRC = str(Path(__file__).resolve().parents[3] / "src")
 TESTS = str(Path(__file__).resolve().parents[2])
 
@@ -378,17 +380,7 @@ def test_a_build_directory_whose_file_system_refuses_locks_keeps_a_running_build
     refused, and ``_locked`` then deleted cpp_extension's baton as a killed build's: another node's build running
     there lost it, and two ninja builds wrote one library. Without the lock the build is refused as before (the
     pure-PyTorch fallback, the reason named) and the baton is kept."""
-    import fcntl
-    import stat
-
-    real = fcntl.flock
-
-    def flock(fd, op):
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            raise OSError(code, os.strerror(code))
-        return real(fd, op)
-
-    monkeypatch.setattr(fcntl, "flock", flock)
+    refuse_directory_locks(monkeypatch, code)
     (tmp_path / "lock").touch()  # another machine's build, running
     with pytest.raises(OSError, match="LORDBA_KERNEL_CACHE"):
         with cpu._locked(tmp_path):
