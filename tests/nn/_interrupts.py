@@ -3,9 +3,12 @@ at each point in turn where CPython handles a pending signal in the code of some
 
 from __future__ import annotations
 
+import contextlib
 import dis
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -107,3 +110,52 @@ def ctrl_c_at_each_check(files, limit: int = 500, functions=None) -> Iterator[At
         if attempt.finished:
             return
     pytest.fail("the traced code never ran to its end")
+
+
+@contextlib.contextmanager
+def held_by_another_thread(hold: Callable[[], contextlib.AbstractContextManager]) -> Iterator[None]:
+    """For the block, another thread inside ``with hold():`` (entered before the block starts); after the block it
+    lets go and is joined."""
+    inside, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with hold():
+            inside.set()
+            release.wait(20)
+
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    assert inside.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join(10)
+
+
+def ctrl_c_while_giving_back_wakes_the_waiter(files, setup: Callable[[], tuple]) -> None:
+    """Ctrl-C at each point where CPython handles it in ``files`` while this thread gives back what it holds, another
+    thread waiting for it: the other thread still gets it (a Ctrl-C inside ``Condition.notify_all``, Python code,
+    left it asleep for good). ``setup()`` gives ``(mine, want, cond)``: this thread's context manager (entered
+    here), the other thread's (a factory), and the condition the other one sleeps in."""
+
+    def other(want, waiting, got):
+        waiting.set()
+        with want():
+            got.set()
+
+    for attempt in ctrl_c_at_each_check(files):
+        mine, want, cond = setup()
+        got, waiting = threading.Event(), threading.Event()
+        mine.__enter__()
+        thread = threading.Thread(target=other, args=(want, waiting, got), daemon=True)
+        thread.start()
+        assert waiting.wait(10)
+        while not cond._waiters:  # (the other thread asleep in the condition)
+            time.sleep(0.001)
+        with attempt:
+            mine.__exit__(None, None, None)
+            attempt.reached()
+        attempt.error = mine = None  # (one at the start of __exit__: the generator closed with the traceback)
+        assert got.wait(5), (attempt.n, "the waiting thread was never woken")
+        thread.join(10)

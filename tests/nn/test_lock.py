@@ -3,10 +3,14 @@
 import contextlib
 import signal
 import threading
-import time
 
 import pytest
-from _interrupts import Attempt, ctrl_c_at_each_check
+from _interrupts import (
+    Attempt,
+    ctrl_c_at_each_check,
+    ctrl_c_while_giving_back_wakes_the_waiter,
+    held_by_another_thread,
+)
 
 from lordba.nn.lock import RWLock
 
@@ -96,26 +100,12 @@ def test_a_ctrl_c_anywhere_while_giving_the_lock_back_still_wakes_a_waiting_thre
 
     files = {threading.__file__, contextlib.__file__, lock_module.__file__}
 
-    def other(lock, waiting, got):
-        waiting.set()
-        with lock.write() if held == "read" else lock.read():
-            got.set()
-
-    for attempt in ctrl_c_at_each_check(files):
-        lock, got, waiting = RWLock(), threading.Event(), threading.Event()
+    def setup():
+        lock = RWLock()
         mine = lock.read() if held == "read" else lock.write()
-        mine.__enter__()
-        thread = threading.Thread(target=other, args=(lock, waiting, got), daemon=True)
-        thread.start()
-        assert waiting.wait(10)
-        while not lock._cond._waiters:  # (the other thread asleep in the condition)
-            time.sleep(0.001)
-        with attempt:
-            mine.__exit__(None, None, None)
-            attempt.reached()
-        attempt.error = mine = None  # (one at the start of __exit__: the generator closed with the traceback)
-        assert got.wait(5), (attempt.n, "the waiting thread was never woken")
-        thread.join(10)
+        return mine, lock.write if held == "read" else lock.read, lock._cond
+
+    ctrl_c_while_giving_back_wakes_the_waiter(files, setup)
 
 
 @pytest.mark.parametrize("how", ["read", "write"])
@@ -128,21 +118,12 @@ def test_a_ctrl_c_anywhere_while_waiting_for_the_lock_raises_it_and_leaves_the_l
 
     files = {threading.__file__, contextlib.__file__, lock_module.__file__}
 
-    def holder(lock, inside, release):
-        with lock.read() if how == "write" else lock.write():
-            inside.set()
-            release.wait(20)
-
     for n in range(1, 40):
-        lock, inside, release = RWLock(), threading.Event(), threading.Event()
-        thread = threading.Thread(target=holder, args=(lock, inside, release), daemon=True)
-        thread.start()
-        assert inside.wait(10)
-        attempt = Attempt(n, files)
-        with attempt, lock.write() if how == "write" else lock.read():  # (a RuntimeError would come out)
-            attempt.reached()
-        assert isinstance(attempt.error, KeyboardInterrupt) and not attempt.finished, n
-        assert (lock._waiting_writers, lock._mutex.locked(), getattr(lock._local, "depth", 0)) == (0, False, 0), n
-        release.set()
-        thread.join(10)
+        lock = RWLock()
+        with held_by_another_thread(lock.read if how == "write" else lock.write):
+            attempt = Attempt(n, files)
+            with attempt, lock.write() if how == "write" else lock.read():  # (a RuntimeError would come out)
+                attempt.reached()
+            assert isinstance(attempt.error, KeyboardInterrupt) and not attempt.finished, n
+            assert (lock._waiting_writers, lock._mutex.locked(), getattr(lock._local, "depth", 0)) == (0, False, 0), n
         assert (lock._readers, lock._writer, lock._writer_depth, lock._waiting_writers) == (0, None, 0, 0), n

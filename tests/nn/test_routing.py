@@ -7,7 +7,12 @@ import time
 
 import pytest
 import torch
-from _interrupts import Attempt, ctrl_c_at_each_check
+from _interrupts import (
+    Attempt,
+    ctrl_c_at_each_check,
+    ctrl_c_while_giving_back_wakes_the_waiter,
+    held_by_another_thread,
+)
 
 from lordba import AdapterStateError
 from lordba.nn.routing import RoutingGate, route_index, routing
@@ -227,24 +232,11 @@ def test_a_ctrl_c_anywhere_while_leaving_the_gate_still_wakes_a_thread_waiting_f
 
     files = {routing_module.__file__, threading.__file__, contextlib.__file__, lock_module.__file__}
 
-    def other(gate, got):
-        with gate.enter(B):
-            got.set()
+    def setup():
+        gate = RoutingGate()
+        return gate.enter(A), lambda: gate.enter(B), gate._cond
 
-    for attempt in ctrl_c_at_each_check(files):
-        gate, got = RoutingGate(), threading.Event()
-        mine = gate.enter(A)
-        mine.__enter__()
-        thread = threading.Thread(target=other, args=(gate, got), daemon=True)
-        thread.start()
-        while not gate._cond._waiters:  # (the other thread asleep in the condition)
-            time.sleep(0.001)
-        with attempt:
-            mine.__exit__(None, None, None)
-            attempt.reached()
-        attempt.error = mine = None  # (one at the start of __exit__: the generator closed with the traceback)
-        assert got.wait(5), (attempt.n, "the waiting thread was never woken")
-        thread.join(10)
+    ctrl_c_while_giving_back_wakes_the_waiter(files, setup)
 
 
 def test_a_ctrl_c_anywhere_while_waiting_for_the_gate_leaves_the_queue_and_its_mutex():
@@ -257,21 +249,12 @@ def test_a_ctrl_c_anywhere_while_waiting_for_the_gate_leaves_the_queue_and_its_m
 
     files = {routing_module.__file__, threading.__file__, contextlib.__file__, lock_module.__file__}
 
-    def holder(gate, inside, release):
-        with gate.enter(A):
-            inside.set()
-            release.wait(20)
-
     for n in range(1, 40):
-        gate, inside, release = RoutingGate(), threading.Event(), threading.Event()
-        thread = threading.Thread(target=holder, args=(gate, inside, release), daemon=True)
-        thread.start()
-        assert inside.wait(10)
-        attempt = Attempt(n, files)
-        with attempt, gate.enter(B):  # (a RuntimeError would come out)
-            attempt.reached()
-        assert isinstance(attempt.error, KeyboardInterrupt) and not attempt.finished, n
-        assert (gate._queue, gate._mutex.locked()) == ([], False), n
-        release.set()
-        thread.join(10)
+        gate = RoutingGate()
+        with held_by_another_thread(lambda gate=gate: gate.enter(A)):
+            attempt = Attempt(n, files)
+            with attempt, gate.enter(B):  # (a RuntimeError would come out)
+                attempt.reached()
+            assert isinstance(attempt.error, KeyboardInterrupt) and not attempt.finished, n
+            assert (gate._queue, gate._mutex.locked()) == ([], False), n
         assert (gate._holders, gate.routing, gate._queue) == ({}, None, []), n
