@@ -17,7 +17,7 @@ import torch
 
 from lordba._util.patterns import path_key
 from lordba.config import LoRDBAConfig
-from lordba.convert.budget import Allocation, allocate, rank_limit, uniform_rank
+from lordba.convert.budget import Allocation, allocate, rank_limit
 from lordba.convert.groups import SolverOptions
 from lordba.convert.layers import convert_layers, progress_bar
 from lordba.convert.peft_reader import LoraAdapter
@@ -44,18 +44,13 @@ def convert_at_budget(
     allowed = math.floor(target_bpw * lora_params / 8)
     limits = {p: rank_limit(i, o) for p, (i, o) in dims.items()}
     top = min(max(max(candidates), 1), max(limits.values()))  # a candidate above every limit converts nothing
-    r_uniform = _uniform_rank(dims, allowed, dtype)
-    if r_uniform is None:
-        least = _file_bytes(dims, dict.fromkeys(dims, 1), dtype)
+    least = _file_bytes(dims, dict.fromkeys(dims, 1), dtype)
+    if least > allowed:
         raise ConfigError(
             f"target_bpw={target_bpw:g} is below the smallest possible size (rank 1 everywhere: "
             f"{math.ceil(8000 * least / lora_params) / 1000:.3f} BPW on the LoRA basis with scale_dtype={dtype})"
         )
-    uniform_ranks = _capped(r_uniform, limits)
-    while _file_bytes(dims, uniform_ranks, dtype) > allowed:  # capped ranks are mixed: a larger header
-        r_uniform -= 1
-        uniform_ranks = _capped(r_uniform, limits)
-    r_uniform = _raised(dims, max(uniform_ranks.values()), limits, allowed, dtype)  # the bytes capped layers free
+    r_uniform = _raised(dims, 1, limits, allowed, dtype)  # capped at each layer's limit: the bytes capped layers free
     uniform_ranks = _capped(r_uniform, limits)
     probe = size_report({p: (i, o, max(top, r_uniform)) for p, (i, o) in dims.items()}, dtype)
     overhead = probe.file_bytes - probe.payload_bytes  # header; an upper bound (rank digits)
@@ -128,8 +123,8 @@ def _capped(r: int, limits: dict[str, int]) -> dict[str, int]:
 
 def _raised(dims: dict[str, tuple[int, int]], r: int, limits: dict[str, int], allowed: int, dtype: str) -> int:
     """The largest rank from ``r`` (whose capped file fits) up to the largest limit whose uniform file, every layer
-    capped at its limit (:func:`_capped`), fits in ``allowed`` bytes: the bytes that layers capped below the
-    uncapped uniform rank leave go to the other layers (bisection; the file grows with the rank)."""
+    capped at its limit (:func:`_capped`), its own header included, fits in ``allowed`` bytes: the bytes that layers
+    capped below it leave go to the other layers (bisection; the file grows with the rank)."""
     lo, hi = r, max(limits.values())
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -160,18 +155,6 @@ def _squared_error(stats: dict[str, Any], output_norm: float | None) -> float:
     if output_norm is None:
         return (stats["rel_error"] * stats["delta_norm"]) ** 2
     return (stats["rel_error_weighted"] * output_norm) ** 2
-
-
-def _uniform_rank(dims: dict[str, tuple[int, int]], allowed: int, dtype: str) -> int | None:
-    """The largest rank whose uniform file (its own header included) fits in ``allowed`` bytes, or ``None``.
-
-    The header grows with the rank (its offsets' digits), so the payload budget left by the rank-1
-    header bounds the rank from above; the rank steps down from there until the whole file fits."""
-    least = size_report({p: (i, o, 1) for p, (i, o) in dims.items()}, dtype)
-    r = uniform_rank(dims, allowed - (least.file_bytes - least.payload_bytes), dtype)
-    while r is not None and _file_bytes(dims, dict.fromkeys(dims, r), dtype) > allowed:
-        r = r - 1 if r > 1 else None
-    return r
 
 
 def _file_bytes(dims: dict[str, tuple[int, int]], ranks: dict[str, int], dtype: str) -> int:

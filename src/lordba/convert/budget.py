@@ -16,11 +16,9 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from lordba.format.sizes import payload_bytes
-
 DEFAULT_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32)
-# The largest target: the LoRA itself in float32. Above it the budget buys ranks far past any use, and the
-# largest uniform rank that fits (searched one rank at a time, then converted) grows without bound.
+# The largest target: the LoRA itself in float32. Above it the budget buys ranks far past any use (the uniform
+# rank that fits is held to the layers' rank limits, and converted).
 MAX_TARGET_BPW = 32.0
 
 
@@ -29,14 +27,6 @@ def rank_limit(in_features: int, out_features: int) -> int:
     float32 (``r (in + out) > 32 in out``); :func:`lordba.convert.pipeline.convert_lora` refuses a given
     ``r`` above it, and the search at a target BPW never converts or chooses one."""
     return 32 * in_features * out_features // (in_features + out_features)
-
-
-def uniform_rank(dims: dict[str, tuple[int, int]], budget: int, scale_dtype: str) -> int | None:
-    """The largest rank ``r`` that fits every layer (``dims``: path → (in, out)) in ``budget`` bytes."""
-    best, r = None, 1
-    while sum(payload_bytes(i, o, r, scale_dtype) for i, o in dims.values()) <= budget:
-        best, r = r, r + 1
-    return best
 
 
 def _hull(points: list[tuple[int, float, int]]) -> list[tuple[int, float, int]]:
