@@ -73,3 +73,67 @@ def test_sysctl_is_asked_with_its_arguments_and_none_when_it_fails(monkeypatch, 
     monkeypatch.setenv("PATH", str(tmp_path))
     assert build_probe._sysctl("-n", "machdep.cpu.brand_string") == "Apple M2 Pro"
     assert build_probe._sysctl("hw.optional") is None
+
+
+Z14 = "vendor_id\t: IBM/S390\nfeatures\t: esan3 zarch stfle msa ldisp eimm dfp edat etf3eh te vx vxd vxe gs\n"
+Z15 = Z14.replace(" gs\n", " gs vxe2 vxp sort dflt\n")
+POWER9 = "processor\t: 0\ncpu\t\t: POWER9 (raw), altivec supported\nclock\t\t: 2900.000000MHz\n"
+POWER10 = POWER9.replace("POWER9", "POWER10")
+RISCV_C910 = "processor\t: 0\nhart\t\t: 0\nisa\t\t: rv64imafdc\nmmu\t\t: sv39\nuarch\t\t: thead,c910\n"
+RISCV_U74 = "processor\t: 0\nhart\t\t: 0\nisa\t\t: rv64imafdc\nmmu\t\t: sv39\nuarch\t\t: sifive,u74-mc\n"
+
+
+@pytest.fixture
+def cpuinfo(monkeypatch, tmp_path):
+    """This process on a Linux machine whose ``/proc/cpuinfo`` says what the test gives; returns a function that
+    sets it (and this host's name) and gives the native build's key."""
+    fake = tmp_path / "cpuinfo"
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(fake if path == "/proc/cpuinfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr(cpu, "open", fake_open, raising=False)
+    monkeypatch.setattr(cpu, "openmp", lambda cxx: True)  # (no probe build)
+    monkeypatch.setenv("LORDBA_KERNEL_CACHE", str(tmp_path))
+    host = {"node": "edge-a"}
+    fake_platform = types.SimpleNamespace(processor=lambda: "", node=lambda: host["node"])
+    monkeypatch.setattr(build_probe, "platform", fake_platform, raising=False)
+
+    def key(text, node="edge-a"):
+        fake.write_text(text)
+        host["node"] = node
+        return cpu.extension_name("native")
+
+    return key
+
+
+@pytest.mark.parametrize(
+    "older,newer", [(Z14, Z15), (POWER9, POWER10), (RISCV_C910, RISCV_U74)], ids=["s390x", "power", "riscv"]
+)
+def test_two_cpus_of_one_other_architecture_get_two_build_keys(cpuinfo, older, newer):
+    """s390x names its features in a lowercase ``features`` line, POWER its model in ``cpu``, RISC-V its ISA in ``isa``
+    and its core in ``uarch``; the key read only ``flags`` / ``Features`` lines, so a z14 sharing a kernel cache with a
+    z15 (a POWER9 with a POWER10) had one key and loaded the other's ``-march=native`` build."""
+    first = cpuinfo(older)
+    assert cpuinfo(older, node="edge-b") == first  # the same CPU on another host: one build
+    assert cpuinfo(newer) != first
+
+
+def test_a_cpuinfo_that_names_no_cpu_never_shares_a_native_build(cpuinfo):
+    """Where ``/proc/cpuinfo`` holds none of the lines that name the CPU, the key holds this host (as on a Mac whose
+    ``sysctl`` answers nothing)."""
+    bare = "processor\t: 0\nBogoMIPS\t: 50.00\n"
+    first = cpuinfo(bare)
+    assert cpuinfo(bare) == first
+    assert cpuinfo(bare, node="edge-b") != first
+
+
+def test_x86_and_arm_keys_read_their_flags_line_only(cpuinfo):
+    """On x86 and ARM the key is the ``flags`` / ``Features`` line as before (a cache built before stays valid), and
+    another host with the same CPU shares the build."""
+    x86 = "processor\t: 0\ncpu family\t: 6\nmodel name\t: Xeon\nflags\t\t: fpu sse2 avx2 avx512f\n"
+    first = cpuinfo(x86)
+    assert cpuinfo(x86, node="edge-b") == first
+    assert cpuinfo(x86.replace("model name\t: Xeon", "model name\t: Other")) == first
+    assert cpu.cpu_flags() == "flags\t\t: fpu sse2 avx2 avx512f\n"

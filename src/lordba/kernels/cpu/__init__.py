@@ -47,6 +47,7 @@ from lordba.kernels.cpu.build_probe import (
     cpu_identity,
     openmp,
     refuses_march,
+    unknown_cpu,
 )
 
 SOURCE = Path(__file__).with_name("branch.cpp")
@@ -92,13 +93,26 @@ def cache_root() -> Path:
 
 
 def cpu_flags() -> str:
-    """This CPU's instruction-set flags line (``/proc/cpuinfo``; elsewhere :func:`.build_probe.cpu_identity`: on
-    macOS its brand and feature flags)."""
+    """This CPU's instruction-set flags line (``/proc/cpuinfo``'s ``flags`` on x86, ``Features`` on ARM; on other
+    machines its ``features`` / ``isa`` / ``uarch`` / ``cpu`` lines: s390x, RISC-V, POWER); where there is none
+    of these, this host (:func:`.build_probe.unknown_cpu`); without ``/proc/cpuinfo``, :func:`.build_probe.cpu_identity`
+    (on macOS its brand and feature flags)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+            lines = f.read().splitlines(keepends=True)
     except OSError:
         return cpu_identity()
+    flags = next((line for line in lines if line.startswith(("flags", "Features"))), None)
+    if flags is not None:
+        return flags
+    first: dict[str, str] = {}
+    for line in lines:
+        first.setdefault(line.partition(":")[0].strip().lower(), line)
+    identity = "".join(first[key] for key in _IDENTITY_KEYS if key in first)
+    return identity or unknown_cpu()
+
+
+_IDENTITY_KEYS = ("features", "isa", "uarch", "cpu")  # s390x; RISC-V; RISC-V; POWER
 
 
 def _arch() -> str:

@@ -131,5 +131,11 @@ def cpu_identity() -> str:
         return platform.processor()
     brand, features = _sysctl("-n", "machdep.cpu.brand_string"), _sysctl("hw.optional")
     if brand is None or features is None:
-        return f"{platform.processor()} (CPU unknown) on {platform.node()} {uuid.getnode():012x}"
+        return unknown_cpu()
     return f"{brand}\n{features}"
+
+
+def unknown_cpu() -> str:
+    """A build key's CPU where nothing names it: this host's name and hardware address, so that no other machine's
+    ``-march=native`` build is ever loaded (at the cost of one build per host sharing a cache)."""
+    return f"{platform.processor()} (CPU unknown) on {platform.node()} {uuid.getnode():012x}"
