@@ -95,7 +95,7 @@ def _state(seed):
 def test_a_full_disk_is_a_lordba_error_and_the_old_adapter_stays(tmp_path, monkeypatch):
     import errno
 
-    from lordba.format import atomic
+    from lordba.format import commit
 
     _state(1).save_pretrained(tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -103,7 +103,7 @@ def test_a_full_disk_is_a_lordba_error_and_the_old_adapter_stays(tmp_path, monke
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(atomic, "_write_temp", full)
+    monkeypatch.setattr(commit, "_write_temp", full)
     with pytest.raises(LoRDBAError, match="No space left on device"):
         _state(2).save_pretrained(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
@@ -353,7 +353,7 @@ def test_a_save_into_two_names_of_one_directory_is_refused_not_a_hang(tmp_path):
     or Other and other on a case-insensitive file system) took its lock twice, the second waiting for ever."""
     import threading
 
-    from lordba.format.atomic import commit_file_sets
+    from lordba.format.commit import commit_file_sets
 
     (tmp_path / "a").mkdir()
     os.symlink("a", tmp_path / "b")

@@ -20,7 +20,8 @@ import torch
 from lordba import LoRDBAError
 from lordba.config import CONFIG_NAME, WEIGHTS_NAME
 from lordba.format.adapter import _pair_consistent, read_adapter, serialize
-from lordba.format.atomic import atomic_directory, commit_files
+from lordba.format.atomic import atomic_directory
+from lordba.format.commit import commit_files
 from lordba_lab.fuzz.corpus import random_state
 from lordba_lab.fuzz.crash import count_steps, kill_test, random_kill_test
 
@@ -203,7 +204,7 @@ def test_restoring_backups_of_three_files_killed_before_each_step(tmp_path):
             (target / f".{name}.lordba-prev").write_bytes(b"X")
 
     def classify():
-        from lordba.format.atomic import consistent_files
+        from lordba.format.commit import consistent_files
 
         found = consistent_files(target, names, consistent)
         return "broken" if found is None else found["a"].read_bytes().decode()

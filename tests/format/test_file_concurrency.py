@@ -116,7 +116,7 @@ def test_a_read_between_a_running_saves_renames_waits_for_it_instead_of_warning_
 
     from lordba._util.locks import locked
     from lordba.config import CONFIG_NAME, WEIGHTS_NAME
-    from lordba.format.atomic import backup_path
+    from lordba.format.commit import backup_path
 
     old, new = tmp_path / "old", tmp_path / "new"
     state(1.0, 1).save_pretrained(old)

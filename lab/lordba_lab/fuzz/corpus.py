@@ -24,7 +24,7 @@ from lordba.core.packing import pack_signs
 from lordba.core.scales import get_codec
 from lordba.errors import LoRDBAError
 from lordba.format.adapter import AdapterState, ModuleRecord, serialize
-from lordba.format.atomic import backup_path
+from lordba.format.commit import backup_path
 from lordba.format.integrity import config_digest
 
 Case = dict[str, bytes]

@@ -20,7 +20,7 @@ Steps 1 and 2 (the config and weights read as one checked pair, or an interrupte
 :mod:`lordba.format.pair`; steps 3 and 4, and what the header must describe, in :mod:`lordba.format.header`.
 
 Writing serialises deterministically (same adapter, same bytes), in format version 3 unless told
-otherwise, and commits weights and config crash-safely (:func:`lordba.format.atomic.commit_files`).
+otherwise, and commits weights and config crash-safely (:func:`lordba.format.commit.commit_files`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from lordba._version import __version__
 from lordba.config import COMPACT_FORMAT_VERSION, CONFIG_NAME, DEFAULT_FORMAT_VERSION, WEIGHTS_NAME, LoRDBAConfig
 from lordba.core.scales import NIBBLE_DTYPES
 from lordba.errors import AdapterFormatError, LoRDBAError
-from lordba.format.atomic import commit_file_sets, commit_files
+from lordba.format.commit import commit_file_sets, commit_files
 from lordba.format.compact import check_compact_header, compact_metadata, compact_tensors, split_tensors
 from lordba.format.extras import EXTRA_PREFIX, check_extra_values, extras_to_file, file_version
 from lordba.format.header import (

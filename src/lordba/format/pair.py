@@ -20,7 +20,7 @@ from lordba._util.files import open_untrusted
 from lordba._util.jsonio import read_json_file, safe_repr
 from lordba.config import CONFIG_NAME, WEIGHTS_NAME, LoRDBAConfig
 from lordba.errors import AdapterFormatError, ConfigError, LoRDBAError
-from lordba.format.atomic import backup_path
+from lordba.format.commit import backup_path
 from lordba.format.header import read_file_bytes, read_header
 from lordba.format.integrity import check_config_digest, check_length
 
