@@ -136,3 +136,47 @@ def test_a_file_that_cannot_be_replaced_is_named_and_the_adapter_kept(tmp_path, 
     monkeypatch.setattr(atomic.os, "replace", real_replace)
     assert read_adapter(tmp_path).config.alpha == 1.0
     assert sorted(p.name for p in tmp_path.iterdir() if "lordba-tmp" in p.name) == []
+
+
+def _link_refused(code: int, winerror: int | None) -> OSError:
+    err = OSError(code, os.strerror(code))
+    if winerror is not None:
+        err.winerror = winerror  # what Python sets on Windows (the 4th argument is ignored elsewhere)
+    return err
+
+
+@pytest.mark.parametrize(
+    ("code", "winerror"),
+    [(errno.EPERM, None), (errno.ENOTSUP, None), (errno.EOPNOTSUPP, None), (errno.EINVAL, 1)],
+    ids=["linux-vfat-exfat", "enotsup", "eopnotsupp", "windows-fat-invalid-function"],
+)
+def test_saves_and_the_restore_of_an_interrupted_one_copy_where_there_are_no_hard_links(
+    tmp_path, monkeypatch, code, winerror
+):
+    """FAT and exFAT (a USB stick, an SD card) have no hard links. On Windows ``os.link`` fails there with
+    ERROR_INVALID_FUNCTION, which Python gives the errno EINVAL: every save over an adapter (its backups are hard
+    links) and the restore of an interrupted one failed with '<folder>: cannot save (Incorrect function)'. The
+    backups are copied instead, as for the POSIX refusals."""
+    import warnings
+
+    from test_file_concurrency import state
+
+    out = tmp_path / "a"
+    state(1.0, 0).save_pretrained(out)
+    os.link(out / "lordba_model.safetensors", out / ".lordba_model.safetensors.lordba-prev")  # killed between renames
+    os.link(out / "adapter_config.json", out / ".adapter_config.json.lordba-prev")
+    state(2.0, 1).save_pretrained(tmp_path / "b")
+    os.replace(tmp_path / "b" / "lordba_model.safetensors", out / "lordba_model.safetensors")
+    calls = []
+
+    def link(src, dst, **kwargs):
+        calls.append(dst)
+        raise _link_refused(code, winerror)
+
+    monkeypatch.setattr(os, "link", link)
+    state(3.0, 2).save_pretrained(out)  # restores the backups (copied back), then backs them up (copied) and saves
+    assert len(calls) == 4  # two restored, two backed up: each copied instead
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "lordba_model.safetensors"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no interrupted save left
+        assert read_adapter(out).config.alpha == 3.0

@@ -138,6 +138,10 @@ def _replace_with(tmp: Path, path: Path) -> None:
 
 
 _NO_HARD_LINKS = (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
+# Windows' reasons, by their own codes (Python gives ERROR_INVALID_FUNCTION, FAT's and exFAT's answer, and
+# ERROR_NOT_SUPPORTED the errno EINVAL, which is no reason to copy elsewhere): ERROR_INVALID_FUNCTION,
+# ERROR_NOT_SAME_DEVICE, ERROR_NOT_SUPPORTED, ERROR_TOO_MANY_LINKS
+_WINDOWS_NO_HARD_LINKS = (1, 17, 50, 1142)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -147,7 +151,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
         return
     except OSError as err:
-        if err.errno not in _NO_HARD_LINKS:
+        if err.errno not in _NO_HARD_LINKS and getattr(err, "winerror", None) not in _WINDOWS_NO_HARD_LINKS:
             raise
     try:
         shutil.copy2(src, dst)
