@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from lordba._util.files import link_roots, open_untrusted
+from lordba._util.files import link_roots, open_untrusted, windows_name_problem
 from lordba.errors import AdapterFormatError
 
 
@@ -35,3 +35,25 @@ def test_a_hub_cache_snapshot_may_link_into_its_blobs_and_a_users_snapshots_fold
     bare = tmp_path / "models--org--bare"  # the hub's name, but no blobs folder beside the snapshots
     (bare / "snapshots" / "rev").mkdir(parents=True)
     assert link_roots(bare / "snapshots" / "rev") == (bare / "snapshots" / "rev",)
+
+
+@pytest.mark.parametrize(
+    "name", ["CON", "con", "Aux", "aux.json", "NUL.tar.gz", "com0", "COM9", "lpt1", "LPT\u00b3", "nul .txt"]
+)
+def test_windows_device_names_are_named_as_such(name):
+    assert "device name" in windows_name_problem(name)
+
+
+@pytest.mark.parametrize(("name", "char"), [("a:b", ":"), ("a<b", "<"), ('a"b', '"'), ("a*", "*"), ("a\x1fb", "\x1f")])
+def test_characters_windows_refuses_are_named(name, char):
+    assert repr(char) in windows_name_problem(name)
+
+
+@pytest.mark.parametrize("name", ["end.", "end ", "CON."])
+def test_a_trailing_dot_or_space_is_refused(name):
+    assert "ends in a dot or a space" in windows_name_problem(name)
+
+
+@pytest.mark.parametrize("name", ["default", "com10", "console", "lpt", "my_adapter", "aux-2", "con_fig", "é"])
+def test_ordinary_names_pass(name):
+    assert windows_name_problem(name) is None

@@ -1,5 +1,6 @@
 import inspect
 import itertools
+import re
 import sys
 import threading
 import warnings
@@ -524,6 +525,34 @@ def test_an_adapter_name_that_is_a_module_attribute_is_refused_naming_it(tmp_pat
     with torch.no_grad():
         assert torch.equal(lm(input_ids=input_ids).logits, before)
     lm.add_adapter("weight", LoRDBAConfig(r=2, target_modules=["q_proj"]))  # a name no ModuleDict has: accepted
+
+
+def test_an_adapter_name_windows_cannot_hold_as_a_folder_is_refused_naming_it(tmp_path):
+    """save_pretrained writes every adapter but "default" into a folder of its name. add_adapter("con"), ("aux"),
+    ("COM1"), ("a:b") and the like were accepted and saved on Linux into folders that are devices on Windows (or, with
+    ':', an alternate data stream of another file): the saved model could not be copied to Windows or loaded there.
+    Such names are refused where a name is given, on every platform, as PEFT's own folders must be portable."""
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, init="random", target_modules=["q_proj"]))
+    lm.save_pretrained(tmp_path / "saved")
+    for name in ("CON", "aux", "Nul", "prn", "COM1", "lpt9", "COM\u00b9", "a:b", "a|b", "x?", "tab\t", "trail "):
+        with pytest.raises(
+            ConfigError, match=f"adapter name {re.escape(repr(name))} cannot be a folder name on Windows"
+        ):
+            lm.add_adapter(name, LoRDBAConfig(r=2, target_modules=["q_proj"]))
+        with pytest.raises(ConfigError, match=re.escape(repr(name))):
+            lm.load_adapter(tmp_path / "saved", name)
+    with pytest.raises(ConfigError, match="adapter name 'aux' cannot be a folder name on Windows"):
+        get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2), adapter_name="aux")
+    assert list(lm.peft_config) == ["default"]
+    for name in ("com10", "console", "aux_2", "nul-adapter"):  # not device names: accepted, saved in their folders
+        lm.add_adapter(name, LoRDBAConfig(r=2, init="random", target_modules=["q_proj"]))
+    lm.save_pretrained(tmp_path / "all")
+    assert sorted(p.name for p in (tmp_path / "all").iterdir() if p.is_dir()) == [
+        "aux_2",
+        "com10",
+        "console",
+        "nul-adapter",
+    ]
 
 
 def test_foreign_lora_wrapper_is_refused():

@@ -28,6 +28,28 @@ def check_path(value: object, what: str) -> None:
         raise AdapterFormatError(f"{what} must be a path, got {type(value).__name__}")
 
 
+# names Windows keeps for devices, in any case and with any extension (``aux.json`` too), superscript digits included
+_WINDOWS_DEVICES = frozenset(
+    ["CON", "PRN", "AUX", "NUL"] + [f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3"]
+)
+_WINDOWS_REFUSED = frozenset('<>:"|?*')  # besides / and \: the separators
+
+
+def windows_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a file or folder name on Windows, where a device name (``CON``, ``com1.txt``) opens the
+    device, ``a:b`` is the stream ``b`` of the file ``a``, ``<>"|?*`` and control characters are refused and a
+    trailing dot or space is dropped; ``None`` where it can. Takes one name, not a path (``/`` and ``\\`` are the
+    caller's to refuse)."""
+    refused = sorted({c for c in name if c in _WINDOWS_REFUSED or ord(c) < 32})
+    if refused:
+        return f"it holds {''.join(refused)!r}, which Windows refuses in a file name"
+    if name.endswith((".", " ")):
+        return "it ends in a dot or a space, which Windows drops from a file name"
+    if name.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICES:
+        return "it is a device name on Windows (CON, PRN, AUX, NUL, COM0-9, LPT0-9; any case, any extension)"
+    return None
+
+
 _HUB_REPOS = ("models--", "datasets--", "spaces--")  # the Hugging Face cache's repository folders: models--ORG--NAME
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lordba._util.dtypes import DTYPES
+from lordba._util.files import windows_name_problem
 from lordba._util.modules import frozen_unless_failed
 from lordba._util.state import ordinary_tensors
 from lordba.config import LoRDBAConfig
@@ -150,6 +151,12 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name or name == BASE_ROW or any(c in name for c in "./\\"):
             raise ConfigError(f"adapter name must be a non-empty string without '.', '/' or '\\', got {name!r}")
+        problem = windows_name_problem(name)
+        if problem is not None:  # save_pretrained writes every adapter but "default" into a folder of its name
+            raise ConfigError(
+                f"adapter name {name!r} cannot be a folder name on Windows ({problem}), and save_pretrained saves "
+                "the adapter in a folder of its name: choose another name"
+            )
         if name in UNUSABLE_NAMES:
             raise ConfigError(
                 f"adapter name {name!r} is an attribute of torch's nn.ModuleDict, which holds each layer's adapters "
