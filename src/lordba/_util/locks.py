@@ -103,6 +103,34 @@ def locked(directory: Path) -> Iterator[bool]:
         close_held(fd)  # releases the lock
 
 
+@contextlib.contextmanager
+def locked_file(path: Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on the file ``path`` (created if needed and kept; opened for writing, which NFS's
+    lock manager locks where it refuses a directory's lock) for the block; yields whether it is held (``False``, the
+    block unlocked, where no lock can be taken: not POSIX, a file system with no locks at all).
+
+    Raises:
+        OSError: the file cannot be created or opened.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield False
+        return
+    fd = hold_fd(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666))
+    try:
+        held = True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:
+            if err.errno not in _NO_LOCKS:
+                raise
+            held = False
+        yield held
+    finally:
+        close_held(fd)  # releases the lock
+
+
 def wait_for_writer(directory: Path) -> bool:
     """Whether a writer holds ``directory``'s lock (:func:`locked`) now; if so, wait until it lets go. A reader
     that found a directory half-written calls it: ``True`` means a save was running (read again), ``False``

@@ -11,19 +11,21 @@ compile that was killed (SIGKILL, out of memory) is removed by the next call onc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lordba._util.locks import locked
+from lordba._util.locks import locked, locked_file
 from lordba.format.atomic import TMP_MARK, atomic_write_path, remove_killed_temporaries
 
 AOT_DIR = "aot"
+COMPILE_LOCK = ".lordba-compile.lock"  # in inductor's cache, where its folder cannot be locked (NFS)
 
 # Inductor's settings of every compile (the package's name hashes them). ``always_keep_tensor_constants``: inductor
 # inlines a tensor of no or one dimension of at most 8 values into the code it generates (an adapter's ``scale_mid``
@@ -82,7 +84,7 @@ def compiled_package(
     if _usable(path, log):
         return path, 0.0
     folder.mkdir(parents=True, exist_ok=True)
-    with locked(Path(inductor_cache_dir())):
+    with _compile_lock(Path(inductor_cache_dir())):
         if _usable(path, log):
             return path, 0.0
         log(f"compiling the decode step ahead of time (once per model, adapter and cache length): {path.name}")
@@ -93,6 +95,20 @@ def compiled_package(
         with atomic_write_path(path, suffix=".pt2") as tmp:  # a hidden name, never a step-*.pt2 one
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)
         return path, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _compile_lock(cache: Path) -> Iterator[None]:
+    """Hold the lock on inductor's cache ``cache`` (:func:`~lordba._util.locks.locked`); where its file system
+    refuses a directory's lock (NFS: a cache on a shared home), the lock of the file ``cache/COMPILE_LOCK`` instead
+    (NFS's lock manager keeps a file's): unlocked, two processes compiling one graph at once could package each
+    other's half-written files (whole as a zip: only a package that fails to load is compiled again)."""
+    with locked(cache) as held:
+        if held:
+            yield
+            return
+    with locked_file(cache / COMPILE_LOCK):
+        yield
 
 
 def _remove_killed(folder: Path) -> None:
