@@ -1,6 +1,7 @@
 """``lordba._util.locks.locked``: while one holder has a directory's lock, another process's ``flock``
 (another open file) is refused; the lock is released when the block ends, even by an error."""
 
+import errno
 import fcntl
 import os
 
@@ -45,6 +46,38 @@ def test_wait_for_writer_says_whether_a_writer_held_the_lock_and_waits_for_it(tm
         assert not answers  # waiting
     reader.join(10)
     assert answers == [True] and wait_for_writer(tmp_path / "missing") is False
+
+
+def test_a_reader_whose_wait_for_a_running_save_fails_gets_a_format_error_not_an_oserror(tmp_path, monkeypatch):
+    """A reader that found a half-replaced adapter while a save held the folder's lock waits for it; a wait the kernel
+    refused (ENOLCK: no lock record left) escaped read_adapter as a bare OSError. The reader reads again, and a pair
+    still inconsistent is an AdapterFormatError, as where no save is running."""
+    from lordba import LoRDBAConfig, get_lordba_model
+    from lordba.errors import AdapterFormatError
+    from lordba.format.adapter import read_adapter
+
+    from conftest import tiny_llama
+
+    config = LoRDBAConfig(r=2, init="random", target_modules=["q_proj"])
+    get_lordba_model(tiny_llama(0), config).save_pretrained(tmp_path / "a")
+    weights = tmp_path / "a" / "lordba_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the weights renamed in, the config not yet: the config's checksum does not match them
+    weights.write_bytes(bytes(data))
+    real, waits = fcntl.flock, []
+
+    def flock(fd, op):
+        if op == fcntl.LOCK_SH:  # the reader's wait for the writer
+            waits.append(op)
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        return real(fd, op)
+
+    with locked(tmp_path / "a"):  # a save running (another open file: flock treats it as another process)
+        monkeypatch.setattr(fcntl, "flock", flock)
+        with pytest.raises(AdapterFormatError, match=r"lordba_model\.safetensors"):
+            read_adapter(tmp_path / "a")
+        monkeypatch.setattr(fcntl, "flock", real)
+    assert waits  # it did find the writer and try to wait
 
 
 def _forked_sleeper():

@@ -135,7 +135,9 @@ def wait_for_writer(directory: Path) -> bool:
     """Whether a writer holds ``directory``'s lock (:func:`locked`) now; if so, wait until it lets go. A reader
     that found a directory half-written calls it: ``True`` means a save was running (read again), ``False``
     that none is (what it found was left by a save that was interrupted). ``False`` where ``fcntl`` is
-    unavailable, the directory cannot be opened or its file system refuses the lock (NFS: EBADF, ENOLCK)."""
+    unavailable, the directory cannot be opened or its file system refuses the lock (NFS: EBADF, ENOLCK); ``True``
+    without waiting where a writer held it but the wait failed (the reader's own tries are bounded). Never raises
+    ``OSError``; what the reader then reads is checked whole either way (its config binds its weights)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -151,9 +153,13 @@ def wait_for_writer(directory: Path) -> bool:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             return False
         except BlockingIOError:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # until the writer is done
-            return True
+            pass
         except OSError:  # refused by the file system (NFS): no writer can be told
             return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # until the writer is done
+        except OSError:  # (ENOLCK: no lock record left) a writer was there: the reader reads again all the same
+            pass
+        return True
     finally:
         close_held(fd)
