@@ -137,6 +137,9 @@ void tiled_sums(const uint8_t* sa, int64_t nbytes, const float* z, int64_t T, in
                 int64_t j0, int64_t j1, float* acc);
 // Σz of one token, summed exactly as stage 1 sums it.
 float z_total(const float* z, int64_t ld);
+// Row j of S_A times z (z's groups of 8 reversed), one signed term after the other: the masked sums' h where Σz is
+// not finite (2·Σ_{bit=1} z − Σz would be inf − inf = NaN).
+float signed_sum(const uint8_t* sa, int64_t nbytes, const float* z, int64_t in, int64_t j);
 // The nibble tables of stage 2 for T tokens of h2 (rp values each: r rounded up to 8).
 void build_nibbles(const float* h2, int64_t T, int64_t rp, float* nib);
 // Stage 2 and the output of blocks [k0, k1) of 16 outputs (float, BFloat16, Half outputs).

@@ -5,6 +5,7 @@
 #include "branch_internal.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <deque>
 #include <thread>
@@ -112,8 +113,9 @@ void RowBranch::run_group(int64_t g) {
   prefetch(sa_ + j0 * in_ / 8, (j1 - j0) * in_ / 8 + 1);
   // stage1's sums of these rows (each row's sums are the same whichever rows share its pass), then h ⊙ m
   tiled_sums(sa_, nbytes_a_, z_, 1, in_, ld_, r_, j0, j1, h1_);
+  const bool finite = std::isfinite(total_);  // else the signed sums, as stage1's (inf − inf would be NaN)
   for (int64_t j = j0; j < j1; ++j) {
-    const float h = kMasked ? 2.f * h1_[j] - total_ : h1_[j];
+    const float h = !kMasked ? h1_[j] : finite ? 2.f * h1_[j] - total_ : signed_sum(sa_, nbytes_a_, z_, in_, j);
     h2_[j] = h * m_[j];
   }
   build_nibbles(h2_ + j0, 1, 8, nib_ + 32 * g);

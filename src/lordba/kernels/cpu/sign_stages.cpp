@@ -132,11 +132,9 @@ float z_total(const float* z, int64_t ld) {
   return total;
 }
 
-namespace {
-
 // Row j of S_A times z, summed one signed term after the other (the portable build's sums): the masked sums' h for
 // a token whose Σz is not finite, where 2·Σ_{bit=1} z − Σz gave inf − inf = NaN for an infinite z of a set bit
-// (x or b ⊙ x infinite, or Σz overflowing), and the reference gives ±inf.
+// (x or b ⊙ x infinite, or Σz overflowing), and the reference gives ±inf (stage1's and RowBranch's).
 float signed_sum(const uint8_t* sa, int64_t nbytes, const float* z, int64_t in, int64_t j) {
   float h = 0.f;
   for (int64_t i = 0; i < in; ++i) {
@@ -146,6 +144,8 @@ float signed_sum(const uint8_t* sa, int64_t nbytes, const float* z, int64_t in, 
   }
   return h;
 }
+
+namespace {
 
 // Stage 1 for all r rows and T tokens: h1[t*r + j].
 void stage1(const uint8_t* sa, int64_t nbytes, const float* z, int64_t T, int64_t in, int64_t ld, int64_t r,
