@@ -105,3 +105,21 @@ def test_patterns_whose_program_is_too_large_are_refused_and_long_real_ones_acce
     layers = "|".join(rf"layers\.{i}\.mlp\.(gate|up|down)_proj" for i in range(20))
     check_pattern("rank_pattern key", layers)
     assert pattern_key({layers: 2}, "model.layers.7.mlp.up_proj") == layers
+
+
+@pytest.mark.parametrize("pattern", [r".*\w+_proj", r".*\.\W*\D?_proj", r"layers\.\d\..*", r".*\b_proj"])
+def test_a_class_escape_against_a_non_ascii_name_is_refused_not_matched_in_ascii(pattern):
+    """RE2's \\w, \\d, \\s and \\b are ASCII, Python's re (PEFT's) Unicode: ``.*\\w+_proj`` matched PEFT's
+    ``layers.0.é_proj`` but not lordba's, so the two silently targeted different layers. On a non-ASCII name a
+    pattern with one is refused naming the pattern and the module; on ASCII names (every name a file can hold)
+    the engines agree and it matches as before, as does a pattern without one or with an escaped backslash."""
+    import re
+
+    name = "layers.0.é_proj" if "d" not in pattern else "layers.٣.q_proj"
+    with pytest.raises(ConfigError, match=r"non-ASCII.*\[\^\.\]") as err:
+        matches(pattern, name)
+    assert repr(name) in str(err.value) and repr(pattern) in str(err.value)
+    ascii_name = "layers.0.q_proj"
+    assert matches(pattern, ascii_name) == (re.fullmatch(pattern, ascii_name) is not None)
+    assert matches(r".*_proj", "layers.0.é_proj") and not matches(r".*\\w_proj", "layers.0.é_proj")
+    assert matches(["é_proj"], "layers.0.é_proj")

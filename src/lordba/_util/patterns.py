@@ -12,6 +12,11 @@ such a pattern is refused with a :class:`~lordba.errors.ConfigError` naming the 
 longer than :data:`MAX_PATTERN_CHARS` characters or whose compiled program needs more than
 :data:`MAX_PROGRAM_BYTES` (large counted repeats such as ``[a-z]{0,1000}`` repeated): compiling
 and matching any accepted pattern takes well under a second.
+
+RE2's ``\\w``, ``\\d``, ``\\s`` and ``\\b`` (and their negations) are ASCII, Python's (PEFT's) Unicode: they
+agree on ASCII names (every name an adapter file can hold), and a pattern using one is refused with a
+:class:`~lordba.errors.ConfigError` naming it and the module when matched against a name with non-ASCII
+characters, where the two engines could pick different modules.
 """
 
 from __future__ import annotations
@@ -77,12 +82,35 @@ def check_pattern(name: str, pattern: Any) -> None:
         _regex(pattern, form, name)
 
 
+def _unicode_classes(pattern: str) -> list[str]:
+    """The Perl class escapes of ``pattern`` (``\\w``, ``\\d``, ``\\s``, ``\\b`` and their negations): ASCII in
+    RE2, Unicode in Python's ``re`` (PEFT's), so on a name with non-ASCII characters the two engines can
+    disagree (``.*\\w+_proj`` matches ``layers.0.é_proj`` in PEFT, not in RE2). An escaped backslash is skipped."""
+    found, i = [], 0
+    while i < len(pattern) - 1:
+        if pattern[i] == "\\":
+            if pattern[i + 1] in "wWdDsSbB":
+                found.append(pattern[i : i + 2])
+            i += 2
+        else:
+            i += 1
+    return found
+
+
 def _search(pattern: str, form: str, name: str) -> bool:
     regex = _regex(pattern, form, "pattern")
     try:
         found = regex.fullmatch(name) if form == "full" else regex.match(name)
     except UnicodeEncodeError:  # a lone surrogate: no module path has one
         return False
+    classes = [] if name.isascii() else _unicode_classes(pattern)
+    if classes:
+        raise ConfigError(
+            f"pattern {safe_repr(pattern)} and module {safe_repr(name)}: {', '.join(dict.fromkeys(classes))} "
+            "means ASCII characters only in RE2, the engine lordba matches module names with, but any Unicode "
+            "letter, digit or space in Python's re (PEFT's), and this module name has non-ASCII characters: write "
+            "the characters out (e.g. [^.] or [A-Za-z0-9_]), or list the modules instead of a pattern"
+        )
     return found is not None
 
 
