@@ -206,6 +206,50 @@ def test_a_burst_of_requests_for_cold_adapters_leaves_worker_threads_to_the_base
         assert got == [200] * 45 and state.registry.loads == 45
 
 
+def test_an_adapter_evicted_after_the_residency_check_loads_on_a_load_thread(tmp_path, monkeypatch):
+    """Whether a request may load its adapter was decided on the event loop, before its worker thread ran: an adapter
+    resident then and evicted before the thread held it loaded on a thread of the default pool, outside the
+    LOAD_THREADS that bound the threads waiting for loads. The default pool's thread now only holds a resident
+    adapter; one evicted meanwhile is prepared again on a load thread, which loads it."""
+    from lordba.serve import app
+
+    make_adapter(tmp_path / "a", seed=10)
+    state = build_state(tiny_model(), char_tokenizer(), "tiny-llama", tmp_path)
+    on_load_thread = threading.local()
+    run = app._LoadThreads.run
+
+    async def marked_run(self, func, *args, **kwargs):  # its calls run with on_load_thread.yes set
+        def marked(*a, **k):
+            on_load_thread.yes = True
+            try:
+                return func(*a, **k)
+            finally:
+                on_load_thread.yes = False
+
+        return await run(self, marked, *args, **kwargs)
+
+    monkeypatch.setattr(app._LoadThreads, "run", marked_run)
+    loads, load = [], state.registry.model.load_adapter
+    state.registry.model.load_adapter = lambda *a, **k: (
+        loads.append(getattr(on_load_thread, "yes", False)) or load(*a, **k)
+    )
+    checked = state.registry.is_resident
+
+    def evicted_after_the_check(name: str) -> bool:
+        resident = checked(name)
+        if resident:
+            state.registry.unload(name)  # (a folder adapter: off the model, loaded again on its next use)
+        return resident
+
+    monkeypatch.setattr(state.registry, "is_resident", evicted_after_the_check)
+    body = {"model": "a", "prompt": "12+3", "max_tokens": 2, "temperature": 0}
+    with Server(state) as server:
+        for _ in range(2):  # cold: loaded; then resident at the check, evicted before its thread ran: loaded again
+            status, _, answer = post(server.url, "/v1/completions", body)
+            assert status == 200, answer
+    assert loads == [True, True] and state.registry.loads == 2
+
+
 def test_a_chat_of_more_messages_than_the_contexts_tokens_is_refused_before_its_body_is_validated():
     """FastAPI validated a request's body on the event loop, which every stream and /health share: a chat of 100,000
     messages held it for seconds of pydantic (a short request waited 3.0 s) only to be refused for its length. A chat

@@ -1017,13 +1017,10 @@ def test_latency_metrics_count_the_tokenizing_and_the_adapters_load(server, monk
     was recorded at ~0.07 s. They count from the request's start, as vLLM's count from its arrival."""
     metrics = server.state.metrics
     ttft_before, latency_before = metrics.ttft._sum.get(), metrics.latency._sum.get()
-    acquire = server.state.registry.acquire
-
-    def slow(name):
-        time.sleep(0.5)
-        return acquire(name)
-
-    monkeypatch.setattr(server.state.registry, "acquire", slow)
+    registry = server.state.registry
+    for method in ("acquire", "acquire_resident"):  # (loaded, or held resident: 0.5 s either way)
+        real = getattr(registry, method)
+        monkeypatch.setattr(registry, method, lambda name, real=real: time.sleep(0.5) or real(name))
     status, answer = raw(server, "POST", "/v1/completions", json.dumps({"model": "a", "prompt": "hi", "max_tokens": 2}))
     assert status == 200, answer
     assert metrics.ttft._sum.get() - ttft_before >= 0.5

@@ -94,6 +94,11 @@ class PeftRegistry:
         if name not in self._names:
             raise UnknownAdapterError(f"The model '{name}' does not exist")
 
+    def acquire_resident(self, name: str) -> bool:
+        """Every adapter of the fleet is resident: :meth:`acquire`, True."""
+        self.acquire(name)
+        return True
+
     def release(self, name: str) -> None:
         """Nothing to release."""
 

@@ -122,7 +122,9 @@ async def _prepare(
     the registry's one load at a time, took every worker thread, and the base's requests waited for their loads.
     ``field``: the request's field that holds the prompt (named by a context-length error). A full queue refuses it
     first (:meth:`Engine.check_room`: a 503 without the tokenizing, the adapter's load or a worker thread), the
-    requests being prepared counted as waiting (a burst would all pass the check, then wait for the worker threads)."""
+    requests being prepared counted as waiting (a burst would all pass the check, then wait for the worker threads).
+    A request whose adapter was resident when checked, evicted before its worker thread held it, is prepared again
+    in one of ``loads``' threads: its load never runs on another."""
     state.engine.check_room(state.preparing)
     sampling = {
         "temperature": body.temperature,
@@ -134,9 +136,13 @@ async def _prepare(
     state.preparing += 1  # (on the event loop, as the check: its caller submits the job before it next awaits)
     try:
         args = (state.prepare, body.model, prompt, max_tokens, field)
-        if body.model != state.base_name and not state.registry.is_resident(body.model):
-            return await loads.run(*args, **sampling)
-        return await run_in_threadpool(*args, **sampling)
+        if body.model == state.base_name:
+            return await run_in_threadpool(*args, **sampling)
+        if state.registry.is_resident(body.model):  # held in this thread only if it still is (load=False)
+            job = await run_in_threadpool(*args, load=False, **sampling)
+            if job is not None:
+                return job
+        return await loads.run(*args, **sampling)
     finally:
         state.preparing -= 1
 

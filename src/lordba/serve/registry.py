@@ -107,10 +107,10 @@ class AdapterRegistry(AdapterNames):
         :class:`AdapterMemoryError` (no room now, 503), :class:`AdapterTooLargeError` (larger than the whole
         budget, 400), :class:`UnavailableError` (the name's unloaded adapter
         still drains, 503), :class:`BadRequestError` (invalid name)."""
-        if self._hold_resident(name):
+        if self.acquire_resident(name):
             return
         with self._load_lock:
-            if self._hold_resident(name):
+            if self.acquire_resident(name):
                 return
             with self._cond:
                 entry = self._lookup(name)
@@ -141,7 +141,9 @@ class AdapterRegistry(AdapterNames):
                     del self._draining[name]
                 self._delete(name, entry)
 
-    def _hold_resident(self, name: str) -> bool:
+    def acquire_resident(self, name: str) -> bool:
+        """Hold adapter ``name`` for a request if it is resident (True), else hold nothing and load nothing (False):
+        the caller then :meth:`acquire` s it where a load may run. Raises as :meth:`acquire` for a name it refuses."""
         with self._cond:
             entry = self._lookup(name)
             if entry.resident:

@@ -129,11 +129,14 @@ class ServerState:
         prompt: Callable[[], list[int]],
         max_tokens: int | None,
         field: str = "prompt",
+        load: bool = True,
         **sampling: Any,
-    ) -> Job:
+    ) -> Job | None:
         """Resolve ``model`` and hold its adapter (loading it on first use), then tokenize (``prompt``)
         and check the context (an error names ``field``, the request's field of the prompt: ``prompt`` or
-        ``messages``); returns the :class:`Job` (its adapter is held: the engine releases it).
+        ``messages``); returns the :class:`Job` (its adapter is held: the engine releases it). Without ``load``,
+        None where the adapter is not resident (nothing held, nothing tokenized): the caller prepares it again where
+        a load may run (the app's load threads).
 
         Raises :class:`UnknownAdapterError` (404), :class:`AdapterLoadError` (400),
         :class:`ContextLengthError` (400), :class:`BadRequestError` (400), :class:`AdapterTooLargeError` (400),
@@ -141,7 +144,10 @@ class ServerState:
         arrival = time.monotonic()  # latencies count the tokenizing and the adapter's load (vLLM's: from arrival)
         route = BASE_ROW if model == self.base_name else self.registry.check_name(model)
         if route != BASE_ROW:
-            self.registry.acquire(route)
+            if load:
+                self.registry.acquire(route)
+            elif not self.registry.acquire_resident(route):
+                return None
         try:
             ids = prompt()
             room = self.max_context - len(ids)
