@@ -1,5 +1,6 @@
 """The server under overload: a bounded waiting queue (``--max-waiting``), a chat too long for the context refused
-before the work it would take, and the tokenizer's lock held only for the tokenizing."""
+before the work it would take, and the tokenizer's lock held only for the tokenizing (none where its calls only
+read it)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,44 @@ def test_a_chat_being_rendered_does_not_hold_up_other_prompts_tokenizing(state, 
     monkeypatch.setattr(state.encoder, "apply_chat_template", slow_render)
     assert state.chat_prompt([{"role": "user", "content": "hi"}])
     assert other == [state.encode("hi")]
+
+
+def test_a_long_prompt_being_tokenized_does_not_hold_up_another_prompts_tokenizing(state, monkeypatch):
+    """Every prompt was tokenized under the encoder's one lock: a long one (2.3 s for 900,000 characters with
+    SmolLM2's tokenizer) held up every other request's tokenizing. A fast tokenizer's calls only read it once one call
+    settled its truncation, padding and special-token splitting (:func:`shareable`): they run at once, unlocked."""
+    hi, other = state.encode("hi"), []
+    tokenize = state.encoder._encode_plus
+
+    def slow(*args, **kwargs):  # another request's prompt comes while this one is being tokenized
+        if kwargs.get("text", args[0] if args else None) == "long":
+            worker = threading.Thread(target=lambda: other.append(state.encode("hi")), daemon=True)
+            worker.start()
+            worker.join(timeout=5)
+        return tokenize(*args, **kwargs)
+
+    monkeypatch.setattr(state.encoder, "_encode_plus", slow)
+    assert len(state.encode("long")) >= 4
+    assert other == [hi]
+
+
+def test_a_tokenizer_files_truncation_and_padding_are_settled_before_it_is_shared():
+    """transformers' call turns off a truncation or padding its tokenizer.json sets, a write to the Rust tokenizer that
+    fails a concurrent call: the server's copy is settled by one call before threads share it, and tokenizes whole
+    prompts; a tokenizer without a Rust backend stays under the lock."""
+    from lordba.serve.state import shareable
+
+    tokenizer = char_tokenizer()
+    tokenizer.backend_tokenizer.enable_truncation(4)
+    tokenizer.backend_tokenizer.enable_padding(length=8)
+    state = build_state(tiny_model(), tokenizer, "tiny-llama")
+    try:
+        assert state.encoder_shared and state.encoder.backend_tokenizer.truncation is None
+        assert state.encoder.backend_tokenizer.padding is None
+        assert len(state.encode("1234567890")) >= 10
+    finally:
+        state.engine.shutdown()
+    assert not shareable(object())
 
 
 def post(url: str, path: str, body: dict) -> tuple[int, http.client.HTTPMessage, dict]:
@@ -141,15 +180,19 @@ def test_requests_being_tokenized_count_against_max_waiting():
     state = build_state(tiny_model(), char_tokenizer(), "tiny-llama", max_batch=1, max_waiting=1)
     body = {"model": "tiny-llama", "prompt": "12+3", "max_tokens": 2, "temperature": 0}
     got: list[int] = []
+    release, encode = threading.Event(), state.encode
+    state.encode = lambda prompt: release.wait(30) and encode(prompt)  # their tokenizing waits (a long prompt's, say)
     with Server(state) as server:
         calls = []
-        with state.encoder_lock:  # another prompt being tokenized: these wait for it
+        try:
             for preparing in (1, 2):  # one for the free slot, one waiting for it
                 calls.append(threading.Thread(target=lambda: got.append(post(server.url, "/v1/completions", body)[0])))
                 calls[-1].start()
                 assert wait_for(lambda preparing=preparing: state.preparing == preparing), state.preparing
             status, headers, answer = post(server.url, "/v1/completions", body)
             assert status == 503 and answer["error"]["code"] == "queue_full" and headers["Retry-After"] == "1"
+        finally:
+            release.set()
         for call in calls:
             call.join(30)
         assert got == [200, 200] and state.preparing == 0

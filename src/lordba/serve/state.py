@@ -4,6 +4,7 @@ and the steps of one request (resolve the adapter, tokenize, check the context, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import threading
 import time
@@ -47,11 +48,13 @@ class ServerState:
     tokenizer: Any
     base_name: str
     max_context: int
-    # prompts are tokenized by the HTTP threads with a copy of the tokenizer under their own lock: the engine's
-    # thread detokenizes with the original under engine.tokenizer_lock (a fast tokenizer is not thread-safe), so a
-    # long prompt being tokenized never holds up the running batch
+    # prompts are tokenized by the HTTP threads with a copy of the tokenizer: the engine's thread detokenizes with the
+    # original under engine.tokenizer_lock, so a long prompt being tokenized never holds up the running batch; the
+    # copy is shared without a lock where concurrent calls only read it (encoder_shared), so a long prompt never
+    # holds up the others' tokenizing either, else under encoder_lock
     encoder: Any = field(init=False, repr=False)
     encoder_lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
+    encoder_shared: bool = field(init=False, repr=False, default=False)
 
     max_prompt_chars: int | None = field(init=False, repr=False, default=None)
     max_body_bytes: int | None = None  # the most bytes a request body may hold (None: the app's body_limit)
@@ -59,6 +62,7 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.encoder = copy.deepcopy(self.tokenizer)
+        self.encoder_shared = shareable(self.encoder)
         self.max_prompt_chars = prompt_char_limit(self.tokenizer, self.max_context)
 
     # ------------------------------------------------------------------ preparing
@@ -68,7 +72,7 @@ class ServerState:
         if isinstance(prompt, str):
             _check_text(prompt, "prompt")
             self._check_chars(prompt, "prompt")
-            with self.encoder_lock:
+            with self._encoding():
                 ids = list(self.encoder(prompt)["input_ids"])
         else:
             vocab = self._vocabulary()
@@ -78,6 +82,10 @@ class ServerState:
         if not ids:
             raise BadRequestError("prompt is empty", param="prompt")
         return ids
+
+    def _encoding(self) -> contextlib.AbstractContextManager:
+        """What a call of the encoder holds: nothing where calls may run at once (:func:`shareable`), else its lock."""
+        return contextlib.nullcontext() if self.encoder_shared else self.encoder_lock
 
     def _check_chars(self, text: str, field: str) -> None:
         """Refuse a text of more characters than ``max_context`` tokens can spell (:func:`prompt_char_limit`) before
@@ -117,7 +125,7 @@ class ServerState:
         except Exception as err:  # the template refuses these messages (e.g. a role it does not know)
             raise BadRequestError(f"the chat template refuses these messages: {err}", "messages") from None
         self._check_chars(text, "messages")
-        with self.encoder_lock:
+        with self._encoding():
             ids = list(self.encoder(text, add_special_tokens=False)["input_ids"])
         if not ids:
             raise BadRequestError("the chat template gives an empty prompt for these messages", "messages")
@@ -230,6 +238,26 @@ def prompt_char_limit(tokenizer: Any, max_context: int) -> int | None:
     except Exception:  # a tokenizer without a readable vocabulary: no limit
         return None
     return max_context * max(longest, 1) * CHAR_MARGIN if longest > 0 else None
+
+
+def shareable(encoder: Any) -> bool:
+    """Whether threads may tokenize with ``encoder`` at once, without a lock (once this call settled it): a fast
+    tokenizer (Rust, ``tokenizers``) encodes through a shared borrow, the interpreter lock released; what fails a
+    concurrent call ("Already borrowed") is a write, which transformers' call makes only where the tokenizer's
+    truncation, padding or special-token splitting differ from the call's (set in its ``tokenizer.json``, say). The
+    server's calls ask for none of them: after one call they match, and its calls only read the tokenizer. Any other
+    tokenizer (Python, or a truncation or padding that stays on) is shared under a lock."""
+    try:
+        from tokenizers import Tokenizer
+
+        backend = getattr(encoder, "backend_tokenizer", None)
+        if not isinstance(backend, Tokenizer):
+            return False
+        encoder("")  # turns off a truncation or padding of the file's, splits special tokens as the calls ask
+        split = bool(getattr(encoder, "split_special_tokens", False))
+        return backend.truncation is None and backend.padding is None and backend.encode_special_tokens == split
+    except Exception:  # (a tokenizer that refuses the empty text: kept under the lock)
+        return False
 
 
 def _check_text(text: str, param: str) -> None:
