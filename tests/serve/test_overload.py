@@ -249,6 +249,28 @@ def test_a_burst_of_requests_for_cold_adapters_leaves_worker_threads_to_the_base
         assert got == [200] * 45 and state.registry.loads == 45
 
 
+def test_a_chat_of_more_messages_than_the_contexts_tokens_is_served_where_the_template_drops_some():
+    """A chat of more messages than the context's tokens was refused before validation, as if every message rendered
+    as a token at least: under a template that drops empty messages, 250 messages, all but one empty, render as 19
+    tokens of a 200-token context, and were a 400 ``context_length_exceeded`` ("250 messages"). The count is checked
+    only where the template is seen to render every message (``renders_every_message``: the test template's,
+    SmolLM2's)."""
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['content'] %}<{{ m['role'] }}>{{ m['content'] }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    state = build_state(tiny_model(), tokenizer, "tiny-llama", max_context=200)
+    messages = [{"role": "user", "content": ""}] * 249 + [{"role": "user", "content": "hi"}]
+    body = {"model": "tiny-llama", "messages": messages, "max_tokens": 2, "temperature": 0}
+    with Server(state) as server:
+        status, _, answer = post(server.url, "/v1/chat/completions", body)
+        assert status == 200 and answer["usage"]["prompt_tokens"] == len("<user>hi\n<assistant>"), answer
+        status, _, answer = post(server.url, "/v1/chat/completions", {**body, "messages": [messages[-1]] * 250})
+        assert status == 400 and answer["error"]["code"] == "context_length_exceeded", answer  # (once rendered)
+    assert build_state(tiny_model(), char_tokenizer(), "tiny-llama").counts_messages  # (never started)
+
+
 def test_an_adapter_evicted_after_the_residency_check_loads_on_a_load_thread(tmp_path, monkeypatch):
     """Whether a request may load its adapter was decided on the event loop, before its worker thread ran: an adapter
     resident then and evicted before the thread held it loaded on a thread of the default pool, outside the

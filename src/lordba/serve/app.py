@@ -95,7 +95,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(raw: Annotated[Any, Body()], request: Request) -> Response:
         state = served()
-        body, messages = await bodies.chat(request, raw, state.max_context)  # (p.ChatRequest)
+        body, messages = await bodies.chat(request, raw, state.max_context, state.counts_messages)  # (p.ChatRequest)
         job = await _prepare(state, loads, body, lambda: state.chat_prompt(messages), body.limit(), "messages")
         return await _respond(state, job, body, request, chat=True)
 

@@ -1,10 +1,11 @@
 """Validating a generation request's body (its JSON already parsed by FastAPI) into its protocol model, in a worker
 thread when it is large: validating 100,000 chat messages takes seconds of pydantic, during which the event loop, which
 every stream shares, served nobody. A list that can never fit the context (more chat messages or prompt token ids than
-its tokens) is refused before it is validated."""
+its tokens, where the chat template renders every message as a token at least) is refused before it is validated."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import anyio
@@ -23,9 +24,13 @@ async def completion(request: Request, raw: Any, max_context: int) -> tuple[p.Co
     return await _off_loop(request, _completion, raw, max_context)
 
 
-async def chat(request: Request, raw: Any, max_context: int) -> tuple[p.ChatRequest, list[dict[str, Any]]]:
-    """``(body, its messages as the chat template takes them)`` of ``POST /v1/chat/completions``."""
-    return await _off_loop(request, _chat, raw, max_context)
+async def chat(
+    request: Request, raw: Any, max_context: int, count_messages: bool = True
+) -> tuple[p.ChatRequest, list[dict[str, Any]]]:
+    """``(body, its messages as the chat template takes them)`` of ``POST /v1/chat/completions``; ``count_messages``:
+    more messages than ``max_context`` are refused before validation (the chat template renders each one as a token
+    at least: :func:`lordba.serve.state.renders_every_message`)."""
+    return await _off_loop(request, functools.partial(_chat, count_messages=count_messages), raw, max_context)
 
 
 async def _off_loop(request: Request, work, raw: Any, max_context: int):  # noqa: ANN001
@@ -49,9 +54,9 @@ def _completion(raw: Any, max_context: int) -> tuple[p.CompletionRequest, str | 
     return body, body.single_prompt()
 
 
-def _chat(raw: Any, max_context: int) -> tuple[p.ChatRequest, list[dict[str, Any]]]:
+def _chat(raw: Any, max_context: int, count_messages: bool = True) -> tuple[p.ChatRequest, list[dict[str, Any]]]:
     messages = raw.get("messages") if isinstance(raw, dict) else None
-    if isinstance(messages, list) and len(messages) > max_context:  # each one renders as a token at least
+    if count_messages and isinstance(messages, list) and len(messages) > max_context:  # each renders as a token
         raise ContextLengthError(
             f"This model's maximum context length is {max_context} tokens. However, your messages are "
             f"{len(messages)} messages, each at least one token once rendered. Please reduce the number of messages.",

@@ -57,6 +57,8 @@ class ServerState:
     encoder_shared: bool = field(init=False, repr=False, default=False)
 
     max_prompt_chars: int | None = field(init=False, repr=False, default=None)
+    # a chat of more messages than max_context is refused before its body is validated (renders_every_message)
+    counts_messages: bool = field(init=False, repr=False, default=False)
     max_body_bytes: int | None = None  # the most bytes a request body may hold (None: the app's body_limit)
     preparing: int = field(init=False, repr=False, default=0)  # requests being tokenized, not yet submitted (the app's)
 
@@ -64,6 +66,7 @@ class ServerState:
         self.encoder = copy.deepcopy(self.tokenizer)
         self.encoder_shared = shareable(self.encoder)
         self.max_prompt_chars = prompt_char_limit(self.tokenizer, self.max_context)
+        self.counts_messages = renders_every_message(self.encoder)
 
     # ------------------------------------------------------------------ preparing
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -238,6 +241,38 @@ def prompt_char_limit(tokenizer: Any, max_context: int) -> int | None:
     except Exception:  # a tokenizer without a readable vocabulary: no limit
         return None
     return max_context * max(longest, 1) * CHAR_MARGIN if longest > 0 else None
+
+
+_PROBED = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+_PROBED.append({"role": "user", "content": "c"})
+
+
+def renders_every_message(encoder: Any) -> bool:
+    """Whether ``encoder``'s chat template renders every message as a token at least, as probed: a message of each
+    role, empty or not, put at each place of a short chat gives more tokens (a template that drops empty messages, or
+    keeps one system message of several, does not: then a chat of more messages than the context's tokens may still
+    fit it). False without a template, or where it refuses the probe's chat."""
+
+    def tokens(messages: list[dict[str, str]]) -> int:
+        text = encoder.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return len(encoder(text, add_special_tokens=False)["input_ids"])
+
+    if not getattr(encoder, "chat_template", None):
+        return False
+    try:
+        least = tokens(_PROBED)
+    except Exception:
+        return False
+    for role in ("system", "user", "assistant"):
+        for content in ("", "x"):
+            for at in range(len(_PROBED) + 1):
+                try:
+                    more = tokens([*_PROBED[:at], {"role": role, "content": content}, *_PROBED[at:]])
+                except Exception:  # (the template refuses this chat: so it would the requests like it)
+                    continue
+                if more <= least:
+                    return False
+    return True
 
 
 def shareable(encoder: Any) -> bool:
