@@ -249,6 +249,35 @@ def test_a_burst_of_requests_for_cold_adapters_leaves_worker_threads_to_the_base
         assert got == [200] * 45 and state.registry.loads == 45
 
 
+def test_health_is_answered_while_a_large_body_is_parsed(state, monkeypatch):
+    """FastAPI parsed a request's JSON body on the event loop, which every stream and /health share: 100,000 chat
+    messages (3.4 MB) held it 0.3-0.6 s. A body over OFFLOAD_BYTES is parsed in a worker thread, giving the interpreter
+    lock back between JSON objects: /health, asked while the body is being parsed, is answered then."""
+    from lordba.serve.bodies import OFFLOAD_BYTES
+
+    health: list[object] = []
+    loads = json.loads
+
+    def parsing(text, *args, **kwargs):  # /health asked (and waited for) from inside the large body's parse
+        if len(text) > OFFLOAD_BYTES and not health:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+            try:
+                conn.request("GET", "/health")
+                health.append(conn.getresponse().status)
+            except OSError as err:  # (the event loop never answered: it was parsing)
+                health.append(repr(err))
+            finally:
+                conn.close()
+        return loads(text, *args, **kwargs)
+
+    many = {"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}] * 5000}
+    with Server(state) as server:
+        monkeypatch.setattr(json, "loads", parsing)
+        status, _, answer = post(server.url, "/v1/chat/completions", many)
+    assert health == [200]
+    assert status == 400 and answer["error"]["code"] == "context_length_exceeded", answer  # (5000 messages)
+
+
 def test_a_chat_of_more_messages_than_the_contexts_tokens_is_served_where_the_template_drops_some():
     """A chat of more messages than the context's tokens was refused before validation, as if every message rendered
     as a token at least: under a template that drops empty messages, 250 messages, all but one empty, render as 19

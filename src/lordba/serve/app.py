@@ -39,6 +39,7 @@ def build_app(state: ServerState) -> FastAPI:
     FastAPI keeps every endpoint it has served in process-wide caches, which would keep a stopped server's
     model alive)."""
     app = FastAPI(title="lordba serve", docs_url=None, redoc_url=None)
+    app.router.route_class = bodies.OffLoopRoute  # (a large JSON body parsed off the event loop; before the routes)
     app.state.serve = state
     _error_handlers(app)
     bodies.document(app)
