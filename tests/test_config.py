@@ -49,6 +49,18 @@ def test_from_dict_errors():
         LoRDBAConfig.from_dict({"format_version": "1"})
 
 
+def test_a_peft_lora_folder_read_as_a_lordba_adapter_says_how_to_convert_it(tmp_path):
+    # a new user's first mix-up (`lordba generate --adapter`, `inspect`, `export-lora` or from_pretrained of a
+    # PEFT LoRA folder) was refused with "peft_type is 'LORA', not 'LORDBA'" alone: nothing said what to do
+    from peft import LoraConfig
+
+    LoraConfig(r=2, target_modules=["q_proj"]).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"adapter_config\.json: peft_type is 'LORA', not 'LORDBA'.*lordba convert"):
+        LoRDBAConfig.from_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"peft_type is 5, not 'LORDBA'$"):  # not a PEFT type at all: no hint
+        LoRDBAConfig.from_dict({"peft_type": 5})
+
+
 def test_rank_and_alpha_patterns():
     cfg = LoRDBAConfig(
         r=8,

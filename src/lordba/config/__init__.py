@@ -66,6 +66,13 @@ _OPTIONAL_FIELDS = {
 }
 
 
+# what to do with another PEFT type's adapter given where a LoRDBA one is read (a LoRA: the common mix-up)
+_OTHER_TYPE_HINT = (
+    ": a PEFT adapter of another type; load it with PEFT, or convert a LoRA to LoRDBA with "
+    "`lordba convert LORA_DIR OUT_DIR` (in Python lordba.convert_lora)"
+)
+
+
 @dataclass
 class LoRDBAConfig:
     """Configuration of a LoRDBA adapter (PEFT-style: each field's help is in its ``metadata["help"]``).
@@ -308,7 +315,10 @@ class LoRDBAConfig:
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         peft_type = data.get("peft_type", PEFT_TYPE)
         if peft_type != PEFT_TYPE:
-            raise ConfigError(f"{source}: peft_type is {safe_repr(peft_type)}, not {PEFT_TYPE!r}")
+            raise ConfigError(
+                f"{source}: peft_type is {safe_repr(peft_type)}, not {PEFT_TYPE!r}"
+                + (_OTHER_TYPE_HINT if isinstance(peft_type, str) else "")
+            )
         version = data.get("format_version", FORMAT_VERSION)
         if type(version) is not int:
             raise ConfigError(f"{source}: format_version must be an integer, got {safe_repr(version)}")
