@@ -18,10 +18,19 @@ from lordba.quant.backend import BaseBackend
 
 
 def _bnb():
+    """bitsandbytes if it is installed, else None (enough to tell that a layer is none of its kinds)."""
     try:
         import bitsandbytes
     except ImportError:
         return None
+    return bitsandbytes
+
+
+def _require_bnb():
+    """bitsandbytes, to build its layers: without it, the ``ModuleNotFoundError`` naming it (which ``lordba``
+    reports with the extra to install, ``pip install 'lordba[quant]'``, as for hqq)."""
+    import bitsandbytes
+
     return bitsandbytes
 
 
@@ -124,7 +133,7 @@ def _nf4_codes(weight: nn.Parameter) -> tuple[torch.Tensor, Any]:
 
 def make_linear8bit(weight: torch.Tensor, bias: torch.Tensor | None, threshold: float = 0.0) -> nn.Module:
     """A frozen ``Linear8bitLt`` (int8 weights, per-row absmax) holding ``weight`` (``out × in``) and ``bias``."""
-    bnb = _bnb()
+    bnb = _require_bnb()
     out_f, in_f = weight.shape
     layer = bnb.nn.Linear8bitLt(  # built empty (as transformers builds it): no random init from the global generator
         in_f, out_f, bias=bias is not None, has_fp16_weights=False, threshold=threshold, device="meta"
@@ -138,7 +147,7 @@ def make_linear8bit(weight: torch.Tensor, bias: torch.Tensor | None, threshold: 
 def _make_linear4bit(
     weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype, quant_type: str = "nf4"
 ) -> nn.Module:
-    bnb = _bnb()
+    bnb = _require_bnb()
     out_f, in_f = weight.shape
     layer = bnb.nn.Linear4bit(  # built empty (as transformers builds it): no random init from the global generator
         in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype, quant_type=quant_type, device="meta"
