@@ -73,6 +73,37 @@ def test_tests_cited_by_name_in_the_parity_table_exist():
     assert not missing, missing
 
 
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _anchors(doc: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+\s+(.*)$", doc.read_text(encoding="utf-8"), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_relative_link_in_the_docs_leads_somewhere():
+    """A Markdown link ``[text](path#anchor)`` of README.md, docs/*.md, the results' and the benchmarks' READMEs
+    names a file or folder that exists and, into a Markdown file, one of its headings. The path check above reads
+    code spans only: a moved results folder or a renamed section left a link a new user clicks into nothing."""
+    docs = [*DOCS, ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs" / "results").rglob("*.md"))]
+    checked, broken = 0, []
+    for doc in docs:
+        text = re.sub(r"```.*?```", "", doc.read_text(encoding="utf-8"), flags=re.S)
+        for link in LINK.findall(text):
+            if re.match(r"[a-z]+:", link):  # https:, mailto:
+                continue
+            path, _, anchor = link.partition("#")
+            target = (doc.parent / path).resolve() if path else doc
+            checked += 1
+            if not target.exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {link}: no such file")
+            elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+                broken.append(f"{doc.relative_to(ROOT)}: {link}: no such heading")
+    assert checked > 30  # the pattern still finds the links
+    assert not broken, "\n".join(broken)
+
+
 def _command_lines() -> list[tuple[str, str]]:
     """``lordba ...`` command lines the docs show: lines of fenced blocks (a ``#`` comment cut off) and
     code spans (a span may wrap onto the next line)."""
