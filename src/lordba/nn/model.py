@@ -148,10 +148,12 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
             if name not in self.peft_config:
                 raise AdapterStateError(f"unknown adapter {name!r}; loaded adapters: {sorted(self.peft_config)}")
 
-    def _check_new_name(self, name: str) -> None:
+    def _check_new_name(self, name: str, new: bool = True) -> None:
+        """Refuse ``name`` for an adapter (``new``: one made here, to be saved in a folder of its name; an adapter
+        loaded from files may keep a name Windows cannot hold as a folder, as a Linux server's adapter folder does)."""
         if not isinstance(name, str) or not name or name == BASE_ROW or any(c in name for c in "./\\"):
             raise ConfigError(f"adapter name must be a non-empty string without '.', '/' or '\\', got {name!r}")
-        problem = windows_name_problem(name)
+        problem = windows_name_problem(name) if new else None
         if problem is not None:  # save_pretrained writes every adapter but "default" into a folder of its name
             raise ConfigError(
                 f"adapter name {name!r} cannot be a folder name on Windows ({problem}), and save_pretrained saves "

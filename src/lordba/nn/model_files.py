@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lordba._util.files import check_path
+from lordba._util.files import check_path, windows_name_problem
 from lordba.config import LoRDBAConfig
 from lordba.errors import AdapterFormatError, ConfigError, LoRDBAError
 from lordba.format import adapter as adapter_files
@@ -101,6 +101,7 @@ class AdapterFilesMixin(AdapterLoadMixin):
         with self._lock.read():
             names = _selected(selected_adapters, self.peft_config)
             self._check_known(*names)
+            _check_folder_names(names)
             saves = []  # every adapter's files first: one that cannot be saved leaves all folders as they were
             for name in names:
                 state = self.adapter_state(name)
@@ -194,3 +195,20 @@ def _left_out(config: LoRDBAConfig, path: str, adapter: LoRDBAAdapter) -> bool:
     config does not describe: it is not part of that adapter and is not saved with it."""
     described = config.targets_module(path) and config.rank_for(path) == adapter.r
     return not described and not bool(adapter.scale_out.any())
+
+
+def _check_folder_names(names: Sequence[str]) -> None:
+    """Refuse to save an adapter (all but ``default``, saved in the folder itself) into a folder of its name where
+    Windows cannot hold that folder (``aux``, ``a:b``: a name an adapter loaded from a Linux folder may keep).
+
+    Raises:
+        ConfigError: such a name, naming it.
+    """
+    for name in names:
+        problem = None if name == "default" else windows_name_problem(name)
+        if problem is not None:
+            raise ConfigError(
+                f"save_pretrained: adapter {name!r} would be saved in a folder of its name, which cannot be a folder "
+                f"name on Windows ({problem}): load it under another name (load_adapter(..., adapter_name=...)) "
+                "and save that one"
+            )

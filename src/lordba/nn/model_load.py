@@ -145,7 +145,7 @@ class AdapterLoadMixin:
             AdapterFormatError: a missing, invalid or unresolvable adapter (named); AdapterStateError /
                 ConfigError: the name is taken or invalid.
         """
-        self._check_new_name(adapter_name)
+        self._check_new_name(adapter_name, new=False)
         hub = dict(
             revision=revision, token=token, cache_dir=cache_dir, subfolder=subfolder, local_files_only=local_files_only
         )
@@ -180,7 +180,7 @@ class AdapterLoadMixin:
         """:meth:`load_adapter_state`; given ``targets`` (what :meth:`_check_fits` returned for a file
         the loader read itself), the check is not repeated and the adapters hold the file's freshly
         read tensors without copying them. Returns the installed adapters by module path."""
-        self._check_new_name(adapter_name)
+        self._check_new_name(adapter_name, new=False)
         owned = targets is not None
         if targets is None:  # an in-memory state: the checks a file's tensors get, then the model's
             adapter_files.checked_tensors(state.config, state.modules, "load_adapter_state: cannot load")
@@ -211,7 +211,7 @@ class AdapterLoadMixin:
         if not owned:  # the caller's tensors: copied, as a loaded file's are held (one buffer)
             hold_together([a for a in adapters.values() if isinstance(a, PackedAdapter)])
         with self._lock.write():
-            self._check_new_name(adapter_name)  # again: another thread may have taken the name
+            self._check_new_name(adapter_name, new=False)  # again: another thread may have taken the name
             self._install(adapter_name, adapters)
             self.peft_config[adapter_name] = config
         return adapters
