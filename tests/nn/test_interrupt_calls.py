@@ -1,5 +1,6 @@
 """Ctrl-C (``KeyboardInterrupt``) as a model call or a ``disable_adapter`` block begins or ends, its traceback kept (a
-notebook keeps the last one): the model's gate and lock are free, and the thread is in no block."""
+notebook keeps the last one): the model's gate and lock are free, the thread is in no block and no model call's token
+(``fastpath.armed``) is left published."""
 
 import contextlib
 import threading
@@ -10,26 +11,36 @@ from _interrupts import ctrl_c_at_each_check
 
 from lordba import LoRDBAConfig, get_lordba_model
 from lordba.nn import fastpath, lock, model, routing
+from lordba.nn.fastpath import ARMED
 from lordba.nn.routing import in_disable_block
 
 from conftest import tiny_llama
 
 FILES = {contextlib.__file__, threading.__file__, model.__file__, lock.__file__, routing.__file__, fastpath.__file__}
+IDS = torch.tensor([[5, 17, 3]])
 
 
 @pytest.fixture
 def lm():
     torch.manual_seed(3)
-    return get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random"))
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=4, init="random"))
+    lm.pack()  # (the inference form: a call with gradients off keeps the layers' one-op calls, fastpath.decode_call)
+    return lm
 
 
 def check_free(lm, n):
-    """The model is as before the interrupted call: nothing holds its gate or lock, this thread is in no block, this
-    thread may change adapters and another thread's merge does not wait."""
+    """The model is as before the interrupted call: nothing holds its gate or lock, this thread is in no block and no
+    call's token is published, this thread may change adapters and another thread's merge does not wait."""
     gate, rw = lm._gate, lm._lock
     state = (gate._holders, gate.routing, gate._blocks, rw._readers, rw._writer, getattr(rw._local, "depth", 0))
     assert state == ({}, None, 0, 0, None, 0), (n, state)
     assert not in_disable_block(gate), n  # (else this thread's calls ran the base alone)
+    assert ARMED.token is None, n
+    with torch.no_grad():  # (a token left: the layers of the base model called directly took their kept calls)
+        lm(input_ids=IDS)  # (kept calls made under the token of a call like the interrupted one)
+        with lm.disable_adapter():
+            direct, base = lm.get_base_model()(input_ids=IDS).logits, lm(input_ids=IDS).logits
+    assert torch.equal(direct, base), (n, "the base model called in a disable_adapter block added the adapter")
     lm.set_adapter("default")  # (raised AdapterStateError: "from inside a forward call")
     done = threading.Event()
 
@@ -57,7 +68,7 @@ def test_a_ctrl_c_anywhere_as_a_call_or_block_begins_leaves_the_model_free(lm, h
             cm = lm.disable_adapter()
         else:
             cm = lm._calling(["default"] if how.endswith("names") else None)
-        with attempt, cm:
+        with attempt, torch.no_grad(), cm:  # (gradients off: the call is armed)
             attempt.reached()
         cm = None
         check_free(lm, attempt.n)  # (attempt.error, its traceback, kept)
@@ -69,9 +80,10 @@ def test_a_ctrl_c_anywhere_as_a_call_or_block_ends_leaves_the_model_free(lm, how
     traceback kept: the model is free."""
     for attempt in ctrl_c_at_each_check(FILES):
         cm = lm.disable_adapter() if how == "disable_adapter" else lm._calling(None)
-        cm.__enter__()
-        with attempt:
-            cm.__exit__(None, None, None)
-            attempt.reached()
+        with torch.no_grad():  # (gradients off: the call is armed)
+            cm.__enter__()
+            with attempt:
+                cm.__exit__(None, None, None)
+                attempt.reached()
         attempt.error = cm = None  # (one at the start of __exit__: the generator closed with the traceback)
         check_free(lm, attempt.n)

@@ -12,7 +12,6 @@ is changed (:func:`lordba.nn.epoch.touch`).
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -178,7 +177,6 @@ def _decode_entry(layer: nn.Module, routing: object, x: torch.Tensor) -> tuple |
     return call, hook_dicts, native
 
 
-@contextlib.contextmanager
 def armed(routing: object) -> Iterator[None]:
     """Within a model call (:class:`~lordba.nn.model.LoRDBAModel`'s, in this thread, ``routing`` its routing):
     where gradients are off, nothing is traced and no global forward hook is set, the call's state — its
@@ -186,11 +184,17 @@ def armed(routing: object) -> Iterator[None]:
     it changes. A layer that has taken its kept call (:func:`decode_call`) under that token then takes it again
     after checking only what a call can change: the token, the adapters' epoch (:func:`touch`), the input's
     dtype, grad mode, tracing and the hooks of its base layer and adapter. Eager decode's per-layer checks cost
-    ~4% of a step, this ~1% (docs/kernels.md). Never raises."""
+    ~4% of a step, this ~1% (docs/kernels.md). Never raises.
+
+    A generator the model call's own generator delegates to (``yield from``), not a context manager: the token is
+    set and put back in this frame, so a Ctrl-C at any point leaves none behind (a context manager's ``__enter__``
+    and ``__exit__`` are Python code: one there as the token was set, or before it was put back, kept it while the
+    traceback lived, and a layer called directly, outside any model call, took its kept call: in a
+    ``disable_adapter`` block it added the adapter)."""
     previous = ARMED.token
-    steady = not (torch.is_grad_enabled() or torch.compiler.is_compiling())
-    ARMED.token = _token(routing) if steady and not (_global_forward_hooks or _global_forward_pre_hooks) else None
-    try:
+    try:  # (set inside: a Ctrl-C as it is set puts it back)
+        steady = not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+        ARMED.token = _token(routing) if steady and not (_global_forward_hooks or _global_forward_pre_hooks) else None
         yield
     finally:
         ARMED.token = previous

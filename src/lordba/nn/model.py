@@ -305,13 +305,13 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
                 "layers are recomputed in backward with the active adapters, so the gradients would be wrong; "
                 "turn gradient checkpointing off (gradient_checkpointing_disable()), or use set_adapter()"
             )
-        with self._gate.enter(call), self._lock.read(), armed(self._gate.routing):
+        with self._gate.enter(call), self._lock.read():
             unknown = sorted({n for n in names or () if n != BASE_ROW and n not in self.peft_config}, key=str)
             if unknown:
                 raise AdapterStateError(
                     f"adapter_names: unknown adapter(s) {unknown}; loaded: {sorted(self.peft_config)}"
                 )
-            yield
+            yield from armed(self._gate.routing)  # (in this frame: no context manager's exit to interrupt)
 
     def _forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         if torch.compiler.is_exporting():  # (torch.export refuses the call's frame that torch.compile runs eagerly)
