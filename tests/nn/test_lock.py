@@ -127,3 +127,22 @@ def test_a_ctrl_c_anywhere_while_waiting_for_the_lock_raises_it_and_leaves_the_l
             assert isinstance(attempt.error, KeyboardInterrupt) and not attempt.finished, n
             assert (lock._waiting_writers, lock._mutex.locked(), getattr(lock._local, "depth", 0)) == (0, False, 0), n
         assert (lock._readers, lock._writer, lock._writer_depth, lock._waiting_writers) == (0, None, 0, 0), n
+
+
+@pytest.mark.parametrize("how", ["read", "write"])
+def test_a_holding_blocks_close_gives_the_lock_back_and_does_nothing_once_it_is_given_back(how):
+    """``close()`` of a held block (what a generator holding it inside its own calls on an exception) gives the lock
+    back; after the block ended, or called again, it changes nothing."""
+    lock = RWLock()
+    held = lock.read() if how == "read" else lock.write()
+    held.__enter__()
+    held.close()
+    assert (lock._readers, lock._writer, lock._writer_depth, getattr(lock._local, "depth", 0)) == (0, None, 0, 0)
+    held.close()
+    with lock.write():  # (another block of this thread while one is held: the count stays that one's)
+        ended = lock.read() if how == "read" else lock.write()
+        with ended:
+            pass
+        ended.close()
+        assert (lock._writer, lock._writer_depth, lock._readers) == (threading.get_ident(), 1, 0)
+    assert (lock._readers, lock._writer, lock._writer_depth) == (0, None, 0)

@@ -61,12 +61,19 @@ class _Holding:
     around it, like ``contextlib.contextmanager``'s, whose ``__enter__`` is Python code: a Ctrl-C there just after the
     generator took the lock left it suspended, holding the lock for as long as the traceback lives (a notebook keeps
     the last one: a later writer waited for ever). This one gives the lock back at once. Like contextlib's, it also
-    decorates a function (each call runs in a new one)."""
+    decorates a function (each call runs in a new one).
 
-    __slots__ = ("call", "gen")
+    ``close()`` gives back what the generator holds now, if it still does (its ``finally``; nothing once the block
+    ended or before it began): for a generator that holds such a block inside its own and catches an exception, since
+    a Ctrl-C at the start of the inner block's ``__exit__`` (Python code, before anything of it ran) leaves the inner
+    generator holding while the traceback lives. It is the generator's own ``close`` (C): no Python code runs before
+    it does its work."""
+
+    __slots__ = ("call", "close", "gen")
 
     def __init__(self, gen: Iterator[None], call: tuple) -> None:
         self.gen, self.call = gen, call  # (``call``: the generator function and its arguments, to make another)
+        self.close = gen.close
 
     def __enter__(self) -> None:
         try:  # (the value stored inside the ``try``: a Ctrl-C handled as ``next`` returns is raised in it)

@@ -275,7 +275,7 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
                                 "adapters are merged into the base: unmerge_adapter() before disabling them"
                             )
                 except BaseException:  # (a Ctrl-C as its __exit__ began: the traceback keeps it, the lock held)
-                    reading.gen.close()
+                    reading.close()
                     raise
                 yield
         finally:
