@@ -264,22 +264,20 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
         (``contextvars.copy_context().run``, ``asyncio.to_thread``) to have them run the base. As PEFT's, it also
         decorates a function (``@model.disable_adapter()``: each call runs in a block)."""
         block, token = DisableBlock(self._gate), None  # this model's calls only
+        entering, reading = self._gate.enter(routing(None, True, None), block=True), self._lock.read()
         try:  # (recorded inside: a Ctrl-C as the set returns still closes the block)
             token = DISABLED.set(DISABLED.get() | {block})
-            with self._gate.enter(routing(None, True, None), block=True):
-                reading = self._lock.read()  # checked in the gate: a merge (another thread's) sees the block or it
-                try:
-                    with reading:
-                        if any(layer.merged for _, layer in self._lordba_layers()):
-                            raise AdapterStateError(
-                                "adapters are merged into the base: unmerge_adapter() before disabling them"
-                            )
-                except BaseException:  # (a Ctrl-C as its __exit__ began: the traceback keeps it, the lock held)
-                    reading.close()
-                    raise
+            with entering:
+                with reading:  # checked in the gate: a merge (another thread's) sees the block or it
+                    if any(layer.merged for _, layer in self._lordba_layers()):
+                        raise AdapterStateError(
+                            "adapters are merged into the base: unmerge_adapter() before disabling them"
+                        )
                 yield
         finally:
             block.open = False  # ends it in its context also when another thread closes it (no reset there)
+            reading.close()  # (a Ctrl-C as an inner block's __exit__ began left it holding while the traceback lived)
+            entering.close()
             if token is not None:
                 with contextlib.suppress(ValueError):  # (a token of another context)
                     DISABLED.reset(token)
@@ -305,13 +303,19 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
                 "layers are recomputed in backward with the active adapters, so the gradients would be wrong; "
                 "turn gradient checkpointing off (gradient_checkpointing_disable()), or use set_adapter()"
             )
-        with self._gate.enter(call), self._lock.read():
-            unknown = sorted({n for n in names or () if n != BASE_ROW and n not in self.peft_config}, key=str)
-            if unknown:
-                raise AdapterStateError(
-                    f"adapter_names: unknown adapter(s) {unknown}; loaded: {sorted(self.peft_config)}"
-                )
-            yield from armed(self._gate.routing)  # (in this frame: no context manager's exit to interrupt)
+        entering, reading = self._gate.enter(call), self._lock.read()
+        try:
+            with entering, reading:
+                unknown = sorted({n for n in names or () if n != BASE_ROW and n not in self.peft_config}, key=str)
+                if unknown:
+                    raise AdapterStateError(
+                        f"adapter_names: unknown adapter(s) {unknown}; loaded: {sorted(self.peft_config)}"
+                    )
+                yield from armed(self._gate.routing)  # (in this frame: no context manager's exit to interrupt)
+        except BaseException:  # (a Ctrl-C as an inner block's __exit__ began left it holding while the traceback lived)
+            reading.close()
+            entering.close()
+            raise
 
     def _forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         if torch.compiler.is_exporting():  # (torch.export refuses the call's frame that torch.compile runs eagerly)
