@@ -319,3 +319,23 @@ def test_two_skeletons_built_at_once_leave_modules_built_later_real(tmp_path, mo
         thread.join()
     assert len(results) == 2 and all(r is not None for r in results)
     assert not torch.nn.Linear(4, 4).weight.is_meta
+
+
+def test_a_ctrl_c_anywhere_while_a_skeleton_is_built_leaves_later_modules_real(tmp_path):
+    """Ctrl-C at each point where Python handles it in the skeleton's code while it builds one, its traceback kept (a
+    notebook keeps the last one): a module this thread builds afterwards has real parameters (was: one in contextlib's
+    ``__enter__`` as the meta-parameter block began, or at the start of its ``__exit__``, kept this thread counted as
+    building while the traceback lived: every module it built meanwhile got meta parameters)."""
+    import contextlib
+
+    import lordba.quant.skeleton as skeleton
+    from _interrupts import ctrl_c_at_each_check
+
+    folder = saved(tmp_path / "model")
+    files = {contextlib.__file__, skeleton.__file__}  # (not the model's build: the skeleton's code and its blocks')
+    names = {"_skeleton", "_on_meta_while", "_parameters_on_meta", "<lambda>", "helper", "__enter__", "__exit__"}
+    for attempt in ctrl_c_at_each_check(files, functions=names):
+        with attempt:
+            assert skeleton._skeleton(folder, torch.float32) is not None
+            attempt.reached()
+        assert not torch.nn.Linear(2, 2).weight.is_meta, attempt.n  # (attempt.error, its traceback, kept)

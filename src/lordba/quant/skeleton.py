@@ -13,11 +13,11 @@ pre-quantized or adapter folder, checkpoint keys transformers renames or convert
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -102,8 +102,7 @@ def _skeleton(folder: Path, dtype: torch.dtype) -> nn.Module | None:
     if any(getattr(config, name, None) for name in unusual) or getattr(type(config), "extra_files", None):
         return None
     config.name_or_path = str(folder)  # as from_pretrained records it
-    with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = _on_meta_while(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype))
     if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
         return None
     if _converted(model) or not hasattr(model, "adjust_generation_fn"):
@@ -138,32 +137,36 @@ def _converted(model: nn.Module) -> bool:
     return any(not isinstance(c, WeightRenaming) for c in get_model_conversion_mapping(model))
 
 
+T = TypeVar("T")
 _BUILDING = threading.local()  # depth: how many skeletons this thread is building now
-_HOOK: list = []  # the registration hook :func:`_parameters_on_meta` installs, once per process
+_HOOK: list = []  # the registration hook :func:`_on_meta_while` installs, once per process
 _HOOK_LOCK = threading.Lock()
 
 
 def _on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
     """The parameter ``module`` registers, moved to the ``meta`` device where this thread is inside
-    :func:`_parameters_on_meta`; ``None`` (registered as it is) elsewhere."""
+    :func:`_on_meta_while`; ``None`` (registered as it is) elsewhere."""
     if param is None or param.is_meta or not getattr(_BUILDING, "depth", 0):
         return None
     return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Inside, every parameter a module of this thread registers is moved to the ``meta`` device (its ``torch.empty``
-    is never written, so never resident); buffers stay real: non-persistent ones are not in the checkpoint. Modules
-    other threads build meanwhile keep theirs: the move is torch's parameter registration hook, installed once and
-    acting in the threads inside only (``nn.Module.register_parameter`` patched for the process while a skeleton was
-    built gave a module of another thread meta parameters, and two builds at once could leave it patched)."""
+def _on_meta_while(build: Callable[[], T]) -> T:
+    """``build()``, every parameter a module of this thread registers meanwhile moved to the ``meta`` device (its
+    ``torch.empty`` is never written, so never resident); buffers stay real: non-persistent ones are not in the
+    checkpoint. Modules other threads build meanwhile keep theirs: the move is torch's parameter registration hook,
+    installed once and acting in the threads inside only (``nn.Module.register_parameter`` patched for the process
+    while a skeleton was built gave a module of another thread meta parameters, and two builds at once could leave it
+    patched). The count is taken and given back in this frame (a context manager's ``__enter__`` and ``__exit__`` are
+    Python code: a Ctrl-C there, as contextlib's generator yielded, kept it while the traceback lived, and every
+    module the thread built meanwhile got meta parameters)."""
     with _HOOK_LOCK:
         if not _HOOK:  # (never removed: a removal while another thread runs the hooks would fail its iteration)
             _HOOK.append(register_module_parameter_registration_hook(_on_meta))
-    _BUILDING.depth = getattr(_BUILDING, "depth", 0) + 1
-    try:
-        yield
+    _BUILDING.depth = getattr(_BUILDING, "depth", 0) + 1  # (no call between this store and the ``try``)
+    try:  # (the result stored inside the ``try``: a Ctrl-C handled as ``build`` returns is raised in it)
+        built = build()
+        return built
     finally:
         _BUILDING.depth -= 1
 
