@@ -7,7 +7,6 @@ or type raises :class:`~lordba.errors.ConfigError` naming the field (the checks 
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from lordba.config.checks import (
     _check_str,
     check_base_quantization,
 )
+from lordba.config.layers import in_layers
 from lordba.config.locate import is_hub_id, locate
 from lordba.core.scales import SCALE_DTYPES
 from lordba.core.ste import STE, STE_KINDS
@@ -266,31 +266,9 @@ class LoRDBAConfig:
         return list(dict.fromkeys([*(self.modules_to_save or []), *TASK_HEADS.get(self.task_type or "", ())]))
 
     def in_layers(self, module_name: str, legacy: bool = False) -> bool:
-        """Whether ``module_name`` is in ``layers_to_transform`` (PEFT's rule; True when it is unset): the
-        layer index is the first ``<name>.<digits>.`` of the path (``decoder.block.1.layer.0.…``: 1), or the
-        digits after the first ``layers_pattern`` that the path holds. With ``legacy`` (checking a file),
-        without ``layers_pattern`` the last ``<name>.<digits>.`` counts too: lordba took that one before, and
-        the files it wrote then still load. A module whose whole path is an entry of a ``target_modules`` list
-        is in, whatever its index (PEFT's rule: only suffix entries are limited to the layers)."""
-        if self.layers_to_transform is None:
-            return True
-        if isinstance(self.target_modules, list) and module_name in self.target_modules:
-            return True
-        wanted = self.layers_to_transform
-        wanted = [wanted] if isinstance(wanted, int) else wanted
-        if self._layer_index(module_name) in wanted:
-            return True
-        return legacy and not self.layers_pattern and self._layer_index(module_name, last=True) in wanted
-
-    def _layer_index(self, module_name: str, last: bool = False) -> int | None:
-        """The layer index of ``module_name`` by ``layers_pattern`` (PEFT 0.21's rule), or ``None``."""
-        patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
-        rules = [rf"(?:^|.*?\.){re.escape(p)}\.(\d+)\." for p in patterns or []]
-        for rule in rules or [r".*\.[^.]*\.(\d+)\." if last else r".*?\.[^.]*\.(\d+)\."]:
-            found = re.match(rule, module_name)
-            if found is not None:
-                return int(found.group(1))
-        return None
+        """Whether ``module_name`` is in ``layers_to_transform`` (PEFT's rule; True when it is unset; ``legacy``:
+        checking a file, where lordba's earlier index rule counts too): :func:`lordba.config.layers.in_layers`."""
+        return in_layers(self.layers_to_transform, self.layers_pattern, self.target_modules, module_name, legacy)
 
     @property
     def peft_type(self) -> str:
