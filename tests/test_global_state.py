@@ -46,3 +46,29 @@ def test_bnb_int8_layer_leaves_the_global_generator_alone():
     layer = make_linear8bit(weight, bias)
     assert torch.equal(_rng(), before)
     assert torch.equal(layer.bias, bias)
+
+
+def test_the_cli_restores_the_threads_generator_and_loggers_it_changes(tmp_path, capsys):
+    """``lordba generate --threads 1 --seed 7`` run through ``lordba.cli.main`` (a test, a notebook, the lab) left
+    the caller's process with torch's thread count at 1, its global generator seeded at 7 and advanced by the
+    sampling, bitsandbytes' CPU logger at ERROR and a stderr handler on ``lordba.decode`` (so the library's later
+    decode warnings went to stderr a second time)."""
+    import logging
+
+    from lordba.cli import main
+    from tiny_model import tiny_model_dir
+
+    folder = tiny_model_dir(tmp_path / "model")
+    threads = 2 if torch.get_num_threads() != 2 else 3
+    torch.set_num_threads(threads)
+    torch.manual_seed(123)
+    before, bnb, decode = _rng(), logging.getLogger("bitsandbytes.backends.cpu.ops"), logging.getLogger("lordba.decode")
+    level, handlers = bnb.level, list(decode.handlers)
+    argv = ["generate", "--model", str(folder), "--quant", "none", "--max-new-tokens", "3", "--threads", "1"]
+    assert main([*argv, "--seed", "7", "--temperature", "1", "ab"]) == 0
+    assert torch.get_num_threads() == threads
+    assert torch.equal(_rng(), before)
+    assert bnb.level == level and decode.handlers == handlers
+    first = capsys.readouterr().out
+    assert main([*argv, "--seed", "7", "--temperature", "1", "ab"]) == 0
+    assert capsys.readouterr().out == first  # (the command still samples from its own seed)

@@ -158,16 +158,24 @@ def missing_dependency_hint(err: ModuleNotFoundError) -> str | None:
 def _run(command: str | None, argv: list[str]) -> int:
     args = build_parser(command).parse_args(argv)
     # bitsandbytes (imported by peft) logs a warning on CPUs with AVX-512 BF16 when the optional
-    # `kernels` hub package is absent; lordba never uses that kernel, so the line is only noise.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    return int(args._run(args) or 0)
+    # `kernels` hub package is absent; lordba never uses that kernel, so the line is only noise. The level is
+    # restored afterwards (a caller of main() keeps its logging as it was).
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return int(args._run(args) or 0)
+    finally:
+        log.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit code (module docstring).
 
     Warnings show as one line ``warning: <message>`` while it runs (not Python's source file, line number and
-    code line); which are shown, and ``-W error``, are as Python's warning filters say."""
+    code line); which are shown, and ``-W error``, are as Python's warning filters say. What a command changes of
+    the process while it runs (torch's thread count and generator, the warning format, loggers) is restored when
+    it returns: a caller in the same process (a test, a notebook, the lab) finds them as they were."""
     previous = warnings.formatwarning
     warnings.formatwarning = _format_warning
     try:

@@ -50,11 +50,23 @@ def branch_compute(args: argparse.Namespace) -> str:
 
 @contextlib.contextmanager
 def runtime(args: argparse.Namespace) -> Iterator[None]:
-    """Run a ``generate`` / ``chat`` command under :func:`branch_compute` (restored afterwards)."""
-    from lordba import kernels
+    """Run a ``generate`` / ``chat`` command under :func:`branch_compute`, with FastDecode's warnings on stderr
+    (:func:`~lordba.cli._stream.decode_warnings_on_stderr`); all restored afterwards, and torch's thread count
+    (``--threads``) and global generator (``--seed``) too: a caller of ``lordba.cli.main`` (a test, a notebook, the
+    lab) kept the command's thread count and a generator seeded at ``--seed`` and advanced by its sampling."""
+    import torch
 
-    with kernels.with_branch_compute(branch_compute(args)):
-        yield
+    from lordba import kernels
+    from lordba.cli._stream import decode_warnings_on_stderr
+
+    threads = torch.get_num_threads()
+    try:
+        with kernels.with_branch_compute(branch_compute(args)), decode_warnings_on_stderr():
+            with torch.random.fork_rng(devices=[]):  # the CPU generator: the one stream() seeds
+                yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 @dataclass
@@ -109,9 +121,6 @@ def load(args: argparse.Namespace) -> Loaded:
         return Loaded(
             model, tokenizer, AotDecode(model, log=lambda line: print(f"[{line}]", file=sys.stderr), kv_dtype=kv)
         )
-    from lordba.cli._stream import say_decode_warnings  # (torch: not at parser build)
-
-    say_decode_warnings()
     return Loaded(model, tokenizer, FastDecode(model, compile_it, getattr(args, "compile_mode", "default")))
 
 
@@ -288,7 +297,7 @@ def stream(loaded: Loaded, input_ids: Any, args: argparse.Namespace, out: Any = 
     decode = loaded.decode
     extra = decode.generate_kwargs(tokens) if decode is not None else {}
     compiled = bool(extra) or _aot_ready(decode)
-    torch.manual_seed(args.seed)
+    torch.default_generator.manual_seed(args.seed)  # (CPU sampling; restored by runtime(), not CUDA's generators)
     written: list[str] = []
     sink = Tee(out, written)
     try:
@@ -297,7 +306,7 @@ def stream(loaded: Loaded, input_ids: Any, args: argparse.Namespace, out: Any = 
         if not compiled or written:
             raise
         loaded.decode.fallback(err)  # which says so on stderr
-        torch.manual_seed(args.seed)
+        torch.default_generator.manual_seed(args.seed)
         ids, first, pieces, total = _generate_streaming(loaded, kwargs, sink)
     generated = int(ids.shape[-1] - input_ids.shape[-1])
     decode = total - (first or 0.0)

@@ -1,10 +1,11 @@
 """The streamer ``lordba generate`` and ``lordba chat`` hand to ``generate``: the text of the new tokens as
 they come, decoded as ``lordba serve`` decodes them (:class:`lordba.serve.sampling.IncrementalDecoder`, after the
 prompt); the writer that keeps what was written (:class:`Tee`) and the decoder's warnings on stderr
-(:func:`say_decode_warnings`)."""
+(:func:`decode_warnings_on_stderr`)."""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import sys
 from collections.abc import Iterator
@@ -89,17 +90,18 @@ class Tee:
         self.out.flush()
 
 
-def say_decode_warnings() -> None:
-    """FastDecode's warnings (a compile that failed: decoding eagerly) on stderr as the CLI's other notes, once: the
-    library logs them (``lordba.decode``), and without a handler Python printed them beside the CLI's own line."""
+@contextlib.contextmanager
+def decode_warnings_on_stderr() -> Iterator[None]:
+    """While it is open, FastDecode's warnings (a compile that failed: decoding eagerly) show on stderr as the CLI's
+    other notes: the library logs them (``lordba.decode``), and without a handler Python printed them beside the
+    CLI's own line. The handler is removed on leaving (a caller of ``lordba.cli.main`` keeps its loggers as they
+    were: the handler left behind printed the library's later warnings there too)."""
     import logging
 
     log = logging.getLogger("lordba.decode")
 
     class Stderr(logging.StreamHandler):
         """Writes to ``sys.stderr`` as it is when a record comes (as Python's last-resort handler does)."""
-
-        lordba_cli = True
 
         @property
         def stream(self) -> Any:
@@ -109,7 +111,10 @@ def say_decode_warnings() -> None:
         def stream(self, value: Any) -> None:
             pass
 
-    if not any(getattr(h, "lordba_cli", False) for h in log.handlers):
-        handler = Stderr()
-        handler.setFormatter(logging.Formatter("[%(message)s]"))
-        log.addHandler(handler)  # (records still propagate: an application's own handlers see them too)
+    handler = Stderr()
+    handler.setFormatter(logging.Formatter("[%(message)s]"))
+    log.addHandler(handler)  # (records still propagate: an application's own handlers see them too)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
