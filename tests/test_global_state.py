@@ -72,3 +72,34 @@ def test_the_cli_restores_the_threads_generator_and_loggers_it_changes(tmp_path,
     first = capsys.readouterr().out
     assert main([*argv, "--seed", "7", "--temperature", "1", "ab"]) == 0
     assert capsys.readouterr().out == first  # (the command still samples from its own seed)
+
+
+def test_main_gives_back_the_generators_and_threads_a_command_changed(monkeypatch):
+    """A command that seeds the generators (the lab's ``train`` and ``bench``: ``seed_everything``, per-case
+    ``torch.manual_seed``) or sets torch's thread count, run through ``lordba.cli.main``, left them so for the caller:
+    its own draws after the call depended on the command's seed."""
+    import random
+    import types
+
+    import numpy as np
+
+    import lordba.cli as cli
+    from lordba.train.loop import seed_everything
+
+    def run(args):
+        seed_everything(5)
+        torch.set_num_threads(1)
+        return 0
+
+    module = types.SimpleNamespace(add_arguments=lambda p: None, run=run)
+    monkeypatch.setattr(cli, "commands", lambda: [cli.Command("seeding", "seeds", lambda: module)])
+    threads = 2 if torch.get_num_threads() != 2 else 3
+    torch.set_num_threads(threads)
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    before = (random.getstate(), np.random.get_state()[1].copy(), _rng())
+    assert cli.main(["seeding"]) == 0
+    assert random.getstate() == before[0]
+    assert np.array_equal(np.random.get_state()[1], before[1])
+    assert torch.equal(_rng(), before[2]) and torch.get_num_threads() == threads

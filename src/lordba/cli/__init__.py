@@ -174,12 +174,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Warnings show as one line ``warning: <message>`` while it runs (not Python's source file, line number and
     code line); which are shown, and ``-W error``, are as Python's warning filters say. What a command changes of
-    the process while it runs (torch's thread count and generator, the warning format, loggers) is restored when
-    it returns: a caller in the same process (a test, a notebook, the lab) finds them as they were."""
+    the process while it runs (the random generators and torch's thread count: :mod:`lordba.cli._kept`; the warning
+    format, loggers) is restored when it returns: a caller in the same process (a test, a notebook) finds them as
+    they were."""
+    from lordba.cli._kept import kept_generators
+
     previous = warnings.formatwarning
     warnings.formatwarning = _format_warning
     try:
-        return _main(argv)
+        with kept_generators():
+            return _main(argv)
     finally:
         warnings.formatwarning = previous
 
