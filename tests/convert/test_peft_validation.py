@@ -123,7 +123,7 @@ def test_nothing_is_written_that_the_loader_refuses(tmp_path, monkeypatch):
 
     state, report = convert_lora(peft_dir(tmp_path), iters=1, progress=False)
 
-    def refuse(directory):
+    def refuse(directory, **kwargs):
         raise AdapterFormatError(f"{directory}: refused for the test")
 
     monkeypatch.setattr(pipeline, "read_adapter", refuse)

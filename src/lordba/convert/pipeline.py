@@ -11,7 +11,6 @@ import dataclasses
 import math
 import numbers
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -277,10 +276,9 @@ def save_converted(
 
 def _read_back(tmp: Path, out: Path) -> None:
     """Read a just-written adapter with every check of the loader; :class:`ConversionError` if it fails."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            recovered = read_adapter(tmp).recovered  # reading backups would mean the write went wrong
+    try:  # a recovered read is refused below, not warned about (warnings.catch_warnings, which silenced it, is not
+        # thread-safe: other threads' warnings were silenced meanwhile, and its filter could outlive it)
+        recovered = read_adapter(tmp, warn_recovered=False).recovered  # reading backups: the write went wrong
     except LoRDBAError as err:
         raise ConversionError(f"{out}: refusing to write a converted adapter lordba cannot read back ({err})") from None
     if recovered:

@@ -150,8 +150,11 @@ class AdapterFile(AdapterState):
         self._data = None
 
 
-def open_adapter(directory: str | Path) -> AdapterFile:
-    """Validate an adapter directory up to the tensor headers (steps 1–3); tensors load lazily."""
+def open_adapter(directory: str | Path, *, warn_recovered: bool = True) -> AdapterFile:
+    """Validate an adapter directory up to the tensor headers (steps 1–3); tensors load lazily.
+
+    ``warn_recovered=False``: no warning where an interrupted save's previous version is read (the result's
+    ``recovered`` says so; for a writer checking what it has just written, which refuses that itself)."""
     check_path(directory, "the adapter directory")
     directory = Path(directory)
     try:
@@ -175,7 +178,7 @@ def open_adapter(directory: str | Path) -> AdapterFile:
         if recovered and not last and wait_for_writer(directory):
             continue  # read between a running save's renames: read what it wrote, not its backups
         break
-    if recovered:
+    if recovered and warn_recovered:
         warnings.warn(
             f"{directory}: an interrupted save left an inconsistent adapter; reading the previous, "
             "intact version (the next save restores it)",
@@ -195,9 +198,10 @@ def open_adapter(directory: str | Path) -> AdapterFile:
     )
 
 
-def read_adapter(directory: str | Path) -> AdapterFile:
-    """Fully read and validate an adapter directory (all four steps)."""
-    adapter = open_adapter(directory)
+def read_adapter(directory: str | Path, *, warn_recovered: bool = True) -> AdapterFile:
+    """Fully read and validate an adapter directory (all four steps); ``warn_recovered`` as for
+    :func:`open_adapter`."""
+    adapter = open_adapter(directory, warn_recovered=warn_recovered)
     adapter.load_tensors()
     return adapter
 
