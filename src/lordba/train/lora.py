@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -13,25 +12,24 @@ from lordba.nn.targets import find_targets
 
 def peft_lora_config(**kwargs: Any) -> Any:
     """PEFT's ``LoraConfig(**kwargs)``, able to wrap lordba's own quantized layers too (the ``q4``
-    base: PEFT's LoRA ``Linear`` computes ``base_layer(x)`` plus its branch, which is all a frozen
-    base needs; merging a PEFT LoRA into a q4 base is not supported)."""
+    base, with :class:`~lordba.train._peft_q4.Q4LoraLinear`: PEFT's LoRA ``Linear`` computes ``base_layer(x)``
+    plus its branch, which is all a frozen base needs; merging a PEFT LoRA into a q4 base is not supported)."""
     from peft import LoraConfig
-    from peft.tuners.lora.layer import Linear
 
     from lordba.quant.q4 import Q4Linear
+    from lordba.train._peft_q4 import Q4LoraLinear
 
     config = LoraConfig(**kwargs)
-    config._register_custom_module({Q4Linear: Linear})
+    config._register_custom_module({Q4Linear: Q4LoraLinear})
     return config
 
 
 def get_peft_lora_model(model: nn.Module, config: Any, **kwargs: Any) -> nn.Module:
-    """``peft.get_peft_model`` without PEFT's warning about the custom q4 layers it was told about."""
+    """``peft.get_peft_model`` (kept for callers: the q4 layers no longer need PEFT's warning about them silenced,
+    :func:`peft_lora_config` registers a layer that reads them itself)."""
     from peft import get_peft_model
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
-        return get_peft_model(model, config, **kwargs)
+    return get_peft_model(model, config, **kwargs)
 
 
 def add_lora(
