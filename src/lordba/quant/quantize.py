@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -234,9 +235,18 @@ def rescaled_when_tied(model: nn.Module, head: nn.Module) -> bool:
 
 def untie_head(model: nn.Module) -> None:
     """Mark a model whose (tied) output head was replaced by a quantized layer as untied, so that
-    transformers does not tie it to the input embeddings again."""
-    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        model.config.tie_word_embeddings = False
+    transformers does not tie it to the input embeddings again.
+
+    The model gets its own copy of the config (in every module that held it): the config may be shared (two models
+    built from one config, the user's object), and writing it untied another model whose head is still tied: its
+    save left the head out as a tied copy and its config said untied, so it reloaded with a random head."""
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False):
+        own = copy.deepcopy(config)
+        own.tie_word_embeddings = False
+        for module in model.modules():
+            if getattr(module, "config", None) is config:
+                module.config = own
 
 
 def quantizable(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[str, nn.Linear]]:
