@@ -9,6 +9,7 @@ AVX512-BF16 repacked kernel: :func:`_make_linear4bit`), so HQQ is the faster def
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any
 
 import torch
@@ -18,12 +19,10 @@ from lordba.quant.backend import BaseBackend
 
 
 def _bnb():
-    """bitsandbytes if it is installed, else None (enough to tell that a layer is none of its kinds)."""
-    try:
-        import bitsandbytes
-    except ImportError:
-        return None
-    return bitsandbytes
+    """bitsandbytes where it is imported, else None: a layer of its kinds exists only once it is (its class's module
+    imported), so telling that a module is none of them never imports it (about 3 s on CPU, and its warning that a
+    CPU kernel could not be fetched, for every model wrapped)."""
+    return sys.modules.get("bitsandbytes")
 
 
 def _require_bnb():
