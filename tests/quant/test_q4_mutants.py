@@ -162,3 +162,20 @@ def test_the_description_and_size_name_the_layers_bits_and_group_size():
         layer = Q4Linear.from_weight(torch.randn(8, 128), group_size=group_size, bits=bits)
         assert backend.describe(layer) == {"backend": "q4", "bits": bits, "group_size": group_size}
         assert backend.bits_per_weight(layer) == size and layer.group_size == group_size
+
+
+@torch.no_grad()
+def test_fast_computes_on_bfloat16_operands_where_the_cpu_has_them():
+    """``fast`` is ``exact`` but for the bfloat16 rounding of the operands, on a CPU with native bfloat16 dot products
+    only (elsewhere the two are one computation)."""
+    from lordba.kernels.q4 import native_bfloat16
+
+    torch.manual_seed(0)
+    layer = Q4Linear.from_weight(torch.randn(24, 96), torch.randn(24), group_size=32)
+    x = torch.randn(GEMM_MIN_TOKENS, 96)
+    layer.compute = "exact"
+    exact = layer(x)
+    layer.compute = "fast"
+    fast = layer(x)
+    assert torch.equal(fast, exact) != native_bfloat16()
+    assert (fast - exact).norm() <= 1e-2 * exact.norm()
