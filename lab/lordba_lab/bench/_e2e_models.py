@@ -10,7 +10,6 @@ llama.cpp LoRA, so all adapters compute the same ΔW.
 from __future__ import annotations
 
 import copy
-import warnings
 from pathlib import Path
 
 import torch
@@ -84,15 +83,13 @@ def _peft(model: nn.Module, peft_dir: Path) -> nn.Module:
     """``model`` with the PEFT LoRA of ``peft_dir`` (lordba's q4 layers registered as PEFT custom
     modules: PEFT wraps them with its ordinary LoRA ``Linear``, ``base_layer(x) + B(A(x))·s``)."""
     from peft import LoraConfig, PeftModel
-    from peft.tuners.lora.layer import Linear as LoraLinear
 
     from lordba.quant.q4 import Q4Linear
+    from lordba.train._peft_q4 import Q4LoraLinear
 
     cfg = LoraConfig.from_pretrained(str(peft_dir))
-    cfg._register_custom_module({Q4Linear: LoraLinear})
-    with warnings.catch_warnings():  # "Unsupported layer type Q4Linear": registered above, on purpose
-        warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
-        return PeftModel.from_pretrained(model, str(peft_dir), config=cfg)
+    cfg._register_custom_module({Q4Linear: Q4LoraLinear})
+    return PeftModel.from_pretrained(model, str(peft_dir), config=cfg)
 
 
 FAST = " fast"  # suffix of the variants run with the `fast` branch compute (a prompt's branch on the tile unit)
