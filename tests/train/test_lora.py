@@ -29,9 +29,38 @@ def test_a_lora_on_a_q4_base_neither_warns_nor_swaps_the_warning_filters(monkeyp
         warnings.simplefilter("always")
         outside = list(warnings.filters)
         model = add_lora(base, 4, 8.0, None)
-    assert seen == [outside]
+    from lordba.train._peft_q4 import reads_features
+
+    if reads_features():  # (PEFT 0.19 on: an earlier one warns itself, silenced with catch_warnings as before)
+        assert seen == [outside]
     assert not [w for w in caught if "Unsupported layer type" in str(w.message)]
     wrapped = [m for m in model.modules() if isinstance(getattr(m, "base_layer", None), Q4Linear)]
     assert wrapped and all(
         (m.in_features, m.out_features) == (m.base_layer.in_features, m.base_layer.out_features) for m in wrapped
     )
+
+
+def test_a_lora_on_a_q4_base_made_with_a_peft_that_warns_about_q4_layers_itself_still_does_not_warn(monkeypatch):
+    """PEFT before 0.19 (``peft>=0.14`` is supported) reads a custom layer's features itself, never asking the LoRA
+    layer (``LoraLayer._get_in_out_features`` does not exist), and warns "Unsupported layer type ... proceed at your
+    own risk" for each q4 layer: once the warning was no longer silenced, every q4 LoRA (qat-from-lora) warned there.
+    Simulated: PEFT's method taken away, and the q4 layer's features read with that PEFT's warning."""
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora.layer import LoraLayer
+
+    from lordba.train._peft_q4 import Q4LoraLinear
+    from lordba.train.lora import add_lora
+
+    def old_peft(self, module):
+        warnings.warn(
+            f"Unsupported layer type '{type(module)}' encountered, proceed at your own risk.", UserWarning, stacklevel=2
+        )
+        return module.in_features, module.out_features
+
+    monkeypatch.delattr(LoraLayer, "_get_in_out_features")
+    monkeypatch.setattr(Q4LoraLinear, "_get_in_out_features", old_peft)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = add_lora(tiny_q4(adapter=False), 4, 8.0, None)
+    assert not [w for w in caught if "Unsupported layer type" in str(w.message)]
+    assert isinstance(model, peft.PeftModel)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -25,11 +26,19 @@ def peft_lora_config(**kwargs: Any) -> Any:
 
 
 def get_peft_lora_model(model: nn.Module, config: Any, **kwargs: Any) -> nn.Module:
-    """``peft.get_peft_model`` (kept for callers: the q4 layers no longer need PEFT's warning about them silenced,
-    :func:`peft_lora_config` registers a layer that reads them itself)."""
+    """``peft.get_peft_model``, without PEFT's warning about the q4 layers: from PEFT 0.19 on the layer
+    :func:`peft_lora_config` registers reads their features itself, so PEFT has nothing to warn about and the warning
+    filters are left alone; an earlier PEFT reads them itself and warns for each, silenced here as before (with
+    ``warnings.catch_warnings``, which is not thread-safe: there only)."""
     from peft import get_peft_model
 
-    return get_peft_model(model, config, **kwargs)
+    from lordba.train._peft_q4 import reads_features
+
+    if reads_features():
+        return get_peft_model(model, config, **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
+        return get_peft_model(model, config, **kwargs)
 
 
 def add_lora(
