@@ -5,8 +5,8 @@ import warnings
 
 import pytest
 import torch
-from _interrupts import interrupt
 
+from _interrupts import interrupt
 from lordba import LoRDBAConfig, get_lordba_model
 from lordba.nn import layer as layer_module
 from lordba.nn.layer import LoRDBALinear

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 import torch
-from _interrupts import ctrl_c_at_each_check
 
+from _interrupts import ctrl_c_at_each_check
 from lordba import LoRDBAConfig, get_lordba_model
 from lordba.nn import fastpath, lock, model, routing
 from lordba.nn.fastpath import ARMED

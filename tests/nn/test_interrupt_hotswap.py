@@ -3,10 +3,10 @@ tensors, scale format, scaling, form and config) or the new one everywhere, neve
 
 import pytest
 import torch
-from _interrupts import ctrl_c_at_each_check, interrupt
 from test_interrupt import logits
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
+from _interrupts import ctrl_c_at_each_check, interrupt
 from lordba import LoRDBAConfig, get_lordba_model
 from lordba.errors import ShapeMismatchError
 from lordba.nn.adapter import PackedAdapter, TrainableAdapter

@@ -4,10 +4,10 @@ Python raises it at the next bytecode that checks for signals, which is right af
 
 import pytest
 import torch
-from _interrupts import interrupt_after
 from test_interrupt import adapted, check_flags, weights
 from torch import nn
 
+from _interrupts import interrupt_after
 from lordba import LoRDBAConfig, get_lordba_model
 from lordba.nn.layer import LoRDBALinear
 from lordba.quant.backend import PlainLinear

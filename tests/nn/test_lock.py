@@ -5,13 +5,13 @@ import signal
 import threading
 
 import pytest
+
 from _interrupts import (
     Attempt,
     ctrl_c_at_each_check,
     ctrl_c_while_giving_back_wakes_the_waiter,
     held_by_another_thread,
 )
-
 from lordba.nn.lock import RWLock
 
 

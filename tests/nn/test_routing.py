@@ -7,13 +7,13 @@ import time
 
 import pytest
 import torch
+
 from _interrupts import (
     Attempt,
     ctrl_c_at_each_check,
     ctrl_c_while_giving_back_wakes_the_waiter,
     held_by_another_thread,
 )
-
 from lordba import AdapterStateError
 from lordba.nn.routing import RoutingGate, route_index, routing
 
