@@ -50,3 +50,105 @@ def test_the_cache_keyword_and_output_follow_the_models_own_names():
     model = tiny_llama()
     assert cache_keyword(model) == cache_keyword(get_lordba_model(model, LoRDBAConfig(r=2)))  # the wrapper's forward
     assert cache_keyword(torch.compile(New())) == "cache"  # (a compiled module's forward: (*args, **kwargs))
+
+
+def _small_model() -> nn.Module:
+    """A model whose modules are in both modes, one parameter frozen already."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5))).train()
+    model[2][1].eval()
+    model[0].bias.requires_grad_(False)
+    return model
+
+
+def _traced():
+    """The files and functions a Ctrl-C is tried in for the blocks of lordba._util.modules: the blocks' code,
+    contextlib's, and the module methods they call (``eval``, ``train``, ``__setattr__``)."""
+    import contextlib
+
+    from lordba._util import modules
+
+    files = {modules.__file__, contextlib.__file__, nn.modules.module.__file__}
+    names = {"eval_mode", "frozen_unless_failed", "generation_stopping_only", "block", "helper", "_set_training"}
+    return files, names | {"__init__", "__enter__", "__exit__", "__call__", "done", "eval", "train", "__setattr__"}
+
+
+def _at_the_start_of_an_exit(error: BaseException | None) -> bool:
+    """Whether the Ctrl-C came as a block's ``__exit__`` began, before any of it ran (Python code: nothing can put
+    the model back there; the block's generator does it when the traceback goes)."""
+    import _interrupts
+
+    tb, last = error.__traceback__ if error is not None else None, None
+    while tb is not None and tb.tb_frame.f_code.co_filename != _interrupts.__file__:  # (not the tracer's frames)
+        tb, last = tb.tb_next, tb
+    code = last.tb_frame.f_code if last is not None else None
+    return code is not None and code.co_name == "__exit__" and last.tb_lineno == code.co_firstlineno
+
+
+def test_a_ctrl_c_anywhere_in_an_eval_mode_block_puts_every_mode_back():
+    """Ctrl-C at each point where Python handles it as an ``eval_mode`` block begins or ends, its traceback kept (a
+    notebook keeps the last one): every module is in its own mode again (was: one in the loop putting the modes back
+    left the modules after it in eval mode for good, dropout off in later training; one in contextlib's
+    ``__enter__`` as the block began left the model in eval mode while the traceback lived)."""
+    from _interrupts import ctrl_c_at_each_check
+    from lordba._util.modules import eval_mode
+
+    model = _small_model()
+    before = [m.training for m in model.modules()]
+    files, names = _traced()
+    for attempt in ctrl_c_at_each_check(files, functions=names):
+        with attempt:
+            with eval_mode(model):
+                assert not any(m.training for m in model.modules())
+            attempt.reached()
+        if _at_the_start_of_an_exit(attempt.error):
+            attempt.error = None
+        assert [m.training for m in model.modules()] == before, attempt.n  # (attempt.error, its traceback, kept)
+
+
+def test_a_ctrl_c_anywhere_in_a_frozen_unless_failed_block_gives_the_parameters_back():
+    """Ctrl-C at each point where Python handles it as a ``frozen_unless_failed`` block begins or ends (the block of
+    ``LoRDBAModel(model, config)`` and ``from_pretrained``), its traceback kept: the parameters that were trainable
+    are again, unless the block had ended (then all stay frozen, never some) (was: one in the loop freezing them, or
+    in the one giving them back, left the rest frozen for good: the caller's model changed by a failed call)."""
+    from _interrupts import ctrl_c_at_each_check
+    from lordba._util.modules import frozen_unless_failed
+
+    model = _small_model()
+    before = [p.requires_grad for p in model.parameters()]
+    frozen = [False] * len(before)
+    files, names = _traced()
+    for attempt in ctrl_c_at_each_check(files, functions=names):
+        ended = False
+        with attempt:
+            with frozen_unless_failed(model):
+                assert not any(p.requires_grad for p in model.parameters())
+                ended = True
+            attempt.reached()
+        if _at_the_start_of_an_exit(attempt.error):
+            attempt.error = None
+        now = [p.requires_grad for p in model.parameters()]
+        assert now == before or (ended and now == frozen), (attempt.n, now)
+        for p, trainable in zip(model.parameters(), before):
+            p.requires_grad_(trainable)
+
+
+def test_a_ctrl_c_anywhere_in_a_generation_stopping_only_block_puts_the_config_back():
+    """Ctrl-C at each point where Python handles it as a ``generation_stopping_only`` block begins or ends (``lordba``
+    evaluation's generation), its traceback kept: the model has its own generation config again (was: one just after
+    the stopping-only config was set, before the ``try``, left it for good: the model's sampling settings lost)."""
+    from transformers import GenerationConfig
+
+    from _interrupts import ctrl_c_at_each_check
+    from lordba._util.modules import generation_stopping_only
+
+    model = _small_model()
+    own = model.generation_config = GenerationConfig(repetition_penalty=1.3, eos_token_id=2)
+    files, names = _traced()
+    for attempt in ctrl_c_at_each_check(files, functions=names):
+        with attempt:
+            with generation_stopping_only(model):
+                assert model.generation_config is not own and model.generation_config.repetition_penalty is None
+            attempt.reached()
+        if _at_the_start_of_an_exit(attempt.error):
+            attempt.error = None
+        assert model.generation_config is own, attempt.n  # (attempt.error, its traceback, kept)

@@ -8,13 +8,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 OUTPUT_HEAD_NAMES = ("lm_head", "score", "classifier")
+T = TypeVar("T")
 
 
 def replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -27,32 +28,118 @@ def replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-@contextlib.contextmanager
+_ENDED = object()  # (what next() gives for a generator that ended)
+
+
+class _Restoring:
+    """The context manager of a generator that changes a model before its ``yield`` and puts it back in a ``finally``
+    (or an ``except``) around it, as :func:`lordba.nn.lock.holding`'s: ``contextlib``'s ``__enter__`` is Python code,
+    and a Ctrl-C there just after the generator yielded left it suspended, the model changed while the traceback lived
+    (a notebook keeps the last one); this one closes the generator at once. A block that ends with an exception closes
+    the generator (its own ``close``, C: no Python code runs before the generator's ``finally``)."""
+
+    __slots__ = ("gen",)
+
+    def __init__(self, gen: Iterator[None]) -> None:
+        self.gen = gen
+
+    def __enter__(self) -> None:
+        try:  # (a Ctrl-C handled as ``next`` returns is raised in the ``try``)
+            next(self.gen)
+        except BaseException:
+            self.gen.close()
+            raise
+
+    def __exit__(self, typ: type[BaseException] | None, *exc: object) -> bool:
+        if typ is None:
+            if next(self.gen, _ENDED) is _ENDED:
+                return False
+            self.gen.close()
+            raise RuntimeError("generator didn't stop")
+        self.gen.close()
+        return False
+
+
+def _restoring(func: Callable[..., Iterator[None]]) -> Callable[..., contextlib.AbstractContextManager[None]]:
+    """``contextlib.contextmanager`` for a generator that changes a model and puts it back (:class:`_Restoring`)."""
+
+    @functools.wraps(func)
+    def block(*args: Any, **kwargs: Any) -> contextlib.AbstractContextManager[None]:
+        return _Restoring(func(*args, **kwargs))
+
+    return block
+
+
+class PutBack:
+    """Calls that put something back, ``function(item)`` for each of ``items``: each call of this object makes those
+    not made yet, in turn, so one that a Ctrl-C cut short goes on from where it stopped (each call must be one that
+    can be made twice). Its caller repeats it until it returns, in a ``try`` (``while True``, ``break`` after the
+    call, an ``except KeyboardInterrupt`` keeping the interrupt in :attr:`interrupted`), then calls :meth:`done`:
+    a ``finally`` calling a function that does it all would stop at the function's start (a Ctrl-C is handled there
+    too)."""
+
+    __slots__ = ("function", "interrupted", "items", "made")
+
+    def __init__(self, function: Callable[[T], object], items: Iterable[T]) -> None:
+        self.function, self.items, self.made = function, list(items), 0
+        self.interrupted: KeyboardInterrupt | None = None
+
+    def __call__(self) -> None:
+        """Make the calls not made yet, in turn."""
+        while self.made < len(self.items):
+            self.function(self.items[self.made])
+            self.made += 1
+
+    def done(self) -> None:
+        """Raise the Ctrl-C that came while the calls were made, if one did (now that all are)."""
+        if self.interrupted is not None:
+            raise self.interrupted
+
+
+def _set_training(module_and_mode: tuple[nn.Module, bool]) -> None:
+    module, training = module_and_mode
+    module.training = training
+
+
+@_restoring
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """``model`` in eval mode for the block (dropout off), then every module back in its own mode, also when the
     block raises (an evaluation that failed part way left a training model in eval mode: dropout off for the rest
-    of the run)."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    of the run) or a Ctrl-C comes as the block begins or ends (a generator of ``contextlib`` left the model in eval
+    mode while the traceback lived, and a Ctrl-C in its loop putting the modes back left the rest in eval mode)."""
+    put_back = PutBack(_set_training, [(m, m.training) for m in model.modules()])
+    try:  # (the eval inside: one stopped part way is put back too)
+        model.eval()
         yield
     finally:
-        for module, training in modes.items():
-            module.training = training
+        while True:
+            try:
+                put_back()
+                break
+            except KeyboardInterrupt as err:
+                put_back.interrupted = err
+        put_back.done()
 
 
-@contextlib.contextmanager
+@_restoring
 def frozen_unless_failed(model: nn.Module) -> Iterator[None]:
-    """Freeze ``model``'s parameters (``requires_grad`` off) for what the block builds on it; if the block raises,
-    those that were trainable are again: a refused call leaves the caller's model as it was."""
+    """Freeze ``model``'s parameters (``requires_grad`` off) for what the block builds on it; if the block raises
+    (a Ctrl-C included, also one as the block begins or ends or part way through the freezing), those that were
+    trainable are again: a refused call leaves the caller's model as it was."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    put_back = PutBack(functools.partial(torch.Tensor.requires_grad_, requires_grad=True), trainable)
+    try:  # (the freezing inside: one stopped part way is undone too)
+        for p in trainable:
+            p.requires_grad_(False)
         yield
     except BaseException:
-        for p in trainable:
-            p.requires_grad_(True)
+        while True:
+            try:
+                put_back()
+                break
+            except KeyboardInterrupt as err:
+                put_back.interrupted = err
+        put_back.done()
         raise
 
 
@@ -148,21 +235,29 @@ def stopping_only(config: Any) -> Any:
     return GenerationConfig(**{n: v for n in _KEPT if (v := getattr(config, n, None)) is not None})
 
 
-@contextlib.contextmanager
+@_restoring
 def generation_stopping_only(model: nn.Module) -> Iterator[None]:
     """Within the block, ``model``'s generation config (the transformers model's, below a wrapper with
     ``get_base_model``) is :func:`stopping_only`'s, put back after: ``generate`` also applies the model's own
-    settings for what a config passed to it leaves unset, so only the model's attribute keeps them out."""
+    settings for what a config passed to it leaves unset, so only the model's attribute keeps them out. A Ctrl-C as
+    the block begins or ends puts it back too."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     old = getattr(target, "generation_config", None)
     if old is None:
         yield
         return
-    target.generation_config = stopping_only(old)
-    try:
+    put_back = PutBack(functools.partial(setattr, target, "generation_config"), [old])
+    try:  # (the new one set inside: a Ctrl-C just after it puts the old one back)
+        target.generation_config = stopping_only(old)
         yield
     finally:
-        target.generation_config = old
+        while True:
+            try:
+                put_back()
+                break
+            except KeyboardInterrupt as err:
+                put_back.interrupted = err
+        put_back.done()
 
 
 def cache_keyword(model: nn.Module) -> str:
