@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lordba._util.modules import eval_mode
+from lordba._util.modules import PutBack, eval_mode
 from lordba.errors import ConversionError
 
 
@@ -40,7 +40,6 @@ def collect_input_moments(
     paths = list(paths)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    hooks = []
     mask: list[torch.Tensor | None] = [None]  # the current batch's attention mask
 
     def hook_for(path: str):
@@ -56,26 +55,48 @@ def collect_input_moments(
 
         return hook
 
+    hooks = {path: hook_for(path) for path in paths}
+    modules = [(_module(root, path), hook) for path, hook in hooks.items()]
+    put_back = PutBack(_remove_hook, modules)  # (taken off by the function: a handle a Ctrl-C lost needs none)
     with eval_mode(model):  # dropout off (PEFT's EVA calibrates so too); every module's own mode is put back
         try:
-            for path in paths:
-                try:
-                    module = root.get_submodule(path)
-                except AttributeError:
-                    raise ConversionError(f"calibration: the model has no module {path!r}") from None
-                hooks.append(module.register_forward_pre_hook(hook_for(path)))
+            for module, hook in modules:
+                module.register_forward_pre_hook(hook)
             device = next((p.device for p in model.parameters()), None)
             for batch in batches:
                 batch = _to_device(batch, device)
                 mask[0] = _padding_mask(batch)
                 model(**batch) if isinstance(batch, dict) else model(batch)
         finally:
-            for h in hooks:
-                h.remove()
+            while True:
+                try:
+                    put_back()
+                    break
+                except KeyboardInterrupt as err:
+                    put_back.interrupted = err
+            put_back.done()
     missing = sorted(p for p in set(paths) if counts.get(p, 0) <= 0)
     if missing:
         raise ConversionError(f"calibration: no input reached module(s) {missing[:4]}")
     return {p: (sums[p] / counts[p]).float() for p in sorted(sums)}
+
+
+def _module(root: nn.Module, path: str) -> nn.Module:
+    """The module at ``path`` below ``root``; :class:`ConversionError` naming the path where there is none."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        raise ConversionError(f"calibration: the model has no module {path!r}") from None
+
+
+def _remove_hook(module_and_hook: tuple[nn.Module, Any]) -> None:
+    """Take the forward pre-hook ``hook`` off ``module``, wherever it was registered, by the function itself: a
+    Ctrl-C just after a registration returned lost its handle. Can be done twice."""
+    module, hook = module_and_hook
+    hooks = module._forward_pre_hooks
+    for key in [key for key, one in hooks.items() if one is hook]:
+        hooks.pop(key, None)
+        module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def _to_device(batch: dict[str, Any] | torch.Tensor, device: torch.device | None) -> dict[str, Any] | torch.Tensor:
