@@ -811,3 +811,27 @@ def test_pack_freezes_the_adapters_modules_trained_in_full_and_trained_biases():
     assert any(n.endswith("o_proj.lordba_saved.default.bias") for n in trained)
     lm.pack()
     assert [n for n, p in lm.named_parameters() if p.requires_grad] == []
+
+
+def test_a_ctrl_c_anywhere_in_an_adapter_load_leaves_no_name_noted_as_being_added():
+    """Ctrl-C at each point where Python handles it in a load (``_load_state``) of an adapter with a module trained in
+    full, its traceback kept (a notebook keeps the last one): an adapter added later under that name and deleted leaves
+    no trained copy of the head behind (was: one just after the name was noted as being added, before the ``try`` that
+    forgets it, kept it noted for good: delete_adapter kept that adapter's trained copy)."""
+    from torch import nn
+
+    from _interrupts import ctrl_c_at_each_check
+    from lordba.nn import model_peft
+
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, modules_to_save=["lm_head"]))
+    state = lm.adapter_state("default")
+    files = {model_peft.__file__, nn.modules.module.__file__}
+    for attempt in ctrl_c_at_each_check(files, functions={"_load_state", "__setattr__"}):
+        with attempt:
+            lm.load_adapter_state(state, "other")
+            attempt.reached()
+        if "other" in lm.peft_config:
+            lm.delete_adapter("other")
+        lm.add_adapter("other", LoRDBAConfig(r=2, modules_to_save=["lm_head"]))
+        lm.delete_adapter("other")
+        assert list(lm.base_model.lm_head.lordba_saved) == ["default"], attempt.n  # (attempt.error, its traceback)

@@ -249,11 +249,14 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
             plan = self._plan_extras(state)
             self._check_saveable(plan["saved"], state.modules)  # a refused adapter leaves the model as it was
             self._warn_base(state.config)
-            self._adding = (adapter_name,)
+            # noted as being added inside the try, in the instance's dict (nn.Module.__setattr__ is Python code: a
+            # Ctrl-C there just after the set, or before it in the finally, left it noted for good, and _sync_saved
+            # kept an adapter of that name's trained copies after its delete)
             try:
+                self.__dict__["_adding"] = (adapter_name,)
                 adapters = super()._load_state(state, adapter_name, is_trainable, targets)
             finally:
-                self._adding = ()
+                self.__dict__["_adding"] = ()
             for path, value in plan["bias"].items():
                 adapter = adapters[path]
                 adapter.attach_bias(self._bias_delta(path, value))
