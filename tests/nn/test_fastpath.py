@@ -11,7 +11,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from lordba import LoRDBAConfig, kernels
-from lordba.kernels.q4 import native_bfloat16
+from lordba.kernels.q4 import amx_prefill_available, native_bfloat16
 from lordba.nn import fastpath, layer
 from lordba.quant import q4 as q4_module
 from lordba.quant import set_compute
@@ -149,7 +149,8 @@ def test_fast_prefill_keeps_the_folded_factors_until_an_adapter_tensor_changes(m
 def test_an_adapter_loaded_under_inference_mode_keeps_its_prompt_factors(tmp_path, monkeypatch):
     """A model quantized and given its adapter under ``torch.inference_mode`` holds ordinary tensors
     (``ordinary_tensors``), so its layers fold their prompt factors once and keep them, as a model loaded
-    normally does, with the same result, on q4 (``fast``) and on a float32 base (``fast`` branch compute).
+    normally does, with the same result, on q4 (``fast``) and on a float32 base (``fast`` branch compute: folded
+    factors on the tile unit only, AMX; elsewhere it computes as ``exact``, nothing folded).
     (Inference tensors have no version counter; the factors were folded again at every prompt.)"""
     from lordba import LoRDBAConfig, get_lordba_model
     from lordba.nn.model import LoRDBAModel
@@ -159,7 +160,11 @@ def test_an_adapter_loaded_under_inference_mode_keeps_its_prompt_factors(tmp_pat
     real, folds = torch.ops.lordba.q4_prefill_factors, []
     monkeypatch.setattr(torch.ops.lordba, "q4_prefill_factors", lambda *a: folds.append(1) or real(*a))
     ids = torch.randint(0, 50, (1, 40), generator=torch.Generator().manual_seed(0))
-    for make in (lambda: tiny_q4(adapter=False, compute="fast"), lambda: tiny_llama(0)):
+    bases = (
+        (lambda: tiny_q4(adapter=False, compute="fast"), native_bfloat16()),  # (fast: the bfloat16 GEMM where native)
+        (lambda: tiny_llama(0), amx_prefill_available()),
+    )
+    for make, folding in bases:
         torch.manual_seed(3)
         get_lordba_model(make(), LoRDBAConfig(r=4, init="random")).save_pretrained(tmp_path / "a")
         with kernels.with_branch_compute("fast"):
@@ -171,8 +176,8 @@ def test_an_adapter_loaded_under_inference_mode_keeps_its_prompt_factors(tmp_pat
                 assert not any(t.is_inference() for a in adapters for t in a.buffers())
                 folds.clear()
                 got = model(input_ids=ids).logits
-                assert len(folds) == len(adapters)  # one fold per adapted layer
-                assert torch.equal(model(input_ids=ids).logits, got) and len(folds) == len(adapters)  # kept
+                assert len(folds) == len(adapters) * folding  # one fold per adapted layer
+                assert torch.equal(model(input_ids=ids).logits, got) and len(folds) == len(adapters) * folding  # kept
         assert torch.equal(got, want)
 
 
