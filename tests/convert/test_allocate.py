@@ -130,7 +130,10 @@ def test_the_order_of_allocation():
     for extra, (qkv, uniform) in ORDER.items():
         final, records, stats, summary = _convert(lora, _target(lora, ones + extra))
         ranks = _ranks(final, records)
-        assert (ranks[Q], ranks[K], ranks[V]) == qkv and summary["uniform_rank"] == uniform, extra
+        # v's ΔW has rank 1: at every rank its error is the int8 scales' rounding (below), and which rank the bytes
+        # left buy it turns on 1e-7 differences that vary with the CPU's BLAS (Intel Xeon: the listed v; AMD EPYC:
+        # 1 at 60, 8 at 240): v's rank is not pinned
+        assert (ranks[Q], ranks[K]) == qkv[:2] and summary["uniform_rank"] == uniform, extra
         if extra in (20, 60, 80, 120, 160):  # (at 240 v's rank 4 and 10 differ by 1e-7)
             assert summary["total_rel_error"] < summary["uniform_total_rel_error"] - 1e-3
         elif len(set(qkv)) == 1:
@@ -142,7 +145,8 @@ def test_the_chosen_ranks_records_and_statistics_agree_and_the_config_stores_the
     lora = _mixed()
     final, records, stats, summary = _convert(lora, _target(lora, _file(lora, dict.fromkeys(lora.layers, 1)) + 240))
     ranks = _ranks(final, records)
-    assert final.r == 10 and final.rank_pattern == {path_key(V): 4}
+    assert (ranks[Q], ranks[K]) == (10, 10) and ranks[V] < 10  # (v's rank: not pinned, test_the_order_of_allocation)
+    assert final.r == 10 and final.rank_pattern == {path_key(V): ranks[V]}
     assert all(stats[p]["delta_norm"] > 0 for p in ranks)
     for p, rec in records.items():
         assert rec.in_features == lora.layers[p].in_features and rec.out_features == lora.layers[p].out_features
