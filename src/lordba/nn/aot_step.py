@@ -4,9 +4,9 @@ dtypes a decoder takes."""
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,16 +18,33 @@ from lordba.nn.aot_package import compiled_package
 from lordba.nn.attention import reduced_cache
 
 
-@contextlib.contextmanager
-def _static_generation(model: nn.Module) -> Iterator[None]:
-    """The generation config transformers' exporter asks for, restored afterwards."""
-    config = model.generation_config
-    saved = (config.use_cache, config.cache_implementation)
-    config.use_cache, config.cache_implementation = True, "static"
-    try:
-        yield
-    finally:
-        config.use_cache, config.cache_implementation = saved
+class _StaticView:
+    """``model`` as transformers' exporter reads it while building its wrapper: every attribute the model's, but its
+    own copy of the generation config, with the static cache the exporter asks for. The model's config is never
+    written: another thread's ``generate`` (or a model sharing that config) would see the static cache meanwhile, and
+    two decoders of one model building at once (each under its own lock) left it set for good (the second kept the
+    first's temporary value and put it back last)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._viewed = model  # (not ``model``: the exporter may read a causal LM's own ``.model``)
+        self.generation_config = copy.deepcopy(model.generation_config)
+        self.generation_config.use_cache, self.generation_config.cache_implementation = True, "static"
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._viewed, name)
+
+
+def _static_wrapper(model: nn.Module, length: int) -> nn.Module:
+    """transformers' exportable wrapper of ``model`` on a static cache of ``length`` positions, built from a
+    :class:`_StaticView` of it, then wrapping the model itself."""
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    view = _StaticView(model)
+    wrapper = TorchExportableModuleForDecoderOnlyLM(view, batch_size=1, max_cache_len=length)
+    if getattr(wrapper.model, "model", None) is not view:
+        raise LoRDBAError("transformers' exportable wrapper keeps the model it wraps elsewhere than in .model.model")
+    wrapper.model.model = model
+    return wrapper
 
 
 KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -51,10 +68,7 @@ class CompiledStep:
     def __init__(
         self, model: nn.Module, length: int, folder: Path, log: Callable[[str], None], kv_dtype: torch.dtype
     ) -> None:
-        from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
-
-        with _static_generation(model):
-            wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=length)
+        wrapper = _static_wrapper(model, length)
         self.module = wrapper.model
         self.length = length
         cache = getattr(self.module, "static_cache", None)  # sliding-window layers (Gemma): the hybrid wrapper's
