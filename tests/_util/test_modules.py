@@ -7,7 +7,7 @@ from torch import nn
 from transformers import Gemma3Config, Gemma3TextConfig, LlamaConfig
 
 from lordba import LoRDBAConfig, get_lordba_model
-from lordba._util.modules import context_positions
+from lordba._util.modules import context_positions, own_config
 
 from conftest import tiny_llama
 
@@ -26,6 +26,19 @@ def test_context_positions_reads_a_multimodal_configs_text_model():
     assert context_positions(_with_config(Gemma3Config(text_config=text))) == 512
     assert context_positions(_with_config(LlamaConfig(max_position_embeddings=64))) == 64
     assert context_positions(nn.Linear(1, 1)) is None
+
+
+def test_own_config_gives_every_module_holding_the_config_or_a_sub_config_the_models_copy():
+    """A multimodal model's text modules hold its config's ``text_config``: they get the copy's, not the shared one."""
+    shared = Gemma3Config(text_config=Gemma3TextConfig(max_position_embeddings=512))
+    model = _with_config(shared)
+    model.text = _with_config(shared.text_config)
+    model.plain = nn.Linear(1, 1)
+    other = _with_config(shared)
+    own = own_config(model)
+    assert model.config is own and own is not shared and model.text.config is own.text_config
+    assert own.text_config is not shared.text_config and own.to_dict() == shared.to_dict()
+    assert other.config is shared and not hasattr(model.plain, "config")
 
 
 def test_the_cache_keyword_and_output_follow_the_models_own_names():

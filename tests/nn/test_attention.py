@@ -80,6 +80,24 @@ def test_use_packed_gqa_switches_sdpa_models_only_and_keeps_greedy_tokens():
     assert attention._REGISTERED
 
 
+def test_use_packed_gqa_leaves_a_model_sharing_the_config_and_the_config_itself_on_sdpa():
+    """transformers keeps the config a model is built from: switching one of two models built from one config switched
+    the other (and the user's config object) to lordba's attention too (its logits changed in the last bits)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import TINY
+
+    config = LlamaConfig(**TINY)
+    model, other = LlamaForCausalLM(config).eval(), LlamaForCausalLM(config).eval()
+    assert config._attn_implementation == "sdpa" and other.config is config
+    assert use_packed_gqa(model)
+    assert config._attn_implementation == "sdpa" and other.config._attn_implementation == "sdpa"
+    attentions = [m for m in model.modules() if hasattr(m, "num_key_value_groups")]
+    assert attentions and all(m.config is model.config for m in attentions)  # every module holds the model's copy
+    assert model.config is not config and model.config._attn_implementation == NAME
+    assert model.config.to_dict() == config.to_dict()  # a copy: every saved field the same
+
+
 def test_a_reduced_cache_keeps_its_dtype_and_decodes_close_to_float32():
     from transformers import StaticCache
 

@@ -1,11 +1,12 @@
 """Rules about a model's modules, kept in one place: replacing the submodule at a dotted path, a model in eval
 mode for a block, a model frozen by a call that gives its parameters back if the call fails, recognising the output
-head by name, the device an accelerate hook computes a module on and the tensors it loads, the ids that end a
-generated text."""
+head by name, a model's own copy of its config, the device an accelerate hook computes a module on and the tensors
+it loads, the ids that end a generated text."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Iterator
@@ -147,6 +148,21 @@ def is_output_head(name: str) -> bool:
     """Whether the module path ``name`` names an output head: its last component is ``lm_head``
     (causal LMs), ``score`` or ``classifier`` (classification heads). Never raises."""
     return name.rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES
+
+
+def own_config(model: nn.Module) -> Any:
+    """Give ``model`` its own copy of its config, before a write meant for it alone: transformers keeps the config
+    object a model is built from, so two models built from one config (or the user's config object) share it, and a
+    write for one changed the other. Every module below ``model`` that held the config or one of its sub-configs (a
+    multimodal model's ``text_config``) gets the copy's. Returns the copy."""
+    memo: dict[int, Any] = {}
+    own = copy.deepcopy(model.config, memo)
+    for module in model.modules():
+        held = module.__dict__.get("config")
+        copied = memo.get(id(held)) if held is not None else None  # (memo keeps every original alive: ids are unique)
+        if copied is not None and type(copied) is type(held):
+            module.config = copied
+    return own
 
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")  # config names of a context

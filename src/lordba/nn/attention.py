@@ -29,6 +29,7 @@ from torch import nn
 
 from lordba import kernels
 from lordba._util.arena import empty_views
+from lordba._util.modules import own_config
 
 NAME = "lordba_sdpa"
 # Arguments of transformers' ``sdpa`` that change what it computes (soft-capping, which it refuses; an additive
@@ -141,7 +142,8 @@ def register() -> None:
 def use_packed_gqa(model: nn.Module) -> bool:
     """Switch a transformers model (or a wrapper with ``get_base_model``) that uses ``sdpa`` attention
     to :data:`NAME`; returns whether it now uses it. Models on other attention implementations
-    (``eager``, flash, flex) are left as they are."""
+    (``eager``, flash, flex) are left as they are. The model gets its own copy of the config first
+    (:func:`~lordba._util.modules.own_config`): one it shared with another model switched that one too."""
     inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     config = getattr(inner, "config", None)
     current = getattr(config, "_attn_implementation", None)
@@ -150,5 +152,6 @@ def use_packed_gqa(model: nn.Module) -> bool:
     if current != "sdpa" or not callable(getattr(inner, "set_attn_implementation", None)):
         return False
     register()
+    own_config(inner)  # (a config shared with another model: that one stays on sdpa)
     inner.set_attn_implementation(NAME)
     return getattr(inner.config, "_attn_implementation", None) == NAME
