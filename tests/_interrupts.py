@@ -41,36 +41,122 @@ def interrupt_after(monkeypatch, owner, attr, *calls):
     monkeypatch.setattr(owner, attr, patched)
 
 
-_CHECKS_AFTER = ("CALL", "CALL_FUNCTION_EX", "JUMP_BACKWARD", "POP_JUMP_BACKWARD_IF_FALSE", "POP_JUMP_BACKWARD_IF_TRUE")
-_CHECKS_AFTER += ("POP_JUMP_BACKWARD_IF_NONE", "POP_JUMP_BACKWARD_IF_NOT_NONE")
+_BACKWARD_JUMPS = ("JUMP_BACKWARD", "POP_JUMP_BACKWARD_IF_FALSE", "POP_JUMP_BACKWARD_IF_TRUE")
+_BACKWARD_JUMPS += ("POP_JUMP_BACKWARD_IF_NONE", "POP_JUMP_BACKWARD_IF_NOT_NONE")
 
 
-def interrupt_at_check(n, files, functions=None):
+class _Code:
+    """What the tracer needs of a code object: each instruction's ``(opname, arg, offset of the next one, jump
+    target)`` by offset, and the exception table (the handler a raise at an offset goes to)."""
+
+    def __init__(self, code) -> None:
+        self.ops, previous = {}, None
+        for ins in dis.get_instructions(code):
+            if previous is not None:
+                self.ops[previous.offset] = (previous.opname, previous.arg, ins.offset, previous.argval)
+            previous = ins
+        if previous is not None:
+            self.ops[previous.offset] = (previous.opname, previous.arg, None, previous.argval)
+        self.table = [(e.start, e.end, e.target, e.depth, e.lasti) for e in dis._parse_exception_table(code)]
+
+    def handler(self, offset: int):
+        """The exception table entry for a raise at ``offset`` (``None``: none, it leaves the frame)."""
+        return next(((t, d, lasti) for start, end, t, d, lasti in self.table if start <= offset < end), None)
+
+
+def _inside(call, lasti: int) -> bool:
+    """Whether a frame at ``lasti`` is in the call ``(offset, next offset)`` (its position is the call's last cache
+    entry while the function it calls runs)."""
+    return isinstance(call, tuple) and call[0] <= lasti < call[1]
+
+
+def interrupt_at_check(n, files, functions=None, unmodelled=None):
     """A tracer raising KeyboardInterrupt, once, at the ``n``-th point of code from ``files`` (of its ``functions``
-    by name, if given) where CPython handles a pending signal (a Ctrl-C): a function's start or a generator's
-    resumption (RESUME), and the instruction after a call or a backward jump (they check the eval breaker when they
-    end)."""
-    count, last, opnames = [0], {}, {}
+    by name, if given) where CPython 3.11 handles a pending signal (a Ctrl-C, ``CHECK_EVAL_BREAKER`` in ceval.c):
+
+    - a function's start or a generator's resumption after ``yield`` (``RESUME`` 0 or 1; not after ``yield from``
+      or ``await``: 2, 3), raised there;
+    - the end of a call that returned (``CALL``, ``CALL_FUNCTION_EX``), raised with the call's exception handler: at
+      the next instruction where that has the same one, else as the Python function it calls returns (``return f()``
+      in a ``try`` / ``with``: the ``finally`` or ``__exit__`` runs); never after a call that raised (the handler's
+      first instruction is no check point). CPython does not check after a call of a Python function it runs in
+      the same loop (only at the function's own check points); the point stands for a Ctrl-C at the callee's last
+      check (untraced code), which is raised from the call the same way;
+    - a backward jump taken (``JUMP_BACKWARD``, ``POP_JUMP_BACKWARD_IF_*`` that jumps), whose interrupt CPython raises
+      with the position just before the jump's target (``INSTR_OFFSET() - 1`` after ``JUMPBY``): at the loop's
+      top that starts with ``try`` (``while True: try: ... except KeyboardInterrupt: ...``) it is not in the ``try``
+      but in the code around the loop. It is raised at the target or, where the handler differs, at the jump itself
+      (before an unconditional one runs) where that has the handler of the position before the target.
+
+    A point it cannot raise in CPython's place (a C function's call before another handler: no Python code) is
+    counted but not raised: it is added to ``unmodelled`` (a list, if given; :class:`Attempt` fails on one) as
+    ``(file, function, offset)``."""
+    count, last, codes, calling, raised = [0], {}, {}, {}, set()
+
+    def info(code) -> _Code:
+        if code not in codes:
+            codes[code] = _Code(code)
+        return codes[code]
+
+    def check(frame, code: _Code, where: int, place: int) -> None:
+        """Count a check point raised (by CPython) with ``where``'s handler; raise at ``place`` if that is the same."""
+        count[0] += 1
+        if count[0] != n:
+            return
+        if code.handler(where) == code.handler(place):
+            raise KeyboardInterrupt
+        if unmodelled is not None:
+            unmodelled.append((frame.f_code.co_filename, frame.f_code.co_name, where))
 
     def local(frame, event, arg):
         if event != "opcode":
+            callee(frame, event, arg)  # (a traced function called by such a call: its return)
             return local
-        code = frame.f_code
-        if code not in opnames:
-            opnames[code] = {i.offset: (i.opname, i.arg) for i in dis.get_instructions(code)}
-        opname, arg = opnames[code].get(frame.f_lasti, ("", None))
-        checked = (opname == "RESUME" and arg < 2) or last.get(id(frame)) in _CHECKS_AFTER
-        last[id(frame)] = opname
-        if checked:
-            count[0] += 1
-            if count[0] == n:
-                raise KeyboardInterrupt
+        code, offset = info(frame.f_code), frame.f_lasti
+        opname, oparg, after, target = code.ops.get(offset, ("", None, None, None))
+        previous = last.get(id(frame))
+        last[id(frame)] = offset
+        if opname == "RESUME" and oparg < 2:
+            check(frame, code, offset, offset)
+        elif opname == "JUMP_BACKWARD" and code.handler(target - 2) != code.handler(target):
+            check(frame, code, target - 2, offset)  # (taken: raised at the jump, which does nothing else)
+            last[id(frame)] = None  # (its check is counted)
+        elif opname in ("CALL", "CALL_FUNCTION_EX") and code.handler(offset) != code.handler(after):
+            calling[id(frame)] = (offset, after)  # (its check raised from the Python function it calls, as it returns)
+        if previous is None:
+            return local
+        p_opname, _, p_after, p_target = code.ops.get(previous, ("", None, None, None))
+        if p_opname in ("CALL", "CALL_FUNCTION_EX") and offset == p_after:  # (returned: raised, no check)
+            if calling.pop(id(frame), None) != -1:  # (not already counted as the callee returned)
+                check(frame, code, previous, offset)
+        elif p_opname in _BACKWARD_JUMPS and offset == p_target:  # (taken)
+            check(frame, code, p_target - 2, offset)
         return local
+
+    def callee(frame, event, arg):
+        """The tracer of a Python function called by a traced frame's call whose next instruction has another
+        handler: the caller's check after the call is counted, and raised, as the function returns (not raising)."""
+        if event == "exception":
+            raised.add(id(frame))
+        elif event == "return" and id(frame) not in raised:
+            caller = frame.f_back
+            if caller is not None and _inside(calling.get(id(caller)), caller.f_lasti):
+                calling[id(caller)] = -1  # (counted: not again at the caller's next instruction)
+                check(caller, info(caller.f_code), caller.f_lasti, caller.f_lasti)
+        elif event != "return":
+            raised.discard(id(frame))
+        return callee
 
     def tracer(frame, event, arg):
         if frame.f_code.co_filename in files and (functions is None or frame.f_code.co_name in functions):
             frame.f_trace_opcodes = True
+            last.pop(id(frame), None)  # (a frame of the same id, ended)
+            raised.discard(id(frame))
             return local(frame, "opcode", None) if event == "call" else local
+        caller = frame.f_back
+        if event == "call" and caller is not None and _inside(calling.get(id(caller)), caller.f_lasti):
+            raised.discard(id(frame))
+            return callee
         return None
 
     return tracer
@@ -83,13 +169,16 @@ class Attempt:
 
     def __init__(self, n: int, files, functions=None) -> None:
         self.n, self.files, self.functions, self.finished, self.error = n, files, functions, False, None
+        self.unmodelled: list = []
 
     def __enter__(self) -> Attempt:
-        sys.settrace(interrupt_at_check(self.n, self.files, self.functions))
+        sys.settrace(interrupt_at_check(self.n, self.files, self.functions, self.unmodelled))
         return self
 
     def __exit__(self, typ, value, traceback) -> bool:
         sys.settrace(None)
+        if self.unmodelled:  # (a check point the tracer could not raise in CPython's place: none tried there)
+            pytest.fail(f"attempt {self.n}: a Ctrl-C at {self.unmodelled} cannot be raised where CPython raises it")
         if typ is KeyboardInterrupt:
             self.error = value
             return True
