@@ -835,3 +835,61 @@ def test_a_ctrl_c_anywhere_in_an_adapter_load_leaves_no_name_noted_as_being_adde
         lm.add_adapter("other", LoRDBAConfig(r=2, modules_to_save=["lm_head"]))
         lm.delete_adapter("other")
         assert list(lm.base_model.lm_head.lordba_saved) == ["default"], attempt.n  # (attempt.error, its traceback)
+
+
+@pytest.mark.parametrize("call", ["load", "add", "delete"])
+def test_a_ctrl_c_anywhere_in_an_adapter_load_add_or_delete_leaves_it_whole_or_gone(call):
+    """Ctrl-C at each point where Python handles it in a load, add or delete of an adapter with trained biases and a
+    head trained in full: the adapter is whole (its layers, biases, head, outputs) or gone (no layer, copy or name
+    left, the other adapter's outputs as before). Was: its name kept without its biases and head (a load or add cut
+    after the layers were installed), layers holding an adapter the model did not name, or a deleted adapter's head
+    kept (a later adapter of that name ran with it)."""
+    from transformers import LlamaForCausalLM
+
+    from _interrupts import ctrl_c_at_each_check
+    from lordba.nn import model as model_module
+    from lordba.nn import model_load, model_peft
+    from lordba.nn.saved import SavedModule
+
+    def base():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(**TINY, attention_bias=True)).eval()
+
+    config = LoRDBAConfig(r=2, init="random", target_modules=["v_proj"], bias="lora_only", modules_to_save=["lm_head"])
+    source = get_lordba_model(base(), config)
+    with torch.no_grad():
+        for adapter in source.adapter_modules("default").values():
+            adapter.scale_out.mul_(50)
+            adapter.bias_delta.normal_()
+        source.base_model.lm_head.lordba_saved["default"].weight.mul_(2)
+    state = source.adapter_state("default")
+    lm = get_lordba_model(base(), LoRDBAConfig(r=2, init="random", target_modules=["q_proj"]))
+    outputs = lambda name: lm(input_ids=IDS, adapter_names=[name] * 2).logits.detach()  # noqa: E731
+    plain, mine = outputs("default"), None
+    files = {model_module.__file__, model_load.__file__, model_peft.__file__}
+    names = {"load_adapter_state", "_load_state", "add_adapter", "delete_adapter", "_add_whole", "_drop_whole"}
+    for attempt in ctrl_c_at_each_check(files, functions=names | {"_install", "_load_extras", "_install_extras"}):
+        if call == "delete":
+            lm.load_adapter_state(state, "other")
+        with attempt:
+            if call == "add":
+                lm.add_adapter("other", config)
+            else:
+                (lm.delete_adapter("other") if call == "delete" else lm.load_adapter_state(state, "other"))
+            attempt.reached()
+        attempt.error = None
+        held = [p for p, layer in lm._lordba_layers() if "other" in layer.lordba_adapters]
+        copies = [p for p, m in lm._saved_modules() if "other" in m.lordba_saved]
+        if "other" in lm.peft_config:
+            assert held == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"], attempt.n
+            assert copies == ["lm_head"], attempt.n
+            assert all(a.bias_delta is not None for a in lm.adapter_modules("other").values()), attempt.n
+            if call != "add":
+                mine = outputs("other") if mine is None else mine
+                assert torch.equal(outputs("other"), mine), attempt.n
+                assert sorted(lm.adapter_state("other").extras) == sorted(state.extras), attempt.n
+            lm.delete_adapter("other")
+        else:
+            assert held == [] and copies == [] and "other" not in lm.active_adapters, attempt.n
+            assert not any(isinstance(m, SavedModule) for m in lm.base_model.modules()), attempt.n
+        assert torch.equal(outputs("default"), plain), attempt.n

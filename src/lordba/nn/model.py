@@ -210,9 +210,8 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
             )
         with self._lock.write():
             self._check_new_name(adapter_name)  # again: another thread may have taken the name
-            self._install(adapter_name, adapters)
-            self.peft_config[adapter_name] = config
-            self._install_extras(adapter_name, config, saved)
+            extras = lambda: self._install_extras(adapter_name, config, saved, adapters)  # noqa: E731
+            self._add_whole(adapter_name, config, adapters, extras)
 
     def set_adapter(self, adapter_names: str | Sequence[str]) -> None:
         """Activate one adapter, or several (stacked: their branches add up). Merged adapters left out are
@@ -240,7 +239,8 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
             self._sync_saved()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter from every layer; layers left without adapters get their base back.
+        """Remove an adapter from every layer; layers left without adapters get their base back. Interrupted (Ctrl-C)
+        before every layer gave it up, it is kept whole; after, the delete is finished before the interrupt is raised.
 
         Raises:
             AdapterStateError: an unknown adapter, or one merged into the base (nothing changes).
@@ -249,10 +249,17 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
             self._check_known(adapter_name)
             if any(adapter_name in layer.merged_adapters for _, layer in self._lordba_layers()):  # before any change
                 raise AdapterStateError(f"adapter {adapter_name!r} is merged: unmerge it before deleting it")
-            self._take_from_layers(adapter_name)
-            del self.peft_config[adapter_name]
-            self._active = tuple(n for n in self._active if n != adapter_name)
-            self._sync_saved()
+            try:
+                self._drop_whole(adapter_name)  # its layers first, all or none
+            except BaseException:  # interrupted (Ctrl-C): once the layers gave it up, finished (not half-deleted)
+                while True:
+                    try:
+                        if not any(adapter_name in layer.lordba_adapters for _, layer in self._lordba_layers()):
+                            self._drop_whole(adapter_name)
+                        break
+                    except KeyboardInterrupt:
+                        pass
+                raise
 
     @holding
     def disable_adapter(self) -> Iterator[None]:

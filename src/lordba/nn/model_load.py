@@ -212,9 +212,48 @@ class AdapterLoadMixin:
             hold_together([a for a in adapters.values() if isinstance(a, PackedAdapter)])
         with self._lock.write():
             self._check_new_name(adapter_name, new=False)  # again: another thread may have taken the name
-            self._install(adapter_name, adapters)
-            self.peft_config[adapter_name] = config
+            load_extras = lambda: self._load_extras(adapter_name, state, adapters, is_trainable)  # noqa: E731
+            self._add_whole(adapter_name, config, adapters, load_extras)
         return adapters
+
+    def _load_extras(
+        self, adapter_name: str, state: adapter_files.AdapterState, adapters: dict[str, Any], is_trainable: bool
+    ) -> None:
+        """Add a loaded adapter's extra tensors; without support for modules trained in full, a file that has extras
+        is refused."""
+        if state.extras:
+            raise AdapterStateError(f"this model cannot hold the extra tensors of adapter {adapter_name!r}")
+
+    def _add_whole(self, adapter_name: str, config: Any, adapters: dict[str, Any], extras: Callable[[], None]) -> None:
+        """Install ``adapters``, then ``extras()`` (trained biases, modules trained in full), then name the adapter
+        (the caller holds the write lock and checked the name): all or none. Failing or interrupted (Ctrl-C) half-way,
+        the adapter is taken out of every layer and module again, repeated until done on a second Ctrl-C (else the
+        model named an adapter without its trained biases and head, or layers held one it did not name)."""
+        try:
+            self.__dict__["_adding"] = (adapter_name,)  # (the instance's dict: nn.Module.__setattr__ is Python code)
+            self._install(adapter_name, adapters)
+            extras()
+            self.peft_config[adapter_name] = config  # last: a name the model holds is a whole adapter
+        except BaseException:
+            while True:
+                try:
+                    self._drop_whole(adapter_name)
+                    break
+                except KeyboardInterrupt:
+                    pass
+            raise
+        finally:
+            self.__dict__["_adding"] = ()
+
+    def _drop_whole(self, adapter_name: str) -> None:
+        """Take ``adapter_name`` out of every layer, of the names and active adapters, and its trained copies of
+        modules out (the caller holds the write lock; each step can be repeated, so a Ctrl-C part way is handled by
+        calling it again)."""
+        self.__dict__["_adding"] = ()
+        self._take_from_layers(adapter_name)
+        self.peft_config.pop(adapter_name, None)
+        self._active = tuple(n for n in self._active if n != adapter_name)
+        self._sync_saved()
 
     @ordinary_tensors()
     def hotswap_adapter(

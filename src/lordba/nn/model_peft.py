@@ -132,10 +132,11 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
                 raise TargetModulesError(f"module {path!r} carries LoRDBA adapters: it cannot also be trained in full")
 
     def _install_extras(
-        self, adapter_name: str, config: LoRDBAConfig, saved: dict[str, tuple[str, ...] | None]
+        self, adapter_name: str, config: LoRDBAConfig, saved: dict[str, tuple[str, ...] | None], adapters: dict
     ) -> None:
-        """Dropout, trained biases and modules trained in full for a new adapter (write lock held)."""
-        for path, adapter in self.adapter_modules(adapter_name).items():
+        """Dropout, trained biases and modules trained in full for a new adapter (``adapters``: its installed ones by
+        module path; write lock held)."""
+        for path, adapter in adapters.items():
             adapter.dropout = config.dropout  # _install put it in its layer's mode
             bias = self._layer_bias(path)
             if config.bias != "none" and bias is not None:
@@ -249,26 +250,25 @@ class PeftFeaturesMixin(CombineMixin, StatusMixin):
             plan = self._plan_extras(state)
             self._check_saveable(plan["saved"], state.modules)  # a refused adapter leaves the model as it was
             self._warn_base(state.config)
-            # noted as being added inside the try, in the instance's dict (nn.Module.__setattr__ is Python code: a
-            # Ctrl-C there just after the set, or before it in the finally, left it noted for good, and _sync_saved
-            # kept an adapter of that name's trained copies after its delete)
-            try:
-                self.__dict__["_adding"] = (adapter_name,)
-                adapters = super()._load_state(state, adapter_name, is_trainable, targets)
-            finally:
-                self.__dict__["_adding"] = ()
-            for path, value in plan["bias"].items():
-                adapter = adapters[path]
-                adapter.attach_bias(self._bias_delta(path, value))
-                adapter.bias_delta.requires_grad_(is_trainable)
-            for path, tensors in plan["saved"].items():
-                module = self._saved_module(path)
-                module.add_copy(adapter_name, tuple(tensors))
-                module.load_saved(adapter_name, tensors)
-                for name in tensors:
-                    module.lordba_saved[adapter_name].get_parameter(name).requires_grad_(is_trainable)
-            self._sync_saved()
-        return adapters
+            return super()._load_state(state, adapter_name, is_trainable, targets)
+
+    def _load_extras(
+        self, adapter_name: str, state: adapter_files.AdapterState, adapters: dict[str, Any], is_trainable: bool
+    ) -> None:
+        """Attach a loaded adapter's trained biases and add its trained copies of modules (inside
+        :meth:`_add_whole`: all or none with the rest of the load)."""
+        plan = self._plan_extras(state)
+        for path, value in plan["bias"].items():
+            adapter = adapters[path]
+            adapter.attach_bias(self._bias_delta(path, value))
+            adapter.bias_delta.requires_grad_(is_trainable)
+        for path, tensors in plan["saved"].items():
+            module = self._saved_module(path)
+            module.add_copy(adapter_name, tuple(tensors))
+            module.load_saved(adapter_name, tensors)
+            for name in tensors:
+                module.lordba_saved[adapter_name].get_parameter(name).requires_grad_(is_trainable)
+        self._sync_saved()
 
     def _hotswap_extras(self, adapter_name: str, state: adapter_files.AdapterState, apply: bool) -> None:
         """Hot-swap the extra tensors (trained biases, modules trained in full) in place: the file must
