@@ -238,29 +238,6 @@ class LoRDBAModel(StateDictMixin, PeftFeaturesMixin, AdapterFilesMixin, AdapterF
             self._active = names
             self._sync_saved()
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter from every layer; layers left without adapters get their base back. Interrupted (Ctrl-C)
-        before every layer gave it up, it is kept whole; after, the delete is finished before the interrupt is raised.
-
-        Raises:
-            AdapterStateError: an unknown adapter, or one merged into the base (nothing changes).
-        """
-        with self._lock.write():
-            self._check_known(adapter_name)
-            if any(adapter_name in layer.merged_adapters for _, layer in self._lordba_layers()):  # before any change
-                raise AdapterStateError(f"adapter {adapter_name!r} is merged: unmerge it before deleting it")
-            try:
-                self._drop_whole(adapter_name)  # its layers first, all or none
-            except BaseException:  # interrupted (Ctrl-C): once the layers gave it up, finished (not half-deleted)
-                while True:
-                    try:
-                        if not any(adapter_name in layer.lordba_adapters for _, layer in self._lordba_layers()):
-                            self._drop_whole(adapter_name)
-                        break
-                    except KeyboardInterrupt:
-                        pass
-                raise
-
     @holding
     def disable_adapter(self) -> Iterator[None]:
         """Within the block (in this thread; with asyncio, in this task: a context variable), the model runs as its

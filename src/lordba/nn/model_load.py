@@ -24,69 +24,16 @@ from lordba.errors import AdapterFormatError, AdapterStateError, ConfigError, Sh
 from lordba.format import adapter as adapter_files
 from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter
 from lordba.nn.hub import resolve_adapter_dir
-from lordba.nn.layer import LoRDBALinear, adapter_device
+from lordba.nn.layer import adapter_device
 from lordba.nn.model_forms import hold_together
-from lordba.nn.structure import replace_everywhere, resolve
+from lordba.nn.model_install import AdapterInstallMixin
 from lordba.quant import BaseBackend
 
 Targets = dict[str, tuple[nn.Module, BaseBackend]]  # module path -> (base layer, its backend)
 
 
-class AdapterLoadMixin:
+class AdapterLoadMixin(AdapterInstallMixin):
     """Load / hot-swap methods of :class:`~lordba.nn.model.LoRDBAModel`."""
-
-    def _install(self, adapter_name: str, adapters: dict[str, LoRDBAAdapter]) -> None:
-        """Put ``adapters`` into their layers (the caller holds the write lock), wrapping plain layers first, each in
-        its layer's mode (training or eval: dropout follows the model's). All or none: interrupted (Ctrl-C), the
-        layers done lose the adapter again and those wrapped for it get their base back (else an adapter the model
-        does not name stayed in them, and ``from_pretrained`` repeated refused the user's model as adapted)."""
-        root, done = self._root(), []
-        try:
-            for path, adapter in adapters.items():
-                module = resolve(root, path)
-                if not isinstance(module, LoRDBALinear):
-                    wrapper = LoRDBALinear(module)
-                    wrapper.gate = self._gate
-                    wrapper.disable_adapters = self._layers_disabled
-                    wrapper.train(module.training)
-                    done.append((path, wrapper))  # (before it is placed: taking back a wrapper not placed is no-op)
-                    replace_everywhere(root, path, wrapper)
-                    module = wrapper
-                    module.set_adapter(self._active)
-                else:
-                    done.append((path, module))
-                if adapter.training != module.training:
-                    adapter.train(module.training)
-                module.add_adapter(adapter_name, adapter)
-        except BaseException:
-            for path, module in reversed(done):
-                if adapter_name in module.lordba_adapters:
-                    del module.lordba_adapters[adapter_name]
-                if not module.lordba_adapters:
-                    replace_everywhere(root, path, module.base_layer)
-            raise
-
-    def _take_from_layers(self, adapter_name: str) -> None:
-        """Remove ``adapter_name`` from every layer, layers left without adapters unwrapped: all or none (a Ctrl-C
-        half-way put back, else the model kept naming an adapter some of its layers had lost)."""
-        root, done = self._root(), []
-        try:
-            for path, layer in self._lordba_layers():
-                adapter = layer.lordba_adapters[adapter_name] if adapter_name in layer.lordba_adapters else None
-                done.append((path, layer, adapter, list(layer.active_adapters), list(layer.lordba_adapters)))
-                layer.delete_adapter(adapter_name)
-                if not layer.lordba_adapters:
-                    replace_everywhere(root, path, layer.base_layer)
-        except BaseException:
-            for path, layer, adapter, active, order in reversed(done):
-                if adapter is not None and adapter_name not in layer.lordba_adapters:
-                    layer.add_adapter(adapter_name, adapter)
-                held = layer.lordba_adapters._modules
-                for name in order:  # in their order again (a stack's sum adds them in it)
-                    held[name] = held.pop(name)
-                layer.active_adapters = active
-                replace_everywhere(root, path, layer)
-            raise
 
     def _check_fits(self, state: adapter_files.AdapterState, source: object) -> Targets:
         """Every module of ``state`` exists in this model with the same in/out features; returns
@@ -223,37 +170,6 @@ class AdapterLoadMixin:
         is refused."""
         if state.extras:
             raise AdapterStateError(f"this model cannot hold the extra tensors of adapter {adapter_name!r}")
-
-    def _add_whole(self, adapter_name: str, config: Any, adapters: dict[str, Any], extras: Callable[[], None]) -> None:
-        """Install ``adapters``, then ``extras()`` (trained biases, modules trained in full), then name the adapter
-        (the caller holds the write lock and checked the name): all or none. Failing or interrupted (Ctrl-C) half-way,
-        the adapter is taken out of every layer and module again, repeated until done on a second Ctrl-C (else the
-        model named an adapter without its trained biases and head, or layers held one it did not name)."""
-        try:
-            self.__dict__["_adding"] = (adapter_name,)  # (the instance's dict: nn.Module.__setattr__ is Python code)
-            self._install(adapter_name, adapters)
-            extras()
-            self.peft_config[adapter_name] = config  # last: a name the model holds is a whole adapter
-        except BaseException:
-            while True:
-                try:
-                    self._drop_whole(adapter_name)
-                    break
-                except KeyboardInterrupt:
-                    pass
-            raise
-        finally:
-            self.__dict__["_adding"] = ()
-
-    def _drop_whole(self, adapter_name: str) -> None:
-        """Take ``adapter_name`` out of every layer, of the names and active adapters, and its trained copies of
-        modules out (the caller holds the write lock; each step can be repeated, so a Ctrl-C part way is handled by
-        calling it again)."""
-        self.__dict__["_adding"] = ()
-        self._take_from_layers(adapter_name)
-        self.peft_config.pop(adapter_name, None)
-        self._active = tuple(n for n in self._active if n != adapter_name)
-        self._sync_saved()
 
     @ordinary_tensors()
     def hotswap_adapter(
