@@ -7,6 +7,7 @@ import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # (device, inode) of the temporaries this process is writing and holds a writer's lock on (format.temp_owner): a
 # lock asked on one of them (a save into a temporary folder before its rename) would wait on this process itself
@@ -89,16 +90,8 @@ def locked(directory: Path) -> Iterator[bool]:
         return
     Path(directory).mkdir(parents=True, exist_ok=True)
     fd = hold_fd(os.open(directory, os.O_RDONLY))
-    try:
-        held = True
-        if not _private(fd):  # (this process's own temporary: its writer's lock is held here already)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError as err:
-                if err.errno not in _NO_LOCKS:
-                    raise
-                held = False
-        yield held
+    try:  # (this process's own temporary: its writer's lock is held here already)
+        yield _private(fd) or _lock_exclusive(fcntl, fd)
     finally:
         close_held(fd)  # releases the lock
 
@@ -119,16 +112,21 @@ def locked_file(path: Path) -> Iterator[bool]:
         return
     fd = hold_fd(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666))
     try:
-        held = True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as err:
-            if err.errno not in _NO_LOCKS:
-                raise
-            held = False
-        yield held
+        yield _lock_exclusive(fcntl, fd)
     finally:
         close_held(fd)  # releases the lock
+
+
+def _lock_exclusive(fcntl: Any, fd: int) -> bool:
+    """Take ``fd``'s exclusive ``flock``, waiting for it; ``False`` where its file system refuses locks
+    (:data:`_NO_LOCKS`: NFS's directory, a mount with none), any other error raised."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as err:
+        if err.errno not in _NO_LOCKS:
+            raise
+        return False
+    return True
 
 
 def wait_for_writer(directory: Path) -> bool:
