@@ -138,6 +138,21 @@ def refuse_directory_locks(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
     monkeypatch.setattr(fcntl, "flock", flock)
 
 
+def locked_elsewhere(path: str | Path, flags: int = os.O_RDONLY) -> bool:
+    """Whether another process would be refused ``path``'s exclusive ``flock`` now (a second open file of it: flock
+    treats it as another process); the probe's own lock, if taken, is given back at once."""
+    import fcntl
+
+    fd = os.open(path, flags)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The tests marked ``long`` first, the rest in their order: in a parallel run (scripts/test.sh) they start at
     once, spread over the workers, instead of the last of them holding one worker after the others are done."""

@@ -15,7 +15,7 @@ from lordba.nn.adapter import PackedAdapter
 from lordba.nn.aot import AotDecode
 from lordba.nn.decode import token_processors
 
-from conftest import tiny_q4
+from conftest import locked_elsewhere, tiny_q4
 
 PROMPT = torch.tensor([[5, 17, 3, 44, 9, 21, 60, 2]])
 NEW = 6
@@ -280,8 +280,6 @@ def test_a_compile_holds_a_lock_and_a_package_that_does_not_load_is_compiled_aga
     a compile holds a lock on that cache (another process's ``flock`` is refused meanwhile). A package whose
     entries' CRCs are right but that does not load (an empty ``*_metadata.json``: what two processes compiling
     one graph at once packaged) is compiled again, and the step gives the eager tokens."""
-    import fcntl
-    import os
     import zipfile
 
     from torch._inductor.runtime.cache_dir_utils import cache_dir
@@ -289,14 +287,7 @@ def test_a_compile_holds_a_lock_and_a_package_that_does_not_load_is_compiled_aga
     real, held = torch._inductor.aoti_compile_and_package, []
 
     def probe(*args, **kwargs):
-        fd = os.open(cache_dir(), os.O_RDONLY)  # another open file: flock treats it as another process
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held.append(False)
-        except BlockingIOError:
-            held.append(True)
-        finally:
-            os.close(fd)
+        held.append(locked_elsewhere(cache_dir()))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", probe)

@@ -2,7 +2,6 @@
 one that writes a small zip."""
 
 import errno
-import fcntl
 import os
 import types
 import zipfile
@@ -12,7 +11,7 @@ import torch
 
 from lordba.nn import aot_package
 
-from conftest import refuse_directory_locks
+from conftest import locked_elsewhere, refuse_directory_locks
 
 
 @pytest.mark.parametrize("code", [errno.EBADF, errno.ENOLCK])
@@ -29,14 +28,7 @@ def test_a_compile_is_locked_where_the_inductor_cache_refuses_directory_locks(tm
     refuse_directory_locks(monkeypatch, code)
 
     def compile_and_package(program, package_path, inductor_configs):
-        fd = os.open(cache / ".lordba-compile.lock", os.O_RDWR | os.O_CREAT)  # as another process would
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held.append(False)
-        except BlockingIOError:
-            held.append(True)
-        finally:
-            os.close(fd)
+        held.append(locked_elsewhere(cache / ".lordba-compile.lock", os.O_RDWR | os.O_CREAT))
         with zipfile.ZipFile(package_path, "w") as archive:
             archive.writestr("model/data.json", "{}")
 
