@@ -82,6 +82,7 @@ def _traced():
 
     files = {modules.__file__, contextlib.__file__, nn.modules.module.__file__}
     names = {"eval_mode", "frozen_unless_failed", "generation_stopping_only", "block", "helper", "_set_training"}
+    names |= {"_shared", "_begin", "_end", "_modes", "_saved_generation_config", "_stopping_only_of", "<lambda>"}
     return files, names | {"__init__", "__enter__", "__exit__", "__call__", "done", "eval", "train", "__setattr__"}
 
 
@@ -165,3 +166,41 @@ def test_a_ctrl_c_anywhere_in_a_generation_stopping_only_block_puts_the_config_b
         if _at_the_start_of_an_exit(attempt.error):
             attempt.error = None
         assert model.generation_config is own, attempt.n  # (attempt.error, its traceback, kept)
+
+
+def test_eval_mode_blocks_overlapping_in_two_threads_put_the_modes_back_when_the_last_ends():
+    """An evaluation in each of two threads on one training model, the first to begin ending first: the other's went on
+    in eval mode, and after both every module is in its own mode again (was: each block saved and put back on its own,
+    so the first's end put the training modes back under the other's evaluation (dropout on), and the other, which had
+    saved the eval modes, left the model in eval mode for good)."""
+    from _interrupts import held_by_another_thread
+    from lordba._util.modules import eval_mode
+
+    model = _small_model()
+    before = [m.training for m in model.modules()]
+    first = eval_mode(model)
+    first.__enter__()
+    with held_by_another_thread(lambda: eval_mode(model)):
+        first.__exit__(None, None, None)
+        assert not any(m.training for m in model.modules())  # (the other thread's block is still open)
+    assert [m.training for m in model.modules()] == before
+
+
+def test_generation_stopping_only_blocks_overlapping_in_two_threads_put_the_models_config_back():
+    """Two threads each generating answers for an evaluation on one model, the first to begin ending first: the
+    other's block kept the stopping-only config, and after both the model has its own again (was: the second saved
+    the first's stopping-only config and put it back last: the model's repetition penalty and sampling settings lost
+    for good)."""
+    from transformers import GenerationConfig
+
+    from _interrupts import held_by_another_thread
+    from lordba._util.modules import generation_stopping_only
+
+    model = _small_model()
+    own = model.generation_config = GenerationConfig(repetition_penalty=1.3, eos_token_id=2)
+    first = generation_stopping_only(model)
+    first.__enter__()
+    with held_by_another_thread(lambda: generation_stopping_only(model)):
+        first.__exit__(None, None, None)
+        assert model.generation_config.repetition_penalty is None and model.generation_config.eos_token_id == 2
+    assert model.generation_config is own

@@ -1,5 +1,6 @@
 """Rules about a model's modules, kept in one place: replacing the submodule at a dotted path, a model in eval
-mode for a block, a model frozen by a call that gives its parameters back if the call fails, recognising the output
+mode for a block (blocks that overlap, in one thread or several, share the change: the last to end puts the model
+back), a model frozen by a call that gives its parameters back if the call fails, recognising the output
 head by name, a model's own copy of its config, the device an accelerate hook computes a module on and the tensors
 it loads, the ids that end a generated text."""
 
@@ -9,6 +10,8 @@ import contextlib
 import copy
 import functools
 import inspect
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -102,15 +105,79 @@ def _set_training(module_and_mode: tuple[nn.Module, bool]) -> None:
     module.training = training
 
 
+class _Shared:
+    """One change to a model that the blocks open on it share (:func:`eval_mode`'s, :func:`generation_stopping_only`'s):
+    the first to begin saves what the model had and makes the change, the last to end puts it back. Each block saving
+    and putting back on its own, two that overlapped (an evaluation in each of two threads) put the model back in the
+    wrong order: the second saved the first's change and, ending last, made it the model's for good (a training model
+    left in eval mode, the model's generation config lost), and the first to end undid the change under the other
+    while it still ran (its evaluation went on with dropout on)."""
+
+    __slots__ = ("holders", "lock", "put_back")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.holders: list[object] = []  # a token per open block
+        self.put_back: PutBack | None = None
+
+
+_SHARED: dict[str, weakref.WeakKeyDictionary[nn.Module, _Shared]] = {
+    "eval": weakref.WeakKeyDictionary(),
+    "generation": weakref.WeakKeyDictionary(),
+}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared(kind: str, model: nn.Module) -> _Shared:
+    """The change of ``kind`` shared by the blocks open on ``model`` (kept while the model lives)."""
+    with _SHARED_LOCK:
+        one = _SHARED[kind].get(model)
+        if one is None:
+            one = _SHARED[kind][model] = _Shared()
+        return one
+
+
+def _begin(shared: _Shared, token: object, save: Callable[[], PutBack], change: Callable[[PutBack], object]) -> None:
+    """Open the block ``token`` on ``shared``: the first one open saves the model's state (``save``, what puts it
+    back) and changes it (``change``); the others find it changed."""
+    with shared.lock:
+        if shared.holders:
+            shared.holders.append(token)
+            return
+        shared.put_back = save()
+        shared.holders.append(token)  # (before the change: a Ctrl-C in it is put back when the block ends)
+        change(shared.put_back)
+
+
+def _end(shared_and_token: tuple[_Shared, object]) -> None:
+    """Close the block ``token``: the last one open puts the model back. Can be called again after a Ctrl-C (goes on
+    from where it stopped) and for a block that never began (does nothing)."""
+    shared, token = shared_and_token
+    with shared.lock:
+        if not any(one is token for one in shared.holders):
+            return
+        if len(shared.holders) == 1 and shared.put_back is not None:
+            shared.put_back()
+        shared.holders.remove(token)
+
+
+def _modes(model: nn.Module) -> PutBack:
+    """What puts every module of ``model`` back in its present mode."""
+    return PutBack(_set_training, [(m, m.training) for m in model.modules()])
+
+
 @_restoring
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """``model`` in eval mode for the block (dropout off), then every module back in its own mode, also when the
     block raises (an evaluation that failed part way left a training model in eval mode: dropout off for the rest
     of the run) or a Ctrl-C comes as the block begins or ends (a generator of ``contextlib`` left the model in eval
-    mode while the traceback lived, and a Ctrl-C in its loop putting the modes back left the rest in eval mode)."""
-    put_back = PutBack(_set_training, [(m, m.training) for m in model.modules()])
+    mode while the traceback lived, and a Ctrl-C in its loop putting the modes back left the rest in eval mode).
+    Blocks that overlap on one model (in one thread or several) share it: the modes are put back as the last ends.
+    Another thread's calls meanwhile run in eval mode too (the mode is the model's)."""
+    shared, token = _shared("eval", model), object()
+    put_back = PutBack(_end, [(shared, token)])
     try:  # (the eval inside: one stopped part way is put back too)
-        model.eval()
+        _begin(shared, token, functools.partial(_modes, model), lambda _: model.eval())
         yield
     finally:
         while True:
@@ -251,20 +318,36 @@ def stopping_only(config: Any) -> Any:
     return GenerationConfig(**{n: v for n in _KEPT if (v := getattr(config, n, None)) is not None})
 
 
+def _saved_generation_config(target: nn.Module) -> PutBack:
+    """What puts ``target``'s present generation config back."""
+    return PutBack(functools.partial(setattr, target, "generation_config"), [target.generation_config])
+
+
+def _stopping_only_of(target: nn.Module, saved: PutBack) -> None:
+    target.generation_config = stopping_only(saved.items[0])
+
+
 @_restoring
 def generation_stopping_only(model: nn.Module) -> Iterator[None]:
     """Within the block, ``model``'s generation config (the transformers model's, below a wrapper with
     ``get_base_model``) is :func:`stopping_only`'s, put back after: ``generate`` also applies the model's own
     settings for what a config passed to it leaves unset, so only the model's attribute keeps them out. A Ctrl-C as
-    the block begins or ends puts it back too."""
+    the block begins or ends puts it back too. Blocks that overlap on one model (in one thread or several) share it:
+    the model's own config is put back as the last ends. Another thread's ``generate`` meanwhile also gets the
+    stopping-only config (the attribute is the model's)."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    old = getattr(target, "generation_config", None)
-    if old is None:
+    if getattr(target, "generation_config", None) is None:
         yield
         return
-    put_back = PutBack(functools.partial(setattr, target, "generation_config"), [old])
+    shared, token = _shared("generation", target), object()
+    put_back = PutBack(_end, [(shared, token)])
     try:  # (the new one set inside: a Ctrl-C just after it puts the old one back)
-        target.generation_config = stopping_only(old)
+        _begin(
+            shared,
+            token,
+            functools.partial(_saved_generation_config, target),
+            functools.partial(_stopping_only_of, target),
+        )
         yield
     finally:
         while True:
