@@ -311,3 +311,50 @@ def test_library_warnings_show_as_one_line_and_still_follow_the_warning_filters(
     before = warnings.formatwarning
     assert main(["inspect", str(tmp_path / "a")]) == 0
     assert warnings.formatwarning is before
+
+
+def test_main_in_a_second_thread_while_a_command_runs_is_refused_and_leaves_the_process_as_it_was(monkeypatch, capsys):
+    """Two threads each calling ``lordba.cli.main`` (a test harness, a notebook), the first to begin ending first: the
+    second had saved the first's changes as the process's state and put them back last, so the caller kept the first
+    command's seeded generator, the CLI's warning format and bitsandbytes' CPU logger at ERROR for good. A call while
+    another thread's runs is now refused (exit 2, said on stderr), and the first's changes are given back when it
+    ends."""
+    import logging
+    import threading
+    import types
+    import warnings
+
+    started, release, calls, codes = threading.Event(), [threading.Event(), threading.Event()], [], {}
+    second_went_on = threading.Event()  # (its command began, or its call was refused)
+
+    def run(args):
+        k = len(calls)
+        calls.append(k)
+        torch.manual_seed(5)  # (as the lab's train and bench do)
+        (started if k == 0 else second_went_on).set()
+        assert release[k].wait(20)
+        return 0
+
+    def call(name):
+        codes[name] = main(["holding"])
+        second_went_on.set()
+
+    module = types.SimpleNamespace(add_arguments=lambda p: None, run=run)
+    monkeypatch.setattr(cli, "commands", lambda: [cli.Command("holding", "holds", lambda: module)])
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    generator, formatwarning, level = torch.get_rng_state(), warnings.formatwarning, log.level
+    first, second = (threading.Thread(target=call, args=(name,), daemon=True) for name in ("first", "second"))
+    first.start()
+    assert started.wait(20)
+    second.start()
+    assert second_went_on.wait(20)
+    release[0].set()
+    first.join(20)
+    release[1].set()
+    second.join(20)
+    assert codes == {"first": 0, "second": cli.EXIT_USAGE} and calls == [0]
+    assert "another lordba command is running in this process" in capsys.readouterr().err
+    assert torch.equal(torch.get_rng_state(), generator) and warnings.formatwarning is formatwarning
+    assert log.level == level
+    assert main(["holding"]) == 0 and calls == [0, 1]  # (a command runs again once the other ended)
+    assert torch.equal(torch.get_rng_state(), generator)

@@ -13,7 +13,8 @@ Exit codes scripts can rely on:
 * 0: success
 * 1: unexpected internal error (a bug: please report it)
 * 2: usage error (bad arguments), or a command whose optional dependency is not installed (the
-  message names what to install)
+  message names what to install), or :func:`main` called while another thread's call of it runs (one command at a
+  time per process)
 * 3: invalid input: a bad, corrupt or mismatched adapter, config or data file (a ``LoRDBAError``), or a path
   the system refuses (an ``OSError`` naming it: no permission, a name too long, a full disk)
 * 130: interrupted (Ctrl-C)
@@ -33,6 +34,7 @@ import math
 import os
 import pkgutil
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
@@ -169,6 +171,9 @@ def _run(command: str | None, argv: list[str]) -> int:
         log.setLevel(level)
 
 
+_ONE_AT_A_TIME = threading.RLock()  # held by the thread whose main() runs (a command calling main() again: nested)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit code (module docstring).
 
@@ -176,7 +181,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     code line); which are shown, and ``-W error``, are as Python's warning filters say. What a command changes of
     the process while it runs (the random generators and torch's thread count: :mod:`lordba.cli._kept`; the warning
     format, loggers) is restored when it returns: a caller in the same process (a test, a notebook) finds them as
-    they were."""
+    they were.
+
+    One command runs at a time in a process: a call from another thread while one runs is refused (exit code 2, a
+    line on stderr saying so). What a command changes is the process's (the random generators, the warning format,
+    loggers), so two at once would run with each other's and, ending in the order they began, leave the process with
+    the second one's saved copy of the first one's for good. Run commands side by side in processes of their own."""
+    if not _ONE_AT_A_TIME.acquire(blocking=False):
+        print(
+            f"lordba {_chosen(list(sys.argv[1:] if argv is None else argv))}: error: another lordba command is running "
+            "in this process (lordba.cli.main runs one at a time: the settings a command holds are the process's); "
+            "run it after that one ends, or in a process of its own",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        return _main_alone(argv)
+    finally:
+        _ONE_AT_A_TIME.release()
+
+
+def _main_alone(argv: Sequence[str] | None) -> int:
+    """:func:`main`, the only one running: the process's settings a command changes given back when it returns."""
     from lordba.cli._kept import kept_generators
 
     previous = warnings.formatwarning
