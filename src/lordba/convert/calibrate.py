@@ -6,11 +6,14 @@
 whose input is the base layer's input. Pass the result as ``convert_lora(..., calibration=...)``.
 A batch given as a dict with an ``attention_mask`` counts only the positions the mask keeps: the
 padding of sequences of different lengths batched together is not calibration data. The model runs in
-eval mode (dropout off), its modules' own modes restored after.
+eval mode (dropout off), its modules' own modes restored after. Only the calling thread's model calls count: another
+thread calling the model meanwhile (serving it) adds nothing (so a model that runs its modules in threads of its own,
+``nn.DataParallel`` over several GPUs, is not calibrated through).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,15 +38,18 @@ def collect_input_moments(
     each batch is a dict of model keyword arguments or a tensor of input ids (moved to the model's device). A dict's
     ``attention_mask`` ([batch, seq]) leaves out the positions it masks (padding) wherever a module's
     input has one row per position. The batches run in eval mode (no dropout); each module's mode is
-    restored afterwards."""
+    restored afterwards. Other threads' calls of the model meanwhile are not counted."""
     root = _root(model)
     paths = list(paths)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     mask: list[torch.Tensor | None] = [None]  # the current batch's attention mask
+    caller = threading.get_ident()
 
     def hook_for(path: str):
         def hook(_module: nn.Module, args: tuple) -> None:
+            if threading.get_ident() != caller:  # another thread's call (serving the model meanwhile): not our batches
+                return
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             keep = mask[0]
             if keep is not None and keep.numel() == x.shape[0]:
