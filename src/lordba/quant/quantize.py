@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lordba._util.arena import return_freed_memory
-from lordba._util.modules import is_output_head, replace_submodule
+from lordba._util.modules import is_output_head, own_config, replace_submodule
 from lordba._util.state import ordinary_tensors
 from lordba.errors import ConfigError
 from lordba.quant.backend import resolve_backend
@@ -237,16 +236,13 @@ def untie_head(model: nn.Module) -> None:
     """Mark a model whose (tied) output head was replaced by a quantized layer as untied, so that
     transformers does not tie it to the input embeddings again.
 
-    The model gets its own copy of the config (in every module that held it): the config may be shared (two models
-    built from one config, the user's object), and writing it untied another model whose head is still tied: its
-    save left the head out as a tied copy and its config said untied, so it reloaded with a random head."""
+    The model gets its own copy of the config (:func:`~lordba._util.modules.own_config`: in every module that held
+    it or one of its sub-configs, a multimodal model's ``text_config``): the config may be shared (two models built
+    from one config, the user's object), and writing it untied another model whose head is still tied: its save left
+    the head out as a tied copy and its config said untied, so it reloaded with a random head."""
     config = getattr(model, "config", None)
     if getattr(config, "tie_word_embeddings", False):
-        own = copy.deepcopy(config)
-        own.tie_word_embeddings = False
-        for module in model.modules():
-            if getattr(module, "config", None) is config:
-                module.config = own
+        own_config(model).tie_word_embeddings = False
 
 
 def quantizable(model: nn.Module, skip: tuple[str, ...] = ()) -> list[tuple[str, nn.Linear]]:
