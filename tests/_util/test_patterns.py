@@ -123,3 +123,57 @@ def test_a_class_escape_against_a_non_ascii_name_is_refused_not_matched_in_ascii
     assert matches(pattern, ascii_name) == (re.fullmatch(pattern, ascii_name) is not None)
     assert matches(r".*_proj", "layers.0.é_proj") and not matches(r".*\\w_proj", "layers.0.é_proj")
     assert matches(["é_proj"], "layers.0.é_proj")
+
+
+TURKISH_I_CASES = [
+    ("(?i).*i_proj", "layers.0.ı_proj"),  # ı (U+0131) an i in Python's (?i), not in RE2's
+    ("(?i)layers\\.0\\.[a-z]+", "layers.0.İ"),  # İ (U+0130): the same, through a class
+    ("(?i:.*[^i])", "layers.0.İ"),  # a negated class: Python takes İ as i, so leaves it out
+    ("(?i).*İ_proj", "layers.0.i_proj"),  # the pattern's İ, an ASCII name's i
+    ("(?si)(?:.*\\.)?ı$", "layers.0.I"),
+]
+
+
+@pytest.mark.parametrize(("pattern", "name"), TURKISH_I_CASES)
+def test_a_case_insensitive_pattern_where_turkish_i_differs_is_refused_not_matched_otherwise(pattern, name):
+    """Python's re (PEFT's) takes İ (U+0130) and ı (U+0131) as case variants of i under ``(?i)``, RE2 does not (the only
+    characters whose case variants differ between the two): ``(?i).*i_proj`` matched PEFT's ``layers.0.ı_proj`` but
+    not lordba's (module names are Python attribute names: non-ASCII ones are allowed). Such a pair is refused naming
+    the pattern and the module, as a target pattern and as a rank_pattern key."""
+    import re
+
+    assert (re.fullmatch(pattern, name) is not None) != (re.fullmatch(pattern, name, re.ASCII) is not None)
+    with pytest.raises(ConfigError, match=r"U\+0130.*\[Ii\]") as err:
+        matches(pattern, name)
+    assert repr(name) in str(err.value) and repr(pattern) in str(err.value)
+    with pytest.raises(ConfigError, match="U\\+0131"):
+        pattern_key({pattern: 2}, name)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "name"),
+    [
+        ("(?i).*q_proj", "layers.ı.q_proj"),  # nothing in the pattern an i can be
+        ("(?-i:.*i_proj)", "layers.0.ı_proj"),  # not case-insensitive
+        (".*[a-z]_proj", "layers.0.ı_proj"),
+        ("(?i).*Q_PROJ", "layers.0.q_proj"),  # ASCII on both sides
+        ("(?P<mid>.*)i_proj", "layers.0.ı_proj"),  # a named group, no flags
+    ],
+)
+def test_patterns_the_engines_agree_on_match_as_python_does(pattern, name):
+    import re
+
+    assert matches(pattern, name) == (re.fullmatch(pattern, name) is not None)
+
+
+def test_a_model_with_a_dotless_i_in_a_module_name_is_refused_a_case_insensitive_target():
+    """Through ``get_lordba_model``: the adapter would have left out the layer PEFT adapts."""
+    from torch import nn
+
+    from lordba import get_lordba_model
+
+    model = nn.Module()
+    model.add_module("katmanı", nn.Linear(4, 4))
+    model.add_module("other", nn.Linear(4, 4))
+    with pytest.raises(ConfigError, match="'katmanı'"):
+        get_lordba_model(model, LoRDBAConfig(r=2, target_modules="(?i)(katmani|other)"))

@@ -16,7 +16,11 @@ and matching any accepted pattern takes well under a second.
 RE2's ``\\w``, ``\\d``, ``\\s`` and ``\\b`` (and their negations) are ASCII, Python's (PEFT's) Unicode: they
 agree on ASCII names (every name an adapter file can hold), and a pattern using one is refused with a
 :class:`~lordba.errors.ConfigError` naming it and the module when matched against a name with non-ASCII
-characters, where the two engines could pick different modules.
+characters, where the two engines could pick different modules. Case-insensitive matching (``(?i)``) agrees too
+but for one class: Python's re takes ``İ`` (U+0130) and ``ı`` (U+0131) as case variants of ``i``, RE2 does not
+(every other character's case variants are the same in both); a case-insensitive pattern is refused the same way
+when the module name has one of them, or the pattern has a character from U+0130 on (``İ``, ``ı``, or a range
+reaching them) and the name an ``i`` or ``I``.
 """
 
 from __future__ import annotations
@@ -97,6 +101,46 @@ def _unicode_classes(pattern: str) -> list[str]:
     return found
 
 
+_TURKISH_I = frozenset("\u0130\u0131")  # İ and ı: case variants of i in Python's re, not in RE2
+
+
+_FLAGS = re.compile(r"\(\?([imsU]*)(?:-[imsU]*)?[:)]")  # a (?flags) or (?flags:...) group's opening, flags on first
+
+
+def _case_scan(pattern: str) -> tuple[bool, bool]:
+    """``(case-insensitive, mentions i)`` of ``pattern``: whether an ``i`` is among the flags a ``(?flags)`` or
+    ``(?flags:...)`` group turns on (a literal ``(?i)`` inside a character class counts too), and whether, outside
+    those groups, it has a character of ``iIİı``, a character class or an escape that can stand for one (``\\x``,
+    octal, ``\\p``)."""
+    insensitive = mentions = False
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        group = _FLAGS.match(pattern, i) if c == "(" else None
+        if group:
+            insensitive = insensitive or "i" in group.group(1)
+            i = group.end()
+            continue
+        escape = c == "\\" and i + 1 < len(pattern)
+        mentions = mentions or c in "iI[" or c in _TURKISH_I or (escape and pattern[i + 1] in "xX01234567pP")
+        i += 2 if escape else 1
+    return insensitive, mentions
+
+
+def _turkish_i_differs(pattern: str, name: str) -> bool:
+    """Whether Python's re and RE2 can disagree on ``pattern`` against ``name``: a case-insensitive pattern that can
+    match an ``i`` where the name has ``İ`` or ``ı``, or one with a character from U+0130 on (``İ``, ``ı``, a range
+    reaching them) where the name has an ``i`` or ``I``."""
+    if name.isascii() and pattern.isascii():
+        return False
+    chars = set(name)
+    high = bool(chars & {"i", "I"}) and any(ord(c) >= 0x130 for c in pattern)
+    if not (high or chars & _TURKISH_I):
+        return False
+    insensitive, mentions = _case_scan(pattern)
+    return insensitive and (high or mentions)
+
+
 def _search(pattern: str, form: str, name: str) -> bool:
     regex = _regex(pattern, form, "pattern")
     try:
@@ -110,6 +154,13 @@ def _search(pattern: str, form: str, name: str) -> bool:
             "means ASCII characters only in RE2, the engine lordba matches module names with, but any Unicode "
             "letter, digit or space in Python's re (PEFT's), and this module name has non-ASCII characters: write "
             "the characters out (e.g. [^.] or [A-Za-z0-9_]), or list the modules instead of a pattern"
+        )
+    if _turkish_i_differs(pattern, name):
+        raise ConfigError(
+            f"pattern {safe_repr(pattern)} and module {safe_repr(name)}: case-insensitive (?i) matching takes "
+            "'\u0130' (U+0130) and '\u0131' (U+0131) as case variants of 'i' in Python's re (PEFT's) but not in RE2, "
+            "the engine lordba matches module names with, and this module name or pattern has them: write the cases "
+            "out instead of (?i) (e.g. [Ii]), or list the modules instead of a pattern"
         )
     return found is not None
 
