@@ -213,3 +213,20 @@ def test_a_config_with_its_fields_in_another_order_loads(saved):
 def test_a_config_field_that_is_not_json_has_no_digest(value):
     with pytest.raises(AdapterFormatError, match="config fields are not canonical JSON"):
         config_digest({"alpha": value})
+
+
+def test_an_edited_base_path_is_refused_saying_how_to_load_on_a_moved_base_or_record_another(saved):
+    """``base_model_name_or_path`` is in the digest (older readers compute it over every field), so editing it after
+    moving the base folder is refused; the error named no field. It now names this one and what to do instead: give
+    the base where you load, or record another base by setting it on the loaded adapter and saving again."""
+    from lordba import LoRDBAModel
+
+    original = json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"]
+    set_config(saved, reseal=False, base_model_name_or_path="/moved/base")
+    with pytest.raises(AdapterFormatError, match=r"base_model_name_or_path is in the digest.*put the saved value back"):
+        read_adapter(saved)
+    set_config(saved, reseal=False, base_model_name_or_path=original)
+    lm = LoRDBAModel.from_pretrained(tiny_llama(0), saved)
+    lm.peft_config["default"].base_model_name_or_path = "/moved/base"
+    lm.save_pretrained(saved / "resaved")
+    assert read_adapter(saved / "resaved").config.base_model_name_or_path == "/moved/base"

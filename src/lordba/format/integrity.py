@@ -3,7 +3,10 @@
 * ``weights_sha256`` in ``adapter_config.json``: the sha256 of ``lordba_model.safetensors``.
 * ``config_sha256`` in the weights file's safetensors metadata: the sha256 of the config's canonical
   JSON (every key but ``weights_sha256`` and ``library_version``, sorted, compact, ASCII). A change
-  of any config field (a bit flip in ``alpha``) is refused. Files written before this key existed
+  of any config field (a bit flip in ``alpha``) is refused, ``base_model_name_or_path`` included: leaving it
+  out would make every new file's digest differ from the one older lordba versions compute (they would refuse
+  it as edited), and an old file's digest cannot tell an edit of it from one of another field; the error says
+  how to load on a moved base or record another one. Files written before this key existed
   have no ``config_sha256`` and load with the checksum of the weights alone; a reader that does not
   know the key ignores it (the tensors and the other metadata mean the same), so it needs no new
   ``format_version``.
@@ -51,7 +54,11 @@ def check_config_digest(
         raise AdapterFormatError(
             f"{config_path}: its fields differ from the config digest stored in {weights_path.name} "
             f"({CONFIG_DIGEST_KEY}): the config is corrupt or was edited after saving (a changed value "
-            "such as alpha or a pattern would change every output)"
+            "such as alpha or a pattern would change every output). base_model_name_or_path is in the digest "
+            "too: if you changed only it (a moved base folder), put the saved value back and give the base where "
+            "you load (LoRDBAModel.from_pretrained(base_model, directory), `--model`, export's `--base`); to "
+            "record another base, load the adapter, set its peft_config[name].base_model_name_or_path and "
+            "save_pretrained it again"
         )
 
 
