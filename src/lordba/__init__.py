@@ -15,6 +15,7 @@ from lordba._version import __version__
 from lordba.errors import (
     AdapterFormatError,
     AdapterStateError,
+    BaseModelWarning,
     ConfigError,
     ConversionError,
     DataError,
@@ -86,6 +87,7 @@ __all__ = [
     "AdapterState",
     "AdapterStateError",
     "AutoLoRDBAModelForCausalLM",
+    "BaseModelWarning",
     "ConfigError",
     "ConversionError",
     "ConversionReport",

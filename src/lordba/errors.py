@@ -41,3 +41,7 @@ class TrainingError(LoRDBAError, RuntimeError):
 
 class DataError(LoRDBAError, ValueError):
     """A data file or data set is malformed."""
+
+
+class BaseModelWarning(UserWarning):
+    """An adapter is loaded onto a base model other than the one its config records (``base_model_name_or_path``)."""

@@ -21,3 +21,8 @@ def registered_model(name: str) -> tuple[Path, str] | None:
         return None
     canonical = next((ep.name for ep in points if ep.value == found.value and ep.name != "default"), name)
     return Path(found.load()()), canonical
+
+
+def registered_names() -> set[str]:
+    """The names registered in the ``lordba.models`` group (none of their entry points loaded: nothing is fetched)."""
+    return {ep.name for ep in importlib.metadata.entry_points(group=MODEL_ENTRY_POINTS)}

@@ -5,10 +5,12 @@ place for every reader: the model's ``from_pretrained`` / ``load_adapter`` / ``h
 from __future__ import annotations
 
 import glob
+import re
 import warnings
 from pathlib import Path
 
 from lordba._util.files import check_path
+from lordba._util.models import registered_names
 from lordba._version import __version__
 from lordba.errors import AdapterFormatError, LoRDBAError
 
@@ -109,3 +111,28 @@ def locate(
             f"(revision {revision or 'main'}): {type(err).__name__}: {reason}"
         ) from None
     return Path(snapshot) / sub
+
+
+_SNAPSHOT = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\][^/\\]+$")  # a Hub id's HF cache folder
+
+
+def base_key(name: str) -> str:
+    """What two records of one base model's name share: the last component of a Hub id or folder (the Hub id of an HF
+    cache snapshot folder, ``.../models--org--name/snapshots/<commit>``), lowercased (Hub ids ignore case), trailing
+    slashes left out: ``org/Model``, ``/models/model/`` and the snapshot of ``org/Model`` all give ``model``."""
+    text = name.strip().rstrip("/\\")
+    snapshot = _SNAPSHOT.search(text)
+    if snapshot:
+        text = f"{snapshot[1]}/{snapshot[2]}"
+    return re.split(r"[/\\]", text)[-1].lower()
+
+
+def other_base(recorded: str | None, current: str | None) -> bool:
+    """Whether an adapter recording ``recorded`` as its ``base_model_name_or_path`` is loaded onto another model
+    than ``current`` (the model's ``name_or_path``) by their :func:`base_key`: ``False`` where either is unknown
+    (empty, a model built from a config) or ``recorded`` is a name registered in ``lordba.models`` (the lab's
+    ``default``: its folder is not looked up here)."""
+    if not recorded or not current:
+        return False
+    ours, theirs = base_key(recorded), base_key(current)
+    return bool(ours and theirs and ours != theirs) and recorded not in registered_names()

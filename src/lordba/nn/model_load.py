@@ -10,6 +10,7 @@ given by a Hub id (``"user/repo"``) is fetched first (:func:`lordba.nn.hub.resol
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ from torch import nn
 
 from lordba._util.modules import frozen_unless_failed
 from lordba._util.state import ordinary_tensors
+from lordba.config import CONFIG_NAME
+from lordba.config.locate import other_base
 from lordba.core.scales import get_codec
-from lordba.errors import AdapterFormatError, AdapterStateError, ConfigError, ShapeMismatchError
+from lordba.errors import AdapterFormatError, AdapterStateError, BaseModelWarning, ConfigError, ShapeMismatchError
 from lordba.format import adapter as adapter_files
 from lordba.nn.adapter import LoRDBAAdapter, PackedAdapter, TrainableAdapter
 from lordba.nn.hub import resolve_adapter_dir
@@ -60,7 +63,22 @@ class AdapterLoadMixin(AdapterInstallMixin):
         adapter = adapter_files.open_adapter(resolve_adapter_dir(model_id, **hub))
         targets = self._check_fits(adapter, adapter.weights_path)
         adapter.load_tensors()
+        self._warn_other_base(adapter)
         return adapter, targets
+
+    def _warn_other_base(self, adapter: adapter_files.AdapterFile) -> None:
+        """Warn (:class:`~lordba.errors.BaseModelWarning`) where ``adapter`` records another base model than this
+        model's ``name_or_path`` (:func:`~lordba.config.locate.other_base`); never refuses: a base may have moved."""
+        recorded = adapter.config.base_model_name_or_path
+        current = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
+        if other_base(recorded, current if isinstance(current, str) else None):
+            warnings.warn(
+                f"{adapter.directory / CONFIG_NAME}: the adapter was made for base_model_name_or_path {recorded!r}, "
+                f"and this model is {current!r}: an adapter for another model of the same layer shapes loads and "
+                "gives meaningless outputs (nothing to do if it is the same model under another name or folder)",
+                BaseModelWarning,
+                stacklevel=5,  # (load_adapter's caller: this, _read_for_model, load_adapter, its decorator)
+            )
 
     @ordinary_tensors()
     def load_adapter(
