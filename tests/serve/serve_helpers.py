@@ -7,8 +7,11 @@ helpers from here (each defines its ``served`` fixture with :func:`make_served`)
 
 from __future__ import annotations
 
+import http.client
+import json
 import string
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -114,3 +117,20 @@ def reference(model_dir: Path, adapter_dir: Path | None, prompt_ids: list[int], 
             torch.tensor([prompt_ids]), adapter_names=names, max_new_tokens=max_new_tokens, do_sample=False
         )
     return out[0, len(prompt_ids) :].tolist()
+
+
+def post(url: str, path: str, body: dict) -> tuple[int, http.client.HTTPMessage, dict]:
+    """``(status, headers, JSON body or {"text": ...})`` of one POST."""
+    where = urlparse(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+    try:
+        conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            answer = {"text": data.decode()}
+        return response.status, response.headers, answer
+    finally:
+        conn.close()

@@ -9,7 +9,6 @@ import json
 import shutil
 import threading
 import time
-from urllib.parse import urlparse
 
 import pytest
 
@@ -20,7 +19,7 @@ from lordba.serve.errors import ContextLengthError, QueueFullError
 from lordba.serve.sampling import SamplingParams
 from lordba.serve.server import Server, build_state
 
-from .serve_helpers import char_tokenizer, make_adapter, tiny_model
+from .serve_helpers import char_tokenizer, make_adapter, post, tiny_model
 
 
 @pytest.fixture
@@ -101,23 +100,6 @@ def test_a_tokenizer_files_truncation_and_padding_are_settled_before_it_is_share
     finally:
         state.engine.shutdown()
     assert not shareable(object())
-
-
-def post(url: str, path: str, body: dict) -> tuple[int, http.client.HTTPMessage, dict]:
-    """``(status, headers, JSON body or {"text": ...})`` of one POST."""
-    where = urlparse(url)
-    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
-    try:
-        conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        data = response.read()
-        try:
-            answer = json.loads(data)
-        except ValueError:
-            answer = {"text": data.decode()}
-        return response.status, response.headers, answer
-    finally:
-        conn.close()
 
 
 def wait_for(predicate, seconds: float = 10.0) -> bool:
