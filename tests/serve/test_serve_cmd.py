@@ -131,6 +131,26 @@ def _start_serving(tmp_path, context: int = 8192):
     pytest.fail("lordba serve did not start: " + proc.communicate()[0].decode()[-2000:])
 
 
+def _wait_running(port: int, count: int, deadline_s: float = 120.0) -> None:
+    """Return once the server's ``/health`` reports ``count`` requests running (a generous deadline: a loaded machine
+    may take long to admit them), else fail the test."""
+    import http.client
+    import time
+
+    deadline, health = time.monotonic() + deadline_s, None
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", "/health")
+            health = json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+        if health.get("running") == count:
+            return
+        time.sleep(0.25)  # (each /health is a line of the server's log, which fills its pipe until the end)
+    pytest.fail(f"the server never ran {count} requests at once: /health said {health}")
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_a_stop_signal_ends_the_requests_in_flight_cleanly_and_exits_0(tmp_path, signame):
     """SIGTERM (or Ctrl-C) with a stream and a whole response in flight: each ends within the grace period (the
@@ -141,7 +161,6 @@ def test_a_stop_signal_ends_the_requests_in_flight_cleanly_and_exits_0(tmp_path,
     import signal
     import socket
     import threading
-    import time
 
     proc, port = _start_serving(tmp_path)
     answers = {}
@@ -157,7 +176,7 @@ def test_a_stop_signal_ends_the_requests_in_flight_cleanly_and_exits_0(tmp_path,
     try:
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        _wait_running(port, 2)  # both in the batch (a fixed sleep was too short under load: the signal came first)
         proc.send_signal(getattr(signal, signame))
         out = proc.communicate(timeout=60)[0].decode()
     finally:
