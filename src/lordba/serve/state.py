@@ -40,7 +40,7 @@ class Job:
 class ServerState:
     """The server's parts; ``base_name`` is the name under which the base model is served and
     ``max_context`` the most tokens (prompt + generated) a request may use; ``max_body_bytes`` the most bytes a
-    request body may hold (None: room for the longest prompt, :func:`lordba.serve.app.body_limit`)."""
+    request body may hold (None: room for the longest prompt, :func:`lordba.serve.middleware.body_limit`)."""
 
     engine: Engine
     registry: AdapterRegistry
@@ -59,7 +59,7 @@ class ServerState:
     max_prompt_chars: int | None = field(init=False, repr=False, default=None)
     # a chat of more messages than max_context is refused before its body is validated (renders_every_message)
     counts_messages: bool = field(init=False, repr=False, default=False)
-    max_body_bytes: int | None = None  # the most bytes a request body may hold (None: the app's body_limit)
+    max_body_bytes: int | None = None  # the most bytes a request body may hold (None: middleware.body_limit)
     preparing: int = field(init=False, repr=False, default=0)  # requests being tokenized, not yet submitted (the app's)
 
     def __post_init__(self) -> None:
