@@ -64,6 +64,19 @@ _NUMBERS = ("max_tokens", "temperature", "top_p", "seed", "n", *(k for k in _NEU
 _NUMBERS += ("max_completion_tokens", "best_of")
 
 
+def unsupported(name: str) -> BadRequestError:
+    """The 400 refusing ``name``, a sampling or extension field the server does not implement, sent asking for
+    something (naming the value that asks for nothing, where there is one)."""
+    neutral = _NEUTRAL.get(name, _EXTENSIONS.get(name, ()))
+    only = f" (only {neutral[0]!r})" if neutral else ""
+    return BadRequestError(f"{name} is not supported{only}", param=name)
+
+
+def several_prompts() -> BadRequestError:
+    """The 400 refusing a completion's list of several prompts."""
+    return BadRequestError("send one prompt per request (a list of prompts is not supported)", "prompt")
+
+
 class StreamOptions(_Body):
     """``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
 
@@ -130,8 +143,7 @@ class _Sampling(_Body):
         for name, neutral in (*_NEUTRAL.items(), *_EXTENSIONS.items()):
             value = getattr(self, name)
             if value is not None and value not in neutral:
-                only = f" (only {neutral[0]!r})" if neutral else ""
-                raise BadRequestError(f"{name} is not supported{only}", param=name)
+                raise unsupported(name)
 
     @staticmethod
     def _logprobs_off(value: Any) -> bool:
@@ -175,7 +187,7 @@ class CompletionRequest(_Sampling):
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:
-                raise BadRequestError("send one prompt per request (a list of prompts is not supported)", "prompt")
+                raise several_prompts()
             p = p[0]
         if isinstance(p, list) and not p:
             raise BadRequestError("prompt is empty", param="prompt")
