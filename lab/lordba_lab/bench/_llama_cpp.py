@@ -26,6 +26,7 @@ import numpy as np
 
 from lordba._util.cachedir import cache_dir
 from lordba.errors import LoRDBAError
+from lordba_lab.cached import cached_file, cached_folder
 
 VERSION = "0.3.36"  # the llama-cpp-python release the suite was written and measured with
 EXTRA = "lordba-lab[llamacpp]"
@@ -75,49 +76,54 @@ def _download(requirement: str, name: str, sha256: str | None, binary: bool) -> 
 
 
 def q4_0_gguf(threads: int = 2) -> Path:
-    """SmolLM2-135M-Instruct as a Q4_0 GGUF (requantized once from the wheel's Q4_1; cached).
+    """SmolLM2-135M-Instruct as a Q4_0 GGUF (requantized once from the wheel's Q4_1; cached: built under a name of
+    its own, one build at a time, :func:`lordba_lab.cached.cached_file`).
 
     Raises :class:`LoRDBAError` if the wheel lacks the GGUF or llama.cpp's quantizer fails."""
+    from lordba_lab.assets.models import GGUF_NAME
+
+    return cached_file(_folder() / GGUF_NAME.replace("Q4_1", "Q4_0"), lambda tmp: _requantize(tmp, threads))
+
+
+def _requantize(out: Path, threads: int) -> None:
+    """Write the wheel's Q4_1 GGUF requantized to Q4_0 at ``out`` (the Q4_1 file beside it, removed after)."""
     import llama_cpp
 
     from lordba_lab.assets.models import GGUF_NAME, WHEEL, WHEEL_SHA256
 
-    out = _folder() / GGUF_NAME.replace("Q4_1", "Q4_0")
-    if out.is_file():
-        return out
     wheel = _download(WHEEL, f"{WHEEL.replace('-', '_').replace('==', '-')}-py3-none-any.whl", WHEEL_SHA256, True)
-    src = _folder() / GGUF_NAME
-    with zipfile.ZipFile(wheel) as z:
-        member = next((n for n in z.namelist() if n.endswith(GGUF_NAME)), None)
-        if member is None:
-            raise LoRDBAError(f"{wheel}: no {GGUF_NAME} inside")
-        src.write_bytes(z.read(member))
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-    params.allow_requantize = True
-    params.nthread = threads
-    tmp = out.with_suffix(".partial")
-    with _quiet_stderr():
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-    src.unlink()
+    src = out.with_name(out.name + ".q4_1")  # this build's own (a temporary's name: a killed build's is removed)
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            member = next((n for n in z.namelist() if n.endswith(GGUF_NAME)), None)
+            if member is None:
+                raise LoRDBAError(f"{wheel}: no {GGUF_NAME} inside")
+            src.write_bytes(z.read(member))
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+        params.allow_requantize = True
+        params.nthread = threads
+        with _quiet_stderr():
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    finally:
+        src.unlink(missing_ok=True)
     if rc != 0:
-        tmp.unlink(missing_ok=True)
         raise LoRDBAError(f"llama_model_quantize({GGUF_NAME} -> Q4_0) failed with code {rc}")
-    os.replace(tmp, out)
-    return out
 
 
 def converter() -> Path:
     """llama.cpp's ``convert_lora_to_gguf.py`` (with its ``gguf-py`` and ``conversion/``), extracted
-    once from the llama-cpp-python sdist (downloaded with pip into lordba's cache when absent)."""
-    root = _folder() / f"llama.cpp-{VERSION}"
-    script = root / "convert_lora_to_gguf.py"
-    if script.is_file():
-        return script
+    once from the llama-cpp-python sdist (downloaded with pip into lordba's cache when absent) into a folder
+    of its own that is then moved into place whole (:func:`lordba_lab.cached.cached_folder`)."""
+    script = "convert_lora_to_gguf.py"
+    return cached_folder(_folder() / f"llama.cpp-{VERSION}", _extract_converter, done=script) / script
+
+
+def _extract_converter(work: Path) -> None:
+    """Extract the sdist's ``vendor/llama.cpp`` converter files into ``work``."""
     sdist = _download(f"llama-cpp-python=={VERSION}", SDIST, None, binary=False)
     prefix = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
     keep = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py", "gguf-py/", "conversion/")
-    tmp = root.with_name(root.name + ".partial")
     with tarfile.open(sdist) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(keep)]
         if not any(m.name.endswith("convert_lora_to_gguf.py") for m in members):
@@ -126,28 +132,26 @@ def converter() -> Path:
             if not (m.isfile() or m.isdir()):
                 continue
             m.name = m.name[len(prefix) :]
-            tar.extract(m, tmp, filter="data")
-    os.replace(tmp, root)
-    return script
+            tar.extract(m, work, filter="data")
 
 
 def lora_gguf(peft_dir: Path, base_dir: Path, outtype: str = "f16") -> Path:
     """The PEFT LoRA in ``peft_dir`` (for the HF model in ``base_dir``) as a GGUF LoRA made by
-    llama.cpp's converter, cached by the adapter's bytes; raises :class:`LoRDBAError` with the
-    converter's output if it fails."""
+    llama.cpp's converter, cached by the adapter's bytes (built under a name of its own, one build at a time:
+    :func:`lordba_lab.cached.cached_file`); raises :class:`LoRDBAError` with the converter's output if it fails."""
     digest = hashlib.sha256()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         digest.update((peft_dir / name).read_bytes())
     out = _folder() / f"lora-{digest.hexdigest()[:16]}-{outtype}.gguf"
-    if out.is_file():
-        return out
-    tmp = out.with_suffix(".partial")
-    cmd = [sys.executable, str(converter()), "--base", str(base_dir), "--outtype", outtype, "--outfile", str(tmp)]
+    return cached_file(out, lambda tmp: _convert_lora(peft_dir, base_dir, outtype, tmp))
+
+
+def _convert_lora(peft_dir: Path, base_dir: Path, outtype: str, out: Path) -> None:
+    """Run llama.cpp's converter on ``peft_dir``, writing the GGUF LoRA to ``out``."""
+    cmd = [sys.executable, str(converter()), "--base", str(base_dir), "--outtype", outtype, "--outfile", str(out)]
     proc = subprocess.run([*cmd, str(peft_dir)], capture_output=True, text=True)
-    if proc.returncode != 0 or not tmp.is_file():
+    if proc.returncode != 0 or not out.is_file() or out.stat().st_size == 0:
         raise LoRDBAError(f"convert_lora_to_gguf.py failed on {peft_dir}: {(proc.stderr or proc.stdout)[-800:]}")
-    os.replace(tmp, out)
-    return out
 
 
 @contextlib.contextmanager
