@@ -25,7 +25,8 @@ from pathlib import Path
 from lordba._util.cachedir import cache_dir
 from lordba._util.hashing import file_sha256
 from lordba._util.locks import locked
-from lordba.errors import LoRDBAError
+from lordba.config.locate import is_local, is_repo_id
+from lordba.errors import ConfigError, LoRDBAError
 from lordba.format import temp_owner
 from lordba.format.atomic import TMP_MARK, remove_killed_temporaries
 from lordba_lab.assets.fetch import cache_subdir, pip_download
@@ -67,6 +68,7 @@ GEMMA3 = Embedded(
     238,
 )
 MODELS = {m.name: m for m in (SMOLLM2, GEMMA3)}
+_NOT_EMBEDDED = f"nor an embedded model: {', '.join(sorted(MODELS))}"  # (what a name that is no folder is not)
 # kept for the llama.cpp bench, which requantizes SmolLM2's GGUF
 WHEEL, WHEEL_SHA256 = SMOLLM2.wheels[0]
 GGUF_NAME, GGUF_SHA256 = SMOLLM2.gguf_name, SMOLLM2.gguf_sha256
@@ -158,23 +160,70 @@ def _convert_gguf(folder: Path, spec: Embedded) -> None:
 
 def resolve_model_path(name_or_path: str | None) -> str:
     """A local folder for ``name_or_path``: the embedded default for ``None``, an embedded model for its
-    name (:data:`MODELS`), else the path itself (a leading ``~`` expanded, as the folder checks do)."""
+    name (:data:`MODELS`), else the path itself (a leading ``~`` expanded, as the folder checks do), or a Hugging
+    Face Hub id as it is.
+
+    Raises:
+        ConfigError: ``name_or_path`` names nothing local and is no Hub id either (``./typo``, ``/data/typo``,
+            ``a/b/c``): transformers would take it for one and fail on its form.
+    """
     if name_or_path is None:
         return str(ensure_model(DEFAULT_MODEL))
     if name_or_path in MODELS:
         return str(ensure_model(name_or_path))
-    return os.path.expanduser(str(name_or_path))
+    path = os.path.expanduser(str(name_or_path))
+    if not is_local(path) and not is_repo_id(path):
+        raise ConfigError(f"model {name_or_path!r}: no such local folder ({_NOT_EMBEDDED}), and not a Hub id")
+    return path
+
+
+def _hub_access(repo_id: str, name: str) -> dict:
+    """``from_pretrained``'s keywords for the Hub id ``repo_id`` that names no local folder, found by one call to the
+    Hub without retries: none where the repo is there, ``local_files_only`` where the Hub cannot be reached but the
+    model is in the local Hugging Face cache (transformers would retry the Hub for a minute before taking it).
+
+    Raises:
+        ConfigError: no such repo (or none this user may read); the Hub unreachable (offline, ``HF_HUB_OFFLINE``) and
+            the model not in the local cache: transformers retried the Hub for about a minute before saying so.
+    """
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        return {}  # transformers names what to do (accept the terms, log in)
+    except RepositoryNotFoundError:
+        raise ConfigError(
+            f"model {name!r}: no such local folder ({_NOT_EMBEDDED}), and no Hugging Face Hub repo of that name "
+            "(or a private one: log in with `hf auth login` or set HF_TOKEN)"
+        ) from None
+    except Exception as err:  # the Hub unreachable: httpx's connection errors, a timeout, HF_HUB_OFFLINE
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return {"local_files_only": True}
+        reason = "HF_HUB_OFFLINE is set" if isinstance(err, OfflineModeIsEnabled) else f"{type(err).__name__}: {err}"
+        raise ConfigError(
+            f"model {name!r}: no such local folder ({_NOT_EMBEDDED}); as a Hugging Face Hub id it is not in the "
+            f"local cache and the Hub cannot be reached ({reason})"
+        ) from None
+    return {}
 
 
 def load_model_and_tokenizer(name_or_path: str | None = None, dtype: str = "float32"):  # noqa: ANN201
-    """``(model, tokenizer)`` for a local transformers folder (or a hub name, if the hub is reachable)
-    or an embedded model by name (default: SmolLM2-135M-Instruct)."""
+    """``(model, tokenizer)`` for a local transformers folder (or a hub name, if the hub is reachable or the model
+    is in the local Hugging Face cache) or an embedded model by name (default: SmolLM2-135M-Instruct).
+
+    Raises:
+        ConfigError: a name that is no local folder, embedded model or Hub repo that can be read
+            (:func:`resolve_model_path`; a Hub id neither on a reachable Hub nor in the local cache fails at once).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    hub = _hub_access(path, str(name_or_path)) if not is_local(path) else {}
+    tok = AutoTokenizer.from_pretrained(path, **hub)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **hub)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     embedded = name_or_path if name_or_path in MODELS else DEFAULT_MODEL if name_or_path is None else None
