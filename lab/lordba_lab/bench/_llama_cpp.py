@@ -137,11 +137,15 @@ def _extract_converter(work: Path) -> None:
 
 def lora_gguf(peft_dir: Path, base_dir: Path, outtype: str = "f16") -> Path:
     """The PEFT LoRA in ``peft_dir`` (for the HF model in ``base_dir``) as a GGUF LoRA made by
-    llama.cpp's converter, cached by the adapter's bytes (built under a name of its own, one build at a time:
-    :func:`lordba_lab.cached.cached_file`); raises :class:`LoRDBAError` with the converter's output if it fails."""
-    digest = hashlib.sha256()
+    llama.cpp's converter, cached by what it is made from: the adapter's bytes, the base's ``config.json`` (the
+    converter writes the base's architecture and shapes) and the converter's release (built under a name of its
+    own, one build at a time: :func:`lordba_lab.cached.cached_file`); raises :class:`LoRDBAError` with the
+    converter's output if it fails."""
+    digest = hashlib.sha256(f"llama-cpp-python {VERSION}\n".encode())
     for name in ("adapter_config.json", "adapter_model.safetensors"):
-        digest.update((peft_dir / name).read_bytes())
+        digest.update(hashlib.sha256((peft_dir / name).read_bytes()).digest())
+    config = base_dir / "config.json"  # (none: the converter fails, naming it)
+    digest.update(hashlib.sha256(config.read_bytes() if config.is_file() else b"").digest())
     out = _folder() / f"lora-{digest.hexdigest()[:16]}-{outtype}.gguf"
     return cached_file(out, lambda tmp: _convert_lora(peft_dir, base_dir, outtype, tmp))
 

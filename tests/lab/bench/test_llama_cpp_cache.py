@@ -4,6 +4,7 @@ not installed here, so a fake ``llama_cpp`` module quantizes and a small sdist h
 import ctypes
 import errno
 import io
+import json
 import os
 import sys
 import tarfile
@@ -173,3 +174,30 @@ def test_a_failed_lora_conversion_caches_nothing(monkeypatch, cache, tmp_path):
     script.write_text("import sys\nopen(sys.argv[sys.argv.index('--outfile') + 1], 'wb').write(b'GGUF LoRA')\n")
     path = _llama_cpp.lora_gguf(peft, tmp_path / "base")
     assert path.parent == cache and path.read_bytes() == b"GGUF LoRA" and _left(cache) == [path.name]
+
+
+def test_a_lora_gguf_is_converted_again_for_another_base_or_converter(monkeypatch, cache, tmp_path):
+    """The GGUF LoRA was cached by the adapter's bytes alone: the same adapter for another base (the converter
+    writes the base's architecture and shapes from its config.json) or after the converter's release changed took
+    the GGUF converted for the first."""
+    calls = tmp_path / "calls"
+    script = tmp_path / "convert.py"
+    script.write_text(
+        "import sys, pathlib\n"
+        f"open({str(calls)!r}, 'a').write('x')\n"
+        "base = pathlib.Path(sys.argv[sys.argv.index('--base') + 1])\n"
+        "open(sys.argv[sys.argv.index('--outfile') + 1], 'wb').write((base / 'config.json').read_bytes())\n"
+    )
+    monkeypatch.setattr(_llama_cpp, "converter", lambda: script)
+    peft, bases = tmp_path / "peft", [tmp_path / "llama", tmp_path / "other"]
+    for folder, content in ((peft, None), (bases[0], "llama"), (bases[1], "other")):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": content}))
+    (peft / "adapter_config.json").write_text("{}")
+    (peft / "adapter_model.safetensors").write_bytes(b"lora")
+    first = _llama_cpp.lora_gguf(peft, bases[0])
+    assert _llama_cpp.lora_gguf(peft, bases[0]) == first and calls.read_text() == "x"  # cached
+    second = _llama_cpp.lora_gguf(peft, bases[1])
+    assert second != first and json.loads(second.read_bytes()) == {"model_type": "other"}
+    monkeypatch.setattr(_llama_cpp, "VERSION", "0.3.99")
+    assert _llama_cpp.lora_gguf(peft, bases[0]) not in (first, second) and calls.read_text() == "xxx"
