@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lordba_lab.bench import hardware
+from lordba_lab.cached import cached_folder
 from lordba_lab.outputs import save_figure, write_text
 
 SUITE = "convert-quality"
@@ -47,9 +48,14 @@ SOLVERS = {  # name: SolverOptions fields
 
 
 def train_lora(out: Path, steps: int, seed: int = 0) -> Path:
-    """Train a PEFT LoRA on SmolLM2 (movie-review sentiment) and save it; cached by ``out``."""
-    if (out / "adapter_config.json").is_file():
-        return out
+    """Train a PEFT LoRA on SmolLM2 (movie-review sentiment) and save it; cached by ``out`` (trained and saved into
+    a folder of this run's own, moved to ``out`` whole; one run trains it at a time, the others wait and take it:
+    :func:`lordba_lab.cached.cached_folder`)."""
+    return cached_folder(out, lambda work: _train_lora(work, steps, seed), done="adapter_config.json")
+
+
+def _train_lora(out: Path, steps: int, seed: int) -> None:
+    """Train the LoRA :func:`train_lora` caches and save it into ``out``."""
     from peft import LoraConfig, get_peft_model
 
     from lordba_lab.assets import ensure_vader_movies, load_model_and_tokenizer
@@ -73,7 +79,6 @@ def train_lora(out: Path, steps: int, seed: int = 0) -> Path:
         opt.step()
         opt.zero_grad()
     pm.save_pretrained(out)
-    return out
 
 
 def _gaussian(directory: Path, layers: int = 8, dim: int = 1024, r: int = 16) -> Path:
