@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import importlib
 import json
 import os
 import platform
@@ -85,6 +86,18 @@ def default_engine() -> str:
     return "atheris"
 
 
+def _check_installed(engine: str) -> None:
+    """Refuse an engine whose package is not installed here, naming it, before any worker starts (the worker's
+    ImportError read as its failing to start: an internal error)."""
+    if engine == "mutate":
+        return
+    try:
+        importlib.import_module(engine)
+    except ImportError:
+        hint = "pip install atheris" if engine == "atheris" else "pip install hypothesis, or lordba's dev extra"
+        raise ConfigError(f"the {engine} engine needs {engine} ({hint}); or use --engine mutate") from None
+
+
 def engine_version(engine: str) -> str:
     """The engine and its version, for the report."""
     if engine == "mutate":
@@ -114,8 +127,7 @@ def fuzz(
     ``workers`` > 1 (atheris only) runs that many libFuzzer jobs at once."""
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine == "atheris" and default_engine() != "atheris":
-        raise ConfigError("the atheris engine needs atheris (pip install atheris); or use --engine mutate")
+    _check_installed(engine)
     if workers != 1 and (engine != "atheris" or workers < 1):
         raise ConfigError(f"workers must be 1, or (atheris only: libFuzzer runs them) more; got {workers}")
     out = _writable_out(out)

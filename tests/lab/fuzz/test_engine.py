@@ -76,6 +76,18 @@ def test_workers_need_atheris():
         fuzz(1, "mutate", workers=2, progress=False)
 
 
+@pytest.mark.parametrize("engine", ["hypothesis", "atheris"])
+def test_an_engine_whose_package_is_missing_is_refused_naming_it(monkeypatch, tmp_path, engine):
+    """``lordba fuzz --engine hypothesis`` without hypothesis (lordba's dev extra, not the lab's) started a worker that
+    died on the import: a RuntimeError, reported as an internal error (a bug in lordba)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, engine, None)  # import raises ImportError
+    needs = rf"the {engine} engine needs {engine} \(pip install {engine}.*; or use --engine mutate"
+    with pytest.raises(ConfigError, match=needs):
+        fuzz(1, engine, failures_dir=tmp_path / "failures", progress=False)
+
+
 def test_no_import_cycle_in_the_fuzz_package():
     """The mutator modules import mutate_base; mutate imports them (no module imports back)."""
     import grimp
