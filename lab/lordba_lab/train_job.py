@@ -26,7 +26,7 @@ from lordba.train.modes import build_adapter, check_arguments
 from lordba.train.records import Example, read_jsonl
 from lordba.train.tokenize import TRAIN_ON, Batcher, encode_examples
 from lordba_lab.assets import load_model_and_tokenizer
-from lordba_lab.assets.models import DEFAULT_MODEL, resolve_model_path
+from lordba_lab.assets.models import MODELS, resolve_model_path
 from lordba_lab.tasks import get_task
 
 # Files that make a folder a tokenizer (one of them is enough for AutoTokenizer).
@@ -89,13 +89,14 @@ class TrainJob:
 def check_model_source(model: str | None) -> None:
     """Refuse a ``--model`` that is not a loadable local transformers folder, naming the path.
 
-    ``None`` and the default model's name are fine (fetched on demand); a name like ``user/repo``
+    ``None`` and an embedded model's name (:data:`~lordba_lab.assets.models.MODELS`: ``smollm2-135m-instruct``,
+    ``gemma-3-270m``) are fine (fetched on demand, as the job loads them); a name like ``user/repo``
     that is no local path is left to transformers (the hub).
 
     Raises:
         ConfigError: the path does not exist, is not a folder, or lacks a config or a tokenizer.
     """
-    if model is None or model == DEFAULT_MODEL:
+    if model is None or model in MODELS:
         return
     path = Path(model).expanduser()
     looks_local = path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1

@@ -294,3 +294,16 @@ def test_a_seed_past_torchs_range_is_a_usage_error_naming_the_option(tmp_path, c
     from lordba.cli import build_parser
 
     assert build_parser("train").parse_args(["train", "--out", "o", "--seed", str(2**64 - 1)]).seed == 2**64 - 1
+
+
+def test_an_embedded_models_name_is_taken_as_the_model_as_the_job_loads_it():
+    """``lordba train --model gemma-3-270m`` was refused ("no such folder") though the job loads every embedded model
+    by its name (``resolve_model_path``), as ``lordba reproduce --model gemma-3-270m`` does: only the default's name
+    passed the check. A bare name that is no embedded model is still refused naming it; nothing is fetched here."""
+    from lordba_lab.assets.models import MODELS
+
+    assert "gemma-3-270m" in MODELS
+    for name in MODELS:
+        train_job.check_model_source(name)  # no error
+    with pytest.raises(ConfigError, match="gemma-3-27b: no such folder"):
+        train_job.check_model_source("gemma-3-27b")

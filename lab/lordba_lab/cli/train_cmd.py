@@ -33,7 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _model_and_data(p: argparse.ArgumentParser, tasks: dict, train_on: tuple[str, ...]) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument(
-        "--model", default=None, help="local transformers folder (default: the embedded SmolLM2-135M-Instruct)"
+        "--model",
+        default=None,
+        help="local transformers folder, or an embedded model's name (smollm2-135m-instruct, gemma-3-270m; "
+        "default: the embedded SmolLM2-135M-Instruct)",
     )
     g.add_argument(
         "--data",
