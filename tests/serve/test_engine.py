@@ -443,3 +443,49 @@ def test_a_request_is_counted_before_its_last_event_is_sent(lm):
     finally:
         engine.shutdown()
     assert seen == [1]
+
+
+def test_a_model_with_sliding_window_layers_gives_each_row_its_generate_alone_past_the_window():
+    """Gemma 3 mixes sliding-window layers with global ones. The running batch keeps every layer's whole cache
+    (a ``DynamicCache`` without a config) and the sliding layers' mask is built over its columns, so rows of
+    different lengths, each longer than the window, joining and leaving a batch, decode as ``generate`` alone."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from lordba import LoRDBAConfig, get_lordba_model
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+                              sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                              max_position_embeddings=64)  # fmt: skip
+    lm = get_lordba_model(Gemma3ForCausalLM(config).eval(), LoRDBAConfig(r=4, target_modules="all-linear"), "a")
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if "scale" in name:
+                p.normal_(0, 0.3)  # an adapter that changes the tokens
+    lm.eval()
+    ps, names, n = prompts(9, 6, 13), ["a", BASE, "a"], 8
+    want = []
+    for p, name in zip(ps, names):
+        with torch.no_grad():
+            out = lm.generate(torch.tensor([p]), adapter_names=[name], max_new_tokens=n, do_sample=False,
+                              eos_token_id=[], pad_token_id=0)  # fmt: skip
+        want.append(out[0, len(p) :].tolist())
+    logits, batch = prefill(lm, ps[:2], names[:2])
+    got = [[t] for t in logits.argmax(-1).tolist()]
+    rows = [0, 1]
+    for step in range(n - 1):
+        if step == 2:  # a longer row joins the running batch
+            first, joining = prefill(lm, ps[2:], names[2:])
+            batch = batch.merge(joining)
+            got.append(first.argmax(-1).tolist())
+            rows.append(2)
+        logits = decode(lm, batch, [got[r][-1] for r in rows], [names[r] for r in rows])
+        for j, r in enumerate(rows):
+            got[r].append(int(logits[j].argmax()))
+        if step == 4:  # the longest row leaves
+            keep = [j for j, r in enumerate(rows) if r != 2]
+            batch, rows = batch.select(keep), [rows[j] for j in keep]
+    assert want[0] != want[1][: len(want[0])]
+    for r in range(3):
+        assert got[r] == want[r][: len(got[r])], names[r]
