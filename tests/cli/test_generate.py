@@ -244,6 +244,22 @@ def test_chat_templates_missing_or_refusing_the_messages_exit_3(folder, tmp_path
     assert "no system role" in err and "internal error" not in err
 
 
+def test_chat_on_a_tokenizer_without_a_template_is_refused_before_the_model_loads(folder, tmp_path, capsys):
+    """``lordba chat`` checked for a chat template only after loading the whole base (Gemma-3-270m: about 30 s
+    before the error); the tokenizer is checked first. The folder's weights are gone here, so a check after the
+    model's load would fail on them ("cannot load") instead of naming the template."""
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(folder, plain)
+    (plain / "chat_template.jinja").unlink()
+    for weights in plain.glob("*.safetensors"):
+        weights.unlink()
+    assert main(["chat", "--model", str(plain), "--quant", "none"]) == 3
+    err = capsys.readouterr().err
+    assert "no chat template" in err and str(plain) in err and "internal error" not in err
+
+
 def test_an_empty_prompt_exits_3(folder, capsys):
     assert main(["generate", "--model", str(folder), "--quant", "none", ""]) == 3
     err = capsys.readouterr().err

@@ -8,7 +8,7 @@ import contextlib
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,9 +80,10 @@ class Loaded:
     decode: Any = None
 
 
-def load(args: argparse.Namespace) -> Loaded:
+def load(args: argparse.Namespace, check_tokenizer: Callable[[Any], None] | None = None) -> Loaded:
     """The base model of ``--model`` quantized per ``--quant`` (:func:`~lordba.cli._base.generation_base`), with
-    ``--adapter`` on it.
+    ``--adapter`` on it. ``check_tokenizer``: called with the tokenizer before the model loads (a command's refusal
+    of it, without waiting for a large base).
 
     Raises:
         UsageError: options that do not fit the base (the commands exit 2).
@@ -105,7 +106,9 @@ def load(args: argparse.Namespace) -> Loaded:
     if args.threads:
         torch.set_num_threads(args.threads)
     folder, _ = resolve_model(args.model)
-    model, tokenizer = load_base(folder, "float32", base.backend, base.bits, base.group_size, base.compute)
+    model, tokenizer = load_base(
+        folder, "float32", base.backend, base.bits, base.group_size, base.compute, check_tokenizer=check_tokenizer
+    )
     model.generation_config = stopping_only(model.generation_config)
     kernels.cpu_available()  # build or load the CPU kernels before the first token
     if args.adapter:

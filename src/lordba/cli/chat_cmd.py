@@ -36,10 +36,11 @@ def run(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from lordba.cli._generation import check_text, load, stream
 
-    loaded = load(args)
-    tok = loaded.tokenizer
-    if not getattr(tok, "chat_template", None):
-        raise ConfigError(f"--model {args.model}: its tokenizer has no chat template (use lordba generate)")
+    def has_template(tokenizer: Any) -> None:  # (before the model loads: a large base takes many seconds)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"--model {args.model}: its tokenizer has no chat template (use lordba generate)")
+
+    loaded = load(args, check_tokenizer=has_template)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     while True:
