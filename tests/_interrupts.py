@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dis
+import signal
 import sys
 import threading
 import time
@@ -70,9 +71,21 @@ def _inside(call, lasti: int) -> bool:
     return isinstance(call, tuple) and call[0] <= lasti < call[1]
 
 
+def _ctrl_c(frame) -> None:
+    """A Ctrl-C handled in ``frame``, as CPython handles it: in the main thread SIGINT's Python handler runs (Python's
+    raises KeyboardInterrupt; one that a put-back set notes it); in another thread, none can: the KeyboardInterrupt
+    an asynchronous raise gives (``PyThreadState_SetAsyncExc``)."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    if not callable(handler):
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
+
+
 def interrupt_at_check(n, files, functions=None, unmodelled=None):
-    """A tracer raising KeyboardInterrupt, once, at the ``n``-th point of code from ``files`` (of its ``functions``
-    by name, if given) where CPython 3.11 handles a pending signal (a Ctrl-C, ``CHECK_EVAL_BREAKER`` in ceval.c):
+    """A tracer handling a Ctrl-C (:func:`_ctrl_c`: in the main thread SIGINT's handler runs, Python's raising
+    KeyboardInterrupt) at the ``n``-th point (``n`` a number, or several) of code from ``files`` (of its ``functions``
+    by name, if given) where CPython 3.11 handles a pending signal (``CHECK_EVAL_BREAKER`` in ceval.c):
 
     - a function's start or a generator's resumption after ``yield`` (``RESUME`` 0 or 1; not after ``yield from``
       or ``await``: 2, 3), raised there;
@@ -92,6 +105,7 @@ def interrupt_at_check(n, files, functions=None, unmodelled=None):
     counted but not raised: it is added to ``unmodelled`` (a list, if given; :class:`Attempt` fails on one) as
     ``(file, function, offset)``."""
     count, last, codes, calling, raised = [0], {}, {}, {}, set()
+    points = {n} if isinstance(n, int) else set(n)
 
     def info(code) -> _Code:
         if code not in codes:
@@ -101,12 +115,17 @@ def interrupt_at_check(n, files, functions=None, unmodelled=None):
     def check(frame, code: _Code, where: int, place: int) -> None:
         """Count a check point raised (by CPython) with ``where``'s handler; raise at ``place`` if that is the same."""
         count[0] += 1
-        if count[0] != n:
+        if count[0] not in points:
             return
-        if code.handler(where) == code.handler(place):
-            raise KeyboardInterrupt
-        if unmodelled is not None:
-            unmodelled.append((frame.f_code.co_filename, frame.f_code.co_name, where))
+        try:
+            _ctrl_c(frame)
+        except KeyboardInterrupt:
+            if code.handler(where) == code.handler(place):
+                if count[0] < max(points):  # (a trace function that raises is unset: set again at the next event)
+                    sys.setprofile(rearm)
+                raise
+            if unmodelled is not None:
+                unmodelled.append((frame.f_code.co_filename, frame.f_code.co_name, where))
 
     def local(frame, event, arg):
         if event != "opcode":
@@ -148,7 +167,7 @@ def interrupt_at_check(n, files, functions=None, unmodelled=None):
         return callee
 
     def tracer(frame, event, arg):
-        if frame.f_code.co_filename in files and (functions is None or frame.f_code.co_name in functions):
+        if traced(frame):
             frame.f_trace_opcodes = True
             last.pop(id(frame), None)  # (a frame of the same id, ended)
             raised.discard(id(frame))
@@ -159,24 +178,46 @@ def interrupt_at_check(n, files, functions=None, unmodelled=None):
             return callee
         return None
 
+    def traced(frame) -> bool:
+        return frame.f_code.co_filename in files and (functions is None or frame.f_code.co_name in functions)
+
+    def rearm(frame, event, arg):
+        """The profile function set as the tracer raised (CPython then unsets it, and the raising frame's): at the
+        next call or return, as the interrupt unwinds or after it was caught, tracing goes on for a second Ctrl-C."""
+        sys.setprofile(None)
+        sys.settrace(tracer)
+        while frame is not None:
+            if frame.f_trace is None and traced(frame):
+                frame.f_trace, frame.f_trace_opcodes = local, True
+            frame = frame.f_back
+
     return tracer
 
 
 class Attempt:
-    """One try of :func:`ctrl_c_at_each_check`: its block runs traced, the ``n``-th check a Ctrl-C, until
-    :meth:`reached` (or the block's end); the block's ``KeyboardInterrupt`` is swallowed and kept in ``error``, its
-    traceback alive, as a notebook keeps the last one (``sys.last_traceback``): what its frames hold stays."""
+    """One try of :func:`ctrl_c_at_each_check`: its block runs traced, the ``n``-th check a Ctrl-C (and the
+    ``n + then``-th, if ``then``), until :meth:`reached` (or the block's end); the block's ``KeyboardInterrupt`` is
+    swallowed and kept in ``error``, its traceback alive, as a notebook keeps the last one (``sys.last_traceback``):
+    what its frames hold stays. In the main thread SIGINT has Python's handler meanwhile (a test run started in the
+    background by a non-interactive shell inherits it ignored)."""
 
-    def __init__(self, n: int, files, functions=None) -> None:
+    def __init__(self, n: int, files, functions=None, then: int | None = None) -> None:
         self.n, self.files, self.functions, self.finished, self.error = n, files, functions, False, None
+        self.points = (n,) if then is None else (n, n + then)
         self.unmodelled: list = []
+        self.handler = None
 
     def __enter__(self) -> Attempt:
-        sys.settrace(interrupt_at_check(self.n, self.files, self.functions, self.unmodelled))
+        if threading.current_thread() is threading.main_thread():
+            self.handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.settrace(interrupt_at_check(self.points, self.files, self.functions, self.unmodelled))
         return self
 
     def __exit__(self, typ, value, traceback) -> bool:
         sys.settrace(None)
+        sys.setprofile(None)
+        if self.handler is not None:
+            signal.signal(signal.SIGINT, self.handler)
         if self.unmodelled:  # (a check point the tracer could not raise in CPython's place: none tried there)
             pytest.fail(f"attempt {self.n}: a Ctrl-C at {self.unmodelled} cannot be raised where CPython raises it")
         if typ is KeyboardInterrupt:
@@ -187,14 +228,16 @@ class Attempt:
     def reached(self) -> None:
         """The code under test ran to here uninterrupted (every check point before was tried): tracing stops."""
         sys.settrace(None)
+        sys.setprofile(None)
         self.finished = True
 
 
-def ctrl_c_at_each_check(files, limit: int = 500, functions=None) -> Iterator[Attempt]:
-    """A Ctrl-C at each point where CPython handles it in the code of ``files``, in turn: one :class:`Attempt` per
-    point, until an attempt's block :meth:`~Attempt.reached` its end (fails if none did in ``limit`` tries)."""
+def ctrl_c_at_each_check(files, limit: int = 500, functions=None, then: int | None = None) -> Iterator[Attempt]:
+    """A Ctrl-C at each point where CPython handles it in the code of ``files``, in turn (and a second one ``then``
+    points after it, if given): one :class:`Attempt` per point, until an attempt's block :meth:`~Attempt.reached` its
+    end (fails if none did in ``limit`` tries)."""
     for n in range(1, limit):
-        attempt = Attempt(n, files, functions)
+        attempt = Attempt(n, files, functions, then)
         yield attempt
         if attempt.finished:
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from transformers import Gemma3Config, Gemma3TextConfig, LlamaConfig
@@ -74,15 +75,17 @@ def _small_model() -> nn.Module:
 
 
 def _traced():
-    """The files and functions a Ctrl-C is tried in for the blocks of lordba._util.modules: the blocks' code,
-    contextlib's, and the module methods they call (``eval``, ``train``, ``__setattr__``)."""
+    """The files and functions a Ctrl-C is tried in for the blocks of lordba._util.modules: the blocks' code, their
+    put-backs' (lordba._util.interrupts), contextlib's, and the module methods they call (``eval``, ``train``,
+    ``__setattr__``)."""
     import contextlib
 
-    from lordba._util import modules
+    from lordba._util import interrupts, modules
 
-    files = {modules.__file__, contextlib.__file__, nn.modules.module.__file__}
+    files = {modules.__file__, interrupts.__file__, contextlib.__file__, nn.modules.module.__file__}
     names = {"eval_mode", "frozen_unless_failed", "generation_stopping_only", "block", "helper", "_set_training"}
     names |= {"_shared", "_begin", "_end", "_modes", "_saved_generation_config", "_stopping_only_of", "<lambda>"}
+    names |= {"_hold", "_release"}
     return files, names | {"__init__", "__enter__", "__exit__", "__call__", "done", "eval", "train", "__setattr__"}
 
 
@@ -98,18 +101,21 @@ def _at_the_start_of_an_exit(error: BaseException | None) -> bool:
     return code is not None and code.co_name == "__exit__" and last.tb_lineno == code.co_firstlineno
 
 
-def test_a_ctrl_c_anywhere_in_an_eval_mode_block_puts_every_mode_back():
+@pytest.mark.parametrize("then", [None, 1, 2])
+def test_a_ctrl_c_anywhere_in_an_eval_mode_block_puts_every_mode_back(then):
     """Ctrl-C at each point where Python handles it as an ``eval_mode`` block begins or ends, its traceback kept (a
     notebook keeps the last one): every module is in its own mode again (was: one in the loop putting the modes back
     left the modules after it in eval mode for good, dropout off in later training; one in contextlib's
-    ``__enter__`` as the block began left the model in eval mode while the traceback lived)."""
+    ``__enter__`` as the block began left the model in eval mode while the traceback lived). ``then``: a second
+    Ctrl-C that many points after the first (was: one as the put-back's loop jumped back, after a first it caught,
+    was raised outside its ``try`` and left the modules after the first's in eval mode)."""
     from _interrupts import ctrl_c_at_each_check
     from lordba._util.modules import eval_mode
 
     model = _small_model()
     before = [m.training for m in model.modules()]
     files, names = _traced()
-    for attempt in ctrl_c_at_each_check(files, functions=names):
+    for attempt in ctrl_c_at_each_check(files, functions=names, then=then):
         with attempt:
             with eval_mode(model):
                 assert not any(m.training for m in model.modules())
@@ -119,7 +125,8 @@ def test_a_ctrl_c_anywhere_in_an_eval_mode_block_puts_every_mode_back():
         assert [m.training for m in model.modules()] == before, attempt.n  # (attempt.error, its traceback, kept)
 
 
-def test_a_ctrl_c_anywhere_in_a_frozen_unless_failed_block_gives_the_parameters_back():
+@pytest.mark.parametrize("then", [None, 1, 2])
+def test_a_ctrl_c_anywhere_in_a_frozen_unless_failed_block_gives_the_parameters_back(then):
     """Ctrl-C at each point where Python handles it as a ``frozen_unless_failed`` block begins or ends (the block of
     ``LoRDBAModel(model, config)`` and ``from_pretrained``), its traceback kept: the parameters that were trainable
     are again, unless the block had ended (then all stay frozen, never some) (was: one in the loop freezing them, or
@@ -131,7 +138,7 @@ def test_a_ctrl_c_anywhere_in_a_frozen_unless_failed_block_gives_the_parameters_
     before = [p.requires_grad for p in model.parameters()]
     frozen = [False] * len(before)
     files, names = _traced()
-    for attempt in ctrl_c_at_each_check(files, functions=names):
+    for attempt in ctrl_c_at_each_check(files, functions=names, then=then):
         ended = False
         with attempt:
             with frozen_unless_failed(model):
@@ -146,7 +153,8 @@ def test_a_ctrl_c_anywhere_in_a_frozen_unless_failed_block_gives_the_parameters_
             p.requires_grad_(trainable)
 
 
-def test_a_ctrl_c_anywhere_in_a_generation_stopping_only_block_puts_the_config_back():
+@pytest.mark.parametrize("then", [None, 1, 2])
+def test_a_ctrl_c_anywhere_in_a_generation_stopping_only_block_puts_the_config_back(then):
     """Ctrl-C at each point where Python handles it as a ``generation_stopping_only`` block begins or ends (``lordba``
     evaluation's generation), its traceback kept: the model has its own generation config again (was: one just after
     the stopping-only config was set, before the ``try``, left it for good: the model's sampling settings lost)."""
@@ -158,7 +166,7 @@ def test_a_ctrl_c_anywhere_in_a_generation_stopping_only_block_puts_the_config_b
     model = _small_model()
     own = model.generation_config = GenerationConfig(repetition_penalty=1.3, eos_token_id=2)
     files, names = _traced()
-    for attempt in ctrl_c_at_each_check(files, functions=names):
+    for attempt in ctrl_c_at_each_check(files, functions=names, then=then):
         with attempt:
             with generation_stopping_only(model):
                 assert model.generation_config is not own and model.generation_config.repetition_penalty is None

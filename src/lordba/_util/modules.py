@@ -12,14 +12,15 @@ import functools
 import inspect
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
+from lordba._util.interrupts import PutBack
+
 OUTPUT_HEAD_NAMES = ("lm_head", "score", "classifier")
-T = TypeVar("T")
 
 
 def replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -72,32 +73,6 @@ def _restoring(func: Callable[..., Iterator[None]]) -> Callable[..., contextlib.
         return _Restoring(func(*args, **kwargs))
 
     return block
-
-
-class PutBack:
-    """Calls that put something back, ``function(item)`` for each of ``items``: each call of this object makes those
-    not made yet, in turn, so one that a Ctrl-C cut short goes on from where it stopped (each call must be one that
-    can be made twice). Its caller repeats it until it returns, in a ``try`` (``while True``, ``break`` after the
-    call, an ``except KeyboardInterrupt`` keeping the interrupt in :attr:`interrupted`), then calls :meth:`done`:
-    a ``finally`` calling a function that does it all would stop at the function's start (a Ctrl-C is handled there
-    too)."""
-
-    __slots__ = ("function", "interrupted", "items", "made")
-
-    def __init__(self, function: Callable[[T], object], items: Iterable[T]) -> None:
-        self.function, self.items, self.made = function, list(items), 0
-        self.interrupted: KeyboardInterrupt | None = None
-
-    def __call__(self) -> None:
-        """Make the calls not made yet, in turn."""
-        while self.made < len(self.items):
-            self.function(self.items[self.made])
-            self.made += 1
-
-    def done(self) -> None:
-        """Raise the Ctrl-C that came while the calls were made, if one did (now that all are)."""
-        if self.interrupted is not None:
-            raise self.interrupted
 
 
 def _set_training(module_and_mode: tuple[nn.Module, bool]) -> None:
@@ -158,6 +133,7 @@ def _end(shared_and_token: tuple[_Shared, object]) -> None:
             return
         if len(shared.holders) == 1 and shared.put_back is not None:
             shared.put_back()
+            shared.put_back.done()  # (SIGINT's handler back to the caller's PutBack, given what came meanwhile)
         shared.holders.remove(token)
 
 
@@ -180,12 +156,16 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         _begin(shared, token, functools.partial(_modes, model), lambda _: model.eval())
         yield
     finally:
-        while True:
-            try:
-                put_back()
-                break
-            except KeyboardInterrupt as err:
-                put_back.interrupted = err
+        try:  # (a first try apart: a Ctrl-C pending as it begins is caught here, a second one at the next try)
+            put_back()
+        except KeyboardInterrupt as err:
+            put_back.interrupted = err
+            while True:  # (once one of them held SIGINT back: no Ctrl-C is raised, see PutBack)
+                try:
+                    put_back()
+                    break
+                except KeyboardInterrupt as err:
+                    put_back.interrupted = err
         put_back.done()
 
 
@@ -201,12 +181,16 @@ def frozen_unless_failed(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(False)
         yield
     except BaseException:
-        while True:
-            try:
-                put_back()
-                break
-            except KeyboardInterrupt as err:
-                put_back.interrupted = err
+        try:  # (a first try apart: a Ctrl-C pending as it begins is caught here, a second one at the next try)
+            put_back()
+        except KeyboardInterrupt as err:
+            put_back.interrupted = err
+            while True:  # (once one of them held SIGINT back: no Ctrl-C is raised, see PutBack)
+                try:
+                    put_back()
+                    break
+                except KeyboardInterrupt as err:
+                    put_back.interrupted = err
         put_back.done()
         raise
 
@@ -350,12 +334,16 @@ def generation_stopping_only(model: nn.Module) -> Iterator[None]:
         )
         yield
     finally:
-        while True:
-            try:
-                put_back()
-                break
-            except KeyboardInterrupt as err:
-                put_back.interrupted = err
+        try:  # (a first try apart: a Ctrl-C pending as it begins is caught here, a second one at the next try)
+            put_back()
+        except KeyboardInterrupt as err:
+            put_back.interrupted = err
+            while True:  # (once one of them held SIGINT back: no Ctrl-C is raised, see PutBack)
+                try:
+                    put_back()
+                    break
+                except KeyboardInterrupt as err:
+                    put_back.interrupted = err
         put_back.done()
 
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lordba._util.modules import PutBack, eval_mode
+from lordba._util.interrupts import PutBack
+from lordba._util.modules import eval_mode
 from lordba.errors import ConversionError
 
 
@@ -74,12 +75,16 @@ def collect_input_moments(
                 mask[0] = _padding_mask(batch)
                 model(**batch) if isinstance(batch, dict) else model(batch)
         finally:
-            while True:
-                try:
-                    put_back()
-                    break
-                except KeyboardInterrupt as err:
-                    put_back.interrupted = err
+            try:  # (a first try apart: a Ctrl-C pending as it begins is caught here, a second one at the next try)
+                put_back()
+            except KeyboardInterrupt as err:
+                put_back.interrupted = err
+                while True:  # (once one of them held SIGINT back: no Ctrl-C is raised, see PutBack)
+                    try:
+                        put_back()
+                        break
+                    except KeyboardInterrupt as err:
+                        put_back.interrupted = err
             put_back.done()
     missing = sorted(p for p in set(paths) if counts.get(p, 0) <= 0)
     if missing:

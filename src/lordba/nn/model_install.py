@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from lordba._util.interrupts import PutBack
 from lordba.errors import AdapterStateError
 from lordba.nn.adapter import LoRDBAAdapter
 from lordba.nn.layer import LoRDBALinear
@@ -73,20 +74,27 @@ class AdapterInstallMixin:
     def _add_whole(self, adapter_name: str, config: Any, adapters: dict[str, Any], extras: Callable[[], None]) -> None:
         """Install ``adapters``, then ``extras()`` (trained biases, modules trained in full), then name the adapter
         (the caller holds the write lock and checked the name): all or none. Failing or interrupted (Ctrl-C) half-way,
-        the adapter is taken out of every layer and module again, repeated until done on a second Ctrl-C (else the
-        model named an adapter without its trained biases and head, or layers held one it did not name)."""
+        the adapter is taken out of every layer and module again, repeated until done on a second Ctrl-C (raised
+        after; else the model named an adapter without its trained biases and head, or layers held one it did not
+        name)."""
+        drop = PutBack(self._drop_whole, [adapter_name])
         try:
             self.__dict__["_adding"] = (adapter_name,)  # (the instance's dict: nn.Module.__setattr__ is Python code)
             self._install(adapter_name, adapters)
             extras()
             self.peft_config[adapter_name] = config  # last: a name the model holds is a whole adapter
         except BaseException:
-            while True:
-                try:
-                    self._drop_whole(adapter_name)
-                    break
-                except KeyboardInterrupt:
-                    pass
+            try:  # (a first try apart: a Ctrl-C pending as it begins is caught here, a second one at the next try)
+                drop()
+            except KeyboardInterrupt as err:
+                drop.interrupted = err
+                while True:  # (once one of them held SIGINT back: no Ctrl-C is raised, see PutBack)
+                    try:
+                        drop()
+                        break
+                    except KeyboardInterrupt as err:
+                        drop.interrupted = err
+            drop.done()  # (a Ctrl-C that came meanwhile raised)
             raise
         finally:
             self.__dict__["_adding"] = ()
@@ -103,7 +111,8 @@ class AdapterInstallMixin:
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter from every layer; layers left without adapters get their base back. Interrupted (Ctrl-C)
-        before every layer gave it up, it is kept whole; after, the delete is finished before the interrupt is raised.
+        before every layer gave it up, it is kept whole; after, the delete is finished before the interrupt is raised
+        (a second Ctrl-C while it is finished: raised once it is).
 
         Raises:
             AdapterStateError: an unknown adapter, or one merged into the base (nothing changes).
@@ -112,14 +121,24 @@ class AdapterInstallMixin:
             self._check_known(adapter_name)
             if any(adapter_name in layer.merged_adapters for _, layer in self._lordba_layers()):  # before any change
                 raise AdapterStateError(f"adapter {adapter_name!r} is merged: unmerge it before deleting it")
+            finish = PutBack(self._finish_delete, [adapter_name])
             try:
                 self._drop_whole(adapter_name)  # its layers first, all or none
             except BaseException:  # interrupted (Ctrl-C): once the layers gave it up, finished (not half-deleted)
-                while True:
-                    try:
-                        if not any(adapter_name in layer.lordba_adapters for _, layer in self._lordba_layers()):
-                            self._drop_whole(adapter_name)
-                        break
-                    except KeyboardInterrupt:
-                        pass
+                try:  # (a first try apart: a Ctrl-C pending as it begins is caught here, a second one at the next try)
+                    finish()
+                except KeyboardInterrupt as err:
+                    finish.interrupted = err
+                    while True:  # (once one of them held SIGINT back: no Ctrl-C is raised, see PutBack)
+                        try:
+                            finish()
+                            break
+                        except KeyboardInterrupt as err:
+                            finish.interrupted = err
+                finish.done()  # (a Ctrl-C that came meanwhile raised)
                 raise
+
+    def _finish_delete(self, adapter_name: str) -> None:
+        """Finish an interrupted delete once every layer gave the adapter up (else it is kept whole)."""
+        if not any(adapter_name in layer.lordba_adapters for _, layer in self._lordba_layers()):
+            self._drop_whole(adapter_name)

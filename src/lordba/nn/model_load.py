@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lordba._util.interrupts import PutBack
 from lordba._util.modules import frozen_unless_failed
 from lordba._util.state import ordinary_tensors
 from lordba.config import CONFIG_NAME
@@ -239,6 +240,7 @@ class AdapterLoadMixin(AdapterInstallMixin):
                     )
             self._hotswap_extras(adapter_name, adapter_file, apply=False)  # checked before anything changes
             undo = _SwapUndo()
+            put_back = PutBack(undo.restore, [lambda path, adapter: self._swap(adapter_name, path, adapter)])
             try:
                 for path, adapter in current.items():
                     rec = adapter_file.modules.get(path)
@@ -261,12 +263,17 @@ class AdapterLoadMixin(AdapterInstallMixin):
                                 undo.keep(module.lordba_saved[adapter_name].get_parameter(name))
                 self._hotswap_extras(adapter_name, adapter_file, apply=True)
             except BaseException:  # a failure or a Ctrl-C half-way: every layer's old adapter back
-                while True:  # (a second Ctrl-C during it starts it again: each of its steps can be repeated)
-                    try:
-                        undo.restore(lambda path, adapter: self._swap(adapter_name, path, adapter))
-                        break
-                    except KeyboardInterrupt:
-                        pass
+                try:  # (a second Ctrl-C during it starts it again: each of its steps can be repeated)
+                    put_back()
+                except KeyboardInterrupt as err:
+                    put_back.interrupted = err
+                    while True:  # (once one of them held SIGINT back: no Ctrl-C is raised, see PutBack)
+                        try:
+                            put_back()
+                            break
+                        except KeyboardInterrupt as err:
+                            put_back.interrupted = err
+                put_back.done()  # (a Ctrl-C that came meanwhile raised)
                 raise
             self.peft_config[adapter_name] = config
 
