@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from _interrupts import interrupt
+from _interrupts import interrupt, interrupt_after
 from lordba import LoRDBAConfig, get_lordba_model
 from lordba.nn import layer as layer_module
 from lordba.nn.layer import LoRDBALinear
@@ -222,6 +222,27 @@ def test_from_pretrained_and_load_adapter_interrupted_while_installing_leave_no_
     assert all(list(layer.lordba_adapters) == ["default"] for _, layer in loaded._lordba_layers())
     loaded.load_adapter(tmp_path / "b", "b")
     assert loaded.adapter_state("b").modules.keys() == lm.adapter_state("b").modules.keys()
+
+
+@pytest.mark.parametrize("where", ["as the load returned", "in the eval's first call", "in the eval's 20th call"])
+def test_a_load_adapter_interrupted_after_the_load_still_puts_the_model_in_eval_mode(monkeypatch, tmp_path, where):
+    """``load_adapter`` for inference puts the model in eval mode once the adapter is in, as PEFT's does: a Ctrl-C as
+    the load returned, or part way through the eval, left the model, the adapter loaded, in train mode (or its
+    modules after the cut: dropout on in the inference that follows)."""
+    from lordba.nn.model import LoRDBAModel
+
+    lm = adapted(tiny_llama(0), ("default", "b"))
+    lm.save_pretrained(tmp_path)
+    loaded = LoRDBAModel.from_pretrained(tiny_llama(0), tmp_path).train()
+    if where == "as the load returned":
+        interrupt_after(monkeypatch, LoRDBAModel, "_load_state", 1)
+    else:
+        interrupt(monkeypatch, torch.nn.Module, "train", 1 if "first" in where else 20)
+    with pytest.raises(KeyboardInterrupt):
+        loaded.load_adapter(tmp_path / "b", "b")
+    monkeypatch.undo()
+    assert "b" in loaded.peft_config
+    assert not any(module.training for module in loaded.modules())
 
 
 @pytest.mark.parametrize("k", [1, 7, 14])

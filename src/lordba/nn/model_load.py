@@ -118,8 +118,28 @@ class AdapterLoadMixin(AdapterInstallMixin):
         adapter_file, targets = self._read_for_model(model_id, **hub)
         if on_verified is not None:
             on_verified(adapter_file)
-        self._load_state(adapter_file, adapter_name, is_trainable, targets)
-        if not is_trainable:  # for inference (PEFT's load_adapter): dropout, the branch's and the base's, off
+        evaluate = PutBack(self._evaluate_loaded, [(adapter_name, adapter_file.config)])
+        try:
+            self._load_state(adapter_file, adapter_name, is_trainable, targets)
+        finally:  # (a Ctrl-C as the load returned, or part way through the eval: the eval is finished, then raised)
+            if not is_trainable:  # for inference (PEFT's load_adapter): dropout, the branch's and the base's, off
+                try:  # (a first try apart: a Ctrl-C pending as it begins is caught here, a second one at the next try)
+                    evaluate()
+                except KeyboardInterrupt as err:
+                    evaluate.interrupted = err
+                    while True:  # (once one of them held SIGINT back: no Ctrl-C is raised, see PutBack)
+                        try:
+                            evaluate()
+                            break
+                        except KeyboardInterrupt as err:
+                            evaluate.interrupted = err
+                evaluate.done()
+
+    def _evaluate_loaded(self, loaded: tuple[str, Any]) -> None:
+        """The model in eval mode if the adapter ``loaded`` names (its name and config) was loaded (not refused or
+        undone). Can be done twice."""
+        name, config = loaded
+        if self.peft_config.get(name) is config:
             with self._lock.write():  # (the walk over the modules: another thread's delete_adapter changes them)
                 self.eval()
 
