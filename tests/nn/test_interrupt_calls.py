@@ -10,6 +10,7 @@ import torch
 
 from _interrupts import ctrl_c_at_each_check
 from lordba import LoRDBAConfig, get_lordba_model
+from lordba._util import interrupts
 from lordba.nn import fastpath, lock, model, routing
 from lordba.nn.fastpath import ARMED
 from lordba.nn.routing import in_disable_block
@@ -17,6 +18,7 @@ from lordba.nn.routing import in_disable_block
 from conftest import tiny_llama
 
 FILES = {contextlib.__file__, threading.__file__, model.__file__, lock.__file__, routing.__file__, fastpath.__file__}
+FILES |= {interrupts.__file__}  # (the lock's and the gate's context managers: GeneratorBlock)
 IDS = torch.tensor([[5, 17, 3]])
 
 

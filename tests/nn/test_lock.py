@@ -71,9 +71,10 @@ def test_a_ctrl_c_anywhere_while_taking_the_lock_leaves_it_free(how):
     the writer counted for good, and one in ``Condition.__exit__`` kept its mutex: every later write of the model
     waited forever; one in contextlib's ``__enter__`` as the lock's generator yielded kept the lock while the
     traceback lived, as a notebook keeps it: another thread's write waited, this thread's raised AdapterStateError)."""
+    from lordba._util import interrupts
     from lordba.nn import lock as lock_module
 
-    files = {threading.__file__, contextlib.__file__, lock_module.__file__}
+    files = {threading.__file__, contextlib.__file__, lock_module.__file__, interrupts.__file__}
     for attempt in ctrl_c_at_each_check(files):
         lock, n = RWLock(), attempt.n
         outer = lock.write() if how.endswith("in write") else None
@@ -96,9 +97,10 @@ def test_a_ctrl_c_anywhere_while_giving_the_lock_back_still_wakes_a_waiting_thre
     """Ctrl-C at each point where Python handles it while this thread gives the lock back, in turn, another thread
     waiting for it (a writer for this reader, a reader for this writer): the other thread gets the lock (was: one
     inside ``Condition.notify_all``, Python code, left it asleep for good: a hang of the other thread)."""
+    from lordba._util import interrupts
     from lordba.nn import lock as lock_module
 
-    files = {threading.__file__, contextlib.__file__, lock_module.__file__}
+    files = {threading.__file__, contextlib.__file__, lock_module.__file__, interrupts.__file__}
 
     def setup():
         lock = RWLock()
@@ -114,9 +116,10 @@ def test_a_ctrl_c_anywhere_while_waiting_for_the_lock_raises_it_and_leaves_the_l
     thread holds, in turn: KeyboardInterrupt comes out, nothing counted, the mutex free (was: one inside
     ``Condition.wait`` just after it gave the mutex back, or as it took it again, raised RuntimeError: release
     unlocked lock, the ``with`` releasing a mutex this thread did not hold: another thread's hold given away)."""
+    from lordba._util import interrupts
     from lordba.nn import lock as lock_module
 
-    files = {threading.__file__, contextlib.__file__, lock_module.__file__}
+    files = {threading.__file__, contextlib.__file__, lock_module.__file__, interrupts.__file__}
 
     for n in range(1, 40):
         lock = RWLock()

@@ -174,10 +174,12 @@ def test_a_ctrl_c_anywhere_while_entering_the_gate_leaves_it_free(nested):
     (was: one in ``Condition.__exit__`` kept its mutex, and one after the holder was counted and before the ``try``
     kept it counted: every later call of the model, from any thread, waited forever; one in contextlib's
     ``__enter__`` as the gate's generator yielded kept it entered while the traceback lived, as a notebook keeps it)."""
+    from lordba._util import interrupts
     from lordba.nn import lock as lock_module
     from lordba.nn import routing as routing_module
 
     files = {routing_module.__file__, threading.__file__, contextlib.__file__, lock_module.__file__}
+    files.add(interrupts.__file__)  # (the lock's and the gate's context managers: GeneratorBlock)
     for attempt in ctrl_c_at_each_check(files):
         gate, n = RoutingGate(), attempt.n
         outer = gate.enter(A) if nested else None
@@ -201,10 +203,12 @@ def test_a_ctrl_c_anywhere_while_leaving_the_gate_leaves_it_free(how):
     gate for good, its routing published: every call of another routing, from any thread, waited forever, and a
     layer called outside a model call in this thread applied the stale routing; one just after the holder was taken
     out kept the block or nested switch counted, and the outer call's leaving raised KeyError)."""
+    from lordba._util import interrupts
     from lordba.nn import lock as lock_module
     from lordba.nn import routing as routing_module
 
     files = {routing_module.__file__, threading.__file__, contextlib.__file__, lock_module.__file__}
+    files.add(interrupts.__file__)  # (the lock's and the gate's context managers: GeneratorBlock)
     for attempt in ctrl_c_at_each_check(files):
         gate, n = RoutingGate(), attempt.n
         outer = gate.enter(A) if how == "nested" else None
@@ -227,10 +231,12 @@ def test_a_ctrl_c_anywhere_while_leaving_the_gate_still_wakes_a_thread_waiting_f
     """Ctrl-C at each point where Python handles it while this thread's call leaves the gate, in turn, another thread
     waiting to run another routing: the other thread runs (was: one inside ``Condition.notify_all``, Python code, left
     it asleep for good)."""
+    from lordba._util import interrupts
     from lordba.nn import lock as lock_module
     from lordba.nn import routing as routing_module
 
     files = {routing_module.__file__, threading.__file__, contextlib.__file__, lock_module.__file__}
+    files.add(interrupts.__file__)  # (the lock's and the gate's context managers: GeneratorBlock)
 
     def setup():
         gate = RoutingGate()
@@ -244,10 +250,12 @@ def test_a_ctrl_c_anywhere_while_waiting_for_the_gate_leaves_the_queue_and_its_m
     to leave, in turn: the call raises KeyboardInterrupt and leaves the queue, the mutex free (was: one as the wait
     ended left its place queued for good, so every later call of another routing waited forever; one inside
     ``Condition.wait`` after it gave the mutex back raised RuntimeError: release unlocked lock)."""
+    from lordba._util import interrupts
     from lordba.nn import lock as lock_module
     from lordba.nn import routing as routing_module
 
     files = {routing_module.__file__, threading.__file__, contextlib.__file__, lock_module.__file__}
+    files.add(interrupts.__file__)  # (the lock's and the gate's context managers: GeneratorBlock)
 
     for n in range(1, 40):
         gate = RoutingGate()

@@ -1,5 +1,7 @@
 """Putting something back whatever Ctrl-C (``KeyboardInterrupt``) comes: :class:`PutBack`, the calls a ``finally``
-or an ``except`` repeats until all are made, SIGINT held back meanwhile.
+or an ``except`` repeats until all are made, SIGINT held back meanwhile; :class:`GeneratorBlock`, the context manager
+of a generator that changes something and puts it back (a lock taken, a model in eval mode), closed at once by a
+Ctrl-C as it begins.
 
 CPython 3.11 raises a pending Ctrl-C at a function's start, as a call returns and as a loop jumps back, the last
 with the position before the loop's top: in a retry loop (``while True: try: ... except KeyboardInterrupt: ...``)
@@ -14,9 +16,10 @@ try, could still end the loop. Only the main thread runs signal handlers (nothin
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -93,3 +96,67 @@ class PutBack:
                 handler(signal.SIGINT, frame)
             elif handler == signal.SIG_DFL:  # (the default action: the process ends, as it would have)
                 signal.raise_signal(signal.SIGINT)
+
+
+_ENDED = object()  # (what next() gives for a generator that ended)
+
+
+class GeneratorBlock:
+    """The context manager of a generator that changes something before its ``yield`` (takes a lock, puts a model in
+    eval mode) and puts it back in a ``finally`` (or an ``except``) around it, like ``contextlib.contextmanager``'s,
+    whose ``__enter__`` is Python code: a Ctrl-C there just after the generator yielded left it suspended, the lock
+    held or the model changed for as long as the traceback lives (a notebook keeps the last one: a later writer
+    waited for ever). This one closes the generator at once. A block that ends with an exception closes the
+    generator (its own ``close``, C: no Python code runs before the generator's ``finally``). Like contextlib's, it
+    also decorates a function (each call runs in a new one).
+
+    ``close()`` puts back what the generator holds now, if it still does (its ``finally``; nothing once the block
+    ended or before it began): for a generator that holds such a block inside its own and catches an exception, since
+    a Ctrl-C at the start of the inner block's ``__exit__`` (Python code, before anything of it ran) leaves the inner
+    generator holding while the traceback lives. It is the generator's own ``close`` (C): no Python code runs before
+    it does its work."""
+
+    __slots__ = ("call", "close", "gen")
+
+    def __init__(self, gen: Iterator[Any], call: tuple) -> None:
+        self.gen, self.call = gen, call  # (``call``: the generator function and its arguments, to make another)
+        self.close = gen.close
+
+    def __enter__(self) -> Any:
+        try:  # (the value stored inside the ``try``: a Ctrl-C handled as ``next`` returns is raised in it)
+            value = next(self.gen)
+        except BaseException:  # (a Ctrl-C as ``next`` returned: the generator holds what it took)
+            self.gen.close()
+            raise
+        return value
+
+    def __exit__(self, typ: type[BaseException] | None, *exc: object) -> bool:
+        if typ is None:  # resumed: its blocks end as they would without an exception (cheaper than a close)
+            if next(self.gen, _ENDED) is _ENDED:  # (no StopIteration handled: a Ctrl-C in such an ``except`` left
+                return False  # it as the thread's handled exception, the __context__ of its later exceptions)
+            self.gen.close()
+            raise RuntimeError("generator didn't stop")
+        self.gen.close()  # its ``finally`` puts back (it neither catches nor replaces an exception)
+        return False
+
+    def __call__(self, func: Callable[..., T]) -> Callable[..., T]:
+        """``func`` run in the block at each call (``contextlib.ContextDecorator``)."""
+
+        @functools.wraps(func)
+        def inner(*args: object, **kwargs: object) -> T:
+            make, given, named = self.call
+            with GeneratorBlock(make(*given, **named), self.call):
+                return func(*args, **kwargs)
+
+        return inner
+
+
+def generator_block(func: Callable[..., Iterator[Any]]) -> Callable[..., GeneratorBlock]:
+    """``contextlib.contextmanager`` for a generator that changes something and puts it back (:class:`GeneratorBlock`:
+    a Ctrl-C as the block begins or ends cannot leave it changed while the traceback lives)."""
+
+    @functools.wraps(func)
+    def block(*args: object, **kwargs: object) -> GeneratorBlock:
+        return GeneratorBlock(func(*args, **kwargs), (func, args, kwargs))
+
+    return block

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lordba._util.interrupts import PutBack
+from lordba._util.interrupts import PutBack, generator_block
 
 OUTPUT_HEAD_NAMES = ("lm_head", "score", "classifier")
 
@@ -31,48 +31,6 @@ def replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     """
     parent_name, _, child = path.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
-_ENDED = object()  # (what next() gives for a generator that ended)
-
-
-class _Restoring:
-    """The context manager of a generator that changes a model before its ``yield`` and puts it back in a ``finally``
-    (or an ``except``) around it, as :func:`lordba.nn.lock.holding`'s: ``contextlib``'s ``__enter__`` is Python code,
-    and a Ctrl-C there just after the generator yielded left it suspended, the model changed while the traceback lived
-    (a notebook keeps the last one); this one closes the generator at once. A block that ends with an exception closes
-    the generator (its own ``close``, C: no Python code runs before the generator's ``finally``)."""
-
-    __slots__ = ("gen",)
-
-    def __init__(self, gen: Iterator[None]) -> None:
-        self.gen = gen
-
-    def __enter__(self) -> None:
-        try:  # (a Ctrl-C handled as ``next`` returns is raised in the ``try``)
-            next(self.gen)
-        except BaseException:
-            self.gen.close()
-            raise
-
-    def __exit__(self, typ: type[BaseException] | None, *exc: object) -> bool:
-        if typ is None:
-            if next(self.gen, _ENDED) is _ENDED:
-                return False
-            self.gen.close()
-            raise RuntimeError("generator didn't stop")
-        self.gen.close()
-        return False
-
-
-def _restoring(func: Callable[..., Iterator[None]]) -> Callable[..., contextlib.AbstractContextManager[None]]:
-    """``contextlib.contextmanager`` for a generator that changes a model and puts it back (:class:`_Restoring`)."""
-
-    @functools.wraps(func)
-    def block(*args: Any, **kwargs: Any) -> contextlib.AbstractContextManager[None]:
-        return _Restoring(func(*args, **kwargs))
-
-    return block
 
 
 def _set_training(module_and_mode: tuple[nn.Module, bool]) -> None:
@@ -142,7 +100,7 @@ def _modes(model: nn.Module) -> PutBack:
     return PutBack(_set_training, [(m, m.training) for m in model.modules()])
 
 
-@_restoring
+@generator_block
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """``model`` in eval mode for the block (dropout off), then every module back in its own mode, also when the
     block raises (an evaluation that failed part way left a training model in eval mode: dropout off for the rest
@@ -169,7 +127,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         put_back.done()
 
 
-@_restoring
+@generator_block
 def frozen_unless_failed(model: nn.Module) -> Iterator[None]:
     """Freeze ``model``'s parameters (``requires_grad`` off) for what the block builds on it; if the block raises
     (a Ctrl-C included, also one as the block begins or ends or part way through the freezing), those that were
@@ -311,7 +269,7 @@ def _stopping_only_of(target: nn.Module, saved: PutBack) -> None:
     target.generation_config = stopping_only(saved.items[0])
 
 
-@_restoring
+@generator_block
 def generation_stopping_only(model: nn.Module) -> Iterator[None]:
     """Within the block, ``model``'s generation config (the transformers model's, below a wrapper with
     ``get_base_model``) is :func:`stopping_only`'s, put back after: ``generate`` also applies the model's own

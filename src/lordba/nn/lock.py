@@ -8,19 +8,18 @@ A thread may re-enter a lock it holds (a writer may also read); a reader cannot 
 
 from __future__ import annotations
 
-import functools
 import threading
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
+from lordba._util.interrupts import generator_block
 from lordba.errors import AdapterStateError
 
 # how long a waiting thread sleeps before it checks the state again without being woken: a Ctrl-C in the thread giving
 # the lock back, inside Condition.notify_all (Python code), can leave it unwoken (it waited for good)
 RECHECK_S = 0.1
 
-T = TypeVar("T")
-_ENDED = object()  # (what next() gives for a generator that ended)
+# ``contextlib.contextmanager`` for a generator taking a lock: a Ctrl-C cannot leave it holding (GeneratorBlock)
+holding = generator_block
 
 
 class Condition:
@@ -54,64 +53,6 @@ class Condition:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.release()
-
-
-class _Holding:
-    """The context manager of a generator that takes a lock before its ``yield`` and gives it back in a ``finally``
-    around it, like ``contextlib.contextmanager``'s, whose ``__enter__`` is Python code: a Ctrl-C there just after the
-    generator took the lock left it suspended, holding the lock for as long as the traceback lives (a notebook keeps
-    the last one: a later writer waited for ever). This one gives the lock back at once. Like contextlib's, it also
-    decorates a function (each call runs in a new one).
-
-    ``close()`` gives back what the generator holds now, if it still does (its ``finally``; nothing once the block
-    ended or before it began): for a generator that holds such a block inside its own and catches an exception, since
-    a Ctrl-C at the start of the inner block's ``__exit__`` (Python code, before anything of it ran) leaves the inner
-    generator holding while the traceback lives. It is the generator's own ``close`` (C): no Python code runs before
-    it does its work."""
-
-    __slots__ = ("call", "close", "gen")
-
-    def __init__(self, gen: Iterator[None], call: tuple) -> None:
-        self.gen, self.call = gen, call  # (``call``: the generator function and its arguments, to make another)
-        self.close = gen.close
-
-    def __enter__(self) -> None:
-        try:  # (the value stored inside the ``try``: a Ctrl-C handled as ``next`` returns is raised in it)
-            value = next(self.gen)
-        except BaseException:  # (a Ctrl-C as ``next`` returned: the generator holds the lock)
-            self.gen.close()
-            raise
-        return value
-
-    def __exit__(self, typ: type[BaseException] | None, *exc: object) -> bool:
-        if typ is None:  # resumed: its blocks end as they would without an exception (cheaper than a close)
-            if next(self.gen, _ENDED) is _ENDED:  # (no StopIteration handled: a Ctrl-C in such an ``except`` left
-                return False  # it as the thread's handled exception, the __context__ of its later exceptions)
-            self.gen.close()
-            raise RuntimeError("generator didn't stop")
-        self.gen.close()  # its ``finally`` gives the lock back (it neither catches nor replaces an exception)
-        return False
-
-    def __call__(self, func: Callable[..., T]) -> Callable[..., T]:
-        """``func`` run in the block at each call (``contextlib.ContextDecorator``)."""
-
-        @functools.wraps(func)
-        def inner(*args: object, **kwargs: object) -> T:
-            make, given, named = self.call
-            with _Holding(make(*given, **named), self.call):
-                return func(*args, **kwargs)
-
-        return inner
-
-
-def holding(func: Callable[..., Iterator[None]]) -> Callable[..., _Holding]:
-    """``contextlib.contextmanager`` for a generator taking a lock (:class:`_Holding`)."""
-
-    @functools.wraps(func)
-    def hold(*args: object, **kwargs: object) -> _Holding:
-        return _Holding(func(*args, **kwargs), (func, args, kwargs))
-
-    return hold
 
 
 class RWLock:
