@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import string
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,6 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lordba import LoRDBAConfig, LoRDBAModel, get_lordba_model
+from lordba.serve.engine import Event
 
 SPECIAL = ["<pad>", "<s>", "</s>"]
 CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
@@ -134,3 +136,30 @@ def post(url: str, path: str, body: dict) -> tuple[int, http.client.HTTPMessage,
         return response.status, response.headers, answer
     finally:
         conn.close()
+
+
+def prompts(*lengths: int) -> list[list[int]]:
+    """Random prompts (token ids 3-98, seeded) of ``lengths``."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 99, (n,), generator=g).tolist() for n in lengths]
+
+
+class Collector:
+    """A request's sink and ``on_done``: the events it got, set ``done`` at the last, the releases counted."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.done = threading.Event()
+        self.released = 0
+
+    def sink(self, event: Event) -> None:
+        self.events.append(event)
+        if event.finish_reason is not None:
+            self.done.set()
+
+    def on_done(self) -> None:
+        self.released += 1
+
+    @property
+    def last(self) -> Event:
+        return self.events[-1]

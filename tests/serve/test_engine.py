@@ -3,7 +3,6 @@ continuous batching across adapters, aborts and failing steps."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -12,11 +11,11 @@ from transformers import AutoModelForCausalLM
 
 from lordba import LoRDBAModel
 from lordba.serve.batch import decode, prefill
-from lordba.serve.engine import Engine, Event, Request
+from lordba.serve.engine import Engine, Request
 from lordba.serve.errors import UnavailableError
 from lordba.serve.sampling import SamplingParams
 
-from .serve_helpers import char_tokenizer, make_served, reference, sentencepiece_like_tokenizer
+from .serve_helpers import Collector, char_tokenizer, make_served, prompts, reference, sentencepiece_like_tokenizer
 
 BASE = "__base__"
 
@@ -33,11 +32,6 @@ def lm(served):
     for name in ("a", "b"):
         model.load_adapter(adapters / name, name)
     return model
-
-
-def prompts(*lengths: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(3, 99, (n,), generator=g).tolist() for n in lengths]
 
 
 def test_rows_join_and_leave_between_steps_each_as_generate_alone(lm, served):
@@ -63,25 +57,6 @@ def test_rows_join_and_leave_between_steps_each_as_generate_alone(lm, served):
             assert batch.width < width and batch.cache.layers[0].keys.shape[2] == batch.width
     for r in range(3):
         assert got[r] == want[r][: len(got[r])], names[r]
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.done = threading.Event()
-        self.released = 0
-
-    def sink(self, event: Event) -> None:
-        self.events.append(event)
-        if event.finish_reason is not None:
-            self.done.set()
-
-    def on_done(self) -> None:
-        self.released += 1
-
-    @property
-    def last(self) -> Event:
-        return self.events[-1]
 
 
 def run_engine(lm, requests: list[tuple[list[int], str, SamplingParams]], tokenizer=None) -> list[Collector]:
