@@ -464,3 +464,34 @@ def test_a_model_with_sliding_window_layers_gives_each_row_its_generate_alone_pa
     assert want[0] != want[1][: len(want[0])]
     for r in range(3):
         assert got[r] == want[r][: len(got[r])], names[r]
+
+
+def test_a_request_aborted_while_an_aborted_neighbour_is_ended_still_ends(lm):
+    """Dropping the aborted running rows ended those aborted when it looked, then kept those not aborted when it
+    looked again: a request aborted in between (its client gone, from another thread, while the first row's end was
+    being sent) left the batch with no end event: its client waited for ever and its adapter was never released. Here
+    the second request is aborted from the first one's release, in that window."""
+    engine = Engine(lm, char_tokenizer(), max_batch=4)
+    first, second = Collector(), Collector()
+    params = SamplingParams(200, temperature=0.0, ignore_eos=True)
+    neighbour = Request(prompts(4)[0], "b", params, second.sink, second.on_done)
+
+    def release_and_abort_the_neighbour() -> None:
+        first.on_done()
+        engine.abort(neighbour)
+
+    leaving = Request(prompts(5)[0], "a", params, first.sink, release_and_abort_the_neighbour)
+    engine.submit(neighbour)  # (the row before the leaving one: the rows are looked at in order)
+    engine.submit(leaving)
+    engine.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(neighbour.generated) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        engine.abort(leaving)
+        assert first.done.wait(30) and first.last.finish_reason == "abort" and first.released == 1
+        assert second.done.wait(30), "the neighbour left the batch without its end"
+        assert second.last.finish_reason == "abort" and second.released == 1
+        assert engine.load == (0, 0) and engine.failure is None
+    finally:
+        engine.shutdown()

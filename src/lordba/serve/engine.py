@@ -298,11 +298,14 @@ class Engine:
             self._keep([i for i, r in enumerate(rows) if r not in done])
 
     def _drop_aborted(self) -> None:
-        if any(r.aborted for r in self._running):
+        """End the running rows aborted now (``abort``) and drop them; one aborted meanwhile (from another thread,
+        while these end) is dropped at the next step, not dropped without its end."""
+        gone = {r for r in self._running if r.aborted}  # (read once: the rows ended are the rows dropped)
+        if gone:
             for r in self._running:
-                if r.aborted:
+                if r in gone:
                     self._finish(r, "abort")
-            self._keep([i for i, r in enumerate(self._running) if not r.aborted])
+            self._keep([i for i, r in enumerate(self._running) if r not in gone])
 
     def _keep(self, keep: Sequence[int]) -> None:
         """Keep only the running rows ``keep`` (their KV cache too)."""
