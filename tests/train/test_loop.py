@@ -266,8 +266,10 @@ def test_resume_after_sigkill_continues_from_the_last_checkpoint(tmp_path):
     assert res.resumed_from >= done
     full = build()
     train_loop(full, Batcher(rows(), 4), SETTINGS, tmp_path / "fresh", progress=False)
-    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
-        assert torch.equal(a, b)
+    # (this failed twice in full-suite runs, never alone: the message says what differed and from which step)
+    pairs = zip(full.state_dict().items(), resumed.state_dict().values())
+    differ = {n: float((a - b).abs().max()) for (n, a), b in pairs if not torch.equal(a, b)}
+    assert not differ, f"resumed from {res.resumed_from} (killed after {done}): {len(differ)} tensors differ {differ}"
     assert not list((tmp_path / "run" / "checkpoints").glob(".*"))  # no half-written checkpoint is visible
 
 
