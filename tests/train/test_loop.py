@@ -269,7 +269,18 @@ def test_resume_after_sigkill_continues_from_the_last_checkpoint(tmp_path):
     # (this failed twice in full-suite runs, never alone: the message says what differed and from which step)
     pairs = zip(full.state_dict().items(), resumed.state_dict().values())
     differ = {n: float((a - b).abs().max()) for (n, a), b in pairs if not torch.equal(a, b)}
-    assert not differ, f"resumed from {res.resumed_from} (killed after {done}): {len(differ)} tensors differ {differ}"
+    if differ:  # (what differs between this process and a new one like the killed child, said with the failure)
+        from test_loop_child import numeric_state
+
+        code = "import json, sys; sys.path.insert(0, sys.argv[1]); from test_loop_child import numeric_state; "
+        code += "print(json.dumps(numeric_state()))"
+        child_env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        argv = [sys.executable, "-c", code, os.path.dirname(__file__)]
+        out = subprocess.run(argv, env=child_env, capture_output=True, text=True)
+        states = f"this process {numeric_state()}, a new one {out.stdout.strip() or out.stderr[-500:]}"
+        worst = sorted(differ.items(), key=lambda kv: -kv[1])[:3]
+        where = f"resumed from {res.resumed_from} (killed after {done})"
+        raise AssertionError(f"{where}: {len(differ)} tensors differ, most {worst}; {states}")
     assert not list((tmp_path / "run" / "checkpoints").glob(".*"))  # no half-written checkpoint is visible
 
 
