@@ -38,5 +38,7 @@ def numeric_state() -> dict:
         "deterministic": torch.are_deterministic_algorithms_enabled(),
         "default_dtype": str(torch.get_default_dtype()),
         "denormals_flushed": bool(denormal.item() == 0.0),
+        "autocast_cpu": torch.is_autocast_enabled("cpu") and str(torch.get_autocast_dtype("cpu")),
+        "grad": torch.is_grad_enabled(),
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("LORDBA", "OMP", "MKL", "KMP", "TORCH"))},
     }
