@@ -9,16 +9,11 @@ import pytest
 
 from lordba._util.locks import locked
 
+from conftest import locked_elsewhere
+
 
 def _free(directory) -> bool:
-    fd = os.open(directory, os.O_RDONLY)  # another open file: flock treats it as another holder
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
+    return not locked_elsewhere(directory)  # (another open file: flock treats it as another holder)
 
 
 def test_the_lock_is_held_in_the_block_and_released_after_it(tmp_path):

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lordba import LoRDBAConfig, LoRDBAModel, get_lordba_model
 from lordba.serve.engine import Event
@@ -163,3 +163,25 @@ class Collector:
     @property
     def last(self) -> Event:
         return self.events[-1]
+
+
+def health_now(port: int) -> int | str:
+    """``/health``'s status, asked and waited for now (from inside a request's parse: ``repr`` of the error where the
+    event loop never answered, busy parsing)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status
+    except OSError as err:
+        return repr(err)
+    finally:
+        conn.close()
+
+
+def served_model(served: tuple[Path, Path], names: tuple[str, ...]) -> LoRDBAModel:
+    """The model of :func:`make_served`'s ``(model folder, adapters folder)`` with the adapters ``names`` loaded."""
+    model_dir, adapters = served
+    model = LoRDBAModel(AutoModelForCausalLM.from_pretrained(model_dir).eval())
+    for name in names:
+        model.load_adapter(adapters / name, name)
+    return model

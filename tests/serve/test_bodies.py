@@ -12,7 +12,7 @@ pytest.importorskip("fastapi")
 from lordba.serve import bodies
 from lordba.serve.server import Server, build_state
 
-from .serve_helpers import char_tokenizer, post, tiny_model
+from .serve_helpers import char_tokenizer, health_now, post, tiny_model
 
 
 def test_a_large_chat_is_validated_with_the_cyclic_collector_off_and_its_message_models_dropped(monkeypatch):
@@ -74,22 +74,13 @@ def test_health_is_answered_while_one_large_object_of_numbers_is_parsed(monkeypa
     """The parse of a large body gave the interpreter lock back between JSON objects only: one object of many
     numbers, a ``logit_bias`` of a million entries (15 MB), held the event loop 3.8-4.2 s. It is given back at every
     number too: ``/health``, asked from inside the parse of the object's first value, is answered then."""
-    import http.client
-
     state = build_state(tiny_model(), char_tokenizer(), "tiny-llama")
     health: list[object] = []
     parse_float = bodies._float
 
     def parsing(text: str) -> float:  # /health asked (and waited for) from inside the large object's parse
         if not health:
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-            try:
-                conn.request("GET", "/health")
-                health.append(conn.getresponse().status)
-            except OSError as err:  # (the event loop never answered: it was parsing)
-                health.append(repr(err))
-            finally:
-                conn.close()
+            health.append(health_now(server.port))
         return parse_float(text)
 
     monkeypatch.setattr(bodies, "_float", parsing)

@@ -7,15 +7,21 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from lordba import LoRDBAModel
 from lordba.serve.batch import decode, prefill
 from lordba.serve.engine import Engine, Request
 from lordba.serve.errors import UnavailableError
 from lordba.serve.sampling import SamplingParams
 
-from .serve_helpers import Collector, char_tokenizer, make_served, prompts, reference, sentencepiece_like_tokenizer
+from .serve_helpers import (
+    Collector,
+    char_tokenizer,
+    make_served,
+    prompts,
+    reference,
+    sentencepiece_like_tokenizer,
+    served_model,
+)
 
 BASE = "__base__"
 
@@ -27,11 +33,7 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(served):
-    model_dir, adapters = served
-    model = LoRDBAModel(AutoModelForCausalLM.from_pretrained(model_dir).eval())
-    for name in ("a", "b"):
-        model.load_adapter(adapters / name, name)
-    return model
+    return served_model(served, ("a", "b"))
 
 
 def test_rows_join_and_leave_between_steps_each_as_generate_alone(lm, served):

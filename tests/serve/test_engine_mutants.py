@@ -11,14 +11,12 @@ starts, so that what one step admits does not depend on the timing of the engine
 from __future__ import annotations
 
 import pytest
-from transformers import AutoModelForCausalLM
 
-from lordba import LoRDBAModel
 from lordba.serve import engine as engine_module
 from lordba.serve.engine import Engine, Request
 from lordba.serve.sampling import SamplingParams
 
-from .serve_helpers import Collector, char_tokenizer, make_served, prompts, reference
+from .serve_helpers import Collector, char_tokenizer, make_served, prompts, reference, served_model
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +26,7 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(served):
-    model_dir, adapters = served
-    model = LoRDBAModel(AutoModelForCausalLM.from_pretrained(model_dir).eval())
-    for name in ("a", "b"):
-        model.load_adapter(adapters / name, name)
-    return model
+    return served_model(served, ("a", "b"))
 
 
 @pytest.fixture

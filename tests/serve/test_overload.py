@@ -4,7 +4,6 @@ read it)."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import shutil
 import threading
@@ -19,7 +18,7 @@ from lordba.serve.errors import ContextLengthError, QueueFullError
 from lordba.serve.sampling import SamplingParams
 from lordba.serve.server import Server, build_state
 
-from .serve_helpers import char_tokenizer, make_adapter, post, tiny_model
+from .serve_helpers import char_tokenizer, health_now, make_adapter, post, tiny_model
 
 
 @pytest.fixture
@@ -242,14 +241,7 @@ def test_health_is_answered_while_a_large_body_is_parsed(state, monkeypatch):
 
     def parsing(text, *args, **kwargs):  # /health asked (and waited for) from inside the large body's parse
         if len(text) > OFFLOAD_BYTES and not health:
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-            try:
-                conn.request("GET", "/health")
-                health.append(conn.getresponse().status)
-            except OSError as err:  # (the event loop never answered: it was parsing)
-                health.append(repr(err))
-            finally:
-                conn.close()
+            health.append(health_now(server.port))
         return loads(text, *args, **kwargs)
 
     many = {"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}] * 5000}
