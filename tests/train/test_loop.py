@@ -240,6 +240,7 @@ def test_a_run_whose_evaluation_gave_nan_resumes_from_its_checkpoint(tmp_path):
 CHILD = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
 from test_loop_child import run
 run({out!r})
 """
@@ -261,11 +262,18 @@ def test_resume_after_sigkill_continues_from_the_last_checkpoint(tmp_path):
     assert 0 < done < 40
     from test_loop_child import SETTINGS, build
 
-    resumed = build()
-    res = train_loop(resumed, Batcher(rows(), 4), SETTINGS, tmp_path / "run", progress=False)
-    assert res.resumed_from >= done
-    full = build()
-    train_loop(full, Batcher(rows(), 4), SETTINGS, tmp_path / "fresh", progress=False)
+    # The child and both runs here at one thread: reductions split over other thread counts round otherwise (a test
+    # worker left at 3 threads by an earlier test made the resumed run differ from the child's steps by up to 0.01).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        resumed = build()
+        res = train_loop(resumed, Batcher(rows(), 4), SETTINGS, tmp_path / "run", progress=False)
+        assert res.resumed_from >= done
+        full = build()
+        train_loop(full, Batcher(rows(), 4), SETTINGS, tmp_path / "fresh", progress=False)
+    finally:
+        torch.set_num_threads(threads)
     # (this failed twice in full-suite runs, never alone: the message says what differed and from which step)
     pairs = zip(full.state_dict().items(), resumed.state_dict().values())
     differ = {n: float((a - b).abs().max()) for (n, a), b in pairs if not torch.equal(a, b)}
