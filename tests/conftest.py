@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,18 @@ def refuse(directory: Path, match: str) -> None:
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per test worker, and its subprocesses: they share the cores
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _threads_as_found():
+    """torch's thread count put back after each test that changed it, with a warning naming the test in the summary:
+    a worker left at 3 threads once made a later test's float results differ from a 1-thread subprocess's."""
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        warnings.warn(f"this test left torch at {after} threads (found at {before}; put back)", stacklevel=1)
 
 
 def refuse_directory_locks(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
