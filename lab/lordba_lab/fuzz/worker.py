@@ -174,11 +174,15 @@ def reason(message: str) -> str:
 
 
 def save_failure(directory: Path, data: bytes, kind: str, detail: str) -> Path:
-    """Save a failing input (``<kind>-<sha>.case``, replay with ``lordba fuzz --replay``) and its detail."""
+    """Save a failing input (``<kind>-<sha>.case``, replay with ``lordba fuzz --replay``) and its detail
+    (``<kind>-<sha>.txt``, written first), each whole or not at all: a worker killed or interrupted while writing
+    leaves no truncated case, which a later replay would decode as another, shorter case."""
+    from lordba.format.atomic import atomic_write_bytes
+
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"{re.sub(r'[^A-Za-z0-9_-]', '_', kind)}-{hashlib.sha256(data).hexdigest()[:12]}"
-    (directory / f"{stem}.case").write_bytes(data)
-    (directory / f"{stem}.txt").write_text(detail + "\n")
+    atomic_write_bytes(directory / f"{stem}.txt", (detail + "\n").encode())
+    atomic_write_bytes(directory / f"{stem}.case", data)
     return directory / f"{stem}.case"
 
 
