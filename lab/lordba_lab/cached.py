@@ -8,7 +8,8 @@ interrupted, or two runs building at once, never leave a half-made entry under t
 
 One build of an entry at a time (a lock file beside it): a run that waited takes what the other built. Where the
 cache's file system has no locks, builds run at once, each under its own name (:mod:`lordba.format.temp_owner`
-marks it live), and the entry is one of them, whole. What a killed build left is removed by the next build.
+marks it live), and the entry is one of them, whole. What a killed build left is removed by the next build, and so
+is what the builds of earlier lab releases left in the folder (:func:`remove_old_partials`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import glob
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from lordba.errors import LoRDBAError
 from lordba.format import temp_owner
 from lordba.format.atomic import TMP_MARK, atomic_write_path, remove_killed_temporaries
 
+OLD_SUFFIX = ".partial"  # what the lab's builds named their work before this module (nothing names it now)
+
 
 def _lock(out: Path) -> Path:
     """The lock file of the entry ``out`` (beside it, kept)."""
@@ -33,8 +37,45 @@ def _lock(out: Path) -> Path:
 
 
 def _remove_left_behind(out: Path) -> None:
-    """Remove the temporaries of ``out``'s builds whose builder is gone (killed)."""
+    """Remove the temporaries of ``out``'s builds whose builder is gone (killed), and the earlier releases' ones in
+    its folder that no build can be writing (:func:`remove_old_partials`)."""
     remove_killed_temporaries(out.parent, f"{glob.escape(f'.{out.name}{TMP_MARK}')}*")
+    remove_old_partials(out.parent)
+
+
+def remove_old_partials(folder: Path, builders_locked_out: bool = False) -> list[Path]:
+    """Remove the ``*.partial`` files and folders in ``folder``: what builds of earlier lab releases left when they
+    were interrupted (they built in one shared ``<entry>.partial`` name, which nothing removed since: a model's is a
+    gigabyte). Where ``builders_locked_out`` (the caller holds the lock those builds held: the models folder's for the
+    embedded models' installs), each is removed; else only one untouched for a day
+    (:data:`lordba.format.temp_owner.UNLOCKED_STALE_S`, as for a temporary whose writer's lock cannot be asked): such a
+    build in another process may be writing it, and it held no lock to ask. Returns what was removed."""
+    removed = []
+    for entry in sorted(folder.glob(f"*{OLD_SUFFIX}")) if folder.is_dir() else []:
+        if builders_locked_out or time.time() - _last_touched(entry) > temp_owner.UNLOCKED_STALE_S:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _last_touched(path: Path) -> float:
+    """The newest modification time of ``path`` and (a folder) of everything in it; now where one cannot be read
+    (removed meanwhile: someone is at work there)."""
+    try:
+        times = [path.lstat().st_mtime]
+        if path.is_dir() and not path.is_symlink():
+            for root, dirs, files in os.walk(path, onerror=_raise):
+                times += [os.lstat(os.path.join(root, name)).st_mtime for name in dirs + files]
+    except OSError:
+        return time.time()
+    return max(times)
+
+
+def _raise(err: OSError) -> None:
+    raise err
 
 
 def cached_file(out: Path, build: Callable[[Path], None]) -> Path:

