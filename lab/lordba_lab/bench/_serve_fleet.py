@@ -24,8 +24,10 @@ TARGETS = "all-linear"
 SCALE_DTYPE = "int8"
 
 
-def make_fleet(model_dir: Path, out: Path, n: int, seed: int = 0) -> list[str]:
-    """Write ``n`` distinct adapters ``adapter-0000`` … into ``out``; returns their names."""
+def make_fleet(model_dir: Path, out: Path, n: int, seed: int = 0, progress: bool = True) -> list[str]:
+    """Write ``n`` distinct adapters ``adapter-0000`` … into ``out``; returns their names. ``progress``: a bar of the
+    adapters written (a thousand are 1 GB), shown where stderr is a terminal."""
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -33,7 +35,8 @@ def make_fleet(model_dir: Path, out: Path, n: int, seed: int = 0) -> list[str]:
     config = LoRDBAConfig(r=RANK, alpha=2 * RANK, target_modules=TARGETS, init="random", scale_dtype=SCALE_DTYPE)
     state = get_lordba_model(base, config).adapter_state("default")
     names = []
-    for i in range(n):
+    # (disable=None: tqdm's off where its output is no terminal, a bench's log)
+    for i in tqdm(range(n), desc="writing the adapter fleet", unit="adapter", disable=None if progress else True):
         name = f"adapter-{i:04d}"
         if not (out / name / "adapter_config.json").is_file():
             _variant(state, torch.Generator().manual_seed(seed * 100_003 + i)).save_pretrained(out / name)

@@ -239,3 +239,27 @@ def test_an_install_removes_what_earlier_releases_interrupted_installs_left(monk
         os.utime(path, (day_ago, day_ago))
     out = ensure_model("gemma-3-270m", verbose=False)
     assert _left(folder) == sorted([out.name] + ([] if locks else [recent.name]))
+
+
+@pytest.mark.parametrize("progress, terminal", [(True, True), (True, False), (False, True)])
+def test_pip_download_shows_pips_bar_where_asked_on_a_terminal(monkeypatch, tmp_path, progress, terminal):
+    """The llama.cpp bench's sdist download ran under pip's -q with its output kept: no bar. Asked
+    for progress on a terminal, pip draws its own bar on this process's standard output; elsewhere it is quiet and
+    its output kept, as before (its errors are what a failed download reports)."""
+    monkeypatch.setenv("LORDBA_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append((cmd, kw))
+        with open(f"{cmd[cmd.index('-d') + 1]}/pkg-1.0.tar.gz", "wb") as f:
+            f.write(b"sdist")
+        return subprocess.CompletedProcess(cmd, 0, None, "")
+
+    monkeypatch.setattr(fetch.subprocess, "run", fake_run)
+    monkeypatch.setattr(fetch.sys.stdout, "isatty", lambda: terminal)
+    path = fetch.pip_download("pkg==1.0", hashlib.sha256(b"sdist").hexdigest(), binary=False, progress=progress)
+    assert path.read_bytes() == b"sdist"
+    [(cmd, kw)] = calls
+    shown = progress and terminal
+    assert ("-q" in cmd) != shown and ("--progress-bar" in cmd) == shown
+    assert (kw["stdout"] is None) == shown and kw["stderr"] == subprocess.PIPE

@@ -55,6 +55,26 @@ def test_fleet_adapters_differ_from_each_other(tmp_path_factory, tmp_path):
     assert not torch.allclose(logits[0], logits[1])
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_writing_the_fleet_shows_a_bar_of_its_adapters(monkeypatch, tmp_path_factory, tmp_path, progress):
+    """A thousand adapters (1 GB) were written without a sign of progress; the bar counts them, off where stderr is
+    no terminal (tqdm's ``disable=None``) or ``progress=False``."""
+    import tqdm.auto
+
+    bars = []
+    real = tqdm.auto.tqdm
+
+    def recorded(iterable, **kwargs):
+        bars.append((len(iterable), kwargs))
+        return real(iterable, **kwargs)
+
+    model_dir, _ = make_served(tmp_path_factory)
+    monkeypatch.setattr(tqdm.auto, "tqdm", recorded)
+    assert make_fleet(model_dir, tmp_path, 2, progress=progress) == ["adapter-0000", "adapter-0001"]
+    [(total, kwargs)] = [bar for bar in bars if bar[1].get("desc") == "writing the adapter fleet"]
+    assert total == 2 and kwargs["unit"] == "adapter" and kwargs["disable"] is (None if progress else True)
+
+
 def test_tiny_run_reports_both_engines_and_writes_the_files(tmp_path_factory, tmp_path):
     model_dir, _ = make_served(tmp_path_factory)
     settings = serve.Settings((1, 2), (1, 3), 6, 4, 1, 3, 2, rounds=2)
