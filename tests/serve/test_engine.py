@@ -422,10 +422,9 @@ def test_a_request_is_counted_before_its_last_event_is_sent(lm):
     assert seen == [1]
 
 
-def test_a_model_with_sliding_window_layers_gives_each_row_its_generate_alone_past_the_window():
-    """Gemma 3 mixes sliding-window layers with global ones. The running batch keeps every layer's whole cache
-    (a ``DynamicCache`` without a config) and the sliding layers' mask is built over its columns, so rows of
-    different lengths, each longer than the window, joining and leaving a batch, decode as ``generate`` alone."""
+def tiny_gemma(window: int):
+    """A tiny random Gemma 3 (a sliding-window layer of ``window``, then a global one) with adapter ``a`` on every
+    linear layer, its scales made large enough to change the greedy tokens."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     from lordba import LoRDBAConfig, get_lordba_model
@@ -433,15 +432,24 @@ def test_a_model_with_sliding_window_layers_gives_each_row_its_generate_alone_pa
     torch.manual_seed(0)
     config = Gemma3TextConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
-                              sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                              sliding_window=window, layer_types=["sliding_attention", "full_attention"],
                               max_position_embeddings=64)  # fmt: skip
     lm = get_lordba_model(Gemma3ForCausalLM(config).eval(), LoRDBAConfig(r=4, target_modules="all-linear"), "a")
     with torch.no_grad():
         for name, p in lm.named_parameters():
             if "scale" in name:
-                p.normal_(0, 0.3)  # an adapter that changes the tokens
-    lm.eval()
-    ps, names, n = prompts(9, 6, 13), ["a", BASE, "a"], 8
+                p.normal_(0, 0.3)
+    return lm.eval()
+
+
+def test_a_model_with_sliding_window_layers_gives_each_row_its_generate_alone_past_the_window():
+    """Gemma 3 mixes sliding-window layers with global ones. The running batch kept every layer's whole history
+    (a ``DynamicCache`` without a config): a long request's sliding layers held all its tokens, not its window's. Now
+    they hold the batch's last ``window - 1`` columns, with rows of different lengths (longer and shorter than the
+    window) joining and leaving the batch, and each row still decodes as ``generate`` alone."""
+    window, n = 5, 9
+    lm = tiny_gemma(window)
+    ps, names = prompts(9, 3, 13, 2), ["a", BASE, "a", BASE]
     want = []
     for p, name in zip(ps, names):
         with torch.no_grad():
@@ -451,21 +459,60 @@ def test_a_model_with_sliding_window_layers_gives_each_row_its_generate_alone_pa
     logits, batch = prefill(lm, ps[:2], names[:2])
     got = [[t] for t in logits.argmax(-1).tolist()]
     rows = [0, 1]
+
+    def join(i: int):
+        first, joining = prefill(lm, ps[i : i + 1], names[i : i + 1])
+        got.append(first.argmax(-1).tolist())
+        rows.append(i)
+        return batch.merge(joining)
+
     for step in range(n - 1):
-        if step == 2:  # a longer row joins the running batch
-            first, joining = prefill(lm, ps[2:], names[2:])
-            batch = batch.merge(joining)
-            got.append(first.argmax(-1).tolist())
-            rows.append(2)
+        if step in (1, 3):  # a row longer than the batch joins, then one shorter than the window
+            batch = join(2 if step == 1 else 3)
         logits = decode(lm, batch, [got[r][-1] for r in rows], [names[r] for r in rows])
         for j, r in enumerate(rows):
             got[r].append(int(logits[j].argmax()))
-        if step == 4:  # the longest row leaves
-            keep = [j for j, r in enumerate(rows) if r != 2]
+        if step in (4, 6):  # the longest row leaves, then the next longest
+            keep = [j for j, r in enumerate(rows) if batch.lengths[j] < max(batch.lengths)]
             batch, rows = batch.select(keep), [rows[j] for j in keep]
+        sliding, full = batch.cache.layers
+        assert sliding.keys.shape[2] == sliding.values.shape[2] == min(batch.width, window - 1), step
+        assert full.keys.shape[2] == batch.width and sliding.cumulative_length == batch.width, step
+    assert batch.width < window + n - 1 and rows == [1, 3]  # the last select left rows shorter than the window
     assert want[0] != want[1][: len(want[0])]
-    for r in range(3):
+    for r in range(4):
         assert got[r] == want[r][: len(got[r])], names[r]
+
+
+def test_a_long_request_on_sliding_window_layers_holds_its_window_there_and_generates_as_generate_alone():
+    """The engine end to end: a request of 40 prompt tokens and 20 generated on a window of 4 holds 3 columns on the
+    sliding layer at every step (it held all 58 by the last step, as the global layer does) and returns ``generate``'s
+    tokens."""
+    lm = tiny_gemma(4)
+    prompt = prompts(40)[0]
+    with torch.no_grad():
+        want = lm.generate(torch.tensor([prompt]), adapter_names=["a"], max_new_tokens=20, do_sample=False,
+                           eos_token_id=[], pad_token_id=0)[0, 40:].tolist()  # fmt: skip
+    engine = Engine(lm, char_tokenizer(), max_batch=2)
+    widths = []
+    original = engine._decode_step
+
+    def step() -> None:
+        original()
+        if engine._batch is not None:
+            widths.append([layer.keys.shape[2] for layer in engine._batch.cache.layers])
+
+    engine._decode_step = step
+    c = Collector()
+    request = Request(prompt, "a", SamplingParams(20, temperature=0.0, ignore_eos=True), c.sink, c.on_done)
+    engine.submit(request)
+    engine.start()
+    try:
+        assert c.done.wait(30) and c.last.finish_reason == "length"
+    finally:
+        engine.shutdown()
+    assert request.generated == want
+    assert widths[-1] == [3, 58] and max(w[0] for w in widths) == 3
 
 
 def test_a_request_aborted_while_an_aborted_neighbour_is_ended_still_ends(lm):

@@ -9,7 +9,11 @@ number of valid tokens), so a row's numbers do not depend on its neighbours' len
 
 This is the design of Hugging Face TGI's first batching engine (concatenating left-padded batches),
 on transformers' own ``DynamicCache``; it works with any causal LM whose cache is a list of
-``[batch, heads, length, head_dim]`` key/value tensors per layer (Llama, Qwen2, SmolLM2, ...).
+``[batch, heads, length, head_dim]`` key/value tensors per layer (Llama, Qwen2, SmolLM2, ...). A model whose config
+has sliding-window layers (Gemma 3, Mistral) gets transformers' ``DynamicSlidingWindowLayer`` for them, as
+``generate`` does: such a layer keeps only the batch's last ``window - 1`` columns (every row's valid columns are at
+the right end, so they are each row's last tokens) and counts all of them in ``cumulative_length``, which
+``select`` and ``merge`` keep equal to the batch's width (the sliding mask's offset into the attention mask).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from lordba._util.modules import cache_keyword, output_cache
 from lordba.errors import ShapeMismatchError
@@ -55,33 +60,60 @@ class KVBatch:
             return self
         index = torch.tensor(list(keep), dtype=torch.long, device=self.mask.device)
         lengths = [self.lengths[i] for i in keep]
-        start = self.width - max(lengths)
-        for layer in self.cache.layers:
+        width = max(lengths)
+        for layer in self.cache.layers:  # a sliding layer holds the last columns only: it keeps those still used
+            start = max(0, layer.keys.shape[2] - width)
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
-        return KVBatch(self.cache, self.mask.index_select(0, index)[:, start:], lengths)
+            _set_width(layer, width)
+        return KVBatch(self.cache, self.mask.index_select(0, index)[:, self.width - width :], lengths)
 
     def merge(self, other: KVBatch) -> KVBatch:
         """One batch with this batch's rows, then ``other``'s (the narrower is left-padded). Every new tensor is
         built before any is put in place: an allocation failing part way (out of memory) leaves this batch whole."""
-        if len(self.cache.layers) != len(other.cache.layers):
-            raise ShapeMismatchError("cannot merge KV batches of models with different numbers of layers")
-        width = max(self.width, other.width)
-        merged = [
-            (
-                torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)]),
-                torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)]),
+        kinds = [type(layer) for layer in self.cache.layers]
+        if kinds != [type(layer) for layer in other.cache.layers]:
+            raise ShapeMismatchError(
+                f"cannot merge KV batches of different cache layers ({len(kinds)} and {len(other.cache.layers)}"
+                " layers, or sliding-window layers in one only)"
             )
-            for mine, theirs in zip(self.cache.layers, other.cache.layers)
-        ]
+        width = max(self.width, other.width)
+        merged = []
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            columns = max(mine.keys.shape[2], theirs.keys.shape[2])  # a sliding layer's: at most its window's
+            merged.append(
+                (
+                    torch.cat([_pad_left(mine.keys, columns, 2), _pad_left(theirs.keys, columns, 2)]),
+                    torch.cat([_pad_left(mine.values, columns, 2), _pad_left(theirs.values, columns, 2)]),
+                )
+            )
         mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
         for layer, (keys, values) in zip(self.cache.layers, merged):
             layer.keys, layer.values = keys, values
+            _set_width(layer, width)
         return KVBatch(self.cache, mask, self.lengths + other.lengths)
 
     def kv_bytes(self) -> int:
         """Bytes held by the keys and values (padding included)."""
         return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
+
+
+def _new_cache(model: torch.nn.Module) -> DynamicCache:
+    """An empty cache for ``model``'s prefill: transformers' ``DynamicCache`` for its config (its sliding-window layers
+    keep their window's columns only, as in ``generate``) when every layer is a plain or a sliding-window one (what
+    :class:`KVBatch` pads and trims), else one whose every layer keeps all its columns (the masks are the model's)."""
+    config = getattr(model, "config", None)
+    if config is not None and callable(getattr(config, "get_text_config", None)):
+        cache = DynamicCache(config=config)
+        if cache.layers and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers):
+            return cache
+    return DynamicCache()
+
+
+def _set_width(layer: object, width: int) -> None:
+    """Make a sliding-window layer count ``width`` tokens seen (the columns of the batch's attention mask)."""
+    if hasattr(layer, "cumulative_length"):
+        layer.cumulative_length = width
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -115,7 +147,7 @@ def prefill(
         mask[i, width - len(p) :] = 1
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-    cache = DynamicCache()
+    cache = _new_cache(model)
     out = model(
         input_ids=ids,
         attention_mask=mask,
