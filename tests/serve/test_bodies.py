@@ -138,3 +138,35 @@ def test_a_list_of_more_prompts_than_the_context_has_tokens_is_refused_before_it
         assert not validated
         status, _, answer = post(server.url, "/v1/completions", {"model": "tiny-llama", "prompt": ["hi", "ho"]})
         assert status == 400 and "send one prompt" in answer["error"]["message"] and validated == [1]
+
+
+@pytest.mark.parametrize(
+    ("key", "piece"), [("content", {"type": "text", "text": ""}), ("tool_calls", {"function": {"name": "f"}})]
+)
+def test_more_content_parts_or_tool_calls_than_the_context_has_tokens_are_refused_before_validation(
+    monkeypatch, key, piece
+):
+    """A chat message's list content and an assistant's tool calls were not counted before validation: a million
+    empty text parts (12 MB) took pydantic 6-22 s in a worker thread, holding the interpreter lock, and were then
+    served. More of them in all messages than the context has tokens are refused before validation, naming the field;
+    as many as it has are validated (and a chat of them served)."""
+    from lordba.serve import protocol as p
+
+    state = build_state(tiny_model(), char_tokenizer(), "tiny-llama", max_context=200)
+    validated: list[int] = []
+    validate = p.ChatRequest.model_validate
+    monkeypatch.setattr(p.ChatRequest, "model_validate", lambda raw: validated.append(1) or validate(raw))
+
+    def chat(*counts: int) -> dict:
+        role = "user" if key == "content" else "assistant"
+        messages = [{"role": role, key: [piece] * n} for n in counts] + [{"role": "user", "content": "hi"}]
+        return {"model": "tiny-llama", "messages": messages, "max_tokens": 1}
+
+    with Server(state) as server:
+        for body in (chat(150, 51), chat(100_000)):  # in all messages; a body over OFFLOAD_BYTES
+            status, _, answer = post(server.url, "/v1/chat/completions", body)
+            assert status == 400 and answer["error"]["param"] == f"messages[].{key}", answer
+            assert answer["error"]["code"] == "context_length_exceeded" and "200 tokens" in answer["error"]["message"]
+        assert not validated
+        status, _, answer = post(server.url, "/v1/chat/completions", chat(150, 50))
+        assert status == 200 and validated == [1], answer

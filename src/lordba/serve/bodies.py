@@ -1,7 +1,8 @@
 """Parsing a generation request's body (:class:`OffLoopRoute`) and validating it into its protocol model, in a worker
 thread when it is large: validating 100,000 chat messages takes seconds of pydantic, during which the event loop, which
 every stream shares, served nobody. A list that can never fit the context (more chat messages or prompt token ids than
-its tokens, where the chat template renders every message as a token at least) is refused before it is validated."""
+its tokens, where the chat template renders every message as a token at least; more content parts or tool calls in
+all messages than its tokens) is refused before it is validated."""
 
 from __future__ import annotations
 
@@ -156,11 +157,36 @@ def _chat(raw: Any, max_context: int, count_messages: bool = True) -> tuple[p.Ch
             f"{len(messages)} messages, each at least one token once rendered. Please reduce the number of messages.",
             "messages",
         )
+    if isinstance(messages, list):
+        _count_pieces(messages, max_context)
     body = _validated(p.ChatRequest, raw)
     body.check_supported()
     messages = [m.for_template() for m in body.messages]
     body.messages = []  # (their models: freed now, not left to the cyclic collector; the dicts above are all it needs)
     return body, messages
+
+
+_PIECES = (("content", "content parts"), ("tool_calls", "tool calls"))
+
+
+def _count_pieces(messages: list, max_context: int) -> None:
+    """Refuse messages holding more content parts, or more tool calls, than the context has tokens (each a piece of
+    the prompt: parts are text a client split, calls are rendered whole), before validation: a million empty parts
+    (12 MB) or tool calls took pydantic 6-22 s in a worker thread, holding the interpreter lock, to be served. A 400
+    ``context_length_exceeded`` naming ``messages[].content`` or ``messages[].tool_calls``."""
+    counts = [0, 0]
+    for message in messages:
+        if isinstance(message, dict):
+            for i, (key, _) in enumerate(_PIECES):
+                if isinstance(pieces := message.get(key), list):
+                    counts[i] += len(pieces)
+    for (key, what), count in zip(_PIECES, counts):
+        if count > max_context:
+            raise ContextLengthError(
+                f"This model's maximum context length is {max_context} tokens. However, your messages hold {count} "
+                f"{what} (messages[].{key}), more than the context's tokens. Please join or reduce them.",
+                f"messages[].{key}",
+            )
 
 
 def _refuse_unsupported(raw: Any) -> None:
