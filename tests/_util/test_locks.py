@@ -26,20 +26,31 @@ def test_the_lock_is_held_in_the_block_and_released_after_it(tmp_path):
     assert _free(folder)
 
 
-def test_wait_for_writer_says_whether_a_writer_held_the_lock_and_waits_for_it(tmp_path):
+def test_wait_for_writer_says_whether_a_writer_held_the_lock_and_waits_for_it(tmp_path, monkeypatch):
+    """The writer lets go only once the reader has found it there (its try without waiting refused): a reader thread
+    that a loaded machine started late found no writer at all (a fixed 0.3 s sleep: ``[False]``)."""
     import threading
-    import time
 
     from lordba._util.locks import wait_for_writer
 
     assert wait_for_writer(tmp_path) is False  # no writer
-    answers = []
+    answers, refused, real_flock = [], threading.Event(), fcntl.flock
+
+    def flock(fd: int, op: int) -> None:
+        try:
+            real_flock(fd, op)
+        except BlockingIOError:
+            refused.set()
+            raise
+
+    monkeypatch.setattr(fcntl, "flock", flock)
     with locked(tmp_path):
         reader = threading.Thread(target=lambda: answers.append(wait_for_writer(tmp_path)))
         reader.start()
-        time.sleep(0.3)
+        assert refused.wait(60), "the reader never tried the lock"
+        reader.join(0.3)
         assert not answers  # waiting
-    reader.join(10)
+    reader.join(60)
     assert answers == [True] and wait_for_writer(tmp_path / "missing") is False
 
 
