@@ -656,7 +656,7 @@ def test_a_request_arriving_while_the_server_drains_is_a_503_with_connection_clo
         caller.start()
         assert wait_for(lambda: state.engine.load[1] == 1)
         stopper.start()
-        time.sleep(0.5)  # uvicorn's loop has seen the stop (it looks every 0.1 s)
+        assert wait_for(lambda: state.engine.draining, TIMEOUT)  # uvicorn's loop has seen the stop (every 0.1 s)
         late = {"model": "tiny-llama", "prompt": "y", "max_tokens": 1}
         for conn in (http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT), idle):
             try:
