@@ -319,7 +319,10 @@ def test_a_shutdown_whose_join_times_out_leaves_the_step_in_progress_its_request
     writing = lm._lock.write()
     writing.__enter__()  # the engine's next forward waits: its step outlasts the shutdown's join
     try:
-        time.sleep(0.3)  # (the engine reaches that forward)
+        deadline = time.monotonic() + 30
+        while not lm._lock._cond._waiters and time.monotonic() < deadline:  # the engine reaches that forward
+            time.sleep(0.001)
+        assert lm._lock._cond._waiters, "the engine's forward never waited for the lock"
         engine.shutdown(timeout=0.2)
         assert engine._thread.is_alive()
         assert held.released == 0 and not held.done.is_set()  # not released under the step in progress
