@@ -145,8 +145,11 @@ def test_a_waiting_routing_is_not_starved_by_calls_that_keep_joining_the_one_in_
         thread.start()
     assert first_inside.wait(10)
     waiting = threading.Thread(target=other)
-    before = len(order)
     waiting.start()
+    deadline = time.monotonic() + 30  # (counted once B waits: a thread a loaded machine starts late is not behind)
+    while not gate._queue and "B" not in order and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    before = len(order)
     waiting.join(5)
     stop.set()
     for thread in (*looping, waiting):
