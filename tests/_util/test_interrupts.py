@@ -1,7 +1,9 @@
-"""lordba._util.interrupts: a put-back's retry loop holds a second Ctrl-C back until the put-back is done."""
+"""lordba._util.interrupts: a put-back's retry loop holds a second Ctrl-C back until the put-back is done; a generator
+block puts back whatever Ctrl-C comes as it begins or ends."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -10,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lordba._util.interrupts import PutBack
+from lordba._util import interrupts
+from lordba._util.interrupts import PutBack, generator_block
 
 _REAL = """
 import _thread, signal, sys
@@ -155,3 +158,86 @@ def test_a_put_back_in_another_thread_holds_nothing_back_and_still_finishes(pyth
     thread.join(30)
     assert calls == [1, 2, 2, 3] and len(outcome) == 1 and isinstance(outcome[0], KeyboardInterrupt)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+_REAL_EXIT = """
+import _thread, signal, sys, threading
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (started in the background, a shell ignores SIGINT)
+sys.path[:0] = [{src!r}]
+from lordba.nn.lock import RWLock
+
+class _Trip:
+    __neg__ = _thread.interrupt_main  # (-_Trip(): a pending SIGINT set from C code, no check point there)
+
+lock = RWLock()
+try:
+    with lock.write():
+        -_Trip()  # (the next check point: as the block's exit begins)
+except KeyboardInterrupt as err:
+    kept = err  # (its traceback kept, as a notebook keeps the last one)
+got = threading.Event()
+
+def other():
+    with lock.read():
+        got.set()
+
+threading.Thread(target=other, daemon=True).start()
+print("read", got.wait(10))
+"""
+
+
+def test_a_ctrl_c_as_a_write_block_ends_leaves_the_lock_free_while_its_traceback_lives_in_cpython():
+    """A real pending SIGINT as a ``with lock.write():`` block's exit begins (CPython's own check points, a fresh
+    interpreter with Python's handler), its traceback kept: another thread's read gets the lock (was: the block's
+    ``__exit__``, Python code, was interrupted before any of it ran and its frame, kept by the traceback, held the
+    generator suspended with the lock: every other thread's model call waited for ever)."""
+    code = _REAL_EXIT.format(src=str(Path(__file__).parents[2] / "src"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == "read True", proc.stdout + proc.stderr[-3000:]
+
+
+def _held_block(held: list):
+    """A generator block that puts ``1`` in ``held`` for its duration."""
+
+    @generator_block
+    def holding():
+        held.append(1)
+        try:
+            yield "inside"
+        finally:
+            held.pop()
+
+    return holding
+
+
+@pytest.mark.parametrize("raising", [False, True])
+def test_a_ctrl_c_anywhere_as_a_generator_block_begins_or_ends_puts_back_while_its_traceback_lives(raising):
+    """Ctrl-C at each point where Python handles it in the block's own code as it begins or ends (or ends with an
+    exception), its traceback kept: the generator has put back (was: one as ``__exit__`` began kept the generator
+    suspended, through that frame's ``self``, for as long as the traceback lived)."""
+    from _interrupts import ctrl_c_at_each_check
+
+    held: list = []
+    holding = _held_block(held)
+    for attempt in ctrl_c_at_each_check({interrupts.__file__}):
+        with attempt:
+            with contextlib.suppress(ValueError), holding() as value:
+                assert value == "inside" and held == [1]
+                if raising:
+                    raise ValueError
+            attempt.reached()
+        assert held == [], attempt.n  # (attempt.error, its traceback, kept)
+
+
+def test_a_generator_block_in_an_exit_stack_and_called_through_its_class():
+    """``contextlib.ExitStack`` calls ``type(block).__exit__(block, ...)``: a block entered there ends with the
+    stack, and one ended through its class (as ExitStack does) raises the block's exception back into the
+    generator's ``finally``."""
+    held: list = []
+    holding = _held_block(held)
+    with contextlib.ExitStack() as stack:
+        assert stack.enter_context(holding()) == "inside" and held == [1]
+    assert held == []
+    block = holding()
+    block.__enter__()
+    assert type(block).__exit__(block, ValueError, ValueError(), None) is False and held == []

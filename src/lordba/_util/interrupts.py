@@ -17,8 +17,10 @@ try, could still end the loop. Only the main thread runs signal handlers (nothin
 from __future__ import annotations
 
 import functools
+import operator
 import signal
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -101,6 +103,36 @@ class PutBack:
 _ENDED = object()  # (what next() gives for a generator that ended)
 
 
+def _finish(ref: weakref.ref, typ: type[BaseException] | None, value: object, traceback: object) -> bool:
+    """A :class:`GeneratorBlock`'s end (its ``__exit__``), given the generator by a weak reference only: a Ctrl-C as
+    this begins (Python code: before any of it runs) is kept in a traceback that does not hold the generator, which
+    :class:`_Exit` alone held: it is closed, its ``finally`` puts back, as the ``with`` statement lets its exit go."""
+    gen = ref()  # (a Ctrl-C as this returns: raised before the generator is stored, nothing here holds it)
+    if typ is None:  # resumed: its blocks end as they would without an exception (cheaper than a close)
+        if next(gen, _ENDED) is _ENDED:  # (no StopIteration handled: a Ctrl-C in such an ``except`` left
+            return False  # it as the thread's handled exception, the __context__ of its later exceptions)
+        gen.close()
+        raise RuntimeError("generator didn't stop")
+    gen.close()  # its ``finally`` puts back (it neither catches nor replaces an exception)
+    return False
+
+
+class _Exit(functools.partial):
+    """A block's ``__exit__`` as a ``with`` statement calls it: C code (a ``partial``), the only holder of the
+    generator once the block began, calling :func:`_finish` with a weak reference to it."""
+
+    __slots__ = ("gen",)
+
+
+class _ExitAttribute(property):
+    """``GeneratorBlock.__exit__``: on a block, its :class:`_Exit`, got in C (``property`` with ``attrgetter``: the
+    ``with`` statement's lookup runs no Python code); on the class, a function of the block and the exception, as
+    ``contextlib.ExitStack`` calls it."""
+
+    def __call__(self, block: GeneratorBlock, *exc: object) -> bool:
+        return block.exit(*exc)
+
+
 class GeneratorBlock:
     """The context manager of a generator that changes something before its ``yield`` (takes a lock, puts a model in
     eval mode) and puts it back in a ``finally`` (or an ``except``) around it, like ``contextlib.contextmanager``'s,
@@ -110,17 +142,23 @@ class GeneratorBlock:
     generator (its own ``close``, C: no Python code runs before the generator's ``finally``). Like contextlib's, it
     also decorates a function (each call runs in a new one).
 
-    ``close()`` puts back what the generator holds now, if it still does (its ``finally``; nothing once the block
-    ended or before it began): for a generator that holds such a block inside its own and catches an exception, since
-    a Ctrl-C at the start of the inner block's ``__exit__`` (Python code, before anything of it ran) leaves the inner
-    generator holding while the traceback lives. It is the generator's own ``close`` (C): no Python code runs before
-    it does its work."""
+    Its ``__exit__`` is C code (:class:`_Exit`) that holds the generator and calls Python code (:func:`_finish`)
+    given a weak reference to it: a Ctrl-C as that begins, before any of it ran, leaves no frame of the traceback
+    holding the generator (a Python ``__exit__``'s ``self`` kept it suspended, a lock held, while the traceback
+    lived: every other thread's call waited), and the ``with`` statement lets go of the exit, the generator's only
+    holder: it is closed, its ``finally`` puts back (a block also held elsewhere, as a variable: once that is let go).
 
-    __slots__ = ("call", "close", "gen")
+    ``close()`` puts back what the generator holds now, if it still does (its ``finally``; nothing once the block
+    ended or before it began): for a generator that holds such a block in a variable inside its own and catches an
+    exception. It is the generator's own ``close`` (C): no Python code runs before it does its work."""
+
+    __slots__ = ("call", "close", "exit", "gen")
 
     def __init__(self, gen: Iterator[Any], call: tuple) -> None:
         self.gen, self.call = gen, call  # (``call``: the generator function and its arguments, to make another)
         self.close = gen.close
+        self.exit = _Exit(_finish, weakref.ref(gen))
+        self.exit.gen = gen
 
     def __enter__(self) -> Any:
         try:  # (the value stored inside the ``try``: a Ctrl-C handled as ``next`` returns is raised in it)
@@ -130,14 +168,7 @@ class GeneratorBlock:
             raise
         return value
 
-    def __exit__(self, typ: type[BaseException] | None, *exc: object) -> bool:
-        if typ is None:  # resumed: its blocks end as they would without an exception (cheaper than a close)
-            if next(self.gen, _ENDED) is _ENDED:  # (no StopIteration handled: a Ctrl-C in such an ``except`` left
-                return False  # it as the thread's handled exception, the __context__ of its later exceptions)
-            self.gen.close()
-            raise RuntimeError("generator didn't stop")
-        self.gen.close()  # its ``finally`` puts back (it neither catches nor replaces an exception)
-        return False
+    __exit__ = _ExitAttribute(operator.attrgetter("exit"))
 
     def __call__(self, func: Callable[..., T]) -> Callable[..., T]:
         """``func`` run in the block at each call (``contextlib.ContextDecorator``)."""
