@@ -23,6 +23,7 @@ import logging
 import subprocess
 import sys
 import sysconfig
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -33,6 +34,7 @@ from lordba.kernels import cpu
 SOURCE = Path(__file__).with_name("bound.cpp")
 _CFLAGS = ("-O2", "-std=c++20", "-w")
 _module: list[ModuleType | None] = []  # [the module or None] once looked for in this process
+_looking = threading.Lock()  # (held by the thread looking for it: another waits and takes what that one found)
 _log = logging.getLogger(__name__)
 
 
@@ -47,17 +49,26 @@ def extension_name() -> str:
 
 def module(build: bool = True) -> ModuleType | None:
     """The bound calls' module, built first if needed (and ``build``); ``None`` where the kernels' library
-    is not loaded, ``LORDBA_NO_BOUND`` is set, or it cannot be built or loaded (logged once). Never raises."""
+    is not loaded, ``LORDBA_NO_BOUND`` is set, or it cannot be built or loaded (logged once). Looked for once per
+    process: threads asking at once wait for the first (each built it in turn, under the build directory's lock,
+    and imported it again). Never raises."""
     if _module:
         return _module[0]
-    found = None
-    if not cpu.env_switch("LORDBA_NO_BOUND") and cpu.load(build=build).ok:
-        try:
-            found = _build_and_import(build)
-        except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as err:
-            _log.warning("lordba's bound kernel calls are unavailable (ops are called through torch.ops): %s", err)
-    _module.append(found)
-    return found
+    with _looking:
+        if not _module:
+            _module.append(_look_for(build))
+    return _module[0]
+
+
+def _look_for(build: bool) -> ModuleType | None:
+    """The module, built first if needed (and ``build``), or ``None`` (logged)."""
+    if cpu.env_switch("LORDBA_NO_BOUND") or not cpu.load(build=build).ok:
+        return None
+    try:
+        return _build_and_import(build)
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as err:
+        _log.warning("lordba's bound kernel calls are unavailable (ops are called through torch.ops): %s", err)
+    return None
 
 
 def build_directory() -> Path:
