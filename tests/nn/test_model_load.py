@@ -43,3 +43,27 @@ def test_the_same_base_under_another_name_or_an_unnamed_one_loads_without_a_warn
     with warnings.catch_warnings():
         warnings.simplefilter("error", BaseModelWarning)
         LoRDBAModel.from_pretrained(_named(name), saved)
+
+
+LOADS = {
+    "from_pretrained": lambda saved: LoRDBAModel.from_pretrained(_named("other/Base-B"), saved),
+    "load_adapter": lambda saved: LoRDBAModel(_named("other/Base-B")).load_adapter(saved, "a"),
+    "hotswap_adapter": lambda saved: _quiet_load(saved).hotswap_adapter(saved, "default"),
+}
+
+
+def _quiet_load(saved):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BaseModelWarning)
+        return LoRDBAModel.from_pretrained(_named("other/Base-B"), saved)
+
+
+@pytest.mark.parametrize("call", sorted(LOADS))
+def test_the_base_model_warning_names_the_users_line(saved, call):
+    """The warning's file and line are the caller's, as Python shows them (was: from_pretrained's warning named a line
+    of lordba/nn/model_load.py, a fixed stack level counting load_adapter's frames only)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LOADS[call](saved)
+    found = [w for w in caught if issubclass(w.category, BaseModelWarning)]
+    assert len(found) == 1 and found[0].filename == __file__, [(w.filename, w.lineno) for w in found]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lordba._util.callers import caller_stacklevel
 from lordba._util.interrupts import PutBack
 from lordba._util.modules import frozen_unless_failed
 from lordba._util.state import ordinary_tensors
@@ -78,7 +79,7 @@ class AdapterLoadMixin(AdapterInstallMixin):
                 f"and this model is {current!r}: an adapter for another model of the same layer shapes loads and "
                 "gives meaningless outputs (nothing to do if it is the same model under another name or folder)",
                 BaseModelWarning,
-                stacklevel=5,  # (load_adapter's caller: this, _read_for_model, load_adapter, its decorator)
+                stacklevel=caller_stacklevel(),  # (the user's line: from_pretrained's, load_adapter's, ...)
             )
 
     @ordinary_tensors()
