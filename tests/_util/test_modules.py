@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -85,7 +87,7 @@ def _traced():
     files = {modules.__file__, interrupts.__file__, contextlib.__file__, nn.modules.module.__file__}
     names = {"eval_mode", "frozen_unless_failed", "generation_stopping_only", "block", "helper", "_set_training"}
     names |= {"_shared", "_begin", "_end", "_modes", "_saved_generation_config", "_stopping_only_of", "<lambda>"}
-    names |= {"_hold", "_release", "_finish"}
+    names |= {"_hold", "_release", "_finish", "_keep", "_trainable", "_freeze"}
     return files, names | {"__init__", "__enter__", "__exit__", "__call__", "done", "eval", "train", "__setattr__"}
 
 
@@ -194,3 +196,30 @@ def test_generation_stopping_only_blocks_overlapping_in_two_threads_put_the_mode
         first.__exit__(None, None, None)
         assert model.generation_config.repetition_penalty is None and model.generation_config.eos_token_id == 2
     assert model.generation_config is own
+
+
+def test_a_failed_frozen_unless_failed_block_leaves_frozen_what_another_threads_block_built_on_meanwhile():
+    """Two threads wrapping one base at once, the first refused after the second's block began and succeeded: the
+    base stays frozen under the second's wrapper (was: the first gave back every parameter it had frozen, the
+    second's LoRDBAModel then trained the base's weights too), and a block failing alone still gives them back."""
+    from _interrupts import held_by_another_thread
+    from lordba._util.modules import frozen_unless_failed
+
+    model = _small_model()
+    before = [p.requires_grad for p in model.parameters()]
+    first = frozen_unless_failed(model)
+    first.__enter__()
+    with held_by_another_thread(lambda: frozen_unless_failed(model)):  # (ends well as this one is still open)
+        pass
+    assert first.__exit__(ValueError, ValueError("refused"), None) is False
+    assert not any(p.requires_grad for p in model.parameters())
+    with contextlib.suppress(ValueError), frozen_unless_failed(model):  # (alone, refused: given back)
+        raise ValueError
+    assert not any(p.requires_grad for p in model.parameters())  # (none was trainable as it began)
+    for p, trainable in zip(model.parameters(), before):
+        p.requires_grad_(trainable)
+    with contextlib.suppress(ValueError), frozen_unless_failed(model):
+        with frozen_unless_failed(model):  # (a block inside in the same thread: LoRDBAModel() in from_pretrained's)
+            pass
+        raise ValueError
+    assert [p.requires_grad for p in model.parameters()] == before

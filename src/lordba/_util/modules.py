@@ -46,17 +46,19 @@ class _Shared:
     left in eval mode, the model's generation config lost), and the first to end undid the change under the other
     while it still ran (its evaluation went on with dropout on)."""
 
-    __slots__ = ("holders", "lock", "put_back")
+    __slots__ = ("holders", "kept", "lock", "put_back")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.holders: list[object] = []  # a token per open block
         self.put_back: PutBack | None = None
+        self.kept = False  # (frozen_unless_failed's: a block ended well, the change stays)
 
 
 _SHARED: dict[str, weakref.WeakKeyDictionary[nn.Module, _Shared]] = {
     "eval": weakref.WeakKeyDictionary(),
     "generation": weakref.WeakKeyDictionary(),
+    "frozen": weakref.WeakKeyDictionary(),
 }
 _SHARED_LOCK = threading.Lock()
 
@@ -83,16 +85,27 @@ def _begin(shared: _Shared, token: object, save: Callable[[], PutBack], change: 
 
 
 def _end(shared_and_token: tuple[_Shared, object]) -> None:
-    """Close the block ``token``: the last one open puts the model back. Can be called again after a Ctrl-C (goes on
-    from where it stopped) and for a block that never began (does nothing)."""
+    """Close the block ``token``: the last one open puts the model back (unless one :func:`_keep` kept the change).
+    Can be called again after a Ctrl-C (goes on from where it stopped) and for a block that never began (does
+    nothing)."""
     shared, token = shared_and_token
     with shared.lock:
         if not any(one is token for one in shared.holders):
             return
-        if len(shared.holders) == 1 and shared.put_back is not None:
+        if len(shared.holders) == 1 and shared.put_back is not None and not shared.kept:
             shared.put_back()
             shared.put_back.done()  # (SIGINT's handler back to the caller's PutBack, given what came meanwhile)
         shared.holders.remove(token)
+        if not shared.holders:
+            shared.kept = False
+
+
+def _keep(shared: _Shared, token: tuple[int, object]) -> None:
+    """The block ``token`` (its thread's id, first) ended well: the change stays after the last block ends, unless
+    ``token`` is inside another block of its thread (part of that one's call, which may still fail)."""
+    with shared.lock:
+        if not any(one is not token and one[0] == token[0] for one in shared.holders):
+            shared.kept = True
 
 
 def _modes(model: nn.Module) -> PutBack:
@@ -131,14 +144,18 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 def frozen_unless_failed(model: nn.Module) -> Iterator[None]:
     """Freeze ``model``'s parameters (``requires_grad`` off) for what the block builds on it; if the block raises
     (a Ctrl-C included, also one as the block begins or ends or part way through the freezing), those that were
-    trainable are again: a refused call leaves the caller's model as it was."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    put_back = PutBack(functools.partial(torch.Tensor.requires_grad_, requires_grad=True), trainable)
+    trainable are again: a refused call leaves the caller's model as it was. Blocks that overlap on one model (two
+    threads wrapping one base) share it: the first to begin freezes, and the parameters are given back as the last
+    ends only if none ended well (one refused while another thread's wrapper was built on the frozen base gave its
+    parameters back under that wrapper: training it trained the base); a block inside another of its thread is part
+    of that one's call."""
+    shared, token = _shared("frozen", model), (threading.get_ident(), object())
+    put_back = PutBack(_end, [(shared, token)])
     try:  # (the freezing inside: one stopped part way is undone too)
-        for p in trainable:
-            p.requires_grad_(False)
+        _begin(shared, token, functools.partial(_trainable, model), _freeze)
         yield
-    except BaseException:
+        _keep(shared, token)
+    finally:
         try:  # (a first try apart: a Ctrl-C pending as it begins is caught here, a second one at the next try)
             put_back()
         except KeyboardInterrupt as err:
@@ -150,7 +167,20 @@ def frozen_unless_failed(model: nn.Module) -> Iterator[None]:
                 except KeyboardInterrupt as err:
                     put_back.interrupted = err
         put_back.done()
-        raise
+
+
+def _trainable(model: nn.Module) -> PutBack:
+    """What makes ``model``'s trainable parameters trainable again."""
+    return PutBack(
+        functools.partial(torch.Tensor.requires_grad_, requires_grad=True),
+        [p for p in model.parameters() if p.requires_grad],
+    )
+
+
+def _freeze(trainable: PutBack) -> None:
+    """Freeze the parameters ``trainable`` gives back."""
+    for p in trainable.items:
+        p.requires_grad_(False)
 
 
 def is_output_head(name: str) -> bool:
