@@ -54,6 +54,54 @@ def test_a_trailing_dot_or_space_is_refused(name):
     assert "ends in a dot or a space" in windows_name_problem(name)
 
 
-@pytest.mark.parametrize("name", ["default", "com10", "console", "lpt", "my_adapter", "aux-2", "con_fig", "é"])
+@pytest.mark.parametrize(
+    "name", ["default", "com10", "console", "lpt", "my_adapter", "aux-2", "con_fig", "é", "my adapter", "v1.2"]
+)
 def test_ordinary_names_pass(name):
     assert windows_name_problem(name) is None
+
+
+def test_a_link_swapped_in_after_the_check_is_not_followed(tmp_path, monkeypatch):
+    """The file is opened without following a link in its last component: a name that became a link to a file
+    outside the directory between the check and the open (as if the check had found a regular file) is refused."""
+    from lordba._util import files
+
+    (tmp_path / "secret").write_bytes(b"private")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "config.json").symlink_to(tmp_path / "secret")
+    monkeypatch.setattr(files, "_resolve_link", lambda path: path)  # the race: the check saw no link
+    with pytest.raises(AdapterFormatError, match=r"config\.json: cannot open"):
+        open_untrusted(tmp_path / "adapter" / "config.json")
+
+
+def test_a_refused_file_leaves_no_descriptor_open(tmp_path, monkeypatch):
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda *args: opened.append(real_open(*args)) or opened[-1])
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    for name in ("folder", "fifo"):
+        with pytest.raises(AdapterFormatError, match=f"{name}: not a regular file"):
+            open_untrusted(tmp_path / name)
+    assert len(opened) == 2
+    for fd in opened:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed
+
+
+def test_a_missing_file_is_named_with_the_callers_words(tmp_path):
+    with pytest.raises(AdapterFormatError, match=r"config\.json: missing \(not an adapter directory\)"):
+        open_untrusted(tmp_path / "config.json", "missing (not an adapter directory)")
+    with open_untrusted(_linked(tmp_path / "a", tmp_path / "a" / "blobs")) as f:  # a link inside the directory
+        assert f.read() == b"data"
+
+
+def test_a_link_inside_a_directory_reached_through_a_link_is_followed(tmp_path):
+    """The directory's own path may pass through a link (``~/adapters`` -> ``/data/adapters``): a link inside it to a
+    file beside it stays inside it once both are resolved."""
+    (tmp_path / "data" / "adapter").mkdir(parents=True)
+    (tmp_path / "data" / "adapter" / "weights.bin").write_bytes(b"weights")
+    (tmp_path / "data" / "adapter" / "link.bin").symlink_to("weights.bin")
+    (tmp_path / "alias").symlink_to(tmp_path / "data")
+    with open_untrusted(tmp_path / "alias" / "adapter" / "link.bin") as f:
+        assert f.read() == b"weights"
