@@ -163,10 +163,44 @@ def test_more_content_parts_or_tool_calls_than_the_context_has_tokens_are_refuse
         return {"model": "tiny-llama", "messages": messages, "max_tokens": 1}
 
     with Server(state) as server:
-        for body in (chat(150, 51), chat(100_000)):  # in all messages; a body over OFFLOAD_BYTES
+        for body in (chat(150, 51), chat(15_000)):  # in all messages; a body over OFFLOAD_BYTES (within string_limit)
             status, _, answer = post(server.url, "/v1/chat/completions", body)
             assert status == 400 and answer["error"]["param"] == f"messages[].{key}", answer
             assert answer["error"]["code"] == "context_length_exceeded" and "200 tokens" in answer["error"]["message"]
         assert not validated
         status, _, answer = post(server.url, "/v1/chat/completions", chat(150, 50))
         assert status == 200 and validated == [1], answer
+
+
+def test_a_large_body_of_more_json_strings_than_the_context_needs_is_a_413_before_it_is_parsed(monkeypatch):
+    """One JSON object of a million string entries (16 MB) was parsed in one go, 2.3-3.2 s of the interpreter lock
+    (json's C parser has no hook per string). A body over OFFLOAD_BYTES is refused with a 413 before parsing when its
+    strings, counted from below in its bytes, are more than a request fitting the context needs; one under that
+    count is parsed and served."""
+    state = build_state(tiny_model(), char_tokenizer(), "tiny-llama", max_context=200)
+    most = bodies.string_limit(200)
+    objects: list[int] = []  # the parser's calls of its object hook: none for a body refused before parsing
+    same = bodies._same
+    monkeypatch.setattr(bodies, "_same", lambda obj: objects.append(1) or same(obj))
+
+    def request(strings: int) -> dict:  # (an unknown field: ignored once parsed)
+        return {"model": "tiny-llama", "prompt": "hi", "max_tokens": 1, "x": {f"k{i:020}": "" for i in range(strings)}}
+
+    with Server(state) as server:
+        status, _, answer = post(server.url, "/v1/completions", request(most // 2 + 1))
+        assert status == 413 and answer["error"]["code"] == "request_too_large", answer
+        assert f"at most {most}" in answer["error"]["message"] and not objects
+        status, _, answer = post(server.url, "/v1/completions", request(most // 2 - 10))
+        assert status == 200 and len(objects) == 2, answer
+
+
+def test_escaped_quotes_are_no_strings_to_the_count():
+    """The count is from below: a quote inside a string (escaped) is none, so a prompt of quotes is not refused; a
+    string ending after an escaped backslash is not counted either."""
+    import json
+
+    quotes = json.dumps({"prompt": '"' * 10_000, "stop": ["a\\\\", "b"]}).encode()  # 5 strings, 4 counted
+    bodies._count_strings(quotes, 4)
+    with pytest.raises(bodies.HTTPException) as err:
+        bodies._count_strings(quotes, 3)
+    assert err.value.status_code == 413 and "4 JSON strings or more" in err.value.detail

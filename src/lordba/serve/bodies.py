@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
@@ -24,6 +24,8 @@ from lordba.serve import protocol as p
 from lordba.serve.errors import ContextLengthError
 
 OFFLOAD_BYTES = 64 << 10  # a body of more bytes is parsed and validated in a worker thread, not on the event loop
+STRINGS_PER_TOKEN = 16  # JSON strings a large body may hold per token of the context (string_limit), with room
+STRINGS_OF_FIELDS = 65_536  # and for the body's own fields (a floor: 68K strings parse in ~30 ms, 1M in ~1 s)
 
 
 class OffLoopRoute(APIRoute):
@@ -44,18 +46,47 @@ class _JsonOffLoop(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             body = await self.body()
-            large = len(body) > OFFLOAD_BYTES
-            self._json = await anyio.to_thread.run_sync(_parse, body) if large else json.loads(body)
+            if len(body) > OFFLOAD_BYTES:
+                state = getattr(self.app.state, "serve", None)
+                most = string_limit(state.max_context) if state is not None else None
+                self._json = await anyio.to_thread.run_sync(_parse, body, most)
+            else:
+                self._json = json.loads(body)
         return self._json
 
 
-def _parse(body: bytes) -> Any:
+def string_limit(max_context: int) -> int:
+    """The most JSON strings a request body may hold: :data:`STRINGS_PER_TOKEN` a token of the context, and
+    :data:`STRINGS_OF_FIELDS` for the body's own fields."""
+    return STRINGS_PER_TOKEN * max_context + STRINGS_OF_FIELDS
+
+
+def _parse(body: bytes, most_strings: int | None = None) -> Any:
     """``json.loads(body)``, giving the interpreter lock back at every JSON object and number: the parser holds it
     from start to end of a document, so that in a worker thread it still held up the event loop as long (each hook
     call is Python code, where another thread may take it). The numbers' hooks, as the object's, give the values
     ``json.loads`` gives: without them one object of many numbers, a ``logit_bias`` of a million entries (15 MB), held
-    the loop 3.8-4.2 s, with them 0.13-0.16 s."""
+    the loop 3.8-4.2 s, with them 0.13-0.16 s. A body of more than ``most_strings`` JSON strings is refused first
+    (:func:`_count_strings`)."""
+    if most_strings is not None:
+        _count_strings(body, most_strings)
     return json.loads(body, object_hook=_same, parse_int=_int, parse_float=_float)
+
+
+def _count_strings(body: bytes, most: int) -> None:
+    """Refuse (a 413) a body holding more than ``most`` JSON strings, counted from below without parsing it: its
+    ``"`` bytes less those after a backslash (an escaped quote, or a string's end after an escaped backslash), halved.
+    JSON's C parser gives no hook per string: one object of a million string entries (16 MB) held the interpreter
+    lock 2.3-3.2 s in one go, every stream waiting. A request that fits the context holds far fewer (a message, a
+    content part, a tool call: a few strings each, all in the context's tokens, :func:`string_limit`); ~20-70 ms on
+    16 MB, in the worker thread."""
+    strings = (body.count(b'"') - body.count(b'\\"')) // 2
+    if strings > most:
+        raise HTTPException(
+            413,
+            f"the request body holds {strings} JSON strings or more, more than a request fitting this model's "
+            f"context needs (at most {most})",
+        )
 
 
 def _same(obj: dict) -> dict:
