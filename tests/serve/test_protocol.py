@@ -211,3 +211,24 @@ def test_a_completion_without_max_tokens_stops_after_16_as_openai_and_vllm():
     assert CompletionRequest(model="a", prompt="x").max_tokens == 16
     assert CompletionRequest(model="a", prompt="x", max_tokens=None).max_tokens == 16
     assert ChatRequest(**CHAT).limit() is None
+
+
+def test_a_tool_call_arguments_string_longer_than_the_bound_goes_to_the_template_as_it_came():
+    """An ``arguments`` JSON string is given to the chat template as its object, but one longer than
+    ARGUMENTS_PARSED_BYTES is not parsed: json.loads holds the interpreter lock throughout (a 14 MB object of a
+    million entries held every stream up ~4.5 s in the request's worker thread)."""
+    import json
+
+    from lordba.serve import protocol as p
+
+    def call(arguments: str) -> dict:
+        message = {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": arguments}}]}
+        request = ChatRequest.model_validate({"model": "m", "messages": [message, {"role": "user", "content": "x"}]})
+        return request.messages[0].for_template()["tool_calls"][0]["function"]["arguments"]
+
+    small = json.dumps({"city": "Paris"})
+    assert call(small) == {"city": "Paris"}
+    at_bound = json.dumps({"k": "x" * (p.ARGUMENTS_PARSED_BYTES - 9)})
+    assert len(at_bound) == p.ARGUMENTS_PARSED_BYTES and call(at_bound) == {"k": "x" * (p.ARGUMENTS_PARSED_BYTES - 9)}
+    large = json.dumps({f"k{i}": 1 for i in range(p.ARGUMENTS_PARSED_BYTES // 8)})
+    assert len(large) > p.ARGUMENTS_PARSED_BYTES and call(large) == large

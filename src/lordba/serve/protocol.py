@@ -208,6 +208,9 @@ class ToolFunction(_Body):
     arguments: str | dict[str, Any] = ""
 
 
+ARGUMENTS_PARSED_BYTES = 1 << 20  # a tool call's ``arguments`` string longer than this goes to the template as it came
+
+
 class ToolCall(_Body):
     """One of an assistant message's ``tool_calls`` (a history the client replays: the server makes none)."""
 
@@ -218,9 +221,11 @@ class ToolCall(_Body):
     def for_template(self) -> dict[str, Any]:
         """The call as transformers' chat templates take it: ``arguments`` a JSON object string given as that
         object (templates write it with ``tojson``; vLLM passes it so), any other string (or one nesting deeper than
-        the parser goes) as it came."""
+        the parser goes) as it came, and so does one longer than :data:`ARGUMENTS_PARSED_BYTES`: JSON's parser holds
+        the interpreter lock from start to end, so a 14 MB object of a million entries (within the body limit) held
+        every stream up ~4.5 s in the request's worker thread."""
         arguments = self.function.arguments
-        if isinstance(arguments, str):
+        if isinstance(arguments, str) and len(arguments) <= ARGUMENTS_PARSED_BYTES:
             with contextlib.suppress(ValueError, RecursionError):
                 parsed = json.loads(arguments)
                 arguments = parsed if isinstance(parsed, dict) else arguments
