@@ -91,7 +91,6 @@ def test_generate_with_an_adapter_on_a_q4_base(folder, tmp_path, capsys, monkeyp
     assert main([*argv[:-1], "--aot", "ab"]) == 0  # decodes eagerly instead
     captured = capsys.readouterr()
     assert captured.out == want + "\n" and "ZeroDivisionError" in captured.err
-    assert main([*argv[:-1], "--aot", "--compile", "ab"]) == 3
 
 
 def test_generate_compile_streams_the_eager_text_and_falls_back_when_compiling_fails(
@@ -648,6 +647,19 @@ def test_quant_auto_takes_the_adapters_record_and_bits_and_group_size_reach_the_
         calls.clear()
         assert main([*base[:-1], *extra, base[-1]]) == 0
         assert calls == [want] and said in capsys.readouterr().err, extra
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_aot_with_compile_is_a_usage_error_before_the_model_loads(folder, command, capsys, monkeypatch):
+    """``--aot --compile`` (two ways to compile the decode step) loaded the base model, then exited 3 as if a file
+    were bad: a usage error (exit 2), said before anything loads."""
+    import lordba.quant.pretrained
+
+    monkeypatch.setattr(lordba.quant.pretrained, "load_base", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as info:
+        main([command, "--model", str(folder), "--aot", "--compile", *(["x"] if command == "generate" else [])])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--aot" in err and "--compile" in err and "not allowed with" in err, err
 
 
 @pytest.mark.parametrize("command", ["generate", "chat"])

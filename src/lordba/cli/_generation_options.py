@@ -54,13 +54,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=mass_fraction, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1.0)")
     p.add_argument("--seed", type=seed, default=0, help=f"sampling seed, 0 to {SEED_MAX} (default 0)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument(
+    compiled = p.add_mutually_exclusive_group()  # two ways to compile the decode step: one at a time
+    compiled.add_argument(
         "--compile",
         action="store_true",
         help="static KV cache + torch.compile of the decode step (faster tokens after a one-time compile of "
         "~1 min for SmolLM2-135M on 2 cores, less when inductor's cache is warm; falls back to eager on failure)",
     )
-    p.add_argument(
+    compiled.add_argument(
         "--aot",
         action="store_true",
         help="decode with an ahead-of-time compiled step (AOTInductor: no Python per token; the fastest "
