@@ -663,6 +663,37 @@ def test_aot_with_compile_is_a_usage_error_before_the_model_loads(folder, comman
 
 
 @pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("quant", ["auto", "q4"])
+def test_an_adapter_that_cannot_be_loaded_is_refused_before_the_model_loads(
+    folder, plain_adapter, tmp_path, command, quant, capsys, monkeypatch
+):
+    """A mistyped ``--adapter`` folder, one missing its weights file or a PEFT LoRA given as the adapter was refused
+    only once the base had loaded (and been quantized; with ``--quant auto`` after a line saying the adapter
+    "records no base quantization"): it is read as the loader reads it before the base loads, with the loader's
+    error (exit 3)."""
+    import shutil
+
+    import lordba.quant.pretrained
+
+    monkeypatch.setattr(lordba.quant.pretrained, "load_base", lambda *a, **k: pytest.fail("the model loaded"))
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(plain_adapter, no_weights)
+    (no_weights / "lordba_model.safetensors").unlink()
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
+    for adapter, said in (
+        (tmp_path / "typo", "typo: not a directory"),
+        (no_weights, "lordba_model.safetensors: missing"),
+        (peft, "peft_type is 'LORA'"),
+    ):
+        argv = [command, "--model", str(folder), "--adapter", str(adapter), "--quant", quant]
+        assert main([*argv, *(["x"] if command == "generate" else [])]) == 3
+        err = capsys.readouterr().err
+        assert said in err and "records no base quantization" not in err, err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
 def test_q4_compute_or_bits_with_a_base_they_do_not_apply_to_is_a_usage_error(folder, plain_adapter, command, capsys):
     """--q4-compute with another base than q4 was ignored silently: exit 2, before the model loads."""
     prompt = ["ab"] if command == "generate" else []

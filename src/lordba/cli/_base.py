@@ -134,19 +134,25 @@ def _unbuildable(base: Base) -> str | None:
 
 def generation_base(args: argparse.Namespace) -> Base:
     """The base of ``lordba generate`` / ``chat`` (:func:`choose_base`): with ``--quant auto``, the quantization
-    ``--adapter`` records (only its config is read; a Hub id is fetched), unquantized where it records none, and
-    ``q4`` without ``--adapter``. Said on stderr in one line.
+    ``--adapter`` records, unquantized where it records none, and ``q4`` without ``--adapter``. Said on stderr in one
+    line. ``--adapter`` is read first (a Hub id fetched) and checked as the loader checks it, so that an adapter that
+    cannot be loaded is said before the base model loads, not after.
 
     Raises:
         UsageError: the options do not fit the base (``--q4-compute`` with another base, ...).
-        AdapterFormatError: a Hub id that cannot be fetched.
+        LoRDBAError: an adapter that cannot be loaded (no such folder, a file missing, a PEFT LoRA, a corrupt file:
+            the loader's own error), or a Hub id that cannot be fetched.
     """
     records = {}
-    if args.quant == "auto" and args.adapter:
+    if args.adapter:
         from lordba.config import recorded_base_quantization
+        from lordba.format.adapter import open_adapter
         from lordba.nn.hub import resolve_adapter_dir
 
-        records[args.adapter] = recorded_base_quantization(resolve_adapter_dir(args.adapter))
+        folder = resolve_adapter_dir(args.adapter)
+        open_adapter(folder, warn_recovered=False).close()  # (its load warns, if an interrupted save left it)
+        if args.quant == "auto":
+            records[args.adapter] = recorded_base_quantization(folder)
     base = choose_base(args, records, "none" if args.adapter else "q4")
     print(f"[base: {base.describe()}: {base.why}]", file=sys.stderr)
     return base
