@@ -413,6 +413,30 @@ def test_freeze_heap_moves_the_startup_objects_out_of_the_collectors_reach():
         gc.unfreeze()
 
 
+def test_serve_forever_gives_the_frozen_heap_back_when_it_returns(monkeypatch):
+    """``serve_forever`` froze the heap (``freeze_heap``) and never thawed it: a caller's process kept its cyclic
+    garbage for good, and at the exit of ``lordba serve`` nanobind reported every triton object still frozen as a
+    leak (some 30 lines of "nanobind: leaked ..." after each stop)."""
+    import gc
+    from types import SimpleNamespace
+
+    import lordba.serve.app
+    import lordba.serve.server
+
+    stopped = []
+    engine = SimpleNamespace(start=lambda: None, shutdown=lambda timeout=None: stopped.append(gc.get_freeze_count()))
+    state = SimpleNamespace(registry=SimpleNamespace(freeze_loads=False), engine=engine)
+    monkeypatch.setattr(lordba.serve.app, "build_app", lambda state: None)
+    ran = SimpleNamespace(started=True, run=lambda: stopped.append(gc.get_freeze_count()))
+    monkeypatch.setattr(lordba.serve.server, "draining_server", lambda config, engine: ran)
+    try:
+        lordba.serve.server.serve_forever(state, port=0)
+        assert stopped[0] > 0 and state.registry.freeze_loads  # frozen while it served
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_seed_out_of_the_generators_range_is_a_400_and_holds_no_adapter(server, stream):
     """``seed`` took any integer; one outside what ``torch.Generator.manual_seed`` takes raised while
