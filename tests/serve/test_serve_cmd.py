@@ -197,6 +197,22 @@ def test_a_stop_signal_ends_the_requests_in_flight_cleanly_and_exits_0(tmp_path,
         s.bind(("127.0.0.1", port))
 
 
+def test_an_adapters_folder_that_cannot_be_served_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """A mistyped ``--adapters`` folder, or an adapter directory given as the folder, was refused by the registry once
+    the base had loaded (and been quantized): it is checked before, with the same error (exit 3)."""
+    import lordba.serve.server
+
+    monkeypatch.setattr(lordba.serve.server, "load_base", lambda *a, **k: pytest.fail("the model loaded"))
+    model, adapter = tmp_path / "model", tmp_path / "adapters" / "a"
+    model.mkdir()
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    for folder, said in ((tmp_path / "typo", "not a directory"), (adapter, "an adapter directory, not a folder")):
+        assert main(["serve", "--model", str(model), "--adapters", str(folder), "--quant", "none"]) == 3
+        err = capsys.readouterr().err
+        assert f"--adapters {folder}: {said}" in err and "serving the base" not in err, err
+
+
 def test_a_folder_transformers_cannot_load_exits_3(tmp_path, capsys):
     """A model folder with a config.json that transformers cannot load (no tokenizer, a config that is not
     JSON) is invalid input naming the folder, as for ``lordba generate``, not an internal error."""

@@ -123,9 +123,11 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         print(f"lordba serve: needs {', '.join(missing)}, not installed: pip install 'lordba[serve]'", file=sys.stderr)
         return EXIT_USAGE
+    from lordba.serve.adapter_files import served_folder
     from lordba.serve.server import build_state, load_base, serve_forever
 
     folder, name = resolve_model(args.model)
+    served_folder(args.adapters)  # a mistyped --adapters is said before the base loads, not after
     try:
         base = choose_base(args, folder_records(args.adapters), "none")
     except UsageError as err:

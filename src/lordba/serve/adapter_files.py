@@ -15,8 +15,30 @@ from lordba.config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, recorded_base_qu
 from lordba.errors import LoRDBAError
 from lordba.nn.adapter import held_nbytes
 from lordba.nn.saved import SavedModule
+from lordba.serve.errors import BadRequestError
 
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}")  # an adapter's name: a plain folder name
+
+
+def served_folder(folder: str | Path | None) -> Path | None:
+    """The ``--adapters`` folder, resolved (None without one).
+
+    Raises:
+        BadRequestError: it is not a directory, or it is an adapter directory itself rather than a folder of them
+            (it served nothing, silently).
+    """
+    if folder is None:
+        return None
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        raise BadRequestError(f"--adapters {folder}: not a directory", param="adapters")
+    if (root / CONFIG_NAME).is_file():
+        raise BadRequestError(
+            f"--adapters {folder}: an adapter directory, not a folder of them: give the folder that holds it "
+            f"(each adapter is served by its directory's name, here {root.name!r})",
+            param="adapters",
+        )
+    return root
 
 
 def in_folder(folder: Path, path: Path) -> bool:

@@ -34,7 +34,6 @@ from lordba.serve.errors import (
     AdapterLoadError,
     AdapterMemoryError,
     AdapterTooLargeError,
-    BadRequestError,
     ServeError,
     UnavailableError,
     UnknownAdapterError,
@@ -77,15 +76,7 @@ class AdapterRegistry(AdapterNames):
         # ms per load once the heap is frozen).
         self.freeze_loads = False
         self.frozen_loads = 0  # loads frozen since freeze_loads was set
-        self.folder = Path(folder).resolve() if folder is not None else None
-        if self.folder is not None and not self.folder.is_dir():
-            raise BadRequestError(f"--adapters {folder}: not a directory", param="adapters")
-        if self.folder is not None and (self.folder / CONFIG_NAME).is_file():  # it served nothing, silently
-            raise BadRequestError(
-                f"--adapters {folder}: an adapter directory, not a folder of them: give the folder that holds it "
-                f"(each adapter is served by its directory's name, here {self.folder.name!r})",
-                param="adapters",
-            )
+        self.folder = files.served_folder(folder)
         self.max_bytes = max_bytes
         self.reserved = frozenset((*reserved, BASE_ROW, *UNUSABLE_NAMES))  # (no adapter can be named these)
         self.observer = observer
