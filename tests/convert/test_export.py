@@ -545,6 +545,22 @@ def test_base_names_the_base_of_an_adapter_that_records_none_and_without_one_the
         export_lora(lm, tmp_path / "bad", base=tmp_path / "base")
 
 
+def test_a_base_without_the_adapters_layers_is_refused_naming_a_layer_it_lacks(tmp_path):
+    """``base=`` a shallower model of the same architecture (the adapter's deeper layers missing) was refused naming
+    ``model.layers.0.self_attn.q_proj``, a layer that base has: the module missing from the last class tried
+    (``AutoModel``, whose paths have no ``model.`` prefix), not from the adapter's own model class."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import TINY
+
+    lm = get_lordba_model(tiny_llama(0), LoRDBAConfig(r=2, init="random", target_modules=["q_proj"]))
+    lm.save_pretrained(tmp_path / "adapter")
+    LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": 1})).save_pretrained(tmp_path / "shallow")
+    with pytest.raises(LoRDBAError, match="cannot be used") as err:
+        export_lora(tmp_path / "adapter", tmp_path / "out", base=tmp_path / "shallow")
+    assert "'model.layers.1.self_attn.q_proj'" in str(err.value), err.value
+
+
 def test_a_base_named_by_a_registered_model_name_is_found(tmp_path, monkeypatch):
     """The lab's embedded models are recorded by name (``smollm2-135m-instruct``), which neither a folder nor the HF
     cache holds: every export of an adapter trained on them warned that the base is unknown. A name registered in

@@ -113,9 +113,10 @@ def _skeleton(name: str, adapter: AdapterState) -> BaseSkeleton:
         except (ValueError, TypeError, RuntimeError, NotImplementedError):
             continue  # a class for another kind of model (AutoModelForCausalLM of an encoder)
         names = dict(root.named_modules())
-        missing = next((p for p in paths if p not in names), "")
-        if not missing:  # the model the adapter was trained on: every adapted and saved module is in it
+        lacking = next((p for p in paths if p not in names), "")
+        if not lacking:  # the model the adapter was trained on: every adapted and saved module is in it
             return BaseSkeleton(root, folder, name)
+        missing = missing or lacking  # the first class's, the adapter's own (AutoModel's paths lack its prefix)
     raise ValueError(f"no model built from {folder / 'config.json'} has the adapter's module {missing or paths[0]!r}")
 
 
