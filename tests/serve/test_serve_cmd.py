@@ -49,6 +49,23 @@ def test_default_model_comes_from_an_entry_point_or_a_clear_error(monkeypatch, t
         serve_cmd.resolve_model(str(tmp_path / "nothing"))
 
 
+def test_a_model_that_is_no_folder_nor_a_registered_name_is_refused_naming_the_names(monkeypatch, tmp_path, capsys):
+    """``lordba generate / chat / serve --model smollm2`` (a mistyped name, or a folder that is not there) said only
+    "not a folder", though the registered names (the lab's ``default``, ``smollm2-135m-instruct``, ...) are taken too:
+    the error lists them."""
+    names = [importlib.metadata.EntryPoint(n, "os.path:abspath", models.MODEL_ENTRY_POINTS) for n in ("default", "m1")]
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(
+        models.importlib.metadata,
+        "entry_points",
+        lambda group: names if group == models.MODEL_ENTRY_POINTS else real(group=group),
+    )
+    with pytest.raises(serve_cmd.ConfigError, match=r"--model smolm2: not a folder, nor a registered model name "):
+        serve_cmd.resolve_model("smolm2")
+    assert main(["generate", "--model", str(tmp_path / "typo"), "--quant", "none", "x"]) == 3
+    assert "not a folder, nor a registered model name (default, m1)" in capsys.readouterr().err
+
+
 def test_bad_numbers_are_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--model", str(tmp_path), "--max-batch", "0"])

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lordba._util.models import registered_model
+from lordba._util.models import registered_model, registered_names
 from lordba.cli import EXIT_USAGE, _bounded, non_negative_int, positive_int
 from lordba.cli._base import UsageError, add_quant_arguments, choose_base, usage_error
 from lordba.errors import ConfigError
@@ -75,7 +75,11 @@ def port_number(text: str) -> int:
 
 def resolve_model(name: str) -> tuple[Path, str]:
     """``(model folder, served name)`` for ``--model``: a folder, or a name registered in the
-    ``lordba.models`` entry-point group (the lab registers ``default``)."""
+    ``lordba.models`` entry-point group (the lab registers ``default``).
+
+    Raises:
+        ConfigError: ``name`` is neither (the registered names said).
+    """
     path = Path(name)
     if path.is_dir():
         return path, path.resolve().name
@@ -88,7 +92,8 @@ def resolve_model(name: str) -> tuple[Path, str]:
             "--model default: no default model is registered (the lordba lab provides one: pip install -e lab); "
             "give a transformers model folder instead"
         )
-    raise ConfigError(f"--model {name}: not a folder")
+    names = ", ".join(sorted(registered_names()))
+    raise ConfigError(f"--model {name}: not a folder, nor a registered model name ({names or 'none is registered'})")
 
 
 def _config_name(folder: Path) -> str | None:
