@@ -26,7 +26,7 @@ from lordba.train.modes import build_adapter, check_arguments
 from lordba.train.records import Example, read_jsonl
 from lordba.train.tokenize import TRAIN_ON, Batcher, encode_examples
 from lordba_lab.assets import load_model_and_tokenizer
-from lordba_lab.assets.models import MODELS, resolve_model_path
+from lordba_lab.assets.models import DEFAULT_MODEL, MODELS, resolve_model_path
 from lordba_lab.tasks import get_task
 
 # Files that make a folder a tokenizer (one of them is enough for AutoTokenizer).
@@ -102,7 +102,11 @@ def check_model_source(model: str | None) -> None:
     looks_local = path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1
     if not path.exists():
         if looks_local:
-            raise ConfigError(f"--model {model}: no such folder (a local transformers model folder is expected)")
+            names = ", ".join(sorted(MODELS))
+            raise ConfigError(
+                f"--model {model}: no such folder (a local transformers model folder is expected), nor an embedded "
+                f"model's name ({names}; without --model, the default: {DEFAULT_MODEL})"
+            )
         return
     if not path.is_dir():
         raise ConfigError(f"--model {model}: not a folder (a local transformers model folder is expected)")

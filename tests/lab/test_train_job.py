@@ -307,3 +307,14 @@ def test_an_embedded_models_name_is_taken_as_the_model_as_the_job_loads_it():
         train_job.check_model_source(name)  # no error
     with pytest.raises(ConfigError, match="gemma-3-27b: no such folder"):
         train_job.check_model_source("gemma-3-27b")
+
+
+def test_a_name_that_is_no_folder_is_refused_naming_the_embedded_models_and_the_default():
+    """``lordba train --model default`` (as ``lordba generate`` / ``serve`` take it) said only "no such folder (a local
+    transformers model folder is expected)": the embedded models' names, which the job takes, and that leaving
+    ``--model`` out gives the default, went unsaid."""
+    with pytest.raises(ConfigError) as err:
+        train_job.check_model_source("default")
+    said = str(err.value)
+    assert "--model default: no such folder" in said and "gemma-3-270m, smollm2-135m-instruct" in said, said
+    assert "without --model, the default: smollm2-135m-instruct" in said, said
