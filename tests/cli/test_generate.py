@@ -663,6 +663,28 @@ def test_aot_with_compile_is_a_usage_error_before_the_model_loads(folder, comman
 
 
 @pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize(
+    "given, needs",
+    [(["--kv-dtype", "bfloat16"], "--aot"), (["--compile-mode", "max-autotune-no-cudagraphs"], "--compile")],
+)
+def test_a_decode_option_without_its_way_of_decoding_is_a_usage_error(
+    folder, command, given, needs, capsys, monkeypatch
+):
+    """``--kv-dtype`` without ``--aot`` and ``--compile-mode`` without ``--compile`` were ignored silently (the eager
+    decode keeps the model's dtype and compiles nothing): exit 2 before the model loads, as ``--q4-compute`` with
+    another base."""
+    import lordba.quant.pretrained
+
+    monkeypatch.setattr(lordba.quant.pretrained, "load_base", lambda *a, **k: pytest.fail("the model loaded"))
+    assert (
+        main([command, "--model", str(folder), "--quant", "none", *given, *(["x"] if command == "generate" else [])])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert f"lordba {command}: error: {given[0]}" in err and f"give {needs}" in err, err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
 @pytest.mark.parametrize("quant", ["auto", "q4"])
 def test_an_adapter_that_cannot_be_loaded_is_refused_before_the_model_loads(
     folder, plain_adapter, tmp_path, command, quant, capsys, monkeypatch

@@ -86,7 +86,8 @@ def load(args: argparse.Namespace, check_tokenizer: Callable[[Any], None] | None
     of it, without waiting for a large base).
 
     Raises:
-        UsageError: options that do not fit the base (the commands exit 2).
+        UsageError: options that do not fit the base, or --kv-dtype / --compile-mode without --aot / --compile
+            (the commands exit 2).
         ConfigError: ``--model`` is no transformers model folder (no ``config.json``, or transformers
             cannot read it); ``--aot`` with ``--compile``.
         AdapterFormatError: a bad adapter (the CLI exits 3 for both).
@@ -96,12 +97,14 @@ def load(args: argparse.Namespace, check_tokenizer: Callable[[Any], None] | None
     from lordba import kernels
     from lordba._util.modules import stopping_only
     from lordba.cli._base import generation_base
+    from lordba.cli._generation_options import check_decode_options
     from lordba.cli.serve_cmd import resolve_model
     from lordba.errors import ConfigError
     from lordba.nn.decode import FastDecode
     from lordba.nn.model import LoRDBAModel
     from lordba.quant.pretrained import load_base
 
+    check_decode_options(args)
     base = generation_base(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,11 +123,11 @@ def load(args: argparse.Namespace, check_tokenizer: Callable[[Any], None] | None
             raise ConfigError("--aot and --compile are two ways to compile the decode step: choose one")
         from lordba.nn.aot import AotDecode
 
-        kv = getattr(args, "kv_dtype", "float16")
+        kv = getattr(args, "kv_dtype", None) or "float16"
         return Loaded(
             model, tokenizer, AotDecode(model, log=lambda line: print(f"[{line}]", file=sys.stderr), kv_dtype=kv)
         )
-    return Loaded(model, tokenizer, FastDecode(model, compile_it, getattr(args, "compile_mode", "default")))
+    return Loaded(model, tokenizer, FastDecode(model, compile_it, getattr(args, "compile_mode", None) or "default"))
 
 
 def check_text(text: str, what: str) -> str:

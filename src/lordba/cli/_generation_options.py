@@ -70,17 +70,33 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--kv-dtype",
-        default="float16",
+        default=None,
         choices=("float16", "bfloat16", "float32"),
         help="KV cache dtype with --aot (default float16, as llama.cpp's: half the bytes attention reads per "
         "token; float32: the model's own results)",
     )
     p.add_argument(
         "--compile-mode",
-        default="default",
+        default=None,
         choices=("default", "max-autotune-no-cudagraphs"),
         help="torch.compile mode with --compile (default: default)",
     )
+
+
+def check_decode_options(args: argparse.Namespace) -> None:
+    """Refuse an option of one way to decode given without it: ``--kv-dtype`` sets ``--aot``'s KV cache and
+    ``--compile-mode`` is ``--compile``'s mode; either alone would be ignored (the eager decode keeps the model's
+    dtype and compiles nothing), as ``--q4-compute`` with another base would be (:func:`~lordba.cli._base.choose_base`).
+
+    Raises:
+        UsageError: either is given without its option (the commands exit 2, before the model loads).
+    """
+    from lordba.cli._base import UsageError
+
+    if getattr(args, "kv_dtype", None) and not getattr(args, "aot", False):
+        raise UsageError("--kv-dtype is the KV cache dtype of --aot's decode step: give --aot, or leave --kv-dtype out")
+    if getattr(args, "compile_mode", None) and not getattr(args, "compile", False):
+        raise UsageError("--compile-mode is the torch.compile mode of --compile: give --compile, or leave it out")
 
 
 SEED_MAX = 2**64 - 1  # the most torch.manual_seed takes
