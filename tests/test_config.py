@@ -197,3 +197,17 @@ def test_from_pretrained_of_a_hub_id_without_the_config_is_refused_naming_it(off
     assert "\n" not in str(err.value)
     with pytest.raises(AdapterFormatError, match=r"subfolder '\.\./b'"):
         LoRDBAConfig.from_pretrained("someone/cfg", subfolder="../b")
+
+
+@pytest.mark.parametrize(
+    ("name", "near"),
+    [("rank", "r"), ("target_modules_", "target_modules"), ("scale_dtyp", "scale_dtype"), ("zzz", None)],
+)
+def test_an_argument_that_is_no_field_is_a_config_error_naming_the_nearest_field(name, near):
+    """``LoRDBAConfig(rank=4)`` raised the dataclass's plain TypeError ("unexpected keyword argument"); it is the
+    library's ConfigError naming the argument, the field meant where one is near, and the fields."""
+    with pytest.raises(ConfigError) as err:
+        LoRDBAConfig(**{name: 4})
+    message = str(err.value)
+    assert f"no field '{name}'" in message and "its fields: " in message and "scale_dtype" in message
+    assert (f"did you mean '{near}'?" in message) if near else "did you mean" not in message

@@ -185,12 +185,15 @@ class LoRDBAConfig:
         },
     )
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> LoRDBAConfig:  # PEFT's names get a clear error
-        from lordba.config.peft_fields import HINTS, RENAMED, peft_field_error
+    def __new__(cls, *args: Any, **kwargs: Any) -> LoRDBAConfig:  # PEFT's and unknown names get a clear error
+        from lordba.config.peft_fields import HINTS, RENAMED, peft_field_error, unknown_field_error
 
+        names = {f.name for f in fields(cls)}
         for name in kwargs:
             if name in RENAMED or name in HINTS:
                 raise peft_field_error(name)
+            if name not in names:
+                raise unknown_field_error(name, names)
         return super().__new__(cls)
 
     @classmethod

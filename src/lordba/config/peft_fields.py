@@ -44,6 +44,19 @@ def peft_field_error(name: str) -> ConfigError:
     )
 
 
+ALIASES = {"rank": "r", "lora_r": "r", "targets": "target_modules", "target_module": "target_modules"}
+
+
+def unknown_field_error(name: str, names: set[str]) -> ConfigError:
+    """The error for an argument ``LoRDBAConfig`` has no field for (a dataclass ``TypeError`` before), naming the
+    closest field (a usual other name, or the nearest spelling) and all of them."""
+    import difflib
+
+    near = ALIASES.get(name) or next(iter(difflib.get_close_matches(name, sorted(names), n=1)), None)
+    hint = f" (did you mean {near!r}?)" if near in names else ""
+    return ConfigError(f"LoRDBAConfig has no field {safe_repr(name)}{hint}; its fields: {', '.join(sorted(names))}")
+
+
 def lordba_kwargs(lora: Any) -> dict[str, Any]:
     """The ``LoRDBAConfig`` arguments of ``lora`` (a ``peft.LoraConfig`` or its dict, as in ``adapter_config.json``).
 
