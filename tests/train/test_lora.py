@@ -64,3 +64,38 @@ def test_a_lora_on_a_q4_base_made_with_a_peft_that_warns_about_q4_layers_itself_
         model = add_lora(tiny_q4(adapter=False), 4, 8.0, None)
     assert not [w for w in caught if "Unsupported layer type" in str(w.message)]
     assert isinstance(model, peft.PeftModel)
+
+
+def test_a_lora_on_an_hqq_base_does_not_warn_and_starts_as_the_base():
+    """PEFT knows HQQ's layer by its class name (``HQQLinear``) and warned "Unsupported layer type
+    '<class 'lordba.quant.hqq.LordbaHQQLinear'>' encountered, proceed at your own risk" for each of lordba's HQQ
+    layers (a new user's first ``lordba demo`` printed it). They are wrapped by PEFT's HQQ LoRA layer reading their
+    features itself: no warning, the features right, and the model's output at B = 0 the base's."""
+    pytest.importorskip("hqq")
+    import torch
+    from peft.tuners.lora.hqq import HqqLoraLinear
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lordba.quant import quantize_model
+    from lordba.quant.hqq import LordbaHQQLinear
+    from lordba.train._peft_q4 import reads_features
+    from lordba.train.lora import add_lora
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    base = quantize_model(LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, **sizes)), backend="hqq", group_size=64)
+    ids = torch.arange(1, 9).reshape(1, 8)
+    with torch.no_grad():
+        want = base(ids).logits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = add_lora(base, 4, 8.0, None)
+    if reads_features():
+        assert not [w for w in caught if "Unsupported layer type" in str(w.message)]
+    wrapped = [m for m in model.modules() if isinstance(getattr(m, "base_layer", None), LordbaHQQLinear)]
+    assert len(wrapped) == 7 and all(isinstance(m, HqqLoraLinear) for m in wrapped)
+    assert all(
+        (m.in_features, m.out_features) == (m.base_layer.in_features, m.base_layer.out_features) for m in wrapped
+    )
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)

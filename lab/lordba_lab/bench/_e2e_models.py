@@ -84,11 +84,10 @@ def _peft(model: nn.Module, peft_dir: Path) -> nn.Module:
     modules: PEFT wraps them with its ordinary LoRA ``Linear``, ``base_layer(x) + B(A(x))·s``)."""
     from peft import LoraConfig, PeftModel
 
-    from lordba.quant.q4 import Q4Linear
-    from lordba.train._peft_q4 import Q4LoraLinear
+    from lordba.train._peft_q4 import custom_modules
 
     cfg = LoraConfig.from_pretrained(str(peft_dir))
-    cfg._register_custom_module({Q4Linear: Q4LoraLinear})
+    cfg._register_custom_module(custom_modules())
     return PeftModel.from_pretrained(model, str(peft_dir), config=cfg)
 
 

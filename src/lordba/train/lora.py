@@ -12,16 +12,16 @@ from lordba.nn.targets import find_targets
 
 
 def peft_lora_config(**kwargs: Any) -> Any:
-    """PEFT's ``LoraConfig(**kwargs)``, able to wrap lordba's own quantized layers too (the ``q4``
-    base, with :class:`~lordba.train._peft_q4.Q4LoraLinear`: PEFT's LoRA ``Linear`` computes ``base_layer(x)``
-    plus its branch, which is all a frozen base needs; merging a PEFT LoRA into a q4 base is not supported)."""
+    """PEFT's ``LoraConfig(**kwargs)``, able to wrap lordba's own quantized layers too (its HQQ layers with PEFT's
+    HQQ LoRA layer, the ``q4`` base with :class:`~lordba.train._peft_q4.Q4LoraLinear`: PEFT's LoRA ``Linear`` computes
+    ``base_layer(x)`` plus its branch, which is all a frozen base needs; merging a PEFT LoRA into a q4 base is not
+    supported)."""
     from peft import LoraConfig
 
-    from lordba.quant.q4 import Q4Linear
-    from lordba.train._peft_q4 import Q4LoraLinear
+    from lordba.train._peft_q4 import custom_modules
 
     config = LoraConfig(**kwargs)
-    config._register_custom_module({Q4Linear: Q4LoraLinear})
+    config._register_custom_module(custom_modules())
     return config
 
 
