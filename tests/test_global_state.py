@@ -14,6 +14,16 @@ def _rng() -> torch.Tensor:
     return torch.get_rng_state().clone()
 
 
+@pytest.fixture
+def threads():
+    """torch at a thread count other than the worker's for the test (2, or 3 where it was 2), put back after: these
+    tests left it there, and a later test's float results in that worker differed from a 1-thread subprocess's."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2 if saved != 2 else 3)
+    yield torch.get_num_threads()
+    torch.set_num_threads(saved)
+
+
 def test_bnb_quantize_and_merge_leave_the_global_generator_alone():
     """Quantizing to bitsandbytes NF4 and merging into an NF4 base drew from torch's global generator: each new
     ``Linear4bit`` ran ``nn.Linear``'s random initialisation (Kaiming-uniform) before its weight was replaced, so a
@@ -48,7 +58,7 @@ def test_bnb_int8_layer_leaves_the_global_generator_alone():
     assert torch.equal(layer.bias, bias)
 
 
-def test_the_cli_restores_the_threads_generator_and_loggers_it_changes(tmp_path, capsys):
+def test_the_cli_restores_the_threads_generator_and_loggers_it_changes(tmp_path, capsys, threads):
     """``lordba generate --threads 1 --seed 7`` run through ``lordba.cli.main`` (a test, a notebook, the lab) left
     the caller's process with torch's thread count at 1, its global generator seeded at 7 and advanced by the
     sampling, bitsandbytes' CPU logger at ERROR and a stderr handler on ``lordba.decode`` (so the library's later
@@ -59,8 +69,6 @@ def test_the_cli_restores_the_threads_generator_and_loggers_it_changes(tmp_path,
     from tiny_model import tiny_model_dir
 
     folder = tiny_model_dir(tmp_path / "model")
-    threads = 2 if torch.get_num_threads() != 2 else 3
-    torch.set_num_threads(threads)
     torch.manual_seed(123)
     before, bnb, decode = _rng(), logging.getLogger("bitsandbytes.backends.cpu.ops"), logging.getLogger("lordba.decode")
     level, handlers = bnb.level, list(decode.handlers)
@@ -74,7 +82,7 @@ def test_the_cli_restores_the_threads_generator_and_loggers_it_changes(tmp_path,
     assert capsys.readouterr().out == first  # (the command still samples from its own seed)
 
 
-def test_main_gives_back_the_generators_and_threads_a_command_changed(monkeypatch):
+def test_main_gives_back_the_generators_and_threads_a_command_changed(monkeypatch, threads):
     """A command that seeds the generators (the lab's ``train`` and ``bench``: ``seed_everything``, per-case
     ``torch.manual_seed``) or sets torch's thread count, run through ``lordba.cli.main``, left them so for the caller:
     its own draws after the call depended on the command's seed."""
@@ -93,8 +101,6 @@ def test_main_gives_back_the_generators_and_threads_a_command_changed(monkeypatc
 
     module = types.SimpleNamespace(add_arguments=lambda p: None, run=run)
     monkeypatch.setattr(cli, "commands", lambda: [cli.Command("seeding", "seeds", lambda: module)])
-    threads = 2 if torch.get_num_threads() != 2 else 3
-    torch.set_num_threads(threads)
     random.seed(1)
     np.random.seed(1)
     torch.manual_seed(1)
