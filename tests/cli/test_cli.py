@@ -313,6 +313,31 @@ def test_library_warnings_show_as_one_line_and_still_follow_the_warning_filters(
     assert warnings.formatwarning is before
 
 
+def test_a_dependencys_deprecation_of_anothers_use_is_not_shown_and_the_filters_are_given_back(monkeypatch):
+    """``lordba demo`` (and train, bench) printed ``warning: `is_gradient_checkpointing` is deprecated ... Use
+    `is_activation_checkpointing` instead`` twice: transformers 5 warning about PEFT's get_peft_model reading the old
+    name, nothing its user can change. It is not shown while a command runs; the library's own warnings still are,
+    and the caller's warning filters are as they were after."""
+    import types
+    import warnings
+
+    import lordba.cli as cli
+
+    def run(args):
+        warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)
+        warnings.warn("a warning of the command's own", UserWarning, stacklevel=1)
+        return 0
+
+    module = types.SimpleNamespace(add_arguments=lambda p: None, run=run)
+    monkeypatch.setattr(cli, "commands", lambda: [cli.Command("warns", "warns", lambda: module)])
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        assert cli.main(["warns"]) == 0
+        assert warnings.filters == before
+    assert [str(w.message) for w in shown] == ["a warning of the command's own"]
+
+
 def test_main_in_a_second_thread_while_a_command_runs_is_refused_and_leaves_the_process_as_it_was(monkeypatch, capsys):
     """Two threads each calling ``lordba.cli.main`` (a test harness, a notebook), the first to begin ending first: the
     second had saved the first's changes as the process's state and put them back last, so the caller kept the first
