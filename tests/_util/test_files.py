@@ -105,3 +105,17 @@ def test_a_link_inside_a_directory_reached_through_a_link_is_followed(tmp_path):
     (tmp_path / "alias").symlink_to(tmp_path / "data")
     with open_untrusted(tmp_path / "alias" / "adapter" / "link.bin") as f:
         assert f.read() == b"weights"
+
+
+def test_a_directory_argument_that_is_none_says_what_is_there_instead(tmp_path):
+    """``lordba inspect /nope`` said "/nope: not a directory", the same as for a file: a typo read like a wrong kind of
+    path. The message says what is there: nothing, or a file (reading an adapter, a PEFT LoRA, a served folder)."""
+    from lordba.config import read_config_json
+    from lordba.convert.peft_files import _resolve_dir
+    from lordba.format.adapter import read_adapter
+
+    (tmp_path / "file").write_text("x")
+    for path, there in ((tmp_path / "typo", "nothing is there"), (tmp_path / "file", "a file")):
+        for read in (read_adapter, read_config_json, lambda p: _resolve_dir(p, "default")):
+            with pytest.raises(AdapterFormatError, match=f"{path}: not a directory \\({there}\\)"):
+                read(path)

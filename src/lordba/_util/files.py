@@ -28,6 +28,16 @@ def check_path(value: object, what: str) -> None:
         raise AdapterFormatError(f"{what} must be a path, got {type(value).__name__}")
 
 
+def not_a_directory(path: Path | str) -> str:
+    """``"{path}: not a directory"`` with what is there instead (nothing: a typo or a wrong folder; a file), as the
+    errors for a directory argument say it."""
+    try:
+        there = "a file" if os.path.lexists(path) else "nothing is there"
+    except (OSError, ValueError):  # (a name the file system refuses: said by the caller's later read)
+        there = "unreadable"
+    return f"{path}: not a directory ({there})"
+
+
 # names Windows keeps for devices, in any case and with any extension (``aux.json`` too), superscript digits included
 _WINDOWS_DEVICES = frozenset(
     ["CON", "PRN", "AUX", "NUL"] + [f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3"]

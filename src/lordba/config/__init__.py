@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lordba._util.files import not_a_directory
 from lordba._util.jsonio import read_json_file, safe_repr
 from lordba._util.patterns import ALL_LINEAR, check_pattern, matches, pattern_key
 from lordba.config.checks import (
@@ -376,7 +377,7 @@ class LoRDBAConfig:
 def read_config_json(directory: str | Path) -> dict[str, Any]:
     """The parsed ``adapter_config.json`` of an adapter directory (errors name the file)."""
     if not Path(directory).is_dir():
-        raise AdapterFormatError(f"{directory}: not a directory")
+        raise AdapterFormatError(not_a_directory(directory))
     return read_json_file(Path(directory) / CONFIG_NAME)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from lordba._util.files import open_untrusted
+from lordba._util.files import not_a_directory, open_untrusted
 from lordba.errors import AdapterFormatError
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -21,7 +21,7 @@ def _resolve_dir(source: Path, adapter_name: str) -> Path:
     """The folder of adapter ``adapter_name``: PEFT saves "default" at the top and any other in a subfolder
     of its name (beside the default one, if the model had one)."""
     if not source.is_dir():
-        raise AdapterFormatError(f"{source}: not a directory (expected a PEFT adapter directory)")
+        raise AdapterFormatError(f"{not_a_directory(source)}; expected a PEFT adapter directory")
     sub = source / adapter_name
     if adapter_name != "default" and (sub / CONFIG_NAME).is_file():
         return sub

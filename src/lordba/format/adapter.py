@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from lordba._util.files import check_path
+from lordba._util.files import check_path, not_a_directory
 from lordba._util.jsonio import safe_repr
 from lordba._util.locks import wait_for_writer
 from lordba._version import __version__
@@ -162,7 +162,7 @@ def open_adapter(directory: str | Path, *, warn_recovered: bool = True) -> Adapt
     except OSError as err:  # a name too long for the file system, a loop of links
         raise AdapterFormatError(f"{safe_repr(str(directory))}: cannot be read ({err.strerror or err})") from None
     if not found:
-        raise AdapterFormatError(f"{directory}: not a directory")
+        raise AdapterFormatError(not_a_directory(directory))
     for attempt in range(_ATTEMPTS):
         last = attempt + 1 == _ATTEMPTS
         stamp = _stamp(directory / CONFIG_NAME)

@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from lordba._util.files import open_untrusted
+from lordba._util.files import not_a_directory, open_untrusted
 from lordba._util.jsonio import read_json_file
 from lordba.config import CONFIG_NAME, PEFT_TYPE, WEIGHTS_NAME, recorded_base_quantization
 from lordba.errors import LoRDBAError
@@ -31,7 +31,7 @@ def served_folder(folder: str | Path | None) -> Path | None:
         return None
     root = Path(folder).resolve()
     if not root.is_dir():
-        raise BadRequestError(f"--adapters {folder}: not a directory", param="adapters")
+        raise BadRequestError(f"--adapters {not_a_directory(folder)}", param="adapters")
     if (root / CONFIG_NAME).is_file():
         raise BadRequestError(
             f"--adapters {folder}: an adapter directory, not a folder of them: give the folder that holds it "
