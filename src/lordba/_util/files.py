@@ -31,10 +31,7 @@ def check_path(value: object, what: str) -> None:
 def not_a_directory(path: Path | str) -> str:
     """``"{path}: not a directory"`` with what is there instead (nothing: a typo or a wrong folder; a file), as the
     errors for a directory argument say it."""
-    try:
-        there = "a file" if os.path.lexists(path) else "nothing is there"
-    except (OSError, ValueError):  # (a name the file system refuses: said by the caller's later read)
-        there = "unreadable"
+    there = "a file" if os.path.lexists(path) else "nothing is there"  # (lexists: False for a name it cannot stat)
     return f"{path}: not a directory ({there})"
 
 
