@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 
-from conftest import tiny_q4
+from conftest import tiny_llama, tiny_q4
 
 
 def test_a_lora_on_a_q4_base_neither_warns_nor_swaps_the_warning_filters(monkeypatch):
@@ -74,16 +74,13 @@ def test_a_lora_on_an_hqq_base_does_not_warn_and_starts_as_the_base():
     pytest.importorskip("hqq")
     import torch
     from peft.tuners.lora.hqq import HqqLoraLinear
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from lordba.quant import quantize_model
     from lordba.quant.hqq import LordbaHQQLinear
     from lordba.train._peft_q4 import reads_features
     from lordba.train.lora import add_lora
 
-    torch.manual_seed(0)
-    sizes = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-    base = quantize_model(LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, **sizes)), backend="hqq", group_size=64)
+    base = quantize_model(tiny_llama(0), backend="hqq", group_size=8)
     ids = torch.arange(1, 9).reshape(1, 8)
     with torch.no_grad():
         want = base(ids).logits
@@ -93,7 +90,7 @@ def test_a_lora_on_an_hqq_base_does_not_warn_and_starts_as_the_base():
     if reads_features():
         assert not [w for w in caught if "Unsupported layer type" in str(w.message)]
     wrapped = [m for m in model.modules() if isinstance(getattr(m, "base_layer", None), LordbaHQQLinear)]
-    assert len(wrapped) == 7 and all(isinstance(m, HqqLoraLinear) for m in wrapped)
+    assert len(wrapped) == 14 and all(isinstance(m, HqqLoraLinear) for m in wrapped)  # 2 layers x 7
     assert all(
         (m.in_features, m.out_features) == (m.base_layer.in_features, m.base_layer.out_features) for m in wrapped
     )
